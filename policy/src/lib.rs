@@ -4,13 +4,31 @@
 //! This crate is pure: it knows nothing of processes and does no I/O beyond what its caller
 //! hands in (the policy text; a resolver closure for program paths).
 //!
-//! API CONTRACT (stubs until the engine lands; signatures are what `supervisor` codes against):
+//! Pipeline: [`Policy::parse`] (TOML -> model, every error located) ->
+//! [`Policy::canonicalize_programs`] (the supervisor's resolver) -> [`Policy::evaluate`] (first
+//! matching `[[exec]]` rule) -> [`Policy::compile`] (profile -> [`Plan`]) -> [`Plan::explain`].
+//! The format is documented in `docs/policy.md`.
 
+mod compile;
+mod explain;
+pub mod fuzz;
+mod gen_tables;
+mod model;
 pub mod plan;
+mod seccomp;
+mod source;
+pub mod tables;
+mod units;
+mod validate;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use plan::Plan;
+pub use seccomp::run_bpf;
+
+use crate::source::{Sink, Source};
+use crate::validate::{ArgPat, ProgramPat, Validated};
 
 /// One located error in a policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,11 +41,55 @@ pub struct Diagnostic {
     pub message: String,
     /// What was expected there, in words (e.g. "an absolute, normalized path").
     pub expected: Option<String>,
+    /// The text of the offending line, shown under the message with a caret (None when the
+    /// location is not in the file).
+    pub source_line: Option<String>,
 }
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: error: {}",
+            self.file, self.line, self.column, self.message
+        )?;
+        if let Some(e) = &self.expected {
+            write!(f, "\n  expected: {e}")?;
+        }
+        if let Some(src) = &self.source_line {
+            let num = self.line.to_string();
+            let pad = " ".repeat(num.len());
+            // Keep the caret under the right character: tabs stay tabs.
+            let lead: String = src
+                .chars()
+                .take(self.column.saturating_sub(1))
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            write!(f, "\n {pad} |\n {num} | {src}\n {pad} | {lead}^")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostic {}
 
 /// All errors found in one policy (validation does not stop at the first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
 
 /// Whether a request may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +97,16 @@ pub enum Approval {
     Allow,
     Ask,
     Deny,
+}
+
+impl fmt::Display for Approval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Approval::Allow => "allow",
+            Approval::Ask => "ask",
+            Approval::Deny => "deny",
+        })
+    }
 }
 
 /// An exec request: the program already resolved by the caller to an absolute, canonical path.
@@ -65,6 +137,40 @@ pub struct Decision {
     pub rule: Option<RuleRef>,
 }
 
+impl Decision {
+    /// The decision in plain words: what, which rule (number, line, why), which profile.
+    pub fn explain(&self) -> String {
+        render_decision(self)
+    }
+}
+
+/// Render a [`Decision`] in plain words (see [`Decision::explain`]).
+pub fn render_decision(d: &Decision) -> String {
+    let mut s = String::new();
+    let verb = match d.approval {
+        Approval::Allow => "allow: the program runs without asking",
+        Approval::Ask => {
+            "ask: the program runs only if a person approves it (without a terminal to ask on, it is denied)"
+        }
+        Approval::Deny => "deny: the program does not start",
+    };
+    s.push_str(&format!("decision: {verb}\n"));
+    match &d.rule {
+        Some(r) => s.push_str(&format!(
+            "rule: [[exec]] #{} at line {} (the first rule that matches wins)\nwhy: {}\n",
+            r.index + 1,
+            r.line,
+            r.why
+        )),
+        None => s.push_str("rule: none matched; nothing runs unless an [[exec]] rule allows it\n"),
+    }
+    match &d.profile {
+        Some(p) => s.push_str(&format!("profile: {p}\n")),
+        None => s.push_str("profile: none\n"),
+    }
+    s
+}
+
 /// What the running kernel supports, as probed by the supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
@@ -86,21 +192,101 @@ pub struct TestOutcome {
 /// A parsed and validated policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    _private: (),
+    text: String,
+    file: String,
+    model: std::sync::Arc<Validated>,
+}
+
+/// Split a serde/toml message "X, expected Y" into (X, Y).
+fn split_expected(msg: &str) -> (String, Option<String>) {
+    let msg = msg.trim();
+    match msg.find(", expected ") {
+        Some(i) => (
+            msg[..i].to_string(),
+            Some(msg[i + ", expected ".len()..].to_string()),
+        ),
+        None => (msg.to_string(), None),
+    }
 }
 
 impl Policy {
     /// Parse and validate. `file` is only used in diagnostics.
-    pub fn parse(_text: &str, _file: &str) -> Result<Policy, Diagnostics> {
-        Err(Diagnostics(vec![]))
+    pub fn parse(text: &str, file: &str) -> Result<Policy, Diagnostics> {
+        let src = Source::new(text, file);
+        let raw: model::RawPolicy = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let (msg, expected) = split_expected(e.message());
+                let msg = if msg.starts_with("unknown field") {
+                    msg.replacen("unknown field", "unknown key", 1)
+                } else {
+                    msg
+                };
+                let mut d = src.diag(&span, msg, None);
+                d.expected = expected.or_else(|| {
+                    Some("valid TOML in the policy format (see docs/policy.md)".into())
+                });
+                return Err(Diagnostics(vec![d]));
+            }
+        };
+        let mut sink = Sink::new(&src);
+        let model = validate::validate(raw, &mut sink);
+        let mut diags = sink.diags;
+        if !diags.is_empty() {
+            diags.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+            diags.dedup();
+            return Err(Diagnostics(diags));
+        }
+        Ok(Policy {
+            text: text.to_string(),
+            file: file.to_string(),
+            model: std::sync::Arc::new(model),
+        })
     }
 
     /// Resolve each rule's literal program path with the caller's resolver (the supervisor passes
-    /// `fs::canonicalize`), so that rules match the canonical path of a request.
-    pub fn canonicalize_programs(&mut self, _resolve: impl Fn(&Path) -> Option<PathBuf>) {}
+    /// `fs::canonicalize`), so that rules match the canonical path of a request. Both the written
+    /// and the resolved form match afterwards.
+    pub fn canonicalize_programs(&mut self, resolve: impl Fn(&Path) -> Option<PathBuf>) {
+        let model = std::sync::Arc::make_mut(&mut self.model);
+        for rule in &mut model.rules {
+            for p in &mut rule.programs {
+                if let ProgramPat::Literal { written, resolved } = p {
+                    *resolved = resolve(written);
+                }
+            }
+        }
+    }
 
     /// First matching `[[exec]]` rule wins; no match is Deny.
-    pub fn evaluate(&self, _req: &ExecRequest) -> Decision {
+    pub fn evaluate(&self, req: &ExecRequest) -> Decision {
+        for (index, rule) in self.model.rules.iter().enumerate() {
+            let prog_ok = rule.programs.iter().any(|p| match p {
+                ProgramPat::Literal { written, resolved } => {
+                    req.program == *written || resolved.as_ref() == Some(&req.program)
+                }
+                ProgramPat::Glob { matcher, .. } => matcher.is_match(&req.program),
+            });
+            if !prog_ok {
+                continue;
+            }
+            let args_ok = match &rule.args {
+                None => true,
+                Some(pats) => args_match(pats, &req.args),
+            };
+            if args_ok {
+                return Decision {
+                    approval: rule.approval,
+                    profile: rule.profile.clone(),
+                    rule: Some(RuleRef {
+                        index,
+                        line: rule.line,
+                        why: rule.why.clone(),
+                    }),
+                };
+            }
+        }
         Decision {
             approval: Approval::Deny,
             profile: None,
@@ -111,12 +297,84 @@ impl Policy {
     /// Compile a profile into the plan the supervisor applies, for the kernel described by
     /// `target`. Fails (never degrades silently) when the target cannot enforce what the
     /// profile demands, e.g. Landlock ABI below the profile's `min_abi`.
-    pub fn compile(&self, _profile: &str, _target: &Target) -> Result<Plan, Diagnostics> {
-        Err(Diagnostics(vec![]))
+    pub fn compile(&self, profile: &str, target: &Target) -> Result<Plan, Diagnostics> {
+        let src = Source::new(&self.text, &self.file);
+        match self.model.profiles.get(profile) {
+            None => Err(Diagnostics(vec![Diagnostic {
+                file: self.file.clone(),
+                line: 1,
+                column: 1,
+                message: format!("no profile named `{profile}` in this policy"),
+                expected: Some(format!("one of: {}", self.profile_names().join(", "))),
+                source_line: None,
+            }])),
+            Some(p) => compile::compile(p, target, &src).map_err(Diagnostics),
+        }
     }
 
     /// Run the policy's own `[[test]]` examples.
     pub fn run_tests(&self) -> Vec<TestOutcome> {
-        Vec::new()
+        self.model
+            .tests
+            .iter()
+            .map(|t| {
+                let (program, args) = match t.command.split_first() {
+                    Some((p, a)) => (PathBuf::from(p), a.to_vec()),
+                    None => (PathBuf::new(), Vec::new()),
+                };
+                let got = self.evaluate(&ExecRequest { program, args });
+                let passed = got.approval == t.expect
+                    && t.profile
+                        .as_ref()
+                        .is_none_or(|p| got.profile.as_ref() == Some(p));
+                TestOutcome {
+                    line: t.line,
+                    command: t.command.clone(),
+                    expected: t.expect,
+                    got,
+                    passed,
+                }
+            })
+            .collect()
     }
+
+    /// Names of the profiles defined in the policy, sorted.
+    pub fn profile_names(&self) -> Vec<&str> {
+        self.model.profiles.keys().map(String::as_str).collect()
+    }
+
+    /// The `why` of a profile.
+    pub fn profile_why(&self, profile: &str) -> Option<&str> {
+        self.model.profiles.get(profile).map(|p| p.why.as_str())
+    }
+
+    /// Number of `[[exec]]` rules.
+    pub fn rule_count(&self) -> usize {
+        self.model.rules.len()
+    }
+
+    /// The file name given to [`Policy::parse`].
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+}
+
+/// Match argv[1..] against per-element patterns; `**` matches zero or more elements.
+fn args_match(pats: &[ArgPat], args: &[String]) -> bool {
+    // ok[i][j]: pats[i..] matches args[j..]; computed bottom-up, O(pats * args).
+    let (np, na) = (pats.len(), args.len());
+    let mut next = vec![false; na + 1]; // row i+1
+    next[na] = true; // empty patterns match empty args
+    for i in (0..np).rev() {
+        let mut cur = vec![false; na + 1];
+        for j in (0..=na).rev() {
+            cur[j] = match &pats[i] {
+                ArgPat::Rest => next[j] || (j < na && cur[j + 1]),
+                ArgPat::Literal(l) => j < na && args[j] == *l && next[j + 1],
+                ArgPat::Glob(m) => j < na && m.is_match(&args[j]) && next[j + 1],
+            };
+        }
+        next = cur;
+    }
+    next[0]
 }

@@ -232,3 +232,10 @@ pub enum Network {
     /// A new, empty network namespace; inet sockets blocked by seccomp and Landlock.
     None,
 }
+
+impl Plan {
+    /// The confinement in plain words, derived only from this plan's fields.
+    pub fn explain(&self) -> String {
+        crate::explain::explain(self)
+    }
+}

@@ -1,0 +1,279 @@
+//! [`Plan::explain`]: the confinement of a plan in plain words. Everything here is read from the
+//! plan's own fields, so the text cannot claim a protection the supervisor does not apply.
+
+use std::fmt::Write;
+
+use crate::plan::{FsRights, LandlockPath, Mount, Network, Plan, RlimitResource, SeccompAction};
+use crate::tables::errno_name;
+use crate::units::fmt_bytes;
+
+fn action(a: &SeccompAction) -> String {
+    match a {
+        SeccompAction::Errno(e) => match errno_name(*e) {
+            Some(n) => format!("fail with {n}"),
+            None => format!("fail with errno {e}"),
+        },
+        SeccompAction::KillProcess => "kill the whole process".into(),
+        SeccompAction::Log => "be allowed but logged by the kernel".into(),
+        SeccompAction::Allow => "be allowed".into(),
+    }
+}
+
+fn rights(r: &FsRights) -> String {
+    let mut v = Vec::new();
+    if r.read {
+        v.push("read");
+    }
+    if r.write {
+        v.push("write");
+    }
+    if r.execute {
+        v.push("execute");
+    }
+    if r.ioctl_dev {
+        v.push("device ioctl");
+    }
+    if v.is_empty() {
+        "nothing".into()
+    } else {
+        v.join(" + ")
+    }
+}
+
+fn onoff(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
+pub(crate) fn explain(p: &Plan) -> String {
+    let mut s = String::new();
+    // `write!` to a String cannot fail; results are ignored on purpose.
+    let _ = writeln!(s, "profile `{}`", p.profile);
+
+    let ns = &p.namespaces;
+    let _ = writeln!(s, "\nnamespaces (private to the sandbox):");
+    let _ = writeln!(
+        s,
+        "  user {}, pid {}, mount {}, ipc {}, uts {}, net {}, cgroup {}",
+        onoff(ns.user),
+        onoff(ns.pid),
+        onoff(ns.mount),
+        onoff(ns.ipc),
+        onoff(ns.uts),
+        onoff(ns.net),
+        onoff(ns.cgroup)
+    );
+    let _ = writeln!(
+        s,
+        "  runs as uid {} gid {} inside its user namespace (no capabilities on the host); hostname \"{}\"",
+        p.user.uid, p.user.gid, p.hostname
+    );
+
+    let _ = writeln!(
+        s,
+        "\nfilesystem (a fresh root; nothing else of the host is visible):"
+    );
+    for m in &p.mounts {
+        let line = match m {
+            Mount::Bind {
+                src,
+                dst,
+                writable,
+                exec,
+                optional,
+            } => {
+                let mut r = if *writable { "read-write" } else { "read-only" }.to_string();
+                r.push_str(if *exec {
+                    ", programs may run"
+                } else {
+                    ", no exec"
+                });
+                let opt = if *optional {
+                    " (skipped if missing on the host)"
+                } else {
+                    ""
+                };
+                if src == dst {
+                    format!("{}: host path, {r}{opt}", dst.display())
+                } else {
+                    format!("{}: host {}, {r}{opt}", dst.display(), src.display())
+                }
+            }
+            Mount::Workspace {
+                dst,
+                writable,
+                exec,
+            } => format!(
+                "{}: the workspace, {}, {}",
+                dst.display(),
+                if *writable { "read-write" } else { "read-only" },
+                if *exec { "programs may run" } else { "no exec" }
+            ),
+            Mount::Tmpfs {
+                dst,
+                size_bytes,
+                mode,
+                exec,
+            } => format!(
+                "{}: empty tmpfs of {}, mode {mode:o}, {}",
+                dst.display(),
+                fmt_bytes(*size_bytes),
+                if *exec { "programs may run" } else { "no exec" }
+            ),
+            Mount::Proc { dst } => format!(
+                "{}: procfs of the sandbox's own pid namespace, read-only",
+                dst.display()
+            ),
+            Mount::Dev { dst } => format!(
+                "{}: minimal /dev (null, zero, full, random, urandom, tty-less)",
+                dst.display()
+            ),
+            Mount::Symlink { dst, target } => {
+                format!("{} -> {} (symlink)", dst.display(), target.display())
+            }
+        };
+        let _ = writeln!(s, "  {line}");
+    }
+    let _ = writeln!(s, "  working directory: {}", p.cwd.display());
+
+    let ll = &p.landlock;
+    let _ = writeln!(
+        s,
+        "\nLandlock (kernel ABI {} or newer required, else carapace refuses to run):",
+        ll.min_abi
+    );
+    for r in &ll.rules {
+        let path = match &r.path {
+            LandlockPath::Host(h) => format!("host {}", h.display()),
+            LandlockPath::Workspace => "the workspace".to_string(),
+            LandlockPath::Sandbox(x) => format!("{} (inside the sandbox)", x.display()),
+        };
+        let _ = writeln!(s, "  {path}: {}", rights(&r.rights));
+    }
+    let _ = writeln!(s, "  everything else: no access");
+    let _ = writeln!(
+        s,
+        "  TCP bind/connect: {}",
+        if ll.deny_tcp {
+            "denied by Landlock"
+        } else {
+            "not restricted by Landlock (kernel ABI < 4)"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  abstract unix sockets and signals to outside processes: {}",
+        match (ll.scope_abstract_unix, ll.scope_signals) {
+            (true, true) => "blocked by Landlock scoping",
+            (true, false) => "abstract unix blocked; signals not scoped by Landlock",
+            (false, true) => "signals blocked; abstract unix not scoped by Landlock",
+            (false, false) => "not scoped by Landlock (kernel ABI < 6)",
+        }
+    );
+
+    let sc = &p.seccomp;
+    let _ = writeln!(
+        s,
+        "\nseccomp ({} BPF instructions, applied last, just before exec):",
+        sc.program.len()
+    );
+    let _ = writeln!(
+        s,
+        "  non-x86_64 (e.g. int 0x80) and x32 syscalls: kill the process"
+    );
+    for (name, a) in &sc.denied {
+        let _ = writeln!(s, "  {name}: {}", action(a));
+    }
+    for (name, cond) in &sc.conditional {
+        let _ = writeln!(s, "  {name}: allowed {cond}");
+    }
+    let _ = writeln!(
+        s,
+        "  allowed ({}): {}",
+        sc.allowed.len(),
+        sc.allowed.join(" ")
+    );
+    let _ = writeln!(s, "  any other syscall: {}", action(&sc.default_action));
+
+    let _ = writeln!(s, "\nlimits:");
+    let cg = &p.cgroup;
+    let _ = writeln!(
+        s,
+        "  memory: {}",
+        cg.memory_bytes.map_or("unlimited".into(), fmt_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "  processes/threads (cgroup pids): {}",
+        cg.pids.map_or("unlimited".into(), |n| n.to_string())
+    );
+    let _ = writeln!(
+        s,
+        "  cpu: {}",
+        cg.cpu_millis.map_or("unlimited".into(), |m| format!(
+            "{}.{:03} cores",
+            m / 1000,
+            m % 1000
+        ))
+    );
+    let _ = writeln!(
+        s,
+        "  wall time: {}",
+        p.wall_time.map_or("unlimited".into(), |d| format!(
+            "{} ms, then the whole tree is killed",
+            d.as_millis()
+        ))
+    );
+    for r in &p.rlimits {
+        let what = match r.resource {
+            RlimitResource::Nofile => "open files".to_string(),
+            RlimitResource::Fsize => format!("file size: {}", fmt_bytes(r.value)),
+            RlimitResource::Core => "core dump size".to_string(),
+            RlimitResource::Nproc => "processes of the user (RLIMIT_NPROC)".to_string(),
+            RlimitResource::As => "address space".to_string(),
+            RlimitResource::Stack => "stack".to_string(),
+            RlimitResource::Cpu => "cpu seconds".to_string(),
+            RlimitResource::Memlock => "locked memory".to_string(),
+            RlimitResource::Msgqueue => "message queue bytes".to_string(),
+        };
+        match r.resource {
+            RlimitResource::Fsize => {
+                let _ = writeln!(s, "  {what}");
+            }
+            RlimitResource::Core if r.value == 0 => {
+                let _ = writeln!(s, "  core dumps: off");
+            }
+            _ => {
+                let _ = writeln!(s, "  {what}: {}", r.value);
+            }
+        }
+    }
+
+    let _ = writeln!(s, "\nenvironment (nothing else is inherited):");
+    if p.env.pass.is_empty() {
+        let _ = writeln!(s, "  passed from the caller: nothing");
+    } else {
+        let _ = writeln!(
+            s,
+            "  passed from the caller when set: {}",
+            p.env.pass.join(", ")
+        );
+    }
+    for (k, v) in &p.env.set {
+        let _ = writeln!(s, "  {k}={v}");
+    }
+
+    let _ = writeln!(s, "\nnetwork:");
+    match p.network {
+        Network::None => {
+            let _ = writeln!(
+                s,
+                "  none: an empty network namespace (loopback down); no route anywhere"
+            );
+        }
+    }
+    s
+}

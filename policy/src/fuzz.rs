@@ -1,0 +1,72 @@
+//! Entry point for the fuzz target (`fuzz/fuzz_targets/policy.rs`) and the corpus replay test.
+
+use crate::plan::SeccompAction;
+use crate::seccomp::{ret_value, run_bpf, AUDIT_ARCH_X86_64, RET_KILL_PROCESS};
+use crate::{ExecRequest, Policy, Target};
+
+/// Parse `data` as a policy; for every profile compile for Landlock ABI 1..=7, explain, check the
+/// seccomp guard with the BPF interpreter; evaluate a few requests; run the policy's tests.
+/// Must never panic; the asserts are invariants of the engine, not of the input.
+pub fn policy_roundtrip(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut policy = match Policy::parse(text, "fuzz.toml") {
+        Ok(p) => p,
+        Err(d) => {
+            // Rendering must not panic either.
+            let _ = d.to_string();
+            return;
+        }
+    };
+    policy.canonicalize_programs(|p| Some(p.to_path_buf()));
+    let names: Vec<String> = policy
+        .profile_names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for name in &names {
+        for abi in 0..=7u8 {
+            match policy.compile(name, &Target { landlock_abi: abi }) {
+                Ok(plan) => {
+                    let _ = plan.explain();
+                    let prog = &plan.seccomp.program;
+                    assert!(prog.len() <= 4096);
+                    // Foreign architecture and x32 are always killed.
+                    assert_eq!(
+                        run_bpf(prog, 0, 0x4000_0003, [0; 6]),
+                        Some(RET_KILL_PROCESS)
+                    );
+                    assert_eq!(
+                        run_bpf(prog, 0x4000_0000, AUDIT_ARCH_X86_64, [0; 6]),
+                        Some(RET_KILL_PROCESS)
+                    );
+                    // Every syscall gets a verdict; the default action for unknown numbers.
+                    let unknown = run_bpf(prog, 999, AUDIT_ARCH_X86_64, [0; 6]);
+                    assert_eq!(unknown, Some(ret_value(plan.seccomp.default_action)));
+                    // clone3 never silently allowed unless explicitly allowed.
+                    if !plan.seccomp.allowed.iter().any(|s| s == "clone3") {
+                        let r = run_bpf(prog, 435, AUDIT_ARCH_X86_64, [0; 6]);
+                        assert_ne!(r, Some(ret_value(SeccompAction::Allow)));
+                    }
+                }
+                Err(d) => {
+                    let _ = d.to_string();
+                }
+            }
+        }
+    }
+    for (prog, args) in [
+        ("/usr/bin/ls", vec!["-la"]),
+        ("/usr/bin/git", vec!["status"]),
+        ("/", vec![]),
+        ("/usr/bin/x", vec!["**", "a", ""]),
+    ] {
+        let d = policy.evaluate(&ExecRequest {
+            program: prog.into(),
+            args: args.into_iter().map(String::from).collect(),
+        });
+        let _ = d.explain();
+    }
+    let _ = policy.run_tests();
+}

@@ -1,0 +1,98 @@
+//! Locating byte offsets of a policy text as file:line:column, and building [`Diagnostic`]s.
+
+use std::ops::Range;
+
+use crate::Diagnostic;
+
+/// The policy text being validated, with a line index for locating spans.
+#[derive(Debug)]
+pub(crate) struct Source<'a> {
+    text: &'a str,
+    file: &'a str,
+    /// Byte offset of the start of each line.
+    line_starts: Vec<usize>,
+}
+
+impl<'a> Source<'a> {
+    pub(crate) fn new(text: &'a str, file: &'a str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Source {
+            text,
+            file,
+            line_starts,
+        }
+    }
+
+    /// 1-based (line, column in characters) of a byte offset; offsets past the end or inside a
+    /// UTF-8 sequence are clamped to the nearest valid position before them.
+    pub(crate) fn locate(&self, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(self.text.len());
+        while offset > 0 && !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line_idx = match self.line_starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i.saturating_sub(1),
+        };
+        let start = self.line_starts.get(line_idx).copied().unwrap_or(0);
+        let col = self
+            .text
+            .get(start..offset)
+            .map(|s| s.chars().count())
+            .unwrap_or(0);
+        (line_idx + 1, col + 1)
+    }
+
+    /// The text of a 1-based line, without its newline.
+    pub(crate) fn line_text(&self, line: usize) -> Option<String> {
+        let start = *self.line_starts.get(line.checked_sub(1)?)?;
+        let rest = self.text.get(start..)?;
+        let end = rest.find('\n').unwrap_or(rest.len());
+        Some(rest[..end].trim_end_matches('\r').to_string())
+    }
+
+    /// A diagnostic at the start of `span`.
+    pub(crate) fn diag(
+        &self,
+        span: &Range<usize>,
+        message: impl Into<String>,
+        expected: Option<&str>,
+    ) -> Diagnostic {
+        let (line, column) = self.locate(span.start);
+        Diagnostic {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+            expected: expected.map(str::to_string),
+            source_line: self.line_text(line),
+        }
+    }
+
+    /// 1-based line of a byte offset.
+    pub(crate) fn line_of(&self, offset: usize) -> usize {
+        self.locate(offset).0
+    }
+}
+
+/// Collects diagnostics for one policy.
+#[derive(Debug)]
+pub(crate) struct Sink<'a> {
+    pub(crate) src: &'a Source<'a>,
+    pub(crate) diags: Vec<Diagnostic>,
+}
+
+impl<'a> Sink<'a> {
+    pub(crate) fn new(src: &'a Source<'a>) -> Self {
+        Sink {
+            src,
+            diags: Vec::new(),
+        }
+    }
+
+    pub(crate) fn err(&mut self, span: &Range<usize>, message: impl Into<String>, expected: &str) {
+        let d = self.src.diag(span, message, Some(expected));
+        self.diags.push(d);
+    }
+}

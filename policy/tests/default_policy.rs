@@ -1,0 +1,79 @@
+//! The shipped default policy parses, compiles for every Landlock ABI it accepts, explains
+//! itself, and its own [[test]] examples pass.
+
+use carapace_policy::{Approval, ExecRequest, Policy, Target};
+
+const DEFAULT: &str = include_str!("../../policies/default.toml");
+
+fn policy() -> Policy {
+    match Policy::parse(DEFAULT, "policies/default.toml") {
+        Ok(p) => p,
+        Err(d) => panic!("default policy invalid:\n{d}"),
+    }
+}
+
+#[test]
+fn default_policy_parses_and_its_examples_pass() {
+    let p = policy();
+    let outcomes = p.run_tests();
+    assert!(outcomes.len() >= 10, "too few examples: {}", outcomes.len());
+    for o in &outcomes {
+        assert!(o.passed, "example at line {} failed: {:?}", o.line, o);
+    }
+    for kind in [Approval::Allow, Approval::Ask, Approval::Deny] {
+        assert!(
+            outcomes.iter().any(|o| o.expected == kind),
+            "no example expecting {kind}"
+        );
+    }
+}
+
+#[test]
+fn default_policy_compiles_for_abi_3_to_7_and_refuses_below() {
+    let p = policy();
+    for abi in 3..=7 {
+        let plan = p
+            .compile("tool", &Target { landlock_abi: abi })
+            .unwrap_or_else(|d| panic!("abi {abi}: {d}"));
+        assert_eq!(plan.landlock.deny_tcp, abi >= 4);
+        assert_eq!(plan.landlock.scope_signals, abi >= 6);
+        let text = plan.explain();
+        assert!(text.contains("/workspace"), "{text}");
+    }
+    for abi in 0..3 {
+        let err = p
+            .compile("tool", &Target { landlock_abi: abi })
+            .unwrap_err();
+        assert!(err.to_string().contains("Landlock ABI 3"), "{err}");
+    }
+}
+
+#[test]
+fn default_policy_rules() {
+    let mut p = policy();
+    p.canonicalize_programs(|path| std::fs::canonicalize(path).ok());
+    let req = |prog: &str, args: &[&str]| ExecRequest {
+        program: prog.into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+    };
+    let d = p.evaluate(&req("/usr/bin/ls", &["-la"]));
+    assert_eq!(d.approval, Approval::Allow);
+    assert_eq!(d.profile.as_deref(), Some("tool"));
+    assert!(d.rule.is_some());
+    assert_eq!(
+        p.evaluate(&req("/usr/bin/env", &["sh"])).approval,
+        Approval::Ask
+    );
+    assert_eq!(
+        p.evaluate(&req("/usr/bin/git", &["push"])).approval,
+        Approval::Ask
+    );
+    assert_eq!(
+        p.evaluate(&req("/usr/bin/git", &["status"])).approval,
+        Approval::Allow
+    );
+    // Relative programs never match (the supervisor always resolves first).
+    let d = p.evaluate(&req("ls", &[]));
+    assert_eq!(d.approval, Approval::Deny);
+    assert!(d.rule.is_none());
+}
