@@ -1,1 +1,17 @@
-//! carapace supervisor library.
+//! carapace supervisor library: one module per kernel mechanism, and the `spawn` module that
+//! applies a policy [`Plan`](carapace_policy::Plan) to one confined child.
+//!
+//! Everything the child applies is computed in the parent ([`spawn::Launch::prepare`]); between
+//! `clone` and `execve` the child only runs raw async-signal-safe syscalls
+//! ([`spawn`]'s `child_main`).
+
+pub mod caps;
+pub mod cgroup;
+pub mod fds;
+pub mod landlock;
+pub mod mounts;
+pub mod namespaces;
+pub mod report;
+pub mod rlimits;
+pub mod seccomp;
+pub mod spawn;

@@ -1,0 +1,242 @@
+//! File descriptors: the sync pipes between parent and child, the CLOEXEC exec-error pipe, and
+//! closing everything but stdio before exec.
+//!
+//! The exec-error pipe pattern: the parent makes a pipe with `O_CLOEXEC`; the child keeps the
+//! write end open to the end. If `execve` succeeds, the kernel closes it and the parent's read
+//! returns EOF (0 bytes). If any step of the child fails, it writes a fixed-size
+//! [`ChildFailure`] record (stage, index, errno) and exits, so the parent can say exactly which
+//! step failed and why. stdio (0, 1, 2) is inherited as is: the program's stdin/stdout/stderr
+//! are the supervisor's.
+
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum FdError {
+    #[error("{syscall} ({what}): {source}")]
+    Sys {
+        syscall: &'static str,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A pipe, both ends `O_CLOEXEC`.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+}
+
+impl Pipe {
+    pub fn new(what: &'static str) -> Result<Pipe, FdError> {
+        let mut p = [0 as libc::c_int; 2];
+        // SAFETY: `p` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(FdError::Sys {
+                syscall: "pipe2",
+                what,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: pipe2 succeeded: both fds are open and owned only by us.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        Ok(Pipe { read, write })
+    }
+}
+
+/// What the child reports through the exec-error pipe when a step fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChildFailure {
+    /// Which step (see `spawn::Stage`).
+    pub stage: u32,
+    /// Index within the step (mount op, rlimit, landlock rule), else 0.
+    pub index: u32,
+    /// errno of the failing syscall (0 when the failure is not a syscall error).
+    pub errno: i32,
+}
+
+/// Size of an encoded [`ChildFailure`].
+pub const FAILURE_LEN: usize = 12;
+
+impl ChildFailure {
+    pub const fn encode(&self) -> [u8; FAILURE_LEN] {
+        let s = self.stage.to_ne_bytes();
+        let i = self.index.to_ne_bytes();
+        let e = self.errno.to_ne_bytes();
+        [
+            s[0], s[1], s[2], s[3], i[0], i[1], i[2], i[3], e[0], e[1], e[2], e[3],
+        ]
+    }
+
+    pub fn decode(b: &[u8]) -> Option<ChildFailure> {
+        if b.len() != FAILURE_LEN {
+            return None;
+        }
+        let word = |k: usize| [b[k], b[k + 1], b[k + 2], b[k + 3]];
+        Some(ChildFailure {
+            stage: u32::from_ne_bytes(word(0)),
+            index: u32::from_ne_bytes(word(4)),
+            errno: i32::from_ne_bytes(word(8)),
+        })
+    }
+}
+
+/// Read until `buf` is full or EOF; returns how many bytes were read. Retries on EINTR.
+pub fn read_full(fd: &OwnedFd, buf: &mut [u8], what: &'static str) -> Result<usize, FdError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes; the fd is open.
+        let n = unsafe { libc::read(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(FdError::Sys {
+                syscall: "read",
+                what,
+                source: e,
+            });
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    Ok(got)
+}
+
+/// Write one byte (a sync token). Retries on EINTR.
+pub fn write_byte(fd: &OwnedFd, b: u8, what: &'static str) -> Result<(), FdError> {
+    loop {
+        // SAFETY: writing one byte from a local; the fd is open.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&b as *const u8).cast(), 1) };
+        if n == 1 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if n < 0 && e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(FdError::Sys {
+            syscall: "write",
+            what,
+            source: e,
+        });
+    }
+}
+
+// ---- child side: raw, async-signal-safe, no allocation ----
+
+/// Child: read exactly one byte, retrying on EINTR. Returns the errno on failure, or 0 with
+/// `Err` when the other side closed (EOF).
+pub fn child_read_byte(fd: RawFd) -> Result<u8, i32> {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: reading one byte into a local.
+        let n = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+        if n == 1 {
+            return Ok(b);
+        }
+        if n == 0 {
+            return Err(0);
+        }
+        let e = errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// Child: write one byte, retrying on EINTR.
+pub fn child_write_byte(fd: RawFd, b: u8) -> Result<(), i32> {
+    loop {
+        // SAFETY: writing one byte from a local.
+        let n = unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+        if n == 1 {
+            return Ok(());
+        }
+        let e = errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// Child: report a failure on the exec-error pipe (best effort: if the parent is gone there is
+/// no one to tell).
+pub fn child_report(fd: RawFd, f: ChildFailure) {
+    let b = f.encode();
+    // SAFETY: writing a 12-byte local buffer; 12 < PIPE_BUF, so the write is atomic.
+    unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+}
+
+/// Child: close every fd above 2 except `keep` (the exec-error pipe, which is CLOEXEC).
+pub fn child_close_all_but_stdio(keep: RawFd) -> Result<(), i32> {
+    let keep = keep as libc::c_uint;
+    let ranges: [(libc::c_uint, libc::c_uint); 2] = if keep >= 3 {
+        [(3, keep.saturating_sub(1)), (keep + 1, libc::c_uint::MAX)]
+    } else {
+        [(3, libc::c_uint::MAX), (1, 0)]
+    };
+    for (lo, hi) in ranges {
+        if lo > hi {
+            continue;
+        }
+        // SAFETY: close_range only closes descriptors; the child owns its fd table (no
+        // CLONE_FILES) and nothing in it is used after this point except `keep` and stdio.
+        let r = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) };
+        if r != 0 {
+            return Err(errno());
+        }
+    }
+    Ok(())
+}
+
+/// The calling thread's errno (async-signal-safe: a TLS read).
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location always returns a valid pointer to this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_roundtrip() {
+        let f = ChildFailure {
+            stage: 7,
+            index: 42,
+            errno: libc::EPERM,
+        };
+        assert_eq!(ChildFailure::decode(&f.encode()), Some(f));
+        assert_eq!(ChildFailure::decode(&[0; 11]), None);
+        assert_eq!(ChildFailure::decode(&[]), None);
+    }
+
+    #[test]
+    fn pipe_eof_after_writer_closed() {
+        let p = Pipe::new("test").unwrap();
+        write_byte(&p.write, 9, "test").unwrap();
+        drop(p.write);
+        let mut buf = [0u8; 4];
+        assert_eq!(read_full(&p.read, &mut buf, "test").unwrap(), 1);
+        assert_eq!(buf[0], 9);
+        assert_eq!(read_full(&p.read, &mut buf, "test").unwrap(), 0);
+    }
+
+    #[test]
+    fn pipes_are_cloexec() {
+        let p = Pipe::new("test").unwrap();
+        for fd in [p.read.as_raw_fd(), p.write.as_raw_fd()] {
+            // SAFETY: F_GETFD on an fd we own.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        }
+    }
+}

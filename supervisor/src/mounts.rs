@@ -1,0 +1,965 @@
+//! The new root: a list of mount operations computed in the parent and replayed by the child.
+//!
+//! Layout (the bubblewrap technique): in its new mount namespace the child makes `/` private,
+//! mounts a tmpfs on [`BASE`], creates `newroot` (its own small tmpfs, the future `/`) and
+//! `oldroot` in it, and `pivot_root`s into that tmpfs so that the host's root is reachable only
+//! as `/oldroot`. Every plan mount is then made beneath `/newroot`: binds *from* `/oldroot`, with
+//! `mount_setattr(AT_RECURSIVE)` making them nosuid, nodev, and read-only / noexec unless the plan
+//! says otherwise; a new read-only procfs; a minimal /dev; tmpfs; symlinks; the idmapped workspace
+//! (prepared in the parent, see [`prepare_workspace`]) moved in with `move_mount`. Finally the new
+//! root itself is made read-only, `/oldroot` is detached, and the child pivots into `/newroot`.
+//!
+//! All paths are `CString`s built here, before fork: the child only walks the list.
+
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use carapace_policy::plan::Mount;
+
+use crate::namespaces::{self, HostIds, NamespaceError};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{syscall} {}: {source}", path.display())]
+    Sys {
+        syscall: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mount source {} does not exist (mark the mount `optional = true` if that is fine)", path.display())]
+    MissingSource {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("workspace {} is not a directory", path.display())]
+    WorkspaceNotDir { path: PathBuf },
+    #[error("the plan mounts a workspace but no workspace directory was given")]
+    NoWorkspace,
+    #[error("path {} contains a NUL byte", path.display())]
+    Nul { path: PathBuf },
+    #[error("workspace idmapping: {0}")]
+    Userns(#[from] NamespaceError),
+}
+
+/// Host directory the child mounts its scratch tmpfs on, before pivoting (inside its own mount
+/// namespace, so the host's /tmp is untouched).
+pub const BASE: &str = "/tmp";
+const NEWROOT: &str = "/newroot";
+const OLDROOT: &str = "/oldroot";
+
+// mount_setattr(2) / open_tree(2) / move_mount(2) constants (linux/mount.h).
+pub const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
+pub const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x0000_0008;
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x0000_0004;
+
+/// `struct mount_attr` (MOUNT_ATTR_SIZE_VER0 = 32 bytes).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Devices bound from the host into the minimal /dev.
+pub const DEV_NODES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
+/// Symlinks in the minimal /dev.
+pub const DEV_LINKS: [(&str, &str); 4] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+
+/// One step of the child's root construction.
+#[derive(Debug)]
+pub enum Op {
+    /// `mount(NULL, "/", NULL, MS_REC|MS_PRIVATE)`: nothing propagates back to the host.
+    MakePrivate,
+    /// A new filesystem (tmpfs, proc).
+    Mount {
+        fstype: CString,
+        dst: CString,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    /// A bind mount (recursive or not).
+    Bind {
+        src: CString,
+        dst: CString,
+        recursive: bool,
+    },
+    /// `mount_setattr(path, attr_set = set)`.
+    SetAttr {
+        path: CString,
+        set: u64,
+        recursive: bool,
+    },
+    /// `mkdir(path, 0755)`, EEXIST is fine.
+    Mkdir {
+        path: CString,
+    },
+    /// Create an empty regular file as a mount point, if missing.
+    Touch {
+        path: CString,
+    },
+    Symlink {
+        target: CString,
+        path: CString,
+    },
+    Chdir {
+        path: CString,
+    },
+    PivotRoot {
+        new_root: CString,
+        put_old: CString,
+    },
+    /// `umount2(path, MNT_DETACH)`.
+    Detach {
+        path: CString,
+    },
+    /// `move_mount(fd, "", AT_FDCWD, dst, MOVE_MOUNT_F_EMPTY_PATH)`.
+    MoveMount {
+        fd: RawFd,
+        dst: CString,
+    },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            Op::MakePrivate => write!(f, "mount --make-rprivate /"),
+            Op::Mount {
+                fstype, dst, data, ..
+            } => write!(
+                f,
+                "mount -t {} {} ({})",
+                s(fstype),
+                s(dst),
+                data.as_ref().map(s).unwrap_or_default()
+            ),
+            Op::Bind {
+                src,
+                dst,
+                recursive,
+            } => write!(
+                f,
+                "{} {} {}",
+                if *recursive { "rbind" } else { "bind" },
+                s(src),
+                s(dst)
+            ),
+            Op::SetAttr { path, set, .. } => {
+                write!(f, "mount_setattr {} {}", s(path), attr_names(*set))
+            }
+            Op::Mkdir { path } => write!(f, "mkdir {}", s(path)),
+            Op::Touch { path } => write!(f, "create mount point {}", s(path)),
+            Op::Symlink { target, path } => write!(f, "symlink {} -> {}", s(path), s(target)),
+            Op::Chdir { path } => write!(f, "chdir {}", s(path)),
+            Op::PivotRoot { new_root, put_old } => {
+                write!(f, "pivot_root {} {}", s(new_root), s(put_old))
+            }
+            Op::Detach { path } => write!(f, "umount -l {}", s(path)),
+            Op::MoveMount { dst, .. } => write!(f, "move_mount (workspace) {}", s(dst)),
+        }
+    }
+}
+
+fn attr_names(set: u64) -> String {
+    let mut v = Vec::new();
+    for (bit, name) in [
+        (MOUNT_ATTR_RDONLY, "ro"),
+        (MOUNT_ATTR_NOSUID, "nosuid"),
+        (MOUNT_ATTR_NODEV, "nodev"),
+        (MOUNT_ATTR_NOEXEC, "noexec"),
+        (MOUNT_ATTR_IDMAP, "idmap"),
+    ] {
+        if set & bit != 0 {
+            v.push(name);
+        }
+    }
+    v.join(",")
+}
+
+fn cstr(p: impl AsRef<Path>) -> Result<CString, MountError> {
+    CString::new(p.as_ref().as_os_str().as_bytes()).map_err(|_| MountError::Nul {
+        path: p.as_ref().to_path_buf(),
+    })
+}
+
+fn cs(s: &str) -> CString {
+    // Only used for literals and numbers formatted here: they contain no NUL.
+    CString::new(s).unwrap_or_default()
+}
+
+/// `prefix` + absolute `p` ("/newroot" + "/usr" = "/newroot/usr"; "/" maps to the prefix).
+fn under(prefix: &str, p: &Path) -> PathBuf {
+    let rel = p.strip_prefix("/").unwrap_or(p);
+    if rel.as_os_str().is_empty() {
+        PathBuf::from(prefix)
+    } else {
+        Path::new(prefix).join(rel)
+    }
+}
+
+/// mkdir ops for every ancestor of `dst` beneath the new root.
+fn ancestors(dst: &Path, ops: &mut Vec<Op>) -> Result<(), MountError> {
+    let mut cur = PathBuf::from(NEWROOT);
+    let comps: Vec<_> = dst.strip_prefix("/").unwrap_or(dst).components().collect();
+    for c in comps.iter().take(comps.len().saturating_sub(1)) {
+        cur.push(c);
+        ops.push(Op::Mkdir { path: cstr(&cur)? });
+    }
+    Ok(())
+}
+
+/// The idmapped workspace, prepared in the parent.
+#[derive(Debug)]
+pub struct WorkspaceTree {
+    /// Detached mount (open_tree(OPEN_TREE_CLONE)) with its attributes already set.
+    pub fd: OwnedFd,
+    /// Canonical host directory.
+    pub host_dir: PathBuf,
+    /// Owner of the host directory (what writes land as).
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+}
+
+/// Clone the workspace directory as a detached mount, idmapped so that its owner appears as the
+/// sandbox's host identity (`ids`): the sandbox can write it, and what it writes lands owned by
+/// the workspace owner. nosuid and nodev always; read-only unless `writable`; noexec unless
+/// `exec`.
+pub fn prepare_workspace(
+    dir: &Path,
+    writable: bool,
+    exec: bool,
+    ids: HostIds,
+) -> Result<WorkspaceTree, MountError> {
+    let sys = |syscall, path: &Path| {
+        let source = io::Error::last_os_error();
+        MountError::Sys {
+            syscall,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let host_dir = std::fs::canonicalize(dir).map_err(|source| MountError::Sys {
+        syscall: "realpath",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let meta = std::fs::metadata(&host_dir).map_err(|source| MountError::Sys {
+        syscall: "stat",
+        path: host_dir.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(MountError::WorkspaceNotDir { path: host_dir });
+    }
+    let (owner_uid, owner_gid) = (meta.uid(), meta.gid());
+    let userns = namespaces::helper_userns(
+        &namespaces::map_line(owner_uid, ids.uid),
+        &namespaces::map_line(owner_gid, ids.gid),
+    )?;
+    let c = cstr(&host_dir)?;
+    // SAFETY: `c` is a valid NUL-terminated path; open_tree returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(sys("open_tree(OPEN_TREE_CLONE)", &host_dir));
+    }
+    // SAFETY: open_tree succeeded; the fd is ours alone. (fds fit in c_int.)
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if !writable {
+        set |= MOUNT_ATTR_RDONLY;
+    }
+    if !exec {
+        set |= MOUNT_ATTR_NOEXEC;
+    }
+    let attr = MountAttr {
+        attr_set: set,
+        userns_fd: userns.as_raw_fd() as u64,
+        ..MountAttr::default()
+    };
+    let empty = cs("");
+    // SAFETY: `attr` is a valid mount_attr of the size passed; `empty` is a valid C string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(sys("mount_setattr(MOUNT_ATTR_IDMAP)", &host_dir));
+    }
+    Ok(WorkspaceTree {
+        fd: tree,
+        host_dir,
+        owner_uid,
+        owner_gid,
+    })
+}
+
+/// What the sandbox sees at a mount point (for checking where the program lives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// Canonical host directory or file shown at `dst` (None for tmpfs, proc, dev, symlinks).
+    pub host: Option<PathBuf>,
+    pub dst: PathBuf,
+    pub exec: bool,
+}
+
+/// The child's mount program plus the views it creates.
+#[derive(Debug)]
+pub struct Built {
+    pub ops: Vec<Op>,
+    pub views: Vec<View>,
+}
+
+/// Compute the child's operations for `mounts`.
+pub fn build(
+    mounts: &[Mount],
+    workspace: Option<&WorkspaceTree>,
+    ids: HostIds,
+) -> Result<Built, MountError> {
+    let mut ops = vec![
+        Op::MakePrivate,
+        Op::Mount {
+            fstype: cs("tmpfs"),
+            dst: cs(BASE),
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
+            data: Some(cs("mode=0755,size=64k")),
+        },
+        Op::Chdir { path: cs(BASE) },
+        Op::Mkdir {
+            path: cs("newroot"),
+        },
+        Op::Mount {
+            fstype: cs("tmpfs"),
+            dst: cs("newroot"),
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
+            data: Some(cs("mode=0755,size=1m")),
+        },
+        Op::Mkdir {
+            path: cs("oldroot"),
+        },
+        Op::PivotRoot {
+            new_root: cs("."),
+            put_old: cs("oldroot"),
+        },
+        Op::Chdir { path: cs("/") },
+    ];
+    let mut views = Vec::new();
+    for m in mounts {
+        match m {
+            Mount::Bind {
+                src,
+                dst,
+                writable,
+                exec,
+                optional,
+            } => {
+                let canon = match std::fs::canonicalize(src) {
+                    Ok(c) => c,
+                    Err(e) if *optional && e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => {
+                        return Err(MountError::MissingSource {
+                            path: src.clone(),
+                            source,
+                        })
+                    }
+                };
+                let is_dir = std::fs::metadata(&canon)
+                    .map_err(|source| MountError::Sys {
+                        syscall: "stat",
+                        path: canon.clone(),
+                        source,
+                    })?
+                    .is_dir();
+                ancestors(dst, &mut ops)?;
+                let target = cstr(under(NEWROOT, dst))?;
+                ops.push(if is_dir {
+                    Op::Mkdir {
+                        path: target.clone(),
+                    }
+                } else {
+                    Op::Touch {
+                        path: target.clone(),
+                    }
+                });
+                ops.push(Op::Bind {
+                    src: cstr(under(OLDROOT, &canon))?,
+                    dst: target.clone(),
+                    recursive: true,
+                });
+                let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+                if !writable {
+                    set |= MOUNT_ATTR_RDONLY;
+                }
+                if !exec {
+                    set |= MOUNT_ATTR_NOEXEC;
+                }
+                ops.push(Op::SetAttr {
+                    path: target,
+                    set,
+                    recursive: true,
+                });
+                views.push(View {
+                    host: Some(canon),
+                    dst: dst.clone(),
+                    exec: *exec,
+                });
+            }
+            Mount::Workspace { dst, exec, .. } => {
+                let ws = workspace.ok_or(MountError::NoWorkspace)?;
+                ancestors(dst, &mut ops)?;
+                let target = cstr(under(NEWROOT, dst))?;
+                ops.push(Op::Mkdir {
+                    path: target.clone(),
+                });
+                ops.push(Op::MoveMount {
+                    fd: ws.fd.as_raw_fd(),
+                    dst: target,
+                });
+                views.push(View {
+                    host: Some(ws.host_dir.clone()),
+                    dst: dst.clone(),
+                    exec: *exec,
+                });
+            }
+            Mount::Tmpfs {
+                dst,
+                size_bytes,
+                mode,
+                exec,
+            } => {
+                ancestors(dst, &mut ops)?;
+                let target = cstr(under(NEWROOT, dst))?;
+                ops.push(Op::Mkdir {
+                    path: target.clone(),
+                });
+                let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+                if !exec {
+                    flags |= libc::MS_NOEXEC;
+                }
+                ops.push(Op::Mount {
+                    fstype: cs("tmpfs"),
+                    dst: target,
+                    flags,
+                    data: Some(cs(&tmpfs_options(*size_bytes, *mode, ids))),
+                });
+                views.push(View {
+                    host: None,
+                    dst: dst.clone(),
+                    exec: *exec,
+                });
+            }
+            Mount::Proc { dst } => {
+                ancestors(dst, &mut ops)?;
+                let target = cstr(under(NEWROOT, dst))?;
+                ops.push(Op::Mkdir {
+                    path: target.clone(),
+                });
+                ops.push(Op::Mount {
+                    fstype: cs("proc"),
+                    dst: target.clone(),
+                    flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    data: None,
+                });
+                ops.push(Op::SetAttr {
+                    path: target,
+                    set: MOUNT_ATTR_RDONLY,
+                    recursive: true,
+                });
+                views.push(View {
+                    host: None,
+                    dst: dst.clone(),
+                    exec: false,
+                });
+            }
+            Mount::Dev { dst } => {
+                ancestors(dst, &mut ops)?;
+                let dev = under(NEWROOT, dst);
+                let target = cstr(&dev)?;
+                ops.push(Op::Mkdir {
+                    path: target.clone(),
+                });
+                ops.push(Op::Mount {
+                    fstype: cs("tmpfs"),
+                    dst: target.clone(),
+                    flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+                    data: Some(cs("mode=0755,size=64k")),
+                });
+                for name in DEV_NODES {
+                    let host = Path::new("/dev").join(name);
+                    if !host.exists() {
+                        continue;
+                    }
+                    let node = cstr(dev.join(name))?;
+                    ops.push(Op::Touch { path: node.clone() });
+                    ops.push(Op::Bind {
+                        src: cstr(under(OLDROOT, &host))?,
+                        dst: node.clone(),
+                        recursive: false,
+                    });
+                    ops.push(Op::SetAttr {
+                        path: node,
+                        set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+                        recursive: false,
+                    });
+                }
+                for (name, link) in DEV_LINKS {
+                    ops.push(Op::Symlink {
+                        target: cs(link),
+                        path: cstr(dev.join(name))?,
+                    });
+                }
+                ops.push(Op::SetAttr {
+                    path: target,
+                    set: MOUNT_ATTR_RDONLY,
+                    recursive: false,
+                });
+                views.push(View {
+                    host: None,
+                    dst: dst.clone(),
+                    exec: false,
+                });
+            }
+            Mount::Symlink { dst, target } => {
+                ancestors(dst, &mut ops)?;
+                ops.push(Op::Symlink {
+                    target: cstr(target)?,
+                    path: cstr(under(NEWROOT, dst))?,
+                });
+            }
+        }
+    }
+    ops.extend([
+        Op::SetAttr {
+            path: cs(NEWROOT),
+            set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            recursive: false,
+        },
+        Op::Detach { path: cs(OLDROOT) },
+        Op::Chdir { path: cs(NEWROOT) },
+        Op::PivotRoot {
+            new_root: cs("."),
+            put_old: cs("."),
+        },
+        Op::Detach { path: cs(".") },
+        Op::Chdir { path: cs("/") },
+    ]);
+    Ok(Built { ops, views })
+}
+
+/// tmpfs mount options: size, mode, and owned by the sandbox's host identity.
+pub fn tmpfs_options(size_bytes: u64, mode: u32, ids: HostIds) -> String {
+    format!(
+        "size={size_bytes},mode={:o},uid={},gid={}",
+        mode & 0o7777,
+        ids.uid,
+        ids.gid
+    )
+}
+
+/// Where `program` (a canonical host path) appears inside the sandbox, if it is visible through
+/// an executable mount and not shadowed by a later mount. Errors say why not.
+pub fn program_inside(views: &[View], program: &Path) -> Result<PathBuf, String> {
+    // The last mount that shows the program wins (later mounts are stacked on top).
+    let found = views.iter().enumerate().rev().find_map(|(i, v)| {
+        let host = v.host.as_ref()?;
+        let rel = program.strip_prefix(host).ok()?;
+        let inside = if rel.as_os_str().is_empty() {
+            v.dst.clone()
+        } else {
+            v.dst.join(rel)
+        };
+        Some((i, v, inside))
+    });
+    let Some((i, v, inside)) = found else {
+        return Err(format!(
+            "{} is not visible inside the sandbox: no mount of the profile contains it",
+            program.display()
+        ));
+    };
+    if let Some(shadow) = views[i + 1..]
+        .iter()
+        .find(|w| inside.starts_with(&w.dst) && w.dst != v.dst)
+    {
+        return Err(format!(
+            "{} would be hidden inside the sandbox by the mount at {}",
+            program.display(),
+            shadow.dst.display()
+        ));
+    }
+    if !v.exec {
+        return Err(format!(
+            "{} is inside the mount at {}, which is not executable (give it access \
+             \"read-exec\" in the profile if this program should run)",
+            program.display(),
+            v.dst.display()
+        ));
+    }
+    Ok(inside)
+}
+
+// ---- child side ----
+
+/// Child: run the ops in order. On failure returns (index of the op, errno).
+pub fn child_run(ops: &[Op]) -> Result<(), (u32, i32)> {
+    for (i, op) in ops.iter().enumerate() {
+        // SAFETY: see child_op.
+        if let Err(e) = unsafe { child_op(op) } {
+            return Err((i as u32, e));
+        }
+    }
+    Ok(())
+}
+
+/// # Safety
+/// Must only be called in the freshly cloned child, in its own mount namespace, whose memory is
+/// a private copy (no CLONE_VM): all pointers come from `CString`s owned by `op`.
+unsafe fn child_op(op: &Op) -> Result<(), i32> {
+    let err = || Err(crate::fds::errno());
+    let null = std::ptr::null::<libc::c_char>();
+    match op {
+        Op::MakePrivate => {
+            let root = c"/";
+            // SAFETY: valid C strings or NULL as mount(2) allows for a propagation change.
+            if unsafe {
+                libc::mount(
+                    null,
+                    root.as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            } != 0
+            {
+                return err();
+            }
+        }
+        Op::Mount {
+            fstype,
+            dst,
+            flags,
+            data,
+        } => {
+            let d = data
+                .as_ref()
+                .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+            // SAFETY: valid C strings; data is NULL or a valid C string.
+            if unsafe { libc::mount(fstype.as_ptr(), dst.as_ptr(), fstype.as_ptr(), *flags, d) }
+                != 0
+            {
+                return err();
+            }
+        }
+        Op::Bind {
+            src,
+            dst,
+            recursive,
+        } => {
+            let mut flags = libc::MS_BIND;
+            if *recursive {
+                flags |= libc::MS_REC;
+            }
+            // SAFETY: valid C strings; bind mounts ignore fstype and data.
+            if unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), null, flags, std::ptr::null()) }
+                != 0
+            {
+                return err();
+            }
+        }
+        Op::SetAttr {
+            path,
+            set,
+            recursive,
+        } => {
+            let attr = MountAttr {
+                attr_set: *set,
+                ..MountAttr::default()
+            };
+            let flags = if *recursive { libc::AT_RECURSIVE } else { 0 } as libc::c_uint;
+            // SAFETY: valid C string, valid mount_attr of the size passed.
+            if unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    flags,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                )
+            } != 0
+            {
+                return err();
+            }
+        }
+        Op::Mkdir { path } => {
+            // SAFETY: valid C string.
+            if unsafe { libc::mkdir(path.as_ptr(), 0o755) } != 0
+                && crate::fds::errno() != libc::EEXIST
+            {
+                return err();
+            }
+        }
+        Op::Touch { path } => {
+            // SAFETY: valid C string; the fd is closed right away.
+            let fd = unsafe {
+                libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                    0o444 as libc::c_uint,
+                )
+            };
+            if fd < 0 {
+                return err();
+            }
+            // SAFETY: closing the fd just opened.
+            unsafe { libc::close(fd) };
+        }
+        Op::Symlink { target, path } => {
+            // SAFETY: valid C strings.
+            if unsafe { libc::symlink(target.as_ptr(), path.as_ptr()) } != 0 {
+                return err();
+            }
+        }
+        Op::Chdir { path } => {
+            // SAFETY: valid C string.
+            if unsafe { libc::chdir(path.as_ptr()) } != 0 {
+                return err();
+            }
+        }
+        Op::PivotRoot { new_root, put_old } => {
+            // SAFETY: valid C strings.
+            if unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) }
+                != 0
+            {
+                return err();
+            }
+        }
+        Op::Detach { path } => {
+            // SAFETY: valid C string.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return err();
+            }
+        }
+        Op::MoveMount { fd, dst } => {
+            let empty = c"";
+            // SAFETY: valid C strings; `fd` is the detached workspace tree inherited from the
+            // parent.
+            if unsafe {
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    *fd,
+                    empty.as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                )
+            } != 0
+            {
+                return err();
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> HostIds {
+        HostIds::NOBODY
+    }
+
+    fn bind(src: &str, exec: bool, optional: bool) -> Mount {
+        Mount::Bind {
+            src: src.into(),
+            dst: src.into(),
+            writable: false,
+            exec,
+            optional,
+        }
+    }
+
+    fn texts(b: &Built) -> Vec<String> {
+        b.ops.iter().map(|o| o.to_string()).collect()
+    }
+
+    #[test]
+    fn bind_mounts_are_ro_nosuid_nodev_noexec_unless_said() {
+        let b = build(
+            &[bind("/usr", true, false), bind("/etc", false, false)],
+            None,
+            ids(),
+        )
+        .unwrap();
+        let t = texts(&b);
+        assert!(
+            t.contains(&"rbind /oldroot/usr /newroot/usr".to_string()),
+            "{t:?}"
+        );
+        assert!(t.contains(&"mount_setattr /newroot/usr ro,nosuid,nodev".to_string()));
+        assert!(t.contains(&"mount_setattr /newroot/etc ro,nosuid,nodev,noexec".to_string()));
+        // The new root is made read-only and the host root detached at the end.
+        let end = &t[t.len() - 6..];
+        assert_eq!(end[0], "mount_setattr /newroot ro,nosuid,nodev,noexec");
+        assert_eq!(end[1], "umount -l /oldroot");
+        assert_eq!(end[3], "pivot_root . .");
+    }
+
+    #[test]
+    fn missing_sources_fail_unless_optional() {
+        assert!(matches!(
+            build(&[bind("/no/such/dir", false, false)], None, ids()),
+            Err(MountError::MissingSource { .. })
+        ));
+        let b = build(&[bind("/no/such/dir", false, true)], None, ids()).unwrap();
+        assert!(b.views.is_empty());
+        assert!(!texts(&b).iter().any(|t| t.contains("/no/such")));
+    }
+
+    #[test]
+    fn file_binds_get_file_mount_points_and_parents() {
+        let b = build(
+            &[Mount::Bind {
+                src: "/etc/passwd".into(),
+                dst: "/etc/passwd".into(),
+                writable: false,
+                exec: false,
+                optional: false,
+            }],
+            None,
+            ids(),
+        )
+        .unwrap();
+        let t = texts(&b);
+        assert!(t.contains(&"mkdir /newroot/etc".to_string()));
+        assert!(t.contains(&"create mount point /newroot/etc/passwd".to_string()));
+    }
+
+    #[test]
+    fn workspace_requires_tree() {
+        let ws = Mount::Workspace {
+            dst: "/workspace".into(),
+            writable: true,
+            exec: false,
+        };
+        assert!(matches!(
+            build(&[ws], None, ids()),
+            Err(MountError::NoWorkspace)
+        ));
+    }
+
+    #[test]
+    fn dev_and_proc_and_tmpfs() {
+        let b = build(
+            &[
+                Mount::Proc {
+                    dst: "/proc".into(),
+                },
+                Mount::Dev { dst: "/dev".into() },
+                Mount::Tmpfs {
+                    dst: "/tmp".into(),
+                    size_bytes: 1 << 20,
+                    mode: 0o1777,
+                    exec: false,
+                },
+                Mount::Symlink {
+                    dst: "/bin".into(),
+                    target: "usr/bin".into(),
+                },
+            ],
+            None,
+            ids(),
+        )
+        .unwrap();
+        let t = texts(&b);
+        assert!(t.contains(&"mount -t proc /newroot/proc ()".to_string()));
+        assert!(t.contains(&"mount_setattr /newroot/proc ro".to_string()));
+        assert!(t.contains(&"bind /oldroot/dev/null /newroot/dev/null".to_string()));
+        assert!(t.contains(&"symlink /newroot/dev/fd -> /proc/self/fd".to_string()));
+        assert!(t.contains(
+            &"mount -t tmpfs /newroot/tmp (size=1048576,mode=1777,uid=65534,gid=65534)".to_string()
+        ));
+        assert!(t.contains(&"symlink /newroot/bin -> usr/bin".to_string()));
+        let tmp = b
+            .ops
+            .iter()
+            .find_map(|o| match o {
+                Op::Mount { dst, flags, .. } if dst.as_bytes() == b"/newroot/tmp" => Some(*flags),
+                _ => None,
+            })
+            .unwrap();
+        assert_ne!(tmp & libc::MS_NOEXEC, 0);
+        assert_ne!(tmp & libc::MS_NOSUID, 0);
+    }
+
+    #[test]
+    fn program_must_be_in_an_exec_mount() {
+        let views = vec![
+            View {
+                host: Some("/usr".into()),
+                dst: "/usr".into(),
+                exec: true,
+            },
+            View {
+                host: Some("/home/u/proj".into()),
+                dst: "/workspace".into(),
+                exec: false,
+            },
+            View {
+                host: None,
+                dst: "/usr/local".into(),
+                exec: false,
+            },
+        ];
+        assert_eq!(
+            program_inside(&views, Path::new("/usr/bin/ls")),
+            Ok(PathBuf::from("/usr/bin/ls"))
+        );
+        let e = program_inside(&views, Path::new("/home/u/proj/evil")).unwrap_err();
+        assert!(e.contains("not executable"), "{e}");
+        let e = program_inside(&views, Path::new("/opt/x")).unwrap_err();
+        assert!(e.contains("not visible"), "{e}");
+        let e = program_inside(&views, Path::new("/usr/local/bin/x")).unwrap_err();
+        assert!(e.contains("hidden"), "{e}");
+    }
+
+    #[test]
+    fn under_joins() {
+        assert_eq!(under("/newroot", Path::new("/")), PathBuf::from("/newroot"));
+        assert_eq!(
+            under("/newroot", Path::new("/a/b")),
+            PathBuf::from("/newroot/a/b")
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! Namespaces: the clone flags of a run, the uid/gid maps of the sandbox's user namespace, and
+//! the short-lived helper user namespace that carries the workspace's idmapping.
+//!
+//! The confined child is created by `spawn` with `clone(CLONE_NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS)`
+//! while it is still real root (it needs that to build its mounts), and it enters its own user
+//! namespace later with `unshare(CLONE_NEWUSER)`, after its root is built. The parent then writes
+//! the maps with [`write_id_maps`]: one line, `inside host 1`, so that the only identity that
+//! exists in the sandbox is the sandbox user, backed by the unprivileged host uid/gid.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io::{self, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::path::PathBuf;
+
+use carapace_policy::plan::Namespaces;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("{syscall} {}: {source}", path.display())]
+    Sys {
+        syscall: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the {0} namespace cannot be disabled: carapace's confinement is built on it \
+         (remove `{0} = false` from the profile's `namespaces`)"
+    )]
+    Required(&'static str),
+}
+
+/// A host identity (the uid/gid the confined program really runs as).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl HostIds {
+    /// The default: `nobody:nogroup` (65534:65534).
+    pub const NOBODY: HostIds = HostIds {
+        uid: 65534,
+        gid: 65534,
+    };
+}
+
+/// Parse `UID:GID` (numbers only; both required; 0 refused: the sandbox must not be host root).
+pub fn parse_run_as(s: &str) -> Result<HostIds, String> {
+    let (u, g) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: expected UID:GID, e.g. 65534:65534"))?;
+    let uid: u32 = u
+        .parse()
+        .map_err(|_| format!("`{u}`: expected a numeric uid"))?;
+    let gid: u32 = g
+        .parse()
+        .map_err(|_| format!("`{g}`: expected a numeric gid"))?;
+    if uid == 0 || gid == 0 {
+        return Err(
+            "running the sandbox as host uid/gid 0 is refused: pick an unprivileged \
+                    identity (the default is 65534:65534)"
+                .to_string(),
+        );
+    }
+    if uid == u32::MAX || gid == u32::MAX {
+        return Err(format!("`{s}`: -1 is not a valid id"));
+    }
+    Ok(HostIds { uid, gid })
+}
+
+/// The flags passed to `clone` for a run: mount and pid always, the rest as the plan says.
+/// The user namespace is entered later by the child itself (`unshare`), and the cgroup namespace
+/// after the parent has placed the child into its cgroup.
+pub fn clone_flags(ns: &Namespaces) -> Result<libc::c_int, NamespaceError> {
+    if !ns.user {
+        return Err(NamespaceError::Required("user"));
+    }
+    if !ns.pid {
+        return Err(NamespaceError::Required("pid"));
+    }
+    if !ns.mount {
+        return Err(NamespaceError::Required("mount"));
+    }
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    if ns.net {
+        flags |= libc::CLONE_NEWNET;
+    }
+    if ns.ipc {
+        flags |= libc::CLONE_NEWIPC;
+    }
+    if ns.uts {
+        flags |= libc::CLONE_NEWUTS;
+    }
+    Ok(flags)
+}
+
+/// One line of a `uid_map` / `gid_map`: `inside outside 1`.
+pub fn map_line(inside: u32, outside: u32) -> String {
+    format!("{inside} {outside} 1\n")
+}
+
+/// Write a process's `uid_map` and `gid_map` (the caller is root in the parent namespace, so
+/// `setgroups` need not be denied first).
+pub fn write_id_maps(pid: libc::pid_t, uid_map: &str, gid_map: &str) -> Result<(), NamespaceError> {
+    for (file, map) in [("uid_map", uid_map), ("gid_map", gid_map)] {
+        let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).open(&path)?;
+            // One write(2): the kernel accepts a map only in a single write.
+            f.write_all(map.as_bytes())
+        };
+        write().map_err(|source| NamespaceError::Sys {
+            syscall: "write",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Create a user namespace whose only mappings are `uid_map`/`gid_map` and return an fd for it
+/// (`/proc/<pid>/ns/user` of a helper process that exits right after). Used as the idmapping
+/// of the workspace mount (`mount_setattr(MOUNT_ATTR_IDMAP)` needs a user namespace fd).
+pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<OwnedFd, NamespaceError> {
+    let sys = |syscall: &'static str, path: &str| {
+        let source = io::Error::last_os_error();
+        NamespaceError::Sys {
+            syscall,
+            path: PathBuf::from(path),
+            source,
+        }
+    };
+    let mut p = [0 as libc::c_int; 2];
+    // SAFETY: `p` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(sys("pipe2", "(helper user namespace)"));
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    let rd_raw = rd.as_raw_fd();
+    let wr_raw = wr.as_raw_fd();
+    // SAFETY: raw clone without CLONE_VM behaves like fork: the child gets a copy of our
+    // memory and runs only async-signal-safe syscalls (close, read, _exit) before exiting.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(sys("clone(CLONE_NEWUSER)", "(helper user namespace)"));
+    }
+    if pid == 0 {
+        // Child: wait until the parent closes its write end, then exit. Nothing else.
+        let mut b = 0u8;
+        // SAFETY: closing our copy of the write end; reading one byte into a local.
+        unsafe {
+            libc::close(wr_raw);
+            libc::read(rd_raw, (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    let pid = pid as libc::pid_t;
+    drop(rd);
+    let result = (|| {
+        write_id_maps(pid, uid_map, gid_map)?;
+        let path = format!("/proc/{pid}/ns/user");
+        let c = CString::new(path.clone()).map_err(|_| NamespaceError::Sys {
+            syscall: "open",
+            path: PathBuf::from(&path),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+        // SAFETY: `c` is a valid NUL-terminated path.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(sys("open", &path));
+        }
+        // SAFETY: open succeeded; we own the fd.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })();
+    drop(wr);
+    let mut status = 0;
+    // SAFETY: reaping our own child; `status` is a valid out pointer.
+    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_as_parses_and_refuses() {
+        assert_eq!(
+            parse_run_as("65534:65534"),
+            Ok(HostIds {
+                uid: 65534,
+                gid: 65534
+            })
+        );
+        assert_eq!(
+            parse_run_as("1001:100"),
+            Ok(HostIds {
+                uid: 1001,
+                gid: 100
+            })
+        );
+        for bad in [
+            "", "1000", "1000:", ":1000", "a:b", "0:0", "0:1000", "1000:0", "-1:5", "1:2:3",
+        ] {
+            assert!(parse_run_as(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn map_lines() {
+        assert_eq!(map_line(1000, 65534), "1000 65534 1\n");
+        assert_eq!(map_line(0, 1), "0 1 1\n");
+    }
+
+    #[test]
+    fn clone_flags_follow_plan_and_refuse_required() {
+        let all = Namespaces {
+            user: true,
+            pid: true,
+            mount: true,
+            ipc: true,
+            uts: true,
+            net: true,
+            cgroup: true,
+        };
+        let f = clone_flags(&all).unwrap();
+        for flag in [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWNET,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWUTS,
+        ] {
+            assert_ne!(f & flag, 0);
+        }
+        assert_eq!(
+            f & libc::CLONE_NEWUSER,
+            0,
+            "user ns is entered later by unshare"
+        );
+        let no_net = Namespaces { net: false, ..all };
+        assert_eq!(clone_flags(&no_net).unwrap() & libc::CLONE_NEWNET, 0);
+        assert!(clone_flags(&Namespaces { user: false, ..all }).is_err());
+        assert!(clone_flags(&Namespaces { pid: false, ..all }).is_err());
+        assert!(clone_flags(&Namespaces {
+            mount: false,
+            ..all
+        })
+        .is_err());
+    }
+}

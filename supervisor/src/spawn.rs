@@ -1,0 +1,929 @@
+//! Spawning one confined program: everything is computed before fork into a [`Launch`]; the
+//! child then runs [`child_main`], a straight line of raw, async-signal-safe syscalls (no
+//! allocation, no locks, no std::fs, no formatting) ending in `execve`.
+//!
+//! Parent <-> child protocol (two pipes for the sync points, one CLOEXEC pipe for errors):
+//!
+//! ```text
+//! parent                                     child (clone NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS)
+//!  put child in cgroup
+//!  "go 1" ------------------------------->   unshare(NEWCGROUP); build root; pivot;
+//!                                             sethostname; setgroups(0); unshare(NEWUSER)
+//!  write uid_map/gid_map  <--------------   "userns ready"
+//!  "go 2" ------------------------------->   setresgid/setresuid; drop caps; setsid;
+//!                                             PDEATHSIG; dumpable 0; rlimits; no_new_privs;
+//!                                             Landlock; close fds; chdir; seccomp; execve
+//!  read error pipe: EOF = exec'd  <-------   (or a ChildFailure record, then _exit(126))
+//! ```
+//!
+//! Then the parent waits on a pidfd with `poll` for the wall-time limit; on timeout it kills the
+//! program (pid 1 of its pid namespace, which takes the whole namespace with it) and the cgroup.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use carapace_policy::plan::{Mount, Plan};
+
+use crate::cgroup::{Cgroup, CgroupError};
+use crate::fds::{self, ChildFailure, FdError, Pipe};
+use crate::mounts::{self, MountError, WorkspaceTree};
+use crate::namespaces::{self, HostIds, NamespaceError};
+use crate::report::ExitReport;
+use crate::{caps, landlock, rlimits, seccomp};
+
+/// Errors of preparing, starting and waiting for a confined program.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Landlock(#[from] landlock::LandlockError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Rlimit(#[from] rlimits::RlimitError),
+    #[error(transparent)]
+    Caps(#[from] caps::CapsError),
+    #[error(transparent)]
+    Fd(#[from] FdError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{what} contains a NUL byte")]
+    Nul { what: String },
+    #[error("{0}")]
+    Program(String),
+    #[error("{syscall}: {source}")]
+    Sys {
+        syscall: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the confined child failed at {stage}{detail}: {source}")]
+    Child {
+        stage: &'static str,
+        detail: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the confined child died during setup without reporting why (status {status:#x})")]
+    ChildVanished { status: i32 },
+}
+
+/// Steps of the child, for error reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stage {
+    Sync1 = 1,
+    UnshareCgroup,
+    Mounts,
+    Sethostname,
+    Setgroups,
+    UnshareUser,
+    SignalUserns,
+    Sync2,
+    Setresgid,
+    Setresuid,
+    CapBounding,
+    CapAmbient,
+    Securebits,
+    Capset,
+    Setsid,
+    Pdeathsig,
+    ParentGone,
+    Dumpable,
+    Rlimit,
+    NoNewPrivs,
+    LandlockRule,
+    LandlockRestrict,
+    CloseFds,
+    Chdir,
+    Seccomp,
+    Execve,
+}
+
+impl Stage {
+    const ALL: [Stage; 26] = [
+        Stage::Sync1,
+        Stage::UnshareCgroup,
+        Stage::Mounts,
+        Stage::Sethostname,
+        Stage::Setgroups,
+        Stage::UnshareUser,
+        Stage::SignalUserns,
+        Stage::Sync2,
+        Stage::Setresgid,
+        Stage::Setresuid,
+        Stage::CapBounding,
+        Stage::CapAmbient,
+        Stage::Securebits,
+        Stage::Capset,
+        Stage::Setsid,
+        Stage::Pdeathsig,
+        Stage::ParentGone,
+        Stage::Dumpable,
+        Stage::Rlimit,
+        Stage::NoNewPrivs,
+        Stage::LandlockRule,
+        Stage::LandlockRestrict,
+        Stage::CloseFds,
+        Stage::Chdir,
+        Stage::Seccomp,
+        Stage::Execve,
+    ];
+
+    pub fn from_u32(n: u32) -> Option<Stage> {
+        Stage::ALL.iter().copied().find(|s| *s as u32 == n)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Sync1 => "waiting for the cgroup (sync 1)",
+            Stage::UnshareCgroup => "unshare(CLONE_NEWCGROUP)",
+            Stage::Mounts => "building the new root",
+            Stage::Sethostname => "sethostname",
+            Stage::Setgroups => "setgroups(0)",
+            Stage::UnshareUser => "unshare(CLONE_NEWUSER)",
+            Stage::SignalUserns => "signalling the parent (user namespace ready)",
+            Stage::Sync2 => "waiting for the uid/gid maps (sync 2)",
+            Stage::Setresgid => "setresgid",
+            Stage::Setresuid => "setresuid",
+            Stage::CapBounding => "dropping the capability bounding set",
+            Stage::CapAmbient => "clearing ambient capabilities",
+            Stage::Securebits => "locking securebits",
+            Stage::Capset => "capset(0)",
+            Stage::Setsid => "setsid",
+            Stage::Pdeathsig => "PR_SET_PDEATHSIG",
+            Stage::ParentGone => "checking the supervisor is alive (it died)",
+            Stage::Dumpable => "PR_SET_DUMPABLE(0)",
+            Stage::Rlimit => "setrlimit",
+            Stage::NoNewPrivs => "PR_SET_NO_NEW_PRIVS",
+            Stage::LandlockRule => "landlock_add_rule",
+            Stage::LandlockRestrict => "landlock_restrict_self",
+            Stage::CloseFds => "close_range",
+            Stage::Chdir => "chdir",
+            Stage::Seccomp => "seccomp(SECCOMP_SET_MODE_FILTER)",
+            Stage::Execve => "execve",
+        }
+    }
+}
+
+/// What the caller decides about a run, beyond the plan.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Canonical host path of the program (already allowed by the policy).
+    pub program: PathBuf,
+    /// argv[0] as the user typed it.
+    pub argv0: OsString,
+    /// argv[1..].
+    pub args: Vec<OsString>,
+    /// Host workspace directory (bound at the plan's workspace mount).
+    pub workspace: Option<PathBuf>,
+    /// Host identity of the sandbox.
+    pub run_as: HostIds,
+    /// The supervisor's environment, the source of `env.pass`.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// Everything the child needs, computed before fork.
+#[derive(Debug)]
+pub struct Launch {
+    clone_flags: libc::c_int,
+    unshare_cgroup: bool,
+    mounts: mounts::Built,
+    /// Kept open until the child has moved it into place.
+    workspace: Option<WorkspaceTree>,
+    hostname: Option<CString>,
+    inside_uid: u32,
+    inside_gid: u32,
+    uid_map: String,
+    gid_map: String,
+    cap_last: u32,
+    rlimits: Vec<rlimits::Prepared>,
+    landlock: landlock::Prepared,
+    seccomp: seccomp::Prepared,
+    cwd: CString,
+    program: CString,
+    /// Where the program appears inside the sandbox.
+    program_inside: PathBuf,
+    argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp: Vec<CString>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    wall_time: Option<Duration>,
+}
+
+fn cstring(what: impl Into<String>, b: &[u8]) -> Result<CString, SpawnError> {
+    CString::new(b).map_err(|_| SpawnError::Nul { what: what.into() })
+}
+
+/// The child's environment: `pass` names copied from `source` when present, then `set`
+/// (which wins). Order: pass in plan order, then set in plan order; no duplicates.
+pub fn build_env(
+    plan: &carapace_policy::plan::EnvPlan,
+    source: &[(OsString, OsString)],
+) -> Vec<(OsString, OsString)> {
+    let mut out: Vec<(OsString, OsString)> = Vec::new();
+    let mut put = |k: &OsStr, v: &OsStr| {
+        if let Some(e) = out.iter_mut().find(|(ek, _)| ek == k) {
+            e.1 = v.to_os_string();
+        } else {
+            out.push((k.to_os_string(), v.to_os_string()));
+        }
+    };
+    for name in &plan.pass {
+        if let Some((_, v)) = source.iter().find(|(k, _)| k == OsStr::new(name)) {
+            put(OsStr::new(name), v);
+        }
+    }
+    for (k, v) in &plan.set {
+        put(OsStr::new(k), OsStr::new(v));
+    }
+    out
+}
+
+fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
+    v.iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+impl Launch {
+    /// Compute everything for running `opts.program` under `plan` on a kernel with Landlock
+    /// ABI `landlock_abi`. Fails before any process exists if something cannot be enforced or
+    /// the program would not be executable inside the sandbox.
+    pub fn prepare(
+        plan: &Plan,
+        opts: &LaunchOptions,
+        landlock_abi: u8,
+    ) -> Result<Launch, SpawnError> {
+        let clone_flags = namespaces::clone_flags(&plan.namespaces)?;
+        let ws_mount = plan.mounts.iter().find_map(|m| match m {
+            Mount::Workspace { writable, exec, .. } => Some((*writable, *exec)),
+            _ => None,
+        });
+        let workspace = match (ws_mount, &opts.workspace) {
+            (Some((writable, exec)), Some(dir)) => {
+                Some(mounts::prepare_workspace(dir, writable, exec, opts.run_as)?)
+            }
+            (Some(_), None) => return Err(MountError::NoWorkspace.into()),
+            (None, _) => None,
+        };
+        let built = mounts::build(&plan.mounts, workspace.as_ref(), opts.run_as)?;
+        let program_inside =
+            mounts::program_inside(&built.views, &opts.program).map_err(SpawnError::Program)?;
+        let landlock = landlock::prepare(
+            &plan.landlock,
+            workspace.as_ref().map(|w| w.host_dir.as_path()),
+            landlock_abi,
+        )?;
+        let seccomp = seccomp::prepare(&plan.seccomp.program)?;
+        let rlimits = rlimits::prepare(&plan.rlimits)?;
+        let cap_last = caps::cap_last_cap()?;
+        let hostname = if plan.namespaces.uts {
+            Some(cstring("hostname", plan.hostname.as_bytes())?)
+        } else {
+            None
+        };
+        let mut argv = vec![cstring("argv[0]", opts.argv0.as_bytes())?];
+        for (i, a) in opts.args.iter().enumerate() {
+            argv.push(cstring(format!("argument {}", i + 1), a.as_bytes())?);
+        }
+        let mut envp = Vec::new();
+        for (k, v) in build_env(&plan.env, &opts.env) {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            envp.push(cstring(
+                format!("environment variable {}", k.to_string_lossy()),
+                &kv,
+            )?);
+        }
+        let argv_ptrs = null_terminated(&argv);
+        let envp_ptrs = null_terminated(&envp);
+        Ok(Launch {
+            clone_flags,
+            unshare_cgroup: plan.namespaces.cgroup,
+            mounts: built,
+            workspace,
+            hostname,
+            inside_uid: plan.user.uid,
+            inside_gid: plan.user.gid,
+            uid_map: namespaces::map_line(plan.user.uid, opts.run_as.uid),
+            gid_map: namespaces::map_line(plan.user.gid, opts.run_as.gid),
+            cap_last,
+            rlimits,
+            landlock,
+            seccomp,
+            cwd: cstring("cwd", plan.cwd.as_os_str().as_bytes())?,
+            program: cstring("program path", program_inside.as_os_str().as_bytes())?,
+            program_inside,
+            argv,
+            argv_ptrs,
+            envp,
+            envp_ptrs,
+            wall_time: plan.wall_time,
+        })
+    }
+
+    /// Where the program is executed from inside the sandbox.
+    pub fn program_inside(&self) -> &Path {
+        &self.program_inside
+    }
+
+    /// The environment the child gets, as `KEY=VALUE` strings.
+    pub fn env(&self) -> impl Iterator<Item = &std::ffi::CStr> {
+        self.envp.iter().map(|c| c.as_c_str())
+    }
+
+    pub fn argv(&self) -> impl Iterator<Item = &std::ffi::CStr> {
+        self.argv.iter().map(|c| c.as_c_str())
+    }
+
+    pub fn wall_time(&self) -> Option<Duration> {
+        self.wall_time
+    }
+
+    /// The mount program, for `-v` and error messages.
+    pub fn mount_ops(&self) -> &[mounts::Op] {
+        &self.mounts.ops
+    }
+
+    /// The workspace owner (uid, gid) writes land as, if a workspace is mounted.
+    pub fn workspace_owner(&self) -> Option<(u32, u32)> {
+        self.workspace.as_ref().map(|w| (w.owner_uid, w.owner_gid))
+    }
+
+    /// Start the program. `cgroup` receives the child before it builds anything.
+    pub fn spawn(&self, cgroup: Option<&Cgroup>) -> Result<Running, SpawnError> {
+        let go = Pipe::new("sync parent->child")?;
+        let ready = Pipe::new("sync child->parent")?;
+        let errp = Pipe::new("exec-error pipe")?;
+        let fds = ChildFds {
+            go_read: go.read.as_raw_fd(),
+            go_write: go.write.as_raw_fd(),
+            ready_read: ready.read.as_raw_fd(),
+            ready_write: ready.write.as_raw_fd(),
+            err_read: errp.read.as_raw_fd(),
+            err_write: errp.write.as_raw_fd(),
+        };
+        let started = Instant::now();
+        let mut pidfd: libc::c_int = -1;
+        let flags = (self.clone_flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+        // SAFETY: raw clone without CLONE_VM/CLONE_VFORK behaves like fork: the child gets a
+        // private copy of our memory (including `self` and the pipes) and its own fd table.
+        // The child only runs `child_main`, which uses async-signal-safe raw syscalls and never
+        // returns. `pidfd` is a valid int for the kernel to store the pidfd in (CLONE_PIDFD).
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                flags,
+                0usize,
+                &mut pidfd as *mut libc::c_int,
+                0usize,
+                0usize,
+            )
+        };
+        if pid < 0 {
+            return Err(SpawnError::Sys {
+                syscall: "clone",
+                source: io::Error::last_os_error(),
+            });
+        }
+        if pid == 0 {
+            child_main(self, &fds);
+        }
+        let pid = pid as libc::pid_t;
+        // SAFETY: CLONE_PIDFD succeeded, so `pidfd` is a new fd owned by us.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        drop(go.read);
+        drop(ready.write);
+        drop(errp.write);
+        let running = Running {
+            pid,
+            pidfd,
+            started,
+            reaped: false,
+        };
+        match self.handshake(pid, cgroup, &go.write, &ready.read, &errp.read) {
+            Ok(()) => Ok(running),
+            Err(e) => {
+                running.kill_and_reap();
+                Err(e)
+            }
+        }
+    }
+
+    fn handshake(
+        &self,
+        pid: libc::pid_t,
+        cgroup: Option<&Cgroup>,
+        go: &OwnedFd,
+        ready: &OwnedFd,
+        err: &OwnedFd,
+    ) -> Result<(), SpawnError> {
+        if let Some(cg) = cgroup {
+            cg.add_process(pid)?;
+        }
+        // A failed write means the child is gone; its error record (if any) explains why.
+        let sent = fds::write_byte(go, 1, "sync 1");
+        let mut b = [0u8; 1];
+        let got = if sent.is_ok() {
+            fds::read_full(ready, &mut b, "sync: user namespace ready")?
+        } else {
+            0
+        };
+        if got != 1 {
+            return Err(child_error(err, pid));
+        }
+        namespaces::write_id_maps(pid, &self.uid_map, &self.gid_map)?;
+        if fds::write_byte(go, 2, "sync 2").is_err() {
+            return Err(child_error(err, pid));
+        }
+        let mut rec = [0u8; fds::FAILURE_LEN];
+        let n = fds::read_full(err, &mut rec, "exec-error pipe")?;
+        if n == 0 {
+            return Ok(()); // EOF: execve succeeded and closed the CLOEXEC write end.
+        }
+        Err(decode_failure(&rec[..n], self))
+    }
+}
+
+fn decode_failure(rec: &[u8], launch: &Launch) -> SpawnError {
+    match ChildFailure::decode(rec) {
+        Some(f) => {
+            let stage = Stage::from_u32(f.stage);
+            let detail = match stage {
+                Some(Stage::Mounts) => launch
+                    .mounts
+                    .ops
+                    .get(f.index as usize)
+                    .map(|op| format!(" ({op})"))
+                    .unwrap_or_default(),
+                Some(Stage::LandlockRule) => launch
+                    .landlock
+                    .sandbox_rules
+                    .get(f.index as usize)
+                    .map(|r| format!(" ({})", r.path.to_string_lossy()))
+                    .unwrap_or_default(),
+                Some(Stage::Rlimit) => launch
+                    .rlimits
+                    .get(f.index as usize)
+                    .map(|r| format!(" ({} = {})", r.name, r.value.rlim_max))
+                    .unwrap_or_default(),
+                Some(Stage::Execve) => format!(" ({})", launch.program_inside.display()),
+                Some(Stage::Chdir) => format!(" ({})", launch.cwd.to_string_lossy()),
+                _ => String::new(),
+            };
+            SpawnError::Child {
+                stage: stage.map_or("an unknown step", Stage::name),
+                detail,
+                source: io::Error::from_raw_os_error(f.errno),
+            }
+        }
+        None => SpawnError::Child {
+            stage: "an unknown step",
+            detail: format!(" (truncated report of {} bytes)", rec.len()),
+            source: io::Error::from(io::ErrorKind::UnexpectedEof),
+        },
+    }
+}
+
+/// Read the child's failure record after it stopped answering.
+fn child_error(err: &OwnedFd, pid: libc::pid_t) -> SpawnError {
+    let mut rec = [0u8; fds::FAILURE_LEN];
+    match fds::read_full(err, &mut rec, "exec-error pipe") {
+        Ok(n) if n > 0 => {
+            if let Some(f) = ChildFailure::decode(&rec[..n]) {
+                let stage = Stage::from_u32(f.stage);
+                return SpawnError::Child {
+                    stage: stage.map_or("an unknown step", Stage::name),
+                    detail: String::new(),
+                    source: io::Error::from_raw_os_error(f.errno),
+                };
+            }
+            SpawnError::ChildVanished { status: -1 }
+        }
+        _ => {
+            let mut status = 0;
+            // SAFETY: non-blocking peek at our own child's status.
+            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+            SpawnError::ChildVanished { status }
+        }
+    }
+}
+
+/// A started program.
+#[derive(Debug)]
+pub struct Running {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    started: Instant,
+    reaped: bool,
+}
+
+impl Running {
+    /// Host pid of the program (pid 1 of its namespace).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    fn kill(&self) {
+        // SAFETY: signalling our own child through its pidfd (no pid reuse race).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0 as libc::c_uint,
+            )
+        };
+    }
+
+    fn kill_and_reap(mut self) {
+        self.kill();
+        let _ = self.reap();
+    }
+
+    fn reap(&mut self) -> Result<(i32, libc::rusage), SpawnError> {
+        let mut status = 0;
+        // SAFETY: all-zero is a valid rusage.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: waiting for our own child with valid out pointers.
+            let r = unsafe { libc::wait4(self.pid, &mut status, libc::__WALL, &mut ru) };
+            if r == self.pid {
+                self.reaped = true;
+                return Ok((status, ru));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(SpawnError::Sys {
+                    syscall: "wait4",
+                    source: e,
+                });
+            }
+        }
+    }
+
+    /// Wait for the program, killing the whole tree when `wall_time` runs out.
+    pub fn wait(
+        mut self,
+        wall_time: Option<Duration>,
+        cgroup: Option<&Cgroup>,
+    ) -> Result<ExitReport, SpawnError> {
+        let deadline = wall_time.map(|w| self.started + w);
+        let mut timed_out = false;
+        loop {
+            let timeout_ms: libc::c_int = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    // Round up so we never wake early and spin.
+                    let ms = left.as_micros().div_ceil(1000);
+                    libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if r > 0 {
+                break;
+            }
+            if r == 0 {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    timed_out = true;
+                    self.kill();
+                    if let Some(cg) = cgroup {
+                        // The pid namespace dies with its pid 1; the cgroup kill is the
+                        // belt to those braces. Failure here must not hide the timeout.
+                        if let Err(e) = cg.kill_all() {
+                            tracing::warn!("cgroup kill after timeout: {e}");
+                        }
+                    }
+                    break;
+                }
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(SpawnError::Sys {
+                    syscall: "poll(pidfd)",
+                    source: e,
+                });
+            }
+        }
+        let (status, ru) = self.reap()?;
+        let wall = self.started.elapsed();
+        let stats = cgroup.map(|c| c.stats()).unwrap_or_default();
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+        };
+        let cpu = stats
+            .cpu_usage_ns
+            .map(Duration::from_nanos)
+            .unwrap_or_else(|| tv(ru.ru_utime) + tv(ru.ru_stime));
+        let peak_mem = stats.peak_memory_bytes.unwrap_or_else(|| {
+            u64::try_from(ru.ru_maxrss)
+                .unwrap_or(0)
+                .saturating_mul(1024)
+        });
+        let (code, signal) = if libc::WIFEXITED(status) {
+            (Some(libc::WEXITSTATUS(status)), None)
+        } else if libc::WIFSIGNALED(status) {
+            (None, Some(libc::WTERMSIG(status)))
+        } else {
+            (None, None)
+        };
+        Ok(ExitReport {
+            code,
+            signal,
+            wall,
+            cpu,
+            peak_mem,
+            oom_killed: stats.oom_killed,
+            timed_out,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+            let _ = self.reap();
+        }
+    }
+}
+
+/// The raw fds the child uses (copies of the parent's, valid in the child's fd table).
+#[derive(Debug, Clone, Copy)]
+struct ChildFds {
+    go_read: RawFd,
+    go_write: RawFd,
+    ready_read: RawFd,
+    ready_write: RawFd,
+    err_read: RawFd,
+    err_write: RawFd,
+}
+
+/// The child: from clone to execve. Raw async-signal-safe syscalls only; never returns.
+fn child_main(l: &Launch, f: &ChildFds) -> ! {
+    let fail = |stage: Stage, index: u32, errno: i32| -> ! {
+        fds::child_report(
+            f.err_write,
+            ChildFailure {
+                stage: stage as u32,
+                index,
+                errno,
+            },
+        );
+        // SAFETY: _exit is async-signal-safe and ends the child without running destructors.
+        unsafe { libc::_exit(crate::report::EXIT_SETUP) }
+    };
+    let check = |stage: Stage, r: Result<(), i32>| {
+        if let Err(e) = r {
+            fail(stage, 0, e);
+        }
+    };
+    let sys0 = |r: libc::c_long| -> Result<(), i32> {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(fds::errno())
+        }
+    };
+
+    // SAFETY: closing the parent's ends of our pipes in our own fd table.
+    unsafe {
+        libc::close(f.go_write);
+        libc::close(f.ready_read);
+        libc::close(f.err_read);
+    }
+    // Signal dispositions set to "ignore" survive execve (the Rust runtime ignores SIGPIPE):
+    // reset every signal to default and unblock all.
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: signal() with SIG_DFL is async-signal-safe (a sigaction syscall).
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    // SAFETY: an empty sigset built on the stack; sigprocmask is async-signal-safe.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+
+    // Sync 1: the parent has put us into our cgroup.
+    match fds::child_read_byte(f.go_read) {
+        Ok(1) => {}
+        Ok(_) => fail(Stage::Sync1, 0, libc::EPROTO),
+        Err(e) => fail(Stage::Sync1, 0, e),
+    }
+    if l.unshare_cgroup {
+        // SAFETY: integer argument only.
+        check(
+            Stage::UnshareCgroup,
+            sys0(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as libc::c_long),
+        );
+    }
+    if let Err((i, e)) = mounts::child_run(&l.mounts.ops) {
+        fail(Stage::Mounts, i, e);
+    }
+    if let Some(h) = &l.hostname {
+        // SAFETY: valid buffer and length.
+        check(
+            Stage::Sethostname,
+            sys0(unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) } as libc::c_long),
+        );
+    }
+    // Drop supplementary groups while still real root in the initial user namespace. Raw
+    // syscall: glibc's setgroups would try to broadcast to threads that do not exist here.
+    // SAFETY: setgroups(0, NULL) passes no memory.
+    check(
+        Stage::Setgroups,
+        sys0(unsafe {
+            libc::syscall(
+                libc::SYS_setgroups,
+                0 as libc::c_int,
+                std::ptr::null::<libc::gid_t>(),
+            )
+        }),
+    );
+    // SAFETY: integer argument only.
+    check(
+        Stage::UnshareUser,
+        sys0(unsafe { libc::unshare(libc::CLONE_NEWUSER) } as libc::c_long),
+    );
+    check(Stage::SignalUserns, fds::child_write_byte(f.ready_write, 1));
+    // SAFETY: closing our copy of the ready pipe.
+    unsafe { libc::close(f.ready_write) };
+    // Sync 2: the parent has written our uid_map/gid_map.
+    match fds::child_read_byte(f.go_read) {
+        Ok(2) => {}
+        Ok(_) => fail(Stage::Sync2, 0, libc::EPROTO),
+        Err(e) => fail(Stage::Sync2, 0, e),
+    }
+    let (uid, gid) = (l.inside_uid, l.inside_gid);
+    // Raw syscalls (not glibc's wrappers, which broadcast to all threads of the parent).
+    // SAFETY: integer arguments only.
+    check(
+        Stage::Setresgid,
+        sys0(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }),
+    );
+    // SAFETY: integer arguments only.
+    check(
+        Stage::Setresuid,
+        sys0(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }),
+    );
+    // Namespace root is unmapped, so setresuid did not clear our capabilities: drop them.
+    check(Stage::CapBounding, caps::child_drop_bounding(l.cap_last));
+    check(Stage::CapAmbient, caps::child_clear_ambient());
+    check(Stage::Securebits, caps::child_lock_securebits());
+    check(Stage::Capset, caps::child_capset_zero());
+    // SAFETY: no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        fail(Stage::Setsid, 0, fds::errno());
+    }
+    // After the credential changes (they clear it).
+    // SAFETY: integer arguments only.
+    check(
+        Stage::Pdeathsig,
+        sys0(unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        } as libc::c_long),
+    );
+    // getppid() is 0 in a new pid namespace, so it cannot tell whether the supervisor died
+    // before PDEATHSIG was armed. The supervisor holds the write end of the sync pipe until
+    // exec is confirmed: a hangup there means it is gone.
+    let mut pfd = libc::pollfd {
+        fd: f.go_read,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if r < 0 || pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+        fail(Stage::ParentGone, 0, libc::ESRCH);
+    }
+    // Not ptrace-able / no core during the rest of setup (execve resets it for the program).
+    // SAFETY: integer arguments only.
+    check(
+        Stage::Dumpable,
+        sys0(
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) }
+                as libc::c_long,
+        ),
+    );
+    for (i, rl) in l.rlimits.iter().enumerate() {
+        if let Err(e) = rlimits::child_apply(rl) {
+            fail(Stage::Rlimit, i as u32, e);
+        }
+    }
+    // SAFETY: integer arguments only.
+    check(
+        Stage::NoNewPrivs,
+        sys0(
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) }
+                as libc::c_long,
+        ),
+    );
+    let ruleset = l.landlock.raw_fd();
+    for (i, rule) in l.landlock.sandbox_rules.iter().enumerate() {
+        if let Err(e) = landlock::child_add_sandbox_rule(ruleset, rule) {
+            fail(Stage::LandlockRule, i as u32, e);
+        }
+    }
+    check(
+        Stage::LandlockRestrict,
+        landlock::child_restrict_self(ruleset),
+    );
+    check(Stage::CloseFds, fds::child_close_all_but_stdio(f.err_write));
+    // SAFETY: valid C string.
+    check(
+        Stage::Chdir,
+        sys0(unsafe { libc::chdir(l.cwd.as_ptr()) } as libc::c_long),
+    );
+    check(Stage::Seccomp, seccomp::child_install(&l.seccomp));
+    // SAFETY: program, argv and envp are NUL-terminated strings / NULL-terminated arrays of
+    // them, built before fork and alive in our private copy of memory.
+    unsafe {
+        libc::execve(
+            l.program.as_ptr(),
+            l.argv_ptrs.as_ptr(),
+            l.envp_ptrs.as_ptr(),
+        )
+    };
+    fail(Stage::Execve, 0, fds::errno())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carapace_policy::plan::EnvPlan;
+
+    #[test]
+    fn env_is_scrubbed_pass_then_set() {
+        let plan = EnvPlan {
+            pass: vec!["LANG".into(), "TERM".into(), "MISSING".into()],
+            set: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("TERM".into(), "dumb".into()),
+            ],
+        };
+        let source: Vec<(OsString, OsString)> = [
+            ("LANG", "C.UTF-8"),
+            ("TERM", "xterm"),
+            ("SECRET_TOKEN", "hunter2"),
+            ("PATH", "/home/x/bin"),
+        ]
+        .iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .collect();
+        let env = build_env(&plan, &source);
+        let s: Vec<String> = env
+            .iter()
+            .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
+            .collect();
+        assert_eq!(s, vec!["LANG=C.UTF-8", "TERM=dumb", "PATH=/usr/bin:/bin"]);
+    }
+
+    #[test]
+    fn stages_roundtrip() {
+        for s in Stage::ALL {
+            assert_eq!(Stage::from_u32(s as u32), Some(s));
+            assert!(!s.name().is_empty());
+        }
+        assert_eq!(Stage::from_u32(0), None);
+        assert_eq!(Stage::from_u32(999), None);
+    }
+
+    #[test]
+    fn null_terminated_arrays() {
+        let v = vec![CString::new("a").unwrap(), CString::new("b").unwrap()];
+        let p = null_terminated(&v);
+        assert_eq!(p.len(), 3);
+        assert!(p[2].is_null());
+        assert_eq!(p[0], v[0].as_ptr());
+    }
+}
