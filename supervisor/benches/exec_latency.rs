@@ -1,0 +1,412 @@
+//! Exec latency of `carapace exec -- /bin/true` next to bare fork+exec and bubblewrap.
+//!
+//! Run: `cargo bench -p carapace --bench exec_latency` (as root: carapace's supervisor runs as
+//! root). Plain `std::time`, no harness. All variants run interleaved (round-robin) in one
+//! process so machine noise hits them alike.
+//!
+//! Environment:
+//! * `BENCH_ITERS` — measured runs per variant (default 200); 10 warm-up runs are discarded.
+//! * `CARAPACE_BIN` — the carapace binary (default: the one cargo built for this bench).
+//! * `BENCH_POLICY` — policy file for the `policy check` figure (default: policies/default.toml).
+//!
+//! A variant whose command fails is reported with its exit status and stderr and left out of
+//! the table; the bench itself never panics on a failing command.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+const WARMUP: usize = 10;
+
+struct Variant {
+    label: String,
+    cmd: Vec<String>,
+    cwd: Option<PathBuf>,
+    samples: Vec<Duration>,
+    failures: usize,
+    first_failure: Option<String>,
+    disabled: Option<String>,
+}
+
+impl Variant {
+    fn new(label: &str, cmd: &[&str]) -> Variant {
+        Variant {
+            label: label.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            cwd: None,
+            samples: Vec::new(),
+            failures: 0,
+            first_failure: None,
+            disabled: None,
+        }
+    }
+
+    fn unavailable(label: &str, why: String) -> Variant {
+        let mut v = Variant::new(label, &[]);
+        v.disabled = Some(why);
+        v
+    }
+
+    /// Run once; `Ok(elapsed)` or `Err(description)`.
+    fn run_once(&self) -> Result<Duration, String> {
+        let Some((prog, args)) = self.cmd.split_first() else {
+            return Err("empty command".to_string());
+        };
+        let mut c = Command::new(prog);
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(d) = &self.cwd {
+            c.current_dir(d);
+        }
+        let start = Instant::now();
+        let out = c
+            .output()
+            .map_err(|e| format!("cannot start {prog}: {e}"))?;
+        let elapsed = start.elapsed();
+        if out.status.success() {
+            Ok(elapsed)
+        } else {
+            Err(format!(
+                "{} -> {}; stderr: {}",
+                self.cmd.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn step(&mut self, record: bool) {
+        if self.disabled.is_some() {
+            return;
+        }
+        match self.run_once() {
+            Ok(d) => {
+                if record {
+                    self.samples.push(d);
+                }
+            }
+            Err(e) => {
+                self.failures += 1;
+                if self.first_failure.is_none() {
+                    self.first_failure = Some(e);
+                }
+                // A command that fails every time is not worth hammering.
+                if self.samples.is_empty() && self.failures >= 3 {
+                    self.disabled = Some("fails every time (see below)".to_string());
+                }
+            }
+        }
+    }
+}
+
+struct Summary {
+    min: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+    mean: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let n = sorted.len();
+    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
+}
+
+fn summarize(samples: &[Duration]) -> Option<Summary> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort();
+    let total: Duration = s.iter().sum();
+    Some(Summary {
+        min: ms(s[0]),
+        p50: ms(percentile(&s, 50.0)),
+        p90: ms(percentile(&s, 90.0)),
+        p99: ms(percentile(&s, 99.0)),
+        max: ms(s[s.len() - 1]),
+        mean: ms(total) / s.len() as f64,
+    })
+}
+
+fn carapace_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("CARAPACE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = option_env!("CARGO_BIN_EXE_carapace") {
+        return Ok(PathBuf::from(p));
+    }
+    // Next to this bench: target/<profile>/deps/exec_latency-* -> target/<profile>/carapace.
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let guess = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("carapace"))
+        .ok_or("no parent dir of the bench binary")?;
+    Ok(guess)
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// Check that `carapace exec` really runs the program: /bin/false must give exit code 1.
+/// Also report whether the program ran confined (seccomp filter mode, no_new_privs), if the
+/// default policy lets `cat` run.
+fn sanity_check(v: &mut Variant) {
+    let Some(bin) = v.cmd.first().cloned() else {
+        return;
+    };
+    let run = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args).stdin(Stdio::null());
+        if let Some(d) = &v.cwd {
+            c.current_dir(d);
+        }
+        c.output()
+    };
+    match run(&["exec", "--", "/bin/false"]) {
+        Ok(o) if o.status.code() == Some(1) => {}
+        Ok(o) => {
+            v.disabled = Some(format!(
+                "`carapace exec -- /bin/false` gave {} instead of exit 1, so carapace does not run \
+                 the program; stderr: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+            v.failures += 1;
+            v.first_failure = v.disabled.clone();
+            return;
+        }
+        Err(e) => {
+            v.disabled = Some(format!("cannot start {bin}: {e}"));
+            return;
+        }
+    }
+    match run(&["exec", "--", "/bin/cat", "/proc/self/status"]) {
+        Ok(o) if o.status.success() => {
+            let out = String::from_utf8_lossy(&o.stdout);
+            let has = |k: &str, val: &str| {
+                out.lines().any(|l| {
+                    l.split_once(':')
+                        .is_some_and(|(a, b)| a == k && b.trim() == val)
+                })
+            };
+            println!(
+                "confinement probe (cat /proc/self/status inside): Seccomp=2 {}, NoNewPrivs=1 {}, CapEff=0 {}",
+                has("Seccomp", "2"),
+                has("NoNewPrivs", "1"),
+                has("CapEff", "0000000000000000")
+            );
+        }
+        Ok(o) => println!(
+            "confinement probe skipped: `carapace exec -- /bin/cat /proc/self/status` -> {}",
+            o.status
+        ),
+        Err(e) => println!("confinement probe skipped: {e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let iters: usize = match std::env::var("BENCH_ITERS") {
+        Ok(s) => match s.parse() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!("BENCH_ITERS must be a positive integer, got {s:?}");
+                return ExitCode::from(2);
+            }
+        },
+        Err(_) => 200,
+    };
+    let policy = std::env::var_os("BENCH_POLICY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml"));
+
+    // The workspace of `carapace exec` defaults to the cwd: give it a small empty directory.
+    let workspace = std::env::temp_dir().join(format!("carapace-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&workspace) {
+        eprintln!("cannot create {}: {e}", workspace.display());
+        return ExitCode::from(2);
+    }
+
+    let mut variants = vec![Variant::new("bare fork+exec /bin/true", &["/bin/true"])];
+    let carapace = carapace_bin();
+    let carapace_label = "carapace exec -- /bin/true";
+    let check_label = "carapace policy check default";
+    match &carapace {
+        Ok(bin) if bin.is_file() => {
+            let b = bin.to_string_lossy().to_string();
+            let mut v = Variant::new(carapace_label, &[&b, "exec", "--", "/bin/true"]);
+            v.cwd = Some(workspace.clone());
+            variants.push(v);
+            let p = policy.to_string_lossy().to_string();
+            variants.push(Variant::new(check_label, &[&b, "policy", "check", &p]));
+        }
+        Ok(bin) => {
+            let why = format!(
+                "{} not found (build it: cargo build --release -p carapace, or set CARAPACE_BIN)",
+                bin.display()
+            );
+            variants.push(Variant::unavailable(carapace_label, why.clone()));
+            variants.push(Variant::unavailable(check_label, why));
+        }
+        Err(e) => {
+            variants.push(Variant::unavailable(carapace_label, e.clone()));
+            variants.push(Variant::unavailable(check_label, e.clone()));
+        }
+    }
+    let bwrap_label = "bwrap --unshare-all /bin/true";
+    match find_in_path("bwrap") {
+        Some(b) => {
+            let b = b.to_string_lossy().to_string();
+            variants.push(Variant::new(
+                bwrap_label,
+                &[
+                    &b,
+                    "--ro-bind",
+                    "/",
+                    "/",
+                    "--unshare-all",
+                    "--die-with-parent",
+                    "/bin/true",
+                ],
+            ));
+        }
+        None => variants.push(Variant::unavailable(
+            bwrap_label,
+            "bwrap not installed (apt-get install bubblewrap)".to_string(),
+        )),
+    }
+
+    // `policy check` of a missing file must fail, or the command does not check anything.
+    if let Some(v) = variants
+        .iter_mut()
+        .find(|v| v.label == check_label && v.disabled.is_none())
+    {
+        let missing = workspace.join("no-such-policy.toml");
+        let probe = v.cmd.first().map(|b| {
+            Command::new(b)
+                .args(["policy", "check"])
+                .arg(&missing)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+        });
+        if let Some(Ok(st)) = probe {
+            if st.success() {
+                let why = "`carapace policy check` of a missing file succeeded: it checks nothing";
+                v.disabled = Some(why.to_string());
+                v.failures += 1;
+                v.first_failure = Some(why.to_string());
+            }
+        }
+    }
+    // A carapace that "succeeds" without running anything (e.g. a stub) must not be timed.
+    if let Some(v) = variants
+        .iter_mut()
+        .find(|v| v.label == carapace_label && v.disabled.is_none())
+    {
+        sanity_check(v);
+    }
+
+    println!(
+        "exec_latency: {iters} runs per variant (+{WARMUP} warm-up), interleaved; kernel {}, {} CPUs",
+        kernel(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for i in 0..WARMUP + iters {
+        for v in &mut variants {
+            v.step(i >= WARMUP);
+        }
+    }
+    let _ = std::fs::remove_dir(&workspace);
+
+    println!();
+    println!(
+        "{:<32} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "variant (ms)", "n", "min", "p50", "p90", "p99", "max", "mean"
+    );
+    let mut p50 = std::collections::HashMap::new();
+    for v in &variants {
+        match summarize(&v.samples) {
+            Some(s) => {
+                p50.insert(v.label.clone(), s.p50);
+                println!(
+                    "{:<32} {:>5} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+                    v.label,
+                    v.samples.len(),
+                    s.min,
+                    s.p50,
+                    s.p90,
+                    s.p99,
+                    s.max,
+                    s.mean
+                );
+            }
+            None => println!(
+                "{:<32} {:>5} {}",
+                v.label,
+                0,
+                v.disabled.as_deref().unwrap_or("no successful run")
+            ),
+        }
+    }
+    println!();
+    let mut ok = true;
+    for v in &variants {
+        if let Some(f) = &v.first_failure {
+            ok = false;
+            println!(
+                "FAILED {}: {} of {} runs failed; first: {f}",
+                v.label,
+                v.failures,
+                v.failures + v.samples.len()
+            );
+        }
+    }
+    let get = |l: &str| p50.get(l).copied();
+    match (get(carapace_label), get("bare fork+exec /bin/true")) {
+        (Some(c), Some(b)) => println!("ratio p50 carapace/bare  = {:.2}", c / b),
+        _ => println!("ratio p50 carapace/bare  = n/a"),
+    }
+    match (get(carapace_label), get(bwrap_label)) {
+        (Some(c), Some(b)) => {
+            let r = c / b;
+            println!(
+                "ratio p50 carapace/bwrap = {r:.2} (target <= 0.50: {})",
+                if r <= 0.5 { "met" } else { "MISSED" }
+            );
+        }
+        _ => println!("ratio p50 carapace/bwrap = n/a"),
+    }
+    if let Some(c) = get(check_label) {
+        println!(
+            "policy check (whole command, p50) = {c:.3} ms (target for load+compile < 5 ms: {})",
+            if c < 5.0 { "met" } else { "MISSED" }
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
