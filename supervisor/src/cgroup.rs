@@ -36,6 +36,7 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use carapace_policy::plan::CgroupLimits;
@@ -282,6 +283,18 @@ impl Layout {
         Layout::from_parts(Path::new("/"), &cg, &mi)
     }
 
+    /// The layout, detected once per process. Safe to cache: mounts of cgroup hierarchies do
+    /// not change under a running supervisor, and moving ourselves into
+    /// `<own>/carapace/supervisor` does not change the detected base (see [`Layout::from_parts`]).
+    pub fn cached() -> Result<&'static Layout, CgroupError> {
+        static LAYOUT: OnceLock<Layout> = OnceLock::new();
+        if let Some(l) = LAYOUT.get() {
+            return Ok(l);
+        }
+        let l = Layout::detect()?;
+        Ok(LAYOUT.get_or_init(|| l))
+    }
+
     /// Build a layout from the text of `/proc/self/cgroup` and `/proc/self/mountinfo`, with
     /// every mount point taken relative to `root` (`/` for the real system; a temp dir in tests).
     pub fn from_parts(
@@ -459,8 +472,9 @@ impl Layout {
             Some(_) => need(Controller::Cpu, "cpu")?,
             None => None,
         };
-        // CPU usage: v1 cpuacct, else v2 cpu.stat (a core file, no controller needed).
-        let cpuacct_v1 = self.v1_own(Controller::Cpuacct).is_some();
+        // CPU usage: v2 `cpu.stat` is a core file (no controller needed) and counts exactly what
+        // v1 cpuacct.usage counts, so a v1 cpuacct cgroup is only made when there is no v2 leaf.
+        let cpuacct_v1 = self.unified.is_none() && self.v1_own(Controller::Cpuacct).is_some();
 
         let mut plan = CreatePlan {
             name: name.to_string(),
@@ -926,7 +940,7 @@ impl Cgroup {
     /// Create cgroup `name` (unique per run, see [`unique_name`]) with `limits`, beneath our own
     /// cgroup in every hierarchy. Fails closed if a limit cannot be enforced.
     pub fn create(name: &str, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
-        Layout::detect()?.plan(name, limits)?.apply()
+        Layout::cached()?.plan(name, limits)?.apply()
     }
 
     /// The name given at creation.
@@ -1067,11 +1081,13 @@ impl Cgroup {
             }
             None => {}
         }
-        st.cpu_usage_ns = match self.controller_dir(Controller::Cpuacct) {
-            Some((d, Version::V1)) => read_u64(&d.join("cpuacct.usage")),
-            _ => self.v2_dir().and_then(|d| {
+        st.cpu_usage_ns = match self.v2_dir() {
+            Some(d) => {
                 read_key(&d.join("cpu.stat"), "usage_usec").and_then(|u| u.checked_mul(1000))
-            }),
+            }
+            None => self
+                .controller_dir(Controller::Cpuacct)
+                .and_then(|(d, _)| read_u64(&d.join("cpuacct.usage"))),
         };
         st
     }
@@ -1264,9 +1280,8 @@ mod tests {
                 ("cpu.cfs_quota_us", "50000")
             ]
         );
-        assert_eq!(p.leaves[3].controllers, vec![Controller::Cpuacct]);
         // The v2 mirror exists for cgroup.kill but enables nothing.
-        let v2 = &p.leaves[4];
+        let v2 = &p.leaves[3];
         assert_eq!(v2.version, Version::V2);
         assert_eq!(
             v2.dir,
@@ -1275,7 +1290,8 @@ mod tests {
         assert!(v2.controllers.is_empty() && v2.writes.is_empty());
         assert!(p.enable.is_empty());
         assert!(p.move_self.is_none());
-        assert_eq!(p.leaves.len(), 5);
+        // No cpuacct cgroup: the v2 leaf's cpu.stat gives the CPU time.
+        assert_eq!(p.leaves.len(), 4);
         assert!(p.freezer_fallback.is_some());
         for leaf in &p.leaves {
             assert!(leaf.dir.parent().is_some_and(|d| d.ends_with(PARENT_DIR)));
@@ -1291,10 +1307,7 @@ mod tests {
         let l = Layout::from_parts(Path::new("/f"), &cg, &mi).expect("layout");
         let p = l.plan("x", &CgroupLimits::default()).expect("plan");
         let ctrls: Vec<_> = p.leaves.iter().map(|l| l.controllers.clone()).collect();
-        assert_eq!(
-            ctrls,
-            vec![vec![Controller::Memory], vec![Controller::Cpuacct], vec![]]
-        );
+        assert_eq!(ctrls, vec![vec![Controller::Memory], vec![]]);
         assert!(p.leaves.iter().all(|l| l.writes.is_empty()));
     }
 
