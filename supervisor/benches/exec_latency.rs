@@ -225,6 +225,69 @@ fn sanity_check(v: &mut Variant) {
     }
 }
 
+/// In-process cost of the cgroup part of one run (the default profile's limits): create,
+/// move a process in, kill_all, remove. Root only; the figures feed docs/benchmarks.md.
+fn cgroup_costs(iters: usize) {
+    use carapace_policy::plan::CgroupLimits;
+    use carapace_supervisor::cgroup::{unique_name, Cgroup};
+    if !nix::unistd::geteuid().is_root() {
+        println!("cgroup costs: skipped (not root)");
+        return;
+    }
+    let limits = CgroupLimits {
+        memory_bytes: Some(512 << 20),
+        pids: Some(128),
+        cpu_millis: Some(1000),
+    };
+    let (mut create, mut add, mut kill, mut remove) = (vec![], vec![], vec![], vec![]);
+    let mut dirs = 0;
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        let cg = match Cgroup::create(&unique_name("bench"), &limits) {
+            Ok(cg) => cg,
+            Err(e) => {
+                println!("cgroup costs: create failed: {e}");
+                return;
+            }
+        };
+        let t1 = Instant::now();
+        dirs = cg.dirs().len();
+        // Measure the writes with a short-lived child: /bin/true, added while it runs or after
+        // it exited (ESRCH is fine for a timing figure).
+        let child = Command::new("/bin/true").spawn();
+        let t2 = Instant::now();
+        let _ = child
+            .as_ref()
+            .map(|c| cg.add_process(c.id() as libc::pid_t));
+        let t3 = Instant::now();
+        if let Ok(mut c) = child {
+            let _ = c.wait();
+        }
+        let t4 = Instant::now();
+        let k = cg.kill_all();
+        let t5 = Instant::now();
+        let r = cg.remove();
+        let t6 = Instant::now();
+        if let Err(e) = k.and(r) {
+            println!("cgroup costs: {e}");
+            return;
+        }
+        create.push(t1 - t0);
+        add.push(t3 - t2);
+        kill.push(t5 - t4);
+        remove.push(t6 - t5);
+    }
+    let p = |v: &[Duration]| summarize(v).map_or(f64::NAN, |s| s.p50);
+    println!(
+        "cgroup costs (in-process, p50 ms, {dirs} hierarchies): create {:.3}, add_process {:.3}, \
+         kill_all {:.3}, remove {:.3}",
+        p(&create),
+        p(&add),
+        p(&kill),
+        p(&remove)
+    );
+}
+
 fn main() -> ExitCode {
     let iters: usize = match std::env::var("BENCH_ITERS") {
         Ok(s) => match s.parse() {
@@ -404,6 +467,7 @@ fn main() -> ExitCode {
             if c < 5.0 { "met" } else { "MISSED" }
         );
     }
+    cgroup_costs(iters);
     if ok {
         ExitCode::SUCCESS
     } else {
