@@ -234,7 +234,9 @@ impl Policy {
         let model = validate::validate(raw, &mut sink);
         let mut diags = sink.diags;
         if !diags.is_empty() {
-            diags.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+            diags.sort_by(|a, b| {
+                (a.line, a.column, &a.message).cmp(&(b.line, b.column, &b.message))
+            });
             diags.dedup();
             return Err(Diagnostics(diags));
         }

@@ -133,7 +133,7 @@ pub(crate) fn parse_cpu(v: &toml::Value) -> Result<u64, String> {
         return Err(format!("{cores} cores is impossible"));
     }
     if cores > 4096.0 {
-        return Err(format!("{cores} cores is more than 4096"));
+        return Err("more than 4096 cores".into());
     }
     let millis = (cores * 1000.0).round() as u64;
     if millis == 0 {

@@ -541,10 +541,22 @@ fn lower_profile(
             uid: 1000,
             gid: 1000,
         },
-        Some(u) => SandboxUser {
-            uid: u.get_ref().uid.as_ref().map_or(1000, |v| *v.get_ref()),
-            gid: u.get_ref().gid.as_ref().map_or(1000, |v| *v.get_ref()),
-        },
+        Some(u) => {
+            let u = u.get_ref();
+            for id in [&u.uid, &u.gid].into_iter().flatten() {
+                if *id.get_ref() == u32::MAX {
+                    sink.err(
+                        &id.span(),
+                        "id 4294967295 is (uid_t)-1, which the kernel reads as \"unchanged\"",
+                        "an id from 0 to 4294967294",
+                    );
+                }
+            }
+            SandboxUser {
+                uid: u.uid.as_ref().map_or(1000, |v| *v.get_ref()),
+                gid: u.gid.as_ref().map_or(1000, |v| *v.get_ref()),
+            }
+        }
     };
 
     // Namespaces: all on by default; user/pid/mount cannot be turned off.

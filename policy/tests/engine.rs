@@ -1,0 +1,825 @@
+//! Evaluation, `extends`, compilation (mounts, Landlock, limits) and the seccomp program, which
+//! is run through the crate's BPF interpreter.
+
+use carapace_policy::plan::{FsRights, LandlockPath, Mount, RlimitResource, SeccompAction};
+use carapace_policy::tables::{syscall_nr, FORBIDDEN_IN_GROUPS, GROUPS};
+use carapace_policy::{run_bpf, Approval, ExecRequest, Plan, Policy, Target};
+
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+const RET_KILL_PROCESS: u32 = 0x8000_0000;
+const RET_ALLOW: u32 = 0x7fff_0000;
+const RET_LOG: u32 = 0x7ffc_0000;
+const fn ret_errno(e: i32) -> u32 {
+    0x0005_0000 | (e as u32)
+}
+
+const DEFAULT: &str = include_str!("../../policies/default.toml");
+
+fn parse(text: &str) -> Policy {
+    Policy::parse(text, "t.toml").unwrap_or_else(|d| panic!("{d}\n{text}"))
+}
+
+fn plan_of(text: &str, profile: &str) -> Plan {
+    parse(text)
+        .compile(profile, &Target { landlock_abi: 6 })
+        .unwrap_or_else(|d| panic!("{d}"))
+}
+
+fn req(prog: &str, args: &[&str]) -> ExecRequest {
+    ExecRequest {
+        program: prog.into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn nr(name: &str) -> i32 {
+    syscall_nr(name).unwrap_or_else(|| panic!("no syscall {name}")) as i32
+}
+
+fn run(plan: &Plan, name: &str, args: [u64; 6]) -> u32 {
+    run_bpf(&plan.seccomp.program, nr(name), AUDIT_ARCH_X86_64, args)
+        .unwrap_or_else(|| panic!("malformed program for {name}"))
+}
+
+// ---- evaluation ---------------------------------------------------------------------------
+
+const RULES: &str = r#"
+version = 1
+[profiles.p]
+why = "p"
+[profiles.q]
+why = "q"
+
+[[exec]]
+why = "git reads"
+program = "/usr/bin/git"
+args = ["{status,log}", "**"]
+profile = "p"
+approval = "allow"
+
+[[exec]]
+why = "exactly two args, the second a .txt file"
+program = "/usr/bin/cp"
+args = ["*", "*.txt"]
+profile = "q"
+approval = "allow"
+
+[[exec]]
+why = "a ** in the middle"
+program = "/usr/bin/tar"
+args = ["-c", "**", "--end"]
+profile = "p"
+approval = "allow"
+
+[[exec]]
+why = "globbed programs; * does not cross /"
+program = "/opt/tools/*"
+profile = "q"
+approval = "ask"
+
+[[exec]]
+why = "no rm"
+program = "/usr/bin/rm"
+approval = "deny"
+"#;
+
+#[test]
+fn first_match_wins_and_no_match_denies() {
+    let p = parse(RULES);
+    let d = p.evaluate(&req("/usr/bin/git", &["status", "-s"]));
+    assert_eq!(d.approval, Approval::Allow);
+    assert_eq!(d.profile.as_deref(), Some("p"));
+    let r = d.rule.clone().unwrap_or_else(|| panic!("no rule"));
+    assert_eq!((r.index, r.line, r.why.as_str()), (0, 8, "git reads"));
+    assert!(d.explain().contains("line 8"), "{}", d.explain());
+
+    // git push matches no rule at all -> deny without a rule
+    let d = p.evaluate(&req("/usr/bin/git", &["push"]));
+    assert_eq!(d.approval, Approval::Deny);
+    assert!(d.rule.is_none() && d.profile.is_none());
+    assert!(d.explain().contains("none matched"));
+
+    // a bare `git` (no args) does not match ["{status,log}", "**"]
+    assert_eq!(
+        p.evaluate(&req("/usr/bin/git", &[])).approval,
+        Approval::Deny
+    );
+
+    let d = p.evaluate(&req("/usr/bin/rm", &["-rf", "/"]));
+    assert_eq!(d.approval, Approval::Deny);
+    assert_eq!(d.rule.map(|r| r.index), Some(4));
+}
+
+#[test]
+fn args_are_matched_one_per_element() {
+    let p = parse(RULES);
+    let a = |args: &[&str]| p.evaluate(&req("/usr/bin/cp", args)).approval;
+    assert_eq!(a(&["a", "b.txt"]), Approval::Allow);
+    assert_eq!(
+        a(&["a/b/c", "d/e.txt"]),
+        Approval::Allow,
+        "arg globs cross /"
+    );
+    assert_eq!(a(&["a", "b.txt", "c"]), Approval::Deny, "too many");
+    assert_eq!(a(&["a"]), Approval::Deny, "too few");
+    assert_eq!(a(&["a", "b.md"]), Approval::Deny);
+    let t = |args: &[&str]| p.evaluate(&req("/usr/bin/tar", args)).approval;
+    assert_eq!(t(&["-c", "--end"]), Approval::Allow, "** matches zero");
+    assert_eq!(t(&["-c", "x", "y", "--end"]), Approval::Allow);
+    assert_eq!(t(&["-c", "x", "y"]), Approval::Deny);
+    assert_eq!(t(&["-x", "--end"]), Approval::Deny);
+}
+
+#[test]
+fn program_globs_keep_separators_literal() {
+    let p = parse(RULES);
+    assert_eq!(
+        p.evaluate(&req("/opt/tools/x", &["a"])).approval,
+        Approval::Ask
+    );
+    assert_eq!(
+        p.evaluate(&req("/opt/tools/sub/x", &[])).approval,
+        Approval::Deny
+    );
+    assert_eq!(
+        p.evaluate(&req("/opt/toolsx", &[])).approval,
+        Approval::Deny
+    );
+}
+
+#[test]
+fn canonicalized_programs_match_both_forms() {
+    let mut p = parse(RULES);
+    // Pretend /usr/bin/git is a link to /usr/lib/git-core/git.
+    p.canonicalize_programs(|path| {
+        (path == std::path::Path::new("/usr/bin/git")).then(|| "/usr/lib/git-core/git".into())
+    });
+    assert_eq!(
+        p.evaluate(&req("/usr/lib/git-core/git", &["log"])).approval,
+        Approval::Allow
+    );
+    assert_eq!(
+        p.evaluate(&req("/usr/bin/git", &["log"])).approval,
+        Approval::Allow
+    );
+    assert_eq!(
+        p.evaluate(&req("/usr/lib/git-core/gitx", &["log"]))
+            .approval,
+        Approval::Deny
+    );
+}
+
+#[test]
+fn run_tests_reports_pass_and_fail() {
+    let text = format!(
+        "{RULES}\n[[test]]\ncommand = [\"/usr/bin/git\", \"log\"]\nexpect = \"allow\"\nprofile = \"p\"\n\
+         [[test]]\ncommand = [\"/usr/bin/git\", \"log\"]\nexpect = \"allow\"\nprofile = \"q\"\n\
+         [[test]]\ncommand = [\"/usr/bin/rm\"]\nexpect = \"allow\"\n"
+    );
+    let out = parse(&text).run_tests();
+    assert_eq!(out.len(), 3);
+    assert!(out[0].passed);
+    assert!(!out[1].passed, "wrong profile must fail");
+    assert!(!out[2].passed, "wrong decision must fail");
+    assert_eq!(out[2].got.approval, Approval::Deny);
+    assert_eq!(out[2].command, vec!["/usr/bin/rm".to_string()]);
+}
+
+// ---- extends ------------------------------------------------------------------------------
+
+const EXTENDS: &str = r#"
+version = 1
+[profiles.base]
+why = "base"
+[profiles.base.filesystem]
+mounts = [{ path = "/usr", access = "read-exec" }]
+tmpfs = [{ path = "/tmp", size = "8MiB" }]
+[profiles.base.limits]
+memory = "64MiB"
+pids = 10
+[profiles.base.seccomp]
+allow = ["@default"]
+deny = [{ syscall = "clone3", errno = "ENOSYS" }]
+[profiles.base.environment]
+pass = ["TERM"]
+set = { A = "1", B = "2" }
+
+[profiles.mid]
+why = "mid"
+extends = "base"
+[profiles.mid.filesystem]
+mounts = [{ path = "/opt/data", access = "read" }]
+[profiles.mid.limits]
+pids = 20
+
+[profiles.leaf]
+why = "leaf"
+extends = "mid"
+hostname = "leaf"
+[profiles.leaf.seccomp]
+allow = ["@file-read"]
+deny = [{ syscall = "openat2", errno = "ENOSYS" }]
+[profiles.leaf.environment]
+set = { B = "3" }
+"#;
+
+#[test]
+fn extends_overrides_keys_and_appends_lists() {
+    let base = plan_of(EXTENDS, "base");
+    let leaf = plan_of(EXTENDS, "leaf");
+    let binds = |p: &Plan| -> Vec<String> {
+        p.mounts
+            .iter()
+            .filter_map(|m| match m {
+                Mount::Bind { dst, .. } => Some(dst.display().to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(binds(&base), vec!["/usr"]);
+    assert_eq!(binds(&leaf), vec!["/usr", "/opt/data"], "mounts appended");
+    assert!(leaf
+        .mounts
+        .iter()
+        .any(|m| matches!(m, Mount::Tmpfs { dst, .. } if dst == std::path::Path::new("/tmp"))));
+    assert_eq!(leaf.cgroup.memory_bytes, Some(64 << 20), "inherited");
+    assert_eq!(leaf.cgroup.pids, Some(20), "overridden by mid");
+    assert_eq!(base.cgroup.pids, Some(10), "parent untouched");
+    assert_eq!(leaf.hostname, "leaf");
+    assert_eq!(base.hostname, "carapace");
+    // seccomp lists appended
+    assert!(
+        leaf.seccomp.allowed.iter().any(|s| s == "openat")
+            || leaf.seccomp.denied.iter().any(|(s, _)| s == "openat2")
+    );
+    assert!(
+        leaf.seccomp.allowed.iter().any(|s| s == "newfstatat"),
+        "leaf's @file-read"
+    );
+    assert!(
+        leaf.seccomp.allowed.iter().any(|s| s == "mmap"),
+        "base's @default"
+    );
+    assert!(!base.seccomp.allowed.iter().any(|s| s == "newfstatat"));
+    let denied: Vec<&str> = leaf
+        .seccomp
+        .denied
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .collect();
+    assert_eq!(denied, vec!["clone3", "openat2"]);
+    assert!(
+        !leaf.seccomp.allowed.iter().any(|s| s == "openat2"),
+        "deny wins over allow"
+    );
+    assert_eq!(run(&leaf, "openat2", [0; 6]), ret_errno(libc::ENOSYS));
+    // env: pass inherited, set merged per variable with the child winning
+    assert_eq!(leaf.env.pass, vec!["TERM"]);
+    assert_eq!(
+        leaf.env.set,
+        vec![
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), "3".to_string())
+        ]
+    );
+}
+
+#[test]
+fn default_tool_profile_can_be_extended_with_one_mount() {
+    let text = format!(
+        "{DEFAULT}\n[profiles.escape]\nwhy = \"escape suite\"\nextends = \"tool\"\n[profiles.escape.filesystem]\nmounts = [{{ path = \"/opt/attacks\", access = \"read-exec\" }}]\n"
+    );
+    let tool = plan_of(&text, "tool");
+    let esc = plan_of(&text, "escape");
+    assert_eq!(esc.mounts.len(), tool.mounts.len() + 1);
+    assert_eq!(esc.seccomp, tool.seccomp);
+    assert_eq!(esc.cgroup, tool.cgroup);
+}
+
+// ---- compile: mounts, Landlock, limits ------------------------------------------------------
+
+#[test]
+fn mounts_are_ordered_parents_first_and_landlock_follows_access() {
+    let text = r#"
+version = 1
+[profiles.p]
+why = "p"
+[profiles.p.filesystem]
+mounts = [
+  { path = "/usr/lib/x", access = "read-write" },
+  { path = "/usr", access = "read-exec" },
+  { path = "/etc/passwd", access = "read", optional = true },
+]
+tmpfs = [{ path = "/tmp", size = "1MiB", mode = "0700" }, { path = "/workspace/cache", size = "2MiB", exec = true }]
+symlinks = [{ path = "/bin", target = "usr/bin" }]
+workspace = { path = "/workspace", access = "read-write" }
+"#;
+    let plan = plan_of(text, "p");
+    let order: Vec<String> = plan
+        .mounts
+        .iter()
+        .map(|m| m.dst().display().to_string())
+        .collect();
+    let pos = |s: &str| order.iter().position(|x| x == s).unwrap_or(usize::MAX);
+    assert!(pos("/usr") < pos("/usr/lib/x"), "{order:?}");
+    assert!(pos("/workspace") < pos("/workspace/cache"), "{order:?}");
+    assert_eq!(
+        order.last().map(String::as_str),
+        Some("/bin"),
+        "symlinks last: {order:?}"
+    );
+    assert!(order.contains(&"/proc".to_string()) && order.contains(&"/dev".to_string()));
+    assert_eq!(plan.cwd, std::path::Path::new("/workspace"));
+    assert!(plan.mounts.contains(&Mount::Tmpfs {
+        dst: "/tmp".into(),
+        size_bytes: 1 << 20,
+        mode: 0o700,
+        exec: false
+    }));
+
+    let rights_of = |p: LandlockPath| {
+        plan.landlock
+            .rules
+            .iter()
+            .find(|r| r.path == p)
+            .map(|r| r.rights)
+            .unwrap_or_else(|| panic!("no rule for {p:?}"))
+    };
+    let r = |read, write, execute, ioctl_dev| FsRights {
+        read,
+        write,
+        execute,
+        ioctl_dev,
+    };
+    assert_eq!(
+        rights_of(LandlockPath::Host("/usr".into())),
+        r(true, false, true, false)
+    );
+    assert_eq!(
+        rights_of(LandlockPath::Host("/usr/lib/x".into())),
+        r(true, true, false, false)
+    );
+    assert_eq!(
+        rights_of(LandlockPath::Host("/etc/passwd".into())),
+        r(true, false, false, false)
+    );
+    assert_eq!(
+        rights_of(LandlockPath::Workspace),
+        r(true, true, false, false),
+        "workspace never exec"
+    );
+    assert_eq!(
+        rights_of(LandlockPath::Sandbox("/dev".into())),
+        r(true, true, false, true)
+    );
+    assert_eq!(
+        rights_of(LandlockPath::Sandbox("/proc".into())),
+        r(true, false, false, false)
+    );
+    assert_eq!(
+        rights_of(LandlockPath::Sandbox("/tmp".into())),
+        r(true, true, false, false)
+    );
+    assert_eq!(
+        rights_of(LandlockPath::Sandbox("/workspace/cache".into())),
+        r(true, true, true, false)
+    );
+}
+
+#[test]
+fn workspace_exec_only_when_asked() {
+    let text = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.filesystem]\nworkspace = { path = \"/w\", access = \"read-write-exec\" }\n";
+    let plan = plan_of(text, "p");
+    assert!(plan.mounts.contains(&Mount::Workspace {
+        dst: "/w".into(),
+        writable: true,
+        exec: true
+    }));
+    let rule = plan
+        .landlock
+        .rules
+        .iter()
+        .find(|r| r.path == LandlockPath::Workspace);
+    assert!(rule.is_some_and(|r| r.rights.execute && r.rights.write));
+}
+
+#[test]
+fn landlock_features_follow_the_target_and_min_abi_is_enforced() {
+    let p = parse(DEFAULT);
+    let abi = |n| p.compile("tool", &Target { landlock_abi: n });
+    let d = abi(2).unwrap_err();
+    assert_eq!(d.0.len(), 1);
+    let line = DEFAULT
+        .lines()
+        .position(|l| l.starts_with("min_abi"))
+        .unwrap_or(0)
+        + 1;
+    assert_eq!(d.0[0].line, line, "located at min_abi");
+    assert!(abi(0).unwrap_err().to_string().contains("no Landlock"));
+    let p3 = abi(3).unwrap_or_else(|d| panic!("{d}"));
+    assert!(!p3.landlock.deny_tcp && !p3.landlock.scope_abstract_unix);
+    let p4 = abi(4).unwrap_or_else(|d| panic!("{d}"));
+    assert!(p4.landlock.deny_tcp && !p4.landlock.scope_signals);
+    let p6 = abi(6).unwrap_or_else(|d| panic!("{d}"));
+    assert!(p6.landlock.deny_tcp && p6.landlock.scope_abstract_unix && p6.landlock.scope_signals);
+    assert!(p.compile("nope", &Target { landlock_abi: 6 }).is_err());
+}
+
+#[test]
+fn limits_and_rlimits() {
+    let plan = plan_of(DEFAULT, "tool");
+    assert_eq!(plan.cgroup.memory_bytes, Some(512 << 20));
+    assert_eq!(plan.cgroup.pids, Some(128));
+    assert_eq!(plan.cgroup.cpu_millis, Some(1000));
+    assert_eq!(plan.wall_time, Some(std::time::Duration::from_secs(300)));
+    let rl = |r| {
+        plan.rlimits
+            .iter()
+            .find(|x| x.resource == r)
+            .map(|x| x.value)
+    };
+    assert_eq!(rl(RlimitResource::Nofile), Some(256));
+    assert_eq!(rl(RlimitResource::Fsize), Some(256 << 20));
+    assert_eq!(rl(RlimitResource::Core), Some(0));
+    assert_eq!(plan.env.pass, vec!["LANG", "LC_ALL", "TERM"]);
+    assert!(plan.env.set.contains(&("HOME".into(), "/workspace".into())));
+    let explain = plan.explain();
+    for needle in [
+        "512 MiB",
+        "core dumps: off",
+        "clone3: fail with ENOSYS",
+        "any other syscall: fail with EPERM",
+        "/workspace: the workspace, read-write, no exec",
+        "TIOCGWINSZ",
+        "LANG",
+    ] {
+        assert!(
+            explain.contains(needle),
+            "explain lacks {needle:?}:\n{explain}"
+        );
+    }
+}
+
+// ---- seccomp --------------------------------------------------------------------------------
+
+#[test]
+fn groups_hold_only_known_and_never_forbidden_syscalls() {
+    for g in GROUPS {
+        assert!(g.name.starts_with('@') && !g.why.is_empty());
+        for s in g.syscalls {
+            assert!(
+                syscall_nr(s).is_some(),
+                "{} has unknown syscall {s}",
+                g.name
+            );
+            assert!(
+                !FORBIDDEN_IN_GROUPS.contains(s),
+                "{} contains forbidden {s}",
+                g.name
+            );
+        }
+    }
+    for s in [
+        "ptrace",
+        "process_vm_readv",
+        "mount",
+        "unshare",
+        "setns",
+        "keyctl",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "io_uring_setup",
+        "open_by_handle_at",
+        "kexec_load",
+        "init_module",
+        "reboot",
+        "clone3",
+        "personality",
+        "chroot",
+        "move_mount",
+        "fsopen",
+        "mount_setattr",
+    ] {
+        assert!(FORBIDDEN_IN_GROUPS.contains(&s), "{s}");
+    }
+}
+
+#[test]
+fn program_starts_with_the_arch_and_x32_guard() {
+    let plan = plan_of(DEFAULT, "tool");
+    let p = &plan.seccomp.program;
+    let shape: Vec<(u16, u8, u8, u32)> = p[..6].iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
+    assert_eq!(
+        shape,
+        vec![
+            (0x20, 0, 0, 4),                 // ld arch
+            (0x15, 1, 0, AUDIT_ARCH_X86_64), // jeq x86_64 ? skip : kill
+            (0x06, 0, 0, RET_KILL_PROCESS),
+            (0x20, 0, 0, 0),           // ld nr
+            (0x35, 0, 1, 0x4000_0000), // jge x32 ? kill : skip
+            (0x06, 0, 0, RET_KILL_PROCESS),
+        ]
+    );
+    assert!(p.len() <= 4096);
+    // Behaviour, through the interpreter.
+    assert_eq!(
+        run_bpf(p, 0, AUDIT_ARCH_I386, [0; 6]),
+        Some(RET_KILL_PROCESS),
+        "i386 / int 0x80"
+    );
+    assert_eq!(
+        run_bpf(p, 0x4000_0000, AUDIT_ARCH_X86_64, [0; 6]),
+        Some(RET_KILL_PROCESS),
+        "x32 read"
+    );
+    assert_eq!(
+        run_bpf(p, 0x4000_0000 | 59, AUDIT_ARCH_X86_64, [0; 6]),
+        Some(RET_KILL_PROCESS)
+    );
+    assert_eq!(
+        run_bpf(p, -1, AUDIT_ARCH_X86_64, [0; 6]),
+        Some(RET_KILL_PROCESS),
+        "nr -1 is >= x32 bit unsigned"
+    );
+}
+
+#[test]
+fn default_profile_seccomp_behaviour() {
+    let plan = plan_of(DEFAULT, "tool");
+    let eperm = ret_errno(libc::EPERM);
+    for ok in [
+        "read",
+        "write",
+        "openat",
+        "execve",
+        "exit_group",
+        "mmap",
+        "futex",
+        "wait4",
+        "pipe2",
+        "getdents64",
+        "rt_sigreturn",
+        "fchmodat2",
+    ] {
+        assert_eq!(run(&plan, ok, [0; 6]), RET_ALLOW, "{ok}");
+    }
+    for bad in FORBIDDEN_IN_GROUPS.iter().filter(|s| **s != "clone3") {
+        if syscall_nr(bad).is_some() {
+            assert_eq!(run(&plan, bad, [0; 6]), eperm, "{bad} must be denied");
+        }
+    }
+    assert_eq!(run(&plan, "clone3", [0; 6]), ret_errno(libc::ENOSYS));
+    // socket: AF_UNIX only (low 32 bits compared, as the kernel reads an int)
+    assert_eq!(run(&plan, "socket", [1, 1, 0, 0, 0, 0]), RET_ALLOW);
+    for dom in [2u64, 10, 16, 17] {
+        assert_eq!(
+            run(&plan, "socket", [dom, 1, 0, 0, 0, 0]),
+            eperm,
+            "domain {dom}"
+        );
+    }
+    assert_eq!(run(&plan, "socketpair", [2, 1, 0, 0, 0, 0]), eperm);
+    // ioctl: allowlisted requests only, compared on the low 32 bits
+    assert_eq!(
+        run(&plan, "ioctl", [0, 0x5401, 0, 0, 0, 0]),
+        RET_ALLOW,
+        "TCGETS"
+    );
+    assert_eq!(
+        run(&plan, "ioctl", [0, 0xdead_0000_5413, 0, 0, 0, 0]),
+        RET_ALLOW,
+        "high bits ignored like the kernel"
+    );
+    assert_eq!(
+        run(&plan, "ioctl", [0, 0x5412, 0, 0, 0, 0]),
+        eperm,
+        "TIOCSTI"
+    );
+    assert_eq!(
+        run(&plan, "ioctl", [0, 0x1_0000_5412, 0, 0, 0, 0]),
+        eperm,
+        "TIOCSTI with high bits"
+    );
+    assert_eq!(
+        run(&plan, "ioctl", [0, 0x541C, 0, 0, 0, 0]),
+        eperm,
+        "TIOCLINUX"
+    );
+    // clone: no namespace flags
+    const SIGCHLD: u64 = 17;
+    let thread_flags = 0x003d_0f00; // CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|PARENT_SETTID|CHILD_CLEARTID
+    assert_eq!(
+        run(&plan, "clone", [SIGCHLD, 0, 0, 0, 0, 0]),
+        RET_ALLOW,
+        "fork"
+    );
+    assert_eq!(
+        run(&plan, "clone", [thread_flags, 0, 0, 0, 0, 0]),
+        RET_ALLOW,
+        "thread"
+    );
+    for ns in [
+        0x1000_0000u64,
+        0x0002_0000,
+        0x2000_0000,
+        0x4000_0000,
+        0x0800_0000,
+        0x0400_0000,
+        0x0200_0000,
+    ] {
+        assert_eq!(
+            run(&plan, "clone", [SIGCHLD | ns, 0, 0, 0, 0, 0]),
+            eperm,
+            "flag {ns:#x}"
+        );
+    }
+    // personality is not allowed by the default profile
+    assert_eq!(
+        run(&plan, "personality", [0xffff_ffff, 0, 0, 0, 0, 0]),
+        eperm
+    );
+    // unknown syscall numbers get the default action
+    assert_eq!(
+        run_bpf(&plan.seccomp.program, 1000, AUDIT_ARCH_X86_64, [0; 6]),
+        Some(eperm)
+    );
+    assert_eq!(
+        plan.seccomp.default_action,
+        SeccompAction::Errno(libc::EPERM as u32)
+    );
+}
+
+#[test]
+fn explicit_allow_of_forbidden_syscalls_and_personality_conditions() {
+    let text = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"kill\"\nallow = [\"@default\", \"personality\", \"ptrace\"]\nsocket_domains = []\n";
+    let plan = plan_of(text, "p");
+    assert_eq!(
+        run(&plan, "ptrace", [0; 6]),
+        RET_ALLOW,
+        "deliberate single allow works"
+    );
+    assert_eq!(
+        run(&plan, "personality", [0xffff_ffff, 0, 0, 0, 0, 0]),
+        RET_ALLOW
+    );
+    assert_eq!(run(&plan, "personality", [0, 0, 0, 0, 0, 0]), RET_ALLOW);
+    assert_eq!(
+        run(&plan, "personality", [0x0040_0000, 0, 0, 0, 0, 0]),
+        RET_KILL_PROCESS,
+        "ADDR_NO_RANDOMIZE"
+    );
+    assert_eq!(
+        run(&plan, "openat", [0; 6]),
+        RET_KILL_PROCESS,
+        "kill default"
+    );
+    assert_eq!(
+        run(&plan, "clone3", [0; 6]),
+        ret_errno(libc::ENOSYS),
+        "implicit clone3 ENOSYS"
+    );
+}
+
+#[test]
+fn empty_condition_lists_deny_the_syscall() {
+    let text = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"log\"\nallow = [\"@default\", \"@network-local\"]\nsocket_domains = []\nioctl_requests = []\nclone_deny_flags = []\n";
+    let plan = plan_of(text, "p");
+    assert_eq!(
+        run(&plan, "socket", [1, 1, 0, 0, 0, 0]),
+        RET_LOG,
+        "no domain allowed"
+    );
+    assert_eq!(
+        run(&plan, "ioctl", [0, 0x5401, 0, 0, 0, 0]),
+        RET_LOG,
+        "no request allowed"
+    );
+    assert!(!plan
+        .seccomp
+        .allowed
+        .iter()
+        .any(|s| s == "socket" || s == "ioctl"));
+    assert_eq!(run(&plan, "bind", [0; 6]), RET_ALLOW);
+}
+
+#[test]
+fn deny_entries_have_their_own_action() {
+    let text = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\nallow = [\"@default\", \"@file-read\"]\ndeny = [{ syscall = \"openat\", errno = \"EACCES\" }, { syscall = \"getcwd\", action = \"kill\" }, { syscall = \"clone3\", action = \"log\" }]\n";
+    let plan = plan_of(text, "p");
+    assert_eq!(run(&plan, "openat", [0; 6]), ret_errno(libc::EACCES));
+    assert_eq!(run(&plan, "getcwd", [0; 6]), RET_KILL_PROCESS);
+    assert_eq!(
+        run(&plan, "clone3", [0; 6]),
+        RET_LOG,
+        "explicit entry replaces the implicit ENOSYS"
+    );
+    assert_eq!(plan.seccomp.denied.len(), 3);
+}
+
+/// Every syscall observed with `strace -f -qq -c` on this project's reference tools (ls, cat,
+/// grep -r, git status/log/diff/show/branch, python3 -c, a python3 script with threads,
+/// subprocess, tempfile and multiprocessing, sh -c with pipes, bash, find, sed, awk, sort, tar,
+/// coreutils file operations) is allowed by the default tool profile; clone3 gets ENOSYS so
+/// glibc falls back to clone.
+#[test]
+fn default_profile_allows_what_real_tools_use() {
+    const OBSERVED: &[&str] = &[
+        "access",
+        "arch_prctl",
+        "brk",
+        "chdir",
+        "clock_nanosleep",
+        "clone",
+        "close",
+        "close_range",
+        "connect",
+        "copy_file_range",
+        "creat",
+        "dup2",
+        "epoll_create1",
+        "epoll_ctl",
+        "epoll_wait",
+        "execve",
+        "fadvise64",
+        "fchdir",
+        "fchmodat",
+        "fcntl",
+        "fstatfs",
+        "futex",
+        "getcwd",
+        "getdents64",
+        "getegid",
+        "geteuid",
+        "getgid",
+        "getgroups",
+        "getpeername",
+        "getpgrp",
+        "getpid",
+        "getppid",
+        "getrandom",
+        "getsockname",
+        "gettid",
+        "getuid",
+        "getxattr",
+        "ioctl",
+        "lgetxattr",
+        "link",
+        "lseek",
+        "madvise",
+        "mkdir",
+        "mmap",
+        "mprotect",
+        "munmap",
+        "newfstatat",
+        "openat",
+        "pipe2",
+        "poll",
+        "pread64",
+        "prlimit64",
+        "read",
+        "readlink",
+        "rename",
+        "renameat2",
+        "rseq",
+        "rt_sigaction",
+        "rt_sigprocmask",
+        "rt_sigreturn",
+        "sched_getaffinity",
+        "set_robust_list",
+        "set_tid_address",
+        "sigaltstack",
+        "socket",
+        "socketpair",
+        "statfs",
+        "statx",
+        "symlinkat",
+        "sysinfo",
+        "umask",
+        "uname",
+        "unlink",
+        "unlinkat",
+        "utimensat",
+        "vfork",
+        "wait4",
+        "write",
+    ];
+    let plan = plan_of(DEFAULT, "tool");
+    // Typical arguments: AF_UNIX sockets, TCGETS/FIOCLEX ioctls, fork-style clone.
+    for s in OBSERVED {
+        let args = match *s {
+            "socket" | "socketpair" => [1, 1, 0, 0, 0, 0],
+            "ioctl" => [1, 0x5401, 0, 0, 0, 0],
+            "clone" => [0x0120_0011, 0, 0, 0, 0, 0],
+            _ => [0; 6],
+        };
+        assert_eq!(run(&plan, s, args), RET_ALLOW, "{s}");
+    }
+    assert_eq!(
+        run(&plan, "ioctl", [3, 0x5451, 0, 0, 0, 0]),
+        RET_ALLOW,
+        "FIOCLEX"
+    );
+    assert_eq!(run(&plan, "clone3", [0; 6]), ret_errno(libc::ENOSYS));
+}
