@@ -7,11 +7,13 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod cli;
 pub mod fds;
 pub mod landlock;
 pub mod mounts;
 pub mod namespaces;
 pub mod report;
+pub mod resolve;
 pub mod rlimits;
 pub mod seccomp;
 pub mod spawn;

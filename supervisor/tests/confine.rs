@@ -1,4 +1,5 @@
 //! Privileged tests: real confined runs of a hand-built plan (as root).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Shared helpers for the privileged tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

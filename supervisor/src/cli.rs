@@ -1,0 +1,759 @@
+//! The `carapace` command line: `exec` and `policy {check, explain, show-default}`.
+//!
+//! The binary (`src/main.rs`) only calls [`main`]; everything here is a library function so it
+//! can be tested.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+
+use carapace_policy::{Approval, Decision, ExecRequest, Plan, Policy, Target};
+use clap::{Args, Parser, Subcommand};
+
+use crate::cgroup::{self, Cgroup};
+use crate::namespaces::{self, HostIds};
+use crate::report::{EXIT_DENIED, EXIT_SETUP};
+use crate::resolve::{self, DEFAULT_PATH};
+use crate::spawn::{Launch, LaunchOptions};
+
+/// The embedded default policy (the same text as `policies/default.toml`).
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
+/// Name the embedded default policy has in messages.
+pub const DEFAULT_POLICY_NAME: &str = "<embedded default policy: policies/default.toml>";
+
+const ABOUT: &str = "Run programs under a kernel-enforced sandbox described by a TOML policy.";
+
+const LONG_ABOUT: &str = "\
+carapace runs a program confined by the Linux kernel, as a declarative TOML policy decides.
+
+The policy's [[exec]] rules say WHETHER a program may run (allow, ask, or deny; the first rule \
+that matches wins; nothing runs that no rule allows) and UNDER WHICH PROFILE. A profile says \
+what the program may touch: the filesystem view (system directories read-only, the workspace \
+writable but not executable), no network, seccomp syscall allowlist, Landlock rules, cgroup \
+limits, rlimits and a wall-time limit. All namespaces are new; all capabilities are dropped; \
+the program runs as an unprivileged host identity (65534:65534 by default), which appears inside \
+as the profile's user (1000:1000 by default).
+
+Without --policy, the embedded default policy is used (print it with `carapace policy \
+show-default`): common read-only tools (ls, cat, grep, git status/log/diff, ...) are allowed, \
+set-uid helpers are refused, and everything else asks for approval on the terminal.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  carapace exec -- ls -la                      run ls in the current directory, confined
+  carapace exec --report -- git status         ... and print exit status, time and memory
+  carapace exec --workspace ~/proj -- grep -r TODO .
+  carapace policy explain -- python3 -c 'print(1)'
+                                               which rule decides, and the confinement in words
+  carapace policy check policies/*.toml        validate policies and run their [[test]]s
+  carapace policy show-default > my.toml       start your own policy from the default
+
+Exit codes of `carapace exec`: the program's own; 128+N when it was killed by signal N;
+124 wall-time limit reached; 125 denied by the policy or approval refused; 126 carapace could
+not start it (setup error, invalid policy, unsupported kernel, not root).";
+
+const EXEC_ABOUT: &str = "Run PROGRAM confined, if the policy allows it";
+
+const EXEC_LONG_ABOUT: &str = "\
+Run PROGRAM confined, if the policy allows it.
+
+PROGRAM is resolved like a shell does (PATH search for a bare name, using the profile's PATH), \
+then symlinks are resolved: the policy decides on the canonical path. The first [[exec]] rule \
+that matches program and arguments decides:
+  allow  runs it;
+  ask    asks on the terminal (\"allow once? [y/N]\"); without a terminal it is denied (125);
+  deny   refuses it (125), naming the rule and why.
+
+The workspace (default: the current directory) appears at the profile's workspace path \
+(/workspace in the default policy), writable but not executable; files written there are owned \
+by the workspace directory's owner on the host. stdin, stdout and stderr are passed through.
+
+carapace needs root for now (it creates the namespaces and mounts, then drops everything \
+before the program starts); rootless mode is planned.";
+
+const EXEC_AFTER_HELP: &str = "\
+Examples:
+  carapace exec -- ls -la
+  carapace exec -- git status
+  carapace exec --policy my.toml -- python3 -c 'import os; print(os.getuid())'
+  carapace exec --run-as 1500:1500 --report-json run.json -- make test
+
+Exit codes: the program's own; 128+N killed by signal N; 124 timed out; 125 denied;
+126 could not start.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "carapace",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    #[command(about = EXEC_ABOUT, long_about = EXEC_LONG_ABOUT, after_help = EXEC_AFTER_HELP)]
+    Exec(ExecArgs),
+    /// Check, explain and show policies
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Policy file to use instead of the embedded default policy
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Host directory shown as the profile's workspace (default: the current directory)
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// Unprivileged host identity the program runs as (never 0)
+    #[arg(long, value_name = "UID:GID", default_value = "65534:65534", value_parser = namespaces::parse_run_as)]
+    pub run_as: HostIds,
+    /// Print a one-line report (exit, signal, wall/cpu time, peak memory, OOM, timeout) on stderr
+    #[arg(long)]
+    pub report: bool,
+    /// Write the report as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    pub report_json: Option<PathBuf>,
+    /// Say what is decided and applied (implies --report)
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The program and its arguments
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM ARGS"
+    )]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files and run their [[test]] examples
+    #[command(
+        after_help = "Example:\n  carapace policy check policies/default.toml my.toml\n\n\
+                            Exit status 0 when every file is valid and all its tests pass, else 1 \
+                            with every error (file:line:column) and every failing test."
+    )]
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Show which rule decides for a command, and the confinement it would run under
+    #[command(
+        long_about = "Show which [[exec]] rule decides for PROGRAM ARGS, the decision, and the \
+                      confinement of the chosen profile in plain words. The confinement is \
+                      rendered from the plan compiled for THIS kernel (its Landlock ABI), the \
+                      same plan `exec` applies, so it cannot claim what is not enforced.",
+        after_help = "Examples:\n  carapace policy explain -- ls -la\n  \
+                      carapace policy explain my.toml -- python3 script.py"
+    )]
+    Explain {
+        /// Policy file (default: the embedded default policy)
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// The program and its arguments, after `--`
+        #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
+        command: Vec<OsString>,
+    },
+    /// Print the embedded default policy
+    ShowDefault,
+}
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let verbose = matches!(&cli.command, Command::Exec(a) if a.verbose);
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .with_max_level(if verbose {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::WARN
+        })
+        .try_init();
+    match cli.command {
+        Command::Exec(a) => exec(a),
+        Command::Policy(PolicyCommand::Check { files }) => check(&files),
+        Command::Policy(PolicyCommand::Explain { file, command }) => explain(file, &command),
+        Command::Policy(PolicyCommand::ShowDefault) => {
+            print!("{DEFAULT_POLICY}");
+            0
+        }
+    }
+}
+
+/// Load and validate a policy (the embedded default when `file` is None); canonicalizes the
+/// rules' literal program paths.
+pub fn load_policy(file: Option<&Path>) -> Result<Policy, String> {
+    let (text, name) = match file {
+        None => (DEFAULT_POLICY.to_string(), DEFAULT_POLICY_NAME.to_string()),
+        Some(f) => (
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+            f.display().to_string(),
+        ),
+    };
+    let mut policy = Policy::parse(&text, &name).map_err(|d| d.to_string())?;
+    policy.canonicalize_programs(|p| std::fs::canonicalize(p).ok());
+    Ok(policy)
+}
+
+/// The outcome of deciding a request.
+#[derive(Debug)]
+pub struct Decided {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub decision: Decision,
+    /// The compiled plan of the chosen profile (None when denied, or when compiling failed:
+    /// then `compile_error` says why).
+    pub plan: Option<Plan>,
+    pub compile_error: Option<String>,
+}
+
+/// The PATH a plan gives its programs.
+fn plan_path(plan: &Plan) -> Option<&str> {
+    plan.env
+        .set
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+}
+
+/// Resolve the program, evaluate the policy, compile the chosen profile. A bare name is first
+/// resolved with the default PATH; if the chosen plan sets another PATH under which the name
+/// resolves elsewhere, the decision is made again for that program (it must then be stable).
+pub fn decide(
+    policy: &Policy,
+    command: &[OsString],
+    cwd: &Path,
+    target: &Target,
+) -> Result<Decided, String> {
+    let (name, rest) = command
+        .split_first()
+        .ok_or_else(|| "no program given".to_string())?;
+    let args = rest
+        .iter()
+        .map(|a| {
+            a.to_str().map(str::to_string).ok_or_else(|| {
+                format!(
+                    "argument {:?} is not valid UTF-8; policies cannot match it",
+                    a.to_string_lossy()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut search = DEFAULT_PATH.to_string();
+    let mut last: Option<PathBuf> = None;
+    for _round in 0..3 {
+        let program = resolve::resolve(name, &search, cwd).map_err(|e| e.to_string())?;
+        if last.as_ref() == Some(&program) {
+            break;
+        }
+        let decision = policy.evaluate(&ExecRequest {
+            program: program.clone(),
+            args: args.clone(),
+        });
+        let (plan, compile_error) = match (&decision.approval, &decision.profile) {
+            (Approval::Deny, _) | (_, None) => (None, None),
+            (_, Some(profile)) => match policy.compile(profile, target) {
+                Ok(p) => (Some(p), None),
+                Err(d) => (None, Some(d.to_string())),
+            },
+        };
+        let next = plan
+            .as_ref()
+            .and_then(plan_path)
+            .map(str::to_string)
+            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let bare = !name.as_encoded_bytes().contains(&b'/');
+        if !bare || next == search {
+            return Ok(Decided {
+                program,
+                args,
+                decision,
+                plan,
+                compile_error,
+            });
+        }
+        // Re-resolve under the profile's own PATH.
+        let again = resolve::resolve(name, &next, cwd).map_err(|e| e.to_string())?;
+        if again == program {
+            return Ok(Decided {
+                program,
+                args,
+                decision,
+                plan,
+                compile_error,
+            });
+        }
+        last = Some(program);
+        search = next;
+    }
+    Err(format!(
+        "{}: resolves to different programs under the default PATH and the profile's PATH; \
+         give the program's absolute path",
+        name.to_string_lossy()
+    ))
+}
+
+fn rule_words(policy: &Policy, d: &Decision) -> String {
+    match &d.rule {
+        Some(r) => format!(
+            "rule [[exec]] #{} at line {} of {} (why: {})",
+            r.index + 1,
+            r.line,
+            policy.file(),
+            r.why
+        ),
+        None => format!("no [[exec]] rule of {} matches", policy.file()),
+    }
+}
+
+fn command_words(program: &Path, args: &[String]) -> String {
+    let mut s = program.display().to_string();
+    for a in args {
+        s.push(' ');
+        s.push_str(a);
+    }
+    s
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn stdin_is_tty() -> bool {
+    // SAFETY: isatty only inspects the fd.
+    unsafe { libc::isatty(0) == 1 }
+}
+
+/// Ask on /dev/tty. Anything but y/yes is a no.
+fn ask_tty(question: &str) -> bool {
+    let Ok(tty) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+    else {
+        return false;
+    };
+    let mut w = &tty;
+    if write!(w, "{question}allow once? [y/N] ").is_err() || w.flush().is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    if BufReader::new(&tty).read_line(&mut line).is_err() {
+        return false;
+    }
+    matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+fn exec(a: ExecArgs) -> i32 {
+    let fail = |msg: &str, code: i32| {
+        eprintln!("carapace: {msg}");
+        code
+    };
+    let policy = match load_policy(a.policy.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("the policy is invalid:\n{e}"), EXIT_SETUP),
+    };
+    let cwd = match std::env::current_dir() {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                &format!("cannot read the current directory: {e}"),
+                EXIT_SETUP,
+            )
+        }
+    };
+    let target = crate::landlock::target();
+    let d = match decide(&policy, &a.command, &cwd, &target) {
+        Ok(d) => d,
+        Err(e) => return fail(&e, EXIT_SETUP),
+    };
+    let what = command_words(&d.program, &d.args);
+    if a.verbose {
+        eprintln!("carapace: {what}\n{}", d.decision.explain().trim_end());
+    }
+    if d.decision.approval == Approval::Deny {
+        return fail(
+            &format!(
+                "denied: {what}\n  by {}\n  To run it, add an [[exec]] rule that allows it above \
+                 that point of a policy file and pass it with --policy FILE.",
+                rule_words(&policy, &d.decision)
+            ),
+            EXIT_DENIED,
+        );
+    }
+    if let Some(e) = &d.compile_error {
+        return fail(
+            &format!("cannot run under this profile on this kernel:\n{e}"),
+            EXIT_SETUP,
+        );
+    }
+    let Some(plan) = d.plan else {
+        return fail(
+            "internal error: an allowed decision without a profile",
+            EXIT_SETUP,
+        );
+    };
+    if !is_root() {
+        return fail(
+            "needs root for now; rootless mode is planned (run `sudo carapace exec ...`)",
+            EXIT_SETUP,
+        );
+    }
+    if d.decision.approval == Approval::Ask {
+        let line = d.decision.rule.as_ref().map_or(0, |r| r.line);
+        let question = format!(
+            "carapace: {what}\n  needs approval: {}\n  runs confined in profile `{}`\n",
+            rule_words(&policy, &d.decision),
+            plan.profile
+        );
+        if !stdin_is_tty() {
+            return fail(
+                &format!(
+                    "denied: {what}\n  needs approval ({}) and there is no terminal to ask on.\n  \
+                     To allow it without asking, add an [[exec]] rule with approval = \"allow\" \
+                     for {} above line {line} (or adjust the rule at line {line}) in a policy \
+                     file, and pass it with --policy FILE \
+                     (start from `carapace policy show-default`).",
+                    rule_words(&policy, &d.decision),
+                    d.program.display()
+                ),
+                EXIT_DENIED,
+            );
+        }
+        if !ask_tty(&question) {
+            return fail("approval refused", EXIT_DENIED);
+        }
+    }
+    let workspace = a.workspace.clone().unwrap_or_else(|| cwd.clone());
+    let opts = LaunchOptions {
+        program: d.program.clone(),
+        argv0: a.command.first().cloned().unwrap_or_default(),
+        args: a.command.iter().skip(1).cloned().collect(),
+        workspace: Some(workspace),
+        run_as: a.run_as,
+        env: std::env::vars_os().collect(),
+    };
+    let launch = match Launch::prepare(&plan, &opts, target.landlock_abi) {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                &format!("cannot start {what}: {}", error_chain(&e)),
+                EXIT_SETUP,
+            )
+        }
+    };
+    if a.verbose {
+        eprintln!(
+            "carapace: running {} as host {}:{} (inside {}:{}), workspace owner {:?}, \
+             landlock ABI {}",
+            launch.program_inside().display(),
+            a.run_as.uid,
+            a.run_as.gid,
+            plan.user.uid,
+            plan.user.gid,
+            launch.workspace_owner(),
+            target.landlock_abi
+        );
+    }
+    let cg = match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
+    };
+    let result = launch
+        .spawn(Some(&cg))
+        .and_then(|r| r.wait(launch.wall_time(), Some(&cg)));
+    if let Err(e) = cg.remove() {
+        tracing::warn!("removing the cgroup: {e}");
+    }
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                &format!("cannot start {what}: {}", error_chain(&e)),
+                EXIT_SETUP,
+            )
+        }
+    };
+    if let Some(n) = report.note() {
+        eprintln!("{n}");
+    }
+    if a.report || a.verbose {
+        eprintln!("{}", report.line());
+    }
+    if let Some(f) = &a.report_json {
+        let text = format!("{}\n", report.json());
+        if let Err(e) = std::fs::write(f, text) {
+            eprintln!("carapace: cannot write the report to {}: {e}", f.display());
+        }
+    }
+    report.exit_code()
+}
+
+/// An error and its sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let t = src.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = src.source();
+    }
+    s
+}
+
+fn check(files: &[PathBuf]) -> i32 {
+    let mut failed = false;
+    for f in files {
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{}: cannot read: {e}", f.display());
+                failed = true;
+                continue;
+            }
+        };
+        let name = f.display().to_string();
+        let policy = match Policy::parse(&text, &name) {
+            Ok(p) => p,
+            Err(d) => {
+                eprintln!("{d}");
+                failed = true;
+                continue;
+            }
+        };
+        // Compile every profile, for the best kernel: errors here are the policy's, not the
+        // kernel's. This kernel's shortcomings are reported as notes.
+        let mut bad = false;
+        let here = crate::landlock::target();
+        for profile in policy.profile_names() {
+            if let Err(d) = policy.compile(
+                profile,
+                &Target {
+                    landlock_abi: u8::MAX,
+                },
+            ) {
+                eprintln!("{d}");
+                bad = true;
+            } else if let Err(d) = policy.compile(profile, &here) {
+                eprintln!("{name}: note: profile `{profile}` cannot run on this kernel:\n{d}");
+            }
+        }
+        let outcomes = policy.run_tests();
+        let mut passed = 0;
+        for t in &outcomes {
+            if t.passed {
+                passed += 1;
+                continue;
+            }
+            bad = true;
+            eprintln!(
+                "{name}:{}: test failed: {:?} expected {}, got {} ({}{})",
+                t.line,
+                t.command,
+                t.expected,
+                t.got.approval,
+                t.got.rule.as_ref().map_or_else(
+                    || "no rule matched".to_string(),
+                    |r| format!("rule [[exec]] #{} at line {}", r.index + 1, r.line)
+                ),
+                t.got
+                    .profile
+                    .as_ref()
+                    .map_or_else(String::new, |p| format!(", profile {p}"))
+            );
+        }
+        if bad {
+            failed = true;
+            continue;
+        }
+        let n = policy.profile_names().len();
+        let m = policy.rule_count();
+        if files.len() == 1 {
+            println!("ok: {n} profiles, {m} rules, {passed} tests passed");
+        } else {
+            println!("ok: {n} profiles, {m} rules, {passed} tests passed ({name})");
+        }
+    }
+    i32::from(failed)
+}
+
+fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
+    let policy = match load_policy(file.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let target = crate::landlock::target();
+    let d = match decide(&policy, command, &cwd, &target) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("carapace: {e}");
+            return 1;
+        }
+    };
+    let name = command.first().map_or(OsStr::new(""), |s| s.as_os_str());
+    println!(
+        "program: {} (resolved from `{}`)",
+        d.program.display(),
+        name.to_string_lossy()
+    );
+    println!("policy: {}", policy.file());
+    print!("{}", d.decision.explain());
+    if let Some(e) = d.compile_error {
+        println!("\nthis profile cannot run on this kernel:\n{e}");
+        return 1;
+    }
+    if let Some(plan) = d.plan {
+        println!(
+            "\nconfinement (compiled for this kernel: Landlock ABI {}):",
+            target.landlock_abi
+        );
+        print!("{}", plan.explain());
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(args)
+    }
+
+    #[test]
+    fn clap_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exec_args() {
+        let c = parse(&["carapace", "exec", "--", "ls", "-la"]).unwrap();
+        let Command::Exec(a) = c.command else {
+            panic!("not exec")
+        };
+        assert_eq!(a.command, vec![OsString::from("ls"), OsString::from("-la")]);
+        assert_eq!(a.run_as, HostIds::NOBODY);
+        assert!(!a.report);
+
+        // Without `--`, everything after PROGRAM belongs to it, flags included.
+        let c = parse(&[
+            "carapace",
+            "exec",
+            "--report",
+            "--run-as",
+            "1500:1501",
+            "--workspace",
+            "/tmp",
+            "grep",
+            "-r",
+            "--report",
+            "x",
+        ])
+        .unwrap();
+        let Command::Exec(a) = c.command else {
+            panic!("not exec")
+        };
+        assert!(a.report);
+        assert_eq!(
+            a.run_as,
+            HostIds {
+                uid: 1500,
+                gid: 1501
+            }
+        );
+        assert_eq!(a.workspace, Some(PathBuf::from("/tmp")));
+        assert_eq!(a.command.len(), 4);
+        assert_eq!(a.command[2], OsString::from("--report"));
+
+        assert!(parse(&["carapace", "exec"]).is_err());
+        assert!(parse(&["carapace", "exec", "--run-as", "0:0", "--", "ls"]).is_err());
+        assert!(parse(&["carapace", "exec", "--run-as", "x", "--", "ls"]).is_err());
+    }
+
+    #[test]
+    fn policy_args() {
+        let c = parse(&["carapace", "policy", "check", "a.toml", "b.toml"]).unwrap();
+        assert!(
+            matches!(c.command, Command::Policy(PolicyCommand::Check { files }) if files.len() == 2)
+        );
+        assert!(parse(&["carapace", "policy", "check"]).is_err());
+        let c = parse(&["carapace", "policy", "explain", "--", "ls", "-l"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Policy(PolicyCommand::Explain { file: None, command }) if command.len() == 2
+        ));
+        let c = parse(&["carapace", "policy", "explain", "p.toml", "--", "ls"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Policy(PolicyCommand::Explain { file: Some(_), .. })
+        ));
+        assert!(parse(&["carapace", "policy", "show-default"]).is_ok());
+    }
+
+    #[test]
+    fn default_policy_is_valid_and_decides() {
+        let p = load_policy(None).unwrap();
+        let target = crate::landlock::target();
+        let d = decide(
+            &p,
+            &[OsString::from("ls"), OsString::from("-la")],
+            Path::new("/"),
+            &target,
+        )
+        .unwrap();
+        assert_eq!(d.decision.approval, Approval::Allow);
+        assert!(d.plan.is_some(), "{:?}", d.compile_error);
+        let d = decide(&p, &[OsString::from("sudo")], Path::new("/"), &target);
+        if let Ok(d) = d {
+            assert_eq!(d.decision.approval, Approval::Deny);
+        }
+        assert!(decide(
+            &p,
+            &[OsString::from("no-such-prog-xyz")],
+            Path::new("/"),
+            &target
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn default_policy_text_matches_the_file() {
+        let file = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../policies/default.toml"
+        ))
+        .unwrap();
+        assert_eq!(file, DEFAULT_POLICY);
+    }
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let e = crate::spawn::SpawnError::Sys {
+            syscall: "clone",
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let s = error_chain(&e);
+        assert!(s.starts_with("clone: "), "{s}");
+        assert_eq!(s.matches("Operation not permitted").count(), 1, "{s}");
+    }
+}
