@@ -471,6 +471,9 @@ fn exec(a: ExecArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
     };
+    if let Err(e) = crate::spawn::handle_termination_signals() {
+        tracing::warn!("cannot handle termination signals: {e}");
+    }
     let result = launch
         .spawn(Some(&cg))
         .and_then(|r| r.wait(launch.wall_time(), Some(&cg)));
@@ -486,7 +489,10 @@ fn exec(a: ExecArgs) -> i32 {
             )
         }
     };
-    if let Some(n) = report.note() {
+    let interrupted = crate::spawn::interrupted();
+    if let Some(sig) = interrupted {
+        eprintln!("carapace: interrupted by signal {sig}: the sandbox was killed");
+    } else if let Some(n) = report.note() {
         eprintln!("{n}");
     }
     if a.report || a.verbose {
@@ -498,7 +504,10 @@ fn exec(a: ExecArgs) -> i32 {
             eprintln!("carapace: cannot write the report to {}: {e}", f.display());
         }
     }
-    report.exit_code()
+    match interrupted {
+        Some(sig) => 128 + sig,
+        None => report.exit_code(),
+    }
 }
 
 /// An error and its sources, joined with ": ".

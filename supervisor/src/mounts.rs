@@ -41,6 +41,12 @@ pub enum MountError {
     },
     #[error("workspace {} is not a directory", path.display())]
     WorkspaceNotDir { path: PathBuf },
+    #[error(
+        "refusing {} as the workspace: {reason}. The workspace is writable by the sandbox and \
+         everything its owner owns there becomes writable; pick a project directory (--workspace DIR)",
+        path.display()
+    )]
+    UnsafeWorkspace { path: PathBuf, reason: &'static str },
     #[error("the plan mounts a workspace but no workspace directory was given")]
     NoWorkspace,
     #[error("path {} contains a NUL byte", path.display())]
@@ -270,6 +276,12 @@ pub fn prepare_workspace(
     if !meta.is_dir() {
         return Err(MountError::WorkspaceNotDir { path: host_dir });
     }
+    if let Err(reason) = check_workspace_dir(&host_dir) {
+        return Err(MountError::UnsafeWorkspace {
+            path: host_dir,
+            reason,
+        });
+    }
     let (owner_uid, owner_gid) = (meta.uid(), meta.gid());
     let userns = namespaces::helper_userns(
         &namespaces::map_line(owner_uid, ids.uid),
@@ -323,6 +335,28 @@ pub fn prepare_workspace(
         owner_uid,
         owner_gid,
     })
+}
+
+/// System directories that must never become a (writable, idmapped) workspace.
+const SYSTEM_DIRS: [&str; 13] = [
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin", "/sys",
+    "/usr", "/var",
+];
+
+/// Refuse the host root and system directories (and anything beneath them) as a workspace:
+/// the idmapped workspace makes everything its owner (root, for these) owns writable by the
+/// sandbox. `dir` must be canonical.
+pub fn check_workspace_dir(dir: &Path) -> Result<(), &'static str> {
+    if dir == Path::new("/") {
+        return Err("it is the host's root directory");
+    }
+    if SYSTEM_DIRS.iter().any(|s| dir.starts_with(s)) {
+        return Err("it is (inside) a system directory");
+    }
+    if dir == Path::new("/home") || dir == Path::new("/root") {
+        return Err("it holds every user's (or root's) home");
+    }
+    Ok(())
 }
 
 /// What the sandbox sees at a mount point (for checking where the program lives).
@@ -952,6 +986,32 @@ mod tests {
         assert!(e.contains("not visible"), "{e}");
         let e = program_inside(&views, Path::new("/usr/local/bin/x")).unwrap_err();
         assert!(e.contains("hidden"), "{e}");
+    }
+
+    #[test]
+    fn workspace_guard() {
+        for bad in [
+            "/",
+            "/etc",
+            "/etc/ssh",
+            "/usr/lib",
+            "/var/lib/x",
+            "/home",
+            "/root",
+            "/proc/1",
+        ] {
+            assert!(check_workspace_dir(Path::new(bad)).is_err(), "{bad}");
+        }
+        for ok in [
+            "/home/u/proj",
+            "/root/proj",
+            "/work/main",
+            "/tmp/x",
+            "/srv/data",
+            "/variable",
+        ] {
+            assert!(check_workspace_dir(Path::new(ok)).is_ok(), "{ok}");
+        }
     }
 
     #[test]

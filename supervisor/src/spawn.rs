@@ -24,6 +24,7 @@ use std::io;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use carapace_policy::plan::{Mount, Plan};
@@ -34,6 +35,59 @@ use crate::mounts::{self, MountError, WorkspaceTree};
 use crate::namespaces::{self, HostIds, NamespaceError};
 use crate::report::ExitReport;
 use crate::{caps, landlock, rlimits, seccomp};
+
+/// Last termination signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) received by the supervisor while
+/// it waited, when [`handle_termination_signals`] was called; 0 if none.
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+
+/// Signals that make the supervisor kill the sandbox and clean up instead of dying at once.
+const TERMINATION_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+extern "C" fn on_termination_signal(sig: libc::c_int) {
+    INTERRUPTED.store(sig, Ordering::SeqCst);
+}
+
+/// For the `carapace` binary: on SIGINT/SIGTERM/SIGHUP/SIGQUIT, kill the sandbox, reap it and
+/// remove its cgroup instead of dying with it half-cleaned. The signals are blocked from now on
+/// and only delivered inside [`Running::wait`]'s `ppoll` (no lost-wakeup race). The child
+/// resets its signal mask and dispositions before exec.
+pub fn handle_termination_signals() -> Result<(), SpawnError> {
+    // SAFETY: installing a handler that only stores to an atomic (async-signal-safe), and
+    // blocking signals for the calling thread; the sigset/sigaction structs are locals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in TERMINATION_SIGNALS {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_termination_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                return Err(SpawnError::Sys {
+                    syscall: "sigaction",
+                    source: io::Error::last_os_error(),
+                });
+            }
+            libc::sigaddset(&mut set, sig);
+        }
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(SpawnError::Sys {
+                syscall: "pthread_sigmask",
+                source: io::Error::from_raw_os_error(r),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The termination signal that interrupted the last wait, if any.
+pub fn interrupted() -> Option<libc::c_int> {
+    match INTERRUPTED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
 
 /// Errors of preparing, starting and waiting for a confined program.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +125,10 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "a prepared Launch can be spawned only once (its workspace mount moves into the child)"
+    )]
+    Reused,
     #[error("the confined child died during setup without reporting why (status {status:#x})")]
     ChildVanished { status: i32 },
 }
@@ -216,6 +274,8 @@ pub struct Launch {
     envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
     wall_time: Option<Duration>,
+    /// A Launch is used once: the workspace mount is moved into the first child.
+    spawned: AtomicBool,
 }
 
 fn cstring(what: impl Into<String>, b: &[u8]) -> Result<CString, SpawnError> {
@@ -329,6 +389,7 @@ impl Launch {
             envp,
             envp_ptrs,
             wall_time: plan.wall_time,
+            spawned: AtomicBool::new(false),
         })
     }
 
@@ -362,6 +423,9 @@ impl Launch {
 
     /// Start the program. `cgroup` receives the child before it builds anything.
     pub fn spawn(&self, cgroup: Option<&Cgroup>) -> Result<Running, SpawnError> {
+        if self.spawned.swap(true, Ordering::SeqCst) {
+            return Err(SpawnError::Reused);
+        }
         let go = Pipe::new("sync parent->child")?;
         let ready = Pipe::new("sync child->parent")?;
         let errp = Pipe::new("exec-error pipe")?;
@@ -581,6 +645,17 @@ impl Running {
     ) -> Result<ExitReport, SpawnError> {
         let deadline = wall_time.map(|w| self.started + w);
         let mut timed_out = false;
+        let mut killed = false;
+        // Wait with the termination signals unblocked (see handle_termination_signals).
+        // SAFETY: reading the current mask into a local sigset.
+        let wait_mask = unsafe {
+            let mut m: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut m);
+            for sig in TERMINATION_SIGNALS {
+                libc::sigdelset(&mut m, sig);
+            }
+            m
+        };
         loop {
             let timeout_ms: libc::c_int = match deadline {
                 None => -1,
@@ -596,8 +671,17 @@ impl Running {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            let ts = libc::timespec {
+                tv_sec: libc::time_t::from(timeout_ms / 1000),
+                tv_nsec: libc::c_long::from(timeout_ms % 1000) * 1_000_000,
+            };
+            let ts_ptr = if timeout_ms < 0 {
+                std::ptr::null()
+            } else {
+                &ts as *const libc::timespec
+            };
+            // SAFETY: one valid pollfd, a valid timespec or NULL, a valid sigset.
+            let r = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, &wait_mask) };
             if r > 0 {
                 break;
             }
@@ -619,9 +703,18 @@ impl Running {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(SpawnError::Sys {
-                    syscall: "poll(pidfd)",
+                    syscall: "ppoll(pidfd)",
                     source: e,
                 });
+            }
+            if interrupted().is_some() && !killed {
+                killed = true;
+                self.kill();
+                if let Some(cg) = cgroup {
+                    if let Err(e) = cg.kill_all() {
+                        tracing::warn!("cgroup kill after interrupt: {e}");
+                    }
+                }
             }
         }
         let (status, ru) = self.reap()?;

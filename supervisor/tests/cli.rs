@@ -1,0 +1,376 @@
+//! Privileged tests of the `carapace` binary (as root): exec with the default policy and with
+//! test policies derived from it, exit codes, reports, and the policy subcommands.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{require_root, workspace};
+
+const BIN: &str = env!("CARGO_BIN_EXE_carapace");
+const DEFAULT: &str = include_str!("../../policies/default.toml");
+
+/// The default policy with `rules` inserted before its first `[[exec]]` (so they win), and
+/// `replace` substitutions applied.
+fn policy_with(dir: &Path, rules: &str, replace: &[(&str, &str)]) -> PathBuf {
+    let mut text = DEFAULT.to_string();
+    for (from, to) in replace {
+        assert!(text.contains(from), "default policy has no `{from}`");
+        text = text.replace(from, to);
+    }
+    let at = text
+        .find("\n[[exec]]")
+        .expect("default policy has [[exec]] rules");
+    text.insert_str(at + 1, rules);
+    let p = dir.join("policy.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const ALLOW_SH: &str = r#"[[exec]]
+why = "test: shell allowed"
+programs = ["/usr/bin/sh", "/usr/bin/dash", "/usr/bin/sleep", "/usr/bin/id"]
+profile = "tool"
+approval = "allow"
+
+"#;
+
+fn carapace(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run carapace")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn exec_ls_sees_the_workspace() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    std::fs::write(ws.path().join("hello.txt"), "hi").unwrap();
+    let out = carapace(ws.path(), &["exec", "--", "ls", "-la"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("hello.txt"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = carapace(ws.path(), &["exec", "--", "cat", "hello.txt"]);
+    assert_eq!(text(&out.stdout), "hi");
+}
+
+#[test]
+fn exec_status_inside_under_default_policy() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    let out = carapace(ws.path(), &["exec", "--", "cat", "/proc/self/status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let field = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("{k} missing:\n{s}"))
+    };
+    assert_eq!(field("Seccomp:"), "2");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("CapBnd:"), "0000000000000000");
+    assert_eq!(field("CapPrm:"), "0000000000000000");
+    assert_eq!(field("Uid:"), "1000\t1000\t1000\t1000");
+    let out = carapace(ws.path(), &["exec", "--", "cat", "/proc/self/uid_map"]);
+    let map: Vec<String> = text(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(map, ["1000", "65534", "1"]);
+}
+
+#[test]
+fn exit_codes_reports_and_ownership() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(4242, 4343);
+    let pol = policy_with(ws.path(), ALLOW_SH, &[]);
+    let pol = pol.to_str().unwrap();
+    let out = carapace(
+        ws.path(),
+        &["exec", "--policy", pol, "--", "sh", "-c", "exit 7"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+
+    let json = ws.path().join("r.json");
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--report",
+            "--report-json",
+            json.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo data > written.txt",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("carapace: exit=0 signal=- wall="),
+        "report line missing: {err}"
+    );
+    assert!(err.contains("oom=false timeout=false"), "{err}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["exit_code"], 0);
+    assert_eq!(j["timed_out"], false);
+    let meta = std::fs::metadata(ws.path().join("written.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
+
+    // --run-as changes the host identity, not the inside one.
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--run-as",
+            "1500:1501",
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(o.starts_with("1000\n"), "{o}");
+    assert!(o.contains("1500"), "{o}");
+}
+
+#[test]
+fn timeout_and_signal_exit_codes() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    let pol = policy_with(
+        ws.path(),
+        ALLOW_SH,
+        &[("wall_time = \"300s\"", "wall_time = \"1s\"")],
+    );
+    let pol = pol.to_str().unwrap();
+    let t = std::time::Instant::now();
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--",
+            "sh",
+            "-c",
+            "sleep 20 & sleep 20",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert!(t.elapsed().as_secs() < 10);
+    assert!(text(&out.stderr).contains("wall-time limit"));
+    // A grandchild killed by a signal: the shell (pid 1) reports 128+N, and so do we.
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--",
+            "sh",
+            "-c",
+            "sh -c 'kill -TERM $$'",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out.stderr));
+}
+
+#[test]
+fn denials_exit_125() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    let deny = r#"[[exec]]
+why = "test: id is refused"
+program = "/usr/bin/id"
+approval = "deny"
+
+"#;
+    let pol = policy_with(ws.path(), deny, &[]);
+    let out = carapace(
+        ws.path(),
+        &["exec", "--policy", pol.to_str().unwrap(), "--", "id"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("denied") && err.contains("test: id is refused"),
+        "{err}"
+    );
+    assert!(err.contains("line"), "{err}");
+
+    // `ask` without a terminal is a denial that says how to allow it.
+    let out = carapace(ws.path(), &["exec", "--", "id"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(err.contains("no terminal"), "{err}");
+    assert!(
+        err.contains("[[exec]]") && err.contains("approval = \"allow\""),
+        "{err}"
+    );
+    assert!(err.contains("line"), "{err}");
+
+    // Nothing matches -> deny.
+    let none = ws.path().join("none.toml");
+    let mut t = DEFAULT.to_string();
+    let cut = t.find("\n[[exec]]").unwrap();
+    t.truncate(cut + 1);
+    std::fs::write(&none, t).unwrap();
+    let out = carapace(
+        ws.path(),
+        &["exec", "--policy", none.to_str().unwrap(), "--", "ls"],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no [[exec]] rule"));
+}
+
+#[test]
+fn setup_failures_exit_126() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    // Not found.
+    let out = carapace(ws.path(), &["exec", "--", "no-such-program-xyz"]);
+    assert_eq!(out.status.code(), Some(126));
+    // Invalid policy, with a location.
+    let bad = ws.path().join("bad.toml");
+    std::fs::write(&bad, "version = 1\nbogus = 3\n").unwrap();
+    let out = carapace(
+        ws.path(),
+        &["exec", "--policy", bad.to_str().unwrap(), "--", "ls"],
+    );
+    assert_eq!(out.status.code(), Some(126));
+    assert!(
+        text(&out.stderr).contains("bad.toml:"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The host root is refused as a workspace.
+    let out = carapace(Path::new("/"), &["exec", "--", "ls"]);
+    assert_eq!(out.status.code(), Some(126));
+    assert!(text(&out.stderr).contains("workspace"));
+    // A program written to the workspace is not executable there: refused before fork.
+    let pol = policy_with(
+        ws.path(),
+        "",
+        &[(
+            "program = \"/**\"\nprofile = \"tool\"\napproval = \"ask\"",
+            "program = \"/**\"\nprofile = \"tool\"\napproval = \"allow\"",
+        )],
+    );
+    std::fs::copy("/usr/bin/true", ws.path().join("mytrue")).unwrap();
+    let out = carapace(
+        ws.path(),
+        &["exec", "--policy", pol.to_str().unwrap(), "--", "./mytrue"],
+    );
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not executable"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn non_root_fails_clearly() {
+    if !require_root() {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["exec", "--", "ls"])
+        .current_dir("/tmp")
+        .stdin(Stdio::null())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run carapace as nobody");
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("needs root for now"));
+}
+
+#[test]
+fn policy_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("default.toml");
+    std::fs::write(&p, DEFAULT).unwrap();
+    let out = carapace(dir.path(), &["policy", "check", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(o.starts_with("ok: 1 profiles, "), "{o}");
+    assert!(o.contains("tests passed"), "{o}");
+
+    // A failing [[test]] fails the check.
+    let f = dir.path().join("failing.toml");
+    std::fs::write(
+        &f,
+        format!("{DEFAULT}\n[[test]]\ncommand = [\"/usr/bin/ls\"]\nexpect = \"deny\"\n"),
+    )
+    .unwrap();
+    let out = carapace(dir.path(), &["policy", "check", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("test failed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "version = 2\n").unwrap();
+    let out = carapace(dir.path(), &["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("bad.toml:1:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = carapace(dir.path(), &["policy", "explain", "--", "ls", "-la"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(o.contains("program: /usr/bin/ls"), "{o}");
+    assert!(o.contains("decision: allow"), "{o}");
+    assert!(o.contains("Landlock"), "{o}");
+
+    let out = carapace(dir.path(), &["policy", "show-default"]);
+    assert_eq!(text(&out.stdout), DEFAULT);
+
+    let out = carapace(dir.path(), &["--help"]);
+    assert!(text(&out.stdout).contains("Examples:"));
+    let out = carapace(dir.path(), &["exec", "--help"]);
+    let o = text(&out.stdout);
+    assert!(o.contains("--run-as") && o.contains("Exit codes"), "{o}");
+}
