@@ -34,6 +34,8 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Write as _};
+use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -809,6 +811,42 @@ pub struct Cgroup {
     removed: bool,
 }
 
+/// Descriptors that put a new child into a [`Cgroup`] as it is born, without the kernel's
+/// global migration lock; see [`Cgroup::join_fds`].
+#[derive(Debug)]
+pub struct JoinFds {
+    /// The v2 leaf directory (O_RDONLY|O_DIRECTORY|O_CLOEXEC), for `clone_args.cgroup` with
+    /// `CLONE_INTO_CGROUP`.
+    pub v2_dir: Option<OwnedFd>,
+    /// The `tasks` files of the v1 leaves (O_WRONLY|O_CLOEXEC), for [`join_self_v1`].
+    pub v1_tasks: Vec<OwnedFd>,
+}
+
+impl JoinFds {
+    /// The raw v1 `tasks` fds, to hand to the child before clone.
+    pub fn v1_raw(&self) -> Vec<RawFd> {
+        self.v1_tasks.iter().map(|f| f.as_raw_fd()).collect()
+    }
+}
+
+/// Child side of [`Cgroup::join_fds`], between clone and exec: move the calling thread (the
+/// whole child, which is single-threaded) into every v1 leaf by writing `0` to its `tasks`
+/// file. Async-signal-safe: only write(2). Must run while the child is still privileged (before
+/// it enters its user namespace) and before it forks. Returns the errno of the first failure.
+pub fn join_self_v1(tasks: &[RawFd]) -> Result<(), i32> {
+    for &fd in tasks {
+        // SAFETY: write(2) of one byte from a static buffer to an fd the caller owns; no memory
+        // is allocated and no lock is taken, so this is safe between clone and exec.
+        let r = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        if r != 1 {
+            return Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+    }
+    Ok(())
+}
+
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
 /// A cgroup name unique to this process and call: `<prefix>-<pid>-<counter>`.
@@ -979,6 +1017,45 @@ impl Cgroup {
             write_file(&l.dir.join("cgroup.procs"), &s)?;
         }
         Ok(())
+    }
+
+    /// Descriptors for a child to join this cgroup as it is born, instead of
+    /// [`add_process`](Cgroup::add_process) after the fact.
+    ///
+    /// Why: writing a pid into `cgroup.procs` takes the kernel's global
+    /// `cgroup_threadgroup_rwsem` for writing, and that waits for an RCU grace period — 3 to
+    /// 15 ms on the build machines, the largest single cost of `carapace exec` (see
+    /// docs/benchmarks.md). Both ways below avoid it:
+    /// * v2 leaf: `clone3` with `CLONE_INTO_CGROUP` and `clone_args.cgroup = v2_dir`; the child
+    ///   is created inside the leaf (only the read side of the lock is taken).
+    /// * v1 leaves: the child calls [`join_self_v1`] with `v1_tasks`: moving only the calling
+    ///   thread (pid `0` written to `tasks`) does not take the global lock.
+    pub fn join_fds(&self) -> Result<JoinFds, CgroupError> {
+        let mut fds = JoinFds {
+            v2_dir: None,
+            v1_tasks: Vec::new(),
+        };
+        for l in &self.leaves {
+            match l.version {
+                Version::V2 => {
+                    let f = fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_DIRECTORY)
+                        .open(&l.dir)
+                        .map_err(io_err("open", &l.dir))?;
+                    fds.v2_dir = Some(f.into());
+                }
+                Version::V1 => {
+                    let p = l.dir.join("tasks");
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&p)
+                        .map_err(io_err("open", &p))?;
+                    fds.v1_tasks.push(f.into());
+                }
+            }
+        }
+        Ok(fds)
     }
 
     /// Pids in the cgroup (union over hierarchies, sorted).
@@ -1901,6 +1978,89 @@ mod tests {
         if privileged() {
             kill_via("signals", false);
         }
+    }
+
+    /// `struct clone_args` of clone3(2), as far as we use it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+    #[test]
+    fn real_child_born_in_cgroup_via_clone3_and_v1_self_join() {
+        if !privileged() {
+            return;
+        }
+        let cg = Cgroup::create(&test_name("born"), &all_limits()).expect("create");
+        let join = cg.join_fds().expect("join fds");
+        let v1 = join.v1_raw();
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array we pass.
+        let r = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(r, 0);
+        let mut args = CloneArgs {
+            exit_signal: libc::SIGCHLD as u64,
+            ..Default::default()
+        };
+        if let Some(d) = &join.v2_dir {
+            args.flags |= CLONE_INTO_CGROUP;
+            args.cgroup = d.as_raw_fd() as u64;
+        }
+        // SAFETY: clone3 without CLONE_VM behaves like fork. The child runs only
+        // async-signal-safe code (write, pause, _exit) on its private copy of memory; `v1` was
+        // allocated before the clone.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if pid == 0 {
+            let code = match join_self_v1(&v1) {
+                Ok(()) => 0u8,
+                Err(_) => 1u8,
+            };
+            // SAFETY: write/pause/_exit are async-signal-safe; the buffer is on our stack.
+            unsafe {
+                libc::write(pipe[1], (&code as *const u8).cast(), 1);
+                libc::pause();
+                libc::_exit(0);
+            }
+        }
+        assert!(pid > 0, "clone3: {}", io::Error::last_os_error());
+        let pid = pid as libc::pid_t;
+        let mut code = 9u8;
+        // SAFETY: closing our copy of the write end, then reading one byte into a local.
+        unsafe {
+            libc::close(pipe[1]);
+            assert_eq!(libc::read(pipe[0], (&mut code as *mut u8).cast(), 1), 1);
+            libc::close(pipe[0]);
+        }
+        assert_eq!(code, 0, "join_self_v1 failed in the child");
+        for d in cg.dirs() {
+            let procs = read_pids(&d.join("cgroup.procs")).expect("procs");
+            assert_eq!(procs, vec![pid], "{} does not hold the child", d.display());
+        }
+        cg.kill_all().expect("kill_all");
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
+        drop(join);
+        cg.remove().expect("remove");
     }
 
     fn python() -> &'static str {
