@@ -265,6 +265,8 @@ pub struct Launch {
     rlimits: Vec<rlimits::Prepared>,
     landlock: landlock::Prepared,
     seccomp: seccomp::Prepared,
+    /// The supervisor's own set-id guard, installed before the plan's filter.
+    setid_guard: seccomp::Prepared,
     cwd: CString,
     program: CString,
     /// Where the program appears inside the sandbox.
@@ -381,6 +383,7 @@ impl Launch {
             rlimits,
             landlock,
             seccomp,
+            setid_guard: seccomp::setid_guard(),
             cwd: cstring("cwd", plan.cwd.as_os_str().as_bytes())?,
             program: cstring("program path", program_inside.as_os_str().as_bytes())?,
             program_inside,
@@ -957,6 +960,7 @@ fn child_main(l: &Launch, f: &ChildFds) -> ! {
         Stage::Chdir,
         sys0(unsafe { libc::chdir(l.cwd.as_ptr()) } as libc::c_long),
     );
+    check(Stage::Seccomp, seccomp::child_install(&l.setid_guard));
     check(Stage::Seccomp, seccomp::child_install(&l.seccomp));
     // SAFETY: program, argv and envp are NUL-terminated strings / NULL-terminated arrays of
     // them, built before fork and alive in our private copy of memory.

@@ -224,3 +224,30 @@ fn program_outside_exec_mounts_is_refused_before_fork() {
     let e = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap_err();
     assert!(e.to_string().contains("not visible"), "{e}");
 }
+
+#[test]
+fn setid_bits_cannot_be_planted_in_the_workspace() {
+    if !require_root() {
+        return;
+    }
+    // The hand plan's seccomp filter allows chmod: the supervisor's own set-id guard must
+    // still refuse set-id modes, since workspace files land as the (root) owner on the host.
+    let ws = workspace(0, 0);
+    let r = sh(
+        ws.path(),
+        "echo x > f; chmod 4755 f; chmod 2755 f; chmod g+s f; chmod 0750 f; \
+         stat -c %a f > mode; mkdir d; chmod 2755 d; true",
+    );
+    assert_eq!(r.exit_code(), 0, "{r:?}");
+    for f in ["f", "d"] {
+        let m = std::fs::metadata(ws.path().join(f)).unwrap();
+        assert_eq!(m.mode() & 0o6000, 0, "{f} has set-id bits: {:o}", m.mode());
+    }
+    // Ordinary chmod still works.
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("mode"))
+            .unwrap()
+            .trim(),
+        "750"
+    );
+}
