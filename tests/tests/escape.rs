@@ -127,8 +127,9 @@ fn escape_read_host_proc_of_marker() {
     let Some(e) = Escape::new() else { return };
     let m = Marker::spawn(e.attacks);
     let pid = m.pid.to_string();
-    e.control_escapes(e.host("proc_marker", &[&pid, &m.token]));
-    e.confined_blocked(e.confined("proc_marker", &[&pid, &m.token]), &[SIGSYS]);
+    let rev: String = m.token.chars().rev().collect();
+    e.control_escapes(e.host("proc_marker", &[&pid, &rev]));
+    e.confined_blocked(e.confined("proc_marker", &[&pid, &rev]), &[SIGSYS]);
 }
 
 /// `..` from the workspace root (path, openat on a workspace fd, cwd, /proc/self/cwd) does not
@@ -348,7 +349,7 @@ fn escape_open_by_handle_at() {
     e.confined_blocked(e.confined("open_by_handle", &[WS]), &[SIGSYS]);
 }
 
-/// A block device node for the host's root disk cannot be created (CAP_MKNOD) or used (nodev).
+/// A device node (host root disk, /dev/mem) cannot be created in the workspace (CAP_MKNOD).
 #[test]
 fn escape_mknod_host_disk() {
     let Some(e) = Escape::new() else { return };
@@ -356,10 +357,12 @@ fn escape_mknod_host_disk() {
     let (maj, min) = (maj.to_string(), min.to_string());
     e.control_escapes(e.host("mknod", &[&s(e.scratch.path()), &maj, &min]));
     e.confined_blocked(e.confined("mknod", &[WS, &maj, &min]), &[SIGSYS]);
-    assert!(
-        fs::symlink_metadata(e.ws().join("disk")).is_err(),
-        "HOST CHECK: a device node was left in the workspace"
-    );
+    for n in ["disk", "mem"] {
+        assert!(
+            fs::symlink_metadata(e.ws().join(n)).is_err(),
+            "HOST CHECK: a device node was left in the workspace"
+        );
+    }
 }
 
 /// Raw host devices (/dev/vda, /dev/mem, /dev/kmsg, /dev/port) are not in the minimal /dev.
@@ -537,6 +540,22 @@ fn received(g: &Got) -> Vec<String> {
     g.lock().map(|v| v.clone()).unwrap_or_default()
 }
 
+/// Wait (up to 3 s) until the control's token arrived, then forget everything received.
+fn control_received_then_clear(g: &Got, token: &str) {
+    for _ in 0..300 {
+        if g
+            .lock()
+            .map(|v| v.iter().any(|t| t.contains(token)))
+            .unwrap_or(false)
+        {
+            clear(g);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("CONTROL: the host listener never received the token {token}");
+}
+
 fn clear(g: &Got) {
     if let Ok(mut v) = g.lock() {
         v.clear();
@@ -550,11 +569,7 @@ fn tcp_attack(bind: &str, connect_to: &str) {
     let got = tcp_sink(l);
     let token = unique("CARAPACE-NET");
     e.control_escapes(e.host("tcp4", &[connect_to, &port, &token]));
-    assert!(
-        received(&got).iter().any(|t| t.contains(&token)),
-        "control: the listener did not receive the token"
-    );
-    clear(&got);
+    control_received_then_clear(&got, &token);
     e.confined_blocked(e.confined("tcp4", &[connect_to, &port, &token]), &[SIGSYS]);
     let r = received(&got);
     assert!(r.is_empty(), "HOST CHECK: the host listener got connections: {r:?}");
@@ -594,7 +609,7 @@ fn escape_tcp6_connect_host_loopback() {
             let port = l.local_addr().map(|a| a.port()).unwrap_or(0).to_string();
             let got = tcp_sink(l);
             e.control_escapes(e.host("tcp6", &[&port, &token]));
-            clear(&got);
+            control_received_then_clear(&got, &token);
             e.confined_blocked(e.confined("tcp6", &[&port, &token]), &[SIGSYS]);
             assert!(received(&got).is_empty(), "HOST CHECK: [::1] listener got a connection");
         }
@@ -640,7 +655,7 @@ fn escape_unix_socket_path() {
         let got = unix_sink(l);
         let token = unique("CARAPACE-NET");
         e.control_escapes(e.host("unix_path", &[&s(&p), &token]));
-        clear(&got);
+        control_received_then_clear(&got, &token);
         let o = e.confined_blocked(e.confined("unix_path", &[&s(&p), &token]), &[SIGSYS]);
         let r = received(&got);
         let _ = fs::remove_file(&p);
@@ -658,7 +673,7 @@ fn escape_unix_socket_abstract() {
     let got = unix_sink(l);
     let token = unique("CARAPACE-NET");
     e.control_escapes(e.host("unix_abstract", &[&name, &token]));
-    clear(&got);
+    control_received_then_clear(&got, &token);
     e.confined_blocked(e.confined("unix_abstract", &[&name, &token]), &[SIGSYS]);
     let r = received(&got);
     assert!(r.is_empty(), "HOST CHECK: the abstract listener got a connection: {r:?}");
@@ -702,7 +717,7 @@ fn escape_python_tcp_connect() {
     let mut h = Command::new("/usr/bin/python3");
     h.args([&script, "inet", "127.0.0.1", &port, &token]);
     e.control_escapes(h);
-    clear(&got);
+    control_received_then_clear(&got, &token);
     let c = carapace_exec(
         Some(&e.policy),
         e.ws(),
@@ -805,7 +820,11 @@ fn escape_prlimit_host_process() {
     let Some(e) = Escape::new() else { return };
     let m = Marker::spawn(e.attacks);
     let pid = m.pid.to_string();
-    e.control_escapes(e.host("prlimit", &[&pid]));
+    // Control as the marker's own uid: this VM's root lacks CAP_SYS_RESOURCE, which prlimit on
+    // another user's process needs; the sandbox runs as that same host uid.
+    let mut h = e.host("prlimit", &[&pid]);
+    h.uid(SANDBOX_HOST_UID).gid(SANDBOX_HOST_UID);
+    e.control_escapes(h);
     e.confined_blocked(e.confined("prlimit", &[&pid]), &[SIGSYS]);
 }
 
@@ -1267,7 +1286,9 @@ fn escape_memory_bomb() {
     assert_confined_blocked(&o, &[SIGKILL]);
     assert_eq!(o.code, Some(137), "expected an OOM kill (137):\n{}", o.describe());
     let r = read_report(&report);
-    assert_eq!(r["oom"], serde_json::Value::Bool(true), "report: {r}");
+    let oom = r.get("oom_killed").or_else(|| r.get("oom"));
+    assert_eq!(oom, Some(&serde_json::Value::Bool(true)), "report: {r}");
+    assert!(o.stderr.to_lowercase().contains("oom"), "stderr does not mention the OOM kill:\n{}", o.describe());
 }
 
 /// Disk fill in the workspace: RLIMIT_FSIZE (256 MiB in the tool profile) stops one file.

@@ -1,0 +1,575 @@
+//! End-to-end tests of the `carapace` binary: allowed programs run and see their workspace,
+//! denied ones do not start, `ask` without a terminal is a denial that says how to allow,
+//! exit codes propagate, timeouts and supervisor death kill the whole tree, limits hold and are
+//! reported, real tools work confined, and `policy check` / `policy explain` do their job.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use carapace_tests::*;
+
+const T: Duration = Duration::from_secs(120);
+
+/// A test workspace plus a scratch directory for policies and reports.
+struct Env {
+    ws: tempfile::TempDir,
+    scratch: tempfile::TempDir,
+}
+
+fn env() -> Option<Env> {
+    if !privileged() {
+        return None;
+    }
+    let _ = carapace_bin();
+    Some(Env {
+        ws: tempdir("carapace-e2e-ws-"),
+        scratch: tempdir("carapace-e2e-"),
+    })
+}
+
+impl Env {
+    fn ws(&self) -> &Path {
+        self.ws.path()
+    }
+
+    /// The default policy plus a profile `e2e` (= tool, with `limits` overridden) and a rule
+    /// allowing `programs` under it.
+    fn policy(&self, limits: &str, programs: &[&str]) -> PathBuf {
+        let progs: Vec<String> = programs.iter().map(|p| format!("\"{p}\"")).collect();
+        let limits = if limits.is_empty() {
+            String::new()
+        } else {
+            format!("[profiles.e2e.limits]\n{limits}\n")
+        };
+        let extra = format!(
+            "[profiles.e2e]\nextends = \"tool\"\nwhy = \"end-to-end tests\"\n{limits}\n\
+             [[exec]]\nwhy = \"end-to-end tests\"\nprograms = [{}]\nprofile = \"e2e\"\n\
+             approval = \"allow\"\n",
+            progs.join(", ")
+        );
+        let p = self.scratch.path().join(format!("{}.toml", unique("policy")));
+        fs::write(&p, insert_before_first_exec(&default_policy_text(), &extra))
+            .unwrap_or_else(|e| panic!("{e}"));
+        p
+    }
+
+    fn exec(&self, policy: Option<&Path>, program: &str, args: &[&str]) -> Command {
+        carapace_exec(policy, self.ws(), &[], program, args)
+    }
+}
+
+fn ok(o: &Outcome) {
+    assert_eq!(o.code, Some(0), "expected success:\n{}", o.describe());
+}
+
+// ------------------------------------------------------------------------------------------
+// Allowed programs run and see their workspace
+
+/// `ls` under the embedded default policy lists a file the test created in the workspace.
+#[test]
+fn e2e_ls_sees_workspace_file() {
+    let Some(e) = env() else { return };
+    let name = unique("hello");
+    fs::write(e.ws().join(&name), "hi").unwrap_or_else(|x| panic!("{x}"));
+    let o = run(&mut e.exec(None, "ls", &["-la"]), T);
+    ok(&o);
+    assert!(o.stdout.contains(&name), "ls did not show {name}:\n{}", o.describe());
+}
+
+/// Without --workspace, the current directory is the workspace.
+#[test]
+fn e2e_workspace_defaults_to_current_directory() {
+    let Some(e) = env() else { return };
+    let name = unique("cwd-file");
+    fs::write(e.ws().join(&name), "hi").unwrap_or_else(|x| panic!("{x}"));
+    let mut c = Command::new(carapace_bin());
+    c.args(["exec", "--", "ls"])
+        .current_dir(e.ws())
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null());
+    let o = run(&mut c, T);
+    ok(&o);
+    assert!(o.stdout.contains(&name), "{}", o.describe());
+}
+
+/// `pwd` inside is the workspace mount point.
+#[test]
+fn e2e_cwd_is_workspace() {
+    let Some(e) = env() else { return };
+    let o = run(&mut e.exec(None, "pwd", &[]), T);
+    ok(&o);
+    assert_eq!(o.stdout.trim(), WS, "{}", o.describe());
+}
+
+fn chown_ws(e: &Env, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(e.ws(), Some(uid), Some(gid)).unwrap_or_else(|x| panic!("{x}"));
+}
+
+/// A file written by python lands on the host owned by the workspace's owner (idmapped mount),
+/// not by root and not by the sandbox's host uid.
+#[test]
+fn e2e_python_write_owned_by_workspace_owner() {
+    let Some(e) = env() else { return };
+    chown_ws(&e, 1234, 2345);
+    let p = e.policy("", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.exec(
+            Some(&p),
+            "/usr/bin/python3",
+            &["-c", "open('out.txt', 'w').write('from python\\n')"],
+        ),
+        T,
+    );
+    ok(&o);
+    let f = e.ws().join("out.txt");
+    let m = fs::metadata(&f).unwrap_or_else(|x| panic!("no out.txt on the host ({x}):\n{}", o.describe()));
+    assert_eq!((m.uid(), m.gid()), (1234, 2345), "owner on the host");
+    assert_eq!(fs::read_to_string(&f).unwrap_or_default(), "from python\n");
+}
+
+/// The same through `sh -c` with a redirection, with an explicit --run-as.
+#[test]
+fn e2e_sh_write_owned_by_workspace_owner() {
+    let Some(e) = env() else { return };
+    chown_ws(&e, 1234, 2345);
+    let p = e.policy("", &["/bin/sh"]);
+    let mut c = carapace_exec(
+        Some(&p),
+        e.ws(),
+        &["--run-as", "4321:4321"],
+        "/bin/sh",
+        &["-c", "echo from sh > sh.txt && mkdir sub && echo x > sub/y"],
+    );
+    let o = run(&mut c, T);
+    ok(&o);
+    for f in ["sh.txt", "sub", "sub/y"] {
+        let m = fs::metadata(e.ws().join(f)).unwrap_or_else(|x| panic!("{f}: {x}\n{}", o.describe()));
+        assert_eq!((m.uid(), m.gid()), (1234, 2345), "{f} owner on the host");
+    }
+}
+
+/// Inside, the program is the profile's user (1000:1000) on hostname "carapace".
+#[test]
+fn e2e_identity_inside() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.exec(
+            Some(&p),
+            "/usr/bin/python3",
+            &["-c", "import os, socket; print(os.getuid(), os.getgid(), socket.gethostname(), os.getpid())"],
+        ),
+        T,
+    );
+    ok(&o);
+    assert_eq!(o.stdout.trim(), "1000 1000 carapace 1", "{}", o.describe());
+}
+
+/// stdin and stdout pass through.
+#[test]
+fn e2e_stdio_passthrough() {
+    let Some(e) = env() else { return };
+    let mut c = e.exec(None, "cat", &[]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap_or_else(|x| panic!("{x}"));
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(b"through the sandbox\n").unwrap_or_else(|x| panic!("{x}"));
+    }
+    let out = child.wait_with_output().unwrap_or_else(|x| panic!("{x}"));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through the sandbox\n");
+}
+
+/// The environment is scrubbed: only the policy's pass/set variables exist.
+#[test]
+fn e2e_environment_scrubbed() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/python3"]);
+    let mut c = e.exec(
+        Some(&p),
+        "/usr/bin/python3",
+        &["-c", "import os; print(sorted(os.environ.items()))"],
+    );
+    c.env("SECRET_TOKEN", "hunter2").env("LANG", "C.UTF-8");
+    let o = run(&mut c, T);
+    ok(&o);
+    assert!(!o.stdout.contains("hunter2"), "{}", o.describe());
+    assert!(o.stdout.contains("('HOME', '/workspace')"), "{}", o.describe());
+    assert!(o.stdout.contains("('LANG', 'C.UTF-8')"), "LANG is passed: {}", o.describe());
+}
+
+// ------------------------------------------------------------------------------------------
+// Denied programs do not start
+
+/// A `deny` rule: exit 125, the program never ran (its marker file does not appear).
+#[test]
+fn e2e_denied_rule_does_not_start() {
+    let Some(e) = env() else { return };
+    let extra = "[[exec]]\nwhy = \"e2e: touch is forbidden\"\nprogram = \"/usr/bin/touch\"\napproval = \"deny\"\n";
+    let p = e.scratch.path().join("deny.toml");
+    fs::write(&p, insert_before_first_exec(&default_policy_text(), extra))
+        .unwrap_or_else(|x| panic!("{x}"));
+    let o = run(&mut e.exec(Some(&p), "/usr/bin/touch", &["/workspace/marker"]), T);
+    assert_eq!(o.code, Some(EXIT_DENIED), "{}", o.describe());
+    assert!(!e.ws().join("marker").exists(), "the denied program ran");
+    assert!(o.stderr.contains("denied"), "{}", o.describe());
+}
+
+/// No rule matches: denied (nothing runs that no rule allows).
+#[test]
+fn e2e_unmatched_program_denied() {
+    let Some(e) = env() else { return };
+    let p = e.scratch.path().join("only-ls.toml");
+    let default = default_policy_text();
+    let cut = default.find("\n[[exec]]").unwrap_or(default.len());
+    let text = format!(
+        "{}\n[[exec]]\nwhy = \"only ls\"\nprogram = \"/usr/bin/ls\"\nprofile = \"tool\"\napproval = \"allow\"\n",
+        &default[..cut]
+    );
+    fs::write(&p, text).unwrap_or_else(|x| panic!("{x}"));
+    let o = run(&mut e.exec(Some(&p), "/usr/bin/touch", &["/workspace/marker"]), T);
+    assert_eq!(o.code, Some(EXIT_DENIED), "{}", o.describe());
+    assert!(!e.ws().join("marker").exists(), "the unmatched program ran");
+    let o = run(&mut e.exec(Some(&p), "/usr/bin/ls", &[]), T);
+    ok(&o);
+}
+
+/// `ask` without a terminal is a denial (125) whose message says how to allow it.
+#[test]
+fn e2e_ask_without_terminal_is_denied_with_howto() {
+    let Some(e) = env() else { return };
+    let o = run(&mut e.exec(None, "/usr/bin/touch", &["/workspace/marker"]), T);
+    assert_eq!(o.code, Some(EXIT_DENIED), "{}", o.describe());
+    assert!(!e.ws().join("marker").exists(), "the program ran without approval");
+    let err = o.stderr.to_lowercase();
+    assert!(err.contains("terminal"), "does not say why: {}", o.stderr);
+    assert!(
+        err.contains("approval = \"allow\"") && err.contains("--policy"),
+        "does not say how to allow it: {}",
+        o.stderr
+    );
+}
+
+/// An invalid policy: carapace cannot start anything (126) and locates the error.
+#[test]
+fn e2e_invalid_policy_cannot_start() {
+    let Some(e) = env() else { return };
+    let p = e.scratch.path().join("bad.toml");
+    fs::write(&p, "version = 1\n[profiles.x]\nbogus = 1\n").unwrap_or_else(|x| panic!("{x}"));
+    let o = run(&mut e.exec(Some(&p), "/usr/bin/true", &[]), T);
+    assert_eq!(o.code, Some(EXIT_CANNOT_START), "{}", o.describe());
+    assert!(o.stderr.contains("bad.toml:3:1"), "{}", o.describe());
+}
+
+// ------------------------------------------------------------------------------------------
+// Exit codes
+
+/// The program's own exit code comes back.
+#[test]
+fn e2e_exit_code_propagates() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/bin/sh"]);
+    let o = run(&mut e.exec(Some(&p), "/bin/sh", &["-c", "exit 7"]), T);
+    assert_eq!(o.code, Some(7), "{}", o.describe());
+    let o = run(&mut e.exec(None, "false", &[]), T);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+}
+
+/// Killed by signal N: 128+N, like a shell (SIGTERM -> 143). The program kills itself with
+/// SIGTERM; `sleep 5` only runs if the signal was ignored (as it is for a pid-namespace init
+/// without a handler).
+#[test]
+fn e2e_signal_exit_code() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/bin/sh"]);
+    let o = run(&mut e.exec(Some(&p), "/bin/sh", &["-c", "kill -TERM $$; sleep 5"]), T);
+    assert_eq!(o.code, Some(143), "{}", o.describe());
+}
+
+// ------------------------------------------------------------------------------------------
+// Timeouts, supervisor death, limits
+
+fn sleeper_script(marker: &str) -> String {
+    // A grandchild in the background, and one detached with setsid -f into its own session.
+    format!(
+        "python3 -c 'import time; time.sleep(600)' {marker} & \
+         setsid -f python3 -c 'import time; time.sleep(600)' {marker}-setsid; sleep 600"
+    )
+}
+
+fn gone_within(marker: &str, d: Duration) -> Vec<(u32, String)> {
+    let start = Instant::now();
+    loop {
+        let left = host_processes_with(marker);
+        if left.is_empty() || start.elapsed() > d {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A wall-time timeout exits 124 in time and kills the whole tree (grandchildren included).
+#[test]
+fn e2e_timeout_kills_whole_tree() {
+    let Some(e) = env() else { return };
+    let p = e.policy("wall_time = \"2s\"", &["/bin/sh"]);
+    let marker = unique("carapace-e2e-grandchild");
+    let o = run(&mut e.exec(Some(&p), "/bin/sh", &["-c", &sleeper_script(&marker)]), T);
+    assert_eq!(o.code, Some(EXIT_TIMEOUT), "{}", o.describe());
+    assert!(o.elapsed < Duration::from_secs(2 + 5), "took {:?}", o.elapsed);
+    let left = gone_within(&marker, Duration::from_secs(2));
+    assert!(left.is_empty(), "processes survived the timeout: {left:?}");
+}
+
+/// When the supervisor is SIGKILLed, the whole sandboxed tree dies too.
+#[test]
+fn e2e_supervisor_death_kills_tree() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/bin/sh"]);
+    let marker = unique("carapace-e2e-orphan");
+    let mut c = e.exec(Some(&p), "/bin/sh", &["-c", &sleeper_script(&marker)]);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = c.spawn().unwrap_or_else(|x| panic!("{x}"));
+    let start = Instant::now();
+    while host_processes_with(&format!("{marker}-setsid")).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the sandboxed tree never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let left = gone_within(&marker, Duration::from_secs(3));
+    assert!(left.is_empty(), "processes survived the supervisor's death: {left:?}");
+}
+
+/// Memory limit: OOM-killed (137), reported on stderr and in --report-json.
+#[test]
+fn e2e_memory_limit_oom_reported() {
+    let Some(e) = env() else { return };
+    let p = e.policy("memory = \"64MiB\"", &["/usr/bin/python3"]);
+    let report = e.scratch.path().join("report.json");
+    let mut c = carapace_exec(
+        Some(&p),
+        e.ws(),
+        &["--report-json", &report.display().to_string()],
+        "/usr/bin/python3",
+        &["-c", "b = b'x' * (512 << 20); print('allocated')"],
+    );
+    let o = run(&mut c, T);
+    assert_eq!(o.code, Some(137), "{}", o.describe());
+    assert!(!o.stdout.contains("allocated"), "{}", o.describe());
+    assert!(o.stderr.to_lowercase().contains("oom"), "{}", o.describe());
+    let r = read_report(&report);
+    assert_eq!(r.get("oom_killed"), Some(&serde_json::Value::Bool(true)), "{r}");
+}
+
+/// pids limit: forking stops at the limit.
+#[test]
+fn e2e_pids_limit_holds() {
+    let Some(e) = env() else { return };
+    let p = e.policy("pids = 16", &["/usr/bin/python3"]);
+    let script = "import os, time\nn = 0\ntry:\n    while n < 1000:\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('stopped', n, e.errno)\nelse:\n    print('unbounded', n)\n";
+    let o = run(&mut e.exec(Some(&p), "/usr/bin/python3", &["-c", script]), T);
+    ok(&o);
+    let n: u32 = o
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(o.stdout.starts_with("stopped") && n < 16, "{}", o.describe());
+}
+
+/// --report-json and --report describe a normal run.
+#[test]
+fn e2e_report() {
+    let Some(e) = env() else { return };
+    let report = e.scratch.path().join("r.json");
+    let mut c = carapace_exec(
+        None,
+        e.ws(),
+        &["--report", "--report-json", &report.display().to_string()],
+        "true",
+        &[],
+    );
+    let o = run(&mut c, T);
+    ok(&o);
+    let line = o
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("carapace: exit="))
+        .unwrap_or_else(|| panic!("no report line:\n{}", o.describe()));
+    for k in ["exit=0", "wall=", "cpu=", "peak_mem=", "oom=false", "timeout=false"] {
+        assert!(line.contains(k), "report line lacks {k}: {line}");
+    }
+    let r = read_report(&report);
+    assert_eq!(r.get("exit_code"), Some(&serde_json::json!(0)), "{r}");
+    assert_eq!(r.get("timed_out"), Some(&serde_json::json!(false)), "{r}");
+    assert!(r.get("wall_ms").is_some_and(|v| v.is_u64()), "{r}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Real tools
+
+/// `git status` in a repository (embedded default policy allows it).
+#[test]
+fn e2e_git_status() {
+    let Some(e) = env() else { return };
+    let git = |args: &[&str]| {
+        let s = Command::new("git")
+            .args(args)
+            .current_dir(e.ws())
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+            .output()
+            .unwrap_or_else(|x| panic!("git: {x}"));
+        assert!(s.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&s.stderr));
+    };
+    git(&["init", "-q"]);
+    fs::write(e.ws().join("tracked.txt"), "one\n").unwrap_or_else(|x| panic!("{x}"));
+    git(&["add", "tracked.txt"]);
+    git(&["commit", "-q", "-m", "first"]);
+    fs::write(e.ws().join("tracked.txt"), "two\n").unwrap_or_else(|x| panic!("{x}"));
+    fs::write(e.ws().join("new.txt"), "new\n").unwrap_or_else(|x| panic!("{x}"));
+    let o = run(&mut e.exec(None, "git", &["status"]), T);
+    ok(&o);
+    assert!(o.stdout.contains("modified:") && o.stdout.contains("tracked.txt"), "{}", o.describe());
+    assert!(o.stdout.contains("new.txt"), "{}", o.describe());
+    let o = run(&mut e.exec(None, "git", &["log", "--oneline"]), T);
+    ok(&o);
+    assert!(o.stdout.contains("first"), "{}", o.describe());
+}
+
+/// `grep -r` over the workspace.
+#[test]
+fn e2e_grep_recursive() {
+    let Some(e) = env() else { return };
+    fs::create_dir_all(e.ws().join("a/b")).unwrap_or_else(|x| panic!("{x}"));
+    fs::write(e.ws().join("a/one.txt"), "needle here\n").unwrap_or_else(|x| panic!("{x}"));
+    fs::write(e.ws().join("a/b/two.txt"), "and a needle\n").unwrap_or_else(|x| panic!("{x}"));
+    fs::write(e.ws().join("three.txt"), "hay\n").unwrap_or_else(|x| panic!("{x}"));
+    let o = run(&mut e.exec(None, "grep", &["-r", "needle", "."]), T);
+    ok(&o);
+    assert!(o.stdout.contains("a/one.txt") && o.stdout.contains("a/b/two.txt"), "{}", o.describe());
+    assert!(!o.stdout.contains("three.txt"), "{}", o.describe());
+}
+
+/// `python3 -c` under a policy that allows it.
+#[test]
+fn e2e_python3_c() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.exec(Some(&p), "python3", &["-c", "import json, subprocess, threading, tempfile; print(6 * 7)"]),
+        T,
+    );
+    ok(&o);
+    assert_eq!(o.stdout.trim(), "42", "{}", o.describe());
+}
+
+// ------------------------------------------------------------------------------------------
+// policy check / explain (no root needed)
+
+fn carapace(args: &[&str]) -> Outcome {
+    let mut c = Command::new(carapace_bin());
+    c.args(args).stdin(Stdio::null());
+    run(&mut c, T)
+}
+
+/// A broken policy: located error (file:line:col), non-zero exit.
+#[test]
+fn e2e_policy_check_broken_is_located() {
+    let d = tempdir("carapace-check-");
+    let p = d.path().join("broken.toml");
+    fs::write(
+        &p,
+        "version = 1\n\n[profiles.tool]\nwhy = \"x\"\nhostname = 5\n",
+    )
+    .unwrap_or_else(|x| panic!("{x}"));
+    let o = carapace(&["policy", "check", &p.display().to_string()]);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    let all = format!("{}{}", o.stdout, o.stderr);
+    assert!(all.contains("broken.toml:5:12"), "no file:line:col:\n{}", o.describe());
+}
+
+/// Several error classes at once are all reported with their locations.
+#[test]
+fn e2e_policy_check_reports_every_error() {
+    let d = tempdir("carapace-check-");
+    let p = d.path().join("many.toml");
+    fs::write(
+        &p,
+        "version = 1\n[profiles.t]\nwhy = \"x\"\n[profiles.t.seccomp]\nallow = [\"no_such_syscall\"]\n\
+         [[exec]]\nwhy = \"x\"\nprogram = \"relative/path\"\nprofile = \"missing\"\napproval = \"allow\"\n",
+    )
+    .unwrap_or_else(|x| panic!("{x}"));
+    let o = carapace(&["policy", "check", &p.display().to_string()]);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    let all = format!("{}{}", o.stdout, o.stderr);
+    for loc in ["many.toml:5:", "many.toml:8:", "many.toml:9:"] {
+        assert!(all.contains(loc), "missing {loc}:\n{all}");
+    }
+}
+
+/// The default policy passes its own check (including its [[test]] examples).
+#[test]
+fn e2e_policy_check_default_ok() {
+    let p = repo_root().join("policies/default.toml");
+    let o = carapace(&["policy", "check", &p.display().to_string()]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+}
+
+/// A failing [[test]] example makes `check` fail.
+#[test]
+fn e2e_policy_check_failing_example() {
+    let d = tempdir("carapace-check-");
+    let p = d.path().join("ex.toml");
+    let text = format!(
+        "{}\n[[test]]\ncommand = [\"/usr/bin/ls\"]\nexpect = \"deny\"\n",
+        default_policy_text()
+    );
+    fs::write(&p, text).unwrap_or_else(|x| panic!("{x}"));
+    let o = carapace(&["policy", "check", &p.display().to_string()]);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+}
+
+/// `explain` names the rule (line, why) and prints the effective confinement.
+#[test]
+fn e2e_policy_explain() {
+    let p = repo_root().join("policies/default.toml");
+    let o = carapace(&["policy", "explain", &p.display().to_string(), "--", "/usr/bin/ls", "-la"]);
+    ok(&o);
+    let t = o.stdout.to_lowercase();
+    for w in [
+        "allow",
+        "rule",
+        "line",
+        "read-only inspection tools",
+        "profile",
+        "seccomp",
+        "landlock",
+        "/workspace",
+        "/usr",
+        "512 mib",
+        "namespaces",
+    ] {
+        assert!(t.contains(w), "explain lacks `{w}`:\n{}", o.stdout);
+    }
+    // A refused set-uid helper that exists on this host.
+    let suid = ["/usr/bin/su", "/usr/bin/passwd", "/usr/bin/mount", "/usr/bin/sudo"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("/usr/bin/su");
+    let o = carapace(&["policy", "explain", &p.display().to_string(), "--", suid, "id"]);
+    assert!(
+        format!("{}{}", o.stdout, o.stderr).to_lowercase().contains("deny"),
+        "{}",
+        o.describe()
+    );
+}
