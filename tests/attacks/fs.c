@@ -595,3 +595,22 @@ ATTACK(chroot)
         escaped("chroot(%s) allowed", p);
     blocked("chroot refused");
 }
+
+/* reopen_stdin: stdio is passed through. When stdin is a host file opened read-only by the
+ * caller (`carapace exec ... < file`), re-opening /proc/self/fd/0 for writing must not give
+ * write access to that host file (Landlock sees a path outside every rule). Nothing is written. */
+ATTACK(reopen_stdin)
+{
+    (void)argc;
+    (void)argv;
+    char t[512] = "";
+    ssize_t n = readlink("/proc/self/fd/0", t, sizeof t - 1);
+    t[n > 0 ? n : 0] = 0;
+    int fd = open("/proc/self/fd/0", O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd >= 0)
+        escaped("re-opened stdin (%s) for writing", t);
+    int e = errno;
+    fd = open("/proc/self/fd/0", O_RDONLY | O_CLOEXEC);
+    blocked("stdin is %s; reopen for writing: %s (for reading: %s)", t, errname(e),
+            fd >= 0 ? "ok" : en());
+}

@@ -3,7 +3,7 @@
 X(read_shadow) X(read_secret) X(dotdot) X(proc_root) X(symlink_planted) X(symlink_created)
 X(hardlink) X(write_file) X(write_host_tmp) X(reopen_rw) X(proc_self_exe) X(leaked_dirfd)
 X(leaked_fds) X(leaked_env) X(open_by_handle) X(mknod) X(dev_disk) X(setuid_plant)
-X(proc_sys_write) X(sysrq) X(sys_write) X(chroot)
+X(proc_sys_write) X(sysrq) X(sys_write) X(chroot) X(reopen_stdin)
 /* exec.c */
 X(exec_proof) X(exec_copy) X(exec_memfd) X(exec_memfd_execveat) X(mmap_exec) X(exec_ldso)
 /* net.c */
@@ -11,7 +11,7 @@ X(tcp4) X(tcp6) X(udp4) X(unix_path) X(unix_abstract) X(raw) X(packet) X(netlink
 X(socket_other)
 /* proc.c */
 X(marker) X(ptrace) X(pvm_read) X(kill) X(kill_all) X(pidfd) X(setns) X(prlimit)
-X(proc_marker) X(proc_environ) X(daemonize)
+X(proc_marker) X(proc_environ) X(daemonize) X(ptrace_child) X(coredump) X(sysv_shm)
 /* kern.c */
 X(mount) X(umount) X(remount_rw) X(open_tree) X(fsopen) X(move_mount) X(unshare_user)
 X(clone_newuser) X(clone3_newuser) X(unshare_other) X(keyctl) X(bpf) X(perf_event)

@@ -6,6 +6,7 @@
 #include "attack.h"
 
 #include <sys/ptrace.h>
+#include <sys/shm.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
 #include <sched.h>
@@ -214,4 +215,84 @@ ATTACK(daemonize)
     }
     waitpid(c, NULL, 0);
     blocked("daemon started; the host check decides whether it outlived the sandbox");
+}
+
+/* ptrace_child: ptrace of our own child (PTRACE_TRACEME / PTRACE_ATTACH): on old kernels a
+ * tracer could rewrite syscalls after the seccomp check; ptrace has no business in a tool. */
+ATTACK(ptrace_child)
+{
+    (void)argc;
+    (void)argv;
+    pid_t c = fork();
+    if (c == 0) {
+        if (ptrace(PTRACE_TRACEME, 0, NULL, NULL) != 0)
+            _exit(1);
+        raise(SIGSTOP);
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(c, &st, WUNTRACED);
+    if (WIFSTOPPED(st)) {
+        ptrace(PTRACE_CONT, c, NULL, NULL);
+        waitpid(c, &st, 0);
+        escaped("PTRACE_TRACEME accepted: we trace our own child");
+    }
+    int e = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    pid_t d = fork();
+    if (d == 0) {
+        for (;;)
+            pause();
+    }
+    long r = ptrace(PTRACE_SEIZE, d, NULL, NULL);
+    int e2 = errno;
+    kill(d, SIGKILL);
+    waitpid(d, NULL, 0);
+    if (r == 0)
+        escaped("PTRACE_SEIZE of our own child");
+    blocked("PTRACE_TRACEME refused (child exit %d); PTRACE_SEIZE child: %s", e, errname(e2));
+}
+
+/* coredump DIR: raise RLIMIT_CORE and crash a child in DIR. With core_pattern "core" the
+ * kernel writes the core into the cwd (the workspace); with a "|helper" pattern it would run a
+ * host helper as root with our memory as input. core_dumps = false must prevent both. */
+ATTACK(coredump)
+{
+    const char *dir = arg_str(argc, argv, 1, "/workspace");
+    if (chdir(dir) != 0)
+        blocked("chdir %s: %s", dir, en());
+    struct rlimit r;
+    getrlimit(RLIMIT_CORE, &r);
+    struct rlimit up = {r.rlim_max, r.rlim_max};
+    setrlimit(RLIMIT_CORE, &up);
+    getrlimit(RLIMIT_CORE, &r);
+    pid_t c = fork();
+    if (c == 0) {
+        signal(SIGABRT, SIG_DFL);
+        abort();
+    }
+    int st = 0;
+    waitpid(c, &st, 0);
+    char core[64];
+    snprintf(core, sizeof core, "core.%d", c);
+    int file = access("core", F_OK) == 0 || access(core, F_OK) == 0;
+    unlink("core");
+    unlink(core);
+    if ((WIFSIGNALED(st) && WCOREDUMP(st)) || file)
+        escaped("core dumped (RLIMIT_CORE %llu, file %s)", (unsigned long long)r.rlim_cur,
+                file ? "written" : "not found");
+    blocked("no core dump (RLIMIT_CORE %llu, child %s %d)", (unsigned long long)r.rlim_cur,
+            WIFSIGNALED(st) ? "signal" : "exit", WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+}
+
+/* sysv_shm KEY: attach a SysV shared memory segment the host created (IPC namespace). */
+ATTACK(sysv_shm)
+{
+    key_t key = (key_t)arg_long(argc, argv, 1, 0x43415241);
+    int id = shmget(key, 0, 0);
+    if (id < 0)
+        blocked("shmget(0x%x): %s", (unsigned)key, en());
+    void *p = shmat(id, NULL, SHM_RDONLY);
+    if (p == (void *)-1)
+        blocked("shmget found the host segment but shmat: %s", en());
+    escaped("attached host SysV segment 0x%x: %.40s", (unsigned)key, (char *)p);
 }

@@ -132,7 +132,9 @@ fn build_carapace(target_dir: &Path, release: bool) -> PathBuf {
     eprintln!("carapace-tests: building the carapace binary: {cmd:?}");
     match cmd.status() {
         Ok(s) if s.success() => {}
-        Ok(s) => panic!("`cargo build -p carapace` failed ({s}); set CARAPACE_BIN to a built binary"),
+        Ok(s) => {
+            panic!("`cargo build -p carapace` failed ({s}); set CARAPACE_BIN to a built binary")
+        }
         Err(e) => panic!("cannot run cargo to build carapace: {e}; set CARAPACE_BIN"),
     }
     target_dir
@@ -250,7 +252,10 @@ fn compile_attacks() -> Result<Attacks> {
     if !built {
         bail!("cannot compile the attack programs:\n{last_err}");
     }
-    for f in files.iter().filter(|p| p.extension() == Some(OsStr::new("py"))) {
+    for f in files
+        .iter()
+        .filter(|p| p.extension() == Some(OsStr::new("py")))
+    {
         if let Some(name) = f.file_name() {
             fs::copy(f, tmp.join("python").join(name))?;
         }
@@ -285,9 +290,9 @@ pub fn insert_before_first_exec(base: &str, extra: &str) -> String {
     let at = if base.starts_with("[[exec]]") {
         0
     } else {
-        base.find("\n[[exec]]").map(|i| i + 1).unwrap_or_else(|| {
-            panic!("the default policy has no [[exec]] rule to insert before")
-        })
+        base.find("\n[[exec]]")
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("the default policy has no [[exec]] rule to insert before"))
     };
     format!("{}{}\n{}", &base[..at], extra, &base[at..])
 }
@@ -536,6 +541,7 @@ impl Escape {
     /// Run the CONTROL and assert the attack works on the unconfined host.
     pub fn control_escapes(&self, mut cmd: Command) -> Outcome {
         let o = run(&mut cmd, Duration::from_secs(60));
+        eprintln!("CONTROL:  {}", o.verdict_line().unwrap_or("(no verdict)"));
         assert!(
             o.escaped(),
             "CONTROL: the attack should succeed unconfined on the host (else the confined run \
@@ -569,6 +575,11 @@ impl Escape {
 /// it) and was blocked: exit 1 with a BLOCKED line, or killed by one of `ok_signals`
 /// (carapace reports 128+N).
 pub fn assert_confined_blocked(o: &Outcome, ok_signals: &[i32]) {
+    eprintln!(
+        "CONFINED: {} (exit {:?})",
+        o.verdict_line().unwrap_or("(no verdict)"),
+        o.code
+    );
     assert!(!o.hung, "the confined attack hung:\n{}", o.describe());
     assert!(
         o.stdout.lines().any(|l| l.starts_with("START ")),

@@ -51,7 +51,10 @@ impl Env {
              approval = \"allow\"\n",
             progs.join(", ")
         );
-        let p = self.scratch.path().join(format!("{}.toml", unique("policy")));
+        let p = self
+            .scratch
+            .path()
+            .join(format!("{}.toml", unique("policy")));
         fs::write(&p, insert_before_first_exec(&default_policy_text(), &extra))
             .unwrap_or_else(|e| panic!("{e}"));
         p
@@ -77,7 +80,11 @@ fn e2e_ls_sees_workspace_file() {
     fs::write(e.ws().join(&name), "hi").unwrap_or_else(|x| panic!("{x}"));
     let o = run(&mut e.exec(None, "ls", &["-la"]), T);
     ok(&o);
-    assert!(o.stdout.contains(&name), "ls did not show {name}:\n{}", o.describe());
+    assert!(
+        o.stdout.contains(&name),
+        "ls did not show {name}:\n{}",
+        o.describe()
+    );
 }
 
 /// Without --workspace, the current directory is the workspace.
@@ -127,7 +134,8 @@ fn e2e_python_write_owned_by_workspace_owner() {
     );
     ok(&o);
     let f = e.ws().join("out.txt");
-    let m = fs::metadata(&f).unwrap_or_else(|x| panic!("no out.txt on the host ({x}):\n{}", o.describe()));
+    let m = fs::metadata(&f)
+        .unwrap_or_else(|x| panic!("no out.txt on the host ({x}):\n{}", o.describe()));
     assert_eq!((m.uid(), m.gid()), (1234, 2345), "owner on the host");
     assert_eq!(fs::read_to_string(&f).unwrap_or_default(), "from python\n");
 }
@@ -148,7 +156,8 @@ fn e2e_sh_write_owned_by_workspace_owner() {
     let o = run(&mut c, T);
     ok(&o);
     for f in ["sh.txt", "sub", "sub/y"] {
-        let m = fs::metadata(e.ws().join(f)).unwrap_or_else(|x| panic!("{f}: {x}\n{}", o.describe()));
+        let m =
+            fs::metadata(e.ws().join(f)).unwrap_or_else(|x| panic!("{f}: {x}\n{}", o.describe()));
         assert_eq!((m.uid(), m.gid()), (1234, 2345), "{f} owner on the host");
     }
 }
@@ -175,14 +184,20 @@ fn e2e_identity_inside() {
 fn e2e_stdio_passthrough() {
     let Some(e) = env() else { return };
     let mut c = e.exec(None, "cat", &[]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap_or_else(|x| panic!("{x}"));
     if let Some(mut i) = child.stdin.take() {
-        i.write_all(b"through the sandbox\n").unwrap_or_else(|x| panic!("{x}"));
+        i.write_all(b"through the sandbox\n")
+            .unwrap_or_else(|x| panic!("{x}"));
     }
     let out = child.wait_with_output().unwrap_or_else(|x| panic!("{x}"));
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "through the sandbox\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "through the sandbox\n"
+    );
 }
 
 /// The environment is scrubbed: only the policy's pass/set variables exist.
@@ -199,8 +214,16 @@ fn e2e_environment_scrubbed() {
     let o = run(&mut c, T);
     ok(&o);
     assert!(!o.stdout.contains("hunter2"), "{}", o.describe());
-    assert!(o.stdout.contains("('HOME', '/workspace')"), "{}", o.describe());
-    assert!(o.stdout.contains("('LANG', 'C.UTF-8')"), "LANG is passed: {}", o.describe());
+    assert!(
+        o.stdout.contains("('HOME', '/workspace')"),
+        "{}",
+        o.describe()
+    );
+    assert!(
+        o.stdout.contains("('LANG', 'C.UTF-8')"),
+        "LANG is passed: {}",
+        o.describe()
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -214,7 +237,10 @@ fn e2e_denied_rule_does_not_start() {
     let p = e.scratch.path().join("deny.toml");
     fs::write(&p, insert_before_first_exec(&default_policy_text(), extra))
         .unwrap_or_else(|x| panic!("{x}"));
-    let o = run(&mut e.exec(Some(&p), "/usr/bin/touch", &["/workspace/marker"]), T);
+    let o = run(
+        &mut e.exec(Some(&p), "/usr/bin/touch", &["/workspace/marker"]),
+        T,
+    );
     assert_eq!(o.code, Some(EXIT_DENIED), "{}", o.describe());
     assert!(!e.ws().join("marker").exists(), "the denied program ran");
     assert!(o.stderr.contains("denied"), "{}", o.describe());
@@ -232,7 +258,10 @@ fn e2e_unmatched_program_denied() {
         &default[..cut]
     );
     fs::write(&p, text).unwrap_or_else(|x| panic!("{x}"));
-    let o = run(&mut e.exec(Some(&p), "/usr/bin/touch", &["/workspace/marker"]), T);
+    let o = run(
+        &mut e.exec(Some(&p), "/usr/bin/touch", &["/workspace/marker"]),
+        T,
+    );
     assert_eq!(o.code, Some(EXIT_DENIED), "{}", o.describe());
     assert!(!e.ws().join("marker").exists(), "the unmatched program ran");
     let o = run(&mut e.exec(Some(&p), "/usr/bin/ls", &[]), T);
@@ -243,9 +272,15 @@ fn e2e_unmatched_program_denied() {
 #[test]
 fn e2e_ask_without_terminal_is_denied_with_howto() {
     let Some(e) = env() else { return };
-    let o = run(&mut e.exec(None, "/usr/bin/touch", &["/workspace/marker"]), T);
+    let o = run(
+        &mut e.exec(None, "/usr/bin/touch", &["/workspace/marker"]),
+        T,
+    );
     assert_eq!(o.code, Some(EXIT_DENIED), "{}", o.describe());
-    assert!(!e.ws().join("marker").exists(), "the program ran without approval");
+    assert!(
+        !e.ws().join("marker").exists(),
+        "the program ran without approval"
+    );
     let err = o.stderr.to_lowercase();
     assert!(err.contains("terminal"), "does not say why: {}", o.stderr);
     assert!(
@@ -287,7 +322,10 @@ fn e2e_exit_code_propagates() {
 fn e2e_signal_exit_code() {
     let Some(e) = env() else { return };
     let p = e.policy("", &["/bin/sh"]);
-    let o = run(&mut e.exec(Some(&p), "/bin/sh", &["-c", "kill -TERM $$; sleep 5"]), T);
+    let o = run(
+        &mut e.exec(Some(&p), "/bin/sh", &["-c", "kill -TERM $$; sleep 5"]),
+        T,
+    );
     assert_eq!(o.code, Some(143), "{}", o.describe());
 }
 
@@ -319,9 +357,16 @@ fn e2e_timeout_kills_whole_tree() {
     let Some(e) = env() else { return };
     let p = e.policy("wall_time = \"2s\"", &["/bin/sh"]);
     let marker = unique("carapace-e2e-grandchild");
-    let o = run(&mut e.exec(Some(&p), "/bin/sh", &["-c", &sleeper_script(&marker)]), T);
+    let o = run(
+        &mut e.exec(Some(&p), "/bin/sh", &["-c", &sleeper_script(&marker)]),
+        T,
+    );
     assert_eq!(o.code, Some(EXIT_TIMEOUT), "{}", o.describe());
-    assert!(o.elapsed < Duration::from_secs(2 + 5), "took {:?}", o.elapsed);
+    assert!(
+        o.elapsed < Duration::from_secs(2 + 5),
+        "took {:?}",
+        o.elapsed
+    );
     let left = gone_within(&marker, Duration::from_secs(2));
     assert!(left.is_empty(), "processes survived the timeout: {left:?}");
 }
@@ -337,13 +382,19 @@ fn e2e_supervisor_death_kills_tree() {
     let mut child = c.spawn().unwrap_or_else(|x| panic!("{x}"));
     let start = Instant::now();
     while host_processes_with(&format!("{marker}-setsid")).is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(20), "the sandboxed tree never started");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the sandboxed tree never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
     let _ = child.wait();
     let left = gone_within(&marker, Duration::from_secs(3));
-    assert!(left.is_empty(), "processes survived the supervisor's death: {left:?}");
+    assert!(
+        left.is_empty(),
+        "processes survived the supervisor's death: {left:?}"
+    );
 }
 
 /// Memory limit: OOM-killed (137), reported on stderr and in --report-json.
@@ -364,7 +415,11 @@ fn e2e_memory_limit_oom_reported() {
     assert!(!o.stdout.contains("allocated"), "{}", o.describe());
     assert!(o.stderr.to_lowercase().contains("oom"), "{}", o.describe());
     let r = read_report(&report);
-    assert_eq!(r.get("oom_killed"), Some(&serde_json::Value::Bool(true)), "{r}");
+    assert_eq!(
+        r.get("oom_killed"),
+        Some(&serde_json::Value::Bool(true)),
+        "{r}"
+    );
 }
 
 /// pids limit: forking stops at the limit.
@@ -373,7 +428,10 @@ fn e2e_pids_limit_holds() {
     let Some(e) = env() else { return };
     let p = e.policy("pids = 16", &["/usr/bin/python3"]);
     let script = "import os, time\nn = 0\ntry:\n    while n < 1000:\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('stopped', n, e.errno)\nelse:\n    print('unbounded', n)\n";
-    let o = run(&mut e.exec(Some(&p), "/usr/bin/python3", &["-c", script]), T);
+    let o = run(
+        &mut e.exec(Some(&p), "/usr/bin/python3", &["-c", script]),
+        T,
+    );
     ok(&o);
     let n: u32 = o
         .stdout
@@ -381,7 +439,11 @@ fn e2e_pids_limit_holds() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(u32::MAX);
-    assert!(o.stdout.starts_with("stopped") && n < 16, "{}", o.describe());
+    assert!(
+        o.stdout.starts_with("stopped") && n < 16,
+        "{}",
+        o.describe()
+    );
 }
 
 /// --report-json and --report describe a normal run.
@@ -403,7 +465,14 @@ fn e2e_report() {
         .lines()
         .find(|l| l.starts_with("carapace: exit="))
         .unwrap_or_else(|| panic!("no report line:\n{}", o.describe()));
-    for k in ["exit=0", "wall=", "cpu=", "peak_mem=", "oom=false", "timeout=false"] {
+    for k in [
+        "exit=0",
+        "wall=",
+        "cpu=",
+        "peak_mem=",
+        "oom=false",
+        "timeout=false",
+    ] {
         assert!(line.contains(k), "report line lacks {k}: {line}");
     }
     let r = read_report(&report);
@@ -429,7 +498,11 @@ fn e2e_git_status() {
             .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
             .output()
             .unwrap_or_else(|x| panic!("git: {x}"));
-        assert!(s.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&s.stderr));
+        assert!(
+            s.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&s.stderr)
+        );
     };
     git(&["init", "-q"]);
     fs::write(e.ws().join("tracked.txt"), "one\n").unwrap_or_else(|x| panic!("{x}"));
@@ -439,7 +512,11 @@ fn e2e_git_status() {
     fs::write(e.ws().join("new.txt"), "new\n").unwrap_or_else(|x| panic!("{x}"));
     let o = run(&mut e.exec(None, "git", &["status"]), T);
     ok(&o);
-    assert!(o.stdout.contains("modified:") && o.stdout.contains("tracked.txt"), "{}", o.describe());
+    assert!(
+        o.stdout.contains("modified:") && o.stdout.contains("tracked.txt"),
+        "{}",
+        o.describe()
+    );
     assert!(o.stdout.contains("new.txt"), "{}", o.describe());
     let o = run(&mut e.exec(None, "git", &["log", "--oneline"]), T);
     ok(&o);
@@ -456,7 +533,11 @@ fn e2e_grep_recursive() {
     fs::write(e.ws().join("three.txt"), "hay\n").unwrap_or_else(|x| panic!("{x}"));
     let o = run(&mut e.exec(None, "grep", &["-r", "needle", "."]), T);
     ok(&o);
-    assert!(o.stdout.contains("a/one.txt") && o.stdout.contains("a/b/two.txt"), "{}", o.describe());
+    assert!(
+        o.stdout.contains("a/one.txt") && o.stdout.contains("a/b/two.txt"),
+        "{}",
+        o.describe()
+    );
     assert!(!o.stdout.contains("three.txt"), "{}", o.describe());
 }
 
@@ -466,7 +547,14 @@ fn e2e_python3_c() {
     let Some(e) = env() else { return };
     let p = e.policy("", &["/usr/bin/python3"]);
     let o = run(
-        &mut e.exec(Some(&p), "python3", &["-c", "import json, subprocess, threading, tempfile; print(6 * 7)"]),
+        &mut e.exec(
+            Some(&p),
+            "python3",
+            &[
+                "-c",
+                "import json, subprocess, threading, tempfile; print(6 * 7)",
+            ],
+        ),
         T,
     );
     ok(&o);
@@ -495,7 +583,11 @@ fn e2e_policy_check_broken_is_located() {
     let o = carapace(&["policy", "check", &p.display().to_string()]);
     assert_ne!(o.code, Some(0), "{}", o.describe());
     let all = format!("{}{}", o.stdout, o.stderr);
-    assert!(all.contains("broken.toml:5:12"), "no file:line:col:\n{}", o.describe());
+    assert!(
+        all.contains("broken.toml:5:12"),
+        "no file:line:col:\n{}",
+        o.describe()
+    );
 }
 
 /// Several error classes at once are all reported with their locations.
@@ -543,7 +635,14 @@ fn e2e_policy_check_failing_example() {
 #[test]
 fn e2e_policy_explain() {
     let p = repo_root().join("policies/default.toml");
-    let o = carapace(&["policy", "explain", &p.display().to_string(), "--", "/usr/bin/ls", "-la"]);
+    let o = carapace(&[
+        "policy",
+        "explain",
+        &p.display().to_string(),
+        "--",
+        "/usr/bin/ls",
+        "-la",
+    ]);
     ok(&o);
     let t = o.stdout.to_lowercase();
     for w in [
@@ -562,13 +661,27 @@ fn e2e_policy_explain() {
         assert!(t.contains(w), "explain lacks `{w}`:\n{}", o.stdout);
     }
     // A refused set-uid helper that exists on this host.
-    let suid = ["/usr/bin/su", "/usr/bin/passwd", "/usr/bin/mount", "/usr/bin/sudo"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap_or("/usr/bin/su");
-    let o = carapace(&["policy", "explain", &p.display().to_string(), "--", suid, "id"]);
+    let suid = [
+        "/usr/bin/su",
+        "/usr/bin/passwd",
+        "/usr/bin/mount",
+        "/usr/bin/sudo",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .unwrap_or("/usr/bin/su");
+    let o = carapace(&[
+        "policy",
+        "explain",
+        &p.display().to_string(),
+        "--",
+        suid,
+        "id",
+    ]);
     assert!(
-        format!("{}{}", o.stdout, o.stderr).to_lowercase().contains("deny"),
+        format!("{}{}", o.stdout, o.stderr)
+            .to_lowercase()
+            .contains("deny"),
         "{}",
         o.describe()
     );

@@ -211,7 +211,11 @@ fn escape_hardlink_host_file_into_workspace() {
     e.confined_blocked(e.confined("hardlink", &[&bin, WS]), &[SIGSYS]);
     let ino = fs::metadata(&e.attacks.bin).map(|m| m.ino()).unwrap_or(0);
     let linked = fs::metadata(e.ws().join("hardlink")).map(|m| m.ino()).ok();
-    assert_ne!(linked, Some(ino), "HOST CHECK: a hard link to the host file exists in the workspace");
+    assert_ne!(
+        linked,
+        Some(ino),
+        "HOST CHECK: a hard link to the host file exists in the workspace"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -369,7 +373,14 @@ fn escape_mknod_host_disk() {
 #[test]
 fn escape_raw_host_devices() {
     let Some(e) = Escape::new() else { return };
-    let devs = ["/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/mem", "/dev/kmsg", "/dev/port"];
+    let devs = [
+        "/dev/vda",
+        "/dev/sda",
+        "/dev/nvme0n1",
+        "/dev/mem",
+        "/dev/kmsg",
+        "/dev/port",
+    ];
     e.control_escapes(e.host("dev_disk", &devs));
     e.confined_blocked(e.confined("dev_disk", &devs), &[SIGSYS]);
 }
@@ -380,7 +391,10 @@ fn escape_raw_host_devices() {
 fn escape_setuid_plant_in_workspace() {
     let Some(e) = Escape::new() else { return };
     e.control_escapes(e.host("setuid_plant", &[&s(e.scratch.path())]));
-    let o = run(&mut e.confined("setuid_plant", &[WS]), Duration::from_secs(60));
+    let o = run(
+        &mut e.confined("setuid_plant", &[WS]),
+        Duration::from_secs(60),
+    );
     // HOST CHECK first: whatever the attack printed, no set-id file may exist on the host.
     let mut bad = Vec::new();
     if let Ok(rd) = fs::read_dir(e.ws()) {
@@ -418,7 +432,11 @@ fn escape_proc_sysrq_trigger() {
     if Path::new("/proc/sysrq-trigger").exists() {
         e.control_escapes(e.host("sysrq", &[]));
     } else {
-        control_info(&e, e.host("sysrq", &[]), "kernel without CONFIG_MAGIC_SYSRQ");
+        control_info(
+            &e,
+            e.host("sysrq", &[]),
+            "kernel without CONFIG_MAGIC_SYSRQ",
+        );
     }
     e.confined_blocked(e.confined("sysrq", &[]), &[SIGSYS]);
 }
@@ -543,8 +561,7 @@ fn received(g: &Got) -> Vec<String> {
 /// Wait (up to 3 s) until the control's token arrived, then forget everything received.
 fn control_received_then_clear(g: &Got, token: &str) {
     for _ in 0..300 {
-        if g
-            .lock()
+        if g.lock()
             .map(|v| v.iter().any(|t| t.contains(token)))
             .unwrap_or(false)
         {
@@ -572,7 +589,10 @@ fn tcp_attack(bind: &str, connect_to: &str) {
     control_received_then_clear(&got, &token);
     e.confined_blocked(e.confined("tcp4", &[connect_to, &port, &token]), &[SIGSYS]);
     let r = received(&got);
-    assert!(r.is_empty(), "HOST CHECK: the host listener got connections: {r:?}");
+    assert!(
+        r.is_empty(),
+        "HOST CHECK: the host listener got connections: {r:?}"
+    );
 }
 
 /// TCP to a listener on the host's loopback.
@@ -611,7 +631,10 @@ fn escape_tcp6_connect_host_loopback() {
             e.control_escapes(e.host("tcp6", &[&port, &token]));
             control_received_then_clear(&got, &token);
             e.confined_blocked(e.confined("tcp6", &[&port, &token]), &[SIGSYS]);
-            assert!(received(&got).is_empty(), "HOST CHECK: [::1] listener got a connection");
+            assert!(
+                received(&got).is_empty(),
+                "HOST CHECK: [::1] listener got a connection"
+            );
         }
         Err(x) => {
             eprintln!("CONTROL impossible: no IPv6 loopback on this host ({x}); confined run only");
@@ -651,7 +674,8 @@ fn escape_unix_socket_path() {
         }
         let p = PathBuf::from(dir).join(format!("{}.sock", unique("carapace")));
         let l = UnixListener::bind(&p).unwrap_or_else(|x| panic!("bind {}: {x}", p.display()));
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o777)).unwrap_or_else(|x| panic!("{x}"));
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o777))
+            .unwrap_or_else(|x| panic!("{x}"));
         let got = unix_sink(l);
         let token = unique("CARAPACE-NET");
         e.control_escapes(e.host("unix_path", &[&s(&p), &token]));
@@ -659,7 +683,12 @@ fn escape_unix_socket_path() {
         let o = e.confined_blocked(e.confined("unix_path", &[&s(&p), &token]), &[SIGSYS]);
         let r = received(&got);
         let _ = fs::remove_file(&p);
-        assert!(r.is_empty(), "HOST CHECK: {} got a connection: {r:?}\n{}", p.display(), o.describe());
+        assert!(
+            r.is_empty(),
+            "HOST CHECK: {} got a connection: {r:?}\n{}",
+            p.display(),
+            o.describe()
+        );
     }
 }
 
@@ -676,7 +705,10 @@ fn escape_unix_socket_abstract() {
     control_received_then_clear(&got, &token);
     e.confined_blocked(e.confined("unix_abstract", &[&name, &token]), &[SIGSYS]);
     let r = received(&got);
-    assert!(r.is_empty(), "HOST CHECK: the abstract listener got a connection: {r:?}");
+    assert!(
+        r.is_empty(),
+        "HOST CHECK: the abstract listener got a connection: {r:?}"
+    );
 }
 
 simple!(
@@ -726,7 +758,10 @@ fn escape_python_tcp_connect() {
         &[&script, "inet", "127.0.0.1", &port, &token],
     );
     e.confined_blocked(c, &[SIGSYS]);
-    assert!(received(&got).is_empty(), "HOST CHECK: listener got a connection");
+    assert!(
+        received(&got).is_empty(),
+        "HOST CHECK: listener got a connection"
+    );
 }
 
 /// Python ctypes: unshare(CLONE_NEWUSER|CLONE_NEWNS) and mount through libc.
@@ -768,7 +803,10 @@ fn escape_process_vm_readv_host_process() {
     let m = Marker::spawn(e.attacks);
     let pid = m.pid.to_string();
     e.control_escapes(e.host("pvm_read", &[&pid, &m.addr, &m.token]));
-    e.confined_blocked(e.confined("pvm_read", &[&pid, &m.addr, &m.token]), &[SIGSYS]);
+    e.confined_blocked(
+        e.confined("pvm_read", &[&pid, &m.addr, &m.token]),
+        &[SIGSYS],
+    );
 }
 
 /// kill(SIGKILL) of a host process (control uses signal 0).
@@ -780,7 +818,10 @@ fn escape_kill_host_process() {
     e.control_escapes(e.host("kill", &[&pid, "0"]));
     e.confined_blocked(e.confined("kill", &[&pid, "9"]), &[SIGSYS]);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(m.alive(), "HOST CHECK: the marker was killed from the sandbox");
+    assert!(
+        m.alive(),
+        "HOST CHECK: the marker was killed from the sandbox"
+    );
 }
 
 /// kill(-1, SIGKILL). No control: on the host it would signal every process of that uid.
@@ -790,7 +831,10 @@ fn escape_kill_all_processes() {
     let mut m = Marker::spawn(e.attacks);
     e.confined_blocked(e.confined("kill_all", &[]), &[SIGSYS]);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(m.alive(), "HOST CHECK: the marker (same host uid) was killed by kill(-1)");
+    assert!(
+        m.alive(),
+        "HOST CHECK: the marker (same host uid) was killed by kill(-1)"
+    );
 }
 
 /// pidfd_open / pidfd_send_signal / pidfd_getfd on a host process.
@@ -837,7 +881,11 @@ fn escape_daemon_outlives_sandbox() {
         &mut e.host("daemonize", &[&s(e.scratch.path()), "1"]),
         Duration::from_secs(10),
     );
-    assert!(o.stdout.contains("BLOCKED daemon started"), "{}", o.describe());
+    assert!(
+        o.stdout.contains("BLOCKED daemon started"),
+        "{}",
+        o.describe()
+    );
     std::thread::sleep(Duration::from_millis(2500));
     assert!(
         e.scratch.path().join("daemon-alive").exists(),
@@ -866,7 +914,10 @@ fn mount_attack(fstype: &str, data: Option<&str>) {
     e.confined_blocked(e.confined("mount", &c), &[SIGSYS]);
     let ws = s(e.ws());
     let leaked = host_mounts_with(&ws);
-    assert!(leaked.is_empty(), "HOST CHECK: host mount table shows {leaked:?}");
+    assert!(
+        leaked.is_empty(),
+        "HOST CHECK: host mount table shows {leaked:?}"
+    );
 }
 
 /// mount(tmpfs).
@@ -892,7 +943,10 @@ fn host_mount_tmpfs(p: &Path) {
     let st = Command::new("mount")
         .args(["-t", "tmpfs", "carapace-test", &s(p)])
         .status();
-    assert!(st.is_ok_and(|s| s.success()), "cannot mount a tmpfs for the control");
+    assert!(
+        st.is_ok_and(|s| s.success()),
+        "cannot mount a tmpfs for the control"
+    );
 }
 
 /// umount2 of the sandbox's mounts (/, /usr, /proc, /workspace, /tmp, /dev).
@@ -918,11 +972,17 @@ fn escape_remount_readonly_writable() {
     fs::create_dir_all(&m).unwrap_or_else(|x| panic!("{x}"));
     let ok = Command::new("sh")
         .arg("-c")
-        .arg(format!("mount --bind '{0}' '{0}' && mount -o remount,bind,ro '{0}'", m.display()))
+        .arg(format!(
+            "mount --bind '{0}' '{0}' && mount -o remount,bind,ro '{0}'",
+            m.display()
+        ))
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "cannot make a read-only bind mount for the control");
-    let o = run(&mut e.host("remount_rw", &[&s(&m)]), Duration::from_secs(30));
+    let o = run(
+        &mut e.host("remount_rw", &[&s(&m)]),
+        Duration::from_secs(30),
+    );
     let _ = Command::new("umount").arg(&m).status();
     assert!(o.escaped(), "CONTROL: {}", o.describe());
     e.confined_blocked(e.confined("remount_rw", &["/usr"]), &[SIGSYS]);
@@ -1006,7 +1066,11 @@ simple!(
 #[test]
 fn escape_kernel_module_load() {
     let Some(e) = Escape::new() else { return };
-    control_info(&e, e.host("module", &[]), "kernel built without module support: ENOSYS");
+    control_info(
+        &e,
+        e.host("module", &[]),
+        "kernel built without module support: ENOSYS",
+    );
     e.confined_blocked(e.confined("module", &[]), &[SIGSYS]);
 }
 
@@ -1051,7 +1115,11 @@ simple!(
 #[test]
 fn escape_ioperm() {
     let Some(e) = Escape::new() else { return };
-    control_info(&e, e.host("iopl", &[]), "kernel without CONFIG_X86_IOPL_IOPERM: ENOSYS");
+    control_info(
+        &e,
+        e.host("iopl", &[]),
+        "kernel without CONFIG_X86_IOPL_IOPERM: ENOSYS",
+    );
     e.confined_blocked(e.confined("iopl", &[]), &[SIGSYS]);
 }
 
@@ -1201,7 +1269,10 @@ fn escape_controlling_tty() {
         });
     }
     e.confined_blocked(c, &[SIGSYS]);
-    assert!(tty_pending_input(&slave).is_empty(), "HOST CHECK: input injected");
+    assert!(
+        tty_pending_input(&slave).is_empty(),
+        "HOST CHECK: input injected"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1213,10 +1284,23 @@ fn escape_controlling_tty() {
 fn escape_x32_syscall() {
     let Some(e) = Escape::new() else { return };
     let o = run(&mut e.host("x32", &[]), Duration::from_secs(30));
-    assert!(o.signal.is_none(), "control: killed on the host: {}", o.describe());
+    assert!(
+        o.signal.is_none(),
+        "control: killed on the host: {}",
+        o.describe()
+    );
     let o = run(&mut e.confined("x32", &[]), Duration::from_secs(30));
-    assert!(o.stdout.contains("START x32"), "did not run: {}", o.describe());
-    assert_eq!(o.code, Some(128 + SIGSYS), "expected SIGSYS kill:\n{}", o.describe());
+    assert!(
+        o.stdout.contains("START x32"),
+        "did not run: {}",
+        o.describe()
+    );
+    assert_eq!(
+        o.code,
+        Some(128 + SIGSYS),
+        "expected SIGSYS kill:\n{}",
+        o.describe()
+    );
 }
 
 fn expect_sigsys(attack: &str) {
@@ -1225,7 +1309,12 @@ fn expect_sigsys(attack: &str) {
     let o = run(&mut e.confined(attack, &[]), Duration::from_secs(30));
     assert!(o.stdout.contains("START"), "did not run: {}", o.describe());
     assert!(!o.escaped(), "ESCAPE:\n{}", o.describe());
-    assert_eq!(o.code, Some(128 + SIGSYS), "expected SIGSYS kill:\n{}", o.describe());
+    assert_eq!(
+        o.code,
+        Some(128 + SIGSYS),
+        "expected SIGSYS kill:\n{}",
+        o.describe()
+    );
 }
 
 /// i386 ABI via int 0x80 (getpid) is killed.
@@ -1284,11 +1373,20 @@ fn escape_memory_bomb() {
     );
     let o = run(&mut c, Duration::from_secs(120));
     assert_confined_blocked(&o, &[SIGKILL]);
-    assert_eq!(o.code, Some(137), "expected an OOM kill (137):\n{}", o.describe());
+    assert_eq!(
+        o.code,
+        Some(137),
+        "expected an OOM kill (137):\n{}",
+        o.describe()
+    );
     let r = read_report(&report);
     let oom = r.get("oom_killed").or_else(|| r.get("oom"));
     assert_eq!(oom, Some(&serde_json::Value::Bool(true)), "report: {r}");
-    assert!(o.stderr.to_lowercase().contains("oom"), "stderr does not mention the OOM kill:\n{}", o.describe());
+    assert!(
+        o.stderr.to_lowercase().contains("oom"),
+        "stderr does not mention the OOM kill:\n{}",
+        o.describe()
+    );
 }
 
 /// Disk fill in the workspace: RLIMIT_FSIZE (256 MiB in the tool profile) stops one file.
@@ -1303,15 +1401,23 @@ fn escape_disk_fill_workspace() {
         assert!(v.contains("EFBIG"), "not stopped by RLIMIT_FSIZE: {v}");
         assert!(number_after(v, "after").unwrap_or(u64::MAX) <= 256, "{v}");
     }
-    let size = fs::metadata(e.ws().join("fill")).map(|m| m.len()).unwrap_or(0);
-    assert!(size <= 256 << 20, "HOST CHECK: {size} bytes in the workspace");
+    let size = fs::metadata(e.ws().join("fill"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        size <= 256 << 20,
+        "HOST CHECK: {size} bytes in the workspace"
+    );
 }
 
 /// Disk fill of /tmp: the tmpfs is full at its size (64 MiB in the tool profile).
 #[test]
 fn escape_disk_fill_tmp() {
     let Some(e) = Escape::new() else { return };
-    let o = e.confined_blocked(e.confined("tmp_fill", &["/tmp", "1024"]), &[SIGSYS, SIGXFSZ]);
+    let o = e.confined_blocked(
+        e.confined("tmp_fill", &["/tmp", "1024"]),
+        &[SIGSYS, SIGXFSZ],
+    );
     let v = o.verdict_line().unwrap_or("");
     assert!(v.contains("ENOSPC"), "not stopped by the tmpfs size: {v}");
     assert!(number_after(v, "after").unwrap_or(u64::MAX) <= 64, "{v}");
@@ -1322,7 +1428,11 @@ fn escape_disk_fill_tmp() {
 fn escape_spin_past_wall_time() {
     let Some(e) = Escape::new() else { return };
     let o = run(&mut e.confined("spin", &["60"]), Duration::from_secs(60));
-    assert!(o.stdout.contains("START spin"), "did not run: {}", o.describe());
+    assert!(
+        o.stdout.contains("START spin"),
+        "did not run: {}",
+        o.describe()
+    );
     assert!(!o.escaped(), "ESCAPE: {}", o.describe());
     assert_eq!(o.code, Some(EXIT_TIMEOUT), "{}", o.describe());
     assert!(
@@ -1330,4 +1440,89 @@ fn escape_spin_past_wall_time() {
         "took {:?} for a 3 s limit",
         o.elapsed
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// Added after the first run: more paths out
+
+/// ptrace of the sandbox's own child (PTRACE_TRACEME / PTRACE_SEIZE): a tracer rewriting
+/// syscalls after the seccomp check was a bypass on older kernels.
+#[test]
+fn escape_ptrace_own_child() {
+    let Some(e) = Escape::new() else { return };
+    e.control_escapes(e.host("ptrace_child", &[]));
+    e.confined_blocked(e.confined("ptrace_child", &[]), &[SIGSYS]);
+}
+
+/// No core dumps (core_dumps = false: RLIMIT_CORE hard 0): with core_pattern "core" a crash
+/// would write the sandbox's memory into the workspace; with "|helper" run a host helper.
+#[test]
+fn escape_core_dump() {
+    let Some(e) = Escape::new() else { return };
+    e.control_escapes(e.host("coredump", &[&s(e.scratch.path())]));
+    e.confined_blocked(e.confined("coredump", &[WS]), &[SIGSYS]);
+    let cores: Vec<String> = fs::read_dir(e.ws())
+        .map(|rd| {
+            rd.flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("core"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        cores.is_empty(),
+        "HOST CHECK: core files in the workspace: {cores:?}"
+    );
+}
+
+/// A SysV shared memory segment of the host is invisible (IPC namespace).
+#[test]
+fn escape_sysv_shm_host_segment() {
+    let Some(e) = Escape::new() else { return };
+    let key = (std::process::id() as i32) ^ 0x4341_0000;
+    // SAFETY: plain SysV IPC calls with valid arguments; the attached pointer is used only for
+    // a bounded copy into the fresh 4096-byte segment and detached again.
+    let id = unsafe {
+        let id = libc::shmget(key, 4096, libc::IPC_CREAT | libc::IPC_EXCL | 0o666);
+        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
+        let p = libc::shmat(id, std::ptr::null(), 0);
+        assert!(
+            p as isize != -1,
+            "shmat: {}",
+            std::io::Error::last_os_error()
+        );
+        let msg = b"CARAPACE-HOST-SEGMENT\0";
+        std::ptr::copy_nonoverlapping(msg.as_ptr(), p.cast::<u8>(), msg.len());
+        libc::shmdt(p);
+        id
+    };
+    let k = format!("{key}");
+    let c1 = run(&mut e.host("sysv_shm", &[&k]), Duration::from_secs(30));
+    let c2 = run(&mut e.confined("sysv_shm", &[&k]), Duration::from_secs(30));
+    // SAFETY: removing the segment created above; id is valid.
+    unsafe {
+        libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+    }
+    assert!(c1.escaped(), "CONTROL: {}", c1.describe());
+    assert_confined_blocked(&c2, &[SIGSYS]);
+}
+
+/// stdin redirected from a (world-writable) host file cannot be re-opened for writing through
+/// /proc/self/fd/0.
+#[test]
+fn escape_reopen_stdin_for_write() {
+    let Some(e) = Escape::new() else { return };
+    let f = e.scratch.path().join("stdin.txt");
+    fs::write(&f, "ORIGINAL\n").unwrap_or_else(|x| panic!("{x}"));
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap_or_else(|x| panic!("{x}"));
+    // Let the sandbox's host uid reach the file (the scratch dir is 0700).
+    fs::set_permissions(e.scratch.path(), fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|x| panic!("{x}"));
+    let mut h = e.host("reopen_stdin", &[]);
+    h.stdin(fs::File::open(&f).unwrap_or_else(|x| panic!("{x}")));
+    e.control_escapes(h);
+    let mut c = e.confined("reopen_stdin", &[]);
+    c.stdin(fs::File::open(&f).unwrap_or_else(|x| panic!("{x}")));
+    e.confined_blocked(c, &[SIGSYS]);
+    assert_eq!(fs::read_to_string(&f).unwrap_or_default(), "ORIGINAL\n");
 }
