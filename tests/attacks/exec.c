@@ -138,3 +138,33 @@ ATTACK(exec_ldso)
         *nl = 0;
     blocked("%s %s: %s", ld, p, out[0] ? out : "no output");
 }
+
+/* suid_exec PATH: run a set-uid-root program (the harness installs PATH = suid-whoami, which
+ * prints "ruid euid") and see whether the effective uid changed. nosuid + no_new_privs. */
+ATTACK(suid_exec)
+{
+    const char *path = arg_str(argc, argv, 1, "/usr/bin/su");
+    int p[2];
+    if (pipe(p) != 0)
+        blocked("pipe: %s", en());
+    pid_t c = fork();
+    if (c == 0) {
+        dup2(p[1], 1);
+        char *args[] = {(char *)path, NULL};
+        char *env[] = {NULL};
+        execve(path, args, env);
+        printf("exec failed: %s\n", en());
+        _exit(127);
+    }
+    close(p[1]);
+    char out[256] = "";
+    ssize_t n = read(p[0], out, sizeof out - 1);
+    out[n > 0 ? n : 0] = 0;
+    waitpid(c, NULL, 0);
+    unsigned ruid = 0, euid = 0;
+    if (sscanf(out, "%u %u", &ruid, &euid) != 2)
+        blocked("%s: %s", path, out);
+    if (euid != ruid)
+        escaped("set-uid exec changed the effective uid: ruid %u euid %u", ruid, euid);
+    blocked("set-uid bit ignored: ruid %u euid %u", ruid, euid);
+}

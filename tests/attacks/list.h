@@ -6,6 +6,7 @@ X(leaked_fds) X(leaked_env) X(open_by_handle) X(mknod) X(dev_disk) X(setuid_plan
 X(proc_sys_write) X(sysrq) X(sys_write) X(chroot) X(reopen_stdin)
 /* exec.c */
 X(exec_proof) X(exec_copy) X(exec_memfd) X(exec_memfd_execveat) X(mmap_exec) X(exec_ldso)
+X(suid_exec)
 /* net.c */
 X(tcp4) X(tcp6) X(udp4) X(unix_path) X(unix_abstract) X(raw) X(packet) X(netlink) X(vsock)
 X(socket_other)

@@ -182,6 +182,8 @@ pub struct Attacks {
     pub bin: PathBuf,
     /// `dir/rw-target`: a world-writable (0666) file inside the read-only attack mount.
     pub rw_target: PathBuf,
+    /// `dir/suid-whoami`: set-uid root, prints "ruid euid" (nothing else).
+    pub suid_whoami: PathBuf,
     /// `dir/python`: python attack scripts (copied from tests/attacks/*.py).
     pub py_dir: PathBuf,
 }
@@ -199,6 +201,8 @@ fn compile_attacks() -> Result<Attacks> {
             )
         })
         .collect();
+    let suid_src = src.join("suid/whoami.c");
+    files.push(suid_src.clone());
     files.sort();
     let mut h = DefaultHasher::new();
     for f in &files {
@@ -215,11 +219,12 @@ fn compile_attacks() -> Result<Attacks> {
     ));
     let out = Attacks {
         bin: dir.join("attack"),
+        suid_whoami: dir.join("suid-whoami"),
         rw_target: dir.join("rw-target"),
         py_dir: dir.join("python"),
         dir,
     };
-    if out.bin.is_file() && out.rw_target.is_file() {
+    if out.bin.is_file() && out.rw_target.is_file() && out.suid_whoami.is_file() {
         return Ok(out);
     }
     let tmp = PathBuf::from(format!("{}.tmp{}", out.dir.display(), std::process::id()));
@@ -227,7 +232,7 @@ fn compile_attacks() -> Result<Attacks> {
     fs::create_dir_all(tmp.join("python")).with_context(|| format!("mkdir {}", tmp.display()))?;
     let cfiles: Vec<&PathBuf> = files
         .iter()
-        .filter(|p| p.extension() == Some(OsStr::new("c")))
+        .filter(|p| p.extension() == Some(OsStr::new("c")) && **p != suid_src)
         .collect();
     let mut last_err = String::new();
     let mut built = false;
@@ -260,11 +265,27 @@ fn compile_attacks() -> Result<Attacks> {
             fs::copy(f, tmp.join("python").join(name))?;
         }
     }
+    // The set-uid-root helper only prints its ids (see tests/attacks/suid/whoami.c).
+    let o = Command::new("cc")
+        .args(["-O1", "-o"])
+        .arg(tmp.join("suid-whoami"))
+        .arg(&suid_src)
+        .output()
+        .context("run cc")?;
+    if !o.status.success() {
+        bail!(
+            "cannot compile {}: {}",
+            suid_src.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    fs::set_permissions(tmp.join("suid-whoami"), fs::Permissions::from_mode(0o4755))?;
     fs::write(tmp.join("rw-target"), "ORIGINAL\n")?;
     fs::set_permissions(tmp.join("rw-target"), fs::Permissions::from_mode(0o666))?;
     for d in [tmp.clone(), tmp.join("python")] {
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
     }
+    remove_stale_attack_dirs(&out.dir);
     match fs::rename(&tmp, &out.dir) {
         Ok(()) => {}
         // Another test process won the race: use its copy.
@@ -274,6 +295,31 @@ fn compile_attacks() -> Result<Attacks> {
         Err(e) => return Err(e).context(format!("rename to {}", out.dir.display())),
     }
     Ok(out)
+}
+
+/// Remove attack directories of older source versions (unused for an hour: no test process of
+/// that version can still be running).
+fn remove_stale_attack_dirs(current: &Path) {
+    let (Some(parent), Some(name)) = (current.parent(), current.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    let Some(prefix) = name.rsplit_once('-').map(|(p, _)| format!("{p}-")) else {
+        return;
+    };
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(3600));
+        if n.starts_with(&prefix) && *n != *name && old {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// The attack binary, compiled once per process (and cached across runs by source hash).

@@ -1526,3 +1526,15 @@ fn escape_reopen_stdin_for_write() {
     e.confined_blocked(c, &[SIGSYS]);
     assert_eq!(fs::read_to_string(&f).unwrap_or_default(), "ORIGINAL\n");
 }
+
+/// A set-uid-root program (visible in the sandbox) runs without privilege: nosuid mounts and
+/// no_new_privs. Control: the sandbox's host uid gains euid 0 with it on the host.
+#[test]
+fn escape_setuid_binary_exec() {
+    let Some(e) = Escape::new() else { return };
+    let w = s(&e.attacks.suid_whoami);
+    let mut h = e.host("suid_exec", &[&w]);
+    h.uid(SANDBOX_HOST_UID).gid(SANDBOX_HOST_UID);
+    e.control_escapes(h);
+    e.confined_blocked(e.confined("suid_exec", &[&w]), &[SIGSYS]);
+}
