@@ -1,6 +1,6 @@
 //! Entry point for the fuzz target (`fuzz/fuzz_targets/policy.rs`) and the corpus replay test.
 
-use crate::plan::SeccompAction;
+use crate::plan::{Plan, SeccompAction};
 use crate::seccomp::{ret_value, run_bpf, AUDIT_ARCH_X86_64, RET_KILL_PROCESS};
 use crate::{ExecRequest, Policy, Target};
 
@@ -26,6 +26,9 @@ pub fn policy_roundtrip(data: &[u8]) {
         .map(|s| s.to_string())
         .collect();
     for name in &names {
+        if let Ok(plan) = policy.compile(name, &Target { landlock_abi: 7 }) {
+            check_filter_matches_plan(&plan, &[[0; 6], [1, 0x5401, 0, 0, 0, 0], [u64::MAX; 6]]);
+        }
         for abi in 0..=7u8 {
             match policy.compile(name, &Target { landlock_abi: abi }) {
                 Ok(plan) => {
@@ -69,4 +72,31 @@ pub fn policy_roundtrip(data: &[u8]) {
         let _ = d.explain();
     }
     let _ = policy.run_tests();
+}
+
+/// The filter allows exactly what the plan says: every syscall listed in `allowed` is allowed
+/// for any arguments; a syscall neither allowed nor conditional is never allowed; a denied one
+/// gets its own action. (So `explain`, which prints these lists, cannot overstate the filter.)
+pub fn check_filter_matches_plan(plan: &Plan, arg_sets: &[[u64; 6]]) {
+    let sc = &plan.seccomp;
+    let allow = ret_value(SeccompAction::Allow);
+    for (name, nr) in crate::tables::all_syscalls() {
+        let Ok(nr) = i32::try_from(nr) else { continue };
+        let denied = sc.denied.iter().find(|(n, _)| n == name);
+        let allowed = sc.allowed.iter().any(|n| n == name);
+        let conditional = sc.conditional.iter().any(|(n, _)| n == name);
+        for args in arg_sets {
+            let got = run_bpf(&sc.program, nr, AUDIT_ARCH_X86_64, *args);
+            match (denied, allowed, conditional) {
+                (Some((_, action)), _, _) => assert_eq!(got, Some(ret_value(*action)), "{name}"),
+                (None, true, _) => assert_eq!(got, Some(allow), "{name} listed as allowed"),
+                (None, false, true) => assert!(got.is_some(), "{name}"),
+                (None, false, false) => assert_eq!(
+                    got,
+                    Some(ret_value(sc.default_action)),
+                    "{name} is not listed but gets a different verdict"
+                ),
+            }
+        }
+    }
 }

@@ -25,6 +25,11 @@ pub(crate) const SYSCALLS_NEWER: &[(&str, i64)] = &[
     ("open_tree_attr", 467),
 ];
 
+/// Every known x86_64 syscall (name, number).
+pub fn all_syscalls() -> impl Iterator<Item = (&'static str, i64)> {
+    SYSCALLS.iter().chain(SYSCALLS_NEWER).copied()
+}
+
 /// x86_64 number of a syscall name.
 pub fn syscall_nr(name: &str) -> Option<i64> {
     SYSCALLS

@@ -621,6 +621,7 @@ fn lower_profile(
     let mut proc = true;
     // Every destination, with where it was written, for the duplicate check.
     let mut dests: Vec<(PathBuf, Range<usize>)> = Vec::new();
+    let mut symlink_spans: Vec<(PathBuf, Range<usize>)> = Vec::new();
     let fs = p
         .filesystem
         .as_ref()
@@ -665,6 +666,16 @@ fn lower_profile(
                     "a specific directory or file",
                 );
             }
+            if path.starts_with("/proc") || path.starts_with("/sys") {
+                sink.err(
+                    &pspan,
+                    format!(
+                        "`{}` would expose the host's kernel interfaces inside the sandbox",
+                        path.display()
+                    ),
+                    "no binds of host /proc or /sys (the sandbox gets its own /proc: `proc = true`)",
+                );
+            }
             dests.push((path.clone(), pspan));
             mounts.push(MountSpec {
                 path,
@@ -700,6 +711,7 @@ fn lower_profile(
             }
         });
         if let (Some((path, pspan)), Some(target)) = (path, target) {
+            symlink_spans.push((path.clone(), pspan.clone()));
             dests.push((path.clone(), pspan));
             symlinks.push((path, target));
         }
@@ -784,6 +796,22 @@ fn lower_profile(
         }
     } else {
         dests.push((workspace.0.clone(), span.clone()));
+    }
+    // Symlinks are created last, in the new root: nothing may be mounted beneath one.
+    for (link, _) in &symlink_spans {
+        for (path, dspan) in &dests {
+            if path != link && path.starts_with(link) {
+                sink.err(
+                    dspan,
+                    format!(
+                        "`{}` is beneath the symlink `{}`",
+                        path.display(),
+                        link.display()
+                    ),
+                    "mounts beside symlinks, not beneath them (use the link's target path)",
+                );
+            }
+        }
     }
     let mut seen: BTreeMap<PathBuf, usize> = BTreeMap::new();
     for (path, dspan) in &dests {

@@ -823,3 +823,50 @@ fn default_profile_allows_what_real_tools_use() {
     );
     assert_eq!(run(&plan, "clone3", [0; 6]), ret_errno(libc::ENOSYS));
 }
+
+/// A syscall that is not allowed must not be let through by the argument conditions of another
+/// syscall's chain that it passes on its way through the filter (rules 2.. of a chain).
+#[test]
+fn conditions_of_one_syscall_never_allow_another() {
+    let plan = plan_of(DEFAULT, "tool");
+    let eperm = ret_errno(libc::EPERM);
+    for req in [
+        0x5401u64, 0x5402, 0x5413, 0x540F, 0x541B, 0x5451, 0x5450, 0x5421,
+    ] {
+        for bad in [
+            "ptrace",
+            "mount",
+            "bpf",
+            "setns",
+            "unshare",
+            "keyctl",
+            "perf_event_open",
+        ] {
+            for argi in 0..6 {
+                let mut args = [0u64; 6];
+                args[argi] = req;
+                assert_eq!(
+                    run(&plan, bad, args),
+                    eperm,
+                    "{bad} with arg{argi}={req:#x}"
+                );
+            }
+        }
+    }
+    for dom in [1u64, 2] {
+        assert_eq!(run(&plan, "ptrace", [dom, 0, 0, 0, 0, 0]), eperm);
+    }
+}
+
+#[test]
+fn filter_allows_exactly_what_the_plan_lists() {
+    let args = [
+        [0u64; 6],
+        [u64::MAX; 6],
+        [1, 0x5401, 0, 0, 0, 0],
+        [2, 0x5412, 0x1000_0000, 0, 0, 0],
+        [0x1_0000_0001, 0x1_0000_5401, 0, 0, 0, 0],
+    ];
+    carapace_policy::fuzz::check_filter_matches_plan(&plan_of(DEFAULT, "tool"), &args);
+    carapace_policy::fuzz::check_filter_matches_plan(&plan_of(EXTENDS, "leaf"), &args);
+}

@@ -461,3 +461,26 @@ fn bad_globs_and_approvals() {
     );
     expect_err(&text, "unknown access `everything`", "\"everything\"");
 }
+
+#[test]
+fn host_kernel_interfaces_and_mounts_beneath_symlinks() {
+    let text = policy(
+        "[profiles.p.filesystem]\nmounts = [{ path = \"/proc/1\", access = \"read\" }]",
+        "",
+    );
+    expect_err(&text, "host's kernel interfaces", "\"/proc/1\"");
+    let text = policy(
+        "[profiles.p.filesystem]\nmounts = [{ path = \"/sys\", access = \"read\" }]",
+        "",
+    );
+    expect_err(&text, "host's kernel interfaces", "\"/sys\"");
+    let text = policy(
+        "[profiles.p.filesystem]\nsymlinks = [{ path = \"/bin\", target = \"usr/bin\" }]\nmounts = [{ path = \"/bin/x\", access = \"read\" }]",
+        "",
+    );
+    expect_err(&text, "beneath the symlink `/bin`", "\"/bin/x\"");
+    ok(&policy(
+        "[profiles.p.filesystem]\nsymlinks = [{ path = \"/bin\", target = \"usr/bin\" }]\nmounts = [{ path = \"/binx\", access = \"read\" }]",
+        "",
+    ));
+}
