@@ -329,6 +329,42 @@ fn e2e_signal_exit_code() {
     assert_eq!(o.code, Some(143), "{}", o.describe());
 }
 
+/// A program that SIGKILLs itself: 137.
+#[test]
+fn e2e_self_sigkill_exit_code() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.exec(
+            Some(&p),
+            "/usr/bin/python3",
+            &[
+                "-c",
+                "import os, signal; os.kill(os.getpid(), signal.SIGKILL); print('survived')",
+            ],
+        ),
+        T,
+    );
+    assert_eq!(o.code, Some(137), "{}", o.describe());
+    assert!(!o.stdout.contains("survived"), "{}", o.describe());
+}
+
+/// abort(): SIGABRT, 134 (not a SIGSEGV from glibc's fallback when SIGABRT is ignored).
+#[test]
+fn e2e_abort_exit_code() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.exec(
+            Some(&p),
+            "/usr/bin/python3",
+            &["-c", "import os; os.abort()"],
+        ),
+        T,
+    );
+    assert_eq!(o.code, Some(134), "{}", o.describe());
+}
+
 // ------------------------------------------------------------------------------------------
 // Timeouts, supervisor death, limits
 
