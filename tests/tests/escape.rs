@@ -1538,3 +1538,60 @@ fn escape_setuid_binary_exec() {
     e.control_escapes(h);
     e.confined_blocked(e.confined("suid_exec", &[&w]), &[SIGSYS]);
 }
+
+// ------------------------------------------------------------------------------------------
+// The suite's own premise
+
+fn confinement_section(policy: &Path, argv: &[&str], attack_dir: &str) -> (Vec<String>, usize) {
+    let mut c = Command::new(carapace_bin());
+    c.args(["policy", "explain"])
+        .arg(policy)
+        .arg("--")
+        .args(argv);
+    let o = run(&mut c, Duration::from_secs(30));
+    assert_eq!(o.code, Some(0), "explain failed:\n{}", o.describe());
+    let start = o
+        .stdout
+        .lines()
+        .position(|l| l.starts_with("confinement"))
+        .unwrap_or_else(|| panic!("no confinement section:\n{}", o.stdout));
+    let mut dir_lines = 0;
+    let lines = o
+        .stdout
+        .lines()
+        .skip(start + 1)
+        .filter(|l| {
+            let hit = l.contains(attack_dir);
+            dir_lines += usize::from(hit);
+            !hit
+        })
+        .map(|l| l.replace("profile `escape_wall`", "profile `tool`"))
+        .map(|l| l.replace("profile `escape`", "profile `tool`"))
+        .collect();
+    (lines, dir_lines)
+}
+
+/// The attacks run under exactly the default `tool` confinement plus the read-exec mount of the
+/// attack directory (and its Landlock rule): compared on `policy explain`, which is rendered
+/// from the same compiled plan that is applied. The spin attack's profile differs only in the
+/// wall time.
+#[test]
+fn escape_suite_runs_under_the_default_tool_profile() {
+    let Some(e) = Escape::new() else { return };
+    let dir = s(&e.attacks.dir);
+    let default = repo_root().join("policies/default.toml");
+    let (tool, n) = confinement_section(&default, &["/usr/bin/ls"], &dir);
+    assert_eq!(n, 0);
+    let (esc, n) = confinement_section(&e.policy, &[&s(&e.attacks.bin), "bpf"], &dir);
+    assert_eq!(n, 2, "expected the mount and its Landlock rule for {dir}");
+    assert_eq!(
+        esc, tool,
+        "the escape profile differs from tool beyond the attack mount"
+    );
+    let (wall, _) = confinement_section(&e.policy, &[&s(&e.attacks.bin), "spin", "60"], &dir);
+    let diff: Vec<(&String, &String)> = wall.iter().zip(&tool).filter(|(a, b)| a != b).collect();
+    assert!(
+        wall.len() == tool.len() && diff.len() == 1 && diff[0].0.contains("wall time: 3000 ms"),
+        "escape_wall must differ from tool only in its 3 s wall time: {diff:?}"
+    );
+}
