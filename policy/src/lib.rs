@@ -15,6 +15,7 @@ pub mod fuzz;
 mod gen_tables;
 mod model;
 pub mod plan;
+mod schema;
 mod seccomp;
 mod source;
 pub mod tables;
@@ -22,6 +23,8 @@ mod units;
 mod validate;
 
 use std::fmt;
+
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 pub use plan::Plan;
@@ -213,32 +216,49 @@ impl Policy {
     /// Parse and validate. `file` is only used in diagnostics.
     pub fn parse(text: &str, file: &str) -> Result<Policy, Diagnostics> {
         let src = Source::new(text, file);
-        let raw: model::RawPolicy = match toml::from_str(text) {
+        let to_diag = |e: &toml::de::Error| {
+            let span = e.span().unwrap_or(0..0);
+            let (msg, expected) = split_expected(e.message());
+            let msg = if msg.starts_with("unknown field") {
+                msg.replacen("unknown field", "unknown key", 1)
+            } else {
+                msg
+            };
+            let mut d = src.diag(&span, msg, None);
+            d.expected = expected
+                .or_else(|| Some("valid TOML in the policy format (see docs/policy.md)".into()));
+            d
+        };
+        // 1. TOML syntax, with recovery so that every syntax error is reported.
+        let (mut doc, syntax) = toml::de::DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            return Err(finish(syntax.iter().map(to_diag).collect()));
+        }
+        // 2. Shape: every unknown key and wrong type; the document is repaired so that the
+        //    semantic checks below still run and report the file's other errors too.
+        let mut shape = Sink::new(&src);
+        schema::check_and_repair(&mut doc, &mut shape);
+        let shape_errors = shape.diags;
+        // 3. serde into the spanned model.
+        let raw = match model::RawPolicy::deserialize(toml::de::Deserializer::from(doc)) {
             Ok(r) => r,
             Err(e) => {
-                let span = e.span().unwrap_or(0..0);
-                let (msg, expected) = split_expected(e.message());
-                let msg = if msg.starts_with("unknown field") {
-                    msg.replacen("unknown field", "unknown key", 1)
-                } else {
-                    msg
-                };
-                let mut d = src.diag(&span, msg, None);
-                d.expected = expected.or_else(|| {
-                    Some("valid TOML in the policy format (see docs/policy.md)".into())
-                });
-                return Err(Diagnostics(vec![d]));
+                let mut all = shape_errors;
+                all.push(to_diag(&e));
+                return Err(finish(all));
             }
         };
+        // 4. Semantics. Errors at the exact place of a shape error come from its placeholder.
         let mut sink = Sink::new(&src);
         let model = validate::validate(raw, &mut sink);
-        let mut diags = sink.diags;
-        if !diags.is_empty() {
-            diags.sort_by(|a, b| {
-                (a.line, a.column, &a.message).cmp(&(b.line, b.column, &b.message))
-            });
-            diags.dedup();
-            return Err(Diagnostics(diags));
+        sink.diags.retain(|d| {
+            !shape_errors
+                .iter()
+                .any(|s| (s.line, s.column) == (d.line, d.column))
+        });
+        sink.diags.extend(shape_errors);
+        if !sink.diags.is_empty() {
+            return Err(finish(sink.diags));
         }
         Ok(Policy {
             text: text.to_string(),
@@ -359,6 +379,14 @@ impl Policy {
     pub fn file(&self) -> &str {
         &self.file
     }
+}
+
+/// Sort diagnostics by location and drop exact duplicates (a parent's error seen through
+/// several children).
+fn finish(mut diags: Vec<Diagnostic>) -> Diagnostics {
+    diags.sort_by(|a, b| (a.line, a.column, &a.message).cmp(&(b.line, b.column, &b.message)));
+    diags.dedup();
+    Diagnostics(diags)
 }
 
 /// Match argv[1..] against per-element patterns; `**` matches zero or more elements.

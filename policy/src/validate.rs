@@ -204,12 +204,18 @@ pub(crate) fn validate(raw: RawPolicy, sink: &mut Sink<'_>) -> Validated {
         })
         .collect();
     for (name, (kspan, _, p)) in &raw_profiles {
-        if p.why.is_none() {
-            sink.err(
+        match &p.why {
+            None => sink.err(
                 kspan,
                 format!("missing required key `why` in profile `{name}`"),
                 "why = \"...\": a sentence saying what the profile is for",
-            );
+            ),
+            Some(w) if w.get_ref().trim().is_empty() => sink.err(
+                &w.span(),
+                format!("empty `why` in profile `{name}`"),
+                "a sentence saying what the profile is for",
+            ),
+            Some(_) => {}
         }
         if name.is_empty()
             || !name
@@ -1222,7 +1228,16 @@ fn lower_rule(
         &what,
         "why = \"...\": a sentence saying why the rule exists",
     )
-    .map(|w| w.get_ref().clone());
+    .map(|w| {
+        if w.get_ref().trim().is_empty() {
+            sink.err(
+                &w.span(),
+                format!("empty `why` in {what}"),
+                "a sentence saying why the rule exists",
+            );
+        }
+        w.get_ref().clone()
+    });
     let approval = required(
         sink,
         &r.approval,

@@ -138,6 +138,11 @@ fn missing_required_keys() {
             .unwrap_or_else(|| panic!("no missing `{key}` in {errs:#?}"));
         assert_eq!((d.line, d.column), (4, 1), "{d:?}");
     }
+    // an empty why is no why
+    let text = policy("", "").replace("why = \"test rule\"", "why = \" \"");
+    expect_err(&text, "empty `why` in [[exec]] rule #1", "\" \"");
+    let text = policy("", "").replace("why = \"test profile\"", "why = \"\"");
+    expect_err(&text, "empty `why` in profile `p`", "\"\"");
     // a deny rule may omit the profile
     ok("version = 1\n[[exec]]\nwhy = \"no\"\nprogram = \"/usr/bin/su\"\napproval = \"deny\"\n");
 }
@@ -483,4 +488,63 @@ fn host_kernel_interfaces_and_mounts_beneath_symlinks() {
         "[profiles.p.filesystem]\nsymlinks = [{ path = \"/bin\", target = \"usr/bin\" }]\nmounts = [{ path = \"/binx\", access = \"read\" }]",
         "",
     ));
+}
+
+#[test]
+fn every_unknown_key_and_wrong_type_is_reported_at_once() {
+    let text = policy(
+        "colour = 1\nhostname = 7\n[profiles.p.limits]\nmemroy = \"1GiB\"\ncore_dumps = \"no\"\n[profiles.p.seccomp]\nallow = [\"read\", 3]",
+        "",
+    )
+    .replace("approval = \"allow\"", "approval = \"allow\"\nfrobnicate = true");
+    let errs = errors(&text);
+    let msgs: Vec<&str> = errs.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(errs.len(), 6, "{msgs:#?}");
+    for (needle, marker) in [
+        ("unknown key `colour`", "colour"),
+        ("invalid type: integer for `hostname`", "7"),
+        ("unknown key `memroy`", "memroy"),
+        ("invalid type: string for `core_dumps`", "\"no\""),
+        ("invalid type: integer for `allow`", "3]"),
+        ("unknown key `frobnicate`", "frobnicate"),
+    ] {
+        expect_err(&text, needle, marker);
+    }
+}
+
+#[test]
+fn every_toml_syntax_error_is_reported() {
+    let text = "version = 1\n[profiles.p\nwhy = \"x\"\n[[exec]]\nwhy = \nprogram = \"/a\"\n";
+    let errs = errors(text);
+    assert!(errs.len() >= 2, "{errs:#?}");
+    assert!(errs.iter().any(|d| d.line == 2), "{errs:#?}");
+    assert!(errs.iter().any(|d| d.line == 5), "{errs:#?}");
+}
+
+#[test]
+fn shape_errors_and_semantic_errors_are_reported_together() {
+    let text = "version = 1\n[profiles.p]\nwhy = 3\ncolour = 1\nuser = { uid = -1 }\n[profiles.p.limits]\nmemory = \"0\"\n[[exec]]\nwhy = \"x\"\nprogram = \"ls\"\nprofile = \"q\"\napproval = \"allow\"\n[[exec]]\n";
+    let errs = errors(text);
+    let msgs: Vec<&str> = errs.iter().map(|d| d.message.as_str()).collect();
+    for needle in [
+        "invalid type: integer for `why`",
+        "unknown key `colour`",
+        "integer -1 out of range for `uid`",
+        "impossible memory limit",
+        "bad path `ls`",
+        "profile `q`, which does not exist",
+        "missing required key `approval` in [[exec]] rule #2",
+    ] {
+        assert!(
+            msgs.iter().any(|m| m.contains(needle)),
+            "no {needle:?} in {msgs:#?}"
+        );
+    }
+    // The placeholder standing in for `why = 3` causes no second error (no "missing why").
+    assert!(
+        !msgs
+            .iter()
+            .any(|m| m.contains("missing required key `why` in profile")),
+        "{msgs:#?}"
+    );
 }

@@ -1,0 +1,304 @@
+//! The shape of a policy file (which keys exist, what type each value has), checked on the
+//! spanned TOML document *before* serde runs, so that every unknown key and every wrong type in
+//! a file is reported at once instead of serde's first one. It mirrors `model.rs`; a test keeps
+//! the two in step (every key of the schema is accepted by serde and the reverse).
+
+use std::ops::Range;
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::source::Sink;
+
+/// Expected shape of one value.
+#[derive(Debug)]
+pub(crate) enum Kind {
+    Str,
+    /// An integer from 0 to 4294967295.
+    U32,
+    Bool,
+    /// An integer or a string (sizes, durations, modes, version).
+    IntOrStr,
+    /// An integer or a float (cpu cores).
+    Number,
+    Array(&'static Kind),
+    /// A table with these keys only.
+    Table(&'static [(&'static str, Kind)]),
+    /// A table with any keys, each value of this kind.
+    Map(&'static Kind),
+}
+
+use Kind::*;
+
+const USER: Kind = Table(&[("uid", U32), ("gid", U32)]);
+const NAMESPACES: Kind = Table(&[
+    ("user", Bool),
+    ("pid", Bool),
+    ("mount", Bool),
+    ("ipc", Bool),
+    ("uts", Bool),
+    ("net", Bool),
+    ("cgroup", Bool),
+]);
+const MOUNT: Kind = Table(&[
+    ("path", Str),
+    ("access", Str),
+    ("optional", Bool),
+    ("why", Str),
+]);
+const SYMLINK: Kind = Table(&[("path", Str), ("target", Str), ("why", Str)]);
+const TMPFS: Kind = Table(&[
+    ("path", Str),
+    ("size", IntOrStr),
+    ("mode", IntOrStr),
+    ("exec", Bool),
+    ("why", Str),
+]);
+const WORKSPACE: Kind = Table(&[("path", Str), ("access", Str), ("why", Str)]);
+const FILESYSTEM: Kind = Table(&[
+    ("mounts", Array(&MOUNT)),
+    ("symlinks", Array(&SYMLINK)),
+    ("tmpfs", Array(&TMPFS)),
+    ("workspace", WORKSPACE),
+    ("proc", Bool),
+]);
+const NETWORK: Kind = Table(&[("mode", Str)]);
+const LIMITS: Kind = Table(&[
+    ("memory", IntOrStr),
+    ("pids", IntOrStr),
+    ("cpu", Number),
+    ("wall_time", IntOrStr),
+    ("open_files", IntOrStr),
+    ("file_size", IntOrStr),
+    ("core_dumps", Bool),
+    ("processes", IntOrStr),
+]);
+const LANDLOCK: Kind = Table(&[("min_abi", IntOrStr)]);
+const DENY: Kind = Table(&[
+    ("syscall", Str),
+    ("action", Str),
+    ("errno", Str),
+    ("why", Str),
+]);
+const SECCOMP: Kind = Table(&[
+    ("default_action", Str),
+    ("errno", Str),
+    ("allow", Array(&Str)),
+    ("deny", Array(&DENY)),
+    ("socket_domains", Array(&Str)),
+    ("ioctl_requests", Array(&Str)),
+    ("clone_deny_flags", Array(&Str)),
+]);
+const ENVIRONMENT: Kind = Table(&[("pass", Array(&Str)), ("set", Map(&Str))]);
+const PROFILE: Kind = Table(&[
+    ("why", Str),
+    ("extends", Str),
+    ("hostname", Str),
+    ("user", USER),
+    ("namespaces", NAMESPACES),
+    ("filesystem", FILESYSTEM),
+    ("network", NETWORK),
+    ("limits", LIMITS),
+    ("landlock", LANDLOCK),
+    ("seccomp", SECCOMP),
+    ("environment", ENVIRONMENT),
+]);
+const EXEC: Kind = Table(&[
+    ("why", Str),
+    ("program", Str),
+    ("programs", Array(&Str)),
+    ("args", Array(&Str)),
+    ("profile", Str),
+    ("approval", Str),
+]);
+const TEST: Kind = Table(&[
+    ("command", Array(&Str)),
+    ("expect", Str),
+    ("profile", Str),
+    ("why", Str),
+]);
+/// The whole file.
+pub(crate) const POLICY: Kind = Table(&[
+    ("version", U32),
+    ("profiles", Map(&PROFILE)),
+    ("exec", Array(&EXEC)),
+    ("test", Array(&TEST)),
+]);
+
+fn type_name(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "string",
+        DeValue::Integer(_) => "integer",
+        DeValue::Float(_) => "float",
+        DeValue::Boolean(_) => "boolean",
+        DeValue::Datetime(_) => "datetime",
+        DeValue::Array(_) => "array",
+        DeValue::Table(_) => "table",
+    }
+}
+
+fn expected(kind: &Kind) -> &'static str {
+    match kind {
+        Str => "a string",
+        U32 => "an integer from 0 to 4294967295",
+        Bool => "a boolean (true or false)",
+        IntOrStr => "an integer or a string",
+        Number => "a number",
+        Array(_) => "an array",
+        Table(_) | Map(_) => "a table",
+    }
+}
+
+fn type_ok(kind: &Kind, v: &DeValue<'_>) -> bool {
+    if let (U32, DeValue::Integer(i)) = (kind, v) {
+        let digits = i.as_str().replace('_', "");
+        return u32::from_str_radix(digits.trim_start_matches('+'), i.radix()).is_ok();
+    }
+    matches!(
+        (kind, v),
+        (Str, DeValue::String(_))
+            | (U32, DeValue::Integer(_))
+            | (Bool, DeValue::Boolean(_))
+            | (IntOrStr, DeValue::Integer(_) | DeValue::String(_))
+            | (Number, DeValue::Integer(_) | DeValue::Float(_))
+            | (Array(_), DeValue::Array(_))
+            | (Table(_) | Map(_), DeValue::Table(_))
+    )
+}
+
+/// A value of the right type that stands in for a wrongly typed one, so that validation can go
+/// on and report the file's other errors. Errors it causes are located exactly where the type
+/// error is, and are dropped in favour of it.
+fn placeholder(kind: &Kind) -> DeValue<'static> {
+    match kind {
+        Str | IntOrStr => DeValue::String(std::borrow::Cow::Borrowed("")),
+        Bool => DeValue::Boolean(false),
+        U32 | Number => match DeValue::parse("0") {
+            Ok(v) => v.into_inner(),
+            Err(_) => DeValue::Boolean(false),
+        },
+        Array(_) => DeValue::Array(toml::de::DeArray::new()),
+        Table(_) | Map(_) => DeValue::Table(DeTable::new()),
+    }
+}
+
+/// Check `doc` against `POLICY`, reporting every unknown key and wrong type; unknown keys are
+/// removed and wrongly typed values replaced by placeholders, so that the repaired document can
+/// go through serde and semantic validation. Returns the locations of the errors found.
+pub(crate) fn check_and_repair(doc: &mut Spanned<DeTable<'_>>, sink: &mut Sink<'_>) {
+    check_table(doc.get_mut(), &POLICY, "the top level", sink);
+}
+
+fn check_table(t: &mut DeTable<'_>, kind: &Kind, what: &str, sink: &mut Sink<'_>) {
+    match kind {
+        Table(fields) => {
+            let unknown: Vec<(String, Range<usize>)> = t
+                .iter()
+                .filter(|(k, _)| !fields.iter().any(|(name, _)| *name == k.get_ref().as_ref()))
+                .map(|(k, _)| (k.get_ref().to_string(), k.span()))
+                .collect();
+            for (key, span) in unknown {
+                let names: Vec<String> = fields.iter().map(|(n, _)| format!("`{n}`")).collect();
+                sink.err(
+                    &span,
+                    format!("unknown key `{key}` in {what}"),
+                    &format!("one of {}", names.join(", ")),
+                );
+                t.remove(key.as_str());
+            }
+            for (k, v) in t.iter_mut() {
+                let key: &str = k.get_ref();
+                if let Some((_, sub)) = fields.iter().find(|(name, _)| *name == key) {
+                    check_value(v, sub, key, sink);
+                }
+            }
+        }
+        Map(sub) => {
+            for (k, v) in t.iter_mut() {
+                check_value(v, sub, k.get_ref(), sink);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn check_value(v: &mut Spanned<DeValue<'_>>, kind: &Kind, key: &str, sink: &mut Sink<'_>) {
+    let span: Range<usize> = v.span();
+    if !type_ok(kind, v.get_ref()) {
+        sink.err(
+            &span,
+            match (kind, v.get_ref()) {
+                (U32, DeValue::Integer(i)) => format!("integer {i} out of range for `{key}`"),
+                (_, other) => format!("invalid type: {} for `{key}`", type_name(other)),
+            },
+            expected(kind),
+        );
+        *v = Spanned::new(span, placeholder(kind));
+        return;
+    }
+    match (kind, v.get_mut()) {
+        (Array(sub), DeValue::Array(items)) => {
+            for item in items.iter_mut() {
+                check_value(item, sub, key, sink);
+            }
+        }
+        (Table(_) | Map(_), DeValue::Table(t)) => {
+            check_table(t, kind, &format!("`{key}`"), sink);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+    use serde::de::DeserializeOwned;
+
+    /// The keys serde's `deny_unknown_fields` lists for `T`.
+    fn serde_keys<T: DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
+        let err = match toml::from_str::<T>("zzz_not_a_key = 1") {
+            Ok(v) => panic!("accepted an unknown key: {v:?}"),
+            Err(e) => e.message().to_string(),
+        };
+        let tail = err.split("expected").nth(1).unwrap_or_default();
+        let mut keys: Vec<String> = tail
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    fn schema_keys(kind: &Kind) -> Vec<String> {
+        let Table(fields) = kind else {
+            panic!("not a table")
+        };
+        let mut keys: Vec<String> = fields.iter().map(|(n, _)| n.to_string()).collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn schema_matches_the_serde_model() {
+        assert_eq!(schema_keys(&POLICY), serde_keys::<RawPolicy>());
+        assert_eq!(schema_keys(&PROFILE), serde_keys::<RawProfile>());
+        assert_eq!(schema_keys(&USER), serde_keys::<RawUser>());
+        assert_eq!(schema_keys(&NAMESPACES), serde_keys::<RawNamespaces>());
+        assert_eq!(schema_keys(&FILESYSTEM), serde_keys::<RawFilesystem>());
+        assert_eq!(schema_keys(&MOUNT), serde_keys::<RawMount>());
+        assert_eq!(schema_keys(&SYMLINK), serde_keys::<RawSymlink>());
+        assert_eq!(schema_keys(&TMPFS), serde_keys::<RawTmpfs>());
+        assert_eq!(schema_keys(&WORKSPACE), serde_keys::<RawWorkspace>());
+        assert_eq!(schema_keys(&NETWORK), serde_keys::<RawNetwork>());
+        assert_eq!(schema_keys(&LIMITS), serde_keys::<RawLimits>());
+        assert_eq!(schema_keys(&LANDLOCK), serde_keys::<RawLandlock>());
+        assert_eq!(schema_keys(&SECCOMP), serde_keys::<RawSeccomp>());
+        assert_eq!(schema_keys(&DENY), serde_keys::<RawDeny>());
+        assert_eq!(schema_keys(&ENVIRONMENT), serde_keys::<RawEnvironment>());
+        assert_eq!(schema_keys(&EXEC), serde_keys::<RawExec>());
+        assert_eq!(schema_keys(&TEST), serde_keys::<RawTest>());
+    }
+}
