@@ -1595,3 +1595,48 @@ fn escape_suite_runs_under_the_default_tool_profile() {
         "escape_wall must differ from tool only in its 3 s wall time: {diff:?}"
     );
 }
+
+/// Cross-run symlink trick: run 1 plants `/workspace/sub -> <host dir>`; a later run given
+/// `--workspace <ws>/sub` (a path that looks like a subdirectory of the workspace, as a gateway
+/// picking a task directory would pass) must not bind the host directory behind the link, where
+/// the idmapped mount would give the sandbox the owner's (here root's) rights over its files.
+/// The victim is a scratch directory standing in for /etc.
+#[test]
+fn escape_workspace_symlink_planted_by_previous_run() {
+    let Some(e) = Escape::new() else { return };
+    let victim = e.scratch.path().join("victim");
+    fs::create_dir(&victim).unwrap_or_else(|x| panic!("{x}"));
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|x| panic!("{x}"));
+    fs::write(victim.join("file"), "ORIGINAL\n").unwrap_or_else(|x| panic!("{x}"));
+    // Run 1: the sandbox creates the link (its reads through it fail, as they should).
+    let o = run(
+        &mut e.confined("symlink_created", &[WS, &s(&victim), "ORIGINAL"]),
+        Duration::from_secs(60),
+    );
+    assert_confined_blocked(&o, &[SIGSYS]);
+    let link = e.ws().join("mine-abs");
+    assert!(
+        fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()),
+        "run 1 could not plant the link:\n{}",
+        o.describe()
+    );
+    // Run 2: the operator/gateway names the link as the workspace.
+    let planted = format!("{WS}/planted");
+    let mut c = carapace_exec(
+        Some(&e.policy),
+        &link,
+        &[],
+        &e.attacks.bin,
+        &["write_file", &planted],
+    );
+    let o = run(&mut c, Duration::from_secs(60));
+    let landed = victim.join("planted").exists();
+    assert!(
+        !landed,
+        "ESCAPE: a symlink planted by an earlier run redirected the next run's workspace to a \
+         host directory ({}), and the sandbox wrote into it as its owner:\n{}",
+        victim.display(),
+        o.describe()
+    );
+}
