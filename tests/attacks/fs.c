@@ -614,3 +614,16 @@ ATTACK(reopen_stdin)
     blocked("stdin is %s; reopen for writing: %s (for reading: %s)", t, errname(e),
             fd >= 0 ? "ok" : en());
 }
+
+/* plant_symlink LINK TARGET: create LINK -> TARGET and exit. Used where the damage is done by
+ * someone else following the link afterwards (carapace writing its --report-json file as
+ * root into the workspace); the test's host check decides. */
+ATTACK(plant_symlink)
+{
+    const char *link = arg_str(argc, argv, 1, "/workspace/report.json");
+    const char *target = arg_str(argc, argv, 2, "/etc/passwd");
+    unlink(link);
+    if (symlink(target, link) != 0)
+        blocked("symlink %s -> %s: %s", link, target, en());
+    blocked("planted %s -> %s; the host check decides", link, target);
+}

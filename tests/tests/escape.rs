@@ -1640,3 +1640,32 @@ fn escape_workspace_symlink_planted_by_previous_run() {
         o.describe()
     );
 }
+
+/// The report file: carapace writes `--report-json` as root after the program exits. When that
+/// path lies in the workspace, the program can replace it with a symlink to any host file
+/// during its run; carapace must not follow it (the victim is a scratch file standing in for
+/// /etc/passwd).
+#[test]
+fn escape_report_json_symlink_clobbers_host_file() {
+    let Some(e) = Escape::new() else { return };
+    let victim = e.scratch.path().join("victim");
+    fs::write(&victim, "ORIGINAL\n").unwrap_or_else(|x| panic!("{x}"));
+    let report = e.ws().join("report.json");
+    let mut c = carapace_exec(
+        Some(&e.policy),
+        e.ws(),
+        &["--report-json", &s(&report)],
+        &e.attacks.bin,
+        &["plant_symlink", "/workspace/report.json", &s(&victim)],
+    );
+    let o = run(&mut c, Duration::from_secs(60));
+    assert_confined_blocked(&o, &[SIGSYS]);
+    let now = fs::read_to_string(&victim).unwrap_or_default();
+    assert_eq!(
+        now,
+        "ORIGINAL\n",
+        "ESCAPE: carapace (root) followed a symlink the sandbox planted at the --report-json \
+         path and overwrote a host file:\n{}",
+        o.describe()
+    );
+}
