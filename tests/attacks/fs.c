@@ -6,6 +6,7 @@
 #include "attack.h"
 
 #include <sys/sysmacros.h>
+#include <sys/xattr.h>
 
 /* Reads PATH and checks that NEEDLE (if given) is in it. Returns 1 when read, 0 otherwise;
  * appends "path: ERRNO" to why on failure. */
@@ -626,4 +627,26 @@ ATTACK(plant_symlink)
     if (symlink(target, link) != 0)
         blocked("symlink %s -> %s: %s", link, target, en());
     blocked("planted %s -> %s; the host check decides", link, target);
+}
+
+/* file_caps WS: the xattr analogue of setuid_plant: give a file created in the workspace a
+ * `security.capability` xattr (file capabilities: full permitted set, effective bit), which a
+ * host exec of it would honour. Needs CAP_SETFCAP over the file's owner. */
+ATTACK(file_caps)
+{
+    const char *ws = arg_str(argc, argv, 1, "/workspace");
+    char p[4096];
+    snprintf(p, sizeof p, "%s/fcaps", ws);
+    unlink(p);
+    if (copy_file("/proc/self/exe", p, 0755) != 0)
+        blocked("create %s: %s", p, en());
+    /* struct vfs_cap_data, revision 2: magic_etc, then {permitted, inheritable} x 2 */
+    unsigned int cap[5] = {0x02000000 | 1 /* VFS_CAP_REVISION_2 | EFFECTIVE */, 0xffffffff, 0,
+                           0x1ff, 0};
+    if (setxattr(p, "security.capability", cap, sizeof cap, 0) == 0)
+        escaped("set security.capability (all capabilities) on %s", p);
+    int e = errno;
+    if (setxattr(p, "trusted.carapace", "x", 1, 0) == 0)
+        escaped("set a trusted.* xattr on %s", p);
+    blocked("security.capability: %s; trusted.*: %s", errname(e), en());
 }

@@ -3,7 +3,7 @@
 X(read_shadow) X(read_secret) X(dotdot) X(proc_root) X(symlink_planted) X(symlink_created)
 X(hardlink) X(write_file) X(write_host_tmp) X(reopen_rw) X(proc_self_exe) X(leaked_dirfd)
 X(leaked_fds) X(leaked_env) X(open_by_handle) X(mknod) X(dev_disk) X(setuid_plant)
-X(proc_sys_write) X(sysrq) X(sys_write) X(chroot) X(reopen_stdin) X(plant_symlink)
+X(proc_sys_write) X(sysrq) X(sys_write) X(chroot) X(reopen_stdin) X(plant_symlink) X(file_caps)
 /* exec.c */
 X(exec_proof) X(exec_copy) X(exec_memfd) X(exec_memfd_execveat) X(mmap_exec) X(exec_ldso)
 X(suid_exec)

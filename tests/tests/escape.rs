@@ -1669,3 +1669,30 @@ fn escape_report_json_symlink_clobbers_host_file() {
         o.describe()
     );
 }
+
+/// File capabilities (security.capability xattr) or trusted.* xattrs cannot be set on files in
+/// the workspace (they would be honoured by a later host exec).
+#[test]
+fn escape_file_capabilities_in_workspace() {
+    let Some(e) = Escape::new() else { return };
+    e.control_escapes(e.host("file_caps", &[&s(e.scratch.path())]));
+    e.confined_blocked(e.confined("file_caps", &[WS]), &[SIGSYS]);
+    let f = e.ws().join("fcaps");
+    let mut buf = [0u8; 64];
+    let name = c"security.capability";
+    let path = std::ffi::CString::new(s(&f)).unwrap_or_default();
+    // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(
+        n < 0,
+        "HOST CHECK: {} carries file capabilities",
+        f.display()
+    );
+}
