@@ -288,6 +288,152 @@ fn cgroup_costs(iters: usize) {
     );
 }
 
+/// `struct clone_args` of clone3(2), as far as we use it.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// How long it takes from clone until a child is in all its cgroups, two ways:
+/// (a) what `spawn` does today: clone, then the parent writes the pid into each cgroup.procs;
+/// (b) clone3(CLONE_INTO_CGROUP) into the v2 leaf + the child writing `0` to each v1 `tasks`
+///     (`Cgroup::join_fds` / `join_self_v1`), which avoids the global migration lock.
+/// A 30 ms pause between runs lets the kernel's rcu_sync state go idle, as it does between
+/// separate `carapace exec` invocations.
+fn attach_costs(iters: usize) {
+    use carapace_policy::plan::CgroupLimits;
+    use carapace_supervisor::cgroup::{join_self_v1, unique_name, Cgroup};
+    use std::os::fd::AsRawFd as _;
+    if !nix::unistd::geteuid().is_root() {
+        println!("attach costs: skipped (not root)");
+        return;
+    }
+    let limits = CgroupLimits {
+        memory_bytes: Some(512 << 20),
+        pids: Some(128),
+        cpu_millis: Some(1000),
+    };
+    let mut parent_write = Vec::new();
+    let mut born_in = Vec::new();
+    for i in 0..2 * iters {
+        std::thread::sleep(Duration::from_millis(30));
+        let cg = match Cgroup::create(&unique_name("attach"), &limits) {
+            Ok(cg) => cg,
+            Err(e) => {
+                println!("attach costs: {e}");
+                return;
+            }
+        };
+        let born = i % 2 == 1;
+        let join = match cg.join_fds() {
+            Ok(j) => j,
+            Err(e) => {
+                println!("attach costs: {e}");
+                return;
+            }
+        };
+        let v1 = join.v1_raw();
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array we pass.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            println!("attach costs: pipe2 failed");
+            return;
+        }
+        let mut args = CloneArgs {
+            exit_signal: libc::SIGCHLD as u64,
+            ..Default::default()
+        };
+        if born {
+            if let Some(d) = &join.v2_dir {
+                args.flags |= CLONE_INTO_CGROUP;
+                args.cgroup = d.as_raw_fd() as u64;
+            }
+        }
+        let t0 = Instant::now();
+        // SAFETY: clone3 without CLONE_VM behaves like fork (this bench is single-threaded);
+        // the child runs only async-signal-safe code (write, read, _exit) on its own copy of
+        // memory, and `v1` and `pipe` were set up before the clone.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if pid == 0 {
+            let mut b = 0u8;
+            // SAFETY: async-signal-safe syscalls on fds we own; the buffer is on our stack.
+            unsafe {
+                if born {
+                    let ok = u8::from(join_self_v1(&v1).is_ok());
+                    libc::write(pipe[1], (&ok as *const u8).cast(), 1);
+                } else {
+                    libc::read(pipe[0], (&mut b as *mut u8).cast(), 1);
+                }
+                libc::_exit(0);
+            }
+        }
+        if pid < 0 {
+            println!("attach costs: clone3: {}", std::io::Error::last_os_error());
+            return;
+        }
+        let pid = pid as libc::pid_t;
+        let mut ok = 1u8;
+        if born {
+            // SAFETY: reading one byte into a local from our pipe.
+            unsafe { libc::read(pipe[0], (&mut ok as *mut u8).cast(), 1) };
+        } else if let Err(e) = cg.add_process(pid) {
+            println!("attach costs: {e}");
+            ok = 0;
+        }
+        let took = t0.elapsed();
+        // SAFETY: release the child (if waiting), close our pipe ends, reap our own child.
+        unsafe {
+            libc::write(pipe[1], (&ok as *const u8).cast(), 1);
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        drop(join);
+        let _ = cg.remove();
+        if ok != 1 {
+            println!("attach costs: the child did not join its cgroup");
+            return;
+        }
+        if born {
+            born_in.push(took);
+        } else {
+            parent_write.push(took);
+        }
+    }
+    for (label, v) in [
+        (
+            "clone + parent writes cgroup.procs (spawn today)",
+            &parent_write,
+        ),
+        ("clone3 INTO_CGROUP + child v1 self-join", &born_in),
+    ] {
+        if let Some(s) = summarize(v) {
+            println!(
+                "attach: {label:<50} p50 {:>7.3} ms  p90 {:>7.3} ms  max {:>7.3} ms",
+                s.p50, s.p90, s.max
+            );
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let iters: usize = match std::env::var("BENCH_ITERS") {
         Ok(s) => match s.parse() {
@@ -468,6 +614,7 @@ fn main() -> ExitCode {
         );
     }
     cgroup_costs(iters);
+    attach_costs(iters.min(40));
     if ok {
         ExitCode::SUCCESS
     } else {
