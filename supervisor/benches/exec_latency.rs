@@ -225,6 +225,56 @@ fn sanity_check(v: &mut Variant) {
     }
 }
 
+/// In-process policy load + compile of the default policy (read, parse+validate, resolve the
+/// rule programs, compile every profile): the "< 5 ms" target, without process start.
+fn policy_costs(path: &Path, iters: usize) {
+    use carapace_policy::{Policy, Target};
+    let mut samples = Vec::new();
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("policy costs: cannot read {}: {e}", path.display());
+                return;
+            }
+        };
+        let mut policy = match Policy::parse(&text, &path.to_string_lossy()) {
+            Ok(p) => p,
+            Err(d) => {
+                println!("policy costs: {d}");
+                return;
+            }
+        };
+        policy.canonicalize_programs(|p| std::fs::canonicalize(p).ok());
+        let names: Vec<String> = policy
+            .profile_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for name in &names {
+            if let Err(d) = policy.compile(
+                name,
+                &Target {
+                    landlock_abi: u8::MAX,
+                },
+            ) {
+                println!("policy costs: {d}");
+                return;
+            }
+        }
+        samples.push(t0.elapsed());
+    }
+    if let Some(s) = summarize(&samples) {
+        println!(
+            "policy load+compile (in-process): p50 {:.3} ms, p99 {:.3} ms (target < 5 ms: {})",
+            s.p50,
+            s.p99,
+            if s.p99 < 5.0 { "met" } else { "MISSED" }
+        );
+    }
+}
+
 /// In-process cost of the cgroup part of one run (the default profile's limits): create,
 /// move a process in, kill_all, remove. Root only; the figures feed docs/benchmarks.md.
 fn cgroup_costs(iters: usize) {
@@ -613,6 +663,7 @@ fn main() -> ExitCode {
             if c < 5.0 { "met" } else { "MISSED" }
         );
     }
+    policy_costs(&policy, iters);
     cgroup_costs(iters);
     attach_costs(iters.min(40));
     if ok {
