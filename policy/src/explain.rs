@@ -154,6 +154,34 @@ pub(crate) fn explain(p: &Plan) -> String {
         let _ = writeln!(s, "  {path}: {}", rights(&r.rights));
     }
     let _ = writeln!(s, "  everything else: no access");
+    // What the plan proves about the kernel: min_abi is required; TCP rules exist only on ABI 4+,
+    // scoping only on ABI 6+.
+    let mut known = ll.min_abi;
+    if ll.deny_tcp {
+        known = known.max(4);
+    }
+    if ll.scope_abstract_unix || ll.scope_signals {
+        known = known.max(6);
+    }
+    for (abi, what) in [
+        (
+            1u8,
+            "reading, writing and executing files, listing and changing directories",
+        ),
+        (2, "renaming and linking files across directories"),
+        (3, "truncating files"),
+        (5, "ioctl on device files"),
+    ] {
+        if abi <= known {
+            let _ = writeln!(s, "  controlled (ABI {abi}): {what}");
+        } else {
+            let _ = writeln!(
+                s,
+                "  controlled only on kernels with Landlock ABI {abi}+ (the profile requires {}): {what}",
+                ll.min_abi
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "  TCP bind/connect: {}",
