@@ -275,6 +275,132 @@ fn policy_costs(path: &Path, iters: usize) {
     }
 }
 
+/// Cost of the default profile's seccomp filter: installing it (the kernel converts and JITs
+/// the whole program) and running a cheap allowed syscall under it, each in a fresh child.
+fn seccomp_costs(path: &Path, iters: usize) {
+    use carapace_policy::{Policy, Target};
+    use carapace_supervisor::seccomp;
+    const CALLS: u32 = 10_000;
+    let plan = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| Policy::parse(&t, "default").map_err(|d| d.to_string()))
+        .and_then(|p| {
+            let name = p.profile_names().first().map(|s| s.to_string());
+            let name = name.ok_or("no profile")?;
+            p.compile(
+                &name,
+                &Target {
+                    landlock_abi: u8::MAX,
+                },
+            )
+            .map_err(|d| d.to_string())
+        });
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            println!("seccomp costs: {e}");
+            return;
+        }
+    };
+    let Some(nr) = ["getppid", "getpid"]
+        .iter()
+        .find(|n| plan.seccomp.allowed.iter().any(|a| a == *n))
+        .map(|n| {
+            if *n == "getppid" {
+                libc::SYS_getppid
+            } else {
+                libc::SYS_getpid
+            }
+        })
+    else {
+        println!("seccomp costs: neither getppid nor getpid is allowed; skipped");
+        return;
+    };
+    let filter = match seccomp::prepare(&plan.seccomp.program) {
+        Ok(f) => f,
+        Err(e) => {
+            println!("seccomp costs: {e}");
+            return;
+        }
+    };
+    let guard = seccomp::setid_guard();
+    // Per child: [install ns, CALLS syscalls ns].
+    let run = |with_filter: bool| -> Option<[u64; 2]> {
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array we pass.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return None;
+        }
+        // SAFETY: this bench is single-threaded, so the forked child may run ordinary code;
+        // it only makes syscalls and exits with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let t0 = Instant::now();
+            // SAFETY: prctl with integer arguments.
+            let mut ok = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0;
+            if with_filter {
+                ok &= seccomp::child_install(&guard).is_ok();
+                ok &= seccomp::child_install(&filter).is_ok();
+            }
+            let t1 = Instant::now();
+            for _ in 0..CALLS {
+                // SAFETY: a syscall without arguments.
+                unsafe { libc::syscall(nr) };
+            }
+            let t2 = Instant::now();
+            let out: [u64; 2] = if ok {
+                [(t1 - t0).as_nanos() as u64, (t2 - t1).as_nanos() as u64]
+            } else {
+                [u64::MAX, u64::MAX]
+            };
+            // SAFETY: writing 16 bytes from a local array to our pipe, then exiting.
+            unsafe {
+                libc::write(pipe[1], out.as_ptr().cast(), 16);
+                libc::_exit(0);
+            }
+        }
+        let mut buf = [0u64; 2];
+        // SAFETY: reading into a local array, closing our pipe, reaping our child.
+        let n = unsafe {
+            libc::close(pipe[1]);
+            let n = libc::read(pipe[0], buf.as_mut_ptr().cast(), 16);
+            libc::close(pipe[0]);
+            if pid > 0 {
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            n
+        };
+        (n == 16 && buf[0] != u64::MAX).then_some(buf)
+    };
+    let mut load = Vec::new();
+    let (mut bare, mut filtered) = (Vec::new(), Vec::new());
+    for _ in 0..iters {
+        match (run(false), run(true)) {
+            (Some(b), Some(f)) => {
+                load.push(Duration::from_nanos(f[0].saturating_sub(b[0])));
+                bare.push(Duration::from_nanos(b[1]));
+                filtered.push(Duration::from_nanos(f[1]));
+            }
+            _ => {
+                println!("seccomp costs: a measuring child failed");
+                return;
+            }
+        }
+    }
+    if let (Some(l), Some(b), Some(f)) = (summarize(&load), summarize(&bare), summarize(&filtered))
+    {
+        println!(
+            "seccomp: {} BPF instructions; install (guard + filter) p50 {:.3} ms; \
+             syscall overhead p50 {:.0} ns per call ({:.0} ns bare, {:.0} ns filtered)",
+            plan.seccomp.program.len(),
+            l.p50,
+            (f.p50 - b.p50) * 1e6 / f64::from(CALLS),
+            b.p50 * 1e6 / f64::from(CALLS),
+            f.p50 * 1e6 / f64::from(CALLS)
+        );
+    }
+}
+
 /// In-process cost of the cgroup part of one run (the default profile's limits): create,
 /// move a process in, kill_all, remove. Root only; the figures feed docs/benchmarks.md.
 fn cgroup_costs(iters: usize) {
@@ -357,7 +483,7 @@ struct CloneArgs {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// How long it takes from clone until a child is in all its cgroups, two ways:
-/// (a) what `spawn` does today: clone, then the parent writes the pid into each cgroup.procs;
+/// (a) clone, then the parent writes the pid into each cgroup.procs (`add_process`);
 /// (b) clone3(CLONE_INTO_CGROUP) into the v2 leaf + the child writing `0` to each v1 `tasks`
 ///     (`Cgroup::join_fds` / `join_self_v1`), which avoids the global migration lock.
 /// A 30 ms pause between runs lets the kernel's rcu_sync state go idle, as it does between
@@ -473,7 +599,10 @@ fn attach_costs(iters: usize) {
             "clone + parent writes cgroup.procs (spawn today)",
             &parent_write,
         ),
-        ("clone3 INTO_CGROUP + child v1 self-join", &born_in),
+        (
+            "clone3 INTO_CGROUP + child v1 self-join (join_fds)",
+            &born_in,
+        ),
     ] {
         if let Some(s) = summarize(v) {
             println!(
@@ -664,6 +793,7 @@ fn main() -> ExitCode {
         );
     }
     policy_costs(&policy, iters);
+    seccomp_costs(&policy, iters.min(100));
     cgroup_costs(iters);
     attach_costs(iters.min(40));
     if ok {
