@@ -596,7 +596,7 @@ fn attach_costs(iters: usize) {
     }
     for (label, v) in [
         (
-            "clone + parent writes cgroup.procs (spawn today)",
+            "clone, then parent writes cgroup.procs (add_process)",
             &parent_write,
         ),
         (
