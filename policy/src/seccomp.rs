@@ -66,22 +66,33 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> BpfInsn {
     BpfInsn { code, jt, jf, k }
 }
 
+/// Why a seccomp filter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SeccompCompileError {
+    #[error("unknown syscall `{0}`")]
+    UnknownSyscall(String),
+    #[error("seccompiler: {0}")]
+    Backend(#[from] seccompiler::BackendError),
+    #[error("the filter has {0} instructions, more than the kernel's {BPF_MAXINSNS}")]
+    TooLarge(usize),
+}
+
 /// Build the seccomp part of a plan.
-pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, String> {
+pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, SeccompCompileError> {
     let denied: Vec<&str> = spec.deny.iter().map(|(n, _)| n.as_str()).collect();
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut allowed = Vec::new();
     let mut conditional = Vec::new();
-    let cond = |idx: u8, len: ArgLen, op: Op, v: u64| -> Result<SeccompRule, String> {
-        let c = Cond::new(idx, len, op, v).map_err(|e| e.to_string())?;
-        SeccompRule::new(vec![c]).map_err(|e| e.to_string())
+    let cond = |idx: u8, len: ArgLen, op: Op, v: u64| -> Result<SeccompRule, SeccompCompileError> {
+        let c = Cond::new(idx, len, op, v)?;
+        Ok(SeccompRule::new(vec![c])?)
     };
     for name in &spec.allow {
         if denied.contains(&name.as_str()) {
             continue; // deny entries win over the allowlist
         }
         let Some(nr) = tables::syscall_nr(name) else {
-            return Err(format!("unknown syscall `{name}`"));
+            return Err(SeccompCompileError::UnknownSyscall(name.clone()));
         };
         match name.as_str() {
             "socket" | "socketpair" => {
@@ -153,11 +164,8 @@ pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, String> {
         to_sc(spec.default_action),
         ScAction::Allow,
         TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
-    let body: BpfProgram = filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    )?;
+    let body: BpfProgram = filter.try_into()?;
 
     let mut program = vec![
         stmt(BPF_LD_W_ABS, 4),
@@ -170,9 +178,10 @@ pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, String> {
     let mut denied_out = Vec::new();
     for (name, action) in &spec.deny {
         let Some(nr) = tables::syscall_nr(name) else {
-            return Err(format!("unknown syscall `{name}`"));
+            return Err(SeccompCompileError::UnknownSyscall(name.clone()));
         };
-        let nr = u32::try_from(nr).map_err(|_| format!("bad syscall number for `{name}`"))?;
+        let nr =
+            u32::try_from(nr).map_err(|_| SeccompCompileError::UnknownSyscall(name.clone()))?;
         program.push(jump(BPF_JEQ_K, nr, 0, 1));
         program.push(stmt(BPF_RET_K, ret_value(*action)));
         denied_out.push((name.clone(), *action));
@@ -184,10 +193,7 @@ pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, String> {
         k: i.k,
     }));
     if program.len() > BPF_MAXINSNS {
-        return Err(format!(
-            "the seccomp filter has {} instructions, more than the kernel's {BPF_MAXINSNS}",
-            program.len()
-        ));
+        return Err(SeccompCompileError::TooLarge(program.len()));
     }
     Ok(SeccompPlan {
         program,
