@@ -7,6 +7,7 @@
 //! Environment:
 //! * `BENCH_ITERS` — measured runs per variant (default 200); 10 warm-up runs are discarded.
 //! * `CARAPACE_BIN` — the carapace binary (default: the one cargo built for this bench).
+//! * `CARAPACE_BIN_BASELINE` — optional second carapace build, timed in the same run (A/B).
 //! * `BENCH_POLICY` — policy file for the `policy check` figure (default: policies/default.toml).
 //!
 //! A variant whose command fails is reported with its exit status and stderr and left out of
@@ -661,6 +662,15 @@ fn main() -> ExitCode {
             variants.push(Variant::unavailable(check_label, e.clone()));
         }
     }
+    // Optional A/B: another carapace build (e.g. before a change), timed in the same run.
+    let baseline_label = "baseline: carapace exec";
+    if let Some(b) = std::env::var_os("CARAPACE_BIN_BASELINE") {
+        let b = b.to_string_lossy().to_string();
+        let mut v = Variant::new(baseline_label, &[&b, "exec", "--", "/bin/true"]);
+        v.cwd = Some(workspace.clone());
+        sanity_check(&mut v);
+        variants.push(v);
+    }
     let bwrap_label = "bwrap --unshare-all /bin/true";
     match find_in_path("bwrap") {
         Some(b) => {
@@ -785,6 +795,9 @@ fn main() -> ExitCode {
             );
         }
         _ => println!("ratio p50 carapace/bwrap = n/a"),
+    }
+    if let (Some(c), Some(b)) = (get(carapace_label), get(baseline_label)) {
+        println!("ratio p50 carapace/baseline = {:.2}", c / b);
     }
     if let Some(c) = get(check_label) {
         println!(
