@@ -436,7 +436,20 @@ fn exec(a: ExecArgs) -> i32 {
             return fail("approval refused", EXIT_DENIED);
         }
     }
-    let workspace = a.workspace.clone().unwrap_or_else(|| cwd.clone());
+    // Open the report file now, before the sandbox runs: the program could otherwise replace
+    // it (it may lie in the workspace) with a link to a host file that we, as root, would then
+    // overwrite. Links in any component are refused.
+    let report_file = match &a.report_json {
+        None => None,
+        Some(f) => match open_report(f) {
+            Ok(file) => Some(file),
+            Err(e) => return fail(&e, EXIT_SETUP),
+        },
+    };
+    let workspace = match &a.workspace {
+        Some(w) => cwd.join(w),
+        None => cwd.clone(),
+    };
     let opts = LaunchOptions {
         program: d.program.clone(),
         argv0: a.command.first().cloned().unwrap_or_default(),
@@ -445,6 +458,7 @@ fn exec(a: ExecArgs) -> i32 {
         run_as: a.run_as,
         env: std::env::vars_os().collect(),
     };
+    let t_prepare = std::time::Instant::now();
     let launch = match Launch::prepare(&plan, &opts, target.landlock_abi) {
         Ok(l) => l,
         Err(e) => {
@@ -467,6 +481,7 @@ fn exec(a: ExecArgs) -> i32 {
             target.landlock_abi
         );
     }
+    let t_cgroup = std::time::Instant::now();
     let cg = match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
@@ -474,11 +489,28 @@ fn exec(a: ExecArgs) -> i32 {
     if let Err(e) = crate::spawn::handle_termination_signals() {
         tracing::warn!("cannot handle termination signals: {e}");
     }
-    let result = launch
-        .spawn(Some(&cg))
-        .and_then(|r| r.wait(launch.wall_time(), Some(&cg)));
+    let t_spawn = std::time::Instant::now();
+    let mut t_started = t_spawn;
+    let result = launch.spawn(Some(&cg)).and_then(|r| {
+        t_started = std::time::Instant::now();
+        r.wait(launch.wall_time(), Some(&cg))
+    });
+    let t_exited = std::time::Instant::now();
     if let Err(e) = cg.remove() {
         tracing::warn!("removing the cgroup: {e}");
+    }
+    if a.verbose {
+        let ms =
+            |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_secs_f64() * 1e3;
+        eprintln!(
+            "carapace: timing: prepare {:.2}ms, cgroup create {:.2}ms, start (clone..execve) {:.2}ms, \
+             run {:.2}ms, cgroup remove {:.2}ms",
+            ms(t_prepare, t_cgroup),
+            ms(t_cgroup, t_spawn),
+            ms(t_spawn, t_started),
+            ms(t_started, t_exited),
+            ms(t_exited, std::time::Instant::now())
+        );
     }
     let report = match result {
         Ok(r) => r,
@@ -498,15 +530,56 @@ fn exec(a: ExecArgs) -> i32 {
     if a.report || a.verbose {
         eprintln!("{}", report.line());
     }
-    if let Some(f) = &a.report_json {
-        let text = format!("{}\n", report.json());
-        if let Err(e) = std::fs::write(f, text) {
-            eprintln!("carapace: cannot write the report to {}: {e}", f.display());
-        }
+    if let (Some(path), Some(file)) = (&a.report_json, report_file) {
+        write_report(path, file, &format!("{}\n", report.json()));
     }
     match interrupted {
         Some(sig) => 128 + sig,
         None => report.exit_code(),
+    }
+}
+
+/// Create/truncate the `--report-json` file, refusing symbolic links in every component.
+fn open_report(path: &Path) -> Result<std::fs::File, String> {
+    crate::fds::open_no_symlinks(
+        path,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+        0o644,
+    )
+    .map(std::fs::File::from)
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!(
+            "--report-json {}: a component of the path is a symbolic link; refused (give a \
+             path without links)",
+            path.display()
+        ),
+        _ => format!("--report-json {}: {e}", path.display()),
+    })
+}
+
+/// Write the report into the file opened before the run. If the sandbox replaced the file at
+/// that path meanwhile, the report goes to the original (now unlinked) file and we say so;
+/// we never follow what is at the path now.
+fn write_report(path: &Path, mut file: std::fs::File, text: &str) {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Err(e) = file.write_all(text.as_bytes()) {
+        eprintln!(
+            "carapace: cannot write the report to {}: {e}",
+            path.display()
+        );
+        return;
+    }
+    let same = match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    if !same {
+        eprintln!(
+            "carapace: warning: {} was replaced or removed while the program ran; the report \
+             was written to the original file only. Report: {}",
+            path.display(),
+            text.trim_end()
+        );
     }
 }
 

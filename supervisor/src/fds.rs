@@ -130,6 +130,55 @@ pub fn write_byte(fd: &OwnedFd, b: u8, what: &'static str) -> Result<(), FdError
     }
 }
 
+/// `struct open_how` for openat2(2).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+
+/// Open `path` (relative to the current directory if relative) refusing symlinks in EVERY
+/// component (`openat2` with RESOLVE_NO_SYMLINKS; ELOOP when one is met). Used for paths the
+/// sandbox may have been able to plant links in (the workspace, a report file inside it).
+pub fn open_no_symlinks(
+    path: &std::path::Path,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: u64::from(mode),
+        resolve: RESOLVE_NO_SYMLINKS,
+    };
+    // SAFETY: valid C string and open_how of the size passed; returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 succeeded; the fd is ours alone (fds fit in c_int).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The path an fd refers to, as the kernel names it (`/proc/self/fd/N`).
+pub fn fd_path(fd: &OwnedFd) -> io::Result<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 // ---- child side: raw, async-signal-safe, no allocation ----
 
 /// Child: read exactly one byte, retrying on EINTR. Returns the errno on failure, or 0 with
@@ -175,24 +224,30 @@ pub fn child_report(fd: RawFd, f: ChildFailure) {
     unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
 }
 
-/// Child: close every fd above 2 except `keep` (the exec-error pipe, which is CLOEXEC).
-pub fn child_close_all_but_stdio(keep: RawFd) -> Result<(), i32> {
-    let keep = keep as libc::c_uint;
-    let ranges: [(libc::c_uint, libc::c_uint); 2] = if keep >= 3 {
-        [(3, keep.saturating_sub(1)), (keep + 1, libc::c_uint::MAX)]
-    } else {
-        [(3, libc::c_uint::MAX), (1, 0)]
-    };
-    for (lo, hi) in ranges {
-        if lo > hi {
+/// Child: close every fd above 2 except those in `keep` (at most 2 of them: the exec-error
+/// pipe and the init's status pipe, both CLOEXEC).
+pub fn child_close_all_but_stdio(keep: [RawFd; 2]) -> Result<(), i32> {
+    let (a, b) = (keep[0].min(keep[1]), keep[0].max(keep[1]));
+    let mut lo: libc::c_uint = 3;
+    for k in [a, b] {
+        if k < 3 {
             continue;
         }
-        // SAFETY: close_range only closes descriptors; the child owns its fd table (no
-        // CLONE_FILES) and nothing in it is used after this point except `keep` and stdio.
-        let r = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) };
-        if r != 0 {
-            return Err(errno());
+        let k = k as libc::c_uint;
+        if k > lo {
+            close_range(lo, k - 1)?;
         }
+        lo = lo.max(k + 1);
+    }
+    close_range(lo, libc::c_uint::MAX)
+}
+
+fn close_range(lo: libc::c_uint, hi: libc::c_uint) -> Result<(), i32> {
+    // SAFETY: close_range only closes descriptors; the child owns its fd table (no
+    // CLONE_FILES) and nothing in the range is used afterwards.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0 as libc::c_uint) };
+    if r != 0 {
+        return Err(errno());
     }
     Ok(())
 }
@@ -228,6 +283,61 @@ mod tests {
         assert_eq!(read_full(&p.read, &mut buf, "test").unwrap(), 1);
         assert_eq!(buf[0], 9);
         assert_eq!(read_full(&p.read, &mut buf, "test").unwrap(), 0);
+    }
+
+    #[test]
+    fn close_all_but_keeps_exactly_those() {
+        // In a forked child so the test process's fds are untouched.
+        let a = Pipe::new("a").unwrap();
+        let b = Pipe::new("b").unwrap();
+        let c = Pipe::new("c").unwrap();
+        let keep = [b.write.as_raw_fd(), a.read.as_raw_fd()];
+        let probe = [a.write.as_raw_fd(), b.read.as_raw_fd(), c.read.as_raw_fd()];
+        // SAFETY: the child only makes raw syscalls and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut code = 0;
+            if child_close_all_but_stdio(keep).is_err() {
+                code |= 1;
+            }
+            for fd in keep {
+                // SAFETY: F_GETFD probe.
+                if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                    code |= 2;
+                }
+            }
+            for fd in probe {
+                // SAFETY: F_GETFD probe.
+                if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+                    code |= 4;
+                }
+            }
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 0);
+    }
+
+    #[test]
+    fn open_no_symlinks_refuses_links_anywhere() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("f"), "x").unwrap();
+        std::os::unix::fs::symlink(&real, t.path().join("link")).unwrap();
+        let canon = std::fs::canonicalize(&real).unwrap();
+        let fd = open_no_symlinks(&canon, libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        assert_eq!(fd_path(&fd).unwrap(), canon);
+        let base = std::fs::canonicalize(t.path()).unwrap();
+        for bad in [base.join("link"), base.join("link/f")] {
+            let e = open_no_symlinks(&bad, libc::O_RDONLY, 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{}", bad.display());
+        }
     }
 
     #[test]

@@ -142,10 +142,10 @@ fn open_path(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Build the ruleset for `plan` on a kernel with Landlock ABI `kernel_abi`.
-/// `workspace` is the host workspace directory (for `LandlockPath::Workspace`).
+/// `workspace` is an fd of the host workspace directory (for `LandlockPath::Workspace`).
 pub fn prepare(
     plan: &LandlockPlan,
-    workspace: Option<&Path>,
+    workspace: Option<&OwnedFd>,
     kernel_abi: u8,
 ) -> Result<Prepared, LandlockError> {
     if kernel_abi < plan.min_abi || kernel_abi == 0 {
@@ -196,10 +196,31 @@ pub fn prepare(
     let mut sandbox_rules = Vec::new();
     for rule in &plan.rules {
         let access = access_for(rule.rights, abi);
-        let host: &Path = match &rule.path {
-            LandlockPath::Host(p) => p,
+        let (host, fd, is_dir): (PathBuf, OwnedFd, bool) = match &rule.path {
+            LandlockPath::Host(p) => {
+                let fd = match open_path(p) {
+                    Ok(fd) => fd,
+                    // A missing path grants nothing: skipping its rule only removes access.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => {
+                        return Err(LandlockError::Open {
+                            path: p.clone(),
+                            source,
+                        })
+                    }
+                };
+                let is_dir = std::fs::metadata(p).map(|m| m.is_dir()).unwrap_or(false);
+                (p.clone(), fd, is_dir)
+            }
             LandlockPath::Workspace => match workspace {
-                Some(w) => w,
+                Some(w) => {
+                    let path = PathBuf::from("(workspace)");
+                    let fd = w.try_clone().map_err(|source| LandlockError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    (path, fd, true)
+                }
                 None => continue,
             },
             LandlockPath::Sandbox(p) => {
@@ -213,21 +234,6 @@ pub fn prepare(
                 continue;
             }
         };
-        if access.is_empty() {
-            continue;
-        }
-        let fd = match open_path(host) {
-            Ok(fd) => fd,
-            // A missing path grants nothing: skipping its rule only removes access.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => {
-                return Err(LandlockError::Open {
-                    path: host.to_path_buf(),
-                    source,
-                })
-            }
-        };
-        let is_dir = std::fs::metadata(host).map(|m| m.is_dir()).unwrap_or(false);
         let access = if is_dir {
             access
         } else {
@@ -238,10 +244,7 @@ pub fn prepare(
         }
         created = created
             .add_rule(PathBeneath::new(fd, access))
-            .map_err(|source| LandlockError::Rule {
-                path: host.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| LandlockError::Rule { path: host, source })?;
     }
     let fd: Option<OwnedFd> = created.into();
     let ruleset = fd.ok_or(LandlockError::NoFd)?;

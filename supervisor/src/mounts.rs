@@ -16,7 +16,6 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use carapace_policy::plan::Mount;
@@ -39,6 +38,12 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "workspace {}: a component of the path is a symbolic link; give the real path \
+         (realpath DIR). Links are refused because an earlier sandbox run could have planted one",
+        path.display()
+    )]
+    WorkspaceSymlink { path: PathBuf },
     #[error("workspace {} is not a directory", path.display())]
     WorkspaceNotDir { path: PathBuf },
     #[error(
@@ -238,11 +243,15 @@ fn ancestors(dst: &Path, ops: &mut Vec<Op>) -> Result<(), MountError> {
 pub struct WorkspaceTree {
     /// Detached mount (open_tree(OPEN_TREE_CLONE)) with its attributes already set.
     pub fd: OwnedFd,
+    /// O_PATH fd of the host directory (for the Landlock rule: the same inode, no re-lookup).
+    pub dir_fd: OwnedFd,
     /// Canonical host directory.
     pub host_dir: PathBuf,
     /// Owner of the host directory (what writes land as).
     pub owner_uid: u32,
     pub owner_gid: u32,
+    /// The killed helper that carried the idmapping's user namespace, reaped on drop.
+    _helper: namespaces::Reaper,
 }
 
 /// Clone the workspace directory as a detached mount, idmapped so that its owner appears as the
@@ -263,17 +272,35 @@ pub fn prepare_workspace(
             source,
         }
     };
-    let host_dir = std::fs::canonicalize(dir).map_err(|source| MountError::Sys {
-        syscall: "realpath",
+    // Open the directory once, refusing symlinks in every component (an earlier sandbox may
+    // have planted one in a workspace), and use that fd for everything below: no TOCTOU.
+    let dir_fd = crate::fds::open_no_symlinks(dir, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(
+        |source| match source.raw_os_error() {
+            Some(libc::ELOOP) => MountError::WorkspaceSymlink {
+                path: dir.to_path_buf(),
+            },
+            Some(libc::ENOTDIR) => MountError::WorkspaceNotDir {
+                path: dir.to_path_buf(),
+            },
+            _ => MountError::Sys {
+                syscall: "openat2(RESOLVE_NO_SYMLINKS)",
+                path: dir.to_path_buf(),
+                source,
+            },
+        },
+    )?;
+    let host_dir = crate::fds::fd_path(&dir_fd).map_err(|source| MountError::Sys {
+        syscall: "readlink /proc/self/fd",
         path: dir.to_path_buf(),
         source,
     })?;
-    let meta = std::fs::metadata(&host_dir).map_err(|source| MountError::Sys {
-        syscall: "stat",
-        path: host_dir.clone(),
-        source,
-    })?;
-    if !meta.is_dir() {
+    // SAFETY: all-zero is a valid `struct stat`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an fd we own, into a local.
+    if unsafe { libc::fstat(dir_fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(sys("fstat", &host_dir));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(MountError::WorkspaceNotDir { path: host_dir });
     }
     if let Err(reason) = check_workspace_dir(&host_dir) {
@@ -282,19 +309,19 @@ pub fn prepare_workspace(
             reason,
         });
     }
-    let (owner_uid, owner_gid) = (meta.uid(), meta.gid());
-    let userns = namespaces::helper_userns(
+    let (owner_uid, owner_gid) = (st.st_uid, st.st_gid);
+    let (userns, reaper) = namespaces::helper_userns(
         &namespaces::map_line(owner_uid, ids.uid),
         &namespaces::map_line(owner_gid, ids.gid),
     )?;
-    let c = cstr(&host_dir)?;
-    // SAFETY: `c` is a valid NUL-terminated path; open_tree returns a new fd or -1.
+    let empty = cs("");
+    // SAFETY: an empty path relative to an fd we own (AT_EMPTY_PATH); returns a new fd or -1.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            dir_fd.as_raw_fd(),
+            empty.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
         )
     };
     if fd < 0 {
@@ -314,7 +341,6 @@ pub fn prepare_workspace(
         userns_fd: userns.as_raw_fd() as u64,
         ..MountAttr::default()
     };
-    let empty = cs("");
     // SAFETY: `attr` is a valid mount_attr of the size passed; `empty` is a valid C string.
     let r = unsafe {
         libc::syscall(
@@ -331,9 +357,11 @@ pub fn prepare_workspace(
     }
     Ok(WorkspaceTree {
         fd: tree,
+        dir_fd,
         host_dir,
         owner_uid,
         owner_gid,
+        _helper: reaper,
     })
 }
 

@@ -10,7 +10,7 @@
 use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io::{self, Write as _};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::path::PathBuf;
 
 use carapace_policy::plan::Namespaces;
@@ -121,10 +121,25 @@ pub fn write_id_maps(pid: libc::pid_t, uid_map: &str, gid_map: &str) -> Result<(
     Ok(())
 }
 
+/// A killed helper process, reaped when dropped (by then it is long dead, so the wait is
+/// immediate). Keeps the helper's death off the critical path of a run.
+#[derive(Debug)]
+pub struct Reaper(libc::pid_t);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let mut status = 0;
+        // SAFETY: reaping our own (killed) child; `status` is a valid out pointer.
+        unsafe { libc::waitpid(self.0, &mut status, libc::__WALL) };
+    }
+}
+
 /// Create a user namespace whose only mappings are `uid_map`/`gid_map` and return an fd for it
-/// (`/proc/<pid>/ns/user` of a helper process that exits right after). Used as the idmapping
-/// of the workspace mount (`mount_setattr(MOUNT_ATTR_IDMAP)` needs a user namespace fd).
-pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<OwnedFd, NamespaceError> {
+/// (`/proc/<pid>/ns/user` of a helper process, killed right after), plus the helper's
+/// [`Reaper`]. Used as the idmapping of the workspace mount (`mount_setattr(MOUNT_ATTR_IDMAP)`
+/// needs a user namespace fd). The helper never needs to run: the namespace exists from
+/// `clone` on, the maps are written by us, and SIGKILL ends it wherever it is.
+pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<(OwnedFd, Reaper), NamespaceError> {
     let sys = |syscall: &'static str, path: &str| {
         let source = io::Error::last_os_error();
         NamespaceError::Sys {
@@ -133,17 +148,8 @@ pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<OwnedFd, NamespaceE
             source,
         }
     };
-    let mut p = [0 as libc::c_int; 2];
-    // SAFETY: `p` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(sys("pipe2", "(helper user namespace)"));
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
-    let rd_raw = rd.as_raw_fd();
-    let wr_raw = wr.as_raw_fd();
     // SAFETY: raw clone without CLONE_VM behaves like fork: the child gets a copy of our
-    // memory and runs only async-signal-safe syscalls (close, read, _exit) before exiting.
+    // memory and runs only async-signal-safe syscalls (prctl, pause, _exit) until killed.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -158,17 +164,23 @@ pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<OwnedFd, NamespaceE
         return Err(sys("clone(CLONE_NEWUSER)", "(helper user namespace)"));
     }
     if pid == 0 {
-        // Child: wait until the parent closes its write end, then exit. Nothing else.
-        let mut b = 0u8;
-        // SAFETY: closing our copy of the write end; reading one byte into a local.
+        // Child: die with the parent; otherwise wait to be killed. Nothing else.
+        // SAFETY: prctl/pause/_exit take no pointers and are async-signal-safe.
         unsafe {
-            libc::close(wr_raw);
-            libc::read(rd_raw, (&mut b as *mut u8).cast(), 1);
-            libc::_exit(0);
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            loop {
+                libc::pause();
+            }
         }
     }
     let pid = pid as libc::pid_t;
-    drop(rd);
+    let reaper = Reaper(pid);
     let result = (|| {
         write_id_maps(pid, uid_map, gid_map)?;
         let path = format!("/proc/{pid}/ns/user");
@@ -185,11 +197,9 @@ pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<OwnedFd, NamespaceE
         // SAFETY: open succeeded; we own the fd.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     })();
-    drop(wr);
-    let mut status = 0;
-    // SAFETY: reaping our own child; `status` is a valid out pointer.
-    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-    result
+    // SAFETY: signalling our own child, which has not been reaped (its pid cannot be reused).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    result.map(|fd| (fd, reaper))
 }
 
 #[cfg(test)]

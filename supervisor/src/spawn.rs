@@ -12,12 +12,19 @@
 //!  write uid_map/gid_map  <--------------   "userns ready"
 //!  "go 2" ------------------------------->   setresgid/setresuid; drop caps; setsid;
 //!                                             PDEATHSIG; dumpable 0; rlimits; no_new_privs;
-//!                                             Landlock; close fds; chdir; seccomp; execve
+//!                                             Landlock; close fds; chdir; fork:
+//!                                               pid 1 = init: reap, report status, exit
+//!                                               pid 2 = program: seccomp; execve
 //!  read error pipe: EOF = exec'd  <-------   (or a ChildFailure record, then _exit(126))
 //! ```
 //!
-//! Then the parent waits on a pidfd with `poll` for the wall-time limit; on timeout it kills the
-//! program (pid 1 of its pid namespace, which takes the whole namespace with it) and the cgroup.
+//! The program is pid 2, the child of a tiny init (pid 1, our own code, no exec): a pid
+//! namespace's init ignores every signal it has no handler for, which would make a program's
+//! own `kill -TERM $$` or `abort()` misbehave. The init reaps orphans and, when the program
+//! ends, hands its raw wait status to the supervisor over a pipe and exits, which kills
+//! whatever is left in the namespace. The parent waits on the init's pidfd (`ppoll`) for the
+//! wall-time limit; on timeout it kills the init (taking the whole namespace with it) and the
+//! cgroup.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -137,6 +144,7 @@ pub enum SpawnError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Stage {
+    JoinCgroup = 100,
     Sync1 = 1,
     UnshareCgroup,
     Mounts,
@@ -161,12 +169,14 @@ pub enum Stage {
     LandlockRestrict,
     CloseFds,
     Chdir,
+    ForkProgram,
     Seccomp,
     Execve,
 }
 
 impl Stage {
-    const ALL: [Stage; 26] = [
+    const ALL: [Stage; 28] = [
+        Stage::JoinCgroup,
         Stage::Sync1,
         Stage::UnshareCgroup,
         Stage::Mounts,
@@ -191,6 +201,7 @@ impl Stage {
         Stage::LandlockRestrict,
         Stage::CloseFds,
         Stage::Chdir,
+        Stage::ForkProgram,
         Stage::Seccomp,
         Stage::Execve,
     ];
@@ -201,7 +212,8 @@ impl Stage {
 
     pub fn name(self) -> &'static str {
         match self {
-            Stage::Sync1 => "waiting for the cgroup (sync 1)",
+            Stage::JoinCgroup => "joining the v1 cgroups (tasks)",
+            Stage::Sync1 => "waiting for the parent (sync 1)",
             Stage::UnshareCgroup => "unshare(CLONE_NEWCGROUP)",
             Stage::Mounts => "building the new root",
             Stage::Sethostname => "sethostname",
@@ -225,6 +237,7 @@ impl Stage {
             Stage::LandlockRestrict => "landlock_restrict_self",
             Stage::CloseFds => "close_range",
             Stage::Chdir => "chdir",
+            Stage::ForkProgram => "forking the program from the sandbox's init",
             Stage::Seccomp => "seccomp(SECCOMP_SET_MODE_FILTER)",
             Stage::Execve => "execve",
         }
@@ -325,6 +338,13 @@ impl Launch {
         opts: &LaunchOptions,
         landlock_abi: u8,
     ) -> Result<Launch, SpawnError> {
+        let t0 = Instant::now();
+        let lap = |what: &str| {
+            tracing::debug!(
+                "prepare: {what} at {:.2}ms",
+                t0.elapsed().as_secs_f64() * 1e3
+            )
+        };
         let clone_flags = namespaces::clone_flags(&plan.namespaces)?;
         let ws_mount = plan.mounts.iter().find_map(|m| match m {
             Mount::Workspace { writable, exec, .. } => Some((*writable, *exec)),
@@ -337,14 +357,17 @@ impl Launch {
             (Some(_), None) => return Err(MountError::NoWorkspace.into()),
             (None, _) => None,
         };
+        lap("idmapped workspace");
         let built = mounts::build(&plan.mounts, workspace.as_ref(), opts.run_as)?;
+        lap("mount program");
         let program_inside =
             mounts::program_inside(&built.views, &opts.program).map_err(SpawnError::Program)?;
         let landlock = landlock::prepare(
             &plan.landlock,
-            workspace.as_ref().map(|w| w.host_dir.as_path()),
+            workspace.as_ref().map(|w| &w.dir_fd),
             landlock_abi,
         )?;
+        lap("landlock ruleset");
         let seccomp = seccomp::prepare(&plan.seccomp.program)?;
         let rlimits = rlimits::prepare(&plan.rlimits)?;
         let cap_last = caps::cap_last_cap()?;
@@ -367,6 +390,7 @@ impl Launch {
                 &kv,
             )?);
         }
+        lap("the rest");
         let argv_ptrs = null_terminated(&argv);
         let envp_ptrs = null_terminated(&envp);
         Ok(Launch {
@@ -432,7 +456,10 @@ impl Launch {
         let go = Pipe::new("sync parent->child")?;
         let ready = Pipe::new("sync child->parent")?;
         let errp = Pipe::new("exec-error pipe")?;
+        let status = Pipe::new("init status pipe")?;
         let fds = ChildFds {
+            status_read: status.read.as_raw_fd(),
+            status_write: status.write.as_raw_fd(),
             go_read: go.read.as_raw_fd(),
             go_write: go.write.as_raw_fd(),
             ready_read: ready.read.as_raw_fd(),
@@ -440,31 +467,43 @@ impl Launch {
             err_read: errp.read.as_raw_fd(),
             err_write: errp.write.as_raw_fd(),
         };
+        // Born in the cgroup: v2 through clone3(CLONE_INTO_CGROUP), v1 by the child writing its
+        // own `tasks` first thing. Neither takes the kernel's global cgroup migration lock,
+        // which `cgroup.procs` writes do (milliseconds per write).
+        let join = cgroup.map(Cgroup::join_fds).transpose()?;
+        let v1_tasks: Vec<RawFd> = join.as_ref().map(|j| j.v1_raw()).unwrap_or_default();
+        let v2_dir = join
+            .as_ref()
+            .and_then(|j| j.v2_dir.as_ref())
+            .map(|f| f.as_raw_fd());
         let started = Instant::now();
         let mut pidfd: libc::c_int = -1;
-        let flags = (self.clone_flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
-        // SAFETY: raw clone without CLONE_VM/CLONE_VFORK behaves like fork: the child gets a
-        // private copy of our memory (including `self` and the pipes) and its own fd table.
-        // The child only runs `child_main`, which uses async-signal-safe raw syscalls and never
-        // returns. `pidfd` is a valid int for the kernel to store the pidfd in (CLONE_PIDFD).
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                flags,
-                0usize,
-                &mut pidfd as *mut libc::c_int,
-                0usize,
-                0usize,
-            )
-        };
+        let mut born_in_cgroup = false;
+        let mut pid = -1;
+        if let Some(dir) = v2_dir {
+            pid = self.clone3_into(dir, &mut pidfd, &fds, &v1_tasks);
+            let e = fds::errno();
+            if pid < 0
+                && !matches!(
+                    e,
+                    libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP | libc::EBUSY
+                )
+            {
+                return Err(SpawnError::Sys {
+                    syscall: "clone3(CLONE_INTO_CGROUP)",
+                    source: io::Error::from_raw_os_error(e),
+                });
+            }
+            born_in_cgroup = pid > 0;
+        }
+        if pid < 0 {
+            pid = self.clone_plain(&mut pidfd, &fds, &v1_tasks);
+        }
         if pid < 0 {
             return Err(SpawnError::Sys {
                 syscall: "clone",
                 source: io::Error::last_os_error(),
             });
-        }
-        if pid == 0 {
-            child_main(self, &fds);
         }
         let pid = pid as libc::pid_t;
         // SAFETY: CLONE_PIDFD succeeded, so `pidfd` is a new fd owned by us.
@@ -472,19 +511,85 @@ impl Launch {
         drop(go.read);
         drop(ready.write);
         drop(errp.write);
+        drop(status.write);
         let running = Running {
             pid,
             pidfd,
+            status: status.read,
             started,
             reaped: false,
         };
-        match self.handshake(pid, cgroup, &go.write, &ready.read, &errp.read) {
+        // Fallback when clone3 could not place the child: move it after the fact.
+        let late = cgroup.filter(|_| v2_dir.is_some() && !born_in_cgroup);
+        let result = self.handshake(pid, late, &go.write, &ready.read, &errp.read);
+        drop(join);
+        match result {
             Ok(()) => Ok(running),
             Err(e) => {
                 running.kill_and_reap();
                 Err(e)
             }
         }
+    }
+
+    /// clone3 with CLONE_INTO_CGROUP; runs `child_main` in the child. Returns the raw result.
+    fn clone3_into(
+        &self,
+        cgroup_dir: RawFd,
+        pidfd: &mut libc::c_int,
+        fds: &ChildFds,
+        v1_tasks: &[RawFd],
+    ) -> libc::c_long {
+        let args = CloneArgs {
+            flags: (self.clone_flags as u64) | libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP,
+            pidfd: pidfd as *mut libc::c_int as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: cgroup_dir as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 without CLONE_VM and with no stack behaves like fork: the child gets a
+        // private copy of our memory (including `self`, `fds` and `v1_tasks`) and its own fd
+        // table, and only runs `child_main` (raw async-signal-safe syscalls, never returns).
+        // `args` is a valid clone_args of the size passed; `pidfd` receives the pidfd.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if r == 0 {
+            child_main(self, fds, v1_tasks);
+        }
+        r
+    }
+
+    /// Plain clone (fallback); runs `child_main` in the child. Returns the raw result.
+    fn clone_plain(
+        &self,
+        pidfd: &mut libc::c_int,
+        fds: &ChildFds,
+        v1_tasks: &[RawFd],
+    ) -> libc::c_long {
+        let flags = (self.clone_flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+        // SAFETY: raw clone without CLONE_VM/CLONE_VFORK behaves like fork: the child gets a
+        // private copy of our memory and its own fd table, and only runs `child_main`, which
+        // uses async-signal-safe raw syscalls and never returns. `pidfd` is a valid int for the
+        // kernel to store the pidfd in (CLONE_PIDFD).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                flags,
+                0usize,
+                pidfd as *mut libc::c_int,
+                0usize,
+                0usize,
+            )
+        };
+        if r == 0 {
+            child_main(self, fds, v1_tasks);
+        }
+        r
     }
 
     fn handshake(
@@ -498,6 +603,10 @@ impl Launch {
         if let Some(cg) = cgroup {
             cg.add_process(pid)?;
         }
+        let t0 = Instant::now();
+        let lap = |what: &str| {
+            tracing::debug!("start: {what} at {:.2}ms", t0.elapsed().as_secs_f64() * 1e3)
+        };
         // A failed write means the child is gone; its error record (if any) explains why.
         let sent = fds::write_byte(go, 1, "sync 1");
         let mut b = [0u8; 1];
@@ -509,12 +618,15 @@ impl Launch {
         if got != 1 {
             return Err(child_error(err, pid));
         }
+        lap("user namespace ready");
         namespaces::write_id_maps(pid, &self.uid_map, &self.gid_map)?;
         if fds::write_byte(go, 2, "sync 2").is_err() {
             return Err(child_error(err, pid));
         }
+        lap("maps written");
         let mut rec = [0u8; fds::FAILURE_LEN];
         let n = fds::read_full(err, &mut rec, "exec-error pipe")?;
+        lap("exec");
         if n == 0 {
             return Ok(()); // EOF: execve succeeded and closed the CLOEXEC write end.
         }
@@ -591,12 +703,14 @@ fn child_error(err: &OwnedFd, pid: libc::pid_t) -> SpawnError {
 pub struct Running {
     pid: libc::pid_t,
     pidfd: OwnedFd,
+    /// Read end of the init's status pipe: the program's raw wait status.
+    status: OwnedFd,
     started: Instant,
     reaped: bool,
 }
 
 impl Running {
-    /// Host pid of the program (pid 1 of its namespace).
+    /// Host pid of the sandbox's init (pid 1 of its namespace; the program is its child).
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
@@ -720,7 +834,14 @@ impl Running {
                 }
             }
         }
-        let (status, ru) = self.reap()?;
+        let (init_status, ru) = self.reap()?;
+        // The program's own status, as the sandbox's init saw it; else the init's (killed by
+        // us on timeout, or died before the program was started).
+        let mut b = [0u8; 4];
+        let status = match fds::read_full(&self.status, &mut b, "init status pipe") {
+            Ok(4) => i32::from_ne_bytes(b),
+            _ => init_status,
+        };
         let wall = self.started.elapsed();
         let stats = cgroup.map(|c| c.stats()).unwrap_or_default();
         let tv = |t: libc::timeval| {
@@ -764,9 +885,30 @@ impl Drop for Running {
     }
 }
 
+/// `struct clone_args` (CLONE_ARGS_SIZE_VER2, 88 bytes).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
 /// The raw fds the child uses (copies of the parent's, valid in the child's fd table).
 #[derive(Debug, Clone, Copy)]
 struct ChildFds {
+    status_read: RawFd,
+    status_write: RawFd,
     go_read: RawFd,
     go_write: RawFd,
     ready_read: RawFd,
@@ -776,7 +918,7 @@ struct ChildFds {
 }
 
 /// The child: from clone to execve. Raw async-signal-safe syscalls only; never returns.
-fn child_main(l: &Launch, f: &ChildFds) -> ! {
+fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
     let fail = |stage: Stage, index: u32, errno: i32| -> ! {
         fds::child_report(
             f.err_write,
@@ -804,9 +946,14 @@ fn child_main(l: &Launch, f: &ChildFds) -> ! {
 
     // SAFETY: closing the parent's ends of our pipes in our own fd table.
     unsafe {
+        libc::close(f.status_read);
         libc::close(f.go_write);
         libc::close(f.ready_read);
         libc::close(f.err_read);
+    }
+    // Join the v1 cgroup hierarchies (v2 was joined at birth) before doing anything else.
+    if let Err(e) = crate::cgroup::join_self_v1(v1_tasks) {
+        fail(Stage::JoinCgroup, 0, e);
     }
     // Signal dispositions set to "ignore" survive execve (the Rust runtime ignores SIGPIPE):
     // reset every signal to default and unblock all.
@@ -954,12 +1101,38 @@ fn child_main(l: &Launch, f: &ChildFds) -> ! {
         Stage::LandlockRestrict,
         landlock::child_restrict_self(ruleset),
     );
-    check(Stage::CloseFds, fds::child_close_all_but_stdio(f.err_write));
+    check(
+        Stage::CloseFds,
+        fds::child_close_all_but_stdio([f.err_write, f.status_write]),
+    );
     // SAFETY: valid C string.
     check(
         Stage::Chdir,
         sys0(unsafe { libc::chdir(l.cwd.as_ptr()) } as libc::c_long),
     );
+    // We are pid 1 of the new pid namespace. The program runs as our child (pid 2) so that it
+    // has ordinary signal semantics (pid 1 ignores signals it has no handler for) and its
+    // orphans are reaped; we stay as its init, and our death takes the namespace down.
+    // SAFETY: a fork-like raw clone; both sides continue with raw syscalls only.
+    let program = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if program < 0 {
+        fail(Stage::ForkProgram, 0, fds::errno());
+    }
+    if program > 0 {
+        init_main(program as libc::pid_t, f);
+    }
+    // pid 2: seccomp last, right before execve.
+    // SAFETY: closing the init's status pipe in our own fd table.
+    unsafe { libc::close(f.status_write) };
     check(Stage::Seccomp, seccomp::child_install(&l.setid_guard));
     check(Stage::Seccomp, seccomp::child_install(&l.seccomp));
     // SAFETY: program, argv and envp are NUL-terminated strings / NULL-terminated arrays of
@@ -972,6 +1145,42 @@ fn child_main(l: &Launch, f: &ChildFds) -> ! {
         )
     };
     fail(Stage::Execve, 0, fds::errno())
+}
+
+/// The sandbox's init (pid 1): reap every child; when the program exits, hand its raw wait
+/// status to the supervisor through the status pipe and exit, which kills whatever is left in
+/// the pid namespace. Runs without seccomp (it never execs and only waits and writes) but
+/// under everything else: no capabilities, no_new_privs, Landlock, rlimits, not dumpable.
+fn init_main(program: libc::pid_t, f: &ChildFds) -> ! {
+    // SAFETY: closing our copies of the exec-error pipe (so the supervisor sees EOF when the
+    // program execs) and of stdio (so readers see EOF when the program closes its end).
+    unsafe {
+        libc::close(f.err_write);
+        libc::close(0);
+        libc::close(1);
+        libc::close(2);
+    }
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waiting for any child with a valid status pointer.
+        let r = unsafe { libc::wait4(-1, &mut status, libc::__WALL, std::ptr::null_mut()) };
+        if r == program {
+            let b = status.to_ne_bytes();
+            // SAFETY: writing a 4-byte local to our status pipe (atomic: < PIPE_BUF).
+            unsafe { libc::write(f.status_write, b.as_ptr().cast(), b.len()) };
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+            // SAFETY: ends the init (and with it the pid namespace).
+            unsafe { libc::_exit(code) };
+        }
+        if r < 0 && fds::errno() == libc::ECHILD {
+            // SAFETY: nothing left to wait for; end the init.
+            unsafe { libc::_exit(crate::report::EXIT_SETUP) };
+        }
+    }
 }
 
 #[cfg(test)]

@@ -374,3 +374,130 @@ fn policy_subcommands() {
     let o = text(&out.stdout);
     assert!(o.contains("--run-as") && o.contains("Exit codes"), "{o}");
 }
+
+#[test]
+fn symlinks_planted_in_workspaces_are_not_followed() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    let victim = tempfile::tempdir().unwrap();
+    std::fs::write(victim.path().join("file"), "ORIGINAL\n").unwrap();
+    std::os::unix::fs::symlink(victim.path(), ws.path().join("link")).unwrap();
+    std::os::unix::fs::symlink(victim.path().join("file"), ws.path().join("report.json")).unwrap();
+    // A workspace reached through a link is refused.
+    let link = ws.path().join("link");
+    let out = carapace(
+        ws.path(),
+        &["exec", "--workspace", link.to_str().unwrap(), "--", "ls"],
+    );
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("symbolic link"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A report path that is (or goes through) a link is refused before anything runs.
+    for r in ["report.json", "link/new.json"] {
+        let rp = ws.path().join(r);
+        let out = carapace(
+            ws.path(),
+            &["exec", "--report-json", rp.to_str().unwrap(), "--", "ls"],
+        );
+        assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+    }
+    assert_eq!(
+        std::fs::read_to_string(victim.path().join("file")).unwrap(),
+        "ORIGINAL\n"
+    );
+    assert!(!victim.path().join("new.json").exists());
+    // A report file replaced by the sandbox during the run is not followed afterwards.
+    let pol = policy_with(ws.path(), ALLOW_SH, &[]);
+    let rp = ws.path().join("r2.json");
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol.to_str().unwrap(),
+            "--report-json",
+            rp.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "rm -f r2.json; ln -s /workspace/link/file r2.json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("replaced"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.path().join("file")).unwrap(),
+        "ORIGINAL\n"
+    );
+}
+
+#[test]
+fn programs_have_ordinary_signal_semantics() {
+    if !require_root() {
+        return;
+    }
+    // The program is not the pid namespace's init: its own signals kill it.
+    let ws = workspace(0, 0);
+    let pol = policy_with(ws.path(), ALLOW_SH, &[]);
+    let pol = pol.to_str().unwrap();
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--",
+            "sh",
+            "-c",
+            "kill -TERM $$; sleep 5; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--report",
+            "--",
+            "sh",
+            "-c",
+            "kill -KILL $$; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("signal=9"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Orphans are reaped and do not outlive the program.
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--",
+            "sh",
+            "-c",
+            "sleep 30 & echo $$",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "2",
+        "the program is pid 2 under carapace's init"
+    );
+}
