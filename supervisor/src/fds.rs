@@ -110,6 +110,64 @@ pub fn read_full(fd: &OwnedFd, buf: &mut [u8], what: &'static str) -> Result<usi
     Ok(got)
 }
 
+/// Like [`read_full`], but gives up with `ErrorKind::TimedOut` at `deadline`.
+pub fn read_full_until(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    deadline: std::time::Instant,
+    what: &'static str,
+) -> Result<usize, FdError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(FdError::Sys {
+                syscall: "poll",
+                what,
+                source: e,
+            });
+        }
+        if r == 0 {
+            return Err(FdError::Sys {
+                syscall: "poll",
+                what,
+                source: io::Error::from(io::ErrorKind::TimedOut),
+            });
+        }
+        let rest = &mut buf[got..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes; the fd is open.
+        let n = unsafe { libc::read(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(FdError::Sys {
+                syscall: "read",
+                what,
+                source: e,
+            });
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    Ok(got)
+}
+
 /// Write one byte (a sync token). Retries on EINTR.
 pub fn write_byte(fd: &OwnedFd, b: u8, what: &'static str) -> Result<(), FdError> {
     loop {
@@ -338,6 +396,30 @@ mod tests {
             let e = open_no_symlinks(&bad, libc::O_RDONLY, 0).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{}", bad.display());
         }
+    }
+
+    #[test]
+    fn read_until_times_out() {
+        let p = Pipe::new("test").unwrap();
+        let mut b = [0u8; 1];
+        let t = std::time::Instant::now();
+        let e = read_full_until(
+            &p.read,
+            &mut b,
+            t + std::time::Duration::from_millis(50),
+            "test",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(t.elapsed() >= std::time::Duration::from_millis(45));
+        write_byte(&p.write, 5, "test").unwrap();
+        let n = read_full_until(
+            &p.read,
+            &mut b,
+            t + std::time::Duration::from_secs(5),
+            "test",
+        );
+        assert_eq!(n.unwrap(), 1);
     }
 
     #[test]

@@ -44,6 +44,17 @@ pub enum MountError {
         path.display()
     )]
     WorkspaceSymlink { path: PathBuf },
+    #[error(
+        "workspace {}: its filesystem does not support idmapped mounts (mount_setattr \
+         MOUNT_ATTR_IDMAP failed), which carapace needs to let the sandbox write it as its \
+         owner; use a workspace on ext4, xfs, btrfs, tmpfs (Linux 6.3+) or overlayfs",
+        path.display()
+    )]
+    NoIdmap {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("workspace {} is not a directory", path.display())]
     WorkspaceNotDir { path: PathBuf },
     #[error(
@@ -353,7 +364,21 @@ pub fn prepare_workspace(
         )
     };
     if r != 0 {
-        return Err(sys("mount_setattr(MOUNT_ATTR_IDMAP)", &host_dir));
+        let source = io::Error::last_os_error();
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::EINVAL | libc::EPERM | libc::EOPNOTSUPP)
+        ) {
+            return Err(MountError::NoIdmap {
+                path: host_dir,
+                source,
+            });
+        }
+        return Err(MountError::Sys {
+            syscall: "mount_setattr(MOUNT_ATTR_IDMAP)",
+            path: host_dir,
+            source,
+        });
     }
     Ok(WorkspaceTree {
         fd: tree,

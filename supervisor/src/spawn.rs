@@ -96,6 +96,11 @@ pub fn interrupted() -> Option<libc::c_int> {
     }
 }
 
+/// Longest time the child may take from clone to execve (it normally takes milliseconds; a
+/// hang, e.g. on a dead network filesystem, must not hang the supervisor). The wall-time limit
+/// also bounds it.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Errors of preparing, starting and waiting for a confined program.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -521,7 +526,15 @@ impl Launch {
         };
         // Fallback when clone3 could not place the child: move it after the fact.
         let late = cgroup.filter(|_| v2_dir.is_some() && !born_in_cgroup);
-        let result = self.handshake(pid, late, &go.write, &ready.read, &errp.read);
+        let setup_deadline = started + self.wall_time.unwrap_or(SETUP_TIMEOUT).min(SETUP_TIMEOUT);
+        let result = self.handshake(
+            pid,
+            late,
+            &go.write,
+            &ready.read,
+            &errp.read,
+            setup_deadline,
+        );
         drop(join);
         match result {
             Ok(()) => Ok(running),
@@ -599,6 +612,7 @@ impl Launch {
         go: &OwnedFd,
         ready: &OwnedFd,
         err: &OwnedFd,
+        deadline: Instant,
     ) -> Result<(), SpawnError> {
         if let Some(cg) = cgroup {
             cg.add_process(pid)?;
@@ -611,7 +625,7 @@ impl Launch {
         let sent = fds::write_byte(go, 1, "sync 1");
         let mut b = [0u8; 1];
         let got = if sent.is_ok() {
-            fds::read_full(ready, &mut b, "sync: user namespace ready")?
+            fds::read_full_until(ready, &mut b, deadline, "sync: user namespace ready")?
         } else {
             0
         };
@@ -625,7 +639,7 @@ impl Launch {
         }
         lap("maps written");
         let mut rec = [0u8; fds::FAILURE_LEN];
-        let n = fds::read_full(err, &mut rec, "exec-error pipe")?;
+        let n = fds::read_full_until(err, &mut rec, deadline, "exec-error pipe")?;
         lap("exec");
         if n == 0 {
             return Ok(()); // EOF: execve succeeded and closed the CLOEXEC write end.
