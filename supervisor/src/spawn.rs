@@ -1,12 +1,13 @@
 //! Spawning one confined program: everything is computed before fork into a [`Launch`]; the
-//! child then runs [`child_main`], a straight line of raw, async-signal-safe syscalls (no
+//! child then runs `child_main`, a straight line of raw, async-signal-safe syscalls (no
 //! allocation, no locks, no std::fs, no formatting) ending in `execve`.
 //!
 //! Parent <-> child protocol (two pipes for the sync points, one CLOEXEC pipe for errors):
 //!
 //! ```text
-//! parent                                     child (clone NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS)
-//!  put child in cgroup
+//! parent                                     child (clone3 NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS
+//!  (child born in the v2 cgroup:                     |INTO_CGROUP)
+//!   clone3 CLONE_INTO_CGROUP)                joins its v1 cgroups (writes 0 to `tasks`)
 //!  "go 1" ------------------------------->   unshare(NEWCGROUP); build root; pivot;
 //!                                             sethostname; setgroups(0); unshare(NEWUSER)
 //!  write uid_map/gid_map  <--------------   "userns ready"
@@ -254,9 +255,9 @@ impl Stage {
 pub struct LaunchOptions {
     /// Canonical host path of the program (already allowed by the policy).
     pub program: PathBuf,
-    /// argv[0] as the user typed it.
+    /// `argv[0]` as the user typed it.
     pub argv0: OsString,
-    /// argv[1..].
+    /// `argv[1..]`.
     pub args: Vec<OsString>,
     /// Host workspace directory (bound at the plan's workspace mount).
     pub workspace: Option<PathBuf>,
@@ -453,7 +454,9 @@ impl Launch {
         self.workspace.as_ref().map(|w| (w.owner_uid, w.owner_gid))
     }
 
-    /// Start the program. `cgroup` receives the child before it builds anything.
+    /// Start the program. The child is in `cgroup` before it builds anything: born there (v2,
+    /// clone3 CLONE_INTO_CGROUP; else moved by us before sync 1) and joining the v1 hierarchies
+    /// itself first thing.
     pub fn spawn(&self, cgroup: Option<&Cgroup>) -> Result<Running, SpawnError> {
         if self.spawned.swap(true, Ordering::SeqCst) {
             return Err(SpawnError::Reused);
@@ -985,7 +988,8 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
 
-    // Sync 1: the parent has put us into our cgroup.
+    // Sync 1: the parent is ready (and, when clone3 could not place us in the v2 cgroup at
+    // birth, has moved us there).
     match fds::child_read_byte(f.go_read) {
         Ok(1) => {}
         Ok(_) => fail(Stage::Sync1, 0, libc::EPROTO),
