@@ -162,7 +162,9 @@ fn e2e_sh_write_owned_by_workspace_owner() {
     }
 }
 
-/// Inside, the program is the profile's user (1000:1000) on hostname "carapace".
+/// Inside, the program is the profile's user (1000:1000) on hostname "carapace", in its own pid
+/// namespace as pid 2: pid 1 is carapace's minimal init, so the program's own signals behave as
+/// on a host (a pid-namespace init ignores signals it has no handler for).
 #[test]
 fn e2e_identity_inside() {
     let Some(e) = env() else { return };
@@ -176,7 +178,7 @@ fn e2e_identity_inside() {
         T,
     );
     ok(&o);
-    assert_eq!(o.stdout.trim(), "1000 1000 carapace 1", "{}", o.describe());
+    assert_eq!(o.stdout.trim(), "1000 1000 carapace 2", "{}", o.describe());
 }
 
 /// stdin and stdout pass through.
