@@ -62,13 +62,28 @@ impl fmt::Display for Diagnostic {
         if let Some(src) = &self.source_line {
             let num = self.line.to_string();
             let pad = " ".repeat(num.len());
+            // Long lines are cut to a window around the column.
+            const WINDOW: usize = 60;
+            let chars: Vec<char> = src.chars().collect();
+            let col = self.column.saturating_sub(1).min(chars.len());
+            let start = col.saturating_sub(WINDOW);
+            let end = (col + WINDOW).min(chars.len());
+            let mut shown: String = chars[start..end].iter().collect();
+            let mut caret_at = col - start;
+            if start > 0 {
+                shown.insert_str(0, "...");
+                caret_at += 3;
+            }
+            if end < chars.len() {
+                shown.push_str("...");
+            }
             // Keep the caret under the right character: tabs stay tabs.
-            let lead: String = src
+            let lead: String = shown
                 .chars()
-                .take(self.column.saturating_sub(1))
+                .take(caret_at)
                 .map(|c| if c == '\t' { '\t' } else { ' ' })
                 .collect();
-            write!(f, "\n {pad} |\n {num} | {src}\n {pad} | {lead}^")?;
+            write!(f, "\n {pad} |\n {num} | {shown}\n {pad} | {lead}^")?;
         }
         Ok(())
     }

@@ -548,3 +548,18 @@ fn shape_errors_and_semantic_errors_are_reported_together() {
         "{msgs:#?}"
     );
 }
+
+#[test]
+fn long_lines_are_shown_as_a_window_around_the_error() {
+    let pad = "a".repeat(300);
+    let text = policy(&format!("hostname = \"{pad}\"\n"), "");
+    let errs = errors(&text);
+    let shown = errs[0].to_string();
+    assert!(errs[0].message.contains("bad hostname"), "{shown}");
+    let snippet = shown.lines().nth(3).unwrap_or_default();
+    assert!(snippet.len() < 140, "{snippet}");
+    // deep nesting is refused by the TOML parser, not by a stack overflow
+    let deep = format!("version = {}{}", "[".repeat(5000), "]".repeat(5000));
+    let errs = errors(&deep);
+    assert!(errs[0].to_string().len() < 400);
+}
