@@ -14,6 +14,7 @@ use crate::source::Sink;
 #[derive(Debug)]
 pub(crate) enum Kind {
     Str,
+    Int,
     /// An integer from 0 to 4294967295.
     U32,
     Bool,
@@ -65,13 +66,13 @@ const FILESYSTEM: Kind = Table(&[
 const NETWORK: Kind = Table(&[("mode", Str)]);
 const LIMITS: Kind = Table(&[
     ("memory", IntOrStr),
-    ("pids", IntOrStr),
+    ("pids", Int),
     ("cpu", Number),
     ("wall_time", IntOrStr),
-    ("open_files", IntOrStr),
+    ("open_files", Int),
     ("file_size", IntOrStr),
     ("core_dumps", Bool),
-    ("processes", IntOrStr),
+    ("processes", Int),
 ]);
 const LANDLOCK: Kind = Table(&[("min_abi", IntOrStr)]);
 const DENY: Kind = Table(&[
@@ -140,6 +141,7 @@ fn type_name(v: &DeValue<'_>) -> &'static str {
 fn expected(kind: &Kind) -> &'static str {
     match kind {
         Str => "a string",
+        Int => "an integer",
         U32 => "an integer from 0 to 4294967295",
         Bool => "a boolean (true or false)",
         IntOrStr => "an integer or a string",
@@ -157,7 +159,7 @@ fn type_ok(kind: &Kind, v: &DeValue<'_>) -> bool {
     matches!(
         (kind, v),
         (Str, DeValue::String(_))
-            | (U32, DeValue::Integer(_))
+            | (Int | U32, DeValue::Integer(_))
             | (Bool, DeValue::Boolean(_))
             | (IntOrStr, DeValue::Integer(_) | DeValue::String(_))
             | (Number, DeValue::Integer(_) | DeValue::Float(_))
@@ -173,7 +175,7 @@ fn placeholder(kind: &Kind) -> DeValue<'static> {
     match kind {
         Str | IntOrStr => DeValue::String(std::borrow::Cow::Borrowed("")),
         Bool => DeValue::Boolean(false),
-        U32 | Number => match DeValue::parse("0") {
+        Int | U32 | Number => match DeValue::parse("0") {
             Ok(v) => v.into_inner(),
             Err(_) => DeValue::Boolean(false),
         },
