@@ -9,6 +9,23 @@
 //! (prepared in the parent, see [`prepare_workspace`]) moved in with `move_mount`. Finally the new
 //! root itself is made read-only, `/oldroot` is detached, and the child pivots into `/newroot`.
 //!
+//! # When attributes are applied
+//!
+//! A mount that carapace *creates* (the minimal `/dev`, `/proc`, the new root) gets its
+//! read-only / nosuid / nodev / noexec attributes only after every plan mount beneath it is in
+//! place: made read-only first, it could not receive the mount points of later mounts (a tmpfs
+//! at `/dev/shm` would fail with EROFS). Those ops are collected while the mounts are built and
+//! emitted after the last mount, in plan order (parents before children), before the new root
+//! itself is made read-only. The attributes are applied to the mount at that path alone
+//! (`/dev`), or recursively where nothing of the plan is expected beneath (`/proc`).
+//!
+//! Binds of *host* directories are the exception, on purpose: they get their attributes
+//! (recursively, for the host's submounts) right after the bind. While a bind is writable, a
+//! `mkdir` for a later mount point beneath it would create that directory on the host, as
+//! root; read-only first, such a mount point must already exist on the host (EEXIST is fine)
+//! and a missing one fails the run instead of writing the host. Later plan mounts beneath a
+//! bind are not touched by its recursive attributes, since they do not exist yet.
+//!
 //! All paths are `CString`s built here, before fork: the child only walks the list.
 
 use std::ffi::CString;
@@ -462,6 +479,9 @@ pub fn build(
         Op::Chdir { path: cs("/") },
     ];
     let mut views = Vec::new();
+    // Attribute ops of the mounts we create, applied once everything beneath them is mounted
+    // (see the module docs).
+    let mut deferred: Vec<Op> = Vec::new();
     for m in mounts {
         match m {
             Mount::Bind {
@@ -578,7 +598,7 @@ pub fn build(
                     flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                     data: None,
                 });
-                ops.push(Op::SetAttr {
+                deferred.push(Op::SetAttr {
                     path: target,
                     set: MOUNT_ATTR_RDONLY,
                     recursive: true,
@@ -626,9 +646,11 @@ pub fn build(
                         path: cstr(dev.join(name))?,
                     });
                 }
-                ops.push(Op::SetAttr {
+                // Not recursive: tmpfs mounts beneath /dev (e.g. /dev/shm) keep their own
+                // flags.
+                deferred.push(Op::SetAttr {
                     path: target,
-                    set: MOUNT_ATTR_RDONLY,
+                    set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
                     recursive: false,
                 });
                 views.push(View {
@@ -646,6 +668,7 @@ pub fn build(
             }
         }
     }
+    ops.extend(deferred);
     ops.extend([
         Op::SetAttr {
             path: cs(NEWROOT),
@@ -964,6 +987,70 @@ mod tests {
             build(&[ws], None, ids()),
             Err(MountError::NoWorkspace)
         ));
+    }
+
+    /// A tmpfs beneath /dev (python's sem_open needs /dev/shm) is mounted before /dev is made
+    /// read-only, and that read-only change is not recursive (the tmpfs stays writable);
+    /// /proc's read-only change comes after the mounts too. Host binds keep theirs at once.
+    #[test]
+    fn attributes_of_created_mounts_come_after_mounts_beneath() {
+        let b = build(
+            &[
+                bind("/usr", true, false),
+                Mount::Proc {
+                    dst: "/proc".into(),
+                },
+                Mount::Dev { dst: "/dev".into() },
+                Mount::Tmpfs {
+                    dst: "/dev/shm".into(),
+                    size_bytes: 1 << 20,
+                    mode: 0o1777,
+                    exec: false,
+                },
+            ],
+            None,
+            ids(),
+        )
+        .unwrap();
+        let t = texts(&b);
+        let pos = |s: &str| {
+            t.iter()
+                .position(|x| x.starts_with(s))
+                .unwrap_or_else(|| panic!("{s} missing in {t:#?}"))
+        };
+        let shm_dir = pos("mkdir /newroot/dev/shm");
+        let shm = pos("mount -t tmpfs /newroot/dev/shm");
+        let dev_ro = pos("mount_setattr /newroot/dev ro");
+        assert!(shm_dir < dev_ro && shm < dev_ro, "{t:#?}");
+        assert!(pos("mount_setattr /newroot/proc ro") > shm, "{t:#?}");
+        assert!(
+            pos("mount_setattr /newroot/usr ro") < pos("mount -t proc"),
+            "{t:#?}"
+        );
+        let dev_attr = b
+            .ops
+            .iter()
+            .find_map(|o| match o {
+                Op::SetAttr {
+                    path, recursive, ..
+                } if path.as_bytes() == b"/newroot/dev" => Some(*recursive),
+                _ => None,
+            })
+            .unwrap();
+        assert!(!dev_attr, "the /dev read-only change must not reach /dev/shm");
+        let shm_flags = b
+            .ops
+            .iter()
+            .find_map(|o| match o {
+                Op::Mount { dst, flags, .. } if dst.as_bytes() == b"/newroot/dev/shm" => {
+                    Some(*flags)
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_ne!(shm_flags & libc::MS_NOEXEC, 0, "/dev/shm is noexec");
+        // The new root is still made read-only last, after the deferred ones.
+        assert!(pos("mount_setattr /newroot ro") > dev_ro);
     }
 
     #[test]
