@@ -9,6 +9,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod fds;
+pub mod init;
 pub mod landlock;
 pub mod mounts;
 pub mod namespaces;

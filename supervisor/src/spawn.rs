@@ -14,7 +14,8 @@
 //!  "go 2" ------------------------------->   setresgid/setresuid; drop caps; setsid;
 //!                                             PDEATHSIG; dumpable 0; rlimits; no_new_privs;
 //!                                             Landlock; close fds; chdir; fork:
-//!                                               pid 1 = init: reap, report status, exit
+//!                                               pid 1 = init: own seccomp; reap, report
+//!                                                       status, exit
 //!                                               pid 2 = program: seccomp; execve
 //!  read error pipe: EOF = exec'd  <-------   (or a ChildFailure record, then _exit(126))
 //! ```
@@ -178,10 +179,11 @@ pub enum Stage {
     ForkProgram,
     Seccomp,
     Execve,
+    InitSeccomp,
 }
 
 impl Stage {
-    const ALL: [Stage; 28] = [
+    const ALL: [Stage; 29] = [
         Stage::JoinCgroup,
         Stage::Sync1,
         Stage::UnshareCgroup,
@@ -210,6 +212,7 @@ impl Stage {
         Stage::ForkProgram,
         Stage::Seccomp,
         Stage::Execve,
+        Stage::InitSeccomp,
     ];
 
     pub fn from_u32(n: u32) -> Option<Stage> {
@@ -246,6 +249,7 @@ impl Stage {
             Stage::ForkProgram => "forking the program from the sandbox's init",
             Stage::Seccomp => "seccomp(SECCOMP_SET_MODE_FILTER)",
             Stage::Execve => "execve",
+            Stage::InitSeccomp => "seccomp of the sandbox's init",
         }
     }
 }
@@ -284,6 +288,9 @@ pub struct Launch {
     rlimits: Vec<rlimits::Prepared>,
     landlock: landlock::Prepared,
     seccomp: seccomp::Prepared,
+    /// The init's own fixed filter (see [`crate::init`]), installed right after it forks the
+    /// program.
+    init_seccomp: seccomp::Prepared,
     /// The supervisor's own set-id guard, installed before the plan's filter.
     setid_guard: seccomp::Prepared,
     cwd: CString,
@@ -375,6 +382,7 @@ impl Launch {
         )?;
         lap("landlock ruleset");
         let seccomp = seccomp::prepare(&plan.seccomp.program)?;
+        let init_seccomp = crate::init::prepare()?;
         let rlimits = rlimits::prepare(&plan.rlimits)?;
         let cap_last = caps::cap_last_cap()?;
         let hostname = if plan.namespaces.uts {
@@ -412,6 +420,7 @@ impl Launch {
             cap_last,
             rlimits,
             landlock,
+            init_seccomp,
             seccomp,
             setid_guard: seccomp::setid_guard(),
             cwd: cstring("cwd", plan.cwd.as_os_str().as_bytes())?,
@@ -1146,7 +1155,7 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
         fail(Stage::ForkProgram, 0, fds::errno());
     }
     if program > 0 {
-        init_main(program as libc::pid_t, f);
+        init_main(program as libc::pid_t, f, &l.init_seccomp);
     }
     // pid 2: seccomp last, right before execve.
     // SAFETY: closing the init's status pipe in our own fd table.
@@ -1167,9 +1176,26 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
 
 /// The sandbox's init (pid 1): reap every child; when the program exits, hand its raw wait
 /// status to the supervisor through the status pipe and exit, which kills whatever is left in
-/// the pid namespace. Runs without seccomp (it never execs and only waits and writes) but
-/// under everything else: no capabilities, no_new_privs, Landlock, rlimits, not dumpable.
-fn init_main(program: libc::pid_t, f: &ChildFds) -> ! {
+/// the pid namespace. Runs under everything the program gets except the plan's filter (no
+/// capabilities, no_new_privs, Landlock, rlimits, not dumpable) and, from right after the
+/// fork, under its own tiny filter ([`crate::init`]): wait4, write, close, exit, exit_group,
+/// rt_sigreturn; anything else kills it (and with it the namespace).
+fn init_main(program: libc::pid_t, f: &ChildFds, filter: &seccomp::Prepared) -> ! {
+    if let Err(errno) = seccomp::child_install(filter) {
+        // The exec-error pipe is still open here: the supervisor reads this record (the
+        // program's exec cannot produce the EOF while we hold our copy). Our exit kills the
+        // program.
+        fds::child_report(
+            f.err_write,
+            ChildFailure {
+                stage: Stage::InitSeccomp as u32,
+                index: 0,
+                errno,
+            },
+        );
+        // SAFETY: _exit is async-signal-safe and ends the init (and the namespace).
+        unsafe { libc::_exit(crate::report::EXIT_SETUP) };
+    }
     // SAFETY: closing our copies of the exec-error pipe (so the supervisor sees EOF when the
     // program execs) and of stdio (so readers see EOF when the program closes its end).
     unsafe {
