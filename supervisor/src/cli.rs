@@ -11,7 +11,7 @@ use carapace_policy::{Approval, Decision, ExecRequest, Plan, Policy, Target};
 use clap::{Args, Parser, Subcommand};
 
 use crate::cgroup::{self, Cgroup};
-use crate::namespaces::{self, HostIds};
+use crate::namespaces::{self, RunAs};
 use crate::report::{EXIT_DENIED, EXIT_SETUP};
 use crate::resolve::{self, DEFAULT_PATH};
 use crate::spawn::{Launch, LaunchOptions};
@@ -31,8 +31,10 @@ that matches wins; nothing runs that no rule allows) and UNDER WHICH PROFILE. A 
 what the program may touch: the filesystem view (system directories read-only, the workspace \
 writable but not executable), no network, seccomp syscall allowlist, Landlock rules, cgroup \
 limits, rlimits and a wall-time limit. All namespaces are new; all capabilities are dropped; \
-the program runs as an unprivileged host identity (65534:65534 by default), which appears inside \
-as the profile's user (1000:1000 by default).
+the program runs as an unprivileged host identity of its own (by default uid = gid = \
+2130706432 + the supervisor's pid, in the range 2130706432..2134900736 reserved for this: no \
+real account, no other process), which appears inside as the profile's user (1000:1000 by \
+default).
 
 Without --policy, the embedded default policy is used (print it with `carapace policy \
 show-default`): common read-only tools (ls, cat, grep, git status/log/diff, ...) are allowed, \
@@ -111,9 +113,11 @@ pub struct ExecArgs {
     /// Host directory shown as the profile's workspace (default: the current directory)
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
-    /// Unprivileged host identity the program runs as (never 0)
-    #[arg(long, value_name = "UID:GID", default_value = "65534:65534", value_parser = namespaces::parse_run_as)]
-    pub run_as: HostIds,
+    /// Unprivileged host identity the program runs as: `auto` (default) = uid and gid
+    /// 2130706432 + the supervisor's pid (range 2130706432..2134900736: unique per concurrent
+    /// run, never a real account), or UID:GID (never 0)
+    #[arg(long, value_name = "auto|UID:GID", default_value = "auto", value_parser = namespaces::parse_run_as)]
+    pub run_as: RunAs,
     /// Print a one-line report (exit, signal, wall/cpu time, peak memory, OOM, timeout) on stderr
     #[arg(long)]
     pub report: bool,
@@ -450,12 +454,16 @@ fn exec(a: ExecArgs) -> i32 {
         Some(w) => cwd.join(w),
         None => cwd.clone(),
     };
+    let (run_as, run_as_note) = a.run_as.resolve(std::process::id());
+    if let Some(n) = run_as_note {
+        eprintln!("{n}");
+    }
     let opts = LaunchOptions {
         program: d.program.clone(),
         argv0: a.command.first().cloned().unwrap_or_default(),
         args: a.command.iter().skip(1).cloned().collect(),
         workspace: Some(workspace),
-        run_as: a.run_as,
+        run_as,
         env: std::env::vars_os().collect(),
     };
     let t_prepare = std::time::Instant::now();
@@ -473,8 +481,8 @@ fn exec(a: ExecArgs) -> i32 {
             "carapace: running {} as host {}:{} (inside {}:{}), workspace owner {:?}, \
              landlock ABI {}",
             launch.program_inside().display(),
-            a.run_as.uid,
-            a.run_as.gid,
+            run_as.uid,
+            run_as.gid,
             plan.user.uid,
             plan.user.gid,
             launch.workspace_owner(),
@@ -482,6 +490,16 @@ fn exec(a: ExecArgs) -> i32 {
         );
     }
     let t_cgroup = std::time::Instant::now();
+    // Cgroups of earlier runs whose supervisor was SIGKILLed (it could not clean up): remove
+    // those that are empty and whose supervisor is gone. Never fatal.
+    match cgroup::remove_stale() {
+        Ok(gone) => {
+            for d in gone {
+                tracing::info!("removed the stale cgroup {}", d.display());
+            }
+        }
+        Err(e) => tracing::warn!("looking for stale cgroups: {e}"),
+    }
     let cg = match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
@@ -496,29 +514,14 @@ fn exec(a: ExecArgs) -> i32 {
         r.wait(launch.wall_time(), Some(&cg))
     });
     let t_exited = std::time::Instant::now();
-    if let Err(e) = cg.remove() {
-        tracing::warn!("removing the cgroup: {e}");
-    }
-    if a.verbose {
-        let ms =
-            |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_secs_f64() * 1e3;
-        eprintln!(
-            "carapace: timing: prepare {:.2}ms, cgroup create {:.2}ms, start (clone..execve) {:.2}ms, \
-             run {:.2}ms, cgroup remove {:.2}ms",
-            ms(t_prepare, t_cgroup),
-            ms(t_cgroup, t_spawn),
-            ms(t_spawn, t_started),
-            ms(t_started, t_exited),
-            ms(t_exited, std::time::Instant::now())
-        );
-    }
     let report = match result {
         Ok(r) => r,
         Err(e) => {
+            // (Dropping `cg` kills what may be left in it and removes it.)
             return fail(
                 &format!("cannot start {what}: {}", error_chain(&e)),
                 EXIT_SETUP,
-            )
+            );
         }
     };
     let interrupted = crate::spawn::interrupted();
@@ -532,6 +535,26 @@ fn exec(a: ExecArgs) -> i32 {
     }
     if let (Some(path), Some(file)) = (&a.report_json, report_file) {
         write_report(path, file, &format!("{}\n", report.json()));
+    }
+    // The cgroup goes only now: its statistics are in the report already, and whoever waits
+    // for the report does not wait for the rmdirs (milliseconds on v1; see docs/benchmarks.md).
+    let t_reported = std::time::Instant::now();
+    if let Err(e) = cg.remove() {
+        tracing::warn!("removing the cgroup: {e}");
+    }
+    if a.verbose {
+        let ms =
+            |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_secs_f64() * 1e3;
+        eprintln!(
+            "carapace: timing: prepare {:.2}ms, cgroup create {:.2}ms, start (clone..execve) {:.2}ms, \
+             run {:.2}ms, report {:.2}ms, cgroup remove {:.2}ms",
+            ms(t_prepare, t_cgroup),
+            ms(t_cgroup, t_spawn),
+            ms(t_spawn, t_started),
+            ms(t_started, t_exited),
+            ms(t_exited, t_reported),
+            ms(t_reported, std::time::Instant::now())
+        );
     }
     match interrupted {
         Some(sig) => 128 + sig,
@@ -716,6 +739,7 @@ fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::namespaces::HostIds;
     use clap::CommandFactory as _;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -734,7 +758,7 @@ mod tests {
             panic!("not exec")
         };
         assert_eq!(a.command, vec![OsString::from("ls"), OsString::from("-la")]);
-        assert_eq!(a.run_as, HostIds::NOBODY);
+        assert_eq!(a.run_as, RunAs::Auto);
         assert!(!a.report);
 
         // Without `--`, everything after PROGRAM belongs to it, flags included.
@@ -758,10 +782,10 @@ mod tests {
         assert!(a.report);
         assert_eq!(
             a.run_as,
-            HostIds {
+            RunAs::Fixed(HostIds {
                 uid: 1500,
                 gid: 1501
-            }
+            })
         );
         assert_eq!(a.workspace, Some(PathBuf::from("/tmp")));
         assert_eq!(a.command.len(), 4);

@@ -40,18 +40,76 @@ pub struct HostIds {
 }
 
 impl HostIds {
-    /// The default: `nobody:nogroup` (65534:65534).
+    /// `nobody:nogroup` (65534:65534), the default before per-run identities.
     pub const NOBODY: HostIds = HostIds {
         uid: 65534,
         gid: 65534,
     };
 }
 
+/// First host uid/gid of the per-run range (`--run-as auto`): 0x7F00_0000 = 2130706432.
+pub const AUTO_BASE: u32 = 0x7F00_0000;
+/// Size of the per-run range: 4194304 = 2^22, the kernel's largest possible `pid_max`
+/// (PID_MAX_LIMIT on 64-bit), so every pid has its own id.
+pub const AUTO_RANGE: u32 = 1 << 22;
+
+/// Which host identity a run uses (`--run-as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAs {
+    /// A per-run identity: uid = gid = [`AUTO_BASE`] + the supervisor's pid. No two carapace
+    /// processes running at the same time (in one pid namespace) share it, it is never a real
+    /// account, and no other host process runs as it: nothing outside the sandbox can signal
+    /// or ptrace the sandbox by sharing its uid (as any `nobody` process could with 65534).
+    Auto,
+    /// An explicit `UID:GID`.
+    Fixed(HostIds),
+}
+
+impl RunAs {
+    /// The identity for a supervisor with pid `pid`; a note when it is not unique.
+    pub fn resolve(self, pid: u32) -> (HostIds, Option<String>) {
+        match self {
+            RunAs::Fixed(ids) => (ids, None),
+            RunAs::Auto => {
+                let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u64>().ok());
+                auto_ids(pid, pid_max)
+            }
+        }
+    }
+}
+
+/// `--run-as auto` for pid `pid` given the kernel's `pid_max`: [`AUTO_BASE`] + pid. Should a
+/// pid not fit the range (a pid_max above 2^22, which Linux does not allow today, or unknown and
+/// a large pid), the id wraps (pid modulo the range) and the note says it may be shared.
+pub fn auto_ids(pid: u32, pid_max: Option<u64>) -> (HostIds, Option<String>) {
+    let fits = pid < AUTO_RANGE && pid_max.is_none_or(|m| m <= u64::from(AUTO_RANGE));
+    let id = AUTO_BASE + pid % AUTO_RANGE;
+    let note = (!fits).then(|| {
+        format!(
+            "carapace: warning: pid {pid} / pid_max {} does not fit the per-run id range \
+             {AUTO_BASE}..{}; using {id}, which another run may share (give --run-as UID:GID)",
+            pid_max.map_or_else(|| "unknown".to_string(), |m| m.to_string()),
+            u64::from(AUTO_BASE) + u64::from(AUTO_RANGE)
+        )
+    });
+    (HostIds { uid: id, gid: id }, note)
+}
+
+/// Parse `--run-as`: `auto`, or `UID:GID` (see [`parse_ids`]).
+pub fn parse_run_as(s: &str) -> Result<RunAs, String> {
+    if s == "auto" {
+        return Ok(RunAs::Auto);
+    }
+    parse_ids(s).map(RunAs::Fixed)
+}
+
 /// Parse `UID:GID` (numbers only; both required; 0 refused: the sandbox must not be host root).
-pub fn parse_run_as(s: &str) -> Result<HostIds, String> {
+pub fn parse_ids(s: &str) -> Result<HostIds, String> {
     let (u, g) = s
         .split_once(':')
-        .ok_or_else(|| format!("`{s}`: expected UID:GID, e.g. 65534:65534"))?;
+        .ok_or_else(|| format!("`{s}`: expected `auto` or UID:GID, e.g. 1500:1500"))?;
     let uid: u32 = u
         .parse()
         .map_err(|_| format!("`{u}`: expected a numeric uid"))?;
@@ -61,7 +119,7 @@ pub fn parse_run_as(s: &str) -> Result<HostIds, String> {
     if uid == 0 || gid == 0 {
         return Err(
             "running the sandbox as host uid/gid 0 is refused: pick an unprivileged \
-                    identity (the default is 65534:65534)"
+                    identity (the default, `auto`, picks one per run)"
                 .to_string(),
         );
     }
@@ -208,25 +266,54 @@ mod tests {
 
     #[test]
     fn run_as_parses_and_refuses() {
+        assert_eq!(parse_run_as("auto"), Ok(RunAs::Auto));
         assert_eq!(
             parse_run_as("65534:65534"),
-            Ok(HostIds {
+            Ok(RunAs::Fixed(HostIds {
                 uid: 65534,
                 gid: 65534
-            })
+            }))
         );
         assert_eq!(
             parse_run_as("1001:100"),
-            Ok(HostIds {
+            Ok(RunAs::Fixed(HostIds {
                 uid: 1001,
                 gid: 100
-            })
+            }))
         );
+        assert!(parse_run_as("Auto").is_err());
         for bad in [
             "", "1000", "1000:", ":1000", "a:b", "0:0", "0:1000", "1000:0", "-1:5", "1:2:3",
         ] {
             assert!(parse_run_as(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn auto_ids_are_base_plus_pid() {
+        let (ids, note) = auto_ids(4242, Some(32768));
+        assert_eq!(ids.uid, 2_130_706_432 + 4242);
+        assert_eq!(ids.gid, ids.uid);
+        assert!(note.is_none());
+        // The largest pid Linux can hand out still fits, and stays below 2^31 - 1.
+        let (ids, note) = auto_ids(AUTO_RANGE - 1, Some(u64::from(AUTO_RANGE)));
+        assert_eq!(ids.uid, 2_130_706_432 + 4_194_303);
+        assert!(ids.uid < 0x7FFF_FFFF);
+        assert!(note.is_none());
+        // Distinct pids, distinct ids.
+        assert_ne!(auto_ids(100, None).0, auto_ids(101, None).0);
+        // A pid_max beyond the range: wrap and say so.
+        let (ids, note) = auto_ids(AUTO_RANGE + 5, Some(u64::from(AUTO_RANGE) * 2));
+        assert_eq!(ids.uid, AUTO_BASE + 5);
+        assert!(note.is_some_and(|n| n.contains("may share")));
+        let (_, note) = auto_ids(7, Some(u64::from(AUTO_RANGE) + 1));
+        assert!(note.is_some());
+        assert_eq!(
+            RunAs::Fixed(HostIds::NOBODY).resolve(1),
+            (HostIds::NOBODY, None)
+        );
+        let (ids, _) = RunAs::Auto.resolve(std::process::id());
+        assert_eq!(ids.uid, AUTO_BASE + std::process::id() % AUTO_RANGE);
     }
 
     #[test]
