@@ -55,7 +55,12 @@ pub fn program() -> Vec<BpfInsn> {
     // seccomp_data: nr at offset 0, arch at offset 4.
     let mut v = vec![
         ld(4),
-        insn(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 1, 0, AUDIT_ARCH),
+        insn(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            1,
+            0,
+            AUDIT_ARCH,
+        ),
         ret(SECCOMP_RET_KILL_PROCESS),
         ld(0),
     ];
@@ -135,7 +140,11 @@ mod tests {
             libc::SYS_clone,
             libc::SYS_socket,
         ] {
-            assert_eq!(run(&p, AUDIT_ARCH, nr as u32), SECCOMP_RET_KILL_PROCESS, "{nr}");
+            assert_eq!(
+                run(&p, AUDIT_ARCH, nr as u32),
+                SECCOMP_RET_KILL_PROCESS,
+                "{nr}"
+            );
         }
         // Every number not in the list is killed.
         let allowed: Vec<u32> = ALLOWED.iter().map(|(_, n)| *n as u32).collect();

@@ -1037,7 +1037,10 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        assert!(!dev_attr, "the /dev read-only change must not reach /dev/shm");
+        assert!(
+            !dev_attr,
+            "the /dev read-only change must not reach /dev/shm"
+        );
         let shm_flags = b
             .ops
             .iter()
