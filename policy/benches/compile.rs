@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use carapace_policy::{Policy, Target};
+use carapace_policy::{max_path_len, run_bpf_counted, Policy, Target};
 
 const DEFAULT: &str = include_str!("../../policies/default.toml");
 const RUNS: usize = 1000;
@@ -19,7 +19,7 @@ fn main() {
     let target = Target { landlock_abi: 6 };
     let mut total = Vec::with_capacity(RUNS);
     let mut parse_only = Vec::with_capacity(RUNS);
-    let mut insns = 0;
+    let mut program = Vec::new();
     for _ in 0..RUNS {
         let t0 = Instant::now();
         let policy = match Policy::parse(DEFAULT, "policies/default.toml") {
@@ -38,7 +38,7 @@ fn main() {
             }
         };
         let t2 = Instant::now();
-        insns = plan.seccomp.program.len();
+        program.clone_from(&plan.seccomp.program);
         std::hint::black_box(&plan);
         parse_only.push(t1 - t0);
         total.push(t2 - t0);
@@ -57,7 +57,18 @@ fn main() {
         percentile(&total, 0.99),
         total[total.len() - 1]
     );
-    println!("  seccomp program: {insns} instructions");
+    // Path lengths through the filter: the worst case over all paths, and what syscalls
+    // 0..=470 with zero arguments actually execute (the interpreter counts instructions).
+    let steps: Vec<usize> = (0..=470)
+        .filter_map(|nr| run_bpf_counted(&program, nr, 0xc000_003e, [0; 6]).map(|(_, n)| n))
+        .collect();
+    let mean = steps.iter().sum::<usize>() as f64 / steps.len().max(1) as f64;
+    println!(
+        "  seccomp program: {} instructions; worst-case path {} instructions; syscalls 0..=470: max {}, mean {mean:.1}",
+        program.len(),
+        max_path_len(&program).map_or("malformed".to_string(), |n| n.to_string()),
+        steps.iter().max().copied().unwrap_or(0),
+    );
     let p50 = percentile(&total, 0.5);
     println!(
         "  target p50 < 5 ms: {}",

@@ -3,7 +3,10 @@
 
 use std::fmt::Write;
 
-use crate::plan::{FsRights, LandlockPath, Mount, Network, Plan, RlimitResource, SeccompAction};
+use crate::plan::{
+    ArgCondition, ConditionalSyscall, FsRights, LandlockPath, Mount, Network, Plan, RlimitResource,
+    SeccompAction,
+};
 use crate::tables::errno_name;
 use crate::units::fmt_bytes;
 
@@ -16,6 +19,52 @@ fn action(a: &SeccompAction) -> String {
         SeccompAction::KillProcess => "kill the whole process".into(),
         SeccompAction::Log => "be allowed but logged by the kernel".into(),
         SeccompAction::Allow => "be allowed".into(),
+    }
+}
+
+/// "allowed only when ...; otherwise fail with EPERM", from the condition itself.
+fn conditional(c: &ConditionalSyscall) -> String {
+    let verb = |a: &SeccompAction| match a {
+        SeccompAction::Allow => "allowed".to_string(),
+        SeccompAction::Log => "allowed but logged by the kernel".to_string(),
+        other => action(other),
+    };
+    let (then, otherwise) = (verb(&c.then), verb(&c.otherwise));
+    match &c.when {
+        ArgCondition::OneOf { arg, what, values } => {
+            let names: Vec<String> = values
+                .iter()
+                .map(|(n, v)| {
+                    if n.starts_with(|ch: char| ch.is_ascii_uppercase()) {
+                        n.clone()
+                    } else {
+                        format!("{n} ({v:#x})")
+                    }
+                })
+                .collect();
+            let which = if names.len() == 1 {
+                format!("is {}", names[0])
+            } else {
+                format!("is one of {}", names.join(", "))
+            };
+            format!(
+                "{then} only when the {what} (argument {arg}, low 32 bits compared) {which}; otherwise {otherwise}"
+            )
+        }
+        ArgCondition::NoneOf { arg, what, flags } => {
+            let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
+            if c.otherwise != SeccompAction::Allow && c.then == SeccompAction::Allow {
+                format!(
+                    "{otherwise} when the {what} (argument {arg}) contains any of {}; otherwise {then}",
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "{then} only when the {what} (argument {arg}) contains none of {}; otherwise {otherwise}",
+                    names.join(", ")
+                )
+            }
+        }
     }
 }
 
@@ -212,11 +261,16 @@ pub(crate) fn explain(p: &Plan) -> String {
         s,
         "  non-x86_64 (e.g. int 0x80) and x32 syscalls: kill the process"
     );
+    let guard = &sc.setid_guard;
     for (name, a) in &sc.denied {
-        let _ = writeln!(s, "  {name}: {}", action(a));
+        if !guard.refused.contains(name) {
+            let _ = writeln!(s, "  {name}: {}", action(a));
+        }
     }
-    for (name, cond) in &sc.conditional {
-        let _ = writeln!(s, "  {name}: allowed {cond}");
+    for c in &sc.conditional {
+        if !guard.mode_checked.contains(&c.syscall) {
+            let _ = writeln!(s, "  {}: {}", c.syscall, conditional(c));
+        }
     }
     let _ = writeln!(
         s,
@@ -225,6 +279,40 @@ pub(crate) fn explain(p: &Plan) -> String {
         sc.allowed.join(" ")
     );
     let _ = writeln!(s, "  any other syscall: {}", action(&sc.default_action));
+    let _ = writeln!(
+        s,
+        "  set-id guard (always on: files the sandbox creates in the workspace land owned by the \
+         workspace's owner, often root, so none may get a set-user-ID or set-group-ID bit):"
+    );
+    // Group the guard's mode checks that read the same.
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for c in &sc.conditional {
+        if guard.mode_checked.contains(&c.syscall) {
+            let text = conditional(c);
+            match groups.iter_mut().find(|(t, _)| *t == text) {
+                Some((_, names)) => names.push(&c.syscall),
+                None => groups.push((text, vec![&c.syscall])),
+            }
+        }
+    }
+    for (text, names) in &groups {
+        let _ = writeln!(s, "    {}: {text}", names.join(", "));
+    }
+    for (name, a) in &sc.denied {
+        if guard.refused.contains(name) {
+            let _ = writeln!(
+                s,
+                "    {name}: {} (its mode is in memory seccomp cannot read; libc falls back to openat)",
+                action(a)
+            );
+        }
+    }
+    if groups.is_empty() && guard.refused.is_empty() {
+        let _ = writeln!(
+            s,
+            "    this profile allows none of the syscalls that could set those bits"
+        );
+    }
 
     let _ = writeln!(s, "\nlimits:");
     let cg = &p.cgroup;

@@ -27,7 +27,15 @@ pub fn policy_roundtrip(data: &[u8]) {
         .collect();
     for name in &names {
         if let Ok(plan) = policy.compile(name, &Target { landlock_abi: 7 }) {
-            check_filter_matches_plan(&plan, &[[0; 6], [1, 0x5401, 0, 0, 0, 0], [u64::MAX; 6]]);
+            check_filter_matches_plan(
+                &plan,
+                &[
+                    [0; 6],
+                    [1, 0x5401, 0, 0, 0, 0],
+                    [u64::MAX; 6],
+                    [0, 0o4755, 0o2755, 0o6755, 0, 0],
+                ],
+            );
         }
         for abi in 0..=7u8 {
             match policy.compile(name, &Target { landlock_abi: abi }) {
@@ -75,8 +83,11 @@ pub fn policy_roundtrip(data: &[u8]) {
 }
 
 /// The filter allows exactly what the plan says: every syscall listed in `allowed` is allowed
-/// for any arguments; a syscall neither allowed nor conditional is never allowed; a denied one
-/// gets its own action. (So `explain`, which prints these lists, cannot overstate the filter.)
+/// for any arguments; a conditional one gets `then` exactly when its condition holds and
+/// `otherwise` when not; a syscall not listed gets the default action; a denied one gets its own
+/// action. (So `explain`, which prints these lists, cannot overstate the filter.) Every known
+/// syscall and every number 0..=470, plus numbers around the x32 bit and foreign architectures,
+/// are compared with [`reference_verdict`] for each of `arg_sets`.
 pub fn check_filter_matches_plan(plan: &Plan, arg_sets: &[[u64; 6]]) {
     let sc = &plan.seccomp;
     let allow = ret_value(SeccompAction::Allow);
@@ -84,14 +95,21 @@ pub fn check_filter_matches_plan(plan: &Plan, arg_sets: &[[u64; 6]]) {
         let Ok(nr) = i32::try_from(nr) else { continue };
         let denied = sc.denied.iter().find(|(n, _)| n == name);
         let allowed = sc.allowed.iter().any(|n| n == name);
-        let conditional = sc.conditional.iter().any(|(n, _)| n == name);
+        let conditional = sc.conditional.iter().find(|c| c.syscall == name);
         for args in arg_sets {
             let got = run_bpf(&sc.program, nr, AUDIT_ARCH_X86_64, *args);
             match (denied, allowed, conditional) {
                 (Some((_, action)), _, _) => assert_eq!(got, Some(ret_value(*action)), "{name}"),
                 (None, true, _) => assert_eq!(got, Some(allow), "{name} listed as allowed"),
-                (None, false, true) => assert!(got.is_some(), "{name}"),
-                (None, false, false) => assert_eq!(
+                (None, false, Some(c)) => {
+                    let want = if c.when.holds(args) {
+                        c.then
+                    } else {
+                        c.otherwise
+                    };
+                    assert_eq!(got, Some(ret_value(want)), "{name} {args:x?}");
+                }
+                (None, false, None) => assert_eq!(
                     got,
                     Some(ret_value(sc.default_action)),
                     "{name} is not listed but gets a different verdict"
@@ -99,4 +117,58 @@ pub fn check_filter_matches_plan(plan: &Plan, arg_sets: &[[u64; 6]]) {
             }
         }
     }
+    let mut numbers: Vec<i32> = (0..=470).collect();
+    numbers.extend([
+        471,
+        1000,
+        0x3fff_ffff,
+        0x4000_0000,
+        0x4000_0001,
+        0x4000_0000 | 59,
+        0x4000_0000 | 435,
+        0x7fff_ffff,
+        -1,
+        i32::MIN,
+    ]);
+    for arch in [AUDIT_ARCH_X86_64, 0x4000_0003, 0xc000_00b7, 0, 0x8000_003e] {
+        for &nr in &numbers {
+            // Foreign architectures: a sample of numbers is enough (the guard comes first).
+            if arch != AUDIT_ARCH_X86_64 && nr > 3 && nr < 0x3fff_ffff && nr % 37 != 0 {
+                continue;
+            }
+            for args in arg_sets {
+                assert_eq!(
+                    run_bpf(&sc.program, nr, arch, *args),
+                    Some(reference_verdict(plan, nr, arch, args)),
+                    "nr {nr:#x} arch {arch:#x} args {args:x?}"
+                );
+            }
+        }
+    }
+}
+
+/// What the plan says the filter returns, evaluated straight from its lists (no BPF): the
+/// arch/x32 guard, then the denied, allowed and conditional lists, then the default action.
+pub fn reference_verdict(plan: &Plan, nr: i32, arch: u32, args: &[u64; 6]) -> u32 {
+    let sc = &plan.seccomp;
+    if arch != AUDIT_ARCH_X86_64 || nr as u32 >= 0x4000_0000 {
+        return RET_KILL_PROCESS;
+    }
+    let Some((name, _)) = crate::tables::all_syscalls().find(|(_, n)| *n == i64::from(nr)) else {
+        return ret_value(sc.default_action);
+    };
+    if let Some((_, a)) = sc.denied.iter().find(|(n, _)| n == name) {
+        return ret_value(*a);
+    }
+    if sc.allowed.iter().any(|n| n == name) {
+        return ret_value(SeccompAction::Allow);
+    }
+    if let Some(c) = sc.conditional.iter().find(|c| c.syscall == name) {
+        return ret_value(if c.when.holds(args) {
+            c.then
+        } else {
+            c.otherwise
+        });
+    }
+    ret_value(sc.default_action)
 }

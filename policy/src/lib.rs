@@ -9,6 +9,7 @@
 //! matching `[[exec]]` rule) -> [`Policy::compile`] (profile -> [`Plan`]) -> [`Plan::explain`].
 //! The format is documented in `docs/policy.md`.
 
+mod bpf;
 mod compile;
 mod explain;
 pub mod fuzz;
@@ -27,8 +28,9 @@ use std::fmt;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+pub use bpf::max_path_len;
 pub use plan::Plan;
-pub use seccomp::run_bpf;
+pub use seccomp::{run_bpf, run_bpf_counted};
 
 use crate::source::{Sink, Source};
 use crate::validate::{ArgPat, ProgramPat, Validated};

@@ -173,19 +173,96 @@ pub struct BpfInsn {
     pub k: u32,
 }
 
-/// The compiled seccomp filter and the facts `explain` prints about it.
+/// A test the filter makes on one syscall argument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ArgCondition {
+    /// The low 32 bits of argument `arg` (0-based) equal one of `values` (name, value). Only the
+    /// low half is compared because the kernel reads these arguments as 32-bit integers and
+    /// ignores the rest: garbage in the high half is the same request to the kernel, and must be
+    /// the same verdict to the filter (CVE-2019-10063).
+    OneOf {
+        arg: u8,
+        /// What the argument is, in words ("socket domain", "request", ...).
+        what: String,
+        values: Vec<(String, u32)>,
+    },
+    /// None of `flags` (name, bit mask) is set in argument `arg` (all 64 bits compared).
+    NoneOf {
+        arg: u8,
+        /// What the argument is, in words ("flags", "mode", ...).
+        what: String,
+        flags: Vec<(String, u64)>,
+    },
+}
+
+impl ArgCondition {
+    /// Whether the condition holds for these syscall arguments (the reference meaning that the
+    /// BPF program must implement).
+    pub fn holds(&self, args: &[u64; 6]) -> bool {
+        match self {
+            ArgCondition::OneOf { arg, values, .. } => {
+                let a = args.get(usize::from(*arg)).copied().unwrap_or(0) as u32;
+                values.iter().any(|(_, v)| *v == a)
+            }
+            ArgCondition::NoneOf { arg, flags, .. } => {
+                let a = args.get(usize::from(*arg)).copied().unwrap_or(0);
+                flags.iter().all(|(_, f)| a & f == 0)
+            }
+        }
+    }
+}
+
+/// A syscall whose verdict depends on its arguments: `then` when `when` holds, else `otherwise`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConditionalSyscall {
+    pub syscall: String,
+    pub when: ArgCondition,
+    pub then: SeccompAction,
+    pub otherwise: SeccompAction,
+}
+
+/// The set-id guard, part of every seccomp plan whatever the policy says: the workspace is an
+/// idmapped mount on which files the sandbox creates land owned by the workspace's OWNER (often
+/// root), so a set-uid or set-gid bit on one would plant a set-id program for a host user to run.
+/// Wherever the profile would allow (or only log) one of these syscalls, the filter adds:
+///
+/// * `chmod`, `fchmod`, `fchmodat`, `fchmodat2`, `creat`, `open`, `openat`, `mknod`, `mknodat`:
+///   EPERM when the mode argument has S_ISUID or S_ISGID (a [`ConditionalSyscall`] with
+///   [`ArgCondition::NoneOf`] on the mode, listed in [`SeccompPlan::conditional`]);
+/// * `openat2`: ENOSYS (its mode lives in memory that seccomp cannot read; libc falls back to
+///   openat), listed in [`SeccompPlan::denied`].
+///
+/// A syscall the profile already denies keeps its own verdict (as a separate filter would: the
+/// kernel applies the more restrictive one). No policy key turns the guard off.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct SetidGuard {
+    /// Syscalls whose mode argument the guard checks in this plan.
+    pub mode_checked: Vec<String>,
+    /// Syscalls the profile would allow but the guard refuses with ENOSYS.
+    pub refused: Vec<String>,
+}
+
+/// The compiled seccomp filter and the facts `explain` prints about it. The program is emitted
+/// from the lists below (see `policy/src/bpf.rs`), so they are exactly what it enforces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SeccompPlan {
-    /// The complete program, architecture and x32 guard first. Applied last, right before
-    /// execve, with SECCOMP_FILTER_FLAG_TSYNC unnecessary (the child is single-threaded).
+    /// The complete program, architecture and x32 guard first, then a binary search on the
+    /// syscall number. Applied last, right before execve, with SECCOMP_FILTER_FLAG_TSYNC
+    /// unnecessary (the child is single-threaded).
     pub program: Vec<BpfInsn>,
+    /// Verdict for every syscall not listed below.
     pub default_action: SeccompAction,
     /// Syscalls allowed without conditions, sorted by name.
     pub allowed: Vec<String>,
-    /// Syscalls allowed only with argument conditions, with a human description each.
-    pub conditional: Vec<(String, String)>,
-    /// Syscalls explicitly denied with their action (e.g. clone3 -> ENOSYS).
+    /// Syscalls whose verdict depends on their arguments, sorted by name (this includes the
+    /// set-id guard's mode checks).
+    pub conditional: Vec<ConditionalSyscall>,
+    /// Syscalls denied whatever their arguments, with their action (e.g. clone3 -> ENOSYS):
+    /// the policy's deny entries in order, then what the set-id guard refuses.
     pub denied: Vec<(String, SeccompAction)>,
+    /// Where the always-on set-id guard is in force (see [`SetidGuard`]).
+    pub setid_guard: SetidGuard,
 }
 
 /// cgroup limits; `None` means unlimited.

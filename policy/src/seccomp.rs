@@ -1,39 +1,21 @@
-//! Compiling a profile's seccomp section into a BPF program.
-//!
-//! Layout of the program:
-//! 1. our guard: load `arch`; anything but AUDIT_ARCH_X86_64 -> KILL_PROCESS (this also kills
-//!    i386 `int 0x80` syscalls); load `nr`; nr >= 0x40000000 (the x32 ABI) -> KILL_PROCESS;
-//! 2. the explicit deny entries, each returning its own action (e.g. clone3 -> ENOSYS);
-//! 3. seccompiler's allowlist filter (its own arch check again, then one chain per syscall with
-//!    argument conditions; match -> ALLOW, else the default action).
-//!
-//! Every jump in classic BPF is relative and forward, and each part ends in RET or falls through
-//! to the next part's first instruction, so concatenation is sound (tested with an interpreter).
+//! Compiling a profile's seccomp section into a [`SeccompPlan`]: first the lists `explain`
+//! prints (allowed, conditional, denied, the set-id guard, the default action), then the BPF
+//! program emitted from exactly those lists by [`crate::bpf`] (a binary search tree over the
+//! syscall numbers behind the arch/x32 guard).
 
 use std::collections::BTreeMap;
 
-use seccompiler::{
-    BpfProgram, SeccompAction as ScAction, SeccompCmpArgLen as ArgLen, SeccompCmpOp as Op,
-    SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
+use crate::bpf::{self, Leaf, Test, BPF_LD_W_ABS};
+pub(crate) use crate::bpf::{AUDIT_ARCH_X86_64, RET_KILL_PROCESS};
+use crate::plan::{
+    ArgCondition, BpfInsn, ConditionalSyscall, SeccompAction, SeccompPlan, SetidGuard,
 };
-
-use crate::plan::{BpfInsn, SeccompAction, SeccompPlan};
 use crate::tables;
 use crate::validate::SeccompSpec;
 
-pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
-pub(crate) const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-pub(crate) const RET_KILL_PROCESS: u32 = 0x8000_0000;
 pub(crate) const RET_ERRNO: u32 = 0x0005_0000;
 pub(crate) const RET_LOG: u32 = 0x7ffc_0000;
 pub(crate) const RET_ALLOW: u32 = 0x7fff_0000;
-
-pub(crate) const BPF_LD_W_ABS: u16 = 0x20;
-pub(crate) const BPF_JEQ_K: u16 = 0x15;
-pub(crate) const BPF_JGE_K: u16 = 0x35;
-pub(crate) const BPF_RET_K: u16 = 0x06;
-/// Maximum instructions the kernel accepts in one filter.
-pub(crate) const BPF_MAXINSNS: usize = 4096;
 
 pub(crate) fn ret_value(a: SeccompAction) -> u32 {
     match a {
@@ -44,177 +26,233 @@ pub(crate) fn ret_value(a: SeccompAction) -> u32 {
     }
 }
 
-fn to_sc(a: SeccompAction) -> ScAction {
-    match a {
-        SeccompAction::Errno(e) => ScAction::Errno(e),
-        SeccompAction::KillProcess => ScAction::KillProcess,
-        SeccompAction::Log => ScAction::Log,
-        SeccompAction::Allow => ScAction::Allow,
-    }
-}
-
-fn stmt(code: u16, k: u32) -> BpfInsn {
-    BpfInsn {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-fn jump(code: u16, k: u32, jt: u8, jf: u8) -> BpfInsn {
-    BpfInsn { code, jt, jf, k }
-}
+/// The set-id guard's mode checks: (syscall, index of its mode argument). See
+/// [`SetidGuard`].
+pub(crate) const SETID_MODE_ARGS: &[(&str, u8)] = &[
+    ("chmod", 1),
+    ("fchmod", 1),
+    ("fchmodat", 2),
+    ("fchmodat2", 2),
+    ("creat", 1),
+    ("open", 2),
+    ("openat", 3),
+    ("mknod", 1),
+    ("mknodat", 2),
+];
+/// Syscalls the set-id guard refuses with ENOSYS: their mode is in memory seccomp cannot read.
+pub(crate) const SETID_REFUSED: &[&str] = &["openat2"];
+const S_ISUID: u64 = 0o4000;
+const S_ISGID: u64 = 0o2000;
 
 /// Why a seccomp filter could not be built.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SeccompCompileError {
     #[error("unknown syscall `{0}`")]
     UnknownSyscall(String),
-    #[error("seccompiler: {0}")]
-    Backend(#[from] seccompiler::BackendError),
-    #[error("the filter has {0} instructions, more than the kernel's {BPF_MAXINSNS}")]
-    TooLarge(usize),
+    #[error("{0}")]
+    Emit(#[from] bpf::EmitError),
+    #[error("internal: the set-id guard cannot be combined with the argument conditions of `{0}`")]
+    GuardOnConditional(String),
+}
+
+/// The verdict of one listed syscall while the plan is being built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Ret(SeccompAction),
+    Cond(ConditionalSyscall),
 }
 
 /// Build the seccomp part of a plan.
 pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, SeccompCompileError> {
-    let denied: Vec<&str> = spec.deny.iter().map(|(n, _)| n.as_str()).collect();
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let mut allowed = Vec::new();
-    let mut conditional = Vec::new();
-    let cond = |idx: u8, len: ArgLen, op: Op, v: u64| -> Result<SeccompRule, SeccompCompileError> {
-        let c = Cond::new(idx, len, op, v)?;
-        Ok(SeccompRule::new(vec![c])?)
+    let default = spec.default_action;
+    let mut rules: BTreeMap<String, Verdict> = BTreeMap::new();
+    let cond = |name: &str, when: ArgCondition| {
+        Verdict::Cond(ConditionalSyscall {
+            syscall: name.to_string(),
+            when,
+            then: SeccompAction::Allow,
+            otherwise: default,
+        })
     };
     for name in &spec.allow {
-        if denied.contains(&name.as_str()) {
-            continue; // deny entries win over the allowlist
-        }
-        let Some(nr) = tables::syscall_nr(name) else {
-            return Err(SeccompCompileError::UnknownSyscall(name.clone()));
-        };
-        match name.as_str() {
+        let verdict = match name.as_str() {
             "socket" | "socketpair" => {
                 if spec.socket_domains.is_empty() {
-                    continue;
+                    continue; // nothing allowed: the default action
                 }
-                let mut v = Vec::new();
-                for (_, d) in &spec.socket_domains {
-                    v.push(cond(0, ArgLen::Dword, Op::Eq, u64::from(*d))?);
-                }
-                rules.insert(nr, v);
-                conditional.push((
-                    name.clone(),
-                    format!("only for socket domain {}", join(&spec.socket_domains)),
-                ));
+                cond(
+                    name,
+                    ArgCondition::OneOf {
+                        arg: 0,
+                        what: "socket domain".into(),
+                        values: spec.socket_domains.clone(),
+                    },
+                )
             }
             "ioctl" => {
                 if spec.ioctl_requests.is_empty() {
                     continue;
                 }
-                let mut v = Vec::new();
-                for (_, r) in &spec.ioctl_requests {
-                    v.push(cond(1, ArgLen::Dword, Op::Eq, u64::from(*r))?);
-                }
-                rules.insert(nr, v);
-                conditional.push((
-                    name.clone(),
-                    format!(
-                        "only for request {} (low 32 bits compared)",
-                        join(&spec.ioctl_requests)
-                    ),
-                ));
+                cond(
+                    name,
+                    ArgCondition::OneOf {
+                        arg: 1,
+                        what: "request".into(),
+                        values: spec.ioctl_requests.clone(),
+                    },
+                )
             }
-            "clone" => {
-                let mask: u64 = spec.clone_deny.iter().fold(0, |m, (_, f)| m | f);
-                if mask == 0 {
-                    rules.insert(nr, vec![]);
-                    allowed.push(name.clone());
-                } else {
-                    rules.insert(nr, vec![cond(0, ArgLen::Qword, Op::MaskedEq(mask), 0)?]);
-                    let names: Vec<&str> =
-                        spec.clone_deny.iter().map(|(n, _)| n.as_str()).collect();
-                    conditional.push((
-                        name.clone(),
-                        format!("only without the flags {}", names.join(", ")),
-                    ));
-                }
+            "clone" if !spec.clone_deny.is_empty() => cond(
+                name,
+                ArgCondition::NoneOf {
+                    arg: 0,
+                    what: "flags".into(),
+                    flags: spec.clone_deny.clone(),
+                },
+            ),
+            "personality" => cond(
+                name,
+                ArgCondition::OneOf {
+                    arg: 0,
+                    what: "persona".into(),
+                    values: tables::PERSONALITY_SAFE
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), *v))
+                        .collect(),
+                },
+            ),
+            _ => Verdict::Ret(SeccompAction::Allow),
+        };
+        rules.insert(name.clone(), verdict);
+    }
+    // Deny entries win over the allowlist.
+    for (name, action) in &spec.deny {
+        rules.insert(name.clone(), Verdict::Ret(*action));
+    }
+
+    // The set-id guard, where the profile would let the syscall through (allowed or only
+    // logged); a profile that already refuses it keeps its own, more restrictive, verdict.
+    let lets_through = |a: SeccompAction| matches!(a, SeccompAction::Allow | SeccompAction::Log);
+    let mut guard = SetidGuard::default();
+    for (name, arg) in SETID_MODE_ARGS {
+        let base = rules.get(*name).cloned().unwrap_or(Verdict::Ret(default));
+        match base {
+            Verdict::Ret(a) if lets_through(a) => {
+                rules.insert(
+                    name.to_string(),
+                    Verdict::Cond(ConditionalSyscall {
+                        syscall: name.to_string(),
+                        when: ArgCondition::NoneOf {
+                            arg: *arg,
+                            what: "mode".into(),
+                            flags: vec![("S_ISUID".into(), S_ISUID), ("S_ISGID".into(), S_ISGID)],
+                        },
+                        then: a,
+                        otherwise: SeccompAction::Errno(libc::EPERM as u32),
+                    }),
+                );
+                guard.mode_checked.push(name.to_string());
             }
-            "personality" => {
-                let mut v = Vec::new();
-                for (_, p) in tables::PERSONALITY_SAFE {
-                    v.push(cond(0, ArgLen::Dword, Op::Eq, u64::from(*p))?);
-                }
-                rules.insert(nr, v);
-                conditional.push((
-                    name.clone(),
-                    "only to query the personality or set PER_LINUX".to_string(),
-                ));
-            }
-            _ => {
-                rules.insert(nr, vec![]);
-                allowed.push(name.clone());
+            Verdict::Ret(_) => {}
+            Verdict::Cond(_) => {
+                return Err(SeccompCompileError::GuardOnConditional(name.to_string()))
             }
         }
     }
-    allowed.sort();
-    let filter = SeccompFilter::new(
-        rules,
-        to_sc(spec.default_action),
-        ScAction::Allow,
-        TargetArch::x86_64,
-    )?;
-    let body: BpfProgram = filter.try_into()?;
+    for name in SETID_REFUSED {
+        let base = rules.get(*name).cloned().unwrap_or(Verdict::Ret(default));
+        match base {
+            Verdict::Ret(a) if lets_through(a) => {
+                rules.insert(
+                    name.to_string(),
+                    Verdict::Ret(SeccompAction::Errno(libc::ENOSYS as u32)),
+                );
+                guard.refused.push(name.to_string());
+            }
+            Verdict::Ret(_) => {}
+            Verdict::Cond(_) => {
+                return Err(SeccompCompileError::GuardOnConditional(name.to_string()))
+            }
+        }
+    }
 
-    let mut program = vec![
-        stmt(BPF_LD_W_ABS, 4),
-        jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
-        stmt(BPF_RET_K, RET_KILL_PROCESS),
-        stmt(BPF_LD_W_ABS, 0),
-        jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1),
-        stmt(BPF_RET_K, RET_KILL_PROCESS),
-    ];
-    let mut denied_out = Vec::new();
-    for (name, action) in &spec.deny {
-        let Some(nr) = tables::syscall_nr(name) else {
-            return Err(SeccompCompileError::UnknownSyscall(name.clone()));
-        };
-        let nr =
-            u32::try_from(nr).map_err(|_| SeccompCompileError::UnknownSyscall(name.clone()))?;
-        program.push(jump(BPF_JEQ_K, nr, 0, 1));
-        program.push(stmt(BPF_RET_K, ret_value(*action)));
-        denied_out.push((name.clone(), *action));
+    // The lists (what explain prints), then the program from the lists.
+    let mut allowed = Vec::new();
+    let mut conditional = Vec::new();
+    let mut denied: Vec<(String, SeccompAction)> = Vec::new();
+    for (name, v) in &rules {
+        match v {
+            Verdict::Ret(SeccompAction::Allow) => allowed.push(name.clone()),
+            Verdict::Ret(_) => {}
+            Verdict::Cond(c) => conditional.push(c.clone()),
+        }
     }
-    program.extend(body.into_iter().map(|i| BpfInsn {
-        code: i.code,
-        jt: i.jt,
-        jf: i.jf,
-        k: i.k,
-    }));
-    if program.len() > BPF_MAXINSNS {
-        return Err(SeccompCompileError::TooLarge(program.len()));
+    // Denied: the policy's entries in their order, then the guard's.
+    let names = spec.deny.iter().map(|(n, _)| n.as_str());
+    for name in names.chain(SETID_REFUSED.iter().copied()) {
+        if let Some(Verdict::Ret(a)) = rules.get(name) {
+            if *a != SeccompAction::Allow && !denied.iter().any(|(n, _)| n == name) {
+                denied.push((name.to_string(), *a));
+            }
+        }
     }
+    let program = program(default, &allowed, &conditional, &denied)?;
     Ok(SeccompPlan {
         program,
-        default_action: spec.default_action,
+        default_action: default,
         allowed,
         conditional,
-        denied: denied_out,
+        denied,
+        setid_guard: guard,
     })
 }
 
-fn join<T>(v: &[(String, T)]) -> String {
-    v.iter()
-        .map(|(n, _)| n.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Emit the BPF program for these lists (the plan's own fields).
+fn program(
+    default: SeccompAction,
+    allowed: &[String],
+    conditional: &[ConditionalSyscall],
+    denied: &[(String, SeccompAction)],
+) -> Result<Vec<BpfInsn>, SeccompCompileError> {
+    let nr = |name: &str| -> Result<u32, SeccompCompileError> {
+        tables::syscall_nr(name)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| SeccompCompileError::UnknownSyscall(name.to_string()))
+    };
+    let mut leaves = Vec::new();
+    for name in allowed {
+        leaves.push((nr(name)?, Leaf::Ret(ret_value(SeccompAction::Allow))));
+    }
+    for c in conditional {
+        leaves.push((
+            nr(&c.syscall)?,
+            Leaf::Cond {
+                test: Test::from_condition(&c.when),
+                then: ret_value(c.then),
+                otherwise: ret_value(c.otherwise),
+            },
+        ));
+    }
+    for (name, a) in denied {
+        leaves.push((nr(name)?, Leaf::Ret(ret_value(*a))));
+    }
+    Ok(bpf::emit(ret_value(default), &leaves)?)
 }
 
 /// A classic-BPF interpreter for seccomp programs, for tests (and the fuzz target): runs
 /// `program` on a `seccomp_data` and returns the filter's return value, or None when the program
 /// is malformed (jump out of range, unsupported instruction, falls off the end).
 pub fn run_bpf(program: &[BpfInsn], nr: i32, arch: u32, args: [u64; 6]) -> Option<u32> {
+    run_bpf_counted(program, nr, arch, args).map(|(verdict, _)| verdict)
+}
+
+/// [`run_bpf`], also returning how many instructions ran (the path length of this input).
+pub fn run_bpf_counted(
+    program: &[BpfInsn],
+    nr: i32,
+    arch: u32,
+    args: [u64; 6],
+) -> Option<(u32, usize)> {
     let mut data = [0u8; 64];
     data[0..4].copy_from_slice(&nr.to_le_bytes());
     data[4..8].copy_from_slice(&arch.to_le_bytes());
@@ -269,7 +307,7 @@ pub fn run_bpf(program: &[BpfInsn], nr: i32, arch: u32, args: [u64; 6]) -> Optio
                 };
                 pc += 1 + usize::from(if taken { insn.jt } else { insn.jf });
             }
-            0x06 => return Some(insn.k),
+            0x06 => return Some((insn.k, steps)),
             _ => return None,
         }
     }

@@ -715,7 +715,27 @@ fn deny_entries_have_their_own_action() {
         RET_LOG,
         "explicit entry replaces the implicit ENOSYS"
     );
-    assert_eq!(plan.seccomp.denied.len(), 3);
+    // The policy's entries in order, then the set-id guard's refusal of openat2 (@file-read
+    // allows it). A denied guarded syscall keeps its own action (openat: EACCES).
+    let denied: Vec<(&str, SeccompAction)> = plan
+        .seccomp
+        .denied
+        .iter()
+        .map(|(n, a)| (n.as_str(), *a))
+        .collect();
+    assert_eq!(
+        denied,
+        vec![
+            ("openat", SeccompAction::Errno(libc::EACCES as u32)),
+            ("getcwd", SeccompAction::KillProcess),
+            ("clone3", SeccompAction::Log),
+            ("openat2", SeccompAction::Errno(libc::ENOSYS as u32)),
+        ]
+    );
+    assert_eq!(
+        run(&plan, "openat", [0, 0, 0o100, 0o4755, 0, 0]),
+        ret_errno(libc::EACCES)
+    );
 }
 
 /// Every syscall observed with `strace -f -qq -c` on this project's reference tools (ls, cat,
@@ -869,4 +889,307 @@ fn filter_allows_exactly_what_the_plan_lists() {
     ];
     carapace_policy::fuzz::check_filter_matches_plan(&plan_of(DEFAULT, "tool"), &args);
     carapace_policy::fuzz::check_filter_matches_plan(&plan_of(EXTENDS, "leaf"), &args);
+}
+
+// ---- the tree-shaped filter -----------------------------------------------------------------
+
+/// Argument sets for the exhaustive comparisons: zeros, all ones, the conditions' own values
+/// with and without garbage in the high 32 bits, set-id modes in every mode position, namespace
+/// flags.
+fn arg_sets() -> Vec<[u64; 6]> {
+    let mut v = vec![
+        [0u64; 6],
+        [u64::MAX; 6],
+        [1, 0x5401, 0, 0, 0, 0],
+        [2, 0x5412, 0x1000_0000, 0, 0, 0],
+        [0x1_0000_0001, 0x1_0000_5401, 0, 0, 0, 0],
+        [0x1_0000_0002, 0x1_0000_5412, 0, 0, 0, 0],
+        [0, 0o4755, 0o2755, 0o6755, 0, 0],
+        [0, 0o755, 0o644, 0o100, 0, 0],
+        [0xffff_ffff_0000_0000, 0o1_0000_0000_0755, 0, 0, 0, 0],
+        [0x0120_0011, 0, 0, 0, 0, 0],
+        [0x4000_0011, 0, 0, 0, 0, 0],
+        [0xffff_ffff, 0, 0, 0, 0, 0],
+        [0x0040_0000, 0, 0, 0, 0, 0],
+    ];
+    for i in 0..6 {
+        let mut a = [0u64; 6];
+        a[i] = 0o4000;
+        v.push(a);
+        a[i] = 0o2000 | 0xdead_0000_0000_0000;
+        v.push(a);
+    }
+    v
+}
+
+const KILL_DEFAULT: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"kill\"\nallow = [\"@default\", \"@file-read\", \"@file-write\", \"@process\", \"personality\", \"mknod\"]\nclone_deny_flags = [\"CLONE_NEWUSER\", \"CLONE_IO\"]\n";
+const LOG_DEFAULT: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"log\"\nallow = [\"@default\"]\ndeny = [{ syscall = \"chmod\", action = \"log\" }, { syscall = \"fchmod\", errno = \"EACCES\" }, { syscall = \"openat2\", action = \"log\" }]\nsocket_domains = [\"AF_UNIX\", \"AF_INET\", \"AF_INET6\", \"AF_NETLINK\"]\n";
+
+fn all_plans() -> Vec<Plan> {
+    vec![
+        plan_of(DEFAULT, "tool"),
+        plan_of(EXTENDS, "leaf"),
+        plan_of(EXTENDS, "base"),
+        plan_of(KILL_DEFAULT, "p"),
+        plan_of(LOG_DEFAULT, "p"),
+    ]
+}
+
+/// The tree gives, for every syscall number 0..=470 (and numbers around the x32 bit, and
+/// foreign architectures), exactly the verdict a straightforward evaluation of the plan's lists
+/// gives.
+#[test]
+fn tree_filter_matches_the_reference_evaluation_of_the_plan() {
+    let args = arg_sets();
+    for plan in all_plans() {
+        carapace_policy::fuzz::check_filter_matches_plan(&plan, &args);
+    }
+}
+
+/// Firecracker-style: for every argument condition of every plan, each allowed value works (also
+/// with garbage in the high 32 bits where only the low half is compared), and each mutation of
+/// it that is not itself allowed fails; each forbidden flag fails alone and together with
+/// harmless bits.
+#[test]
+fn argument_conditions_each_value_works_each_mutation_fails() {
+    use carapace_policy::plan::ArgCondition;
+    let mut checked = 0;
+    for plan in all_plans() {
+        let sc = &plan.seccomp;
+        for c in &sc.conditional {
+            let then = ret(c.then);
+            let otherwise = ret(c.otherwise);
+            assert_ne!(
+                then, otherwise,
+                "{}: a condition must decide something",
+                c.syscall
+            );
+            match &c.when {
+                ArgCondition::OneOf { arg, values, .. } => {
+                    let i = usize::from(*arg);
+                    let allowed: Vec<u32> = values.iter().map(|(_, v)| *v).collect();
+                    for v in &allowed {
+                        for high in [0u64, 1 << 32, 0xdead_beef << 32, u64::MAX << 32] {
+                            let mut a = [0u64; 6];
+                            a[i] = u64::from(*v) | high;
+                            assert_eq!(run(&plan, &c.syscall, a), then, "{} {a:x?}", c.syscall);
+                        }
+                        let mut mutations: Vec<u32> = (0..32).map(|b| v ^ (1 << b)).collect();
+                        mutations.extend([v.wrapping_add(1), v.wrapping_sub(1), !v]);
+                        for m in mutations {
+                            if allowed.contains(&m) {
+                                continue;
+                            }
+                            for high in [0u64, 1 << 32] {
+                                let mut a = [0u64; 6];
+                                a[i] = u64::from(m) | high;
+                                // Other arguments holding an allowed value must not help.
+                                for (j, slot) in a.iter_mut().enumerate() {
+                                    if j != i {
+                                        *slot = u64::from(*v);
+                                    }
+                                }
+                                assert_eq!(
+                                    run(&plan, &c.syscall, a),
+                                    otherwise,
+                                    "{} {a:x?}",
+                                    c.syscall
+                                );
+                            }
+                        }
+                        checked += 1;
+                    }
+                }
+                ArgCondition::NoneOf { arg, flags, .. } => {
+                    let i = usize::from(*arg);
+                    let mask = flags.iter().fold(0u64, |m, (_, f)| m | f);
+                    // Harmless bits (everything outside the mask) keep the syscall working.
+                    for harmless in [0u64, !mask, 0x11, !mask & 0xffff_ffff, !mask << 32] {
+                        let mut a = [0u64; 6];
+                        a[i] = harmless & !mask;
+                        for (j, slot) in a.iter_mut().enumerate() {
+                            if j != i {
+                                *slot = mask;
+                            }
+                        }
+                        assert_eq!(run(&plan, &c.syscall, a), then, "{} {a:x?}", c.syscall);
+                    }
+                    for (name, f) in flags {
+                        for with in [0u64, !mask] {
+                            let mut a = [0u64; 6];
+                            a[i] = f | with;
+                            assert_eq!(
+                                run(&plan, &c.syscall, a),
+                                otherwise,
+                                "{} with {name}",
+                                c.syscall
+                            );
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 40, "only {checked} values checked");
+}
+
+fn ret(a: SeccompAction) -> u32 {
+    match a {
+        SeccompAction::Errno(e) => 0x0005_0000 | e,
+        SeccompAction::KillProcess => RET_KILL_PROCESS,
+        SeccompAction::Log => RET_LOG,
+        SeccompAction::Allow => RET_ALLOW,
+    }
+}
+
+#[test]
+fn ioctl_compares_the_low_32_bits_only() {
+    let plan = plan_of(DEFAULT, "tool");
+    let eperm = ret_errno(libc::EPERM);
+    // TCGETS with garbage in the high half is TCGETS to the kernel: allowed.
+    assert_eq!(
+        run(&plan, "ioctl", [0, 0x1_0000_5401, 0, 0, 0, 0]),
+        RET_ALLOW
+    );
+    assert_eq!(run(&plan, "ioctl", [0, 0x5401, 0, 0, 0, 0]), RET_ALLOW);
+    // TIOCSTI is not allowed, with or without high bits.
+    assert_eq!(run(&plan, "ioctl", [0, 0x5412, 0, 0, 0, 0]), eperm);
+    assert_eq!(run(&plan, "ioctl", [0, 0x1_0000_5412, 0, 0, 0, 0]), eperm);
+    // The request is argument 1, not 0.
+    assert_eq!(run(&plan, "ioctl", [0x5401, 0x5412, 0, 0, 0, 0]), eperm);
+}
+
+/// The default profile's filter is a tree: a few hundred instructions instead of ~1300, and no
+/// syscall walks more than a couple of dozen of them.
+#[test]
+fn default_filter_is_small_and_shallow() {
+    let plan = plan_of(DEFAULT, "tool");
+    let p = &plan.seccomp.program;
+    let worst = carapace_policy::max_path_len(p).unwrap_or_else(|| panic!("malformed program"));
+    assert!(p.len() < 400, "{} instructions", p.len());
+    assert!(worst <= 24, "worst path {worst}");
+    for (name, args) in [
+        ("read", [0u64; 6]),
+        ("futex", [0; 6]),
+        ("getppid", [0; 6]),
+        ("openat", [0, 0, 0, 0o644, 0, 0]),
+    ] {
+        let (v, steps) = carapace_policy::run_bpf_counted(p, nr(name), AUDIT_ARCH_X86_64, args)
+            .unwrap_or_else(|| panic!("malformed for {name}"));
+        assert_eq!(v, RET_ALLOW, "{name}");
+        assert!(steps <= 16, "{name}: {steps} instructions");
+    }
+}
+
+// ---- the set-id guard -----------------------------------------------------------------------
+
+#[test]
+fn setid_guard_is_compiled_into_the_plan() {
+    let plan = plan_of(DEFAULT, "tool");
+    let eperm = ret_errno(libc::EPERM);
+    let enosys = ret_errno(libc::ENOSYS);
+    let cases: &[(&str, [u64; 6], u32)] = &[
+        ("chmod", [0, 0o4755, 0, 0, 0, 0], eperm),
+        ("chmod", [0, 0o2755, 0, 0, 0, 0], eperm),
+        ("chmod", [0, 0o755, 0, 0, 0, 0], RET_ALLOW),
+        ("chmod", [0, 0o1777, 0, 0, 0, 0], RET_ALLOW), // sticky bit is harmless
+        ("fchmod", [3, 0o6755, 0, 0, 0, 0], eperm),
+        ("fchmod", [3, 0o644, 0o4000, 0o4000, 0, 0], RET_ALLOW),
+        ("fchmodat", [0, 0, 0o4000, 0, 0, 0], eperm),
+        ("fchmodat2", [0, 0, 0o4000, 0, 0, 0], eperm),
+        ("fchmodat2", [0, 0, 0o755, 0, 0, 0], RET_ALLOW),
+        ("creat", [0, 0o4700, 0, 0, 0, 0], eperm),
+        ("openat", [0, 0, 0o100, 0o6755, 0, 0], eperm),
+        ("openat", [0, 0, 0o100, 0o644, 0, 0], RET_ALLOW),
+        ("openat", [0, 0, 0o4000, 0o644, 0, 0], RET_ALLOW), // O_NDELAY is not a mode
+        ("open", [0, 0o100, 0o4755, 0, 0, 0], eperm),
+        ("open", [0, 0o100, 0o755, 0o4000, 0, 0], RET_ALLOW),
+        ("openat2", [0; 6], enosys),
+        ("read", [0, 0o4755, 0o4755, 0o4755, 0, 0], RET_ALLOW),
+    ];
+    for (name, args, want) in cases {
+        assert_eq!(run(&plan, name, *args), *want, "{name} {args:?}");
+    }
+    // mknod is not allowed by the default profile: its own verdict stands.
+    assert_eq!(run(&plan, "mknodat", [0, 0, 0o644, 0, 0, 0]), eperm);
+    let g = &plan.seccomp.setid_guard;
+    assert_eq!(
+        g.mode_checked,
+        vec![
+            "chmod",
+            "fchmod",
+            "fchmodat",
+            "fchmodat2",
+            "creat",
+            "open",
+            "openat"
+        ]
+    );
+    assert_eq!(g.refused, vec!["openat2"]);
+    // explain shows it, from the plan.
+    let text = plan.explain();
+    assert!(text.contains("set-id guard (always on"), "{text}");
+    assert!(
+        text.contains("chmod, creat, fchmod: fail with EPERM when the mode (argument 1) contains any of S_ISUID, S_ISGID; otherwise allowed"),
+        "{text}"
+    );
+    assert!(text.contains("openat2: fail with ENOSYS"), "{text}");
+    let allowed_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("allowed ("))
+        .unwrap_or_else(|| panic!("{text}"));
+    for guarded in ["openat", "chmod", "openat2"] {
+        assert!(
+            !allowed_line.split_whitespace().any(|w| w == guarded),
+            "{guarded} must not be listed as allowed without conditions"
+        );
+    }
+}
+
+/// The guard only ever makes a verdict stricter: where the profile already refuses a guarded
+/// syscall, its own verdict stands; where it only logs, set-id modes still fail; with a kill
+/// default, mknod (allowed explicitly) is guarded too.
+#[test]
+fn setid_guard_combines_with_the_profiles_own_verdicts() {
+    let eperm = ret_errno(libc::EPERM);
+    let log = plan_of(LOG_DEFAULT, "p");
+    // chmod: denied with action "log" -> still logged for ordinary modes, EPERM for set-id.
+    assert_eq!(run(&log, "chmod", [0, 0o755, 0, 0, 0, 0]), RET_LOG);
+    assert_eq!(run(&log, "chmod", [0, 0o4755, 0, 0, 0, 0]), eperm);
+    // fchmod: denied with EACCES by the profile -> EACCES whatever the mode.
+    assert_eq!(
+        run(&log, "fchmod", [0, 0o4755, 0, 0, 0, 0]),
+        ret_errno(libc::EACCES)
+    );
+    // not listed, default log: guarded as well.
+    assert_eq!(run(&log, "fchmodat", [0, 0, 0o2755, 0, 0, 0]), eperm);
+    assert_eq!(run(&log, "fchmodat", [0, 0, 0o755, 0, 0, 0]), RET_LOG);
+    assert_eq!(run(&log, "openat2", [0; 6]), ret_errno(libc::ENOSYS));
+    assert!(log
+        .seccomp
+        .denied
+        .iter()
+        .any(|(n, a)| n == "openat2" && *a == SeccompAction::Errno(libc::ENOSYS as u32)));
+    assert!(!log.seccomp.denied.iter().any(|(n, _)| n == "chmod"));
+
+    let kill = plan_of(KILL_DEFAULT, "p");
+    assert_eq!(run(&kill, "mknod", [0, 0o4644, 0, 0, 0, 0]), eperm);
+    assert_eq!(run(&kill, "mknod", [0, 0o644, 0, 0, 0, 0]), RET_ALLOW);
+    assert_eq!(
+        run(&kill, "mknodat", [0, 0, 0o4644, 0, 0, 0]),
+        RET_KILL_PROCESS
+    );
+    assert_eq!(run(&kill, "openat2", [0; 6]), ret_errno(libc::ENOSYS));
+    // A profile that allows none of them: nothing to guard, and explain says so.
+    let none = plan_of(
+        "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\nallow = [\"@default\"]\n",
+        "p",
+    );
+    assert!(none.seccomp.setid_guard.mode_checked.is_empty());
+    assert!(none.seccomp.setid_guard.refused.is_empty());
+    assert!(none
+        .explain()
+        .contains("allows none of the syscalls that could set those bits"));
+    assert_eq!(run(&none, "chmod", [0, 0o4755, 0, 0, 0, 0]), eperm);
 }
