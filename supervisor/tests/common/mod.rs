@@ -148,6 +148,7 @@ pub fn hand_plan() -> Plan {
             allowed: vec![],
             conditional: vec![],
             denied: vec![("ptrace".into(), SeccompAction::Errno(1))],
+            setid_guard: Default::default(),
         },
         cgroup: CgroupLimits {
             memory_bytes: Some(256 << 20),
