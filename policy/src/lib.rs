@@ -4,9 +4,10 @@
 //! This crate is pure: it knows nothing of processes and does no I/O beyond what its caller
 //! hands in (the policy text; a resolver closure for program paths).
 //!
-//! Pipeline: [`Policy::parse`] (TOML -> model, every error located) ->
-//! [`Policy::canonicalize_programs`] (the supervisor's resolver) -> [`Policy::evaluate`] (first
-//! matching `[[exec]]` rule) -> [`Policy::compile`] (profile -> [`Plan`]) -> [`Plan::explain`].
+//! Pipeline: [`Policy::parse`] (TOML -> model, every error located) -> [`Policy::evaluate_with`]
+//! (first matching `[[exec]]` rule; rule programs resolved lazily with the supervisor's resolver,
+//! or eagerly beforehand with [`Policy::canonicalize_programs`] and then [`Policy::evaluate`]) ->
+//! [`Policy::compile`] (profile -> [`Plan`]) -> [`Plan::explain`].
 //! The format is documented in `docs/policy.md`.
 
 mod bpf;
@@ -298,23 +299,67 @@ impl Policy {
         }
     }
 
-    /// First matching `[[exec]]` rule wins; no match is Deny.
+    /// First matching `[[exec]]` rule wins; no match is Deny. A literal program matches its
+    /// written form, and its resolved form if [`Policy::canonicalize_programs`] was called.
     pub fn evaluate(&self, req: &ExecRequest) -> Decision {
+        self.evaluate_with(req, |_| None)
+    }
+
+    /// [`Policy::evaluate`] with lazy program resolution: gives the same decision as
+    /// `canonicalize_programs(resolve)` followed by `evaluate(req)` (for a resolver that answers
+    /// the same way each time), but calls `resolve` only where the answer can matter:
+    ///
+    /// * rules are tried in order and evaluation stops at the first match, so rules after it are
+    ///   never resolved;
+    /// * a rule's arguments are checked first: a rule whose argument patterns reject the request
+    ///   resolves nothing;
+    /// * a rule whose written literals or globs already match the request resolves nothing;
+    /// * otherwise each literal the request does not already equal is resolved (whether a path
+    ///   is or passes through a symlink is a question for the file system), at most once per
+    ///   distinct literal per call; literals that `canonicalize_programs` already resolved to a
+    ///   path are not asked again.
+    ///
+    /// The request's program must be canonical (the supervisor resolves `PATH` and symlinks
+    /// first), so a request for the canonical path matches a rule written with a symlinked path.
+    pub fn evaluate_with(
+        &self,
+        req: &ExecRequest,
+        mut resolve: impl FnMut(&Path) -> Option<PathBuf>,
+    ) -> Decision {
+        // Literals resolved during this call: (written, resolved).
+        let mut memo: Vec<(&Path, Option<PathBuf>)> = Vec::new();
         for (index, rule) in self.model.rules.iter().enumerate() {
-            let prog_ok = rule.programs.iter().any(|p| match p {
+            let args_ok = match &rule.args {
+                None => true,
+                Some(pats) => args_match(pats, &req.args),
+            };
+            if !args_ok {
+                continue;
+            }
+            // Without any resolution first, then resolving the literals that need it.
+            let direct = rule.programs.iter().any(|p| match p {
                 ProgramPat::Literal { written, resolved } => {
                     req.program == *written || resolved.as_ref() == Some(&req.program)
                 }
                 ProgramPat::Glob { matcher, .. } => matcher.is_match(&req.program),
             });
-            if !prog_ok {
-                continue;
-            }
-            let args_ok = match &rule.args {
-                None => true,
-                Some(pats) => args_match(pats, &req.args),
-            };
-            if args_ok {
+            let prog_ok = direct
+                || rule.programs.iter().any(|p| match p {
+                    ProgramPat::Literal {
+                        written,
+                        resolved: None,
+                    } => match memo.iter().find(|(w, _)| *w == written.as_path()) {
+                        Some((_, r)) => r.as_ref() == Some(&req.program),
+                        None => {
+                            let r = resolve(written);
+                            let hit = r.as_ref() == Some(&req.program);
+                            memo.push((written.as_path(), r));
+                            hit
+                        }
+                    },
+                    _ => false,
+                });
+            if prog_ok {
                 return Decision {
                     approval: rule.approval,
                     profile: rule.profile.clone(),
@@ -351,8 +396,17 @@ impl Policy {
         }
     }
 
-    /// Run the policy's own `[[test]]` examples.
+    /// Run the policy's own `[[test]]` examples (decided with [`Policy::evaluate`]).
     pub fn run_tests(&self) -> Vec<TestOutcome> {
+        self.run_tests_with(|_| None)
+    }
+
+    /// Run the policy's own `[[test]]` examples, decided with [`Policy::evaluate_with`] and this
+    /// resolver.
+    pub fn run_tests_with(
+        &self,
+        mut resolve: impl FnMut(&Path) -> Option<PathBuf>,
+    ) -> Vec<TestOutcome> {
         self.model
             .tests
             .iter()
@@ -361,7 +415,7 @@ impl Policy {
                     Some((p, a)) => (PathBuf::from(p), a.to_vec()),
                     None => (PathBuf::new(), Vec::new()),
                 };
-                let got = self.evaluate(&ExecRequest { program, args });
+                let got = self.evaluate_with(&ExecRequest { program, args }, &mut resolve);
                 let passed = got.approval == t.expect
                     && t.profile
                         .as_ref()

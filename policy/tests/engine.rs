@@ -170,6 +170,170 @@ fn canonicalized_programs_match_both_forms() {
     );
 }
 
+// ---- lazy program resolution ----------------------------------------------------------------
+
+const LINKED: &str = r#"
+version = 1
+[profiles.p]
+why = "p"
+
+[[exec]]
+why = "viewers"
+programs = ["/usr/bin/less", "/bin/more"]
+profile = "p"
+approval = "allow"
+
+[[exec]]
+why = "git reads; /usr/local/bin/git is a link"
+programs = ["/usr/local/bin/git", "/usr/bin/git"]
+args = ["log", "**"]
+profile = "p"
+approval = "allow"
+
+[[exec]]
+why = "awk is a link through /etc/alternatives"
+program = "/usr/bin/awk"
+approval = "ask"
+profile = "p"
+
+[[exec]]
+why = "git again (same literal as rule 2)"
+program = "/usr/local/bin/git"
+approval = "deny"
+"#;
+
+/// A pretend file system: /bin -> usr/bin, /usr/local/bin/git -> /usr/lib/git-core/git,
+/// /usr/bin/awk -> /etc/alternatives/awk -> /usr/bin/mawk; everything else is canonical.
+fn fake_resolve(p: &std::path::Path) -> Option<std::path::PathBuf> {
+    let s = p.to_str()?;
+    let out = match s {
+        "/usr/local/bin/git" => "/usr/lib/git-core/git".to_string(),
+        "/usr/bin/awk" => "/usr/bin/mawk".to_string(),
+        _ => match s.strip_prefix("/bin/") {
+            Some(rest) => format!("/usr/bin/{rest}"),
+            None => s.to_string(),
+        },
+    };
+    Some(out.into())
+}
+
+/// Lazy resolution matches the canonical path of a request against a rule written with a
+/// symlinked path, and gives exactly the decisions of eager canonicalization.
+#[test]
+fn lazy_resolution_decides_like_eager_canonicalization() {
+    let lazy = parse(LINKED);
+    let mut eager = parse(LINKED);
+    eager.canonicalize_programs(fake_resolve);
+    let requests = [
+        req("/usr/bin/more", &[]), // written /bin/more
+        req("/bin/more", &[]),     // written form itself
+        req("/usr/bin/less", &["x"]),
+        req("/usr/lib/git-core/git", &["log", "-3"]), // written /usr/local/bin/git
+        req("/usr/lib/git-core/git", &["push"]),      // rule 4, via the link again
+        req("/usr/bin/git", &["log"]),
+        req("/usr/bin/git", &["push"]), // no rule: /usr/bin/git is not a link to it
+        req("/usr/bin/mawk", &["{print}"]), // written /usr/bin/awk
+        req("/usr/bin/awk", &[]),
+        req("/usr/bin/gawk", &[]), // not what awk points to
+        req("/usr/bin/moreover", &[]),
+        req("/", &[]),
+    ];
+    for r in &requests {
+        let l = lazy.evaluate_with(r, fake_resolve);
+        let e = eager.evaluate(r);
+        assert_eq!(l, e, "{r:?}");
+    }
+    // Both directions, spelled out.
+    let d = lazy.evaluate_with(&req("/usr/bin/more", &[]), fake_resolve);
+    assert_eq!(
+        d.rule.map(|r| r.index),
+        Some(0),
+        "canonical path matches the link"
+    );
+    let d = lazy.evaluate_with(&req("/usr/bin/mawk", &[]), fake_resolve);
+    assert_eq!(d.approval, Approval::Ask);
+    let d = lazy.evaluate_with(&req("/usr/bin/gawk", &[]), fake_resolve);
+    assert_eq!(d.approval, Approval::Deny);
+    assert!(d.rule.is_none(), "a different target must not match");
+    let d = lazy.evaluate_with(&req("/usr/bin/git", &["push"]), fake_resolve);
+    assert!(d.rule.is_none());
+    // Without a resolver (or without canonicalize_programs) only written forms match.
+    assert_eq!(
+        lazy.evaluate(&req("/usr/bin/more", &[])).approval,
+        Approval::Deny
+    );
+    assert_eq!(
+        lazy.evaluate_with(&req("/usr/bin/more", &[]), |_| None)
+            .approval,
+        Approval::Deny
+    );
+}
+
+/// The resolver is asked only where the answer can change the decision.
+#[test]
+fn lazy_resolution_resolves_only_what_it_needs() {
+    let p = parse(LINKED);
+    let count = |r: &ExecRequest| {
+        let mut asked: Vec<String> = Vec::new();
+        let d = p.evaluate_with(r, |path| {
+            asked.push(path.display().to_string());
+            fake_resolve(path)
+        });
+        (d, asked)
+    };
+    // Written form of the first rule: nothing resolved.
+    let (d, asked) = count(&req("/usr/bin/less", &[]));
+    assert_eq!(d.rule.map(|r| r.index), Some(0));
+    assert!(asked.is_empty(), "{asked:?}");
+    // Written form of rule 2 (args match): only rule 1's literals, which come before it.
+    let (d, asked) = count(&req("/usr/bin/git", &["log"]));
+    assert_eq!(d.rule.map(|r| r.index), Some(1));
+    assert_eq!(asked, vec!["/usr/bin/less", "/bin/more"]);
+    // Rule 2's args do not match `push`: its literals are not resolved; rule 4's literal
+    // (the same as rule 2's) is resolved once.
+    let (d, asked) = count(&req("/usr/lib/git-core/git", &["push"]));
+    assert_eq!(d.rule.map(|r| r.index), Some(3));
+    assert_eq!(
+        asked,
+        vec![
+            "/usr/bin/less",
+            "/bin/more",
+            "/usr/bin/awk",
+            "/usr/local/bin/git"
+        ]
+    );
+    // Each distinct literal at most once, even when several rules repeat it.
+    let (_, asked) = count(&req("/usr/lib/git-core/git", &["log"]));
+    let mut dedup = asked.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), asked.len(), "{asked:?}");
+    // Eagerly canonicalized policies do not ask again.
+    let mut eager = parse(LINKED);
+    eager.canonicalize_programs(fake_resolve);
+    let mut asked = 0;
+    let d = eager.evaluate_with(&req("/usr/bin/mawk", &[]), |path| {
+        asked += 1;
+        fake_resolve(path)
+    });
+    assert_eq!(d.approval, Approval::Ask);
+    assert_eq!(asked, 0);
+}
+
+/// `run_tests_with` uses the same lazy path.
+#[test]
+fn run_tests_with_a_resolver() {
+    let text = format!(
+        "{LINKED}\n[[test]]\ncommand = [\"/usr/bin/mawk\"]\nexpect = \"ask\"\nprofile = \"p\"\n"
+    );
+    let p = parse(&text);
+    assert!(p.run_tests_with(fake_resolve)[0].passed);
+    assert!(
+        !p.run_tests()[0].passed,
+        "without resolution the link is not followed"
+    );
+}
+
 #[test]
 fn run_tests_reports_pass_and_fail() {
     let text = format!(
