@@ -724,3 +724,283 @@ fn e2e_policy_explain() {
         o.describe()
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// /dev/shm, the init's seccomp filter, per-run host uids, stale cgroups
+
+/// python's multiprocessing works (its semaphores need a writable /dev/shm, now a private tmpfs
+/// of the run, mounted beneath the read-only minimal /dev), and a program written to /dev/shm
+/// cannot be executed (noexec, Landlock).
+#[test]
+fn e2e_python_multiprocessing_dev_shm() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.exec(
+            Some(&p),
+            "python3",
+            &[
+                "-c",
+                "import multiprocessing as m; print(m.Pool(2).map(abs,[-1,-2]))",
+            ],
+        ),
+        T,
+    );
+    ok(&o);
+    assert_eq!(o.stdout.trim(), "[1, 2]", "{}", o.describe());
+
+    // Writable and private, but not executable.
+    let marker = unique("carapace-shm");
+    let script = format!(
+        "import os, shutil, subprocess\n\
+         p = '/dev/shm/{marker}'\n\
+         shutil.copy('/usr/bin/true', p)\n\
+         os.chmod(p, 0o755)\n\
+         print('WROTE', os.path.getsize(p) > 0)\n\
+         try:\n    subprocess.run([p]); print('EXECUTED')\n\
+         except PermissionError as x: print('DENIED', x.errno)\n"
+    );
+    let o = run(&mut e.exec(Some(&p), "python3", &["-c", &script]), T);
+    ok(&o);
+    assert!(o.stdout.contains("WROTE True"), "{}", o.describe());
+    assert!(o.stdout.contains("DENIED 13"), "{}", o.describe());
+    assert!(!o.stdout.contains("EXECUTED"), "{}", o.describe());
+    assert!(
+        !Path::new("/dev/shm").join(&marker).exists(),
+        "the sandbox's /dev/shm is the host's"
+    );
+}
+
+/// Host pids of the direct children of `pid` (from /proc/PID/task/*/children).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let c = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        out.extend(c.split_whitespace().filter_map(|w| w.parse::<u32>().ok()));
+    }
+    out
+}
+
+/// The value of `key:` in /proc/PID/status.
+fn proc_status(pid: u32, key: &str) -> Option<String> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// Wait until the carapace process `sup` has started the sandbox: returns the host pid of
+/// its init (pid 1 inside) once the init has forked the program.
+fn wait_for_init(sup: u32) -> u32 {
+    let start = Instant::now();
+    loop {
+        if let Some(init) = children_of(sup)
+            .into_iter()
+            .find(|c| !children_of(*c).is_empty())
+        {
+            return init;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "carapace {sup} never started its sandbox"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills and reaps a spawned process when dropped (also when the test panics).
+struct Reap(std::process::Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The sandbox's init (pid 1) runs under its own seccomp filter (mode 2, one filter), read
+/// from the host while the program sleeps; the program under the plan's filters.
+#[test]
+fn e2e_init_runs_under_its_own_seccomp_filter() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/sleep"]);
+    let mut c = e.exec(Some(&p), "/usr/bin/sleep", &["5"]);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let sup = Reap(c.spawn().unwrap_or_else(|x| panic!("{x}")));
+    let init = wait_for_init(sup.0.id());
+    assert_eq!(
+        proc_status(init, "Seccomp").as_deref(),
+        Some("2"),
+        "the init (host pid {init}) runs without a seccomp filter"
+    );
+    assert_eq!(proc_status(init, "Seccomp_filters").as_deref(), Some("1"));
+    assert_eq!(proc_status(init, "NoNewPrivs").as_deref(), Some("1"));
+    let program = children_of(init);
+    assert_eq!(program.len(), 1, "{program:?}");
+    assert_eq!(proc_status(program[0], "Seccomp").as_deref(), Some("2"));
+    // The init's filter is not inherited by the program (it is installed after the fork).
+    let n: u32 = proc_status(program[0], "Seccomp_filters")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(n >= 1, "program filters: {n}");
+}
+
+/// Every run has its own host uid/gid (2130706432 + the supervisor's pid), no host `nobody`
+/// process can signal it, and what it writes in the workspace still lands owned by the
+/// workspace's owner.
+#[test]
+fn e2e_concurrent_runs_have_distinct_host_uids() {
+    let Some(e) = env() else { return };
+    chown_ws(&e, 1234, 2345);
+    let p = e.policy("", &["/bin/sh"]);
+    let spawn = |name: &str| {
+        let mut c = e.exec(
+            Some(&p),
+            "/bin/sh",
+            &["-c", &format!("echo {name} > {name}.txt; sleep 3")],
+        );
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        Reap(c.spawn().unwrap_or_else(|x| panic!("{x}")))
+    };
+    let mut a = spawn("a");
+    let mut b = spawn("b");
+    let (ia, ib) = (wait_for_init(a.0.id()), wait_for_init(b.0.id()));
+    let uid_of = |pid: u32| -> Vec<u32> {
+        proc_status(pid, "Uid")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    let (ua, ub) = (uid_of(ia), uid_of(ib));
+    let expect = |sup: u32| 0x7F00_0000 + sup;
+    assert_eq!(ua, vec![expect(a.0.id()); 4], "run a's host uids");
+    assert_eq!(ub, vec![expect(b.0.id()); 4], "run b's host uids");
+    assert_ne!(ua, ub);
+    let ga = proc_status(ia, "Gid").unwrap_or_default();
+    assert!(
+        ga.split_whitespace()
+            .all(|g| g == expect(a.0.id()).to_string()),
+        "gid {ga}"
+    );
+    // A host process running as nobody (the old shared identity) cannot signal the sandbox;
+    // root (the control) can.
+    let kill0 = |uid: u32, pid: u32| {
+        let mut k = Command::new("/bin/sh");
+        k.args(["-c", &format!("kill -0 {pid}")]);
+        if uid != 0 {
+            std::os::unix::process::CommandExt::uid(&mut k, uid);
+        }
+        run(&mut k, T).code
+    };
+    assert_eq!(kill0(0, ia), Some(0), "control: root can signal the init");
+    assert_ne!(
+        kill0(65534, ia),
+        Some(0),
+        "host nobody can signal the sandbox"
+    );
+    for (name, r) in [("a", &mut a), ("b", &mut b)] {
+        let st = r.0.wait().unwrap_or_else(|x| panic!("{x}"));
+        assert!(st.success(), "run {name}: {st:?}");
+        let f = e.ws().join(format!("{name}.txt"));
+        let m = fs::metadata(&f).unwrap_or_else(|x| panic!("{}: {x}", f.display()));
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (1234, 2345),
+            "{name}.txt owner on the host"
+        );
+    }
+}
+
+/// Directories named `name_prefix*` beneath /sys/fs/cgroup (a few levels deep, no symlinks).
+fn cgroup_dirs(name_prefix: &str) -> Vec<PathBuf> {
+    fn walk(d: &Path, depth: u32, prefix: &str, out: &mut Vec<PathBuf>) {
+        for ent in fs::read_dir(d).into_iter().flatten().flatten() {
+            if !ent.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let p = ent.path();
+            if ent.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(p);
+            } else if depth > 0 {
+                walk(&p, depth - 1, prefix, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), 5, name_prefix, &mut out);
+    out
+}
+
+/// The run cgroup of a SIGKILLed `carapace exec` is removed by the next one, once empty and
+/// its supervisor dead; a stale-named cgroup that still holds a process is left alone.
+#[test]
+fn e2e_stale_cgroup_of_killed_supervisor_is_removed() {
+    let Some(e) = env() else { return };
+    let p = e.policy("", &["/usr/bin/sleep", "/usr/bin/true"]);
+    let mut c = e.exec(Some(&p), "/usr/bin/sleep", &["30"]);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut sup = Reap(c.spawn().unwrap_or_else(|x| panic!("{x}")));
+    let sup_pid = sup.0.id();
+    let init = wait_for_init(sup_pid);
+    let prefix = format!("exec-{sup_pid}-");
+    let dirs = cgroup_dirs(&prefix);
+    assert!(!dirs.is_empty(), "no run cgroup {prefix}* found");
+    let _ = sup.0.kill();
+    let _ = sup.0.wait();
+    // The sandbox dies with its supervisor (PDEATHSIG); its cgroups stay behind, empty.
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{init}")).exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "init survived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(2500)); // older than carapace's minimum age
+    for d in &dirs {
+        assert!(
+            d.exists(),
+            "{} was not left behind (test premise)",
+            d.display()
+        );
+    }
+
+    // A stale-named cgroup (dead owner) that holds a live process must stay.
+    let mut dead = Command::new("/usr/bin/true")
+        .spawn()
+        .unwrap_or_else(|x| panic!("{x}"));
+    let dead_pid = dead.id();
+    let _ = dead.wait();
+    let busy_parent = dirs[0]
+        .parent()
+        .unwrap_or_else(|| panic!("no parent"))
+        .to_path_buf();
+    let busy = busy_parent.join(format!("exec-{dead_pid}-0"));
+    fs::create_dir(&busy).unwrap_or_else(|x| panic!("mkdir {}: {x}", busy.display()));
+    let sleeper = Reap(
+        Command::new("/usr/bin/sleep")
+            .arg("60")
+            .spawn()
+            .unwrap_or_else(|x| panic!("{x}")),
+    );
+    fs::write(busy.join("cgroup.procs"), sleeper.0.id().to_string())
+        .unwrap_or_else(|x| panic!("join {}: {x}", busy.display()));
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let o = run(&mut e.exec(Some(&p), "/usr/bin/true", &[]), T);
+    ok(&o);
+    let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+    let busy_kept = busy.exists();
+    // Clean up the busy one before asserting.
+    drop(sleeper);
+    let start = Instant::now();
+    while fs::remove_dir(&busy).is_err() && busy.exists() {
+        if start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(left.is_empty(), "stale cgroups left: {left:?}");
+    assert!(busy_kept, "a cgroup holding a process was removed");
+}

@@ -474,7 +474,8 @@ fn escape_exec_from_tmp() {
     e.confined_blocked(e.confined("exec_copy", &["/tmp"]), &[SIGSYS]);
 }
 
-/// ... nor from /dev/shm.
+/// ... nor from /dev/shm (a real, writable tmpfs in the sandbox: the copy succeeds and the
+/// exec is what fails).
 #[test]
 fn escape_exec_from_dev_shm() {
     let Some(e) = Escape::new() else { return };
@@ -482,7 +483,13 @@ fn escape_exec_from_dev_shm() {
     let _g = scopeguard(d.clone());
     fs::create_dir_all(&d).unwrap_or_else(|x| panic!("{x}"));
     e.control_escapes(e.host("exec_copy", &[&s(&d)]));
-    e.confined_blocked(e.confined("exec_copy", &["/dev/shm"]), &[SIGSYS]);
+    let o = e.confined_blocked(e.confined("exec_copy", &["/dev/shm"]), &[SIGSYS]);
+    let v = o.verdict_line().unwrap_or_default();
+    assert!(
+        v.contains("execve /dev/shm/evil"),
+        "the attack did not get to exec (no writable /dev/shm?): {}",
+        o.describe()
+    );
 }
 
 simple!(
