@@ -276,8 +276,9 @@ fn policy_costs(path: &Path, iters: usize) {
     }
 }
 
-/// Cost of the default profile's seccomp filter: installing it (the kernel converts and JITs
-/// the whole program) and running a cheap allowed syscall under it, each in a fresh child.
+/// Cost of the default profile's seccomp filter (the only filter: the set-id guard is part of
+/// it): installing it (the kernel converts and JITs the whole program) and running a cheap
+/// allowed syscall under it, each in a fresh child.
 fn seccomp_costs(path: &Path, iters: usize) {
     use carapace_policy::{Policy, Target};
     use carapace_supervisor::seccomp;
@@ -324,7 +325,6 @@ fn seccomp_costs(path: &Path, iters: usize) {
             return;
         }
     };
-    let guard = seccomp::setid_guard();
     // Per child: [install ns, CALLS syscalls ns].
     let run = |with_filter: bool| -> Option<[u64; 2]> {
         let mut pipe = [0; 2];
@@ -340,7 +340,6 @@ fn seccomp_costs(path: &Path, iters: usize) {
             // SAFETY: prctl with integer arguments.
             let mut ok = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0;
             if with_filter {
-                ok &= seccomp::child_install(&guard).is_ok();
                 ok &= seccomp::child_install(&filter).is_ok();
             }
             let t1 = Instant::now();
@@ -391,9 +390,11 @@ fn seccomp_costs(path: &Path, iters: usize) {
     if let (Some(l), Some(b), Some(f)) = (summarize(&load), summarize(&bare), summarize(&filtered))
     {
         println!(
-            "seccomp: {} BPF instructions; install (guard + filter) p50 {:.3} ms; \
+            "seccomp: {} BPF instructions (worst-case path {}); install p50 {:.3} ms; \
              syscall overhead p50 {:.0} ns per call ({:.0} ns bare, {:.0} ns filtered)",
             plan.seccomp.program.len(),
+            carapace_policy::max_path_len(&plan.seccomp.program)
+                .map_or("?".to_string(), |n| n.to_string()),
             l.p50,
             (f.p50 - b.p50) * 1e6 / f64::from(CALLS),
             b.p50 * 1e6 / f64::from(CALLS),

@@ -195,8 +195,8 @@ pub fn main() -> i32 {
     }
 }
 
-/// Load and validate a policy (the embedded default when `file` is None); canonicalizes the
-/// rules' literal program paths.
+/// Load and validate a policy (the embedded default when `file` is None). Rule programs are
+/// resolved lazily when a request is decided ([`decide`], `Policy::evaluate_with`), not here.
 pub fn load_policy(file: Option<&Path>) -> Result<Policy, String> {
     let (text, name) = match file {
         None => (DEFAULT_POLICY.to_string(), DEFAULT_POLICY_NAME.to_string()),
@@ -205,9 +205,7 @@ pub fn load_policy(file: Option<&Path>) -> Result<Policy, String> {
             f.display().to_string(),
         ),
     };
-    let mut policy = Policy::parse(&text, &name).map_err(|d| d.to_string())?;
-    policy.canonicalize_programs(|p| std::fs::canonicalize(p).ok());
-    Ok(policy)
+    Policy::parse(&text, &name).map_err(|d| d.to_string())
 }
 
 /// The outcome of deciding a request.
@@ -261,10 +259,14 @@ pub fn decide(
         if last.as_ref() == Some(&program) {
             break;
         }
-        let decision = policy.evaluate(&ExecRequest {
-            program: program.clone(),
-            args: args.clone(),
-        });
+        // Rule programs resolved lazily: only those that can decide this request.
+        let decision = policy.evaluate_with(
+            &ExecRequest {
+                program: program.clone(),
+                args: args.clone(),
+            },
+            |p| std::fs::canonicalize(p).ok(),
+        );
         let (plan, compile_error) = match (&decision.approval, &decision.profile) {
             (Approval::Deny, _) | (_, None) => (None, None),
             (_, Some(profile)) => match policy.compile(profile, target) {
@@ -658,7 +660,7 @@ fn check(files: &[PathBuf]) -> i32 {
                 eprintln!("{name}: note: profile `{profile}` cannot run on this kernel:\n{d}");
             }
         }
-        let outcomes = policy.run_tests();
+        let outcomes = policy.run_tests_with(|p| std::fs::canonicalize(p).ok());
         let mut passed = 0;
         for t in &outcomes {
             if t.passed {

@@ -291,8 +291,6 @@ pub struct Launch {
     /// The init's own fixed filter (see [`crate::init`]), installed right after it forks the
     /// program.
     init_seccomp: seccomp::Prepared,
-    /// The supervisor's own set-id guard, installed before the plan's filter.
-    setid_guard: seccomp::Prepared,
     cwd: CString,
     program: CString,
     /// Where the program appears inside the sandbox.
@@ -422,7 +420,6 @@ impl Launch {
             landlock,
             init_seccomp,
             seccomp,
-            setid_guard: seccomp::setid_guard(),
             cwd: cstring("cwd", plan.cwd.as_os_str().as_bytes())?,
             program: cstring("program path", program_inside.as_os_str().as_bytes())?,
             program_inside,
@@ -1160,7 +1157,7 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
     // pid 2: seccomp last, right before execve.
     // SAFETY: closing the init's status pipe in our own fd table.
     unsafe { libc::close(f.status_write) };
-    check(Stage::Seccomp, seccomp::child_install(&l.setid_guard));
+    // One filter: the plan's, which includes the set-id guard.
     check(Stage::Seccomp, seccomp::child_install(&l.seccomp));
     // SAFETY: program, argv and envp are NUL-terminated strings / NULL-terminated arrays of
     // them, built before fork and alive in our private copy of memory.

@@ -229,19 +229,53 @@ fn setid_bits_cannot_be_planted_in_the_workspace() {
     if !require_root() {
         return;
     }
-    // The hand plan's seccomp filter allows chmod: the supervisor's own set-id guard must
-    // still refuse set-id modes, since workspace files land as the (root) owner on the host.
+    // Workspace files land as the (root) owner on the host, so every compiled plan's seccomp
+    // filter carries the set-id guard. The hand plan with the default policy's compiled filter
+    // (which allows chmod, creat, open...) must refuse set-id modes.
+    let policy =
+        carapace_policy::Policy::parse(carapace_supervisor::cli::DEFAULT_POLICY, "default")
+            .expect("default policy");
+    let compiled = policy
+        .compile("tool", &carapace_policy::Target { landlock_abi: 6 })
+        .expect("tool profile compiles");
+    assert!(compiled
+        .seccomp
+        .setid_guard
+        .mode_checked
+        .iter()
+        .any(|s| s == "fchmodat"));
+    let mut plan = hand_plan();
+    plan.seccomp = compiled.seccomp;
     let ws = workspace(0, 0);
-    let r = sh(
+    let r = run_plan(
+        &plan,
         ws.path(),
-        "echo x > f; chmod 4755 f; chmod 2755 f; chmod g+s f; chmod 0750 f; \
-         stat -c %a f > mode; mkdir d; chmod 2755 d; true",
-    );
+        "/bin/sh",
+        &[
+            "-c",
+            "echo x > f; chmod 4755 f; chmod 2755 f; chmod g+s f; chmod 0750 f; \
+             stat -c %a f > mode; mkdir d; chmod 2755 d; true",
+        ],
+    )
+    .expect("confined run");
     assert_eq!(r.exit_code(), 0, "{r:?}");
     for f in ["f", "d"] {
         let m = std::fs::metadata(ws.path().join(f)).unwrap();
         assert_eq!(m.mode() & 0o6000, 0, "{f} has set-id bits: {:o}", m.mode());
     }
+    // Control: without the guard (the hand plan's own filter allows everything but ptrace)
+    // the same chmod does plant the bit, so the check above can fail.
+    let ctl = workspace(0, 0);
+    let r = sh(ctl.path(), "echo x > f; chmod 4755 f; true");
+    assert_eq!(r.exit_code(), 0, "{r:?}");
+    let m = std::fs::metadata(ctl.path().join("f")).unwrap();
+    let _ = std::fs::remove_file(ctl.path().join("f"));
+    assert_ne!(
+        m.mode() & 0o4000,
+        0,
+        "control: chmod 4755 had no effect ({:o})",
+        m.mode()
+    );
     // Ordinary chmod still works.
     assert_eq!(
         std::fs::read_to_string(ws.path().join("mode"))
