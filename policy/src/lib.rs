@@ -402,11 +402,21 @@ impl Policy {
     }
 
     /// Run the policy's own `[[test]]` examples, decided with [`Policy::evaluate_with`] and this
-    /// resolver.
+    /// resolver. Answers are shared between the examples: each literal is resolved at most once
+    /// for the whole run.
     pub fn run_tests_with(
         &self,
         mut resolve: impl FnMut(&Path) -> Option<PathBuf>,
     ) -> Vec<TestOutcome> {
+        let mut cache: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
+        let mut resolve = |p: &Path| match cache.iter().find(|(w, _)| w == p) {
+            Some((_, r)) => r.clone(),
+            None => {
+                let r = resolve(p);
+                cache.push((p.to_path_buf(), r.clone()));
+                r
+            }
+        };
         self.model
             .tests
             .iter()

@@ -326,8 +326,25 @@ fn run_tests_with_a_resolver() {
     let text = format!(
         "{LINKED}\n[[test]]\ncommand = [\"/usr/bin/mawk\"]\nexpect = \"ask\"\nprofile = \"p\"\n"
     );
+    let text = format!(
+        "{text}[[test]]\ncommand = [\"/usr/bin/gawk\"]\nexpect = \"deny\"\n\
+         [[test]]\ncommand = [\"/usr/lib/git-core/git\", \"push\"]\nexpect = \"deny\"\n"
+    );
     let p = parse(&text);
-    assert!(p.run_tests_with(fake_resolve)[0].passed);
+    let mut asked: Vec<std::path::PathBuf> = Vec::new();
+    let out = p.run_tests_with(|path| {
+        asked.push(path.to_path_buf());
+        fake_resolve(path)
+    });
+    assert!(out.iter().all(|t| t.passed), "{out:?}");
+    let mut dedup = asked.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(
+        dedup.len(),
+        asked.len(),
+        "each literal once per run: {asked:?}"
+    );
     assert!(
         !p.run_tests()[0].passed,
         "without resolution the link is not followed"
