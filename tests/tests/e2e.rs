@@ -957,7 +957,8 @@ fn e2e_stale_cgroup_of_killed_supervisor_is_removed() {
         assert!(start.elapsed() < Duration::from_secs(10), "init survived");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(2500)); // older than carapace's minimum age
+    // Checked before they are 2 s old: until then no carapace (other tests run concurrently)
+    // may remove them.
     for d in &dirs {
         assert!(
             d.exists(),
@@ -965,6 +966,7 @@ fn e2e_stale_cgroup_of_killed_supervisor_is_removed() {
             d.display()
         );
     }
+    std::thread::sleep(Duration::from_millis(2500)); // older than carapace's minimum age
 
     // A stale-named cgroup (dead owner) that holds a live process must stay.
     let mut dead = Command::new("/usr/bin/true")
