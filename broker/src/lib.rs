@@ -1,0 +1,15 @@
+//! carapace's broker: the only door out of a confined child.
+//!
+//! A child holds one end of a `SOCK_SEQPACKET` socketpair (fd 3, `CARAPACE_BROKER_FD`); the
+//! broker holds the other and knows the child by *which socket* a request came on, never by what
+//! the request claims. Design: /work/notes/issue3-design.md until docs/protocol.md lands.
+
+pub mod approvals;
+pub mod audit;
+pub mod client;
+pub mod dlq;
+pub mod ops;
+pub mod protocol;
+pub mod ratelimit;
+pub mod redact;
+pub mod server;

@@ -1,0 +1,1 @@
+//! Broker operations: connect, open, secret, send, exec (being written).
