@@ -1,1 +1,760 @@
-//! audit (being written).
+//! The audit log: append-only JSON lines, one record per decision, hash-chained.
+//!
+//! Each line is one JSON object, fields in this order:
+//!
+//! ```text
+//! {"seq":7,"ts":"2026-11-21T13:20:07.123456Z","prev":"<64 hex>","who":{"id":3,"role":"tool","profile":"dev"},
+//!  "op":"connect","target":"api.example.com:443","rule":{"line":12,"why":"model API"},
+//!  "decision":"allow","outcome":"connected","detail":""}
+//! ```
+//!
+//! - `seq` starts at 1 and increases by exactly one per line.
+//! - `prev` is the lowercase hex SHA-256 of the previous line's bytes (without its `\n`); the first
+//!   line carries 64 zeros ([`GENESIS`]).
+//! - [`AuditLog::append`] writes the whole line with one `write` on an `O_APPEND` descriptor and
+//!   `fdatasync`s before returning: when it returns `Ok`, the record is on disk and the action it
+//!   records may be carried out. Any failure is an `Err` and the caller must deny. After a failed
+//!   write the log is *poisoned* (the file may hold a partial line) and every later append fails too.
+//! - Several processes may append to the same file: each append holds an exclusive `flock` and
+//!   re-reads the tail when the file grew behind its back, so the chain stays one chain.
+//!
+//! **Secrets never appear.** [`AuditRecord`] has no field meant for a value: `target` is a *name*
+//! (secret name, `host:port`, path, channel + recipient), `detail` is for the broker's own words
+//! (an error kind, a byte count). Callers must not put credential values or message bodies there.
+//!
+//! **What the chain proves, and what it cannot.** The hash is unkeyed: it shows an edit, deletion,
+//! reordering, insertion or truncation made by someone who did not recompute every later hash.
+//! Removing whole lines *at the end*, or editing the very last line, leaves a valid shorter chain;
+//! [`VerifyReport::head`] gives the last seq and hash so that it can be anchored elsewhere (and
+//! compared with [`verify_against`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Longest line [`AuditLog::open`] will look back for when recovering the tail.
+const MAX_LINE: u64 = 1 << 20;
+
+/// Errors of the audit log. Every one means "the record is not known to be on disk": deny.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {op}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "audit log {path}: the last line (from byte {offset}, {len} bytes) has no newline: a write \
+         was torn (crash mid-append?). Refusing to continue the chain; inspect the file and run \
+         `carapace audit verify`"
+    )]
+    TornTail {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
+    #[error(
+        "audit log {path}: the last line (from byte {offset}) is not a valid record: {reason}"
+    )]
+    BadTail {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error(
+        "audit log {path}: an earlier append failed ({reason}); the log refuses further records"
+    )]
+    Poisoned { path: PathBuf, reason: String },
+    #[error("audit log {path}: cannot encode the record: {source}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AuditError + 'a {
+    move |source| AuditError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Who asked: the identity the broker bound to the peer's socket (never what a request claims).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Who {
+    /// Id assigned at spawn.
+    pub id: u64,
+    /// `gateway`, `tool`, `channel` (or `operator` for operator actions).
+    pub role: String,
+    pub profile: String,
+}
+
+/// The policy rule that decided, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    /// Line in the policy file, when known.
+    pub line: Option<u32>,
+    /// The rule's `why`, or the reason for a default decision (e.g. "no rule matches").
+    pub why: String,
+}
+
+/// The decision recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditDecision {
+    Allow,
+    Deny,
+    Ask,
+    /// The request could not be decided (bad request, internal error): treated as a denial.
+    Error,
+}
+
+/// One decision to record. Has no field for secret values or message bodies (see module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub who: Who,
+    /// `connect`, `open`, `secret`, `send`, `exec`, `approval`, ...
+    pub op: String,
+    /// What the op is about, by name: `host:port`, a path, a secret's name, `channel -> recipient`.
+    pub target: String,
+    pub rule: Option<RuleRef>,
+    pub decision: AuditDecision,
+    /// What happened / is about to happen: `connected`, `refused`, `timed out`, `pending 4`, ...
+    pub outcome: String,
+    /// Extra words from the broker (error kind, sizes). Never a secret or a message body.
+    pub detail: String,
+}
+
+/// The serialized line: field order is the on-disk order.
+#[derive(Serialize)]
+struct LineOut<'a> {
+    seq: u64,
+    ts: &'a str,
+    prev: &'a str,
+    who: &'a Who,
+    op: &'a str,
+    target: &'a str,
+    rule: &'a Option<RuleRef>,
+    decision: AuditDecision,
+    outcome: &'a str,
+    detail: &'a str,
+}
+
+/// A line as read back. Only `seq` and `prev` matter to the chain; the rest must be present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredRecord {
+    pub seq: u64,
+    pub ts: String,
+    pub prev: String,
+    pub who: Who,
+    pub op: String,
+    pub target: String,
+    pub rule: Option<RuleRef>,
+    pub decision: AuditDecision,
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-21T13:20:07.123456Z`.
+/// Times before 1970 are written as the epoch.
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// The append-only, hash-chained audit log. Not `Clone`; share it behind a `Mutex`.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    /// Seq of the last record on disk (0 = empty log).
+    last_seq: u64,
+    /// Hash of the last line on disk (GENESIS for an empty log).
+    prev: String,
+    /// File length after our last append / tail read; if the file is longer, another writer
+    /// appended and the tail is read again.
+    end: u64,
+    poisoned: Option<String>,
+}
+
+/// Exclusive `flock` on the log for the duration of one append; released on drop. Holds the raw
+/// descriptor of the log's `File`, which the `AuditLog` keeps open for longer than any guard (the
+/// guard only lives inside `AuditLog` methods).
+struct FlockGuard {
+    fd: std::os::fd::RawFd,
+}
+
+impl FlockGuard {
+    fn lock(file: &File, path: &Path) -> Result<Self, AuditError> {
+        let fd = file.as_raw_fd();
+        loop {
+            // SAFETY: flock(2) takes no memory; `fd` is the open descriptor of `file`.
+            let rc = unsafe { libc::flock(fd, libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(FlockGuard { fd });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_err("flock", path)(e));
+            }
+        }
+    }
+}
+
+impl Drop for FlockGuard {
+    fn drop(&mut self) {
+        // SAFETY: flock(2) takes no memory; the descriptor is still open (see the type's docs).
+        // Closing it would unlock too, so a failed unlock leaves nothing that matters.
+        unsafe { libc::flock(self.fd, libc::LOCK_UN) };
+    }
+}
+
+impl AuditLog {
+    /// Opens (creating it 0600 if needed) the log at `path` for appending and recovers the last
+    /// seq and hash from its tail. Refuses a symlink, a torn last line and a last line that is not
+    /// a record.
+    pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, AuditError> {
+        let path = path.as_ref().to_path_buf();
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        if !existed {
+            // The new directory entry must survive a crash too.
+            if let Some(dir) = path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err("fsync dir", dir))?;
+            }
+        }
+        let mut log = AuditLog {
+            path,
+            file,
+            last_seq: 0,
+            prev: GENESIS.to_string(),
+            end: 0,
+            poisoned: None,
+        };
+        {
+            let _lock = FlockGuard::lock(&log.file, &log.path)?;
+            log.read_tail()?;
+        }
+        Ok(log)
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Seq of the last record written (0 for an empty log).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Hash of the last line (the `prev` of the next record).
+    pub fn head_hash(&self) -> &str {
+        &self.prev
+    }
+
+    /// Reads the last line and sets `last_seq`, `prev`, `end`. Caller holds the flock.
+    fn read_tail(&mut self) -> Result<(), AuditError> {
+        let path = &self.path;
+        let len = self.file.metadata().map_err(io_err("fstat", path))?.len();
+        if len == 0 {
+            self.last_seq = 0;
+            self.prev = GENESIS.to_string();
+            self.end = 0;
+            return Ok(());
+        }
+        let window = len.min(MAX_LINE + 1);
+        let start = len - window;
+        let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
+        self.file
+            .seek(SeekFrom::Start(start))
+            .map_err(io_err("lseek", path))?;
+        self.file
+            .read_exact(&mut buf)
+            .map_err(io_err("read", path))?;
+        if buf.last() != Some(&b'\n') {
+            let line_start = buf
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(start, |p| start + p as u64 + 1);
+            return Err(AuditError::TornTail {
+                path: path.clone(),
+                offset: line_start,
+                len: len - line_start,
+            });
+        }
+        let body = &buf[..buf.len() - 1];
+        let line_start_in_buf = match body.iter().rposition(|&b| b == b'\n') {
+            Some(p) => p + 1,
+            None if start == 0 => 0,
+            None => {
+                return Err(AuditError::BadTail {
+                    path: path.clone(),
+                    offset: start,
+                    reason: format!("last line longer than {MAX_LINE} bytes"),
+                })
+            }
+        };
+        let line = &body[line_start_in_buf..];
+        let offset = start + line_start_in_buf as u64;
+        let rec: StoredRecord = serde_json::from_slice(line).map_err(|e| AuditError::BadTail {
+            path: path.clone(),
+            offset,
+            reason: e.to_string(),
+        })?;
+        self.last_seq = rec.seq;
+        self.prev = sha256_hex(line);
+        self.end = len;
+        Ok(())
+    }
+
+    /// Appends one record and `fdatasync`s it. Returns its seq. On `Err` the record is not known
+    /// to be on disk and the action must be denied.
+    pub fn append(&mut self, rec: &AuditRecord) -> Result<u64, AuditError> {
+        self.append_at(rec, SystemTime::now())
+    }
+
+    /// [`append`](Self::append) with an explicit timestamp (tests, replays of a decided time).
+    pub fn append_at(&mut self, rec: &AuditRecord, ts: SystemTime) -> Result<u64, AuditError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(AuditError::Poisoned {
+                path: self.path.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let _lock = FlockGuard::lock(&self.file, &self.path)?;
+        let len = self
+            .file
+            .metadata()
+            .map_err(io_err("fstat", &self.path))?
+            .len();
+        if len != self.end {
+            // Another writer appended (or the file was cut): recover from what is there now.
+            self.read_tail()?;
+        }
+        let seq = self.last_seq + 1;
+        let ts = rfc3339_utc(ts);
+        let out = LineOut {
+            seq,
+            ts: &ts,
+            prev: &self.prev,
+            who: &rec.who,
+            op: &rec.op,
+            target: &rec.target,
+            rule: &rec.rule,
+            decision: rec.decision,
+            outcome: &rec.outcome,
+            detail: &rec.detail,
+        };
+        let mut line = serde_json::to_vec(&out).map_err(|source| AuditError::Encode {
+            path: self.path.clone(),
+            source,
+        })?;
+        let hash = sha256_hex(&line);
+        line.push(b'\n');
+        if let Err(e) = self.file.write_all(&line) {
+            self.poisoned = Some(format!("write: {e}"));
+            return Err(io_err("write", &self.path)(e));
+        }
+        if let Err(e) = self.file.sync_data() {
+            self.poisoned = Some(format!("fdatasync: {e}"));
+            return Err(io_err("fdatasync", &self.path)(e));
+        }
+        self.last_seq = seq;
+        self.prev = hash;
+        self.end = len + line.len() as u64;
+        Ok(seq)
+    }
+}
+
+/// How the chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BreakKind {
+    /// The line is not a JSON audit record.
+    BadJson(String),
+    /// The file ends in the middle of a line (no final newline): truncated or torn.
+    Truncated,
+    /// This line was changed after the next line was written (the next line's `prev` does not match
+    /// it, but the chain continues correctly from this line's successor onwards), or its `seq` was
+    /// changed.
+    Edited,
+    /// This line's `prev` does not match the line before it and nothing follows to tell which of the
+    /// two was altered: the line before was edited, or this line was appended by someone else.
+    EditedOrForged,
+    /// Records are missing before this line: `missing` seqs `from..=to`.
+    Deleted { from: u64, to: u64 },
+    /// This line is out of order: it carries `found` where `expected` was due, and the expected
+    /// record is elsewhere in the file.
+    Reordered { expected: u64, found: u64 },
+    /// This line is a byte-for-byte copy of line `of`.
+    Duplicated { of: u64 },
+    /// The chain is intact but ends before the anchored head ([`verify_against`]).
+    MissingTail { anchored_seq: u64, last_seq: u64 },
+    /// The line at the anchored seq does not hash to the anchored hash ([`verify_against`]).
+    AnchorMismatch,
+}
+
+/// The first place the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// 1-based line number in the file of the line found to be wrong.
+    pub line: u64,
+    pub kind: BreakKind,
+}
+
+impl fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = self.line;
+        match &self.kind {
+            BreakKind::BadJson(e) => write!(f, "line {l}: not an audit record: {e}"),
+            BreakKind::Truncated => write!(f, "line {l}: truncated (file ends without a newline)"),
+            BreakKind::Edited => write!(
+                f,
+                "line {l}: edited (its hash or seq no longer matches the chain around it)"
+            ),
+            BreakKind::EditedOrForged => write!(
+                f,
+                "line {l}: does not follow line {}: that line was edited or this one forged",
+                l.saturating_sub(1)
+            ),
+            BreakKind::Deleted { from, to } if from == to => {
+                write!(f, "line {l}: record seq {from} deleted before this line")
+            }
+            BreakKind::Deleted { from, to } => {
+                write!(f, "line {l}: records seq {from}..={to} deleted before this line")
+            }
+            BreakKind::Reordered { expected, found } => write!(
+                f,
+                "line {l}: reordered (seq {found} where {expected} was due; {expected} is elsewhere)"
+            ),
+            BreakKind::Duplicated { of } => write!(f, "line {l}: duplicate of line {of}"),
+            BreakKind::MissingTail {
+                anchored_seq,
+                last_seq,
+            } => write!(
+                f,
+                "line {l}: the log ends at seq {last_seq} but seq {anchored_seq} was anchored: \
+                 records deleted from the end"
+            ),
+            BreakKind::AnchorMismatch => write!(
+                f,
+                "line {l}: does not hash to the anchored head: edited or replaced"
+            ),
+        }
+    }
+}
+
+/// The last record of a chain: anchor it elsewhere to detect truncation of whole lines at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    /// Hex SHA-256 of the last line.
+    pub hash: String,
+}
+
+/// Result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Lines read (including the broken one).
+    pub lines: u64,
+    /// Last line of the intact prefix of the chain (None if the file is empty or line 1 is bad).
+    pub head: Option<Head>,
+    /// The first break, if any.
+    pub broken: Option<ChainBreak>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.broken.is_none()
+    }
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.broken, &self.head) {
+            (Some(b), _) => write!(f, "BROKEN: {b}"),
+            (None, Some(h)) => write!(
+                f,
+                "ok: {} records, chain intact, head seq {} hash {}",
+                self.lines, h.seq, h.hash
+            ),
+            (None, None) => write!(f, "ok: empty log"),
+        }
+    }
+}
+
+/// Checks seq continuity and the hash chain of the log at `path`. I/O errors are `Err`; a broken
+/// chain is an `Ok` report with `broken` set to the first line found wrong and how.
+pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditError> {
+    let path = path.as_ref();
+    let data = std::fs::read(path).map_err(io_err("read", path))?;
+    Ok(verify_bytes(&data))
+}
+
+/// [`verify`], then also checks that the chain reaches `anchor` (a [`Head`] saved earlier) and
+/// that the line at the anchored seq hashes to it.
+pub fn verify_against(path: impl AsRef<Path>, anchor: &Head) -> Result<VerifyReport, AuditError> {
+    let path = path.as_ref();
+    let data = std::fs::read(path).map_err(io_err("read", path))?;
+    let mut report = verify_bytes(&data);
+    if report.broken.is_some() {
+        return Ok(report);
+    }
+    let last_seq = report.head.as_ref().map_or(0, |h| h.seq);
+    if last_seq < anchor.seq {
+        report.broken = Some(ChainBreak {
+            line: report.lines + 1,
+            kind: BreakKind::MissingTail {
+                anchored_seq: anchor.seq,
+                last_seq,
+            },
+        });
+        return Ok(report);
+    }
+    // In an intact chain starting at seq 1, seq n is line n.
+    let idx = usize::try_from(anchor.seq).unwrap_or(usize::MAX);
+    let line = split_lines(&data).nth(idx.saturating_sub(1));
+    if anchor.seq == 0 || line.map(sha256_hex).as_deref() != Some(anchor.hash.as_str()) {
+        report.broken = Some(ChainBreak {
+            line: anchor.seq,
+            kind: BreakKind::AnchorMismatch,
+        });
+    }
+    Ok(report)
+}
+
+/// Lines without their `\n` (a final line without newline is yielded too).
+fn split_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let body = data.strip_suffix(b"\n").unwrap_or(data);
+    let empty = data.is_empty();
+    body.split(|&b| b == b'\n').filter(move |_| !empty)
+}
+
+/// [`verify`] on bytes.
+pub fn verify_bytes(data: &[u8]) -> VerifyReport {
+    let lines: Vec<&[u8]> = split_lines(data).collect();
+    let torn = !data.is_empty() && !data.ends_with(b"\n");
+    let hashes: Vec<String> = lines.iter().map(|l| sha256_hex(l)).collect();
+    let parsed: Vec<Option<StoredRecord>> = lines
+        .iter()
+        .map(|l| serde_json::from_slice(l).ok())
+        .collect();
+    // seq -> line indices, for telling deletion from reordering.
+    let mut by_seq: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, r) in parsed.iter().enumerate() {
+        if let Some(r) = r {
+            by_seq.entry(r.seq).or_default().push(i);
+        }
+    }
+    let mut report = VerifyReport {
+        lines: 0,
+        head: None,
+        broken: None,
+    };
+    let mut expected_seq = 1u64;
+    let mut prev_hash = GENESIS;
+    for (i, line) in lines.iter().enumerate() {
+        let lineno = i as u64 + 1;
+        report.lines = lineno;
+        let brk = |kind| Some(ChainBreak { line: lineno, kind });
+        if torn && i + 1 == lines.len() {
+            report.broken = brk(BreakKind::Truncated);
+            return report;
+        }
+        let rec = match &parsed[i] {
+            Some(r) => r,
+            None => {
+                let e = serde_json::from_slice::<StoredRecord>(line)
+                    .err()
+                    .map_or_else(String::new, |e| e.to_string());
+                report.broken = brk(BreakKind::BadJson(e));
+                return report;
+            }
+        };
+        let prev_ok = rec.prev == prev_hash;
+        let seq_ok = rec.seq == expected_seq;
+        match (prev_ok, seq_ok) {
+            (true, true) => {}
+            // Follows its predecessor but carries the wrong seq: its seq field was edited.
+            (true, false) => {
+                report.broken = brk(BreakKind::Edited);
+                return report;
+            }
+            (false, true) => {
+                let kind = if let Some(j) = (0..i).find(|&j| lines[j] == *line) {
+                    BreakKind::Duplicated { of: j as u64 + 1 }
+                } else if let Some(next) = parsed.get(i + 1) {
+                    match next {
+                        // This line is genuine (its successor chains from it): the previous
+                        // line was edited.
+                        Some(n) if n.prev == hashes[i] && i > 0 => {
+                            report.broken = Some(ChainBreak {
+                                line: lineno - 1,
+                                kind: BreakKind::Edited,
+                            });
+                            return report;
+                        }
+                        // Neither chains: this line itself (its prev) was edited.
+                        _ => BreakKind::Edited,
+                    }
+                } else {
+                    BreakKind::EditedOrForged
+                };
+                report.broken = brk(kind);
+                return report;
+            }
+            (false, false) => {
+                let kind = if let Some(j) = (0..i).find(|&j| lines[j] == *line) {
+                    BreakKind::Duplicated { of: j as u64 + 1 }
+                } else if by_seq
+                    .get(&expected_seq)
+                    .is_some_and(|v| v.iter().any(|&j| j > i))
+                {
+                    BreakKind::Reordered {
+                        expected: expected_seq,
+                        found: rec.seq,
+                    }
+                } else if rec.seq > expected_seq {
+                    BreakKind::Deleted {
+                        from: expected_seq,
+                        to: rec.seq - 1,
+                    }
+                } else {
+                    BreakKind::Reordered {
+                        expected: expected_seq,
+                        found: rec.seq,
+                    }
+                };
+                report.broken = brk(kind);
+                return report;
+            }
+        }
+        report.head = Some(Head {
+            seq: rec.seq,
+            hash: hashes[i].clone(),
+        });
+        prev_hash = &hashes[i];
+        expected_seq = rec.seq + 1;
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        // 2000-02-29T12:34:56.5Z (leap day)
+        let t = UNIX_EPOCH + Duration::from_millis(951_827_696_500);
+        assert_eq!(rfc3339_utc(t), "2000-02-29T12:34:56.500000Z");
+        // 2026-11-21T13:20:07Z
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_267_207);
+        assert_eq!(rfc3339_utc(t), "2026-11-21T13:20:07.000000Z");
+        // 2100-03-01 (2100 is not a leap year)
+        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400);
+        assert_eq!(rfc3339_utc(t), "2100-03-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn hex_and_sha() {
+        assert_eq!(hex(&[0x00, 0xab, 0xff]), "00abff");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(GENESIS.len(), 64);
+    }
+
+    #[test]
+    fn empty_file_verifies_as_empty() {
+        let r = verify_bytes(b"");
+        assert!(r.is_ok());
+        assert_eq!(r.lines, 0);
+        assert_eq!(r.head, None);
+    }
+
+    #[test]
+    fn garbage_is_bad_json_at_line_1() {
+        let r = verify_bytes(b"hello\n");
+        assert!(matches!(
+            r.broken,
+            Some(ChainBreak {
+                line: 1,
+                kind: BreakKind::BadJson(_)
+            })
+        ));
+    }
+}
