@@ -467,6 +467,7 @@ fn exec(a: ExecArgs) -> i32 {
         workspace: Some(workspace),
         run_as,
         env: std::env::vars_os().collect(),
+        broker: false,
     };
     let t_prepare = std::time::Instant::now();
     let launch = match Launch::prepare(&plan, &opts, target.landlock_abi) {

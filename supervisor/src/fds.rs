@@ -282,13 +282,25 @@ pub fn child_report(fd: RawFd, f: ChildFailure) {
     unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
 }
 
+/// The fd a confined child holds its broker socket at (documented in docs/protocol.md; the
+/// child's environment names it as `CARAPACE_BROKER_FD`).
+pub const BROKER_FD: RawFd = 3;
+/// The environment variable naming [`BROKER_FD`] in the child.
+pub const BROKER_FD_ENV: &str = "CARAPACE_BROKER_FD";
+
 /// Child: close every fd above 2 except those in `keep` (at most 2 of them: the exec-error
 /// pipe and the init's status pipe, both CLOEXEC).
 pub fn child_close_all_but_stdio(keep: [RawFd; 2]) -> Result<(), i32> {
+    child_close_all_from(3, keep)
+}
+
+/// Child: close every fd from `first` on except those in `keep` (at most 2 of them).
+pub fn child_close_all_from(first: RawFd, keep: [RawFd; 2]) -> Result<(), i32> {
+    let first = libc::c_uint::try_from(first).map_err(|_| libc::EBADF)?;
     let (a, b) = (keep[0].min(keep[1]), keep[0].max(keep[1]));
-    let mut lo: libc::c_uint = 3;
+    let mut lo: libc::c_uint = first;
     for k in [a, b] {
-        if k < 3 {
+        if k < 0 || (k as libc::c_uint) < first {
             continue;
         }
         let k = k as libc::c_uint;
@@ -298,6 +310,54 @@ pub fn child_close_all_but_stdio(keep: [RawFd; 2]) -> Result<(), i32> {
         lo = lo.max(k + 1);
     }
     close_range(lo, libc::c_uint::MAX)
+}
+
+/// Child: place `srcs[i]` at fd `i` (0 stdin, 1 stdout, 2 stderr, 3 [`BROKER_FD`]; -1 leaves
+/// that fd as it is), with close-on-exec cleared, and move `keep` (fds the child still needs,
+/// CLOEXEC) out of the way of those targets. Returns the new numbers of `keep`.
+///
+/// Every source and kept fd is first duplicated to a number >= 4 (`F_DUPFD_CLOEXEC`), so no
+/// `dup2` can overwrite a descriptor that is still to be placed or kept, whatever numbers they
+/// had. The stale originals are closed by the close-all that follows.
+pub fn child_place_fds(srcs: [RawFd; 4], keep: [RawFd; 2]) -> Result<[RawFd; 2], i32> {
+    let high = |fd: RawFd| -> Result<RawFd, i32> {
+        // SAFETY: F_DUPFD_CLOEXEC only creates a new descriptor in our own fd table.
+        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 4 as libc::c_int) };
+        if n < 0 {
+            Err(errno())
+        } else {
+            Ok(n)
+        }
+    };
+    let mut moved = [-1 as RawFd; 4];
+    for (i, &src) in srcs.iter().enumerate() {
+        if src >= 0 && src != i as RawFd {
+            moved[i] = high(src)?;
+        }
+    }
+    let kept = [high(keep[0])?, high(keep[1])?];
+    for (target, &src) in moved.iter().enumerate() {
+        if src >= 0 {
+            // SAFETY: dup2 only rearranges our own fd table; the copy at `target` does not
+            // have FD_CLOEXEC (dup2 never sets it).
+            if unsafe { libc::dup2(src, target as RawFd) } < 0 {
+                return Err(errno());
+            }
+        } else if srcs[target] == target as RawFd {
+            // Already in place (possibly CLOEXEC): clear the flag.
+            let t = target as RawFd;
+            // SAFETY: F_GETFD on our own fd.
+            let fl = unsafe { libc::fcntl(t, libc::F_GETFD) };
+            if fl < 0 {
+                return Err(errno());
+            }
+            // SAFETY: F_SETFD on our own fd.
+            if unsafe { libc::fcntl(t, libc::F_SETFD, fl & !libc::FD_CLOEXEC) } < 0 {
+                return Err(errno());
+            }
+        }
+    }
+    Ok(kept)
 }
 
 fn close_range(lo: libc::c_uint, hi: libc::c_uint) -> Result<(), i32> {
@@ -379,6 +439,69 @@ mod tests {
         unsafe { libc::waitpid(pid, &mut status, 0) };
         assert!(libc::WIFEXITED(status));
         assert_eq!(libc::WEXITSTATUS(status), 0);
+    }
+
+    #[test]
+    fn place_fds_puts_each_source_at_its_number_inheritable() {
+        // Sources at awkward numbers: the broker source is a CLOEXEC pipe; a kept fd may sit at
+        // 3 itself, which the placement must not clobber.
+        let a = Pipe::new("a").unwrap();
+        let b = Pipe::new("b").unwrap();
+        let c = Pipe::new("c").unwrap();
+        // SAFETY: the child only makes raw syscalls and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut code = 0;
+            // Make fd 3 a kept fd (the exec-error pipe stand-in): dup c.write there.
+            // SAFETY: dup2 in our own (forked) fd table.
+            unsafe { libc::dup2(c.write.as_raw_fd(), 3) };
+            let kept = match child_place_fds(
+                [-1, a.write.as_raw_fd(), -1, b.write.as_raw_fd()],
+                [3, c.read.as_raw_fd()],
+            ) {
+                Ok(k) => k,
+                Err(_) => {
+                    // SAFETY: ends the forked child.
+                    unsafe { libc::_exit(99) }
+                }
+            };
+            if kept.iter().any(|&k| k < 4) {
+                code |= 1;
+            }
+            if child_close_all_from(4, kept).is_err() {
+                code |= 2;
+            }
+            for fd in [1, 3] {
+                // SAFETY: F_GETFD probe.
+                let fl = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+                if fl < 0 || fl & libc::FD_CLOEXEC != 0 {
+                    code |= 4;
+                }
+            }
+            // fd 3 is now b's write end, fd 1 a's; the kept copy of the old fd 3 still works.
+            // SAFETY: writes of one-byte locals.
+            unsafe {
+                libc::write(3, b"B".as_ptr().cast(), 1);
+                libc::write(1, b"A".as_ptr().cast(), 1);
+                libc::write(kept[0], b"C".as_ptr().cast(), 1);
+            }
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 0);
+        drop((a.write, b.write, c.write));
+        let mut buf = [0u8; 4];
+        assert_eq!(read_full(&a.read, &mut buf, "a").unwrap(), 1);
+        assert_eq!(buf[0], b'A');
+        assert_eq!(read_full(&b.read, &mut buf, "b").unwrap(), 1);
+        assert_eq!(buf[0], b'B');
+        assert_eq!(read_full(&c.read, &mut buf, "c").unwrap(), 1);
+        assert_eq!(buf[0], b'C');
     }
 
     #[test]

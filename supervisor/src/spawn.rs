@@ -30,7 +30,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -180,10 +180,11 @@ pub enum Stage {
     Seccomp,
     Execve,
     InitSeccomp,
+    PlaceFds,
 }
 
 impl Stage {
-    const ALL: [Stage; 29] = [
+    const ALL: [Stage; 30] = [
         Stage::JoinCgroup,
         Stage::Sync1,
         Stage::UnshareCgroup,
@@ -213,6 +214,7 @@ impl Stage {
         Stage::Seccomp,
         Stage::Execve,
         Stage::InitSeccomp,
+        Stage::PlaceFds,
     ];
 
     pub fn from_u32(n: u32) -> Option<Stage> {
@@ -250,6 +252,7 @@ impl Stage {
             Stage::Seccomp => "seccomp(SECCOMP_SET_MODE_FILTER)",
             Stage::Execve => "execve",
             Stage::InitSeccomp => "seccomp of the sandbox's init",
+            Stage::PlaceFds => "placing stdio and the broker socket (dup2)",
         }
     }
 }
@@ -269,6 +272,34 @@ pub struct LaunchOptions {
     pub run_as: HostIds,
     /// The supervisor's environment, the source of `env.pass`.
     pub env: Vec<(OsString, OsString)>,
+    /// The child gets a broker socket at [`fds::BROKER_FD`] ([`ChildIo::broker`]): its
+    /// environment then says so (`CARAPACE_BROKER_FD=3`, which overrides the plan's).
+    pub broker: bool,
+}
+
+/// Descriptors a child gets in place of the supervisor's stdio, and its broker socket. Each is
+/// borrowed from the caller for the duration of [`Launch::spawn_with`]; the child gets its own
+/// copy (close-on-exec cleared) at the fixed number, the caller keeps and closes the original.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChildIo<'a> {
+    pub stdin: Option<BorrowedFd<'a>>,
+    pub stdout: Option<BorrowedFd<'a>>,
+    pub stderr: Option<BorrowedFd<'a>>,
+    /// Placed at [`fds::BROKER_FD`]; required exactly when the launch was prepared with
+    /// [`LaunchOptions::broker`].
+    pub broker: Option<BorrowedFd<'a>>,
+}
+
+impl ChildIo<'_> {
+    fn raw(&self) -> [RawFd; 4] {
+        let r = |f: Option<BorrowedFd<'_>>| f.map_or(-1, |f| f.as_raw_fd());
+        [
+            r(self.stdin),
+            r(self.stdout),
+            r(self.stderr),
+            r(self.broker),
+        ]
+    }
 }
 
 /// Everything the child needs, computed before fork.
@@ -300,6 +331,8 @@ pub struct Launch {
     envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
     wall_time: Option<Duration>,
+    /// The child gets a broker socket at fd 3 (see [`LaunchOptions::broker`]).
+    broker: bool,
     /// A Launch is used once: the workspace mount is moved into the first child.
     spawned: AtomicBool,
 }
@@ -392,8 +425,16 @@ impl Launch {
         for (i, a) in opts.args.iter().enumerate() {
             argv.push(cstring(format!("argument {}", i + 1), a.as_bytes())?);
         }
+        let mut env = build_env(&plan.env, &opts.env);
+        if opts.broker {
+            env.retain(|(k, _)| k != fds::BROKER_FD_ENV);
+            env.push((
+                OsString::from(fds::BROKER_FD_ENV),
+                OsString::from(fds::BROKER_FD.to_string()),
+            ));
+        }
         let mut envp = Vec::new();
-        for (k, v) in build_env(&plan.env, &opts.env) {
+        for (k, v) in env {
             let mut kv = k.as_bytes().to_vec();
             kv.push(b'=');
             kv.extend_from_slice(v.as_bytes());
@@ -428,6 +469,7 @@ impl Launch {
             envp,
             envp_ptrs,
             wall_time: plan.wall_time,
+            broker: opts.broker,
             spawned: AtomicBool::new(false),
         })
     }
@@ -464,6 +506,31 @@ impl Launch {
     /// clone3 CLONE_INTO_CGROUP; else moved by us before sync 1) and joining the v1 hierarchies
     /// itself first thing.
     pub fn spawn(&self, cgroup: Option<&Cgroup>) -> Result<Running, SpawnError> {
+        self.spawn_with(cgroup, ChildIo::default())
+    }
+
+    /// Whether the child gets a broker socket (see [`LaunchOptions::broker`]).
+    pub fn brokered(&self) -> bool {
+        self.broker
+    }
+
+    /// [`Launch::spawn`] with the child's stdio replaced and/or a broker socket given (`io`).
+    pub fn spawn_with(
+        &self,
+        cgroup: Option<&Cgroup>,
+        io: ChildIo<'_>,
+    ) -> Result<Running, SpawnError> {
+        if io.broker.is_some() != self.broker {
+            return Err(SpawnError::Program(format!(
+                "internal error: the launch was prepared {} a broker socket but spawned {} one",
+                if self.broker { "with" } else { "without" },
+                if io.broker.is_some() {
+                    "with"
+                } else {
+                    "without"
+                },
+            )));
+        }
         if self.spawned.swap(true, Ordering::SeqCst) {
             return Err(SpawnError::Reused);
         }
@@ -480,6 +547,8 @@ impl Launch {
             ready_write: ready.write.as_raw_fd(),
             err_read: errp.read.as_raw_fd(),
             err_write: errp.write.as_raw_fd(),
+            io: io.raw(),
+            place: io.raw() != [-1; 4],
         };
         // Born in the cgroup: v2 through clone3(CLONE_INTO_CGROUP), v1 by the child writing its
         // own `tasks` first thing. Neither takes the kernel's global cgroup migration lock,
@@ -938,13 +1007,19 @@ struct ChildFds {
     ready_write: RawFd,
     err_read: RawFd,
     err_write: RawFd,
+    /// Sources of fds 0..=3 in the child (-1: leave as is); see [`fds::child_place_fds`].
+    io: [RawFd; 4],
+    /// Whether any of `io` is set (else the fd layout is the historical one).
+    place: bool,
 }
 
 /// The child: from clone to execve. Raw async-signal-safe syscalls only; never returns.
 fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
+    // The exec-error pipe may move when fds are placed (fds::child_place_fds).
+    let err_fd = std::cell::Cell::new(f.err_write);
     let fail = |stage: Stage, index: u32, errno: i32| -> ! {
         fds::child_report(
-            f.err_write,
+            err_fd.get(),
             ChildFailure {
                 stage: stage as u32,
                 index,
@@ -1125,9 +1200,22 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
         Stage::LandlockRestrict,
         landlock::child_restrict_self(ruleset),
     );
+    let mut placed = *f;
+    if f.place {
+        match fds::child_place_fds(f.io, [f.err_write, f.status_write]) {
+            Ok([e, s]) => {
+                placed.err_write = e;
+                placed.status_write = s;
+                err_fd.set(e);
+            }
+            Err(e) => fail(Stage::PlaceFds, 0, e),
+        }
+    }
+    let f = &placed;
+    let first_closed = if l.broker { fds::BROKER_FD + 1 } else { 3 };
     check(
         Stage::CloseFds,
-        fds::child_close_all_but_stdio([f.err_write, f.status_write]),
+        fds::child_close_all_from(first_closed, [f.err_write, f.status_write]),
     );
     // SAFETY: valid C string.
     check(
@@ -1200,6 +1288,11 @@ fn init_main(program: libc::pid_t, f: &ChildFds, filter: &seccomp::Prepared) -> 
         libc::close(0);
         libc::close(1);
         libc::close(2);
+    }
+    if f.io[3] >= 0 {
+        // SAFETY: closing our copy of the broker socket, so the broker sees the hangup when
+        // the program (and whatever it left) is gone.
+        unsafe { libc::close(fds::BROKER_FD) };
     }
     loop {
         let mut status: libc::c_int = 0;

@@ -29,6 +29,7 @@ fn run_plan(
         workspace: Some(ws.to_path_buf()),
         run_as: HostIds::NOBODY,
         env: std::env::vars_os().collect(),
+        broker: false,
     };
     let launch = Launch::prepare(plan, &opts, landlock::probe_abi())?;
     let cg = Cgroup::create(&cgroup::unique_name("test"), &plan.cgroup)?;
@@ -213,6 +214,7 @@ fn program_outside_exec_mounts_is_refused_before_fork() {
         workspace: Some(ws.path().to_path_buf()),
         run_as: HostIds::NOBODY,
         env: vec![],
+        broker: false,
     };
     let e = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap_err();
     assert!(e.to_string().contains("not executable"), "{e}");
@@ -283,4 +285,109 @@ fn setid_bits_cannot_be_planted_in_the_workspace() {
             .trim(),
         "750"
     );
+}
+
+/// A child spawned with `ChildIo` gets exactly those fds: stdin, stdout, stderr replaced, the
+/// broker socket at fd 3 (not close-on-exec) named by CARAPACE_BROKER_FD, and nothing above 3.
+/// Without a broker socket, fd 3 is closed and the variable absent.
+#[test]
+fn child_io_places_stdio_and_the_broker_socket() {
+    use carapace_supervisor::fds::Pipe;
+    use carapace_supervisor::spawn::ChildIo;
+    use std::io::Read as _;
+    use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    let script = "echo \"env=${CARAPACE_BROKER_FD:-unset}\"; \
+                  for f in 3 4 5 6 7 8 9 10 11 12; do [ -e /proc/self/fd/$f ] && echo \"open=$f\"; done; \
+                  echo to-stderr >&2; \
+                  if [ -e /proc/self/fd/3 ]; then printf broker-hello >&3; fi; exit 0";
+    for broker in [true, false] {
+        let opts = LaunchOptions {
+            program: PathBuf::from("/usr/bin/sh"),
+            argv0: OsString::from("sh"),
+            args: vec![OsString::from("-c"), OsString::from(script)],
+            workspace: Some(ws.path().to_path_buf()),
+            run_as: HostIds::NOBODY,
+            env: vec![],
+            broker,
+        };
+        let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
+        let out = Pipe::new("stdout").unwrap();
+        let err = Pipe::new("stderr").unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut sp = [0; 2];
+        // SAFETY: `sp` is a valid array of two ints for socketpair to fill.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                sp.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: socketpair succeeded: both fds are ours alone.
+        let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(sp[0]), OwnedFd::from_raw_fd(sp[1])) };
+        let io = ChildIo {
+            stdin: Some(null.as_fd()),
+            stdout: Some(out.write.as_fd()),
+            stderr: Some(err.write.as_fd()),
+            broker: broker.then(|| theirs.as_fd()),
+        };
+        // A launch prepared without a broker refuses a broker socket and vice versa.
+        let wrong = ChildIo {
+            broker: (!broker).then(|| theirs.as_fd()),
+            ..io
+        };
+        assert!(launch.spawn_with(None, wrong).is_err());
+        let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
+        let cg = Cgroup::create(&cgroup::unique_name("test"), &hand_plan().cgroup).unwrap();
+        let running = launch.spawn_with(Some(&cg), io).unwrap();
+        drop(out.write);
+        drop(err.write);
+        drop(theirs);
+        let report = running.wait(launch.wall_time(), Some(&cg)).unwrap();
+        cg.remove().unwrap();
+        let mut stdout = String::new();
+        std::fs::File::from(out.read)
+            .read_to_string(&mut stdout)
+            .unwrap();
+        let mut stderr = String::new();
+        std::fs::File::from(err.read)
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(report.exit_code(), 0, "{report:?} {stdout} {stderr}");
+        assert_eq!(stderr, "to-stderr\n");
+        if broker {
+            assert_eq!(stdout, "env=3\nopen=3\n");
+            let mut buf = [0u8; 64];
+            // SAFETY: reading into a local buffer of the size passed.
+            let n = unsafe {
+                libc::recv(
+                    mine.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            assert_eq!(n, 12, "{}", std::io::Error::last_os_error());
+            assert_eq!(&buf[..12], b"broker-hello");
+            // The child and its init are gone: the broker sees the hangup (EOF).
+            // SAFETY: as above.
+            let n = unsafe {
+                libc::recv(
+                    mine.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            assert_eq!(n, 0);
+        } else {
+            assert_eq!(stdout, "env=unset\n");
+        }
+    }
 }
