@@ -11,6 +11,7 @@
 //! The format is documented in `docs/policy.md`.
 
 mod bpf;
+pub mod broker;
 mod compile;
 mod explain;
 pub mod fuzz;
@@ -454,6 +455,41 @@ impl Policy {
     /// Number of `[[exec]]` rules.
     pub fn rule_count(&self) -> usize {
         self.model.rules.len()
+    }
+
+    /// The broker rules of `profile` (its `[profiles.NAME.broker]` section, with the secrets and
+    /// channels it names resolved). None when the profile does not exist or has no broker
+    /// section (then its children get no broker socket).
+    pub fn broker_view(&self, profile: &str) -> Option<broker::BrokerRules> {
+        let p = self.model.profiles.get(profile)?;
+        let b = p.broker.as_ref()?;
+        Some(broker::rules_of(
+            profile,
+            b,
+            &self.model.secrets,
+            &self.model.channels,
+        ))
+    }
+
+    /// [`broker::BrokerRules::explain`] for `profile`, or a sentence saying it has no broker.
+    pub fn explain_broker(&self, profile: &str) -> String {
+        match self.broker_view(profile) {
+            Some(r) => r.explain(),
+            None => format!(
+                "broker: profile `{profile}` has no [profiles.{profile}.broker] section: its children get no broker socket\n"
+            ),
+        }
+    }
+
+    /// Every `[secrets.NAME]` of the policy (the broker loads them all so that any secret value
+    /// can be redacted from outbound data, whoever may fetch it).
+    pub fn secrets(&self) -> impl Iterator<Item = &broker::SecretSpec> {
+        self.model.secrets.values()
+    }
+
+    /// Every `[channels.NAME]` of the policy.
+    pub fn channels(&self) -> impl Iterator<Item = &broker::ChannelSpec> {
+        self.model.channels.values()
     }
 
     /// The file name given to [`Policy::parse`].

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub(crate) use crate::broker::{RawBroker, RawChannel, RawSecret};
+
 pub(crate) type S<T> = Spanned<T>;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +22,10 @@ pub(crate) struct RawPolicy {
     pub exec: Vec<S<RawExec>>,
     #[serde(default)]
     pub test: Vec<S<RawTest>>,
+    #[serde(default)]
+    pub secrets: BTreeMap<S<String>, S<RawSecret>>,
+    #[serde(default)]
+    pub channels: BTreeMap<S<String>, S<RawChannel>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -36,6 +42,7 @@ pub(crate) struct RawProfile {
     pub landlock: Option<S<RawLandlock>>,
     pub seccomp: Option<S<RawSeccomp>>,
     pub environment: Option<S<RawEnvironment>>,
+    pub broker: Option<S<RawBroker>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -91,6 +91,34 @@ const SECCOMP: Kind = Table(&[
     ("clone_deny_flags", Array(&Str)),
 ]);
 const ENVIRONMENT: Kind = Table(&[("pass", Array(&Str)), ("set", Map(&Str))]);
+const CONNECT: Kind = Table(&[
+    ("host", Str),
+    ("port", Int),
+    ("allow_private", Bool),
+    ("why", Str),
+]);
+const OPEN: Kind = Table(&[("path", Str), ("access", Str), ("why", Str)]);
+const PEER_RATE: Kind = Table(&[("requests_per_second", Int), ("burst", Int)]);
+const BROKER: Kind = Table(&[
+    ("connect", Array(&CONNECT)),
+    ("open", Array(&OPEN)),
+    ("secrets", Array(&Str)),
+    ("channels", Array(&Str)),
+    ("exec", Bool),
+    ("rate", PEER_RATE),
+]);
+const SECRET: Kind = Table(&[("why", Str), ("file", Str), ("credential", Str)]);
+const CHANNEL_RATE: Kind = Table(&[("per_minute", Int), ("burst", Int)]);
+const CHANNEL: Kind = Table(&[
+    ("why", Str),
+    ("kind", Str),
+    ("path", Str),
+    ("recipients", Array(&Str)),
+    ("block", Array(&Str)),
+    ("redact", Array(&Str)),
+    ("max_bytes", IntOrStr),
+    ("rate", CHANNEL_RATE),
+]);
 const PROFILE: Kind = Table(&[
     ("why", Str),
     ("extends", Str),
@@ -103,6 +131,7 @@ const PROFILE: Kind = Table(&[
     ("landlock", LANDLOCK),
     ("seccomp", SECCOMP),
     ("environment", ENVIRONMENT),
+    ("broker", BROKER),
 ]);
 const EXEC: Kind = Table(&[
     ("why", Str),
@@ -124,6 +153,8 @@ pub(crate) const POLICY: Kind = Table(&[
     ("profiles", Map(&PROFILE)),
     ("exec", Array(&EXEC)),
     ("test", Array(&TEST)),
+    ("secrets", Map(&SECRET)),
+    ("channels", Map(&CHANNEL)),
 ]);
 
 fn type_name(v: &DeValue<'_>) -> &'static str {
@@ -254,6 +285,7 @@ fn check_value(v: &mut Spanned<DeValue<'_>>, kind: &Kind, key: &str, sink: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::*;
     use crate::model::*;
     use serde::de::DeserializeOwned;
 
@@ -302,5 +334,12 @@ mod tests {
         assert_eq!(schema_keys(&ENVIRONMENT), serde_keys::<RawEnvironment>());
         assert_eq!(schema_keys(&EXEC), serde_keys::<RawExec>());
         assert_eq!(schema_keys(&TEST), serde_keys::<RawTest>());
+        assert_eq!(schema_keys(&BROKER), serde_keys::<RawBroker>());
+        assert_eq!(schema_keys(&CONNECT), serde_keys::<RawConnect>());
+        assert_eq!(schema_keys(&OPEN), serde_keys::<RawOpen>());
+        assert_eq!(schema_keys(&PEER_RATE), serde_keys::<RawPeerRate>());
+        assert_eq!(schema_keys(&SECRET), serde_keys::<RawSecret>());
+        assert_eq!(schema_keys(&CHANNEL), serde_keys::<RawChannel>());
+        assert_eq!(schema_keys(&CHANNEL_RATE), serde_keys::<RawChannelRate>());
     }
 }

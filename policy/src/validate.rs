@@ -104,6 +104,8 @@ pub(crate) struct Profile {
     pub seccomp: SeccompSpec,
     pub env_pass: Vec<String>,
     pub env_set: Vec<(String, String)>,
+    /// `[profiles.NAME.broker]`, if present.
+    pub broker: Option<crate::broker::BrokerSection>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +150,8 @@ pub(crate) struct Example {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Validated {
     pub profiles: BTreeMap<String, Profile>,
+    pub secrets: BTreeMap<String, crate::broker::SecretSpec>,
+    pub channels: BTreeMap<String, crate::broker::ChannelSpec>,
     pub rules: Vec<Rule>,
     pub tests: Vec<Example>,
 }
@@ -193,6 +197,13 @@ pub(crate) fn validate(raw: RawPolicy, sink: &mut Sink<'_>) -> Validated {
         },
     }
 
+    // Broker tables: secrets and channels, referenced by name from profiles' broker sections.
+    let secret_names: BTreeSet<String> = raw.secrets.keys().map(|k| k.get_ref().clone()).collect();
+    let channel_names: BTreeSet<String> =
+        raw.channels.keys().map(|k| k.get_ref().clone()).collect();
+    out.secrets = crate::broker::lower_secrets(raw.secrets, sink);
+    out.channels = crate::broker::lower_channels(raw.channels, sink);
+
     // Profiles: own checks, then extends resolution, then lowering of the merged profile.
     let raw_profiles: BTreeMap<String, (Range<usize>, Range<usize>, RawProfile)> = raw
         .profiles
@@ -236,7 +247,11 @@ pub(crate) fn validate(raw: RawPolicy, sink: &mut Sink<'_>) -> Validated {
             } else {
                 vspan.clone()
             };
-            if let Some(p) = lower_profile(name, &span, merged, sink) {
+            let broker = merged.broker.as_ref().and_then(|b| {
+                crate::broker::lower_broker(b, name, &secret_names, &channel_names, sink)
+            });
+            if let Some(mut p) = lower_profile(name, &span, merged, sink) {
+                p.broker = broker;
                 out.profiles.insert(name.clone(), p);
             }
         }
@@ -479,6 +494,7 @@ fn merge_profile(p: RawProfile, c: RawProfile) -> RawProfile {
                 (ps, cs) => cs.or(ps),
             },
         }),
+        broker: merge_table(p.broker, c.broker, crate::broker::merge_broker),
     }
 }
 
@@ -1199,6 +1215,7 @@ fn lower_profile(
         },
         env_pass,
         env_set,
+        broker: None,
     })
 }
 

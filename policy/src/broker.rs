@@ -1,0 +1,1654 @@
+//! The broker's policy sections: what a child may ask the broker for (`[profiles.NAME.broker]`),
+//! the secrets the broker can hand out (`[secrets.NAME]`) and the outbound channels it can send
+//! to (`[channels.NAME]`). Parsed and validated with located errors like the rest of the policy;
+//! [`crate::Policy::broker_view`] gives one profile's [`BrokerRules`]: plain data plus pure
+//! matching functions, which the broker's operations call. Nothing here does I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobMatcher};
+use regex::{Regex, RegexBuilder};
+use serde::Deserialize;
+
+use crate::model::S;
+use crate::source::Sink;
+use crate::units::{check_abs_path, fmt_bytes, parse_size, PATH_EXPECTED, SIZE_EXPECTED};
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape (serde); mirrored by the schema in schema.rs.
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBroker {
+    pub connect: Option<Vec<S<RawConnect>>>,
+    pub open: Option<Vec<S<RawOpen>>>,
+    pub secrets: Option<S<Vec<S<String>>>>,
+    pub channels: Option<S<Vec<S<String>>>>,
+    pub exec: Option<S<bool>>,
+    pub rate: Option<S<RawPeerRate>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConnect {
+    pub host: Option<S<String>>,
+    pub port: Option<S<i64>>,
+    pub allow_private: Option<S<bool>>,
+    pub why: Option<S<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOpen {
+    pub path: Option<S<String>>,
+    pub access: Option<S<String>>,
+    pub why: Option<S<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPeerRate {
+    pub requests_per_second: Option<S<i64>>,
+    pub burst: Option<S<i64>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecret {
+    pub why: Option<S<String>>,
+    pub file: Option<S<String>>,
+    pub credential: Option<S<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawChannel {
+    pub why: Option<S<String>>,
+    pub kind: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub recipients: Option<S<Vec<S<String>>>>,
+    pub block: Option<S<Vec<S<String>>>>,
+    pub redact: Option<S<Vec<S<String>>>>,
+    pub max_bytes: Option<S<toml::Value>>,
+    pub rate: Option<S<RawChannelRate>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawChannelRate {
+    pub per_minute: Option<S<i64>>,
+    pub burst: Option<S<i64>>,
+}
+
+/// `extends`: the broker lists (`connect`, `open`, `secrets`, `channels`) append, parent
+/// first; `exec` and `rate` are overridden by the child.
+pub(crate) fn merge_broker(p: RawBroker, c: RawBroker) -> RawBroker {
+    fn append<T>(p: Option<Vec<T>>, c: Option<Vec<T>>) -> Option<Vec<T>> {
+        match (p, c) {
+            (Some(mut p), Some(c)) => {
+                p.extend(c);
+                Some(p)
+            }
+            (p, c) => c.or(p),
+        }
+    }
+    fn append_names(
+        p: Option<S<Vec<S<String>>>>,
+        c: Option<S<Vec<S<String>>>>,
+    ) -> Option<S<Vec<S<String>>>> {
+        match (p, c) {
+            (Some(p), Some(c)) => {
+                let span = c.span();
+                let mut all = p.into_inner();
+                all.extend(c.into_inner());
+                Some(S::new(span, all))
+            }
+            (p, c) => c.or(p),
+        }
+    }
+    RawBroker {
+        connect: append(p.connect, c.connect),
+        open: append(p.open, c.open),
+        secrets: append_names(p.secrets, c.secrets),
+        channels: append_names(p.channels, c.channels),
+        exec: c.exec.or(p.exec),
+        rate: c.rate.or(p.rate),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated model.
+
+/// The host part of a `connect` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// One DNS name (lowercase, no trailing dot).
+    Exact(String),
+    /// `*.SUFFIX`: any name strictly beneath SUFFIX (one or more labels), not SUFFIX itself.
+    Subdomains(String),
+    /// An IP address literal; matches only the same address written as a literal.
+    Ip(IpAddr),
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Subdomains(s) => write!(f, "*.{s}"),
+            HostPattern::Ip(IpAddr::V6(a)) => write!(f, "[{a}]"),
+            HostPattern::Ip(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// One `connect` rule of a profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRule {
+    pub host: HostPattern,
+    pub port: u16,
+    /// Private, loopback, link-local... addresses (see [`is_non_public`]) may be connected.
+    pub allow_private: bool,
+    pub why: String,
+    /// 1-based line of the rule in the policy file.
+    pub line: usize,
+}
+
+/// What an `open` rule grants beneath its directory; each level includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OpenAccess {
+    /// Open existing files read-only.
+    Read,
+    /// Open existing files for reading and writing (including truncate and append).
+    Write,
+    /// Also create new files.
+    Create,
+}
+
+impl OpenAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpenAccess::Read => "read",
+            OpenAccess::Write => "write",
+            OpenAccess::Create => "create",
+        }
+    }
+}
+
+impl fmt::Display for OpenAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One `open` rule: files beneath `dir` with up to `access`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRule {
+    pub dir: PathBuf,
+    pub access: OpenAccess,
+    pub why: String,
+    pub line: usize,
+}
+
+/// Where the broker reads a secret from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An absolute path to a root-only regular file.
+    File(PathBuf),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME`.
+    Credential(String),
+}
+
+/// `[secrets.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSpec {
+    pub name: String,
+    pub source: SecretSource,
+    pub why: String,
+    pub line: usize,
+}
+
+/// What a channel does with an accepted message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// Appends each message as one JSON line to `path` (fsync'd).
+    File { path: PathBuf },
+}
+
+/// Token bucket of a channel, per (identity, channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelRate {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+/// Default channel rate when the policy says nothing.
+pub const DEFAULT_CHANNEL_RATE: ChannelRate = ChannelRate {
+    per_minute: 60,
+    burst: 10,
+};
+
+/// Default channel message cap when the policy says nothing.
+pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024;
+
+/// Token bucket of a peer's requests (all operations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerRate {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+/// `[channels.NAME]`.
+#[derive(Debug, Clone)]
+pub struct ChannelSpec {
+    pub name: String,
+    pub why: String,
+    pub line: usize,
+    pub kind: ChannelKind,
+    /// Allowed recipients: (glob text, matcher).
+    pub recipients: Vec<(String, GlobMatcher)>,
+    /// A message matching one of these goes to the dead-letter queue.
+    pub block: Vec<Regex>,
+    /// Matches of these are replaced with [`REDACTED`].
+    pub redact: Vec<Regex>,
+    pub max_bytes: u64,
+    pub rate: ChannelRate,
+}
+
+/// What redacted text is replaced with.
+pub const REDACTED: &str = "[REDACTED]";
+
+impl ChannelSpec {
+    /// The first recipient glob that matches `recipient` (exact, case-sensitive glob match).
+    pub fn recipient_allowed(&self, recipient: &str) -> Option<&str> {
+        if recipient.is_empty() || recipient.contains(['\0', '\n', '\r']) {
+            return None;
+        }
+        self.recipients
+            .iter()
+            .find(|(_, m)| m.is_match(recipient))
+            .map(|(t, _)| t.as_str())
+    }
+
+    /// The first `block` pattern found in `message` (its source text).
+    pub fn blocked_by(&self, message: &str) -> Option<&str> {
+        self.block
+            .iter()
+            .find(|r| r.is_match(message))
+            .map(Regex::as_str)
+    }
+
+    /// `message` with every match of the `redact` patterns replaced by [`REDACTED`], and the
+    /// number of replacements.
+    pub fn redact_patterns(&self, message: &str) -> (String, usize) {
+        let mut out = message.to_string();
+        let mut n = 0;
+        for r in &self.redact {
+            let count = r.find_iter(&out).count();
+            if count > 0 {
+                n += count;
+                out = r.replace_all(&out, REDACTED).into_owned();
+            }
+        }
+        (out, n)
+    }
+}
+
+/// A profile's `[profiles.NAME.broker]`, validated, with names not yet resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct BrokerSection {
+    pub connect: Vec<ConnectRule>,
+    pub open: Vec<OpenRule>,
+    pub secrets: Vec<String>,
+    pub channels: Vec<String>,
+    pub exec: bool,
+    pub rate: Option<PeerRate>,
+}
+
+/// Everything the broker needs to decide for a child running under one profile. Cheap to
+/// clone except for the compiled patterns; build it once per profile.
+#[derive(Debug, Clone)]
+pub struct BrokerRules {
+    pub profile: String,
+    pub connect: Vec<ConnectRule>,
+    pub open: Vec<OpenRule>,
+    /// The secrets this profile may fetch (resolved from `[secrets]`).
+    pub secrets: Vec<SecretSpec>,
+    /// The channels this profile may send to (resolved from `[channels]`).
+    pub channels: Vec<ChannelSpec>,
+    /// May use the `exec` op (the `[[exec]]` rules still decide each request).
+    pub exec: bool,
+    /// Per-peer request rate; None = the broker's default.
+    pub rate: Option<PeerRate>,
+}
+
+/// Why a request's host is not acceptable at all.
+fn normalize_request_host(host: &str) -> Option<Result<IpAddr, String>> {
+    let h = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    if let Some(inner) = h {
+        return inner.parse::<Ipv6Addr>().ok().map(|a| Ok(IpAddr::V6(a)));
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Some(Ok(ip));
+    }
+    let h = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if check_dns_name(&h).is_ok() {
+        Some(Err(h))
+    } else {
+        None
+    }
+}
+
+impl BrokerRules {
+    /// The first `connect` rule allowing `host:port`. `host` is a DNS name (case-insensitive,
+    /// one trailing dot ignored) or an IP literal (IPv6 with or without brackets); a name
+    /// matches `Exact` and `Subdomains` rules, a literal only `Ip` rules for the same address.
+    /// Malformed hosts match nothing.
+    pub fn connect_allowed(&self, host: &str, port: u16) -> Option<&ConnectRule> {
+        let req = normalize_request_host(host)?;
+        self.connect.iter().find(|r| {
+            r.port == port
+                && match (&r.host, &req) {
+                    (HostPattern::Ip(a), Ok(b)) => a == b,
+                    (HostPattern::Exact(a), Err(b)) => a == b,
+                    (HostPattern::Subdomains(s), Err(b)) => b
+                        .strip_suffix(s.as_str())
+                        .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+                    _ => false,
+                }
+        })
+    }
+
+    /// The rule allowing `access` to `path`, and `path` relative to the rule's directory.
+    /// `path` must be absolute and normalized (see [`check_request_path`]); it must lie
+    /// strictly beneath the rule's directory. Among the rules granting enough access, the one
+    /// with the deepest directory wins.
+    pub fn open_allowed<'a>(
+        &'a self,
+        path: &'a Path,
+        access: OpenAccess,
+    ) -> Option<(&'a OpenRule, &'a Path)> {
+        if path.to_str().is_none_or(|p| check_request_path(p).is_err()) {
+            return None;
+        }
+        self.open
+            .iter()
+            .filter(|r| r.access >= access)
+            .filter_map(|r| {
+                let rest = path.strip_prefix(&r.dir).ok()?;
+                (!rest.as_os_str().is_empty()).then_some((r, rest))
+            })
+            .max_by_key(|(r, _)| r.dir.components().count())
+    }
+
+    /// The secret named `name`, if this profile may fetch it.
+    pub fn secret(&self, name: &str) -> Option<&SecretSpec> {
+        self.secrets.iter().find(|s| s.name == name)
+    }
+
+    /// The channel named `name`, if this profile may send to it.
+    pub fn channel(&self, name: &str) -> Option<&ChannelSpec> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// These rules in plain words.
+    pub fn explain(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "broker: what a child running under profile `{}` may ask the broker for",
+            self.profile
+        );
+        s.push_str("  connect (outbound TCP; the broker resolves, checks the address, connects and hands over the socket):\n");
+        if self.connect.is_empty() {
+            s.push_str("    nothing: every connect is refused\n");
+        }
+        for r in &self.connect {
+            let what = match &r.host {
+                HostPattern::Exact(h) => format!("{h} port {}", r.port),
+                HostPattern::Subdomains(d) => {
+                    format!("any subdomain of {d} (not {d} itself) port {}", r.port)
+                }
+                HostPattern::Ip(a) => format!("the address {a} port {}", r.port),
+            };
+            let private = if r.allow_private {
+                "private and loopback addresses allowed"
+            } else {
+                "public addresses only (private, loopback, link-local, multicast refused)"
+            };
+            let _ = writeln!(s, "    {what}: {private} (line {}; why: {})", r.line, r.why);
+        }
+        s.push_str("  open (files outside the sandbox, opened by the broker beneath a directory, no symlinks followed):\n");
+        if self.open.is_empty() {
+            s.push_str("    nothing: every open is refused\n");
+        }
+        for r in &self.open {
+            let grant = match r.access {
+                OpenAccess::Read => "read existing files",
+                OpenAccess::Write => "read and write existing files",
+                OpenAccess::Create => "read, write and create files",
+            };
+            let _ = writeln!(
+                s,
+                "    beneath {}: {grant} (line {}; why: {})",
+                r.dir.display(),
+                r.line,
+                r.why
+            );
+        }
+        s.push_str("  secrets (handed over as sealed memfds; values never logged or audited):\n");
+        if self.secrets.is_empty() {
+            s.push_str("    none\n");
+        }
+        for sec in &self.secrets {
+            let from = match &sec.source {
+                SecretSource::File(p) => format!("file {}", p.display()),
+                SecretSource::Credential(c) => {
+                    format!("systemd credential $CREDENTIALS_DIRECTORY/{c}")
+                }
+            };
+            let _ = writeln!(s, "    {} from {from} (why: {})", sec.name, sec.why);
+        }
+        s.push_str("  channels (send; refused or blocked messages go to the dead-letter queue):\n");
+        if self.channels.is_empty() {
+            s.push_str("    none\n");
+        }
+        for c in &self.channels {
+            let ChannelKind::File { path } = &c.kind;
+            let recips: Vec<&str> = c.recipients.iter().map(|(t, _)| t.as_str()).collect();
+            let _ = writeln!(
+                s,
+                "    {}: appends to {}; recipients {}; up to {} per message; {} per minute (burst {}) per child; {} block pattern(s); redacts {} pattern(s) and every secret value (why: {})",
+                c.name,
+                path.display(),
+                if recips.is_empty() {
+                    "none (every message is dead-lettered)".to_string()
+                } else {
+                    recips.join(", ")
+                },
+                fmt_bytes(c.max_bytes),
+                c.rate.per_minute,
+                c.rate.burst,
+                c.block.len(),
+                c.redact.len(),
+                c.why
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  exec: {}",
+            if self.exec {
+                "allowed, each request decided by the [[exec]] rules like `carapace exec`"
+            } else {
+                "refused"
+            }
+        );
+        match self.rate {
+            Some(r) => {
+                let _ = writeln!(
+                    s,
+                    "  request rate: {} per second, burst {}",
+                    r.requests_per_second, r.burst
+                );
+            }
+            None => s.push_str("  request rate: the broker's default\n"),
+        }
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pure checks shared with the broker.
+
+/// Longest path the broker accepts in an `open` request (PATH_MAX, including the NUL).
+pub const PATH_MAX: usize = 4096;
+
+/// Why a requested path is not acceptable: it must be absolute, normalized (no `.`, `..`,
+/// `//`), without NUL, not end with `/`, and shorter than PATH_MAX.
+pub fn check_request_path(p: &str) -> Result<(), &'static str> {
+    if p.len() >= PATH_MAX {
+        return Err("the path is longer than PATH_MAX");
+    }
+    if p == "/" {
+        return Err("the path is `/`");
+    }
+    check_abs_path(p)
+}
+
+/// True for addresses the broker refuses unless a rule says `allow_private = true`: loopback,
+/// private (RFC 1918), shared (100.64/10), link-local, "this network" (0/8), multicast,
+/// broadcast and reserved (240/4), IETF protocol assignments (192.0.0/24), benchmarking
+/// (198.18/15), unspecified; IPv6 loopback, unspecified, unique-local (fc00::/7), link-local
+/// (fe80::/10), site-local (fec0::/10), multicast, documentation (2001:db8::/32); and IPv6
+/// addresses embedding an IPv4 address (v4-mapped, v4-compatible, NAT64 64:ff9b::/96, 6to4
+/// 2002::/16) whose IPv4 address is one of these.
+pub fn is_non_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => v4_non_public(a),
+        IpAddr::V6(a) => v6_non_public(a),
+    }
+}
+
+fn v4_non_public(a: Ipv4Addr) -> bool {
+    let o = a.octets();
+    a.is_loopback()
+        || a.is_private()
+        || a.is_link_local()
+        || a.is_multicast()
+        || a.is_broadcast()
+        || a.is_unspecified()
+        || o[0] == 0
+        || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        || o[0] >= 240
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+        || (o[0] == 198 && (o[1] & 0xfe) == 18)
+}
+
+fn v6_non_public(a: Ipv6Addr) -> bool {
+    let s = a.segments();
+    if a.is_loopback() || a.is_unspecified() || a.is_multicast() {
+        return true;
+    }
+    if (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80 || (s[0] & 0xffc0) == 0xfec0 {
+        return true;
+    }
+    if s[0] == 0x2001 && s[1] == 0x0db8 {
+        return true;
+    }
+    let embedded =
+        |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    // v4-mapped ::ffff:a.b.c.d and v4-compatible ::a.b.c.d
+    if s[..5] == [0; 5] && (s[5] == 0xffff || s[5] == 0) {
+        return v4_non_public(embedded(s[6], s[7]));
+    }
+    // NAT64 64:ff9b::/96
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return v4_non_public(embedded(s[6], s[7]));
+    }
+    // 6to4 2002:AABB:CCDD::/48
+    if s[0] == 0x2002 {
+        return v4_non_public(embedded(s[1], s[2]));
+    }
+    false
+}
+
+/// A DNS name as written in a rule or request: 1..=253 characters, labels of 1..=63 of
+/// `a-z0-9-` not starting or ending with `-`, the last label not all digits. Lowercase only
+/// (callers lowercase requests first).
+fn check_dns_name(h: &str) -> Result<(), String> {
+    if h.is_empty() || h.len() > 253 {
+        return Err("a host name has 1 to 253 characters".into());
+    }
+    let labels: Vec<&str> = h.split('.').collect();
+    for l in &labels {
+        if l.is_empty() || l.len() > 63 {
+            return Err("every label (between dots) has 1 to 63 characters".into());
+        }
+        if !l
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(format!(
+                "label `{}` has characters other than a-z, 0-9 and `-`",
+                l.escape_debug()
+            ));
+        }
+        if l.starts_with('-') || l.ends_with('-') {
+            return Err(format!("label `{l}` starts or ends with `-`"));
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err("the last label is all digits (an IP address is written in full)".into());
+    }
+    Ok(())
+}
+
+/// Parse the `host` of a `connect` rule.
+pub fn parse_host_pattern(s: &str) -> Result<HostPattern, String> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(s);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        if bare != s && ip.is_ipv4() {
+            return Err("brackets are for IPv6 addresses only".into());
+        }
+        return Ok(HostPattern::Ip(ip));
+    }
+    if s.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err("host names are written in lowercase".into());
+    }
+    if let Some(suffix) = s.strip_prefix("*.") {
+        check_dns_name(suffix)?;
+        if !suffix.contains('.') {
+            return Err(format!(
+                "`*.{suffix}` would allow every name under a top-level domain"
+            ));
+        }
+        return Ok(HostPattern::Subdomains(suffix.to_string()));
+    }
+    if s.contains('*') {
+        return Err("a wildcard is only allowed as a whole first label: `*.example.com`".into());
+    }
+    if s.ends_with('.') {
+        return Err("no trailing dot".into());
+    }
+    check_dns_name(s)?;
+    Ok(HostPattern::Exact(s.to_string()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+const HOST_EXPECTED: &str = "a host name (`api.example.com`), a wildcard for its subdomains (`*.example.com`, which does not match `example.com` itself), or an IP address (`127.0.0.1`, `::1`)";
+const PORT_EXPECTED: &str = "a port number from 1 to 65535";
+const OPEN_ACCESS_EXPECTED: &str = "one of \"read\", \"write\", \"create\"";
+const NAME_EXPECTED: &str = "letters, digits, `-` and `_`";
+const REGEX_EXPECTED: &str = "a regular expression (Rust `regex` syntax, at most 1 MiB compiled)";
+
+fn name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn line_of(sink: &Sink<'_>, span: &Range<usize>) -> usize {
+    sink.src.line_of(span.start)
+}
+
+/// A required, non-empty `why`.
+fn why_of(sink: &mut Sink<'_>, why: &Option<S<String>>, span: &Range<usize>, what: &str) -> String {
+    match why {
+        None => {
+            sink.err(
+                span,
+                format!("missing required key `why` in {what}"),
+                "why = \"...\": a sentence saying why this is needed",
+            );
+            String::new()
+        }
+        Some(w) if w.get_ref().trim().is_empty() => {
+            sink.err(
+                &w.span(),
+                format!("empty `why` in {what}"),
+                "a sentence saying why this is needed",
+            );
+            String::new()
+        }
+        Some(w) => w.get_ref().clone(),
+    }
+}
+
+fn positive_u32(sink: &mut Sink<'_>, v: &S<i64>, key: &str, max: u32) -> Option<u32> {
+    match u32::try_from(*v.get_ref()) {
+        Ok(n) if n >= 1 && n <= max => Some(n),
+        _ => {
+            sink.err(
+                &v.span(),
+                format!("bad `{key}` {}", v.get_ref()),
+                &format!("an integer from 1 to {max}"),
+            );
+            None
+        }
+    }
+}
+
+fn regexes(sink: &mut Sink<'_>, list: &Option<S<Vec<S<String>>>>, key: &str) -> Vec<Regex> {
+    let mut out = Vec::new();
+    for p in list.iter().flat_map(|l| l.get_ref().iter()) {
+        match RegexBuilder::new(p.get_ref())
+            .size_limit(1 << 20)
+            .dfa_size_limit(1 << 20)
+            .build()
+        {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                let msg = e.to_string();
+                let first = msg.lines().last().unwrap_or("invalid").trim().to_string();
+                sink.err(
+                    &p.span(),
+                    format!(
+                        "bad `{key}` pattern `{}`: {first}",
+                        p.get_ref().escape_debug()
+                    ),
+                    REGEX_EXPECTED,
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `[secrets.NAME]` tables.
+pub(crate) fn lower_secrets(
+    raw: BTreeMap<S<String>, S<RawSecret>>,
+    sink: &mut Sink<'_>,
+) -> BTreeMap<String, SecretSpec> {
+    let mut out = BTreeMap::new();
+    for (k, v) in raw {
+        let kspan = k.span();
+        let name = k.into_inner();
+        let span = if v.span().is_empty() {
+            kspan.clone()
+        } else {
+            v.span()
+        };
+        let s = v.into_inner();
+        let before = sink.diags.len();
+        let what = format!("secret `{name}`");
+        if !name_ok(&name) {
+            sink.err(
+                &kspan,
+                format!("bad secret name `{}`", name.escape_debug()),
+                NAME_EXPECTED,
+            );
+        }
+        let why = why_of(sink, &s.why, &kspan, &what);
+        let source = match (&s.file, &s.credential) {
+            (Some(f), Some(_)) => {
+                sink.err(
+                    &f.span(),
+                    format!("both `file` and `credential` given in {what}"),
+                    "one of them",
+                );
+                None
+            }
+            (None, None) => {
+                sink.err(
+                    &kspan,
+                    format!("missing required key `file` (or `credential`) in {what}"),
+                    "file = \"/etc/carapace/secrets/NAME\" (a root-only file) or credential = \"NAME\" (a systemd credential)",
+                );
+                None
+            }
+            (Some(f), None) => match check_abs_path(f.get_ref()) {
+                Ok(()) if f.get_ref() != "/" => {
+                    Some(SecretSource::File(PathBuf::from(f.get_ref())))
+                }
+                Ok(()) => {
+                    sink.err(
+                        &f.span(),
+                        "a secret cannot be `/`",
+                        "the path of a regular file",
+                    );
+                    None
+                }
+                Err(why) => {
+                    sink.err(
+                        &f.span(),
+                        format!("bad path `{}`: {why}", f.get_ref().escape_debug()),
+                        PATH_EXPECTED,
+                    );
+                    None
+                }
+            },
+            (None, Some(c)) => {
+                let n = c.get_ref();
+                if n.is_empty() || n == "." || n == ".." || n.contains(['/', '\0']) || n.len() > 255
+                {
+                    sink.err(
+                        &c.span(),
+                        format!("bad credential name `{}`", n.escape_debug()),
+                        "a file name in $CREDENTIALS_DIRECTORY (no `/`, not `.` or `..`)",
+                    );
+                    None
+                } else {
+                    Some(SecretSource::Credential(n.clone()))
+                }
+            }
+        };
+        if let (Some(source), true) = (source, sink.diags.len() == before) {
+            out.insert(
+                name.clone(),
+                SecretSpec {
+                    name,
+                    source,
+                    why,
+                    line: line_of(sink, &span),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// `[channels.NAME]` tables.
+pub(crate) fn lower_channels(
+    raw: BTreeMap<S<String>, S<RawChannel>>,
+    sink: &mut Sink<'_>,
+) -> BTreeMap<String, ChannelSpec> {
+    let mut out = BTreeMap::new();
+    for (k, v) in raw {
+        let kspan = k.span();
+        let name = k.into_inner();
+        let span = if v.span().is_empty() {
+            kspan.clone()
+        } else {
+            v.span()
+        };
+        let c = v.into_inner();
+        let before = sink.diags.len();
+        let what = format!("channel `{name}`");
+        if !name_ok(&name) {
+            sink.err(
+                &kspan,
+                format!("bad channel name `{}`", name.escape_debug()),
+                NAME_EXPECTED,
+            );
+        }
+        let why = why_of(sink, &c.why, &kspan, &what);
+        let kind = match &c.kind {
+            None => {
+                sink.err(
+                    &kspan,
+                    format!("missing required key `kind` in {what}"),
+                    "kind = \"file\"",
+                );
+                None
+            }
+            Some(k) if k.get_ref() == "file" => match &c.path {
+                None => {
+                    sink.err(
+                        &k.span(),
+                        format!("missing required key `path` in {what} (kind \"file\")"),
+                        "path = \"/var/lib/carapace/outbox.log\"",
+                    );
+                    None
+                }
+                Some(p) => match check_abs_path(p.get_ref()) {
+                    Ok(()) if p.get_ref() != "/" => Some(ChannelKind::File {
+                        path: PathBuf::from(p.get_ref()),
+                    }),
+                    Ok(()) => {
+                        sink.err(
+                            &p.span(),
+                            "a channel file cannot be `/`",
+                            "the path of a file",
+                        );
+                        None
+                    }
+                    Err(why) => {
+                        sink.err(
+                            &p.span(),
+                            format!("bad path `{}`: {why}", p.get_ref().escape_debug()),
+                            PATH_EXPECTED,
+                        );
+                        None
+                    }
+                },
+            },
+            Some(k) => {
+                sink.err(
+                    &k.span(),
+                    format!("unknown channel kind `{}`", k.get_ref()),
+                    "\"file\" (the only kind so far)",
+                );
+                None
+            }
+        };
+        let mut recipients = Vec::new();
+        match &c.recipients {
+            None => sink.err(
+                &kspan,
+                format!("missing required key `recipients` in {what}"),
+                "recipients = [\"alice@example.com\", \"#ops\"] (an allowlist; globs allowed)",
+            ),
+            Some(list) => {
+                for r in list.get_ref() {
+                    let t = r.get_ref();
+                    if t.is_empty() || t.contains(['\0', '\n', '\r']) {
+                        sink.err(
+                            &r.span(),
+                            "bad recipient pattern",
+                            "a non-empty glob on one line",
+                        );
+                        continue;
+                    }
+                    match GlobBuilder::new(t)
+                        .literal_separator(false)
+                        .backslash_escape(true)
+                        .build()
+                    {
+                        Ok(g) => recipients.push((t.clone(), g.compile_matcher())),
+                        Err(e) => sink.err(
+                            &r.span(),
+                            format!("bad recipient glob `{}`: {}", t.escape_debug(), e.kind()),
+                            "a glob: `*`, `?`, `[abc]`, `{a,b}`",
+                        ),
+                    }
+                }
+            }
+        }
+        let block = regexes(sink, &c.block, "block");
+        let redact = regexes(sink, &c.redact, "redact");
+        let max_bytes = match &c.max_bytes {
+            None => DEFAULT_MAX_BYTES,
+            Some(m) => match parse_size(m.get_ref()) {
+                Ok(n) if n <= 1 << 20 => n,
+                Ok(n) => {
+                    sink.err(
+                        &m.span(),
+                        format!("max_bytes {n} is over 1 MiB"),
+                        "a size up to 1MiB (a message travels in one frame)",
+                    );
+                    0
+                }
+                Err(e) => {
+                    sink.err(&m.span(), format!("bad max_bytes: {e}"), SIZE_EXPECTED);
+                    0
+                }
+            },
+        };
+        let rate = match &c.rate {
+            None => DEFAULT_CHANNEL_RATE,
+            Some(r) => {
+                let rspan = r.span();
+                let r = r.get_ref();
+                let per_minute = match &r.per_minute {
+                    None => {
+                        sink.err(
+                            &rspan,
+                            format!("missing required key `per_minute` in the rate of {what}"),
+                            "rate = { per_minute = 10, burst = 5 }",
+                        );
+                        None
+                    }
+                    Some(v) => positive_u32(sink, v, "per_minute", 1_000_000),
+                };
+                let burst = match &r.burst {
+                    None => Some(1),
+                    Some(v) => positive_u32(sink, v, "burst", 1_000_000),
+                };
+                ChannelRate {
+                    per_minute: per_minute.unwrap_or(1),
+                    burst: burst.unwrap_or(1),
+                }
+            }
+        };
+        if let (Some(kind), true) = (kind, sink.diags.len() == before) {
+            out.insert(
+                name.clone(),
+                ChannelSpec {
+                    name,
+                    why,
+                    line: line_of(sink, &span),
+                    kind,
+                    recipients,
+                    block,
+                    redact,
+                    max_bytes,
+                    rate,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// `[profiles.NAME.broker]` (already merged through `extends`). Secret and channel names are
+/// checked against the tables the file defines.
+pub(crate) fn lower_broker(
+    b: &S<RawBroker>,
+    profile: &str,
+    secret_names: &BTreeSet<String>,
+    channel_names: &BTreeSet<String>,
+    sink: &mut Sink<'_>,
+) -> Option<BrokerSection> {
+    let before = sink.diags.len();
+    let raw = b.get_ref();
+    let mut connect = Vec::new();
+    for r in raw.connect.iter().flatten() {
+        let rspan = r.span();
+        let r = r.get_ref();
+        let what = format!("a connect rule of profile `{profile}`");
+        let why = why_of(sink, &r.why, &rspan, &what);
+        let host = match &r.host {
+            None => {
+                sink.err(
+                    &rspan,
+                    format!("missing required key `host` in {what}"),
+                    HOST_EXPECTED,
+                );
+                None
+            }
+            Some(h) => match parse_host_pattern(h.get_ref()) {
+                Ok(p) => Some((p, h.span())),
+                Err(e) => {
+                    sink.err(
+                        &h.span(),
+                        format!("bad host pattern `{}`: {e}", h.get_ref().escape_debug()),
+                        HOST_EXPECTED,
+                    );
+                    None
+                }
+            },
+        };
+        let port = match &r.port {
+            None => {
+                sink.err(
+                    &rspan,
+                    format!("missing required key `port` in {what}"),
+                    PORT_EXPECTED,
+                );
+                None
+            }
+            Some(p) => match u16::try_from(*p.get_ref()) {
+                Ok(n) if n != 0 => Some(n),
+                _ => {
+                    sink.err(
+                        &p.span(),
+                        format!("bad port {}", p.get_ref()),
+                        PORT_EXPECTED,
+                    );
+                    None
+                }
+            },
+        };
+        let allow_private = r.allow_private.as_ref().is_some_and(|a| *a.get_ref());
+        if let (Some((HostPattern::Ip(ip), hspan)), false) = (&host, allow_private) {
+            if is_non_public(*ip) {
+                sink.err(
+                    hspan,
+                    format!("{ip} is a private, loopback or otherwise non-public address: this rule can never allow a connection"),
+                    "allow_private = true in this rule (if it is meant), or a public address",
+                );
+            }
+        }
+        if let (Some((host, _)), Some(port)) = (host, port) {
+            connect.push(ConnectRule {
+                host,
+                port,
+                allow_private,
+                why,
+                line: line_of(sink, &rspan),
+            });
+        }
+    }
+    let mut open = Vec::new();
+    for r in raw.open.iter().flatten() {
+        let rspan = r.span();
+        let r = r.get_ref();
+        let what = format!("an open rule of profile `{profile}`");
+        let why = why_of(sink, &r.why, &rspan, &what);
+        let dir = match &r.path {
+            None => {
+                sink.err(
+                    &rspan,
+                    format!("missing required key `path` in {what}"),
+                    PATH_EXPECTED,
+                );
+                None
+            }
+            Some(p) => match check_abs_path(p.get_ref()) {
+                Ok(()) if p.get_ref() == "/" => {
+                    sink.err(
+                        &p.span(),
+                        "an open rule for all of `/`",
+                        "a specific directory (files are opened beneath it)",
+                    );
+                    None
+                }
+                Ok(()) => Some(PathBuf::from(p.get_ref())),
+                Err(why) => {
+                    sink.err(
+                        &p.span(),
+                        format!("bad path `{}`: {why}", p.get_ref().escape_debug()),
+                        PATH_EXPECTED,
+                    );
+                    None
+                }
+            },
+        };
+        let access = match &r.access {
+            None => {
+                sink.err(
+                    &rspan,
+                    format!("missing required key `access` in {what}"),
+                    OPEN_ACCESS_EXPECTED,
+                );
+                None
+            }
+            Some(a) => match a.get_ref().as_str() {
+                "read" => Some(OpenAccess::Read),
+                "write" => Some(OpenAccess::Write),
+                "create" => Some(OpenAccess::Create),
+                other => {
+                    sink.err(
+                        &a.span(),
+                        format!("unknown access `{other}`"),
+                        OPEN_ACCESS_EXPECTED,
+                    );
+                    None
+                }
+            },
+        };
+        if let (Some(dir), Some(access)) = (dir, access) {
+            open.push(OpenRule {
+                dir,
+                access,
+                why,
+                line: line_of(sink, &rspan),
+            });
+        }
+    }
+    let names = |sink: &mut Sink<'_>,
+                 list: &Option<S<Vec<S<String>>>>,
+                 known: &BTreeSet<String>,
+                 what: &str,
+                 table: &str|
+     -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for n in list.iter().flat_map(|l| l.get_ref().iter()) {
+            if !known.contains(n.get_ref()) {
+                sink.err(
+                    &n.span(),
+                    format!("unknown {what} `{}`", n.get_ref().escape_debug()),
+                    &format!("the name of a table [{table}.NAME] in this policy"),
+                );
+            } else if !out.contains(n.get_ref()) {
+                out.push(n.get_ref().clone());
+            }
+        }
+        out
+    };
+    let secrets = names(sink, &raw.secrets, secret_names, "secret", "secrets");
+    let channels = names(sink, &raw.channels, channel_names, "channel", "channels");
+    let rate = raw.rate.as_ref().map(|r| {
+        let rspan = r.span();
+        let r = r.get_ref();
+        let rps = match &r.requests_per_second {
+            None => {
+                sink.err(
+                    &rspan,
+                    format!("missing required key `requests_per_second` in the broker rate of profile `{profile}`"),
+                    "rate = { requests_per_second = 50, burst = 100 }",
+                );
+                None
+            }
+            Some(v) => positive_u32(sink, v, "requests_per_second", 10_000_000),
+        };
+        let burst = match &r.burst {
+            None => rps,
+            Some(v) => positive_u32(sink, v, "burst", 10_000_000),
+        };
+        PeerRate {
+            requests_per_second: rps.unwrap_or(1),
+            burst: burst.unwrap_or(1),
+        }
+    });
+    if sink.diags.len() != before {
+        return None;
+    }
+    Some(BrokerSection {
+        connect,
+        open,
+        secrets,
+        channels,
+        exec: raw.exec.as_ref().is_some_and(|e| *e.get_ref()),
+        rate,
+    })
+}
+
+/// Resolve a profile's section against the policy's secrets and channels.
+pub(crate) fn rules_of(
+    profile: &str,
+    b: &BrokerSection,
+    secrets: &BTreeMap<String, SecretSpec>,
+    channels: &BTreeMap<String, ChannelSpec>,
+) -> BrokerRules {
+    BrokerRules {
+        profile: profile.to_string(),
+        connect: b.connect.clone(),
+        open: b.open.clone(),
+        secrets: b
+            .secrets
+            .iter()
+            .filter_map(|n| secrets.get(n).cloned())
+            .collect(),
+        channels: b
+            .channels
+            .iter()
+            .filter_map(|n| channels.get(n).cloned())
+            .collect(),
+        exec: b.exec,
+        rate: b.rate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Policy;
+
+    const BASE: &str = r##"
+version = 1
+[profiles.tool]
+why = "tools"
+[profiles.tool.broker]
+connect = [ { host = "api.example.com", port = 443, why = "the API" },
+            { host = "*.example.org", port = 443, why = "its mirrors" },
+            { host = "127.0.0.1", port = 8080, allow_private = true, why = "local test API" },
+            { host = "::1", port = 8081, allow_private = true, why = "v6 loopback" },
+            { host = "intranet.example.net", port = 80, allow_private = true, why = "internal" } ]
+open = [ { path = "/srv/data", access = "read", why = "inputs" },
+         { path = "/srv/data/out", access = "create", why = "outputs" } ]
+secrets = ["openai_key"]
+channels = ["log"]
+exec = true
+rate = { requests_per_second = 50, burst = 100 }
+[profiles.child]
+why = "more"
+extends = "tool"
+[profiles.child.broker]
+connect = [ { host = "extra.example.com", port = 443, why = "more" } ]
+secrets = ["other"]
+[profiles.plain]
+why = "no broker"
+[secrets.openai_key]
+why = "the API key"
+file = "/etc/carapace/secrets/openai_key"
+[secrets.other]
+why = "another"
+credential = "other"
+[channels.log]
+why = "a log"
+kind = "file"
+path = "/var/lib/carapace/outbox.log"
+recipients = ["alice@example.com", "#ops*"]
+block = ["(?i)password\\s*[:=]"]
+redact = ["sk-[A-Za-z0-9]{20,}"]
+max_bytes = 4096
+rate = { per_minute = 10, burst = 5 }
+"##;
+
+    fn rules(profile: &str) -> BrokerRules {
+        let p = Policy::parse(BASE, "t.toml").unwrap_or_else(|d| panic!("{d}"));
+        p.broker_view(profile)
+            .unwrap_or_else(|| panic!("no broker view for {profile}"))
+    }
+
+    /// Errors of BASE with `from` replaced by `to`.
+    fn errors(from: &str, to: &str) -> String {
+        assert!(BASE.contains(from), "{from}");
+        let text = BASE.replacen(from, to, 1);
+        match Policy::parse(&text, "t.toml") {
+            Ok(_) => panic!("accepted: {to}"),
+            Err(d) => d.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_and_views() {
+        let r = rules("tool");
+        assert_eq!(r.connect.len(), 5);
+        assert_eq!(r.open.len(), 2);
+        assert_eq!(r.secrets.len(), 1);
+        assert_eq!(r.channels[0].max_bytes, 4096);
+        assert_eq!(
+            r.channels[0].rate,
+            ChannelRate {
+                per_minute: 10,
+                burst: 5
+            }
+        );
+        assert!(r.exec);
+        assert_eq!(
+            r.rate,
+            Some(PeerRate {
+                requests_per_second: 50,
+                burst: 100
+            })
+        );
+        let p = Policy::parse(BASE, "t.toml").unwrap_or_else(|d| panic!("{d}"));
+        assert!(p.broker_view("plain").is_none());
+        assert!(p.broker_view("nope").is_none());
+        assert_eq!(p.secrets().count(), 2);
+        assert!(p.explain_broker("plain").contains("no broker socket"));
+    }
+
+    #[test]
+    fn extends_appends_broker_lists() {
+        let r = rules("child");
+        assert_eq!(r.connect.len(), 6);
+        assert!(r.connect_allowed("api.example.com", 443).is_some());
+        assert!(r.connect_allowed("extra.example.com", 443).is_some());
+        assert!(r.secret("openai_key").is_some());
+        assert!(r.secret("other").is_some());
+        assert!(r.channel("log").is_some());
+        assert!(r.exec, "exec inherited");
+        // The parent does not get the child's additions.
+        let t = rules("tool");
+        assert!(t.secret("other").is_none());
+        assert!(t.connect_allowed("extra.example.com", 443).is_none());
+    }
+
+    #[test]
+    fn connect_matching() {
+        let r = rules("tool");
+        assert!(r.connect_allowed("api.example.com", 443).is_some());
+        assert!(r.connect_allowed("API.Example.com.", 443).is_some());
+        assert!(r.connect_allowed("api.example.com", 80).is_none());
+        assert!(r.connect_allowed("xapi.example.com", 443).is_none());
+        assert!(r.connect_allowed("api.example.com.evil.net", 443).is_none());
+        // Wildcard: subdomains at any depth, not the bare suffix, not look-alikes.
+        assert!(r.connect_allowed("a.example.org", 443).is_some());
+        assert!(r.connect_allowed("a.b.example.org", 443).is_some());
+        assert!(r.connect_allowed("example.org", 443).is_none());
+        assert!(r.connect_allowed("badexample.org", 443).is_none());
+        assert!(r.connect_allowed(".example.org", 443).is_none());
+        // IP literals match literally.
+        assert!(r.connect_allowed("127.0.0.1", 8080).is_some());
+        assert!(r.connect_allowed("127.0.0.2", 8080).is_none());
+        assert!(r.connect_allowed("localhost", 8080).is_none());
+        assert!(r.connect_allowed("::1", 8081).is_some());
+        assert!(r.connect_allowed("[::1]", 8081).is_some());
+        assert!(r.connect_allowed("0:0:0:0:0:0:0:1", 8081).is_some());
+        assert!(r.connect_allowed("[127.0.0.1]", 8080).is_none());
+        // Malformed.
+        for bad in [
+            "",
+            "a b",
+            "a..b",
+            "-a.com",
+            "*.example.org",
+            "a\0.example.org",
+        ] {
+            assert!(r.connect_allowed(bad, 443).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn non_public_addresses() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "0.1.2.3",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::1",
+        ] {
+            let ip: IpAddr = a.parse().unwrap_or_else(|e| panic!("{a}: {e}"));
+            assert!(is_non_public(ip), "{a} should be non-public");
+        }
+        for a in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            let ip: IpAddr = a.parse().unwrap_or_else(|e| panic!("{a}: {e}"));
+            assert!(!is_non_public(ip), "{a} should be public");
+        }
+    }
+
+    #[test]
+    fn open_matching() {
+        let r = rules("tool");
+        let ok = |p: &str, a| {
+            r.open_allowed(Path::new(p), a)
+                .map(|(r, rest)| (r.dir.clone(), rest.to_path_buf()))
+        };
+        assert_eq!(
+            ok("/srv/data/a.txt", OpenAccess::Read),
+            Some(("/srv/data".into(), "a.txt".into()))
+        );
+        assert!(ok("/srv/data/a.txt", OpenAccess::Write).is_none());
+        assert_eq!(
+            ok("/srv/data/out/x", OpenAccess::Create),
+            Some(("/srv/data/out".into(), "x".into()))
+        );
+        assert_eq!(
+            ok("/srv/data/out/x", OpenAccess::Read),
+            Some(("/srv/data/out".into(), "x".into()))
+        );
+        for bad in [
+            "/srv/data",
+            "/srv/data/",
+            "/srv/data/../etc/passwd",
+            "/srv/data/./a",
+            "/srv/data//a",
+            "srv/data/a",
+            "/srv/database/a",
+            "/etc/passwd",
+        ] {
+            assert!(ok(bad, OpenAccess::Read).is_none(), "{bad}");
+        }
+        let long = format!("/srv/data/{}", "a/".repeat(2100) + "b");
+        assert!(ok(&long, OpenAccess::Read).is_none());
+    }
+
+    #[test]
+    fn channel_filters() {
+        let r = rules("tool");
+        let c = r.channel("log").unwrap_or_else(|| panic!("no channel"));
+        assert!(c.recipient_allowed("alice@example.com").is_some());
+        assert!(c.recipient_allowed("#ops-alerts").is_some());
+        assert!(c.recipient_allowed("bob@example.com").is_none());
+        assert!(c.recipient_allowed("alice@example.com.evil").is_none());
+        assert!(c.blocked_by("my Password: x").is_some());
+        assert!(c.blocked_by("hello").is_none());
+        let (out, n) = c.redact_patterns("key sk-ABCDEFGHIJKLMNOPQRSTUVWX end");
+        assert_eq!(out, "key [REDACTED] end");
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn explain_mentions_everything() {
+        let e = rules("tool").explain();
+        for s in [
+            "api.example.com port 443",
+            "any subdomain of example.org (not example.org itself)",
+            "the address 127.0.0.1 port 8080: private and loopback addresses allowed",
+            "beneath /srv/data: read existing files",
+            "openai_key from file /etc/carapace/secrets/openai_key",
+            "log: appends to /var/lib/carapace/outbox.log",
+            "10 per minute (burst 5)",
+            "exec: allowed",
+            "50 per second, burst 100",
+        ] {
+            assert!(e.contains(s), "missing {s:?} in\n{e}");
+        }
+    }
+
+    #[test]
+    fn located_errors() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "port = 443, why = \"the API\"",
+                "port = 0, why = \"the API\"",
+                "bad port 0",
+            ),
+            (
+                "port = 443, why = \"the API\"",
+                "port = 65536, why = \"the API\"",
+                "bad port 65536",
+            ),
+            (
+                "port = 443, why = \"the API\"",
+                "why = \"the API\"",
+                "missing required key `port`",
+            ),
+            ("\"api.example.com\"", "\"api.*.com\"", "bad host pattern"),
+            ("\"api.example.com\"", "\"API.example.com\"", "lowercase"),
+            ("\"api.example.com\"", "\"*.com\"", "top-level domain"),
+            (
+                "\"api.example.com\"",
+                "\"a_b.example.com\"",
+                "bad host pattern",
+            ),
+            ("\"api.example.com\"", "\"1.2.3\"", "bad host pattern"),
+            (
+                "\"api.example.com\"",
+                "\"[1.2.3.4]\"",
+                "IPv6 addresses only",
+            ),
+            (
+                "port = 8080, allow_private = true",
+                "port = 8080",
+                "non-public address",
+            ),
+            (
+                "\"/srv/data\", access = \"read\"",
+                "\"srv/data\", access = \"read\"",
+                "relative",
+            ),
+            (
+                "\"/srv/data\", access = \"read\"",
+                "\"/srv/../data\", access = \"read\"",
+                "`..`",
+            ),
+            (
+                "\"/srv/data\", access = \"read\"",
+                "\"/\", access = \"read\"",
+                "all of `/`",
+            ),
+            (
+                "access = \"read\"",
+                "access = \"exec\"",
+                "unknown access `exec`",
+            ),
+            (
+                "secrets = [\"openai_key\"]",
+                "secrets = [\"nope\"]",
+                "unknown secret `nope`",
+            ),
+            (
+                "channels = [\"log\"]",
+                "channels = [\"nope\"]",
+                "unknown channel `nope`",
+            ),
+            ("exec = true", "exec = true\nfoo = 1", "unknown key `foo`"),
+            (
+                "exec = true",
+                "exec = \"yes\"",
+                "invalid type: string for `exec`",
+            ),
+            (
+                "requests_per_second = 50",
+                "requests_per_second = 0",
+                "bad `requests_per_second` 0",
+            ),
+            ("per_minute = 10", "per_minute = -1", "bad `per_minute` -1"),
+            ("burst = 5 }", "burst = 0 }", "bad `burst` 0"),
+            (
+                "file = \"/etc/carapace/secrets/openai_key\"",
+                "file = \"secrets/k\"",
+                "relative",
+            ),
+            (
+                "file = \"/etc/carapace/secrets/openai_key\"",
+                "",
+                "missing required key `file`",
+            ),
+            (
+                "credential = \"other\"",
+                "credential = \"../x\"",
+                "bad credential name",
+            ),
+            (
+                "credential = \"other\"",
+                "credential = \"x\"\nfile = \"/x\"",
+                "both `file` and `credential`",
+            ),
+            (
+                "why = \"the API key\"",
+                "",
+                "missing required key `why` in secret",
+            ),
+            (
+                "kind = \"file\"",
+                "kind = \"smtp\"",
+                "unknown channel kind `smtp`",
+            ),
+            (
+                "path = \"/var/lib/carapace/outbox.log\"",
+                "path = \"outbox.log\"",
+                "relative",
+            ),
+            (
+                "path = \"/var/lib/carapace/outbox.log\"",
+                "",
+                "missing required key `path`",
+            ),
+            (
+                "recipients = [\"alice@example.com\", \"#ops*\"]",
+                "",
+                "missing required key `recipients`",
+            ),
+            (
+                "recipients = [\"alice@example.com\", \"#ops*\"]",
+                "recipients = [\"[a\"]",
+                "bad recipient glob",
+            ),
+            (
+                "block = [\"(?i)password\\\\s*[:=]\"]",
+                "block = [\"(unclosed\"]",
+                "bad `block` pattern",
+            ),
+            (
+                "redact = [\"sk-[A-Za-z0-9]{20,}\"]",
+                "redact = [\"a{99999999}\"]",
+                "bad `redact` pattern",
+            ),
+            ("max_bytes = 4096", "max_bytes = 0", "bad max_bytes"),
+            ("max_bytes = 4096", "max_bytes = \"2MiB\"", "over 1 MiB"),
+            (
+                "why = \"a log\"",
+                "why = \"a log\"\nsmtp = 1",
+                "unknown key `smtp`",
+            ),
+            ("[secrets.other]", "[secrets.\"o/ther\"]", "bad secret name"),
+        ];
+        for (from, to, want) in cases {
+            let e = errors(from, to);
+            assert!(e.contains(want), "{to:?}: want {want:?} in\n{e}");
+            // Located: a real line and the source shown.
+            assert!(e.starts_with("t.toml:"), "{e}");
+            assert!(!e.starts_with("t.toml:1:1:"), "not located: {e}");
+        }
+    }
+
+    #[test]
+    fn error_location_is_exact() {
+        let e = errors("port = 443, why", "port = 70000, why");
+        let line = BASE
+            .lines()
+            .position(|l| l.contains("api.example.com"))
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        let col = BASE
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.find("443"))
+            .map(|c| c + 1)
+            .unwrap_or(0);
+        assert!(
+            e.starts_with(&format!("t.toml:{line}:{col}: error: bad port 70000")),
+            "{e}"
+        );
+    }
+}
