@@ -1,1 +1,1120 @@
-//! protocol (being written).
+//! The broker's wire protocol (spec: `docs/protocol.md`).
+//!
+//! One frame is one `SOCK_SEQPACKET` datagram holding one JSON object of at most [`MAX_FRAME`]
+//! bytes, with at most [`MAX_FDS`] file descriptors attached as `SCM_RIGHTS`.
+//!
+//! - request: `{"v":1,"id":7,"op":"connect","host":"api.example.com","port":443}`
+//! - reply: `{"v":1,"id":7,"ok":true,"op":"connect","peer":"93.184.216.34:443"}` (+ fds) or
+//!   `{"v":1,"id":7,"ok":false,"error":{"code":"denied","message":"..."}}`
+//! - event (after a reply, same id): `{"v":1,"id":9,"event":"exit","exit":0,...}`
+//!
+//! Requests are decoded strictly (unknown fields, wrong version, id 0 are errors); the pure
+//! functions [`decode_request`] and [`decode_server_frame`] never panic on any input (fuzzed by
+//! `fuzz/fuzz_targets/frame.rs`). Requests carry no identity: the broker knows the sender by the
+//! socket the frame came on.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Protocol version carried in every frame as `"v"`.
+pub const VERSION: u64 = 1;
+/// Hard cap on one frame's JSON bytes (a longer datagram is truncated by the kernel and the
+/// peer that sent it is dropped).
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Most file descriptors one frame carries (exec's reply carries 2).
+pub const MAX_FDS: usize = 4;
+/// Room for this many fds is reserved when receiving, so that a peer sending a few too many
+/// still gets them all closed by us rather than relying on `MSG_CTRUNC` behaviour.
+const RECV_FD_ROOM: usize = 16;
+/// Environment variable naming the child's broker socket fd.
+pub const BROKER_FD_ENV: &str = "CARAPACE_BROKER_FD";
+/// Documented fd of the child's broker socket.
+pub const DEFAULT_BROKER_FD: RawFd = 3;
+/// Longest error message put on the wire (longer ones are cut on a char boundary).
+pub const MAX_MESSAGE: usize = 512;
+
+/// Access asked for by `open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Open an existing file read-only.
+    Read,
+    /// Open an existing file write-only (no truncation, no creation).
+    Write,
+    /// Create a new file (fails if it exists), opened write-only.
+    Create,
+}
+
+impl Access {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::Create => "create",
+        }
+    }
+}
+
+/// A request from a child. Serialized with the tag `"op"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// No-op round trip.
+    Ping {},
+    /// A TCP connection to `host:port` (a DNS name or an IP literal).
+    Connect { host: String, port: u16 },
+    /// A file outside the child's view, by absolute path.
+    Open { path: String, access: Access },
+    /// A credential by name, as a sealed memfd.
+    Secret { name: String },
+    /// An outbound message on a channel.
+    Send {
+        channel: String,
+        recipient: String,
+        body: String,
+    },
+    /// Run a tool in a new confined child; `argv[0]` names the program.
+    Exec {
+        argv: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+    },
+}
+
+/// Every op name, in wire spelling.
+pub const OPS: &[&str] = &["ping", "connect", "open", "secret", "send", "exec"];
+
+impl Request {
+    /// Wire name of the op.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Ping {} => "ping",
+            Request::Connect { .. } => "connect",
+            Request::Open { .. } => "open",
+            Request::Secret { .. } => "secret",
+            Request::Send { .. } => "send",
+            Request::Exec { .. } => "exec",
+        }
+    }
+}
+
+/// What became of a `send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendStatus {
+    /// Handed to the channel (possibly with redactions).
+    Delivered,
+    /// Blocked by a filter or the recipient allowlist; kept in the dead-letter queue.
+    DeadLettered,
+}
+
+/// The op-specific part of a successful reply. Serialized with the tag `"op"` (echoing the
+/// request's op). The fds attached to the frame are given by [`OkReply::fd_count`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum OkReply {
+    /// `ping`: no fds.
+    Ping {},
+    /// `connect`: 1 fd, the connected TCP socket. `peer` is the address actually connected.
+    Connect { peer: String },
+    /// `open`: 1 fd, the opened file.
+    Open { access: Access },
+    /// `secret`: 1 fd, a sealed memfd holding `len` bytes.
+    Secret { len: u64 },
+    /// `send`: no fds.
+    Send {
+        status: SendStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dlq_id: Option<String>,
+    },
+    /// `exec`: 2 fds, the read ends of the tool's stdout and stderr pipes; an `exit` event with
+    /// the same id follows when the tool ends.
+    Exec {},
+}
+
+impl OkReply {
+    /// Number of fds attached to this reply's frame.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            OkReply::Ping {} | OkReply::Send { .. } => 0,
+            OkReply::Connect { .. } | OkReply::Open { .. } | OkReply::Secret { .. } => 1,
+            OkReply::Exec {} => 2,
+        }
+    }
+
+    /// Wire name of the op this answers.
+    pub fn op(&self) -> &'static str {
+        match self {
+            OkReply::Ping {} => "ping",
+            OkReply::Connect { .. } => "connect",
+            OkReply::Open { .. } => "open",
+            OkReply::Secret { .. } => "secret",
+            OkReply::Send { .. } => "send",
+            OkReply::Exec {} => "exec",
+        }
+    }
+}
+
+/// Error codes of failed replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not a valid request (JSON, fields, types, fds attached).
+    BadRequest,
+    /// `"v"` names a protocol version this broker does not speak.
+    UnsupportedVersion,
+    /// Frame or a value in it is over a limit.
+    TooLarge,
+    /// `"op"` names no operation.
+    UnknownOp,
+    /// The policy refuses it (or an operator denied the approval).
+    Denied,
+    /// The thing asked for does not exist (file, secret, channel).
+    NotFound,
+    /// The target is unreachable or the service is not configured / not available now.
+    Unavailable,
+    /// The broker failed (its own fault, not the request's).
+    Internal,
+    /// Over the identity's request or channel rate.
+    RateLimited,
+    /// The request waits for an operator's approval that was not given in time.
+    Pending,
+    /// Too many requests in flight on this socket.
+    Busy,
+    /// A code this client does not know (newer broker).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::Denied => "denied",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Pending => "pending",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `"error"` object of a failed reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A reply to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ok(OkReply),
+    Err(ErrorBody),
+}
+
+impl Reply {
+    /// An error reply; the message is cut to [`MAX_MESSAGE`] bytes.
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Reply {
+        let mut message = message.into();
+        truncate_message(&mut message);
+        Reply::Err(ErrorBody { code, message })
+    }
+
+    /// Number of fds attached to this reply's frame.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Reply::Ok(ok) => ok.fd_count(),
+            Reply::Err(_) => 0,
+        }
+    }
+}
+
+/// Cut `s` to at most [`MAX_MESSAGE`] bytes on a char boundary.
+pub fn truncate_message(s: &mut String) {
+    if s.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// How a tool run by `exec` ended (mirrors `carapace exec`'s report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitSummary {
+    /// Shell-style exit code: the program's code, 128+N for signal N, 124 timed out,
+    /// 125 denied, 126 could not start.
+    pub exit: i32,
+    /// Exit status when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when it was killed.
+    pub signal: Option<i32>,
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    pub peak_mem: u64,
+    pub oom: bool,
+    pub timeout: bool,
+}
+
+/// A frame sent after the reply to a request, carrying the same id. Tag `"event"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The tool started by `exec` ended.
+    Exit(ExitSummary),
+}
+
+/// A decoded request frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFrame {
+    /// Request id chosen by the client (non-zero).
+    pub id: u64,
+    pub request: Request,
+}
+
+/// A decoded frame from the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerFrame {
+    Reply { id: u64, reply: Reply },
+    Event { id: u64, event: Event },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes is over the {MAX_FRAME}-byte cap")]
+    TooLarge { len: usize },
+    #[error("frame is not a JSON object: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("frame is JSON but not an object")]
+    NotObject,
+    #[error("missing or non-integer \"v\"")]
+    BadVersionField,
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    UnsupportedVersion(u64),
+    #[error("missing, zero or non-u64 \"id\"")]
+    BadId,
+    #[error("missing or non-string \"op\"")]
+    MissingOp { id: u64 },
+    #[error("unknown op {op:?}")]
+    UnknownOp { id: u64, op: String },
+    #[error("invalid {op} request: {source}")]
+    BadFields {
+        id: u64,
+        op: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("invalid reply frame: {0}")]
+    BadReply(String),
+}
+
+impl DecodeError {
+    /// The request id, when it could be read (error replies carry it; else id 0).
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            DecodeError::MissingOp { id }
+            | DecodeError::UnknownOp { id, .. }
+            | DecodeError::BadFields { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// The error code an error reply to this frame carries.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            DecodeError::UnknownOp { .. } => ErrorCode::UnknownOp,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+
+    /// The error reply to send for this frame: (id, reply); id 0 when unknown.
+    pub fn to_reply(&self) -> (u64, Reply) {
+        (
+            self.id().unwrap_or(0),
+            Reply::err(self.code(), self.to_string()),
+        )
+    }
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("encoded frame is {len} bytes, over the {MAX_FRAME}-byte cap")]
+    TooLarge { len: usize },
+    #[error("request id 0 is reserved")]
+    ZeroId,
+    #[error("JSON serialization failed: {0}")]
+    Json(#[source] serde_json::Error),
+}
+
+#[derive(Serialize)]
+struct RequestOut<'a> {
+    v: u64,
+    id: u64,
+    #[serde(flatten)]
+    request: &'a Request,
+}
+
+#[derive(Serialize)]
+struct OkOut<'a> {
+    v: u64,
+    id: u64,
+    ok: bool,
+    #[serde(flatten)]
+    reply: &'a OkReply,
+}
+
+#[derive(Serialize)]
+struct ErrOut<'a> {
+    v: u64,
+    id: u64,
+    ok: bool,
+    error: &'a ErrorBody,
+}
+
+#[derive(Serialize)]
+struct EventOut<'a> {
+    v: u64,
+    id: u64,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+fn capped(bytes: Vec<u8>) -> Result<Vec<u8>, EncodeError> {
+    if bytes.len() > MAX_FRAME {
+        Err(EncodeError::TooLarge { len: bytes.len() })
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// Encode a request frame. `id` must be non-zero.
+pub fn encode_request(id: u64, request: &Request) -> Result<Vec<u8>, EncodeError> {
+    if id == 0 {
+        return Err(EncodeError::ZeroId);
+    }
+    let out = RequestOut {
+        v: VERSION,
+        id,
+        request,
+    };
+    capped(serde_json::to_vec(&out).map_err(EncodeError::Json)?)
+}
+
+/// Encode a reply frame (id 0 only for replies to frames whose id could not be read).
+pub fn encode_reply(id: u64, reply: &Reply) -> Result<Vec<u8>, EncodeError> {
+    let bytes = match reply {
+        Reply::Ok(reply) => serde_json::to_vec(&OkOut {
+            v: VERSION,
+            id,
+            ok: true,
+            reply,
+        }),
+        Reply::Err(error) => serde_json::to_vec(&ErrOut {
+            v: VERSION,
+            id,
+            ok: false,
+            error,
+        }),
+    }
+    .map_err(EncodeError::Json)?;
+    capped(bytes)
+}
+
+/// Encode an event frame.
+pub fn encode_event(id: u64, event: &Event) -> Result<Vec<u8>, EncodeError> {
+    let out = EventOut {
+        v: VERSION,
+        id,
+        event,
+    };
+    capped(serde_json::to_vec(&out).map_err(EncodeError::Json)?)
+}
+
+/// Parse the common envelope: object, `v` == 1, and take `v` out of the map.
+fn envelope(bytes: &[u8]) -> Result<Map<String, Value>, DecodeError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(DecodeError::TooLarge { len: bytes.len() });
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(DecodeError::NotJson)?;
+    let Value::Object(mut map) = value else {
+        return Err(DecodeError::NotObject);
+    };
+    let v = map
+        .remove("v")
+        .and_then(|v| v.as_u64())
+        .ok_or(DecodeError::BadVersionField)?;
+    if v != VERSION {
+        return Err(DecodeError::UnsupportedVersion(v));
+    }
+    Ok(map)
+}
+
+fn take_id(map: &mut Map<String, Value>) -> Option<u64> {
+    map.remove("id").and_then(|v| v.as_u64())
+}
+
+/// Decode one request frame (strict: unknown fields, duplicate-free JSON object, `v` 1,
+/// non-zero u64 id, known op). Never panics.
+pub fn decode_request(bytes: &[u8]) -> Result<RequestFrame, DecodeError> {
+    let mut map = envelope(bytes)?;
+    let id = take_id(&mut map)
+        .filter(|&id| id != 0)
+        .ok_or(DecodeError::BadId)?;
+    let op_name = match map.get("op") {
+        Some(Value::String(s)) => s,
+        _ => return Err(DecodeError::MissingOp { id }),
+    };
+    let Some(op) = OPS.iter().copied().find(|o| *o == op_name) else {
+        let mut op = op_name.clone();
+        truncate_to(&mut op, 64);
+        return Err(DecodeError::UnknownOp { id, op });
+    };
+    let request = Request::deserialize(Value::Object(map))
+        .map_err(|source| DecodeError::BadFields { id, op, source })?;
+    Ok(RequestFrame { id, request })
+}
+
+fn truncate_to(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// Decode one frame from the broker (a reply or an event). Lenient about unknown fields (a
+/// newer broker may add some). Never panics.
+pub fn decode_server_frame(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
+    let mut map = envelope(bytes)?;
+    let id = take_id(&mut map).ok_or(DecodeError::BadId)?;
+    if map.contains_key("event") {
+        let event = Event::deserialize(Value::Object(map))
+            .map_err(|e| DecodeError::BadReply(format!("bad event: {e}")))?;
+        return Ok(ServerFrame::Event { id, event });
+    }
+    let ok = match map.remove("ok") {
+        Some(Value::Bool(b)) => b,
+        _ => return Err(DecodeError::BadReply("missing \"ok\" or \"event\"".into())),
+    };
+    let reply = if ok {
+        Reply::Ok(
+            OkReply::deserialize(Value::Object(map))
+                .map_err(|e| DecodeError::BadReply(format!("bad ok reply: {e}")))?,
+        )
+    } else {
+        let error = map
+            .remove("error")
+            .ok_or_else(|| DecodeError::BadReply("error reply without \"error\"".into()))?;
+        Reply::Err(
+            ErrorBody::deserialize(error)
+                .map_err(|e| DecodeError::BadReply(format!("bad error object: {e}")))?,
+        )
+    };
+    Ok(ServerFrame::Reply { id, reply })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SCM_RIGHTS over SOCK_SEQPACKET
+// ---------------------------------------------------------------------------------------------
+
+/// A received datagram.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes of the frame put in the buffer (0 with `eof`).
+    pub len: usize,
+    /// Fds that came with it, already `O_CLOEXEC`. At most [`MAX_FDS`]; any surplus was closed.
+    pub fds: Vec<OwnedFd>,
+    /// The datagram was longer than the buffer (`MSG_TRUNC`): the frame is unusable.
+    pub truncated: bool,
+    /// More fds were attached than fit (`MSG_CTRUNC`) or than [`MAX_FDS`]: all surplus closed.
+    pub fds_truncated: bool,
+    /// The peer closed its end (a zero-length read; an empty datagram reads the same and is
+    /// treated the same).
+    pub eof: bool,
+}
+
+/// Error of a socket operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{syscall} on broker socket fd {fd}: {source}")]
+    Io {
+        syscall: &'static str,
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot attach {0} fds to one frame (max {MAX_FDS})")]
+    TooManyFds(usize),
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte cap")]
+    TooLarge(usize),
+}
+
+impl SocketError {
+    /// Whether this is `EAGAIN`/`EWOULDBLOCK` on a non-blocking socket.
+    pub fn is_would_block(&self) -> bool {
+        matches!(self, SocketError::Io { source, .. } if source.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// The underlying io::Error kind (Other for limit errors).
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            SocketError::Io { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        }
+    }
+}
+
+/// `CMSG_SPACE` for `n` fds.
+fn cmsg_space(n: usize) -> usize {
+    // SAFETY: CMSG_SPACE is a pure arithmetic macro-function; no memory is touched.
+    unsafe { libc::CMSG_SPACE((n * size_of::<RawFd>()) as u32) as usize }
+}
+
+/// A cmsg buffer with the alignment `cmsghdr` needs.
+#[repr(C)]
+struct CmsgBuf {
+    _align: [libc::cmsghdr; 0],
+    bytes: [u8; 256],
+}
+
+/// Send one frame with `fds` attached (`MSG_NOSIGNAL`: a closed peer gives `EPIPE`, not a
+/// signal). On a non-blocking socket a full send buffer gives a would-block error (nothing sent).
+pub fn send_frame(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), SocketError> {
+    if fds.len() > MAX_FDS {
+        return Err(SocketError::TooManyFds(fds.len()));
+    }
+    if bytes.len() > MAX_FRAME {
+        return Err(SocketError::TooLarge(bytes.len()));
+    }
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let mut cmsg = CmsgBuf {
+        _align: [],
+        bytes: [0; 256],
+    };
+    // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let space = cmsg_space(fds.len());
+        debug_assert!(space <= cmsg.bytes.len());
+        msg.msg_control = cmsg.bytes.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` bytes of an aligned buffer we own, large enough
+        // for one cmsghdr with fds.len() ints (space = CMSG_SPACE of that, <= 256 for <= 4 fds),
+        // so CMSG_FIRSTHDR returns a valid, aligned pointer into it and CMSG_DATA stays in it.
+        unsafe {
+            let hdr = libc::CMSG_FIRSTHDR(&msg);
+            (*hdr).cmsg_level = libc::SOL_SOCKET;
+            (*hdr).cmsg_type = libc::SCM_RIGHTS;
+            (*hdr).cmsg_len = libc::CMSG_LEN((fds.len() * size_of::<RawFd>()) as u32) as _;
+            let data = libc::CMSG_DATA(hdr).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(fd.as_raw_fd());
+            }
+        }
+    }
+    loop {
+        // SAFETY: msg points at live iovec/cmsg buffers for the duration of the call; the
+        // kernel only reads them. The fds in the cmsg are borrowed and valid for this call.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            // SEQPACKET sends the whole datagram or nothing.
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(SocketError::Io {
+            syscall: "sendmsg",
+            fd: sock.as_raw_fd(),
+            source: err,
+        });
+    }
+}
+
+/// Receive one frame into `buf` (give it [`MAX_FRAME`] bytes), taking ownership of attached fds
+/// (`MSG_CMSG_CLOEXEC`). Fds beyond [`MAX_FDS`] are closed and flagged. Pass `MSG_DONTWAIT` in
+/// `flags` for a non-blocking read on a blocking socket.
+pub fn recv_frame(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: i32,
+) -> Result<Received, SocketError> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg = CmsgBuf {
+        _align: [],
+        bytes: [0; 256],
+    };
+    let space = cmsg_space(RECV_FD_ROOM);
+    debug_assert!(space <= cmsg.bytes.len());
+    // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.bytes.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: msg points at our writable buffers (buf: buf.len() bytes; cmsg: `space` bytes,
+        // aligned for cmsghdr), alive for the duration of the call.
+        let n =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(SocketError::Io {
+            syscall: "recvmsg",
+            fd: sock.as_raw_fd(),
+            source: err,
+        });
+    };
+    let mut fds = Vec::new();
+    let mut fds_truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    // SAFETY: after a successful recvmsg, msg_control/msg_controllen describe the control data
+    // the kernel wrote into our buffer; CMSG_FIRSTHDR/CMSG_NXTHDR walk it within those bounds.
+    let mut hdr = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !hdr.is_null() {
+        // SAFETY: hdr is non-null and points at a cmsghdr inside our control buffer.
+        let (level, ty, len) = unsafe {
+            (
+                (*hdr).cmsg_level,
+                (*hdr).cmsg_type,
+                (*hdr).cmsg_len as usize,
+            )
+        };
+        if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is pure arithmetic.
+            let head = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = len.saturating_sub(head) / size_of::<RawFd>();
+            // SAFETY: CMSG_DATA of a valid header points at `count` ints the kernel wrote
+            // (cmsg_len bounds them within the control buffer).
+            let data = unsafe { libc::CMSG_DATA(hdr) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: i < count, within the cmsg data (read unaligned to be safe).
+                let raw = unsafe { data.add(i).read_unaligned() };
+                if raw >= 0 {
+                    // SAFETY: SCM_RIGHTS installed this fd in our table just now and nothing
+                    // else refers to it: we are its only owner.
+                    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                    if fds.len() < MAX_FDS {
+                        fds.push(fd);
+                    } else {
+                        fds_truncated = true;
+                        drop(fd);
+                    }
+                }
+            }
+        }
+        // SAFETY: hdr is a valid header inside msg's control buffer; CMSG_NXTHDR returns the
+        // next one within msg_controllen or null.
+        hdr = unsafe { libc::CMSG_NXTHDR(&msg, hdr) };
+    }
+    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
+    Ok(Received {
+        len: n.min(buf.len()),
+        eof: n == 0 && !truncated,
+        fds,
+        truncated,
+        fds_truncated,
+    })
+}
+
+/// A connected `SOCK_SEQPACKET` socketpair (both ends `O_CLOEXEC`).
+pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), SocketError> {
+    let mut fds = [-1 as RawFd; 2];
+    // SAFETY: fds is a valid out-array of two ints.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(SocketError::Io {
+            syscall: "socketpair",
+            fd: -1,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: socketpair succeeded: both fds are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn req_roundtrip(r: Request) {
+        let bytes = encode_request(42, &r).unwrap();
+        let f = decode_request(&bytes).unwrap();
+        assert_eq!(f.id, 42);
+        assert_eq!(f.request, r);
+    }
+
+    #[test]
+    fn requests_roundtrip() {
+        req_roundtrip(Request::Ping {});
+        req_roundtrip(Request::Connect {
+            host: "api.example.com".into(),
+            port: 443,
+        });
+        for access in [Access::Read, Access::Write, Access::Create] {
+            req_roundtrip(Request::Open {
+                path: "/srv/data/x".into(),
+                access,
+            });
+        }
+        req_roundtrip(Request::Secret { name: "k".into() });
+        req_roundtrip(Request::Send {
+            channel: "log".into(),
+            recipient: "#ops".into(),
+            body: "héllo \"x\"\n\u{0}".into(),
+        });
+        req_roundtrip(Request::Exec {
+            argv: vec!["git".into(), "status".into()],
+            cwd: None,
+        });
+        req_roundtrip(Request::Exec {
+            argv: vec![],
+            cwd: Some("/work".into()),
+        });
+    }
+
+    #[test]
+    fn request_wire_shape() {
+        let bytes = encode_request(
+            7,
+            &Request::Connect {
+                host: "h".into(),
+                port: 1,
+            },
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"v":1,"id":7,"op":"connect","host":"h","port":1})
+        );
+        let bytes = encode_request(1, &Request::Ping {}).unwrap();
+        assert_eq!(bytes, br#"{"v":1,"id":1,"op":"ping"}"#);
+    }
+
+    fn server_roundtrip(id: u64, r: Reply) {
+        let bytes = encode_reply(id, &r).unwrap();
+        assert_eq!(
+            decode_server_frame(&bytes).unwrap(),
+            ServerFrame::Reply { id, reply: r }
+        );
+    }
+
+    #[test]
+    fn replies_and_events_roundtrip() {
+        server_roundtrip(1, Reply::Ok(OkReply::Ping {}));
+        server_roundtrip(
+            2,
+            Reply::Ok(OkReply::Connect {
+                peer: "127.0.0.1:80".into(),
+            }),
+        );
+        server_roundtrip(
+            3,
+            Reply::Ok(OkReply::Open {
+                access: Access::Create,
+            }),
+        );
+        server_roundtrip(4, Reply::Ok(OkReply::Secret { len: 12 }));
+        server_roundtrip(
+            5,
+            Reply::Ok(OkReply::Send {
+                status: SendStatus::DeadLettered,
+                dlq_id: Some("x".into()),
+            }),
+        );
+        server_roundtrip(
+            5,
+            Reply::Ok(OkReply::Send {
+                status: SendStatus::Delivered,
+                dlq_id: None,
+            }),
+        );
+        server_roundtrip(6, Reply::Ok(OkReply::Exec {}));
+        server_roundtrip(0, Reply::err(ErrorCode::BadRequest, "nope"));
+        server_roundtrip(9, Reply::err(ErrorCode::RateLimited, "slow down"));
+        let ev = Event::Exit(ExitSummary {
+            exit: 137,
+            code: None,
+            signal: Some(9),
+            wall_ms: 5,
+            cpu_ms: 1,
+            peak_mem: 4096,
+            oom: true,
+            timeout: false,
+        });
+        let bytes = encode_event(6, &ev).unwrap();
+        assert!(std::str::from_utf8(&bytes)
+            .unwrap()
+            .contains(r#""event":"exit""#));
+        assert_eq!(
+            decode_server_frame(&bytes).unwrap(),
+            ServerFrame::Event { id: 6, event: ev }
+        );
+    }
+
+    #[test]
+    fn error_reply_wire_shape_and_unknown_code() {
+        let bytes = encode_reply(3, &Reply::err(ErrorCode::Denied, "no")).unwrap();
+        assert_eq!(
+            bytes,
+            br#"{"v":1,"id":3,"ok":false,"error":{"code":"denied","message":"no"}}"#
+        );
+        let f = decode_server_frame(
+            br#"{"v":1,"id":3,"ok":false,"error":{"code":"brand_new","message":"m"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::Reply {
+                id: 3,
+                reply: Reply::Err(ErrorBody {
+                    code: ErrorCode::Unknown,
+                    message: "m".into()
+                })
+            }
+        );
+        // Lenient: unknown fields in replies are ignored.
+        let f = decode_server_frame(br#"{"v":1,"id":3,"ok":true,"op":"ping","extra":1}"#).unwrap();
+        assert_eq!(
+            f,
+            ServerFrame::Reply {
+                id: 3,
+                reply: Reply::Ok(OkReply::Ping {})
+            }
+        );
+    }
+
+    #[test]
+    fn error_messages_are_capped() {
+        let r = Reply::err(ErrorCode::Internal, "é".repeat(1000));
+        let Reply::Err(e) = r else { panic!() };
+        assert!(e.message.len() <= MAX_MESSAGE);
+        assert!(e.message.len() > MAX_MESSAGE - 2);
+    }
+
+    fn bad(bytes: &[u8]) -> DecodeError {
+        match decode_request(bytes) {
+            Ok(f) => panic!("accepted {:?}: {f:?}", String::from_utf8_lossy(bytes)),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_classified() {
+        // not JSON / not an object
+        assert!(matches!(bad(b""), DecodeError::NotJson(_)));
+        assert!(matches!(bad(b"{"), DecodeError::NotJson(_)));
+        assert!(matches!(bad(b"\xff\xfe"), DecodeError::NotJson(_)));
+        assert!(matches!(
+            bad(br#"{"v":1,"id":1,"op":"ping"} x"#),
+            DecodeError::NotJson(_)
+        ));
+        assert!(matches!(bad(b"[1,2]"), DecodeError::NotObject));
+        assert!(matches!(bad(b"null"), DecodeError::NotObject));
+        // version
+        assert!(matches!(
+            bad(br#"{"id":1,"op":"ping"}"#),
+            DecodeError::BadVersionField
+        ));
+        assert!(matches!(
+            bad(br#"{"v":"1","id":1,"op":"ping"}"#),
+            DecodeError::BadVersionField
+        ));
+        let e = bad(br#"{"v":2,"id":1,"op":"ping"}"#);
+        assert!(matches!(e, DecodeError::UnsupportedVersion(2)));
+        assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
+        // id
+        for b in [
+            &br#"{"v":1,"op":"ping"}"#[..],
+            br#"{"v":1,"id":0,"op":"ping"}"#,
+            br#"{"v":1,"id":-1,"op":"ping"}"#,
+            br#"{"v":1,"id":1.5,"op":"ping"}"#,
+            br#"{"v":1,"id":"1","op":"ping"}"#,
+            br#"{"v":1,"id":18446744073709551616,"op":"ping"}"#,
+        ] {
+            let e = bad(b);
+            assert!(matches!(e, DecodeError::BadId), "{e:?}");
+            assert_eq!(e.to_reply().0, 0);
+        }
+        assert!(decode_request(br#"{"v":1,"id":18446744073709551615,"op":"ping"}"#).is_ok());
+        // op
+        assert!(matches!(
+            bad(br#"{"v":1,"id":5}"#),
+            DecodeError::MissingOp { id: 5 }
+        ));
+        assert!(matches!(
+            bad(br#"{"v":1,"id":5,"op":3}"#),
+            DecodeError::MissingOp { id: 5 }
+        ));
+        let e = bad(br#"{"v":1,"id":5,"op":"reboot"}"#);
+        assert!(matches!(&e, DecodeError::UnknownOp { id: 5, op } if op == "reboot"));
+        assert_eq!(e.code(), ErrorCode::UnknownOp);
+        assert_eq!(e.to_reply().0, 5);
+        let long = format!(r#"{{"v":1,"id":5,"op":"{}"}}"#, "x".repeat(10_000));
+        assert!(
+            matches!(bad(long.as_bytes()), DecodeError::UnknownOp { op, .. } if op.len() == 64)
+        );
+        // fields: unknown, missing, wrong type, out of range
+        for b in [
+            &br#"{"v":1,"id":5,"op":"ping","x":1}"#[..],
+            br#"{"v":1,"id":5,"op":"connect","host":"h"}"#,
+            br#"{"v":1,"id":5,"op":"connect","host":"h","port":65536}"#,
+            br#"{"v":1,"id":5,"op":"connect","host":"h","port":-1}"#,
+            br#"{"v":1,"id":5,"op":"connect","host":1,"port":1}"#,
+            br#"{"v":1,"id":5,"op":"connect","host":"h","port":1,"identity":"gateway"}"#,
+            br#"{"v":1,"id":5,"op":"open","path":"/x","access":"execute"}"#,
+            br#"{"v":1,"id":5,"op":"open","path":"/x"}"#,
+            br#"{"v":1,"id":5,"op":"secret"}"#,
+            br#"{"v":1,"id":5,"op":"send","channel":"c","recipient":"r"}"#,
+            br#"{"v":1,"id":5,"op":"exec","argv":"ls"}"#,
+            br#"{"v":1,"id":5,"op":"exec","argv":["ls",1]}"#,
+            br#"{"v":1,"id":5,"op":"exec","argv":["ls"],"env":{}}"#,
+        ] {
+            let e = bad(b);
+            assert!(matches!(e, DecodeError::BadFields { id: 5, .. }), "{e:?}");
+            assert_eq!(e.code(), ErrorCode::BadRequest);
+        }
+        // too large
+        let big = vec![b' '; MAX_FRAME + 1];
+        assert!(matches!(bad(&big), DecodeError::TooLarge { .. }));
+        // deep nesting is an error, not a stack overflow
+        let deep = format!(
+            r#"{{"v":1,"id":5,"op":"ping","x":{}{}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert!(matches!(bad(deep.as_bytes()), DecodeError::NotJson(_)));
+    }
+
+    #[test]
+    fn encode_refuses_zero_id_and_oversize() {
+        assert!(matches!(
+            encode_request(0, &Request::Ping {}),
+            Err(EncodeError::ZeroId)
+        ));
+        let r = Request::Send {
+            channel: "c".into(),
+            recipient: "r".into(),
+            body: "x".repeat(MAX_FRAME),
+        };
+        assert!(matches!(
+            encode_request(1, &r),
+            Err(EncodeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_server_frames() {
+        for b in [
+            &b"{}"[..],
+            br#"{"v":1}"#,
+            br#"{"v":1,"id":1}"#,
+            br#"{"v":1,"id":1,"ok":"yes"}"#,
+            br#"{"v":1,"id":1,"ok":true}"#,
+            br#"{"v":1,"id":1,"ok":true,"op":"nope"}"#,
+            br#"{"v":1,"id":1,"ok":false}"#,
+            br#"{"v":1,"id":1,"ok":false,"error":"x"}"#,
+            br#"{"v":1,"id":1,"event":"boom"}"#,
+            br#"{"v":1,"id":1,"event":"exit"}"#,
+            br#"{"v":9,"id":1,"ok":true,"op":"ping"}"#,
+        ] {
+            assert!(
+                decode_server_frame(b).is_err(),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+
+    #[test]
+    fn fds_pass_and_surplus_is_closed() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, y) = seqpacket_pair().unwrap();
+        send_frame(a.as_fd(), b"hello", &[x.as_fd(), y.as_fd()]).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        let r = recv_frame(b.as_fd(), &mut buf, 0).unwrap();
+        assert_eq!(&buf[..r.len], b"hello");
+        assert_eq!(r.fds.len(), 2);
+        assert!(!r.truncated && !r.fds_truncated && !r.eof);
+        // received fds are CLOEXEC
+        for fd in &r.fds {
+            // SAFETY: fd is a valid open fd we own.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+            assert!(flags & libc::FD_CLOEXEC != 0);
+        }
+        // more than MAX_FDS cannot be sent with send_frame
+        let many: Vec<BorrowedFd<'_>> = (0..5).map(|_| x.as_fd()).collect();
+        assert!(matches!(
+            send_frame(a.as_fd(), b"x", &many),
+            Err(SocketError::TooManyFds(5))
+        ));
+    }
+
+    #[test]
+    fn recv_detects_truncation_and_eof() {
+        let (a, b) = seqpacket_pair().unwrap();
+        send_frame(a.as_fd(), &[b'x'; 100], &[]).unwrap();
+        let mut small = [0u8; 10];
+        let r = recv_frame(b.as_fd(), &mut small, 0).unwrap();
+        assert!(r.truncated);
+        assert!(!r.eof);
+        let mut buf = vec![0u8; MAX_FRAME];
+        assert!(recv_frame(b.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+            .unwrap_err()
+            .is_would_block());
+        drop(a);
+        assert!(recv_frame(b.as_fd(), &mut buf, 0).unwrap().eof);
+    }
+}
