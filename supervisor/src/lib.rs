@@ -5,6 +5,7 @@
 //! `clone` and `execve` the child only runs raw async-signal-safe syscalls
 //! ([`spawn`]'s `child_main`).
 
+pub mod broker_host;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;

@@ -1,0 +1,455 @@
+//! The supervisor's side of the broker: the state directory, the tokio runtime that serves a
+//! child's broker socket while `carapace exec` waits for it, and spawning the tools a child asks
+//! for (`exec`) as NEW confined children, through exactly the spawn path of `carapace exec`.
+//!
+//! The broker crate (`carapace_broker`) knows nothing of processes; it decides, audits and
+//! talks the protocol. This module gives it processes:
+//!
+//! - [`spawn_tool`]: compile the requested profile, prepare a [`Launch`], create its own
+//!   cgroup, start it with stdin `/dev/null` and stdout/stderr as pipes whose read ends are
+//!   handed back, and (if that profile has a broker section) a broker socket of its own.
+//!   Each tool gets a dedicated thread that spawns it and then waits for it: the child's
+//!   `PR_SET_PDEATHSIG` is tied to the thread that created it, so that thread must outlive it,
+//!   and with `--run-as auto` the thread's id (a pid number no other live task has) gives the
+//!   tool a host uid of its own (`AUTO_BASE + tid`), distinct from its parent sandbox's.
+//! - [`ToolSpawner`]: [`spawn_tool`] as the broker's `Spawner`.
+//! - [`BrokerHost`]: the runtime and the server, one identity per served socket.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use carapace_broker::protocol::ExitSummary;
+use carapace_broker::server::{Identity, PeerLimits, RateLimit, Role, Server};
+use carapace_policy::{Policy, Target};
+
+use crate::cgroup::{self, Cgroup};
+use crate::fds::Pipe;
+use crate::namespaces::RunAs;
+use crate::report::{ExitReport, EXIT_SETUP};
+use crate::spawn::{ChildIo, Launch, LaunchOptions};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerHostError {
+    #[error("{syscall} {}: {source}", path.display())]
+    Io {
+        syscall: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state directory {}: {why}", path.display())]
+    StateDir { path: PathBuf, why: String },
+    #[error("cannot start the broker's runtime: {source}")]
+    Runtime {
+        #[source]
+        source: io::Error,
+    },
+    #[error("socketpair for the broker: {0}")]
+    Socket(String),
+}
+
+/// Default state directory when running as root.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/carapace";
+
+/// The broker's files beneath the state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    /// Create `root` (and its parents) if missing, mode 0700, owned by us; an existing
+    /// directory must be a real directory (not a link) owned by us and not writable by others.
+    pub fn open(root: &Path) -> Result<StateDir, BrokerHostError> {
+        use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+        let err = |syscall, source| BrokerHostError::Io {
+            syscall,
+            path: root.to_path_buf(),
+            source,
+        };
+        match std::fs::symlink_metadata(root) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(root)
+                    .map_err(|e| err("mkdir", e))?;
+                // The umask may have narrowed it further; never widened. Make it exactly 0700.
+                std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| err("chmod", e))?;
+            }
+            Err(e) => return Err(err("lstat", e)),
+            Ok(m) => {
+                let bad = |why: String| BrokerHostError::StateDir {
+                    path: root.to_path_buf(),
+                    why,
+                };
+                if !m.file_type().is_dir() {
+                    return Err(bad("not a directory (symbolic links are refused)".into()));
+                }
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                if m.uid() != me {
+                    return Err(bad(format!("owned by uid {}, not by us ({me})", m.uid())));
+                }
+                if m.mode() & 0o022 != 0 {
+                    return Err(bad(format!(
+                        "writable by group or others (mode {:o}); make it 0700",
+                        m.mode() & 0o7777
+                    )));
+                }
+            }
+        }
+        Ok(StateDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.root.join("audit.log")
+    }
+
+    pub fn approvals(&self) -> PathBuf {
+        self.root.join("approvals")
+    }
+
+    pub fn dlq(&self) -> PathBuf {
+        self.root.join("dlq")
+    }
+}
+
+/// The broker's summary of an exit report.
+pub fn exit_summary(r: &ExitReport) -> ExitSummary {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    ExitSummary {
+        exit: r.exit_code(),
+        code: r.code,
+        signal: r.signal,
+        wall_ms: ms(r.wall),
+        cpu_ms: ms(r.cpu),
+        peak_mem: r.peak_mem,
+        oom: r.oom_killed,
+        timeout: r.timed_out,
+    }
+}
+
+/// A report for a tool that could not be started or waited for (exit 126).
+fn setup_failure() -> ExitReport {
+    ExitReport {
+        code: Some(EXIT_SETUP),
+        signal: None,
+        wall: Duration::ZERO,
+        cpu: Duration::ZERO,
+        peak_mem: 0,
+        oom_killed: false,
+        timed_out: false,
+    }
+}
+
+/// What every tool spawned for the broker shares.
+#[derive(Debug)]
+pub struct ToolContext {
+    pub policy: Arc<Policy>,
+    pub target: Target,
+    /// `Fixed` ids are used as given; `Auto` gives each tool `AUTO_BASE + tid` of its thread.
+    pub run_as: RunAs,
+    /// The supervisor's environment, the source of each profile's `env.pass`.
+    pub env: Vec<(OsString, OsString)>,
+    /// Workspace used when a request names none.
+    pub workspace: Option<PathBuf>,
+}
+
+/// A tool started for the broker.
+pub struct ToolRun {
+    /// Read ends of the tool's stdout and stderr pipes.
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// The broker's end of the tool's own broker socket, when its profile has a broker section.
+    pub broker: Option<OwnedFd>,
+    /// The profile it runs under.
+    pub profile: String,
+    /// Blocks until the tool has exited and its cgroup is gone; its exit report.
+    pub wait: Box<dyn FnOnce() -> ExitReport + Send>,
+}
+
+impl std::fmt::Debug for ToolRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolRun")
+            .field("stdout", &self.stdout)
+            .field("stderr", &self.stderr)
+            .field("broker", &self.broker)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), String>;
+
+/// Start `program` (canonical host path, already allowed by the policy for `profile`) with
+/// `argv0` and `args` confined in `profile`, exactly as `carapace exec` would, in a cgroup of
+/// its own. Returns once the program has exec'd (or failed to start).
+pub fn spawn_tool(
+    ctx: &Arc<ToolContext>,
+    program: &Path,
+    argv0: &str,
+    args: &[String],
+    profile: &str,
+    workspace: Option<&Path>,
+) -> Result<ToolRun, String> {
+    let (started_tx, started_rx) = mpsc::channel::<Started>();
+    let (done_tx, done_rx) = mpsc::channel::<ExitReport>();
+    let ctx = ctx.clone();
+    let program = program.to_path_buf();
+    let argv0 = OsString::from(argv0);
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    let profile_s = profile.to_string();
+    let workspace = workspace.map(Path::to_path_buf).or(ctx.workspace.clone());
+    std::thread::Builder::new()
+        .name("carapace-tool".into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            let (run_as, _) = ctx.run_as.resolve(u32::try_from(tid).unwrap_or(0));
+            let plan = match ctx.policy.compile(&profile_s, &ctx.target) {
+                Ok(p) => p,
+                Err(d) => {
+                    let _ = started_tx.send(Err(format!(
+                        "profile `{profile_s}` cannot run on this kernel: {d}"
+                    )));
+                    return;
+                }
+            };
+            let brokered = ctx.policy.broker_view(&profile_s).is_some();
+            let opts = LaunchOptions {
+                program,
+                argv0,
+                args,
+                workspace,
+                run_as,
+                env: ctx.env.clone(),
+                broker: brokered,
+            };
+            let launch = match Launch::prepare(&plan, &opts, ctx.target.landlock_abi) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = started_tx.send(Err(crate::cli::error_chain(&e)));
+                    return;
+                }
+            };
+            let cg = match Cgroup::create(&cgroup::unique_name("tool"), &plan.cgroup) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = started_tx.send(Err(format!("cannot create the cgroup: {e}")));
+                    return;
+                }
+            };
+            let pipes = Pipe::new("tool stdout").and_then(|o| Ok((o, Pipe::new("tool stderr")?)));
+            let ((out, err), null) = match (pipes, std::fs::File::open("/dev/null")) {
+                (Ok(p), Ok(n)) => (p, n),
+                (Err(e), _) => {
+                    let _ = started_tx.send(Err(e.to_string()));
+                    return;
+                }
+                (_, Err(e)) => {
+                    let _ = started_tx.send(Err(format!("open /dev/null: {e}")));
+                    return;
+                }
+            };
+            let pair = if brokered {
+                match carapace_broker::protocol::seqpacket_pair() {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        let _ = started_tx.send(Err(format!("socketpair: {e}")));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let io = ChildIo {
+                stdin: Some(null.as_fd()),
+                stdout: Some(out.write.as_fd()),
+                stderr: Some(err.write.as_fd()),
+                broker: pair.as_ref().map(|(_, theirs)| theirs.as_fd()),
+            };
+            let running = match launch.spawn_with(Some(&cg), io) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = started_tx.send(Err(crate::cli::error_chain(&e)));
+                    return;
+                }
+            };
+            drop(out.write);
+            drop(err.write);
+            drop(null);
+            let mine = pair.map(|(mine, _theirs)| mine);
+            let _ = started_tx.send(Ok((out.read, err.read, mine)));
+            let report = match running.wait(launch.wall_time(), Some(&cg)) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("waiting for a tool: {}", crate::cli::error_chain(&e));
+                    setup_failure()
+                }
+            };
+            if let Err(e) = cg.remove() {
+                tracing::warn!("removing a tool's cgroup: {e}");
+            }
+            let _ = done_tx.send(report);
+        })
+        .map_err(|e| format!("cannot start a thread for the tool: {e}"))?;
+    let (stdout, stderr, broker) = started_rx
+        .recv()
+        .map_err(|_| "the tool's thread ended without starting it".to_string())??;
+    Ok(ToolRun {
+        stdout,
+        stderr,
+        broker,
+        profile: profile.to_string(),
+        wait: Box::new(move || done_rx.recv().unwrap_or_else(|_| setup_failure())),
+    })
+}
+
+/// Identities are numbered for the life of the supervisor process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh identity for a child about to be spawned.
+pub fn new_identity(role: Role, profile: &str) -> Identity {
+    Identity {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        role,
+        profile: profile.to_string(),
+    }
+}
+
+/// The per-peer limits for a profile: the defaults, with the profile's request rate.
+pub fn peer_limits(policy: &Policy, profile: &str) -> PeerLimits {
+    let mut limits = PeerLimits::default();
+    if let Some(rate) = policy.broker_view(profile).and_then(|b| b.rate) {
+        limits.rate = Some(RateLimit {
+            per_second: f64::from(rate.requests_per_second),
+            burst: rate.burst,
+        });
+    }
+    limits
+}
+
+/// The runtime serving broker sockets while the supervisor waits for its child.
+#[derive(Debug)]
+pub struct BrokerHost {
+    runtime: tokio::runtime::Runtime,
+    server: Arc<Mutex<Option<Server>>>,
+}
+
+impl BrokerHost {
+    /// A multi-threaded runtime with two workers (one for the peers, one spare for blocking
+    /// hand-offs); `server` is set later with [`BrokerHost::set_server`] (the handler may need
+    /// a handle back to this host to serve the sockets of the tools it spawns).
+    pub fn new() -> Result<BrokerHost, BrokerHostError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("carapace-broker")
+            .enable_all()
+            .build()
+            .map_err(|source| BrokerHostError::Runtime { source })?;
+        Ok(BrokerHost {
+            runtime,
+            server: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    pub fn set_server(&self, server: Server) {
+        if let Ok(mut s) = self.server.lock() {
+            *s = Some(server);
+        }
+    }
+
+    /// A handle that serves further sockets (the tools' own) on this host's runtime.
+    pub fn peers(&self) -> PeerServer {
+        PeerServer {
+            handle: self.runtime.handle().clone(),
+            server: self.server.clone(),
+        }
+    }
+
+    /// Stop serving: abort every peer task and give blocking work a moment to finish.
+    pub fn shutdown(self) {
+        self.runtime.shutdown_timeout(Duration::from_millis(500));
+    }
+}
+
+/// Serves broker sockets on a [`BrokerHost`]'s runtime (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct PeerServer {
+    handle: tokio::runtime::Handle,
+    server: Arc<Mutex<Option<Server>>>,
+}
+
+impl PeerServer {
+    /// Serve `fd` as `who` until the peer closes it (or the host shuts down).
+    pub fn serve(&self, fd: OwnedFd, who: Identity) -> Option<tokio::task::JoinHandle<()>> {
+        let server = self.server.lock().ok()?.clone()?;
+        let _guard = self.handle.enter();
+        Some(server.serve_peer(fd, who))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn state_dir_is_created_0700_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("a/b/state");
+        let s = StateDir::open(&root).unwrap();
+        let mode = std::fs::metadata(&s.root).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(s.audit_log(), root.join("audit.log"));
+        // Opening it again is fine.
+        StateDir::open(&root).unwrap();
+        // Group/other-writable: refused.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let e = StateDir::open(&root).unwrap_err();
+        assert!(e.to_string().contains("writable by group"), "{e}");
+        // A link to a directory: refused.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(t.path(), &link).unwrap();
+        let e = StateDir::open(&link).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn exit_summary_mirrors_the_report() {
+        let r = ExitReport {
+            code: None,
+            signal: Some(9),
+            wall: Duration::from_millis(1500),
+            cpu: Duration::from_millis(20),
+            peak_mem: 4096,
+            oom_killed: true,
+            timed_out: false,
+        };
+        let s = exit_summary(&r);
+        assert_eq!(s.exit, 137);
+        assert_eq!(s.signal, Some(9));
+        assert_eq!(s.code, None);
+        assert_eq!((s.wall_ms, s.cpu_ms, s.peak_mem), (1500, 20, 4096));
+        assert!(s.oom && !s.timeout);
+        assert_eq!(exit_summary(&setup_failure()).exit, 126);
+    }
+
+    #[test]
+    fn identities_are_unique() {
+        let a = new_identity(Role::Tool, "p");
+        let b = new_identity(Role::Tool, "p");
+        assert_ne!(a.id, b.id);
+        assert_eq!(a.profile, "p");
+    }
+}
