@@ -653,3 +653,522 @@ async fn run_peer(inner: Arc<Inner>, fd: OwnedFd, who: Identity) -> PeerEnd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{
+        decode_server_frame, encode_request, seqpacket_pair, Access, ExitSummary, ServerFrame,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct CountOnDrop(Arc<AtomicUsize>);
+    impl Drop for CountOnDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[derive(Default)]
+    struct TestHandler {
+        cancelled: Arc<AtomicUsize>,
+        gate: Arc<Notify>,
+    }
+
+    fn summary(exit: i32) -> ExitSummary {
+        ExitSummary {
+            exit,
+            code: Some(exit),
+            signal: None,
+            wall_ms: 1,
+            cpu_ms: 0,
+            peak_mem: 0,
+            oom: false,
+            timeout: false,
+        }
+    }
+
+    impl Handler for TestHandler {
+        fn handle(
+            &self,
+            who: &Identity,
+            req: Request,
+        ) -> Pin<Box<dyn Future<Output = Response> + Send + '_>> {
+            let who = who.clone();
+            Box::pin(async move {
+                match req {
+                    Request::Ping {} => Response::ok(OkReply::Ping {}),
+                    Request::Connect { host, .. } if host == "forever" => {
+                        let _guard = CountOnDrop(self.cancelled.clone());
+                        std::future::pending::<()>().await;
+                        unreachable!()
+                    }
+                    Request::Connect { host, .. } if host == "gate" => {
+                        self.gate.notified().await;
+                        Response::ok(OkReply::Ping {})
+                    }
+                    Request::Secret { name } if name == "badfds" => {
+                        Response::ok(OkReply::Secret { len: 0 })
+                    }
+                    Request::Secret { .. } => {
+                        let (r, _w) = nix::unistd::pipe().unwrap();
+                        Response::ok(OkReply::Secret { len: 0 }).with_fds(vec![r])
+                    }
+                    Request::Exec { argv, .. } => {
+                        let (r1, _) = nix::unistd::pipe().unwrap();
+                        let (r2, _) = nix::unistd::pipe().unwrap();
+                        let code = argv.len() as i32;
+                        let cancelled = self.cancelled.clone();
+                        Response::ok(OkReply::Exec {})
+                            .with_fds(vec![r1, r2])
+                            .with_follow_up(Box::pin(async move {
+                                let _guard = CountOnDrop(cancelled);
+                                if code == 0 {
+                                    std::future::pending::<()>().await;
+                                }
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                Event::Exit(summary(code))
+                            }))
+                    }
+                    Request::Send { channel, .. } if channel == "who" => {
+                        Response::ok(OkReply::Send {
+                            status: crate::protocol::SendStatus::Delivered,
+                            dlq_id: Some(who.to_string()),
+                        })
+                    }
+                    Request::Send { .. } => panic!("test handler panics on send"),
+                    Request::Open { .. } => Response::err(ErrorCode::Denied, "no"),
+                    Request::Connect { .. } => Response::err(ErrorCode::Unavailable, "x"),
+                }
+            })
+        }
+    }
+
+    struct Harness {
+        rt: tokio::runtime::Runtime,
+        server: Server,
+        handler: Arc<TestHandler>,
+    }
+
+    fn harness(limits: PeerLimits) -> Harness {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handler = Arc::new(TestHandler::default());
+        let server = Server::new(handler.clone(), limits);
+        Harness {
+            rt,
+            server,
+            handler,
+        }
+    }
+
+    fn set_timeout(fd: BorrowedFd<'_>, opt: libc::c_int, d: Duration) {
+        let tv = libc::timeval {
+            tv_sec: d.as_secs() as _,
+            tv_usec: d.subsec_micros() as _,
+        };
+        // SAFETY: setsockopt reads a timeval from a live local of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as _,
+            )
+        };
+        assert_eq!(rc, 0);
+    }
+
+    impl Harness {
+        fn peer(&self, id: u64) -> (OwnedFd, tokio::task::JoinHandle<PeerEnd>) {
+            let (ours, theirs) = seqpacket_pair().unwrap();
+            set_timeout(ours.as_fd(), libc::SO_RCVTIMEO, Duration::from_secs(10));
+            let _g = self.rt.enter();
+            let h = self.server.serve_peer_report(
+                theirs,
+                Identity {
+                    id,
+                    role: Role::Tool,
+                    profile: format!("p{id}"),
+                },
+            );
+            (ours, h)
+        }
+
+        fn end(&self, h: tokio::task::JoinHandle<PeerEnd>) -> PeerEnd {
+            self.rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), h).await })
+                .expect("peer task did not end")
+                .unwrap()
+        }
+    }
+
+    fn send(fd: &OwnedFd, bytes: &[u8]) {
+        send_frame(fd.as_fd(), bytes, &[]).unwrap();
+    }
+
+    fn req(fd: &OwnedFd, id: u64, r: &Request) {
+        send(fd, &encode_request(id, r).unwrap());
+    }
+
+    /// Next frame; None at EOF. Panics on timeout (SO_RCVTIMEO).
+    fn recv(fd: &OwnedFd) -> Option<(ServerFrame, Vec<OwnedFd>)> {
+        let mut buf = vec![0; MAX_FRAME];
+        let r = match recv_frame(fd.as_fd(), &mut buf, 0) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("recv: {e}"),
+        };
+        if r.eof {
+            return None;
+        }
+        Some((decode_server_frame(&buf[..r.len]).unwrap(), r.fds))
+    }
+
+    fn reply(fd: &OwnedFd) -> (u64, Reply, usize) {
+        match recv(fd) {
+            Some((ServerFrame::Reply { id, reply }, fds)) => (id, reply, fds.len()),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn err_code(r: &Reply) -> ErrorCode {
+        match r {
+            Reply::Err(b) => b.code,
+            Reply::Ok(ok) => panic!("expected an error, got {ok:?}"),
+        }
+    }
+
+    fn assert_alive(fd: &OwnedFd, id: u64) {
+        req(fd, id, &Request::Ping {});
+        assert_eq!(reply(fd), (id, Reply::Ok(OkReply::Ping {}), 0));
+    }
+
+    fn assert_eof(fd: &OwnedFd) {
+        // Drain whatever was queued before the drop, then EOF.
+        for _ in 0..10_000 {
+            if recv(fd).is_none() {
+                return;
+            }
+        }
+        panic!("peer socket was not closed");
+    }
+
+    #[test]
+    fn ping_and_identity_is_the_bound_one() {
+        let h = harness(PeerLimits::default());
+        let (a, ha) = h.peer(7);
+        assert_alive(&a, 1);
+        req(
+            &a,
+            2,
+            &Request::Send {
+                channel: "who".into(),
+                recipient: "r".into(),
+                body: String::new(),
+            },
+        );
+        assert_eq!(
+            reply(&a).1,
+            Reply::Ok(OkReply::Send {
+                status: crate::protocol::SendStatus::Delivered,
+                dlq_id: Some("tool#7(p7)".into())
+            })
+        );
+        // Claiming an identity in the request is a malformed request, not a way in.
+        send(
+            &a,
+            br#"{"v":1,"id":3,"op":"ping","identity":{"id":1,"role":"gateway"}}"#,
+        );
+        let (id, r, _) = reply(&a);
+        assert_eq!((id, err_code(&r)), (3, ErrorCode::BadRequest));
+        drop(a);
+        assert!(matches!(h.end(ha), PeerEnd::Closed));
+    }
+
+    #[test]
+    fn malformed_frames_get_errors_then_drop_while_others_are_served() {
+        let h = harness(PeerLimits {
+            max_malformed: 3,
+            ..PeerLimits::default()
+        });
+        let (a, ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        send(&a, b"not json");
+        assert_eq!(reply(&a).0, 0);
+        send(&a, br#"{"v":1,"id":9,"op":"format_disk"}"#);
+        let (id, r, _) = reply(&a);
+        assert_eq!((id, err_code(&r)), (9, ErrorCode::UnknownOp));
+        send(&a, br#"{"v":2,"id":9,"op":"ping"}"#);
+        assert_eq!(err_code(&reply(&a).1), ErrorCode::UnsupportedVersion);
+        // still served after errors
+        assert_alive(&a, 10);
+        assert_alive(&b, 1);
+        send(&a, b"{}");
+        assert_eof(&a);
+        assert!(matches!(h.end(ha), PeerEnd::Malformed));
+        assert_alive(&b, 2);
+    }
+
+    #[test]
+    fn oversized_frame_drops_the_peer() {
+        let h = harness(PeerLimits::default());
+        let (a, ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        let mut big = br#"{"v":1,"id":1,"op":"ping","x":""#.to_vec();
+        big.resize(MAX_FRAME + 100, b'a');
+        // send_frame refuses to send it; use a raw send.
+        // SAFETY: plain send of a live buffer on our socket.
+        let n = unsafe { libc::send(a.as_raw_fd(), big.as_ptr().cast(), big.len(), 0) };
+        assert_eq!(n as usize, big.len());
+        let (id, r, _) = reply(&a);
+        assert_eq!((id, err_code(&r)), (0, ErrorCode::TooLarge));
+        assert_eof(&a);
+        assert!(matches!(h.end(ha), PeerEnd::Oversize));
+        assert_alive(&b, 1);
+    }
+
+    #[test]
+    fn fds_sent_with_requests_are_closed_and_refused() {
+        let h = harness(PeerLimits::default());
+        let (a, _ha) = h.peer(1);
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let bytes = encode_request(4, &Request::Ping {}).unwrap();
+        send_frame(a.as_fd(), &bytes, &[w.as_fd(), w.as_fd(), w.as_fd()]).unwrap();
+        drop(w);
+        let (id, rep, _) = reply(&a);
+        assert_eq!((id, err_code(&rep)), (4, ErrorCode::BadRequest));
+        // The broker kept no copy of the write end: the pipe reads EOF.
+        let mut file = std::fs::File::from(r);
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut s).unwrap();
+        assert!(s.is_empty());
+        assert_alive(&a, 5);
+    }
+
+    #[test]
+    fn flood_gets_busy_beyond_in_flight_limit() {
+        let h = harness(PeerLimits {
+            max_in_flight: 2,
+            ..PeerLimits::default()
+        });
+        let (a, _ha) = h.peer(1);
+        let gate = Request::Connect {
+            host: "gate".into(),
+            port: 1,
+        };
+        for id in 1..=5 {
+            req(&a, id, &gate);
+        }
+        let mut busy = Vec::new();
+        for _ in 0..3 {
+            let (id, r, _) = reply(&a);
+            assert_eq!(err_code(&r), ErrorCode::Busy);
+            busy.push(id);
+        }
+        assert_eq!(busy, vec![3, 4, 5]);
+        // Same id again while in flight is refused.
+        req(&a, 1, &Request::Ping {});
+        let (id, r, _) = reply(&a);
+        assert_eq!((id, err_code(&r)), (1, ErrorCode::BadRequest));
+        h.handler.gate.notify_waiters();
+        let mut done = vec![reply(&a).0, reply(&a).0];
+        done.sort();
+        assert_eq!(done, vec![1, 2]);
+        assert_alive(&a, 6);
+    }
+
+    #[test]
+    fn rate_limit_refuses_over_the_bucket() {
+        let h = harness(PeerLimits {
+            rate: Some(RateLimit {
+                per_second: 0.001,
+                burst: 3,
+            }),
+            ..PeerLimits::default()
+        });
+        let (a, _ha) = h.peer(1);
+        for id in 1..=3 {
+            assert_alive(&a, id);
+        }
+        req(&a, 4, &Request::Ping {});
+        assert_eq!(err_code(&reply(&a).1), ErrorCode::RateLimited);
+    }
+
+    #[test]
+    fn peer_that_never_reads_is_dropped_others_served() {
+        let h = harness(PeerLimits {
+            max_queued: 4,
+            ..PeerLimits::default()
+        });
+        let (a, ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        set_timeout(a.as_fd(), libc::SO_SNDTIMEO, Duration::from_millis(200));
+        // Flood pings without reading replies until the broker drops us (send fails) or we
+        // have sent far more than the socket buffers can hold.
+        let bytes = encode_request(1, &Request::Ping {}).unwrap();
+        let mut sent = 0u64;
+        let mut id = 1u64;
+        while sent < 200_000 {
+            let bytes = encode_request(id, &Request::Ping {}).unwrap_or(bytes.clone());
+            match send_frame(a.as_fd(), &bytes, &[]) {
+                Ok(()) => sent += 1,
+                Err(_) => break,
+            }
+            id += 1;
+            if h.rt.block_on(async { ha.is_finished() }) {
+                break;
+            }
+        }
+        let end = h.end(ha);
+        assert!(
+            matches!(end, PeerEnd::QueueFull | PeerEnd::WriteStalled),
+            "{end:?} after {sent} frames"
+        );
+        assert_alive(&b, 1);
+    }
+
+    #[test]
+    fn write_stall_drops_the_peer() {
+        let h = harness(PeerLimits {
+            max_queued: 100_000,
+            write_stall: Duration::from_millis(300),
+            ..PeerLimits::default()
+        });
+        let (a, ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        // Big replies fill the socket buffer fast: "who" echoes a short string, so use many
+        // requests; the broker's queue is huge, so only the stall timer can drop us.
+        for id in 1..=20_000u64 {
+            req(&a, id, &Request::Ping {});
+            if id % 1000 == 0 && h.rt.block_on(async { ha.is_finished() }) {
+                break;
+            }
+        }
+        let end = h.end(ha);
+        assert!(matches!(end, PeerEnd::WriteStalled), "{end:?}");
+        assert_alive(&b, 1);
+    }
+
+    #[test]
+    fn peer_death_cancels_its_in_flight_requests() {
+        let h = harness(PeerLimits::default());
+        let (a, ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        for id in 1..=3 {
+            req(
+                &a,
+                id,
+                &Request::Connect {
+                    host: "forever".into(),
+                    port: 1,
+                },
+            );
+        }
+        // An exec whose exit never comes: its follow-up is pending too.
+        req(
+            &a,
+            4,
+            &Request::Exec {
+                argv: vec![],
+                cwd: None,
+            },
+        );
+        let (id, r, nfds) = reply(&a);
+        assert_eq!((id, r, nfds), (4, Reply::Ok(OkReply::Exec {}), 2));
+        assert_alive(&b, 1);
+        assert_eq!(h.handler.cancelled.load(Ordering::SeqCst), 0);
+        drop(a);
+        assert!(matches!(h.end(ha), PeerEnd::Closed));
+        // Aborted tasks are dropped by the runtime shortly after.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.handler.cancelled.load(Ordering::SeqCst) < 4 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(h.handler.cancelled.load(Ordering::SeqCst), 4);
+        assert_alive(&b, 2);
+    }
+
+    #[test]
+    fn aborting_the_task_closes_the_socket() {
+        let h = harness(PeerLimits::default());
+        let (a, ha) = h.peer(1);
+        assert_alive(&a, 1);
+        ha.abort();
+        assert!(h.rt.block_on(ha).unwrap_err().is_cancelled());
+        assert_eof(&a);
+    }
+
+    #[test]
+    fn exec_reply_fds_then_exit_event() {
+        let h = harness(PeerLimits::default());
+        let (a, _ha) = h.peer(1);
+        req(
+            &a,
+            8,
+            &Request::Exec {
+                argv: vec!["a".into(), "b".into()],
+                cwd: None,
+            },
+        );
+        assert_eq!(reply(&a), (8, Reply::Ok(OkReply::Exec {}), 2));
+        // While the exec runs its id is in use.
+        req(&a, 8, &Request::Ping {});
+        assert_eq!(err_code(&reply(&a).1), ErrorCode::BadRequest);
+        match recv(&a) {
+            Some((ServerFrame::Event { id, event }, fds)) => {
+                assert_eq!(id, 8);
+                assert_eq!(event, Event::Exit(summary(2)));
+                assert!(fds.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Once the event is out, the id is free again.
+        assert_alive(&a, 8);
+    }
+
+    #[test]
+    fn handler_faults_become_internal_errors() {
+        let h = harness(PeerLimits::default());
+        let (a, _ha) = h.peer(1);
+        req(
+            &a,
+            1,
+            &Request::Secret {
+                name: "badfds".into(),
+            },
+        );
+        assert_eq!(reply(&a).1.clone(), reply_err(ErrorCode::Internal));
+        req(&a, 2, &Request::Secret { name: "ok".into() });
+        assert_eq!(reply(&a), (2, Reply::Ok(OkReply::Secret { len: 0 }), 1));
+        req(
+            &a,
+            3,
+            &Request::Send {
+                channel: "c".into(),
+                recipient: "r".into(),
+                body: "b".into(),
+            },
+        );
+        let (id, r, _) = reply(&a);
+        assert_eq!((id, err_code(&r)), (3, ErrorCode::Internal));
+        req(
+            &a,
+            4,
+            &Request::Open {
+                path: "/x".into(),
+                access: Access::Read,
+            },
+        );
+        assert_eq!(err_code(&reply(&a).1), ErrorCode::Denied);
+        assert_alive(&a, 5);
+    }
+
+    fn reply_err(code: ErrorCode) -> Reply {
+        Reply::err(code, "broker error: wrong number of fds")
+    }
+}
