@@ -1,1 +1,488 @@
-//! approvals (being written).
+//! Approvals for `exec` rules that say `ask`.
+//!
+//! [`Approvals::request`] first looks for a persisted allow-always [`Grant`] bound to exactly
+//! (canonical program path, SHA-256 of the program's content, exact canonical argv, profile): if
+//! one matches, the answer is an immediate allow. Otherwise a [`Pending`] approval is created
+//! with everything the operator needs to decide; the broker then blocks in
+//! [`Approvals::wait`] (on a blocking thread) until the operator calls [`Approvals::resolve`] or
+//! the approval times out, which is a denial ([`Decision::TimedOut`], audited as "timed out").
+//!
+//! A changed binary (different content hash) matches no grant and asks again; so does any other
+//! argv or profile. Grants live in `<state_dir>/approvals.json` (0600, `{"version":1,"grants":
+//! [...]}`), rewritten atomically (temporary file in the same directory, fsync, rename, fsync of
+//! the directory) on each allow-always. A state file that cannot be read or parsed is an error
+//! at [`Approvals::open`] and is left untouched; [`set_aside_corrupt`] moves it aside (keeping
+//! it) so that the broker can start with no grants.
+//!
+//! Pending approvals live in memory only: a broker restart forgets them (their waiters are gone
+//! too).
+//!
+//! The hash is of the file at request time; the spawner should execute the same content (e.g.
+//! by exec'ing an fd opened at hash time). Until it does, a binary replaced between the check
+//! and the exec is a race only root (who owns the program paths) can win.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::{hex, rfc3339_utc, Who};
+use crate::dlq::{ensure_dir, read_capped, sync_dir, write_atomic};
+
+/// File name of the grants in the state directory.
+pub const STATE_FILE: &str = "approvals.json";
+/// Most approvals pending at once; more requests are refused.
+pub const MAX_PENDING: usize = 1024;
+const MAX_STATE_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("approvals state {path}: {op}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "approvals state {path} is corrupt ({reason}); it was left untouched. Fix it, or move it \
+         aside (`set_aside_corrupt`) to start with no allow-always grants"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cannot hash program {path}: {source}")]
+    Program {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no pending approval {id}")]
+    UnknownId { id: u64 },
+    #[error("approval {id} was already resolved")]
+    AlreadyResolved { id: u64 },
+    #[error("approval {id} timed out before it was resolved (denied)")]
+    Expired { id: u64 },
+    #[error("too many pending approvals ({max}); refused")]
+    TooMany { max: usize },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ApprovalError + 'a {
+    move |source| ApprovalError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What is asked for. `program` and `argv` are already canonical (resolved path, canonical
+/// argv as the policy decided on them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSpec {
+    pub identity: Who,
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+    pub profile: String,
+    pub cwd: PathBuf,
+}
+
+/// A pending approval, as shown to the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: u64,
+    pub identity: Who,
+    pub program: PathBuf,
+    /// Hex SHA-256 of the program's content at request time.
+    pub program_sha256: String,
+    pub argv: Vec<String>,
+    pub profile: String,
+    pub cwd: PathBuf,
+    /// RFC 3339 UTC.
+    pub created: String,
+    /// When it times out (denied) unless resolved.
+    pub expires: Instant,
+}
+
+/// A persisted allow-always grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub program: PathBuf,
+    pub sha256: String,
+    pub argv: Vec<String>,
+    pub profile: String,
+    /// RFC 3339 UTC.
+    pub granted_at: String,
+    /// Who asked when it was granted (for the operator's records).
+    pub requested_by: Who,
+}
+
+impl Grant {
+    fn matches(&self, program: &Path, sha256: &str, argv: &[String], profile: &str) -> bool {
+        self.program == program
+            && self.sha256 == sha256
+            && self.argv == argv
+            && self.profile == profile
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    grants: Vec<Grant>,
+}
+
+/// Result of [`Approvals::request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requested {
+    /// A persisted grant matches: allowed without asking.
+    Allowed(Grant),
+    /// The operator must decide; wait on `id`.
+    Pending(Pending),
+}
+
+/// The operator's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    AllowOnce,
+    AllowAlways,
+    Deny,
+}
+
+/// How an approval ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    AllowOnce,
+    AllowAlways,
+    Denied,
+    /// Not resolved in time: a denial.
+    TimedOut,
+    /// Withdrawn by the broker (peer gone): a denial.
+    Cancelled,
+}
+
+impl Decision {
+    pub fn is_allow(self) -> bool {
+        matches!(self, Decision::AllowOnce | Decision::AllowAlways)
+    }
+
+    /// Words for the audit record's outcome.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::AllowOnce => "allowed once",
+            Decision::AllowAlways => "allowed always",
+            Decision::Denied => "denied",
+            Decision::TimedOut => "timed out",
+            Decision::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    pending: Pending,
+    state: Option<Decision>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    grants: Vec<Grant>,
+    slots: BTreeMap<u64, Slot>,
+    next_id: u64,
+}
+
+/// Pending approvals and persisted grants. Share it (`Arc<Approvals>`): the broker waits on one
+/// thread while the operator resolves from another.
+#[derive(Debug)]
+pub struct Approvals {
+    state_dir: PathBuf,
+    path: PathBuf,
+    timeout: Duration,
+    inner: Mutex<Inner>,
+    cond: Condvar,
+}
+
+/// Hex SHA-256 of the regular file at `path`.
+pub fn hash_program(path: &Path) -> Result<String, ApprovalError> {
+    let err = |source| ApprovalError::Program {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = File::open(path).map_err(err)?;
+    let meta = f.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Moves a corrupt `<state_dir>/approvals.json` aside to `approvals.json.corrupt-<unix secs>`
+/// (never overwriting an earlier one) and returns where it went.
+pub fn set_aside_corrupt(state_dir: impl AsRef<Path>) -> Result<PathBuf, ApprovalError> {
+    let dir = state_dir.as_ref();
+    let path = dir.join(STATE_FILE);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    for n in 0..1000u32 {
+        let aside = if n == 0 {
+            dir.join(format!("{STATE_FILE}.corrupt-{secs}"))
+        } else {
+            dir.join(format!("{STATE_FILE}.corrupt-{secs}.{n}"))
+        };
+        if aside.symlink_metadata().is_ok() {
+            continue;
+        }
+        // link + unlink: fails instead of replacing if `aside` appeared meanwhile.
+        std::fs::hard_link(&path, &aside).map_err(io_err("link", &path))?;
+        std::fs::remove_file(&path).map_err(io_err("unlink", &path))?;
+        sync_dir(dir).map_err(io_err("fsync dir", dir))?;
+        return Ok(aside);
+    }
+    Err(ApprovalError::Io {
+        op: "link",
+        path,
+        source: io::Error::new(io::ErrorKind::AlreadyExists, "too many set-aside copies"),
+    })
+}
+
+impl Approvals {
+    /// Opens the approvals state in `state_dir` (created 0700 if missing), loading allow-always
+    /// grants. Pending approvals time out (deny) after `timeout`.
+    pub fn open(
+        state_dir: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<Approvals, ApprovalError> {
+        let state_dir = state_dir.as_ref().to_path_buf();
+        ensure_dir(&state_dir).map_err(io_err("mkdir", &state_dir))?;
+        let path = state_dir.join(STATE_FILE);
+        let grants = match read_capped(&path, MAX_STATE_BYTES) {
+            Ok(data) => {
+                let st: StateFile =
+                    serde_json::from_slice(&data).map_err(|e| ApprovalError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if st.version != 1 {
+                    return Err(ApprovalError::Corrupt {
+                        path,
+                        reason: format!("unknown version {}", st.version),
+                    });
+                }
+                st.grants
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(ApprovalError::Corrupt {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        Ok(Approvals {
+            state_dir,
+            path,
+            timeout,
+            inner: Mutex::new(Inner {
+                grants,
+                slots: BTreeMap::new(),
+                next_id: 1,
+            }),
+            cond: Condvar::new(),
+        })
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing in here panics while holding the lock; if something did, the data is still
+        // consistent (every update is a single assignment/insert).
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Persisted allow-always grants.
+    pub fn grants(&self) -> Vec<Grant> {
+        self.lock().grants.clone()
+    }
+
+    /// Hashes the program, then: a matching grant -> `Allowed`; else a new pending approval.
+    pub fn request(&self, spec: PendingSpec) -> Result<Requested, ApprovalError> {
+        let sha = hash_program(&spec.program)?;
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if let Some(g) = inner
+            .grants
+            .iter()
+            .find(|g| g.matches(&spec.program, &sha, &spec.argv, &spec.profile))
+        {
+            return Ok(Requested::Allowed(g.clone()));
+        }
+        // Forget long-expired approvals nobody waited for.
+        let grace = self.timeout;
+        inner
+            .slots
+            .retain(|_, s| now.saturating_duration_since(s.pending.expires) <= grace);
+        if inner.slots.len() >= MAX_PENDING {
+            return Err(ApprovalError::TooMany { max: MAX_PENDING });
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let pending = Pending {
+            id,
+            identity: spec.identity,
+            program: spec.program,
+            program_sha256: sha,
+            argv: spec.argv,
+            profile: spec.profile,
+            cwd: spec.cwd,
+            created: rfc3339_utc(SystemTime::now()),
+            expires: now + self.timeout,
+        };
+        inner.slots.insert(
+            id,
+            Slot {
+                pending: pending.clone(),
+                state: None,
+            },
+        );
+        Ok(Requested::Pending(pending))
+    }
+
+    /// Approvals waiting for the operator (unresolved, not yet timed out), oldest first.
+    pub fn list(&self) -> Vec<Pending> {
+        let now = Instant::now();
+        self.lock()
+            .slots
+            .values()
+            .filter(|s| s.state.is_none() && now < s.pending.expires)
+            .map(|s| s.pending.clone())
+            .collect()
+    }
+
+    /// The operator's answer to approval `id`. `AllowAlways` persists a grant first; if that
+    /// fails, the approval stays pending (nothing is allowed) and the error is returned.
+    pub fn resolve(&self, id: u64, resolution: Resolution) -> Result<Decision, ApprovalError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .slots
+            .get(&id)
+            .ok_or(ApprovalError::UnknownId { id })?;
+        if slot.state.is_some() {
+            return Err(ApprovalError::AlreadyResolved { id });
+        }
+        if Instant::now() >= slot.pending.expires {
+            if let Some(s) = inner.slots.get_mut(&id) {
+                s.state = Some(Decision::TimedOut);
+            }
+            self.cond.notify_all();
+            return Err(ApprovalError::Expired { id });
+        }
+        let decision = match resolution {
+            Resolution::AllowOnce => Decision::AllowOnce,
+            Resolution::Deny => Decision::Denied,
+            Resolution::AllowAlways => {
+                let p = &slot.pending;
+                let grant = Grant {
+                    program: p.program.clone(),
+                    sha256: p.program_sha256.clone(),
+                    argv: p.argv.clone(),
+                    profile: p.profile.clone(),
+                    granted_at: rfc3339_utc(SystemTime::now()),
+                    requested_by: p.identity.clone(),
+                };
+                let dup = inner
+                    .grants
+                    .iter()
+                    .any(|g| g.matches(&grant.program, &grant.sha256, &grant.argv, &grant.profile));
+                if !dup {
+                    let mut grants = inner.grants.clone();
+                    grants.push(grant);
+                    self.persist(&grants)?;
+                    inner.grants = grants;
+                }
+                Decision::AllowAlways
+            }
+        };
+        if let Some(s) = inner.slots.get_mut(&id) {
+            s.state = Some(decision);
+        }
+        self.cond.notify_all();
+        Ok(decision)
+    }
+
+    fn persist(&self, grants: &[Grant]) -> Result<(), ApprovalError> {
+        let st = StateFile {
+            version: 1,
+            grants: grants.to_vec(),
+        };
+        let data = serde_json::to_vec_pretty(&st).map_err(|e| ApprovalError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("cannot encode: {e}"),
+        })?;
+        write_atomic(&self.path, &data).map_err(|(op, path, source)| ApprovalError::Io {
+            op,
+            path,
+            source,
+        })
+    }
+
+    /// Withdraws approval `id` (the requesting peer is gone); a waiter gets `Cancelled`.
+    pub fn cancel(&self, id: u64) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.slots.get_mut(&id) {
+            if s.state.is_none() {
+                s.state = Some(Decision::Cancelled);
+            }
+        }
+        self.cond.notify_all();
+    }
+
+    /// Blocks until approval `id` is resolved, it times out, or `deadline` passes (the last two
+    /// are `TimedOut`, a denial). The approval is gone afterwards.
+    pub fn wait(&self, id: u64, deadline: Instant) -> Result<Decision, ApprovalError> {
+        let mut inner = self.lock();
+        loop {
+            let slot = inner
+                .slots
+                .get(&id)
+                .ok_or(ApprovalError::UnknownId { id })?;
+            let until = slot.pending.expires.min(deadline);
+            let decision = match slot.state {
+                Some(d) => Some(d),
+                None if Instant::now() >= until => Some(Decision::TimedOut),
+                None => None,
+            };
+            if let Some(d) = decision {
+                inner.slots.remove(&id);
+                return Ok(d);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            inner = self
+                .cond
+                .wait_timeout(inner, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
