@@ -1,6 +1,8 @@
 //! `carapace-client` against the real `Server` with a scripted handler: each subcommand, its
 //! output and exit code, both directions (what is granted works, what is refused fails).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
