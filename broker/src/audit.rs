@@ -21,6 +21,7 @@
 //! **Secrets never appear.** [`AuditRecord`] has no field meant for a value: `target` is a *name*
 //! (secret name, `host:port`, path, channel + recipient), `detail` is for the broker's own words
 //! (an error kind, a byte count). Callers must not put credential values or message bodies there.
+//! As a backstop, [`AuditLog::set_redactor`] scrubs known secret values from every text field.
 //!
 //! **What the chain proves, and what it cannot.** The hash is unkeyed: it shows an edit, deletion,
 //! reordering, insertion or truncation made by someone who did not recompute every later hash.
@@ -35,10 +36,13 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::redact::Redactor;
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -231,6 +235,8 @@ pub struct AuditLog {
     /// appended and the tail is read again.
     end: u64,
     poisoned: Option<String>,
+    /// Defence in depth: known secret values are scrubbed from every text field before writing.
+    redactor: Option<Arc<Redactor>>,
 }
 
 /// Exclusive `flock` on the log for the duration of one append; released on drop. Holds the raw
@@ -300,12 +306,20 @@ impl AuditLog {
             prev: GENESIS.to_string(),
             end: 0,
             poisoned: None,
+            redactor: None,
         };
         {
             let _lock = FlockGuard::lock(&log.file, &log.path)?;
             log.read_tail()?;
         }
         Ok(log)
+    }
+
+    /// Scrub known secret values from every text field of later records (`target`, `outcome`,
+    /// `detail`, the rule's `why`, the identity's strings) before they are written: a backstop for
+    /// a caller that puts a value where a name belongs. `None` turns it off.
+    pub fn set_redactor(&mut self, redactor: Option<Arc<Redactor>>) {
+        self.redactor = redactor;
     }
 
     /// The log's path.
@@ -404,6 +418,14 @@ impl AuditLog {
         }
         let seq = self.last_seq + 1;
         let ts = rfc3339_utc(ts);
+        let scrubbed;
+        let rec = match &self.redactor {
+            Some(r) => {
+                scrubbed = scrub(r, rec);
+                &scrubbed
+            }
+            None => rec,
+        };
         let out = LineOut {
             seq,
             ts: &ts,
@@ -434,6 +456,32 @@ impl AuditLog {
         self.prev = hash;
         self.end = len + line.len() as u64;
         Ok(seq)
+    }
+}
+
+/// `rec` with every string passed through `r`.
+fn scrub(r: &Redactor, rec: &AuditRecord) -> AuditRecord {
+    let s = |v: &str| -> String {
+        match r.redact(v.as_bytes()) {
+            std::borrow::Cow::Borrowed(_) => v.to_string(),
+            std::borrow::Cow::Owned(b) => String::from_utf8_lossy(&b).into_owned(),
+        }
+    };
+    AuditRecord {
+        who: Who {
+            id: rec.who.id,
+            role: s(&rec.who.role),
+            profile: s(&rec.who.profile),
+        },
+        op: s(&rec.op),
+        target: s(&rec.target),
+        rule: rec.rule.as_ref().map(|rule| RuleRef {
+            line: rule.line,
+            why: s(&rule.why),
+        }),
+        decision: rec.decision,
+        outcome: s(&rec.outcome),
+        detail: s(&rec.detail),
     }
 }
 

@@ -339,3 +339,30 @@ fn a_failed_write_is_an_error_and_poisons_the_log() {
     let e = log.append(&rec(2)).unwrap_err();
     assert!(matches!(e, AuditError::Poisoned { .. }), "{e}");
 }
+
+#[test]
+fn a_secret_value_put_in_a_record_by_mistake_is_scrubbed() {
+    use carapace_broker::redact::Redactor;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let mut log = AuditLog::open(&path).unwrap();
+    let mut r = rec(1);
+    r.target = "token sk-live-1234567890".into();
+    r.detail = "echoed sk-live-1234567890 back".into();
+    // Without a redactor the caller's mistake would be written as is (the test can fail).
+    log.append(&r).unwrap();
+    assert!(fs::read_to_string(&path)
+        .unwrap()
+        .contains("sk-live-1234567890"));
+
+    let red = Redactor::new(vec![b"sk-live-1234567890".to_vec()], vec![]).unwrap();
+    log.set_redactor(Some(Arc::new(red)));
+    log.append(&r).unwrap();
+    let ls = lines(&path);
+    assert!(!ls[1].contains("sk-live-1234567890"), "{}", ls[1]);
+    let v: serde_json::Value = serde_json::from_str(&ls[1]).unwrap();
+    assert_eq!(v["target"], "token [REDACTED]");
+    assert_eq!(v["detail"], "echoed [REDACTED] back");
+    assert!(audit::verify(&path).unwrap().is_ok());
+}
