@@ -335,3 +335,21 @@ fn a_failed_persist_allows_nothing_and_leaves_the_approval_pending() {
         Decision::AllowOnce
     );
 }
+
+#[test]
+fn pending_approvals_are_bounded() {
+    let f = fixture();
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    for _ in 0..approvals::MAX_PENDING {
+        pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
+    }
+    assert!(matches!(
+        a.request(spec(&f.program, &["tool"], "dev")),
+        Err(ApprovalError::TooMany { .. })
+    ));
+    // Resolving and waiting on one makes room again.
+    let first = a.list()[0].id;
+    a.resolve(first, Resolution::Deny).unwrap();
+    assert_eq!(a.wait(first, Instant::now()).unwrap(), Decision::Denied);
+    pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
+}
