@@ -304,10 +304,8 @@ pub enum ServerFrame {
 pub enum DecodeError {
     #[error("frame of {len} bytes is over the {MAX_FRAME}-byte cap")]
     TooLarge { len: usize },
-    #[error("frame is not a JSON object: {0}")]
+    #[error("frame is not a JSON object with unique keys: {0}")]
     NotJson(#[source] serde_json::Error),
-    #[error("frame is JSON but not an object")]
-    NotObject,
     #[error("missing or non-integer \"v\"")]
     BadVersionField,
     #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
@@ -454,15 +452,47 @@ pub fn encode_event(id: u64, event: &Event) -> Result<Vec<u8>, EncodeError> {
     capped(serde_json::to_vec(&out).map_err(EncodeError::Json)?)
 }
 
-/// Parse the common envelope: object, `v` == 1, and take `v` out of the map.
+/// A JSON object whose keys are unique (serde_json's `Map` keeps the last of duplicates, which
+/// would let `{"op":"ping","op":"exec"}` mean something else to another reader).
+struct UniqueObject(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for UniqueObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UniqueObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<UniqueObject, A::Error> {
+                let mut map = Map::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    let value: Value = access.next_value()?;
+                    if map.contains_key(&key) {
+                        let mut k = key;
+                        truncate_to(&mut k, 64);
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key {k:?}"
+                        )));
+                    }
+                    map.insert(key, value);
+                }
+                Ok(UniqueObject(map))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Parse the common envelope: object with unique keys, `v` == 1, and take `v` out of the map.
 fn envelope(bytes: &[u8]) -> Result<Map<String, Value>, DecodeError> {
     if bytes.len() > MAX_FRAME {
         return Err(DecodeError::TooLarge { len: bytes.len() });
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(DecodeError::NotJson)?;
-    let Value::Object(mut map) = value else {
-        return Err(DecodeError::NotObject);
-    };
+    let UniqueObject(mut map) = serde_json::from_slice(bytes).map_err(DecodeError::NotJson)?;
     let v = map
         .remove("v")
         .and_then(|v| v.as_u64())
@@ -537,6 +567,50 @@ pub fn decode_server_frame(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
         )
     };
     Ok(ServerFrame::Reply { id, reply })
+}
+
+/// Fuzz entry point (`fuzz/fuzz_targets/frame.rs`, corpus replayed by `cargo test`): decode
+/// `data` as a request and as a broker frame; whatever decodes must re-encode and decode back to
+/// the same value, and error replies must fit the cap. Never panics except on a broken invariant.
+pub fn fuzz_frame(data: &[u8]) {
+    match decode_request(data) {
+        Ok(frame) => {
+            // Output is never longer than a valid input (compact, same escapes or fewer), but
+            // do not rely on it: only a successful re-encoding must round-trip.
+            if let Ok(bytes) = encode_request(frame.id, &frame.request) {
+                match decode_request(&bytes) {
+                    Ok(again) => assert_eq!(again, frame, "request round trip"),
+                    Err(e) => panic!("re-encoded request does not decode: {e}"),
+                }
+            }
+        }
+        Err(e) => {
+            let (id, reply) = e.to_reply();
+            let bytes = match encode_reply(id, &reply) {
+                Ok(b) => b,
+                Err(err) => panic!("error reply does not encode: {err}"),
+            };
+            assert!(bytes.len() <= MAX_FRAME);
+            match decode_server_frame(&bytes) {
+                Ok(ServerFrame::Reply { id: rid, reply: r }) => {
+                    assert_eq!((rid, r), (id, reply), "error reply round trip")
+                }
+                other => panic!("error reply decodes as {other:?}"),
+            }
+        }
+    }
+    if let Ok(frame) = decode_server_frame(data) {
+        let bytes = match &frame {
+            ServerFrame::Reply { id, reply } => encode_reply(*id, reply),
+            ServerFrame::Event { id, event } => encode_event(*id, event),
+        };
+        if let Ok(bytes) = bytes {
+            match decode_server_frame(&bytes) {
+                Ok(again) => assert_eq!(again, frame, "server frame round trip"),
+                Err(e) => panic!("re-encoded server frame does not decode: {e}"),
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -961,8 +1035,20 @@ mod tests {
             bad(br#"{"v":1,"id":1,"op":"ping"} x"#),
             DecodeError::NotJson(_)
         ));
-        assert!(matches!(bad(b"[1,2]"), DecodeError::NotObject));
-        assert!(matches!(bad(b"null"), DecodeError::NotObject));
+        assert!(matches!(bad(b"[1,2]"), DecodeError::NotJson(_)));
+        assert!(matches!(bad(b"null"), DecodeError::NotJson(_)));
+        // duplicate keys, at the top level, are refused
+        for b in [
+            &br#"{"v":1,"id":1,"id":2,"op":"ping"}"#[..],
+            br#"{"v":1,"id":1,"op":"ping","op":"ping"}"#,
+            br#"{"v":1,"v":1,"id":1,"op":"ping"}"#,
+        ] {
+            assert!(
+                matches!(bad(b), DecodeError::NotJson(_)),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
         // version
         assert!(matches!(
             bad(br#"{"id":1,"op":"ping"}"#),
