@@ -447,6 +447,24 @@ impl Approvals {
         })
     }
 
+    /// Removes the persisted grant equal in (program, sha256, argv, profile) to `grant`.
+    /// Returns whether one was removed. On a persist error nothing changes.
+    pub fn revoke(&self, grant: &Grant) -> Result<bool, ApprovalError> {
+        let mut inner = self.lock();
+        let keep: Vec<Grant> = inner
+            .grants
+            .iter()
+            .filter(|g| !g.matches(&grant.program, &grant.sha256, &grant.argv, &grant.profile))
+            .cloned()
+            .collect();
+        if keep.len() == inner.grants.len() {
+            return Ok(false);
+        }
+        self.persist(&keep)?;
+        inner.grants = keep;
+        Ok(true)
+    }
+
     /// Withdraws approval `id` (the requesting peer is gone); a waiter gets `Cancelled`.
     pub fn cancel(&self, id: u64) {
         let mut inner = self.lock();

@@ -353,3 +353,22 @@ fn pending_approvals_are_bounded() {
     assert_eq!(a.wait(first, Instant::now()).unwrap(), Decision::Denied);
     pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
 }
+
+#[test]
+fn a_revoked_grant_asks_again_also_after_reopen() {
+    let f = fixture();
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    let s = || spec(&f.program, &["tool"], "dev");
+    let p = pending(a.request(s()).unwrap());
+    a.resolve(p.id, Resolution::AllowAlways).unwrap();
+    let g = match a.request(s()).unwrap() {
+        Requested::Allowed(g) => g,
+        other => panic!("{other:?}"),
+    };
+    assert!(a.revoke(&g).unwrap());
+    assert!(!a.revoke(&g).unwrap());
+    pending(a.request(s()).unwrap());
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    assert!(a.grants().is_empty());
+    pending(a.request(s()).unwrap());
+}
