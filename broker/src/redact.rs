@@ -4,6 +4,7 @@
 //! What is matched, for each secret value (empty values are ignored):
 //! - the raw bytes;
 //! - lowercase and uppercase hex of the bytes;
+//! - its percent-encoding (URLs, form bodies) and, for UTF-8 values, its JSON string escaping;
 //! - standard and URL-safe base64 of the bytes, without padding (so both padded and unpadded
 //!   forms are caught), *when the secret stands alone* in the encoded text (base64 of a longer
 //!   string that contains the secret, e.g. `user:secret` in HTTP basic auth, is not caught).
@@ -75,17 +76,39 @@ fn base64(data: &[u8], alphabet: &[u8; 64]) -> Vec<u8> {
 const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
+/// Percent-encoding of every byte outside RFC 3986's unreserved set (uppercase hex).
+fn percent(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    for &b in data {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
 /// The forms of one secret that are searched for.
 fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
     let lower = crate::audit::hex(secret).into_bytes();
     let upper = lower.to_ascii_uppercase();
-    vec![
+    let mut v = vec![
         secret.to_vec(),
         lower,
         upper,
         base64(secret, B64_STD),
         base64(secret, B64_URL),
-    ]
+        percent(secret),
+    ];
+    // As it appears inside a JSON string (quotes, backslashes, control characters escaped).
+    if let Ok(text) = std::str::from_utf8(secret) {
+        if let Ok(json) = serde_json::to_string(text) {
+            let inner = &json.as_bytes()[1..json.len() - 1];
+            v.push(inner.to_vec());
+        }
+    }
+    v
 }
 
 /// A regex (Unicode off) matching exactly `needle`'s bytes.
@@ -300,6 +323,18 @@ mod tests {
             std::str::from_utf8(&out).unwrap(),
             "a [REDACTED] b [REDACTED] c [REDACTED]== d"
         );
+    }
+
+    #[test]
+    fn percent_and_json_escaped_forms_are_replaced() {
+        let red = r(&["p@ss \"w/rd\""], &[]);
+        let out =
+            red.redact(b"url ?pw=p%40ss%20%22w%2Frd%22&x json {\"pw\":\"p@ss \\\"w/rd\\\"\"}");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "url ?pw=[REDACTED]&x json {\"pw\":\"[REDACTED]\"}"
+        );
+        assert_eq!(percent(b"a-b_c.d~e/f"), b"a-b_c.d~e%2Ff");
     }
 
     #[test]
