@@ -29,10 +29,9 @@
 //! [`VerifyReport::head`] gives the last seq and hash so that it can be anchored elsewhere (and
 //! compared with [`verify_against`]).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -603,18 +602,20 @@ impl fmt::Display for VerifyReport {
 
 /// Checks seq continuity and the hash chain of the log at `path`. I/O errors are `Err`; a broken
 /// chain is an `Ok` report with `broken` set to the first line found wrong and how.
+///
+/// Reads the file as a stream (memory does not grow with the log); only when a break is found
+/// is the file read again to tell how it is broken.
 pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditError> {
     let path = path.as_ref();
-    let data = std::fs::read(path).map_err(io_err("read", path))?;
-    Ok(verify_bytes(&data))
+    let f = File::open(path).map_err(io_err("open", path))?;
+    verify_reader(&mut BufReader::with_capacity(64 * 1024, f)).map_err(io_err("read", path))
 }
 
 /// [`verify`], then also checks that the chain reaches `anchor` (a [`Head`] saved earlier) and
 /// that the line at the anchored seq hashes to it.
 pub fn verify_against(path: impl AsRef<Path>, anchor: &Head) -> Result<VerifyReport, AuditError> {
     let path = path.as_ref();
-    let data = std::fs::read(path).map_err(io_err("read", path))?;
-    let mut report = verify_bytes(&data);
+    let mut report = verify(path)?;
     if report.broken.is_some() {
         return Ok(report);
     }
@@ -630,9 +631,20 @@ pub fn verify_against(path: impl AsRef<Path>, anchor: &Head) -> Result<VerifyRep
         return Ok(report);
     }
     // In an intact chain starting at seq 1, seq n is line n.
-    let idx = usize::try_from(anchor.seq).unwrap_or(usize::MAX);
-    let line = split_lines(&data).nth(idx.saturating_sub(1));
-    if anchor.seq == 0 || line.map(sha256_hex).as_deref() != Some(anchor.hash.as_str()) {
+    let f = File::open(path).map_err(io_err("open", path))?;
+    let mut r = BufReader::with_capacity(64 * 1024, f);
+    let mut buf = Vec::new();
+    let mut hash = None;
+    for _ in 0..anchor.seq {
+        match next_line(&mut r, &mut buf).map_err(io_err("read", path))? {
+            Some(_) => hash = Some(sha256_hex(&buf)),
+            None => {
+                hash = None;
+                break;
+            }
+        }
+    }
+    if hash.as_deref() != Some(anchor.hash.as_str()) {
         report.broken = Some(ChainBreak {
             line: anchor.seq,
             kind: BreakKind::AnchorMismatch,
@@ -641,120 +653,199 @@ pub fn verify_against(path: impl AsRef<Path>, anchor: &Head) -> Result<VerifyRep
     Ok(report)
 }
 
-/// Lines without their `\n` (a final line without newline is yielded too).
-fn split_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let body = data.strip_suffix(b"\n").unwrap_or(data);
-    let empty = data.is_empty();
-    body.split(|&b| b == b'\n').filter(move |_| !empty)
+/// How a line ended.
+#[derive(Debug, Clone, Copy)]
+struct LineEnd {
+    /// It ended with `\n` (not at EOF without one).
+    complete: bool,
+    /// It was longer than [`MAX_LINE`]; `buf` holds only its start.
+    too_long: bool,
+}
+
+/// Reads the next line (without its `\n`) into `buf`, keeping at most [`MAX_LINE`] bytes of it.
+/// `None` at EOF.
+fn next_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<LineEnd>> {
+    buf.clear();
+    let mut started = false;
+    let mut too_long = false;
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            return Ok(started.then_some(LineEnd {
+                complete: false,
+                too_long,
+            }));
+        }
+        started = true;
+        let (take, used, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(p) => (p, p + 1, true),
+            None => (avail.len(), avail.len(), false),
+        };
+        if buf.len() + take > usize::try_from(MAX_LINE).unwrap_or(usize::MAX) {
+            too_long = true;
+        } else {
+            buf.extend_from_slice(&avail[..take]);
+        }
+        r.consume(used);
+        if done {
+            return Ok(Some(LineEnd {
+                complete: true,
+                too_long,
+            }));
+        }
+    }
 }
 
 /// [`verify`] on bytes.
 pub fn verify_bytes(data: &[u8]) -> VerifyReport {
-    let lines: Vec<&[u8]> = split_lines(data).collect();
-    let torn = !data.is_empty() && !data.ends_with(b"\n");
-    let hashes: Vec<String> = lines.iter().map(|l| sha256_hex(l)).collect();
-    let parsed: Vec<Option<StoredRecord>> = lines
-        .iter()
-        .map(|l| serde_json::from_slice(l).ok())
-        .collect();
-    // seq -> line indices, for telling deletion from reordering.
-    let mut by_seq: HashMap<u64, Vec<usize>> = HashMap::new();
-    for (i, r) in parsed.iter().enumerate() {
-        if let Some(r) = r {
-            by_seq.entry(r.seq).or_default().push(i);
-        }
+    match verify_reader(&mut io::Cursor::new(data)) {
+        Ok(r) => r,
+        // Reading from memory does not fail; if it did, say so as a break at line 1.
+        Err(e) => VerifyReport {
+            lines: 0,
+            head: None,
+            broken: Some(ChainBreak {
+                line: 1,
+                kind: BreakKind::BadJson(e.to_string()),
+            }),
+        },
     }
+}
+
+/// [`verify`] over any seekable reader positioned at the start of the log.
+pub fn verify_reader<R: BufRead + Seek>(r: &mut R) -> io::Result<VerifyReport> {
     let mut report = VerifyReport {
         lines: 0,
         head: None,
         broken: None,
     };
     let mut expected_seq = 1u64;
-    let mut prev_hash = GENESIS;
-    for (i, line) in lines.iter().enumerate() {
-        let lineno = i as u64 + 1;
+    let mut prev_hash = GENESIS.to_string();
+    let mut buf = Vec::new();
+    while let Some(end) = next_line(r, &mut buf)? {
+        let lineno = report.lines + 1;
         report.lines = lineno;
         let brk = |kind| Some(ChainBreak { line: lineno, kind });
-        if torn && i + 1 == lines.len() {
+        if !end.complete {
             report.broken = brk(BreakKind::Truncated);
-            return report;
+            return Ok(report);
         }
-        let rec = match &parsed[i] {
-            Some(r) => r,
-            None => {
-                let e = serde_json::from_slice::<StoredRecord>(line)
-                    .err()
-                    .map_or_else(String::new, |e| e.to_string());
-                report.broken = brk(BreakKind::BadJson(e));
-                return report;
+        if end.too_long {
+            report.broken = brk(BreakKind::BadJson(format!(
+                "line longer than {MAX_LINE} bytes"
+            )));
+            return Ok(report);
+        }
+        let rec: StoredRecord = match serde_json::from_slice(&buf) {
+            Ok(r) => r,
+            Err(e) => {
+                report.broken = brk(BreakKind::BadJson(e.to_string()));
+                return Ok(report);
             }
         };
+        let hash = sha256_hex(&buf);
         let prev_ok = rec.prev == prev_hash;
         let seq_ok = rec.seq == expected_seq;
-        match (prev_ok, seq_ok) {
-            (true, true) => {}
-            // Follows its predecessor but carries the wrong seq: its seq field was edited.
-            (true, false) => {
-                report.broken = brk(BreakKind::Edited);
-                return report;
-            }
-            (false, true) => {
-                let kind = if let Some(j) = (0..i).find(|&j| lines[j] == *line) {
-                    BreakKind::Duplicated { of: j as u64 + 1 }
-                } else if let Some(next) = parsed.get(i + 1) {
-                    match next {
-                        // This line is genuine (its successor chains from it): the previous
-                        // line was edited.
-                        Some(n) if n.prev == hashes[i] && i > 0 => {
-                            report.broken = Some(ChainBreak {
-                                line: lineno - 1,
-                                kind: BreakKind::Edited,
-                            });
-                            return report;
-                        }
-                        // Neither chains: this line itself (its prev) was edited.
-                        _ => BreakKind::Edited,
-                    }
-                } else {
-                    BreakKind::EditedOrForged
-                };
-                report.broken = brk(kind);
-                return report;
-            }
-            (false, false) => {
-                let kind = if let Some(j) = (0..i).find(|&j| lines[j] == *line) {
-                    BreakKind::Duplicated { of: j as u64 + 1 }
-                } else if by_seq
-                    .get(&expected_seq)
-                    .is_some_and(|v| v.iter().any(|&j| j > i))
-                {
-                    BreakKind::Reordered {
-                        expected: expected_seq,
-                        found: rec.seq,
-                    }
-                } else if rec.seq > expected_seq {
-                    BreakKind::Deleted {
-                        from: expected_seq,
-                        to: rec.seq - 1,
-                    }
-                } else {
-                    BreakKind::Reordered {
-                        expected: expected_seq,
-                        found: rec.seq,
-                    }
-                };
-                report.broken = brk(kind);
-                return report;
-            }
+        if prev_ok && seq_ok {
+            report.head = Some(Head {
+                seq: rec.seq,
+                hash: hash.clone(),
+            });
+            prev_hash = hash;
+            expected_seq = rec.seq + 1;
+            continue;
         }
-        report.head = Some(Head {
-            seq: rec.seq,
-            hash: hashes[i].clone(),
-        });
-        prev_hash = &hashes[i];
-        expected_seq = rec.seq + 1;
+        // Broken at this line: work out how (reads on, and re-reads the start if needed).
+        let line = std::mem::take(&mut buf);
+        let (at, kind) = classify(r, lineno, &line, &hash, &rec, prev_ok, expected_seq)?;
+        report.broken = Some(ChainBreak { line: at, kind });
+        return Ok(report);
     }
-    report
+    Ok(report)
+}
+
+/// Line number (1-based) of the first of the first `before` lines equal to `line`, if any.
+fn find_duplicate<R: BufRead + Seek>(
+    r: &mut R,
+    before: u64,
+    line: &[u8],
+) -> io::Result<Option<u64>> {
+    r.seek(SeekFrom::Start(0))?;
+    let mut buf = Vec::new();
+    for n in 1..=before {
+        if next_line(r, &mut buf)?.is_none() {
+            break;
+        }
+        if buf == line {
+            return Ok(Some(n));
+        }
+    }
+    Ok(None)
+}
+
+/// Tells how the chain breaks at line `lineno` (`line`, hashing to `hash`, parsed as `rec`).
+/// `r` is positioned just after that line.
+fn classify<R: BufRead + Seek>(
+    r: &mut R,
+    lineno: u64,
+    line: &[u8],
+    hash: &str,
+    rec: &StoredRecord,
+    prev_ok: bool,
+    expected_seq: u64,
+) -> io::Result<(u64, BreakKind)> {
+    // Follows its predecessor but carries the wrong seq: its seq field was edited.
+    if prev_ok {
+        return Ok((lineno, BreakKind::Edited));
+    }
+    // What comes after: does the next line chain from this one, is the expected seq further on?
+    let mut buf = Vec::new();
+    let mut next_chains = None;
+    let mut expected_later = false;
+    while let Some(end) = next_line(r, &mut buf)? {
+        let later: Option<StoredRecord> = if end.complete && !end.too_long {
+            serde_json::from_slice(&buf).ok()
+        } else {
+            None
+        };
+        if next_chains.is_none() {
+            next_chains = Some(later.as_ref().is_some_and(|n| n.prev == hash));
+        }
+        if later.as_ref().is_some_and(|n| n.seq == expected_seq) {
+            expected_later = true;
+        }
+        if rec.seq == expected_seq {
+            break; // only the next line matters
+        }
+    }
+    if let Some(of) = find_duplicate(r, lineno - 1, line)? {
+        return Ok((lineno, BreakKind::Duplicated { of }));
+    }
+    if rec.seq == expected_seq {
+        return Ok(match next_chains {
+            // This line is genuine (its successor chains from it): the previous line was edited.
+            Some(true) if lineno > 1 => (lineno - 1, BreakKind::Edited),
+            // Neither chains: this line itself (its prev) was edited.
+            Some(_) => (lineno, BreakKind::Edited),
+            None => (lineno, BreakKind::EditedOrForged),
+        });
+    }
+    let kind = if expected_later || rec.seq < expected_seq {
+        BreakKind::Reordered {
+            expected: expected_seq,
+            found: rec.seq,
+        }
+    } else {
+        BreakKind::Deleted {
+            from: expected_seq,
+            to: rec.seq - 1,
+        }
+    };
+    Ok((lineno, kind))
 }
 
 #[cfg(test)]
@@ -792,6 +883,26 @@ mod tests {
         assert!(r.is_ok());
         assert_eq!(r.lines, 0);
         assert_eq!(r.head, None);
+    }
+
+    #[test]
+    fn an_overlong_line_is_reported_not_buffered() {
+        let mut data = vec![b'x'; usize::try_from(MAX_LINE).unwrap() + 10];
+        data.push(b'\n');
+        let r = verify_bytes(&data);
+        match r.broken {
+            Some(ChainBreak {
+                line: 1,
+                kind: BreakKind::BadJson(e),
+            }) => assert!(e.contains("longer than"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // Without the final newline it is a truncation.
+        data.pop();
+        assert_eq!(
+            verify_bytes(&data).broken.unwrap().kind,
+            BreakKind::Truncated
+        );
     }
 
     #[test]
