@@ -1,1 +1,571 @@
-//! Broker operations: connect, open, secret, send, exec (being written).
+//! The broker's operations: `connect`, `open`, `secret`, `send`, `exec` (and `ping`).
+//!
+//! [`Ops`] implements [`Handler`]. Every operation, for the [`Identity`] bound to the socket:
+//!
+//! 1. looks up the identity's profile's [`BrokerRules`] (a profile without a
+//!    `[profiles.NAME.broker]` section may ask for nothing);
+//! 2. decides by those rules (pure functions of `carapace_policy::broker`);
+//! 3. appends an audit record (fsync'd) **before** acting — when the append fails, the request
+//!    is refused with `unavailable` and nothing is done. Refusals are audited too;
+//! 4. acts and replies (with the fd the child asked for).
+//!
+//! Secret values are held only in memory ([`SecretValue`], zeroed on drop) and never reach a
+//! log, an audit record or an error message; the audit names the secret only.
+//!
+//! Module layout: `ops/connect.rs` (egress), `ops/files.rs` (`open`, `secret`), `ops/send.rs`
+//! (channels), `ops/exec.rs` (tools through a [`Spawner`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use carapace_policy::broker::BrokerRules;
+use carapace_policy::Policy;
+
+use crate::approvals::{Approvals, PendingSpec, Requested};
+use crate::audit::{AuditDecision, AuditLog, AuditRecord, RuleRef, Who};
+use crate::dlq::DeadLetters;
+use crate::protocol::{ErrorCode, ExitSummary, OkReply, Request};
+use crate::ratelimit::Limiter;
+use crate::redact::Redactor;
+use crate::server::{Handler, Identity, Response};
+
+mod connect;
+mod exec;
+mod files;
+mod send;
+
+pub use connect::{is_refused_address, resolve_checked, ConnectError};
+pub use exec::resolve_program;
+pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, SecretError};
+
+// ---------------------------------------------------------------------------------------------
+// The exec seam (implemented by the supervisor).
+
+/// A tool the broker asks the supervisor to run in a new confined child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnRequest {
+    /// Canonical absolute path of the program (what the policy decided on).
+    pub program: PathBuf,
+    /// The full argv; `argv[0]` is `program` as a string (the canonical path, not what the
+    /// child wrote), `argv[1..]` the arguments the decision was made on.
+    pub argv: Vec<String>,
+    /// Profile to confine it with (the deciding `[[exec]]` rule's).
+    pub profile: String,
+    /// Workspace to mount, if any (the broker passes None: a child cannot choose host paths).
+    pub workspace: Option<PathBuf>,
+}
+
+/// A started tool: the read ends of its stdout and stderr, and a blocking wait for its end.
+pub struct SpawnHandle {
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// Blocks until the tool (its whole sandbox) has ended; run on a blocking thread.
+    pub wait: Box<dyn FnOnce() -> ExitSummary + Send>,
+}
+
+impl fmt::Debug for SpawnHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpawnHandle")
+            .field("stdout", &self.stdout)
+            .field("stderr", &self.stderr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a tool could not be started (the words go to the requesting child).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpawnFailure {
+    pub message: String,
+}
+
+/// Starts confined tools for the broker (the supervisor implements it; the broker knows
+/// nothing of fork).
+pub trait Spawner: Send + Sync {
+    fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The approval seam (`ask` rules).
+
+/// An `ask` exec waiting for an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalQuery {
+    pub who: Identity,
+    /// Canonical program path.
+    pub program: PathBuf,
+    /// Full canonical argv (argv[0] = program).
+    pub argv: Vec<String>,
+    /// Profile the tool would run under.
+    pub profile: String,
+    /// The deciding rule's `why`.
+    pub why: String,
+}
+
+/// An operator's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalAnswer {
+    Allow,
+    /// Denied, timed out, or no operator: the reason for the audit and the child.
+    Deny(String),
+}
+
+/// Asks an operator ([`Approvals`] implements it). The future resolves when the approval is
+/// decided or times out; dropping it withdraws the request.
+pub trait Approver: Send + Sync {
+    fn ask(
+        self: Arc<Self>,
+        q: ApprovalQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>>;
+}
+
+/// Withdraws a pending approval when the waiting request is dropped (peer gone).
+struct CancelOnDrop {
+    approvals: Arc<Approvals>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.approvals.cancel(self.id);
+        }
+    }
+}
+
+impl Approver for Approvals {
+    /// A matching allow-always grant answers at once; otherwise a pending approval is created
+    /// and waited for (on a blocking thread) until the operator resolves it or it times out.
+    fn ask(
+        self: Arc<Self>,
+        q: ApprovalQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        Box::pin(async move {
+            let spec = PendingSpec {
+                identity: Who {
+                    id: q.who.id,
+                    role: q.who.role.as_str().to_string(),
+                    profile: q.who.profile.clone(),
+                },
+                program: q.program,
+                argv: q.argv,
+                profile: q.profile,
+                cwd: PathBuf::from("/"),
+            };
+            let this = self.clone();
+            let pending = match tokio::task::spawn_blocking(move || this.request(spec)).await {
+                Ok(Ok(Requested::Allowed(_))) => return ApprovalAnswer::Allow,
+                Ok(Ok(Requested::Pending(p))) => p,
+                Ok(Err(e)) => return ApprovalAnswer::Deny(format!("approval not requested: {e}")),
+                Err(e) => return ApprovalAnswer::Deny(format!("approval task: {e}")),
+            };
+            let mut guard = CancelOnDrop {
+                approvals: self.clone(),
+                id: pending.id,
+                armed: true,
+            };
+            let this = self.clone();
+            let deadline = pending.expires + Duration::from_millis(100);
+            let res = tokio::task::spawn_blocking(move || this.wait(pending.id, deadline)).await;
+            guard.armed = false;
+            match res {
+                Ok(Ok(d)) if d.is_allow() => ApprovalAnswer::Allow,
+                Ok(Ok(d)) => ApprovalAnswer::Deny(d.as_str().to_string()),
+                Ok(Err(e)) => ApprovalAnswer::Deny(e.to_string()),
+                Err(e) => ApprovalAnswer::Deny(format!("approval task: {e}")),
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets in memory.
+
+/// A secret value: zeroed when dropped, never printed.
+pub struct SecretValue(Vec<u8>);
+
+impl SecretValue {
+    pub fn new(bytes: Vec<u8>) -> SecretValue {
+        SecretValue(bytes)
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Drop for SecretValue {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: `b` is a valid, aligned, exclusive reference into our own buffer; the
+            // volatile write only keeps the compiler from eliding the zeroing.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretValue({} bytes)", self.0.len())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration and state.
+
+/// Knobs of the operations (defaults are sensible for production).
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    /// Longest a `connect` may take (per address tried).
+    pub connect_timeout: Duration,
+    /// Longest name resolution may take.
+    pub resolve_timeout: Duration,
+    /// `$CREDENTIALS_DIRECTORY` (systemd credentials), for `credential = "NAME"` secrets.
+    pub credentials_dir: Option<PathBuf>,
+    /// Largest secret the broker loads.
+    pub max_secret_bytes: u64,
+    /// Rate-limit buckets kept per channel (identities).
+    pub max_rate_keys: usize,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            connect_timeout: Duration::from_secs(10),
+            resolve_timeout: Duration::from_secs(10),
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            max_secret_bytes: 1 << 20,
+            max_rate_keys: 4096,
+        }
+    }
+}
+
+/// Errors building [`Ops`].
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("cannot build the redactor over the secrets: {0}")]
+    Redactor(#[from] crate::redact::RedactError),
+}
+
+/// A policy with everything derived from it: per-profile views, loaded secrets, redactor.
+struct Loaded {
+    policy: Arc<Policy>,
+    views: HashMap<String, Arc<BrokerRules>>,
+    /// Every `[secrets.NAME]`, loaded at start: the value, or why it could not be loaded.
+    secrets: HashMap<String, Result<Arc<SecretValue>, String>>,
+    /// Redacts every loaded secret value (no patterns: channel patterns apply per channel).
+    redactor: Arc<Redactor>,
+}
+
+impl Loaded {
+    fn new(policy: Policy, cfg: &OpsConfig) -> Result<Loaded, OpsError> {
+        let views = policy
+            .profile_names()
+            .into_iter()
+            .filter_map(|p| policy.broker_view(p).map(|v| (p.to_string(), Arc::new(v))))
+            .collect();
+        let mut secrets = HashMap::new();
+        for spec in policy.secrets() {
+            let v = files::load_secret(
+                &spec.source,
+                cfg.credentials_dir.as_deref(),
+                cfg.max_secret_bytes,
+            )
+            .map(Arc::new)
+            .map_err(|e| {
+                tracing::warn!(secret = %spec.name, error = %e, "secret not loaded");
+                e.to_string()
+            });
+            secrets.insert(spec.name.clone(), v);
+        }
+        let values: Vec<Vec<u8>> = secrets
+            .values()
+            .filter_map(|v| v.as_ref().ok())
+            .map(|v| v.expose().to_vec())
+            .collect();
+        let redactor = Arc::new(Redactor::new(values, Vec::new())?);
+        Ok(Loaded {
+            policy: Arc::new(policy),
+            views,
+            secrets,
+            redactor,
+        })
+    }
+}
+
+/// The broker's operations. Build one per broker, share it as `Arc<Ops>` with the server.
+pub struct Ops {
+    cfg: OpsConfig,
+    loaded: RwLock<Arc<Loaded>>,
+    audit: Arc<Mutex<AuditLog>>,
+    dlq: Arc<DeadLetters>,
+    spawner: Option<Arc<dyn Spawner>>,
+    approver: Option<Arc<dyn Approver>>,
+    /// Per channel: token buckets per identity id.
+    channel_rates: Mutex<HashMap<String, Limiter<u64>>>,
+    /// `open` rule directories, opened once (O_PATH | O_DIRECTORY).
+    dirs: Mutex<HashMap<PathBuf, Arc<OwnedFd>>>,
+    /// One writer per channel file at a time.
+    channel_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+}
+
+impl fmt::Debug for Ops {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ops")
+            .field("cfg", &self.cfg)
+            .field("spawner", &self.spawner.is_some())
+            .field("approver", &self.approver.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished decision looks like to the helpers below.
+pub(crate) struct Audited<'a> {
+    pub op: &'a str,
+    pub target: String,
+    pub rule: Option<RuleRef>,
+    pub decision: AuditDecision,
+    pub outcome: String,
+    pub detail: String,
+}
+
+pub(crate) fn rule_ref(line: usize, why: &str) -> Option<RuleRef> {
+    Some(RuleRef {
+        line: u32::try_from(line).ok(),
+        why: why.to_string(),
+    })
+}
+
+impl Ops {
+    /// Loads every secret of `policy` (failures are logged and make that secret `unavailable`;
+    /// they do not stop the broker) and builds the per-profile views.
+    pub fn new(
+        policy: Policy,
+        audit: AuditLog,
+        dlq: DeadLetters,
+        spawner: Option<Arc<dyn Spawner>>,
+        approver: Option<Arc<dyn Approver>>,
+        cfg: OpsConfig,
+    ) -> Result<Ops, OpsError> {
+        let loaded = Loaded::new(policy, &cfg)?;
+        Ok(Ops {
+            cfg,
+            loaded: RwLock::new(Arc::new(loaded)),
+            audit: Arc::new(Mutex::new(audit)),
+            dlq: Arc::new(dlq),
+            spawner,
+            approver,
+            channel_rates: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            channel_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Replace the policy (secrets reloaded, cached directory fds and rate buckets dropped).
+    /// Requests already being handled finish under the old one.
+    pub fn reload(&self, policy: Policy) -> Result<(), OpsError> {
+        let loaded = Arc::new(Loaded::new(policy, &self.cfg)?);
+        match self.loaded.write() {
+            Ok(mut g) => *g = loaded,
+            Err(p) => *p.into_inner() = loaded,
+        }
+        lock(&self.dirs).clear();
+        lock(&self.channel_rates).clear();
+        Ok(())
+    }
+
+    fn state(&self) -> Arc<Loaded> {
+        match self.loaded.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.state().policy.clone()
+    }
+
+    /// The broker rules of a profile (None: it may ask for nothing).
+    pub fn rules(&self, profile: &str) -> Option<Arc<BrokerRules>> {
+        self.state().views.get(profile).cloned()
+    }
+
+    /// A redactor over every loaded secret value (for tool output and anything else outbound).
+    pub fn redactor(&self) -> Arc<Redactor> {
+        self.state().redactor.clone()
+    }
+
+    /// The loaded secret values, by name (for redactors elsewhere). Handle with care.
+    pub fn secret_values(&self) -> Vec<(String, Arc<SecretValue>)> {
+        self.state()
+            .secrets
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().ok().map(|v| (k.clone(), v.clone())))
+            .collect()
+    }
+
+    /// Appends one record (blocking thread, fsync). Err = the record is not on disk.
+    pub(crate) async fn audit(&self, who: &Identity, a: Audited<'_>) -> Result<(), String> {
+        let rec = AuditRecord {
+            who: Who {
+                id: who.id,
+                role: who.role.as_str().to_string(),
+                profile: who.profile.clone(),
+            },
+            op: a.op.to_string(),
+            target: a.target,
+            rule: a.rule,
+            decision: a.decision,
+            outcome: a.outcome,
+            detail: a.detail,
+        };
+        let log = self.audit.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut g = log
+                .lock()
+                .map_err(|_| "audit log lock poisoned".to_string())?;
+            g.append(&rec).map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await;
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "audit append failed: denying");
+                Err(e)
+            }
+            Err(e) => Err(format!("audit task failed: {e}")),
+        }
+    }
+
+    /// Audit a refusal and build the refusal reply. `code` is what the child sees.
+    pub(crate) async fn refuse(
+        &self,
+        who: &Identity,
+        a: Audited<'_>,
+        code: ErrorCode,
+        message: String,
+    ) -> Response {
+        match self.audit(who, a).await {
+            Ok(()) => Response::err(code, message),
+            Err(_) => Response::err(
+                ErrorCode::Unavailable,
+                format!("{message} (and the audit log is unavailable)"),
+            ),
+        }
+    }
+
+    /// Audit an allow; on failure the reply to send instead of acting.
+    pub(crate) async fn allow(&self, who: &Identity, a: Audited<'_>) -> Result<(), Response> {
+        self.audit(who, a).await.map_err(|_| {
+            Response::err(
+                ErrorCode::Unavailable,
+                "the audit log cannot be written: request refused",
+            )
+        })
+    }
+
+    /// The identity's rules, or the refusal to send.
+    pub(crate) async fn rules_for(
+        &self,
+        who: &Identity,
+        op: &str,
+        target: &str,
+    ) -> Result<Arc<BrokerRules>, Response> {
+        match self.rules(&who.profile) {
+            Some(r) => Ok(r),
+            None => Err(self
+                .refuse(
+                    who,
+                    Audited {
+                        op,
+                        target: target.to_string(),
+                        rule: None,
+                        decision: AuditDecision::Deny,
+                        outcome: "refused".into(),
+                        detail: format!(
+                            "profile `{}` has no [profiles.{}.broker] section",
+                            who.profile, who.profile
+                        ),
+                    },
+                    ErrorCode::Denied,
+                    format!("profile `{}` may not use the broker", who.profile),
+                )
+                .await),
+        }
+    }
+}
+
+/// Lock a mutex, recovering the data if a holder panicked (our maps stay consistent: every
+/// update is a single insert/remove).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    crate::audit::rfc3339_utc(SystemTime::now())
+}
+
+/// A printable, bounded rendering of untrusted text for audit targets and messages.
+pub(crate) fn shown(s: &str) -> String {
+    let mut out: String = s.chars().take(256).flat_map(char::escape_default).collect();
+    if s.chars().count() > 256 {
+        out.push('…');
+    }
+    out
+}
+
+impl Handler for Ops {
+    fn handle(
+        &self,
+        who: &Identity,
+        req: Request,
+    ) -> Pin<Box<dyn Future<Output = Response> + Send + '_>> {
+        let who = who.clone();
+        Box::pin(async move {
+            match req {
+                Request::Ping {} => Response::ok(OkReply::Ping {}),
+                Request::Connect { host, port } => self.connect(&who, &host, port).await,
+                Request::Open { path, access } => self.open(&who, &path, access).await,
+                Request::Secret { name } => self.secret(&who, &name).await,
+                Request::Send {
+                    channel,
+                    recipient,
+                    body,
+                } => self.send(&who, &channel, &recipient, body).await,
+                Request::Exec { argv, cwd } => self.exec(&who, argv, cwd).await,
+            }
+        })
+    }
+}
+
+/// Used by tests and by callers that want the path rules' directory fd cache filled eagerly.
+impl Ops {
+    pub(crate) fn dir_fd(&self, dir: &Path) -> Result<Arc<OwnedFd>, std::io::Error> {
+        if let Some(fd) = lock(&self.dirs).get(dir) {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(files::open_dir(dir)?);
+        lock(&self.dirs).insert(dir.to_path_buf(), fd.clone());
+        Ok(fd)
+    }
+}
+
+#[cfg(test)]
+mod tests;

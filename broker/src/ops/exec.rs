@@ -1,0 +1,357 @@
+//! `exec`: run a tool in a new confined child through the supervisor's [`Spawner`]. Decided by
+//! the same `[[exec]]` rules as `carapace exec`, on the *resolved* program path (symlinks and
+//! `..` resolved, bare names searched in a fixed PATH) and the request's arguments: a request
+//! cannot name its way around a rule. `ask` waits for an operator through the [`Approver`].
+//! The tool's stdout and stderr reach the child through pipes the broker relays, redacting
+//! every known secret value on the way; the exit report follows as an `exit` event.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use carapace_policy::{Approval, ExecRequest};
+
+use crate::audit::AuditDecision;
+use crate::protocol::{ErrorCode, Event, ExitSummary, OkReply};
+use crate::redact::Redactor;
+use crate::server::{FollowUp, Identity, Response};
+
+use super::{rule_ref, shown, ApprovalAnswer, ApprovalQuery, Audited, Ops, SpawnRequest};
+
+/// Where bare program names are looked up (the broker's own environment is not used).
+pub const EXEC_PATH: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+/// The canonical path of the program `argv0` names: an absolute path is canonicalized
+/// (symlinks, `.` and `..` resolved); a bare name is searched in [`EXEC_PATH`]; a relative path
+/// with a `/` is refused (relative to what?). The result must be an executable regular file.
+pub fn resolve_program(argv0: &str) -> Result<PathBuf, String> {
+    if argv0.is_empty() || argv0.contains('\0') {
+        return Err("empty program name or NUL in it".into());
+    }
+    let candidate = if argv0.contains('/') {
+        if !argv0.starts_with('/') {
+            return Err(format!(
+                "relative program path `{}`: use an absolute path or a bare name",
+                shown(argv0)
+            ));
+        }
+        PathBuf::from(argv0)
+    } else {
+        EXEC_PATH
+            .iter()
+            .map(|d| PathBuf::from(d).join(argv0))
+            .find(|p| is_executable_file(p))
+            .ok_or_else(|| format!("`{}` not found in {}", shown(argv0), EXEC_PATH.join(":")))?
+    };
+    let canon =
+        std::fs::canonicalize(&candidate).map_err(|e| format!("{}: {e}", candidate.display()))?;
+    if !is_executable_file(&canon) {
+        return Err(format!("{} is not an executable file", canon.display()));
+    }
+    Ok(canon)
+}
+
+fn is_executable_file(p: &std::path::Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+/// Copy `src` to `dst` through a streaming redactor until EOF (or until the reader is gone).
+fn relay(src: OwnedFd, dst: OwnedFd, redactor: Arc<Redactor>) {
+    let mut src = File::from(src);
+    let mut dst = File::from(dst);
+    let mut stream = redactor.stream();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let out = stream.push(&buf[..n]);
+                if !out.is_empty() && dst.write_all(&out).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    let _ = dst.write_all(&stream.finish());
+}
+
+/// The exit report when the wait itself failed.
+fn lost_exit() -> ExitSummary {
+    ExitSummary {
+        exit: 126,
+        code: None,
+        signal: None,
+        wall_ms: 0,
+        cpu_ms: 0,
+        peak_mem: 0,
+        oom: false,
+        timeout: false,
+    }
+}
+
+impl Ops {
+    /// The `exec` operation.
+    pub async fn exec(&self, who: &Identity, argv: Vec<String>, cwd: Option<String>) -> Response {
+        let target = shown(&argv.join(" "));
+        let refuse = |detail: String, code: ErrorCode, message: String| {
+            let target = target.clone();
+            async move {
+                self.refuse(
+                    who,
+                    Audited {
+                        op: "exec",
+                        target,
+                        rule: None,
+                        decision: AuditDecision::Deny,
+                        outcome: "refused".into(),
+                        detail,
+                    },
+                    code,
+                    message,
+                )
+                .await
+            }
+        };
+        if cwd.is_some() {
+            return refuse(
+                "cwd given".into(),
+                ErrorCode::BadRequest,
+                "exec: `cwd` is not supported (a child cannot choose host paths)".into(),
+            )
+            .await;
+        }
+        let rules = match self.rules_for(who, "exec", &target).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        if !rules.exec {
+            return refuse(
+                "the profile may not use exec".into(),
+                ErrorCode::Denied,
+                format!("exec: profile `{}` may not run tools", who.profile),
+            )
+            .await;
+        }
+        let Some((argv0, args)) = argv.split_first() else {
+            return refuse(
+                "empty argv".into(),
+                ErrorCode::BadRequest,
+                "exec: empty argv".into(),
+            )
+            .await;
+        };
+        let argv0 = argv0.clone();
+        let program = match tokio::task::spawn_blocking(move || resolve_program(&argv0)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                return refuse(
+                    format!("program not resolved: {e}"),
+                    ErrorCode::NotFound,
+                    format!("exec: {e}"),
+                )
+                .await
+            }
+            Err(e) => return Response::err(ErrorCode::Internal, format!("exec: {e}")),
+        };
+        let policy = self.policy();
+        let req = ExecRequest {
+            program: program.clone(),
+            args: args.to_vec(),
+        };
+        let decision = {
+            let p = policy.clone();
+            let r = req.clone();
+            match tokio::task::spawn_blocking(move || {
+                p.evaluate_with(&r, |x| std::fs::canonicalize(x).ok())
+            })
+            .await
+            {
+                Ok(d) => d,
+                Err(e) => return Response::err(ErrorCode::Internal, format!("exec: {e}")),
+            }
+        };
+        let canon_target = shown(&format!("{} {}", program.display(), args.join(" ")));
+        let rref = decision
+            .rule
+            .as_ref()
+            .and_then(|r| rule_ref(r.line, &r.why));
+        let mut full_argv = vec![program.to_string_lossy().into_owned()];
+        full_argv.extend(args.iter().cloned());
+        let profile = match (&decision.approval, &decision.profile) {
+            (Approval::Deny, _) | (_, None) => {
+                return self
+                    .refuse(
+                        who,
+                        Audited {
+                            op: "exec",
+                            target: canon_target.clone(),
+                            rule: rref.or_else(|| rule_ref(0, "no [[exec]] rule matches")),
+                            decision: AuditDecision::Deny,
+                            outcome: "refused".into(),
+                            detail: String::new(),
+                        },
+                        ErrorCode::Denied,
+                        format!("exec {canon_target}: denied by policy"),
+                    )
+                    .await
+            }
+            (_, Some(p)) => p.clone(),
+        };
+        if decision.approval == Approval::Ask {
+            let Some(approver) = self.approver.clone() else {
+                return self
+                    .refuse(
+                        who,
+                        Audited {
+                            op: "exec",
+                            target: canon_target.clone(),
+                            rule: rref,
+                            decision: AuditDecision::Deny,
+                            outcome: "refused".into(),
+                            detail: "needs approval; no approvals service".into(),
+                        },
+                        ErrorCode::Denied,
+                        format!("exec {canon_target}: needs an operator's approval and none can be asked"),
+                    )
+                    .await;
+            };
+            if let Err(resp) = self
+                .allow(
+                    who,
+                    Audited {
+                        op: "exec",
+                        target: canon_target.clone(),
+                        rule: rref.clone(),
+                        decision: AuditDecision::Ask,
+                        outcome: "waiting for approval".into(),
+                        detail: String::new(),
+                    },
+                )
+                .await
+            {
+                return resp;
+            }
+            let answer = approver
+                .clone()
+                .ask(ApprovalQuery {
+                    who: who.clone(),
+                    program: program.clone(),
+                    argv: full_argv.clone(),
+                    profile: profile.clone(),
+                    why: decision
+                        .rule
+                        .as_ref()
+                        .map(|r| r.why.clone())
+                        .unwrap_or_default(),
+                })
+                .await;
+            if let ApprovalAnswer::Deny(reason) = answer {
+                return self
+                    .refuse(
+                        who,
+                        Audited {
+                            op: "exec",
+                            target: canon_target.clone(),
+                            rule: rref,
+                            decision: AuditDecision::Deny,
+                            outcome: "approval refused".into(),
+                            detail: reason.clone(),
+                        },
+                        ErrorCode::Denied,
+                        format!("exec {canon_target}: not approved: {reason}"),
+                    )
+                    .await;
+            }
+        }
+        let Some(spawner) = self.spawner.clone() else {
+            return Response::err(
+                ErrorCode::Unavailable,
+                "exec: this broker cannot start tools",
+            );
+        };
+        if let Err(resp) = self
+            .allow(
+                who,
+                Audited {
+                    op: "exec",
+                    target: canon_target.clone(),
+                    rule: rref,
+                    decision: AuditDecision::Allow,
+                    outcome: "starting".into(),
+                    detail: format!("profile {profile}"),
+                },
+            )
+            .await
+        {
+            return resp;
+        }
+        let sreq = SpawnRequest {
+            program,
+            argv: full_argv,
+            profile,
+            workspace: None,
+        };
+        let handle = match tokio::task::spawn_blocking(move || spawner.spawn(sreq)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                return Response::err(ErrorCode::Unavailable, format!("exec: cannot start: {e}"))
+            }
+            Err(e) => return Response::err(ErrorCode::Internal, format!("exec: {e}")),
+        };
+        let redactor = self.redactor();
+        let (out_fd, err_fd, relays) = if redactor.is_empty() {
+            (handle.stdout, handle.stderr, Vec::new())
+        } else {
+            let pipes = pipe().and_then(|a| pipe().map(|b| (a, b)));
+            let ((out_r, out_w), (err_r, err_w)) = match pipes {
+                Ok(p) => p,
+                Err(e) => {
+                    // The tool runs on; without pipes its output cannot be relayed safely.
+                    drop(handle.stdout);
+                    drop(handle.stderr);
+                    let wait = handle.wait;
+                    std::thread::spawn(wait);
+                    return Response::err(ErrorCode::Unavailable, format!("exec: pipe2: {e}"));
+                }
+            };
+            let (r1, r2) = (redactor.clone(), redactor);
+            let src_out = handle.stdout;
+            let src_err = handle.stderr;
+            let t1 = std::thread::spawn(move || relay(src_out, out_w, r1));
+            let t2 = std::thread::spawn(move || relay(src_err, err_w, r2));
+            (out_r, err_r, vec![t1, t2])
+        };
+        let wait = handle.wait;
+        let follow_up: FollowUp = Box::pin(async move {
+            let summary = tokio::task::spawn_blocking(move || {
+                let s = wait();
+                for t in relays {
+                    let _ = t.join();
+                }
+                s
+            })
+            .await
+            .unwrap_or_else(|_| lost_exit());
+            Event::Exit(summary)
+        });
+        Response::ok(OkReply::Exec {})
+            .with_fds(vec![out_fd, err_fd])
+            .with_follow_up(follow_up)
+    }
+}

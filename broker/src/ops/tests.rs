@@ -1,0 +1,796 @@
+//! Tests of the operations, with real loopback listeners, temp dirs and files.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use carapace_policy::Policy;
+
+use super::*;
+use crate::approvals::{Approvals, Resolution};
+use crate::protocol::{Access, ErrorBody, Event, Reply, SendStatus};
+use crate::server::Role;
+
+const SECRET: &str = "s3cr3t-VALUE-0123456789abcdef";
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    ops: Arc<Ops>,
+    port: u16,
+    listener: TcpListener,
+}
+
+fn who(profile: &str) -> Identity {
+    Identity {
+        id: 7,
+        role: Role::Tool,
+        profile: profile.to_string(),
+    }
+}
+
+#[derive(Default)]
+struct FakeSpawner {
+    seen: Mutex<Vec<SpawnRequest>>,
+}
+
+impl Spawner for FakeSpawner {
+    fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
+        self.seen
+            .lock()
+            .map_err(|_| SpawnFailure {
+                message: "poisoned".into(),
+            })?
+            .push(req);
+        let (out_r, out_w) = nix::unistd::pipe().map_err(|e| SpawnFailure {
+            message: e.to_string(),
+        })?;
+        let (err_r, err_w) = nix::unistd::pipe().map_err(|e| SpawnFailure {
+            message: e.to_string(),
+        })?;
+        let wait = Box::new(move || {
+            let mut o = fs::File::from(out_w);
+            let mut e = fs::File::from(err_w);
+            let _ = o.write_all(format!("out {SECRET} end\n").as_bytes());
+            let _ = e.write_all(b"err line\n");
+            drop(o);
+            drop(e);
+            ExitSummary {
+                exit: 3,
+                code: Some(3),
+                signal: None,
+                wall_ms: 1,
+                cpu_ms: 0,
+                peak_mem: 0,
+                oom: false,
+                timeout: false,
+            }
+        });
+        Ok(SpawnHandle {
+            stdout: out_r,
+            stderr: err_r,
+            wait,
+        })
+    }
+}
+
+fn setup_with(
+    extra: &str,
+    spawner: Option<Arc<dyn Spawner>>,
+    approver: Option<Arc<dyn Approver>>,
+) -> Env {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let dir = tmp.path().to_path_buf();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let port = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local_addr: {e}"))
+        .port();
+    fs::create_dir_all(dir.join("data/out")).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(dir.join("data/a.txt"), "alpha").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(dir.join("outside.txt"), "outside").unwrap_or_else(|e| panic!("{e}"));
+    symlink(dir.join("outside.txt"), dir.join("data/link")).unwrap_or_else(|e| panic!("{e}"));
+    symlink(&dir, dir.join("data/dirlink")).unwrap_or_else(|e| panic!("{e}"));
+    let secret = dir.join("key");
+    fs::write(&secret, SECRET).unwrap_or_else(|e| panic!("{e}"));
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let loose = dir.join("loose");
+    fs::write(&loose, "loose-value").unwrap_or_else(|e| panic!("{e}"));
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let d = dir.display();
+    let text = format!(
+        r##"
+version = 1
+[profiles.tool]
+why = "tools"
+[profiles.tool.broker]
+connect = [ {{ host = "127.0.0.1", port = {port}, allow_private = true, why = "test server" }},
+            {{ host = "localhost", port = {port}, why = "name resolving to loopback, not allowed private" }} ]
+open = [ {{ path = "{d}/data", access = "read", why = "inputs" }},
+         {{ path = "{d}/data/out", access = "create", why = "outputs" }} ]
+secrets = ["key", "loose"]
+channels = ["log"]
+exec = true
+[profiles.other]
+why = "another identity"
+[profiles.other.broker]
+connect = [ {{ host = "localhost", port = {port}, allow_private = true, why = "by name" }} ]
+[profiles.nobroker]
+why = "no broker section"
+[secrets.key]
+why = "test key"
+file = "{d}/key"
+[secrets.loose]
+why = "world-readable: refused at load"
+file = "{d}/loose"
+[channels.log]
+why = "file channel"
+kind = "file"
+path = "{d}/outbox.log"
+recipients = ["alice@example.com", "#ops*"]
+block = ["(?i)password\\s*[:=]"]
+redact = ["sk-[A-Za-z0-9]{{20,}}"]
+max_bytes = 200
+rate = {{ per_minute = 1, burst = 4 }}
+[[exec]]
+why = "true is harmless"
+program = "/usr/bin/true"
+profile = "tool"
+approval = "allow"
+[[exec]]
+why = "yes needs a person"
+program = "/usr/bin/yes"
+profile = "tool"
+approval = "ask"
+{extra}
+"##
+    );
+    let policy = Policy::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    let audit = AuditLog::open(dir.join("audit.log")).unwrap_or_else(|e| panic!("{e}"));
+    let dlq = DeadLetters::open(dir.join("dlq")).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = OpsConfig {
+        connect_timeout: Duration::from_secs(5),
+        resolve_timeout: Duration::from_secs(5),
+        credentials_dir: None,
+        max_secret_bytes: 4096,
+        max_rate_keys: 16,
+    };
+    let ops =
+        Ops::new(policy, audit, dlq, spawner, approver, cfg).unwrap_or_else(|e| panic!("{e}"));
+    Env {
+        _tmp: tmp,
+        dir,
+        ops: Arc::new(ops),
+        port,
+        listener,
+    }
+}
+
+fn setup() -> Env {
+    setup_with("", None, None)
+}
+
+fn err_of(r: &Response) -> ErrorBody {
+    match &r.reply {
+        Reply::Err(e) => e.clone(),
+        Reply::Ok(ok) => panic!("expected an error, got {ok:?}"),
+    }
+}
+
+fn ok_of(r: &Response) -> OkReply {
+    match &r.reply {
+        Reply::Ok(ok) => ok.clone(),
+        Reply::Err(e) => panic!("expected success, got {e:?}"),
+    }
+}
+
+fn audit_lines(env: &Env) -> Vec<serde_json::Value> {
+    fs::read_to_string(env.dir.join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn last_audit(env: &Env) -> serde_json::Value {
+    audit_lines(env)
+        .pop()
+        .unwrap_or_else(|| panic!("no audit record"))
+}
+
+fn nothing_accepted(l: &TcpListener) -> bool {
+    l.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+    matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+// ----------------------------------------------------------------------------- connect
+
+#[tokio::test]
+async fn connect_allowed_literal_gives_a_connected_blocking_socket() {
+    let env = setup();
+    let r = env.ops.connect(&who("tool"), "127.0.0.1", env.port).await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Connect {
+            peer: format!("127.0.0.1:{}", env.port)
+        }
+    );
+    assert_eq!(r.fds.len(), 1);
+    let (mut server, _) = env.listener.accept().unwrap_or_else(|e| panic!("{e}"));
+    let fd: OwnedFd = r.fds.into_iter().next().unwrap_or_else(|| panic!("no fd"));
+    // SAFETY: F_GETFL on an fd we own.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(fl & libc::O_NONBLOCK, 0, "handed over in blocking mode");
+    let mut client = std::net::TcpStream::from(fd);
+    client.write_all(b"ping").unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = [0u8; 4];
+    server
+        .read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&buf, b"ping");
+    let rec = last_audit(&env);
+    assert_eq!(rec["op"], "connect");
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["who"]["profile"], "tool");
+}
+
+#[tokio::test]
+async fn connect_not_listed_is_denied_and_audited() {
+    let env = setup();
+    let other_port = if env.port == 65535 { 1 } else { env.port + 1 };
+    for (host, port) in [
+        ("127.0.0.1", other_port),
+        ("127.0.0.2", env.port),
+        ("example.com", 443),
+    ] {
+        let r = env.ops.connect(&who("tool"), host, port).await;
+        assert_eq!(err_of(&r).code, ErrorCode::Denied, "{host}:{port}");
+        assert!(r.fds.is_empty());
+        let rec = last_audit(&env);
+        assert_eq!(rec["decision"], "deny");
+        assert_eq!(rec["target"], format!("{host}:{port}"));
+    }
+    // A profile without a broker section may ask for nothing.
+    let r = env
+        .ops
+        .connect(&who("nobroker"), "127.0.0.1", env.port)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    assert!(nothing_accepted(&env.listener));
+}
+
+#[tokio::test]
+async fn connect_name_resolving_to_loopback_is_refused_unless_allow_private() {
+    let env = setup();
+    let r = env.ops.connect(&who("tool"), "localhost", env.port).await;
+    let e = err_of(&r);
+    assert_eq!(e.code, ErrorCode::Denied);
+    assert!(e.message.contains("refuses"), "{}", e.message);
+    assert!(nothing_accepted(&env.listener), "no connection was made");
+    env.listener
+        .set_nonblocking(false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The same name under a rule with allow_private connects.
+    let r = env.ops.connect(&who("other"), "localhost", env.port).await;
+    match ok_of(&r) {
+        OkReply::Connect { peer } => assert!(peer.ends_with(&format!(":{}", env.port))),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn resolve_checked_drops_refused_addresses() {
+    let rule = carapace_policy::broker::ConnectRule {
+        host: carapace_policy::broker::HostPattern::Exact("localhost".into()),
+        port: 80,
+        allow_private: false,
+        why: String::new(),
+        line: 1,
+    };
+    let e = resolve_checked(&rule, "127.0.0.1", 80, Duration::from_secs(1)).await;
+    assert!(matches!(e, Err(ConnectError::OnlyRefused { .. })), "{e:?}");
+    let e = resolve_checked(&rule, "[::ffff:10.0.0.1]", 80, Duration::from_secs(1)).await;
+    assert!(matches!(e, Err(ConnectError::OnlyRefused { .. })), "{e:?}");
+    let ok = resolve_checked(&rule, "8.8.8.8", 53, Duration::from_secs(1)).await;
+    assert_eq!(ok.ok().map(|v| v.len()), Some(1));
+}
+
+#[tokio::test]
+async fn audit_failure_denies_without_acting() {
+    let env = setup();
+    // Something else wrote half a line: the next append finds a torn tail and fails.
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(env.dir.join("audit.log"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.write_all(b"{\"torn").unwrap_or_else(|e| panic!("{e}"));
+    drop(f);
+    let r = env.ops.connect(&who("tool"), "127.0.0.1", env.port).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Unavailable);
+    assert!(r.fds.is_empty());
+    assert!(
+        nothing_accepted(&env.listener),
+        "no connection without an audit record"
+    );
+    let r = env.ops.secret(&who("tool"), "key").await;
+    assert_eq!(err_of(&r).code, ErrorCode::Unavailable);
+    assert!(r.fds.is_empty());
+}
+
+// ----------------------------------------------------------------------------- open
+
+fn read_fd(fd: OwnedFd) -> String {
+    let mut s = String::new();
+    fs::File::from(fd)
+        .read_to_string(&mut s)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s
+}
+
+#[tokio::test]
+async fn open_allowed_file_and_refuse_escapes() {
+    let env = setup();
+    let d = env.dir.display().to_string();
+    let r = env
+        .ops
+        .open(&who("tool"), &format!("{d}/data/a.txt"), Access::Read)
+        .await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Open {
+            access: Access::Read
+        }
+    );
+    assert_eq!(
+        read_fd(r.fds.into_iter().next().unwrap_or_else(|| panic!())),
+        "alpha"
+    );
+
+    // Bad paths: refused before any rule is looked at.
+    for bad in [
+        format!("{d}/data/../outside.txt"),
+        format!("{d}/data/./a.txt"),
+        "data/a.txt".to_string(),
+        format!("{d}/data/a.txt/"),
+        format!("{d}/data/a\0.txt"),
+        format!("{d}/data/{}", "x".repeat(5000)),
+    ] {
+        let r = env.ops.open(&who("tool"), &bad, Access::Read).await;
+        assert_eq!(err_of(&r).code, ErrorCode::BadRequest, "{bad:?}");
+        assert!(r.fds.is_empty());
+    }
+    // Symlink escapes: the link itself, and a path through a symlinked directory.
+    for esc in [
+        format!("{d}/data/link"),
+        format!("{d}/data/dirlink/outside.txt"),
+    ] {
+        let r = env.ops.open(&who("tool"), &esc, Access::Read).await;
+        assert_eq!(err_of(&r).code, ErrorCode::Denied, "{esc}");
+        assert!(r.fds.is_empty());
+    }
+    // Outside every rule, or more access than the rule grants.
+    let r = env
+        .ops
+        .open(&who("tool"), &format!("{d}/outside.txt"), Access::Read)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    let r = env
+        .ops
+        .open(&who("tool"), &format!("{d}/data/a.txt"), Access::Write)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    assert_eq!(
+        fs::read_to_string(env.dir.join("data/a.txt")).unwrap_or_default(),
+        "alpha"
+    );
+    let r = env
+        .ops
+        .open(&who("tool"), &format!("{d}/data/missing"), Access::Read)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+}
+
+#[tokio::test]
+async fn open_create_beneath_create_rule_only() {
+    let env = setup();
+    let d = env.dir.display().to_string();
+    let p = format!("{d}/data/out/new.txt");
+    let r = env.ops.open(&who("tool"), &p, Access::Create).await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Open {
+            access: Access::Create
+        }
+    );
+    let mut f = fs::File::from(r.fds.into_iter().next().unwrap_or_else(|| panic!()));
+    f.write_all(b"made").unwrap_or_else(|e| panic!("{e}"));
+    drop(f);
+    assert_eq!(fs::read_to_string(&p).unwrap_or_default(), "made");
+    // O_EXCL: creating it again is refused, the content stays.
+    let r = env.ops.open(&who("tool"), &p, Access::Create).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    assert_eq!(fs::read_to_string(&p).unwrap_or_default(), "made");
+    // The read-only parent rule does not allow creating.
+    let r = env
+        .ops
+        .open(&who("tool"), &format!("{d}/data/new.txt"), Access::Create)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    assert!(!env.dir.join("data/new.txt").exists());
+}
+
+#[tokio::test]
+async fn open_refuses_fifos_without_blocking() {
+    let env = setup();
+    let fifo = env.dir.join("data/fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // SAFETY: c is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        env.ops
+            .open(&who("tool"), &fifo.display().to_string(), Access::Read),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("open of a FIFO blocked"));
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+}
+
+// ----------------------------------------------------------------------------- secret
+
+#[tokio::test]
+async fn secret_only_for_named_profiles_as_sealed_memfd() {
+    let env = setup();
+    let r = env.ops.secret(&who("tool"), "key").await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Secret {
+            len: SECRET.len() as u64
+        }
+    );
+    let fd = r.fds.into_iter().next().unwrap_or_else(|| panic!("no fd"));
+    // SAFETY: F_GET_SEALS on an fd we own.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    let want = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    assert_eq!(seals & want, want);
+    let mut f = fs::File::from(fd);
+    let e = f
+        .write_all(b"x")
+        .err()
+        .unwrap_or_else(|| panic!("write to a sealed memfd worked"));
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    let e = f
+        .set_len(1)
+        .err()
+        .unwrap_or_else(|| panic!("truncate worked"));
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s, SECRET);
+
+    // Another profile (not naming it) and an unknown name get the same refusal.
+    let a = env.ops.secret(&who("other"), "key").await;
+    let b = env.ops.secret(&who("tool"), "nope").await;
+    assert_eq!(err_of(&a).code, ErrorCode::Denied);
+    assert_eq!(err_of(&b).code, ErrorCode::Denied);
+    assert!(a.fds.is_empty() && b.fds.is_empty());
+    // A world-readable file is never loaded.
+    let r = env.ops.secret(&who("tool"), "loose").await;
+    assert_eq!(err_of(&r).code, ErrorCode::Unavailable);
+    assert!(!err_of(&r).message.contains("loose-value"));
+    // The audit names the secret, never its value.
+    let log = fs::read_to_string(env.dir.join("audit.log")).unwrap_or_default();
+    assert!(log.contains("\"target\":\"key\""));
+    assert!(!log.contains(SECRET));
+    assert!(!log.contains("loose-value"));
+    // Loaded values are exposed for redactors.
+    let vals = env.ops.secret_values();
+    assert_eq!(vals.len(), 1);
+    assert_eq!(vals[0].1.expose(), SECRET.as_bytes());
+    assert!(env.ops.redactor().finds(SECRET.as_bytes()));
+}
+
+#[test]
+fn load_secret_checks_the_file() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = tmp.path().join("s");
+    fs::write(&p, "v").unwrap_or_else(|e| panic!("{e}"));
+    let src = carapace_policy::broker::SecretSource::File(p.clone());
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        load_secret(&src, None, 10)
+            .map(|v| v.expose().to_vec())
+            .ok(),
+        Some(b"v".to_vec())
+    );
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o604)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        load_secret(&src, None, 10),
+        Err(SecretError::OthersCanAccess { .. })
+    ));
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(&p, "0123456789ab").unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        load_secret(&src, None, 10),
+        Err(SecretError::TooLarge { .. })
+    ));
+    let l = tmp.path().join("l");
+    symlink(&p, &l).unwrap_or_else(|e| panic!("{e}"));
+    let src = carapace_policy::broker::SecretSource::File(l);
+    assert!(matches!(
+        load_secret(&src, None, 100),
+        Err(SecretError::Io { op: "open", .. })
+    ));
+    let src = carapace_policy::broker::SecretSource::File(tmp.path().to_path_buf());
+    assert!(load_secret(&src, None, 100).is_err());
+    let cred = carapace_policy::broker::SecretSource::Credential("s".into());
+    assert!(matches!(
+        load_secret(&cred, None, 100),
+        Err(SecretError::NoCredentialsDir { .. })
+    ));
+    assert!(load_secret(&cred, Some(tmp.path()), 100).is_ok());
+}
+
+// ----------------------------------------------------------------------------- send
+
+fn outbox(env: &Env) -> Vec<serde_json::Value> {
+    fs::read_to_string(env.dir.join("outbox.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn dlq_reasons(env: &Env) -> Vec<String> {
+    DeadLetters::open(env.dir.join("dlq"))
+        .and_then(|q| q.list())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .letters
+        .into_iter()
+        .map(|l| l.entry.reason)
+        .collect()
+}
+
+#[tokio::test]
+async fn send_delivers_with_redaction_or_dead_letters() {
+    let env = setup();
+    let w = who("tool");
+    let body = format!("token sk-ABCDEFGHIJKLMNOPQRSTUVWX and {SECRET} done");
+    let r = env.ops.send(&w, "log", "alice@example.com", body).await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Send {
+            status: SendStatus::Delivered,
+            dlq_id: None
+        }
+    );
+    let lines = outbox(&env);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["body"], "token [REDACTED] and [REDACTED] done");
+    assert_eq!(lines[0]["recipient"], "alice@example.com");
+    assert_eq!(lines[0]["from"]["id"], 7);
+
+    // Not allowlisted -> dead-letter queue, with the secret already redacted.
+    let r = env
+        .ops
+        .send(&w, "log", "mallory@example.com", format!("hi {SECRET}"))
+        .await;
+    match ok_of(&r) {
+        OkReply::Send {
+            status: SendStatus::DeadLettered,
+            dlq_id: Some(_),
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    // Blocked pattern -> dead-letter queue.
+    let r = env
+        .ops
+        .send(&w, "log", "#ops", "my Password: hunter2".into())
+        .await;
+    assert!(matches!(
+        ok_of(&r),
+        OkReply::Send {
+            status: SendStatus::DeadLettered,
+            ..
+        }
+    ));
+    // Over the size cap -> dead-letter queue.
+    let r = env.ops.send(&w, "log", "#ops", "x".repeat(201)).await;
+    assert!(matches!(
+        ok_of(&r),
+        OkReply::Send {
+            status: SendStatus::DeadLettered,
+            ..
+        }
+    ));
+    assert_eq!(outbox(&env).len(), 1, "nothing else delivered");
+    let reasons = dlq_reasons(&env);
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "recipient not allowlisted"));
+    assert!(reasons.iter().any(|r| r.starts_with("blocked by pattern")));
+    assert!(reasons.iter().any(|r| r.starts_with("over the size cap")));
+    let stored = fs::read_dir(env.dir.join("dlq"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(Result::ok)
+        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        !stored.contains(SECRET),
+        "secret value persisted in the queue"
+    );
+    assert!(!fs::read_to_string(env.dir.join("audit.log"))
+        .unwrap_or_default()
+        .contains(SECRET));
+
+    // Burst 4 used up (4 sends so far): the next one is rate limited, not queued.
+    let r = env.ops.send(&w, "log", "#ops", "one more".into()).await;
+    assert_eq!(err_of(&r).code, ErrorCode::RateLimited);
+    assert_eq!(dlq_reasons(&env).len(), 3);
+    // Another identity has its own bucket.
+    let mut w2 = w.clone();
+    w2.id = 8;
+    let r = env.ops.send(&w2, "log", "#ops", "from 8".into()).await;
+    assert!(matches!(
+        ok_of(&r),
+        OkReply::Send {
+            status: SendStatus::Delivered,
+            ..
+        }
+    ));
+    // A channel the profile does not name.
+    let r = env.ops.send(&who("other"), "log", "#ops", "x".into()).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+}
+
+// ----------------------------------------------------------------------------- exec
+
+async fn exit_of(r: Response) -> (Vec<OwnedFd>, ExitSummary) {
+    let follow = r.follow_up.unwrap_or_else(|| panic!("no follow-up"));
+    let fds = r.fds;
+    match tokio::time::timeout(Duration::from_secs(10), follow).await {
+        Ok(Event::Exit(s)) => (fds, s),
+        Err(_) => panic!("no exit event"),
+    }
+}
+
+#[tokio::test]
+async fn exec_allowed_runs_through_the_spawner_with_redacted_output() {
+    let spawner = Arc::new(FakeSpawner::default());
+    let env = setup_with("", Some(spawner.clone()), None);
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["true".into(), "x".into()], None)
+        .await;
+    assert_eq!(ok_of(&r), OkReply::Exec {});
+    let (fds, summary) = exit_of(r).await;
+    assert_eq!(summary.exit, 3);
+    let mut it = fds.into_iter();
+    let out = read_fd(it.next().unwrap_or_else(|| panic!()));
+    let err = read_fd(it.next().unwrap_or_else(|| panic!()));
+    assert_eq!(out, "out [REDACTED] end\n");
+    assert_eq!(err, "err line\n");
+    let seen = spawner.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert_eq!(seen.len(), 1);
+    let canon = fs::canonicalize("/usr/bin/true").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(seen[0].program, canon);
+    assert_eq!(
+        seen[0].argv,
+        vec![canon.display().to_string(), "x".to_string()]
+    );
+    assert_eq!(seen[0].profile, "tool");
+}
+
+#[tokio::test]
+async fn exec_denied_by_rules_or_profile() {
+    let spawner = Arc::new(FakeSpawner::default());
+    let env = setup_with("", Some(spawner.clone()), None);
+    // No rule for /usr/bin/false.
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["/usr/bin/false".into()], None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    // `..` does not get around anything: it resolves to the same program.
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["/usr/bin/../bin/false".into()], None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    // A profile without `exec = true`.
+    let r = env.ops.exec(&who("other"), vec!["true".into()], None).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    // Relative paths with a slash, cwd, empty argv.
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["bin/true".into()], None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["true".into()], Some("/".into()))
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::BadRequest);
+    let r = env.ops.exec(&who("tool"), vec![], None).await;
+    assert_eq!(err_of(&r).code, ErrorCode::BadRequest);
+    // Ask without an approvals service: denied.
+    let r = env.ops.exec(&who("tool"), vec!["yes".into()], None).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    assert!(spawner.seen.lock().map(|s| s.is_empty()).unwrap_or(false));
+}
+
+#[tokio::test]
+async fn exec_ask_waits_for_the_operator() {
+    let spawner = Arc::new(FakeSpawner::default());
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let approvals = Arc::new(
+        Approvals::open(tmp.path(), Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let env = setup_with("", Some(spawner.clone()), Some(approvals.clone()));
+    let operator = {
+        let a = approvals.clone();
+        std::thread::spawn(move || {
+            let mut answers = vec![Resolution::Deny, Resolution::AllowOnce];
+            while let Some(ans) = answers.pop() {
+                let id = loop {
+                    if let Some(p) = a.list().first() {
+                        break p.id;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                let _ = a.resolve(id, ans);
+            }
+        })
+    };
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["yes".into(), "y".into()], None)
+        .await;
+    assert_eq!(ok_of(&r), OkReply::Exec {});
+    let _ = exit_of(r).await;
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["yes".into(), "y".into()], None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    let _ = operator.join();
+    let decisions: Vec<String> = audit_lines(&env)
+        .iter()
+        .filter(|r| r["op"] == "exec")
+        .map(|r| r["decision"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(decisions, ["ask", "allow", "ask", "deny"]);
+    assert_eq!(spawner.seen.lock().map(|s| s.len()).unwrap_or(0), 1);
+}
+
+#[test]
+fn resolve_program_canonicalizes() {
+    let t = fs::canonicalize("/usr/bin/true").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resolve_program("true").ok(), Some(t.clone()));
+    assert_eq!(resolve_program("/usr/bin/../bin/true").ok(), Some(t));
+    assert!(resolve_program("bin/true").is_err());
+    assert!(resolve_program("").is_err());
+    assert!(resolve_program("no-such-program-carapace").is_err());
+    assert!(resolve_program("/etc/passwd").is_err());
+    let _ = Path::new("/");
+}
+
+#[tokio::test]
+async fn handler_dispatches_ping_without_audit() {
+    let env = setup();
+    let h: Arc<dyn Handler> = env.ops.clone();
+    let r = h.handle(&who("tool"), Request::Ping {}).await;
+    assert_eq!(ok_of(&r), OkReply::Ping {});
+    assert!(audit_lines(&env).is_empty());
+    let r = h
+        .handle(&who("tool"), Request::Secret { name: "key".into() })
+        .await;
+    assert_eq!(r.fds.len(), 1);
+}
