@@ -16,15 +16,24 @@
 //! - [`BrokerHost`]: the runtime and the server, one identity per served socket.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 
+use carapace_broker::approvals::{Approvals, PendingSpec, Requested, Resolution};
+use carapace_broker::audit::AuditLog;
+use carapace_broker::dlq::DeadLetters;
+use carapace_broker::ops::{
+    ApprovalAnswer, ApprovalQuery, Approver, Ops, OpsConfig, SpawnFailure, SpawnHandle,
+    SpawnRequest, Spawner,
+};
 use carapace_broker::protocol::ExitSummary;
-use carapace_broker::server::{Identity, PeerLimits, RateLimit, Role, Server};
+use carapace_broker::server::{Handler, Identity, PeerLimits, RateLimit, Role, Server};
 use carapace_policy::{Policy, Target};
 
 use crate::cgroup::{self, Cgroup};
@@ -115,12 +124,13 @@ impl StateDir {
         self.root.join("audit.log")
     }
 
-    pub fn approvals(&self) -> PathBuf {
-        self.root.join("approvals")
-    }
-
     pub fn dlq(&self) -> PathBuf {
         self.root.join("dlq")
+    }
+
+    /// Pending approvals offered to the operator (see [`FileApprover`]).
+    pub fn pending(&self) -> PathBuf {
+        self.root.join("pending")
     }
 }
 
@@ -300,6 +310,13 @@ pub fn spawn_tool(
             if let Err(e) = cg.remove() {
                 tracing::warn!("removing a tool's cgroup: {e}");
             }
+            // A termination signal meant for the supervisor may have been taken by this
+            // thread's wait (which unblocks them) instead of the main thread's: pass it on, so
+            // that the main wait kills the main sandbox too.
+            if let Some(sig) = crate::spawn::interrupted() {
+                // SAFETY: signalling our own process.
+                unsafe { libc::kill(libc::getpid(), sig) };
+            }
             let _ = done_tx.send(report);
         })
         .map_err(|e| format!("cannot start a thread for the tool: {e}"))?;
@@ -343,38 +360,113 @@ pub fn peer_limits(policy: &Policy, profile: &str) -> PeerLimits {
 #[derive(Debug)]
 pub struct BrokerHost {
     runtime: tokio::runtime::Runtime,
-    server: Arc<Mutex<Option<Server>>>,
+    peers: PeerServer,
+    /// The operations (audit, approvals, dead letters), for the supervisor's own use.
+    pub ops: Arc<Ops>,
+    pub approvals: Arc<Approvals>,
+}
+
+/// Serves broker sockets on a [`BrokerHost`]'s runtime (cheap to clone). The handler is set
+/// once the operations exist (they need a spawner, which needs this to serve the sockets of
+/// the tools it starts).
+#[derive(Clone)]
+pub struct PeerServer {
+    handle: tokio::runtime::Handle,
+    handler: Arc<OnceLock<Arc<dyn Handler>>>,
+    policy: Arc<Policy>,
+}
+
+impl std::fmt::Debug for PeerServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerServer")
+            .field("handler", &self.handler.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerServer {
+    /// Serve `fd` as `who` (with the per-peer limits of its profile) until the peer closes it
+    /// or the host shuts down. None when no handler is set yet (the fd is then closed).
+    pub fn serve(&self, fd: OwnedFd, who: Identity) -> Option<tokio::task::JoinHandle<()>> {
+        let handler = self.handler.get()?.clone();
+        let server = Server::new(handler, peer_limits(&self.policy, &who.profile));
+        let _guard = self.handle.enter();
+        Some(server.serve_peer(fd, who))
+    }
+}
+
+/// How long an `ask` waits for the operator by default before it is denied.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything [`BrokerHost::start`] needs.
+#[derive(Debug)]
+pub struct BrokerSetup {
+    pub policy: Policy,
+    pub state: StateDir,
+    pub tools: ToolContext,
+    pub approval_timeout: Duration,
 }
 
 impl BrokerHost {
-    /// A multi-threaded runtime with two workers (one for the peers, one spare for blocking
-    /// hand-offs); `server` is set later with [`BrokerHost::set_server`] (the handler may need
-    /// a handle back to this host to serve the sockets of the tools it spawns).
-    pub fn new() -> Result<BrokerHost, BrokerHostError> {
+    /// Open the state (audit log, approvals, dead letters), build the operations with this
+    /// supervisor as their spawner and the state directory's pending files as the operator's
+    /// channel, and start a runtime (two workers) to serve sockets on.
+    pub fn start(setup: BrokerSetup) -> Result<BrokerHost, BrokerHostError> {
+        let state_err = |why: String| BrokerHostError::StateDir {
+            path: setup.state.root.clone(),
+            why,
+        };
+        let audit = AuditLog::open(setup.state.audit_log())
+            .map_err(|e| state_err(crate::cli::error_chain(&e)))?;
+        let dlq = DeadLetters::open(setup.state.dlq())
+            .map_err(|e| state_err(crate::cli::error_chain(&e)))?;
+        let approvals = Arc::new(
+            Approvals::open(&setup.state.root, setup.approval_timeout)
+                .map_err(|e| state_err(crate::cli::error_chain(&e)))?,
+        );
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("carapace-broker")
             .enable_all()
             .build()
             .map_err(|source| BrokerHostError::Runtime { source })?;
+        let peers = PeerServer {
+            handle: runtime.handle().clone(),
+            handler: Arc::new(OnceLock::new()),
+            policy: Arc::new(setup.policy.clone()),
+        };
+        let spawner = Arc::new(SupervisorSpawner {
+            ctx: Arc::new(setup.tools),
+            peers: peers.clone(),
+        });
+        let approver = Arc::new(FileApprover {
+            approvals: approvals.clone(),
+            pending_dir: setup.state.pending(),
+        });
+        let ops = Arc::new(
+            Ops::new(
+                setup.policy,
+                audit,
+                dlq,
+                Some(spawner),
+                Some(approver),
+                OpsConfig::default(),
+            )
+            .map_err(|e| state_err(crate::cli::error_chain(&e)))?,
+        );
+        let handler: Arc<dyn Handler> = ops.clone();
+        let _ = peers.handler.set(handler);
         Ok(BrokerHost {
             runtime,
-            server: Arc::new(Mutex::new(None)),
+            peers,
+            ops,
+            approvals,
         })
     }
 
-    pub fn set_server(&self, server: Server) {
-        if let Ok(mut s) = self.server.lock() {
-            *s = Some(server);
-        }
-    }
-
-    /// A handle that serves further sockets (the tools' own) on this host's runtime.
+    /// A handle that serves sockets on this host's runtime.
     pub fn peers(&self) -> PeerServer {
-        PeerServer {
-            handle: self.runtime.handle().clone(),
-            server: self.server.clone(),
-        }
+        self.peers.clone()
     }
 
     /// Stop serving: abort every peer task and give blocking work a moment to finish.
@@ -383,20 +475,242 @@ impl BrokerHost {
     }
 }
 
-/// Serves broker sockets on a [`BrokerHost`]'s runtime (cheap to clone).
-#[derive(Debug, Clone)]
-pub struct PeerServer {
-    handle: tokio::runtime::Handle,
-    server: Arc<Mutex<Option<Server>>>,
+/// [`spawn_tool`] as the broker's [`Spawner`]; a tool whose profile has a broker section gets
+/// its own socket, served with a new identity (role `tool`, its profile).
+#[derive(Debug)]
+pub struct SupervisorSpawner {
+    pub ctx: Arc<ToolContext>,
+    pub peers: PeerServer,
 }
 
-impl PeerServer {
-    /// Serve `fd` as `who` until the peer closes it (or the host shuts down).
-    pub fn serve(&self, fd: OwnedFd, who: Identity) -> Option<tokio::task::JoinHandle<()>> {
-        let server = self.server.lock().ok()?.clone()?;
-        let _guard = self.handle.enter();
-        Some(server.serve_peer(fd, who))
+impl Spawner for SupervisorSpawner {
+    fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
+        let fail = |message: String| SpawnFailure { message };
+        let program_s = req.program.to_string_lossy().into_owned();
+        let (argv0, args) = match req.argv.split_first() {
+            Some((a0, rest)) => (a0.as_str(), rest),
+            None => (program_s.as_str(), &[][..]),
+        };
+        let run = spawn_tool(
+            &self.ctx,
+            &req.program,
+            argv0,
+            args,
+            &req.profile,
+            req.workspace.as_deref(),
+        )
+        .map_err(fail)?;
+        if let Some(fd) = run.broker {
+            let who = new_identity(Role::Tool, &run.profile);
+            if self.peers.serve(fd, who).is_none() {
+                tracing::warn!("a tool's broker socket could not be served (no handler)");
+            }
+        }
+        let wait = run.wait;
+        Ok(SpawnHandle {
+            stdout: run.stdout,
+            stderr: run.stderr,
+            wait: Box::new(move || exit_summary(&wait())),
+        })
     }
+}
+
+/// A pending approval as written to `<state>/pending/<key>.json` for the operator CLI.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PendingFile {
+    /// `<supervisor pid>-<approval id>`: what `carapace approvals allow|deny` takes.
+    pub key: String,
+    pub supervisor_pid: u32,
+    pub id: u64,
+    pub who: carapace_broker::audit::Who,
+    pub program: PathBuf,
+    pub program_sha256: String,
+    pub argv: Vec<String>,
+    pub profile: String,
+    pub why: String,
+    pub created: String,
+    /// Seconds left when it was written; it is denied when they run out.
+    pub timeout_secs: u64,
+}
+
+/// The operator's answer, `<state>/pending/<key>.answer`: `allow-once`, `allow-always` or
+/// `deny`.
+pub fn parse_answer(text: &str) -> Option<Resolution> {
+    match text.trim() {
+        "allow-once" => Some(Resolution::AllowOnce),
+        "allow-always" => Some(Resolution::AllowAlways),
+        "deny" => Some(Resolution::Deny),
+        _ => None,
+    }
+}
+
+/// Until the control socket (issue 4): `ask` approvals are offered to the operator as files in
+/// `<state>/pending/` (0700 directory, 0600 files, root only), and answered by an `.answer`
+/// file next to them (written by `carapace approvals allow|deny`), polled every 50 ms.
+#[derive(Debug)]
+pub struct FileApprover {
+    pub approvals: Arc<Approvals>,
+    pub pending_dir: PathBuf,
+}
+
+/// Set when the waiting request is dropped (its peer went away).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl FileApprover {
+    fn decide(
+        approvals: &Approvals,
+        pending_dir: &Path,
+        q: ApprovalQuery,
+        cancelled: &AtomicBool,
+    ) -> ApprovalAnswer {
+        let who = carapace_broker::audit::Who {
+            id: q.who.id,
+            role: q.who.role.as_str().to_string(),
+            profile: q.who.profile.clone(),
+        };
+        let spec = PendingSpec {
+            identity: who.clone(),
+            program: q.program.clone(),
+            argv: q.argv.clone(),
+            profile: q.profile.clone(),
+            cwd: PathBuf::from("/"),
+        };
+        let pending = match approvals.request(spec) {
+            Ok(Requested::Allowed(_)) => return ApprovalAnswer::Allow,
+            Ok(Requested::Pending(p)) => p,
+            Err(e) => return ApprovalAnswer::Deny(format!("cannot ask: {e}")),
+        };
+        let pid = std::process::id();
+        let key = format!("{pid}-{}", pending.id);
+        let file = pending_dir.join(format!("{key}.json"));
+        let answer = pending_dir.join(format!("{key}.answer"));
+        let record = PendingFile {
+            key: key.clone(),
+            supervisor_pid: pid,
+            id: pending.id,
+            who,
+            program: pending.program.clone(),
+            program_sha256: pending.program_sha256.clone(),
+            argv: pending.argv.clone(),
+            profile: pending.profile.clone(),
+            why: q.why.clone(),
+            created: pending.created.clone(),
+            timeout_secs: pending
+                .expires
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs(),
+        };
+        if let Err(e) = write_private(pending_dir, &file, &record) {
+            approvals.cancel(pending.id);
+            let _ = approvals.wait(pending.id, std::time::Instant::now());
+            return ApprovalAnswer::Deny(format!("cannot offer the approval to the operator: {e}"));
+        }
+        tracing::warn!(
+            "carapace: approval {key} pending: {} (profile {}); answer with `carapace approvals \
+             allow {key}` or `deny {key}`",
+            pending.argv.join(" "),
+            pending.profile
+        );
+        loop {
+            if cancelled.load(Ordering::SeqCst) {
+                approvals.cancel(pending.id);
+                break;
+            }
+            if std::time::Instant::now() >= pending.expires {
+                break;
+            }
+            if let Ok(text) = std::fs::read_to_string(&answer) {
+                let _ = std::fs::remove_file(&answer);
+                match parse_answer(&text) {
+                    Some(r) => match approvals.resolve(pending.id, r) {
+                        Ok(_) => break,
+                        Err(e) => tracing::warn!("approval {key}: {e}"),
+                    },
+                    None => tracing::warn!("approval {key}: unreadable answer {text:?}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let decision = approvals.wait(pending.id, std::time::Instant::now());
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(&answer);
+        match decision {
+            Ok(d) if d.is_allow() => ApprovalAnswer::Allow,
+            Ok(d) => ApprovalAnswer::Deny(d.as_str().to_string()),
+            Err(e) => ApprovalAnswer::Deny(e.to_string()),
+        }
+    }
+}
+
+impl Approver for FileApprover {
+    fn ask(
+        self: Arc<Self>,
+        q: ApprovalQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        let approvals = self.approvals.clone();
+        let dir = self.pending_dir.clone();
+        let flag = Arc::new(AtomicBool::new(false));
+        let guard = CancelOnDrop(flag.clone());
+        Box::pin(async move {
+            let _guard = guard;
+            let task = tokio::task::spawn_blocking(move || {
+                FileApprover::decide(&approvals, &dir, q, &flag)
+            });
+            task.await
+                .unwrap_or_else(|e| ApprovalAnswer::Deny(format!("approval task failed: {e}")))
+        })
+    }
+}
+
+/// Write `value` as JSON to `path` (0600, atomically: temporary file + rename) in `dir`
+/// (created 0700).
+pub fn write_private<T: serde::Serialize>(
+    dir: &Path,
+    path: &Path,
+    value: &T,
+) -> Result<(), BrokerHostError> {
+    let data = serde_json::to_vec_pretty(value).map_err(|e| BrokerHostError::Io {
+        syscall: "encode",
+        path: path.to_path_buf(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    write_private_bytes(dir, path, &data)
+}
+
+/// Write `data` to `path` (0600, atomically: temporary file + fsync + rename) in `dir`
+/// (created 0700).
+pub fn write_private_bytes(dir: &Path, path: &Path, data: &[u8]) -> Result<(), BrokerHostError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let err = |syscall, p: &Path, source| BrokerHostError::Io {
+        syscall,
+        path: p.to_path_buf(),
+        source,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err("mkdir", dir, e)),
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| err("open", &tmp, e))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| err("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err("rename", path, e))
 }
 
 #[cfg(test)]
@@ -443,6 +757,26 @@ mod tests {
         assert_eq!((s.wall_ms, s.cpu_ms, s.peak_mem), (1500, 20, 4096));
         assert!(s.oom && !s.timeout);
         assert_eq!(exit_summary(&setup_failure()).exit, 126);
+    }
+
+    #[test]
+    fn answers_and_private_files() {
+        assert_eq!(parse_answer("allow-once\n"), Some(Resolution::AllowOnce));
+        assert_eq!(parse_answer("allow-always"), Some(Resolution::AllowAlways));
+        assert_eq!(parse_answer(" deny "), Some(Resolution::Deny));
+        assert_eq!(parse_answer("yes"), None);
+        assert_eq!(parse_answer(""), None);
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("pending");
+        let f = dir.join("1-1.answer");
+        write_private_bytes(&dir, &f, b"deny\n").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&f), 0o600);
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "deny\n");
+        // Replaced atomically, never through a planted link.
+        write_private(&dir, &f, &"x").unwrap();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "\"x\"");
     }
 
     #[test]

@@ -10,11 +10,19 @@ use std::path::{Path, PathBuf};
 use carapace_policy::{Approval, Decision, ExecRequest, Plan, Policy, Target};
 use clap::{Args, Parser, Subcommand};
 
+use std::os::fd::AsFd as _;
+
+use carapace_broker::server::Role;
+
+use crate::broker_host::{
+    new_identity, write_private_bytes, BrokerHost, BrokerSetup, PendingFile, StateDir, ToolContext,
+    DEFAULT_STATE_DIR,
+};
 use crate::cgroup::{self, Cgroup};
 use crate::namespaces::{self, RunAs};
 use crate::report::{EXIT_DENIED, EXIT_SETUP};
 use crate::resolve::{self, DEFAULT_PATH};
-use crate::spawn::{Launch, LaunchOptions};
+use crate::spawn::{ChildIo, Launch, LaunchOptions};
 
 /// The embedded default policy (the same text as `policies/default.toml`).
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
@@ -106,6 +114,44 @@ pub enum Command {
     /// Check the broker's audit log
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// List and answer the approvals brokered children are waiting for
+    Approvals(ApprovalsArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    long_about = "List and answer the `ask` approvals that children of running `carapace exec` \
+                  processes are waiting for, and the persisted allow-always grants. Works on the \
+                  state directory directly (pending/<KEY>.json, approvals.json) until the \
+                  control socket exists.",
+    after_help = "Examples:\n  carapace approvals list\n  carapace approvals allow 4242-1\n  \
+                  carapace approvals allow 4242-2 --always\n  carapace approvals deny 4242-3"
+)]
+pub struct ApprovalsArgs {
+    /// State directory of the broker [default: /var/lib/carapace]
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: ApprovalsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Pending approvals (KEY, who, program, argv, profile) and allow-always grants
+    List,
+    /// Allow a pending approval once, or with --always for this exact program content, argv
+    /// and profile from now on
+    Allow {
+        #[arg(value_name = "KEY")]
+        key: String,
+        #[arg(long)]
+        always: bool,
+    },
+    /// Deny a pending approval
+    Deny {
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +195,14 @@ pub struct ExecArgs {
     /// Say what is decided and applied (implies --report)
     #[arg(short, long)]
     pub verbose: bool,
+    /// The broker's state (audit.log, approvals.json, dlq/, pending/), used when the profile
+    /// has a broker section; created 0700 [default: /var/lib/carapace]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// How long an `ask` from a brokered child waits for `carapace approvals allow|deny`
+    /// before it is denied
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub approval_timeout: u64,
     /// The program and its arguments
     #[arg(
         required = true,
@@ -215,6 +269,7 @@ pub fn main() -> i32 {
             0
         }
         Command::Audit(AuditCommand::Verify { file }) => audit_verify(&file),
+        Command::Approvals(a) => approvals(a),
     }
 }
 
@@ -483,14 +538,17 @@ fn exec(a: ExecArgs) -> i32 {
     if let Some(n) = run_as_note {
         eprintln!("{n}");
     }
+    // A profile with a broker section: the child gets a broker socket at fd 3, served by
+    // this process while it runs.
+    let brokered = policy.broker_view(&plan.profile).is_some();
     let opts = LaunchOptions {
         program: d.program.clone(),
         argv0: a.command.first().cloned().unwrap_or_default(),
         args: a.command.iter().skip(1).cloned().collect(),
-        workspace: Some(workspace),
+        workspace: Some(workspace.clone()),
         run_as,
         env: std::env::vars_os().collect(),
-        broker: false,
+        broker: brokered,
     };
     let t_prepare = std::time::Instant::now();
     let launch = match Launch::prepare(&plan, &opts, target.landlock_abi) {
@@ -533,13 +591,37 @@ fn exec(a: ExecArgs) -> i32 {
     if let Err(e) = crate::spawn::handle_termination_signals() {
         tracing::warn!("cannot handle termination signals: {e}");
     }
+    // (After the signal mask is set: the broker's threads inherit it, so the termination
+    // signals reach the wait below.)
+    let broker = if brokered {
+        match start_broker(&a, &policy, &target, &workspace, &plan.profile) {
+            Ok(b) => Some(b),
+            Err(e) => return fail(&format!("cannot start the broker: {e}"), EXIT_SETUP),
+        }
+    } else {
+        None
+    };
     let t_spawn = std::time::Instant::now();
     let mut t_started = t_spawn;
-    let result = launch.spawn(Some(&cg)).and_then(|r| {
+    let io = ChildIo {
+        broker: broker.as_ref().map(|(_, theirs)| theirs.as_fd()),
+        ..ChildIo::default()
+    };
+    let spawned = launch.spawn_with(Some(&cg), io);
+    // The child has its copy of the socket now; ours must go, so that the broker sees the
+    // hangup when the child is gone.
+    let host = broker.map(|(host, theirs)| {
+        drop(theirs);
+        host
+    });
+    let result = spawned.and_then(|r| {
         t_started = std::time::Instant::now();
         r.wait(launch.wall_time(), Some(&cg))
     });
     let t_exited = std::time::Instant::now();
+    if let Some(host) = host {
+        host.shutdown();
+    }
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -585,6 +667,147 @@ fn exec(a: ExecArgs) -> i32 {
     match interrupted {
         Some(sig) => 128 + sig,
         None => report.exit_code(),
+    }
+}
+
+/// The state directory: `--state-dir`, else the default.
+fn state_dir_of(arg: Option<&Path>) -> PathBuf {
+    arg.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), Path::to_path_buf)
+}
+
+/// Start the broker for a child in `profile`: open the state, build the operations, and serve
+/// the broker's end of a new socketpair. Returns the host and the child's end.
+fn start_broker(
+    a: &ExecArgs,
+    policy: &Policy,
+    target: &Target,
+    workspace: &Path,
+    profile: &str,
+) -> Result<(BrokerHost, std::os::fd::OwnedFd), String> {
+    let state = StateDir::open(&state_dir_of(a.state_dir.as_deref())).map_err(|e| e.to_string())?;
+    let host = BrokerHost::start(BrokerSetup {
+        policy: policy.clone(),
+        state,
+        tools: ToolContext {
+            policy: std::sync::Arc::new(policy.clone()),
+            target: *target,
+            run_as: a.run_as,
+            env: std::env::vars_os().collect(),
+            workspace: Some(workspace.to_path_buf()),
+        },
+        approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
+    })
+    .map_err(|e| error_chain(&e))?;
+    let (mine, theirs) =
+        carapace_broker::protocol::seqpacket_pair().map_err(|e| format!("socketpair: {e}"))?;
+    let who = new_identity(Role::Tool, profile);
+    if a.verbose {
+        eprintln!("carapace: broker: serving {who} at fd 3");
+    }
+    if host.peers().serve(mine, who).is_none() {
+        return Err("internal error: the broker has no handler".into());
+    }
+    Ok((host, theirs))
+}
+
+/// `carapace approvals ...` on the state directory.
+fn approvals(a: ApprovalsArgs) -> i32 {
+    let state = state_dir_of(a.state_dir.as_deref());
+    let pending_dir = state.join("pending");
+    match a.command {
+        ApprovalsCommand::List => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&pending_dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            let mut n = 0;
+            for f in &files {
+                let rec: Option<PendingFile> = std::fs::read(f)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                match rec {
+                    Some(p) => {
+                        n += 1;
+                        println!(
+                            "pending {}  {}#{}({})  {}  argv={:?}  profile={}  sha256={}  why: {}",
+                            p.key,
+                            p.who.role,
+                            p.who.id,
+                            p.who.profile,
+                            p.program.display(),
+                            p.argv,
+                            p.profile,
+                            p.program_sha256,
+                            p.why
+                        );
+                    }
+                    None => eprintln!("carapace: {}: not a pending approval", f.display()),
+                }
+            }
+            if n == 0 {
+                println!("no pending approvals");
+            }
+            if !state.is_dir() {
+                return 0;
+            }
+            match carapace_broker::approvals::Approvals::open(&state, std::time::Duration::ZERO) {
+                Ok(ap) => {
+                    for g in ap.grants() {
+                        println!(
+                            "always {}  argv={:?}  profile={}  sha256={}  granted {}",
+                            g.program.display(),
+                            g.argv,
+                            g.profile,
+                            g.sha256,
+                            g.granted_at
+                        );
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("carapace: {}", error_chain(&e));
+                    1
+                }
+            }
+        }
+        ApprovalsCommand::Allow { key, always } => answer_approval(
+            &pending_dir,
+            &key,
+            if always { "allow-always" } else { "allow-once" },
+        ),
+        ApprovalsCommand::Deny { key } => answer_approval(&pending_dir, &key, "deny"),
+    }
+}
+
+/// Write the answer for pending approval `key`; the waiting supervisor picks it up.
+fn answer_approval(pending_dir: &Path, key: &str, answer: &str) -> i32 {
+    let valid =
+        !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+    if !valid {
+        eprintln!(
+            "carapace: {key:?} is not an approval key (PID-N, see `carapace approvals list`)"
+        );
+        return 2;
+    }
+    if !pending_dir.join(format!("{key}.json")).is_file() {
+        eprintln!("carapace: no pending approval {key} (see `carapace approvals list`)");
+        return 1;
+    }
+    let path = pending_dir.join(format!("{key}.answer"));
+    match write_private_bytes(pending_dir, &path, format!("{answer}\n").as_bytes()) {
+        Ok(()) => {
+            println!("{answer}: {key}");
+            0
+        }
+        Err(e) => {
+            eprintln!("carapace: {e}");
+            1
+        }
     }
 }
 
@@ -847,6 +1070,40 @@ mod tests {
             Command::Audit(AuditCommand::Verify { file }) if file == Path::new("/x/audit.log")
         ));
         assert!(parse(&["carapace", "audit", "verify"]).is_err());
+    }
+
+    #[test]
+    fn approvals_and_state_dir_args() {
+        let c = parse(&["carapace", "approvals", "list", "--state-dir", "/s"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Approvals(ApprovalsArgs { state_dir: Some(ref d), command: ApprovalsCommand::List })
+                if d == Path::new("/s")
+        ));
+        let c = parse(&["carapace", "approvals", "allow", "12-3", "--always"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Approvals(ApprovalsArgs { command: ApprovalsCommand::Allow { ref key, always: true }, .. })
+                if key == "12-3"
+        ));
+        assert!(parse(&["carapace", "approvals", "deny"]).is_err());
+        let c = parse(&["carapace", "exec", "--state-dir", "/s", "--", "ls"]).unwrap();
+        let Command::Exec(a) = c.command else {
+            panic!("not exec")
+        };
+        assert_eq!(a.state_dir, Some(PathBuf::from("/s")));
+        assert_eq!(a.approval_timeout, 120);
+        // Keys are PID-N only: nothing that could name another file.
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(answer_approval(t.path(), "../x", "deny"), 2);
+        assert_eq!(answer_approval(t.path(), "", "deny"), 2);
+        assert_eq!(answer_approval(t.path(), "1-1", "deny"), 1);
+        std::fs::write(t.path().join("1-1.json"), "{}").unwrap();
+        assert_eq!(answer_approval(t.path(), "1-1", "deny"), 0);
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("1-1.answer")).unwrap(),
+            "deny\n"
+        );
     }
 
     #[test]

@@ -789,3 +789,132 @@ pub fn read_report(p: &Path) -> serde_json::Value {
     let t = fs::read_to_string(p).unwrap_or_else(|e| panic!("read report {}: {e}", p.display()));
     serde_json::from_str(&t).unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{t}"))
 }
+
+// ------------------------------------------------------------------------------------------
+// The broker (issue 3): the client binary inside the sandbox, brokered policies
+
+/// `carapace-client` copied into a content-addressed directory under /var/tmp (readable and
+/// executable by the sandbox's host uid; outside /tmp, which the sandbox replaces).
+#[derive(Debug)]
+pub struct ClientBin {
+    /// Directory holding the copies; mounted read-exec by the brokered test profiles.
+    pub dir: PathBuf,
+    /// `dir/carapace-client`.
+    pub bin: PathBuf,
+    /// `dir/carapace-client-other`: the same bytes under another name, so that a policy can
+    /// run it under another profile (rules select profiles by program).
+    pub other: PathBuf,
+}
+
+fn build_client(profile_dir: &Path) -> PathBuf {
+    let target_dir = profile_dir.parent().unwrap_or(profile_dir).to_path_buf();
+    let release = profile_dir.file_name() == Some(OsStr::new("release"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root())
+        .args(["build", "-p", "carapace-broker", "--bin", "carapace-client"])
+        .env("CARGO_TARGET_DIR", &target_dir);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("carapace-tests: building carapace-client: {cmd:?}");
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!(
+            "`cargo build -p carapace-broker` failed ({s}); set CARAPACE_CLIENT_BIN to a built \
+             binary"
+        ),
+        Err(e) => panic!("cannot run cargo to build carapace-client: {e}"),
+    }
+    profile_dir.join("carapace-client")
+}
+
+/// The `carapace-client` binary (`$CARAPACE_CLIENT_BIN`, else built with cargo into the target
+/// directory of this test executable; cargo does nothing when it is fresh), copied for the
+/// sandbox (see [`ClientBin`]).
+pub fn client_bin() -> &'static ClientBin {
+    static C: OnceLock<ClientBin> = OnceLock::new();
+    C.get_or_init(|| {
+        let built = match std::env::var_os("CARAPACE_CLIENT_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+                let profile_dir = exe
+                    .parent()
+                    .and_then(Path::parent)
+                    .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()))
+                    .to_path_buf();
+                build_client(&profile_dir)
+            }
+        };
+        let bytes = fs::read(&built).unwrap_or_else(|e| panic!("read {}: {e}", built.display()));
+        let mut h = DefaultHasher::new();
+        bytes.hash(&mut h);
+        let dir = PathBuf::from(format!(
+            "/var/tmp/carapace-client-{}-{:016x}",
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            unsafe { libc::geteuid() },
+            h.finish()
+        ));
+        let out = ClientBin {
+            bin: dir.join("carapace-client"),
+            other: dir.join("carapace-client-other"),
+            dir,
+        };
+        if out.bin.is_file() && out.other.is_file() {
+            return out;
+        }
+        let tmp = PathBuf::from(format!("{}.tmp{}", out.dir.display(), std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let setup = || -> Result<()> {
+            fs::create_dir_all(&tmp)?;
+            for name in ["carapace-client", "carapace-client-other"] {
+                fs::write(tmp.join(name), &bytes)?;
+                fs::set_permissions(tmp.join(name), fs::Permissions::from_mode(0o755))?;
+            }
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
+            Ok(())
+        };
+        setup().unwrap_or_else(|e| panic!("copy carapace-client to {}: {e:#}", tmp.display()));
+        remove_stale_attack_dirs(&out.dir);
+        match fs::rename(&tmp, &out.dir) {
+            Ok(()) => {}
+            Err(_) if out.bin.is_file() => {
+                let _ = fs::remove_dir_all(&tmp);
+            }
+            Err(e) => panic!("rename to {}: {e}", out.dir.display()),
+        }
+        out
+    })
+}
+
+/// A directory under /var/tmp (visible to the sandbox's host uid, outside the sandbox's /tmp),
+/// mode 0755, removed on drop.
+pub fn var_tmpdir(prefix: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap_or_else(|e| panic!("tempdir in /var/tmp: {e}"));
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", d.path().display()));
+    d
+}
+
+/// `carapace exec --policy P --workspace W --state-dir S -- PROGRAM ARGS...` (stdin null, PATH
+/// only in the environment).
+pub fn carapace_exec_brokered(
+    policy: &Path,
+    workspace: &Path,
+    state_dir: &Path,
+    program: impl AsRef<OsStr>,
+    args: &[&str],
+) -> Command {
+    let state = state_dir.to_string_lossy().into_owned();
+    carapace_exec(
+        Some(policy),
+        workspace,
+        &["--state-dir", &state],
+        program,
+        args,
+    )
+}

@@ -1,0 +1,609 @@
+//! The broker end to end (issue 3): real `carapace exec` runs of brokered profiles, the real
+//! `carapace-client` inside the sandbox talking over its inherited fd 3, real sockets, files
+//! and state directories. Every test needs root (see `carapace_tests::privileged`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use carapace_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A loopback TCP server that greets every connection with `HELLO <token>` and counts them.
+struct Greeter {
+    port: u16,
+    token: String,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Greeter {
+    fn start() -> Greeter {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let token = unique("GREETING");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (t, n) = (token.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                n.fetch_add(1, Ordering::SeqCst);
+                let _ = writeln!(s, "HELLO {t}");
+            }
+        });
+        Greeter {
+            port,
+            token,
+            accepted,
+        }
+    }
+}
+
+/// One brokered test: a policy with profiles `brokered` and `other`, a state directory, a
+/// workspace, the data directory `open` may read beneath, two secrets and a file channel.
+struct Broker {
+    client: &'static ClientBin,
+    /// Host-side scratch (secrets, the channel file, the policy): never mounted.
+    scratch: tempfile::TempDir,
+    /// Tools the `exec` op may run (mounted read-exec in `brokered`), under /var/tmp.
+    tools: tempfile::TempDir,
+    /// Data beneath which `open` may read (not mounted in the sandbox).
+    data: tempfile::TempDir,
+    ws: tempfile::TempDir,
+    state: PathBuf,
+    policy: PathBuf,
+    outbox: PathBuf,
+    alpha: String,
+    beta: String,
+}
+
+impl Broker {
+    /// None when not root and skipping is allowed.
+    fn new(port: u16) -> Option<Broker> {
+        if !privileged() {
+            return None;
+        }
+        let client = client_bin();
+        let _ = carapace_bin();
+        let scratch = tempdir("carapace-broker-scratch-");
+        let tools = var_tmpdir("carapace-broker-tools-");
+        let data = var_tmpdir("carapace-broker-data-");
+        let ws = tempdir("carapace-broker-ws-");
+        let state = scratch.path().join("state");
+        let outbox = scratch.path().join("outbox.log");
+        let mut secrets = Vec::new();
+        for name in ["alpha", "beta"] {
+            let v = unique(&format!("SECRET-{name}"));
+            let p = scratch.path().join(name);
+            fs::write(&p, &v).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+            secrets.push(v);
+        }
+        // The tool the `ask` rule covers: a copy of /usr/bin/echo (content changes later).
+        fs::copy("/usr/bin/echo", tools.path().join("asktool")).unwrap();
+        fs::set_permissions(
+            tools.path().join("asktool"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let b = Broker {
+            client,
+            policy: scratch.path().join("broker.toml"),
+            state,
+            outbox,
+            alpha: secrets[0].clone(),
+            beta: secrets[1].clone(),
+            scratch,
+            tools,
+            data,
+            ws,
+        };
+        fs::write(&b.policy, b.policy_text(port)).unwrap();
+        Some(b)
+    }
+
+    fn policy_text(&self, port: u16) -> String {
+        let client_dir = self.client.dir.display();
+        let client = self.client.bin.display();
+        let other = self.client.other.display();
+        let tools = self.tools.path().display();
+        let data = self.data.path().display();
+        let scratch = self.scratch.path().display();
+        let outbox = self.outbox.display();
+        let extra = format!(
+            r#"# ---- inserted by broker_e2e ----
+[profiles.brokered]
+extends = "tool"
+why = "broker e2e: the tool profile, the client, tools for exec, and a broker section"
+
+[profiles.brokered.filesystem]
+mounts = [ {{ path = "{client_dir}", access = "read-exec", why = "carapace-client" }},
+           {{ path = "{tools}", access = "read-exec", why = "tools the exec op runs" }} ]
+
+[profiles.brokered.broker]
+connect = [ {{ host = "127.0.0.1", port = {port}, allow_private = true, why = "the test's loopback server" }},
+            {{ host = "localhost", port = {port}, why = "a name resolving to loopback, WITHOUT allow_private" }} ]
+open = [ {{ path = "{data}", access = "read", why = "test data" }} ]
+secrets = ["alpha"]
+channels = ["outbox"]
+exec = true
+
+[profiles.other]
+extends = "tool"
+why = "broker e2e: another identity, allowed only secret beta"
+
+[profiles.other.filesystem]
+mounts = [ {{ path = "{client_dir}", access = "read-exec", why = "carapace-client" }} ]
+
+[profiles.other.broker]
+secrets = ["beta"]
+
+[secrets.alpha]
+why = "broker e2e secret for `brokered`"
+file = "{scratch}/alpha"
+
+[secrets.beta]
+why = "broker e2e secret for `other`"
+file = "{scratch}/beta"
+
+[channels.outbox]
+why = "broker e2e file channel"
+kind = "file"
+path = "{outbox}"
+recipients = ["alice@example.com"]
+
+[[exec]]
+why = "broker e2e: the client, brokered"
+program = "{client}"
+args = ["**"]
+profile = "brokered"
+approval = "allow"
+
+[[exec]]
+why = "broker e2e: the client under the other profile"
+program = "{other}"
+args = ["**"]
+profile = "other"
+approval = "allow"
+
+[[exec]]
+why = "broker e2e: shell scripts around the client"
+program = "/usr/bin/sh"
+args = ["-c", "**"]
+profile = "brokered"
+approval = "allow"
+
+[[exec]]
+why = "broker e2e: a tool that needs the operator"
+program = "{tools}/asktool"
+args = ["**"]
+profile = "brokered"
+approval = "ask"
+# ---- end of insertion ----
+"#
+        );
+        insert_before_first_exec(&default_policy_text(), &extra)
+    }
+
+    /// `carapace exec --policy --workspace --state-dir [extra] -- PROGRAM ARGS`.
+    fn exec_with(
+        &self,
+        extra: &[&str],
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+    ) -> Outcome {
+        let state = self.state.to_string_lossy().into_owned();
+        let mut e = vec!["--state-dir", state.as_str()];
+        e.extend_from_slice(extra);
+        let mut c = carapace_exec(Some(&self.policy), self.ws.path(), &e, program, args);
+        run(&mut c, LIMIT)
+    }
+
+    /// The client with `args`, confined in `brokered`.
+    fn client(&self, args: &[&str]) -> Outcome {
+        self.exec_with(&[], &self.client.bin, args)
+    }
+
+    /// A shell script (sh -c), confined in `brokered`; `$C` is the client.
+    fn sh(&self, script: &str) -> Outcome {
+        let s = format!("C={}; {script}", self.client.bin.display());
+        self.exec_with(&[], "/usr/bin/sh", &["-c", &s])
+    }
+
+    fn audit_log(&self) -> PathBuf {
+        self.state.join("audit.log")
+    }
+
+    fn audit_text(&self) -> String {
+        fs::read_to_string(self.audit_log()).unwrap_or_default()
+    }
+}
+
+fn carapace(args: &[&str]) -> Outcome {
+    let mut c = Command::new(carapace_bin());
+    c.args(args);
+    run(&mut c, LIMIT)
+}
+
+#[test]
+fn connect_allowlisted_loopback_only() {
+    let g = Greeter::start();
+    let Some(b) = Broker::new(g.port) else { return };
+    let port = g.port.to_string();
+
+    // Allowed: the rule names 127.0.0.1:PORT with allow_private.
+    let o = b.client(&["connect", "127.0.0.1", &port]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(
+        o.stdout.contains(&format!("HELLO {}", g.token)),
+        "{}",
+        o.describe()
+    );
+    assert_eq!(g.accepted.load(Ordering::SeqCst), 1);
+
+    // Not listed: another port on the same loopback address, with a listener there that must
+    // never see a connection.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    other.set_nonblocking(true).unwrap();
+    let oport = other.local_addr().unwrap().port().to_string();
+    let o = b.client(&["connect", "127.0.0.1", &oport]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(o.stderr.contains("denied"), "{}", o.describe());
+    assert!(
+        other.accept().is_err(),
+        "the refused connect reached the listener"
+    );
+
+    // Listed by name, but `localhost` resolves to a loopback address and the rule does not say
+    // allow_private: refused, and the server sees nothing.
+    let o = b.client(&["connect", "localhost", &port]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert_eq!(g.accepted.load(Ordering::SeqCst), 1, "{}", o.describe());
+
+    // Every decision is in the audit log.
+    let audit = b.audit_text();
+    assert!(audit.contains(&format!("127.0.0.1:{port}")), "{audit}");
+    assert!(audit.contains(&format!("127.0.0.1:{oport}")), "{audit}");
+    assert!(audit.contains(&format!("localhost:{port}")), "{audit}");
+}
+
+#[test]
+fn secrets_only_for_the_profiles_that_name_them() {
+    let Some(b) = Broker::new(9) else { return };
+    // `brokered` names alpha: it gets it.
+    let o = b.client(&["secret", "alpha"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains(&b.alpha), "{}", o.describe());
+    // ... and not beta.
+    let o = b.client(&["secret", "beta"]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(!o.stdout.contains(&b.beta), "{}", o.describe());
+    // `other` names beta only: alpha is refused.
+    let o = b.exec_with(&[], &b.client.other, &["secret", "alpha"]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(!o.stdout.contains(&b.alpha), "{}", o.describe());
+    let o = b.exec_with(&[], &b.client.other, &["secret", "beta"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains(&b.beta), "{}", o.describe());
+    // Through a sealed memfd at an fd of the program's choosing, never in the environment.
+    let o = b.sh(&format!(
+        "$C secret alpha --fd 7 -- /usr/bin/sh -c 'cat <&7; env | grep -c {} || true'",
+        b.alpha
+    ));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.starts_with(&b.alpha), "{}", o.describe());
+    assert!(o.stdout.trim_end().ends_with('0'), "{}", o.describe());
+    // The audit names the secrets, never their values.
+    let audit = b.audit_text();
+    assert!(audit.contains("alpha"), "{audit}");
+    assert!(
+        !audit.contains(&b.alpha) && !audit.contains(&b.beta),
+        "{audit}"
+    );
+}
+
+#[test]
+fn open_beneath_the_rule_only() {
+    let Some(b) = Broker::new(9) else { return };
+    let token = unique("DATA");
+    fs::write(b.data.path().join("f.txt"), &token).unwrap();
+    fs::create_dir(b.data.path().join("sub")).unwrap();
+    fs::write(b.data.path().join("sub/g.txt"), "nested\n").unwrap();
+    // A link inside the allowed directory pointing at a secret outside it.
+    std::os::unix::fs::symlink(b.scratch.path().join("alpha"), b.data.path().join("link")).unwrap();
+    std::os::unix::fs::symlink(b.scratch.path(), b.data.path().join("dirlink")).unwrap();
+    let data = b.data.path().display().to_string();
+
+    // Allowed (and the sandbox cannot see the file by itself: it is not mounted).
+    let o = b.client(&["open", &format!("{data}/f.txt")]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert_eq!(o.stdout, token, "{}", o.describe());
+    let o = b.client(&["open", &format!("{data}/sub/g.txt")]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = b.sh(&format!("cat {data}/f.txt"));
+    assert_ne!(
+        o.code,
+        Some(0),
+        "the data directory is visible inside: {}",
+        o.describe()
+    );
+
+    // Refused: `..` out of the rule's directory, a symlink to a file outside, a path through a
+    // symlinked directory, writing where only reading is allowed.
+    for bad in [
+        format!("{data}/../{}/alpha", b.scratch.path().display()),
+        format!("{data}/sub/../f.txt"),
+        format!("{data}/link"),
+        format!("{data}/dirlink/alpha"),
+    ] {
+        let o = b.client(&["open", &bad]);
+        assert_eq!(o.code, Some(1), "{bad}: {}", o.describe());
+        assert!(!o.stdout.contains(&b.alpha), "{bad}: {}", o.describe());
+    }
+    let o = b.sh(&format!("echo x | $C open {data}/f.txt --write"));
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert_eq!(
+        fs::read_to_string(b.data.path().join("f.txt")).unwrap(),
+        token
+    );
+}
+
+/// Wait until a pending approval appears in the state directory; its key.
+fn wait_pending(b: &Broker, deadline: Instant) -> String {
+    loop {
+        let o = carapace(&[
+            "approvals",
+            "list",
+            "--state-dir",
+            &b.state.to_string_lossy(),
+        ]);
+        if let Some(key) = o
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("pending "))
+            .and_then(|r| r.split_whitespace().next())
+        {
+            return key.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pending approval appeared:\n{}",
+            o.describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Run `asktool ARG` through the broker's exec op, in the background; the outcome.
+fn ask_exec(b: &Broker, arg: &str) -> std::thread::JoinHandle<Outcome> {
+    let state = b.state.to_string_lossy().into_owned();
+    let mut c = carapace_exec(
+        Some(&b.policy),
+        b.ws.path(),
+        &["--state-dir", &state, "--approval-timeout", "30"],
+        &b.client.bin,
+        &[
+            "exec",
+            "--",
+            &b.tools.path().join("asktool").to_string_lossy(),
+            arg,
+        ],
+    );
+    std::thread::spawn(move || run(&mut c, LIMIT))
+}
+
+#[test]
+fn ask_exec_waits_allow_once_then_always_persists_and_a_changed_binary_asks_again() {
+    let Some(b) = Broker::new(9) else { return };
+    let state = b.state.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+
+    // 1. ask -> pending; the run waits; allowed once by the operator CLI -> it runs.
+    let run1 = ask_exec(&b, "first-run");
+    let key = wait_pending(&b, t0 + Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !run1.is_finished(),
+        "the ask exec did not wait for the operator"
+    );
+    let o = carapace(&["approvals", "allow", &key, "--state-dir", &state]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = run1.join().unwrap();
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains("first-run"), "{}", o.describe());
+
+    // 2. allow-once is not remembered: the same request asks again; deny it.
+    let run2 = ask_exec(&b, "first-run");
+    let key = wait_pending(&b, Instant::now() + Duration::from_secs(30));
+    let o = carapace(&["approvals", "deny", &key, "--state-dir", &state]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = run2.join().unwrap();
+    assert_eq!(o.code, Some(125), "{}", o.describe());
+    assert!(!o.stdout.contains("first-run"), "{}", o.describe());
+
+    // 3. allow-always: persisted; a later carapace (a new broker) runs it without asking.
+    let run3 = ask_exec(&b, "always");
+    let key = wait_pending(&b, Instant::now() + Duration::from_secs(30));
+    let o = carapace(&[
+        "approvals",
+        "allow",
+        &key,
+        "--always",
+        "--state-dir",
+        &state,
+    ]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = run3.join().unwrap();
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = carapace(&["approvals", "list", "--state-dir", &state]);
+    assert!(o.stdout.contains("always "), "{}", o.describe());
+    let run4 = ask_exec(&b, "always");
+    let o = run4.join().unwrap();
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains("always"), "{}", o.describe());
+
+    // 4. The binary changes (same path, other content): the grant no longer matches.
+    let tool = b.tools.path().join("asktool");
+    let tmp = b.tools.path().join("asktool.new");
+    fs::copy("/usr/bin/printf", &tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &tool).unwrap();
+    let run5 = ask_exec(&b, "always");
+    let key = wait_pending(&b, Instant::now() + Duration::from_secs(30));
+    let o = carapace(&["approvals", "deny", &key, "--state-dir", &state]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = run5.join().unwrap();
+    assert_eq!(o.code, Some(125), "{}", o.describe());
+
+    // Each step is in the audit log.
+    let audit = b.audit_text();
+    assert!(audit.contains("asktool"), "{audit}");
+}
+
+#[test]
+fn message_to_a_recipient_not_listed_goes_to_the_dead_letter_queue() {
+    let Some(b) = Broker::new(9) else { return };
+    let ok = unique("MSG-OK");
+    let o = b.sh(&format!("echo {ok} | $C send outbox alice@example.com"));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains("delivered"), "{}", o.describe());
+    assert!(
+        fs::read_to_string(&b.outbox)
+            .unwrap_or_default()
+            .contains(&ok),
+        "the allowed message is not in the channel file"
+    );
+
+    let bad = unique("MSG-DLQ");
+    let o = b.sh(&format!("echo {bad} | $C send outbox mallory@example.com"));
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(
+        !fs::read_to_string(&b.outbox)
+            .unwrap_or_default()
+            .contains(&bad),
+        "the refused message reached the channel"
+    );
+    let dlq = b.state.join("dlq");
+    let entries: Vec<String> = fs::read_dir(&dlq)
+        .unwrap_or_else(|e| panic!("{}: {e}", dlq.display()))
+        .flatten()
+        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.contains(&bad) && e.contains("mallory@example.com")),
+        "no dead letter for the refused message: {entries:?}"
+    );
+}
+
+#[test]
+fn audit_chain_verifies_and_a_tampered_log_fails() {
+    let Some(b) = Broker::new(9) else { return };
+    for _ in 0..2 {
+        let o = b.client(&["secret", "alpha"]);
+        assert_eq!(o.code, Some(0), "{}", o.describe());
+        let o = b.client(&["secret", "beta"]);
+        assert_eq!(o.code, Some(1), "{}", o.describe());
+    }
+    let log = b.audit_log();
+    let log_s = log.to_string_lossy().into_owned();
+    let o = carapace(&["audit", "verify", &log_s]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.starts_with("ok: 4 records"), "{}", o.describe());
+
+    // Edit a record in the middle: `beta` -> `gamma` in line 2.
+    let text = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[1].contains("beta"), "{text}");
+    let mut tampered: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    tampered[1] = tampered[1].replace("beta", "gamma");
+    fs::write(&log, tampered.join("\n") + "\n").unwrap();
+    let o = carapace(&["audit", "verify", &log_s]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(o.stdout.contains("line 2"), "{}", o.describe());
+
+    // Delete a record instead.
+    let deleted: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, l)| *l)
+        .collect();
+    fs::write(&log, deleted.join("\n") + "\n").unwrap();
+    let o = carapace(&["audit", "verify", &log_s]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+}
+
+#[test]
+fn malformed_frames_get_an_error_and_the_broker_keeps_serving() {
+    let Some(b) = Broker::new(9) else { return };
+    // Raw garbage as one datagram on fd 3, then read the broker's answer to it, then a normal
+    // request on the same socket.
+    let o = b.sh("printf 'this is not a frame {' >&3; \
+         dd bs=65536 count=1 <&3 2>/dev/null; echo; \
+         printf '{\"v\":1,\"id\":7,\"op\":\"no_such_op\"}' >&3; \
+         dd bs=65536 count=1 <&3 2>/dev/null; echo; \
+         $C ping");
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert!(lines.len() >= 3, "{}", o.describe());
+    assert!(lines[0].contains("\"ok\":false"), "{}", o.describe());
+    assert!(lines[1].contains("\"ok\":false"), "{}", o.describe());
+    assert!(lines[1].contains("\"id\":7"), "{}", o.describe());
+    assert_eq!(lines[2], "pong", "{}", o.describe());
+}
+
+#[test]
+fn without_a_broker_section_there_is_no_fd_3() {
+    let Some(b) = Broker::new(9) else { return };
+    // The same client under the default `tool` profile (no broker section): no socket, no
+    // variable; it fails cleanly.
+    let policy = b.scratch.path().join("plain.toml");
+    let extra = format!(
+        r#"[profiles.plain]
+extends = "tool"
+why = "no broker section"
+[profiles.plain.filesystem]
+mounts = [ {{ path = "{}", access = "read-exec", why = "carapace-client" }} ]
+[[exec]]
+why = "the client without a broker"
+program = "/usr/bin/sh"
+args = ["-c", "**"]
+profile = "plain"
+approval = "allow"
+"#,
+        b.client.dir.display()
+    );
+    fs::write(
+        &policy,
+        insert_before_first_exec(&default_policy_text(), &extra),
+    )
+    .unwrap();
+    let script = format!(
+        "echo \"env=${{CARAPACE_BROKER_FD:-unset}}\"; [ -e /proc/self/fd/3 ] && echo fd3-open; {} ping",
+        b.client.bin.display()
+    );
+    let mut c = carapace_exec(
+        Some(&policy),
+        b.ws.path(),
+        &[],
+        "/usr/bin/sh",
+        &["-c", &script],
+    );
+    let o = run(&mut c, LIMIT);
+    assert!(o.stdout.starts_with("env=unset\n"), "{}", o.describe());
+    assert!(!o.stdout.contains("fd3-open"), "{}", o.describe());
+    assert!(!o.stdout.contains("pong"), "{}", o.describe());
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    // And no state was created for it.
+    assert!(!b.state.exists());
+}
