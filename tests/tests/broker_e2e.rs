@@ -88,11 +88,10 @@ impl Broker {
         }
         // The tool the `ask` rule covers: a copy of /usr/bin/echo (content changes later).
         fs::copy("/usr/bin/echo", tools.path().join("asktool")).unwrap();
-        fs::set_permissions(
-            tools.path().join("asktool"),
-            fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
+        fs::copy("/usr/bin/true", tools.path().join("denied")).unwrap();
+        for t in ["asktool", "denied"] {
+            fs::set_permissions(tools.path().join(t), fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let b = Broker {
             client,
             policy: scratch.path().join("broker.toml"),
@@ -144,6 +143,7 @@ mounts = [ {{ path = "{client_dir}", access = "read-exec", why = "carapace-clien
 
 [profiles.other.broker]
 secrets = ["beta"]
+rate = {{ requests_per_second = 1, burst = 3 }}
 
 [secrets.alpha]
 why = "broker e2e secret for `brokered`"
@@ -179,6 +179,18 @@ program = "/usr/bin/sh"
 args = ["-c", "**"]
 profile = "brokered"
 approval = "allow"
+
+[[exec]]
+why = "broker e2e: bash scripts run as the other identity (rate-limited)"
+program = "/usr/bin/bash"
+args = ["-c", "**"]
+profile = "other"
+approval = "allow"
+
+[[exec]]
+why = "broker e2e: a tool that is never allowed"
+program = "{tools}/denied"
+approval = "deny"
 
 [[exec]]
 why = "broker e2e: a tool that needs the operator"
@@ -606,4 +618,81 @@ approval = "allow"
     assert_ne!(o.code, Some(0), "{}", o.describe());
     // And no state was created for it.
     assert!(!b.state.exists());
+}
+
+/// The host uid of a `/proc/self/uid_map` line ("inside host count").
+fn host_uid(line: &str) -> u32 {
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("not a uid_map line: {line:?}"))
+}
+
+#[test]
+fn exec_runs_tools_confined_apart_and_redacts_secrets_in_their_output() {
+    let Some(b) = Broker::new(9) else { return };
+    let client = b.client.bin.display();
+    let o = b.sh(&format!(
+        "cat /proc/self/uid_map; \
+         $C exec -- /usr/bin/cat /proc/self/uid_map; \
+         $C exec -- /usr/bin/false; echo false-exit=$?; \
+         $C exec -- /usr/bin/ls /no/such/dir; echo ls-exit=$?; \
+         $C exec -- {client} ping; \
+         $C exec -- /usr/bin/echo leaked:{}; \
+         $C exec -- {}/denied; echo denied-exit=$?",
+        b.alpha,
+        b.tools.path().display()
+    ));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert!(lines.len() >= 7, "{}", o.describe());
+    // The tool is a new sandbox with a host identity of its own, both in the per-run range.
+    let (main, tool) = (host_uid(lines[0]), host_uid(lines[1]));
+    let range = 0x7F00_0000u32..0x7F00_0000 + (1 << 22);
+    assert!(
+        range.contains(&main) && range.contains(&tool),
+        "{}",
+        o.describe()
+    );
+    assert_ne!(main, tool, "the tool shares its parent sandbox's host uid");
+    // Exit codes and stderr come back.
+    assert_eq!(lines[2], "false-exit=1", "{}", o.describe());
+    assert_eq!(lines[3], "ls-exit=2", "{}", o.describe());
+    assert!(o.stderr.contains("/no/such/dir"), "{}", o.describe());
+    // A tool whose profile has a broker section gets its own socket.
+    assert_eq!(lines[4], "pong", "{}", o.describe());
+    // A secret value in a tool's output is redacted.
+    assert!(lines[5].starts_with("leaked:"), "{}", o.describe());
+    assert!(!o.stdout.contains(&b.alpha), "{}", o.describe());
+    assert!(lines[5].contains("[REDACTED]"), "{}", o.describe());
+    // A denied program is refused (125) without running.
+    assert_eq!(lines[6], "denied-exit=125", "{}", o.describe());
+    assert!(o.stderr.contains("denied"), "{}", o.describe());
+}
+
+#[test]
+fn the_profile_rate_limits_a_flood_of_requests() {
+    let Some(b) = Broker::new(9) else { return };
+    let o = run(
+        &mut carapace_exec(
+            Some(&b.policy),
+            b.ws.path(),
+            &["--state-dir", &b.state.to_string_lossy()],
+            "/usr/bin/bash",
+            &[
+                "-c",
+                &format!(
+                    "for i in 1 2 3 4 5 6 7 8; do {} ping; done; exit 0",
+                    b.client.bin.display()
+                ),
+            ],
+        ),
+        LIMIT,
+    );
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let pongs = o.stdout.lines().filter(|l| *l == "pong").count();
+    // Burst 3 at one request per second: the loop takes well under the seconds it would need
+    // for more than one refill.
+    assert!((3..=5).contains(&pongs), "{pongs} pongs:\n{}", o.describe());
+    assert!(o.stderr.contains("rate"), "{}", o.describe());
 }
