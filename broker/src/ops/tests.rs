@@ -96,6 +96,10 @@ fn setup_with(
     fs::write(dir.join("outside.txt"), "outside").unwrap_or_else(|e| panic!("{e}"));
     symlink(dir.join("outside.txt"), dir.join("data/link")).unwrap_or_else(|e| panic!("{e}"));
     symlink(&dir, dir.join("data/dirlink")).unwrap_or_else(|e| panic!("{e}"));
+    // A relative symlink that stays inside the directory: still refused (no symlinks at all).
+    symlink("a.txt", dir.join("data/inner")).unwrap_or_else(|e| panic!("{e}"));
+    symlink("out", dir.join("data/outlink")).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(dir.join("data/out/existing"), "old").unwrap_or_else(|e| panic!("{e}"));
     let secret = dir.join("key");
     fs::write(&secret, SECRET).unwrap_or_else(|e| panic!("{e}"));
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600))
@@ -370,6 +374,8 @@ async fn open_allowed_file_and_refuse_escapes() {
     for esc in [
         format!("{d}/data/link"),
         format!("{d}/data/dirlink/outside.txt"),
+        format!("{d}/data/inner"),
+        format!("{d}/data/outlink/existing"),
     ] {
         let r = env.ops.open(&who("tool"), &esc, Access::Read).await;
         assert_eq!(err_of(&r).code, ErrorCode::Denied, "{esc}");
@@ -417,6 +423,21 @@ async fn open_create_beneath_create_rule_only() {
     let r = env.ops.open(&who("tool"), &p, Access::Create).await;
     assert_eq!(err_of(&r).code, ErrorCode::Denied);
     assert_eq!(fs::read_to_string(&p).unwrap_or_default(), "made");
+    // Write access to an existing file under the create rule: write-only, no truncation.
+    let e = format!("{d}/data/out/existing");
+    let r = env.ops.open(&who("tool"), &e, Access::Write).await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Open {
+            access: Access::Write
+        }
+    );
+    let mut f = fs::File::from(r.fds.into_iter().next().unwrap_or_else(|| panic!()));
+    f.write_all(b"n").unwrap_or_else(|e| panic!("{e}"));
+    let mut s = String::new();
+    assert!(f.read_to_string(&mut s).is_err(), "opened write-only");
+    drop(f);
+    assert_eq!(fs::read_to_string(&e).unwrap_or_default(), "nld");
     // The read-only parent rule does not allow creating.
     let r = env
         .ops
