@@ -199,6 +199,49 @@ fn connect_latency(n: usize) {
     report("connect loopback round trip (no policy)", samples);
 }
 
+/// Cost of the pure codec per request: decode a request, encode its reply.
+fn codec(n: usize) {
+    use carapace_broker::protocol::{decode_request, encode_reply, Reply};
+    let reqs = [
+        ("ping", encode_request(1, &Request::Ping {}).unwrap()),
+        (
+            "connect",
+            encode_request(
+                2,
+                &Request::Connect {
+                    host: "api.example.com".into(),
+                    port: 443,
+                },
+            )
+            .unwrap(),
+        ),
+        (
+            "exec",
+            encode_request(
+                3,
+                &Request::Exec {
+                    argv: vec!["git".into(), "status".into(), "--short".into()],
+                    cwd: Some("/work".into()),
+                },
+            )
+            .unwrap(),
+        ),
+    ];
+    for (name, bytes) in &reqs {
+        let t = Instant::now();
+        for _ in 0..n {
+            let f = decode_request(std::hint::black_box(bytes)).unwrap();
+            let out = encode_reply(f.id, &Reply::Ok(OkReply::Ping {})).unwrap();
+            std::hint::black_box(out);
+        }
+        let per = t.elapsed().as_secs_f64() / n as f64;
+        println!(
+            "codec {name}: decode request + encode reply = {:.2}us",
+            per * 1e6
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run a tiny smoke then.
     let bench = std::env::args().any(|a| a == "--bench");
@@ -206,6 +249,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(if bench { 200_000 } else { 200 });
+    codec(n);
     ping_latency(n);
     ping_throughput(1, 16, n);
     ping_throughput(4, 16, n / 4);
