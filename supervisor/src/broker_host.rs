@@ -173,6 +173,96 @@ pub struct ToolContext {
     pub env: Vec<(OsString, OsString)>,
     /// Workspace used when a request names none.
     pub workspace: Option<PathBuf>,
+    /// The tools running now (killed when the broker shuts down).
+    pub live: ToolRegistry,
+}
+
+/// The tools started for the broker that are still running: their pidfds (signalling through
+/// a pidfd cannot hit a recycled pid) and their threads.
+#[derive(Debug, Default)]
+pub struct ToolRegistry {
+    pidfds: std::sync::Mutex<Vec<(u64, OwnedFd)>>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    next: AtomicU64,
+    closed: AtomicBool,
+}
+
+fn pidfd_kill(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: pidfd_send_signal on a pidfd we own; harmless (ESRCH) once the process is gone.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+}
+
+impl ToolRegistry {
+    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Track the tool whose sandbox init is `pid` (our child, not yet reaped). None when the
+    /// registry is closed: the tool was killed at once.
+    fn register(&self, pid: libc::pid_t) -> Option<u64> {
+        // SAFETY: pidfd_open on our own unreaped child; returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: pidfd_open succeeded: the fd is ours alone.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let mut v = Self::lock(&self.pidfds);
+        if self.closed.load(Ordering::SeqCst) {
+            pidfd_kill(&fd);
+            return None;
+        }
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        v.push((key, fd));
+        Some(key)
+    }
+
+    fn deregister(&self, key: u64) {
+        Self::lock(&self.pidfds).retain(|(k, _)| *k != key);
+    }
+
+    fn add_thread(&self, t: std::thread::JoinHandle<()>) {
+        let mut v = Self::lock(&self.threads);
+        v.retain(|t| !t.is_finished());
+        v.push(t);
+    }
+
+    /// Refuse new tools, kill every running one, and wait (up to `grace`) for their threads to
+    /// reap them and remove their cgroups. Returns how many were killed.
+    pub fn kill_all(&self, grace: Duration) -> usize {
+        let n = {
+            let v = Self::lock(&self.pidfds);
+            self.closed.store(true, Ordering::SeqCst);
+            for (_, fd) in v.iter() {
+                pidfd_kill(fd);
+            }
+            v.len()
+        };
+        let deadline = std::time::Instant::now() + grace;
+        let threads = std::mem::take(&mut *Self::lock(&self.threads));
+        for t in threads {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        n
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
 }
 
 /// A tool started for the broker.
@@ -214,13 +304,17 @@ pub fn spawn_tool(
 ) -> Result<ToolRun, String> {
     let (started_tx, started_rx) = mpsc::channel::<Started>();
     let (done_tx, done_rx) = mpsc::channel::<ExitReport>();
+    let outer = ctx;
     let ctx = ctx.clone();
     let program = program.to_path_buf();
     let argv0 = OsString::from(argv0);
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
     let profile_s = profile.to_string();
     let workspace = workspace.map(Path::to_path_buf).or(ctx.workspace.clone());
-    std::thread::Builder::new()
+    if ctx.live.is_closed() {
+        return Err("the broker is shutting down".to_string());
+    }
+    let thread = std::thread::Builder::new()
         .name("carapace-tool".into())
         .spawn(move || {
             // SAFETY: gettid has no preconditions.
@@ -299,8 +393,13 @@ pub fn spawn_tool(
             drop(err.write);
             drop(null);
             let mine = pair.map(|(mine, _theirs)| mine);
+            let key = ctx.live.register(running.pid());
             let _ = started_tx.send(Ok((out.read, err.read, mine)));
-            let report = match running.wait(launch.wall_time(), Some(&cg)) {
+            let report = running.wait(launch.wall_time(), Some(&cg));
+            if let Some(k) = key {
+                ctx.live.deregister(k);
+            }
+            let report = match report {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!("waiting for a tool: {}", crate::cli::error_chain(&e));
@@ -320,6 +419,7 @@ pub fn spawn_tool(
             let _ = done_tx.send(report);
         })
         .map_err(|e| format!("cannot start a thread for the tool: {e}"))?;
+    outer.live.add_thread(thread);
     let (stdout, stderr, broker) = started_rx
         .recv()
         .map_err(|_| "the tool's thread ended without starting it".to_string())??;
@@ -364,6 +464,7 @@ pub struct BrokerHost {
     /// The operations (audit, approvals, dead letters), for the supervisor's own use.
     pub ops: Arc<Ops>,
     pub approvals: Arc<Approvals>,
+    tools: Arc<ToolContext>,
 }
 
 /// Serves broker sockets on a [`BrokerHost`]'s runtime (cheap to clone). The handler is set
@@ -435,8 +536,9 @@ impl BrokerHost {
             handler: Arc::new(OnceLock::new()),
             policy: Arc::new(setup.policy.clone()),
         };
+        let tools = Arc::new(setup.tools);
         let spawner = Arc::new(SupervisorSpawner {
-            ctx: Arc::new(setup.tools),
+            ctx: tools.clone(),
             peers: peers.clone(),
         });
         let approver = Arc::new(FileApprover {
@@ -461,6 +563,7 @@ impl BrokerHost {
             peers,
             ops,
             approvals,
+            tools,
         })
     }
 
@@ -469,9 +572,15 @@ impl BrokerHost {
         self.peers.clone()
     }
 
-    /// Stop serving: abort every peer task and give blocking work a moment to finish.
+    /// Stop serving: abort every peer task (pending approvals are withdrawn), give blocking
+    /// work a moment to finish, then kill the tools still running for children that are gone
+    /// and wait for their sandboxes to be reaped and their cgroups removed.
     pub fn shutdown(self) {
         self.runtime.shutdown_timeout(Duration::from_millis(500));
+        let n = self.tools.live.kill_all(Duration::from_secs(5));
+        if n > 0 {
+            tracing::info!("killed {n} tool(s) still running for the broker");
+        }
     }
 }
 

@@ -694,6 +694,7 @@ fn start_broker(
             run_as: a.run_as,
             env: std::env::vars_os().collect(),
             workspace: Some(workspace.to_path_buf()),
+            live: Default::default(),
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
     })

@@ -918,3 +918,24 @@ pub fn carapace_exec_brokered(
         args,
     )
 }
+
+/// Directories named `name_prefix*` beneath /sys/fs/cgroup (a few levels deep, no symlinks):
+/// the cgroups carapace made (`exec-<pid>-<n>`, `tool-<pid>-<n>`).
+pub fn cgroup_dirs_named(name_prefix: &str) -> Vec<PathBuf> {
+    fn walk(d: &Path, depth: u32, prefix: &str, out: &mut Vec<PathBuf>) {
+        for ent in fs::read_dir(d).into_iter().flatten().flatten() {
+            if !ent.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let p = ent.path();
+            if ent.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(p);
+            } else if depth > 0 {
+                walk(&p, depth - 1, prefix, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), 5, name_prefix, &mut out);
+    out
+}

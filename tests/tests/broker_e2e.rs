@@ -188,6 +188,13 @@ profile = "other"
 approval = "allow"
 
 [[exec]]
+why = "broker e2e: a long-running tool"
+program = "/usr/bin/sleep"
+args = ["**"]
+profile = "tool"
+approval = "allow"
+
+[[exec]]
 why = "broker e2e: a tool that is never allowed"
 program = "{tools}/denied"
 approval = "deny"
@@ -695,4 +702,140 @@ fn the_profile_rate_limits_a_flood_of_requests() {
     // for more than one refill.
     assert!((3..=5).contains(&pongs), "{pongs} pongs:\n{}", o.describe());
     assert!(o.stderr.contains("rate"), "{}", o.describe());
+}
+
+fn pending_files(b: &Broker) -> Vec<PathBuf> {
+    fs::read_dir(b.state.join("pending"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_unanswered_ask_times_out_to_deny() {
+    let Some(b) = Broker::new(9) else { return };
+    let state = b.state.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let mut c = carapace_exec(
+        Some(&b.policy),
+        b.ws.path(),
+        &["--state-dir", &state, "--approval-timeout", "2"],
+        &b.client.bin,
+        &[
+            "exec",
+            "--",
+            &b.tools.path().join("asktool").to_string_lossy(),
+            "never",
+        ],
+    );
+    let o = run(&mut c, LIMIT);
+    assert_eq!(o.code, Some(125), "{}", o.describe());
+    assert!(!o.stdout.contains("never"), "{}", o.describe());
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{}", o.describe());
+    assert!(pending_files(&b).is_empty(), "{:?}", pending_files(&b));
+    assert!(b.audit_text().contains("timed out"), "{}", b.audit_text());
+}
+
+/// `sh -c SCRIPT` confined in `brokered` in the background (approval timeout 60 s): the
+/// supervisor's pid and its output when it ends.
+fn sh_in_background(
+    b: &Broker,
+    script: &str,
+) -> (u32, std::thread::JoinHandle<std::process::Output>) {
+    let state = b.state.to_string_lossy().into_owned();
+    let mut c = carapace_exec(
+        Some(&b.policy),
+        b.ws.path(),
+        &["--state-dir", &state, "--approval-timeout", "60"],
+        "/usr/bin/sh",
+        &["-c", &format!("C={}; {script}", b.client.bin.display())],
+    );
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    (
+        pid,
+        std::thread::spawn(move || child.wait_with_output().unwrap()),
+    )
+}
+
+fn describe(o: &std::process::Output) -> String {
+    format!(
+        "{:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A child that ends while its `ask` waits: the approval is withdrawn (no pending file left)
+/// and the supervisor does not wait for the operator. (One request at a time per socket: two
+/// client processes sharing fd 3 would read each other's replies.)
+#[test]
+fn when_the_child_ends_its_pending_ask_is_withdrawn() {
+    let Some(b) = Broker::new(9) else { return };
+    let t0 = Instant::now();
+    let (_, bg) = sh_in_background(
+        &b,
+        &format!(
+            "$C exec -- {}/asktool withdrawn & /usr/bin/sleep 3; exit 0",
+            b.tools.path().display()
+        ),
+    );
+    let _ = wait_pending(&b, t0 + Duration::from_secs(20));
+    let o = bg.join().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(t0.elapsed() < Duration::from_secs(30), "{}", describe(&o));
+    assert!(pending_files(&b).is_empty(), "{:?}", pending_files(&b));
+    assert!(b.audit_text().contains("asktool"), "{}", b.audit_text());
+}
+
+/// A tool still running when the child that asked for it ends is killed, reaped and its cgroup
+/// removed before the supervisor exits.
+#[test]
+fn when_the_child_ends_its_tools_are_killed_and_cleaned_up() {
+    let Some(b) = Broker::new(9) else { return };
+    let (whole, frac) = (40 + std::process::id() % 50, std::process::id() % 1000);
+    // (The script spells the duration in two pieces, so that only the tool's own command line
+    // starts with `/usr/bin/sleep NAP`.)
+    let tool_cmdline = format!("/usr/bin/sleep {whole}.{frac}");
+    let t0 = Instant::now();
+    let (sup, bg) = sh_in_background(
+        &b,
+        &format!("W={whole}; $C exec -- /usr/bin/sleep $W.{frac} & /usr/bin/sleep 3; exit 0"),
+    );
+    let tool_running = || {
+        host_processes_with(&tool_cmdline)
+            .iter()
+            .any(|(_, c)| c.starts_with(&tool_cmdline))
+    };
+    while !tool_running() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the tool never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tool_cgroups = format!("tool-{sup}-");
+    assert!(
+        !cgroup_dirs_named(&tool_cgroups).is_empty(),
+        "no cgroup {tool_cgroups}* for the tool"
+    );
+    let o = bg.join().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "carapace waited for the tool: {}",
+        describe(&o)
+    );
+    assert!(
+        !tool_running(),
+        "the tool outlived the child that asked for it"
+    );
+    assert_eq!(cgroup_dirs_named(&tool_cgroups), Vec::<PathBuf>::new());
 }
