@@ -1188,6 +1188,69 @@ mod tests {
         ));
     }
 
+    /// sendmsg with any number of fds (send_frame refuses more than MAX_FDS).
+    fn send_raw_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) {
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        let mut control = vec![0u64; 64]; // 512 bytes, 8-aligned
+                                          // SAFETY: zeroed msghdr is valid.
+        let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = cmsg_space(fds.len()) as _;
+        assert!(cmsg_space(fds.len()) <= 512);
+        // SAFETY: the control buffer is large and aligned enough for one header with fds.len()
+        // ints; the msghdr points at live buffers during sendmsg.
+        unsafe {
+            let hdr = libc::CMSG_FIRSTHDR(&msg);
+            (*hdr).cmsg_level = libc::SOL_SOCKET;
+            (*hdr).cmsg_type = libc::SCM_RIGHTS;
+            (*hdr).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+            let data = libc::CMSG_DATA(hdr).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(*fd);
+            }
+            assert!(libc::sendmsg(sock.as_raw_fd(), &msg, 0) >= 0);
+        }
+    }
+
+    /// No copy of the pipe's write end is open any more: the read end reads EOF (not EAGAIN).
+    fn write_end_closed_everywhere(r: &OwnedFd) -> bool {
+        let mut b = [0u8; 1];
+        // SAFETY: fcntl and a non-blocking read into a live 1-byte buffer, on an fd we own.
+        unsafe {
+            libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+            libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 0
+        }
+    }
+
+    #[test]
+    fn surplus_fds_are_closed() {
+        for count in [5usize, 6, 20, 40] {
+            let (a, b) = seqpacket_pair().unwrap();
+            let (r, w) = nix::unistd::pipe().unwrap();
+            send_raw_fds(a.as_fd(), b"x", &vec![w.as_raw_fd(); count]);
+            drop(w);
+            // Our write end is gone; copies are in flight in the socket.
+            assert!(
+                !write_end_closed_everywhere(&r),
+                "{count}: copies should be in flight"
+            );
+            let mut buf = vec![0u8; MAX_FRAME];
+            let got = recv_frame(b.as_fd(), &mut buf, 0).unwrap();
+            assert_eq!(got.fds.len(), MAX_FDS, "{count}");
+            assert!(got.fds_truncated, "{count}");
+            drop(got);
+            assert!(
+                write_end_closed_everywhere(&r),
+                "{count}: a surplus fd leaked"
+            );
+        }
+    }
+
     #[test]
     fn recv_detects_truncation_and_eof() {
         let (a, b) = seqpacket_pair().unwrap();
