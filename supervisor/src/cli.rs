@@ -78,6 +78,13 @@ The workspace (default: the current directory) appears at the profile's workspac
 (/workspace in the default policy), writable but not executable; files written there are owned \
 by the workspace directory's owner on the host. stdin, stdout and stderr are passed through.
 
+When the profile has a broker section ([profiles.NAME.broker]), PROGRAM also gets a socket to \
+carapace's broker at fd 3 (CARAPACE_BROKER_FD=3): through it, and only as the policy allows, it \
+may ask for network connections, files outside its view, secrets, outbound messages and other \
+tools (run confined in sandboxes of their own); `carapace-client` is its command-line client. \
+carapace serves it until PROGRAM exits. Every decision is appended to STATE-DIR/audit.log \
+(check it with `carapace audit verify`); an `ask` waits for `carapace approvals allow|deny`.
+
 carapace needs root for now (it creates the namespaces and mounts, then drops everything \
 before the program starts); rootless mode is planned.";
 
@@ -183,7 +190,8 @@ pub struct ExecArgs {
     pub workspace: Option<PathBuf>,
     /// Unprivileged host identity the program runs as: `auto` (default) = uid and gid
     /// 2130706432 + the supervisor's pid (range 2130706432..2134900736: unique per concurrent
-    /// run, never a real account), or UID:GID (never 0)
+    /// run, never a real account; a tool a brokered program has the broker run gets one of its
+    /// own from the same range), or UID:GID (never 0)
     #[arg(long, value_name = "auto|UID:GID", default_value = "auto", value_parser = namespaces::parse_run_as)]
     pub run_as: RunAs,
     /// Print a one-line report (exit, signal, wall/cpu time, peak memory, OOM, timeout) on stderr

@@ -89,6 +89,8 @@ impl Broker {
         // The tool the `ask` rule covers: a copy of /usr/bin/echo (content changes later).
         fs::copy("/usr/bin/echo", tools.path().join("asktool")).unwrap();
         fs::copy("/usr/bin/true", tools.path().join("denied")).unwrap();
+        // Another name for it: rules decide on the resolved program.
+        std::os::unix::fs::symlink("denied", tools.path().join("alias")).unwrap();
         for t in ["asktool", "denied"] {
             fs::set_permissions(tools.path().join(t), fs::Permissions::from_mode(0o755)).unwrap();
         }
@@ -129,7 +131,8 @@ mounts = [ {{ path = "{client_dir}", access = "read-exec", why = "carapace-clien
 [profiles.brokered.broker]
 connect = [ {{ host = "127.0.0.1", port = {port}, allow_private = true, why = "the test's loopback server" }},
             {{ host = "localhost", port = {port}, why = "a name resolving to loopback, WITHOUT allow_private" }} ]
-open = [ {{ path = "{data}", access = "read", why = "test data" }} ]
+open = [ {{ path = "{data}", access = "read", why = "test data" }},
+         {{ path = "{data}/out", access = "create", why = "test outputs" }} ]
 secrets = ["alpha"]
 channels = ["outbox"]
 exec = true
@@ -372,6 +375,22 @@ fn open_beneath_the_rule_only() {
         fs::read_to_string(b.data.path().join("f.txt")).unwrap(),
         token
     );
+
+    // `create` beneath the create rule: a new file, never an existing one, never elsewhere.
+    fs::create_dir(b.data.path().join("out")).unwrap();
+    let o = b.sh(&format!(
+        "echo made-inside | $C open {data}/out/new.txt --create"
+    ));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert_eq!(
+        fs::read_to_string(b.data.path().join("out/new.txt")).unwrap(),
+        "made-inside\n"
+    );
+    let o = b.sh(&format!("echo again | $C open {data}/out/new.txt --create"));
+    assert_ne!(o.code, Some(0), "create replaced a file: {}", o.describe());
+    let o = b.sh(&format!("echo x | $C open {data}/elsewhere.txt --create"));
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(!b.data.path().join("elsewhere.txt").exists());
 }
 
 /// Wait until a pending approval appears in the state directory; its key.
@@ -646,9 +665,12 @@ fn exec_runs_tools_confined_apart_and_redacts_secrets_in_their_output() {
          $C exec -- /usr/bin/ls /no/such/dir; echo ls-exit=$?; \
          $C exec -- {client} ping; \
          $C exec -- /usr/bin/echo leaked:{}; \
-         $C exec -- {}/denied; echo denied-exit=$?",
+         $C exec -- {tools}/denied; echo denied-exit=$?; \
+         $C exec -- {tools}/alias; echo alias-exit=$?; \
+         $C exec -- {tools}/../{tools_name}/./denied; echo dotted-exit=$?",
         b.alpha,
-        b.tools.path().display()
+        tools = b.tools.path().display(),
+        tools_name = b.tools.path().file_name().unwrap().to_string_lossy(),
     ));
     assert_eq!(o.code, Some(0), "{}", o.describe());
     let lines: Vec<&str> = o.stdout.lines().collect();
@@ -674,6 +696,9 @@ fn exec_runs_tools_confined_apart_and_redacts_secrets_in_their_output() {
     assert!(lines[5].contains("[REDACTED]"), "{}", o.describe());
     // A denied program is refused (125) without running.
     assert_eq!(lines[6], "denied-exit=125", "{}", o.describe());
+    // ... also through a symlink or a path with `..`: decided on the resolved program.
+    assert_eq!(lines[7], "alias-exit=125", "{}", o.describe());
+    assert_eq!(lines[8], "dotted-exit=125", "{}", o.describe());
     assert!(o.stderr.contains("denied"), "{}", o.describe());
 }
 
