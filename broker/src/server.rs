@@ -965,11 +965,14 @@ mod tests {
         drop(w);
         let (id, rep, _) = reply(&a);
         assert_eq!((id, err_code(&rep)), (4, ErrorCode::BadRequest));
-        // The broker kept no copy of the write end: the pipe reads EOF.
-        let mut file = std::fs::File::from(r);
-        let mut s = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut s).unwrap();
-        assert!(s.is_empty());
+        // The broker kept no copy of the write end: the pipe reads EOF (not EAGAIN).
+        let mut byte = [0u8; 1];
+        // SAFETY: fcntl and a non-blocking read into a live 1-byte buffer, on an fd we own.
+        let n = unsafe {
+            libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+            libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1)
+        };
+        assert_eq!(n, 0, "a write end sent with the request is still open");
         assert_alive(&a, 5);
     }
 
