@@ -161,6 +161,7 @@ why = "broker e2e file channel"
 kind = "file"
 path = "{outbox}"
 recipients = ["alice@example.com"]
+block = ["(?i)password\\s*[:=]"]
 
 [[exec]]
 why = "broker e2e: the client, brokered"
@@ -540,6 +541,36 @@ fn message_to_a_recipient_not_listed_goes_to_the_dead_letter_queue() {
             .any(|e| e.contains(&bad) && e.contains("mallory@example.com")),
         "no dead letter for the refused message: {entries:?}"
     );
+
+    // A blocked pattern: dead-lettered too.
+    let blocked = unique("MSG-BLOCKED");
+    let o = b.sh(&format!(
+        "echo '{blocked} password: hunter2' | $C send outbox alice@example.com"
+    ));
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    let outbox = fs::read_to_string(&b.outbox).unwrap_or_default();
+    assert!(!outbox.contains(&blocked), "{outbox}");
+    let dead = fs::read_dir(&dlq).unwrap().flatten().any(|e| {
+        fs::read_to_string(e.path())
+            .unwrap_or_default()
+            .contains(&blocked)
+    });
+    assert!(dead, "no dead letter for the blocked message");
+
+    // A secret value in an outbound message is redacted (the child may hold it; the channel
+    // never sees it).
+    let marker = unique("MSG-SECRET");
+    let o = b.sh(&format!(
+        "S=$($C secret alpha); echo \"{marker} $S\" | $C send outbox alice@example.com"
+    ));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let outbox = fs::read_to_string(&b.outbox).unwrap_or_default();
+    assert!(outbox.contains(&marker), "{outbox}");
+    assert!(
+        !outbox.contains(&b.alpha),
+        "the secret reached the channel: {outbox}"
+    );
+    assert!(outbox.contains("[REDACTED]"), "{outbox}");
 }
 
 #[test]
