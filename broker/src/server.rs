@@ -1009,6 +1009,67 @@ mod tests {
     }
 
     #[test]
+    fn a_flooding_peer_does_not_starve_another() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let h = harness(PeerLimits::default());
+        let (a, ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        let a = Arc::new(a);
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        // A floods: up to 100 requests outstanding (over max_in_flight: some get `busy`), as
+        // fast as the broker answers; a reader thread drains the replies.
+        let (wa, sa, rw) = (a.clone(), stop.clone(), received.clone());
+        let writer = std::thread::spawn(move || {
+            let mut id = 1u64;
+            while !sa.load(Ordering::SeqCst) {
+                if id - 1 - rw.load(Ordering::SeqCst) >= 100 {
+                    std::thread::yield_now();
+                    continue;
+                }
+                let bytes = encode_request(id, &Request::Ping {}).unwrap();
+                if send_frame(wa.as_fd(), &bytes, &[]).is_err() {
+                    break;
+                }
+                id += 1;
+            }
+        });
+        let (ra, rr) = (a.clone(), received.clone());
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0; MAX_FRAME];
+            while let Ok(r) = recv_frame(ra.as_fd(), &mut buf, 0) {
+                if r.eof {
+                    break;
+                }
+                rr.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let before = received.load(Ordering::SeqCst);
+        let mut worst = Duration::ZERO;
+        for id in 1..=200 {
+            let t = Instant::now();
+            assert_alive(&b, id);
+            worst = worst.max(t.elapsed());
+        }
+        let during = received.load(Ordering::SeqCst) - before;
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert!(
+            worst < Duration::from_secs(1),
+            "B's worst round trip {worst:?}"
+        );
+        assert!(
+            during > 200,
+            "A was not served meanwhile ({during} replies)"
+        );
+        assert!(!ha.is_finished(), "A (which reads its replies) was dropped");
+        // SAFETY: shutdown on a socket fd we own (wakes the reader blocked in recv).
+        unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_RDWR) };
+        reader.join().unwrap();
+    }
+
+    #[test]
     fn rate_limit_refuses_over_the_bucket() {
         let h = harness(PeerLimits {
             rate: Some(RateLimit {
