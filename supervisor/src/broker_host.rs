@@ -12,8 +12,16 @@
 //!   `PR_SET_PDEATHSIG` is tied to the thread that created it, so that thread must outlive it,
 //!   and with `--run-as auto` the thread's id (a pid number no other live task has) gives the
 //!   tool a host uid of its own (`AUTO_BASE + tid`), distinct from its parent sandbox's.
-//! - [`ToolSpawner`]: [`spawn_tool`] as the broker's `Spawner`.
-//! - [`BrokerHost`]: the runtime and the server, one identity per served socket.
+//!   The tools still running when the broker shuts down (their child is gone) are killed
+//!   through pidfds and their cgroups removed ([`ToolRegistry::kill_all`]).
+//! - [`SupervisorSpawner`]: [`spawn_tool`] as the broker's `Spawner`; a brokered tool's socket
+//!   is served with a new identity (role `tool`, its profile).
+//! - [`FileApprover`]: `ask` approvals offered to the operator as files in
+//!   `<state>/pending/` and answered by `carapace approvals allow|deny` (until the control
+//!   socket of issue 4).
+//! - [`BrokerHost`]: opens the state (audit log, approvals, dead letters), builds `Ops` and runs
+//!   the tokio runtime (two workers) that serves the sockets, one identity per socket, with the
+//!   per-peer limits of its profile.
 
 use std::ffi::OsString;
 use std::future::Future;
