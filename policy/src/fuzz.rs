@@ -26,6 +26,26 @@ pub fn policy_roundtrip(data: &[u8]) {
         .map(|s| s.to_string())
         .collect();
     for name in &names {
+        // The broker's view of the profile: explain it and run each matcher on odd inputs.
+        let _ = policy.explain_broker(name);
+        if let Some(rules) = policy.broker_view(name) {
+            for host in ["", "a.example.com", "*", "127.0.0.1", "::1", "\u{0}.."] {
+                let _ = rules.connect_allowed(host, 443);
+            }
+            for path in ["/", "/a/../b", "/srv/data/x", "relative", "/x\u{0}y"] {
+                for access in [
+                    crate::broker::OpenAccess::Read,
+                    crate::broker::OpenAccess::Write,
+                    crate::broker::OpenAccess::Create,
+                ] {
+                    let _ = rules.open_allowed(std::path::Path::new(path), access);
+                }
+            }
+            for c in &rules.channels {
+                let _ = c.recipient_allowed("alice@example.com");
+                let _ = c.blocked_by("password: hunter2");
+            }
+        }
         if let Ok(plan) = policy.compile(name, &Target { landlock_abi: 7 }) {
             check_filter_matches_plan(
                 &plan,
