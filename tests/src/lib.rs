@@ -114,7 +114,7 @@ fn is_stale(bin: &Path) -> bool {
     };
     let root = repo_root();
     let mut newest = UNIX_EPOCH;
-    for d in ["supervisor", "policy/src", "policies"] {
+    for d in ["supervisor", "policy/src", "broker/src", "policies"] {
         newest_mtime(&root.join(d), &mut newest);
     }
     newest > built
