@@ -1007,6 +1007,9 @@ fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
             target.landlock_abi
         );
         print!("{}", plan.explain());
+        // What the child may ask the broker for is part of its confinement too.
+        println!();
+        print!("{}", policy.explain_broker(&plan.profile));
     }
     0
 }

@@ -371,6 +371,22 @@ fn policy_subcommands() {
     assert!(o.contains("program: /usr/bin/ls"), "{o}");
     assert!(o.contains("decision: allow"), "{o}");
     assert!(o.contains("Landlock"), "{o}");
+    // The broker part of the confinement is explained too: none for the default tool profile...
+    assert!(o.contains("has no [profiles.tool.broker] section"), "{o}");
+    // ... and the allowlists of a profile that has one.
+    let brokered = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/corpus/policy/broker-sections.toml"
+    );
+    let out = carapace(
+        dir.path(),
+        &["policy", "explain", brokered, "--", "ls", "-la"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(o.contains("profile: agent"), "{o}");
+    assert!(o.contains("api.example.com"), "{o}");
+    assert!(o.contains("any subdomain of example.org"), "{o}");
 
     let out = carapace(dir.path(), &["policy", "show-default"]);
     assert_eq!(text(&out.stdout), DEFAULT);
