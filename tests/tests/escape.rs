@@ -1574,6 +1574,8 @@ fn confinement_section(policy: &Path, argv: &[&str], attack_dir: &str) -> (Vec<S
         })
         .map(|l| l.replace("profile `escape_wall`", "profile `tool`"))
         .map(|l| l.replace("profile `escape`", "profile `tool`"))
+        .map(|l| l.replace("[profiles.escape_wall.", "[profiles.tool."))
+        .map(|l| l.replace("[profiles.escape.", "[profiles.tool."))
         .collect();
     (lines, dir_lines)
 }
