@@ -2153,23 +2153,7 @@ mod tests {
         }
     }
 
-    /// `struct clone_args` of clone3(2), as far as we use it.
-    #[repr(C)]
-    #[derive(Default)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
-    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    use crate::namespaces::{CloneArgs, CLONE_INTO_CGROUP};
 
     #[test]
     fn real_child_born_in_cgroup_via_clone3_and_v1_self_join() {

@@ -359,3 +359,24 @@ mod tests {
         .is_err());
     }
 }
+
+/// `struct clone_args` of clone3(2) (CLONE_ARGS_SIZE_VER2, 88 bytes), as far as carapace uses
+/// it: namespaces in `flags`, a pidfd, and the v2 cgroup the child is born in.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct CloneArgs {
+    pub(crate) flags: u64,
+    pub(crate) pidfd: u64,
+    pub(crate) child_tid: u64,
+    pub(crate) parent_tid: u64,
+    pub(crate) exit_signal: u64,
+    pub(crate) stack: u64,
+    pub(crate) stack_size: u64,
+    pub(crate) tls: u64,
+    pub(crate) set_tid: u64,
+    pub(crate) set_tid_size: u64,
+    pub(crate) cgroup: u64,
+}
+
+/// clone3 flag: start the child in the v2 cgroup named by `clone_args.cgroup` (Linux 5.7).
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;

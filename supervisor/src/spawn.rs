@@ -41,7 +41,7 @@ use carapace_policy::plan::{Mount, Plan};
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::fds::{self, ChildFailure, FdError, Pipe};
 use crate::mounts::{self, MountError, WorkspaceTree};
-use crate::namespaces::{self, HostIds, NamespaceError};
+use crate::namespaces::{self, CloneArgs, HostIds, NamespaceError, CLONE_INTO_CGROUP};
 use crate::report::ExitReport;
 use crate::{caps, landlock, rlimits, seccomp};
 
@@ -976,25 +976,6 @@ impl Drop for Running {
         }
     }
 }
-
-/// `struct clone_args` (CLONE_ARGS_SIZE_VER2, 88 bytes).
-#[repr(C)]
-#[derive(Debug, Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// The raw fds the child uses (copies of the parent's, valid in the child's fd table).
 #[derive(Debug, Clone, Copy)]
