@@ -3,18 +3,29 @@
 //!
 //! ```no_run
 //! use carapace_broker::client::Client;
-//! let mut broker = Client::from_env()?;           // fd named by CARAPACE_BROKER_FD (default 3)
+//! let mut broker = Client::from_env()?;  // a session on CARAPACE_BROKER_FD (default 3)
 //! let (sock, peer) = broker.connect("api.example.com", 443)?;
 //! # Ok::<(), carapace_broker::client::ClientError>(())
 //! ```
 //!
-//! One request at a time: each call sends a frame and blocks until its reply. Events (the `exit`
-//! of an exec'd tool) that arrive meanwhile are kept until [`Client::wait_exit`] asks for them.
+//! **Sessions.** Every process of a sandbox inherits the same broker socket. Two clients using
+//! it at once would mix their request ids and read each other's replies, so
+//! [`Client::from_env`] does not talk on it: it asks for a `session` (a private socket with the
+//! same identity) with a random request id, takes the first well-formed session reply with one
+//! fd whatever its id (sessions are interchangeable: a reply meant for another process is as
+//! good as its own, which that process then gets instead), and talks only on that. The
+//! inherited socket stays open, for the other processes and for the programs this one execs.
+//!
+//! One request at a time per client: each call sends a frame and blocks until its reply.
+//! Events (the `exit` of an exec'd tool) that arrive meanwhile are kept until
+//! [`Client::wait_exit`] asks for them. A thread that needs its own channel opens another
+//! session with [`Client::session`].
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use crate::protocol::{
     decode_server_frame, encode_request, recv_frame, send_frame, Access, DecodeError, EncodeError,
@@ -51,6 +62,8 @@ pub enum ClientError {
     WrongReply { op: &'static str, got: &'static str },
     #[error("no exec with request id {0} is awaiting its exit")]
     NoSuchExec(u64),
+    #[error("the broker gave no session within {0:?}")]
+    NoSession(Duration),
 }
 
 impl ClientError {
@@ -130,20 +143,162 @@ fn check_seqpacket(fd: RawFd) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// How long one `session` request waits for a reply before it is sent again (a reply can be
+/// lost to another process only when it is an error, e.g. `busy`).
+const SESSION_ATTEMPT: Duration = Duration::from_secs(5);
+/// How long [`Client::open_session`] keeps asking.
+const SESSION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A request id no other process of the sandbox is likely to pick: 64 bits from `getrandom`
+/// (mixed with the pid and the time should it fail). Never 0.
+fn random_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    let mut got = 0usize;
+    while got < bytes.len() {
+        let rest = &mut bytes[got..];
+        // SAFETY: getrandom writes at most rest.len() bytes into `rest`, a live buffer we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n > 0 {
+            got += n.unsigned_abs();
+        } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        } else {
+            break;
+        }
+    }
+    let mut id = u64::from_ne_bytes(bytes);
+    if got < bytes.len() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        id ^= (u64::from(std::process::id()) << 32) ^ nanos.rotate_left(17);
+    }
+    id.max(1)
+}
+
+/// Wait until `fd` is readable or `until` passes: Some(true) readable, Some(false) timed out,
+/// None when poll(2) is not available (then the caller reads blocking).
+fn wait_readable(fd: BorrowedFd<'_>, until: Instant) -> Option<bool> {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Some(false);
+        }
+        let ms = libc::c_int::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd, a live local.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return Some(true);
+        }
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+    }
+}
+
+/// Read the shared socket until a session reply carrying one fd (any id), an error reply to
+/// `id`, or `until`. Frames meant for others are dropped (their fds closed).
+fn wait_session(
+    shared: BorrowedFd<'_>,
+    buf: &mut [u8],
+    id: u64,
+    until: Instant,
+) -> Result<Option<OwnedFd>, ClientError> {
+    loop {
+        let flags = match wait_readable(shared, until) {
+            Some(true) => libc::MSG_DONTWAIT,
+            Some(false) => return Ok(None),
+            None => 0,
+        };
+        let r = match recv_frame(shared, buf, flags) {
+            // Another process read it first.
+            Err(e) if e.is_would_block() => continue,
+            Err(e) => return Err(e.into()),
+            Ok(r) => r,
+        };
+        if r.eof {
+            return Err(ClientError::Closed);
+        }
+        if r.truncated {
+            continue;
+        }
+        let Ok(frame) = decode_server_frame(&buf[..r.len]) else {
+            continue;
+        };
+        match frame {
+            ServerFrame::Reply {
+                reply: Reply::Ok(OkReply::Session {}),
+                ..
+            } if r.fds.len() == 1 => {
+                return Ok(r.fds.into_iter().next());
+            }
+            ServerFrame::Reply {
+                id: rid,
+                reply: Reply::Err(body),
+            } if rid == id => return Err(ClientError::Refused(body)),
+            ServerFrame::Reply {
+                id: rid,
+                reply: Reply::Ok(OkReply::Session {}),
+            } if rid == id => {
+                return Err(ClientError::FdCount {
+                    op: "session",
+                    got: r.fds.len(),
+                    expected: 1,
+                })
+            }
+            // Someone else's reply or event.
+            _ => {}
+        }
+    }
+}
+
 impl Client {
-    /// Take the broker socket named by `CARAPACE_BROKER_FD` (default 3). Call it once per
-    /// process: the returned client owns (and closes) that fd.
+    /// A session (see the module docs) on the broker socket named by `CARAPACE_BROKER_FD`
+    /// (default 3). The inherited socket is left open and is not owned by the client; the
+    /// session's socket is close-on-exec. Every process may call this, as often as it likes.
     pub fn from_env() -> Result<Client, ClientError> {
         let fd = broker_fd_from_env()?;
         check_seqpacket(fd)?;
-        // SAFETY: the fd is open (getsockopt succeeded) and is a SEQPACKET socket; the
-        // environment variable hands it to this process's broker client, which is its only owner
-        // by the documented contract (from_env is called once).
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Client::new(fd))
+        // SAFETY: the fd is open (getsockopt just succeeded on it) and we never close it; it
+        // is only borrowed for the session handshake below, during which nothing in this
+        // process closes the inherited broker socket (the contract of CARAPACE_BROKER_FD).
+        let shared = unsafe { BorrowedFd::borrow_raw(fd) };
+        Client::open_session(shared)
     }
 
-    /// A client over an already connected `SOCK_SEQPACKET` socket (must be blocking).
+    /// Open a session on a socket other processes may be using too (`shared` is only
+    /// borrowed): send `session` with a random id and take the first session reply with one
+    /// fd, whatever its id. Asks again every 5 s (an error reply meant for us can be read by
+    /// another process) and gives up after 30 s.
+    pub fn open_session(shared: BorrowedFd<'_>) -> Result<Client, ClientError> {
+        let mut buf = vec![0u8; MAX_FRAME];
+        let deadline = Instant::now() + SESSION_DEADLINE;
+        loop {
+            let id = random_id();
+            send_frame(shared, &encode_request(id, &Request::Session {})?, &[])?;
+            let attempt = (Instant::now() + SESSION_ATTEMPT).min(deadline);
+            if let Some(fd) = wait_session(shared, &mut buf, id, attempt)? {
+                let mut client = Client::new(fd);
+                client.buf = buf;
+                return Ok(client);
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::NoSession(SESSION_DEADLINE));
+            }
+        }
+    }
+
+    /// A client over a `SOCK_SEQPACKET` socket that only it uses (a session, or a socket of
+    /// its own); must be blocking. It owns and closes the fd.
     pub fn new(fd: OwnedFd) -> Client {
         Client {
             fd,
@@ -224,6 +379,16 @@ impl Client {
     /// `ping`: a no-op round trip.
     pub fn ping(&mut self) -> Result<(), ClientError> {
         self.call(&Request::Ping {}).map(|_| ())
+    }
+
+    /// `session`: another client with the same identity, on a socket of its own (e.g. for
+    /// another thread).
+    pub fn session(&mut self) -> Result<Client, ClientError> {
+        let (_, ok, fds) = self.call(&Request::Session {})?;
+        match (ok, one_fd(fds)) {
+            (OkReply::Session {}, Some(fd)) => Ok(Client::new(fd)),
+            (ok, _) => Err(wrong("session", &ok)),
+        }
     }
 
     /// `connect`: a connected TCP socket to `host:port` and the address actually connected.
@@ -342,6 +507,7 @@ mod tests {
     use super::*;
     use crate::protocol::{decode_request, encode_event, encode_reply, seqpacket_pair};
     use std::io::Read;
+    use std::sync::Arc;
 
     /// A scripted broker on a thread: answers each request with `answer`.
     fn fake_broker(
@@ -483,6 +649,171 @@ mod tests {
             c.ping(),
             Err(ClientError::Closed) | Err(ClientError::Socket(_))
         ));
+    }
+
+    fn ping_broker() -> (OwnedFd, std::thread::JoinHandle<()>) {
+        let (a, b) = seqpacket_pair().unwrap();
+        let t = fake_broker(b, |id, _| {
+            vec![(
+                encode_reply(id, &Reply::Ok(OkReply::Ping {})).unwrap(),
+                vec![],
+            )]
+        });
+        (a, t)
+    }
+
+    #[test]
+    fn a_session_reply_with_a_foreign_id_is_accepted() {
+        let (shared, b) = seqpacket_pair().unwrap();
+        let (session_end, session_broker) = ping_broker();
+        let session_end = std::sync::Mutex::new(Some(session_end));
+        let t = fake_broker(b, move |id, req| {
+            assert_eq!(req, Request::Session {});
+            let foreign = id.wrapping_add(1).max(1);
+            let (stray, _) = seqpacket_pair().unwrap();
+            vec![
+                // Other processes' replies: an error, a ping reply, an event, a session reply
+                // without its fd. All skipped.
+                (
+                    encode_reply(foreign, &Reply::err(ErrorCode::Busy, "not yours")).unwrap(),
+                    vec![],
+                ),
+                (
+                    encode_reply(1, &Reply::Ok(OkReply::Ping {})).unwrap(),
+                    vec![stray],
+                ),
+                (
+                    encode_reply(foreign, &Reply::Ok(OkReply::Session {})).unwrap(),
+                    vec![],
+                ),
+                // A session reply meant for another process, with its fd: as good as ours.
+                (
+                    encode_reply(foreign, &Reply::Ok(OkReply::Session {})).unwrap(),
+                    vec![session_end.lock().unwrap().take().unwrap()],
+                ),
+            ]
+        });
+        let mut c = Client::open_session(shared.as_fd()).unwrap();
+        // The client talks on the session, not on the shared socket.
+        assert_ne!(c.as_raw_fd(), shared.as_raw_fd());
+        c.ping().unwrap();
+        c.ping().unwrap();
+        // The session's fd is close-on-exec; the shared one is untouched (still ours, open).
+        // SAFETY: F_GETFD on fds we hold.
+        let (cflags, sflags) = unsafe {
+            (
+                libc::fcntl(c.as_raw_fd(), libc::F_GETFD),
+                libc::fcntl(shared.as_raw_fd(), libc::F_GETFD),
+            )
+        };
+        assert!(cflags & libc::FD_CLOEXEC != 0);
+        assert!(sflags >= 0);
+        drop(c);
+        session_broker.join().unwrap();
+        drop(shared);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn an_error_reply_to_our_session_request_is_a_refusal() {
+        let (shared, b) = seqpacket_pair().unwrap();
+        let t = fake_broker(b, |id, _| {
+            vec![(
+                encode_reply(id, &Reply::err(ErrorCode::Busy, "32 sessions")).unwrap(),
+                vec![],
+            )]
+        });
+        let e = Client::open_session(shared.as_fd()).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+        // Our own session reply without its fd is an error, not a wait.
+        drop(shared);
+        t.join().unwrap();
+        let (shared, b) = seqpacket_pair().unwrap();
+        let t = fake_broker(b, |id, _| {
+            vec![(
+                encode_reply(id, &Reply::Ok(OkReply::Session {})).unwrap(),
+                vec![],
+            )]
+        });
+        assert!(matches!(
+            Client::open_session(shared.as_fd()),
+            Err(ClientError::FdCount { op: "session", .. })
+        ));
+        drop(shared);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn session_ids_are_random() {
+        let ids: std::collections::HashSet<u64> = (0..64).map(|_| random_id()).collect();
+        assert_eq!(ids.len(), 64);
+        assert!(!ids.contains(&0));
+    }
+
+    /// Many processes' worth of clients on one shared socket served by the real server: each
+    /// opens a session and talks on it; none sees another's replies.
+    #[test]
+    fn concurrent_clients_on_one_shared_socket() {
+        use crate::protocol::Request;
+        use crate::server::{Handler, Identity, PeerLimits, Response, Role, Server};
+        struct Slow;
+        impl Handler for Slow {
+            fn handle(
+                &self,
+                who: &Identity,
+                req: Request,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + '_>>
+            {
+                let who = who.to_string();
+                Box::pin(async move {
+                    match req {
+                        // Answered later, so that requests overlap.
+                        Request::Send { body, .. } => {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                            Response::ok(OkReply::Send {
+                                status: SendStatus::Delivered,
+                                dlq_id: Some(format!("{who}:{body}")),
+                            })
+                        }
+                        _ => Response::ok(OkReply::Ping {}),
+                    }
+                })
+            }
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (shared, b) = seqpacket_pair().unwrap();
+        {
+            let _g = rt.enter();
+            Server::new(Arc::new(Slow), PeerLimits::default()).serve_peer(
+                b,
+                Identity {
+                    id: 5,
+                    role: Role::Gateway,
+                    profile: "gw".into(),
+                },
+            );
+        }
+        let shared = Arc::new(shared);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let mut c = Client::open_session(shared.as_fd()).unwrap();
+                    for i in 0..50 {
+                        let body = format!("{t}-{i}");
+                        let (_, dlq) = c.send("c", "r", &body).unwrap();
+                        assert_eq!(dlq.unwrap(), format!("gateway#5(gw):{body}"));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

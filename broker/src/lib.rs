@@ -2,7 +2,9 @@
 //!
 //! A child holds one end of a `SOCK_SEQPACKET` socketpair (fd 3, `CARAPACE_BROKER_FD`); the
 //! broker holds the other and knows the child by *which socket* a request came on, never by what
-//! the request claims. Design: /work/notes/issue3-design.md until docs/protocol.md lands.
+//! the request claims. Every process of the child shares that socket, so a client that may run
+//! concurrently with another first opens a `session` (a private socket with the same identity)
+//! and talks on it. Spec: docs/protocol.md.
 
 pub mod approvals;
 pub mod audit;

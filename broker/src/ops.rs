@@ -550,6 +550,12 @@ impl Handler for Ops {
                     body,
                 } => self.send(&who, &channel, &recipient, body).await,
                 Request::Exec { argv, cwd } => self.exec(&who, argv, cwd).await,
+                // The server answers `session` itself (a socket with this identity); a handler
+                // never sees one.
+                Request::Session {} => Response::err(
+                    ErrorCode::Internal,
+                    "broker error: session is served by the broker's server",
+                ),
             }
         })
     }

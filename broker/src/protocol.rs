@@ -11,7 +11,7 @@
 //! Requests are decoded strictly (unknown fields, wrong version, id 0 are errors); the pure
 //! functions [`decode_request`] and [`decode_server_frame`] never panic on any input (fuzzed by
 //! `fuzz/fuzz_targets/frame.rs`). Requests carry no identity: the broker knows the sender by the
-//! socket the frame came on.
+//! socket the frame came on (a `session` reply hands out another socket with the same identity).
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
@@ -84,10 +84,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cwd: Option<String>,
     },
+    /// A new socket to the broker with the same identity (a private channel for one process
+    /// of a sandbox whose processes share the inherited socket). Answered by the server itself,
+    /// never by a [`crate::server::Handler`]; not audited (it is no action).
+    Session {},
 }
 
 /// Every op name, in wire spelling.
-pub const OPS: &[&str] = &["ping", "connect", "open", "secret", "send", "exec"];
+pub const OPS: &[&str] = &[
+    "ping", "connect", "open", "secret", "send", "exec", "session",
+];
 
 impl Request {
     /// Wire name of the op.
@@ -99,6 +105,7 @@ impl Request {
             Request::Secret { .. } => "secret",
             Request::Send { .. } => "send",
             Request::Exec { .. } => "exec",
+            Request::Session {} => "session",
         }
     }
 }
@@ -135,6 +142,8 @@ pub enum OkReply {
     /// `exec`: 2 fds, the read ends of the tool's stdout and stderr pipes; an `exit` event with
     /// the same id follows when the tool ends.
     Exec {},
+    /// `session`: 1 fd, a new `SOCK_SEQPACKET` socket served with the same identity.
+    Session {},
 }
 
 impl OkReply {
@@ -142,7 +151,10 @@ impl OkReply {
     pub fn fd_count(&self) -> usize {
         match self {
             OkReply::Ping {} | OkReply::Send { .. } => 0,
-            OkReply::Connect { .. } | OkReply::Open { .. } | OkReply::Secret { .. } => 1,
+            OkReply::Connect { .. }
+            | OkReply::Open { .. }
+            | OkReply::Secret { .. }
+            | OkReply::Session {} => 1,
             OkReply::Exec {} => 2,
         }
     }
@@ -156,6 +168,7 @@ impl OkReply {
             OkReply::Secret { .. } => "secret",
             OkReply::Send { .. } => "send",
             OkReply::Exec {} => "exec",
+            OkReply::Session {} => "session",
         }
     }
 }
@@ -896,6 +909,11 @@ mod tests {
             argv: vec![],
             cwd: Some("/work".into()),
         });
+        req_roundtrip(Request::Session {});
+        assert_eq!(
+            encode_request(9, &Request::Session {}).unwrap(),
+            br#"{"v":1,"id":9,"op":"session"}"#
+        );
     }
 
     #[test]
@@ -956,6 +974,8 @@ mod tests {
             }),
         );
         server_roundtrip(6, Reply::Ok(OkReply::Exec {}));
+        server_roundtrip(7, Reply::Ok(OkReply::Session {}));
+        assert_eq!(Reply::Ok(OkReply::Session {}).fd_count(), 1);
         server_roundtrip(0, Reply::err(ErrorCode::BadRequest, "nope"));
         server_roundtrip(9, Reply::err(ErrorCode::RateLimited, "slow down"));
         let ev = Event::Exit(ExitSummary {
@@ -1107,6 +1127,8 @@ mod tests {
             br#"{"v":1,"id":5,"op":"exec","argv":"ls"}"#,
             br#"{"v":1,"id":5,"op":"exec","argv":["ls",1]}"#,
             br#"{"v":1,"id":5,"op":"exec","argv":["ls"],"env":{}}"#,
+            br#"{"v":1,"id":5,"op":"session","identity":"gateway"}"#,
+            br#"{"v":1,"id":5,"op":"session","profile":"other"}"#,
         ] {
             let e = bad(b);
             assert!(matches!(e, DecodeError::BadFields { id: 5, .. }), "{e:?}");

@@ -13,6 +13,20 @@
 //! - when the peer closes its end (or the task is aborted), its in-flight requests and pending
 //!   follow-ups are cancelled (their futures dropped) and the socket is closed.
 //!
+//! **Sessions.** Every process of a sandbox inherits the same socket, so two clients running at
+//! once would mix their request ids and read each other's replies. A `session` request makes
+//! the server create a new socketpair, serve one end as a new peer with the *same* identity,
+//! and reply with the other end; a client that may run concurrently with others talks only on
+//! its session. The sockets of one identity (the one the supervisor bound, its "root", and
+//! every session opened from it or from another session) form a family that shares:
+//! - the identity, and so every policy check and audit record of the operations;
+//! - the request-rate token bucket and the in-flight limit (sessions are no way around them);
+//! - a cap on live sessions ([`PeerLimits::max_sessions`]; over it `session` gets `busy`).
+//!
+//! A session ends when its client closes it; when the root's service ends (the child exited
+//! or the task was aborted), every session of the family is closed and its in-flight requests
+//! cancelled. `session` itself is no action: it is not audited and takes no rate token.
+//!
 //! A peer's trouble never touches another peer: each has its own task, queue and limits.
 
 use std::collections::{HashMap, HashSet};
@@ -22,7 +36,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -30,11 +45,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::protocol::{
-    decode_request, encode_event, encode_reply, recv_frame, send_frame, ErrorCode, Event, OkReply,
-    Reply, Request, SocketError, MAX_FRAME,
+    decode_request, encode_event, encode_reply, recv_frame, send_frame, seqpacket_pair, ErrorCode,
+    Event, OkReply, Reply, Request, SocketError, MAX_FRAME,
 };
 
 /// What a child is to the broker.
@@ -128,6 +143,7 @@ impl Response {
 }
 
 /// Answers requests. Implemented by the broker's operations (`ops`); tests use their own.
+/// `session` requests never reach a handler (the server answers them).
 ///
 /// The returned future may be dropped before completion (peer gone, task aborted): handlers
 /// must be cancel-safe in that sense (no half-done state that matters).
@@ -146,10 +162,11 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-/// Per-peer limits.
+/// Per-peer limits. The rate and in-flight limits are shared by an identity's sockets (its
+/// root and its sessions); the others apply to each socket.
 #[derive(Debug, Clone)]
 pub struct PeerLimits {
-    /// Requests being handled at once; more get a `busy` error.
+    /// Requests being handled at once, over the identity's sockets; more get a `busy` error.
     pub max_in_flight: usize,
     /// Outgoing frames queued for a peer; when full, the peer is dropped.
     pub max_queued: usize,
@@ -158,8 +175,11 @@ pub struct PeerLimits {
     /// Longest a queued frame may wait for the socket to become writable before the peer is
     /// dropped.
     pub write_stall: Duration,
-    /// Optional request rate (token bucket); over it requests get `rate_limited`.
+    /// Optional request rate (token bucket, one per identity); over it requests get
+    /// `rate_limited`. `session` requests take no token.
     pub rate: Option<RateLimit>,
+    /// Sessions (see the module docs) open at once per identity; more get `busy`.
+    pub max_sessions: usize,
 }
 
 impl Default for PeerLimits {
@@ -170,6 +190,7 @@ impl Default for PeerLimits {
             max_malformed: 16,
             write_stall: Duration::from_secs(10),
             rate: None,
+            max_sessions: 32,
         }
     }
 }
@@ -219,7 +240,8 @@ impl Server {
 
     /// Serve one peer (the broker's end of a child's socketpair) on a new task. Must be called
     /// from within a tokio runtime. Aborting the handle closes the socket and cancels the
-    /// peer's in-flight requests (do so when the child has exited).
+    /// peer's in-flight requests (do so when the child has exited); so does the peer's closing
+    /// its end. Either way the sessions opened through it are closed too.
     pub fn serve_peer(&self, fd: OwnedFd, who: Identity) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -245,6 +267,90 @@ impl Server {
 struct Outgoing {
     bytes: Vec<u8>,
     fds: Vec<OwnedFd>,
+}
+
+/// What the sockets of one identity share: its root socket (bound by the supervisor) and the
+/// sessions opened from the family.
+struct Family {
+    sessions: Mutex<Sessions>,
+    /// Requests being handled (spawned handler tasks) over all the family's sockets.
+    in_flight: AtomicUsize,
+    /// The identity's request-rate bucket.
+    bucket: Mutex<Option<Bucket>>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    /// Live session tasks, by key.
+    live: HashMap<u64, AbortHandle>,
+    next_key: u64,
+    /// The root's service ended: no new sessions, the live ones were aborted.
+    closed: bool,
+}
+
+/// Lock, recovering from a poisoned mutex (every critical section leaves the data consistent).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Family {
+    fn new(limits: &PeerLimits) -> Arc<Family> {
+        Arc::new(Family {
+            sessions: Mutex::new(Sessions::default()),
+            in_flight: AtomicUsize::new(0),
+            bucket: Mutex::new(limits.rate.map(Bucket::new)),
+        })
+    }
+}
+
+/// Owned by the root's service: when it ends (returns or is aborted), every session of the
+/// family is aborted (its socket closed, its in-flight requests cancelled).
+struct CloseSessionsOnDrop(Arc<Family>);
+
+impl Drop for CloseSessionsOnDrop {
+    fn drop(&mut self) {
+        let live = {
+            let mut s = lock(&self.0.sessions);
+            s.closed = true;
+            std::mem::take(&mut s.live)
+        };
+        for handle in live.values() {
+            handle.abort();
+        }
+    }
+}
+
+/// Owned by a session's task: frees its place in the family when the task ends.
+struct SessionSlot {
+    family: Arc<Family>,
+    key: u64,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        lock(&self.family.sessions).live.remove(&self.key);
+    }
+}
+
+/// One request being handled on a spawned task; dropped when it completes or is cancelled.
+struct InFlight(Arc<Family>);
+
+impl InFlight {
+    fn acquire(family: &Arc<Family>, max: usize) -> Option<InFlight> {
+        family
+            .in_flight
+            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(family.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, AtomicOrdering::AcqRel);
+    }
 }
 
 struct Bucket {
@@ -400,6 +506,7 @@ enum Step {
 struct PeerState {
     inner: Arc<Inner>,
     who: Arc<Identity>,
+    family: Arc<Family>,
     tx: mpsc::Sender<Outgoing>,
     overflow: Arc<Notify>,
     tasks: JoinSet<Option<FollowUp>>,
@@ -409,7 +516,6 @@ struct PeerState {
     /// Ids in use: in flight or awaiting their follow-up event.
     busy_ids: HashSet<u64>,
     malformed: u32,
-    bucket: Option<Bucket>,
 }
 
 impl PeerState {
@@ -461,25 +567,29 @@ impl PeerState {
                 format!("request id {id} is already in flight"),
             );
         }
-        if let Some(bucket) = &mut self.bucket {
-            if !bucket.take() {
-                return self.reply_error(
-                    id,
-                    ErrorCode::RateLimited,
-                    "request rate over this identity's limit",
-                );
-            }
+        if let Request::Session {} = frame.request {
+            return self.open_session(id);
         }
-        if self.tasks.len() >= self.inner.limits.max_in_flight {
+        let over_rate = lock(&self.family.bucket)
+            .as_mut()
+            .is_some_and(|bucket| !bucket.take());
+        if over_rate {
+            return self.reply_error(
+                id,
+                ErrorCode::RateLimited,
+                "request rate over this identity's limit",
+            );
+        }
+        let Some(slot) = InFlight::acquire(&self.family, self.inner.limits.max_in_flight) else {
             return self.reply_error(
                 id,
                 ErrorCode::Busy,
                 format!(
-                    "more than {} requests in flight",
+                    "more than {} requests in flight for this identity",
                     self.inner.limits.max_in_flight
                 ),
             );
-        }
+        };
         let mut fut: Pin<Box<dyn Future<Output = Option<FollowUp>> + Send>> = Box::pin(handle_one(
             self.inner.handler.clone(),
             self.who.clone(),
@@ -501,7 +611,10 @@ impl PeerState {
             }
             Ok(Poll::Ready(None)) => Step::Continue,
             Ok(Poll::Pending) => {
-                let handle = self.tasks.spawn(fut);
+                let handle = self.tasks.spawn(async move {
+                    let _slot = slot;
+                    fut.await
+                });
                 self.task_ids.insert(handle.id(), id);
                 self.busy_ids.insert(id);
                 Step::Continue
@@ -510,6 +623,72 @@ impl PeerState {
                 tracing::error!(peer = %self.who, id, "broker handler panicked");
                 self.reply_error(id, ErrorCode::Internal, "broker error: handler failed")
             }
+        }
+    }
+
+    /// `session`: a new socket served with this identity, in this family; the reply carries
+    /// the client's end.
+    fn open_session(&mut self, id: u64) -> Step {
+        let max = self.inner.limits.max_sessions;
+        let (broker_end, client_end) = match seqpacket_pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(peer = %self.who, error = %e, "session: socketpair failed");
+                return self.reply_error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "cannot create a session socket now",
+                );
+            }
+        };
+        {
+            let mut sessions = lock(&self.family.sessions);
+            if sessions.closed {
+                drop(sessions);
+                return self.reply_error(id, ErrorCode::Unavailable, "this identity is closing");
+            }
+            if sessions.live.len() >= max {
+                drop(sessions);
+                return self.reply_error(
+                    id,
+                    ErrorCode::Busy,
+                    format!("{max} sessions are open for this identity already"),
+                );
+            }
+            let key = sessions.next_key;
+            sessions.next_key += 1;
+            let slot = SessionSlot {
+                family: self.family.clone(),
+                key,
+            };
+            let (inner, who, family) = (self.inner.clone(), self.who.clone(), self.family.clone());
+            // The session's task frees its slot when it ends; it cannot do so before the insert
+            // below, because that needs this lock.
+            let handle = tokio::spawn(async move {
+                let _slot = slot;
+                let who_s = who.to_string();
+                let end = serve_socket(inner, broker_end, who, family).await;
+                match &end {
+                    PeerEnd::Closed => tracing::debug!(peer = %who_s, "broker session closed"),
+                    other => {
+                        tracing::warn!(peer = %who_s, reason = ?other, "broker session dropped")
+                    }
+                }
+            });
+            sessions.live.insert(key, handle.abort_handle());
+        }
+        let out = match encode_reply(id, &Reply::Ok(OkReply::Session {})) {
+            Ok(bytes) => Outgoing {
+                bytes,
+                fds: vec![client_end],
+            },
+            // Not reachable (a fixed small frame); the session ends when client_end is dropped.
+            Err(e) => error_frame(id, ErrorCode::Internal, format!("broker error: {e}")),
+        };
+        if queue(&self.tx, out) {
+            Step::Continue
+        } else {
+            Step::End(PeerEnd::QueueFull)
         }
     }
 
@@ -576,7 +755,20 @@ impl PeerState {
     }
 }
 
+/// Serve a root socket: the identity's family lives as long as this.
 async fn run_peer(inner: Arc<Inner>, fd: OwnedFd, who: Identity) -> PeerEnd {
+    let family = Family::new(&inner.limits);
+    let _close_sessions = CloseSessionsOnDrop(family.clone());
+    serve_socket(inner, fd, Arc::new(who), family).await
+}
+
+/// Serve one socket (a root or a session) of `family`.
+async fn serve_socket(
+    inner: Arc<Inner>,
+    fd: OwnedFd,
+    who: Arc<Identity>,
+    family: Arc<Family>,
+) -> PeerEnd {
     let sock_err = |syscall, source| {
         PeerEnd::Io(SocketError::Io {
             syscall,
@@ -597,9 +789,9 @@ async fn run_peer(inner: Arc<Inner>, fd: OwnedFd, who: Identity) -> PeerEnd {
     };
     let (tx, mut rx) = mpsc::channel::<Outgoing>(inner.limits.max_queued.max(1));
     let mut st = PeerState {
-        bucket: inner.limits.rate.map(Bucket::new),
         inner,
-        who: Arc::new(who),
+        who,
+        family,
         tx,
         overflow: Arc::new(Notify::new()),
         tasks: JoinSet::new(),
@@ -762,6 +954,7 @@ mod tests {
                     Request::Send { .. } => panic!("test handler panics on send"),
                     Request::Open { .. } => Response::err(ErrorCode::Denied, "no"),
                     Request::Connect { .. } => Response::err(ErrorCode::Unavailable, "x"),
+                    Request::Session {} => panic!("session reached the handler"),
                 }
             })
         }
@@ -1260,5 +1453,239 @@ mod tests {
 
     fn reply_err(code: ErrorCode) -> Reply {
         Reply::err(code, "broker error: wrong number of fds")
+    }
+
+    /// `session` on `fd`: the new socket (with a receive timeout), or the error code.
+    fn try_session(fd: &OwnedFd, id: u64) -> Result<OwnedFd, ErrorCode> {
+        req(fd, id, &Request::Session {});
+        match recv(fd) {
+            Some((
+                ServerFrame::Reply {
+                    id: rid,
+                    reply: Reply::Ok(OkReply::Session {}),
+                },
+                fds,
+            )) => {
+                assert_eq!(rid, id);
+                assert_eq!(fds.len(), 1);
+                let s = fds.into_iter().next().unwrap();
+                set_timeout(s.as_fd(), libc::SO_RCVTIMEO, Duration::from_secs(10));
+                Ok(s)
+            }
+            Some((ServerFrame::Reply { id: rid, reply }, fds)) => {
+                assert_eq!((rid, fds.len()), (id, 0));
+                Err(err_code(&reply))
+            }
+            other => panic!("expected a session reply, got {other:?}"),
+        }
+    }
+
+    fn session(fd: &OwnedFd, id: u64) -> OwnedFd {
+        try_session(fd, id).unwrap_or_else(|code| panic!("session refused: {code}"))
+    }
+
+    fn who(fd: &OwnedFd, id: u64) -> String {
+        req(
+            fd,
+            id,
+            &Request::Send {
+                channel: "who".into(),
+                recipient: "r".into(),
+                body: String::new(),
+            },
+        );
+        match reply(fd) {
+            (
+                rid,
+                Reply::Ok(OkReply::Send {
+                    dlq_id: Some(w), ..
+                }),
+                0,
+            ) if rid == id => w,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_session_is_a_socket_of_its_own_with_the_same_identity() {
+        let h = harness(PeerLimits::default());
+        let (a, _ha) = h.peer(7);
+        let (b, _hb) = h.peer(8);
+        let s = session(&a, 1);
+        // Same identity (the handler sees tool#7(p7) on both), whatever is asked on it.
+        assert_eq!(who(&a, 2), "tool#7(p7)");
+        assert_eq!(who(&s, 2), "tool#7(p7)");
+        // A session of a session: same identity again.
+        let s2 = session(&s, 3);
+        assert_eq!(who(&s2, 1), "tool#7(p7)");
+        assert_eq!(who(&b, 1), "tool#8(p8)");
+        // Request ids are per socket: the same id in flight on the root and on a session
+        // does not collide, and each reply comes back on the socket that asked.
+        let gate = Request::Connect {
+            host: "gate".into(),
+            port: 1,
+        };
+        req(&a, 5, &gate);
+        req(&s, 5, &gate);
+        for fd in [&a, &s] {
+            // Both are waiting at the gate: the id is in use on that socket.
+            req(fd, 5, &Request::Ping {});
+            let (id, r, _) = reply(fd);
+            assert_eq!((id, err_code(&r)), (5, ErrorCode::BadRequest));
+        }
+        assert_alive(&s2, 5);
+        h.handler.gate.notify_waiters();
+        assert_eq!(reply(&a), (5, Reply::Ok(OkReply::Ping {}), 0));
+        assert_eq!(reply(&s), (5, Reply::Ok(OkReply::Ping {}), 0));
+        // Requests on a session are checked like any other: no fds, strict decoding.
+        send(&s, br#"{"v":1,"id":6,"op":"session","identity":{"id":1}}"#);
+        let (id, r, _) = reply(&s);
+        assert_eq!((id, err_code(&r)), (6, ErrorCode::BadRequest));
+        // Closing a session ends it alone.
+        drop(s);
+        assert_alive(&a, 7);
+        assert_alive(&s2, 7);
+    }
+
+    #[test]
+    fn sessions_are_capped_per_identity() {
+        let h = harness(PeerLimits {
+            max_sessions: 2,
+            ..PeerLimits::default()
+        });
+        let (a, _ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        let s1 = session(&a, 1);
+        let s2 = session(&s1, 1);
+        // The cap counts every session of the identity, wherever it was opened from.
+        assert_eq!(try_session(&a, 2).unwrap_err(), ErrorCode::Busy);
+        assert_eq!(try_session(&s2, 2).unwrap_err(), ErrorCode::Busy);
+        // Another identity has its own.
+        let _b1 = session(&b, 1);
+        let _b2 = session(&b, 2);
+        // A closed session frees its place (once its task has seen the close).
+        drop(s1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut id = 3;
+        let s3 = loop {
+            match try_session(&a, id) {
+                Ok(s) => break s,
+                Err(ErrorCode::Busy) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    id += 1;
+                }
+                Err(code) => panic!("{code}"),
+            }
+        };
+        assert_alive(&s3, 1);
+        assert_alive(&s2, 3);
+    }
+
+    #[test]
+    fn closing_the_root_closes_its_sessions_and_cancels_their_requests() {
+        let h = harness(PeerLimits::default());
+        let (a, ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        let s = session(&a, 1);
+        let s2 = session(&s, 1);
+        let forever = Request::Connect {
+            host: "forever".into(),
+            port: 1,
+        };
+        req(&s, 2, &forever);
+        req(&s2, 2, &forever);
+        // An exec whose exit never comes, on a session: its follow-up is pending.
+        req(
+            &s,
+            3,
+            &Request::Exec {
+                argv: vec![],
+                cwd: None,
+            },
+        );
+        assert_eq!(reply(&s), (3, Reply::Ok(OkReply::Exec {}), 2));
+        assert_alive(&s2, 4);
+        assert_eq!(h.handler.cancelled.load(Ordering::SeqCst), 0);
+        // The child's socket closes (it exited): its sessions close with it.
+        drop(a);
+        assert!(matches!(h.end(ha), PeerEnd::Closed));
+        assert_eof(&s);
+        assert_eof(&s2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.handler.cancelled.load(Ordering::SeqCst) < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(h.handler.cancelled.load(Ordering::SeqCst), 3);
+        assert_alive(&b, 1);
+    }
+
+    #[test]
+    fn aborting_the_root_task_closes_its_sessions() {
+        let h = harness(PeerLimits::default());
+        let (a, ha) = h.peer(1);
+        let s = session(&a, 1);
+        assert_alive(&s, 1);
+        ha.abort();
+        assert!(h.rt.block_on(ha).unwrap_err().is_cancelled());
+        assert_eof(&s);
+        assert_eof(&a);
+    }
+
+    #[test]
+    fn sessions_share_the_identity_rate_and_in_flight_limits() {
+        let h = harness(PeerLimits {
+            rate: Some(RateLimit {
+                per_second: 0.001,
+                burst: 3,
+            }),
+            ..PeerLimits::default()
+        });
+        let (a, _ha) = h.peer(1);
+        let (b, _hb) = h.peer(2);
+        // Opening sessions takes no token ...
+        let s1 = session(&a, 1);
+        let s2 = session(&a, 2);
+        // ... the requests on them do, from the identity's one bucket.
+        assert_alive(&a, 3);
+        assert_alive(&s1, 1);
+        assert_alive(&s2, 1);
+        for (fd, id) in [(&a, 4), (&s1, 2), (&s2, 2)] {
+            req(fd, id, &Request::Ping {});
+            assert_eq!(err_code(&reply(fd).1), ErrorCode::RateLimited);
+        }
+        let s3 = session(&s1, 3);
+        req(&s3, 1, &Request::Ping {});
+        assert_eq!(err_code(&reply(&s3).1), ErrorCode::RateLimited);
+        // Another identity has its own bucket.
+        assert_alive(&b, 1);
+
+        let h = harness(PeerLimits {
+            max_in_flight: 2,
+            ..PeerLimits::default()
+        });
+        let (a, _ha) = h.peer(1);
+        let s1 = session(&a, 1);
+        let s2 = session(&a, 2);
+        let gate = Request::Connect {
+            host: "gate".into(),
+            port: 1,
+        };
+        req(&a, 3, &gate);
+        req(&s1, 1, &gate);
+        for (fd, id) in [(&a, 3), (&s1, 1)] {
+            // Waiting at the gate: the id is in use on that socket.
+            req(fd, id, &Request::Ping {});
+            let (rid, r, _) = reply(fd);
+            assert_eq!((rid, err_code(&r)), (id, ErrorCode::BadRequest));
+        }
+        // Two in flight for the identity: a third on yet another socket is busy.
+        req(&s2, 1, &gate);
+        let (id, r, _) = reply(&s2);
+        assert_eq!((id, err_code(&r)), (1, ErrorCode::Busy));
+        h.handler.gate.notify_waiters();
+        assert_eq!(reply(&a).0, 3);
+        assert_eq!(reply(&s1).0, 1);
+        // Their slots are free again.
+        assert_alive(&s2, 2);
     }
 }

@@ -111,6 +111,7 @@ impl Handler for Scripted {
                     dlq_id: Some("dlq-1".into()),
                 }),
                 Request::Exec { argv, .. } => exec_child(argv),
+                Request::Session {} => Response::err(ErrorCode::Internal, "not a handler's op"),
             }
         })
     }

@@ -895,3 +895,121 @@ fn when_the_child_ends_its_tools_are_killed_and_cleaned_up() {
     );
     assert_eq!(cgroup_dirs_named(&tool_cgroups), Vec::<PathBuf>::new());
 }
+
+/// The audit records of `op` (JSON lines), as (who.id, who.profile, target, decision).
+fn audit_records(b: &Broker, op: &str) -> Vec<(u64, String, String, String)> {
+    b.audit_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["op"] == op)
+        .map(|v| {
+            (
+                v["who"]["id"].as_u64().unwrap_or(0),
+                v["who"]["profile"].as_str().unwrap_or("").to_string(),
+                v["target"].as_str().unwrap_or("").to_string(),
+                v["decision"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every process of a sandbox inherits the same broker socket (fd 3). Clients of a pipeline
+/// run at once; each opens a session of its own on fd 3, so their requests and replies never
+/// mix, and every op on a session is checked and audited as the sandbox's identity.
+///
+/// Without sessions (checked with the previous client, `CARAPACE_CLIENT_BIN`): one pipeline
+/// alone happens to pass (`send` reads its stdin to the end before asking, so the two requests
+/// do not overlap), the four at once fail ("request id 1 is already in flight", "the broker
+/// answered send with a secret reply").
+#[test]
+fn a_shell_pipeline_of_clients_works() {
+    let Some(b) = Broker::new(9) else { return };
+    let o = b.sh("$C secret alpha | $C send outbox alice@example.com");
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert_eq!(o.stdout.trim(), "delivered", "{}", o.describe());
+    // Four such pipelines at once: eight clients on one socket, two kinds of request, each
+    // answered after an audit fsync (so they overlap at the broker).
+    let o = b.sh("pids=; for i in 1 2 3 4; do \
+           ( $C secret alpha | $C send outbox alice@example.com ) & pids=\"$pids $!\"; \
+         done; \
+         for p in $pids; do wait $p || echo FAILED; done");
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(!o.stdout.contains("FAILED"), "{}", o.describe());
+    assert_eq!(
+        o.stdout.lines().filter(|l| *l == "delivered").count(),
+        4,
+        "{}",
+        o.describe()
+    );
+    // Each message was the secret, and reached the channel only redacted.
+    let outbox = fs::read_to_string(&b.outbox).unwrap_or_default();
+    assert!(!outbox.contains(&b.alpha), "{outbox}");
+    assert_eq!(outbox.matches("[REDACTED]").count(), 5, "{outbox}");
+    // Every request on a session was decided and audited as the sandbox's identity: five
+    // secrets and five sends, all allowed, all as the identity the supervisor bound to fd 3
+    // (numbered per supervisor: #1 in both runs), none as another.
+    let secrets = audit_records(&b, "secret");
+    let sends = audit_records(&b, "send");
+    assert_eq!(secrets.len(), 5, "{secrets:?}");
+    assert_eq!(sends.len(), 5, "{sends:?}");
+    for (_, profile, _, decision) in secrets.iter().chain(&sends) {
+        assert_eq!((profile.as_str(), decision.as_str()), ("brokered", "allow"));
+    }
+    let mut ids: Vec<u64> = secrets.iter().chain(&sends).map(|r| r.0).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids,
+        vec![1],
+        "the sandbox's identity: {secrets:?} {sends:?}"
+    );
+    // Opening a session is no action: nothing to audit.
+    assert!(audit_records(&b, "session").is_empty());
+}
+
+/// Without sessions (checked with the previous client): the eight pings alone happen to pass
+/// (every client uses id 1, pings are answered at once and all replies are alike), the mixed
+/// jobs fail (ids in flight, replies read by the wrong client).
+#[test]
+fn clients_running_at_once_do_not_collide() {
+    let Some(b) = Broker::new(9) else { return };
+    fs::write(b.data.path().join("note"), "NOTE\n").unwrap();
+    let note = b.data.path().join("note");
+    // Eight `ping`s at once, as the issue describes them.
+    let o = b.sh(
+        "pids=; for i in 1 2 3 4 5 6 7 8; do $C ping & pids=\"$pids $!\"; done; \
+         for p in $pids; do wait $p || echo FAILED; done",
+    );
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(!o.stdout.contains("FAILED"), "{}", o.describe());
+    assert_eq!(
+        o.stdout.lines().filter(|l| *l == "pong").count(),
+        8,
+        "{}",
+        o.describe()
+    );
+    // Eight jobs at once, each a few different requests in a row (pings are answered at once
+    // and all alike; secrets and opens wait for the audit log, so requests overlap and a reply
+    // read by the wrong client would be noticed).
+    let o = b.sh(&format!(
+        "pids=; for i in 1 2 3 4 5 6 7 8; do \
+           ( for j in 1 2 3; do \
+               $C ping >/dev/null && $C secret alpha >/dev/null && \
+               $C open {note} >/dev/null || exit 1; \
+             done; echo ok ) & pids=\"$pids $!\"; \
+         done; \
+         for p in $pids; do wait $p || echo FAILED; done",
+        note = note.display()
+    ));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(!o.stdout.contains("FAILED"), "{}", o.describe());
+    assert_eq!(
+        o.stdout.lines().filter(|l| *l == "ok").count(),
+        8,
+        "{}",
+        o.describe()
+    );
+    assert!(!o.stderr.contains("already in flight"), "{}", o.describe());
+    assert_eq!(audit_records(&b, "secret").len(), 24);
+    assert_eq!(audit_records(&b, "open").len(), 24);
+}

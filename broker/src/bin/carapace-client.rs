@@ -1,7 +1,8 @@
 //! `carapace-client`: the broker from a shell script inside a sandbox.
 //!
-//! Talks to the broker socket named by `CARAPACE_BROKER_FD` (default fd 3). See `--help` and
-//! docs/protocol.md.
+//! Talks to the broker socket named by `CARAPACE_BROKER_FD` (default fd 3) through a session of
+//! its own ([`Client::from_env`]), so that any number of carapace-client processes of one
+//! sandbox can run at once (pipelines, `&`). See `--help` and docs/protocol.md.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -25,6 +26,7 @@ usage: carapace-client ping
 
 Asks the carapace broker (socket fd $CARAPACE_BROKER_FD, default 3) for what the sandbox does not
 have. Each request is checked against the policy of this sandbox's identity and audited.
+Each run opens a private session on that socket, so several may run at once.
 
   ping      round trip to the broker; prints 'pong'.
   connect   a TCP connection to HOST:PORT. With PROG, the connected socket becomes PROG's stdin
@@ -89,6 +91,7 @@ fn split_prog(args: &[String]) -> (&[String], Option<&[String]>) {
     }
 }
 
+/// A session of our own on the inherited broker socket (which stays open for PROG).
 fn client() -> Result<Client, Failure> {
     Client::from_env().map_err(|e| Failure::Broker(anyhow!(e).context("no broker")))
 }
@@ -195,8 +198,8 @@ fn place_fd(fd: &OwnedFd, target: i32) -> Result<(), Failure> {
         return Ok(());
     }
     // SAFETY: dup2 of an fd we own onto `target`: whatever `target` was is closed by the kernel;
-    // we are about to execve, and nothing in this process relies on `target` (if it was the
-    // broker socket, the client holding it is not used again).
+    // we are about to execve, and nothing in this process relies on `target` (if it was our
+    // session or the inherited broker socket, neither is used again here).
     if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
         return Err(Failure::Broker(
             anyhow!(io::Error::last_os_error()).context(format!("dup2 onto fd {target}")),
