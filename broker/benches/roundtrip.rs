@@ -1,9 +1,13 @@
 //! Broker round-trip benchmark: `ping` (an allowed no-op) from a blocking client over a
 //! SOCK_SEQPACKET socketpair to the real `Server` running on a current-thread tokio runtime (one
-//! core), and a `connect` to a loopback listener through a minimal handler (socket passed back
-//! with SCM_RIGHTS; no policy, that is the ops module's figure).
+//! core), and a `connect` to a loopback listener, twice: through a minimal handler (socket passed
+//! back with SCM_RIGHTS; no policy: the mechanism), and through the real `Ops` (the profile's
+//! `connect` allowlist decides, an audit record is appended and fdatasync'd before connecting).
+//! For the latter, the audit append alone is timed too: its fdatasync dominates.
 //!
-//! Run: `cargo bench -p carapace-broker --bench roundtrip` (env BENCH_N to change iterations).
+//! Run: `cargo bench -p carapace-broker --bench roundtrip` (env BENCH_N to change iterations;
+//! BENCH_AUDIT_DIR for where the audit log of the `Ops` figures goes, default /var/tmp: a disk
+//! file system like the state directory's, not a tmpfs where fdatasync costs nothing).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: failures abort it
 
@@ -14,7 +18,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use carapace_broker::audit::{AuditDecision, AuditLog, AuditRecord, Who};
 use carapace_broker::client::Client;
+use carapace_broker::dlq::DeadLetters;
+use carapace_broker::ops::{Ops, OpsConfig};
 use carapace_broker::protocol::{
     decode_server_frame, encode_request, recv_frame, send_frame, seqpacket_pair, ErrorCode,
     OkReply, Request, MAX_FRAME,
@@ -49,6 +56,12 @@ impl Handler for Bench {
 
 /// Server on its own thread with a current-thread runtime (= one core for the broker).
 fn start_server(peers: usize) -> Vec<OwnedFd> {
+    start_server_with(Arc::new(Bench), peers)
+}
+
+/// Server with `handler` on its own thread with a current-thread runtime (blocking work such as
+/// the audit's fdatasync runs on tokio's blocking threads).
+fn start_server_with(handler: Arc<dyn Handler>, peers: usize) -> Vec<OwnedFd> {
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for _ in 0..peers {
@@ -61,7 +74,7 @@ fn start_server(peers: usize) -> Vec<OwnedFd> {
             .enable_all()
             .build()
             .unwrap();
-        let server = Server::new(Arc::new(Bench), PeerLimits::default());
+        let server = Server::new(handler, PeerLimits::default());
         rt.block_on(async move {
             let mut handles = Vec::new();
             for (i, fd) in theirs.into_iter().enumerate() {
@@ -176,14 +189,7 @@ fn ping_throughput(clients: usize, window: usize, per_client: usize) {
 }
 
 fn connect_latency(n: usize) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        // Accept and drop.
-        for s in listener.incoming() {
-            drop(s);
-        }
-    });
+    let port = sink_listener();
     let fd = start_server(1).pop().unwrap();
     let mut client = Client::new(fd);
     for _ in 0..n / 10 {
@@ -197,6 +203,99 @@ fn connect_latency(n: usize) {
         drop(sock);
     }
     report("connect loopback round trip (no policy)", samples);
+}
+
+/// A loopback listener that accepts and drops connections; its port.
+fn sink_listener() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    port
+}
+
+/// Where the `Ops` figures keep their audit log (a temp dir removed afterwards).
+fn audit_dir() -> tempfile::TempDir {
+    let base = std::env::var_os("BENCH_AUDIT_DIR").unwrap_or_else(|| "/var/tmp".into());
+    tempfile::Builder::new()
+        .prefix("carapace-bench-audit-")
+        .tempdir_in(&base)
+        .unwrap()
+}
+
+/// `connect` through the real operations: policy allowlist, audit record (fdatasync), connect,
+/// socket returned. Then the audit append alone, on a log in the same directory.
+fn ops_connect_latency(n: usize) {
+    let port = sink_listener();
+    let dir = audit_dir();
+    let text = format!(
+        r#"version = 1
+[profiles.bench]
+why = "broker bench"
+[profiles.bench.broker]
+connect = [ {{ host = "127.0.0.1", port = {port}, allow_private = true, why = "the bench's loopback listener" }} ]
+"#
+    );
+    let policy = carapace_policy::Policy::parse(&text, "bench.toml").unwrap();
+    let audit = AuditLog::open(dir.path().join("audit.log")).unwrap();
+    let dlq = DeadLetters::open(dir.path().join("dlq")).unwrap();
+    let ops = Ops::new(policy, audit, dlq, None, None, OpsConfig::default()).unwrap();
+    let fd = start_server_with(Arc::new(ops), 1).pop().unwrap();
+    let mut client = Client::new(fd);
+    let warm = (n / 10).max(1);
+    for _ in 0..warm {
+        drop(client.connect("127.0.0.1", port).unwrap());
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let (sock, _) = client.connect("127.0.0.1", port).unwrap();
+        samples.push(t.elapsed());
+        drop(sock);
+    }
+    // Every one of them was decided by the rule and recorded.
+    let log = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let allowed = log
+        .lines()
+        .filter(|l| l.contains(r#""op":"connect""#) && l.contains(r#""decision":"allow""#))
+        .count();
+    assert_eq!(allowed, warm + n, "audit records of the allowed connects");
+    report(
+        &format!(
+            "connect loopback round trip (policy + audit fdatasync in {})",
+            dir.path().display()
+        ),
+        samples,
+    );
+
+    // The audit append alone (same record shape, same directory).
+    let mut log = AuditLog::open(dir.path().join("append-only.log")).unwrap();
+    let rec = AuditRecord {
+        who: Who {
+            id: 1,
+            role: "tool".into(),
+            profile: "bench".into(),
+        },
+        op: "connect".into(),
+        target: format!("127.0.0.1:{port}"),
+        rule: None,
+        decision: AuditDecision::Allow,
+        outcome: "connecting".into(),
+        detail: String::new(),
+    };
+    for _ in 0..warm {
+        log.append(&rec).unwrap();
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        log.append(&rec).unwrap();
+        samples.push(t.elapsed());
+    }
+    report("audit append alone (write + fdatasync)", samples);
 }
 
 /// Cost of the pure codec per request: decode a request, encode its reply.
@@ -254,4 +353,5 @@ fn main() {
     ping_throughput(1, 16, n);
     ping_throughput(4, 16, n / 4);
     connect_latency((n / 20).max(50));
+    ops_connect_latency((n / 100).max(50));
 }
