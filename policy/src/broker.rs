@@ -726,6 +726,42 @@ fn regexes(sink: &mut Sink<'_>, list: &Option<S<Vec<S<String>>>>, key: &str) -> 
     out
 }
 
+/// What every `[secrets.NAME]` / `[channels.NAME]` table starts with: its name checked, the
+/// spans errors point at, and the diagnostic count before the table's own checks.
+struct NamedTable {
+    kspan: std::ops::Range<usize>,
+    name: String,
+    span: std::ops::Range<usize>,
+    before: usize,
+    what: String,
+}
+
+fn named_table<T>(k: &S<String>, v: &S<T>, kind: &str, sink: &mut Sink<'_>) -> NamedTable {
+    let kspan = k.span();
+    let name = k.get_ref().clone();
+    let span = if v.span().is_empty() {
+        kspan.clone()
+    } else {
+        v.span()
+    };
+    // Counted before the name check: a bad name alone keeps the table out of the policy.
+    let before = sink.diags.len();
+    if !name_ok(&name) {
+        sink.err(
+            &kspan,
+            format!("bad {kind} name `{}`", name.escape_debug()),
+            NAME_EXPECTED,
+        );
+    }
+    NamedTable {
+        what: format!("{kind} `{name}`"),
+        kspan,
+        name,
+        span,
+        before,
+    }
+}
+
 /// `[secrets.NAME]` tables.
 pub(crate) fn lower_secrets(
     raw: BTreeMap<S<String>, S<RawSecret>>,
@@ -733,23 +769,14 @@ pub(crate) fn lower_secrets(
 ) -> BTreeMap<String, SecretSpec> {
     let mut out = BTreeMap::new();
     for (k, v) in raw {
-        let kspan = k.span();
-        let name = k.into_inner();
-        let span = if v.span().is_empty() {
-            kspan.clone()
-        } else {
-            v.span()
-        };
+        let NamedTable {
+            kspan,
+            name,
+            span,
+            before,
+            what,
+        } = named_table(&k, &v, "secret", sink);
         let s = v.into_inner();
-        let before = sink.diags.len();
-        let what = format!("secret `{name}`");
-        if !name_ok(&name) {
-            sink.err(
-                &kspan,
-                format!("bad secret name `{}`", name.escape_debug()),
-                NAME_EXPECTED,
-            );
-        }
         let why = why_of(sink, &s.why, &kspan, &what);
         let source = match (&s.file, &s.credential) {
             (Some(f), Some(_)) => {
@@ -826,23 +853,14 @@ pub(crate) fn lower_channels(
 ) -> BTreeMap<String, ChannelSpec> {
     let mut out = BTreeMap::new();
     for (k, v) in raw {
-        let kspan = k.span();
-        let name = k.into_inner();
-        let span = if v.span().is_empty() {
-            kspan.clone()
-        } else {
-            v.span()
-        };
+        let NamedTable {
+            kspan,
+            name,
+            span,
+            before,
+            what,
+        } = named_table(&k, &v, "channel", sink);
         let c = v.into_inner();
-        let before = sink.diags.len();
-        let what = format!("channel `{name}`");
-        if !name_ok(&name) {
-            sink.err(
-                &kspan,
-                format!("bad channel name `{}`", name.escape_debug()),
-                NAME_EXPECTED,
-            );
-        }
         let why = why_of(sink, &c.why, &kspan, &what);
         let kind = match &c.kind {
             None => {
