@@ -45,6 +45,19 @@ fn parse_access(s: &str) -> Option<Access> {
     })
 }
 
+/// A mount's or the workspace's `access`, or an error at its span when the word is unknown.
+fn access_of(sink: &mut Sink<'_>, a: &S<String>) -> Option<Access> {
+    let r = parse_access(a.get_ref());
+    if r.is_none() {
+        sink.err(
+            &a.span(),
+            format!("unknown access `{}`", a.get_ref()),
+            ACCESS_EXPECTED,
+        );
+    }
+    r
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct MountSpec {
     pub path: PathBuf,
@@ -669,17 +682,7 @@ fn lower_profile(
             "a mount",
             ACCESS_EXPECTED,
         )
-        .and_then(|a| {
-            let r = parse_access(a.get_ref());
-            if r.is_none() {
-                sink.err(
-                    &a.span(),
-                    format!("unknown access `{}`", a.get_ref()),
-                    ACCESS_EXPECTED,
-                );
-            }
-            r
-        });
+        .and_then(|a| access_of(sink, a));
         if let (Some((path, pspan)), Some(access)) = (path, access) {
             if path == std::path::Path::new("/") {
                 sink.err(
@@ -793,17 +796,7 @@ fn lower_profile(
         };
         let access = match &w.access {
             None => Some(Access::ReadWrite),
-            Some(a) => {
-                let r = parse_access(a.get_ref());
-                if r.is_none() {
-                    sink.err(
-                        &a.span(),
-                        format!("unknown access `{}`", a.get_ref()),
-                        ACCESS_EXPECTED,
-                    );
-                }
-                r
-            }
+            Some(a) => access_of(sink, a),
         };
         if let (Some((path, pspan)), Some(access)) = (path, access) {
             if path == std::path::Path::new("/") {
