@@ -15,8 +15,7 @@ use std::os::fd::AsFd as _;
 use carapace_broker::server::Role;
 
 use crate::broker_host::{
-    new_identity, write_private_bytes, BrokerHost, BrokerSetup, PendingFile, StateDir, ToolContext,
-    DEFAULT_STATE_DIR,
+    new_identity, BrokerHost, BrokerSetup, StateDir, ToolContext, DEFAULT_STATE_DIR,
 };
 use crate::cgroup::{self, Cgroup};
 use crate::namespaces::{self, RunAs};
@@ -118,66 +117,19 @@ pub enum Command {
     /// Check, explain and show policies
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Check the broker's audit log
+    /// Run the supervisor: the gateway and channels confined, the broker, the control socket
+    Run(crate::service::RunArgs),
+    /// Show the running supervisor's children, their state, restarts and resource use
+    Status(crate::ctl::StatusArgs),
+    /// List and answer the approvals confined children are waiting for
+    Approvals(crate::ctl::ApprovalsArgs),
+    /// List, release or drop messages held in the dead-letter queue
+    Dlq(crate::ctl::DlqArgs),
+    /// Verify or follow the broker's audit log
     #[command(subcommand)]
-    Audit(AuditCommand),
-    /// List and answer the approvals brokered children are waiting for
-    Approvals(ApprovalsArgs),
-}
-
-#[derive(Debug, Args)]
-#[command(
-    long_about = "List and answer the `ask` approvals that children of running `carapace exec` \
-                  processes are waiting for, and the persisted allow-always grants. Works on the \
-                  state directory directly (pending/<KEY>.json, approvals.json) until the \
-                  control socket exists.",
-    after_help = "Examples:\n  carapace approvals list\n  carapace approvals allow 4242-1\n  \
-                  carapace approvals allow 4242-2 --always\n  carapace approvals deny 4242-3"
-)]
-pub struct ApprovalsArgs {
-    /// State directory of the broker [default: /var/lib/carapace]
-    #[arg(long, value_name = "DIR", global = true)]
-    pub state_dir: Option<PathBuf>,
-    #[command(subcommand)]
-    pub command: ApprovalsCommand,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ApprovalsCommand {
-    /// Pending approvals (KEY, who, program, argv, profile) and allow-always grants
-    List,
-    /// Allow a pending approval once, or with --always for this exact program content, argv
-    /// and profile from now on
-    Allow {
-        #[arg(value_name = "KEY")]
-        key: String,
-        #[arg(long)]
-        always: bool,
-    },
-    /// Deny a pending approval
-    Deny {
-        #[arg(value_name = "KEY")]
-        key: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum AuditCommand {
-    /// Verify the hash chain of an audit log (`<state-dir>/audit.log`)
-    #[command(
-        long_about = "Verify the hash chain of a broker audit log: every record carries the \
-                      SHA-256 of the line before it and a sequence number, so an edited, \
-                      deleted, reordered or duplicated record, or a torn last line, breaks the \
-                      chain. Deleting whole records from the END cannot be seen from the file \
-                      alone; compare the head (printed on success) with one saved elsewhere.",
-        after_help = "Example:\n  carapace audit verify /var/lib/carapace/audit.log\n\n\
-                      Exit status: 0 intact (\"ok: N records ...\"), 1 broken (the first line \
-                      found wrong, and how), 2 the file cannot be read."
-    )]
-    Verify {
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
-    },
+    Audit(crate::ctl::AuditCommand),
+    /// Ask the running supervisor to reload its configuration and policy (like SIGHUP)
+    Reload(crate::ctl::ReloadArgs),
 }
 
 #[derive(Debug, Args)]
@@ -276,8 +228,12 @@ pub fn main() -> i32 {
             print!("{DEFAULT_POLICY}");
             0
         }
-        Command::Audit(AuditCommand::Verify { file }) => audit_verify(&file),
-        Command::Approvals(a) => approvals(a),
+        Command::Run(a) => crate::service::run(a),
+        Command::Status(a) => crate::ctl::status(a),
+        Command::Approvals(a) => crate::ctl::approvals(a),
+        Command::Dlq(a) => crate::ctl::dlq(a),
+        Command::Audit(a) => crate::ctl::audit(a),
+        Command::Reload(a) => crate::ctl::reload(a),
     }
 }
 
@@ -719,107 +675,6 @@ fn start_broker(
     Ok((host, theirs))
 }
 
-/// `carapace approvals ...` on the state directory.
-fn approvals(a: ApprovalsArgs) -> i32 {
-    let state = state_dir_of(a.state_dir.as_deref());
-    let pending_dir = state.join("pending");
-    match a.command {
-        ApprovalsCommand::List => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&pending_dir)
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            files.sort();
-            let mut n = 0;
-            for f in &files {
-                let rec: Option<PendingFile> = std::fs::read(f)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok());
-                match rec {
-                    Some(p) => {
-                        n += 1;
-                        println!(
-                            "pending {}  {}#{}({})  {}  argv={:?}  profile={}  sha256={}  why: {}",
-                            p.key,
-                            p.who.role,
-                            p.who.id,
-                            p.who.profile,
-                            p.program.display(),
-                            p.argv,
-                            p.profile,
-                            p.program_sha256,
-                            p.why
-                        );
-                    }
-                    None => eprintln!("carapace: {}: not a pending approval", f.display()),
-                }
-            }
-            if n == 0 {
-                println!("no pending approvals");
-            }
-            if !state.is_dir() {
-                return 0;
-            }
-            match carapace_broker::approvals::Approvals::open(&state, std::time::Duration::ZERO) {
-                Ok(ap) => {
-                    for g in ap.grants() {
-                        println!(
-                            "always {}  argv={:?}  profile={}  sha256={}  granted {}",
-                            g.program.display(),
-                            g.argv,
-                            g.profile,
-                            g.sha256,
-                            g.granted_at
-                        );
-                    }
-                    0
-                }
-                Err(e) => {
-                    eprintln!("carapace: {}", error_chain(&e));
-                    1
-                }
-            }
-        }
-        ApprovalsCommand::Allow { key, always } => answer_approval(
-            &pending_dir,
-            &key,
-            if always { "allow-always" } else { "allow-once" },
-        ),
-        ApprovalsCommand::Deny { key } => answer_approval(&pending_dir, &key, "deny"),
-    }
-}
-
-/// Write the answer for pending approval `key`; the waiting supervisor picks it up.
-fn answer_approval(pending_dir: &Path, key: &str, answer: &str) -> i32 {
-    let valid =
-        !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_digit() || b == b'-');
-    if !valid {
-        eprintln!(
-            "carapace: {key:?} is not an approval key (PID-N, see `carapace approvals list`)"
-        );
-        return 2;
-    }
-    if !pending_dir.join(format!("{key}.json")).is_file() {
-        eprintln!("carapace: no pending approval {key} (see `carapace approvals list`)");
-        return 1;
-    }
-    let path = pending_dir.join(format!("{key}.answer"));
-    match write_private_bytes(pending_dir, &path, format!("{answer}\n").as_bytes()) {
-        Ok(()) => {
-            println!("{answer}: {key}");
-            0
-        }
-        Err(e) => {
-            eprintln!("carapace: {e}");
-            1
-        }
-    }
-}
-
 /// Create/truncate the `--report-json` file, refusing symbolic links in every component.
 fn open_report(path: &Path) -> Result<std::fs::File, String> {
     crate::fds::open_no_symlinks(
@@ -955,23 +810,6 @@ fn check(files: &[PathBuf]) -> i32 {
     i32::from(failed)
 }
 
-fn audit_verify(file: &Path) -> i32 {
-    match carapace_broker::audit::verify(file) {
-        Ok(r) if r.is_ok() => {
-            println!("{r}");
-            0
-        }
-        Ok(r) => {
-            println!("{}: {r}", file.display());
-            1
-        }
-        Err(e) => {
-            eprintln!("carapace: {}", error_chain(&e));
-            2
-        }
-    }
-}
-
 fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
     let policy = match load_policy(file.as_deref()) {
         Ok(p) => p,
@@ -1017,6 +855,9 @@ fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ctl::{
+        answer_approval, audit_verify, ApprovalsArgs, ApprovalsCommand, AuditCommand,
+    };
     use crate::namespaces::HostIds;
     use clap::CommandFactory as _;
 
