@@ -15,6 +15,7 @@ pub mod init;
 pub mod landlock;
 pub mod mounts;
 pub mod namespaces;
+pub mod paths;
 pub mod report;
 pub mod resolve;
 pub mod rlimits;
