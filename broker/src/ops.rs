@@ -48,7 +48,7 @@ pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, Sec
 // The exec seam (implemented by the supervisor).
 
 /// A tool the broker asks the supervisor to run in a new confined child.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SpawnRequest {
     /// Canonical absolute path of the program (what the policy decided on).
     pub program: PathBuf,
@@ -59,6 +59,9 @@ pub struct SpawnRequest {
     pub profile: String,
     /// Workspace to mount, if any (the broker passes None: a child cannot choose host paths).
     pub workspace: Option<PathBuf>,
+    /// The policy the decision was made under: the tool is confined by ITS profile, so a
+    /// reload between decision and start cannot mix two policies.
+    pub policy: Arc<Policy>,
 }
 
 /// A started tool: the read ends of its stdout and stderr, and a blocking wait for its end.

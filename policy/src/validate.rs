@@ -901,9 +901,14 @@ fn lower_profile(
             }
         }
         if let Some(w) = &l.wall_time {
-            match parse_duration(w.get_ref()) {
-                Ok(d) => limits.wall_time = Some(d),
-                Err(e) => sink.err(&w.span(), format!("bad wall_time: {e}"), DURATION_EXPECTED),
+            // "unlimited" says so explicitly, also over a parent's limit (`extends`).
+            if w.get_ref().as_str() == Some("unlimited") {
+                limits.wall_time = None;
+            } else {
+                match parse_duration(w.get_ref()) {
+                    Ok(d) => limits.wall_time = Some(d),
+                    Err(e) => sink.err(&w.span(), format!("bad wall_time: {e}"), DURATION_EXPECTED),
+                }
             }
         }
         limits.core_dumps = l.core_dumps.as_ref().is_some_and(|c| *c.get_ref());

@@ -1374,3 +1374,17 @@ fn setid_guard_combines_with_the_profiles_own_verdicts() {
         .contains("allows none of the syscalls that could set those bits"));
     assert_eq!(run(&none, "chmod", [0, 0o4755, 0, 0, 0, 0]), eperm);
 }
+
+#[test]
+fn gateway_profile_runs_until_stopped() {
+    // `wall_time = "unlimited"` lifts the tool profile's 300 s through `extends`.
+    let plan = plan_of(DEFAULT, "gateway");
+    assert_eq!(plan.wall_time, None);
+    assert_eq!(plan.cgroup.pids, Some(256));
+    assert_eq!(
+        plan_of(DEFAULT, "tool").wall_time,
+        Some(std::time::Duration::from_secs(300))
+    );
+    let p = Policy::parse(DEFAULT, "default").unwrap_or_else(|d| panic!("{d}"));
+    assert!(p.broker_view("gateway").is_some_and(|b| b.exec));
+}

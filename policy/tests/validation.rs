@@ -563,3 +563,11 @@ fn long_lines_are_shown_as_a_window_around_the_error() {
     let errs = errors(&deep);
     assert!(errs[0].to_string().len() < 400);
 }
+
+#[test]
+fn wall_time_unlimited_is_the_only_word() {
+    let ok = policy("[profiles.p.limits]\nwall_time = \"unlimited\"", "");
+    assert!(Policy::parse(&ok, "t.toml").is_ok());
+    let text = policy("[profiles.p.limits]\nwall_time = \"forever\"", "");
+    expect_err(&text, "bad wall_time", "\"forever\"");
+}

@@ -69,6 +69,8 @@ pub enum BrokerHostError {
     },
     #[error("socketpair for the broker: {0}")]
     Socket(String),
+    #[error("the new policy cannot be put in force: {why}")]
+    Reload { why: String },
 }
 
 /// Default state directory when running as root.
@@ -173,6 +175,8 @@ fn setup_failure() -> ExitReport {
 /// What every tool spawned for the broker shares.
 #[derive(Debug)]
 pub struct ToolContext {
+    /// The policy at start. A tool is compiled from the policy its request was decided under
+    /// ([`SpawnRequest::policy`]), which after a reload is a newer one.
     pub policy: Arc<Policy>,
     pub target: Target,
     /// `Fixed` ids are used as given; `Auto` gives each tool `AUTO_BASE + tid` of its thread.
@@ -304,6 +308,7 @@ type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), String>;
 /// its own. Returns once the program has exec'd (or failed to start).
 pub fn spawn_tool(
     ctx: &Arc<ToolContext>,
+    policy: Arc<Policy>,
     program: &Path,
     argv0: &str,
     args: &[String],
@@ -328,7 +333,7 @@ pub fn spawn_tool(
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() };
             let (run_as, _) = ctx.run_as.resolve(u32::try_from(tid).unwrap_or(0));
-            let plan = match ctx.policy.compile(&profile_s, &ctx.target) {
+            let plan = match policy.compile(&profile_s, &ctx.target) {
                 Ok(p) => p,
                 Err(d) => {
                     let _ = started_tx.send(Err(format!(
@@ -337,7 +342,7 @@ pub fn spawn_tool(
                     return;
                 }
             };
-            let brokered = ctx.policy.broker_view(&profile_s).is_some();
+            let brokered = policy.broker_view(&profile_s).is_some();
             let opts = LaunchOptions {
                 program,
                 argv0,
@@ -346,6 +351,7 @@ pub fn spawn_tool(
                 run_as,
                 env: ctx.env.clone(),
                 broker: brokered,
+                listener: false,
             };
             let launch = match Launch::prepare(&plan, &opts, ctx.target.landlock_abi) {
                 Ok(l) => l,
@@ -389,6 +395,7 @@ pub fn spawn_tool(
                 stdout: Some(out.write.as_fd()),
                 stderr: Some(err.write.as_fd()),
                 broker: pair.as_ref().map(|(_, theirs)| theirs.as_fd()),
+                listener: None,
             };
             let running = match launch.spawn_with(Some(&cg), io) {
                 Ok(r) => r,
@@ -482,7 +489,8 @@ pub struct BrokerHost {
 pub struct PeerServer {
     handle: tokio::runtime::Handle,
     handler: Arc<OnceLock<Arc<dyn Handler>>>,
-    policy: Arc<Policy>,
+    /// The policy in force (per-peer limits come from its profiles); replaced on reload.
+    policy: Arc<std::sync::RwLock<Arc<Policy>>>,
 }
 
 impl std::fmt::Debug for PeerServer {
@@ -498,7 +506,11 @@ impl PeerServer {
     /// or the host shuts down. None when no handler is set yet (the fd is then closed).
     pub fn serve(&self, fd: OwnedFd, who: Identity) -> Option<tokio::task::JoinHandle<()>> {
         let handler = self.handler.get()?.clone();
-        let server = Server::new(handler, peer_limits(&self.policy, &who.profile));
+        let policy = match self.policy.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let server = Server::new(handler, peer_limits(&policy, &who.profile));
         let _guard = self.handle.enter();
         Some(server.serve_peer(fd, who))
     }
@@ -521,6 +533,14 @@ impl BrokerHost {
     /// supervisor as their spawner and the state directory's pending files as the operator's
     /// channel, and start a runtime (two workers) to serve sockets on.
     pub fn start(setup: BrokerSetup) -> Result<BrokerHost, BrokerHostError> {
+        BrokerHost::start_with(setup, OperatorChannel::Files)
+    }
+
+    /// [`BrokerHost::start`] with the operator's channel for `ask` approvals chosen.
+    pub fn start_with(
+        setup: BrokerSetup,
+        channel: OperatorChannel,
+    ) -> Result<BrokerHost, BrokerHostError> {
         let state_err = |why: String| BrokerHostError::StateDir {
             path: setup.state.root.clone(),
             why,
@@ -542,17 +562,20 @@ impl BrokerHost {
         let peers = PeerServer {
             handle: runtime.handle().clone(),
             handler: Arc::new(OnceLock::new()),
-            policy: Arc::new(setup.policy.clone()),
+            policy: Arc::new(std::sync::RwLock::new(Arc::new(setup.policy.clone()))),
         };
         let tools = Arc::new(setup.tools);
         let spawner = Arc::new(SupervisorSpawner {
             ctx: tools.clone(),
             peers: peers.clone(),
         });
-        let approver = Arc::new(FileApprover {
-            approvals: approvals.clone(),
-            pending_dir: setup.state.pending(),
-        });
+        let approver: Arc<dyn Approver> = match channel {
+            OperatorChannel::Files => Arc::new(FileApprover {
+                approvals: approvals.clone(),
+                pending_dir: setup.state.pending(),
+            }),
+            OperatorChannel::Control => Arc::new(LoggedApprover(approvals.clone())),
+        };
         let ops = Arc::new(
             Ops::new(
                 setup.policy,
@@ -580,6 +603,32 @@ impl BrokerHost {
         self.peers.clone()
     }
 
+    /// The runtime the sockets are served on (the service runs its control socket there too).
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime.handle().clone()
+    }
+
+    /// The tools running for the broker now.
+    pub fn tools(&self) -> &ToolRegistry {
+        &self.tools.live
+    }
+
+    /// Put `policy` in force for new requests and new peers (secrets reloaded). Requests being
+    /// handled finish under the old one. On error nothing changes.
+    pub fn reload(&self, policy: Policy) -> Result<(), BrokerHostError> {
+        let shared = Arc::new(policy.clone());
+        self.ops
+            .reload(policy)
+            .map_err(|e| BrokerHostError::Reload {
+                why: crate::cli::error_chain(&e),
+            })?;
+        match self.peers.policy.write() {
+            Ok(mut g) => *g = shared,
+            Err(p) => *p.into_inner() = shared,
+        }
+        Ok(())
+    }
+
     /// Stop serving: abort every peer task (pending approvals are withdrawn), give blocking
     /// work a moment to finish, then kill the tools still running for children that are gone
     /// and wait for their sandboxes to be reaped and their cgroups removed.
@@ -589,6 +638,35 @@ impl BrokerHost {
         if n > 0 {
             tracing::info!("killed {n} tool(s) still running for the broker");
         }
+    }
+}
+
+/// Where `ask` approvals are offered to the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorChannel {
+    /// Files in `<state>/pending/`, answered by `carapace approvals` (one-shot `carapace exec`).
+    Files,
+    /// In memory, listed and answered through the control socket (`carapace run`).
+    Control,
+}
+
+/// The in-memory approvals, with a log line when one starts waiting (the operator sees it in
+/// the journal and answers with `carapace approvals allow|deny ID`).
+#[derive(Debug)]
+struct LoggedApprover(Arc<Approvals>);
+
+impl Approver for LoggedApprover {
+    fn ask(
+        self: Arc<Self>,
+        q: ApprovalQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        tracing::warn!(
+            who = %q.who,
+            profile = %q.profile,
+            "approval requested: {}; see `carapace approvals list`",
+            q.argv.join(" ")
+        );
+        self.0.clone().ask(q)
     }
 }
 
@@ -610,6 +688,7 @@ impl Spawner for SupervisorSpawner {
         };
         let run = spawn_tool(
             &self.ctx,
+            req.policy.clone(),
             &req.program,
             argv0,
             args,

@@ -306,6 +306,7 @@ impl Ops {
             argv: full_argv,
             profile,
             workspace: None,
+            policy: policy.clone(),
         };
         let handle = match tokio::task::spawn_blocking(move || spawner.spawn(sreq)).await {
             Ok(Ok(h)) => h,
