@@ -9,6 +9,7 @@ pub mod broker_host;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod control;
 pub mod ctl;
 pub mod fds;
 pub mod init;

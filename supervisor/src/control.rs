@@ -1,0 +1,1362 @@
+//! The control socket of `carapace run`: protocol, server and blocking client. It knows nothing
+//! of processes; the service answers requests through [`ControlHandler`].
+//!
+//! # The control protocol
+//!
+//! **Transport.** A Unix `SOCK_STREAM` socket, by default `<runtime dir>/control.sock`
+//! (`/run/carapace/control.sock` as root; `$CARAPACE_CONTROL_SOCKET` overrides the client's
+//! default). Newline-delimited JSON: the client writes a request as one line, the server answers
+//! with one or more JSON lines. A connection may carry several requests, one after the other.
+//!
+//! - A request line is at most **64 KiB** ([`MAX_REQUEST_LINE`], without its `\n`). A longer
+//!   line gets an error reply and the connection is closed (the framing is lost).
+//! - A connection idle for **30 s** ([`IDLE_TIMEOUT`]) is closed, except while it follows the
+//!   audit log.
+//! - Empty lines are ignored. A last line without `\n` before end of file is still a request.
+//!
+//! **Who may connect.** The socket file is mode `0660`, owned by the supervisor's user and the
+//! configured control group (`[control] group`), and lives in a directory that is not writable by
+//! others. That is only the first gate: on every connection the server reads the peer's
+//! credentials (`SO_PEERCRED`, and `SO_PEERGROUPS` for its supplementary groups). Allowed are
+//! uid 0, the supervisor's own effective uid, and — when a control group is configured — a peer
+//! whose gid or one of whose supplementary groups is that group. Anyone else gets
+//! `{"ok":false,"error":"permission denied: uid U (gid G) is not root and not in the control
+//! group"}`, the connection is closed, and the refusal is logged.
+//!
+//! **Requests**: `{"op":OP, ...fields}`. Unknown fields are an error.
+//!
+//! | op                  | fields                                         | result                     |
+//! |---------------------|------------------------------------------------|----------------------------|
+//! | `status`            |                                                | [`StatusReport`]           |
+//! | `approvals_list`    |                                                | [`ApprovalsList`]          |
+//! | `approvals_resolve` | `id` (u64), `resolution` (`allow-once` \| `allow-always` \| `deny`) | [`Resolved`] |
+//! | `dlq_list`          |                                                | [`DlqList`]                |
+//! | `dlq_release`       | `id` (string)                                  | [`DlqLetter`] (the message released) |
+//! | `dlq_drop`          | `id` (string)                                  | `{"id":ID}`                |
+//! | `audit_tail`        | `lines` (usize, default 10), `follow` (bool, default false) | a stream, see below |
+//! | `reload`            |                                                | [`ReloadReport`]           |
+//!
+//! **Replies.** `{"ok":true,"result":VALUE}` or `{"ok":false,"error":"MESSAGE"}`. An error
+//! reply to a bad request (not JSON, not an object, no `op`, unknown op, bad fields) leaves the
+//! connection open; the handler's own errors (no such approval, reload rejected, ...) come back
+//! the same way with its message.
+//!
+//! **`audit_tail`** is answered by the server itself from the audit log file: first the last
+//! `lines` complete records (at most 10 000), each as `{"ok":true,"line":RECORD}` where RECORD is
+//! the record's JSON object as stored (a line that is not JSON is sent as a JSON string). Without
+//! `follow` that ends with `{"ok":true,"end":true}`. With `follow` no `end` comes: the server
+//! polls the file every 200 ms and sends each newly completed record, reopens the file when it
+//! was replaced (rotation) and starts from its beginning when it was truncated, until the client
+//! closes the connection or the server stops. A log that does not exist yet has no records (and
+//! is waited for when following).
+//!
+//! ```text
+//! $ printf '{"op":"audit_tail","lines":1}\n' | socat - UNIX-CONNECT:/run/carapace/control.sock
+//! {"ok":true,"line":{"seq":7,"ts":"2026-11-21T13:20:07.123456Z","prev":"…","who":{…},"op":"connect",…}}
+//! {"ok":true,"end":true}
+//! ```
+//!
+//! **Server lifecycle.** [`ControlServer::bind`] creates the parent directory when missing
+//! (0755 as root, 0700 otherwise) and refuses a parent that is a symlink, is writable by others,
+//! or is owned by someone other than root or us. An existing socket at the path is probed: if a
+//! server answers the connect, binding fails ("another supervisor is serving P"); if the connect
+//! is refused, the stale socket is removed. Anything else at the path (a regular file, ...) is
+//! left alone and binding fails. The socket is bound inside a private (0700) temporary
+//! directory next to the final path, given mode 0660 and its group there, and only then renamed
+//! into place, so it is never reachable with a wider mode. The server removes the socket when it
+//! stops (if it is still the one it bound).
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use carapace_broker::approvals::{Grant, Pending, Resolution};
+use carapace_broker::audit::Who;
+
+/// Longest request line the server accepts (without its `\n`).
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// A connection with no request for this long is closed (not while following the audit log).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The client's timeout for connecting, writing and each reply line.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a following `audit_tail` looks at the audit log.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// Most records `audit_tail` sends before following.
+pub const MAX_TAIL_LINES: usize = 10_000;
+/// `lines` of `audit_tail` when the request does not say.
+pub const DEFAULT_TAIL_LINES: usize = 10;
+/// Longest reply line the client accepts.
+const MAX_REPLY_LINE: usize = 16 << 20;
+/// Longest audit record the server sends (longer lines are cut and sent as a string).
+const MAX_AUDIT_LINE: usize = 1 << 20;
+/// Most bytes read backwards from the end of the audit log to find the last records.
+const MAX_TAIL_BYTES: u64 = 64 << 20;
+/// Most bytes read from the audit log per follow poll.
+const MAX_POLL_BYTES: usize = 4 << 20;
+
+/// The `resolution` values of `approvals_resolve`.
+pub const RESOLUTIONS: [&str; 3] = ["allow-once", "allow-always", "deny"];
+
+/// The op names, in protocol order.
+pub const OPS: [&str; 8] = [
+    "status",
+    "approvals_list",
+    "approvals_resolve",
+    "dlq_list",
+    "dlq_release",
+    "dlq_drop",
+    "audit_tail",
+    "reload",
+];
+
+// ---------------------------------------------------------------------------------------------
+// Protocol types
+// ---------------------------------------------------------------------------------------------
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    ApprovalsList,
+    /// `resolution`: `allow-once` | `allow-always` | `deny` ([`parse_resolution`]).
+    ApprovalsResolve {
+        id: u64,
+        resolution: String,
+    },
+    DlqList,
+    DlqRelease {
+        id: String,
+    },
+    DlqDrop {
+        id: String,
+    },
+    /// Served by the server itself from [`ControlHandler::audit_log`].
+    AuditTail {
+        #[serde(default = "default_tail_lines")]
+        lines: usize,
+        #[serde(default)]
+        follow: bool,
+    },
+    Reload,
+}
+
+fn default_tail_lines() -> usize {
+    DEFAULT_TAIL_LINES
+}
+
+impl Request {
+    /// The request's `op`.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::ApprovalsList => "approvals_list",
+            Request::ApprovalsResolve { .. } => "approvals_resolve",
+            Request::DlqList => "dlq_list",
+            Request::DlqRelease { .. } => "dlq_release",
+            Request::DlqDrop { .. } => "dlq_drop",
+            Request::AuditTail { .. } => "audit_tail",
+            Request::Reload => "reload",
+        }
+    }
+}
+
+/// `allow-once` | `allow-always` | `deny` as the broker's [`Resolution`].
+pub fn parse_resolution(s: &str) -> Option<Resolution> {
+    match s {
+        "allow-once" => Some(Resolution::AllowOnce),
+        "allow-always" => Some(Resolution::AllowAlways),
+        "deny" => Some(Resolution::Deny),
+        _ => None,
+    }
+}
+
+/// One reply line. Exactly one of `result`, `error`, `line`, `end` is present.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<bool>,
+}
+
+impl Reply {
+    pub fn result(v: Value) -> Reply {
+        Reply {
+            ok: true,
+            result: Some(v),
+            error: None,
+            line: None,
+            end: None,
+        }
+    }
+    pub fn error(msg: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            result: None,
+            error: Some(msg.into()),
+            line: None,
+            end: None,
+        }
+    }
+    pub fn line(v: Value) -> Reply {
+        Reply {
+            ok: true,
+            result: None,
+            error: None,
+            line: Some(v),
+            end: None,
+        }
+    }
+    pub fn end() -> Reply {
+        Reply {
+            ok: true,
+            result: None,
+            error: None,
+            line: None,
+            end: Some(true),
+        }
+    }
+
+    /// The reply as one line, `\n` included.
+    fn to_line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|e| {
+            // Serializing a `Value` cannot fail; keep a reply anyway.
+            format!(r#"{{"ok":false,"error":"cannot encode the reply: {e}"}}"#).into_bytes()
+        });
+        v.push(b'\n');
+        v
+    }
+}
+
+/// Result of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub version: String,
+    /// RFC 3339 UTC.
+    pub started: String,
+    pub uptime_secs: u64,
+    /// `root` | `rootless`.
+    pub mode: String,
+    /// What is used: `hybrid v1+v2`, `v2 delegated`, `none (rlimits only)`, ...
+    pub cgroups: String,
+    /// The configuration's source (a path, or `embedded default`).
+    pub config: String,
+    pub policy: PolicyStatus,
+    pub reloads: u64,
+    pub last_reload_error: Option<String>,
+    pub children: Vec<ChildStatus>,
+    pub pending_approvals: usize,
+    pub dead_letters: usize,
+    pub audit: AuditStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub files: Vec<String>,
+    /// SHA-256 of the policy in force.
+    pub sha256: String,
+    /// RFC 3339 UTC: when it was loaded.
+    pub loaded: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditStatus {
+    pub path: String,
+    /// Seq of the last record.
+    pub seq: u64,
+    /// Hash of the last record's line.
+    pub head: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildStatus {
+    pub name: String,
+    /// `gateway` | `channel`.
+    pub role: String,
+    pub profile: String,
+    /// `starting` | `running` | `backoff` | `failed` | `stopping` | `stopped`.
+    pub state: String,
+    pub pid: Option<i32>,
+    pub uptime_secs: Option<u64>,
+    pub restarts: u32,
+    /// How it last ended, e.g. `exit=1` or `signal=9 (oom)`.
+    pub last_exit: Option<String>,
+    pub memory_bytes: Option<u64>,
+    pub cpu_ms: Option<u64>,
+    pub tasks: Option<u64>,
+}
+
+/// A pending approval as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingApproval {
+    pub id: u64,
+    /// `role#id(profile)` of the asking child ([`who_string`]).
+    pub who: String,
+    pub program: String,
+    pub sha256: String,
+    pub argv: Vec<String>,
+    pub profile: String,
+    pub why: String,
+    /// RFC 3339 UTC.
+    pub created: String,
+    pub expires_in_secs: u64,
+}
+
+impl PendingApproval {
+    /// From the broker's pending approval; `why` is the rule's reason (not kept by the broker).
+    pub fn from_pending(p: &Pending, why: impl Into<String>, now: Instant) -> PendingApproval {
+        PendingApproval {
+            id: p.id,
+            who: who_string(&p.identity),
+            program: p.program.display().to_string(),
+            sha256: p.program_sha256.clone(),
+            argv: p.argv.clone(),
+            profile: p.profile.clone(),
+            why: why.into(),
+            created: p.created.clone(),
+            expires_in_secs: p.expires.saturating_duration_since(now).as_secs(),
+        }
+    }
+}
+
+/// A persisted allow-always grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantInfo {
+    pub program: String,
+    pub argv: Vec<String>,
+    pub profile: String,
+    pub sha256: String,
+    /// RFC 3339 UTC.
+    pub granted_at: String,
+}
+
+impl From<&Grant> for GrantInfo {
+    fn from(g: &Grant) -> GrantInfo {
+        GrantInfo {
+            program: g.program.display().to_string(),
+            argv: g.argv.clone(),
+            profile: g.profile.clone(),
+            sha256: g.sha256.clone(),
+            granted_at: g.granted_at.clone(),
+        }
+    }
+}
+
+/// Result of `approvals_list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalsList {
+    pub pending: Vec<PendingApproval>,
+    pub always: Vec<GrantInfo>,
+}
+
+/// Result of `approvals_resolve`: `decision` is the broker's
+/// [`Decision::as_str`](carapace_broker::approvals::Decision::as_str) (`allowed once`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub id: u64,
+    pub decision: String,
+}
+
+/// A dead letter: the broker's [`Entry`](carapace_broker::dlq::Entry) with its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DlqLetter {
+    pub id: String,
+    #[serde(flatten)]
+    pub entry: carapace_broker::dlq::Entry,
+}
+
+/// A file of the queue that could not be read as an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DlqUnreadable {
+    pub file: String,
+    pub error: String,
+}
+
+/// Result of `dlq_list`, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DlqList {
+    pub letters: Vec<DlqLetter>,
+    pub unreadable: Vec<DlqUnreadable>,
+}
+
+impl From<carapace_broker::dlq::Listing> for DlqList {
+    fn from(l: carapace_broker::dlq::Listing) -> DlqList {
+        DlqList {
+            letters: l
+                .letters
+                .into_iter()
+                .map(|d| DlqLetter {
+                    id: d.id,
+                    entry: d.entry,
+                })
+                .collect(),
+            unreadable: l
+                .unreadable
+                .into_iter()
+                .map(|u| DlqUnreadable {
+                    file: u.file.display().to_string(),
+                    error: u.error,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Result of `reload`. A rejected reload (invalid configuration or policy) is an error reply
+/// whose message says why; the old configuration and policy stay in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub applied: bool,
+    /// SHA-256 of the policy in force after the reload.
+    pub policy_sha256: String,
+    /// What changed, in words.
+    pub message: String,
+}
+
+/// `role#id(profile)`.
+pub fn who_string(w: &Who) -> String {
+    format!("{}#{}({})", w.role, w.id, w.profile)
+}
+
+/// What the service provides to the control server.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Answer one request (never [`Request::AuditTail`], which the server serves). Called on a
+    /// blocking thread (`spawn_blocking`): it may block. `Err` is sent as the error reply.
+    fn handle(&self, req: Request) -> Result<Value, String>;
+    /// The audit log file `audit_tail` reads.
+    fn audit_log(&self) -> PathBuf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "no supervisor is running (no control socket at {}); start one with `carapace run`",
+        path.display()
+    )]
+    NotRunning {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket {}: {op}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another supervisor is serving {}", path.display())]
+    InUse { path: PathBuf },
+    #[error("control socket {}: {reason}", path.display())]
+    Unsafe { path: PathBuf, reason: String },
+    #[error("control socket {}: no answer within {secs} s", path.display())]
+    Timeout { path: PathBuf, secs: u64 },
+    /// The supervisor answered with an error: its message.
+    #[error("{message}")]
+    Daemon { message: String },
+    #[error("control socket {}: bad reply: {reason}", path.display())]
+    Protocol { path: PathBuf, reason: String },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ControlError + 'a {
+    move |source| ControlError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------------------
+
+struct ClientConn {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    timeout: Option<Duration>,
+}
+
+impl ClientConn {
+    fn connect(socket: &Path) -> Result<ClientConn, ControlError> {
+        let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                ControlError::NotRunning {
+                    path: socket.to_path_buf(),
+                    source: e,
+                }
+            }
+            _ => io_err("connect", socket)(e),
+        })?;
+        stream
+            .set_write_timeout(Some(CLIENT_TIMEOUT))
+            .map_err(io_err("set timeout", socket))?;
+        stream
+            .set_read_timeout(Some(CLIENT_TIMEOUT))
+            .map_err(io_err("set timeout", socket))?;
+        Ok(ClientConn {
+            path: socket.to_path_buf(),
+            reader: BufReader::new(stream),
+            timeout: Some(CLIENT_TIMEOUT),
+        })
+    }
+
+    fn set_read_timeout(&mut self, t: Option<Duration>) -> Result<(), ControlError> {
+        self.timeout = t;
+        self.reader
+            .get_ref()
+            .set_read_timeout(t)
+            .map_err(io_err("set timeout", &self.path))
+    }
+
+    fn send(&mut self, req: &Request) -> Result<(), ControlError> {
+        let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol {
+            path: self.path.clone(),
+            reason: format!("cannot encode the request: {e}"),
+        })?;
+        line.push(b'\n');
+        match self.reader.get_mut().write_all(&line) {
+            Ok(()) => Ok(()),
+            // The server may have refused us and closed before reading: its reply is still
+            // there to read.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) if is_timeout(&e) => Err(ControlError::Timeout {
+                path: self.path.clone(),
+                secs: CLIENT_TIMEOUT.as_secs(),
+            }),
+            Err(e) => Err(io_err("write", &self.path)(e)),
+        }
+    }
+
+    /// The next reply line, or `None` at end of file.
+    fn read_reply(&mut self) -> Result<Option<Reply>, ControlError> {
+        let mut buf = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_REPLY_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| {
+                if is_timeout(&e) {
+                    ControlError::Timeout {
+                        path: self.path.clone(),
+                        secs: self.timeout.unwrap_or_default().as_secs(),
+                    }
+                } else {
+                    io_err("read", &self.path)(e)
+                }
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf.last() != Some(&b'\n') {
+            return Err(ControlError::Protocol {
+                path: self.path.clone(),
+                reason: if buf.len() > MAX_REPLY_LINE {
+                    format!("a reply line is longer than {MAX_REPLY_LINE} bytes")
+                } else {
+                    "the connection ended in the middle of a reply".to_string()
+                },
+            });
+        }
+        serde_json::from_slice(&buf)
+            .map(Some)
+            .map_err(|e| ControlError::Protocol {
+                path: self.path.clone(),
+                reason: format!("not a reply: {e}"),
+            })
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Send `req` to the supervisor at `socket` and return its result (blocking, 10 s timeouts).
+/// Not for [`Request::AuditTail`] (use [`stream`]).
+pub fn call(socket: &Path, req: &Request) -> Result<Value, ControlError> {
+    let mut c = ClientConn::connect(socket)?;
+    c.send(req)?;
+    let reply = c.read_reply()?.ok_or_else(|| ControlError::Protocol {
+        path: socket.to_path_buf(),
+        reason: "the supervisor closed the connection without answering".to_string(),
+    })?;
+    reply_result(socket, reply)
+}
+
+fn reply_result(socket: &Path, reply: Reply) -> Result<Value, ControlError> {
+    if !reply.ok {
+        return Err(ControlError::Daemon {
+            message: reply
+                .error
+                .unwrap_or_else(|| "the supervisor failed (no message)".to_string()),
+        });
+    }
+    if reply.line.is_some() || reply.end.is_some() {
+        return Err(ControlError::Protocol {
+            path: socket.to_path_buf(),
+            reason: "a stream reply to a single request".to_string(),
+        });
+    }
+    Ok(reply.result.unwrap_or(Value::Null))
+}
+
+/// Send `req` and pass every streamed value (`line`, or a single `result`) to `on` until the
+/// stream ends (`end`), `on` returns `false`, or — when following — the connection closes
+/// (an error: the supervisor went away). With `follow`, replies may take any time; otherwise
+/// each must come within 10 s.
+pub fn stream(
+    socket: &Path,
+    req: &Request,
+    mut on: impl FnMut(Value) -> bool,
+) -> Result<(), ControlError> {
+    let follow = matches!(req, Request::AuditTail { follow: true, .. });
+    let mut c = ClientConn::connect(socket)?;
+    c.send(req)?;
+    if follow {
+        c.set_read_timeout(None)?;
+    }
+    loop {
+        let Some(reply) = c.read_reply()? else {
+            return Err(ControlError::Protocol {
+                path: socket.to_path_buf(),
+                reason: "the supervisor closed the connection".to_string(),
+            });
+        };
+        if !reply.ok {
+            return Err(ControlError::Daemon {
+                message: reply
+                    .error
+                    .unwrap_or_else(|| "the supervisor failed (no message)".to_string()),
+            });
+        }
+        if reply.end == Some(true) {
+            return Ok(());
+        }
+        if let Some(v) = reply.line {
+            if !on(v) {
+                return Ok(());
+            }
+            continue;
+        }
+        if let Some(v) = reply.result {
+            on(v);
+            return Ok(());
+        }
+        return Err(ControlError::Protocol {
+            path: socket.to_path_buf(),
+            reason: "a reply with neither result, line nor end".to_string(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------------------
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Removes the socket file when dropped, if the path still names the socket we bound.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = fs::symlink_metadata(&self.path) {
+            if m.dev() == self.dev && m.ino() == self.ino {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), "control socket: cannot remove: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Stops a served [`ControlServer`] (see [`ControlServer::shutdown_handle`]).
+#[derive(Debug, Clone)]
+pub struct ControlShutdown(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl ControlShutdown {
+    /// Stop accepting, close every connection (followers included) and remove the socket; the
+    /// task returned by [`ControlServer::serve`] then ends.
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// A bound control socket, not yet serving.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    file: SocketFile,
+    group: Option<u32>,
+    idle_timeout: Duration,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Check that `dir` is a real directory, not writable by others, owned by root or us.
+fn check_parent(dir: &Path, sock: &Path) -> Result<(), ControlError> {
+    let m = fs::symlink_metadata(dir).map_err(io_err("lstat parent", sock))?;
+    let unsafe_ = |reason: String| ControlError::Unsafe {
+        path: sock.to_path_buf(),
+        reason,
+    };
+    if m.file_type().is_symlink() {
+        return Err(unsafe_(format!(
+            "its directory {} is a symlink; refusing it",
+            dir.display()
+        )));
+    }
+    if !m.is_dir() {
+        return Err(unsafe_(format!("{} is not a directory", dir.display())));
+    }
+    if m.mode() & 0o002 != 0 {
+        return Err(unsafe_(format!(
+            "its directory {} is writable by others (mode {:o}); use a private runtime directory",
+            dir.display(),
+            m.mode() & 0o7777
+        )));
+    }
+    if m.uid() != 0 && m.uid() != euid() {
+        return Err(unsafe_(format!(
+            "its directory {} is owned by uid {}, not by root or us",
+            dir.display(),
+            m.uid()
+        )));
+    }
+    Ok(())
+}
+
+impl ControlServer {
+    /// Bind the control socket at `path` (see the module docs: parent checks, stale socket
+    /// replaced, a live one not stolen, mode 0660 and `group` from the first moment). Needs no
+    /// tokio runtime.
+    pub fn bind(path: &Path, group: Option<u32>) -> Result<ControlServer, ControlError> {
+        let unsafe_ = |reason: &str| ControlError::Unsafe {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if !path.is_absolute() {
+            return Err(unsafe_("not an absolute path"));
+        }
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(unsafe_("no directory or file name"));
+        };
+        if !dir.exists() {
+            let mode = if euid() == 0 { 0o755 } else { 0o700 };
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)
+                .map_err(io_err("create directory", path))?;
+        }
+        check_parent(dir, path)?;
+
+        // Something already there?
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(ControlError::InUse {
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "control socket: removing a stale socket");
+                    match fs::remove_file(path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err("remove stale socket", path)(e)),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("probe existing socket", path)(e)),
+            },
+            Ok(_) => {
+                return Err(unsafe_(
+                    "exists and is not a socket; refusing to replace it",
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("lstat", path)(e)),
+        }
+
+        // Bind in a private directory, set mode and group, then rename into place.
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp_dir = dir.join(format!(".ctl{}-{n}", std::process::id()));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp_dir)
+            .map_err(io_err("create temporary directory", &tmp_dir))?;
+        let tmp_sock = tmp_dir.join(name);
+        let bound = (|| {
+            let listener = UnixListener::bind(&tmp_sock).map_err(io_err("bind", &tmp_sock))?;
+            fs::set_permissions(&tmp_sock, fs::Permissions::from_mode(0o660))
+                .map_err(io_err("chmod 0660", &tmp_sock))?;
+            if let Some(gid) = group {
+                std::os::unix::fs::chown(&tmp_sock, None, Some(gid))
+                    .map_err(io_err("chown to the control group", &tmp_sock))?;
+            }
+            let m = fs::symlink_metadata(&tmp_sock).map_err(io_err("lstat", &tmp_sock))?;
+            fs::rename(&tmp_sock, path).map_err(io_err("rename into place", path))?;
+            Ok::<_, ControlError>((listener, m.dev(), m.ino()))
+        })();
+        let _ = fs::remove_file(&tmp_sock);
+        let _ = fs::remove_dir(&tmp_dir);
+        let (listener, dev, ino) = bound?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("set non-blocking", path))?;
+        let (stop, _) = tokio::sync::watch::channel(false);
+        Ok(ControlServer {
+            listener,
+            file: SocketFile {
+                path: path.to_path_buf(),
+                dev,
+                ino,
+            },
+            group,
+            idle_timeout: IDLE_TIMEOUT,
+            stop: Arc::new(stop),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    /// Close idle connections after `t` instead of [`IDLE_TIMEOUT`] (tests).
+    pub fn with_idle_timeout(mut self, t: Duration) -> ControlServer {
+        self.idle_timeout = t;
+        self
+    }
+
+    /// A handle that stops the server once it serves.
+    pub fn shutdown_handle(&self) -> ControlShutdown {
+        ControlShutdown(self.stop.clone())
+    }
+
+    /// Serve connections on the current tokio runtime until [`ControlShutdown::shutdown`] or
+    /// until the returned task is aborted; either way every connection is closed and the socket
+    /// file removed. Must be called within a runtime.
+    pub fn serve(self, handler: Arc<dyn ControlHandler>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.run(handler))
+    }
+
+    async fn run(self, handler: Arc<dyn ControlHandler>) {
+        let ControlServer {
+            listener,
+            file,
+            group,
+            idle_timeout,
+            stop,
+        } = self;
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(path = %file.path.display(), "control socket: cannot serve: {e}");
+                return;
+            }
+        };
+        let ctx = Arc::new(ConnCtx {
+            handler,
+            group,
+            euid: euid(),
+            idle_timeout,
+            stop: stop.subscribe(),
+        });
+        let mut stop_rx = stop.subscribe();
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                () = stopped(&mut stop_rx) => break,
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => {
+                        conns.spawn(connection(stream, ctx.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %file.path.display(), "control socket: accept: {e}");
+                        // EMFILE and friends: do not spin.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        conns.shutdown().await;
+        drop(listener);
+        drop(file);
+    }
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+struct ConnCtx {
+    handler: Arc<dyn ControlHandler>,
+    group: Option<u32>,
+    euid: u32,
+    idle_timeout: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The peer's supplementary groups (`SO_PEERGROUPS`).
+fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let cap = groups.len() * std::mem::size_of::<libc::gid_t>();
+        let mut len = cap as libc::socklen_t;
+        // SAFETY: `groups` is a live buffer of `cap` bytes and `len` says so; the kernel writes at
+        // most `len` bytes and updates `len`. `fd` is a valid socket for the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // ERANGE: the buffer is too small and `len` says how big it must be.
+        if e.raw_os_error() == Some(libc::ERANGE) && (len as usize) > cap && groups.len() < 65_536 {
+            groups.resize(
+                (len as usize).div_ceil(std::mem::size_of::<libc::gid_t>()),
+                0,
+            );
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// Whether a peer may use the socket; `groups` is asked for only when it matters.
+fn peer_allowed(
+    uid: u32,
+    gid: u32,
+    our_euid: u32,
+    group: Option<u32>,
+    groups: impl FnOnce() -> io::Result<Vec<u32>>,
+) -> bool {
+    if uid == 0 || uid == our_euid {
+        return true;
+    }
+    let Some(g) = group else {
+        return false;
+    };
+    if gid == g {
+        return true;
+    }
+    match groups() {
+        Ok(gs) => gs.contains(&g),
+        Err(e) => {
+            tracing::warn!("control socket: SO_PEERGROUPS: {e}");
+            false
+        }
+    }
+}
+
+enum LineRead {
+    Line(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+async fn read_line_limited<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> io::Result<LineRead> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(LineRead::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > max {
+        return Ok(LineRead::TooLong);
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(LineRead::Line(buf))
+}
+
+/// Decode a request line; `Err` is the message of the error reply.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| format!("bad request: not JSON: {e}"))?;
+    let Some(obj) = v.as_object() else {
+        return Err("bad request: expected a JSON object with an \"op\"".to_string());
+    };
+    let Some(op) = obj.get("op") else {
+        return Err("bad request: no \"op\"".to_string());
+    };
+    let Some(op) = op.as_str().map(str::to_string) else {
+        return Err("bad request: \"op\" is not a string".to_string());
+    };
+    if !OPS.contains(&op.as_str()) {
+        let shown: String = op.chars().take(64).collect();
+        return Err(format!("unknown op {shown:?} (known: {})", OPS.join(", ")));
+    }
+    serde_json::from_value(v).map_err(|e| format!("bad request: {op}: {e}"))
+}
+
+type Writer = tokio::net::unix::OwnedWriteHalf;
+
+async fn send(wr: &mut Writer, reply: &Reply, timeout: Duration) -> io::Result<()> {
+    let line = reply.to_line();
+    match tokio::time::timeout(timeout, wr.write_all(&line)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client does not read",
+        )),
+    }
+}
+
+async fn connection(stream: tokio::net::UnixStream, ctx: Arc<ConnCtx>) {
+    let (uid, gid, pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.gid(), c.pid()),
+        Err(e) => {
+            tracing::warn!("control socket: SO_PEERCRED: {e}");
+            return;
+        }
+    };
+    let allowed = peer_allowed(uid, gid, ctx.euid, ctx.group, || {
+        peer_groups(stream.as_fd())
+    });
+    let (rd, mut wr) = stream.into_split();
+    if !allowed {
+        tracing::warn!(
+            uid,
+            gid,
+            pid = pid.unwrap_or(0),
+            "control socket: refused a connection (not root, not us, not in the control group)"
+        );
+        let msg = format!(
+            "permission denied: uid {uid} (gid {gid}) is not root and not in the control group"
+        );
+        let _ = send(&mut wr, &Reply::error(msg), ctx.idle_timeout).await;
+        let _ = wr.shutdown().await;
+        return;
+    }
+    let mut rd = tokio::io::BufReader::new(rd);
+    loop {
+        let read = tokio::time::timeout(
+            ctx.idle_timeout,
+            read_line_limited(&mut rd, MAX_REQUEST_LINE),
+        )
+        .await;
+        let line = match read {
+            Err(_) => {
+                tracing::debug!(uid, "control socket: idle connection closed");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(uid, "control socket: read: {e}");
+                return;
+            }
+            Ok(Ok(LineRead::Eof)) => return,
+            Ok(Ok(LineRead::TooLong)) => {
+                let msg = format!(
+                    "bad request: line longer than {MAX_REQUEST_LINE} bytes; closing the connection"
+                );
+                let _ = send(&mut wr, &Reply::error(msg), ctx.idle_timeout).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+            Ok(Ok(LineRead::Line(l))) => l,
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let req = match parse_request(&line) {
+            Ok(r) => r,
+            Err(msg) => {
+                tracing::debug!(uid, "control socket: {msg}");
+                if send(&mut wr, &Reply::error(msg), ctx.idle_timeout)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+        };
+        tracing::debug!(uid, op = req.op(), "control request");
+        if let Request::AuditTail { lines, follow } = req {
+            let path = ctx.handler.audit_log();
+            let r = audit_tail(&mut rd, &mut wr, &ctx, path, lines, follow).await;
+            if follow || r.is_err() {
+                return;
+            }
+            continue;
+        }
+        let h = ctx.handler.clone();
+        let reply = match tokio::task::spawn_blocking(move || h.handle(req)).await {
+            Ok(Ok(v)) => Reply::result(v),
+            Ok(Err(msg)) => Reply::error(msg),
+            Err(e) => {
+                tracing::error!("control socket: the handler failed: {e}");
+                Reply::error("internal error: the request handler failed")
+            }
+        };
+        if send(&mut wr, &reply, ctx.idle_timeout).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A raw audit line as the value sent in `line`.
+fn audit_value(raw: &[u8]) -> Value {
+    serde_json::from_slice(raw)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(raw).into_owned()))
+}
+
+async fn audit_tail(
+    rd: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    wr: &mut Writer,
+    ctx: &ConnCtx,
+    path: PathBuf,
+    lines: usize,
+    follow: bool,
+) -> io::Result<()> {
+    let n = lines.min(MAX_TAIL_LINES);
+    let opened = tokio::task::spawn_blocking(move || Follower::open(path, n))
+        .await
+        .map_err(io::Error::other)?;
+    let (first, mut follower) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let msg = format!("audit log: {e}");
+            send(wr, &Reply::error(msg), ctx.idle_timeout).await?;
+            return Ok(());
+        }
+    };
+    for raw in &first {
+        send(wr, &Reply::line(audit_value(raw)), ctx.idle_timeout).await?;
+    }
+    if !follow {
+        return send(wr, &Reply::end(), ctx.idle_timeout).await;
+    }
+    let mut stop = ctx.stop.clone();
+    let mut scratch = [0u8; 512];
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return Ok(()),
+            r = rd.read(&mut scratch) => match r {
+                // The client went away (or sent something: ignored).
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep(FOLLOW_POLL) => {
+                let (f, new) = tokio::task::spawn_blocking(move || {
+                    let new = follower.poll();
+                    (follower, new)
+                })
+                .await
+                .map_err(io::Error::other)?;
+                follower = f;
+                match new {
+                    Ok(new) => {
+                        for raw in &new {
+                            send(wr, &Reply::line(audit_value(raw)), ctx.idle_timeout).await?;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket: following the audit log: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the audit log's last records, then what is appended (see the module docs).
+#[derive(Debug)]
+struct Follower {
+    path: PathBuf,
+    file: Option<File>,
+    dev: u64,
+    ino: u64,
+    /// Bytes of `file` consumed (complete lines and `partial`).
+    pos: u64,
+    /// An incomplete last line seen so far.
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    /// The last `n` complete lines of `path` (none if it does not exist), and a follower
+    /// positioned after them.
+    fn open(path: PathBuf, n: usize) -> io::Result<(Vec<Vec<u8>>, Follower)> {
+        let mut f = Follower {
+            path,
+            file: None,
+            dev: 0,
+            ino: 0,
+            pos: 0,
+            partial: Vec::new(),
+        };
+        let mut file = match File::open(&f.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), f)),
+            Err(e) => return Err(e),
+        };
+        let m = file.metadata()?;
+        let (lines, complete_end) = last_lines(&mut file, m.len(), n)?;
+        f.dev = m.dev();
+        f.ino = m.ino();
+        f.pos = complete_end;
+        f.file = Some(file);
+        Ok((lines, f))
+    }
+
+    /// Complete lines appended since the last call.
+    fn poll(&mut self) -> io::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        let on_disk = match fs::metadata(&self.path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let replaced = match (&self.file, &on_disk) {
+            (None, Some(_)) => true,
+            (Some(_), Some(m)) => m.dev() != self.dev || m.ino() != self.ino,
+            _ => false,
+        };
+        if replaced {
+            // Finish the old file, then start the new one from its beginning.
+            if self.file.is_some() {
+                self.read_new(&mut out)?;
+            }
+            match File::open(&self.path) {
+                Ok(file) => {
+                    let m = file.metadata()?;
+                    self.dev = m.dev();
+                    self.ino = m.ino();
+                    self.file = Some(file);
+                    self.pos = 0;
+                    self.partial.clear();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(file) = &self.file {
+            if file.metadata()?.len() < self.pos {
+                // Truncated: start again from the beginning.
+                self.pos = 0;
+                self.partial.clear();
+            }
+            self.read_new(&mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn read_new(&mut self, out: &mut Vec<Vec<u8>>) -> io::Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        file.seek(SeekFrom::Start(self.pos))?;
+        let mut buf = Vec::new();
+        let got = file.take(MAX_POLL_BYTES as u64).read_to_end(&mut buf)?;
+        self.pos += got as u64;
+        let mut rest: &[u8] = &buf;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&rest[..i]);
+            line.truncate(MAX_AUDIT_LINE);
+            out.push(line);
+            rest = &rest[i + 1..];
+        }
+        if self.partial.len() < MAX_AUDIT_LINE {
+            let room = MAX_AUDIT_LINE - self.partial.len();
+            self.partial
+                .extend_from_slice(&rest[..rest.len().min(room)]);
+        }
+        Ok(())
+    }
+}
+
+/// The last `n` complete lines of `file` (of length `len`), without their `\n`, and the offset
+/// just after the last complete line.
+fn last_lines(file: &mut File, len: u64, n: usize) -> io::Result<(Vec<Vec<u8>>, u64)> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut start = len;
+    // Newlines needed: one ending each of the n lines, plus the one before the first of them.
+    let want = n + 1;
+    while start > 0 && len - start < MAX_TAIL_BYTES {
+        let take = CHUNK.min(start);
+        start -= take;
+        let mut chunk = vec![0u8; take as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        if tail.iter().filter(|&&b| b == b'\n').count() >= want {
+            break;
+        }
+    }
+    let Some(last_nl) = tail.iter().rposition(|&b| b == b'\n') else {
+        // No complete line in what was read.
+        return Ok((Vec::new(), start));
+    };
+    let complete_end = start + last_nl as u64 + 1;
+    let body = &tail[..last_nl];
+    let mut lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+    // The first piece is a whole line only when we read from the start of the file.
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    let out = lines[skip..]
+        .iter()
+        .map(|l| l[..l.len().min(MAX_AUDIT_LINE)].to_vec())
+        .collect();
+    Ok((out, complete_end))
+}
