@@ -20,6 +20,7 @@ pub mod paths;
 pub mod report;
 pub mod resolve;
 pub mod rlimits;
+pub mod sdnotify;
 pub mod seccomp;
 pub mod service;
 pub mod spawn;

@@ -1,0 +1,567 @@
+//! The systemd service protocol without libsystemd: readiness notifications over
+//! `NOTIFY_SOCKET` (sd_notify(3)) and socket activation (`LISTEN_FDS`, sd_listen_fds(3)).
+//!
+//! Both read their environment variables once and remove them from the process environment,
+//! so that no child ever inherits them (a child that could write to `NOTIFY_SOCKET` could tell
+//! systemd we are ready, reloading or stopping; with `NotifyAccess=main` systemd ignores it
+//! anyway, but it has no business knowing the socket). Call [`Notifier::from_env`] and
+//! [`listen_fds`] early in `main`, before other threads read the environment.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// `NOTIFY_SOCKET`: where systemd listens for our notifications.
+pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
+/// `WATCHDOG_USEC`: the unit's `WatchdogSec=` in microseconds.
+pub const WATCHDOG_USEC_ENV: &str = "WATCHDOG_USEC";
+/// `WATCHDOG_PID`: the process the watchdog setting is meant for.
+pub const WATCHDOG_PID_ENV: &str = "WATCHDOG_PID";
+/// `LISTEN_PID`: the process the passed sockets are meant for.
+pub const LISTEN_PID_ENV: &str = "LISTEN_PID";
+/// `LISTEN_FDS`: how many sockets systemd passed, from fd 3 on.
+pub const LISTEN_FDS_ENV: &str = "LISTEN_FDS";
+/// `LISTEN_FDNAMES`: their `FileDescriptorName=`s, colon-separated.
+pub const LISTEN_FDNAMES_ENV: &str = "LISTEN_FDNAMES";
+/// The first fd passed by socket activation (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: RawFd = 3;
+/// More passed sockets than this is taken for a corrupt environment.
+pub const MAX_LISTEN_FDS: usize = 256;
+
+/// Errors of the notification and socket-activation protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error(
+        "{NOTIFY_SOCKET_ENV}={value:?} is neither an absolute path nor an abstract socket (@name)"
+    )]
+    BadSocket { value: String },
+    #[error("{var}={value:?} is not {expected}")]
+    BadVar {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("socket(AF_UNIX, SOCK_DGRAM) for {NOTIFY_SOCKET_ENV} failed")]
+    Socket(#[source] io::Error),
+    #[error("sendto({target}) of {msg:?} failed")]
+    Send {
+        target: String,
+        msg: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sendto({target}) sent {sent} of {len} bytes")]
+    ShortSend {
+        target: String,
+        sent: usize,
+        len: usize,
+    },
+    #[error("{LISTEN_FDNAMES_ENV} names {names} sockets but {LISTEN_FDS_ENV} is {fds}")]
+    NameCount { names: usize, fds: usize },
+    #[error("fcntl(fd {fd}, {op}) on a socket passed by systemd failed")]
+    Fcntl {
+        fd: RawFd,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the sockets passed by systemd were already taken by an earlier call")]
+    AlreadyTaken,
+}
+
+/// Where notifications go.
+#[derive(Debug)]
+struct Target {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+    /// For messages: the path, or `@name`.
+    shown: String,
+}
+
+/// A handle on systemd's notification socket; every method is a no-op (returning `Ok`) when
+/// the service was not started with `NOTIFY_SOCKET`.
+#[derive(Debug)]
+pub struct Notifier {
+    target: Option<Target>,
+    watchdog_usec: Option<u64>,
+}
+
+/// Current CLOCK_MONOTONIC in microseconds, as `MONOTONIC_USEC=` wants it.
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux, so
+    // the call cannot fail (it is checked anyway: on failure ts stays 0).
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(ts.tv_nsec as u64 / 1_000)
+}
+
+/// One line of a STATUS= value: systemd reads one assignment per line.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect()
+}
+
+fn our_pid() -> u32 {
+    std::process::id()
+}
+
+impl Notifier {
+    /// A notifier that sends nothing.
+    pub fn disabled() -> Notifier {
+        Notifier {
+            target: None,
+            watchdog_usec: None,
+        }
+    }
+
+    /// Read `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`, and remove them from the
+    /// environment (whatever their values). Without `NOTIFY_SOCKET`, a disabled notifier.
+    pub fn from_env() -> Result<Notifier, NotifyError> {
+        let socket = std::env::var_os(NOTIFY_SOCKET_ENV);
+        let usec = std::env::var_os(WATCHDOG_USEC_ENV);
+        let pid = std::env::var_os(WATCHDOG_PID_ENV);
+        for v in [NOTIFY_SOCKET_ENV, WATCHDOG_USEC_ENV, WATCHDOG_PID_ENV] {
+            std::env::remove_var(v);
+        }
+        Notifier::from_vars(
+            socket.as_deref(),
+            usec.as_deref(),
+            pid.as_deref(),
+            our_pid(),
+        )
+    }
+
+    /// [`Notifier::from_env`] with the values given (`pid` is ours).
+    pub fn from_vars(
+        socket: Option<&OsStr>,
+        watchdog_usec: Option<&OsStr>,
+        watchdog_pid: Option<&OsStr>,
+        pid: u32,
+    ) -> Result<Notifier, NotifyError> {
+        let watchdog_usec = parse_watchdog(watchdog_usec, watchdog_pid, pid)?;
+        let Some(socket) = socket.filter(|s| !s.is_empty()) else {
+            return Ok(Notifier::disabled());
+        };
+        let bytes = socket.as_bytes();
+        let shown = socket.to_string_lossy().into_owned();
+        let addr = if let Some(name) = bytes.strip_prefix(b"@") {
+            SocketAddr::from_abstract_name(name).map_err(|_| NotifyError::BadSocket {
+                value: shown.clone(),
+            })?
+        } else if bytes.starts_with(b"/") && !bytes.contains(&0) {
+            SocketAddr::from_pathname(PathBuf::from(socket)).map_err(|_| {
+                NotifyError::BadSocket {
+                    value: shown.clone(),
+                }
+            })?
+        } else {
+            return Err(NotifyError::BadSocket { value: shown });
+        };
+        // UnixDatagram sockets from std are created with SOCK_CLOEXEC.
+        let sock = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
+        Ok(Notifier {
+            target: Some(Target {
+                socket: sock,
+                addr,
+                shown,
+            }),
+            watchdog_usec,
+        })
+    }
+
+    /// Whether notifications are sent at all.
+    pub fn enabled(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Send `msg` (newline-separated `KEY=value` assignments) as one datagram.
+    pub fn notify(&self, msg: &str) -> Result<(), NotifyError> {
+        let Some(t) = &self.target else {
+            return Ok(());
+        };
+        let sent = t
+            .socket
+            .send_to_addr(msg.as_bytes(), &t.addr)
+            .map_err(|source| NotifyError::Send {
+                target: t.shown.clone(),
+                msg: msg.to_string(),
+                source,
+            })?;
+        if sent != msg.len() {
+            return Err(NotifyError::ShortSend {
+                target: t.shown.clone(),
+                sent,
+                len: msg.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `READY=1` with a status line.
+    pub fn ready(&self, status: &str) -> Result<(), NotifyError> {
+        self.notify(&format!("READY=1\nSTATUS={}", one_line(status)))
+    }
+
+    /// `RELOADING=1` with the current `MONOTONIC_USEC` (required by `Type=notify-reload`, and
+    /// harmless with `Type=notify`); send [`Notifier::ready`] when the reload is done.
+    pub fn reloading(&self) -> Result<(), NotifyError> {
+        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()))
+    }
+
+    /// `STOPPING=1`.
+    pub fn stopping(&self) -> Result<(), NotifyError> {
+        self.notify("STOPPING=1")
+    }
+
+    /// `WATCHDOG=1` (send it every [`Notifier::watchdog_interval`]).
+    pub fn watchdog(&self) -> Result<(), NotifyError> {
+        self.notify("WATCHDOG=1")
+    }
+
+    /// `STATUS=<one line>`, shown by `systemctl status`.
+    pub fn status(&self, status: &str) -> Result<(), NotifyError> {
+        self.notify(&format!("STATUS={}", one_line(status)))
+    }
+
+    /// How often to send `WATCHDOG=1`: half the unit's `WatchdogSec=`, as sd_watchdog_enabled(3)
+    /// advises; None when the watchdog is off, not meant for us, or nothing is sent at all.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        if !self.enabled() {
+            return None;
+        }
+        self.watchdog_usec
+            .map(|us| Duration::from_micros((us / 2).max(1)))
+    }
+}
+
+fn parse_watchdog(
+    usec: Option<&OsStr>,
+    pid: Option<&OsStr>,
+    our: u32,
+) -> Result<Option<u64>, NotifyError> {
+    let Some(usec) = usec else {
+        return Ok(None);
+    };
+    if let Some(p) = pid {
+        let s = p.to_string_lossy();
+        let n: u32 = s.trim().parse().map_err(|_| NotifyError::BadVar {
+            var: WATCHDOG_PID_ENV,
+            value: s.to_string(),
+            expected: "a process id",
+        })?;
+        if n != our {
+            return Ok(None);
+        }
+    }
+    let s = usec.to_string_lossy();
+    match s.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(NotifyError::BadVar {
+            var: WATCHDOG_USEC_ENV,
+            value: s.to_string(),
+            expected: "a positive number of microseconds",
+        }),
+    }
+}
+
+/// Whether the passed sockets were taken (they can be owned once only).
+static LISTEN_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// What the socket-activation variables say: how many fds, and their names.
+fn parse_listen_env(
+    listen_pid: Option<&OsStr>,
+    listen_fds: Option<&OsStr>,
+    names: Option<&OsStr>,
+    our: u32,
+) -> Result<Vec<Option<String>>, NotifyError> {
+    let (Some(pid), Some(fds)) = (listen_pid, listen_fds) else {
+        return Ok(Vec::new());
+    };
+    let pid_s = pid.to_string_lossy();
+    let pid: u32 = pid_s.trim().parse().map_err(|_| NotifyError::BadVar {
+        var: LISTEN_PID_ENV,
+        value: pid_s.to_string(),
+        expected: "a process id",
+    })?;
+    if pid != our {
+        return Ok(Vec::new());
+    }
+    let fds_s = fds.to_string_lossy();
+    let n: usize = match fds_s.trim().parse() {
+        Ok(n) if n <= MAX_LISTEN_FDS => n,
+        _ => {
+            return Err(NotifyError::BadVar {
+                var: LISTEN_FDS_ENV,
+                value: fds_s.to_string(),
+                expected: "a number of file descriptors (at most 256)",
+            })
+        }
+    };
+    let names: Vec<Option<String>> = match names {
+        None => vec![None; n],
+        Some(s) => {
+            let s = s.to_string_lossy();
+            let v: Vec<Option<String>> = if s.is_empty() && n == 0 {
+                Vec::new()
+            } else {
+                s.split(':')
+                    .map(|x| (!x.is_empty()).then(|| x.to_string()))
+                    .collect()
+            };
+            if v.len() != n {
+                return Err(NotifyError::NameCount {
+                    names: v.len(),
+                    fds: n,
+                });
+            }
+            v
+        }
+    };
+    Ok(names)
+}
+
+/// Take ownership of `names.len()` fds starting at `start`, marking each close-on-exec.
+fn take_fds(
+    start: RawFd,
+    names: Vec<Option<String>>,
+) -> Result<Vec<(OwnedFd, Option<String>)>, NotifyError> {
+    let mut out = Vec::with_capacity(names.len());
+    for (i, name) in names.into_iter().enumerate() {
+        let fd = start + i as RawFd;
+        // SAFETY: fcntl(F_GETFD) only queries the fd table; an fd that is not open fails
+        // with EBADF, which is reported.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 {
+            return Err(NotifyError::Fcntl {
+                fd,
+                op: "F_GETFD",
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: as above; setting FD_CLOEXEC on an open fd has no other effect.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            return Err(NotifyError::Fcntl {
+                fd,
+                op: "F_SETFD",
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: the fd is open (F_GETFD succeeded); by the socket-activation protocol it was
+        // passed to this process for it to own, and nothing else in the process owns it: the
+        // caller makes sure this runs once (LISTEN_FDS_TAKEN, and the variables are removed).
+        out.push((unsafe { OwnedFd::from_raw_fd(fd) }, name));
+    }
+    Ok(out)
+}
+
+/// The sockets systemd passed by socket activation (`LISTEN_PID` == our pid, `LISTEN_FDS`
+/// sockets from fd 3 on, named by `LISTEN_FDNAMES`), owned and close-on-exec. Empty when none
+/// were passed or they were meant for another process. Removes the three variables from the
+/// environment; a second call fails with [`NotifyError::AlreadyTaken`] if the first took any.
+pub fn listen_fds() -> Result<Vec<(OwnedFd, Option<String>)>, NotifyError> {
+    let pid = std::env::var_os(LISTEN_PID_ENV);
+    let fds = std::env::var_os(LISTEN_FDS_ENV);
+    let names = std::env::var_os(LISTEN_FDNAMES_ENV);
+    for v in [LISTEN_PID_ENV, LISTEN_FDS_ENV, LISTEN_FDNAMES_ENV] {
+        std::env::remove_var(v);
+    }
+    let names = parse_listen_env(pid.as_deref(), fds.as_deref(), names.as_deref(), our_pid())?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    if LISTEN_FDS_TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(NotifyError::AlreadyTaken);
+    }
+    take_fds(LISTEN_FDS_START, names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn os(s: &str) -> Option<&OsStr> {
+        Some(OsStr::new(s))
+    }
+
+    fn recv(sock: &UnixDatagram) -> String {
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a datagram");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn path_socket_gets_messages_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let server = UnixDatagram::bind(&path).expect("bind");
+        let n = Notifier::from_vars(Some(path.as_os_str()), None, None, 1).expect("notifier");
+        assert!(n.enabled());
+        n.ready("serving\non 127.0.0.1:8750").expect("ready");
+        n.reloading().expect("reloading");
+        n.status("reloaded").expect("status");
+        n.watchdog().expect("watchdog");
+        n.stopping().expect("stopping");
+        assert_eq!(recv(&server), "READY=1\nSTATUS=serving on 127.0.0.1:8750");
+        let r = recv(&server);
+        let usec: u64 = r
+            .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad reloading message {r:?}"));
+        assert!(usec > 0 && usec <= monotonic_usec());
+        assert_eq!(recv(&server), "STATUS=reloaded");
+        assert_eq!(recv(&server), "WATCHDOG=1");
+        assert_eq!(recv(&server), "STOPPING=1");
+    }
+
+    #[test]
+    fn abstract_socket() {
+        let name = format!("carapace-sdnotify-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let server = UnixDatagram::bind_addr(&addr).expect("bind abstract");
+        let var = format!("@{name}");
+        let n = Notifier::from_vars(os(&var), None, None, 1).expect("notifier");
+        n.ready("up").expect("ready");
+        assert_eq!(recv(&server), "READY=1\nSTATUS=up");
+    }
+
+    #[test]
+    fn send_to_a_missing_socket_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nobody.sock");
+        let n = Notifier::from_vars(Some(path.as_os_str()), None, None, 1).expect("notifier");
+        let e = n.ready("x").expect_err("nobody listens");
+        assert!(matches!(e, NotifyError::Send { .. }), "{e}");
+        assert!(e.to_string().contains("nobody.sock"), "{e}");
+    }
+
+    #[test]
+    fn disabled_without_socket() {
+        for s in [None, os("")] {
+            let n = Notifier::from_vars(s, os("30000000"), None, 1).expect("notifier");
+            assert!(!n.enabled());
+            assert_eq!(n.watchdog_interval(), None);
+            n.ready("x").expect("no-op");
+            n.watchdog().expect("no-op");
+        }
+    }
+
+    #[test]
+    fn bad_socket_values() {
+        for bad in ["relative/path", "vsock:2:1234", "/a\0b"] {
+            let e = Notifier::from_vars(os(bad), None, None, 1).expect_err(bad);
+            assert!(matches!(e, NotifyError::BadSocket { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn watchdog_interval_is_half_and_only_for_us() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("n.sock");
+        let _server = UnixDatagram::bind(&p).expect("bind");
+        let sock = Some(p.as_os_str());
+        let n = Notifier::from_vars(sock, os("30000000"), os("42"), 42).expect("ours");
+        assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(15)));
+        let n = Notifier::from_vars(sock, os("30000000"), None, 42).expect("no pid");
+        assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(15)));
+        let n = Notifier::from_vars(sock, os("30000000"), os("41"), 42).expect("not ours");
+        assert_eq!(n.watchdog_interval(), None);
+        let n = Notifier::from_vars(sock, None, None, 42).expect("off");
+        assert_eq!(n.watchdog_interval(), None);
+        for bad in ["0", "-5", "soon", ""] {
+            let e = Notifier::from_vars(sock, os(bad), None, 42).expect_err(bad);
+            assert!(matches!(e, NotifyError::BadVar { var, .. } if var == WATCHDOG_USEC_ENV));
+        }
+        assert!(Notifier::from_vars(sock, os("1000"), os("x"), 42).is_err());
+    }
+
+    #[test]
+    fn from_env_reads_and_removes_the_variables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("n.sock");
+        let server = UnixDatagram::bind(&p).expect("bind");
+        std::env::set_var(NOTIFY_SOCKET_ENV, &p);
+        std::env::set_var(WATCHDOG_USEC_ENV, "4000000");
+        std::env::set_var(WATCHDOG_PID_ENV, std::process::id().to_string());
+        let n = Notifier::from_env().expect("notifier");
+        for v in [NOTIFY_SOCKET_ENV, WATCHDOG_USEC_ENV, WATCHDOG_PID_ENV] {
+            assert_eq!(std::env::var_os(v), None, "{v} still set");
+        }
+        assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(2)));
+        n.watchdog().expect("watchdog");
+        assert_eq!(recv(&server), "WATCHDOG=1");
+        // Now unset: a second notifier is disabled.
+        assert!(!Notifier::from_env().expect("disabled").enabled());
+    }
+
+    #[test]
+    fn listen_env_parsing() {
+        let p = |pid, fds, names| parse_listen_env(pid, fds, names, 7);
+        assert_eq!(
+            p(None, None, None).expect("none"),
+            Vec::<Option<String>>::new()
+        );
+        assert_eq!(p(os("7"), None, None).expect("no fds"), vec![]);
+        assert_eq!(p(os("8"), os("2"), None).expect("not ours"), vec![]);
+        assert_eq!(p(os("7"), os("2"), None).expect("2"), vec![None, None]);
+        assert_eq!(
+            p(os("7"), os("2"), os("gateway:")).expect("named"),
+            vec![Some("gateway".to_string()), None]
+        );
+        assert_eq!(p(os("7"), os("0"), os("")).expect("zero"), vec![]);
+        assert!(matches!(
+            p(os("7"), os("2"), os("gateway")),
+            Err(NotifyError::NameCount { names: 1, fds: 2 })
+        ));
+        for bad in ["-1", "x", "100000"] {
+            assert!(p(os("7"), os(bad), None).is_err(), "{bad}");
+        }
+        assert!(p(os("seven"), os("1"), None).is_err());
+    }
+
+    #[test]
+    fn take_fds_owns_and_sets_cloexec() {
+        // Two sockets at consecutive free fds far above what the test harness uses.
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let dup_at = |fd: RawFd, min: RawFd| {
+            // SAFETY: F_DUPFD (without CLOEXEC, as systemd passes them) of an open fd.
+            let r = unsafe { libc::fcntl(fd, libc::F_DUPFD, min) };
+            assert!(r >= min, "dup failed");
+            r
+        };
+        let base = 700 + (std::process::id() % 100) as RawFd * 3;
+        let fa = dup_at(a.as_raw_fd(), base);
+        let fb = dup_at(b.as_raw_fd(), fa + 1);
+        assert_eq!(fb, fa + 1, "need consecutive fds");
+        let got = take_fds(fa, vec![Some("gateway".into()), None]).expect("take");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0.as_raw_fd(), fa);
+        assert_eq!(got[0].1.as_deref(), Some("gateway"));
+        for (fd, _) in &got {
+            // SAFETY: F_GETFD on an fd we own.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+            assert!(flags & libc::FD_CLOEXEC != 0, "CLOEXEC not set");
+        }
+        drop(got);
+        // Dropped = closed; and a missing fd is an error, not a panic.
+        let e = take_fds(fa, vec![None]).expect_err("closed fd");
+        assert!(matches!(e, NotifyError::Fcntl { op: "F_GETFD", .. }), "{e}");
+    }
+}
