@@ -397,6 +397,46 @@ impl Ops {
         }
     }
 
+    /// The audit log's last sequence number and head hash (log it somewhere the sandbox
+    /// cannot reach: truncation of whole trailing records is only detectable against it).
+    pub fn audit_head(&self) -> (u64, String) {
+        let g = lock(&self.audit);
+        (g.last_seq(), g.head_hash().to_string())
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_letters(&self) -> &DeadLetters {
+        &self.dlq
+    }
+
+    /// Record an operator's action (who: role `operator`, id 0) synchronously. Blocking.
+    pub fn operator_audit(
+        &self,
+        op: &str,
+        target: String,
+        decision: AuditDecision,
+        outcome: String,
+        detail: String,
+    ) -> Result<(), String> {
+        let rec = AuditRecord {
+            who: Who {
+                id: 0,
+                role: "operator".to_string(),
+                profile: String::new(),
+            },
+            op: op.to_string(),
+            target,
+            rule: None,
+            decision,
+            outcome,
+            detail,
+        };
+        lock(&self.audit)
+            .append(&rec)
+            .map(|_| ())
+            .map_err(|e| format!("the audit log cannot be written: {e}"))
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.state().policy.clone()

@@ -269,3 +269,65 @@ impl Ops {
         }
     }
 }
+
+impl Ops {
+    /// The operator releases dead letter `id`: it is delivered to its channel as it stands
+    /// (the operator overrides the allowlist or filter that held it; the channel's redaction
+    /// patterns still apply), and the release is audited (who: `operator`). Blocking. When the
+    /// channel no longer exists in the policy in force, the letter stays queued.
+    pub fn release_dead_letter(&self, id: &str) -> Result<Entry, String> {
+        let entry = self.dlq.get(id).map_err(|e| e.to_string())?;
+        let policy = self.policy();
+        let spec = policy
+            .channels()
+            .find(|c| c.name == entry.channel)
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "channel `{}` is not in the policy in force; the letter stays queued",
+                    shown(&entry.channel)
+                )
+            })?;
+        let (delivered, _) = spec.redact_patterns(&entry.body);
+        let ChannelKind::File { path } = spec.kind.clone();
+        let line = Line {
+            ts: now_rfc3339(),
+            from: entry.who.clone(),
+            channel: &spec.name,
+            recipient: &entry.recipient,
+            body: &delivered,
+        };
+        let mut bytes = serde_json::to_vec(&line).map_err(|e| format!("encode: {e}"))?;
+        bytes.push(b'\n');
+        self.operator_audit(
+            "dlq_release",
+            format!("{} -> {}", shown(&entry.channel), shown(&entry.recipient)),
+            AuditDecision::Allow,
+            format!("released {id}"),
+            entry.reason.clone(),
+        )?;
+        {
+            let guard = self.channel_lock(&path);
+            let _g = lock(&guard);
+            append_line(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        crate::dlq::DeadLetters::drop(&self.dlq, id).map_err(|e| e.to_string())?;
+        Ok(entry)
+    }
+
+    /// The operator drops dead letter `id` (audited).
+    pub fn drop_dead_letter(&self, id: &str) -> Result<(), String> {
+        let target = match self.dlq.get(id) {
+            Ok(e) => format!("{} -> {}", shown(&e.channel), shown(&e.recipient)),
+            Err(_) => shown(id),
+        };
+        self.operator_audit(
+            "dlq_drop",
+            target,
+            AuditDecision::Allow,
+            format!("dropped {id}"),
+            String::new(),
+        )?;
+        crate::dlq::DeadLetters::drop(&self.dlq, id).map_err(|e| e.to_string())
+    }
+}

@@ -815,3 +815,57 @@ async fn handler_dispatches_ping_without_audit() {
         .await;
     assert_eq!(r.fds.len(), 1);
 }
+
+#[tokio::test]
+async fn operator_releases_or_drops_dead_letters_audited() {
+    let env = setup();
+    let w = who("tool");
+    for to in ["mallory@example.com", "eve@example.com"] {
+        let r = env.ops.send(&w, "log", to, format!("hi {to}")).await;
+        assert!(matches!(
+            ok_of(&r),
+            OkReply::Send {
+                status: SendStatus::DeadLettered,
+                ..
+            }
+        ));
+    }
+    let ids: Vec<String> = env
+        .ops
+        .dead_letters()
+        .list()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .letters
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(outbox(&env).is_empty());
+    // Release: delivered as it stands, gone from the queue.
+    let e = env
+        .ops
+        .release_dead_letter(&ids[0])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines = outbox(&env);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["recipient"], e.recipient.as_str());
+    // Drop: gone, not delivered.
+    env.ops
+        .drop_dead_letter(&ids[1])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(dlq_reasons(&env).is_empty());
+    assert_eq!(outbox(&env).len(), 1);
+    // Unknown ids are errors; nothing changes.
+    assert!(env.ops.release_dead_letter(&ids[0]).is_err());
+    assert!(env.ops.release_dead_letter("../x").is_err());
+    // Both operator actions are in the audit log, and the chain holds.
+    let audit = fs::read_to_string(env.dir.join("audit.log")).unwrap_or_default();
+    assert!(audit.contains("\"op\":\"dlq_release\"") && audit.contains("\"op\":\"dlq_drop\""));
+    assert!(audit.contains("\"role\":\"operator\""));
+    let (seq, head) = env.ops.audit_head();
+    assert_eq!(seq as usize, audit.lines().count());
+    assert_eq!(head.len(), 64);
+    assert!(crate::audit::verify(env.dir.join("audit.log"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_ok());
+}
