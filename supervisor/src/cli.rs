@@ -513,6 +513,7 @@ fn exec(a: ExecArgs) -> i32 {
         run_as,
         env: std::env::vars_os().collect(),
         broker: brokered,
+        listener: false,
     };
     let t_prepare = std::time::Instant::now();
     let launch = match Launch::prepare(&plan, &opts, target.landlock_abi) {

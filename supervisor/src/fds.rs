@@ -287,6 +287,13 @@ pub fn child_report(fd: RawFd, f: ChildFailure) {
 pub const BROKER_FD: RawFd = 3;
 /// The environment variable naming [`BROKER_FD`] in the child.
 pub const BROKER_FD_ENV: &str = "CARAPACE_BROKER_FD";
+/// The fd a confined child (the gateway) holds the listening socket the supervisor bound for
+/// it at; the child's environment names it as `CARAPACE_LISTEN_FD`.
+pub const LISTEN_FD: RawFd = 4;
+/// The environment variable naming [`LISTEN_FD`] in the child.
+pub const LISTEN_FD_ENV: &str = "CARAPACE_LISTEN_FD";
+/// Number of fixed child fds [`child_place_fds`] places (0..=[`LISTEN_FD`]).
+pub const PLACED_FDS: usize = 5;
 
 /// Child: close every fd above 2 except those in `keep` (at most 2 of them: the exec-error
 /// pipe and the init's status pipe, both CLOEXEC).
@@ -312,24 +319,27 @@ pub fn child_close_all_from(first: RawFd, keep: [RawFd; 2]) -> Result<(), i32> {
     close_range(lo, libc::c_uint::MAX)
 }
 
-/// Child: place `srcs[i]` at fd `i` (0 stdin, 1 stdout, 2 stderr, 3 [`BROKER_FD`]; -1 leaves
-/// that fd as it is), with close-on-exec cleared, and move `keep` (fds the child still needs,
-/// CLOEXEC) out of the way of those targets. Returns the new numbers of `keep`.
+/// Child: place `srcs[i]` at fd `i` (0 stdin, 1 stdout, 2 stderr, 3 [`BROKER_FD`], 4
+/// [`LISTEN_FD`]; -1 leaves that fd as it is), with close-on-exec cleared, and move `keep` (fds
+/// the child still needs, CLOEXEC) out of the way of those targets. Returns the new numbers of
+/// `keep`.
 ///
-/// Every source and kept fd is first duplicated to a number >= 4 (`F_DUPFD_CLOEXEC`), so no
-/// `dup2` can overwrite a descriptor that is still to be placed or kept, whatever numbers they
-/// had. The stale originals are closed by the close-all that follows.
-pub fn child_place_fds(srcs: [RawFd; 4], keep: [RawFd; 2]) -> Result<[RawFd; 2], i32> {
+/// Every source and kept fd is first duplicated to a number >= [`PLACED_FDS`]
+/// (`F_DUPFD_CLOEXEC`), so no `dup2` can overwrite a descriptor that is still to be placed or
+/// kept, whatever numbers they had. The stale originals are closed by the close-all that
+/// follows (the caller also closes the fixed numbers it did not place, see
+/// [`child_close_unplaced`]).
+pub fn child_place_fds(srcs: [RawFd; PLACED_FDS], keep: [RawFd; 2]) -> Result<[RawFd; 2], i32> {
     let high = |fd: RawFd| -> Result<RawFd, i32> {
         // SAFETY: F_DUPFD_CLOEXEC only creates a new descriptor in our own fd table.
-        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 4 as libc::c_int) };
+        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, PLACED_FDS as libc::c_int) };
         if n < 0 {
             Err(errno())
         } else {
             Ok(n)
         }
     };
-    let mut moved = [-1 as RawFd; 4];
+    let mut moved = [-1 as RawFd; PLACED_FDS];
     for (i, &src) in srcs.iter().enumerate() {
         if src >= 0 && src != i as RawFd {
             moved[i] = high(src)?;
@@ -358,6 +368,19 @@ pub fn child_place_fds(srcs: [RawFd; 4], keep: [RawFd; 2]) -> Result<[RawFd; 2],
         }
     }
     Ok(kept)
+}
+
+/// Child: close the fixed numbers above stdio ([`BROKER_FD`], [`LISTEN_FD`]) that `srcs` does
+/// not place (a stale original may sit there), then everything from [`PLACED_FDS`] on except
+/// `keep`. So a listener without a broker leaves fd 3 closed.
+pub fn child_close_unplaced(srcs: [RawFd; PLACED_FDS], keep: [RawFd; 2]) -> Result<(), i32> {
+    for (n, &src) in srcs.iter().enumerate().skip(3) {
+        let n = n as libc::c_uint;
+        if src < 0 && !keep.contains(&(n as RawFd)) {
+            close_range(n, n)?;
+        }
+    }
+    child_close_all_from(PLACED_FDS as RawFd, keep)
 }
 
 fn close_range(lo: libc::c_uint, hi: libc::c_uint) -> Result<(), i32> {
@@ -457,7 +480,7 @@ mod tests {
             // SAFETY: dup2 in our own (forked) fd table.
             unsafe { libc::dup2(c.write.as_raw_fd(), 3) };
             let kept = match child_place_fds(
-                [-1, a.write.as_raw_fd(), -1, b.write.as_raw_fd()],
+                [-1, a.write.as_raw_fd(), -1, b.write.as_raw_fd(), -1],
                 [3, c.read.as_raw_fd()],
             ) {
                 Ok(k) => k,
@@ -466,7 +489,7 @@ mod tests {
                     unsafe { libc::_exit(99) }
                 }
             };
-            if kept.iter().any(|&k| k < 4) {
+            if kept.iter().any(|&k| k < PLACED_FDS as RawFd) {
                 code |= 1;
             }
             if child_close_all_from(4, kept).is_err() {
@@ -502,6 +525,75 @@ mod tests {
         assert_eq!(buf[0], b'B');
         assert_eq!(read_full(&c.read, &mut buf, "c").unwrap(), 1);
         assert_eq!(buf[0], b'C');
+    }
+
+    #[test]
+    fn listener_without_broker_is_at_4_and_3_is_closed() {
+        let a = Pipe::new("a").unwrap();
+        let c = Pipe::new("c").unwrap();
+        // SAFETY: the child only makes raw syscalls and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut code = 0;
+            // Something stale at 3 (like a sync pipe that happened to get that number) and the
+            // kept exec-error pipe stand-in at 4, where the listener must go.
+            // (Copies at high numbers first: the pipes themselves may sit at 3 or 4.)
+            // SAFETY: F_DUPFD_CLOEXEC and dup2 in our own (forked) fd table.
+            let (aw, cr) = unsafe {
+                let aw = libc::fcntl(a.write.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100);
+                let cr = libc::fcntl(c.read.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100);
+                let cw = libc::fcntl(c.write.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100);
+                libc::dup2(cr, 3);
+                libc::dup2(cw, 4);
+                (aw, cr)
+            };
+            let srcs = [-1, -1, -1, -1, aw];
+            let kept = match child_place_fds(srcs, [4, cr]) {
+                Ok(k) => k,
+                Err(_) => {
+                    // SAFETY: ends the forked child.
+                    unsafe { libc::_exit(99) }
+                }
+            };
+            if child_close_unplaced(srcs, kept).is_err() {
+                code |= 1;
+            }
+            // SAFETY: F_GETFD probes.
+            let (fl3, fl4) =
+                unsafe { (libc::fcntl(3, libc::F_GETFD), libc::fcntl(4, libc::F_GETFD)) };
+            if fl3 >= 0 {
+                code |= 2;
+            }
+            if fl4 < 0 || fl4 & libc::FD_CLOEXEC != 0 {
+                code |= 4;
+            }
+            // Nothing else above the fixed numbers but the kept fd.
+            for fd in PLACED_FDS as RawFd..128 {
+                // SAFETY: F_GETFD probe.
+                if !kept.contains(&fd) && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+                    code |= 8;
+                }
+            }
+            // SAFETY: writes of one-byte locals.
+            unsafe {
+                libc::write(4, b"L".as_ptr().cast(), 1);
+                libc::write(kept[0], b"K".as_ptr().cast(), 1);
+            }
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 0);
+        drop((a.write, c.write));
+        let mut buf = [0u8; 4];
+        assert_eq!(read_full(&a.read, &mut buf, "a").unwrap(), 1);
+        assert_eq!(buf[0], b'L');
+        assert_eq!(read_full(&c.read, &mut buf, "c").unwrap(), 1);
+        assert_eq!(buf[0], b'K');
     }
 
     #[test]

@@ -252,7 +252,7 @@ impl Stage {
             Stage::Seccomp => "seccomp(SECCOMP_SET_MODE_FILTER)",
             Stage::Execve => "execve",
             Stage::InitSeccomp => "seccomp of the sandbox's init",
-            Stage::PlaceFds => "placing stdio and the broker socket (dup2)",
+            Stage::PlaceFds => "placing stdio, the broker and the listening socket (dup2)",
         }
     }
 }
@@ -275,6 +275,10 @@ pub struct LaunchOptions {
     /// The child gets a broker socket at [`fds::BROKER_FD`] ([`ChildIo::broker`]): its
     /// environment then says so (`CARAPACE_BROKER_FD=3`, which overrides the plan's).
     pub broker: bool,
+    /// The child gets a listening socket at [`fds::LISTEN_FD`] ([`ChildIo::listener`]): its
+    /// environment then says so (`CARAPACE_LISTEN_FD=4`, which overrides the plan's). Without
+    /// a broker, fd 3 is simply closed.
+    pub listener: bool,
 }
 
 /// Descriptors a child gets in place of the supervisor's stdio, and its broker socket. Each is
@@ -288,16 +292,20 @@ pub struct ChildIo<'a> {
     /// Placed at [`fds::BROKER_FD`]; required exactly when the launch was prepared with
     /// [`LaunchOptions::broker`].
     pub broker: Option<BorrowedFd<'a>>,
+    /// A listening socket placed at [`fds::LISTEN_FD`]; required exactly when the launch was
+    /// prepared with [`LaunchOptions::listener`].
+    pub listener: Option<BorrowedFd<'a>>,
 }
 
 impl ChildIo<'_> {
-    fn raw(&self) -> [RawFd; 4] {
+    fn raw(&self) -> [RawFd; fds::PLACED_FDS] {
         let r = |f: Option<BorrowedFd<'_>>| f.map_or(-1, |f| f.as_raw_fd());
         [
             r(self.stdin),
             r(self.stdout),
             r(self.stderr),
             r(self.broker),
+            r(self.listener),
         ]
     }
 }
@@ -333,6 +341,8 @@ pub struct Launch {
     wall_time: Option<Duration>,
     /// The child gets a broker socket at fd 3 (see [`LaunchOptions::broker`]).
     broker: bool,
+    /// The child gets a listening socket at fd 4 (see [`LaunchOptions::listener`]).
+    listener: bool,
     /// A Launch is used once: the workspace mount is moved into the first child.
     spawned: AtomicBool,
 }
@@ -426,12 +436,14 @@ impl Launch {
             argv.push(cstring(format!("argument {}", i + 1), a.as_bytes())?);
         }
         let mut env = build_env(&plan.env, &opts.env);
-        if opts.broker {
-            env.retain(|(k, _)| k != fds::BROKER_FD_ENV);
-            env.push((
-                OsString::from(fds::BROKER_FD_ENV),
-                OsString::from(fds::BROKER_FD.to_string()),
-            ));
+        for (given, name, fd) in [
+            (opts.broker, fds::BROKER_FD_ENV, fds::BROKER_FD),
+            (opts.listener, fds::LISTEN_FD_ENV, fds::LISTEN_FD),
+        ] {
+            if given {
+                env.retain(|(k, _)| k != name);
+                env.push((OsString::from(name), OsString::from(fd.to_string())));
+            }
         }
         let mut envp = Vec::new();
         for (k, v) in env {
@@ -470,6 +482,7 @@ impl Launch {
             envp_ptrs,
             wall_time: plan.wall_time,
             broker: opts.broker,
+            listener: opts.listener,
             spawned: AtomicBool::new(false),
         })
     }
@@ -514,22 +527,30 @@ impl Launch {
         self.broker
     }
 
-    /// [`Launch::spawn`] with the child's stdio replaced and/or a broker socket given (`io`).
+    /// Whether the child gets a listening socket (see [`LaunchOptions::listener`]).
+    pub fn listens(&self) -> bool {
+        self.listener
+    }
+
+    /// [`Launch::spawn`] with the child's stdio replaced and/or a broker socket and/or a
+    /// listening socket given (`io`).
     pub fn spawn_with(
         &self,
         cgroup: Option<&Cgroup>,
         io: ChildIo<'_>,
     ) -> Result<Running, SpawnError> {
-        if io.broker.is_some() != self.broker {
-            return Err(SpawnError::Program(format!(
-                "internal error: the launch was prepared {} a broker socket but spawned {} one",
-                if self.broker { "with" } else { "without" },
-                if io.broker.is_some() {
-                    "with"
-                } else {
-                    "without"
-                },
-            )));
+        let with = |b: bool| if b { "with" } else { "without" };
+        for (what, prepared, given) in [
+            ("a broker socket", self.broker, io.broker.is_some()),
+            ("a listening socket", self.listener, io.listener.is_some()),
+        ] {
+            if prepared != given {
+                return Err(SpawnError::Program(format!(
+                    "internal error: the launch was prepared {} {what} but spawned {} one",
+                    with(prepared),
+                    with(given),
+                )));
+            }
         }
         if self.spawned.swap(true, Ordering::SeqCst) {
             return Err(SpawnError::Reused);
@@ -548,7 +569,7 @@ impl Launch {
             err_read: errp.read.as_raw_fd(),
             err_write: errp.write.as_raw_fd(),
             io: io.raw(),
-            place: io.raw() != [-1; 4],
+            place: io.raw() != [-1; fds::PLACED_FDS],
         };
         // Born in the cgroup: v2 through clone3(CLONE_INTO_CGROUP), v1 by the child writing its
         // own `tasks` first thing. Neither takes the kernel's global cgroup migration lock,
@@ -988,8 +1009,8 @@ struct ChildFds {
     ready_write: RawFd,
     err_read: RawFd,
     err_write: RawFd,
-    /// Sources of fds 0..=3 in the child (-1: leave as is); see [`fds::child_place_fds`].
-    io: [RawFd; 4],
+    /// Sources of fds 0..=4 in the child (-1: leave as is); see [`fds::child_place_fds`].
+    io: [RawFd; fds::PLACED_FDS],
     /// Whether any of `io` is set (else the fd layout is the historical one).
     place: bool,
 }
@@ -1193,10 +1214,11 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
         }
     }
     let f = &placed;
-    let first_closed = if l.broker { fds::BROKER_FD + 1 } else { 3 };
+    // Everything above stdio but the fds placed at 3 (broker) and 4 (listener) and our two
+    // pipes (CLOEXEC).
     check(
         Stage::CloseFds,
-        fds::child_close_all_from(first_closed, [f.err_write, f.status_write]),
+        fds::child_close_unplaced(f.io, [f.err_write, f.status_write]),
     );
     // SAFETY: valid C string.
     check(
@@ -1274,6 +1296,10 @@ fn init_main(program: libc::pid_t, f: &ChildFds, filter: &seccomp::Prepared) -> 
         // SAFETY: closing our copy of the broker socket, so the broker sees the hangup when
         // the program (and whatever it left) is gone.
         unsafe { libc::close(fds::BROKER_FD) };
+    }
+    if f.io[4] >= 0 {
+        // SAFETY: closing our copy of the listening socket: only the program serves it.
+        unsafe { libc::close(fds::LISTEN_FD) };
     }
     loop {
         let mut status: libc::c_int = 0;

@@ -30,6 +30,7 @@ fn run_plan(
         run_as: HostIds::NOBODY,
         env: std::env::vars_os().collect(),
         broker: false,
+        listener: false,
     };
     let launch = Launch::prepare(plan, &opts, landlock::probe_abi())?;
     let cg = Cgroup::create(&cgroup::unique_name("test"), &plan.cgroup)?;
@@ -215,6 +216,7 @@ fn program_outside_exec_mounts_is_refused_before_fork() {
         run_as: HostIds::NOBODY,
         env: vec![],
         broker: false,
+        listener: false,
     };
     let e = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap_err();
     assert!(e.to_string().contains("not executable"), "{e}");
@@ -313,6 +315,7 @@ fn child_io_places_stdio_and_the_broker_socket() {
             run_as: HostIds::NOBODY,
             env: vec![],
             broker,
+            listener: false,
         };
         let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
         let out = Pipe::new("stdout").unwrap();
@@ -336,6 +339,7 @@ fn child_io_places_stdio_and_the_broker_socket() {
             stdout: Some(out.write.as_fd()),
             stderr: Some(err.write.as_fd()),
             broker: broker.then(|| theirs.as_fd()),
+            listener: None,
         };
         // A launch prepared without a broker refuses a broker socket and vice versa.
         let wrong = ChildIo {
@@ -388,6 +392,103 @@ fn child_io_places_stdio_and_the_broker_socket() {
             assert_eq!(n, 0);
         } else {
             assert_eq!(stdout, "env=unset\n");
+        }
+    }
+}
+
+/// A child prepared with a listener gets the listening socket at fd 4 (not close-on-exec),
+/// named by CARAPACE_LISTEN_FD=4, and can accept connections on it from inside its own network
+/// namespace; with or without a broker (without one, fd 3 is closed). A launch prepared
+/// without a listener refuses one and vice versa.
+#[test]
+fn child_io_places_the_listener_at_4() {
+    use carapace_supervisor::fds::Pipe;
+    use carapace_supervisor::spawn::ChildIo;
+    use std::io::Read as _;
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    // The shell lists its fds and variables, then python (exec'd, so it inherits fd 4)
+    // accepts one connection on fd 4 and answers on it.
+    let script = "echo \"broker=${CARAPACE_BROKER_FD:-unset} listen=${CARAPACE_LISTEN_FD:-unset}\"; \
+                  for f in 3 4 5 6 7 8 9 10 11 12; do [ -e /proc/self/fd/$f ] && echo \"open=$f\"; done; \
+                  exec /usr/bin/python3 -c 'import socket,os; s=socket.socket(fileno=int(os.environ[\"CARAPACE_LISTEN_FD\"])); c,_=s.accept(); c.sendall(b\"accepted-on-4\"); c.close()'";
+    for broker in [false, true] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opts = LaunchOptions {
+            program: PathBuf::from("/usr/bin/sh"),
+            argv0: OsString::from("sh"),
+            args: vec![OsString::from("-c"), OsString::from(script)],
+            workspace: Some(ws.path().to_path_buf()),
+            run_as: HostIds::NOBODY,
+            env: vec![],
+            broker,
+            listener: true,
+        };
+        let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
+        assert!(launch.listens());
+        assert!(launch
+            .env()
+            .any(|e| e.to_bytes() == b"CARAPACE_LISTEN_FD=4"));
+        let out = Pipe::new("stdout").unwrap();
+        let mut sp = [0; 2];
+        // SAFETY: `sp` is a valid array of two ints for socketpair to fill.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                sp.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: socketpair succeeded: both fds are ours alone.
+        let (_mine, theirs) = unsafe { (OwnedFd::from_raw_fd(sp[0]), OwnedFd::from_raw_fd(sp[1])) };
+        let io = ChildIo {
+            stdout: Some(out.write.as_fd()),
+            broker: broker.then(|| theirs.as_fd()),
+            listener: Some(listener.as_fd()),
+            ..ChildIo::default()
+        };
+        // Prepared with a listener, spawned without: refused (and the other way round).
+        let without = ChildIo {
+            listener: None,
+            ..io
+        };
+        assert!(launch.spawn_with(None, without).is_err());
+        let no_listener = LaunchOptions {
+            listener: false,
+            ..opts.clone()
+        };
+        let other = Launch::prepare(&hand_plan(), &no_listener, landlock::probe_abi()).unwrap();
+        assert!(!other.listens());
+        let e = other.spawn_with(None, io).unwrap_err();
+        assert!(e.to_string().contains("listening socket"), "{e}");
+        let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
+        let running = launch.spawn_with(None, io).unwrap();
+        drop(out.write);
+        drop(theirs);
+        // The supervisor keeps its copy (it would hand it to the next incarnation); the
+        // connection is accepted by the sandboxed program.
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        let report = running.wait(Some(Duration::from_secs(30)), None).unwrap();
+        let mut stdout = String::new();
+        std::fs::File::from(out.read)
+            .read_to_string(&mut stdout)
+            .unwrap();
+        assert_eq!(report.exit_code(), 0, "{report:?} {stdout}");
+        assert_eq!(got, "accepted-on-4");
+        if broker {
+            assert_eq!(stdout, "broker=3 listen=4\nopen=3\nopen=4\n");
+        } else {
+            assert_eq!(stdout, "broker=unset listen=4\nopen=4\n");
         }
     }
 }
