@@ -931,7 +931,7 @@ mod tests {
         let c = parse(&["carapace", "approvals", "list", "--state-dir", "/s"]).unwrap();
         assert!(matches!(
             c.command,
-            Command::Approvals(ApprovalsArgs { state_dir: Some(ref d), command: ApprovalsCommand::List })
+            Command::Approvals(ApprovalsArgs { state_dir: Some(ref d), command: ApprovalsCommand::List, .. })
                 if d == Path::new("/s")
         ));
         let c = parse(&["carapace", "approvals", "allow", "12-3", "--always"]).unwrap();

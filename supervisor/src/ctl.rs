@@ -3,29 +3,78 @@
 //!
 //! `approvals` also still answers the `ask`s of one-shot `carapace exec` runs through the
 //! state directory's `pending/` files (see [`crate::broker_host::FileApprover`]).
+//!
+//! Output is for people; `--json` prints the supervisor's JSON for scripts. Exit status: 0 ok,
+//! 1 the supervisor refused or failed (its message on stderr), 2 usage, 3 no supervisor running.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
+use serde_json::Value;
 
-use crate::broker_host::{write_private_bytes, PendingFile, DEFAULT_STATE_DIR};
+use crate::broker_host::{write_private_bytes, PendingFile};
 use crate::cli::error_chain;
+use crate::control::{
+    self, ApprovalsList, ControlError, DlqLetter, DlqList, ReloadReport, Request, Resolved,
+    StatusReport,
+};
+
+/// Exit status: done.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: the supervisor refused or failed (or the answer could not be read).
+pub const EXIT_FAILED: i32 = 1;
+/// Exit status: bad usage.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status: no supervisor is running.
+pub const EXIT_NO_DAEMON: i32 = 3;
 
 fn state_dir_of(arg: Option<&Path>) -> PathBuf {
-    arg.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), Path::to_path_buf)
+    arg.map_or_else(crate::paths::default_state_dir, Path::to_path_buf)
+}
+
+/// Options of every command that talks to the supervisor.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CtlOpts {
+    /// Control socket of the running supervisor [default: $CARAPACE_CONTROL_SOCKET, else
+    /// /run/carapace/control.sock as root, $XDG_RUNTIME_DIR/carapace/control.sock otherwise]
+    #[arg(long, value_name = "PATH", global = true)]
+    pub socket: Option<PathBuf>,
+    /// Print JSON for scripts
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl CtlOpts {
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(crate::paths::default_control_socket)
+    }
 }
 
 /// `carapace status`.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 ok, 1 the supervisor failed, 3 no supervisor is running.\n\n\
+                  Example:\n  carapace status\n  carapace status --json | jq '.children[].state'"
+)]
 pub struct StatusArgs {
-    /// Print JSON for scripts
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub opts: CtlOpts,
 }
 
 /// `carapace dlq`.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 ok, 1 the supervisor refused (no such message, ...), 2 usage, \
+                  3 no supervisor is running.\n\nExamples:\n  carapace dlq list\n  \
+                  carapace dlq release 00001763734807123456789-1234-0\n  carapace dlq drop ID"
+)]
 pub struct DlqArgs {
+    #[command(flatten)]
+    pub opts: CtlOpts,
     #[command(subcommand)]
     pub command: DlqCommand,
 }
@@ -48,65 +97,56 @@ pub enum DlqCommand {
 
 /// `carapace reload`.
 #[derive(Debug, Args)]
-pub struct ReloadArgs {}
-
-/// `carapace status` (to be written: control socket).
-pub fn status(_a: StatusArgs) -> i32 {
-    eprintln!("carapace: status: not implemented yet");
-    1
-}
-
-/// `carapace dlq ...` (to be written: control socket).
-pub fn dlq(_a: DlqArgs) -> i32 {
-    eprintln!("carapace: dlq: not implemented yet");
-    1
-}
-
-/// `carapace reload` (to be written: control socket).
-pub fn reload(_a: ReloadArgs) -> i32 {
-    eprintln!("carapace: reload: not implemented yet");
-    1
-}
-
-/// `carapace audit ...`.
-pub fn audit(a: AuditCommand) -> i32 {
-    match a {
-        AuditCommand::Verify { file } => audit_verify(&file),
-    }
+#[command(
+    long_about = "Ask the running supervisor to reload its configuration and policy, like \
+                  SIGHUP. An invalid new configuration or policy is rejected: the error is \
+                  printed and the old one stays in force.",
+    after_help = "Exit status: 0 applied, 1 rejected (the old configuration and policy stay in \
+                  force), 3 no supervisor is running."
+)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub opts: CtlOpts,
 }
 
 #[derive(Debug, Args)]
 #[command(
-    long_about = "List and answer the `ask` approvals that children of running `carapace exec` \
-                  processes are waiting for, and the persisted allow-always grants. Works on the \
-                  state directory directly (pending/<KEY>.json, approvals.json) until the \
-                  control socket exists.",
-    after_help = "Examples:\n  carapace approvals list\n  carapace approvals allow 4242-1\n  \
-                  carapace approvals allow 4242-2 --always\n  carapace approvals deny 4242-3"
+    long_about = "List and answer the `ask` approvals that confined programs are waiting for, \
+                  and the persisted allow-always grants. A numeric ID is an approval of the \
+                  running supervisor (`carapace run`), answered over its control socket; a \
+                  PID-N key is one of a running `carapace exec`, answered through the state \
+                  directory (pending/<KEY>.json). `list` shows both.",
+    after_help = "Examples:\n  carapace approvals list\n  carapace approvals allow 7\n  \
+                  carapace approvals allow 7 --always\n  carapace approvals deny 4242-3\n\n\
+                  Exit status: 0 ok, 1 refused (no such approval, ...), 2 usage, 3 no \
+                  supervisor is running (for a numeric ID)."
 )]
 pub struct ApprovalsArgs {
-    /// State directory of the broker [default: /var/lib/carapace]
+    /// State directory of `carapace exec` runs [default: /var/lib/carapace as root,
+    /// $XDG_STATE_HOME/carapace otherwise]
     #[arg(long, value_name = "DIR", global = true)]
     pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: CtlOpts,
     #[command(subcommand)]
     pub command: ApprovalsCommand,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ApprovalsCommand {
-    /// Pending approvals (KEY, who, program, argv, profile) and allow-always grants
+    /// Pending approvals (ID, who, program, argv, profile, why) and allow-always grants
     List,
     /// Allow a pending approval once, or with --always for this exact program content, argv
     /// and profile from now on
     Allow {
-        #[arg(value_name = "KEY")]
+        #[arg(value_name = "ID")]
         key: String,
         #[arg(long)]
         always: bool,
     },
     /// Deny a pending approval
     Deny {
-        #[arg(value_name = "KEY")]
+        #[arg(value_name = "ID")]
         key: String,
     },
 }
@@ -128,80 +168,748 @@ pub enum AuditCommand {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Show the running supervisor's last audit records, and follow new ones with -f
+    #[command(
+        long_about = "Show the last audit records of the running supervisor, one per line: \
+                      seq, time, who, op, decision, target, outcome (and the rule). With -f, \
+                      keep printing records as they are written until interrupted. --json \
+                      prints the records as stored.",
+        after_help = "Examples:\n  carapace audit tail -n 50\n  carapace audit tail -f\n  \
+                      carapace audit tail -f --json | jq 'select(.decision == \"deny\")'\n\n\
+                      Exit status: 0 ok, 1 the supervisor failed or went away, 3 no supervisor \
+                      is running."
+    )]
+    Tail {
+        /// Number of records to show first (at most 10000)
+        #[arg(short = 'n', long, value_name = "N", default_value_t = control::DEFAULT_TAIL_LINES)]
+        lines: usize,
+        /// Keep printing new records
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[command(flatten)]
+        opts: CtlOpts,
+    },
 }
 
-/// `carapace approvals ...` on the state directory.
+// ---------------------------------------------------------------------------------------------
+// Formatting helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `s` with control characters escaped, so text from a confined program (an argv, a message
+/// body) cannot drive the operator's terminal.
+pub fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `3d04h`, `2h05m`, `4m12s`, `12s`.
+pub fn fmt_duration(secs: u64) -> String {
+    let (d, h, m, s) = (
+        secs / 86_400,
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+    );
+    if d > 0 {
+        format!("{d}d{h:02}h")
+    } else if h > 0 {
+        format!("{h}h{m:02}m")
+    } else if m > 0 {
+        format!("{m}m{s:02}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// `512 B`, `12.0 KiB`, `3.4 MiB`, `1.2 GiB`.
+pub fn fmt_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+/// `850ms`, `1.50s`, `2m03s`.
+pub fn fmt_cpu(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{}.{:02}s", ms / 1000, (ms % 1000) / 10)
+    } else {
+        fmt_duration(ms / 1000)
+    }
+}
+
+fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> String) -> String {
+    v.map_or_else(|| "-".to_string(), f)
+}
+
+fn short_hash(h: &str) -> &str {
+    h.get(..16).unwrap_or(h)
+}
+
+/// Rows as left-aligned columns separated by two spaces (no trailing spaces).
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 < r.len() {
+                let _ = write!(line, "{c:<w$}  ", w = widths[i]);
+            } else {
+                line.push_str(c);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `carapace status`, for people.
+pub fn format_status(s: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "carapace {} (pid {}), up {} since {}",
+        clean(&s.version),
+        s.pid,
+        fmt_duration(s.uptime_secs),
+        clean(&s.started)
+    );
+    let _ = writeln!(
+        out,
+        "mode:          {}; cgroups: {}",
+        clean(&s.mode),
+        clean(&s.cgroups)
+    );
+    let _ = writeln!(out, "config:        {}", clean(&s.config));
+    let files = if s.policy.files.is_empty() {
+        "embedded default".to_string()
+    } else {
+        s.policy
+            .files
+            .iter()
+            .map(|f| clean(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "policy:        {files} (sha256 {}…, loaded {})",
+        clean(short_hash(&s.policy.sha256)),
+        clean(&s.policy.loaded)
+    );
+    let last_error = match &s.last_reload_error {
+        Some(e) => format!("; last reload FAILED: {}", clean(e)),
+        None => String::new(),
+    };
+    let _ = writeln!(out, "reloads:       {}{last_error}", s.reloads);
+    let _ = writeln!(
+        out,
+        "approvals:     {} pending; dead letters: {}",
+        s.pending_approvals, s.dead_letters
+    );
+    let _ = writeln!(
+        out,
+        "audit:         {} (seq {}, head {}…)",
+        clean(&s.audit.path),
+        s.audit.seq,
+        clean(short_hash(&s.audit.head))
+    );
+    out.push('\n');
+    if s.children.is_empty() {
+        out.push_str("no children\n");
+        return out;
+    }
+    let mut rows = vec![[
+        "NAME",
+        "ROLE",
+        "PROFILE",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "MEMORY",
+        "CPU",
+        "TASKS",
+        "LAST EXIT",
+    ]
+    .map(str::to_string)
+    .to_vec()];
+    for c in &s.children {
+        rows.push(vec![
+            clean(&c.name),
+            clean(&c.role),
+            clean(&c.profile),
+            clean(&c.state),
+            opt(c.pid, |p| p.to_string()),
+            opt(c.uptime_secs, fmt_duration),
+            c.restarts.to_string(),
+            opt(c.memory_bytes, fmt_bytes),
+            opt(c.cpu_ms, fmt_cpu),
+            opt(c.tasks, |t| t.to_string()),
+            opt(c.last_exit.as_deref(), clean),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+fn argv_string(argv: &[String]) -> String {
+    let parts: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// The supervisor's approvals, for people.
+pub fn format_approvals(l: &ApprovalsList) -> String {
+    let mut out = String::new();
+    if l.pending.is_empty() {
+        out.push_str("no pending approvals\n");
+    }
+    for p in &l.pending {
+        let _ = writeln!(
+            out,
+            "pending {}  {}  {}  argv={}  profile={}  expires in {}",
+            p.id,
+            clean(&p.who),
+            clean(&p.program),
+            argv_string(&p.argv),
+            clean(&p.profile),
+            fmt_duration(p.expires_in_secs)
+        );
+        let _ = writeln!(
+            out,
+            "        sha256={}  asked {}{}",
+            clean(&p.sha256),
+            clean(&p.created),
+            if p.why.is_empty() {
+                String::new()
+            } else {
+                format!("  why: {}", clean(&p.why))
+            }
+        );
+    }
+    for g in &l.always {
+        let _ = writeln!(
+            out,
+            "always {}  argv={}  profile={}  sha256={}  granted {}",
+            clean(&g.program),
+            argv_string(&g.argv),
+            clean(&g.profile),
+            clean(&g.sha256),
+            clean(&g.granted_at)
+        );
+    }
+    out
+}
+
+/// A pending approval of a `carapace exec` run (state directory file), for people.
+pub fn format_pending_file(p: &PendingFile) -> String {
+    format!(
+        "pending {}  {}#{}({})  {}  argv={}  profile={}  sha256={}  why: {}  (carapace exec pid {})",
+        clean(&p.key),
+        clean(&p.who.role),
+        p.who.id,
+        clean(&p.who.profile),
+        clean(&p.program.display().to_string()),
+        argv_string(&p.argv),
+        clean(&p.profile),
+        clean(&p.program_sha256),
+        clean(&p.why),
+        p.supervisor_pid
+    )
+}
+
+fn body_preview(body: &str) -> String {
+    const MAX: usize = 120;
+    let mut shown: String = body.chars().take(MAX).collect();
+    if shown.len() < body.len() {
+        shown.push('…');
+    }
+    format!("{:?}", shown)
+}
+
+/// The dead-letter queue, for people.
+pub fn format_dlq(l: &DlqList) -> String {
+    let mut out = String::new();
+    if l.letters.is_empty() && l.unreadable.is_empty() {
+        out.push_str("no dead letters\n");
+    }
+    for d in &l.letters {
+        let e = &d.entry;
+        let _ = writeln!(
+            out,
+            "{}  {}  {} -> {}  from {}#{}({})  reason: {}",
+            clean(&d.id),
+            clean(&e.ts),
+            clean(&e.channel),
+            clean(&e.recipient),
+            clean(&e.who.role),
+            e.who.id,
+            clean(&e.who.profile),
+            clean(&e.reason)
+        );
+        let _ = writeln!(
+            out,
+            "    body ({} bytes): {}",
+            e.body.len(),
+            body_preview(&e.body)
+        );
+    }
+    for u in &l.unreadable {
+        let _ = writeln!(out, "unreadable {}: {}", clean(&u.file), clean(&u.error));
+    }
+    out
+}
+
+fn str_field<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("?")
+}
+
+/// One audit record as one line: seq, ts, who, op, decision, target -> outcome, detail, rule.
+pub fn format_audit_line(v: &Value) -> String {
+    let Some(obj) = v.as_object() else {
+        let raw = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        return format!("? (not an audit record) {}", clean(&raw));
+    };
+    let seq = obj
+        .get("seq")
+        .and_then(Value::as_u64)
+        .map_or_else(|| "?".to_string(), |s| s.to_string());
+    let who = obj.get("who").map_or_else(
+        || "?".to_string(),
+        |w| {
+            format!(
+                "{}#{}({})",
+                str_field(w, "role"),
+                w.get("id")
+                    .and_then(Value::as_u64)
+                    .map_or_else(|| "?".to_string(), |i| i.to_string()),
+                str_field(w, "profile")
+            )
+        },
+    );
+    let mut line = format!(
+        "#{seq} {} {who} {} {} {}",
+        str_field(v, "ts"),
+        str_field(v, "op"),
+        str_field(v, "decision"),
+        str_field(v, "target"),
+    );
+    let outcome = str_field(v, "outcome");
+    if !outcome.is_empty() {
+        let _ = write!(line, " -> {outcome}");
+    }
+    let detail = str_field(v, "detail");
+    if !detail.is_empty() && detail != "?" {
+        let _ = write!(line, " ({detail})");
+    }
+    if let Some(rule) = obj.get("rule").filter(|r| !r.is_null()) {
+        let why = str_field(rule, "why");
+        match rule.get("line").and_then(Value::as_u64) {
+            Some(l) => {
+                let _ = write!(line, " [rule line {l}: {why}]");
+            }
+            None => {
+                let _ = write!(line, " [{why}]");
+            }
+        }
+    }
+    clean(&line)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+/// Print the error for `e` and return its exit status.
+fn fail(e: &ControlError) -> i32 {
+    match e {
+        ControlError::NotRunning { .. } => {
+            eprintln!("carapace: {e}");
+            EXIT_NO_DAEMON
+        }
+        ControlError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            eprintln!(
+                "carapace: {}\ncarapace: only root and members of the control group may use the \
+                 control socket",
+                error_chain(e)
+            );
+            EXIT_FAILED
+        }
+        _ => {
+            eprintln!("carapace: {}", error_chain(e));
+            EXIT_FAILED
+        }
+    }
+}
+
+fn print_json(v: &Value) {
+    let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    println!("{text}");
+}
+
+/// Print `v` as `T` with `fmt`, or as JSON when `json` or when it does not decode as `T` (a
+/// newer supervisor, say).
+fn print_as<T: serde::de::DeserializeOwned>(v: &Value, json: bool, fmt: impl FnOnce(&T) -> String) {
+    if json {
+        print_json(v);
+        return;
+    }
+    match serde_json::from_value::<T>(v.clone()) {
+        Ok(t) => print!("{}", fmt(&t)),
+        Err(e) => {
+            eprintln!("carapace: unexpected answer from the supervisor ({e}); as sent:");
+            print_json(v);
+        }
+    }
+}
+
+/// `carapace status`.
+pub fn status(a: StatusArgs) -> i32 {
+    match control::call(&a.opts.socket(), &Request::Status) {
+        Ok(v) => {
+            print_as::<StatusReport>(&v, a.opts.json, format_status);
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `carapace dlq ...`.
+pub fn dlq(a: DlqArgs) -> i32 {
+    let socket = a.opts.socket();
+    let json = a.opts.json;
+    let req = match a.command {
+        DlqCommand::List => Request::DlqList,
+        DlqCommand::Release { id } | DlqCommand::Drop { id }
+            if !carapace_broker::dlq::valid_id(&id) =>
+        {
+            eprintln!(
+                "carapace: {:?} is not a dead-letter id (letters, digits, '-', '_'; see `carapace \
+                 dlq list`)",
+                clean(&id)
+            );
+            return EXIT_USAGE;
+        }
+        DlqCommand::Release { id } => Request::DlqRelease { id },
+        DlqCommand::Drop { id } => Request::DlqDrop { id },
+    };
+    let v = match control::call(&socket, &req) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    match req {
+        Request::DlqList => print_as::<DlqList>(&v, json, format_dlq),
+        Request::DlqRelease { id } => print_as::<DlqLetter>(&v, json, |d| {
+            format!(
+                "released {}: {} -> {} ({} bytes)\n",
+                clean(&id),
+                clean(&d.entry.channel),
+                clean(&d.entry.recipient),
+                d.entry.body.len()
+            )
+        }),
+        Request::DlqDrop { id } => {
+            if json {
+                print_json(&v);
+            } else {
+                println!("dropped {}", clean(&id));
+            }
+        }
+        _ => {}
+    }
+    EXIT_OK
+}
+
+/// `carapace reload`.
+pub fn reload(a: ReloadArgs) -> i32 {
+    match control::call(&a.opts.socket(), &Request::Reload) {
+        Ok(v) => {
+            let applied = serde_json::from_value::<ReloadReport>(v.clone())
+                .map(|r| r.applied)
+                .unwrap_or(true);
+            if a.opts.json {
+                print_json(&v);
+            } else {
+                print!("{}", format_reload(&v));
+            }
+            if applied {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            }
+        }
+        Err(ControlError::Daemon { message }) => {
+            eprintln!("carapace: reload rejected: {}", clean(&message));
+            eprintln!("carapace: the old configuration and policy stay in force");
+            EXIT_FAILED
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// The answer to `reload`, for people.
+pub fn format_reload(v: &Value) -> String {
+    match serde_json::from_value::<ReloadReport>(v.clone()) {
+        Ok(r) if r.applied => format!(
+            "reloaded: {} (policy sha256 {}…)\n",
+            clean(&r.message),
+            clean(short_hash(&r.policy_sha256))
+        ),
+        Ok(r) => format!(
+            "not applied: {}; the old configuration and policy stay in force\n",
+            clean(&r.message)
+        ),
+        Err(_) => format!("reloaded: {v}\n"),
+    }
+}
+
+/// `carapace audit ...`.
+pub fn audit(a: AuditCommand) -> i32 {
+    match a {
+        AuditCommand::Verify { file } => audit_verify(&file),
+        AuditCommand::Tail {
+            lines,
+            follow,
+            opts,
+        } => audit_tail(&opts, lines, follow),
+    }
+}
+
+fn audit_tail(opts: &CtlOpts, lines: usize, follow: bool) -> i32 {
+    let stdout = std::io::stdout();
+    let mut n = 0usize;
+    let r = control::stream(&opts.socket(), &Request::AuditTail { lines, follow }, |v| {
+        n += 1;
+        let text = if opts.json {
+            v.to_string()
+        } else {
+            format_audit_line(&v)
+        };
+        // Stop quietly when the reader went away (`| head`).
+        let mut out = stdout.lock();
+        writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
+    });
+    match r {
+        Ok(()) => {
+            if n == 0 && !opts.json {
+                eprintln!("carapace: no audit records yet");
+            }
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// What an approval argument names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalRef {
+    /// An approval of the running supervisor.
+    Daemon(u64),
+    /// `PID-N`: an approval of a `carapace exec` run (state directory file).
+    ExecKey(String),
+}
+
+/// A numeric ID goes to the supervisor; `PID-N` to the state directory; anything else is a
+/// usage error (its message).
+pub fn parse_approval_ref(key: &str) -> Result<ApprovalRef, String> {
+    if !key.is_empty() && key.len() <= 20 && key.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(id) = key.parse() {
+            return Ok(ApprovalRef::Daemon(id));
+        }
+    }
+    let exec_key = key.split_once('-').is_some_and(|(p, n)| {
+        !p.is_empty()
+            && !n.is_empty()
+            && p.len() <= 20
+            && n.len() <= 20
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && n.bytes().all(|b| b.is_ascii_digit())
+    });
+    if exec_key {
+        return Ok(ApprovalRef::ExecKey(key.to_string()));
+    }
+    Err(format!(
+        "{:?} is not an approval ID (a number for the running supervisor, or PID-N for a \
+         `carapace exec` run; see `carapace approvals list`)",
+        clean(key)
+    ))
+}
+
+/// `carapace approvals ...`.
 pub fn approvals(a: ApprovalsArgs) -> i32 {
     let state = state_dir_of(a.state_dir.as_deref());
     let pending_dir = state.join("pending");
-    match a.command {
-        ApprovalsCommand::List => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&pending_dir)
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            files.sort();
-            let mut n = 0;
-            for f in &files {
-                let rec: Option<PendingFile> = std::fs::read(f)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok());
-                match rec {
-                    Some(p) => {
-                        n += 1;
-                        println!(
-                            "pending {}  {}#{}({})  {}  argv={:?}  profile={}  sha256={}  why: {}",
-                            p.key,
-                            p.who.role,
-                            p.who.id,
-                            p.who.profile,
-                            p.program.display(),
-                            p.argv,
-                            p.profile,
-                            p.program_sha256,
-                            p.why
-                        );
-                    }
-                    None => eprintln!("carapace: {}: not a pending approval", f.display()),
+    let socket = a.opts.socket();
+    let (key, resolution) = match a.command {
+        ApprovalsCommand::List => return approvals_list(&socket, &state, a.opts.json),
+        ApprovalsCommand::Allow { key, always } => {
+            (key, if always { "allow-always" } else { "allow-once" })
+        }
+        ApprovalsCommand::Deny { key } => (key, "deny"),
+    };
+    match parse_approval_ref(&key) {
+        Err(msg) => {
+            eprintln!("carapace: {msg}");
+            EXIT_USAGE
+        }
+        Ok(ApprovalRef::ExecKey(k)) => answer_approval(&pending_dir, &k, resolution),
+        Ok(ApprovalRef::Daemon(id)) => {
+            let req = Request::ApprovalsResolve {
+                id,
+                resolution: resolution.to_string(),
+            };
+            match control::call(&socket, &req) {
+                Ok(v) => {
+                    print_as::<Resolved>(&v, a.opts.json, |r| {
+                        format!("approval {}: {}\n", r.id, clean(&r.decision))
+                    });
+                    EXIT_OK
                 }
-            }
-            if n == 0 {
-                println!("no pending approvals");
-            }
-            if !state.is_dir() {
-                return 0;
-            }
-            match carapace_broker::approvals::Approvals::open(&state, std::time::Duration::ZERO) {
-                Ok(ap) => {
-                    for g in ap.grants() {
-                        println!(
-                            "always {}  argv={:?}  profile={}  sha256={}  granted {}",
-                            g.program.display(),
-                            g.argv,
-                            g.profile,
-                            g.sha256,
-                            g.granted_at
-                        );
-                    }
-                    0
-                }
-                Err(e) => {
-                    eprintln!("carapace: {}", error_chain(&e));
-                    1
-                }
+                Err(e) => fail(&e),
             }
         }
-        ApprovalsCommand::Allow { key, always } => answer_approval(
-            &pending_dir,
-            &key,
-            if always { "allow-always" } else { "allow-once" },
-        ),
-        ApprovalsCommand::Deny { key } => answer_approval(&pending_dir, &key, "deny"),
     }
+}
+
+/// Pending approvals of `carapace exec` runs in `<state>/pending`, and unreadable files.
+fn exec_pending(state: &Path) -> (Vec<PendingFile>, Vec<PathBuf>) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(state.join("pending"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for f in files {
+        match std::fs::read(&f)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<PendingFile>(&b).ok())
+        {
+            Some(p) => ok.push(p),
+            None => bad.push(f),
+        }
+    }
+    (ok, bad)
+}
+
+fn approvals_list(socket: &Path, state: &Path, json: bool) -> i32 {
+    let daemon = control::call(socket, &Request::ApprovalsList);
+    let (exec, bad) = exec_pending(state);
+    for f in &bad {
+        eprintln!("carapace: {}: not a pending approval", f.display());
+    }
+    let mut code = EXIT_OK;
+    let daemon_value = match daemon {
+        Ok(v) => Some(v),
+        Err(ControlError::NotRunning { .. }) => {
+            eprintln!(
+                "carapace: no supervisor is running (no control socket at {}); showing the \
+                 approvals of `carapace exec` runs only",
+                socket.display()
+            );
+            None
+        }
+        Err(e) => {
+            code = fail(&e);
+            None
+        }
+    };
+    // Without a supervisor, the grants are read from the state directory.
+    let file_grants = if daemon_value.is_none() && state.is_dir() {
+        match carapace_broker::approvals::Approvals::open(state, std::time::Duration::ZERO) {
+            Ok(ap) => ap.grants().iter().map(control::GrantInfo::from).collect(),
+            Err(e) => {
+                eprintln!("carapace: {}", error_chain(&e));
+                code = EXIT_FAILED;
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    if json {
+        let exec_json: Vec<Value> = exec
+            .iter()
+            .filter_map(|p| serde_json::to_value(p).ok())
+            .collect();
+        let mut out = serde_json::json!({ "exec_pending": exec_json });
+        match &daemon_value {
+            Some(v) => {
+                out["pending"] = v.get("pending").cloned().unwrap_or(Value::Array(vec![]));
+                out["always"] = v.get("always").cloned().unwrap_or(Value::Array(vec![]));
+            }
+            None => {
+                out["pending"] = Value::Array(vec![]);
+                out["always"] = serde_json::to_value(&file_grants).unwrap_or_default();
+            }
+        }
+        print_json(&out);
+        return code;
+    }
+    let mut text = String::new();
+    match &daemon_value {
+        Some(v) => match serde_json::from_value::<ApprovalsList>(v.clone()) {
+            Ok(l) => text.push_str(&format_approvals(&l)),
+            Err(e) => {
+                eprintln!("carapace: unexpected answer from the supervisor ({e}); as sent:");
+                print_json(v);
+            }
+        },
+        None => {
+            let l = ApprovalsList {
+                pending: Vec::new(),
+                always: file_grants,
+            };
+            if exec.is_empty() {
+                text.push_str(&format_approvals(&l));
+            } else {
+                // Only the grants: the pending ones are the exec runs' below.
+                text.push_str(format_approvals(&l).trim_start_matches("no pending approvals\n"));
+            }
+        }
+    }
+    for p in &exec {
+        text.push_str(&format_pending_file(p));
+        text.push('\n');
+    }
+    print!("{text}");
+    code
 }
 
 /// Write the answer for pending approval `key`; the waiting supervisor picks it up.
@@ -245,5 +953,499 @@ pub fn audit_verify(file: &Path) -> i32 {
             eprintln!("carapace: {}", error_chain(&e));
             2
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{
+        AuditStatus, ChildStatus, ControlHandler, ControlServer, DlqUnreadable, GrantInfo,
+        PendingApproval, PolicyStatus,
+    };
+    use std::sync::Arc;
+
+    fn who() -> carapace_broker::audit::Who {
+        carapace_broker::audit::Who {
+            id: 3,
+            role: "tool".to_string(),
+            profile: "dev".to_string(),
+        }
+    }
+
+    fn status_report() -> StatusReport {
+        StatusReport {
+            pid: 4242,
+            version: "0.1.0".to_string(),
+            started: "2026-11-21T14:00:00.000000Z".to_string(),
+            uptime_secs: 3723,
+            mode: "root".to_string(),
+            cgroups: "hybrid v1+v2".to_string(),
+            config: "/etc/carapace/carapace.toml".to_string(),
+            policy: PolicyStatus {
+                files: vec!["/etc/carapace/policy.toml".to_string()],
+                sha256: "ab".repeat(32),
+                loaded: "2026-11-21T14:00:00.000000Z".to_string(),
+            },
+            reloads: 2,
+            last_reload_error: None,
+            children: vec![
+                ChildStatus {
+                    name: "gateway".to_string(),
+                    role: "gateway".to_string(),
+                    profile: "gateway".to_string(),
+                    state: "running".to_string(),
+                    pid: Some(777),
+                    uptime_secs: Some(65),
+                    restarts: 1,
+                    last_exit: Some("signal=9".to_string()),
+                    memory_bytes: Some(12 << 20),
+                    cpu_ms: Some(1500),
+                    tasks: Some(3),
+                },
+                ChildStatus {
+                    name: "slack".to_string(),
+                    role: "channel".to_string(),
+                    profile: "channel".to_string(),
+                    state: "backoff".to_string(),
+                    pid: None,
+                    uptime_secs: None,
+                    restarts: 12,
+                    last_exit: Some("exit=1".to_string()),
+                    memory_bytes: None,
+                    cpu_ms: None,
+                    tasks: None,
+                },
+            ],
+            pending_approvals: 1,
+            dead_letters: 0,
+            audit: AuditStatus {
+                path: "/var/lib/carapace/audit.log".to_string(),
+                seq: 17,
+                head: "cd".repeat(32),
+            },
+        }
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(fmt_duration(0), "0s");
+        assert_eq!(fmt_duration(59), "59s");
+        assert_eq!(fmt_duration(60), "1m00s");
+        assert_eq!(fmt_duration(3723), "1h02m");
+        assert_eq!(fmt_duration(90_061), "1d01h");
+        assert_eq!(fmt_bytes(512), "512 B");
+        assert_eq!(fmt_bytes(1536), "1.5 KiB");
+        assert_eq!(fmt_bytes(12 << 20), "12.0 MiB");
+        assert_eq!(fmt_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(fmt_cpu(850), "850ms");
+        assert_eq!(fmt_cpu(1500), "1.50s");
+        assert_eq!(fmt_cpu(123_000), "2m03s");
+        assert_eq!(clean("a\x1b[31mb\nc"), "a\\u{1b}[31mb\\nc");
+        assert_eq!(clean("plain ünïcode"), "plain ünïcode");
+    }
+
+    #[test]
+    fn status_output() {
+        let s = status_report();
+        let out = format_status(&s);
+        let want = "\
+carapace 0.1.0 (pid 4242), up 1h02m since 2026-11-21T14:00:00.000000Z
+mode:          root; cgroups: hybrid v1+v2
+config:        /etc/carapace/carapace.toml
+policy:        /etc/carapace/policy.toml (sha256 abababababababab…, loaded 2026-11-21T14:00:00.000000Z)
+reloads:       2
+approvals:     1 pending; dead letters: 0
+audit:         /var/lib/carapace/audit.log (seq 17, head cdcdcdcdcdcdcdcd…)
+
+NAME     ROLE     PROFILE  STATE    PID  UPTIME  RESTARTS  MEMORY    CPU    TASKS  LAST EXIT
+gateway  gateway  gateway  running  777  1m05s   1         12.0 MiB  1.50s  3      signal=9
+slack    channel  channel  backoff  -    -       12        -         -      -      exit=1
+";
+        assert_eq!(out, want, "\n{out}");
+        // A failed reload, no children, no policy files, hostile names.
+        let mut s = status_report();
+        s.last_reload_error = Some("policy.toml:3:1: unknown key".to_string());
+        s.policy.files.clear();
+        s.children.clear();
+        let out = format_status(&s);
+        assert!(
+            out.contains("reloads:       2; last reload FAILED: policy.toml:3:1: unknown key\n")
+        );
+        assert!(out.contains("policy:        embedded default (sha256"));
+        assert!(out.ends_with("\nno children\n"), "{out}");
+        let mut s = status_report();
+        s.children[0].name = "gw\x1b]0;pwned\x07".to_string();
+        assert!(!format_status(&s).contains('\x1b'));
+    }
+
+    #[test]
+    fn approvals_output() {
+        let l = ApprovalsList {
+            pending: vec![PendingApproval {
+                id: 7,
+                who: "tool#3(dev)".to_string(),
+                program: "/usr/bin/git".to_string(),
+                sha256: "ef".repeat(32),
+                argv: vec!["git".to_string(), "push".to_string(), "a\nb".to_string()],
+                profile: "dev".to_string(),
+                why: "pushing needs a human".to_string(),
+                created: "2026-11-21T14:01:00.000000Z".to_string(),
+                expires_in_secs: 95,
+            }],
+            always: vec![GrantInfo {
+                program: "/usr/bin/make".to_string(),
+                argv: vec!["make".to_string()],
+                profile: "dev".to_string(),
+                sha256: "01".repeat(32),
+                granted_at: "2026-11-20T10:00:00.000000Z".to_string(),
+            }],
+        };
+        let out = format_approvals(&l);
+        let want = format!(
+            "pending 7  tool#3(dev)  /usr/bin/git  argv=[\"git\", \"push\", \"a\\nb\"]  \
+             profile=dev  expires in 1m35s\n        sha256={}  asked \
+             2026-11-21T14:01:00.000000Z  why: pushing needs a human\nalways /usr/bin/make  \
+             argv=[\"make\"]  profile=dev  sha256={}  granted 2026-11-20T10:00:00.000000Z\n",
+            "ef".repeat(32),
+            "01".repeat(32)
+        );
+        assert_eq!(out, want, "\n{out}");
+        assert_eq!(
+            format_approvals(&ApprovalsList::default()),
+            "no pending approvals\n"
+        );
+        let pf = PendingFile {
+            key: "4242-1".to_string(),
+            supervisor_pid: 4242,
+            id: 1,
+            who: who(),
+            program: PathBuf::from("/usr/bin/curl"),
+            program_sha256: "aa".repeat(32),
+            argv: vec!["curl".to_string()],
+            profile: "dev".to_string(),
+            why: "network".to_string(),
+            created: "2026-11-21T14:01:00.000000Z".to_string(),
+            timeout_secs: 120,
+        };
+        let line = format_pending_file(&pf);
+        assert!(line.starts_with("pending 4242-1  tool#3(dev)  /usr/bin/curl  argv=[\"curl\"]"));
+        assert!(
+            line.ends_with("why: network  (carapace exec pid 4242)"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn dlq_output() {
+        let l = DlqList {
+            letters: vec![DlqLetter {
+                id: "00001-42-0".to_string(),
+                entry: carapace_broker::dlq::Entry {
+                    channel: "slack".to_string(),
+                    recipient: "#ops".to_string(),
+                    body: "hello\nworld \x1b[2J".to_string(),
+                    reason: "recipient not allowlisted".to_string(),
+                    who: who(),
+                    ts: "2026-11-21T14:02:00.000000Z".to_string(),
+                },
+            }],
+            unreadable: vec![DlqUnreadable {
+                file: "/var/lib/carapace/dlq/x.json".to_string(),
+                error: "not JSON".to_string(),
+            }],
+        };
+        let out = format_dlq(&l);
+        let want = "\
+00001-42-0  2026-11-21T14:02:00.000000Z  slack -> #ops  from tool#3(dev)  reason: recipient not allowlisted
+    body (16 bytes): \"hello\\nworld \\u{1b}[2J\"
+unreadable /var/lib/carapace/dlq/x.json: not JSON
+";
+        assert_eq!(out, want, "\n{out}");
+        assert_eq!(format_dlq(&DlqList::default()), "no dead letters\n");
+        // Long bodies are cut.
+        let mut l2 = l.clone();
+        l2.letters[0].entry.body = "x".repeat(1000);
+        let out = format_dlq(&l2);
+        assert!(out.contains("body (1000 bytes): \"xxx"));
+        assert!(out.contains("x…\""));
+        assert!(out.len() < 400);
+    }
+
+    #[test]
+    fn audit_lines() {
+        let v: Value = serde_json::from_str(
+            r#"{"seq":7,"ts":"2026-11-21T13:20:07.123456Z","prev":"00","who":{"id":3,"role":"tool","profile":"dev"},"op":"connect","target":"api.example.com:443","rule":{"line":12,"why":"model API"},"decision":"allow","outcome":"connected","detail":""}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            format_audit_line(&v),
+            "#7 2026-11-21T13:20:07.123456Z tool#3(dev) connect allow api.example.com:443 -> \
+             connected [rule line 12: model API]"
+        );
+        let v: Value = serde_json::from_str(
+            r#"{"seq":8,"ts":"t","who":{"id":0,"role":"operator","profile":""},"op":"approval","target":"7","rule":null,"decision":"deny","outcome":"denied","detail":"by uid 0\u001b"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            format_audit_line(&v),
+            "#8 t operator#0() approval deny 7 -> denied (by uid 0\\u{1b})"
+        );
+        let v: Value = serde_json::from_str(r#"{"rule":{"why":"default"}}"#).unwrap();
+        assert_eq!(format_audit_line(&v), "#? ? ? ? ? ? -> ? [default]");
+        assert_eq!(
+            format_audit_line(&Value::String("torn {\"seq".to_string())),
+            "? (not an audit record) torn {\"seq"
+        );
+    }
+
+    #[test]
+    fn reload_output() {
+        let ok = serde_json::json!({"applied": true, "policy_sha256": "ab".repeat(32), "message": "policy changed"});
+        assert_eq!(
+            format_reload(&ok),
+            "reloaded: policy changed (policy sha256 abababababababab…)\n"
+        );
+        let no =
+            serde_json::json!({"applied": false, "policy_sha256": "", "message": "nothing to do"});
+        assert!(format_reload(&no).starts_with("not applied: nothing to do; the old"));
+    }
+
+    #[test]
+    fn approval_refs() {
+        assert_eq!(parse_approval_ref("7"), Ok(ApprovalRef::Daemon(7)));
+        assert_eq!(
+            parse_approval_ref("4242-3"),
+            Ok(ApprovalRef::ExecKey("4242-3".to_string()))
+        );
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "../x",
+            "abc",
+            "1-2-3",
+            "7 ",
+            "99999999999999999999999",
+        ] {
+            assert!(parse_approval_ref(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn command_line() {
+        use crate::cli::{Cli, Command};
+        use clap::Parser as _;
+        let p = |args: &[&str]| Cli::try_parse_from(args);
+        let Command::Status(a) = p(&["carapace", "status", "--json", "--socket", "/s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not status")
+        };
+        assert!(a.opts.json);
+        assert_eq!(a.opts.socket, Some(PathBuf::from("/s")));
+        let Command::Approvals(a) = p(&[
+            "carapace",
+            "approvals",
+            "--socket",
+            "/s",
+            "allow",
+            "5",
+            "--always",
+            "--json",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not approvals")
+        };
+        assert!(a.opts.json);
+        assert_eq!(a.opts.socket(), PathBuf::from("/s"));
+        assert!(
+            matches!(a.command, ApprovalsCommand::Allow { ref key, always: true } if key == "5")
+        );
+        let Command::Audit(AuditCommand::Tail {
+            lines,
+            follow,
+            opts,
+        }) = p(&["carapace", "audit", "tail", "-n", "50", "-f", "--json"])
+            .unwrap()
+            .command
+        else {
+            panic!("not audit tail")
+        };
+        assert_eq!((lines, follow, opts.json), (50, true, true));
+        let Command::Audit(AuditCommand::Tail { lines, follow, .. }) =
+            p(&["carapace", "audit", "tail"]).unwrap().command
+        else {
+            panic!("not audit tail")
+        };
+        assert_eq!((lines, follow), (control::DEFAULT_TAIL_LINES, false));
+        let Command::Dlq(a) = p(&["carapace", "dlq", "release", "x-1", "--socket", "/s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not dlq")
+        };
+        assert!(matches!(a.command, DlqCommand::Release { ref id } if id == "x-1"));
+        assert!(matches!(
+            p(&["carapace", "reload", "--json"]).unwrap().command,
+            Command::Reload(ReloadArgs {
+                opts: CtlOpts { json: true, .. }
+            })
+        ));
+        assert!(p(&["carapace", "dlq", "drop"]).is_err());
+        assert!(p(&["carapace", "audit", "tail", "-n", "x"]).is_err());
+    }
+
+    struct Fake {
+        audit: PathBuf,
+    }
+
+    impl ControlHandler for Fake {
+        fn handle(&self, req: Request) -> Result<Value, String> {
+            match req {
+                Request::Status => serde_json::to_value(status_report()).map_err(|e| e.to_string()),
+                Request::ApprovalsList => {
+                    serde_json::to_value(ApprovalsList::default()).map_err(|e| e.to_string())
+                }
+                Request::ApprovalsResolve { id: 5, resolution } => Ok(serde_json::json!({
+                    "id": 5, "decision": if resolution == "deny" { "denied" } else { "allowed once" }
+                })),
+                Request::ApprovalsResolve { id, .. } => Err(format!("no pending approval {id}")),
+                Request::DlqList => {
+                    serde_json::to_value(DlqList::default()).map_err(|e| e.to_string())
+                }
+                Request::DlqRelease { id } | Request::DlqDrop { id } => {
+                    Err(format!("dead-letter queue: no entry {id}"))
+                }
+                Request::Reload => Err("policy.toml:1:1: expected a table".to_string()),
+                Request::AuditTail { .. } => Err("not here".to_string()),
+            }
+        }
+        fn audit_log(&self) -> PathBuf {
+            self.audit.clone()
+        }
+    }
+
+    fn opts(socket: &Path) -> CtlOpts {
+        CtlOpts {
+            socket: Some(socket.to_path_buf()),
+            json: false,
+        }
+    }
+
+    #[test]
+    fn exit_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("control.sock");
+        let state = dir.path().join("state");
+        let approvals = |command| {
+            approvals(ApprovalsArgs {
+                state_dir: Some(state.clone()),
+                opts: opts(&sock),
+                command,
+            })
+        };
+        let tail = |follow| {
+            audit(AuditCommand::Tail {
+                lines: 3,
+                follow,
+                opts: opts(&sock),
+            })
+        };
+        // No supervisor: 3 for everything that needs one; `approvals list` still lists what
+        // the state directory has.
+        assert_eq!(status(StatusArgs { opts: opts(&sock) }), EXIT_NO_DAEMON);
+        assert_eq!(reload(ReloadArgs { opts: opts(&sock) }), EXIT_NO_DAEMON);
+        let dlq_list = || {
+            dlq(DlqArgs {
+                opts: opts(&sock),
+                command: DlqCommand::List,
+            })
+        };
+        assert_eq!(dlq_list(), EXIT_NO_DAEMON);
+        assert_eq!(tail(false), EXIT_NO_DAEMON);
+        assert_eq!(
+            approvals(ApprovalsCommand::Allow {
+                key: "5".into(),
+                always: false
+            }),
+            EXIT_NO_DAEMON
+        );
+        assert_eq!(approvals(ApprovalsCommand::List), EXIT_OK);
+        // Usage errors never reach the socket.
+        assert_eq!(
+            approvals(ApprovalsCommand::Deny { key: "x/y".into() }),
+            EXIT_USAGE
+        );
+        assert_eq!(
+            dlq(DlqArgs {
+                opts: opts(&sock),
+                command: DlqCommand::Drop {
+                    id: "../etc".into()
+                },
+            }),
+            EXIT_USAGE
+        );
+
+        // A supervisor.
+        let server = ControlServer::bind(&sock, None).unwrap();
+        let stop = server.shutdown_handle();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let log = dir.path().join("audit.log");
+        std::fs::write(&log, "{\"seq\":1}\n{\"seq\":2}\n").unwrap();
+        let task = {
+            let _g = rt.enter();
+            server.serve(Arc::new(Fake { audit: log }))
+        };
+        assert_eq!(status(StatusArgs { opts: opts(&sock) }), EXIT_OK);
+        assert_eq!(
+            status(StatusArgs {
+                opts: CtlOpts {
+                    json: true,
+                    ..opts(&sock)
+                }
+            }),
+            EXIT_OK
+        );
+        assert_eq!(approvals(ApprovalsCommand::List), EXIT_OK);
+        assert_eq!(
+            approvals(ApprovalsCommand::Allow {
+                key: "5".into(),
+                always: false
+            }),
+            EXIT_OK
+        );
+        assert_eq!(
+            approvals(ApprovalsCommand::Deny { key: "6".into() }),
+            EXIT_FAILED
+        );
+        // A PID-N key still goes to the state directory: no such file there.
+        assert_eq!(
+            approvals(ApprovalsCommand::Deny {
+                key: "4242-1".into()
+            }),
+            EXIT_FAILED
+        );
+        assert_eq!(dlq_list(), EXIT_OK);
+        assert_eq!(
+            dlq(DlqArgs {
+                opts: opts(&sock),
+                command: DlqCommand::Release { id: "x-1".into() },
+            }),
+            EXIT_FAILED
+        );
+        assert_eq!(reload(ReloadArgs { opts: opts(&sock) }), EXIT_FAILED);
+        assert_eq!(tail(false), EXIT_OK);
+        stop.shutdown();
+        rt.block_on(task).unwrap();
+        assert_eq!(status(StatusArgs { opts: opts(&sock) }), EXIT_NO_DAEMON);
     }
 }
