@@ -1,0 +1,2276 @@
+//! The configuration of `carapace run`: one TOML file (`/etc/carapace/carapace.toml` by
+//! default, else the embedded [`DEFAULT_CONFIG_TEXT`]) naming the policy, the directories, the
+//! log format, the gateway and the channels. Reference: docs/operations.md.
+//!
+//! Validation is as strict as the policy's: every error is reported at once, located as
+//! `file:line:column` with what was expected and the offending line under a caret (the policy's
+//! [`Diagnostic`]); unknown keys are errors, with a "did you mean" when one is close.
+//!
+//! The file is read by a small parser of the TOML subset a configuration needs (this crate does
+//! not depend on the `toml` crate): comments, `[table]` and `[a.b]` headers, bare, quoted and
+//! dotted keys, basic and literal strings, integers, booleans, arrays and inline tables. Other
+//! TOML (multi-line strings, floats, dates, arrays of tables) is refused with a located error
+//! saying so; none of it is needed by any key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use carapace_policy::{Diagnostic, Diagnostics};
+
+use crate::logging::LogFormat;
+
+/// The embedded default configuration (`supervisor/config/default.toml`), used when no file
+/// is given and [`crate::paths::DEFAULT_CONFIG`] does not exist.
+pub const DEFAULT_CONFIG_TEXT: &str = include_str!("../config/default.toml");
+/// How the embedded default is named in messages.
+pub const DEFAULT_CONFIG_NAME: &str = "<embedded default configuration>";
+/// The gateway's listen address when the file does not say.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8750";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Policy files, in order; empty = the embedded default policy.
+    pub policy: Vec<PathBuf>,
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub log_level: tracing::Level,
+    /// Grace between SIGTERM to the children and killing their cgroups.
+    pub stop_timeout: Duration,
+    /// How long an `ask` waits for the operator.
+    pub approval_timeout: Duration,
+    /// Send `WATCHDOG=1` when systemd asks for it.
+    pub watchdog: bool,
+    /// Group allowed on the control socket (besides root and our own uid).
+    pub control_group: Option<u32>,
+    /// The gateway, if any.
+    pub gateway: Option<ChildConfig>,
+    /// Channel adapters by name.
+    pub channels: BTreeMap<String, ChildConfig>,
+}
+
+/// One confined child: the gateway or a channel adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildConfig {
+    /// `gateway`, or the channel's name.
+    pub name: String,
+    pub is_gateway: bool,
+    /// As written: an absolute path, or a bare name (next to the carapace executable).
+    pub program: String,
+    pub args: Vec<String>,
+    /// The policy profile it runs under.
+    pub profile: String,
+    /// The TCP address the supervisor binds for it (gateway only; None = no listener).
+    pub listen: Option<SocketAddr>,
+    /// Whether `listen` may be a non-loopback address.
+    pub allow_non_loopback: bool,
+    /// Its only writable place.
+    pub workspace: PathBuf,
+    pub restart: RestartConfig,
+    /// Extra environment (only the names its profile passes reach it).
+    pub environment: BTreeMap<String, String>,
+}
+
+/// Restart with exponential backoff; more than `crash_loop_restarts` starts within
+/// `crash_loop_window` is a crash loop, and restarting stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartConfig {
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub crash_loop_restarts: u32,
+    pub crash_loop_window: Duration,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            crash_loop_restarts: 5,
+            crash_loop_window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ChildConfig {
+    /// The program's path: as written when absolute, else `exe_dir/<name>`.
+    pub fn resolve_program(&self, exe_dir: &Path) -> PathBuf {
+        let p = Path::new(&self.program);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            exe_dir.join(p)
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigErrors {
+    #[error("cannot read the configuration {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Every located error of the file.
+    #[error("{0}")]
+    Invalid(Diagnostics),
+}
+
+impl ConfigErrors {
+    /// The located errors (empty for a read error).
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ConfigErrors::Invalid(d) => &d.0,
+            ConfigErrors::Read { .. } => &[],
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate a configuration; `file` names it in messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+        let src = Src::new(text, file);
+        let mut cx = Cx {
+            src: &src,
+            diags: Vec::new(),
+        };
+        let root = Parser::new(text).parse(&mut cx);
+        let cfg = validate(&root, &mut cx);
+        if !cx.diags.is_empty() {
+            let mut d = cx.diags;
+            d.sort_by_key(|d| (d.line, d.column));
+            d.dedup();
+            return Err(ConfigErrors::Invalid(Diagnostics(d)));
+        }
+        Ok(cfg)
+    }
+
+    /// Load `path`; without one, [`crate::paths::DEFAULT_CONFIG`] if it exists, else the
+    /// embedded default. Returns the configuration and the name of where it came from.
+    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigErrors> {
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => {
+                let d = PathBuf::from(crate::paths::DEFAULT_CONFIG);
+                d.exists().then_some(d)
+            }
+        };
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(&p).map_err(|source| ConfigErrors::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                let name = p.display().to_string();
+                Ok((Config::parse(&text, &name)?, name))
+            }
+            None => Ok((
+                Config::parse(DEFAULT_CONFIG_TEXT, DEFAULT_CONFIG_NAME)?,
+                DEFAULT_CONFIG_NAME.to_string(),
+            )),
+        }
+    }
+
+    /// The children to start: the gateway first, then the channels by name.
+    pub fn children(&self) -> impl Iterator<Item = (&str, &ChildConfig)> {
+        self.gateway
+            .iter()
+            .chain(self.channels.values())
+            .map(|c| (c.name.as_str(), c))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Locations and diagnostics.
+
+/// The text being read, with a line index.
+#[derive(Debug)]
+struct Src<'a> {
+    text: &'a str,
+    file: &'a str,
+    line_starts: Vec<usize>,
+}
+
+impl<'a> Src<'a> {
+    fn new(text: &'a str, file: &'a str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Src {
+            text,
+            file,
+            line_starts,
+        }
+    }
+
+    /// 1-based (line, column in characters) of a byte offset.
+    fn locate(&self, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(self.text.len());
+        while offset > 0 && !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let idx = match self.line_starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i.saturating_sub(1),
+        };
+        let start = self.line_starts.get(idx).copied().unwrap_or(0);
+        let col = self
+            .text
+            .get(start..offset)
+            .map_or(0, |s| s.chars().count());
+        (idx + 1, col + 1)
+    }
+
+    fn line_text(&self, line: usize) -> Option<String> {
+        let start = *self.line_starts.get(line.checked_sub(1)?)?;
+        let rest = self.text.get(start..)?;
+        let end = rest.find('\n').unwrap_or(rest.len());
+        Some(rest.get(..end)?.trim_end_matches('\r').to_string())
+    }
+}
+
+/// Collects the diagnostics of one file.
+#[derive(Debug)]
+struct Cx<'a> {
+    src: &'a Src<'a>,
+    diags: Vec<Diagnostic>,
+}
+
+impl Cx<'_> {
+    fn err(&mut self, span: &Range<usize>, message: impl Into<String>, expected: &str) {
+        let (line, column) = self.src.locate(span.start);
+        self.diags.push(Diagnostic {
+            file: self.src.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+            expected: (!expected.is_empty()).then(|| expected.to_string()),
+            source_line: self.src.line_text(line),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The TOML subset: a spanned document.
+
+#[derive(Debug, Clone)]
+enum Val {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    Array(Vec<Node>),
+    Table(Table),
+}
+
+impl Val {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Val::Str(_) => "a string",
+            Val::Int(_) => "an integer",
+            Val::Bool(_) => "a boolean",
+            Val::Array(_) => "an array",
+            Val::Table(_) => "a table",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    val: Val,
+    span: Range<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    key_span: Range<usize>,
+    node: Node,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Table {
+    entries: Vec<Entry>,
+    /// Defined by a `[header]` of its own (a second one is an error).
+    header: bool,
+    /// Created by a dotted key (`a.b = 1`): more dotted keys may add to it, a header may not.
+    dotted: bool,
+    /// An inline table: complete as written.
+    inline: bool,
+}
+
+impl Table {
+    fn get(&self, key: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.key == key)
+    }
+}
+
+type Key = Vec<(String, Range<usize>)>;
+
+/// A syntax error: where, what, what was expected.
+type SynErr = (Range<usize>, String, &'static str);
+
+const VALUE_EXPECTED: &str =
+    "a value: a \"string\", an integer, true or false, an [array] or an { inline = \"table\" }";
+
+struct Parser<'a> {
+    b: &'a [u8],
+    s: &'a str,
+    i: usize,
+}
+
+fn is_bare(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'-'
+}
+
+impl<'a> Parser<'a> {
+    fn new(s: &'a str) -> Self {
+        Parser {
+            b: s.as_bytes(),
+            s,
+            i: 0,
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn peek_at(&self, n: usize) -> Option<u8> {
+        self.b.get(self.i + n).copied()
+    }
+
+    fn here(&self) -> Range<usize> {
+        self.i..self.i + 1
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.i += 1;
+        }
+    }
+
+    fn skip_comment(&mut self) {
+        if self.peek() == Some(b'#') {
+            while !matches!(self.peek(), None | Some(b'\n')) {
+                self.i += 1;
+            }
+        }
+    }
+
+    /// Whitespace, newlines and comments (inside arrays and inline tables).
+    fn skip_ws_nl(&mut self) {
+        loop {
+            self.skip_ws();
+            self.skip_comment();
+            match self.peek() {
+                Some(b'\n') => self.i += 1,
+                Some(b'\r') if self.peek_at(1) == Some(b'\n') => self.i += 2,
+                _ => return,
+            }
+        }
+    }
+
+    /// The rest of a line must be blank or a comment.
+    fn end_of_line(&mut self) -> Result<(), SynErr> {
+        self.skip_ws();
+        self.skip_comment();
+        match self.peek() {
+            None => Ok(()),
+            Some(b'\n') => {
+                self.i += 1;
+                Ok(())
+            }
+            Some(b'\r') if self.peek_at(1) == Some(b'\n') => {
+                self.i += 2;
+                Ok(())
+            }
+            Some(_) => Err((
+                self.here(),
+                "unexpected text after the value".into(),
+                "the end of the line (or a # comment)",
+            )),
+        }
+    }
+
+    fn skip_line(&mut self) {
+        while let Some(c) = self.peek() {
+            self.i += 1;
+            if c == b'\n' {
+                break;
+            }
+        }
+    }
+
+    fn parse(mut self, cx: &mut Cx<'_>) -> Table {
+        let mut root = Table::default();
+        let mut current: Key = Vec::new();
+        loop {
+            self.skip_ws_nl();
+            let Some(c) = self.peek() else { break };
+            let r = if c == b'[' {
+                self.header(&mut root).map(|k| current = k)
+            } else {
+                self.key_value(&mut root, &current)
+            };
+            if let Err((span, msg, expected)) = r {
+                cx.err(&span, msg, expected);
+                self.skip_line();
+            }
+        }
+        root
+    }
+
+    fn header(&mut self, root: &mut Table) -> Result<Key, SynErr> {
+        let start = self.i;
+        self.i += 1;
+        if self.peek() == Some(b'[') {
+            return Err((
+                start..start + 2,
+                "arrays of tables ([[...]]) are not used in a carapace configuration".into(),
+                "a [table] header",
+            ));
+        }
+        self.skip_ws();
+        let key = self.key()?;
+        self.skip_ws();
+        if self.peek() != Some(b']') {
+            return Err((self.here(), "the table header is not closed".into(), "`]`"));
+        }
+        self.i += 1;
+        self.end_of_line()?;
+        let t = table_at(root, &key, false)?;
+        let name = key_text(&key);
+        if t.header || t.dotted || t.inline {
+            return Err((
+                start..start + 1,
+                format!("table [{name}] is defined twice"),
+                "each table once",
+            ));
+        }
+        t.header = true;
+        Ok(key)
+    }
+
+    fn key_value(&mut self, root: &mut Table, current: &Key) -> Result<(), SynErr> {
+        let key = self.key()?;
+        self.skip_ws();
+        if self.peek() != Some(b'=') {
+            return Err((
+                self.here(),
+                "expected `=` after the key".into(),
+                "`key = value`",
+            ));
+        }
+        self.i += 1;
+        self.skip_ws();
+        let node = self.value(0)?;
+        self.end_of_line()?;
+        let table = table_at(root, current, false)?;
+        insert(table, &key, node)
+    }
+
+    /// A possibly dotted key.
+    fn key(&mut self) -> Result<Key, SynErr> {
+        let mut parts = Vec::new();
+        loop {
+            self.skip_ws();
+            let start = self.i;
+            let part = match self.peek() {
+                Some(b'"') => self.basic_string()?,
+                Some(b'\'') => self.literal_string()?,
+                Some(c) if is_bare(c) => {
+                    while self.peek().is_some_and(is_bare) {
+                        self.i += 1;
+                    }
+                    self.s.get(start..self.i).unwrap_or_default().to_string()
+                }
+                _ => {
+                    return Err((
+                        self.here(),
+                        "expected a key".into(),
+                        "a key: letters, digits, `_` and `-`, or a quoted string",
+                    ))
+                }
+            };
+            parts.push((part, start..self.i));
+            self.skip_ws();
+            if self.peek() == Some(b'.') {
+                self.i += 1;
+            } else {
+                return Ok(parts);
+            }
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Node, SynErr> {
+        if depth > 32 {
+            return Err((self.here(), "values nested too deeply".into(), ""));
+        }
+        let start = self.i;
+        let val = match self.peek() {
+            Some(b'"') => Val::Str(self.basic_string()?),
+            Some(b'\'') => Val::Str(self.literal_string()?),
+            Some(b'[') => self.array(depth)?,
+            Some(b'{') => self.inline_table(depth)?,
+            Some(c) if c.is_ascii_digit() || c == b'+' || c == b'-' => self.number()?,
+            Some(c) if c.is_ascii_alphabetic() => {
+                while self.peek().is_some_and(is_bare) {
+                    self.i += 1;
+                }
+                match self.s.get(start..self.i).unwrap_or_default() {
+                    "true" => Val::Bool(true),
+                    "false" => Val::Bool(false),
+                    "inf" | "nan" => {
+                        return Err((
+                            start..self.i,
+                            "floats are not used in a carapace configuration".into(),
+                            VALUE_EXPECTED,
+                        ))
+                    }
+                    w => {
+                        return Err((
+                            start..self.i,
+                            format!("`{w}` is not a value (strings are written in quotes)"),
+                            VALUE_EXPECTED,
+                        ))
+                    }
+                }
+            }
+            _ => return Err((self.here(), "expected a value".into(), VALUE_EXPECTED)),
+        };
+        Ok(Node {
+            val,
+            span: start..self.i,
+        })
+    }
+
+    fn number(&mut self) -> Result<Val, SynErr> {
+        let start = self.i;
+        while self.peek().is_some_and(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'_' | b'+' | b'-' | b'.' | b':')
+        }) {
+            self.i += 1;
+        }
+        let text = self.s.get(start..self.i).unwrap_or_default();
+        let span = start..self.i;
+        let bad = |msg: String| {
+            (
+                span.clone(),
+                msg,
+                "an integer such as 30 or -1 (or 0x1f, 0o755)",
+            )
+        };
+        let (neg, body) = match text.as_bytes().first() {
+            Some(b'-') => (true, &text[1..]),
+            Some(b'+') => (false, &text[1..]),
+            _ => (false, text),
+        };
+        let (radix, digits) = if let Some(d) = body.strip_prefix("0x") {
+            (16, d)
+        } else if let Some(d) = body.strip_prefix("0o") {
+            (8, d)
+        } else if let Some(d) = body.strip_prefix("0b") {
+            (2, d)
+        } else {
+            (10, body)
+        };
+        if radix == 10 && body.contains(['.', ':', '-', 'e', 'E']) {
+            return Err(bad(format!(
+                "`{text}`: floats and dates are not used in a carapace configuration"
+            )));
+        }
+        if radix != 10 && neg {
+            return Err(bad(format!("`{text}`: a sign is not allowed here")));
+        }
+        if digits.is_empty()
+            || digits.starts_with('_')
+            || digits.ends_with('_')
+            || digits.contains("__")
+        {
+            return Err(bad(format!("`{text}` is not an integer")));
+        }
+        if radix == 10 && digits.len() > 1 && digits.starts_with('0') {
+            return Err(bad(format!("`{text}`: leading zeros are not allowed")));
+        }
+        let clean: String = digits.chars().filter(|c| *c != '_').collect();
+        let too_big = || bad(format!("`{text}` is not an integer that fits in 64 bits"));
+        let mag = u64::from_str_radix(&clean, radix).map_err(|_| too_big())?;
+        let v = if neg {
+            -i128::from(mag)
+        } else {
+            i128::from(mag)
+        };
+        Ok(Val::Int(i64::try_from(v).map_err(|_| too_big())?))
+    }
+
+    fn basic_string(&mut self) -> Result<String, SynErr> {
+        let start = self.i;
+        if self.peek_at(1) == Some(b'"') && self.peek_at(2) == Some(b'"') {
+            return Err((
+                start..start + 3,
+                "multi-line strings are not used in a carapace configuration".into(),
+                "a one-line \"string\"",
+            ));
+        }
+        self.i += 1;
+        let mut out = String::new();
+        loop {
+            let Some(rest) = self.s.get(self.i..) else {
+                return Err(unterminated(start));
+            };
+            let Some(c) = rest.chars().next() else {
+                return Err(unterminated(start));
+            };
+            match c {
+                '"' => {
+                    self.i += 1;
+                    return Ok(out);
+                }
+                '\n' => return Err(unterminated(start)),
+                '\\' => {
+                    let esc_at = self.i;
+                    self.i += 1;
+                    let e = self.peek();
+                    self.i += 1;
+                    let ch = match e {
+                        Some(b'"') => '"',
+                        Some(b'\\') => '\\',
+                        Some(b'n') => '\n',
+                        Some(b't') => '\t',
+                        Some(b'r') => '\r',
+                        Some(b'b') => '\u{8}',
+                        Some(b'f') => '\u{c}',
+                        Some(b'e') => '\u{1b}',
+                        Some(u @ (b'u' | b'U')) => {
+                            let n = if u == b'u' { 4 } else { 8 };
+                            let hex = self.s.get(self.i..self.i + n).unwrap_or_default();
+                            let ch = u32::from_str_radix(hex, 16)
+                                .ok()
+                                .filter(|_| {
+                                    hex.len() == n && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                                })
+                                .and_then(char::from_u32);
+                            match ch {
+                                Some(ch) => {
+                                    self.i += n;
+                                    ch
+                                }
+                                None => {
+                                    return Err((
+                                        esc_at..esc_at + 2,
+                                        "invalid unicode escape".into(),
+                                        "\\uXXXX or \\UXXXXXXXX naming a Unicode scalar value",
+                                    ))
+                                }
+                            }
+                        }
+                        _ => {
+                            return Err((
+                                esc_at..esc_at + 2,
+                                "invalid escape in a string".into(),
+                                "one of \\\" \\\\ \\n \\t \\r \\b \\f \\e \\uXXXX \\UXXXXXXXX",
+                            ))
+                        }
+                    };
+                    out.push(ch);
+                }
+                c if (c as u32) < 0x20 && c != '\t' || c == '\u{7f}' => {
+                    return Err((
+                        self.here(),
+                        "control character in a string".into(),
+                        "printable text (write control characters as escapes)",
+                    ))
+                }
+                c => {
+                    out.push(c);
+                    self.i += c.len_utf8();
+                }
+            }
+        }
+    }
+
+    fn literal_string(&mut self) -> Result<String, SynErr> {
+        let start = self.i;
+        if self.peek_at(1) == Some(b'\'') && self.peek_at(2) == Some(b'\'') {
+            return Err((
+                start..start + 3,
+                "multi-line strings are not used in a carapace configuration".into(),
+                "a one-line 'string'",
+            ));
+        }
+        self.i += 1;
+        let rest = self.s.get(self.i..).unwrap_or_default();
+        let line = rest.split('\n').next().unwrap_or_default();
+        match line.find('\'') {
+            Some(end) => {
+                let v = &line[..end];
+                if v.chars()
+                    .any(|c| (c as u32) < 0x20 && c != '\t' || c == '\u{7f}')
+                {
+                    return Err((
+                        start..start + 1,
+                        "control character in a string".into(),
+                        "printable text",
+                    ));
+                }
+                self.i += end + 1;
+                Ok(v.to_string())
+            }
+            None => Err(unterminated(start)),
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<Val, SynErr> {
+        self.i += 1;
+        let mut items = Vec::new();
+        loop {
+            self.skip_ws_nl();
+            if self.peek() == Some(b']') {
+                self.i += 1;
+                return Ok(Val::Array(items));
+            }
+            items.push(self.value(depth + 1)?);
+            self.skip_ws_nl();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b']') => {}
+                _ => {
+                    return Err((
+                        self.here(),
+                        "expected `,` or `]` in the array".into(),
+                        "[value, value, ...]",
+                    ))
+                }
+            }
+        }
+    }
+
+    fn inline_table(&mut self, depth: usize) -> Result<Val, SynErr> {
+        self.i += 1;
+        let mut t = Table::default();
+        loop {
+            self.skip_ws_nl();
+            if self.peek() == Some(b'}') {
+                self.i += 1;
+                t.inline = true;
+                return Ok(Val::Table(t));
+            }
+            let key = self.key()?;
+            self.skip_ws();
+            if self.peek() != Some(b'=') {
+                return Err((
+                    self.here(),
+                    "expected `=` after the key".into(),
+                    "`key = value`",
+                ));
+            }
+            self.i += 1;
+            self.skip_ws();
+            let node = self.value(depth + 1)?;
+            insert(&mut t, &key, node)?;
+            self.skip_ws_nl();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {}
+                _ => {
+                    return Err((
+                        self.here(),
+                        "expected `,` or `}` in the inline table".into(),
+                        "{ key = value, key = value }",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn unterminated(start: usize) -> SynErr {
+    (
+        start..start + 1,
+        "the string is not closed on its line".into(),
+        "a closing quote",
+    )
+}
+
+fn key_text(key: &Key) -> String {
+    key.iter()
+        .map(|(k, _)| {
+            if !k.is_empty() && k.bytes().all(is_bare) {
+                k.clone()
+            } else {
+                format!("{k:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The table at `path` below `root`, created where missing (as a dotted-key table when
+/// `via_value`, else as the implicit parent of a header); inline tables cannot be extended.
+fn table_at<'t>(root: &'t mut Table, path: &Key, via_value: bool) -> Result<&'t mut Table, SynErr> {
+    let mut t = root;
+    for (k, span) in path {
+        let idx = match t.entries.iter().position(|e| &e.key == k) {
+            Some(i) => i,
+            None => {
+                t.entries.push(Entry {
+                    key: k.clone(),
+                    key_span: span.clone(),
+                    node: Node {
+                        val: Val::Table(Table {
+                            dotted: via_value,
+                            ..Table::default()
+                        }),
+                        span: span.clone(),
+                    },
+                });
+                t.entries.len() - 1
+            }
+        };
+        let Some(entry) = t.entries.get_mut(idx) else {
+            return Err((span.clone(), "internal error".into(), ""));
+        };
+        match &mut entry.node.val {
+            Val::Table(sub) if !sub.inline => t = sub,
+            Val::Table(_) => {
+                return Err((
+                    span.clone(),
+                    format!("table `{k}` is written inline ({{ ... }}) and cannot be extended"),
+                    "all of its keys inside the braces",
+                ))
+            }
+            _ => {
+                return Err((
+                    span.clone(),
+                    format!("`{}` is already defined as a value", key_text(path)),
+                    "each key once",
+                ))
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Insert `node` at the (dotted) `key` of `table`.
+fn insert(table: &mut Table, key: &Key, node: Node) -> Result<(), SynErr> {
+    let Some(((last, last_span), parents)) = key.split_last() else {
+        return Err((node.span, "empty key".into(), "a key"));
+    };
+    let t = table_at(table, &parents.to_vec(), true)?;
+    if t.get(last).is_some() {
+        return Err((
+            last_span.clone(),
+            format!("`{}` is defined twice", key_text(key)),
+            "each key once",
+        ));
+    }
+    t.entries.push(Entry {
+        key: last.clone(),
+        key_span: last_span.clone(),
+        node,
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+/// The closest of `known` to `key`, when close enough to be a likely typo.
+fn did_you_mean<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4) && *d < k.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+const SUPERVISOR_KEYS: &[&str] = &[
+    "policy",
+    "state_dir",
+    "runtime_dir",
+    "log_format",
+    "log_level",
+    "stop_timeout",
+    "approval_timeout",
+    "watchdog",
+];
+const CONTROL_KEYS: &[&str] = &["group"];
+const GATEWAY_KEYS: &[&str] = &[
+    "program",
+    "args",
+    "profile",
+    "listen",
+    "allow_non_loopback",
+    "workspace",
+    "restart",
+    "environment",
+];
+const CHANNEL_KEYS: &[&str] = &[
+    "program",
+    "args",
+    "profile",
+    "workspace",
+    "restart",
+    "environment",
+];
+const RESTART_KEYS: &[&str] = &[
+    "initial_delay",
+    "max_delay",
+    "crash_loop_restarts",
+    "crash_loop_window",
+];
+const TOP_KEYS: &[&str] = &["supervisor", "control", "gateway", "channels"];
+
+const PATH_EXPECTED: &str =
+    "an absolute, normalized path (starts with `/`; no `.`, `..`, `//`, trailing `/` or NUL)";
+const DURATION_EXPECTED: &str =
+    "a duration: an integer number of seconds, or a string like \"500ms\", \"10s\", \"5m\", \"1h\"";
+
+/// Report every key of `t` not in `known`.
+fn unknown_keys(cx: &mut Cx<'_>, t: &Table, known: &[&str], what: &str) {
+    for e in &t.entries {
+        if known.contains(&e.key.as_str()) {
+            continue;
+        }
+        let msg = match did_you_mean(&e.key, known) {
+            Some(k) => format!("unknown key `{}` in {what}; did you mean `{k}`?", e.key),
+            None => format!("unknown key `{}` in {what}", e.key),
+        };
+        let names: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+        cx.err(&e.key_span, msg, &format!("one of {}", names.join(", ")));
+    }
+}
+
+/// `e` as a table, or an error.
+fn as_table<'t>(cx: &mut Cx<'_>, e: &'t Entry, what: &str) -> Option<&'t Table> {
+    match &e.node.val {
+        Val::Table(t) => Some(t),
+        other => {
+            cx.err(
+                &e.node.span,
+                format!("{what} must be a table, not {}", other.type_name()),
+                &format!("a [{what}] table"),
+            );
+            None
+        }
+    }
+}
+
+fn type_err(cx: &mut Cx<'_>, e: &Entry, expected: &str) {
+    cx.err(
+        &e.node.span,
+        format!("invalid type: {} for `{}`", e.node.val.type_name(), e.key),
+        expected,
+    );
+}
+
+fn get_str<'t>(
+    cx: &mut Cx<'_>,
+    t: &'t Table,
+    key: &str,
+    expected: &str,
+) -> Option<(&'t str, &'t Entry)> {
+    let e = t.get(key)?;
+    match &e.node.val {
+        Val::Str(s) => Some((s.as_str(), e)),
+        _ => {
+            type_err(cx, e, expected);
+            None
+        }
+    }
+}
+
+fn get_bool(cx: &mut Cx<'_>, t: &Table, key: &str, default: bool) -> bool {
+    match t.get(key) {
+        None => default,
+        Some(Entry {
+            node: Node {
+                val: Val::Bool(b), ..
+            },
+            ..
+        }) => *b,
+        Some(e) => {
+            type_err(cx, e, "true or false");
+            default
+        }
+    }
+}
+
+/// Why `p` is not an absolute, normalized path.
+fn check_abs_path(p: &str) -> Result<(), &'static str> {
+    if p.contains('\0') {
+        return Err("the path contains a NUL byte");
+    }
+    if !p.starts_with('/') {
+        return Err("the path is relative");
+    }
+    if p == "/" {
+        return Ok(());
+    }
+    if p.ends_with('/') {
+        return Err("the path ends with `/`");
+    }
+    for comp in p[1..].split('/') {
+        match comp {
+            "" => return Err("the path contains `//`"),
+            "." => return Err("the path contains a `.` component"),
+            ".." => return Err("the path contains a `..` component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn get_path(cx: &mut Cx<'_>, t: &Table, key: &str) -> Option<PathBuf> {
+    let (s, e) = get_str(cx, t, key, PATH_EXPECTED)?;
+    match check_abs_path(s) {
+        Ok(()) => Some(PathBuf::from(s)),
+        Err(why) => {
+            cx.err(
+                &e.node.span,
+                format!("`{key}` = {s:?}: {why}"),
+                PATH_EXPECTED,
+            );
+            None
+        }
+    }
+}
+
+/// A duration: integer seconds, or "<integer><ms|s|m|min|h>"; zero is refused.
+fn parse_duration(v: &Val) -> Result<Duration, String> {
+    let d = match v {
+        Val::Int(i) => {
+            Duration::from_secs(u64::try_from(*i).map_err(|_| format!("negative duration {i}"))?)
+        }
+        Val::Str(s) => {
+            let s = s.trim();
+            let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            let (num, unit) = s.split_at(split);
+            if num.is_empty() {
+                return Err(format!("`{s}` does not start with a number"));
+            }
+            let n: u64 = num.parse().map_err(|_| format!("`{num}` is too large"))?;
+            let secs = |mult: u64| {
+                n.checked_mul(mult)
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| format!("`{s}` is too long"))
+            };
+            match unit.trim() {
+                "ms" => Duration::from_millis(n),
+                "" | "s" => secs(1)?,
+                "m" | "min" => secs(60)?,
+                "h" => secs(3600)?,
+                other => return Err(format!("unknown duration unit `{other}`")),
+            }
+        }
+        other => return Err(format!("{} is not a duration", other.type_name())),
+    };
+    if d.is_zero() {
+        return Err("a duration of 0 is impossible".into());
+    }
+    Ok(d)
+}
+
+/// Longest duration accepted anywhere (a day): longer is a typo.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+fn get_duration(cx: &mut Cx<'_>, t: &Table, key: &str, default: Duration) -> Duration {
+    let Some(e) = t.get(key) else {
+        return default;
+    };
+    match parse_duration(&e.node.val) {
+        Ok(d) if d <= MAX_DURATION => d,
+        Ok(_) => {
+            cx.err(
+                &e.node.span,
+                format!("`{key}` is longer than a day"),
+                "a duration of at most 24h",
+            );
+            default
+        }
+        Err(why) => {
+            cx.err(&e.node.span, format!("`{key}`: {why}"), DURATION_EXPECTED);
+            default
+        }
+    }
+}
+
+/// The gid of `name` from the system's group database.
+fn lookup_group(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
+fn validate(root: &Table, cx: &mut Cx<'_>) -> Config {
+    unknown_keys(cx, root, TOP_KEYS, "the top level");
+    let empty = Table::default();
+    let section = |cx: &mut Cx<'_>, key: &str| -> Option<&Table> {
+        let e = root.get(key)?;
+        as_table(cx, e, key)
+    };
+
+    // [supervisor]
+    let sup = section(cx, "supervisor").unwrap_or(&empty);
+    unknown_keys(cx, sup, SUPERVISOR_KEYS, "[supervisor]");
+    let policy = match sup.get("policy") {
+        None => Vec::new(),
+        Some(e) => {
+            let items: Vec<&Node> = match &e.node.val {
+                Val::Str(_) => vec![&e.node],
+                Val::Array(a) => a.iter().collect(),
+                _ => {
+                    type_err(cx, e, "a policy file path, or an array of them");
+                    Vec::new()
+                }
+            };
+            let mut out = Vec::new();
+            for n in items {
+                match &n.val {
+                    Val::Str(s) => match check_abs_path(s) {
+                        Ok(()) => out.push(PathBuf::from(s)),
+                        Err(why) => {
+                            cx.err(&n.span, format!("policy file {s:?}: {why}"), PATH_EXPECTED)
+                        }
+                    },
+                    other => cx.err(
+                        &n.span,
+                        format!("invalid type: {} in `policy`", other.type_name()),
+                        PATH_EXPECTED,
+                    ),
+                }
+            }
+            out
+        }
+    };
+    let state_dir = get_path(cx, sup, "state_dir").unwrap_or_else(crate::paths::default_state_dir);
+    let runtime_dir =
+        get_path(cx, sup, "runtime_dir").unwrap_or_else(crate::paths::default_runtime_dir);
+    if state_dir == runtime_dir {
+        if let Some(e) = sup.get("runtime_dir") {
+            cx.err(
+                &e.node.span,
+                "`runtime_dir` is the same directory as `state_dir`",
+                "two different directories",
+            );
+        }
+    }
+    let log_format = match get_str(cx, sup, "log_format", LOG_FORMAT_EXPECTED) {
+        None => LogFormat::Auto,
+        Some((s, e)) => match s.parse::<LogFormat>() {
+            Ok(f) => f,
+            Err(()) => {
+                cx.err(
+                    &e.node.span,
+                    format!("unknown log format {s:?}"),
+                    LOG_FORMAT_EXPECTED,
+                );
+                LogFormat::Auto
+            }
+        },
+    };
+    let log_level = match get_str(cx, sup, "log_level", LOG_LEVEL_EXPECTED) {
+        None => tracing::Level::INFO,
+        Some((s, e)) => match parse_level(s) {
+            Some(l) => l,
+            None => {
+                cx.err(
+                    &e.node.span,
+                    format!("unknown log level {s:?}"),
+                    LOG_LEVEL_EXPECTED,
+                );
+                tracing::Level::INFO
+            }
+        },
+    };
+    let stop_timeout = get_duration(cx, sup, "stop_timeout", Duration::from_secs(10));
+    let approval_timeout = get_duration(cx, sup, "approval_timeout", Duration::from_secs(120));
+    let watchdog = get_bool(cx, sup, "watchdog", true);
+
+    // [control]
+    let control = section(cx, "control").unwrap_or(&empty);
+    unknown_keys(cx, control, CONTROL_KEYS, "[control]");
+    let control_group = control.get("group").and_then(|e| group_of(cx, e));
+
+    // [gateway]
+    let gateway = root.get("gateway").and_then(|e| {
+        let t = as_table(cx, e, "gateway")?;
+        Some(child(cx, t, "gateway", true, &state_dir))
+    });
+
+    // [channels.NAME]
+    let mut channels = BTreeMap::new();
+    if let Some(t) = section(cx, "channels") {
+        for e in &t.entries {
+            if !valid_channel_name(&e.key) {
+                cx.err(
+                    &e.key_span,
+                    format!("invalid channel name {:?}", e.key),
+                    "1 to 32 characters among a-z, 0-9, `_` and `-`, and not `gateway`",
+                );
+                continue;
+            }
+            let what = format!("channels.{}", e.key);
+            if let Some(ct) = as_table(cx, e, &what) {
+                let c = child(cx, ct, &e.key, false, &state_dir);
+                channels.insert(e.key.clone(), c);
+            }
+        }
+    }
+
+    // Each child its own workspace, and none of them the state or runtime directory itself.
+    let mut seen: Vec<(&Path, &str)> = Vec::new();
+    let children = gateway.iter().chain(channels.values());
+    for c in children {
+        let ws = c.workspace.as_path();
+        let clash = seen
+            .iter()
+            .find(|(p, _)| p.starts_with(ws) || ws.starts_with(p));
+        let span = workspace_span(root, c);
+        if let Some((_, other)) = clash {
+            cx.err(
+                &span,
+                format!(
+                    "the workspace of `{}` ({}) overlaps the workspace of `{other}`",
+                    c.name,
+                    ws.display()
+                ),
+                "a separate workspace for each child",
+            );
+        } else if state_dir.starts_with(ws) || runtime_dir.starts_with(ws) {
+            cx.err(
+                &span,
+                format!(
+                    "the workspace of `{}` ({}) contains the supervisor's state or runtime directory",
+                    c.name,
+                    ws.display()
+                ),
+                "a directory of its own (default: <state_dir>/<name>)",
+            );
+        }
+        seen.push((ws, &c.name));
+    }
+
+    Config {
+        policy,
+        state_dir,
+        runtime_dir,
+        log_format,
+        log_level,
+        stop_timeout,
+        approval_timeout,
+        watchdog,
+        control_group,
+        gateway,
+        channels,
+    }
+}
+
+/// Where to point at for an error about a child's workspace.
+fn workspace_span(root: &Table, c: &ChildConfig) -> Range<usize> {
+    let table = if c.is_gateway {
+        root.get("gateway")
+    } else {
+        root.get("channels").and_then(|e| match &e.node.val {
+            Val::Table(t) => t.get(&c.name),
+            _ => None,
+        })
+    };
+    let Some(e) = table else { return 0..0 };
+    match &e.node.val {
+        Val::Table(t) => t
+            .get("workspace")
+            .map_or(e.key_span.clone(), |w| w.node.span.clone()),
+        _ => e.key_span.clone(),
+    }
+}
+
+const LOG_FORMAT_EXPECTED: &str = "one of \"auto\", \"text\", \"journal\", \"json\"";
+const LOG_LEVEL_EXPECTED: &str = "one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"";
+
+fn parse_level(s: &str) -> Option<tracing::Level> {
+    Some(match s {
+        "error" => tracing::Level::ERROR,
+        "warn" => tracing::Level::WARN,
+        "info" => tracing::Level::INFO,
+        "debug" => tracing::Level::DEBUG,
+        "trace" => tracing::Level::TRACE,
+        _ => return None,
+    })
+}
+
+fn valid_channel_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n != "gateway"
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+const GROUP_EXPECTED: &str =
+    "a group name that exists (see /etc/group) or a numeric gid from 0 to 4294967294";
+
+fn group_of(cx: &mut Cx<'_>, e: &Entry) -> Option<u32> {
+    let numeric = |i: i64| u32::try_from(i).ok().filter(|g| *g != u32::MAX);
+    match &e.node.val {
+        Val::Int(i) => {
+            let g = numeric(*i);
+            if g.is_none() {
+                cx.err(
+                    &e.node.span,
+                    format!("gid {i} is out of range"),
+                    GROUP_EXPECTED,
+                );
+            }
+            g
+        }
+        Val::Str(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            let g = s.parse::<i64>().ok().and_then(numeric);
+            if g.is_none() {
+                cx.err(
+                    &e.node.span,
+                    format!("gid {s} is out of range"),
+                    GROUP_EXPECTED,
+                );
+            }
+            g
+        }
+        Val::Str(s) => {
+            let g = lookup_group(s);
+            if g.is_none() {
+                cx.err(
+                    &e.node.span,
+                    format!("no group named {s:?} on this system"),
+                    GROUP_EXPECTED,
+                );
+            }
+            g
+        }
+        _ => {
+            type_err(cx, e, GROUP_EXPECTED);
+            None
+        }
+    }
+}
+
+const PROGRAM_EXPECTED: &str =
+    "an absolute path, or a bare file name (found next to the carapace executable)";
+const LISTEN_EXPECTED: &str =
+    "an IP address and port such as \"127.0.0.1:8750\" or \"[::1]:8750\", or \"none\"";
+
+/// One `[gateway]` or `[channels.NAME]` table.
+fn child(
+    cx: &mut Cx<'_>,
+    t: &Table,
+    name: &str,
+    is_gateway: bool,
+    state_dir: &Path,
+) -> ChildConfig {
+    let what = if is_gateway {
+        "[gateway]".to_string()
+    } else {
+        format!("[channels.{name}]")
+    };
+    unknown_keys(
+        cx,
+        t,
+        if is_gateway {
+            GATEWAY_KEYS
+        } else {
+            CHANNEL_KEYS
+        },
+        &what,
+    );
+
+    let program = match get_str(cx, t, "program", PROGRAM_EXPECTED) {
+        Some((s, e)) => {
+            let bad = if s.is_empty() {
+                Some("the program is empty")
+            } else if s.starts_with('/') {
+                check_abs_path(s).err()
+            } else if s.contains('/') {
+                Some("a relative path with `/` is ambiguous")
+            } else if s.contains('\0') {
+                Some("the name contains a NUL byte")
+            } else if s == "." || s == ".." {
+                Some("not a file name")
+            } else {
+                None
+            };
+            if let Some(why) = bad {
+                cx.err(
+                    &e.node.span,
+                    format!("`program` = {s:?}: {why}"),
+                    PROGRAM_EXPECTED,
+                );
+            }
+            s.to_string()
+        }
+        None if is_gateway => "carapace-gateway".to_string(),
+        None => {
+            if t.get("program").is_none() {
+                cx.err(
+                    &table_span(t),
+                    format!("{what} has no `program`"),
+                    PROGRAM_EXPECTED,
+                );
+            }
+            String::new()
+        }
+    };
+
+    let args = match t.get("args") {
+        None => Vec::new(),
+        Some(e) => match &e.node.val {
+            Val::Array(items) => items
+                .iter()
+                .filter_map(|n| match &n.val {
+                    Val::Str(s) if s.contains('\0') => {
+                        cx.err(
+                            &n.span,
+                            "an argument contains a NUL byte",
+                            "a string without NUL",
+                        );
+                        None
+                    }
+                    Val::Str(s) => Some(s.clone()),
+                    other => {
+                        cx.err(
+                            &n.span,
+                            format!("invalid type: {} in `args`", other.type_name()),
+                            "an array of strings",
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            _ => {
+                type_err(cx, e, "an array of strings");
+                Vec::new()
+            }
+        },
+    };
+
+    let default_profile = if is_gateway { "gateway" } else { "channel" };
+    let profile = match get_str(cx, t, "profile", "the name of a profile of the policy") {
+        Some((s, e)) => {
+            if s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                cx.err(
+                    &e.node.span,
+                    format!("`profile` = {s:?} is not a profile name"),
+                    "the name of a profile of the policy",
+                );
+            }
+            s.to_string()
+        }
+        None => default_profile.to_string(),
+    };
+
+    let allow_non_loopback = if is_gateway {
+        get_bool(cx, t, "allow_non_loopback", false)
+    } else {
+        false
+    };
+    let listen = if !is_gateway {
+        None
+    } else {
+        match get_str(cx, t, "listen", LISTEN_EXPECTED) {
+            None => DEFAULT_LISTEN.parse().ok(),
+            Some(("none", _)) => None,
+            Some((s, e)) => match s.parse::<SocketAddr>() {
+                Err(_) => {
+                    cx.err(
+                        &e.node.span,
+                        format!("`listen` = {s:?} is not an address and port"),
+                        LISTEN_EXPECTED,
+                    );
+                    None
+                }
+                Ok(a) if a.port() == 0 => {
+                    cx.err(
+                        &e.node.span,
+                        "`listen` has port 0 (a random port nobody can find)",
+                        "a fixed port",
+                    );
+                    None
+                }
+                Ok(a) if !a.ip().is_loopback() && !allow_non_loopback => {
+                    cx.err(
+                        &e.node.span,
+                        format!(
+                            "`listen` = {s:?} is not a loopback address: the gateway would be \
+                             reachable from the network"
+                        ),
+                        "a loopback address (127.0.0.1, ::1), or `allow_non_loopback = true` \
+                         in [gateway] if it must be reachable from the network",
+                    );
+                    None
+                }
+                Ok(a) => Some(a),
+            },
+        }
+    };
+
+    let workspace = get_path(cx, t, "workspace").unwrap_or_else(|| {
+        if is_gateway {
+            state_dir.join("gateway")
+        } else {
+            state_dir.join("channels").join(name)
+        }
+    });
+
+    let restart = match t.get("restart") {
+        None => RestartConfig::default(),
+        Some(e) => match as_table(cx, e, &format!("{what} restart")) {
+            None => RestartConfig::default(),
+            Some(rt) => restart(cx, rt, &what),
+        },
+    };
+
+    let mut environment = BTreeMap::new();
+    if let Some(e) = t.get("environment") {
+        if let Some(et) = as_table(cx, e, &format!("{what} environment")) {
+            for v in &et.entries {
+                if !valid_env_name(&v.key) {
+                    cx.err(
+                        &v.key_span,
+                        format!("invalid environment variable name {:?}", v.key),
+                        "a name of letters, digits and `_`, not starting with a digit",
+                    );
+                    continue;
+                }
+                if v.key.starts_with("CARAPACE_") {
+                    cx.err(
+                        &v.key_span,
+                        format!(
+                            "`{}`: CARAPACE_* variables are set by the supervisor",
+                            v.key
+                        ),
+                        "another name",
+                    );
+                    continue;
+                }
+                match &v.node.val {
+                    Val::Str(s) if s.contains('\0') => {
+                        cx.err(
+                            &v.node.span,
+                            "the value contains a NUL byte",
+                            "a string without NUL",
+                        );
+                    }
+                    Val::Str(s) => {
+                        environment.insert(v.key.clone(), s.clone());
+                    }
+                    other => cx.err(
+                        &v.node.span,
+                        format!("invalid type: {} for `{}`", other.type_name(), v.key),
+                        "a string",
+                    ),
+                }
+            }
+        }
+    }
+
+    ChildConfig {
+        name: name.to_string(),
+        is_gateway,
+        program,
+        args,
+        profile,
+        listen,
+        allow_non_loopback,
+        workspace,
+        restart,
+        environment,
+    }
+}
+
+fn table_span(t: &Table) -> Range<usize> {
+    t.entries.first().map_or(0..0, |e| e.key_span.clone())
+}
+
+fn valid_env_name(n: &str) -> bool {
+    let mut b = n.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+fn restart(cx: &mut Cx<'_>, t: &Table, what: &str) -> RestartConfig {
+    unknown_keys(cx, t, RESTART_KEYS, &format!("{what} restart"));
+    let d = RestartConfig::default();
+    let initial_delay = get_duration(cx, t, "initial_delay", d.initial_delay);
+    let max_delay = get_duration(cx, t, "max_delay", d.max_delay);
+    if initial_delay > max_delay {
+        let span = t
+            .get("max_delay")
+            .or_else(|| t.get("initial_delay"))
+            .map_or(0..0, |e| e.node.span.clone());
+        cx.err(
+            &span,
+            format!(
+                "`max_delay` ({max_delay:?}) is shorter than `initial_delay` ({initial_delay:?})"
+            ),
+            "initial_delay <= max_delay",
+        );
+    }
+    let crash_loop_restarts = match t.get("crash_loop_restarts") {
+        None => d.crash_loop_restarts,
+        Some(e) => match &e.node.val {
+            Val::Int(i) if (1..=1000).contains(i) => {
+                u32::try_from(*i).unwrap_or(d.crash_loop_restarts)
+            }
+            Val::Int(i) => {
+                cx.err(
+                    &e.node.span,
+                    format!("`crash_loop_restarts` = {i} is out of range"),
+                    "an integer from 1 to 1000",
+                );
+                d.crash_loop_restarts
+            }
+            _ => {
+                type_err(cx, e, "an integer from 1 to 1000");
+                d.crash_loop_restarts
+            }
+        },
+    };
+    let crash_loop_window = get_duration(cx, t, "crash_loop_window", d.crash_loop_window);
+    RestartConfig {
+        initial_delay,
+        max_delay,
+        crash_loop_restarts,
+        crash_loop_window,
+    }
+}
+
+impl fmt::Display for RestartConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "backoff {:?}..{:?}, crash loop = more than {} starts in {:?}",
+            self.initial_delay, self.max_delay, self.crash_loop_restarts, self.crash_loop_window
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, "test.toml")
+    }
+
+    /// The messages of a configuration that must fail, each with its line:column.
+    fn errors(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(c) => panic!("accepted: {text}\n{c:?}"),
+            Err(e) => e
+                .diagnostics()
+                .iter()
+                .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                .collect(),
+        }
+    }
+
+    fn has(errs: &[String], needle: &str) -> bool {
+        errs.iter().any(|e| e.contains(needle))
+    }
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = parse(DEFAULT_CONFIG_TEXT).expect("the embedded default is valid");
+        assert!(c.policy.is_empty());
+        assert_eq!(c.state_dir, crate::paths::default_state_dir());
+        assert_eq!(c.runtime_dir, crate::paths::default_runtime_dir());
+        assert_eq!(c.log_format, LogFormat::Auto);
+        assert_eq!(c.log_level, tracing::Level::INFO);
+        assert_eq!(c.stop_timeout, Duration::from_secs(10));
+        assert_eq!(c.approval_timeout, Duration::from_secs(120));
+        assert!(c.watchdog);
+        assert_eq!(c.control_group, None);
+        let gw = c.gateway.as_ref().expect("a gateway");
+        assert!(gw.is_gateway);
+        assert_eq!(gw.program, "carapace-gateway");
+        assert_eq!(gw.profile, "gateway");
+        assert_eq!(gw.listen, Some("127.0.0.1:8750".parse().unwrap()));
+        assert_eq!(gw.workspace, c.state_dir.join("gateway"));
+        assert_eq!(gw.restart, RestartConfig::default());
+        assert!(c.channels.is_empty());
+        assert_eq!(
+            c.children().map(|(n, _)| n).collect::<Vec<_>>(),
+            vec!["gateway"]
+        );
+        // The embedded default policy has the profile the default gateway runs under.
+        let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default")
+            .expect("default policy");
+        assert!(policy.profile_names().contains(&gw.profile.as_str()));
+    }
+
+    #[test]
+    fn load_without_a_file_is_the_embedded_default() {
+        if Path::new(crate::paths::DEFAULT_CONFIG).exists() {
+            return; // a real installation: load reads it, not the embedded default
+        }
+        let (c, name) = Config::load(None).expect("embedded");
+        assert_eq!(name, DEFAULT_CONFIG_NAME);
+        assert_eq!(c, parse(DEFAULT_CONFIG_TEXT).unwrap());
+    }
+
+    #[test]
+    fn load_reads_a_file_and_reports_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[supervisor]\nstate_dir = \"/srv/c\"\n").unwrap();
+        let (c, name) = Config::load(Some(&p)).expect("load");
+        assert_eq!(name, p.display().to_string());
+        assert_eq!(c.state_dir, PathBuf::from("/srv/c"));
+        assert_eq!(c.gateway, None, "no [gateway] table = no gateway");
+        let missing = dir.path().join("nope.toml");
+        let e = Config::load(Some(&missing)).expect_err("missing");
+        assert!(matches!(e, ConfigErrors::Read { .. }));
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+        std::fs::write(&p, "[supervisor]\nstate_dir = 5\n").unwrap();
+        let e = Config::load(Some(&p)).expect_err("invalid");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}:2:13: error: ", p.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_full_file() {
+        let c = parse(
+            r#"
+# comment
+[supervisor]
+policy = ["/etc/carapace/a.toml", '/etc/carapace/b.toml']  # merged in order
+state_dir = "/var/lib/c"
+runtime_dir = "/run/c"
+log_format = "json"
+log_level = "debug"
+stop_timeout = 3
+approval_timeout = "5m"
+watchdog = false
+
+[control]
+group = 0
+
+[gateway]
+program = "/opt/gw/bin/gw"
+args = ["--flag", "x y"]
+profile = "gw"
+listen = "[::1]:9000"
+workspace = "/srv/gw"
+restart.initial_delay = "1s"
+restart.max_delay = "1m"
+environment = { RUST_LOG = "debug", "LANG" = "C.UTF-8" }
+
+[channels.tg-1]
+program = "tg"
+[channels.tg-1.restart]
+crash_loop_restarts = 0x0a
+crash_loop_window = "2h"
+
+[channels.mail]
+program = "/usr/lib/carapace/mail"
+profile = "channel-mail"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.policy,
+            vec![
+                PathBuf::from("/etc/carapace/a.toml"),
+                PathBuf::from("/etc/carapace/b.toml")
+            ]
+        );
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log_level, tracing::Level::DEBUG);
+        assert_eq!(c.stop_timeout, Duration::from_secs(3));
+        assert_eq!(c.approval_timeout, Duration::from_secs(300));
+        assert!(!c.watchdog);
+        assert_eq!(c.control_group, Some(0));
+        let gw = c.gateway.clone().unwrap();
+        assert_eq!(gw.args, vec!["--flag", "x y"]);
+        assert_eq!(gw.listen, Some("[::1]:9000".parse().unwrap()));
+        assert_eq!(gw.workspace, PathBuf::from("/srv/gw"));
+        assert_eq!(gw.restart.initial_delay, Duration::from_secs(1));
+        assert_eq!(gw.restart.max_delay, Duration::from_secs(60));
+        assert_eq!(gw.restart.crash_loop_restarts, 5);
+        assert_eq!(
+            gw.environment.get("LANG").map(String::as_str),
+            Some("C.UTF-8")
+        );
+        assert_eq!(
+            gw.resolve_program(Path::new("/usr/bin")),
+            PathBuf::from("/opt/gw/bin/gw")
+        );
+        let tg = &c.channels["tg-1"];
+        assert!(!tg.is_gateway);
+        assert_eq!(tg.profile, "channel");
+        assert_eq!(tg.listen, None);
+        assert_eq!(tg.workspace, PathBuf::from("/var/lib/c/channels/tg-1"));
+        assert_eq!(tg.restart.crash_loop_restarts, 10);
+        assert_eq!(tg.restart.crash_loop_window, Duration::from_secs(7200));
+        assert_eq!(
+            tg.resolve_program(Path::new("/usr/bin")),
+            PathBuf::from("/usr/bin/tg")
+        );
+        assert_eq!(
+            c.children().map(|(n, _)| n).collect::<Vec<_>>(),
+            vec!["gateway", "mail", "tg-1"]
+        );
+    }
+
+    #[test]
+    fn an_empty_file_has_defaults_and_no_gateway() {
+        let c = parse("").unwrap();
+        assert_eq!(c.gateway, None);
+        assert_eq!(c.children().count(), 0);
+        let c = parse("[gateway]\n").unwrap();
+        let gw = c.gateway.unwrap();
+        assert_eq!(gw.program, "carapace-gateway");
+        assert_eq!(gw.listen, Some(DEFAULT_LISTEN.parse().unwrap()));
+        let c = parse("[gateway]\nlisten = \"none\"\n").unwrap();
+        assert_eq!(c.gateway.unwrap().listen, None);
+    }
+
+    #[test]
+    fn unknown_keys_with_suggestions_all_reported() {
+        let e = errors(
+            "[supervisor]\nstate_dri = \"/x\"\nwatchdgo = true\n[gateway]\nprofil = \"g\"\nlisten_addr = \"x\"\n[gateway.restart]\nmax_dealy = 1\n[extra]\n",
+        );
+        assert!(
+            has(
+                &e,
+                "2:1: unknown key `state_dri` in [supervisor]; did you mean `state_dir`?"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "3:1: unknown key `watchdgo` in [supervisor]; did you mean `watchdog`?"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "5:1: unknown key `profil` in [gateway]; did you mean `profile`?"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "6:1: unknown key `listen_addr` in [gateway]"),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "8:1: unknown key `max_dealy` in [gateway] restart; did you mean `max_delay`?"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "9:2: unknown key `extra` in the top level"),
+            "{e:?}"
+        );
+        assert_eq!(e.len(), 6, "{e:?}");
+        // A channel may not listen.
+        let e = errors("[channels.a]\nprogram = \"a\"\nlisten = \"127.0.0.1:1\"\n");
+        assert!(
+            has(&e, "3:1: unknown key `listen` in [channels.a]"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn display_is_located_with_expected_and_caret() {
+        let e = parse("[supervisor]\nlog_level = \"loud\"\n").unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.starts_with("test.toml:2:13: error: unknown log level \"loud\""),
+            "{s}"
+        );
+        assert!(s.contains("expected: one of \"error\", \"warn\""), "{s}");
+        assert!(s.contains("2 | log_level = \"loud\""), "{s}");
+        assert!(s.contains("|             ^"), "{s}");
+    }
+
+    #[test]
+    fn wrong_types() {
+        let e = errors(
+            "supervisor = 1\ncontrol = []\n[gateway]\nprogram = 1\nargs = \"x\"\nallow_non_loopback = \"yes\"\nenvironment = { A = 1 }\nrestart = 3\n",
+        );
+        assert!(
+            has(&e, "1:14: supervisor must be a table, not an integer"),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "2:11: control must be a table, not an array"),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "4:11: invalid type: an integer for `program`"),
+            "{e:?}"
+        );
+        assert!(has(&e, "5:8: invalid type: a string for `args`"), "{e:?}");
+        assert!(
+            has(&e, "6:22: invalid type: a string for `allow_non_loopback`"),
+            "{e:?}"
+        );
+        assert!(has(&e, "7:21: invalid type: an integer for `A`"), "{e:?}");
+        assert!(has(&e, "8:11: [gateway] restart must be a table"), "{e:?}");
+        let e = errors("[supervisor]\npolicy = 3\n[gateway]\nargs = [\"a\", 2]\n");
+        assert!(
+            has(&e, "2:10: invalid type: an integer for `policy`"),
+            "{e:?}"
+        );
+        assert!(has(&e, "4:14: invalid type: an integer in `args`"), "{e:?}");
+    }
+
+    #[test]
+    fn paths_must_be_absolute_and_normalized() {
+        let e = errors(
+            "[supervisor]\npolicy = [\"policy.toml\", \"/etc/../p\"]\nstate_dir = \"var/lib\"\nruntime_dir = \"/run/c/\"\n[gateway]\nworkspace = \"/a//b\"\nprogram = \"bin/gw\"\n",
+        );
+        assert!(
+            has(
+                &e,
+                "2:11: policy file \"policy.toml\": the path is relative"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "2:26: policy file \"/etc/../p\": the path contains a `..` component"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "3:13: `state_dir` = \"var/lib\": the path is relative"),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "4:15: `runtime_dir` = \"/run/c/\": the path ends with `/`"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "6:13: `workspace` = \"/a//b\": the path contains `//`"),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "7:11: `program` = \"bin/gw\": a relative path with `/` is ambiguous"
+            ),
+            "{e:?}"
+        );
+        let e = errors("[supervisor]\nstate_dir = \"/x\"\nruntime_dir = \"/x\"\n");
+        assert!(
+            has(
+                &e,
+                "3:15: `runtime_dir` is the same directory as `state_dir`"
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let e = errors("[gateway]\nlisten = \"0.0.0.0:8750\"\n");
+        assert!(
+            has(
+                &e,
+                "2:10: `listen` = \"0.0.0.0:8750\" is not a loopback address"
+            ),
+            "{e:?}"
+        );
+        let c = parse("[gateway]\nlisten = \"0.0.0.0:8750\"\nallow_non_loopback = true\n").unwrap();
+        assert_eq!(
+            c.gateway.unwrap().listen,
+            Some("0.0.0.0:8750".parse().unwrap())
+        );
+        for bad in ["localhost:8750", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let e = errors(&format!("[gateway]\nlisten = \"{bad}\"\n"));
+            assert!(has(&e, "is not an address and port"), "{bad}: {e:?}");
+        }
+        let e = errors("[gateway]\nlisten = \"127.0.0.1:0\"\n");
+        assert!(has(&e, "port 0"), "{e:?}");
+        assert!(parse("[gateway]\nlisten = \"[::1]:1\"\n").is_ok());
+    }
+
+    #[test]
+    fn durations_and_restart_order() {
+        let e = errors(
+            "[supervisor]\nstop_timeout = \"0s\"\napproval_timeout = \"soon\"\n[gateway.restart]\ninitial_delay = \"10s\"\nmax_delay = \"2s\"\ncrash_loop_restarts = 0\ncrash_loop_window = \"2d\"\n",
+        );
+        assert!(
+            has(&e, "2:16: `stop_timeout`: a duration of 0 is impossible"),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "3:20: `approval_timeout`: `soon` does not start with a number"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "6:13: `max_delay` (2s) is shorter than `initial_delay` (10s)"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "7:23: `crash_loop_restarts` = 0 is out of range"),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "8:21: `crash_loop_window`: unknown duration unit `d`"),
+            "{e:?}"
+        );
+        let e = errors("[supervisor]\nstop_timeout = \"25h\"\napproval_timeout = -1\n");
+        assert!(has(&e, "longer than a day"), "{e:?}");
+        assert!(has(&e, "negative duration -1"), "{e:?}");
+        let c =
+            parse("[gateway.restart]\ninitial_delay = \"250ms\"\nmax_delay = \"250ms\"\n").unwrap();
+        assert_eq!(
+            c.gateway.unwrap().restart.max_delay,
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn channel_names_and_programs() {
+        let e = errors(
+            "[channels.Telegram]\nprogram = \"t\"\n[channels.gateway]\nprogram = \"g\"\n[channels.\"a b\"]\nprogram = \"x\"\n[channels.ok]\nprofile = \"channel\"\n",
+        );
+        assert!(has(&e, "1:11: invalid channel name \"Telegram\""), "{e:?}");
+        assert!(has(&e, "3:11: invalid channel name \"gateway\""), "{e:?}");
+        assert!(has(&e, "5:11: invalid channel name \"a b\""), "{e:?}");
+        assert!(has(&e, "[channels.ok] has no `program`"), "{e:?}");
+        let e = errors("channels = 1\n");
+        assert!(has(&e, "channels must be a table"), "{e:?}");
+    }
+
+    #[test]
+    fn workspaces_do_not_overlap() {
+        let e = errors(
+            "[supervisor]\nstate_dir = \"/s\"\n[gateway]\nworkspace = \"/w\"\n[channels.a]\nprogram = \"a\"\nworkspace = \"/w/a\"\n[channels.b]\nprogram = \"b\"\nworkspace = \"/\"\n",
+        );
+        assert!(
+            has(
+                &e,
+                "7:13: the workspace of `a` (/w/a) overlaps the workspace of `gateway`"
+            ),
+            "{e:?}"
+        );
+        assert!(has(&e, "10:13: the workspace of `b` (/) overlaps"), "{e:?}");
+        let e = errors("[supervisor]\nstate_dir = \"/s/state\"\n[gateway]\nworkspace = \"/s\"\n");
+        assert!(
+            has(
+                &e,
+                "4:13: the workspace of `gateway` (/s) contains the supervisor's state"
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn groups() {
+        let c = parse("[control]\ngroup = \"root\"\n").unwrap();
+        assert_eq!(c.control_group, Some(0));
+        assert_eq!(
+            parse("[control]\ngroup = \"1234\"\n")
+                .unwrap()
+                .control_group,
+            Some(1234)
+        );
+        let e = errors("[control]\ngroup = \"no-such-group-carapace\"\n");
+        assert!(
+            has(
+                &e,
+                "2:9: no group named \"no-such-group-carapace\" on this system"
+            ),
+            "{e:?}"
+        );
+        let e = errors("[control]\ngroup = -1\n");
+        assert!(has(&e, "gid -1 is out of range"), "{e:?}");
+        let e = errors("[control]\ngroup = 4294967295\n");
+        assert!(has(&e, "out of range"), "{e:?}");
+        let e = errors("[control]\ngroup = true\n");
+        assert!(has(&e, "invalid type: a boolean for `group`"), "{e:?}");
+    }
+
+    #[test]
+    fn environment_names() {
+        let e = errors(
+            "[gateway.environment]\n\"1X\" = \"a\"\nCARAPACE_BROKER_FD = \"9\"\nOK = \"a\\u0000b\"\n",
+        );
+        assert!(
+            has(&e, "2:1: invalid environment variable name \"1X\""),
+            "{e:?}"
+        );
+        assert!(
+            has(
+                &e,
+                "3:1: `CARAPACE_BROKER_FD`: CARAPACE_* variables are set by the supervisor"
+            ),
+            "{e:?}"
+        );
+        assert!(has(&e, "4:6: the value contains a NUL byte"), "{e:?}");
+    }
+
+    #[test]
+    fn syntax_errors_are_located_and_all_reported() {
+        let e = errors(
+            "[supervisor\nlog_level = info\nwatchdog = true true\nstate_dir = \"/x\n[[gateway]]\nkey\n",
+        );
+        assert!(has(&e, "1:12: the table header is not closed"), "{e:?}");
+        assert!(
+            has(
+                &e,
+                "2:13: `info` is not a value (strings are written in quotes)"
+            ),
+            "{e:?}"
+        );
+        assert!(has(&e, "3:17: unexpected text after the value"), "{e:?}");
+        assert!(
+            has(&e, "4:13: the string is not closed on its line"),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "5:1: arrays of tables ([[...]]) are not used"),
+            "{e:?}"
+        );
+        assert!(has(&e, "6:4: expected `=` after the key"), "{e:?}");
+    }
+
+    #[test]
+    fn toml_outside_the_subset_is_refused_clearly() {
+        for (text, msg) in [
+            ("a = \"\"\"x\"\"\"\n", "multi-line strings are not used"),
+            ("a = '''x'''\n", "multi-line strings are not used"),
+            ("a = 1.5\n", "floats and dates are not used"),
+            ("a = 1979-05-27\n", "floats and dates are not used"),
+            ("a = inf\n", "floats are not used"),
+            ("a = 99999999999999999999\n", "fits in 64 bits"),
+            ("a = 012\n", "leading zeros"),
+            ("a = -0x10\n", "a sign is not allowed"),
+            ("a = 1__0\n", "is not an integer"),
+            ("a = \"\\q\"\n", "invalid escape"),
+            ("a = \"\\uD800\"\n", "invalid unicode escape"),
+            ("a = [1, 2\n", "expected `,` or `]`"),
+            ("a = { b = 1\n", "expected `,` or `}`"),
+            ("= 1\n", "expected a key"),
+            ("a = 1\na = 2\n", "`a` is defined twice"),
+            ("[s]\n[s]\n", "table [s] is defined twice"),
+            ("a = 1\n[a]\n", "already defined as a value"),
+            ("g = { x = 1 }\n[g]\n", "cannot be extended"),
+            ("g = { x = 1 }\ng.y = 2\n", "cannot be extended"),
+            ("g = 1\ng.y = 2\n", "already defined as a value"),
+            ("g.x = 1\n[g]\n", "table [g] is defined twice"),
+            ("a = \"x\ty\u{1}\"\n", "control character"),
+        ] {
+            let e = errors(text);
+            assert!(has(&e, msg), "{text:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn toml_subset_values() {
+        let doc = |t: &str| {
+            let src = Src::new(t, "t");
+            let mut cx = Cx {
+                src: &src,
+                diags: Vec::new(),
+            };
+            let root = Parser::new(t).parse(&mut cx);
+            assert!(cx.diags.is_empty(), "{t:?}: {:?}", cx.diags);
+            root
+        };
+        let r = doc("a = \"x\\n\\\"y\\u00e9\\U0001F600\"\nb = 'C:\\raw'\nc = 0x1F\nd = 1_000\ne = [ # c\n  1,\n  [true, false],\n]\nf.g.h = \"dotted\"\n\"q k\" = 0o17\nbin = 0b101\nneg = -9223372036854775808\n");
+        let v = |k: &str| &r.get(k).unwrap().node.val;
+        assert!(matches!(v("a"), Val::Str(s) if s == "x\n\"y\u{e9}\u{1F600}"));
+        assert!(matches!(v("b"), Val::Str(s) if s == "C:\\raw"));
+        assert!(matches!(v("c"), Val::Int(31)));
+        assert!(matches!(v("d"), Val::Int(1000)));
+        assert!(matches!(v("e"), Val::Array(a) if a.len() == 2));
+        assert!(matches!(v("q k"), Val::Int(15)));
+        assert!(matches!(v("bin"), Val::Int(5)));
+        assert!(matches!(v("neg"), Val::Int(i64::MIN)));
+        let Val::Table(f) = v("f") else { panic!() };
+        let Val::Table(g) = &f.get("g").unwrap().node.val else {
+            panic!()
+        };
+        assert!(matches!(&g.get("h").unwrap().node.val, Val::Str(s) if s == "dotted"));
+        // CRLF line ends, a header with spaces and quotes.
+        let r = doc("[ channels . \"x\" ]\r\nprogram = \"p\"\r\n");
+        assert!(r.get("channels").is_some());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // Every prefix of a valid file, and some bytes that are not TOML at all.
+        let text = format!("{DEFAULT_CONFIG_TEXT}\n[channels.x]\nprogram = \"é\"\nenvironment = {{ A = \"\\u00e9\" }}\n");
+        for i in 0..text.len() {
+            if text.is_char_boundary(i) {
+                let _ = parse(&text[..i]);
+            }
+        }
+        for junk in [
+            "\"",
+            "'",
+            "[",
+            "{",
+            "a = {",
+            "a = [[[[",
+            "a = \"\\u",
+            "a = \"\\U0011FFFF\"",
+            "a = +",
+            "a = -",
+            "a = 0x",
+            "é = 1",
+            "a.=1",
+            "[a.]",
+            "\u{0}",
+        ] {
+            let _ = parse(junk);
+        }
+        let deep = format!("a = {}{}", "[".repeat(100), "]".repeat(100));
+        assert!(has(&errors(&deep), "nested too deeply"));
+    }
+}

@@ -1,0 +1,424 @@
+//! The supervisor's log: `tracing` events written to stderr, one line per event, in one of
+//! three formats (chosen by `log_format` in the configuration):
+//!
+//! - **text**: `2026-11-21T14:30:16.123456Z  INFO message key=value ...` (a terminal, a file);
+//! - **journal**: `<6>message key=value ...`: no timestamp (journald adds its own) and the
+//!   syslog priority as a `<N>` prefix, which systemd turns into the record's PRIORITY
+//!   (`SyslogLevelPrefix=`, on by default): error 3, warn 4, info 6, debug and trace 7;
+//! - **json**: `{"ts":..,"level":..,"target":..,"message":..,<fields>..}` for log shippers
+//!   (a field named like one of the four fixed keys is written as `field.<name>`).
+//!
+//! `auto` is journal when stderr is connected to the journal (`JOURNAL_STREAM` set, as systemd
+//! does for `StandardError=journal`), else text. Newlines and other control characters in
+//! messages and fields are escaped (`\n`), so a child's output relayed into a field cannot forge
+//! a line of its own. `CARAPACE_LOG` (an `EnvFilter` directive such as
+//! `info,carapace_broker=debug`) overrides the configured level.
+
+use std::fmt::{self, Write as _};
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Environment variable overriding the configured level with an `EnvFilter` directive.
+pub const LOG_ENV: &str = "CARAPACE_LOG";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Journal when `JOURNAL_STREAM` is set, else text.
+    Auto,
+    Text,
+    Journal,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s {
+            "auto" => LogFormat::Auto,
+            "text" => LogFormat::Text,
+            "journal" => LogFormat::Journal,
+            "json" => LogFormat::Json,
+            _ => return Err(()),
+        })
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Text => "text",
+            LogFormat::Journal => "journal",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+impl LogFormat {
+    /// `Auto` decided: journal when `JOURNAL_STREAM` is set, else text; others unchanged.
+    pub fn resolve(self) -> LogFormat {
+        self.resolve_with(std::env::var_os("JOURNAL_STREAM").is_some())
+    }
+
+    fn resolve_with(self, journal_stream: bool) -> LogFormat {
+        match self {
+            LogFormat::Auto if journal_stream => LogFormat::Journal,
+            LogFormat::Auto => LogFormat::Text,
+            f => f,
+        }
+    }
+}
+
+/// Errors of [`init`].
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    #[error("{LOG_ENV}: invalid filter directive")]
+    Filter(#[source] tracing_subscriber::filter::FromEnvError),
+    #[error("a global logger is already installed")]
+    AlreadySet(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Install the global subscriber: events at `level` and above (or as `CARAPACE_LOG` says),
+/// written to stderr in `format` ([`LogFormat::Auto`] resolved here).
+pub fn init(format: LogFormat, level: Level) -> Result<(), LoggingError> {
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::from_level(level).into())
+        .with_env_var(LOG_ENV)
+        .from_env()
+        .map_err(LoggingError::Filter)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .event_format(EventFormat::new(format.resolve()))
+        .try_init()
+        .map_err(LoggingError::AlreadySet)
+}
+
+/// The line format of one event (a `tracing_subscriber` [`FormatEvent`]); [`init`] installs it,
+/// tests and other subscribers can use it directly.
+#[derive(Debug, Clone, Copy)]
+pub struct EventFormat {
+    format: LogFormat,
+}
+
+impl EventFormat {
+    /// `Auto` is taken as text here; resolve it first ([`LogFormat::resolve`]).
+    pub fn new(format: LogFormat) -> Self {
+        EventFormat {
+            format: format.resolve_with(false),
+        }
+    }
+}
+
+/// syslog(3) priority of a level.
+pub fn syslog_priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        Level::DEBUG | Level::TRACE => 7,
+    }
+}
+
+/// Append `s` with control characters escaped (`\n`, `\r`, `\t`, `\u{..}`) and, when `quote`,
+/// also `"` and `\` (a quoted field value).
+fn escape_into(out: &mut String, s: &str, quote: bool) {
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '"' | '\\' if quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// The fields of one event, in order.
+#[derive(Default)]
+struct Fields {
+    message: Option<String>,
+    rest: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl Fields {
+    fn push(&mut self, field: &Field, v: serde_json::Value) {
+        if field.name() == "message" {
+            self.message = Some(match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            });
+        } else {
+            self.rest.push((field.name(), v));
+        }
+    }
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.push(field, serde_json::Value::String(format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.push(field, serde_json::Value::String(value.to_string()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.push(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.push(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.push(field, value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.push(field, value.into());
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        // The error and its causes, like `cli::error_chain`.
+        let mut s = value.to_string();
+        let mut cur = value.source();
+        while let Some(src) = cur {
+            let t = src.to_string();
+            if !s.contains(&t) {
+                s.push_str(": ");
+                s.push_str(&t);
+            }
+            cur = src.source();
+        }
+        self.push(field, serde_json::Value::String(s));
+    }
+}
+
+/// `message key=value key="quoted value"` for text and journal lines.
+fn human_line(out: &mut String, spans: &[String], f: &Fields) {
+    for s in spans {
+        escape_into(out, s, false);
+        out.push_str(": ");
+    }
+    escape_into(out, f.message.as_deref().unwrap_or(""), false);
+    for (k, v) in &f.rest {
+        out.push(' ');
+        out.push_str(k);
+        out.push('=');
+        match v {
+            serde_json::Value::String(s)
+                if !s.is_empty()
+                    && !s
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '=') =>
+            {
+                out.push_str(s)
+            }
+            serde_json::Value::String(s) => {
+                out.push('"');
+                escape_into(out, s, true);
+                out.push('"');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+}
+
+/// The line for one event (without its newline).
+fn render(
+    format: LogFormat,
+    now: SystemTime,
+    meta: &tracing::Metadata<'_>,
+    spans: &[String],
+    f: Fields,
+) -> String {
+    let mut out = String::with_capacity(128);
+    match format {
+        LogFormat::Journal => {
+            let _ = write!(out, "<{}>", syslog_priority(meta.level()));
+            human_line(&mut out, spans, &f);
+        }
+        LogFormat::Json => {
+            let mut m = serde_json::Map::new();
+            m.insert("ts".into(), carapace_broker::audit::rfc3339_utc(now).into());
+            m.insert("level".into(), meta.level().as_str().into());
+            m.insert("target".into(), meta.target().into());
+            m.insert("message".into(), f.message.unwrap_or_default().into());
+            if !spans.is_empty() {
+                m.insert("spans".into(), spans.to_vec().into());
+            }
+            for (k, v) in f.rest {
+                let key = if m.contains_key(k) {
+                    format!("field.{k}")
+                } else {
+                    k.to_string()
+                };
+                m.insert(key, v);
+            }
+            // serde_json escapes every control character: the line stays one line.
+            out.push_str(&serde_json::Value::Object(m).to_string());
+        }
+        LogFormat::Text | LogFormat::Auto => {
+            out.push_str(&carapace_broker::audit::rfc3339_utc(now));
+            let _ = write!(out, " {:>5} ", meta.level().as_str());
+            human_line(&mut out, spans, &f);
+        }
+    }
+    out
+}
+
+impl<S, N> FormatEvent<S, N> for EventFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let spans: Vec<String> = ctx
+            .event_scope()
+            .map(|scope| scope.from_root().map(|s| s.name().to_string()).collect())
+            .unwrap_or_default();
+        let line = render(
+            self.format,
+            SystemTime::now(),
+            event.metadata(),
+            &spans,
+            fields,
+        );
+        writeln!(writer, "{line}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The lines written for the events `emit` sends, in `format`, at `level` and above.
+    fn lines(format: LogFormat, level: Level, emit: impl FnOnce()) -> Vec<String> {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .event_format(EventFormat::new(format))
+            .finish();
+        tracing::subscriber::with_default(sub, emit);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_string).collect()
+    }
+
+    fn sample() {
+        tracing::info!(child = "gateway", pid = 42, "started");
+        tracing::warn!(reason = "exit 1\nforged line", "child died");
+        tracing::error!("broken\npolicy");
+        tracing::debug!("quiet");
+    }
+
+    #[test]
+    fn text_has_timestamp_level_message_fields() {
+        let l = lines(LogFormat::Text, Level::INFO, sample);
+        assert_eq!(l.len(), 3, "{l:?}");
+        // 2026-11-21T14:30:16.123456Z  INFO started child=gateway pid=42
+        let (ts, rest) = l[0].split_once(' ').unwrap();
+        assert_eq!(ts.len(), 27, "{ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+        assert_eq!(rest, " INFO started child=gateway pid=42");
+        assert!(
+            l[1].ends_with(" WARN child died reason=\"exit 1\\nforged line\""),
+            "{}",
+            l[1]
+        );
+        assert!(l[2].ends_with("ERROR broken\\npolicy"), "{}", l[2]);
+    }
+
+    #[test]
+    fn journal_has_priority_prefix_and_no_timestamp() {
+        let l = lines(LogFormat::Journal, Level::DEBUG, sample);
+        assert_eq!(
+            l,
+            vec![
+                "<6>started child=gateway pid=42",
+                "<4>child died reason=\"exit 1\\nforged line\"",
+                "<3>broken\\npolicy",
+                "<7>quiet",
+            ]
+        );
+    }
+
+    #[test]
+    fn json_is_one_object_per_line() {
+        let l = lines(LogFormat::Json, Level::INFO, || {
+            sample();
+            tracing::info!(level = 5, message2 = true, "clash");
+        });
+        assert_eq!(l.len(), 4, "{l:?}");
+        let v: Vec<serde_json::Value> =
+            l.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
+        assert_eq!(v[0]["level"], "INFO");
+        assert_eq!(v[0]["message"], "started");
+        assert_eq!(v[0]["child"], "gateway");
+        assert_eq!(v[0]["pid"], 42);
+        assert!(v[0]["target"].as_str().unwrap().contains("logging"));
+        assert!(v[0]["ts"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(v[1]["reason"], "exit 1\nforged line");
+        assert_eq!(v[2]["level"], "ERROR");
+        assert_eq!(v[3]["level"], "INFO");
+        assert_eq!(v[3]["field.level"], 5);
+        assert_eq!(v[3]["message2"], true);
+    }
+
+    #[test]
+    fn spans_prefix_the_message() {
+        let l = lines(LogFormat::Journal, Level::INFO, || {
+            let s = tracing::info_span!("reload");
+            let _g = s.enter();
+            tracing::info!("applied");
+        });
+        assert_eq!(l, vec!["<6>reload: applied"]);
+    }
+
+    #[test]
+    fn format_names_and_auto() {
+        for f in ["auto", "text", "journal", "json"] {
+            assert_eq!(f.parse::<LogFormat>().unwrap().to_string(), f);
+        }
+        assert!("JSON".parse::<LogFormat>().is_err());
+        assert!("syslog".parse::<LogFormat>().is_err());
+        assert_eq!(LogFormat::Auto.resolve_with(true), LogFormat::Journal);
+        assert_eq!(LogFormat::Auto.resolve_with(false), LogFormat::Text);
+        assert_eq!(LogFormat::Json.resolve_with(true), LogFormat::Json);
+        assert_eq!(syslog_priority(&Level::ERROR), 3);
+        assert_eq!(syslog_priority(&Level::TRACE), 7);
+    }
+}
