@@ -62,8 +62,9 @@
 //! server answers the connect, binding fails ("another supervisor is serving P"); if the connect
 //! is refused, the stale socket is removed. Anything else at the path (a regular file, ...) is
 //! left alone and binding fails. The socket is bound inside a private (0700) temporary
-//! directory next to the final path, given mode 0660 and its group there, and only then renamed
-//! into place, so it is never reachable with a wider mode. The server removes the socket when it
+//! directory next to the final path, given mode 0660 and its group there, and only then linked
+//! into place (`link(2)`, which never replaces an existing name), so it is never reachable with a
+//! wider mode and a supervisor that won a race to the path keeps it. The server removes the socket when it
 //! stops (if it is still the one it bound).
 
 use std::fs::{self, File};
@@ -817,7 +818,7 @@ impl ControlServer {
             Err(e) => return Err(io_err("lstat", path)(e)),
         }
 
-        // Bind in a private directory, set mode and group, then rename into place.
+        // Bind in a private directory, set mode and group, then link into place.
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp_dir = dir.join(format!(".ctl{}-{n}", std::process::id()));
         fs::DirBuilder::new()
@@ -834,7 +835,17 @@ impl ControlServer {
                     .map_err(io_err("chown to the control group", &tmp_sock))?;
             }
             let m = fs::symlink_metadata(&tmp_sock).map_err(io_err("lstat", &tmp_sock))?;
-            fs::rename(&tmp_sock, path).map_err(io_err("rename into place", path))?;
+            // link(2), unlike rename(2), never replaces: a supervisor that bound the path
+            // since we probed it keeps it.
+            fs::hard_link(&tmp_sock, path).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    ControlError::InUse {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    io_err("link into place", path)(e)
+                }
+            })?;
             Ok::<_, ControlError>((listener, m.dev(), m.ino()))
         })();
         let _ = fs::remove_file(&tmp_sock);
@@ -1823,6 +1834,36 @@ mod tests {
         drop(server);
         assert!(path.exists(), "someone else's socket was removed");
         drop(other);
+    }
+
+    #[test]
+    fn concurrent_binds_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        for _ in 0..5 {
+            let barrier = Arc::new(std::sync::Barrier::new(6));
+            let results: Vec<_> = (0..6)
+                .map(|_| {
+                    let (p, b) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        b.wait();
+                        ControlServer::bind(&p, None)
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let won: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+            assert_eq!(won.len(), 1, "{results:?}");
+            for r in &results {
+                if let Err(e) = r {
+                    assert!(matches!(e, ControlError::InUse { .. }), "{e:?}");
+                }
+            }
+            drop(results);
+            assert!(!path.exists());
+        }
     }
 
     #[test]

@@ -574,9 +574,15 @@ fn fail(e: &ControlError) -> i32 {
     }
 }
 
+/// Write `text` to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes()).and_then(|()| o.flush());
+}
+
 fn print_json(v: &Value) {
     let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
-    println!("{text}");
+    out(&format!("{text}\n"));
 }
 
 /// Print `v` as `T` with `fmt`, or as JSON when `json` or when it does not decode as `T` (a
@@ -587,7 +593,7 @@ fn print_as<T: serde::de::DeserializeOwned>(v: &Value, json: bool, fmt: impl FnO
         return;
     }
     match serde_json::from_value::<T>(v.clone()) {
-        Ok(t) => print!("{}", fmt(&t)),
+        Ok(t) => out(&fmt(&t)),
         Err(e) => {
             eprintln!("carapace: unexpected answer from the supervisor ({e}); as sent:");
             print_json(v);
@@ -644,7 +650,7 @@ pub fn dlq(a: DlqArgs) -> i32 {
             if json {
                 print_json(&v);
             } else {
-                println!("dropped {}", clean(&id));
+                out(&format!("dropped {}\n", clean(&id)));
             }
         }
         _ => {}
@@ -662,7 +668,7 @@ pub fn reload(a: ReloadArgs) -> i32 {
             if a.opts.json {
                 print_json(&v);
             } else {
-                print!("{}", format_reload(&v));
+                out(&format_reload(&v));
             }
             if applied {
                 EXIT_OK
@@ -908,7 +914,7 @@ fn approvals_list(socket: &Path, state: &Path, json: bool) -> i32 {
         text.push_str(&format_pending_file(p));
         text.push('\n');
     }
-    print!("{text}");
+    out(&text);
     code
 }
 
