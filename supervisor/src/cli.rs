@@ -209,6 +209,10 @@ pub enum PolicyCommand {
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if let Command::Run(a) = cli.command {
+        // The service sets up its own logging (format and level from its configuration).
+        return crate::service::run(a);
+    }
     let verbose = matches!(&cli.command, Command::Exec(a) if a.verbose);
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
