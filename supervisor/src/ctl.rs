@@ -8,7 +8,6 @@
 //! 1 the supervisor refused or failed (its message on stderr), 2 usage, 3 no supervisor running.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -550,94 +549,141 @@ pub fn format_audit_line(v: &Value) -> String {
 // Commands
 // ---------------------------------------------------------------------------------------------
 
-/// Print the error for `e` and return its exit status.
-fn fail(e: &ControlError) -> i32 {
-    match e {
-        ControlError::NotRunning { .. } => {
-            eprintln!("carapace: {e}");
-            EXIT_NO_DAEMON
+/// Where a command writes: stdout and stderr, or buffers in tests. Write errors are ignored (a
+/// reader that went away, `| head`, is no reason to fail or panic).
+pub struct Term<'a> {
+    pub out: &'a mut dyn std::io::Write,
+    pub err: &'a mut dyn std::io::Write,
+}
+
+impl std::fmt::Debug for Term<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Term")
+    }
+}
+
+impl Term<'_> {
+    /// `text` as is on stdout, flushed.
+    fn out(&mut self, text: &str) -> bool {
+        self.out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush())
+            .is_ok()
+    }
+
+    /// `carapace: <msg>` on stderr.
+    fn err(&mut self, msg: &str) {
+        let _ = writeln!(self.err, "carapace: {msg}");
+    }
+
+    fn json(&mut self, v: &Value) {
+        let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+        self.out(&format!("{text}\n"));
+    }
+
+    /// Print `v` as `T` with `fmt`, or as JSON when `json` or when it does not decode as `T` (a
+    /// newer supervisor, say).
+    fn print_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        v: &Value,
+        json: bool,
+        fmt: impl FnOnce(&T) -> String,
+    ) {
+        if json {
+            self.json(v);
+            return;
         }
-        ControlError::Io { source, .. }
-            if source.kind() == std::io::ErrorKind::PermissionDenied =>
-        {
-            eprintln!(
-                "carapace: {}\ncarapace: only root and members of the control group may use the \
-                 control socket",
-                error_chain(e)
-            );
-            EXIT_FAILED
+        match serde_json::from_value::<T>(v.clone()) {
+            Ok(t) => {
+                self.out(&fmt(&t));
+            }
+            Err(e) => {
+                self.err(&format!(
+                    "unexpected answer from the supervisor ({e}); as sent:"
+                ));
+                self.json(v);
+            }
         }
-        _ => {
-            eprintln!("carapace: {}", error_chain(e));
-            EXIT_FAILED
+    }
+
+    /// Print the error for `e` and return its exit status.
+    fn fail(&mut self, e: &ControlError) -> i32 {
+        match e {
+            ControlError::NotRunning { .. } => {
+                self.err(&e.to_string());
+                EXIT_NO_DAEMON
+            }
+            ControlError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                self.err(&error_chain(e));
+                self.err("only root and members of the control group may use the control socket");
+                EXIT_FAILED
+            }
+            ControlError::Daemon { message } => {
+                self.err(&clean(message));
+                EXIT_FAILED
+            }
+            _ => {
+                self.err(&error_chain(e));
+                EXIT_FAILED
+            }
         }
     }
 }
 
-/// Write `text` to stdout; a reader that went away (`| head`) is not an error worth a panic.
-fn out(text: &str) {
-    let mut o = std::io::stdout().lock();
-    let _ = o.write_all(text.as_bytes()).and_then(|()| o.flush());
-}
-
-fn print_json(v: &Value) {
-    let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
-    out(&format!("{text}\n"));
-}
-
-/// Print `v` as `T` with `fmt`, or as JSON when `json` or when it does not decode as `T` (a
-/// newer supervisor, say).
-fn print_as<T: serde::de::DeserializeOwned>(v: &Value, json: bool, fmt: impl FnOnce(&T) -> String) {
-    if json {
-        print_json(v);
-        return;
-    }
-    match serde_json::from_value::<T>(v.clone()) {
-        Ok(t) => out(&fmt(&t)),
-        Err(e) => {
-            eprintln!("carapace: unexpected answer from the supervisor ({e}); as sent:");
-            print_json(v);
-        }
-    }
+/// Run `f` on the process's stdout and stderr.
+fn on_terminal(f: impl FnOnce(&mut Term<'_>) -> i32) -> i32 {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    f(&mut Term {
+        out: &mut out,
+        err: &mut err,
+    })
 }
 
 /// `carapace status`.
 pub fn status(a: StatusArgs) -> i32 {
+    on_terminal(|t| status_to(&a, t))
+}
+
+pub fn status_to(a: &StatusArgs, t: &mut Term<'_>) -> i32 {
     match control::call(&a.opts.socket(), &Request::Status) {
         Ok(v) => {
-            print_as::<StatusReport>(&v, a.opts.json, format_status);
+            t.print_as::<StatusReport>(&v, a.opts.json, format_status);
             EXIT_OK
         }
-        Err(e) => fail(&e),
+        Err(e) => t.fail(&e),
     }
 }
 
 /// `carapace dlq ...`.
 pub fn dlq(a: DlqArgs) -> i32 {
-    let socket = a.opts.socket();
-    let json = a.opts.json;
-    let req = match a.command {
+    on_terminal(|t| dlq_to(&a, t))
+}
+
+pub fn dlq_to(a: &DlqArgs, t: &mut Term<'_>) -> i32 {
+    let req = match &a.command {
         DlqCommand::List => Request::DlqList,
         DlqCommand::Release { id } | DlqCommand::Drop { id }
-            if !carapace_broker::dlq::valid_id(&id) =>
+            if !carapace_broker::dlq::valid_id(id) =>
         {
-            eprintln!(
-                "carapace: {:?} is not a dead-letter id (letters, digits, '-', '_'; see `carapace \
-                 dlq list`)",
-                clean(&id)
-            );
+            t.err(&format!(
+                "{:?} is not a dead-letter id (letters, digits, '-', '_'; see `carapace dlq list`)",
+                clean(id)
+            ));
             return EXIT_USAGE;
         }
-        DlqCommand::Release { id } => Request::DlqRelease { id },
-        DlqCommand::Drop { id } => Request::DlqDrop { id },
+        DlqCommand::Release { id } => Request::DlqRelease { id: id.clone() },
+        DlqCommand::Drop { id } => Request::DlqDrop { id: id.clone() },
     };
-    let v = match control::call(&socket, &req) {
+    let v = match control::call(&a.opts.socket(), &req) {
         Ok(v) => v,
-        Err(e) => return fail(&e),
+        Err(e) => return t.fail(&e),
     };
+    let json = a.opts.json;
     match req {
-        Request::DlqList => print_as::<DlqList>(&v, json, format_dlq),
-        Request::DlqRelease { id } => print_as::<DlqLetter>(&v, json, |d| {
+        Request::DlqRelease { id } => t.print_as::<DlqLetter>(&v, json, |d| {
             format!(
                 "released {}: {} -> {} ({} bytes)\n",
                 clean(&id),
@@ -646,29 +692,30 @@ pub fn dlq(a: DlqArgs) -> i32 {
                 d.entry.body.len()
             )
         }),
-        Request::DlqDrop { id } => {
-            if json {
-                print_json(&v);
-            } else {
-                out(&format!("dropped {}\n", clean(&id)));
-            }
+        Request::DlqDrop { id } if !json => {
+            t.out(&format!("dropped {}\n", clean(&id)));
         }
-        _ => {}
+        Request::DlqDrop { .. } => t.json(&v),
+        _ => t.print_as::<DlqList>(&v, json, format_dlq),
     }
     EXIT_OK
 }
 
 /// `carapace reload`.
 pub fn reload(a: ReloadArgs) -> i32 {
+    on_terminal(|t| reload_to(&a, t))
+}
+
+pub fn reload_to(a: &ReloadArgs, t: &mut Term<'_>) -> i32 {
     match control::call(&a.opts.socket(), &Request::Reload) {
         Ok(v) => {
             let applied = serde_json::from_value::<ReloadReport>(v.clone())
                 .map(|r| r.applied)
                 .unwrap_or(true);
             if a.opts.json {
-                print_json(&v);
+                t.json(&v);
             } else {
-                out(&format_reload(&v));
+                t.out(&format_reload(&v));
             }
             if applied {
                 EXIT_OK
@@ -677,11 +724,11 @@ pub fn reload(a: ReloadArgs) -> i32 {
             }
         }
         Err(ControlError::Daemon { message }) => {
-            eprintln!("carapace: reload rejected: {}", clean(&message));
-            eprintln!("carapace: the old configuration and policy stay in force");
+            t.err(&format!("reload rejected: {}", clean(&message)));
+            t.err("the old configuration and policy stay in force");
             EXIT_FAILED
         }
-        Err(e) => fail(&e),
+        Err(e) => t.fail(&e),
     }
 }
 
@@ -697,44 +744,47 @@ pub fn format_reload(v: &Value) -> String {
             "not applied: {}; the old configuration and policy stay in force\n",
             clean(&r.message)
         ),
-        Err(_) => format!("reloaded: {v}\n"),
+        Err(_) => format!("reloaded: {}\n", clean(&v.to_string())),
     }
 }
 
 /// `carapace audit ...`.
 pub fn audit(a: AuditCommand) -> i32 {
+    on_terminal(|t| audit_to(&a, t))
+}
+
+pub fn audit_to(a: &AuditCommand, t: &mut Term<'_>) -> i32 {
     match a {
-        AuditCommand::Verify { file } => audit_verify(&file),
+        AuditCommand::Verify { file } => audit_verify_to(file, t),
         AuditCommand::Tail {
             lines,
             follow,
             opts,
-        } => audit_tail(&opts, lines, follow),
+        } => audit_tail_to(opts, *lines, *follow, t),
     }
 }
 
-fn audit_tail(opts: &CtlOpts, lines: usize, follow: bool) -> i32 {
-    let stdout = std::io::stdout();
+fn audit_tail_to(opts: &CtlOpts, lines: usize, follow: bool, t: &mut Term<'_>) -> i32 {
     let mut n = 0usize;
     let r = control::stream(&opts.socket(), &Request::AuditTail { lines, follow }, |v| {
         n += 1;
-        let text = if opts.json {
+        let mut text = if opts.json {
             v.to_string()
         } else {
             format_audit_line(&v)
         };
+        text.push('\n');
         // Stop quietly when the reader went away (`| head`).
-        let mut out = stdout.lock();
-        writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
+        t.out(&text)
     });
     match r {
         Ok(()) => {
             if n == 0 && !opts.json {
-                eprintln!("carapace: no audit records yet");
+                t.err("no audit records yet");
             }
             EXIT_OK
         }
-        Err(e) => fail(&e),
+        Err(e) => t.fail(&e),
     }
 }
 
@@ -775,22 +825,32 @@ pub fn parse_approval_ref(key: &str) -> Result<ApprovalRef, String> {
 
 /// `carapace approvals ...`.
 pub fn approvals(a: ApprovalsArgs) -> i32 {
+    on_terminal(|t| approvals_to(&a, t))
+}
+
+pub fn approvals_to(a: &ApprovalsArgs, t: &mut Term<'_>) -> i32 {
     let state = state_dir_of(a.state_dir.as_deref());
-    let pending_dir = state.join("pending");
     let socket = a.opts.socket();
-    let (key, resolution) = match a.command {
-        ApprovalsCommand::List => return approvals_list(&socket, &state, a.opts.json),
-        ApprovalsCommand::Allow { key, always } => {
-            (key, if always { "allow-always" } else { "allow-once" })
-        }
+    let (key, resolution) = match &a.command {
+        ApprovalsCommand::List => return approvals_list(&socket, &state, a.opts.json, t),
+        ApprovalsCommand::Allow { key, always } => (
+            key,
+            if *always {
+                "allow-always"
+            } else {
+                "allow-once"
+            },
+        ),
         ApprovalsCommand::Deny { key } => (key, "deny"),
     };
-    match parse_approval_ref(&key) {
+    match parse_approval_ref(key) {
         Err(msg) => {
-            eprintln!("carapace: {msg}");
+            t.err(&msg);
             EXIT_USAGE
         }
-        Ok(ApprovalRef::ExecKey(k)) => answer_approval(&pending_dir, &k, resolution),
+        Ok(ApprovalRef::ExecKey(k)) => {
+            answer_approval_to(&state.join("pending"), &k, resolution, t)
+        }
         Ok(ApprovalRef::Daemon(id)) => {
             let req = Request::ApprovalsResolve {
                 id,
@@ -798,12 +858,12 @@ pub fn approvals(a: ApprovalsArgs) -> i32 {
             };
             match control::call(&socket, &req) {
                 Ok(v) => {
-                    print_as::<Resolved>(&v, a.opts.json, |r| {
+                    t.print_as::<Resolved>(&v, a.opts.json, |r| {
                         format!("approval {}: {}\n", r.id, clean(&r.decision))
                     });
                     EXIT_OK
                 }
-                Err(e) => fail(&e),
+                Err(e) => t.fail(&e),
             }
         }
     }
@@ -834,34 +894,37 @@ fn exec_pending(state: &Path) -> (Vec<PendingFile>, Vec<PathBuf>) {
     (ok, bad)
 }
 
-fn approvals_list(socket: &Path, state: &Path, json: bool) -> i32 {
+/// `approvals list`: the supervisor's pending approvals and grants (without a supervisor, the
+/// grants of the state directory) and the pending approvals of `carapace exec` runs. No
+/// supervisor is not an error here: the state directory is still listed.
+fn approvals_list(socket: &Path, state: &Path, json: bool, t: &mut Term<'_>) -> i32 {
     let daemon = control::call(socket, &Request::ApprovalsList);
     let (exec, bad) = exec_pending(state);
     for f in &bad {
-        eprintln!("carapace: {}: not a pending approval", f.display());
+        t.err(&format!("{}: not a pending approval", f.display()));
     }
     let mut code = EXIT_OK;
     let daemon_value = match daemon {
         Ok(v) => Some(v),
         Err(ControlError::NotRunning { .. }) => {
-            eprintln!(
-                "carapace: no supervisor is running (no control socket at {}); showing the \
-                 approvals of `carapace exec` runs only",
+            t.err(&format!(
+                "no supervisor is running (no control socket at {}); showing the approvals of \
+                 `carapace exec` runs only",
                 socket.display()
-            );
+            ));
             None
         }
         Err(e) => {
-            code = fail(&e);
+            code = t.fail(&e);
             None
         }
     };
     // Without a supervisor, the grants are read from the state directory.
-    let file_grants = if daemon_value.is_none() && state.is_dir() {
+    let file_grants: Vec<control::GrantInfo> = if daemon_value.is_none() && state.is_dir() {
         match carapace_broker::approvals::Approvals::open(state, std::time::Duration::ZERO) {
             Ok(ap) => ap.grants().iter().map(control::GrantInfo::from).collect(),
             Err(e) => {
-                eprintln!("carapace: {}", error_chain(&e));
+                t.err(&error_chain(&e));
                 code = EXIT_FAILED;
                 Vec::new()
             }
@@ -874,89 +937,105 @@ fn approvals_list(socket: &Path, state: &Path, json: bool) -> i32 {
             .iter()
             .filter_map(|p| serde_json::to_value(p).ok())
             .collect();
-        let mut out = serde_json::json!({ "exec_pending": exec_json });
+        let mut doc = serde_json::json!({ "exec_pending": exec_json });
         match &daemon_value {
             Some(v) => {
-                out["pending"] = v.get("pending").cloned().unwrap_or(Value::Array(vec![]));
-                out["always"] = v.get("always").cloned().unwrap_or(Value::Array(vec![]));
+                doc["pending"] = v.get("pending").cloned().unwrap_or(Value::Array(vec![]));
+                doc["always"] = v.get("always").cloned().unwrap_or(Value::Array(vec![]));
             }
             None => {
-                out["pending"] = Value::Array(vec![]);
-                out["always"] = serde_json::to_value(&file_grants).unwrap_or_default();
+                doc["pending"] = Value::Array(vec![]);
+                doc["always"] = serde_json::to_value(&file_grants).unwrap_or_default();
             }
         }
-        print_json(&out);
+        t.json(&doc);
         return code;
     }
-    let mut text = String::new();
-    match &daemon_value {
+    let list = match &daemon_value {
         Some(v) => match serde_json::from_value::<ApprovalsList>(v.clone()) {
-            Ok(l) => text.push_str(&format_approvals(&l)),
+            Ok(l) => Some(l),
             Err(e) => {
-                eprintln!("carapace: unexpected answer from the supervisor ({e}); as sent:");
-                print_json(v);
+                t.err(&format!(
+                    "unexpected answer from the supervisor ({e}); as sent:"
+                ));
+                t.json(v);
+                None
             }
         },
-        None => {
-            let l = ApprovalsList {
-                pending: Vec::new(),
-                always: file_grants,
-            };
-            if exec.is_empty() {
-                text.push_str(&format_approvals(&l));
-            } else {
-                // Only the grants: the pending ones are the exec runs' below.
-                text.push_str(format_approvals(&l).trim_start_matches("no pending approvals\n"));
-            }
+        None => Some(ApprovalsList {
+            pending: Vec::new(),
+            always: file_grants,
+        }),
+    };
+    let mut text = String::new();
+    if let Some(l) = list {
+        let s = format_approvals(&l);
+        if l.pending.is_empty() && !exec.is_empty() {
+            // The pending ones are the exec runs' below.
+            text.push_str(s.trim_start_matches("no pending approvals\n"));
+        } else {
+            text.push_str(&s);
         }
     }
     for p in &exec {
         text.push_str(&format_pending_file(p));
         text.push('\n');
     }
-    out(&text);
+    t.out(&text);
     code
 }
 
-/// Write the answer for pending approval `key`; the waiting supervisor picks it up.
+/// Write the answer for pending approval `key` of a `carapace exec` run; it picks it up.
 pub fn answer_approval(pending_dir: &Path, key: &str, answer: &str) -> i32 {
+    on_terminal(|t| answer_approval_to(pending_dir, key, answer, t))
+}
+
+fn answer_approval_to(pending_dir: &Path, key: &str, answer: &str, t: &mut Term<'_>) -> i32 {
     let valid =
         !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_digit() || b == b'-');
     if !valid {
-        eprintln!(
-            "carapace: {key:?} is not an approval key (PID-N, see `carapace approvals list`)"
-        );
-        return 2;
+        t.err(&format!(
+            "{:?} is not an approval key (PID-N, see `carapace approvals list`)",
+            clean(key)
+        ));
+        return EXIT_USAGE;
     }
     if !pending_dir.join(format!("{key}.json")).is_file() {
-        eprintln!("carapace: no pending approval {key} (see `carapace approvals list`)");
-        return 1;
+        t.err(&format!(
+            "no pending approval {key} (see `carapace approvals list`)"
+        ));
+        return EXIT_FAILED;
     }
     let path = pending_dir.join(format!("{key}.answer"));
     match write_private_bytes(pending_dir, &path, format!("{answer}\n").as_bytes()) {
         Ok(()) => {
-            println!("{answer}: {key}");
-            0
+            t.out(&format!("{answer}: {key}\n"));
+            EXIT_OK
         }
         Err(e) => {
-            eprintln!("carapace: {e}");
-            1
+            t.err(&e.to_string());
+            EXIT_FAILED
         }
     }
 }
 
+/// `carapace audit verify FILE`: 0 intact, 1 broken, 2 unreadable.
 pub fn audit_verify(file: &Path) -> i32 {
+    on_terminal(|t| audit_verify_to(file, t))
+}
+
+fn audit_verify_to(file: &Path, t: &mut Term<'_>) -> i32 {
     match carapace_broker::audit::verify(file) {
         Ok(r) if r.is_ok() => {
-            println!("{r}");
+            t.out(&format!("{r}\n"));
             0
         }
         Ok(r) => {
-            println!("{}: {r}", file.display());
+            t.out(&format!("{}: {r}\n", file.display()));
             1
         }
         Err(e) => {
-            eprintln!("carapace: {}", error_chain(&e));
+            t.err(&error_chain(&e));
             2
         }
     }
@@ -1343,57 +1422,97 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
         }
     }
 
+    /// Run a command into buffers: (exit status, stdout, stderr).
+    fn run(f: impl FnOnce(&mut Term<'_>) -> i32) -> (i32, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = f(&mut Term {
+            out: &mut out,
+            err: &mut err,
+        });
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
     #[test]
-    fn exit_codes() {
+    fn exit_codes_and_output() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("control.sock");
         let state = dir.path().join("state");
-        let approvals = |command| {
-            approvals(ApprovalsArgs {
+        let approvals = |command, json| {
+            let a = ApprovalsArgs {
                 state_dir: Some(state.clone()),
-                opts: opts(&sock),
+                opts: CtlOpts {
+                    json,
+                    ..opts(&sock)
+                },
                 command,
-            })
+            };
+            run(|t| approvals_to(&a, t))
+        };
+        let allow = |key: &str| {
+            approvals(
+                ApprovalsCommand::Allow {
+                    key: key.to_string(),
+                    always: false,
+                },
+                false,
+            )
         };
         let tail = |follow| {
-            audit(AuditCommand::Tail {
+            let a = AuditCommand::Tail {
                 lines: 3,
                 follow,
                 opts: opts(&sock),
-            })
+            };
+            run(|t| audit_to(&a, t))
         };
-        // No supervisor: 3 for everything that needs one; `approvals list` still lists what
-        // the state directory has.
-        assert_eq!(status(StatusArgs { opts: opts(&sock) }), EXIT_NO_DAEMON);
-        assert_eq!(reload(ReloadArgs { opts: opts(&sock) }), EXIT_NO_DAEMON);
-        let dlq_list = || {
-            dlq(DlqArgs {
-                opts: opts(&sock),
-                command: DlqCommand::List,
-            })
-        };
-        assert_eq!(dlq_list(), EXIT_NO_DAEMON);
-        assert_eq!(tail(false), EXIT_NO_DAEMON);
-        assert_eq!(
-            approvals(ApprovalsCommand::Allow {
-                key: "5".into(),
-                always: false
-            }),
-            EXIT_NO_DAEMON
-        );
-        assert_eq!(approvals(ApprovalsCommand::List), EXIT_OK);
-        // Usage errors never reach the socket.
-        assert_eq!(
-            approvals(ApprovalsCommand::Deny { key: "x/y".into() }),
-            EXIT_USAGE
-        );
-        assert_eq!(
-            dlq(DlqArgs {
-                opts: opts(&sock),
-                command: DlqCommand::Drop {
-                    id: "../etc".into()
+        let status = |json| {
+            let a = StatusArgs {
+                opts: CtlOpts {
+                    json,
+                    ..opts(&sock)
                 },
-            }),
+            };
+            run(|t| status_to(&a, t))
+        };
+        let dlq = |command| {
+            let a = DlqArgs {
+                opts: opts(&sock),
+                command,
+            };
+            run(|t| dlq_to(&a, t))
+        };
+        let reload = || run(|t| reload_to(&ReloadArgs { opts: opts(&sock) }, t));
+
+        // No supervisor: 3 for everything that needs one, with the reason on stderr.
+        let (code, out, err) = status(false);
+        assert_eq!(code, EXIT_NO_DAEMON);
+        assert!(out.is_empty());
+        assert!(
+            err.starts_with("carapace: no supervisor is running (no control socket at "),
+            "{err}"
+        );
+        assert!(err.contains("start one with `carapace run`"), "{err}");
+        assert_eq!(reload().0, EXIT_NO_DAEMON);
+        assert_eq!(dlq(DlqCommand::List).0, EXIT_NO_DAEMON);
+        assert_eq!(tail(false).0, EXIT_NO_DAEMON);
+        assert_eq!(allow("5").0, EXIT_NO_DAEMON);
+        // `approvals list` still lists the state directory's (nothing here).
+        let (code, out, err) = approvals(ApprovalsCommand::List, false);
+        assert_eq!((code, out.as_str()), (EXIT_OK, "no pending approvals\n"));
+        assert!(err.contains("showing the approvals of `carapace exec` runs only"));
+        // Usage errors never reach the socket.
+        let (code, _, err) = approvals(ApprovalsCommand::Deny { key: "x/y".into() }, false);
+        assert_eq!(code, EXIT_USAGE);
+        assert!(err.contains("is not an approval ID"), "{err}");
+        assert_eq!(
+            dlq(DlqCommand::Drop {
+                id: "../etc".into()
+            })
+            .0,
             EXIT_USAGE
         );
 
@@ -1406,52 +1525,78 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
             .build()
             .unwrap();
         let log = dir.path().join("audit.log");
-        std::fs::write(&log, "{\"seq\":1}\n{\"seq\":2}\n").unwrap();
+        std::fs::write(
+            &log,
+            "{\"seq\":1,\"op\":\"connect\"}\n{\"seq\":2,\"op\":\"open\"}\n",
+        )
+        .unwrap();
         let task = {
             let _g = rt.enter();
             server.serve(Arc::new(Fake { audit: log }))
         };
-        assert_eq!(status(StatusArgs { opts: opts(&sock) }), EXIT_OK);
+        let (code, out, err) = status(false);
+        assert_eq!((code, err.as_str()), (EXIT_OK, ""));
+        assert_eq!(out, format_status(&status_report()));
+        let (code, out, _) = status(true);
+        assert_eq!(code, EXIT_OK);
+        let back: StatusReport = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, status_report());
+
+        let (code, out, _) = approvals(ApprovalsCommand::List, false);
+        assert_eq!((code, out.as_str()), (EXIT_OK, "no pending approvals\n"));
+        let (code, out, _) = approvals(ApprovalsCommand::List, true);
+        assert_eq!(code, EXIT_OK);
+        let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(
-            status(StatusArgs {
-                opts: CtlOpts {
-                    json: true,
-                    ..opts(&sock)
-                }
-            }),
-            EXIT_OK
+            v,
+            serde_json::json!({"pending": [], "always": [], "exec_pending": []})
         );
-        assert_eq!(approvals(ApprovalsCommand::List), EXIT_OK);
         assert_eq!(
-            approvals(ApprovalsCommand::Allow {
-                key: "5".into(),
-                always: false
-            }),
-            EXIT_OK
+            allow("5"),
+            (
+                EXIT_OK,
+                "approval 5: allowed once\n".to_string(),
+                String::new()
+            )
         );
+        let (code, _, err) = approvals(ApprovalsCommand::Deny { key: "6".into() }, false);
         assert_eq!(
-            approvals(ApprovalsCommand::Deny { key: "6".into() }),
-            EXIT_FAILED
+            (code, err.as_str()),
+            (EXIT_FAILED, "carapace: no pending approval 6\n")
         );
         // A PID-N key still goes to the state directory: no such file there.
-        assert_eq!(
-            approvals(ApprovalsCommand::Deny {
-                key: "4242-1".into()
-            }),
-            EXIT_FAILED
+        let (code, _, err) = approvals(
+            ApprovalsCommand::Deny {
+                key: "4242-1".into(),
+            },
+            false,
         );
-        assert_eq!(dlq_list(), EXIT_OK);
+        assert_eq!(code, EXIT_FAILED);
+        assert!(err.contains("no pending approval 4242-1"), "{err}");
+
         assert_eq!(
-            dlq(DlqArgs {
-                opts: opts(&sock),
-                command: DlqCommand::Release { id: "x-1".into() },
-            }),
-            EXIT_FAILED
+            dlq(DlqCommand::List),
+            (EXIT_OK, "no dead letters\n".to_string(), String::new())
         );
-        assert_eq!(reload(ReloadArgs { opts: opts(&sock) }), EXIT_FAILED);
-        assert_eq!(tail(false), EXIT_OK);
+        let (code, _, err) = dlq(DlqCommand::Release { id: "x-1".into() });
+        assert_eq!(
+            (code, err.as_str()),
+            (EXIT_FAILED, "carapace: dead-letter queue: no entry x-1\n")
+        );
+        let (code, out, err) = reload();
+        assert_eq!(code, EXIT_FAILED);
+        assert!(out.is_empty());
+        assert_eq!(
+            err,
+            "carapace: reload rejected: policy.toml:1:1: expected a table\ncarapace: the old \
+             configuration and policy stay in force\n"
+        );
+        let (code, out, _) = tail(false);
+        assert_eq!(code, EXIT_OK);
+        assert_eq!(out, "#1 ? ? connect ? ? -> ?\n#2 ? ? open ? ? -> ?\n");
+
         stop.shutdown();
         rt.block_on(task).unwrap();
-        assert_eq!(status(StatusArgs { opts: opts(&sock) }), EXIT_NO_DAEMON);
+        assert_eq!(status(false).0, EXIT_NO_DAEMON);
     }
 }
