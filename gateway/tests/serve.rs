@@ -1,0 +1,190 @@
+//! The stand-in gateway as a process: it serves the listener handed to it at fd 4 and refuses
+//! to start without one. (Confined, with a broker, it is tested by tests/tests/service_e2e.rs.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_carapace-gateway");
+
+/// The gateway with `fd` placed at 4 (and `CARAPACE_LISTEN_FD=4`), no broker.
+fn command_with_fd4(fd: RawFd) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("CARAPACE_LISTEN_FD", "4")
+        .env("CARAPACE_BROKER_FD", "1000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl,
+    // which are async-signal-safe; `fd` is open in the parent for as long as the command runs.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 4 {
+                if libc::fcntl(4, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 4) != 4 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Gateway {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let child = command_with_fd4(l.as_raw_fd()).spawn().unwrap();
+    drop(l); // the gateway's copy keeps listening
+    Gateway { child, addr }
+}
+
+/// Send raw bytes, return (status, body).
+fn raw(addr: SocketAddr, req: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(req);
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (code, text) = raw(addr, req.as_bytes());
+    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (code, v)
+}
+
+#[test]
+fn serves_the_handed_over_listener() {
+    let g = start();
+    let (code, v) = http(g.addr, "GET", "/health", "");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["pid"], g.child.id(), "{v}");
+    let (code, v) = http(g.addr, "GET", "/status", "");
+    assert_eq!(code, 200, "{v}");
+    // Unconfined here: it reports what the test process has.
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let nnp = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
+        .unwrap()
+        .trim();
+    assert_eq!(v["NoNewPrivs"], nnp, "{v}");
+    assert!(v["CapEff"].is_string() && v["Uid"].is_string(), "{v}");
+    assert!(
+        v["interfaces"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i == "lo")),
+        "{v}"
+    );
+    assert_eq!(http(g.addr, "GET", "/nope", "").0, 404);
+    assert_eq!(http(g.addr, "DELETE", "/status", "").0, 405);
+    assert_eq!(http(g.addr, "GET", "/exec", "").0, 405);
+    let (code, v) = http(g.addr, "POST", "/exec", r#"{"argv":["/bin/true"]}"#);
+    assert_eq!(code, 503, "no broker here: {v}");
+    assert_eq!(raw(g.addr, b"NONSENSE\r\n\r\n").0, 400);
+    let big = format!("POST /exec HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 1 << 20);
+    let (code, body) = raw(g.addr, big.as_bytes());
+    assert_eq!(code, 413, "{body}");
+    // Many connections at once are all served (thread per connection).
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let a = g.addr;
+            std::thread::spawn(move || http(a, "GET", "/health", "").0)
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    // A silent client does not block the others.
+    let _silent = TcpStream::connect(g.addr).unwrap();
+    assert_eq!(http(g.addr, "GET", "/health", "").0, 200);
+}
+
+fn run(mut cmd: Command) -> Output {
+    cmd.output().unwrap()
+}
+
+#[test]
+fn refuses_to_start_without_a_listener() {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("CARAPACE_LISTEN_FD");
+    let o = run(cmd);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no listening socket"), "{err}");
+
+    let mut cmd = Command::new(BIN);
+    cmd.env("CARAPACE_LISTEN_FD", "1");
+    let o = run(cmd);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a file descriptor above 2"));
+
+    // fd 4 closed.
+    let mut cmd = Command::new(BIN);
+    cmd.env("CARAPACE_LISTEN_FD", "4");
+    let o = run(cmd);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a socket"));
+
+    // A unix socket, and a TCP socket that is not listening.
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let o = run(command_with_fd4(a.as_raw_fd()));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a TCP/IP socket"));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let o = run(command_with_fd4(c.as_raw_fd()));
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is not listening"), "{err}");
+}
+
+#[test]
+fn help_and_bad_arguments() {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--help");
+    let o = run(cmd);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("Usage: carapace-gateway") && out.contains("POST /exec"),
+        "{out}"
+    );
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--port=1");
+    let o = run(cmd);
+    assert_eq!(o.status.code(), Some(2));
+}
