@@ -1355,11 +1355,20 @@ fn start(
     svc.stop_children(cfg.stop_timeout);
     let (seq, head) = svc.host.ops.audit_head();
     tracing::info!(seq, head = %head, "audit log head at stop (keep it to detect truncation)");
+    // The control server drops its handle on the service as it winds down.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Arc::strong_count(&svc) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     match Arc::try_unwrap(svc) {
         Ok(svc) => svc.host.shutdown(),
-        Err(_) => tracing::warn!(
-            "the control socket still holds the service; broker not shut down cleanly"
-        ),
+        Err(svc) => {
+            tracing::warn!("the control socket still holds the service; killing the tools");
+            let n = svc.host.tools().kill_all(Duration::from_secs(5));
+            if n > 0 {
+                tracing::info!("killed {n} tool(s) still running for the broker");
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(0)
