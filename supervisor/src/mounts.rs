@@ -413,12 +413,32 @@ const SYSTEM_DIRS: [&str; 13] = [
     "/usr", "/var",
 ];
 
+/// Directories beneath which `carapace run` keeps the workspaces it creates for its own
+/// children (its state directory: 0700, owned by the supervisor, checked by
+/// `broker_host::StateDir::open`). Set once, by the service, before any child starts.
+static MANAGED_WORKSPACES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Allow workspaces strictly beneath `root` (canonical) even when it lies in a system
+/// directory such as /var/lib: the service's state directory holds the workspaces it created
+/// for its children, and nothing else of the system. Only the first call has an effect.
+pub fn allow_managed_workspaces(root: &Path) {
+    let _ = MANAGED_WORKSPACES.set(root.to_path_buf());
+}
+
 /// Refuse the host root and system directories (and anything beneath them) as a workspace:
 /// the idmapped workspace makes everything its owner (root, for these) owns writable by the
-/// sandbox. `dir` must be canonical.
+/// sandbox. `dir` must be canonical. Exception: strictly beneath the service's state directory
+/// ([`allow_managed_workspaces`]).
 pub fn check_workspace_dir(dir: &Path) -> Result<(), &'static str> {
+    check_workspace_dir_in(dir, MANAGED_WORKSPACES.get().map(PathBuf::as_path))
+}
+
+fn check_workspace_dir_in(dir: &Path, managed: Option<&Path>) -> Result<(), &'static str> {
     if dir == Path::new("/") {
         return Err("it is the host's root directory");
+    }
+    if managed.is_some_and(|m| dir.starts_with(m) && dir != m) {
+        return Ok(());
     }
     if SYSTEM_DIRS.iter().any(|s| dir.starts_with(s)) {
         return Err("it is (inside) a system directory");
@@ -1164,5 +1184,17 @@ mod tests {
             under("/newroot", Path::new("/a/b")),
             PathBuf::from("/newroot/a/b")
         );
+    }
+
+    #[test]
+    fn managed_workspaces_are_allowed_strictly_beneath_the_state_dir() {
+        let m = Some(Path::new("/var/lib/carapace"));
+        assert!(check_workspace_dir_in(Path::new("/var/lib/carapace/gateway"), m).is_ok());
+        assert!(check_workspace_dir_in(Path::new("/var/lib/carapace/tools"), m).is_ok());
+        assert!(check_workspace_dir_in(Path::new("/var/lib/carapace"), m).is_err());
+        assert!(check_workspace_dir_in(Path::new("/var/lib/carapacex"), m).is_err());
+        assert!(check_workspace_dir_in(Path::new("/var/lib"), m).is_err());
+        assert!(check_workspace_dir_in(Path::new("/etc"), m).is_err());
+        assert!(check_workspace_dir_in(Path::new("/var/lib/carapace/gateway"), None).is_err());
     }
 }

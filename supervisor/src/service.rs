@@ -1204,6 +1204,11 @@ fn start(
     }
     let signals = catch_signals().map_err(|e| format!("signal handlers: {e}"))?;
     let state = StateDir::open(&cfg.state_dir).map_err(|e| error_chain(&e))?;
+    // The workspaces the service creates for its children live in its state directory
+    // (0700, ours), which is often beneath /var: allow exactly those.
+    let state_canon =
+        std::fs::canonicalize(&state.root).map_err(|e| format!("{}: {e}", state.root.display()))?;
+    crate::mounts::allow_managed_workspaces(&state_canon);
     let tools_ws = cfg.state_dir.join("tools");
     ensure_dir(&tools_ws)?;
     for (_, _, s) in &specs {

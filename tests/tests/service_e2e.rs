@@ -1,0 +1,837 @@
+//! `carapace run` end to end: the real supervisor, started as a process with a configuration in
+//! a temporary directory, the stand-in gateway (`carapace-gateway`) confined under it, its
+//! listener on a loopback port, sd_notify messages on a test NOTIFY_SOCKET, and the operator
+//! CLI over the control socket.
+//!
+//! Every test runs as root (CI); it fails, never skips, when not root unless
+//! CARAPACE_ALLOW_SKIP=1.
+
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use carapace_tests::*;
+
+// ------------------------------------------------------------------------------------------
+// The stand-in gateway binary
+
+fn build_gateway(profile_dir: &Path) -> PathBuf {
+    let target_dir = profile_dir.parent().unwrap_or(profile_dir).to_path_buf();
+    let release = profile_dir.file_name() == Some(std::ffi::OsStr::new("release"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root())
+        .args([
+            "build",
+            "-p",
+            "carapace-gateway",
+            "--bin",
+            "carapace-gateway",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("service_e2e: building carapace-gateway: {cmd:?}");
+    let s = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build carapace-gateway: {e}"));
+    assert!(
+        s.success(),
+        "`cargo build -p carapace-gateway` failed ({s})"
+    );
+    profile_dir.join("carapace-gateway")
+}
+
+/// `$CARAPACE_GATEWAY_BIN`, else built with cargo into this test's target directory (cargo
+/// does nothing when it is fresh).
+fn gateway_bin() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CARAPACE_GATEWAY_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()))
+            .to_path_buf();
+        build_gateway(&profile_dir)
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// A supervisor under test
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    l.local_addr().map(|a| a.port()).unwrap_or(0)
+}
+
+/// The default policy with `extra` appended (e.g. a rule change for a reload).
+fn policy_text(extra: &str) -> String {
+    format!("{}\n{extra}\n", default_policy_text())
+}
+
+struct Service {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    addr: SocketAddr,
+    notify: UnixDatagram,
+    /// sd_notify messages received so far, in order.
+    notes: Vec<String>,
+    log: PathBuf,
+}
+
+impl Service {
+    fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/control.sock")
+    }
+
+    /// Start `carapace run` with a fresh configuration; `extra` is appended to the
+    /// configuration (e.g. `[control] group = ...`).
+    fn start(extra_config: &str) -> Service {
+        Service::start_with(
+            &gateway_bin().display().to_string(),
+            "[]",
+            extra_config,
+            true,
+        )
+    }
+
+    /// Start with `program` and `args` (a TOML array) as the gateway; `ready`: wait for
+    /// READY=1.
+    fn start_with(program: &str, args: &str, extra_config: &str, ready: bool) -> Service {
+        let dir = var_tmpdir("carapace-svc-");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        fs::write(dir.path().join("policy.toml"), policy_text(""))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cfg = format!(
+            r#"[supervisor]
+policy = ["{policy}"]
+state_dir = "{state}"
+runtime_dir = "{run}"
+stop_timeout = "3s"
+approval_timeout = "30s"
+
+[gateway]
+program = "{gw}"
+args = {args}
+profile = "gateway"
+listen = "{addr}"
+restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5, crash_loop_window = "60s" }}
+{extra_config}
+"#,
+            policy = dir.path().join("policy.toml").display(),
+            state = dir.path().join("state").display(),
+            run = dir.path().join("run").display(),
+            gw = program,
+        );
+        fs::write(dir.path().join("carapace.toml"), cfg).unwrap_or_else(|e| panic!("{e}"));
+        let notify_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap_or_else(|e| panic!("{e}"));
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let log = dir.path().join("supervisor.log");
+        let logf = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(carapace_bin())
+            .args(["run", "--config"])
+            .arg(dir.path().join("carapace.toml"))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "2000000")
+            .env("CARAPACE_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(
+                logf.try_clone()
+                    .map(Stdio::from)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn carapace run: {e}"));
+        let mut s = Service {
+            dir,
+            child: Some(child),
+            addr,
+            notify,
+            notes: Vec::new(),
+            log,
+        };
+        if ready {
+            s.wait_note("READY=1", Duration::from_secs(30));
+        }
+        s
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .unwrap_or_else(|| panic!("not running"))
+    }
+
+    /// Read the notify socket until a message containing `needle` arrives.
+    fn wait_note(&mut self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        loop {
+            if self.notes.iter().any(|n| n.contains(needle)) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!(
+                        "carapace run exited ({st}) before {needle}; log:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} from sd_notify within {limit:?}; got {:?}; log:\n{}",
+                self.notes,
+                self.log_text()
+            );
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                self.notes
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+
+    /// `carapace <args> --socket S` (as root).
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(carapace_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap_or_else(|e| panic!("carapace {args:?}: {e}"))
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let o = self.ctl(&["status", "--json"]);
+        assert!(
+            o.status.success(),
+            "carapace status: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("status JSON: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+    }
+
+    fn gateway(&self) -> serde_json::Value {
+        let st = self.status();
+        st["children"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "gateway").cloned())
+            .unwrap_or_else(|| panic!("no gateway child in {st}"))
+    }
+
+    /// Wait until the gateway is running with a pid other than `not`; its init's pid.
+    fn gateway_running(&self, not: Option<i64>, limit: Duration) -> i64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let g = self.gateway();
+            if g["state"] == "running" {
+                if let Some(p) = g["pid"].as_i64() {
+                    if Some(p) != not && http(self.addr, "GET", "/health", None).0 == 200 {
+                        return p;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not running within {limit:?}: {g}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling the supervisor this test started.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM and wait for the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take().unwrap_or_else(|| panic!("not running"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "carapace run did not stop on SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling the supervisor this test started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request (Connection: close); (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: \
+         application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn exec_via_gateway(addr: SocketAddr, argv: &[&str]) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({ "argv": argv }).to_string();
+    let (code, text) = http(addr, "POST", "/exec", Some(&body));
+    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (code, v)
+}
+
+/// The program (pid 2 inside) of a sandbox whose init has host pid `init`.
+fn program_of(init: i64) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let kids =
+            fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap_or_default();
+        if let Some(p) = kids.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "init {init} has no child");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status_field(pid: i64, key: &str) -> String {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+fn alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn wait_gone(pid: i64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !alive(pid)
+}
+
+/// Processes running `bin` (by /proc/N/exe).
+fn processes_running(bin: &Path) -> Vec<i64> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()))
+        .filter(|p| fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == bin) && alive(*p))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Tests
+
+/// The gateway comes up confined: seccomp filter mode, NoNewPrivs, no capabilities, its own
+/// namespaces, its own cgroup beneath the supervisor's, an unprivileged host uid; it serves
+/// the handed-over listener and has no network interface but loopback-less emptiness.
+#[test]
+fn gateway_comes_up_confined_and_serves_the_handed_over_listener() {
+    if !privileged() {
+        return;
+    }
+    let svc = Service::start("");
+    let init = svc.gateway_running(None, Duration::from_secs(20));
+    let prog = program_of(init);
+    assert_eq!(status_field(prog, "Seccomp"), "2");
+    assert_eq!(status_field(prog, "NoNewPrivs"), "1");
+    assert_eq!(status_field(prog, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(prog, "CapBnd"), "0000000000000000");
+    let uid: u64 = status_field(prog, "Uid")
+        .split_whitespace()
+        .next()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(0);
+    assert!(uid >= 0x7F00_0000, "host uid {uid} is not a per-run uid");
+    for ns in ["mnt", "pid", "net", "ipc", "uts", "user", "cgroup"] {
+        let ours = fs::read_link(format!("/proc/self/ns/{ns}")).unwrap_or_default();
+        let its = fs::read_link(format!("/proc/{prog}/ns/{ns}")).unwrap_or_default();
+        assert_ne!(ours, its, "{ns} namespace shared with the host");
+    }
+    let cg = fs::read_to_string(format!("/proc/{prog}/cgroup")).unwrap_or_default();
+    assert!(
+        cg.contains("/carapace/gateway-"),
+        "not in its own cgroup: {cg}"
+    );
+    // Served through the listener the supervisor bound; the gateway's own view agrees.
+    let (code, body) = http(svc.addr, "GET", "/status", None);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(v["Seccomp"], "2", "{v}");
+    assert_eq!(v["NoNewPrivs"], "1", "{v}");
+    let ifaces = v["interfaces"].as_array().cloned().unwrap_or_default();
+    assert!(
+        ifaces.iter().all(|i| i == "lo"),
+        "network interfaces inside: {ifaces:?}"
+    );
+    // The status is readable by a person too.
+    let o = svc.ctl(&["status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("gateway") && text.contains("running"),
+        "{text}"
+    );
+}
+
+/// Killing the gateway brings it back (restart with backoff), on the same listener.
+#[test]
+fn a_killed_gateway_is_restarted() {
+    if !privileged() {
+        return;
+    }
+    let svc = Service::start("");
+    let init = svc.gateway_running(None, Duration::from_secs(20));
+    let prog = program_of(init);
+    // SAFETY: killing the confined program this test's supervisor started.
+    unsafe { libc::kill(prog as i32, libc::SIGKILL) };
+    assert!(
+        wait_gone(init, Duration::from_secs(5)),
+        "sandbox init survived its program"
+    );
+    let again = svc.gateway_running(Some(init), Duration::from_secs(20));
+    assert_ne!(again, init);
+    let g = svc.gateway();
+    assert_eq!(g["restarts"], 1, "{g}");
+    assert!(
+        g["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("signal=9")),
+        "{g}"
+    );
+}
+
+/// SIGHUP with a broken policy keeps the old one (and logs the error); SIGHUP with a good one
+/// changes decisions for new requests.
+#[test]
+fn sighup_reload_rejects_a_broken_policy_and_applies_a_good_one() {
+    if !privileged() {
+        return;
+    }
+    let mut svc = Service::start("");
+    svc.gateway_running(None, Duration::from_secs(20));
+    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "hello"]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["exit"], 0, "{v}");
+    assert_eq!(v["stdout"], "hello\n", "{v}");
+
+    // Broken: rejected, logged, old policy in force.
+    fs::write(svc.policy_path(), policy_text("[profiles.broken\nwhy = 1"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    svc.signal(libc::SIGHUP);
+    svc.wait_note("RELOADING=1", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while svc.status()["last_reload_error"].is_null() {
+        assert!(Instant::now() < deadline, "reload error not reported");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = svc.status();
+    assert!(
+        st["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("policy.toml:")),
+        "{st}"
+    );
+    assert!(
+        svc.log_text().contains("reload rejected"),
+        "{}",
+        svc.log_text()
+    );
+    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "still"]);
+    assert_eq!(
+        (code, v["exit"].clone()),
+        (200, serde_json::json!(0)),
+        "{v}"
+    );
+
+    // Good: echo denied from now on (a deny rule first in the file wins).
+    let deny = r#"
+[[exec]]
+why = "test: echo is not allowed any more"
+programs = ["/usr/bin/echo"]
+approval = "deny"
+"#;
+    let text = default_policy_text();
+    let at = text.find("[[exec]]").unwrap_or(text.len());
+    fs::write(
+        svc.policy_path(),
+        format!("{}{deny}\n{}", &text[..at], &text[at..]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let reloads = svc.status()["reloads"].as_u64().unwrap_or(0);
+    // `carapace reload` is the same as SIGHUP, and says what happened.
+    let o = svc.ctl(&["reload"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(svc.status()["reloads"].as_u64(), Some(reloads + 1));
+    assert!(svc.status()["last_reload_error"].is_null());
+    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "nope"]);
+    assert_eq!(code, 403, "{v}");
+    let st = svc.stop();
+    assert!(st.success(), "{st}");
+}
+
+/// SIGTERM: STOPPING=1, exit 0, no process or cgroup left behind.
+#[test]
+fn sigterm_stops_cleanly_and_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let mut svc = Service::start("");
+    let init = svc.gateway_running(None, Duration::from_secs(20));
+    let prog = program_of(init);
+    let cg = fs::read_to_string(format!("/proc/{prog}/cgroup")).unwrap_or_default();
+    let st = svc.stop();
+    assert!(st.success(), "exit {st}; log:\n{}", svc.log_text());
+    let mut buf = [0u8; 512];
+    while let Ok(n) = svc.notify.recv(&mut buf) {
+        svc.notes
+            .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        svc.notes.iter().any(|n| n.contains("STOPPING=1")),
+        "{:?}",
+        svc.notes
+    );
+    assert!(!alive(init) && !alive(prog));
+    assert!(processes_running(gateway_bin()).iter().all(|p| *p != prog));
+    // Its cgroup directories are gone.
+    for line in cg.lines() {
+        let rel = line.splitn(3, ':').nth(2).unwrap_or("");
+        if rel.contains("/carapace/gateway-") {
+            let name = rel.rsplit('/').next().unwrap_or("");
+            assert!(
+                cgroup_dirs_named(name).is_empty(),
+                "cgroup {name} left behind"
+            );
+        }
+    }
+    assert!(!svc.socket().exists(), "control socket left behind");
+    assert!(
+        svc.log_text().contains("audit log head at stop"),
+        "{}",
+        svc.log_text()
+    );
+}
+
+/// SIGKILL of the supervisor: the gateway dies with it; the next start cleans up.
+#[test]
+fn sigkill_of_the_supervisor_leaves_no_process() {
+    if !privileged() {
+        return;
+    }
+    let mut svc = Service::start("");
+    let init = svc.gateway_running(None, Duration::from_secs(20));
+    let prog = program_of(init);
+    svc.signal(libc::SIGKILL);
+    if let Some(mut c) = svc.child.take() {
+        let _ = c.wait();
+    }
+    assert!(
+        wait_gone(prog, Duration::from_secs(5)),
+        "gateway program survived SIGKILL"
+    );
+    assert!(
+        wait_gone(init, Duration::from_secs(5)),
+        "sandbox init survived SIGKILL"
+    );
+}
+
+/// sd_notify: READY=1 first; SIGHUP gives RELOADING=1 (with MONOTONIC_USEC) then READY=1;
+/// WATCHDOG=1 keeps coming; SIGTERM gives STOPPING=1 last.
+#[test]
+fn sd_notify_messages_arrive_in_order() {
+    if !privileged() {
+        return;
+    }
+    let mut svc = Service::start("");
+    svc.wait_note("WATCHDOG=1", Duration::from_secs(5));
+    svc.signal(libc::SIGHUP);
+    svc.wait_note("RELOADING=1", Duration::from_secs(10));
+    let n = svc.notes.len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !svc.notes[n..].iter().any(|m| m.contains("READY=1")) {
+        assert!(
+            Instant::now() < deadline,
+            "no READY=1 after RELOADING=1: {:?}",
+            svc.notes
+        );
+        let mut buf = [0u8; 512];
+        if let Ok(k) = svc.notify.recv(&mut buf) {
+            svc.notes
+                .push(String::from_utf8_lossy(&buf[..k]).into_owned());
+        }
+    }
+    let st = svc.stop();
+    assert!(st.success());
+    let mut buf = [0u8; 512];
+    while let Ok(k) = svc.notify.recv(&mut buf) {
+        svc.notes
+            .push(String::from_utf8_lossy(&buf[..k]).into_owned());
+    }
+    let notes = &svc.notes;
+    let first = |needle: &str| notes.iter().position(|m| m.contains(needle));
+    let last = |needle: &str| notes.iter().rposition(|m| m.contains(needle));
+    let ready = first("READY=1").unwrap_or(usize::MAX);
+    let reloading = first("RELOADING=1").unwrap_or(usize::MAX);
+    let stopping = first("STOPPING=1").unwrap_or(usize::MAX);
+    assert_eq!(ready, 0, "READY=1 must come first: {notes:?}");
+    assert!(notes[reloading].contains("MONOTONIC_USEC="), "{notes:?}");
+    assert!(ready < reloading && reloading < stopping, "{notes:?}");
+    assert!(
+        last("READY=1").is_some_and(|r| r > reloading && r < stopping),
+        "{notes:?}"
+    );
+    assert!(
+        notes[stopping + 1..].iter().all(|m| !m.contains("READY=1")),
+        "{notes:?}"
+    );
+}
+
+/// An `ask` from the gateway waits for the operator: `carapace approvals list` shows it,
+/// `allow` lets it run once; `deny` refuses it.
+#[test]
+fn approval_flow_through_the_cli() {
+    if !privileged() {
+        return;
+    }
+    let svc = Service::start("");
+    svc.gateway_running(None, Duration::from_secs(20));
+    let addr = svc.addr;
+    // `/usr/bin/uname` matches no rule of the default policy: ask.
+    let asked = std::thread::spawn(move || exec_via_gateway(addr, &["/usr/bin/uname", "-s"]));
+    let pending = |svc: &Service| -> Vec<serde_json::Value> {
+        let o = svc.ctl(&["approvals", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["pending"].as_array().cloned().unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        if let Some(p) = pending(&svc).first() {
+            break p["id"].as_u64().unwrap_or(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pending approval; log:\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let human = svc.ctl(&["approvals", "list"]);
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("/usr/bin/uname"),
+        "{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+    let o = svc.ctl(&["approvals", "allow", &id.to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, v) = asked.join().unwrap_or_else(|_| panic!("exec thread"));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["stdout"], "Linux\n", "{v}");
+    // Allow-once is not remembered: ask again, deny it this time.
+    let asked = std::thread::spawn(move || exec_via_gateway(addr, &["/usr/bin/uname", "-s"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        if let Some(p) = pending(&svc).first() {
+            break p["id"].as_u64().unwrap_or(0);
+        }
+        assert!(Instant::now() < deadline, "no second pending approval");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let o = svc.ctl(&["approvals", "deny", &id.to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, v) = asked.join().unwrap_or_else(|_| panic!("exec thread"));
+    assert_eq!(code, 403, "{v}");
+    // Both decisions are in the audit log, which the CLI can tail.
+    let o = svc.ctl(&["audit", "tail", "-n", "50", "--json"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("approval refused"), "{text}");
+}
+
+/// The control socket is 0660 and checks its peer: a user outside the configured group is
+/// refused even when the file mode would let it connect; a member of the group is served.
+#[test]
+fn control_socket_refuses_an_unauthorized_user() {
+    if !privileged() {
+        return;
+    }
+    // Group 4242 is the operators' group; uid 4243 is in it, uid 4244 is not.
+    let svc = Service::start("[control]\ngroup = \"4242\"\n");
+    let sock = svc.socket();
+    let mode = fs::metadata(&sock)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    assert_eq!(mode, 0o660);
+    // Let others reach the socket file at all (a misconfiguration): SO_PEERCRED must still
+    // refuse them.
+    fs::set_permissions(svc.dir.path(), fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    fs::set_permissions(
+        sock.parent().unwrap_or(Path::new("/")),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o666)).unwrap_or_else(|e| panic!("{e}"));
+    let as_user = |uid: &str, groups: &str| {
+        Command::new("setpriv")
+            .args(["--reuid", uid, "--regid", uid, "--groups", groups, "--"])
+            .arg(carapace_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&sock)
+            .output()
+            .unwrap_or_else(|e| panic!("setpriv: {e}"))
+    };
+    let o = as_user("4244", "4244");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "unauthorized user was served");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(o.stdout.is_empty());
+    let o = as_user("4243", "4242");
+    assert!(
+        o.status.success(),
+        "group member refused: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(svc.log_text().contains("4244"), "refusal not logged");
+}
+
+/// A gateway that keeps dying is restarted with backoff until the crash-loop limit, then left
+/// `failed` (and said so); a reload tries again.
+#[test]
+fn a_crash_loop_stops_restarting_until_a_reload() {
+    if !privileged() {
+        return;
+    }
+    // /usr/bin/false is visible in the gateway profile (/usr) and exits 1 at once.
+    let svc = Service::start_with("/usr/bin/false", "[]", "", true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let g = loop {
+        let g = svc.gateway();
+        if g["state"] == "failed" {
+            break g;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no crash loop detected: {g}; log:\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // 5 restarts allowed within the window: the 6th start is the one that trips it.
+    assert_eq!(g["restarts"], 5, "{g}");
+    assert_eq!(g["last_exit"], "exit=1", "{g}");
+    assert!(svc.log_text().contains("crash loop"), "{}", svc.log_text());
+    // Left alone: no more starts.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(svc.gateway()["restarts"], 5);
+    // A reload tries again.
+    let o = svc.ctl(&["reload"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while svc.gateway()["restarts"].as_u64().unwrap_or(0) <= 5 {
+        assert!(Instant::now() < deadline, "not tried again after a reload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An invalid configuration stops the start with a located error and exit 78 (systemd does not
+/// restart on it); `--check` says so too.
+#[test]
+fn an_invalid_configuration_is_refused_with_its_location() {
+    let dir = tempdir("carapace-badcfg-");
+    let cfg = dir.path().join("carapace.toml");
+    fs::write(&cfg, "[supervisor]\nstop_timeout = \"soon\"\nbogus = 1\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    for check in [true, false] {
+        let mut cmd = Command::new(carapace_bin());
+        cmd.args(["run", "--config"]).arg(&cfg);
+        if check {
+            cmd.arg("--check");
+        }
+        let o = cmd.output().unwrap_or_else(|e| panic!("{e}"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(78), "{err}");
+        assert!(err.contains("carapace.toml:2:"), "{err}");
+        assert!(
+            err.contains("carapace.toml:3:"),
+            "all errors are reported: {err}"
+        );
+    }
+}
