@@ -1087,6 +1087,53 @@ fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Rootless mode: the v2 cgroup we may use, if our cgroups are delegated to us: a pure v2
+/// layout (no v1 controller hierarchy: those are never delegated to a user) whose own cgroup
+/// directory, `cgroup.procs` and `cgroup.subtree_control` we may write (e.g. systemd's
+/// `user@.service` with `Delegate=yes`). Otherwise why not, in words.
+pub fn rootless_delegation() -> Result<PathBuf, String> {
+    let layout = Layout::cached().map_err(|e| e.to_string())?;
+    delegation_of(layout, |p| {
+        use std::os::unix::ffi::OsStrExt as _;
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: a valid C string; faccessat only checks permissions.
+        unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
+    })
+}
+
+/// [`rootless_delegation`] for `layout`, with `writable` deciding whether we may write a path.
+pub fn delegation_of(layout: &Layout, writable: impl Fn(&Path) -> bool) -> Result<PathBuf, String> {
+    if !layout.v1.is_empty() {
+        let names: Vec<String> = layout
+            .v1
+            .iter()
+            .flat_map(|h| h.controllers.iter().cloned())
+            .collect();
+        return Err(format!(
+            "cgroup v1 controllers in use ({}): v1 hierarchies are not delegated to users",
+            names.join(", ")
+        ));
+    }
+    let Some(own) = &layout.unified else {
+        return Err("no cgroup v2 hierarchy is mounted".to_string());
+    };
+    for p in [
+        own.clone(),
+        own.join("cgroup.procs"),
+        own.join("cgroup.subtree_control"),
+    ] {
+        if !writable(&p) {
+            return Err(format!(
+                "{} is not writable by us (our cgroup is not delegated to this user)",
+                p.display()
+            ));
+        }
+    }
+    Ok(own.clone())
+}
+
 impl Cgroup {
     /// Create cgroup `name` (unique per run, see [`unique_name`]) with `limits`, beneath our own
     /// cgroup in every hierarchy. Fails closed if a limit cannot be enforced.
@@ -1957,6 +2004,41 @@ mod tests {
     }
 
     // ----- privileged tests on the real hierarchy -----
+
+    #[test]
+    fn rootless_delegation_needs_pure_v2_and_a_writable_own_cgroup() {
+        let v2 = Layout {
+            v1: vec![],
+            unified: Some(PathBuf::from("/sys/fs/cgroup/user.slice/u")),
+            invisible: vec![],
+        };
+        assert_eq!(
+            delegation_of(&v2, |_| true),
+            Ok(PathBuf::from("/sys/fs/cgroup/user.slice/u"))
+        );
+        let e = delegation_of(&v2, |p| !p.ends_with("cgroup.subtree_control")).unwrap_err();
+        assert!(e.contains("cgroup.subtree_control is not writable"), "{e}");
+        let hybrid = Layout {
+            v1: vec![V1Hierarchy {
+                controllers: vec!["memory".into()],
+                own: PathBuf::from("/sys/fs/cgroup/memory"),
+            }],
+            ..v2.clone()
+        };
+        let e = delegation_of(&hybrid, |_| true).unwrap_err();
+        assert!(e.contains("v1 controllers in use (memory)"), "{e}");
+        let none = Layout {
+            unified: None,
+            ..v2
+        };
+        assert!(delegation_of(&none, |_| true)
+            .unwrap_err()
+            .contains("no cgroup v2"));
+        // This machine (hybrid, see the module docs): never delegated.
+        if Layout::cached().is_ok_and(|l| !l.v1.is_empty()) {
+            assert!(rootless_delegation().is_err());
+        }
+    }
 
     /// True if we may run privileged tests; panics when not root unless CARAPACE_ALLOW_SKIP=1.
     fn privileged() -> bool {

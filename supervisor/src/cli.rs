@@ -14,9 +14,7 @@ use std::os::fd::AsFd as _;
 
 use carapace_broker::server::Role;
 
-use crate::broker_host::{
-    new_identity, BrokerHost, BrokerSetup, StateDir, ToolContext, DEFAULT_STATE_DIR,
-};
+use crate::broker_host::{new_identity, BrokerHost, BrokerSetup, StateDir, ToolContext};
 use crate::cgroup::{self, Cgroup};
 use crate::namespaces::{self, RunAs};
 use crate::report::{EXIT_DENIED, EXIT_SETUP};
@@ -156,7 +154,8 @@ pub struct ExecArgs {
     #[arg(short, long)]
     pub verbose: bool,
     /// The broker's state (audit.log, approvals.json, dlq/, pending/), used when the profile
-    /// has a broker section; created 0700 [default: /var/lib/carapace]
+    /// has a broker section; created 0700 [default: /var/lib/carapace as root, else
+    /// $XDG_STATE_HOME/carapace or ~/.local/state/carapace]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// How long an `ask` from a brokered child waits for `carapace approvals allow|deny`
@@ -451,15 +450,24 @@ fn exec(a: ExecArgs) -> i32 {
             EXIT_SETUP,
         );
     }
-    let Some(plan) = d.plan else {
+    let Some(mut plan) = d.plan else {
         return fail(
             "internal error: an allowed decision without a profile",
             EXIT_SETUP,
         );
     };
-    if !is_root() {
+    // Rootless mode (not root): the sandbox runs as the user's own uid, in namespaces owned by
+    // a user namespace of its own; cgroups only where delegated (docs/threat-model.md).
+    let rootless = !is_root();
+    if rootless && a.run_as != RunAs::Auto {
         return fail(
-            "needs root for now; rootless mode is planned (run `sudo carapace exec ...`)",
+            &format!(
+                "--run-as is not available in rootless mode: the sandbox runs as your own \
+                 uid:gid {}:{} (only a root supervisor can give it another host identity); \
+                 drop --run-as, or run carapace as root",
+                namespaces::own_ids().uid,
+                namespaces::own_ids().gid
+            ),
             EXIT_SETUP,
         );
     }
@@ -502,9 +510,46 @@ fn exec(a: ExecArgs) -> i32 {
         Some(w) => cwd.join(w),
         None => cwd.clone(),
     };
-    let (run_as, run_as_note) = a.run_as.resolve(std::process::id());
+    let (run_as, run_as_note) = if rootless {
+        (namespaces::own_ids(), None)
+    } else {
+        a.run_as.resolve(std::process::id())
+    };
     if let Some(n) = run_as_note {
         eprintln!("{n}");
+    }
+    // Rootless without a delegated cgroup: the cgroup limits become rlimits (said once).
+    let use_cgroup = !rootless
+        || match cgroup::rootless_delegation() {
+            Ok(dir) => {
+                if a.verbose {
+                    eprintln!(
+                        "carapace: rootless: using the delegated cgroup {}",
+                        dir.display()
+                    );
+                }
+                true
+            }
+            Err(why) => {
+                eprintln!(
+                    "carapace: rootless: no delegated cgroup; memory/pids/cpu limited by rlimits only"
+                );
+                if a.verbose {
+                    eprintln!("carapace: rootless: {why}");
+                }
+                false
+            }
+        };
+    if !use_cgroup {
+        for f in crate::rlimits::cgroup_fallback(&mut plan) {
+            if a.verbose {
+                eprintln!(
+                    "carapace: rootless: {} instead of {}",
+                    crate::rlimits::fallback_words(&f),
+                    f.instead_of
+                );
+            }
+        }
     }
     // A profile with a broker section: the child gets a broker socket at fd 3, served by
     // this process while it runs.
@@ -532,30 +577,42 @@ fn exec(a: ExecArgs) -> i32 {
     if a.verbose {
         eprintln!(
             "carapace: running {} as host {}:{} (inside {}:{}), workspace owner {:?}, \
-             landlock ABI {}",
+             landlock ABI {}{}",
             launch.program_inside().display(),
-            run_as.uid,
-            run_as.gid,
+            launch.host_ids().uid,
+            launch.host_ids().gid,
             plan.user.uid,
             plan.user.gid,
             launch.workspace_owner(),
-            target.landlock_abi
+            target.landlock_abi,
+            if launch.rootless() { ", rootless" } else { "" }
         );
     }
     let t_cgroup = std::time::Instant::now();
     // Cgroups of earlier runs whose supervisor was SIGKILLed (it could not clean up): remove
     // those that are empty and whose supervisor is gone. Never fatal.
-    match cgroup::remove_stale() {
-        Ok(gone) => {
-            for d in gone {
-                tracing::info!("removed the stale cgroup {}", d.display());
+    let cg = if use_cgroup {
+        match cgroup::remove_stale() {
+            Ok(gone) => {
+                for d in gone {
+                    tracing::info!("removed the stale cgroup {}", d.display());
+                }
+            }
+            Err(e) => tracing::warn!("looking for stale cgroups: {e}"),
+        }
+        match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let how = if rootless {
+                    " (rootless, in the delegated cgroup)"
+                } else {
+                    ""
+                };
+                return fail(&format!("cannot create the cgroup{how}: {e}"), EXIT_SETUP);
             }
         }
-        Err(e) => tracing::warn!("looking for stale cgroups: {e}"),
-    }
-    let cg = match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
-        Ok(c) => c,
-        Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
+    } else {
+        None
     };
     if let Err(e) = crate::spawn::handle_termination_signals() {
         tracing::warn!("cannot handle termination signals: {e}");
@@ -576,7 +633,7 @@ fn exec(a: ExecArgs) -> i32 {
         broker: broker.as_ref().map(|(_, theirs)| theirs.as_fd()),
         ..ChildIo::default()
     };
-    let spawned = launch.spawn_with(Some(&cg), io);
+    let spawned = launch.spawn_with(cg.as_ref(), io);
     // The child has its copy of the socket now; ours must go, so that the broker sees the
     // hangup when the child is gone.
     let host = broker.map(|(host, theirs)| {
@@ -585,7 +642,7 @@ fn exec(a: ExecArgs) -> i32 {
     });
     let result = spawned.and_then(|r| {
         t_started = std::time::Instant::now();
-        r.wait(launch.wall_time(), Some(&cg))
+        r.wait(launch.wall_time(), cg.as_ref())
     });
     let t_exited = std::time::Instant::now();
     if let Some(host) = host {
@@ -616,7 +673,7 @@ fn exec(a: ExecArgs) -> i32 {
     // The cgroup goes only now: its statistics are in the report already, and whoever waits
     // for the report does not wait for the rmdirs (milliseconds on v1; see docs/benchmarks.md).
     let t_reported = std::time::Instant::now();
-    if let Err(e) = cg.remove() {
+    if let Some(Err(e)) = cg.map(Cgroup::remove) {
         tracing::warn!("removing the cgroup: {e}");
     }
     if a.verbose {
@@ -641,7 +698,7 @@ fn exec(a: ExecArgs) -> i32 {
 
 /// The state directory: `--state-dir`, else the default.
 fn state_dir_of(arg: Option<&Path>) -> PathBuf {
-    arg.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), Path::to_path_buf)
+    arg.map_or_else(crate::paths::default_state_dir, Path::to_path_buf)
 }
 
 /// Start the broker for a child in `profile`: open the state, build the operations, and serve

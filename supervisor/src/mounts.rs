@@ -27,6 +27,16 @@
 //! bind are not touched by its recursive attributes, since they do not exist yet.
 //!
 //! All paths are `CString`s built here, before fork: the child only walks the list.
+//!
+//! # Rootless mode
+//!
+//! An unprivileged supervisor cannot build an idmapped mount (open_tree(OPEN_TREE_CLONE) and
+//! MOUNT_ATTR_IDMAP need CAP_SYS_ADMIN in the initial user namespace), and needs none: the
+//! sandbox runs as the user's own host uid, which owns the workspace. [`prepare_workspace_plain`]
+//! only opens and checks the directory; the child, which is root of its own user namespace and
+//! so may mount in its mount namespace, binds it from `/oldroot` ([`Op::BindTree`]: opened with
+//! RESOLVE_NO_SYMLINKS and checked to be the very inode the parent checked, then cloned with
+//! `open_tree` and moved in) and applies its attributes like any host bind.
 
 use std::ffi::CString;
 use std::fmt;
@@ -175,6 +185,15 @@ pub enum Op {
         fd: RawFd,
         dst: CString,
     },
+    /// Rootless workspace: `openat2(src, O_PATH|O_DIRECTORY, RESOLVE_NO_SYMLINKS)`, refuse it
+    /// unless it is the inode (`dev`, `ino`) the parent checked, then
+    /// `open_tree(OPEN_TREE_CLONE|AT_RECURSIVE)` of that fd and `move_mount` to `dst`.
+    BindTree {
+        src: CString,
+        dst: CString,
+        dev: u64,
+        ino: u64,
+    },
 }
 
 impl fmt::Display for Op {
@@ -214,6 +233,9 @@ impl fmt::Display for Op {
             }
             Op::Detach { path } => write!(f, "umount -l {}", s(path)),
             Op::MoveMount { dst, .. } => write!(f, "move_mount (workspace) {}", s(dst)),
+            Op::BindTree { src, dst, .. } => {
+                write!(f, "rbind (workspace, no symlinks) {} {}", s(src), s(dst))
+            }
         }
     }
 }
@@ -266,11 +288,18 @@ fn ancestors(dst: &Path, ops: &mut Vec<Op>) -> Result<(), MountError> {
     Ok(())
 }
 
-/// The idmapped workspace, prepared in the parent.
+/// The workspace, prepared in the parent: idmapped (as root), or only opened and checked
+/// (rootless, see the module docs).
 #[derive(Debug)]
 pub struct WorkspaceTree {
-    /// Detached mount (open_tree(OPEN_TREE_CLONE)) with its attributes already set.
-    pub fd: OwnedFd,
+    /// Detached mount (open_tree(OPEN_TREE_CLONE)) with its attributes already set; `None` in
+    /// rootless mode, where the child binds the directory itself ([`Op::BindTree`]).
+    pub fd: Option<OwnedFd>,
+    /// The mount attributes (MOUNT_ATTR_*) the workspace gets.
+    pub attrs: u64,
+    /// Device and inode of the directory, checked again by the child in rootless mode.
+    pub dev: u64,
+    pub ino: u64,
     /// O_PATH fd of the host directory (for the Landlock rule: the same inode, no re-lookup).
     pub dir_fd: OwnedFd,
     /// Canonical host directory.
@@ -279,27 +308,29 @@ pub struct WorkspaceTree {
     pub owner_uid: u32,
     pub owner_gid: u32,
     /// The killed helper that carried the idmapping's user namespace, reaped on drop.
-    _helper: namespaces::Reaper,
+    _helper: Option<namespaces::Reaper>,
 }
 
-/// Clone the workspace directory as a detached mount, idmapped so that its owner appears as the
-/// sandbox's host identity (`ids`): the sandbox can write it, and what it writes lands owned by
-/// the workspace owner. nosuid and nodev always; read-only unless `writable`; noexec unless
-/// `exec`.
-pub fn prepare_workspace(
-    dir: &Path,
-    writable: bool,
-    exec: bool,
-    ids: HostIds,
-) -> Result<WorkspaceTree, MountError> {
-    let sys = |syscall, path: &Path| {
-        let source = io::Error::last_os_error();
-        MountError::Sys {
-            syscall,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
+/// The workspace directory opened once, refusing symlinks in every component, checked and
+/// stat'ed.
+struct OpenedWorkspace {
+    dir_fd: OwnedFd,
+    host_dir: PathBuf,
+    st: libc::stat,
+}
+
+fn workspace_attrs(writable: bool, exec: bool) -> u64 {
+    let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if !writable {
+        set |= MOUNT_ATTR_RDONLY;
+    }
+    if !exec {
+        set |= MOUNT_ATTR_NOEXEC;
+    }
+    set
+}
+
+fn open_workspace(dir: &Path) -> Result<OpenedWorkspace, MountError> {
     // Open the directory once, refusing symlinks in every component (an earlier sandbox may
     // have planted one in a workspace), and use that fd for everything below: no TOCTOU.
     let dir_fd = crate::fds::open_no_symlinks(dir, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(
@@ -326,7 +357,11 @@ pub fn prepare_workspace(
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat on an fd we own, into a local.
     if unsafe { libc::fstat(dir_fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(sys("fstat", &host_dir));
+        return Err(MountError::Sys {
+            syscall: "fstat",
+            path: host_dir,
+            source: io::Error::last_os_error(),
+        });
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(MountError::WorkspaceNotDir { path: host_dir });
@@ -337,6 +372,58 @@ pub fn prepare_workspace(
             reason,
         });
     }
+    Ok(OpenedWorkspace {
+        dir_fd,
+        host_dir,
+        st,
+    })
+}
+
+/// Rootless: open and check the workspace directory (as [`prepare_workspace`] does) without
+/// building a mount; the child binds it ([`Op::BindTree`]). nosuid and nodev always; read-only
+/// unless `writable`; noexec unless `exec`.
+pub fn prepare_workspace_plain(
+    dir: &Path,
+    writable: bool,
+    exec: bool,
+) -> Result<WorkspaceTree, MountError> {
+    let w = open_workspace(dir)?;
+    Ok(WorkspaceTree {
+        fd: None,
+        attrs: workspace_attrs(writable, exec),
+        dev: w.st.st_dev,
+        ino: w.st.st_ino,
+        dir_fd: w.dir_fd,
+        host_dir: w.host_dir,
+        owner_uid: w.st.st_uid,
+        owner_gid: w.st.st_gid,
+        _helper: None,
+    })
+}
+
+/// Clone the workspace directory as a detached mount, idmapped so that its owner appears as the
+/// sandbox's host identity (`ids`): the sandbox can write it, and what it writes lands owned by
+/// the workspace owner. nosuid and nodev always; read-only unless `writable`; noexec unless
+/// `exec`.
+pub fn prepare_workspace(
+    dir: &Path,
+    writable: bool,
+    exec: bool,
+    ids: HostIds,
+) -> Result<WorkspaceTree, MountError> {
+    let sys = |syscall, path: &Path| {
+        let source = io::Error::last_os_error();
+        MountError::Sys {
+            syscall,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let OpenedWorkspace {
+        dir_fd,
+        host_dir,
+        st,
+    } = open_workspace(dir)?;
     let (owner_uid, owner_gid) = (st.st_uid, st.st_gid);
     let (userns, reaper) = namespaces::helper_userns(
         &namespaces::map_line(owner_uid, ids.uid),
@@ -357,13 +444,8 @@ pub fn prepare_workspace(
     }
     // SAFETY: open_tree succeeded; the fd is ours alone. (fds fit in c_int.)
     let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-    if !writable {
-        set |= MOUNT_ATTR_RDONLY;
-    }
-    if !exec {
-        set |= MOUNT_ATTR_NOEXEC;
-    }
+    let attrs = workspace_attrs(writable, exec);
+    let set = MOUNT_ATTR_IDMAP | attrs;
     let attr = MountAttr {
         attr_set: set,
         userns_fd: userns.as_raw_fd() as u64,
@@ -398,12 +480,15 @@ pub fn prepare_workspace(
         });
     }
     Ok(WorkspaceTree {
-        fd: tree,
+        fd: Some(tree),
+        attrs,
+        dev: st.st_dev,
+        ino: st.st_ino,
         dir_fd,
         host_dir,
         owner_uid,
         owner_gid,
-        _helper: reaper,
+        _helper: Some(reaper),
     })
 }
 
@@ -569,10 +654,25 @@ pub fn build(
                 ops.push(Op::Mkdir {
                     path: target.clone(),
                 });
-                ops.push(Op::MoveMount {
-                    fd: ws.fd.as_raw_fd(),
-                    dst: target,
-                });
+                match &ws.fd {
+                    Some(fd) => ops.push(Op::MoveMount {
+                        fd: fd.as_raw_fd(),
+                        dst: target,
+                    }),
+                    None => {
+                        ops.push(Op::BindTree {
+                            src: cstr(under(OLDROOT, &ws.host_dir))?,
+                            dst: target.clone(),
+                            dev: ws.dev,
+                            ino: ws.ino,
+                        });
+                        ops.push(Op::SetAttr {
+                            path: target,
+                            set: ws.attrs,
+                            recursive: true,
+                        });
+                    }
+                }
                 views.push(View {
                     host: Some(ws.host_dir.clone()),
                     dst: dst.clone(),
@@ -900,6 +1000,10 @@ unsafe fn child_op(op: &Op) -> Result<(), i32> {
                 return err();
             }
         }
+        Op::BindTree { src, dst, dev, ino } => {
+            // SAFETY: see child_bind_tree.
+            return unsafe { child_bind_tree(src, dst, *dev, *ino) };
+        }
         Op::MoveMount { fd, dst } => {
             let empty = c"";
             // SAFETY: valid C strings; `fd` is the detached workspace tree inherited from the
@@ -921,6 +1025,94 @@ unsafe fn child_op(op: &Op) -> Result<(), i32> {
     }
     Ok(())
 }
+
+/// # Safety
+/// As [`child_op`]: raw syscalls on C strings owned by the caller; every fd opened here is
+/// closed before returning.
+unsafe fn child_bind_tree(src: &CString, dst: &CString, dev: u64, ino: u64) -> Result<(), i32> {
+    let how = OpenHowRaw {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS,
+    };
+    // SAFETY: valid C string and open_how of the size passed; returns a new fd or -1.
+    let dir = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            &how as *const OpenHowRaw,
+            std::mem::size_of::<OpenHowRaw>(),
+        )
+    };
+    if dir < 0 {
+        return Err(crate::fds::errno());
+    }
+    let dir = dir as RawFd;
+    let close = |fd: RawFd| {
+        // SAFETY: closing an fd this function opened.
+        unsafe { libc::close(fd) };
+    };
+    // SAFETY: all-zero is a valid `struct stat`; fstat of the fd just opened into a local.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(dir, &mut st) } != 0 {
+        let e = crate::fds::errno();
+        close(dir);
+        return Err(e);
+    }
+    if st.st_dev != dev || st.st_ino != ino {
+        // Not the directory the supervisor checked (it was replaced meanwhile).
+        close(dir);
+        return Err(libc::ESTALE);
+    }
+    let empty = c"";
+    // SAFETY: an empty path relative to the fd just opened (AT_EMPTY_PATH); returns a new fd.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir,
+            empty.as_ptr(),
+            OPEN_TREE_CLONE
+                | libc::O_CLOEXEC as libc::c_uint
+                | libc::AT_EMPTY_PATH as libc::c_uint
+                | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    let e = crate::fds::errno();
+    close(dir);
+    if tree < 0 {
+        return Err(e);
+    }
+    let tree = tree as RawFd;
+    // SAFETY: valid C strings; `tree` is the detached mount just created.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    let e = crate::fds::errno();
+    close(tree);
+    if r != 0 {
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// `struct open_how` for openat2(2) (the child's copy; see `fds::open_no_symlinks`).
+#[repr(C)]
+struct OpenHowRaw {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
 
 #[cfg(test)]
 mod tests {

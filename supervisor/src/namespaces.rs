@@ -6,6 +6,19 @@
 //! namespace later with `unshare(CLONE_NEWUSER)`, after its root is built. The parent then writes
 //! the maps with [`write_id_maps`]: one line, `inside host 1`, so that the only identity that
 //! exists in the sandbox is the sandbox user, backed by the unprivileged host uid/gid.
+//!
+//! # Rootless mode
+//!
+//! An unprivileged supervisor cannot create mount, pid, net... namespaces outside a user
+//! namespace it owns, so the child is created in a new user namespace from the start
+//! (`clone(CLONE_NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS)`, see [`rootless_clone_flags`]).
+//! The parent writes `setgroups` = `deny` and the single mapping its own euid/egid allows,
+//! `inside <euid> 1` ([`write_id_maps_unprivileged`]), before the child does anything. The
+//! child has every capability in that namespace as its creator (whatever its uid there), so it
+//! builds its root exactly as in root mode, then drops to the sandbox user and all its
+//! capabilities; namespace root (uid 0) is not mapped at all. Nothing else owns the namespaces:
+//! processes of the same host user outside the sandbox do (as the namespace's owner), which
+//! is the user the sandbox already runs as. See docs/threat-model.md, "Rootless mode".
 
 use std::ffi::CString;
 use std::fs::OpenOptions;
@@ -153,6 +166,49 @@ pub fn clone_flags(ns: &Namespaces) -> Result<libc::c_int, NamespaceError> {
         flags |= libc::CLONE_NEWUTS;
     }
     Ok(flags)
+}
+
+/// Rootless: the clone flags of [`clone_flags`] plus `CLONE_NEWUSER` (the child is born in its
+/// own user namespace, which owns all its other namespaces).
+pub fn rootless_clone_flags(ns: &Namespaces) -> Result<libc::c_int, NamespaceError> {
+    Ok(clone_flags(ns)? | libc::CLONE_NEWUSER)
+}
+
+/// The calling process's effective uid and gid (the sandbox's host identity in rootless mode).
+pub fn own_ids() -> HostIds {
+    // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+    unsafe {
+        HostIds {
+            uid: libc::geteuid(),
+            gid: libc::getegid(),
+        }
+    }
+}
+
+/// Rootless: write a child's `setgroups` (`deny`: an unprivileged writer may map its gid only
+/// then) and its one-line `uid_map` / `gid_map`, each of which may map only our own euid/egid.
+pub fn write_id_maps_unprivileged(
+    pid: libc::pid_t,
+    uid_map: &str,
+    gid_map: &str,
+) -> Result<(), NamespaceError> {
+    for (file, text) in [
+        ("setgroups", "deny\n"),
+        ("uid_map", uid_map),
+        ("gid_map", gid_map),
+    ] {
+        let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).open(&path)?;
+            f.write_all(text.as_bytes())
+        };
+        write().map_err(|source| NamespaceError::Sys {
+            syscall: "write",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// One line of a `uid_map` / `gid_map`: `inside outside 1`.

@@ -20,6 +20,13 @@
 //!  read error pipe: EOF = exec'd  <-------   (or a ChildFailure record, then _exit(126))
 //! ```
 //!
+//! Rootless mode (the supervisor is not root, see [`Launch::rootless`]): the child is cloned
+//! with CLONE_NEWUSER as well, and the parent writes `setgroups` = deny and the one-line maps
+//! (sandbox user -> the user's own uid/gid) right after clone, before "go 1"; the child, with
+//! every capability in that namespace, builds its root as above but skips `setgroups(0)` (denied)
+//! and the second user namespace, and "go 2" carries no maps. Everything from setresgid on is
+//! the same.
+//!
 //! The program is pid 2, the child of a tiny init (pid 1, our own code, no exec): a pid
 //! namespace's init ignores every signal it has no handler for, which would make a program's
 //! own `kill -TERM $$` or `abort()` misbehave. The init reaps orphans and, when the program
@@ -268,7 +275,8 @@ pub struct LaunchOptions {
     pub args: Vec<OsString>,
     /// Host workspace directory (bound at the plan's workspace mount).
     pub workspace: Option<PathBuf>,
-    /// Host identity of the sandbox.
+    /// Host identity of the sandbox. Ignored in rootless mode, where the sandbox runs as the
+    /// supervisor's own euid/egid (see [`Launch::host_ids`]).
     pub run_as: HostIds,
     /// The supervisor's environment, the source of `env.pass`.
     pub env: Vec<(OsString, OsString)>,
@@ -321,6 +329,10 @@ pub struct Launch {
     hostname: Option<CString>,
     inside_uid: u32,
     inside_gid: u32,
+    /// The host uid/gid the sandbox runs as.
+    host: HostIds,
+    /// Rootless mode: the supervisor is not root (see the module docs).
+    rootless: bool,
     uid_map: String,
     gid_map: String,
     cap_last: u32,
@@ -399,20 +411,48 @@ impl Launch {
                 t0.elapsed().as_secs_f64() * 1e3
             )
         };
-        let clone_flags = namespaces::clone_flags(&plan.namespaces)?;
+        let rootless = !crate::paths::is_root();
+        let clone_flags = if rootless {
+            namespaces::rootless_clone_flags(&plan.namespaces)?
+        } else {
+            namespaces::clone_flags(&plan.namespaces)?
+        };
+        let host = if rootless {
+            namespaces::own_ids()
+        } else {
+            opts.run_as
+        };
+        // The ids the child's mounts (tmpfs owners) are made with: the host's as root; in
+        // rootless mode the child mounts inside its user namespace, where the sandbox user is
+        // the plan's.
+        let mount_ids = if rootless {
+            HostIds {
+                uid: plan.user.uid,
+                gid: plan.user.gid,
+            }
+        } else {
+            opts.run_as
+        };
         let ws_mount = plan.mounts.iter().find_map(|m| match m {
             Mount::Workspace { writable, exec, .. } => Some((*writable, *exec)),
             _ => None,
         });
         let workspace = match (ws_mount, &opts.workspace) {
+            (Some((writable, exec)), Some(dir)) if rootless => {
+                Some(mounts::prepare_workspace_plain(dir, writable, exec)?)
+            }
             (Some((writable, exec)), Some(dir)) => {
                 Some(mounts::prepare_workspace(dir, writable, exec, opts.run_as)?)
             }
             (Some(_), None) => return Err(MountError::NoWorkspace.into()),
             (None, _) => None,
         };
-        lap("idmapped workspace");
-        let built = mounts::build(&plan.mounts, workspace.as_ref(), opts.run_as)?;
+        lap(if rootless {
+            "workspace (rootless: plain bind)"
+        } else {
+            "idmapped workspace"
+        });
+        let built = mounts::build(&plan.mounts, workspace.as_ref(), mount_ids)?;
         lap("mount program");
         let program_inside =
             mounts::program_inside(&built.views, &opts.program).map_err(SpawnError::Program)?;
@@ -424,7 +464,11 @@ impl Launch {
         lap("landlock ruleset");
         let seccomp = seccomp::prepare(&plan.seccomp.program)?;
         let init_seccomp = crate::init::prepare()?;
-        let rlimits = rlimits::prepare(&plan.rlimits)?;
+        let mut rlimits = rlimits::prepare(&plan.rlimits)?;
+        if rootless {
+            // Only root may raise a hard limit: never ask for more than we have.
+            rlimits::clamp_to_current(&mut rlimits);
+        }
         let cap_last = caps::cap_last_cap()?;
         let hostname = if plan.namespaces.uts {
             Some(cstring("hostname", plan.hostname.as_bytes())?)
@@ -466,8 +510,10 @@ impl Launch {
             hostname,
             inside_uid: plan.user.uid,
             inside_gid: plan.user.gid,
-            uid_map: namespaces::map_line(plan.user.uid, opts.run_as.uid),
-            gid_map: namespaces::map_line(plan.user.gid, opts.run_as.gid),
+            host,
+            rootless,
+            uid_map: namespaces::map_line(plan.user.uid, host.uid),
+            gid_map: namespaces::map_line(plan.user.gid, host.gid),
             cap_last,
             rlimits,
             landlock,
@@ -525,6 +571,20 @@ impl Launch {
     /// Whether the child gets a broker socket (see [`LaunchOptions::broker`]).
     pub fn brokered(&self) -> bool {
         self.broker
+    }
+
+    /// Whether this launch is for rootless mode: prepared by a supervisor whose euid is not 0.
+    /// The sandbox then runs as that euid/egid (`run_as` is ignored), its workspace is a plain
+    /// bind, and no cgroup is needed (limits fall back to rlimits, see
+    /// [`rlimits::cgroup_fallback`]); the child's namespaces are owned by a user namespace of
+    /// its own (see the module docs).
+    pub fn rootless(&self) -> bool {
+        self.rootless
+    }
+
+    /// The host uid/gid the sandboxed program runs as.
+    pub fn host_ids(&self) -> HostIds {
+        self.host
     }
 
     /// Whether the child gets a listening socket (see [`LaunchOptions::listener`]).
@@ -720,6 +780,11 @@ impl Launch {
         let lap = |what: &str| {
             tracing::debug!("start: {what} at {:.2}ms", t0.elapsed().as_secs_f64() * 1e3)
         };
+        if self.rootless {
+            // The child was born in its user namespace: map it before it does anything.
+            namespaces::write_id_maps_unprivileged(pid, &self.uid_map, &self.gid_map)?;
+            lap("maps written (rootless)");
+        }
         // A failed write means the child is gone; its error record (if any) explains why.
         let sent = fds::write_byte(go, 1, "sync 1");
         let mut b = [0u8; 1];
@@ -732,11 +797,13 @@ impl Launch {
             return Err(child_error(err, pid));
         }
         lap("user namespace ready");
-        namespaces::write_id_maps(pid, &self.uid_map, &self.gid_map)?;
+        if !self.rootless {
+            namespaces::write_id_maps(pid, &self.uid_map, &self.gid_map)?;
+            lap("maps written");
+        }
         if fds::write_byte(go, 2, "sync 2").is_err() {
             return Err(child_error(err, pid));
         }
-        lap("maps written");
         let mut rec = [0u8; fds::FAILURE_LEN];
         let n = fds::read_full_until(err, &mut rec, deadline, "exec-error pipe")?;
         lap("exec");
@@ -1095,24 +1162,29 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
             sys0(unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) } as libc::c_long),
         );
     }
-    // Drop supplementary groups while still real root in the initial user namespace. Raw
-    // syscall: glibc's setgroups would try to broadcast to threads that do not exist here.
-    // SAFETY: setgroups(0, NULL) passes no memory.
-    check(
-        Stage::Setgroups,
-        sys0(unsafe {
-            libc::syscall(
-                libc::SYS_setgroups,
-                0 as libc::c_int,
-                std::ptr::null::<libc::gid_t>(),
-            )
-        }),
-    );
-    // SAFETY: integer argument only.
-    check(
-        Stage::UnshareUser,
-        sys0(unsafe { libc::unshare(libc::CLONE_NEWUSER) } as libc::c_long),
-    );
+    if !l.rootless {
+        // Drop supplementary groups while still real root in the initial user namespace. Raw
+        // syscall: glibc's setgroups would try to broadcast to threads that do not exist here.
+        // (Rootless: setgroups is denied in our user namespace; the user's own supplementary
+        // groups stay, see docs/threat-model.md.)
+        // SAFETY: setgroups(0, NULL) passes no memory.
+        check(
+            Stage::Setgroups,
+            sys0(unsafe {
+                libc::syscall(
+                    libc::SYS_setgroups,
+                    0 as libc::c_int,
+                    std::ptr::null::<libc::gid_t>(),
+                )
+            }),
+        );
+        // Rootless: we are in our user namespace since clone.
+        // SAFETY: integer argument only.
+        check(
+            Stage::UnshareUser,
+            sys0(unsafe { libc::unshare(libc::CLONE_NEWUSER) } as libc::c_long),
+        );
+    }
     check(Stage::SignalUserns, fds::child_write_byte(f.ready_write, 1));
     // SAFETY: closing our copy of the ready pipe.
     unsafe { libc::close(f.ready_write) };
