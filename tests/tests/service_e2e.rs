@@ -530,7 +530,7 @@ programs = ["/usr/bin/echo"]
 approval = "deny"
 "#;
     let text = default_policy_text();
-    let at = text.find("[[exec]]").unwrap_or(text.len());
+    let at = text.find("\n[[exec]]\n").map_or(text.len(), |i| i + 1);
     fs::write(
         svc.policy_path(),
         format!("{}{deny}\n{}", &text[..at], &text[at..]),
