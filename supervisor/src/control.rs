@@ -556,8 +556,13 @@ impl ClientConn {
         }
     }
 
-    /// The next reply line, or `None` at end of file.
+    /// The next reply, or `None` at end of file.
     fn read_reply(&mut self) -> Result<Option<Reply>, ControlError> {
+        Ok(self.read_reply_raw()?.map(|(r, _)| r))
+    }
+
+    /// The next reply and its line (without `\n`), or `None` at end of file.
+    fn read_reply_raw(&mut self) -> Result<Option<(Reply, Vec<u8>)>, ControlError> {
         let mut buf = Vec::new();
         let n = (&mut self.reader)
             .take(MAX_REPLY_LINE as u64 + 1)
@@ -575,10 +580,10 @@ impl ClientConn {
         if n == 0 {
             return Ok(None);
         }
-        if buf.last() != Some(&b'\n') {
+        if buf.pop() != Some(b'\n') {
             return Err(ControlError::Protocol {
                 path: self.path.clone(),
-                reason: if buf.len() > MAX_REPLY_LINE {
+                reason: if buf.len() >= MAX_REPLY_LINE {
                     format!("a reply line is longer than {MAX_REPLY_LINE} bytes")
                 } else {
                     "the connection ended in the middle of a reply".to_string()
@@ -586,7 +591,7 @@ impl ClientConn {
             });
         }
         serde_json::from_slice(&buf)
-            .map(Some)
+            .map(|r| Some((r, buf)))
             .map_err(|e| ControlError::Protocol {
                 path: self.path.clone(),
                 reason: format!("not a reply: {e}"),
@@ -639,6 +644,25 @@ pub fn stream(
     req: &Request,
     mut on: impl FnMut(Value) -> bool,
 ) -> Result<(), ControlError> {
+    stream_raw(socket, req, |v, _| on(v))
+}
+
+/// The record's text exactly as stored, from a `line` reply carrying it byte for byte.
+fn raw_record(line: &[u8]) -> Option<&str> {
+    let inner = line
+        .strip_prefix(AUDIT_LINE_PREFIX.as_bytes())?
+        .strip_suffix(b"}")?;
+    let text = std::str::from_utf8(inner).ok()?;
+    text.trim_start().starts_with('{').then_some(text)
+}
+
+/// [`stream`], also passing each record's text exactly as the audit log holds it (field order
+/// and all) when the server sent it so; `carapace audit tail --json` prints that.
+pub fn stream_raw(
+    socket: &Path,
+    req: &Request,
+    mut on: impl FnMut(Value, Option<&str>) -> bool,
+) -> Result<(), ControlError> {
     let follow = matches!(req, Request::AuditTail { follow: true, .. });
     let mut c = ClientConn::connect(socket)?;
     c.send(req)?;
@@ -646,7 +670,7 @@ pub fn stream(
         c.set_read_timeout(None)?;
     }
     loop {
-        let Some(reply) = c.read_reply()? else {
+        let Some((reply, line)) = c.read_reply_raw()? else {
             return Err(ControlError::Protocol {
                 path: socket.to_path_buf(),
                 reason: "the supervisor closed the connection".to_string(),
@@ -663,13 +687,13 @@ pub fn stream(
             return Ok(());
         }
         if let Some(v) = reply.line {
-            if !on(v) {
+            if !on(v, raw_record(&line)) {
                 return Ok(());
             }
             continue;
         }
         if let Some(v) = reply.result {
-            on(v);
+            on(v, None);
             return Ok(());
         }
         return Err(ControlError::Protocol {
@@ -1078,8 +1102,11 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 type Writer = tokio::net::unix::OwnedWriteHalf;
 
 async fn send(wr: &mut Writer, reply: &Reply, timeout: Duration) -> io::Result<()> {
-    let line = reply.to_line();
-    match tokio::time::timeout(timeout, wr.write_all(&line)).await {
+    send_bytes(wr, &reply.to_line(), timeout).await
+}
+
+async fn send_bytes(wr: &mut Writer, line: &[u8], timeout: Duration) -> io::Result<()> {
+    match tokio::time::timeout(timeout, wr.write_all(line)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -1181,11 +1208,24 @@ async fn connection(stream: tokio::net::UnixStream, ctx: Arc<ConnCtx>) {
     }
 }
 
-/// A raw audit line as the value sent in `line`.
-fn audit_value(raw: &[u8]) -> Value {
-    serde_json::from_slice(raw)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(raw).into_owned()))
+/// The reply line for one audit record: `{"ok":true,"line":<the record's bytes as stored>}` when
+/// they are a JSON object (so the record arrives byte for byte, field order included, and can be
+/// hashed against the chain); otherwise the text as a JSON string.
+fn audit_reply(raw: &[u8]) -> Vec<u8> {
+    let is_object = raw.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_ok();
+    if is_object {
+        let mut line = Vec::with_capacity(raw.len() + 24);
+        line.extend_from_slice(AUDIT_LINE_PREFIX.as_bytes());
+        line.extend_from_slice(raw);
+        line.extend_from_slice(b"}\n");
+        return line;
+    }
+    Reply::line(Value::String(String::from_utf8_lossy(raw).into_owned())).to_line()
 }
+
+/// How a reply carrying an audit record begins.
+const AUDIT_LINE_PREFIX: &str = r#"{"ok":true,"line":"#;
 
 async fn audit_tail(
     rd: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -1208,7 +1248,7 @@ async fn audit_tail(
         }
     };
     for raw in &first {
-        send(wr, &Reply::line(audit_value(raw)), ctx.idle_timeout).await?;
+        send_bytes(wr, &audit_reply(raw), ctx.idle_timeout).await?;
     }
     if !follow {
         return send(wr, &Reply::end(), ctx.idle_timeout).await;
@@ -1234,7 +1274,7 @@ async fn audit_tail(
                 match new {
                     Ok(new) => {
                         for raw in &new {
-                            send(wr, &Reply::line(audit_value(raw)), ctx.idle_timeout).await?;
+                            send_bytes(wr, &audit_reply(raw), ctx.idle_timeout).await?;
                         }
                     }
                     Err(e) => {
@@ -2069,6 +2109,30 @@ mod tests {
         assert_eq!(got[2], Value::String("not json".to_string()));
         assert_eq!(seqs(&tail(&s.path, 100)[..5]), vec![1, 2, 3, 4, 5]);
         assert!(tail(&s.path, 0).is_empty());
+        // Records arrive byte for byte (field order as stored), with the raw text.
+        let mut raws = Vec::new();
+        stream_raw(
+            &s.path,
+            &Request::AuditTail {
+                lines: 2,
+                follow: false,
+            },
+            |_, raw| {
+                raws.push(raw.map(str::to_string));
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(raws, vec![Some(record(5)), None]);
+        let mut raw = Raw::new(&s.path);
+        raw.send(b"{\"op\":\"audit_tail\",\"lines\":2}\n");
+        let mut line = String::new();
+        raw.r.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{{\"ok\":true,\"line\":{}}}\n", record(5)));
+        // A line crafted to look like more of the reply is not an object: sent as a string.
+        let evil = r#"{"seq":9}},"end":true,"x":{"a":1"#;
+        fs::write(&log, format!("{evil}\n")).unwrap();
+        assert_eq!(tail(&s.path, 1), vec![Value::String(evil.to_string())]);
         // The handler never sees audit_tail.
         assert!(s.fake.seen.lock().unwrap().is_empty());
         // And the connection serves further requests after `end`.
@@ -2076,7 +2140,7 @@ mod tests {
         raw.send(b"{\"op\":\"audit_tail\",\"lines\":1}\n{\"op\":\"status\"}\n");
         assert_eq!(
             raw.reply().unwrap().line.unwrap(),
-            Value::String("not json".into())
+            Value::String(evil.to_string())
         );
         assert_eq!(raw.reply().unwrap().end, Some(true));
         assert!(raw.reply().unwrap().result.is_some());

@@ -766,12 +766,14 @@ pub fn audit_to(a: &AuditCommand, t: &mut Term<'_>) -> i32 {
 
 fn audit_tail_to(opts: &CtlOpts, lines: usize, follow: bool, t: &mut Term<'_>) -> i32 {
     let mut n = 0usize;
-    let r = control::stream(&opts.socket(), &Request::AuditTail { lines, follow }, |v| {
+    let req = Request::AuditTail { lines, follow };
+    let r = control::stream_raw(&opts.socket(), &req, |v, raw| {
         n += 1;
-        let mut text = if opts.json {
-            v.to_string()
-        } else {
-            format_audit_line(&v)
+        // --json: the record as stored (byte for byte when the supervisor sent it so).
+        let mut text = match (opts.json, raw) {
+            (true, Some(raw)) => raw.to_string(),
+            (true, None) => v.to_string(),
+            (false, _) => format_audit_line(&v),
         };
         text.push('\n');
         // Stop quietly when the reader went away (`| head`).
@@ -1594,6 +1596,20 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
         let (code, out, _) = tail(false);
         assert_eq!(code, EXIT_OK);
         assert_eq!(out, "#1 ? ? connect ? ? -> ?\n#2 ? ? open ? ? -> ?\n");
+        let a = AuditCommand::Tail {
+            lines: 1,
+            follow: false,
+            opts: CtlOpts {
+                json: true,
+                ..opts(&sock)
+            },
+        };
+        // --json: the record as stored, field order included.
+        let (code, out, _) = run(|t| audit_to(&a, t));
+        assert_eq!(
+            (code, out.as_str()),
+            (EXIT_OK, "{\"seq\":2,\"op\":\"open\"}\n")
+        );
 
         stop.shutdown();
         rt.block_on(task).unwrap();
