@@ -43,7 +43,8 @@
 //!
 //! **`audit_tail`** is answered by the server itself from the audit log file: first the last
 //! `lines` complete records (at most 10 000), each as `{"ok":true,"line":RECORD}` where RECORD is
-//! the record's JSON object as stored (a line that is not JSON is sent as a JSON string). Without
+//! the record's JSON object **byte for byte as stored** (field order included, so a client can
+//! hash it against the chain); a line that is not a JSON object is sent as a JSON string. Without
 //! `follow` that ends with `{"ok":true,"end":true}`. With `follow` no `end` comes: the server
 //! polls the file every 200 ms and sends each newly completed record, reopens the file when it
 //! was replaced (rotation) and starts from its beginning when it was truncated, until the client

@@ -36,8 +36,9 @@ fn state_dir_of(arg: Option<&Path>) -> PathBuf {
 /// Options of every command that talks to the supervisor.
 #[derive(Debug, Clone, Default, Args)]
 pub struct CtlOpts {
-    /// Control socket of the running supervisor [default: $CARAPACE_CONTROL_SOCKET, else
-    /// /run/carapace/control.sock as root, $XDG_RUNTIME_DIR/carapace/control.sock otherwise]
+    /// Control socket of the running supervisor [default: $CARAPACE_CONTROL_SOCKET; else as
+    /// root /run/carapace/control.sock; else $XDG_RUNTIME_DIR/carapace/control.sock (a
+    /// rootless supervisor's) if it exists, else the system one, /run/carapace/control.sock]
     #[arg(long, value_name = "PATH", global = true)]
     pub socket: Option<PathBuf>,
     /// Print JSON for scripts
@@ -47,9 +48,41 @@ pub struct CtlOpts {
 
 impl CtlOpts {
     fn socket(&self) -> PathBuf {
-        self.socket
-            .clone()
-            .unwrap_or_else(crate::paths::default_control_socket)
+        pick_socket(
+            self.socket.as_deref(),
+            std::env::var_os(crate::paths::CONTROL_SOCKET_ENV).is_some(),
+            crate::paths::is_root(),
+            crate::paths::default_control_socket(),
+            |p| p.exists(),
+        )
+    }
+}
+
+/// The system supervisor's control socket (`/run/carapace/control.sock`).
+pub const SYSTEM_CONTROL_SOCKET: &str = "/run/carapace/control.sock";
+
+/// The socket to talk to: `--socket`; else the default ([`crate::paths::default_control_socket`],
+/// which honours `$CARAPACE_CONTROL_SOCKET`). An unprivileged operator (a member of the control
+/// group) whose own rootless supervisor is not running gets the system one instead, so that
+/// `carapace status` works for them without `--socket`.
+fn pick_socket(
+    explicit: Option<&Path>,
+    env_set: bool,
+    root: bool,
+    default: PathBuf,
+    exists: impl Fn(&Path) -> bool,
+) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if env_set || root || exists(&default) {
+        return default;
+    }
+    let system = PathBuf::from(SYSTEM_CONTROL_SOCKET);
+    if exists(&system) {
+        system
+    } else {
+        default
     }
 }
 
@@ -1296,6 +1329,33 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
         let no =
             serde_json::json!({"applied": false, "policy_sha256": "", "message": "nothing to do"});
         assert!(format_reload(&no).starts_with("not applied: nothing to do; the old"));
+    }
+
+    #[test]
+    fn socket_choice() {
+        let user = PathBuf::from("/run/user/1000/carapace/control.sock");
+        let system = PathBuf::from(SYSTEM_CONTROL_SOCKET);
+        let none = |_: &Path| false;
+        let all = |_: &Path| true;
+        let only_system = |p: &Path| p == Path::new(SYSTEM_CONTROL_SOCKET);
+        let x = Path::new("/x.sock");
+        assert_eq!(pick_socket(Some(x), true, true, user.clone(), all), x);
+        // The default when it exists, when set by the environment, or as root.
+        assert_eq!(pick_socket(None, false, false, user.clone(), all), user);
+        assert_eq!(
+            pick_socket(None, true, false, user.clone(), only_system),
+            user
+        );
+        assert_eq!(
+            pick_socket(None, false, true, system.clone(), only_system),
+            system
+        );
+        // Unprivileged, no rootless supervisor: the system one if there is one.
+        assert_eq!(
+            pick_socket(None, false, false, user.clone(), only_system),
+            system
+        );
+        assert_eq!(pick_socket(None, false, false, user.clone(), none), user);
     }
 
     #[test]
