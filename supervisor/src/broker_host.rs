@@ -479,6 +479,8 @@ pub struct BrokerHost {
     /// The operations (audit, approvals, dead letters), for the supervisor's own use.
     pub ops: Arc<Ops>,
     pub approvals: Arc<Approvals>,
+    /// Why each waiting approval asks (the deciding rule's `why`), for the operator.
+    pub reasons: ApprovalReasons,
     tools: Arc<ToolContext>,
 }
 
@@ -569,12 +571,16 @@ impl BrokerHost {
             ctx: tools.clone(),
             peers: peers.clone(),
         });
+        let reasons = ApprovalReasons::default();
         let approver: Arc<dyn Approver> = match channel {
             OperatorChannel::Files => Arc::new(FileApprover {
                 approvals: approvals.clone(),
                 pending_dir: setup.state.pending(),
             }),
-            OperatorChannel::Control => Arc::new(LoggedApprover(approvals.clone())),
+            OperatorChannel::Control => Arc::new(LoggedApprover {
+                approvals: approvals.clone(),
+                reasons: reasons.clone(),
+            }),
         };
         let ops = Arc::new(
             Ops::new(
@@ -594,6 +600,7 @@ impl BrokerHost {
             peers,
             ops,
             approvals,
+            reasons,
             tools,
         })
     }
@@ -650,10 +657,19 @@ pub enum OperatorChannel {
     Control,
 }
 
+/// The deciding rules' reasons of the approvals waiting now, by (asking identity, argv): the
+/// broker's pending approval does not keep the rule, the operator wants to see why it asks.
+pub type ApprovalReasons =
+    Arc<std::sync::Mutex<std::collections::HashMap<(u64, Vec<String>), String>>>;
+
 /// The in-memory approvals, with a log line when one starts waiting (the operator sees it in
-/// the journal and answers with `carapace approvals allow|deny ID`).
+/// the journal and answers with `carapace approvals allow|deny ID`), and the rule's reason
+/// kept for `carapace approvals list`.
 #[derive(Debug)]
-struct LoggedApprover(Arc<Approvals>);
+struct LoggedApprover {
+    approvals: Arc<Approvals>,
+    reasons: ApprovalReasons,
+}
 
 impl Approver for LoggedApprover {
     fn ask(
@@ -666,7 +682,26 @@ impl Approver for LoggedApprover {
             "approval requested: {}; see `carapace approvals list`",
             q.argv.join(" ")
         );
-        self.0.clone().ask(q)
+        let key = (q.who.id, q.argv.clone());
+        // A poisoned map only loses reasons shown to the operator.
+        self.reasons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone(), q.why.clone());
+        let asked = self.approvals.clone().ask(q);
+        Box::pin(async move {
+            struct Forget(ApprovalReasons, (u64, Vec<String>));
+            impl Drop for Forget {
+                fn drop(&mut self) {
+                    self.0
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&self.1);
+                }
+            }
+            let _forget = Forget(self.reasons.clone(), key);
+            asked.await
+        })
     }
 }
 

@@ -1007,7 +1007,13 @@ impl Service {
                 .approvals
                 .list()
                 .iter()
-                .map(|p| control::PendingApproval::from_pending(p, "", now))
+                .map(|p| {
+                    let why = lock(&self.host.reasons)
+                        .get(&(p.identity.id, p.argv.clone()))
+                        .cloned()
+                        .unwrap_or_default();
+                    control::PendingApproval::from_pending(p, why, now)
+                })
                 .collect(),
             always: self
                 .host

@@ -685,6 +685,13 @@ fn approval_flow_through_the_cli() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let id = loop {
         if let Some(p) = pending(&svc).first() {
+            // What asks, and why (the deciding rule's reason).
+            assert_eq!(p["program"], "/usr/bin/uname", "{p}");
+            assert!(p["why"].as_str().is_some_and(|w| !w.is_empty()), "{p}");
+            assert!(
+                p["who"].as_str().is_some_and(|w| w.starts_with("gateway#")),
+                "{p}"
+            );
             break p["id"].as_u64().unwrap_or(0);
         }
         assert!(
