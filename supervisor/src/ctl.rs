@@ -1084,6 +1084,7 @@ mod tests {
         PendingApproval, PolicyStatus,
     };
     use std::sync::Arc;
+    use std::time::Duration;
 
     fn who() -> carapace_broker::audit::Who {
         carapace_broker::audit::Who {
@@ -1674,5 +1675,43 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
         stop.shutdown();
         rt.block_on(task).unwrap();
         assert_eq!(status(false).0, EXIT_NO_DAEMON);
+    }
+
+    #[test]
+    fn audit_tail_follow_until_the_supervisor_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("control.sock");
+        let log = dir.path().join("audit.log");
+        std::fs::write(&log, "{\"seq\":1,\"op\":\"connect\"}\n").unwrap();
+        let server = ControlServer::bind(&sock, None).unwrap();
+        let stop = server.shutdown_handle();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let task = {
+            let _g = rt.enter();
+            server.serve(Arc::new(Fake { audit: log.clone() }))
+        };
+        let a = AuditCommand::Tail {
+            lines: 5,
+            follow: true,
+            opts: opts(&sock),
+        };
+        let follower = std::thread::spawn(move || run(|t| audit_to(&a, t)));
+        std::thread::sleep(Duration::from_millis(300));
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"{\"seq\":2,\"op\":\"open\"}\n").unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        stop.shutdown();
+        rt.block_on(task).unwrap();
+        let (code, out, err) = follower.join().unwrap();
+        assert_eq!(out, "#1 ? ? connect ? ? -> ?\n#2 ? ? open ? ? -> ?\n");
+        assert_eq!(code, EXIT_FAILED);
+        assert!(
+            err.contains("the supervisor closed the connection"),
+            "{err}"
+        );
     }
 }
