@@ -10,6 +10,8 @@
 //!   `escape` that extends `tool` with ONE read-exec mount (the attack directory), so attacks run
 //!   under exactly the default tool confinement.
 //! - [`run`] runs a command with a hard timeout and captures everything.
+//! - [`Mode`]: the escape suite and the e2e tests run `carapace exec` as root, or started as the
+//!   unprivileged [`ROOTLESS_UID`] through `setpriv` (rootless mode, [`as_rootless_user`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::ffi::OsStr;
@@ -31,6 +33,9 @@ use anyhow::{bail, Context, Result};
 pub const WS: &str = "/workspace";
 /// Host uid/gid the sandboxed program runs as by default (`--run-as` default).
 pub const SANDBOX_HOST_UID: u32 = 65534;
+/// The unprivileged user rootless tests start carapace as (no passwd entry needed; a uid no
+/// other process on the machine uses).
+pub const ROOTLESS_UID: u32 = 2_000_000;
 /// Signal numbers used in expectations.
 pub const SIGSYS: i32 = libc::SIGSYS;
 pub const SIGKILL: i32 = libc::SIGKILL;
@@ -88,6 +93,102 @@ pub fn privileged() -> bool {
         "this test needs root (carapace creates namespaces, cgroups and idmapped mounts); \
          run `cargo test -p carapace-tests` as root, or set CARAPACE_ALLOW_SKIP=1 to skip it"
     );
+}
+
+/// How a test runs `carapace exec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// As root (the sandbox gets an unprivileged host uid of its own).
+    Root,
+    /// Started as the unprivileged [`ROOTLESS_UID`] (`setpriv`): rootless mode, the sandbox runs
+    /// as that uid, no cgroup on this machine (rlimits instead).
+    Rootless,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Root => "root",
+            Mode::Rootless => "rootless",
+        }
+    }
+}
+
+/// True when rootless tests may run: [`privileged`] (root is needed to become the test user
+/// and hand it its workspace) and an unprivileged user may create a user namespace here
+/// (checked once, by running `unshare -U true` as [`ROOTLESS_UID`]). Otherwise panics with the
+/// reason, unless `CARAPACE_ALLOW_SKIP=1` (then says so and returns false).
+pub fn rootless_possible() -> bool {
+    if !privileged() {
+        return false;
+    }
+    static OK: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = OK.get_or_init(|| {
+        let o = Command::new("setpriv")
+            .args(rootless_setpriv_args())
+            .args(["unshare", "-U", "true"])
+            .stdin(Stdio::null())
+            .output();
+        match o {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!(
+                "`setpriv ... unshare -U true` as uid {ROOTLESS_UID} failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run setpriv (util-linux): {e}")),
+        }
+    });
+    match r {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var("CARAPACE_ALLOW_SKIP").as_deref() == Ok("1") {
+                eprintln!("SKIPPED: rootless mode cannot run here: {why}; CARAPACE_ALLOW_SKIP=1");
+                return false;
+            }
+            panic!(
+                "this test runs carapace rootless, which cannot work here: {why} (unprivileged \
+                 user namespaces disabled? kernel.unprivileged_userns_clone / \
+                 user.max_user_namespaces); set CARAPACE_ALLOW_SKIP=1 to skip it"
+            )
+        }
+    }
+}
+
+fn rootless_setpriv_args() -> [String; 4] {
+    [
+        format!("--reuid={ROOTLESS_UID}"),
+        format!("--regid={ROOTLESS_UID}"),
+        "--clear-groups".to_string(),
+        "--".to_string(),
+    ]
+}
+
+/// `cmd` (program, arguments, explicitly set environment, cwd) run as [`ROOTLESS_UID`] with no
+/// supplementary groups: `setpriv --reuid=U --regid=U --clear-groups -- PROGRAM ARGS...`, with
+/// an environment of only what `cmd` set explicitly, stdin null (callers may replace it).
+pub fn as_rootless_user(cmd: &Command) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(rootless_setpriv_args())
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_clear()
+        .stdin(Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        c.current_dir(d);
+    }
+    c
+}
+
+/// Give `path` to [`ROOTLESS_UID`] (chown, not recursive).
+pub fn give_to_rootless_user(path: &Path) {
+    std::os::unix::fs::chown(path, Some(ROOTLESS_UID), Some(ROOTLESS_UID))
+        .unwrap_or_else(|e| panic!("chown {} to {ROOTLESS_UID}: {e}", path.display()));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -530,6 +631,8 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
 /// One escape test: a fresh workspace, the escape policy written next to it.
 #[derive(Debug)]
 pub struct Escape {
+    /// Root or rootless (see [`Mode`]).
+    pub mode: Mode,
     pub attacks: &'static Attacks,
     /// Host path of the workspace (shown as [`WS`] inside).
     pub ws: tempfile::TempDir,
@@ -541,11 +644,28 @@ pub struct Escape {
 impl Escape {
     /// None when not root and skipping is allowed (see [`privileged`]).
     pub fn new() -> Option<Escape> {
-        Self::with_wall("3s")
+        Self::in_mode(Mode::Root)
+    }
+
+    /// [`Escape::new`] in `mode` (rootless: None also when rootless mode cannot run here and
+    /// skipping is allowed, see [`rootless_possible`]).
+    pub fn in_mode(mode: Mode) -> Option<Escape> {
+        Self::with_wall_in(mode, "3s")
     }
 
     pub fn with_wall(wall: &str) -> Option<Escape> {
-        if !privileged() {
+        Self::with_wall_in(Mode::Root, wall)
+    }
+
+    /// In rootless mode the workspace belongs to [`ROOTLESS_UID`], the scratch directory may be
+    /// traversed (not listed) by it and the policy file is readable: carapace runs as that
+    /// user.
+    pub fn with_wall_in(mode: Mode, wall: &str) -> Option<Escape> {
+        let ok = match mode {
+            Mode::Root => privileged(),
+            Mode::Rootless => rootless_possible(),
+        };
+        if !ok {
             return None;
         }
         let attacks = attacks();
@@ -554,7 +674,15 @@ impl Escape {
         let scratch = tempdir("carapace-scratch-");
         let policy = scratch.path().join("escape.toml");
         fs::write(&policy, escape_policy(attacks, wall)).unwrap_or_else(|e| panic!("{e}"));
+        if mode == Mode::Rootless {
+            give_to_rootless_user(ws.path());
+            for (p, m) in [(scratch.path(), 0o711), (policy.as_path(), 0o644)] {
+                fs::set_permissions(p, fs::Permissions::from_mode(m))
+                    .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+            }
+        }
         Some(Escape {
+            mode,
             attacks,
             ws,
             scratch,
@@ -566,11 +694,60 @@ impl Escape {
         self.ws.path()
     }
 
+    /// `carapace exec --policy <escape policy> --workspace <ws> EXTRA -- PROGRAM ARGS`, as root
+    /// or as [`ROOTLESS_UID`] per the mode.
+    pub fn carapace(&self, extra: &[&str], program: impl AsRef<OsStr>, args: &[&str]) -> Command {
+        self.carapace_in(self.ws(), extra, program, args)
+    }
+
+    /// [`Escape::carapace`] with another workspace (rootless: give it to the user first, see
+    /// [`Escape::give`]).
+    pub fn carapace_in(
+        &self,
+        workspace: &Path,
+        extra: &[&str],
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+    ) -> Command {
+        let c = carapace_exec(Some(&self.policy), workspace, extra, program, args);
+        match self.mode {
+            Mode::Root => c,
+            Mode::Rootless => as_rootless_user(&c),
+        }
+    }
+
+    /// Rootless: hand `path` (a directory the test made for carapace) to [`ROOTLESS_UID`].
+    pub fn give(&self, path: &Path) {
+        if self.mode == Mode::Rootless {
+            give_to_rootless_user(path);
+        }
+    }
+
+    /// The host uid the sandboxed program runs as (and the victims' uid, so that only the
+    /// sandbox and not plain DAC protects them): [`SANDBOX_HOST_UID`] as root (victims; the
+    /// program itself gets a per-run uid), [`ROOTLESS_UID`] rootless.
+    pub fn host_uid(&self) -> u32 {
+        match self.mode {
+            Mode::Root => SANDBOX_HOST_UID,
+            Mode::Rootless => ROOTLESS_UID,
+        }
+    }
+
+    /// A victim process on the host running as [`Escape::host_uid`].
+    pub fn marker(&self) -> Marker {
+        Marker::spawn_as(self.attacks, self.host_uid())
+    }
+
+    /// Rootless: say that the part of a check needing a cgroup is not applicable.
+    pub fn not_applicable(&self, what: &str) {
+        eprintln!("not applicable in rootless mode: needs a cgroup ({what})");
+    }
+
     /// The attack under carapace with the escape policy.
     pub fn confined(&self, attack: &str, args: &[&str]) -> Command {
         let mut a = vec![attack];
         a.extend_from_slice(args);
-        carapace_exec(Some(&self.policy), self.ws(), &[], &self.attacks.bin, &a)
+        self.carapace(&[], &self.attacks.bin, &a)
     }
 
     /// The same attack directly on the host, as root (the CONTROL).
@@ -662,11 +839,16 @@ pub struct Marker {
 
 impl Marker {
     pub fn spawn(a: &Attacks) -> Marker {
+        Marker::spawn_as(a, SANDBOX_HOST_UID)
+    }
+
+    /// The marker running as host uid/gid `uid`.
+    pub fn spawn_as(a: &Attacks, uid: u32) -> Marker {
         let token = unique("CARAPACE-MARKER");
         let mut child = Command::new(&a.bin)
             .args(["marker", &token])
-            .uid(SANDBOX_HOST_UID)
-            .gid(SANDBOX_HOST_UID)
+            .uid(uid)
+            .gid(uid)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
