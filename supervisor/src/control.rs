@@ -32,7 +32,7 @@
 //! | `approvals_resolve` | `id` (u64), `resolution` (`allow-once` \| `allow-always` \| `deny`) | [`Resolved`] |
 //! | `dlq_list`          |                                                | [`DlqList`]                |
 //! | `dlq_release`       | `id` (string)                                  | [`DlqLetter`] (the message released) |
-//! | `dlq_drop`          | `id` (string)                                  | `{"id":ID}`                |
+//! | `dlq_drop`          | `id` (string)                                  | `{"dropped":ID}`           |
 //! | `audit_tail`        | `lines` (usize, default 10), `follow` (bool, default false) | a stream, see below |
 //! | `reload`            |                                                | [`ReloadReport`]           |
 //!
@@ -65,8 +65,13 @@
 //! left alone and binding fails. The socket is bound inside a private (0700) temporary
 //! directory next to the final path, given mode 0660 and its group there, and only then linked
 //! into place (`link(2)`, which never replaces an existing name), so it is never reachable with a
-//! wider mode and a supervisor that won a race to the path keeps it. The server removes the socket when it
-//! stops (if it is still the one it bound).
+//! wider mode, and a supervisor that won a race to the path keeps it. The server removes the
+//! socket when it stops (if it is still the one it bound).
+//!
+//! **Client** ([`call`], [`stream`]): blocking; 10 s ([`CLIENT_TIMEOUT`]) to write the request
+//! and for each reply line (no limit while following). A missing socket or a refused connect is
+//! [`ControlError::NotRunning`] ("no supervisor is running (no control socket at P); start one
+//! with `carapace run`"); an error reply is [`ControlError::Daemon`] with its message.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -1478,7 +1483,7 @@ mod tests {
                 }
                 Request::DlqList => Ok(serde_json::json!({"letters": [], "unreadable": []})),
                 Request::DlqRelease { id } => Ok(serde_json::json!({"released": id})),
-                Request::DlqDrop { id } => Ok(serde_json::json!({ "id": id })),
+                Request::DlqDrop { id } => Ok(serde_json::json!({ "dropped": id })),
                 Request::Reload => Err("policy.toml:3:1: unknown key \"x\"".to_string()),
                 Request::AuditTail { .. } => Err("audit_tail reached the handler".to_string()),
             }
@@ -1711,7 +1716,7 @@ mod tests {
         }
         assert_eq!(
             call(&s.path, &Request::DlqDrop { id: "x-2".into() }).unwrap(),
-            serde_json::json!({"id": "x-2"})
+            serde_json::json!({"dropped": "x-2"})
         );
         // The handler's errors come back as Daemon errors with its message.
         match call(&s.path, &Request::Reload) {
