@@ -90,7 +90,7 @@ fn pick_socket(
 #[derive(Debug, Args)]
 #[command(
     after_help = "Exit status: 0 ok, 1 the supervisor failed, 3 no supervisor is running.\n\n\
-                  Example:\n  carapace status\n  carapace status --json | jq '.children[].state'"
+                  Examples:\n  carapace status\n  carapace status --json | jq '.children[].state'"
 )]
 pub struct StatusArgs {
     #[command(flatten)]
