@@ -59,9 +59,10 @@
 //!
 //! **Server lifecycle.** [`ControlServer::bind`] creates the parent directory when missing
 //! (0755 as root, 0700 otherwise) and refuses a parent that is a symlink, is writable by others,
-//! or is owned by someone other than root or us. An existing socket at the path is probed: if a
-//! server answers the connect, binding fails ("another supervisor is serving P"); if the connect
-//! is refused, the stale socket is removed. Anything else at the path (a regular file, ...) is
+//! or is owned by someone other than root or us. An existing socket at the path is probed with a
+//! non-blocking connect: if a server is there (it connects, or its backlog is full because it is
+//! wedged), binding fails ("another supervisor is serving P"); if the connect is refused, the
+//! stale socket is removed. Anything else at the path (a regular file, ...) is
 //! left alone and binding fails. The socket is bound inside a private (0700) temporary
 //! directory next to the final path, given mode 0660 and its group there, and only then linked
 //! into place (`link(2)`, which never replaces an existing name), so it is never reachable with a
@@ -762,6 +763,65 @@ pub struct ControlServer {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+enum Probe {
+    /// A server is listening (it accepted, or its backlog is full).
+    Live,
+    /// Nobody listens: connect(2) was refused.
+    Stale,
+}
+
+/// Connect to the socket at `path` without blocking: a server that is wedged (stopped, its
+/// backlog full) still counts as live, and the probe never hangs.
+fn probe(path: &Path) -> io::Result<Probe> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path too long for a Unix socket",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) takes no pointers.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2); nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: `addr` is an initialised sockaddr_un that outlives the call, and `len` (the path
+    // and its terminating NUL, checked above to fit) does not exceed its size.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(Probe::Live);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(Probe::Live),
+        Some(libc::ECONNREFUSED) => Ok(Probe::Stale),
+        _ => Err(e),
+    }
+}
+
 /// Check that `dir` is a real directory, not writable by others, owned by root or us.
 fn check_parent(dir: &Path, sock: &Path) -> Result<(), ControlError> {
     let m = fs::symlink_metadata(dir).map_err(io_err("lstat parent", sock))?;
@@ -822,13 +882,13 @@ impl ControlServer {
 
         // Something already there?
         match fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
-                Ok(_) => {
+            Ok(m) if m.file_type().is_socket() => match probe(path) {
+                Ok(Probe::Live) => {
                     return Err(ControlError::InUse {
                         path: path.to_path_buf(),
                     })
                 }
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Ok(Probe::Stale) => {
                     tracing::info!(path = %path.display(), "control socket: removing a stale socket");
                     match fs::remove_file(path) {
                         Ok(()) => {}
@@ -1910,6 +1970,46 @@ mod tests {
             drop(results);
             assert!(!path.exists());
         }
+    }
+
+    #[test]
+    fn a_wedged_server_is_live_and_the_probe_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        // A server that never accepts, with a backlog of one...
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: listen(2) on our own listening socket; it only changes the backlog.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 1) }, 0);
+        // ...filled up (each probe's connection stays queued).
+        for _ in 0..4 {
+            assert!(matches!(probe(&path), Ok(Probe::Live)));
+        }
+        // The backlog is full: a blocking connect now waits.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let blocked = std::thread::spawn(move || {
+            let r = UnixStream::connect(&p);
+            let _ = tx.send(r.is_ok());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the backlog is not full: the test proves nothing"
+        );
+        // Binding over it neither hangs nor steals it.
+        let (tx2, rx2) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx2.send(ControlServer::bind(&p, None).map(|_| ()));
+        });
+        let r = rx2
+            .recv_timeout(Duration::from_secs(5))
+            .expect("bind hung on a wedged server");
+        assert!(matches!(r, Err(ControlError::InUse { .. })), "{r:?}");
+        assert!(path.exists());
+        // Closing the listener releases the blocked connect.
+        drop(listener);
+        let _ = rx.recv_timeout(Duration::from_secs(5));
+        blocked.join().unwrap();
     }
 
     #[test]
