@@ -85,6 +85,18 @@ pub enum MountError {
     #[error("workspace {} is not a directory", path.display())]
     WorkspaceNotDir { path: PathBuf },
     #[error(
+        "workspace {}: you (uid {uid}) may not {what} it, so neither may the sandbox, which runs \
+         as you in rootless mode; pick a directory of yours (--workspace DIR)",
+        path.display()
+    )]
+    WorkspaceAccess {
+        path: PathBuf,
+        uid: u32,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
         "refusing {} as the workspace: {reason}. The workspace is writable by the sandbox and \
          everything its owner owns there becomes writable; pick a project directory (--workspace DIR)",
         path.display()
@@ -388,6 +400,27 @@ pub fn prepare_workspace_plain(
     exec: bool,
 ) -> Result<WorkspaceTree, MountError> {
     let w = open_workspace(dir)?;
+    // The sandbox gets no more than we have: say so now instead of failing inside.
+    let (mode, what) = if writable {
+        (
+            libc::R_OK | libc::W_OK | libc::X_OK,
+            "read, write and enter",
+        )
+    } else {
+        (libc::R_OK | libc::X_OK, "read and enter")
+    };
+    let c = CString::new(w.host_dir.as_os_str().as_bytes()).map_err(|_| MountError::Nul {
+        path: w.host_dir.clone(),
+    })?;
+    // SAFETY: a valid C string; faccessat only checks permissions.
+    if unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS) } != 0 {
+        return Err(MountError::WorkspaceAccess {
+            path: w.host_dir,
+            uid: namespaces::own_ids().uid,
+            what,
+            source: io::Error::last_os_error(),
+        });
+    }
     Ok(WorkspaceTree {
         fd: None,
         attrs: workspace_attrs(writable, exec),

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1005,4 +1005,270 @@ fn e2e_stale_cgroup_of_killed_supervisor_is_removed() {
     }
     assert!(left.is_empty(), "stale cgroups left: {left:?}");
     assert!(busy_kept, "a cgroup holding a process was removed");
+}
+
+// ------------------------------------------------------------------------------------------
+// Rootless mode: carapace started as an unprivileged user (ROOTLESS_UID through setpriv)
+
+/// An [`Env`] for rootless runs: the workspace belongs to [`ROOTLESS_UID`], the scratch
+/// directory may be traversed by it (policies written there are made readable).
+fn rootless_env() -> Option<Env> {
+    if !rootless_possible() {
+        return None;
+    }
+    let e = env()?;
+    give_to_rootless_user(e.ws());
+    fs::set_permissions(e.scratch.path(), fs::Permissions::from_mode(0o711))
+        .unwrap_or_else(|x| panic!("{x}"));
+    Some(e)
+}
+
+impl Env {
+    /// [`Env::policy`], readable by [`ROOTLESS_UID`].
+    fn rootless_policy(&self, limits: &str, programs: &[&str]) -> PathBuf {
+        let p = self.policy(limits, programs);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
+            .unwrap_or_else(|x| panic!("{x}"));
+        p
+    }
+
+    /// `carapace exec` as [`ROOTLESS_UID`] with `extra` options.
+    fn rootless(
+        &self,
+        policy: Option<&Path>,
+        extra: &[&str],
+        program: &str,
+        args: &[&str],
+    ) -> Command {
+        as_rootless_user(&carapace_exec(policy, self.ws(), extra, program, args))
+    }
+}
+
+const ROOTLESS_LINE: &str =
+    "carapace: rootless: no delegated cgroup; memory/pids/cpu limited by rlimits only";
+
+/// Rootless: ls, git and python work in the workspace; the rootless line is said exactly once.
+#[test]
+fn e2e_rootless_tools_work_in_the_workspace() {
+    let Some(e) = rootless_env() else { return };
+    let name = unique("hello");
+    fs::write(e.ws().join(&name), "needle\n").unwrap_or_else(|x| panic!("{x}"));
+    let o = run(&mut e.rootless(None, &[], "ls", &["-la"]), T);
+    ok(&o);
+    assert!(o.stdout.contains(&name), "{}", o.describe());
+    assert_eq!(
+        o.stderr.matches(ROOTLESS_LINE).count(),
+        1,
+        "{}",
+        o.describe()
+    );
+    let o = run(
+        &mut e.rootless(None, &[], "grep", &["-rl", "needle", "."]),
+        T,
+    );
+    ok(&o);
+    assert!(o.stdout.contains(&name), "{}", o.describe());
+    // git: a repository made by the sandbox itself, then inspected by a second run.
+    let p = e.rootless_policy("", &["/usr/bin/git"]);
+    let git = |args: &[&str]| {
+        let mut c = e.rootless(Some(&p), &[], "/usr/bin/git", args);
+        c.env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.invalid");
+        let o = run(&mut c, T);
+        ok(&o);
+        o
+    };
+    git(&["init", "-q"]);
+    git(&["add", &name]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.invalid",
+        "commit",
+        "-q",
+        "-m",
+        "first",
+    ]);
+    let o = git(&["log", "--oneline"]);
+    assert!(o.stdout.contains("first"), "{}", o.describe());
+    let p = e.rootless_policy("", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.rootless(
+            Some(&p),
+            &[],
+            "/usr/bin/python3",
+            &["-c", "import json, subprocess; print(6 * 7)"],
+        ),
+        T,
+    );
+    ok(&o);
+    assert_eq!(o.stdout.trim(), "42", "{}", o.describe());
+}
+
+/// Rootless: what the sandbox writes lands on the host owned by the user who started carapace
+/// (no idmapping: the sandbox runs as that very uid); inside it is the profile's user, with no
+/// capabilities, no_new_privs and seccomp, and the only mapping is sandbox user -> that uid.
+#[test]
+fn e2e_rootless_writes_land_owned_by_the_user() {
+    let Some(e) = rootless_env() else { return };
+    let p = e.rootless_policy("", &["/bin/sh"]);
+    let o = run(
+        &mut e.rootless(
+            Some(&p),
+            &[],
+            "/bin/sh",
+            &[
+                "-c",
+                "echo from sh > sh.txt && mkdir sub && echo x > sub/y && id -u && id -g && \
+                 cat /proc/self/uid_map /proc/self/gid_map && \
+                 grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status",
+            ],
+        ),
+        T,
+    );
+    ok(&o);
+    for f in ["sh.txt", "sub", "sub/y"] {
+        let m =
+            fs::metadata(e.ws().join(f)).unwrap_or_else(|x| panic!("{f}: {x}\n{}", o.describe()));
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (ROOTLESS_UID, ROOTLESS_UID),
+            "{f} owner on the host"
+        );
+    }
+    let words: Vec<&str> = o.stdout.split_whitespace().collect();
+    let expect = format!(
+        "1000 1000 1000 {ROOTLESS_UID} 1 1000 {ROOTLESS_UID} 1 CapEff: 0000000000000000 \
+         CapBnd: 0000000000000000 NoNewPrivs: 1 Seccomp: 2"
+    );
+    assert_eq!(words.join(" "), expect, "{}", o.describe());
+}
+
+/// Rootless: exit codes propagate (own code, 128+signal, 124 on timeout) and a timeout leaves
+/// no process behind.
+#[test]
+fn e2e_rootless_exit_codes_and_no_leftovers() {
+    let Some(e) = rootless_env() else { return };
+    let p = e.rootless_policy("wall_time = \"2s\"", &["/bin/sh"]);
+    let o = run(
+        &mut e.rootless(Some(&p), &[], "/bin/sh", &["-c", "exit 7"]),
+        T,
+    );
+    assert_eq!(o.code, Some(7), "{}", o.describe());
+    let o = run(
+        &mut e.rootless(Some(&p), &[], "/bin/sh", &["-c", "kill -TERM $$"]),
+        T,
+    );
+    assert_eq!(o.code, Some(128 + libc::SIGTERM), "{}", o.describe());
+    let marker = unique("carapace-e2e-rootless");
+    let o = run(
+        &mut e.rootless(Some(&p), &[], "/bin/sh", &["-c", &sleeper_script(&marker)]),
+        T,
+    );
+    assert_eq!(o.code, Some(EXIT_TIMEOUT), "{}", o.describe());
+    assert!(
+        o.elapsed < Duration::from_secs(2 + 5),
+        "took {:?}",
+        o.elapsed
+    );
+    let left = gone_within(&marker, Duration::from_secs(2));
+    assert!(left.is_empty(), "processes survived the timeout: {left:?}");
+}
+
+/// Rootless: SIGKILL of carapace kills the whole sandboxed tree.
+#[test]
+fn e2e_rootless_supervisor_death_kills_tree() {
+    let Some(e) = rootless_env() else { return };
+    let p = e.rootless_policy("", &["/bin/sh"]);
+    let marker = unique("carapace-e2e-rootless-orphan");
+    let mut c = e.rootless(Some(&p), &[], "/bin/sh", &["-c", &sleeper_script(&marker)]);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    // setpriv execs carapace: the child's pid is carapace's.
+    let mut child = c.spawn().unwrap_or_else(|x| panic!("{x}"));
+    let start = Instant::now();
+    while host_processes_with(&format!("{marker}-setsid")).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the sandboxed tree never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let left = gone_within(&marker, Duration::from_secs(3));
+    assert!(
+        left.is_empty(),
+        "processes survived the supervisor's death: {left:?}"
+    );
+}
+
+/// Rootless without a delegated cgroup: the memory and pids limits hold as rlimits (an
+/// allocation fails instead of an OOM kill; forking stops at the limit), and the report says
+/// no OOM.
+#[test]
+fn e2e_rootless_limits_hold_as_rlimits() {
+    let Some(e) = rootless_env() else { return };
+    let p = e.rootless_policy("memory = \"64MiB\"\npids = 16", &["/usr/bin/python3"]);
+    let o = run(
+        &mut e.rootless(
+            Some(&p),
+            &["--report", "-v"],
+            "/usr/bin/python3",
+            &[
+                "-c",
+                "try:\n    b = b'x' * (512 << 20)\n    print('allocated')\nexcept MemoryError:\n    print('MemoryError')\n",
+            ],
+        ),
+        T,
+    );
+    ok(&o);
+    assert_eq!(o.stdout.trim(), "MemoryError", "{}", o.describe());
+    assert!(o.stderr.contains("oom=false"), "{}", o.describe());
+    assert!(
+        o.stderr.contains("RLIMIT_AS=67108864 instead of memory"),
+        "{}",
+        o.describe()
+    );
+    let script = "import os, time\nn = 0\ntry:\n    while n < 1000:\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('stopped', n, e.errno)\nelse:\n    print('unbounded', n)\n";
+    let o = run(
+        &mut e.rootless(Some(&p), &[], "/usr/bin/python3", &["-c", script]),
+        T,
+    );
+    ok(&o);
+    let n: u32 = o
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(
+        o.stdout.starts_with("stopped") && n < 16,
+        "{}",
+        o.describe()
+    );
+}
+
+/// Rootless: a workspace the user may not open is a clear setup error (126), not a half-built
+/// sandbox.
+#[test]
+fn e2e_rootless_unreadable_workspace_fails_clearly() {
+    let Some(e) = rootless_env() else { return };
+    let closed = e.scratch.path().join("closed");
+    fs::create_dir(&closed).unwrap_or_else(|x| panic!("{x}"));
+    fs::set_permissions(&closed, fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|x| panic!("{x}"));
+    let c = carapace_exec(None, &closed, &[], "ls", &[]);
+    let o = run(&mut as_rootless_user(&c), T);
+    assert_eq!(o.code, Some(EXIT_CANNOT_START), "{}", o.describe());
+    assert!(
+        o.stderr.contains(&format!(
+            "workspace {}: you (uid {ROOTLESS_UID}) may not read, write and enter it",
+            closed.display()
+        )),
+        "{}",
+        o.describe()
+    );
 }
