@@ -143,14 +143,16 @@ impl Config {
             diags: Vec::new(),
         };
         let root = Parser::new(text).parse(&mut cx);
-        let cfg = validate(&root, &mut cx);
+        // After a syntax error the document is incomplete (keys may have landed in the wrong
+        // table): report the syntax errors only, like the policy does.
+        let cfg = cx.diags.is_empty().then(|| validate(&root, &mut cx));
         if !cx.diags.is_empty() {
             let mut d = cx.diags;
             d.sort_by_key(|d| (d.line, d.column));
             d.dedup();
             return Err(ConfigErrors::Invalid(Diagnostics(d)));
         }
-        Ok(cfg)
+        cfg.ok_or_else(|| ConfigErrors::Invalid(Diagnostics(Vec::new())))
     }
 
     /// Load `path`; without one, [`crate::paths::DEFAULT_CONFIG`] if it exists, else the
@@ -1220,7 +1222,7 @@ fn validate(root: &Table, cx: &mut Cx<'_>) -> Config {
     // [gateway]
     let gateway = root.get("gateway").and_then(|e| {
         let t = as_table(cx, e, "gateway")?;
-        Some(child(cx, t, "gateway", true, &state_dir))
+        Some(child(cx, t, "gateway", true, &state_dir, &e.key_span))
     });
 
     // [channels.NAME]
@@ -1237,7 +1239,7 @@ fn validate(root: &Table, cx: &mut Cx<'_>) -> Config {
             }
             let what = format!("channels.{}", e.key);
             if let Some(ct) = as_table(cx, e, &what) {
-                let c = child(cx, ct, &e.key, false, &state_dir);
+                let c = child(cx, ct, &e.key, false, &state_dir, &e.key_span);
                 channels.insert(e.key.clone(), c);
             }
         }
@@ -1390,6 +1392,7 @@ fn child(
     name: &str,
     is_gateway: bool,
     state_dir: &Path,
+    anchor: &Range<usize>,
 ) -> ChildConfig {
     let what = if is_gateway {
         "[gateway]".to_string()
@@ -1434,11 +1437,7 @@ fn child(
         None if is_gateway => "carapace-gateway".to_string(),
         None => {
             if t.get("program").is_none() {
-                cx.err(
-                    &table_span(t),
-                    format!("{what} has no `program`"),
-                    PROGRAM_EXPECTED,
-                );
+                cx.err(anchor, format!("{what} has no `program`"), PROGRAM_EXPECTED);
             }
             String::new()
         }
@@ -1608,10 +1607,6 @@ fn child(
         restart,
         environment,
     }
-}
-
-fn table_span(t: &Table) -> Range<usize> {
-    t.entries.first().map_or(0..0, |e| e.key_span.clone())
 }
 
 fn valid_env_name(n: &str) -> bool {
@@ -2081,7 +2076,7 @@ profile = "channel-mail"
         assert!(has(&e, "1:11: invalid channel name \"Telegram\""), "{e:?}");
         assert!(has(&e, "3:11: invalid channel name \"gateway\""), "{e:?}");
         assert!(has(&e, "5:11: invalid channel name \"a b\""), "{e:?}");
-        assert!(has(&e, "[channels.ok] has no `program`"), "{e:?}");
+        assert!(has(&e, "7:11: [channels.ok] has no `program`"), "{e:?}");
         let e = errors("channels = 1\n");
         assert!(has(&e, "channels must be a table"), "{e:?}");
     }
@@ -2177,6 +2172,15 @@ profile = "channel-mail"
             "{e:?}"
         );
         assert!(has(&e, "6:4: expected `=` after the key"), "{e:?}");
+        assert_eq!(e.len(), 6, "{e:?}");
+        // With a syntax error, only syntax errors: no cascade of misplaced keys.
+        let e = errors(
+            "[gateway
+program = \"gw\"
+bogus = 1
+",
+        );
+        assert_eq!(e, vec!["1:9: the table header is not closed"]);
     }
 
     #[test]
