@@ -299,7 +299,9 @@ fn status() -> serde_json::Value {
             for line in s.lines() {
                 if let Some((k, v)) = line.split_once(':') {
                     if STATUS_FIELDS.contains(&k) {
-                        m.insert(k.into(), v.trim().into());
+                        // "1000\t1000\t1000\t1000" -> "1000 1000 1000 1000"
+                        let words: Vec<&str> = v.split_whitespace().collect();
+                        m.insert(k.into(), words.join(" ").into());
                     }
                 }
             }
@@ -484,6 +486,12 @@ mod tests {
         let r = route(&req("GET", "/status", ""), None);
         assert_eq!(r.status, 200);
         assert!(r.body["Seccomp"].is_string(), "{}", r.body);
+        let uid = r.body["Uid"].as_str().unwrap();
+        assert_eq!(
+            uid.split(' ').count(),
+            4,
+            "real, effective, saved, fs: {uid:?}"
+        );
         assert!(r.body["interfaces"].is_array(), "{}", r.body);
         let r = route(&req("POST", "/health", ""), None);
         assert_eq!((r.status, r.allow), (405, Some("GET")));
