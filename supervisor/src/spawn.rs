@@ -152,6 +152,26 @@ pub enum SpawnError {
     Reused,
     #[error("the confined child died during setup without reporting why (status {status:#x})")]
     ChildVanished { status: i32 },
+    #[error(
+        "rootless mode: this kernel does not let an unprivileged user create the sandbox's user \
+         namespace (clone(CLONE_NEWUSER): {source}). It needs unprivileged user namespaces: \
+         sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone = 1 where that \
+         exists (Debian), no AppArmor restriction (kernel.apparmor_restrict_unprivileged_userns \
+         = 0, Ubuntu 24.04+); or run carapace as root"
+    )]
+    RootlessUserns {
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Errors of `clone(CLONE_NEWUSER)` that mean "unprivileged user namespaces are not allowed
+/// here" (disabled, restricted by an LSM, or the per-user limit is 0 / reached).
+fn userns_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::EACCES | libc::ENOSPC | libc::EUSERS)
+    )
 }
 
 /// Steps of the child, for error reports.
@@ -664,9 +684,13 @@ impl Launch {
             pid = self.clone_plain(&mut pidfd, &fds, &v1_tasks);
         }
         if pid < 0 {
+            let source = io::Error::last_os_error();
+            if self.rootless && userns_refused(&source) {
+                return Err(SpawnError::RootlessUserns { source });
+            }
             return Err(SpawnError::Sys {
                 syscall: "clone",
-                source: io::Error::last_os_error(),
+                source,
             });
         }
         let pid = pid as libc::pid_t;
@@ -1435,6 +1459,21 @@ mod tests {
         }
         assert_eq!(Stage::from_u32(0), None);
         assert_eq!(Stage::from_u32(999), None);
+    }
+
+    #[test]
+    fn refused_user_namespaces_are_recognised() {
+        for e in [libc::EPERM, libc::EACCES, libc::ENOSPC, libc::EUSERS] {
+            assert!(userns_refused(&io::Error::from_raw_os_error(e)));
+        }
+        for e in [libc::ENOMEM, libc::EAGAIN, libc::EINVAL] {
+            assert!(!userns_refused(&io::Error::from_raw_os_error(e)));
+        }
+        let m = SpawnError::RootlessUserns {
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        }
+        .to_string();
+        assert!(m.contains("user.max_user_namespaces"), "{m}");
     }
 
     #[test]
