@@ -188,18 +188,8 @@ impl Visit for Fields {
         self.push(field, value.into());
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        // The error and its causes, like `cli::error_chain`.
-        let mut s = value.to_string();
-        let mut cur = value.source();
-        while let Some(src) = cur {
-            let t = src.to_string();
-            if !s.contains(&t) {
-                s.push_str(": ");
-                s.push_str(&t);
-            }
-            cur = src.source();
-        }
-        self.push(field, serde_json::Value::String(s));
+        // The error and its causes.
+        self.push(field, crate::cli::error_chain(value).into());
     }
 }
 
@@ -396,6 +386,30 @@ mod tests {
         assert_eq!(v[3]["level"], "INFO");
         assert_eq!(v[3]["field.level"], 5);
         assert_eq!(v[3]["message2"], true);
+    }
+
+    #[test]
+    fn error_fields_carry_their_causes() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("cannot start the gateway")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(io::Error::from_raw_os_error(libc::EPERM));
+        let l = lines(LogFormat::Journal, Level::INFO, || {
+            tracing::error!(error = &e as &(dyn std::error::Error + 'static), "failed");
+        });
+        assert_eq!(
+            l,
+            vec!["<3>failed error=\"cannot start the gateway: Operation not permitted (os error 1)\""]
+        );
     }
 
     #[test]
