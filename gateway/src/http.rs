@@ -363,6 +363,40 @@ mod tests {
     }
 
     #[test]
+    fn random_requests_never_panic() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let base = b"POST /exec?x HTTP/1.1\r\nContent-Length: 12\r\nHost: a\r\n\r\n{\"argv\":[]}\n";
+        let alphabet = b" :\r\n/0123456789-?#\xff\x00Aa";
+        for _ in 0..5000 {
+            let mut t = base.to_vec();
+            for _ in 0..(1 + next() % 4) {
+                let i = (next() as usize) % t.len();
+                match next() % 3 {
+                    0 => {
+                        t.remove(i);
+                    }
+                    1 => t.insert(i, t[i]),
+                    _ => t[i] = alphabet[(next() as usize) % alphabet.len()],
+                }
+            }
+            match read_request(&mut Trickle(t, 0)) {
+                Ok(r) => assert!(r.body.len() <= MAX_BODY && r.path.starts_with('/')),
+                Err(e) => {
+                    if let Some((code, _)) = e.response() {
+                        assert!(code == 400 || code == 413, "{code}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn timeouts_map_to_408() {
         struct Slow;
         impl Read for Slow {
