@@ -82,8 +82,11 @@ tools (run confined in sandboxes of their own); `carapace-client` is its command
 carapace serves it until PROGRAM exits. Every decision is appended to STATE-DIR/audit.log \
 (check it with `carapace audit verify`); an `ask` waits for `carapace approvals allow|deny`.
 
-carapace needs root for now (it creates the namespaces and mounts, then drops everything \
-before the program starts); rootless mode is planned.";
+Run as root, carapace gives the program an unprivileged host identity of its own (--run-as) and \
+cgroup limits. Run as an ordinary user it works rootless: the program runs as that user, in \
+namespaces of a user namespace of its own, with the same mounts, Landlock, seccomp and no \
+capabilities; memory/pids/cpu limits use a delegated cgroup where there is one, else rlimits \
+(said on stderr). See docs/threat-model.md, \"Rootless mode\".";
 
 const EXEC_AFTER_HELP: &str = "\
 Examples:
@@ -518,29 +521,40 @@ fn exec(a: ExecArgs) -> i32 {
     if let Some(n) = run_as_note {
         eprintln!("{n}");
     }
-    // Rootless without a delegated cgroup: the cgroup limits become rlimits (said once).
-    let use_cgroup = !rootless
-        || match cgroup::rootless_delegation() {
-            Ok(dir) => {
-                if a.verbose {
-                    eprintln!(
-                        "carapace: rootless: using the delegated cgroup {}",
-                        dir.display()
-                    );
+    // Rootless: a cgroup only where one is delegated to us and usable (created now, before
+    // the limits are prepared); otherwise the cgroup limits become rlimits (said once).
+    let mut rootless_cg: Option<Cgroup> = None;
+    let no_cgroup_because = if rootless {
+        match cgroup::rootless_delegation() {
+            Ok(dir) => match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
+                Ok(c) => {
+                    if a.verbose {
+                        eprintln!(
+                            "carapace: rootless: using the delegated cgroup {}",
+                            dir.display()
+                        );
+                    }
+                    rootless_cg = Some(c);
+                    None
                 }
-                true
-            }
-            Err(why) => {
-                eprintln!(
-                    "carapace: rootless: no delegated cgroup; memory/pids/cpu limited by rlimits only"
-                );
-                if a.verbose {
-                    eprintln!("carapace: rootless: {why}");
-                }
-                false
-            }
-        };
-    if !use_cgroup {
+                Err(e) => Some(format!(
+                    "the delegated cgroup {} cannot be used: {}",
+                    dir.display(),
+                    error_chain(&e)
+                )),
+            },
+            Err(why) => Some(why),
+        }
+    } else {
+        None
+    };
+    if let Some(why) = &no_cgroup_because {
+        eprintln!(
+            "carapace: rootless: no delegated cgroup; memory/pids/cpu limited by rlimits only"
+        );
+        if a.verbose {
+            eprintln!("carapace: rootless: {why}");
+        }
         for f in crate::rlimits::cgroup_fallback(&mut plan) {
             if a.verbose {
                 eprintln!(
@@ -591,7 +605,9 @@ fn exec(a: ExecArgs) -> i32 {
     let t_cgroup = std::time::Instant::now();
     // Cgroups of earlier runs whose supervisor was SIGKILLed (it could not clean up): remove
     // those that are empty and whose supervisor is gone. Never fatal.
-    let cg = if use_cgroup {
+    let cg = if rootless {
+        rootless_cg
+    } else {
         match cgroup::remove_stale() {
             Ok(gone) => {
                 for d in gone {
@@ -602,17 +618,8 @@ fn exec(a: ExecArgs) -> i32 {
         }
         match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
             Ok(c) => Some(c),
-            Err(e) => {
-                let how = if rootless {
-                    " (rootless, in the delegated cgroup)"
-                } else {
-                    ""
-                };
-                return fail(&format!("cannot create the cgroup{how}: {e}"), EXIT_SETUP);
-            }
+            Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
         }
-    } else {
-        None
     };
     if let Err(e) = crate::spawn::handle_termination_signals() {
         tracing::warn!("cannot handle termination signals: {e}");
