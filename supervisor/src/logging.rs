@@ -238,24 +238,36 @@ fn render(
             human_line(&mut out, spans, &f);
         }
         LogFormat::Json => {
-            let mut m = serde_json::Map::new();
-            m.insert("ts".into(), carapace_broker::audit::rfc3339_utc(now).into());
-            m.insert("level".into(), meta.level().as_str().into());
-            m.insert("target".into(), meta.target().into());
-            m.insert("message".into(), f.message.unwrap_or_default().into());
+            // Written by hand to keep the fixed keys first and the fields in event order
+            // (serde_json's map would sort them); serde_json escapes each key and value, every
+            // control character included, so the line stays one line.
+            let mut pairs: Vec<(String, serde_json::Value)> = vec![
+                ("ts".into(), carapace_broker::audit::rfc3339_utc(now).into()),
+                ("level".into(), meta.level().as_str().into()),
+                ("target".into(), meta.target().into()),
+                ("message".into(), f.message.unwrap_or_default().into()),
+            ];
             if !spans.is_empty() {
-                m.insert("spans".into(), spans.to_vec().into());
+                pairs.push(("spans".into(), spans.to_vec().into()));
             }
             for (k, v) in f.rest {
-                let key = if m.contains_key(k) {
+                let key = if pairs.iter().any(|(p, _)| p == k) {
                     format!("field.{k}")
                 } else {
                     k.to_string()
                 };
-                m.insert(key, v);
+                pairs.push((key, v));
             }
-            // serde_json escapes every control character: the line stays one line.
-            out.push_str(&serde_json::Value::Object(m).to_string());
+            out.push('{');
+            for (i, (k, v)) in pairs.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+                out.push(':');
+                out.push_str(&v.to_string());
+            }
+            out.push('}');
         }
         LogFormat::Text | LogFormat::Auto => {
             out.push_str(&carapace_broker::audit::rfc3339_utc(now));
@@ -373,6 +385,14 @@ mod tests {
             tracing::info!(level = 5, message2 = true, "clash");
         });
         assert_eq!(l.len(), 4, "{l:?}");
+        assert!(l[0].starts_with("{\"ts\":\""), "{}", l[0]);
+        assert!(
+            l[0].ends_with(
+                "\"level\":\"INFO\",\"target\":\"carapace_supervisor::logging::tests\",\"message\":\"started\",\"child\":\"gateway\",\"pid\":42}"
+            ),
+            "fixed keys first, then the fields in order: {}",
+            l[0]
+        );
         let v: Vec<serde_json::Value> =
             l.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
         assert_eq!(v[0]["level"], "INFO");
