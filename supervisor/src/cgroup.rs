@@ -1134,6 +1134,57 @@ pub fn delegation_of(layout: &Layout, writable: impl Fn(&Path) -> bool) -> Resul
     Ok(own.clone())
 }
 
+/// The limits of one run: its cgroup, or (rootless mode without a usable delegated cgroup) none,
+/// with the plan's cgroup limits turned into rlimits ([`for_run`]).
+#[derive(Debug)]
+pub struct RunLimits {
+    pub cgroup: Option<Cgroup>,
+    /// Rootless without a cgroup: why not, and the rlimits that stand in for the cgroup limits
+    /// (already merged into the plan). Say it once on stderr / in the log:
+    /// [`NO_CGROUP_LINE`].
+    pub fallback: Option<(String, Vec<crate::rlimits::Fallback>)>,
+}
+
+/// What rootless mode says once when it runs without a cgroup.
+pub const NO_CGROUP_LINE: &str =
+    "carapace: rootless: no delegated cgroup; memory/pids/cpu limited by rlimits only";
+
+/// The cgroup for a run named `name` (see [`unique_name`]) with the limits of `plan`, for
+/// either mode. Call it BEFORE `Launch::prepare` (it may change `plan.rlimits`). As root: the
+/// cgroup, or the error (fail closed). Rootless (`rootless`, i.e. not root): the cgroup when
+/// one is delegated to us and usable ([`rootless_delegation`]); otherwise no cgroup, and
+/// `plan`'s cgroup limits become rlimits ([`crate::rlimits::cgroup_fallback`]). Spawn and wait
+/// with `limits.cgroup.as_ref()`.
+pub fn for_run(
+    name: &str,
+    plan: &mut carapace_policy::Plan,
+    rootless: bool,
+) -> Result<RunLimits, CgroupError> {
+    if !rootless {
+        return Ok(RunLimits {
+            cgroup: Some(Cgroup::create(name, &plan.cgroup)?),
+            fallback: None,
+        });
+    }
+    let why = match rootless_delegation() {
+        Ok(dir) => match Cgroup::create(name, &plan.cgroup) {
+            Ok(c) => {
+                return Ok(RunLimits {
+                    cgroup: Some(c),
+                    fallback: None,
+                })
+            }
+            Err(e) => format!("the delegated cgroup {} cannot be used: {e}", dir.display()),
+        },
+        Err(why) => why,
+    };
+    let added = crate::rlimits::cgroup_fallback(plan);
+    Ok(RunLimits {
+        cgroup: None,
+        fallback: Some((why, added)),
+    })
+}
+
 impl Cgroup {
     /// Create cgroup `name` (unique per run, see [`unique_name`]) with `limits`, beneath our own
     /// cgroup in every hierarchy. Fails closed if a limit cannot be enforced.
@@ -2038,6 +2089,36 @@ mod tests {
         if Layout::cached().is_ok_and(|l| !l.v1.is_empty()) {
             assert!(rootless_delegation().is_err());
         }
+    }
+
+    #[test]
+    fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
+        let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default").unwrap();
+        let compiled = policy
+            .compile("tool", &carapace_policy::Target { landlock_abi: 6 })
+            .unwrap();
+        // Rootless on this hybrid machine: never delegated, so no cgroup and rlimits instead.
+        if Layout::cached().is_ok_and(|l| !l.v1.is_empty()) {
+            let mut plan = compiled.clone();
+            let l = for_run(&unique_name("test"), &mut plan, true).unwrap();
+            assert!(l.cgroup.is_none());
+            let (why, added) = l.fallback.unwrap();
+            assert!(why.contains("v1"), "{why}");
+            assert_eq!(added.len(), 3);
+            assert_eq!(plan.cgroup, CgroupLimits::default());
+            assert!(plan
+                .rlimits
+                .iter()
+                .any(|r| r.resource == carapace_policy::plan::RlimitResource::As));
+        }
+        if !privileged() {
+            return;
+        }
+        let mut plan = compiled.clone();
+        let l = for_run(&unique_name("test"), &mut plan, false).unwrap();
+        assert!(l.fallback.is_none());
+        assert_eq!(plan, compiled, "root mode leaves the plan alone");
+        l.cgroup.unwrap().remove().unwrap();
     }
 
     /// True if we may run privileged tests; panics when not root unless CARAPACE_ALLOW_SKIP=1.

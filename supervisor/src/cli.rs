@@ -524,38 +524,26 @@ fn exec(a: ExecArgs) -> i32 {
     // Rootless: a cgroup only where one is delegated to us and usable (created now, before
     // the limits are prepared); otherwise the cgroup limits become rlimits (said once).
     let mut rootless_cg: Option<Cgroup> = None;
-    let no_cgroup_because = if rootless {
-        match cgroup::rootless_delegation() {
-            Ok(dir) => match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
-                Ok(c) => {
-                    if a.verbose {
-                        eprintln!(
-                            "carapace: rootless: using the delegated cgroup {}",
-                            dir.display()
-                        );
-                    }
-                    rootless_cg = Some(c);
-                    None
-                }
-                Err(e) => Some(format!(
-                    "the delegated cgroup {} cannot be used: {}",
-                    dir.display(),
-                    error_chain(&e)
-                )),
-            },
-            Err(why) => Some(why),
+    if rootless {
+        let limits = match cgroup::for_run(&cgroup::unique_name("exec"), &mut plan, true) {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
+        };
+        rootless_cg = limits.cgroup;
+        if let (Some(c), true) = (&rootless_cg, a.verbose) {
+            eprintln!(
+                "carapace: rootless: using the delegated cgroup {}",
+                c.name()
+            );
         }
-    } else {
-        None
-    };
-    if let Some(why) = &no_cgroup_because {
-        eprintln!(
-            "carapace: rootless: no delegated cgroup; memory/pids/cpu limited by rlimits only"
-        );
-        if a.verbose {
-            eprintln!("carapace: rootless: {why}");
+        let (why, added) = limits.fallback.unwrap_or_default();
+        if rootless_cg.is_none() {
+            eprintln!("{}", cgroup::NO_CGROUP_LINE);
+            if a.verbose {
+                eprintln!("carapace: rootless: {why}");
+            }
         }
-        for f in crate::rlimits::cgroup_fallback(&mut plan) {
+        for f in added {
             if a.verbose {
                 eprintln!(
                     "carapace: rootless: {} instead of {}",
