@@ -13,7 +13,6 @@
 //! saying so; none of it is needed by any key.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -1659,16 +1658,6 @@ fn restart(cx: &mut Cx<'_>, t: &Table, what: &str) -> RestartConfig {
         max_delay,
         crash_loop_restarts,
         crash_loop_window,
-    }
-}
-
-impl fmt::Display for RestartConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "backoff {:?}..{:?}, crash loop = more than {} starts in {:?}",
-            self.initial_delay, self.max_delay, self.crash_loop_restarts, self.crash_loop_window
-        )
     }
 }
 
