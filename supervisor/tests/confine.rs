@@ -402,14 +402,62 @@ fn child_io_places_stdio_and_the_broker_socket() {
 /// without a listener refuses one and vice versa.
 #[test]
 fn child_io_places_the_listener_at_4() {
-    use carapace_supervisor::fds::Pipe;
-    use carapace_supervisor::spawn::ChildIo;
-    use std::io::Read as _;
-    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
     if !require_root() {
         return;
     }
     let ws = workspace(0, 0);
+    listener_at_4(ws.path(), false);
+}
+
+/// The same as an unprivileged user (rootless mode): this test binary runs itself again as
+/// uid 2000000 through setpriv, for the helper below.
+#[test]
+fn child_io_places_the_listener_at_4_rootless() {
+    const HELPER: &str = "CARAPACE_TEST_ROOTLESS_LISTENER_WS";
+    if let Some(ws) = std::env::var_os(HELPER) {
+        // The helper run: unprivileged.
+        // SAFETY: geteuid has no preconditions.
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "the helper must not run as root"
+        );
+        listener_at_4(Path::new(&ws), true);
+        return;
+    }
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(2_000_000, 2_000_000);
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=2000000", "--regid=2000000", "--clear-groups", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "child_io_places_the_listener_at_4_rootless",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER, ws.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the test binary through setpriv");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the helper did not run:\n{text}");
+}
+
+/// The body of the listener tests, in `ws` (rootless: as the unprivileged user running it).
+fn listener_at_4(ws: &Path, rootless: bool) {
+    use carapace_supervisor::fds::Pipe;
+    use carapace_supervisor::spawn::ChildIo;
+    use std::io::Read as _;
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
     // The shell lists its fds and variables, then python (exec'd, so it inherits fd 4)
     // accepts one connection on fd 4 and answers on it.
     let script = "echo \"broker=${CARAPACE_BROKER_FD:-unset} listen=${CARAPACE_LISTEN_FD:-unset}\"; \
@@ -422,7 +470,7 @@ fn child_io_places_the_listener_at_4() {
             program: PathBuf::from("/usr/bin/sh"),
             argv0: OsString::from("sh"),
             args: vec![OsString::from("-c"), OsString::from(script)],
-            workspace: Some(ws.path().to_path_buf()),
+            workspace: Some(ws.to_path_buf()),
             run_as: HostIds::NOBODY,
             env: vec![],
             broker,
@@ -430,6 +478,7 @@ fn child_io_places_the_listener_at_4() {
         };
         let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
         assert!(launch.listens());
+        assert_eq!(launch.rootless(), rootless);
         assert!(launch
             .env()
             .any(|e| e.to_bytes() == b"CARAPACE_LISTEN_FD=4"));
