@@ -417,11 +417,8 @@ fn child_io_places_the_listener_at_4_rootless() {
     if let Some(ws) = std::env::var_os(HELPER) {
         // The helper run: unprivileged.
         // SAFETY: geteuid has no preconditions.
-        assert_ne!(
-            unsafe { libc::geteuid() },
-            0,
-            "the helper must not run as root"
-        );
+        let euid = unsafe { libc::geteuid() };
+        assert_ne!(euid, 0, "the helper must not run as root");
         listener_at_4(Path::new(&ws), true);
         return;
     }
