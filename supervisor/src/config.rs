@@ -459,7 +459,8 @@ impl<'a> Parser<'a> {
         Ok(key)
     }
 
-    fn key_value(&mut self, root: &mut Table, current: &Key) -> Result<(), SynErr> {
+    /// `key = value` (the value at nesting `depth`).
+    fn key_eq_value(&mut self, depth: usize) -> Result<(Key, Node), SynErr> {
         let key = self.key()?;
         self.skip_ws();
         if self.peek() != Some(b'=') {
@@ -471,7 +472,11 @@ impl<'a> Parser<'a> {
         }
         self.i += 1;
         self.skip_ws();
-        let node = self.value(0)?;
+        Ok((key, self.value(depth)?))
+    }
+
+    fn key_value(&mut self, root: &mut Table, current: &Key) -> Result<(), SynErr> {
+        let (key, node) = self.key_eq_value(0)?;
         self.end_of_line()?;
         let table = table_at(root, current, false)?;
         insert(table, &key, node)
@@ -763,18 +768,7 @@ impl<'a> Parser<'a> {
                 t.inline = true;
                 return Ok(Val::Table(t));
             }
-            let key = self.key()?;
-            self.skip_ws();
-            if self.peek() != Some(b'=') {
-                return Err((
-                    self.here(),
-                    "expected `=` after the key".into(),
-                    "`key = value`",
-                ));
-            }
-            self.i += 1;
-            self.skip_ws();
-            let node = self.value(depth + 1)?;
+            let (key, node) = self.key_eq_value(depth + 1)?;
             insert(&mut t, &key, node)?;
             self.skip_ws_nl();
             match self.peek() {
