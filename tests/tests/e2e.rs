@@ -1272,3 +1272,90 @@ fn e2e_rootless_unreadable_workspace_fails_clearly() {
         o.describe()
     );
 }
+
+/// Rootless with a brokered profile: the child gets the broker at fd 3, served by the
+/// unprivileged supervisor (ping, a secret the user may read), the audit log lands in the
+/// user's state directory, and a secret of another profile is refused.
+#[test]
+fn e2e_rootless_brokered_child_reaches_the_broker() {
+    let Some(e) = rootless_env() else { return };
+    let client = client_bin();
+    let state = e.scratch.path().join("state");
+    fs::create_dir(&state).unwrap_or_else(|x| panic!("{x}"));
+    give_to_rootless_user(&state);
+    let secret = unique("SECRET-rootless");
+    let secret_file = e.scratch.path().join("alpha");
+    fs::write(&secret_file, &secret).unwrap_or_else(|x| panic!("{x}"));
+    fs::set_permissions(&secret_file, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|x| panic!("{x}"));
+    give_to_rootless_user(&secret_file);
+    let extra = format!(
+        r#"[profiles.rlbroker]
+extends = "tool"
+why = "rootless e2e: the client and a broker section"
+
+[profiles.rlbroker.filesystem]
+mounts = [ {{ path = "{dir}", access = "read-exec", why = "carapace-client" }} ]
+
+[profiles.rlbroker.broker]
+secrets = ["alpha"]
+
+[secrets.alpha]
+why = "rootless e2e secret"
+file = "{file}"
+
+[secrets.beta]
+why = "a secret the profile may not have"
+file = "{file}"
+
+[[exec]]
+why = "rootless e2e: shell scripts around the client"
+program = "/usr/bin/sh"
+args = ["-c", "**"]
+profile = "rlbroker"
+approval = "allow"
+"#,
+        dir = client.dir.display(),
+        file = secret_file.display()
+    );
+    let p = e.scratch.path().join("broker.toml");
+    fs::write(&p, insert_before_first_exec(&default_policy_text(), &extra))
+        .unwrap_or_else(|x| panic!("{x}"));
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap_or_else(|x| panic!("{x}"));
+    let script = format!(
+        "C={}; echo fd=$CARAPACE_BROKER_FD; $C ping; $C secret alpha; echo; \
+         $C secret beta; echo beta-exit=$?",
+        client.bin.display()
+    );
+    let state_s = state.display().to_string();
+    let o = run(
+        &mut e.rootless(
+            Some(&p),
+            &["--state-dir", &state_s],
+            "/usr/bin/sh",
+            &["-c", &script],
+        ),
+        T,
+    );
+    ok(&o);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.first().copied(), Some("fd=3"), "{}", o.describe());
+    assert_eq!(lines.get(1).copied(), Some("pong"), "{}", o.describe());
+    assert_eq!(
+        lines.get(2).copied(),
+        Some(secret.as_str()),
+        "{}",
+        o.describe()
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("beta-exit=") && *l != "beta-exit=0"),
+        "{}",
+        o.describe()
+    );
+    let audit = fs::read_to_string(state.join("audit.log")).unwrap_or_default();
+    assert!(audit.contains("alpha"), "audit log: {audit}");
+    let m = fs::metadata(state.join("audit.log")).unwrap_or_else(|x| panic!("{x}"));
+    assert_eq!(m.uid(), ROOTLESS_UID, "the audit log is the user's");
+}
