@@ -277,6 +277,36 @@ impl ToolRegistry {
     }
 }
 
+/// The cgroup for a new sandbox (named `<prefix>-<pid>-<n>`) through [`cgroup::for_run`]: as
+/// root, the cgroup or the error (fail closed); rootless, the cgroup where one is delegated
+/// and usable, else none and the plan's cgroup limits turned into rlimits — said once in the
+/// log. Call before `Launch::prepare` (it may change `plan.rlimits`).
+pub fn sandbox_cgroup(
+    plan: &mut carapace_policy::Plan,
+    prefix: &str,
+) -> Result<Option<Cgroup>, String> {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    let limits = cgroup::for_run(&cgroup::unique_name(prefix), plan, !crate::paths::is_root())
+        .map_err(|e| format!("cannot create the cgroup: {}", crate::cli::error_chain(&e)))?;
+    if let Some((why, added)) = &limits.fallback {
+        if !SAID.swap(true, Ordering::SeqCst) {
+            let words: Vec<String> = added.iter().map(crate::rlimits::fallback_words).collect();
+            tracing::warn!(
+                "{} ({why}; {})",
+                cgroup::NO_CGROUP_LINE.trim_start_matches("carapace: "),
+                words.join(", ")
+            );
+        }
+    }
+    Ok(limits.cgroup)
+}
+
+/// Whether the sandboxes of this process get cgroups: always as root; rootless only where a
+/// cgroup is delegated to us ([`cgroup::rootless_delegation`]).
+pub fn cgroups_usable() -> bool {
+    crate::paths::is_root() || cgroup::rootless_delegation().is_ok()
+}
+
 /// A tool started for the broker.
 pub struct ToolRun {
     /// Read ends of the tool's stdout and stderr pipes.
@@ -333,12 +363,19 @@ pub fn spawn_tool(
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() };
             let (run_as, _) = ctx.run_as.resolve(u32::try_from(tid).unwrap_or(0));
-            let plan = match policy.compile(&profile_s, &ctx.target) {
+            let mut plan = match policy.compile(&profile_s, &ctx.target) {
                 Ok(p) => p,
                 Err(d) => {
                     let _ = started_tx.send(Err(format!(
                         "profile `{profile_s}` cannot run on this kernel: {d}"
                     )));
+                    return;
+                }
+            };
+            let cg = match sandbox_cgroup(&mut plan, "tool") {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
                     return;
                 }
             };
@@ -357,13 +394,6 @@ pub fn spawn_tool(
                 Ok(l) => l,
                 Err(e) => {
                     let _ = started_tx.send(Err(crate::cli::error_chain(&e)));
-                    return;
-                }
-            };
-            let cg = match Cgroup::create(&cgroup::unique_name("tool"), &plan.cgroup) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = started_tx.send(Err(format!("cannot create the cgroup: {e}")));
                     return;
                 }
             };
@@ -397,7 +427,7 @@ pub fn spawn_tool(
                 broker: pair.as_ref().map(|(_, theirs)| theirs.as_fd()),
                 listener: None,
             };
-            let running = match launch.spawn_with(Some(&cg), io) {
+            let running = match launch.spawn_with(cg.as_ref(), io) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = started_tx.send(Err(crate::cli::error_chain(&e)));
@@ -410,7 +440,7 @@ pub fn spawn_tool(
             let mine = pair.map(|(mine, _theirs)| mine);
             let key = ctx.live.register(running.pid());
             let _ = started_tx.send(Ok((out.read, err.read, mine)));
-            let report = running.wait(launch.wall_time(), Some(&cg));
+            let report = running.wait(launch.wall_time(), cg.as_ref());
             if let Some(k) = key {
                 ctx.live.deregister(k);
             }
@@ -421,7 +451,7 @@ pub fn spawn_tool(
                     setup_failure()
                 }
             };
-            if let Err(e) = cg.remove() {
+            if let Some(Err(e)) = cg.map(Cgroup::remove) {
                 tracing::warn!("removing a tool's cgroup: {e}");
             }
             // A termination signal meant for the supervisor may have been taken by this

@@ -175,6 +175,9 @@ struct Spec {
     profile: String,
     workspace: PathBuf,
     restart: Restart,
+    /// Added to (and overriding) the supervisor's environment; the profile's
+    /// `environment.pass` still decides what reaches the child.
+    environment: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -369,6 +372,21 @@ fn bind_program(plan: &mut Plan, program: &Path) {
     });
 }
 
+/// The environment a child's profile picks from: the supervisor's, with the configured
+/// variables added or replaced.
+fn child_env(
+    base: &[(std::ffi::OsString, std::ffi::OsString)],
+    extra: &[(String, String)],
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut env: Vec<_> = base
+        .iter()
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| k.as_os_str() == e.as_str()))
+        .cloned()
+        .collect();
+    env.extend(extra.iter().map(|(k, v)| (k.into(), v.into())));
+    env
+}
+
 /// What starting a child needs from the service.
 struct Env<'a> {
     policy: Arc<Policy>,
@@ -416,10 +434,16 @@ impl Child {
             .compile(&spec.profile, &env.target)
             .map_err(|d| format!("profile `{}` cannot run here: {d}", spec.profile))?;
         bind_program(&mut plan, &spec.program);
+        let cg = crate::broker_host::sandbox_cgroup(&mut plan, &self.name)?.map(Arc::new);
         let brokered = env.policy.broker_view(&spec.profile).is_some();
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        let (run_as, _) = RunAs::Auto.resolve(u32::try_from(tid).unwrap_or(0));
+        let run_as = if crate::paths::is_root() {
+            RunAs::Auto.resolve(u32::try_from(tid).unwrap_or(0)).0
+        } else {
+            // Rootless: the sandbox runs as our own identity (see docs/threat-model.md).
+            crate::namespaces::own_ids()
+        };
         let argv0 = spec.program.as_os_str().to_os_string();
         let opts = LaunchOptions {
             program: spec.program.clone(),
@@ -427,15 +451,12 @@ impl Child {
             args: spec.args.iter().map(Into::into).collect(),
             workspace: Some(spec.workspace.clone()),
             run_as,
-            env: env.env.to_vec(),
+            env: child_env(env.env, &spec.environment),
             broker: brokered,
             listener: self.listens && env.listener.is_some(),
         };
         let launch =
             Launch::prepare(&plan, &opts, env.target.landlock_abi).map_err(|e| error_chain(&e))?;
-        let cg = Cgroup::create(&cgroup::unique_name(&self.name), &plan.cgroup)
-            .map_err(|e| format!("cannot create its cgroup: {}", error_chain(&e)))?;
-        let cg = Arc::new(cg);
         let out = Pipe::new("child stdout").map_err(|e| e.to_string())?;
         let err = Pipe::new("child stderr").map_err(|e| e.to_string())?;
         let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
@@ -456,7 +477,7 @@ impl Child {
             },
         };
         let running = launch
-            .spawn_with(Some(&cg), io)
+            .spawn_with(cg.as_deref(), io)
             .map_err(|e| error_chain(&e))?;
         drop(out.write);
         drop(err.write);
@@ -475,14 +496,14 @@ impl Child {
             let mut live = lock(&self.live);
             live.pid = Some(pid);
             live.pidfd = pidfd_open(pid).map(Arc::new);
-            live.cgroup = Some(cg.clone());
+            live.cgroup = cg.clone();
             live.since = Some(Instant::now());
             if live.state == State::Starting {
                 live.state = State::Running;
             }
         }
         tracing::info!(child = %self.name, pid, profile = %spec.profile, "started");
-        let report = running.wait(launch.wall_time(), Some(&cg));
+        let report = running.wait(launch.wall_time(), cg.as_deref());
         {
             let mut live = lock(&self.live);
             live.pid = None;
@@ -490,13 +511,14 @@ impl Child {
             live.cgroup = None;
             live.since = None;
         }
-        match Arc::try_unwrap(cg) {
-            Ok(cg) => {
+        match cg.map(Arc::try_unwrap) {
+            None => {}
+            Some(Ok(cg)) => {
                 if let Err(e) = cg.remove() {
                     tracing::warn!(child = %self.name, "removing its cgroup: {e}");
                 }
             }
-            Err(_) => tracing::warn!(child = %self.name, "its cgroup is still in use; left"),
+            Some(Err(_)) => tracing::warn!(child = %self.name, "its cgroup is still in use; left"),
         }
         report.map_err(|e| error_chain(&e))
     }
@@ -759,6 +781,11 @@ fn spec_of(c: &ChildConfig, exe_dir: &Path) -> Result<Spec, String> {
             loop_starts: c.restart.crash_loop_restarts,
             loop_window: c.restart.crash_loop_window,
         },
+        environment: c
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -1199,13 +1226,14 @@ fn start(
     let root = crate::paths::is_root();
     let mode = if root { "root" } else { "rootless" };
     let (cg_ok, cg_words) = cgroup_mode();
-    let cgroups = if cg_ok.is_some() {
-        cg_words
-    } else {
-        format!("{cg_words}: limits by rlimits only")
+    let usable = crate::broker_host::cgroups_usable();
+    let cgroups = match (cg_ok.is_some(), usable, root) {
+        (true, true, true) => cg_words,
+        (true, true, false) => format!("{cg_words} (delegated)"),
+        _ => "none: memory/pids/cpu limited by rlimits only".to_string(),
     };
     tracing::info!(mode, cgroups = %cgroups, config = %shown, "carapace {} starting", env!("CARGO_PKG_VERSION"));
-    if cg_ok.is_some() {
+    if cg_ok.is_some() && usable {
         clean_leftovers();
     }
     let signals = catch_signals().map_err(|e| format!("signal handlers: {e}"))?;
@@ -1248,7 +1276,10 @@ fn start(
     let mut listener: Option<OwnedFd> = None;
     if let Some(gw) = &cfg.gateway {
         if let Some((fd, name)) = activated.into_iter().next() {
-            tracing::info!(name = ?name, "gateway listener from systemd socket activation");
+            tracing::info!(
+                name = name.as_deref().unwrap_or("-"),
+                "gateway listener from systemd socket activation"
+            );
             listener = Some(fd);
         } else if let Some(addr) = gw.listen {
             let l = std::net::TcpListener::bind(addr)
@@ -1437,6 +1468,27 @@ mod tests {
             == LandlockPath::Host("/opt/x/carapace-gateway".into())
             && r.rights.execute
             && !r.rights.write));
+    }
+
+    #[test]
+    fn configured_variables_join_and_override_the_environment() {
+        let base = vec![("PATH".into(), "/bin".into()), ("LANG".into(), "C".into())];
+        let env = child_env(
+            &base,
+            &[
+                ("LANG".into(), "en_US.UTF-8".into()),
+                ("X".into(), "1".into()),
+            ],
+        );
+        let get = |k: &str| {
+            env.iter()
+                .filter(|(n, _)| n.as_os_str() == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("PATH"), ["/bin"]);
+        assert_eq!(get("LANG"), ["en_US.UTF-8"]);
+        assert_eq!(get("X"), ["1"]);
     }
 
     #[test]
