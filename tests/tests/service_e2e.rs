@@ -112,6 +112,17 @@ impl Service {
     /// Start with `program` and `args` (a TOML array) as the gateway; `ready`: wait for
     /// READY=1.
     fn start_with(program: &str, args: &str, extra_config: &str, ready: bool) -> Service {
+        Service::start_full(program, args, extra_config, ready, false)
+    }
+
+    /// [`Service::start_with`], as root or (`rootless`) as the unprivileged test user.
+    fn start_full(
+        program: &str,
+        args: &str,
+        extra_config: &str,
+        ready: bool,
+        rootless: bool,
+    ) -> Service {
         let dir = var_tmpdir("carapace-svc-");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
@@ -147,12 +158,21 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
             .unwrap_or_else(|e| panic!("{e}"));
         let log = dir.path().join("supervisor.log");
         let logf = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(carapace_bin())
-            .args(["run", "--config"])
+        let mut cmd = Command::new(carapace_bin());
+        cmd.args(["run", "--config"])
             .arg(dir.path().join("carapace.toml"))
             .env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "2000000")
-            .env("CARAPACE_LOG", "debug")
+            .env("CARAPACE_LOG", "debug");
+        if rootless {
+            // The unprivileged user owns the directory (its state, runtime dir and the
+            // gateway's workspace are created in it) and may write to the notify socket.
+            give_to_rootless_user(dir.path());
+            fs::set_permissions(&notify_path, fs::Permissions::from_mode(0o666))
+                .unwrap_or_else(|e| panic!("{e}"));
+            cmd = as_rootless_user(&cmd);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(
                 logf.try_clone()
@@ -841,4 +861,65 @@ fn an_invalid_configuration_is_refused_with_its_location() {
             "all errors are reported: {err}"
         );
     }
+}
+
+/// Rootless: an unprivileged user starts `carapace run`; the gateway comes up confined the
+/// same way (seccomp, NoNewPrivs, no capabilities, own namespaces) though without a cgroup on a
+/// host that delegates none (limits by rlimits, and `status` says so); SIGTERM stops it
+/// cleanly and a SIGKILLed supervisor leaves no process behind.
+#[test]
+fn rootless_service_runs_the_gateway_confined() {
+    if !rootless_possible() {
+        return;
+    }
+    let gw = gateway_bin().display().to_string();
+    let mut svc = Service::start_full(&gw, "[]", "", true, true);
+    let init = svc.gateway_running(None, Duration::from_secs(20));
+    let prog = program_of(init);
+    assert_eq!(status_field(prog, "Seccomp"), "2");
+    assert_eq!(status_field(prog, "NoNewPrivs"), "1");
+    assert_eq!(status_field(prog, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(prog, "CapBnd"), "0000000000000000");
+    let host_uid = status_field(prog, "Uid");
+    assert!(
+        host_uid
+            .split_whitespace()
+            .all(|u| u == ROOTLESS_UID.to_string()),
+        "rootless sandbox runs as {host_uid}, not the user's own uid"
+    );
+    for ns in ["mnt", "pid", "net", "ipc", "uts", "user"] {
+        let ours = fs::read_link(format!("/proc/self/ns/{ns}")).unwrap_or_default();
+        let its = fs::read_link(format!("/proc/{prog}/ns/{ns}")).unwrap_or_default();
+        assert_ne!(ours, its, "{ns} namespace shared with the host");
+    }
+    let st = svc.status();
+    assert_eq!(st["mode"], "rootless", "{st}");
+    if cgroup_dirs_named("gateway-").is_empty() {
+        assert!(
+            st["cgroups"]
+                .as_str()
+                .is_some_and(|c| c.contains("rlimits")),
+            "{st}"
+        );
+    }
+    // A tool through the broker works too.
+    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "rootless"]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["stdout"], "rootless\n", "{v}");
+    let exit = svc.stop();
+    assert!(exit.success(), "{exit}; log:\n{}", svc.log_text());
+    assert!(!alive(init) && !alive(prog));
+
+    let mut svc = Service::start_full(&gw, "[]", "", true, true);
+    let init = svc.gateway_running(None, Duration::from_secs(20));
+    let prog = program_of(init);
+    svc.signal(libc::SIGKILL);
+    if let Some(mut c) = svc.child.take() {
+        let _ = c.wait();
+    }
+    assert!(
+        wait_gone(prog, Duration::from_secs(5)),
+        "gateway survived a SIGKILLed rootless supervisor"
+    );
+    assert!(wait_gone(init, Duration::from_secs(5)));
 }
