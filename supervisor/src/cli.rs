@@ -122,7 +122,7 @@ pub enum Command {
     Run(crate::service::RunArgs),
     /// Show the running supervisor's children, their state, restarts and resource use
     Status(crate::ctl::StatusArgs),
-    /// List and answer the approvals confined children are waiting for
+    // About and long help: on `ctl::ApprovalsArgs` (a doc comment here would replace them).
     Approvals(crate::ctl::ApprovalsArgs),
     /// List, release or drop messages held in the dead-letter queue
     Dlq(crate::ctl::DlqArgs),

@@ -143,6 +143,7 @@ pub struct ReloadArgs {
 
 #[derive(Debug, Args)]
 #[command(
+    about = "List and answer the approvals confined children are waiting for",
     long_about = "List and answer the `ask` approvals that confined programs are waiting for, \
                   and the persisted allow-always grants. A numeric ID is an approval of the \
                   running supervisor (`carapace run`), answered over its control socket; a \
@@ -242,6 +243,12 @@ pub fn clean(s: &str) -> String {
         }
     }
     out
+}
+
+/// [`clean`] line by line: the line breaks of a multi-line message (a policy error with its
+/// source line and caret) are kept, every other control character is escaped.
+pub fn clean_lines(s: &str) -> String {
+    s.split('\n').map(clean).collect::<Vec<_>>().join("\n")
 }
 
 /// `3d04h`, `2h05m`, `4m12s`, `12s`.
@@ -654,7 +661,7 @@ impl Term<'_> {
                 EXIT_FAILED
             }
             ControlError::Daemon { message } => {
-                self.err(&clean(message));
+                self.err(&clean_lines(message));
                 EXIT_FAILED
             }
             _ => {
@@ -757,7 +764,7 @@ pub fn reload_to(a: &ReloadArgs, t: &mut Term<'_>) -> i32 {
             }
         }
         Err(ControlError::Daemon { message }) => {
-            t.err(&format!("reload rejected: {}", clean(&message)));
+            t.err(&format!("reload rejected: {}", clean_lines(&message)));
             t.err("the old configuration and policy stay in force");
             EXIT_FAILED
         }
@@ -1146,6 +1153,15 @@ mod tests {
                 head: "cd".repeat(32),
             },
         }
+    }
+
+    #[test]
+    fn multi_line_daemon_messages_keep_their_lines_only() {
+        let m = "policy.toml:3:1: error: x\n  |\n3 | [a\n  | ^\x1b[31m";
+        let c = clean_lines(m);
+        assert_eq!(c.lines().count(), 4);
+        assert!(!c.contains('\x1b'), "{c}");
+        assert!(c.ends_with("^\\u{1b}[31m"), "{c}");
     }
 
     #[test]
