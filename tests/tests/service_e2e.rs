@@ -112,7 +112,7 @@ impl Service {
     /// Start with `program` and `args` (a TOML array) as the gateway; `ready`: wait for
     /// READY=1.
     fn start_with(program: &str, args: &str, extra_config: &str, ready: bool) -> Service {
-        Service::start_full(program, args, extra_config, ready, false)
+        Service::start_full(program, args, extra_config, ready, false, None)
     }
 
     /// [`Service::start_with`], as root or (`rootless`) as the unprivileged test user.
@@ -122,6 +122,7 @@ impl Service {
         extra_config: &str,
         ready: bool,
         rootless: bool,
+        activated: Option<&TcpListener>,
     ) -> Service {
         let dir = var_tmpdir("carapace-svc-");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
@@ -164,6 +165,24 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
             .env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "2000000")
             .env("CARAPACE_LOG", "debug");
+        if let Some(l) = activated {
+            // systemd socket activation: the socket at fd 3, LISTEN_PID = the supervisor's
+            // pid (known only in the shell that execs it).
+            use std::os::fd::AsRawFd as _;
+            pass_fd(&mut cmd, l.as_raw_fd(), 3);
+            let mut sh = Command::new("/bin/sh");
+            sh.arg("-c")
+                .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=gateway exec \"$0\" \"$@\"")
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    sh.env(k, v);
+                }
+            }
+            pass_fd(&mut sh, l.as_raw_fd(), 3);
+            cmd = sh;
+        }
         if rootless {
             // The unprivileged user owns the directory (its state, runtime dir and the
             // gateway's workspace are created in it) and may write to the notify socket.
@@ -873,7 +892,7 @@ fn rootless_service_runs_the_gateway_confined() {
         return;
     }
     let gw = gateway_bin().display().to_string();
-    let mut svc = Service::start_full(&gw, "[]", "", true, true);
+    let mut svc = Service::start_full(&gw, "[]", "", true, true, None);
     let init = svc.gateway_running(None, Duration::from_secs(20));
     let prog = program_of(init);
     assert_eq!(status_field(prog, "Seccomp"), "2");
@@ -910,7 +929,7 @@ fn rootless_service_runs_the_gateway_confined() {
     assert!(exit.success(), "{exit}; log:\n{}", svc.log_text());
     assert!(!alive(init) && !alive(prog));
 
-    let mut svc = Service::start_full(&gw, "[]", "", true, true);
+    let mut svc = Service::start_full(&gw, "[]", "", true, true, None);
     let init = svc.gateway_running(None, Duration::from_secs(20));
     let prog = program_of(init);
     svc.signal(libc::SIGKILL);
@@ -922,4 +941,38 @@ fn rootless_service_runs_the_gateway_confined() {
         "gateway survived a SIGKILLed rootless supervisor"
     );
     assert!(wait_gone(init, Duration::from_secs(5)));
+}
+
+/// systemd socket activation: with LISTEN_FDS the gateway gets systemd's socket (fd 3 of the
+/// supervisor), not one bound from the configuration's `listen`.
+#[test]
+fn a_socket_from_systemd_activation_is_handed_over() {
+    if !privileged() {
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let activated = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let gw = gateway_bin().display().to_string();
+    let svc = Service::start_full(&gw, "[]", "", true, false, Some(&l));
+    drop(l);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = http(activated, "GET", "/health", None);
+        if code == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "activated socket not served ({code} {body}); log:\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The configured address was not bound.
+    assert_eq!(http(svc.addr, "GET", "/health", None).0, 0);
+    assert!(
+        svc.log_text().contains("socket activation"),
+        "{}",
+        svc.log_text()
+    );
 }
