@@ -307,6 +307,63 @@ pub fn cgroups_usable() -> bool {
     crate::paths::is_root() || cgroup::rootless_delegation().is_ok()
 }
 
+/// The descriptors a confined child gets at 0..=3: stdin `/dev/null`, stdout and stderr pipes
+/// whose read ends the supervisor keeps, and (brokered) a broker socketpair.
+#[derive(Debug)]
+pub struct ChildFds {
+    null: std::fs::File,
+    out: Pipe,
+    err: Pipe,
+    pair: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// The supervisor's ends once the child is started: the read ends of its stdout and stderr,
+/// and its own end of the broker socket.
+pub type ParentEnds = (OwnedFd, OwnedFd, Option<OwnedFd>);
+
+impl ChildFds {
+    pub fn new(brokered: bool) -> Result<ChildFds, String> {
+        let out = Pipe::new("child stdout").map_err(|e| e.to_string())?;
+        let err = Pipe::new("child stderr").map_err(|e| e.to_string())?;
+        let null = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+        let pair = if brokered {
+            Some(
+                carapace_broker::protocol::seqpacket_pair()
+                    .map_err(|e| format!("socketpair: {e}"))?,
+            )
+        } else {
+            None
+        };
+        Ok(ChildFds {
+            null,
+            out,
+            err,
+            pair,
+        })
+    }
+
+    /// What `Launch::spawn_with` places in the child (the listener, if any, at fd 4).
+    pub fn io<'a>(&'a self, listener: Option<std::os::fd::BorrowedFd<'a>>) -> ChildIo<'a> {
+        ChildIo {
+            stdin: Some(self.null.as_fd()),
+            stdout: Some(self.out.write.as_fd()),
+            stderr: Some(self.err.write.as_fd()),
+            broker: self.pair.as_ref().map(|(_, theirs)| theirs.as_fd()),
+            listener,
+        }
+    }
+
+    /// After the spawn: close the child's ends here (so a reader sees EOF when the child is
+    /// gone) and keep ours.
+    pub fn into_parent_ends(self) -> ParentEnds {
+        (
+            self.out.read,
+            self.err.read,
+            self.pair.map(|(mine, _theirs)| mine),
+        )
+    }
+}
+
 /// A tool started for the broker.
 pub struct ToolRun {
     /// Read ends of the tool's stdout and stderr pipes.
@@ -397,49 +454,23 @@ pub fn spawn_tool(
                     return;
                 }
             };
-            let pipes = Pipe::new("tool stdout").and_then(|o| Ok((o, Pipe::new("tool stderr")?)));
-            let ((out, err), null) = match (pipes, std::fs::File::open("/dev/null")) {
-                (Ok(p), Ok(n)) => (p, n),
-                (Err(e), _) => {
-                    let _ = started_tx.send(Err(e.to_string()));
-                    return;
-                }
-                (_, Err(e)) => {
-                    let _ = started_tx.send(Err(format!("open /dev/null: {e}")));
+            let fds = match ChildFds::new(brokered) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
                     return;
                 }
             };
-            let pair = if brokered {
-                match carapace_broker::protocol::seqpacket_pair() {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        let _ = started_tx.send(Err(format!("socketpair: {e}")));
-                        return;
-                    }
-                }
-            } else {
-                None
-            };
-            let io = ChildIo {
-                stdin: Some(null.as_fd()),
-                stdout: Some(out.write.as_fd()),
-                stderr: Some(err.write.as_fd()),
-                broker: pair.as_ref().map(|(_, theirs)| theirs.as_fd()),
-                listener: None,
-            };
-            let running = match launch.spawn_with(cg.as_ref(), io) {
+            let running = match launch.spawn_with(cg.as_ref(), fds.io(None)) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = started_tx.send(Err(crate::cli::error_chain(&e)));
                     return;
                 }
             };
-            drop(out.write);
-            drop(err.write);
-            drop(null);
-            let mine = pair.map(|(mine, _theirs)| mine);
+            let (out_read, err_read, mine) = fds.into_parent_ends();
             let key = ctx.live.register(running.pid());
-            let _ = started_tx.send(Ok((out.read, err.read, mine)));
+            let _ = started_tx.send(Ok((out_read, err_read, mine)));
             let report = running.wait(launch.wall_time(), cg.as_ref());
             if let Some(k) = key {
                 ctx.live.deregister(k);

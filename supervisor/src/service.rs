@@ -46,17 +46,17 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::broker_host::{
-    new_identity, BrokerHost, BrokerSetup, OperatorChannel, PeerServer, StateDir, ToolContext,
+    new_identity, BrokerHost, BrokerSetup, ChildFds, OperatorChannel, PeerServer, StateDir,
+    ToolContext,
 };
 use crate::cgroup::{self, Cgroup};
 use crate::cli::error_chain;
 use crate::config::{ChildConfig, Config};
 use crate::control::{self, ControlHandler, ControlServer, Request};
-use crate::fds::Pipe;
 use crate::namespaces::RunAs;
 use crate::report::ExitReport;
 use crate::sdnotify::{self, Notifier};
-use crate::spawn::{ChildIo, Launch, LaunchOptions};
+use crate::spawn::{Launch, LaunchOptions};
 
 /// Exit status when the configuration or the policy is invalid (sysexits' EX_CONFIG): the unit
 /// file lists it in `RestartPreventExitStatus=`, a broken file is not retried in a loop.
@@ -457,41 +457,26 @@ impl Child {
         };
         let launch =
             Launch::prepare(&plan, &opts, env.target.landlock_abi).map_err(|e| error_chain(&e))?;
-        let out = Pipe::new("child stdout").map_err(|e| e.to_string())?;
-        let err = Pipe::new("child stderr").map_err(|e| e.to_string())?;
-        let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-        let pair = if brokered {
-            Some(carapace_broker::protocol::seqpacket_pair().map_err(|e| e.to_string())?)
+        let fds = ChildFds::new(brokered)?;
+        let listener = if opts.listener {
+            env.listener.map(|l| l.as_fd())
         } else {
             None
         };
-        let io = ChildIo {
-            stdin: Some(null.as_fd()),
-            stdout: Some(out.write.as_fd()),
-            stderr: Some(err.write.as_fd()),
-            broker: pair.as_ref().map(|(_, theirs)| theirs.as_fd()),
-            listener: if opts.listener {
-                env.listener.map(|l| l.as_fd())
-            } else {
-                None
-            },
-        };
         let running = launch
-            .spawn_with(cg.as_deref(), io)
+            .spawn_with(cg.as_deref(), fds.io(listener))
             .map_err(|e| error_chain(&e))?;
-        drop(out.write);
-        drop(err.write);
-        drop(null);
+        let (out_read, err_read, pair) = fds.into_parent_ends();
         let pid = running.pid();
-        if let Some((mine, _theirs)) = pair {
+        if let Some(mine) = pair {
             let who = new_identity(self.role, &spec.profile);
             tracing::info!(child = %self.name, %who, "broker socket served");
             if env.peers.serve(mine, who).is_none() {
                 tracing::warn!(child = %self.name, "broker socket not served (no handler)");
             }
         }
-        relay(self.name.clone(), "stdout", out.read);
-        relay(self.name.clone(), "stderr", err.read);
+        relay(self.name.clone(), "stdout", out_read);
+        relay(self.name.clone(), "stderr", err_read);
         {
             let mut live = lock(&self.live);
             live.pid = Some(pid);
