@@ -33,8 +33,16 @@ use std::path::{Path, PathBuf};
 pub use bpf::max_path_len;
 pub use plan::Plan;
 pub use seccomp::{run_bpf, run_bpf_counted};
+/// Locating byte spans of a TOML text as `file:line:column` and building [`Diagnostic`]s; the
+/// supervisor's configuration reports its errors through it too.
+pub use source::Source;
+/// Path, duration and size checks shared with the supervisor's configuration:
+/// [`check_abs_path`] (absolute and normalized, the reason when not) with [`PATH_EXPECTED`], and
+/// [`parse_duration`] (integer seconds or `"<n><ms|s|m|min|h>"`, zero refused) with
+/// [`DURATION_EXPECTED`].
+pub use units::{check_abs_path, parse_duration, DURATION_EXPECTED, PATH_EXPECTED};
 
-use crate::source::{Sink, Source};
+use crate::source::Sink;
 use crate::validate::{ArgPat, ProgramPat, Validated};
 
 /// One located error in a policy file.
@@ -219,34 +227,12 @@ pub struct Policy {
     model: std::sync::Arc<Validated>,
 }
 
-/// Split a serde/toml message "X, expected Y" into (X, Y).
-fn split_expected(msg: &str) -> (String, Option<String>) {
-    let msg = msg.trim();
-    match msg.find(", expected ") {
-        Some(i) => (
-            msg[..i].to_string(),
-            Some(msg[i + ", expected ".len()..].to_string()),
-        ),
-        None => (msg.to_string(), None),
-    }
-}
-
 impl Policy {
     /// Parse and validate. `file` is only used in diagnostics.
     pub fn parse(text: &str, file: &str) -> Result<Policy, Diagnostics> {
         let src = Source::new(text, file);
         let to_diag = |e: &toml::de::Error| {
-            let span = e.span().unwrap_or(0..0);
-            let (msg, expected) = split_expected(e.message());
-            let msg = if msg.starts_with("unknown field") {
-                msg.replacen("unknown field", "unknown key", 1)
-            } else {
-                msg
-            };
-            let mut d = src.diag(&span, msg, None);
-            d.expected = expected
-                .or_else(|| Some("valid TOML in the policy format (see docs/policy.md)".into()));
-            d
+            src.toml_error(e, "valid TOML in the policy format (see docs/policy.md)")
         };
         // 1. TOML syntax, with recovery so that every syntax error is reported.
         let (mut doc, syntax) = toml::de::DeTable::parse_recoverable(text);

@@ -4,9 +4,11 @@ use std::ops::Range;
 
 use crate::Diagnostic;
 
-/// The policy text being validated, with a line index for locating spans.
+/// A TOML text being validated (a policy, or the supervisor's configuration), with a line index
+/// for turning byte spans into located [`Diagnostic`]s (`file:line:column`, the offending line
+/// under a caret).
 #[derive(Debug)]
-pub(crate) struct Source<'a> {
+pub struct Source<'a> {
     text: &'a str,
     file: &'a str,
     /// Byte offset of the start of each line.
@@ -14,7 +16,8 @@ pub(crate) struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
-    pub(crate) fn new(text: &'a str, file: &'a str) -> Self {
+    /// Index `text`; `file` names it in diagnostics.
+    pub fn new(text: &'a str, file: &'a str) -> Self {
         let mut line_starts = vec![0];
         line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
         Source {
@@ -26,7 +29,7 @@ impl<'a> Source<'a> {
 
     /// 1-based (line, column in characters) of a byte offset; offsets past the end or inside a
     /// UTF-8 sequence are clamped to the nearest valid position before them.
-    pub(crate) fn locate(&self, offset: usize) -> (usize, usize) {
+    pub fn locate(&self, offset: usize) -> (usize, usize) {
         let mut offset = offset.min(self.text.len());
         while offset > 0 && !self.text.is_char_boundary(offset) {
             offset -= 1;
@@ -45,15 +48,15 @@ impl<'a> Source<'a> {
     }
 
     /// The text of a 1-based line, without its newline.
-    pub(crate) fn line_text(&self, line: usize) -> Option<String> {
+    pub fn line_text(&self, line: usize) -> Option<String> {
         let start = *self.line_starts.get(line.checked_sub(1)?)?;
         let rest = self.text.get(start..)?;
         let end = rest.find('\n').unwrap_or(rest.len());
         Some(rest[..end].trim_end_matches('\r').to_string())
     }
 
-    /// A diagnostic at the start of `span`.
-    pub(crate) fn diag(
+    /// A diagnostic at the start of `span` (a byte range of the text).
+    pub fn diag(
         &self,
         span: &Range<usize>,
         message: impl Into<String>,
@@ -70,9 +73,37 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// A TOML syntax (or serde) error as a diagnostic at its span: a message "X, expected Y" is
+    /// split into the message X and the expectation Y (else `fallback_expected`), and serde's
+    /// "unknown field" is said "unknown key".
+    pub fn toml_error(&self, e: &toml::de::Error, fallback_expected: &str) -> Diagnostic {
+        let span = e.span().unwrap_or(0..0);
+        let (msg, expected) = split_expected(e.message());
+        let msg = if msg.starts_with("unknown field") {
+            msg.replacen("unknown field", "unknown key", 1)
+        } else {
+            msg
+        };
+        let mut d = self.diag(&span, msg, None);
+        d.expected = expected.or_else(|| Some(fallback_expected.to_string()));
+        d
+    }
+
     /// 1-based line of a byte offset.
     pub(crate) fn line_of(&self, offset: usize) -> usize {
         self.locate(offset).0
+    }
+}
+
+/// Split a serde/toml message "X, expected Y" into (X, Y).
+fn split_expected(msg: &str) -> (String, Option<String>) {
+    let msg = msg.trim();
+    match msg.find(", expected ") {
+        Some(i) => (
+            msg[..i].to_string(),
+            Some(msg[i + ", expected ".len()..].to_string()),
+        ),
+        None => (msg.to_string(), None),
     }
 }
 

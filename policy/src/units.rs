@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-/// Why a path is not acceptable, or Ok.
-pub(crate) fn check_abs_path(p: &str) -> Result<(), &'static str> {
+/// Why a path is not acceptable (relative, or not normalized: `.`, `..`, `//`, a trailing `/`,
+/// a NUL byte), or Ok.
+pub fn check_abs_path(p: &str) -> Result<(), &'static str> {
     if p.contains('\0') {
         return Err("the path contains a NUL byte");
     }
@@ -27,7 +28,8 @@ pub(crate) fn check_abs_path(p: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-pub(crate) const PATH_EXPECTED: &str =
+/// What [`check_abs_path`] accepts, in words (the "expected" of a diagnostic).
+pub const PATH_EXPECTED: &str =
     "an absolute, normalized path (starts with `/`; no `.`, `..`, `//`, trailing `/` or NUL)";
 
 pub(crate) const SIZE_EXPECTED: &str =
@@ -68,10 +70,14 @@ pub(crate) fn parse_size(v: &toml::Value) -> Result<u64, String> {
     Ok(bytes)
 }
 
-pub(crate) const DURATION_EXPECTED: &str =
+/// What [`parse_duration`] accepts, in words (the "expected" of a diagnostic).
+pub const DURATION_EXPECTED: &str =
     "a duration: an integer number of seconds, or a string like \"300s\", \"5m\", \"1h\", \"500ms\"";
 
-pub(crate) fn parse_duration(v: &toml::Value) -> Result<Duration, String> {
+/// Parse a duration: an integer number of seconds, or a string `"<integer><unit>"` with unit
+/// `ms`, `s` (or none), `m`/`min` or `h`. Zero, negative and overflowing durations are refused;
+/// the error says why.
+pub fn parse_duration(v: &toml::Value) -> Result<Duration, String> {
     let d = match v {
         toml::Value::Integer(i) => {
             Duration::from_secs(u64::try_from(*i).map_err(|_| format!("negative duration {i}"))?)
