@@ -29,6 +29,8 @@ pub(crate) struct RawBroker {
     pub secrets: Option<S<Vec<S<String>>>>,
     pub channels: Option<S<Vec<S<String>>>>,
     pub exec: Option<S<bool>>,
+    pub auth: Option<S<bool>>,
+    pub approve: Option<S<bool>>,
     pub rate: Option<S<RawPeerRate>>,
 }
 
@@ -85,7 +87,7 @@ pub(crate) struct RawChannelRate {
 }
 
 /// `extends`: the broker lists (`connect`, `open`, `secrets`, `channels`) append, parent
-/// first; `exec` and `rate` are overridden by the child.
+/// first; `exec`, `auth`, `approve` and `rate` are overridden by the child.
 pub(crate) fn merge_broker(p: RawBroker, c: RawBroker) -> RawBroker {
     fn append<T>(p: Option<Vec<T>>, c: Option<Vec<T>>) -> Option<Vec<T>> {
         match (p, c) {
@@ -116,6 +118,8 @@ pub(crate) fn merge_broker(p: RawBroker, c: RawBroker) -> RawBroker {
         secrets: append_names(p.secrets, c.secrets),
         channels: append_names(p.channels, c.channels),
         exec: c.exec.or(p.exec),
+        auth: c.auth.or(p.auth),
+        approve: c.approve.or(p.approve),
         rate: c.rate.or(p.rate),
     }
 }
@@ -305,6 +309,8 @@ pub(crate) struct BrokerSection {
     pub secrets: Vec<String>,
     pub channels: Vec<String>,
     pub exec: bool,
+    pub auth: bool,
+    pub approve: bool,
     pub rate: Option<PeerRate>,
 }
 
@@ -321,6 +327,13 @@ pub struct BrokerRules {
     pub channels: Vec<ChannelSpec>,
     /// May use the `exec` op (the `[[exec]]` rules still decide each request).
     pub exec: bool,
+    /// May use the `auth` op: have the broker check a client token's hash against the token
+    /// store (for gateways, which cannot read the store themselves).
+    pub auth: bool,
+    /// May use the `approvals` and `approve` ops: list pending approvals and answer them, as an
+    /// operator would. A child with this can approve its own `ask` requests, so only a gateway
+    /// that relays the answers of operator-scoped clients should have it.
+    pub approve: bool,
     /// Per-peer request rate; None = the broker's default.
     pub rate: Option<PeerRate>,
 }
@@ -482,6 +495,24 @@ impl BrokerRules {
             "  exec: {}",
             if self.exec {
                 "allowed, each request decided by the [[exec]] rules like `carapace exec`"
+            } else {
+                "refused"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  auth: {}",
+            if self.auth {
+                "allowed: may have the broker check client tokens (by their SHA-256) against the token store it cannot read"
+            } else {
+                "refused"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  approve: {}",
+            if self.approve {
+                "allowed: may list pending approvals and answer them like an operator (it can approve its own `ask` requests)"
             } else {
                 "refused"
             }
@@ -1210,6 +1241,8 @@ pub(crate) fn lower_broker(
         secrets,
         channels,
         exec: raw.exec.as_ref().is_some_and(|e| *e.get_ref()),
+        auth: raw.auth.as_ref().is_some_and(|e| *e.get_ref()),
+        approve: raw.approve.as_ref().is_some_and(|e| *e.get_ref()),
         rate,
     })
 }
@@ -1236,6 +1269,8 @@ pub(crate) fn rules_of(
             .filter_map(|n| channels.get(n).cloned())
             .collect(),
         exec: b.exec,
+        auth: b.auth,
+        approve: b.approve,
         rate: b.rate,
     }
 }
@@ -1267,6 +1302,17 @@ extends = "tool"
 [profiles.child.broker]
 connect = [ { host = "extra.example.com", port = 443, why = "more" } ]
 secrets = ["other"]
+[profiles.gw]
+why = "a gateway"
+extends = "tool"
+[profiles.gw.broker]
+auth = true
+approve = true
+[profiles.gwchild]
+why = "a gateway that may not approve"
+extends = "gw"
+[profiles.gwchild.broker]
+approve = false
 [profiles.plain]
 why = "no broker"
 [secrets.openai_key]
@@ -1341,10 +1387,32 @@ rate = { per_minute = 10, burst = 5 }
         assert!(r.secret("other").is_some());
         assert!(r.channel("log").is_some());
         assert!(r.exec, "exec inherited");
+        assert!(!r.auth && !r.approve, "auth and approve are off by default");
         // The parent does not get the child's additions.
         let t = rules("tool");
         assert!(t.secret("other").is_none());
         assert!(t.connect_allowed("extra.example.com", 443).is_none());
+    }
+
+    #[test]
+    fn auth_and_approve_keys() {
+        let t = rules("tool");
+        assert!(!t.auth, "auth defaults to false");
+        assert!(!t.approve, "approve defaults to false");
+        let g = rules("gw");
+        assert!(g.auth && g.approve);
+        assert!(g.exec, "exec inherited from tool");
+        // Inherited, and overridden by the child like `exec`.
+        let c = rules("gwchild");
+        assert!(c.auth, "auth inherited");
+        assert!(!c.approve, "approve overridden by the child");
+        let e = g.explain();
+        assert!(e.contains("auth: allowed"), "{e}");
+        assert!(e.contains("approve: allowed"), "{e}");
+        assert!(e.contains("approve its own `ask` requests"), "{e}");
+        let e = t.explain();
+        assert!(e.contains("auth: refused"), "{e}");
+        assert!(e.contains("approve: refused"), "{e}");
     }
 
     #[test]
@@ -1564,6 +1632,16 @@ rate = { per_minute = 10, burst = 5 }
                 "exec = true",
                 "exec = \"yes\"",
                 "invalid type: string for `exec`",
+            ),
+            (
+                "auth = true",
+                "auth = \"yes\"",
+                "invalid type: string for `auth`",
+            ),
+            (
+                "approve = true",
+                "approve = 1",
+                "invalid type: integer for `approve`",
             ),
             (
                 "requests_per_second = 50",

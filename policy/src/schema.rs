@@ -105,6 +105,8 @@ const BROKER: Kind = Table(&[
     ("secrets", Array(&Str)),
     ("channels", Array(&Str)),
     ("exec", Bool),
+    ("auth", Bool),
+    ("approve", Bool),
     ("rate", PEER_RATE),
 ]);
 const SECRET: Kind = Table(&[("why", Str), ("file", Str), ("credential", Str)]);
