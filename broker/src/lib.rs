@@ -15,3 +15,4 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod redact;
 pub mod server;
+pub mod tokens;
