@@ -1,440 +1,25 @@
 //! `carapace run` end to end: the real supervisor, started as a process with a configuration in
 //! a temporary directory, the stand-in gateway (`carapace-gateway`) confined under it, its
 //! listener on a loopback port, sd_notify messages on a test NOTIFY_SOCKET, and the operator
-//! CLI over the control socket.
+//! CLI over the control socket (the harness: `carapace_tests::service`).
 //!
 //! Every test runs as root (CI); it fails, never skips, when not root unless
 //! CARAPACE_ALLOW_SKIP=1.
 
 use std::fs;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use carapace_tests::*;
-
-// ------------------------------------------------------------------------------------------
-// The stand-in gateway binary
-
-fn build_gateway(profile_dir: &Path) -> PathBuf {
-    let target_dir = profile_dir.parent().unwrap_or(profile_dir).to_path_buf();
-    let release = profile_dir.file_name() == Some(std::ffi::OsStr::new("release"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(repo_root())
-        .args([
-            "build",
-            "-p",
-            "carapace-gateway",
-            "--bin",
-            "carapace-gateway",
-        ])
-        .env("CARGO_TARGET_DIR", &target_dir);
-    if release {
-        cmd.arg("--release");
-    }
-    eprintln!("service_e2e: building carapace-gateway: {cmd:?}");
-    let s = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build carapace-gateway: {e}"));
-    assert!(
-        s.success(),
-        "`cargo build -p carapace-gateway` failed ({s})"
-    );
-    profile_dir.join("carapace-gateway")
-}
-
-/// `$CARAPACE_GATEWAY_BIN`, else built with cargo into this test's target directory (cargo
-/// does nothing when it is fresh).
-fn gateway_bin() -> &'static Path {
-    static B: OnceLock<PathBuf> = OnceLock::new();
-    B.get_or_init(|| {
-        if let Some(p) = std::env::var_os("CARAPACE_GATEWAY_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()))
-            .to_path_buf();
-        build_gateway(&profile_dir)
-    })
-}
-
-// ------------------------------------------------------------------------------------------
-// A supervisor under test
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    l.local_addr().map(|a| a.port()).unwrap_or(0)
-}
-
-/// The default policy with `extra` appended (e.g. a rule change for a reload).
-fn policy_text(extra: &str) -> String {
-    format!("{}\n{extra}\n", default_policy_text())
-}
-
-struct Service {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    addr: SocketAddr,
-    notify: UnixDatagram,
-    /// sd_notify messages received so far, in order.
-    notes: Vec<String>,
-    log: PathBuf,
-}
-
-impl Service {
-    fn policy_path(&self) -> PathBuf {
-        self.dir.path().join("policy.toml")
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("run/control.sock")
-    }
-
-    /// Start `carapace run` with a fresh configuration; `extra` is appended to the
-    /// configuration (e.g. `[control] group = ...`).
-    fn start(extra_config: &str) -> Service {
-        Service::start_with(
-            &gateway_bin().display().to_string(),
-            "[]",
-            extra_config,
-            true,
-        )
-    }
-
-    /// Start with `program` and `args` (a TOML array) as the gateway; `ready`: wait for
-    /// READY=1.
-    fn start_with(program: &str, args: &str, extra_config: &str, ready: bool) -> Service {
-        Service::start_full(program, args, extra_config, ready, false, None)
-    }
-
-    /// [`Service::start_with`], as root or (`rootless`) as the unprivileged test user.
-    fn start_full(
-        program: &str,
-        args: &str,
-        extra_config: &str,
-        ready: bool,
-        rootless: bool,
-        activated: Option<&TcpListener>,
-    ) -> Service {
-        let dir = var_tmpdir("carapace-svc-");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .unwrap_or_else(|e| panic!("{e}"));
-        fs::write(dir.path().join("policy.toml"), policy_text(""))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let cfg = format!(
-            r#"[supervisor]
-policy = ["{policy}"]
-state_dir = "{state}"
-runtime_dir = "{run}"
-stop_timeout = "3s"
-approval_timeout = "30s"
-
-[gateway]
-program = "{gw}"
-args = {args}
-profile = "gateway"
-listen = "{addr}"
-restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5, crash_loop_window = "60s" }}
-{extra_config}
-"#,
-            policy = dir.path().join("policy.toml").display(),
-            state = dir.path().join("state").display(),
-            run = dir.path().join("run").display(),
-            gw = program,
-        );
-        fs::write(dir.path().join("carapace.toml"), cfg).unwrap_or_else(|e| panic!("{e}"));
-        let notify_path = dir.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap_or_else(|e| panic!("{e}"));
-        notify
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let log = dir.path().join("supervisor.log");
-        let logf = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-        let mut cmd = Command::new(carapace_bin());
-        cmd.args(["run", "--config"])
-            .arg(dir.path().join("carapace.toml"))
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("WATCHDOG_USEC", "2000000")
-            .env("CARAPACE_LOG", "debug");
-        if let Some(l) = activated {
-            // systemd socket activation: the socket at fd 3, LISTEN_PID = the supervisor's
-            // pid (known only in the shell that execs it).
-            use std::os::fd::AsRawFd as _;
-            pass_fd(&mut cmd, l.as_raw_fd(), 3);
-            let mut sh = Command::new("/bin/sh");
-            sh.arg("-c")
-                .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=gateway exec \"$0\" \"$@\"")
-                .arg(cmd.get_program())
-                .args(cmd.get_args());
-            for (k, v) in cmd.get_envs() {
-                if let Some(v) = v {
-                    sh.env(k, v);
-                }
-            }
-            pass_fd(&mut sh, l.as_raw_fd(), 3);
-            cmd = sh;
-        }
-        if rootless {
-            // The unprivileged user owns the directory (its state, runtime dir and the
-            // gateway's workspace are created in it) and may write to the notify socket.
-            give_to_rootless_user(dir.path());
-            fs::set_permissions(&notify_path, fs::Permissions::from_mode(0o666))
-                .unwrap_or_else(|e| panic!("{e}"));
-            cmd = as_rootless_user(&cmd);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(
-                logf.try_clone()
-                    .map(Stdio::from)
-                    .unwrap_or_else(|e| panic!("{e}")),
-            )
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn carapace run: {e}"));
-        let mut s = Service {
-            dir,
-            child: Some(child),
-            addr,
-            notify,
-            notes: Vec::new(),
-            log,
-        };
-        if ready {
-            s.wait_note("READY=1", Duration::from_secs(30));
-        }
-        s
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child
-            .as_ref()
-            .map(|c| c.id() as i32)
-            .unwrap_or_else(|| panic!("not running"))
-    }
-
-    /// Read the notify socket until a message containing `needle` arrives.
-    fn wait_note(&mut self, needle: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        let mut buf = [0u8; 4096];
-        loop {
-            if self.notes.iter().any(|n| n.contains(needle)) {
-                return;
-            }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!(
-                        "carapace run exited ({st}) before {needle}; log:\n{}",
-                        self.log_text()
-                    );
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} from sd_notify within {limit:?}; got {:?}; log:\n{}",
-                self.notes,
-                self.log_text()
-            );
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                self.notes
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-    }
-
-    /// `carapace <args> --socket S` (as root).
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(carapace_bin())
-            .args(args)
-            .arg("--socket")
-            .arg(self.socket())
-            .output()
-            .unwrap_or_else(|e| panic!("carapace {args:?}: {e}"))
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let o = self.ctl(&["status", "--json"]);
-        assert!(
-            o.status.success(),
-            "carapace status: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("status JSON: {e}: {}", String::from_utf8_lossy(&o.stdout)))
-    }
-
-    fn gateway(&self) -> serde_json::Value {
-        let st = self.status();
-        st["children"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == "gateway").cloned())
-            .unwrap_or_else(|| panic!("no gateway child in {st}"))
-    }
-
-    /// Wait until the gateway is running with a pid other than `not`; its init's pid.
-    fn gateway_running(&self, not: Option<i64>, limit: Duration) -> i64 {
-        let deadline = Instant::now() + limit;
-        loop {
-            let g = self.gateway();
-            if g["state"] == "running" {
-                if let Some(p) = g["pid"].as_i64() {
-                    if Some(p) != not && http(self.addr, "GET", "/health", None).0 == 200 {
-                        return p;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway not running within {limit:?}: {g}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: signalling the supervisor this test started.
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-
-    /// SIGTERM and wait for the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        let mut c = self.child.take().unwrap_or_else(|| panic!("not running"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!(
-                    "carapace run did not stop on SIGTERM; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling the supervisor this test started.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// One HTTP/1.1 request (Connection: close); (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: \
-         application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, String::new());
-    }
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
 
 fn exec_via_gateway(addr: SocketAddr, argv: &[&str]) -> (u16, serde_json::Value) {
     let body = serde_json::json!({ "argv": argv }).to_string();
     let (code, text) = http(addr, "POST", "/exec", Some(&body));
     let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     (code, v)
-}
-
-/// The program (pid 2 inside) of a sandbox whose init has host pid `init`.
-fn program_of(init: i64) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let kids =
-            fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap_or_default();
-        if let Some(p) = kids.split_whitespace().next().and_then(|p| p.parse().ok()) {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "init {init} has no child");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn status_field(pid: i64, key: &str) -> String {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-}
-
-fn alive(pid: i64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
-
-fn wait_gone(pid: i64, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    !alive(pid)
-}
-
-/// Processes running `bin` (by /proc/N/exe).
-fn processes_running(bin: &Path) -> Vec<i64> {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()))
-        .filter(|p| fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == bin) && alive(*p))
-        .collect()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -599,15 +184,11 @@ fn sigterm_stops_cleanly_and_leaves_nothing() {
     let cg = fs::read_to_string(format!("/proc/{prog}/cgroup")).unwrap_or_default();
     let st = svc.stop();
     assert!(st.success(), "exit {st}; log:\n{}", svc.log_text());
-    let mut buf = [0u8; 512];
-    while let Ok(n) = svc.notify.recv(&mut buf) {
-        svc.notes
-            .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    while svc.recv_note().is_some() {}
     assert!(
-        svc.notes.iter().any(|n| n.contains("STOPPING=1")),
+        svc.notes().iter().any(|n| n.contains("STOPPING=1")),
         "{:?}",
-        svc.notes
+        svc.notes()
     );
     assert!(!alive(init) && !alive(prog));
     assert!(processes_running(gateway_bin()).iter().all(|p| *p != prog));
@@ -640,10 +221,7 @@ fn sigkill_of_the_supervisor_leaves_no_process() {
     let init = svc.gateway_running(None, Duration::from_secs(20));
     let prog = program_of(init);
     let prog_cgroup = fs::read_to_string(format!("/proc/{prog}/cgroup")).unwrap_or_default();
-    svc.signal(libc::SIGKILL);
-    if let Some(mut c) = svc.child.take() {
-        let _ = c.wait();
-    }
+    svc.kill();
     assert!(
         wait_gone(prog, Duration::from_secs(5)),
         "gateway program survived SIGKILL"
@@ -692,28 +270,20 @@ fn sd_notify_messages_arrive_in_order() {
     svc.wait_note("WATCHDOG=1", Duration::from_secs(5));
     svc.signal(libc::SIGHUP);
     svc.wait_note("RELOADING=1", Duration::from_secs(10));
-    let n = svc.notes.len();
+    let n = svc.notes().len();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !svc.notes[n..].iter().any(|m| m.contains("READY=1")) {
+    while !svc.notes()[n..].iter().any(|m| m.contains("READY=1")) {
         assert!(
             Instant::now() < deadline,
             "no READY=1 after RELOADING=1: {:?}",
-            svc.notes
+            svc.notes()
         );
-        let mut buf = [0u8; 512];
-        if let Ok(k) = svc.notify.recv(&mut buf) {
-            svc.notes
-                .push(String::from_utf8_lossy(&buf[..k]).into_owned());
-        }
+        svc.recv_note();
     }
     let st = svc.stop();
     assert!(st.success());
-    let mut buf = [0u8; 512];
-    while let Ok(k) = svc.notify.recv(&mut buf) {
-        svc.notes
-            .push(String::from_utf8_lossy(&buf[..k]).into_owned());
-    }
-    let notes = &svc.notes;
+    while svc.recv_note().is_some() {}
+    let notes = svc.notes();
     let first = |needle: &str| notes.iter().position(|m| m.contains(needle));
     let last = |needle: &str| notes.iter().rposition(|m| m.contains(needle));
     let ready = first("READY=1").unwrap_or(usize::MAX);
@@ -815,7 +385,7 @@ fn control_socket_refuses_an_unauthorized_user() {
     assert_eq!(mode, 0o660);
     // Let others reach the socket file at all (a misconfiguration): SO_PEERCRED must still
     // refuse them.
-    fs::set_permissions(svc.dir.path(), fs::Permissions::from_mode(0o755))
+    fs::set_permissions(svc.dir(), fs::Permissions::from_mode(0o755))
         .unwrap_or_else(|e| panic!("{e}"));
     fs::set_permissions(
         sock.parent().unwrap_or(Path::new("/")),
@@ -919,8 +489,11 @@ fn rootless_service_runs_the_gateway_confined() {
     if !rootless_possible() {
         return;
     }
-    let gw = gateway_bin().display().to_string();
-    let mut svc = Service::start_full(&gw, "[]", "", true, true, None);
+    let rootless = || StartOpts {
+        rootless: true,
+        ..StartOpts::default()
+    };
+    let mut svc = Service::start_opts(rootless());
     let init = svc.gateway_running(None, Duration::from_secs(20));
     let prog = program_of(init);
     assert_eq!(status_field(prog, "Seccomp"), "2");
@@ -957,13 +530,10 @@ fn rootless_service_runs_the_gateway_confined() {
     assert!(exit.success(), "{exit}; log:\n{}", svc.log_text());
     assert!(!alive(init) && !alive(prog));
 
-    let mut svc = Service::start_full(&gw, "[]", "", true, true, None);
+    let mut svc = Service::start_opts(rootless());
     let init = svc.gateway_running(None, Duration::from_secs(20));
     let prog = program_of(init);
-    svc.signal(libc::SIGKILL);
-    if let Some(mut c) = svc.child.take() {
-        let _ = c.wait();
-    }
+    svc.kill();
     assert!(
         wait_gone(prog, Duration::from_secs(5)),
         "gateway survived a SIGKILLed rootless supervisor"
@@ -980,9 +550,10 @@ fn a_socket_from_systemd_activation_is_handed_over() {
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let activated = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let gw = gateway_bin().display().to_string();
-    let svc = Service::start_full(&gw, "[]", "", true, false, Some(&l));
-    drop(l);
+    let svc = Service::start_opts(StartOpts {
+        activated: Some(l),
+        ..StartOpts::default()
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (code, body) = http(activated, "GET", "/health", None);
