@@ -29,12 +29,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
+pub mod fake_llm;
 pub mod service;
 
 pub use service::{
     alive, free_port, gateway_bin, http, http_bearer, http_with, policy_text, processes_running,
     program_of, status_field, wait_gone, HttpResponse, Service, StartOpts,
 };
+
+pub use fake_llm::{FakeLlm, RecordedRequest, Scripted, Usage};
 
 /// Where the default tool profile shows the workspace inside the sandbox.
 pub const WS: &str = "/workspace";
