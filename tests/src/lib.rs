@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 
 pub mod fake_llm;
+pub mod rpc;
 pub mod service;
 
 pub use service::{
@@ -38,6 +39,7 @@ pub use service::{
 };
 
 pub use fake_llm::{FakeLlm, RecordedRequest, Scripted, Usage};
+pub use rpc::{ConnectError, Frame, RpcClient, RpcError, RpcOutcome, WaitError};
 
 /// Where the default tool profile shows the workspace inside the sandbox.
 pub const WS: &str = "/workspace";
