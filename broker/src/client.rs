@@ -28,10 +28,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    decode_server_frame, encode_request, recv_frame, send_frame, Access, DecodeError, EncodeError,
-    ErrorBody, ErrorCode, Event, ExitSummary, OkReply, Reply, Request, SendStatus, ServerFrame,
-    SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD, MAX_FRAME,
+    decode_server_frame, encode_request, recv_frame, send_frame, Access, ApprovalResolution,
+    DecodeError, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, OkReply, PendingApproval,
+    Reply, Request, SendStatus, ServerFrame, SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD,
+    MAX_FRAME,
 };
+use crate::tokens::TokenInfo;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,12 @@ pub enum ClientError {
     NoSuchExec(u64),
     #[error("the broker gave no session within {0:?}")]
     NoSession(Duration),
+    #[error("{what} {value:?}: expected {expected}")]
+    BadArgument {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 }
 
 impl ClientError {
@@ -461,6 +469,57 @@ impl Client {
         }
     }
 
+    /// `auth` (gateways): the client token whose SHA-256, 64 lowercase hex digits
+    /// ([`crate::tokens::token_sha256_hex`] of the token's text), is `token_sha256`. An
+    /// unknown, revoked or malformed one is refused (`denied`, "unknown or revoked token").
+    pub fn auth(&mut self, token_sha256: &str) -> Result<TokenInfo, ClientError> {
+        let (_, ok, _) = self.call(&Request::Auth {
+            token_sha256: token_sha256.to_owned(),
+        })?;
+        match ok {
+            OkReply::Auth { token } => Ok(token),
+            ok => Err(wrong("auth", &ok)),
+        }
+    }
+
+    /// `approvals` (profiles with `approve = true`): the approvals waiting for an operator,
+    /// oldest first.
+    pub fn approvals(&mut self) -> Result<Vec<PendingApproval>, ClientError> {
+        let (_, ok, _) = self.call(&Request::Approvals {})?;
+        match ok {
+            OkReply::Approvals { pending, .. } => Ok(pending),
+            ok => Err(wrong("approvals", &ok)),
+        }
+    }
+
+    /// `approve` (profiles with `approve = true`): answer pending approval `approval` with
+    /// `resolution` (`allow-once`, `allow-always` or `deny`); `by` names who answered (e.g. a
+    /// token id; at most 128 characters), recorded in the audit log as the caller's claim.
+    /// Returns how the approval ended (`allowed once`, `allowed always`, `denied`).
+    pub fn approve(
+        &mut self,
+        approval: u64,
+        resolution: &str,
+        by: Option<&str>,
+    ) -> Result<String, ClientError> {
+        let Some(resolution) = ApprovalResolution::parse(resolution) else {
+            return Err(ClientError::BadArgument {
+                what: "resolution",
+                value: resolution.chars().take(64).collect(),
+                expected: "allow-once, allow-always or deny",
+            });
+        };
+        let (_, ok, _) = self.call(&Request::Approve {
+            approval,
+            resolution,
+            by: by.map(str::to_owned),
+        })?;
+        match ok {
+            OkReply::Approve { decision, .. } => Ok(decision),
+            ok => Err(wrong("approve", &ok)),
+        }
+    }
+
     /// Block until the `exit` event of the exec started with request `id`.
     pub fn wait_exit(&mut self, id: u64) -> Result<ExitSummary, ClientError> {
         let Some(pos) = self.execs.iter().position(|x| *x == id) else {
@@ -592,6 +651,87 @@ mod tests {
                 got: "ping"
             })
         ));
+        drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn gateway_calls() {
+        use crate::audit::Who;
+        use crate::tokens::Scope;
+        let token = TokenInfo {
+            id: "1f2e3d4c".into(),
+            name: "laptop".into(),
+            scope: Scope::Operator,
+            created: "2026-01-02T03:04:05Z".into(),
+        };
+        let pending = PendingApproval {
+            id: 4,
+            who: Who {
+                id: 9,
+                role: "tool".into(),
+                profile: "tool".into(),
+            },
+            program: "/usr/bin/uname".into(),
+            argv: vec!["/usr/bin/uname".into()],
+            profile: "tool".into(),
+            created: "2026-01-02T03:04:05.000000Z".into(),
+            expires_in_ms: 5000,
+        };
+        let (a, b) = seqpacket_pair().unwrap();
+        let (t2, p2) = (token.clone(), pending.clone());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let t = fake_broker(b, move |id, req| {
+            seen2.lock().unwrap().push(req.clone());
+            let reply = match req {
+                Request::Auth { token_sha256 } if token_sha256 == "aa" => {
+                    Reply::Ok(OkReply::Auth { token: t2.clone() })
+                }
+                Request::Auth { .. } => Reply::err(ErrorCode::Denied, "unknown or revoked token"),
+                Request::Approvals {} => Reply::Ok(OkReply::Approvals {
+                    pending: vec![p2.clone()],
+                    omitted: 1,
+                }),
+                Request::Approve { approval: 4, .. } => Reply::Ok(OkReply::Approve {
+                    approval: 4,
+                    decision: "allowed once".into(),
+                }),
+                Request::Approve { .. } => Reply::err(ErrorCode::NotFound, "no such approval"),
+                // wrong op in reply
+                _ => Reply::Ok(OkReply::Ping {}),
+            };
+            vec![(encode_reply(id, &reply).unwrap(), vec![])]
+        });
+        let mut c = Client::new(a);
+        assert_eq!(c.auth("aa").unwrap(), token);
+        let e = c.auth("bb").unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Denied));
+        assert_eq!(c.approvals().unwrap(), vec![pending]);
+        assert_eq!(
+            c.approve(4, "allow-once", Some("1f2e3d4c")).unwrap(),
+            "allowed once"
+        );
+        let e = c.approve(5, "deny", None).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::NotFound));
+        // A resolution the protocol does not have is refused before anything is sent.
+        let before = seen.lock().unwrap().len();
+        assert!(matches!(
+            c.approve(4, "allow", None),
+            Err(ClientError::BadArgument {
+                what: "resolution",
+                ..
+            })
+        ));
+        assert_eq!(seen.lock().unwrap().len(), before);
+        assert_eq!(
+            seen.lock().unwrap()[3],
+            Request::Approve {
+                approval: 4,
+                resolution: ApprovalResolution::AllowOnce,
+                by: Some("1f2e3d4c".into())
+            }
+        );
         drop(c);
         t.join().unwrap();
     }

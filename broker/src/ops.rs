@@ -1,4 +1,5 @@
-//! The broker's operations: `connect`, `open`, `secret`, `send`, `exec` (and `ping`).
+//! The broker's operations: `connect`, `open`, `secret`, `send`, `exec` (and `ping`), and for
+//! gateways `auth`, `approvals`, `approve`.
 //!
 //! [`Ops`] implements [`Handler`]. Every operation, for the [`Identity`] bound to the socket:
 //!
@@ -13,7 +14,8 @@
 //! log, an audit record or an error message; the audit names the secret only.
 //!
 //! Module layout: `ops/connect.rs` (egress), `ops/files.rs` (`open`, `secret`), `ops/send.rs`
-//! (channels), `ops/exec.rs` (tools through a [`Spawner`]).
+//! (channels), `ops/exec.rs` (tools through a [`Spawner`]), `ops/auth.rs` (client tokens and
+//! approvals answered by a gateway).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,7 +29,9 @@ use std::time::{Duration, SystemTime};
 use carapace_policy::broker::BrokerRules;
 use carapace_policy::Policy;
 
-use crate::approvals::{Approvals, PendingSpec, Requested};
+use crate::approvals::{
+    ApprovalError, Approvals, Decision, Pending, PendingSpec, Requested, Resolution,
+};
 use crate::audit::{AuditDecision, AuditLog, AuditRecord, RuleRef, Who};
 use crate::dlq::DeadLetters;
 use crate::protocol::{ErrorCode, ExitSummary, OkReply, Request};
@@ -35,6 +39,7 @@ use crate::ratelimit::Limiter;
 use crate::redact::Redactor;
 use crate::server::{Handler, Identity, Response};
 
+mod auth;
 mod connect;
 mod exec;
 mod files;
@@ -121,11 +126,26 @@ pub enum ApprovalAnswer {
 
 /// Asks an operator ([`Approvals`] implements it). The future resolves when the approval is
 /// decided or times out; dropping it withdraws the request.
+///
+/// `pending` and `resolve` let a child whose profile says `approve = true` (a gateway relaying
+/// operator-scoped clients) list and answer approvals through the broker (`approvals`,
+/// `approve`); an approver that keeps nothing listable has none and resolves nothing.
 pub trait Approver: Send + Sync {
     fn ask(
         self: Arc<Self>,
         q: ApprovalQuery,
     ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>>;
+
+    /// The approvals waiting for an operator now, oldest first.
+    fn pending(&self) -> Vec<Pending> {
+        Vec::new()
+    }
+
+    /// Answer pending approval `id`.
+    fn resolve(&self, id: u64, r: Resolution) -> Result<Decision, ApprovalError> {
+        let _ = r;
+        Err(ApprovalError::UnknownId { id })
+    }
 }
 
 /// Withdraws a pending approval when the waiting request is dropped (peer gone).
@@ -186,6 +206,16 @@ impl Approver for Approvals {
             }
         })
     }
+
+    /// [`Approvals::list`].
+    fn pending(&self) -> Vec<Pending> {
+        self.list()
+    }
+
+    /// [`Approvals::resolve`] (an allow-always grant is persisted first).
+    fn resolve(&self, id: u64, r: Resolution) -> Result<Decision, ApprovalError> {
+        Approvals::resolve(self, id, r)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -242,6 +272,9 @@ pub struct OpsConfig {
     pub max_secret_bytes: u64,
     /// Rate-limit buckets kept per channel (identities).
     pub max_rate_keys: usize,
+    /// The client token store (`<state_dir>/tokens.json`) the `auth` op checks; None: `auth`
+    /// is `unavailable`.
+    pub token_store: Option<PathBuf>,
 }
 
 impl Default for OpsConfig {
@@ -252,6 +285,7 @@ impl Default for OpsConfig {
             credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
             max_secret_bytes: 1 << 20,
             max_rate_keys: 4096,
+            token_store: None,
         }
     }
 }
@@ -593,6 +627,13 @@ impl Handler for Ops {
                     body,
                 } => self.send(&who, &channel, &recipient, body).await,
                 Request::Exec { argv, cwd } => self.exec(&who, argv, cwd).await,
+                Request::Auth { token_sha256 } => self.auth(&who, &token_sha256).await,
+                Request::Approvals {} => self.approvals(&who).await,
+                Request::Approve {
+                    approval,
+                    resolution,
+                    by,
+                } => self.approve(&who, approval, resolution, by).await,
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(

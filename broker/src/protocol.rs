@@ -20,6 +20,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::audit::Who;
+use crate::tokens::TokenInfo;
+
 /// Protocol version carried in every frame as `"v"`.
 pub const VERSION: u64 = 1;
 /// Hard cap on one frame's JSON bytes (a longer datagram is truncated by the kernel and the
@@ -36,6 +39,8 @@ pub const BROKER_FD_ENV: &str = "CARAPACE_BROKER_FD";
 pub const DEFAULT_BROKER_FD: RawFd = 3;
 /// Longest error message put on the wire (longer ones are cut on a char boundary).
 pub const MAX_MESSAGE: usize = 512;
+/// Longest `by` of an `approve` request, in characters.
+pub const MAX_APPROVE_BY: usize = 128;
 
 /// Access asked for by `open`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -56,6 +61,50 @@ impl Access {
             Access::Read => "read",
             Access::Write => "write",
             Access::Create => "create",
+        }
+    }
+}
+
+/// An answer to a pending approval (`approve`): the spellings of the control socket's
+/// `approvals_resolve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApprovalResolution {
+    /// Allow this one request.
+    AllowOnce,
+    /// Allow it, and persist a grant for this program content, argv and profile.
+    AllowAlways,
+    /// Refuse it.
+    Deny,
+}
+
+impl ApprovalResolution {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalResolution::AllowOnce => "allow-once",
+            ApprovalResolution::AllowAlways => "allow-always",
+            ApprovalResolution::Deny => "deny",
+        }
+    }
+
+    /// From its wire name (`allow-once`, `allow-always`, `deny`).
+    pub fn parse(s: &str) -> Option<ApprovalResolution> {
+        match s {
+            "allow-once" => Some(ApprovalResolution::AllowOnce),
+            "allow-always" => Some(ApprovalResolution::AllowAlways),
+            "deny" => Some(ApprovalResolution::Deny),
+            _ => None,
+        }
+    }
+}
+
+impl From<ApprovalResolution> for crate::approvals::Resolution {
+    fn from(r: ApprovalResolution) -> Self {
+        match r {
+            ApprovalResolution::AllowOnce => crate::approvals::Resolution::AllowOnce,
+            ApprovalResolution::AllowAlways => crate::approvals::Resolution::AllowAlways,
+            ApprovalResolution::Deny => crate::approvals::Resolution::Deny,
         }
     }
 }
@@ -88,11 +137,34 @@ pub enum Request {
     /// of a sandbox whose processes share the inherited socket). Answered by the server itself,
     /// never by a [`crate::server::Handler`]; not audited (it is no action).
     Session {},
+    /// Check a client token by the SHA-256 of its text (64 lowercase hex) against the token
+    /// store (profiles with `auth = true`: gateways).
+    Auth { token_sha256: String },
+    /// The approvals waiting for an operator (profiles with `approve = true`).
+    Approvals {},
+    /// Answer pending approval `approval` (profiles with `approve = true`). `by` says who at
+    /// the child answered (e.g. a token id): recorded as the child's claim, at most
+    /// [`MAX_APPROVE_BY`] characters.
+    Approve {
+        approval: u64,
+        resolution: ApprovalResolution,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
 }
 
 /// Every op name, in wire spelling.
 pub const OPS: &[&str] = &[
-    "ping", "connect", "open", "secret", "send", "exec", "session",
+    "ping",
+    "connect",
+    "open",
+    "secret",
+    "send",
+    "exec",
+    "session",
+    "auth",
+    "approvals",
+    "approve",
 ];
 
 impl Request {
@@ -106,6 +178,9 @@ impl Request {
             Request::Send { .. } => "send",
             Request::Exec { .. } => "exec",
             Request::Session {} => "session",
+            Request::Auth { .. } => "auth",
+            Request::Approvals {} => "approvals",
+            Request::Approve { .. } => "approve",
         }
     }
 }
@@ -118,6 +193,25 @@ pub enum SendStatus {
     Delivered,
     /// Blocked by a filter or the recipient allowlist; kept in the dead-letter queue.
     DeadLettered,
+}
+
+/// One entry of the `approvals` reply: an `ask` waiting for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingApproval {
+    /// What `approve` names it by.
+    pub id: u64,
+    /// The identity that asked.
+    pub who: Who,
+    /// Canonical path of the program.
+    pub program: String,
+    /// Full canonical argv (`argv[0]` is the program).
+    pub argv: Vec<String>,
+    /// Profile the tool would run under.
+    pub profile: String,
+    /// When it was asked, RFC 3339 UTC.
+    pub created: String,
+    /// Time left before it times out (denied).
+    pub expires_in_ms: u64,
 }
 
 /// The op-specific part of a successful reply. Serialized with the tag `"op"` (echoing the
@@ -144,13 +238,33 @@ pub enum OkReply {
     Exec {},
     /// `session`: 1 fd, a new `SOCK_SEQPACKET` socket served with the same identity.
     Session {},
+    /// `auth`: no fds. The token the hash belongs to (never the hash).
+    Auth { token: TokenInfo },
+    /// `approvals`: no fds. Oldest first. `omitted` counts pending approvals left out so that
+    /// the frame stays under [`MAX_FRAME`] (0, and absent, normally).
+    Approvals {
+        pending: Vec<PendingApproval>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        omitted: u64,
+    },
+    /// `approve`: no fds. `decision` is how the approval ended (`allowed once`, `allowed
+    /// always`, `denied`: [`crate::approvals::Decision::as_str`]).
+    Approve { approval: u64, decision: String },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl OkReply {
     /// Number of fds attached to this reply's frame.
     pub fn fd_count(&self) -> usize {
         match self {
-            OkReply::Ping {} | OkReply::Send { .. } => 0,
+            OkReply::Ping {}
+            | OkReply::Send { .. }
+            | OkReply::Auth { .. }
+            | OkReply::Approvals { .. }
+            | OkReply::Approve { .. } => 0,
             OkReply::Connect { .. }
             | OkReply::Open { .. }
             | OkReply::Secret { .. }
@@ -169,6 +283,9 @@ impl OkReply {
             OkReply::Send { .. } => "send",
             OkReply::Exec {} => "exec",
             OkReply::Session {} => "session",
+            OkReply::Auth { .. } => "auth",
+            OkReply::Approvals { .. } => "approvals",
+            OkReply::Approve { .. } => "approve",
         }
     }
 }
@@ -914,6 +1031,163 @@ mod tests {
             encode_request(9, &Request::Session {}).unwrap(),
             br#"{"v":1,"id":9,"op":"session"}"#
         );
+        req_roundtrip(Request::Auth {
+            token_sha256: "ab".repeat(32),
+        });
+        req_roundtrip(Request::Approvals {});
+        for resolution in [
+            ApprovalResolution::AllowOnce,
+            ApprovalResolution::AllowAlways,
+            ApprovalResolution::Deny,
+        ] {
+            req_roundtrip(Request::Approve {
+                approval: 7,
+                resolution,
+                by: Some("1f2e3d4c".into()),
+            });
+            assert_eq!(
+                ApprovalResolution::parse(resolution.as_str()),
+                Some(resolution)
+            );
+        }
+        req_roundtrip(Request::Approve {
+            approval: u64::MAX,
+            resolution: ApprovalResolution::Deny,
+            by: None,
+        });
+        assert_eq!(ApprovalResolution::parse("allow"), None);
+    }
+
+    /// The corpus seeds of the gateway ops (fuzz/corpus/frame, named by their SHA-1) decode as
+    /// they should, so the fuzzer starts from valid frames of each.
+    #[test]
+    fn gateway_op_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame");
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        for name in [
+            "3c209f643711400a1732f431b00b3b1db49933ee", // auth
+            "7f52b20f5e3b397549aafac7ca86eb38b80c8c15", // auth, not hex (refused by the op)
+            "5f86833cfa5eded6925365c5a4fa08e20e35a24b", // approvals
+            "f1b0f5c682714990f4b0bae0b9c227c5b08b4074", // approve with by
+            "4f616ea2851c4b9610578d29c3eea1a6e6c57a47", // approve, max id, no by
+        ] {
+            assert!(decode_request(&read(name)).is_ok(), "{name}");
+        }
+        for name in [
+            "63b76f4ecdb571518c1b5e685f1a6f43e85169f6", // auth with an extra field
+            "0139027f531124c1f76b70e294c744e289766b4d", // approve, unknown resolution
+        ] {
+            assert!(
+                matches!(
+                    decode_request(&read(name)),
+                    Err(DecodeError::BadFields { .. })
+                ),
+                "{name}"
+            );
+        }
+        for name in [
+            "4b3663fade12761746a7651a579b8747626c7c8c", // auth reply
+            "882fc6030bde4be0f704bc21af75e490dae791c0", // approvals reply
+            "d2cc6a72787c57406ea600a6f1df4e82e55ecbce", // approvals reply, omitted
+            "81461e621a750b3aed02317a41031b6266b717cb", // approve reply
+        ] {
+            assert!(
+                matches!(
+                    decode_server_frame(&read(name)),
+                    Ok(ServerFrame::Reply {
+                        reply: Reply::Ok(_),
+                        ..
+                    })
+                ),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn gateway_ops_wire_shape() {
+        let v = |r: &Request| -> Value {
+            serde_json::from_slice(&encode_request(3, r).unwrap()).unwrap()
+        };
+        assert_eq!(
+            v(&Request::Auth {
+                token_sha256: "0f".repeat(32)
+            }),
+            serde_json::json!({"v":1,"id":3,"op":"auth","token_sha256":"0f".repeat(32)})
+        );
+        assert_eq!(
+            encode_request(3, &Request::Approvals {}).unwrap(),
+            br#"{"v":1,"id":3,"op":"approvals"}"#
+        );
+        assert_eq!(
+            v(&Request::Approve {
+                approval: 12,
+                resolution: ApprovalResolution::AllowAlways,
+                by: Some("1f2e3d4c".into())
+            }),
+            serde_json::json!({"v":1,"id":3,"op":"approve","approval":12,
+                               "resolution":"allow-always","by":"1f2e3d4c"})
+        );
+        assert_eq!(
+            v(&Request::Approve {
+                approval: 12,
+                resolution: ApprovalResolution::AllowOnce,
+                by: None
+            }),
+            serde_json::json!({"v":1,"id":3,"op":"approve","approval":12,
+                               "resolution":"allow-once"})
+        );
+        // Decoding the documented examples.
+        let f = decode_request(
+            br#"{"v":1,"id":4,"op":"approve","approval":2,"resolution":"deny","by":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f.request,
+            Request::Approve {
+                approval: 2,
+                resolution: ApprovalResolution::Deny,
+                by: Some("x".into())
+            }
+        );
+        // Replies.
+        let token = TokenInfo {
+            id: "1f2e3d4c".into(),
+            name: "laptop".into(),
+            scope: crate::tokens::Scope::Operator,
+            created: "2026-01-02T03:04:05Z".into(),
+        };
+        let bytes = encode_reply(5, &Reply::Ok(OkReply::Auth { token })).unwrap();
+        let got: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            got,
+            serde_json::json!({"v":1,"id":5,"ok":true,"op":"auth","token":{"id":"1f2e3d4c",
+                "name":"laptop","scope":"operator","created":"2026-01-02T03:04:05Z"}})
+        );
+        let bytes = encode_reply(
+            6,
+            &Reply::Ok(OkReply::Approvals {
+                pending: vec![],
+                omitted: 0,
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            bytes,
+            br#"{"v":1,"id":6,"ok":true,"op":"approvals","pending":[]}"#
+        );
+        let bytes = encode_reply(
+            7,
+            &Reply::Ok(OkReply::Approve {
+                approval: 2,
+                decision: "allowed once".into(),
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            bytes,
+            br#"{"v":1,"id":7,"ok":true,"op":"approve","approval":2,"decision":"allowed once"}"#
+        );
     }
 
     #[test]
@@ -976,6 +1250,43 @@ mod tests {
         server_roundtrip(6, Reply::Ok(OkReply::Exec {}));
         server_roundtrip(7, Reply::Ok(OkReply::Session {}));
         assert_eq!(Reply::Ok(OkReply::Session {}).fd_count(), 1);
+        let auth = OkReply::Auth {
+            token: TokenInfo {
+                id: "00ff00ff".into(),
+                name: "ci \"bot\"".into(),
+                scope: crate::tokens::Scope::Client,
+                created: "2026-01-02T03:04:05Z".into(),
+            },
+        };
+        assert_eq!(auth.fd_count(), 0);
+        server_roundtrip(8, Reply::Ok(auth));
+        let pending = PendingApproval {
+            id: 3,
+            who: Who {
+                id: 1,
+                role: "gateway".into(),
+                profile: "gateway".into(),
+            },
+            program: "/usr/bin/uname".into(),
+            argv: vec!["/usr/bin/uname".into(), "-a".into()],
+            profile: "tool".into(),
+            created: "2026-01-02T03:04:05.000001Z".into(),
+            expires_in_ms: 119_000,
+        };
+        for omitted in [0, 4] {
+            let r = OkReply::Approvals {
+                pending: vec![pending.clone()],
+                omitted,
+            };
+            assert_eq!(r.fd_count(), 0);
+            server_roundtrip(8, Reply::Ok(r));
+        }
+        let r = OkReply::Approve {
+            approval: 3,
+            decision: "denied".into(),
+        };
+        assert_eq!(r.fd_count(), 0);
+        server_roundtrip(8, Reply::Ok(r));
         server_roundtrip(0, Reply::err(ErrorCode::BadRequest, "nope"));
         server_roundtrip(9, Reply::err(ErrorCode::RateLimited, "slow down"));
         let ev = Event::Exit(ExitSummary {
@@ -1129,6 +1440,20 @@ mod tests {
             br#"{"v":1,"id":5,"op":"exec","argv":["ls"],"env":{}}"#,
             br#"{"v":1,"id":5,"op":"session","identity":"gateway"}"#,
             br#"{"v":1,"id":5,"op":"session","profile":"other"}"#,
+            br#"{"v":1,"id":5,"op":"auth"}"#,
+            br#"{"v":1,"id":5,"op":"auth","token_sha256":1}"#,
+            br#"{"v":1,"id":5,"op":"auth","token":"cpt_x"}"#,
+            br#"{"v":1,"id":5,"op":"auth","token_sha256":"ab","scope":"operator"}"#,
+            br#"{"v":1,"id":5,"op":"approvals","all":true}"#,
+            br#"{"v":1,"id":5,"op":"approve","resolution":"deny"}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":1}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":-1,"resolution":"deny"}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":"1","resolution":"deny"}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":1,"resolution":"allow"}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":1,"resolution":"allow_once"}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":1,"resolution":"deny","by":7}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":1,"resolution":"deny","who":"x"}"#,
+            br#"{"v":1,"id":5,"op":"approve","approval":18446744073709551616,"resolution":"deny"}"#,
         ] {
             let e = bad(b);
             assert!(matches!(e, DecodeError::BadFields { id: 5, .. }), "{e:?}");

@@ -112,6 +112,9 @@ impl Handler for Scripted {
                 }),
                 Request::Exec { argv, .. } => exec_child(argv),
                 Request::Session {} => Response::err(ErrorCode::Internal, "not a handler's op"),
+                Request::Auth { .. } | Request::Approvals {} | Request::Approve { .. } => {
+                    Response::err(ErrorCode::Denied, "not this handler's op")
+                }
             }
         })
     }

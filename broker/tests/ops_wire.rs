@@ -142,3 +142,173 @@ recipients = ["ok@example.com"]
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
+
+/// Runs nothing: empty output, exit 0.
+struct NoopSpawner;
+
+impl carapace_broker::ops::Spawner for NoopSpawner {
+    fn spawn(
+        &self,
+        _req: carapace_broker::ops::SpawnRequest,
+    ) -> Result<carapace_broker::ops::SpawnHandle, carapace_broker::ops::SpawnFailure> {
+        let fail = |e: nix::Error| carapace_broker::ops::SpawnFailure {
+            message: e.to_string(),
+        };
+        let (out_r, out_w) = nix::unistd::pipe().map_err(fail)?;
+        let (err_r, err_w) = nix::unistd::pipe().map_err(fail)?;
+        Ok(carapace_broker::ops::SpawnHandle {
+            stdout: out_r,
+            stderr: err_r,
+            wait: Box::new(move || {
+                drop((out_w, err_w));
+                carapace_broker::protocol::ExitSummary {
+                    exit: 0,
+                    code: Some(0),
+                    signal: None,
+                    wall_ms: 0,
+                    cpu_ms: 0,
+                    peak_mem: 0,
+                    oom: false,
+                    timeout: false,
+                }
+            }),
+        })
+    }
+}
+
+/// The gateway's ops through the real server and client: a token checked by its hash, a
+/// tool's `ask` listed and allowed by the gateway, the tool's exec then running; a tool's
+/// profile may do none of it.
+#[test]
+fn gateway_ops_over_the_wire() -> anyhow::Result<()> {
+    use carapace_broker::approvals::Approvals;
+    use carapace_broker::tokens::{token_sha256_hex, Scope, TokenStore};
+
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let text = r#"
+version = 1
+[profiles.gateway]
+why = "gateway"
+[profiles.gateway.broker]
+auth = true
+approve = true
+[profiles.tool]
+why = "tool"
+[profiles.tool.broker]
+exec = true
+[[exec]]
+why = "needs a person"
+program = "/usr/bin/yes"
+profile = "tool"
+approval = "ask"
+"#;
+    let policy = Policy::parse(text, "wire.toml").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = TokenStore::in_state_dir(dir);
+    let (laptop, token) = store.create("laptop", Scope::Operator)?;
+    let approvals = Arc::new(Approvals::open(dir, Duration::from_secs(30))?);
+    let ops = Ops::new(
+        policy,
+        AuditLog::open(dir.join("audit.log"))?,
+        DeadLetters::open(dir.join("dlq"))?,
+        Some(Arc::new(NoopSpawner)),
+        Some(approvals.clone()),
+        OpsConfig {
+            token_store: Some(store.path().to_path_buf()),
+            ..OpsConfig::default()
+        },
+    )?;
+    let handler: Arc<dyn Handler> = Arc::new(ops);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = Server::new(handler, PeerLimits::default());
+    let (gw_child, gw_broker) = seqpacket_pair()?;
+    let (tool_child, tool_broker) = seqpacket_pair()?;
+    {
+        let _g = rt.enter();
+        server.serve_peer(
+            gw_broker,
+            Identity {
+                id: 1,
+                role: Role::Gateway,
+                profile: "gateway".into(),
+            },
+        );
+        server.serve_peer(
+            tool_broker,
+            Identity {
+                id: 2,
+                role: Role::Tool,
+                profile: "tool".into(),
+            },
+        );
+    }
+    let mut gw = Client::new(gw_child);
+    let mut tool = Client::new(tool_child);
+
+    // auth: the hash of a token gives the token; anything else the one refusal.
+    assert_eq!(gw.auth(&token_sha256_hex(&token))?, laptop);
+    for bad in [token_sha256_hex("cpt_other"), "not-a-hash".to_string()] {
+        let e = gw.auth(&bad).err();
+        let msg = e.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::Denied));
+        assert!(msg.ends_with("unknown or revoked token"), "{msg}");
+    }
+    let e = tool.auth(&token_sha256_hex(&token)).err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::Denied));
+    // A revoked token no longer verifies (the store is read anew).
+    let (spare, spare_token) = store.create("spare", Scope::Client)?;
+    assert_eq!(gw.auth(&token_sha256_hex(&spare_token))?, spare);
+    store.revoke(&spare.id)?;
+    let e = gw.auth(&token_sha256_hex(&spare_token)).err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::Denied));
+
+    // approvals / approve: the tool's exec waits until the gateway allows it.
+    assert!(gw.approvals()?.is_empty());
+    let asking = std::thread::spawn(move || -> anyhow::Result<i32> {
+        let started = tool.exec(vec!["yes".into()], None)?;
+        Ok(tool.wait_exit(started.id)?.exit)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pending = loop {
+        let list = gw.approvals()?;
+        if let Some(p) = list.into_iter().next() {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no approval became pending"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(pending.who.id, 2);
+    assert_eq!(pending.who.role, "tool");
+    assert_eq!(pending.profile, "tool");
+    let e = gw.approve(pending.id, "maybe", None).err();
+    assert!(matches!(
+        e,
+        Some(carapace_broker::client::ClientError::BadArgument { .. })
+    ));
+    assert_eq!(
+        gw.approve(pending.id, "allow-once", Some(&laptop.id))?,
+        "allowed once"
+    );
+    let exit = asking
+        .join()
+        .map_err(|_| anyhow::anyhow!("the asking thread panicked"))??;
+    assert_eq!(exit, 0);
+    let e = gw.approve(pending.id, "deny", None).err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::NotFound));
+
+    let log = std::fs::read_to_string(dir.join("audit.log"))?;
+    assert!(log.contains(&format!("\"target\":\"token:{}\"", laptop.id)));
+    assert!(log.contains(&format!("by {} (as the child claims)", laptop.id)));
+    assert!(!log.contains(&token_sha256_hex(&token)));
+    let report = carapace_broker::audit::verify(dir.join("audit.log"))?;
+    assert!(report.is_ok(), "{report}");
+    drop(gw);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

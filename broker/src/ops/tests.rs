@@ -13,8 +13,12 @@ use carapace_policy::Policy;
 
 use super::*;
 use crate::approvals::{Approvals, Resolution};
-use crate::protocol::{Access, ErrorBody, Event, Reply, SendStatus};
+use crate::protocol::{
+    encode_reply, Access, ApprovalResolution, ErrorBody, Event, PendingApproval, Reply, SendStatus,
+    MAX_FRAME,
+};
 use crate::server::Role;
+use crate::tokens::{token_sha256_hex, Scope, TokenStore};
 
 const SECRET: &str = "s3cr3t-VALUE-0123456789abcdef";
 
@@ -83,6 +87,15 @@ fn setup_with(
     extra: &str,
     spawner: Option<Arc<dyn Spawner>>,
     approver: Option<Arc<dyn Approver>>,
+) -> Env {
+    setup_cfg(extra, spawner, approver, |_| {})
+}
+
+fn setup_cfg(
+    extra: &str,
+    spawner: Option<Arc<dyn Spawner>>,
+    approver: Option<Arc<dyn Approver>>,
+    tweak: impl FnOnce(&mut OpsConfig),
 ) -> Env {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let dir = tmp.path().to_path_buf();
@@ -165,7 +178,10 @@ approval = "ask"
         credentials_dir: None,
         max_secret_bytes: 4096,
         max_rate_keys: 16,
+        token_store: Some(dir.join("tokens.json")),
     };
+    let mut cfg = cfg;
+    tweak(&mut cfg);
     let ops =
         Ops::new(policy, audit, dlq, spawner, approver, cfg).unwrap_or_else(|e| panic!("{e}"));
     Env {
@@ -868,4 +884,433 @@ async fn operator_releases_or_drops_dead_letters_audited() {
     assert!(crate::audit::verify(env.dir.join("audit.log"))
         .unwrap_or_else(|e| panic!("{e}"))
         .is_ok());
+}
+
+// ----------------------------------------------------------------------------- gateway ops
+
+/// A gateway profile (auth, approve, exec) and one that may only check tokens.
+const GW: &str = r#"
+[profiles.gw]
+why = "a gateway"
+[profiles.gw.broker]
+exec = true
+auth = true
+approve = true
+[profiles.authonly]
+why = "checks tokens, answers nothing"
+[profiles.authonly.broker]
+auth = true
+"#;
+
+fn who_id(profile: &str, id: u64) -> Identity {
+    Identity {
+        id,
+        role: if profile == "gw" {
+            Role::Gateway
+        } else {
+            Role::Tool
+        },
+        profile: profile.to_string(),
+    }
+}
+
+fn audit_text(env: &Env) -> String {
+    fs::read_to_string(env.dir.join("audit.log")).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn auth_good_revoked_unknown_and_malformed() {
+    let env = setup_with(GW, None, None);
+    let store = TokenStore::new(env.dir.join("tokens.json"));
+    let (info, tok) = store
+        .create("laptop", Scope::Operator)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (old, old_tok) = store
+        .create("old", Scope::Client)
+        .unwrap_or_else(|e| panic!("{e}"));
+    store.revoke(&old.id).unwrap_or_else(|e| panic!("{e}"));
+    let good = token_sha256_hex(&tok);
+
+    // A good hash: the token, without its hash; audited by token id.
+    for p in ["gw", "authonly"] {
+        let r = env.ops.auth(&who(p), &good).await;
+        assert_eq!(
+            ok_of(&r),
+            OkReply::Auth {
+                token: info.clone()
+            }
+        );
+        assert!(r.fds.is_empty());
+        let rec = last_audit(&env);
+        assert_eq!(rec["op"], "auth");
+        assert_eq!(rec["decision"], "allow");
+        assert_eq!(rec["target"], format!("token:{}", info.id));
+        assert_eq!(rec["who"]["profile"], p);
+    }
+    // Revoked, unknown, malformed: one answer for all.
+    for h in [
+        token_sha256_hex(&old_tok),
+        token_sha256_hex("cpt_never-made"),
+        good.to_uppercase(),
+        good[..63].to_string(),
+        format!("{good}0"),
+        tok.clone(),
+        "zz".repeat(32),
+        String::new(),
+    ] {
+        let r = env.ops.auth(&who("gw"), &h).await;
+        let e = err_of(&r);
+        assert_eq!(e.code, ErrorCode::Denied, "{h:?}");
+        assert_eq!(e.message, "unknown or revoked token", "{h:?}");
+        let rec = last_audit(&env);
+        assert_eq!(rec["op"], "auth");
+        assert_eq!(rec["decision"], "deny");
+        assert_eq!(rec["target"], "unknown token");
+    }
+    // Profiles without `auth = true` may not ask, even with a good hash.
+    for p in ["tool", "other", "nobroker"] {
+        let r = env.ops.auth(&who(p), &good).await;
+        let e = err_of(&r);
+        assert_eq!(e.code, ErrorCode::Denied, "{p}");
+        assert!(!e.message.contains("laptop"), "{}", e.message);
+        assert_eq!(last_audit(&env)["target"], "unknown token");
+    }
+    // Through the handler, like the server calls it.
+    let h: Arc<dyn Handler> = env.ops.clone();
+    let r = h
+        .handle(
+            &who("gw"),
+            Request::Auth {
+                token_sha256: good.clone(),
+            },
+        )
+        .await;
+    assert!(matches!(ok_of(&r), OkReply::Auth { .. }));
+    // Neither a token nor a hash ever reaches the audit log.
+    let log = audit_text(&env);
+    for s in [&good, &tok, &old_tok, &token_sha256_hex(&old_tok)] {
+        assert!(!log.contains(s.as_str()), "{s} in the audit log");
+    }
+    assert!(crate::audit::verify(env.dir.join("audit.log"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_ok());
+}
+
+#[tokio::test]
+async fn auth_without_a_usable_store_is_unavailable() {
+    // No store configured.
+    let env = setup_cfg(GW, None, None, |c| c.token_store = None);
+    let r = env.ops.auth(&who("gw"), &"a".repeat(64)).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Unavailable);
+    assert_eq!(last_audit(&env)["decision"], "error");
+    // A store file that does not exist yet: no tokens, so nothing verifies.
+    let env = setup_with(GW, None, None);
+    let r = env.ops.auth(&who("gw"), &"a".repeat(64)).await;
+    assert_eq!(err_of(&r).message, "unknown or revoked token");
+    // A corrupt store: unavailable (fail closed), never "no tokens".
+    let (_, tok) = TokenStore::new(env.dir.join("tokens.json"))
+        .create("laptop", Scope::Client)
+        .unwrap_or_else(|e| panic!("{e}"));
+    fs::write(env.dir.join("tokens.json"), "{\"version\":1,\"tokens\":[")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = env.ops.auth(&who("gw"), &token_sha256_hex(&tok)).await;
+    let e = err_of(&r);
+    assert_eq!(e.code, ErrorCode::Unavailable);
+    assert!(!e.message.contains("tokens.json"), "{}", e.message);
+    let rec = last_audit(&env);
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["target"], "unknown token");
+}
+
+/// Polls `approvals` as `gw` until one is pending.
+async fn wait_pending(ops: &Ops, gw: &Identity) -> PendingApproval {
+    for _ in 0..1000 {
+        if let OkReply::Approvals { pending, omitted } = ok_of(&ops.approvals(gw).await) {
+            assert_eq!(omitted, 0);
+            if let Some(p) = pending.into_iter().next() {
+                return p;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no approval became pending")
+}
+
+#[tokio::test]
+async fn a_gateway_lists_and_answers_approvals() {
+    let spawner = Arc::new(FakeSpawner::default());
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let approvals = Arc::new(
+        Approvals::open(tmp.path(), Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let env = setup_with(GW, Some(spawner.clone()), Some(approvals.clone()));
+    let gw = who_id("gw", 1);
+    assert_eq!(
+        ok_of(&env.ops.approvals(&gw).await),
+        OkReply::Approvals {
+            pending: vec![],
+            omitted: 0
+        }
+    );
+    let audited_before = audit_lines(&env).len();
+
+    // A tool asks; the gateway sees it.
+    let ops = env.ops.clone();
+    let asking = tokio::spawn(async move {
+        ops.exec(&who_id("tool", 2), vec!["yes".into(), "y".into()], None)
+            .await
+    });
+    let p = wait_pending(&env.ops, &gw).await;
+    let yes = fs::canonicalize("/usr/bin/yes").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.who.id, 2);
+    assert_eq!(p.who.role, "tool");
+    assert_eq!(p.who.profile, "tool");
+    assert_eq!(p.program, yes.display().to_string());
+    assert_eq!(p.argv, vec![yes.display().to_string(), "y".to_string()]);
+    assert_eq!(p.profile, "tool");
+    assert!(p.created.ends_with('Z'), "{}", p.created);
+    assert!(p.expires_in_ms > 0 && p.expires_in_ms <= 20_000);
+    // Listing is a read: not audited (the tool's `ask` record is the only new one).
+    let new: Vec<serde_json::Value> = audit_lines(&env).split_off(audited_before);
+    assert!(new.iter().all(|r| r["op"] == "exec"), "{new:?}");
+
+    // Profiles without `approve = true` can neither list nor answer it.
+    for prof in ["tool", "authonly", "other", "nobroker"] {
+        let w = who_id(prof, 3);
+        assert_eq!(
+            err_of(&env.ops.approvals(&w).await).code,
+            ErrorCode::Denied,
+            "{prof}"
+        );
+        let r = env
+            .ops
+            .approve(&w, p.id, ApprovalResolution::AllowOnce, None)
+            .await;
+        assert_eq!(err_of(&r).code, ErrorCode::Denied, "{prof}");
+        assert_eq!(last_audit(&env)["decision"], "deny");
+    }
+    assert_eq!(approvals.list().len(), 1, "still pending");
+    // Unknown ids, a bad `by`.
+    let r = env
+        .ops
+        .approve(&gw, p.id + 100, ApprovalResolution::AllowOnce, None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+    for by in ["x".repeat(129), "a\nb".to_string()] {
+        let r = env
+            .ops
+            .approve(&gw, p.id, ApprovalResolution::AllowOnce, Some(by))
+            .await;
+        assert_eq!(err_of(&r).code, ErrorCode::BadRequest);
+    }
+    assert_eq!(approvals.list().len(), 1, "still pending");
+    assert!(spawner.seen.lock().map(|s| s.is_empty()).unwrap_or(false));
+
+    // The gateway allows it once: the asking exec proceeds.
+    let r = env
+        .ops
+        .approve(
+            &gw,
+            p.id,
+            ApprovalResolution::AllowOnce,
+            Some("1f2e3d4c".into()),
+        )
+        .await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Approve {
+            approval: p.id,
+            decision: "allowed once".into()
+        }
+    );
+    let rec = last_audit(&env);
+    assert_eq!(rec["op"], "approve");
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["target"], format!("approval:{}", p.id));
+    assert_eq!(rec["who"]["role"], "gateway");
+    let detail = rec["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("allow-once"), "{detail}");
+    assert!(
+        detail.contains("by 1f2e3d4c (as the child claims)"),
+        "{detail}"
+    );
+    assert!(detail.contains("tool#2(tool)"), "{detail}");
+    let r = tokio::time::timeout(Duration::from_secs(10), asking)
+        .await
+        .unwrap_or_else(|_| panic!("the asking exec did not proceed"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ok_of(&r), OkReply::Exec {});
+    let (_, summary) = exit_of(r).await;
+    assert_eq!(summary.exit, 3);
+    assert_eq!(spawner.seen.lock().map(|s| s.len()).unwrap_or(0), 1);
+    // Answered: no longer there.
+    let r = env
+        .ops
+        .approve(&gw, p.id, ApprovalResolution::Deny, None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+
+    // The gateway's own ask, denied by the gateway: the exec is refused, the audit says whose.
+    let ops = env.ops.clone();
+    let asking = tokio::spawn(async move {
+        ops.exec(&who_id("gw", 1), vec!["yes".into(), "n".into()], None)
+            .await
+    });
+    let p2 = wait_pending(&env.ops, &gw).await;
+    assert_ne!(p2.id, p.id);
+    assert_eq!(p2.who.role, "gateway");
+    let r = env
+        .ops
+        .approve(&gw, p2.id, ApprovalResolution::Deny, None)
+        .await;
+    assert_eq!(
+        ok_of(&r),
+        OkReply::Approve {
+            approval: p2.id,
+            decision: "denied".into()
+        }
+    );
+    let rec = last_audit(&env);
+    let detail = rec["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("own request"), "{detail}");
+    assert!(detail.contains("by nobody named"), "{detail}");
+    let r = tokio::time::timeout(Duration::from_secs(10), asking)
+        .await
+        .unwrap_or_else(|_| panic!("the asking exec did not end"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    assert_eq!(spawner.seen.lock().map(|s| s.len()).unwrap_or(0), 1);
+    assert!(crate::audit::verify(env.dir.join("audit.log"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_ok());
+}
+
+/// An approver with only `ask` (the trait's defaults for the rest), or with `pending` big.
+struct ListingApprover {
+    pending: Vec<crate::approvals::Pending>,
+}
+
+impl Approver for ListingApprover {
+    fn ask(
+        self: Arc<Self>,
+        _q: ApprovalQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        Box::pin(async { ApprovalAnswer::Deny("nobody".into()) })
+    }
+
+    fn pending(&self) -> Vec<crate::approvals::Pending> {
+        self.pending.clone()
+    }
+}
+
+struct AskOnlyApprover;
+
+impl Approver for AskOnlyApprover {
+    fn ask(
+        self: Arc<Self>,
+        _q: ApprovalQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        Box::pin(async { ApprovalAnswer::Deny("nobody".into()) })
+    }
+}
+
+#[tokio::test]
+async fn approvals_without_an_approver_or_with_the_defaults() {
+    let gw = who_id("gw", 1);
+    for approver in [None, Some(Arc::new(AskOnlyApprover) as Arc<dyn Approver>)] {
+        let env = setup_with(GW, None, approver);
+        let h: Arc<dyn Handler> = env.ops.clone();
+        assert_eq!(
+            ok_of(&h.handle(&gw, Request::Approvals {}).await),
+            OkReply::Approvals {
+                pending: vec![],
+                omitted: 0
+            }
+        );
+        let r = h
+            .handle(
+                &gw,
+                Request::Approve {
+                    approval: 1,
+                    resolution: ApprovalResolution::AllowAlways,
+                    by: None,
+                },
+            )
+            .await;
+        assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+        assert_eq!(last_audit(&env)["op"], "approve");
+    }
+    // The trait's default `resolve` answers nothing, even for an id it lists.
+    let one = crate::approvals::Pending {
+        id: 5,
+        identity: crate::audit::Who {
+            id: 2,
+            role: "tool".into(),
+            profile: "tool".into(),
+        },
+        program: PathBuf::from("/usr/bin/yes"),
+        program_sha256: "0".repeat(64),
+        argv: vec!["/usr/bin/yes".into()],
+        profile: "tool".into(),
+        cwd: PathBuf::from("/"),
+        created: "2026-01-02T03:04:05.000000Z".into(),
+        expires: std::time::Instant::now() + Duration::from_secs(60),
+    };
+    let env = setup_with(
+        GW,
+        None,
+        Some(Arc::new(ListingApprover { pending: vec![one] })),
+    );
+    let r = env
+        .ops
+        .approve(&gw, 5, ApprovalResolution::AllowOnce, None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+    let lines = audit_lines(&env);
+    let decisions: Vec<&str> = lines
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        decisions,
+        ["allow", "error"],
+        "the attempt, then its failure"
+    );
+}
+
+#[tokio::test]
+async fn approvals_reply_fits_one_frame() {
+    let big = |id| crate::approvals::Pending {
+        id,
+        identity: crate::audit::Who {
+            id: 2,
+            role: "tool".into(),
+            profile: "tool".into(),
+        },
+        program: PathBuf::from("/usr/bin/yes"),
+        program_sha256: "0".repeat(64),
+        argv: vec!["/usr/bin/yes".into(), "x".repeat(10_000)],
+        profile: "tool".into(),
+        cwd: PathBuf::from("/"),
+        created: "2026-01-02T03:04:05.000000Z".into(),
+        expires: std::time::Instant::now() + Duration::from_secs(60),
+    };
+    let env = setup_with(
+        GW,
+        None,
+        Some(Arc::new(ListingApprover {
+            pending: (1..=20).map(big).collect(),
+        })),
+    );
+    let r = env.ops.approvals(&who_id("gw", 1)).await;
+    let ok = ok_of(&r);
+    let OkReply::Approvals { pending, omitted } = &ok else {
+        panic!("{ok:?}")
+    };
+    assert!(!pending.is_empty());
+    assert_eq!(pending.len() as u64 + omitted, 20);
+    assert!(*omitted > 0);
+    assert_eq!(pending[0].id, 1, "oldest first");
+    let bytes = encode_reply(u64::MAX, &Reply::Ok(ok.clone())).unwrap_or_else(|e| panic!("{e}"));
+    assert!(bytes.len() <= MAX_FRAME);
 }
