@@ -1,2 +1,179 @@
-//! The gateway's library: what the `carapace-gateway` binary is built from (issue 5 grows it
-//! into the agent; for now the binary is the stand-in of `carapace run`).
+//! `carapace-gateway`: the agent gateway, run as a confined child of `carapace run`.
+//!
+//! It serves HTTP and WebSocket (JSON-RPC 2.0) on the listening socket the supervisor hands
+//! over at `$CARAPACE_LISTEN_FD`, and asks the broker at `$CARAPACE_BROKER_FD` for everything
+//! that acts: checking a client's token, running a tool, sending a message, reaching the model,
+//! reading the model's API key, answering an approval. It cannot exec, cannot reach the
+//! network and cannot read a credential by itself. Protocol: docs/protocol.md ("The gateway
+//! protocol").
+//!
+//! | module | room |
+//! |---|---|
+//! | [`server`] | hyper/axum transport: timeouts, caps, routes, authentication of requests |
+//! | [`ws`] | one WebSocket connection: calls in tasks, one bounded outgoing queue, idle and stall limits |
+//! | [`rpc`] | JSON-RPC frames and the error table |
+//! | [`methods`] | the methods, one file per family |
+//! | [`auth`] | bearer tokens (hashed, checked by the broker), failed-attempt limit |
+//! | [`broker`] | a pool of broker sessions usable from async code |
+//! | [`sessions`] | conversation sessions as JSON lines |
+//! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
+//! | [`settings`] | what the supervisor tells the gateway (`$CARAPACE_GATEWAY_SETTINGS`) |
+
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod llm;
+pub mod methods;
+pub mod rpc;
+pub mod server;
+pub mod sessions;
+pub mod settings;
+pub mod ws;
+
+use std::net::TcpListener;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+/// Names the listening socket handed over by the supervisor.
+pub const LISTEN_FD_ENV: &str = "CARAPACE_LISTEN_FD";
+
+/// Why the gateway cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no listening socket: {LISTEN_FD_ENV} is not set (run me under `carapace run`)")]
+    NoListener,
+    #[error("{LISTEN_FD_ENV}={0:?} is not a file descriptor above 2")]
+    BadListenFd(String),
+    #[error("fd {fd} ({LISTEN_FD_ENV}) is not a listening TCP socket: {why}")]
+    NotAListener { fd: RawFd, why: String },
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("serving failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The listening socket at `$CARAPACE_LISTEN_FD`, owned.
+pub fn listener_from_env() -> Result<TcpListener, StartError> {
+    let v = std::env::var(LISTEN_FD_ENV).map_err(|_| StartError::NoListener)?;
+    let fd: RawFd = v
+        .trim()
+        .parse()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| StartError::BadListenFd(v.clone()))?;
+    check_listener(fd)?;
+    // SAFETY: `fd` is open (getsockopt succeeded on it in check_listener) and is handed to us
+    // by the supervisor for our exclusive use; nothing else in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let l = TcpListener::from(owned);
+    // The listener must not leak into anything this process might start.
+    set_cloexec(fd);
+    Ok(l)
+}
+
+fn set_cloexec(fd: RawFd) {
+    // SAFETY: fcntl on an fd we own; F_SETFD with FD_CLOEXEC has no memory effects.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+fn sockopt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> std::io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes of the sizes given; the kernel checks `fd`.
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&raw mut v).cast(), &raw mut len) };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn check_listener(fd: RawFd) -> Result<(), StartError> {
+    let bad = |why: &str| StartError::NotAListener {
+        fd,
+        why: why.to_string(),
+    };
+    let ty = sockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTSOCK) || e.raw_os_error() == Some(libc::EBADF) {
+            bad("it is not a socket (or not open)")
+        } else {
+            bad(&e.to_string())
+        }
+    })?;
+    let domain = sockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(|e| bad(&e.to_string()))?;
+    if ty != libc::SOCK_STREAM || !(domain == libc::AF_INET || domain == libc::AF_INET6) {
+        return Err(bad(
+            "it is not a TCP/IP (AF_INET/AF_INET6 SOCK_STREAM) socket",
+        ));
+    }
+    let listening =
+        sockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).map_err(|e| bad(&e.to_string()))?;
+    if listening == 0 {
+        return Err(bad("the socket is not listening"));
+    }
+    Ok(())
+}
+
+/// The broker socket at `$CARAPACE_BROKER_FD`, if there is one.
+pub fn broker_from_env() -> Option<OwnedFd> {
+    use std::os::fd::AsRawFd as _;
+    let fd = carapace_broker::client::broker_fd_from_env().ok()?;
+    // Check it is a broker socket (SOCK_SEQPACKET) by opening (and dropping) a session on it.
+    match carapace_broker::client::Client::from_env() {
+        Ok(c) => {
+            drop(c);
+            // SAFETY: the inherited broker socket is ours alone to own from here on; nothing
+            // else in this process closes it.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            set_cloexec(owned.as_raw_fd());
+            Some(owned)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no broker: every method but gateway.ping answers unavailable");
+            None
+        }
+    }
+}
+
+/// Run the gateway: settings and sockets from the environment, serve until SIGTERM/SIGINT.
+pub fn run() -> Result<(), StartError> {
+    let settings = settings::Settings::from_env()?;
+    let listener = listener_from_env()?;
+    let broker = broker::Broker::new(broker_from_env());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .thread_name("gateway")
+        .build()
+        .map_err(StartError::Runtime)?;
+    rt.block_on(async move {
+        let app = Arc::new(app::App::new(settings, broker));
+        tokio::spawn(app::approval_feed(app.clone()));
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        tracing::info!(%addr, pid = std::process::id(), "serving");
+        server::serve(listener, app, shutdown_signal())
+            .await
+            .map_err(StartError::Serve)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping");
+}

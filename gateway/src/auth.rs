@@ -1,0 +1,217 @@
+//! Who is calling: bearer tokens, checked by the broker.
+//!
+//! The gateway never holds the token store (it lives in the supervisor's state directory, out
+//! of the sandbox's reach, so a compromised gateway cannot plant a token of its own). It hashes
+//! the presented token and asks the broker (`auth`), which compares the hash in constant time
+//! against every stored one and audits the decision. The token itself is never logged, stored
+//! or sent anywhere; only its hash leaves this module.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use carapace_broker::ratelimit::Bucket;
+use carapace_broker::tokens::{Scope, TokenInfo};
+use sha2::{Digest, Sha256};
+
+use crate::rpc::{Kind, RpcError};
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub token_id: String,
+    pub name: String,
+    pub scope: Scope,
+}
+
+impl Caller {
+    pub fn is_operator(&self) -> bool {
+        self.scope == Scope::Operator
+    }
+
+    /// Refuse an operator-only method to a client token.
+    pub fn require_operator(&self, method: &str) -> Result<(), RpcError> {
+        if self.is_operator() {
+            Ok(())
+        } else {
+            Err(RpcError::new(
+                Kind::Forbidden,
+                format!("{method} needs a token with the operator scope"),
+            ))
+        }
+    }
+}
+
+impl From<TokenInfo> for Caller {
+    fn from(t: TokenInfo) -> Caller {
+        Caller {
+            token_id: t.id,
+            name: t.name,
+            scope: t.scope,
+        }
+    }
+}
+
+/// Longest token text looked at (ours are 47 bytes).
+const MAX_TOKEN_LEN: usize = 256;
+
+/// The token of `Authorization: Bearer TOKEN` (scheme case-insensitive), if well-formed.
+pub fn bearer(header: Option<&[u8]>) -> Option<String> {
+    let h = std::str::from_utf8(header?).ok()?.trim();
+    let (scheme, token) = h.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    well_formed(token.trim())
+}
+
+/// The `access_token` parameter of a query string, if well-formed.
+pub fn query_token(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("access_token="))
+        .and_then(well_formed)
+}
+
+fn well_formed(t: &str) -> Option<String> {
+    (!t.is_empty() && t.len() <= MAX_TOKEN_LEN && t.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| t.to_string())
+}
+
+/// Lowercase hex SHA-256 of the token text: what the broker compares.
+pub fn token_hash(token: &str) -> String {
+    let d = Sha256::digest(token.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Failed authentications per peer address: over the limit, the gateway answers 429 without
+/// asking the broker (so a guessing client can neither flood the audit log nor the broker).
+/// 5 per second, bursts of 10; at most [`MAX_TRACKED`] addresses are remembered (full buckets
+/// are forgotten first).
+#[derive(Debug, Default)]
+pub struct FailureLimit {
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+const FAILURE_RATE: f64 = 5.0;
+const FAILURE_BURST: u32 = 10;
+const MAX_TRACKED: usize = 4096;
+
+impl FailureLimit {
+    fn buckets(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Bucket>> {
+        match self.buckets.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Count one failed attempt from `ip`.
+    pub fn record_failure(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut g = self.buckets();
+        if !g.contains_key(&ip) && g.len() >= MAX_TRACKED {
+            g.retain(|_, b| b.available(now) < f64::from(FAILURE_BURST));
+            if g.len() >= MAX_TRACKED {
+                // Every tracked address is guessing: forget the one closest to full.
+                if let Some(k) = g
+                    .iter_mut()
+                    .map(|(k, b)| (*k, b.available(now)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(k, _)| k)
+                {
+                    g.remove(&k);
+                }
+            }
+        }
+        let _ = g
+            .entry(ip)
+            .or_insert_with(|| Bucket::new(FAILURE_RATE, FAILURE_BURST))
+            .try_take(now);
+    }
+
+    /// Refused when `ip` has used up its failures: it may not try again yet.
+    pub fn check(&self, ip: IpAddr) -> Result<(), RpcError> {
+        let left = self
+            .buckets()
+            .get_mut(&ip)
+            .map(|b| b.available(Instant::now()));
+        match left {
+            Some(n) if n < 1.0 => Err(RpcError::new(
+                Kind::RateLimited,
+                "too many failed authentications from this address: wait a moment",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_headers() {
+        assert_eq!(bearer(Some(b"Bearer abc")), Some("abc".into()));
+        assert_eq!(bearer(Some(b"bearer   abc ")), Some("abc".into()));
+        assert_eq!(bearer(Some(b"Basic abc")), None);
+        assert_eq!(bearer(Some(b"Bearer")), None);
+        assert_eq!(bearer(Some(b"Bearer a b")), None);
+        assert_eq!(bearer(Some(b"Bearer \xff")), None);
+        assert_eq!(bearer(None), None);
+        let long = format!("Bearer {}", "a".repeat(300));
+        assert_eq!(bearer(Some(long.as_bytes())), None);
+    }
+
+    #[test]
+    fn query_tokens() {
+        assert_eq!(query_token(Some("access_token=xyz")), Some("xyz".into()));
+        assert_eq!(
+            query_token(Some("a=1&access_token=xyz")),
+            Some("xyz".into())
+        );
+        assert_eq!(query_token(Some("access_token=")), None);
+        assert_eq!(query_token(Some("token=xyz")), None);
+        assert_eq!(query_token(None), None);
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn failures_are_limited_per_address() {
+        let l = FailureLimit::default();
+        let a: IpAddr = [127, 0, 0, 1].into();
+        let b: IpAddr = [127, 0, 0, 2].into();
+        for _ in 0..9 {
+            l.record_failure(a);
+        }
+        assert!(l.check(a).is_ok(), "a tenth attempt is allowed");
+        l.record_failure(a);
+        assert_eq!(l.check(a).map_err(|e| e.kind), Err(Kind::RateLimited));
+        assert!(l.check(b).is_ok(), "another address is not affected");
+    }
+
+    #[test]
+    fn scopes() {
+        let c = Caller {
+            token_id: "1".into(),
+            name: "n".into(),
+            scope: Scope::Client,
+        };
+        assert_eq!(
+            c.require_operator("approvals.list").map_err(|e| e.kind),
+            Err(Kind::Forbidden)
+        );
+        let o = Caller {
+            scope: Scope::Operator,
+            ..c
+        };
+        assert!(o.require_operator("approvals.list").is_ok());
+    }
+}

@@ -1,0 +1,258 @@
+//! The gateway's door out: broker sessions over the socket it inherited (fd 3), used from async
+//! code.
+//!
+//! The broker's client library is blocking and carries one request at a time, so the gateway
+//! keeps a pool of sessions (each a private socket with the gateway's identity, see
+//! docs/protocol.md "Sessions") and runs each call on tokio's blocking pool. At most
+//! [`MAX_SESSIONS`] calls are in flight at once — below the broker's per-identity session and
+//! in-flight caps (32), so that the broker never has to answer `busy` to the gateway; further
+//! calls wait for a free session.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use carapace_broker::client::{Client, ClientError, ExecStarted};
+use carapace_broker::protocol::{ExitSummary, PendingApproval, SendStatus};
+use carapace_broker::tokens::TokenInfo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::rpc::{Kind, RpcError};
+
+/// Broker calls in flight at once (each holds one session).
+pub const MAX_SESSIONS: usize = 24;
+
+/// A pool of broker sessions.
+#[derive(Debug)]
+pub struct Broker {
+    /// The inherited socket; None: no broker (every call is `unavailable`).
+    shared: Option<OwnedFd>,
+    idle: Mutex<Vec<Client>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A session taken from the pool with its permit; give it back with [`Broker::put`].
+#[derive(Debug)]
+pub struct Lease {
+    client: Client,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A started tool: its output pipes, and the lease to wait for its `exit` event on.
+#[derive(Debug)]
+pub struct StartedExec {
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    id: u64,
+    lease: Lease,
+}
+
+fn unavailable() -> RpcError {
+    RpcError::new(
+        Kind::Unavailable,
+        "no broker: the gateway was not started by `carapace run`",
+    )
+}
+
+fn join_error(e: tokio::task::JoinError) -> RpcError {
+    RpcError::internal(format!("broker call task failed: {e}"))
+}
+
+impl Broker {
+    /// Over the inherited socket `shared` (None: no broker).
+    pub fn new(shared: Option<OwnedFd>) -> Broker {
+        Broker {
+            shared,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(MAX_SESSIONS)),
+        }
+    }
+
+    pub fn is_available(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Take a session (waiting for a free one), opening a new one when none is idle.
+    pub async fn take(&self) -> Result<Lease, RpcError> {
+        let Some(shared) = &self.shared else {
+            return Err(unavailable());
+        };
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RpcError::internal("broker pool closed"))?;
+        let idle = match self.idle.lock() {
+            Ok(mut g) => g.pop(),
+            Err(p) => p.into_inner().pop(),
+        };
+        let client = match idle {
+            Some(c) => c,
+            None => {
+                let fd = shared
+                    .try_clone()
+                    .map_err(|e| RpcError::internal(format!("dup of the broker socket: {e}")))?;
+                tokio::task::spawn_blocking(move || Client::open_session(fd.as_fd()))
+                    .await
+                    .map_err(join_error)?
+                    .map_err(|e| RpcError::from_broker(&e))?
+            }
+        };
+        Ok(Lease {
+            client,
+            _permit: permit,
+        })
+    }
+
+    /// Give a session back. One that failed at the socket level is dropped instead.
+    pub fn put(&self, lease: Lease, healthy: bool) {
+        if healthy {
+            match self.idle.lock() {
+                Ok(mut g) => g.push(lease.client),
+                Err(p) => p.into_inner().push(lease.client),
+            }
+        }
+    }
+
+    /// Run one blocking call on a session.
+    async fn call<R, F>(&self, f: F) -> Result<R, RpcError>
+    where
+        F: FnOnce(&mut Client) -> Result<R, ClientError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let mut lease = self.take().await?;
+        let (lease, res) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut lease.client);
+            (lease, r)
+        })
+        .await
+        .map_err(join_error)?;
+        // A refusal is an answer: the session is fine. Anything else may have left it in an
+        // unknown state.
+        let healthy = match &res {
+            Ok(_) => true,
+            Err(e) => e.code().is_some(),
+        };
+        self.put(lease, healthy);
+        res.map_err(|e| RpcError::from_broker(&e))
+    }
+
+    /// Who holds this token (by the SHA-256 of its text), as the broker's store says.
+    pub async fn auth(&self, token_sha256: String) -> Result<TokenInfo, RpcError> {
+        self.call(move |c| c.auth(&token_sha256)).await
+    }
+
+    pub async fn ping(&self) -> Result<(), RpcError> {
+        self.call(|c| c.ping()).await
+    }
+
+    pub async fn send(
+        &self,
+        channel: String,
+        recipient: String,
+        body: String,
+    ) -> Result<(SendStatus, Option<String>), RpcError> {
+        self.call(move |c| c.send(&channel, &recipient, &body))
+            .await
+    }
+
+    pub async fn approvals(&self) -> Result<Vec<PendingApproval>, RpcError> {
+        self.call(|c| c.approvals()).await
+    }
+
+    pub async fn approve(
+        &self,
+        id: u64,
+        resolution: String,
+        by: String,
+    ) -> Result<String, RpcError> {
+        self.call(move |c| c.approve(id, &resolution, Some(&by)))
+            .await
+    }
+
+    /// A connected TCP socket to `host:port`, if the policy's egress allowlist names it.
+    pub async fn connect(&self, host: String, port: u16) -> Result<OwnedFd, RpcError> {
+        self.call(move |c| c.connect(&host, port).map(|(fd, _)| fd))
+            .await
+    }
+
+    /// A secret's bytes (read from the sealed memfd the broker hands over).
+    pub async fn secret(&self, name: String) -> Result<Vec<u8>, RpcError> {
+        let (fd, len) = self.call(move |c| c.secret(&name)).await?;
+        read_memfd(&fd, len).map_err(|e| RpcError::internal(format!("reading the secret: {e}")))
+    }
+
+    /// Start a tool (waits through an `ask` until it is decided).
+    pub async fn exec(
+        &self,
+        argv: Vec<String>,
+        cwd: Option<String>,
+    ) -> Result<StartedExec, RpcError> {
+        let mut lease = self.take().await?;
+        let (lease, res) = tokio::task::spawn_blocking(move || {
+            let r = lease.client.exec(argv, cwd);
+            (lease, r)
+        })
+        .await
+        .map_err(join_error)?;
+        match res {
+            Ok(ExecStarted { id, stdout, stderr }) => Ok(StartedExec {
+                stdout,
+                stderr,
+                id,
+                lease,
+            }),
+            Err(e) => {
+                let healthy = e.code().is_some();
+                self.put(lease, healthy);
+                Err(RpcError::from_broker(&e))
+            }
+        }
+    }
+}
+
+impl StartedExec {
+    /// The output pipes (read them to their end) and the waiter for the `exit` event.
+    pub fn split(self) -> (OwnedFd, OwnedFd, ExecWaiter) {
+        (
+            self.stdout,
+            self.stderr,
+            ExecWaiter {
+                id: self.id,
+                lease: self.lease,
+            },
+        )
+    }
+}
+
+/// The half of a started tool that waits for its end.
+#[derive(Debug)]
+pub struct ExecWaiter {
+    id: u64,
+    lease: Lease,
+}
+
+impl ExecWaiter {
+    /// Wait for the `exit` event (on a blocking thread) and give the session back.
+    pub async fn wait(self, broker: &Broker) -> Result<ExitSummary, RpcError> {
+        let ExecWaiter { id, mut lease } = self;
+        let (lease, res) = tokio::task::spawn_blocking(move || {
+            let r = lease.client.wait_exit(id);
+            (lease, r)
+        })
+        .await
+        .map_err(join_error)?;
+        broker.put(lease, res.is_ok());
+        res.map_err(|e| RpcError::from_broker(&e))
+    }
+}
+
+/// Read `len` bytes of a sealed memfd from offset 0 (pread: its file offset is shared).
+fn read_memfd(fd: &OwnedFd, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt as _;
+    let len = usize::try_from(len).map_err(|_| std::io::Error::other("secret too large"))?;
+    let file = std::fs::File::from(fd.try_clone()?);
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}

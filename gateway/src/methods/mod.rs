@@ -1,0 +1,81 @@
+//! The methods of the gateway protocol, one file per family. [`dispatch`] checks the caller's
+//! rate and scope, then runs the method; every method that acts goes through the broker.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::app::{App, Emitter};
+use crate::auth::Caller;
+use crate::rpc::{Call, Kind, RpcError};
+
+mod agent;
+mod approvals;
+mod gateway;
+mod messages;
+mod sessions;
+mod tools;
+
+pub use tools::{exec, ExecOutcome};
+
+/// Every method, with whether it needs the operator scope.
+pub const METHODS: &[(&str, bool)] = &[
+    ("gateway.ping", false),
+    ("gateway.status", false),
+    ("tools.exec", false),
+    ("messages.send", false),
+    ("approvals.list", true),
+    ("approvals.resolve", true),
+    ("sessions.list", false),
+    ("sessions.history", false),
+    ("sessions.reset", false),
+    ("agent.run", false),
+];
+
+/// Run one call for `caller`. `collect`: a plain HTTP caller (no events): `tools.exec`
+/// returns the output in its result.
+pub async fn dispatch(
+    app: &Arc<App>,
+    caller: &Caller,
+    call: Call,
+    out: &Emitter,
+) -> Result<Value, RpcError> {
+    let Some((_, operator_only)) = METHODS.iter().find(|(m, _)| *m == call.method) else {
+        return Err(RpcError::new(
+            Kind::MethodNotFound,
+            format!("no method {:?}", crate::rpc::shown(&call.method)),
+        ));
+    };
+    if *operator_only {
+        caller.require_operator(&call.method)?;
+    }
+    app.take_rate(caller)?;
+    let p = call.params;
+    match call.method.as_str() {
+        "gateway.ping" => gateway::ping(p),
+        "gateway.status" => gateway::status(app, caller, p),
+        "tools.exec" => tools::call(app, p, out).await,
+        "messages.send" => messages::send(app, p).await,
+        "approvals.list" => approvals::list(app, p).await,
+        "approvals.resolve" => approvals::resolve(app, caller, p).await,
+        "sessions.list" => sessions::list(app, p).await,
+        "sessions.history" => sessions::history(app, p).await,
+        "sessions.reset" => sessions::reset(app, p).await,
+        "agent.run" => agent::run(app, p, out).await,
+        other => Err(RpcError::internal(format!("method {other} has no handler"))),
+    }
+}
+
+/// Run blocking file work (sessions) off the async threads.
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, RpcError> + Send + 'static,
+) -> Result<R, RpcError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RpcError::internal(format!("task failed: {e}")))?
+}
+
+/// Params of methods that take none: `{}` only.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}

@@ -1,0 +1,360 @@
+//! Conversation sessions: one JSON-lines file per session beneath the gateway's state directory
+//! (`<state_dir>/sessions/<name>.jsonl`, the sandbox's only writable place).
+//!
+//! A line is `{"ts":RFC3339,"kind":"message","message":{..}}` (an OpenAI-style chat message:
+//! `role`, `content`, `tool_calls`, `tool_call_id`) or `{"ts":..,"kind":"usage","usage":
+//! {"prompt_tokens":..,"completion_tokens":..,"total_tokens":..},"turns":N,"stopped":WHY}` (one
+//! per `agent.run`). Lines are appended with `O_APPEND` and `fdatasync`ed before the call
+//! answers; a torn last line (a crash mid-write) is skipped when reading, never fatal.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+
+use crate::rpc::{Kind, RpcError};
+
+/// Why a session operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid session name {0:?}: use 1 to 64 characters of A-Z a-z 0-9 _ -")]
+    BadName(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<SessionError> for RpcError {
+    fn from(e: SessionError) -> RpcError {
+        match e {
+            SessionError::BadName(_) => RpcError::invalid_params(e.to_string()),
+            SessionError::Io { .. } => RpcError::new(Kind::Internal, e.to_string()),
+        }
+    }
+}
+
+/// Token counts as chat-completions endpoints report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, o: &Usage) {
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.total_tokens = self.total_tokens.saturating_add(o.total_tokens);
+    }
+}
+
+/// The sessions of one gateway.
+#[derive(Debug)]
+pub struct Sessions {
+    dir: PathBuf,
+    /// One writer per session at a time (an `agent.run` appends several lines).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn now() -> String {
+    carapace_broker::audit::rfc3339_utc(SystemTime::now())
+}
+
+/// A session's lines as read: the parsed ones, and how many could not be read.
+#[derive(Debug, Default)]
+pub struct Lines {
+    pub lines: Vec<Value>,
+    pub unreadable: usize,
+}
+
+impl Sessions {
+    /// Sessions beneath `state_dir/sessions` (created on first write).
+    pub fn new(state_dir: &Path) -> Sessions {
+        Sessions {
+            dir: state_dir.join("sessions"),
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf, SessionError> {
+        if valid_name(name) {
+            Ok(self.dir.join(format!("{name}.jsonl")))
+        } else {
+            Err(SessionError::BadName(name.to_string()))
+        }
+    }
+
+    /// Serialize the writers of one session: hold the guard while appending a run's lines.
+    pub async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut g = match self.locks.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if g.len() > 1024 {
+                g.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            g.entry(name.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    /// Append a chat message.
+    pub fn append_message(&self, name: &str, message: &Value) -> Result<(), SessionError> {
+        self.append(
+            name,
+            &json!({"ts": now(), "kind": "message", "message": message}),
+        )
+    }
+
+    /// Append the usage record of one run.
+    pub fn append_usage(
+        &self,
+        name: &str,
+        usage: &Usage,
+        turns: u32,
+        stopped: &str,
+    ) -> Result<(), SessionError> {
+        self.append(
+            name,
+            &json!({"ts": now(), "kind": "usage", "usage": usage, "turns": turns, "stopped": stopped}),
+        )
+    }
+
+    fn append(&self, name: &str, line: &Value) -> Result<(), SessionError> {
+        let path = self.path(name)?;
+        let io = |what, source| SessionError::Io {
+            what,
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.dir).map_err(|e| SessionError::Io {
+            what: "creating the sessions directory",
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        let mut bytes = line.to_string().into_bytes();
+        bytes.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io("opening session", e))?;
+        f.write_all(&bytes)
+            .map_err(|e| io("appending to session", e))?;
+        f.sync_data().map_err(|e| io("syncing session", e))
+    }
+
+    /// Every line of a session (empty when it does not exist).
+    pub fn read(&self, name: &str) -> Result<Lines, SessionError> {
+        let path = self.path(name)?;
+        let f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lines::default()),
+            Err(e) => {
+                return Err(SessionError::Io {
+                    what: "opening session",
+                    path,
+                    source: e,
+                })
+            }
+        };
+        let mut out = Lines::default();
+        for line in BufReader::new(f).split(b'\n') {
+            let line = line.map_err(|e| SessionError::Io {
+                what: "reading session",
+                path: path.clone(),
+                source: e,
+            })?;
+            match serde_json::from_slice::<Value>(&line) {
+                Ok(v) if v.is_object() => out.lines.push(v),
+                _ if line.is_empty() => {}
+                _ => out.unreadable += 1,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The chat messages of a session, oldest first.
+    pub fn messages(&self, name: &str) -> Result<Vec<Value>, SessionError> {
+        Ok(self
+            .read(name)?
+            .lines
+            .into_iter()
+            .filter(|l| l["kind"] == "message")
+            .filter_map(|mut l| l.get_mut("message").map(Value::take))
+            .collect())
+    }
+
+    /// Remove a session; whether it existed.
+    pub fn reset(&self, name: &str) -> Result<bool, SessionError> {
+        let path = self.path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(SessionError::Io {
+                what: "removing session",
+                path,
+                source: e,
+            }),
+        }
+    }
+
+    /// Every session: name, message count, last write, total usage.
+    pub fn list(&self) -> Result<Vec<Value>, SessionError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(SessionError::Io {
+                    what: "listing sessions",
+                    path: self.dir.clone(),
+                    source: e,
+                })
+            }
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let n = e.file_name().into_string().ok()?;
+                let stem = n.strip_suffix(".jsonl")?.to_string();
+                valid_name(&stem).then_some(stem)
+            })
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            let lines = self.read(&name)?;
+            let mut usage = Usage::default();
+            let mut messages = 0u64;
+            let mut updated = Value::Null;
+            for l in &lines.lines {
+                match l["kind"].as_str() {
+                    Some("message") => messages += 1,
+                    Some("usage") => {
+                        if let Ok(u) = serde_json::from_value::<Usage>(l["usage"].clone()) {
+                            usage.add(&u);
+                        }
+                    }
+                    _ => {}
+                }
+                if l["ts"].is_string() {
+                    updated = l["ts"].clone();
+                }
+            }
+            out.push(
+                json!({"name": name, "messages": messages, "updated": updated, "usage": usage}),
+            );
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Sessions) {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Sessions::new(d.path());
+        (d, s)
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "chat-1", "A_b", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            "a b",
+            ".",
+            "é",
+            &"x".repeat(65),
+            "a.jsonl",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn append_read_list_reset() {
+        let (_d, s) = store();
+        assert!(s.list().unwrap_or_default().is_empty());
+        assert!(s.messages("chat").unwrap_or_default().is_empty());
+        let m1 = json!({"role":"user","content":"hi"});
+        let m2 = json!({"role":"assistant","content":"hello"});
+        s.append_message("chat", &m1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.append_message("chat", &m2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let u = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            total_tokens: 15,
+        };
+        s.append_usage("chat", &u, 1, "done")
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.append_usage("chat", &u, 2, "done")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.messages("chat").unwrap_or_default(), vec![m1, m2]);
+        let l = s.list().unwrap_or_default();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0]["name"], "chat");
+        assert_eq!(l[0]["messages"], 2);
+        assert_eq!(l[0]["usage"]["total_tokens"], 30);
+        assert!(s.reset("chat").unwrap_or(false));
+        assert!(!s.reset("chat").unwrap_or(true));
+        assert!(s.list().unwrap_or_default().is_empty());
+    }
+
+    #[test]
+    fn a_torn_line_is_skipped_and_counted() {
+        let (d, s) = store();
+        s.append_message("t", &json!({"role":"user","content":"a"}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let p = d.path().join("sessions/t.jsonl");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("{e}"));
+        f.write_all(b"{\"ts\":\"x\",\"kind\":\"mess")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = s.read("t").unwrap_or_default();
+        assert_eq!((r.lines.len(), r.unreadable), (1, 1));
+        assert_eq!(s.messages("t").unwrap_or_default().len(), 1);
+    }
+
+    #[test]
+    fn bad_names_are_refused_everywhere() {
+        let (_d, s) = store();
+        assert!(matches!(
+            s.read("../etc/passwd"),
+            Err(SessionError::BadName(_))
+        ));
+        assert!(matches!(
+            s.append_message("a/b", &json!({})),
+            Err(SessionError::BadName(_))
+        ));
+        assert!(matches!(s.reset(""), Err(SessionError::BadName(_))));
+    }
+}

@@ -1,0 +1,210 @@
+//! The gateway's settings: JSON in `$CARAPACE_GATEWAY_SETTINGS`, written by the supervisor from
+//! the `[gateway.clients]` and `[gateway.agent]` tables of `carapace.toml` (validated there,
+//! with located errors). Every field has a default, so the gateway also runs without the
+//! variable (then no model is configured and `agent.run` answers `unavailable`).
+//!
+//! The settings carry no secret: the model's API key is named here (a policy `[secrets.NAME]`)
+//! and fetched from the broker as a sealed memfd when a run needs it.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable the supervisor sets.
+pub const SETTINGS_ENV: &str = "CARAPACE_GATEWAY_SETTINGS";
+
+/// Everything the gateway can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Its only writable place (the sandbox's workspace): sessions live beneath it.
+    pub state_dir: String,
+    pub clients: ClientLimits,
+    /// The model behind `agent.run`; None = not configured.
+    pub agent: Option<AgentSettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            state_dir: "/workspace".into(),
+            clients: ClientLimits::default(),
+            agent: None,
+        }
+    }
+}
+
+/// Limits on what clients may ask of the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientLimits {
+    /// Calls per second per token (token bucket refill).
+    pub rate_per_second: f64,
+    /// Bucket size per token.
+    pub burst: u32,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// Largest HTTP body or WebSocket message.
+    pub max_message_bytes: usize,
+    /// A WebSocket with no traffic (messages or pongs) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Calls running at once on one WebSocket.
+    pub max_in_flight: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            rate_per_second: 20.0,
+            burst: 40,
+            max_connections: 256,
+            max_message_bytes: 1 << 20,
+            idle_timeout_ms: 120_000,
+            max_in_flight: 16,
+        }
+    }
+}
+
+impl ClientLimits {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+/// An OpenAI-compatible chat-completions endpoint and the agent loop's bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8080/v1` (llama.cpp, Ollama);
+    /// `/chat/completions` is appended. Reached through the broker's `connect`, so the policy's
+    /// egress allowlist must name its host and port.
+    pub base_url: String,
+    pub model: String,
+    /// The policy secret holding the API key (sent as `Authorization: Bearer`); None = no key
+    /// (local servers).
+    #[serde(default)]
+    pub api_key_secret: Option<String>,
+    /// Model calls per `agent.run`.
+    #[serde(default = "default_max_turns")]
+    pub max_turns: u32,
+    /// Tokens (prompt + completion, as the endpoint reports them) per `agent.run`.
+    #[serde(default = "default_token_budget")]
+    pub token_budget: u64,
+    /// Longest one model call may take.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `max_tokens` of each call; None = the endpoint's default.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Replaces the built-in system prompt.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+}
+
+fn default_max_turns() -> u32 {
+    8
+}
+fn default_token_budget() -> u64 {
+    50_000
+}
+fn default_timeout_ms() -> u64 {
+    120_000
+}
+
+/// Why the settings could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("${SETTINGS_ENV} is not valid settings JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("${SETTINGS_ENV}: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// From `$CARAPACE_GATEWAY_SETTINGS`, or the defaults when it is not set.
+    pub fn from_env() -> Result<Settings, SettingsError> {
+        match std::env::var(SETTINGS_ENV) {
+            Ok(text) => Settings::from_json(&text),
+            Err(_) => Ok(Settings::default()),
+        }
+    }
+
+    /// Parse and check.
+    pub fn from_json(text: &str) -> Result<Settings, SettingsError> {
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        if !v.is_object() {
+            return Err(SettingsError::Invalid(
+                "the settings are a JSON object".into(),
+            ));
+        }
+        let s: Settings = serde_json::from_value(v)?;
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> Result<(), SettingsError> {
+        let c = &self.clients;
+        if !(c.rate_per_second.is_finite() && c.rate_per_second > 0.0) || c.burst == 0 {
+            return Err(SettingsError::Invalid(
+                "clients.rate_per_second and clients.burst must be positive".into(),
+            ));
+        }
+        if c.max_connections == 0 || c.max_in_flight == 0 || c.max_message_bytes < 1024 {
+            return Err(SettingsError::Invalid(
+                "clients.max_connections and max_in_flight must be positive, max_message_bytes at least 1024"
+                    .into(),
+            ));
+        }
+        if let Some(a) = &self.agent {
+            crate::llm::Endpoint::parse(&a.base_url)
+                .map_err(|e| SettingsError::Invalid(format!("agent.base_url: {e}")))?;
+            if a.model.is_empty() || a.max_turns == 0 || a.token_budget == 0 {
+                return Err(SettingsError::Invalid(
+                    "agent.model must be set, agent.max_turns and token_budget positive".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_round_trip() {
+        let s = Settings::from_json("{}").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s, Settings::default());
+        let text = serde_json::to_string(&s).unwrap_or_default();
+        assert_eq!(Settings::from_json(&text).ok(), Some(s));
+    }
+
+    #[test]
+    fn an_agent_with_defaults() {
+        let s = Settings::from_json(
+            r#"{"agent":{"base_url":"http://127.0.0.1:9/v1","model":"m","api_key_secret":"k"}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = s.agent.unwrap_or_else(|| panic!("no agent"));
+        assert_eq!((a.max_turns, a.token_budget), (8, 50_000));
+        assert_eq!(a.api_key_secret.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for bad in [
+            "[]",
+            r#"{"bogus":1}"#,
+            r#"{"clients":{"burst":0}}"#,
+            r#"{"clients":{"rate_per_second":-1}}"#,
+            r#"{"clients":{"max_message_bytes":10}}"#,
+            r#"{"agent":{"base_url":"ftp://x/","model":"m"}}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":""}}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m","max_turns":0}}"#,
+            r#"{"agent":{"model":"m"}}"#,
+        ] {
+            assert!(Settings::from_json(bad).is_err(), "{bad}");
+        }
+    }
+}
