@@ -446,6 +446,7 @@ pub fn spawn_tool(
                 env: ctx.env.clone(),
                 broker: brokered,
                 listener: false,
+                supervisor_env: Vec::new(),
             };
             let launch = match Launch::prepare(&plan, &opts, ctx.target.landlock_abi) {
                 Ok(l) => l,
@@ -589,6 +590,9 @@ pub struct BrokerSetup {
     pub state: StateDir,
     pub tools: ToolContext,
     pub approval_timeout: Duration,
+    /// The gateway's client tokens (`<state>/tokens.json`) for the `auth` op; None: `auth` is
+    /// `unavailable` (one-shot `carapace exec` runs serve no gateway).
+    pub token_store: Option<PathBuf>,
 }
 
 impl BrokerHost {
@@ -650,7 +654,10 @@ impl BrokerHost {
                 dlq,
                 Some(spawner),
                 Some(approver),
-                OpsConfig::default(),
+                OpsConfig {
+                    token_store: setup.token_store,
+                    ..OpsConfig::default()
+                },
             )
             .map_err(|e| state_err(crate::cli::error_chain(&e)))?,
         );

@@ -131,6 +131,8 @@ pub enum Command {
     Audit(crate::ctl::AuditCommand),
     /// Ask the running supervisor to reload its configuration and policy (like SIGHUP)
     Reload(crate::ctl::ReloadArgs),
+    // About and long help: on `ctl::TokenArgs`.
+    Token(crate::ctl::TokenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +242,7 @@ pub fn main() -> i32 {
         Command::Dlq(a) => crate::ctl::dlq(a),
         Command::Audit(a) => crate::ctl::audit(a),
         Command::Reload(a) => crate::ctl::reload(a),
+        Command::Token(a) => crate::ctl::token(a),
     }
 }
 
@@ -565,6 +568,7 @@ fn exec(a: ExecArgs) -> i32 {
         env: std::env::vars_os().collect(),
         broker: brokered,
         listener: false,
+        supervisor_env: Vec::new(),
     };
     let t_prepare = std::time::Instant::now();
     let launch = match Launch::prepare(&plan, &opts, target.landlock_abi) {
@@ -718,6 +722,7 @@ fn start_broker(
             live: Default::default(),
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
+        token_store: None,
     })
     .map_err(|e| error_chain(&e))?;
     let (mine, theirs) =

@@ -76,6 +76,9 @@ pub struct ChildConfig {
     pub restart: RestartConfig,
     /// Extra environment (only the names its profile passes reach it).
     pub environment: BTreeMap<String, String>,
+    /// The gateway's settings (`[gateway.clients]`, `[gateway.agent]`) as the JSON it reads
+    /// from `$CARAPACE_GATEWAY_SETTINGS`; None for channels.
+    pub settings: Option<String>,
 }
 
 /// Restart with exponential backoff; more than `crash_loop_restarts` starts within
@@ -375,6 +378,8 @@ const SUPERVISOR_KEYS: &[&str] = &[
 ];
 const CONTROL_KEYS: &[&str] = &["group"];
 const GATEWAY_KEYS: &[&str] = &[
+    "clients",
+    "agent",
     "program",
     "args",
     "profile",
@@ -993,6 +998,8 @@ fn child(
         }
     }
 
+    let settings = is_gateway.then(|| gateway_settings(cx, t).to_string());
+
     ChildConfig {
         name: name.to_string(),
         is_gateway,
@@ -1004,7 +1011,192 @@ fn child(
         workspace,
         restart,
         environment,
+        settings,
     }
+}
+
+const CLIENTS_KEYS: &[&str] = &[
+    "rate_per_second",
+    "burst",
+    "max_connections",
+    "max_message_bytes",
+    "idle_timeout",
+    "max_in_flight",
+];
+const AGENT_KEYS: &[&str] = &[
+    "base_url",
+    "model",
+    "api_key_secret",
+    "max_turns",
+    "token_budget",
+    "timeout",
+    "max_tokens",
+    "system_prompt",
+];
+const BASE_URL_EXPECTED: &str =
+    "an http:// or https:// URL of an OpenAI-compatible API, e.g. \"https://api.openai.com/v1\" or \"http://127.0.0.1:8080/v1\"";
+
+/// An integer in `range`, or None (and an error) when written wrong; None when absent.
+fn get_int(
+    cx: &mut Cx<'_>,
+    t: &Table,
+    key: &str,
+    range: std::ops::RangeInclusive<i64>,
+) -> Option<i64> {
+    let e = t.get(key)?;
+    let expected = format!("an integer from {} to {}", range.start(), range.end());
+    match &e.node.val {
+        Val::Int(i) if range.contains(i) => Some(*i),
+        Val::Int(i) => {
+            cx.err(
+                &e.node.span,
+                format!("`{key}` = {i} is out of range"),
+                &expected,
+            );
+            None
+        }
+        _ => {
+            type_err(cx, e, &expected);
+            None
+        }
+    }
+}
+
+/// Whether `url` looks like an endpoint the gateway can reach: http(s)://HOST[:PORT][/PATH],
+/// without credentials, query or fragment. The reason when not.
+fn check_base_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("not an http:// or https:// URL")?;
+    if url.contains(['?', '#', ' ', '\\']) || url.chars().any(char::is_control) {
+        return Err("a query, fragment, space or control character");
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("credentials in the URL (name the API key with `api_key_secret`)");
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(r) => r.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, p)| {
+            if p.parse::<u16>().is_ok_and(|p| p != 0) {
+                h
+            } else {
+                ""
+            }
+        }),
+    };
+    if host.is_empty() {
+        return Err("no host, or a bad port");
+    }
+    Ok(())
+}
+
+/// `[gateway.clients]` and `[gateway.agent]` as the gateway's settings JSON (see
+/// gateway/src/settings.rs; absent keys are left to the gateway's defaults).
+fn gateway_settings(cx: &mut Cx<'_>, t: &Table) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    if let Some(e) = t.get("clients") {
+        if let Some(ct) = as_table(cx, e, "gateway.clients") {
+            unknown_keys(cx, ct, CLIENTS_KEYS, "[gateway.clients]");
+            let mut c = serde_json::Map::new();
+            for (key, range) in [
+                ("rate_per_second", 1..=100_000),
+                ("burst", 1..=100_000),
+                ("max_connections", 1..=65_536),
+                ("max_message_bytes", 1024..=64 << 20),
+                ("max_in_flight", 1..=1024),
+            ] {
+                if let Some(v) = get_int(cx, ct, key, range) {
+                    c.insert(key.into(), v.into());
+                }
+            }
+            if ct.get("idle_timeout").is_some() {
+                let d = get_duration(cx, ct, "idle_timeout", Duration::from_secs(120));
+                c.insert(
+                    "idle_timeout_ms".into(),
+                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).into(),
+                );
+            }
+            out.insert("clients".into(), c.into());
+        }
+    }
+    if let Some(e) = t.get("agent") {
+        if let Some(at) = as_table(cx, e, "gateway.agent") {
+            unknown_keys(cx, at, AGENT_KEYS, "[gateway.agent]");
+            let mut a = serde_json::Map::new();
+            match get_str(cx, at, "base_url", BASE_URL_EXPECTED) {
+                Some((s, e)) => {
+                    if let Err(why) = check_base_url(s) {
+                        cx.err(
+                            &e.node.span,
+                            format!("`base_url` = {s:?}: {why}"),
+                            BASE_URL_EXPECTED,
+                        );
+                    }
+                    a.insert("base_url".into(), s.into());
+                }
+                None if at.get("base_url").is_none() => cx.err(
+                    &e.key_span,
+                    "[gateway.agent] has no `base_url`",
+                    BASE_URL_EXPECTED,
+                ),
+                None => {}
+            }
+            match get_str(cx, at, "model", "the model's name, e.g. \"gpt-4o-mini\"") {
+                Some(("", e)) => cx.err(
+                    &e.node.span,
+                    "`model` is empty",
+                    "the model's name, e.g. \"gpt-4o-mini\"",
+                ),
+                Some((s, _)) => {
+                    a.insert("model".into(), s.into());
+                }
+                None if at.get("model").is_none() => cx.err(
+                    &e.key_span,
+                    "[gateway.agent] has no `model`",
+                    "the model's name, e.g. \"gpt-4o-mini\"",
+                ),
+                None => {}
+            }
+            if let Some((s, e)) = get_str(
+                cx,
+                at,
+                "api_key_secret",
+                "the name of a [secrets.NAME] of the policy",
+            ) {
+                if s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    cx.err(
+                        &e.node.span,
+                        format!("`api_key_secret` = {s:?} is not a secret name"),
+                        "the name of a [secrets.NAME] of the policy",
+                    );
+                }
+                a.insert("api_key_secret".into(), s.into());
+            }
+            for (key, range) in [
+                ("max_turns", 1..=1000),
+                ("token_budget", 1..=100_000_000),
+                ("max_tokens", 1..=1_000_000),
+            ] {
+                if let Some(v) = get_int(cx, at, key, range) {
+                    a.insert(key.into(), v.into());
+                }
+            }
+            if at.get("timeout").is_some() {
+                let d = get_duration(cx, at, "timeout", Duration::from_secs(120));
+                a.insert(
+                    "timeout_ms".into(),
+                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).into(),
+                );
+            }
+            if let Some((s, _)) = get_str(cx, at, "system_prompt", "a string") {
+                a.insert("system_prompt".into(), s.into());
+            }
+            out.insert("agent".into(), a.into());
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 fn valid_env_name(n: &str) -> bool {
@@ -1578,6 +1770,62 @@ bogus = 1
             has(&e, "1:1: gateway must be a table, not an array"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn gateway_settings_tables() {
+        let c = parse(
+            "[gateway]\n[gateway.clients]\nrate_per_second = 5\nburst = 9\nidle_timeout = \"30s\"\n\
+             [gateway.agent]\nbase_url = \"http://127.0.0.1:8080/v1\"\nmodel = \"m\"\n\
+             api_key_secret = \"llm_key\"\nmax_turns = 3\ntoken_budget = 1000\ntimeout = \"5s\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let gw = c.gateway.unwrap_or_else(|| panic!("no gateway"));
+        let v: serde_json::Value =
+            serde_json::from_str(gw.settings.as_deref().unwrap_or("")).unwrap_or_default();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "clients": {"rate_per_second": 5, "burst": 9, "idle_timeout_ms": 30000},
+                "agent": {"base_url": "http://127.0.0.1:8080/v1", "model": "m",
+                          "api_key_secret": "llm_key", "max_turns": 3, "token_budget": 1000,
+                          "timeout_ms": 5000}
+            })
+        );
+        // Without the tables: an empty object (the gateway's defaults, no model).
+        let c = parse("[gateway]\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.gateway.and_then(|g| g.settings).as_deref(), Some("{}"));
+        let e = errors(
+            "[gateway.agent]\nmodel = \"\"\nbase = 1\n[gateway.clients]\nburst = 0\nmax_message_bytes = \"1MiB\"\n",
+        );
+        assert!(has(&e, "[gateway.agent] has no `base_url`"), "{e:?}");
+        assert!(has(&e, "2:9: `model` is empty"), "{e:?}");
+        assert!(
+            has(
+                &e,
+                "3:1: unknown key `base` in [gateway.agent]"
+            ),
+            "{e:?}"
+        );
+        assert!(has(&e, "5:9: `burst` = 0 is out of range"), "{e:?}");
+        assert!(
+            has(&e, "6:21: invalid type: a string for `max_message_bytes`"),
+            "{e:?}"
+        );
+        for bad in [
+            "ftp://x/v1",
+            "http://user:pw@x/v1",
+            "http://x:0/v1",
+            "http://x/v1?key=1",
+            "https://",
+        ] {
+            let e = errors(&format!(
+                "[gateway.agent]\nmodel = \"m\"\nbase_url = \"{bad}\"\n"
+            ));
+            assert!(has(&e, "3:12: `base_url`"), "{bad}: {e:?}");
+        }
+        let e = errors("[channels.c]\nprogram = \"p\"\nagent = {}\n");
+        assert!(has(&e, "unknown key `agent` in [channels.c]"), "{e:?}");
     }
 
     #[test]

@@ -8,6 +8,11 @@ use std::path::PathBuf;
 pub const DEFAULT_CONFIG: &str = "/etc/carapace/carapace.toml";
 /// Name of the control socket in the runtime directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// The gateway's client tokens (hashed), in the state directory: `carapace token` writes it,
+/// the broker's `auth` reads it; the gateway's sandbox never sees it.
+pub const TOKENS_FILE: &str = "tokens.json";
+/// Where a first start without a terminal leaves the operator token it created (0600).
+pub const INITIAL_TOKEN_FILE: &str = "initial-operator-token";
 /// Environment variable naming the control socket (overridden by `--socket`).
 pub const CONTROL_SOCKET_ENV: &str = "CARAPACE_CONTROL_SOCKET";
 

@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 use std::io::{self, BufRead as _, Read as _};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -178,7 +179,12 @@ struct Spec {
     /// Added to (and overriding) the supervisor's environment; the profile's
     /// `environment.pass` still decides what reaches the child.
     environment: Vec<(String, String)>,
+    /// The gateway's settings JSON (`$CARAPACE_GATEWAY_SETTINGS`); None for channels.
+    settings: Option<String>,
 }
+
+/// Where the gateway reads its settings (gateway/src/settings.rs).
+const GATEWAY_SETTINGS_ENV: &str = "CARAPACE_GATEWAY_SETTINGS";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Restart {
@@ -454,6 +460,11 @@ impl Child {
             env: child_env(env.env, &spec.environment),
             broker: brokered,
             listener: self.listens && env.listener.is_some(),
+            supervisor_env: spec
+                .settings
+                .iter()
+                .map(|s| (GATEWAY_SETTINGS_ENV.into(), s.into()))
+                .collect(),
         };
         let launch =
             Launch::prepare(&plan, &opts, env.target.landlock_abi).map_err(|e| error_chain(&e))?;
@@ -771,7 +782,52 @@ fn spec_of(c: &ChildConfig, exe_dir: &Path) -> Result<Spec, String> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        settings: c.settings.clone(),
     })
+}
+
+/// The gateway never serves without a token: on a first start with none, create an operator
+/// token and show it once — on the terminal when there is one, else in a 0600 file of the state
+/// directory (a token must not land in the journal), the log saying where. Only its hash is
+/// kept in the store.
+fn initial_token(state_root: &Path) -> Result<(), String> {
+    use carapace_broker::tokens::{Scope, TokenStore};
+    use std::io::{IsTerminal as _, Write as _};
+    let store = TokenStore::new(state_root.join(crate::paths::TOKENS_FILE));
+    let existing = store.list().map_err(|e| error_chain(&e))?;
+    if !existing.is_empty() {
+        return Ok(());
+    }
+    let (info, token) = store
+        .create("initial-operator", Scope::Operator)
+        .map_err(|e| error_chain(&e))?;
+    if std::io::stderr().is_terminal() {
+        eprintln!(
+            "\ncarapace: no gateway token existed, so an operator token was created (id {}).\n\
+             It is shown this once; only its hash is kept:\n\n    {token}\n\n\
+             Use it as `Authorization: Bearer <token>`; make more with `carapace token create`.\n",
+            info.id
+        );
+        tracing::info!(id = %info.id, "initial operator token created and shown on the terminal");
+        return Ok(());
+    }
+    let path = state_root.join(crate::paths::INITIAL_TOKEN_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::warn!(
+        id = %info.id,
+        file = %path.display(),
+        "no gateway token existed: an operator token was created; it is in the file named here \
+         (mode 0600): read it, then delete the file"
+    );
+    Ok(())
 }
 
 fn exe_dir() -> PathBuf {
@@ -1228,6 +1284,9 @@ fn start(
     let state_canon =
         std::fs::canonicalize(&state.root).map_err(|e| format!("{}: {e}", state.root.display()))?;
     crate::mounts::allow_managed_workspaces(&state_canon);
+    if cfg.gateway.is_some() {
+        initial_token(&state.root)?;
+    }
     let tools_ws = cfg.state_dir.join("tools");
     ensure_dir(&tools_ws)?;
     for (_, _, s) in &specs {
@@ -1250,6 +1309,7 @@ fn start(
                 live: Default::default(),
             },
             approval_timeout: cfg.approval_timeout,
+            token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),
         },
         OperatorChannel::Control,
     )

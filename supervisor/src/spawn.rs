@@ -307,6 +307,10 @@ pub struct LaunchOptions {
     /// environment then says so (`CARAPACE_LISTEN_FD=4`, which overrides the plan's). Without
     /// a broker, fd 3 is simply closed.
     pub listener: bool,
+    /// Variables the supervisor itself sets for the child (`CARAPACE_*` only, e.g. the
+    /// gateway's `CARAPACE_GATEWAY_SETTINGS`): they bypass the profile's environment filter,
+    /// like `CARAPACE_BROKER_FD`, and override any variable of the same name.
+    pub supervisor_env: Vec<(OsString, OsString)>,
 }
 
 /// Descriptors a child gets in place of the supervisor's stdio, and its broker socket. Each is
@@ -508,6 +512,10 @@ impl Launch {
                 env.retain(|(k, _)| k != name);
                 env.push((OsString::from(name), OsString::from(fd.to_string())));
             }
+        }
+        for (k, v) in &opts.supervisor_env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
         }
         let mut envp = Vec::new();
         for (k, v) in env {

@@ -31,6 +31,7 @@ fn run_plan(
         env: std::env::vars_os().collect(),
         broker: false,
         listener: false,
+        supervisor_env: Vec::new(),
     };
     let launch = Launch::prepare(plan, &opts, landlock::probe_abi())?;
     let cg = Cgroup::create(&cgroup::unique_name("test"), &plan.cgroup)?;
@@ -217,6 +218,7 @@ fn program_outside_exec_mounts_is_refused_before_fork() {
         env: vec![],
         broker: false,
         listener: false,
+        supervisor_env: Vec::new(),
     };
     let e = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap_err();
     assert!(e.to_string().contains("not executable"), "{e}");
@@ -316,6 +318,7 @@ fn child_io_places_stdio_and_the_broker_socket() {
             env: vec![],
             broker,
             listener: false,
+            supervisor_env: Vec::new(),
         };
         let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
         let out = Pipe::new("stdout").unwrap();
@@ -472,6 +475,7 @@ fn listener_at_4(ws: &Path, rootless: bool) {
             env: vec![],
             broker,
             listener: true,
+            supervisor_env: Vec::new(),
         };
         let launch = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap();
         assert!(launch.listens());
