@@ -19,6 +19,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -145,7 +146,7 @@ pub struct Service {
     notes: Vec<String>,
     log: PathBuf,
     rootless: bool,
-    tokens_made: u32,
+    tokens_made: AtomicU32,
 }
 
 impl Service {
@@ -277,7 +278,7 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
             notes: Vec::new(),
             log,
             rootless: opts.rootless,
-            tokens_made: 0,
+            tokens_made: AtomicU32::new(0),
         };
         if opts.ready {
             s.wait_note("READY=1", Duration::from_secs(30));
@@ -474,9 +475,8 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
     /// A new token with scope `scope` (`client` | `operator`), made with `carapace token
     /// create`; the token text. The first token of this service is named `test`, the next ones
     /// `test-2`, `test-3`, ... (names stay unique).
-    pub fn token(&mut self, scope: &str) -> String {
-        self.tokens_made += 1;
-        let name = match self.tokens_made {
+    pub fn token(&self, scope: &str) -> String {
+        let name = match self.tokens_made.fetch_add(1, Ordering::Relaxed) + 1 {
             1 => "test".to_string(),
             n => format!("test-{n}"),
         };
