@@ -427,6 +427,13 @@ impl TokenStore {
     /// Removes the token with id `id_or_name`, or else the one token named `id_or_name`
     /// (several with that name: an error listing their ids; none: not found).
     pub fn revoke(&self, id_or_name: &str) -> Result<TokenInfo, TokenError> {
+        let not_found = || TokenError::NotFound {
+            what: id_or_name.chars().take(MAX_NAME_CHARS + 1).collect(),
+        };
+        // No directory: no store, nothing to revoke (and nowhere to put the lock file).
+        if !self.dir().is_dir() {
+            return Err(not_found());
+        }
         let _guard = self.lock()?;
         let mut tokens = self.load()?;
         let at = match tokens.iter().position(|t| t.id == id_or_name) {
@@ -439,11 +446,7 @@ impl TokenStore {
                     .map(|(i, _)| i)
                     .collect();
                 match named.as_slice() {
-                    [] => {
-                        return Err(TokenError::NotFound {
-                            what: id_or_name.chars().take(MAX_NAME_CHARS + 1).collect(),
-                        })
-                    }
+                    [] => return Err(not_found()),
                     [i] => *i,
                     many => {
                         return Err(TokenError::Ambiguous {
@@ -590,6 +593,13 @@ mod tests {
             s.revoke("phone"),
             Err(TokenError::NotFound { .. })
         ));
+        // No state directory at all: nothing to revoke, and nothing is created.
+        let nowhere = TokenStore::in_state_dir(s.dir().join("missing"));
+        assert!(matches!(
+            nowhere.revoke("x"),
+            Err(TokenError::NotFound { .. })
+        ));
+        assert!(!s.dir().join("missing").exists());
     }
 
     #[test]

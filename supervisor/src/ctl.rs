@@ -1,5 +1,6 @@
 //! The operator's commands: `carapace status | approvals | dlq | audit | reload`, talking to a
-//! running supervisor over its control socket ([`crate::control`]).
+//! running supervisor over its control socket ([`crate::control`]), and `carapace token`,
+//! which works on the state directory's token store directly (no supervisor needed).
 //!
 //! `approvals` also still answers the `ask`s of one-shot `carapace exec` runs through the
 //! state directory's `pending/` files (see [`crate::broker_host::FileApprover`]).
@@ -222,6 +223,60 @@ pub enum AuditCommand {
         #[command(flatten)]
         opts: CtlOpts,
     },
+}
+
+/// `carapace token`.
+#[derive(Debug, Args)]
+#[command(
+    about = "Create, list and revoke the gateway's client tokens",
+    long_about = "Create, list and revoke the bearer tokens clients of the gateway authenticate \
+                  with. A token is shown once, when it is created; the state directory keeps \
+                  only its SHA-256 (STATE-DIR/tokens.json, mode 0600), which the gateway \
+                  cannot read: it asks the broker to check each token it is given. Scopes: \
+                  `client` may run tools, send messages, use sessions and the agent; \
+                  `operator` may also list and answer approvals. A token created or revoked \
+                  counts at once (no reload). Works on the file directly: no supervisor needs \
+                  to run.",
+    after_help = "Examples:\n  carapace token create --name laptop --scope operator\n  \
+                  carapace token list\n  carapace token revoke laptop\n  \
+                  carapace token create --name ci --json | jq -r .token\n\n\
+                  Exit status: 0 ok, 1 failed (no such token, unreadable store, ...), 2 usage."
+)]
+pub struct TokenArgs {
+    /// State directory holding tokens.json; created 0700 when missing [default:
+    /// /var/lib/carapace as root, else $XDG_STATE_HOME/carapace or ~/.local/state/carapace]
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Print JSON for scripts
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it (the only time it is shown)
+    Create {
+        /// A name for it (1 to 64 characters, no control characters)
+        #[arg(long, value_name = "NAME", default_value = "token")]
+        name: String,
+        /// `client` (tools, messages, sessions, the agent) or `operator` (also approvals)
+        #[arg(long, value_name = "operator|client", default_value = "client", value_parser = parse_scope)]
+        scope: carapace_broker::tokens::Scope,
+    },
+    /// The tokens: id, name, scope, created (never a token or a hash)
+    List,
+    /// Remove a token by its id, or by its name when exactly one token has it
+    Revoke {
+        #[arg(value_name = "ID_OR_NAME")]
+        id_or_name: String,
+    },
+}
+
+fn parse_scope(s: &str) -> Result<carapace_broker::tokens::Scope, String> {
+    s.parse()
+        .map_err(|_| "expected `operator` or `client`".to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1061,6 +1116,105 @@ fn answer_approval_to(pending_dir: &Path, key: &str, answer: &str, t: &mut Term<
     }
 }
 
+/// Tokens as a table: ID, NAME, SCOPE, CREATED.
+pub fn format_tokens(tokens: &[carapace_broker::tokens::TokenInfo]) -> String {
+    if tokens.is_empty() {
+        return "no tokens (make one with `carapace token create`)\n".to_string();
+    }
+    let names: Vec<String> = tokens.iter().map(|t| clean(&t.name)).collect();
+    let w = names
+        .iter()
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("NAME".len());
+    let mut s = format!("{:<8}  {:<w$}  {:<8}  CREATED\n", "ID", "NAME", "SCOPE");
+    for (t, name) in tokens.iter().zip(&names) {
+        let _ = writeln!(
+            s,
+            "{:<8}  {:<w$}  {:<8}  {}",
+            clean(&t.id),
+            name,
+            t.scope.as_str(),
+            clean(&t.created)
+        );
+    }
+    s
+}
+
+/// `carapace token ...`.
+pub fn token(a: TokenArgs) -> i32 {
+    on_terminal(|t| token_to(&a, t))
+}
+
+pub fn token_to(a: &TokenArgs, t: &mut Term<'_>) -> i32 {
+    use carapace_broker::tokens::{TokenError, TokenStore};
+    let state = state_dir_of(a.state_dir.as_deref());
+    let store = TokenStore::in_state_dir(&state);
+    let fail = |t: &mut Term<'_>, e: &TokenError| {
+        t.err(&clean_lines(&error_chain(e)));
+        match e {
+            TokenError::BadName { .. } | TokenError::BadScope { .. } => EXIT_USAGE,
+            _ => EXIT_FAILED,
+        }
+    };
+    match &a.command {
+        TokenCommand::Create { name, scope } => match store.create(name, *scope) {
+            Ok((info, token)) => {
+                if a.json {
+                    t.json(&serde_json::json!({
+                        "id": info.id,
+                        "name": info.name,
+                        "scope": info.scope,
+                        "created": info.created,
+                        "token": token,
+                    }));
+                } else {
+                    t.out(&format!(
+                        "created token {} \"{}\" (scope {}) in {}\n\n    {token}\n\n\
+                         This is the only time the token is shown: it will not be shown again \
+                         (only its hash is kept).\nClients send it in the header \
+                         `Authorization: Bearer <the token>`.\n",
+                        info.id,
+                        clean(&info.name),
+                        info.scope,
+                        store.path().display(),
+                    ));
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(t, &e),
+        },
+        TokenCommand::List => match store.list() {
+            Ok(tokens) => {
+                if a.json {
+                    t.json(&serde_json::to_value(&tokens).unwrap_or_default());
+                } else {
+                    t.out(&format_tokens(&tokens));
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(t, &e),
+        },
+        TokenCommand::Revoke { id_or_name } => match store.revoke(id_or_name) {
+            Ok(info) => {
+                if a.json {
+                    t.json(&serde_json::to_value(&info).unwrap_or_default());
+                } else {
+                    t.out(&format!(
+                        "revoked token {} \"{}\" (scope {})\n",
+                        info.id,
+                        clean(&info.name),
+                        info.scope
+                    ));
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(t, &e),
+        },
+    }
+}
+
 /// `carapace audit verify FILE`: 0 intact, 1 broken, 2 unreadable.
 pub fn audit_verify(file: &Path) -> i32 {
     on_terminal(|t| audit_verify_to(file, t))
@@ -1462,6 +1616,100 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
         ));
         assert!(p(&["carapace", "dlq", "drop"]).is_err());
         assert!(p(&["carapace", "audit", "tail", "-n", "x"]).is_err());
+    }
+
+    #[test]
+    fn token_command_line_and_output() {
+        use crate::cli::{Cli, Command};
+        use carapace_broker::tokens::{Scope, TokenInfo, TokenStore};
+        use clap::Parser as _;
+        let p = |args: &[&str]| Cli::try_parse_from(args);
+        let Command::Token(a) = p(&["carapace", "token", "create", "--state-dir", "/s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not token")
+        };
+        assert_eq!(a.state_dir, Some(PathBuf::from("/s")));
+        assert!(!a.json);
+        assert!(matches!(
+            a.command,
+            TokenCommand::Create { ref name, scope: Scope::Client } if name == "token"
+        ));
+        let Command::Token(a) = p(&[
+            "carapace", "token", "create", "--name", "ci", "--scope", "operator", "--json",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not token")
+        };
+        assert!(a.json);
+        assert!(matches!(
+            a.command,
+            TokenCommand::Create { ref name, scope: Scope::Operator } if name == "ci"
+        ));
+        assert!(p(&["carapace", "token", "create", "--scope", "root"]).is_err());
+        assert!(p(&["carapace", "token", "revoke"]).is_err());
+        assert!(p(&["carapace", "token"]).is_err());
+
+        // Output: a table of id, name, scope, created, names cleaned.
+        assert!(format_tokens(&[]).starts_with("no tokens"));
+        let t = format_tokens(&[TokenInfo {
+            id: "1f2e3d4c".into(),
+            name: "laptop\u{1b}[2J".into(),
+            scope: Scope::Operator,
+            created: "2026-01-02T03:04:05Z".into(),
+        }]);
+        assert!(t.starts_with("ID        NAME"), "{t}");
+        assert!(t.contains("1f2e3d4c") && t.contains("operator"), "{t}");
+        assert!(!t.contains('\u{1b}'), "{t}");
+
+        // Through token_to, on a temporary state directory.
+        let tmp = tempfile::tempdir().unwrap();
+        let args = |command| TokenArgs {
+            state_dir: Some(tmp.path().to_path_buf()),
+            json: false,
+            command,
+        };
+        let (code, out, err) = run(|t| {
+            token_to(
+                &args(TokenCommand::Create {
+                    name: "x".into(),
+                    scope: Scope::Client,
+                }),
+                t,
+            )
+        });
+        assert_eq!(code, EXIT_OK, "{err}");
+        assert!(out.contains("cpt_") && out.contains("will not be shown again"));
+        let (code, out, _) = run(|t| token_to(&args(TokenCommand::List), t));
+        assert_eq!(code, EXIT_OK);
+        assert!(out.contains(" x ") && !out.contains("cpt_"), "{out}");
+        let (code, _, err) = run(|t| {
+            token_to(
+                &args(TokenCommand::Revoke {
+                    id_or_name: "y".into(),
+                }),
+                t,
+            )
+        });
+        assert_eq!(code, EXIT_FAILED);
+        assert!(err.starts_with("carapace: no token"), "{err}");
+        let (code, _, _) = run(|t| {
+            token_to(
+                &args(TokenCommand::Create {
+                    name: String::new(),
+                    scope: Scope::Client,
+                }),
+                t,
+            )
+        });
+        assert_eq!(code, EXIT_USAGE);
+        assert_eq!(
+            TokenStore::in_state_dir(tmp.path()).list().unwrap().len(),
+            1
+        );
     }
 
     struct Fake {
