@@ -425,6 +425,16 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
         }
     }
 
+    /// The operator token the supervisor made on its first start because none existed (it
+    /// leaves it in `<state_dir>/initial-operator-token` when it has no terminal to show it
+    /// on). Panics when the file is not there.
+    pub fn initial_token(&self) -> String {
+        let p = self.state_dir().join("initial-operator-token");
+        fs::read_to_string(&p)
+            .map(|t| t.trim().to_string())
+            .unwrap_or_else(|e| panic!("no initial operator token at {}: {e}", p.display()))
+    }
+
     /// `carapace token create --scope SCOPE --name NAME --state-dir <state_dir> --json` (as
     /// the rootless user when the service is rootless); its JSON output (an object with at
     /// least a `"token"` string). Panics unless it succeeds.

@@ -1,5 +1,5 @@
 //! `carapace run` end to end: the real supervisor, started as a process with a configuration in
-//! a temporary directory, the stand-in gateway (`carapace-gateway`) confined under it, its
+//! a temporary directory, the gateway (`carapace-gateway`) confined under it, its
 //! listener on a loopback port, sd_notify messages on a test NOTIFY_SOCKET, and the operator
 //! CLI over the control socket (the harness: `carapace_tests::service`).
 //!
@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use carapace_tests::*;
 
-fn exec_via_gateway(addr: SocketAddr, argv: &[&str]) -> (u16, serde_json::Value) {
+/// `POST /v1/tools/exec` (`tools.exec`, output collected) with a bearer token.
+fn exec_via_gateway(addr: SocketAddr, token: &str, argv: &[&str]) -> (u16, serde_json::Value) {
     let body = serde_json::json!({ "argv": argv }).to_string();
-    let (code, text) = http(addr, "POST", "/exec", Some(&body));
-    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-    (code, v)
+    let r = http_bearer(addr, "POST", "/v1/tools/exec", token, Some(&body));
+    (r.status, r.json())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -57,7 +57,9 @@ fn gateway_comes_up_confined_and_serves_the_handed_over_listener() {
         "not in its own cgroup: {cg}"
     );
     // Served through the listener the supervisor bound; the gateway's own view agrees.
-    let (code, body) = http(svc.addr, "GET", "/status", None);
+    // The operator token the first start made (no terminal: a file in the state directory).
+    let r = http_bearer(svc.addr, "GET", "/v1/status", &svc.initial_token(), None);
+    let (code, body) = (r.status, r.body);
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     assert_eq!(v["Seccomp"], "2", "{v}");
@@ -112,7 +114,8 @@ fn sighup_reload_rejects_a_broken_policy_and_applies_a_good_one() {
     }
     let mut svc = Service::start("");
     svc.gateway_running(None, Duration::from_secs(20));
-    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "hello"]);
+    let tok = svc.token("client");
+    let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/echo", "hello"]);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["exit"], 0, "{v}");
     assert_eq!(v["stdout"], "hello\n", "{v}");
@@ -139,7 +142,7 @@ fn sighup_reload_rejects_a_broken_policy_and_applies_a_good_one() {
         "{}",
         svc.log_text()
     );
-    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "still"]);
+    let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/echo", "still"]);
     assert_eq!(
         (code, v["exit"].clone()),
         (200, serde_json::json!(0)),
@@ -166,7 +169,7 @@ approval = "deny"
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(svc.status()["reloads"].as_u64(), Some(reloads + 1));
     assert!(svc.status()["last_reload_error"].is_null());
-    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "nope"]);
+    let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/echo", "nope"]);
     assert_eq!(code, 403, "{v}");
     let st = svc.stop();
     assert!(st.success(), "{st}");
@@ -312,8 +315,10 @@ fn approval_flow_through_the_cli() {
     let svc = Service::start("");
     svc.gateway_running(None, Duration::from_secs(20));
     let addr = svc.addr;
+    let tok = svc.token("client");
+    let t = tok.clone();
     // `/usr/bin/uname` matches no rule of the default policy: ask.
-    let asked = std::thread::spawn(move || exec_via_gateway(addr, &["/usr/bin/uname", "-s"]));
+    let asked = std::thread::spawn(move || exec_via_gateway(addr, &t, &["/usr/bin/uname", "-s"]));
     let pending = |svc: &Service| -> Vec<serde_json::Value> {
         let o = svc.ctl(&["approvals", "list", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
@@ -350,7 +355,7 @@ fn approval_flow_through_the_cli() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["stdout"], "Linux\n", "{v}");
     // Allow-once is not remembered: ask again, deny it this time.
-    let asked = std::thread::spawn(move || exec_via_gateway(addr, &["/usr/bin/uname", "-s"]));
+    let asked = std::thread::spawn(move || exec_via_gateway(addr, &tok, &["/usr/bin/uname", "-s"]));
     let deadline = Instant::now() + Duration::from_secs(20);
     let id = loop {
         if let Some(p) = pending(&svc).first() {
@@ -523,7 +528,8 @@ fn rootless_service_runs_the_gateway_confined() {
         );
     }
     // A tool through the broker works too.
-    let (code, v) = exec_via_gateway(svc.addr, &["/usr/bin/echo", "rootless"]);
+    let tok = svc.token("client");
+    let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/echo", "rootless"]);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["stdout"], "rootless\n", "{v}");
     let exit = svc.stop();
