@@ -33,7 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 
-use carapace_broker::approvals::{Approvals, PendingSpec, Requested, Resolution};
+use carapace_broker::approvals::{
+    ApprovalError, Approvals, Decision, Pending, PendingSpec, Requested, Resolution,
+};
 use carapace_broker::audit::AuditLog;
 use carapace_broker::dlq::DeadLetters;
 use carapace_broker::ops::{
@@ -771,6 +773,22 @@ impl Approver for LoggedApprover {
             asked.await
         })
     }
+
+    /// The pending approvals, for a child whose profile may `approve` (the gateway).
+    fn pending(&self) -> Vec<Pending> {
+        self.approvals.list()
+    }
+
+    /// An answer from a child whose profile may `approve` (the broker audits it).
+    fn resolve(&self, id: u64, r: Resolution) -> Result<Decision, ApprovalError> {
+        let d = self.approvals.resolve(id, r)?;
+        tracing::info!(
+            id,
+            decision = d.as_str(),
+            "approval answered through the broker (gateway)"
+        );
+        Ok(d)
+    }
 }
 
 /// [`spawn_tool`] as the broker's [`Spawner`]; a tool whose profile has a broker section gets
@@ -964,6 +982,14 @@ impl Approver for FileApprover {
             task.await
                 .unwrap_or_else(|e| ApprovalAnswer::Deny(format!("approval task failed: {e}")))
         })
+    }
+
+    fn pending(&self) -> Vec<Pending> {
+        self.approvals.list()
+    }
+
+    fn resolve(&self, id: u64, r: Resolution) -> Result<Decision, ApprovalError> {
+        self.approvals.resolve(id, r)
     }
 }
 
