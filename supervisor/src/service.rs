@@ -330,7 +330,18 @@ fn relay(name: String, stream: &'static str, fd: OwnedFd) {
                     Ok(_) => {
                         let line = String::from_utf8_lossy(&buf);
                         let line = line.trim_end_matches(['\n', '\r']);
-                        tracing::info!(child = %name, stream, "{line}");
+                        match split_level(line) {
+                            (Some(tracing::Level::ERROR), l) => {
+                                tracing::error!(child = %name, stream, "{l}")
+                            }
+                            (Some(tracing::Level::WARN), l) => {
+                                tracing::warn!(child = %name, stream, "{l}")
+                            }
+                            (Some(tracing::Level::DEBUG | tracing::Level::TRACE), l) => {
+                                tracing::debug!(child = %name, stream, "{l}")
+                            }
+                            (_, l) => tracing::info!(child = %name, stream, "{l}"),
+                        }
                     }
                 }
             }
@@ -338,6 +349,25 @@ fn relay(name: String, stream: &'static str, fd: OwnedFd) {
     if let Err(e) = spawned {
         tracing::warn!("cannot relay the output of {stream}: {e}");
     }
+}
+
+/// A child's log line that starts with a level word (`ERROR`, `WARN`, `INFO`, `DEBUG`,
+/// `TRACE`, as tracing's formatter writes them) is logged at that level without it; any other
+/// line at info, as it is.
+fn split_level(line: &str) -> (Option<tracing::Level>, &str) {
+    let t = line.trim_start();
+    for (word, level) in [
+        ("ERROR ", tracing::Level::ERROR),
+        ("WARN ", tracing::Level::WARN),
+        ("INFO ", tracing::Level::INFO),
+        ("DEBUG ", tracing::Level::DEBUG),
+        ("TRACE ", tracing::Level::TRACE),
+    ] {
+        if let Some(rest) = t.strip_prefix(word) {
+            return (Some(level), rest.trim_start());
+        }
+    }
+    (None, line)
 }
 
 /// Make a child's program visible inside its sandbox when no mount of the profile contains it
@@ -1534,6 +1564,21 @@ mod tests {
         assert_eq!(get("PATH"), ["/bin"]);
         assert_eq!(get("LANG"), ["en_US.UTF-8"]);
         assert_eq!(get("X"), ["1"]);
+    }
+
+    #[test]
+    fn child_log_levels_are_kept() {
+        assert_eq!(
+            split_level(" WARN no broker"),
+            (Some(tracing::Level::WARN), "no broker")
+        );
+        assert_eq!(split_level("ERROR x"), (Some(tracing::Level::ERROR), "x"));
+        assert_eq!(
+            split_level(" INFO  serving"),
+            (Some(tracing::Level::INFO), "serving")
+        );
+        assert_eq!(split_level("INFORMATION"), (None, "INFORMATION"));
+        assert_eq!(split_level("plain text"), (None, "plain text"));
     }
 
     #[test]
