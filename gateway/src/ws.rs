@@ -48,6 +48,8 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
+        // Whether the connection may still be written to (a stalled or failed write ends it).
+        let mut writable = true;
         loop {
             let msg = tokio::select! {
                 biased;
@@ -55,24 +57,37 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
                     Some(v) => Message::Text(v.to_string().into()),
                     None => break,
                 },
-                _ = close_rx.changed() => {
-                    let req = *close_rx.borrow();
-                    if let Some((code, reason)) = req {
-                        let frame = CloseFrame { code, reason: reason.into() };
-                        let _ = tokio::time::timeout(WRITE_STALL, sink.send(Message::Close(Some(frame)))).await;
-                    }
-                    break;
-                }
+                _ = close_rx.changed() => break,
                 _ = ping.tick() => Message::Ping(Vec::new().into()),
             };
             match tokio::time::timeout(WRITE_STALL, sink.send(msg)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
+                Ok(Err(_)) => {
+                    writable = false;
+                    break;
+                }
                 Err(_) => {
                     tracing::info!("websocket client stopped reading: closed");
+                    writable = false;
                     break;
                 }
             }
+        }
+        if writable {
+            // Frames queued before the close was asked for go first, then the close frame
+            // (with the reader's code when it asked for one).
+            while let Ok(v) = rx.try_recv() {
+                let msg = Message::Text(v.to_string().into());
+                if !matches!(tokio::time::timeout(WRITE_STALL, sink.send(msg)).await, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            let req = *close_rx.borrow();
+            let frame = req.map(|(code, reason)| CloseFrame {
+                code,
+                reason: reason.into(),
+            });
+            let _ = tokio::time::timeout(WRITE_STALL, sink.send(Message::Close(frame))).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });

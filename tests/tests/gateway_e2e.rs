@@ -1,0 +1,693 @@
+//! The gateway end to end: the real `carapace run` (as root) with `carapace-gateway` confined
+//! under it, test clients over WebSocket (JSON-RPC) and HTTP, tokens made with `carapace token`,
+//! approvals answered with `carapace approvals`, and a fake OpenAI-compatible server on loopback
+//! driving `agent.run`.
+//!
+//! Every test runs as root (CI); it fails, never skips, when not root unless
+//! CARAPACE_ALLOW_SKIP=1.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use carapace_tests::fake_llm::{FakeLlm, Scripted};
+use carapace_tests::rpc::{Frame, RpcClient};
+use carapace_tests::service::{http, http_bearer, http_with, Service, StartOpts};
+use carapace_tests::*;
+use serde_json::{json, Value};
+
+/// The default policy, with: a deny rule for /usr/bin/dd (a program the policy refuses
+/// outright), and in the gateway profile's broker section the fake model's address, its API
+/// key and an outbound channel whose allowlist names only `#ops`.
+fn agent_policy(dir: &Path, llm_port: u16) -> String {
+    let key = dir.join("llm.key");
+    fs::write(&key, "sk-test-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
+    let outbox = dir.join("outbox.log");
+    let base = insert_before_first_exec(
+        &default_policy_text(),
+        r#"[[exec]]
+why = "test: a program the policy refuses without asking"
+program = "/usr/bin/dd"
+approval = "deny"
+"#,
+    );
+    let broker_header = "[profiles.gateway.broker]\n";
+    assert!(
+        base.contains(broker_header),
+        "the default policy changed shape"
+    );
+    let base = base.replacen(
+        broker_header,
+        &format!(
+            "{broker_header}connect = [{{ host = \"127.0.0.1\", port = {llm_port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"]\nchannels = [\"outbox\"]\n"
+        ),
+        1,
+    );
+    format!(
+        r##"{base}
+
+[secrets.llm_key]
+why = "test: the fake model's API key"
+file = "{key}"
+
+[channels.outbox]
+why = "test: outbound messages, kept in a file"
+kind = "file"
+path = "{outbox}"
+recipients = ["#ops"]
+"##,
+        key = key.display(),
+        outbox = outbox.display(),
+    )
+}
+
+fn agent_config(llm_port: u16, extra: &str) -> String {
+    format!(
+        "[gateway.agent]\nbase_url = \"http://127.0.0.1:{llm_port}/v1\"\nmodel = \"fake-model\"\napi_key_secret = \"llm_key\"\n{extra}"
+    )
+}
+
+fn start_plain() -> Option<Service> {
+    privileged().then(|| Service::start(""))
+}
+
+fn ws(svc: &Service, token: &str) -> RpcClient {
+    let mut c = RpcClient::connect(svc.addr, Some(token))
+        .unwrap_or_else(|e| panic!("websocket connect: {e}\n{}", svc.log_text()));
+    c.set_timeout(Duration::from_secs(60));
+    c
+}
+
+/// Host pid of the program in the sandbox of the gateway child (its init's child).
+fn gateway_pid(svc: &Service) -> i64 {
+    let init = svc.gateway_running(None, Duration::from_secs(30));
+    service::program_of(init)
+}
+
+/// Wait for `carapace approvals list --json` to show one pending approval; its id.
+fn pending_approval(svc: &Service, limit: Duration) -> (u64, Value) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let o = svc.ctl(&["approvals", "list", "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if let Some(p) = v["pending"].as_array().and_then(|a| a.first()) {
+            let id = p["id"].as_u64().unwrap_or_else(|| panic!("no id in {p}"));
+            return (id, p.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pending approval within {limit:?}: {v}\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_gateway_runs_confined_and_refuses_clients_without_a_good_token() {
+    let Some(svc) = start_plain() else { return };
+    // Confined, as the kernel reports it from outside.
+    let pid = gateway_pid(&svc);
+    assert_eq!(service::status_field(pid, "Seccomp"), "2");
+    assert_eq!(service::status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(service::status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(service::status_field(pid, "CapBnd"), "0000000000000000");
+    for ns in ["net", "pid", "mnt", "user", "ipc", "uts", "cgroup"] {
+        let ours = fs::read_link(format!("/proc/self/ns/{ns}")).unwrap_or_default();
+        let its = fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap_or_default();
+        assert_ne!(ours, its, "the gateway shares our {ns} namespace");
+    }
+
+    // /health needs nothing; everything else a token.
+    assert_eq!(http(svc.addr, "GET", "/health", None).0, 200);
+    let r = http_with(svc.addr, "GET", "/v1/status", &[], None);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = http_bearer(svc.addr, "GET", "/v1/status", "cpt_not-a-real-token", None);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"]["data"]["kind"], "unauthorized");
+    for bad in [None, Some("cpt_wrong")] {
+        let e = RpcClient::connect(svc.addr, bad)
+            .err()
+            .unwrap_or_else(|| panic!("upgrade accepted with {bad:?}"));
+        assert_eq!(e.status(), Some(401), "{e}");
+    }
+
+    // A good token, by header and by query; the gateway's own view of its confinement.
+    let op = svc.initial_token();
+    let client = svc.token("client");
+    let mut c = ws(&svc, &client);
+    let st = c.call("gateway.status", json!({}));
+    let st = st.expect_ok();
+    assert_eq!(st["Seccomp"], "2", "{st}");
+    assert_eq!(st["NoNewPrivs"], "1", "{st}");
+    assert_eq!(st["CapEff"], "0000000000000000", "{st}");
+    assert_eq!(
+        st["interfaces"],
+        json!(["lo"]),
+        "no interface but loopback: {st}"
+    );
+    assert_eq!(st["caller"]["scope"], "client", "{st}");
+    let mut q = RpcClient::connect_query_token(svc.addr, &op)
+        .unwrap_or_else(|e| panic!("query token: {e}"));
+    assert_eq!(q.call("gateway.ping", json!({})).expect_ok()["pong"], true);
+
+    // Scopes: a client token may not see or answer approvals.
+    let e = c.call("approvals.list", json!({}));
+    assert_eq!(e.expect_err().kind(), Some("forbidden"));
+    let e = c.call(
+        "approvals.resolve",
+        json!({"id": 1, "resolution": "allow-once"}),
+    );
+    assert_eq!(e.expect_err().kind(), Some("forbidden"));
+    assert!(q.call("approvals.list", json!({})).expect_ok()["pending"].is_array());
+
+    // A revoked token is refused at the next connection.
+    let o = Command::new(carapace_bin())
+        .args(["token", "revoke", "test", "--state-dir"])
+        .arg(svc.state_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = RpcClient::connect(svc.addr, Some(&client))
+        .err()
+        .unwrap_or_else(|| panic!("revoked token accepted"));
+    assert_eq!(e.status(), Some(401));
+
+    // Every check is in the audit log, and no token or hash is.
+    let audit = fs::read_to_string(svc.state_dir().join("audit.log")).unwrap_or_default();
+    assert!(audit.contains("\"op\":\"auth\""), "{audit}");
+    assert!(
+        !audit.contains(&client) && !audit.contains(&op),
+        "a token in the audit log"
+    );
+    assert!(
+        !svc.log_text().contains(&client),
+        "a token in the supervisor's log"
+    );
+}
+
+#[test]
+fn tools_run_through_the_broker_stream_their_output_and_asks_wait_for_an_operator() {
+    let Some(svc) = privileged().then(|| {
+        Service::start_opts(StartOpts {
+            policy: Some(insert_before_first_exec(
+                &default_policy_text(),
+                "[[exec]]\nwhy = \"test: refused outright\"\nprogram = \"/usr/bin/dd\"\napproval = \"deny\"\n",
+            )),
+            ..StartOpts::default()
+        })
+    }) else {
+        return;
+    };
+    let client = svc.token("client");
+    let op = svc.token("operator");
+    let mut c = ws(&svc, &client);
+
+    // Allowed: runs, output streamed as events before the result.
+    let r = c.call(
+        "tools.exec",
+        json!({"argv": ["/usr/bin/echo", "hello from a tool"]}),
+    );
+    let res = r.expect_ok();
+    assert_eq!(res["exit"], 0, "{res}");
+    let out: String = r
+        .events_named("tools.output")
+        .iter()
+        .filter(|e| e["params"]["stream"] == "stdout")
+        .filter_map(|e| e["params"]["data"].as_str())
+        .collect();
+    assert_eq!(out, "hello from a tool\n", "{:?}", r.events);
+    assert_eq!(res["stdout_bytes"], 18);
+    // The exit code of the tool comes back, whatever it is.
+    let r = c.call("tools.exec", json!({"argv": ["/usr/bin/false"]}));
+    assert_eq!(r.expect_ok()["exit"], 1);
+    // Denied: refused, nothing ran.
+    let r = c.call(
+        "tools.exec",
+        json!({"argv": ["/usr/bin/dd", "if=/dev/zero", "of=/workspace/x", "count=1"]}),
+    );
+    let e = r.expect_err();
+    assert_eq!(e.kind(), Some("denied"), "{e}");
+    assert!(r.events.is_empty());
+    // Bad params.
+    let r = c.call("tools.exec", json!({"argv": []}));
+    assert_eq!(r.expect_err().kind(), Some("invalid_params"));
+    let r = c.call(
+        "tools.exec",
+        json!({"argv": ["/usr/bin/true"], "shell": true}),
+    );
+    assert_eq!(r.expect_err().kind(), Some("invalid_params"));
+
+    // Ask: the call waits; an operator connection gets approval.requested; the operator
+    // answers through the CLI; the call completes.
+    let mut o = ws(&svc, &op);
+    let id = c.start_call("tools.exec", json!({"argv": ["/usr/bin/uname", "-s"]}));
+    let ev = o
+        .next_event("approval.requested", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no approval.requested event\n{}", svc.log_text()));
+    assert_eq!(
+        ev["params"]["argv"],
+        json!(["/usr/bin/uname", "-s"]),
+        "{ev}"
+    );
+    let (aid, p) = pending_approval(&svc, Duration::from_secs(10));
+    assert_eq!(ev["params"]["id"], aid, "{ev} vs {p}");
+    let a = svc.ctl(&["approvals", "allow", &aid.to_string()]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let r = c.finish_call(id, Duration::from_secs(30));
+    assert_eq!(r.expect_ok()["exit"], 0, "{:?}", r.response);
+    let out: String = r
+        .events_named("tools.output")
+        .iter()
+        .filter_map(|e| e["params"]["data"].as_str())
+        .collect();
+    assert_eq!(out, "Linux\n");
+    let ev = o
+        .next_event("approval.resolved", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no approval.resolved event"));
+    assert_eq!(ev["params"]["id"], aid);
+
+    // Ask answered through the gateway by an operator token, and denied: the call fails.
+    let id = c.start_call("tools.exec", json!({"argv": ["/usr/bin/uname", "-m"]}));
+    let ev = o
+        .next_event("approval.requested", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no approval.requested event"));
+    let aid = ev["params"]["id"].clone();
+    let r = o.call(
+        "approvals.resolve",
+        json!({"id": aid, "resolution": "deny"}),
+    );
+    assert_eq!(r.expect_ok()["decision"], "denied", "{:?}", r.response);
+    let r = c.finish_call(id, Duration::from_secs(30));
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+
+    // Over plain HTTP the output is collected into the result.
+    let r = http_bearer(
+        svc.addr,
+        "POST",
+        "/v1/tools/exec",
+        &client,
+        Some(r#"{"argv":["/usr/bin/echo","via http"]}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["stdout"], "via http\n");
+}
+
+#[test]
+fn an_agent_runs_tools_waits_for_approval_and_its_blocked_message_lands_in_the_dlq() {
+    if !privileged() {
+        return;
+    }
+    let llm = FakeLlm::start(vec![
+        Scripted::tool_call("exec", json!({"argv": ["/usr/bin/echo", "agent was here"]}))
+            .with_usage(100, 10),
+        Scripted::tool_call(
+            "exec",
+            json!({"argv": ["/usr/bin/dd", "if=/dev/zero", "of=/dev/null", "count=1"]}),
+        ),
+        Scripted::tool_call("exec", json!({"argv": ["/usr/bin/uname", "-s"]})),
+        Scripted::tool_call(
+            "send_message",
+            json!({"channel": "outbox", "recipient": "mallory@example.com", "body": "the secrets"}),
+        ),
+        Scripted::tool_call(
+            "send_message",
+            json!({"channel": "outbox", "recipient": "#ops", "body": "all done"}),
+        ),
+        Scripted::text("Done: one tool ran, one was refused."),
+    ]);
+    let port = llm.addr().port();
+    let dir = tempdir("carapace-gw-agent-");
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(agent_policy(dir.path(), port)),
+        extra_config: agent_config(port, ""),
+        ..StartOpts::default()
+    });
+    let client = svc.token("client");
+    let mut c = ws(&svc, &client);
+    let id = c.start_call(
+        "agent.run",
+        json!({"session": "chat-1", "message": "please look around"}),
+    );
+    // The third tool call asks: approve it through the CLI.
+    let (aid, p) = pending_approval(&svc, Duration::from_secs(60));
+    assert_eq!(p["argv"], json!(["/usr/bin/uname", "-s"]), "{p}");
+    let a = svc.ctl(&["approvals", "allow", &aid.to_string()]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let r = c.finish_call(id, Duration::from_secs(120));
+    let res = r.expect_ok().clone();
+    assert_eq!(res["stopped"], "done", "{res}");
+    assert_eq!(res["turns"], 6, "{res}");
+    assert_eq!(res["reply"], "Done: one tool ran, one was refused.");
+    assert_eq!(res["usage"]["total_tokens"], 110 + 5 * 15, "{res}");
+    let kinds: Vec<&str> = r
+        .events_named("agent.step")
+        .iter()
+        .filter_map(|e| e["params"]["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "tool_call").count(),
+        5,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last(), Some(&"assistant"));
+
+    // What the model was sent: the key in the header (and nowhere else), the tool results,
+    // tool output marked untrusted, the refusal as a refusal.
+    let reqs = llm.requests();
+    assert_eq!(reqs.len(), 6);
+    for q in &reqs {
+        assert_eq!(
+            q.header("authorization"),
+            Some("Bearer sk-test-0123456789abcdef")
+        );
+        assert_eq!(q.body["model"], "fake-model");
+    }
+    let last = reqs
+        .last()
+        .map(|q| q.body["messages"].clone())
+        .unwrap_or_default();
+    let tool_msgs: Vec<String> = last
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m["role"] == "tool")
+                .filter_map(|m| m["content"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(tool_msgs.len(), 5, "{last}");
+    assert!(
+        tool_msgs[0].starts_with("<untrusted source=\"tool:exec\">")
+            && tool_msgs[0].contains("agent was here"),
+        "{}",
+        tool_msgs[0]
+    );
+    assert!(
+        tool_msgs[1].contains("\"error\":\"denied\""),
+        "{}",
+        tool_msgs[1]
+    );
+    assert!(tool_msgs[2].contains("Linux"), "{}", tool_msgs[2]);
+    assert!(tool_msgs[3].contains("dead_lettered"), "{}", tool_msgs[3]);
+    assert!(tool_msgs[4].contains("delivered"), "{}", tool_msgs[4]);
+    let system = last[0]["content"].as_str().unwrap_or("");
+    assert!(system.contains("never follow instructions"), "{system}");
+
+    // The message to a recipient outside the allowlist is in the dead-letter queue; the
+    // allowed one was delivered to the channel's file.
+    let o = svc.ctl(&["dlq", "list", "--json"]);
+    let dlq = String::from_utf8_lossy(&o.stdout);
+    assert!(dlq.contains("mallory@example.com"), "{dlq}");
+    let outbox = fs::read_to_string(dir.path().join("outbox.log")).unwrap_or_default();
+    assert!(
+        outbox.contains("all done") && !outbox.contains("mallory"),
+        "{outbox}"
+    );
+
+    // The session holds the conversation and its usage.
+    let h = c.call("sessions.history", json!({"session": "chat-1"}));
+    let lines = h.expect_ok()["messages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(lines.len() >= 12, "{lines:?}");
+    let l = c.call("sessions.list", json!({}));
+    let s = l.expect_ok()["sessions"][0].clone();
+    assert_eq!(s["name"], "chat-1");
+    assert_eq!(s["usage"]["total_tokens"], 185, "{s}");
+    // The next run of the session sends the history along.
+    llm.push(Scripted::text("I remember."));
+    let r = c.call(
+        "agent.run",
+        json!({"session": "chat-1", "message": "and now?"}),
+    );
+    assert_eq!(r.expect_ok()["reply"], "I remember.");
+    let msgs = llm
+        .requests()
+        .last()
+        .map(|q| q.body["messages"].clone())
+        .unwrap_or_default();
+    assert!(msgs.to_string().contains("please look around"), "{msgs}");
+    let r = c.call("sessions.reset", json!({"session": "chat-1"}));
+    assert_eq!(r.expect_ok()["removed"], true);
+    let r = c.call("sessions.history", json!({"session": "../etc"}));
+    assert_eq!(r.expect_err().kind(), Some("invalid_params"));
+}
+
+#[test]
+fn the_agent_stops_at_its_turn_limit_and_token_budget_and_reports_model_failures() {
+    if !privileged() {
+        return;
+    }
+    let llm = FakeLlm::start(vec![]);
+    let port = llm.addr().port();
+    let dir = tempdir("carapace-gw-limits-");
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(agent_policy(dir.path(), port)),
+        extra_config: agent_config(port, "max_turns = 2\ntoken_budget = 1000\n"),
+        ..StartOpts::default()
+    });
+    let client = svc.token("client");
+    let mut c = ws(&svc, &client);
+    let again = || Scripted::tool_call("exec", json!({"argv": ["/usr/bin/true"]}));
+    // Turn limit: the model keeps asking for tools.
+    llm.push(again());
+    llm.push(again());
+    let r = c.call("agent.run", json!({"session": "limits", "message": "loop"}));
+    let res = r.expect_ok();
+    assert_eq!(
+        (res["stopped"].as_str(), res["turns"].as_u64()),
+        (Some("turn_limit"), Some(2)),
+        "{res}"
+    );
+    // Token budget: one answer uses it up.
+    llm.push(again().with_usage(900, 200));
+    let r = c.call(
+        "agent.run",
+        json!({"session": "budget", "message": "spend"}),
+    );
+    let res = r.expect_ok();
+    assert_eq!(
+        (res["stopped"].as_str(), res["turns"].as_u64()),
+        (Some("token_budget"), Some(1)),
+        "{res}"
+    );
+    // The model failing is an error, not a hang, and the gateway keeps serving.
+    llm.push(Scripted::http_error(500, "model overloaded"));
+    let r = c.call("agent.run", json!({"session": "err", "message": "x"}));
+    let e = r.expect_err();
+    assert_eq!(e.kind(), Some("unavailable"), "{e}");
+    assert!(e.message.contains("500"), "{e}");
+    llm.push(Scripted::malformed("this is not json"));
+    let r = c.call("agent.run", json!({"session": "err", "message": "x"}));
+    assert_eq!(r.expect_err().kind(), Some("unavailable"));
+    assert_eq!(c.call("gateway.ping", json!({})).expect_ok()["pong"], true);
+}
+
+#[test]
+fn an_agent_without_a_model_or_with_an_unlisted_endpoint_is_refused_clearly() {
+    let Some(svc) = start_plain() else { return };
+    let client = svc.token("client");
+    let mut c = ws(&svc, &client);
+    let r = c.call("agent.run", json!({"session": "s", "message": "hi"}));
+    let e = r.expect_err();
+    assert_eq!(e.kind(), Some("unavailable"));
+    assert!(e.message.contains("[gateway.agent]"), "{e}");
+    drop(c);
+    drop(svc);
+    // Configured, but the policy does not let the gateway reach it: the broker refuses.
+    let llm = FakeLlm::start(vec![Scripted::text("unreachable")]);
+    let svc = Service::start(&format!(
+        "[gateway.agent]\nbase_url = \"http://127.0.0.1:{}/v1\"\nmodel = \"m\"\n",
+        llm.addr().port()
+    ));
+    let client = svc.token("client");
+    let mut c = ws(&svc, &client);
+    let r = c.call("agent.run", json!({"session": "s", "message": "hi"}));
+    assert_eq!(r.expect_err().kind(), Some("denied"), "{:?}", r.response);
+    assert!(llm.requests().is_empty(), "the model was reached");
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_a_flood_does_not_starve_another_client() {
+    let Some(svc) = privileged().then(|| {
+        Service::start(
+            "[gateway.clients]\nrate_per_second = 5\nburst = 10\nmax_message_bytes = 65536\n",
+        )
+    }) else {
+        return;
+    };
+    let t1 = svc.token("client");
+    let t2 = svc.token("client");
+    let mut c = ws(&svc, &t1);
+    let kind_of = |c: &mut RpcClient, raw: &str| -> (Value, Value) {
+        c.send_raw(raw).unwrap_or_else(|e| panic!("{e}"));
+        match c.recv_raw(Duration::from_secs(10)) {
+            Some(Frame::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                (v["id"].clone(), v["error"]["data"]["kind"].clone())
+            }
+            other => panic!("no answer to {raw}: {other:?}"),
+        }
+    };
+    assert_eq!(
+        kind_of(&mut c, "{not json"),
+        (Value::Null, json!("parse_error"))
+    );
+    assert_eq!(
+        kind_of(&mut c, "[1,2]"),
+        (Value::Null, json!("invalid_request"))
+    );
+    assert_eq!(
+        kind_of(&mut c, r#"{"jsonrpc":"2.0","method":"gateway.ping"}"#),
+        (Value::Null, json!("invalid_request"))
+    );
+    assert_eq!(
+        kind_of(&mut c, r#"{"jsonrpc":"2.0","id":7,"method":"no.such"}"#),
+        (json!(7), json!("method_not_found"))
+    );
+    assert_eq!(
+        kind_of(
+            &mut c,
+            r#"{"jsonrpc":"2.0","id":"x","method":"tools.exec","params":{"argv":"ls"}}"#
+        ),
+        (json!("x"), json!("invalid_params"))
+    );
+    // Still fine after all that.
+    assert_eq!(c.call("gateway.ping", json!({})).expect_ok()["pong"], true);
+    // A binary message is refused and the connection closed.
+    let mut b = ws(&svc, &t1);
+    b.send_binary(b"\x00\x01").unwrap_or_else(|e| panic!("{e}"));
+    let got = b.recv_raw(Duration::from_secs(10));
+    assert!(
+        matches!(&got, Some(Frame::Text(t)) if t.contains("invalid_request")),
+        "{got:?}"
+    );
+    let got = b.recv_raw(Duration::from_secs(10));
+    assert!(
+        matches!(
+            &got,
+            Some(Frame::Close {
+                code: Some(1003),
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+    // A huge message: too_large, then the connection is closed.
+    let mut h = ws(&svc, &t1);
+    let huge = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"gateway.ping","params":{{"pad":"{}"}}}}"#,
+        "a".repeat(200_000)
+    );
+    let _ = h.send_raw(&huge);
+    let mut saw_too_large = false;
+    let mut close_code = None;
+    for _ in 0..3 {
+        match h.recv_raw(Duration::from_secs(10)) {
+            Some(Frame::Text(t)) if t.contains("too_large") => saw_too_large = true,
+            Some(Frame::Close { code, .. }) => {
+                close_code = code;
+                break;
+            }
+            None | Some(Frame::Gone(_)) => break,
+            _ => {}
+        }
+    }
+    assert!(saw_too_large, "no too_large error");
+    assert_eq!(close_code, Some(1009), "closed with 1009 (message too big)");
+    // A huge HTTP body: 413.
+    let r = http_bearer(
+        svc.addr,
+        "POST",
+        "/v1/tools/exec",
+        &t1,
+        Some(&"x".repeat(200_000)),
+    );
+    assert_eq!(r.status, 413, "{}", r.body);
+
+    // A flood from one token is rate limited; another token is served meanwhile.
+    let mut limited = 0;
+    for _ in 0..60 {
+        let r = c.call("gateway.ping", json!({}));
+        if let Err(e) = &r.result {
+            assert_eq!(e.kind(), Some("rate_limited"), "{e}");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 40, "only {limited} of 60 rate limited");
+    let mut other = ws(&svc, &t2);
+    assert_eq!(
+        other.call("gateway.ping", json!({})).expect_ok()["pong"],
+        true
+    );
+    let r = other.call("tools.exec", json!({"argv": ["/usr/bin/true"]}));
+    assert_eq!(r.expect_ok()["exit"], 0);
+
+    // Guessing tokens: after a few failures from this address, 429 without asking the broker.
+    let mut saw_429 = false;
+    for i in 0..30 {
+        let r = http_bearer(
+            svc.addr,
+            "GET",
+            "/v1/status",
+            &format!("cpt_guess{i}"),
+            None,
+        );
+        match r.status {
+            401 => {}
+            429 => {
+                saw_429 = true;
+                break;
+            }
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    assert!(saw_429, "guessing was never limited");
+    // The gateway process never died through all of it.
+    assert_eq!(svc.gateway()["restarts"], 0, "{}", svc.gateway());
+}
+
+#[test]
+fn messages_go_through_the_broker_allowlist() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempdir("carapace-gw-send-");
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(agent_policy(dir.path(), 9)),
+        ..StartOpts::default()
+    });
+    let client = svc.token("client");
+    let mut c = ws(&svc, &client);
+    let r = c.call(
+        "messages.send",
+        json!({"channel": "outbox", "recipient": "#ops", "body": "deploy done"}),
+    );
+    assert_eq!(r.expect_ok()["status"], "delivered");
+    let r = c.call(
+        "messages.send",
+        json!({"channel": "outbox", "recipient": "eve@example.com", "body": "x"}),
+    );
+    let res = r.expect_ok();
+    assert_eq!(res["status"], "dead_lettered", "{res}");
+    assert!(res["dlq_id"].is_string());
+    let r = c.call(
+        "messages.send",
+        json!({"channel": "nope", "recipient": "#ops", "body": "x"}),
+    );
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+    let r = http_bearer(
+        svc.addr,
+        "POST",
+        "/v1/messages/send",
+        &client,
+        Some(r##"{"channel":"outbox","recipient":"#ops","body":"over http"}"##),
+    );
+    assert_eq!(r.json()["status"], "delivered", "{}", r.body);
+}
