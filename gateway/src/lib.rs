@@ -177,3 +177,38 @@ async fn shutdown_signal() {
     }
     tracing::info!("stopping");
 }
+
+/// The fuzz entry point (`fuzz/fuzz_targets/gateway.rs`, corpus replayed by
+/// `gateway/tests/fuzz_corpus.rs`): everything the gateway parses from outside — a client's
+/// JSON-RPC frame, a model endpoint's answer, an `Authorization` header and a query string, its
+/// settings and an endpoint URL. Nothing may panic; what decodes must hold its invariants.
+pub fn fuzz_input(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    match rpc::decode(&text) {
+        Ok(call) => {
+            assert!(!call.method.is_empty() && call.method.len() <= 64);
+            assert!(call.params.is_object());
+            assert!(call.id.is_string() || call.id.is_number());
+            let resp = rpc::response(&call.id, Err(rpc::RpcError::invalid_params("x")));
+            assert_eq!(resp["id"], call.id);
+        }
+        Err((id, e)) => {
+            assert!(id.is_null() || id.is_string() || id.is_number());
+            assert!(!e.message.is_empty());
+        }
+    }
+    if let Ok(r) = llm::parse_reply(data) {
+        assert!(r.message.is_object());
+    }
+    if let Some(t) = auth::bearer(Some(data)) {
+        assert!(!t.is_empty() && t.len() <= 256 && t.bytes().all(|b| b.is_ascii_graphic()));
+    }
+    if let Some(t) = auth::query_token(Some(&text)) {
+        assert!(!t.is_empty());
+    }
+    let _ = settings::Settings::from_json(&text);
+    if let Ok(ep) = llm::Endpoint::parse(&text) {
+        assert!(!ep.host.is_empty() && ep.port != 0);
+    }
+    let _ = sessions::valid_name(&text);
+}
