@@ -162,6 +162,11 @@ impl Sessions {
         f.sync_data().map_err(|e| io("syncing session", e))
     }
 
+    /// Whether the session has a file.
+    pub fn exists(&self, name: &str) -> Result<bool, SessionError> {
+        Ok(self.path(name)?.is_file())
+    }
+
     /// Every line of a session (empty when it does not exist).
     pub fn read(&self, name: &str) -> Result<Lines, SessionError> {
         let path = self.path(name)?;

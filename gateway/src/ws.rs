@@ -78,7 +78,10 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
             // (with the reader's code when it asked for one).
             while let Ok(v) = rx.try_recv() {
                 let msg = Message::Text(v.to_string().into());
-                if !matches!(tokio::time::timeout(WRITE_STALL, sink.send(msg)).await, Ok(Ok(()))) {
+                if !matches!(
+                    tokio::time::timeout(WRITE_STALL, sink.send(msg)).await,
+                    Ok(Ok(()))
+                ) {
                     return;
                 }
             }

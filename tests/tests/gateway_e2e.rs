@@ -435,6 +435,8 @@ fn an_agent_runs_tools_waits_for_approval_and_its_blocked_message_lands_in_the_d
     assert!(msgs.to_string().contains("please look around"), "{msgs}");
     let r = c.call("sessions.reset", json!({"session": "chat-1"}));
     assert_eq!(r.expect_ok()["removed"], true);
+    let r = c.call("sessions.history", json!({"session": "chat-1"}));
+    assert_eq!(r.expect_err().kind(), Some("not_found"));
     let r = c.call("sessions.history", json!({"session": "../etc"}));
     assert_eq!(r.expect_err().kind(), Some("invalid_params"));
 }

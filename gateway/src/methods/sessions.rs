@@ -27,7 +27,16 @@ pub async fn history(app: &Arc<App>, p: Value) -> Result<Value, RpcError> {
     let p: HistoryParams = params(p)?;
     let app = app.clone();
     let name = p.session.clone();
-    let lines = blocking(move || app.sessions.read(&name).map_err(RpcError::from)).await?;
+    let lines = blocking(move || {
+        if !app.sessions.exists(&name)? {
+            return Err(RpcError::new(
+                crate::rpc::Kind::NotFound,
+                format!("no session {name:?}"),
+            ));
+        }
+        app.sessions.read(&name).map_err(RpcError::from)
+    })
+    .await?;
     let mut messages = lines.lines;
     if let Some(n) = p.limit {
         let skip = messages.len().saturating_sub(n);
