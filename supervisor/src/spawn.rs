@@ -1283,11 +1283,6 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
                 as libc::c_long,
         ),
     );
-    for (i, rl) in l.rlimits.iter().enumerate() {
-        if let Err(e) = rlimits::child_apply(rl) {
-            fail(Stage::Rlimit, i as u32, e);
-        }
-    }
     // SAFETY: integer arguments only.
     check(
         Stage::NoNewPrivs,
@@ -1324,6 +1319,16 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
         Stage::CloseFds,
         fds::child_close_unplaced(f.io, [f.err_write, f.status_write]),
     );
+    // The limits come after the supervisor's descriptors are gone: this process started with a
+    // copy of the whole (multi-threaded, busy) supervisor's fd table, whose numbers can reach
+    // past the profile's `open_files`; with RLIMIT_NOFILE already lowered, opening a Landlock
+    // path or moving an fd aside would fail with EMFILE (seen under load: 64 tools at once).
+    // Nothing above needs a limit in force: the program, forked below, inherits them all.
+    for (i, rl) in l.rlimits.iter().enumerate() {
+        if let Err(e) = rlimits::child_apply(rl) {
+            fail(Stage::Rlimit, i as u32, e);
+        }
+    }
     // SAFETY: valid C string.
     check(
         Stage::Chdir,

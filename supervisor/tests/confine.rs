@@ -59,6 +59,24 @@ fn true_runs_confined() {
     assert_eq!(r.exit_code(), 1, "{r:?}");
 }
 
+#[test]
+fn a_busy_supervisor_fd_table_does_not_break_the_open_files_limit() {
+    if !require_root() {
+        return;
+    }
+    // The child starts with a copy of the supervisor's fd table. With every number below the
+    // plan's RLIMIT_NOFILE (256) in use, applying the limit before closing that copy made the
+    // child's own opens fail with EMFILE (Landlock paths, moving fds aside). 300 fds here.
+    let ws = workspace(0, 0);
+    let held: Vec<std::fs::File> = (0..300)
+        .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null"))
+        .collect();
+    let r = run_plan(&hand_plan(), ws.path(), "/bin/sh", &["-c", "ulimit -n"])
+        .expect("a confined run with a full fd table");
+    drop(held);
+    assert_eq!(r.exit_code(), 0, "{r:?}");
+}
+
 fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status
         .lines()
