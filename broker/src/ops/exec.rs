@@ -311,7 +311,22 @@ impl Ops {
         let handle = match tokio::task::spawn_blocking(move || spawner.spawn(sreq)).await {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
-                return Response::err(ErrorCode::Unavailable, format!("exec: cannot start: {e}"))
+                // The allow above said "starting": record that it did not.
+                tracing::warn!(who = %who, program = %canon_target, error = %e, "a tool could not be started");
+                let _ = self
+                    .audit(
+                        who,
+                        Audited {
+                            op: "exec",
+                            target: canon_target.clone(),
+                            rule: None,
+                            decision: AuditDecision::Error,
+                            outcome: "could not start".into(),
+                            detail: e.to_string(),
+                        },
+                    )
+                    .await;
+                return Response::err(ErrorCode::Unavailable, format!("exec: cannot start: {e}"));
             }
             Err(e) => return Response::err(ErrorCode::Internal, format!("exec: {e}")),
         };

@@ -725,6 +725,50 @@ async fn exec_allowed_runs_through_the_spawner_with_redacted_output() {
     assert_eq!(seen[0].profile, "tool");
 }
 
+/// A spawner that cannot start anything (as when the supervisor runs out of descriptors).
+struct FailingSpawner;
+
+impl Spawner for FailingSpawner {
+    fn spawn(&self, _req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
+        Err(SpawnFailure {
+            message: "the confined child failed at placing stdio (dup2): Too many open files"
+                .into(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn exec_that_cannot_start_is_unavailable_and_audited_as_not_started() {
+    let env = setup_with("", Some(Arc::new(FailingSpawner)), None);
+    let r = env
+        .ops
+        .exec(&who("tool"), vec!["true".into(), "x".into()], None)
+        .await;
+    let e = err_of(&r);
+    assert_eq!(e.code, ErrorCode::Unavailable);
+    assert!(e.message.contains("cannot start"), "{}", e.message);
+    let lines = audit_lines(&env);
+    let last2: Vec<(String, String)> = lines
+        .iter()
+        .rev()
+        .take(2)
+        .map(|l| {
+            (
+                l["decision"].as_str().unwrap_or("").to_string(),
+                l["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        last2,
+        vec![
+            ("error".to_string(), "could not start".to_string()),
+            ("allow".to_string(), "starting".to_string())
+        ],
+        "{lines:?}"
+    );
+}
+
 #[tokio::test]
 async fn exec_denied_by_rules_or_profile() {
     let spawner = Arc::new(FakeSpawner::default());
