@@ -229,18 +229,35 @@ async fn rpc_over_http(State(app): State<Arc<App>>, req: Request) -> Response {
     axum::Json(rpc::response(&id, result)).into_response()
 }
 
-/// A REST route: authenticate, run `method` with `params`, answer its result or its error.
-async fn rest(app: Arc<App>, req: Request, method: &str, params: Option<Value>) -> Response {
+/// Where a REST route's params come from.
+#[derive(Debug)]
+enum Params {
+    /// Fixed by the route (path parts, or none).
+    Fixed(Value),
+    /// The JSON body.
+    Body,
+    /// The JSON body, with one key set from the path.
+    BodyWith(&'static str, Value),
+}
+
+/// A REST route: authenticate, run `method` with its params, answer its result or its error.
+async fn rest(app: Arc<App>, req: Request, method: &str, params: Params) -> Response {
     let (caller, body) = match caller_of(&app, req).await {
         Ok(c) => c,
         Err(r) => return r,
     };
     let params = match params {
-        Some(p) => p,
-        None => match json_body(&app, body).await {
-            Ok(p) => p,
-            Err(e) => return error_response(&e),
-        },
+        Params::Fixed(p) => p,
+        Params::Body | Params::BodyWith(..) => {
+            let mut p = match json_body(&app, body).await {
+                Ok(p) => p,
+                Err(e) => return error_response(&e),
+            };
+            if let (Params::BodyWith(key, v), Some(o)) = (params, p.as_object_mut()) {
+                o.insert(key.to_string(), v);
+            }
+            p
+        }
     };
     let call = Call {
         id: Value::Null,
@@ -254,17 +271,18 @@ async fn rest(app: Arc<App>, req: Request, method: &str, params: Option<Value>) 
 }
 
 async fn rest_status(State(app): State<Arc<App>>, req: Request) -> Response {
-    rest(app, req, "gateway.status", Some(json!({}))).await
+    rest(app, req, "gateway.status", Params::Fixed(json!({}))).await
 }
 async fn rest_exec(State(app): State<Arc<App>>, req: Request) -> Response {
-    rest(app, req, "tools.exec", None).await
+    rest(app, req, "tools.exec", Params::Body).await
 }
 async fn rest_send(State(app): State<Arc<App>>, req: Request) -> Response {
-    rest(app, req, "messages.send", None).await
+    rest(app, req, "messages.send", Params::Body).await
 }
 async fn rest_approvals(State(app): State<Arc<App>>, req: Request) -> Response {
-    rest(app, req, "approvals.list", Some(json!({}))).await
+    rest(app, req, "approvals.list", Params::Fixed(json!({}))).await
 }
+/// `POST /v1/approvals/{id}` with `{"resolution": ..}`.
 async fn rest_resolve(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -273,47 +291,35 @@ async fn rest_resolve(
     let Ok(id) = id.parse::<u64>() else {
         return error_response(&RpcError::invalid_params("the approval id is a number"));
     };
-    let (caller, body) = match caller_of(&app, req).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    // The body carries the resolution; the id comes from the path.
-    let mut params = match json_body(&app, body).await {
-        Ok(p) => p,
-        Err(e) => return error_response(&e),
-    };
-    if let Some(o) = params.as_object_mut() {
-        o.insert("id".into(), id.into());
-    }
-    let call = Call {
-        id: Value::Null,
-        method: "approvals.resolve".into(),
-        params,
-    };
-    match dispatch(&app, &caller, call, &Emitter::none()).await {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => error_response(&e),
-    }
+    rest(
+        app,
+        req,
+        "approvals.resolve",
+        Params::BodyWith("id", id.into()),
+    )
+    .await
 }
 async fn rest_sessions(State(app): State<Arc<App>>, req: Request) -> Response {
-    rest(app, req, "sessions.list", Some(json!({}))).await
+    rest(app, req, "sessions.list", Params::Fixed(json!({}))).await
 }
 async fn rest_history(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
-    rest(app, req, "sessions.history", Some(json!({"session": name}))).await
+    let params = Params::Fixed(json!({"session": name}));
+    rest(app, req, "sessions.history", params).await
 }
 async fn rest_reset(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
-    rest(app, req, "sessions.reset", Some(json!({"session": name}))).await
+    let params = Params::Fixed(json!({"session": name}));
+    rest(app, req, "sessions.reset", params).await
 }
 async fn rest_agent(State(app): State<Arc<App>>, req: Request) -> Response {
-    rest(app, req, "agent.run", None).await
+    rest(app, req, "agent.run", Params::Body).await
 }
 
 /// `GET /ws`: authenticate the upgrade, then hand the socket to a session.

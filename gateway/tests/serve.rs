@@ -56,8 +56,8 @@ fn start() -> Gateway {
     Gateway { child, addr }
 }
 
-/// Send raw bytes, return (status, body).
-fn raw(addr: SocketAddr, req: &[u8]) -> (u16, String) {
+/// Send raw bytes; the status (0 when there was no answer), the head and the body.
+fn exchange(addr: SocketAddr, req: &[u8]) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let _ = s.write_all(req);
@@ -68,20 +68,18 @@ fn raw(addr: SocketAddr, req: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (code, head.to_string(), body.to_string())
+}
+
+/// Send raw bytes, return (status, body).
+fn raw(addr: SocketAddr, req: &[u8]) -> (u16, String) {
+    let (code, _, body) = exchange(addr, req);
     (code, body)
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (code, text) = raw(addr, req.as_bytes());
-    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    let (code, _, v) = request(addr, method, path, None, body);
     (code, v)
 }
 
@@ -92,23 +90,26 @@ fn http_auth(
     token: &str,
     body: &str,
 ) -> (u16, String, serde_json::Value) {
+    request(addr, method, path, Some(token), body)
+}
+
+/// One request (`Connection: close`, with `Authorization: Bearer TOKEN` when given): status,
+/// head, body as JSON (or as a string when it is not JSON).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String, serde_json::Value) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let v = serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.into()));
-    (code, head.to_string(), v)
+    let (code, head, text) = exchange(addr, req.as_bytes());
+    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (code, head, v)
 }
 
 #[test]
