@@ -1801,10 +1801,7 @@ bogus = 1
         assert!(has(&e, "[gateway.agent] has no `base_url`"), "{e:?}");
         assert!(has(&e, "2:9: `model` is empty"), "{e:?}");
         assert!(
-            has(
-                &e,
-                "3:1: unknown key `base` in [gateway.agent]"
-            ),
+            has(&e, "3:1: unknown key `base` in [gateway.agent]"),
             "{e:?}"
         );
         assert!(has(&e, "5:9: `burst` = 0 is out of range"), "{e:?}");
