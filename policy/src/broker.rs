@@ -28,9 +28,11 @@ pub(crate) struct RawBroker {
     pub open: Option<Vec<S<RawOpen>>>,
     pub secrets: Option<S<Vec<S<String>>>>,
     pub channels: Option<S<Vec<S<String>>>>,
+    pub deliver: Option<S<Vec<S<String>>>>,
     pub exec: Option<S<bool>>,
     pub auth: Option<S<bool>>,
     pub approve: Option<S<bool>>,
+    pub inbound: Option<S<bool>>,
     pub rate: Option<S<RawPeerRate>>,
 }
 
@@ -86,8 +88,8 @@ pub(crate) struct RawChannelRate {
     pub burst: Option<S<i64>>,
 }
 
-/// `extends`: the broker lists (`connect`, `open`, `secrets`, `channels`) append, parent
-/// first; `exec`, `auth`, `approve` and `rate` are overridden by the child.
+/// `extends`: the broker lists (`connect`, `open`, `secrets`, `channels`, `deliver`) append,
+/// parent first; `exec`, `auth`, `approve`, `inbound` and `rate` are overridden by the child.
 pub(crate) fn merge_broker(p: RawBroker, c: RawBroker) -> RawBroker {
     fn append<T>(p: Option<Vec<T>>, c: Option<Vec<T>>) -> Option<Vec<T>> {
         match (p, c) {
@@ -117,9 +119,11 @@ pub(crate) fn merge_broker(p: RawBroker, c: RawBroker) -> RawBroker {
         open: append(p.open, c.open),
         secrets: append_names(p.secrets, c.secrets),
         channels: append_names(p.channels, c.channels),
+        deliver: append_names(p.deliver, c.deliver),
         exec: c.exec.or(p.exec),
         auth: c.auth.or(p.auth),
         approve: c.approve.or(p.approve),
+        inbound: c.inbound.or(p.inbound),
         rate: c.rate.or(p.rate),
     }
 }
@@ -308,9 +312,11 @@ pub(crate) struct BrokerSection {
     pub open: Vec<OpenRule>,
     pub secrets: Vec<String>,
     pub channels: Vec<String>,
+    pub deliver: Vec<String>,
     pub exec: bool,
     pub auth: bool,
     pub approve: bool,
+    pub inbound: bool,
     pub rate: Option<PeerRate>,
 }
 
@@ -325,6 +331,10 @@ pub struct BrokerRules {
     pub secrets: Vec<SecretSpec>,
     /// The channels this profile may send to (resolved from `[channels]`).
     pub channels: Vec<ChannelSpec>,
+    /// The channels this profile may deliver inbound messages from (resolved from
+    /// `[channels]`): what a channel adapter received from its service, handed to the broker's
+    /// inbound queue for the gateway. A message is at most the channel's `max_bytes`.
+    pub deliver: Vec<ChannelSpec>,
     /// May use the `exec` op (the `[[exec]]` rules still decide each request).
     pub exec: bool,
     /// May use the `auth` op: have the broker check a client token's hash against the token
@@ -334,6 +344,9 @@ pub struct BrokerRules {
     /// operator would. A child with this can approve its own `ask` requests, so only a gateway
     /// that relays the answers of operator-scoped clients should have it.
     pub approve: bool,
+    /// May use the `inbound` op: read (and acknowledge) the broker's queue of inbound messages
+    /// that channel adapters delivered. For the gateway, the queue's one reader.
+    pub inbound: bool,
     /// Per-peer request rate; None = the broker's default.
     pub rate: Option<PeerRate>,
 }
@@ -405,6 +418,11 @@ impl BrokerRules {
     /// The channel named `name`, if this profile may send to it.
     pub fn channel(&self, name: &str) -> Option<&ChannelSpec> {
         self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// The channel named `name`, if this profile may deliver inbound messages from it.
+    pub fn deliver_channel(&self, name: &str) -> Option<&ChannelSpec> {
+        self.deliver.iter().find(|c| c.name == name)
     }
 
     /// These rules in plain words.
@@ -490,6 +508,21 @@ impl BrokerRules {
                 c.why
             );
         }
+        s.push_str(
+            "  deliver (inbound messages a channel adapter received, queued for the gateway):\n",
+        );
+        if self.deliver.is_empty() {
+            s.push_str("    none: every deliver is refused\n");
+        }
+        for c in &self.deliver {
+            let _ = writeln!(
+                s,
+                "    {}: up to {} per message (why: {})",
+                c.name,
+                fmt_bytes(c.max_bytes),
+                c.why
+            );
+        }
         let _ = writeln!(
             s,
             "  exec: {}",
@@ -513,6 +546,15 @@ impl BrokerRules {
             "  approve: {}",
             if self.approve {
                 "allowed: may list pending approvals and answer them like an operator (it can approve its own `ask` requests)"
+            } else {
+                "refused"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  inbound: {}",
+            if self.inbound {
+                "allowed: may read the messages channel adapters delivered (reading past a message acknowledges it: it leaves the queue)"
             } else {
                 "refused"
             }
@@ -1209,6 +1251,7 @@ pub(crate) fn lower_broker(
     };
     let secrets = names(sink, &raw.secrets, secret_names, "secret", "secrets");
     let channels = names(sink, &raw.channels, channel_names, "channel", "channels");
+    let deliver = names(sink, &raw.deliver, channel_names, "channel", "channels");
     let rate = raw.rate.as_ref().map(|r| {
         let rspan = r.span();
         let r = r.get_ref();
@@ -1240,9 +1283,11 @@ pub(crate) fn lower_broker(
         open,
         secrets,
         channels,
+        deliver,
         exec: raw.exec.as_ref().is_some_and(|e| *e.get_ref()),
         auth: raw.auth.as_ref().is_some_and(|e| *e.get_ref()),
         approve: raw.approve.as_ref().is_some_and(|e| *e.get_ref()),
+        inbound: raw.inbound.as_ref().is_some_and(|e| *e.get_ref()),
         rate,
     })
 }
@@ -1268,9 +1313,15 @@ pub(crate) fn rules_of(
             .iter()
             .filter_map(|n| channels.get(n).cloned())
             .collect(),
+        deliver: b
+            .deliver
+            .iter()
+            .filter_map(|n| channels.get(n).cloned())
+            .collect(),
         exec: b.exec,
         auth: b.auth,
         approve: b.approve,
+        inbound: b.inbound,
         rate: b.rate,
     }
 }
@@ -1313,6 +1364,17 @@ why = "a gateway that may not approve"
 extends = "gw"
 [profiles.gwchild.broker]
 approve = false
+[profiles.adapter]
+why = "a channel adapter"
+[profiles.adapter.broker]
+deliver = ["log"]
+inbound = true
+[profiles.adapter2]
+why = "an adapter for two channels that may not read the queue"
+extends = "adapter"
+[profiles.adapter2.broker]
+deliver = ["inbox", "log"]
+inbound = false
 [profiles.plain]
 why = "no broker"
 [secrets.openai_key]
@@ -1330,6 +1392,12 @@ block = ["(?i)password\\s*[:=]"]
 redact = ["sk-[A-Za-z0-9]{20,}"]
 max_bytes = 4096
 rate = { per_minute = 10, burst = 5 }
+[channels.inbox]
+why = "messages from outside"
+kind = "file"
+path = "/var/lib/carapace/inbox.log"
+recipients = []
+max_bytes = "2KiB"
 "##;
 
     fn rules(profile: &str) -> BrokerRules {
@@ -1413,6 +1481,38 @@ rate = { per_minute = 10, burst = 5 }
         let e = t.explain();
         assert!(e.contains("auth: refused"), "{e}");
         assert!(e.contains("approve: refused"), "{e}");
+    }
+
+    #[test]
+    fn deliver_and_inbound_keys() {
+        // Defaults: nothing to deliver, no reading of the queue.
+        let t = rules("tool");
+        assert!(t.deliver.is_empty());
+        assert!(t.deliver_channel("log").is_none(), "send is not deliver");
+        assert!(!t.inbound);
+        let e = t.explain();
+        assert!(e.contains("none: every deliver is refused"), "{e}");
+        assert!(e.contains("inbound: refused"), "{e}");
+        // Resolved into channel specs.
+        let a = rules("adapter");
+        let log = a
+            .deliver_channel("log")
+            .unwrap_or_else(|| panic!("log not deliverable"));
+        assert_eq!(log.max_bytes, 4096);
+        assert!(a.deliver_channel("inbox").is_none());
+        assert!(a.channel("log").is_none(), "deliver is not send");
+        assert!(a.inbound);
+        let e = a.explain();
+        assert!(e.contains("log: up to 4 KiB per message"), "{e}");
+        assert!(e.contains("inbound: allowed"), "{e}");
+        // Through extends: `deliver` appends (no duplicate), `inbound` is overridden.
+        let c = rules("adapter2");
+        let names: Vec<&str> = c.deliver.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["log", "inbox"]);
+        assert_eq!(c.deliver_channel("inbox").map(|c| c.max_bytes), Some(2048));
+        assert!(!c.inbound, "inbound overridden by the child");
+        // The parent does not get the child's additions.
+        assert!(rules("adapter").deliver_channel("inbox").is_none());
     }
 
     #[test]
@@ -1626,6 +1726,21 @@ rate = { per_minute = 10, burst = 5 }
                 "channels = [\"log\"]",
                 "channels = [\"nope\"]",
                 "unknown channel `nope`",
+            ),
+            (
+                "deliver = [\"log\"]",
+                "deliver = [\"nope\"]",
+                "unknown channel `nope`",
+            ),
+            (
+                "deliver = [\"log\"]",
+                "deliver = \"log\"",
+                "invalid type: string for `deliver`",
+            ),
+            (
+                "inbound = true",
+                "inbound = \"yes\"",
+                "invalid type: string for `inbound`",
             ),
             ("exec = true", "exec = true\nfoo = 1", "unknown key `foo`"),
             (

@@ -104,9 +104,11 @@ const BROKER: Kind = Table(&[
     ("open", Array(&OPEN)),
     ("secrets", Array(&Str)),
     ("channels", Array(&Str)),
+    ("deliver", Array(&Str)),
     ("exec", Bool),
     ("auth", Bool),
     ("approve", Bool),
+    ("inbound", Bool),
     ("rate", PEER_RATE),
 ]);
 const SECRET: Kind = Table(&[("why", Str), ("file", Str), ("credential", Str)]);
