@@ -16,7 +16,9 @@
 //! good as its own, which that process then gets instead), and talks only on that. The
 //! inherited socket stays open, for the other processes and for the programs this one execs.
 //!
-//! One request at a time per client: each call sends a frame and blocks until its reply.
+//! One request at a time per client: each call sends a frame and blocks until its reply (no
+//! read timeout: an `inbound` long poll may take up to
+//! [`crate::protocol::MAX_INBOUND_WAIT_MS`]).
 //! Events (the `exit` of an exec'd tool) that arrive meanwhile are kept until
 //! [`Client::wait_exit`] asks for them. A thread that needs its own channel opens another
 //! session with [`Client::session`].
@@ -29,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{
     decode_server_frame, encode_request, recv_frame, send_frame, Access, ApprovalResolution,
-    DecodeError, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, OkReply, PendingApproval,
-    Reply, Request, SendStatus, ServerFrame, SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD,
-    MAX_FRAME,
+    DecodeError, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, InboundMessage, OkReply,
+    PendingApproval, Reply, Request, SendStatus, ServerFrame, SocketError, BROKER_FD_ENV,
+    DEFAULT_BROKER_FD, MAX_FRAME,
 };
 use crate::tokens::TokenInfo;
 
@@ -520,6 +522,39 @@ impl Client {
         }
     }
 
+    /// `deliver` (channel adapters: profiles whose `deliver` lists `channel`): hand a message
+    /// received from `sender` on the channel's service to the broker, for the gateway. Returns
+    /// its sequence number. A refusal with [`ErrorCode::Busy`] means the inbound queue is full:
+    /// keep the message and try again later.
+    pub fn deliver(&mut self, channel: &str, sender: &str, body: &str) -> Result<u64, ClientError> {
+        let (_, ok, _) = self.call(&Request::Deliver {
+            channel: channel.to_owned(),
+            sender: sender.to_owned(),
+            body: body.to_owned(),
+        })?;
+        match ok {
+            OkReply::Deliver { seq } => Ok(seq),
+            ok => Err(wrong("deliver", &ok)),
+        }
+    }
+
+    /// `inbound` (profiles with `inbound = true`: the gateway): the delivered messages with a
+    /// seq above `after`, oldest first, and the cursor to pass as `after` next time (the last
+    /// seq returned, or `after`). Passing `after` acknowledges every message up to it (they
+    /// leave the broker's queue). When there is none yet, the broker waits up to `wait_ms`
+    /// (at most 30 s) for one, and this call blocks as long.
+    pub fn inbound(
+        &mut self,
+        after: u64,
+        wait_ms: u64,
+    ) -> Result<(Vec<InboundMessage>, u64), ClientError> {
+        let (_, ok, _) = self.call(&Request::Inbound { after, wait_ms })?;
+        match ok {
+            OkReply::Inbound { messages, next } => Ok((messages, next)),
+            ok => Err(wrong("inbound", &ok)),
+        }
+    }
+
     /// Block until the `exit` event of the exec started with request `id`.
     pub fn wait_exit(&mut self, id: u64) -> Result<ExitSummary, ClientError> {
         let Some(pos) = self.execs.iter().position(|x| *x == id) else {
@@ -731,6 +766,81 @@ mod tests {
                 resolution: ApprovalResolution::AllowOnce,
                 by: Some("1f2e3d4c".into())
             }
+        );
+        drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn inbound_calls() {
+        use crate::audit::Who;
+        let msg = InboundMessage {
+            seq: 3,
+            channel: "inbox".into(),
+            sender: "alice@example.com".into(),
+            body: "hello".into(),
+            ts: "2026-01-02T03:04:05.000000Z".into(),
+            from: Who {
+                id: 4,
+                role: "channel".into(),
+                profile: "adapter".into(),
+            },
+        };
+        let (a, b) = seqpacket_pair().unwrap();
+        let m2 = msg.clone();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let t = fake_broker(b, move |id, req| {
+            seen2.lock().unwrap().push(req.clone());
+            let reply = match req {
+                Request::Deliver { channel, .. } if channel == "inbox" => {
+                    Reply::Ok(OkReply::Deliver { seq: 3 })
+                }
+                Request::Deliver { .. } => Reply::err(ErrorCode::Busy, "the queue is full"),
+                Request::Inbound { after: 0, .. } => Reply::Ok(OkReply::Inbound {
+                    messages: vec![m2.clone()],
+                    next: 3,
+                }),
+                Request::Inbound { after, .. } if after < 10 => Reply::Ok(OkReply::Inbound {
+                    messages: vec![],
+                    next: after,
+                }),
+                // wrong op in reply
+                _ => Reply::Ok(OkReply::Deliver { seq: 1 }),
+            };
+            vec![(encode_reply(id, &reply).unwrap(), vec![])]
+        });
+        let mut c = Client::new(a);
+        assert_eq!(c.deliver("inbox", "alice@example.com", "hello").unwrap(), 3);
+        let e = c.deliver("full", "bob", "x").unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Busy));
+        assert_eq!(c.inbound(0, 100).unwrap(), (vec![msg], 3));
+        assert_eq!(c.inbound(3, 0).unwrap(), (vec![], 3));
+        assert!(matches!(
+            c.inbound(10, 0),
+            Err(ClientError::WrongReply {
+                op: "inbound",
+                got: "deliver"
+            })
+        ));
+        assert_eq!(
+            seen.lock().unwrap()[..3],
+            [
+                Request::Deliver {
+                    channel: "inbox".into(),
+                    sender: "alice@example.com".into(),
+                    body: "hello".into()
+                },
+                Request::Deliver {
+                    channel: "full".into(),
+                    sender: "bob".into(),
+                    body: "x".into()
+                },
+                Request::Inbound {
+                    after: 0,
+                    wait_ms: 100
+                },
+            ]
         );
         drop(c);
         t.join().unwrap();

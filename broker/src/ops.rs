@@ -1,5 +1,6 @@
-//! The broker's operations: `connect`, `open`, `secret`, `send`, `exec` (and `ping`), and for
-//! gateways `auth`, `approvals`, `approve`.
+//! The broker's operations: `connect`, `open`, `secret`, `send`, `exec` (and `ping`), for
+//! gateways `auth`, `approvals`, `approve`, and for inbound messages `deliver` (channel
+//! adapters) and `inbound` (the gateway).
 //!
 //! [`Ops`] implements [`Handler`]. Every operation, for the [`Identity`] bound to the socket:
 //!
@@ -15,7 +16,8 @@
 //!
 //! Module layout: `ops/connect.rs` (egress), `ops/files.rs` (`open`, `secret`), `ops/send.rs`
 //! (channels), `ops/exec.rs` (tools through a [`Spawner`]), `ops/auth.rs` (client tokens and
-//! approvals answered by a gateway).
+//! approvals answered by a gateway), `ops/inbound.rs` (the inbound queue: `deliver`,
+//! `inbound`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -43,11 +45,13 @@ mod auth;
 mod connect;
 mod exec;
 mod files;
+mod inbound;
 mod send;
 
 pub use connect::{is_refused_address, resolve_checked, ConnectError};
 pub use exec::resolve_program;
 pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, SecretError};
+pub use inbound::bad_sender;
 
 // ---------------------------------------------------------------------------------------------
 // The exec seam (implemented by the supervisor).
@@ -275,6 +279,9 @@ pub struct OpsConfig {
     /// The client token store (`<state_dir>/tokens.json`) the `auth` op checks; None: `auth`
     /// is `unavailable`.
     pub token_store: Option<PathBuf>,
+    /// Inbound messages kept until the gateway acknowledges them; when that many wait,
+    /// `deliver` is answered `busy` (the adapter keeps the message and tries again).
+    pub inbound_capacity: usize,
 }
 
 impl Default for OpsConfig {
@@ -286,6 +293,7 @@ impl Default for OpsConfig {
             max_secret_bytes: 1 << 20,
             max_rate_keys: 4096,
             token_store: None,
+            inbound_capacity: 1024,
         }
     }
 }
@@ -357,6 +365,9 @@ pub struct Ops {
     dirs: Mutex<HashMap<PathBuf, Arc<OwnedFd>>>,
     /// One writer per channel file at a time.
     channel_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// Messages channel adapters delivered, until the gateway acknowledges them (kept through
+    /// reloads).
+    inbound: inbound::InboundQueue,
 }
 
 impl fmt::Debug for Ops {
@@ -399,6 +410,7 @@ impl Ops {
     ) -> Result<Ops, OpsError> {
         let loaded = Loaded::new(policy, &cfg)?;
         Ok(Ops {
+            inbound: inbound::InboundQueue::new(cfg.inbound_capacity),
             cfg,
             loaded: RwLock::new(Arc::new(loaded)),
             audit: Arc::new(Mutex::new(audit)),
@@ -412,7 +424,7 @@ impl Ops {
     }
 
     /// Replace the policy (secrets reloaded, cached directory fds and rate buckets dropped).
-    /// Requests already being handled finish under the old one.
+    /// Requests already being handled finish under the old one. The inbound queue is kept.
     pub fn reload(&self, policy: Policy) -> Result<(), OpsError> {
         let loaded = Arc::new(Loaded::new(policy, &self.cfg)?);
         match self.loaded.write() {
@@ -634,6 +646,12 @@ impl Handler for Ops {
                     resolution,
                     by,
                 } => self.approve(&who, approval, resolution, by).await,
+                Request::Deliver {
+                    channel,
+                    sender,
+                    body,
+                } => self.deliver(&who, &channel, &sender, body).await,
+                Request::Inbound { after, wait_ms } => self.inbound(&who, after, wait_ms).await,
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(

@@ -41,6 +41,10 @@ pub const DEFAULT_BROKER_FD: RawFd = 3;
 pub const MAX_MESSAGE: usize = 512;
 /// Longest `by` of an `approve` request, in characters.
 pub const MAX_APPROVE_BY: usize = 128;
+/// Longest `sender` of a `deliver` request, in bytes.
+pub const MAX_SENDER: usize = 256;
+/// Longest an `inbound` request waits for a message (a longer `wait_ms` is cut to this).
+pub const MAX_INBOUND_WAIT_MS: u64 = 30_000;
 
 /// Access asked for by `open`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -151,6 +155,19 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
     },
+    /// An inbound message a channel adapter received from its service, for the gateway
+    /// (profiles whose `deliver` lists `channel`). `sender` is who wrote it on the service
+    /// (1..=[`MAX_SENDER`] bytes, no control characters); `body` at most the channel's
+    /// `max_bytes`.
+    Deliver {
+        channel: String,
+        sender: String,
+        body: String,
+    },
+    /// The delivered messages with `seq > after`, oldest first (profiles with `inbound =
+    /// true`); reading acknowledges (removes) every message with `seq <= after`. When there is
+    /// none, waits up to `wait_ms` (at most [`MAX_INBOUND_WAIT_MS`]) for one.
+    Inbound { after: u64, wait_ms: u64 },
 }
 
 /// Every op name, in wire spelling.
@@ -165,6 +182,8 @@ pub const OPS: &[&str] = &[
     "auth",
     "approvals",
     "approve",
+    "deliver",
+    "inbound",
 ];
 
 impl Request {
@@ -181,6 +200,8 @@ impl Request {
             Request::Auth { .. } => "auth",
             Request::Approvals {} => "approvals",
             Request::Approve { .. } => "approve",
+            Request::Deliver { .. } => "deliver",
+            Request::Inbound { .. } => "inbound",
         }
     }
 }
@@ -212,6 +233,24 @@ pub struct PendingApproval {
     pub created: String,
     /// Time left before it times out (denied).
     pub expires_in_ms: u64,
+}
+
+/// One message of the `inbound` reply: what a channel adapter delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundMessage {
+    /// Its place in the broker's queue: 1 for the first message the broker ever queued, one
+    /// more for each after it.
+    pub seq: u64,
+    /// The channel it came in on (a `[channels.NAME]` of the policy).
+    pub channel: String,
+    /// Who wrote it, as the adapter says (e.g. a chat user).
+    pub sender: String,
+    /// The text, untrusted.
+    pub body: String,
+    /// When the broker queued it, RFC 3339 UTC.
+    pub ts: String,
+    /// The adapter that delivered it: the identity bound to its socket.
+    pub from: Who,
 }
 
 /// The op-specific part of a successful reply. Serialized with the tag `"op"` (echoing the
@@ -250,6 +289,15 @@ pub enum OkReply {
     /// `approve`: no fds. `decision` is how the approval ended (`allowed once`, `allowed
     /// always`, `denied`: [`crate::approvals::Decision::as_str`]).
     Approve { approval: u64, decision: String },
+    /// `deliver`: no fds. The message's sequence number in the inbound queue.
+    Deliver { seq: u64 },
+    /// `inbound`: no fds. Messages with `seq > after`, oldest first, as many as fit in one
+    /// frame; `next` is the seq of the last one (`after` when there is none): the `after` of
+    /// the next read, which acknowledges them.
+    Inbound {
+        messages: Vec<InboundMessage>,
+        next: u64,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -264,7 +312,9 @@ impl OkReply {
             | OkReply::Send { .. }
             | OkReply::Auth { .. }
             | OkReply::Approvals { .. }
-            | OkReply::Approve { .. } => 0,
+            | OkReply::Approve { .. }
+            | OkReply::Deliver { .. }
+            | OkReply::Inbound { .. } => 0,
             OkReply::Connect { .. }
             | OkReply::Open { .. }
             | OkReply::Secret { .. }
@@ -286,6 +336,8 @@ impl OkReply {
             OkReply::Auth { .. } => "auth",
             OkReply::Approvals { .. } => "approvals",
             OkReply::Approve { .. } => "approve",
+            OkReply::Deliver { .. } => "deliver",
+            OkReply::Inbound { .. } => "inbound",
         }
     }
 }
@@ -314,7 +366,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The request waits for an operator's approval that was not given in time.
     Pending,
-    /// Too many requests in flight on this socket.
+    /// Too many requests in flight for this identity, too many sessions, or (`deliver`) the
+    /// inbound queue is full: try again later.
     Busy,
     /// A code this client does not know (newer broker).
     #[serde(other)]
@@ -1056,6 +1109,120 @@ mod tests {
             by: None,
         });
         assert_eq!(ApprovalResolution::parse("allow"), None);
+        req_roundtrip(Request::Deliver {
+            channel: "inbox".into(),
+            sender: "alice@example.com".into(),
+            body: "héllo \"x\"\n".into(),
+        });
+        for (after, wait_ms) in [(0, 0), (7, 25_000), (u64::MAX, u64::MAX)] {
+            req_roundtrip(Request::Inbound { after, wait_ms });
+        }
+    }
+
+    /// The corpus seeds of `deliver` and `inbound` decode as they should.
+    #[test]
+    fn inbound_op_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame");
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        for name in [
+            "694ce3f33485935fec9dc582fe5f24726a957159", // deliver
+            "1272826cd6b9fa7eb7a78e57219feb9a13a52091", // inbound
+        ] {
+            assert!(decode_request(&read(name)).is_ok(), "{name}");
+        }
+        assert!(
+            matches!(
+                decode_request(&read("e5e608a537c250b4154e009dcc0306019ef6b91e")), // no wait_ms
+                Err(DecodeError::BadFields { .. })
+            ),
+            "inbound without wait_ms"
+        );
+        for name in [
+            "2302bb9bbf8e68459a765798ff8c0a3cba43e22c", // deliver reply
+            "b347dd8434361a952910f11fc287394c80ca7071", // inbound reply
+            "325c5fb7abb2afd07bf8375a4921f6df605aa6e8", // inbound reply, empty
+        ] {
+            assert!(
+                matches!(
+                    decode_server_frame(&read(name)),
+                    Ok(ServerFrame::Reply {
+                        reply: Reply::Ok(_),
+                        ..
+                    })
+                ),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn inbound_ops_wire_shape() {
+        let v = |r: &Request| -> Value {
+            serde_json::from_slice(&encode_request(3, r).unwrap()).unwrap()
+        };
+        assert_eq!(
+            v(&Request::Deliver {
+                channel: "inbox".into(),
+                sender: "alice@example.com".into(),
+                body: "hello".into()
+            }),
+            serde_json::json!({"v":1,"id":3,"op":"deliver","channel":"inbox",
+                               "sender":"alice@example.com","body":"hello"})
+        );
+        assert_eq!(
+            encode_request(
+                4,
+                &Request::Inbound {
+                    after: 12,
+                    wait_ms: 25000
+                }
+            )
+            .unwrap(),
+            br#"{"v":1,"id":4,"op":"inbound","after":12,"wait_ms":25000}"#
+        );
+        let r = OkReply::Deliver { seq: 13 };
+        assert_eq!(r.fd_count(), 0);
+        assert_eq!(
+            encode_reply(5, &Reply::Ok(r.clone())).unwrap(),
+            br#"{"v":1,"id":5,"ok":true,"op":"deliver","seq":13}"#
+        );
+        server_roundtrip(5, Reply::Ok(r));
+        let m = InboundMessage {
+            seq: 13,
+            channel: "inbox".into(),
+            sender: "alice@example.com".into(),
+            body: "hello".into(),
+            ts: "2026-01-02T03:04:05.000001Z".into(),
+            from: Who {
+                id: 4,
+                role: "channel".into(),
+                profile: "adapter".into(),
+            },
+        };
+        let r = OkReply::Inbound {
+            messages: vec![m],
+            next: 13,
+        };
+        assert_eq!(r.fd_count(), 0);
+        assert_eq!(r.op(), "inbound");
+        let got: Value =
+            serde_json::from_slice(&encode_reply(6, &Reply::Ok(r.clone())).unwrap()).unwrap();
+        assert_eq!(
+            got,
+            serde_json::json!({"v":1,"id":6,"ok":true,"op":"inbound","messages":[{"seq":13,
+                "channel":"inbox","sender":"alice@example.com","body":"hello",
+                "ts":"2026-01-02T03:04:05.000001Z",
+                "from":{"id":4,"role":"channel","profile":"adapter"}}],"next":13})
+        );
+        server_roundtrip(6, Reply::Ok(r));
+        let empty = OkReply::Inbound {
+            messages: vec![],
+            next: 0,
+        };
+        assert_eq!(
+            encode_reply(7, &Reply::Ok(empty)).unwrap(),
+            br#"{"v":1,"id":7,"ok":true,"op":"inbound","messages":[],"next":0}"#
+        );
     }
 
     /// The corpus seeds of the gateway ops (fuzz/corpus/frame, named by their SHA-1) decode as
@@ -1454,6 +1621,19 @@ mod tests {
             br#"{"v":1,"id":5,"op":"approve","approval":1,"resolution":"deny","by":7}"#,
             br#"{"v":1,"id":5,"op":"approve","approval":1,"resolution":"deny","who":"x"}"#,
             br#"{"v":1,"id":5,"op":"approve","approval":18446744073709551616,"resolution":"deny"}"#,
+            br#"{"v":1,"id":5,"op":"deliver","channel":"c","sender":"s"}"#,
+            br#"{"v":1,"id":5,"op":"deliver","channel":"c","body":"b"}"#,
+            br#"{"v":1,"id":5,"op":"deliver","channel":"c","sender":7,"body":"b"}"#,
+            br#"{"v":1,"id":5,"op":"deliver","channel":"c","sender":"s","body":"b","recipient":"r"}"#,
+            br#"{"v":1,"id":5,"op":"deliver","channel":"c","sender":"s","body":"b","from":{"id":1}}"#,
+            br#"{"v":1,"id":5,"op":"inbound"}"#,
+            br#"{"v":1,"id":5,"op":"inbound","after":0}"#,
+            br#"{"v":1,"id":5,"op":"inbound","wait_ms":0}"#,
+            br#"{"v":1,"id":5,"op":"inbound","after":-1,"wait_ms":0}"#,
+            br#"{"v":1,"id":5,"op":"inbound","after":"0","wait_ms":0}"#,
+            br#"{"v":1,"id":5,"op":"inbound","after":0,"wait_ms":1.5}"#,
+            br#"{"v":1,"id":5,"op":"inbound","after":18446744073709551616,"wait_ms":0}"#,
+            br#"{"v":1,"id":5,"op":"inbound","after":0,"wait_ms":0,"channel":"c"}"#,
         ] {
             let e = bad(b);
             assert!(matches!(e, DecodeError::BadFields { id: 5, .. }), "{e:?}");

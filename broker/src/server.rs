@@ -955,7 +955,11 @@ mod tests {
                     Request::Open { .. } => Response::err(ErrorCode::Denied, "no"),
                     Request::Connect { .. } => Response::err(ErrorCode::Unavailable, "x"),
                     Request::Session {} => panic!("session reached the handler"),
-                    Request::Auth { .. } | Request::Approvals {} | Request::Approve { .. } => {
+                    Request::Auth { .. }
+                    | Request::Approvals {}
+                    | Request::Approve { .. }
+                    | Request::Deliver { .. }
+                    | Request::Inbound { .. } => {
                         Response::err(ErrorCode::Denied, "not this handler's op")
                     }
                 }

@@ -112,7 +112,23 @@ impl Handler for Scripted {
                 }),
                 Request::Exec { argv, .. } => exec_child(argv),
                 Request::Session {} => Response::err(ErrorCode::Internal, "not a handler's op"),
-                Request::Auth { .. } | Request::Approvals {} | Request::Approve { .. } => {
+                Request::Deliver { channel, body, .. } if channel == "inbox" => {
+                    if body.len() > 100 {
+                        Response::err(ErrorCode::TooLarge, "over the channel's max_bytes 100")
+                    } else {
+                        Response::ok(OkReply::Deliver {
+                            seq: 40 + body.len() as u64,
+                        })
+                    }
+                }
+                Request::Deliver { channel, .. } if channel == "full" => {
+                    Response::err(ErrorCode::Busy, "the inbound queue is full")
+                }
+                Request::Deliver { .. } => Response::err(ErrorCode::Denied, "not your channel"),
+                Request::Auth { .. }
+                | Request::Approvals {}
+                | Request::Approve { .. }
+                | Request::Inbound { .. } => {
                     Response::err(ErrorCode::Denied, "not this handler's op")
                 }
             }

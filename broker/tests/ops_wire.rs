@@ -312,3 +312,161 @@ approval = "ask"
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
+
+/// Inbound messages through the real server and client: an adapter delivers, the gateway's
+/// long poll wakes at once, reads acknowledge by cursor; the wrong profiles are refused; a
+/// long poll whose socket closes is cancelled (its in-flight slot comes back).
+#[test]
+fn inbound_over_the_wire() -> anyhow::Result<()> {
+    use carapace_broker::protocol::{encode_request, send_frame, Request};
+    use std::time::Instant;
+
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let text = r#"
+version = 1
+[profiles.gateway]
+why = "gateway"
+[profiles.gateway.broker]
+inbound = true
+[profiles.channel]
+why = "the inbox's adapter"
+[profiles.channel.broker]
+deliver = ["inbox"]
+[channels.inbox]
+why = "messages from outside"
+kind = "file"
+path = "/nonexistent/inbox.log"
+recipients = []
+"#;
+    let policy = Policy::parse(text, "wire.toml").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ops = Ops::new(
+        policy,
+        AuditLog::open(dir.join("audit.log"))?,
+        DeadLetters::open(dir.join("dlq"))?,
+        None,
+        None,
+        OpsConfig::default(),
+    )?;
+    let handler: Arc<dyn Handler> = Arc::new(ops);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // One request in flight per identity: a waiting long poll holds the gateway's only slot.
+    let limits = PeerLimits {
+        max_in_flight: 1,
+        ..PeerLimits::default()
+    };
+    let server = Server::new(handler, limits);
+    let (gw_child, gw_broker) = seqpacket_pair()?;
+    let (ad_child, ad_broker) = seqpacket_pair()?;
+    {
+        let _g = rt.enter();
+        server.serve_peer(
+            gw_broker,
+            Identity {
+                id: 1,
+                role: Role::Gateway,
+                profile: "gateway".into(),
+            },
+        );
+        server.serve_peer(
+            ad_broker,
+            Identity {
+                id: 3,
+                role: Role::Channel,
+                profile: "channel".into(),
+            },
+        );
+    }
+    let mut gw = Client::new(gw_child);
+    let mut adapter = Client::new(ad_child);
+
+    // Each side may do only its own half.
+    let e = gw.deliver("inbox", "alice", "x").err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::Denied));
+    let e = adapter.inbound(0, 0).err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::Denied));
+    let e = adapter.deliver("nope", "alice", "x").err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::Denied));
+
+    // The gateway waits (on a session of its own); the adapter delivers; the wait ends at once.
+    let mut poller = gw.session()?;
+    let start = Instant::now();
+    let waiting = std::thread::spawn(move || poller.inbound(0, 20_000));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(adapter.deliver("inbox", "alice@example.com", "hello")?, 1);
+    let (messages, next) = waiting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the polling thread panicked"))??;
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(next, 1);
+    assert_eq!(messages.len(), 1);
+    let m = &messages[0];
+    assert_eq!(
+        (
+            m.seq,
+            m.channel.as_str(),
+            m.sender.as_str(),
+            m.body.as_str()
+        ),
+        (1, "inbox", "alice@example.com", "hello")
+    );
+    assert_eq!((m.from.id, m.from.role.as_str()), (3, "channel"));
+    assert_eq!(m.from.profile, "channel");
+
+    // Acknowledged by the next read's cursor.
+    assert_eq!(adapter.deliver("inbox", "bob", "second")?, 2);
+    let (messages, next) = gw.inbound(1, 0)?;
+    assert_eq!((messages.len(), next), (1, 2));
+    assert_eq!(messages[0].body, "second");
+    let (messages, next) = gw.inbound(0, 0)?;
+    assert_eq!((messages.len(), next), (1, 2), "1 was acknowledged");
+
+    // A long poll on a socket that closes is cancelled: its slot comes back.
+    let doomed = gw.session()?;
+    let frame = encode_request(
+        9,
+        &Request::Inbound {
+            after: 2,
+            wait_ms: 30_000,
+        },
+    )?;
+    send_frame(doomed.as_fd(), &frame, &[])?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Until the broker has taken the poll in, `gw` may still get its slot.
+        match gw.inbound(2, 0) {
+            Err(e) if e.code() == Some(ErrorCode::Busy) => break,
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            other => anyhow::bail!("the long poll never held the slot: {other:?}"),
+        }
+    }
+    drop(doomed);
+    let freed = loop {
+        match gw.inbound(2, 0) {
+            Ok(r) => break r,
+            Err(e) if e.code() == Some(ErrorCode::Busy) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => anyhow::bail!("the closed socket's long poll was not cancelled: {e}"),
+        }
+    };
+    assert_eq!(freed, (vec![], 2));
+
+    // Audited: who delivered what to whom, never the body; reads are not audited.
+    let log = std::fs::read_to_string(dir.join("audit.log"))?;
+    assert!(
+        log.contains("\"target\":\"inbox:alice@example.com\""),
+        "{log}"
+    );
+    assert!(!log.contains("hello") && !log.contains("second"), "{log}");
+    let report = carapace_broker::audit::verify(dir.join("audit.log"))?;
+    assert!(report.is_ok(), "{report}");
+    drop(gw);
+    drop(adapter);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

@@ -179,6 +179,7 @@ approval = "ask"
         max_secret_bytes: 4096,
         max_rate_keys: 16,
         token_store: Some(dir.join("tokens.json")),
+        inbound_capacity: 1024,
     };
     let mut cfg = cfg;
     tweak(&mut cfg);
