@@ -227,6 +227,8 @@ fn usage_errors_exit_2_and_no_broker_exits_1() {
         &["exec"],
         &["exec", "--"],
         &["send", "log"],
+        &["deliver", "inbox"],
+        &["deliver", "inbox", "alice", "body", "extra"],
     ] {
         let o = b.run(args, b"");
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o.stderr));
@@ -344,6 +346,43 @@ fn send_delivered_or_dead_lettered() {
     let o = b.run(&["send", "log", "#ops"], b"\xff\xfe");
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("UTF-8"));
+}
+
+#[test]
+fn deliver_prints_the_seq_or_fails() {
+    let b = broker();
+    // The body as an argument, or from stdin.
+    let o = b.run(
+        &["deliver", "inbox", "alice@example.com", "hello"],
+        b"ignored",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "45\n");
+    let o = b.run(&["deliver", "inbox", "alice@example.com"], b"from stdin");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "50\n");
+    // Refusals: exit 1, the reason on stderr, nothing on stdout.
+    for (args, stdin, want) in [
+        (&["deliver", "other", "alice", "x"][..], &b""[..], "denied"),
+        (&["deliver", "full", "alice", "x"], b"", "busy"),
+        (
+            &["deliver", "inbox", "alice"],
+            &[b'x'; 101][..],
+            "too_large",
+        ),
+        (&["deliver", "inbox", "alice"], b"\xff\xfe", "UTF-8"),
+    ] {
+        let o = b.run(args, stdin);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+        assert!(
+            text(&o.stderr).contains(want),
+            "{args:?}: {}",
+            text(&o.stderr)
+        );
+    }
+    let o = b.run(&["--help"], b"");
+    assert!(text(&o.stdout).contains("carapace-client deliver CHANNEL SENDER [BODY]"));
 }
 
 #[test]

@@ -22,6 +22,7 @@ usage: carapace-client ping
        carapace-client secret NAME [--fd N -- PROG [ARGS...]]
        carapace-client open PATH [--read|--write|--create] [-- PROG [ARGS...]]
        carapace-client send CHANNEL RECIPIENT        (message body on stdin)
+       carapace-client deliver CHANNEL SENDER [BODY]  (body on stdin when not given)
        carapace-client exec [--cwd DIR] -- PROG [ARGS...]
 
 Asks the carapace broker (socket fd $CARAPACE_BROKER_FD, default 3) for what the sandbox does not
@@ -38,6 +39,9 @@ Each run opens a private session on that socket, so several may run at once.
             (--read) or stdin is copied into it.
   send      an outbound message on CHANNEL to RECIPIENT; prints 'delivered' or fails when the
             message was dead-lettered.
+  deliver   (channel adapters) an inbound message SENDER wrote on CHANNEL, for the gateway;
+            prints its sequence number. When the broker's inbound queue is full it fails
+            ('busy'): keep the message and try again later.
   exec      a tool in a new confined child; its stdout/stderr are copied to ours and we exit
             with its exit code.
 
@@ -118,6 +122,7 @@ fn run(args: &[String]) -> Result<u8, Failure> {
         "secret" => cmd_secret(rest),
         "open" => cmd_open(rest),
         "send" => cmd_send(rest),
+        "deliver" => cmd_deliver(rest),
         "exec" => cmd_exec(rest),
         other => Err(usage(format!("unknown command {other:?}"))),
     }
@@ -305,16 +310,7 @@ fn cmd_send(args: &[String]) -> Result<u8, Failure> {
     let [channel, recipient] = args else {
         return Err(usage("send needs CHANNEL RECIPIENT (body on stdin)"));
     };
-    let mut body = Vec::new();
-    io::stdin()
-        .lock()
-        .take(MAX_FRAME as u64 + 1)
-        .read_to_end(&mut body)
-        .context("reading the message from stdin")?;
-    if body.len() > MAX_FRAME {
-        return Err(Failure::Broker(anyhow!("message over {MAX_FRAME} bytes")));
-    }
-    let body = String::from_utf8(body).map_err(|_| anyhow!("message is not UTF-8"))?;
+    let body = body_from_stdin()?;
     let (status, dlq) = client()?
         .send(channel, recipient, &body)
         .with_context(|| format!("send on {channel} to {recipient}"))?;
@@ -328,6 +324,41 @@ fn cmd_send(args: &[String]) -> Result<u8, Failure> {
             dlq.map(|id| format!(" as {id}")).unwrap_or_default()
         ))),
     }
+}
+
+/// A message body from stdin: at most [`MAX_FRAME`] bytes of UTF-8.
+fn body_from_stdin() -> Result<String, Failure> {
+    let mut body = Vec::new();
+    io::stdin()
+        .lock()
+        .take(MAX_FRAME as u64 + 1)
+        .read_to_end(&mut body)
+        .context("reading the message from stdin")?;
+    if body.len() > MAX_FRAME {
+        return Err(Failure::Broker(anyhow!("message over {MAX_FRAME} bytes")));
+    }
+    String::from_utf8(body).map_err(|_| Failure::Broker(anyhow!("message is not UTF-8")))
+}
+
+fn cmd_deliver(args: &[String]) -> Result<u8, Failure> {
+    let (channel, sender, body) = match args {
+        [channel, sender] => (channel, sender, None),
+        [channel, sender, body] => (channel, sender, Some(body.clone())),
+        _ => {
+            return Err(usage(
+                "deliver needs CHANNEL SENDER [BODY] (body on stdin when not given)",
+            ))
+        }
+    };
+    let body = match body {
+        Some(b) => b,
+        None => body_from_stdin()?,
+    };
+    let seq = client()?
+        .deliver(channel, sender, &body)
+        .with_context(|| format!("deliver on {channel} from {sender}"))?;
+    println!("{seq}");
+    Ok(0)
 }
 
 fn cmd_exec(args: &[String]) -> Result<u8, Failure> {
