@@ -26,6 +26,8 @@ pub struct App {
     pub auth_failures: FailureLimit,
     /// `approval.requested` / `approval.resolved` events for operator connections.
     pub approvals: broadcast::Sender<Value>,
+    /// `messages.inbound` events for every connection.
+    pub inbound: broadcast::Sender<Value>,
     pub started: Instant,
 }
 
@@ -40,6 +42,7 @@ impl App {
             broker,
             auth_failures: FailureLimit::default(),
             approvals: broadcast::channel(256).0,
+            inbound: broadcast::channel(1024).0,
             started: Instant::now(),
             settings,
         }
@@ -132,6 +135,46 @@ pub async fn approval_feed(app: Arc<App>) {
             }
         }
         known = now;
+    }
+}
+
+/// The inbound feed: while a connection listens, long-polls the broker for what channel adapters
+/// delivered (`inbound`, which the policy must grant the gateway's profile) and broadcasts each
+/// message as a `messages.inbound` event. The broker keeps a message until the gateway reads
+/// past it, so nothing is taken while nobody listens.
+pub async fn inbound_feed(app: Arc<App>) {
+    const WAIT_MS: u64 = 25_000;
+    let mut after: u64 = 0;
+    let mut said = false;
+    loop {
+        if app.inbound.receiver_count() == 0 || !app.broker.is_available() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        }
+        match app.broker.inbound(after, WAIT_MS).await {
+            Ok((messages, next)) => {
+                for m in &messages {
+                    let _ = app.inbound.send(crate::rpc::event(
+                        "messages.inbound",
+                        json!({
+                            "seq": m.seq,
+                            "channel": m.channel,
+                            "sender": m.sender,
+                            "body": m.body,
+                            "ts": m.ts,
+                        }),
+                    ));
+                }
+                after = next.max(after);
+            }
+            Err(e) => {
+                if !said {
+                    tracing::warn!(error = %e, "inbound feed: the broker refuses the inbound queue; clients get no messages.inbound events");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use carapace_broker::client::{Client, ClientError, ExecStarted};
-use carapace_broker::protocol::{ExitSummary, PendingApproval, SendStatus};
+use carapace_broker::protocol::{ExitSummary, InboundMessage, PendingApproval, SendStatus};
 use carapace_broker::tokens::TokenInfo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -168,6 +168,16 @@ impl Broker {
     ) -> Result<String, RpcError> {
         self.call(move |c| c.approve(id, &resolution, Some(&by)))
             .await
+    }
+
+    /// Messages channel adapters delivered after `after` (acknowledging those up to it),
+    /// waiting up to `wait_ms` for one; and the cursor to read on from.
+    pub async fn inbound(
+        &self,
+        after: u64,
+        wait_ms: u64,
+    ) -> Result<(Vec<InboundMessage>, u64), RpcError> {
+        self.call(move |c| c.inbound(after, wait_ms)).await
     }
 
     /// A connected TCP socket to `host:port`, if the policy's egress allowlist names it.

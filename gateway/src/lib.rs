@@ -152,6 +152,7 @@ pub fn run() -> Result<(), StartError> {
     rt.block_on(async move {
         let app = Arc::new(app::App::new(settings, broker));
         tokio::spawn(app::approval_feed(app.clone()));
+        tokio::spawn(app::inbound_feed(app.clone()));
         let addr = listener
             .local_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());

@@ -95,6 +95,30 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });
 
+    // Every connection: what channels deliver.
+    let inbound = {
+        let mut sub = app.inbound.subscribe();
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match sub.recv().await {
+                    Ok(ev) => {
+                        if tx2.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "a slow connection missed messages.inbound events"
+                        );
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    };
+
     // Operator connections: the pending approvals now, then what changes.
     let feed = if caller.is_operator() {
         let mut sub = app.approvals.subscribe();
@@ -215,6 +239,7 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
     if let Some(f) = feed {
         f.abort();
     }
+    inbound.abort();
     drop(tx);
     // The writer sends what is queued (and a requested close frame), then ends.
     drop(close_tx);

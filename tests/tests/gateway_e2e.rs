@@ -693,3 +693,65 @@ fn messages_go_through_the_broker_allowlist() {
     );
     assert_eq!(r.json()["status"], "delivered", "{}", r.body);
 }
+
+#[test]
+fn what_a_channel_adapter_delivers_reaches_clients_as_messages_inbound() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempdir("carapace-gw-inbound-");
+    // A channel adapter stands in for a real one: `carapace-client deliver` run as the
+    // configured program of [channels.inbox] (it delivers, exits, and is restarted).
+    let client = client_bin();
+    let policy = format!(
+        r##"{base}
+
+[profiles.channel]
+why = "test: a channel adapter that may deliver what it receives on `inbox`, nothing else"
+extends = "tool"
+
+[profiles.channel.broker]
+deliver = ["inbox"]
+
+[channels.inbox]
+why = "test: an inbound channel"
+kind = "file"
+path = "{outbox}"
+recipients = []
+"##,
+        base = default_policy_text(),
+        outbox = dir.path().join("inbox-out.log").display(),
+    );
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(policy),
+        extra_config: format!(
+            "[channels.inbox]\nprogram = \"{bin}\"\nargs = [\"deliver\", \"inbox\", \"alice@example.com\", \"hello from a channel\"]\nprofile = \"channel\"\nrestart = {{ initial_delay = \"1s\", max_delay = \"2s\", crash_loop_restarts = 1000, crash_loop_window = \"1s\" }}\n",
+            bin = client.bin.display()
+        ),
+        ..StartOpts::default()
+    });
+    let token = svc.token("client");
+    let mut c = ws(&svc, &token);
+    let ev = c
+        .next_event("messages.inbound", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no messages.inbound event\n{}", svc.log_text()));
+    let p = &ev["params"];
+    assert_eq!(p["channel"], "inbox", "{ev}");
+    assert_eq!(p["sender"], "alice@example.com", "{ev}");
+    assert_eq!(p["body"], "hello from a channel", "{ev}");
+    assert!(p["seq"].as_u64().is_some_and(|s| s >= 1), "{ev}");
+    // Each delivery is audited (without its body).
+    let audit = fs::read_to_string(svc.state_dir().join("audit.log")).unwrap_or_default();
+    assert!(audit.contains("\"op\":\"deliver\""), "{audit}");
+    assert!(
+        !audit.contains("hello from a channel"),
+        "a message body in the audit log"
+    );
+    // The gateway may not deliver (its profile does not list the channel): a tool it runs
+    // cannot either, and neither can a client through it.
+    let r = c.call(
+        "messages.send",
+        json!({"channel": "inbox", "recipient": "x", "body": "y"}),
+    );
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+}
