@@ -390,6 +390,25 @@ pub(crate) struct Audited<'a> {
     pub detail: String,
 }
 
+impl<'a> Audited<'a> {
+    /// A refusal decided by no rule: `op` on `target`, with the reason in `detail`.
+    pub(crate) fn refused(
+        op: &'a str,
+        target: impl Into<String>,
+        decision: AuditDecision,
+        detail: impl Into<String>,
+    ) -> Audited<'a> {
+        Audited {
+            op,
+            target: target.into(),
+            rule: None,
+            decision,
+            outcome: "refused".into(),
+            detail: detail.into(),
+        }
+    }
+}
+
 pub(crate) fn rule_ref(line: usize, why: &str) -> Option<RuleRef> {
     Some(RuleRef {
         line: u32::try_from(line).ok(),

@@ -69,14 +69,7 @@ impl Ops {
     ) -> Response {
         self.refuse(
             who,
-            Audited {
-                op: "auth",
-                target: UNKNOWN_TARGET.to_string(),
-                rule: None,
-                decision,
-                outcome: "refused".into(),
-                detail,
-            },
+            Audited::refused("auth", UNKNOWN_TARGET, decision, detail),
             code,
             message,
         )
@@ -175,14 +168,12 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "approvals",
-                        target: "pending approvals".into(),
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail: "the profile may not use approvals".into(),
-                    },
+                    Audited::refused(
+                        "approvals",
+                        "pending approvals",
+                        AuditDecision::Deny,
+                        "the profile may not use approvals",
+                    ),
                     ErrorCode::Denied,
                     format!(
                         "approvals: profile `{}` may not list approvals",
@@ -240,14 +231,7 @@ impl Ops {
             async move {
                 self.refuse(
                     who,
-                    Audited {
-                        op: "approve",
-                        target,
-                        rule: None,
-                        decision,
-                        outcome: "refused".into(),
-                        detail,
-                    },
+                    Audited::refused("approve", target, decision, detail),
                     code,
                     message,
                 )

@@ -210,14 +210,7 @@ impl Ops {
             async move {
                 self.refuse(
                     who,
-                    Audited {
-                        op: "deliver",
-                        target,
-                        rule: None,
-                        decision,
-                        outcome: "refused".into(),
-                        detail,
-                    },
+                    Audited::refused("deliver", target, decision, detail),
                     code,
                     message,
                 )
@@ -355,14 +348,7 @@ impl Ops {
         let refused = |detail: String, decision, code, message: String| async move {
             self.refuse(
                 who,
-                Audited {
-                    op: "inbound",
-                    target: QUEUE_TARGET.into(),
-                    rule: None,
-                    decision,
-                    outcome: "refused".into(),
-                    detail,
-                },
+                Audited::refused("inbound", QUEUE_TARGET, decision, detail),
                 code,
                 message,
             )
