@@ -25,6 +25,8 @@ use toml::Spanned;
 
 use crate::logging::LogFormat;
 
+mod channel;
+
 /// The embedded default configuration (`supervisor/config/default.toml`), used when no file
 /// is given and [`crate::paths::DEFAULT_CONFIG`] does not exist.
 pub const DEFAULT_CONFIG_TEXT: &str = include_str!("../config/default.toml");
@@ -802,16 +804,19 @@ fn child(
     } else {
         format!("[channels.{name}]")
     };
-    unknown_keys(
-        cx,
-        t,
-        if is_gateway {
-            GATEWAY_KEYS
-        } else {
-            CHANNEL_KEYS
-        },
-        &what,
-    );
+    // A channel with a `kind` is one of the built-in adapters (`carapace-channel`), configured
+    // by the kind's keys; without one, `program` names an adapter of the operator's own.
+    let kind = if is_gateway {
+        unknown_keys(cx, t, GATEWAY_KEYS, &what);
+        None
+    } else {
+        let kind = channel::kind_of(cx, t);
+        let bad_kind = t.get("kind").is_some() && kind.is_none();
+        if !bad_kind {
+            channel::check_keys(cx, t, kind, &what, CHANNEL_KEYS);
+        }
+        kind
+    };
 
     let program = match get_str(cx, t, "program", PROGRAM_EXPECTED) {
         Some((s, e)) => {
@@ -838,9 +843,15 @@ fn child(
             s.to_string()
         }
         None if is_gateway => "carapace-gateway".to_string(),
+        None if kind.is_some() => channel::ADAPTER_PROGRAM.to_string(),
         None => {
-            if t.get("program").is_none() {
-                cx.err(anchor, format!("{what} has no `program`"), PROGRAM_EXPECTED);
+            if t.get("program").is_none() && t.get("kind").is_none() {
+                cx.err(
+                    anchor,
+                    format!("{what} has no `kind` and no `program`"),
+                    "kind = \"telegram\", \"email\" or \"webhook\" (the built-in adapters), \
+                     or the `program` of an adapter of your own",
+                );
             }
             String::new()
         }
@@ -893,49 +904,24 @@ fn child(
         None => default_profile.to_string(),
     };
 
-    let allow_non_loopback = if is_gateway {
-        get_bool(cx, t, "allow_non_loopback", false)
-    } else {
-        false
-    };
-    let listen = if !is_gateway {
+    let listens = is_gateway || kind == Some("webhook");
+    let allow_non_loopback = listens && get_bool(cx, t, "allow_non_loopback", false);
+    let listen = if !listens {
         None
-    } else {
-        match get_str(cx, t, "listen", LISTEN_EXPECTED) {
+    } else if is_gateway {
+        match t.get("listen") {
             None => DEFAULT_LISTEN.parse().ok(),
-            Some(("none", _)) => None,
-            Some((s, e)) => match s.parse::<SocketAddr>() {
-                Err(_) => {
-                    cx.err(
-                        &e.node.span,
-                        format!("`listen` = {s:?} is not an address and port"),
-                        LISTEN_EXPECTED,
-                    );
-                    None
-                }
-                Ok(a) if a.port() == 0 => {
-                    cx.err(
-                        &e.node.span,
-                        "`listen` has port 0 (a random port nobody can find)",
-                        "a fixed port",
-                    );
-                    None
-                }
-                Ok(a) if !a.ip().is_loopback() && !allow_non_loopback => {
-                    cx.err(
-                        &e.node.span,
-                        format!(
-                            "`listen` = {s:?} is not a loopback address: the gateway would be \
-                             reachable from the network"
-                        ),
-                        "a loopback address (127.0.0.1, ::1), or `allow_non_loopback = true` \
-                         in [gateway] if it must be reachable from the network",
-                    );
-                    None
-                }
-                Ok(a) => Some(a),
-            },
+            Some(_) => listen_addr(cx, t, allow_non_loopback, ("the gateway", &what)),
         }
+    } else {
+        if t.get("listen").is_none() {
+            cx.err(
+                anchor,
+                format!("{what} has no `listen` (the address the webhook receives on)"),
+                LISTEN_EXPECTED,
+            );
+        }
+        listen_addr(cx, t, allow_non_loopback, ("the webhook", &what))
     };
 
     let workspace = get_path(cx, t, "workspace").unwrap_or_else(|| {
@@ -998,7 +984,11 @@ fn child(
         }
     }
 
-    let settings = is_gateway.then(|| gateway_settings(cx, t).to_string());
+    let settings = if is_gateway {
+        Some(gateway_settings(cx, t).to_string())
+    } else {
+        kind.map(|k| channel::settings(cx, t, (anchor, &what), name, k).to_string())
+    };
 
     ChildConfig {
         name: name.to_string(),
@@ -1012,6 +1002,52 @@ fn child(
         restart,
         environment,
         settings,
+    }
+}
+
+/// `listen` of a table: an address and port, loopback unless `allow_non_loopback`; None when
+/// absent, `"none"`, or wrong (reported).
+fn listen_addr(
+    cx: &mut Cx<'_>,
+    t: &Table,
+    allow_non_loopback: bool,
+    (who, what): (&str, &str),
+) -> Option<SocketAddr> {
+    match get_str(cx, t, "listen", LISTEN_EXPECTED)? {
+        ("none", _) => None,
+        (s, e) => match s.parse::<SocketAddr>() {
+            Err(_) => {
+                cx.err(
+                    &e.node.span,
+                    format!("`listen` = {s:?} is not an address and port"),
+                    LISTEN_EXPECTED,
+                );
+                None
+            }
+            Ok(a) if a.port() == 0 => {
+                cx.err(
+                    &e.node.span,
+                    "`listen` has port 0 (a random port nobody can find)",
+                    "a fixed port",
+                );
+                None
+            }
+            Ok(a) if !a.ip().is_loopback() && !allow_non_loopback => {
+                cx.err(
+                    &e.node.span,
+                    format!(
+                        "`listen` = {s:?} is not a loopback address: {who} would be reachable \
+                         from the network"
+                    ),
+                    &format!(
+                        "a loopback address (127.0.0.1, ::1), or `allow_non_loopback = true` \
+                         in {what} if it must be reachable from the network"
+                    ),
+                );
+                None
+            }
+            Ok(a) => Some(a),
+        },
     }
 }
 
@@ -1478,10 +1514,13 @@ profile = "channel-mail"
             "{e:?}"
         );
         assert_eq!(e.len(), 6, "{e:?}");
-        // A channel may not listen.
+        // Only a webhook channel listens.
         let e = errors("[channels.a]\nprogram = \"a\"\nlisten = \"127.0.0.1:1\"\n");
         assert!(
-            has(&e, "3:1: unknown key `listen` in [channels.a]"),
+            has(
+                &e,
+                "3:1: `listen` is a key of kind = \"webhook\", and [channels.a] has no `kind`"
+            ),
             "{e:?}"
         );
     }
@@ -1656,7 +1695,10 @@ profile = "channel-mail"
         assert!(has(&e, "1:11: invalid channel name \"Telegram\""), "{e:?}");
         assert!(has(&e, "3:11: invalid channel name \"gateway\""), "{e:?}");
         assert!(has(&e, "5:11: invalid channel name \"a b\""), "{e:?}");
-        assert!(has(&e, "7:11: [channels.ok] has no `program`"), "{e:?}");
+        assert!(
+            has(&e, "7:11: [channels.ok] has no `kind` and no `program`"),
+            "{e:?}"
+        );
         let e = errors("channels = 1\n");
         assert!(has(&e, "channels must be a table"), "{e:?}");
     }
@@ -1909,6 +1951,120 @@ bogus = 1
             has(&errors(&deep), "nested too deeply"),
             "{:?}",
             errors(&deep)
+        );
+    }
+
+    fn settings_of(c: &ChildConfig) -> serde_json::Value {
+        serde_json::from_str(c.settings.as_deref().expect("settings")).expect("json")
+    }
+
+    #[test]
+    fn built_in_channel_kinds_become_adapter_settings() {
+        let c = parse(
+            r#"
+[channels.tg]
+kind = "telegram"
+profile = "telegram"
+token_secret = "telegram_bot_token"
+api_base = "http://127.0.0.1:9999/"
+poll_timeout = "5s"
+
+[channels.mail]
+kind = "email"
+imap = "imap.example.com:993"
+smtp = "smtp.example.com:587"
+username = "agent@example.com"
+password_secret = "mail_password"
+from = "agent@example.com"
+
+[channels.hook]
+kind = "webhook"
+listen = "127.0.0.1:8751"
+hmac_secret = "hook_key"
+url = "https://hooks.example.com/agent"
+"#,
+        )
+        .expect("valid");
+        let tg = &c.channels["tg"];
+        assert_eq!(tg.program, "carapace-channel");
+        assert_eq!(tg.listen, None);
+        assert_eq!(
+            settings_of(tg),
+            serde_json::json!({"channel": "tg", "state_dir": "/workspace", "kind": "telegram",
+                "api_base": "http://127.0.0.1:9999", "token_secret": "telegram_bot_token",
+                "poll_timeout_ms": 5000})
+        );
+        let mail = settings_of(&c.channels["mail"]);
+        assert_eq!(mail["imap_security"], "tls");
+        assert_eq!(mail["smtp_security"], "starttls");
+        assert_eq!(mail["poll_interval_ms"], 60000);
+        assert_eq!(mail["password_secret"], "mail_password");
+        let hook = &c.channels["hook"];
+        assert_eq!(hook.listen, Some("127.0.0.1:8751".parse().unwrap()));
+        assert_eq!(settings_of(hook)["hmac_secret"], "hook_key");
+        // A channel of the operator's own keeps working without a kind, and gets no settings.
+        let own = parse("[channels.own]\nprogram = \"/opt/a\"\n").expect("valid");
+        assert_eq!(own.channels["own"].settings, None);
+    }
+
+    #[test]
+    fn channel_kind_errors_are_located() {
+        let e = errors("[channels.a]\nkind = \"irc\"\n");
+        assert!(has(&e, "2:8: unknown channel kind \"irc\""), "{e:?}");
+        let e = errors("[channels.a]\nkind = \"telegram\"\n");
+        assert!(has(&e, "1:11: [channels.a] has no `token_secret`"), "{e:?}");
+        let e = errors(
+            "[channels.a]\nkind = \"telegram\"\ntoken_secret = \"t\"\napi_base = \"http://api.telegram.org\"\n",
+        );
+        assert!(
+            has(
+                &e,
+                "4:12: `api_base` = \"http://api.telegram.org\": plain http"
+            ),
+            "{e:?}"
+        );
+        let e = errors(
+            "[channels.m]\nkind = \"email\"\nimap = \"mail.example.com:143\"\nimap_security = \"plain\"\nsmtp = \"mail.example.com\"\nusername = \"u\"\npassword_secret = \"p\"\nfrom = \"nobody\"\n",
+        );
+        assert!(
+            has(&e, "4:17: `imap_security` = \"plain\" for `imap`"),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "5:8: `smtp` = \"mail.example.com\": no `:port`"),
+            "{e:?}"
+        );
+        assert!(
+            has(&e, "8:8: `from` = \"nobody\" is not an address"),
+            "{e:?}"
+        );
+        // Plain transport to loopback is fine (a local server, tests).
+        parse("[channels.m]\nkind = \"email\"\nimap = \"127.0.0.1:1143\"\nimap_security = \"plain\"\nsmtp = \"[::1]:2525\"\nsmtp_security = \"plain\"\nusername = \"u\"\npassword_secret = \"p\"\nfrom = \"a@b\"\n")
+            .expect("loopback plain is allowed");
+        let e = errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\n");
+        assert!(has(&e, "1:11: [channels.w] has no `listen`"), "{e:?}");
+        let e = errors(
+            "[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\nlisten = \"0.0.0.0:80\"\n",
+        );
+        assert!(
+            has(&e, "the webhook would be reachable from the network"),
+            "{e:?}"
+        );
+        // Keys of another kind, or of a kind never named.
+        let e = errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\nlisten = \"127.0.0.1:1\"\ntoken_secret = \"t\"\n");
+        assert!(
+            has(&e, "5:1: unknown key `token_secret` in [channels.w]"),
+            "{e:?}"
+        );
+        let e = errors("[channels.w]\nprogram = \"/opt/a\"\ntoken_secret = \"t\"\n");
+        assert!(
+            has(&e, "3:1: `token_secret` is a key of kind = \"telegram\""),
+            "{e:?}"
+        );
+        let e = errors("[channels.a]\nprogram = \"a\"\nlisten = \"127.0.0.1:1\"\n");
+        assert!(
+            has(&e, "unknown key `listen`") || has(&e, "kind = \"webhook\""),
+            "{e:?}"
         );
     }
 }

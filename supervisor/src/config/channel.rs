@@ -1,0 +1,405 @@
+//! `[channels.NAME]` with a `kind`: the settings of a built-in channel adapter
+//! (`carapace-channel`), validated here with located errors and handed to the adapter as the
+//! JSON it reads from `$CARAPACE_CHANNEL_SETTINGS` (channels/src/settings.rs).
+//!
+//! The settings name secrets (policy `[secrets.NAME]`) and never hold one: the adapter asks the
+//! broker for the value. Every service address is configurable so that tests (and self-hosted
+//! services) can point at loopback; unencrypted transports (`http://`, `plain`) are accepted
+//! only for loopback hosts, where nothing crosses a network.
+
+use std::net::IpAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::{get_duration, get_str, unknown_keys, Cx, Table};
+
+/// The built-in adapter kinds.
+pub(super) const KINDS: &[&str] = &["telegram", "email", "webhook"];
+const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\"";
+
+/// The keys of each kind, besides the child keys every channel has.
+pub(super) const TELEGRAM_KEYS: &[&str] = &["api_base", "token_secret", "poll_timeout"];
+pub(super) const EMAIL_KEYS: &[&str] = &[
+    "imap",
+    "imap_security",
+    "smtp",
+    "smtp_security",
+    "username",
+    "password_secret",
+    "from",
+    "folder",
+    "poll_interval",
+];
+pub(super) const WEBHOOK_KEYS: &[&str] =
+    &["listen", "allow_non_loopback", "hmac_secret", "url", "path"];
+
+/// The program that runs the built-in kinds, next to the carapace executable.
+pub(super) const ADAPTER_PROGRAM: &str = "carapace-channel";
+
+const SECRET_EXPECTED: &str = "the name of a [secrets.NAME] of the policy";
+const HOSTPORT_EXPECTED: &str = "a host and port such as \"imap.example.com:993\"";
+const SECURITY_EXPECTED: &str =
+    "\"tls\" (implicit TLS), \"starttls\", or \"plain\" (loopback hosts only)";
+const ADDRESS_EXPECTED: &str = "an e-mail address such as \"agent@example.com\"";
+const URL_EXPECTED: &str =
+    "an https:// URL, or http:// to a loopback host, e.g. \"https://api.telegram.org\"";
+
+/// The kind-specific keys of `kind` (None: not a built-in kind).
+pub(super) fn kind_keys(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "telegram" => Some(TELEGRAM_KEYS),
+        "email" => Some(EMAIL_KEYS),
+        "webhook" => Some(WEBHOOK_KEYS),
+        _ => None,
+    }
+}
+
+/// `kind` of a channel table, checked; None when absent or wrong (the error is reported).
+pub(super) fn kind_of<'t>(cx: &mut Cx<'_>, t: &'t Table) -> Option<&'t str> {
+    let (k, e) = get_str(cx, t, "kind", KIND_EXPECTED)?;
+    if KINDS.contains(&k) {
+        Some(k)
+    } else {
+        cx.err(
+            &e.node.span,
+            format!("unknown channel kind {k:?}"),
+            KIND_EXPECTED,
+        );
+        None
+    }
+}
+
+/// Whether `host` (a name or an IP literal, brackets allowed) is loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Splits `host:port` (IPv6 in brackets); the reason when it is not one.
+pub(super) fn split_host_port(s: &str) -> Result<(&str, u16), &'static str> {
+    let (host, port) = s.rsplit_once(':').ok_or("no `:port`")?;
+    let port: u16 = port.parse().map_err(|_| "the port is not a number")?;
+    if port == 0 {
+        return Err("port 0");
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.is_empty()
+        || bare.len() > 253
+        || bare
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '/' | '@' | '?' | '#'))
+    {
+        return Err("not a host name or address");
+    }
+    if host.starts_with('[') != host.ends_with(']') {
+        return Err("unbalanced brackets");
+    }
+    Ok((host, port))
+}
+
+/// Splits an `http(s)://HOST[:PORT][/PATH]` URL into (https, host, port, path); the reason when
+/// it is not one the adapters can use.
+pub(super) fn split_url(url: &str) -> Result<(bool, &str, u16, &str), &'static str> {
+    let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err("not an http:// or https:// URL");
+    };
+    if url.contains(['?', '#', ' ', '\\']) || url.chars().any(char::is_control) {
+        return Err("a query, fragment, space or control character");
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err("credentials in the URL (name a secret instead)");
+    }
+    let default_port = if https { 443 } else { 80 };
+    let (host, port) = if authority.ends_with(']') || !authority.contains(':') {
+        (authority, default_port)
+    } else {
+        split_host_port(authority)?
+    };
+    if host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .is_empty()
+    {
+        return Err("no host");
+    }
+    Ok((https, host, port, path))
+}
+
+fn secret_name(
+    cx: &mut Cx<'_>,
+    t: &Table,
+    (anchor, what): (&Range<usize>, &str),
+    key: &str,
+    out: &mut Map<String, Value>,
+) {
+    match get_str(cx, t, key, SECRET_EXPECTED) {
+        Some((s, e)) => {
+            if s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                cx.err(
+                    &e.node.span,
+                    format!("`{key}` = {s:?} is not a secret name"),
+                    SECRET_EXPECTED,
+                );
+            }
+            out.insert(key.into(), s.into());
+        }
+        None if t.get(key).is_none() => {
+            missing(cx, anchor, what, key, SECRET_EXPECTED);
+        }
+        None => {}
+    }
+}
+
+/// A required key that is absent, reported at the table's name.
+fn missing(cx: &mut Cx<'_>, anchor: &Range<usize>, what: &str, key: &str, expected: &str) {
+    cx.err(anchor, format!("{what} has no `{key}`"), expected);
+}
+
+fn millis(d: Duration) -> Value {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).into()
+}
+
+/// A URL key: https, or http to a loopback host.
+fn url(cx: &mut Cx<'_>, t: &Table, key: &str, out: &mut Map<String, Value>) -> bool {
+    let Some((s, e)) = get_str(cx, t, key, URL_EXPECTED) else {
+        return false;
+    };
+    match split_url(s) {
+        Err(why) => cx.err(
+            &e.node.span,
+            format!("`{key}` = {s:?}: {why}"),
+            URL_EXPECTED,
+        ),
+        Ok((false, host, _, _)) if !is_loopback_host(host) => cx.err(
+            &e.node.span,
+            format!(
+                "`{key}` = {s:?}: plain http to a host that is not loopback would send the \
+                 credential and the messages unencrypted"
+            ),
+            URL_EXPECTED,
+        ),
+        Ok(_) => {
+            out.insert(key.into(), s.trim_end_matches('/').into());
+            return true;
+        }
+    }
+    false
+}
+
+/// A `host:port` key and its `*_security` companion.
+fn server(
+    cx: &mut Cx<'_>,
+    t: &Table,
+    (anchor, what): (&Range<usize>, &str),
+    key: &str,
+    security_key: &str,
+    default_security: &str,
+    out: &mut Map<String, Value>,
+) {
+    let host = match get_str(cx, t, key, HOSTPORT_EXPECTED) {
+        Some((s, e)) => match split_host_port(s) {
+            Ok((h, _)) => {
+                out.insert(key.into(), s.into());
+                Some(h.to_string())
+            }
+            Err(why) => {
+                cx.err(
+                    &e.node.span,
+                    format!("`{key}` = {s:?}: {why}"),
+                    HOSTPORT_EXPECTED,
+                );
+                None
+            }
+        },
+        None => {
+            if t.get(key).is_none() {
+                missing(cx, anchor, what, key, HOSTPORT_EXPECTED);
+            }
+            None
+        }
+    };
+    let security = match get_str(cx, t, security_key, SECURITY_EXPECTED) {
+        Some((s @ ("tls" | "starttls" | "plain"), e)) => Some((s, Some(e))),
+        Some((s, e)) => {
+            cx.err(
+                &e.node.span,
+                format!("`{security_key}` = {s:?} is not a transport security"),
+                SECURITY_EXPECTED,
+            );
+            None
+        }
+        None => Some((default_security, None)),
+    };
+    if let Some((sec, entry)) = security {
+        if sec == "plain" && host.as_deref().is_some_and(|h| !is_loopback_host(h)) {
+            let span = entry.map_or_else(|| anchor.clone(), |e| e.node.span.clone());
+            cx.err(
+                &span,
+                format!(
+                    "`{security_key}` = \"plain\" for `{key}`, which is not a loopback host: \
+                     the password and the mail would cross the network unencrypted"
+                ),
+                SECURITY_EXPECTED,
+            );
+        }
+        out.insert(security_key.into(), sec.into());
+    }
+}
+
+/// The settings JSON of a built-in `kind` (the child's keys are checked by the caller). The
+/// webhook's `listen` is read by the caller too (the supervisor binds it).
+pub(super) fn settings(
+    cx: &mut Cx<'_>,
+    t: &Table,
+    (anchor, what): (&Range<usize>, &str),
+    name: &str,
+    kind: &str,
+) -> Value {
+    let at = (anchor, what);
+    let mut out = Map::new();
+    out.insert("channel".into(), name.into());
+    out.insert("state_dir".into(), "/workspace".into());
+    out.insert("kind".into(), kind.into());
+    match kind {
+        "telegram" => {
+            if t.get("api_base").is_some() {
+                url(cx, t, "api_base", &mut out);
+            }
+            secret_name(cx, t, at, "token_secret", &mut out);
+            let d = get_duration(cx, t, "poll_timeout", Duration::from_secs(30));
+            if d > Duration::from_secs(50) {
+                if let Some(e) = t.get("poll_timeout") {
+                    cx.err(
+                        &e.node.span,
+                        "`poll_timeout` is longer than 50s (Telegram answers long polls within 50 s)",
+                        "a duration from 1s to 50s",
+                    );
+                }
+            }
+            out.insert("poll_timeout_ms".into(), millis(d));
+        }
+        "email" => {
+            server(cx, t, at, "imap", "imap_security", "tls", &mut out);
+            server(cx, t, at, "smtp", "smtp_security", "starttls", &mut out);
+            match get_str(cx, t, "username", "the account's login name") {
+                Some(("", e)) => cx.err(
+                    &e.node.span,
+                    "`username` is empty",
+                    "the account's login name",
+                ),
+                Some((s, _)) => {
+                    out.insert("username".into(), s.into());
+                }
+                None if t.get("username").is_none() => {
+                    missing(cx, anchor, what, "username", "the account's login name");
+                }
+                None => {}
+            }
+            secret_name(cx, t, at, "password_secret", &mut out);
+            match get_str(cx, t, "from", ADDRESS_EXPECTED) {
+                Some((s, e)) => {
+                    let ok = s.split_once('@').is_some_and(|(l, d)| {
+                        !l.is_empty()
+                            && !d.is_empty()
+                            && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+                            && !s.contains(['<', '>', ',', '"'])
+                    });
+                    if !ok {
+                        cx.err(
+                            &e.node.span,
+                            format!("`from` = {s:?} is not an address"),
+                            ADDRESS_EXPECTED,
+                        );
+                    }
+                    out.insert("from".into(), s.into());
+                }
+                None if t.get("from").is_none() => {
+                    missing(cx, anchor, what, "from", ADDRESS_EXPECTED)
+                }
+                None => {}
+            }
+            match get_str(cx, t, "folder", "a mailbox name such as \"INBOX\"") {
+                Some((s, e)) if s.is_empty() || s.chars().any(char::is_control) => cx.err(
+                    &e.node.span,
+                    format!("`folder` = {s:?} is not a mailbox name"),
+                    "a mailbox name such as \"INBOX\"",
+                ),
+                Some((s, _)) => {
+                    out.insert("folder".into(), s.into());
+                }
+                None => {}
+            }
+            let d = get_duration(cx, t, "poll_interval", Duration::from_secs(60));
+            out.insert("poll_interval_ms".into(), millis(d));
+        }
+        "webhook" => {
+            secret_name(cx, t, at, "hmac_secret", &mut out);
+            if t.get("url").is_some() {
+                url(cx, t, "url", &mut out);
+            }
+            if let Some((p, e)) = get_str(cx, t, "path", "an absolute URL path such as \"/hook\"") {
+                if !p.starts_with('/')
+                    || p.len() > 256
+                    || p.chars()
+                        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '?' | '#'))
+                {
+                    cx.err(
+                        &e.node.span,
+                        format!("`path` = {p:?} is not a URL path"),
+                        "an absolute URL path such as \"/hook\"",
+                    );
+                }
+                out.insert("path".into(), p.into());
+            }
+        }
+        _ => {}
+    }
+    Value::Object(out)
+}
+
+/// Report the kind-specific keys of other kinds (and any unknown key) of a channel table.
+pub(super) fn check_keys(
+    cx: &mut Cx<'_>,
+    t: &Table,
+    kind: Option<&str>,
+    what: &str,
+    child_keys: &[&str],
+) {
+    let mut known: Vec<&str> = child_keys.to_vec();
+    known.push("kind");
+    if let Some(k) = kind.and_then(kind_keys) {
+        known.extend_from_slice(k);
+    } else if kind.is_none() {
+        // Without a valid kind, say which keys belong to a kind rather than "unknown".
+        for e in &t.entries {
+            if known.contains(&e.key.as_str()) {
+                continue;
+            }
+            if let Some(k) = KINDS
+                .iter()
+                .find(|k| kind_keys(k).is_some_and(|ks| ks.contains(&e.key.as_str())))
+            {
+                cx.err(
+                    &e.key_span,
+                    format!(
+                        "`{}` is a key of kind = \"{k}\", and {what} has no `kind`",
+                        e.key
+                    ),
+                    &format!("kind = \"{k}\" in {what}"),
+                );
+            }
+        }
+        known.extend(KINDS.iter().filter_map(|k| kind_keys(k)).flatten());
+    }
+    unknown_keys(cx, t, &known, what);
+}
