@@ -7,10 +7,10 @@
 //!    systemd not to restart on);
 //! 2. kills and removes what a previous, killed supervisor left in its cgroup subtree;
 //! 3. starts the broker (audit log, approvals held in memory, dead letters) on a tokio
-//!    runtime, binds the gateway's listening socket (or takes it from systemd socket
-//!    activation) and the control socket;
+//!    runtime, binds the listening sockets of the gateway (or takes it from systemd socket
+//!    activation) and of webhook channels, and the control socket;
 //! 4. starts each configured child (the gateway, channel adapters) as a confined child with
-//!    its own broker socket (fd 3) and, for the gateway, the listener (fd 4), through exactly
+//!    its own broker socket (fd 3) and, where it has one, its listener (fd 4), through exactly
 //!    the spawn path of `carapace exec`. Each child has a thread of its own that forks it
 //!    (`PR_SET_PDEATHSIG` is tied to the forking thread) and waits for it, and restarts it with
 //!    exponential backoff; a crash loop stops the restarts and says so;
@@ -29,7 +29,7 @@
 //! async-signal-safe); the main thread reads it. Nothing here blocks signals, so the waits of
 //! the child threads (`Running::wait`'s `ppoll`) are merely restarted (EINTR) by them.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufRead as _, Read as _};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -183,8 +183,14 @@ struct Spec {
     settings: Option<String>,
 }
 
-/// Where the gateway reads its settings (gateway/src/settings.rs).
-const GATEWAY_SETTINGS_ENV: &str = "CARAPACE_GATEWAY_SETTINGS";
+/// Where a child reads its settings JSON: the gateway (gateway/src/settings.rs) or a built-in
+/// channel adapter (channels/src/settings.rs).
+fn settings_env(role: Role) -> &'static str {
+    match role {
+        Role::Gateway => "CARAPACE_GATEWAY_SETTINGS",
+        _ => "CARAPACE_CHANNEL_SETTINGS",
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Restart {
@@ -247,8 +253,10 @@ struct Live {
 struct Child {
     name: String,
     role: Role,
-    /// Whether it gets the listening socket at fd 4.
-    listens: bool,
+    /// The listening socket it gets at fd 4 (the gateway's, a webhook channel's), bound once
+    /// at start by the supervisor and kept across restarts: connections wait in its backlog
+    /// while the child is down.
+    listener: Option<OwnedFd>,
     spec: Mutex<Spec>,
     live: Mutex<Live>,
     wake: Condvar,
@@ -428,7 +436,6 @@ struct Env<'a> {
     policy: Arc<Policy>,
     target: Target,
     peers: &'a PeerServer,
-    listener: Option<&'a OwnedFd>,
     env: &'a [(std::ffi::OsString, std::ffi::OsString)],
 }
 
@@ -489,21 +496,17 @@ impl Child {
             run_as,
             env: child_env(env.env, &spec.environment),
             broker: brokered,
-            listener: self.listens && env.listener.is_some(),
+            listener: self.listener.is_some(),
             supervisor_env: spec
                 .settings
                 .iter()
-                .map(|s| (GATEWAY_SETTINGS_ENV.into(), s.into()))
+                .map(|s| (settings_env(self.role).into(), s.into()))
                 .collect(),
         };
         let launch =
             Launch::prepare(&plan, &opts, env.target.landlock_abi).map_err(|e| error_chain(&e))?;
         let fds = ChildFds::new(brokered)?;
-        let listener = if opts.listener {
-            env.listener.map(|l| l.as_fd())
-        } else {
-            None
-        };
+        let listener = self.listener.as_ref().map(|l| l.as_fd());
         let running = launch
             .spawn_with(cg.as_deref(), fds.io(listener))
             .map_err(|e| error_chain(&e))?;
@@ -562,7 +565,6 @@ impl Child {
                 policy: svc.policy(),
                 target: svc.target,
                 peers: &svc.peers,
-                listener: svc.listener.as_ref(),
                 env: &svc.env,
             };
             let outcome = self.run_once(&env);
@@ -702,7 +704,6 @@ struct PolicyInForce {
 struct Shared {
     target: Target,
     peers: PeerServer,
-    listener: Option<OwnedFd>,
     env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     policy: RwLock<PolicyInForce>,
 }
@@ -1347,27 +1348,32 @@ fn start(
     let (seq, head) = host.ops.audit_head();
     tracing::info!(seq, head = %head, "audit log head at start");
 
-    // The gateway's listener: systemd's, else ours.
-    let mut listener: Option<OwnedFd> = None;
-    if let Some(gw) = &cfg.gateway {
-        if let Some((fd, name)) = activated.into_iter().next() {
-            tracing::info!(
-                name = name.as_deref().unwrap_or("-"),
-                "gateway listener from systemd socket activation"
-            );
-            listener = Some(fd);
-        } else if let Some(addr) = gw.listen {
+    // The listeners: the gateway's (systemd's, else ours) and each webhook channel's. Bound
+    // before any child starts, so a port in use stops the start with a clear error.
+    let mut listeners: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    let mut activated = activated.into_iter();
+    for (_, c) in cfg.children() {
+        if c.is_gateway {
+            if let Some((fd, name)) = activated.next() {
+                tracing::info!(
+                    name = name.as_deref().unwrap_or("-"),
+                    "gateway listener from systemd socket activation"
+                );
+                listeners.insert(c.name.clone(), fd);
+                continue;
+            }
+        }
+        if let Some(addr) = c.listen {
             let l = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            tracing::info!(%addr, "gateway listener bound");
-            listener = Some(OwnedFd::from(l));
+                .map_err(|e| format!("cannot listen on {addr} for {}: {e}", c.name))?;
+            tracing::info!(child = %c.name, %addr, "listener bound");
+            listeners.insert(c.name.clone(), OwnedFd::from(l));
         }
     }
 
     let shared = Arc::new(Shared {
         target,
         peers: host.peers(),
-        listener,
         env,
         policy: RwLock::new(policy),
     });
@@ -1412,7 +1418,7 @@ fn start(
             } else {
                 Role::Channel
             },
-            listens: is_gateway,
+            listener: listeners.remove(&name),
             spec: Mutex::new(spec),
             live: Mutex::new(Live {
                 state: State::Starting,
