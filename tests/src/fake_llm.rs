@@ -2,7 +2,9 @@
 //!
 //! [`FakeLlm::start`] listens on `127.0.0.1:0` and answers every `POST .../chat/completions`
 //! (`/v1/chat/completions`, or the same path under any prefix) with the next [`Scripted`]
-//! reply, in order; once the script is exhausted it answers a text reply `"script exhausted"`.
+//! reply, in order; once the script is exhausted it answers a text reply `"script exhausted"`,
+//! or, after [`FakeLlm::echo_when_exhausted`], `"echo: "` followed by the request's last user
+//! message (what concurrent conversations need: each gets an answer of its own, in any order).
 //! Every request (any path) is recorded ([`FakeLlm::requests`]). HTTP/1.1 with `Content-Length`
 //! (or chunked) request bodies; connections are kept alive unless the client sends
 //! `Connection: close` (or speaks HTTP/1.0 without `keep-alive`). Other paths get 404 and do not
@@ -162,6 +164,8 @@ struct State {
     requests: Vec<RecordedRequest>,
     next_tool_call: u64,
     next_completion: u64,
+    /// Answer `echo: <last user message>` once the script is exhausted.
+    echo: bool,
 }
 
 #[derive(Debug)]
@@ -256,6 +260,12 @@ impl FakeLlm {
     /// Append replies to the script.
     pub fn push_all(&self, replies: impl IntoIterator<Item = Scripted>) {
         self.shared.state().script.extend(replies);
+    }
+
+    /// Once the script is exhausted, answer each request with `echo: ` and its last user
+    /// message's content.
+    pub fn echo_when_exhausted(&self) {
+        self.shared.state().echo = true;
     }
 
     /// Replies still in the script.
@@ -488,10 +498,14 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                     json!({"error": {"message": "fake LLM: POST only"}}).to_string(),
                 )
             } else {
-                let next = st
-                    .script
-                    .pop_front()
-                    .unwrap_or_else(|| Scripted::text("script exhausted"));
+                let next = match st.script.pop_front() {
+                    Some(n) => n,
+                    None if st.echo => Scripted::text(format!(
+                        "echo: {}",
+                        last_user_message(st.requests.last().map(|r| &r.body))
+                    )),
+                    None => Scripted::text("script exhausted"),
+                };
                 render(&mut st, next, &model)
             }
         };
@@ -510,6 +524,21 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// The content of the last `user` message of a chat-completions request body ("" if none).
+fn last_user_message(body: Option<&Value>) -> String {
+    body.and_then(|b| b.get("messages"))
+        .and_then(Value::as_array)
+        .and_then(|m| {
+            m.iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
 }
 
 /// The status and body of a scripted reply.
