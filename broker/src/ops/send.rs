@@ -203,6 +203,7 @@ impl Ops {
                 Ok(()) => Response::ok(OkReply::Send {
                     status: SendStatus::DeadLettered,
                     dlq_id: Some(id),
+                    outbox_id: None,
                 }),
                 Err(_) => Response::err(
                     ErrorCode::Unavailable,
@@ -260,6 +261,7 @@ impl Ops {
             Ok(Ok(())) => Response::ok(OkReply::Send {
                 status: SendStatus::Delivered,
                 dlq_id: None,
+                outbox_id: None,
             }),
             Ok(Err(e)) => Response::err(
                 ErrorCode::Unavailable,
