@@ -212,7 +212,10 @@ impl Ops {
             };
         }
         let (delivered, pattern_hits) = spec.redact_patterns(&clean);
-        let ChannelKind::File { path } = spec.kind.clone();
+        let path = match spec.kind.clone() {
+            ChannelKind::File { path } => path,
+            ChannelKind::Adapter => return Response::err(ErrorCode::Internal, "not yet"),
+        };
         if let Err(resp) = self
             .allow(
                 who,
@@ -291,7 +294,10 @@ impl Ops {
                 )
             })?;
         let (delivered, _) = spec.redact_patterns(&entry.body);
-        let ChannelKind::File { path } = spec.kind.clone();
+        let path = match spec.kind.clone() {
+            ChannelKind::File { path } => path,
+            ChannelKind::Adapter => return Err("not yet".into()),
+        };
         let line = Line {
             ts: now_rfc3339(),
             from: entry.who.clone(),
