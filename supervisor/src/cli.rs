@@ -126,6 +126,8 @@ pub enum Command {
     Approvals(crate::ctl::ApprovalsArgs),
     /// List, release or drop messages held in the dead-letter queue
     Dlq(crate::ctl::DlqArgs),
+    /// List, admit or drop inbound messages from senders a channel does not admit
+    Held(crate::ctl::HeldArgs),
     /// Verify or follow the broker's audit log
     #[command(subcommand)]
     Audit(crate::ctl::AuditCommand),
@@ -240,6 +242,7 @@ pub fn main() -> i32 {
         Command::Status(a) => crate::ctl::status(a),
         Command::Approvals(a) => crate::ctl::approvals(a),
         Command::Dlq(a) => crate::ctl::dlq(a),
+        Command::Held(a) => crate::ctl::held(a),
         Command::Audit(a) => crate::ctl::audit(a),
         Command::Reload(a) => crate::ctl::reload(a),
         Command::Token(a) => crate::ctl::token(a),

@@ -1068,6 +1068,8 @@ const AGENT_KEYS: &[&str] = &[
     "timeout",
     "max_tokens",
     "system_prompt",
+    "max_concurrent_runs",
+    "answer_channels",
 ];
 const BASE_URL_EXPECTED: &str =
     "an http:// or https:// URL of an OpenAI-compatible API, e.g. \"https://api.openai.com/v1\" or \"http://127.0.0.1:8080/v1\"";
@@ -1214,6 +1216,7 @@ fn gateway_settings(cx: &mut Cx<'_>, t: &Table) -> serde_json::Value {
                 ("max_turns", 1..=1000),
                 ("token_budget", 1..=100_000_000),
                 ("max_tokens", 1..=1_000_000),
+                ("max_concurrent_runs", 1..=64),
             ] {
                 if let Some(v) = get_int(cx, at, key, range) {
                     a.insert(key.into(), v.into());
@@ -1228,6 +1231,10 @@ fn gateway_settings(cx: &mut Cx<'_>, t: &Table) -> serde_json::Value {
             }
             if let Some((s, _)) = get_str(cx, at, "system_prompt", "a string") {
                 a.insert("system_prompt".into(), s.into());
+            }
+            if at.get("answer_channels").is_some() {
+                let b = get_bool(cx, at, "answer_channels", true);
+                a.insert("answer_channels".into(), b.into());
             }
             out.insert("agent".into(), a.into());
         }

@@ -33,6 +33,9 @@
 //! | `dlq_list`          |                                                | [`DlqList`]                |
 //! | `dlq_release`       | `id` (string)                                  | [`DlqLetter`] (the message released) |
 //! | `dlq_drop`          | `id` (string)                                  | `{"dropped":ID}`           |
+//! | `held_list`         |                                                | [`HeldList`]               |
+//! | `held_admit`        | `id` (string), `always` (bool, default false)  | [`Admitted`]               |
+//! | `held_drop`         | `id` (string)                                  | `{"dropped":ID}`           |
 //! | `audit_tail`        | `lines` (usize, default 10), `follow` (bool, default false) | a stream, see below |
 //! | `reload`            |                                                | [`ReloadReport`]           |
 //!
@@ -116,13 +119,16 @@ const MAX_POLL_BYTES: usize = 4 << 20;
 pub const RESOLUTIONS: [&str; 3] = ["allow-once", "allow-always", "deny"];
 
 /// The op names, in protocol order.
-pub const OPS: [&str; 8] = [
+pub const OPS: [&str; 11] = [
     "status",
     "approvals_list",
     "approvals_resolve",
     "dlq_list",
     "dlq_release",
     "dlq_drop",
+    "held_list",
+    "held_admit",
+    "held_drop",
     "audit_tail",
     "reload",
 ];
@@ -149,6 +155,16 @@ pub enum Request {
     DlqDrop {
         id: String,
     },
+    HeldList,
+    /// `always`: the sender reaches the agent from now on, not only this message.
+    HeldAdmit {
+        id: String,
+        #[serde(default)]
+        always: bool,
+    },
+    HeldDrop {
+        id: String,
+    },
     /// Served by the server itself from [`ControlHandler::audit_log`].
     AuditTail {
         #[serde(default = "default_tail_lines")]
@@ -173,6 +189,9 @@ impl Request {
             Request::DlqList => "dlq_list",
             Request::DlqRelease { .. } => "dlq_release",
             Request::DlqDrop { .. } => "dlq_drop",
+            Request::HeldList => "held_list",
+            Request::HeldAdmit { .. } => "held_admit",
+            Request::HeldDrop { .. } => "held_drop",
             Request::AuditTail { .. } => "audit_tail",
             Request::Reload => "reload",
         }
@@ -273,6 +292,57 @@ pub struct StatusReport {
     pub pending_approvals: usize,
     pub dead_letters: usize,
     pub audit: AuditStatus,
+    /// Each channel of the policy that an adapter serves or the broker queues for.
+    #[serde(default)]
+    pub channels: Vec<ChannelReport>,
+}
+
+/// A channel as the broker sees it: its adapter's last word, the traffic, what waits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelReport {
+    pub channel: String,
+    /// What its adapter last said (`channel_state`); None: it never said.
+    pub connected: Option<bool>,
+    /// The adapter's last error, when it reported one.
+    pub error: Option<String>,
+    /// RFC 3339 UTC of the last message in (delivered) and out (confirmed sent).
+    pub last_in: Option<String>,
+    pub last_out: Option<String>,
+    /// Inbound messages waiting for the agent.
+    pub queued: u64,
+    /// Inbound messages from senders not admitted, waiting for the operator.
+    pub held: u64,
+    /// Outbound messages waiting for (or being retried by) the adapter.
+    pub outbox: u64,
+    pub dead_lettered: u64,
+}
+
+/// A held inbound message: from a sender the channel does not admit (yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldInfo {
+    pub id: String,
+    pub channel: String,
+    pub sender: String,
+    pub conversation: String,
+    /// Redacted of known secret values; untrusted text.
+    pub body: String,
+    /// RFC 3339 UTC: when it arrived.
+    pub ts: String,
+}
+
+/// Result of `held_list`, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldList {
+    pub held: Vec<HeldInfo>,
+}
+
+/// Result of `held_admit`: the message's place in the inbound queue, and whether its sender is
+/// admitted for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admitted {
+    pub id: String,
+    pub seq: u64,
+    pub always: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1129,9 +1199,10 @@ async fn read_line_limited<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> io
 /// The fields an op takes besides `op`, or `None` for an unknown op.
 fn op_fields(op: &str) -> Option<&'static [&'static str]> {
     Some(match op {
-        "status" | "approvals_list" | "dlq_list" | "reload" => &[],
+        "status" | "approvals_list" | "dlq_list" | "held_list" | "reload" => &[],
         "approvals_resolve" => &["id", "resolution"],
-        "dlq_release" | "dlq_drop" => &["id"],
+        "dlq_release" | "dlq_drop" | "held_drop" => &["id"],
+        "held_admit" => &["id", "always"],
         "audit_tail" => &["lines", "follow"],
         _ => return None,
     })
@@ -1544,6 +1615,11 @@ mod tests {
                 Request::DlqList => Ok(serde_json::json!({"letters": [], "unreadable": []})),
                 Request::DlqRelease { id } => Ok(serde_json::json!({"released": id})),
                 Request::DlqDrop { id } => Ok(serde_json::json!({ "dropped": id })),
+                Request::HeldList => Ok(serde_json::json!({"held": []})),
+                Request::HeldAdmit { id, always } => {
+                    Ok(serde_json::json!({"id": id, "seq": 1, "always": always}))
+                }
+                Request::HeldDrop { id } => Ok(serde_json::json!({ "dropped": id })),
                 Request::Reload => Err("policy.toml:3:1: unknown key \"x\"".to_string()),
                 Request::AuditTail { .. } => Err("audit_tail reached the handler".to_string()),
             }
@@ -1584,6 +1660,7 @@ mod tests {
             }],
             pending_approvals: 1,
             dead_letters: 0,
+            channels: Vec::new(),
             audit: AuditStatus {
                 path: "/var/lib/carapace/audit.log".to_string(),
                 seq: 17,
@@ -1708,6 +1785,18 @@ mod tests {
                 Request::DlqDrop { id: "a-1".into() },
                 r#"{"op":"dlq_drop","id":"a-1"}"#,
             ),
+            (Request::HeldList, r#"{"op":"held_list"}"#),
+            (
+                Request::HeldAdmit {
+                    id: "h-1".into(),
+                    always: true,
+                },
+                r#"{"op":"held_admit","id":"h-1","always":true}"#,
+            ),
+            (
+                Request::HeldDrop { id: "h-1".into() },
+                r#"{"op":"held_drop","id":"h-1"}"#,
+            ),
             (
                 Request::AuditTail {
                     lines: 5,
@@ -1767,6 +1856,12 @@ mod tests {
             Request::DlqList,
             Request::DlqRelease { id: "x-1".into() },
             Request::DlqDrop { id: "x-2".into() },
+            Request::HeldList,
+            Request::HeldAdmit {
+                id: "h-1".into(),
+                always: false,
+            },
+            Request::HeldDrop { id: "h-2".into() },
         ];
         let status = call(&s.path, &Request::Status).unwrap();
         let status: StatusReport = serde_json::from_value(status).unwrap();

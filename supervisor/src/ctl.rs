@@ -17,8 +17,8 @@ use serde_json::Value;
 use crate::broker_host::{write_private_bytes, PendingFile};
 use crate::cli::error_chain;
 use crate::control::{
-    self, ApprovalsList, ControlError, DlqLetter, DlqList, ReloadReport, Request, Resolved,
-    StatusReport,
+    self, Admitted, ApprovalsList, ControlError, DlqLetter, DlqList, HeldList, ReloadReport,
+    Request, Resolved, StatusReport,
 };
 
 /// Exit status: done.
@@ -122,6 +122,43 @@ pub enum DlqCommand {
         id: String,
     },
     /// Delete a held message
+    Drop {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+/// `carapace held`.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Inbound messages from senders a channel does not admit. A message from anyone \
+                  the policy's `senders` of the channel does not list is held: audited (channel \
+                  and sender, never the body), never shown to the agent, and listed here. Admit \
+                  it (once, or --always: the sender reaches the agent from now on) or drop it.",
+    after_help = "Exit status: 0 ok, 1 the supervisor refused (no such message, ...), 2 usage, \
+                  3 no supervisor is running.\n\nExamples:\n  carapace held list\n  \
+                  carapace held admit ID --always\n  carapace held drop ID"
+)]
+pub struct HeldArgs {
+    #[command(flatten)]
+    pub opts: CtlOpts,
+    #[command(subcommand)]
+    pub command: HeldCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HeldCommand {
+    /// Messages held for the operator, oldest first
+    List,
+    /// Let a held message reach the agent (it is answered like any other)
+    Admit {
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Admit its sender on that channel for good (kept across restarts)
+        #[arg(long)]
+        always: bool,
+    },
+    /// Delete a held message unread
     Drop {
         #[arg(value_name = "ID")]
         id: String,
@@ -474,6 +511,33 @@ pub fn format_status(s: &StatusReport) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    if !s.channels.is_empty() {
+        out.push('\n');
+        let mut rows = vec![[
+            "CHANNEL", "ADAPTER", "LAST IN", "LAST OUT", "QUEUED", "HELD", "OUTBOX", "DEAD",
+            "ERROR",
+        ]
+        .map(str::to_string)
+        .to_vec()];
+        for c in &s.channels {
+            rows.push(vec![
+                clean(&c.channel),
+                match c.connected {
+                    Some(true) => "connected".to_string(),
+                    Some(false) => "disconnected".to_string(),
+                    None => "-".to_string(),
+                },
+                opt(c.last_in.as_deref(), clean),
+                opt(c.last_out.as_deref(), clean),
+                c.queued.to_string(),
+                c.held.to_string(),
+                c.outbox.to_string(),
+                c.dead_lettered.to_string(),
+                opt(c.error.as_deref(), clean),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
     out
 }
 
@@ -792,6 +856,82 @@ pub fn dlq_to(a: &DlqArgs, t: &mut Term<'_>) -> i32 {
         }
         Request::DlqDrop { .. } => t.json(&v),
         _ => t.print_as::<DlqList>(&v, json, format_dlq),
+    }
+    EXIT_OK
+}
+
+/// Held messages, for people.
+pub fn format_held(l: &HeldList) -> String {
+    let mut out = String::new();
+    if l.held.is_empty() {
+        out.push_str("no held messages\n");
+    }
+    for h in &l.held {
+        let _ = writeln!(
+            out,
+            "{}  {}  {}  from {} (conversation {})",
+            clean(&h.id),
+            clean(&h.ts),
+            clean(&h.channel),
+            clean(&h.sender),
+            clean(&h.conversation)
+        );
+        let _ = writeln!(
+            out,
+            "    body ({} bytes): {}",
+            h.body.len(),
+            body_preview(&h.body)
+        );
+    }
+    out
+}
+
+/// `carapace held ...`.
+pub fn held(a: HeldArgs) -> i32 {
+    on_terminal(|t| held_to(&a, t))
+}
+
+pub fn held_to(a: &HeldArgs, t: &mut Term<'_>) -> i32 {
+    let req = match &a.command {
+        HeldCommand::List => Request::HeldList,
+        HeldCommand::Admit { id, .. } | HeldCommand::Drop { id }
+            if !carapace_broker::dlq::valid_id(id) =>
+        {
+            t.err(&format!(
+                "{:?} is not a held message id (letters, digits, '-', '_'; see `carapace held list`)",
+                clean(id)
+            ));
+            return EXIT_USAGE;
+        }
+        HeldCommand::Admit { id, always } => Request::HeldAdmit {
+            id: id.clone(),
+            always: *always,
+        },
+        HeldCommand::Drop { id } => Request::HeldDrop { id: id.clone() },
+    };
+    let v = match control::call(&a.opts.socket(), &req) {
+        Ok(v) => v,
+        Err(e) => return t.fail(&e),
+    };
+    let json = a.opts.json;
+    match req {
+        Request::HeldAdmit { .. } => t.print_as::<Admitted>(&v, json, |d| {
+            format!(
+                "admitted {}: queued for the agent as #{}{}\n",
+                clean(&d.id),
+                d.seq,
+                if d.always {
+                    "; its sender is admitted for good"
+                } else {
+                    ""
+                }
+            )
+        }),
+        Request::HeldDrop { id } if !json => {
+            t.out(&format!("dropped {}\n", clean(&id)));
+        }
+        Request::HeldDrop { .. } => t.json(&v),
+        _ => t.print_as::<HeldList>(&v, json, format_held),
     }
     EXIT_OK
 }
@@ -1306,6 +1446,17 @@ mod tests {
                 seq: 17,
                 head: "cd".repeat(32),
             },
+            channels: vec![crate::control::ChannelReport {
+                channel: "slack".to_string(),
+                connected: Some(false),
+                error: Some("connect: refused".to_string()),
+                last_in: Some("2026-11-21T14:01:00.000000Z".to_string()),
+                last_out: None,
+                queued: 2,
+                held: 1,
+                outbox: 3,
+                dead_lettered: 0,
+            }],
         }
     }
 
@@ -1352,6 +1503,9 @@ audit:         /var/lib/carapace/audit.log (seq 17, head cdcdcdcdcdcdcdcd…)
 NAME     ROLE     PROFILE  STATE    PID  UPTIME  RESTARTS  MEMORY    CPU    TASKS  LAST EXIT
 gateway  gateway  gateway  running  777  1m05s   1         12.0 MiB  1.50s  3      signal=9
 slack    channel  channel  backoff  -    -       12        -         -      -      exit=1
+
+CHANNEL  ADAPTER       LAST IN                      LAST OUT  QUEUED  HELD  OUTBOX  DEAD  ERROR
+slack    disconnected  2026-11-21T14:01:00.000000Z  -         2       1     3       0     connect: refused
 ";
         assert_eq!(out, want, "\n{out}");
         // A failed reload, no children, no policy files, hostile names.
@@ -1733,6 +1887,23 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
                 Request::DlqRelease { id } | Request::DlqDrop { id } => {
                     Err(format!("dead-letter queue: no entry {id}"))
                 }
+                Request::HeldList => serde_json::to_value(HeldList {
+                    held: vec![crate::control::HeldInfo {
+                        id: "00007-1-0".to_string(),
+                        channel: "tg".to_string(),
+                        sender: "222".to_string(),
+                        conversation: "222".to_string(),
+                        body: "let me in".to_string(),
+                        ts: "2026-11-21T14:03:00.000000Z".to_string(),
+                    }],
+                })
+                .map_err(|e| e.to_string()),
+                Request::HeldAdmit { id, always } if id == "00007-1-0" => {
+                    Ok(serde_json::json!({"id": id, "seq": 9, "always": always}))
+                }
+                Request::HeldAdmit { id, .. } | Request::HeldDrop { id } => {
+                    Err(format!("no held message {id}"))
+                }
                 Request::Reload => Err("policy.toml:1:1: expected a table".to_string()),
                 Request::AuditTail { .. } => Err("not here".to_string()),
             }
@@ -1813,6 +1984,13 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
             run(|t| dlq_to(&a, t))
         };
         let reload = || run(|t| reload_to(&ReloadArgs { opts: opts(&sock) }, t));
+        let held = |command| {
+            let a = HeldArgs {
+                opts: opts(&sock),
+                command,
+            };
+            run(|t| held_to(&a, t))
+        };
 
         // No supervisor: 3 for everything that needs one, with the reason on stderr.
         let (code, out, err) = status(false);
@@ -1825,6 +2003,15 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
         assert!(err.contains("start one with `carapace run`"), "{err}");
         assert_eq!(reload().0, EXIT_NO_DAEMON);
         assert_eq!(dlq(DlqCommand::List).0, EXIT_NO_DAEMON);
+        assert_eq!(held(HeldCommand::List).0, EXIT_NO_DAEMON);
+        assert_eq!(
+            held(HeldCommand::Admit {
+                id: "a/b".into(),
+                always: false
+            })
+            .0,
+            EXIT_USAGE
+        );
         assert_eq!(tail(false).0, EXIT_NO_DAEMON);
         assert_eq!(allow("5").0, EXIT_NO_DAEMON);
         // `approvals list` still lists the state directory's (nothing here).
@@ -1904,6 +2091,29 @@ unreadable /var/lib/carapace/dlq/x.json: not JSON
         assert_eq!(
             dlq(DlqCommand::List),
             (EXIT_OK, "no dead letters\n".to_string(), String::new())
+        );
+        let (code, out, _) = held(HeldCommand::List);
+        assert_eq!(code, EXIT_OK);
+        assert_eq!(
+            out,
+            "00007-1-0  2026-11-21T14:03:00.000000Z  tg  from 222 (conversation 222)\n    body (9 bytes): \"let me in\"\n"
+        );
+        assert_eq!(
+            held(HeldCommand::Admit {
+                id: "00007-1-0".into(),
+                always: true
+            }),
+            (
+                EXIT_OK,
+                "admitted 00007-1-0: queued for the agent as #9; its sender is admitted for good\n"
+                    .to_string(),
+                String::new()
+            )
+        );
+        let (code, _, err) = held(HeldCommand::Drop { id: "x-2".into() });
+        assert_eq!(
+            (code, err.as_str()),
+            (EXIT_FAILED, "carapace: no held message x-2\n")
         );
         let (code, _, err) = dlq(DlqCommand::Release { id: "x-1".into() });
         assert_eq!(

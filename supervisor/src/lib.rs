@@ -26,3 +26,4 @@ pub mod sdnotify;
 pub mod seccomp;
 pub mod service;
 pub mod spawn;
+pub mod wiring;

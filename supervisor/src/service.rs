@@ -784,6 +784,16 @@ fn load_policy(cfg: &Config) -> Result<PolicyInForce, String> {
             ));
         }
     }
+    let wiring = crate::wiring::check(cfg, &policy);
+    for w in &wiring.warnings {
+        tracing::warn!("{w}");
+    }
+    if !wiring.errors.is_empty() {
+        return Err(format!(
+            "the channels are not wired to the policy {name}:\n  {}",
+            wiring.errors.join("\n  ")
+        ));
+    }
     Ok(PolicyInForce {
         policy: Arc::new(policy),
         files: vec![name],
@@ -993,6 +1003,23 @@ impl Service {
             last_reload_error: lock(&self.last_reload_error).clone(),
             children,
             pending_approvals: self.host.approvals.list().len(),
+            channels: self
+                .host
+                .ops
+                .channel_stats()
+                .into_iter()
+                .map(|c| control::ChannelReport {
+                    channel: c.channel,
+                    connected: c.connected,
+                    error: c.error,
+                    last_in: c.last_in,
+                    last_out: c.last_out,
+                    queued: c.queued,
+                    held: c.held,
+                    outbox: c.outbox,
+                    dead_lettered: c.dead_lettered,
+                })
+                .collect(),
             dead_letters: self
                 .host
                 .ops
@@ -1200,6 +1227,33 @@ impl ControlHandler for Handler {
             Request::DlqDrop { id } => {
                 svc.host.ops.drop_dead_letter(&id)?;
                 tracing::info!(id = %id, "dead letter dropped by the operator");
+                Ok(serde_json::json!({ "dropped": id }))
+            }
+            Request::HeldList => {
+                let held = svc
+                    .host
+                    .ops
+                    .held_messages()
+                    .into_iter()
+                    .map(|h| control::HeldInfo {
+                        id: h.id,
+                        channel: h.channel,
+                        sender: h.sender,
+                        conversation: h.conversation,
+                        body: h.body,
+                        ts: h.ts,
+                    })
+                    .collect();
+                to_value(serde_json::to_value(control::HeldList { held }))
+            }
+            Request::HeldAdmit { id, always } => {
+                let seq = svc.host.ops.admit_held(&id, always, Some("operator"))?;
+                tracing::info!(id = %id, seq, always, "held message admitted by the operator");
+                to_value(serde_json::to_value(control::Admitted { id, seq, always }))
+            }
+            Request::HeldDrop { id } => {
+                svc.host.ops.drop_held(&id, Some("operator"))?;
+                tracing::info!(id = %id, "held message dropped by the operator");
                 Ok(serde_json::json!({ "dropped": id }))
             }
             Request::Reload => to_value(serde_json::to_value(svc.reload()?)),

@@ -1,0 +1,271 @@
+//! The wiring between the configuration and the policy for channels: what `carapace run` (and
+//! `--check`) verifies before it starts anything, so that a channel that could never work is a
+//! start-up error with its reason rather than an adapter failing in a restart loop.
+//!
+//! For each `[channels.NAME]` of the configuration with a built-in `kind`:
+//! - the policy has a `[channels.NAME]` of `kind = "adapter"` (what the broker routes `send`
+//!   to, and what the adapter delivers on);
+//! - the adapter's profile has a broker section that `deliver`s the channel, lists the secret
+//!   the configuration names, and may `connect` to every service address the configuration
+//!   gives (a loopback address needs `allow_private` in the rule, like any other);
+//! - the gateway's profile may `send` on the channel (else the agent could never answer: a
+//!   warning, since a channel may be inbound-only on purpose).
+
+use carapace_policy::broker::{BrokerRules, ChannelKind};
+use carapace_policy::Policy;
+
+use crate::config::{ChildConfig, Config};
+
+/// What is wrong (errors: the start is refused) and worth saying (warnings).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Wiring {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The secret-naming keys of the built-in kinds' settings.
+const SECRET_KEYS: &[&str] = &["token_secret", "password_secret", "hmac_secret"];
+
+/// The (host, port) pairs an adapter's settings say it connects to.
+fn endpoints(settings: &serde_json::Value) -> Vec<(String, u16)> {
+    let mut out = Vec::new();
+    let kind = settings.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let url_of = |key: &str, default: Option<&str>| -> Option<(String, u16)> {
+        let u = settings.get(key).and_then(|v| v.as_str()).or(default)?;
+        let (https, rest) = match u.strip_prefix("https://") {
+            Some(r) => (true, r),
+            None => (false, u.strip_prefix("http://")?),
+        };
+        let authority = rest.split('/').next().unwrap_or("");
+        host_port(authority, if https { 443 } else { 80 })
+    };
+    match kind {
+        "telegram" => out.extend(url_of("api_base", Some("https://api.telegram.org"))),
+        "webhook" => out.extend(url_of("url", None)),
+        "email" => {
+            for key in ["imap", "smtp"] {
+                if let Some(hp) = settings.get(key).and_then(|v| v.as_str()) {
+                    out.extend(host_port(hp, 0));
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// `host[:port]` (IPv6 in brackets, kept) with `default_port` when none is written.
+fn host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
+    if s.ends_with(']') || !s.contains(':') {
+        return (default_port != 0).then(|| (s.to_string(), default_port));
+    }
+    let (h, p) = s.rsplit_once(':')?;
+    Some((h.to_string(), p.parse().ok()?))
+}
+
+fn check_channel(name: &str, c: &ChildConfig, policy: &Policy, w: &mut Wiring) {
+    let Some(settings) = c
+        .settings
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+    else {
+        // An adapter of the operator's own: the policy is all it has; nothing to compare.
+        return;
+    };
+    let kind = settings.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+    let what = format!("[channels.{name}] (kind = \"{kind}\")");
+    match policy.channels().find(|s| s.name == name) {
+        None => w.errors.push(format!(
+            "{what}: the policy has no [channels.{name}]; add one with kind = \"adapter\" \
+             (see docs/channels.md)"
+        )),
+        Some(spec) if !matches!(spec.kind, ChannelKind::Adapter) => w.errors.push(format!(
+            "{what}: the policy's [channels.{name}] (line {}) is not kind = \"adapter\", so \
+             nothing the agent sends on it would reach the adapter",
+            spec.line
+        )),
+        Some(_) => {}
+    }
+    let Some(rules) = policy.broker_view(&c.profile) else {
+        w.errors.push(format!(
+            "{what}: its profile `{}` has no [profiles.{}.broker] section: the adapter could \
+             reach neither its service nor the broker's queue",
+            c.profile, c.profile
+        ));
+        return;
+    };
+    check_rules(name, &what, &settings, &rules, w);
+}
+
+fn check_rules(
+    name: &str,
+    what: &str,
+    settings: &serde_json::Value,
+    rules: &BrokerRules,
+    w: &mut Wiring,
+) {
+    let profile = &rules.profile;
+    if rules.deliver_channel(name).is_none() {
+        w.errors.push(format!(
+            "{what}: profile `{profile}` does not `deliver` the channel (add \"{name}\" to \
+             deliver in [profiles.{profile}.broker])"
+        ));
+    }
+    for key in SECRET_KEYS {
+        if let Some(secret) = settings.get(*key).and_then(|v| v.as_str()) {
+            if rules.secret(secret).is_none() {
+                w.errors.push(format!(
+                    "{what}: `{key}` = \"{secret}\", but profile `{profile}` may not fetch that \
+                     secret (add it to secrets in [profiles.{profile}.broker], and a \
+                     [secrets.{secret}] if there is none)"
+                ));
+            }
+        }
+    }
+    for (host, port) in endpoints(settings) {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if rules.connect_allowed(bare, port).is_none() {
+            w.errors.push(format!(
+                "{what}: profile `{profile}` may not connect to {host}:{port}, the service the \
+                 configuration names (add a connect rule to [profiles.{profile}.broker]{})",
+                if bare.parse::<std::net::IpAddr>().is_ok() || bare == "localhost" {
+                    " with allow_private = true for a local address"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+}
+
+/// Check every channel of `cfg` against `policy`.
+pub fn check(cfg: &Config, policy: &Policy) -> Wiring {
+    let mut w = Wiring::default();
+    for (name, c) in &cfg.channels {
+        check_channel(name, c, policy, &mut w);
+    }
+    if let Some(gw) = &cfg.gateway {
+        let rules = policy.broker_view(&gw.profile);
+        for (name, c) in &cfg.channels {
+            if c.settings.is_none() {
+                continue;
+            }
+            if rules.as_ref().and_then(|r| r.channel(name)).is_none() {
+                w.warnings.push(format!(
+                    "the gateway's profile `{}` may not send on channel `{name}`: the agent \
+                     cannot answer messages that come in on it",
+                    gw.profile
+                ));
+            }
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wiring(config: &str, policy_extra: &str) -> Wiring {
+        let cfg = Config::parse(config, "c.toml").expect("config");
+        let text = format!("{}\n{policy_extra}\n", crate::cli::DEFAULT_POLICY);
+        let policy = Policy::parse(&text, "p.toml").expect("policy");
+        check(&cfg, &policy)
+    }
+
+    const CONFIG: &str = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "telegram"
+profile = "tg"
+token_secret = "bot"
+api_base = "http://127.0.0.1:8081"
+"#;
+
+    const GOOD: &str = r#"
+[secrets.bot]
+why = "bot token"
+file = "/etc/carapace/bot"
+[channels.tg]
+why = "telegram"
+kind = "adapter"
+recipients = []
+reply_to_senders = true
+[profiles.tg]
+why = "adapter"
+extends = "channel"
+[profiles.tg.broker]
+connect = [{ host = "127.0.0.1", port = 8081, allow_private = true, why = "the fake API" }]
+secrets = ["bot"]
+deliver = ["tg"]
+[profiles.agent]
+why = "gateway"
+extends = "gateway"
+[profiles.agent.broker]
+channels = ["tg"]
+"#;
+
+    #[test]
+    fn a_wired_channel_passes() {
+        assert_eq!(wiring(CONFIG, GOOD), Wiring::default());
+    }
+
+    #[test]
+    fn each_missing_wire_is_named() {
+        let w = wiring(CONFIG, &GOOD.replace("deliver = [\"tg\"]", ""));
+        assert!(
+            w.errors.iter().any(|e| e.contains("does not `deliver`")),
+            "{w:?}"
+        );
+        let w = wiring(CONFIG, &GOOD.replace("secrets = [\"bot\"]", ""));
+        assert!(
+            w.errors
+                .iter()
+                .any(|e| e.contains("may not fetch that secret")),
+            "{w:?}"
+        );
+        let w = wiring(CONFIG, &GOOD.replace("port = 8081", "port = 8082"));
+        assert!(
+            w.errors
+                .iter()
+                .any(|e| e.contains("may not connect to 127.0.0.1:8081")),
+            "{w:?}"
+        );
+        let w = wiring(CONFIG, &GOOD.replace("channels = [\"tg\"]", ""));
+        assert!(w.errors.is_empty(), "{w:?}");
+        assert!(
+            w.warnings.iter().any(|e| e.contains("cannot answer")),
+            "{w:?}"
+        );
+        let file_kind = GOOD.replace(
+            "kind = \"adapter\"\nrecipients = []\nreply_to_senders = true",
+            "kind = \"file\"\npath = \"/tmp/x\"\nrecipients = []",
+        );
+        let w = wiring(CONFIG, &file_kind);
+        assert!(
+            w.errors
+                .iter()
+                .any(|e| e.contains("is not kind = \"adapter\"")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn endpoints_of_each_kind() {
+        let e = |v: serde_json::Value| endpoints(&v);
+        assert_eq!(
+            e(serde_json::json!({"kind": "telegram"})),
+            vec![("api.telegram.org".to_string(), 443)]
+        );
+        assert_eq!(
+            e(serde_json::json!({"kind": "email", "imap": "[::1]:143", "smtp": "m.example:587"})),
+            vec![("[::1]".to_string(), 143), ("m.example".to_string(), 587)]
+        );
+        assert_eq!(
+            e(serde_json::json!({"kind": "webhook", "url": "http://127.0.0.1:9/r"})),
+            vec![("127.0.0.1".to_string(), 9)]
+        );
+        assert!(e(serde_json::json!({"kind": "webhook"})).is_empty());
+    }
+}
