@@ -258,6 +258,16 @@ impl FakeTelegram {
             })
     }
 
+    /// Wait until `n` messages were sent to chat `chat` (within `limit`); whether they were.
+    /// Waits on the server's own signal, so many waiting threads cost nothing while idle.
+    pub fn wait_sent_to(&self, chat: i64, n: usize, limit: Duration) -> bool {
+        let to_chat = |m: &Value| m["chat_id"].to_string().trim_matches('"') == chat.to_string();
+        self.wait(limit, |st| {
+            (st.sent.iter().filter(|m| to_chat(m)).count() >= n).then_some(())
+        })
+        .is_some()
+    }
+
     /// The highest `offset` a `getUpdates` asked with.
     pub fn offset(&self) -> Option<i64> {
         self.shared.state().offset

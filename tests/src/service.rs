@@ -31,57 +31,59 @@ use crate::{
 // ------------------------------------------------------------------------------------------
 // The gateway binary
 
-fn build_gateway(profile_dir: &Path) -> PathBuf {
+/// Build `bin` of workspace package `package` into `profile_dir` (cargo does nothing when it is
+/// fresh); its path.
+fn build_bin(profile_dir: &Path, package: &str, bin: &str) -> PathBuf {
     let target_dir = profile_dir.parent().unwrap_or(profile_dir).to_path_buf();
     let release = profile_dir.file_name() == Some(OsStr::new("release"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(repo_root())
-        .args([
-            "build",
-            "-p",
-            "carapace-gateway",
-            "--bin",
-            "carapace-gateway",
-        ])
+        .args(["build", "-p", package, "--bin", bin])
         .env("CARGO_TARGET_DIR", &target_dir);
     if release {
         cmd.arg("--release");
     }
-    eprintln!("carapace-tests: building carapace-gateway: {cmd:?}");
+    eprintln!("carapace-tests: building {bin}: {cmd:?}");
     let s = cmd
         .status()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build carapace-gateway: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run cargo to build {bin}: {e}"));
     assert!(
         s.success(),
-        "`cargo build -p carapace-gateway` failed ({s}); set CARAPACE_GATEWAY_BIN to a built \
-         binary"
+        "`cargo build -p {package}` failed ({s}); set the binary's *_BIN variable to a built one"
     );
-    profile_dir.join("carapace-gateway")
+    profile_dir.join(bin)
+}
+
+/// The profile directory (`target/debug`) of this test executable.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    exe.parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()))
+        .to_path_buf()
 }
 
 /// The gateway binary: `$CARAPACE_GATEWAY_BIN`, else built with cargo into the target directory
 /// of this test executable (cargo does nothing when it is fresh). Built once per test process.
 pub fn gateway_bin() -> &'static Path {
     static B: OnceLock<PathBuf> = OnceLock::new();
-    B.get_or_init(|| {
-        if let Some(p) = std::env::var_os("CARAPACE_GATEWAY_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()))
-            .to_path_buf();
-        build_gateway(&profile_dir)
+    B.get_or_init(|| match std::env::var_os("CARAPACE_GATEWAY_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => build_bin(&profile_dir(), "carapace-gateway", "carapace-gateway"),
     })
 }
 
-// ------------------------------------------------------------------------------------------
-// A supervisor under test
+/// The channel adapter binary (`carapace-channel`): `$CARAPACE_CHANNEL_BIN`, else built like
+/// [`gateway_bin`].
+pub fn channel_bin() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| match std::env::var_os("CARAPACE_CHANNEL_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => build_bin(&profile_dir(), "carapace-channels", "carapace-channel"),
+    })
+}
 
-/// A loopback TCP port that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
     l.local_addr().map(|a| a.port()).unwrap_or(0)
@@ -114,6 +116,8 @@ pub struct StartOpts {
     /// Start as the unprivileged [`crate::ROOTLESS_UID`] (rootless mode; the test directory is
     /// given to that user).
     pub rootless: bool,
+    /// The gateway's profile (`[gateway] profile`); `None`: `"gateway"`.
+    pub gateway_profile: Option<String>,
     /// systemd socket activation: this listener becomes the supervisor's fd 3 (`LISTEN_FDS=1`,
     /// `LISTEN_FDNAMES=gateway`). It is closed in the test process once the supervisor runs.
     pub activated: Option<TcpListener>,
@@ -128,6 +132,7 @@ impl Default for StartOpts {
             extra_config: String::new(),
             ready: true,
             rootless: false,
+            gateway_profile: None,
             activated: None,
         }
     }
@@ -204,7 +209,7 @@ approval_timeout = "30s"
 [gateway]
 program = "{gw}"
 args = {args}
-profile = "gateway"
+profile = "{profile}"
 listen = "{addr}"
 restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5, crash_loop_window = "60s" }}
 {extra_config}
@@ -214,6 +219,7 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
             run = dir.path().join("run").display(),
             gw = program,
             args = opts.args,
+            profile = opts.gateway_profile.as_deref().unwrap_or("gateway"),
             extra_config = opts.extra_config,
         );
         fs::write(dir.path().join("carapace.toml"), cfg)
@@ -226,12 +232,7 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
             .unwrap_or_else(|e| panic!("{e}"));
         let log = dir.path().join("supervisor.log");
         let logf = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-        let mut cmd = Command::new(carapace_bin());
-        cmd.args(["run", "--config"])
-            .arg(dir.path().join("carapace.toml"))
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("WATCHDOG_USEC", "2000000")
-            .env("CARAPACE_LOG", "debug");
+        let mut cmd = supervisor_command(dir.path(), &notify_path);
         if let Some(l) = &opts.activated {
             // systemd socket activation: the socket at fd 3, LISTEN_PID = the supervisor's
             // pid (known only in the shell that execs it).
@@ -284,6 +285,31 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
             s.wait_note("READY=1", Duration::from_secs(30));
         }
         s
+    }
+
+    /// Start the supervisor again on the same directory (configuration, policy, state) after
+    /// it exited ([`Service::kill`], [`Service::stop`]); its log is appended to. Waits for
+    /// `READY=1` (a new one). Root mode only.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "restart: carapace run is still running"
+        );
+        assert!(!self.rootless, "restart: root mode only");
+        let logf = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.log.display()));
+        let out = logf.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let child = supervisor_command(self.dir.path(), &self.dir.path().join("notify.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn carapace run: {e}"));
+        self.child = Some(child);
+        self.notes.clear();
+        self.wait_note("READY=1", Duration::from_secs(30));
     }
 
     /// The service's directory (see [`Service`]).
@@ -553,6 +579,17 @@ impl Drop for Service {
             let _ = c.wait();
         }
     }
+}
+
+/// `carapace run --config DIR/carapace.toml` with the test's notify socket and debug logs.
+fn supervisor_command(dir: &Path, notify_path: &Path) -> Command {
+    let mut cmd = Command::new(carapace_bin());
+    cmd.args(["run", "--config"])
+        .arg(dir.join("carapace.toml"))
+        .env("NOTIFY_SOCKET", notify_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .env("CARAPACE_LOG", "debug");
+    cmd
 }
 
 // ------------------------------------------------------------------------------------------
