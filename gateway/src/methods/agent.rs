@@ -182,6 +182,8 @@ impl Model {
 pub(crate) struct RunEnd {
     /// The last text the model said (Null when none).
     pub reply: Value,
+    /// The content of the model's last message (its final answer when `stopped` is `done`).
+    pub last: Value,
     pub turns: u32,
     /// `done`, `turn_limit` or `token_budget`.
     pub stopped: &'static str,
@@ -252,6 +254,7 @@ pub(crate) async fn converse(
     let mut usage = Usage::default();
     let mut turns: u32 = 0;
     let mut reply = Value::Null;
+    let mut last = Value::Null;
     let stopped = loop {
         if turns >= cfg.max_turns {
             break "turn_limit";
@@ -306,6 +309,7 @@ pub(crate) async fn converse(
         if !content.is_null() {
             reply = content.clone();
         }
+        last = content.clone();
         out.emit(
             "agent.step",
             json!({"session": session, "turn": turns, "kind": "assistant", "content": content}),
@@ -338,6 +342,7 @@ pub(crate) async fn converse(
     record_usage(app, session, usage, turns, stopped, inbound_id).await?;
     Ok(RunEnd {
         reply,
+        last,
         turns,
         stopped,
         usage,
