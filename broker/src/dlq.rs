@@ -86,15 +86,7 @@ pub struct Listing {
     pub unreadable: Vec<Unreadable>,
 }
 
-/// True if `id` is safe as a file name stem (see module docs).
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 80
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+pub use crate::durable::valid_id;
 
 /// The queue. Cheap to share (`&self` methods); several processes may use one directory.
 #[derive(Debug)]

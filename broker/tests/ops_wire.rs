@@ -318,7 +318,7 @@ approval = "ask"
 /// long poll whose socket closes is cancelled (its in-flight slot comes back).
 #[test]
 fn inbound_over_the_wire() -> anyhow::Result<()> {
-    use carapace_broker::protocol::{encode_request, send_frame, Request};
+    use carapace_broker::protocol::{encode_request, recv_frame, send_frame, Request};
     use std::time::Instant;
 
     let tmp = tempfile::tempdir()?;
@@ -338,6 +338,7 @@ why = "messages from outside"
 kind = "file"
 path = "/nonexistent/inbox.log"
 recipients = []
+senders = ["*"]
 "#;
     let policy = Policy::parse(text, "wire.toml").map_err(|e| anyhow::anyhow!("{e}"))?;
     let ops = Ops::new(
@@ -434,13 +435,22 @@ recipients = []
             wait_ms: 30_000,
         },
     )?;
+    // Acknowledge 2 first: the reads below are then quick.
+    gw.inbound(2, 0)?;
     send_frame(doomed.as_fd(), &frame, &[])?;
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 65536];
     loop {
-        // Until the broker has taken the poll in, `gw` may still get its slot.
+        // Until the broker has taken the poll in, `gw` may still get its slot; and when `gw`
+        // held it at that moment, the poll was answered `busy`: ask again.
         match gw.inbound(2, 0) {
             Err(e) if e.code() == Some(ErrorCode::Busy) => break,
-            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) if Instant::now() < deadline => {
+                if recv_frame(doomed.as_fd(), &mut buf, libc::MSG_DONTWAIT).is_ok() {
+                    send_frame(doomed.as_fd(), &frame, &[])?;
+                }
+                std::thread::sleep(Duration::from_millis(10))
+            }
             other => anyhow::bail!("the long poll never held the slot: {other:?}"),
         }
     }
