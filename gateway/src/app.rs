@@ -138,32 +138,39 @@ pub async fn approval_feed(app: Arc<App>) {
     }
 }
 
-/// The inbound feed: while a connection listens, long-polls the broker for what channel adapters
-/// delivered (`inbound`, which the policy must grant the gateway's profile) and broadcasts each
-/// message as a `messages.inbound` event. The broker keeps a message until the gateway reads
-/// past it, so nothing is taken while nobody listens.
+/// The inbound feed. With a model configured to answer channels (`agent.answer_channels`), the
+/// agent reads the broker's inbound queue for as long as the gateway runs and answers every
+/// message ([`crate::inbound`]); each is also broadcast as a `messages.inbound` event. Without,
+/// the queue is read only while a connection listens, each message broadcast and acknowledged
+/// by reading past it: nothing is taken while nobody listens.
 pub async fn inbound_feed(app: Arc<App>) {
+    if !app.broker.is_available() {
+        return;
+    }
+    if let Some(a) = app.settings.agent.as_ref().filter(|a| a.answer_channels) {
+        let max_runs = a.max_concurrent_runs;
+        tracing::info!(max_runs, "answering channel messages");
+        crate::inbound::answer_feed(
+            Arc::new(crate::inbound::BrokerSource(app.clone())),
+            Arc::new(crate::inbound::AgentHandler(app.clone())),
+            max_runs,
+        )
+        .await;
+        return;
+    }
     const WAIT_MS: u64 = 25_000;
     let mut after: u64 = 0;
     let mut said = false;
     loop {
-        if app.inbound.receiver_count() == 0 || !app.broker.is_available() {
+        if app.inbound.receiver_count() == 0 {
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         }
         match app.broker.inbound(after, WAIT_MS).await {
             Ok((messages, next)) => {
-                for m in &messages {
-                    let _ = app.inbound.send(crate::rpc::event(
-                        "messages.inbound",
-                        json!({
-                            "seq": m.seq,
-                            "channel": m.channel,
-                            "sender": m.sender,
-                            "body": m.body,
-                            "ts": m.ts,
-                        }),
-                    ));
+                for m in messages {
+                    let m = crate::inbound::normalized(m);
+                    let _ = app.inbound.send(crate::inbound::inbound_event(&m));
                 }
                 after = next.max(after);
             }

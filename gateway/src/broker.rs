@@ -11,8 +11,8 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use carapace_broker::client::{Client, ClientError, ExecStarted};
-use carapace_broker::protocol::{ExitSummary, InboundMessage, PendingApproval, SendStatus};
+use carapace_broker::client::{Client, ClientError, ExecStarted, SendReply};
+use carapace_broker::protocol::{ExitSummary, HeldMessage, InboundMessage, PendingApproval};
 use carapace_broker::tokens::TokenInfo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -146,14 +146,42 @@ impl Broker {
         self.call(|c| c.ping()).await
     }
 
-    pub async fn send(
+    /// `send` with the thread it answers (`in_reply_to`, an inbound message id) and an
+    /// idempotency key (a second send with it is not sent again: status `duplicate`).
+    pub async fn send_with(
         &self,
         channel: String,
         recipient: String,
         body: String,
-    ) -> Result<(SendStatus, Option<String>), RpcError> {
-        self.call(move |c| c.send(&channel, &recipient, &body))
-            .await
+        in_reply_to: Option<String>,
+        key: Option<String>,
+    ) -> Result<SendReply, RpcError> {
+        self.call(move |c| {
+            c.send_with(
+                &channel,
+                &recipient,
+                &body,
+                in_reply_to.as_deref(),
+                key.as_deref(),
+            )
+        })
+        .await
+    }
+
+    /// The inbound messages the broker holds for the operator (unknown senders), oldest first,
+    /// and how many were left out of the reply.
+    pub async fn held(&self) -> Result<(Vec<HeldMessage>, u64), RpcError> {
+        self.call(|c| c.held()).await
+    }
+
+    /// Queue held message `id` for the agent (`always`: admit its sender for good); its seq.
+    pub async fn admit(&self, id: String, always: bool, by: String) -> Result<u64, RpcError> {
+        self.call(move |c| c.admit(&id, always, Some(&by))).await
+    }
+
+    /// Drop held message `id`.
+    pub async fn drop_held(&self, id: String, by: String) -> Result<(), RpcError> {
+        self.call(move |c| c.drop_held(&id, Some(&by))).await
     }
 
     pub async fn approvals(&self) -> Result<Vec<PendingApproval>, RpcError> {

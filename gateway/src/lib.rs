@@ -15,6 +15,7 @@
 //! | [`methods`] | the methods, one file per family |
 //! | [`auth`] | bearer tokens (hashed, checked by the broker), failed-attempt limit |
 //! | [`broker`] | a pool of broker sessions usable from async code |
+//! | [`inbound`] | answering channel messages: lanes, concurrency, low-water acknowledgement |
 //! | [`sessions`] | conversation sessions as JSON lines |
 //! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
 //! | [`settings`] | what the supervisor tells the gateway (`$CARAPACE_GATEWAY_SETTINGS`) |
@@ -22,6 +23,7 @@
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod inbound;
 pub mod llm;
 pub mod methods;
 pub mod rpc;

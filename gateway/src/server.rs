@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
@@ -98,6 +98,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/messages/send", post(rest_send))
         .route("/v1/approvals", get(rest_approvals))
         .route("/v1/approvals/{id}", post(rest_resolve))
+        .route("/v1/held", get(rest_held))
+        .route("/v1/held/{id}", delete(rest_drop_held))
+        .route("/v1/held/{id}/admit", post(rest_admit))
         .route("/v1/sessions", get(rest_sessions))
         .route("/v1/sessions/{name}", get(rest_history).delete(rest_reset))
         .route("/v1/agent/run", post(rest_agent))
@@ -298,6 +301,20 @@ async fn rest_resolve(
         Params::BodyWith("id", id.into()),
     )
     .await
+}
+async fn rest_held(State(app): State<Arc<App>>, req: Request) -> Response {
+    rest(app, req, "held.list", Params::Fixed(json!({}))).await
+}
+/// `POST /v1/held/{id}/admit` with `{"always": bool}` (or no body).
+async fn rest_admit(State(app): State<Arc<App>>, Path(id): Path<String>, req: Request) -> Response {
+    rest(app, req, "held.admit", Params::BodyWith("id", id.into())).await
+}
+async fn rest_drop_held(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    rest(app, req, "held.drop", Params::Fixed(json!({"id": id}))).await
 }
 async fn rest_sessions(State(app): State<Arc<App>>, req: Request) -> Response {
     rest(app, req, "sessions.list", Params::Fixed(json!({}))).await

@@ -6,6 +6,13 @@
 //! {"prompt_tokens":..,"completion_tokens":..,"total_tokens":..},"turns":N,"stopped":WHY}` (one
 //! per `agent.run`). Lines are appended with `O_APPEND` and `fdatasync`ed before the call
 //! answers; a torn last line (a crash mid-write) is skipped when reading, never fatal.
+//!
+//! Sessions that answer channel messages ([`crate::inbound`]) tag their lines with the inbound
+//! message's id: the user message line carries `"inbound":{"id","seq","channel","sender",
+//! "conversation"}`, the run's usage line `"inbound_id"`, and a last line
+//! `{"ts":..,"kind":"inbound_done","inbound_id":ID,"outcome":..,"status":..}` says the message
+//! is finished (answered, or not, and why). [`inbound_state`] reads them back, so that a message
+//! read again after a restart is neither run nor answered twice.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -124,17 +131,50 @@ impl Sessions {
         )
     }
 
-    /// Append the usage record of one run.
+    /// Append a chat message with the fields of `tag` added to its line (e.g. `inbound`).
+    pub fn append_tagged_message(
+        &self,
+        name: &str,
+        message: &Value,
+        tag: &serde_json::Map<String, Value>,
+    ) -> Result<(), SessionError> {
+        let mut line = json!({"ts": now(), "kind": "message", "message": message});
+        if let Some(o) = line.as_object_mut() {
+            for (k, v) in tag {
+                o.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        self.append(name, &line)
+    }
+
+    /// Append the usage record of one run; `inbound_id`: the channel message it answered.
     pub fn append_usage(
         &self,
         name: &str,
         usage: &Usage,
         turns: u32,
         stopped: &str,
+        inbound_id: Option<&str>,
+    ) -> Result<(), SessionError> {
+        let mut line = json!({"ts": now(), "kind": "usage", "usage": usage, "turns": turns, "stopped": stopped});
+        if let Some(id) = inbound_id {
+            line["inbound_id"] = id.into();
+        }
+        self.append(name, &line)
+    }
+
+    /// Record that channel message `inbound_id` is finished: `outcome` says how, `detail`
+    /// (e.g. the broker's send status) is kept beside it.
+    pub fn append_inbound_done(
+        &self,
+        name: &str,
+        inbound_id: &str,
+        outcome: &str,
+        detail: Value,
     ) -> Result<(), SessionError> {
         self.append(
             name,
-            &json!({"ts": now(), "kind": "usage", "usage": usage, "turns": turns, "stopped": stopped}),
+            &json!({"ts": now(), "kind": "inbound_done", "inbound_id": inbound_id, "outcome": outcome, "detail": detail}),
         )
     }
 
@@ -272,6 +312,88 @@ impl Sessions {
     }
 }
 
+/// Where the answer to channel message `id` stands in a session's lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundState {
+    /// Not in the session: run the agent.
+    New,
+    /// Its user message is stored but the run did not end (a crash or a failure): run on from
+    /// the stored history.
+    Started,
+    /// The run ended; `reply` is its final assistant text (None: the run stopped at a limit, or
+    /// ended without text). The reply may or may not have been sent.
+    Ran {
+        stopped: String,
+        reply: Option<String>,
+    },
+    /// Finished (an `inbound_done` line).
+    Done,
+}
+
+/// The text of a chat message's `content`: a string, or the `text` parts of a list of parts.
+pub fn content_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => {
+            let t: String = parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect();
+            Some(t)
+        }
+        _ => None,
+    }
+}
+
+/// Where the answer to channel message `id` stands, from a session's lines (oldest first).
+pub fn inbound_state(lines: &[Value], id: &str) -> InboundState {
+    if lines
+        .iter()
+        .any(|l| l["kind"] == "inbound_done" && l["inbound_id"] == id)
+    {
+        return InboundState::Done;
+    }
+    let Some(start) = lines
+        .iter()
+        .rposition(|l| l["kind"] == "message" && l["inbound"]["id"] == id)
+    else {
+        return InboundState::New;
+    };
+    let mut last: Option<&Value> = None;
+    for l in &lines[start + 1..] {
+        match l["kind"].as_str() {
+            Some("message") => last = Some(&l["message"]),
+            Some("usage") if l["inbound_id"] == id => {
+                let stopped = l["stopped"].as_str().unwrap_or("").to_string();
+                if stopped == "error" {
+                    // A failed attempt: what it stored stays, the run goes on from there.
+                    continue;
+                }
+                let reply = last
+                    .filter(|_| stopped == "done")
+                    .filter(|m| m["role"] == "assistant")
+                    .and_then(|m| content_text(&m["content"]));
+                return InboundState::Ran { stopped, reply };
+            }
+            _ => {}
+        }
+    }
+    // A final assistant answer stored just before a crash (no usage line yet) is the answer.
+    match last {
+        Some(m)
+            if m["role"] == "assistant"
+                && m.get("tool_calls").is_none_or(Value::is_null)
+                && content_text(&m["content"]).is_some() =>
+        {
+            InboundState::Ran {
+                stopped: "done".into(),
+                reply: content_text(&m["content"]),
+            }
+        }
+        _ => InboundState::Started,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,9 +439,9 @@ mod tests {
             completion_tokens: 5,
             total_tokens: 15,
         };
-        s.append_usage("chat", &u, 1, "done")
+        s.append_usage("chat", &u, 1, "done", None)
             .unwrap_or_else(|e| panic!("{e}"));
-        s.append_usage("chat", &u, 2, "done")
+        s.append_usage("chat", &u, 2, "done", None)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.messages("chat").unwrap_or_default(), vec![m1, m2]);
         let l = s.list().unwrap_or_default();
@@ -361,5 +483,126 @@ mod tests {
             Err(SessionError::BadName(_))
         ));
         assert!(matches!(s.reset(""), Err(SessionError::BadName(_))));
+    }
+
+    fn tagged(id: &str, content: &str) -> Value {
+        json!({"kind":"message","message":{"role":"user","content":content},"inbound":{"id":id}})
+    }
+    fn msg(role: &str, content: Value) -> Value {
+        json!({"kind":"message","message":{"role":role,"content":content}})
+    }
+    fn usage(id: &str, stopped: &str) -> Value {
+        json!({"kind":"usage","inbound_id":id,"stopped":stopped})
+    }
+
+    #[test]
+    fn inbound_states() {
+        let call = json!({"kind":"message","message":{"role":"assistant","content":null,"tool_calls":[{"id":"c"}]}});
+        let tool = msg("tool", json!("out"));
+        let cases: Vec<(Vec<Value>, InboundState)> = vec![
+            (vec![], InboundState::New),
+            (vec![tagged("b", "x")], InboundState::New),
+            (vec![tagged("a", "x")], InboundState::Started),
+            (
+                vec![tagged("a", "x"), call.clone(), tool.clone()],
+                InboundState::Started,
+            ),
+            // A failed attempt is not an end.
+            (
+                vec![tagged("a", "x"), usage("a", "error")],
+                InboundState::Started,
+            ),
+            (
+                vec![
+                    tagged("a", "x"),
+                    call.clone(),
+                    tool.clone(),
+                    msg("assistant", json!("hello")),
+                    usage("a", "done"),
+                ],
+                InboundState::Ran {
+                    stopped: "done".into(),
+                    reply: Some("hello".into()),
+                },
+            ),
+            // Stopped at a limit: no reply text even if some was said on the way.
+            (
+                vec![
+                    tagged("a", "x"),
+                    json!({"kind":"message","message":{"role":"assistant","content":"let me see","tool_calls":[{"id":"c"}]}}),
+                    tool.clone(),
+                    usage("a", "turn_limit"),
+                ],
+                InboundState::Ran {
+                    stopped: "turn_limit".into(),
+                    reply: None,
+                },
+            ),
+            // A final answer stored just before a crash.
+            (
+                vec![tagged("a", "x"), msg("assistant", json!("hi"))],
+                InboundState::Ran {
+                    stopped: "done".into(),
+                    reply: Some("hi".into()),
+                },
+            ),
+            // The usage line of another message does not end this one.
+            (
+                vec![tagged("a", "x"), call, tool, usage("b", "done")],
+                InboundState::Started,
+            ),
+            (
+                vec![
+                    tagged("a", "x"),
+                    msg("assistant", json!("hi")),
+                    usage("a", "done"),
+                    json!({"kind":"inbound_done","inbound_id":"a"}),
+                ],
+                InboundState::Done,
+            ),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(inbound_state(&lines, "a"), want, "{lines:?}");
+        }
+    }
+
+    #[test]
+    fn tagged_lines_are_read_back() {
+        let (_d, s) = store();
+        let mut tag = serde_json::Map::new();
+        tag.insert("inbound".into(), json!({"id": "m1", "seq": 3}));
+        s.append_tagged_message("c", &json!({"role":"user","content":"q"}), &tag)
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.append_message("c", &json!({"role":"assistant","content":"a"}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.append_usage("c", &Usage::default(), 1, "done", Some("m1"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let lines = s.read("c").unwrap_or_default().lines;
+        assert_eq!(
+            inbound_state(&lines, "m1"),
+            InboundState::Ran {
+                stopped: "done".into(),
+                reply: Some("a".into())
+            }
+        );
+        s.append_inbound_done("c", "m1", "replied", json!({"status": "queued"}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let lines = s.read("c").unwrap_or_default().lines;
+        assert_eq!(inbound_state(&lines, "m1"), InboundState::Done);
+        assert_eq!(inbound_state(&lines, "m2"), InboundState::New);
+        // Tags only add: they never replace the line's own fields.
+        assert_eq!(lines[0]["kind"], "message");
+        assert_eq!(s.messages("c").unwrap_or_default().len(), 2);
+    }
+
+    #[test]
+    fn content_texts() {
+        assert_eq!(content_text(&json!("a")).as_deref(), Some("a"));
+        assert_eq!(
+            content_text(&json!([{"type":"text","text":"a"},{"type":"image"},{"text":"b"}]))
+                .as_deref(),
+            Some("ab")
+        );
+        assert_eq!(content_text(&Value::Null), None);
     }
 }

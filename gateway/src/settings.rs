@@ -99,7 +99,18 @@ pub struct AgentSettings {
     /// Replaces the built-in system prompt.
     #[serde(default)]
     pub system_prompt: Option<String>,
+    /// Whether the agent answers the messages channel adapters deliver (the gateway then reads
+    /// the broker's inbound queue all the time, see [`crate::inbound`]).
+    #[serde(default = "default_answer_channels")]
+    pub answer_channels: bool,
+    /// Agent runs answering channel messages at once (`agent.run` calls of clients are not
+    /// counted); 1 to [`MAX_CONCURRENT_RUNS`].
+    #[serde(default = "default_max_concurrent_runs")]
+    pub max_concurrent_runs: usize,
 }
+
+/// Upper bound of `agent.max_concurrent_runs`.
+pub const MAX_CONCURRENT_RUNS: usize = 64;
 
 fn default_max_turns() -> u32 {
     8
@@ -109,6 +120,12 @@ fn default_token_budget() -> u64 {
 }
 fn default_timeout_ms() -> u64 {
     120_000
+}
+fn default_answer_channels() -> bool {
+    true
+}
+fn default_max_concurrent_runs() -> usize {
+    4
 }
 
 /// Why the settings could not be read.
@@ -163,6 +180,11 @@ impl Settings {
                     "agent.model must be set, agent.max_turns and token_budget positive".into(),
                 ));
             }
+            if !(1..=MAX_CONCURRENT_RUNS).contains(&a.max_concurrent_runs) {
+                return Err(SettingsError::Invalid(format!(
+                    "agent.max_concurrent_runs must be 1 to {MAX_CONCURRENT_RUNS}"
+                )));
+            }
         }
         Ok(())
     }
@@ -188,7 +210,18 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let a = s.agent.unwrap_or_else(|| panic!("no agent"));
         assert_eq!((a.max_turns, a.token_budget), (8, 50_000));
+        assert_eq!((a.answer_channels, a.max_concurrent_runs), (true, 4));
         assert_eq!(a.api_key_secret.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn channel_answering_can_be_turned_off_and_bounded() {
+        let s = Settings::from_json(
+            r#"{"agent":{"base_url":"http://x/v1","model":"m","answer_channels":false,"max_concurrent_runs":64}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = s.agent.unwrap_or_else(|| panic!("no agent"));
+        assert_eq!((a.answer_channels, a.max_concurrent_runs), (false, 64));
     }
 
     #[test]
@@ -203,6 +236,9 @@ mod tests {
             r#"{"agent":{"base_url":"http://x/v1","model":""}}"#,
             r#"{"agent":{"base_url":"http://x/v1","model":"m","max_turns":0}}"#,
             r#"{"agent":{"model":"m"}}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":0}}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":65}}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m","answer_channels":"yes"}}"#,
         ] {
             assert!(Settings::from_json(bad).is_err(), "{bad}");
         }

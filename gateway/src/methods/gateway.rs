@@ -23,6 +23,13 @@ pub fn status(app: &App, caller: &Caller, p: Value) -> Result<Value, RpcError> {
         o.insert("uptime_secs".into(), app.started.elapsed().as_secs().into());
         o.insert("broker".into(), app.broker.is_available().into());
         o.insert("agent".into(), app.settings.agent.is_some().into());
+        let answers = app
+            .settings
+            .agent
+            .as_ref()
+            .is_some_and(|a| a.answer_channels)
+            && app.broker.is_available();
+        o.insert("answers_channels".into(), answers.into());
     }
     Ok(v)
 }

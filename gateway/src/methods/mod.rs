@@ -9,9 +9,10 @@ use crate::app::{App, Emitter};
 use crate::auth::Caller;
 use crate::rpc::{Call, Kind, RpcError};
 
-mod agent;
+pub(crate) mod agent;
 mod approvals;
 mod gateway;
+mod held;
 mod messages;
 mod sessions;
 mod tools;
@@ -26,6 +27,9 @@ pub const METHODS: &[(&str, bool)] = &[
     ("messages.send", false),
     ("approvals.list", true),
     ("approvals.resolve", true),
+    ("held.list", true),
+    ("held.admit", true),
+    ("held.drop", true),
     ("sessions.list", false),
     ("sessions.history", false),
     ("sessions.reset", false),
@@ -58,6 +62,9 @@ pub async fn dispatch(
         "messages.send" => messages::send(app, p).await,
         "approvals.list" => approvals::list(app, p).await,
         "approvals.resolve" => approvals::resolve(app, caller, p).await,
+        "held.list" => held::list(app, p).await,
+        "held.admit" => held::admit(app, caller, p).await,
+        "held.drop" => held::drop(app, caller, p).await,
         "sessions.list" => sessions::list(app, p).await,
         "sessions.history" => sessions::history(app, p).await,
         "sessions.reset" => sessions::reset(app, p).await,
@@ -67,7 +74,7 @@ pub async fn dispatch(
 }
 
 /// Run blocking file work (sessions) off the async threads.
-async fn blocking<R: Send + 'static>(
+pub(crate) async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> Result<R, RpcError> + Send + 'static,
 ) -> Result<R, RpcError> {
     tokio::task::spawn_blocking(f)
