@@ -14,8 +14,14 @@
 //! at [`Approvals::open`] and is left untouched; [`set_aside_corrupt`] moves it aside (keeping
 //! it) so that the broker can start with no grants.
 //!
-//! Pending approvals live in memory only: a broker restart forgets them (their waiters are gone
-//! too).
+//! Pending approvals are also written to `<state_dir>/asks/` (one atomic file each, removed when
+//! the approval ends), so that a restart of the broker does not lose what the operator was asked:
+//! [`Approvals::open`] lists them again (with new ids) until their original deadline. Their
+//! requesters are gone with the old broker, so such an approval waits for the same request to
+//! come again (an agent that re-runs an unanswered message asks again): a matching
+//! [`Approvals::request`] (same program, content hash, argv and profile) takes it over instead of
+//! asking a second time, and an answer the operator gave meanwhile is kept for it
+//! ([`Requested::Answered`]).
 //!
 //! The hash is of the file at request time; the spawner should execute the same content (e.g.
 //! by exec'ing an fd opened at hash time). Until it does, a binary replaced between the check
@@ -36,6 +42,8 @@ use crate::durable::{ensure_dir, read_capped, sync_dir, write_atomic, DurableErr
 
 /// File name of the grants in the state directory.
 pub const STATE_FILE: &str = "approvals.json";
+/// Directory of the pending approvals in the state directory.
+pub const ASKS_DIR: &str = "asks";
 /// Most approvals pending at once; more requests are refused.
 pub const MAX_PENDING: usize = 1024;
 const MAX_STATE_BYTES: u64 = 16 << 20;
@@ -143,6 +151,24 @@ pub enum Requested {
     Allowed(Grant),
     /// The operator must decide; wait on `id`.
     Pending(Pending),
+    /// The operator already answered this request while nobody waited for it (an approval from
+    /// before a restart of the broker): the answer, used up by this request.
+    Answered(Decision),
+}
+
+/// A pending approval as written to `<state_dir>/asks/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskFile {
+    identity: Who,
+    program: PathBuf,
+    program_sha256: String,
+    argv: Vec<String>,
+    profile: String,
+    cwd: PathBuf,
+    created: String,
+    /// Seconds since the epoch when it times out.
+    expires_unix: u64,
 }
 
 /// The operator's answer.
@@ -186,6 +212,10 @@ impl Decision {
 struct Slot {
     pending: Pending,
     state: Option<Decision>,
+    /// Its file in `<state_dir>/asks/` (None: not persisted).
+    file: Option<PathBuf>,
+    /// From before a restart: nobody waits for it until a matching request takes it over.
+    orphan: bool,
 }
 
 #[derive(Debug)]
@@ -298,17 +328,60 @@ impl Approvals {
             }
             Err(e) => return Err(io_err("read", &path)(e)),
         };
+        let mut slots = BTreeMap::new();
+        for (id, (pending, file)) in (1u64..).zip(load_asks(&state_dir.join(ASKS_DIR))) {
+            slots.insert(
+                id,
+                Slot {
+                    pending: Pending { id, ..pending },
+                    state: None,
+                    file: Some(file),
+                    orphan: true,
+                },
+            );
+        }
         Ok(Approvals {
             state_dir,
             path,
             timeout,
             inner: Mutex::new(Inner {
                 grants,
-                slots: BTreeMap::new(),
-                next_id: 1,
+                next_id: slots.len() as u64 + 1,
+                slots,
             }),
             cond: Condvar::new(),
         })
+    }
+
+    /// Write `p` to `<state_dir>/asks/` (atomic); its path.
+    fn persist_ask(&self, p: &Pending) -> Result<PathBuf, ApprovalError> {
+        let dir = self.state_dir.join(ASKS_DIR);
+        ensure_dir(&dir).map_err(io_err("mkdir", &dir))?;
+        let left = p.expires.saturating_duration_since(Instant::now());
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let rec = AskFile {
+            identity: p.identity.clone(),
+            program: p.program.clone(),
+            program_sha256: p.program_sha256.clone(),
+            argv: p.argv.clone(),
+            profile: p.profile.clone(),
+            cwd: p.cwd.clone(),
+            created: p.created.clone(),
+            expires_unix: now_unix.saturating_add(left.as_secs() + 1),
+        };
+        let data = serde_json::to_vec(&rec).map_err(|e| ApprovalError::Corrupt {
+            path: dir.clone(),
+            reason: format!("cannot encode: {e}"),
+        })?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let file = dir.join(format!("{nanos:024}-{}-{}.json", std::process::id(), p.id));
+        write_atomic(&file, &data)
+            .map_err(|DurableError { op, path, source }| ApprovalError::Io { op, path, source })?;
+        Ok(file)
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -338,11 +411,39 @@ impl Approvals {
         {
             return Ok(Requested::Allowed(g.clone()));
         }
-        // Forget long-expired approvals nobody waited for.
+        // Forget long-expired approvals nobody waited for (and their files).
         let grace = self.timeout;
-        inner
+        inner.slots.retain(|_, s| {
+            let keep = now.saturating_duration_since(s.pending.expires) <= grace
+                && !(s.orphan && now >= s.pending.expires);
+            if !keep {
+                remove_ask(s.file.as_deref());
+            }
+            keep
+        });
+        // An approval from before a restart for this very request: take it over (its answer,
+        // when the operator gave one meanwhile, is this request's).
+        let same = |p: &Pending| {
+            p.program == spec.program
+                && p.program_sha256 == sha
+                && p.argv == spec.argv
+                && p.profile == spec.profile
+        };
+        if let Some((&id, _)) = inner
             .slots
-            .retain(|_, s| now.saturating_duration_since(s.pending.expires) <= grace);
+            .iter()
+            .find(|(_, s)| s.orphan && same(&s.pending) && now < s.pending.expires)
+        {
+            if let Some(slot) = inner.slots.get_mut(&id) {
+                if let Some(d) = slot.state {
+                    remove_ask(slot.file.as_deref());
+                    inner.slots.remove(&id);
+                    return Ok(Requested::Answered(d));
+                }
+                slot.orphan = false;
+                return Ok(Requested::Pending(slot.pending.clone()));
+            }
+        }
         if inner.slots.len() >= MAX_PENDING {
             return Err(ApprovalError::TooMany { max: MAX_PENDING });
         }
@@ -359,11 +460,15 @@ impl Approvals {
             created: rfc3339_utc(SystemTime::now()),
             expires: now + self.timeout,
         };
+        // Written before anyone is asked: an approval the operator sees survives a restart.
+        let file = self.persist_ask(&pending)?;
         inner.slots.insert(
             id,
             Slot {
                 pending: pending.clone(),
                 state: None,
+                file: Some(file),
+                orphan: false,
             },
         );
         Ok(Requested::Pending(pending))
@@ -426,6 +531,11 @@ impl Approvals {
         };
         if let Some(s) = inner.slots.get_mut(&id) {
             s.state = Some(decision);
+            if s.orphan {
+                // Kept in memory for the request that comes again; the file would offer it to
+                // the operator once more after another restart.
+                remove_ask(s.file.take().as_deref());
+            }
         }
         self.cond.notify_all();
         Ok(decision)
@@ -489,7 +599,22 @@ impl Approvals {
                 None => None,
             };
             if let Some(d) = decision {
-                inner.slots.remove(&id);
+                if let Some(s) = inner.slots.remove(&id) {
+                    if d == Decision::Cancelled && Instant::now() < s.pending.expires {
+                        // The requester went away (a gateway restarted, say), not the question:
+                        // the operator may still answer it for the same request asked again.
+                        inner.slots.insert(
+                            id,
+                            Slot {
+                                state: None,
+                                orphan: true,
+                                ..s
+                            },
+                        );
+                    } else {
+                        remove_ask(s.file.as_deref());
+                    }
+                }
                 return Ok(d);
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -500,4 +625,64 @@ impl Approvals {
                 .0;
         }
     }
+}
+
+/// Remove an approval's file (an error is logged: a leftover file is offered to the operator
+/// again after a restart and then expires, nothing worse).
+fn remove_ask(file: Option<&Path>) {
+    if let Some(f) = file {
+        if let Err(e) = std::fs::remove_file(f) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(file = %f.display(), error = %e, "cannot remove a finished approval");
+            }
+        }
+    }
+}
+
+/// The pending approvals written before a restart that have not expired yet, oldest first,
+/// with their files. A file that cannot be read is logged and left alone.
+fn load_asks(dir: &Path) -> Vec<(Pending, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for f in files.into_iter().take(MAX_PENDING) {
+        let rec: AskFile = match read_capped(&f, 1 << 20)
+            .map_err(|e| e.to_string())
+            .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(file = %f.display(), error = %e, "a pending approval is unreadable; left in place");
+                continue;
+            }
+        };
+        if rec.expires_unix <= now_unix {
+            remove_ask(Some(&f));
+            continue;
+        }
+        let pending = Pending {
+            id: 0,
+            identity: rec.identity,
+            program: rec.program,
+            program_sha256: rec.program_sha256,
+            argv: rec.argv,
+            profile: rec.profile,
+            cwd: rec.cwd,
+            created: rec.created,
+            expires: now + Duration::from_secs(rec.expires_unix - now_unix),
+        };
+        out.push((pending, f));
+    }
+    out
 }

@@ -197,6 +197,10 @@ impl Approver for Approvals {
             let this = self.clone();
             let pending = match tokio::task::spawn_blocking(move || this.request(spec)).await {
                 Ok(Ok(Requested::Allowed(_))) => return ApprovalAnswer::Allow,
+                Ok(Ok(Requested::Answered(d))) if d.is_allow() => return ApprovalAnswer::Allow,
+                Ok(Ok(Requested::Answered(d))) => {
+                    return ApprovalAnswer::Deny(d.as_str().to_string())
+                }
                 Ok(Ok(Requested::Pending(p))) => p,
                 Ok(Err(e)) => return ApprovalAnswer::Deny(format!("approval not requested: {e}")),
                 Err(e) => return ApprovalAnswer::Deny(format!("approval task: {e}")),

@@ -941,7 +941,9 @@ mod tests {
                                 if code == 0 {
                                     std::future::pending::<()>().await;
                                 }
-                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                // Long enough for a test to send a request while it runs,
+                                // also on a loaded machine.
+                                tokio::time::sleep(Duration::from_millis(300)).await;
                                 Event::Exit(summary(code))
                             }))
                     }

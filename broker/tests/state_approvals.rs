@@ -52,6 +52,7 @@ fn pending(r: Requested) -> approvals::Pending {
     match r {
         Requested::Pending(p) => p,
         Requested::Allowed(g) => panic!("expected pending, got grant {g:?}"),
+        Requested::Answered(d) => panic!("expected pending, got an earlier answer {d:?}"),
     }
 }
 
@@ -200,12 +201,19 @@ fn allow_always_persists_across_reopen_and_is_bound_exactly() {
         fs::metadata(&file).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    // No temporary files left in the state dir.
-    let names: Vec<String> = fs::read_dir(&f.state)
+    // No temporary files left in the state dir, and no pending approval once it was answered.
+    let mut names: Vec<String> = fs::read_dir(&f.state)
         .unwrap()
         .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, [STATE_FILE]);
+    names.sort();
+    assert_eq!(names, [STATE_FILE, approvals::ASKS_DIR]);
+    assert_eq!(
+        fs::read_dir(f.state.join(approvals::ASKS_DIR))
+            .unwrap()
+            .count(),
+        0
+    );
 
     // A new broker (reopen): the same request is allowed without asking.
     let a = Approvals::open(&f.state, LONG).unwrap();
@@ -326,8 +334,11 @@ fn a_failed_persist_allows_nothing_and_leaves_the_approval_pending() {
     assert!(matches!(e, ApprovalError::Io { op: "rename", .. }), "{e}");
     assert!(a.grants().is_empty());
     assert_eq!(a.list().len(), 1, "still pending");
-    // No temporary file left behind.
-    let n = fs::read_dir(&f.state).unwrap().count();
+    // No temporary file left behind (besides the pending approval's own directory).
+    let n = fs::read_dir(&f.state)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != approvals::ASKS_DIR)
+        .count();
     assert_eq!(n, 1);
     // The operator can still decide otherwise.
     assert_eq!(
@@ -371,4 +382,103 @@ fn a_revoked_grant_asks_again_also_after_reopen() {
     let a = Approvals::open(&f.state, LONG).unwrap();
     assert!(a.grants().is_empty());
     pending(a.request(s()).unwrap());
+}
+
+#[test]
+fn a_pending_approval_survives_a_restart_and_is_taken_over_by_the_same_request() {
+    let f = fixture();
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    let p = pending(a.request(spec(&f.program, &["tool", "x"], "dev")).unwrap());
+    // The broker dies with the approval open (nothing is resolved or removed).
+    drop(a);
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    let listed = a.list();
+    assert_eq!(listed.len(), 1, "the operator still sees it");
+    assert_eq!(listed[0].argv, p.argv);
+    assert_eq!(listed[0].program_sha256, p.program_sha256);
+    // The same request asked again takes it over: one approval, not two.
+    let again = pending(a.request(spec(&f.program, &["tool", "x"], "dev")).unwrap());
+    assert_eq!(again.id, listed[0].id);
+    assert_eq!(a.list().len(), 1);
+    // Another request is another approval.
+    pending(a.request(spec(&f.program, &["tool", "y"], "dev")).unwrap());
+    assert_eq!(a.list().len(), 2);
+    // Once answered and waited for, its file is gone: a further restart does not offer it.
+    a.resolve(again.id, Resolution::AllowOnce).unwrap();
+    assert_eq!(
+        a.wait(again.id, Instant::now() + LONG).unwrap(),
+        Decision::AllowOnce
+    );
+    drop(a);
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    let left = a.list();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].argv, vec!["tool".to_string(), "y".to_string()]);
+}
+
+#[test]
+fn an_answer_given_after_a_restart_waits_for_the_request_it_answers() {
+    let f = fixture();
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
+    pending(a.request(spec(&f.program, &["tool", "-v"], "dev")).unwrap());
+    drop(a);
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    let l = a.list();
+    let (allow, deny) = (l[0].id, l[1].id);
+    a.resolve(allow, Resolution::AllowOnce).unwrap();
+    a.resolve(deny, Resolution::Deny).unwrap();
+    assert!(a.list().is_empty());
+    // The requests come again (an agent re-running its message): each gets its answer, once.
+    assert_eq!(
+        a.request(spec(&f.program, &["tool"], "dev")).unwrap(),
+        Requested::Answered(Decision::AllowOnce)
+    );
+    assert_eq!(
+        a.request(spec(&f.program, &["tool", "-v"], "dev")).unwrap(),
+        Requested::Answered(Decision::Denied)
+    );
+    pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
+    // A changed program is another question: the old answer does not apply to it.
+    let b = Approvals::open(f.state.join("other"), LONG).unwrap();
+    pending(b.request(spec(&f.program, &["tool"], "dev")).unwrap());
+    drop(b);
+    let b = Approvals::open(f.state.join("other"), LONG).unwrap();
+    b.resolve(b.list()[0].id, Resolution::AllowOnce).unwrap();
+    fs::write(&f.program, b"#!/bin/sh\necho version 2\n").unwrap();
+    pending(b.request(spec(&f.program, &["tool"], "dev")).unwrap());
+}
+
+#[test]
+fn a_cancelled_requester_leaves_the_question_for_the_next_one() {
+    let f = fixture();
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    let p = pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
+    a.cancel(p.id);
+    assert_eq!(
+        a.wait(p.id, Instant::now() + LONG).unwrap(),
+        Decision::Cancelled
+    );
+    assert_eq!(a.list().len(), 1, "still listed for the operator");
+    let again = pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
+    assert_eq!(again.id, p.id);
+}
+
+#[test]
+fn expired_and_unreadable_approval_files_do_not_come_back() {
+    let f = fixture();
+    let a = Approvals::open(&f.state, Duration::from_millis(1)).unwrap();
+    pending(a.request(spec(&f.program, &["tool"], "dev")).unwrap());
+    drop(a);
+    let asks = f.state.join(approvals::ASKS_DIR);
+    fs::write(asks.join("garbage.json"), b"{not json").unwrap();
+    thread::sleep(Duration::from_millis(1100));
+    let a = Approvals::open(&f.state, LONG).unwrap();
+    assert!(a.list().is_empty());
+    // The expired one is removed; the unreadable one is left for the operator to look at.
+    let names: Vec<String> = fs::read_dir(&asks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["garbage.json".to_string()]);
 }

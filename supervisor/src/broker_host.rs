@@ -905,6 +905,8 @@ impl FileApprover {
         };
         let pending = match approvals.request(spec) {
             Ok(Requested::Allowed(_)) => return ApprovalAnswer::Allow,
+            Ok(Requested::Answered(d)) if d.is_allow() => return ApprovalAnswer::Allow,
+            Ok(Requested::Answered(d)) => return ApprovalAnswer::Deny(d.as_str().to_string()),
             Ok(Requested::Pending(p)) => p,
             Err(e) => return ApprovalAnswer::Deny(format!("cannot ask: {e}")),
         };
