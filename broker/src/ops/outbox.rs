@@ -180,6 +180,16 @@ impl Outboxes {
             .map_or(0, |c| lock(&c.state).entries.len() as u64)
     }
 
+    /// Make every lease of `channel` run out now.
+    #[cfg(test)]
+    pub(crate) fn expire_leases(&self, channel: &str) {
+        if let Ok(c) = self.channel(channel) {
+            for until in lock(&c.state).leases.values_mut() {
+                *until = Instant::now() - Duration::from_secs(1);
+            }
+        }
+    }
+
     /// The entry `id` of `channel`.
     fn get(&self, channel: &str, id: &str) -> Option<OutboxEntry> {
         let c = self.channel(channel).ok()?;
