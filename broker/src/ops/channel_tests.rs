@@ -816,3 +816,23 @@ async fn torn_and_garbage_state_files_are_skipped_not_fatal() {
         DeliverStatus::Duplicate
     );
 }
+
+#[tokio::test]
+async fn ids_and_keys_of_stored_messages_count_even_without_the_journal() {
+    // A crash between storing a message and journaling its id: the stores still know it.
+    let mut env = setup();
+    deliver(&env, "telegram", "111", Some("q"), "queued").await;
+    deliver(&env, "telegram", "999", Some("h"), "held").await;
+    send(&env, "telegram", "111", "out", Some("k")).await;
+    fs::remove_file(env.dir.join("state/channels.jsonl")).unwrap_or_else(|e| panic!("{e}"));
+    env.restart();
+    for id in ["q", "h"] {
+        let r = deliver(&env, "telegram", "111", Some(id), "again").await;
+        assert_eq!(deliver_of(&r).1, DeliverStatus::Duplicate, "{id}");
+    }
+    let r = send(&env, "telegram", "111", "out", Some("k")).await;
+    assert_eq!(send_of(&r).0, SendStatus::Duplicate);
+    // Seqs still continue after the queued message.
+    let r = deliver(&env, "telegram", "111", None, "new").await;
+    assert_eq!(deliver_of(&r).0, 2);
+}

@@ -289,18 +289,27 @@ pub(crate) struct ClaimGuard {
 }
 
 impl ClaimGuard {
-    pub(crate) fn new(
-        book: Arc<ChannelBook>,
+    /// Claim message id (`key = false`) or send key (`key = true`) `value` on `channel`
+    /// (nothing to claim without one). Err: already taken ([`Claim::Seen`]) or being taken
+    /// ([`Claim::InProgress`]).
+    pub(crate) fn claim(
+        book: &Arc<ChannelBook>,
         channel: &str,
         key: bool,
-        value: Option<String>,
-    ) -> Self {
-        ClaimGuard {
-            book,
+        value: Option<&str>,
+    ) -> Result<ClaimGuard, Claim> {
+        if let Some(v) = value {
+            match book.claim(channel, key, v) {
+                Claim::Fresh => {}
+                other => return Err(other),
+            }
+        }
+        Ok(ClaimGuard {
+            book: book.clone(),
             channel: channel.to_string(),
             key,
-            value,
-        }
+            value: value.map(str::to_string),
+        })
     }
 
     /// The message was stored: record the id (or key) for good. Blocking. A failure to record
@@ -443,53 +452,49 @@ impl Ops {
             .await;
         }
         let rref = rule_ref(spec.line, &spec.why);
-        let claim = ClaimGuard::new(self.book.clone(), &spec.name, false, d.id.clone());
-        if let Some(id) = &d.id {
-            match self.book.claim(&spec.name, false, id) {
-                Claim::Fresh => {}
-                Claim::Seen => {
-                    std::mem::forget(claim);
-                    return match self
-                        .audit(
-                            who,
-                            Audited {
-                                op: "deliver",
-                                target,
-                                rule: rref,
-                                decision: AuditDecision::Allow,
-                                outcome: "duplicate".into(),
-                                detail: format!("message id {} already taken", shown(id)),
-                            },
-                        )
-                        .await
-                    {
-                        Ok(()) => Response::ok(OkReply::Deliver {
-                            seq: 0,
-                            status: DeliverStatus::Duplicate,
-                            held: None,
-                        }),
-                        Err(_) => Response::err(
-                            ErrorCode::Unavailable,
-                            "the audit log cannot be written: request refused",
-                        ),
-                    };
-                }
-                Claim::InProgress => {
-                    std::mem::forget(claim);
-                    return refused(
-                        format!("message id {} is being delivered", shown(id)),
-                        AuditDecision::Deny,
-                        ErrorCode::Busy,
-                        format!(
-                            "deliver on {}: a delivery of this message id is in progress; try \
-                             again later",
-                            spec.name
-                        ),
-                    )
-                    .await;
-                }
+        let id_shown = d.id.as_deref().map(shown).unwrap_or_default();
+        let claim = match ClaimGuard::claim(&self.book, &spec.name, false, d.id.as_deref()) {
+            Ok(c) => c,
+            Err(Claim::InProgress) => {
+                return refused(
+                    format!("message id {id_shown} is being delivered"),
+                    AuditDecision::Deny,
+                    ErrorCode::Busy,
+                    format!(
+                        "deliver on {}: a delivery of this message id is in progress; try \
+                         again later",
+                        spec.name
+                    ),
+                )
+                .await;
             }
-        }
+            Err(_) => {
+                return match self
+                    .audit(
+                        who,
+                        Audited {
+                            op: "deliver",
+                            target,
+                            rule: rref,
+                            decision: AuditDecision::Allow,
+                            outcome: "duplicate".into(),
+                            detail: format!("message id {id_shown} already taken"),
+                        },
+                    )
+                    .await
+                {
+                    Ok(()) => Response::ok(OkReply::Deliver {
+                        seq: 0,
+                        status: DeliverStatus::Duplicate,
+                        held: None,
+                    }),
+                    Err(_) => Response::err(
+                        ErrorCode::Unavailable,
+                        "the audit log cannot be written: request refused",
+                    ),
+                };
+            }
+        };
         // Known secret values are not stored, wherever the message goes.
         let redactor = self.redactor();
         let body = if redactor.finds(d.body.as_bytes()) {
