@@ -2,10 +2,14 @@
 //! gateway.
 //!
 //! - `deliver` (profiles whose `deliver` lists the channel: channel adapters): one message,
-//!   checked (the channel, the sender, the channel's `max_bytes`, and that it fits one
-//!   `inbound` reply), audited **before** it is queued (op `deliver`, target
-//!   `CHANNEL:SENDER`; never the body), then queued and answered with its sequence number.
-//!   "Not a channel of yours" and "no such channel" get the same `denied`.
+//!   checked (the channel, the sender, its message id, conversation and reply address, the
+//!   channel's `max_bytes`, and that it fits one `inbound` reply). A message id already taken
+//!   on the channel is answered `duplicate`. The body is redacted of known secret values. A
+//!   sender the channel admits (its `senders`, or an operator's admission for good) has the
+//!   message audited **before** it is queued (op `deliver`, target `CHANNEL:SENDER`; never the
+//!   body), then queued and answered with its sequence number; anyone else's is held for the
+//!   operator (`ops/held.rs`). "Not a channel of yours" and "no such channel" get the same
+//!   `denied`.
 //! - `inbound` (profiles with `inbound = true`: the gateway): the queued messages after a
 //!   cursor, oldest first, as many as fit in one reply frame. Passing cursor `after`
 //!   acknowledges (removes) every message up to it: the reader is a single consumer that
@@ -14,11 +18,13 @@
 //!   [`MAX_INBOUND_WAIT_MS`]) for a delivery, without holding a runtime thread; the server
 //!   drops the waiting future when the peer goes away. A read is not audited (a refusal is).
 //!
-//! The queue lives in memory, for the broker's lifetime (through policy reloads, not through a
-//! restart), and is bounded ([`super::OpsConfig::inbound_capacity`]): when it is full,
-//! `deliver` is answered `busy` and nothing is queued, so the adapter keeps the message and
-//! tries again — nothing is dropped silently. Sequence numbers start at 1 and grow by one per
-//! queued message.
+//! The queue is in memory and, each message until it is acknowledged, in a [`Spool`]
+//! (`<state>/inbound/`, or in memory without a state directory): a new broker on the same state
+//! directory queues them again with their seqs, and seqs continue after the highest issued or
+//! acknowledged (the acknowledged seq is kept in the channel journal). It is bounded
+//! ([`super::OpsConfig::inbound_capacity`]): when it is full, `deliver` is answered `busy` and
+//! nothing is queued, so the adapter keeps the message and tries again — nothing is dropped
+//! silently. Sequence numbers start at 1 and grow by one per queued message.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

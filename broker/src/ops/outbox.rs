@@ -120,6 +120,9 @@ impl Outboxes {
             for de in rd.flatten() {
                 let name = de.file_name().to_string_lossy().into_owned();
                 if !crate::durable::valid_id(&name) {
+                    if !name.starts_with('.') {
+                        tracing::warn!(dir = %root.display(), name = %name, "outbox: not a channel's directory, skipped");
+                    }
                     continue;
                 }
                 let ch = out.channel(&name)?;
