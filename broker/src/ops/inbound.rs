@@ -185,7 +185,10 @@ impl InboundQueue {
                 continue;
             }
             m.seq = seq;
-            let Some(len) = encoded_len(&m) else { continue };
+            let Some(len) = encoded_len(&m) else {
+                tracing::warn!(id = %id, "inbound queue: entry cannot be encoded, skipped");
+                continue;
+            };
             last = last.max(seq);
             messages.push_back(Queued { message: m, len });
         }
