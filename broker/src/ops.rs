@@ -459,6 +459,15 @@ impl Ops {
             Some(d) => crate::durable::Spool::open(d.join(name)),
             None => Ok(crate::durable::Spool::memory()),
         };
+        if let Some(d) = dir {
+            crate::durable::ensure_dir(d).map_err(|source| {
+                crate::durable::SpoolError::Io(crate::durable::DurableError {
+                    op: "mkdir",
+                    path: d.to_path_buf(),
+                    source,
+                })
+            })?;
+        }
         let book = channels::ChannelBook::open(dir)?;
         let inbound =
             inbound::InboundQueue::open(cfg.inbound_capacity, spool("inbound")?, book.acked())?;
@@ -784,5 +793,7 @@ impl Ops {
     }
 }
 
+#[cfg(test)]
+mod channel_tests;
 #[cfg(test)]
 mod tests;

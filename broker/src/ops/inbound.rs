@@ -2,10 +2,14 @@
 //! gateway.
 //!
 //! - `deliver` (profiles whose `deliver` lists the channel: channel adapters): one message,
-//!   checked (the channel, the sender, the channel's `max_bytes`, and that it fits one
-//!   `inbound` reply), audited **before** it is queued (op `deliver`, target
-//!   `CHANNEL:SENDER`; never the body), then queued and answered with its sequence number.
-//!   "Not a channel of yours" and "no such channel" get the same `denied`.
+//!   checked (the channel, the sender, its message id, conversation and reply address, the
+//!   channel's `max_bytes`, and that it fits one `inbound` reply). A message id already taken
+//!   on the channel is answered `duplicate`. The body is redacted of known secret values. A
+//!   sender the channel admits (its `senders`, or an operator's admission for good) has the
+//!   message audited **before** it is queued (op `deliver`, target `CHANNEL:SENDER`; never the
+//!   body), then queued and answered with its sequence number; anyone else's is held for the
+//!   operator (`ops/held.rs`). "Not a channel of yours" and "no such channel" get the same
+//!   `denied`.
 //! - `inbound` (profiles with `inbound = true`: the gateway): the queued messages after a
 //!   cursor, oldest first, as many as fit in one reply frame. Passing cursor `after`
 //!   acknowledges (removes) every message up to it: the reader is a single consumer that
@@ -14,11 +18,13 @@
 //!   [`MAX_INBOUND_WAIT_MS`]) for a delivery, without holding a runtime thread; the server
 //!   drops the waiting future when the peer goes away. A read is not audited (a refusal is).
 //!
-//! The queue lives in memory, for the broker's lifetime (through policy reloads, not through a
-//! restart), and is bounded ([`super::OpsConfig::inbound_capacity`]): when it is full,
-//! `deliver` is answered `busy` and nothing is queued, so the adapter keeps the message and
-//! tries again — nothing is dropped silently. Sequence numbers start at 1 and grow by one per
-//! queued message.
+//! The queue is in memory and, each message until it is acknowledged, in a [`Spool`]
+//! (`<state>/inbound/`, or in memory without a state directory): a new broker on the same state
+//! directory queues them again with their seqs, and seqs continue after the highest issued or
+//! acknowledged (the acknowledged seq is kept in the channel journal). It is bounded
+//! ([`super::OpsConfig::inbound_capacity`]): when it is full, `deliver` is answered `busy` and
+//! nothing is queued, so the adapter keeps the message and tries again — nothing is dropped
+//! silently. Sequence numbers start at 1 and grow by one per queued message.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -179,7 +185,10 @@ impl InboundQueue {
                 continue;
             }
             m.seq = seq;
-            let Some(len) = encoded_len(&m) else { continue };
+            let Some(len) = encoded_len(&m) else {
+                tracing::warn!(id = %id, "inbound queue: entry cannot be encoded, skipped");
+                continue;
+            };
             last = last.max(seq);
             messages.push_back(Queued { message: m, len });
         }
@@ -289,18 +298,27 @@ pub(crate) struct ClaimGuard {
 }
 
 impl ClaimGuard {
-    pub(crate) fn new(
-        book: Arc<ChannelBook>,
+    /// Claim message id (`key = false`) or send key (`key = true`) `value` on `channel`
+    /// (nothing to claim without one). Err: already taken ([`Claim::Seen`]) or being taken
+    /// ([`Claim::InProgress`]).
+    pub(crate) fn claim(
+        book: &Arc<ChannelBook>,
         channel: &str,
         key: bool,
-        value: Option<String>,
-    ) -> Self {
-        ClaimGuard {
-            book,
+        value: Option<&str>,
+    ) -> Result<ClaimGuard, Claim> {
+        if let Some(v) = value {
+            match book.claim(channel, key, v) {
+                Claim::Fresh => {}
+                other => return Err(other),
+            }
+        }
+        Ok(ClaimGuard {
+            book: book.clone(),
             channel: channel.to_string(),
             key,
-            value,
-        }
+            value: value.map(str::to_string),
+        })
     }
 
     /// The message was stored: record the id (or key) for good. Blocking. A failure to record
@@ -443,53 +461,49 @@ impl Ops {
             .await;
         }
         let rref = rule_ref(spec.line, &spec.why);
-        let claim = ClaimGuard::new(self.book.clone(), &spec.name, false, d.id.clone());
-        if let Some(id) = &d.id {
-            match self.book.claim(&spec.name, false, id) {
-                Claim::Fresh => {}
-                Claim::Seen => {
-                    std::mem::forget(claim);
-                    return match self
-                        .audit(
-                            who,
-                            Audited {
-                                op: "deliver",
-                                target,
-                                rule: rref,
-                                decision: AuditDecision::Allow,
-                                outcome: "duplicate".into(),
-                                detail: format!("message id {} already taken", shown(id)),
-                            },
-                        )
-                        .await
-                    {
-                        Ok(()) => Response::ok(OkReply::Deliver {
-                            seq: 0,
-                            status: DeliverStatus::Duplicate,
-                            held: None,
-                        }),
-                        Err(_) => Response::err(
-                            ErrorCode::Unavailable,
-                            "the audit log cannot be written: request refused",
-                        ),
-                    };
-                }
-                Claim::InProgress => {
-                    std::mem::forget(claim);
-                    return refused(
-                        format!("message id {} is being delivered", shown(id)),
-                        AuditDecision::Deny,
-                        ErrorCode::Busy,
-                        format!(
-                            "deliver on {}: a delivery of this message id is in progress; try \
-                             again later",
-                            spec.name
-                        ),
-                    )
-                    .await;
-                }
+        let id_shown = d.id.as_deref().map(shown).unwrap_or_default();
+        let claim = match ClaimGuard::claim(&self.book, &spec.name, false, d.id.as_deref()) {
+            Ok(c) => c,
+            Err(Claim::InProgress) => {
+                return refused(
+                    format!("message id {id_shown} is being delivered"),
+                    AuditDecision::Deny,
+                    ErrorCode::Busy,
+                    format!(
+                        "deliver on {}: a delivery of this message id is in progress; try \
+                         again later",
+                        spec.name
+                    ),
+                )
+                .await;
             }
-        }
+            Err(_) => {
+                return match self
+                    .audit(
+                        who,
+                        Audited {
+                            op: "deliver",
+                            target,
+                            rule: rref,
+                            decision: AuditDecision::Allow,
+                            outcome: "duplicate".into(),
+                            detail: format!("message id {id_shown} already taken"),
+                        },
+                    )
+                    .await
+                {
+                    Ok(()) => Response::ok(OkReply::Deliver {
+                        seq: 0,
+                        status: DeliverStatus::Duplicate,
+                        held: None,
+                    }),
+                    Err(_) => Response::err(
+                        ErrorCode::Unavailable,
+                        "the audit log cannot be written: request refused",
+                    ),
+                };
+            }
+        };
         // Known secret values are not stored, wherever the message goes.
         let redactor = self.redactor();
         let body = if redactor.finds(d.body.as_bytes()) {

@@ -120,6 +120,9 @@ impl Outboxes {
             for de in rd.flatten() {
                 let name = de.file_name().to_string_lossy().into_owned();
                 if !crate::durable::valid_id(&name) {
+                    if !name.starts_with('.') {
+                        tracing::warn!(dir = %root.display(), name = %name, "outbox: not a channel's directory, skipped");
+                    }
                     continue;
                 }
                 let ch = out.channel(&name)?;
@@ -178,6 +181,16 @@ impl Outboxes {
         lock(&self.channels)
             .get(channel)
             .map_or(0, |c| lock(&c.state).entries.len() as u64)
+    }
+
+    /// Make every lease of `channel` run out now.
+    #[cfg(test)]
+    pub(crate) fn expire_leases(&self, channel: &str) {
+        if let Ok(c) = self.channel(channel) {
+            for until in lock(&c.state).leases.values_mut() {
+                *until = Instant::now() - Duration::from_secs(1);
+            }
+        }
     }
 
     /// The entry `id` of `channel`.

@@ -175,58 +175,54 @@ impl Ops {
                     .await;
             }
         }
-        let claim = ClaimGuard::new(self.book.clone(), &spec.name, true, key.clone());
-        if let Some(k) = &key {
-            match self.book.claim(&spec.name, true, k) {
-                Claim::Fresh => {}
-                Claim::Seen => {
-                    std::mem::forget(claim);
-                    return match self
-                        .audit(
-                            who,
-                            Audited {
-                                op: "send",
-                                target,
-                                rule: rref,
-                                decision: AuditDecision::Allow,
-                                outcome: "duplicate".into(),
-                                detail: format!("key {} already taken; nothing sent", shown(k)),
-                            },
-                        )
-                        .await
-                    {
-                        Ok(()) => Response::ok(OkReply::Send {
-                            status: SendStatus::Duplicate,
-                            dlq_id: None,
-                            outbox_id: None,
-                        }),
-                        Err(_) => Response::err(
-                            ErrorCode::Unavailable,
-                            "the audit log cannot be written: request refused",
+        let key_shown = key.as_deref().map(shown).unwrap_or_default();
+        let claim = match ClaimGuard::claim(&self.book, &spec.name, true, key.as_deref()) {
+            Ok(c) => c,
+            Err(Claim::InProgress) => {
+                return self
+                    .refuse(
+                        who,
+                        Audited::refused(
+                            "send",
+                            target,
+                            AuditDecision::Deny,
+                            format!("key {key_shown} is being sent"),
                         ),
-                    };
-                }
-                Claim::InProgress => {
-                    std::mem::forget(claim);
-                    return self
-                        .refuse(
-                            who,
-                            Audited::refused(
-                                "send",
-                                target,
-                                AuditDecision::Deny,
-                                format!("key {} is being sent", shown(k)),
-                            ),
-                            ErrorCode::Busy,
-                            format!(
-                                "send on {}: a send with this key is in progress; try again later",
-                                spec.name
-                            ),
-                        )
-                        .await;
-                }
+                        ErrorCode::Busy,
+                        format!(
+                            "send on {}: a send with this key is in progress; try again later",
+                            spec.name
+                        ),
+                    )
+                    .await;
             }
-        }
+            Err(_) => {
+                return match self
+                    .audit(
+                        who,
+                        Audited {
+                            op: "send",
+                            target,
+                            rule: rref,
+                            decision: AuditDecision::Allow,
+                            outcome: "duplicate".into(),
+                            detail: format!("key {key_shown} already taken; nothing sent"),
+                        },
+                    )
+                    .await
+                {
+                    Ok(()) => Response::ok(OkReply::Send {
+                        status: SendStatus::Duplicate,
+                        dlq_id: None,
+                        outbox_id: None,
+                    }),
+                    Err(_) => Response::err(
+                        ErrorCode::Unavailable,
+                        "the audit log cannot be written: request refused",
+                    ),
+                };
+            }
+        };
         if let Err(retry) = self.take_channel_token(&spec, who.id) {
             return self
                 .refuse(
