@@ -1056,6 +1056,84 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loop_survives_outages_and_bad_answers() {
+        let fake = FakeTelegram::start(TOKEN);
+        let broker = Arc::new(FakeBroker::with_secret("bot", TOKEN.as_bytes()));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut r = start(fake, broker, dir);
+        until("connected", || r.broker.st().states.first().cloned()).await;
+        // Malformed, oversized and refused answers: reported, and the loop goes on.
+        r.fake
+            .inject("getUpdates", Injected::malformed("{\"ok\":tru"));
+        r.fake.inject(
+            "getUpdates",
+            Injected::Raw {
+                status: 200,
+                body: format!("{{\"ok\":true,\"result\":[{}]}}", "0".repeat(MAX_REPLY)),
+            },
+        );
+        r.fake.inject(
+            "getUpdates",
+            Injected::error(409, "Conflict: terminated by other getUpdates request"),
+        );
+        let states = until("three failures reported", || {
+            let s = r.broker.st().states.clone();
+            (s.len() >= 4).then_some(s)
+        })
+        .await;
+        assert!(
+            states[1]
+                .1
+                .as_deref()
+                .unwrap_or("")
+                .contains("not a Bot API answer"),
+            "{states:?}"
+        );
+        assert!(
+            states[2]
+                .1
+                .as_deref()
+                .unwrap_or("")
+                .contains("over 4194304 bytes"),
+            "{states:?}"
+        );
+        assert!(
+            states[3].1.as_deref().unwrap_or("").contains("409"),
+            "{states:?}"
+        );
+        // Down: reported; up again: the next message arrives.
+        r.fake.down();
+        until("the outage reported", || {
+            r.broker
+                .st()
+                .states
+                .last()
+                .filter(|s| !s.0 && s.1.as_deref().unwrap_or("").contains("connect"))
+                .cloned()
+        })
+        .await;
+        r.fake.up();
+        let (u, _) = r.fake.push_text(1, 1, "back");
+        until("the delivery after the outage", || {
+            r.broker
+                .st()
+                .delivered
+                .iter()
+                .any(|m| m.id == format!("update:{u}"))
+                .then_some(())
+        })
+        .await;
+        assert_eq!(r.broker.st().states.last(), Some(&(true, None)));
+        for (_, e) in r.broker.st().states.iter() {
+            assert!(
+                !e.as_deref().unwrap_or("").contains("secret_token"),
+                "{e:?}"
+            );
+        }
+        r.task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_saved_offset_is_used_unless_it_is_a_week_old() {
         for (at, sent) in [(now_secs() - 60, true), (now_secs() - 7 * 24 * 3600, false)] {
             let fake = FakeTelegram::start(TOKEN);
