@@ -17,7 +17,9 @@
 //! Module layout: `ops/connect.rs` (egress), `ops/files.rs` (`open`, `secret`), `ops/send.rs`
 //! (channels), `ops/exec.rs` (tools through a [`Spawner`]), `ops/auth.rs` (client tokens and
 //! approvals answered by a gateway), `ops/inbound.rs` (the inbound queue: `deliver`,
-//! `inbound`).
+//! `inbound`), `ops/held.rs` (messages from senders not admitted: `held`, `admit`,
+//! `drop_held`), `ops/outbox.rs` (adapter channels: `outbox`, `outbox_ack`, `channel_state`),
+//! `ops/channels.rs` (admitted senders, reply addresses, ids and keys taken, channel figures).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -48,12 +50,15 @@ mod exec;
 mod files;
 mod held;
 mod inbound;
+mod outbox;
 mod send;
 
-pub use channels::ChannelStats;
+pub use channels::{ChannelStats, RECENT_CAP};
 pub use connect::{is_refused_address, resolve_checked, ConnectError};
 pub use exec::resolve_program;
 pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, SecretError};
+pub use held::HeldError;
+pub use inbound::bad_ref;
 pub use inbound::bad_sender;
 
 // ---------------------------------------------------------------------------------------------
@@ -310,6 +315,10 @@ impl Default for OpsConfig {
 pub enum OpsError {
     #[error("cannot build the redactor over the secrets: {0}")]
     Redactor(#[from] crate::redact::RedactError),
+    #[error("cannot open the channel state: {0}")]
+    Spool(#[from] crate::durable::SpoolError),
+    #[error("cannot open the channel state: {0}")]
+    Book(#[from] channels::BookError),
 }
 
 /// A policy with everything derived from it: per-profile views, loaded secrets, redactor.
@@ -373,8 +382,14 @@ pub struct Ops {
     /// One writer per channel file at a time.
     channel_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
     /// Messages channel adapters delivered, until the gateway acknowledges them (kept through
-    /// reloads).
-    inbound: inbound::InboundQueue,
+    /// reloads; on disk with a state directory).
+    inbound: Arc<inbound::InboundQueue>,
+    /// Messages from senders not admitted, until an operator admits or drops them.
+    held: Arc<held::HeldStore>,
+    /// The outboxes of adapter channels.
+    outbox: Arc<outbox::Outboxes>,
+    /// Admitted senders, reply addresses, ids and keys taken, adapter states.
+    book: Arc<channels::ChannelBook>,
 }
 
 impl fmt::Debug for Ops {
@@ -435,8 +450,44 @@ impl Ops {
         cfg: OpsConfig,
     ) -> Result<Ops, OpsError> {
         let loaded = Loaded::new(policy, &cfg)?;
+        let dir = cfg.state_dir.as_deref();
+        let spool = |name: &str| match dir {
+            Some(d) => crate::durable::Spool::open(d.join(name)),
+            None => Ok(crate::durable::Spool::memory()),
+        };
+        if let Some(d) = dir {
+            crate::durable::ensure_dir(d).map_err(|source| {
+                crate::durable::SpoolError::Io(crate::durable::DurableError {
+                    op: "mkdir",
+                    path: d.to_path_buf(),
+                    source,
+                })
+            })?;
+        }
+        let book = channels::ChannelBook::open(dir)?;
+        let inbound =
+            inbound::InboundQueue::open(cfg.inbound_capacity, spool("inbound")?, book.acked())?;
+        let held = held::HeldStore::open(spool("held")?)?;
+        let (outbox, keys) = outbox::Outboxes::open(dir.map(|d| d.join("outbox")))?;
+        // Ids and keys of messages still stored were taken, whether or not the journal got them.
+        for m in inbound.messages() {
+            if !m.id.is_empty() {
+                book.remember(&m.channel, false, &m.id);
+            }
+        }
+        for (_, m) in held.all() {
+            if !m.id.is_empty() {
+                book.remember(&m.channel, false, &m.id);
+            }
+        }
+        for (channel, key) in keys {
+            book.remember(&channel, true, &key);
+        }
         Ok(Ops {
-            inbound: inbound::InboundQueue::new(cfg.inbound_capacity),
+            inbound: Arc::new(inbound),
+            held: Arc::new(held),
+            outbox: Arc::new(outbox),
+            book: Arc::new(book),
             cfg,
             loaded: RwLock::new(Arc::new(loaded)),
             audit: Arc::new(Mutex::new(audit)),
@@ -663,9 +714,12 @@ impl Handler for Ops {
                     channel,
                     recipient,
                     body,
-                    in_reply_to: _,
-                    key: _,
-                } => self.send(&who, &channel, &recipient, body).await,
+                    in_reply_to,
+                    key,
+                } => {
+                    self.send_with(&who, &channel, &recipient, body, in_reply_to, key)
+                        .await
+                }
                 Request::Exec { argv, cwd } => self.exec(&who, argv, cwd).await,
                 Request::Auth { token_sha256 } => self.auth(&who, &token_sha256).await,
                 Request::Approvals {} => self.approvals(&who).await,
@@ -678,17 +732,40 @@ impl Handler for Ops {
                     channel,
                     sender,
                     body,
-                    id: _,
-                    conversation: _,
-                    reply_to: _,
-                } => self.deliver(&who, &channel, &sender, body).await,
+                    id,
+                    conversation,
+                    reply_to,
+                } => {
+                    let d = crate::client::DeliverArgs {
+                        channel,
+                        sender,
+                        body,
+                        id,
+                        conversation,
+                        reply_to,
+                    };
+                    self.deliver_message(&who, d).await
+                }
                 Request::Inbound { after, wait_ms } => self.inbound(&who, after, wait_ms).await,
-                Request::Outbox { .. }
-                | Request::OutboxAck { .. }
-                | Request::ChannelState { .. }
-                | Request::Held {}
-                | Request::Admit { .. }
-                | Request::DropHeld { .. } => Response::err(ErrorCode::Internal, "not yet"),
+                Request::Outbox { channel, wait_ms } => {
+                    self.outbox_op(&who, &channel, wait_ms).await
+                }
+                Request::OutboxAck {
+                    channel,
+                    id,
+                    outcome,
+                } => self.outbox_ack_op(&who, &channel, &id, outcome).await,
+                Request::ChannelState {
+                    channel,
+                    connected,
+                    error,
+                } => {
+                    self.channel_state_op(&who, &channel, connected, error)
+                        .await
+                }
+                Request::Held {} => self.held_op(&who).await,
+                Request::Admit { id, always, by } => self.admit_op(&who, &id, always, by).await,
+                Request::DropHeld { id, by } => self.drop_held_op(&who, &id, by).await,
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(
@@ -712,5 +789,7 @@ impl Ops {
     }
 }
 
+#[cfg(test)]
+mod channel_tests;
 #[cfg(test)]
 mod tests;

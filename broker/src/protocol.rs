@@ -1413,6 +1413,42 @@ mod tests {
         }
     }
 
+    /// The corpus seeds of the channel ops decode as they should.
+    #[test]
+    fn channel_op_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame");
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        for name in [
+            "61ed70411036bcbbbaf86db0a7e399925a87777e", // deliver with every field
+            "5b7b56c8e39fd096edb32dfeb1b24d2ac9277c7e", // send with in_reply_to and key
+            "c9b2d2a81c7eddf961d011f9f38066baf957063c", // outbox
+            "5a22a3efa1807e5e9a37e0dd9ef18cd7c3b2610e", // outbox_ack failed
+            "23a661adbbaa00ba8f70cc1c4312b83bd439898d", // outbox_ack sent
+            "1407d225af462d211164fe9ca893090f5c43d6e2", // channel_state
+            "061e851e3b832d90175304ca98a1f0c6edfe8ad8", // held
+            "232ad95095c8819a4f7fb858e8c5ff12eb88e0e0", // admit
+            "c9a184d718b542bd8a8378e2979a9f5d1708e439", // drop_held
+        ] {
+            assert!(decode_request(&read(name)).is_ok(), "{name}");
+        }
+        for name in [
+            "98b8c48594ebf97339a9534297e220a5052ad61f", // deliver reply, held
+            "5409ac5670955fd8fbdc734fa43d6f4deffb5238", // outbox reply
+            "9c994da5dd4cf74add44e8f75a109351d3a5f2e2", // outbox_ack reply, retrying
+        ] {
+            assert!(
+                matches!(
+                    decode_server_frame(&read(name)),
+                    Ok(ServerFrame::Reply {
+                        reply: Reply::Ok(_),
+                        ..
+                    })
+                ),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn inbound_ops_wire_shape() {
         let v = |r: &Request| -> Value {

@@ -318,7 +318,7 @@ approval = "ask"
 /// long poll whose socket closes is cancelled (its in-flight slot comes back).
 #[test]
 fn inbound_over_the_wire() -> anyhow::Result<()> {
-    use carapace_broker::protocol::{encode_request, send_frame, Request};
+    use carapace_broker::protocol::{encode_request, recv_frame, send_frame, Request};
     use std::time::Instant;
 
     let tmp = tempfile::tempdir()?;
@@ -338,6 +338,7 @@ why = "messages from outside"
 kind = "file"
 path = "/nonexistent/inbox.log"
 recipients = []
+senders = ["*"]
 "#;
     let policy = Policy::parse(text, "wire.toml").map_err(|e| anyhow::anyhow!("{e}"))?;
     let ops = Ops::new(
@@ -434,13 +435,22 @@ recipients = []
             wait_ms: 30_000,
         },
     )?;
+    // Acknowledge 2 first: the reads below are then quick.
+    gw.inbound(2, 0)?;
     send_frame(doomed.as_fd(), &frame, &[])?;
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 65536];
     loop {
-        // Until the broker has taken the poll in, `gw` may still get its slot.
+        // Until the broker has taken the poll in, `gw` may still get its slot; and when `gw`
+        // held it at that moment, the poll was answered `busy`: ask again.
         match gw.inbound(2, 0) {
             Err(e) if e.code() == Some(ErrorCode::Busy) => break,
-            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) if Instant::now() < deadline => {
+                if recv_frame(doomed.as_fd(), &mut buf, libc::MSG_DONTWAIT).is_ok() {
+                    send_frame(doomed.as_fd(), &frame, &[])?;
+                }
+                std::thread::sleep(Duration::from_millis(10))
+            }
             other => anyhow::bail!("the long poll never held the slot: {other:?}"),
         }
     }
@@ -467,6 +477,176 @@ recipients = []
     assert!(report.is_ok(), "{report}");
     drop(gw);
     drop(adapter);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// An adapter channel end to end through the client library and the server: deliveries
+/// queued or held, held messages admitted by an operator-scoped gateway, a send queued in the
+/// outbox, taken, failed, retried and confirmed by the adapter, its state reported; then a new
+/// broker on the same state directory still has what was not done.
+#[test]
+fn channel_ops_over_the_wire() -> anyhow::Result<()> {
+    use carapace_broker::client::DeliverArgs;
+    use carapace_broker::protocol::{AckStatus, DeliverStatus, SendOutcome};
+
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let text = r#"
+version = 1
+[profiles.gateway]
+why = "gateway"
+[profiles.gateway.broker]
+inbound = true
+approve = true
+channels = ["telegram"]
+[profiles.channel]
+why = "the telegram adapter"
+[profiles.channel.broker]
+deliver = ["telegram"]
+[channels.telegram]
+why = "chat"
+kind = "adapter"
+recipients = ["111"]
+senders = ["111"]
+retry = { attempts = 2, initial_delay = "1s", max_delay = "1s" }
+"#;
+    let start =
+        |dir: &std::path::Path| -> anyhow::Result<(tokio::runtime::Runtime, Client, Client)> {
+            let policy = Policy::parse(text, "wire.toml").map_err(|e| anyhow::anyhow!("{e}"))?;
+            let ops = Ops::new(
+                policy,
+                AuditLog::open(dir.join("audit.log"))?,
+                DeadLetters::open(dir.join("dlq"))?,
+                None,
+                None,
+                OpsConfig {
+                    state_dir: Some(dir.join("state")),
+                    ..OpsConfig::default()
+                },
+            )?;
+            let handler: Arc<dyn Handler> = Arc::new(ops);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let server = Server::new(handler, PeerLimits::default());
+            let (gw_child, gw_broker) = seqpacket_pair()?;
+            let (ad_child, ad_broker) = seqpacket_pair()?;
+            {
+                let _g = rt.enter();
+                server.serve_peer(
+                    gw_broker,
+                    Identity {
+                        id: 1,
+                        role: Role::Gateway,
+                        profile: "gateway".into(),
+                    },
+                );
+                server.serve_peer(
+                    ad_broker,
+                    Identity {
+                        id: 3,
+                        role: Role::Channel,
+                        profile: "channel".into(),
+                    },
+                );
+            }
+            Ok((rt, Client::new(gw_child), Client::new(ad_child)))
+        };
+    let (rt, mut gw, mut adapter) = start(dir)?;
+    let args = |sender: &str, id: &str| DeliverArgs {
+        channel: "telegram".into(),
+        sender: sender.into(),
+        body: format!("from {sender}"),
+        id: Some(id.into()),
+        conversation: Some("-100".into()),
+        reply_to: None,
+    };
+    let r = adapter.deliver_message(&args("111", "update:1"))?;
+    assert_eq!((r.seq, r.status), (1, DeliverStatus::Queued));
+    let r = adapter.deliver_message(&args("111", "update:1"))?;
+    assert_eq!((r.seq, r.status), (0, DeliverStatus::Duplicate));
+    let r = adapter.deliver_message(&args("222", "update:2"))?;
+    assert_eq!(r.status, DeliverStatus::Held);
+    let held_id = r.held.unwrap_or_default();
+    let r = adapter.deliver_message(&args("333", "update:3"))?;
+    assert_eq!(r.status, DeliverStatus::Held);
+    let (messages, _) = gw.inbound(0, 0)?;
+    assert_eq!(
+        (
+            messages[0].id.as_str(),
+            messages[0].conversation.as_str(),
+            messages[0].reply_to.as_str()
+        ),
+        ("update:1", "-100", "-100")
+    );
+    // The operator (through the gateway) admits one, drops the other.
+    let (held, omitted) = gw.held()?;
+    assert_eq!((held.len(), omitted), (2, 0));
+    assert_eq!(gw.admit(&held_id, true, Some("tok"))?, 2);
+    gw.drop_held(&held[1].id, Some("tok"))?;
+    assert!(gw.held()?.0.is_empty());
+    let e = gw.admit(&held_id, false, None).err();
+    assert_eq!(e.and_then(|e| e.code()), Some(ErrorCode::NotFound));
+    // The adapter may not do the operator's part, nor the gateway the adapter's.
+    assert_eq!(
+        adapter.held().err().and_then(|e| e.code()),
+        Some(ErrorCode::Denied)
+    );
+    assert_eq!(
+        gw.outbox("telegram", 0).err().and_then(|e| e.code()),
+        Some(ErrorCode::Denied)
+    );
+    // Out: queued once per key; taken, failed and retried, then confirmed.
+    let r = gw.send_with("telegram", "111", "answer", Some("update:1"), Some("k1"))?;
+    assert_eq!(r.status, SendStatus::Queued);
+    let outbox_id = r.outbox_id.unwrap_or_default();
+    assert_eq!(
+        gw.send_with("telegram", "111", "answer", None, Some("k1"))?
+            .status,
+        SendStatus::Duplicate
+    );
+    let m = adapter.outbox("telegram", 0)?;
+    assert_eq!(
+        (m[0].id.as_str(), m[0].in_reply_to.as_deref(), m[0].attempt),
+        (outbox_id.as_str(), Some("update:1"), 1)
+    );
+    let failed = SendOutcome::Failed {
+        error: "HTTP 503".into(),
+        retry: true,
+    };
+    let r = adapter.outbox_ack("telegram", &outbox_id, failed)?;
+    assert_eq!((r.status, r.retry_in_ms), (AckStatus::Retrying, Some(1000)));
+    adapter.channel_state("telegram", false, Some("HTTP 503"))?;
+
+    // A new broker on the same state directory: the retry is still there, and so is the rest.
+    drop((gw, adapter));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let (rt, mut gw, mut adapter) = start(dir)?;
+    let (messages, _) = gw.inbound(0, 0)?;
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    let r = adapter.deliver_message(&args("222", "update:4"))?;
+    assert_eq!(r.status, DeliverStatus::Queued, "admitted for good");
+    let m = adapter.outbox("telegram", 5000)?;
+    assert_eq!((m.len(), m[0].attempt), (1, 2));
+    let r = adapter.outbox_ack(
+        "telegram",
+        &outbox_id,
+        SendOutcome::Sent {
+            service_id: Some("77".into()),
+        },
+    )?;
+    assert_eq!(r.status, AckStatus::Done);
+    assert!(adapter.outbox("telegram", 0)?.is_empty());
+    let log = std::fs::read_to_string(dir.join("audit.log"))?;
+    assert!(
+        !log.contains("from 111") && !log.contains("answer"),
+        "{log}"
+    );
+    let report = carapace_broker::audit::verify(dir.join("audit.log"))?;
+    assert!(report.is_ok(), "{report}");
+    drop((gw, adapter));
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }

@@ -658,6 +658,11 @@ impl BrokerHost {
                 Some(approver),
                 OpsConfig {
                     token_store: setup.token_store,
+                    // The service's channel state survives its restarts; a one-shot
+                    // `carapace exec` (several may share the state directory) keeps it in
+                    // memory.
+                    state_dir: (channel == OperatorChannel::Control)
+                        .then(|| setup.state.root.clone()),
                     ..OpsConfig::default()
                 },
             )

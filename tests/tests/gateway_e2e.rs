@@ -718,6 +718,7 @@ why = "test: an inbound channel"
 kind = "file"
 path = "{outbox}"
 recipients = []
+senders = ["alice@example.com"]
 "##,
         base = default_policy_text(),
         outbox = dir.path().join("inbox-out.log").display(),

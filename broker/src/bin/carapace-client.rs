@@ -13,8 +13,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{anyhow, Context, Result};
-use carapace_broker::client::{Client, ClientError};
-use carapace_broker::protocol::{Access, ErrorCode, SendStatus, MAX_FRAME};
+use carapace_broker::client::{Client, ClientError, DeliverArgs};
+use carapace_broker::protocol::{Access, DeliverStatus, ErrorCode, SendStatus, MAX_FRAME};
 
 const USAGE: &str = "\
 usage: carapace-client ping
@@ -366,10 +366,20 @@ fn cmd_deliver(args: &[String]) -> Result<u8, Failure> {
         Some(b) => b,
         None => body_from_stdin()?,
     };
-    let seq = client()?
-        .deliver(channel, sender, &body)
+    let r = client()?
+        .deliver_message(&DeliverArgs {
+            channel: channel.clone(),
+            sender: sender.clone(),
+            body,
+            ..DeliverArgs::default()
+        })
         .with_context(|| format!("deliver on {channel} from {sender}"))?;
-    println!("{seq}");
+    // Queued: the seq alone (what scripts read); otherwise what became of it.
+    match r.status {
+        DeliverStatus::Queued => println!("{}", r.seq),
+        DeliverStatus::Held => println!("held {}", r.held.unwrap_or_default()),
+        DeliverStatus::Duplicate => println!("duplicate"),
+    }
     Ok(0)
 }
 

@@ -2,10 +2,14 @@
 //! gateway.
 //!
 //! - `deliver` (profiles whose `deliver` lists the channel: channel adapters): one message,
-//!   checked (the channel, the sender, the channel's `max_bytes`, and that it fits one
-//!   `inbound` reply), audited **before** it is queued (op `deliver`, target
-//!   `CHANNEL:SENDER`; never the body), then queued and answered with its sequence number.
-//!   "Not a channel of yours" and "no such channel" get the same `denied`.
+//!   checked (the channel, the sender, its message id, conversation and reply address, the
+//!   channel's `max_bytes`, and that it fits one `inbound` reply). A message id already taken
+//!   on the channel is answered `duplicate`. The body is redacted of known secret values. A
+//!   sender the channel admits (its `senders`, or an operator's admission for good) has the
+//!   message audited **before** it is queued (op `deliver`, target `CHANNEL:SENDER`; never the
+//!   body), then queued and answered with its sequence number; anyone else's is held for the
+//!   operator (`ops/held.rs`). "Not a channel of yours" and "no such channel" get the same
+//!   `denied`.
 //! - `inbound` (profiles with `inbound = true`: the gateway): the queued messages after a
 //!   cursor, oldest first, as many as fit in one reply frame. Passing cursor `after`
 //!   acknowledges (removes) every message up to it: the reader is a single consumer that
@@ -14,24 +18,30 @@
 //!   [`MAX_INBOUND_WAIT_MS`]) for a delivery, without holding a runtime thread; the server
 //!   drops the waiting future when the peer goes away. A read is not audited (a refusal is).
 //!
-//! The queue lives in memory, for the broker's lifetime (through policy reloads, not through a
-//! restart), and is bounded ([`super::OpsConfig::inbound_capacity`]): when it is full,
-//! `deliver` is answered `busy` and nothing is queued, so the adapter keeps the message and
-//! tries again — nothing is dropped silently. Sequence numbers start at 1 and grow by one per
-//! queued message.
+//! The queue is in memory and, each message until it is acknowledged, in a [`Spool`]
+//! (`<state>/inbound/`, or in memory without a state directory): a new broker on the same state
+//! directory queues them again with their seqs, and seqs continue after the highest issued or
+//! acknowledged (the acknowledged seq is kept in the channel journal). It is bounded
+//! ([`super::OpsConfig::inbound_capacity`]): when it is full, `deliver` is answered `busy` and
+//! nothing is queued, so the adapter keeps the message and tries again — nothing is dropped
+//! silently. Sequence numbers start at 1 and grow by one per queued message.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::audit::{AuditDecision, Who};
+use crate::client::DeliverArgs;
+use crate::durable::{Spool, SpoolError};
 use crate::protocol::{
     encode_reply, DeliverStatus, ErrorCode, InboundMessage, OkReply, Reply, MAX_FRAME,
-    MAX_INBOUND_WAIT_MS, MAX_SENDER,
+    MAX_INBOUND_WAIT_MS, MAX_MESSAGE_ID, MAX_SENDER,
 };
 use crate::server::{Identity, Response};
 
+use super::channels::{ChannelBook, Claim};
 use super::{lock, now_rfc3339, rule_ref, shown, Audited, Ops};
 
 /// Audit target of `inbound` refusals.
@@ -61,7 +71,7 @@ fn empty_reply_len() -> usize {
 }
 
 /// Bytes `m` takes in an `inbound` reply (with the longest seq there is, and its comma).
-fn encoded_len(m: &InboundMessage) -> Option<usize> {
+pub(crate) fn encoded_len(m: &InboundMessage) -> Option<usize> {
     let widest = InboundMessage {
         seq: u64::MAX,
         ..m.clone()
@@ -86,11 +96,15 @@ struct QueueState {
     next_seq: u64,
 }
 
-/// The broker's inbound queue (one per [`Ops`]).
+/// The broker's inbound queue (one per [`Ops`]): in memory, and each message in its own file
+/// of a [`Spool`] (`<state>/inbound/<seq, 20 digits>.json`) until it is acknowledged.
 #[derive(Debug)]
 pub(crate) struct InboundQueue {
     capacity: usize,
     state: std::sync::Mutex<QueueState>,
+    /// Held while a message is stored and queued: seqs are stored and queued in order.
+    writer: std::sync::Mutex<()>,
+    spool: Spool,
     /// The seq of the last message queued (0: none yet); readers wait on it.
     last: watch::Sender<u64>,
     /// Bytes of an `inbound` reply without messages (see [`empty_reply_len`]).
@@ -98,12 +112,12 @@ pub(crate) struct InboundQueue {
 }
 
 /// A place in the queue, held while the delivery is audited; given back when dropped unused.
-struct Reservation<'a> {
-    queue: &'a InboundQueue,
+pub(crate) struct Reservation {
+    queue: Arc<InboundQueue>,
     used: bool,
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.used {
             let mut st = lock(&self.queue.state);
@@ -112,56 +126,101 @@ impl Drop for Reservation<'_> {
     }
 }
 
-impl Reservation<'_> {
-    /// Queue `message` in the reserved place; returns its seq.
-    fn push(mut self, mut message: InboundMessage, len: usize) -> u64 {
-        let seq = {
-            let mut st = lock(&self.queue.state);
+fn spool_id(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+impl Reservation {
+    /// Store and queue `message` in the reserved place; returns its seq. Blocking (the file is
+    /// written and fsync'd first; when that fails nothing is queued).
+    pub(crate) fn push(
+        mut self,
+        mut message: InboundMessage,
+        len: usize,
+    ) -> Result<u64, SpoolError> {
+        let queue = self.queue.clone();
+        let _w = lock(&queue.writer);
+        let seq = lock(&queue.state).next_seq;
+        message.seq = seq;
+        if message.id.is_empty() {
+            message.id = format!("seq:{seq}");
+        }
+        queue.spool.put_as(&spool_id(seq), &message)?;
+        {
+            let mut st = lock(&queue.state);
             st.reserved = st.reserved.saturating_sub(1);
             self.used = true;
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            message.seq = seq;
-            if message.id.is_empty() {
-                message.id = format!("seq:{seq}");
-            }
+            st.next_seq = seq + 1;
             st.messages.push_back(Queued { message, len });
-            seq
-        };
-        self.queue.last.send_replace(seq);
-        seq
+        }
+        queue.last.send_replace(seq);
+        Ok(seq)
     }
 }
 
 impl InboundQueue {
-    pub(crate) fn new(capacity: usize) -> InboundQueue {
-        InboundQueue {
+    /// The queue over `spool`: the messages stored there with a seq above `acked` are queued
+    /// again (those at or below it were acknowledged and are removed), and seqs continue after
+    /// the highest of `acked` and theirs. Files that cannot be read are logged and left alone.
+    pub(crate) fn open(
+        capacity: usize,
+        spool: Spool,
+        acked: u64,
+    ) -> Result<InboundQueue, SpoolError> {
+        let listing = spool.list::<InboundMessage>()?;
+        for u in &listing.unreadable {
+            tracing::warn!(file = %u.file, error = %u.error, "inbound queue: unreadable entry skipped");
+        }
+        let mut messages = VecDeque::new();
+        let mut last = acked;
+        for (id, mut m) in listing.entries {
+            let Ok(seq) = id.parse::<u64>() else {
+                tracing::warn!(id = %id, "inbound queue: entry not named by its seq, skipped");
+                continue;
+            };
+            if seq <= acked {
+                if let Err(e) = spool.remove(&id) {
+                    tracing::warn!(id = %id, error = %e, "inbound queue: acknowledged entry not removed");
+                }
+                continue;
+            }
+            m.seq = seq;
+            let Some(len) = encoded_len(&m) else {
+                tracing::warn!(id = %id, "inbound queue: entry cannot be encoded, skipped");
+                continue;
+            };
+            last = last.max(seq);
+            messages.push_back(Queued { message: m, len });
+        }
+        Ok(InboundQueue {
             capacity,
             state: std::sync::Mutex::new(QueueState {
-                messages: VecDeque::new(),
+                messages,
                 reserved: 0,
-                next_seq: 1,
+                next_seq: last + 1,
             }),
-            last: watch::Sender::new(0),
+            writer: std::sync::Mutex::new(()),
+            spool,
+            last: watch::Sender::new(last),
             base_len: empty_reply_len(),
-        }
+        })
     }
 
     /// A place for one more message, or None when the queue is full.
-    fn reserve(&self) -> Option<Reservation<'_>> {
+    pub(crate) fn reserve(self: &Arc<Self>) -> Option<Reservation> {
         let mut st = lock(&self.state);
         if st.messages.len() + st.reserved >= self.capacity {
             return None;
         }
         st.reserved += 1;
         Some(Reservation {
-            queue: self,
+            queue: self.clone(),
             used: false,
         })
     }
 
     /// Whether a message of `len` bytes (see [`encoded_len`]) fits in an `inbound` reply alone.
-    fn fits_one_reply(&self, len: usize) -> bool {
+    pub(crate) fn fits_one_reply(&self, len: usize) -> bool {
         self.base_len.saturating_add(len) <= MAX_FRAME
     }
 
@@ -171,11 +230,15 @@ impl InboundQueue {
     }
 
     /// Acknowledge (remove) every message with `seq <= after`, and return the ones after it,
-    /// oldest first, as many as fit in one reply frame, with the reply's `next`.
-    fn read(&self, after: u64) -> (Vec<InboundMessage>, u64) {
+    /// oldest first, as many as fit in one reply frame, with the reply's `next`, and the seqs
+    /// acknowledged now (their files are to be removed).
+    fn read(&self, after: u64) -> (Vec<InboundMessage>, u64, Vec<u64>) {
         let mut st = lock(&self.state);
+        let mut acked = Vec::new();
         while st.messages.front().is_some_and(|q| q.message.seq <= after) {
-            st.messages.pop_front();
+            if let Some(q) = st.messages.pop_front() {
+                acked.push(q.message.seq);
+            }
         }
         let mut used = self.base_len;
         let mut out = Vec::new();
@@ -188,7 +251,35 @@ impl InboundQueue {
             next = q.message.seq;
             out.push(q.message.clone());
         }
-        (out, next)
+        (out, next, acked)
+    }
+
+    /// Remove the files of acknowledged messages. Blocking. A failure is logged: the message
+    /// comes back after a restart unless the acknowledged seq was recorded.
+    fn forget(&self, seqs: &[u64]) {
+        for seq in seqs {
+            if let Err(e) = self.spool.remove(&spool_id(*seq)) {
+                tracing::warn!(seq, error = %e, "inbound queue: acknowledged entry not removed");
+            }
+        }
+    }
+
+    /// The messages queued now, oldest first.
+    pub(crate) fn messages(&self) -> Vec<InboundMessage> {
+        lock(&self.state)
+            .messages
+            .iter()
+            .map(|q| q.message.clone())
+            .collect()
+    }
+
+    /// Messages waiting, per channel.
+    pub(crate) fn per_channel(&self) -> HashMap<String, u64> {
+        let mut out = HashMap::new();
+        for q in &lock(&self.state).messages {
+            *out.entry(q.message.channel.clone()).or_insert(0) += 1;
+        }
+        out
     }
 
     /// Messages queued now (acknowledged ones are gone).
@@ -198,8 +289,74 @@ impl InboundQueue {
     }
 }
 
+/// Releases a claimed message id or send key unless it was taken.
+pub(crate) struct ClaimGuard {
+    book: Arc<ChannelBook>,
+    channel: String,
+    key: bool,
+    value: Option<String>,
+}
+
+impl ClaimGuard {
+    /// Claim message id (`key = false`) or send key (`key = true`) `value` on `channel`
+    /// (nothing to claim without one). Err: already taken ([`Claim::Seen`]) or being taken
+    /// ([`Claim::InProgress`]).
+    pub(crate) fn claim(
+        book: &Arc<ChannelBook>,
+        channel: &str,
+        key: bool,
+        value: Option<&str>,
+    ) -> Result<ClaimGuard, Claim> {
+        if let Some(v) = value {
+            match book.claim(channel, key, v) {
+                Claim::Fresh => {}
+                other => return Err(other),
+            }
+        }
+        Ok(ClaimGuard {
+            book: book.clone(),
+            channel: channel.to_string(),
+            key,
+            value: value.map(str::to_string),
+        })
+    }
+
+    /// The message was stored: record the id (or key) for good. Blocking. A failure to record
+    /// is logged (the store's entry still carries it until it leaves the store).
+    pub(crate) fn taken(mut self) {
+        if let Some(v) = self.value.take() {
+            if let Err(e) = self.book.finish(&self.channel, self.key, &v, true) {
+                tracing::error!(channel = %self.channel, error = %e, "channel state: id not recorded");
+            }
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(v) = self.value.take() {
+            // Only the in-memory claim is released: no I/O.
+            let _ = self.book.finish(&self.channel, self.key, &v, false);
+        }
+    }
+}
+
+/// Why a message id, conversation, reply address or key is not acceptable, or None: 1 to
+/// [`MAX_MESSAGE_ID`] bytes without control characters.
+pub fn bad_ref(v: &str) -> Option<&'static str> {
+    if v.is_empty() {
+        Some("is empty")
+    } else if v.len() > MAX_MESSAGE_ID {
+        Some("is longer than 256 bytes")
+    } else if v.chars().any(char::is_control) {
+        Some("has control characters")
+    } else {
+        None
+    }
+}
+
 impl Ops {
-    /// The `deliver` operation: queue an inbound message for the gateway.
+    /// The `deliver` operation without the optional fields.
     pub async fn deliver(
         &self,
         who: &Identity,
@@ -207,7 +364,23 @@ impl Ops {
         sender: &str,
         body: String,
     ) -> Response {
-        let target = format!("{}:{}", shown(channel), shown(sender));
+        self.deliver_message(
+            who,
+            DeliverArgs {
+                channel: channel.to_string(),
+                sender: sender.to_string(),
+                body,
+                ..DeliverArgs::default()
+            },
+        )
+        .await
+    }
+
+    /// The `deliver` operation: an inbound message, queued for the gateway when its sender is
+    /// admitted (the channel's `senders`, or an operator's admission for good), else held for
+    /// the operator; a repeat of a message id already taken on the channel does nothing.
+    pub async fn deliver_message(&self, who: &Identity, d: DeliverArgs) -> Response {
+        let target = format!("{}:{}", shown(&d.channel), shown(&d.sender));
         let refused = |detail: String, decision, code, message: String| {
             let target = target.clone();
             async move {
@@ -225,20 +398,20 @@ impl Ops {
             Err(resp) => return resp,
         };
         // The same answer whether the channel is another profile's or does not exist.
-        let Some(spec) = rules.deliver_channel(channel) else {
+        let Some(spec) = rules.deliver_channel(&d.channel) else {
             return refused(
                 "the profile may not deliver from this channel".into(),
                 AuditDecision::Deny,
                 ErrorCode::Denied,
                 format!(
                     "deliver on {}: not a channel profile `{}` may deliver from",
-                    shown(channel),
+                    shown(&d.channel),
                     who.profile
                 ),
             )
             .await;
         };
-        if let Some(why) = bad_sender(sender) {
+        if let Some(why) = bad_sender(&d.sender) {
             return refused(
                 why.into(),
                 AuditDecision::Error,
@@ -250,11 +423,30 @@ impl Ops {
             )
             .await;
         }
-        if body.len() as u64 > spec.max_bytes {
+        for (what, v) in [
+            ("message_id", &d.id),
+            ("conversation", &d.conversation),
+            ("reply_to", &d.reply_to),
+        ] {
+            if let Some(why) = v.as_deref().and_then(bad_ref) {
+                return refused(
+                    format!("the {what} {why}"),
+                    AuditDecision::Error,
+                    ErrorCode::BadRequest,
+                    format!(
+                        "deliver on {}: the {what} {why} (1 to {MAX_MESSAGE_ID} bytes without \
+                         control characters)",
+                        spec.name
+                    ),
+                )
+                .await;
+            }
+        }
+        if d.body.len() as u64 > spec.max_bytes {
             return refused(
                 format!(
                     "{} bytes, over max_bytes {} of the channel",
-                    body.len(),
+                    d.body.len(),
                     spec.max_bytes
                 ),
                 AuditDecision::Deny,
@@ -262,16 +454,71 @@ impl Ops {
                 format!(
                     "deliver on {}: the message is {} bytes, over the channel's max_bytes {}",
                     spec.name,
-                    body.len(),
+                    d.body.len(),
                     spec.max_bytes
                 ),
             )
             .await;
         }
+        let rref = rule_ref(spec.line, &spec.why);
+        let id_shown = d.id.as_deref().map(shown).unwrap_or_default();
+        let claim = match ClaimGuard::claim(&self.book, &spec.name, false, d.id.as_deref()) {
+            Ok(c) => c,
+            Err(Claim::InProgress) => {
+                return refused(
+                    format!("message id {id_shown} is being delivered"),
+                    AuditDecision::Deny,
+                    ErrorCode::Busy,
+                    format!(
+                        "deliver on {}: a delivery of this message id is in progress; try \
+                         again later",
+                        spec.name
+                    ),
+                )
+                .await;
+            }
+            Err(_) => {
+                return match self
+                    .audit(
+                        who,
+                        Audited {
+                            op: "deliver",
+                            target,
+                            rule: rref,
+                            decision: AuditDecision::Allow,
+                            outcome: "duplicate".into(),
+                            detail: format!("message id {id_shown} already taken"),
+                        },
+                    )
+                    .await
+                {
+                    Ok(()) => Response::ok(OkReply::Deliver {
+                        seq: 0,
+                        status: DeliverStatus::Duplicate,
+                        held: None,
+                    }),
+                    Err(_) => Response::err(
+                        ErrorCode::Unavailable,
+                        "the audit log cannot be written: request refused",
+                    ),
+                };
+            }
+        };
+        // Known secret values are not stored, wherever the message goes.
+        let redactor = self.redactor();
+        let body = if redactor.finds(d.body.as_bytes()) {
+            String::from_utf8_lossy(&redactor.redact(d.body.as_bytes())).into_owned()
+        } else {
+            d.body
+        };
+        let conversation = d.conversation.unwrap_or_else(|| d.sender.clone());
+        let reply_to = d.reply_to.unwrap_or_else(|| conversation.clone());
+        let by_policy = spec.sender_admitted(&d.sender).map(str::to_string);
+        let admitted = by_policy.is_some() || self.book.admitted(&spec.name, &d.sender);
         let message = InboundMessage {
             seq: 0,
             channel: spec.name.clone(),
-            sender: sender.to_string(),
+            sender: d.sender.clone(),
             body,
             ts: now_rfc3339(),
             from: Who {
@@ -279,11 +526,12 @@ impl Ops {
                 role: who.role.as_str().to_string(),
                 profile: who.profile.clone(),
             },
-            id: String::new(),
-            conversation: sender.to_string(),
-            reply_to: sender.to_string(),
+            id: d.id.clone().unwrap_or_default(),
+            conversation,
+            reply_to,
         };
-        // A message that could not be read in one reply would block the queue forever.
+        // A message that could not be read in one reply would block the queue forever (a held
+        // one is queued when admitted).
         let len = match encoded_len(&message) {
             Some(len) if self.inbound.fits_one_reply(len) => len,
             _ => {
@@ -303,7 +551,9 @@ impl Ops {
                 .await;
             }
         };
-        let rref = rule_ref(spec.line, &spec.why);
+        if !admitted {
+            return self.hold(who, target, rref, message, claim).await;
+        }
         let Some(place) = self.inbound.reserve() else {
             return self
                 .refuse(
@@ -337,19 +587,60 @@ impl Ops {
                     rule: rref,
                     decision: AuditDecision::Allow,
                     outcome: "queuing".into(),
-                    detail: format!("{} bytes", message.body.len()),
+                    detail: format!(
+                        "{} bytes; sender admitted by {}",
+                        message.body.len(),
+                        by_policy.map_or("an operator".to_string(), |g| format!("`{g}`"))
+                    ),
                 },
             )
             .await
         {
             return resp;
         }
-        let seq = place.push(message, len);
-        Response::ok(OkReply::Deliver {
-            seq,
-            status: DeliverStatus::Queued,
-            held: None,
+        match self.queue_blocking(place, message, len, claim).await {
+            Ok(seq) => Response::ok(OkReply::Deliver {
+                seq,
+                status: DeliverStatus::Queued,
+                held: None,
+            }),
+            Err(resp) => resp,
+        }
+    }
+
+    /// Store and queue `message` (blocking thread): record its id and its reply address
+    /// (the sender is admitted), note the channel's last inbound time.
+    pub(crate) async fn queue_blocking(
+        &self,
+        place: Reservation,
+        message: InboundMessage,
+        len: usize,
+        claim: ClaimGuard,
+    ) -> Result<u64, Response> {
+        let book = self.book.clone();
+        let channel = message.channel.clone();
+        let reply_to = message.reply_to.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let seq = place.push(message, len)?;
+            claim.taken();
+            if let Err(e) = book.add_reply_address(&channel, &reply_to) {
+                tracing::error!(channel = %channel, error = %e, "channel state: reply address not recorded");
+            }
+            book.note_in(&channel);
+            Ok::<u64, SpoolError>(seq)
         })
+        .await;
+        match res {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => Err(Response::err(
+                ErrorCode::Unavailable,
+                format!("deliver: the message could not be stored: {e}"),
+            )),
+            Err(e) => Err(Response::err(
+                ErrorCode::Internal,
+                format!("deliver task: {e}"),
+            )),
+        }
     }
 
     /// The `inbound` operation: the messages after `after` (acknowledging those up to it),
@@ -397,7 +688,10 @@ impl Ops {
             )
             .await;
         }
-        let (messages, next) = queue.read(after);
+        let (messages, next, acked) = queue.read(after);
+        if !acked.is_empty() {
+            self.forget_acked(acked, after).await;
+        }
         if !messages.is_empty() || wait_ms == 0 {
             return Response::ok(OkReply::Inbound { messages, next });
         }
@@ -420,10 +714,31 @@ impl Ops {
                     })
                 }
             }
-            let (messages, next) = queue.read(after);
+            let (messages, next, acked) = queue.read(after);
+            if !acked.is_empty() {
+                self.forget_acked(acked, after).await;
+            }
             if !messages.is_empty() {
                 return Response::ok(OkReply::Inbound { messages, next });
             }
+        }
+    }
+}
+
+impl Ops {
+    /// Remove the files of acknowledged messages and record the cursor (blocking thread).
+    async fn forget_acked(&self, seqs: Vec<u64>, after: u64) {
+        let queue = self.inbound.clone();
+        let book = self.book.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            if let Err(e) = book.set_acked(after) {
+                tracing::error!(error = %e, "inbound queue: acknowledged seq not recorded");
+            }
+            queue.forget(&seqs);
+        })
+        .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "inbound queue: acknowledgement task failed");
         }
     }
 }

@@ -3,7 +3,12 @@
 //! size cap, the recipient allowlist and the block patterns — a message failing one of these
 //! goes to the dead-letter queue with the reason. Known secret values are redacted from the
 //! body before it is stored anywhere (queue or channel); the channel's `redact` patterns are
-//! applied to what is delivered. Kind `file`: one JSON line appended and fsync'd.
+//! applied to what is delivered. Kind `file`: one JSON line appended and fsync'd. Kind
+//! `adapter`: written to the channel's durable outbox (`ops/outbox.rs`) and answered `queued`
+//! with its outbox id; the adapter sends it. With `reply_to_senders`, a recipient outside the
+//! allowlist is also accepted when it is the reply address of a message queued from an
+//! admitted sender of the channel. A `key` makes a send idempotent per channel: a repeat is
+//! answered `duplicate` and nothing is done (checked before the rate limit).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -16,14 +21,24 @@ use serde::Serialize;
 
 use crate::audit::{AuditDecision, Who};
 use crate::dlq::Entry;
-use crate::protocol::{ErrorCode, OkReply, SendStatus};
+use crate::protocol::{ErrorCode, OkReply, SendStatus, MAX_MESSAGE_ID};
 use crate::ratelimit::{Limiter, RetryAfter};
 use crate::server::{Identity, Response};
 
+use super::channels::Claim;
+use super::inbound::{bad_ref, ClaimGuard};
+use super::outbox::OutboxEntry;
 use super::{lock, now_rfc3339, rule_ref, shown, Audited, Ops};
 
-/// Why a message is dead-lettered instead of delivered, or None.
-pub fn dead_letter_reason(spec: &ChannelSpec, recipient: &str, body: &str) -> Option<String> {
+/// Why a message is dead-lettered instead of delivered, or None. `reply_address`: the
+/// recipient is the reply address of a message queued from an admitted sender of the channel
+/// (allowed when the channel says `reply_to_senders`).
+pub fn dead_letter_reason(
+    spec: &ChannelSpec,
+    recipient: &str,
+    body: &str,
+    reply_address: bool,
+) -> Option<String> {
     if body.len() as u64 > spec.max_bytes {
         return Some(format!(
             "over the size cap ({} bytes > max_bytes {})",
@@ -31,7 +46,7 @@ pub fn dead_letter_reason(spec: &ChannelSpec, recipient: &str, body: &str) -> Op
             spec.max_bytes
         ));
     }
-    if spec.recipient_allowed(recipient).is_none() {
+    if spec.recipient_allowed(recipient).is_none() && !(spec.reply_to_senders && reply_address) {
         return Some("recipient not allowlisted".to_string());
     }
     if let Some(p) = spec.blocked_by(body) {
@@ -89,13 +104,28 @@ impl Ops {
             .clone()
     }
 
-    /// The `send` operation.
+    /// The `send` operation without the optional fields.
     pub async fn send(
         &self,
         who: &Identity,
         channel: &str,
         recipient: &str,
         body: String,
+    ) -> Response {
+        self.send_with(who, channel, recipient, body, None, None)
+            .await
+    }
+
+    /// The `send` operation: `in_reply_to` names the inbound message answered (adapter
+    /// channels pass it to their adapter), `key` makes it idempotent per channel.
+    pub async fn send_with(
+        &self,
+        who: &Identity,
+        channel: &str,
+        recipient: &str,
+        body: String,
+        in_reply_to: Option<String>,
+        key: Option<String>,
     ) -> Response {
         let target = format!("{} -> {}", shown(channel), shown(recipient));
         let rules = match self.rules_for(who, "send", &target).await {
@@ -124,6 +154,75 @@ impl Ops {
                 .await;
         };
         let rref = rule_ref(spec.line, &spec.why);
+        for (what, v) in [("in_reply_to", &in_reply_to), ("key", &key)] {
+            if let Some(why) = v.as_deref().and_then(bad_ref) {
+                return self
+                    .refuse(
+                        who,
+                        Audited::refused(
+                            "send",
+                            target.clone(),
+                            AuditDecision::Error,
+                            format!("the {what} {why}"),
+                        ),
+                        ErrorCode::BadRequest,
+                        format!(
+                            "send on {}: the {what} {why} (1 to {MAX_MESSAGE_ID} bytes without \
+                             control characters)",
+                            spec.name
+                        ),
+                    )
+                    .await;
+            }
+        }
+        let key_shown = key.as_deref().map(shown).unwrap_or_default();
+        let claim = match ClaimGuard::claim(&self.book, &spec.name, true, key.as_deref()) {
+            Ok(c) => c,
+            Err(Claim::InProgress) => {
+                return self
+                    .refuse(
+                        who,
+                        Audited::refused(
+                            "send",
+                            target,
+                            AuditDecision::Deny,
+                            format!("key {key_shown} is being sent"),
+                        ),
+                        ErrorCode::Busy,
+                        format!(
+                            "send on {}: a send with this key is in progress; try again later",
+                            spec.name
+                        ),
+                    )
+                    .await;
+            }
+            Err(_) => {
+                return match self
+                    .audit(
+                        who,
+                        Audited {
+                            op: "send",
+                            target,
+                            rule: rref,
+                            decision: AuditDecision::Allow,
+                            outcome: "duplicate".into(),
+                            detail: format!("key {key_shown} already taken; nothing sent"),
+                        },
+                    )
+                    .await
+                {
+                    Ok(()) => Response::ok(OkReply::Send {
+                        status: SendStatus::Duplicate,
+                        dlq_id: None,
+                        outbox_id: None,
+                    }),
+                    Err(_) => Response::err(
+                        ErrorCode::Unavailable,
+                        "the audit log cannot be written: request refused",
+                    ),
+                };
+            }
+        };
         if let Err(retry) = self.take_channel_token(&spec, who.id) {
             return self
                 .refuse(
@@ -149,7 +248,8 @@ impl Ops {
         } else {
             (body.clone(), false)
         };
-        if let Some(reason) = dead_letter_reason(&spec, recipient, &body) {
+        let reply_address = self.book.is_reply_address(&spec.name, recipient);
+        if let Some(reason) = dead_letter_reason(&spec, recipient, &body, reply_address) {
             let entry = Entry {
                 channel: spec.name.clone(),
                 recipient: recipient.to_string(),
@@ -159,7 +259,12 @@ impl Ops {
                 ts: now_rfc3339(),
             };
             let dlq = self.dlq.clone();
-            let put = tokio::task::spawn_blocking(move || dlq.put(&entry)).await;
+            let put = tokio::task::spawn_blocking(move || {
+                let id = dlq.put(&entry)?;
+                claim.taken();
+                Ok::<String, crate::dlq::DlqError>(id)
+            })
+            .await;
             let id = match put {
                 Ok(Ok(id)) => id,
                 Ok(Err(e)) => {
@@ -212,9 +317,70 @@ impl Ops {
             };
         }
         let (delivered, pattern_hits) = spec.redact_patterns(&clean);
+        let redactions = format!(
+            "{} bytes; {} pattern redaction(s){}",
+            delivered.len(),
+            pattern_hits,
+            if secret_hits {
+                "; secret value(s) redacted"
+            } else {
+                ""
+            }
+        );
         let path = match spec.kind.clone() {
             ChannelKind::File { path } => path,
-            ChannelKind::Adapter => return Response::err(ErrorCode::Internal, "not yet"),
+            ChannelKind::Adapter => {
+                if let Err(resp) = self
+                    .allow(
+                        who,
+                        Audited {
+                            op: "send",
+                            target,
+                            rule: rref,
+                            decision: AuditDecision::Allow,
+                            outcome: "queuing".into(),
+                            detail: redactions,
+                        },
+                    )
+                    .await
+                {
+                    return resp;
+                }
+                let entry = OutboxEntry {
+                    recipient: recipient.to_string(),
+                    body: delivered,
+                    in_reply_to,
+                    key,
+                    failures: 0,
+                    due_ms: 0,
+                    who: who_of(who),
+                    ts: now_rfc3339(),
+                    last_error: None,
+                };
+                let outbox = self.outbox.clone();
+                let name = spec.name.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    let id = outbox.enqueue(&name, &entry)?;
+                    claim.taken();
+                    Ok::<String, crate::durable::SpoolError>(id)
+                })
+                .await;
+                return match res {
+                    Ok(Ok(id)) => Response::ok(OkReply::Send {
+                        status: SendStatus::Queued,
+                        dlq_id: None,
+                        outbox_id: Some(id),
+                    }),
+                    Ok(Err(e)) => Response::err(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "send on {}: the outbox could not be written: {e}",
+                            spec.name
+                        ),
+                    ),
+                    Err(e) => Response::err(ErrorCode::Internal, format!("send task: {e}")),
+                };
+            }
         };
         if let Err(resp) = self
             .allow(
@@ -225,16 +391,7 @@ impl Ops {
                     rule: rref,
                     decision: AuditDecision::Allow,
                     outcome: "delivering".into(),
-                    detail: format!(
-                        "{} bytes; {} pattern redaction(s){}",
-                        delivered.len(),
-                        pattern_hits,
-                        if secret_hits {
-                            "; secret value(s) redacted"
-                        } else {
-                            ""
-                        }
-                    ),
+                    detail: redactions,
                 },
             )
             .await
@@ -255,9 +412,14 @@ impl Ops {
         bytes.push(b'\n');
         let guard = self.channel_lock(&path);
         let p = path.clone();
+        let book = self.book.clone();
+        let name = spec.name.clone();
         let res = tokio::task::spawn_blocking(move || {
             let _g = lock(&guard);
-            append_line(&p, &bytes)
+            append_line(&p, &bytes)?;
+            claim.taken();
+            book.note_out(&name);
+            Ok::<(), std::io::Error>(())
         })
         .await;
         match res {
@@ -296,7 +458,22 @@ impl Ops {
         let (delivered, _) = spec.redact_patterns(&entry.body);
         let path = match spec.kind.clone() {
             ChannelKind::File { path } => path,
-            ChannelKind::Adapter => return Err("not yet".into()),
+            ChannelKind::Adapter => {
+                self.operator_audit(
+                    "dlq_release",
+                    format!("{} -> {}", shown(&entry.channel), shown(&entry.recipient)),
+                    AuditDecision::Allow,
+                    format!("released {id} to the outbox"),
+                    entry.reason.clone(),
+                )?;
+                let released = Entry {
+                    body: delivered,
+                    ..entry.clone()
+                };
+                self.release_to_outbox(&spec.name, &released)?;
+                crate::dlq::DeadLetters::drop(&self.dlq, id).map_err(|e| e.to_string())?;
+                return Ok(entry);
+            }
         };
         let line = Line {
             ts: now_rfc3339(),

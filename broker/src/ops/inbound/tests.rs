@@ -41,17 +41,20 @@ why = "messages from outside"
 kind = "file"
 path = "/nonexistent/inbox.log"
 recipients = ["*"]
+senders = ["*"]
 max_bytes = 100
 [channels.other]
 why = "another channel"
 kind = "file"
 path = "/nonexistent/other.log"
 recipients = ["*"]
+senders = ["*"]
 [channels.big]
 why = "large messages"
 kind = "file"
 path = "/nonexistent/big.log"
 recipients = ["*"]
+senders = ["*"]
 max_bytes = "1MiB"
 "##;
 
