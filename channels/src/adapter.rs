@@ -238,6 +238,7 @@ pub async fn deliver<B: BrokerApi>(
     let mut backoff = Backoff::new(MAX_BACKOFF);
     let mut config_backoff = Backoff::new(MAX_CONFIG_BACKOFF);
     let mut msg = std::borrow::Cow::Borrowed(msg);
+    let mut noted = false;
     loop {
         let err = match ctx.broker.deliver(&msg).await {
             Ok(r) => {
@@ -247,10 +248,11 @@ pub async fn deliver<B: BrokerApi>(
             Err(e) => e,
         };
         let wait = match err.code() {
-            Some(ErrorCode::TooLarge) if !msg.text.starts_with("[carapace:") => {
+            Some(ErrorCode::TooLarge) if !noted => {
                 tracing::warn!(channel = %ctx.channel, id = %msg.id, bytes = msg.text.len(), "over the channel's size limit: a note is delivered instead");
                 let note = too_large_note(msg.text.len());
                 msg.to_mut().text = note;
+                noted = true;
                 continue;
             }
             Some(ErrorCode::BadRequest | ErrorCode::TooLarge) => {
@@ -463,6 +465,13 @@ mod tests {
         let last = c.broker.st().delivered.last().cloned();
         assert_eq!(last.as_ref().map(|m| m.id.as_str()), Some("2"));
         assert_eq!(last.map(|m| m.text), Some(too_large_note(5000)));
+        // A note that is still too large: skipped.
+        c.broker
+            .st()
+            .deliver_script
+            .extend([Err(ErrorCode::TooLarge), Err(ErrorCode::TooLarge)]);
+        let r = deliver(&c, &msg("2b", "[carapace: looks like a note]")).await;
+        assert_eq!(r.err().and_then(|e| e.code()), Some(ErrorCode::TooLarge));
         // Refused for good: skipped (Err), not retried.
         c.broker
             .st()

@@ -119,6 +119,8 @@ impl std::fmt::Debug for Secret {
 impl Drop for Secret {
     fn drop(&mut self) {
         self.0.fill(0);
+        // Keep the zeroing from being optimised away as a dead store.
+        std::hint::black_box(&self.0);
     }
 }
 

@@ -387,6 +387,21 @@ impl Received {
 pub struct Offset {
     /// The `offset` of the next `getUpdates`: the last update's id + 1.
     pub offset: i64,
+    /// When that update arrived (seconds since the epoch).
+    #[serde(default)]
+    pub at: u64,
+}
+
+/// An offset this old is not sent. After a week without updates Telegram picks the next
+/// update id at random, possibly below the offset, and an offset above an update's id
+/// confirms (drops) it. Without an offset Telegram answers what is unconfirmed; the broker
+/// drops what it already has.
+const STALE_OFFSET: Duration = Duration::from_secs(6 * 24 * 3600);
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The `getUpdates` long poll.
@@ -406,15 +421,22 @@ impl<B: BrokerApi> Source for Poller<B> {
             "allowed_updates": ["message"],
             "limit": POLL_LIMIT,
         });
-        if let Some(c) = cursor {
-            body["offset"] = json!(c.offset);
+        let now = now_secs();
+        let fresh = cursor.filter(|c| now.saturating_sub(c.at) < STALE_OFFSET.as_secs());
+        match (cursor, fresh) {
+            (_, Some(c)) => body["offset"] = json!(c.offset),
+            (Some(c), None) => tracing::info!(
+                offset = c.offset,
+                "no update for 6 days: asking without the offset (Telegram may have restarted its update ids)"
+            ),
+            (None, None) => {}
         }
         let result = self
             .api
             .call("getUpdates", &body, self.timeout + POLL_GRACE)
             .await?;
         let updates = updates_of(&result)?;
-        let mut next = cursor.map_or(0, |c| c.offset);
+        let mut next = fresh.map_or(0, |c| c.offset);
         let mut out = Vec::with_capacity(updates.len());
         for u in updates {
             next = next.max(u.update_id.saturating_add(1));
@@ -437,7 +459,10 @@ impl<B: BrokerApi> Source for Poller<B> {
             };
             out.push(Polled {
                 message,
-                cursor: Offset { offset: next },
+                cursor: Offset {
+                    offset: next,
+                    at: now,
+                },
             });
         }
         Ok(out)
@@ -1028,6 +1053,119 @@ mod tests {
         let sent = r.fake.wait_sent(2, WAIT);
         assert!(sent[1].get("reply_parameters").is_none(), "{:?}", sent[1]);
         r.task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loop_survives_outages_and_bad_answers() {
+        let fake = FakeTelegram::start(TOKEN);
+        let broker = Arc::new(FakeBroker::with_secret("bot", TOKEN.as_bytes()));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut r = start(fake, broker, dir);
+        until("connected", || r.broker.st().states.first().cloned()).await;
+        // Malformed, oversized and refused answers: reported, and the loop goes on.
+        r.fake
+            .inject("getUpdates", Injected::malformed("{\"ok\":tru"));
+        r.fake.inject(
+            "getUpdates",
+            Injected::Raw {
+                status: 200,
+                body: format!("{{\"ok\":true,\"result\":[{}]}}", "0".repeat(MAX_REPLY)),
+            },
+        );
+        r.fake.inject(
+            "getUpdates",
+            Injected::error(409, "Conflict: terminated by other getUpdates request"),
+        );
+        let states = until("three failures reported", || {
+            let s = r.broker.st().states.clone();
+            (s.len() >= 4).then_some(s)
+        })
+        .await;
+        assert!(
+            states[1]
+                .1
+                .as_deref()
+                .unwrap_or("")
+                .contains("not a Bot API answer"),
+            "{states:?}"
+        );
+        assert!(
+            states[2]
+                .1
+                .as_deref()
+                .unwrap_or("")
+                .contains("over 4194304 bytes"),
+            "{states:?}"
+        );
+        assert!(
+            states[3].1.as_deref().unwrap_or("").contains("409"),
+            "{states:?}"
+        );
+        // Down: reported; up again: the next message arrives.
+        r.fake.down();
+        until("the outage reported", || {
+            r.broker
+                .st()
+                .states
+                .last()
+                .filter(|s| !s.0 && s.1.as_deref().unwrap_or("").contains("connect"))
+                .cloned()
+        })
+        .await;
+        r.fake.up();
+        let (u, _) = r.fake.push_text(1, 1, "back");
+        until("the delivery after the outage", || {
+            r.broker
+                .st()
+                .delivered
+                .iter()
+                .any(|m| m.id == format!("update:{u}"))
+                .then_some(())
+        })
+        .await;
+        assert_eq!(r.broker.st().states.last(), Some(&(true, None)));
+        for (_, e) in r.broker.st().states.iter() {
+            assert!(
+                !e.as_deref().unwrap_or("").contains("secret_token"),
+                "{e:?}"
+            );
+        }
+        r.task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_saved_offset_is_used_unless_it_is_a_week_old() {
+        for (at, sent) in [(now_secs() - 60, true), (now_secs() - 7 * 24 * 3600, false)] {
+            let fake = FakeTelegram::start(TOKEN);
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            CursorStore::new(dir.path(), "telegram")
+                .store(&Offset { offset: 5, at })
+                .unwrap_or_else(|e| panic!("{e}"));
+            let broker = Arc::new(FakeBroker::with_secret("bot", TOKEN.as_bytes()));
+            // An update with an id below the saved offset (ids restarted at random).
+            let u = fake.push_update(json!({"update_id": 3, "message": {"message_id": 1, "from": {"id": 9}, "chat": {"id": 9}, "text": "after a quiet week"}}));
+            let r = start(fake, broker, dir);
+            let calls = r.fake.wait_calls("getUpdates", 1, WAIT);
+            assert_eq!(
+                calls[0].params.get("offset").is_some(),
+                sent,
+                "{:?}",
+                calls[0]
+            );
+            if sent {
+                assert_eq!(calls[0].params["offset"], json!(5));
+            } else {
+                until("the delivery", || {
+                    (!r.broker.st().delivered.is_empty()).then_some(())
+                })
+                .await;
+                until("the new offset", || {
+                    saved_offset(r.dir.path()).filter(|o| *o == u + 1)
+                })
+                .await;
+            }
+            r.task.abort();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
