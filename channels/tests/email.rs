@@ -330,3 +330,29 @@ async fn tls_certificates_are_checked_against_the_host_name() {
         dovecot.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_without_idle_polls() {
+    if !root_or_skip() {
+        return;
+    }
+    let dovecot = Dovecot::start_without_idle().unwrap();
+    let cfg = imap_config(Security::Plain, "127.0.0.1", webpki_config());
+    let mut mb = open(dovecot.port, &cfg).await;
+    assert!(!mb.idle, "IDLE is not offered");
+    let (mut cursor, _) = start_cursor(None, mb.uid_validity, mb.highest_uid);
+    dovecot.deliver(&mail(1, "")).unwrap();
+    let started = Instant::now();
+    // Without IDLE, waiting is sleeping the poll interval (1 s here) and a NOOP.
+    assert_eq!(
+        mb.wait(Duration::from_secs(60)).await.unwrap(),
+        Woken::Timeout
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    assert_eq!(drain(&mut mb, &mut cursor).await, ["n1@example.com"]);
+    mb.logout().await;
+}

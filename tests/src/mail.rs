@@ -83,7 +83,16 @@ impl Dovecot {
         Dovecot::start_with(DovecotTls::None)
     }
 
+    /// Start Dovecot without TLS and without IDLE in its capabilities (clients must poll).
+    pub fn start_without_idle() -> Result<Dovecot> {
+        Dovecot::start_inner(DovecotTls::None, false)
+    }
+
     pub fn start_with(tls: DovecotTls) -> Result<Dovecot> {
+        Dovecot::start_inner(tls, true)
+    }
+
+    fn start_inner(tls: DovecotTls, idle: bool) -> Result<Dovecot> {
         let dir = tempfile::Builder::new()
             .prefix("carapace-dovecot")
             .tempdir()
@@ -152,7 +161,13 @@ impl Dovecot {
                  \x20 inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n\
                  {imaps}\
                  }}\n\
-                 imap_idle_notify_interval = 2 mins\n",
+                 imap_idle_notify_interval = 2 mins\n\
+                 {capability}",
+                capability = if idle {
+                    ""
+                } else {
+                    "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ UIDPLUS\n"
+                },
                 run = d.join("run").display(),
                 state = d.join("state").display(),
                 log = log.display(),

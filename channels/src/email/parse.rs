@@ -142,6 +142,33 @@ pub fn parse_message(raw: &[u8]) -> Result<Parsed, ParseError> {
     })
 }
 
+/// Fuzz entry point (`fuzz/fuzz_targets/email.rs`, corpus replayed by `cargo test`): parse,
+/// and check that what parses holds the invariants the broker relies on.
+pub fn fuzz_message(data: &[u8]) {
+    let Ok(p) = parse_message(data) else {
+        return;
+    };
+    let id_ok = |s: &str| !s.is_empty() && s.len() <= MAX_ID && !s.chars().any(|c| c.is_control());
+    assert!(id_ok(&p.sender), "sender {:?}", p.sender);
+    assert!(id_ok(&p.reply_to), "reply_to {:?}", p.reply_to);
+    assert_eq!(
+        normalize_address(&p.sender).as_deref(),
+        Some(p.sender.as_str())
+    );
+    assert_eq!(
+        normalize_address(&p.reply_to).as_deref(),
+        Some(p.reply_to.as_str())
+    );
+    assert!(id_ok(&p.id(u32::MAX, u32::MAX)));
+    assert!(id_ok(&p.conversation(u32::MAX, u32::MAX)));
+    for r in &p.references {
+        assert!(id_ok(r), "reference {r:?}");
+    }
+    assert!(p.references.len() <= MAX_REFERENCES);
+    assert!(p.body.len() <= MAX_BODY, "body of {} bytes", p.body.len());
+    assert!(!p.subject.contains(['\r', '\n']), "subject {:?}", p.subject);
+}
+
 /// `Subject: S`, a blank line, the text, the attachment notes; the text is cut (at a character
 /// boundary, with a note) so that the whole stays within [`MAX_BODY`].
 fn compose_body(subject: &str, text: &str, notes: &str) -> String {
