@@ -340,8 +340,14 @@ class Handler:
         os.rename(tmp, os.path.join(out_dir, name))
         return "250 OK queued"
 
+kw = {}
+if len(sys.argv) > 6:
+    import ssl
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(sys.argv[5], sys.argv[6])
+    kw = dict(tls_context=tls, require_starttls=True)
 c = Controller(Handler(), hostname="127.0.0.1", port=port, authenticator=authenticator,
-               auth_required=True, auth_require_tls=False)
+               auth_required=True, auth_require_tls=False, **kw)
 c.start()
 print("READY", flush=True)
 sys.stdin.read()
@@ -368,7 +374,17 @@ pub struct Received {
 }
 
 impl SmtpSink {
+    /// Start the sink without TLS.
     pub fn start() -> Result<SmtpSink> {
+        SmtpSink::start_inner(None)
+    }
+
+    /// Start the sink with STARTTLS required, from this certificate chain and key (PEM).
+    pub fn start_starttls(cert_pem: &str, key_pem: &str) -> Result<SmtpSink> {
+        SmtpSink::start_inner(Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(tls: Option<(&str, &str)>) -> Result<SmtpSink> {
         let dir = tempfile::Builder::new()
             .prefix("carapace-smtp")
             .tempdir()
@@ -378,12 +394,19 @@ impl SmtpSink {
         let out = dir.path().join("received");
         fs::create_dir(&out)?;
         let port = free_port();
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(&script)
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(&script)
             .arg(&out)
             .arg(port.to_string())
             .arg(MAIL_USER)
-            .arg(MAIL_PASSWORD)
+            .arg(MAIL_PASSWORD);
+        if let Some((cert, key)) = tls {
+            let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            fs::write(&c, cert)?;
+            fs::write(&k, key)?;
+            cmd.arg(&c).arg(&k);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
