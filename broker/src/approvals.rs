@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{hex, rfc3339_utc, Who};
-use crate::dlq::{ensure_dir, read_capped, sync_dir, write_atomic};
+use crate::durable::{ensure_dir, read_capped, sync_dir, write_atomic, DurableError};
 
 /// File name of the grants in the state directory.
 pub const STATE_FILE: &str = "approvals.json";
@@ -440,11 +440,8 @@ impl Approvals {
             path: self.path.clone(),
             reason: format!("cannot encode: {e}"),
         })?;
-        write_atomic(&self.path, &data).map_err(|(op, path, source)| ApprovalError::Io {
-            op,
-            path,
-            source,
-        })
+        write_atomic(&self.path, &data)
+            .map_err(|DurableError { op, path, source }| ApprovalError::Io { op, path, source })
     }
 
     /// Removes the persisted grant equal in (program, sha256, argv, profile) to `grant`.

@@ -30,12 +30,57 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    decode_server_frame, encode_request, recv_frame, send_frame, Access, ApprovalResolution,
-    DecodeError, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, InboundMessage, OkReply,
-    PendingApproval, Reply, Request, SendStatus, ServerFrame, SocketError, BROKER_FD_ENV,
-    DEFAULT_BROKER_FD, MAX_FRAME,
+    decode_server_frame, encode_request, recv_frame, send_frame, Access, AckStatus,
+    ApprovalResolution, DecodeError, DeliverStatus, EncodeError, ErrorBody, ErrorCode, Event,
+    ExitSummary, HeldMessage, InboundMessage, OkReply, OutboundMessage, PendingApproval, Reply,
+    Request, SendOutcome, SendStatus, ServerFrame, SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD,
+    MAX_FRAME,
 };
 use crate::tokens::TokenInfo;
+
+/// The fields of a `deliver` ([`Client::deliver_message`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliverArgs {
+    pub channel: String,
+    pub sender: String,
+    pub body: String,
+    /// The service's id of the message, unique per channel.
+    pub id: Option<String>,
+    /// Default: the sender.
+    pub conversation: Option<String>,
+    /// Where a reply goes; default: the conversation.
+    pub reply_to: Option<String>,
+}
+
+/// The answer to a `deliver`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliverReply {
+    /// The inbound seq when queued, else 0.
+    pub seq: u64,
+    pub status: DeliverStatus,
+    /// The held id when held.
+    pub held: Option<String>,
+}
+
+/// The answer to a `send` ([`Client::send_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReply {
+    pub status: SendStatus,
+    /// When dead-lettered.
+    pub dlq_id: Option<String>,
+    /// When queued in an adapter channel's outbox.
+    pub outbox_id: Option<String>,
+}
+
+/// The answer to an `outbox_ack` ([`Client::outbox_ack`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckReply {
+    pub status: AckStatus,
+    /// When dead-lettered.
+    pub dlq_id: Option<String>,
+    /// When retrying: in how long it is due again.
+    pub retry_in_ms: Option<u64>,
+}
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -443,13 +488,38 @@ impl Client {
         recipient: &str,
         body: &str,
     ) -> Result<(SendStatus, Option<String>), ClientError> {
+        let r = self.send_with(channel, recipient, body, None, None)?;
+        Ok((r.status, r.dlq_id))
+    }
+
+    /// `send` with the optional fields: `in_reply_to` (the inbound message id this answers)
+    /// and `key` (an idempotency key: a second send with it on the channel is answered
+    /// [`SendStatus::Duplicate`] and not sent again).
+    pub fn send_with(
+        &mut self,
+        channel: &str,
+        recipient: &str,
+        body: &str,
+        in_reply_to: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<SendReply, ClientError> {
         let (_, ok, _) = self.call(&Request::Send {
             channel: channel.to_owned(),
             recipient: recipient.to_owned(),
             body: body.to_owned(),
+            in_reply_to: in_reply_to.map(str::to_owned),
+            key: key.map(str::to_owned),
         })?;
         match ok {
-            OkReply::Send { status, dlq_id } => Ok((status, dlq_id)),
+            OkReply::Send {
+                status,
+                dlq_id,
+                outbox_id,
+            } => Ok(SendReply {
+                status,
+                dlq_id,
+                outbox_id,
+            }),
             ok => Err(wrong("send", &ok)),
         }
     }
@@ -527,14 +597,130 @@ impl Client {
     /// its sequence number. A refusal with [`ErrorCode::Busy`] means the inbound queue is full:
     /// keep the message and try again later.
     pub fn deliver(&mut self, channel: &str, sender: &str, body: &str) -> Result<u64, ClientError> {
-        let (_, ok, _) = self.call(&Request::Deliver {
+        let r = self.deliver_message(&DeliverArgs {
             channel: channel.to_owned(),
             sender: sender.to_owned(),
             body: body.to_owned(),
+            ..DeliverArgs::default()
+        })?;
+        Ok(r.seq)
+    }
+
+    /// `deliver` with every field: the message's id on its service (deliver is idempotent on
+    /// (channel, id)), its conversation and reply address. Returns whether it was queued (with
+    /// its seq), held for the operator (with the held id) or a duplicate of one already taken.
+    /// Only after this answered may an adapter advance its service cursor; a refusal with
+    /// [`ErrorCode::Busy`] or [`ErrorCode::Unavailable`] means: keep it and try again later.
+    pub fn deliver_message(&mut self, args: &DeliverArgs) -> Result<DeliverReply, ClientError> {
+        let (_, ok, _) = self.call(&Request::Deliver {
+            channel: args.channel.clone(),
+            sender: args.sender.clone(),
+            body: args.body.clone(),
+            id: args.id.clone(),
+            conversation: args.conversation.clone(),
+            reply_to: args.reply_to.clone(),
         })?;
         match ok {
-            OkReply::Deliver { seq } => Ok(seq),
+            OkReply::Deliver { seq, status, held } => Ok(DeliverReply { seq, status, held }),
             ok => Err(wrong("deliver", &ok)),
+        }
+    }
+
+    /// `outbox` (the adapter of `channel`): the due outbound messages, each now leased to this
+    /// adapter for [`crate::protocol::OUTBOX_LEASE_MS`]; with none, the broker waits up to
+    /// `wait_ms` (at most 30 s) and this call blocks as long.
+    pub fn outbox(
+        &mut self,
+        channel: &str,
+        wait_ms: u64,
+    ) -> Result<Vec<OutboundMessage>, ClientError> {
+        let (_, ok, _) = self.call(&Request::Outbox {
+            channel: channel.to_owned(),
+            wait_ms,
+        })?;
+        match ok {
+            OkReply::Outbox { messages } => Ok(messages),
+            ok => Err(wrong("outbox", &ok)),
+        }
+    }
+
+    /// `outbox_ack` (the adapter of `channel`): what became of outbound message `id`.
+    pub fn outbox_ack(
+        &mut self,
+        channel: &str,
+        id: &str,
+        outcome: SendOutcome,
+    ) -> Result<AckReply, ClientError> {
+        let (_, ok, _) = self.call(&Request::OutboxAck {
+            channel: channel.to_owned(),
+            id: id.to_owned(),
+            outcome,
+        })?;
+        match ok {
+            OkReply::OutboxAck {
+                status,
+                dlq_id,
+                retry_in_ms,
+            } => Ok(AckReply {
+                status,
+                dlq_id,
+                retry_in_ms,
+            }),
+            ok => Err(wrong("outbox_ack", &ok)),
+        }
+    }
+
+    /// `channel_state` (the adapter of `channel`): whether it reaches its service now.
+    pub fn channel_state(
+        &mut self,
+        channel: &str,
+        connected: bool,
+        error: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let (_, ok, _) = self.call(&Request::ChannelState {
+            channel: channel.to_owned(),
+            connected,
+            error: error.map(str::to_owned),
+        })?;
+        match ok {
+            OkReply::ChannelState {} => Ok(()),
+            ok => Err(wrong("channel_state", &ok)),
+        }
+    }
+
+    /// `held` (profiles with `approve = true`): the held inbound messages, oldest first, and
+    /// how many were left out to fit one reply.
+    pub fn held(&mut self) -> Result<(Vec<HeldMessage>, u64), ClientError> {
+        let (_, ok, _) = self.call(&Request::Held {})?;
+        match ok {
+            OkReply::Held { held, omitted } => Ok((held, omitted)),
+            ok => Err(wrong("held", &ok)),
+        }
+    }
+
+    /// `admit` (profiles with `approve = true`): queue held message `id` for the agent;
+    /// `always` admits its sender on that channel for good. Returns its inbound seq.
+    pub fn admit(&mut self, id: &str, always: bool, by: Option<&str>) -> Result<u64, ClientError> {
+        let (_, ok, _) = self.call(&Request::Admit {
+            id: id.to_owned(),
+            always,
+            by: by.map(str::to_owned),
+        })?;
+        match ok {
+            OkReply::Admit { seq } => Ok(seq),
+            ok => Err(wrong("admit", &ok)),
+        }
+    }
+
+    /// `drop_held` (profiles with `approve = true`): drop held message `id`.
+    pub fn drop_held(&mut self, id: &str, by: Option<&str>) -> Result<(), ClientError> {
+        let (_, ok, _) = self.call(&Request::DropHeld {
+            id: id.to_owned(),
+            by: by.map(str::to_owned),
+        })?;
+        match ok {
+            OkReply::DropHeld {} => Ok(()),
+            ok => Err(wrong("drop_held", &ok)),
         }
     }
 
@@ -785,6 +971,9 @@ mod tests {
                 role: "channel".into(),
                 profile: "adapter".into(),
             },
+            id: "seq:3".into(),
+            conversation: "alice@example.com".into(),
+            reply_to: "alice@example.com".into(),
         };
         let (a, b) = seqpacket_pair().unwrap();
         let m2 = msg.clone();
@@ -794,7 +983,11 @@ mod tests {
             seen2.lock().unwrap().push(req.clone());
             let reply = match req {
                 Request::Deliver { channel, .. } if channel == "inbox" => {
-                    Reply::Ok(OkReply::Deliver { seq: 3 })
+                    Reply::Ok(OkReply::Deliver {
+                        seq: 3,
+                        status: DeliverStatus::Queued,
+                        held: None,
+                    })
                 }
                 Request::Deliver { .. } => Reply::err(ErrorCode::Busy, "the queue is full"),
                 Request::Inbound { after: 0, .. } => Reply::Ok(OkReply::Inbound {
@@ -806,7 +999,11 @@ mod tests {
                     next: after,
                 }),
                 // wrong op in reply
-                _ => Reply::Ok(OkReply::Deliver { seq: 1 }),
+                _ => Reply::Ok(OkReply::Deliver {
+                    seq: 1,
+                    status: DeliverStatus::Queued,
+                    held: None,
+                }),
             };
             vec![(encode_reply(id, &reply).unwrap(), vec![])]
         });
@@ -829,12 +1026,18 @@ mod tests {
                 Request::Deliver {
                     channel: "inbox".into(),
                     sender: "alice@example.com".into(),
-                    body: "hello".into()
+                    body: "hello".into(),
+                    id: None,
+                    conversation: None,
+                    reply_to: None,
                 },
                 Request::Deliver {
                     channel: "full".into(),
                     sender: "bob".into(),
-                    body: "x".into()
+                    body: "x".into(),
+                    id: None,
+                    conversation: None,
+                    reply_to: None,
                 },
                 Request::Inbound {
                     after: 0,
@@ -1023,6 +1226,7 @@ mod tests {
                             Response::ok(OkReply::Send {
                                 status: SendStatus::Delivered,
                                 dlq_id: Some(format!("{who}:{body}")),
+                                outbox_id: None,
                             })
                         }
                         _ => Response::ok(OkReply::Ping {}),

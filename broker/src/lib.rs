@@ -10,6 +10,7 @@ pub mod approvals;
 pub mod audit;
 pub mod client;
 pub mod dlq;
+pub mod durable;
 pub mod ops;
 pub mod protocol;
 pub mod ratelimit;

@@ -42,12 +42,15 @@ use crate::redact::Redactor;
 use crate::server::{Handler, Identity, Response};
 
 mod auth;
+mod channels;
 mod connect;
 mod exec;
 mod files;
+mod held;
 mod inbound;
 mod send;
 
+pub use channels::ChannelStats;
 pub use connect::{is_refused_address, resolve_checked, ConnectError};
 pub use exec::resolve_program;
 pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, SecretError};
@@ -282,6 +285,9 @@ pub struct OpsConfig {
     /// Inbound messages kept until the gateway acknowledges them; when that many wait,
     /// `deliver` is answered `busy` (the adapter keeps the message and tries again).
     pub inbound_capacity: usize,
+    /// Where the channel state lives (`inbound/`, `held/`, `outbox/`, `channels.json`); None:
+    /// in memory only, lost with the broker (tests).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for OpsConfig {
@@ -294,6 +300,7 @@ impl Default for OpsConfig {
             max_rate_keys: 4096,
             token_store: None,
             inbound_capacity: 1024,
+            state_dir: None,
         }
     }
 }
@@ -656,6 +663,8 @@ impl Handler for Ops {
                     channel,
                     recipient,
                     body,
+                    in_reply_to: _,
+                    key: _,
                 } => self.send(&who, &channel, &recipient, body).await,
                 Request::Exec { argv, cwd } => self.exec(&who, argv, cwd).await,
                 Request::Auth { token_sha256 } => self.auth(&who, &token_sha256).await,
@@ -669,8 +678,17 @@ impl Handler for Ops {
                     channel,
                     sender,
                     body,
+                    id: _,
+                    conversation: _,
+                    reply_to: _,
                 } => self.deliver(&who, &channel, &sender, body).await,
                 Request::Inbound { after, wait_ms } => self.inbound(&who, after, wait_ms).await,
+                Request::Outbox { .. }
+                | Request::OutboxAck { .. }
+                | Request::ChannelState { .. }
+                | Request::Held {}
+                | Request::Admit { .. }
+                | Request::DropHeld { .. } => Response::err(ErrorCode::Internal, "not yet"),
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(

@@ -45,6 +45,12 @@ pub const MAX_APPROVE_BY: usize = 128;
 pub const MAX_SENDER: usize = 256;
 /// Longest an `inbound` request waits for a message (a longer `wait_ms` is cut to this).
 pub const MAX_INBOUND_WAIT_MS: u64 = 30_000;
+/// Longest message id (`deliver`'s `id`), conversation, reply address, `in_reply_to` and
+/// idempotency `key`, in bytes.
+pub const MAX_MESSAGE_ID: usize = 256;
+/// How long an `outbox` message handed to an adapter stays leased to it: not acknowledged by
+/// then, it is due again.
+pub const OUTBOX_LEASE_MS: u64 = 60_000;
 
 /// Access asked for by `open`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -125,11 +131,17 @@ pub enum Request {
     Open { path: String, access: Access },
     /// A credential by name, as a sealed memfd.
     Secret { name: String },
-    /// An outbound message on a channel.
+    /// An outbound message on a channel. `in_reply_to` names the inbound message id this
+    /// answers (adapters thread by it); `key` is an idempotency key (1..=[`MAX_MESSAGE_ID`]
+    /// bytes): a second send with the same key on the same channel is not sent again.
     Send {
         channel: String,
         recipient: String,
         body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        in_reply_to: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     /// Run a tool in a new confined child; `argv[0]` names the program.
     Exec {
@@ -158,16 +170,80 @@ pub enum Request {
     /// An inbound message a channel adapter received from its service, for the gateway
     /// (profiles whose `deliver` lists `channel`). `sender` is who wrote it on the service
     /// (1..=[`MAX_SENDER`] bytes, no control characters); `body` at most the channel's
-    /// `max_bytes`.
+    /// `max_bytes`. `id` is the service's id of the message, unique per channel (deliver is
+    /// idempotent on (channel, id)); `conversation` defaults to the sender, `reply_to` to the
+    /// conversation; each follows the rules of `sender`. On the wire `id` is `"message_id"`
+    /// (the frame's own `"id"` is the request id).
     Deliver {
         channel: String,
         sender: String,
         body: String,
+        #[serde(
+            default,
+            rename = "message_id",
+            skip_serializing_if = "Option::is_none"
+        )]
+        id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conversation: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<String>,
     },
     /// The delivered messages with `seq > after`, oldest first (profiles with `inbound =
     /// true`); reading acknowledges (removes) every message with `seq <= after`. When there is
     /// none, waits up to `wait_ms` (at most [`MAX_INBOUND_WAIT_MS`]) for one.
     Inbound { after: u64, wait_ms: u64 },
+    /// The due outbound messages of adapter channel `channel` not leased already (profiles
+    /// whose `deliver` lists the channel: its adapter). Each one handed out is leased for
+    /// [`OUTBOX_LEASE_MS`]. With nothing due, waits up to `wait_ms` (at most
+    /// [`MAX_INBOUND_WAIT_MS`]).
+    Outbox { channel: String, wait_ms: u64 },
+    /// The adapter's report on outbound message `id` of `channel` (on the wire
+    /// `"outbox_id"`: the frame's own `"id"` is the request id).
+    OutboxAck {
+        channel: String,
+        #[serde(rename = "outbox_id")]
+        id: String,
+        outcome: SendOutcome,
+    },
+    /// The adapter says whether it reaches its service (same permission as `outbox`).
+    ChannelState {
+        channel: String,
+        connected: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The held inbound messages (profiles with `approve = true`).
+    Held {},
+    /// Queue held message `id` for the agent now; `always`: its sender is admitted for good
+    /// on that channel (profiles with `approve = true`). On the wire `id` is `"held"`.
+    Admit {
+        #[serde(rename = "held")]
+        id: String,
+        always: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// Drop held message `id` (profiles with `approve = true`). On the wire `id` is `"held"`.
+    DropHeld {
+        #[serde(rename = "held")]
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+}
+
+/// An adapter's report on one outbound message (`outbox_ack`). Tag `"result"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SendOutcome {
+    /// The service took it; `service_id` is its id there, when it gives one.
+    Sent {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_id: Option<String>,
+    },
+    /// The service did not take it. `retry`: worth trying again (network error, 429, 5xx).
+    Failed { error: String, retry: bool },
 }
 
 /// Every op name, in wire spelling.
@@ -184,6 +260,12 @@ pub const OPS: &[&str] = &[
     "approve",
     "deliver",
     "inbound",
+    "outbox",
+    "outbox_ack",
+    "channel_state",
+    "held",
+    "admit",
+    "drop_held",
 ];
 
 impl Request {
@@ -202,6 +284,12 @@ impl Request {
             Request::Approve { .. } => "approve",
             Request::Deliver { .. } => "deliver",
             Request::Inbound { .. } => "inbound",
+            Request::Outbox { .. } => "outbox",
+            Request::OutboxAck { .. } => "outbox_ack",
+            Request::ChannelState { .. } => "channel_state",
+            Request::Held {} => "held",
+            Request::Admit { .. } => "admit",
+            Request::DropHeld { .. } => "drop_held",
         }
     }
 }
@@ -214,6 +302,63 @@ pub enum SendStatus {
     Delivered,
     /// Blocked by a filter or the recipient allowlist; kept in the dead-letter queue.
     DeadLettered,
+    /// Adapter channel: written to the channel's durable outbox (its adapter sends it).
+    Queued,
+    /// A send with this idempotency key was already taken on this channel; nothing was done.
+    Duplicate,
+}
+
+/// What became of a `deliver`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliverStatus {
+    /// Queued for the gateway.
+    #[default]
+    Queued,
+    /// From a sender the channel does not admit: held for the operator.
+    Held,
+    /// A message with this id was already taken on this channel; nothing was done.
+    Duplicate,
+}
+
+/// How the broker took an adapter's `outbox_ack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    /// Sent: the message left the outbox.
+    Done,
+    /// Failed, will be due again after `retry_in_ms`.
+    Retrying,
+    /// Failed for good (no retry, or attempts exhausted): in the dead-letter queue.
+    DeadLettered,
+}
+
+/// One message of the `outbox` reply: what an adapter must send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundMessage {
+    /// The outbox id (what `outbox_ack` names).
+    pub id: String,
+    pub recipient: String,
+    pub body: String,
+    /// The inbound message id this answers, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_reply_to: Option<String>,
+    /// 1 for the first try, one more for each retry.
+    pub attempt: u32,
+}
+
+/// One held inbound message (`held`): from a sender the channel does not admit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMessage {
+    /// What `admit` / `drop_held` name it by.
+    pub id: String,
+    pub channel: String,
+    pub sender: String,
+    pub conversation: String,
+    /// The text, redacted of known secret values; untrusted.
+    pub body: String,
+    /// When the broker held it, RFC 3339 UTC.
+    pub ts: String,
 }
 
 /// One entry of the `approvals` reply: an `ask` waiting for an operator.
@@ -251,6 +396,15 @@ pub struct InboundMessage {
     pub ts: String,
     /// The adapter that delivered it: the identity bound to its socket.
     pub from: Who,
+    /// The service's id of the message (`deliver`'s `id`), or `seq:<seq>` when none was given.
+    #[serde(default)]
+    pub id: String,
+    /// The conversation it belongs to (default: the sender).
+    #[serde(default)]
+    pub conversation: String,
+    /// Where a reply goes (default: the conversation).
+    #[serde(default)]
+    pub reply_to: String,
 }
 
 /// The op-specific part of a successful reply. Serialized with the tag `"op"` (echoing the
@@ -271,6 +425,9 @@ pub enum OkReply {
         status: SendStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dlq_id: Option<String>,
+        /// `queued`: the message's id in the channel's outbox.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outbox_id: Option<String>,
     },
     /// `exec`: 2 fds, the read ends of the tool's stdout and stderr pipes; an `exit` event with
     /// the same id follows when the tool ends.
@@ -289,8 +446,15 @@ pub enum OkReply {
     /// `approve`: no fds. `decision` is how the approval ended (`allowed once`, `allowed
     /// always`, `denied`: [`crate::approvals::Decision::as_str`]).
     Approve { approval: u64, decision: String },
-    /// `deliver`: no fds. The message's sequence number in the inbound queue.
-    Deliver { seq: u64 },
+    /// `deliver`: no fds. `seq`: the message's sequence number in the inbound queue (0 unless
+    /// queued); `held`: the held id when held.
+    Deliver {
+        seq: u64,
+        #[serde(default)]
+        status: DeliverStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held: Option<String>,
+    },
     /// `inbound`: no fds. Messages with `seq > after`, oldest first, as many as fit in one
     /// frame; `next` is the seq of the last one (`after` when there is none): the `after` of
     /// the next read, which acknowledges them.
@@ -298,6 +462,28 @@ pub enum OkReply {
         messages: Vec<InboundMessage>,
         next: u64,
     },
+    /// `outbox`: no fds. The due messages, each now leased to the caller.
+    Outbox { messages: Vec<OutboundMessage> },
+    /// `outbox_ack`: no fds.
+    OutboxAck {
+        status: AckStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dlq_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_in_ms: Option<u64>,
+    },
+    /// `channel_state`: no fds.
+    ChannelState {},
+    /// `held`: no fds. Oldest first; `omitted` counts those left out to fit one frame.
+    Held {
+        held: Vec<HeldMessage>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        omitted: u64,
+    },
+    /// `admit`: no fds. The seq the message got in the inbound queue.
+    Admit { seq: u64 },
+    /// `drop_held`: no fds.
+    DropHeld {},
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -314,7 +500,13 @@ impl OkReply {
             | OkReply::Approvals { .. }
             | OkReply::Approve { .. }
             | OkReply::Deliver { .. }
-            | OkReply::Inbound { .. } => 0,
+            | OkReply::Inbound { .. }
+            | OkReply::Outbox { .. }
+            | OkReply::OutboxAck { .. }
+            | OkReply::ChannelState {}
+            | OkReply::Held { .. }
+            | OkReply::Admit { .. }
+            | OkReply::DropHeld {} => 0,
             OkReply::Connect { .. }
             | OkReply::Open { .. }
             | OkReply::Secret { .. }
@@ -338,6 +530,12 @@ impl OkReply {
             OkReply::Approve { .. } => "approve",
             OkReply::Deliver { .. } => "deliver",
             OkReply::Inbound { .. } => "inbound",
+            OkReply::Outbox { .. } => "outbox",
+            OkReply::OutboxAck { .. } => "outbox_ack",
+            OkReply::ChannelState {} => "channel_state",
+            OkReply::Held { .. } => "held",
+            OkReply::Admit { .. } => "admit",
+            OkReply::DropHeld {} => "drop_held",
         }
     }
 }
@@ -1070,6 +1268,15 @@ mod tests {
             channel: "log".into(),
             recipient: "#ops".into(),
             body: "héllo \"x\"\n\u{0}".into(),
+            in_reply_to: None,
+            key: None,
+        });
+        req_roundtrip(Request::Send {
+            channel: "telegram".into(),
+            recipient: "123456789".into(),
+            body: "hi".into(),
+            in_reply_to: Some("update:7".into()),
+            key: Some("k-1".into()),
         });
         req_roundtrip(Request::Exec {
             argv: vec!["git".into(), "status".into()],
@@ -1113,6 +1320,57 @@ mod tests {
             channel: "inbox".into(),
             sender: "alice@example.com".into(),
             body: "héllo \"x\"\n".into(),
+            id: None,
+            conversation: None,
+            reply_to: None,
+        });
+        req_roundtrip(Request::Deliver {
+            channel: "telegram".into(),
+            sender: "123456789".into(),
+            body: "hi".into(),
+            id: Some("update:7".into()),
+            conversation: Some("-100987".into()),
+            reply_to: Some("-100987".into()),
+        });
+        req_roundtrip(Request::Outbox {
+            channel: "telegram".into(),
+            wait_ms: 25_000,
+        });
+        for outcome in [
+            SendOutcome::Sent { service_id: None },
+            SendOutcome::Sent {
+                service_id: Some("42".into()),
+            },
+            SendOutcome::Failed {
+                error: "HTTP 502".into(),
+                retry: true,
+            },
+        ] {
+            req_roundtrip(Request::OutboxAck {
+                channel: "telegram".into(),
+                id: "0001-2-3".into(),
+                outcome,
+            });
+        }
+        req_roundtrip(Request::ChannelState {
+            channel: "telegram".into(),
+            connected: false,
+            error: Some("HTTP 401".into()),
+        });
+        req_roundtrip(Request::ChannelState {
+            channel: "telegram".into(),
+            connected: true,
+            error: None,
+        });
+        req_roundtrip(Request::Held {});
+        req_roundtrip(Request::Admit {
+            id: "h1".into(),
+            always: true,
+            by: Some("tok".into()),
+        });
+        req_roundtrip(Request::DropHeld {
+            id: "h1".into(),
+            by: None,
         });
         for (after, wait_ms) in [(0, 0), (7, 25_000), (u64::MAX, u64::MAX)] {
             req_roundtrip(Request::Inbound { after, wait_ms });
@@ -1164,7 +1422,10 @@ mod tests {
             v(&Request::Deliver {
                 channel: "inbox".into(),
                 sender: "alice@example.com".into(),
-                body: "hello".into()
+                body: "hello".into(),
+                id: None,
+                conversation: None,
+                reply_to: None,
             }),
             serde_json::json!({"v":1,"id":3,"op":"deliver","channel":"inbox",
                                "sender":"alice@example.com","body":"hello"})
@@ -1180,13 +1441,25 @@ mod tests {
             .unwrap(),
             br#"{"v":1,"id":4,"op":"inbound","after":12,"wait_ms":25000}"#
         );
-        let r = OkReply::Deliver { seq: 13 };
+        let r = OkReply::Deliver {
+            seq: 13,
+            status: DeliverStatus::Queued,
+            held: None,
+        };
         assert_eq!(r.fd_count(), 0);
         assert_eq!(
             encode_reply(5, &Reply::Ok(r.clone())).unwrap(),
-            br#"{"v":1,"id":5,"ok":true,"op":"deliver","seq":13}"#
+            br#"{"v":1,"id":5,"ok":true,"op":"deliver","seq":13,"status":"queued"}"#
         );
-        server_roundtrip(5, Reply::Ok(r));
+        server_roundtrip(5, Reply::Ok(r.clone()));
+        // A reply of an older broker (no status) reads as queued.
+        assert_eq!(
+            decode_server_frame(br#"{"v":1,"id":5,"ok":true,"op":"deliver","seq":13}"#).unwrap(),
+            ServerFrame::Reply {
+                id: 5,
+                reply: Reply::Ok(r)
+            }
+        );
         let m = InboundMessage {
             seq: 13,
             channel: "inbox".into(),
@@ -1198,6 +1471,9 @@ mod tests {
                 role: "channel".into(),
                 profile: "adapter".into(),
             },
+            id: "m1".into(),
+            conversation: "alice@example.com".into(),
+            reply_to: "alice@example.com".into(),
         };
         let r = OkReply::Inbound {
             messages: vec![m],
@@ -1212,7 +1488,8 @@ mod tests {
             serde_json::json!({"v":1,"id":6,"ok":true,"op":"inbound","messages":[{"seq":13,
                 "channel":"inbox","sender":"alice@example.com","body":"hello",
                 "ts":"2026-01-02T03:04:05.000001Z",
-                "from":{"id":4,"role":"channel","profile":"adapter"}}],"next":13})
+                "from":{"id":4,"role":"channel","profile":"adapter"},"id":"m1",
+                "conversation":"alice@example.com","reply_to":"alice@example.com"}],"next":13})
         );
         server_roundtrip(6, Reply::Ok(r));
         let empty = OkReply::Inbound {
@@ -1223,6 +1500,151 @@ mod tests {
             encode_reply(7, &Reply::Ok(empty)).unwrap(),
             br#"{"v":1,"id":7,"ok":true,"op":"inbound","messages":[],"next":0}"#
         );
+    }
+
+    #[test]
+    fn channel_ops_wire_shape() {
+        let v = |r: &Request| -> Value {
+            serde_json::from_slice(&encode_request(3, r).unwrap()).unwrap()
+        };
+        assert_eq!(
+            v(&Request::OutboxAck {
+                channel: "telegram".into(),
+                id: "o1".into(),
+                outcome: SendOutcome::Failed {
+                    error: "HTTP 502".into(),
+                    retry: true
+                },
+            }),
+            serde_json::json!({"v":1,"id":3,"op":"outbox_ack","channel":"telegram",
+                               "outbox_id":"o1",
+                               "outcome":{"result":"failed","error":"HTTP 502","retry":true}})
+        );
+        // The ids of a message travel under their own names: the frame's "id" is the request
+        // id, and a second "id" key is refused.
+        assert_eq!(
+            v(&Request::Deliver {
+                channel: "t".into(),
+                sender: "s".into(),
+                body: "b".into(),
+                id: Some("update:7".into()),
+                conversation: None,
+                reply_to: None,
+            })["message_id"],
+            "update:7"
+        );
+        let admit = v(&Request::Admit {
+            id: "h1".into(),
+            always: false,
+            by: None,
+        });
+        assert_eq!(
+            admit,
+            serde_json::json!({"v":1,"id":3,"op":"admit","held":"h1","always":false})
+        );
+        let f = decode_request(
+            br#"{"v":1,"id":3,"op":"outbox_ack","channel":"t","id":"o1","outcome":{"result":"sent"}}"#,
+        );
+        assert!(f.is_err(), "a duplicate top-level id must not decode");
+        let f = decode_request(
+            br#"{"v":1,"id":3,"op":"outbox_ack","channel":"t","outbox_id":"o1","outcome":{"result":"sent"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f.request,
+            Request::OutboxAck {
+                channel: "t".into(),
+                id: "o1".into(),
+                outcome: SendOutcome::Sent { service_id: None }
+            }
+        );
+        let replies = [
+            OkReply::Deliver {
+                seq: 0,
+                status: DeliverStatus::Held,
+                held: Some("h1".into()),
+            },
+            OkReply::Deliver {
+                seq: 0,
+                status: DeliverStatus::Duplicate,
+                held: None,
+            },
+            OkReply::Send {
+                status: SendStatus::Duplicate,
+                dlq_id: None,
+                outbox_id: None,
+            },
+            OkReply::Outbox {
+                messages: vec![OutboundMessage {
+                    id: "o1".into(),
+                    recipient: "123".into(),
+                    body: "hi".into(),
+                    in_reply_to: Some("update:7".into()),
+                    attempt: 2,
+                }],
+            },
+            OkReply::OutboxAck {
+                status: AckStatus::Retrying,
+                dlq_id: None,
+                retry_in_ms: Some(2000),
+            },
+            OkReply::OutboxAck {
+                status: AckStatus::DeadLettered,
+                dlq_id: Some("d1".into()),
+                retry_in_ms: None,
+            },
+            OkReply::ChannelState {},
+            OkReply::Held {
+                held: vec![HeldMessage {
+                    id: "h1".into(),
+                    channel: "telegram".into(),
+                    sender: "999".into(),
+                    conversation: "999".into(),
+                    body: "hello".into(),
+                    ts: "2026-01-02T03:04:05.000001Z".into(),
+                }],
+                omitted: 2,
+            },
+            OkReply::Admit { seq: 4 },
+            OkReply::DropHeld {},
+        ];
+        for r in replies {
+            assert_eq!(r.fd_count(), 0);
+            server_roundtrip(9, Reply::Ok(r));
+        }
+        assert_eq!(
+            encode_reply(9, &Reply::Ok(OkReply::DropHeld {})).unwrap(),
+            br#"{"v":1,"id":9,"ok":true,"op":"drop_held"}"#
+        );
+        for op in [
+            "outbox",
+            "outbox_ack",
+            "channel_state",
+            "held",
+            "admit",
+            "drop_held",
+        ] {
+            assert!(OPS.contains(&op), "{op}");
+        }
+        for b in [
+            &br#"{"v":1,"id":5,"op":"outbox","channel":"t"}"#[..],
+            br#"{"v":1,"id":5,"op":"outbox","channel":"t","wait_ms":-1}"#,
+            br#"{"v":1,"id":5,"op":"outbox","channel":"t","wait_ms":0,"lease_ms":1}"#,
+            br#"{"v":1,"id":5,"op":"outbox_ack","channel":"t","outcome":{"result":"sent"}}"#,
+            br#"{"v":1,"id":5,"op":"channel_state","channel":"t"}"#,
+            br#"{"v":1,"id":5,"op":"channel_state","channel":"t","connected":"yes"}"#,
+            br#"{"v":1,"id":5,"op":"held","channel":"t"}"#,
+            br#"{"v":1,"id":5,"op":"admit","held":"h"}"#,
+            br#"{"v":1,"id":5,"op":"admit","always":true}"#,
+            br#"{"v":1,"id":5,"op":"drop_held"}"#,
+            br#"{"v":1,"id":5,"op":"send","channel":"c","recipient":"r","body":"b","key":7}"#,
+            br#"{"v":1,"id":5,"op":"deliver","channel":"c","sender":"s","body":"b","message_id":7}"#,
+            br#"{"v":1,"id":5,"op":"outbox_ack","channel":"t","outbox_id":"o","outcome":{"result":"lost"}}"#,
+            br#"{"v":1,"id":5,"op":"outbox_ack","channel":"t","outbox_id":"o","outcome":{"result":"failed","error":"e"}}"#,
+        ] {
+            let e = bad(b);
+            assert!(matches!(e, DecodeError::BadFields { id: 5, .. }), "{e:?}");
+        }
     }
 
     /// The corpus seeds of the gateway ops (fuzz/corpus/frame, named by their SHA-1) decode as
@@ -1405,6 +1827,7 @@ mod tests {
             Reply::Ok(OkReply::Send {
                 status: SendStatus::DeadLettered,
                 dlq_id: Some("x".into()),
+                outbox_id: None,
             }),
         );
         server_roundtrip(
@@ -1412,6 +1835,15 @@ mod tests {
             Reply::Ok(OkReply::Send {
                 status: SendStatus::Delivered,
                 dlq_id: None,
+                outbox_id: None,
+            }),
+        );
+        server_roundtrip(
+            5,
+            Reply::Ok(OkReply::Send {
+                status: SendStatus::Queued,
+                dlq_id: None,
+                outbox_id: Some("0001-2-3".into()),
             }),
         );
         server_roundtrip(6, Reply::Ok(OkReply::Exec {}));
@@ -1661,6 +2093,8 @@ mod tests {
             channel: "c".into(),
             recipient: "r".into(),
             body: "x".repeat(MAX_FRAME),
+            in_reply_to: None,
+            key: None,
         };
         assert!(matches!(
             encode_request(1, &r),

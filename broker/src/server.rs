@@ -949,6 +949,7 @@ mod tests {
                         Response::ok(OkReply::Send {
                             status: crate::protocol::SendStatus::Delivered,
                             dlq_id: Some(who.to_string()),
+                            outbox_id: None,
                         })
                     }
                     Request::Send { .. } => panic!("test handler panics on send"),
@@ -959,7 +960,13 @@ mod tests {
                     | Request::Approvals {}
                     | Request::Approve { .. }
                     | Request::Deliver { .. }
-                    | Request::Inbound { .. } => {
+                    | Request::Inbound { .. }
+                    | Request::Outbox { .. }
+                    | Request::OutboxAck { .. }
+                    | Request::ChannelState { .. }
+                    | Request::Held {}
+                    | Request::Admit { .. }
+                    | Request::DropHeld { .. } => {
                         Response::err(ErrorCode::Denied, "not this handler's op")
                     }
                 }
@@ -1093,13 +1100,16 @@ mod tests {
                 channel: "who".into(),
                 recipient: "r".into(),
                 body: String::new(),
+                in_reply_to: None,
+                key: None,
             },
         );
         assert_eq!(
             reply(&a).1,
             Reply::Ok(OkReply::Send {
                 status: crate::protocol::SendStatus::Delivered,
-                dlq_id: Some("tool#7(p7)".into())
+                dlq_id: Some("tool#7(p7)".into()),
+                outbox_id: None,
             })
         );
         // Claiming an identity in the request is a malformed request, not a way in.
@@ -1442,6 +1452,8 @@ mod tests {
                 channel: "c".into(),
                 recipient: "r".into(),
                 body: "b".into(),
+                in_reply_to: None,
+                key: None,
             },
         );
         let (id, r, _) = reply(&a);
@@ -1499,6 +1511,8 @@ mod tests {
                 channel: "who".into(),
                 recipient: "r".into(),
                 body: String::new(),
+                in_reply_to: None,
+                key: None,
             },
         );
         match reply(fd) {

@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 
 use crate::audit::{hex, rfc3339_utc};
-use crate::dlq::{ensure_dir, read_capped, write_atomic};
+use crate::durable::{ensure_dir, read_capped, write_atomic, DurableError};
 
 /// File name of the token store in the state directory.
 pub const TOKENS_FILE: &str = "tokens.json";
@@ -340,11 +340,8 @@ impl TokenStore {
         let mut data = serde_json::to_vec_pretty(&file)
             .map_err(|e| self.corrupt(format!("cannot encode: {e}")))?;
         data.push(b'\n');
-        write_atomic(&self.path, &data).map_err(|(op, path, source)| TokenError::Io {
-            op,
-            path,
-            source,
-        })
+        write_atomic(&self.path, &data)
+            .map_err(|DurableError { op, path, source }| TokenError::Io { op, path, source })
     }
 
     /// Exclusive `flock` on `<file>.lock` (created 0600), held until the guard is dropped.

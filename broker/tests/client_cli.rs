@@ -13,7 +13,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use carapace_broker::protocol::{
-    seqpacket_pair, Access, ErrorCode, Event, ExitSummary, OkReply, Request, SendStatus,
+    seqpacket_pair, Access, DeliverStatus, ErrorCode, Event, ExitSummary, OkReply, Request,
+    SendStatus,
 };
 use carapace_broker::server::{Handler, Identity, PeerLimits, Response, Role, Server};
 
@@ -104,11 +105,13 @@ impl Handler for Scripted {
                     Response::ok(OkReply::Send {
                         status: SendStatus::Delivered,
                         dlq_id: None,
+                        outbox_id: None,
                     })
                 }
                 Request::Send { .. } => Response::ok(OkReply::Send {
                     status: SendStatus::DeadLettered,
                     dlq_id: Some("dlq-1".into()),
+                    outbox_id: None,
                 }),
                 Request::Exec { argv, .. } => exec_child(argv),
                 Request::Session {} => Response::err(ErrorCode::Internal, "not a handler's op"),
@@ -118,6 +121,8 @@ impl Handler for Scripted {
                     } else {
                         Response::ok(OkReply::Deliver {
                             seq: 40 + body.len() as u64,
+                            status: DeliverStatus::Queued,
+                            held: None,
                         })
                     }
                 }
@@ -128,7 +133,13 @@ impl Handler for Scripted {
                 Request::Auth { .. }
                 | Request::Approvals {}
                 | Request::Approve { .. }
-                | Request::Inbound { .. } => {
+                | Request::Inbound { .. }
+                | Request::Outbox { .. }
+                | Request::OutboxAck { .. }
+                | Request::ChannelState { .. }
+                | Request::Held {}
+                | Request::Admit { .. }
+                | Request::DropHeld { .. } => {
                     Response::err(ErrorCode::Denied, "not this handler's op")
                 }
             }

@@ -9,6 +9,7 @@ use std::fmt::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use globset::{GlobBuilder, GlobMatcher};
 use regex::{Regex, RegexBuilder};
@@ -16,7 +17,10 @@ use serde::Deserialize;
 
 use crate::model::S;
 use crate::source::Sink;
-use crate::units::{check_abs_path, fmt_bytes, parse_size, PATH_EXPECTED, SIZE_EXPECTED};
+use crate::units::{
+    check_abs_path, fmt_bytes, parse_duration, parse_size, DURATION_EXPECTED, PATH_EXPECTED,
+    SIZE_EXPECTED,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Raw shape (serde); mirrored by the schema in schema.rs.
@@ -79,6 +83,17 @@ pub(crate) struct RawChannel {
     pub redact: Option<S<Vec<S<String>>>>,
     pub max_bytes: Option<S<toml::Value>>,
     pub rate: Option<S<RawChannelRate>>,
+    pub senders: Option<S<Vec<S<String>>>>,
+    pub reply_to_senders: Option<S<bool>>,
+    pub retry: Option<S<RawRetry>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetry {
+    pub attempts: Option<S<i64>>,
+    pub initial_delay: Option<S<toml::Value>>,
+    pub max_delay: Option<S<toml::Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -224,6 +239,41 @@ pub struct SecretSpec {
 pub enum ChannelKind {
     /// Appends each message as one JSON line to `path` (fsync'd).
     File { path: PathBuf },
+    /// Served by the channel adapter child of the same name: `send` writes to the channel's
+    /// durable outbox, the adapter takes each message, sends it and confirms.
+    Adapter,
+}
+
+/// Outbound retries of an adapter channel: a failed send is tried again after
+/// `initial_delay`, doubling up to `max_delay`, `attempts` times in all; then it is
+/// dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included (1 = no retry).
+    pub attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+}
+
+/// Retries when the policy says nothing: 5 tries, 1 s doubling up to 5 min.
+pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+    attempts: 5,
+    initial_delay: Duration::from_secs(1),
+    max_delay: Duration::from_secs(300),
+};
+
+/// Most tries a `retry` may ask for.
+pub const MAX_RETRY_ATTEMPTS: u32 = 100;
+
+impl RetryPolicy {
+    /// The wait before try `attempt + 1` after try `attempt` (1-based) failed:
+    /// `initial_delay * 2^(attempt-1)`, at most `max_delay`.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let shift = attempt.saturating_sub(1).min(31);
+        self.initial_delay
+            .checked_mul(1u32 << shift)
+            .map_or(self.max_delay, |d| d.min(self.max_delay))
+    }
 }
 
 /// Token bucket of a channel, per (identity, channel).
@@ -264,6 +314,14 @@ pub struct ChannelSpec {
     pub redact: Vec<Regex>,
     pub max_bytes: u64,
     pub rate: ChannelRate,
+    /// Senders whose delivered messages reach the agent: (glob text, matcher). Anyone else's
+    /// are held for the operator.
+    pub senders: Vec<(String, GlobMatcher)>,
+    /// A `send` may also go to the reply address of any message the broker queued from an
+    /// admitted sender of this channel.
+    pub reply_to_senders: bool,
+    /// Outbound retries (adapter channels).
+    pub retry: RetryPolicy,
 }
 
 /// What redacted text is replaced with.
@@ -278,6 +336,18 @@ impl ChannelSpec {
         self.recipients
             .iter()
             .find(|(_, m)| m.is_match(recipient))
+            .map(|(t, _)| t.as_str())
+    }
+
+    /// The first `senders` glob that matches `sender` (exact, case-sensitive glob match): its
+    /// messages reach the agent; None: they are held.
+    pub fn sender_admitted(&self, sender: &str) -> Option<&str> {
+        if sender.is_empty() || sender.contains(['\0', '\n', '\r']) {
+            return None;
+        }
+        self.senders
+            .iter()
+            .find(|(_, m)| m.is_match(sender))
             .map(|(t, _)| t.as_str())
     }
 
@@ -488,17 +558,27 @@ impl BrokerRules {
             s.push_str("    none\n");
         }
         for c in &self.channels {
-            let ChannelKind::File { path } = &c.kind;
+            let how = match &c.kind {
+                ChannelKind::File { path } => format!("appends to {}", path.display()),
+                ChannelKind::Adapter => format!(
+                    "queued in the durable outbox of its adapter, {} tries (retry after {:?} doubling up to {:?}), then dead-lettered",
+                    c.retry.attempts, c.retry.initial_delay, c.retry.max_delay
+                ),
+            };
             let recips: Vec<&str> = c.recipients.iter().map(|(t, _)| t.as_str()).collect();
             let _ = writeln!(
                 s,
-                "    {}: appends to {}; recipients {}; up to {} per message; {} per minute (burst {}) per child; {} block pattern(s); redacts {} pattern(s) and every secret value (why: {})",
+                "    {}: {how}; recipients {}{}; up to {} per message; {} per minute (burst {}) per child; {} block pattern(s); redacts {} pattern(s) and every secret value (why: {})",
                 c.name,
-                path.display(),
-                if recips.is_empty() {
+                if recips.is_empty() && !c.reply_to_senders {
                     "none (every message is dead-lettered)".to_string()
                 } else {
                     recips.join(", ")
+                },
+                if c.reply_to_senders {
+                    " and the reply address of any message queued from an admitted sender"
+                } else {
+                    ""
                 },
                 fmt_bytes(c.max_bytes),
                 c.rate.per_minute,
@@ -515,13 +595,25 @@ impl BrokerRules {
             s.push_str("    none: every deliver is refused\n");
         }
         for c in &self.deliver {
+            let senders: Vec<&str> = c.senders.iter().map(|(t, _)| t.as_str()).collect();
             let _ = writeln!(
                 s,
-                "    {}: up to {} per message (why: {})",
+                "    {}: up to {} per message; reach the agent: {}; anyone else is held for the operator (why: {})",
                 c.name,
                 fmt_bytes(c.max_bytes),
+                if senders.is_empty() {
+                    "only senders an operator admitted".to_string()
+                } else {
+                    format!("senders {} and those an operator admitted", senders.join(", "))
+                },
                 c.why
             );
+            if matches!(c.kind, ChannelKind::Adapter) {
+                let _ = writeln!(
+                    s,
+                    "      and as its adapter: takes and confirms its outbound messages (outbox, outbox_ack, channel_state)"
+                );
+            }
         }
         let _ = writeln!(
             s,
@@ -919,6 +1011,92 @@ pub(crate) fn lower_secrets(
     out
 }
 
+/// Compiled globs of a list of recipient or sender patterns (errors located).
+fn globs(
+    sink: &mut Sink<'_>,
+    list: &Option<S<Vec<S<String>>>>,
+    what: &str,
+) -> Vec<(String, GlobMatcher)> {
+    let mut out = Vec::new();
+    for r in list.iter().flat_map(|l| l.get_ref().iter()) {
+        let t = r.get_ref();
+        if t.is_empty() || t.contains(['\0', '\n', '\r']) {
+            sink.err(
+                &r.span(),
+                format!("bad {what} pattern"),
+                "a non-empty glob on one line",
+            );
+            continue;
+        }
+        match GlobBuilder::new(t)
+            .literal_separator(false)
+            .backslash_escape(true)
+            .build()
+        {
+            Ok(g) => out.push((t.clone(), g.compile_matcher())),
+            Err(e) => sink.err(
+                &r.span(),
+                format!("bad {what} glob `{}`: {}", t.escape_debug(), e.kind()),
+                "a glob: `*`, `?`, `[abc]`, `{a,b}`",
+            ),
+        }
+    }
+    out
+}
+
+/// A channel's `retry = { attempts, initial_delay, max_delay }` (each optional).
+fn retry_policy(sink: &mut Sink<'_>, raw: &Option<S<RawRetry>>, what: &str) -> RetryPolicy {
+    let Some(r) = raw else {
+        return DEFAULT_RETRY;
+    };
+    let rspan = r.span();
+    let r = r.get_ref();
+    let mut out = DEFAULT_RETRY;
+    if let Some(a) = &r.attempts {
+        if let Some(n) = positive_u32(sink, a, "attempts", MAX_RETRY_ATTEMPTS) {
+            out.attempts = n;
+        }
+    }
+    let mut delay = |v: &Option<S<toml::Value>>, key: &str| -> Option<Duration> {
+        let v = v.as_ref()?;
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d <= Duration::from_secs(86_400) => Some(d),
+            Ok(_) => {
+                sink.err(
+                    &v.span(),
+                    format!("`{key}` over a day in the retry of {what}"),
+                    "a duration up to 24h",
+                );
+                None
+            }
+            Err(e) => {
+                sink.err(&v.span(), format!("bad `{key}`: {e}"), DURATION_EXPECTED);
+                None
+            }
+        }
+    };
+    let initial = delay(&r.initial_delay, "initial_delay");
+    let max = delay(&r.max_delay, "max_delay");
+    if let Some(d) = initial {
+        out.initial_delay = d;
+    }
+    if let Some(d) = max {
+        out.max_delay = d;
+    }
+    if out.initial_delay > out.max_delay {
+        let span = r.max_delay.as_ref().map_or(rspan, |m| m.span());
+        sink.err(
+            &span,
+            format!(
+                "in the retry of {what}: max_delay {:?} is shorter than initial_delay {:?}",
+                out.max_delay, out.initial_delay
+            ),
+            "max_delay at least initial_delay",
+        );
+    }
+    out
+}
+
 /// `[channels.NAME]` tables.
 pub(crate) fn lower_channels(
     raw: BTreeMap<S<String>, S<RawChannel>>,
@@ -975,48 +1153,46 @@ pub(crate) fn lower_channels(
                     }
                 },
             },
+            Some(k) if k.get_ref() == "adapter" => match &c.path {
+                Some(p) => {
+                    sink.err(
+                        &p.span(),
+                        format!("`path` in {what}: only for kind \"file\""),
+                        "no `path`: an adapter channel is served by the adapter child of the same name",
+                    );
+                    None
+                }
+                None => Some(ChannelKind::Adapter),
+            },
             Some(k) => {
                 sink.err(
                     &k.span(),
                     format!("unknown channel kind `{}`", k.get_ref()),
-                    "\"file\" (the only kind so far)",
+                    "\"file\" or \"adapter\"",
                 );
                 None
             }
         };
-        let mut recipients = Vec::new();
-        match &c.recipients {
-            None => sink.err(
+        if let (Some(r), Some(k)) = (&c.retry, &c.kind) {
+            if k.get_ref() == "file" {
+                sink.err(
+                    &r.span(),
+                    format!("`retry` in {what}: only for kind \"adapter\""),
+                    "no `retry`: a file channel writes at once",
+                );
+            }
+        }
+        let senders = globs(sink, &c.senders, "sender");
+        let reply_to_senders = c.reply_to_senders.as_ref().is_some_and(|b| *b.get_ref());
+        let retry = retry_policy(sink, &c.retry, &what);
+        if c.recipients.is_none() {
+            sink.err(
                 &kspan,
                 format!("missing required key `recipients` in {what}"),
                 "recipients = [\"alice@example.com\", \"#ops\"] (an allowlist; globs allowed)",
-            ),
-            Some(list) => {
-                for r in list.get_ref() {
-                    let t = r.get_ref();
-                    if t.is_empty() || t.contains(['\0', '\n', '\r']) {
-                        sink.err(
-                            &r.span(),
-                            "bad recipient pattern",
-                            "a non-empty glob on one line",
-                        );
-                        continue;
-                    }
-                    match GlobBuilder::new(t)
-                        .literal_separator(false)
-                        .backslash_escape(true)
-                        .build()
-                    {
-                        Ok(g) => recipients.push((t.clone(), g.compile_matcher())),
-                        Err(e) => sink.err(
-                            &r.span(),
-                            format!("bad recipient glob `{}`: {}", t.escape_debug(), e.kind()),
-                            "a glob: `*`, `?`, `[abc]`, `{a,b}`",
-                        ),
-                    }
-                }
-            }
+            );
         }
+        let recipients = globs(sink, &c.recipients, "recipient");
         let block = regexes(sink, &c.block, "block");
         let redact = regexes(sink, &c.redact, "redact");
         let max_bytes = match &c.max_bytes {
@@ -1076,6 +1252,9 @@ pub(crate) fn lower_channels(
                     redact,
                     max_bytes,
                     rate,
+                    senders,
+                    reply_to_senders,
+                    retry,
                 },
             );
         }
@@ -1861,5 +2040,167 @@ max_bytes = "2KiB"
             e.starts_with(&format!("t.toml:{line}:{col}: error: bad port 70000")),
             "{e}"
         );
+    }
+
+    const ADAPTER: &str = r##"
+version = 1
+[profiles.tg]
+why = "the telegram adapter"
+[profiles.tg.broker]
+deliver = ["telegram"]
+[profiles.gw]
+why = "the gateway"
+[profiles.gw.broker]
+channels = ["telegram", "log"]
+[channels.telegram]
+why = "chat with the operator"
+kind = "adapter"
+recipients = ["123456789"]
+reply_to_senders = true
+senders = ["123456789", "*@example.com"]
+retry = { attempts = 3, initial_delay = "2s", max_delay = "10s" }
+[channels.log]
+why = "a log"
+kind = "file"
+path = "/var/lib/carapace/outbox.log"
+recipients = ["#ops"]
+"##;
+
+    fn adapter_errors(from: &str, to: &str) -> String {
+        assert!(ADAPTER.contains(from), "{from}");
+        let text = ADAPTER.replacen(from, to, 1);
+        match Policy::parse(&text, "t.toml") {
+            Ok(_) => panic!("accepted: {to}"),
+            Err(d) => d.to_string(),
+        }
+    }
+
+    #[test]
+    fn adapter_channels_senders_and_retry() {
+        let p = Policy::parse(ADAPTER, "t.toml").unwrap_or_else(|d| panic!("{d}"));
+        let g = p.broker_view("gw").unwrap_or_else(|| panic!("no gw"));
+        let tg = g
+            .channel("telegram")
+            .unwrap_or_else(|| panic!("no telegram"));
+        assert_eq!(tg.kind, ChannelKind::Adapter);
+        assert!(tg.reply_to_senders);
+        assert_eq!(
+            tg.retry,
+            RetryPolicy {
+                attempts: 3,
+                initial_delay: Duration::from_secs(2),
+                max_delay: Duration::from_secs(10),
+            }
+        );
+        // Senders: globs, both directions.
+        assert_eq!(tg.sender_admitted("123456789"), Some("123456789"));
+        assert_eq!(
+            tg.sender_admitted("alice@example.com"),
+            Some("*@example.com")
+        );
+        assert_eq!(tg.sender_admitted("1234567890"), None);
+        assert_eq!(tg.sender_admitted("alice@example.org"), None);
+        assert_eq!(tg.sender_admitted(""), None);
+        assert_eq!(tg.sender_admitted("x\n@example.com"), None);
+        // Defaults: no senders (everyone held), no reply_to_senders, the default retry.
+        let log = g.channel("log").unwrap_or_else(|| panic!("no log"));
+        assert!(log.senders.is_empty());
+        assert_eq!(log.sender_admitted("#ops"), None);
+        assert!(!log.reply_to_senders);
+        assert_eq!(log.retry, DEFAULT_RETRY);
+        let a = p.broker_view("tg").unwrap_or_else(|| panic!("no tg"));
+        assert!(a.deliver_channel("telegram").is_some());
+        let e = a.explain();
+        assert!(e.contains("senders 123456789, *@example.com"), "{e}");
+        assert!(e.contains("anyone else is held"), "{e}");
+        assert!(e.contains("outbox_ack"), "{e}");
+        let e = g.explain();
+        assert!(e.contains("durable outbox"), "{e}");
+        assert!(e.contains("3 tries"), "{e}");
+        assert!(e.contains("reply address"), "{e}");
+    }
+
+    #[test]
+    fn retry_backoff_doubles_up_to_the_cap() {
+        let r = RetryPolicy {
+            attempts: 10,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(5),
+        };
+        let got: Vec<u64> = (1..=5).map(|a| r.delay_after(a).as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 5, 5]);
+        assert_eq!(r.delay_after(0).as_secs(), 1);
+        assert_eq!(r.delay_after(u32::MAX).as_secs(), 5);
+    }
+
+    #[test]
+    fn adapter_channel_located_errors() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "kind = \"adapter\"",
+                "kind = \"adapter\"\npath = \"/x\"",
+                "`path` in channel `telegram`: only for kind \"file\"",
+            ),
+            (
+                "kind = \"file\"",
+                "kind = \"file\"\nretry = { attempts = 2 }",
+                "`retry` in channel `log`: only for kind \"adapter\"",
+            ),
+            ("attempts = 3", "attempts = 0", "bad `attempts` 0"),
+            ("attempts = 3", "attempts = 101", "bad `attempts` 101"),
+            (
+                "initial_delay = \"2s\"",
+                "initial_delay = \"2 fortnights\"",
+                "bad `initial_delay`",
+            ),
+            (
+                "max_delay = \"10s\"",
+                "max_delay = \"1s\"",
+                "max_delay 1s is shorter than initial_delay 2s",
+            ),
+            (
+                "max_delay = \"10s\"",
+                "max_delay = \"2d\"",
+                "bad `max_delay`",
+            ),
+            ("max_delay = \"10s\"", "max_delay = \"25h\"", "over a day"),
+            ("attempts = 3,", "attempts = 3, tries = 4,", "tries"),
+            (
+                "senders = [\"123456789\", \"*@example.com\"]",
+                "senders = [\"[a\"]",
+                "bad sender glob",
+            ),
+            (
+                "senders = [\"123456789\", \"*@example.com\"]",
+                "senders = [\"\"]",
+                "bad sender pattern",
+            ),
+            (
+                "senders = [\"123456789\", \"*@example.com\"]",
+                "senders = \"123456789\"",
+                "senders",
+            ),
+            (
+                "reply_to_senders = true",
+                "reply_to_senders = \"yes\"",
+                "reply_to_senders",
+            ),
+            (
+                "kind = \"adapter\"",
+                "kind = \"telegram\"",
+                "\"file\" or \"adapter\"",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let e = adapter_errors(from, to);
+            assert!(e.contains(want), "{to}: want {want:?} in\n{e}");
+        }
+        // Located at the offending value.
+        let e = adapter_errors("max_delay = \"10s\"", "max_delay = \"1s\"");
+        let line = ADAPTER
+            .lines()
+            .position(|l| l.starts_with("retry ="))
+            .map_or(0, |i| i + 1);
+        assert!(e.starts_with(&format!("t.toml:{line}:")), "{e}");
     }
 }

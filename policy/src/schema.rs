@@ -113,6 +113,11 @@ const BROKER: Kind = Table(&[
 ]);
 const SECRET: Kind = Table(&[("why", Str), ("file", Str), ("credential", Str)]);
 const CHANNEL_RATE: Kind = Table(&[("per_minute", Int), ("burst", Int)]);
+const CHANNEL_RETRY: Kind = Table(&[
+    ("attempts", Int),
+    ("initial_delay", IntOrStr),
+    ("max_delay", IntOrStr),
+]);
 const CHANNEL: Kind = Table(&[
     ("why", Str),
     ("kind", Str),
@@ -122,6 +127,9 @@ const CHANNEL: Kind = Table(&[
     ("redact", Array(&Str)),
     ("max_bytes", IntOrStr),
     ("rate", CHANNEL_RATE),
+    ("senders", Array(&Str)),
+    ("reply_to_senders", Bool),
+    ("retry", CHANNEL_RETRY),
 ]);
 const PROFILE: Kind = Table(&[
     ("why", Str),
@@ -345,5 +353,6 @@ mod tests {
         assert_eq!(schema_keys(&SECRET), serde_keys::<RawSecret>());
         assert_eq!(schema_keys(&CHANNEL), serde_keys::<RawChannel>());
         assert_eq!(schema_keys(&CHANNEL_RATE), serde_keys::<RawChannelRate>());
+        assert_eq!(schema_keys(&CHANNEL_RETRY), serde_keys::<RawRetry>());
     }
 }

@@ -310,16 +310,16 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-/// A parsed request head.
-struct Head {
-    method: String,
-    target: String,
-    version: String,
-    headers: BTreeMap<String, String>,
+/// A parsed request head (shared with the other fake servers of this crate).
+pub(crate) struct Head {
+    pub(crate) method: String,
+    pub(crate) target: String,
+    pub(crate) version: String,
+    pub(crate) headers: BTreeMap<String, String>,
 }
 
 /// Read one request head; `None` at a clean end of the connection.
-fn read_head(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Head>> {
+pub(crate) fn read_head(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Head>> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let mut line = String::new();
     // Tolerate empty lines before a request line (RFC 9112 2.2).
@@ -372,7 +372,7 @@ fn read_head(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Head>> {
     }
 }
 
-fn read_body(r: &mut BufReader<TcpStream>, head: &Head) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_body(r: &mut BufReader<TcpStream>, head: &Head) -> std::io::Result<Vec<u8>> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let chunked = head
         .headers
@@ -421,7 +421,7 @@ fn read_body(r: &mut BufReader<TcpStream>, head: &Head) -> std::io::Result<Vec<u
     Ok(body)
 }
 
-fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",

@@ -311,12 +311,24 @@ fn cmd_send(args: &[String]) -> Result<u8, Failure> {
         return Err(usage("send needs CHANNEL RECIPIENT (body on stdin)"));
     };
     let body = body_from_stdin()?;
-    let (status, dlq) = client()?
-        .send(channel, recipient, &body)
+    let r = client()?
+        .send_with(channel, recipient, &body, None, None)
         .with_context(|| format!("send on {channel} to {recipient}"))?;
-    match status {
+    let dlq = r.dlq_id;
+    match r.status {
         SendStatus::Delivered => {
             println!("delivered");
+            Ok(0)
+        }
+        SendStatus::Queued => {
+            match r.outbox_id {
+                Some(id) => println!("queued {id}"),
+                None => println!("queued"),
+            }
+            Ok(0)
+        }
+        SendStatus::Duplicate => {
+            println!("duplicate");
             Ok(0)
         }
         SendStatus::DeadLettered => Err(Failure::Broker(anyhow!(

@@ -27,8 +27,8 @@ use tokio::sync::watch;
 
 use crate::audit::{AuditDecision, Who};
 use crate::protocol::{
-    encode_reply, ErrorCode, InboundMessage, OkReply, Reply, MAX_FRAME, MAX_INBOUND_WAIT_MS,
-    MAX_SENDER,
+    encode_reply, DeliverStatus, ErrorCode, InboundMessage, OkReply, Reply, MAX_FRAME,
+    MAX_INBOUND_WAIT_MS, MAX_SENDER,
 };
 use crate::server::{Identity, Response};
 
@@ -122,6 +122,9 @@ impl Reservation<'_> {
             let seq = st.next_seq;
             st.next_seq += 1;
             message.seq = seq;
+            if message.id.is_empty() {
+                message.id = format!("seq:{seq}");
+            }
             st.messages.push_back(Queued { message, len });
             seq
         };
@@ -276,6 +279,9 @@ impl Ops {
                 role: who.role.as_str().to_string(),
                 profile: who.profile.clone(),
             },
+            id: String::new(),
+            conversation: sender.to_string(),
+            reply_to: sender.to_string(),
         };
         // A message that could not be read in one reply would block the queue forever.
         let len = match encoded_len(&message) {
@@ -339,7 +345,11 @@ impl Ops {
             return resp;
         }
         let seq = place.push(message, len);
-        Response::ok(OkReply::Deliver { seq })
+        Response::ok(OkReply::Deliver {
+            seq,
+            status: DeliverStatus::Queued,
+            held: None,
+        })
     }
 
     /// The `inbound` operation: the messages after `after` (acknowledging those up to it),

@@ -203,6 +203,7 @@ impl Ops {
                 Ok(()) => Response::ok(OkReply::Send {
                     status: SendStatus::DeadLettered,
                     dlq_id: Some(id),
+                    outbox_id: None,
                 }),
                 Err(_) => Response::err(
                     ErrorCode::Unavailable,
@@ -211,7 +212,10 @@ impl Ops {
             };
         }
         let (delivered, pattern_hits) = spec.redact_patterns(&clean);
-        let ChannelKind::File { path } = spec.kind.clone();
+        let path = match spec.kind.clone() {
+            ChannelKind::File { path } => path,
+            ChannelKind::Adapter => return Response::err(ErrorCode::Internal, "not yet"),
+        };
         if let Err(resp) = self
             .allow(
                 who,
@@ -260,6 +264,7 @@ impl Ops {
             Ok(Ok(())) => Response::ok(OkReply::Send {
                 status: SendStatus::Delivered,
                 dlq_id: None,
+                outbox_id: None,
             }),
             Ok(Err(e)) => Response::err(
                 ErrorCode::Unavailable,
@@ -289,7 +294,10 @@ impl Ops {
                 )
             })?;
         let (delivered, _) = spec.redact_patterns(&entry.body);
-        let ChannelKind::File { path } = spec.kind.clone();
+        let path = match spec.kind.clone() {
+            ChannelKind::File { path } => path,
+            ChannelKind::Adapter => return Err("not yet".into()),
+        };
         let line = Line {
             ts: now_rfc3339(),
             from: entry.who.clone(),

@@ -180,6 +180,7 @@ approval = "ask"
         max_rate_keys: 16,
         token_store: Some(dir.join("tokens.json")),
         inbound_capacity: 1024,
+        state_dir: None,
     };
     let mut cfg = cfg;
     tweak(&mut cfg);
@@ -607,7 +608,8 @@ async fn send_delivers_with_redaction_or_dead_letters() {
         ok_of(&r),
         OkReply::Send {
             status: SendStatus::Delivered,
-            dlq_id: None
+            dlq_id: None,
+            outbox_id: None,
         }
     );
     let lines = outbox(&env);
@@ -625,6 +627,7 @@ async fn send_delivers_with_redaction_or_dead_letters() {
         OkReply::Send {
             status: SendStatus::DeadLettered,
             dlq_id: Some(_),
+            ..
         } => {}
         other => panic!("{other:?}"),
     }

@@ -113,7 +113,7 @@ fn err_of(r: &Response) -> ErrorBody {
 
 fn seq_of(r: &Response) -> u64 {
     match &r.reply {
-        Reply::Ok(OkReply::Deliver { seq }) => *seq,
+        Reply::Ok(OkReply::Deliver { seq, .. }) => *seq,
         other => panic!("expected a deliver reply, got {other:?}"),
     }
 }
@@ -487,6 +487,9 @@ async fn the_handler_dispatches_deliver_and_inbound() {
                 channel: "inbox".into(),
                 sender: "alice".into(),
                 body: "via the handler".into(),
+                id: None,
+                conversation: None,
+                reply_to: None,
             },
         )
         .await;

@@ -1,0 +1,173 @@
+//! `carapace-channel`: a channel adapter, run as a confined child of `carapace run`.
+//!
+//! One adapter per process, picked by its settings (`$CARAPACE_CHANNEL_SETTINGS`, written by
+//! the supervisor from `[channels.NAME]`). It reaches its service only through the broker at
+//! `$CARAPACE_BROKER_FD` (`connect`, then TLS inside the adapter; the credential through
+//! `secret`), hands what it receives to the broker (`deliver`) and sends what the agent wrote
+//! (`outbox`, `outbox_ack`). Design: docs/architecture.md ("Channel adapters").
+//!
+//! | module | room |
+//! |---|---|
+//! | [`settings`] | what the supervisor tells the adapter |
+//! | [`broker`] | the broker as a trait, and its implementation over the blocking client |
+//! | [`adapter`] | the loops every adapter shares: inbound with a durable cursor, outbound, reachability |
+//! | [`cursor`] | the service cursor in the state directory |
+//! | [`net`] | broker `connect` + rustls |
+//! | [`http`] | a small HTTP/1.1 client over such a connection: timeout, body cap |
+//! | [`telegram`] | the Telegram Bot API adapter |
+//! | [`webhook`] | the signed-webhook adapter |
+
+pub mod adapter;
+pub mod broker;
+pub mod cursor;
+pub mod http;
+pub mod net;
+pub mod settings;
+pub mod telegram;
+pub mod webhook;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapter::{Ctx, RunError};
+use broker::{Broker, BrokerApi};
+use settings::{KindSettings, Settings};
+
+/// Why the adapter cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    #[error("no broker socket: {0} (run me under `carapace run`)")]
+    NoBroker(#[source] carapace_broker::client::ClientError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// The inherited broker socket at `$CARAPACE_BROKER_FD`, checked by opening a session on it.
+fn broker_socket() -> Result<OwnedFd, StartError> {
+    let fd = carapace_broker::client::broker_fd_from_env().map_err(StartError::NoBroker)?;
+    drop(carapace_broker::client::Client::from_env().map_err(StartError::NoBroker)?);
+    // SAFETY: the inherited broker socket (checked to be an open SOCK_SEQPACKET socket by
+    // `from_env` above) is this process's alone to own from here on; nothing else closes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fcntl on an fd we own; F_SETFD with FD_CLOEXEC has no memory effects.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(owned)
+}
+
+/// Run the adapter its settings name until SIGTERM/SIGINT.
+pub fn run() -> Result<(), StartError> {
+    let settings = Settings::from_env()?;
+    let shared = broker_socket()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .thread_name("channel")
+        .build()
+        .map_err(StartError::Runtime)?;
+    let Settings {
+        channel,
+        state_dir,
+        kind,
+    } = settings;
+    tracing::info!(%channel, kind = kind.name(), pid = std::process::id(), "starting");
+    let broker = Arc::new(Broker::new(channel.clone(), shared));
+    let ctx = Arc::new(Ctx::new(channel, state_dir, broker));
+    let r = rt.block_on(async move {
+        tokio::select! {
+            r = run_adapter(ctx, kind) => r,
+            () = shutdown_signal() => Ok(()),
+        }
+    });
+    // A broker long poll may be running on the blocking pool: do not wait for it.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r.map_err(StartError::from)
+}
+
+/// The adapter of `kind`, with its loops.
+pub async fn run_adapter<B: BrokerApi>(
+    ctx: Arc<Ctx<B>>,
+    kind: KindSettings,
+) -> Result<(), RunError> {
+    match kind {
+        KindSettings::Telegram(s) => telegram::run(ctx, s).await,
+        KindSettings::Webhook(s) => webhook::run(ctx, s).await,
+        KindSettings::Email(_) => Err(RunError::NotBuilt("email")),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping");
+}
+
+/// The fuzz entry point (`fuzz/fuzz_targets/channels.rs`, corpus replayed by
+/// `channels/tests/fuzz_corpus.rs`): everything an adapter parses from outside — a Telegram
+/// `getUpdates` answer, a webhook request body and signature header, the settings, a service
+/// URL — and the message splitting. Nothing may panic; what decodes must hold its invariants.
+pub fn fuzz_input(data: &[u8]) {
+    for status in [200, 429, 502] {
+        match telegram::parse_updates(status, data) {
+            Ok(updates) => {
+                assert_eq!(status, 200);
+                for u in updates {
+                    assert!(u.update_id >= 0);
+                    if let telegram::Item::Message { inbound, .. } = u.item {
+                        assert_eq!(inbound.id, format!("update:{}", u.update_id));
+                        assert!(inbound.sender.parse::<i64>().is_ok());
+                        assert_eq!(inbound.conversation, inbound.reply_to);
+                    }
+                }
+            }
+            Err(e) => assert!(!e.message.is_empty()),
+        }
+    }
+    if let Ok(m) = webhook::parse_body(data) {
+        for f in [&m.id, &m.sender, &m.conversation, &m.reply_to] {
+            assert!(!f.is_empty() && f.len() <= 256 && !f.chars().any(char::is_control));
+        }
+    }
+    // The signature header is the input's first line, the body the rest.
+    let (header, body) = match data.iter().position(|b| *b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let key = b"fuzz-key";
+    assert!(!webhook::verify(key, body, Some(header)) || header.len() == 71);
+    if let Some(sig) = webhook::sign(key, body) {
+        assert!(webhook::verify(key, body, Some(sig.as_bytes())));
+    }
+    let text = String::from_utf8_lossy(data);
+    let _ = settings::Settings::from_json(&text);
+    if let Ok(u) = net::ServiceUrl::parse(&text) {
+        assert!(!u.host().is_empty() && u.port() != 0);
+        assert!(u.https() || net::is_loopback(u.host()));
+    }
+    let pieces = telegram::split_message(&text, 64);
+    for p in &pieces {
+        assert!(!p.is_empty() && p.encode_utf16().count() <= 64);
+    }
+    let kept: String = pieces
+        .concat()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let all: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    assert_eq!(kept, all);
+}

@@ -1,0 +1,1117 @@
+//! The Telegram Bot API adapter.
+//!
+//! Inbound: long-polls `getUpdates` (`allowed_updates: ["message"]`), delivers private and group
+//! messages — sender = `from.id`, conversation = reply_to = `chat.id` (decimal), id =
+//! `update:<update_id>` — and only after the broker answered saves the offset (`update_id + 1`)
+//! in `<state_dir>/telegram.cursor.json`. A text message is delivered as its text; a photo,
+//! document, voice note and the like as a short note (`[telegram: photo; only text is
+//! delivered]` and its caption); service messages (members joining, pins, ...) and updates
+//! without a sender are skipped with a log line.
+//!
+//! Outbound: `sendMessage` (chat_id = the recipient, numeric when it is a number), split into
+//! pieces of at most 4096 UTF-16 units at line or word boundaries where possible; the first
+//! piece answers the Telegram message `in_reply_to` names when this process received it. A
+//! message whose first pieces went out and a later one failed resumes at the failed piece.
+//! `ok: false` with `error_code` 429 (and `parameters.retry_after`), 5xx and network errors are
+//! retried; other 4xx are not.
+//!
+//! The bot token is part of every request path (`/bot<TOKEN>/METHOD`). It lives in a
+//! [`BotToken`] whose `Debug` shows nothing, and every message that leaves this module goes
+//! through [`BotToken::scrub`] first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use carapace_broker::protocol::OutboundMessage;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::adapter::{
+    run_inbound, run_outbound, Ctx, FailureKind, Outlet, Polled, RunError, ServiceError, Source,
+};
+use crate::broker::{BrokerApi, Inbound, Secret};
+use crate::cursor::CursorStore;
+use crate::http::{exchange, Request};
+use crate::net::ServiceUrl;
+use crate::settings::TelegramSettings;
+
+/// Longest message Telegram takes, in UTF-16 code units.
+pub const MAX_MESSAGE_UTF16: usize = 4096;
+/// Largest API answer read.
+const MAX_REPLY: usize = 4 << 20;
+/// Time for a `sendMessage` exchange.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time beyond the long poll's own for a `getUpdates` exchange.
+const POLL_GRACE: Duration = Duration::from_secs(15);
+/// Updates asked for at once.
+const POLL_LIMIT: u32 = 100;
+/// Received messages remembered for threading replies.
+const REMEMBERED: usize = 1024;
+
+/// Why the adapter cannot use what it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum TelegramError {
+    #[error(
+        "the bot token secret is not a bot token (expected DIGITS:LETTERS, as BotFather gives it)"
+    )]
+    BadToken,
+    #[error("api_base: {0}")]
+    Url(#[from] crate::net::NetError),
+}
+
+/// The bot token. Its `Debug` shows nothing of it; it only ever goes into a request path.
+pub struct BotToken(String);
+
+impl BotToken {
+    /// From the secret's bytes (surrounding whitespace ignored).
+    pub fn new(secret: &[u8]) -> Result<BotToken, TelegramError> {
+        let text = std::str::from_utf8(secret)
+            .map_err(|_| TelegramError::BadToken)?
+            .trim();
+        let (id, key) = text.split_once(':').ok_or(TelegramError::BadToken)?;
+        let ok = !id.is_empty()
+            && id.len() <= 20
+            && id.bytes().all(|b| b.is_ascii_digit())
+            && (8..=128).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(TelegramError::BadToken);
+        }
+        Ok(BotToken(text.to_string()))
+    }
+
+    /// `text` with the token (and its secret half) replaced by `<token>`.
+    pub fn scrub(&self, text: &str) -> String {
+        let key = self.0.split_once(':').map_or(self.0.as_str(), |(_, k)| k);
+        text.replace(&self.0, "<token>").replace(key, "<token>")
+    }
+
+    fn path(&self, base: &ServiceUrl, method: &str) -> String {
+        format!("{}/bot{}/{method}", base.path(), self.0)
+    }
+}
+
+impl std::fmt::Debug for BotToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BotToken(..)")
+    }
+}
+
+/// One update of a `getUpdates` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    pub update_id: i64,
+    pub item: Item,
+}
+
+/// What an update holds for the adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A message to deliver, with its Telegram chat and message ids.
+    Message {
+        inbound: Inbound,
+        chat_id: i64,
+        message_id: i64,
+    },
+    /// Nothing to deliver, and why.
+    Skip(String),
+}
+
+/// Kinds of non-text content that are delivered as a note.
+const CONTENT: &[&str] = &[
+    "photo",
+    "video",
+    "animation",
+    "document",
+    "audio",
+    "voice",
+    "video_note",
+    "sticker",
+    "contact",
+    "location",
+    "venue",
+    "poll",
+    "dice",
+    "story",
+];
+
+/// Decode a Bot API answer: its `result` when `ok` is true, else the failure, classified.
+/// `status` is the HTTP status it came with.
+pub fn api_result(status: u16, body: &[u8]) -> Result<Value, ServiceError> {
+    let v: Option<Value> = serde_json::from_slice(body).ok();
+    let ok = v
+        .as_ref()
+        .and_then(|v| v.get("ok"))
+        .and_then(Value::as_bool);
+    match (ok, &v) {
+        (Some(true), Some(v)) if (200..300).contains(&status) => {
+            v.get("result").cloned().ok_or_else(|| {
+                ServiceError::new(
+                    FailureKind::Unreachable,
+                    "telegram answered ok without a result",
+                )
+            })
+        }
+        (Some(_), Some(v)) => {
+            let code = v
+                .get("error_code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(status);
+            let description = v
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("no description");
+            let retry_after = v
+                .get("parameters")
+                .and_then(|p| p.get("retry_after"))
+                .and_then(Value::as_u64)
+                .map(Duration::from_secs);
+            let mut e = ServiceError::new(
+                classify(code),
+                format!(
+                    "telegram answered {code}: {}",
+                    crate::settings::shown(description)
+                ),
+            );
+            if code == 429 {
+                e.retry_after = retry_after;
+            }
+            Err(e)
+        }
+        _ => {
+            let kind = if (200..300).contains(&status) {
+                // A 2xx that is not a Bot API answer: a broken proxy or server; try again.
+                FailureKind::Unreachable
+            } else {
+                classify(status)
+            };
+            Err(ServiceError::new(
+                kind,
+                format!("telegram answered {status} with a body that is not a Bot API answer"),
+            ))
+        }
+    }
+}
+
+fn classify(code: u16) -> FailureKind {
+    match code {
+        429 => FailureKind::Throttled,
+        400..=499 => FailureKind::Rejected,
+        _ => FailureKind::Unreachable,
+    }
+}
+
+/// Decode a `getUpdates` answer into updates (the pure parser the fuzz target calls).
+pub fn parse_updates(status: u16, body: &[u8]) -> Result<Vec<Update>, ServiceError> {
+    updates_of(&api_result(status, body)?)
+}
+
+/// The updates of a `getUpdates` result.
+fn updates_of(result: &Value) -> Result<Vec<Update>, ServiceError> {
+    let malformed = |why: &str| {
+        ServiceError::new(
+            FailureKind::Unreachable,
+            format!("telegram getUpdates: malformed answer: {why}"),
+        )
+    };
+    let items = result
+        .as_array()
+        .ok_or_else(|| malformed("result is not a list"))?;
+    items
+        .iter()
+        .map(|u| {
+            let update_id = u
+                .get("update_id")
+                .and_then(Value::as_i64)
+                .filter(|id| *id >= 0)
+                .ok_or_else(|| malformed("an update without a valid update_id"))?;
+            Ok(Update {
+                update_id,
+                item: item_of(update_id, u),
+            })
+        })
+        .collect()
+}
+
+fn item_of(update_id: i64, u: &Value) -> Item {
+    let Some(m) = u.get("message").filter(|m| m.is_object()) else {
+        return Item::Skip("not a new message".into());
+    };
+    let chat_id = m
+        .get("chat")
+        .and_then(|c| c.get("id"))
+        .and_then(Value::as_i64);
+    let from_id = m
+        .get("from")
+        .and_then(|c| c.get("id"))
+        .and_then(Value::as_i64);
+    let message_id = m.get("message_id").and_then(Value::as_i64);
+    let (Some(chat_id), Some(from_id), Some(message_id)) = (chat_id, from_id, message_id) else {
+        return Item::Skip("a message without chat.id, from.id or message_id".into());
+    };
+    let text = if let Some(t) = m.get("text").and_then(Value::as_str) {
+        t.to_string()
+    } else if let Some(kind) = CONTENT.iter().find(|k| m.get(**k).is_some()) {
+        match m.get("caption").and_then(Value::as_str) {
+            Some(c) => format!("[telegram: {kind}; only text is delivered] {c}"),
+            None => format!("[telegram: {kind}; only text is delivered]"),
+        }
+    } else {
+        return Item::Skip("a service message (no text or content)".into());
+    };
+    Item::Message {
+        inbound: Inbound {
+            id: format!("update:{update_id}"),
+            sender: from_id.to_string(),
+            conversation: chat_id.to_string(),
+            reply_to: chat_id.to_string(),
+            text,
+        },
+        chat_id,
+        message_id,
+    }
+}
+
+/// Split `text` into pieces of at most `max` UTF-16 units (at least 2), at the last line break
+/// in the second half of the window, else the last whitespace there, else anywhere (never
+/// inside a character). Whitespace at the cuts is dropped; empty pieces are not returned.
+pub fn split_message(text: &str, max: usize) -> Vec<String> {
+    let max = max.max(2);
+    let mut out = Vec::new();
+    let mut rest = text;
+    loop {
+        let mut units = 0;
+        let mut limit = rest.len();
+        for (i, c) in rest.char_indices() {
+            if units + c.len_utf16() > max {
+                limit = i;
+                break;
+            }
+            units += c.len_utf16();
+        }
+        if limit == rest.len() {
+            let piece = rest.trim();
+            if !piece.is_empty() {
+                out.push(piece.to_string());
+            }
+            return out;
+        }
+        let window = &rest[..limit];
+        let half = limit / 2;
+        let cut = window
+            .rfind('\n')
+            .filter(|i| *i >= half)
+            .or_else(|| {
+                window
+                    .char_indices()
+                    .rev()
+                    .find(|(i, c)| *i >= half && c.is_whitespace())
+                    .map(|(i, _)| i)
+            })
+            .filter(|i| *i > 0)
+            .unwrap_or(limit);
+        let piece = rest[..cut].trim();
+        if !piece.is_empty() {
+            out.push(piece.to_string());
+        }
+        rest = &rest[cut..];
+    }
+}
+
+/// The Bot API over broker connections.
+#[derive(Debug)]
+struct Api<B> {
+    broker: Arc<B>,
+    base: ServiceUrl,
+    token: BotToken,
+}
+
+impl<B: BrokerApi> Api<B> {
+    /// Call `method` with a JSON body; its `result`. Errors are scrubbed of the token.
+    async fn call(
+        &self,
+        method: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<Value, ServiceError> {
+        let req = Request::post_json(
+            self.token.path(&self.base, method),
+            body.to_string().into_bytes(),
+        );
+        let resp = exchange(&*self.broker, &self.base, req, timeout, MAX_REPLY)
+            .await
+            .map_err(|e| {
+                ServiceError::new(
+                    FailureKind::Unreachable,
+                    self.token.scrub(&format!("telegram {method}: {e}")),
+                )
+            })?;
+        api_result(resp.status, &resp.body).map_err(|mut e| {
+            e.message = self.token.scrub(&format!("{method}: {}", e.message));
+            e
+        })
+    }
+}
+
+/// Received messages by their deliver id, for threading replies.
+#[derive(Debug, Default)]
+struct Received {
+    order: VecDeque<String>,
+    by_id: HashMap<String, (i64, i64)>,
+}
+
+impl Received {
+    fn remember(&mut self, id: &str, chat_id: i64, message_id: i64) {
+        if self
+            .by_id
+            .insert(id.to_string(), (chat_id, message_id))
+            .is_none()
+        {
+            self.order.push_back(id.to_string());
+        }
+        while self.order.len() > REMEMBERED {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+}
+
+/// The offset saved after each delivered update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Offset {
+    /// The `offset` of the next `getUpdates`: the last update's id + 1.
+    pub offset: i64,
+}
+
+/// The `getUpdates` long poll.
+#[derive(Debug)]
+pub struct Poller<B> {
+    api: Arc<Api<B>>,
+    timeout: Duration,
+    received: Arc<Mutex<Received>>,
+}
+
+impl<B: BrokerApi> Source for Poller<B> {
+    type Cursor = Offset;
+
+    async fn poll(&mut self, cursor: Option<&Offset>) -> Result<Vec<Polled<Offset>>, ServiceError> {
+        let mut body = json!({
+            "timeout": self.timeout.as_secs(),
+            "allowed_updates": ["message"],
+            "limit": POLL_LIMIT,
+        });
+        if let Some(c) = cursor {
+            body["offset"] = json!(c.offset);
+        }
+        let result = self
+            .api
+            .call("getUpdates", &body, self.timeout + POLL_GRACE)
+            .await?;
+        let updates = updates_of(&result)?;
+        let mut next = cursor.map_or(0, |c| c.offset);
+        let mut out = Vec::with_capacity(updates.len());
+        for u in updates {
+            next = next.max(u.update_id.saturating_add(1));
+            let message = match u.item {
+                Item::Message {
+                    inbound,
+                    chat_id,
+                    message_id,
+                } => {
+                    self.received
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remember(&inbound.id, chat_id, message_id);
+                    Some(inbound)
+                }
+                Item::Skip(why) => {
+                    tracing::info!(update_id = u.update_id, why = %why, "telegram update skipped");
+                    None
+                }
+            };
+            out.push(Polled {
+                message,
+                cursor: Offset { offset: next },
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `sendMessage`.
+#[derive(Debug)]
+pub struct Sender<B> {
+    api: Arc<Api<B>>,
+    received: Arc<Mutex<Received>>,
+    /// Outbox id → pieces already sent (a retry resumes after them).
+    progress: Mutex<HashMap<String, usize>>,
+}
+
+impl<B: BrokerApi> Sender<B> {
+    fn progress_of(&self, id: &str) -> usize {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn set_progress(&self, id: &str, done: Option<usize>) {
+        let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        match done {
+            Some(n) => {
+                if p.len() >= REMEMBERED && !p.contains_key(id) {
+                    p.clear();
+                }
+                p.insert(id.to_string(), n);
+            }
+            None => {
+                p.remove(id);
+            }
+        }
+    }
+}
+
+impl<B: BrokerApi> Outlet for Sender<B> {
+    async fn send(&self, msg: &OutboundMessage) -> Result<Option<String>, ServiceError> {
+        let pieces = split_message(&msg.body, MAX_MESSAGE_UTF16);
+        if pieces.is_empty() {
+            return Err(ServiceError::new(
+                FailureKind::Rejected,
+                "the message is empty (Telegram refuses empty text)",
+            ));
+        }
+        let chat_id = match msg.recipient.parse::<i64>() {
+            Ok(n) => json!(n),
+            Err(_) => json!(msg.recipient),
+        };
+        let reply_to = msg.in_reply_to.as_deref().and_then(|id| {
+            let r = self.received.lock().unwrap_or_else(|p| p.into_inner());
+            r.by_id
+                .get(id)
+                .filter(|(chat, _)| chat.to_string() == msg.recipient)
+                .map(|(_, m)| *m)
+        });
+        let start = self.progress_of(&msg.id);
+        let mut service_id = None;
+        for (i, piece) in pieces.iter().enumerate().skip(start) {
+            let mut body = json!({"chat_id": chat_id, "text": piece});
+            if let (0, Some(m)) = (i, reply_to) {
+                body["reply_parameters"] =
+                    json!({"message_id": m, "allow_sending_without_reply": true});
+            }
+            match self.api.call("sendMessage", &body, SEND_TIMEOUT).await {
+                Ok(result) => {
+                    if service_id.is_none() {
+                        service_id = result
+                            .get("message_id")
+                            .and_then(Value::as_i64)
+                            .map(|m| m.to_string());
+                    }
+                    self.set_progress(&msg.id, Some(i + 1));
+                }
+                Err(mut e) => {
+                    if !e.retry() {
+                        self.set_progress(&msg.id, None);
+                    }
+                    if pieces.len() > 1 {
+                        e.message = format!("piece {} of {}: {}", i + 1, pieces.len(), e.message);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.set_progress(&msg.id, None);
+        Ok(service_id)
+    }
+}
+
+/// The adapter's two halves over one API client.
+pub fn adapter<B: BrokerApi>(
+    broker: Arc<B>,
+    base: ServiceUrl,
+    token: BotToken,
+    poll_timeout: Duration,
+) -> (Poller<B>, Sender<B>) {
+    let api = Arc::new(Api {
+        broker,
+        base,
+        token,
+    });
+    let received = Arc::new(Mutex::new(Received::default()));
+    (
+        Poller {
+            api: api.clone(),
+            timeout: poll_timeout,
+            received: received.clone(),
+        },
+        Sender {
+            api,
+            received,
+            progress: Mutex::new(HashMap::new()),
+        },
+    )
+}
+
+/// Run the Telegram adapter: read the token, then the inbound and outbound loops.
+pub async fn run<B: BrokerApi>(ctx: Arc<Ctx<B>>, s: TelegramSettings) -> Result<(), RunError> {
+    let base =
+        ServiceUrl::parse(&s.api_base).map_err(|e| ctx.fail("telegram", TelegramError::Url(e)))?;
+    let secret: Secret = ctx.secret(&s.token_secret).await?;
+    let token = BotToken::new(secret.expose()).map_err(|e| ctx.fail("telegram", e))?;
+    drop(secret);
+    let (mut poller, sender) = adapter(
+        ctx.broker.clone(),
+        base,
+        token,
+        Duration::from_millis(s.poll_timeout_ms),
+    );
+    let store = CursorStore::new(&ctx.state_dir, "telegram");
+    tokio::join!(
+        run_inbound(&ctx, &mut poller, &store),
+        run_outbound(&ctx, &sender)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use carapace_broker::protocol::{ErrorCode, SendOutcome};
+    use carapace_tests::fake_telegram::{FakeTelegram, Injected, FIRST_UPDATE_ID};
+
+    use super::*;
+    use crate::broker::fake::FakeBroker;
+
+    const TOKEN: &str = "123456:AAE-secret_token_part_xyz";
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn token() -> BotToken {
+        BotToken::new(TOKEN.as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn updates(body: &str) -> Vec<Update> {
+        parse_updates(200, body.as_bytes()).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    fn message(u: &Update) -> &Inbound {
+        match &u.item {
+            Item::Message { inbound, .. } => inbound,
+            Item::Skip(why) => panic!("skipped: {why}"),
+        }
+    }
+
+    #[test]
+    fn private_and_group_text_messages() {
+        let u = updates(
+            r#"{"ok":true,"result":[
+              {"update_id":7,"message":{"message_id":1,"from":{"id":123456789,"is_bot":false,"first_name":"A"},
+               "chat":{"id":123456789,"type":"private"},"date":1,"text":"hello"}},
+              {"update_id":8,"message":{"message_id":2,"from":{"id":55,"is_bot":false,"first_name":"B"},
+               "chat":{"id":-100987,"type":"supergroup","title":"G"},"date":1,"text":"hi all"}}]}"#,
+        );
+        assert_eq!(u.len(), 2);
+        assert_eq!(
+            message(&u[0]),
+            &Inbound {
+                id: "update:7".into(),
+                sender: "123456789".into(),
+                conversation: "123456789".into(),
+                reply_to: "123456789".into(),
+                text: "hello".into(),
+            }
+        );
+        let g = message(&u[1]);
+        assert_eq!(
+            (
+                g.id.as_str(),
+                g.sender.as_str(),
+                g.conversation.as_str(),
+                g.reply_to.as_str()
+            ),
+            ("update:8", "55", "-100987", "-100987")
+        );
+        assert_eq!(
+            u[1].item,
+            Item::Message {
+                inbound: g.clone(),
+                chat_id: -100987,
+                message_id: 2
+            }
+        );
+    }
+
+    #[test]
+    fn non_text_is_a_note_and_service_messages_are_skipped() {
+        let u = updates(
+            r#"{"ok":true,"result":[
+              {"update_id":1,"message":{"message_id":1,"from":{"id":5},"chat":{"id":5},"photo":[{"file_id":"x"}],"caption":"look"}},
+              {"update_id":2,"message":{"message_id":2,"from":{"id":5},"chat":{"id":5},"sticker":{"file_id":"x"}}},
+              {"update_id":3,"message":{"message_id":3,"from":{"id":5},"chat":{"id":-5},"new_chat_members":[{"id":6}]}},
+              {"update_id":4,"edited_message":{"message_id":1,"from":{"id":5},"chat":{"id":5},"text":"x"}},
+              {"update_id":5,"message":{"message_id":5,"chat":{"id":5},"text":"no sender"}},
+              {"update_id":6,"message":"not an object"}]}"#,
+        );
+        assert_eq!(
+            message(&u[0]).text,
+            "[telegram: photo; only text is delivered] look"
+        );
+        assert_eq!(
+            message(&u[1]).text,
+            "[telegram: sticker; only text is delivered]"
+        );
+        for s in &u[2..] {
+            assert!(matches!(s.item, Item::Skip(_)), "{s:?}");
+        }
+        assert_eq!(
+            u.iter().map(|u| u.update_id).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn malformed_answers_are_errors_to_retry() {
+        for bad in [
+            "",
+            "not json",
+            "[]",
+            r#"{"ok":true}"#,
+            r#"{"ok":true,"result":{}}"#,
+            r#"{"ok":true,"result":[{"message":{}}]}"#,
+            r#"{"ok":true,"result":[{"update_id":-1}]}"#,
+            r#"{"ok":true,"result":[{"update_id":"7"}]}"#,
+            r#"{"result":[]}"#,
+        ] {
+            let e = parse_updates(200, bad.as_bytes()).err();
+            assert_eq!(e.map(|e| e.kind), Some(FailureKind::Unreachable), "{bad}");
+        }
+        assert_eq!(updates(r#"{"ok":true,"result":[]}"#), []);
+    }
+
+    #[test]
+    fn api_errors_map_to_retry_or_not() {
+        let e = api_result(429, br#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 7","parameters":{"retry_after":7}}"#)
+            .err()
+            .unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(
+            (e.kind, e.retry_after),
+            (FailureKind::Throttled, Some(Duration::from_secs(7)))
+        );
+        assert!(e.retry());
+        for (status, body, kind) in [
+            (
+                400,
+                r#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#,
+                FailureKind::Rejected,
+            ),
+            (
+                403,
+                r#"{"ok":false,"error_code":403,"description":"Forbidden: bot was blocked by the user"}"#,
+                FailureKind::Rejected,
+            ),
+            (
+                401,
+                r#"{"ok":false,"error_code":401,"description":"Unauthorized"}"#,
+                FailureKind::Rejected,
+            ),
+            (
+                500,
+                r#"{"ok":false,"error_code":500,"description":"Internal Server Error"}"#,
+                FailureKind::Unreachable,
+            ),
+            (502, "<html>Bad Gateway</html>", FailureKind::Unreachable),
+            (504, "", FailureKind::Unreachable),
+            (429, "slow down", FailureKind::Throttled),
+            (404, "<html>", FailureKind::Rejected),
+            (200, "{", FailureKind::Unreachable),
+            // ok:true with a failure status is not believed.
+            (500, r#"{"ok":true,"result":[]}"#, FailureKind::Unreachable),
+        ] {
+            let e = api_result(status, body.as_bytes()).err();
+            assert_eq!(e.as_ref().map(|e| e.kind), Some(kind), "{status} {body}");
+            assert_eq!(e.map(|e| e.retry()), Some(kind != FailureKind::Rejected));
+        }
+        assert_eq!(
+            api_result(200, br#"{"ok":true,"result":{"message_id":3}}"#).ok(),
+            Some(json!({"message_id": 3}))
+        );
+    }
+
+    fn units(s: &str) -> usize {
+        s.encode_utf16().count()
+    }
+
+    fn non_ws(s: &str) -> String {
+        s.chars().filter(|c| !c.is_whitespace()).collect()
+    }
+
+    #[test]
+    fn splitting() {
+        assert_eq!(split_message("hi", 4096), ["hi"]);
+        assert_eq!(split_message("  \n ", 4096), Vec::<String>::new());
+        // At the line break in the second half of the window.
+        let text = format!("{}\n{}", "a".repeat(3000), "b".repeat(3000));
+        assert_eq!(
+            split_message(&text, 4096),
+            ["a".repeat(3000), "b".repeat(3000)]
+        );
+        // At the last space when there is no line break.
+        let words = "word ".repeat(2000);
+        let parts = split_message(&words, 4096);
+        assert!(
+            parts.len() == 3
+                && parts
+                    .iter()
+                    .all(|p| p.ends_with("word") && units(p) <= 4096),
+            "{parts:?}"
+        );
+        assert_eq!(non_ws(&parts.concat()), non_ws(&words));
+        // Anywhere when there is no whitespace at all.
+        let solid = "x".repeat(9000);
+        let parts = split_message(&solid, 4096);
+        assert_eq!(
+            parts.iter().map(String::len).collect::<Vec<_>>(),
+            [4096, 4096, 808]
+        );
+        // Characters of two UTF-16 units are never cut, and count twice.
+        let emoji = "😀".repeat(3000);
+        let parts = split_message(&emoji, 4096);
+        assert_eq!(
+            parts.iter().map(|p| units(p)).collect::<Vec<_>>(),
+            [4096, 1904]
+        );
+        assert_eq!(parts.concat(), emoji);
+        // A line break early in the window is not used (pieces stay large).
+        let text = format!("ab\n{}", "c".repeat(5000));
+        assert_eq!(split_message(&text, 4096)[0].len(), 4096);
+    }
+
+    #[test]
+    fn tokens_are_checked_hidden_and_scrubbed() {
+        for bad in [
+            "",
+            "abc",
+            "123",
+            ":abcdefghij",
+            "12a:abcdefghij",
+            "123:short",
+            "123:has space in it",
+            "123:abc/def/ghi",
+        ] {
+            assert!(BotToken::new(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let t = BotToken::new(format!(" {TOKEN}\n").as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!format!("{t:?}").contains("secret"));
+        assert_eq!(
+            t.scrub(&format!("x {TOKEN} y AAE-secret_token_part_xyz z")),
+            "x <token> y <token> z"
+        );
+        let e = BotToken::new(b"123:bad token with spaces")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.contains("bad token"));
+    }
+
+    fn api(broker: Arc<FakeBroker>, base: &str) -> Api<FakeBroker> {
+        Api {
+            broker,
+            base: ServiceUrl::parse(base).unwrap_or_else(|e| panic!("{e}")),
+            token: token(),
+        }
+    }
+
+    fn assert_clean(e: &ServiceError) {
+        let shown = format!("{e} {e:?}");
+        assert!(
+            !shown.contains(TOKEN) && !shown.contains("secret_token"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_token_is_in_no_error() {
+        let mut t = FakeTelegram::start(TOKEN);
+        let broker = Arc::new(FakeBroker::default());
+        let a = api(broker.clone(), &t.base_url());
+        let body = json!({"chat_id": 1, "text": "x"});
+        // The server echoes the token in its description, or in a malformed body.
+        t.inject(
+            "sendMessage",
+            Injected::error(400, format!("Bad Request: bot{TOKEN} is odd")),
+        );
+        t.inject(
+            "sendMessage",
+            Injected::malformed(format!("<html>/bot{TOKEN}/sendMessage</html>")),
+        );
+        t.inject(
+            "sendMessage",
+            Injected::Raw {
+                status: 502,
+                body: TOKEN.into(),
+            },
+        );
+        t.inject("sendMessage", Injected::Hang);
+        for expect in [
+            FailureKind::Rejected,
+            FailureKind::Unreachable,
+            FailureKind::Unreachable,
+            FailureKind::Unreachable,
+        ] {
+            let e = a
+                .call("sendMessage", &body, Duration::from_millis(500))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("accepted"));
+            assert_eq!(e.kind, expect, "{e}");
+            assert_clean(&e);
+        }
+        // The service down: the connection is refused.
+        t.down();
+        let e = a
+            .call("sendMessage", &body, Duration::from_secs(5))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(e.kind, FailureKind::Unreachable);
+        assert_clean(&e);
+        t.up();
+        // And it was really sent with the token in the path.
+        assert!(a.call("sendMessage", &body, WAIT).await.is_ok());
+        assert!(t.calls().iter().all(|c| c.token_ok));
+    }
+
+    struct Run {
+        fake: FakeTelegram,
+        broker: Arc<FakeBroker>,
+        dir: tempfile::TempDir,
+        task: tokio::task::JoinHandle<Result<(), RunError>>,
+    }
+
+    fn start(fake: FakeTelegram, broker: Arc<FakeBroker>, dir: tempfile::TempDir) -> Run {
+        let ctx = Arc::new(Ctx::new(
+            "tg".into(),
+            dir.path().to_path_buf(),
+            broker.clone(),
+        ));
+        let settings = TelegramSettings {
+            api_base: fake.base_url(),
+            token_secret: "bot".into(),
+            poll_timeout_ms: 1_000,
+        };
+        let task = tokio::spawn(run(ctx, settings));
+        Run {
+            fake,
+            broker,
+            dir,
+            task,
+        }
+    }
+
+    fn saved_offset(dir: &Path) -> Option<i64> {
+        CursorStore::new(dir, "telegram")
+            .load::<Offset>()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|o| o.offset)
+    }
+
+    async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn outbound(
+        id: &str,
+        recipient: &str,
+        body: &str,
+        in_reply_to: Option<&str>,
+    ) -> OutboundMessage {
+        OutboundMessage {
+            id: id.into(),
+            recipient: recipient.into(),
+            body: body.into(),
+            in_reply_to: in_reply_to.map(Into::into),
+            attempt: 1,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loop_delivers_saves_the_offset_after_the_broker_answered_and_sends() {
+        let fake = FakeTelegram::start(TOKEN);
+        let broker = Arc::new(FakeBroker::with_secret(
+            "bot",
+            format!("{TOKEN}\n").as_bytes(),
+        ));
+        // The broker is busy twice: the update stays unconfirmed meanwhile.
+        broker
+            .st()
+            .deliver_script
+            .extend([Err(ErrorCode::Busy), Err(ErrorCode::Unavailable)]);
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let r = start(fake, broker, dir);
+        let (u1, m1) = r.fake.push_text(42, 42, "hello");
+        until("a refused deliver", || {
+            (r.broker.st().attempts >= 1).then_some(())
+        })
+        .await;
+        assert_eq!(
+            saved_offset(r.dir.path()),
+            None,
+            "saved before the broker took it"
+        );
+        until("the delivery", || {
+            (!r.broker.st().delivered.is_empty()).then_some(())
+        })
+        .await;
+        assert_eq!(r.broker.st().attempts, 3);
+        let got = r.broker.st().delivered[0].clone();
+        assert_eq!(
+            (got.id.as_str(), got.sender.as_str(), got.text.as_str()),
+            (format!("update:{u1}").as_str(), "42", "hello")
+        );
+        until("the saved offset", || {
+            saved_offset(r.dir.path()).filter(|o| *o == u1 + 1)
+        })
+        .await;
+        r.fake.wait_offset(u1 + 1, WAIT);
+        assert_eq!(u1, FIRST_UPDATE_ID);
+        // A group message and a skipped service message both move the offset.
+        let (u2, _) = r.fake.push_text(-100, 7, "in a group");
+        let u3 = r.fake.push_update(json!({"message": {"message_id": 99, "from": {"id": 7}, "chat": {"id": -100}, "left_chat_member": {"id": 8}}}));
+        until("offset after the skipped update", || {
+            saved_offset(r.dir.path()).filter(|o| *o == u3 + 1)
+        })
+        .await;
+        assert_eq!(r.broker.st().delivered.len(), 2);
+        assert_eq!(r.broker.st().delivered[1].conversation, "-100");
+        assert_eq!(r.broker.st().delivered[1].id, format!("update:{u2}"));
+        // Outbound: a reply threads to the message it answers; the ack names its message id.
+        r.broker.st().outbox.push_back(outbound(
+            "o1",
+            "42",
+            "hi back",
+            Some(&format!("update:{u1}")),
+        ));
+        let sent = r.fake.wait_sent(1, WAIT);
+        assert_eq!(sent[0]["chat_id"], json!(42));
+        assert_eq!(sent[0]["text"], "hi back");
+        assert_eq!(sent[0]["reply_parameters"]["message_id"], json!(m1));
+        let ack = until("the ack", || r.broker.st().acks.first().cloned()).await;
+        assert!(
+            matches!(&ack, (id, SendOutcome::Sent { service_id: Some(_) }) if id == "o1"),
+            "{ack:?}"
+        );
+        // Not a reply to a known message in that chat: no reply_parameters.
+        r.broker.st().outbox.push_back(outbound(
+            "o2",
+            "-100",
+            "to the group",
+            Some(&format!("update:{u1}")),
+        ));
+        let sent = r.fake.wait_sent(2, WAIT);
+        assert!(sent[1].get("reply_parameters").is_none(), "{:?}", sent[1]);
+        r.task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sending_splits_resumes_and_maps_errors() {
+        let fake = FakeTelegram::start(TOKEN);
+        let broker = Arc::new(FakeBroker::default());
+        let base = ServiceUrl::parse(&fake.base_url()).unwrap_or_else(|e| panic!("{e}"));
+        let (_, sender) = adapter(broker, base, token(), Duration::from_secs(1));
+        let long = format!("{}\n{}", "a".repeat(4000), "b".repeat(100));
+        let m = outbound("o1", "5", &long, None);
+        // A malformed answer to the first piece: nothing sent, retry.
+        fake.inject("sendMessage", Injected::malformed(""));
+        let e = sender
+            .send(&m)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("sent"));
+        assert_eq!((e.kind, e.retry()), (FailureKind::Unreachable, true));
+        assert!(e.message.contains("piece 1 of 2"), "{e}");
+        assert_eq!(sender.progress_of("o1"), 0);
+        // The first piece goes out, the second is throttled.
+        fake.inject("sendMessage", Injected::Pass);
+        fake.inject("sendMessage", Injected::too_many(3));
+        let e = sender
+            .send(&m)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("sent"));
+        assert_eq!(
+            (e.kind, e.retry_after),
+            (FailureKind::Throttled, Some(Duration::from_secs(3)))
+        );
+        assert!(e.message.contains("piece 2 of 2"), "{e}");
+        assert_eq!(sender.progress_of("o1"), 1);
+        assert_eq!(fake.sent().len(), 1);
+        // The retry resumes at the second piece.
+        let id = sender.send(&m).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(id.is_some());
+        let texts: Vec<String> = fake
+            .sent()
+            .iter()
+            .map(|s| s["text"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(texts, ["a".repeat(4000), "b".repeat(100)]);
+        assert_eq!(sender.progress_of("o1"), 0);
+        // A 4xx after the first piece: no retry, progress forgotten.
+        let m2 = outbound("o2", "5", &long, None);
+        fake.inject("sendMessage", Injected::Pass);
+        fake.inject(
+            "sendMessage",
+            Injected::error(400, "Bad Request: chat not found"),
+        );
+        let e = sender
+            .send(&m2)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("sent"));
+        assert_eq!((e.kind, e.retry()), (FailureKind::Rejected, false));
+        assert_eq!(sender.progress_of("o2"), 0);
+        // 5xx: retry.
+        fake.inject("sendMessage", Injected::error(502, "Bad Gateway"));
+        let e = sender
+            .send(&outbound("o3", "5", "x", None))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("sent"));
+        assert_eq!((e.kind, e.retry()), (FailureKind::Unreachable, true));
+        assert!(!e.message.contains("piece"), "{e}");
+        // String chat ids stay strings; empty text is refused without a call.
+        sender
+            .send(&outbound("o4", "@chan", "x", None))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fake.sent().last().map(|s| s["chat_id"].clone()),
+            Some(json!("@chan"))
+        );
+        let calls = fake.calls().len();
+        let e = sender
+            .send(&outbound("o5", "5", " \n", None))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("sent"));
+        assert_eq!(e.kind, FailureKind::Rejected);
+        assert_eq!(fake.calls().len(), calls);
+    }
+}
