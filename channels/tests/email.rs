@@ -4,6 +4,9 @@
 //! proves the name is checked. Dovecot runs as root: these tests need it (house rule: they
 //! fail, not skip, unless CARAPACE_ALLOW_SKIP=1).
 
+// Helpers of the tests unwrap like the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -16,7 +16,9 @@ use async_imap::extensions::idle::IdleResponse;
 use async_imap::{Client, Session};
 use futures_util::TryStreamExt as _;
 
-use super::stream::{tls_wrap, BoxStream, Budget, Budgeted, MailStream, Security};
+use super::stream::{BoxStream, Budget, Budgeted, MailStream};
+use crate::net::{start_tls_with, NetError};
+use crate::settings::Security;
 
 /// The budget of one command's answer beyond the message cap (headers of the FETCH response,
 /// capability lists, SEARCH results).
@@ -68,6 +70,8 @@ pub enum ImapError {
     },
     #[error("IMAP {op}: no answer within {} s", .after.as_secs())]
     Timeout { op: &'static str, after: Duration },
+    #[error("IMAP: {0}")]
+    Tls(#[source] NetError),
     #[error("IMAP login as {user:?} refused: {reason}")]
     Login { user: String, reason: String },
     #[error("IMAP {op}: {what}")]
@@ -172,16 +176,7 @@ impl Mailbox {
         budget.set(ANSWER_SLACK);
         let mut raw: BoxStream = Box::new(stream);
         if cfg.security == Security::Tls {
-            raw = timed(
-                "TLS handshake",
-                t,
-                tls_wrap(raw, &cfg.host, cfg.tls.clone()),
-                |e| ImapError::Io {
-                    op: "TLS handshake",
-                    source: e,
-                },
-            )
-            .await?;
+            raw = tls(raw, cfg).await?;
         }
         let mut client = Client::new(Budgeted::new(raw, budget.clone()));
         greeting(&mut client, t).await?;
@@ -196,17 +191,7 @@ impl Mailbox {
             // Whatever the server sent after its OK is discarded with the client's buffer
             // (an injected answer must not be read as if it came through TLS).
             let (plain, budget) = client.into_inner().into_inner();
-            let tls = timed(
-                "TLS handshake",
-                t,
-                tls_wrap(plain, &cfg.host, cfg.tls.clone()),
-                |e| ImapError::Io {
-                    op: "TLS handshake",
-                    source: e,
-                },
-            )
-            .await?;
-            client = Client::new(Budgeted::new(tls, budget));
+            client = Client::new(Budgeted::new(tls(plain, cfg).await?, budget));
         }
         budget.set(ANSWER_SLACK);
         let mut session = match tokio::time::timeout(t, client.login(&cfg.username, password)).await
@@ -419,6 +404,18 @@ impl Mailbox {
             let _ = tokio::time::timeout(self.cfg.command_timeout, s.logout()).await;
         }
     }
+}
+
+/// TLS over `raw`, the certificate checked against `cfg.host`, within the command timeout.
+async fn tls(raw: BoxStream, cfg: &ImapConfig) -> Result<BoxStream, ImapError> {
+    let tls = timed(
+        "TLS handshake",
+        cfg.command_timeout,
+        start_tls_with(raw, &cfg.host, cfg.tls.clone()),
+        ImapError::Tls,
+    )
+    .await?;
+    Ok(Box::new(tls))
 }
 
 async fn greeting(client: &mut Client<Budgeted>, t: Duration) -> Result<(), ImapError> {

@@ -6,7 +6,7 @@
 //! | [`imap`] | async-imap over any stream: login, the UID cursor, capped fetches, `\Seen`, IDLE or poll |
 //! | [`smtp`] | the answer (mail-builder: threading headers, fresh Message-ID) and its submission (mail-send) |
 //! | [`threads`] | the durable, bounded map from an inbound id to what an answer needs (subject, references) |
-//! | [`stream`] | TLS over any stream, and a read budget per command |
+//! | [`stream`] | the boxed stream both clients run over, and a read budget per command |
 //!
 //! Both connections go through the broker (`connect`, then rustls with the Mozilla roots and the
 //! configured host name inside the adapter); the password comes from the broker's `secret`
@@ -112,7 +112,7 @@ pub struct BrokerDial<B>(pub Arc<B>);
 
 impl<B: BrokerApi> Dial for BrokerDial<B> {
     async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ServiceError> {
-        crate::net::connect(self.0.as_ref(), host, port)
+        crate::net::connect_tcp(self.0.as_ref(), host, port)
             .await
             .map_err(|e| ServiceError::new(FailureKind::Unreachable, e.to_string()))
     }

@@ -16,8 +16,10 @@ use mail_send::smtp::AssertReply as _;
 use mail_send::{Credentials, SmtpClient};
 
 use super::parse::{normalize_address, MAX_REFERENCES};
-use super::stream::{tls_wrap, BoxStream, Budget, Budgeted, MailStream, Security};
+use super::stream::{BoxStream, Budget, Budgeted, MailStream};
 use super::threads::ThreadInfo;
+use crate::net::{start_tls_with, NetError};
+use crate::settings::Security;
 
 /// Budget of one server answer (an EHLO list is the longest).
 const ANSWER_BUDGET: usize = 64 * 1024;
@@ -59,6 +61,8 @@ pub enum SmtpError {
         #[source]
         source: mail_send::Error,
     },
+    #[error("SMTP: {0}")]
+    Tls(#[source] NetError),
     #[error("SMTP: the server does not offer STARTTLS")]
     NoStartTls,
     #[error("recipient {0:?} is not an e-mail address")]
@@ -77,6 +81,7 @@ impl SmtpError {
             SmtpError::Io { .. }
             | SmtpError::Timeout { .. }
             | SmtpError::Client { .. }
+            | SmtpError::Tls(_)
             | SmtpError::NoStartTls => true,
         }
     }
@@ -272,14 +277,12 @@ pub async fn submit<S: MailStream + 'static>(
 async fn tls(raw: BoxStream, cfg: &SmtpConfig) -> Result<BoxStream, SmtpError> {
     match tokio::time::timeout(
         cfg.command_timeout,
-        tls_wrap(raw, &cfg.host, cfg.tls.clone()),
+        start_tls_with(raw, &cfg.host, cfg.tls.clone()),
     )
     .await
     {
-        Ok(r) => r.map_err(|source| SmtpError::Io {
-            op: "TLS handshake",
-            source,
-        }),
+        Ok(Ok(tls)) => Ok(Box::new(tls)),
+        Ok(Err(e)) => Err(SmtpError::Tls(e)),
         Err(_) => Err(SmtpError::Timeout {
             op: "TLS handshake",
             after: cfg.command_timeout,

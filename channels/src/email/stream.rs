@@ -1,5 +1,6 @@
 //! The byte streams the e-mail clients run over: any connected stream (a broker `connect` fd
-//! in the adapter, a loopback `TcpStream` in tests), TLS with rustls on top, and a read budget.
+//! in the adapter, a loopback `TcpStream` in tests), boxed so that one client type serves the
+//! stream before and after TLS, and a read budget per command.
 
 use std::fmt;
 use std::io;
@@ -17,37 +18,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug> MailStream for T {}
 /// A stream of either kind (before or after TLS), so one client type serves every security
 /// setting.
 pub type BoxStream = Box<dyn MailStream>;
-
-/// How the connection to the mail server is protected (`imap_security`, `smtp_security`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Security {
-    /// TLS from the first byte (IMAPS 993, SMTPS 465).
-    Tls,
-    /// Plain text, then STARTTLS before anything else is said (143, 587).
-    Starttls,
-    /// No TLS at all: accepted by the supervisor only for loopback hosts.
-    Plain,
-}
-
-/// Wrap `stream` in TLS, the certificate checked against `host` (a DNS name or an IP literal)
-/// with the roots of `config`.
-pub async fn tls_wrap(
-    stream: BoxStream,
-    host: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> io::Result<BoxStream> {
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{host}: not a TLS server name: {e}"),
-        )
-    })?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, stream)
-        .await?;
-    Ok(Box::new(tls))
-}
 
 /// A read budget shared between a [`Budgeted`] stream and its owner: the owner sets it before
 /// each command, and the stream fails reads beyond it, so a server cannot make the client

@@ -41,12 +41,8 @@ impl ThreadInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ThreadsError {
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] carapace_broker::durable::DurableError),
     #[error("encoding the thread map: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -116,10 +112,8 @@ impl Threads {
             self.entries.pop_front();
         }
         let bytes = serde_json::to_vec(&self.entries)?;
-        super::write_atomic(&self.path, &bytes).map_err(|source| ThreadsError::Write {
-            path: self.path.clone(),
-            source,
-        })
+        carapace_broker::durable::write_atomic(&self.path, &bytes)?;
+        Ok(())
     }
 }
 
