@@ -250,4 +250,21 @@ fn the_adapter_delivers_answers_and_resumes_after_a_restart() {
     assert_eq!(ids, ["n2@example.com"]);
     task.abort();
     let _ = rt.block_on(task);
+
+    // A restart with nothing new reports the service reachable at once (not after an IDLE),
+    // then waits in IDLE for the next message.
+    let (broker, task) = start(&rt, state.path(), &dovecot, &sink);
+    wait_until(
+        "the restarted adapter to connect",
+        Duration::from_secs(10),
+        || broker.states.lock().unwrap().iter().any(|(c, _)| *c),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    dovecot.deliver(&mail(3)).unwrap();
+    wait_until("the delivery of note 3", Duration::from_secs(20), || {
+        !broker.delivered.lock().unwrap().is_empty()
+    });
+    assert_eq!(broker.delivered.lock().unwrap()[0].id, "n3@example.com");
+    task.abort();
+    let _ = rt.block_on(task);
 }

@@ -161,8 +161,11 @@ pub struct ImapSource<D> {
     password: Arc<Secret>,
     mailbox: Option<Mailbox>,
     threads: Arc<Mutex<Threads>>,
-    /// UIDs handed out and not yet marked `\Seen` (marked once the cursor passed them).
+    /// (UIDVALIDITY, UID) handed out and not yet marked `\Seen` (marked once the saved
+    /// cursor passed them).
     unseen: Vec<(u32, u32)>,
+    /// The session was opened since the last poll.
+    fresh: bool,
 }
 
 impl<D: Dial> ImapSource<D> {
@@ -181,6 +184,7 @@ impl<D: Dial> ImapSource<D> {
             mailbox: None,
             threads,
             unseen: Vec::new(),
+            fresh: false,
         }
     }
 
@@ -201,6 +205,7 @@ impl<D: Dial> ImapSource<D> {
                 "IMAP folder open"
             );
             self.mailbox = Some(mb);
+            self.fresh = true;
         }
         self.mailbox
             .as_mut()
@@ -211,31 +216,31 @@ impl<D: Dial> ImapSource<D> {
         &mut self,
         saved: Option<&Cursor>,
     ) -> Result<Vec<Polled<Cursor>>, ServiceError> {
-        let mut unseen = std::mem::take(&mut self.unseen);
+        let pending = self.unseen.clone();
         let mb = self.mailbox().await?;
-        // What the saved cursor passed was delivered: mark it read.
+        // What the saved cursor passed was delivered: mark it read (best effort: the flag is
+        // for people reading the folder; what fails now is tried again at the next poll).
         if let Some(c) = saved {
+            let mut marked = Vec::new();
             let mut failed = None;
-            for &(validity, uid) in unseen
-                .iter()
-                .filter(|(v, u)| *v == c.uid_validity && *u <= c.last_uid)
-            {
+            for &(validity, uid) in &pending {
+                if validity != c.uid_validity || uid > c.last_uid {
+                    continue;
+                }
                 if validity == mb.uid_validity {
                     if let Err(e) = mb.mark_seen(uid).await {
                         failed = Some(e);
                         break;
                     }
                 }
+                marked.push((validity, uid));
             }
+            self.unseen.retain(|x| !marked.contains(x));
             if let Some(e) = failed {
-                // Not worth a redelivery: the flag is only for people reading the folder.
                 tracing::warn!(error = %e, "marking delivered mail \\Seen failed");
-                self.mailbox = None;
                 return Err(imap_failure(&e));
             }
-            unseen.retain(|(v, u)| *v != c.uid_validity || *u > c.last_uid);
         }
-        self.unseen = unseen;
         let mb = self.mailbox().await?;
         let (start, note) = start_cursor(saved.copied(), mb.uid_validity, mb.highest_uid);
         if let Some(note) = note {
@@ -246,18 +251,25 @@ impl<D: Dial> ImapSource<D> {
                 cursor: start,
             }]);
         }
+        let validity = mb.uid_validity;
         let mut uids = mb
             .new_uids(start.last_uid)
             .await
             .map_err(|e| imap_failure(&e))?;
         if uids.is_empty() {
+            if std::mem::take(&mut self.fresh) {
+                // Return at once after connecting, so that the loop reports the service
+                // reachable now rather than after a whole IDLE.
+                return Ok(Vec::new());
+            }
+            let mb = self.mailbox().await?;
             mb.wait(IDLE_RENEW).await.map_err(|e| imap_failure(&e))?;
             uids = mb
                 .new_uids(start.last_uid)
                 .await
                 .map_err(|e| imap_failure(&e))?;
         }
-        let validity = mb.uid_validity;
+        self.fresh = false;
         let mut out = Vec::new();
         for uid in uids {
             let cursor = Cursor {
