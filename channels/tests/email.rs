@@ -382,3 +382,126 @@ async fn imap_without_idle_polls() {
     assert_eq!(drain(&mut mb, &mut cursor).await, ["n1@example.com"]);
     mb.logout().await;
 }
+
+/// A server on loopback that runs `script` on each connection.
+async fn fake_server<F, Fut>(script: F) -> u16
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(script(s));
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_servers_give_errors_not_hangs() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = imap_config(Security::Plain, "127.0.0.1", webpki_config());
+    cfg.command_timeout = Duration::from_millis(500);
+
+    // An IMAP server that never greets: a timeout.
+    let silent = fake_server(|mut s| async move {
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let started = Instant::now();
+    let s = TcpStream::connect(("127.0.0.1", silent)).await.unwrap();
+    let e = Mailbox::open(s, &cfg, "pw").await.unwrap_err();
+    assert!(e.to_string().contains("no answer"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // An IMAP server that answers LOGIN with an endless stream: cut at the read budget.
+    let flood = fake_server(|mut s| async move {
+        let _ = s.write_all(b"* OK ready\r\n").await;
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf).await;
+        // A literal announced as 100 MB (the library itself would buffer up to 512 MiB).
+        let _ = s.write_all(b"* 1 FETCH (BODY[] {100000000}\r\n").await;
+        let chunk = vec![b'X'; 64 * 1024];
+        for _ in 0..16_000 {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    cfg.command_timeout = Duration::from_secs(20);
+    let s = TcpStream::connect(("127.0.0.1", flood)).await.unwrap();
+    let e = Mailbox::open(s, &cfg, "pw").await.unwrap_err();
+    assert!(e.to_string().contains("more than this client reads"), "{e}");
+
+    // An IMAP server that speaks nonsense: an error.
+    let garbage = fake_server(|mut s| async move {
+        let _ = s.write_all(b"\x00\xff garbage\r\n\r\n").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    })
+    .await;
+    cfg.command_timeout = Duration::from_millis(500);
+    let s = TcpStream::connect(("127.0.0.1", garbage)).await.unwrap();
+    assert!(Mailbox::open(s, &cfg, "pw").await.is_err());
+    // What the adapter reports of a failure is short, whatever the server sent.
+    let flood2 = fake_server(|mut s| async move {
+        let _ = s.write_all(b"* OK ready\r\n").await;
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(format!("* CAPABILITY {}\r\n", "X".repeat(100_000)).as_bytes())
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    })
+    .await;
+    let s = TcpStream::connect(("127.0.0.1", flood2)).await.unwrap();
+    let e = Mailbox::open(s, &cfg, "pw").await.unwrap_err();
+    assert!(e.to_string().len() <= 1024, "{} bytes", e.to_string().len());
+
+    // An SMTP server that greets and then says nothing: a timeout, to be retried.
+    let mute = fake_server(|mut s| async move {
+        let _ = s.write_all(b"220 hi\r\n").await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let smtp = SmtpConfig {
+        command_timeout: Duration::from_millis(500),
+        ..smtp_config("127.0.0.1")
+    };
+    let out = build_message("agent@example.org", "a@example.com", "x", None, 0).unwrap();
+    let s = TcpStream::connect(("127.0.0.1", mute)).await.unwrap();
+    let started = Instant::now();
+    let e = submit(s, &smtp, Some("pw"), &out).await.unwrap_err();
+    assert!(e.retry(), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{e}");
+
+    // An SMTP server whose greeting never ends: an error, not a growing buffer.
+    let chatty = fake_server(|mut s| async move {
+        let line = "220-hello\r\n".repeat(1000);
+        for _ in 0..100_000 {
+            if s.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let smtp = SmtpConfig {
+        command_timeout: Duration::from_secs(20),
+        ..smtp_config("127.0.0.1")
+    };
+    let s = TcpStream::connect(("127.0.0.1", chatty)).await.unwrap();
+    let started = Instant::now();
+    let e = submit(s, &smtp, Some("pw"), &out).await.unwrap_err();
+    // smtp-proto's own length cap or this client's read budget, whichever comes first.
+    assert!(
+        e.to_string().contains("Unparseable") || e.to_string().contains("more than this client"),
+        "{e}"
+    );
+    assert!(e.retry());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

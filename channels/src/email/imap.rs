@@ -16,6 +16,7 @@ use async_imap::extensions::idle::IdleResponse;
 use async_imap::{Client, Session};
 use futures_util::TryStreamExt as _;
 
+use super::clipped;
 use super::stream::{BoxStream, Budget, Budgeted, MailStream};
 use crate::net::{start_tls_with, NetError};
 use crate::settings::Security;
@@ -56,13 +57,13 @@ pub struct Cursor {
 /// Why the IMAP side failed (the connection is then dropped and opened again).
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
-    #[error("IMAP {op}: {source}")]
+    #[error("IMAP {op}: {}", clipped(.source))]
     Io {
         op: &'static str,
         #[source]
         source: std::io::Error,
     },
-    #[error("IMAP {op}: {source}")]
+    #[error("IMAP {op}: {}", clipped(.source))]
     Protocol {
         op: &'static str,
         #[source]
@@ -72,7 +73,7 @@ pub enum ImapError {
     Timeout { op: &'static str, after: Duration },
     #[error("IMAP: {0}")]
     Tls(#[source] NetError),
-    #[error("IMAP login as {user:?} refused: {reason}")]
+    #[error("IMAP login as {user:?} refused: {}", clipped(.reason))]
     Login { user: String, reason: String },
     #[error("IMAP {op}: {what}")]
     Unexpected { op: &'static str, what: String },

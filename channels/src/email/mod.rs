@@ -72,6 +72,24 @@ pub enum EmailError {
     Tls(String),
 }
 
+/// Longest text of a server's error kept in an error message (a parser's error can quote
+/// everything the server sent).
+const MAX_ERROR_TEXT: usize = 300;
+
+/// `e` as text, at most [`MAX_ERROR_TEXT`] characters, control characters replaced.
+pub(crate) fn clipped(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let mut out: String = s
+        .chars()
+        .take(MAX_ERROR_TEXT)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if s.chars().count() > MAX_ERROR_TEXT {
+        out.push('…');
+    }
+    out
+}
+
 /// `host:port` (`[v6]:port` for IPv6 literals).
 pub fn host_port(key: &'static str, value: &str) -> Result<(String, u16), EmailError> {
     let bad = || EmailError::Address {
@@ -455,6 +473,13 @@ pub async fn run<B: BrokerApi>(ctx: Arc<Ctx<B>>, s: EmailSettings) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_texts_are_clipped() {
+        assert_eq!(clipped(&"short\r\nline"), "short  line");
+        let long = clipped(&"x".repeat(10_000));
+        assert_eq!(long.chars().count(), MAX_ERROR_TEXT + 1);
+    }
 
     #[test]
     fn host_ports() {

@@ -15,6 +15,7 @@ use mail_send::smtp::message::Message;
 use mail_send::smtp::AssertReply as _;
 use mail_send::{Credentials, SmtpClient};
 
+use super::clipped;
 use super::parse::{normalize_address, MAX_REFERENCES};
 use super::stream::{BoxStream, Budget, Budgeted, MailStream};
 use super::threads::ThreadInfo;
@@ -41,7 +42,7 @@ pub struct SmtpConfig {
 /// Why a message was not sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SmtpError {
-    #[error("SMTP {op}: {source}")]
+    #[error("SMTP {op}: {}", clipped(.source))]
     Io {
         op: &'static str,
         #[source]
@@ -55,7 +56,7 @@ pub enum SmtpError {
         code: u16,
         text: String,
     },
-    #[error("SMTP {op}: {source}")]
+    #[error("SMTP {op}: {}", clipped(.source))]
     Client {
         op: &'static str,
         #[source]
