@@ -15,11 +15,13 @@
 //! | [`net`] | broker `connect` + rustls |
 //! | [`http`] | a small HTTP/1.1 client over such a connection: timeout, body cap |
 //! | [`telegram`] | the Telegram Bot API adapter |
+//! | [`email`] | the e-mail adapter: IMAP in, SMTP out |
 //! | [`webhook`] | the signed-webhook adapter |
 
 pub mod adapter;
 pub mod broker;
 pub mod cursor;
+pub mod email;
 pub mod http;
 pub mod net;
 pub mod settings;
@@ -97,7 +99,7 @@ pub async fn run_adapter<B: BrokerApi>(
     match kind {
         KindSettings::Telegram(s) => telegram::run(ctx, s).await,
         KindSettings::Webhook(s) => webhook::run(ctx, s).await,
-        KindSettings::Email(_) => Err(RunError::NotBuilt("email")),
+        KindSettings::Email(s) => email::run(ctx, s).await,
     }
 }
 

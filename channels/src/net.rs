@@ -109,7 +109,8 @@ pub fn is_loopback(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, NetError> {
+/// The client TLS configuration: the Mozilla roots (`webpki-roots`), built once.
+pub fn tls_config() -> Result<Arc<rustls::ClientConfig>, NetError> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
@@ -178,12 +179,25 @@ pub async fn start_tls<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    start_tls_with(stream, host, tls_config()?).await
+}
+
+/// [`start_tls`] with the roots of `config` (the e-mail adapter's tests trust a certificate of
+/// their own).
+pub async fn start_tls_with<S>(
+    stream: S,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<S>, NetError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
         NetError::TlsName {
             host: host.to_string(),
         }
     })?;
-    tokio_rustls::TlsConnector::from(tls_config()?)
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, stream)
         .await
         .map_err(|source| NetError::Tls {

@@ -31,6 +31,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod fake_llm;
 pub mod fake_telegram;
+pub mod mail;
 pub mod rpc;
 pub mod service;
 
