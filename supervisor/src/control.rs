@@ -298,37 +298,11 @@ pub struct StatusReport {
 }
 
 /// A channel as the broker sees it: its adapter's last word, the traffic, what waits.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChannelReport {
-    pub channel: String,
-    /// What its adapter last said (`channel_state`); None: it never said.
-    pub connected: Option<bool>,
-    /// The adapter's last error, when it reported one.
-    pub error: Option<String>,
-    /// RFC 3339 UTC of the last message in (delivered) and out (confirmed sent).
-    pub last_in: Option<String>,
-    pub last_out: Option<String>,
-    /// Inbound messages waiting for the agent.
-    pub queued: u64,
-    /// Inbound messages from senders not admitted, waiting for the operator.
-    pub held: u64,
-    /// Outbound messages waiting for (or being retried by) the adapter.
-    pub outbox: u64,
-    pub dead_lettered: u64,
-}
+pub use carapace_broker::ops::ChannelStats as ChannelReport;
 
-/// A held inbound message: from a sender the channel does not admit (yet).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeldInfo {
-    pub id: String,
-    pub channel: String,
-    pub sender: String,
-    pub conversation: String,
-    /// Redacted of known secret values; untrusted text.
-    pub body: String,
-    /// RFC 3339 UTC: when it arrived.
-    pub ts: String,
-}
+/// A held inbound message: from a sender the channel does not admit (yet). The body is
+/// redacted of known secret values; untrusted text.
+pub use carapace_broker::protocol::HeldMessage as HeldInfo;
 
 /// Result of `held_list`, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

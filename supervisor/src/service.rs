@@ -1003,23 +1003,7 @@ impl Service {
             last_reload_error: lock(&self.last_reload_error).clone(),
             children,
             pending_approvals: self.host.approvals.list().len(),
-            channels: self
-                .host
-                .ops
-                .channel_stats()
-                .into_iter()
-                .map(|c| control::ChannelReport {
-                    channel: c.channel,
-                    connected: c.connected,
-                    error: c.error,
-                    last_in: c.last_in,
-                    last_out: c.last_out,
-                    queued: c.queued,
-                    held: c.held,
-                    outbox: c.outbox,
-                    dead_lettered: c.dead_lettered,
-                })
-                .collect(),
+            channels: self.host.ops.channel_stats(),
             dead_letters: self
                 .host
                 .ops
@@ -1229,23 +1213,9 @@ impl ControlHandler for Handler {
                 tracing::info!(id = %id, "dead letter dropped by the operator");
                 Ok(serde_json::json!({ "dropped": id }))
             }
-            Request::HeldList => {
-                let held = svc
-                    .host
-                    .ops
-                    .held_messages()
-                    .into_iter()
-                    .map(|h| control::HeldInfo {
-                        id: h.id,
-                        channel: h.channel,
-                        sender: h.sender,
-                        conversation: h.conversation,
-                        body: h.body,
-                        ts: h.ts,
-                    })
-                    .collect();
-                to_value(serde_json::to_value(control::HeldList { held }))
-            }
+            Request::HeldList => to_value(serde_json::to_value(control::HeldList {
+                held: svc.host.ops.held_messages(),
+            })),
             Request::HeldAdmit { id, always } => {
                 let seq = svc.host.ops.admit_held(&id, always, Some("operator"))?;
                 tracing::info!(id = %id, seq, always, "held message admitted by the operator");
