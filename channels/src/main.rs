@@ -13,41 +13,10 @@ HTTP on the listening socket at fd $CARAPACE_LISTEN_FD.
 ";
 
 fn main() {
-    std::process::exit(real_main());
-}
-
-fn real_main() -> i32 {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None => {}
-        Some("-h" | "--help") => {
-            print!("{USAGE}");
-            return 0;
-        }
-        Some("-V" | "--version") => {
-            println!("carapace-channel {}", env!("CARGO_PKG_VERSION"));
-            return 0;
-        }
-        Some(other) => {
-            eprintln!("carapace-channel: unexpected argument {other:?}\n\n{USAGE}");
-            return 2;
-        }
-    }
-    // Logs go to stderr, which the supervisor relays into its own log (one line each).
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CARAPACE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .init();
-    match carapace_channels::run() {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("carapace-channel: {e}");
-            2
-        }
-    }
+    std::process::exit(carapace_gateway::child_main(
+        "carapace-channel",
+        env!("CARGO_PKG_VERSION"),
+        USAGE,
+        carapace_channels::run,
+    ));
 }

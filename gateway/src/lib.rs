@@ -215,3 +215,47 @@ pub fn fuzz_input(data: &[u8]) {
     }
     let _ = sessions::valid_name(&text);
 }
+
+/// The `main` of a confined child of the supervisor (the gateway, a channel adapter): `--help`
+/// prints `usage`, `--version` the version; any other argument is a usage error (2). Logs go to
+/// stderr, without time (the supervisor relays each line into its own log, with its own
+/// timestamp), at `$CARAPACE_LOG` (default info). `run`'s error is printed and exits 2.
+pub fn child_main<E: std::fmt::Display>(
+    name: &str,
+    version: &str,
+    usage: &str,
+    run: impl FnOnce() -> Result<(), E>,
+) -> i32 {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("-h" | "--help") => {
+            print!("{usage}");
+            return 0;
+        }
+        Some("-V" | "--version") => {
+            println!("{name} {version}");
+            return 0;
+        }
+        Some(other) => {
+            eprintln!("{name}: unexpected argument {other:?}\n\n{usage}");
+            return 2;
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CARAPACE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .init();
+    match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            2
+        }
+    }
+}

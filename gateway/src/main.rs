@@ -14,41 +14,10 @@ every route but /health needs `Authorization: Bearer TOKEN` (`carapace token cre
 ";
 
 fn main() {
-    std::process::exit(real_main());
-}
-
-fn real_main() -> i32 {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None => {}
-        Some("-h" | "--help") => {
-            print!("{USAGE}");
-            return 0;
-        }
-        Some("-V" | "--version") => {
-            println!("carapace-gateway {}", env!("CARGO_PKG_VERSION"));
-            return 0;
-        }
-        Some(other) => {
-            eprintln!("carapace-gateway: unexpected argument {other:?}\n\n{USAGE}");
-            return 2;
-        }
-    }
-    // Logs go to stderr, which the supervisor relays into its own log (one line each).
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CARAPACE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .init();
-    match carapace_gateway::run() {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("carapace-gateway: {e}");
-            2
-        }
-    }
+    std::process::exit(carapace_gateway::child_main(
+        "carapace-gateway",
+        env!("CARGO_PKG_VERSION"),
+        USAGE,
+        carapace_gateway::run,
+    ));
 }
