@@ -164,10 +164,13 @@ fn responder(
             let p = &ev["params"];
             let to = p["reply_to"].as_str().unwrap_or("").to_string();
             let body = format!("echo: {}", p["body"].as_str().unwrap_or(""));
-            let _ = c.call(
+            let out = c.call(
                 "messages.send",
                 json!({"channel": "tg", "recipient": to, "body": body}),
             );
+            if out.result.is_err() {
+                eprintln!("responder: messages.send to {to}: {out:?}");
+            }
         }
     })
 }
@@ -298,8 +301,21 @@ fn main() -> ExitCode {
                 ms(pct(&l.latencies, 0.99)),
                 l.failures
             );
+            if std::env::var_os("BENCH_VERBOSE").is_some() {
+                eprintln!("after the level: {}", setup.svc.status()["channels"]);
+            }
             if l.failures > 0 || n == 0 {
                 failed = true;
+                let log = setup.svc.log_text();
+                let worth: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect();
+                eprintln!(
+                    "{} unanswered; the service's warnings and errors (last 30):\n{}",
+                    l.failures,
+                    worth[worth.len().saturating_sub(30)..].join("\n")
+                );
             }
         }
         stop.store(true, Ordering::SeqCst);

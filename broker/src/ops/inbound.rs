@@ -621,11 +621,15 @@ impl Ops {
         let channel = message.channel.clone();
         let reply_to = message.reply_to.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let seq = place.push(message, len)?;
-            claim.taken();
+            // The reply address first: once queued, the message can be read and answered at
+            // once, and the answer's `send` checks this address (`reply_to_senders`). Recording
+            // it for a message that then fails to be stored grants nothing new: its sender is
+            // admitted.
             if let Err(e) = book.add_reply_address(&channel, &reply_to) {
                 tracing::error!(channel = %channel, error = %e, "channel state: reply address not recorded");
             }
+            let seq = place.push(message, len)?;
+            claim.taken();
             book.note_in(&channel);
             Ok::<u64, SpoolError>(seq)
         })
