@@ -83,7 +83,7 @@ pub fn run() -> Result<(), StartError> {
     let r = rt.block_on(async move {
         tokio::select! {
             r = run_adapter(ctx, kind) => r,
-            () = shutdown_signal() => Ok(()),
+            () = carapace_gateway::shutdown_signal() => Ok(()),
         }
     });
     // A broker long poll may be running on the blocking pool: do not wait for it.
@@ -101,22 +101,6 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Webhook(s) => webhook::run(ctx, s).await,
         KindSettings::Email(s) => email::run(ctx, s).await,
     }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("stopping");
 }
 
 /// The fuzz entry point (`fuzz/fuzz_targets/channels.rs`, corpus replayed by

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, TcpStream as StdTcpStream};
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use carapace_gateway::llm::Endpoint;
@@ -109,23 +109,10 @@ pub fn is_loopback(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The client TLS configuration: the Mozilla roots (`webpki-roots`), built once.
+/// The client TLS configuration: the Mozilla roots (`webpki-roots`), built once (the gateway's,
+/// shared).
 pub fn tls_config() -> Result<Arc<rustls::ClientConfig>, NetError> {
-    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
-            .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(NetError::TlsConfig)
+    carapace_gateway::llm::mozilla_tls_config().map_err(NetError::TlsConfig)
 }
 
 /// A connection to a service: TLS, or plain to a loopback host.

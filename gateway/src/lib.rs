@@ -165,7 +165,9 @@ pub fn run() -> Result<(), StartError> {
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT (never, when the handlers cannot be installed): the stop of a
+/// confined child, which the supervisor sends before it kills the cgroup.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

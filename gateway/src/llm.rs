@@ -117,7 +117,10 @@ fn fail(msg: impl Into<String>) -> RpcError {
     RpcError::new(Kind::Unavailable, msg)
 }
 
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, RpcError> {
+/// The client TLS configuration shared by everything a confined child reaches over TLS (the
+/// model here, a channel's service in `carapace-channels`): the Mozilla roots
+/// (`webpki-roots`), ring, safe default versions; built once.
+pub fn mozilla_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
@@ -132,7 +135,10 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, RpcError> {
             .map_err(|e| e.to_string())
         })
         .clone()
-        .map_err(|e| RpcError::internal(format!("TLS configuration: {e}")))
+}
+
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, RpcError> {
+    mozilla_tls_config().map_err(|e| RpcError::internal(format!("TLS configuration: {e}")))
 }
 
 /// POST `body` to `<endpoint>/chat/completions` and read the first choice.
