@@ -706,11 +706,11 @@ fn what_a_channel_adapter_delivers_reaches_clients_as_messages_inbound() {
     let policy = format!(
         r##"{base}
 
-[profiles.channel]
+[profiles.inbox-adapter]
 why = "test: a channel adapter that may deliver what it receives on `inbox`, nothing else"
-extends = "tool"
+extends = "channel"
 
-[profiles.channel.broker]
+[profiles.inbox-adapter.broker]
 deliver = ["inbox"]
 
 [channels.inbox]
@@ -726,7 +726,7 @@ senders = ["alice@example.com"]
     let svc = Service::start_opts(StartOpts {
         policy: Some(policy),
         extra_config: format!(
-            "[channels.inbox]\nprogram = \"{bin}\"\nargs = [\"deliver\", \"inbox\", \"alice@example.com\", \"hello from a channel\"]\nprofile = \"channel\"\nrestart = {{ initial_delay = \"1s\", max_delay = \"2s\", crash_loop_restarts = 1000, crash_loop_window = \"1s\" }}\n",
+            "[channels.inbox]\nprogram = \"{bin}\"\nargs = [\"deliver\", \"inbox\", \"alice@example.com\", \"hello from a channel\"]\nprofile = \"inbox-adapter\"\nrestart = {{ initial_delay = \"1s\", max_delay = \"2s\", crash_loop_restarts = 1000, crash_loop_window = \"1s\" }}\n",
             bin = client.bin.display()
         ),
         ..StartOpts::default()
