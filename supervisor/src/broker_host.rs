@@ -17,8 +17,8 @@
 //! - [`SupervisorSpawner`]: [`spawn_tool`] as the broker's `Spawner`; a brokered tool's socket
 //!   is served with a new identity (role `tool`, its profile).
 //! - [`FileApprover`]: `ask` approvals offered to the operator as files in
-//!   `<state>/pending/` and answered by `carapace approvals allow|deny` (until the control
-//!   socket of issue 4).
+//!   `<state>/pending/` and answered by `carapace approvals allow|deny` (for `carapace exec`,
+//!   which has no control socket).
 //! - [`BrokerHost`]: opens the state (audit log, approvals, dead letters), builds `Ops` and runs
 //!   the tokio runtime (two workers) that serves the sockets, one identity per socket, with the
 //!   per-peer limits of its profile.
@@ -866,7 +866,7 @@ pub fn parse_answer(text: &str) -> Option<Resolution> {
     }
 }
 
-/// Until the control socket (issue 4): `ask` approvals are offered to the operator as files in
+/// Without a control socket (`carapace exec`): `ask` approvals are offered to the operator as files in
 /// `<state>/pending/` (0700 directory, 0600 files, root only), and answered by an `.answer`
 /// file next to them (written by `carapace approvals allow|deny`), polled every 50 ms.
 #[derive(Debug)]

@@ -987,7 +987,7 @@ pub fn read_report(p: &Path) -> serde_json::Value {
 }
 
 // ------------------------------------------------------------------------------------------
-// The broker (issue 3): the client binary inside the sandbox, brokered policies
+// The broker: the client binary inside the sandbox, brokered policies
 
 /// `carapace-client` copied into a content-addressed directory under /var/tmp (readable and
 /// executable by the sandbox's host uid; outside /tmp, which the sandbox replaces).

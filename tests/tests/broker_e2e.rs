@@ -1,4 +1,4 @@
-//! The broker end to end (issue 3): real `carapace exec` runs of brokered profiles, the real
+//! The broker end to end: real `carapace exec` runs of brokered profiles, the real
 //! `carapace-client` inside the sandbox talking over its inherited fd 3, real sockets, files
 //! and state directories. Every test needs root (see `carapace_tests::privileged`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
