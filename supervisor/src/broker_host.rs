@@ -867,8 +867,8 @@ pub fn parse_answer(text: &str) -> Option<Resolution> {
 }
 
 /// Without a control socket (`carapace exec`): `ask` approvals are offered to the operator as
-/// files in `<state>/pending/` (0700 directory, 0600 files, root only), and answered by an `.answer`
-/// file next to them (written by `carapace approvals allow|deny`), polled every 50 ms.
+/// files in `<state>/pending/` (0700 directory, 0600 files, root only), and answered by an
+/// `.answer` file next to them (written by `carapace approvals allow|deny`), polled every 50 ms.
 #[derive(Debug)]
 pub struct FileApprover {
     pub approvals: Arc<Approvals>,
