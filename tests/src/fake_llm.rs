@@ -295,24 +295,44 @@ impl Drop for FakeLlm {
 }
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    serve_connections(
+        listener,
+        shared,
+        "fake-llm-conn",
+        |s| &s.stop,
+        |s| &s.conns,
+        serve,
+    );
+}
+
+/// The accept loop of this crate's fake servers: each connection served by `serve` on a thread
+/// of its own, kept (a clone, by serial number) in `conns` while it is open so that dropping
+/// the server can shut it down; returns once `stop` is set and the next connection arrives.
+pub(crate) fn serve_connections<S: Send + Sync + 'static>(
+    listener: &TcpListener,
+    shared: &Arc<S>,
+    thread_name: &str,
+    stop: fn(&S) -> &AtomicBool,
+    conns: fn(&S) -> &Mutex<HashMap<u64, TcpStream>>,
+    serve: fn(TcpStream, &S) -> std::io::Result<()>,
+) {
     for (serial, conn) in (0u64..).zip(listener.incoming()) {
-        if shared.stop.load(Ordering::SeqCst) {
+        if stop(shared).load(Ordering::SeqCst) {
             return;
         }
         let Ok(stream) = conn else { continue };
         if let Ok(c) = stream.try_clone() {
-            shared
-                .conns
+            conns(shared)
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(serial, c);
         }
         let sh = Arc::clone(shared);
         let _ = std::thread::Builder::new()
-            .name("fake-llm-conn".into())
+            .name(thread_name.into())
             .spawn(move || {
                 let _ = serve(stream, &sh);
-                sh.conns
+                conns(&sh)
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&serial);

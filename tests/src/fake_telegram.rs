@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::fake_llm::{read_body, read_head, reason};
+use crate::fake_llm::{read_body, read_head, reason, serve_connections};
 
 /// The first update id handed out.
 pub const FIRST_UPDATE_ID: i64 = 10_000;
@@ -367,29 +367,14 @@ fn now() -> u64 {
 }
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
-    for (serial, conn) in (0u64..).zip(listener.incoming()) {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = conn else { continue };
-        if let Ok(c) = stream.try_clone() {
-            shared
-                .conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(serial, c);
-        }
-        let sh = Arc::clone(shared);
-        let _ = std::thread::Builder::new()
-            .name("fake-telegram-conn".into())
-            .spawn(move || {
-                let _ = serve(stream, &sh);
-                sh.conns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&serial);
-            });
-    }
+    serve_connections(
+        listener,
+        shared,
+        "fake-telegram-conn",
+        |s| &s.stop,
+        |s| &s.conns,
+        serve,
+    );
 }
 
 /// `a=1&b=x%20y` as a JSON object of strings.
