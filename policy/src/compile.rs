@@ -68,7 +68,10 @@ pub(crate) fn compile(
             },
         });
     }
-    mounts.push(Mount::Dev { dst: "/dev".into() });
+    mounts.push(Mount::Dev {
+        dst: "/dev".into(),
+        pts: p.devpts,
+    });
     rules.push(LandlockRule {
         path: LandlockPath::Sandbox("/dev".into()),
         rights: FsRights {

@@ -176,8 +176,13 @@ pub(crate) fn explain(p: &Plan) -> String {
                 "{}: procfs of the sandbox's own pid namespace, read-only",
                 dst.display()
             ),
-            Mount::Dev { dst } => format!(
+            Mount::Dev { dst, pts: false } => format!(
                 "{}: minimal /dev (null, zero, full, random, urandom, tty-less)",
+                dst.display()
+            ),
+            Mount::Dev { dst, pts: true } => format!(
+                "{0}: minimal /dev (null, zero, full, random, urandom) and a private devpts \
+                 instance at {0}/pts for pseudo-terminals of its own (no host terminal)",
                 dst.display()
             ),
             Mount::Symlink { dst, target } => {

@@ -72,6 +72,7 @@ pub(crate) struct RawFilesystem {
     pub tmpfs: Option<Vec<S<RawTmpfs>>>,
     pub workspace: Option<S<RawWorkspace>>,
     pub proc: Option<S<bool>>,
+    pub devpts: Option<S<bool>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -89,8 +89,11 @@ pub enum Mount {
     },
     /// A new procfs for the sandbox's pid namespace, read-only.
     Proc { dst: PathBuf },
-    /// A minimal /dev: null, zero, full, random, urandom, tty-less; fd/stdin/stdout/stderr links.
-    Dev { dst: PathBuf },
+    /// A minimal /dev: null, zero, full, random, urandom; fd/stdin/stdout/stderr links. With
+    /// `pts`, also a new devpts instance at `pts` (`newinstance`: it holds only the ptys the
+    /// sandbox opens, never the host's), `ptmx -> pts/ptmx` and `tty` (the caller's own
+    /// controlling terminal).
+    Dev { dst: PathBuf, pts: bool },
     /// A symlink in the new root (e.g. `/bin -> usr/bin` on merged-/usr hosts).
     Symlink { dst: PathBuf, target: PathBuf },
 }
@@ -103,7 +106,7 @@ impl Mount {
             | Mount::Workspace { dst, .. }
             | Mount::Tmpfs { dst, .. }
             | Mount::Proc { dst }
-            | Mount::Dev { dst }
+            | Mount::Dev { dst, .. }
             | Mount::Symlink { dst, .. } => dst,
         }
     }

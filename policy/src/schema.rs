@@ -62,6 +62,7 @@ const FILESYSTEM: Kind = Table(&[
     ("tmpfs", Array(&TMPFS)),
     ("workspace", WORKSPACE),
     ("proc", Bool),
+    ("devpts", Bool),
 ]);
 const NETWORK: Kind = Table(&[("mode", Str)]);
 const LIMITS: Kind = Table(&[

@@ -110,6 +110,8 @@ pub(crate) struct Profile {
     pub tmpfs: Vec<TmpfsSpec>,
     pub workspace: (PathBuf, Access),
     pub proc: bool,
+    /// A private devpts instance at /dev/pts (and /dev/ptmx, /dev/tty).
+    pub devpts: bool,
     pub limits: Limits,
     pub min_abi: u8,
     /// Where `min_abi` was written (or the profile header), for compile-time diagnostics.
@@ -444,7 +446,32 @@ fn append<T>(parent: Option<Vec<T>>, child: Option<Vec<T>>) -> Option<Vec<T>> {
     }
 }
 
-/// Child keys override the parent's; mounts/symlinks/tmpfs and seccomp allow/deny append.
+/// `append`, except that a child entry whose `path` a parent entry already has replaces that
+/// entry in place: a profile can change how a parent's mount is made (`/tmp` executable in a
+/// build profile) without the duplicate-destination error a second entry would be.
+fn append_by_path<T>(
+    parent: Option<Vec<S<T>>>,
+    child: Option<Vec<S<T>>>,
+    path: impl Fn(&T) -> Option<&str>,
+) -> Option<Vec<S<T>>> {
+    match (parent, child) {
+        (Some(mut p), Some(c)) => {
+            for entry in c {
+                let same = path(entry.get_ref())
+                    .and_then(|want| p.iter().position(|e| path(e.get_ref()) == Some(want)));
+                match same {
+                    Some(i) => p[i] = entry,
+                    None => p.push(entry),
+                }
+            }
+            Some(p)
+        }
+        (p, c) => c.or(p),
+    }
+}
+
+/// Child keys override the parent's; seccomp allow/deny append; mounts/symlinks/tmpfs append,
+/// an entry for a path the parent has replacing the parent's (see [`append_by_path`]).
 fn merge_profile(p: RawProfile, c: RawProfile) -> RawProfile {
     RawProfile {
         why: or(c.why, p.why),
@@ -464,11 +491,18 @@ fn merge_profile(p: RawProfile, c: RawProfile) -> RawProfile {
             cgroup: or(c.cgroup, p.cgroup),
         }),
         filesystem: merge_table(p.filesystem, c.filesystem, |p, c| RawFilesystem {
-            mounts: append(p.mounts, c.mounts),
-            symlinks: append(p.symlinks, c.symlinks),
-            tmpfs: append(p.tmpfs, c.tmpfs),
+            mounts: append_by_path(p.mounts, c.mounts, |m| {
+                m.path.as_ref().map(|x| x.get_ref().as_str())
+            }),
+            symlinks: append_by_path(p.symlinks, c.symlinks, |m| {
+                m.path.as_ref().map(|x| x.get_ref().as_str())
+            }),
+            tmpfs: append_by_path(p.tmpfs, c.tmpfs, |m| {
+                m.path.as_ref().map(|x| x.get_ref().as_str())
+            }),
             workspace: or(c.workspace, p.workspace),
             proc: or(c.proc, p.proc),
+            devpts: or(c.devpts, p.devpts),
         }),
         network: merge_table(p.network, c.network, |p, c| RawNetwork {
             mode: or(c.mode, p.mode),
@@ -669,6 +703,12 @@ fn lower_profile(
         dests.push((PathBuf::from("/proc"), span.clone()));
     }
     dests.push((PathBuf::from("/dev"), span.clone()));
+    let devpts = fs.devpts.as_ref().is_some_and(|d| *d.get_ref());
+    if devpts {
+        for p in ["/dev/pts", "/dev/ptmx", "/dev/tty"] {
+            dests.push((PathBuf::from(p), span.clone()));
+        }
+    }
     for m in fs.mounts.iter().flatten() {
         let mspan = m.span();
         let m = m.get_ref();
@@ -1200,6 +1240,7 @@ fn lower_profile(
         tmpfs,
         workspace,
         proc,
+        devpts,
         limits,
         min_abi,
         min_abi_span,

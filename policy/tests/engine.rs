@@ -467,6 +467,56 @@ fn extends_overrides_keys_and_appends_lists() {
 }
 
 #[test]
+fn extends_replaces_a_parents_entry_for_the_same_path() {
+    let text = format!(
+        "{EXTENDS}\n[profiles.exec]\nwhy = \"exec\"\nextends = \"base\"\n\
+         [profiles.exec.filesystem]\ntmpfs = [{{ path = \"/tmp\", size = \"32MiB\", exec = true }}]\n\
+         mounts = [{{ path = \"/usr\", access = \"read\" }}, {{ path = \"/opt\", access = \"read\" }}]\n"
+    );
+    let base = plan_of(&text, "base");
+    let child = plan_of(&text, "exec");
+    let tmpfs = |p: &Plan| -> Vec<(String, u64, bool)> {
+        p.mounts
+            .iter()
+            .filter_map(|m| match m {
+                Mount::Tmpfs {
+                    dst,
+                    size_bytes,
+                    exec,
+                    ..
+                } => Some((dst.display().to_string(), *size_bytes, *exec)),
+                _ => None,
+            })
+            .collect()
+    };
+    let binds = |p: &Plan| -> Vec<(String, bool)> {
+        p.mounts
+            .iter()
+            .filter_map(|m| match m {
+                Mount::Bind { dst, exec, .. } => Some((dst.display().to_string(), *exec)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(tmpfs(&base), vec![("/tmp".to_string(), 8 << 20, false)]);
+    assert_eq!(
+        tmpfs(&child),
+        vec![("/tmp".to_string(), 32 << 20, true)],
+        "the child's /tmp replaces the parent's, not a second /tmp"
+    );
+    assert_eq!(
+        binds(&child),
+        vec![("/usr".to_string(), false), ("/opt".to_string(), false)],
+        "same path replaced in place, a new path appended"
+    );
+    assert_eq!(
+        binds(&base),
+        vec![("/usr".to_string(), true)],
+        "parent untouched"
+    );
+}
+
+#[test]
 fn default_tool_profile_can_be_extended_with_one_mount() {
     let text = format!(
         "{DEFAULT}\n[profiles.escape]\nwhy = \"escape suite\"\nextends = \"tool\"\n[profiles.escape.filesystem]\nmounts = [{{ path = \"/opt/attacks\", access = \"read-exec\" }}]\n"

@@ -762,7 +762,7 @@ pub fn build(
                     exec: false,
                 });
             }
-            Mount::Dev { dst } => {
+            Mount::Dev { dst, pts } => {
                 ancestors(dst, &mut ops)?;
                 let dev = under(NEWROOT, dst);
                 let target = cstr(&dev)?;
@@ -798,6 +798,9 @@ pub fn build(
                         target: cs(link),
                         path: cstr(dev.join(name))?,
                     });
+                }
+                if *pts {
+                    dev_pts(&dev, &mut ops)?;
                 }
                 // Not recursive: tmpfs mounts beneath /dev (e.g. /dev/shm) keep their own
                 // flags.
@@ -838,6 +841,41 @@ pub fn build(
         Op::Chdir { path: cs("/") },
     ]);
     Ok(Built { ops, views })
+}
+
+/// A private pseudo-terminal world beneath the minimal /dev: a new devpts instance at `pts`
+/// (`newinstance`: it holds only the ptys opened inside this sandbox, never the host's or
+/// another sandbox's; `ptmxmode=0666` so the unprivileged sandbox user can open its ptmx),
+/// `ptmx -> pts/ptmx` (where libc's posix_openpt looks) and the host's `tty` node, which the
+/// kernel resolves to the opener's own controlling terminal: inside the sandbox that is a pty
+/// of this instance or nothing (the program runs in a new session without one). Mounted
+/// nosuid, noexec (device nodes are what devpts is for, so not nodev).
+fn dev_pts(dev: &Path, ops: &mut Vec<Op>) -> Result<(), MountError> {
+    let pts = cstr(dev.join("pts"))?;
+    ops.push(Op::Mkdir { path: pts.clone() });
+    ops.push(Op::Mount {
+        fstype: cs("devpts"),
+        dst: pts,
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: Some(cs("newinstance,ptmxmode=0666,mode=0620")),
+    });
+    ops.push(Op::Symlink {
+        target: cs("pts/ptmx"),
+        path: cstr(dev.join("ptmx"))?,
+    });
+    let tty = cstr(dev.join("tty"))?;
+    ops.push(Op::Touch { path: tty.clone() });
+    ops.push(Op::Bind {
+        src: cstr(under(OLDROOT, Path::new("/dev/tty")))?,
+        dst: tty.clone(),
+        recursive: false,
+    });
+    ops.push(Op::SetAttr {
+        path: tty,
+        set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+        recursive: false,
+    });
+    Ok(())
 }
 
 /// tmpfs mount options: size, mode, and owned by the sandbox's host identity.
@@ -1245,7 +1283,10 @@ mod tests {
                 Mount::Proc {
                     dst: "/proc".into(),
                 },
-                Mount::Dev { dst: "/dev".into() },
+                Mount::Dev {
+                    dst: "/dev".into(),
+                    pts: false,
+                },
                 Mount::Tmpfs {
                     dst: "/dev/shm".into(),
                     size_bytes: 1 << 20,
@@ -1308,7 +1349,10 @@ mod tests {
                 Mount::Proc {
                     dst: "/proc".into(),
                 },
-                Mount::Dev { dst: "/dev".into() },
+                Mount::Dev {
+                    dst: "/dev".into(),
+                    pts: false,
+                },
                 Mount::Tmpfs {
                     dst: "/tmp".into(),
                     size_bytes: 1 << 20,
@@ -1343,6 +1387,42 @@ mod tests {
             .unwrap();
         assert_ne!(tmp & libc::MS_NOEXEC, 0);
         assert_ne!(tmp & libc::MS_NOSUID, 0);
+    }
+
+    #[test]
+    fn devpts_only_when_asked_and_a_new_instance() {
+        let dev = |pts| {
+            texts(
+                &build(
+                    &[Mount::Dev {
+                        dst: "/dev".into(),
+                        pts,
+                    }],
+                    None,
+                    ids(),
+                )
+                .unwrap(),
+            )
+        };
+        let without = dev(false);
+        assert!(!without
+            .iter()
+            .any(|t| t.contains("devpts") || t.contains("ptmx")));
+        let with = dev(true);
+        assert!(
+            with.contains(
+                &"mount -t devpts /newroot/dev/pts (newinstance,ptmxmode=0666,mode=0620)"
+                    .to_string()
+            ),
+            "{with:#?}"
+        );
+        assert!(with.contains(&"symlink /newroot/dev/ptmx -> pts/ptmx".to_string()));
+        assert!(with.contains(&"bind /oldroot/dev/tty /newroot/dev/tty".to_string()));
+        let pos = |s: &str| with.iter().position(|x| x.starts_with(s)).unwrap();
+        assert!(
+            pos("mount -t devpts") < pos("mount_setattr /newroot/dev ro"),
+            "mounted before /dev turns read-only"
+        );
     }
 
     #[test]
