@@ -82,6 +82,7 @@ pub(crate) const IOCTL_REQUESTS: &[(&str, u32)] = &[
     ("FIONBIO", 0x5421),
     ("TIOCGPTN", 0x8004_5430),
     ("TIOCSPTLCK", 0x4004_5431),
+    ("TIOCGPTPEER", 0x5441),
     ("FIONCLEX", 0x5450),
     ("FIOCLEX", 0x5451),
     ("FIOASYNC", 0x5452),
