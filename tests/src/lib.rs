@@ -458,16 +458,18 @@ pub fn insert_before_first_exec(base: &str, extra: &str) -> String {
     format!("{}{}\n{}", &base[..at], extra, &base[at..])
 }
 
-/// The escape-suite policy: the default policy plus profile `escape` (= `tool` + a read-exec
-/// mount of the attack directory), `escape_wall` (the same with `wall_time = WALL`), and rules
-/// running the attack binary and /usr/bin/python3 under them.
-pub fn escape_policy(a: &Attacks, wall: &str) -> String {
+/// The escape-suite policy: the default policy plus profile `escape` (= `base`, a profile of the
+/// default policy such as `tool` or `build`, + a read-exec mount of the attack directory),
+/// `escape_wall` (the same with `wall_time = WALL`), and rules running the attack binary and
+/// /usr/bin/python3 under them.
+pub fn escape_policy(a: &Attacks, wall: &str, base: &str) -> String {
     let dir = a.dir.display();
+    let py = a.py_dir.display();
     let extra = format!(
         r#"# ---- inserted by carapace-tests: the escape suite's profile and rules ----
 [profiles.escape]
-extends = "tool"
-why = "escape suite: exactly the default tool profile plus the attack programs"
+extends = "{base}"
+why = "escape suite: exactly the default {base} profile plus the attack programs"
 
 [profiles.escape.filesystem]
 mounts = [ {{ path = "{dir}", access = "read-exec", why = "attack programs of the escape suite" }} ]
@@ -496,7 +498,7 @@ approval = "allow"
 [[exec]]
 why = "escape suite: attacks written in python"
 program = "/usr/bin/python3"
-args = ["**"]
+args = ["{py}/attack.py", "**"]
 profile = "escape"
 approval = "allow"
 # ---- end of insertion ----
@@ -647,6 +649,8 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
 pub struct Escape {
     /// Root or rootless (see [`Mode`]).
     pub mode: Mode,
+    /// The default policy's profile the attacks run in (`tool` or `build`).
+    pub base: &'static str,
     pub attacks: &'static Attacks,
     /// Host path of the workspace (shown as [`WS`] inside).
     pub ws: tempfile::TempDir,
@@ -667,6 +671,11 @@ impl Escape {
         Self::with_wall_in(mode, "3s")
     }
 
+    /// [`Escape::in_mode`], the attacks running in the default policy's profile `base`.
+    pub fn on(mode: Mode, base: &'static str) -> Option<Escape> {
+        Self::build(mode, "3s", base)
+    }
+
     pub fn with_wall(wall: &str) -> Option<Escape> {
         Self::with_wall_in(Mode::Root, wall)
     }
@@ -675,6 +684,10 @@ impl Escape {
     /// traversed (not listed) by it and the policy file is readable: carapace runs as that
     /// user.
     pub fn with_wall_in(mode: Mode, wall: &str) -> Option<Escape> {
+        Self::build(mode, wall, "tool")
+    }
+
+    fn build(mode: Mode, wall: &str, base: &'static str) -> Option<Escape> {
         let ok = match mode {
             Mode::Root => privileged(),
             Mode::Rootless => rootless_possible(),
@@ -687,7 +700,7 @@ impl Escape {
         let ws = tempdir("carapace-ws-");
         let scratch = tempdir("carapace-scratch-");
         let policy = scratch.path().join("escape.toml");
-        fs::write(&policy, escape_policy(attacks, wall)).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(&policy, escape_policy(attacks, wall, base)).unwrap_or_else(|e| panic!("{e}"));
         if mode == Mode::Rootless {
             give_to_rootless_user(ws.path());
             for (p, m) in [(scratch.path(), 0o711), (policy.as_path(), 0o644)] {
@@ -697,6 +710,7 @@ impl Escape {
         }
         Some(Escape {
             mode,
+            base,
             attacks,
             ws,
             scratch,

@@ -24,4 +24,7 @@
 /// How this crate runs carapace (see `carapace_tests::Mode`).
 const MODE: carapace_tests::Mode = carapace_tests::Mode::Rootless;
 
+/// The default policy's profile the attacks run in.
+const BASE: &str = "tool";
+
 include!("escape/suite.rs");
