@@ -26,7 +26,7 @@
 //! Every jump is forward, so the program always terminates; [`crate::run_bpf`] checks the
 //! result in tests, and [`max_path_len`] measures the worst case.
 
-use crate::plan::{ArgCondition, BpfInsn};
+use crate::plan::{mask_of, ArgCondition, BpfInsn};
 
 pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 pub(crate) const X32_SYSCALL_BIT: u32 = 0x4000_0000;
@@ -38,6 +38,7 @@ pub(crate) const BPF_JEQ_K: u16 = 0x15;
 pub(crate) const BPF_JGE_K: u16 = 0x35;
 pub(crate) const BPF_JSET_K: u16 = 0x45;
 pub(crate) const BPF_RET_K: u16 = 0x06;
+pub(crate) const BPF_ALU_AND_K: u16 = 0x54;
 /// Maximum instructions the kernel accepts in one filter.
 pub(crate) const BPF_MAXINSNS: usize = 4096;
 
@@ -69,26 +70,53 @@ pub(crate) enum Test {
     LowOneOf { arg: u8, values: Vec<u32> },
     /// `argument & mask == 0` on all 64 bits.
     NoneOf { arg: u8, mask: u64 },
+    /// The low 32 bits of each argument in `args` are one of `values` (sorted, deduplicated).
+    EachLowOneOf { args: Vec<u8>, values: Vec<u32> },
+    /// `(low 32 bits of argument) & mask == value`.
+    LowMaskedEq { arg: u8, mask: u32, value: u32 },
 }
 
 impl Test {
     pub(crate) fn from_condition(c: &ArgCondition) -> Test {
         match c {
-            ArgCondition::OneOf { arg, values, .. } => {
-                let mut v: Vec<u32> = values.iter().map(|(_, v)| *v).collect();
-                v.sort_unstable();
-                v.dedup();
-                Test::LowOneOf {
-                    arg: *arg,
-                    values: v,
-                }
-            }
+            ArgCondition::OneOf { arg, values, .. } => Test::LowOneOf {
+                arg: *arg,
+                values: sorted_values(values),
+            },
             ArgCondition::NoneOf { arg, flags, .. } => Test::NoneOf {
                 arg: *arg,
                 mask: flags.iter().fold(0, |m, (_, f)| m | f),
             },
+            ArgCondition::EachOneOf { args, values, .. } => Test::EachLowOneOf {
+                args: args.clone(),
+                values: sorted_values(values),
+            },
+            ArgCondition::MaskedEq {
+                arg, mask, value, ..
+            } => Test::LowMaskedEq {
+                arg: *arg,
+                mask: mask_of(mask),
+                value: value.1,
+            },
         }
     }
+
+    /// The argument indexes the test reads.
+    fn args(&self) -> &[u8] {
+        match self {
+            Test::LowOneOf { arg, .. }
+            | Test::NoneOf { arg, .. }
+            | Test::LowMaskedEq { arg, .. } => std::slice::from_ref(arg),
+            Test::EachLowOneOf { args, .. } => args,
+        }
+    }
+}
+
+fn sorted_values(values: &[(String, u32)]) -> Vec<u32> {
+    let mut v: Vec<u32> = values.iter().map(|(_, v)| *v).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// Why a program could not be emitted.
@@ -150,12 +178,8 @@ fn intervals(default: u32, leaves: &[(u32, Leaf)]) -> Result<Vec<(u32, Leaf)>, E
         if *nr < next {
             return Err(EmitError::Duplicate(*nr));
         }
-        if let Leaf::Cond {
-            test: Test::LowOneOf { arg, .. } | Test::NoneOf { arg, .. },
-            ..
-        } = leaf
-        {
-            if *arg > 5 {
+        if let Leaf::Cond { test, .. } = leaf {
+            if let Some(arg) = test.args().iter().find(|a| **a > 5) {
                 return Err(EmitError::BadArg(*arg));
             }
         }
@@ -226,6 +250,51 @@ fn emit_leaf(a: &mut Asm, leaf: &Leaf) {
                     a.bind(next);
                 }
             }
+            a.stmt(BPF_RET_K, *then);
+            a.bind(no);
+            a.stmt(BPF_RET_K, *otherwise);
+        }
+        Leaf::Cond {
+            test: Test::EachLowOneOf { args, values },
+            then,
+            otherwise,
+        } => {
+            // For each argument: ld arg.lo; jeq v1 ? ok; ...; jeq vn ? ok : no; ok: (next one).
+            // After the last: ret then; no: ret otherwise.
+            let no = a.label();
+            for arg in args {
+                let ok = a.label();
+                a.stmt(BPF_LD_W_ABS, off_arg_low(*arg));
+                for (i, v) in values.iter().enumerate() {
+                    if i + 1 == values.len() {
+                        a.jump(BPF_JEQ_K, *v, ok, no);
+                    } else {
+                        let next = a.label();
+                        a.jump(BPF_JEQ_K, *v, ok, next);
+                        a.bind(next);
+                    }
+                }
+                if values.is_empty() {
+                    // No value can match: the condition is false (a forward jump to `no`).
+                    a.jump(BPF_JEQ_K, 0, no, no);
+                }
+                a.bind(ok);
+            }
+            a.stmt(BPF_RET_K, *then);
+            a.bind(no);
+            a.stmt(BPF_RET_K, *otherwise);
+        }
+        Leaf::Cond {
+            test: Test::LowMaskedEq { arg, mask, value },
+            then,
+            otherwise,
+        } => {
+            // ld arg.lo; and mask; jeq value ? yes : no; yes: ret then; no: ret otherwise
+            let (yes, no) = (a.label(), a.label());
+            a.stmt(BPF_LD_W_ABS, off_arg_low(*arg));
+            a.stmt(BPF_ALU_AND_K, *mask);
+            a.jump(BPF_JEQ_K, *value, yes, no);
+            a.bind(yes);
             a.stmt(BPF_RET_K, *then);
             a.bind(no);
             a.stmt(BPF_RET_K, *otherwise);

@@ -194,6 +194,30 @@ pub enum ArgCondition {
         what: String,
         flags: Vec<(String, u64)>,
     },
+    /// The low 32 bits of EACH argument in `args` equal one of `values` (name, value); the
+    /// arguments are independent (each may hold any of the values). Low half only, as for
+    /// [`ArgCondition::OneOf`]: the arguments are 32-bit ids (`uid_t`, `gid_t`) and the kernel
+    /// ignores the high half.
+    EachOneOf {
+        args: Vec<u8>,
+        /// What the arguments are, in words ("uid", "gid").
+        what: String,
+        values: Vec<(String, u32)>,
+        /// What the condition amounts to, in words ("keeps the current ids").
+        means: String,
+    },
+    /// The low 32 bits of argument `arg`, masked with the OR of `mask` (name, bits), equal
+    /// `value` (name, bits). Low half only: the argument is a 32-bit `mode_t` and the kernel
+    /// ignores the high half.
+    MaskedEq {
+        arg: u8,
+        /// What the argument is, in words ("mode").
+        what: String,
+        mask: Vec<(String, u32)>,
+        value: (String, u32),
+        /// What the condition amounts to, in words ("for FIFOs only").
+        means: String,
+    },
 }
 
 impl ArgCondition {
@@ -209,8 +233,52 @@ impl ArgCondition {
                 let a = args.get(usize::from(*arg)).copied().unwrap_or(0);
                 flags.iter().all(|(_, f)| a & f == 0)
             }
+            ArgCondition::EachOneOf {
+                args: which,
+                values,
+                ..
+            } => which.iter().all(|i| {
+                let a = args.get(usize::from(*i)).copied().unwrap_or(0) as u32;
+                values.iter().any(|(_, v)| *v == a)
+            }),
+            ArgCondition::MaskedEq {
+                arg, mask, value, ..
+            } => {
+                let a = args.get(usize::from(*arg)).copied().unwrap_or(0) as u32;
+                a & mask_of(mask) == value.1
+            }
         }
     }
+
+    /// Whether the condition rules out every bit of `bits` in argument `arg`: no argument set
+    /// for which it holds has one of them set there. The set-id guard uses this to accept a
+    /// syscall whose condition already excludes S_ISUID and S_ISGID from the mode.
+    pub fn excludes_bits(&self, arg: u8, bits: u64) -> bool {
+        let low = |b: u64| u32::try_from(b).ok();
+        match self {
+            ArgCondition::OneOf { arg: a, values, .. } => {
+                *a == arg && low(bits).is_some_and(|b| values.iter().all(|(_, v)| v & b == 0))
+            }
+            ArgCondition::NoneOf { arg: a, flags, .. } => {
+                *a == arg && flags.iter().fold(0, |m, (_, f)| m | f) & bits == bits
+            }
+            ArgCondition::EachOneOf { args, values, .. } => {
+                args.contains(&arg)
+                    && low(bits).is_some_and(|b| values.iter().all(|(_, v)| v & b == 0))
+            }
+            ArgCondition::MaskedEq {
+                arg: a,
+                mask,
+                value,
+                ..
+            } => *a == arg && low(bits).is_some_and(|b| mask_of(mask) & b == b && value.1 & b == 0),
+        }
+    }
+}
+
+/// The OR of a list of named bit masks.
+pub(crate) fn mask_of(mask: &[(String, u32)]) -> u32 {
+    mask.iter().fold(0, |m, (_, b)| m | b)
 }
 
 /// A syscall whose verdict depends on its arguments: `then` when `when` holds, else `otherwise`.
