@@ -576,6 +576,78 @@ mod tests {
     }
 
     #[test]
+    fn each_low_one_of_checks_every_argument_even_through_trampolines() {
+        // 200 values x 3 arguments: the block is longer than 255 instructions, so its jumps to
+        // `no` need trampolines.
+        let values: Vec<u32> = (0..200).map(|v| v * 3 + 1).collect();
+        let leaf = Leaf::Cond {
+            test: Test::EachLowOneOf {
+                args: vec![0, 2, 5],
+                values: values.clone(),
+            },
+            then: ALLOW,
+            otherwise: EPERM,
+        };
+        let p = emit(0x8000_0000, &[(9, leaf)]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.iter().any(|i| i.code == BPF_JA), "far jumps expected");
+        let (first, last) = (u64::from(values[0]), u64::from(values[199]));
+        let garbage = 0xdead_0000_0000_0000u64;
+        assert_eq!(run(&p, 9, [first, 0, last, 0, 0, first]), ALLOW);
+        assert_eq!(
+            run(&p, 9, [last | garbage, 7, first | garbage, 7, 7, last]),
+            ALLOW
+        );
+        for bad_at in [0, 2, 5] {
+            for bad in [0u64, 2, u64::from(values[199] + 1), first << 32] {
+                let mut a = [first, 0, first, 0, 0, first];
+                a[bad_at] = bad;
+                assert_eq!(run(&p, 9, a), EPERM, "{a:x?}");
+            }
+        }
+        assert_eq!(run(&p, 8, [first; 6]), 0x8000_0000);
+        // Edge cases: no values never holds, no arguments always does.
+        for (args, values, want) in [(vec![1], vec![], EPERM), (vec![], vec![1], ALLOW)] {
+            let leaf = Leaf::Cond {
+                test: Test::EachLowOneOf { args, values },
+                then: ALLOW,
+                otherwise: EPERM,
+            };
+            let p = emit(0x8000_0000, &[(9, leaf)]).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(run(&p, 9, [1; 6]), want);
+        }
+        let bad_arg = Leaf::Cond {
+            test: Test::EachLowOneOf {
+                args: vec![0, 6],
+                values: vec![1],
+            },
+            then: ALLOW,
+            otherwise: EPERM,
+        };
+        assert_eq!(emit(0, &[(1, bad_arg)]), Err(EmitError::BadArg(6)));
+    }
+
+    #[test]
+    fn low_masked_eq_masks_the_low_word() {
+        let leaf = Leaf::Cond {
+            test: Test::LowMaskedEq {
+                arg: 1,
+                mask: 0o176000,
+                value: 0o010000,
+            },
+            then: ALLOW,
+            otherwise: EPERM,
+        };
+        let p = emit(0x8000_0000, &[(133, leaf)]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(run(&p, 133, [0, 0o010644, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(run(&p, 133, [0, 0o010000 | (7 << 32), 0, 0, 0, 0]), ALLOW);
+        assert_eq!(run(&p, 133, [0o010000, 0o020644, 0, 0, 0, 0]), EPERM);
+        assert_eq!(run(&p, 133, [0, 0o014644, 0, 0, 0, 0]), EPERM);
+        assert_eq!(run(&p, 133, [0, 0o000644, 0o010000, 0, 0, 0]), EPERM);
+        // guard 4, two tree nodes, the block: ld, and, jeq, ret
+        assert_eq!(max_path_len(&p), Some(4 + 2 + 4));
+    }
+
+    #[test]
     fn max_path_len_of_small_programs() {
         let ret = BpfInsn {
             code: BPF_RET_K,
