@@ -26,7 +26,7 @@
 //! Every jump is forward, so the program always terminates; [`crate::run_bpf`] checks the
 //! result in tests, and [`max_path_len`] measures the worst case.
 
-use crate::plan::{ArgCondition, BpfInsn};
+use crate::plan::{mask_of, ArgCondition, BpfInsn};
 
 pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 pub(crate) const X32_SYSCALL_BIT: u32 = 0x4000_0000;
@@ -38,6 +38,7 @@ pub(crate) const BPF_JEQ_K: u16 = 0x15;
 pub(crate) const BPF_JGE_K: u16 = 0x35;
 pub(crate) const BPF_JSET_K: u16 = 0x45;
 pub(crate) const BPF_RET_K: u16 = 0x06;
+pub(crate) const BPF_ALU_AND_K: u16 = 0x54;
 /// Maximum instructions the kernel accepts in one filter.
 pub(crate) const BPF_MAXINSNS: usize = 4096;
 
@@ -69,26 +70,53 @@ pub(crate) enum Test {
     LowOneOf { arg: u8, values: Vec<u32> },
     /// `argument & mask == 0` on all 64 bits.
     NoneOf { arg: u8, mask: u64 },
+    /// The low 32 bits of each argument in `args` are one of `values` (sorted, deduplicated).
+    EachLowOneOf { args: Vec<u8>, values: Vec<u32> },
+    /// `(low 32 bits of argument) & mask == value`.
+    LowMaskedEq { arg: u8, mask: u32, value: u32 },
 }
 
 impl Test {
     pub(crate) fn from_condition(c: &ArgCondition) -> Test {
         match c {
-            ArgCondition::OneOf { arg, values, .. } => {
-                let mut v: Vec<u32> = values.iter().map(|(_, v)| *v).collect();
-                v.sort_unstable();
-                v.dedup();
-                Test::LowOneOf {
-                    arg: *arg,
-                    values: v,
-                }
-            }
+            ArgCondition::OneOf { arg, values, .. } => Test::LowOneOf {
+                arg: *arg,
+                values: sorted_values(values),
+            },
             ArgCondition::NoneOf { arg, flags, .. } => Test::NoneOf {
                 arg: *arg,
                 mask: flags.iter().fold(0, |m, (_, f)| m | f),
             },
+            ArgCondition::EachOneOf { args, values, .. } => Test::EachLowOneOf {
+                args: args.clone(),
+                values: sorted_values(values),
+            },
+            ArgCondition::MaskedEq {
+                arg, mask, value, ..
+            } => Test::LowMaskedEq {
+                arg: *arg,
+                mask: mask_of(mask),
+                value: value.1,
+            },
         }
     }
+
+    /// The argument indexes the test reads.
+    fn args(&self) -> &[u8] {
+        match self {
+            Test::LowOneOf { arg, .. }
+            | Test::NoneOf { arg, .. }
+            | Test::LowMaskedEq { arg, .. } => std::slice::from_ref(arg),
+            Test::EachLowOneOf { args, .. } => args,
+        }
+    }
+}
+
+fn sorted_values(values: &[(String, u32)]) -> Vec<u32> {
+    let mut v: Vec<u32> = values.iter().map(|(_, v)| *v).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// Why a program could not be emitted.
@@ -150,12 +178,8 @@ fn intervals(default: u32, leaves: &[(u32, Leaf)]) -> Result<Vec<(u32, Leaf)>, E
         if *nr < next {
             return Err(EmitError::Duplicate(*nr));
         }
-        if let Leaf::Cond {
-            test: Test::LowOneOf { arg, .. } | Test::NoneOf { arg, .. },
-            ..
-        } = leaf
-        {
-            if *arg > 5 {
+        if let Leaf::Cond { test, .. } = leaf {
+            if let Some(arg) = test.args().iter().find(|a| **a > 5) {
                 return Err(EmitError::BadArg(*arg));
             }
         }
@@ -226,6 +250,51 @@ fn emit_leaf(a: &mut Asm, leaf: &Leaf) {
                     a.bind(next);
                 }
             }
+            a.stmt(BPF_RET_K, *then);
+            a.bind(no);
+            a.stmt(BPF_RET_K, *otherwise);
+        }
+        Leaf::Cond {
+            test: Test::EachLowOneOf { args, values },
+            then,
+            otherwise,
+        } => {
+            // For each argument: ld arg.lo; jeq v1 ? ok; ...; jeq vn ? ok : no; ok: (next one).
+            // After the last: ret then; no: ret otherwise.
+            let no = a.label();
+            for arg in args {
+                let ok = a.label();
+                a.stmt(BPF_LD_W_ABS, off_arg_low(*arg));
+                for (i, v) in values.iter().enumerate() {
+                    if i + 1 == values.len() {
+                        a.jump(BPF_JEQ_K, *v, ok, no);
+                    } else {
+                        let next = a.label();
+                        a.jump(BPF_JEQ_K, *v, ok, next);
+                        a.bind(next);
+                    }
+                }
+                if values.is_empty() {
+                    // No value can match: the condition is false (a forward jump to `no`).
+                    a.jump(BPF_JEQ_K, 0, no, no);
+                }
+                a.bind(ok);
+            }
+            a.stmt(BPF_RET_K, *then);
+            a.bind(no);
+            a.stmt(BPF_RET_K, *otherwise);
+        }
+        Leaf::Cond {
+            test: Test::LowMaskedEq { arg, mask, value },
+            then,
+            otherwise,
+        } => {
+            // ld arg.lo; and mask; jeq value ? yes : no; yes: ret then; no: ret otherwise
+            let (yes, no) = (a.label(), a.label());
+            a.stmt(BPF_LD_W_ABS, off_arg_low(*arg));
+            a.stmt(BPF_ALU_AND_K, *mask);
+            a.jump(BPF_JEQ_K, *value, yes, no);
+            a.bind(yes);
             a.stmt(BPF_RET_K, *then);
             a.bind(no);
             a.stmt(BPF_RET_K, *otherwise);
@@ -504,6 +573,78 @@ mod tests {
         assert_eq!(run(&p, 7, [u64::MAX, u64::MAX, 0, 0, 0, 0]), ALLOW);
         assert_eq!(run(&p, 6, [0; 6]), 0x8000_0000);
         assert!(!p.iter().any(|i| i.code == BPF_JA), "no jump is far here");
+    }
+
+    #[test]
+    fn each_low_one_of_checks_every_argument_even_through_trampolines() {
+        // 200 values x 3 arguments: the block is longer than 255 instructions, so its jumps to
+        // `no` need trampolines.
+        let values: Vec<u32> = (0..200).map(|v| v * 3 + 1).collect();
+        let leaf = Leaf::Cond {
+            test: Test::EachLowOneOf {
+                args: vec![0, 2, 5],
+                values: values.clone(),
+            },
+            then: ALLOW,
+            otherwise: EPERM,
+        };
+        let p = emit(0x8000_0000, &[(9, leaf)]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.iter().any(|i| i.code == BPF_JA), "far jumps expected");
+        let (first, last) = (u64::from(values[0]), u64::from(values[199]));
+        let garbage = 0xdead_0000_0000_0000u64;
+        assert_eq!(run(&p, 9, [first, 0, last, 0, 0, first]), ALLOW);
+        assert_eq!(
+            run(&p, 9, [last | garbage, 7, first | garbage, 7, 7, last]),
+            ALLOW
+        );
+        for bad_at in [0, 2, 5] {
+            for bad in [0u64, 2, u64::from(values[199] + 1), first << 32] {
+                let mut a = [first, 0, first, 0, 0, first];
+                a[bad_at] = bad;
+                assert_eq!(run(&p, 9, a), EPERM, "{a:x?}");
+            }
+        }
+        assert_eq!(run(&p, 8, [first; 6]), 0x8000_0000);
+        // Edge cases: no values never holds, no arguments always does.
+        for (args, values, want) in [(vec![1], vec![], EPERM), (vec![], vec![1], ALLOW)] {
+            let leaf = Leaf::Cond {
+                test: Test::EachLowOneOf { args, values },
+                then: ALLOW,
+                otherwise: EPERM,
+            };
+            let p = emit(0x8000_0000, &[(9, leaf)]).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(run(&p, 9, [1; 6]), want);
+        }
+        let bad_arg = Leaf::Cond {
+            test: Test::EachLowOneOf {
+                args: vec![0, 6],
+                values: vec![1],
+            },
+            then: ALLOW,
+            otherwise: EPERM,
+        };
+        assert_eq!(emit(0, &[(1, bad_arg)]), Err(EmitError::BadArg(6)));
+    }
+
+    #[test]
+    fn low_masked_eq_masks_the_low_word() {
+        let leaf = Leaf::Cond {
+            test: Test::LowMaskedEq {
+                arg: 1,
+                mask: 0o176000,
+                value: 0o010000,
+            },
+            then: ALLOW,
+            otherwise: EPERM,
+        };
+        let p = emit(0x8000_0000, &[(133, leaf)]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(run(&p, 133, [0, 0o010644, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(run(&p, 133, [0, 0o010000 | (7 << 32), 0, 0, 0, 0]), ALLOW);
+        assert_eq!(run(&p, 133, [0o010000, 0o020644, 0, 0, 0, 0]), EPERM);
+        assert_eq!(run(&p, 133, [0, 0o014644, 0, 0, 0, 0]), EPERM);
+        assert_eq!(run(&p, 133, [0, 0o000644, 0o010000, 0, 0, 0]), EPERM);
+        // guard 4, two tree nodes, the block: ld, and, jeq, ret
+        assert_eq!(max_path_len(&p), Some(4 + 2 + 4));
     }
 
     #[test]

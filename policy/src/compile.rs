@@ -116,7 +116,7 @@ pub(crate) fn compile(
         });
     }
 
-    let seccomp = match seccomp::compile(&p.seccomp) {
+    let seccomp = match seccomp::compile(&p.seccomp, p.user) {
         Ok(s) => Some(s),
         Err(e) => {
             let span = 0..0;

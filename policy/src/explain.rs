@@ -65,6 +65,47 @@ fn conditional(c: &ConditionalSyscall) -> String {
                 )
             }
         }
+        ArgCondition::EachOneOf {
+            args,
+            what,
+            values,
+            means,
+        } => {
+            let names: Vec<&str> = values.iter().map(|(n, _)| n.as_str()).collect();
+            let which = match names.as_slice() {
+                [] => "is nothing (never)".to_string(),
+                [one] => format!("is {one}"),
+                [rest @ .., last] => format!("is {} or {last}", rest.join(", ")),
+            };
+            let at = match args.as_slice() {
+                [one] => format!("argument {one}"),
+                many => format!(
+                    "arguments {}",
+                    many.iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let each = if args.len() == 1 { "the" } else { "each" };
+            format!(
+                "{then} only when {each} {what} ({at}, low 32 bits compared) {which} ({means}); otherwise {otherwise}"
+            )
+        }
+        ArgCondition::MaskedEq {
+            arg,
+            what,
+            mask,
+            value,
+            means,
+        } => {
+            let names: Vec<&str> = mask.iter().map(|(n, _)| n.as_str()).collect();
+            format!(
+                "{then} {means}: when the {what} (argument {arg}, low 32 bits) masked with {} is {}; otherwise {otherwise}",
+                names.join("|"),
+                value.0
+            )
+        }
     }
 }
 

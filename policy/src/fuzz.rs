@@ -54,6 +54,9 @@ pub fn policy_roundtrip(data: &[u8]) {
                     [1, 0x5401, 0, 0, 0, 0],
                     [u64::MAX; 6],
                     [0, 0o4755, 0o2755, 0o6755, 0, 0],
+                    // set*id keeping the ids; FIFO / set-id FIFO / device modes
+                    [0xffff_ffff, 1000, 0xffff_ffff, 0, 0, 0],
+                    [0, 0o010644, 0o014644, 0o020600, 0, 0],
                 ],
             );
         }

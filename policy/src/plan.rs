@@ -197,6 +197,30 @@ pub enum ArgCondition {
         what: String,
         flags: Vec<(String, u64)>,
     },
+    /// The low 32 bits of EACH argument in `args` equal one of `values` (name, value); the
+    /// arguments are independent (each may hold any of the values). Low half only, as for
+    /// [`ArgCondition::OneOf`]: the arguments are 32-bit ids (`uid_t`, `gid_t`) and the kernel
+    /// ignores the high half.
+    EachOneOf {
+        args: Vec<u8>,
+        /// What the arguments are, in words ("uid", "gid").
+        what: String,
+        values: Vec<(String, u32)>,
+        /// What the condition amounts to, in words ("keeps the current ids").
+        means: String,
+    },
+    /// The low 32 bits of argument `arg`, masked with the OR of `mask` (name, bits), equal
+    /// `value` (name, bits). Low half only: the argument is a 32-bit `mode_t` and the kernel
+    /// ignores the high half.
+    MaskedEq {
+        arg: u8,
+        /// What the argument is, in words ("mode").
+        what: String,
+        mask: Vec<(String, u32)>,
+        value: (String, u32),
+        /// What the condition amounts to, in words ("for FIFOs only").
+        means: String,
+    },
 }
 
 impl ArgCondition {
@@ -212,8 +236,52 @@ impl ArgCondition {
                 let a = args.get(usize::from(*arg)).copied().unwrap_or(0);
                 flags.iter().all(|(_, f)| a & f == 0)
             }
+            ArgCondition::EachOneOf {
+                args: which,
+                values,
+                ..
+            } => which.iter().all(|i| {
+                let a = args.get(usize::from(*i)).copied().unwrap_or(0) as u32;
+                values.iter().any(|(_, v)| *v == a)
+            }),
+            ArgCondition::MaskedEq {
+                arg, mask, value, ..
+            } => {
+                let a = args.get(usize::from(*arg)).copied().unwrap_or(0) as u32;
+                a & mask_of(mask) == value.1
+            }
         }
     }
+
+    /// Whether the condition rules out every bit of `bits` in argument `arg`: no argument set
+    /// for which it holds has one of them set there. The set-id guard uses this to accept a
+    /// syscall whose condition already excludes S_ISUID and S_ISGID from the mode.
+    pub fn excludes_bits(&self, arg: u8, bits: u64) -> bool {
+        let low = |b: u64| u32::try_from(b).ok();
+        match self {
+            ArgCondition::OneOf { arg: a, values, .. } => {
+                *a == arg && low(bits).is_some_and(|b| values.iter().all(|(_, v)| v & b == 0))
+            }
+            ArgCondition::NoneOf { arg: a, flags, .. } => {
+                *a == arg && flags.iter().fold(0, |m, (_, f)| m | f) & bits == bits
+            }
+            ArgCondition::EachOneOf { args, values, .. } => {
+                args.contains(&arg)
+                    && low(bits).is_some_and(|b| values.iter().all(|(_, v)| v & b == 0))
+            }
+            ArgCondition::MaskedEq {
+                arg: a,
+                mask,
+                value,
+                ..
+            } => *a == arg && low(bits).is_some_and(|b| mask_of(mask) & b == b && value.1 & b == 0),
+        }
+    }
+}
+
+/// The OR of a list of named bit masks.
+pub(crate) fn mask_of(mask: &[(String, u32)]) -> u32 {
+    mask.iter().fold(0, |m, (_, b)| m | b)
 }
 
 /// A syscall whose verdict depends on its arguments: `then` when `when` holds, else `otherwise`.
@@ -232,7 +300,10 @@ pub struct ConditionalSyscall {
 ///
 /// * `chmod`, `fchmod`, `fchmodat`, `fchmodat2`, `creat`, `open`, `openat`, `mknod`, `mknodat`:
 ///   EPERM when the mode argument has S_ISUID or S_ISGID (a [`ConditionalSyscall`] with
-///   [`ArgCondition::NoneOf`] on the mode, listed in [`SeccompPlan::conditional`]);
+///   [`ArgCondition::NoneOf`] on the mode, listed in [`SeccompPlan::conditional`]). Where the
+///   profile allows `mknod`/`mknodat`, their own condition (FIFOs only: an
+///   [`ArgCondition::MaskedEq`] that also masks S_ISUID and S_ISGID, refusing otherwise)
+///   already excludes both bits, and the guard counts them as checked;
 /// * `openat2`: ENOSYS (its mode lives in memory that seccomp cannot read; libc falls back to
 ///   openat), listed in [`SeccompPlan::denied`].
 ///
@@ -317,5 +388,114 @@ impl Plan {
     /// The confinement in plain words, derived only from this plan's fields.
     pub fn explain(&self) -> String {
         crate::explain::explain(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(v: &[u32]) -> Vec<(String, u32)> {
+        v.iter().map(|v| (v.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn each_one_of_holds_when_every_listed_argument_is_allowed() {
+        let c = ArgCondition::EachOneOf {
+            args: vec![0, 1, 2],
+            what: "uid".into(),
+            values: named(&[u32::MAX, 1000]),
+            means: "keeps the current ids".into(),
+        };
+        assert!(c.holds(&[0xffff_ffff, 1000, 1000, 0, 0, 0]));
+        assert!(c.holds(&[u64::MAX, 0xdead_0000_03e8, 0xffff_ffff, 5, 5, 5]));
+        assert!(!c.holds(&[0xffff_ffff, 0, 0xffff_ffff, 0, 0, 0]));
+        assert!(!c.holds(&[1000, 1000, 1001, 1000, 1000, 1000]));
+        assert!(!c.holds(&[1000 << 32, 1000, 1000, 0, 0, 0]));
+    }
+
+    #[test]
+    fn masked_eq_compares_the_low_word_under_the_mask() {
+        let c = ArgCondition::MaskedEq {
+            arg: 1,
+            what: "mode".into(),
+            mask: vec![("S_IFMT".into(), 0o170000), ("S_ISUID".into(), 0o4000)],
+            value: ("S_IFIFO".into(), 0o010000),
+            means: "for FIFOs only".into(),
+        };
+        assert!(c.holds(&[0, 0o010644, 0, 0, 0, 0]));
+        assert!(c.holds(&[0, 0o012644 | (1 << 40), 0, 0, 0, 0]));
+        assert!(!c.holds(&[0, 0o014644, 0, 0, 0, 0]));
+        assert!(!c.holds(&[0, 0o020644, 0, 0, 0, 0]));
+        assert!(!c.holds(&[0o010644, 0o644, 0, 0, 0, 0]));
+    }
+
+    #[test]
+    fn excludes_bits_only_when_the_condition_rules_them_out() {
+        let setid = 0o6000u64;
+        let fifo = ArgCondition::MaskedEq {
+            arg: 2,
+            what: "mode".into(),
+            mask: vec![("S_IFMT|S_ISUID|S_ISGID".into(), 0o176000)],
+            value: ("S_IFIFO".into(), 0o010000),
+            means: "for FIFOs only".into(),
+        };
+        assert!(fifo.excludes_bits(2, setid));
+        assert!(!fifo.excludes_bits(1, setid), "another argument");
+        assert!(!fifo.excludes_bits(2, 0o1000), "a bit outside the mask");
+        assert!(
+            !fifo.excludes_bits(2, 1 << 40),
+            "a high bit is not compared"
+        );
+        let fifo_only_type = ArgCondition::MaskedEq {
+            arg: 2,
+            what: "mode".into(),
+            mask: vec![("S_IFMT".into(), 0o170000)],
+            value: ("S_IFIFO".into(), 0o010000),
+            means: "for FIFOs only".into(),
+        };
+        assert!(!fifo_only_type.excludes_bits(2, setid));
+        let none = ArgCondition::NoneOf {
+            arg: 1,
+            what: "mode".into(),
+            flags: vec![("S_ISUID".into(), 0o4000), ("S_ISGID".into(), 0o2000)],
+        };
+        assert!(none.excludes_bits(1, setid));
+        assert!(!none.excludes_bits(1, setid | 0o1000));
+        let one = ArgCondition::OneOf {
+            arg: 0,
+            what: "x".into(),
+            values: named(&[0o644, 0o4644]),
+        };
+        assert!(!one.excludes_bits(0, setid));
+        let each = ArgCondition::EachOneOf {
+            args: vec![0, 1],
+            what: "x".into(),
+            values: named(&[0o644]),
+            means: String::new(),
+        };
+        assert!(each.excludes_bits(1, setid));
+        assert!(!each.excludes_bits(2, setid));
+    }
+
+    #[test]
+    fn new_conditions_serialize_with_their_kind() {
+        let c = ArgCondition::EachOneOf {
+            args: vec![0],
+            what: "uid".into(),
+            values: named(&[1000]),
+            means: "keeps the current ids".into(),
+        };
+        let json = serde_json::to_string(&c).unwrap_or_default();
+        assert!(json.contains(r#""kind":"each_one_of""#), "{json}");
+        let m = ArgCondition::MaskedEq {
+            arg: 1,
+            what: "mode".into(),
+            mask: vec![],
+            value: ("S_IFIFO".into(), 0o010000),
+            means: "for FIFOs only".into(),
+        };
+        let json = serde_json::to_string(&m).unwrap_or_default();
+        assert!(json.contains(r#""kind":"masked_eq""#), "{json}");
     }
 }

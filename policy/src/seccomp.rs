@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use crate::bpf::{self, Leaf, Test, BPF_LD_W_ABS};
 pub(crate) use crate::bpf::{AUDIT_ARCH_X86_64, RET_KILL_PROCESS};
 use crate::plan::{
-    ArgCondition, BpfInsn, ConditionalSyscall, SeccompAction, SeccompPlan, SetidGuard,
+    ArgCondition, BpfInsn, ConditionalSyscall, SandboxUser, SeccompAction, SeccompPlan, SetidGuard,
 };
-use crate::tables;
+use crate::tables::{self, IdKind};
 use crate::validate::SeccompSpec;
 
 pub(crate) const RET_ERRNO: u32 = 0x0005_0000;
@@ -43,6 +43,46 @@ pub(crate) const SETID_MODE_ARGS: &[(&str, u8)] = &[
 pub(crate) const SETID_REFUSED: &[&str] = &["openat2"];
 const S_ISUID: u64 = 0o4000;
 const S_ISGID: u64 = 0o2000;
+const S_IFMT: u32 = 0o170000;
+const S_IFIFO: u32 = 0o010000;
+/// `uid_t`/`gid_t` -1: "leave this id unchanged" to every set*id call.
+const ID_KEEP: u32 = u32::MAX;
+
+/// The condition of a set*id call of [`tables::SETID_KEEP`]: each of its `nargs` id arguments is
+/// -1 (keep) or the sandbox's own id. The sandbox runs with ruid = euid = suid = fsuid =
+/// `user.uid` (and the same for the gids), so such a call changes nothing; any other value is a
+/// real change and gets the profile's default action. Only the low 32 bits are compared:
+/// `uid_t` and `gid_t` are 32-bit and the kernel ignores the high half of the register, so
+/// `0xdead_beef_0000_0000 | 1000` IS 1000 to the kernel and must get the same verdict.
+fn keep_ids(kind: IdKind, nargs: u8, user: SandboxUser) -> ArgCondition {
+    let (what, own) = match kind {
+        IdKind::Uid => ("uid", user.uid),
+        IdKind::Gid => ("gid", user.gid),
+    };
+    ArgCondition::EachOneOf {
+        args: (0..nargs).collect(),
+        what: what.into(),
+        values: vec![("-1".into(), ID_KEEP), (own.to_string(), own)],
+        means: "keeps the current ids".into(),
+    }
+}
+
+/// The condition of `mknod`/`mknodat`: the file type is a FIFO and no set-id bit is set. The
+/// mode is a 32-bit `mode_t` (the kernel ignores the high half, hence the low-word compare);
+/// device nodes, sockets and regular files (type 0 or S_IFREG) fail it.
+fn fifo_only(mode_arg: u8) -> ArgCondition {
+    ArgCondition::MaskedEq {
+        arg: mode_arg,
+        what: "mode".into(),
+        mask: vec![
+            ("S_IFMT".into(), S_IFMT),
+            ("S_ISUID".into(), S_ISUID as u32),
+            ("S_ISGID".into(), S_ISGID as u32),
+        ],
+        value: ("S_IFIFO".into(), S_IFIFO),
+        means: "for FIFOs only".into(),
+    }
+}
 
 /// Why a seccomp filter could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +102,15 @@ enum Verdict {
     Cond(ConditionalSyscall),
 }
 
-/// Build the seccomp part of a plan.
-pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, SeccompCompileError> {
+/// Build the seccomp part of a plan. `user` is the sandbox's identity inside its user
+/// namespace (the ids the set*id conditions accept besides -1).
+pub(crate) fn compile(
+    spec: &SeccompSpec,
+    user: SandboxUser,
+) -> Result<SeccompPlan, SeccompCompileError> {
     let default = spec.default_action;
+    // Whether an action lets the syscall run (allowed, or only logged).
+    let lets_through = |a: SeccompAction| matches!(a, SeccompAction::Allow | SeccompAction::Log);
     let mut rules: BTreeMap<String, Verdict> = BTreeMap::new();
     let cond = |name: &str, when: ArgCondition| {
         Verdict::Cond(ConditionalSyscall {
@@ -121,7 +167,28 @@ pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, SeccompCompileE
                         .collect(),
                 },
             ),
-            _ => Verdict::Ret(SeccompAction::Allow),
+            "mknod" | "mknodat" => {
+                let Some(arg) = mode_arg(name) else {
+                    return Err(SeccompCompileError::UnknownSyscall(name.clone()));
+                };
+                // Anything but a plain FIFO gets the default action, or EPERM where the default
+                // would let it run: the set-id guard relies on this condition (see below).
+                let otherwise = if lets_through(default) {
+                    SeccompAction::Errno(libc::EPERM as u32)
+                } else {
+                    default
+                };
+                Verdict::Cond(ConditionalSyscall {
+                    syscall: name.clone(),
+                    when: fifo_only(arg),
+                    then: SeccompAction::Allow,
+                    otherwise,
+                })
+            }
+            _ => match tables::SETID_KEEP.iter().find(|(n, _, _)| n == name) {
+                Some((_, kind, nargs)) => cond(name, keep_ids(*kind, *nargs, user)),
+                None => Verdict::Ret(SeccompAction::Allow),
+            },
         };
         rules.insert(name.clone(), verdict);
     }
@@ -131,8 +198,9 @@ pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, SeccompCompileE
     }
 
     // The set-id guard, where the profile would let the syscall through (allowed or only
-    // logged); a profile that already refuses it keeps its own, more restrictive, verdict.
-    let lets_through = |a: SeccompAction| matches!(a, SeccompAction::Allow | SeccompAction::Log);
+    // logged); a profile that already refuses it keeps its own, more restrictive, verdict. A
+    // conditional verdict is accepted only when its condition already excludes the set-id bits
+    // and its other branch refuses (mknod/mknodat, which only make FIFOs).
     let mut guard = SetidGuard::default();
     for (name, arg) in SETID_MODE_ARGS {
         let base = rules.get(*name).cloned().unwrap_or(Verdict::Ret(default));
@@ -154,6 +222,11 @@ pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, SeccompCompileE
                 guard.mode_checked.push(name.to_string());
             }
             Verdict::Ret(_) => {}
+            Verdict::Cond(c)
+                if c.when.excludes_bits(*arg, S_ISUID | S_ISGID) && !lets_through(c.otherwise) =>
+            {
+                guard.mode_checked.push(name.to_string());
+            }
             Verdict::Cond(_) => {
                 return Err(SeccompCompileError::GuardOnConditional(name.to_string()))
             }
@@ -205,6 +278,14 @@ pub(crate) fn compile(spec: &SeccompSpec) -> Result<SeccompPlan, SeccompCompileE
         denied,
         setid_guard: guard,
     })
+}
+
+/// Index of the mode argument of a syscall the set-id guard checks.
+fn mode_arg(name: &str) -> Option<u8> {
+    SETID_MODE_ARGS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, a)| *a)
 }
 
 /// Emit the BPF program for these lists (the plan's own fields).

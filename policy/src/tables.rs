@@ -201,6 +201,45 @@ pub const FORBIDDEN_IN_GROUPS: &[&str] = &[
     "adjtimex",
     "sethostname",
     "setdomainname",
+];
+
+/// Which identity a set*id call changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    Uid,
+    Gid,
+}
+
+/// The set*id calls of `@setid-keep`: (name, the ids it sets, how many id arguments it takes,
+/// all leading). Wherever one is allowed (by the group or by name) the filter checks that every
+/// id argument is -1 or the sandbox's own id, so it can only keep the current ids.
+pub const SETID_KEEP: &[(&str, IdKind, u8)] = &[
+    ("setuid", IdKind::Uid, 1),
+    ("setgid", IdKind::Gid, 1),
+    ("setreuid", IdKind::Uid, 2),
+    ("setregid", IdKind::Gid, 2),
+    ("setresuid", IdKind::Uid, 3),
+    ("setresgid", IdKind::Gid, 3),
+    ("setfsuid", IdKind::Uid, 1),
+    ("setfsgid", IdKind::Gid, 1),
+];
+
+/// Syscalls the filter ALWAYS compiles with an argument condition when they are allowed,
+/// whether by a group or by name; a group may contain them only because of that (unit-tested:
+/// allowing one never lists it as allowed without conditions):
+///
+/// * the set*id calls of [`SETID_KEEP`]: each id argument is -1 or the sandbox's own id;
+/// * `mknod`, `mknodat`: only FIFOs (file type S_IFIFO, no S_ISUID/S_ISGID in the mode), so no
+///   device node, socket or regular file.
+pub const ALWAYS_CONDITIONED: &[&str] = &[
+    "setuid",
+    "setgid",
+    "setreuid",
+    "setregid",
+    "setresuid",
+    "setresgid",
+    "setfsuid",
+    "setfsgid",
     "mknod",
     "mknodat",
 ];
@@ -214,7 +253,8 @@ pub struct Group {
     pub syscalls: &'static [&'static str],
 }
 
-/// The syscall groups. None contains a syscall of [`FORBIDDEN_IN_GROUPS`] (unit-tested).
+/// The syscall groups. None contains a syscall of [`FORBIDDEN_IN_GROUPS`] (unit-tested); the
+/// ones of [`ALWAYS_CONDITIONED`] are filtered by their arguments wherever they are allowed.
 pub const GROUPS: &[Group] = &[
     Group {
         name: "@default",
@@ -336,8 +376,10 @@ pub const GROUPS: &[Group] = &[
     },
     Group {
         name: "@file-write",
-        why: "create, modify, rename and remove files and directories; where this works is \
-              decided by Landlock and read-only mounts (only the workspace and tmpfs by default)",
+        why: "create, modify, rename and remove files and directories, make FIFOs (mknod and \
+              mknodat are always filtered: FIFOs only, never a device node); where this works \
+              is decided by Landlock and read-only mounts (only the workspace and tmpfs by \
+              default)",
         syscalls: &[
             "creat",
             "mkdir",
@@ -379,6 +421,9 @@ pub const GROUPS: &[Group] = &[
             "lremovexattr",
             "fremovexattr",
             "copy_file_range",
+            // Always conditioned (ALWAYS_CONDITIONED): only FIFOs.
+            "mknod",
+            "mknodat",
         ],
     },
     Group {
@@ -538,6 +583,25 @@ pub const GROUPS: &[Group] = &[
             "mq_timedreceive",
             "mq_notify",
             "mq_getsetattr",
+        ],
+    },
+    Group {
+        name: "@setid-keep",
+        why: "set*id calls that keep the current ids (make's child runs setresuid(-1, \
+              getuid(), -1) before exec): always filtered, each id argument must be -1 or the \
+              sandbox's own uid (for the *uid calls) or gid (for the *gid calls), so the call \
+              changes nothing; any other value gets the default action. The sandbox holds no \
+              capability and runs with no_new_privs, so the kernel grants nothing here anyway; \
+              setgroups is not included",
+        syscalls: &[
+            "setuid",
+            "setgid",
+            "setreuid",
+            "setregid",
+            "setresuid",
+            "setresgid",
+            "setfsuid",
+            "setfsgid",
         ],
     },
 ];

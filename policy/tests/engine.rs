@@ -10,6 +10,15 @@ const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 const RET_KILL_PROCESS: u32 = 0x8000_0000;
 const RET_ALLOW: u32 = 0x7fff_0000;
 const RET_LOG: u32 = 0x7ffc_0000;
+const S_IFIFO: u64 = 0o010000;
+const S_IFCHR: u64 = 0o020000;
+const S_IFBLK: u64 = 0o060000;
+const S_IFREG: u64 = 0o100000;
+const S_IFSOCK: u64 = 0o140000;
+const S_ISUID: u64 = 0o4000;
+const S_ISGID: u64 = 0o2000;
+/// (uid_t)-1: "keep this id".
+const KEEP: u64 = 0xffff_ffff;
 const fn ret_errno(e: i32) -> u32 {
     0x0005_0000 | (e as u32)
 }
@@ -1142,6 +1151,18 @@ fn arg_sets() -> Vec<[u64; 6]> {
         [0x4000_0011, 0, 0, 0, 0, 0],
         [0xffff_ffff, 0, 0, 0, 0, 0],
         [0x0040_0000, 0, 0, 0, 0, 0],
+        // set*id: keep / own ids (1000, 1234, 4321), with and without high garbage, and changes
+        [KEEP, 1000, KEEP, 0, 0, 0],
+        [KEEP, 0, KEEP, 0, 0, 0],
+        [1000, 1000, 1000, 1000, 1000, 1000],
+        [0xdead_0000_0000_03e8, u64::MAX, 0x1_0000_03e8, 0, 0, 0],
+        [1234, 4321, KEEP, 1234, 4321, 0],
+        [4321, 1234, 0, 0, 0, 0],
+        // mknod/mknodat modes: FIFO, FIFO with set-id, devices, in both mode positions
+        [0, S_IFIFO | 0o644, S_IFIFO | 0o600, 0, 0, 0],
+        [0, S_IFIFO | S_ISUID, S_IFIFO | S_ISGID, 0, 0, 0],
+        [0, S_IFCHR | 0o600, S_IFBLK | 0o600, 0, 0, 0],
+        [0, 0x7_0000_0000 | S_IFIFO, S_IFSOCK, 0, 0, 0],
     ];
     for i in 0..6 {
         let mut a = [0u64; 6];
@@ -1156,8 +1177,23 @@ fn arg_sets() -> Vec<[u64; 6]> {
 const KILL_DEFAULT: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"kill\"\nallow = [\"@default\", \"@file-read\", \"@file-write\", \"@process\", \"personality\", \"mknod\"]\nclone_deny_flags = [\"CLONE_NEWUSER\", \"CLONE_IO\"]\n";
 const LOG_DEFAULT: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"log\"\nallow = [\"@default\"]\ndeny = [{ syscall = \"chmod\", action = \"log\" }, { syscall = \"fchmod\", errno = \"EACCES\" }, { syscall = \"openat2\", action = \"log\" }]\nsocket_domains = [\"AF_UNIX\", \"AF_INET\", \"AF_INET6\", \"AF_NETLINK\"]\n";
 
+/// The default policy with `@setid-keep` added to the tool profile's allowlist.
+fn default_with_setid_keep() -> String {
+    let line = "\"@network-local\", \"@ipc\"]";
+    assert!(
+        DEFAULT.contains(line),
+        "the tool profile's allow line changed"
+    );
+    DEFAULT.replacen(line, "\"@network-local\", \"@ipc\", \"@setid-keep\"]", 1)
+}
+
+/// A profile with its own sandbox user (uid and gid differ) allowing the set*id calls.
+const SETID_OWN_USER: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.user]\nuid = 1234\ngid = 4321\n[profiles.p.seccomp]\ndefault_action = \"kill\"\nallow = [\"@default\", \"@setid-keep\", \"@file-write\"]\n";
+
 fn all_plans() -> Vec<Plan> {
     vec![
+        plan_of(&default_with_setid_keep(), "tool"),
+        plan_of(SETID_OWN_USER, "p"),
         plan_of(DEFAULT, "tool"),
         plan_of(EXTENDS, "leaf"),
         plan_of(EXTENDS, "base"),
@@ -1259,6 +1295,73 @@ fn argument_conditions_each_value_works_each_mutation_fails() {
                         checked += 1;
                     }
                 }
+                ArgCondition::EachOneOf { args, values, .. } => {
+                    let allowed: Vec<u32> = values.iter().map(|(_, v)| *v).collect();
+                    let idx: Vec<usize> = args.iter().map(|a| usize::from(*a)).collect();
+                    // Every combination of allowed values, with garbage in the high halves and
+                    // in the arguments that are not checked: allowed.
+                    let combos = allowed.len().pow(idx.len() as u32);
+                    for n in 0..combos {
+                        let mut a = [u64::MAX; 6];
+                        let mut k = n;
+                        for (pos, &i) in idx.iter().enumerate() {
+                            let high = [0u64, 1 << 32, 0xdead_beef << 32][pos % 3];
+                            a[i] = u64::from(allowed[k % allowed.len()]) | high;
+                            k /= allowed.len();
+                        }
+                        assert_eq!(run(&plan, &c.syscall, a), then, "{} {a:x?}", c.syscall);
+                    }
+                    // One argument off, the others allowed: refused, wherever it is.
+                    for &i in &idx {
+                        for v in &allowed {
+                            let mut mutations: Vec<u32> = (0..32).map(|b| v ^ (1 << b)).collect();
+                            mutations.extend([v.wrapping_add(1), v.wrapping_sub(1), !v, 0]);
+                            for m in mutations {
+                                if allowed.contains(&m) {
+                                    continue;
+                                }
+                                let mut a = [0u64; 6];
+                                for &j in &idx {
+                                    a[j] = u64::from(*v);
+                                }
+                                a[i] = u64::from(m) | (1 << 32);
+                                assert_eq!(
+                                    run(&plan, &c.syscall, a),
+                                    otherwise,
+                                    "{} {a:x?}",
+                                    c.syscall
+                                );
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+                ArgCondition::MaskedEq {
+                    arg, mask, value, ..
+                } => {
+                    let i = usize::from(*arg);
+                    let m = mask.iter().fold(0u32, |m, (_, b)| m | b);
+                    // Bits outside the mask (low or high half) and other arguments do not matter.
+                    for harmless in [0u64, 0o644, u64::from(!m), !u64::from(m), 0xdead << 40] {
+                        let mut a = [u64::from(m); 6];
+                        a[i] = u64::from(value.1) | (harmless & !u64::from(m));
+                        assert_eq!(run(&plan, &c.syscall, a), then, "{} {a:x?}", c.syscall);
+                    }
+                    // Each bit of the mask flipped: refused.
+                    for b in (0..32).map(|b| 1u32 << b).filter(|b| m & b != 0) {
+                        for with in [0u64, 0o644, 0xffff_ffff_0000_0000] {
+                            let mut a = [0u64; 6];
+                            a[i] = u64::from(value.1 ^ b) | with;
+                            assert_eq!(
+                                run(&plan, &c.syscall, a),
+                                otherwise,
+                                "{} {a:x?}",
+                                c.syscall
+                            );
+                        }
+                        checked += 1;
+                    }
+                }
             }
         }
     }
@@ -1342,8 +1445,17 @@ fn setid_guard_is_compiled_into_the_plan() {
     for (name, args, want) in cases {
         assert_eq!(run(&plan, name, *args), *want, "{name} {args:?}");
     }
-    // mknod is not allowed by the default profile: its own verdict stands.
+    // mknod (in @file-write) makes FIFOs only, which already excludes the set-id bits.
     assert_eq!(run(&plan, "mknodat", [0, 0, 0o644, 0, 0, 0]), eperm);
+    assert_eq!(run(&plan, "mknodat", [0, 0, 0o4644, 0, 0, 0]), eperm);
+    assert_eq!(
+        run(&plan, "mknodat", [0, 0, S_IFIFO | 0o4644, 0, 0, 0]),
+        eperm
+    );
+    assert_eq!(
+        run(&plan, "mknodat", [0, 0, S_IFIFO | 0o644, 0, 0, 0]),
+        RET_ALLOW
+    );
     let g = &plan.seccomp.setid_guard;
     assert_eq!(
         g.mode_checked,
@@ -1354,7 +1466,9 @@ fn setid_guard_is_compiled_into_the_plan() {
             "fchmodat2",
             "creat",
             "open",
-            "openat"
+            "openat",
+            "mknod",
+            "mknodat"
         ]
     );
     assert_eq!(g.refused, vec!["openat2"]);
@@ -1404,13 +1518,54 @@ fn setid_guard_combines_with_the_profiles_own_verdicts() {
         .any(|(n, a)| n == "openat2" && *a == SeccompAction::Errno(libc::ENOSYS as u32)));
     assert!(!log.seccomp.denied.iter().any(|(n, _)| n == "chmod"));
 
+    // With a kill default, mknod (allowed by name) makes FIFOs without set-id bits only; any
+    // other mode gets the default action.
     let kill = plan_of(KILL_DEFAULT, "p");
-    assert_eq!(run(&kill, "mknod", [0, 0o4644, 0, 0, 0, 0]), eperm);
-    assert_eq!(run(&kill, "mknod", [0, 0o644, 0, 0, 0, 0]), RET_ALLOW);
+    assert_eq!(
+        run(&kill, "mknod", [0, S_IFIFO | 0o4644, 0, 0, 0, 0]),
+        RET_KILL_PROCESS
+    );
+    assert_eq!(
+        run(&kill, "mknod", [0, S_IFIFO | 0o644, 0, 0, 0, 0]),
+        RET_ALLOW
+    );
+    assert_eq!(
+        run(&kill, "mknod", [0, 0o644, 0, 0, 0, 0]),
+        RET_KILL_PROCESS
+    );
     assert_eq!(
         run(&kill, "mknodat", [0, 0, 0o4644, 0, 0, 0]),
         RET_KILL_PROCESS
     );
+    assert!(kill
+        .seccomp
+        .setid_guard
+        .mode_checked
+        .contains(&"mknod".to_string()));
+    // With a log default, a mode that is not a plain FIFO fails with EPERM instead of being
+    // logged and run: the set-id guard needs a refusal there.
+    let log_mknod = plan_of(
+        "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"log\"\nallow = [\"@default\", \"mknod\"]\n",
+        "p",
+    );
+    assert_eq!(
+        run(&log_mknod, "mknod", [0, S_IFIFO | 0o644, 0, 0, 0, 0]),
+        RET_ALLOW
+    );
+    assert_eq!(
+        run(&log_mknod, "mknod", [0, S_IFIFO | 0o4644, 0, 0, 0, 0]),
+        eperm
+    );
+    assert_eq!(
+        run(&log_mknod, "mknod", [0, S_IFCHR | 0o644, 0, 0, 0, 0]),
+        eperm
+    );
+    // mknodat is not allowed there: logged, with the plain set-id guard.
+    assert_eq!(
+        run(&log_mknod, "mknodat", [0, 0, S_IFCHR | 0o644, 0, 0, 0]),
+        RET_LOG
+    );
+    assert_eq!(run(&log_mknod, "mknodat", [0, 0, 0o4644, 0, 0, 0]), eperm);
     assert_eq!(run(&kill, "openat2", [0; 6]), ret_errno(libc::ENOSYS));
     // A profile that allows none of them: nothing to guard, and explain says so.
     let none = plan_of(
@@ -1437,4 +1592,314 @@ fn gateway_profile_runs_until_stopped() {
     );
     let p = Policy::parse(DEFAULT, "default").unwrap_or_else(|d| panic!("{d}"));
     assert!(p.broker_view("gateway").is_some_and(|b| b.exec));
+}
+
+// ---- set*id calls that keep the ids, mknod for FIFOs -----------------------------------------
+
+/// make 4.3's child calls setresuid(-1, getuid(), -1) before exec: with `@setid-keep` every
+/// set*id call that keeps the sandbox's ids passes, every real change is refused.
+#[test]
+fn setid_keep_allows_keeping_the_ids_and_refuses_changes() {
+    let plan = plan_of(&default_with_setid_keep(), "tool");
+    assert_eq!(plan.user.uid, 1000);
+    let eperm = ret_errno(libc::EPERM);
+    let garbage = 0xdead_beef_0000_0000u64;
+    let cases: &[(&str, [u64; 6], u32)] = &[
+        ("setresuid", [KEEP, 1000, KEEP, 0, 0, 0], RET_ALLOW),
+        ("setresuid", [1000, 1000, 1000, 0, 0, 0], RET_ALLOW),
+        ("setresuid", [KEEP, KEEP, KEEP, 7, 7, 7], RET_ALLOW),
+        ("setresuid", [KEEP, 0, KEEP, 0, 0, 0], eperm),
+        ("setresuid", [0, KEEP, KEEP, 0, 0, 0], eperm),
+        ("setresuid", [KEEP, KEEP, 0, 0, 0, 0], eperm),
+        ("setresuid", [KEEP, 1001, KEEP, 0, 0, 0], eperm),
+        ("setresgid", [KEEP, 1000, KEEP, 0, 0, 0], RET_ALLOW),
+        ("setresgid", [KEEP, 0, KEEP, 0, 0, 0], eperm),
+        ("setuid", [1000, 0, 0, 0, 0, 0], RET_ALLOW),
+        ("setuid", [0, 1000, 1000, 0, 0, 0], eperm),
+        ("setgid", [1000, 0, 0, 0, 0, 0], RET_ALLOW),
+        ("setgid", [0, 0, 0, 0, 0, 0], eperm),
+        ("setreuid", [KEEP, 1000, 0, 0, 0, 0], RET_ALLOW),
+        ("setreuid", [1000, 0, 1000, 0, 0, 0], eperm),
+        ("setregid", [1000, KEEP, 0, 0, 0, 0], RET_ALLOW),
+        ("setregid", [0, KEEP, 0, 0, 0, 0], eperm),
+        ("setfsuid", [1000, 0, 0, 0, 0, 0], RET_ALLOW),
+        ("setfsuid", [KEEP, 0, 0, 0, 0, 0], RET_ALLOW),
+        ("setfsuid", [0, 0, 0, 0, 0, 0], eperm),
+        ("setfsgid", [65534, 0, 0, 0, 0, 0], eperm),
+        // The kernel reads 32-bit ids: the low word decides, whatever the high word holds.
+        (
+            "setresuid",
+            [garbage | KEEP, garbage | 1000, u64::MAX, 0, 0, 0],
+            RET_ALLOW,
+        ),
+        ("setuid", [garbage | 1000, 0, 0, 0, 0, 0], RET_ALLOW),
+        ("setuid", [garbage, 0, 0, 0, 0, 0], eperm),
+        ("setuid", [1000 << 32, 0, 0, 0, 0, 0], eperm),
+        ("setresuid", [KEEP, 1000 << 32, KEEP, 0, 0, 0], eperm),
+        // Supplementary groups are not a set*id call of the group: refused.
+        ("setgroups", [0, 0, 0, 0, 0, 0], eperm),
+        ("setgroups", [1, 0x1000, 0, 0, 0, 0], eperm),
+    ];
+    for (name, args, want) in cases {
+        assert_eq!(run(&plan, name, *args), *want, "{name} {args:x?}");
+    }
+    // Listed as conditional, never as allowed; explain says it in words.
+    for (name, _, _) in carapace_policy::tables::SETID_KEEP {
+        assert!(!plan.seccomp.allowed.iter().any(|a| a == name), "{name}");
+        assert!(
+            plan.seccomp.conditional.iter().any(|c| c.syscall == *name),
+            "{name}"
+        );
+    }
+    let text = plan.explain();
+    assert!(
+        text.contains("setresuid: allowed only when each uid (arguments 0, 1, 2, low 32 bits compared) is -1 or 1000 (keeps the current ids); otherwise fail with EPERM"),
+        "{text}"
+    );
+    assert!(
+        text.contains("setgid: allowed only when the gid (argument 0, low 32 bits compared) is -1 or 1000 (keeps the current ids); otherwise fail with EPERM"),
+        "{text}"
+    );
+}
+
+/// The ids accepted are the plan's own: uid for *uid calls, gid for *gid calls, never mixed.
+#[test]
+fn setid_keep_uses_the_profiles_own_uid_and_gid() {
+    let plan = plan_of(SETID_OWN_USER, "p");
+    assert_eq!((plan.user.uid, plan.user.gid), (1234, 4321));
+    let k = RET_KILL_PROCESS;
+    for (name, args, want) in [
+        ("setresuid", [KEEP, 1234, KEEP, 0, 0, 0], RET_ALLOW),
+        ("setresuid", [KEEP, 4321, KEEP, 0, 0, 0], k),
+        ("setresuid", [KEEP, 1000, KEEP, 0, 0, 0], k),
+        ("setresgid", [4321, 4321, KEEP, 0, 0, 0], RET_ALLOW),
+        ("setresgid", [4321, 1234, KEEP, 0, 0, 0], k),
+        ("setuid", [1234, 0, 0, 0, 0, 0], RET_ALLOW),
+        ("setgid", [1234, 0, 0, 0, 0, 0], k),
+        ("setfsgid", [4321, 0, 0, 0, 0, 0], RET_ALLOW),
+        ("setfsuid", [4321, 0, 0, 0, 0, 0], k),
+        ("setgroups", [0, 0, 0, 0, 0, 0], k),
+    ] {
+        assert_eq!(run(&plan, name, args), want, "{name} {args:x?}");
+    }
+}
+
+/// Without the group (the default profile as it is, or a profile of its own), set*id calls get
+/// the default action whatever their arguments.
+#[test]
+fn setid_calls_are_refused_without_the_group() {
+    let eperm = ret_errno(libc::EPERM);
+    let plan = plan_of(DEFAULT, "tool");
+    if !plan
+        .seccomp
+        .conditional
+        .iter()
+        .any(|c| c.syscall == "setresuid")
+    {
+        for (name, _, _) in carapace_policy::tables::SETID_KEEP {
+            assert_eq!(
+                run(&plan, name, [KEEP, 1000, KEEP, 0, 0, 0]),
+                eperm,
+                "{name}"
+            );
+            assert_eq!(run(&plan, name, [1000; 6]), eperm, "{name}");
+        }
+    }
+    let plain = plan_of(KILL_DEFAULT, "p");
+    for (name, _, _) in carapace_policy::tables::SETID_KEEP {
+        assert_eq!(
+            run(&plain, name, [KEEP, 1000, KEEP, 0, 0, 0]),
+            RET_KILL_PROCESS,
+            "{name}"
+        );
+    }
+}
+
+/// A set*id call allowed by name is conditioned just the same; a deny entry still wins.
+#[test]
+fn setid_calls_allowed_by_name_are_conditioned_too() {
+    let plan = plan_of(
+        "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\nallow = [\"@default\", \"setresuid\", \"@setid-keep\"]\ndeny = [{ syscall = \"setuid\", errno = \"EACCES\" }]\n",
+        "p",
+    );
+    let eperm = ret_errno(libc::EPERM);
+    assert_eq!(
+        run(&plan, "setresuid", [KEEP, 1000, KEEP, 0, 0, 0]),
+        RET_ALLOW
+    );
+    assert_eq!(run(&plan, "setresuid", [KEEP, 0, KEEP, 0, 0, 0]), eperm);
+    assert_eq!(
+        run(&plan, "setuid", [1000, 0, 0, 0, 0, 0]),
+        ret_errno(libc::EACCES)
+    );
+}
+
+/// mknod and mknodat (in @file-write) make FIFOs only: no device node, socket or regular file,
+/// no set-id bit; the mode's low 32 bits decide.
+#[test]
+fn mknod_makes_fifos_only() {
+    let plan = plan_of(DEFAULT, "tool");
+    let eperm = ret_errno(libc::EPERM);
+    for (name, at) in [("mknod", 1usize), ("mknodat", 2)] {
+        let mode = |m: u64| {
+            let mut a = [0u64; 6];
+            a[at] = m;
+            a
+        };
+        for ok in [
+            S_IFIFO | 0o644,
+            S_IFIFO,
+            S_IFIFO | 0o1777,
+            S_IFIFO | 0o600 | 0xffff_ffff_0000_0000,
+        ] {
+            assert_eq!(run(&plan, name, mode(ok)), RET_ALLOW, "{name} {ok:o}");
+        }
+        for bad in [
+            S_IFCHR | 0o600,
+            S_IFBLK | 0o600,
+            S_IFSOCK | 0o600,
+            S_IFREG | 0o600,
+            0o644, // type 0: a regular file
+            S_IFIFO | S_ISUID | 0o644,
+            S_IFIFO | S_ISGID | 0o644,
+            S_IFIFO | S_IFCHR,
+            S_IFCHR | 0x1_0000_0000,
+            0x1_0000_0000 | 0o644,
+        ] {
+            assert_eq!(run(&plan, name, mode(bad)), eperm, "{name} {bad:o}");
+        }
+        // The mode is the argument that decides, not another one.
+        let mut a = [S_IFIFO | 0o644; 6];
+        a[at] = S_IFCHR | 0o644;
+        assert_eq!(run(&plan, name, a), eperm, "{name}");
+    }
+    let text = plan.explain();
+    assert!(
+        text.contains("mknod: allowed for FIFOs only: when the mode (argument 1, low 32 bits) masked with S_IFMT|S_ISUID|S_ISGID is S_IFIFO; otherwise fail with EPERM"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mknodat: allowed for FIFOs only: when the mode (argument 2"),
+        "{text}"
+    );
+}
+
+/// Every syscall a group may hold only because it is always filtered is filtered however it is
+/// allowed: by its group and by name; never in `allowed` without conditions.
+#[test]
+fn always_conditioned_syscalls_are_never_allowed_unconditionally() {
+    use carapace_policy::tables::ALWAYS_CONDITIONED;
+    for s in ALWAYS_CONDITIONED {
+        assert!(!FORBIDDEN_IN_GROUPS.contains(s), "{s}");
+        let text = format!(
+            "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\nallow = [\"@default\", \"{s}\"]\n"
+        );
+        for plan in [
+            plan_of(&text, "p"),
+            plan_of(&default_with_setid_keep(), "tool"),
+        ] {
+            assert!(!plan.seccomp.allowed.iter().any(|a| a == s), "{s}");
+            let c = plan
+                .seccomp
+                .conditional
+                .iter()
+                .find(|c| c.syscall == *s)
+                .unwrap_or_else(|| panic!("{s} not conditional"));
+            assert_eq!(c.then, SeccompAction::Allow, "{s}");
+            assert_ne!(c.otherwise, SeccompAction::Allow, "{s}");
+        }
+    }
+    // Every set*id call of the group is in the list, and the group holds exactly them.
+    let group = GROUPS
+        .iter()
+        .find(|g| g.name == "@setid-keep")
+        .unwrap_or_else(|| panic!("no @setid-keep"));
+    let names: Vec<&str> = carapace_policy::tables::SETID_KEEP
+        .iter()
+        .map(|(n, _, _)| *n)
+        .collect();
+    assert_eq!(group.syscalls, names.as_slice());
+    for n in &names {
+        assert!(ALWAYS_CONDITIONED.contains(n), "{n}");
+    }
+    assert!(!group.syscalls.contains(&"setgroups"));
+}
+
+/// For random arguments (mixing the conditions' own values, -1, set-id and file-type bits and
+/// high-word garbage), every conditional syscall of every plan gets from the BPF program exactly
+/// the verdict `holds()` gives.
+#[test]
+fn random_arguments_get_the_verdict_holds_gives() {
+    let pool: [u64; 14] = [
+        0,
+        1,
+        1000,
+        1234,
+        4321,
+        KEEP,
+        0x5401,
+        0o4755,
+        S_IFIFO | 0o644,
+        S_IFIFO | S_ISGID,
+        S_IFCHR,
+        0x4000_0000,
+        65534,
+        0x7fff_ffff,
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for plan in all_plans() {
+        for c in &plan.seccomp.conditional {
+            use carapace_policy::plan::ArgCondition;
+            // The condition's own values, so that it holds often enough to be tested.
+            let own: Vec<u64> = match &c.when {
+                ArgCondition::OneOf { values, .. } | ArgCondition::EachOneOf { values, .. } => {
+                    values.iter().map(|(_, v)| u64::from(*v)).collect()
+                }
+                ArgCondition::NoneOf { .. } => vec![0o644],
+                ArgCondition::MaskedEq { value, .. } => vec![u64::from(value.1)],
+            };
+            let (mut held, mut failed) = (0, 0);
+            for _ in 0..3000 {
+                let mut a = [0u64; 6];
+                for slot in &mut a {
+                    let r = next();
+                    let low = match r % 8 {
+                        0..=3 => own[(r >> 8) as usize % own.len()],
+                        4 => own[(r >> 8) as usize % own.len()] | ((r >> 20) & 0o777),
+                        5 | 6 => pool[(r >> 8) as usize % pool.len()],
+                        _ => (r >> 16) & 0xffff_ffff,
+                    };
+                    let high = if r & 2 == 0 {
+                        0
+                    } else {
+                        next() & 0xffff_ffff_0000_0000
+                    };
+                    *slot = low | high;
+                }
+                let want = carapace_policy::fuzz::reference_verdict(
+                    &plan,
+                    nr(&c.syscall),
+                    AUDIT_ARCH_X86_64,
+                    &a,
+                );
+                assert_eq!(run(&plan, &c.syscall, a), want, "{} {a:x?}", c.syscall);
+                if c.when.holds(&a) {
+                    held += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            assert!(
+                held > 0 && failed > 0,
+                "{}: {held} held, {failed} failed",
+                c.syscall
+            );
+        }
+    }
 }
