@@ -1177,22 +1177,12 @@ fn arg_sets() -> Vec<[u64; 6]> {
 const KILL_DEFAULT: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"kill\"\nallow = [\"@default\", \"@file-read\", \"@file-write\", \"@process\", \"personality\", \"mknod\"]\nclone_deny_flags = [\"CLONE_NEWUSER\", \"CLONE_IO\"]\n";
 const LOG_DEFAULT: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\ndefault_action = \"log\"\nallow = [\"@default\"]\ndeny = [{ syscall = \"chmod\", action = \"log\" }, { syscall = \"fchmod\", errno = \"EACCES\" }, { syscall = \"openat2\", action = \"log\" }]\nsocket_domains = [\"AF_UNIX\", \"AF_INET\", \"AF_INET6\", \"AF_NETLINK\"]\n";
 
-/// The default policy with `@setid-keep` added to the tool profile's allowlist.
-fn default_with_setid_keep() -> String {
-    let line = "\"@network-local\", \"@ipc\"]";
-    assert!(
-        DEFAULT.contains(line),
-        "the tool profile's allow line changed"
-    );
-    DEFAULT.replacen(line, "\"@network-local\", \"@ipc\", \"@setid-keep\"]", 1)
-}
-
 /// A profile with its own sandbox user (uid and gid differ) allowing the set*id calls.
 const SETID_OWN_USER: &str = "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.user]\nuid = 1234\ngid = 4321\n[profiles.p.seccomp]\ndefault_action = \"kill\"\nallow = [\"@default\", \"@setid-keep\", \"@file-write\"]\n";
 
 fn all_plans() -> Vec<Plan> {
     vec![
-        plan_of(&default_with_setid_keep(), "tool"),
+        plan_of(DEFAULT, "build"),
         plan_of(SETID_OWN_USER, "p"),
         plan_of(DEFAULT, "tool"),
         plan_of(EXTENDS, "leaf"),
@@ -1600,7 +1590,7 @@ fn gateway_profile_runs_until_stopped() {
 /// set*id call that keeps the sandbox's ids passes, every real change is refused.
 #[test]
 fn setid_keep_allows_keeping_the_ids_and_refuses_changes() {
-    let plan = plan_of(&default_with_setid_keep(), "tool");
+    let plan = plan_of(DEFAULT, "build");
     assert_eq!(plan.user.uid, 1000);
     let eperm = ret_errno(libc::EPERM);
     let garbage = 0xdead_beef_0000_0000u64;
@@ -1794,10 +1784,7 @@ fn always_conditioned_syscalls_are_never_allowed_unconditionally() {
         let text = format!(
             "version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.seccomp]\nallow = [\"@default\", \"{s}\"]\n"
         );
-        for plan in [
-            plan_of(&text, "p"),
-            plan_of(&default_with_setid_keep(), "tool"),
-        ] {
+        for plan in [plan_of(&text, "p"), plan_of(DEFAULT, "build")] {
             assert!(!plan.seccomp.allowed.iter().any(|a| a == s), "{s}");
             let c = plan
                 .seccomp
