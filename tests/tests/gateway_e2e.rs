@@ -756,3 +756,68 @@ senders = ["alice@example.com"]
     );
     assert_eq!(r.expect_err().kind(), Some("denied"));
 }
+
+/// Building and testing a project through the gateway, as the README tour shows: `make` in the
+/// tools' workspace is a build tool, so the default policy runs it in the `build` profile after
+/// an operator approves; its recipes compile a C program and run the test binary they built
+/// (the workspace is executable there); `--always` binds the grant to make's hash, argv and
+/// profile, so the same build runs again without asking, while the strict `tool` profile still
+/// refuses to run the built binary.
+#[test]
+fn a_project_is_built_and_tested_through_the_gateway_in_the_build_profile() {
+    let Some(svc) = start_plain() else { return };
+    let client = svc.token("client");
+    let project = svc.state_dir().join("tools/hello");
+    std::fs::create_dir_all(&project).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        project.join("hello.c"),
+        "#include <stdio.h>\nint main(void) { puts(\"6 * 7 = 42\"); return 0; }\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        project.join("Makefile"),
+        "test: hello\n\t./hello | grep -q 42 && echo 'tests passed'\nhello: hello.c\n\tcc -o $@ $<\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = ws(&svc, &client);
+    let argv = json!(["make", "-C", "hello", "test"]);
+    let id = c.start_call("tools.exec", json!({ "argv": argv }));
+    let (aid, p) = pending_approval(&svc, Duration::from_secs(30));
+    assert_eq!(p["profile"], "build", "make runs in the build profile: {p}");
+    let a = svc.ctl(&["approvals", "allow", &aid.to_string(), "--always"]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let r = c.finish_call(id, Duration::from_secs(120));
+    let out: String = r
+        .events_named("tools.output")
+        .iter()
+        .filter_map(|e| e["params"]["data"].as_str())
+        .collect();
+    assert_eq!(r.expect_ok()["exit"], 0, "{out}\n{}", svc.log_text());
+    assert!(out.contains("tests passed"), "{out}");
+
+    // The grant holds: the same build runs again without an approval.
+    let r = c.call("tools.exec", json!({ "argv": argv }));
+    assert_eq!(r.expect_ok()["exit"], 0, "{:?}", r.response);
+    let list: Value = serde_json::from_slice(&svc.ctl(&["approvals", "list", "--json"]).stdout)
+        .unwrap_or(Value::Null);
+    assert_eq!(list["pending"], json!([]), "nothing pending: {list}");
+
+    // The binary the build made is not a program in the strict profile: `sh -c ./hello` runs
+    // in `tool` (after approval), where the workspace is not executable.
+    let id = c.start_call(
+        "tools.exec",
+        json!({ "argv": ["/usr/bin/sh", "-c", "cd hello && ./hello"] }),
+    );
+    let (aid, p) = pending_approval(&svc, Duration::from_secs(30));
+    assert_eq!(p["profile"], "tool", "{p}");
+    let a = svc.ctl(&["approvals", "allow", &aid.to_string()]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let r = c.finish_call(id, Duration::from_secs(60));
+    let err: String = r
+        .events_named("tools.output")
+        .iter()
+        .filter_map(|e| e["params"]["data"].as_str())
+        .collect();
+    assert_eq!(r.expect_ok()["exit"], 126, "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+}
