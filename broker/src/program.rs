@@ -288,6 +288,8 @@ mod tests {
         f.seek(SeekFrom::Start(1234)).unwrap();
         assert_eq!(o.sha256().unwrap(), sha_of(&body));
         assert_eq!(o.sha256().unwrap(), sha_of(&body), "cached");
+        // Hashing by path (what approvals did before) gives the same.
+        assert_eq!(crate::approvals::hash_program(&p).unwrap(), sha_of(&body));
         assert_eq!(o.path(), p);
     }
 

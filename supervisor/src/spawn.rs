@@ -1571,6 +1571,40 @@ mod tests {
     }
 
     #[test]
+    fn exec_by_fd_needs_execveat_and_for_a_script_dev_fd() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default").unwrap();
+        let plan = policy.compile("tool", &crate::landlock::target()).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let open = |name: &str, body: &[u8]| {
+            let p = t.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            OpenedProgram::open(&std::fs::canonicalize(&p).unwrap()).unwrap()
+        };
+        let elf = open("elf", b"\x7fELF");
+        let script = open("script", b"#!/bin/sh\n");
+        check_exec_by_fd(&plan, &elf).unwrap();
+        check_exec_by_fd(&plan, &script).unwrap();
+
+        let mut no_proc = plan.clone();
+        no_proc.mounts.retain(|m| !matches!(m, Mount::Proc { .. }));
+        check_exec_by_fd(&no_proc, &elf).unwrap();
+        let e = check_exec_by_fd(&no_proc, &script).unwrap_err().to_string();
+        assert!(e.contains("/dev/fd/N") && e.contains("proc"), "{e}");
+
+        let mut no_execveat = plan.clone();
+        no_execveat.seccomp.allowed.retain(|s| s != "execveat");
+        let e = check_exec_by_fd(&no_execveat, &elf)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("execveat"), "{e}");
+        // A filter whose default lets it through (log) is fine.
+        no_execveat.seccomp.default_action = SeccompAction::Log;
+        check_exec_by_fd(&no_execveat, &elf).unwrap();
+    }
+
+    #[test]
     fn stages_roundtrip() {
         for s in Stage::ALL {
             assert_eq!(Stage::from_u32(s as u32), Some(s));
