@@ -23,22 +23,21 @@
 //! asking a second time, and an answer the operator gave meanwhile is kept for it
 //! ([`Requested::Answered`]).
 //!
-//! The hash is of the file at request time; the spawner should execute the same content (e.g.
-//! by exec'ing an fd opened at hash time). Until it does, a binary replaced between the check
-//! and the exec is a race only root (who owns the program paths) can win.
+//! The hash is of the program as opened once for the run ([`OpenedProgram`]): the spawner
+//! starts that same file (the same inode, unchanged since it was opened) or nothing, so a
+//! program replaced between the approval and the start is not what runs.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::audit::{hex, rfc3339_utc, Who};
+use crate::audit::{rfc3339_utc, Who};
 use crate::durable::{ensure_dir, read_capped, sync_dir, write_atomic, DurableError};
+use crate::program::{OpenedProgram, ProgramError};
 
 /// File name of the grants in the state directory.
 pub const STATE_FILE: &str = "approvals.json";
@@ -62,12 +61,14 @@ pub enum ApprovalError {
          aside (`set_aside_corrupt`) to start with no allow-always grants"
     )]
     Corrupt { path: PathBuf, reason: String },
-    #[error("cannot hash program {path}: {source}")]
-    Program {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot hash the program: {0}")]
+    Program(#[from] ProgramError),
+    #[error(
+        "approval asked for {} but the program opened is {}",
+        asked.display(),
+        opened.display()
+    )]
+    NotTheOpenedProgram { asked: PathBuf, opened: PathBuf },
     #[error("no pending approval {id}")]
     UnknownId { id: u64 },
     #[error("approval {id} was already resolved")]
@@ -236,31 +237,10 @@ pub struct Approvals {
     cond: Condvar,
 }
 
-/// Hex SHA-256 of the regular file at `path`.
+/// Hex SHA-256 of the executable regular file at `path` (opened and hashed as
+/// [`OpenedProgram`] does).
 pub fn hash_program(path: &Path) -> Result<String, ApprovalError> {
-    let err = |source| ApprovalError::Program {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = File::open(path).map_err(err)?;
-    let meta = f.metadata().map_err(err)?;
-    if !meta.is_file() {
-        return Err(err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
-    }
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
-    Ok(hex(&h.finalize()))
+    Ok(OpenedProgram::open(path)?.sha256()?.to_string())
 }
 
 /// Moves a corrupt `<state_dir>/approvals.json` aside to `approvals.json.corrupt-<unix secs>`
@@ -399,9 +379,26 @@ impl Approvals {
         self.lock().grants.clone()
     }
 
-    /// Hashes the program, then: a matching grant -> `Allowed`; else a new pending approval.
+    /// Opens `spec.program`, then [`Approvals::request_opened`].
     pub fn request(&self, spec: PendingSpec) -> Result<Requested, ApprovalError> {
-        let sha = hash_program(&spec.program)?;
+        let program = OpenedProgram::open(&spec.program)?;
+        self.request_opened(spec, &program)
+    }
+
+    /// Hashes `program` (the descriptor the run will start, opened at `spec.program`), then: a
+    /// matching grant -> `Allowed`; else a new pending approval.
+    pub fn request_opened(
+        &self,
+        spec: PendingSpec,
+        program: &OpenedProgram,
+    ) -> Result<Requested, ApprovalError> {
+        if spec.program != program.path() {
+            return Err(ApprovalError::NotTheOpenedProgram {
+                asked: spec.program,
+                opened: program.path().to_path_buf(),
+            });
+        }
+        let sha = program.sha256()?.to_string();
         let now = Instant::now();
         let mut inner = self.lock();
         if let Some(g) = inner

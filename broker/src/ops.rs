@@ -38,6 +38,7 @@ use crate::approvals::{
 };
 use crate::audit::{AuditDecision, AuditLog, AuditRecord, RuleRef, Who};
 use crate::dlq::DeadLetters;
+use crate::program::OpenedProgram;
 use crate::protocol::{ErrorCode, ExitSummary, OkReply, Request};
 use crate::ratelimit::Limiter;
 use crate::redact::Redactor;
@@ -67,8 +68,9 @@ pub use inbound::bad_sender;
 /// A tool the broker asks the supervisor to run in a new confined child.
 #[derive(Debug, Clone)]
 pub struct SpawnRequest {
-    /// Canonical absolute path of the program (what the policy decided on).
-    pub program: PathBuf,
+    /// The program, opened at the canonical path the policy decided on; an approval hashed
+    /// this descriptor, and the spawner must start this file (see [`crate::program`]).
+    pub program: Arc<OpenedProgram>,
     /// The full argv; `argv[0]` is `program` as a string (the canonical path, not what the
     /// child wrote), `argv[1..]` the arguments the decision was made on.
     pub argv: Vec<String>,
@@ -115,11 +117,12 @@ pub trait Spawner: Send + Sync {
 // The approval seam (`ask` rules).
 
 /// An `ask` exec waiting for an operator.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ApprovalQuery {
     pub who: Identity,
-    /// Canonical program path.
-    pub program: PathBuf,
+    /// The program, opened at its canonical path: what is hashed for the approval and what
+    /// the tool is started from.
+    pub program: Arc<OpenedProgram>,
     /// Full canonical argv (argv[0] = program).
     pub argv: Vec<String>,
     /// Profile the tool would run under.
@@ -189,13 +192,18 @@ impl Approver for Approvals {
                     role: q.who.role.as_str().to_string(),
                     profile: q.who.profile.clone(),
                 },
-                program: q.program,
+                program: q.program.path().to_path_buf(),
                 argv: q.argv,
                 profile: q.profile,
                 cwd: PathBuf::from("/"),
             };
             let this = self.clone();
-            let pending = match tokio::task::spawn_blocking(move || this.request(spec)).await {
+            let program = q.program;
+            let pending = match tokio::task::spawn_blocking(move || {
+                this.request_opened(spec, &program)
+            })
+            .await
+            {
                 Ok(Ok(Requested::Allowed(_))) => return ApprovalAnswer::Allow,
                 Ok(Ok(Requested::Answered(d))) if d.is_allow() => return ApprovalAnswer::Allow,
                 Ok(Ok(Requested::Answered(d))) => {

@@ -27,6 +27,7 @@ fn fixture() -> Fixture {
     let state = tmp.path().join("state");
     let program = tmp.path().join("tool");
     fs::write(&program, b"#!/bin/sh\necho version 1\n").unwrap();
+    fs::set_permissions(&program, fs::Permissions::from_mode(0o755)).unwrap();
     Fixture {
         state,
         program,

@@ -42,6 +42,7 @@ use carapace_broker::ops::{
     ApprovalAnswer, ApprovalQuery, Approver, Ops, OpsConfig, SpawnFailure, SpawnHandle,
     SpawnRequest, Spawner,
 };
+use carapace_broker::program::OpenedProgram;
 use carapace_broker::protocol::ExitSummary;
 use carapace_broker::server::{Handler, Identity, PeerLimits, RateLimit, Role, Server};
 use carapace_policy::{Policy, Target};
@@ -392,13 +393,14 @@ impl std::fmt::Debug for ToolRun {
 
 type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), String>;
 
-/// Start `program` (canonical host path, already allowed by the policy for `profile`) with
+/// Start `program` (opened at its canonical host path, already allowed by the policy for
+/// `profile`; this very file is started, see [`crate::spawn`]) with
 /// `argv0` and `args` confined in `profile`, exactly as `carapace exec` would, in a cgroup of
 /// its own. Returns once the program has exec'd (or failed to start).
 pub fn spawn_tool(
     ctx: &Arc<ToolContext>,
     policy: Arc<Policy>,
-    program: &Path,
+    program: Arc<OpenedProgram>,
     argv0: &str,
     args: &[String],
     profile: &str,
@@ -408,7 +410,6 @@ pub fn spawn_tool(
     let (done_tx, done_rx) = mpsc::channel::<ExitReport>();
     let outer = ctx;
     let ctx = ctx.clone();
-    let program = program.to_path_buf();
     let argv0 = OsString::from(argv0);
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
     let profile_s = profile.to_string();
@@ -807,7 +808,7 @@ pub struct SupervisorSpawner {
 impl Spawner for SupervisorSpawner {
     fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
         let fail = |message: String| SpawnFailure { message };
-        let program_s = req.program.to_string_lossy().into_owned();
+        let program_s = req.program.path().to_string_lossy().into_owned();
         let (argv0, args) = match req.argv.split_first() {
             Some((a0, rest)) => (a0.as_str(), rest),
             None => (program_s.as_str(), &[][..]),
@@ -815,7 +816,7 @@ impl Spawner for SupervisorSpawner {
         let run = spawn_tool(
             &self.ctx,
             req.policy.clone(),
-            &req.program,
+            req.program.clone(),
             argv0,
             args,
             &req.profile,
@@ -898,12 +899,12 @@ impl FileApprover {
         };
         let spec = PendingSpec {
             identity: who.clone(),
-            program: q.program.clone(),
+            program: q.program.path().to_path_buf(),
             argv: q.argv.clone(),
             profile: q.profile.clone(),
             cwd: PathBuf::from("/"),
         };
-        let pending = match approvals.request(spec) {
+        let pending = match approvals.request_opened(spec, &q.program) {
             Ok(Requested::Allowed(_)) => return ApprovalAnswer::Allow,
             Ok(Requested::Answered(d)) if d.is_allow() => return ApprovalAnswer::Allow,
             Ok(Requested::Answered(d)) => return ApprovalAnswer::Deny(d.as_str().to_string()),

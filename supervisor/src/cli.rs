@@ -20,6 +20,7 @@ use crate::namespaces::{self, RunAs};
 use crate::report::{EXIT_DENIED, EXIT_SETUP};
 use crate::resolve::{self, DEFAULT_PATH};
 use crate::spawn::{ChildIo, Launch, LaunchOptions};
+use carapace_broker::program::OpenedProgram;
 
 /// The embedded default policy (the same text as `policies/default.toml`).
 pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
@@ -465,6 +466,12 @@ fn exec(a: ExecArgs) -> i32 {
             EXIT_SETUP,
         );
     };
+    // Opened once, before anyone is asked: what is approved is the file started (the child
+    // starts this very file or nothing, see crate::spawn).
+    let program = match OpenedProgram::open(&d.program) {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(e) => return fail(&format!("cannot start {what}: {e}"), EXIT_SETUP),
+    };
     // Rootless mode (not root): the sandbox runs as the user's own uid, in namespaces owned by
     // a user namespace of its own; cgroups only where delegated (docs/threat-model.md).
     let rootless = !is_root();
@@ -563,7 +570,7 @@ fn exec(a: ExecArgs) -> i32 {
     // this process while it runs.
     let brokered = policy.broker_view(&plan.profile).is_some();
     let opts = LaunchOptions {
-        program: d.program.clone(),
+        program,
         argv0: a.command.first().cloned().unwrap_or_default(),
         args: a.command.iter().skip(1).cloned().collect(),
         workspace: Some(workspace.clone()),

@@ -58,6 +58,7 @@ use crate::namespaces::RunAs;
 use crate::report::ExitReport;
 use crate::sdnotify::{self, Notifier};
 use crate::spawn::{Launch, LaunchOptions};
+use carapace_broker::program::OpenedProgram;
 
 /// Exit status when the configuration or the policy is invalid (sysexits' EX_CONFIG): the unit
 /// file lists it in `RestartPreventExitStatus=`, a broken file is not retried in a loop.
@@ -488,8 +489,9 @@ impl Child {
             crate::namespaces::own_ids()
         };
         let argv0 = spec.program.as_os_str().to_os_string();
+        let program = OpenedProgram::open(&spec.program).map_err(|e| e.to_string())?;
         let opts = LaunchOptions {
-            program: spec.program.clone(),
+            program: Arc::new(program),
             argv0,
             args: spec.args.iter().map(Into::into).collect(),
             workspace: Some(spec.workspace.clone()),

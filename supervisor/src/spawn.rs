@@ -1,6 +1,17 @@
 //! Spawning one confined program: everything is computed before fork into a [`Launch`]; the
 //! child then runs `child_main`, a straight line of raw, async-signal-safe syscalls (no
-//! allocation, no locks, no std::fs, no formatting) ending in `execve`.
+//! allocation, no locks, no std::fs, no formatting) ending in `execveat`.
+//!
+//! The program was opened once by the caller ([`OpenedProgram`]; an approval hashed that
+//! descriptor). The program's process opens the program's path inside the sandbox (`O_PATH`),
+//! checks that it is that same file, unchanged ([`FileId`]: device, inode, size, times), and
+//! executes that descriptor: `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`. A file renamed over
+//! the program, or written, since it was opened (hashed, for an approval) is refused
+//! ([`Stage::ProgramChanged`]), never run. Exec'ing the sandbox's own view of the file keeps
+//! every rule of exec by path: the mount's `noexec`, Landlock's EXECUTE on the sandbox's path,
+//! the workspace's id mapping, and `/proc/self/exe` naming the sandbox's path. A script (`#!`)
+//! is handed to its interpreter as `/dev/fd/N` (the descriptor stays open across the exec for
+//! it), so its `$0` is `/dev/fd/N`, and it needs the profile's `/dev` and `/proc`.
 //!
 //! Parent <-> child protocol (two pipes for the sync points, one CLOEXEC pipe for errors):
 //!
@@ -16,7 +27,8 @@
 //!                                             Landlock; close fds; chdir; fork:
 //!                                               pid 1 = init: own seccomp; reap, report
 //!                                                       status, exit
-//!                                               pid 2 = program: seccomp; execve
+//!                                               pid 2 = program: open + check the
+//!                                                       program; seccomp; execveat
 //!  read error pipe: EOF = exec'd  <-------   (or a ChildFailure record, then _exit(126))
 //! ```
 //!
@@ -41,9 +53,11 @@ use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carapace_policy::plan::{Mount, Plan};
+use carapace_broker::program::{FileId, OpenedProgram};
+use carapace_policy::plan::{Mount, Plan, SeccompAction};
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::fds::{self, ChildFailure, FdError, Pipe};
@@ -208,10 +222,13 @@ pub enum Stage {
     Execve,
     InitSeccomp,
     PlaceFds,
+    OpenProgram,
+    ProgramChanged,
+    ProgramFd,
 }
 
 impl Stage {
-    const ALL: [Stage; 30] = [
+    const ALL: [Stage; 33] = [
         Stage::JoinCgroup,
         Stage::Sync1,
         Stage::UnshareCgroup,
@@ -242,6 +259,9 @@ impl Stage {
         Stage::Execve,
         Stage::InitSeccomp,
         Stage::PlaceFds,
+        Stage::OpenProgram,
+        Stage::ProgramChanged,
+        Stage::ProgramFd,
     ];
 
     pub fn from_u32(n: u32) -> Option<Stage> {
@@ -277,9 +297,14 @@ impl Stage {
             Stage::Chdir => "chdir",
             Stage::ForkProgram => "forking the program from the sandbox's init",
             Stage::Seccomp => "seccomp(SECCOMP_SET_MODE_FILTER)",
-            Stage::Execve => "execve",
+            Stage::Execve => "execveat",
             Stage::InitSeccomp => "seccomp of the sandbox's init",
             Stage::PlaceFds => "placing stdio, the broker and the listening socket (dup2)",
+            Stage::OpenProgram => "opening the program inside the sandbox",
+            Stage::ProgramChanged => {
+                "checking the program is the file opened (and hashed) before the start"
+            }
+            Stage::ProgramFd => "keeping the script's descriptor open for its interpreter",
         }
     }
 }
@@ -287,8 +312,9 @@ impl Stage {
 /// What the caller decides about a run, beyond the plan.
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
-    /// Canonical host path of the program (already allowed by the policy).
-    pub program: PathBuf,
+    /// The program, opened at its canonical host path (already allowed by the policy): the
+    /// child starts this very file or nothing.
+    pub program: Arc<OpenedProgram>,
     /// `argv[0]` as the user typed it.
     pub argv0: OsString,
     /// `argv[1..]`.
@@ -367,9 +393,16 @@ pub struct Launch {
     /// program.
     init_seccomp: seccomp::Prepared,
     cwd: CString,
+    /// Where the program appears inside the sandbox (opened there by the child).
     program: CString,
-    /// Where the program appears inside the sandbox.
     program_inside: PathBuf,
+    /// What the child must find there: the opened (hashed) file, unchanged.
+    program_id: FileId,
+    /// A script: its descriptor must survive the exec (the interpreter reads `/dev/fd/N`).
+    script: bool,
+    /// Held until the child has exec'd: the inode stays allocated, so its number cannot be
+    /// given to another file meanwhile.
+    opened: Arc<OpenedProgram>,
     argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     envp: Vec<CString>,
@@ -417,6 +450,41 @@ fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
         .map(|c| c.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect()
+}
+
+/// Whether the plan lets its program be started by descriptor: the seccomp filter, installed
+/// right before, must let `execveat` through, and a script needs `/dev/fd` (the profile's
+/// `/dev`, whose `fd` links to `/proc/self/fd`, and `/proc`).
+fn check_exec_by_fd(plan: &Plan, program: &OpenedProgram) -> Result<(), SpawnError> {
+    const EXEC: &str = "execveat";
+    let sc = &plan.seccomp;
+    let allowed = sc.allowed.iter().any(|s| s == EXEC)
+        || sc.conditional.iter().any(|c| c.syscall == EXEC)
+        || (!sc.denied.iter().any(|(s, _)| s == EXEC)
+            && matches!(sc.default_action, SeccompAction::Log | SeccompAction::Allow));
+    if !allowed {
+        return Err(SpawnError::Program(format!(
+            "profile `{}` does not allow the syscall execveat, which starts the program: add \
+             \"execveat\" (or \"@process\") to [profiles.{}.seccomp] allow",
+            plan.profile, plan.profile
+        )));
+    }
+    if program.is_script() {
+        let has = |want: fn(&Mount) -> bool| plan.mounts.iter().any(want);
+        let dev = has(|m| matches!(m, Mount::Dev { dst } if dst == Path::new("/dev")));
+        let proc = has(|m| matches!(m, Mount::Proc { dst } if dst == Path::new("/proc")));
+        if !(dev && proc) {
+            return Err(SpawnError::Program(format!(
+                "{} is a script (#!): its interpreter is handed /dev/fd/N, which profile `{}` \
+                 does not have (it needs /dev and /proc: `proc = true`); run the interpreter \
+                 instead (e.g. `sh {}`)",
+                program.path().display(),
+                plan.profile,
+                program.path().display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Launch {
@@ -478,8 +546,9 @@ impl Launch {
         });
         let built = mounts::build(&plan.mounts, workspace.as_ref(), mount_ids)?;
         lap("mount program");
-        let program_inside =
-            mounts::program_inside(&built.views, &opts.program).map_err(SpawnError::Program)?;
+        let program_inside = mounts::program_inside(&built.views, opts.program.path())
+            .map_err(SpawnError::Program)?;
+        check_exec_by_fd(plan, &opts.program)?;
         let landlock = landlock::prepare(
             &plan.landlock,
             workspace.as_ref().map(|w| &w.dir_fd),
@@ -550,6 +619,9 @@ impl Launch {
             cwd: cstring("cwd", plan.cwd.as_os_str().as_bytes())?,
             program: cstring("program path", program_inside.as_os_str().as_bytes())?,
             program_inside,
+            program_id: opts.program.id(),
+            script: opts.program.is_script(),
+            opened: opts.program.clone(),
             argv,
             argv_ptrs,
             envp,
@@ -868,7 +940,18 @@ fn decode_failure(rec: &[u8], launch: &Launch) -> SpawnError {
                     .get(f.index as usize)
                     .map(|r| format!(" ({} = {})", r.name, r.value.rlim_max))
                     .unwrap_or_default(),
-                Some(Stage::Execve) => format!(" ({})", launch.program_inside.display()),
+                Some(Stage::Execve | Stage::OpenProgram | Stage::ProgramFd) => {
+                    format!(" ({})", launch.program_inside.display())
+                }
+                Some(Stage::ProgramChanged) => format!(
+                    " ({} is no longer the file that was opened{}: not run)",
+                    launch.program_inside.display(),
+                    if launch.opened.sha256_known() {
+                        " and hashed for the approval"
+                    } else {
+                        ""
+                    }
+                ),
                 Some(Stage::Chdir) => format!(" ({})", launch.cwd.to_string_lossy()),
                 _ => String::new(),
             };
@@ -1354,18 +1437,41 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
     if program > 0 {
         init_main(program as libc::pid_t, f, &l.init_seccomp);
     }
-    // pid 2: seccomp last, right before execve.
+    // pid 2: seccomp last, right before execveat.
     // SAFETY: closing the init's status pipe in our own fd table.
     unsafe { libc::close(f.status_write) };
+    // The program as the sandbox sees it (its mounts, Landlock, id mapping), bound to the file
+    // the supervisor opened: same inode, same size and times, or not run.
+    // SAFETY: a valid C string; O_PATH opens nothing for reading and needs no permission on
+    // the file itself.
+    let prog = unsafe { libc::open(l.program.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if prog < 0 {
+        fail(Stage::OpenProgram, 0, fds::errno());
+    }
+    match FileId::of_fd(prog) {
+        Ok(id) if id == l.program_id => {}
+        Ok(_) => fail(Stage::ProgramChanged, 0, libc::ESTALE),
+        Err(e) => fail(Stage::ProgramChanged, 0, e),
+    }
+    if l.script {
+        // The kernel hands the interpreter `/dev/fd/N`: N must outlive the exec.
+        // SAFETY: F_SETFD on our own descriptor.
+        if unsafe { libc::fcntl(prog, libc::F_SETFD, 0) } < 0 {
+            fail(Stage::ProgramFd, 0, fds::errno());
+        }
+    }
     // One filter: the plan's, which includes the set-id guard.
     check(Stage::Seccomp, seccomp::child_install(&l.seccomp));
-    // SAFETY: program, argv and envp are NUL-terminated strings / NULL-terminated arrays of
-    // them, built before fork and alive in our private copy of memory.
+    // SAFETY: "" and argv/envp are NUL-terminated strings / NULL-terminated arrays of them,
+    // built before fork and alive in our private copy of memory; `prog` is our descriptor.
     unsafe {
-        libc::execve(
-            l.program.as_ptr(),
+        libc::syscall(
+            libc::SYS_execveat,
+            prog,
+            c"".as_ptr(),
             l.argv_ptrs.as_ptr(),
             l.envp_ptrs.as_ptr(),
+            libc::AT_EMPTY_PATH,
         )
     };
     fail(Stage::Execve, 0, fds::errno())
@@ -1462,6 +1568,40 @@ mod tests {
             .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
             .collect();
         assert_eq!(s, vec!["LANG=C.UTF-8", "TERM=dumb", "PATH=/usr/bin:/bin"]);
+    }
+
+    #[test]
+    fn exec_by_fd_needs_execveat_and_for_a_script_dev_fd() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default").unwrap();
+        let plan = policy.compile("tool", &crate::landlock::target()).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let open = |name: &str, body: &[u8]| {
+            let p = t.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            OpenedProgram::open(&std::fs::canonicalize(&p).unwrap()).unwrap()
+        };
+        let elf = open("elf", b"\x7fELF");
+        let script = open("script", b"#!/bin/sh\n");
+        check_exec_by_fd(&plan, &elf).unwrap();
+        check_exec_by_fd(&plan, &script).unwrap();
+
+        let mut no_proc = plan.clone();
+        no_proc.mounts.retain(|m| !matches!(m, Mount::Proc { .. }));
+        check_exec_by_fd(&no_proc, &elf).unwrap();
+        let e = check_exec_by_fd(&no_proc, &script).unwrap_err().to_string();
+        assert!(e.contains("/dev/fd/N") && e.contains("proc"), "{e}");
+
+        let mut no_execveat = plan.clone();
+        no_execveat.seccomp.allowed.retain(|s| s != "execveat");
+        let e = check_exec_by_fd(&no_execveat, &elf)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("execveat"), "{e}");
+        // A filter whose default lets it through (log) is fine.
+        no_execveat.seccomp.default_action = SeccompAction::Log;
+        check_exec_by_fd(&no_execveat, &elf).unwrap();
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use carapace_supervisor::cgroup::{self, Cgroup};
@@ -23,7 +23,7 @@ fn run_plan(
     args: &[&str],
 ) -> Result<ExitReport, SpawnError> {
     let opts = LaunchOptions {
-        program: std::fs::canonicalize(program).expect("program exists"),
+        program: opened(program),
         argv0: OsString::from(program),
         args: args.iter().map(OsString::from).collect(),
         workspace: Some(ws.to_path_buf()),
@@ -228,7 +228,7 @@ fn program_outside_exec_mounts_is_refused_before_fork() {
     let exe = ws.path().join("prog");
     std::fs::copy("/bin/true", &exe).unwrap();
     let opts = LaunchOptions {
-        program: exe.clone(),
+        program: opened(&exe),
         argv0: OsString::from("prog"),
         args: vec![],
         workspace: Some(ws.path().to_path_buf()),
@@ -240,8 +240,12 @@ fn program_outside_exec_mounts_is_refused_before_fork() {
     };
     let e = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap_err();
     assert!(e.to_string().contains("not executable"), "{e}");
+    // An executable outside every mount of the profile.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let hidden = elsewhere.path().join("prog");
+    std::fs::copy("/bin/true", &hidden).unwrap();
     let opts = LaunchOptions {
-        program: PathBuf::from("/opt/nothing"),
+        program: opened(&hidden),
         ..opts
     };
     let e = Launch::prepare(&hand_plan(), &opts, landlock::probe_abi()).unwrap_err();
@@ -328,7 +332,7 @@ fn child_io_places_stdio_and_the_broker_socket() {
                   if [ -e /proc/self/fd/3 ]; then printf broker-hello >&3; fi; exit 0";
     for broker in [true, false] {
         let opts = LaunchOptions {
-            program: PathBuf::from("/usr/bin/sh"),
+            program: opened("/usr/bin/sh"),
             argv0: OsString::from("sh"),
             args: vec![OsString::from("-c"), OsString::from(script)],
             workspace: Some(ws.path().to_path_buf()),
@@ -485,7 +489,7 @@ fn listener_at_4(ws: &Path, rootless: bool) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let opts = LaunchOptions {
-            program: PathBuf::from("/usr/bin/sh"),
+            program: opened("/usr/bin/sh"),
             argv0: OsString::from("sh"),
             args: vec![OsString::from("-c"), OsString::from(script)],
             workspace: Some(ws.to_path_buf()),

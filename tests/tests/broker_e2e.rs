@@ -506,6 +506,98 @@ fn ask_exec_waits_allow_once_then_always_persists_and_a_changed_binary_asks_agai
     assert!(audit.contains("asktool"), "{audit}");
 }
 
+/// `b`'s policy plus a profile whose workspace is executable and an `ask` rule for the script
+/// `approved.sh` in the workspace, run in that profile; the script's path.
+fn with_workspace_script(b: &Broker) -> (PathBuf, PathBuf) {
+    let script = b.ws.path().join("approved.sh");
+    let extra = format!(
+        r#"[profiles.wsexec]
+extends = "tool"
+why = "exec-by-descriptor e2e: programs in the workspace may run"
+
+[profiles.wsexec.filesystem]
+workspace = {{ path = "/workspace", access = "read-write-exec", why = "scripts written there run" }}
+
+[[exec]]
+why = "exec-by-descriptor e2e: the workspace's script, asked"
+program = "{}"
+profile = "wsexec"
+approval = "ask"
+"#,
+        script.display()
+    );
+    let policy = b.scratch.path().join("wsexec.toml");
+    let text = insert_before_first_exec(&fs::read_to_string(&b.policy).unwrap(), &extra);
+    fs::write(&policy, text).unwrap();
+    (policy, script)
+}
+
+/// Write `body` to `at` (0755) through a new file renamed over it: a new inode, as an editor
+/// or a build writes.
+fn replace_script(at: &std::path::Path, body: &str) {
+    let tmp = at.with_extension("new");
+    fs::write(&tmp, body).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, at).unwrap();
+}
+
+#[test]
+fn an_approved_program_swapped_before_its_start_never_runs() {
+    let Some(b) = Broker::new(9) else { return };
+    let (policy, script) = with_workspace_script(&b);
+    replace_script(&script, "#!/bin/sh\necho approved \"$0\"\n");
+    let state = b.state.to_string_lossy().into_owned();
+    let ask = || {
+        let mut c = carapace_exec(
+            Some(&policy),
+            b.ws.path(),
+            &["--state-dir", &state, "--approval-timeout", "30"],
+            &b.client.bin,
+            &["exec", "--", &script.to_string_lossy()],
+        );
+        std::thread::spawn(move || run(&mut c, LIMIT))
+    };
+
+    // The request is made and its approval pending (the program opened and hashed); then the
+    // file is replaced, then the operator allows (always) what was shown to them.
+    let run1 = ask();
+    let key = wait_pending(&b, Instant::now() + Duration::from_secs(30));
+    replace_script(&script, "#!/bin/sh\necho swapped\n");
+    let o = carapace(&[
+        "approvals",
+        "allow",
+        &key,
+        "--always",
+        "--state-dir",
+        &state,
+    ]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = run1.join().unwrap();
+    assert!(!o.stdout.contains("swapped"), "{}", o.describe());
+    assert!(
+        o.stdout.contains("approved") || o.stderr.contains("no longer the file"),
+        "{}",
+        o.describe()
+    );
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+
+    // The grant is bound to the approved content: the swapped script asks again (denied) ...
+    let run2 = ask();
+    let key = wait_pending(&b, Instant::now() + Duration::from_secs(30));
+    let o = carapace(&["approvals", "deny", &key, "--state-dir", &state]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let o = run2.join().unwrap();
+    assert!(!o.stdout.contains("swapped"), "{}", o.describe());
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+
+    // ... and the approved content, written back, runs without asking: a script started by
+    // its descriptor, handed to its interpreter as /dev/fd/N.
+    replace_script(&script, "#!/bin/sh\necho approved \"$0\"\n");
+    let o = ask().join().unwrap();
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains("approved /dev/fd/"), "{}", o.describe());
+}
+
 #[test]
 fn message_to_a_recipient_not_listed_goes_to_the_dead_letter_queue() {
     let Some(b) = Broker::new(9) else { return };

@@ -1359,3 +1359,79 @@ approval = "allow"
     let m = fs::metadata(state.join("audit.log")).unwrap_or_else(|x| panic!("{x}"));
     assert_eq!(m.uid(), ROOTLESS_UID, "the audit log is the user's");
 }
+
+// ------------------------------------------------------------------------------------------
+// The program is started by descriptor
+
+/// A policy whose profile `wsx` (= tool, workspace executable) runs the workspace programs
+/// `names`, `noproc` (= wsx without /proc) runs `noproc.sh`, and the strict `e2e` (= tool:
+/// workspace not executable) runs `strict.sh`.
+fn workspace_exec_policy(e: &Env, names: &[&str]) -> PathBuf {
+    let ws = fs::canonicalize(e.ws()).unwrap();
+    let progs: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{}\"", ws.join(n).display()))
+        .collect();
+    let extra = format!(
+        "[profiles.wsx]\nextends = \"tool\"\nwhy = \"exec by descriptor\"\n\
+         [profiles.wsx.filesystem]\n\
+         workspace = {{ path = \"/workspace\", access = \"read-write-exec\", why = \"runs\" }}\n\
+         [profiles.noproc]\nextends = \"wsx\"\nwhy = \"no /proc\"\n\
+         [profiles.noproc.filesystem]\nproc = false\n\
+         [profiles.e2e]\nextends = \"tool\"\nwhy = \"strict\"\n\
+         [[exec]]\nwhy = \"workspace programs\"\nprograms = [{}]\nargs = [\"**\"]\n\
+         profile = \"wsx\"\napproval = \"allow\"\n\
+         [[exec]]\nwhy = \"a script without /proc\"\nprogram = \"{}\"\nprofile = \"noproc\"\n\
+         approval = \"allow\"\n\
+         [[exec]]\nwhy = \"strict\"\nprogram = \"{}\"\nprofile = \"e2e\"\napproval = \"allow\"\n",
+        progs.join(", "),
+        ws.join("noproc.sh").display(),
+        ws.join("strict.sh").display(),
+    );
+    let p = e.scratch.path().join(format!("{}.toml", unique("policy")));
+    fs::write(&p, insert_before_first_exec(&default_policy_text(), &extra)).unwrap();
+    p
+}
+
+fn executable(path: &Path, body: &[u8]) {
+    fs::write(path, body).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Top-level programs start by descriptor: an ELF keeps the sandbox's view of itself
+/// (`/proc/self/exe` is its path inside), a script gets `/dev/fd/N` as `$0`; a script in a
+/// profile without /proc is refused with a clear reason, and the strict profile still refuses
+/// to run anything from the workspace.
+#[test]
+fn e2e_top_level_programs_start_by_descriptor() {
+    let Some(e) = env() else { return };
+    let p = workspace_exec_policy(&e, &["rl", "hello.sh"]);
+    fs::copy("/usr/bin/readlink", e.ws().join("rl")).unwrap();
+    executable(
+        &e.ws().join("hello.sh"),
+        b"#!/bin/sh\necho \"hello $0 $1\"\n",
+    );
+    for s in ["noproc.sh", "strict.sh"] {
+        executable(&e.ws().join(s), b"#!/bin/sh\necho ran\n");
+    }
+    let at = |n: &str| e.ws().join(n).to_string_lossy().into_owned();
+
+    let o = run(&mut e.exec(Some(&p), &at("rl"), &["/proc/self/exe"]), T);
+    ok(&o);
+    assert_eq!(o.stdout.trim(), "/workspace/rl", "{}", o.describe());
+
+    let o = run(&mut e.exec(Some(&p), &at("hello.sh"), &["world"]), T);
+    ok(&o);
+    assert!(o.stdout.starts_with("hello /dev/fd/"), "{}", o.describe());
+    assert!(o.stdout.trim_end().ends_with(" world"), "{}", o.describe());
+
+    let o = run(&mut e.exec(Some(&p), &at("noproc.sh"), &[]), T);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(!o.stdout.contains("ran"), "{}", o.describe());
+    assert!(o.stderr.contains("/dev/fd/N"), "{}", o.describe());
+
+    let o = run(&mut e.exec(Some(&p), &at("strict.sh"), &[]), T);
+    assert_ne!(o.code, Some(0), "{}", o.describe());
+    assert!(!o.stdout.contains("ran"), "{}", o.describe());
+    assert!(o.stderr.contains("not executable"), "{}", o.describe());
+}

@@ -53,7 +53,9 @@ fn resolve_code(e: &ApprovalError) -> ErrorCode {
         | ApprovalError::AlreadyResolved { .. }
         | ApprovalError::Expired { .. } => ErrorCode::NotFound,
         ApprovalError::Io { .. } | ApprovalError::Corrupt { .. } => ErrorCode::Unavailable,
-        ApprovalError::Program { .. } | ApprovalError::TooMany { .. } => ErrorCode::Internal,
+        ApprovalError::Program { .. }
+        | ApprovalError::NotTheOpenedProgram { .. }
+        | ApprovalError::TooMany { .. } => ErrorCode::Internal,
     }
 }
 

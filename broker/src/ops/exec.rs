@@ -1,7 +1,9 @@
 //! `exec`: run a tool in a new confined child through the supervisor's [`Spawner`]. Decided by
 //! the same `[[exec]]` rules as `carapace exec`, on the *resolved* program path (symlinks and
 //! `..` resolved, bare names searched in a fixed PATH) and the request's arguments: a request
-//! cannot name its way around a rule. `ask` waits for an operator through the [`Approver`].
+//! cannot name its way around a rule. The program is opened once, right after it is resolved
+//! ([`OpenedProgram`]): an `ask` waits for an operator through the [`Approver`], who is shown
+//! the SHA-256 of that descriptor, and the [`Spawner`] starts that same file or nothing.
 //! The tool's stdout and stderr reach the child through pipes the broker relays, redacting
 //! every known secret value on the way; the exit report follows as an `exit` event.
 
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use carapace_policy::{Approval, ExecRequest};
 
 use crate::audit::AuditDecision;
+use crate::program::OpenedProgram;
 use crate::protocol::{ErrorCode, Event, ExitSummary, OkReply};
 use crate::redact::Redactor;
 use crate::server::{FollowUp, Identity, Response};
@@ -157,7 +160,16 @@ impl Ops {
             .await;
         };
         let argv0 = argv0.clone();
-        let program = match tokio::task::spawn_blocking(move || resolve_program(&argv0)).await {
+        // Opened once, right away: the decision is on its path, an approval hashes this
+        // descriptor, and the spawner starts this very file.
+        let opened = tokio::task::spawn_blocking(move || {
+            let path = resolve_program(&argv0)?;
+            OpenedProgram::open(&path)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        let opened = match opened {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 return refuse(
@@ -169,6 +181,7 @@ impl Ops {
             }
             Err(e) => return Response::err(ErrorCode::Internal, format!("exec: {e}")),
         };
+        let program = opened.path().to_path_buf();
         let policy = self.policy();
         let req = ExecRequest {
             program: program.clone(),
@@ -251,7 +264,7 @@ impl Ops {
                 .clone()
                 .ask(ApprovalQuery {
                     who: who.clone(),
-                    program: program.clone(),
+                    program: opened.clone(),
                     argv: full_argv.clone(),
                     profile: profile.clone(),
                     why: decision
@@ -302,7 +315,7 @@ impl Ops {
             return resp;
         }
         let sreq = SpawnRequest {
-            program,
+            program: opened,
             argv: full_argv,
             profile,
             workspace: None,

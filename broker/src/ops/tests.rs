@@ -721,7 +721,7 @@ async fn exec_allowed_runs_through_the_spawner_with_redacted_output() {
     let seen = spawner.seen.lock().map(|s| s.clone()).unwrap_or_default();
     assert_eq!(seen.len(), 1);
     let canon = fs::canonicalize("/usr/bin/true").unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(seen[0].program, canon);
+    assert_eq!(seen[0].program.path(), canon);
     assert_eq!(
         seen[0].argv,
         vec![canon.display().to_string(), "x".to_string()]

@@ -190,3 +190,11 @@ pub fn workspace(uid: u32, gid: u32) -> tempfile::TempDir {
 pub fn path(p: &Path) -> PathBuf {
     p.to_path_buf()
 }
+
+/// `p` opened as a run's program (canonicalized first: links are not followed when opening).
+pub fn opened(p: impl AsRef<Path>) -> std::sync::Arc<carapace_broker::program::OpenedProgram> {
+    let canon = std::fs::canonicalize(p.as_ref()).expect("program exists");
+    std::sync::Arc::new(
+        carapace_broker::program::OpenedProgram::open(&canon).expect("program opens"),
+    )
+}
