@@ -258,11 +258,14 @@ pub struct Group {
 pub const GROUPS: &[Group] = &[
     Group {
         name: "@default",
-        why: "what every dynamically linked program needs to start, run and exit: execve of \
-              the program itself, memory mapping, signal handler setup, thread-local storage, \
+        why: "what every dynamically linked program needs to start, run and exit: execve (or \
+              execveat, how carapace starts it) of the program itself, memory mapping, signal handler setup, thread-local storage, \
               futexes, reading and writing already-open descriptors, identity queries",
         syscalls: &[
             "execve",
+            // The supervisor starts every program with execveat(fd, "", AT_EMPTY_PATH) of the
+            // file it checked, after this filter is installed.
+            "execveat",
             "exit",
             "exit_group",
             "brk",
@@ -435,7 +438,6 @@ pub const GROUPS: &[Group] = &[
             "clone",
             "fork",
             "vfork",
-            "execveat",
             "wait4",
             "waitid",
             "setpgid",

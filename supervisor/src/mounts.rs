@@ -574,6 +574,16 @@ pub struct View {
     pub host: Option<PathBuf>,
     pub dst: PathBuf,
     pub exec: bool,
+    /// The sandbox can write beneath `dst` (so it could replace a program there).
+    pub writable: bool,
+}
+
+/// Where the program appears inside the sandbox ([`program_inside`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramInside {
+    pub path: PathBuf,
+    /// It lies in a mount the sandbox can write (the workspace, a read-write bind).
+    pub writable: bool,
 }
 
 /// The child's mount program plus the views it creates.
@@ -678,9 +688,14 @@ pub fn build(
                     host: Some(canon),
                     dst: dst.clone(),
                     exec: *exec,
+                    writable: *writable,
                 });
             }
-            Mount::Workspace { dst, exec, .. } => {
+            Mount::Workspace {
+                dst,
+                exec,
+                writable,
+            } => {
                 let ws = workspace.ok_or(MountError::NoWorkspace)?;
                 ancestors(dst, &mut ops)?;
                 let target = cstr(under(NEWROOT, dst))?;
@@ -710,6 +725,7 @@ pub fn build(
                     host: Some(ws.host_dir.clone()),
                     dst: dst.clone(),
                     exec: *exec,
+                    writable: *writable,
                 });
             }
             Mount::Tmpfs {
@@ -737,6 +753,7 @@ pub fn build(
                     host: None,
                     dst: dst.clone(),
                     exec: *exec,
+                    writable: true,
                 });
             }
             Mount::Proc { dst } => {
@@ -760,6 +777,7 @@ pub fn build(
                     host: None,
                     dst: dst.clone(),
                     exec: false,
+                    writable: false,
                 });
             }
             Mount::Dev { dst, pts } => {
@@ -813,6 +831,7 @@ pub fn build(
                     host: None,
                     dst: dst.clone(),
                     exec: false,
+                    writable: false,
                 });
             }
             Mount::Symlink { dst, target } => {
@@ -890,7 +909,7 @@ pub fn tmpfs_options(size_bytes: u64, mode: u32, ids: HostIds) -> String {
 
 /// Where `program` (a canonical host path) appears inside the sandbox, if it is visible through
 /// an executable mount and not shadowed by a later mount. Errors say why not.
-pub fn program_inside(views: &[View], program: &Path) -> Result<PathBuf, String> {
+pub fn program_inside(views: &[View], program: &Path) -> Result<ProgramInside, String> {
     // The last mount that shows the program wins (later mounts are stacked on top).
     let found = views.iter().enumerate().rev().find_map(|(i, v)| {
         let host = v.host.as_ref()?;
@@ -926,7 +945,10 @@ pub fn program_inside(views: &[View], program: &Path) -> Result<PathBuf, String>
             v.dst.display()
         ));
     }
-    Ok(inside)
+    Ok(ProgramInside {
+        path: inside,
+        writable: v.writable,
+    })
 }
 
 // ---- child side ----
@@ -1432,21 +1454,40 @@ mod tests {
                 host: Some("/usr".into()),
                 dst: "/usr".into(),
                 exec: true,
+                writable: false,
             },
             View {
                 host: Some("/home/u/proj".into()),
                 dst: "/workspace".into(),
                 exec: false,
+                writable: true,
             },
             View {
                 host: None,
                 dst: "/usr/local".into(),
                 exec: false,
+                writable: true,
+            },
+            View {
+                host: Some("/srv/build".into()),
+                dst: "/build".into(),
+                exec: true,
+                writable: true,
             },
         ];
         assert_eq!(
             program_inside(&views, Path::new("/usr/bin/ls")),
-            Ok(PathBuf::from("/usr/bin/ls"))
+            Ok(ProgramInside {
+                path: PathBuf::from("/usr/bin/ls"),
+                writable: false
+            })
+        );
+        assert_eq!(
+            program_inside(&views, Path::new("/srv/build/t")),
+            Ok(ProgramInside {
+                path: PathBuf::from("/build/t"),
+                writable: true
+            })
         );
         let e = program_inside(&views, Path::new("/home/u/proj/evil")).unwrap_err();
         assert!(e.contains("not executable"), "{e}");

@@ -9,9 +9,16 @@
 //! the program, or written, since it was opened (hashed, for an approval) is refused
 //! ([`Stage::ProgramChanged`]), never run. Exec'ing the sandbox's own view of the file keeps
 //! every rule of exec by path: the mount's `noexec`, Landlock's EXECUTE on the sandbox's path,
-//! the workspace's id mapping, and `/proc/self/exe` naming the sandbox's path. A script (`#!`)
-//! is handed to its interpreter as `/dev/fd/N` (the descriptor stays open across the exec for
-//! it), so its `$0` is `/dev/fd/N`, and it needs the profile's `/dev` and `/proc`.
+//! the workspace's id mapping, and `/proc/self/exe` naming the sandbox's path.
+//!
+//! Scripts (`#!`) depend on where they are ([`Exec`]). One in a mount the sandbox can write
+//! (the workspace) could be swapped by a concurrent tool between the check and the exec, so it
+//! is executed through the checked descriptor too: the kernel hands its interpreter
+//! `/dev/fd/N` (the descriptor stays open across the exec), its `$0` is `/dev/fd/N`, and it
+//! needs the profile's `/dev` and `/proc`. One in a read-only mount (`/usr`: npm, pip, a
+//! system script) cannot be replaced from inside any sandbox that mounts it so, and keeps
+//! its real `$0` (which many scripts use to find their files): after the same check it is
+//! executed by its path.
 //!
 //! Parent <-> child protocol (two pipes for the sync points, one CLOEXEC pipe for errors):
 //!
@@ -398,8 +405,8 @@ pub struct Launch {
     program_inside: PathBuf,
     /// What the child must find there: the opened (hashed) file, unchanged.
     program_id: FileId,
-    /// A script: its descriptor must survive the exec (the interpreter reads `/dev/fd/N`).
-    script: bool,
+    /// How the checked program is executed.
+    exec: Exec,
     /// Held until the child has exec'd: the inode stays allocated, so its number cannot be
     /// given to another file meanwhile.
     opened: Arc<OpenedProgram>,
@@ -414,6 +421,38 @@ pub struct Launch {
     listener: bool,
     /// A Launch is used once: the workspace mount is moved into the first child.
     spawned: AtomicBool,
+}
+
+/// How the child executes the program once it has checked it is the opened file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exec {
+    /// `execveat(fd, "", AT_EMPTY_PATH)` of the checked descriptor, close-on-exec (an ELF
+    /// program: the kernel maps the file itself).
+    Fd,
+    /// The same, the descriptor kept open for the interpreter, which is handed `/dev/fd/N` (a
+    /// script in a mount the sandbox can write).
+    ScriptFd,
+    /// `execve(path)` after the check: a script in a mount the sandbox cannot write, so that
+    /// its interpreter gets the real path as `$0`.
+    ScriptPath,
+}
+
+impl Exec {
+    fn choose(script: bool, writable: bool) -> Exec {
+        match (script, writable) {
+            (false, _) => Exec::Fd,
+            (true, true) => Exec::ScriptFd,
+            (true, false) => Exec::ScriptPath,
+        }
+    }
+
+    /// The syscall that starts the program.
+    fn syscall(self) -> &'static str {
+        match self {
+            Exec::Fd | Exec::ScriptFd => "execveat",
+            Exec::ScriptPath => "execve",
+        }
+    }
 }
 
 fn cstring(what: impl Into<String>, b: &[u8]) -> Result<CString, SpawnError> {
@@ -452,26 +491,26 @@ fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// Whether the plan lets its program be started by descriptor: the seccomp filter, installed
-/// right before, must let `execveat` through, and a script needs `/dev/fd` (the profile's
-/// `/dev`, whose `fd` links to `/proc/self/fd`, and `/proc`).
-fn check_exec_by_fd(plan: &Plan, program: &OpenedProgram) -> Result<(), SpawnError> {
-    const EXEC: &str = "execveat";
+/// Whether the plan lets its program be started the way [`Exec`] says: the seccomp filter,
+/// installed right before, must let that syscall through, and a script handed over as
+/// `/dev/fd/N` needs the profile's `/dev` (whose `fd` links to `/proc/self/fd`) and `/proc`.
+fn check_exec(plan: &Plan, program: &OpenedProgram, exec: Exec) -> Result<(), SpawnError> {
+    let syscall = exec.syscall();
     let sc = &plan.seccomp;
-    let allowed = sc.allowed.iter().any(|s| s == EXEC)
-        || sc.conditional.iter().any(|c| c.syscall == EXEC)
-        || (!sc.denied.iter().any(|(s, _)| s == EXEC)
+    let allowed = sc.allowed.iter().any(|s| s == syscall)
+        || sc.conditional.iter().any(|c| c.syscall == syscall)
+        || (!sc.denied.iter().any(|(s, _)| s == syscall)
             && matches!(sc.default_action, SeccompAction::Log | SeccompAction::Allow));
     if !allowed {
         return Err(SpawnError::Program(format!(
-            "profile `{}` does not allow the syscall execveat, which starts the program: add \
-             \"execveat\" (or \"@process\") to [profiles.{}.seccomp] allow",
+            "profile `{}` does not allow the syscall {syscall}, which starts the program: add \
+             \"{syscall}\" (or \"@process\") to [profiles.{}.seccomp] allow",
             plan.profile, plan.profile
         )));
     }
-    if program.is_script() {
+    if exec == Exec::ScriptFd {
         let has = |want: fn(&Mount) -> bool| plan.mounts.iter().any(want);
-        let dev = has(|m| matches!(m, Mount::Dev { dst } if dst == Path::new("/dev")));
+        let dev = has(|m| matches!(m, Mount::Dev { dst, .. } if dst == Path::new("/dev")));
         let proc = has(|m| matches!(m, Mount::Proc { dst } if dst == Path::new("/proc")));
         if !(dev && proc) {
             return Err(SpawnError::Program(format!(
@@ -546,9 +585,11 @@ impl Launch {
         });
         let built = mounts::build(&plan.mounts, workspace.as_ref(), mount_ids)?;
         lap("mount program");
-        let program_inside = mounts::program_inside(&built.views, opts.program.path())
+        let inside = mounts::program_inside(&built.views, opts.program.path())
             .map_err(SpawnError::Program)?;
-        check_exec_by_fd(plan, &opts.program)?;
+        let exec = Exec::choose(opts.program.is_script(), inside.writable);
+        check_exec(plan, &opts.program, exec)?;
+        let program_inside = inside.path;
         let landlock = landlock::prepare(
             &plan.landlock,
             workspace.as_ref().map(|w| &w.dir_fd),
@@ -620,7 +661,7 @@ impl Launch {
             program: cstring("program path", program_inside.as_os_str().as_bytes())?,
             program_inside,
             program_id: opts.program.id(),
-            script: opts.program.is_script(),
+            exec,
             opened: opts.program.clone(),
             argv,
             argv_ptrs,
@@ -1453,7 +1494,7 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
         Ok(_) => fail(Stage::ProgramChanged, 0, libc::ESTALE),
         Err(e) => fail(Stage::ProgramChanged, 0, e),
     }
-    if l.script {
+    if l.exec == Exec::ScriptFd {
         // The kernel hands the interpreter `/dev/fd/N`: N must outlive the exec.
         // SAFETY: F_SETFD on our own descriptor.
         if unsafe { libc::fcntl(prog, libc::F_SETFD, 0) } < 0 {
@@ -1462,6 +1503,18 @@ fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
     }
     // One filter: the plan's, which includes the set-id guard.
     check(Stage::Seccomp, seccomp::child_install(&l.seccomp));
+    if l.exec == Exec::ScriptPath {
+        // SAFETY: the path and argv/envp are NUL-terminated strings / NULL-terminated arrays
+        // of them, built before fork and alive in our private copy of memory.
+        unsafe {
+            libc::execve(
+                l.program.as_ptr(),
+                l.argv_ptrs.as_ptr(),
+                l.envp_ptrs.as_ptr(),
+            )
+        };
+        fail(Stage::Execve, 0, fds::errno())
+    }
     // SAFETY: "" and argv/envp are NUL-terminated strings / NULL-terminated arrays of them,
     // built before fork and alive in our private copy of memory; `prog` is our descriptor.
     unsafe {
@@ -1571,7 +1624,7 @@ mod tests {
     }
 
     #[test]
-    fn exec_by_fd_needs_execveat_and_for_a_script_dev_fd() {
+    fn how_a_program_is_executed_and_what_the_profile_must_allow_for_it() {
         use std::os::unix::fs::PermissionsExt as _;
         let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default").unwrap();
         let plan = policy.compile("tool", &crate::landlock::target()).unwrap();
@@ -1584,24 +1637,43 @@ mod tests {
         };
         let elf = open("elf", b"\x7fELF");
         let script = open("script", b"#!/bin/sh\n");
-        check_exec_by_fd(&plan, &elf).unwrap();
-        check_exec_by_fd(&plan, &script).unwrap();
+        // ELF anywhere, and scripts where the sandbox could swap them, run from the checked
+        // descriptor; a script in a read-only mount keeps its path (and its `$0`).
+        assert_eq!(Exec::choose(false, true), Exec::Fd);
+        assert_eq!(Exec::choose(false, false), Exec::Fd);
+        assert_eq!(Exec::choose(true, true), Exec::ScriptFd);
+        assert_eq!(Exec::choose(true, false), Exec::ScriptPath);
+        check_exec(&plan, &elf, Exec::Fd).unwrap();
+        check_exec(&plan, &script, Exec::ScriptFd).unwrap();
+        check_exec(&plan, &script, Exec::ScriptPath).unwrap();
 
+        // `/dev/fd/N` needs /proc; a script run by its path does not.
         let mut no_proc = plan.clone();
         no_proc.mounts.retain(|m| !matches!(m, Mount::Proc { .. }));
-        check_exec_by_fd(&no_proc, &elf).unwrap();
-        let e = check_exec_by_fd(&no_proc, &script).unwrap_err().to_string();
+        check_exec(&no_proc, &elf, Exec::Fd).unwrap();
+        check_exec(&no_proc, &script, Exec::ScriptPath).unwrap();
+        let e = check_exec(&no_proc, &script, Exec::ScriptFd)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/dev/fd/N") && e.contains("proc"), "{e}");
 
+        // The syscall that starts the program must get through the filter.
         let mut no_execveat = plan.clone();
         no_execveat.seccomp.allowed.retain(|s| s != "execveat");
-        let e = check_exec_by_fd(&no_execveat, &elf)
+        let e = check_exec(&no_execveat, &elf, Exec::Fd)
             .unwrap_err()
             .to_string();
         assert!(e.contains("execveat"), "{e}");
+        check_exec(&no_execveat, &script, Exec::ScriptPath).unwrap();
+        let mut no_execve = plan.clone();
+        no_execve.seccomp.allowed.retain(|s| s != "execve");
+        let e = check_exec(&no_execve, &script, Exec::ScriptPath)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("syscall execve,"), "{e}");
         // A filter whose default lets it through (log) is fine.
         no_execveat.seccomp.default_action = SeccompAction::Log;
-        check_exec_by_fd(&no_execveat, &elf).unwrap();
+        check_exec(&no_execveat, &elf, Exec::Fd).unwrap();
     }
 
     #[test]

@@ -446,6 +446,22 @@ pub fn attacks() -> &'static Attacks {
 // ------------------------------------------------------------------------------------------
 // Policies
 
+/// The default policy for tests that insert, before its rules, one allowing
+/// `/usr/bin/python3` with any arguments: without the default's rule for `python3 -m pytest`
+/// and friends, which such a rule would make unreachable (an error). That rule is pinned by the
+/// policy's own `[[test]]`s and the compatibility suite.
+pub fn default_policy_without_python_module_rule() -> String {
+    let text = default_policy_text();
+    let marker = "[[exec]]\nwhy = \"python's test runner";
+    let start = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("the default policy has no `python3 -m` rule any more"));
+    let end = text[start + 1..]
+        .find("\n[[exec]]")
+        .map_or(text.len(), |i| start + 1 + i + 1);
+    format!("{}{}", &text[..start], &text[end..])
+}
+
 /// Insert `extra` before the first `[[exec]]` of `base`.
 pub fn insert_before_first_exec(base: &str, extra: &str) -> String {
     let at = if base.starts_with("[[exec]]") {

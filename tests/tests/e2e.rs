@@ -55,8 +55,11 @@ impl Env {
             .scratch
             .path()
             .join(format!("{}.toml", unique("policy")));
-        fs::write(&p, insert_before_first_exec(&default_policy_text(), &extra))
-            .unwrap_or_else(|e| panic!("{e}"));
+        fs::write(
+            &p,
+            insert_before_first_exec(&default_policy_without_python_module_rule(), &extra),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         p
     }
 
@@ -1367,7 +1370,7 @@ approval = "allow"
 /// `names`, `noproc` (= wsx without /proc) runs `noproc.sh`, and the strict `e2e` (= tool:
 /// workspace not executable) runs `strict.sh`.
 fn workspace_exec_policy(e: &Env, names: &[&str]) -> PathBuf {
-    let ws = fs::canonicalize(e.ws()).unwrap();
+    let ws = fs::canonicalize(e.ws()).unwrap_or_else(|x| panic!("{x}"));
     let progs: Vec<String> = names
         .iter()
         .map(|n| format!("\"{}\"", ws.join(n).display()))
@@ -1383,30 +1386,47 @@ fn workspace_exec_policy(e: &Env, names: &[&str]) -> PathBuf {
          profile = \"wsx\"\napproval = \"allow\"\n\
          [[exec]]\nwhy = \"a script without /proc\"\nprogram = \"{}\"\nprofile = \"noproc\"\n\
          approval = \"allow\"\n\
-         [[exec]]\nwhy = \"strict\"\nprogram = \"{}\"\nprofile = \"e2e\"\napproval = \"allow\"\n",
+         [[exec]]\nwhy = \"strict\"\nprogram = \"{}\"\nprofile = \"e2e\"\napproval = \"allow\"\n\
+         [profiles.ro]\nextends = \"tool\"\nwhy = \"a read-only exec mount, no /proc\"\n\
+         [profiles.ro.filesystem]\nproc = false\n\
+         mounts = [{{ path = \"{ro}\", access = \"read-exec\", why = \"scripts\" }}]\n\
+         [[exec]]\nwhy = \"a script in a read-only mount\"\nprogram = \"{ro}/sys.sh\"\n\
+         profile = \"ro\"\napproval = \"allow\"\n",
         progs.join(", "),
         ws.join("noproc.sh").display(),
         ws.join("strict.sh").display(),
+        ro = read_only_dir(e).display(),
     );
     let p = e.scratch.path().join(format!("{}.toml", unique("policy")));
-    fs::write(&p, insert_before_first_exec(&default_policy_text(), &extra)).unwrap();
+    fs::write(&p, insert_before_first_exec(&default_policy_text(), &extra))
+        .unwrap_or_else(|x| panic!("{x}"));
     p
 }
 
+/// A directory outside the workspace for programs a profile mounts read-exec.
+fn read_only_dir(e: &Env) -> PathBuf {
+    let d = fs::canonicalize(e.scratch.path())
+        .unwrap_or_else(|x| panic!("{x}"))
+        .join("ro");
+    fs::create_dir_all(&d).unwrap_or_else(|x| panic!("{x}"));
+    d
+}
+
 fn executable(path: &Path, body: &[u8]) {
-    fs::write(path, body).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(path, body).unwrap_or_else(|x| panic!("{x}"));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap_or_else(|x| panic!("{x}"));
 }
 
 /// Top-level programs start by descriptor: an ELF keeps the sandbox's view of itself
-/// (`/proc/self/exe` is its path inside), a script gets `/dev/fd/N` as `$0`; a script in a
-/// profile without /proc is refused with a clear reason, and the strict profile still refuses
-/// to run anything from the workspace.
+/// (`/proc/self/exe` is its path inside), a script in the workspace gets `/dev/fd/N` as `$0`;
+/// such a script in a profile without /proc is refused with a clear reason, while a script in a
+/// read-only mount runs by its path (its real `$0`, no /proc needed); and the strict profile
+/// still refuses to run anything from the workspace.
 #[test]
 fn e2e_top_level_programs_start_by_descriptor() {
     let Some(e) = env() else { return };
     let p = workspace_exec_policy(&e, &["rl", "hello.sh"]);
-    fs::copy("/usr/bin/readlink", e.ws().join("rl")).unwrap();
+    fs::copy("/usr/bin/readlink", e.ws().join("rl")).unwrap_or_else(|x| panic!("{x}"));
     executable(
         &e.ws().join("hello.sh"),
         b"#!/bin/sh\necho \"hello $0 $1\"\n",
@@ -1434,4 +1454,15 @@ fn e2e_top_level_programs_start_by_descriptor() {
     assert_ne!(o.code, Some(0), "{}", o.describe());
     assert!(!o.stdout.contains("ran"), "{}", o.describe());
     assert!(o.stderr.contains("not executable"), "{}", o.describe());
+
+    let sys = read_only_dir(&e).join("sys.sh");
+    executable(&sys, b"#!/bin/sh\necho \"system $0 $1\"\n");
+    let o = run(&mut e.exec(Some(&p), &sys.to_string_lossy(), &["x"]), T);
+    ok(&o);
+    assert_eq!(
+        o.stdout.trim(),
+        format!("system {} x", sys.display()),
+        "{}",
+        o.describe()
+    );
 }

@@ -91,7 +91,10 @@ pub fn hand_plan() -> Plan {
             Mount::Proc {
                 dst: "/proc".into(),
             },
-            Mount::Dev { dst: "/dev".into() },
+            Mount::Dev {
+                dst: "/dev".into(),
+                pts: false,
+            },
             Mount::Tmpfs {
                 dst: "/tmp".into(),
                 size_bytes: 16 << 20,
