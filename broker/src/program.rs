@@ -10,9 +10,11 @@
 //!   it, and becomes the program's [`OpenedProgram::id`]);
 //! - the supervisor's child starts the same inode: it opens the program's path inside the
 //!   sandbox, checks that what it got has this [`FileId`] (same inode, same size and times) and
-//!   executes that descriptor (`execveat(fd, "", .., AT_EMPTY_PATH)`). A file renamed over the
-//!   program is a different inode, and one written (or renamed, linked, chmod'ed: its change
-//!   time moves) after it was hashed has other times: the start is refused.
+//!   executes that descriptor (`execveat(fd, "", .., AT_EMPTY_PATH)`; a script in a mount the
+//!   sandbox cannot write, by its path right after the check, so that it keeps its `$0`). A
+//!   file renamed over the program is a different inode, and one written (or renamed, linked,
+//!   chmod'ed: its change time moves) after it was hashed has other times: the start is
+//!   refused.
 //!
 //! What this does not catch: a write into the same inode that leaves its size and both times as
 //! they were (times have the kernel's clock-tick granularity, so a change within the tick of the
