@@ -111,6 +111,12 @@ pub struct SpawnFailure {
 /// nothing of fork).
 pub trait Spawner: Send + Sync {
     fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure>;
+
+    /// The host directory tools run in (absolute, canonical), if there is one: what
+    /// `$WORKSPACE/...` rules of the policy match beneath.
+    fn workspace(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -90,15 +90,19 @@ pub fn policy_roundtrip(data: &[u8]) {
             }
         }
     }
-    for (prog, args) in [
-        ("/usr/bin/ls", vec!["-la"]),
-        ("/usr/bin/git", vec!["status"]),
-        ("/", vec![]),
-        ("/usr/bin/x", vec!["**", "a", ""]),
+    for (prog, args, workspace) in [
+        ("/usr/bin/ls", vec!["-la"], None),
+        ("/usr/bin/git", vec!["status"], None),
+        ("/", vec![], None),
+        ("/usr/bin/x", vec!["**", "a", ""], None),
+        ("/w/t", vec![], Some("/w")),
+        ("/w", vec![], Some("/w")),
+        ("/w/sub/configure", vec!["--prefix=/x"], Some("/w/")),
     ] {
         let d = policy.evaluate(&ExecRequest {
             program: prog.into(),
             args: args.into_iter().map(String::from).collect(),
+            workspace: workspace.map(Into::into),
         });
         let _ = d.explain();
     }

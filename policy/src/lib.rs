@@ -140,12 +140,19 @@ impl fmt::Display for Approval {
 }
 
 /// An exec request: the program already resolved by the caller to an absolute, canonical path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecRequest {
     pub program: PathBuf,
     /// argv[1..]
     pub args: Vec<String>,
+    /// The run's workspace directory (absolute, canonical), if the caller knows it: what
+    /// `$WORKSPACE/...` program patterns match beneath. Without it they match nothing.
+    pub workspace: Option<PathBuf>,
 }
+
+/// The workspace `[[test]]` examples run in: a command `$WORKSPACE/PATH` is the program
+/// `PATH` beneath it.
+pub const TEST_WORKSPACE: &str = "/carapace-test-workspace";
 
 /// Which rule decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,6 +336,13 @@ impl Policy {
                     req.program == *written || resolved.as_ref() == Some(&req.program)
                 }
                 ProgramPat::Glob { matcher, .. } => matcher.is_match(&req.program),
+                ProgramPat::Workspace { matcher, .. } => req
+                    .workspace
+                    .as_ref()
+                    .and_then(|ws| req.program.strip_prefix(ws).ok())
+                    .is_some_and(|rel| {
+                        !rel.as_os_str().is_empty() && matcher.is_match(Path::new("/").join(rel))
+                    }),
             });
             let prog_ok = direct
                 || rule.programs.iter().any(|p| match p {
@@ -409,10 +423,18 @@ impl Policy {
             .iter()
             .map(|t| {
                 let (program, args) = match t.command.split_first() {
-                    Some((p, a)) => (PathBuf::from(p), a.to_vec()),
-                    None => (PathBuf::new(), Vec::new()),
+                    Some((p, a)) => (p.as_str(), a.to_vec()),
+                    None => ("", Vec::new()),
                 };
-                let got = self.evaluate_with(&ExecRequest { program, args }, &mut resolve);
+                let in_ws = program
+                    .strip_prefix(crate::validate::WORKSPACE_VAR)
+                    .map(|rest| format!("{TEST_WORKSPACE}{rest}"));
+                let req = ExecRequest {
+                    program: PathBuf::from(in_ws.as_deref().unwrap_or(program)),
+                    args,
+                    workspace: in_ws.as_ref().map(|_| PathBuf::from(TEST_WORKSPACE)),
+                };
+                let got = self.evaluate_with(&req, &mut resolve);
                 let passed = got.approval == t.expect
                     && t.profile
                         .as_ref()

@@ -133,7 +133,16 @@ pub(crate) enum ProgramPat {
         text: String,
         matcher: GlobMatcher,
     },
+    /// `$WORKSPACE/...`: a path or glob beneath the run's workspace directory (whatever host
+    /// directory that is); `matcher` matches the part after `$WORKSPACE`, from its `/`.
+    Workspace {
+        text: String,
+        matcher: GlobMatcher,
+    },
 }
+
+/// The prefix of a program pattern that stands for the run's workspace directory.
+pub const WORKSPACE_VAR: &str = "$WORKSPACE";
 
 #[derive(Debug, Clone)]
 pub(crate) enum ArgPat {
@@ -309,11 +318,15 @@ pub(crate) fn validate(raw: RawPolicy, sink: &mut Sink<'_>) -> Validated {
                         );
                         ok = false;
                     }
-                    Some(p) if !p.get_ref().starts_with('/') => {
+                    Some(p)
+                        if !p.get_ref().starts_with('/')
+                            && !p.get_ref().starts_with(&format!("{WORKSPACE_VAR}/")) =>
+                    {
                         sink.err(
                             &p.span(),
                             format!("test program `{}` is relative", p.get_ref()),
-                            "an absolute program path (as the supervisor resolves it)",
+                            "an absolute program path (as the supervisor resolves it), or \
+                             `$WORKSPACE/PATH`",
                         );
                         ok = false;
                     }
@@ -1361,6 +1374,42 @@ fn lower_rule(
     let mut programs = Vec::new();
     for t in texts {
         let s = t.get_ref();
+        if let Some(rest) = s.strip_prefix(WORKSPACE_VAR) {
+            let check = rest.replace(['*', '?', '[', ']', '{', '}', ','], "x");
+            let bad = if !rest.starts_with('/') || rest == "/" {
+                Some("`$WORKSPACE` must be followed by `/` and a path or glob beneath it".into())
+            } else {
+                check_abs_path(&check).err().map(str::to_string)
+            };
+            if let Some(why) = bad {
+                sink.err(
+                    &t.span(),
+                    format!("bad program pattern `{}`: {why}", s.escape_debug()),
+                    "\"$WORKSPACE/**\" (anything in the workspace) or \"$WORKSPACE/PATH\"",
+                );
+                continue;
+            }
+            match GlobBuilder::new(rest)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+            {
+                Ok(g) => programs.push(ProgramPat::Workspace {
+                    text: s.clone(),
+                    matcher: g.compile_matcher(),
+                }),
+                Err(e) => glob_err(sink, &t.span(), s, &e),
+            }
+            continue;
+        }
+        if s.starts_with('$') {
+            sink.err(
+                &t.span(),
+                format!("unknown variable in program `{}`", s.escape_debug()),
+                "an absolute path, a glob, or `$WORKSPACE/...`",
+            );
+            continue;
+        }
         if is_glob(s) {
             // The pattern's fixed parts must still be a normalized absolute path.
             let check = s.replace(['*', '?', '[', ']', '{', '}', ','], "x");
@@ -1455,6 +1504,14 @@ fn covers(a: &ProgramPat, b: &ProgramPat) -> bool {
             x == y || literal_prefix_of_rest(x).is_some_and(|p| y.starts_with(&format!("{p}/")))
         }
         (ProgramPat::Literal { .. }, ProgramPat::Glob { .. }) => false,
+        // A workspace is some absolute directory: only the catch-all covers all of it.
+        (ProgramPat::Glob { text, .. }, ProgramPat::Workspace { .. }) => text == "/**",
+        (ProgramPat::Workspace { text: x, .. }, ProgramPat::Workspace { text: y, .. }) => {
+            x == y
+                || x.strip_suffix("/**")
+                    .is_some_and(|p| !is_glob(p) && y.starts_with(&format!("{p}/")))
+        }
+        (ProgramPat::Workspace { .. }, _) | (_, ProgramPat::Workspace { .. }) => false,
     }
 }
 

@@ -55,6 +55,7 @@ fn default_policy_rules() {
     let req = |prog: &str, args: &[&str]| ExecRequest {
         program: prog.into(),
         args: args.iter().map(|s| s.to_string()).collect(),
+        workspace: None,
     };
     let d = p.evaluate(&req("/usr/bin/ls", &["-la"]));
     assert_eq!(d.approval, Approval::Allow);

@@ -39,6 +39,7 @@ fn req(prog: &str, args: &[&str]) -> ExecRequest {
     ExecRequest {
         program: prog.into(),
         args: args.iter().map(|s| s.to_string()).collect(),
+        workspace: None,
     }
 }
 
@@ -1889,4 +1890,75 @@ fn random_arguments_get_the_verdict_holds_gives() {
             );
         }
     }
+}
+
+// ---- $WORKSPACE program patterns -----------------------------------------------------------
+
+#[test]
+fn workspace_patterns_match_beneath_the_requests_workspace_only() {
+    let text = r#"
+version = 1
+[profiles.p]
+why = "p"
+[[exec]]
+why = "test binaries of the workspace"
+program = "$WORKSPACE/target/*/t-*"
+profile = "p"
+approval = "allow"
+[[exec]]
+why = "anything else in the workspace"
+program = "$WORKSPACE/**"
+profile = "p"
+approval = "ask"
+[[exec]]
+why = "the rest"
+program = "/**"
+profile = "p"
+approval = "deny"
+[[test]]
+command = ["$WORKSPACE/target/debug/t-unit"]
+expect = "allow"
+[[test]]
+command = ["$WORKSPACE/configure"]
+expect = "ask"
+[[test]]
+command = ["/carapace-test-workspace-not/x"]
+expect = "deny"
+"#;
+    let p = Policy::parse(text, "t.toml").unwrap_or_else(|d| panic!("{d}"));
+    let at = |program: &str, workspace: Option<&str>| {
+        p.evaluate(&ExecRequest {
+            program: program.into(),
+            args: vec![],
+            workspace: workspace.map(Into::into),
+        })
+        .approval
+    };
+    let ws = Some("/srv/proj");
+    assert_eq!(at("/srv/proj/target/debug/t-unit", ws), Approval::Allow);
+    assert_eq!(
+        at("/srv/proj/target/debug/sub/t-unit", ws),
+        Approval::Ask,
+        "`*` does not cross `/`"
+    );
+    assert_eq!(at("/srv/proj/configure", ws), Approval::Ask);
+    assert_eq!(
+        at("/srv/proj", ws),
+        Approval::Deny,
+        "the directory itself is no program"
+    );
+    assert_eq!(
+        at("/srv/project/x", ws),
+        Approval::Deny,
+        "a sibling with the same prefix"
+    );
+    assert_eq!(at("/srv/x", ws), Approval::Deny);
+    assert_eq!(
+        at("/srv/proj/configure", None),
+        Approval::Deny,
+        "no workspace known: the pattern matches nothing"
+    );
+    assert_eq!(at("/usr/bin/ls", ws), Approval::Deny);
+    let failed: Vec<_> = p.run_tests().into_iter().filter(|t| !t.passed).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
 }

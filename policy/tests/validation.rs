@@ -571,3 +571,66 @@ fn wall_time_unlimited_is_the_only_word() {
     let text = policy("[profiles.p.limits]\nwall_time = \"forever\"", "");
     expect_err(&text, "bad wall_time", "\"forever\"");
 }
+
+#[test]
+fn workspace_program_patterns() {
+    let rule = |program: &str| {
+        format!(
+            "\n[[exec]]\nwhy = \"in the workspace\"\nprogram = \"{program}\"\nprofile = \"p\"\napproval = \"ask\"\n"
+        )
+    };
+    ok(&policy("", &rule("$WORKSPACE/**")));
+    ok(&policy("", &rule("$WORKSPACE/target/debug/*")));
+    ok(&policy("", &rule("$WORKSPACE/configure")));
+    for bad in [
+        "$WORKSPACE",
+        "$WORKSPACE/",
+        "$WORKSPACEX/a",
+        "$WORKSPACE/a/../b",
+        "$WORKSPACE//a",
+    ] {
+        let text = policy("", &rule(bad));
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{bad}: {errs:#?}");
+    }
+    expect_err(
+        &policy("", &rule("$WORKSPACE")),
+        "`$WORKSPACE` must be followed by `/`",
+        "\"$WORKSPACE\"",
+    );
+    expect_err(
+        &policy("", &rule("$HOME/bin/x")),
+        "unknown variable in program `$HOME/bin/x`",
+        "\"$HOME/bin/x\"",
+    );
+    // Shadowing: the catch-all covers every workspace; a workspace glob covers what is
+    // beneath it; an ordinary glob does not (the workspace may be anywhere).
+    let catch_all = policy("", &rule("$WORKSPACE/x")).replace(
+        "program = \"/usr/bin/ls\"\nprofile",
+        "program = \"/**\"\nprofile",
+    );
+    expect_err(
+        &catch_all,
+        "can never match",
+        "[[exec]]\nwhy = \"in the workspace\"",
+    );
+    let nested = format!(
+        "{}{}",
+        policy("", &rule("$WORKSPACE/**")),
+        rule("$WORKSPACE/bin/x").replace("in the workspace", "nested")
+    );
+    expect_err(&nested, "can never match", "[[exec]]\nwhy = \"nested\"");
+    let usr = policy("", &rule("$WORKSPACE/x")).replace(
+        "program = \"/usr/bin/ls\"\nprofile",
+        "program = \"/usr/**\"\nprofile",
+    );
+    ok(&usr);
+    // [[test]] commands may name a program in the workspace.
+    ok(&policy(
+        "",
+        &format!(
+            "{}\n[[test]]\ncommand = [\"$WORKSPACE/bin/t\"]\nexpect = \"ask\"\n",
+            rule("$WORKSPACE/**")
+        ),
+    ));
+}

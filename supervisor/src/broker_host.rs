@@ -806,6 +806,13 @@ pub struct SupervisorSpawner {
 }
 
 impl Spawner for SupervisorSpawner {
+    fn workspace(&self) -> Option<PathBuf> {
+        self.ctx
+            .workspace
+            .as_ref()
+            .and_then(|w| std::fs::canonicalize(w).ok())
+    }
+
     fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
         let fail = |message: String| SpawnFailure { message };
         let program_s = req.program.path().to_string_lossy().into_owned();

@@ -291,6 +291,7 @@ pub fn decide(
     policy: &Policy,
     command: &[OsString],
     cwd: &Path,
+    workspace: Option<&Path>,
     target: &Target,
 ) -> Result<Decided, String> {
     let (name, rest) = command
@@ -319,6 +320,7 @@ pub fn decide(
             &ExecRequest {
                 program: program.clone(),
                 args: args.clone(),
+                workspace: workspace.map(Path::to_path_buf),
             },
             |p| std::fs::canonicalize(p).ok(),
         );
@@ -436,7 +438,20 @@ fn exec(a: ExecArgs) -> i32 {
         }
     };
     let target = crate::landlock::target();
-    let d = match decide(&policy, &a.command, &cwd, &target) {
+    // `$WORKSPACE/...` rules match beneath the workspace's real path (it is opened, checked
+    // and canonicalized again when it is mounted).
+    let workspace_dir = a
+        .workspace
+        .as_ref()
+        .map_or_else(|| cwd.clone(), |w| cwd.join(w));
+    let workspace_canon = std::fs::canonicalize(&workspace_dir).ok();
+    let d = match decide(
+        &policy,
+        &a.command,
+        &cwd,
+        workspace_canon.as_deref(),
+        &target,
+    ) {
         Ok(d) => d,
         Err(e) => return fail(&e, EXIT_SETUP),
     };
@@ -892,7 +907,9 @@ fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let target = crate::landlock::target();
-    let d = match decide(&policy, command, &cwd, &target) {
+    // As `carapace exec` without --workspace: the current directory is the workspace.
+    let workspace = std::fs::canonicalize(&cwd).ok();
+    let d = match decide(&policy, command, &cwd, workspace.as_deref(), &target) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("carapace: {e}");
@@ -1072,12 +1089,13 @@ mod tests {
             &p,
             &[OsString::from("ls"), OsString::from("-la")],
             Path::new("/"),
+            None,
             &target,
         )
         .unwrap();
         assert_eq!(d.decision.approval, Approval::Allow);
         assert!(d.plan.is_some(), "{:?}", d.compile_error);
-        let d = decide(&p, &[OsString::from("sudo")], Path::new("/"), &target);
+        let d = decide(&p, &[OsString::from("sudo")], Path::new("/"), None, &target);
         if let Ok(d) = d {
             assert_eq!(d.decision.approval, Approval::Deny);
         }
@@ -1085,6 +1103,7 @@ mod tests {
             &p,
             &[OsString::from("no-such-prog-xyz")],
             Path::new("/"),
+            None,
             &target
         )
         .is_err());

@@ -400,6 +400,25 @@ const CASES: &[Case] = &[
         shows: &["npm-script-ok"],
     },
     Case {
+        name: "a program built in the workspace, started on its own",
+        needs: &["cc"],
+        files: &[("hello.c", HELLO_C, false)],
+        steps: &[
+            ("build", &["cc", "-o", "hello", "hello.c"]),
+            ("build", &["./hello"]),
+        ],
+        expect: Expect::Works,
+        shows: &["hello from a program built in the workspace"],
+    },
+    Case {
+        name: "a script in the workspace, started on its own",
+        needs: &["sh"],
+        files: &[("run.sh", "#!/bin/sh\necho \"SCRIPT RAN as $0\"\n", true)],
+        steps: &[("build", &["./run.sh"])],
+        expect: Expect::Works,
+        shows: &["SCRIPT RAN as /dev/fd/"],
+    },
+    Case {
         name: "script: a pseudo-terminal from the private devpts",
         needs: &["make", "script"],
         files: &[("Makefile", MAKEFILE, false)],

@@ -186,6 +186,7 @@ impl Ops {
         let req = ExecRequest {
             program: program.clone(),
             args: args.to_vec(),
+            workspace: self.spawner.as_ref().and_then(|s| s.workspace()),
         };
         let decision = {
             let p = policy.clone();
