@@ -290,13 +290,14 @@ fn setup_failures_exit_126() {
     let out = carapace(Path::new("/"), &["exec", "--", "ls"]);
     assert_eq!(out.status.code(), Some(126));
     assert!(text(&out.stderr).contains("workspace"));
-    // A program written to the workspace is not executable there: refused before fork.
+    // A program written to the workspace is not executable in the tool profile: refused
+    // before fork.
     let pol = policy_with(
         ws.path(),
         "",
         &[(
-            "program = \"/**\"\nprofile = \"tool\"\napproval = \"ask\"",
-            "program = \"/**\"\nprofile = \"tool\"\napproval = \"allow\"",
+            "program = \"$WORKSPACE/**\"\nprofile = \"build\"\napproval = \"ask\"",
+            "program = \"$WORKSPACE/**\"\nprofile = \"tool\"\napproval = \"allow\"",
         )],
     );
     std::fs::copy("/usr/bin/true", ws.path().join("mytrue")).unwrap();
