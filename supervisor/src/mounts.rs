@@ -574,7 +574,8 @@ pub struct View {
     pub host: Option<PathBuf>,
     pub dst: PathBuf,
     pub exec: bool,
-    /// The sandbox can write beneath `dst` (so it could replace a program there).
+    /// A sandbox can write beneath `dst` (so it could replace a program there): a read-write
+    /// bind, a tmpfs, and always the workspace (shared with other runs).
     pub writable: bool,
 }
 
@@ -582,7 +583,7 @@ pub struct View {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProgramInside {
     pub path: PathBuf,
-    /// It lies in a mount the sandbox can write (the workspace, a read-write bind).
+    /// It lies in a mount a sandbox can write (the workspace, a read-write bind).
     pub writable: bool,
 }
 
@@ -691,11 +692,7 @@ pub fn build(
                     writable: *writable,
                 });
             }
-            Mount::Workspace {
-                dst,
-                exec,
-                writable,
-            } => {
+            Mount::Workspace { dst, exec, .. } => {
                 let ws = workspace.ok_or(MountError::NoWorkspace)?;
                 ancestors(dst, &mut ops)?;
                 let target = cstr(under(NEWROOT, dst))?;
@@ -725,7 +722,9 @@ pub fn build(
                     host: Some(ws.host_dir.clone()),
                     dst: dst.clone(),
                     exec: *exec,
-                    writable: *writable,
+                    // Whatever this profile may do there: other runs share the workspace, and
+                    // one of them may write it.
+                    writable: true,
                 });
             }
             Mount::Tmpfs {
@@ -1292,6 +1291,33 @@ mod tests {
             build(&[ws], None, ids()),
             Err(MountError::NoWorkspace)
         ));
+    }
+
+    /// A program in the workspace counts as replaceable even where this profile may only read
+    /// the workspace (other runs share it, read-write); a read-only bind does not.
+    #[test]
+    fn the_workspace_is_always_a_writable_view() {
+        let t = tempfile::tempdir().unwrap();
+        let tree = prepare_workspace_plain(t.path(), false, true).unwrap();
+        let b = build(
+            &[
+                bind("/usr", true, false),
+                Mount::Workspace {
+                    dst: "/workspace".into(),
+                    writable: false,
+                    exec: true,
+                },
+            ],
+            Some(&tree),
+            ids(),
+        )
+        .unwrap();
+        let host = std::fs::canonicalize(t.path()).unwrap();
+        let inside = program_inside(&b.views, &host.join("run.sh")).unwrap();
+        assert_eq!(inside.path, Path::new("/workspace/run.sh"));
+        assert!(inside.writable);
+        let usr = program_inside(&b.views, Path::new("/usr/bin/ls")).unwrap();
+        assert!(!usr.writable);
     }
 
     /// A tmpfs beneath /dev (python's sem_open needs /dev/shm) is mounted before /dev is made

@@ -11,7 +11,7 @@
 //! every rule of exec by path: the mount's `noexec`, Landlock's EXECUTE on the sandbox's path,
 //! the workspace's id mapping, and `/proc/self/exe` naming the sandbox's path.
 //!
-//! Scripts (`#!`) depend on where they are ([`Exec`]). One in a mount the sandbox can write
+//! Scripts (`#!`) depend on where they are ([`Exec`]). One in a mount a sandbox can write
 //! (the workspace) could be swapped by a concurrent tool between the check and the exec, so it
 //! is executed through the checked descriptor too: the kernel hands its interpreter
 //! `/dev/fd/N` (the descriptor stays open across the exec), its `$0` is `/dev/fd/N`, and it
