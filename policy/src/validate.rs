@@ -598,8 +598,44 @@ fn lower_profile(
 ) -> Option<Profile> {
     let before = sink.diags.len();
     let line = sink.src.line_of(span.start);
+    let hostname = lower_hostname(&p, sink);
+    let user = lower_user(&p, sink);
+    let namespaces = lower_namespaces(&p, sink);
+    check_network(&p, sink);
+    let fs = lower_filesystem(&p, span, sink);
+    let limits = lower_limits(&p, sink);
+    let (min_abi, min_abi_span) = lower_landlock(&p, span, sink);
+    let seccomp = lower_seccomp(&p, sink);
+    let (env_pass, env_set) = lower_environment(&p, sink);
+    if sink.diags.len() != before {
+        return None;
+    }
+    Some(Profile {
+        name: name.to_string(),
+        why: p.why.map(|w| w.into_inner()).unwrap_or_default(),
+        line,
+        hostname,
+        user,
+        namespaces,
+        mounts: fs.mounts,
+        symlinks: fs.symlinks,
+        tmpfs: fs.tmpfs,
+        workspace: fs.workspace,
+        proc: fs.proc,
+        devpts: fs.devpts,
+        limits,
+        min_abi,
+        min_abi_span,
+        seccomp,
+        env_pass,
+        env_set,
+        broker: None,
+    })
+}
 
-    let hostname = match &p.hostname {
+/// `hostname`: "carapace" unless given; 1 to 64 letters, digits, `-`, `.`.
+fn lower_hostname(p: &RawProfile, sink: &mut Sink<'_>) -> String {
+    match &p.hostname {
         None => "carapace".to_string(),
         Some(h) => {
             let v = h.get_ref();
@@ -617,8 +653,12 @@ fn lower_profile(
             }
             v.clone()
         }
-    };
-    let user = match &p.user {
+    }
+}
+
+/// `user`: the ids inside the sandbox (1000:1000 unless given); never `(uid_t)-1`.
+fn lower_user(p: &RawProfile, sink: &mut Sink<'_>) -> SandboxUser {
+    match &p.user {
         None => SandboxUser {
             uid: 1000,
             gid: 1000,
@@ -639,9 +679,12 @@ fn lower_profile(
                 gid: u.gid.as_ref().map_or(1000, |v| *v.get_ref()),
             }
         }
-    };
+    }
+}
 
-    // Namespaces: all on by default; user/pid/mount cannot be turned off.
+/// Namespaces: all on by default; user/pid/mount cannot be turned off, nor net while the
+/// network mode is "none".
+fn lower_namespaces(p: &RawProfile, sink: &mut Sink<'_>) -> Namespaces {
     let mut namespaces = Namespaces {
         user: true,
         pid: true,
@@ -681,8 +724,11 @@ fn lower_profile(
             }
         }
     }
+    namespaces
+}
 
-    // Network.
+/// Network: only mode "none" exists.
+fn check_network(p: &RawProfile, sink: &mut Sink<'_>) {
     if let Some(n) = &p.network {
         if let Some(m) = &n.get_ref().mode {
             if m.get_ref() != "none" {
@@ -694,8 +740,21 @@ fn lower_profile(
             }
         }
     }
+}
 
-    // Filesystem.
+/// The filesystem view of a profile, validated.
+struct FilesystemSpec {
+    mounts: Vec<MountSpec>,
+    symlinks: Vec<(PathBuf, PathBuf)>,
+    tmpfs: Vec<TmpfsSpec>,
+    workspace: (PathBuf, Access),
+    proc: bool,
+    devpts: bool,
+}
+
+/// Filesystem: binds, symlinks, tmpfs, the workspace, /proc, /dev (and devpts); every
+/// destination used once, nothing beneath a symlink.
+fn lower_filesystem(p: &RawProfile, span: &Range<usize>, sink: &mut Sink<'_>) -> FilesystemSpec {
     let mut mounts = Vec::new();
     let mut symlinks = Vec::new();
     let mut tmpfs = Vec::new();
@@ -897,8 +956,18 @@ fn lower_profile(
             }
         }
     }
+    FilesystemSpec {
+        mounts,
+        symlinks,
+        tmpfs,
+        workspace,
+        proc,
+        devpts,
+    }
+}
 
-    // Limits.
+/// Limits: sizes, counts, cpu, wall time, core dumps.
+fn lower_limits(p: &RawProfile, sink: &mut Sink<'_>) -> Limits {
     let mut limits = Limits::default();
     if let Some(l) = &p.limits {
         let l = l.get_ref();
@@ -966,8 +1035,12 @@ fn lower_profile(
         }
         limits.core_dumps = l.core_dumps.as_ref().is_some_and(|c| *c.get_ref());
     }
+    limits
+}
 
-    // Landlock.
+/// Landlock: the minimum ABI (1 unless given) and where it was written (for compile-time
+/// diagnostics; the profile header when not written).
+fn lower_landlock(p: &RawProfile, span: &Range<usize>, sink: &mut Sink<'_>) -> (u8, Range<usize>) {
     let mut min_abi = 1u8;
     let mut min_abi_span = span.clone();
     if let Some(l) = &p.landlock {
@@ -988,8 +1061,12 @@ fn lower_profile(
             }
         }
     }
+    (min_abi, min_abi_span)
+}
 
-    // Seccomp.
+/// Seccomp: default action, allow list (groups expanded), deny entries, the argument lists;
+/// clone3 fails with ENOSYS unless the policy decides otherwise.
+fn lower_seccomp(p: &RawProfile, sink: &mut Sink<'_>) -> SeccompSpec {
     let sc = p
         .seccomp
         .as_ref()
@@ -1193,8 +1270,18 @@ fn lower_profile(
             SeccompAction::Errno(libc::ENOSYS as u32),
         ));
     }
+    SeccompSpec {
+        default_action,
+        allow,
+        deny,
+        socket_domains,
+        ioctl_requests,
+        clone_deny,
+    }
+}
 
-    // Environment.
+/// Environment: names passed from the supervisor's environment, and fixed variables.
+fn lower_environment(p: &RawProfile, sink: &mut Sink<'_>) -> (Vec<String>, Vec<(String, String)>) {
     let mut env_pass = Vec::new();
     let mut env_set = Vec::new();
     let env_name_ok = |s: &str| !s.is_empty() && !s.contains(['=', '\0']);
@@ -1237,38 +1324,7 @@ fn lower_profile(
             }
         }
     }
-
-    if sink.diags.len() != before {
-        return None;
-    }
-    Some(Profile {
-        name: name.to_string(),
-        why: p.why.map(|w| w.into_inner()).unwrap_or_default(),
-        line,
-        hostname,
-        user,
-        namespaces,
-        mounts,
-        symlinks,
-        tmpfs,
-        workspace,
-        proc,
-        devpts,
-        limits,
-        min_abi,
-        min_abi_span,
-        seccomp: SeccompSpec {
-            default_action,
-            allow,
-            deny,
-            socket_domains,
-            ioctl_requests,
-            clone_deny,
-        },
-        env_pass,
-        env_set,
-        broker: None,
-    })
+    (env_pass, env_set)
 }
 
 fn glob_err(sink: &mut Sink<'_>, span: &Range<usize>, text: &str, e: &globset::Error) {
