@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{get_duration, get_str, unknown_keys, Cx, Table};
+use super::document::{get_duration, get_str, unknown_keys, Cx, Table};
 
 /// The built-in adapter kinds.
 pub(super) const KINDS: &[&str] = &["telegram", "email", "webhook"];

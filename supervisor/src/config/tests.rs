@@ -1,0 +1,777 @@
+//! Tests of the configuration: every key, default and error.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(text, "test.toml")
+}
+
+/// The messages of a configuration that must fail, each with its line:column.
+fn errors(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(c) => panic!("accepted: {text}\n{c:?}"),
+        Err(e) => e
+            .diagnostics()
+            .iter()
+            .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+            .collect(),
+    }
+}
+
+fn has(errs: &[String], needle: &str) -> bool {
+    errs.iter().any(|e| e.contains(needle))
+}
+
+#[test]
+fn embedded_default_parses() {
+    let c = parse(DEFAULT_CONFIG_TEXT).expect("the embedded default is valid");
+    assert!(c.policy.is_empty());
+    assert_eq!(c.state_dir, crate::paths::default_state_dir());
+    assert_eq!(c.runtime_dir, crate::paths::default_runtime_dir());
+    assert_eq!(c.log_format, LogFormat::Auto);
+    assert_eq!(c.log_level, tracing::Level::INFO);
+    assert_eq!(c.stop_timeout, Duration::from_secs(10));
+    assert_eq!(c.approval_timeout, Duration::from_secs(120));
+    assert!(c.watchdog);
+    assert_eq!(c.control_group, None);
+    let gw = c.gateway.as_ref().expect("a gateway");
+    assert!(gw.is_gateway);
+    assert_eq!(gw.program, "carapace-gateway");
+    assert_eq!(gw.profile, "gateway");
+    assert_eq!(gw.listen, Some("127.0.0.1:8750".parse().unwrap()));
+    assert_eq!(gw.workspace, c.state_dir.join("gateway"));
+    assert_eq!(gw.restart, RestartConfig::default());
+    assert!(c.channels.is_empty());
+    assert_eq!(
+        c.children().map(|(n, _)| n).collect::<Vec<_>>(),
+        vec!["gateway"]
+    );
+    // The embedded default policy has the profile the default gateway runs under.
+    let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default")
+        .expect("default policy");
+    assert!(policy.profile_names().contains(&gw.profile.as_str()));
+}
+
+#[test]
+fn load_without_a_file_is_the_embedded_default() {
+    if Path::new(crate::paths::DEFAULT_CONFIG).exists() {
+        return; // a real installation: load reads it, not the embedded default
+    }
+    let (c, name) = Config::load(None).expect("embedded");
+    assert_eq!(name, DEFAULT_CONFIG_NAME);
+    assert_eq!(c, parse(DEFAULT_CONFIG_TEXT).unwrap());
+}
+
+#[test]
+fn load_reads_a_file_and_reports_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, "[supervisor]\nstate_dir = \"/srv/c\"\n").unwrap();
+    let (c, name) = Config::load(Some(&p)).expect("load");
+    assert_eq!(name, p.display().to_string());
+    assert_eq!(c.state_dir, PathBuf::from("/srv/c"));
+    assert_eq!(c.gateway, None, "no [gateway] table = no gateway");
+    let missing = dir.path().join("nope.toml");
+    let e = Config::load(Some(&missing)).expect_err("missing");
+    assert!(matches!(e, ConfigErrors::Read { .. }));
+    assert!(e.to_string().contains("nope.toml"), "{e}");
+    std::fs::write(&p, "[supervisor]\nstate_dir = 5\n").unwrap();
+    let e = Config::load(Some(&p)).expect_err("invalid");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}:2:13: error: ", p.display())),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_full_file() {
+    let c = parse(
+        r#"
+# comment
+[supervisor]
+policy = ["/etc/carapace/a.toml", '/etc/carapace/b.toml']  # merged in order
+state_dir = "/var/lib/c"
+runtime_dir = "/run/c"
+log_format = "json"
+log_level = "debug"
+stop_timeout = 3
+approval_timeout = "5m"
+watchdog = false
+
+[control]
+group = 0
+
+[gateway]
+program = "/opt/gw/bin/gw"
+args = ["--flag", "x y"]
+profile = "gw"
+listen = "[::1]:9000"
+workspace = "/srv/gw"
+restart.initial_delay = "1s"
+restart.max_delay = "1m"
+environment = { RUST_LOG = "debug", "LANG" = "C.UTF-8" }
+
+[channels.tg-1]
+program = "tg"
+[channels.tg-1.restart]
+crash_loop_restarts = 0x0a
+crash_loop_window = "2h"
+
+[channels.mail]
+program = "/usr/lib/carapace/mail"
+profile = "channel-mail"
+"#,
+    )
+    .expect("valid");
+    assert_eq!(
+        c.policy,
+        vec![
+            PathBuf::from("/etc/carapace/a.toml"),
+            PathBuf::from("/etc/carapace/b.toml")
+        ]
+    );
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.log_level, tracing::Level::DEBUG);
+    assert_eq!(c.stop_timeout, Duration::from_secs(3));
+    assert_eq!(c.approval_timeout, Duration::from_secs(300));
+    assert!(!c.watchdog);
+    assert_eq!(c.control_group, Some(0));
+    let gw = c.gateway.clone().unwrap();
+    assert_eq!(gw.args, vec!["--flag", "x y"]);
+    assert_eq!(gw.listen, Some("[::1]:9000".parse().unwrap()));
+    assert_eq!(gw.workspace, PathBuf::from("/srv/gw"));
+    assert_eq!(gw.restart.initial_delay, Duration::from_secs(1));
+    assert_eq!(gw.restart.max_delay, Duration::from_secs(60));
+    assert_eq!(gw.restart.crash_loop_restarts, 5);
+    assert_eq!(
+        gw.environment.get("LANG").map(String::as_str),
+        Some("C.UTF-8")
+    );
+    assert_eq!(
+        gw.resolve_program(Path::new("/usr/bin")),
+        PathBuf::from("/opt/gw/bin/gw")
+    );
+    let tg = &c.channels["tg-1"];
+    assert!(!tg.is_gateway);
+    assert_eq!(tg.profile, "channel");
+    assert_eq!(tg.listen, None);
+    assert_eq!(tg.workspace, PathBuf::from("/var/lib/c/channels/tg-1"));
+    assert_eq!(tg.restart.crash_loop_restarts, 10);
+    assert_eq!(tg.restart.crash_loop_window, Duration::from_secs(7200));
+    assert_eq!(
+        tg.resolve_program(Path::new("/usr/bin")),
+        PathBuf::from("/usr/bin/tg")
+    );
+    assert_eq!(
+        c.children().map(|(n, _)| n).collect::<Vec<_>>(),
+        vec!["gateway", "mail", "tg-1"]
+    );
+}
+
+#[test]
+fn an_empty_file_has_defaults_and_no_gateway() {
+    let c = parse("").unwrap();
+    assert_eq!(c.gateway, None);
+    assert_eq!(c.children().count(), 0);
+    let c = parse("[gateway]\n").unwrap();
+    let gw = c.gateway.unwrap();
+    assert_eq!(gw.program, "carapace-gateway");
+    assert_eq!(gw.listen, Some(DEFAULT_LISTEN.parse().unwrap()));
+    let c = parse("[gateway]\nlisten = \"none\"\n").unwrap();
+    assert_eq!(c.gateway.unwrap().listen, None);
+}
+
+#[test]
+fn unknown_keys_with_suggestions_all_reported() {
+    let e = errors(
+        "[supervisor]\nstate_dri = \"/x\"\nwatchdgo = true\n[gateway]\nprofil = \"g\"\nlisten_addr = \"x\"\n[gateway.restart]\nmax_dealy = 1\n[extra]\n",
+    );
+    assert!(
+        has(
+            &e,
+            "2:1: unknown key `state_dri` in [supervisor]; did you mean `state_dir`?"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "3:1: unknown key `watchdgo` in [supervisor]; did you mean `watchdog`?"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "5:1: unknown key `profil` in [gateway]; did you mean `profile`?"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "6:1: unknown key `listen_addr` in [gateway]"),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "8:1: unknown key `max_dealy` in [gateway] restart; did you mean `max_delay`?"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "9:2: unknown key `extra` in the top level"),
+        "{e:?}"
+    );
+    assert_eq!(e.len(), 6, "{e:?}");
+    // Only a webhook channel listens.
+    let e = errors("[channels.a]\nprogram = \"a\"\nlisten = \"127.0.0.1:1\"\n");
+    assert!(
+        has(
+            &e,
+            "3:1: `listen` is a key of kind = \"webhook\", and [channels.a] has no `kind`"
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn display_is_located_with_expected_and_caret() {
+    let e = parse("[supervisor]\nlog_level = \"loud\"\n").unwrap_err();
+    let s = e.to_string();
+    assert!(
+        s.starts_with("test.toml:2:13: error: unknown log level \"loud\""),
+        "{s}"
+    );
+    assert!(s.contains("expected: one of \"error\", \"warn\""), "{s}");
+    assert!(s.contains("2 | log_level = \"loud\""), "{s}");
+    assert!(s.contains("|             ^"), "{s}");
+}
+
+#[test]
+fn wrong_types() {
+    let e = errors(
+        "supervisor = 1\ncontrol = []\n[gateway]\nprogram = 1\nargs = \"x\"\nallow_non_loopback = \"yes\"\nenvironment = { A = 1 }\nrestart = 3\n",
+    );
+    assert!(
+        has(&e, "1:14: supervisor must be a table, not an integer"),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "2:11: control must be a table, not an array"),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "4:11: invalid type: an integer for `program`"),
+        "{e:?}"
+    );
+    assert!(has(&e, "5:8: invalid type: a string for `args`"), "{e:?}");
+    assert!(
+        has(&e, "6:22: invalid type: a string for `allow_non_loopback`"),
+        "{e:?}"
+    );
+    assert!(has(&e, "7:21: invalid type: an integer for `A`"), "{e:?}");
+    assert!(has(&e, "8:11: [gateway] restart must be a table"), "{e:?}");
+    let e = errors("[supervisor]\npolicy = 3\n[gateway]\nargs = [\"a\", 2]\n");
+    assert!(
+        has(&e, "2:10: invalid type: an integer for `policy`"),
+        "{e:?}"
+    );
+    assert!(has(&e, "4:14: invalid type: an integer in `args`"), "{e:?}");
+}
+
+#[test]
+fn paths_must_be_absolute_and_normalized() {
+    let e = errors(
+        "[supervisor]\npolicy = [\"policy.toml\", \"/etc/../p\"]\nstate_dir = \"var/lib\"\nruntime_dir = \"/run/c/\"\n[gateway]\nworkspace = \"/a//b\"\nprogram = \"bin/gw\"\n",
+    );
+    assert!(
+        has(
+            &e,
+            "2:11: policy file \"policy.toml\": the path is relative"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "2:26: policy file \"/etc/../p\": the path contains a `..` component"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "3:13: `state_dir` = \"var/lib\": the path is relative"),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "4:15: `runtime_dir` = \"/run/c/\": the path ends with `/`"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "6:13: `workspace` = \"/a//b\": the path contains `//`"),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "7:11: `program` = \"bin/gw\": a relative path with `/` is ambiguous"
+        ),
+        "{e:?}"
+    );
+    let e = errors("[supervisor]\nstate_dir = \"/x\"\nruntime_dir = \"/x\"\n");
+    assert!(
+        has(
+            &e,
+            "3:15: `runtime_dir` is the same directory as `state_dir`"
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn listen_addresses() {
+    let e = errors("[gateway]\nlisten = \"0.0.0.0:8750\"\n");
+    assert!(
+        has(
+            &e,
+            "2:10: `listen` = \"0.0.0.0:8750\" is not a loopback address"
+        ),
+        "{e:?}"
+    );
+    let c = parse("[gateway]\nlisten = \"0.0.0.0:8750\"\nallow_non_loopback = true\n").unwrap();
+    assert_eq!(
+        c.gateway.unwrap().listen,
+        Some("0.0.0.0:8750".parse().unwrap())
+    );
+    for bad in ["localhost:8750", "127.0.0.1", "127.0.0.1:99999", ""] {
+        let e = errors(&format!("[gateway]\nlisten = \"{bad}\"\n"));
+        assert!(has(&e, "is not an address and port"), "{bad}: {e:?}");
+    }
+    let e = errors("[gateway]\nlisten = \"127.0.0.1:0\"\n");
+    assert!(has(&e, "port 0"), "{e:?}");
+    assert!(parse("[gateway]\nlisten = \"[::1]:1\"\n").is_ok());
+}
+
+#[test]
+fn durations_and_restart_order() {
+    let e = errors(
+        "[supervisor]\nstop_timeout = \"0s\"\napproval_timeout = \"soon\"\n[gateway.restart]\ninitial_delay = \"10s\"\nmax_delay = \"2s\"\ncrash_loop_restarts = 0\ncrash_loop_window = \"2d\"\n",
+    );
+    assert!(
+        has(&e, "2:16: `stop_timeout`: a duration of 0 is impossible"),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "3:20: `approval_timeout`: `soon` does not start with a number"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "6:13: `max_delay` (2s) is shorter than `initial_delay` (10s)"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "7:23: `crash_loop_restarts` = 0 is out of range"),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "8:21: `crash_loop_window`: unknown duration unit `d`"),
+        "{e:?}"
+    );
+    let e = errors("[supervisor]\nstop_timeout = \"25h\"\napproval_timeout = -1\n");
+    assert!(has(&e, "longer than a day"), "{e:?}");
+    assert!(has(&e, "negative duration -1"), "{e:?}");
+    let c = parse("[gateway.restart]\ninitial_delay = \"250ms\"\nmax_delay = \"250ms\"\n").unwrap();
+    assert_eq!(
+        c.gateway.unwrap().restart.max_delay,
+        Duration::from_millis(250)
+    );
+}
+
+#[test]
+fn channel_names_and_programs() {
+    let e = errors(
+        "[channels.Telegram]\nprogram = \"t\"\n[channels.gateway]\nprogram = \"g\"\n[channels.\"a b\"]\nprogram = \"x\"\n[channels.ok]\nprofile = \"channel\"\n",
+    );
+    assert!(has(&e, "1:11: invalid channel name \"Telegram\""), "{e:?}");
+    assert!(has(&e, "3:11: invalid channel name \"gateway\""), "{e:?}");
+    assert!(has(&e, "5:11: invalid channel name \"a b\""), "{e:?}");
+    assert!(
+        has(&e, "7:11: [channels.ok] has no `kind` and no `program`"),
+        "{e:?}"
+    );
+    let e = errors("channels = 1\n");
+    assert!(has(&e, "channels must be a table"), "{e:?}");
+}
+
+#[test]
+fn workspaces_do_not_overlap() {
+    let e = errors(
+        "[supervisor]\nstate_dir = \"/s\"\n[gateway]\nworkspace = \"/w\"\n[channels.a]\nprogram = \"a\"\nworkspace = \"/w/a\"\n[channels.b]\nprogram = \"b\"\nworkspace = \"/\"\n",
+    );
+    assert!(
+        has(
+            &e,
+            "7:13: the workspace of `a` (/w/a) overlaps the workspace of `gateway`"
+        ),
+        "{e:?}"
+    );
+    assert!(has(&e, "10:13: the workspace of `b` (/) overlaps"), "{e:?}");
+    let e = errors("[supervisor]\nstate_dir = \"/s/state\"\n[gateway]\nworkspace = \"/s\"\n");
+    assert!(
+        has(
+            &e,
+            "4:13: the workspace of `gateway` (/s) contains the supervisor's state"
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn groups() {
+    let c = parse("[control]\ngroup = \"root\"\n").unwrap();
+    assert_eq!(c.control_group, Some(0));
+    assert_eq!(
+        parse("[control]\ngroup = \"1234\"\n")
+            .unwrap()
+            .control_group,
+        Some(1234)
+    );
+    let e = errors("[control]\ngroup = \"no-such-group-carapace\"\n");
+    assert!(
+        has(
+            &e,
+            "2:9: no group named \"no-such-group-carapace\" on this system"
+        ),
+        "{e:?}"
+    );
+    let e = errors("[control]\ngroup = -1\n");
+    assert!(has(&e, "gid -1 is out of range"), "{e:?}");
+    let e = errors("[control]\ngroup = 4294967295\n");
+    assert!(has(&e, "out of range"), "{e:?}");
+    let e = errors("[control]\ngroup = true\n");
+    assert!(has(&e, "invalid type: a boolean for `group`"), "{e:?}");
+}
+
+#[test]
+fn environment_names() {
+    let e = errors(
+        "[gateway.environment]\n\"1X\" = \"a\"\nCARAPACE_BROKER_FD = \"9\"\nOK = \"a\\u0000b\"\n",
+    );
+    assert!(
+        has(&e, "2:1: invalid environment variable name \"1X\""),
+        "{e:?}"
+    );
+    assert!(
+        has(
+            &e,
+            "3:1: `CARAPACE_BROKER_FD`: CARAPACE_* variables are set by the supervisor"
+        ),
+        "{e:?}"
+    );
+    assert!(has(&e, "4:6: the value contains a NUL byte"), "{e:?}");
+}
+
+#[test]
+fn syntax_errors_are_located_and_reported_alone() {
+    let e = errors(
+        "[supervisor\nlog_level = info\nwatchdog = true true\nstate_dir = \"/x\n[[gateway]]\nkey\n",
+    );
+    assert!(has(&e, "1:12: unclosed table"), "{e:?}");
+    assert!(has(&e, "6:4: key with no value"), "{e:?}");
+    // With a syntax error, only syntax errors: no cascade of misplaced keys.
+    let e = errors(
+        "[gateway
+program = \"gw\"
+bogus = 1
+",
+    );
+    assert_eq!(e, vec!["1:9: unclosed table"]);
+}
+
+#[test]
+fn values_of_a_type_no_key_takes_are_located_type_errors() {
+    let e = errors("[supervisor]\nstop_timeout = 1.5\nwatchdog = 1979-05-27\n");
+    assert!(
+        has(&e, "2:16: `stop_timeout`: a float is not a duration"),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "3:12: invalid type: a datetime for `watchdog`"),
+        "{e:?}"
+    );
+    let e = errors("[supervisor]\nstop_timeout = 99999999999999999999\n");
+    assert!(
+        has(
+            &e,
+            "2:16: `99999999999999999999` is not an integer that fits in 64 bits"
+        ),
+        "{e:?}"
+    );
+    let e = errors("[[gateway]]\n");
+    assert!(
+        has(&e, "1:1: gateway must be a table, not an array"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn gateway_settings_tables() {
+    let c = parse(
+        "[gateway]\n[gateway.clients]\nrate_per_second = 5\nburst = 9\nidle_timeout = \"30s\"\n\
+         [gateway.agent]\nbase_url = \"http://127.0.0.1:8080/v1\"\nmodel = \"m\"\n\
+         api_key_secret = \"llm_key\"\nmax_turns = 3\ntoken_budget = 1000\ntimeout = \"5s\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let gw = c.gateway.unwrap_or_else(|| panic!("no gateway"));
+    let v: serde_json::Value =
+        serde_json::from_str(gw.settings.as_deref().unwrap_or("")).unwrap_or_default();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "clients": {"rate_per_second": 5, "burst": 9, "idle_timeout_ms": 30000},
+            "agent": {"base_url": "http://127.0.0.1:8080/v1", "model": "m",
+                      "api_key_secret": "llm_key", "max_turns": 3, "token_budget": 1000,
+                      "timeout_ms": 5000}
+        })
+    );
+    // Without the tables: an empty object (the gateway's defaults, no model).
+    let c = parse("[gateway]\n").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.gateway.and_then(|g| g.settings).as_deref(), Some("{}"));
+    let e = errors(
+        "[gateway.agent]\nmodel = \"\"\nbase = 1\n[gateway.clients]\nburst = 0\nmax_message_bytes = \"1MiB\"\n",
+    );
+    assert!(has(&e, "[gateway.agent] has no `base_url`"), "{e:?}");
+    assert!(has(&e, "2:9: `model` is empty"), "{e:?}");
+    assert!(
+        has(&e, "3:1: unknown key `base` in [gateway.agent]"),
+        "{e:?}"
+    );
+    assert!(has(&e, "5:9: `burst` = 0 is out of range"), "{e:?}");
+    assert!(
+        has(&e, "6:21: invalid type: a string for `max_message_bytes`"),
+        "{e:?}"
+    );
+    for bad in [
+        "ftp://x/v1",
+        "http://user:pw@x/v1",
+        "http://x:0/v1",
+        "http://x/v1?key=1",
+        "https://",
+    ] {
+        let e = errors(&format!(
+            "[gateway.agent]\nmodel = \"m\"\nbase_url = \"{bad}\"\n"
+        ));
+        assert!(has(&e, "3:12: `base_url`"), "{bad}: {e:?}");
+    }
+    let e = errors("[channels.c]\nprogram = \"p\"\nagent = {}\n");
+    assert!(has(&e, "unknown key `agent` in [channels.c]"), "{e:?}");
+}
+
+#[test]
+fn random_mutations_never_panic() {
+    // Deterministic xorshift: the same 3000 mutants of the default file on every run, each
+    // with a few characters deleted, duplicated or replaced by TOML-significant ones.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let base: Vec<char> = DEFAULT_CONFIG_TEXT.chars().collect();
+    let alphabet: Vec<char> = "[]{}=\"',.#\\\n\r\t 0-_xé+:ab1".chars().collect();
+    let (mut ok, mut bad) = (0, 0);
+    for _ in 0..3000 {
+        let mut t = base.clone();
+        for _ in 0..(1 + next() % 4) {
+            let i = (next() as usize) % t.len();
+            match next() % 3 {
+                0 => {
+                    t.remove(i);
+                }
+                1 => {
+                    let c = t[i];
+                    t.insert(i, c);
+                }
+                _ => t[i] = alphabet[(next() as usize) % alphabet.len()],
+            }
+        }
+        let text: String = t.into_iter().collect();
+        match parse(&text) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                // Every error is located inside the file and printable.
+                for d in e.diagnostics() {
+                    assert!(d.line >= 1 && d.line <= text.lines().count() + 1, "{d}");
+                }
+                assert!(!e.to_string().is_empty());
+                bad += 1;
+            }
+        }
+    }
+    assert!(ok > 0 && bad > 0, "mutants: {ok} valid, {bad} invalid");
+}
+
+#[test]
+fn garbage_never_panics() {
+    // Every prefix of a valid file, and some bytes that are not TOML at all.
+    let text = format!("{DEFAULT_CONFIG_TEXT}\n[channels.x]\nprogram = \"é\"\nenvironment = {{ A = \"\\u00e9\" }}\n");
+    for i in 0..text.len() {
+        if text.is_char_boundary(i) {
+            let _ = parse(&text[..i]);
+        }
+    }
+    for junk in [
+        "\"",
+        "'",
+        "[",
+        "{",
+        "a = {",
+        "a = [[[[",
+        "a = \"\\u",
+        "a = \"\\U0011FFFF\"",
+        "a = +",
+        "a = -",
+        "a = 0x",
+        "é = 1",
+        "a.=1",
+        "[a.]",
+        "\u{0}",
+    ] {
+        let _ = parse(junk);
+    }
+    let deep = format!("a = {}{}", "[".repeat(100), "]".repeat(100));
+    let e = errors(&deep);
+    assert!(
+        !e.is_empty() && e.iter().all(|m| m.starts_with("1:")),
+        "{e:?}"
+    );
+    let deep = format!("a = {}{}", "[".repeat(40), "]".repeat(40));
+    assert!(
+        has(&errors(&deep), "nested too deeply"),
+        "{:?}",
+        errors(&deep)
+    );
+}
+
+fn settings_of(c: &ChildConfig) -> serde_json::Value {
+    serde_json::from_str(c.settings.as_deref().expect("settings")).expect("json")
+}
+
+#[test]
+fn built_in_channel_kinds_become_adapter_settings() {
+    let c = parse(
+        r#"
+[channels.tg]
+kind = "telegram"
+profile = "telegram"
+token_secret = "telegram_bot_token"
+api_base = "http://127.0.0.1:9999/"
+poll_timeout = "5s"
+
+[channels.mail]
+kind = "email"
+imap = "imap.example.com:993"
+smtp = "smtp.example.com:587"
+username = "agent@example.com"
+password_secret = "mail_password"
+from = "agent@example.com"
+
+[channels.hook]
+kind = "webhook"
+listen = "127.0.0.1:8751"
+hmac_secret = "hook_key"
+url = "https://hooks.example.com/agent"
+"#,
+    )
+    .expect("valid");
+    let tg = &c.channels["tg"];
+    assert_eq!(tg.program, "carapace-channel");
+    assert_eq!(tg.listen, None);
+    assert_eq!(
+        settings_of(tg),
+        serde_json::json!({"channel": "tg", "state_dir": "/workspace", "kind": "telegram",
+            "api_base": "http://127.0.0.1:9999", "token_secret": "telegram_bot_token",
+            "poll_timeout_ms": 5000})
+    );
+    let mail = settings_of(&c.channels["mail"]);
+    assert_eq!(mail["imap_security"], "tls");
+    assert_eq!(mail["smtp_security"], "starttls");
+    assert_eq!(mail["poll_interval_ms"], 60000);
+    assert_eq!(mail["password_secret"], "mail_password");
+    let hook = &c.channels["hook"];
+    assert_eq!(hook.listen, Some("127.0.0.1:8751".parse().unwrap()));
+    assert_eq!(settings_of(hook)["hmac_secret"], "hook_key");
+    // A channel of the operator's own keeps working without a kind, and gets no settings.
+    let own = parse("[channels.own]\nprogram = \"/opt/a\"\n").expect("valid");
+    assert_eq!(own.channels["own"].settings, None);
+}
+
+#[test]
+fn channel_kind_errors_are_located() {
+    let e = errors("[channels.a]\nkind = \"irc\"\n");
+    assert!(has(&e, "2:8: unknown channel kind \"irc\""), "{e:?}");
+    let e = errors("[channels.a]\nkind = \"telegram\"\n");
+    assert!(has(&e, "1:11: [channels.a] has no `token_secret`"), "{e:?}");
+    let e = errors(
+        "[channels.a]\nkind = \"telegram\"\ntoken_secret = \"t\"\napi_base = \"http://api.telegram.org\"\n",
+    );
+    assert!(
+        has(
+            &e,
+            "4:12: `api_base` = \"http://api.telegram.org\": plain http"
+        ),
+        "{e:?}"
+    );
+    let e = errors(
+        "[channels.m]\nkind = \"email\"\nimap = \"mail.example.com:143\"\nimap_security = \"plain\"\nsmtp = \"mail.example.com\"\nusername = \"u\"\npassword_secret = \"p\"\nfrom = \"nobody\"\n",
+    );
+    assert!(
+        has(&e, "4:17: `imap_security` = \"plain\" for `imap`"),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "5:8: `smtp` = \"mail.example.com\": no `:port`"),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "8:8: `from` = \"nobody\" is not an address"),
+        "{e:?}"
+    );
+    // Plain transport to loopback is fine (a local server, tests).
+    parse("[channels.m]\nkind = \"email\"\nimap = \"127.0.0.1:1143\"\nimap_security = \"plain\"\nsmtp = \"[::1]:2525\"\nsmtp_security = \"plain\"\nusername = \"u\"\npassword_secret = \"p\"\nfrom = \"a@b\"\n")
+        .expect("loopback plain is allowed");
+    let e = errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\n");
+    assert!(has(&e, "1:11: [channels.w] has no `listen`"), "{e:?}");
+    let e =
+        errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\nlisten = \"0.0.0.0:80\"\n");
+    assert!(
+        has(&e, "the webhook would be reachable from the network"),
+        "{e:?}"
+    );
+    // Keys of another kind, or of a kind never named.
+    let e = errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\nlisten = \"127.0.0.1:1\"\ntoken_secret = \"t\"\n");
+    assert!(
+        has(&e, "5:1: unknown key `token_secret` in [channels.w]"),
+        "{e:?}"
+    );
+    let e = errors("[channels.w]\nprogram = \"/opt/a\"\ntoken_secret = \"t\"\n");
+    assert!(
+        has(&e, "3:1: `token_secret` is a key of kind = \"telegram\""),
+        "{e:?}"
+    );
+    let e = errors("[channels.a]\nprogram = \"a\"\nlisten = \"127.0.0.1:1\"\n");
+    assert!(
+        has(&e, "unknown key `listen`") || has(&e, "kind = \"webhook\""),
+        "{e:?}"
+    );
+}
