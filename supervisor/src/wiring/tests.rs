@@ -1,0 +1,106 @@
+//! Unit tests of `wiring`.
+
+use super::*;
+
+fn wiring(config: &str, policy_extra: &str) -> Wiring {
+    let cfg = Config::parse(config, "c.toml").expect("config");
+    let text = format!("{}\n{policy_extra}\n", crate::cli::DEFAULT_POLICY);
+    let policy = Policy::parse(&text, "p.toml").expect("policy");
+    check(&cfg, &policy)
+}
+
+const CONFIG: &str = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "telegram"
+profile = "tg"
+token_secret = "bot"
+api_base = "http://127.0.0.1:8081"
+"#;
+
+const GOOD: &str = r#"
+[secrets.bot]
+why = "bot token"
+file = "/etc/carapace/bot"
+[channels.tg]
+why = "telegram"
+kind = "adapter"
+recipients = []
+reply_to_senders = true
+[profiles.tg]
+why = "adapter"
+extends = "channel"
+[profiles.tg.broker]
+connect = [{ host = "127.0.0.1", port = 8081, allow_private = true, why = "the fake API" }]
+secrets = ["bot"]
+deliver = ["tg"]
+[profiles.agent]
+why = "gateway"
+extends = "gateway"
+[profiles.agent.broker]
+channels = ["tg"]
+"#;
+
+#[test]
+fn a_wired_channel_passes() {
+    assert_eq!(wiring(CONFIG, GOOD), Wiring::default());
+}
+
+#[test]
+fn each_missing_wire_is_named() {
+    let w = wiring(CONFIG, &GOOD.replace("deliver = [\"tg\"]", ""));
+    assert!(
+        w.errors.iter().any(|e| e.contains("does not `deliver`")),
+        "{w:?}"
+    );
+    let w = wiring(CONFIG, &GOOD.replace("secrets = [\"bot\"]", ""));
+    assert!(
+        w.errors
+            .iter()
+            .any(|e| e.contains("may not fetch that secret")),
+        "{w:?}"
+    );
+    let w = wiring(CONFIG, &GOOD.replace("port = 8081", "port = 8082"));
+    assert!(
+        w.errors
+            .iter()
+            .any(|e| e.contains("may not connect to 127.0.0.1:8081")),
+        "{w:?}"
+    );
+    let w = wiring(CONFIG, &GOOD.replace("channels = [\"tg\"]", ""));
+    assert!(w.errors.is_empty(), "{w:?}");
+    assert!(
+        w.warnings.iter().any(|e| e.contains("cannot answer")),
+        "{w:?}"
+    );
+    let file_kind = GOOD.replace(
+        "kind = \"adapter\"\nrecipients = []\nreply_to_senders = true",
+        "kind = \"file\"\npath = \"/tmp/x\"\nrecipients = []",
+    );
+    let w = wiring(CONFIG, &file_kind);
+    assert!(
+        w.errors
+            .iter()
+            .any(|e| e.contains("is not kind = \"adapter\"")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn endpoints_of_each_kind() {
+    let e = |v: serde_json::Value| endpoints(&v);
+    assert_eq!(
+        e(serde_json::json!({"kind": "telegram"})),
+        vec![("api.telegram.org".to_string(), 443)]
+    );
+    assert_eq!(
+        e(serde_json::json!({"kind": "email", "imap": "[::1]:143", "smtp": "m.example:587"})),
+        vec![("[::1]".to_string(), 143), ("m.example".to_string(), 587)]
+    );
+    assert_eq!(
+        e(serde_json::json!({"kind": "webhook", "url": "http://127.0.0.1:9/r"})),
+        vec![("127.0.0.1".to_string(), 9)]
+    );
+    assert!(e(serde_json::json!({"kind": "webhook"})).is_empty());
+}
