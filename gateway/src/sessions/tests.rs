@@ -1,0 +1,210 @@
+//! Unit tests of `sessions`.
+
+use super::*;
+
+fn store() -> (tempfile::TempDir, Sessions) {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sessions::new(d.path());
+    (d, s)
+}
+
+#[test]
+fn names() {
+    for ok in ["a", "chat-1", "A_b", &"x".repeat(64)] {
+        assert!(valid_name(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "../x",
+        "a/b",
+        "a b",
+        ".",
+        "é",
+        &"x".repeat(65),
+        "a.jsonl",
+    ] {
+        assert!(!valid_name(bad), "{bad}");
+    }
+}
+
+#[test]
+fn append_read_list_reset() {
+    let (_d, s) = store();
+    assert!(s.list().unwrap_or_default().is_empty());
+    assert!(s.messages("chat").unwrap_or_default().is_empty());
+    let m1 = json!({"role":"user","content":"hi"});
+    let m2 = json!({"role":"assistant","content":"hello"});
+    s.append_message("chat", &m1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.append_message("chat", &m2)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let u = Usage {
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        total_tokens: 15,
+    };
+    s.append_usage("chat", &u, 1, "done", None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.append_usage("chat", &u, 2, "done", None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.messages("chat").unwrap_or_default(), vec![m1, m2]);
+    let l = s.list().unwrap_or_default();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["name"], "chat");
+    assert_eq!(l[0]["messages"], 2);
+    assert_eq!(l[0]["usage"]["total_tokens"], 30);
+    assert!(s.reset("chat").unwrap_or(false));
+    assert!(!s.reset("chat").unwrap_or(true));
+    assert!(s.list().unwrap_or_default().is_empty());
+}
+
+#[test]
+fn a_torn_line_is_skipped_and_counted() {
+    let (d, s) = store();
+    s.append_message("t", &json!({"role":"user","content":"a"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = d.path().join("sessions/t.jsonl");
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.write_all(b"{\"ts\":\"x\",\"kind\":\"mess")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = s.read("t").unwrap_or_default();
+    assert_eq!((r.lines.len(), r.unreadable), (1, 1));
+    assert_eq!(s.messages("t").unwrap_or_default().len(), 1);
+}
+
+#[test]
+fn bad_names_are_refused_everywhere() {
+    let (_d, s) = store();
+    assert!(matches!(
+        s.read("../etc/passwd"),
+        Err(SessionError::BadName(_))
+    ));
+    assert!(matches!(
+        s.append_message("a/b", &json!({})),
+        Err(SessionError::BadName(_))
+    ));
+    assert!(matches!(s.reset(""), Err(SessionError::BadName(_))));
+}
+
+fn tagged(id: &str, content: &str) -> Value {
+    json!({"kind":"message","message":{"role":"user","content":content},"inbound":{"id":id}})
+}
+fn msg(role: &str, content: Value) -> Value {
+    json!({"kind":"message","message":{"role":role,"content":content}})
+}
+fn usage(id: &str, stopped: &str) -> Value {
+    json!({"kind":"usage","inbound_id":id,"stopped":stopped})
+}
+
+#[test]
+fn inbound_states() {
+    let call = json!({"kind":"message","message":{"role":"assistant","content":null,"tool_calls":[{"id":"c"}]}});
+    let tool = msg("tool", json!("out"));
+    let cases: Vec<(Vec<Value>, InboundState)> = vec![
+        (vec![], InboundState::New),
+        (vec![tagged("b", "x")], InboundState::New),
+        (vec![tagged("a", "x")], InboundState::Started),
+        (
+            vec![tagged("a", "x"), call.clone(), tool.clone()],
+            InboundState::Started,
+        ),
+        // A failed attempt is not an end.
+        (
+            vec![tagged("a", "x"), usage("a", "error")],
+            InboundState::Started,
+        ),
+        (
+            vec![
+                tagged("a", "x"),
+                call.clone(),
+                tool.clone(),
+                msg("assistant", json!("hello")),
+                usage("a", "done"),
+            ],
+            InboundState::Ran {
+                stopped: "done".into(),
+                reply: Some("hello".into()),
+            },
+        ),
+        // Stopped at a limit: no reply text even if some was said on the way.
+        (
+            vec![
+                tagged("a", "x"),
+                json!({"kind":"message","message":{"role":"assistant","content":"let me see","tool_calls":[{"id":"c"}]}}),
+                tool.clone(),
+                usage("a", "turn_limit"),
+            ],
+            InboundState::Ran {
+                stopped: "turn_limit".into(),
+                reply: None,
+            },
+        ),
+        // A final answer stored just before a crash.
+        (
+            vec![tagged("a", "x"), msg("assistant", json!("hi"))],
+            InboundState::Ran {
+                stopped: "done".into(),
+                reply: Some("hi".into()),
+            },
+        ),
+        // The usage line of another message does not end this one.
+        (
+            vec![tagged("a", "x"), call, tool, usage("b", "done")],
+            InboundState::Started,
+        ),
+        (
+            vec![
+                tagged("a", "x"),
+                msg("assistant", json!("hi")),
+                usage("a", "done"),
+                json!({"kind":"inbound_done","inbound_id":"a"}),
+            ],
+            InboundState::Done,
+        ),
+    ];
+    for (lines, want) in cases {
+        assert_eq!(inbound_state(&lines, "a"), want, "{lines:?}");
+    }
+}
+
+#[test]
+fn tagged_lines_are_read_back() {
+    let (_d, s) = store();
+    let mut tag = serde_json::Map::new();
+    tag.insert("inbound".into(), json!({"id": "m1", "seq": 3}));
+    s.append_tagged_message("c", &json!({"role":"user","content":"q"}), &tag)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.append_message("c", &json!({"role":"assistant","content":"a"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.append_usage("c", &Usage::default(), 1, "done", Some("m1"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines = s.read("c").unwrap_or_default().lines;
+    assert_eq!(
+        inbound_state(&lines, "m1"),
+        InboundState::Ran {
+            stopped: "done".into(),
+            reply: Some("a".into())
+        }
+    );
+    s.append_inbound_done("c", "m1", "replied", json!({"status": "queued"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines = s.read("c").unwrap_or_default().lines;
+    assert_eq!(inbound_state(&lines, "m1"), InboundState::Done);
+    assert_eq!(inbound_state(&lines, "m2"), InboundState::New);
+    // Tags only add: they never replace the line's own fields.
+    assert_eq!(lines[0]["kind"], "message");
+    assert_eq!(s.messages("c").unwrap_or_default().len(), 2);
+}
+
+#[test]
+fn content_texts() {
+    assert_eq!(content_text(&json!("a")).as_deref(), Some("a"));
+    assert_eq!(
+        content_text(&json!([{"type":"text","text":"a"},{"type":"image"},{"text":"b"}])).as_deref(),
+        Some("ab")
+    );
+    assert_eq!(content_text(&Value::Null), None);
+}
