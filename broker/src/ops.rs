@@ -431,6 +431,17 @@ pub(crate) struct Audited<'a> {
 }
 
 impl<'a> Audited<'a> {
+    /// The record of `op` on `target`: name the rule that decided ([`AuditOf::by`]), then the
+    /// decision with its outcome and detail (`.allow(..)`, `.deny(..)`, `.ask(..)`,
+    /// `.error(..)`). An op reads decide → record → act, each record one line.
+    pub(crate) fn of(op: &'a str, target: impl Into<String>) -> AuditOf<'a> {
+        AuditOf {
+            op,
+            target: target.into(),
+            rule: None,
+        }
+    }
+
     /// A refusal decided by no rule: `op` on `target`, with the reason in `detail`.
     pub(crate) fn refused(
         op: &'a str,
@@ -438,14 +449,63 @@ impl<'a> Audited<'a> {
         decision: AuditDecision,
         detail: impl Into<String>,
     ) -> Audited<'a> {
+        Audited::of(op, target).decided(decision, "refused", detail)
+    }
+}
+
+/// A record being built: what and on what, and which rule decided (see [`Audited::of`]).
+#[derive(Debug)]
+pub(crate) struct AuditOf<'a> {
+    op: &'a str,
+    target: String,
+    rule: Option<RuleRef>,
+}
+
+impl<'a> AuditOf<'a> {
+    /// The rule that decided (None: no rule, e.g. a refusal before any rule matched).
+    pub(crate) fn by(mut self, rule: Option<RuleRef>) -> AuditOf<'a> {
+        self.rule = rule;
+        self
+    }
+
+    pub(crate) fn decided(
+        self,
+        decision: AuditDecision,
+        outcome: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Audited<'a> {
         Audited {
-            op,
-            target: target.into(),
-            rule: None,
+            op: self.op,
+            target: self.target,
+            rule: self.rule,
             decision,
-            outcome: "refused".into(),
+            outcome: outcome.into(),
             detail: detail.into(),
         }
+    }
+
+    pub(crate) fn allow(
+        self,
+        outcome: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Audited<'a> {
+        self.decided(AuditDecision::Allow, outcome, detail)
+    }
+
+    pub(crate) fn deny(self, outcome: impl Into<String>, detail: impl Into<String>) -> Audited<'a> {
+        self.decided(AuditDecision::Deny, outcome, detail)
+    }
+
+    pub(crate) fn ask(self, outcome: impl Into<String>, detail: impl Into<String>) -> Audited<'a> {
+        self.decided(AuditDecision::Ask, outcome, detail)
+    }
+
+    pub(crate) fn error(
+        self,
+        outcome: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Audited<'a> {
+        self.decided(AuditDecision::Error, outcome, detail)
     }
 }
 
@@ -674,17 +734,13 @@ impl Ops {
             None => Err(self
                 .refuse(
                     who,
-                    Audited {
-                        op,
-                        target: target.to_string(),
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail: format!(
+                    Audited::of(op, target.to_string()).deny(
+                        "refused",
+                        format!(
                             "profile `{}` has no [profiles.{}.broker] section",
                             who.profile, who.profile
                         ),
-                    },
+                    ),
                     ErrorCode::Denied,
                     format!("profile `{}` may not use the broker", who.profile),
                 )

@@ -141,14 +141,10 @@ impl Ops {
                 if let Err(resp) = self
                     .allow(
                         who,
-                        Audited {
-                            op: "auth",
-                            target: format!("token:{}", token.id),
-                            rule: None,
-                            decision: AuditDecision::Allow,
-                            outcome: "verified".into(),
-                            detail: format!("name {}, scope {}", shown(&token.name), token.scope),
-                        },
+                        Audited::of("auth", format!("token:{}", token.id)).allow(
+                            "verified",
+                            format!("name {}, scope {}", shown(&token.name), token.scope),
+                        ),
                     )
                     .await
                 {
@@ -313,14 +309,8 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "approve",
-                    target: target.clone(),
-                    rule: None,
-                    decision: AuditDecision::Allow,
-                    outcome: format!("answering {}", resolution.as_str()),
-                    detail: detail.clone(),
-                },
+                Audited::of("approve", target.clone())
+                    .allow(format!("answering {}", resolution.as_str()), detail.clone()),
             )
             .await
         {
@@ -347,14 +337,8 @@ impl Ops {
                 let _ = self
                     .audit(
                         who,
-                        Audited {
-                            op: "approve",
-                            target,
-                            rule: None,
-                            decision: AuditDecision::Error,
-                            outcome: "not answered".into(),
-                            detail: format!("{e}; {detail}"),
-                        },
+                        Audited::of("approve", target)
+                            .error("not answered", format!("{e}; {detail}")),
                     )
                     .await;
                 Response::err(resolve_code(&e), format!("approve: {e}"))

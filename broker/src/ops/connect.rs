@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use carapace_policy::broker::{is_non_public, ConnectRule};
 
-use crate::audit::AuditDecision;
 use crate::protocol::{ErrorCode, OkReply};
 use crate::server::{Identity, Response};
 
@@ -139,14 +138,8 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "connect",
-                        target: target.clone(),
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail: "no connect rule matches".into(),
-                    },
+                    Audited::of("connect", target.clone())
+                        .deny("refused", "no connect rule matches"),
                     ErrorCode::Denied,
                     format!(
                         "connect to {target}: no rule of profile `{}` allows it",
@@ -162,14 +155,9 @@ impl Ops {
                 return self
                     .refuse(
                         who,
-                        Audited {
-                            op: "connect",
-                            target: target.clone(),
-                            rule: rref,
-                            decision: AuditDecision::Deny,
-                            outcome: "refused".into(),
-                            detail: e.to_string(),
-                        },
+                        Audited::of("connect", target.clone())
+                            .by(rref)
+                            .deny("refused", e.to_string()),
                         ErrorCode::Denied,
                         format!("connect to {target}: {e}"),
                     )
@@ -179,14 +167,9 @@ impl Ops {
                 return self
                     .refuse(
                         who,
-                        Audited {
-                            op: "connect",
-                            target: target.clone(),
-                            rule: rref,
-                            decision: AuditDecision::Error,
-                            outcome: "not resolved".into(),
-                            detail: e.to_string(),
-                        },
+                        Audited::of("connect", target.clone())
+                            .by(rref)
+                            .error("not resolved", e.to_string()),
                         ErrorCode::Unavailable,
                         format!("connect to {target}: {e}"),
                     )
@@ -197,14 +180,10 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "connect",
-                    target: target.clone(),
-                    rule: rref,
-                    decision: AuditDecision::Allow,
-                    outcome: "connecting".into(),
-                    detail: format!("checked addresses: {}", list.join(", ")),
-                },
+                Audited::of("connect", target.clone()).by(rref).allow(
+                    "connecting",
+                    format!("checked addresses: {}", list.join(", ")),
+                ),
             )
             .await
         {

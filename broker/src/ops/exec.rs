@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use carapace_policy::{Approval, ExecRequest};
 
-use crate::audit::AuditDecision;
 use crate::program::OpenedProgram;
 use crate::protocol::{ErrorCode, Event, ExitSummary, OkReply};
 use crate::redact::Redactor;
@@ -117,14 +116,7 @@ impl Ops {
             async move {
                 self.refuse(
                     who,
-                    Audited {
-                        op: "exec",
-                        target,
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail,
-                    },
+                    Audited::of("exec", target).deny("refused", detail),
                     code,
                     message,
                 )
@@ -212,14 +204,9 @@ impl Ops {
                 return self
                     .refuse(
                         who,
-                        Audited {
-                            op: "exec",
-                            target: canon_target.clone(),
-                            rule: rref.or_else(|| rule_ref(0, "no [[exec]] rule matches")),
-                            decision: AuditDecision::Deny,
-                            outcome: "refused".into(),
-                            detail: String::new(),
-                        },
+                        Audited::of("exec", canon_target.clone())
+                            .by(rref.or_else(|| rule_ref(0, "no [[exec]] rule matches")))
+                            .deny("refused", String::new()),
                         ErrorCode::Denied,
                         format!("exec {canon_target}: denied by policy"),
                     )
@@ -232,14 +219,7 @@ impl Ops {
                 return self
                     .refuse(
                         who,
-                        Audited {
-                            op: "exec",
-                            target: canon_target.clone(),
-                            rule: rref,
-                            decision: AuditDecision::Deny,
-                            outcome: "refused".into(),
-                            detail: "needs approval; no approvals service".into(),
-                        },
+                        Audited::of("exec", canon_target.clone()).by(rref).deny("refused", "needs approval; no approvals service"),
                         ErrorCode::Denied,
                         format!("exec {canon_target}: needs an operator's approval and none can be asked"),
                     )
@@ -248,14 +228,9 @@ impl Ops {
             if let Err(resp) = self
                 .allow(
                     who,
-                    Audited {
-                        op: "exec",
-                        target: canon_target.clone(),
-                        rule: rref.clone(),
-                        decision: AuditDecision::Ask,
-                        outcome: "waiting for approval".into(),
-                        detail: String::new(),
-                    },
+                    Audited::of("exec", canon_target.clone())
+                        .by(rref.clone())
+                        .ask("waiting for approval", String::new()),
                 )
                 .await
             {
@@ -279,14 +254,9 @@ impl Ops {
                 return self
                     .refuse(
                         who,
-                        Audited {
-                            op: "exec",
-                            target: canon_target.clone(),
-                            rule: rref,
-                            decision: AuditDecision::Deny,
-                            outcome: "approval refused".into(),
-                            detail: reason.clone(),
-                        },
+                        Audited::of("exec", canon_target.clone())
+                            .by(rref)
+                            .deny("approval refused", reason.clone()),
                         ErrorCode::Denied,
                         format!("exec {canon_target}: not approved: {reason}"),
                     )
@@ -302,14 +272,9 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "exec",
-                    target: canon_target.clone(),
-                    rule: rref,
-                    decision: AuditDecision::Allow,
-                    outcome: "starting".into(),
-                    detail: format!("profile {profile}"),
-                },
+                Audited::of("exec", canon_target.clone())
+                    .by(rref)
+                    .allow("starting", format!("profile {profile}")),
             )
             .await
         {
@@ -330,14 +295,8 @@ impl Ops {
                 let _ = self
                     .audit(
                         who,
-                        Audited {
-                            op: "exec",
-                            target: canon_target.clone(),
-                            rule: None,
-                            decision: AuditDecision::Error,
-                            outcome: "could not start".into(),
-                            detail: e.to_string(),
-                        },
+                        Audited::of("exec", canon_target.clone())
+                            .error("could not start", e.to_string()),
                     )
                     .await;
                 return Response::err(ErrorCode::Unavailable, format!("exec: cannot start: {e}"));

@@ -10,7 +10,6 @@ use carapace_policy::broker::{check_request_path, OpenAccess, SecretSource};
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
-use crate::audit::AuditDecision;
 use crate::protocol::{Access, ErrorCode, OkReply};
 use crate::server::{Identity, Response};
 
@@ -194,14 +193,7 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "open",
-                        target,
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail: format!("bad path: {why}"),
-                    },
+                    Audited::of("open", target).deny("refused", format!("bad path: {why}")),
                     ErrorCode::BadRequest,
                     format!("open: bad path: {why}"),
                 )
@@ -218,14 +210,8 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "open",
-                        target: target.clone(),
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail: "no open rule allows this path with this access".into(),
-                    },
+                    Audited::of("open", target.clone())
+                        .deny("refused", "no open rule allows this path with this access"),
                     ErrorCode::Denied,
                     format!(
                         "open {target}: no rule of profile `{}` allows it",
@@ -237,14 +223,9 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "open",
-                    target: target.clone(),
-                    rule: rule_ref(rule.line, &rule.why),
-                    decision: AuditDecision::Allow,
-                    outcome: "opening".into(),
-                    detail: format!("beneath {}", rule.dir.display()),
-                },
+                Audited::of("open", target.clone())
+                    .by(rule_ref(rule.line, &rule.why))
+                    .allow("opening", format!("beneath {}", rule.dir.display())),
             )
             .await
         {
@@ -295,14 +276,8 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "secret",
-                        target: target.clone(),
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail: "the profile does not name this secret".into(),
-                    },
+                    Audited::of("secret", target.clone())
+                        .deny("refused", "the profile does not name this secret"),
                     ErrorCode::Denied,
                     format!(
                         "secret {target}: not available to profile `{}`",
@@ -319,14 +294,9 @@ impl Ops {
                 return self
                     .refuse(
                         who,
-                        Audited {
-                            op: "secret",
-                            target: target.clone(),
-                            rule: rref,
-                            decision: AuditDecision::Error,
-                            outcome: "not loaded".into(),
-                            detail: e.clone(),
-                        },
+                        Audited::of("secret", target.clone())
+                            .by(rref)
+                            .error("not loaded", e.clone()),
                         ErrorCode::Unavailable,
                         format!("secret {target}: the broker could not load it"),
                     )
@@ -339,14 +309,10 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "secret",
-                    target: target.clone(),
-                    rule: rref,
-                    decision: AuditDecision::Allow,
-                    outcome: "handed over as a sealed memfd".into(),
-                    detail: format!("{} bytes", value.len()),
-                },
+                Audited::of("secret", target.clone()).by(rref).allow(
+                    "handed over as a sealed memfd",
+                    format!("{} bytes", value.len()),
+                ),
             )
             .await
         {

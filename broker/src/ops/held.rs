@@ -166,17 +166,13 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "deliver",
-                        target,
-                        rule,
-                        decision: AuditDecision::Deny,
-                        outcome: "held messages full".into(),
-                        detail: format!(
+                    Audited::of("deliver", target).by(rule).deny(
+                        "held messages full",
+                        format!(
                             "{} messages wait for the operator; not held",
                             self.cfg.inbound_capacity
                         ),
-                    },
+                    ),
                     ErrorCode::Busy,
                     format!(
                         "deliver on {}: {} held messages wait for the operator; keep the \
@@ -189,17 +185,13 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "deliver",
-                    target,
-                    rule,
-                    decision: AuditDecision::Ask,
-                    outcome: "holding".into(),
-                    detail: format!(
+                Audited::of("deliver", target).by(rule).ask(
+                    "holding",
+                    format!(
                         "{} bytes; sender not admitted: held for the operator",
                         message.body.len()
                     ),
-                },
+                ),
             )
             .await
         {
@@ -388,18 +380,14 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "admit",
-                    target,
-                    rule: None,
-                    decision: AuditDecision::Allow,
-                    outcome: format!(
+                Audited::of("admit", target).allow(
+                    format!(
                         "admitting {} {}",
                         shown(id),
                         if always { "for good" } else { "once" }
                     ),
-                    detail: format!("by {by_shown} (as the child claims)"),
-                },
+                    format!("by {by_shown} (as the child claims)"),
+                ),
             )
             .await
         {
@@ -457,14 +445,10 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "drop_held",
-                    target,
-                    rule: None,
-                    decision: AuditDecision::Allow,
-                    outcome: format!("dropping {}", shown(id)),
-                    detail: format!("by {by_shown} (as the child claims)"),
-                },
+                Audited::of("drop_held", target).allow(
+                    format!("dropping {}", shown(id)),
+                    format!("by {by_shown} (as the child claims)"),
+                ),
             )
             .await
         {

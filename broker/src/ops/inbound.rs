@@ -481,14 +481,9 @@ impl Ops {
                 return match self
                     .audit(
                         who,
-                        Audited {
-                            op: "deliver",
-                            target,
-                            rule: rref,
-                            decision: AuditDecision::Allow,
-                            outcome: "duplicate".into(),
-                            detail: format!("message id {id_shown} already taken"),
-                        },
+                        Audited::of("deliver", target)
+                            .by(rref)
+                            .allow("duplicate", format!("message id {id_shown} already taken")),
                     )
                     .await
                 {
@@ -558,17 +553,13 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "deliver",
-                        target,
-                        rule: rref,
-                        decision: AuditDecision::Deny,
-                        outcome: "queue full".into(),
-                        detail: format!(
+                    Audited::of("deliver", target).by(rref).deny(
+                        "queue full",
+                        format!(
                             "{} messages wait for the gateway; not queued",
                             self.cfg.inbound_capacity
                         ),
-                    },
+                    ),
                     ErrorCode::Busy,
                     format!(
                         "deliver on {}: the inbound queue is full ({} messages); keep the \
@@ -581,18 +572,14 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "deliver",
-                    target,
-                    rule: rref,
-                    decision: AuditDecision::Allow,
-                    outcome: "queuing".into(),
-                    detail: format!(
+                Audited::of("deliver", target).by(rref).allow(
+                    "queuing",
+                    format!(
                         "{} bytes; sender admitted by {}",
                         message.body.len(),
                         by_policy.map_or("an operator".to_string(), |g| format!("`{g}`"))
                     ),
-                },
+                ),
             )
             .await
         {

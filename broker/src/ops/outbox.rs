@@ -405,20 +405,16 @@ impl Ops {
                 if let Err(resp) = self
                     .allow(
                         who,
-                        Audited {
-                            op: "outbox_ack",
-                            target,
-                            rule: rref,
-                            decision: AuditDecision::Allow,
-                            outcome: "sent".into(),
-                            detail: format!(
+                        Audited::of("outbox_ack", target).by(rref).allow(
+                            "sent",
+                            format!(
                                 "{id}; attempt {attempt}{}",
                                 service_id.as_deref().map_or(String::new(), |s| format!(
                                     "; service id {}",
                                     shown(s)
                                 ))
                             ),
-                        },
+                        ),
                     )
                     .await
                 {
@@ -456,17 +452,10 @@ impl Ops {
                     if let Err(resp) = self
                         .allow(
                             who,
-                            Audited {
-                                op: "outbox_ack",
-                                target,
-                                rule: rref,
-                                decision: AuditDecision::Allow,
-                                outcome: "retrying".into(),
-                                detail: format!(
+                            Audited::of("outbox_ack", target).by(rref).allow("retrying", format!(
                                     "{id}; attempt {attempt} of {} failed: {error}; again in {delay_ms} ms",
                                     spec.retry.attempts
-                                ),
-                            },
+                                )),
                         )
                         .await
                     {
@@ -502,14 +491,9 @@ impl Ops {
                     if let Err(resp) = self
                         .allow(
                             who,
-                            Audited {
-                                op: "outbox_ack",
-                                target,
-                                rule: rref,
-                                decision: AuditDecision::Deny,
-                                outcome: "dead-lettering".into(),
-                                detail: format!("{id}; {reason}"),
-                            },
+                            Audited::of("outbox_ack", target)
+                                .by(rref)
+                                .deny("dead-lettering", format!("{id}; {reason}")),
                         )
                         .await
                     {

@@ -136,14 +136,8 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "send",
-                        target: target.clone(),
-                        rule: None,
-                        decision: AuditDecision::Deny,
-                        outcome: "refused".into(),
-                        detail: "the profile does not name this channel".into(),
-                    },
+                    Audited::of("send", target.clone())
+                        .deny("refused", "the profile does not name this channel"),
                     ErrorCode::Denied,
                     format!(
                         "send on {}: not a channel of profile `{}`",
@@ -200,14 +194,10 @@ impl Ops {
                 return match self
                     .audit(
                         who,
-                        Audited {
-                            op: "send",
-                            target,
-                            rule: rref,
-                            decision: AuditDecision::Allow,
-                            outcome: "duplicate".into(),
-                            detail: format!("key {key_shown} already taken; nothing sent"),
-                        },
+                        Audited::of("send", target).by(rref).allow(
+                            "duplicate",
+                            format!("key {key_shown} already taken; nothing sent"),
+                        ),
                     )
                     .await
                 {
@@ -227,14 +217,9 @@ impl Ops {
             return self
                 .refuse(
                     who,
-                    Audited {
-                        op: "send",
-                        target: target.clone(),
-                        rule: rref,
-                        decision: AuditDecision::Deny,
-                        outcome: "rate limited".into(),
-                        detail: retry.to_string(),
-                    },
+                    Audited::of("send", target.clone())
+                        .by(rref)
+                        .deny("rate limited", retry.to_string()),
                     ErrorCode::RateLimited,
                     format!("send on {}: {retry}", spec.name),
                 )
@@ -271,14 +256,10 @@ impl Ops {
                     return self
                         .refuse(
                             who,
-                            Audited {
-                                op: "send",
-                                target: target.clone(),
-                                rule: rref,
-                                decision: AuditDecision::Deny,
-                                outcome: "refused; dead-letter queue unavailable".into(),
-                                detail: format!("{reason}; {e}"),
-                            },
+                            Audited::of("send", target.clone()).by(rref).deny(
+                                "refused; dead-letter queue unavailable",
+                                format!("{reason}; {e}"),
+                            ),
                             ErrorCode::Unavailable,
                             format!(
                                 "send on {}: refused ({reason}) and the dead-letter queue failed",
@@ -294,14 +275,9 @@ impl Ops {
             return match self
                 .audit(
                     who,
-                    Audited {
-                        op: "send",
-                        target,
-                        rule: rref,
-                        decision: AuditDecision::Deny,
-                        outcome: format!("dead-lettered {id}"),
-                        detail: reason,
-                    },
+                    Audited::of("send", target)
+                        .by(rref)
+                        .deny(format!("dead-lettered {id}"), reason),
                 )
                 .await
             {
@@ -333,14 +309,9 @@ impl Ops {
                 if let Err(resp) = self
                     .allow(
                         who,
-                        Audited {
-                            op: "send",
-                            target,
-                            rule: rref,
-                            decision: AuditDecision::Allow,
-                            outcome: "queuing".into(),
-                            detail: redactions,
-                        },
+                        Audited::of("send", target)
+                            .by(rref)
+                            .allow("queuing", redactions),
                     )
                     .await
                 {
@@ -385,14 +356,9 @@ impl Ops {
         if let Err(resp) = self
             .allow(
                 who,
-                Audited {
-                    op: "send",
-                    target: target.clone(),
-                    rule: rref,
-                    decision: AuditDecision::Allow,
-                    outcome: "delivering".into(),
-                    detail: redactions,
-                },
+                Audited::of("send", target.clone())
+                    .by(rref)
+                    .allow("delivering", redactions),
             )
             .await
         {
