@@ -193,11 +193,7 @@ impl Approver for Approvals {
     ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
         Box::pin(async move {
             let spec = PendingSpec {
-                identity: Who {
-                    id: q.who.id,
-                    role: q.who.role.as_str().to_string(),
-                    profile: q.who.profile.clone(),
-                },
+                identity: Who::from(&q.who),
                 program: q.program.path().to_path_buf(),
                 argv: q.argv,
                 profile: q.profile,
@@ -665,11 +661,7 @@ impl Ops {
     /// Appends one record (blocking thread, fsync). Err = the record is not on disk.
     pub(crate) async fn audit(&self, who: &Identity, a: Audited<'_>) -> Result<(), String> {
         let rec = AuditRecord {
-            who: Who {
-                id: who.id,
-                role: who.role.as_str().to_string(),
-                profile: who.profile.clone(),
-            },
+            who: Who::from(who),
             op: a.op.to_string(),
             target: a.target,
             rule: a.rule,

@@ -81,6 +81,17 @@ pub struct Identity {
     pub profile: String,
 }
 
+impl From<&Identity> for crate::audit::Who {
+    /// Who a record or a message is from: the peer's id, role and profile.
+    fn from(who: &Identity) -> crate::audit::Who {
+        crate::audit::Who {
+            id: who.id,
+            role: who.role.as_str().to_string(),
+            profile: who.profile.clone(),
+        }
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}({})", self.role.as_str(), self.id, self.profile)

@@ -516,11 +516,7 @@ impl Ops {
             sender: d.sender.clone(),
             body,
             ts: now_rfc3339(),
-            from: Who {
-                id: who.id,
-                role: who.role.as_str().to_string(),
-                profile: who.profile.clone(),
-            },
+            from: Who::from(who),
             id: d.id.clone().unwrap_or_default(),
             conversation,
             reply_to,

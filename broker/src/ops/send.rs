@@ -76,14 +76,6 @@ fn append_line(path: &Path, line: &[u8]) -> std::io::Result<()> {
     f.sync_data()
 }
 
-fn who_of(who: &Identity) -> Who {
-    Who {
-        id: who.id,
-        role: who.role.as_str().to_string(),
-        profile: who.profile.clone(),
-    }
-}
-
 impl Ops {
     fn take_channel_token(&self, spec: &ChannelSpec, id: u64) -> Result<(), RetryAfter> {
         let mut rates = lock(&self.channel_rates);
@@ -240,7 +232,7 @@ impl Ops {
                 recipient: recipient.to_string(),
                 body: clean,
                 reason: reason.clone(),
-                who: who_of(who),
+                who: Who::from(who),
                 ts: now_rfc3339(),
             };
             let dlq = self.dlq.clone();
@@ -324,7 +316,7 @@ impl Ops {
                     key,
                     failures: 0,
                     due_ms: 0,
-                    who: who_of(who),
+                    who: Who::from(who),
                     ts: now_rfc3339(),
                     last_error: None,
                 };
@@ -366,7 +358,7 @@ impl Ops {
         }
         let line = Line {
             ts: now_rfc3339(),
-            from: who_of(who),
+            from: Who::from(who),
             channel: &spec.name,
             recipient,
             body: &delivered,
