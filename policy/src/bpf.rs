@@ -28,9 +28,12 @@
 
 use crate::plan::{mask_of, ArgCondition, BpfInsn};
 
-pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
-pub(crate) const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-pub(crate) const RET_KILL_PROCESS: u32 = 0x8000_0000;
+/// `AUDIT_ARCH_X86_64`: the `arch` of `seccomp_data` for a native x86_64 syscall.
+pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+/// x32 syscalls on x86_64 carry this bit in their number.
+pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+/// `SECCOMP_RET_KILL_PROCESS`.
+pub const RET_KILL_PROCESS: u32 = 0x8000_0000;
 
 pub(crate) const BPF_LD_W_ABS: u16 = 0x20;
 pub(crate) const BPF_JA: u16 = 0x05;
@@ -121,7 +124,7 @@ fn sorted_values(values: &[(String, u32)]) -> Vec<u32> {
 
 /// Why a program could not be emitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum EmitError {
+pub enum EmitError {
     #[error("syscall number {0} is listed twice")]
     Duplicate(u32),
     #[error("syscall number {0:#x} is not below the x32 bit")]

@@ -19,7 +19,7 @@ mod gen_tables;
 mod model;
 pub mod plan;
 mod schema;
-mod seccomp;
+pub mod seccomp;
 mod source;
 pub mod tables;
 mod units;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::bpf::{self, Leaf, Test, BPF_LD_W_ABS};
-pub(crate) use crate::bpf::{AUDIT_ARCH_X86_64, RET_KILL_PROCESS};
+pub use crate::bpf::{EmitError, AUDIT_ARCH_X86_64, RET_KILL_PROCESS, X32_SYSCALL_BIT};
 use crate::plan::{
     ArgCondition, BpfInsn, ConditionalSyscall, SandboxUser, SeccompAction, SeccompPlan, SetidGuard,
 };
@@ -15,7 +15,8 @@ use crate::validate::SeccompSpec;
 
 pub(crate) const RET_ERRNO: u32 = 0x0005_0000;
 pub(crate) const RET_LOG: u32 = 0x7ffc_0000;
-pub(crate) const RET_ALLOW: u32 = 0x7fff_0000;
+/// `SECCOMP_RET_ALLOW`.
+pub const RET_ALLOW: u32 = 0x7fff_0000;
 
 pub(crate) fn ret_value(a: SeccompAction) -> u32 {
     match a {
@@ -86,7 +87,7 @@ fn fifo_only(mode_arg: u8) -> ArgCondition {
 
 /// Why a seccomp filter could not be built.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SeccompCompileError {
+pub enum SeccompCompileError {
     #[error("unknown syscall `{0}`")]
     UnknownSyscall(String),
     #[error("{0}")]
@@ -286,6 +287,18 @@ fn mode_arg(name: &str) -> Option<u8> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, a)| *a)
+}
+
+/// A fixed filter, independent of any policy: the architecture guard (a foreign architecture
+/// or an x32 syscall kills the process), then `allowed_syscalls` (x86_64 names, see
+/// [`crate::tables::syscall_nr`]) allowed and every other syscall given `default`. For
+/// programs of carapace's own whose syscalls are known, such as the sandbox's init.
+pub fn fixed_filter(
+    allowed_syscalls: &[&str],
+    default: SeccompAction,
+) -> Result<Vec<BpfInsn>, SeccompCompileError> {
+    let allowed: Vec<String> = allowed_syscalls.iter().map(|s| s.to_string()).collect();
+    program(default, &allowed, &[], &[])
 }
 
 /// Emit the BPF program for these lists (the plan's own fields).

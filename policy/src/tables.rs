@@ -3,6 +3,14 @@
 
 use crate::gen_tables::{ERRNOS, SYSCALLS};
 
+// The syscall numbers below and the architecture guard of every filter (`bpf.rs`) are x86_64's.
+// Built for another architecture, every filter would kill every program at its first syscall.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "carapace-policy's syscall tables and seccomp filters cover only x86_64; \
+     this target architecture is not supported"
+);
+
 /// Syscalls newer than the build host's UAPI header (which ends at 450), added by hand from the
 /// kernel's arch/x86/entry/syscalls/syscall_64.tbl (Linux 6.6 .. 6.15).
 pub(crate) const SYSCALLS_NEWER: &[(&str, i64)] = &[

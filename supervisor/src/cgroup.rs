@@ -1185,6 +1185,17 @@ pub fn for_run(
     })
 }
 
+/// The ways [`Cgroup::kill_all`] empties a cgroup, in the order it tries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum KillPath {
+    /// v2 `cgroup.kill` (Linux 5.14+): the kernel kills every member at once.
+    CgroupKill,
+    /// v1 freezer: freeze, SIGKILL each member, thaw; nothing forks in between.
+    Freezer,
+    /// SIGKILL each member until none is left; forks are bounded by `pids.max`.
+    Signals,
+}
+
 impl Cgroup {
     /// Create cgroup `name` (unique per run, see [`unique_name`]) with `limits`, beneath our own
     /// cgroup in every hierarchy. Fails closed if a limit cannot be enforced.
@@ -1285,24 +1296,35 @@ impl Cgroup {
     /// Kill every process of the cgroup and wait until it is empty: v2 `cgroup.kill`; else v1
     /// freezer (freeze, SIGKILL each, thaw); else SIGKILL each until empty.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
-        if let Some(v2) = self.leaf(Version::V2, None) {
-            let kill = v2.dir.join("cgroup.kill");
-            if kill.exists() {
-                write_file(&kill, "1")?;
-                return self.wait_empty();
+        self.kill_all_from(KillPath::CgroupKill).map(drop)
+    }
+
+    /// [`kill_all`](Cgroup::kill_all) trying the mechanisms from `first` on (earlier ones are
+    /// skipped); returns the one that emptied the cgroup. Tests use it to reach each path on any
+    /// host.
+    fn kill_all_from(&self, first: KillPath) -> Result<KillPath, CgroupError> {
+        if first <= KillPath::CgroupKill {
+            if let Some(v2) = self.leaf(Version::V2, None) {
+                let kill = v2.dir.join("cgroup.kill");
+                if kill.exists() {
+                    write_file(&kill, "1")?;
+                    return self.wait_empty().map(|()| KillPath::CgroupKill);
+                }
             }
         }
-        if let Some(fz) = self.leaf(Version::V1, Some(Controller::Freezer)) {
-            let state = fz.dir.join("freezer.state");
-            write_file(&state, "FROZEN")?;
-            let frozen = poll(KILL_TIMEOUT, || {
-                fs::read_to_string(&state).is_ok_and(|s| s.trim() == "FROZEN")
-            });
-            let res = self.signal_all();
-            write_file(&state, "THAWED")?;
-            res?;
-            if frozen {
-                return self.wait_empty();
+        if first <= KillPath::Freezer {
+            if let Some(fz) = self.leaf(Version::V1, Some(Controller::Freezer)) {
+                let state = fz.dir.join("freezer.state");
+                write_file(&state, "FROZEN")?;
+                let frozen = poll(KILL_TIMEOUT, || {
+                    fs::read_to_string(&state).is_ok_and(|s| s.trim() == "FROZEN")
+                });
+                let res = self.signal_all();
+                write_file(&state, "THAWED")?;
+                res?;
+                if frozen {
+                    return self.wait_empty().map(|()| KillPath::Freezer);
+                }
             }
         }
         // Fallback: SIGKILL until empty; forks are bounded by pids.max.
@@ -1310,10 +1332,10 @@ impl Cgroup {
         loop {
             self.signal_all()?;
             if poll(Duration::from_millis(20), || self.is_empty()) {
-                return Ok(());
+                return Ok(KillPath::Signals);
             }
             if start.elapsed() > KILL_TIMEOUT {
-                return self.wait_empty();
+                return self.wait_empty().map(|()| KillPath::Signals);
             }
         }
     }
@@ -2259,31 +2281,15 @@ mod tests {
         }
     }
 
-    /// The real layout with the v2 hierarchy hidden, and optionally the v1 freezer too, to
-    /// exercise the v1 kill paths on this machine.
-    fn kill_via(tag: &str, keep_freezer: bool) {
-        let mut layout = Layout::detect().expect("layout");
-        layout.unified = None;
-        if !keep_freezer {
-            layout
-                .v1
-                .retain(|h| !h.controllers.iter().any(|c| c == "freezer"));
-        }
-        if layout.v1.is_empty() {
-            eprintln!("no v1 hierarchy here; v1 kill paths not exercised");
-            return;
-        }
-        let has_freezer = layout.v1_own(Controller::Freezer).is_some();
+    /// In a cgroup made from `layout`, start a child that forks a grandchild, kill them all with
+    /// `kill_all` starting at mechanism `first`, check that both died, the cgroup is empty and a
+    /// freezer used is thawed again; returns the mechanism that emptied the cgroup.
+    fn kill_tree(layout: &Layout, tag: &str, first: KillPath) -> KillPath {
         let cg = layout
             .plan(&test_name(tag), &CgroupLimits::default())
             .expect("plan")
             .apply()
             .expect("apply");
-        assert_eq!(
-            cg.controller_dir(Controller::Freezer).is_some(),
-            has_freezer
-        );
-        // A child that forks a grandchild: both must die.
         let mut child = held("sh -c 'sleep 30 & sleep 30; wait'");
         cg.add_process(child.id() as libc::pid_t).expect("add");
         go(&mut child);
@@ -2292,7 +2298,7 @@ mod tests {
             .map(|p| p.len())
             .unwrap_or(0)
             >= 3));
-        cg.kill_all().expect("kill_all");
+        let used = cg.kill_all_from(first).expect("kill_all");
         assert!(cg.pids().expect("pids").is_empty());
         assert_eq!(child.wait().expect("wait").signal(), Some(libc::SIGKILL));
         if let Some((d, _)) = cg.controller_dir(Controller::Freezer) {
@@ -2300,20 +2306,95 @@ mod tests {
             assert_eq!(state.trim(), "THAWED");
         }
         cg.remove().expect("remove");
+        used
     }
 
+    /// `kill_all`'s paths depend on the host's cgroup layout, and a test that returns early
+    /// where its path is missing passes without testing anything. So none of these returns
+    /// early: each either runs its path and asserts (through [`KillPath`]) that this path, not a
+    /// fallback, emptied the cgroup, or panics naming what the host lacks.
+    /// * `cgroup.kill` is the path of every host with a v2 hierarchy (pure v2 in production,
+    ///   hybrid on the build machines); a host without one fails.
+    /// * Signals are the last resort on every layout; tested everywhere.
+    /// * The v1 freezer can only exist where v1 is mounted; that test is chosen by the layout
+    ///   (see `real_kill_all_v1_freezer_path_per_layout`).
     #[test]
-    fn real_kill_all_via_v1_freezer() {
-        if privileged() {
-            kill_via("freezer", true);
+    fn real_kill_all_via_cgroup_kill() {
+        if !privileged() {
+            return;
+        }
+        let layout = Layout::detect().expect("layout");
+        assert!(
+            layout.unified.is_some(),
+            "no cgroup v2 hierarchy visible: kill_all's cgroup.kill path cannot run here"
+        );
+        assert_eq!(
+            kill_tree(&layout, "v2kill", KillPath::CgroupKill),
+            KillPath::CgroupKill,
+            "a v2 leaf without cgroup.kill (Linux < 5.14?)"
+        );
+    }
+
+    /// The signal fallback, on the detected layout and, where v1 hierarchies exist, on them
+    /// alone without a freezer (what a pure-v1 host without freezer has).
+    #[test]
+    fn real_kill_all_via_signals() {
+        if !privileged() {
+            return;
+        }
+        let layout = Layout::detect().expect("layout");
+        assert_eq!(
+            kill_tree(&layout, "signals", KillPath::Signals),
+            KillPath::Signals
+        );
+        let mut v1_only = layout;
+        v1_only.unified = None;
+        v1_only
+            .v1
+            .retain(|h| !h.controllers.iter().any(|c| c == "freezer"));
+        if !v1_only.v1.is_empty() {
+            assert_eq!(
+                kill_tree(&v1_only, "signals-v1", KillPath::CgroupKill),
+                KillPath::Signals
+            );
         }
     }
 
+    /// The v1 freezer path, chosen by the detected layout (never a silent return):
+    /// * a v1 freezer is mounted (hybrid build machines): with the v2 hierarchy hidden, as on a
+    ///   pure-v1 host, `kill_all` must empty the cgroup through the freezer;
+    /// * no v1 hierarchy at all (pure v2, production): the freezer path is unreachable, and the
+    ///   test asserts exactly that — a cgroup made here has no v1 leaf and `kill_all` takes
+    ///   `cgroup.kill` — which is why its name does not claim the freezer ran;
+    /// * v1 hierarchies but no v1 freezer: a layout this test does not know; it fails.
     #[test]
-    fn real_kill_all_via_signals_without_freezer_or_v2() {
-        if privileged() {
-            kill_via("signals", false);
+    fn real_kill_all_v1_freezer_path_per_layout() {
+        if !privileged() {
+            return;
         }
+        let mut layout = Layout::detect().expect("layout");
+        if layout.v1.is_empty() {
+            eprintln!("pure cgroup v2: asserting the v1 freezer path is unreachable");
+            let cg =
+                Cgroup::create(&test_name("nofreezer"), &CgroupLimits::default()).expect("create");
+            assert!(cg.leaf(Version::V1, None).is_none(), "{:?}", cg.dirs());
+            drop(cg);
+            assert_eq!(
+                kill_tree(&layout, "nofreezer", KillPath::CgroupKill),
+                KillPath::CgroupKill
+            );
+            return;
+        }
+        assert!(
+            layout.v1_own(Controller::Freezer).is_some(),
+            "v1 hierarchies {:?} but no v1 freezer: the freezer path cannot run here",
+            layout.v1
+        );
+        layout.unified = None;
+        assert_eq!(
+            kill_tree(&layout, "freezer", KillPath::CgroupKill),
+            KillPath::Freezer
+        );
     }
 
     use crate::namespaces::{CloneArgs, CLONE_INTO_CGROUP};

@@ -133,12 +133,22 @@ pub fn access_for(rights: FsRights, abi: ABI) -> BitFlags<AccessFs> {
     a & AccessFs::from_all(abi)
 }
 
-fn open_path(path: &Path) -> io::Result<OwnedFd> {
+/// Open `path` `O_PATH` for a rule, and tell whether it is a directory (see [`is_dir`]).
+fn open_path(path: &Path) -> io::Result<(OwnedFd, bool)> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(path)?;
-    Ok(f.into())
+    let dir = is_dir(&f);
+    Ok((f.into(), dir))
+}
+
+/// Whether the object open at `f` is a directory, from `fstat` of the descriptor: the answer
+/// is about the object the rule will name, with no second path lookup that a rename in
+/// between could send elsewhere. Should `fstat` of a descriptor just opened fail, the rule
+/// gets file rights only (fewer than a directory's).
+fn is_dir(f: &std::fs::File) -> bool {
+    f.metadata().is_ok_and(|m| m.is_dir())
 }
 
 /// Build the ruleset for `plan` on a kernel with Landlock ABI `kernel_abi`.
@@ -198,8 +208,8 @@ pub fn prepare(
         let access = access_for(rule.rights, abi);
         let (host, fd, is_dir): (PathBuf, OwnedFd, bool) = match &rule.path {
             LandlockPath::Host(p) => {
-                let fd = match open_path(p) {
-                    Ok(fd) => fd,
+                let (fd, is_dir) = match open_path(p) {
+                    Ok(opened) => opened,
                     // A missing path grants nothing: skipping its rule only removes access.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(source) => {
@@ -209,7 +219,6 @@ pub fn prepare(
                         })
                     }
                 };
-                let is_dir = std::fs::metadata(p).map(|m| m.is_dir()).unwrap_or(false);
                 (p.clone(), fd, is_dir)
             }
             LandlockPath::Workspace => match workspace {
@@ -387,6 +396,26 @@ mod tests {
             prepare(&LandlockPlan { min_abi: 1, ..plan }, None, 0),
             Err(LandlockError::AbiTooOld { .. })
         ));
+    }
+
+    #[test]
+    fn directory_or_file_is_decided_by_the_descriptor_not_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("x");
+        std::fs::create_dir(&p).unwrap();
+        let (_, dir) = open_path(&p).unwrap();
+        assert!(dir);
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(&p)
+            .unwrap();
+        // The path now names a file; the open descriptor still names the directory.
+        std::fs::rename(&p, tmp.path().join("moved")).unwrap();
+        std::fs::write(&p, "").unwrap();
+        assert!(is_dir(&f));
+        let (_, dir) = open_path(&p).unwrap();
+        assert!(!dir);
     }
 
     #[test]

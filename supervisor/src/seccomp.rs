@@ -22,6 +22,8 @@ pub enum SeccompError {
     Empty,
     #[error("seccomp: the plan's filter has {0} instructions, more than the kernel's 4096")]
     TooLong(usize),
+    #[error("seccomp: building the sandbox init's filter: {0}")]
+    InitFilter(#[source] carapace_policy::seccomp::SeccompCompileError),
 }
 
 const BPF_MAXINSNS: usize = 4096;
