@@ -371,7 +371,7 @@ impl Approvals {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Nothing in here panics while holding the lock; if something did, the data is still
         // consistent (every update is a single assignment/insert).
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.inner)
     }
 
     /// Persisted allow-always grants.

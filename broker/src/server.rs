@@ -51,6 +51,7 @@ use crate::protocol::{
     decode_request, encode_event, encode_reply, recv_frame, send_frame, seqpacket_pair, ErrorCode,
     Event, OkReply, Reply, Request, SocketError, MAX_FRAME,
 };
+use crate::sync::lock;
 
 /// What a child is to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -286,11 +287,6 @@ struct Sessions {
     next_key: u64,
     /// The root's service ended: no new sessions, the live ones were aborted.
     closed: bool,
-}
-
-/// Lock, recovering from a poisoned mutex (every critical section leaves the data consistent).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Family {

@@ -45,6 +45,7 @@ use carapace_broker::ops::{
 use carapace_broker::program::OpenedProgram;
 use carapace_broker::protocol::ExitSummary;
 use carapace_broker::server::{Handler, Identity, PeerLimits, RateLimit, Role, Server};
+use carapace_broker::sync::{lock, read, write};
 use carapace_policy::{Policy, Target};
 
 use crate::cgroup::{self, Cgroup};
@@ -217,10 +218,6 @@ fn pidfd_kill(fd: &OwnedFd) {
 }
 
 impl ToolRegistry {
-    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Track the tool whose sandbox init is `pid` (our child, not yet reaped). None when the
     /// registry is closed: the tool was killed at once.
     fn register(&self, pid: libc::pid_t) -> Option<u64> {
@@ -231,7 +228,7 @@ impl ToolRegistry {
         }
         // SAFETY: pidfd_open succeeded: the fd is ours alone.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        let mut v = Self::lock(&self.pidfds);
+        let mut v = lock(&self.pidfds);
         if self.closed.load(Ordering::SeqCst) {
             pidfd_kill(&fd);
             return None;
@@ -242,11 +239,11 @@ impl ToolRegistry {
     }
 
     fn deregister(&self, key: u64) {
-        Self::lock(&self.pidfds).retain(|(k, _)| *k != key);
+        lock(&self.pidfds).retain(|(k, _)| *k != key);
     }
 
     fn add_thread(&self, t: std::thread::JoinHandle<()>) {
-        let mut v = Self::lock(&self.threads);
+        let mut v = lock(&self.threads);
         v.retain(|t| !t.is_finished());
         v.push(t);
     }
@@ -255,7 +252,7 @@ impl ToolRegistry {
     /// reap them and remove their cgroups. Returns how many were killed.
     pub fn kill_all(&self, grace: Duration) -> usize {
         let n = {
-            let v = Self::lock(&self.pidfds);
+            let v = lock(&self.pidfds);
             self.closed.store(true, Ordering::SeqCst);
             for (_, fd) in v.iter() {
                 pidfd_kill(fd);
@@ -263,7 +260,7 @@ impl ToolRegistry {
             v.len()
         };
         let deadline = std::time::Instant::now() + grace;
-        let threads = std::mem::take(&mut *Self::lock(&self.threads));
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             while !t.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
@@ -573,10 +570,7 @@ impl PeerServer {
     /// or the host shuts down. None when no handler is set yet (the fd is then closed).
     pub fn serve(&self, fd: OwnedFd, who: Identity) -> Option<tokio::task::JoinHandle<()>> {
         let handler = self.handler.get()?.clone();
-        let policy = match self.policy.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let policy = read(&self.policy).clone();
         let server = Server::new(handler, peer_limits(&policy, &who.profile));
         let _guard = self.handle.enter();
         Some(server.serve_peer(fd, who))
@@ -705,10 +699,7 @@ impl BrokerHost {
             .map_err(|e| BrokerHostError::Reload {
                 why: crate::cli::error_chain(&e),
             })?;
-        match self.peers.policy.write() {
-            Ok(mut g) => *g = shared,
-            Err(p) => *p.into_inner() = shared,
-        }
+        *write(&self.peers.policy) = shared;
         Ok(())
     }
 
@@ -760,19 +751,13 @@ impl Approver for LoggedApprover {
         );
         let key = (q.who.id, q.argv.clone());
         // A poisoned map only loses reasons shown to the operator.
-        self.reasons
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.clone(), q.why.clone());
+        lock(&self.reasons).insert(key.clone(), q.why.clone());
         let asked = self.approvals.clone().ask(q);
         Box::pin(async move {
             struct Forget(ApprovalReasons, (u64, Vec<String>));
             impl Drop for Forget {
                 fn drop(&mut self) {
-                    self.0
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&self.1);
+                    lock(&self.0).remove(&self.1);
                 }
             }
             let _forget = Forget(self.reasons.clone(), key);
