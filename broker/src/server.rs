@@ -51,6 +51,7 @@ use crate::protocol::{
     decode_request, encode_event, encode_reply, recv_frame, send_frame, seqpacket_pair, ErrorCode,
     Event, OkReply, Reply, Request, SocketError, MAX_FRAME,
 };
+use crate::ratelimit::Bucket;
 use crate::sync::lock;
 
 /// What a child is to the broker.
@@ -294,7 +295,7 @@ impl Family {
         Arc::new(Family {
             sessions: Mutex::new(Sessions::default()),
             in_flight: AtomicUsize::new(0),
-            bucket: Mutex::new(limits.rate.map(Bucket::new)),
+            bucket: Mutex::new(limits.rate.map(|r| Bucket::new(r.per_second, r.burst))),
         })
     }
 }
@@ -346,35 +347,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, AtomicOrdering::AcqRel);
-    }
-}
-
-struct Bucket {
-    rate: RateLimit,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: RateLimit) -> Self {
-        Bucket {
-            rate,
-            tokens: f64::from(rate.burst),
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate.per_second).min(f64::from(self.rate.burst));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -568,7 +540,7 @@ impl PeerState {
         }
         let over_rate = lock(&self.family.bucket)
             .as_mut()
-            .is_some_and(|bucket| !bucket.take());
+            .is_some_and(|bucket| bucket.try_take(Instant::now()).is_err());
         if over_rate {
             return self.reply_error(
                 id,
