@@ -850,13 +850,9 @@ pub struct PendingFile {
 
 /// The operator's answer, `<state>/pending/<key>.answer`: `allow-once`, `allow-always` or
 /// `deny`.
+/// The file holds the word and, as `carapace approvals` writes it, a newline.
 pub fn parse_answer(text: &str) -> Option<Resolution> {
-    match text.trim() {
-        "allow-once" => Some(Resolution::AllowOnce),
-        "allow-always" => Some(Resolution::AllowAlways),
-        "deny" => Some(Resolution::Deny),
-        _ => None,
-    }
+    Resolution::parse(text.trim())
 }
 
 /// Without a control socket (`carapace exec`): `ask` approvals are offered to the operator as

@@ -1166,8 +1166,11 @@ impl ControlHandler for Handler {
             Request::Status => to_value(serde_json::to_value(svc.status())),
             Request::ApprovalsList => to_value(serde_json::to_value(svc.approvals())),
             Request::ApprovalsResolve { id, resolution } => {
-                let r: Resolution = control::parse_resolution(&resolution).ok_or_else(|| {
-                    format!("resolution {resolution:?}: expected allow-once, allow-always or deny")
+                let r = Resolution::parse(&resolution).ok_or_else(|| {
+                    format!(
+                        "resolution {resolution:?}: expected {}",
+                        Resolution::EXPECTED
+                    )
                 })?;
                 let d = svc
                     .host
