@@ -38,6 +38,7 @@ use carapace_broker::approvals::{
 };
 use carapace_broker::audit::AuditLog;
 use carapace_broker::dlq::DeadLetters;
+use carapace_broker::durable::write_atomic;
 use carapace_broker::ops::{
     ApprovalAnswer, ApprovalQuery, Approver, Ops, OpsConfig, SpawnFailure, SpawnHandle,
     SpawnRequest, Spawner,
@@ -1004,34 +1005,26 @@ pub fn write_private<T: serde::Serialize>(
     write_private_bytes(dir, path, &data)
 }
 
-/// Write `data` to `path` (0600, atomically: temporary file + fsync + rename) in `dir`
-/// (created 0700).
+/// Write `data` to `path` in `dir` (created 0700): 0600, atomically and durably
+/// ([`write_atomic`]).
 pub fn write_private_bytes(dir: &Path, path: &Path, data: &[u8]) -> Result<(), BrokerHostError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let err = |syscall, p: &Path, source| BrokerHostError::Io {
-        syscall,
-        path: p.to_path_buf(),
-        source,
-    };
+    use std::os::unix::fs::DirBuilderExt as _;
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(err("mkdir", dir, e)),
+        Err(source) => {
+            return Err(BrokerHostError::Io {
+                syscall: "mkdir",
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| err("open", &tmp, e))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| err("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| err("rename", path, e))
+    write_atomic(path, data).map_err(|e| BrokerHostError::Io {
+        syscall: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
@@ -1098,6 +1091,24 @@ mod tests {
         // Replaced atomically, never through a planted link.
         write_private(&dir, &f, &"x").unwrap();
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "\"x\"");
+        // Nothing but the answer is left in the directory (no temporary file).
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        // A failed write leaves no temporary file either: here the target is a directory.
+        let d = dir.join("2-2.answer");
+        std::fs::create_dir(&d).unwrap();
+        let e = write_private_bytes(&dir, &d, b"deny\n").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BrokerHostError::Io {
+                    syscall: "rename",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
     }
 
     #[test]
