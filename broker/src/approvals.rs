@@ -28,6 +28,7 @@
 //! program replaced between the approval and the start is not what runs.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -172,12 +173,63 @@ struct AskFile {
     expires_unix: u64,
 }
 
-/// The operator's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The operator's answer to a pending approval. One spelling everywhere: the broker protocol's
+/// `approve`, the control socket's `approvals_resolve`, the gateway's `approvals.resolve` and
+/// the answer files of `carapace exec` all say `allow-once`, `allow-always` or `deny`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Resolution {
+    /// Allow this one request.
     AllowOnce,
+    /// Allow it, and persist a grant for this program content, argv and profile.
     AllowAlways,
+    /// Refuse it.
     Deny,
+}
+
+impl Resolution {
+    /// Every answer, in the order messages list them.
+    pub const ALL: [Resolution; 3] = [
+        Resolution::AllowOnce,
+        Resolution::AllowAlways,
+        Resolution::Deny,
+    ];
+
+    /// The accepted spellings, as error messages list them.
+    pub const EXPECTED: &'static str = "allow-once, allow-always or deny";
+
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::AllowOnce => "allow-once",
+            Resolution::AllowAlways => "allow-always",
+            Resolution::Deny => "deny",
+        }
+    }
+
+    /// From its wire name (exactly; no trimming, no other case).
+    pub fn parse(s: &str) -> Option<Resolution> {
+        Resolution::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for Resolution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not one of [`Resolution::EXPECTED`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected {}", Resolution::EXPECTED)]
+pub struct UnknownResolution;
+
+impl std::str::FromStr for Resolution {
+    type Err = UnknownResolution;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Resolution::parse(s).ok_or(UnknownResolution)
+    }
 }
 
 /// How an approval ended.
@@ -371,7 +423,7 @@ impl Approvals {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Nothing in here panics while holding the lock; if something did, the data is still
         // consistent (every update is a single assignment/insert).
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.inner)
     }
 
     /// Persisted allow-always grants.
@@ -682,4 +734,34 @@ fn load_asks(dir: &Path) -> Vec<(Pending, PathBuf)> {
         out.push((pending, f));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolution_spellings_round_trip_and_nothing_else_parses() {
+        let mut listed = Vec::new();
+        for r in Resolution::ALL {
+            assert_eq!(Resolution::parse(r.as_str()), Some(r));
+            assert_eq!(r.as_str().parse::<Resolution>(), Ok(r));
+            assert_eq!(r.to_string(), r.as_str());
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+            assert_eq!(serde_json::from_str::<Resolution>(&json).unwrap(), r);
+            listed.push(r.as_str());
+        }
+        assert_eq!(listed, ["allow-once", "allow-always", "deny"]);
+        assert_eq!(Resolution::EXPECTED, "allow-once, allow-always or deny");
+        for bad in ["allow", "Deny", " deny", "allow_once", "AllowOnce", ""] {
+            assert_eq!(Resolution::parse(bad), None, "{bad:?}");
+            assert_eq!(bad.parse::<Resolution>(), Err(UnknownResolution));
+            assert!(serde_json::from_str::<Resolution>(&format!("{bad:?}")).is_err());
+        }
+        assert_eq!(
+            UnknownResolution.to_string(),
+            "expected allow-once, allow-always or deny"
+        );
+    }
 }

@@ -29,12 +29,12 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::approvals::Resolution;
 use crate::protocol::{
-    decode_server_frame, encode_request, recv_frame, send_frame, Access, AckStatus,
-    ApprovalResolution, DecodeError, DeliverStatus, EncodeError, ErrorBody, ErrorCode, Event,
-    ExitSummary, HeldMessage, InboundMessage, OkReply, OutboundMessage, PendingApproval, Reply,
-    Request, SendOutcome, SendStatus, ServerFrame, SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD,
-    MAX_FRAME,
+    decode_server_frame, encode_request, recv_frame, send_frame, Access, AckStatus, DecodeError,
+    DeliverStatus, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, HeldMessage,
+    InboundMessage, OkReply, OutboundMessage, PendingApproval, Reply, Request, SendOutcome,
+    SendStatus, ServerFrame, SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD, MAX_FRAME,
 };
 use crate::tokens::TokenInfo;
 
@@ -574,11 +574,11 @@ impl Client {
         resolution: &str,
         by: Option<&str>,
     ) -> Result<String, ClientError> {
-        let Some(resolution) = ApprovalResolution::parse(resolution) else {
+        let Some(resolution) = Resolution::parse(resolution) else {
             return Err(ClientError::BadArgument {
                 what: "resolution",
                 value: resolution.chars().take(64).collect(),
-                expected: "allow-once, allow-always or deny",
+                expected: Resolution::EXPECTED,
             });
         };
         let (_, ok, _) = self.call(&Request::Approve {
@@ -949,7 +949,7 @@ mod tests {
             seen.lock().unwrap()[3],
             Request::Approve {
                 approval: 4,
-                resolution: ApprovalResolution::AllowOnce,
+                resolution: Resolution::AllowOnce,
                 by: Some("1f2e3d4c".into())
             }
         );

@@ -27,6 +27,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::sync::lock;
+
 /// A failed durable write or read: what was being done, to which path.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {op}: {source}")]
@@ -352,13 +354,6 @@ impl Spool {
                 sync_dir(dir).map_err(|e| SpoolError::Io(DurableError::new("fsync dir", dir, e)))
             }
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -17,4 +17,5 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod redact;
 pub mod server;
+pub mod sync;
 pub mod tokens;

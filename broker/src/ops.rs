@@ -43,6 +43,7 @@ use crate::protocol::{ErrorCode, ExitSummary, OkReply, Request};
 use crate::ratelimit::Limiter;
 use crate::redact::Redactor;
 use crate::server::{Handler, Identity, Response};
+use crate::sync::{lock, read, write};
 
 mod auth;
 mod channels;
@@ -578,20 +579,14 @@ impl Ops {
     /// Requests already being handled finish under the old one. The inbound queue is kept.
     pub fn reload(&self, policy: Policy) -> Result<(), OpsError> {
         let loaded = Arc::new(Loaded::new(policy, &self.cfg)?);
-        match self.loaded.write() {
-            Ok(mut g) => *g = loaded,
-            Err(p) => *p.into_inner() = loaded,
-        }
+        *write(&self.loaded) = loaded;
         lock(&self.dirs).clear();
         lock(&self.channel_rates).clear();
         Ok(())
     }
 
     fn state(&self) -> Arc<Loaded> {
-        match self.loaded.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        read(&self.loaded).clone()
     }
 
     /// The audit log's last sequence number and head hash (log it somewhere the sandbox
@@ -738,15 +733,6 @@ impl Ops {
                 )
                 .await),
         }
-    }
-}
-
-/// Lock a mutex, recovering the data if a holder panicked (our maps stay consistent: every
-/// update is a single insert/remove).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

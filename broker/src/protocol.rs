@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::approvals::Resolution;
 use crate::audit::Who;
 use crate::tokens::TokenInfo;
 
@@ -75,50 +76,6 @@ impl Access {
     }
 }
 
-/// An answer to a pending approval (`approve`): the spellings of the control socket's
-/// `approvals_resolve`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ApprovalResolution {
-    /// Allow this one request.
-    AllowOnce,
-    /// Allow it, and persist a grant for this program content, argv and profile.
-    AllowAlways,
-    /// Refuse it.
-    Deny,
-}
-
-impl ApprovalResolution {
-    /// Wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApprovalResolution::AllowOnce => "allow-once",
-            ApprovalResolution::AllowAlways => "allow-always",
-            ApprovalResolution::Deny => "deny",
-        }
-    }
-
-    /// From its wire name (`allow-once`, `allow-always`, `deny`).
-    pub fn parse(s: &str) -> Option<ApprovalResolution> {
-        match s {
-            "allow-once" => Some(ApprovalResolution::AllowOnce),
-            "allow-always" => Some(ApprovalResolution::AllowAlways),
-            "deny" => Some(ApprovalResolution::Deny),
-            _ => None,
-        }
-    }
-}
-
-impl From<ApprovalResolution> for crate::approvals::Resolution {
-    fn from(r: ApprovalResolution) -> Self {
-        match r {
-            ApprovalResolution::AllowOnce => crate::approvals::Resolution::AllowOnce,
-            ApprovalResolution::AllowAlways => crate::approvals::Resolution::AllowAlways,
-            ApprovalResolution::Deny => crate::approvals::Resolution::Deny,
-        }
-    }
-}
-
 /// A request from a child. Serialized with the tag `"op"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -163,7 +120,7 @@ pub enum Request {
     /// [`MAX_APPROVE_BY`] characters.
     Approve {
         approval: u64,
-        resolution: ApprovalResolution,
+        resolution: Resolution,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
     },
@@ -1296,26 +1253,23 @@ mod tests {
         });
         req_roundtrip(Request::Approvals {});
         for resolution in [
-            ApprovalResolution::AllowOnce,
-            ApprovalResolution::AllowAlways,
-            ApprovalResolution::Deny,
+            Resolution::AllowOnce,
+            Resolution::AllowAlways,
+            Resolution::Deny,
         ] {
             req_roundtrip(Request::Approve {
                 approval: 7,
                 resolution,
                 by: Some("1f2e3d4c".into()),
             });
-            assert_eq!(
-                ApprovalResolution::parse(resolution.as_str()),
-                Some(resolution)
-            );
+            assert_eq!(Resolution::parse(resolution.as_str()), Some(resolution));
         }
         req_roundtrip(Request::Approve {
             approval: u64::MAX,
-            resolution: ApprovalResolution::Deny,
+            resolution: Resolution::Deny,
             by: None,
         });
-        assert_eq!(ApprovalResolution::parse("allow"), None);
+        assert_eq!(Resolution::parse("allow"), None);
         req_roundtrip(Request::Deliver {
             channel: "inbox".into(),
             sender: "alice@example.com".into(),
@@ -1747,7 +1701,7 @@ mod tests {
         assert_eq!(
             v(&Request::Approve {
                 approval: 12,
-                resolution: ApprovalResolution::AllowAlways,
+                resolution: Resolution::AllowAlways,
                 by: Some("1f2e3d4c".into())
             }),
             serde_json::json!({"v":1,"id":3,"op":"approve","approval":12,
@@ -1756,7 +1710,7 @@ mod tests {
         assert_eq!(
             v(&Request::Approve {
                 approval: 12,
-                resolution: ApprovalResolution::AllowOnce,
+                resolution: Resolution::AllowOnce,
                 by: None
             }),
             serde_json::json!({"v":1,"id":3,"op":"approve","approval":12,
@@ -1771,7 +1725,7 @@ mod tests {
             f.request,
             Request::Approve {
                 approval: 2,
-                resolution: ApprovalResolution::Deny,
+                resolution: Resolution::Deny,
                 by: Some("x".into())
             }
         );

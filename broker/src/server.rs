@@ -51,6 +51,8 @@ use crate::protocol::{
     decode_request, encode_event, encode_reply, recv_frame, send_frame, seqpacket_pair, ErrorCode,
     Event, OkReply, Reply, Request, SocketError, MAX_FRAME,
 };
+use crate::ratelimit::Bucket;
+use crate::sync::lock;
 
 /// What a child is to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -299,17 +301,12 @@ struct Sessions {
     closed: bool,
 }
 
-/// Lock, recovering from a poisoned mutex (every critical section leaves the data consistent).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Family {
     fn new(limits: &PeerLimits) -> Arc<Family> {
         Arc::new(Family {
             sessions: Mutex::new(Sessions::default()),
             in_flight: AtomicUsize::new(0),
-            bucket: Mutex::new(limits.rate.map(Bucket::new)),
+            bucket: Mutex::new(limits.rate.map(|r| Bucket::new(r.per_second, r.burst))),
         })
     }
 }
@@ -361,35 +358,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, AtomicOrdering::AcqRel);
-    }
-}
-
-struct Bucket {
-    rate: RateLimit,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: RateLimit) -> Self {
-        Bucket {
-            rate,
-            tokens: f64::from(rate.burst),
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate.per_second).min(f64::from(self.rate.burst));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -583,7 +551,7 @@ impl PeerState {
         }
         let over_rate = lock(&self.family.bucket)
             .as_mut()
-            .is_some_and(|bucket| !bucket.take());
+            .is_some_and(|bucket| bucket.try_take(Instant::now()).is_err());
         if over_rate {
             return self.reply_error(
                 id,

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use carapace_broker::client::DeliverReply;
 use carapace_broker::protocol::{AckStatus, ErrorCode, OutboundMessage, SendOutcome};
+use carapace_broker::sync::lock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -91,7 +92,7 @@ impl<B: BrokerApi> Ctx<B> {
     pub async fn report(&self, connected: bool, error: Option<String>) {
         let state = (connected, error);
         {
-            let mut last = self.health.last.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = lock(&self.health.last);
             if last.as_ref() == Some(&state) {
                 return;
             }
@@ -105,7 +106,7 @@ impl<B: BrokerApi> Ctx<B> {
         if let Err(e) = self.broker.channel_state(state.0, state.1).await {
             tracing::warn!(channel = %self.channel, error = %e, "channel_state not taken");
             // Say it again next time.
-            *self.health.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *lock(&self.health.last) = None;
         }
     }
 

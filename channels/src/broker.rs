@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use carapace_broker::client::{AckReply, Client, ClientError, DeliverArgs, DeliverReply};
 use carapace_broker::protocol::{ErrorCode, OutboundMessage, SendOutcome};
+use carapace_broker::sync::lock;
 use tokio::sync::Semaphore;
 
 /// Broker calls in flight at once (each on its own session).
@@ -195,10 +196,7 @@ impl Broker {
                     op,
                     why: "the session pool is closed".into(),
                 })?;
-        let idle = match self.idle.lock() {
-            Ok(mut g) => g.pop(),
-            Err(p) => p.into_inner().pop(),
-        };
+        let idle = lock(&self.idle).pop();
         let shared = match idle {
             Some(_) => None,
             None => Some(self.shared.try_clone().map_err(|e| BrokerError::Task {
@@ -229,10 +227,7 @@ impl Broker {
             Err(e) => e.code().is_some(),
         };
         if let (Some(c), true) = (client, healthy) {
-            match self.idle.lock() {
-                Ok(mut g) => g.push(c),
-                Err(p) => p.into_inner().push(c),
-            }
+            lock(&self.idle).push(c);
         }
         res.map_err(|e| BrokerError::from_client(op, e))
     }
@@ -350,7 +345,7 @@ pub mod fake {
         }
 
         pub fn st(&self) -> std::sync::MutexGuard<'_, FakeState> {
-            self.state.lock().unwrap_or_else(|p| p.into_inner())
+            lock(&self.state)
         }
     }
 

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use carapace_broker::protocol::OutboundMessage;
+use carapace_broker::sync::lock;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -446,10 +447,7 @@ impl<B: BrokerApi> Source for Poller<B> {
                     chat_id,
                     message_id,
                 } => {
-                    self.received
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remember(&inbound.id, chat_id, message_id);
+                    lock(&self.received).remember(&inbound.id, chat_id, message_id);
                     Some(inbound)
                 }
                 Item::Skip(why) => {
@@ -480,16 +478,11 @@ pub struct Sender<B> {
 
 impl<B: BrokerApi> Sender<B> {
     fn progress_of(&self, id: &str) -> usize {
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
-            .unwrap_or(0)
+        lock(&self.progress).get(id).copied().unwrap_or(0)
     }
 
     fn set_progress(&self, id: &str, done: Option<usize>) {
-        let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = lock(&self.progress);
         match done {
             Some(n) => {
                 if p.len() >= REMEMBERED && !p.contains_key(id) {
@@ -518,7 +511,7 @@ impl<B: BrokerApi> Outlet for Sender<B> {
             Err(_) => json!(msg.recipient),
         };
         let reply_to = msg.in_reply_to.as_deref().and_then(|id| {
-            let r = self.received.lock().unwrap_or_else(|p| p.into_inner());
+            let r = lock(&self.received);
             r.by_id
                 .get(id)
                 .filter(|(chat, _)| chat.to_string() == msg.recipient)

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use carapace_broker::ratelimit::Limiter;
+use carapace_broker::sync::lock;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 
@@ -50,10 +51,7 @@ impl App {
 
     /// Take one call from the caller's bucket.
     pub fn take_rate(&self, caller: &Caller) -> Result<(), RpcError> {
-        let mut g = match self.rates.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = lock(&self.rates);
         g.try_take(&caller.token_id, Instant::now())
             .map_err(|r| RpcError::new(Kind::RateLimited, format!("this token is {r}")))
     }

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use carapace_broker::ratelimit::Bucket;
+use carapace_broker::sync::lock;
 use carapace_broker::tokens::{Scope, TokenInfo};
 use sha2::{Digest, Sha256};
 
@@ -100,10 +101,7 @@ const MAX_TRACKED: usize = 4096;
 
 impl FailureLimit {
     fn buckets(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Bucket>> {
-        match self.buckets.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.buckets)
     }
 
     /// Count one failed attempt from `ip`.

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use carapace_broker::client::{Client, ClientError, ExecStarted, SendReply};
 use carapace_broker::protocol::{ExitSummary, HeldMessage, InboundMessage, PendingApproval};
+use carapace_broker::sync::lock;
 use carapace_broker::tokens::TokenInfo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -82,10 +83,7 @@ impl Broker {
             .acquire_owned()
             .await
             .map_err(|_| RpcError::internal("broker pool closed"))?;
-        let idle = match self.idle.lock() {
-            Ok(mut g) => g.pop(),
-            Err(p) => p.into_inner().pop(),
-        };
+        let idle = lock(&self.idle).pop();
         let client = match idle {
             Some(c) => c,
             None => {
@@ -107,10 +105,7 @@ impl Broker {
     /// Give a session back. One that failed at the socket level is dropped instead.
     pub fn put(&self, lease: Lease, healthy: bool) {
         if healthy {
-            match self.idle.lock() {
-                Ok(mut g) => g.push(lease.client),
-                Err(p) => p.into_inner().push(lease.client),
-            }
+            lock(&self.idle).push(lease.client);
         }
     }
 

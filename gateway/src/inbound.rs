@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use carapace_broker::protocol::InboundMessage;
+use carapace_broker::sync::lock;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Notify, Semaphore};
@@ -180,10 +181,7 @@ struct Feed<M> {
 
 impl<M: Queued> Feed<M> {
     fn lock(&self) -> MutexGuard<'_, Lanes<M>> {
-        match self.lanes.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.lanes)
     }
 }
 

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use carapace_broker::sync::lock;
 use serde_json::{json, Value};
 
 use crate::rpc::{Kind, RpcError};
@@ -111,10 +112,7 @@ impl Sessions {
     /// Serialize the writers of one session: hold the guard while appending a run's lines.
     pub async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let m = {
-            let mut g = match self.locks.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut g = lock(&self.locks);
             if g.len() > 1024 {
                 g.retain(|_, m| Arc::strong_count(m) > 1);
             }

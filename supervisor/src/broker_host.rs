@@ -38,6 +38,7 @@ use carapace_broker::approvals::{
 };
 use carapace_broker::audit::AuditLog;
 use carapace_broker::dlq::DeadLetters;
+use carapace_broker::durable::write_atomic;
 use carapace_broker::ops::{
     ApprovalAnswer, ApprovalQuery, Approver, Ops, OpsConfig, SpawnFailure, SpawnHandle,
     SpawnRequest, Spawner,
@@ -45,6 +46,7 @@ use carapace_broker::ops::{
 use carapace_broker::program::OpenedProgram;
 use carapace_broker::protocol::ExitSummary;
 use carapace_broker::server::{Handler, Identity, PeerLimits, RateLimit, Role, Server};
+use carapace_broker::sync::{lock, read, write};
 use carapace_policy::{Policy, Target};
 
 use crate::cgroup::{self, Cgroup};
@@ -217,10 +219,6 @@ fn pidfd_kill(fd: &OwnedFd) {
 }
 
 impl ToolRegistry {
-    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Track the tool whose sandbox init is `pid` (our child, not yet reaped). None when the
     /// registry is closed: the tool was killed at once.
     fn register(&self, pid: libc::pid_t) -> Option<u64> {
@@ -231,7 +229,7 @@ impl ToolRegistry {
         }
         // SAFETY: pidfd_open succeeded: the fd is ours alone.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        let mut v = Self::lock(&self.pidfds);
+        let mut v = lock(&self.pidfds);
         if self.closed.load(Ordering::SeqCst) {
             pidfd_kill(&fd);
             return None;
@@ -242,11 +240,11 @@ impl ToolRegistry {
     }
 
     fn deregister(&self, key: u64) {
-        Self::lock(&self.pidfds).retain(|(k, _)| *k != key);
+        lock(&self.pidfds).retain(|(k, _)| *k != key);
     }
 
     fn add_thread(&self, t: std::thread::JoinHandle<()>) {
-        let mut v = Self::lock(&self.threads);
+        let mut v = lock(&self.threads);
         v.retain(|t| !t.is_finished());
         v.push(t);
     }
@@ -255,7 +253,7 @@ impl ToolRegistry {
     /// reap them and remove their cgroups. Returns how many were killed.
     pub fn kill_all(&self, grace: Duration) -> usize {
         let n = {
-            let v = Self::lock(&self.pidfds);
+            let v = lock(&self.pidfds);
             self.closed.store(true, Ordering::SeqCst);
             for (_, fd) in v.iter() {
                 pidfd_kill(fd);
@@ -263,7 +261,7 @@ impl ToolRegistry {
             v.len()
         };
         let deadline = std::time::Instant::now() + grace;
-        let threads = std::mem::take(&mut *Self::lock(&self.threads));
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             while !t.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
@@ -573,10 +571,7 @@ impl PeerServer {
     /// or the host shuts down. None when no handler is set yet (the fd is then closed).
     pub fn serve(&self, fd: OwnedFd, who: Identity) -> Option<tokio::task::JoinHandle<()>> {
         let handler = self.handler.get()?.clone();
-        let policy = match self.policy.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let policy = read(&self.policy).clone();
         let server = Server::new(handler, peer_limits(&policy, &who.profile));
         let _guard = self.handle.enter();
         Some(server.serve_peer(fd, who))
@@ -705,10 +700,7 @@ impl BrokerHost {
             .map_err(|e| BrokerHostError::Reload {
                 why: crate::cli::error_chain(&e),
             })?;
-        match self.peers.policy.write() {
-            Ok(mut g) => *g = shared,
-            Err(p) => *p.into_inner() = shared,
-        }
+        *write(&self.peers.policy) = shared;
         Ok(())
     }
 
@@ -760,19 +752,13 @@ impl Approver for LoggedApprover {
         );
         let key = (q.who.id, q.argv.clone());
         // A poisoned map only loses reasons shown to the operator.
-        self.reasons
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.clone(), q.why.clone());
+        lock(&self.reasons).insert(key.clone(), q.why.clone());
         let asked = self.approvals.clone().ask(q);
         Box::pin(async move {
             struct Forget(ApprovalReasons, (u64, Vec<String>));
             impl Drop for Forget {
                 fn drop(&mut self) {
-                    self.0
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&self.1);
+                    lock(&self.0).remove(&self.1);
                 }
             }
             let _forget = Forget(self.reasons.clone(), key);
@@ -865,13 +851,9 @@ pub struct PendingFile {
 
 /// The operator's answer, `<state>/pending/<key>.answer`: `allow-once`, `allow-always` or
 /// `deny`.
+/// The file holds the word and, as `carapace approvals` writes it, a newline.
 pub fn parse_answer(text: &str) -> Option<Resolution> {
-    match text.trim() {
-        "allow-once" => Some(Resolution::AllowOnce),
-        "allow-always" => Some(Resolution::AllowAlways),
-        "deny" => Some(Resolution::Deny),
-        _ => None,
-    }
+    Resolution::parse(text.trim())
 }
 
 /// Without a control socket (`carapace exec`): `ask` approvals are offered to the operator as
@@ -1023,34 +1005,26 @@ pub fn write_private<T: serde::Serialize>(
     write_private_bytes(dir, path, &data)
 }
 
-/// Write `data` to `path` (0600, atomically: temporary file + fsync + rename) in `dir`
-/// (created 0700).
+/// Write `data` to `path` in `dir` (created 0700): 0600, atomically and durably
+/// ([`write_atomic`]).
 pub fn write_private_bytes(dir: &Path, path: &Path, data: &[u8]) -> Result<(), BrokerHostError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let err = |syscall, p: &Path, source| BrokerHostError::Io {
-        syscall,
-        path: p.to_path_buf(),
-        source,
-    };
+    use std::os::unix::fs::DirBuilderExt as _;
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(err("mkdir", dir, e)),
+        Err(source) => {
+            return Err(BrokerHostError::Io {
+                syscall: "mkdir",
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| err("open", &tmp, e))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| err("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| err("rename", path, e))
+    write_atomic(path, data).map_err(|e| BrokerHostError::Io {
+        syscall: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
@@ -1117,6 +1091,24 @@ mod tests {
         // Replaced atomically, never through a planted link.
         write_private(&dir, &f, &"x").unwrap();
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "\"x\"");
+        // Nothing but the answer is left in the directory (no temporary file).
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        // A failed write leaves no temporary file either: here the target is a directory.
+        let d = dir.join("2-2.answer");
+        std::fs::create_dir(&d).unwrap();
+        let e = write_private_bytes(&dir, &d, b"deny\n").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BrokerHostError::Io {
+                    syscall: "rename",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
     }
 
     #[test]

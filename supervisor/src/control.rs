@@ -91,7 +91,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-use carapace_broker::approvals::{Grant, Pending, Resolution};
+use carapace_broker::approvals::{Grant, Pending};
 use carapace_broker::audit::Who;
 
 /// Longest request line the server accepts (without its `\n`).
@@ -114,9 +114,6 @@ const MAX_AUDIT_LINE: usize = 1 << 20;
 const MAX_TAIL_BYTES: u64 = 64 << 20;
 /// Most bytes read from the audit log per follow poll.
 const MAX_POLL_BYTES: usize = 4 << 20;
-
-/// The `resolution` values of `approvals_resolve`.
-pub const RESOLUTIONS: [&str; 3] = ["allow-once", "allow-always", "deny"];
 
 /// The op names, in protocol order.
 pub const OPS: [&str; 11] = [
@@ -143,7 +140,7 @@ pub const OPS: [&str; 11] = [
 pub enum Request {
     Status,
     ApprovalsList,
-    /// `resolution`: `allow-once` | `allow-always` | `deny` ([`parse_resolution`]).
+    /// `resolution`: `allow-once` | `allow-always` | `deny` ([`Resolution::parse`](carapace_broker::approvals::Resolution::parse)).
     ApprovalsResolve {
         id: u64,
         resolution: String,
@@ -195,16 +192,6 @@ impl Request {
             Request::AuditTail { .. } => "audit_tail",
             Request::Reload => "reload",
         }
-    }
-}
-
-/// `allow-once` | `allow-always` | `deny` as the broker's [`Resolution`].
-pub fn parse_resolution(s: &str) -> Option<Resolution> {
-    match s {
-        "allow-once" => Some(Resolution::AllowOnce),
-        "allow-always" => Some(Resolution::AllowAlways),
-        "deny" => Some(Resolution::Deny),
-        _ => None,
     }
 }
 
@@ -1545,6 +1532,7 @@ fn last_lines(file: &mut File, len: u64, n: usize) -> io::Result<(Vec<Vec<u8>>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use carapace_broker::approvals::Resolution;
     use std::sync::Mutex;
 
     /// Env var telling [`peer_helper`] to act as an unprivileged client of this socket.
@@ -1811,10 +1799,10 @@ mod tests {
         assert!(parse_request(br#"{"op":"reload","lines":1}"#)
             .unwrap_err()
             .contains("unknown field \"lines\""));
-        for r in RESOLUTIONS {
-            assert!(parse_resolution(r).is_some());
+        for r in Resolution::ALL {
+            assert_eq!(Resolution::parse(r.as_str()), Some(r));
         }
-        assert!(parse_resolution("allow").is_none());
+        assert!(Resolution::parse("allow").is_none());
     }
 
     #[test]

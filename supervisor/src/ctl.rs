@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use carapace_broker::approvals::Resolution;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -1073,12 +1074,12 @@ pub fn approvals_to(a: &ApprovalsArgs, t: &mut Term<'_>) -> i32 {
         ApprovalsCommand::Allow { key, always } => (
             key,
             if *always {
-                "allow-always"
+                Resolution::AllowAlways
             } else {
-                "allow-once"
+                Resolution::AllowOnce
             },
         ),
-        ApprovalsCommand::Deny { key } => (key, "deny"),
+        ApprovalsCommand::Deny { key } => (key, Resolution::Deny),
     };
     match parse_approval_ref(key) {
         Err(msg) => {
@@ -1086,12 +1087,12 @@ pub fn approvals_to(a: &ApprovalsArgs, t: &mut Term<'_>) -> i32 {
             EXIT_USAGE
         }
         Ok(ApprovalRef::ExecKey(k)) => {
-            answer_approval_to(&state.join("pending"), &k, resolution, t)
+            answer_approval_to(&state.join("pending"), &k, resolution.as_str(), t)
         }
         Ok(ApprovalRef::Daemon(id)) => {
             let req = Request::ApprovalsResolve {
                 id,
-                resolution: resolution.to_string(),
+                resolution: resolution.as_str().to_string(),
             };
             match control::call(&socket, &req) {
                 Ok(v) => {

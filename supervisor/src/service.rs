@@ -35,12 +35,13 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use carapace_broker::approvals::Resolution;
 use carapace_broker::audit::rfc3339_utc;
 use carapace_broker::server::Role;
+use carapace_broker::sync::{lock, read, write};
 use carapace_policy::plan::{FsRights, LandlockPath, LandlockRule, Mount};
 use carapace_policy::{Plan, Policy, Target};
 use clap::Args;
@@ -262,10 +263,6 @@ struct Child {
     live: Mutex<Live>,
     wake: Condvar,
     stop: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Send `sig` through a pidfd; false if the process is gone.
@@ -712,17 +709,11 @@ struct Shared {
 
 impl Shared {
     fn policy(&self) -> Arc<Policy> {
-        match self.policy.read() {
-            Ok(g) => g.policy.clone(),
-            Err(p) => p.into_inner().policy.clone(),
-        }
+        read(&self.policy).policy.clone()
     }
 
     fn policy_in_force(&self) -> PolicyInForce {
-        match self.policy.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        read(&self.policy).clone()
     }
 }
 
@@ -1061,10 +1052,7 @@ impl Service {
             .reload((*new.policy).clone())
             .map_err(|e| error_chain(&e))?;
         let sha = new.sha256.clone();
-        match self.shared.policy.write() {
-            Ok(mut g) => *g = new,
-            Err(p) => *p.into_inner() = new,
-        }
+        *write(&self.shared.policy) = new;
         let mut changed = Vec::new();
         for (c, _) in lock(&self.children).iter() {
             if let Some((_, spec)) = specs.iter().find(|(w, _)| *w == c.name) {
@@ -1178,8 +1166,11 @@ impl ControlHandler for Handler {
             Request::Status => to_value(serde_json::to_value(svc.status())),
             Request::ApprovalsList => to_value(serde_json::to_value(svc.approvals())),
             Request::ApprovalsResolve { id, resolution } => {
-                let r: Resolution = control::parse_resolution(&resolution).ok_or_else(|| {
-                    format!("resolution {resolution:?}: expected allow-once, allow-always or deny")
+                let r = Resolution::parse(&resolution).ok_or_else(|| {
+                    format!(
+                        "resolution {resolution:?}: expected {}",
+                        Resolution::EXPECTED
+                    )
                 })?;
                 let d = svc
                     .host

@@ -14,11 +14,10 @@
 
 use std::time::Instant;
 
+use crate::approvals::Resolution;
 use crate::approvals::{ApprovalError, Pending};
 use crate::audit::AuditDecision;
-use crate::protocol::{
-    ApprovalResolution, ErrorCode, OkReply, PendingApproval, MAX_APPROVE_BY, MAX_FRAME,
-};
+use crate::protocol::{ErrorCode, OkReply, PendingApproval, MAX_APPROVE_BY, MAX_FRAME};
 use crate::server::{Identity, Response};
 use crate::tokens::{is_sha256_hex, TokenStore};
 
@@ -213,7 +212,7 @@ impl Ops {
         &self,
         who: &Identity,
         approval: u64,
-        resolution: ApprovalResolution,
+        resolution: Resolution,
         by: Option<String>,
     ) -> Response {
         let target = format!("approval:{approval}");
@@ -316,9 +315,7 @@ impl Ops {
         {
             return resp;
         }
-        let res =
-            tokio::task::spawn_blocking(move || approver.resolve(approval, resolution.into()))
-                .await;
+        let res = tokio::task::spawn_blocking(move || approver.resolve(approval, resolution)).await;
         match res {
             Ok(Ok(decision)) => {
                 tracing::info!(

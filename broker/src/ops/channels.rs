@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::durable::{Journal, JournalError};
 
-use super::{lock, now_rfc3339, Ops};
+use super::{now_rfc3339, Ops};
+use crate::sync::lock;
 
 /// Ids, keys and reply addresses kept per channel.
 pub const RECENT_CAP: usize = 10_000;

@@ -21,7 +21,8 @@ use crate::server::{Identity, Response};
 
 use super::channels::ChannelBook;
 use super::inbound::{encoded_len, ClaimGuard, InboundQueue};
-use super::{lock, now_rfc3339, shown, Audited, Ops};
+use super::{now_rfc3339, shown, Audited, Ops};
+use crate::sync::lock;
 
 /// Why an admission or a drop failed.
 #[derive(Debug, thiserror::Error)]

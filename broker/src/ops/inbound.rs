@@ -42,7 +42,8 @@ use crate::protocol::{
 use crate::server::{Identity, Response};
 
 use super::channels::{ChannelBook, Claim};
-use super::{lock, now_rfc3339, rule_ref, shown, Audited, Ops};
+use super::{now_rfc3339, rule_ref, shown, Audited, Ops};
+use crate::sync::lock;
 
 /// Audit target of `inbound` refusals.
 const QUEUE_TARGET: &str = "inbound queue";

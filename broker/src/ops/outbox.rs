@@ -34,7 +34,8 @@ use crate::protocol::{
 };
 use crate::server::{Identity, Response};
 
-use super::{lock, now_rfc3339, rule_ref, shown, Audited, Ops};
+use super::{now_rfc3339, rule_ref, shown, Audited, Ops};
+use crate::sync::lock;
 
 /// One message in an outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

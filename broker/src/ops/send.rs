@@ -28,7 +28,8 @@ use crate::server::{Identity, Response};
 use super::channels::Claim;
 use super::inbound::{bad_ref, ClaimGuard};
 use super::outbox::OutboxEntry;
-use super::{lock, now_rfc3339, rule_ref, shown, Audited, Ops};
+use super::{now_rfc3339, rule_ref, shown, Audited, Ops};
+use crate::sync::lock;
 
 /// Why a message is dead-lettered instead of delivered, or None. `reply_address`: the
 /// recipient is the reply address of a message queued from an admitted sender of the channel

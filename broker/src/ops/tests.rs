@@ -14,8 +14,7 @@ use carapace_policy::Policy;
 use super::*;
 use crate::approvals::{Approvals, Resolution};
 use crate::protocol::{
-    encode_reply, Access, ApprovalResolution, ErrorBody, Event, PendingApproval, Reply, SendStatus,
-    MAX_FRAME,
+    encode_reply, Access, ErrorBody, Event, PendingApproval, Reply, SendStatus, MAX_FRAME,
 };
 use crate::server::Role;
 use crate::tokens::{token_sha256_hex, Scope, TokenStore};
@@ -1130,10 +1129,7 @@ async fn a_gateway_lists_and_answers_approvals() {
             ErrorCode::Denied,
             "{prof}"
         );
-        let r = env
-            .ops
-            .approve(&w, p.id, ApprovalResolution::AllowOnce, None)
-            .await;
+        let r = env.ops.approve(&w, p.id, Resolution::AllowOnce, None).await;
         assert_eq!(err_of(&r).code, ErrorCode::Denied, "{prof}");
         assert_eq!(last_audit(&env)["decision"], "deny");
     }
@@ -1141,13 +1137,13 @@ async fn a_gateway_lists_and_answers_approvals() {
     // Unknown ids, a bad `by`.
     let r = env
         .ops
-        .approve(&gw, p.id + 100, ApprovalResolution::AllowOnce, None)
+        .approve(&gw, p.id + 100, Resolution::AllowOnce, None)
         .await;
     assert_eq!(err_of(&r).code, ErrorCode::NotFound);
     for by in ["x".repeat(129), "a\nb".to_string()] {
         let r = env
             .ops
-            .approve(&gw, p.id, ApprovalResolution::AllowOnce, Some(by))
+            .approve(&gw, p.id, Resolution::AllowOnce, Some(by))
             .await;
         assert_eq!(err_of(&r).code, ErrorCode::BadRequest);
     }
@@ -1157,12 +1153,7 @@ async fn a_gateway_lists_and_answers_approvals() {
     // The gateway allows it once: the asking exec proceeds.
     let r = env
         .ops
-        .approve(
-            &gw,
-            p.id,
-            ApprovalResolution::AllowOnce,
-            Some("1f2e3d4c".into()),
-        )
+        .approve(&gw, p.id, Resolution::AllowOnce, Some("1f2e3d4c".into()))
         .await;
     assert_eq!(
         ok_of(&r),
@@ -1192,10 +1183,7 @@ async fn a_gateway_lists_and_answers_approvals() {
     assert_eq!(summary.exit, 3);
     assert_eq!(spawner.seen.lock().map(|s| s.len()).unwrap_or(0), 1);
     // Answered: no longer there.
-    let r = env
-        .ops
-        .approve(&gw, p.id, ApprovalResolution::Deny, None)
-        .await;
+    let r = env.ops.approve(&gw, p.id, Resolution::Deny, None).await;
     assert_eq!(err_of(&r).code, ErrorCode::NotFound);
 
     // The gateway's own ask, denied by the gateway: the exec is refused, the audit says whose.
@@ -1207,10 +1195,7 @@ async fn a_gateway_lists_and_answers_approvals() {
     let p2 = wait_pending(&env.ops, &gw).await;
     assert_ne!(p2.id, p.id);
     assert_eq!(p2.who.role, "gateway");
-    let r = env
-        .ops
-        .approve(&gw, p2.id, ApprovalResolution::Deny, None)
-        .await;
+    let r = env.ops.approve(&gw, p2.id, Resolution::Deny, None).await;
     assert_eq!(
         ok_of(&r),
         OkReply::Approve {
@@ -1280,7 +1265,7 @@ async fn approvals_without_an_approver_or_with_the_defaults() {
                 &gw,
                 Request::Approve {
                     approval: 1,
-                    resolution: ApprovalResolution::AllowAlways,
+                    resolution: Resolution::AllowAlways,
                     by: None,
                 },
             )
@@ -1309,10 +1294,7 @@ async fn approvals_without_an_approver_or_with_the_defaults() {
         None,
         Some(Arc::new(ListingApprover { pending: vec![one] })),
     );
-    let r = env
-        .ops
-        .approve(&gw, 5, ApprovalResolution::AllowOnce, None)
-        .await;
+    let r = env.ops.approve(&gw, 5, Resolution::AllowOnce, None).await;
     assert_eq!(err_of(&r).code, ErrorCode::NotFound);
     let lines = audit_lines(&env);
     let decisions: Vec<&str> = lines

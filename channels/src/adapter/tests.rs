@@ -101,7 +101,7 @@ struct Scripted(Mutex<Vec<(String, Answer)>>);
 
 impl Outlet for Scripted {
     async fn send(&self, m: &OutboundMessage) -> Result<Option<String>, ServiceError> {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = carapace_broker::sync::lock(&self.0);
         let i = s.iter().position(|(id, _)| *id == m.id).unwrap_or(0);
         s.remove(i).1
     }

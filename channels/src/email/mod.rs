@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use carapace_broker::protocol::OutboundMessage;
+use carapace_broker::sync::lock;
 use tokio::net::TcpStream;
 
 pub use crate::settings::{EmailSettings, Security};
@@ -304,11 +305,8 @@ impl<D: Dial> ImapSource<D> {
             };
             match to_inbound(&f, validity) {
                 Ok((inbound, parsed)) => {
-                    let remembered = self
-                        .threads
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remember(ThreadInfo::of(&inbound.id, &parsed));
+                    let remembered =
+                        lock(&self.threads).remember(ThreadInfo::of(&inbound.id, &parsed));
                     if let Err(e) = remembered {
                         tracing::warn!(error = %e, "an answer to this message will not be threaded");
                     }
@@ -384,13 +382,10 @@ fn smtp_failure(e: &SmtpError) -> ServiceError {
 
 impl<D: Dial> Outlet for SmtpOutlet<D> {
     async fn send(&self, msg: &OutboundMessage) -> Result<Option<String>, ServiceError> {
-        let thread = msg.in_reply_to.as_deref().and_then(|id| {
-            self.threads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .cloned()
-        });
+        let thread = msg
+            .in_reply_to
+            .as_deref()
+            .and_then(|id| lock(&self.threads).get(id).cloned());
         if msg.in_reply_to.is_some() && thread.is_none() {
             tracing::info!(
                 in_reply_to = msg.in_reply_to.as_deref().unwrap_or(""),

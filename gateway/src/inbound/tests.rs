@@ -26,10 +26,6 @@ fn msg(seq: u64, lane: &'static str) -> Msg {
     Msg { seq, lane }
 }
 
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// The broker's queue as `inbound` serves it: reading after N removes every message up to N
 /// and returns the rest (at most `frame` of them), oldest first.
 struct FakeQueue {
@@ -48,21 +44,21 @@ impl FakeQueue {
         })
     }
     fn push(&self, m: Msg) {
-        locked(&self.queue).push(m);
+        lock(&self.queue).push(m);
     }
     fn afters(&self) -> Vec<u64> {
-        locked(&self.afters).clone()
+        lock(&self.afters).clone()
     }
     fn left(&self) -> Vec<u64> {
-        locked(&self.queue).iter().map(|m| m.seq).collect()
+        lock(&self.queue).iter().map(|m| m.seq).collect()
     }
 }
 
 impl Source<Msg> for FakeQueue {
     async fn read(&self, after: u64, wait_ms: u64) -> Result<Vec<Msg>, RpcError> {
-        locked(&self.afters).push(after);
+        lock(&self.afters).push(after);
         let out: Vec<Msg> = {
-            let mut q = locked(&self.queue);
+            let mut q = lock(&self.queue);
             q.retain(|m| m.seq > after);
             q.iter().take(self.frame).cloned().collect()
         };
@@ -112,7 +108,7 @@ impl FakeAgent {
         }
     }
     fn steps(&self) -> Vec<Step> {
-        locked(&self.steps).clone()
+        lock(&self.steps).clone()
     }
     fn finished(&self, seq: u64) -> bool {
         self.steps()
@@ -126,15 +122,15 @@ impl FakeAgent {
 
 impl Handler<Msg> for FakeAgent {
     fn announce(&self, m: &Msg) {
-        locked(&self.announced).push(m.seq);
+        lock(&self.announced).push(m.seq);
     }
 
     async fn answer(&self, m: &Msg, attempt: u32) -> Outcome {
         let start = Instant::now();
         {
-            let mut r = locked(&self.running);
+            let mut r = lock(&self.running);
             *r += 1;
-            let mut most = locked(&self.most);
+            let mut most = lock(&self.most);
             *most = (*most).max(*r);
         }
         tokio::time::sleep(self.work).await;
@@ -142,8 +138,8 @@ impl Handler<Msg> for FakeAgent {
             let mut rx = self.gate.subscribe();
             let _ = rx.wait_for(|open| *open).await;
         }
-        *locked(&self.running) -= 1;
-        locked(&self.steps).push(Step {
+        *lock(&self.running) -= 1;
+        lock(&self.steps).push(Step {
             seq: m.seq,
             lane: m.lane.to_string(),
             attempt,
@@ -183,7 +179,7 @@ async fn lanes_keep_their_order_and_run_side_by_side_within_the_bound() {
     let mut seqs: Vec<u64> = steps.iter().map(|s| s.seq).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
-    assert_eq!(locked(&agent.announced).len(), 12);
+    assert_eq!(lock(&agent.announced).len(), 12);
     // Within a lane: in seq order, one after the other.
     for lane in lanes {
         let mut l: Vec<&Step> = steps.iter().filter(|s| s.lane == lane).collect();
@@ -194,7 +190,7 @@ async fn lanes_keep_their_order_and_run_side_by_side_within_the_bound() {
         }
     }
     // Across lanes: side by side, never more than the bound.
-    assert_eq!(*locked(&agent.most), 2);
+    assert_eq!(*lock(&agent.most), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +203,7 @@ async fn one_run_at_a_time_when_the_bound_is_one() {
     let task = tokio::spawn(answer_feed(queue.clone(), agent.clone(), 1));
     until("all are answered", || agent.steps().len() == 6).await;
     task.abort();
-    assert_eq!(*locked(&agent.most), 1);
+    assert_eq!(*lock(&agent.most), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +249,7 @@ async fn the_cursor_stays_below_an_unfinished_message() {
     let afters = queue.afters();
     assert!(afters.windows(2).all(|w| w[0] <= w[1]), "{afters:?}");
     assert_eq!(agent.steps().len(), 5);
-    assert_eq!(*locked(&agent.announced), vec![1, 2, 3, 4, 5]);
+    assert_eq!(*lock(&agent.announced), vec![1, 2, 3, 4, 5]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

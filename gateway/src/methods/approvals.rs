@@ -2,6 +2,7 @@
 //! decisions, answered through the broker's `approve` (which the policy must grant the
 //! gateway's profile: `approve = true`).
 
+use carapace_broker::approvals::Resolution;
 use serde_json::{json, Value};
 
 use super::NoParams;
@@ -20,26 +21,6 @@ pub async fn list(app: &App, p: Value) -> Result<Value, RpcError> {
 struct ResolveParams {
     id: u64,
     resolution: Resolution,
-}
-
-#[derive(Debug, Clone, Copy, serde::Deserialize)]
-enum Resolution {
-    #[serde(rename = "allow-once")]
-    AllowOnce,
-    #[serde(rename = "allow-always")]
-    AllowAlways,
-    #[serde(rename = "deny")]
-    Deny,
-}
-
-impl Resolution {
-    fn as_str(self) -> &'static str {
-        match self {
-            Resolution::AllowOnce => "allow-once",
-            Resolution::AllowAlways => "allow-always",
-            Resolution::Deny => "deny",
-        }
-    }
 }
 
 pub async fn resolve(app: &App, caller: &Caller, p: Value) -> Result<Value, RpcError> {
