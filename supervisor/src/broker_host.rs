@@ -288,7 +288,12 @@ pub fn sandbox_cgroup(
 ) -> Result<Option<Cgroup>, String> {
     static SAID: AtomicBool = AtomicBool::new(false);
     let limits = cgroup::for_run(&cgroup::unique_name(prefix), plan, !crate::paths::is_root())
-        .map_err(|e| format!("cannot create the cgroup: {}", crate::cli::error_chain(&e)))?;
+        .map_err(|e| {
+            format!(
+                "cannot create the cgroup: {}",
+                crate::errors::error_chain(&e)
+            )
+        })?;
     if let Some((why, added)) = &limits.fallback {
         if !SAID.swap(true, Ordering::SeqCst) {
             let words: Vec<String> = added.iter().map(crate::rlimits::fallback_words).collect();
@@ -452,7 +457,7 @@ pub fn spawn_tool(
             let launch = match Launch::prepare(&plan, &opts, ctx.target.landlock_abi) {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = started_tx.send(Err(crate::cli::error_chain(&e)));
+                    let _ = started_tx.send(Err(crate::errors::error_chain(&e)));
                     return;
                 }
             };
@@ -466,7 +471,7 @@ pub fn spawn_tool(
             let running = match launch.spawn_with(cg.as_ref(), fds.io(None)) {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = started_tx.send(Err(crate::cli::error_chain(&e)));
+                    let _ = started_tx.send(Err(crate::errors::error_chain(&e)));
                     return;
                 }
             };
@@ -480,7 +485,7 @@ pub fn spawn_tool(
             let report = match report {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!("waiting for a tool: {}", crate::cli::error_chain(&e));
+                    tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(&e));
                     setup_failure()
                 }
             };
@@ -611,12 +616,12 @@ impl BrokerHost {
             why,
         };
         let audit = AuditLog::open(setup.state.audit_log())
-            .map_err(|e| state_err(crate::cli::error_chain(&e)))?;
+            .map_err(|e| state_err(crate::errors::error_chain(&e)))?;
         let dlq = DeadLetters::open(setup.state.dlq())
-            .map_err(|e| state_err(crate::cli::error_chain(&e)))?;
+            .map_err(|e| state_err(crate::errors::error_chain(&e)))?;
         let approvals = Arc::new(
             Approvals::open(&setup.state.root, setup.approval_timeout)
-                .map_err(|e| state_err(crate::cli::error_chain(&e)))?,
+                .map_err(|e| state_err(crate::errors::error_chain(&e)))?,
         );
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -662,7 +667,7 @@ impl BrokerHost {
                     ..OpsConfig::default()
                 },
             )
-            .map_err(|e| state_err(crate::cli::error_chain(&e)))?,
+            .map_err(|e| state_err(crate::errors::error_chain(&e)))?,
         );
         let handler: Arc<dyn Handler> = ops.clone();
         let _ = peers.handler.set(handler);
@@ -698,7 +703,7 @@ impl BrokerHost {
         self.ops
             .reload(policy)
             .map_err(|e| BrokerHostError::Reload {
-                why: crate::cli::error_chain(&e),
+                why: crate::errors::error_chain(&e),
             })?;
         *write(&self.peers.policy) = shared;
         Ok(())
@@ -881,11 +886,7 @@ impl FileApprover {
         q: ApprovalQuery,
         cancelled: &AtomicBool,
     ) -> ApprovalAnswer {
-        let who = carapace_broker::audit::Who {
-            id: q.who.id,
-            role: q.who.role.as_str().to_string(),
-            profile: q.who.profile.clone(),
-        };
+        let who = carapace_broker::audit::Who::from(&q.who);
         let spec = PendingSpec {
             identity: who.clone(),
             program: q.program.path().to_path_buf(),

@@ -2115,7 +2115,8 @@ mod tests {
 
     #[test]
     fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
-        let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default").unwrap();
+        let policy =
+            carapace_policy::Policy::parse(crate::embedded::DEFAULT_POLICY, "default").unwrap();
         let compiled = policy
             .compile("tool", &carapace_policy::Target { landlock_abi: 6 })
             .unwrap();

@@ -22,10 +22,8 @@ use crate::resolve::{self, DEFAULT_PATH};
 use crate::spawn::{ChildIo, Launch, LaunchOptions};
 use carapace_broker::program::OpenedProgram;
 
-/// The embedded default policy (the same text as `policies/default.toml`).
-pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
-/// Name the embedded default policy has in messages.
-pub const DEFAULT_POLICY_NAME: &str = "<embedded default policy: policies/default.toml>";
+use crate::embedded::{DEFAULT_POLICY, DEFAULT_POLICY_NAME};
+use crate::errors::error_chain;
 
 const ABOUT: &str = "Run programs under a kernel-enforced sandbox described by a TOML policy.";
 
@@ -806,21 +804,6 @@ fn write_report(path: &Path, mut file: std::fs::File, text: &str) {
     }
 }
 
-/// An error and its sources, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let t = src.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = src.source();
-    }
-    s
-}
-
 fn check(files: &[PathBuf]) -> i32 {
     let mut failed = false;
     for f in files {
@@ -1107,26 +1090,5 @@ mod tests {
             &target
         )
         .is_err());
-    }
-
-    #[test]
-    fn default_policy_text_matches_the_file() {
-        let file = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../policies/default.toml"
-        ))
-        .unwrap();
-        assert_eq!(file, DEFAULT_POLICY);
-    }
-
-    #[test]
-    fn error_chain_joins_sources() {
-        let e = crate::spawn::SpawnError::Sys {
-            syscall: "clone",
-            source: std::io::Error::from_raw_os_error(libc::EPERM),
-        };
-        let s = error_chain(&e);
-        assert!(s.starts_with("clone: "), "{s}");
-        assert_eq!(s.matches("Operation not permitted").count(), 1, "{s}");
     }
 }

@@ -16,11 +16,11 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use crate::broker_host::{write_private_bytes, PendingFile};
-use crate::cli::error_chain;
 use crate::control::{
     self, Admitted, ApprovalsList, ControlError, DlqLetter, DlqList, HeldList, ReloadReport,
     Request, Resolved, StatusReport,
 };
+use crate::errors::error_chain;
 
 /// Exit status: done.
 pub const EXIT_OK: i32 = 0;

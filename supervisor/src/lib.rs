@@ -12,6 +12,8 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod embedded;
+pub mod errors;
 pub mod fds;
 pub mod init;
 pub mod landlock;

@@ -189,7 +189,7 @@ impl Visit for Fields {
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         // The error and its causes.
-        self.push(field, crate::cli::error_chain(value).into());
+        self.push(field, crate::errors::error_chain(value).into());
     }
 }
 

@@ -52,9 +52,9 @@ use crate::broker_host::{
     ToolContext,
 };
 use crate::cgroup::{self, Cgroup};
-use crate::cli::error_chain;
 use crate::config::{ChildConfig, Config};
 use crate::control::{self, ControlHandler, ControlServer, Request};
+use crate::errors::error_chain;
 use crate::namespaces::RunAs;
 use crate::report::ExitReport;
 use crate::sdnotify::{self, Notifier};
@@ -750,8 +750,8 @@ impl std::fmt::Debug for Service {
 fn load_policy(cfg: &Config) -> Result<PolicyInForce, String> {
     let (text, name): (String, String) = match cfg.policy.as_slice() {
         [] => (
-            crate::cli::DEFAULT_POLICY.to_string(),
-            crate::cli::DEFAULT_POLICY_NAME.to_string(),
+            crate::embedded::DEFAULT_POLICY.to_string(),
+            crate::embedded::DEFAULT_POLICY_NAME.to_string(),
         ),
         [one] => (
             std::fs::read_to_string(one)
@@ -1535,7 +1535,7 @@ mod tests {
 
     #[test]
     fn a_program_outside_every_mount_is_bound_alone() {
-        let policy = Policy::parse(crate::cli::DEFAULT_POLICY, "default").unwrap();
+        let policy = Policy::parse(crate::embedded::DEFAULT_POLICY, "default").unwrap();
         let mut plan = policy
             .compile("gateway", &Target { landlock_abi: 6 })
             .unwrap();

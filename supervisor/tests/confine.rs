@@ -261,7 +261,7 @@ fn setid_bits_cannot_be_planted_in_the_workspace() {
     // filter carries the set-id guard. The hand plan with the default policy's compiled filter
     // (which allows chmod, creat, open...) must refuse set-id modes.
     let policy =
-        carapace_policy::Policy::parse(carapace_supervisor::cli::DEFAULT_POLICY, "default")
+        carapace_policy::Policy::parse(carapace_supervisor::embedded::DEFAULT_POLICY, "default")
             .expect("default policy");
     let compiled = policy
         .compile("tool", &carapace_policy::Target { landlock_abi: 6 })

@@ -47,7 +47,7 @@ fn embedded_default_parses() {
         vec!["gateway"]
     );
     // The embedded default policy has the profile the default gateway runs under.
-    let policy = carapace_policy::Policy::parse(crate::cli::DEFAULT_POLICY, "default")
+    let policy = carapace_policy::Policy::parse(crate::embedded::DEFAULT_POLICY, "default")
         .expect("default policy");
     assert!(policy.profile_names().contains(&gw.profile.as_str()));
 }

@@ -4,7 +4,7 @@ use super::*;
 
 fn wiring(config: &str, policy_extra: &str) -> Wiring {
     let cfg = Config::parse(config, "c.toml").expect("config");
-    let text = format!("{}\n{policy_extra}\n", crate::cli::DEFAULT_POLICY);
+    let text = format!("{}\n{policy_extra}\n", crate::embedded::DEFAULT_POLICY);
     let policy = Policy::parse(&text, "p.toml").expect("policy");
     check(&cfg, &policy)
 }
