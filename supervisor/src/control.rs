@@ -115,19 +115,21 @@ const MAX_TAIL_BYTES: u64 = 64 << 20;
 /// Most bytes read from the audit log per follow poll.
 const MAX_POLL_BYTES: usize = 4 << 20;
 
-/// The op names, in protocol order.
-pub const OPS: [&str; 11] = [
-    "status",
-    "approvals_list",
-    "approvals_resolve",
-    "dlq_list",
-    "dlq_release",
-    "dlq_drop",
-    "held_list",
-    "held_admit",
-    "held_drop",
-    "audit_tail",
-    "reload",
+/// Every op, in protocol order, with the fields it takes besides `op`: the one table that
+/// request decoding checks names and fields against ([`Request`] is its typed form; a test
+/// holds the two equal).
+pub const OPS: &[(&str, &[&str])] = &[
+    ("status", &[]),
+    ("approvals_list", &[]),
+    ("approvals_resolve", &["id", "resolution"]),
+    ("dlq_list", &[]),
+    ("dlq_release", &["id"]),
+    ("dlq_drop", &["id"]),
+    ("held_list", &[]),
+    ("held_admit", &["id", "always"]),
+    ("held_drop", &["id"]),
+    ("audit_tail", &["lines", "follow"]),
+    ("reload", &[]),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -1157,16 +1159,9 @@ async fn read_line_limited<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> io
     Ok(LineRead::Line(buf))
 }
 
-/// The fields an op takes besides `op`, or `None` for an unknown op.
+/// The fields an op takes besides `op` ([`OPS`]), or `None` for an unknown op.
 fn op_fields(op: &str) -> Option<&'static [&'static str]> {
-    Some(match op {
-        "status" | "approvals_list" | "dlq_list" | "held_list" | "reload" => &[],
-        "approvals_resolve" => &["id", "resolution"],
-        "dlq_release" | "dlq_drop" | "held_drop" => &["id"],
-        "held_admit" => &["id", "always"],
-        "audit_tail" => &["lines", "follow"],
-        _ => return None,
-    })
+    OPS.iter().find(|(name, _)| *name == op).map(|(_, f)| *f)
 }
 
 /// Decode a request line; `Err` is the message of the error reply.
@@ -1184,7 +1179,11 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     };
     let Some(fields) = op_fields(&op) else {
         let shown: String = op.chars().take(64).collect();
-        return Err(format!("unknown op {shown:?} (known: {})", OPS.join(", ")));
+        let known: Vec<&str> = OPS.iter().map(|(name, _)| *name).collect();
+        return Err(format!(
+            "unknown op {shown:?} (known: {})",
+            known.join(", ")
+        ));
     };
     // serde's deny_unknown_fields does not cover the unit variants of a tagged enum.
     if let Some(k) = obj
@@ -1768,10 +1767,17 @@ mod tests {
             ),
             (Request::Reload, r#"{"op":"reload"}"#),
         ];
-        for (req, text) in cases {
-            assert_eq!(serde_json::to_string(&req).unwrap(), text);
-            assert_eq!(parse_request(text.as_bytes()).unwrap(), req);
-            assert!(OPS.contains(&req.op()));
+        assert_eq!(cases.len(), OPS.len(), "one case per op of the table");
+        for ((req, text), (name, fields)) in cases.iter().zip(OPS) {
+            assert_eq!(serde_json::to_string(req).unwrap(), *text);
+            assert_eq!(parse_request(text.as_bytes()).unwrap(), *req);
+            // The table and the typed requests agree: the same name, in the same order, and
+            // every field the request serializes is one the table lists.
+            assert_eq!(req.op(), *name);
+            let v = serde_json::to_value(req).unwrap();
+            for k in v.as_object().unwrap().keys().filter(|k| *k != "op") {
+                assert!(fields.contains(&k.as_str()), "{name}: {k}");
+            }
         }
         assert_eq!(
             parse_request(br#"{"op":"audit_tail"}"#).unwrap(),
@@ -1793,8 +1799,8 @@ mod tests {
             .unwrap_err()
             .contains("string"));
         assert!(parse_request(br#"{}"#).unwrap_err().contains("no \"op\""));
-        for op in OPS {
-            assert!(op_fields(op).is_some(), "{op}");
+        for (op, fields) in OPS {
+            assert_eq!(op_fields(op), Some(*fields), "{op}");
         }
         assert!(parse_request(br#"{"op":"reload","lines":1}"#)
             .unwrap_err()
