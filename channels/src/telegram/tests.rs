@@ -30,10 +30,10 @@ fn message(u: &Update) -> &Inbound {
 fn private_and_group_text_messages() {
     let u = updates(
         r#"{"ok":true,"result":[
-          {"update_id":7,"message":{"message_id":1,"from":{"id":123456789,"is_bot":false,"first_name":"A"},
-           "chat":{"id":123456789,"type":"private"},"date":1,"text":"hello"}},
-          {"update_id":8,"message":{"message_id":2,"from":{"id":55,"is_bot":false,"first_name":"B"},
-           "chat":{"id":-100987,"type":"supergroup","title":"G"},"date":1,"text":"hi all"}}]}"#,
+              {"update_id":7,"message":{"message_id":1,"from":{"id":123456789,"is_bot":false,"first_name":"A"},
+               "chat":{"id":123456789,"type":"private"},"date":1,"text":"hello"}},
+              {"update_id":8,"message":{"message_id":2,"from":{"id":55,"is_bot":false,"first_name":"B"},
+               "chat":{"id":-100987,"type":"supergroup","title":"G"},"date":1,"text":"hi all"}}]}"#,
     );
     assert_eq!(u.len(), 2);
     assert_eq!(
@@ -70,12 +70,12 @@ fn private_and_group_text_messages() {
 fn non_text_is_a_note_and_service_messages_are_skipped() {
     let u = updates(
         r#"{"ok":true,"result":[
-          {"update_id":1,"message":{"message_id":1,"from":{"id":5},"chat":{"id":5},"photo":[{"file_id":"x"}],"caption":"look"}},
-          {"update_id":2,"message":{"message_id":2,"from":{"id":5},"chat":{"id":5},"sticker":{"file_id":"x"}}},
-          {"update_id":3,"message":{"message_id":3,"from":{"id":5},"chat":{"id":-5},"new_chat_members":[{"id":6}]}},
-          {"update_id":4,"edited_message":{"message_id":1,"from":{"id":5},"chat":{"id":5},"text":"x"}},
-          {"update_id":5,"message":{"message_id":5,"chat":{"id":5},"text":"no sender"}},
-          {"update_id":6,"message":"not an object"}]}"#,
+              {"update_id":1,"message":{"message_id":1,"from":{"id":5},"chat":{"id":5},"photo":[{"file_id":"x"}],"caption":"look"}},
+              {"update_id":2,"message":{"message_id":2,"from":{"id":5},"chat":{"id":5},"sticker":{"file_id":"x"}}},
+              {"update_id":3,"message":{"message_id":3,"from":{"id":5},"chat":{"id":-5},"new_chat_members":[{"id":6}]}},
+              {"update_id":4,"edited_message":{"message_id":1,"from":{"id":5},"chat":{"id":5},"text":"x"}},
+              {"update_id":5,"message":{"message_id":5,"chat":{"id":5},"text":"no sender"}},
+              {"update_id":6,"message":"not an object"}]}"#,
     );
     assert_eq!(
         message(&u[0]).text,
@@ -116,8 +116,8 @@ fn malformed_answers_are_errors_to_retry() {
 #[test]
 fn api_errors_map_to_retry_or_not() {
     let e = api_result(429, br#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 7","parameters":{"retry_after":7}}"#)
-        .err()
-        .unwrap_or_else(|| panic!("accepted"));
+            .err()
+            .unwrap_or_else(|| panic!("accepted"));
     assert_eq!(
         (e.kind, e.retry_after),
         (FailureKind::Throttled, Some(Duration::from_secs(7)))

@@ -9,12 +9,12 @@ version = 1
 why = "tools"
 [profiles.tool.broker]
 connect = [ { host = "api.example.com", port = 443, why = "the API" },
-        { host = "*.example.org", port = 443, why = "its mirrors" },
-        { host = "127.0.0.1", port = 8080, allow_private = true, why = "local test API" },
-        { host = "::1", port = 8081, allow_private = true, why = "v6 loopback" },
-        { host = "intranet.example.net", port = 80, allow_private = true, why = "internal" } ]
+            { host = "*.example.org", port = 443, why = "its mirrors" },
+            { host = "127.0.0.1", port = 8080, allow_private = true, why = "local test API" },
+            { host = "::1", port = 8081, allow_private = true, why = "v6 loopback" },
+            { host = "intranet.example.net", port = 80, allow_private = true, why = "internal" } ]
 open = [ { path = "/srv/data", access = "read", why = "inputs" },
-     { path = "/srv/data/out", access = "create", why = "outputs" } ]
+         { path = "/srv/data/out", access = "create", why = "outputs" } ]
 secrets = ["openai_key"]
 channels = ["log"]
 exec = true

@@ -185,8 +185,8 @@ fn an_empty_file_has_defaults_and_no_gateway() {
 #[test]
 fn unknown_keys_with_suggestions_all_reported() {
     let e = errors(
-        "[supervisor]\nstate_dri = \"/x\"\nwatchdgo = true\n[gateway]\nprofil = \"g\"\nlisten_addr = \"x\"\n[gateway.restart]\nmax_dealy = 1\n[extra]\n",
-    );
+            "[supervisor]\nstate_dri = \"/x\"\nwatchdgo = true\n[gateway]\nprofil = \"g\"\nlisten_addr = \"x\"\n[gateway.restart]\nmax_dealy = 1\n[extra]\n",
+        );
     assert!(
         has(
             &e,
@@ -251,8 +251,8 @@ fn display_is_located_with_expected_and_caret() {
 #[test]
 fn wrong_types() {
     let e = errors(
-        "supervisor = 1\ncontrol = []\n[gateway]\nprogram = 1\nargs = \"x\"\nallow_non_loopback = \"yes\"\nenvironment = { A = 1 }\nrestart = 3\n",
-    );
+            "supervisor = 1\ncontrol = []\n[gateway]\nprogram = 1\nargs = \"x\"\nallow_non_loopback = \"yes\"\nenvironment = { A = 1 }\nrestart = 3\n",
+        );
     assert!(
         has(&e, "1:14: supervisor must be a table, not an integer"),
         "{e:?}"
@@ -283,8 +283,8 @@ fn wrong_types() {
 #[test]
 fn paths_must_be_absolute_and_normalized() {
     let e = errors(
-        "[supervisor]\npolicy = [\"policy.toml\", \"/etc/../p\"]\nstate_dir = \"var/lib\"\nruntime_dir = \"/run/c/\"\n[gateway]\nworkspace = \"/a//b\"\nprogram = \"bin/gw\"\n",
-    );
+            "[supervisor]\npolicy = [\"policy.toml\", \"/etc/../p\"]\nstate_dir = \"var/lib\"\nruntime_dir = \"/run/c/\"\n[gateway]\nworkspace = \"/a//b\"\nprogram = \"bin/gw\"\n",
+        );
     assert!(
         has(
             &e,
@@ -358,8 +358,8 @@ fn listen_addresses() {
 #[test]
 fn durations_and_restart_order() {
     let e = errors(
-        "[supervisor]\nstop_timeout = \"0s\"\napproval_timeout = \"soon\"\n[gateway.restart]\ninitial_delay = \"10s\"\nmax_delay = \"2s\"\ncrash_loop_restarts = 0\ncrash_loop_window = \"2d\"\n",
-    );
+            "[supervisor]\nstop_timeout = \"0s\"\napproval_timeout = \"soon\"\n[gateway.restart]\ninitial_delay = \"10s\"\nmax_delay = \"2s\"\ncrash_loop_restarts = 0\ncrash_loop_window = \"2d\"\n",
+        );
     assert!(
         has(&e, "2:16: `stop_timeout`: a duration of 0 is impossible"),
         "{e:?}"
@@ -399,8 +399,8 @@ fn durations_and_restart_order() {
 #[test]
 fn channel_names_and_programs() {
     let e = errors(
-        "[channels.Telegram]\nprogram = \"t\"\n[channels.gateway]\nprogram = \"g\"\n[channels.\"a b\"]\nprogram = \"x\"\n[channels.ok]\nprofile = \"channel\"\n",
-    );
+            "[channels.Telegram]\nprogram = \"t\"\n[channels.gateway]\nprogram = \"g\"\n[channels.\"a b\"]\nprogram = \"x\"\n[channels.ok]\nprofile = \"channel\"\n",
+        );
     assert!(has(&e, "1:11: invalid channel name \"Telegram\""), "{e:?}");
     assert!(has(&e, "3:11: invalid channel name \"gateway\""), "{e:?}");
     assert!(has(&e, "5:11: invalid channel name \"a b\""), "{e:?}");
@@ -415,8 +415,8 @@ fn channel_names_and_programs() {
 #[test]
 fn workspaces_do_not_overlap() {
     let e = errors(
-        "[supervisor]\nstate_dir = \"/s\"\n[gateway]\nworkspace = \"/w\"\n[channels.a]\nprogram = \"a\"\nworkspace = \"/w/a\"\n[channels.b]\nprogram = \"b\"\nworkspace = \"/\"\n",
-    );
+            "[supervisor]\nstate_dir = \"/s\"\n[gateway]\nworkspace = \"/w\"\n[channels.a]\nprogram = \"a\"\nworkspace = \"/w/a\"\n[channels.b]\nprogram = \"b\"\nworkspace = \"/\"\n",
+        );
     assert!(
         has(
             &e,
@@ -527,8 +527,8 @@ fn values_of_a_type_no_key_takes_are_located_type_errors() {
 fn gateway_settings_tables() {
     let c = parse(
         "[gateway]\n[gateway.clients]\nrate_per_second = 5\nburst = 9\nidle_timeout = \"30s\"\n\
-         [gateway.agent]\nbase_url = \"http://127.0.0.1:8080/v1\"\nmodel = \"m\"\n\
-         api_key_secret = \"llm_key\"\nmax_turns = 3\ntoken_budget = 1000\ntimeout = \"5s\"\n",
+             [gateway.agent]\nbase_url = \"http://127.0.0.1:8080/v1\"\nmodel = \"m\"\n\
+             api_key_secret = \"llm_key\"\nmax_turns = 3\ntoken_budget = 1000\ntimeout = \"5s\"\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let gw = c.gateway.unwrap_or_else(|| panic!("no gateway"));
@@ -547,8 +547,8 @@ fn gateway_settings_tables() {
     let c = parse("[gateway]\n").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.gateway.and_then(|g| g.settings).as_deref(), Some("{}"));
     let e = errors(
-        "[gateway.agent]\nmodel = \"\"\nbase = 1\n[gateway.clients]\nburst = 0\nmax_message_bytes = \"1MiB\"\n",
-    );
+            "[gateway.agent]\nmodel = \"\"\nbase = 1\n[gateway.clients]\nburst = 0\nmax_message_bytes = \"1MiB\"\n",
+        );
     assert!(has(&e, "[gateway.agent] has no `base_url`"), "{e:?}");
     assert!(has(&e, "2:9: `model` is empty"), "{e:?}");
     assert!(
@@ -700,8 +700,8 @@ url = "https://hooks.example.com/agent"
     assert_eq!(
         settings_of(tg),
         serde_json::json!({"channel": "tg", "state_dir": "/workspace", "kind": "telegram",
-            "api_base": "http://127.0.0.1:9999", "token_secret": "telegram_bot_token",
-            "poll_timeout_ms": 5000})
+                "api_base": "http://127.0.0.1:9999", "token_secret": "telegram_bot_token",
+                "poll_timeout_ms": 5000})
     );
     let mail = settings_of(&c.channels["mail"]);
     assert_eq!(mail["imap_security"], "tls");
@@ -723,8 +723,8 @@ fn channel_kind_errors_are_located() {
     let e = errors("[channels.a]\nkind = \"telegram\"\n");
     assert!(has(&e, "1:11: [channels.a] has no `token_secret`"), "{e:?}");
     let e = errors(
-        "[channels.a]\nkind = \"telegram\"\ntoken_secret = \"t\"\napi_base = \"http://api.telegram.org\"\n",
-    );
+            "[channels.a]\nkind = \"telegram\"\ntoken_secret = \"t\"\napi_base = \"http://api.telegram.org\"\n",
+        );
     assert!(
         has(
             &e,
@@ -733,8 +733,8 @@ fn channel_kind_errors_are_located() {
         "{e:?}"
     );
     let e = errors(
-        "[channels.m]\nkind = \"email\"\nimap = \"mail.example.com:143\"\nimap_security = \"plain\"\nsmtp = \"mail.example.com\"\nusername = \"u\"\npassword_secret = \"p\"\nfrom = \"nobody\"\n",
-    );
+            "[channels.m]\nkind = \"email\"\nimap = \"mail.example.com:143\"\nimap_security = \"plain\"\nsmtp = \"mail.example.com\"\nusername = \"u\"\npassword_secret = \"p\"\nfrom = \"nobody\"\n",
+        );
     assert!(
         has(&e, "4:17: `imap_security` = \"plain\" for `imap`"),
         "{e:?}"
@@ -749,7 +749,7 @@ fn channel_kind_errors_are_located() {
     );
     // Plain transport to loopback is fine (a local server, tests).
     parse("[channels.m]\nkind = \"email\"\nimap = \"127.0.0.1:1143\"\nimap_security = \"plain\"\nsmtp = \"[::1]:2525\"\nsmtp_security = \"plain\"\nusername = \"u\"\npassword_secret = \"p\"\nfrom = \"a@b\"\n")
-        .expect("loopback plain is allowed");
+            .expect("loopback plain is allowed");
     let e = errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\n");
     assert!(has(&e, "1:11: [channels.w] has no `listen`"), "{e:?}");
     let e =

@@ -692,7 +692,7 @@ fn unauthorized_peer_is_refused() {
         r,
         format!(
             "err permission denied: uid {PEER_UID} (gid {PEER_GID}) is not root and not in \
-             the control group"
+                 the control group"
         )
     );
     // A member of the control group is allowed: by supplementary group, or primary gid.

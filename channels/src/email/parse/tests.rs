@@ -10,11 +10,11 @@ fn crlf(s: &str) -> Vec<u8> {
 fn plain_message() {
     let raw = crlf(
         "From: Alice Example <Alice@Example.COM>\n\
-         To: bot@example.org\n\
-         Subject: Lunch?\n\
-         Message-ID: <m1@example.com>\n\
-         \n\
-         Shall we have lunch?\n",
+             To: bot@example.org\n\
+             Subject: Lunch?\n\
+             Message-ID: <m1@example.com>\n\
+             \n\
+             Shall we have lunch?\n",
     );
     let p = parse_message(&raw).unwrap();
     assert_eq!(p.sender, "alice@example.com");
@@ -39,8 +39,8 @@ fn reply_to_wins_over_from() {
 fn html_only_is_reduced_to_text() {
     let raw = crlf(
         "From: a@example.com\nSubject: News\nContent-Type: text/html; charset=utf-8\n\n\
-         <html><head><style>p {color: red}</style></head><body><p>Hello <b>world</b></p>\
-         <script>alert(1)</script></body></html>\n",
+             <html><head><style>p {color: red}</style></head><body><p>Hello <b>world</b></p>\
+             <script>alert(1)</script></body></html>\n",
     );
     let p = parse_message(&raw).unwrap();
     assert!(p.body.starts_with("Subject: News\n\n"), "{:?}", p.body);
@@ -54,9 +54,9 @@ fn html_only_is_reduced_to_text() {
 fn alternative_prefers_the_text_part() {
     let raw = crlf(
         "From: a@example.com\nSubject: alt\nMIME-Version: 1.0\n\
-         Content-Type: multipart/alternative; boundary=\"b\"\n\n\
-         --b\nContent-Type: text/plain\n\nplain version\n\
-         --b\nContent-Type: text/html\n\n<p>html version</p>\n--b--\n",
+             Content-Type: multipart/alternative; boundary=\"b\"\n\n\
+             --b\nContent-Type: text/plain\n\nplain version\n\
+             --b\nContent-Type: text/html\n\n<p>html version</p>\n--b--\n",
     );
     let p = parse_message(&raw).unwrap();
     assert_eq!(p.body, "Subject: alt\n\nplain version");
@@ -66,11 +66,11 @@ fn alternative_prefers_the_text_part() {
 fn attachments_are_refused_with_a_note() {
     let raw = crlf(
         "From: a@example.com\nSubject: report\nMIME-Version: 1.0\n\
-         Content-Type: multipart/mixed; boundary=\"b\"\n\n\
-         --b\nContent-Type: text/plain\n\nsee attached\n\
-         --b\nContent-Type: application/pdf; name=\"q3.pdf\"\n\
-         Content-Disposition: attachment; filename=\"q3.pdf\"\n\
-         Content-Transfer-Encoding: base64\n\nAAECAwQFBgc=\n--b--\n",
+             Content-Type: multipart/mixed; boundary=\"b\"\n\n\
+             --b\nContent-Type: text/plain\n\nsee attached\n\
+             --b\nContent-Type: application/pdf; name=\"q3.pdf\"\n\
+             Content-Disposition: attachment; filename=\"q3.pdf\"\n\
+             Content-Transfer-Encoding: base64\n\nAAECAwQFBgc=\n--b--\n",
     );
     let p = parse_message(&raw).unwrap();
     assert!(p.body.contains("see attached"), "{:?}", p.body);
@@ -86,7 +86,7 @@ fn attachments_are_refused_with_a_note() {
 fn thread_root_is_the_first_reference() {
     let raw = crlf(
         "From: a@example.com\nSubject: Re: plan\nMessage-ID: <m3@x>\n\
-         In-Reply-To: <m2@x>\nReferences: <m1@x> <m2@x>\n\nok\n",
+             In-Reply-To: <m2@x>\nReferences: <m1@x> <m2@x>\n\nok\n",
     );
     let p = parse_message(&raw).unwrap();
     assert_eq!(p.thread_root.as_deref(), Some("m1@x"));
