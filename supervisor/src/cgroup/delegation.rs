@@ -1,0 +1,50 @@
+//! Rootless mode: where, if anywhere, a cgroup is delegated to this user and usable.
+
+use super::*;
+
+/// Rootless mode: the v2 cgroup we may use, if our cgroups are delegated to us: a pure v2
+/// layout (no v1 controller hierarchy: those are never delegated to a user) whose own cgroup
+/// directory, `cgroup.procs` and `cgroup.subtree_control` we may write (e.g. systemd's
+/// `user@.service` with `Delegate=yes`). Otherwise why not, in words.
+pub fn rootless_delegation() -> Result<PathBuf, String> {
+    let layout = Layout::cached().map_err(|e| e.to_string())?;
+    delegation_of(layout, |p| {
+        use std::os::unix::ffi::OsStrExt as _;
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: a valid C string; faccessat only checks permissions.
+        unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
+    })
+}
+
+/// [`rootless_delegation`] for `layout`, with `writable` deciding whether we may write a path.
+pub fn delegation_of(layout: &Layout, writable: impl Fn(&Path) -> bool) -> Result<PathBuf, String> {
+    if !layout.v1.is_empty() {
+        let names: Vec<String> = layout
+            .v1
+            .iter()
+            .flat_map(|h| h.controllers.iter().cloned())
+            .collect();
+        return Err(format!(
+            "cgroup v1 controllers in use ({}): v1 hierarchies are not delegated to users",
+            names.join(", ")
+        ));
+    }
+    let Some(own) = &layout.unified else {
+        return Err("no cgroup v2 hierarchy is mounted".to_string());
+    };
+    for p in [
+        own.clone(),
+        own.join("cgroup.procs"),
+        own.join("cgroup.subtree_control"),
+    ] {
+        if !writable(&p) {
+            return Err(format!(
+                "{} is not writable by us (our cgroup is not delegated to this user)",
+                p.display()
+            ));
+        }
+    }
+    Ok(own.clone())
+}
