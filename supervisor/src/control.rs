@@ -99,7 +99,7 @@ mod follow;
 mod protocol;
 mod server;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use client::*;
 use follow::*;

@@ -2,8 +2,7 @@
 
 use super::*;
 use crate::control::{
-    AuditStatus, ChildStatus, ControlHandler, ControlServer, DlqUnreadable, GrantInfo,
-    PendingApproval, PolicyStatus,
+    ChildStatus, ControlHandler, ControlServer, DlqUnreadable, GrantInfo, PendingApproval,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,69 +15,36 @@ fn who() -> carapace_broker::audit::Who {
     }
 }
 
+/// The control tests' sample status, as a configured service with a channel adapter in
+/// backoff.
 fn status_report() -> StatusReport {
-    StatusReport {
-        pid: 4242,
-        version: "0.1.0".to_string(),
-        started: "2026-11-21T14:00:00.000000Z".to_string(),
-        uptime_secs: 3723,
-        mode: "root".to_string(),
-        cgroups: "hybrid v1+v2".to_string(),
-        config: "/etc/carapace/carapace.toml".to_string(),
-        policy: PolicyStatus {
-            files: vec!["/etc/carapace/policy.toml".to_string()],
-            sha256: "ab".repeat(32),
-            loaded: "2026-11-21T14:00:00.000000Z".to_string(),
-        },
-        reloads: 2,
-        last_reload_error: None,
-        children: vec![
-            ChildStatus {
-                name: "gateway".to_string(),
-                role: "gateway".to_string(),
-                profile: "gateway".to_string(),
-                state: "running".to_string(),
-                pid: Some(777),
-                uptime_secs: Some(65),
-                restarts: 1,
-                last_exit: Some("signal=9".to_string()),
-                memory_bytes: Some(12 << 20),
-                cpu_ms: Some(1500),
-                tasks: Some(3),
-            },
-            ChildStatus {
-                name: "slack".to_string(),
-                role: "channel".to_string(),
-                profile: "channel".to_string(),
-                state: "backoff".to_string(),
-                pid: None,
-                uptime_secs: None,
-                restarts: 12,
-                last_exit: Some("exit=1".to_string()),
-                memory_bytes: None,
-                cpu_ms: None,
-                tasks: None,
-            },
-        ],
-        pending_approvals: 1,
-        dead_letters: 0,
-        audit: AuditStatus {
-            path: "/var/lib/carapace/audit.log".to_string(),
-            seq: 17,
-            head: "cd".repeat(32),
-        },
-        channels: vec![crate::control::ChannelReport {
-            channel: "slack".to_string(),
-            connected: Some(false),
-            error: Some("connect: refused".to_string()),
-            last_in: Some("2026-11-21T14:01:00.000000Z".to_string()),
-            last_out: None,
-            queued: 2,
-            held: 1,
-            outbox: 3,
-            dead_lettered: 0,
-        }],
-    }
+    let mut s = crate::control::tests::sample_status();
+    s.config = "/etc/carapace/carapace.toml".to_string();
+    s.children.push(ChildStatus {
+        name: "slack".to_string(),
+        role: "channel".to_string(),
+        profile: "channel".to_string(),
+        state: "backoff".to_string(),
+        pid: None,
+        uptime_secs: None,
+        restarts: 12,
+        last_exit: Some("exit=1".to_string()),
+        memory_bytes: None,
+        cpu_ms: None,
+        tasks: None,
+    });
+    s.channels = vec![crate::control::ChannelReport {
+        channel: "slack".to_string(),
+        connected: Some(false),
+        error: Some("connect: refused".to_string()),
+        last_in: Some("2026-11-21T14:01:00.000000Z".to_string()),
+        last_out: None,
+        queued: 2,
+        held: 1,
+        outbox: 3,
+        dead_lettered: 0,
+    }];
+    s
 }
 
 #[test]
