@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{rfc3339_utc, Who};
 use crate::durable::{ensure_dir, read_capped, sync_dir, write_atomic, DurableError};
-use crate::program::{OpenedProgram, ProgramError};
+use carapace_sandbox::program::{OpenedProgram, ProgramError};
 
 /// File name of the grants in the state directory.
 pub const STATE_FILE: &str = "approvals.json";

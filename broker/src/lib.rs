@@ -12,7 +12,6 @@ pub mod client;
 pub mod dlq;
 pub mod durable;
 pub mod ops;
-pub mod program;
 pub mod protocol;
 pub mod ratelimit;
 pub mod redact;

@@ -38,12 +38,12 @@ use crate::approvals::{
 };
 use crate::audit::{AuditDecision, AuditLog, AuditRecord, RuleRef, Who};
 use crate::dlq::DeadLetters;
-use crate::program::OpenedProgram;
 use crate::protocol::{ErrorCode, ExitSummary, OkReply, Request};
 use crate::ratelimit::Limiter;
 use crate::redact::Redactor;
 use crate::server::{Handler, Identity, Response};
 use crate::sync::{lock, read, write};
+use carapace_sandbox::program::OpenedProgram;
 
 mod auth;
 mod channels;

@@ -281,7 +281,7 @@ fn policy_costs(path: &Path, iters: usize) {
 /// allowed syscall under it, each in a fresh child.
 fn seccomp_costs(path: &Path, iters: usize) {
     use carapace_policy::{Policy, Target};
-    use carapace_supervisor::seccomp;
+    use carapace_sandbox::seccomp;
     const CALLS: u32 = 10_000;
     let plan = std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
@@ -407,7 +407,7 @@ fn seccomp_costs(path: &Path, iters: usize) {
 /// move a process in, kill_all, remove. Root only; the figures feed docs/benchmarks.md.
 fn cgroup_costs(iters: usize) {
     use carapace_policy::plan::CgroupLimits;
-    use carapace_supervisor::cgroup::{unique_name, Cgroup};
+    use carapace_sandbox::cgroup::{unique_name, Cgroup};
     if !nix::unistd::geteuid().is_root() {
         println!("cgroup costs: skipped (not root)");
         return;
@@ -492,7 +492,7 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// separate `carapace exec` invocations.
 fn attach_costs(iters: usize) {
     use carapace_policy::plan::CgroupLimits;
-    use carapace_supervisor::cgroup::{join_self_v1, unique_name, Cgroup};
+    use carapace_sandbox::cgroup::{join_self_v1, unique_name, Cgroup};
     use std::os::fd::AsRawFd as _;
     if !nix::unistd::geteuid().is_root() {
         println!("attach costs: skipped (not root)");

@@ -43,17 +43,19 @@ use carapace_broker::ops::{
     ApprovalAnswer, ApprovalQuery, Approver, Ops, OpsConfig, SpawnFailure, SpawnHandle,
     SpawnRequest, Spawner,
 };
-use carapace_broker::program::OpenedProgram;
 use carapace_broker::protocol::ExitSummary;
 use carapace_broker::server::{Handler, Identity, PeerLimits, RateLimit, Role, Server};
 use carapace_broker::sync::{lock, read, write};
 use carapace_policy::{Policy, Target};
+use carapace_sandbox::program::OpenedProgram;
 
-use crate::cgroup::{self, Cgroup};
-use crate::fds::Pipe;
-use crate::namespaces::RunAs;
-use crate::report::{ExitReport, EXIT_SETUP};
-use crate::spawn::{ChildIo, Launch, LaunchOptions};
+use carapace_sandbox::cgroup;
+use carapace_sandbox::fds::Pipe;
+use carapace_sandbox::namespaces::RunAs;
+use carapace_sandbox::report::{ExitReport, EXIT_SETUP};
+use carapace_sandbox::run::{self, Limits, Run};
+use carapace_sandbox::spawn::{ChildIo, LaunchOptions};
+use carapace_sandbox::Privilege;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +186,8 @@ pub struct ToolContext {
     /// ([`SpawnRequest::policy`]), which after a reload is a newer one.
     pub policy: Arc<Policy>,
     pub target: Target,
+    /// Root or rootless, decided once when the supervisor started.
+    pub privilege: Privilege,
     /// `Fixed` ids are used as given; `Auto` gives each tool `AUTO_BASE + tid` of its thread.
     pub run_as: RunAs,
     /// The supervisor's environment, the source of each profile's `env.pass`.
@@ -278,25 +282,16 @@ impl ToolRegistry {
     }
 }
 
-/// The cgroup for a new sandbox (named `<prefix>-<pid>-<n>`) through [`cgroup::for_run`]: as
-/// root, the cgroup or the error (fail closed); rootless, the cgroup where one is delegated
-/// and usable, else none and the plan's cgroup limits turned into rlimits — said once in the
-/// log. Call before `Launch::prepare` (it may change `plan.rlimits`).
-pub fn sandbox_cgroup(
-    plan: &mut carapace_policy::Plan,
-    prefix: &str,
-) -> Result<Option<Cgroup>, String> {
+/// Rootless without a usable delegated cgroup: say so once in the log, with the rlimits that
+/// stand in for the cgroup limits.
+pub fn say_limits_once(limits: &Limits) {
     static SAID: AtomicBool = AtomicBool::new(false);
-    let limits = cgroup::for_run(&cgroup::unique_name(prefix), plan, !crate::paths::is_root())
-        .map_err(|e| {
-            format!(
-                "cannot create the cgroup: {}",
-                crate::errors::error_chain(&e)
-            )
-        })?;
-    if let Some((why, added)) = &limits.fallback {
+    if let Limits::Rlimits { why, added } = limits {
         if !SAID.swap(true, Ordering::SeqCst) {
-            let words: Vec<String> = added.iter().map(crate::rlimits::fallback_words).collect();
+            let words: Vec<String> = added
+                .iter()
+                .map(carapace_sandbox::rlimits::fallback_words)
+                .collect();
             tracing::warn!(
                 "{} ({why}; {})",
                 cgroup::NO_CGROUP_LINE.trim_start_matches("carapace: "),
@@ -304,13 +299,6 @@ pub fn sandbox_cgroup(
             );
         }
     }
-    Ok(limits.cgroup)
-}
-
-/// Whether the sandboxes of this process get cgroups: always as root; rootless only where a
-/// cgroup is delegated to us ([`cgroup::rootless_delegation`]).
-pub fn cgroups_usable() -> bool {
-    crate::paths::is_root() || cgroup::rootless_delegation().is_ok()
 }
 
 /// The descriptors a confined child gets at 0..=3: stdin `/dev/null`, stdout and stderr pipes
@@ -397,7 +385,7 @@ impl std::fmt::Debug for ToolRun {
 type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), String>;
 
 /// Start `program` (opened at its canonical host path, already allowed by the policy for
-/// `profile`; this very file is started, see [`crate::spawn`]) with
+/// `profile`; this very file is started, see [`carapace_sandbox::spawn`]) with
 /// `argv0` and `args` confined in `profile`, exactly as `carapace exec` would, in a cgroup of
 /// its own. Returns once the program has exec'd (or failed to start).
 pub fn spawn_tool(
@@ -423,10 +411,7 @@ pub fn spawn_tool(
     let thread = std::thread::Builder::new()
         .name("carapace-tool".into())
         .spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::gettid() };
-            let (run_as, _) = ctx.run_as.resolve(u32::try_from(tid).unwrap_or(0));
-            let mut plan = match policy.compile(&profile_s, &ctx.target) {
+            let plan = match policy.compile(&profile_s, &ctx.target) {
                 Ok(p) => p,
                 Err(d) => {
                     let _ = started_tx.send(Err(format!(
@@ -435,32 +420,7 @@ pub fn spawn_tool(
                     return;
                 }
             };
-            let cg = match sandbox_cgroup(&mut plan, "tool") {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = started_tx.send(Err(e));
-                    return;
-                }
-            };
             let brokered = policy.broker_view(&profile_s).is_some();
-            let opts = LaunchOptions {
-                program,
-                argv0,
-                args,
-                workspace,
-                run_as,
-                env: ctx.env.clone(),
-                broker: brokered,
-                listener: false,
-                supervisor_env: Vec::new(),
-            };
-            let launch = match Launch::prepare(&plan, &opts, ctx.target.landlock_abi) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = started_tx.send(Err(crate::errors::error_chain(&e)));
-                    return;
-                }
-            };
             let fds = match ChildFds::new(brokered) {
                 Ok(f) => f,
                 Err(e) => {
@@ -468,34 +428,51 @@ pub fn spawn_tool(
                     return;
                 }
             };
-            let running = match launch.spawn_with(cg.as_ref(), fds.io(None)) {
-                Ok(r) => r,
+            let run = Run {
+                name: "tool".to_string(),
+                landlock_abi: ctx.target.landlock_abi,
+                options: LaunchOptions {
+                    program,
+                    argv0,
+                    args,
+                    workspace,
+                    privilege: ctx.privilege,
+                    run_as: ctx.run_as,
+                    env: ctx.env.clone(),
+                    broker: brokered,
+                    listener: false,
+                    supervisor_env: Vec::new(),
+                },
+            };
+            let started = match run::start(plan, &run, fds.io(None)) {
+                Ok(s) => s,
                 Err(e) => {
                     let _ = started_tx.send(Err(crate::errors::error_chain(&e)));
                     return;
                 }
             };
+            say_limits_once(started.limits());
             let (out_read, err_read, mine) = fds.into_parent_ends();
-            let key = ctx.live.register(running.pid());
+            let key = ctx.live.register(started.pid());
             let _ = started_tx.send(Ok((out_read, err_read, mine)));
-            let report = running.wait(launch.wall_time(), cg.as_ref());
+            let mut ended = started.wait();
             if let Some(k) = key {
                 ctx.live.deregister(k);
             }
-            let report = match report {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(&e));
-                    setup_failure()
-                }
-            };
-            if let Some(Err(e)) = cg.map(Cgroup::remove) {
-                tracing::warn!("removing a tool's cgroup: {e}");
+            if let Err(e) = ended.remove_cgroup() {
+                tracing::warn!(
+                    "removing a tool's cgroup: {}",
+                    crate::errors::error_chain(&e)
+                );
             }
+            let report = ended.report.unwrap_or_else(|e| {
+                tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(&e));
+                setup_failure()
+            });
             // A termination signal meant for the supervisor may have been taken by this
             // thread's wait (which unblocks them) instead of the main thread's: pass it on, so
             // that the main wait kills the main sandbox too.
-            if let Some(sig) = crate::spawn::interrupted() {
+            if let Some(sig) = carapace_sandbox::spawn::interrupted() {
                 // SAFETY: signalling our own process.
                 unsafe { libc::kill(libc::getpid(), sig) };
             }

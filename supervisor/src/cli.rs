@@ -15,12 +15,14 @@ use std::os::fd::AsFd as _;
 use carapace_broker::server::Role;
 
 use crate::broker_host::{new_identity, BrokerHost, BrokerSetup, StateDir, ToolContext};
-use crate::cgroup::{self, Cgroup};
-use crate::namespaces::{self, RunAs};
-use crate::report::{EXIT_DENIED, EXIT_SETUP};
-use crate::resolve::{self, DEFAULT_PATH};
-use crate::spawn::{ChildIo, Launch, LaunchOptions};
-use carapace_broker::program::OpenedProgram;
+use carapace_sandbox::cgroup;
+use carapace_sandbox::namespaces::{self, RunAs};
+use carapace_sandbox::program::OpenedProgram;
+use carapace_sandbox::report::{EXIT_DENIED, EXIT_SETUP};
+use carapace_sandbox::resolve::{self, DEFAULT_PATH};
+use carapace_sandbox::run::{self, Limits, Run};
+use carapace_sandbox::spawn::{ChildIo, LaunchOptions};
+use carapace_sandbox::Privilege;
 
 use crate::embedded::{DEFAULT_POLICY, DEFAULT_POLICY_NAME};
 use crate::errors::error_chain;
@@ -387,11 +389,6 @@ fn command_words(program: &Path, args: &[String]) -> String {
     s
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn stdin_is_tty() -> bool {
     // SAFETY: isatty only inspects the fd.
     unsafe { libc::isatty(0) == 1 }
@@ -435,7 +432,7 @@ fn exec(a: ExecArgs) -> i32 {
             )
         }
     };
-    let target = crate::landlock::target();
+    let target = carapace_sandbox::landlock::target();
     // `$WORKSPACE/...` rules match beneath the workspace's real path (it is opened, checked
     // and canonicalized again when it is mounted).
     let workspace_dir = a
@@ -473,29 +470,29 @@ fn exec(a: ExecArgs) -> i32 {
             EXIT_SETUP,
         );
     }
-    let Some(mut plan) = d.plan else {
+    let Some(plan) = d.plan else {
         return fail(
             "internal error: an allowed decision without a profile",
             EXIT_SETUP,
         );
     };
     // Opened once, before anyone is asked: what is approved is the file started (the child
-    // starts this very file or nothing, see crate::spawn).
+    // starts this very file or nothing, see carapace_sandbox::spawn).
     let program = match OpenedProgram::open(&d.program) {
         Ok(p) => std::sync::Arc::new(p),
         Err(e) => return fail(&format!("cannot start {what}: {e}"), EXIT_SETUP),
     };
-    // Rootless mode (not root): the sandbox runs as the user's own uid, in namespaces owned by
-    // a user namespace of its own; cgroups only where delegated (docs/threat-model.md).
-    let rootless = !is_root();
-    if rootless && a.run_as != RunAs::Auto {
+    // Root or rootless, decided here once. Rootless: the sandbox runs as the user's own uid,
+    // in namespaces owned by a user namespace of its own; cgroups only where delegated
+    // (docs/threat-model.md).
+    let privilege = Privilege::of_this_process();
+    if let (Privilege::Rootless(own), false) = (privilege, a.run_as == RunAs::Auto) {
         return fail(
             &format!(
                 "--run-as is not available in rootless mode: the sandbox runs as your own \
                  uid:gid {}:{} (only a root supervisor can give it another host identity); \
                  drop --run-as, or run carapace as root",
-                namespaces::own_ids().uid,
-                namespaces::own_ids().gid
+                own.uid, own.gid
             ),
             EXIT_SETUP,
         );
@@ -539,63 +536,28 @@ fn exec(a: ExecArgs) -> i32 {
         Some(w) => cwd.join(w),
         None => cwd.clone(),
     };
-    let (run_as, run_as_note) = if rootless {
-        (namespaces::own_ids(), None)
-    } else {
-        a.run_as.resolve(std::process::id())
-    };
-    if let Some(n) = run_as_note {
-        eprintln!("{n}");
-    }
-    // Rootless: a cgroup only where one is delegated to us and usable (created now, before
-    // the limits are prepared); otherwise the cgroup limits become rlimits (said once).
-    let mut rootless_cg: Option<Cgroup> = None;
-    if rootless {
-        let limits = match cgroup::for_run(&cgroup::unique_name("exec"), &mut plan, true) {
-            Ok(l) => l,
-            Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
-        };
-        rootless_cg = limits.cgroup;
-        if let (Some(c), true) = (&rootless_cg, a.verbose) {
-            eprintln!(
-                "carapace: rootless: using the delegated cgroup {}",
-                c.name()
-            );
-        }
-        let (why, added) = limits.fallback.unwrap_or_default();
-        if rootless_cg.is_none() {
-            eprintln!("{}", cgroup::NO_CGROUP_LINE);
-            if a.verbose {
-                eprintln!("carapace: rootless: {why}");
-            }
-        }
-        for f in added {
-            if a.verbose {
-                eprintln!(
-                    "carapace: rootless: {} instead of {}",
-                    crate::rlimits::fallback_words(&f),
-                    f.instead_of
-                );
-            }
-        }
-    }
     // A profile with a broker section: the child gets a broker socket at fd 3, served by
     // this process while it runs.
     let brokered = policy.broker_view(&plan.profile).is_some();
-    let opts = LaunchOptions {
-        program,
-        argv0: a.command.first().cloned().unwrap_or_default(),
-        args: a.command.iter().skip(1).cloned().collect(),
-        workspace: Some(workspace.clone()),
-        run_as,
-        env: std::env::vars_os().collect(),
-        broker: brokered,
-        listener: false,
-        supervisor_env: Vec::new(),
+    let (profile, inside) = (plan.profile.clone(), plan.user);
+    let run = Run {
+        name: "exec".to_string(),
+        landlock_abi: target.landlock_abi,
+        options: LaunchOptions {
+            program,
+            argv0: a.command.first().cloned().unwrap_or_default(),
+            args: a.command.iter().skip(1).cloned().collect(),
+            workspace: Some(workspace.clone()),
+            privilege,
+            run_as: a.run_as,
+            env: std::env::vars_os().collect(),
+            broker: brokered,
+            listener: false,
+            supervisor_env: Vec::new(),
+        },
     };
-    let t_prepare = std::time::Instant::now();
-    let launch = match Launch::prepare(&plan, &opts, target.landlock_abi) {
-        Ok(l) => l,
+    let prepared = match run::prepare(plan, &run) {
+        Ok(p) => p,
         Err(e) => {
             return fail(
                 &format!("cannot start {what}: {}", error_chain(&e)),
@@ -603,6 +565,11 @@ fn exec(a: ExecArgs) -> i32 {
             )
         }
     };
+    let launch = prepared.launch();
+    if let Some(n) = launch.run_as_note() {
+        eprintln!("{n}");
+    }
+    say_limits(prepared.limits(), privilege, a.verbose);
     if a.verbose {
         eprintln!(
             "carapace: running {} as host {}:{} (inside {}:{}), workspace owner {:?}, \
@@ -610,77 +577,53 @@ fn exec(a: ExecArgs) -> i32 {
             launch.program_inside().display(),
             launch.host_ids().uid,
             launch.host_ids().gid,
-            plan.user.uid,
-            plan.user.gid,
+            inside.uid,
+            inside.gid,
             launch.workspace_owner(),
             target.landlock_abi,
             if launch.rootless() { ", rootless" } else { "" }
         );
     }
-    let t_cgroup = std::time::Instant::now();
-    // Cgroups of earlier runs whose supervisor was SIGKILLed (it could not clean up): remove
-    // those that are empty and whose supervisor is gone. Never fatal.
-    let cg = if rootless {
-        rootless_cg
-    } else {
-        match cgroup::remove_stale() {
-            Ok(gone) => {
-                for d in gone {
-                    tracing::info!("removed the stale cgroup {}", d.display());
-                }
-            }
-            Err(e) => tracing::warn!("looking for stale cgroups: {e}"),
-        }
-        match Cgroup::create(&cgroup::unique_name("exec"), &plan.cgroup) {
-            Ok(c) => Some(c),
-            Err(e) => return fail(&format!("cannot create the cgroup: {e}"), EXIT_SETUP),
-        }
-    };
-    if let Err(e) = crate::spawn::handle_termination_signals() {
+    if let Err(e) = carapace_sandbox::spawn::handle_termination_signals() {
         tracing::warn!("cannot handle termination signals: {e}");
     }
     // (After the signal mask is set: the broker's threads inherit it, so the termination
     // signals reach the wait below.)
     let broker = if brokered {
-        match start_broker(&a, &policy, &target, &workspace, &plan.profile) {
+        match start_broker(&a, &policy, &target, privilege, &workspace, &profile) {
             Ok(b) => Some(b),
             Err(e) => return fail(&format!("cannot start the broker: {e}"), EXIT_SETUP),
         }
     } else {
         None
     };
-    let t_spawn = std::time::Instant::now();
-    let mut t_started = t_spawn;
     let io = ChildIo {
         broker: broker.as_ref().map(|(_, theirs)| theirs.as_fd()),
         ..ChildIo::default()
     };
-    let spawned = launch.spawn_with(cg.as_ref(), io);
+    let started = prepared.spawn(io);
     // The child has its copy of the socket now; ours must go, so that the broker sees the
     // hangup when the child is gone.
     let host = broker.map(|(host, theirs)| {
         drop(theirs);
         host
     });
-    let result = spawned.and_then(|r| {
-        t_started = std::time::Instant::now();
-        r.wait(launch.wall_time(), cg.as_ref())
-    });
-    let t_exited = std::time::Instant::now();
+    let ended = started.map(run::Started::wait);
     if let Some(host) = host {
         host.shutdown();
     }
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            // (Dropping `cg` kills what may be left in it and removes it.)
+    let t_exited = std::time::Instant::now();
+    let report = match ended.as_ref().map(|e| &e.report) {
+        Ok(Ok(r)) => r,
+        Err(e) | Ok(Err(e)) => {
+            // (Dropping the run kills what may be left in its cgroup and removes it.)
             return fail(
-                &format!("cannot start {what}: {}", error_chain(&e)),
+                &format!("cannot start {what}: {}", error_chain(e)),
                 EXIT_SETUP,
             );
         }
     };
-    let interrupted = crate::spawn::interrupted();
+    let interrupted = carapace_sandbox::spawn::interrupted();
     if let Some(sig) = interrupted {
         eprintln!("carapace: interrupted by signal {sig}: the sandbox was killed");
     } else if let Some(n) = report.note() {
@@ -692,35 +635,56 @@ fn exec(a: ExecArgs) -> i32 {
     if let (Some(path), Some(file)) = (&a.report_json, report_file) {
         write_report(path, file, &format!("{}\n", report.json()));
     }
+    let code = match interrupted {
+        Some(sig) => 128 + sig,
+        None => report.exit_code(),
+    };
     // The cgroup goes only now: its statistics are in the report already, and whoever waits
     // for the report does not wait for the rmdirs (milliseconds on v1; see docs/benchmarks.md).
     let t_reported = std::time::Instant::now();
-    if let Some(Err(e)) = cg.map(Cgroup::remove) {
-        tracing::warn!("removing the cgroup: {e}");
+    let Ok(mut ended) = ended else { return code };
+    if let Err(e) = ended.remove_cgroup() {
+        tracing::warn!("removing the cgroup: {}", error_chain(&e));
     }
     if a.verbose {
-        let ms =
-            |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_secs_f64() * 1e3;
+        let t = ended.timings;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         eprintln!(
-            "carapace: timing: prepare {:.2}ms, cgroup create {:.2}ms, start (clone..execve) {:.2}ms, \
-             run {:.2}ms, report {:.2}ms, cgroup remove {:.2}ms",
-            ms(t_prepare, t_cgroup),
-            ms(t_cgroup, t_spawn),
-            ms(t_spawn, t_started),
-            ms(t_started, t_exited),
-            ms(t_exited, t_reported),
-            ms(t_reported, std::time::Instant::now())
+            "carapace: timing: cgroup create {:.2}ms, prepare {:.2}ms, start (clone..execve) \
+             {:.2}ms, run {:.2}ms, report {:.2}ms, cgroup remove {:.2}ms",
+            ms(t.cgroup),
+            ms(t.prepare),
+            ms(t.start),
+            ms(t.run),
+            ms(t_reported.duration_since(t_exited)),
+            ms(t_reported.elapsed())
         );
     }
-    match interrupted {
-        Some(sig) => 128 + sig,
-        None => report.exit_code(),
-    }
+    code
 }
 
-/// The state directory: `--state-dir`, else the default.
-fn state_dir_of(arg: Option<&Path>) -> PathBuf {
-    arg.map_or_else(crate::paths::default_state_dir, Path::to_path_buf)
+/// Say where the run's cgroup limits are enforced: rootless without a cgroup always (the
+/// limits are weaker), the details with `-v`.
+fn say_limits(limits: &Limits, privilege: Privilege, verbose: bool) {
+    match limits {
+        Limits::Cgroup { name } if verbose && !privilege.is_root() => {
+            eprintln!("carapace: rootless: using the delegated cgroup {name}");
+        }
+        Limits::Cgroup { .. } => {}
+        Limits::Rlimits { why, added } => {
+            eprintln!("{}", cgroup::NO_CGROUP_LINE);
+            if verbose {
+                eprintln!("carapace: rootless: {why}");
+                for f in added {
+                    eprintln!(
+                        "carapace: rootless: {} instead of {}",
+                        carapace_sandbox::rlimits::fallback_words(f),
+                        f.instead_of
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Start the broker for a child in `profile`: open the state, build the operations, and serve
@@ -729,16 +693,19 @@ fn start_broker(
     a: &ExecArgs,
     policy: &Policy,
     target: &Target,
+    privilege: Privilege,
     workspace: &Path,
     profile: &str,
 ) -> Result<(BrokerHost, std::os::fd::OwnedFd), String> {
-    let state = StateDir::open(&state_dir_of(a.state_dir.as_deref())).map_err(|e| e.to_string())?;
+    let state = StateDir::open(&crate::paths::state_dir_or_default(a.state_dir.as_deref()))
+        .map_err(|e| e.to_string())?;
     let host = BrokerHost::start(BrokerSetup {
         policy: policy.clone(),
         state,
         tools: ToolContext {
             policy: std::sync::Arc::new(policy.clone()),
             target: *target,
+            privilege,
             run_as: a.run_as,
             env: std::env::vars_os().collect(),
             workspace: Some(workspace.to_path_buf()),
@@ -762,7 +729,7 @@ fn start_broker(
 
 /// Create/truncate the `--report-json` file, refusing symbolic links in every component.
 fn open_report(path: &Path) -> Result<std::fs::File, String> {
-    crate::fds::open_no_symlinks(
+    carapace_sandbox::fds::open_no_symlinks(
         path,
         libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
         0o644,
@@ -827,7 +794,7 @@ fn check(files: &[PathBuf]) -> i32 {
         // Compile every profile, for the best kernel: errors here are the policy's, not the
         // kernel's. This kernel's shortcomings are reported as notes.
         let mut bad = false;
-        let here = crate::landlock::target();
+        let here = carapace_sandbox::landlock::target();
         for profile in policy.profile_names() {
             if let Err(d) = policy.compile(
                 profile,
@@ -889,7 +856,7 @@ fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
         }
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let target = crate::landlock::target();
+    let target = carapace_sandbox::landlock::target();
     // As `carapace exec` without --workspace: the current directory is the workspace.
     let workspace = std::fs::canonicalize(&cwd).ok();
     let d = match decide(&policy, command, &cwd, workspace.as_deref(), &target) {
@@ -930,7 +897,7 @@ mod tests {
     use crate::ctl::{
         answer_approval, audit_verify, ApprovalsArgs, ApprovalsCommand, AuditCommand,
     };
-    use crate::namespaces::HostIds;
+    use carapace_sandbox::namespaces::HostIds;
     use clap::CommandFactory as _;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -1067,7 +1034,7 @@ mod tests {
     #[test]
     fn default_policy_is_valid_and_decides() {
         let p = load_policy(None).unwrap();
-        let target = crate::landlock::target();
+        let target = carapace_sandbox::landlock::target();
         let d = decide(
             &p,
             &[OsString::from("ls"), OsString::from("-la")],

@@ -22,7 +22,7 @@ mod tests {
 
     #[test]
     fn error_chain_joins_sources() {
-        let e = crate::spawn::SpawnError::Sys {
+        let e = carapace_sandbox::spawn::SpawnError::Sys {
             syscall: "clone",
             source: std::io::Error::from_raw_os_error(libc::EPERM),
         };

@@ -6,26 +6,14 @@
 //! ([`spawn`]'s `child_main`).
 
 pub mod broker_host;
-pub mod caps;
-pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod embedded;
 pub mod errors;
-pub mod fds;
-pub mod init;
-pub mod landlock;
 pub mod logging;
-pub mod mounts;
-pub mod namespaces;
 pub mod paths;
-pub mod report;
-pub mod resolve;
-pub mod rlimits;
 pub mod sdnotify;
-pub mod seccomp;
 pub mod service;
-pub mod spawn;
 pub mod wiring;

@@ -1,7 +1,9 @@
 //! Where the supervisor keeps things by default, as root (a system service) and as an
 //! unprivileged user (rootless mode, see docs/architecture.md).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use carapace_sandbox::Privilege;
 
 /// Default configuration file of `carapace run`; when it does not exist the embedded default
 /// configuration is used.
@@ -16,15 +18,13 @@ pub const INITIAL_TOKEN_FILE: &str = "initial-operator-token";
 /// Environment variable naming the control socket (overridden by `--socket`).
 pub const CONTROL_SOCKET_ENV: &str = "CARAPACE_CONTROL_SOCKET";
 
-/// Whether this process runs with effective uid 0.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+/// Whether this process is a root supervisor (its defaults are the system's directories).
+fn is_root() -> bool {
+    Privilege::of_this_process().is_root()
 }
 
 fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
+    carapace_sandbox::namespaces::own_ids().uid
 }
 
 /// An absolute directory from the environment variable `name`, if set to one.
@@ -59,6 +59,11 @@ pub fn default_runtime_dir() -> PathBuf {
         return d.join("carapace");
     }
     PathBuf::from(format!("/tmp/carapace-{}/run", euid()))
+}
+
+/// The state directory: `arg` (`--state-dir`), else the default.
+pub fn state_dir_or_default(arg: Option<&Path>) -> PathBuf {
+    arg.map_or_else(default_state_dir, Path::to_path_buf)
 }
 
 /// The control socket the operator CLI talks to: `$CARAPACE_CONTROL_SOCKET`, else

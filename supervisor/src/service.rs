@@ -51,15 +51,17 @@ use crate::broker_host::{
     new_identity, BrokerHost, BrokerSetup, ChildFds, OperatorChannel, PeerServer, StateDir,
     ToolContext,
 };
-use crate::cgroup::{self, Cgroup};
 use crate::config::{ChildConfig, Config};
 use crate::control::{self, ControlHandler, ControlServer, Request};
 use crate::errors::error_chain;
-use crate::namespaces::RunAs;
-use crate::report::ExitReport;
 use crate::sdnotify::{self, Notifier};
-use crate::spawn::{Launch, LaunchOptions};
-use carapace_broker::program::OpenedProgram;
+use carapace_sandbox::cgroup::{self, Cgroup};
+use carapace_sandbox::namespaces::RunAs;
+use carapace_sandbox::program::OpenedProgram;
+use carapace_sandbox::report::ExitReport;
+use carapace_sandbox::run::{self, Run};
+use carapace_sandbox::spawn::LaunchOptions;
+use carapace_sandbox::Privilege;
 
 /// Exit status when the configuration or the policy is invalid (sysexits' EX_CONFIG): the unit
 /// file lists it in `RestartPreventExitStatus=`, a broken file is not retried in a loop.
@@ -433,6 +435,7 @@ fn child_env(
 struct Env<'a> {
     policy: Arc<Policy>,
     target: Target,
+    privilege: Privilege,
     peers: &'a PeerServer,
     env: &'a [(std::ffi::OsString, std::ffi::OsString)],
 }
@@ -475,42 +478,34 @@ impl Child {
             .compile(&spec.profile, &env.target)
             .map_err(|d| format!("profile `{}` cannot run here: {d}", spec.profile))?;
         bind_program(&mut plan, &spec.program);
-        let cg = crate::broker_host::sandbox_cgroup(&mut plan, &self.name)?.map(Arc::new);
         let brokered = env.policy.broker_view(&spec.profile).is_some();
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let run_as = if crate::paths::is_root() {
-            RunAs::Auto.resolve(u32::try_from(tid).unwrap_or(0)).0
-        } else {
-            // Rootless: the sandbox runs as our own identity (see docs/threat-model.md).
-            crate::namespaces::own_ids()
-        };
-        let argv0 = spec.program.as_os_str().to_os_string();
         let program = OpenedProgram::open(&spec.program).map_err(|e| e.to_string())?;
-        let opts = LaunchOptions {
-            program: Arc::new(program),
-            argv0,
-            args: spec.args.iter().map(Into::into).collect(),
-            workspace: Some(spec.workspace.clone()),
-            run_as,
-            env: child_env(env.env, &spec.environment),
-            broker: brokered,
-            listener: self.listener.is_some(),
-            supervisor_env: spec
-                .settings
-                .iter()
-                .map(|s| (settings_env(self.role).into(), s.into()))
-                .collect(),
+        let run = Run {
+            name: self.name.clone(),
+            landlock_abi: env.target.landlock_abi,
+            options: LaunchOptions {
+                program: Arc::new(program),
+                argv0: spec.program.as_os_str().to_os_string(),
+                args: spec.args.iter().map(Into::into).collect(),
+                workspace: Some(spec.workspace.clone()),
+                privilege: env.privilege,
+                run_as: RunAs::Auto,
+                env: child_env(env.env, &spec.environment),
+                broker: brokered,
+                listener: self.listener.is_some(),
+                supervisor_env: spec
+                    .settings
+                    .iter()
+                    .map(|s| (settings_env(self.role).into(), s.into()))
+                    .collect(),
+            },
         };
-        let launch =
-            Launch::prepare(&plan, &opts, env.target.landlock_abi).map_err(|e| error_chain(&e))?;
         let fds = ChildFds::new(brokered)?;
         let listener = self.listener.as_ref().map(|l| l.as_fd());
-        let running = launch
-            .spawn_with(cg.as_deref(), fds.io(listener))
-            .map_err(|e| error_chain(&e))?;
+        let started = run::start(plan, &run, fds.io(listener)).map_err(|e| error_chain(&e))?;
+        crate::broker_host::say_limits_once(started.limits());
         let (out_read, err_read, pair) = fds.into_parent_ends();
-        let pid = running.pid();
+        let pid = started.pid();
         if let Some(mine) = pair {
             let who = new_identity(self.role, &spec.profile);
             tracing::info!(child = %self.name, %who, "broker socket served");
@@ -524,14 +519,14 @@ impl Child {
             let mut live = lock(&self.live);
             live.pid = Some(pid);
             live.pidfd = pidfd_open(pid).map(Arc::new);
-            live.cgroup = cg.clone();
+            live.cgroup = started.cgroup().cloned();
             live.since = Some(Instant::now());
             if live.state == State::Starting {
                 live.state = State::Running;
             }
         }
         tracing::info!(child = %self.name, pid, profile = %spec.profile, "started");
-        let report = running.wait(launch.wall_time(), cg.as_deref());
+        let mut ended = started.wait();
         {
             let mut live = lock(&self.live);
             live.pid = None;
@@ -539,16 +534,10 @@ impl Child {
             live.cgroup = None;
             live.since = None;
         }
-        match cg.map(Arc::try_unwrap) {
-            None => {}
-            Some(Ok(cg)) => {
-                if let Err(e) = cg.remove() {
-                    tracing::warn!(child = %self.name, "removing its cgroup: {e}");
-                }
-            }
-            Some(Err(_)) => tracing::warn!(child = %self.name, "its cgroup is still in use; left"),
+        if let Err(e) = ended.remove_cgroup() {
+            tracing::warn!(child = %self.name, "removing its cgroup: {}", error_chain(&e));
         }
-        report.map_err(|e| error_chain(&e))
+        ended.report.map_err(|e| error_chain(&e))
     }
 
     /// The thread body: start, wait, restart with backoff until stopped.
@@ -563,6 +552,7 @@ impl Child {
             let env = Env {
                 policy: svc.policy(),
                 target: svc.target,
+                privilege: svc.privilege,
                 peers: &svc.peers,
                 env: &svc.env,
             };
@@ -702,6 +692,8 @@ struct PolicyInForce {
 #[derive(Debug)]
 struct Shared {
     target: Target,
+    /// Root or rootless, decided once at start.
+    privilege: Privilege,
     peers: PeerServer,
     env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     policy: RwLock<PolicyInForce>,
@@ -1312,10 +1304,12 @@ fn start(
     notifier: Notifier,
     activated: Vec<(OwnedFd, Option<String>)>,
 ) -> Result<i32, String> {
-    let root = crate::paths::is_root();
+    // Root or rootless: decided here, once, for every child and tool of this service.
+    let privilege = Privilege::of_this_process();
+    let root = privilege.is_root();
     let mode = if root { "root" } else { "rootless" };
     let (cg_ok, cg_words) = cgroup_mode();
-    let usable = crate::broker_host::cgroups_usable();
+    let usable = cgroup::usable(privilege);
     let cgroups = match (cg_ok.is_some(), usable, root) {
         (true, true, true) => cg_words,
         (true, true, false) => format!("{cg_words} (delegated)"),
@@ -1331,7 +1325,7 @@ fn start(
     // (0700, ours), which is often beneath /var: allow exactly those.
     let state_canon =
         std::fs::canonicalize(&state.root).map_err(|e| format!("{}: {e}", state.root.display()))?;
-    crate::mounts::allow_managed_workspaces(&state_canon);
+    carapace_sandbox::mounts::allow_managed_workspaces(&state_canon);
     if cfg.gateway.is_some() {
         initial_token(&state.root)?;
     }
@@ -1341,7 +1335,7 @@ fn start(
         ensure_dir(&s.workspace)?;
     }
     let target = Target {
-        landlock_abi: crate::landlock::probe_abi(),
+        landlock_abi: carapace_sandbox::landlock::probe_abi(),
     };
     let env: Vec<_> = std::env::vars_os().collect();
     let host = BrokerHost::start_with(
@@ -1351,6 +1345,7 @@ fn start(
             tools: ToolContext {
                 policy: policy.policy.clone(),
                 target,
+                privilege,
                 run_as: RunAs::Auto,
                 env: env.clone(),
                 workspace: Some(tools_ws),
@@ -1390,6 +1385,7 @@ fn start(
 
     let shared = Arc::new(Shared {
         target,
+        privilege,
         peers: host.peers(),
         env,
         policy: RwLock::new(policy),

@@ -8,11 +8,12 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::time::Duration;
 
-use carapace_supervisor::cgroup::{self, Cgroup};
-use carapace_supervisor::landlock;
-use carapace_supervisor::namespaces::HostIds;
-use carapace_supervisor::report::ExitReport;
-use carapace_supervisor::spawn::{Launch, LaunchOptions, SpawnError};
+use carapace_sandbox::cgroup::{self, Cgroup};
+use carapace_sandbox::landlock;
+use carapace_sandbox::namespaces::{HostIds, RunAs};
+use carapace_sandbox::report::ExitReport;
+use carapace_sandbox::spawn::{Launch, LaunchOptions, SpawnError};
+use carapace_sandbox::Privilege;
 
 use common::*;
 
@@ -27,7 +28,8 @@ fn run_plan(
         argv0: OsString::from(program),
         args: args.iter().map(OsString::from).collect(),
         workspace: Some(ws.to_path_buf()),
-        run_as: HostIds::NOBODY,
+        privilege: Privilege::of_this_process(),
+        run_as: RunAs::Fixed(HostIds::NOBODY),
         env: std::env::vars_os().collect(),
         broker: false,
         listener: false,
@@ -232,7 +234,8 @@ fn program_outside_exec_mounts_is_refused_before_fork() {
         argv0: OsString::from("prog"),
         args: vec![],
         workspace: Some(ws.path().to_path_buf()),
-        run_as: HostIds::NOBODY,
+        privilege: Privilege::of_this_process(),
+        run_as: RunAs::Fixed(HostIds::NOBODY),
         env: vec![],
         broker: false,
         listener: false,
@@ -318,8 +321,8 @@ fn setid_bits_cannot_be_planted_in_the_workspace() {
 /// Without a broker socket, fd 3 is closed and the variable absent.
 #[test]
 fn child_io_places_stdio_and_the_broker_socket() {
-    use carapace_supervisor::fds::Pipe;
-    use carapace_supervisor::spawn::ChildIo;
+    use carapace_sandbox::fds::Pipe;
+    use carapace_sandbox::spawn::ChildIo;
     use std::io::Read as _;
     use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
     if !require_root() {
@@ -336,7 +339,8 @@ fn child_io_places_stdio_and_the_broker_socket() {
             argv0: OsString::from("sh"),
             args: vec![OsString::from("-c"), OsString::from(script)],
             workspace: Some(ws.path().to_path_buf()),
-            run_as: HostIds::NOBODY,
+            privilege: Privilege::of_this_process(),
+            run_as: RunAs::Fixed(HostIds::NOBODY),
             env: vec![],
             broker,
             listener: false,
@@ -476,8 +480,8 @@ fn child_io_places_the_listener_at_4_rootless() {
 
 /// The body of the listener tests, in `ws` (rootless: as the unprivileged user running it).
 fn listener_at_4(ws: &Path, rootless: bool) {
-    use carapace_supervisor::fds::Pipe;
-    use carapace_supervisor::spawn::ChildIo;
+    use carapace_sandbox::fds::Pipe;
+    use carapace_sandbox::spawn::ChildIo;
     use std::io::Read as _;
     use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
     // The shell lists its fds and variables, then python (exec'd, so it inherits fd 4)
@@ -493,7 +497,8 @@ fn listener_at_4(ws: &Path, rootless: bool) {
             argv0: OsString::from("sh"),
             args: vec![OsString::from("-c"), OsString::from(script)],
             workspace: Some(ws.to_path_buf()),
-            run_as: HostIds::NOBODY,
+            privilege: Privilege::of_this_process(),
+            run_as: RunAs::Fixed(HostIds::NOBODY),
             env: vec![],
             broker,
             listener: true,

@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use carapace_policy::{Approval, ExecRequest};
 
-use crate::program::OpenedProgram;
 use crate::protocol::{ErrorCode, Event, ExitSummary, OkReply};
 use crate::redact::Redactor;
 use crate::server::{FollowUp, Identity, Response};
+use carapace_sandbox::program::OpenedProgram;
 
 use super::{rule_ref, shown, ApprovalAnswer, ApprovalQuery, Audited, Ops, SpawnRequest};
 

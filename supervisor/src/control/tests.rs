@@ -12,7 +12,7 @@ const CONTROL_GID: u32 = 2_000_042;
 
 /// True if we may run privileged tests; panics when not root unless CARAPACE_ALLOW_SKIP=1.
 fn privileged() -> bool {
-    if crate::paths::is_root() {
+    if carapace_sandbox::Privilege::of_this_process().is_root() {
         return true;
     }
     if std::env::var("CARAPACE_ALLOW_SKIP").as_deref() == Ok("1") {

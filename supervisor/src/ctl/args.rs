@@ -11,10 +11,6 @@ pub const EXIT_USAGE: i32 = 2;
 /// Exit status: no supervisor is running.
 pub const EXIT_NO_DAEMON: i32 = 3;
 
-pub(super) fn state_dir_of(arg: Option<&Path>) -> PathBuf {
-    arg.map_or_else(crate::paths::default_state_dir, Path::to_path_buf)
-}
-
 /// Options of every command that talks to the supervisor.
 #[derive(Debug, Clone, Default, Args)]
 pub struct CtlOpts {
@@ -33,7 +29,7 @@ impl CtlOpts {
         pick_socket(
             self.socket.as_deref(),
             std::env::var_os(crate::paths::CONTROL_SOCKET_ENV).is_some(),
-            crate::paths::is_root(),
+            carapace_sandbox::Privilege::of_this_process().is_root(),
             crate::paths::default_control_socket(),
             |p| p.exists(),
         )

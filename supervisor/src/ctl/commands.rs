@@ -319,7 +319,7 @@ pub fn approvals(a: ApprovalsArgs) -> i32 {
 }
 
 pub fn approvals_to(a: &ApprovalsArgs, t: &mut Term<'_>) -> i32 {
-    let state = state_dir_of(a.state_dir.as_deref());
+    let state = crate::paths::state_dir_or_default(a.state_dir.as_deref());
     let socket = a.opts.socket();
     let (key, resolution) = match &a.command {
         ApprovalsCommand::List => return approvals_list(&socket, &state, a.opts.json, t),
@@ -521,7 +521,7 @@ pub fn token(a: TokenArgs) -> i32 {
 
 pub fn token_to(a: &TokenArgs, t: &mut Term<'_>) -> i32 {
     use carapace_broker::tokens::{TokenError, TokenStore};
-    let state = state_dir_of(a.state_dir.as_deref());
+    let state = crate::paths::state_dir_or_default(a.state_dir.as_deref());
     let store = TokenStore::in_state_dir(&state);
     let fail = |t: &mut Term<'_>, e: &TokenError| {
         t.err(&clean_lines(&error_chain(e)));

@@ -195,9 +195,9 @@ pub fn path(p: &Path) -> PathBuf {
 }
 
 /// `p` opened as a run's program (canonicalized first: links are not followed when opening).
-pub fn opened(p: impl AsRef<Path>) -> std::sync::Arc<carapace_broker::program::OpenedProgram> {
+pub fn opened(p: impl AsRef<Path>) -> std::sync::Arc<carapace_sandbox::program::OpenedProgram> {
     let canon = std::fs::canonicalize(p.as_ref()).expect("program exists");
     std::sync::Arc::new(
-        carapace_broker::program::OpenedProgram::open(&canon).expect("program opens"),
+        carapace_sandbox::program::OpenedProgram::open(&canon).expect("program opens"),
     )
 }

@@ -651,15 +651,19 @@ fn rootless_delegation_needs_pure_v2_and_a_writable_own_cgroup() {
 
 #[test]
 fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
-    let policy =
-        carapace_policy::Policy::parse(crate::embedded::DEFAULT_POLICY, "default").unwrap();
+    let policy = carapace_policy::Policy::parse(crate::DEFAULT_POLICY, "default").unwrap();
     let compiled = policy
         .compile("tool", &carapace_policy::Target { landlock_abi: 6 })
         .unwrap();
     // Rootless on this hybrid machine: never delegated, so no cgroup and rlimits instead.
     if Layout::cached().is_ok_and(|l| !l.v1.is_empty()) {
         let mut plan = compiled.clone();
-        let l = for_run(&unique_name("test"), &mut plan, true).unwrap();
+        let l = for_run(
+            &unique_name("test"),
+            &mut plan,
+            crate::Privilege::Rootless(crate::namespaces::own_ids()),
+        )
+        .unwrap();
         assert!(l.cgroup.is_none());
         let (why, added) = l.fallback.unwrap();
         assert!(why.contains("v1"), "{why}");
@@ -674,7 +678,7 @@ fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
         return;
     }
     let mut plan = compiled.clone();
-    let l = for_run(&unique_name("test"), &mut plan, false).unwrap();
+    let l = for_run(&unique_name("test"), &mut plan, crate::Privilege::Root).unwrap();
     assert!(l.fallback.is_none());
     assert_eq!(plan, compiled, "root mode leaves the plan alone");
     l.cgroup.unwrap().remove().unwrap();

@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// Whether the sandboxes of a process with `privilege` get cgroups: always as root; rootless
+/// only where a cgroup is delegated to us ([`rootless_delegation`]).
+pub fn usable(privilege: crate::Privilege) -> bool {
+    privilege.is_root() || rootless_delegation().is_ok()
+}
+
 /// Rootless mode: the v2 cgroup we may use, if our cgroups are delegated to us: a pure v2
 /// layout (no v1 controller hierarchy: those are never delegated to a user) whose own cgroup
 /// directory, `cgroup.procs` and `cgroup.subtree_control` we may write (e.g. systemd's

@@ -63,13 +63,15 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carapace_broker::program::{FileId, OpenedProgram};
 use carapace_policy::plan::{Mount, Plan, SeccompAction};
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::fds::{self, ChildFailure, FdError, Pipe};
 use crate::mounts::{self, MountError, WorkspaceTree};
-use crate::namespaces::{self, CloneArgs, HostIds, NamespaceError, CLONE_INTO_CGROUP};
+use crate::namespaces::{self, CloneArgs, HostIds, NamespaceError, RunAs, CLONE_INTO_CGROUP};
+use crate::privilege::Privilege;
+use crate::program::{FileId, OpenedProgram};
+
 use crate::report::ExitReport;
 use crate::{caps, landlock, rlimits, seccomp};
 
@@ -328,9 +330,12 @@ pub struct LaunchOptions {
     pub args: Vec<OsString>,
     /// Host workspace directory (bound at the plan's workspace mount).
     pub workspace: Option<PathBuf>,
-    /// Host identity of the sandbox. Ignored in rootless mode, where the sandbox runs as the
+    /// Root or rootless: how the child is cloned, its workspace mounted, its rlimits clamped.
+    pub privilege: Privilege,
+    /// Host identity of the sandbox (`--run-as`), decided by [`Launch::prepare`] through
+    /// [`Privilege::host_ids`]: ignored in rootless mode, where the sandbox runs as the
     /// supervisor's own euid/egid (see [`Launch::host_ids`]).
-    pub run_as: HostIds,
+    pub run_as: RunAs,
     /// The supervisor's environment, the source of `env.pass`.
     pub env: Vec<(OsString, OsString)>,
     /// The child gets a broker socket at [`fds::BROKER_FD`] ([`ChildIo::broker`]): its
@@ -388,6 +393,8 @@ pub struct Launch {
     inside_gid: u32,
     /// The host uid/gid the sandbox runs as.
     host: HostIds,
+    /// Said to the operator when a per-run identity may be shared (see [`RunAs::resolve`]).
+    run_as_note: Option<String>,
     /// Rootless mode: the supervisor is not root (see the module docs).
     rootless: bool,
     uid_map: String,
@@ -542,17 +549,19 @@ impl Launch {
                 t0.elapsed().as_secs_f64() * 1e3
             )
         };
-        let rootless = !crate::paths::is_root();
+        let rootless = !opts.privilege.is_root();
         let clone_flags = if rootless {
             namespaces::rootless_clone_flags(&plan.namespaces)?
         } else {
             namespaces::clone_flags(&plan.namespaces)?
         };
-        let host = if rootless {
-            namespaces::own_ids()
-        } else {
-            opts.run_as
-        };
+        // A per-run identity is numbered by the thread that starts the run (the process, for
+        // `carapace exec`): no two runs at the same time share it.
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let (host, run_as_note) = opts
+            .privilege
+            .host_ids(opts.run_as, u32::try_from(tid).unwrap_or(0));
         // The ids the child's mounts (tmpfs owners) are made with: the host's as root; in
         // rootless mode the child mounts inside its user namespace, where the sandbox user is
         // the plan's.
@@ -562,7 +571,7 @@ impl Launch {
                 gid: plan.user.gid,
             }
         } else {
-            opts.run_as
+            host
         };
         let ws_mount = plan.mounts.iter().find_map(|m| match m {
             Mount::Workspace { writable, exec, .. } => Some((*writable, *exec)),
@@ -573,7 +582,7 @@ impl Launch {
                 Some(mounts::prepare_workspace_plain(dir, writable, exec)?)
             }
             (Some((writable, exec)), Some(dir)) => {
-                Some(mounts::prepare_workspace(dir, writable, exec, opts.run_as)?)
+                Some(mounts::prepare_workspace(dir, writable, exec, host)?)
             }
             (Some(_), None) => return Err(MountError::NoWorkspace.into()),
             (None, _) => None,
@@ -649,6 +658,7 @@ impl Launch {
             inside_uid: plan.user.uid,
             inside_gid: plan.user.gid,
             host,
+            run_as_note,
             rootless,
             uid_map: namespaces::map_line(plan.user.uid, host.uid),
             gid_map: namespaces::map_line(plan.user.gid, host.gid),
@@ -726,6 +736,11 @@ impl Launch {
     /// The host uid/gid the sandboxed program runs as.
     pub fn host_ids(&self) -> HostIds {
         self.host
+    }
+
+    /// A note for the operator when the per-run identity may be shared with another run.
+    pub fn run_as_note(&self) -> Option<&str> {
+        self.run_as_note.as_deref()
     }
 
     /// Whether the child gets a listening socket (see [`LaunchOptions::listener`]).

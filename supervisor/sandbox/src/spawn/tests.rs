@@ -32,8 +32,7 @@ fn env_is_scrubbed_pass_then_set() {
 #[test]
 fn how_a_program_is_executed_and_what_the_profile_must_allow_for_it() {
     use std::os::unix::fs::PermissionsExt as _;
-    let policy =
-        carapace_policy::Policy::parse(crate::embedded::DEFAULT_POLICY, "default").unwrap();
+    let policy = carapace_policy::Policy::parse(crate::DEFAULT_POLICY, "default").unwrap();
     let plan = policy.compile("tool", &crate::landlock::target()).unwrap();
     let t = tempfile::tempdir().unwrap();
     let open = |name: &str, body: &[u8]| {

@@ -52,6 +52,16 @@ pub(super) fn process_alive(pid: u32) -> bool {
     )
 }
 
+/// [`remove_stale`], the first time this process calls it; None after that. Stale cgroups come
+/// from supervisors killed before this one started, so once per process is enough.
+pub fn remove_stale_once() -> Option<Result<Vec<PathBuf>, CgroupError>> {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return None;
+    }
+    Some(remove_stale())
+}
+
 /// Remove the run cgroups that SIGKILLed supervisors left behind, in every hierarchy: the
 /// directories directly beneath our own `<own>/carapace/` whose name carries a supervisor pid
 /// ([`owner_pid`]) that is not ours and not alive, that hold no process, and that are at least

@@ -24,8 +24,7 @@ fn maps_resources_soft_equals_hard() {
 
 #[test]
 fn cgroup_fallback_merges_lower_wins_and_clears_the_cgroup_limits() {
-    let policy =
-        carapace_policy::Policy::parse(crate::embedded::DEFAULT_POLICY, "default").unwrap();
+    let policy = carapace_policy::Policy::parse(crate::DEFAULT_POLICY, "default").unwrap();
     let mut plan = policy
         .compile("tool", &carapace_policy::Target { landlock_abi: 6 })
         .unwrap();

@@ -152,16 +152,15 @@ pub const NO_CGROUP_LINE: &str =
 
 /// The cgroup for a run named `name` (see [`unique_name`]) with the limits of `plan`, for
 /// either mode. Call it BEFORE `Launch::prepare` (it may change `plan.rlimits`). As root: the
-/// cgroup, or the error (fail closed). Rootless (`rootless`, i.e. not root): the cgroup when
-/// one is delegated to us and usable ([`rootless_delegation`]); otherwise no cgroup, and
-/// `plan`'s cgroup limits become rlimits ([`crate::rlimits::cgroup_fallback`]). Spawn and wait
-/// with `limits.cgroup.as_ref()`.
+/// cgroup, or the error (fail closed). Rootless: the cgroup when one is delegated to us and
+/// usable ([`rootless_delegation`]); otherwise no cgroup, and `plan`'s cgroup limits become
+/// rlimits ([`crate::rlimits::cgroup_fallback`]). Spawn and wait with `limits.cgroup.as_ref()`.
 pub fn for_run(
     name: &str,
     plan: &mut carapace_policy::Plan,
-    rootless: bool,
+    privilege: crate::Privilege,
 ) -> Result<RunLimits, CgroupError> {
-    if !rootless {
+    if privilege.is_root() {
         return Ok(RunLimits {
             cgroup: Some(Cgroup::create(name, &plan.cgroup)?),
             fallback: None,

@@ -1,0 +1,39 @@
+//! carapace's sandbox engine: one confined child from a policy [`Plan`](carapace_policy::Plan).
+//!
+//! One module per kernel mechanism, and [`spawn`], which applies them in order. Everything the
+//! child applies is computed in the parent ([`spawn::Launch::prepare`]); between `clone` and
+//! `execve` the child only runs raw async-signal-safe syscalls ([`spawn`]'s `child_main`).
+//!
+//! This crate is synchronous and depends on neither tokio nor the broker, so nothing async (and
+//! nothing that allocates behind a lock) can reach the code that runs between clone and exec.
+//!
+//! - [`privilege`]: root or rootless, decided once per process and passed down as a value.
+//! - [`program`]: the program file of a run, opened once, identified, hashed on demand.
+//! - [`run`]: one confined run, start to end, as every caller does it.
+//! - [`spawn`]: prepare a launch, start it, wait for it.
+//! - [`namespaces`], [`mounts`], [`cgroup`], [`landlock`], [`seccomp`], [`caps`], [`rlimits`],
+//!   [`fds`]: the mechanisms, each preparing in the parent what the child applies.
+//! - [`init`]: the sandbox's pid 1. [`resolve`]: the program named on a command line.
+//!   [`report`]: how a run ended.
+
+pub mod caps;
+pub mod cgroup;
+pub mod fds;
+pub mod init;
+pub mod landlock;
+pub mod mounts;
+pub mod namespaces;
+pub mod privilege;
+pub mod program;
+pub mod report;
+pub mod resolve;
+pub mod rlimits;
+pub mod run;
+pub mod seccomp;
+pub mod spawn;
+
+pub use privilege::Privilege;
+
+/// The embedded default policy's text, for tests that check the mechanisms against it.
+#[cfg(test)]
+pub(crate) const DEFAULT_POLICY: &str = include_str!("../../../policies/default.toml");

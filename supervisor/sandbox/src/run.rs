@@ -1,0 +1,236 @@
+//! One confined run, start to end: the one sequence `carapace exec`, the service's children
+//! and the broker's tools all go through.
+//!
+//! [`start`] reads as the steps it takes, each in the only order that works:
+//!
+//! 1. **Clear what killed supervisors left** ([`cgroup::remove_stale_once`]): once per process,
+//!    before its first cgroup, so a name of ours can never collide with a leftover.
+//! 2. **Choose the cgroup** ([`cgroup::for_run`]): before the launch is prepared, because
+//!    rootless mode without a delegated cgroup turns the plan's cgroup limits into rlimits,
+//!    which the launch then carries.
+//! 3. **Prepare the launch** ([`Launch::prepare`]): the run-as identity is decided here, from
+//!    the [`Privilege`] in the options; everything the child applies is computed now, so that
+//!    a refusal comes before any process exists.
+//! 4. **Spawn** ([`Prepared::spawn`]): the child is born in the cgroup.
+//!
+//! [`prepare`] takes steps 1 to 3, so that a caller can say what will run before it does
+//! (`carapace exec -v`); [`start`] takes 1 to 4.
+//!
+//! The caller then does what is its own (hands out the parent's ends of the child's
+//! descriptors, registers the pid, serves the broker socket) and calls [`Started::wait`]
+//! (**wait**, bounded by the wall-time limit, killing the cgroup on timeout) and
+//! [`Ended::remove_cgroup`] (**remove the cgroup**, after whoever waits for the report has
+//! it: the statistics are in the report already).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use carapace_policy::Plan;
+
+use crate::cgroup::{self, Cgroup, CgroupError};
+use crate::report::ExitReport;
+use crate::rlimits::Fallback;
+use crate::spawn::{ChildIo, Launch, LaunchOptions, Running, SpawnError};
+
+/// One run, beyond the policy's plan.
+#[derive(Debug)]
+pub struct Run {
+    /// Prefix of the run's cgroup name (`<prefix>-<pid>-<n>`, see [`cgroup::unique_name`]):
+    /// `exec`, `tool`, or the service's child name.
+    pub name: String,
+    /// The kernel's Landlock ABI (from [`crate::landlock::target`]).
+    pub landlock_abi: u8,
+    pub options: LaunchOptions,
+}
+
+/// Where the run's cgroup limits are enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Limits {
+    /// In the run's own cgroup (as root; rootless, beneath a delegated cgroup).
+    Cgroup { name: String },
+    /// Rootless without a usable delegated cgroup: why not, and the rlimits that stand in for
+    /// the cgroup limits (see [`cgroup::NO_CGROUP_LINE`]).
+    Rlimits { why: String, added: Vec<Fallback> },
+}
+
+/// How long each step took, for `carapace exec -v` and the benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Stale cleanup (the first run of a process) and cgroup creation.
+    pub cgroup: Duration,
+    /// [`Launch::prepare`].
+    pub prepare: Duration,
+    /// clone .. execve.
+    pub start: Duration,
+    /// execve .. reaped ([`Started::wait`]).
+    pub run: Duration,
+}
+
+/// A started run: its program runs, confined, in its cgroup.
+#[derive(Debug)]
+pub struct Started {
+    launch: Launch,
+    running: Running,
+    cgroup: Option<Arc<Cgroup>>,
+    limits: Limits,
+    timings: Timings,
+}
+
+/// A run whose program has ended (or could not be waited for); its cgroup is still there
+/// until [`Ended::remove_cgroup`] (or drop, which kills what is left in it and removes it).
+#[derive(Debug)]
+pub struct Ended {
+    pub report: Result<ExitReport, SpawnError>,
+    cgroup: Option<Arc<Cgroup>>,
+    pub timings: Timings,
+}
+
+/// A run ready to spawn: its cgroup chosen (and created), its launch prepared.
+#[derive(Debug)]
+pub struct Prepared {
+    launch: Launch,
+    cgroup: Option<Arc<Cgroup>>,
+    limits: Limits,
+    timings: Timings,
+}
+
+/// Steps 1 to 3 (see the module docs): clear stale cgroups, choose the cgroup, prepare the
+/// launch. On an error nothing is left behind (a cgroup already created is removed when
+/// dropped).
+pub fn prepare(mut plan: Plan, run: &Run) -> Result<Prepared, SpawnError> {
+    let t0 = Instant::now();
+    let (cgroup, limits) = choose_cgroup(run, &mut plan)?;
+    let t1 = Instant::now();
+    let launch = Launch::prepare(&plan, &run.options, run.landlock_abi)?;
+    Ok(Prepared {
+        launch,
+        cgroup,
+        limits,
+        timings: Timings {
+            cgroup: t1 - t0,
+            prepare: t1.elapsed(),
+            ..Timings::default()
+        },
+    })
+}
+
+/// [`prepare`], then [`Prepared::spawn`]: steps 1 to 4 for a caller with nothing to say in
+/// between.
+pub fn start(plan: Plan, run: &Run, io: ChildIo<'_>) -> Result<Started, SpawnError> {
+    prepare(plan, run)?.spawn(io)
+}
+
+impl Prepared {
+    pub fn launch(&self) -> &Launch {
+        &self.launch
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Step 4: start the program in the run's cgroup, with `io` placed in the child.
+    pub fn spawn(self, io: ChildIo<'_>) -> Result<Started, SpawnError> {
+        let t = Instant::now();
+        let running = self.launch.spawn_with(self.cgroup.as_deref(), io)?;
+        let mut timings = self.timings;
+        timings.start = t.elapsed();
+        Ok(Started {
+            launch: self.launch,
+            running,
+            cgroup: self.cgroup,
+            limits: self.limits,
+            timings,
+        })
+    }
+}
+
+/// Steps 1 and 2: the cgroup where this process's privilege allows one, else the cgroup
+/// limits as rlimits in `plan`.
+fn choose_cgroup(run: &Run, plan: &mut Plan) -> Result<(Option<Arc<Cgroup>>, Limits), SpawnError> {
+    let privilege = run.options.privilege;
+    if cgroup::usable(privilege) {
+        match cgroup::remove_stale_once() {
+            Some(Ok(gone)) => {
+                for d in gone {
+                    tracing::info!("removed the stale cgroup {}", d.display());
+                }
+            }
+            Some(Err(e)) => tracing::warn!("looking for stale cgroups: {e}"),
+            None => {}
+        }
+    }
+    let chosen = cgroup::for_run(&cgroup::unique_name(&run.name), plan, privilege)?;
+    let limits = match (&chosen.cgroup, chosen.fallback) {
+        (Some(c), _) => Limits::Cgroup {
+            name: c.name().to_string(),
+        },
+        (None, Some((why, added))) => Limits::Rlimits { why, added },
+        (None, None) => Limits::Rlimits {
+            why: "no cgroup".to_string(),
+            added: Vec::new(),
+        },
+    };
+    Ok((chosen.cgroup.map(Arc::new), limits))
+}
+
+impl Started {
+    /// Host pid of the sandbox's init.
+    pub fn pid(&self) -> libc::pid_t {
+        self.running.pid()
+    }
+
+    pub fn launch(&self) -> &Launch {
+        &self.launch
+    }
+
+    /// The run's cgroup, shared with whoever must reach its processes while it runs (the
+    /// service's stop).
+    pub fn cgroup(&self) -> Option<&Arc<Cgroup>> {
+        self.cgroup.as_ref()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// Step 5: wait for the program, killing the whole tree when the wall-time limit runs out.
+    pub fn wait(self) -> Ended {
+        let t = Instant::now();
+        let report = self
+            .running
+            .wait(self.launch.wall_time(), self.cgroup.as_deref());
+        let mut timings = self.timings;
+        timings.run = t.elapsed();
+        Ended {
+            report,
+            cgroup: self.cgroup,
+            timings,
+        }
+    }
+}
+
+/// Why a run's cgroup was not removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("its cgroup {0} is still in use; left for its last user to remove")]
+    InUse(String),
+}
+
+impl Ended {
+    /// Step 6: remove the run's cgroup. Where someone still holds it (the service's stop, at
+    /// that very moment), the last holder's drop removes it.
+    pub fn remove_cgroup(&mut self) -> Result<(), RemoveError> {
+        match self.cgroup.take().map(Arc::try_unwrap) {
+            None => Ok(()),
+            Some(Ok(cg)) => Ok(cg.remove()?),
+            Some(Err(shared)) => Err(RemoveError::InUse(shared.name().to_string())),
+        }
+    }
+}
