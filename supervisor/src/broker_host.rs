@@ -5,9 +5,10 @@
 //! The broker crate (`carapace_broker`) knows nothing of processes; it decides, audits and
 //! talks the protocol. This module gives it processes:
 //!
-//! - [`spawn_tool`]: compile the requested profile, prepare a [`Launch`], create its own
-//!   cgroup, start it with stdin `/dev/null` and stdout/stderr as pipes whose read ends are
-//!   handed back, and (if that profile has a broker section) a broker socket of its own.
+//! - [`spawn_tool`]: compile the requested profile and start it through the sandbox's one run
+//!   path ([`carapace_sandbox::run`]: its own cgroup, the launch prepared, the child spawned),
+//!   with stdin `/dev/null` and stdout/stderr as pipes whose read ends are handed back, and (if
+//!   that profile has a broker section) a broker socket of its own.
 //!   Each tool gets a dedicated thread that spawns it and then waits for it: the child's
 //!   `PR_SET_PDEATHSIG` is tied to the thread that created it, so that thread must outlive it,
 //!   and with `--run-as auto` the thread's id (a pid number no other live task has) gives the

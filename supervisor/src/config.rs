@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use carapace_policy::{check_abs_path, Diagnostic, Diagnostics, Source, PATH_EXPECTED};
 
-use crate::logging::LogFormat;
+use crate::service::logging::LogFormat;
 
 mod channel;
 mod document;

@@ -1,19 +1,24 @@
-//! carapace supervisor library: one module per kernel mechanism, and the `spawn` module that
-//! applies a policy [`Plan`](carapace_policy::Plan) to one confined child.
+//! The `carapace` binary's library: the service and the operator's command line, on top of the
+//! sandbox engine ([`carapace_sandbox`]) and the broker ([`carapace_broker`]).
 //!
-//! Everything the child applies is computed in the parent ([`spawn::Launch::prepare`]); between
-//! `clone` and `execve` the child only runs raw async-signal-safe syscalls
-//! ([`spawn`]'s `child_main`).
+//! - [`cli`]: the command line: `exec` (one confined run), `policy check|explain`, and the
+//!   operator's commands ([`cli::ctl`]: status, approvals, dlq, held, audit, reload, token).
+//! - [`service`]: `carapace run`, the long-running supervisor: its children, reload, signals,
+//!   systemd notification ([`service::sdnotify`]), logging ([`service::logging`]) and the check
+//!   that configuration and policy fit together ([`service::wiring`]).
+//! - [`config`]: the service's configuration file, read strictly.
+//! - [`control`]: the control socket both sides speak: protocol, server (the service's) and
+//!   client (the command line's), and the audit-tail follower.
+//! - [`broker_host`]: the broker in this process: the state directory, the tokio runtime serving
+//!   the children's sockets, and the broker's tools started through the sandbox's one run path.
+//! - [`paths`], [`embedded`], [`errors`]: default locations, the embedded default policy, and
+//!   the one place errors become a line.
 
 pub mod broker_host;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod ctl;
 pub mod embedded;
 pub mod errors;
-pub mod logging;
 pub mod paths;
-pub mod sdnotify;
 pub mod service;
-pub mod wiring;

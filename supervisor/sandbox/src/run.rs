@@ -9,7 +9,7 @@
 //!    rootless mode without a delegated cgroup turns the plan's cgroup limits into rlimits,
 //!    which the launch then carries.
 //! 3. **Prepare the launch** ([`Launch::prepare`]): the run-as identity is decided here, from
-//!    the [`Privilege`] in the options; everything the child applies is computed now, so that
+//!    the [`Privilege`](crate::Privilege) in the options; everything the child applies is computed now, so that
 //!    a refusal comes before any process exists.
 //! 4. **Spawn** ([`Prepared::spawn`]): the child is born in the cgroup.
 //!

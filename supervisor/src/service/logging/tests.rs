@@ -80,7 +80,7 @@ fn json_is_one_object_per_line() {
     assert!(l[0].starts_with("{\"ts\":\""), "{}", l[0]);
     assert!(
         l[0].ends_with(
-            "\"level\":\"INFO\",\"target\":\"carapace_supervisor::logging::tests\",\"message\":\"started\",\"child\":\"gateway\",\"pid\":42}"
+            "\"level\":\"INFO\",\"target\":\"carapace_supervisor::service::logging::tests\",\"message\":\"started\",\"child\":\"gateway\",\"pid\":42}"
         ),
         "fixed keys first, then the fields in order: {}",
         l[0]

@@ -1,0 +1,142 @@
+//! What the policy decides for a command line: load the policy, resolve the program, evaluate the rules, compile the chosen profile.
+
+use super::*;
+
+/// Load and validate a policy (the embedded default when `file` is None). Rule programs are
+/// resolved lazily when a request is decided ([`decide`], `Policy::evaluate_with`), not here.
+pub fn load_policy(file: Option<&Path>) -> Result<Policy, String> {
+    let (text, name) = match file {
+        None => (DEFAULT_POLICY.to_string(), DEFAULT_POLICY_NAME.to_string()),
+        Some(f) => (
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+            f.display().to_string(),
+        ),
+    };
+    Policy::parse(&text, &name).map_err(|d| d.to_string())
+}
+
+/// The outcome of deciding a request.
+#[derive(Debug)]
+pub struct Decided {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub decision: Decision,
+    /// The compiled plan of the chosen profile (None when denied, or when compiling failed:
+    /// then `compile_error` says why).
+    pub plan: Option<Plan>,
+    pub compile_error: Option<String>,
+}
+
+/// The PATH a plan gives its programs.
+pub(super) fn plan_path(plan: &Plan) -> Option<&str> {
+    plan.env
+        .set
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+}
+
+/// Resolve the program, evaluate the policy, compile the chosen profile. A bare name is first
+/// resolved with the default PATH; if the chosen plan sets another PATH under which the name
+/// resolves elsewhere, the decision is made again for that program (it must then be stable).
+pub fn decide(
+    policy: &Policy,
+    command: &[OsString],
+    cwd: &Path,
+    workspace: Option<&Path>,
+    target: &Target,
+) -> Result<Decided, String> {
+    let (name, rest) = command
+        .split_first()
+        .ok_or_else(|| "no program given".to_string())?;
+    let args = rest
+        .iter()
+        .map(|a| {
+            a.to_str().map(str::to_string).ok_or_else(|| {
+                format!(
+                    "argument {:?} is not valid UTF-8; policies cannot match it",
+                    a.to_string_lossy()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut search = DEFAULT_PATH.to_string();
+    let mut last: Option<PathBuf> = None;
+    for _round in 0..3 {
+        let program = resolve::resolve(name, &search, cwd).map_err(|e| e.to_string())?;
+        if last.as_ref() == Some(&program) {
+            break;
+        }
+        // Rule programs resolved lazily: only those that can decide this request.
+        let decision = policy.evaluate_with(
+            &ExecRequest {
+                program: program.clone(),
+                args: args.clone(),
+                workspace: workspace.map(Path::to_path_buf),
+            },
+            |p| std::fs::canonicalize(p).ok(),
+        );
+        let (plan, compile_error) = match (&decision.approval, &decision.profile) {
+            (Approval::Deny, _) | (_, None) => (None, None),
+            (_, Some(profile)) => match policy.compile(profile, target) {
+                Ok(p) => (Some(p), None),
+                Err(d) => (None, Some(d.to_string())),
+            },
+        };
+        let next = plan
+            .as_ref()
+            .and_then(plan_path)
+            .map(str::to_string)
+            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let bare = !name.as_encoded_bytes().contains(&b'/');
+        if !bare || next == search {
+            return Ok(Decided {
+                program,
+                args,
+                decision,
+                plan,
+                compile_error,
+            });
+        }
+        // Re-resolve under the profile's own PATH.
+        let again = resolve::resolve(name, &next, cwd).map_err(|e| e.to_string())?;
+        if again == program {
+            return Ok(Decided {
+                program,
+                args,
+                decision,
+                plan,
+                compile_error,
+            });
+        }
+        last = Some(program);
+        search = next;
+    }
+    Err(format!(
+        "{}: resolves to different programs under the default PATH and the profile's PATH; \
+         give the program's absolute path",
+        name.to_string_lossy()
+    ))
+}
+
+pub(super) fn rule_words(policy: &Policy, d: &Decision) -> String {
+    match &d.rule {
+        Some(r) => format!(
+            "rule [[exec]] #{} at line {} of {} (why: {})",
+            r.index + 1,
+            r.line,
+            policy.file(),
+            r.why
+        ),
+        None => format!("no [[exec]] rule of {} matches", policy.file()),
+    }
+}
+
+pub(super) fn command_words(program: &Path, args: &[String]) -> String {
+    let mut s = program.display().to_string();
+    for a in args {
+        s.push(' ');
+        s.push_str(a);
+    }
+    s
+}

@@ -1,0 +1,385 @@
+//! `carapace exec`: decide, ask on the terminal where the policy says ask, then one confined run (through the sandbox's one run path), its broker served by this process while it runs.
+
+use super::*;
+
+pub(super) fn stdin_is_tty() -> bool {
+    // SAFETY: isatty only inspects the fd.
+    unsafe { libc::isatty(0) == 1 }
+}
+
+/// Ask on /dev/tty. Anything but y/yes is a no.
+pub(super) fn ask_tty(question: &str) -> bool {
+    let Ok(tty) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+    else {
+        return false;
+    };
+    let mut w = &tty;
+    if write!(w, "{question}allow once? [y/N] ").is_err() || w.flush().is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    if BufReader::new(&tty).read_line(&mut line).is_err() {
+        return false;
+    }
+    matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+pub(super) fn exec(a: ExecArgs) -> i32 {
+    let fail = |msg: &str, code: i32| {
+        eprintln!("carapace: {msg}");
+        code
+    };
+    let policy = match load_policy(a.policy.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("the policy is invalid:\n{e}"), EXIT_SETUP),
+    };
+    let cwd = match std::env::current_dir() {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                &format!("cannot read the current directory: {e}"),
+                EXIT_SETUP,
+            )
+        }
+    };
+    let target = carapace_sandbox::landlock::target();
+    // `$WORKSPACE/...` rules match beneath the workspace's real path (it is opened, checked
+    // and canonicalized again when it is mounted).
+    let workspace_dir = a
+        .workspace
+        .as_ref()
+        .map_or_else(|| cwd.clone(), |w| cwd.join(w));
+    let workspace_canon = std::fs::canonicalize(&workspace_dir).ok();
+    let d = match decide(
+        &policy,
+        &a.command,
+        &cwd,
+        workspace_canon.as_deref(),
+        &target,
+    ) {
+        Ok(d) => d,
+        Err(e) => return fail(&e, EXIT_SETUP),
+    };
+    let what = command_words(&d.program, &d.args);
+    if a.verbose {
+        eprintln!("carapace: {what}\n{}", d.decision.explain().trim_end());
+    }
+    if d.decision.approval == Approval::Deny {
+        return fail(
+            &format!(
+                "denied: {what}\n  by {}\n  To run it, add an [[exec]] rule that allows it above \
+                 that point of a policy file and pass it with --policy FILE.",
+                rule_words(&policy, &d.decision)
+            ),
+            EXIT_DENIED,
+        );
+    }
+    if let Some(e) = &d.compile_error {
+        return fail(
+            &format!("cannot run under this profile on this kernel:\n{e}"),
+            EXIT_SETUP,
+        );
+    }
+    let Some(plan) = d.plan else {
+        return fail(
+            "internal error: an allowed decision without a profile",
+            EXIT_SETUP,
+        );
+    };
+    // Opened once, before anyone is asked: what is approved is the file started (the child
+    // starts this very file or nothing, see carapace_sandbox::spawn).
+    let program = match OpenedProgram::open(&d.program) {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(e) => return fail(&format!("cannot start {what}: {e}"), EXIT_SETUP),
+    };
+    // Root or rootless, decided here once. Rootless: the sandbox runs as the user's own uid,
+    // in namespaces owned by a user namespace of its own; cgroups only where delegated
+    // (docs/threat-model.md).
+    let privilege = Privilege::of_this_process();
+    if let (Privilege::Rootless(own), false) = (privilege, a.run_as == RunAs::Auto) {
+        return fail(
+            &format!(
+                "--run-as is not available in rootless mode: the sandbox runs as your own \
+                 uid:gid {}:{} (only a root supervisor can give it another host identity); \
+                 drop --run-as, or run carapace as root",
+                own.uid, own.gid
+            ),
+            EXIT_SETUP,
+        );
+    }
+    if d.decision.approval == Approval::Ask {
+        let line = d.decision.rule.as_ref().map_or(0, |r| r.line);
+        let question = format!(
+            "carapace: {what}\n  needs approval: {}\n  runs confined in profile `{}`\n",
+            rule_words(&policy, &d.decision),
+            plan.profile
+        );
+        if !stdin_is_tty() {
+            return fail(
+                &format!(
+                    "denied: {what}\n  needs approval ({}) and there is no terminal to ask on.\n  \
+                     To allow it without asking, add an [[exec]] rule with approval = \"allow\" \
+                     for {} above line {line} (or adjust the rule at line {line}) in a policy \
+                     file, and pass it with --policy FILE \
+                     (start from `carapace policy show-default`).",
+                    rule_words(&policy, &d.decision),
+                    d.program.display()
+                ),
+                EXIT_DENIED,
+            );
+        }
+        if !ask_tty(&question) {
+            return fail("approval refused", EXIT_DENIED);
+        }
+    }
+    // Open the report file now, before the sandbox runs: the program could otherwise replace
+    // it (it may lie in the workspace) with a link to a host file that we, as root, would then
+    // overwrite. Links in any component are refused.
+    let report_file = match &a.report_json {
+        None => None,
+        Some(f) => match open_report(f) {
+            Ok(file) => Some(file),
+            Err(e) => return fail(&e, EXIT_SETUP),
+        },
+    };
+    let workspace = match &a.workspace {
+        Some(w) => cwd.join(w),
+        None => cwd.clone(),
+    };
+    // A profile with a broker section: the child gets a broker socket at fd 3, served by
+    // this process while it runs.
+    let brokered = policy.broker_view(&plan.profile).is_some();
+    let (profile, inside) = (plan.profile.clone(), plan.user);
+    let run = Run {
+        name: "exec".to_string(),
+        landlock_abi: target.landlock_abi,
+        options: LaunchOptions {
+            program,
+            argv0: a.command.first().cloned().unwrap_or_default(),
+            args: a.command.iter().skip(1).cloned().collect(),
+            workspace: Some(workspace.clone()),
+            privilege,
+            run_as: a.run_as,
+            env: std::env::vars_os().collect(),
+            broker: brokered,
+            listener: false,
+            supervisor_env: Vec::new(),
+        },
+    };
+    let prepared = match run::prepare(plan, &run) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                &format!("cannot start {what}: {}", error_chain(&e)),
+                EXIT_SETUP,
+            )
+        }
+    };
+    let launch = prepared.launch();
+    if let Some(n) = launch.run_as_note() {
+        eprintln!("{n}");
+    }
+    say_limits(prepared.limits(), privilege, a.verbose);
+    if a.verbose {
+        eprintln!(
+            "carapace: running {} as host {}:{} (inside {}:{}), workspace owner {:?}, \
+             landlock ABI {}{}",
+            launch.program_inside().display(),
+            launch.host_ids().uid,
+            launch.host_ids().gid,
+            inside.uid,
+            inside.gid,
+            launch.workspace_owner(),
+            target.landlock_abi,
+            if launch.rootless() { ", rootless" } else { "" }
+        );
+    }
+    if let Err(e) = carapace_sandbox::spawn::handle_termination_signals() {
+        tracing::warn!("cannot handle termination signals: {e}");
+    }
+    // (After the signal mask is set: the broker's threads inherit it, so the termination
+    // signals reach the wait below.)
+    let broker = if brokered {
+        match start_broker(&a, &policy, &target, privilege, &workspace, &profile) {
+            Ok(b) => Some(b),
+            Err(e) => return fail(&format!("cannot start the broker: {e}"), EXIT_SETUP),
+        }
+    } else {
+        None
+    };
+    let io = ChildIo {
+        broker: broker.as_ref().map(|(_, theirs)| theirs.as_fd()),
+        ..ChildIo::default()
+    };
+    let started = prepared.spawn(io);
+    // The child has its copy of the socket now; ours must go, so that the broker sees the
+    // hangup when the child is gone.
+    let host = broker.map(|(host, theirs)| {
+        drop(theirs);
+        host
+    });
+    let ended = started.map(run::Started::wait);
+    if let Some(host) = host {
+        host.shutdown();
+    }
+    let t_exited = std::time::Instant::now();
+    let report = match ended.as_ref().map(|e| &e.report) {
+        Ok(Ok(r)) => r,
+        Err(e) | Ok(Err(e)) => {
+            // (Dropping the run kills what may be left in its cgroup and removes it.)
+            return fail(
+                &format!("cannot start {what}: {}", error_chain(e)),
+                EXIT_SETUP,
+            );
+        }
+    };
+    let interrupted = carapace_sandbox::spawn::interrupted();
+    if let Some(sig) = interrupted {
+        eprintln!("carapace: interrupted by signal {sig}: the sandbox was killed");
+    } else if let Some(n) = report.note() {
+        eprintln!("{n}");
+    }
+    if a.report || a.verbose {
+        eprintln!("{}", report.line());
+    }
+    if let (Some(path), Some(file)) = (&a.report_json, report_file) {
+        write_report(path, file, &format!("{}\n", report.json()));
+    }
+    let code = match interrupted {
+        Some(sig) => 128 + sig,
+        None => report.exit_code(),
+    };
+    // The cgroup goes only now: its statistics are in the report already, and whoever waits
+    // for the report does not wait for the rmdirs (milliseconds on v1; see docs/benchmarks.md).
+    let t_reported = std::time::Instant::now();
+    let Ok(mut ended) = ended else { return code };
+    if let Err(e) = ended.remove_cgroup() {
+        tracing::warn!("removing the cgroup: {}", error_chain(&e));
+    }
+    if a.verbose {
+        let t = ended.timings;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        eprintln!(
+            "carapace: timing: cgroup create {:.2}ms, prepare {:.2}ms, start (clone..execve) \
+             {:.2}ms, run {:.2}ms, report {:.2}ms, cgroup remove {:.2}ms",
+            ms(t.cgroup),
+            ms(t.prepare),
+            ms(t.start),
+            ms(t.run),
+            ms(t_reported.duration_since(t_exited)),
+            ms(t_reported.elapsed())
+        );
+    }
+    code
+}
+
+/// Say where the run's cgroup limits are enforced: rootless without a cgroup always (the
+/// limits are weaker), the details with `-v`.
+pub(super) fn say_limits(limits: &Limits, privilege: Privilege, verbose: bool) {
+    match limits {
+        Limits::Cgroup { name } if verbose && !privilege.is_root() => {
+            eprintln!("carapace: rootless: using the delegated cgroup {name}");
+        }
+        Limits::Cgroup { .. } => {}
+        Limits::Rlimits { why, added } => {
+            eprintln!("{}", cgroup::NO_CGROUP_LINE);
+            if verbose {
+                eprintln!("carapace: rootless: {why}");
+                for f in added {
+                    eprintln!(
+                        "carapace: rootless: {} instead of {}",
+                        carapace_sandbox::rlimits::fallback_words(f),
+                        f.instead_of
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Start the broker for a child in `profile`: open the state, build the operations, and serve
+/// the broker's end of a new socketpair. Returns the host and the child's end.
+pub(super) fn start_broker(
+    a: &ExecArgs,
+    policy: &Policy,
+    target: &Target,
+    privilege: Privilege,
+    workspace: &Path,
+    profile: &str,
+) -> Result<(BrokerHost, std::os::fd::OwnedFd), String> {
+    let state = StateDir::open(&crate::paths::state_dir_or_default(a.state_dir.as_deref()))
+        .map_err(|e| e.to_string())?;
+    let host = BrokerHost::start(BrokerSetup {
+        policy: policy.clone(),
+        state,
+        tools: ToolContext {
+            policy: std::sync::Arc::new(policy.clone()),
+            target: *target,
+            privilege,
+            run_as: a.run_as,
+            env: std::env::vars_os().collect(),
+            workspace: Some(workspace.to_path_buf()),
+            live: Default::default(),
+        },
+        approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
+        token_store: None,
+    })
+    .map_err(|e| error_chain(&e))?;
+    let (mine, theirs) =
+        carapace_broker::protocol::seqpacket_pair().map_err(|e| format!("socketpair: {e}"))?;
+    let who = new_identity(Role::Tool, profile);
+    if a.verbose {
+        eprintln!("carapace: broker: serving {who} at fd 3");
+    }
+    if host.peers().serve(mine, who).is_none() {
+        return Err("internal error: the broker has no handler".into());
+    }
+    Ok((host, theirs))
+}
+
+/// Create/truncate the `--report-json` file, refusing symbolic links in every component.
+pub(super) fn open_report(path: &Path) -> Result<std::fs::File, String> {
+    carapace_sandbox::fds::open_no_symlinks(
+        path,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+        0o644,
+    )
+    .map(std::fs::File::from)
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!(
+            "--report-json {}: a component of the path is a symbolic link; refused (give a \
+             path without links)",
+            path.display()
+        ),
+        _ => format!("--report-json {}: {e}", path.display()),
+    })
+}
+
+/// Write the report into the file opened before the run. If the sandbox replaced the file at
+/// that path meanwhile, the report goes to the original (now unlinked) file and we say so;
+/// we never follow what is at the path now.
+pub(super) fn write_report(path: &Path, mut file: std::fs::File, text: &str) {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Err(e) = file.write_all(text.as_bytes()) {
+        eprintln!(
+            "carapace: cannot write the report to {}: {e}",
+            path.display()
+        );
+        return;
+    }
+    let same = match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    if !same {
+        eprintln!(
+            "carapace: warning: {} was replaced or removed while the program ran; the report \
+             was written to the original file only. Report: {}",
+            path.display(),
+            text.trim_end()
+        );
+    }
+}

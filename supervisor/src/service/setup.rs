@@ -1,0 +1,228 @@
+//! The steps of a start that are not the sequence itself: loading the policy, the children's specs, the first operator token, leftovers of a killed supervisor, what cgroups give us.
+
+use super::*;
+
+/// Load the policy a configuration names (the embedded default when it names none).
+pub(super) fn load_policy(cfg: &Config) -> Result<PolicyInForce, String> {
+    let (text, name): (String, String) = match cfg.policy.as_slice() {
+        [] => (
+            crate::embedded::DEFAULT_POLICY.to_string(),
+            crate::embedded::DEFAULT_POLICY_NAME.to_string(),
+        ),
+        [one] => (
+            std::fs::read_to_string(one)
+                .map_err(|e| format!("cannot read {}: {e}", one.display()))?,
+            one.display().to_string(),
+        ),
+        _ => {
+            return Err(
+                "more than one policy file: give one file (profiles can build on each \
+                        other with `extends` inside it)"
+                    .to_string(),
+            )
+        }
+    };
+    let policy = Policy::parse(&text, &name).map_err(|d| d.to_string())?;
+    for (what, c) in cfg.children() {
+        if !policy.profile_names().contains(&c.profile.as_str()) {
+            return Err(format!(
+                "{what} runs under profile `{}`, which the policy {name} does not define \
+                 (profiles: {})",
+                c.profile,
+                policy.profile_names().join(", ")
+            ));
+        }
+    }
+    let wiring = super::wiring::check(cfg, &policy);
+    for w in &wiring.warnings {
+        tracing::warn!("{w}");
+    }
+    if !wiring.errors.is_empty() {
+        return Err(format!(
+            "the channels are not wired to the policy {name}:\n  {}",
+            wiring.errors.join("\n  ")
+        ));
+    }
+    Ok(PolicyInForce {
+        policy: Arc::new(policy),
+        files: vec![name],
+        sha256: carapace_broker::audit::sha256_hex(text.as_bytes()),
+        loaded: rfc3339_utc(SystemTime::now()),
+    })
+}
+
+/// A child's spec from its configuration.
+pub(super) fn spec_of(c: &ChildConfig, exe_dir: &Path) -> Result<Spec, String> {
+    let program = c.resolve_program(exe_dir);
+    let program = std::fs::canonicalize(&program)
+        .map_err(|e| format!("program {}: {e}", program.display()))?;
+    Ok(Spec {
+        program,
+        args: c.args.clone(),
+        profile: c.profile.clone(),
+        workspace: c.workspace.clone(),
+        restart: Restart {
+            initial: c.restart.initial_delay,
+            max: c.restart.max_delay,
+            loop_starts: c.restart.crash_loop_restarts,
+            loop_window: c.restart.crash_loop_window,
+        },
+        environment: c
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        settings: c.settings.clone(),
+    })
+}
+
+/// The gateway never serves without a token: on a first start with none, create an operator
+/// token and show it once — on the terminal when there is one, else in a 0600 file of the state
+/// directory (a token must not land in the journal), the log saying where. Only its hash is
+/// kept in the store.
+pub(super) fn initial_token(state_root: &Path) -> Result<(), String> {
+    use carapace_broker::tokens::{Scope, TokenStore};
+    use std::io::{IsTerminal as _, Write as _};
+    let store = TokenStore::new(state_root.join(crate::paths::TOKENS_FILE));
+    let existing = store.list().map_err(|e| error_chain(&e))?;
+    if !existing.is_empty() {
+        return Ok(());
+    }
+    let (info, token) = store
+        .create("initial-operator", Scope::Operator)
+        .map_err(|e| error_chain(&e))?;
+    if std::io::stderr().is_terminal() {
+        eprintln!(
+            "\ncarapace: no gateway token existed, so an operator token was created (id {}).\n\
+             It is shown this once; only its hash is kept:\n\n    {token}\n\n\
+             Use it as `Authorization: Bearer <token>`; make more with `carapace token create`.\n",
+            info.id
+        );
+        tracing::info!(id = %info.id, "initial operator token created and shown on the terminal");
+        return Ok(());
+    }
+    let path = state_root.join(crate::paths::INITIAL_TOKEN_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::warn!(
+        id = %info.id,
+        file = %path.display(),
+        "no gateway token existed: an operator token was created; it is in the file named here \
+         (mode 0600): read it, then delete the file"
+    );
+    Ok(())
+}
+
+pub(super) fn exe_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin"))
+}
+
+/// Create a child's workspace (0700, ours) if missing.
+pub(super) fn ensure_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => Ok(()),
+        Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
+    }
+}
+
+/// Kill what supervisors that were SIGKILLed left in our cgroup subtree, then remove their
+/// cgroups. Only directories named by [`cgroup::unique_name`] whose supervisor pid is dead,
+/// beneath our own `carapace/` directory: processes we (an earlier us) started.
+pub(super) fn clean_leftovers() {
+    let Ok(layout) = cgroup::Layout::cached() else {
+        return;
+    };
+    let parents: Vec<PathBuf> = layout
+        .v1
+        .iter()
+        .map(|h| h.own.join(cgroup::PARENT_DIR))
+        .chain(layout.unified.iter().map(|u| u.join(cgroup::PARENT_DIR)))
+        .collect();
+    let me = std::process::id();
+    let mut killed = 0usize;
+    for parent in &parents {
+        let Ok(rd) = std::fs::read_dir(parent) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = e.file_name();
+            let Some(owner) = name.to_str().and_then(cgroup::owner_pid) else {
+                continue;
+            };
+            let alive = i32::try_from(owner).is_ok_and(|p| {
+                // SAFETY: kill with signal 0 only checks for existence.
+                unsafe {
+                    libc::kill(p, 0) == 0
+                        || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+                }
+            });
+            if owner == me || alive {
+                continue;
+            }
+            let dir = e.path();
+            if dir.join("cgroup.kill").exists() {
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            }
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for p in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: SIGKILL to a process in a cgroup of a dead supervisor of ours.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+                killed += 1;
+            }
+        }
+    }
+    if killed > 0 {
+        tracing::warn!("killed {killed} process(es) left by a previous supervisor");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // remove_stale skips cgroups younger than 2 s (their creator may be starting); a
+    // supervisor restarted at once by systemd leaves those for its next start.
+    match cgroup::remove_stale() {
+        Ok(v) if !v.is_empty() => {
+            tracing::info!(
+                "removed {} cgroup(s) left by a previous supervisor",
+                v.len()
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cleaning stale cgroups: {e}"),
+    }
+}
+
+/// What cgroups give us here, in words; None when none can be used.
+pub(super) fn cgroup_mode() -> (Option<String>, String) {
+    match cgroup::Layout::cached() {
+        Ok(l) => {
+            let v1: Vec<String> = l.v1.iter().flat_map(|h| h.controllers.clone()).collect();
+            let words = match (v1.is_empty(), l.unified.is_some()) {
+                (false, true) => format!("hybrid: v1 {} + v2", v1.join(",")),
+                (false, false) => format!("v1: {}", v1.join(",")),
+                (true, true) => "v2".to_string(),
+                (true, false) => return (None, "none".to_string()),
+            };
+            (Some(words.clone()), words)
+        }
+        Err(e) => (None, format!("none ({e})")),
+    }
+}
