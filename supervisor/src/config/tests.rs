@@ -215,7 +215,7 @@ fn unknown_keys_with_suggestions_all_reported() {
     assert!(
         has(
             &e,
-            "8:1: unknown key `max_dealy` in [gateway] restart; did you mean `max_delay`?"
+            "8:1: unknown key `max_dealy` in [gateway.restart]; did you mean `max_delay`?"
         ),
         "{e:?}"
     );
@@ -254,30 +254,27 @@ fn wrong_types() {
             "supervisor = 1\ncontrol = []\n[gateway]\nprogram = 1\nargs = \"x\"\nallow_non_loopback = \"yes\"\nenvironment = { A = 1 }\nrestart = 3\n",
         );
     assert!(
-        has(&e, "1:14: supervisor must be a table, not an integer"),
+        has(&e, "1:14: invalid type: integer for `supervisor`"),
         "{e:?}"
     );
+    assert!(has(&e, "2:11: invalid type: array for `control`"), "{e:?}");
     assert!(
-        has(&e, "2:11: control must be a table, not an array"),
+        has(&e, "4:11: invalid type: integer for `program`"),
         "{e:?}"
     );
+    assert!(has(&e, "5:8: invalid type: string for `args`"), "{e:?}");
     assert!(
-        has(&e, "4:11: invalid type: an integer for `program`"),
+        has(&e, "6:22: invalid type: string for `allow_non_loopback`"),
         "{e:?}"
     );
-    assert!(has(&e, "5:8: invalid type: a string for `args`"), "{e:?}");
+    assert!(has(&e, "7:21: invalid type: integer for `A`"), "{e:?}");
     assert!(
-        has(&e, "6:22: invalid type: a string for `allow_non_loopback`"),
+        has(&e, "8:11: invalid type: integer for `restart`"),
         "{e:?}"
     );
-    assert!(has(&e, "7:21: invalid type: an integer for `A`"), "{e:?}");
-    assert!(has(&e, "8:11: [gateway] restart must be a table"), "{e:?}");
     let e = errors("[supervisor]\npolicy = 3\n[gateway]\nargs = [\"a\", 2]\n");
-    assert!(
-        has(&e, "2:10: invalid type: an integer for `policy`"),
-        "{e:?}"
-    );
-    assert!(has(&e, "4:14: invalid type: an integer in `args`"), "{e:?}");
+    assert!(has(&e, "2:10: invalid type: integer for `policy`"), "{e:?}");
+    assert!(has(&e, "4:14: invalid type: integer for `args`"), "{e:?}");
 }
 
 #[test]
@@ -409,7 +406,10 @@ fn channel_names_and_programs() {
         "{e:?}"
     );
     let e = errors("channels = 1\n");
-    assert!(has(&e, "channels must be a table"), "{e:?}");
+    assert!(
+        has(&e, "1:12: invalid type: integer for `channels`"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -458,7 +458,7 @@ fn groups() {
     let e = errors("[control]\ngroup = 4294967295\n");
     assert!(has(&e, "out of range"), "{e:?}");
     let e = errors("[control]\ngroup = true\n");
-    assert!(has(&e, "invalid type: a boolean for `group`"), "{e:?}");
+    assert!(has(&e, "2:9: invalid type: boolean for `group`"), "{e:?}");
 }
 
 #[test]
@@ -501,26 +501,23 @@ bogus = 1
 fn values_of_a_type_no_key_takes_are_located_type_errors() {
     let e = errors("[supervisor]\nstop_timeout = 1.5\nwatchdog = 1979-05-27\n");
     assert!(
-        has(&e, "2:16: `stop_timeout`: a float is not a duration"),
+        has(&e, "2:16: invalid type: float for `stop_timeout`"),
         "{e:?}"
     );
     assert!(
-        has(&e, "3:12: invalid type: a datetime for `watchdog`"),
+        has(&e, "3:12: invalid type: datetime for `watchdog`"),
         "{e:?}"
     );
     let e = errors("[supervisor]\nstop_timeout = 99999999999999999999\n");
     assert!(
         has(
             &e,
-            "2:16: `99999999999999999999` is not an integer that fits in 64 bits"
+            "2:16: integer 99999999999999999999 out of range for `stop_timeout`"
         ),
         "{e:?}"
     );
     let e = errors("[[gateway]]\n");
-    assert!(
-        has(&e, "1:1: gateway must be a table, not an array"),
-        "{e:?}"
-    );
+    assert!(has(&e, "1:1: invalid type: array for `gateway`"), "{e:?}");
 }
 
 #[test]
@@ -557,7 +554,7 @@ fn gateway_settings_tables() {
     );
     assert!(has(&e, "5:9: `burst` = 0 is out of range"), "{e:?}");
     assert!(
-        has(&e, "6:21: invalid type: a string for `max_message_bytes`"),
+        has(&e, "6:21: invalid type: string for `max_message_bytes`"),
         "{e:?}"
     );
     for bad in [
@@ -655,11 +652,15 @@ fn garbage_never_panics() {
         !e.is_empty() && e.iter().all(|m| m.starts_with("1:")),
         "{e:?}"
     );
-    let deep = format!("a = {}{}", "[".repeat(40), "]".repeat(40));
-    assert!(
-        has(&errors(&deep), "nested too deeply"),
-        "{:?}",
-        errors(&deep)
+    // The schema check goes no deeper than the schema: a deep value is one type error.
+    let deep = format!(
+        "[supervisor]\npolicy = {}{}",
+        "[".repeat(40),
+        "]".repeat(40)
+    );
+    assert_eq!(
+        errors(&deep),
+        vec!["2:11: invalid type: array for `policy`"]
     );
 }
 
