@@ -206,4 +206,23 @@ mod tests {
         assert_eq!(schema_keys(&CHANNEL_RATE), serde_keys::<RawChannelRate>());
         assert_eq!(schema_keys(&CHANNEL_RETRY), serde_keys::<RawRetry>());
     }
+
+    #[test]
+    fn a_policy_typo_gets_did_you_mean() {
+        let text = "version = 1\n[profiles.p]\nwhy = \"x\"\ncolour = 1\n[profiles.p.limits]\nmemroy = \"1GiB\"\n[[exec]]\nprogrm = \"/bin/ls\"\n";
+        let errs: Vec<String> = match crate::Policy::parse(text, "p.toml") {
+            Ok(_) => panic!("accepted"),
+            Err(d) => d.0.iter().map(|d| d.message.clone()).collect(),
+        };
+        let has = |m: &str| errs.iter().any(|e| e == m);
+        assert!(
+            has("unknown key `memroy` in [profiles.p.limits]; did you mean `memory`?"),
+            "{errs:?}"
+        );
+        assert!(
+            has("unknown key `progrm` in [[exec]]; did you mean `program`?"),
+            "{errs:?}"
+        );
+        assert!(has("unknown key `colour` in [profiles.p]"), "{errs:?}");
+    }
 }

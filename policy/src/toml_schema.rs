@@ -327,3 +327,160 @@ fn check_value(
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Source;
+
+    const INNER: Kind = Table(&[("size", Int), ("name", Str)]);
+    const ITEM: Kind = Table(&[("path", Str)]);
+    const SHAPE: Kind = Table(&[
+        ("inner", INNER),
+        ("items", Array(&ITEM)),
+        ("files", OneOrArray(&Str)),
+        ("gid", U32),
+        ("env", Map(&Str)),
+        ("child", Map(&CHILD)),
+    ]);
+    const CHILD: Kind = Tagged {
+        tag: "kind",
+        common: &[("kind", Str), ("program", Str)],
+        variants: &[
+            ("mail", &[("smtp", Str), ("port", Int)]),
+            ("hook", &[("listen", Str)]),
+        ],
+    };
+
+    /// `line:column: message (expected)` of each error in order, and the repaired document.
+    fn check(text: &str) -> (Vec<String>, String) {
+        let src = Source::new(text, "t.toml");
+        let mut sink = Sink::new(&src);
+        let (mut doc, syntax) = DeTable::parse_recoverable(text);
+        assert!(syntax.is_empty(), "{syntax:?}");
+        check_and_repair(&mut doc, &SHAPE, &mut sink);
+        // Tables are not ordered: the callers sort their diagnostics by place.
+        sink.diags.sort_by_key(|d| (d.line, d.column));
+        let errs = sink
+            .diags
+            .iter()
+            .map(|d| {
+                let want = d.expected.as_deref().unwrap_or("");
+                format!("{}:{}: {} ({want})", d.line, d.column, d.message)
+            })
+            .collect();
+        (errs, format!("{:?}", doc.get_ref()))
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_table_and_a_close_key() {
+        let (e, doc) = check("sise = 1\n[inner]\nsise = 1\nnmae = \"x\"\ncolour = 2\n");
+        assert_eq!(
+            e,
+            vec![
+                "1:1: unknown key `sise` in the top level (one of `inner`, `items`, `files`, \
+                 `gid`, `env`, `child`)",
+                "3:1: unknown key `sise` in [inner]; did you mean `size`? (one of `size`, `name`)",
+                "4:1: unknown key `nmae` in [inner]; did you mean `name`? (one of `size`, `name`)",
+                "5:1: unknown key `colour` in [inner] (one of `size`, `name`)",
+            ]
+        );
+        // Removed from the document.
+        assert!(!doc.contains("sise") && !doc.contains("colour"), "{doc}");
+        let (e, _) = check("[[items]]\npaht = \"/x\"\n[child.\"a b\"]\nprogam = \"p\"\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("2:1: unknown key `paht` in [[items]]; did you mean `path`?"));
+        assert!(
+            e[1].starts_with(
+                "4:1: unknown key `progam` in [child.\"a b\"]; did you mean `program`?"
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_are_reported_and_replaced() {
+        let (e, doc) = check(
+            "gid = -1\nfiles = [1, \"a\"]\n[inner]\nsize = 99999999999999999999\nname = 1.5\n[env]\nA = true\nB = \"ok\"\n",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "1:7: integer -1 out of range for `gid` (an integer from 0 to 4294967295)",
+                "2:10: invalid type: integer for `files` (a string)",
+                "4:8: integer 99999999999999999999 out of range for `size` (an integer from \
+                 -9223372036854775808 to 9223372036854775807)",
+                "5:8: invalid type: float for `name` (a string)",
+                "7:5: invalid type: boolean for `A` (a string)",
+            ]
+        );
+        assert!(
+            !doc.contains("99999999999999999999") && !doc.contains("1.5"),
+            "{doc}"
+        );
+        // One value or an array of them; anything else names both.
+        assert!(check("files = \"a\"\n").0.is_empty());
+        assert!(check("files = [\"a\", \"b\"]\n").0.is_empty());
+        assert_eq!(
+            check("files = 3\n").0,
+            vec!["1:9: invalid type: integer for `files` (a string, or an array of them)"]
+        );
+    }
+
+    #[test]
+    fn tagged_tables_take_the_keys_of_their_variant() {
+        // The variant's keys, and the common ones.
+        assert!(
+            check("[child.a]\nkind = \"mail\"\nsmtp = \"s\"\nport = 25\nprogram = \"p\"\n")
+                .0
+                .is_empty()
+        );
+        // Another variant's key is unknown; a typo of the variant's key gets a suggestion; the
+        // variant's keys are type-checked.
+        let (e, _) =
+            check("[child.a]\nkind = \"mail\"\nlisten = \"x\"\nsmpt = \"s\"\nport = \"25\"\n");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "3:1: unknown key `listen` in [child.a] (one of `kind`, `program`, `smtp`, `port`)"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("4:1: unknown key `smpt` in [child.a]; did you mean `smtp`?"),
+            "{e:?}"
+        );
+        assert!(
+            e[2].starts_with("5:8: invalid type: string for `port`"),
+            "{e:?}"
+        );
+        // Without the tag, a variant's key says which variant it belongs to.
+        let (e, doc) = check("[child.a]\nprogram = \"p\"\nlisten = \"x\"\n");
+        assert_eq!(
+            e,
+            vec!["3:1: `listen` is a key of kind = \"hook\", and [child.a] has no `kind` (kind = \"hook\" in [child.a])"]
+        );
+        assert!(!doc.contains("listen"), "{doc}");
+        // A tag naming no variant (the caller reports it): every variant's keys are accepted.
+        assert!(
+            check("[child.a]\nkind = \"irc\"\nlisten = \"x\"\nsmtp = \"s\"\n")
+                .0
+                .is_empty()
+        );
+        let (e, _) = check("[child.a]\nkind = 3\nbogus = 1\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+    }
+
+    #[test]
+    fn did_you_mean_only_for_close_keys() {
+        assert_eq!(did_you_mean("memroy", &["memory", "pids"]), Some("memory"));
+        assert_eq!(did_you_mean("colour", &["memory", "pids"]), None);
+        assert_eq!(
+            did_you_mean("x", &["y"]),
+            None,
+            "a one-letter key is not a typo of another"
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}
