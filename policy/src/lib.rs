@@ -22,6 +22,7 @@ mod schema;
 pub mod seccomp;
 mod source;
 pub mod tables;
+pub mod toml_schema;
 mod units;
 mod validate;
 
@@ -33,16 +34,16 @@ use std::path::{Path, PathBuf};
 pub use bpf::max_path_len;
 pub use plan::Plan;
 pub use seccomp::{run_bpf, run_bpf_counted};
-/// Locating byte spans of a TOML text as `file:line:column` and building [`Diagnostic`]s; the
-/// supervisor's configuration reports its errors through it too.
-pub use source::Source;
+/// Locating byte spans of a TOML text as `file:line:column` and building [`Diagnostic`]s, and
+/// collecting them ([`Sink`]); the supervisor's configuration reports its errors through them
+/// too, after the same [`toml_schema`] check as the policy.
+pub use source::{Sink, Source};
 /// Path, duration and size checks shared with the supervisor's configuration:
 /// [`check_abs_path`] (absolute and normalized, the reason when not) with [`PATH_EXPECTED`], and
 /// [`parse_duration`] (integer seconds or `"<n><ms|s|m|min|h>"`, zero refused) with
 /// [`DURATION_EXPECTED`].
 pub use units::{check_abs_path, parse_duration, DURATION_EXPECTED, PATH_EXPECTED};
 
-use crate::source::Sink;
 use crate::validate::{ArgPat, ProgramPat, Validated};
 
 /// One located error in a policy file.
@@ -249,7 +250,7 @@ impl Policy {
         // 2. Shape: every unknown key and wrong type; the document is repaired so that the
         //    semantic checks below still run and report the file's other errors too.
         let mut shape = Sink::new(&src);
-        schema::check_and_repair(&mut doc, &mut shape);
+        toml_schema::check_and_repair(&mut doc, &schema::POLICY, &mut shape);
         let shape_errors = shape.diags;
         // 3. serde into the spanned model.
         let raw = match model::RawPolicy::deserialize(toml::de::Deserializer::from(doc)) {
@@ -263,14 +264,9 @@ impl Policy {
         // 4. Semantics. Errors at the exact place of a shape error come from its placeholder.
         let mut sink = Sink::new(&src);
         let model = validate::validate(raw, &mut sink);
-        sink.diags.retain(|d| {
-            !shape_errors
-                .iter()
-                .any(|s| (s.line, s.column) == (d.line, d.column))
-        });
-        sink.diags.extend(shape_errors);
-        if !sink.diags.is_empty() {
-            return Err(finish(sink.diags));
+        let diags = sink.merge_shape(shape_errors);
+        if !diags.is_empty() {
+            return Err(finish(diags));
         }
         Ok(Policy {
             text: text.to_string(),

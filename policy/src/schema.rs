@@ -1,35 +1,10 @@
-//! The shape of a policy file (which keys exist, what type each value has), checked on the
-//! spanned TOML document *before* serde runs, so that every unknown key and every wrong type in
-//! a file is reported at once instead of serde's first one. It mirrors `model.rs`; a test keeps
-//! the two in step (every key of the schema is accepted by serde and the reverse).
+//! The shape of a policy file (which keys exist, what type each value has), checked by the
+//! [`crate::toml_schema`] engine on the spanned TOML document *before* serde runs, so that every
+//! unknown key and every wrong type in a file is reported at once instead of serde's first one.
+//! It mirrors `model.rs`; a test keeps the two in step (every key of the schema is accepted by
+//! serde and the reverse).
 
-use std::ops::Range;
-
-use toml::de::{DeTable, DeValue};
-use toml::Spanned;
-
-use crate::source::Sink;
-
-/// Expected shape of one value.
-#[derive(Debug)]
-pub(crate) enum Kind {
-    Str,
-    Int,
-    /// An integer from 0 to 4294967295.
-    U32,
-    Bool,
-    /// An integer or a string (sizes, durations, modes, version).
-    IntOrStr,
-    /// An integer or a float (cpu cores).
-    Number,
-    Array(&'static Kind),
-    /// A table with these keys only.
-    Table(&'static [(&'static str, Kind)]),
-    /// A table with any keys, each value of this kind.
-    Map(&'static Kind),
-}
-
-use Kind::*;
+use crate::toml_schema::Kind::{self, *};
 
 const USER: Kind = Table(&[("uid", U32), ("gid", U32)]);
 const NAMESPACES: Kind = Table(&[
@@ -170,131 +145,6 @@ pub(crate) const POLICY: Kind = Table(&[
     ("channels", Map(&CHANNEL)),
 ]);
 
-fn type_name(v: &DeValue<'_>) -> &'static str {
-    match v {
-        DeValue::String(_) => "string",
-        DeValue::Integer(_) => "integer",
-        DeValue::Float(_) => "float",
-        DeValue::Boolean(_) => "boolean",
-        DeValue::Datetime(_) => "datetime",
-        DeValue::Array(_) => "array",
-        DeValue::Table(_) => "table",
-    }
-}
-
-fn expected(kind: &Kind) -> &'static str {
-    match kind {
-        Str => "a string",
-        Int => "an integer",
-        U32 => "an integer from 0 to 4294967295",
-        Bool => "a boolean (true or false)",
-        IntOrStr => "an integer or a string",
-        Number => "a number",
-        Array(_) => "an array",
-        Table(_) | Map(_) => "a table",
-    }
-}
-
-fn type_ok(kind: &Kind, v: &DeValue<'_>) -> bool {
-    if let (U32, DeValue::Integer(i)) = (kind, v) {
-        let digits = i.as_str().replace('_', "");
-        return u32::from_str_radix(digits.trim_start_matches('+'), i.radix()).is_ok();
-    }
-    matches!(
-        (kind, v),
-        (Str, DeValue::String(_))
-            | (Int | U32, DeValue::Integer(_))
-            | (Bool, DeValue::Boolean(_))
-            | (IntOrStr, DeValue::Integer(_) | DeValue::String(_))
-            | (Number, DeValue::Integer(_) | DeValue::Float(_))
-            | (Array(_), DeValue::Array(_))
-            | (Table(_) | Map(_), DeValue::Table(_))
-    )
-}
-
-/// A value of the right type that stands in for a wrongly typed one, so that validation can go
-/// on and report the file's other errors. Errors it causes are located exactly where the type
-/// error is, and are dropped in favour of it.
-fn placeholder(kind: &Kind) -> DeValue<'static> {
-    match kind {
-        Str | IntOrStr => DeValue::String(std::borrow::Cow::Borrowed("")),
-        Bool => DeValue::Boolean(false),
-        Int | U32 | Number => match DeValue::parse("0") {
-            Ok(v) => v.into_inner(),
-            Err(_) => DeValue::Boolean(false),
-        },
-        Array(_) => DeValue::Array(toml::de::DeArray::new()),
-        Table(_) | Map(_) => DeValue::Table(DeTable::new()),
-    }
-}
-
-/// Check `doc` against `POLICY`, reporting every unknown key and wrong type; unknown keys are
-/// removed and wrongly typed values replaced by placeholders, so that the repaired document can
-/// go through serde and semantic validation. Returns the locations of the errors found.
-pub(crate) fn check_and_repair(doc: &mut Spanned<DeTable<'_>>, sink: &mut Sink<'_>) {
-    check_table(doc.get_mut(), &POLICY, "the top level", sink);
-}
-
-fn check_table(t: &mut DeTable<'_>, kind: &Kind, what: &str, sink: &mut Sink<'_>) {
-    match kind {
-        Table(fields) => {
-            let unknown: Vec<(String, Range<usize>)> = t
-                .iter()
-                .filter(|(k, _)| !fields.iter().any(|(name, _)| *name == k.get_ref().as_ref()))
-                .map(|(k, _)| (k.get_ref().to_string(), k.span()))
-                .collect();
-            for (key, span) in unknown {
-                let names: Vec<String> = fields.iter().map(|(n, _)| format!("`{n}`")).collect();
-                sink.err(
-                    &span,
-                    format!("unknown key `{key}` in {what}"),
-                    &format!("one of {}", names.join(", ")),
-                );
-                t.remove(key.as_str());
-            }
-            for (k, v) in t.iter_mut() {
-                let key: &str = k.get_ref();
-                if let Some((_, sub)) = fields.iter().find(|(name, _)| *name == key) {
-                    check_value(v, sub, key, sink);
-                }
-            }
-        }
-        Map(sub) => {
-            for (k, v) in t.iter_mut() {
-                check_value(v, sub, k.get_ref(), sink);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn check_value(v: &mut Spanned<DeValue<'_>>, kind: &Kind, key: &str, sink: &mut Sink<'_>) {
-    let span: Range<usize> = v.span();
-    if !type_ok(kind, v.get_ref()) {
-        sink.err(
-            &span,
-            match (kind, v.get_ref()) {
-                (U32, DeValue::Integer(i)) => format!("integer {i} out of range for `{key}`"),
-                (_, other) => format!("invalid type: {} for `{key}`", type_name(other)),
-            },
-            expected(kind),
-        );
-        *v = Spanned::new(span, placeholder(kind));
-        return;
-    }
-    match (kind, v.get_mut()) {
-        (Array(sub), DeValue::Array(items)) => {
-            for item in items.iter_mut() {
-                check_value(item, sub, key, sink);
-            }
-        }
-        (Table(_) | Map(_), DeValue::Table(t)) => {
-            check_table(t, kind, &format!("`{key}`"), sink);
-        }
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +205,24 @@ mod tests {
         assert_eq!(schema_keys(&CHANNEL), serde_keys::<RawChannel>());
         assert_eq!(schema_keys(&CHANNEL_RATE), serde_keys::<RawChannelRate>());
         assert_eq!(schema_keys(&CHANNEL_RETRY), serde_keys::<RawRetry>());
+    }
+
+    #[test]
+    fn a_policy_typo_gets_did_you_mean() {
+        let text = "version = 1\n[profiles.p]\nwhy = \"x\"\ncolour = 1\n[profiles.p.limits]\nmemroy = \"1GiB\"\n[[exec]]\nprogrm = \"/bin/ls\"\n";
+        let errs: Vec<String> = match crate::Policy::parse(text, "p.toml") {
+            Ok(_) => panic!("accepted"),
+            Err(d) => d.0.iter().map(|d| d.message.clone()).collect(),
+        };
+        let has = |m: &str| errs.iter().any(|e| e == m);
+        assert!(
+            has("unknown key `memroy` in [profiles.p.limits]; did you mean `memory`?"),
+            "{errs:?}"
+        );
+        assert!(
+            has("unknown key `progrm` in [[exec]]; did you mean `program`?"),
+            "{errs:?}"
+        );
+        assert!(has("unknown key `colour` in [profiles.p]"), "{errs:?}");
     }
 }

@@ -107,23 +107,37 @@ fn split_expected(msg: &str) -> (String, Option<String>) {
     }
 }
 
-/// Collects diagnostics for one policy.
+/// Collects the located diagnostics of one file (a policy, or the supervisor's configuration).
 #[derive(Debug)]
-pub(crate) struct Sink<'a> {
-    pub(crate) src: &'a Source<'a>,
-    pub(crate) diags: Vec<Diagnostic>,
+pub struct Sink<'a> {
+    pub src: &'a Source<'a>,
+    pub diags: Vec<Diagnostic>,
 }
 
 impl<'a> Sink<'a> {
-    pub(crate) fn new(src: &'a Source<'a>) -> Self {
+    pub fn new(src: &'a Source<'a>) -> Self {
         Sink {
             src,
             diags: Vec::new(),
         }
     }
 
-    pub(crate) fn err(&mut self, span: &Range<usize>, message: impl Into<String>, expected: &str) {
+    /// An error at the start of `span`, with what was expected there.
+    pub fn err(&mut self, span: &Range<usize>, message: impl Into<String>, expected: &str) {
         let d = self.src.diag(span, message, Some(expected));
         self.diags.push(d);
+    }
+
+    /// Merge the errors of a later pass (`self`) with the shape errors of
+    /// [`crate::toml_schema::check_and_repair`]: a later error at the exact place of a shape
+    /// error comes from the placeholder that replaced the wrong value, and is dropped.
+    pub fn merge_shape(mut self, shape: Vec<Diagnostic>) -> Vec<Diagnostic> {
+        self.diags.retain(|d| {
+            !shape
+                .iter()
+                .any(|s| (s.line, s.column) == (d.line, d.column))
+        });
+        self.diags.extend(shape);
+        self.diags
     }
 }

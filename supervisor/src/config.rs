@@ -17,7 +17,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use carapace_policy::{check_abs_path, Diagnostic, Diagnostics, Source, PATH_EXPECTED};
+use carapace_policy::toml_schema::check_and_repair;
+use carapace_policy::{check_abs_path, Diagnostic, Diagnostics, Sink, Source, PATH_EXPECTED};
+use toml::de::DeTable;
 
 use crate::service::logging::LogFormat;
 
@@ -27,8 +29,8 @@ mod document;
 mod tests;
 mod validate;
 
-use document::{read_document, Cx};
-use validate::validate;
+use document::{table_of, SYNTAX_EXPECTED};
+use validate::{validate, CONFIG};
 
 /// The embedded default configuration (`supervisor/config/default.toml`), used when no file
 /// is given and [`crate::paths::DEFAULT_CONFIG`] does not exist.
@@ -147,21 +149,32 @@ impl Config {
     /// Parse and validate a configuration; `file` names it in messages.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         let src = Source::new(text, file);
-        let mut cx = Cx {
-            src: &src,
-            diags: Vec::new(),
-        };
-        let root = read_document(text, &mut cx);
-        // After a syntax error the document is incomplete (keys may have landed in the wrong
-        // table): report the syntax errors only, like the policy does.
-        let cfg = cx.diags.is_empty().then(|| validate(&root, &mut cx));
-        if !cx.diags.is_empty() {
-            let mut d = cx.diags;
+        let invalid = |mut d: Vec<Diagnostic>| {
             d.sort_by_key(|d| (d.line, d.column));
             d.dedup();
-            return Err(ConfigErrors::Invalid(Diagnostics(d)));
+            ConfigErrors::Invalid(Diagnostics(d))
+        };
+        // After a syntax error the document is incomplete (keys may have landed in the wrong
+        // table): report the syntax errors only, like the policy does.
+        let (mut doc, syntax) = DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            return Err(invalid(
+                syntax
+                    .iter()
+                    .map(|e| src.toml_error(e, SYNTAX_EXPECTED))
+                    .collect(),
+            ));
         }
-        cfg.ok_or_else(|| ConfigErrors::Invalid(Diagnostics(Vec::new())))
+        // Every unknown key and wrong type; the repaired document is then read for semantics.
+        let mut shape = Sink::new(&src);
+        check_and_repair(&mut doc, &CONFIG, &mut shape);
+        let mut sink = Sink::new(&src);
+        let cfg = validate(&table_of(doc.get_ref()), &mut sink);
+        let diags = sink.merge_shape(shape.diags);
+        if !diags.is_empty() {
+            return Err(invalid(diags));
+        }
+        Ok(cfg)
     }
 
     /// Load `path`; without one, [`crate::paths::DEFAULT_CONFIG`] if it exists, else the

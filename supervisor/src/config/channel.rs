@@ -13,27 +13,49 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::document::{get_duration, get_str, unknown_keys, Cx, Table};
+use carapace_policy::toml_schema::Fields;
+use carapace_policy::toml_schema::Kind::{Bool, IntOrStr, Str};
+use carapace_policy::Sink;
 
-/// The built-in adapter kinds.
-pub(super) const KINDS: &[&str] = &["telegram", "email", "webhook"];
-const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\"";
+use super::document::{get_duration, get_str, Table};
 
-/// The keys of each kind, besides the child keys every channel has.
-pub(super) const TELEGRAM_KEYS: &[&str] = &["api_base", "token_secret", "poll_timeout"];
-pub(super) const EMAIL_KEYS: &[&str] = &[
-    "imap",
-    "imap_security",
-    "smtp",
-    "smtp_security",
-    "username",
-    "password_secret",
-    "from",
-    "folder",
-    "poll_interval",
+/// The built-in adapter kinds, each with its keys besides the child keys every channel has (the
+/// schema of `[channels.NAME]` chooses them by the value of `kind`).
+pub(super) const KINDS: &[(&str, Fields)] = &[
+    (
+        "telegram",
+        &[
+            ("api_base", Str),
+            ("token_secret", Str),
+            ("poll_timeout", IntOrStr),
+        ],
+    ),
+    (
+        "email",
+        &[
+            ("imap", Str),
+            ("imap_security", Str),
+            ("smtp", Str),
+            ("smtp_security", Str),
+            ("username", Str),
+            ("password_secret", Str),
+            ("from", Str),
+            ("folder", Str),
+            ("poll_interval", IntOrStr),
+        ],
+    ),
+    (
+        "webhook",
+        &[
+            ("listen", Str),
+            ("allow_non_loopback", Bool),
+            ("hmac_secret", Str),
+            ("url", Str),
+            ("path", Str),
+        ],
+    ),
 ];
-pub(super) const WEBHOOK_KEYS: &[&str] =
-    &["listen", "allow_non_loopback", "hmac_secret", "url", "path"];
+const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\"";
 
 /// The program that runs the built-in kinds, next to the carapace executable.
 pub(super) const ADAPTER_PROGRAM: &str = "carapace-channel";
@@ -46,20 +68,10 @@ const ADDRESS_EXPECTED: &str = "an e-mail address such as \"agent@example.com\""
 const URL_EXPECTED: &str =
     "an https:// URL, or http:// to a loopback host, e.g. \"https://api.telegram.org\"";
 
-/// The kind-specific keys of `kind` (None: not a built-in kind).
-pub(super) fn kind_keys(kind: &str) -> Option<&'static [&'static str]> {
-    match kind {
-        "telegram" => Some(TELEGRAM_KEYS),
-        "email" => Some(EMAIL_KEYS),
-        "webhook" => Some(WEBHOOK_KEYS),
-        _ => None,
-    }
-}
-
 /// `kind` of a channel table, checked; None when absent or wrong (the error is reported).
-pub(super) fn kind_of<'t>(cx: &mut Cx<'_>, t: &'t Table) -> Option<&'t str> {
-    let (k, e) = get_str(cx, t, "kind", KIND_EXPECTED)?;
-    if KINDS.contains(&k) {
+pub(super) fn kind_of<'t>(cx: &mut Sink<'_>, t: &'t Table) -> Option<&'t str> {
+    let (k, e) = get_str(t, "kind")?;
+    if KINDS.iter().any(|(name, _)| *name == k) {
         Some(k)
     } else {
         cx.err(
@@ -136,13 +148,13 @@ pub(super) fn split_url(url: &str) -> Result<(bool, &str, u16, &str), &'static s
 }
 
 fn secret_name(
-    cx: &mut Cx<'_>,
+    cx: &mut Sink<'_>,
     t: &Table,
     (anchor, what): (&Range<usize>, &str),
     key: &str,
     out: &mut Map<String, Value>,
 ) {
-    match get_str(cx, t, key, SECRET_EXPECTED) {
+    match get_str(t, key) {
         Some((s, e)) => {
             if s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
                 cx.err(
@@ -161,7 +173,7 @@ fn secret_name(
 }
 
 /// A required key that is absent, reported at the table's name.
-fn missing(cx: &mut Cx<'_>, anchor: &Range<usize>, what: &str, key: &str, expected: &str) {
+fn missing(cx: &mut Sink<'_>, anchor: &Range<usize>, what: &str, key: &str, expected: &str) {
     cx.err(anchor, format!("{what} has no `{key}`"), expected);
 }
 
@@ -170,8 +182,8 @@ fn millis(d: Duration) -> Value {
 }
 
 /// A URL key: https, or http to a loopback host.
-fn url(cx: &mut Cx<'_>, t: &Table, key: &str, out: &mut Map<String, Value>) -> bool {
-    let Some((s, e)) = get_str(cx, t, key, URL_EXPECTED) else {
+fn url(cx: &mut Sink<'_>, t: &Table, key: &str, out: &mut Map<String, Value>) -> bool {
+    let Some((s, e)) = get_str(t, key) else {
         return false;
     };
     match split_url(s) {
@@ -198,7 +210,7 @@ fn url(cx: &mut Cx<'_>, t: &Table, key: &str, out: &mut Map<String, Value>) -> b
 
 /// A `host:port` key and its `*_security` companion.
 fn server(
-    cx: &mut Cx<'_>,
+    cx: &mut Sink<'_>,
     t: &Table,
     (anchor, what): (&Range<usize>, &str),
     key: &str,
@@ -206,7 +218,7 @@ fn server(
     default_security: &str,
     out: &mut Map<String, Value>,
 ) {
-    let host = match get_str(cx, t, key, HOSTPORT_EXPECTED) {
+    let host = match get_str(t, key) {
         Some((s, e)) => match split_host_port(s) {
             Ok((h, _)) => {
                 out.insert(key.into(), s.into());
@@ -228,7 +240,7 @@ fn server(
             None
         }
     };
-    let security = match get_str(cx, t, security_key, SECURITY_EXPECTED) {
+    let security = match get_str(t, security_key) {
         Some((s @ ("tls" | "starttls" | "plain"), e)) => Some((s, Some(e))),
         Some((s, e)) => {
             cx.err(
@@ -259,7 +271,7 @@ fn server(
 /// The settings JSON of a built-in `kind` (the child's keys are checked by the caller). The
 /// webhook's `listen` is read by the caller too (the supervisor binds it).
 pub(super) fn settings(
-    cx: &mut Cx<'_>,
+    cx: &mut Sink<'_>,
     t: &Table,
     (anchor, what): (&Range<usize>, &str),
     name: &str,
@@ -291,7 +303,7 @@ pub(super) fn settings(
         "email" => {
             server(cx, t, at, "imap", "imap_security", "tls", &mut out);
             server(cx, t, at, "smtp", "smtp_security", "starttls", &mut out);
-            match get_str(cx, t, "username", "the account's login name") {
+            match get_str(t, "username") {
                 Some(("", e)) => cx.err(
                     &e.node.span,
                     "`username` is empty",
@@ -306,7 +318,7 @@ pub(super) fn settings(
                 None => {}
             }
             secret_name(cx, t, at, "password_secret", &mut out);
-            match get_str(cx, t, "from", ADDRESS_EXPECTED) {
+            match get_str(t, "from") {
                 Some((s, e)) => {
                     let ok = s.split_once('@').is_some_and(|(l, d)| {
                         !l.is_empty()
@@ -328,7 +340,7 @@ pub(super) fn settings(
                 }
                 None => {}
             }
-            match get_str(cx, t, "folder", "a mailbox name such as \"INBOX\"") {
+            match get_str(t, "folder") {
                 Some((s, e)) if s.is_empty() || s.chars().any(char::is_control) => cx.err(
                     &e.node.span,
                     format!("`folder` = {s:?} is not a mailbox name"),
@@ -347,7 +359,7 @@ pub(super) fn settings(
             if t.get("url").is_some() {
                 url(cx, t, "url", &mut out);
             }
-            if let Some((p, e)) = get_str(cx, t, "path", "an absolute URL path such as \"/hook\"") {
+            if let Some((p, e)) = get_str(t, "path") {
                 if !p.starts_with('/')
                     || p.len() > 256
                     || p.chars()
@@ -365,41 +377,4 @@ pub(super) fn settings(
         _ => {}
     }
     Value::Object(out)
-}
-
-/// Report the kind-specific keys of other kinds (and any unknown key) of a channel table.
-pub(super) fn check_keys(
-    cx: &mut Cx<'_>,
-    t: &Table,
-    kind: Option<&str>,
-    what: &str,
-    child_keys: &[&str],
-) {
-    let mut known: Vec<&str> = child_keys.to_vec();
-    known.push("kind");
-    if let Some(k) = kind.and_then(kind_keys) {
-        known.extend_from_slice(k);
-    } else if kind.is_none() {
-        // Without a valid kind, say which keys belong to a kind rather than "unknown".
-        for e in &t.entries {
-            if known.contains(&e.key.as_str()) {
-                continue;
-            }
-            if let Some(k) = KINDS
-                .iter()
-                .find(|k| kind_keys(k).is_some_and(|ks| ks.contains(&e.key.as_str())))
-            {
-                cx.err(
-                    &e.key_span,
-                    format!(
-                        "`{}` is a key of kind = \"{k}\", and {what} has no `kind`",
-                        e.key
-                    ),
-                    &format!("kind = \"{k}\" in {what}"),
-                );
-            }
-        }
-        known.extend(KINDS.iter().filter_map(|k| kind_keys(k)).flatten());
-    }
-    unknown_keys(cx, t, &known, what);
 }
