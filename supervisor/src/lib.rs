@@ -4,9 +4,9 @@
 //! - [`cli`]: the command line: `exec` (one confined run), `policy check|explain`, and the
 //!   operator's commands ([`cli::ctl`]: status, approvals, dlq, held, audit, reload, token).
 //! - [`service`]: `carapace run`, the long-running supervisor: its children, reload, signals,
-//!   systemd notification ([`service::sdnotify`]), logging ([`service::logging`]) and the check
-//!   that configuration and policy fit together ([`service::wiring`]).
-//! - [`config`]: the service's configuration file, read strictly.
+//!   its configuration file ([`service::config`], read strictly), systemd notification
+//!   ([`service::sdnotify`]), logging ([`service::logging`]) and the check that configuration
+//!   and policy fit together ([`service::wiring`]).
 //! - [`control`]: the control socket both sides speak: protocol, server (the service's) and
 //!   client (the command line's), and the audit-tail follower.
 //! - [`broker_host`]: the broker in this process: the state directory, the tokio runtime serving
@@ -16,7 +16,6 @@
 
 pub mod broker_host;
 pub mod cli;
-pub mod config;
 pub mod control;
 pub mod embedded;
 pub mod errors;

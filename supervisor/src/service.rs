@@ -2,7 +2,7 @@
 //!
 //! One process, started by systemd (`Type=notify`) or by hand:
 //!
-//! 1. reads its configuration ([`crate::config`]) and the policy, strictly: an invalid one
+//! 1. reads its configuration ([`crate::service::config`]) and the policy, strictly: an invalid one
 //!    stops the start with every error (exit 78, `EX_CONFIG`, which the unit file tells
 //!    systemd not to restart on);
 //! 2. kills and removes what a previous, killed supervisor left in its cgroup subtree;
@@ -29,6 +29,7 @@
 //! async-signal-safe); the main thread reads it. Nothing here blocks signals, so the waits of
 //! the child threads (`Running::wait`'s `ppoll`) are merely restarted (EINTR) by them.
 
+pub mod config;
 pub mod logging;
 pub mod sdnotify;
 pub mod wiring;
@@ -55,7 +56,6 @@ use crate::broker_host::{
     new_identity, BrokerHost, BrokerSetup, ChildFds, OperatorChannel, PeerServer, StateDir,
     ToolContext,
 };
-use crate::config::{ChildConfig, Config};
 use crate::control::{self, ControlHandler, ControlServer, Request};
 use crate::errors::error_chain;
 use carapace_sandbox::cgroup::{self, Cgroup};
@@ -65,6 +65,7 @@ use carapace_sandbox::report::ExitReport;
 use carapace_sandbox::run::{self, Run};
 use carapace_sandbox::spawn::LaunchOptions;
 use carapace_sandbox::Privilege;
+use config::{ChildConfig, Config};
 use sdnotify::Notifier;
 
 /// Exit status when the configuration or the policy is invalid (sysexits' EX_CONFIG): the unit

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use carapace_supervisor::config::{Config, DEFAULT_CONFIG_TEXT, DEFAULT_LISTEN};
+use carapace_supervisor::service::config::{Config, DEFAULT_CONFIG_TEXT, DEFAULT_LISTEN};
 
 const SERVICE: &str = include_str!("../systemd/carapace.service");
 const SOCKET: &str = include_str!("../systemd/carapace.socket");

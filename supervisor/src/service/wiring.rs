@@ -14,7 +14,7 @@
 use carapace_policy::broker::{BrokerRules, ChannelKind};
 use carapace_policy::Policy;
 
-use crate::config::{ChildConfig, Config};
+use crate::service::config::{ChildConfig, Config};
 
 /// What is wrong (errors: the start is refused) and worth saying (warnings).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -34,7 +34,7 @@ use validate::{validate, CONFIG};
 
 /// The embedded default configuration (`supervisor/config/default.toml`), used when no file
 /// is given and [`crate::paths::DEFAULT_CONFIG`] does not exist.
-pub const DEFAULT_CONFIG_TEXT: &str = include_str!("../config/default.toml");
+pub const DEFAULT_CONFIG_TEXT: &str = include_str!("../../config/default.toml");
 /// How the embedded default is named in messages.
 pub const DEFAULT_CONFIG_NAME: &str = "<embedded default configuration>";
 /// The gateway's listen address when the file does not say.
