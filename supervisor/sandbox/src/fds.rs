@@ -86,28 +86,7 @@ impl ChildFailure {
 
 /// Read until `buf` is full or EOF; returns how many bytes were read. Retries on EINTR.
 pub fn read_full(fd: &OwnedFd, buf: &mut [u8], what: &'static str) -> Result<usize, FdError> {
-    let mut got = 0;
-    while got < buf.len() {
-        let rest = &mut buf[got..];
-        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes; the fd is open.
-        let n = unsafe { libc::read(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(FdError::Sys {
-                syscall: "read",
-                what,
-                source: e,
-            });
-        }
-        if n == 0 {
-            break;
-        }
-        got += n as usize;
-    }
-    Ok(got)
+    read_full_by(fd, buf, None, what)
 }
 
 /// Like [`read_full`], but gives up with `ErrorKind::TimedOut` at `deadline`.
@@ -117,34 +96,43 @@ pub fn read_full_until(
     deadline: std::time::Instant,
     what: &'static str,
 ) -> Result<usize, FdError> {
+    read_full_by(fd, buf, Some(deadline), what)
+}
+
+/// [`read_full`], waiting for each read with `poll` until `deadline` when there is one.
+fn read_full_by(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    deadline: Option<std::time::Instant>,
+    what: &'static str,
+) -> Result<usize, FdError> {
+    let sys = |syscall, source| FdError::Sys {
+        syscall,
+        what,
+        source,
+    };
     let mut got = 0;
     while got < buf.len() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(sys("poll", e));
             }
-            return Err(FdError::Sys {
-                syscall: "poll",
-                what,
-                source: e,
-            });
-        }
-        if r == 0 {
-            return Err(FdError::Sys {
-                syscall: "poll",
-                what,
-                source: io::Error::from(io::ErrorKind::TimedOut),
-            });
+            if r == 0 {
+                return Err(sys("poll", io::Error::from(io::ErrorKind::TimedOut)));
+            }
         }
         let rest = &mut buf[got..];
         // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes; the fd is open.
@@ -154,11 +142,7 @@ pub fn read_full_until(
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(FdError::Sys {
-                syscall: "read",
-                what,
-                source: e,
-            });
+            return Err(sys("read", e));
         }
         if n == 0 {
             break;
