@@ -192,23 +192,14 @@ pub fn write_id_maps_unprivileged(
     uid_map: &str,
     gid_map: &str,
 ) -> Result<(), NamespaceError> {
-    for (file, text) in [
-        ("setgroups", "deny\n"),
-        ("uid_map", uid_map),
-        ("gid_map", gid_map),
-    ] {
-        let path = PathBuf::from(format!("/proc/{pid}/{file}"));
-        let write = || -> io::Result<()> {
-            let mut f = OpenOptions::new().write(true).open(&path)?;
-            f.write_all(text.as_bytes())
-        };
-        write().map_err(|source| NamespaceError::Sys {
-            syscall: "write",
-            path: path.clone(),
-            source,
-        })?;
-    }
-    Ok(())
+    write_proc_files(
+        pid,
+        &[
+            ("setgroups", "deny\n"),
+            ("uid_map", uid_map),
+            ("gid_map", gid_map),
+        ],
+    )
 }
 
 /// One line of a `uid_map` / `gid_map`: `inside outside 1`.
@@ -219,12 +210,17 @@ pub fn map_line(inside: u32, outside: u32) -> String {
 /// Write a process's `uid_map` and `gid_map` (the caller is root in the parent namespace, so
 /// `setgroups` need not be denied first).
 pub fn write_id_maps(pid: libc::pid_t, uid_map: &str, gid_map: &str) -> Result<(), NamespaceError> {
-    for (file, map) in [("uid_map", uid_map), ("gid_map", gid_map)] {
+    write_proc_files(pid, &[("uid_map", uid_map), ("gid_map", gid_map)])
+}
+
+/// Write each `(file, text)` to `/proc/<pid>/<file>`, in order, each in one `write(2)` (the
+/// kernel accepts a map only in a single write).
+fn write_proc_files(pid: libc::pid_t, files: &[(&str, &str)]) -> Result<(), NamespaceError> {
+    for (file, text) in files {
         let path = PathBuf::from(format!("/proc/{pid}/{file}"));
         let write = || -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).open(&path)?;
-            // One write(2): the kernel accepts a map only in a single write.
-            f.write_all(map.as_bytes())
+            f.write_all(text.as_bytes())
         };
         write().map_err(|source| NamespaceError::Sys {
             syscall: "write",
