@@ -293,9 +293,7 @@ impl AuditLog {
                 } else {
                     dir
                 };
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err("fsync dir", dir))?;
+                crate::durable::sync_dir(dir).map_err(io_err("fsync dir", dir))?;
             }
         }
         let mut log = AuditLog {
