@@ -12,7 +12,8 @@ use carapace_sandbox::cgroup::{self, Cgroup};
 use carapace_sandbox::landlock;
 use carapace_sandbox::namespaces::{HostIds, RunAs};
 use carapace_sandbox::report::ExitReport;
-use carapace_sandbox::spawn::{Launch, LaunchOptions, SpawnError};
+use carapace_sandbox::run::{self, Run};
+use carapace_sandbox::spawn::{ChildIo, Launch, LaunchOptions, SpawnError};
 use carapace_sandbox::Privilege;
 
 use common::*;
@@ -35,13 +36,15 @@ fn run_plan(
         listener: false,
         supervisor_env: Vec::new(),
     };
-    let launch = Launch::prepare(plan, &opts, landlock::probe_abi())?;
-    let cg = Cgroup::create(&cgroup::unique_name("test"), &plan.cgroup)?;
-    let result = launch
-        .spawn(Some(&cg))
-        .and_then(|r| r.wait(launch.wall_time(), Some(&cg)));
-    cg.remove()?;
-    result
+    // Through the one run path every caller takes (cgroup, prepare, spawn, wait, remove).
+    let run = Run {
+        name: "test".to_string(),
+        landlock_abi: landlock::probe_abi(),
+        options: opts,
+    };
+    let mut ended = run::start(plan.clone(), &run, ChildIo::default())?.wait();
+    ended.remove_cgroup().expect("the run's cgroup is removed");
+    ended.report
 }
 
 fn sh(ws: &Path, script: &str) -> ExitReport {

@@ -37,3 +37,17 @@ pub use privilege::Privilege;
 /// The embedded default policy's text, for tests that check the mechanisms against it.
 #[cfg(test)]
 pub(crate) const DEFAULT_POLICY: &str = include_str!("../../../policies/default.toml");
+
+/// True if we may run privileged tests; panics when not root unless CARAPACE_ALLOW_SKIP=1 (a
+/// test that must run as root never passes silently without it).
+#[cfg(test)]
+pub(crate) fn privileged(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CARAPACE_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("skipping privileged {what} test: not root (CARAPACE_ALLOW_SKIP=1)");
+        return false;
+    }
+    panic!("this test needs root; run as root or set CARAPACE_ALLOW_SKIP=1 to skip it");
+}

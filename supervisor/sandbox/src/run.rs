@@ -234,3 +234,109 @@ impl Ended {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::namespaces::{own_ids, RunAs, AUTO_BASE};
+    use crate::program::OpenedProgram;
+    use crate::Privilege;
+
+    fn tool_plan() -> Plan {
+        carapace_policy::Policy::parse(crate::DEFAULT_POLICY, "default")
+            .unwrap()
+            .compile("tool", &crate::landlock::target())
+            .unwrap()
+    }
+
+    /// `/bin/true` in the default tool profile, with `ws` as its workspace.
+    fn true_run(privilege: Privilege, ws: &Path) -> Run {
+        let program = std::fs::canonicalize("/bin/true").unwrap();
+        Run {
+            name: "t-run".to_string(),
+            landlock_abi: crate::landlock::probe_abi(),
+            options: LaunchOptions {
+                program: Arc::new(OpenedProgram::open(&program).unwrap()),
+                argv0: "/bin/true".into(),
+                args: Vec::new(),
+                workspace: Some(ws.to_path_buf()),
+                privilege,
+                run_as: RunAs::Auto,
+                env: Vec::new(),
+                broker: false,
+                listener: false,
+                supervisor_env: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_root_run_has_a_cgroup_of_its_own_which_goes_with_its_last_holder() {
+        if !crate::privileged("run") {
+            return;
+        }
+        let ws = tempfile::tempdir().unwrap();
+        let run = true_run(Privilege::Root, ws.path());
+        let started = start(tool_plan(), &run, ChildIo::default()).unwrap();
+        let Limits::Cgroup { name } = started.limits().clone() else {
+            panic!("a root run without a cgroup: {:?}", started.limits());
+        };
+        // A per-run identity, never root.
+        assert!(started.launch().host_ids().uid >= AUTO_BASE);
+        let held = started.cgroup().cloned().expect("the run's cgroup");
+        assert_eq!(held.name(), name);
+        let dirs: Vec<PathBuf> = held.dirs().iter().map(|d| d.to_path_buf()).collect();
+        assert!(
+            !dirs.is_empty() && dirs.iter().all(|d| d.is_dir()),
+            "{dirs:?}"
+        );
+        let mut ended = started.wait();
+        assert_eq!(ended.report.as_ref().unwrap().exit_code(), 0);
+        // Someone else still holds the cgroup (the service's stop): it is left to them ...
+        match ended.remove_cgroup() {
+            Err(RemoveError::InUse(n)) => assert_eq!(n, name),
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        assert!(dirs.iter().all(|d| d.is_dir()), "removed under its holder");
+        // ... and removed when they let go.
+        drop(held);
+        assert!(dirs.iter().all(|d| !d.exists()), "left behind: {dirs:?}");
+        // With no other holder, removing it is immediate.
+        let started = start(tool_plan(), &run, ChildIo::default()).unwrap();
+        let dirs: Vec<PathBuf> = started
+            .cgroup()
+            .map(|c| c.dirs().iter().map(|d| d.to_path_buf()).collect())
+            .unwrap_or_default();
+        let mut ended = started.wait();
+        ended.remove_cgroup().unwrap();
+        assert!(!dirs.is_empty() && dirs.iter().all(|d| !d.exists()));
+    }
+
+    #[test]
+    fn rootless_uses_a_delegated_cgroup_or_else_rlimits_and_says_why() {
+        // The choice is made from the Privilege value, not from the uid running the test.
+        let ws = tempfile::tempdir().unwrap();
+        let run = true_run(Privilege::Rootless(own_ids()), ws.path());
+        let mut plan = tool_plan();
+        let (cg, limits) = choose_cgroup(&run, &mut plan).unwrap();
+        match (cgroup::rootless_delegation(), limits) {
+            (Ok(_), Limits::Cgroup { name }) => {
+                assert_eq!(cg.map(|c| c.name().to_string()), Some(name));
+                assert_eq!(plan, tool_plan(), "a cgroup leaves the plan alone");
+            }
+            (Err(not), Limits::Rlimits { why, added }) => {
+                assert!(cg.is_none());
+                assert_eq!(why, not);
+                if cgroup::Layout::cached().is_ok_and(|l| !l.v1.is_empty()) {
+                    // Hosts with v1 controllers never delegate them to a user.
+                    assert!(why.contains("v1"), "{why}");
+                }
+                assert!(!added.is_empty());
+                assert_eq!(plan.cgroup, carapace_policy::plan::CgroupLimits::default());
+            }
+            (delegation, limits) => panic!("delegation {delegation:?} but {limits:?}"),
+        }
+    }
+}

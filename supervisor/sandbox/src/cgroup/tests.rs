@@ -684,16 +684,8 @@ fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
     l.cgroup.unwrap().remove().unwrap();
 }
 
-/// True if we may run privileged tests; panics when not root unless CARAPACE_ALLOW_SKIP=1.
 fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CARAPACE_ALLOW_SKIP").as_deref() == Ok("1") {
-        eprintln!("skipping privileged cgroup test: not root (CARAPACE_ALLOW_SKIP=1)");
-        return false;
-    }
-    panic!("this test needs root; run as root or set CARAPACE_ALLOW_SKIP=1 to skip it");
+    crate::privileged("cgroup")
 }
 
 fn test_name(tag: &str) -> String {
