@@ -176,7 +176,7 @@ pub fn for_run(
             }
             Err(e) => format!("the delegated cgroup {} cannot be used: {e}", dir.display()),
         },
-        Err(why) => why,
+        Err(why) => why.to_string(),
     };
     let added = crate::rlimits::cgroup_fallback(plan);
     Ok(RunLimits {
