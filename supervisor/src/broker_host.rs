@@ -68,8 +68,18 @@ pub enum BrokerHostError {
         #[source]
         source: io::Error,
     },
-    #[error("state directory {}: {why}", path.display())]
-    StateDir { path: PathBuf, why: String },
+    #[error(
+        "state directory {}: not a directory (symbolic links are refused)",
+        path.display()
+    )]
+    StateDirNotDir { path: PathBuf },
+    #[error("state directory {}: owned by uid {uid}, not by us ({me})", path.display())]
+    StateDirNotOurs { path: PathBuf, uid: u32, me: u32 },
+    #[error(
+        "state directory {}: writable by group or others (mode {mode:o}); make it 0700",
+        path.display()
+    )]
+    StateDirWritable { path: PathBuf, mode: u32 },
     #[error("cannot start the broker's runtime: {source}")]
     Runtime {
         #[source]
@@ -168,23 +178,24 @@ impl StateDir {
             }
             Err(e) => return Err(err("lstat", e)),
             Ok(m) => {
-                let bad = |why: String| BrokerHostError::StateDir {
-                    path: root.to_path_buf(),
-                    why,
-                };
+                let path = root.to_path_buf();
                 if !m.file_type().is_dir() {
-                    return Err(bad("not a directory (symbolic links are refused)".into()));
+                    return Err(BrokerHostError::StateDirNotDir { path });
                 }
                 // SAFETY: geteuid has no preconditions.
                 let me = unsafe { libc::geteuid() };
                 if m.uid() != me {
-                    return Err(bad(format!("owned by uid {}, not by us ({me})", m.uid())));
+                    return Err(BrokerHostError::StateDirNotOurs {
+                        path,
+                        uid: m.uid(),
+                        me,
+                    });
                 }
                 if m.mode() & 0o022 != 0 {
-                    return Err(bad(format!(
-                        "writable by group or others (mode {:o}); make it 0700",
-                        m.mode() & 0o7777
-                    )));
+                    return Err(BrokerHostError::StateDirWritable {
+                        path,
+                        mode: m.mode() & 0o7777,
+                    });
                 }
             }
         }
@@ -1086,11 +1097,19 @@ mod tests {
         // Group/other-writable: refused.
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o770)).unwrap();
         let e = StateDir::open(&root).unwrap_err();
+        assert!(
+            matches!(e, BrokerHostError::StateDirWritable { mode: 0o770, .. }),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("writable by group"), "{e}");
         // A link to a directory: refused.
         let link = t.path().join("link");
         std::os::unix::fs::symlink(t.path(), &link).unwrap();
         let e = StateDir::open(&link).unwrap_err();
+        assert!(
+            matches!(&e, BrokerHostError::StateDirNotDir { path } if *path == link),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("not a directory"), "{e}");
     }
 
