@@ -22,6 +22,13 @@ pub enum NoDelegation {
         path.display()
     )]
     NotWritable { path: PathBuf },
+    /// A cgroup is delegated to us, but creating the run's cgroup beneath it failed.
+    #[error("the delegated cgroup {} cannot be used: {source}", dir.display())]
+    Unusable {
+        dir: PathBuf,
+        #[source]
+        source: CgroupError,
+    },
 }
 
 /// Whether the sandboxes of a process with `privilege` get cgroups: always as root; rootless
