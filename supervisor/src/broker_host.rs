@@ -68,17 +68,82 @@ pub enum BrokerHostError {
         #[source]
         source: io::Error,
     },
-    #[error("state directory {}: {why}", path.display())]
-    StateDir { path: PathBuf, why: String },
+    #[error(
+        "state directory {}: not a directory (symbolic links are refused)",
+        path.display()
+    )]
+    StateDirNotDir { path: PathBuf },
+    #[error("state directory {}: owned by uid {uid}, not by us ({me})", path.display())]
+    StateDirNotOurs { path: PathBuf, uid: u32, me: u32 },
+    #[error(
+        "state directory {}: writable by group or others (mode {mode:o}); make it 0700",
+        path.display()
+    )]
+    StateDirWritable { path: PathBuf, mode: u32 },
     #[error("cannot start the broker's runtime: {source}")]
     Runtime {
         #[source]
         source: io::Error,
     },
-    #[error("socketpair for the broker: {0}")]
-    Socket(String),
-    #[error("the new policy cannot be put in force: {why}")]
-    Reload { why: String },
+    #[error("socketpair: {0}")]
+    Socket(#[source] carapace_broker::protocol::SocketError),
+    /// A pipe for a child's stdout or stderr.
+    #[error(transparent)]
+    Pipe(#[from] carapace_sandbox::fds::FdError),
+    #[error("state directory {}: {source}", path.display())]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: carapace_broker::audit::AuditError,
+    },
+    #[error("state directory {}: {source}", path.display())]
+    DeadLetters {
+        path: PathBuf,
+        #[source]
+        source: carapace_broker::dlq::DlqError,
+    },
+    #[error("state directory {}: {source}", path.display())]
+    Approvals {
+        path: PathBuf,
+        #[source]
+        source: ApprovalError,
+    },
+    /// The operations (the policy's secrets, the spools of the state directory).
+    #[error("state directory {}: {source}", path.display())]
+    Ops {
+        path: PathBuf,
+        #[source]
+        source: carapace_broker::ops::OpsError,
+    },
+    #[error("the new policy cannot be put in force: {source}")]
+    Reload {
+        #[source]
+        source: carapace_broker::ops::OpsError,
+    },
+}
+
+/// Errors of starting a tool for the broker ([`spawn_tool`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    #[error("profile `{profile}` cannot run on this kernel: {source}")]
+    Compile {
+        profile: String,
+        #[source]
+        source: carapace_policy::Diagnostics,
+    },
+    #[error(transparent)]
+    Fds(#[from] BrokerHostError),
+    #[error(transparent)]
+    Spawn(#[from] carapace_sandbox::spawn::SpawnError),
+    #[error("cannot start a thread for the tool: {source}")]
+    Thread {
+        #[source]
+        source: io::Error,
+    },
+    #[error("the tool's thread ended without starting it")]
+    ThreadEnded,
 }
 
 /// Default state directory when running as root.
@@ -113,23 +178,24 @@ impl StateDir {
             }
             Err(e) => return Err(err("lstat", e)),
             Ok(m) => {
-                let bad = |why: String| BrokerHostError::StateDir {
-                    path: root.to_path_buf(),
-                    why,
-                };
+                let path = root.to_path_buf();
                 if !m.file_type().is_dir() {
-                    return Err(bad("not a directory (symbolic links are refused)".into()));
+                    return Err(BrokerHostError::StateDirNotDir { path });
                 }
                 // SAFETY: geteuid has no preconditions.
                 let me = unsafe { libc::geteuid() };
                 if m.uid() != me {
-                    return Err(bad(format!("owned by uid {}, not by us ({me})", m.uid())));
+                    return Err(BrokerHostError::StateDirNotOurs {
+                        path,
+                        uid: m.uid(),
+                        me,
+                    });
                 }
                 if m.mode() & 0o022 != 0 {
-                    return Err(bad(format!(
-                        "writable by group or others (mode {:o}); make it 0700",
-                        m.mode() & 0o7777
-                    )));
+                    return Err(BrokerHostError::StateDirWritable {
+                        path,
+                        mode: m.mode() & 0o7777,
+                    });
                 }
             }
         }
@@ -317,15 +383,16 @@ pub struct ChildFds {
 pub type ParentEnds = (OwnedFd, OwnedFd, Option<OwnedFd>);
 
 impl ChildFds {
-    pub fn new(brokered: bool) -> Result<ChildFds, String> {
-        let out = Pipe::new("child stdout").map_err(|e| e.to_string())?;
-        let err = Pipe::new("child stderr").map_err(|e| e.to_string())?;
-        let null = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    pub fn new(brokered: bool) -> Result<ChildFds, BrokerHostError> {
+        let out = Pipe::new("child stdout")?;
+        let err = Pipe::new("child stderr")?;
+        let null = std::fs::File::open("/dev/null").map_err(|source| BrokerHostError::Io {
+            syscall: "open",
+            path: PathBuf::from("/dev/null"),
+            source,
+        })?;
         let pair = if brokered {
-            Some(
-                carapace_broker::protocol::seqpacket_pair()
-                    .map_err(|e| format!("socketpair: {e}"))?,
-            )
+            Some(carapace_broker::protocol::seqpacket_pair().map_err(BrokerHostError::Socket)?)
         } else {
             None
         };
@@ -383,7 +450,7 @@ impl std::fmt::Debug for ToolRun {
     }
 }
 
-type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), String>;
+type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), ToolError>;
 
 /// Start `program` (opened at its canonical host path, already allowed by the policy for
 /// `profile`; this very file is started, see [`carapace_sandbox::spawn`]) with
@@ -397,7 +464,7 @@ pub fn spawn_tool(
     args: &[String],
     profile: &str,
     workspace: Option<&Path>,
-) -> Result<ToolRun, String> {
+) -> Result<ToolRun, ToolError> {
     let (started_tx, started_rx) = mpsc::channel::<Started>();
     let (done_tx, done_rx) = mpsc::channel::<ExitReport>();
     let outer = ctx;
@@ -407,17 +474,18 @@ pub fn spawn_tool(
     let profile_s = profile.to_string();
     let workspace = workspace.map(Path::to_path_buf).or(ctx.workspace.clone());
     if ctx.live.is_closed() {
-        return Err("the broker is shutting down".to_string());
+        return Err(ToolError::ShuttingDown);
     }
     let thread = std::thread::Builder::new()
         .name("carapace-tool".into())
         .spawn(move || {
             let plan = match policy.compile(&profile_s, &ctx.target) {
                 Ok(p) => p,
-                Err(d) => {
-                    let _ = started_tx.send(Err(format!(
-                        "profile `{profile_s}` cannot run on this kernel: {d}"
-                    )));
+                Err(source) => {
+                    let _ = started_tx.send(Err(ToolError::Compile {
+                        profile: profile_s,
+                        source,
+                    }));
                     return;
                 }
             };
@@ -425,7 +493,7 @@ pub fn spawn_tool(
             let fds = match ChildFds::new(brokered) {
                 Ok(f) => f,
                 Err(e) => {
-                    let _ = started_tx.send(Err(e));
+                    let _ = started_tx.send(Err(e.into()));
                     return;
                 }
             };
@@ -448,7 +516,7 @@ pub fn spawn_tool(
             let started = match run::start(plan, &run, fds.io(None)) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = started_tx.send(Err(crate::errors::error_chain(&e)));
+                    let _ = started_tx.send(Err(e.into()));
                     return;
                 }
             };
@@ -479,11 +547,9 @@ pub fn spawn_tool(
             }
             let _ = done_tx.send(report);
         })
-        .map_err(|e| format!("cannot start a thread for the tool: {e}"))?;
+        .map_err(|source| ToolError::Thread { source })?;
     outer.live.add_thread(thread);
-    let (stdout, stderr, broker) = started_rx
-        .recv()
-        .map_err(|_| "the tool's thread ended without starting it".to_string())??;
+    let (stdout, stderr, broker) = started_rx.recv().map_err(|_| ToolError::ThreadEnded)??;
     Ok(ToolRun {
         stdout,
         stderr,
@@ -589,17 +655,25 @@ impl BrokerHost {
         setup: BrokerSetup,
         channel: OperatorChannel,
     ) -> Result<BrokerHost, BrokerHostError> {
-        let state_err = |why: String| BrokerHostError::StateDir {
-            path: setup.state.root.clone(),
-            why,
-        };
-        let audit = AuditLog::open(setup.state.audit_log())
-            .map_err(|e| state_err(crate::errors::error_chain(&e)))?;
-        let dlq = DeadLetters::open(setup.state.dlq())
-            .map_err(|e| state_err(crate::errors::error_chain(&e)))?;
+        let root = setup.state.root.clone();
+        let audit =
+            AuditLog::open(setup.state.audit_log()).map_err(|source| BrokerHostError::Audit {
+                path: root.clone(),
+                source,
+            })?;
+        let dlq = DeadLetters::open(setup.state.dlq()).map_err(|source| {
+            BrokerHostError::DeadLetters {
+                path: root.clone(),
+                source,
+            }
+        })?;
         let approvals = Arc::new(
-            Approvals::open(&setup.state.root, setup.approval_timeout)
-                .map_err(|e| state_err(crate::errors::error_chain(&e)))?,
+            Approvals::open(&setup.state.root, setup.approval_timeout).map_err(|source| {
+                BrokerHostError::Approvals {
+                    path: root.clone(),
+                    source,
+                }
+            })?,
         );
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -645,7 +719,7 @@ impl BrokerHost {
                     ..OpsConfig::default()
                 },
             )
-            .map_err(|e| state_err(crate::errors::error_chain(&e)))?,
+            .map_err(|source| BrokerHostError::Ops { path: root, source })?,
         );
         let handler: Arc<dyn Handler> = ops.clone();
         let _ = peers.handler.set(handler);
@@ -680,9 +754,7 @@ impl BrokerHost {
         let shared = Arc::new(policy.clone());
         self.ops
             .reload(policy)
-            .map_err(|e| BrokerHostError::Reload {
-                why: crate::errors::error_chain(&e),
-            })?;
+            .map_err(|source| BrokerHostError::Reload { source })?;
         *write(&self.peers.policy) = shared;
         Ok(())
     }
@@ -798,7 +870,8 @@ impl Spawner for SupervisorSpawner {
             &req.profile,
             req.workspace.as_deref(),
         )
-        .map_err(fail)?;
+        // The broker protocol carries the failure as text.
+        .map_err(|e| fail(crate::errors::error_chain(&e)))?;
         if let Some(fd) = run.broker {
             let who = new_identity(Role::Tool, &run.profile);
             if self.peers.serve(fd, who).is_none() {
@@ -1024,11 +1097,19 @@ mod tests {
         // Group/other-writable: refused.
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o770)).unwrap();
         let e = StateDir::open(&root).unwrap_err();
+        assert!(
+            matches!(e, BrokerHostError::StateDirWritable { mode: 0o770, .. }),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("writable by group"), "{e}");
         // A link to a directory: refused.
         let link = t.path().join("link");
         std::os::unix::fs::symlink(t.path(), &link).unwrap();
         let e = StateDir::open(&link).unwrap_err();
+        assert!(
+            matches!(&e, BrokerHostError::StateDirNotDir { path } if *path == link),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("not a directory"), "{e}");
     }
 
@@ -1096,5 +1177,39 @@ mod tests {
         let b = new_identity(Role::Tool, "p");
         assert_ne!(a.id, b.id);
         assert_eq!(a.profile, "p");
+    }
+
+    #[test]
+    fn child_fds_have_a_broker_socket_only_when_brokered() {
+        let fds = ChildFds::new(false).unwrap();
+        assert!(fds.io(None).broker.is_none());
+        let fds = ChildFds::new(true).unwrap();
+        assert!(fds.io(None).broker.is_some());
+        let (_, _, mine) = fds.into_parent_ends();
+        assert!(mine.is_some());
+    }
+
+    #[test]
+    fn tool_errors_show_their_cause_once() {
+        let d = Policy::parse("[profiles.x]\nno_such_key = 1\n", "p.toml").unwrap_err();
+        let words = d.to_string();
+        let e = ToolError::Compile {
+            profile: "x".into(),
+            source: d,
+        };
+        let shown = crate::errors::error_chain(&e);
+        assert!(
+            shown.starts_with("profile `x` cannot run on this kernel: "),
+            "{shown}"
+        );
+        assert_eq!(shown.matches(words.as_str()).count(), 1, "{shown}");
+        let e = ToolError::from(BrokerHostError::Io {
+            syscall: "open",
+            path: PathBuf::from("/dev/null"),
+            source: io::Error::from_raw_os_error(libc::EMFILE),
+        });
+        let shown = crate::errors::error_chain(&e);
+        assert!(shown.starts_with("open /dev/null: "), "{shown}");
+        assert_eq!(shown.matches("Too many open files").count(), 1, "{shown}");
     }
 }

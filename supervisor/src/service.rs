@@ -103,6 +103,8 @@ pub struct RunArgs {
     pub check: bool,
 }
 
+mod error;
+pub use error::ServiceError;
 mod signals;
 use signals::*;
 mod child;
@@ -143,6 +145,7 @@ pub fn run(a: RunArgs) -> i32 {
     let policy = match load_policy(&cfg) {
         Ok(p) => p,
         Err(e) => {
+            let e = error_chain(&e);
             tracing::error!("invalid policy: {e}");
             eprintln!("carapace: {e}");
             return EXIT_CONFIG;
@@ -154,7 +157,7 @@ pub fn run(a: RunArgs) -> i32 {
         match spec_of(c, &exe) {
             Ok(s) => specs.push((what.to_string(), c.is_gateway, s)),
             Err(e) => {
-                eprintln!("carapace: {what}: {e}");
+                eprintln!("carapace: {what}: {}", error_chain(&e));
                 return EXIT_CONFIG;
             }
         }
@@ -180,7 +183,7 @@ pub fn run(a: RunArgs) -> i32 {
     match start(cfg, shown, a.config, policy, specs, notifier, activated) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("cannot start: {e}");
+            tracing::error!("cannot start: {}", error_chain(&e));
             let _ = Notifier::disabled();
             EXIT_START
         }
@@ -195,7 +198,7 @@ fn start(
     specs: Vec<(String, bool, Spec)>,
     notifier: Notifier,
     activated: Vec<(OwnedFd, Option<String>)>,
-) -> Result<i32, String> {
+) -> Result<i32, ServiceError> {
     // Root or rootless: decided here, once, for every child and tool of this service.
     let privilege = Privilege::of_this_process();
     let root = privilege.is_root();
@@ -211,12 +214,15 @@ fn start(
     if cg_ok.is_some() && usable {
         clean_leftovers();
     }
-    let signals = catch_signals().map_err(|e| format!("signal handlers: {e}"))?;
-    let state = StateDir::open(&cfg.state_dir).map_err(|e| error_chain(&e))?;
+    let signals = catch_signals().map_err(|source| ServiceError::Signals { source })?;
+    let state = StateDir::open(&cfg.state_dir)?;
     // The workspaces the service creates for its children live in its state directory
     // (0700, ours), which is often beneath /var: allow exactly those.
-    let state_canon =
-        std::fs::canonicalize(&state.root).map_err(|e| format!("{}: {e}", state.root.display()))?;
+    let state_canon = std::fs::canonicalize(&state.root).map_err(|source| ServiceError::Io {
+        op: "canonicalize",
+        path: state.root.clone(),
+        source,
+    })?;
     carapace_sandbox::mounts::allow_managed_workspaces(&state_canon);
     if cfg.gateway.is_some() {
         initial_token(&state.root)?;
@@ -247,8 +253,7 @@ fn start(
             token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),
         },
         OperatorChannel::Control,
-    )
-    .map_err(|e| error_chain(&e))?;
+    )?;
     let (seq, head) = host.ops.audit_head();
     tracing::info!(seq, head = %head, "audit log head at start");
 
@@ -268,8 +273,11 @@ fn start(
             }
         }
         if let Some(addr) = c.listen {
-            let l = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("cannot listen on {addr} for {}: {e}", c.name))?;
+            let l = std::net::TcpListener::bind(addr).map_err(|source| ServiceError::Listen {
+                addr,
+                child: c.name.clone(),
+                source,
+            })?;
             tracing::info!(child = %c.name, %addr, "listener bound");
             listeners.insert(c.name.clone(), OwnedFd::from(l));
         }
@@ -285,8 +293,7 @@ fn start(
     let rt = host.handle();
     let runtime_dir = cfg.runtime_dir.clone();
     let group = cfg.control_group;
-    let control = ControlServer::bind(&runtime_dir.join(crate::paths::CONTROL_SOCKET), group)
-        .map_err(|e| error_chain(&e))?;
+    let control = ControlServer::bind(&runtime_dir.join(crate::paths::CONTROL_SOCKET), group)?;
     let control_stop = control.shutdown_handle();
     tracing::info!(socket = %control.path().display(), "control socket ready");
 
@@ -343,7 +350,10 @@ fn start(
         let t = std::thread::Builder::new()
             .name(format!("carapace-{name}"))
             .spawn(move || c2.supervise(s2))
-            .map_err(|e| format!("cannot start a thread for {name}: {e}"))?;
+            .map_err(|source| ServiceError::Thread {
+                child: name.clone(),
+                source,
+            })?;
         lock(&svc.children).push((child, t));
     }
 

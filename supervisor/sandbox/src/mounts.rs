@@ -587,6 +587,32 @@ pub struct ProgramInside {
     pub writable: bool,
 }
 
+/// Why a program cannot run from where it is ([`program_inside`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgramOutside {
+    /// No mount of the profile shows it.
+    #[error(
+        "{} is not visible inside the sandbox: no mount of the profile contains it",
+        program.display()
+    )]
+    NotVisible { program: PathBuf },
+    /// A later mount (at `by`) is stacked over the place it would be.
+    #[error(
+        "{} would be hidden inside the sandbox by the mount at {}",
+        program.display(),
+        by.display()
+    )]
+    Hidden { program: PathBuf, by: PathBuf },
+    /// The mount (at `mount`) that shows it is not executable.
+    #[error(
+        "{} is inside the mount at {}, which is not executable (give it access \
+         \"read-exec\" in the profile if this program should run)",
+        program.display(),
+        mount.display()
+    )]
+    NotExecutable { program: PathBuf, mount: PathBuf },
+}
+
 /// The child's mount program plus the views it creates.
 #[derive(Debug)]
 pub struct Built {
@@ -908,7 +934,7 @@ pub fn tmpfs_options(size_bytes: u64, mode: u32, ids: HostIds) -> String {
 
 /// Where `program` (a canonical host path) appears inside the sandbox, if it is visible through
 /// an executable mount and not shadowed by a later mount. Errors say why not.
-pub fn program_inside(views: &[View], program: &Path) -> Result<ProgramInside, String> {
+pub fn program_inside(views: &[View], program: &Path) -> Result<ProgramInside, ProgramOutside> {
     // The last mount that shows the program wins (later mounts are stacked on top).
     let found = views.iter().enumerate().rev().find_map(|(i, v)| {
         let host = v.host.as_ref()?;
@@ -921,28 +947,24 @@ pub fn program_inside(views: &[View], program: &Path) -> Result<ProgramInside, S
         Some((i, v, inside))
     });
     let Some((i, v, inside)) = found else {
-        return Err(format!(
-            "{} is not visible inside the sandbox: no mount of the profile contains it",
-            program.display()
-        ));
+        return Err(ProgramOutside::NotVisible {
+            program: program.to_path_buf(),
+        });
     };
     if let Some(shadow) = views[i + 1..]
         .iter()
         .find(|w| inside.starts_with(&w.dst) && w.dst != v.dst)
     {
-        return Err(format!(
-            "{} would be hidden inside the sandbox by the mount at {}",
-            program.display(),
-            shadow.dst.display()
-        ));
+        return Err(ProgramOutside::Hidden {
+            program: program.to_path_buf(),
+            by: shadow.dst.clone(),
+        });
     }
     if !v.exec {
-        return Err(format!(
-            "{} is inside the mount at {}, which is not executable (give it access \
-             \"read-exec\" in the profile if this program should run)",
-            program.display(),
-            v.dst.display()
-        ));
+        return Err(ProgramOutside::NotExecutable {
+            program: program.to_path_buf(),
+            mount: v.dst.clone(),
+        });
     }
     Ok(ProgramInside {
         path: inside,

@@ -165,7 +165,11 @@ fn choose_cgroup(run: &Run, plan: &mut Plan) -> Result<(Option<Arc<Cgroup>>, Lim
         (Some(c), _) => Limits::Cgroup {
             name: c.name().to_string(),
         },
-        (None, Some((why, added))) => Limits::Rlimits { why, added },
+        // The summary carries the reason in words, as shown to the operator.
+        (None, Some((why, added))) => Limits::Rlimits {
+            why: why.to_string(),
+            added,
+        },
         (None, None) => Limits::Rlimits {
             why: "no cgroup".to_string(),
             added: Vec::new(),

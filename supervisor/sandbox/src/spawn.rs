@@ -154,8 +154,37 @@ pub enum SpawnError {
     Cgroup(#[from] CgroupError),
     #[error("{what} contains a NUL byte")]
     Nul { what: String },
-    #[error("{0}")]
-    Program(String),
+    #[error(transparent)]
+    ProgramOutside(#[from] mounts::ProgramOutside),
+    /// The seccomp filter would stop the syscall that starts the program.
+    #[error(
+        "profile `{profile}` does not allow the syscall {syscall}, which starts the program: add \
+         \"{syscall}\" (or \"@process\") to [profiles.{profile}.seccomp] allow"
+    )]
+    ExecNotAllowed {
+        profile: String,
+        syscall: &'static str,
+    },
+    /// A script would be handed to its interpreter as `/dev/fd/N`, which the profile lacks.
+    #[error(
+        "{} is a script (#!): its interpreter is handed /dev/fd/N, which profile `{profile}` \
+         does not have (it needs /dev and /proc: `proc = true`); run the interpreter \
+         instead (e.g. `sh {}`)",
+        program.display(),
+        program.display()
+    )]
+    ScriptNeedsDevFd { program: PathBuf, profile: String },
+    /// `spawn_with` was given other descriptors than the launch was prepared for.
+    #[error(
+        "internal error: the launch was prepared {} {what} but spawned {} one",
+        with_words(*prepared),
+        with_words(*given)
+    )]
+    IoMismatch {
+        what: &'static str,
+        prepared: bool,
+        given: bool,
+    },
     #[error("{syscall}: {source}")]
     Sys {
         syscall: &'static str,
@@ -186,6 +215,14 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+}
+
+fn with_words(b: bool) -> &'static str {
+    if b {
+        "with"
+    } else {
+        "without"
+    }
 }
 
 /// Errors of `clone(CLONE_NEWUSER)` that mean "unprivileged user namespaces are not allowed
@@ -509,25 +546,20 @@ fn check_exec(plan: &Plan, program: &OpenedProgram, exec: Exec) -> Result<(), Sp
         || (!sc.denied.iter().any(|(s, _)| s == syscall)
             && matches!(sc.default_action, SeccompAction::Log | SeccompAction::Allow));
     if !allowed {
-        return Err(SpawnError::Program(format!(
-            "profile `{}` does not allow the syscall {syscall}, which starts the program: add \
-             \"{syscall}\" (or \"@process\") to [profiles.{}.seccomp] allow",
-            plan.profile, plan.profile
-        )));
+        return Err(SpawnError::ExecNotAllowed {
+            profile: plan.profile.clone(),
+            syscall,
+        });
     }
     if exec == Exec::ScriptFd {
         let has = |want: fn(&Mount) -> bool| plan.mounts.iter().any(want);
         let dev = has(|m| matches!(m, Mount::Dev { dst, .. } if dst == Path::new("/dev")));
         let proc = has(|m| matches!(m, Mount::Proc { dst } if dst == Path::new("/proc")));
         if !(dev && proc) {
-            return Err(SpawnError::Program(format!(
-                "{} is a script (#!): its interpreter is handed /dev/fd/N, which profile `{}` \
-                 does not have (it needs /dev and /proc: `proc = true`); run the interpreter \
-                 instead (e.g. `sh {}`)",
-                program.path().display(),
-                plan.profile,
-                program.path().display()
-            )));
+            return Err(SpawnError::ScriptNeedsDevFd {
+                program: program.path().to_path_buf(),
+                profile: plan.profile.clone(),
+            });
         }
     }
     Ok(())
@@ -594,8 +626,7 @@ impl Launch {
         });
         let built = mounts::build(&plan.mounts, workspace.as_ref(), mount_ids)?;
         lap("mount program");
-        let inside = mounts::program_inside(&built.views, opts.program.path())
-            .map_err(SpawnError::Program)?;
+        let inside = mounts::program_inside(&built.views, opts.program.path())?;
         let exec = Exec::choose(opts.program.is_script(), inside.writable);
         check_exec(plan, &opts.program, exec)?;
         let program_inside = inside.path;
@@ -755,17 +786,16 @@ impl Launch {
         cgroup: Option<&Cgroup>,
         io: ChildIo<'_>,
     ) -> Result<Running, SpawnError> {
-        let with = |b: bool| if b { "with" } else { "without" };
         for (what, prepared, given) in [
             ("a broker socket", self.broker, io.broker.is_some()),
             ("a listening socket", self.listener, io.listener.is_some()),
         ] {
             if prepared != given {
-                return Err(SpawnError::Program(format!(
-                    "internal error: the launch was prepared {} {what} but spawned {} one",
-                    with(prepared),
-                    with(given),
-                )));
+                return Err(SpawnError::IoMismatch {
+                    what,
+                    prepared,
+                    given,
+                });
             }
         }
         if self.spawned.swap(true, Ordering::SeqCst) {

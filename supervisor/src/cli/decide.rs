@@ -2,17 +2,46 @@
 
 use super::*;
 
+/// Errors of loading a policy and deciding a command line (the commands print them).
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy's located errors.
+    #[error(transparent)]
+    Policy(#[from] carapace_policy::Diagnostics),
+    #[error("no program given")]
+    NoProgram,
+    #[error("argument {arg:?} is not valid UTF-8; policies cannot match it")]
+    NotUtf8 { arg: String },
+    #[error(transparent)]
+    Resolve(#[from] resolve::ResolveError),
+    /// A bare name that the default PATH and the profile's PATH resolve to different programs.
+    #[error(
+        "{name}: resolves to different programs under the default PATH and the profile's PATH; \
+         give the program's absolute path"
+    )]
+    Unstable { name: String },
+}
+
 /// Load and validate a policy (the embedded default when `file` is None). Rule programs are
 /// resolved lazily when a request is decided ([`decide`], `Policy::evaluate_with`), not here.
-pub fn load_policy(file: Option<&Path>) -> Result<Policy, String> {
+pub fn load_policy(file: Option<&Path>) -> Result<Policy, DecideError> {
     let (text, name) = match file {
         None => (DEFAULT_POLICY.to_string(), DEFAULT_POLICY_NAME.to_string()),
         Some(f) => (
-            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+            std::fs::read_to_string(f).map_err(|source| DecideError::Read {
+                path: f.to_path_buf(),
+                source,
+            })?,
             f.display().to_string(),
         ),
     };
-    Policy::parse(&text, &name).map_err(|d| d.to_string())
+    Ok(Policy::parse(&text, &name)?)
 }
 
 /// The outcome of deciding a request.
@@ -24,7 +53,7 @@ pub struct Decided {
     /// The compiled plan of the chosen profile (None when denied, or when compiling failed:
     /// then `compile_error` says why).
     pub plan: Option<Plan>,
-    pub compile_error: Option<String>,
+    pub compile_error: Option<carapace_policy::Diagnostics>,
 }
 
 /// The PATH a plan gives its programs.
@@ -45,25 +74,22 @@ pub fn decide(
     cwd: &Path,
     workspace: Option<&Path>,
     target: &Target,
-) -> Result<Decided, String> {
-    let (name, rest) = command
-        .split_first()
-        .ok_or_else(|| "no program given".to_string())?;
+) -> Result<Decided, DecideError> {
+    let (name, rest) = command.split_first().ok_or(DecideError::NoProgram)?;
     let args = rest
         .iter()
         .map(|a| {
-            a.to_str().map(str::to_string).ok_or_else(|| {
-                format!(
-                    "argument {:?} is not valid UTF-8; policies cannot match it",
-                    a.to_string_lossy()
-                )
-            })
+            a.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| DecideError::NotUtf8 {
+                    arg: a.to_string_lossy().into_owned(),
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut search = DEFAULT_PATH.to_string();
     let mut last: Option<PathBuf> = None;
     for _round in 0..3 {
-        let program = resolve::resolve(name, &search, cwd).map_err(|e| e.to_string())?;
+        let program = resolve::resolve(name, &search, cwd)?;
         if last.as_ref() == Some(&program) {
             break;
         }
@@ -80,7 +106,7 @@ pub fn decide(
             (Approval::Deny, _) | (_, None) => (None, None),
             (_, Some(profile)) => match policy.compile(profile, target) {
                 Ok(p) => (Some(p), None),
-                Err(d) => (None, Some(d.to_string())),
+                Err(d) => (None, Some(d)),
             },
         };
         let next = plan
@@ -99,7 +125,7 @@ pub fn decide(
             });
         }
         // Re-resolve under the profile's own PATH.
-        let again = resolve::resolve(name, &next, cwd).map_err(|e| e.to_string())?;
+        let again = resolve::resolve(name, &next, cwd)?;
         if again == program {
             return Ok(Decided {
                 program,
@@ -112,11 +138,9 @@ pub fn decide(
         last = Some(program);
         search = next;
     }
-    Err(format!(
-        "{}: resolves to different programs under the default PATH and the profile's PATH; \
-         give the program's absolute path",
-        name.to_string_lossy()
-    ))
+    Err(DecideError::Unstable {
+        name: name.to_string_lossy().into_owned(),
+    })
 }
 
 pub(super) fn rule_words(policy: &Policy, d: &Decision) -> String {

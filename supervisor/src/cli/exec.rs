@@ -2,6 +2,29 @@
 
 use super::*;
 
+/// Errors of the steps of `carapace exec` around the run: the broker and the report file
+/// (the command prints them).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The state directory, the broker's runtime, the broker's socketpair.
+    #[error(transparent)]
+    Broker(#[from] crate::broker_host::BrokerHostError),
+    #[error("internal error: the broker has no handler")]
+    NoHandler,
+    #[error(
+        "--report-json {}: a component of the path is a symbolic link; refused (give a path \
+         without links)",
+        path.display()
+    )]
+    ReportLink { path: PathBuf },
+    #[error("--report-json {}: {source}", path.display())]
+    Report {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 pub(super) fn stdin_is_tty() -> bool {
     // SAFETY: isatty only inspects the fd.
     unsafe { libc::isatty(0) == 1 }
@@ -34,7 +57,12 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
     };
     let policy = match load_policy(a.policy.as_deref()) {
         Ok(p) => p,
-        Err(e) => return fail(&format!("the policy is invalid:\n{e}"), EXIT_SETUP),
+        Err(e) => {
+            return fail(
+                &format!("the policy is invalid:\n{}", error_chain(&e)),
+                EXIT_SETUP,
+            )
+        }
     };
     let cwd = match std::env::current_dir() {
         Ok(c) => c,
@@ -61,7 +89,7 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
         &target,
     ) {
         Ok(d) => d,
-        Err(e) => return fail(&e, EXIT_SETUP),
+        Err(e) => return fail(&error_chain(&e), EXIT_SETUP),
     };
     let what = command_words(&d.program, &d.args);
     if a.verbose {
@@ -142,7 +170,7 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
         None => None,
         Some(f) => match open_report(f) {
             Ok(file) => Some(file),
-            Err(e) => return fail(&e, EXIT_SETUP),
+            Err(e) => return fail(&error_chain(&e), EXIT_SETUP),
         },
     };
     let workspace = match &a.workspace {
@@ -205,7 +233,12 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
     let broker = if brokered {
         match start_broker(&a, &policy, &target, privilege, &workspace, &profile) {
             Ok(b) => Some(b),
-            Err(e) => return fail(&format!("cannot start the broker: {e}"), EXIT_SETUP),
+            Err(e) => {
+                return fail(
+                    &format!("cannot start the broker: {}", error_chain(&e)),
+                    EXIT_SETUP,
+                )
+            }
         }
     } else {
         None
@@ -309,9 +342,8 @@ pub(super) fn start_broker(
     privilege: Privilege,
     workspace: &Path,
     profile: &str,
-) -> Result<(BrokerHost, std::os::fd::OwnedFd), String> {
-    let state = StateDir::open(&crate::paths::state_dir_or_default(a.state_dir.as_deref()))
-        .map_err(|e| e.to_string())?;
+) -> Result<(BrokerHost, std::os::fd::OwnedFd), ExecError> {
+    let state = StateDir::open(&crate::paths::state_dir_or_default(a.state_dir.as_deref()))?;
     let host = BrokerHost::start(BrokerSetup {
         policy: policy.clone(),
         state,
@@ -326,35 +358,35 @@ pub(super) fn start_broker(
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
         token_store: None,
-    })
-    .map_err(|e| error_chain(&e))?;
-    let (mine, theirs) =
-        carapace_broker::protocol::seqpacket_pair().map_err(|e| format!("socketpair: {e}"))?;
+    })?;
+    let (mine, theirs) = carapace_broker::protocol::seqpacket_pair()
+        .map_err(crate::broker_host::BrokerHostError::Socket)?;
     let who = new_identity(Role::Tool, profile);
     if a.verbose {
         eprintln!("carapace: broker: serving {who} at fd 3");
     }
     if host.peers().serve(mine, who).is_none() {
-        return Err("internal error: the broker has no handler".into());
+        return Err(ExecError::NoHandler);
     }
     Ok((host, theirs))
 }
 
 /// Create/truncate the `--report-json` file, refusing symbolic links in every component.
-pub(super) fn open_report(path: &Path) -> Result<std::fs::File, String> {
+pub(super) fn open_report(path: &Path) -> Result<std::fs::File, ExecError> {
     carapace_sandbox::fds::open_no_symlinks(
         path,
         libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
         0o644,
     )
     .map(std::fs::File::from)
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::ELOOP) => format!(
-            "--report-json {}: a component of the path is a symbolic link; refused (give a \
-             path without links)",
-            path.display()
-        ),
-        _ => format!("--report-json {}: {e}", path.display()),
+    .map_err(|source| match source.raw_os_error() {
+        Some(libc::ELOOP) => ExecError::ReportLink {
+            path: path.to_path_buf(),
+        },
+        _ => ExecError::Report {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 

@@ -82,7 +82,7 @@ pub(super) fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
     let policy = match load_policy(file.as_deref()) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", error_chain(&e));
             return 1;
         }
     };
@@ -93,7 +93,7 @@ pub(super) fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
     let d = match decide(&policy, command, &cwd, workspace.as_deref(), &target) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("carapace: {e}");
+            eprintln!("carapace: {}", error_chain(&e));
             return 1;
         }
     };

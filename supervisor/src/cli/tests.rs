@@ -165,3 +165,62 @@ fn default_policy_is_valid_and_decides() {
     )
     .is_err());
 }
+
+#[test]
+fn decide_and_load_policy_errors_are_typed() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("nope.toml");
+    let e = load_policy(Some(&missing)).unwrap_err();
+    assert!(
+        matches!(&e, DecideError::Read { path, .. } if *path == missing),
+        "{e:?}"
+    );
+    let shown = error_chain(&e);
+    assert!(shown.starts_with("cannot read "), "{shown}");
+    assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+    let p = load_policy(None).unwrap();
+    let target = carapace_sandbox::landlock::target();
+    let e = decide(&p, &[], Path::new("/"), None, &target).unwrap_err();
+    assert!(matches!(e, DecideError::NoProgram), "{e:?}");
+    assert_eq!(e.to_string(), "no program given");
+    let e = decide(
+        &p,
+        &[OsString::from("no-such-prog-xyz")],
+        Path::new("/"),
+        None,
+        &target,
+    )
+    .unwrap_err();
+    assert!(matches!(e, DecideError::Resolve(_)), "{e:?}");
+    use std::os::unix::ffi::OsStringExt as _;
+    let e = decide(
+        &p,
+        &[OsString::from("ls"), OsString::from_vec(vec![0xff])],
+        Path::new("/"),
+        None,
+        &target,
+    )
+    .unwrap_err();
+    assert!(matches!(e, DecideError::NotUtf8 { .. }), "{e:?}");
+    assert!(e.to_string().contains("not valid UTF-8"), "{e}");
+}
+
+#[test]
+fn open_report_refuses_links_and_says_why_not() {
+    let t = tempfile::tempdir().unwrap();
+    let ok = t.path().join("r.json");
+    open_report(&ok).unwrap();
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&ok, &link).unwrap();
+    let e = open_report(&link).unwrap_err();
+    assert!(
+        matches!(&e, ExecError::ReportLink { path } if *path == link),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("symbolic link; refused"), "{e}");
+    let e = open_report(&t.path().join("no/dir/r.json")).unwrap_err();
+    assert!(matches!(e, ExecError::Report { .. }), "{e:?}");
+    let shown = error_chain(&e);
+    assert!(shown.starts_with("--report-json "), "{shown}");
+    assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+}

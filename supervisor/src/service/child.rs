@@ -302,15 +302,18 @@ impl Child {
     }
 
     /// Start the child once and wait for it (in the calling thread, which must outlive it).
-    pub(super) fn run_once(&self, env: &Env<'_>) -> Result<ExitReport, String> {
+    pub(super) fn run_once(&self, env: &Env<'_>) -> Result<ExitReport, ServiceError> {
         let spec = lock(&self.spec).clone();
         let mut plan = env
             .policy
             .compile(&spec.profile, &env.target)
-            .map_err(|d| format!("profile `{}` cannot run here: {d}", spec.profile))?;
+            .map_err(|source| ServiceError::Compile {
+                profile: spec.profile.clone(),
+                source,
+            })?;
         bind_program(&mut plan, &spec.program);
         let brokered = env.policy.broker_view(&spec.profile).is_some();
-        let program = OpenedProgram::open(&spec.program).map_err(|e| e.to_string())?;
+        let program = OpenedProgram::open(&spec.program)?;
         let run = Run {
             name: self.name.clone(),
             landlock_abi: env.target.landlock_abi,
@@ -333,7 +336,7 @@ impl Child {
         };
         let fds = ChildFds::new(brokered)?;
         let listener = self.listener.as_ref().map(|l| l.as_fd());
-        let started = run::start(plan, &run, fds.io(listener)).map_err(|e| error_chain(&e))?;
+        let started = run::start(plan, &run, fds.io(listener))?;
         crate::broker_host::say_limits_once(started.limits());
         let (out_read, err_read, pair) = fds.into_parent_ends();
         let pid = started.pid();
@@ -368,7 +371,7 @@ impl Child {
         if let Err(e) = ended.remove_cgroup() {
             tracing::warn!(child = %self.name, "removing its cgroup: {}", error_chain(&e));
         }
-        ended.report.map_err(|e| error_chain(&e))
+        Ok(ended.report?)
     }
 
     /// The thread body: start, wait, restart with backoff until stopped.
@@ -391,7 +394,7 @@ impl Child {
             let ran = started.elapsed();
             let how = match &outcome {
                 Ok(r) => describe_exit(r),
-                Err(e) => format!("could not start: {e}"),
+                Err(e) => format!("could not start: {}", error_chain(e)),
             };
             if self.stop.load(Ordering::SeqCst) {
                 tracing::info!(child = %self.name, "stopped ({how})");

@@ -44,7 +44,7 @@ impl Service {
 
     /// Reload the configuration (from where it came) and the policy. On any error nothing
     /// changes and the error is returned (and logged).
-    pub(super) fn reload(&self) -> Result<control::ReloadReport, String> {
+    pub(super) fn reload(&self) -> Result<control::ReloadReport, ServiceError> {
         let _one = lock(&self.reloading);
         let _ = self.notifier.reloading();
         let result = self.try_reload();
@@ -55,6 +55,7 @@ impl Service {
                 tracing::info!("reloaded: {}", r.message);
             }
             Err(e) => {
+                let e = error_chain(e);
                 *lock(&self.last_reload_error) = Some(e.clone());
                 tracing::error!(
                     "reload rejected; the previous configuration and policy stay in force: {e}"
@@ -65,11 +66,9 @@ impl Service {
         result
     }
 
-    pub(super) fn try_reload(&self) -> Result<control::ReloadReport, String> {
+    pub(super) fn try_reload(&self) -> Result<control::ReloadReport, ServiceError> {
         let cfg = match &self.config_source {
-            Some(path) => Config::load(Some(path))
-                .map(|(c, _)| c)
-                .map_err(|e| e.to_string())?,
+            Some(path) => Config::load(Some(path)).map(|(c, _)| c)?,
             None => lock(&self.config).clone(),
         };
         let new = load_policy(&cfg)?;
@@ -79,9 +78,7 @@ impl Service {
             specs.push((what, spec_of(c, &exe)?));
         }
         let old_sha = self.shared.policy_in_force().sha256;
-        self.host
-            .reload((*new.policy).clone())
-            .map_err(|e| error_chain(&e))?;
+        self.host.reload((*new.policy).clone())?;
         let sha = new.sha256.clone();
         *write(&self.shared.policy) = new;
         let mut changed = Vec::new();
@@ -250,7 +247,9 @@ impl ControlHandler for Handler {
                 tracing::info!(id = %id, "held message dropped by the operator");
                 Ok(serde_json::json!({ "dropped": id }))
             }
-            Request::Reload => to_value(serde_json::to_value(svc.reload()?)),
+            Request::Reload => to_value(serde_json::to_value(
+                svc.reload().map_err(|e| error_chain(&e))?,
+            )),
             Request::AuditTail { .. } => Err("audit_tail is served by the control server".into()),
         }
     }

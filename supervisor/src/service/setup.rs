@@ -3,34 +3,34 @@
 use super::*;
 
 /// Load the policy a configuration names (the embedded default when it names none).
-pub(super) fn load_policy(cfg: &Config) -> Result<PolicyInForce, String> {
+pub(super) fn load_policy(cfg: &Config) -> Result<PolicyInForce, ServiceError> {
     let (text, name): (String, String) = match cfg.policy.as_slice() {
         [] => (
             crate::embedded::DEFAULT_POLICY.to_string(),
             crate::embedded::DEFAULT_POLICY_NAME.to_string(),
         ),
         [one] => (
-            std::fs::read_to_string(one)
-                .map_err(|e| format!("cannot read {}: {e}", one.display()))?,
+            std::fs::read_to_string(one).map_err(|source| ServiceError::ReadPolicy {
+                path: one.clone(),
+                source,
+            })?,
             one.display().to_string(),
         ),
-        _ => {
-            return Err(
-                "more than one policy file: give one file (profiles can build on each \
-                        other with `extends` inside it)"
-                    .to_string(),
-            )
-        }
+        _ => return Err(ServiceError::ManyPolicies),
     };
-    let policy = Policy::parse(&text, &name).map_err(|d| d.to_string())?;
+    let policy = Policy::parse(&text, &name)?;
     for (what, c) in cfg.children() {
         if !policy.profile_names().contains(&c.profile.as_str()) {
-            return Err(format!(
-                "{what} runs under profile `{}`, which the policy {name} does not define \
-                 (profiles: {})",
-                c.profile,
-                policy.profile_names().join(", ")
-            ));
+            return Err(ServiceError::UnknownProfile {
+                what: what.to_string(),
+                profile: c.profile.clone(),
+                policy: name,
+                profiles: policy
+                    .profile_names()
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
+            });
         }
     }
     let wiring = super::wiring::check(cfg, &policy);
@@ -38,10 +38,10 @@ pub(super) fn load_policy(cfg: &Config) -> Result<PolicyInForce, String> {
         tracing::warn!("{w}");
     }
     if !wiring.errors.is_empty() {
-        return Err(format!(
-            "the channels are not wired to the policy {name}:\n  {}",
-            wiring.errors.join("\n  ")
-        ));
+        return Err(ServiceError::Wiring {
+            policy: name,
+            errors: wiring.errors,
+        });
     }
     Ok(PolicyInForce {
         policy: Arc::new(policy),
@@ -52,10 +52,12 @@ pub(super) fn load_policy(cfg: &Config) -> Result<PolicyInForce, String> {
 }
 
 /// A child's spec from its configuration.
-pub(super) fn spec_of(c: &ChildConfig, exe_dir: &Path) -> Result<Spec, String> {
+pub(super) fn spec_of(c: &ChildConfig, exe_dir: &Path) -> Result<Spec, ServiceError> {
     let program = c.resolve_program(exe_dir);
-    let program = std::fs::canonicalize(&program)
-        .map_err(|e| format!("program {}: {e}", program.display()))?;
+    let program = std::fs::canonicalize(&program).map_err(|source| ServiceError::Program {
+        path: program.clone(),
+        source,
+    })?;
     Ok(Spec {
         program,
         args: c.args.clone(),
@@ -80,17 +82,15 @@ pub(super) fn spec_of(c: &ChildConfig, exe_dir: &Path) -> Result<Spec, String> {
 /// token and show it once — on the terminal when there is one, else in a 0600 file of the state
 /// directory (a token must not land in the journal), the log saying where. Only its hash is
 /// kept in the store.
-pub(super) fn initial_token(state_root: &Path) -> Result<(), String> {
+pub(super) fn initial_token(state_root: &Path) -> Result<(), ServiceError> {
     use carapace_broker::tokens::{Scope, TokenStore};
     use std::io::{IsTerminal as _, Write as _};
     let store = TokenStore::new(state_root.join(crate::paths::TOKENS_FILE));
-    let existing = store.list().map_err(|e| error_chain(&e))?;
+    let existing = store.list()?;
     if !existing.is_empty() {
         return Ok(());
     }
-    let (info, token) = store
-        .create("initial-operator", Scope::Operator)
-        .map_err(|e| error_chain(&e))?;
+    let (info, token) = store.create("initial-operator", Scope::Operator)?;
     if std::io::stderr().is_terminal() {
         eprintln!(
             "\ncarapace: no gateway token existed, so an operator token was created (id {}).\n\
@@ -107,10 +107,18 @@ pub(super) fn initial_token(state_root: &Path) -> Result<(), String> {
         .create_new(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| ServiceError::Io {
+            op: "create",
+            path: path.clone(),
+            source,
+        })?;
     f.write_all(format!("{token}\n").as_bytes())
         .and_then(|()| f.sync_all())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| ServiceError::Io {
+            op: "write",
+            path: path.clone(),
+            source,
+        })?;
     tracing::warn!(
         id = %info.id,
         file = %path.display(),
@@ -127,17 +135,12 @@ pub(super) fn exe_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin"))
 }
 
-/// Create a child's workspace (0700, ours) if missing.
-pub(super) fn ensure_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
-        Ok(()) => Ok(()),
-        Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
-    }
+/// Create a child's workspace (0700, ours) if missing; an existing one must be a directory.
+pub(super) fn ensure_dir(dir: &Path) -> Result<(), ServiceError> {
+    carapace_broker::durable::ensure_dir(dir).map_err(|source| ServiceError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Kill what supervisors that were SIGKILLed left in our cgroup subtree, then remove their

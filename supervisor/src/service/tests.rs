@@ -105,3 +105,77 @@ fn exits_are_described() {
     r.oom_killed = true;
     assert_eq!(describe_exit(&r), "signal=9 (oom)");
 }
+
+/// The embedded configuration with `policy` as its policy files.
+fn config_with_policy(policy: Vec<PathBuf>) -> Config {
+    let (mut cfg, _) = Config::load(None).unwrap();
+    cfg.policy = policy;
+    cfg
+}
+
+#[test]
+fn load_policy_errors_carry_their_cause_once() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("nope.toml");
+    let e = load_policy(&config_with_policy(vec![missing.clone()])).unwrap_err();
+    assert!(
+        matches!(&e, ServiceError::ReadPolicy { path, source }
+            if *path == missing && source.kind() == io::ErrorKind::NotFound),
+        "{e:?}"
+    );
+    let shown = error_chain(&e);
+    assert!(shown.starts_with("cannot read "), "{shown}");
+    assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+
+    let e = load_policy(&config_with_policy(vec![missing.clone(), missing])).unwrap_err();
+    assert!(matches!(e, ServiceError::ManyPolicies), "{e:?}");
+
+    let bad = t.path().join("bad.toml");
+    std::fs::write(&bad, "[profiles.x]\nno_such_key = 1\n").unwrap();
+    let e = load_policy(&config_with_policy(vec![bad])).unwrap_err();
+    assert!(matches!(e, ServiceError::Policy(_)), "{e:?}");
+
+    // The embedded policy defines the embedded configuration's profiles.
+    load_policy(&config_with_policy(Vec::new())).unwrap();
+}
+
+#[test]
+fn spec_of_a_missing_program_names_it() {
+    let (cfg, _) = Config::load(None).unwrap();
+    let Some((_, child)) = cfg.children().next() else {
+        return;
+    };
+    let mut child = child.clone();
+    child.program = "/nonexistent/carapace-test-program".into();
+    let e = spec_of(&child, Path::new("/")).unwrap_err();
+    assert!(
+        matches!(&e, ServiceError::Program { path, .. }
+            if path == Path::new("/nonexistent/carapace-test-program")),
+        "{e:?}"
+    );
+    let shown = error_chain(&e);
+    assert!(
+        shown.starts_with("program /nonexistent/carapace-test-program: "),
+        "{shown}"
+    );
+    assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+}
+
+#[test]
+fn ensure_dir_creates_0700_and_refuses_a_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("a/ws");
+    ensure_dir(&dir).unwrap();
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+    ensure_dir(&dir).unwrap();
+    let file = t.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let e = ensure_dir(&file).unwrap_err();
+    assert!(
+        matches!(&e, ServiceError::CreateDir { path, .. } if *path == file),
+        "{e:?}"
+    );
+    assert!(error_chain(&e).starts_with("cannot create "), "{e}");
+}

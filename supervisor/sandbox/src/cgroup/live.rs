@@ -143,7 +143,7 @@ pub struct RunLimits {
     /// Rootless without a cgroup: why not, and the rlimits that stand in for the cgroup limits
     /// (already merged into the plan). Say it once on stderr / in the log:
     /// [`NO_CGROUP_LINE`].
-    pub fallback: Option<(String, Vec<crate::rlimits::Fallback>)>,
+    pub fallback: Option<(NoDelegation, Vec<crate::rlimits::Fallback>)>,
 }
 
 /// What rootless mode says once when it runs without a cgroup.
@@ -174,7 +174,7 @@ pub fn for_run(
                     fallback: None,
                 })
             }
-            Err(e) => format!("the delegated cgroup {} cannot be used: {e}", dir.display()),
+            Err(source) => NoDelegation::Unusable { dir, source },
         },
         Err(why) => why,
     };

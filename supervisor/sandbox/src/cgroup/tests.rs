@@ -622,11 +622,19 @@ fn rootless_delegation_needs_pure_v2_and_a_writable_own_cgroup() {
         invisible: vec![],
     };
     assert_eq!(
-        delegation_of(&v2, |_| true),
-        Ok(PathBuf::from("/sys/fs/cgroup/user.slice/u"))
+        delegation_of(&v2, |_| true).ok(),
+        Some(PathBuf::from("/sys/fs/cgroup/user.slice/u"))
     );
     let e = delegation_of(&v2, |p| !p.ends_with("cgroup.subtree_control")).unwrap_err();
-    assert!(e.contains("cgroup.subtree_control is not writable"), "{e}");
+    assert!(
+        matches!(&e, NoDelegation::NotWritable { path } if path.ends_with("cgroup.subtree_control")),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("cgroup.subtree_control is not writable"),
+        "{e}"
+    );
     let hybrid = Layout {
         v1: vec![V1Hierarchy {
             controllers: vec!["memory".into()],
@@ -635,14 +643,21 @@ fn rootless_delegation_needs_pure_v2_and_a_writable_own_cgroup() {
         ..v2.clone()
     };
     let e = delegation_of(&hybrid, |_| true).unwrap_err();
-    assert!(e.contains("v1 controllers in use (memory)"), "{e}");
+    assert!(
+        matches!(&e, NoDelegation::V1InUse { controllers } if controllers == &["memory"]),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("v1 controllers in use (memory)"),
+        "{e}"
+    );
     let none = Layout {
         unified: None,
         ..v2
     };
-    assert!(delegation_of(&none, |_| true)
-        .unwrap_err()
-        .contains("no cgroup v2"));
+    let e = delegation_of(&none, |_| true).unwrap_err();
+    assert!(matches!(e, NoDelegation::NoV2), "{e:?}");
+    assert!(e.to_string().contains("no cgroup v2"), "{e}");
     // This machine (hybrid, see the module docs): never delegated.
     if Layout::cached().is_ok_and(|l| !l.v1.is_empty()) {
         assert!(rootless_delegation().is_err());
@@ -666,7 +681,8 @@ fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
         .unwrap();
         assert!(l.cgroup.is_none());
         let (why, added) = l.fallback.unwrap();
-        assert!(why.contains("v1"), "{why}");
+        assert!(matches!(why, NoDelegation::V1InUse { .. }), "{why:?}");
+        assert!(why.to_string().contains("v1"), "{why}");
         assert_eq!(added.len(), 3);
         assert_eq!(plan.cgroup, CgroupLimits::default());
         assert!(plan

@@ -305,11 +305,22 @@ fn program_must_be_in_an_exec_mount() {
         })
     );
     let e = program_inside(&views, Path::new("/home/u/proj/evil")).unwrap_err();
-    assert!(e.contains("not executable"), "{e}");
+    assert!(
+        matches!(&e, ProgramOutside::NotExecutable { mount, .. } if mount == Path::new("/workspace")),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("not executable"), "{e}");
     let e = program_inside(&views, Path::new("/opt/x")).unwrap_err();
-    assert!(e.contains("not visible"), "{e}");
+    assert_eq!(
+        e,
+        ProgramOutside::NotVisible {
+            program: PathBuf::from("/opt/x")
+        }
+    );
+    assert!(e.to_string().contains("not visible"), "{e}");
     let e = program_inside(&views, Path::new("/usr/local/bin/x")).unwrap_err();
-    assert!(e.contains("hidden"), "{e}");
+    assert!(matches!(e, ProgramOutside::Hidden { .. }), "{e:?}");
+    assert!(e.to_string().contains("hidden"), "{e}");
 }
 
 #[test]

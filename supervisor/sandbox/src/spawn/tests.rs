@@ -58,17 +58,30 @@ fn how_a_program_is_executed_and_what_the_profile_must_allow_for_it() {
     no_proc.mounts.retain(|m| !matches!(m, Mount::Proc { .. }));
     check_exec(&no_proc, &elf, Exec::Fd).unwrap();
     check_exec(&no_proc, &script, Exec::ScriptPath).unwrap();
-    let e = check_exec(&no_proc, &script, Exec::ScriptFd)
-        .unwrap_err()
-        .to_string();
+    let e = check_exec(&no_proc, &script, Exec::ScriptFd).unwrap_err();
+    assert!(
+        matches!(&e, SpawnError::ScriptNeedsDevFd { program, profile }
+            if program == script.path() && *profile == plan.profile),
+        "{e:?}"
+    );
+    let e = e.to_string();
     assert!(e.contains("/dev/fd/N") && e.contains("proc"), "{e}");
 
     // The syscall that starts the program must get through the filter.
     let mut no_execveat = plan.clone();
     no_execveat.seccomp.allowed.retain(|s| s != "execveat");
-    let e = check_exec(&no_execveat, &elf, Exec::Fd)
-        .unwrap_err()
-        .to_string();
+    let e = check_exec(&no_execveat, &elf, Exec::Fd).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            SpawnError::ExecNotAllowed {
+                syscall: "execveat",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = e.to_string();
     assert!(e.contains("execveat"), "{e}");
     check_exec(&no_execveat, &script, Exec::ScriptPath).unwrap();
     let mut no_execve = plan.clone();
