@@ -360,8 +360,9 @@ pub fn say_limits_once(limits: &Limits) {
                 .map(carapace_sandbox::rlimits::fallback_words)
                 .collect();
             tracing::warn!(
-                "{} ({why}; {})",
+                "{} ({}; {})",
                 cgroup::NO_CGROUP_LINE.trim_start_matches("carapace: "),
+                crate::errors::error_chain(why),
                 words.join(", ")
             );
         }

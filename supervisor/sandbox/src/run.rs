@@ -44,13 +44,16 @@ pub struct Run {
 }
 
 /// Where the run's cgroup limits are enforced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Limits {
     /// In the run's own cgroup (as root; rootless, beneath a delegated cgroup).
     Cgroup { name: String },
     /// Rootless without a usable delegated cgroup: why not, and the rlimits that stand in for
     /// the cgroup limits (see [`cgroup::NO_CGROUP_LINE`]).
-    Rlimits { why: String, added: Vec<Fallback> },
+    Rlimits {
+        why: cgroup::NoDelegation,
+        added: Vec<Fallback>,
+    },
 }
 
 /// How long each step took, for `carapace exec -v` and the benchmarks.
@@ -160,22 +163,13 @@ fn choose_cgroup(run: &Run, plan: &mut Plan) -> Result<(Option<Arc<Cgroup>>, Lim
             None => {}
         }
     }
-    let chosen = cgroup::for_run(&cgroup::unique_name(&run.name), plan, privilege)?;
-    let limits = match (&chosen.cgroup, chosen.fallback) {
-        (Some(c), _) => Limits::Cgroup {
-            name: c.name().to_string(),
-        },
-        // The summary carries the reason in words, as shown to the operator.
-        (None, Some((why, added))) => Limits::Rlimits {
-            why: why.to_string(),
-            added,
-        },
-        (None, None) => Limits::Rlimits {
-            why: "no cgroup".to_string(),
-            added: Vec::new(),
-        },
-    };
-    Ok((chosen.cgroup.map(Arc::new), limits))
+    match cgroup::for_run(&cgroup::unique_name(&run.name), plan, privilege)? {
+        cgroup::RunLimits::Cgroup(c) => {
+            let name = c.name().to_string();
+            Ok((Some(Arc::new(c)), Limits::Cgroup { name }))
+        }
+        cgroup::RunLimits::Rlimits { why, added } => Ok((None, Limits::Rlimits { why, added })),
+    }
 }
 
 impl Started {
@@ -284,9 +278,10 @@ mod tests {
         let ws = tempfile::tempdir().unwrap();
         let run = true_run(Privilege::Root, ws.path());
         let started = start(tool_plan(), &run, ChildIo::default()).unwrap();
-        let Limits::Cgroup { name } = started.limits().clone() else {
+        let Limits::Cgroup { name } = started.limits() else {
             panic!("a root run without a cgroup: {:?}", started.limits());
         };
+        let name = name.clone();
         // A per-run identity, never root.
         assert!(started.launch().host_ids().uid >= AUTO_BASE);
         let held = started.cgroup().cloned().expect("the run's cgroup");
@@ -332,10 +327,10 @@ mod tests {
             }
             (Err(not), Limits::Rlimits { why, added }) => {
                 assert!(cg.is_none());
-                assert_eq!(why, not);
+                assert_eq!(why.to_string(), not.to_string());
                 if cgroup::Layout::cached().is_ok_and(|l| !l.v1.is_empty()) {
                     // Hosts with v1 controllers never delegate them to a user.
-                    assert!(why.contains("v1"), "{why}");
+                    assert!(matches!(why, cgroup::NoDelegation::V1InUse { .. }), "{why}");
                 }
                 assert!(!added.is_empty());
                 assert_eq!(plan.cgroup, carapace_policy::plan::CgroupLimits::default());

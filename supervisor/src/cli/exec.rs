@@ -320,7 +320,7 @@ pub(super) fn say_limits(limits: &Limits, privilege: Privilege, verbose: bool) {
         Limits::Rlimits { why, added } => {
             eprintln!("{}", cgroup::NO_CGROUP_LINE);
             if verbose {
-                eprintln!("carapace: rootless: {why}");
+                eprintln!("carapace: rootless: {}", error_chain(why));
                 for f in added {
                     eprintln!(
                         "carapace: rootless: {} instead of {}",

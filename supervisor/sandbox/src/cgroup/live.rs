@@ -135,15 +135,18 @@ pub(super) fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// The limits of one run: its cgroup, or (rootless mode without a usable delegated cgroup) none,
-/// with the plan's cgroup limits turned into rlimits ([`for_run`]).
+/// Where the cgroup limits of one run are enforced ([`for_run`]).
 #[derive(Debug)]
-pub struct RunLimits {
-    pub cgroup: Option<Cgroup>,
-    /// Rootless without a cgroup: why not, and the rlimits that stand in for the cgroup limits
-    /// (already merged into the plan). Say it once on stderr / in the log:
-    /// [`NO_CGROUP_LINE`].
-    pub fallback: Option<(NoDelegation, Vec<crate::rlimits::Fallback>)>,
+pub enum RunLimits {
+    /// In the run's own cgroup.
+    Cgroup(Cgroup),
+    /// Rootless mode without a usable delegated cgroup: why not, and the rlimits that stand in
+    /// for the cgroup limits (already merged into the plan). Say it once on stderr / in the
+    /// log: [`NO_CGROUP_LINE`].
+    Rlimits {
+        why: NoDelegation,
+        added: Vec<crate::rlimits::Fallback>,
+    },
 }
 
 /// What rootless mode says once when it runs without a cgroup.
@@ -154,35 +157,24 @@ pub const NO_CGROUP_LINE: &str =
 /// either mode. Call it BEFORE `Launch::prepare` (it may change `plan.rlimits`). As root: the
 /// cgroup, or the error (fail closed). Rootless: the cgroup when one is delegated to us and
 /// usable ([`rootless_delegation`]); otherwise no cgroup, and `plan`'s cgroup limits become
-/// rlimits ([`crate::rlimits::cgroup_fallback`]). Spawn and wait with `limits.cgroup.as_ref()`.
+/// rlimits ([`crate::rlimits::cgroup_fallback`]).
 pub fn for_run(
     name: &str,
     plan: &mut carapace_policy::Plan,
     privilege: crate::Privilege,
 ) -> Result<RunLimits, CgroupError> {
     if privilege.is_root() {
-        return Ok(RunLimits {
-            cgroup: Some(Cgroup::create(name, &plan.cgroup)?),
-            fallback: None,
-        });
+        return Ok(RunLimits::Cgroup(Cgroup::create(name, &plan.cgroup)?));
     }
     let why = match rootless_delegation() {
         Ok(dir) => match Cgroup::create(name, &plan.cgroup) {
-            Ok(c) => {
-                return Ok(RunLimits {
-                    cgroup: Some(c),
-                    fallback: None,
-                })
-            }
+            Ok(c) => return Ok(RunLimits::Cgroup(c)),
             Err(source) => NoDelegation::Unusable { dir, source },
         },
         Err(why) => why,
     };
     let added = crate::rlimits::cgroup_fallback(plan);
-    Ok(RunLimits {
-        cgroup: None,
-        fallback: Some((why, added)),
-    })
+    Ok(RunLimits::Rlimits { why, added })
 }
 
 /// The ways [`Cgroup::kill_all`] empties a cgroup, in the order it tries them.

@@ -679,8 +679,9 @@ fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
             crate::Privilege::Rootless(crate::namespaces::own_ids()),
         )
         .unwrap();
-        assert!(l.cgroup.is_none());
-        let (why, added) = l.fallback.unwrap();
+        let RunLimits::Rlimits { why, added } = l else {
+            panic!("a cgroup delegated on a host with v1 controllers: {l:?}");
+        };
         assert!(matches!(why, NoDelegation::V1InUse { .. }), "{why:?}");
         assert!(why.to_string().contains("v1"), "{why}");
         assert_eq!(added.len(), 3);
@@ -695,9 +696,11 @@ fn for_run_falls_back_to_rlimits_rootless_and_creates_as_root() {
     }
     let mut plan = compiled.clone();
     let l = for_run(&unique_name("test"), &mut plan, crate::Privilege::Root).unwrap();
-    assert!(l.fallback.is_none());
+    let RunLimits::Cgroup(cg) = l else {
+        panic!("root mode without a cgroup: {l:?}");
+    };
     assert_eq!(plan, compiled, "root mode leaves the plan alone");
-    l.cgroup.unwrap().remove().unwrap();
+    cg.remove().unwrap();
 }
 
 fn privileged() -> bool {
