@@ -1,4 +1,5 @@
-//! What the policy decides for a command line: load the policy, resolve the program, evaluate the rules, compile the chosen profile.
+//! What the policy decides for a command line: load the policy, resolve the program, evaluate the
+//! rules, compile the chosen profile.
 
 use super::*;
 

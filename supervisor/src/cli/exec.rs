@@ -1,4 +1,5 @@
-//! `carapace exec`: decide, ask on the terminal where the policy says ask, then one confined run (through the sandbox's one run path), its broker served by this process while it runs.
+//! `carapace exec`: decide, ask on the terminal where the policy says ask, then one confined run
+//! (through the sandbox's one run path), its broker served by this process while it runs.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! One configured child (the gateway, a channel adapter): its spec, its live state, and the thread that starts it through the one run path, waits for it and restarts it with backoff.
+//! One configured child (the gateway, a channel adapter): its spec, its live state, and the thread
+//! that starts it through the one run path, waits for it and restarts it with backoff.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! What the service answers: status, reload, approvals, stopping the children; the control socket's handler.
+//! What the service answers: status, reload, approvals, stopping the children; the control socket's
+//! handler.
 
 use super::*;
 

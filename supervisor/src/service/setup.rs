@@ -1,4 +1,5 @@
-//! The steps of a start that are not the sequence itself: loading the policy, the children's specs, the first operator token, leftovers of a killed supervisor, what cgroups give us.
+//! The steps of a start that are not the sequence itself: loading the policy, the children's specs,
+//! the first operator token, leftovers of a killed supervisor, what cgroups give us.
 
 use super::*;
 

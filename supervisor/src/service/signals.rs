@@ -1,4 +1,5 @@
-//! Signals: handlers that only write the signal number into a pipe (a self-pipe, async-signal-safe); the main thread reads it.
+//! Signals: handlers that only write the signal number into a pipe (a self-pipe, async-signal-
+//! safe); the main thread reads it.
 
 use super::*;
 

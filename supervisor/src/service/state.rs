@@ -1,4 +1,5 @@
-//! What the children's threads and the control socket share: the policy in force, the running service.
+//! What the children's threads and the control socket share: the policy in force, the running
+//! service.
 
 use super::*;
 

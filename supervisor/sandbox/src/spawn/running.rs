@@ -1,0 +1,191 @@
+//! A started program: waiting for it (bounded by its wall time, killing the tree on timeout or on a
+//! termination signal), reaping it, its exit report.
+
+use super::*;
+
+/// A started program.
+#[derive(Debug)]
+pub struct Running {
+    pub(super) pid: libc::pid_t,
+    pub(super) pidfd: OwnedFd,
+    /// Read end of the init's status pipe: the program's raw wait status.
+    pub(super) status: OwnedFd,
+    pub(super) started: Instant,
+    pub(super) reaped: bool,
+}
+
+impl Running {
+    /// Host pid of the sandbox's init (pid 1 of its namespace; the program is its child).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    pub(super) fn kill(&self) {
+        // SAFETY: signalling our own child through its pidfd (no pid reuse race).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0 as libc::c_uint,
+            )
+        };
+    }
+
+    pub(super) fn kill_and_reap(mut self) {
+        self.kill();
+        let _ = self.reap();
+    }
+
+    pub(super) fn reap(&mut self) -> Result<(i32, libc::rusage), SpawnError> {
+        let mut status = 0;
+        // SAFETY: all-zero is a valid rusage.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: waiting for our own child with valid out pointers.
+            let r = unsafe { libc::wait4(self.pid, &mut status, libc::__WALL, &mut ru) };
+            if r == self.pid {
+                self.reaped = true;
+                return Ok((status, ru));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(SpawnError::Sys {
+                    syscall: "wait4",
+                    source: e,
+                });
+            }
+        }
+    }
+
+    /// Wait for the program, killing the whole tree when `wall_time` runs out.
+    pub fn wait(
+        mut self,
+        wall_time: Option<Duration>,
+        cgroup: Option<&Cgroup>,
+    ) -> Result<ExitReport, SpawnError> {
+        let deadline = wall_time.map(|w| self.started + w);
+        let mut timed_out = false;
+        let mut killed = false;
+        // Wait with the termination signals unblocked (see handle_termination_signals).
+        // SAFETY: reading the current mask into a local sigset.
+        let wait_mask = unsafe {
+            let mut m: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut m);
+            for sig in TERMINATION_SIGNALS {
+                libc::sigdelset(&mut m, sig);
+            }
+            m
+        };
+        loop {
+            let timeout_ms: libc::c_int = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    // Round up so we never wake early and spin.
+                    let ms = left.as_micros().div_ceil(1000);
+                    libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ts = libc::timespec {
+                tv_sec: libc::time_t::from(timeout_ms / 1000),
+                tv_nsec: libc::c_long::from(timeout_ms % 1000) * 1_000_000,
+            };
+            let ts_ptr = if timeout_ms < 0 {
+                std::ptr::null()
+            } else {
+                &ts as *const libc::timespec
+            };
+            // SAFETY: one valid pollfd, a valid timespec or NULL, a valid sigset.
+            let r = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, &wait_mask) };
+            if r > 0 {
+                break;
+            }
+            if r == 0 {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    timed_out = true;
+                    self.kill();
+                    if let Some(cg) = cgroup {
+                        // The pid namespace dies with its pid 1; the cgroup kill is the
+                        // belt to those braces. Failure here must not hide the timeout.
+                        if let Err(e) = cg.kill_all() {
+                            tracing::warn!("cgroup kill after timeout: {e}");
+                        }
+                    }
+                    break;
+                }
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(SpawnError::Sys {
+                    syscall: "ppoll(pidfd)",
+                    source: e,
+                });
+            }
+            if interrupted().is_some() && !killed {
+                killed = true;
+                self.kill();
+                if let Some(cg) = cgroup {
+                    if let Err(e) = cg.kill_all() {
+                        tracing::warn!("cgroup kill after interrupt: {e}");
+                    }
+                }
+            }
+        }
+        let (init_status, ru) = self.reap()?;
+        // The program's own status, as the sandbox's init saw it; else the init's (killed by
+        // us on timeout, or died before the program was started).
+        let mut b = [0u8; 4];
+        let status = match fds::read_full(&self.status, &mut b, "init status pipe") {
+            Ok(4) => i32::from_ne_bytes(b),
+            _ => init_status,
+        };
+        let wall = self.started.elapsed();
+        let stats = cgroup.map(|c| c.stats()).unwrap_or_default();
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+        };
+        let cpu = stats
+            .cpu_usage_ns
+            .map(Duration::from_nanos)
+            .unwrap_or_else(|| tv(ru.ru_utime) + tv(ru.ru_stime));
+        let peak_mem = stats.peak_memory_bytes.unwrap_or_else(|| {
+            u64::try_from(ru.ru_maxrss)
+                .unwrap_or(0)
+                .saturating_mul(1024)
+        });
+        let (code, signal) = if libc::WIFEXITED(status) {
+            (Some(libc::WEXITSTATUS(status)), None)
+        } else if libc::WIFSIGNALED(status) {
+            (None, Some(libc::WTERMSIG(status)))
+        } else {
+            (None, None)
+        };
+        Ok(ExitReport {
+            code,
+            signal,
+            wall,
+            cpu,
+            peak_mem,
+            oom_killed: stats.oom_killed,
+            timed_out,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+            let _ = self.reap();
+        }
+    }
+}
