@@ -10,10 +10,10 @@
 //!    runtime, binds the listening sockets of the gateway (or takes it from systemd socket
 //!    activation) and of webhook channels, and the control socket;
 //! 4. starts each configured child (the gateway, channel adapters) as a confined child with
-//!    its own broker socket (fd 3) and, where it has one, its listener (fd 4), through exactly
-//!    the spawn path of `carapace exec`. Each child has a thread of its own that forks it
-//!    (`PR_SET_PDEATHSIG` is tied to the forking thread) and waits for it, and restarts it with
-//!    exponential backoff; a crash loop stops the restarts and says so;
+//!    its own broker socket (fd 3) and, where it has one, its listener (fd 4), through the
+//!    sandbox's one run path, like `carapace exec`. Each child has a thread of its own that
+//!    forks it (`PR_SET_PDEATHSIG` is tied to the forking thread) and waits for it, and
+//!    restarts it with exponential backoff; a crash loop stops the restarts and says so;
 //! 5. says READY=1 and then waits for signals: SIGHUP (or `carapace reload`) reloads the
 //!    configuration and the policy — an invalid one is rejected with its errors logged and
 //!    the old one stays in force; a valid one applies to new requests at once (children are

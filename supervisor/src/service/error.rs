@@ -15,7 +15,7 @@ use carapace_policy::Diagnostics;
 use carapace_sandbox::program::ProgramError;
 use carapace_sandbox::spawn::SpawnError;
 
-/// Errors of the service ([`crate::service::run`] shows them).
+/// Errors of the service ([`crate::service::run()`] shows them).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     /// The configuration (re)read on a reload.

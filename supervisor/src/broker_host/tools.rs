@@ -1,0 +1,396 @@
+//! The tools a child asks the broker to run: each started on a thread of its own through the
+//! sandbox's one run path, its stdout and stderr handed back as pipes, its own broker socket when
+//! its profile has one; killed when the broker shuts down.
+
+use super::*;
+
+/// The broker's summary of an exit report.
+pub fn exit_summary(r: &ExitReport) -> ExitSummary {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    ExitSummary {
+        exit: r.exit_code(),
+        code: r.code,
+        signal: r.signal,
+        wall_ms: ms(r.wall),
+        cpu_ms: ms(r.cpu),
+        peak_mem: r.peak_mem,
+        oom: r.oom_killed,
+        timeout: r.timed_out,
+    }
+}
+
+/// A report for a tool that could not be started or waited for (exit 126).
+pub(super) fn setup_failure() -> ExitReport {
+    ExitReport {
+        code: Some(EXIT_SETUP),
+        signal: None,
+        wall: Duration::ZERO,
+        cpu: Duration::ZERO,
+        peak_mem: 0,
+        oom_killed: false,
+        timed_out: false,
+    }
+}
+
+/// What every tool spawned for the broker shares.
+#[derive(Debug)]
+pub struct ToolContext {
+    /// The policy at start. A tool is compiled from the policy its request was decided under
+    /// ([`SpawnRequest::policy`]), which after a reload is a newer one.
+    pub policy: Arc<Policy>,
+    pub target: Target,
+    /// Root or rootless, decided once when the supervisor started.
+    pub privilege: Privilege,
+    /// `Fixed` ids are used as given; `Auto` gives each tool `AUTO_BASE + tid` of its thread.
+    pub run_as: RunAs,
+    /// The supervisor's environment, the source of each profile's `env.pass`.
+    pub env: Vec<(OsString, OsString)>,
+    /// Workspace used when a request names none.
+    pub workspace: Option<PathBuf>,
+    /// The tools running now (killed when the broker shuts down).
+    pub live: ToolRegistry,
+}
+
+/// The tools started for the broker that are still running: their pidfds (signalling through
+/// a pidfd cannot hit a recycled pid) and their threads.
+#[derive(Debug, Default)]
+pub struct ToolRegistry {
+    pidfds: std::sync::Mutex<Vec<(u64, OwnedFd)>>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    next: AtomicU64,
+    closed: AtomicBool,
+}
+
+pub(super) fn pidfd_kill(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: pidfd_send_signal on a pidfd we own; harmless (ESRCH) once the process is gone.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+}
+
+impl ToolRegistry {
+    /// Track the tool whose sandbox init is `pid` (our child, not yet reaped). None when the
+    /// registry is closed: the tool was killed at once.
+    pub(super) fn register(&self, pid: libc::pid_t) -> Option<u64> {
+        // SAFETY: pidfd_open on our own unreaped child; returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: pidfd_open succeeded: the fd is ours alone.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let mut v = lock(&self.pidfds);
+        if self.closed.load(Ordering::SeqCst) {
+            pidfd_kill(&fd);
+            return None;
+        }
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        v.push((key, fd));
+        Some(key)
+    }
+
+    pub(super) fn deregister(&self, key: u64) {
+        lock(&self.pidfds).retain(|(k, _)| *k != key);
+    }
+
+    pub(super) fn add_thread(&self, t: std::thread::JoinHandle<()>) {
+        let mut v = lock(&self.threads);
+        v.retain(|t| !t.is_finished());
+        v.push(t);
+    }
+
+    /// Refuse new tools, kill every running one, and wait (up to `grace`) for their threads to
+    /// reap them and remove their cgroups. Returns how many were killed.
+    pub fn kill_all(&self, grace: Duration) -> usize {
+        let n = {
+            let v = lock(&self.pidfds);
+            self.closed.store(true, Ordering::SeqCst);
+            for (_, fd) in v.iter() {
+                pidfd_kill(fd);
+            }
+            v.len()
+        };
+        let deadline = std::time::Instant::now() + grace;
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        n
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Rootless without a usable delegated cgroup: say so once in the log, with the rlimits that
+/// stand in for the cgroup limits.
+pub fn say_limits_once(limits: &Limits) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if let Limits::Rlimits { why, added } = limits {
+        if !SAID.swap(true, Ordering::SeqCst) {
+            let words: Vec<String> = added
+                .iter()
+                .map(carapace_sandbox::rlimits::fallback_words)
+                .collect();
+            tracing::warn!(
+                "{} ({}; {})",
+                cgroup::NO_CGROUP_LINE.trim_start_matches("carapace: "),
+                crate::errors::error_chain(why),
+                words.join(", ")
+            );
+        }
+    }
+}
+
+/// The descriptors a confined child gets at 0..=3: stdin `/dev/null`, stdout and stderr pipes
+/// whose read ends the supervisor keeps, and (brokered) a broker socketpair.
+#[derive(Debug)]
+pub struct ChildFds {
+    null: std::fs::File,
+    out: Pipe,
+    err: Pipe,
+    pair: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// The supervisor's ends once the child is started: the read ends of its stdout and stderr,
+/// and its own end of the broker socket.
+pub type ParentEnds = (OwnedFd, OwnedFd, Option<OwnedFd>);
+
+impl ChildFds {
+    pub fn new(brokered: bool) -> Result<ChildFds, BrokerHostError> {
+        let out = Pipe::new("child stdout")?;
+        let err = Pipe::new("child stderr")?;
+        let null = std::fs::File::open("/dev/null").map_err(|source| BrokerHostError::Io {
+            syscall: "open",
+            path: PathBuf::from("/dev/null"),
+            source,
+        })?;
+        let pair = if brokered {
+            Some(carapace_broker::protocol::seqpacket_pair().map_err(BrokerHostError::Socket)?)
+        } else {
+            None
+        };
+        Ok(ChildFds {
+            null,
+            out,
+            err,
+            pair,
+        })
+    }
+
+    /// What `Launch::spawn_with` places in the child (the listener, if any, at fd 4).
+    pub fn io<'a>(&'a self, listener: Option<std::os::fd::BorrowedFd<'a>>) -> ChildIo<'a> {
+        ChildIo {
+            stdin: Some(self.null.as_fd()),
+            stdout: Some(self.out.write.as_fd()),
+            stderr: Some(self.err.write.as_fd()),
+            broker: self.pair.as_ref().map(|(_, theirs)| theirs.as_fd()),
+            listener,
+        }
+    }
+
+    /// After the spawn: close the child's ends here (so a reader sees EOF when the child is
+    /// gone) and keep ours.
+    pub fn into_parent_ends(self) -> ParentEnds {
+        (
+            self.out.read,
+            self.err.read,
+            self.pair.map(|(mine, _theirs)| mine),
+        )
+    }
+}
+
+/// A tool started for the broker.
+pub struct ToolRun {
+    /// Read ends of the tool's stdout and stderr pipes.
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// The broker's end of the tool's own broker socket, when its profile has a broker section.
+    pub broker: Option<OwnedFd>,
+    /// The profile it runs under.
+    pub profile: String,
+    /// Blocks until the tool has exited and its cgroup is gone; its exit report.
+    pub wait: Box<dyn FnOnce() -> ExitReport + Send>,
+}
+
+impl std::fmt::Debug for ToolRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolRun")
+            .field("stdout", &self.stdout)
+            .field("stderr", &self.stderr)
+            .field("broker", &self.broker)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), ToolError>;
+
+/// Start `program` (opened at its canonical host path, already allowed by the policy for
+/// `profile`; this very file is started, see [`carapace_sandbox::spawn`]) with
+/// `argv0` and `args` confined in `profile`, exactly as `carapace exec` would, in a cgroup of
+/// its own. Returns once the program has exec'd (or failed to start).
+pub fn spawn_tool(
+    ctx: &Arc<ToolContext>,
+    policy: Arc<Policy>,
+    program: Arc<OpenedProgram>,
+    argv0: &str,
+    args: &[String],
+    profile: &str,
+    workspace: Option<&Path>,
+) -> Result<ToolRun, ToolError> {
+    let (started_tx, started_rx) = mpsc::channel::<Started>();
+    let (done_tx, done_rx) = mpsc::channel::<ExitReport>();
+    let outer = ctx;
+    let ctx = ctx.clone();
+    let argv0 = OsString::from(argv0);
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    let profile_s = profile.to_string();
+    let workspace = workspace.map(Path::to_path_buf).or(ctx.workspace.clone());
+    if ctx.live.is_closed() {
+        return Err(ToolError::ShuttingDown);
+    }
+    let thread = std::thread::Builder::new()
+        .name("carapace-tool".into())
+        .spawn(move || {
+            let plan = match policy.compile(&profile_s, &ctx.target) {
+                Ok(p) => p,
+                Err(source) => {
+                    let _ = started_tx.send(Err(ToolError::Compile {
+                        profile: profile_s,
+                        source,
+                    }));
+                    return;
+                }
+            };
+            let brokered = policy.broker_view(&profile_s).is_some();
+            let fds = match ChildFds::new(brokered) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            let run = Run {
+                name: "tool".to_string(),
+                landlock_abi: ctx.target.landlock_abi,
+                options: LaunchOptions {
+                    program,
+                    argv0,
+                    args,
+                    workspace,
+                    privilege: ctx.privilege,
+                    run_as: ctx.run_as,
+                    env: ctx.env.clone(),
+                    broker: brokered,
+                    listener: false,
+                    supervisor_env: Vec::new(),
+                },
+            };
+            let started = match run::start(plan, &run, fds.io(None)) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            say_limits_once(started.limits());
+            let (out_read, err_read, mine) = fds.into_parent_ends();
+            let key = ctx.live.register(started.pid());
+            let _ = started_tx.send(Ok((out_read, err_read, mine)));
+            let mut ended = started.wait();
+            if let Some(k) = key {
+                ctx.live.deregister(k);
+            }
+            if let Err(e) = ended.remove_cgroup() {
+                tracing::warn!(
+                    "removing a tool's cgroup: {}",
+                    crate::errors::error_chain(&e)
+                );
+            }
+            let report = ended.report.unwrap_or_else(|e| {
+                tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(&e));
+                setup_failure()
+            });
+            // A termination signal meant for the supervisor may have been taken by this
+            // thread's wait (which unblocks them) instead of the main thread's: pass it on, so
+            // that the main wait kills the main sandbox too.
+            if let Some(sig) = carapace_sandbox::spawn::interrupted() {
+                // SAFETY: signalling our own process.
+                unsafe { libc::kill(libc::getpid(), sig) };
+            }
+            let _ = done_tx.send(report);
+        })
+        .map_err(|source| ToolError::Thread { source })?;
+    outer.live.add_thread(thread);
+    let (stdout, stderr, broker) = started_rx.recv().map_err(|_| ToolError::ThreadEnded)??;
+    Ok(ToolRun {
+        stdout,
+        stderr,
+        broker,
+        profile: profile.to_string(),
+        wait: Box::new(move || done_rx.recv().unwrap_or_else(|_| setup_failure())),
+    })
+}
+
+/// [`spawn_tool`] as the broker's [`Spawner`]; a tool whose profile has a broker section gets
+/// its own socket, served with a new identity (role `tool`, its profile).
+#[derive(Debug)]
+pub struct SupervisorSpawner {
+    pub ctx: Arc<ToolContext>,
+    pub peers: PeerServer,
+}
+
+impl Spawner for SupervisorSpawner {
+    fn workspace(&self) -> Option<PathBuf> {
+        self.ctx
+            .workspace
+            .as_ref()
+            .and_then(|w| std::fs::canonicalize(w).ok())
+    }
+
+    fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
+        let fail = |message: String| SpawnFailure { message };
+        let program_s = req.program.path().to_string_lossy().into_owned();
+        let (argv0, args) = match req.argv.split_first() {
+            Some((a0, rest)) => (a0.as_str(), rest),
+            None => (program_s.as_str(), &[][..]),
+        };
+        let run = spawn_tool(
+            &self.ctx,
+            req.policy.clone(),
+            req.program.clone(),
+            argv0,
+            args,
+            &req.profile,
+            req.workspace.as_deref(),
+        )
+        // The broker protocol carries the failure as text.
+        .map_err(|e| fail(crate::errors::error_chain(&e)))?;
+        if let Some(fd) = run.broker {
+            let who = new_identity(Role::Tool, &run.profile);
+            if self.peers.serve(fd, who).is_none() {
+                tracing::warn!("a tool's broker socket could not be served (no handler)");
+            }
+        }
+        let wait = run.wait;
+        Ok(SpawnHandle {
+            stdout: run.stdout,
+            stderr: run.stderr,
+            wait: Box::new(move || exit_summary(&wait())),
+        })
+    }
+}
