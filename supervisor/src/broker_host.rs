@@ -56,7 +56,7 @@ use carapace_sandbox::program::OpenedProgram;
 use carapace_sandbox::cgroup;
 use carapace_sandbox::fds::Pipe;
 use carapace_sandbox::namespaces::RunAs;
-use carapace_sandbox::report::{ExitReport, EXIT_SETUP};
+use carapace_sandbox::report::ExitReport;
 use carapace_sandbox::run::{self, Limits, Run};
 use carapace_sandbox::spawn::{ChildIo, LaunchOptions};
 use carapace_sandbox::Privilege;
@@ -418,7 +418,7 @@ mod tests {
         assert_eq!(s.code, None);
         assert_eq!((s.wall_ms, s.cpu_ms, s.peak_mem), (1500, 20, 4096));
         assert!(s.oom && !s.timeout);
-        assert_eq!(exit_summary(&setup_failure()).exit, 126);
+        assert_eq!(exit_summary(&ExitReport::setup_failure()).exit, 126);
     }
 
     #[test]

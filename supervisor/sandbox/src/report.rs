@@ -28,6 +28,20 @@ pub const EXIT_DENIED: i32 = 125;
 pub const EXIT_SETUP: i32 = 126;
 
 impl ExitReport {
+    /// The report of a program that could not be started or waited for: exit 126, nothing
+    /// measured.
+    pub fn setup_failure() -> ExitReport {
+        ExitReport {
+            code: Some(EXIT_SETUP),
+            signal: None,
+            wall: Duration::ZERO,
+            cpu: Duration::ZERO,
+            peak_mem: 0,
+            oom_killed: false,
+            timed_out: false,
+        }
+    }
+
     /// The exit code `carapace exec` returns: the program's own; 128+N for signal N; 124 when
     /// the wall-time limit killed it.
     pub fn exit_code(&self) -> i32 {
@@ -112,12 +126,10 @@ mod tests {
     fn base() -> ExitReport {
         ExitReport {
             code: Some(0),
-            signal: None,
             wall: Duration::from_millis(12),
             cpu: Duration::from_millis(3),
             peak_mem: 4096,
-            oom_killed: false,
-            timed_out: false,
+            ..ExitReport::setup_failure()
         }
     }
 

@@ -19,19 +19,6 @@ pub fn exit_summary(r: &ExitReport) -> ExitSummary {
     }
 }
 
-/// A report for a tool that could not be started or waited for (exit 126).
-pub(super) fn setup_failure() -> ExitReport {
-    ExitReport {
-        code: Some(EXIT_SETUP),
-        signal: None,
-        wall: Duration::ZERO,
-        cpu: Duration::ZERO,
-        peak_mem: 0,
-        oom_killed: false,
-        timed_out: false,
-    }
-}
-
 /// What every tool spawned for the broker shares.
 #[derive(Debug)]
 pub struct ToolContext {
@@ -323,7 +310,7 @@ pub fn spawn_tool(
             }
             let report = ended.report.unwrap_or_else(|e| {
                 tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(&e));
-                setup_failure()
+                ExitReport::setup_failure()
             });
             // A termination signal meant for the supervisor may have been taken by this
             // thread's wait (which unblocks them) instead of the main thread's: pass it on, so
@@ -342,7 +329,11 @@ pub fn spawn_tool(
         stderr,
         broker,
         profile: profile.to_string(),
-        wait: Box::new(move || done_rx.recv().unwrap_or_else(|_| setup_failure())),
+        wait: Box::new(move || {
+            done_rx
+                .recv()
+                .unwrap_or_else(|_| ExitReport::setup_failure())
+        }),
     })
 }
 

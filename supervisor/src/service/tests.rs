@@ -92,12 +92,7 @@ fn child_log_levels_are_kept() {
 fn exits_are_described() {
     let mut r = ExitReport {
         code: Some(3),
-        signal: None,
-        wall: Duration::ZERO,
-        cpu: Duration::ZERO,
-        peak_mem: 0,
-        oom_killed: false,
-        timed_out: false,
+        ..ExitReport::setup_failure()
     };
     assert_eq!(describe_exit(&r), "exit=3");
     r.code = None;
