@@ -305,6 +305,50 @@ fn emit_leaf(a: &mut Asm, leaf: &Leaf) {
     }
 }
 
+/// Whether the kernel's seccomp action cache (Linux 5.11+) lets native x86_64 syscall `nr`
+/// through without running `program` at all. At install, the kernel runs every filter once per
+/// syscall number with only `nr` and `arch` known; a syscall is cached when that run reaches
+/// `RET ALLOW` without loading anything else (an argument, the instruction pointer) and without
+/// an instruction the emulation does not know. This is the same emulation, instruction for
+/// instruction, as the kernel's `seccomp_is_const_allow` (kernel/seccomp.c): it exists so that a
+/// test can prove the filter's shape keeps the cache working for every syscall the profile
+/// allows whatever its arguments. What remains for a cached syscall is the seccomp entry path
+/// itself, a floor no filter shape can lower.
+pub fn kernel_caches_allow(program: &[BpfInsn], nr: u32) -> bool {
+    const BPF_JGT_K: u16 = 0x25;
+    let mut acc: u32 = 0;
+    let mut pc: usize = 0;
+    while let Some(insn) = program.get(pc) {
+        let k = insn.k;
+        match insn.code {
+            BPF_LD_W_ABS => {
+                acc = match k {
+                    OFF_NR => nr,
+                    OFF_ARCH => AUDIT_ARCH_X86_64,
+                    // A value the emulation does not know: not cacheable.
+                    _ => return false,
+                }
+            }
+            BPF_RET_K => return k == crate::seccomp::RET_ALLOW,
+            BPF_JA => pc += k as usize,
+            BPF_JEQ_K | BPF_JGE_K | BPF_JGT_K | BPF_JSET_K => {
+                let taken = match insn.code {
+                    BPF_JEQ_K => acc == k,
+                    BPF_JGE_K => acc >= k,
+                    BPF_JGT_K => acc > k,
+                    _ => acc & k != 0,
+                };
+                pc += usize::from(if taken { insn.jt } else { insn.jf });
+            }
+            BPF_ALU_AND_K => acc &= k,
+            _ => return false,
+        }
+        pc += 1;
+    }
+    // Ran off the end: the kernel refuses such a filter; never cached.
+    false
+}
+
 /// Longest path through `program` from its first instruction to a `RET`, in executed
 /// instructions (every jump is forward, so this is a longest path in a DAG). None when the
 /// program is malformed (a jump out of range or a path that falls off the end).
@@ -472,6 +516,34 @@ mod tests {
 
     fn run(p: &[BpfInsn], nr: u32, args: [u64; 6]) -> u32 {
         run_bpf(p, nr as i32, AUDIT_ARCH_X86_64, args).unwrap_or_else(|| panic!("malformed"))
+    }
+
+    #[test]
+    fn the_cache_emulation_knows_constant_paths_from_argument_ones() {
+        let i = |code: u16, jt: u8, jf: u8, k: u32| BpfInsn { code, jt, jf, k };
+        // Allow everything: cached whatever the number.
+        assert!(kernel_caches_allow(&[i(BPF_RET_K, 0, 0, ALLOW)], 0));
+        assert!(kernel_caches_allow(&[i(BPF_RET_K, 0, 0, ALLOW)], 400));
+        // An argument loaded before the verdict: the emulation cannot know it.
+        let arg_first = [
+            i(BPF_LD_W_ABS, 0, 0, off_arg_low(0)),
+            i(BPF_RET_K, 0, 0, ALLOW),
+        ];
+        assert!(!kernel_caches_allow(&arg_first, 0));
+        // Number 39 allowed, the rest EPERM; the arch check passes for native x86_64.
+        let one = [
+            i(BPF_LD_W_ABS, 0, 0, OFF_ARCH),
+            i(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+            i(BPF_RET_K, 0, 0, RET_KILL_PROCESS),
+            i(BPF_LD_W_ABS, 0, 0, OFF_NR),
+            i(BPF_JEQ_K, 0, 1, 39),
+            i(BPF_RET_K, 0, 0, ALLOW),
+            i(BPF_RET_K, 0, 0, EPERM),
+        ];
+        assert!(kernel_caches_allow(&one, 39));
+        assert!(!kernel_caches_allow(&one, 40));
+        // A path that falls off the end is never cached.
+        assert!(!kernel_caches_allow(&[i(BPF_LD_W_ABS, 0, 0, OFF_NR)], 0));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::fmt;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-pub use bpf::max_path_len;
+pub use bpf::{kernel_caches_allow, max_path_len};
 pub use plan::Plan;
 pub use seccomp::{run_bpf, run_bpf_counted};
 /// Locating byte spans of a TOML text as `file:line:column` and building [`Diagnostic`]s, and

@@ -78,3 +78,60 @@ fn default_policy_rules() {
     assert_eq!(d.approval, Approval::Deny);
     assert!(d.rule.is_none());
 }
+
+/// The kernel's seccomp action cache answers every syscall a profile allows whatever its
+/// arguments, without running the filter: the filter's path to `RET ALLOW` for those loads only
+/// the syscall number and the architecture. A syscall whose verdict depends on its arguments,
+/// and a refused one, are never cached (they run the filter), which is what the cache is for.
+#[test]
+fn the_kernel_caches_every_syscall_a_profile_allows_unconditionally() {
+    use carapace_policy::kernel_caches_allow;
+    use carapace_policy::plan::SeccompAction;
+    use carapace_policy::tables::syscall_nr;
+    let p = policy();
+    for profile in p.profile_names() {
+        let plan = p
+            .compile(profile, &Target { landlock_abi: 7 })
+            .unwrap_or_else(|d| panic!("{profile}: {d}"));
+        let sc = &plan.seccomp;
+        let nr = |name: &str| -> u32 {
+            let n = syscall_nr(name).unwrap_or_else(|| panic!("{name}: no number"));
+            u32::try_from(n).unwrap()
+        };
+        assert!(!sc.allowed.is_empty(), "{profile}: allows nothing");
+        for name in &sc.allowed {
+            assert!(
+                kernel_caches_allow(&sc.program, nr(name)),
+                "{profile}: {name} is allowed unconditionally but the cache cannot answer it"
+            );
+        }
+        for c in &sc.conditional {
+            assert!(
+                !kernel_caches_allow(&sc.program, nr(&c.syscall)),
+                "{profile}: {} depends on its arguments but would be cached",
+                c.syscall
+            );
+        }
+        for (name, _) in &sc.denied {
+            assert!(
+                !kernel_caches_allow(&sc.program, nr(name)),
+                "{profile}: {name} is refused but would be cached"
+            );
+        }
+        if !matches!(sc.default_action, SeccompAction::Allow) {
+            // A number the profile does not know falls to the default action, which is no
+            // allow here: never cached.
+            assert!(
+                !kernel_caches_allow(&sc.program, 1000),
+                "{profile}: nr 1000"
+            );
+        }
+        // dd's loop: 1-byte read and write, each answered by the cache.
+        for name in ["read", "write"] {
+            assert!(
+                kernel_caches_allow(&sc.program, nr(name)),
+                "{profile}: {name} runs the filter on every call"
+            );
+        }
+    }
+}
