@@ -23,7 +23,7 @@ use crate::broker_host::{new_identity, BrokerHost, BrokerSetup, StateDir, ToolCo
 use carapace_sandbox::cgroup;
 use carapace_sandbox::namespaces::{self, RunAs};
 use carapace_sandbox::program::OpenedProgram;
-use carapace_sandbox::report::{EXIT_DENIED, EXIT_SETUP};
+use carapace_sandbox::report::{EXIT_DENIED, EXIT_NOT_FOUND, EXIT_SETUP};
 use carapace_sandbox::resolve::{self, DEFAULT_PATH};
 use carapace_sandbox::run::{self, Limits, Run};
 use carapace_sandbox::spawn::{ChildIo, LaunchOptions};
@@ -102,7 +102,7 @@ Examples:
   carapace exec --run-as 1500:1500 --report-json run.json -- make test
 
 Exit codes: the program's own; 128+N killed by signal N; 124 timed out; 125 denied;
-126 could not start.";
+126 could not start; 127 the program was not found.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -176,12 +176,9 @@ pub struct ExecArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub approval_timeout: u64,
     /// The program and its arguments
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "PROGRAM ARGS"
-    )]
+    /// (An option of exec's own, misspelt, is a usage error with a suggestion rather than a
+    /// program to run: a program whose name starts with `-` goes after `--`.)
+    #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM ARGS")]
     pub command: Vec<OsString>,
 }
 
@@ -226,8 +223,14 @@ pub fn main() -> i32 {
         return crate::service::run(a);
     }
     let verbose = matches!(&cli.command, Command::Exec(a) if a.verbose);
+    // Colour only for a person: stderr is a terminal and NO_COLOR (no-color.org) is unset.
+    let colour = {
+        use std::io::IsTerminal as _;
+        std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+    };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .without_time()
         .with_target(false)
         .with_max_level(if verbose {

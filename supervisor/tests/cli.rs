@@ -265,14 +265,29 @@ approval = "deny"
 }
 
 #[test]
-fn setup_failures_exit_126() {
+fn setup_failures_exit_126_not_found_127_usage_2() {
     if !require_root() {
         return;
     }
     let ws = workspace(0, 0);
-    // Not found.
+    // Not found: 127, as shells and `env` say it (found but refused before fork: 126, below).
     let out = carapace(ws.path(), &["exec", "--", "no-such-program-xyz"]);
-    assert_eq!(out.status.code(), Some(126));
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("command not found"));
+    let out = carapace(ws.path(), &["exec", "--", "/no/such/dir/prog"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    // A misspelt option of exec's own is a usage error with a suggestion, never a program.
+    let out = carapace(ws.path(), &["exec", "--polcy", "x.toml", "--", "ls"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("'--policy'"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Arguments of the program that look like options are the program's.
+    let out = carapace(ws.path(), &["exec", "/usr/bin/echo", "-n", "hi"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi");
     // Invalid policy, with a location.
     let bad = ws.path().join("bad.toml");
     std::fs::write(&bad, "version = 1\nbogus = 3\n").unwrap();
@@ -311,6 +326,26 @@ fn setup_failures_exit_126() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// What `-v` says is for a person reading a pipe or a log as well as a terminal: no colour
+/// codes when stderr is not a terminal (or NO_COLOR is set), no Rust debug formatting.
+#[test]
+fn verbose_output_is_plain_text() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    let out = carapace(ws.path(), &["exec", "-v", "--", "/usr/bin/true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("DEBUG"),
+        "verbose tracing lines expected: {err}"
+    );
+    assert!(!err.contains('\x1b'), "colour codes in a pipe: {err:?}");
+    assert!(err.contains("workspace owner 0:0"), "{err}");
+    assert!(!err.contains("Some("), "debug formatting: {err}");
 }
 
 /// Not root: `carapace exec` runs rootless (as the user's own uid, no cgroup on this machine:

@@ -26,6 +26,8 @@ pub const EXIT_TIMEOUT: i32 = 124;
 pub const EXIT_DENIED: i32 = 125;
 /// Exit code: carapace could not start the program.
 pub const EXIT_SETUP: i32 = 126;
+/// Exit code: the program was not found (as shells and `env` say it).
+pub const EXIT_NOT_FOUND: i32 = 127;
 
 impl ExitReport {
     /// The report of a program that could not be started or waited for: exit 126, nothing

@@ -29,6 +29,25 @@ pub enum DecideError {
     Unstable { name: String },
 }
 
+impl DecideError {
+    /// The exit status `carapace exec` ends with: 127 when the program was not found (as
+    /// shells and `env` say it), else 126 (it could not be started).
+    pub fn exit_code(&self) -> i32 {
+        let not_found = match self {
+            DecideError::Resolve(resolve::ResolveError::NotFound { .. }) => true,
+            DecideError::Resolve(resolve::ResolveError::Canonicalize { source, .. }) => {
+                source.kind() == std::io::ErrorKind::NotFound
+            }
+            _ => false,
+        };
+        if not_found {
+            EXIT_NOT_FOUND
+        } else {
+            EXIT_SETUP
+        }
+    }
+}
+
 /// Load and validate a policy (the embedded default when `file` is None). Rule programs are
 /// resolved lazily when a request is decided ([`decide`], `Policy::evaluate_with`), not here.
 pub fn load_policy(file: Option<&Path>) -> Result<Policy, DecideError> {

@@ -90,7 +90,7 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
         &target,
     ) {
         Ok(d) => d,
-        Err(e) => return fail(&error_chain(&e), EXIT_SETUP),
+        Err(e) => return fail(&error_chain(&e), e.exit_code()),
     };
     let what = command_words(&d.program, &d.args);
     if a.verbose {
@@ -214,14 +214,16 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
     say_limits(prepared.limits(), privilege, a.verbose);
     if a.verbose {
         eprintln!(
-            "carapace: running {} as host {}:{} (inside {}:{}), workspace owner {:?}, \
+            "carapace: running {} as host {}:{} (inside {}:{}), workspace owner {}, \
              landlock ABI {}{}",
             launch.program_inside().display(),
             launch.host_ids().uid,
             launch.host_ids().gid,
             inside.uid,
             inside.gid,
-            launch.workspace_owner(),
+            launch
+                .workspace_owner()
+                .map_or_else(|| "none".to_string(), |(u, g)| format!("{u}:{g}")),
             target.landlock_abi,
             if launch.rootless() { ", rootless" } else { "" }
         );

@@ -109,7 +109,8 @@ fn approvals_and_state_dir_args() {
 fn audit_verify_exit_codes() {
     let t = tempfile::tempdir().unwrap();
     let missing = t.path().join("missing.log");
-    assert_eq!(audit_verify(&missing), 2);
+    // Unreadable is a failure to verify, not a usage error.
+    assert_eq!(audit_verify(&missing), 1);
     let empty = t.path().join("empty.log");
     std::fs::write(&empty, "").unwrap();
     assert_eq!(audit_verify(&empty), 0);

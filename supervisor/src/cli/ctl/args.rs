@@ -210,7 +210,8 @@ pub enum AuditCommand {
                       alone; compare the head (printed on success) with one saved elsewhere.",
         after_help = "Example:\n  carapace audit verify /var/lib/carapace/audit.log\n\n\
                       Exit status: 0 intact (\"ok: N records ...\"), 1 broken (the first line \
-                      found wrong, and how), 2 the file cannot be read."
+                      found wrong, and how) or the file cannot be read (the message says which), \
+                      2 usage."
     )]
     Verify {
         #[arg(value_name = "FILE")]

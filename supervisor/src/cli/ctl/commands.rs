@@ -603,8 +603,9 @@ pub(super) fn audit_verify_to(file: &Path, t: &mut Term<'_>) -> i32 {
             1
         }
         Err(e) => {
+            // Not a usage error (2): the file could not be verified.
             t.err(&error_chain(&e));
-            2
+            EXIT_FAILED
         }
     }
 }
