@@ -81,7 +81,9 @@ fn the_service_is_what_the_supervisor_expects() {
     assert_eq!(one("Type"), "notify");
     assert_eq!(one("NotifyAccess"), "main");
     assert_eq!(one("ExecStart"), "/usr/bin/carapace run");
-    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+    // The reload waits for the outcome and fails when the policy is rejected (tested against a
+    // running supervisor in tests/tests/service_e2e.rs).
+    assert_eq!(one("ExecReload"), "/usr/bin/carapace reload");
     assert_eq!(one("Delegate"), "yes");
     assert_eq!(one("KillMode"), "mixed");
     assert_eq!(one("Restart"), "on-failure");
@@ -129,14 +131,19 @@ fn the_socket_matches_the_default_listen_address() {
     assert_eq!(value(&o, "Service"), vec!["carapace.service"]);
 }
 
-/// `systemd-analyze verify` of the units in a temp dir (ExecStart pointed at the built
-/// binary, which verify requires to exist); its stderr.
+/// `systemd-analyze verify` of the units in a temp dir (ExecStart and ExecReload pointed at the
+/// built binary, which verify requires to exist); its stderr.
 fn verify(service: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
-    let service = service.replace(
-        "ExecStart=/usr/bin/carapace",
-        &format!("ExecStart={CARAPACE}"),
-    );
+    let service = service
+        .replace(
+            "ExecStart=/usr/bin/carapace",
+            &format!("ExecStart={CARAPACE}"),
+        )
+        .replace(
+            "ExecReload=/usr/bin/carapace",
+            &format!("ExecReload={CARAPACE}"),
+        );
     std::fs::write(dir.path().join("carapace.service"), service).unwrap();
     std::fs::write(dir.path().join("carapace.socket"), SOCKET).unwrap();
     let out = Command::new("systemd-analyze")

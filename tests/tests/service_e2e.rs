@@ -175,6 +175,56 @@ approval = "deny"
     assert!(st.success(), "{st}");
 }
 
+/// The shipped unit's `ExecReload=` tells the truth: the command it runs fails when the new
+/// policy is rejected (the old one stays in force) and succeeds when it is applied, so
+/// `systemctl reload` reports what happened.
+#[test]
+fn the_units_reload_command_fails_on_a_rejected_policy() {
+    if !privileged() {
+        return;
+    }
+    let unit = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../supervisor/systemd/carapace.service"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let reload: Vec<&str> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecReload="))
+        .unwrap_or_else(|| panic!("no ExecReload= in the unit"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(reload.first(), Some(&"/usr/bin/carapace"), "{reload:?}");
+    let mut svc = Service::start("");
+    svc.gateway_running(None, Duration::from_secs(20));
+    // The unit's command line, with the binary under test and this service's socket.
+    let run_reload = || {
+        Command::new(carapace_bin())
+            .args(&reload[1..])
+            .arg("--socket")
+            .arg(svc.socket())
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let good = fs::read_to_string(svc.policy_path()).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(svc.policy_path(), policy_text("[profiles.broken\nwhy = 1"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let o = run_reload();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a rejected reload must fail: {err}"
+    );
+    assert!(err.contains("policy.toml:"), "the error says where: {err}");
+    assert!(!svc.status()["last_reload_error"].is_null());
+    fs::write(svc.policy_path(), good).unwrap_or_else(|e| panic!("{e}"));
+    let o = run_reload();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(svc.status()["last_reload_error"].is_null());
+    let st = svc.stop();
+    assert!(st.success(), "{st}");
+}
+
 /// SIGTERM: STOPPING=1, exit 0, no process or cgroup left behind.
 #[test]
 fn sigterm_stops_cleanly_and_leaves_nothing() {
