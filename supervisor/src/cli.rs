@@ -211,6 +211,23 @@ pub enum PolicyCommand {
         #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
         command: Vec<OsString>,
     },
+    /// List the syscall groups (`@name` in a profile's seccomp `allow`), or one group's syscalls
+    #[command(
+        long_about = "List carapace's syscall groups with why each exists, or, given NAME, the \
+                      syscalls of that group. These are carapace's own groups: systemd's \
+                      SystemCallFilter= has sets with some of the same names (@default, \
+                      @process, @signal, @ipc, ...) that hold different syscalls.",
+        after_help = "Examples:\n  carapace policy groups\n  carapace policy groups @process\n  \
+                      carapace policy groups --json"
+    )]
+    Groups {
+        /// A group, with or without its `@`
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the embedded default policy
     ShowDefault,
 }
@@ -221,6 +238,14 @@ pub fn main() -> i32 {
     if let Command::Run(a) = cli.command {
         // The service sets up its own logging (format and level from its configuration).
         return crate::service::run(a);
+    }
+    if !matches!(cli.command, Command::Exec(_)) {
+        // A command that only prints ends quietly when its reader goes away (`carapace status |
+        // head`), as coreutils do, instead of failing a write and panicking in print!. Only
+        // pipes are concerned: the standard library's socket writes use MSG_NOSIGNAL. `exec`
+        // (which serves a broker) and `run` keep Rust's default, SIGPIPE ignored.
+        // SAFETY: setting a signal disposition to its default; no handler is involved.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let verbose = matches!(&cli.command, Command::Exec(a) if a.verbose);
     // Colour only for a person: stderr is a terminal and NO_COLOR (no-color.org) is unset.
@@ -243,6 +268,7 @@ pub fn main() -> i32 {
         Command::Exec(a) => exec(a),
         Command::Policy(PolicyCommand::Check { files }) => check(&files),
         Command::Policy(PolicyCommand::Explain { file, command }) => explain(file, &command),
+        Command::Policy(PolicyCommand::Groups { name, json }) => groups(name.as_deref(), json),
         Command::Policy(PolicyCommand::ShowDefault) => {
             print!("{DEFAULT_POLICY}");
             0

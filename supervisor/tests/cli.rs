@@ -582,3 +582,72 @@ fn programs_have_ordinary_signal_semantics() {
         "the program is pid 2 under carapace's init"
     );
 }
+
+/// `policy groups`: every group with why, one group's syscalls, JSON for scripts, a misspelt
+/// group with a suggestion, and the warning that systemd's sets of the same names differ.
+#[test]
+fn policy_groups_lists_carapaces_own_groups() {
+    let here = Path::new("/");
+    let out = carapace(here, &["policy", "groups"]);
+    assert_eq!(out.status.code(), Some(0));
+    let all = text(&out.stdout);
+    assert!(
+        all.contains("@default") && all.contains("@setid-keep"),
+        "{all}"
+    );
+    assert!(all.contains("systemd's SystemCallFilter="), "{all}");
+    let out = carapace(here, &["policy", "groups", "process"]);
+    assert_eq!(out.status.code(), Some(0));
+    let one = text(&out.stdout);
+    assert!(one.starts_with("@process: "), "{one}");
+    assert!(one.lines().any(|l| l.trim() == "wait4"), "{one}");
+    let out = carapace(here, &["policy", "groups", "@setid-keep", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["name"], "@setid-keep");
+    assert!(v["syscalls"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|s| s == "setresuid")));
+    let out = carapace(here, &["policy", "groups", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v.as_array().is_some_and(|a| a.len() >= 10), "{v}");
+    let out = carapace(here, &["policy", "groups", "@proces"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("did you mean @process?"));
+}
+
+/// A command that prints ends quietly when its reader goes away (`| head`): no panic, no error.
+#[test]
+fn a_closed_pipe_ends_a_listing_quietly() {
+    use std::io::Read as _;
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    use std::os::unix::process::ExitStatusExt as _;
+    // A pipe of one page, so the 16 KiB default policy cannot fit in it: the command is still
+    // writing when the reader goes away.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array; we own them from here on.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ on our own pipe.
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) };
+    let child = Command::new(BIN)
+        .args(["policy", "show-default"])
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run carapace");
+    let mut first = [0u8; 64];
+    let mut reader = std::fs::File::from(read);
+    let n = reader.read(&mut first).expect("read");
+    drop(reader);
+    let out = child.wait_with_output().expect("wait");
+    assert!(first[..n].starts_with(b"#"), "{:?}", &first[..n]);
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}

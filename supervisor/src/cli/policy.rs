@@ -121,3 +121,57 @@ pub(super) fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
     }
     0
 }
+
+/// What `policy groups` says after the list: the names are carapace's, not systemd's.
+pub(super) const NOT_SYSTEMD: &str = "These are carapace's groups. systemd's SystemCallFilter= \
+     has sets with some of the same names (@default, @process, @signal, @ipc, ...) that hold \
+     different syscalls: do not read one as the other.";
+
+/// `carapace policy groups [NAME] [--json]`: exit 0, or 1 for a group that does not exist.
+pub(super) fn groups(name: Option<&str>, json: bool) -> i32 {
+    use carapace_policy::tables::{ALWAYS_CONDITIONED, GROUPS};
+    let as_json = |g: &carapace_policy::tables::Group| serde_json::json!({"name": g.name, "why": g.why, "syscalls": g.syscalls});
+    let Some(name) = name else {
+        if json {
+            let all: Vec<serde_json::Value> = GROUPS.iter().map(as_json).collect();
+            println!("{}", serde_json::Value::Array(all));
+        } else {
+            for g in GROUPS {
+                println!("{:<15} {:>3} syscalls  {}", g.name, g.syscalls.len(), g.why);
+            }
+            println!("\n{NOT_SYSTEMD}\n`carapace policy groups NAME` lists a group's syscalls.");
+        }
+        return 0;
+    };
+    let want = if name.starts_with('@') {
+        name.to_string()
+    } else {
+        format!("@{name}")
+    };
+    let Some(g) = GROUPS.iter().find(|g| g.name == want) else {
+        let names: Vec<&str> = GROUPS.iter().map(|g| g.name).collect();
+        let hint = carapace_policy::toml_schema::did_you_mean(&want, &names)
+            .map(|m| format!(" (did you mean {m}?)"))
+            .unwrap_or_default();
+        eprintln!(
+            "carapace: no syscall group {want}{hint}; the groups are {}",
+            names.join(", ")
+        );
+        return 1;
+    };
+    if json {
+        println!("{}", as_json(g));
+        return 0;
+    }
+    println!("{}: {}\n", g.name, g.why);
+    for sc in g.syscalls {
+        let note = if ALWAYS_CONDITIONED.contains(sc) {
+            "  (always filtered by its arguments, see docs/policy.md)"
+        } else {
+            ""
+        };
+        println!("  {sc}{note}");
+    }
+    println!("\n{NOT_SYSTEMD}");
+    0
+}
