@@ -151,6 +151,12 @@ pub(crate) fn compile(
             value: 0,
         });
     }
+    if let Some(secs) = p.limits.cpu_time {
+        rlimits.push(Rlimit {
+            resource: RlimitResource::Cpu,
+            value: secs,
+        });
+    }
     if let Some(n) = p.limits.processes {
         rlimits.push(Rlimit {
             resource: RlimitResource::Nproc,

@@ -397,12 +397,15 @@ pub(crate) fn explain(p: &Plan) -> String {
             RlimitResource::Nproc => "processes of the user (RLIMIT_NPROC)".to_string(),
             RlimitResource::As => "address space".to_string(),
             RlimitResource::Stack => "stack".to_string(),
-            RlimitResource::Cpu => "cpu seconds".to_string(),
+            RlimitResource::Cpu => format!(
+                "cpu time: {} s per process, then SIGXCPU (SIGKILL one CPU second later)",
+                r.value
+            ),
             RlimitResource::Memlock => "locked memory".to_string(),
             RlimitResource::Msgqueue => "message queue bytes".to_string(),
         };
         match r.resource {
-            RlimitResource::Fsize => {
+            RlimitResource::Fsize | RlimitResource::Cpu => {
                 let _ = writeln!(s, "  {what}");
             }
             RlimitResource::Core if r.value == 0 => {

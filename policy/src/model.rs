@@ -131,6 +131,7 @@ pub(crate) struct RawLimits {
     pub pids: Option<S<toml::Value>>,
     pub cpu: Option<S<toml::Value>>,
     pub wall_time: Option<S<toml::Value>>,
+    pub cpu_time: Option<S<toml::Value>>,
     pub open_files: Option<S<toml::Value>>,
     pub file_size: Option<S<toml::Value>>,
     pub core_dumps: Option<S<bool>>,

@@ -45,6 +45,7 @@ const LIMITS: Kind = Table(&[
     ("pids", Int),
     ("cpu", Number),
     ("wall_time", IntOrStr),
+    ("cpu_time", IntOrStr),
     ("open_files", Int),
     ("file_size", IntOrStr),
     ("core_dumps", Bool),

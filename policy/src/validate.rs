@@ -79,6 +79,8 @@ pub(crate) struct Limits {
     pub pids: Option<u64>,
     pub cpu_millis: Option<u64>,
     pub wall_time: Option<Duration>,
+    /// CPU seconds each process may use (RLIMIT_CPU).
+    pub cpu_time: Option<u64>,
     pub open_files: Option<u64>,
     pub file_size: Option<u64>,
     pub core_dumps: bool,
@@ -525,6 +527,7 @@ fn merge_profile(p: RawProfile, c: RawProfile) -> RawProfile {
             pids: or(c.pids, p.pids),
             cpu: or(c.cpu, p.cpu),
             wall_time: or(c.wall_time, p.wall_time),
+            cpu_time: or(c.cpu_time, p.cpu_time),
             open_files: or(c.open_files, p.open_files),
             file_size: or(c.file_size, p.file_size),
             core_dumps: or(c.core_dumps, p.core_dumps),
@@ -1030,6 +1033,24 @@ fn lower_limits(p: &RawProfile, sink: &mut Sink<'_>) -> Limits {
                 match parse_duration(w.get_ref()) {
                     Ok(d) => limits.wall_time = Some(d),
                     Err(e) => sink.err(&w.span(), format!("bad wall_time: {e}"), DURATION_EXPECTED),
+                }
+            }
+        }
+        if let Some(t) = &l.cpu_time {
+            // Whole CPU seconds (RLIMIT_CPU's unit), at least one; "unlimited" as for wall_time.
+            if t.get_ref().as_str() == Some("unlimited") {
+                limits.cpu_time = None;
+            } else {
+                match parse_duration(t.get_ref()) {
+                    Ok(d) if d.as_secs() >= 1 && d.subsec_nanos() == 0 => {
+                        limits.cpu_time = Some(d.as_secs());
+                    }
+                    Ok(_) => sink.err(
+                        &t.span(),
+                        "impossible cpu_time: the kernel counts CPU time in whole seconds",
+                        "a whole number of seconds, at least 1, e.g. \"120s\" or \"2m\"",
+                    ),
+                    Err(e) => sink.err(&t.span(), format!("bad cpu_time: {e}"), DURATION_EXPECTED),
                 }
             }
         }

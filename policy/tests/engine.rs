@@ -1571,6 +1571,42 @@ fn setid_guard_combines_with_the_profiles_own_verdicts() {
     assert_eq!(run(&none, "chmod", [0, 0o4755, 0, 0, 0, 0]), eperm);
 }
 
+/// `cpu_time` becomes RLIMIT_CPU in whole seconds; the long-running profiles lift the tool
+/// profile's limit through `extends`, the build profile raises it; fractions and nonsense are
+/// located errors.
+#[test]
+fn cpu_time_is_rlimit_cpu_in_whole_seconds() {
+    use carapace_policy::plan::RlimitResource;
+    let cpu = |plan: &carapace_policy::Plan| {
+        plan.rlimits
+            .iter()
+            .find(|r| r.resource == RlimitResource::Cpu)
+            .map(|r| r.value)
+    };
+    assert_eq!(cpu(&plan_of(DEFAULT, "tool")), Some(120));
+    assert_eq!(cpu(&plan_of(DEFAULT, "build")), Some(1500));
+    assert_eq!(cpu(&plan_of(DEFAULT, "gateway")), None);
+    assert_eq!(cpu(&plan_of(DEFAULT, "channel")), None);
+    assert!(plan_of(DEFAULT, "tool")
+        .explain()
+        .contains("cpu time: 120 s per process"));
+    let with = |v: &str| {
+        format!("version = 1\n[profiles.p]\nwhy = \"p\"\n[profiles.p.limits]\ncpu_time = {v}\n")
+    };
+    assert_eq!(cpu(&plan_of(&with("\"2m\""), "p")), Some(120));
+    for (bad, says) in [
+        ("\"1500ms\"", "whole seconds"),
+        ("\"0s\"", "cpu_time"),
+        ("\"soon\"", "bad cpu_time"),
+    ] {
+        let e = Policy::parse(&with(bad), "t.toml")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says) && e.contains("t.toml:5:"), "{bad}: {e}");
+    }
+}
+
 #[test]
 fn gateway_profile_runs_until_stopped() {
     // `wall_time = "unlimited"` lifts the tool profile's 300 s through `extends`.

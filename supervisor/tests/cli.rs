@@ -170,6 +170,61 @@ fn exit_codes_reports_and_ownership() {
     assert!(o.contains("1500"), "{o}");
 }
 
+/// The CPU-time limit ends a spinning process (SIGXCPU, said in plain words) and leaves one
+/// that only waits alone, however long it waits.
+#[test]
+fn cpu_time_ends_spinning_not_waiting() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace(0, 0);
+    let pol = policy_with(
+        ws.path(),
+        ALLOW_SH,
+        &[("cpu_time = \"120s\"", "cpu_time = \"1s\"")],
+    );
+    let pol = pol.to_str().unwrap();
+    let t = std::time::Instant::now();
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--",
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGXCPU),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(t.elapsed().as_secs() < 20);
+    assert!(
+        text(&out.stderr).contains("CPU-time limit"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = carapace(
+        ws.path(),
+        &[
+            "exec",
+            "--policy",
+            pol,
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; echo woke",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "woke\n");
+}
+
 #[test]
 fn timeout_and_signal_exit_codes() {
     if !require_root() {

@@ -85,6 +85,12 @@ impl ExitReport {
                  reached (exit 137)"
                     .to_string(),
             )
+        } else if self.signal == Some(libc::SIGXCPU) {
+            Some(
+                "carapace: the CPU-time limit ended it (SIGXCPU): the profile's cpu_time, or in \
+                 rootless mode without a cgroup the rlimit standing in for its cpu limit"
+                    .to_string(),
+            )
         } else if self.oom_killed {
             Some(
                 "carapace: the memory limit was hit (a process of the sandbox was OOM-killed)"

@@ -1,5 +1,5 @@
 //! Resource limits: translated from the plan before fork, applied with raw `prlimit64` in the
-//! child (soft = hard).
+//! child (soft = hard, except the CPU time: see [`CPU_GRACE_SECS`]).
 
 use carapace_policy::plan::{Plan, Rlimit, RlimitResource};
 
@@ -33,6 +33,12 @@ fn resource(r: RlimitResource) -> (libc::c_int, &'static str) {
     }
 }
 
+/// RLIMIT_CPU's hard limit lies this many CPU seconds above the soft one: at the soft limit the
+/// kernel sends SIGXCPU (a program may save its work and exit; by default it ends, and the
+/// report says why), at the hard limit SIGKILL. With soft = hard there would only be SIGKILL,
+/// which reads like any other kill.
+pub const CPU_GRACE_SECS: u64 = 1;
+
 /// Translate the plan's limits.
 pub fn prepare(limits: &[Rlimit]) -> Result<Vec<Prepared>, RlimitError> {
     limits
@@ -50,7 +56,11 @@ pub fn prepare(limits: &[Rlimit]) -> Result<Vec<Prepared>, RlimitError> {
                 name,
                 value: libc::rlimit64 {
                     rlim_cur: l.value,
-                    rlim_max: l.value,
+                    rlim_max: if l.resource == RlimitResource::Cpu {
+                        l.value.saturating_add(CPU_GRACE_SECS)
+                    } else {
+                        l.value
+                    },
                 },
             })
         })

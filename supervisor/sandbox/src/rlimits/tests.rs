@@ -23,6 +23,18 @@ fn maps_resources_soft_equals_hard() {
 }
 
 #[test]
+fn cpu_time_has_a_second_of_grace_between_sigxcpu_and_sigkill() {
+    let p = prepare(&[Rlimit {
+        resource: RlimitResource::Cpu,
+        value: 120,
+    }])
+    .unwrap();
+    assert_eq!(p[0].resource, libc::RLIMIT_CPU as libc::c_int);
+    assert_eq!(p[0].value.rlim_cur, 120);
+    assert_eq!(p[0].value.rlim_max, 120 + CPU_GRACE_SECS);
+}
+
+#[test]
 fn cgroup_fallback_merges_lower_wins_and_clears_the_cgroup_limits() {
     let policy = carapace_policy::Policy::parse(crate::DEFAULT_POLICY, "default").unwrap();
     let mut plan = policy
