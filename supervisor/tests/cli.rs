@@ -48,6 +48,11 @@ fn carapace(cwd: &Path, args: &[&str]) -> Output {
         .expect("run carapace")
 }
 
+/// `carapace exec --policy POL -- sh -c SCRIPT` in `cwd`.
+fn sh_under(cwd: &Path, pol: &str, script: &str) -> Output {
+    carapace(cwd, &["exec", "--policy", pol, "--", "sh", "-c", script])
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -185,18 +190,7 @@ fn cpu_time_ends_spinning_not_waiting() {
     );
     let pol = pol.to_str().unwrap();
     let t = std::time::Instant::now();
-    let out = carapace(
-        ws.path(),
-        &[
-            "exec",
-            "--policy",
-            pol,
-            "--",
-            "sh",
-            "-c",
-            "while :; do :; done",
-        ],
-    );
+    let out = sh_under(ws.path(), pol, "while :; do :; done");
     assert_eq!(
         out.status.code(),
         Some(128 + libc::SIGXCPU),
@@ -209,18 +203,7 @@ fn cpu_time_ends_spinning_not_waiting() {
         "{}",
         text(&out.stderr)
     );
-    let out = carapace(
-        ws.path(),
-        &[
-            "exec",
-            "--policy",
-            pol,
-            "--",
-            "sh",
-            "-c",
-            "sleep 2; echo woke",
-        ],
-    );
+    let out = sh_under(ws.path(), pol, "sleep 2; echo woke");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "woke\n");
 }
@@ -238,34 +221,12 @@ fn timeout_and_signal_exit_codes() {
     );
     let pol = pol.to_str().unwrap();
     let t = std::time::Instant::now();
-    let out = carapace(
-        ws.path(),
-        &[
-            "exec",
-            "--policy",
-            pol,
-            "--",
-            "sh",
-            "-c",
-            "sleep 20 & sleep 20",
-        ],
-    );
+    let out = sh_under(ws.path(), pol, "sleep 20 & sleep 20");
     assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
     assert!(t.elapsed().as_secs() < 10);
     assert!(text(&out.stderr).contains("wall-time limit"));
     // A grandchild killed by a signal: the shell (pid 1) reports 128+N, and so do we.
-    let out = carapace(
-        ws.path(),
-        &[
-            "exec",
-            "--policy",
-            pol,
-            "--",
-            "sh",
-            "-c",
-            "sh -c 'kill -TERM $$'",
-        ],
-    );
+    let out = sh_under(ws.path(), pol, "sh -c 'kill -TERM $$'");
     assert_eq!(out.status.code(), Some(128 + 15), "{}", text(&out.stderr));
 }
 
@@ -585,18 +546,7 @@ fn programs_have_ordinary_signal_semantics() {
     let ws = workspace(0, 0);
     let pol = policy_with(ws.path(), ALLOW_SH, &[]);
     let pol = pol.to_str().unwrap();
-    let out = carapace(
-        ws.path(),
-        &[
-            "exec",
-            "--policy",
-            pol,
-            "--",
-            "sh",
-            "-c",
-            "kill -TERM $$; sleep 5; exit 3",
-        ],
-    );
+    let out = sh_under(ws.path(), pol, "kill -TERM $$; sleep 5; exit 3");
     assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
     let out = carapace(
         ws.path(),
@@ -618,18 +568,7 @@ fn programs_have_ordinary_signal_semantics() {
         text(&out.stderr)
     );
     // Orphans are reaped and do not outlive the program.
-    let out = carapace(
-        ws.path(),
-        &[
-            "exec",
-            "--policy",
-            pol,
-            "--",
-            "sh",
-            "-c",
-            "sleep 30 & echo $$",
-        ],
-    );
+    let out = sh_under(ws.path(), pol, "sleep 30 & echo $$");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout).trim(),
