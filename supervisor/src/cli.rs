@@ -193,6 +193,11 @@ pub enum PolicyCommand {
     Check {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// Print one JSON object per file for scripts: {"file", "ok", "profiles", "rules",
+        /// "tests_passed", "errors": [{"line", "column", "message", "expected"}], "notes",
+        /// "failed_tests": [{"line", "command", "expected", "got"}]}
+        #[arg(long)]
+        json: bool,
     },
     /// Show which rule decides for a command, and the confinement it would run under
     #[command(
@@ -266,7 +271,7 @@ pub fn main() -> i32 {
         .try_init();
     match cli.command {
         Command::Exec(a) => exec(a),
-        Command::Policy(PolicyCommand::Check { files }) => check(&files),
+        Command::Policy(PolicyCommand::Check { files, json }) => check(&files, json),
         Command::Policy(PolicyCommand::Explain { file, command }) => explain(file, &command),
         Command::Policy(PolicyCommand::Groups { name, json }) => groups(name.as_deref(), json),
         Command::Policy(PolicyCommand::ShowDefault) => {

@@ -645,3 +645,73 @@ fn a_closed_pipe_ends_a_listing_quietly() {
         out.status
     );
 }
+
+/// `--json` where a script reads the outcome: `policy check` and `audit verify`, parsed here;
+/// the exit status says the same as the JSON.
+#[test]
+fn json_for_scripts_from_check_and_verify() {
+    let t = tempfile::tempdir().unwrap();
+    let good = t.path().join("good.toml");
+    std::fs::write(&good, DEFAULT).unwrap();
+    let bad = t.path().join("bad.toml");
+    std::fs::write(&bad, "version = 1\nbogus = 3\n").unwrap();
+    let out = carapace(
+        t.path(),
+        &[
+            "policy",
+            "check",
+            "--json",
+            good.to_str().unwrap(),
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object per file"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["ok"], true);
+    assert!(lines[0]["profiles"].as_u64().is_some_and(|n| n >= 4));
+    assert!(lines[0]["tests_passed"].as_u64().is_some_and(|n| n >= 10));
+    assert_eq!(lines[1]["ok"], false);
+    assert_eq!(lines[1]["errors"][0]["line"], 2, "{}", lines[1]);
+    assert!(lines[1]["errors"][0]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("bogus")));
+
+    let empty = t.path().join("audit.log");
+    std::fs::write(&empty, "").unwrap();
+    let out = carapace(
+        t.path(),
+        &["audit", "verify", "--json", empty.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (v["ok"].clone(), v["error"].clone()),
+        (true.into(), serde_json::Value::Null)
+    );
+    let junk = t.path().join("junk.log");
+    std::fs::write(&junk, "not json\n").unwrap();
+    let out = carapace(
+        t.path(),
+        &["audit", "verify", "--json", junk.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["broken"]["line"], 1, "{v}");
+    let out = carapace(
+        t.path(),
+        &["audit", "verify", "--json", "/no/such/audit.log"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/no/such/audit.log")),
+        "{v}"
+    );
+}

@@ -1,78 +1,135 @@
-//! `carapace policy check` and `carapace policy explain`.
+//! `carapace policy check`, `carapace policy explain` and `carapace policy groups`.
 
 use super::*;
 
-pub(super) fn check(files: &[PathBuf]) -> i32 {
-    let mut failed = false;
-    for f in files {
-        let text = match std::fs::read_to_string(f) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("{}: cannot read: {e}", f.display());
-                failed = true;
-                continue;
-            }
-        };
-        let name = f.display().to_string();
-        let policy = match Policy::parse(&text, &name) {
-            Ok(p) => p,
-            Err(d) => {
-                eprintln!("{d}");
-                failed = true;
-                continue;
-            }
-        };
-        // Compile every profile, for the best kernel: errors here are the policy's, not the
-        // kernel's. This kernel's shortcomings are reported as notes.
-        let mut bad = false;
-        let here = carapace_sandbox::landlock::target();
-        for profile in policy.profile_names() {
-            if let Err(d) = policy.compile(
-                profile,
-                &Target {
-                    landlock_abi: u8::MAX,
-                },
-            ) {
-                eprintln!("{d}");
-                bad = true;
-            } else if let Err(d) = policy.compile(profile, &here) {
-                eprintln!("{name}: note: profile `{profile}` cannot run on this kernel:\n{d}");
-            }
+/// What `policy check` found in one file.
+#[derive(Debug, Default)]
+struct Checked {
+    /// The file could not be read.
+    unreadable: Option<String>,
+    /// Parse and compile errors (the policy's, not this kernel's).
+    errors: Vec<carapace_policy::Diagnostic>,
+    /// What keeps a profile from running on this kernel (not an error of the policy).
+    notes: Vec<String>,
+    /// The [[test]] examples that failed: (line, command, expected, got).
+    failed_tests: Vec<(usize, Vec<String>, String, String)>,
+    profiles: usize,
+    rules: usize,
+    tests_passed: usize,
+}
+
+impl Checked {
+    fn ok(&self) -> bool {
+        self.unreadable.is_none() && self.errors.is_empty() && self.failed_tests.is_empty()
+    }
+}
+
+fn check_one(f: &Path) -> Checked {
+    let mut c = Checked::default();
+    let text = match std::fs::read_to_string(f) {
+        Ok(t) => t,
+        Err(e) => {
+            c.unreadable = Some(format!("{}: cannot read: {e}", f.display()));
+            return c;
         }
-        let outcomes = policy.run_tests_with(|p| std::fs::canonicalize(p).ok());
-        let mut passed = 0;
-        for t in &outcomes {
-            if t.passed {
-                passed += 1;
-                continue;
-            }
-            bad = true;
-            eprintln!(
-                "{name}:{}: test failed: {:?} expected {}, got {} ({}{})",
-                t.line,
-                t.command,
-                t.expected,
-                t.got.approval,
-                t.got.rule.as_ref().map_or_else(
-                    || "no rule matched".to_string(),
-                    |r| format!("rule [[exec]] #{} at line {}", r.index + 1, r.line)
-                ),
-                t.got
-                    .profile
-                    .as_ref()
-                    .map_or_else(String::new, |p| format!(", profile {p}"))
-            );
+    };
+    let name = f.display().to_string();
+    let policy = match Policy::parse(&text, &name) {
+        Ok(p) => p,
+        Err(d) => {
+            c.errors = d.0;
+            return c;
         }
-        if bad {
-            failed = true;
+    };
+    // Compile every profile, for the best kernel: errors here are the policy's, not the
+    // kernel's. This kernel's shortcomings are reported as notes.
+    let here = carapace_sandbox::landlock::target();
+    for profile in policy.profile_names() {
+        if let Err(d) = policy.compile(
+            profile,
+            &Target {
+                landlock_abi: u8::MAX,
+            },
+        ) {
+            c.errors.extend(d.0);
+        } else if let Err(d) = policy.compile(profile, &here) {
+            c.notes.push(format!(
+                "{name}: note: profile `{profile}` cannot run on this kernel:\n{d}"
+            ));
+        }
+    }
+    for t in policy.run_tests_with(|p| std::fs::canonicalize(p).ok()) {
+        if t.passed {
+            c.tests_passed += 1;
             continue;
         }
-        let n = policy.profile_names().len();
-        let m = policy.rule_count();
-        if files.len() == 1 {
-            println!("ok: {n} profiles, {m} rules, {passed} tests passed");
-        } else {
-            println!("ok: {n} profiles, {m} rules, {passed} tests passed ({name})");
+        let got = format!(
+            "{} ({}{})",
+            t.got.approval,
+            t.got.rule.as_ref().map_or_else(
+                || "no rule matched".to_string(),
+                |r| format!("rule [[exec]] #{} at line {}", r.index + 1, r.line)
+            ),
+            t.got
+                .profile
+                .as_ref()
+                .map_or_else(String::new, |p| format!(", profile {p}"))
+        );
+        c.failed_tests
+            .push((t.line, t.command.clone(), t.expected.to_string(), got));
+    }
+    c.profiles = policy.profile_names().len();
+    c.rules = policy.rule_count();
+    c
+}
+
+pub(super) fn check(files: &[PathBuf], json: bool) -> i32 {
+    let mut failed = false;
+    for f in files {
+        let c = check_one(f);
+        failed |= !c.ok();
+        let name = f.display().to_string();
+        if json {
+            let v = serde_json::json!({
+                "file": name,
+                "ok": c.ok(),
+                "profiles": c.profiles,
+                "rules": c.rules,
+                "tests_passed": c.tests_passed,
+                "unreadable": c.unreadable,
+                "errors": c.errors.iter().map(|d| serde_json::json!({
+                    "line": d.line, "column": d.column, "message": d.message,
+                    "expected": d.expected,
+                })).collect::<Vec<_>>(),
+                "notes": c.notes,
+                "failed_tests": c.failed_tests.iter().map(|(line, command, expected, got)| {
+                    serde_json::json!({
+                        "line": line, "command": command, "expected": expected, "got": got,
+                    })
+                }).collect::<Vec<_>>(),
+            });
+            println!("{v}");
+            continue;
+        }
+        if let Some(e) = &c.unreadable {
+            eprintln!("{e}");
+        }
+        for d in &c.errors {
+            eprintln!("{d}");
+        }
+        for n in &c.notes {
+            eprintln!("{n}");
+        }
+        for (line, command, expected, got) in &c.failed_tests {
+            eprintln!("{name}:{line}: test failed: {command:?} expected {expected}, got {got}");
+        }
+        if c.ok() {
+            let (n, m, passed) = (c.profiles, c.rules, c.tests_passed);
+            if files.len() == 1 {
+                println!("ok: {n} profiles, {m} rules, {passed} tests passed");
+            } else {
+                println!("ok: {n} profiles, {m} rules, {passed} tests passed ({name})");
+            }
         }
     }
     i32::from(failed)

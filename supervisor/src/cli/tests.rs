@@ -66,7 +66,7 @@ fn audit_args() {
     let c = parse(&["carapace", "audit", "verify", "/x/audit.log"]).unwrap();
     assert!(matches!(
         c.command,
-        Command::Audit(AuditCommand::Verify { file }) if file == Path::new("/x/audit.log")
+        Command::Audit(AuditCommand::Verify { file, json: false }) if file == Path::new("/x/audit.log")
     ));
     assert!(parse(&["carapace", "audit", "verify"]).is_err());
 }
@@ -123,7 +123,7 @@ fn audit_verify_exit_codes() {
 fn policy_args() {
     let c = parse(&["carapace", "policy", "check", "a.toml", "b.toml"]).unwrap();
     assert!(
-        matches!(c.command, Command::Policy(PolicyCommand::Check { files }) if files.len() == 2)
+        matches!(c.command, Command::Policy(PolicyCommand::Check { files, json: false }) if files.len() == 2)
     );
     assert!(parse(&["carapace", "policy", "check"]).is_err());
     let c = parse(&["carapace", "policy", "explain", "--", "ls", "-l"]).unwrap();

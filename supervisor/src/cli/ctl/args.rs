@@ -216,6 +216,10 @@ pub enum AuditCommand {
     Verify {
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Print the outcome as one JSON object for scripts: {"file", "ok", "lines", "head":
+        /// {"seq", "hash"} or null, "broken": {"line", "what"} or null, "error": text or null}
+        #[arg(long)]
+        json: bool,
     },
     /// Show the running supervisor's last audit records, and follow new ones with -f
     #[command(

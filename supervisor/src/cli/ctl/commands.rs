@@ -243,7 +243,7 @@ pub fn audit(a: AuditCommand) -> i32 {
 
 pub fn audit_to(a: &AuditCommand, t: &mut Term<'_>) -> i32 {
     match a {
-        AuditCommand::Verify { file } => audit_verify_to(file, t),
+        AuditCommand::Verify { file, json } => audit_verify_to(file, *json, t),
         AuditCommand::Tail {
             lines,
             follow,
@@ -589,10 +589,34 @@ pub fn token_to(a: &TokenArgs, t: &mut Term<'_>) -> i32 {
 
 /// `carapace audit verify FILE`: 0 intact, 1 broken, 2 unreadable.
 pub fn audit_verify(file: &Path) -> i32 {
-    on_terminal(|t| audit_verify_to(file, t))
+    on_terminal(|t| audit_verify_to(file, false, t))
 }
 
-pub(super) fn audit_verify_to(file: &Path, t: &mut Term<'_>) -> i32 {
+pub(super) fn audit_verify_to(file: &Path, json: bool, t: &mut Term<'_>) -> i32 {
+    if json {
+        let (v, code) = match carapace_broker::audit::verify(file) {
+            Ok(r) => (
+                serde_json::json!({
+                    "file": file,
+                    "ok": r.is_ok(),
+                    "lines": r.lines,
+                    "head": r.head.as_ref().map(|h| serde_json::json!({"seq": h.seq, "hash": h.hash})),
+                    "broken": r.broken.as_ref().map(|b| serde_json::json!({"line": b.line, "what": b.to_string()})),
+                    "error": null,
+                }),
+                if r.is_ok() { EXIT_OK } else { EXIT_FAILED },
+            ),
+            Err(e) => (
+                serde_json::json!({
+                    "file": file, "ok": false, "lines": 0, "head": null, "broken": null,
+                    "error": error_chain(&e),
+                }),
+                EXIT_FAILED,
+            ),
+        };
+        t.out(&format!("{v}\n"));
+        return code;
+    }
     match carapace_broker::audit::verify(file) {
         Ok(r) if r.is_ok() => {
             t.out(&format!("{r}\n"));
