@@ -212,6 +212,11 @@ pub enum PolicyCommand {
         /// Policy file (default: the embedded default policy)
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
+        /// Print one JSON object for scripts: {"program", "policy", "decision": {"approval",
+        /// "profile", "rule": {"index", "line", "why"} or null}, "plan": the compiled plan or
+        /// null, "compile_error": text or null}
+        #[arg(long)]
+        json: bool,
         /// The program and its arguments, after `--`
         #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
         command: Vec<OsString>,
@@ -272,7 +277,11 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Exec(a) => exec(a),
         Command::Policy(PolicyCommand::Check { files, json }) => check(&files, json),
-        Command::Policy(PolicyCommand::Explain { file, command }) => explain(file, &command),
+        Command::Policy(PolicyCommand::Explain {
+            file,
+            command,
+            json,
+        }) => explain(file, &command, json),
         Command::Policy(PolicyCommand::Groups { name, json }) => groups(name.as_deref(), json),
         Command::Policy(PolicyCommand::ShowDefault) => {
             print!("{DEFAULT_POLICY}");

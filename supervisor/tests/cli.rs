@@ -646,7 +646,8 @@ fn a_closed_pipe_ends_a_listing_quietly() {
     );
 }
 
-/// `--json` where a script reads the outcome: `policy check` and `audit verify`, parsed here;
+/// `--json` where a script reads the outcome: `policy check`, `policy explain` and `audit
+/// verify`, parsed here;
 /// the exit status says the same as the JSON.
 #[test]
 fn json_for_scripts_from_check_and_verify() {
@@ -679,6 +680,23 @@ fn json_for_scripts_from_check_and_verify() {
     assert!(lines[1]["errors"][0]["message"]
         .as_str()
         .is_some_and(|m| m.contains("bogus")));
+
+    let out = carapace(
+        t.path(),
+        &["policy", "explain", "--json", "--", "ls", "-la"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["decision"]["approval"], "allow", "{v}");
+    assert_eq!(v["plan"]["profile"], "tool", "{v}");
+    assert!(v["decision"]["rule"]["line"].as_u64().is_some(), "{v}");
+    let out = carapace(
+        t.path(),
+        &["policy", "explain", "--json", "--", "/usr/bin/mount"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["decision"]["approval"], "deny", "{v}");
+    assert!(v["plan"].is_null(), "{v}");
 
     let empty = t.path().join("audit.log");
     std::fs::write(&empty, "").unwrap();

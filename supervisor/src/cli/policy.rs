@@ -135,7 +135,7 @@ pub(super) fn check(files: &[PathBuf], json: bool) -> i32 {
     i32::from(failed)
 }
 
-pub(super) fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
+pub(super) fn explain(file: Option<PathBuf>, command: &[OsString], json: bool) -> i32 {
     let policy = match load_policy(file.as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -154,6 +154,23 @@ pub(super) fn explain(file: Option<PathBuf>, command: &[OsString]) -> i32 {
             return 1;
         }
     };
+    if json {
+        let v = serde_json::json!({
+            "program": d.program,
+            "policy": policy.file(),
+            "decision": {
+                "approval": d.decision.approval.to_string(),
+                "profile": d.decision.profile,
+                "rule": d.decision.rule.as_ref().map(|r| serde_json::json!({
+                    "index": r.index, "line": r.line, "why": r.why,
+                })),
+            },
+            "plan": d.plan,
+            "compile_error": d.compile_error.as_ref().map(ToString::to_string),
+        });
+        println!("{v}");
+        return i32::from(d.compile_error.is_some());
+    }
     let name = command.first().map_or(OsStr::new(""), |s| s.as_os_str());
     println!(
         "program: {} (resolved from `{}`)",

@@ -129,7 +129,7 @@ fn policy_args() {
     let c = parse(&["carapace", "policy", "explain", "--", "ls", "-l"]).unwrap();
     assert!(matches!(
         c.command,
-        Command::Policy(PolicyCommand::Explain { file: None, command }) if command.len() == 2
+        Command::Policy(PolicyCommand::Explain { file: None, command, json: false }) if command.len() == 2
     ));
     let c = parse(&["carapace", "policy", "explain", "p.toml", "--", "ls"]).unwrap();
     assert!(matches!(
