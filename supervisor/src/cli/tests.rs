@@ -7,7 +7,8 @@ use crate::cli::ctl::{
 use carapace_sandbox::namespaces::HostIds;
 use clap::CommandFactory as _;
 
-fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+/// The command line as clap reads it (also for the operator commands' tests in `ctl`).
+pub(crate) fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(args)
 }
 

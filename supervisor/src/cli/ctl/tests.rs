@@ -291,9 +291,8 @@ fn approval_refs() {
 
 #[test]
 fn command_line() {
-    use crate::cli::{Cli, Command};
-    use clap::Parser as _;
-    let p = |args: &[&str]| Cli::try_parse_from(args);
+    use crate::cli::tests::parse as p;
+    use crate::cli::Command;
     let Command::Status(a) = p(&["carapace", "status", "--json", "--socket", "/s"])
         .unwrap()
         .command
@@ -356,10 +355,9 @@ fn command_line() {
 
 #[test]
 fn token_command_line_and_output() {
-    use crate::cli::{Cli, Command};
+    use crate::cli::tests::parse as p;
+    use crate::cli::Command;
     use carapace_broker::tokens::{Scope, TokenInfo, TokenStore};
-    use clap::Parser as _;
-    let p = |args: &[&str]| Cli::try_parse_from(args);
     let Command::Token(a) = p(&["carapace", "token", "create", "--state-dir", "/s"])
         .unwrap()
         .command
