@@ -119,14 +119,11 @@ pub(crate) fn compile(
     let seccomp = match seccomp::compile(&p.seccomp, p.user) {
         Ok(s) => Some(s),
         Err(e) => {
-            let span = 0..0;
-            let mut d = src.diag(
-                &span,
+            let d = src.diag(
+                &src.line_span(p.line),
                 format!("profile `{}`: seccomp filter: {e}", p.name),
                 Some("a smaller allowlist"),
             );
-            d.line = p.line;
-            d.source_line = src.line_text(p.line);
             errors.push(d);
             None
         }

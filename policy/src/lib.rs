@@ -13,9 +13,9 @@
 mod bpf;
 pub mod broker;
 mod compile;
+mod diagnostic;
 mod explain;
 pub mod fuzz;
-mod gen_tables;
 mod model;
 pub mod plan;
 mod schema;
@@ -32,6 +32,8 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 pub use bpf::{kernel_caches_allow, max_path_len};
+/// Located errors and their rustc-style rendering.
+pub use diagnostic::{Diagnostic, Diagnostics, Label};
 pub use plan::Plan;
 pub use seccomp::{run_bpf, run_bpf_counted};
 /// Locating byte spans of a TOML text as `file:line:column` and building [`Diagnostic`]s, and
@@ -45,82 +47,6 @@ pub use source::{Sink, Source};
 pub use units::{check_abs_path, parse_duration, DURATION_EXPECTED, PATH_EXPECTED};
 
 use crate::validate::{ArgPat, ProgramPat, Validated};
-
-/// One located error in a policy file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: String,
-    /// 1-based.
-    pub line: usize,
-    /// 1-based, in characters.
-    pub column: usize,
-    pub message: String,
-    /// What was expected there, in words (e.g. "an absolute, normalized path").
-    pub expected: Option<String>,
-    /// The text of the offending line, shown under the message with a caret (None when the
-    /// location is not in the file).
-    pub source_line: Option<String>,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: error: {}",
-            self.file, self.line, self.column, self.message
-        )?;
-        if let Some(e) = &self.expected {
-            write!(f, "\n  expected: {e}")?;
-        }
-        if let Some(src) = &self.source_line {
-            let num = self.line.to_string();
-            let pad = " ".repeat(num.len());
-            // Long lines are cut to a window around the column.
-            const WINDOW: usize = 60;
-            let chars: Vec<char> = src.chars().collect();
-            let col = self.column.saturating_sub(1).min(chars.len());
-            let start = col.saturating_sub(WINDOW);
-            let end = (col + WINDOW).min(chars.len());
-            let mut shown: String = chars[start..end].iter().collect();
-            let mut caret_at = col - start;
-            if start > 0 {
-                shown.insert_str(0, "...");
-                caret_at += 3;
-            }
-            if end < chars.len() {
-                shown.push_str("...");
-            }
-            // Keep the caret under the right character: tabs stay tabs.
-            let lead: String = shown
-                .chars()
-                .take(caret_at)
-                .map(|c| if c == '\t' { '\t' } else { ' ' })
-                .collect();
-            write!(f, "\n {pad} |\n {num} | {shown}\n {pad} | {lead}^")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Diagnostic {}
-
-/// All errors found in one policy (validation does not stop at the first).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostics(pub Vec<Diagnostic>);
-
-impl fmt::Display for Diagnostics {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Diagnostics {}
 
 /// Whether a request may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,7 +313,7 @@ impl Policy {
                 column: 1,
                 message: format!("no profile named `{profile}` in this policy"),
                 expected: Some(format!("one of: {}", self.profile_names().join(", "))),
-                source_line: None,
+                ..Default::default()
             }])),
             Some(p) => compile::compile(p, target, &src).map_err(Diagnostics),
         }

@@ -213,7 +213,14 @@ mod tests {
         let text = "version = 1\n[profiles.p]\nwhy = \"x\"\ncolour = 1\n[profiles.p.limits]\nmemroy = \"1GiB\"\n[[exec]]\nprogrm = \"/bin/ls\"\n";
         let errs: Vec<String> = match crate::Policy::parse(text, "p.toml") {
             Ok(_) => panic!("accepted"),
-            Err(d) => d.0.iter().map(|d| d.message.clone()).collect(),
+            Err(d) => {
+                d.0.iter()
+                    .map(|d| match &d.help {
+                        Some(h) => format!("{}; {h}", d.message),
+                        None => d.message.clone(),
+                    })
+                    .collect()
+            }
         };
         let has = |m: &str| errs.iter().any(|e| e == m);
         assert!(

@@ -1,15 +1,18 @@
 //! Locating byte offsets of a policy text as file:line:column, and building [`Diagnostic`]s.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::Diagnostic;
 
 /// A TOML text being validated (a policy, or the supervisor's configuration), with a line index
-/// for turning byte spans into located [`Diagnostic`]s (`file:line:column`, the offending line
-/// under a caret).
+/// for turning byte spans into located [`Diagnostic`]s (`file:line:column`, and the text from
+/// which the offending lines are shown).
 #[derive(Debug)]
 pub struct Source<'a> {
     text: &'a str,
+    /// The same text, shared by every diagnostic of the file.
+    shared: Arc<str>,
     file: &'a str,
     /// Byte offset of the start of each line.
     line_starts: Vec<usize>,
@@ -22,6 +25,7 @@ impl<'a> Source<'a> {
         line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
         Source {
             text,
+            shared: Arc::from(text),
             file,
             line_starts,
         }
@@ -55,7 +59,21 @@ impl<'a> Source<'a> {
         Some(rest[..end].trim_end_matches('\r').to_string())
     }
 
-    /// A diagnostic at the start of `span` (a byte range of the text).
+    /// The byte range of a 1-based line's text, leading blanks and the newline left out (a
+    /// place to point at when only the line is known).
+    pub fn line_span(&self, line: usize) -> Range<usize> {
+        let Some(&start) = line.checked_sub(1).and_then(|i| self.line_starts.get(i)) else {
+            return 0..0;
+        };
+        let rest = &self.text[start..];
+        let end = start + rest.find('\n').unwrap_or(rest.len());
+        let text = &self.text[start..end];
+        let lead = text.len() - text.trim_start().len();
+        let trail = text.len() - text.trim_end().len();
+        (start + lead)..(end - trail).max(start + lead)
+    }
+
+    /// A diagnostic about `span` (a byte range of the text), located at its start.
     pub fn diag(
         &self,
         span: &Range<usize>,
@@ -69,7 +87,9 @@ impl<'a> Source<'a> {
             column,
             message: message.into(),
             expected: expected.map(str::to_string),
-            source_line: self.line_text(line),
+            span: Some(span.clone()),
+            text: Some(self.shared.clone()),
+            ..Default::default()
         }
     }
 
@@ -125,6 +145,19 @@ impl<'a> Sink<'a> {
     /// An error at the start of `span`, with what was expected there.
     pub fn err(&mut self, span: &Range<usize>, message: impl Into<String>, expected: &str) {
         let d = self.src.diag(span, message, Some(expected));
+        self.diags.push(d);
+    }
+
+    /// An error with a `help:` suggestion when there is one.
+    pub fn err_help(
+        &mut self,
+        span: &Range<usize>,
+        message: impl Into<String>,
+        expected: &str,
+        help: Option<String>,
+    ) {
+        let mut d = self.src.diag(span, message, Some(expected));
+        d.help = help;
         self.diags.push(d);
     }
 

@@ -1,7 +1,7 @@
-//! Name tables: syscalls (generated), errno values (generated), socket domains, ioctl requests,
+//! Name tables: syscalls and errno values (from the `syscalls` crate), socket domains, ioctl requests,
 //! clone flags, and the named syscall groups with the reason each exists.
 
-use crate::gen_tables::{ERRNOS, SYSCALLS};
+use syscalls::{Errno, Sysno};
 
 // The syscall numbers below and the architecture guard of every filter (`bpf.rs`) are x86_64's.
 // Built for another architecture, every filter would kill every program at its first syscall.
@@ -11,48 +11,34 @@ compile_error!(
      this target architecture is not supported"
 );
 
-/// Syscalls newer than the build host's UAPI header (which ends at 450), added by hand from the
-/// kernel's arch/x86/entry/syscalls/syscall_64.tbl (Linux 6.6 .. 6.15).
-pub(crate) const SYSCALLS_NEWER: &[(&str, i64)] = &[
-    ("cachestat", 451),
-    ("fchmodat2", 452),
-    ("map_shadow_stack", 453),
-    ("futex_wake", 454),
-    ("futex_wait", 455),
-    ("futex_requeue", 456),
-    ("statmount", 457),
-    ("listmount", 458),
-    ("lsm_get_self_attr", 459),
-    ("lsm_set_self_attr", 460),
-    ("lsm_list_modules", 461),
-    ("mseal", 462),
-    ("setxattrat", 463),
-    ("getxattrat", 464),
-    ("listxattrat", 465),
-    ("removexattrat", 466),
-    ("open_tree_attr", 467),
-];
-
-/// Every known x86_64 syscall (name, number).
+/// Every known x86_64 syscall (name, number): the `syscalls` crate's table, generated from the
+/// kernel's arch/x86/entry/syscalls/syscall_64.tbl (x32 numbers are not in it: the plan's guard
+/// kills every x32 syscall before a name matters).
 pub fn all_syscalls() -> impl Iterator<Item = (&'static str, i64)> {
-    SYSCALLS.iter().chain(SYSCALLS_NEWER).copied()
+    Sysno::iter().map(|s| (s.name(), i64::from(s.id())))
 }
 
 /// x86_64 number of a syscall name.
 pub fn syscall_nr(name: &str) -> Option<i64> {
-    SYSCALLS
-        .iter()
-        .chain(SYSCALLS_NEWER)
-        .find(|(n, _)| *n == name)
-        .map(|(_, nr)| *nr)
+    name.parse::<Sysno>().ok().map(|s| i64::from(s.id()))
 }
 
+/// Every syscall name, for suggestions.
+pub(crate) fn syscall_names() -> Vec<&'static str> {
+    Sysno::iter().map(|s| s.name()).collect()
+}
+
+/// errno values are 1..=4095 (the kernel returns -4095..-1 as errors).
+const ERRNO_MAX: i32 = 4095;
+
 pub(crate) fn errno_value(name: &str) -> Option<u32> {
-    ERRNOS.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    (1..=ERRNO_MAX)
+        .find(|&v| Errno::new(v).name() == Some(name))
+        .and_then(|v| u32::try_from(v).ok())
 }
 
 pub(crate) fn errno_name(value: u32) -> Option<&'static str> {
-    ERRNOS.iter().find(|(_, v)| *v == value).map(|(n, _)| *n)
+    Errno::new(i32::try_from(value).ok()?).name()
 }
 
 /// Socket address families (values from <bits/socket.h>).

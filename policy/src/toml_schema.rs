@@ -66,27 +66,10 @@ pub fn integer(i: &DeInteger) -> Option<i64> {
 pub fn did_you_mean<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
     known
         .iter()
-        .map(|k| (edit_distance(key, k), *k))
+        .map(|k| (strsim::levenshtein(key, k), *k))
         .filter(|(d, k)| *d <= 2.max(k.len() / 4) && *d < k.len())
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| k)
-}
-
-/// Levenshtein distance between `a` and `b`, in characters.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.iter().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
 }
 
 fn type_name(v: &DeValue<'_>) -> &'static str {
@@ -232,20 +215,19 @@ fn check_table(t: &mut DeTable<'_>, kind: &Kind, what: &str, path: &str, sink: &
             names.push(n);
         }
     }
-    let mut wrong: Vec<(String, Range<usize>, String, String)> = Vec::new();
+    // (key, its span, message, expected, help)
+    type Wrong = (String, Range<usize>, String, String, Option<String>);
+    let mut wrong: Vec<Wrong> = Vec::new();
     for (k, _) in t.iter() {
         let key: &str = k.get_ref();
         if !names.contains(&key) {
-            let msg = match did_you_mean(key, &names) {
-                Some(m) => format!("unknown key `{key}` in {what}; did you mean `{m}`?"),
-                None => format!("unknown key `{key}` in {what}"),
-            };
             let list: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
             wrong.push((
                 key.to_string(),
                 k.span(),
-                msg,
+                format!("unknown key `{key}` in {what}"),
                 format!("one of {}", list.join(", ")),
+                did_you_mean(key, &names).map(|m| format!("did you mean `{m}`?")),
             ));
         } else if let Some((tag, variants)) = orphans {
             let common_key =
@@ -259,12 +241,15 @@ fn check_table(t: &mut DeTable<'_>, kind: &Kind, what: &str, path: &str, sink: &
                     k.span(),
                     format!("`{key}` is a key of {tag} = \"{variant}\", and {what} has no `{tag}`"),
                     format!("{tag} = \"{variant}\" in {what}"),
+                    Some(format!(
+                        "set {tag} = \"{variant}\" in {what}, or remove `{key}`"
+                    )),
                 ));
             }
         }
     }
-    for (key, span, msg, expected) in wrong {
-        sink.err(&span, msg, &expected);
+    for (key, span, msg, expected, help) in wrong {
+        sink.err_help(&span, msg, &expected, help);
         t.remove(key.as_str());
     }
     for (k, v) in t.iter_mut() {
@@ -366,7 +351,12 @@ mod tests {
             .iter()
             .map(|d| {
                 let want = d.expected.as_deref().unwrap_or("");
-                format!("{}:{}: {} ({want})", d.line, d.column, d.message)
+                let help = d
+                    .help
+                    .as_deref()
+                    .map(|h| format!("; {h}"))
+                    .unwrap_or_default();
+                format!("{}:{}: {}{help} ({want})", d.line, d.column, d.message)
             })
             .collect();
         (errs, format!("{:?}", doc.get_ref()))
@@ -458,7 +448,7 @@ mod tests {
         let (e, doc) = check("[child.a]\nprogram = \"p\"\nlisten = \"x\"\n");
         assert_eq!(
             e,
-            vec!["3:1: `listen` is a key of kind = \"hook\", and [child.a] has no `kind` (kind = \"hook\" in [child.a])"]
+            vec!["3:1: `listen` is a key of kind = \"hook\", and [child.a] has no `kind`; set kind = \"hook\" in [child.a], or remove `listen` (kind = \"hook\" in [child.a])"]
         );
         assert!(!doc.contains("listen"), "{doc}");
         // A tag naming no variant (the caller reports it): every variant's keys are accepted.
@@ -480,7 +470,5 @@ mod tests {
             None,
             "a one-letter key is not a typo of another"
         );
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("", "abc"), 3);
     }
 }

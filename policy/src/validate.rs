@@ -943,19 +943,22 @@ fn lower_filesystem(p: &RawProfile, span: &Range<usize>, sink: &mut Sink<'_>) ->
             }
         }
     }
-    let mut seen: BTreeMap<PathBuf, usize> = BTreeMap::new();
+    let mut seen: BTreeMap<PathBuf, &Range<usize>> = BTreeMap::new();
     for (path, dspan) in &dests {
         match seen.get(path) {
             Some(first) => {
-                let first_line = *first;
-                sink.err(
-                    dspan,
-                    format!("duplicate mount destination `{}` (already used on line {first_line})", path.display()),
-                    "each path in the sandbox mounted, linked or created once (/proc, /dev and the workspace included)",
-                );
+                let d = sink
+                    .src
+                    .diag(
+                        dspan,
+                        format!("duplicate mount destination `{}`", path.display()),
+                        Some("each path in the sandbox mounted, linked or created once (/proc, /dev and the workspace included)"),
+                    )
+                    .with_label((*first).clone(), "first used here");
+                sink.diags.push(d);
             }
             None => {
-                seen.insert(path.clone(), sink.src.line_of(dspan.start));
+                seen.insert(path.clone(), dspan);
             }
         }
     }
@@ -1138,26 +1141,24 @@ fn lower_seccomp(p: &RawProfile, sink: &mut Sink<'_>) -> SeccompSpec {
                 if let Some(gname) = n.strip_prefix('@') {
                     match tables::group(n) {
                         Some(g) => allow.extend(g.syscalls.iter().map(|s| s.to_string())),
-                        None => sink.err(
-                            &a.span(),
-                            format!("unknown syscall group `@{gname}`"),
-                            &format!(
-                                "one of {}",
-                                tables::GROUPS
-                                    .iter()
-                                    .map(|g| g.name)
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                        ),
+                        None => {
+                            let groups: Vec<&str> = tables::GROUPS.iter().map(|g| g.name).collect();
+                            sink.err_help(
+                                &a.span(),
+                                format!("unknown syscall group `@{gname}`"),
+                                &format!("one of {}", groups.join(", ")),
+                                syscall_help(n, &groups),
+                            )
+                        }
                     }
                 } else if tables::syscall_nr(n).is_some() {
                     allow.insert(n.clone());
                 } else {
-                    sink.err(
+                    sink.err_help(
                         &a.span(),
                         format!("unknown syscall `{n}`"),
                         "an x86_64 syscall name (as in unistd_64.h) or a group such as @default",
+                        syscall_help(n, &tables::syscall_names()),
                     );
                 }
             }
@@ -1178,10 +1179,11 @@ fn lower_seccomp(p: &RawProfile, sink: &mut Sink<'_>) -> SeccompSpec {
             continue;
         };
         if tables::syscall_nr(name.get_ref()).is_none() {
-            sink.err(
+            sink.err_help(
                 &name.span(),
                 format!("unknown syscall `{}`", name.get_ref()),
                 "an x86_64 syscall name (as in unistd_64.h)",
+                syscall_help(name.get_ref(), &tables::syscall_names()),
             );
             continue;
         }
@@ -1618,4 +1620,9 @@ fn check_shadowing(rules: &[Rule], sink: &mut Sink<'_>) {
             }
         }
     }
+}
+
+/// "did you mean" for a misspelt syscall or group name, when one is close.
+fn syscall_help(name: &str, known: &[&str]) -> Option<String> {
+    crate::toml_schema::did_you_mean(name, known).map(|m| format!("did you mean `{m}`?"))
 }

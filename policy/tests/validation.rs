@@ -65,14 +65,18 @@ fn expect_err(text: &str, needle: &str, marker: &str) {
     assert!(d.expected.is_some(), "no `expected` in {d:?}");
     let (line, col) = position(text, marker);
     assert_eq!((d.line, d.column), (line, col), "wrong location for {d:?}");
-    // The rendered form carries the location and a caret line.
+    // The rendered form carries the location, the line and the span underlined with what was
+    // expected.
     let shown = d.to_string();
+    assert!(shown.starts_with("error: "), "{shown}");
     assert!(
-        shown.starts_with(&format!("t.toml:{line}:{col}: error: ")),
+        shown.contains(&format!(" --> t.toml:{line}:{col}\n")),
         "{shown}"
     );
-    assert!(shown.contains("expected: "), "{shown}");
-    assert!(shown.contains('^'), "{shown}");
+    assert!(
+        shown.contains("^ expected ") || shown.contains("^^ expected "),
+        "{shown}"
+    );
 }
 
 fn position(text: &str, marker: &str) -> (usize, usize) {
@@ -96,7 +100,11 @@ fn toml_syntax_error() {
     let errs = errors(text);
     assert_eq!(errs.len(), 1);
     assert_eq!(errs[0].line, 2, "{errs:?}");
-    assert!(errs[0].to_string().starts_with("t.toml:2:"), "{}", errs[0]);
+    assert!(
+        errs[0].to_string().contains(" --> t.toml:2:"),
+        "{}",
+        errs[0]
+    );
 }
 
 #[test]
@@ -165,9 +173,36 @@ fn unknown_syscall_name() {
     );
     expect_err(&text, "unknown syscall `teleport`", "\"teleport\"");
     ok(&policy(
-        "[profiles.p.seccomp]\nallow = [\"read\", \"fchmodat2\"]",
+        "[profiles.p.seccomp]\nallow = [\"read\", \"fchmodat2\", \"file_setattr\"]",
         "",
     ));
+}
+
+#[test]
+fn misspelt_syscalls_and_groups_get_a_suggestion() {
+    let help = |text: &str, needle: &str| {
+        errors(text)
+            .into_iter()
+            .find(|d| d.message.contains(needle))
+            .and_then(|d| d.help)
+    };
+    let text = policy("[profiles.p.seccomp]\nallow = [\"opnat\", \"@proces\"]", "");
+    assert_eq!(
+        help(&text, "`opnat`").as_deref(),
+        Some("did you mean `openat`?")
+    );
+    assert_eq!(
+        help(&text, "`@proces`").as_deref(),
+        Some("did you mean `@process`?")
+    );
+    let text = policy("[profiles.p.seccomp]\ndeny = [{ syscall = \"ptrac\" }]", "");
+    assert_eq!(
+        help(&text, "`ptrac`").as_deref(),
+        Some("did you mean `ptrace`?")
+    );
+    // Nothing close: no guess.
+    let text = policy("[profiles.p.seccomp]\nallow = [\"fly\"]", "");
+    assert_eq!(help(&text, "`fly`"), None);
 }
 
 #[test]
@@ -262,6 +297,16 @@ fn duplicate_mount_destination() {
     let second = text.rfind("\"/usr\"").unwrap_or(0);
     let line_start = text[..second].rfind('\n').map_or(0, |i| i + 1);
     assert_eq!(errs[0].column, second - line_start + 1, "{errs:#?}");
+    // ... with the first one pointed at as a secondary label
+    let first = text.find("\"/usr\"").unwrap_or(0);
+    assert_eq!(errs[0].labels.len(), 1, "{errs:#?}");
+    assert_eq!(errs[0].labels[0].span.start, first, "{errs:#?}");
+    assert_eq!(errs[0].labels[0].message, "first used here");
+    assert!(
+        errs[0].to_string().contains("- first used here"),
+        "{}",
+        errs[0]
+    );
     // clashing with the built-in /proc
     let text = policy(
         "[profiles.p.filesystem]\ntmpfs = [{ path = \"/proc\", size = \"1MiB\" }]",
@@ -450,7 +495,7 @@ fn rendering_of_a_diagnostic() {
     let text = policy("[profiles.p.limits]\nmemory = \"12 parsecs\"", "");
     let errs = errors(&text);
     let shown = errs[0].to_string();
-    let expected = "t.toml:6:10: error: impossible memory limit: unknown size unit `parsecs`\n  expected: a size: an integer number of bytes, or a string like \"64MiB\" (units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)\n   |\n 6 | memory = \"12 parsecs\"\n   |          ^";
+    let expected = "error: impossible memory limit: unknown size unit `parsecs`\n --> t.toml:6:10\n  |\n6 | memory = \"12 parsecs\"\n  |          ^^^^^^^^^^^^ expected a size: an integer number of bytes, or a string like \"64MiB\" (units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)";
     assert_eq!(shown, expected);
 }
 
