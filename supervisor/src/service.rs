@@ -98,9 +98,13 @@ pub struct RunArgs {
     /// embedded default]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Validate the configuration and the policy, say what would run, and exit
+    /// Validate the configuration and the policy, compile each child's profile for this
+    /// kernel, say what would run, and exit (0, or 78 when something is wrong)
     #[arg(long)]
     pub check: bool,
+    /// With --check: print one JSON object instead of text (schema in docs/operations.md)
+    #[arg(long, requires = "check")]
+    pub json: bool,
 }
 
 mod error;
@@ -115,8 +119,14 @@ mod setup;
 use setup::*;
 mod requests;
 use requests::*;
+mod check;
+
 /// Entry point of `carapace run`; returns the process exit code.
 pub fn run(a: RunArgs) -> i32 {
+    if a.check {
+        // Nothing is started, so nothing of systemd's environment is taken over.
+        return check::check(&a);
+    }
     // Before any thread exists: these read and remove environment variables.
     let notifier = match Notifier::from_env() {
         Ok(n) => n,
@@ -135,7 +145,12 @@ pub fn run(a: RunArgs) -> i32 {
     let (cfg, shown) = match Config::load(a.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            match &e {
+                config::ConfigErrors::Invalid(d) => {
+                    eprintln!("{}", d.render(crate::errors::stderr_wants_colour()))
+                }
+                e => eprintln!("{e}"),
+            }
             return EXIT_CONFIG;
         }
     };
@@ -145,9 +160,9 @@ pub fn run(a: RunArgs) -> i32 {
     let policy = match load_policy(&cfg) {
         Ok(p) => p,
         Err(e) => {
-            let e = error_chain(&e);
-            tracing::error!("invalid policy: {e}");
-            eprintln!("carapace: {e}");
+            tracing::error!("invalid policy: {}", error_chain(&e));
+            let shown = crate::errors::for_a_person(&e, crate::errors::stderr_wants_colour());
+            eprintln!("carapace: {shown}");
             return EXIT_CONFIG;
         }
     };
@@ -161,24 +176,6 @@ pub fn run(a: RunArgs) -> i32 {
                 return EXIT_CONFIG;
             }
         }
-    }
-    if a.check {
-        println!("configuration: {shown}: ok");
-        println!(
-            "policy: {}: ok (sha256 {})",
-            policy.files.join(", "),
-            policy.sha256
-        );
-        for (what, _, s) in &specs {
-            println!(
-                "{what}: {} {} (profile {}, workspace {})",
-                s.program.display(),
-                s.args.join(" "),
-                s.profile,
-                s.workspace.display()
-            );
-        }
-        return 0;
     }
     match start(cfg, shown, a.config, policy, specs, notifier, activated) {
         Ok(code) => code,

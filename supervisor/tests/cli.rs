@@ -733,3 +733,94 @@ fn json_for_scripts_from_check_and_verify() {
         "{v}"
     );
 }
+
+#[test]
+fn run_check_json_says_what_would_run_and_what_is_wrong() {
+    let t = tempfile::tempdir().unwrap();
+    let json = |args: &[&str]| {
+        let out = carapace(t.path(), args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+        (out.status.code(), v)
+    };
+    // The embedded default: the gateway would run under its profile.
+    let (code, v) = json(&["run", "--check", "--json"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["config"]["ok"], true, "{v}");
+    assert_eq!(v["policy"]["ok"], true, "{v}");
+    assert_eq!(
+        v["policy"]["sha256"].as_str().map(str::len),
+        Some(64),
+        "{v}"
+    );
+    assert_eq!(v["children"][0]["name"], "gateway", "{v}");
+    assert_eq!(v["children"][0]["role"], "gateway", "{v}");
+    assert_eq!(v["children"][0]["profile"], "gateway", "{v}");
+    assert_eq!(v["children"][0]["ok"], true, "{v}");
+
+    // A configuration error is located, with its suggestion, and exits 78.
+    let cfg = t.path().join("carapace.toml");
+    std::fs::write(&cfg, "[supervisor]\nlog_levle = \"info\"\n").unwrap();
+    let (code, v) = json(&[
+        "run",
+        "--check",
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(78), "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    let d = &v["config"]["diagnostics"][0];
+    assert_eq!(
+        (d["line"].clone(), d["column"].clone()),
+        (2.into(), 1.into()),
+        "{v}"
+    );
+    assert_eq!(d["help"], "did you mean `log_level`?", "{v}");
+
+    // A policy error is reported as the policy's, the configuration being fine.
+    let pol = t.path().join("policy.toml");
+    std::fs::write(
+        &pol,
+        DEFAULT.replacen("version = 1", "version = 1\nbogus = 3", 1),
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[supervisor]\npolicy = [\"{}\"]\n", pol.display()),
+    )
+    .unwrap();
+    let (code, v) = json(&[
+        "run",
+        "--check",
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(78), "{v}");
+    assert_eq!(v["config"]["ok"], true, "{v}");
+    assert_eq!(v["policy"]["ok"], false, "{v}");
+    assert!(
+        v["policy"]["diagnostics"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("bogus")),
+        "{v}"
+    );
+
+    // The text form draws the error rustc-style, without colour when not on a terminal.
+    let out = carapace(
+        t.path(),
+        &["run", "--check", "--config", cfg.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    let err = text(&out.stderr);
+    assert!(err.contains("error: unknown key `bogus`"), "{err}");
+    assert!(err.contains(&format!(" --> {}:", pol.display())), "{err}");
+    assert!(!err.contains('\x1b'), "{err}");
+    // --json only with --check.
+    assert_eq!(
+        carapace(t.path(), &["run", "--json"]).status.code(),
+        Some(2)
+    );
+}

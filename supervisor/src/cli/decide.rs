@@ -12,8 +12,9 @@ pub enum DecideError {
         #[source]
         source: std::io::Error,
     },
-    /// The policy's located errors.
-    #[error(transparent)]
+    /// The policy's located errors (shown as they are, and kept as the source so that
+    /// [`crate::errors::diagnostics_in`] finds them).
+    #[error("{0}")]
     Policy(#[from] carapace_policy::Diagnostics),
     #[error("no program given")]
     NoProgram,

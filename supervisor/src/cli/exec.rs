@@ -59,10 +59,8 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
     let policy = match load_policy(a.policy.as_deref()) {
         Ok(p) => p,
         Err(e) => {
-            return fail(
-                &format!("the policy is invalid:\n{}", error_chain(&e)),
-                EXIT_SETUP,
-            )
+            let shown = crate::errors::for_a_person(&e, crate::errors::stderr_wants_colour());
+            return fail(&format!("the policy is invalid:\n{shown}"), EXIT_SETUP);
         }
     };
     let cwd = match std::env::current_dir() {

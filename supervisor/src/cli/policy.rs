@@ -84,6 +84,7 @@ fn check_one(f: &Path) -> Checked {
 }
 
 pub(super) fn check(files: &[PathBuf], json: bool) -> i32 {
+    let colour = crate::errors::stderr_wants_colour();
     let mut failed = false;
     for f in files {
         let c = check_one(f);
@@ -97,10 +98,7 @@ pub(super) fn check(files: &[PathBuf], json: bool) -> i32 {
                 "rules": c.rules,
                 "tests_passed": c.tests_passed,
                 "unreadable": c.unreadable,
-                "errors": c.errors.iter().map(|d| serde_json::json!({
-                    "line": d.line, "column": d.column, "message": d.message,
-                    "expected": d.expected,
-                })).collect::<Vec<_>>(),
+                "errors": c.errors.iter().map(carapace_policy::Diagnostic::to_json).collect::<Vec<_>>(),
                 "notes": c.notes,
                 "failed_tests": c.failed_tests.iter().map(|(line, command, expected, got)| {
                     serde_json::json!({
@@ -115,7 +113,7 @@ pub(super) fn check(files: &[PathBuf], json: bool) -> i32 {
             eprintln!("{e}");
         }
         for d in &c.errors {
-            eprintln!("{d}");
+            eprintln!("{}\n", d.render(colour));
         }
         for n in &c.notes {
             eprintln!("{n}");

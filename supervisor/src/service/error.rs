@@ -32,8 +32,9 @@ pub enum ServiceError {
          `extends` inside it)"
     )]
     ManyPolicies,
-    /// The policy's located errors.
-    #[error(transparent)]
+    /// The policy's located errors (shown as they are, and kept as the source so that
+    /// [`crate::errors::diagnostics_in`] finds them).
+    #[error("{0}")]
     Policy(#[from] Diagnostics),
     /// A child runs under a profile the policy lacks.
     #[error(

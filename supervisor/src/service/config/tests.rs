@@ -13,7 +13,14 @@ fn errors(text: &str) -> Vec<String> {
         Err(e) => e
             .diagnostics()
             .iter()
-            .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+            .map(|d| {
+                let help = d
+                    .help
+                    .as_deref()
+                    .map(|h| format!("; {h}"))
+                    .unwrap_or_default();
+                format!("{}:{}: {}{help}", d.line, d.column, d.message)
+            })
             .collect(),
     }
 }
@@ -79,7 +86,7 @@ fn load_reads_a_file_and_reports_a_missing_one() {
     let e = Config::load(Some(&p)).expect_err("invalid");
     assert!(
         e.to_string()
-            .starts_with(&format!("{}:2:13: error: ", p.display())),
+            .contains(&format!(" --> {}:2:13\n", p.display())),
         "{e}"
     );
 }
@@ -240,12 +247,14 @@ fn display_is_located_with_expected_and_caret() {
     let e = parse("[supervisor]\nlog_level = \"loud\"\n").unwrap_err();
     let s = e.to_string();
     assert!(
-        s.starts_with("test.toml:2:13: error: unknown log level \"loud\""),
+        s.starts_with("error: unknown log level \"loud\"\n --> test.toml:2:13\n"),
         "{s}"
     );
-    assert!(s.contains("expected: one of \"error\", \"warn\""), "{s}");
     assert!(s.contains("2 | log_level = \"loud\""), "{s}");
-    assert!(s.contains("|             ^"), "{s}");
+    assert!(
+        s.contains("|             ^^^^^^ expected one of \"error\", \"warn\""),
+        "{s}"
+    );
 }
 
 #[test]
@@ -947,7 +956,16 @@ fn shape_errors_come_from_the_shared_engine() {
         .iter()
         .map(|d| {
             (
-                format!("{}:{}: {}", d.line, d.column, d.message),
+                format!(
+                    "{}:{}: {}{}",
+                    d.line,
+                    d.column,
+                    d.message,
+                    d.help
+                        .as_deref()
+                        .map(|h| format!("; {h}"))
+                        .unwrap_or_default()
+                ),
                 d.expected.clone(),
             )
         })
