@@ -14,8 +14,8 @@
 //! socket the frame came on (a `session` reply hands out another socket with the same identity).
 
 use std::io;
-use std::mem::{size_of, MaybeUninit};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -1002,18 +1002,11 @@ impl SocketError {
     }
 }
 
-/// `CMSG_SPACE` for `n` fds.
-fn cmsg_space(n: usize) -> usize {
-    // SAFETY: CMSG_SPACE is a pure arithmetic macro-function; no memory is touched.
-    unsafe { libc::CMSG_SPACE((n * size_of::<RawFd>()) as u32) as usize }
-}
-
-/// A cmsg buffer with the alignment `cmsghdr` needs.
-#[repr(C)]
-struct CmsgBuf {
-    _align: [libc::cmsghdr; 0],
-    bytes: [u8; 256],
-}
+// The descriptor plumbing below uses rustix rather than nix (which the rest of the workspace
+// uses for signals, users and mounts): nix's `RecvMsg::cmsgs` refuses to walk a control buffer
+// the kernel marked MSG_CTRUNC, so descriptors that did arrive could not be taken and would stay
+// open in the broker, a leak a confined child could repeat at will; rustix hands every received
+// descriptor out as an `OwnedFd` and closes the ones not taken when its buffer is dropped.
 
 /// Send one frame with `fds` attached (`MSG_NOSIGNAL`: a closed peer gives `EPIPE`, not a
 /// signal). On a non-blocking socket a full send buffer gives a would-block error (nothing sent).
@@ -1022,60 +1015,37 @@ pub fn send_frame(
     bytes: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), SocketError> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     if fds.len() > MAX_FDS {
         return Err(SocketError::TooManyFds(fds.len()));
     }
     if bytes.len() > MAX_FRAME {
         return Err(SocketError::TooLarge(bytes.len()));
     }
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    let mut cmsg = CmsgBuf {
-        _align: [],
-        bytes: [0; 256],
-    };
-    // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
-    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let space = cmsg_space(fds.len());
-        debug_assert!(space <= cmsg.bytes.len());
-        msg.msg_control = cmsg.bytes.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points at `space` bytes of an aligned buffer we own, large enough
-        // for one cmsghdr with fds.len() ints (space = CMSG_SPACE of that, <= 256 for <= 4 fds),
-        // so CMSG_FIRSTHDR returns a valid, aligned pointer into it and CMSG_DATA stays in it.
-        unsafe {
-            let hdr = libc::CMSG_FIRSTHDR(&msg);
-            (*hdr).cmsg_level = libc::SOL_SOCKET;
-            (*hdr).cmsg_type = libc::SCM_RIGHTS;
-            (*hdr).cmsg_len = libc::CMSG_LEN((fds.len() * size_of::<RawFd>()) as u32) as _;
-            let data = libc::CMSG_DATA(hdr).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                data.add(i).write_unaligned(fd.as_raw_fd());
-            }
-        }
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        // Cannot happen: the buffer has room for MAX_FDS, checked above.
+        return Err(SocketError::TooManyFds(fds.len()));
     }
     loop {
-        // SAFETY: msg points at live iovec/cmsg buffers for the duration of the call; the
-        // kernel only reads them. The fds in the cmsg are borrowed and valid for this call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
+        match rustix::net::sendmsg(
+            sock,
+            &[io::IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
             // SEQPACKET sends the whole datagram or nothing.
-            return Ok(());
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                return Err(SocketError::Io {
+                    syscall: "sendmsg",
+                    fd: sock.as_raw_fd(),
+                    source: e.into(),
+                })
+            }
         }
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        return Err(SocketError::Io {
-            syscall: "sendmsg",
-            fd: sock.as_raw_fd(),
-            source: err,
-        });
     }
 }
 
@@ -1087,82 +1057,39 @@ pub fn recv_frame(
     buf: &mut [u8],
     flags: i32,
 ) -> Result<Received, SocketError> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut cmsg = CmsgBuf {
-        _align: [],
-        bytes: [0; 256],
-    };
-    let space = cmsg_space(RECV_FD_ROOM);
-    debug_assert!(space <= cmsg.bytes.len());
-    // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
-    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.bytes.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = loop {
-        // SAFETY: msg points at our writable buffers (buf: buf.len() bytes; cmsg: `space` bytes,
-        // aligned for cmsghdr), alive for the duration of the call.
-        let n =
-            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
-        if n >= 0 {
-            break n as usize;
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(RECV_FD_ROOM))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let flags = RecvFlags::CMSG_CLOEXEC | RecvFlags::from_bits_retain(flags as u32);
+    let got = loop {
+        match rustix::net::recvmsg(sock, &mut [io::IoSliceMut::new(buf)], &mut control, flags) {
+            Ok(got) => break got,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                return Err(SocketError::Io {
+                    syscall: "recvmsg",
+                    fd: sock.as_raw_fd(),
+                    source: e.into(),
+                })
+            }
         }
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        return Err(SocketError::Io {
-            syscall: "recvmsg",
-            fd: sock.as_raw_fd(),
-            source: err,
-        });
     };
     let mut fds = Vec::new();
-    let mut fds_truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
-    // SAFETY: after a successful recvmsg, msg_control/msg_controllen describe the control data
-    // the kernel wrote into our buffer; CMSG_FIRSTHDR/CMSG_NXTHDR walk it within those bounds.
-    let mut hdr = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !hdr.is_null() {
-        // SAFETY: hdr is non-null and points at a cmsghdr inside our control buffer.
-        let (level, ty, len) = unsafe {
-            (
-                (*hdr).cmsg_level,
-                (*hdr).cmsg_type,
-                (*hdr).cmsg_len as usize,
-            )
-        };
-        if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
-            // SAFETY: CMSG_LEN(0) is pure arithmetic.
-            let head = unsafe { libc::CMSG_LEN(0) } as usize;
-            let count = len.saturating_sub(head) / size_of::<RawFd>();
-            // SAFETY: CMSG_DATA of a valid header points at `count` ints the kernel wrote
-            // (cmsg_len bounds them within the control buffer).
-            let data = unsafe { libc::CMSG_DATA(hdr) }.cast::<RawFd>();
-            for i in 0..count {
-                // SAFETY: i < count, within the cmsg data (read unaligned to be safe).
-                let raw = unsafe { data.add(i).read_unaligned() };
-                if raw >= 0 {
-                    // SAFETY: SCM_RIGHTS installed this fd in our table just now and nothing
-                    // else refers to it: we are its only owner.
-                    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                    if fds.len() < MAX_FDS {
-                        fds.push(fd);
-                    } else {
-                        fds_truncated = true;
-                        drop(fd);
-                    }
+    let mut fds_truncated = got.flags.contains(ReturnFlags::CTRUNC);
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            for fd in received {
+                if fds.len() < MAX_FDS {
+                    fds.push(fd);
+                } else {
+                    // Dropped here: closed.
+                    fds_truncated = true;
                 }
             }
         }
-        // SAFETY: hdr is a valid header inside msg's control buffer; CMSG_NXTHDR returns the
-        // next one within msg_controllen or null.
-        hdr = unsafe { libc::CMSG_NXTHDR(&msg, hdr) };
     }
-    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
+    let n = got.bytes;
+    let truncated = got.flags.contains(ReturnFlags::TRUNC);
     Ok(Received {
         len: n.min(buf.len()),
         eof: n == 0 && !truncated,
@@ -1174,25 +1101,18 @@ pub fn recv_frame(
 
 /// A connected `SOCK_SEQPACKET` socketpair (both ends `O_CLOEXEC`).
 pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), SocketError> {
-    let mut fds = [-1 as RawFd; 2];
-    // SAFETY: fds is a valid out-array of two ints.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(SocketError::Io {
-            syscall: "socketpair",
-            fd: -1,
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: socketpair succeeded: both fds are fresh and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| SocketError::Io {
+        syscall: "socketpair",
+        fd: -1,
+        source: e.into(),
+    })
 }
 
 #[cfg(test)]
@@ -2141,31 +2061,23 @@ mod tests {
 
     /// sendmsg with any number of fds (send_frame refuses more than MAX_FDS).
     fn send_raw_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) {
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut libc::c_void,
-            iov_len: bytes.len(),
-        };
-        let mut control = vec![0u64; 64]; // 512 bytes, 8-aligned
-                                          // SAFETY: zeroed msghdr is valid.
-        let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = cmsg_space(fds.len()) as _;
-        assert!(cmsg_space(fds.len()) <= 512);
-        // SAFETY: the control buffer is large and aligned enough for one header with fds.len()
-        // ints; the msghdr points at live buffers during sendmsg.
-        unsafe {
-            let hdr = libc::CMSG_FIRSTHDR(&msg);
-            (*hdr).cmsg_level = libc::SOL_SOCKET;
-            (*hdr).cmsg_type = libc::SCM_RIGHTS;
-            (*hdr).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
-            let data = libc::CMSG_DATA(hdr).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                data.add(i).write_unaligned(*fd);
-            }
-            assert!(libc::sendmsg(sock.as_raw_fd(), &msg, 0) >= 0);
-        }
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        // SAFETY: the test keeps every fd in `fds` open for the duration of this call.
+        let fds: Vec<BorrowedFd<'_>> = fds
+            .iter()
+            .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+            .collect();
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(
+            sock,
+            &[io::IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .expect("sendmsg");
     }
 
     /// No copy of the pipe's write end is open any more: the read end reads EOF (not EAGAIN).
