@@ -36,7 +36,7 @@ const MAX_NAME: usize = 64;
 /// Errors of the native journal socket.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("socket(AF_UNIX, SOCK_DGRAM) for the journal failed")]
+    #[error("socket(AF_UNIX, SOCK_DGRAM, O_NONBLOCK) for the journal failed")]
     Socket(#[source] io::Error),
     #[error("sendto({path}) failed")]
     Send {
@@ -202,7 +202,9 @@ pub struct JournalSocket {
 
 impl JournalSocket {
     /// A socket for `path`, checked by sending an empty datagram (journald drops it): fails
-    /// when nothing listens there.
+    /// when nothing listens there. The socket does not block: a journald that does not keep up
+    /// makes a send fail at once (the caller writes that record to stderr) instead of stalling
+    /// the thread that logs.
     pub fn open(path: &Path) -> Result<JournalSocket, JournalError> {
         // UnixDatagram sockets from std are created with SOCK_CLOEXEC.
         let socket = UnixDatagram::unbound().map_err(JournalError::Socket)?;
@@ -216,6 +218,9 @@ impl JournalSocket {
                 path: s.path.clone(),
                 source,
             })?;
+        s.socket
+            .set_nonblocking(true)
+            .map_err(JournalError::Socket)?;
         Ok(s)
     }
 
