@@ -664,6 +664,14 @@ impl Ops {
             outcome: a.outcome,
             detail: a.detail,
         };
+        let logged = (
+            rec.decision,
+            rec.op.clone(),
+            rec.target.clone(),
+            rec.who.role.clone(),
+            rec.who.profile.clone(),
+            rec.outcome.clone(),
+        );
         let log = self.audit.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut g = log
@@ -673,7 +681,10 @@ impl Ops {
         })
         .await;
         match res {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                log_decision(&logged);
+                Ok(())
+            }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "audit append failed: denying");
                 Err(e)
@@ -843,5 +854,29 @@ impl Ops {
 
 #[cfg(test)]
 mod channel_tests;
+/// An audited decision in the service's log, with its fields (`decision`, `op`, `target`,
+/// `role`, `profile`, `outcome`: `DECISION=deny OP=exec` in the journal): refusals as warnings,
+/// questions as info, allowed requests at debug (the audit log has every one of them).
+fn log_decision(l: &(AuditDecision, String, String, String, String, String)) {
+    let (d, op, target, role, profile, outcome) = l;
+    let decision = match d {
+        AuditDecision::Allow => "allow",
+        AuditDecision::Deny => "deny",
+        AuditDecision::Ask => "ask",
+        AuditDecision::Error => "error",
+    };
+    match d {
+        AuditDecision::Deny | AuditDecision::Error => {
+            tracing::warn!(decision, op = %op, target = %target, role = %role, profile = %profile, outcome = %outcome, "broker: {op} {target}: {decision}")
+        }
+        AuditDecision::Ask => {
+            tracing::info!(decision, op = %op, target = %target, role = %role, profile = %profile, outcome = %outcome, "broker: {op} {target}: {decision}")
+        }
+        AuditDecision::Allow => {
+            tracing::debug!(decision, op = %op, target = %target, role = %role, profile = %profile, outcome = %outcome, "broker: {op} {target}: {decision}")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

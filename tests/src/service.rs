@@ -121,6 +121,12 @@ pub struct StartOpts {
     /// systemd socket activation: this listener becomes the supervisor's fd 3 (`LISTEN_FDS=1`,
     /// `LISTEN_FDNAMES=gateway`). It is closed in the test process once the supervisor runs.
     pub activated: Option<TcpListener>,
+    /// Set `JOURNAL_STREAM` to the device and inode of the supervisor's stderr (its log file),
+    /// as systemd does for `StandardError=journal`.
+    pub journal_stream: bool,
+    /// A command line put in front of the supervisor's (e.g. `unshare -m ... sh -c '...;
+    /// exec "$0" "$@"'`); it must exec the supervisor, whose pid it keeps.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for StartOpts {
@@ -134,6 +140,8 @@ impl Default for StartOpts {
             rootless: false,
             gateway_profile: None,
             activated: None,
+            journal_stream: false,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -233,6 +241,21 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
         let log = dir.path().join("supervisor.log");
         let logf = fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = supervisor_command(dir.path(), &notify_path);
+        if opts.journal_stream {
+            use std::os::unix::fs::MetadataExt as _;
+            let m = logf.metadata().unwrap_or_else(|e| panic!("{e}"));
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()));
+        }
+        if let Some((first, rest)) = opts.wrapper.split_first() {
+            let mut w = Command::new(first);
+            w.args(rest).arg(cmd.get_program()).args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    w.env(k, v);
+                }
+            }
+            cmd = w;
+        }
         if let Some(l) = &opts.activated {
             // systemd socket activation: the socket at fd 3, LISTEN_PID = the supervisor's
             // pid (known only in the shell that execs it).

@@ -154,6 +154,7 @@ pub(super) fn describe_exit(r: &ExitReport) -> String {
 
 /// Relay a child's output, line by line, to the log.
 pub(super) fn relay(name: String, stream: &'static str, fd: OwnedFd) {
+    let child = name.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("carapace-log-{name}"))
         .spawn(move || {
@@ -187,7 +188,7 @@ pub(super) fn relay(name: String, stream: &'static str, fd: OwnedFd) {
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!("cannot relay the output of {stream}: {e}");
+        tracing::warn!(child = %child, stream, "cannot relay the output: {e}");
     }
 }
 

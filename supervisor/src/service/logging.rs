@@ -1,28 +1,43 @@
-//! The supervisor's log: `tracing` events written to stderr, one line per event, in one of
-//! three formats (chosen by `log_format` in the configuration):
+//! The supervisor's log: `tracing` events, one record per event, in one of three formats
+//! (chosen by `log_format` in the configuration):
 //!
-//! - **text**: `2026-11-21T14:30:16.123456Z  INFO message key=value ...` (a terminal, a file);
-//! - **journal**: `<6>message key=value ...`: no timestamp (journald adds its own) and the
-//!   syslog priority as a `<N>` prefix, which systemd turns into the record's PRIORITY
-//!   (`SyslogLevelPrefix=`, on by default): error 3, warn 4, info 6, debug and trace 7;
+//! - **text**: `2026-11-21T14:30:16.123456Z  INFO message key=value ...` on stderr (a
+//!   terminal, a file);
+//! - **journal**: when stderr is connected to the journal, each event is sent through journald's
+//!   native protocol ([`journal`]) with every field as a journal field (`CHILD=gateway`,
+//!   `DECISION=deny`, ...) beside `MESSAGE`, `PRIORITY`, `SYSLOG_IDENTIFIER=carapace`,
+//!   `CODE_FILE`, `CODE_LINE` and `TARGET`. Otherwise (stderr is not the journal stream, the
+//!   native socket cannot be reached, or a send fails) `<6>message key=value ...` lines on
+//!   stderr: no timestamp (journald adds its own) and the syslog priority as a `<N>` prefix,
+//!   which systemd turns into the record's PRIORITY (`SyslogLevelPrefix=`, on by default):
+//!   error 3, warn 4, info 6, debug and trace 7;
 //! - **json**: `{"ts":..,"level":..,"target":..,"message":..,<fields>..}` for log shippers
 //!   (a field named like one of the four fixed keys is written as `field.<name>`).
 //!
-//! `auto` is journal when stderr is connected to the journal (`JOURNAL_STREAM` set, as systemd
-//! does for `StandardError=journal`), else text. Newlines and other control characters in
-//! messages and fields are escaped (`\n`), so a child's output relayed into a field cannot forge
-//! a line of its own. `CARAPACE_LOG` (an `EnvFilter` directive such as
+//! `auto` is journal when stderr is connected to the journal (`JOURNAL_STREAM` names the
+//! device and inode of fd 2, as systemd sets it for `StandardError=journal`), else text.
+//! Newlines and other control characters in messages and fields of lines are escaped (`\n`), so
+//! a child's output relayed into a field cannot forge a line of its own; native records carry
+//! such values length-prefixed. `CARAPACE_LOG` (an `EnvFilter` directive such as
 //! `info,carapace_broker=debug`) overrides the configured level.
 
 use std::fmt::{self, Write as _};
+use std::io::Write as _;
+use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+pub mod journal;
+use journal::{JournalSocket, Origin};
 
 /// Environment variable overriding the configured level with an `EnvFilter` directive.
 pub const LOG_ENV: &str = "CARAPACE_LOG";
@@ -30,7 +45,7 @@ pub const LOG_ENV: &str = "CARAPACE_LOG";
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
-    /// Journal when `JOURNAL_STREAM` is set, else text.
+    /// Journal when stderr is the journal stream (`JOURNAL_STREAM`), else text.
     Auto,
     Text,
     Journal,
@@ -62,9 +77,10 @@ impl fmt::Display for LogFormat {
 }
 
 impl LogFormat {
-    /// `Auto` decided: journal when `JOURNAL_STREAM` is set, else text; others unchanged.
+    /// `Auto` decided: journal when stderr is connected to the journal
+    /// ([`journal::stderr_is_journal`]), else text; others unchanged.
     pub fn resolve(self) -> LogFormat {
-        self.resolve_with(std::env::var_os("JOURNAL_STREAM").is_some())
+        self.resolve_with(journal::stderr_is_journal())
     }
 
     fn resolve_with(self, journal_stream: bool) -> LogFormat {
@@ -85,21 +101,98 @@ pub enum LoggingError {
     AlreadySet(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Install the global subscriber: events at `level` and above (or as `CARAPACE_LOG` says),
-/// written to stderr in `format` ([`LogFormat::Auto`] resolved here).
+/// Install the global subscriber: events at `level` and above (or as `CARAPACE_LOG` says), in
+/// `format` ([`LogFormat::Auto`] resolved here): native journal records when the format is
+/// journal and stderr is the journal stream, else lines on stderr.
 pub fn init(format: LogFormat, level: Level) -> Result<(), LoggingError> {
     let filter = tracing_subscriber::EnvFilter::builder()
         .with_default_directive(tracing_subscriber::filter::LevelFilter::from_level(level).into())
         .with_env_var(LOG_ENV)
         .from_env()
         .map_err(LoggingError::Filter)?;
+    let connected = journal::stderr_is_journal();
+    let format = format.resolve_with(connected);
+    let mut unreachable = None;
+    if format == LogFormat::Journal && connected {
+        match JournalSocket::open(Path::new(journal::JOURNAL_SOCKET)) {
+            Ok(socket) => {
+                return tracing_subscriber::registry()
+                    .with(filter)
+                    .with(JournalLayer::new(socket))
+                    .try_init()
+                    .map_err(|e| LoggingError::AlreadySet(Box::new(e)));
+            }
+            Err(e) => unreachable = Some(crate::errors::error_chain(&e)),
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .event_format(EventFormat::new(format.resolve()))
+        .event_format(EventFormat::new(format))
         .try_init()
-        .map_err(LoggingError::AlreadySet)
+        .map_err(LoggingError::AlreadySet)?;
+    if let Some(e) = unreachable {
+        tracing::warn!(
+            error = %e,
+            "journald's native socket is not reachable: logging <N> lines to stderr"
+        );
+    }
+    Ok(())
+}
+
+/// Sends each event to journald as a native record ([`journal::encode`]); an event whose send
+/// fails is written to stderr as a journal line instead, and the first such failure is said
+/// there once.
+#[derive(Debug)]
+pub struct JournalLayer {
+    socket: JournalSocket,
+    failed: AtomicBool,
+}
+
+impl JournalLayer {
+    pub fn new(socket: JournalSocket) -> JournalLayer {
+        JournalLayer {
+            socket,
+            failed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for JournalLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let spans: Vec<String> = ctx
+            .event_scope(event)
+            .map(|scope| scope.from_root().map(|s| s.name().to_string()).collect())
+            .unwrap_or_default();
+        let meta = event.metadata();
+        let record = journal::encode(Origin::of(meta), &spans, &fields);
+        if let Err(e) = self.socket.send(&record) {
+            let mut out = String::new();
+            if !self.failed.swap(true, Ordering::Relaxed) {
+                let _ = writeln!(
+                    out,
+                    "<4>journald's native socket failed, this and later failed records go to \
+                     stderr: {}",
+                    crate::errors::error_chain(&e).replace('\n', " ")
+                );
+            }
+            out.push_str(&render(
+                LogFormat::Journal,
+                SystemTime::now(),
+                meta,
+                &spans,
+                fields,
+            ));
+            out.push('\n');
+            let _ = std::io::stderr().lock().write_all(out.as_bytes());
+        }
+    }
 }
 
 /// The line format of one event (a `tracing_subscriber` [`FormatEvent`]); [`init`] installs it,

@@ -6,6 +6,22 @@
 //! systemd we are ready, reloading or stopping; with `NotifyAccess=main` systemd ignores it
 //! anyway, but it has no business knowing the socket). Call [`Notifier::from_env`] and
 //! [`listen_fds`] early in `main`, before other threads read the environment.
+//!
+//! The messages themselves (`READY=1`, `RELOADING=1`, `MONOTONIC_USEC=`, `STOPPING=1`,
+//! `WATCHDOG=1`, `STATUS=`) and the monotonic clock come from the `sd-notify` crate
+//! ([`NotifyState`]). The rest is written here because the crate's functions do not fit:
+//! - `sd_notify::notify` reads `NOTIFY_SOCKET` from the environment at every call, so it sends
+//!   nothing once the variable is removed (and its `*_and_unset_env` variants unset it only at
+//!   their call, process-wide, when threads and children already exist); it also connects to
+//!   the value as a path, so an abstract socket (`@name`, which sd_notify(3) allows) is never
+//!   reached. The socket is read once here and kept in the [`Notifier`].
+//! - `sd_notify::watchdog_enabled` reads the environment only, ignores a malformed
+//!   `WATCHDOG_USEC` or `WATCHDOG_PID` (a malformed pid even enables the watchdog for us) and
+//!   accepts `WATCHDOG_USEC=0`; sd_watchdog_enabled(3) fails on all three, as
+//!   [`Notifier::from_vars`] does.
+//! - `sd_notify::listen_fds_with_names` reads the environment only and hands out raw fds; here
+//!   the values are parsed as given (tested without touching the environment), the count is
+//!   bounded, and the fds become `OwnedFd`s exactly once ([`listen_fds`]).
 
 use std::ffi::OsStr;
 use std::io;
@@ -16,6 +32,8 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use sd_notify::NotifyState;
 
 /// `NOTIFY_SOCKET`: where systemd listens for our notifications.
 pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
@@ -92,21 +110,22 @@ pub struct Notifier {
     watchdog_usec: Option<u64>,
 }
 
-/// Current CLOCK_MONOTONIC in microseconds, as `MONOTONIC_USEC=` wants it.
+/// Current CLOCK_MONOTONIC in microseconds, as `MONOTONIC_USEC=` wants it (0 if the clock
+/// cannot be read, which Linux does not allow to happen).
 fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux, so
-    // the call cannot fail (it is checked anyway: on failure ts stays 0).
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
+    match NotifyState::monotonic_usec_now() {
+        Ok(NotifyState::MonotonicUsec(us)) => u64::try_from(us).unwrap_or(0),
+        _ => 0,
     }
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000)
-        .saturating_add(ts.tv_nsec as u64 / 1_000)
+}
+
+/// The message of `states`: one `KEY=value` assignment per line.
+fn message(states: &[NotifyState<'_>]) -> String {
+    states
+        .iter()
+        .map(NotifyState::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One line of a STATUS= value: systemd reads one assignment per line.
@@ -214,28 +233,37 @@ impl Notifier {
 
     /// `READY=1` with a status line.
     pub fn ready(&self, status: &str) -> Result<(), NotifyError> {
-        self.notify(&format!("READY=1\nSTATUS={}", one_line(status)))
+        let status = one_line(status);
+        self.notify(&message(&[
+            NotifyState::Ready,
+            NotifyState::Status(&status),
+        ]))
     }
 
     /// `RELOADING=1` with the current `MONOTONIC_USEC` (required by `Type=notify-reload`, and
     /// harmless with `Type=notify`); send [`Notifier::ready`] when the reload is done.
     pub fn reloading(&self) -> Result<(), NotifyError> {
-        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()))
+        let now = i128::from(monotonic_usec());
+        self.notify(&message(&[
+            NotifyState::Reloading,
+            NotifyState::MonotonicUsec(now),
+        ]))
     }
 
     /// `STOPPING=1`.
     pub fn stopping(&self) -> Result<(), NotifyError> {
-        self.notify("STOPPING=1")
+        self.notify(&message(&[NotifyState::Stopping]))
     }
 
     /// `WATCHDOG=1` (send it every [`Notifier::watchdog_interval`]).
     pub fn watchdog(&self) -> Result<(), NotifyError> {
-        self.notify("WATCHDOG=1")
+        self.notify(&message(&[NotifyState::Watchdog]))
     }
 
     /// `STATUS=<one line>`, shown by `systemctl status`.
     pub fn status(&self, status: &str) -> Result<(), NotifyError> {
-        self.notify(&format!("STATUS={}", one_line(status)))
+        let status = one_line(status);
+        self.notify(&message(&[NotifyState::Status(&status)]))
     }
 
     /// How often to send `WATCHDOG=1`: half the unit's `WatchdogSec=`, as sd_watchdog_enabled(3)

@@ -1,6 +1,7 @@
 //! Unit tests of `logging`.
 
 use super::*;
+use std::ffi::OsStr;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -145,4 +146,241 @@ fn format_names_and_auto() {
     assert_eq!(LogFormat::Json.resolve_with(true), LogFormat::Json);
     assert_eq!(syslog_priority(&Level::ERROR), 3);
     assert_eq!(syslog_priority(&Level::TRACE), 7);
+}
+
+// ------------------------------------------------------------------------------------------
+// The native journal protocol
+
+use journal::{field_name, put_field, stream_matches, JournalSocket};
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+/// The fields of one native record, decoding both forms (`K=v\n` and `K\n<len>v\n`).
+fn parse_record(mut b: &[u8]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    while !b.is_empty() {
+        let end = b.iter().position(|&c| c == b'\n' || c == b'=').unwrap();
+        let name = String::from_utf8(b[..end].to_vec()).unwrap();
+        let value;
+        if b[end] == b'=' {
+            let nl = end + b[end..].iter().position(|&c| c == b'\n').unwrap();
+            value = b[end + 1..nl].to_vec();
+            b = &b[nl + 1..];
+        } else {
+            let len = u64::from_le_bytes(b[end + 1..end + 9].try_into().unwrap()) as usize;
+            value = b[end + 9..end + 9 + len].to_vec();
+            assert_eq!(b[end + 9 + len], b'\n', "binary value ends with a newline");
+            b = &b[end + 10 + len..];
+        }
+        out.entry(name)
+            .or_default()
+            .push(String::from_utf8(value).unwrap());
+    }
+    out
+}
+
+/// A bound datagram socket standing in for journald, and a [`JournalSocket`] aimed at it.
+fn fake_journal() -> (tempfile::TempDir, UnixDatagram, JournalSocket) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("socket");
+    let server = UnixDatagram::bind(&path).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let sock = JournalSocket::open(&path).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        server.recv(&mut buf).unwrap(),
+        0,
+        "the probe is an empty datagram"
+    );
+    (dir, server, sock)
+}
+
+fn one(r: &BTreeMap<String, Vec<String>>, k: &str) -> String {
+    match r.get(k).map(Vec::as_slice) {
+        Some([v]) => v.clone(),
+        other => panic!("{k}: {other:?} in {r:?}"),
+    }
+}
+
+#[test]
+fn field_names_are_journal_names() {
+    assert_eq!(field_name("child"), "CHILD");
+    assert_eq!(field_name("after_ms"), "AFTER_MS");
+    assert_eq!(field_name("http.status"), "HTTP_STATUS");
+    assert_eq!(field_name("r#type"), "R_TYPE");
+    assert_eq!(field_name("_hidden"), "HIDDEN");
+    assert_eq!(field_name("__pid"), "PID");
+    assert_eq!(field_name("größe"), "GR__E");
+    assert_eq!(field_name("2nd"), "FIELD_2ND");
+    assert_eq!(field_name("_"), "FIELD");
+    // What the writer sets, and the protocol's own, cannot be overridden by a field.
+    for (f, j) in [
+        ("message", "FIELD_MESSAGE"),
+        ("priority", "FIELD_PRIORITY"),
+        ("target", "FIELD_TARGET"),
+        ("syslog_identifier", "FIELD_SYSLOG_IDENTIFIER"),
+        ("code_line", "FIELD_CODE_LINE"),
+        ("message_id", "FIELD_MESSAGE_ID"),
+    ] {
+        assert_eq!(field_name(f), j);
+    }
+    let long = "x".repeat(100);
+    assert_eq!(field_name(&long), "X".repeat(64));
+    for n in ["child", "http.status", "_x", "2nd", "a-b c", "target", "é"] {
+        let j = field_name(n);
+        assert!(
+            !j.starts_with('_') && !j.starts_with(|c: char| c.is_ascii_digit()),
+            "{j}"
+        );
+        assert!(
+            j.bytes()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_'),
+            "{j}"
+        );
+    }
+}
+
+#[test]
+fn put_field_uses_the_binary_form_for_newlines() {
+    let mut b = Vec::new();
+    put_field(&mut b, "CHILD", b"gateway");
+    assert_eq!(b, b"CHILD=gateway\n");
+    let mut b = Vec::new();
+    put_field(&mut b, "REASON", b"exit 1\nforged=line");
+    let mut want = b"REASON\n".to_vec();
+    want.extend_from_slice(&18u64.to_le_bytes());
+    want.extend_from_slice(b"exit 1\nforged=line\n");
+    assert_eq!(b, want);
+    // An `=` in a value needs no escaping: the name ends at the first one.
+    let mut b = Vec::new();
+    put_field(&mut b, "A", b"b=c");
+    assert_eq!(b, b"A=b=c\n");
+}
+
+#[test]
+fn events_become_native_records_with_their_fields() {
+    let (_dir, server, sock) = fake_journal();
+    let sub = tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::DEBUG)
+        .with(JournalLayer::new(sock));
+    tracing::subscriber::with_default(sub, || {
+        sample();
+        let s = tracing::info_span!("reload");
+        let _g = s.enter();
+        tracing::warn!(
+            decision = "deny",
+            op = "exec",
+            target = "/usr/bin/echo",
+            "refused"
+        );
+    });
+    let mut records = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..5 {
+        let n = server.recv(&mut buf).unwrap();
+        records.push(parse_record(&buf[..n]));
+    }
+    let r = &records[0];
+    assert_eq!(one(r, "MESSAGE"), "started");
+    assert_eq!(one(r, "PRIORITY"), "6");
+    assert_eq!(one(r, "SYSLOG_IDENTIFIER"), "carapace");
+    assert_eq!(one(r, "CHILD"), "gateway");
+    assert_eq!(one(r, "PID"), "42");
+    assert_eq!(
+        one(r, "TARGET"),
+        "carapace_supervisor::service::logging::tests"
+    );
+    assert!(one(r, "CODE_FILE").ends_with("logging/tests.rs"), "{r:?}");
+    assert!(one(r, "CODE_LINE").parse::<u32>().unwrap() > 0);
+    // A value with a newline arrives whole (binary-safe form), not escaped.
+    assert_eq!(one(&records[1], "REASON"), "exit 1\nforged line");
+    assert_eq!(one(&records[1], "PRIORITY"), "4");
+    assert_eq!(one(&records[2], "MESSAGE"), "broken\npolicy");
+    assert_eq!(one(&records[2], "PRIORITY"), "3");
+    assert_eq!(one(&records[3], "PRIORITY"), "7");
+    let r = &records[4];
+    assert_eq!(one(r, "MESSAGE"), "reload: refused");
+    assert_eq!(one(r, "DECISION"), "deny");
+    assert_eq!(one(r, "OP"), "exec");
+    assert_eq!(one(r, "FIELD_TARGET"), "/usr/bin/echo");
+    assert_eq!(
+        one(r, "TARGET"),
+        "carapace_supervisor::service::logging::tests"
+    );
+}
+
+#[test]
+fn a_large_record_goes_in_a_sealed_memfd() {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::io::{IoSliceMut, Read as _, Seek as _};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let (_dir, server, sock) = fake_journal();
+    let mut record = Vec::new();
+    put_field(&mut record, "MESSAGE", "x".repeat(300_000).as_bytes());
+    // Larger than any datagram the default buffers take: `send` falls back to the memfd.
+    sock.send(&record).unwrap();
+    let mut data = [0u8; 16];
+    let mut iov = [IoSliceMut::new(&mut data)];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        server.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(msg.bytes, 0, "the datagram itself is empty");
+    let fd = msg
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        })
+        .expect("a descriptor");
+    // SAFETY: the descriptor was just received through SCM_RIGHTS and is owned by nobody else.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let seals = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GET_SEALS).unwrap();
+    assert_ne!(seals & libc::F_SEAL_WRITE, 0, "sealed against writes");
+    // The descriptor shares the sender's file offset (at the end): read from the start.
+    f.seek(io::SeekFrom::Start(0)).unwrap();
+    let mut got = Vec::new();
+    f.read_to_end(&mut got).unwrap();
+    assert!(
+        got == record,
+        "{} bytes read, {} sent",
+        got.len(),
+        record.len()
+    );
+}
+
+#[test]
+fn no_journal_socket_no_native_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = JournalSocket::open(&dir.path().join("socket")).expect_err("nobody listens");
+    assert!(e.to_string().contains("socket"), "{e}");
+}
+
+#[test]
+fn journal_stream_must_name_stderr_itself() {
+    let f = tempfile::tempfile().unwrap();
+    let st = nix::sys::stat::fstat(&f).unwrap();
+    let ours = format!("{}:{}", st.st_dev, st.st_ino);
+    assert!(stream_matches(Some(OsStr::new(&ours)), f.as_fd()));
+    // The variable inherited from a parent whose stderr was the journal: another inode.
+    let other = format!("{}:{}", st.st_dev, st.st_ino + 1);
+    assert!(!stream_matches(Some(OsStr::new(&other)), f.as_fd()));
+    let other_dev = format!("{}:{}", st.st_dev + 1, st.st_ino);
+    assert!(!stream_matches(Some(OsStr::new(&other_dev)), f.as_fd()));
+    // A pipe (what a child's stderr is under the supervisor) with the file's value.
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    assert!(!stream_matches(Some(OsStr::new(&ours)), r.as_fd()));
+    for bad in ["", "12", "a:b", "1:2:3", "-1:5"] {
+        assert!(!stream_matches(Some(OsStr::new(bad)), f.as_fd()), "{bad}");
+    }
+    assert!(!stream_matches(None, f.as_fd()));
 }
