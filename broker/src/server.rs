@@ -168,6 +168,51 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
 }
 
+/// What became of a handled request, as its reply says: the label the supervisor's metrics
+/// count it under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Answered `ok` (including an `ask` the operator allowed).
+    Allow,
+    /// Refused by the policy or by the operator (`denied`).
+    Deny,
+    /// Waited for an operator's approval that was not given in time (`pending`).
+    Ask,
+    /// Any other error (bad request, not found, unavailable, internal...).
+    Error,
+}
+
+impl Outcome {
+    /// The outcome a reply stands for.
+    pub fn of(reply: &Reply) -> Outcome {
+        match reply {
+            Reply::Ok(_) => Outcome::Allow,
+            Reply::Err(e) if e.code == ErrorCode::Denied => Outcome::Deny,
+            Reply::Err(e) if e.code == ErrorCode::Pending => Outcome::Ask,
+            Reply::Err(_) => Outcome::Error,
+        }
+    }
+
+    /// Label value: `allow`, `deny`, `ask` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Ask => "ask",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Told of every request a [`Handler`] answered: its op, its [`Outcome`] and the time from the
+/// frame's arrival to its reply being ready for the peer. Called on the server's task: it must
+/// not block (count, do not write). Requests the server refuses itself (malformed, over the
+/// rate, busy) and `session` do not reach it; a request cancelled because its peer went away
+/// is not reported.
+pub trait Observer: Send + Sync + 'static {
+    fn request_done(&self, op: &'static str, outcome: Outcome, elapsed: Duration);
+}
+
 /// A token bucket rate for one peer's requests.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
@@ -234,12 +279,14 @@ pub struct Server {
 struct Inner {
     handler: Arc<dyn Handler>,
     limits: PeerLimits,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
             .field("limits", &self.inner.limits)
+            .field("observer", &self.inner.observer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -247,7 +294,22 @@ impl fmt::Debug for Server {
 impl Server {
     pub fn new(handler: Arc<dyn Handler>, limits: PeerLimits) -> Self {
         Server {
-            inner: Arc::new(Inner { handler, limits }),
+            inner: Arc::new(Inner {
+                handler,
+                limits,
+                observer: None,
+            }),
+        }
+    }
+
+    /// The same server, telling `observer` of every answered request (see [`Observer`]).
+    pub fn with_observer(self, observer: Arc<dyn Observer>) -> Self {
+        Server {
+            inner: Arc::new(Inner {
+                handler: self.inner.handler.clone(),
+                limits: self.inner.limits.clone(),
+                observer: Some(observer),
+            }),
         }
     }
 
@@ -398,13 +460,16 @@ fn queue(tx: &mpsc::Sender<Outgoing>, out: Outgoing) -> bool {
 
 /// Run a handler and turn its response into an outgoing frame; returns the follow-up if any.
 async fn handle_one(
-    handler: Arc<dyn Handler>,
+    inner: Arc<Inner>,
     who: Arc<Identity>,
     id: u64,
     req: Request,
     tx: mpsc::Sender<Outgoing>,
     overflow: Arc<Notify>,
+    received: Instant,
 ) -> Option<FollowUp> {
+    let op = req.op();
+    let handler = inner.handler.clone();
     let Response {
         reply,
         fds,
@@ -420,6 +485,9 @@ async fn handle_one(
             None,
         )
     } else {
+        if let Some(observer) = &inner.observer {
+            observer.request_done(op, Outcome::of(&reply), received.elapsed());
+        }
         match encode_reply(id, &reply) {
             Ok(bytes) => {
                 let follow_up = if matches!(reply, Reply::Ok(_)) {
@@ -538,6 +606,7 @@ impl PeerState {
                 return self.malformed(id, body.code, body.message);
             }
         };
+        let received = Instant::now();
         let id = frame.id;
         if self.busy_ids.contains(&id) {
             return self.reply_error(
@@ -570,12 +639,13 @@ impl PeerState {
             );
         };
         let mut fut: Pin<Box<dyn Future<Output = Option<FollowUp>> + Send>> = Box::pin(handle_one(
-            self.inner.handler.clone(),
+            self.inner.clone(),
             self.who.clone(),
             id,
             frame.request,
             self.tx.clone(),
             self.overflow.clone(),
+            received,
         ));
         // Most requests are answered without waiting (ping, denials, lookups): poll once
         // inline and skip a task spawn. A future that is not ready is spawned; the runtime
@@ -1067,6 +1137,71 @@ mod tests {
             }
         }
         panic!("peer socket was not closed");
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(&'static str, Outcome, Duration)>>);
+    impl Observer for Seen {
+        fn request_done(&self, op: &'static str, outcome: Outcome, elapsed: Duration) {
+            lock(&self.0).push((op, outcome, elapsed));
+        }
+    }
+
+    #[test]
+    fn the_observer_sees_each_answered_request_with_its_outcome() {
+        let mut h = harness(PeerLimits::default());
+        let seen = Arc::new(Seen::default());
+        h.server = h.server.clone().with_observer(seen.clone());
+        let (fd, _task) = h.peer(1);
+        req(&fd, 1, &Request::Ping {});
+        reply(&fd);
+        req(
+            &fd,
+            2,
+            &Request::Open {
+                path: "/etc/shadow".into(),
+                access: Access::Read,
+            },
+        );
+        reply(&fd);
+        req(
+            &fd,
+            3,
+            &Request::Connect {
+                host: "x".into(),
+                port: 1,
+            },
+        );
+        reply(&fd);
+        // `session` is the server's own: not observed.
+        req(&fd, 4, &Request::Session {});
+        reply(&fd);
+        let seen: Vec<_> = lock(&seen.0).iter().map(|(o, d, _)| (*o, *d)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("ping", Outcome::Allow),
+                ("open", Outcome::Deny),
+                ("connect", Outcome::Error)
+            ]
+        );
+    }
+
+    #[test]
+    fn outcomes_follow_the_reply() {
+        assert_eq!(Outcome::of(&Reply::Ok(OkReply::Ping {})), Outcome::Allow);
+        assert_eq!(
+            Outcome::of(&Reply::err(ErrorCode::Denied, "")),
+            Outcome::Deny
+        );
+        assert_eq!(
+            Outcome::of(&Reply::err(ErrorCode::Pending, "")),
+            Outcome::Ask
+        );
+        assert_eq!(
+            Outcome::of(&Reply::err(ErrorCode::Busy, "")),
+            Outcome::Error
+        );
     }
 
     #[test]
