@@ -53,6 +53,7 @@ use carapace_broker::sync::{lock, read, write};
 use carapace_policy::{Policy, Target};
 use carapace_sandbox::program::OpenedProgram;
 
+use crate::service::metrics::Metrics;
 use carapace_sandbox::cgroup;
 use carapace_sandbox::fds::Pipe;
 use carapace_sandbox::namespaces::RunAs;
@@ -60,7 +61,6 @@ use carapace_sandbox::report::ExitReport;
 use carapace_sandbox::run::{self, Limits, Run};
 use carapace_sandbox::spawn::{ChildIo, LaunchOptions};
 use carapace_sandbox::Privilege;
-use crate::service::metrics::Metrics;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]

@@ -177,9 +177,7 @@ impl Metrics {
             m.children_up.clone(),
         );
         let build_info: Family<VersionLabels, Gauge> = Family::default();
-        build_info
-            .get_or_create(&VersionLabels { version })
-            .set(1);
+        build_info.get_or_create(&VersionLabels { version }).set(1);
         registry.register(
             "build_info",
             "Always 1; the version of the running carapace",

@@ -988,7 +988,13 @@ fn metrics_listener() {
     assert_eq!(parse("").unwrap().metrics.listen, None);
     let c = parse("[metrics]\nlisten = \"127.0.0.1:9464\"\n").unwrap();
     assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
-    assert_eq!(parse("[metrics]\nlisten = \"none\"\n").unwrap().metrics.listen, None);
+    assert_eq!(
+        parse("[metrics]\nlisten = \"none\"\n")
+            .unwrap()
+            .metrics
+            .listen,
+        None
+    );
     let e = errors("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
     assert!(
         has(

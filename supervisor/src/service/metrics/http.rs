@@ -112,16 +112,17 @@ async fn answer(
     scrape: Scrape,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET || req.uri().path() != "/metrics" {
-        return Ok(plain(StatusCode::NOT_FOUND, "not found; try GET /metrics\n"));
+        return Ok(plain(
+            StatusCode::NOT_FOUND,
+            "not found; try GET /metrics\n",
+        ));
     }
     let text = tokio::task::spawn_blocking(move || scrape()).await;
     Ok(match text {
         Ok(Ok(text)) => {
             let mut r = Response::new(Full::new(Bytes::from(text)));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(super::CONTENT_TYPE),
-            );
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(super::CONTENT_TYPE));
             r
         }
         Ok(Err(e)) => {

@@ -83,7 +83,10 @@ fn a_denial_counts_for_its_op_and_nowhere_else() {
     m.request_done("connect", Outcome::Allow, Duration::from_millis(3));
     m.request_done("exec", Outcome::Ask, Duration::from_secs(120));
     let text = m.encode(&Snapshot::default()).unwrap();
-    assert_eq!(value(&text, "carapace_denials_total{op=\"open\"}"), Some(2.0));
+    assert_eq!(
+        value(&text, "carapace_denials_total{op=\"open\"}"),
+        Some(2.0)
+    );
     assert_eq!(value(&text, "carapace_denials_total{op=\"connect\"}"), None);
     assert_eq!(
         value(
@@ -115,12 +118,18 @@ fn the_histogram_observes_into_its_buckets() {
     m.request_done("connect", Outcome::Error, Duration::from_secs(10));
     let text = m.encode(&Snapshot::default()).unwrap();
     let h = "carapace_broker_request_duration_seconds";
-    assert_eq!(value(&text, &format!("{h}_count{{op=\"connect\"}}")), Some(2.0));
+    assert_eq!(
+        value(&text, &format!("{h}_count{{op=\"connect\"}}")),
+        Some(2.0)
+    );
     let sum = value(&text, &format!("{h}_sum{{op=\"connect\"}}")).unwrap();
     assert!((sum - 10.003).abs() < 1e-6, "{sum}");
     // 3 ms: not in the 2.5 ms bucket, in the 5 ms one; 10 s only in +Inf.
     assert_eq!(
-        value(&text, &format!("{h}_bucket{{le=\"0.0025\",op=\"connect\"}}")),
+        value(
+            &text,
+            &format!("{h}_bucket{{le=\"0.0025\",op=\"connect\"}}")
+        ),
         Some(0.0),
         "{text}"
     );
@@ -137,7 +146,10 @@ fn the_histogram_observes_into_its_buckets() {
         Some(2.0)
     );
     assert_eq!(
-        value(&text, &format!("{h}_bucket{{le=\"0.0001\",op=\"connect\"}}")),
+        value(
+            &text,
+            &format!("{h}_bucket{{le=\"0.0001\",op=\"connect\"}}")
+        ),
         Some(0.0)
     );
 }
@@ -179,7 +191,10 @@ fn spawns_restarts_and_the_state_read_at_scrape_time() {
         value(&text, "carapace_children_up{child=\"gateway\"}"),
         Some(1.0)
     );
-    assert_eq!(value(&text, "carapace_children_up{child=\"tg\"}"), Some(0.0));
+    assert_eq!(
+        value(&text, "carapace_children_up{child=\"tg\"}"),
+        Some(0.0)
+    );
     // A child no longer configured leaves the family.
     let text = m.encode(&Snapshot::default()).unwrap();
     assert_eq!(value(&text, "carapace_children_up{child=\"tg\"}"), None);
@@ -246,7 +261,8 @@ fn the_http_listener_serves_get_metrics_only() {
     assert!(!r.starts_with("HTTP/1.1 200"), "{r}");
     // A client that never finishes its head is cut off after the head timeout.
     let mut slow = std::net::TcpStream::connect(addr).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     slow.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
     let t = std::time::Instant::now();
     let mut sink = Vec::new();
