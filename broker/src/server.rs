@@ -111,6 +111,9 @@ pub struct Response {
     pub reply: Reply,
     pub fds: Vec<OwnedFd>,
     pub follow_up: Option<FollowUp>,
+    /// The policy asked an operator before this answer (an `ask` rule): what the
+    /// [`Observer`] counts it as, whatever the operator said.
+    pub asked: bool,
 }
 
 impl fmt::Debug for Response {
@@ -119,6 +122,7 @@ impl fmt::Debug for Response {
             .field("reply", &self.reply)
             .field("fds", &self.fds)
             .field("follow_up", &self.follow_up.is_some())
+            .field("asked", &self.asked)
             .finish()
     }
 }
@@ -130,6 +134,7 @@ impl Response {
             reply: Reply::Ok(reply),
             fds: Vec::new(),
             follow_up: None,
+            asked: false,
         }
     }
 
@@ -139,12 +144,19 @@ impl Response {
             reply: Reply::err(code, message),
             fds: Vec::new(),
             follow_up: None,
+            asked: false,
         }
     }
 
     /// Attach fds (in the order the protocol documents for the reply).
     pub fn with_fds(mut self, fds: Vec<OwnedFd>) -> Response {
         self.fds = fds;
+        self
+    }
+
+    /// Mark it as answered after asking an operator.
+    pub fn asked(mut self, asked: bool) -> Response {
+        self.asked = asked;
         self
     }
 
@@ -168,24 +180,24 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
 }
 
-/// What became of a handled request, as its reply says: the label the supervisor's metrics
-/// count it under.
+/// How a handled request was decided: the label the supervisor's metrics count it under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
-    /// Answered `ok` (including an `ask` the operator allowed).
+    /// Answered `ok` without asking anyone.
     Allow,
-    /// Refused by the policy or by the operator (`denied`).
+    /// Refused (`denied`) without asking anyone: by the policy.
     Deny,
-    /// Waited for an operator's approval that was not given in time (`pending`).
+    /// An operator was asked (an `ask` rule), whatever the answer; or the reply is `pending`.
     Ask,
     /// Any other error (bad request, not found, unavailable, internal...).
     Error,
 }
 
 impl Outcome {
-    /// The outcome a reply stands for.
-    pub fn of(reply: &Reply) -> Outcome {
-        match reply {
+    /// The outcome of a response.
+    pub fn of(response: &Response) -> Outcome {
+        match &response.reply {
+            _ if response.asked => Outcome::Ask,
             Reply::Ok(_) => Outcome::Allow,
             Reply::Err(e) if e.code == ErrorCode::Denied => Outcome::Deny,
             Reply::Err(e) if e.code == ErrorCode::Pending => Outcome::Ask,
@@ -204,13 +216,24 @@ impl Outcome {
     }
 }
 
-/// Told of every request a [`Handler`] answered: its op, its [`Outcome`] and the time from the
-/// frame's arrival to its reply being ready for the peer. Called on the server's task: it must
-/// not block (count, do not write). Requests the server refuses itself (malformed, over the
-/// rate, busy) and `session` do not reach it; a request cancelled because its peer went away
-/// is not reported.
+/// One answered request, as an [`Observer`] is told of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Answered {
+    /// The op's wire name (a fixed table: [`Request::op`]).
+    pub op: &'static str,
+    pub outcome: Outcome,
+    /// The reply is `denied` (by the policy, or by the operator after an ask).
+    pub denied: bool,
+    /// From the frame's arrival to its reply being ready for the peer.
+    pub elapsed: Duration,
+}
+
+/// Told of every request a [`Handler`] answered. Called on the server's task: it must not
+/// block (count, do not write). Requests the server refuses itself (malformed, over the rate,
+/// busy) and `session` do not reach it; a request cancelled because its peer went away is not
+/// reported.
 pub trait Observer: Send + Sync + 'static {
-    fn request_done(&self, op: &'static str, outcome: Outcome, elapsed: Duration);
+    fn request_done(&self, answered: Answered);
 }
 
 /// A token bucket rate for one peer's requests.
@@ -470,11 +493,14 @@ async fn handle_one(
 ) -> Option<FollowUp> {
     let op = req.op();
     let handler = inner.handler.clone();
+    let response = handler.handle(&who, req).await;
+    let outcome = Outcome::of(&response);
     let Response {
         reply,
         fds,
         follow_up,
-    } = handler.handle(&who, req).await;
+        asked: _,
+    } = response;
     let (out, follow_up) = if fds.len() != reply.fd_count() {
         tracing::error!(
             peer = %who, id, attached = fds.len(), expected = reply.fd_count(),
@@ -486,7 +512,12 @@ async fn handle_one(
         )
     } else {
         if let Some(observer) = &inner.observer {
-            observer.request_done(op, Outcome::of(&reply), received.elapsed());
+            observer.request_done(Answered {
+                op,
+                outcome,
+                denied: matches!(&reply, Reply::Err(e) if e.code == ErrorCode::Denied),
+                elapsed: received.elapsed(),
+            });
         }
         match encode_reply(id, &reply) {
             Ok(bytes) => {
@@ -1140,10 +1171,10 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct Seen(Mutex<Vec<(&'static str, Outcome, Duration)>>);
+    struct Seen(Mutex<Vec<Answered>>);
     impl Observer for Seen {
-        fn request_done(&self, op: &'static str, outcome: Outcome, elapsed: Duration) {
-            lock(&self.0).push((op, outcome, elapsed));
+        fn request_done(&self, answered: Answered) {
+            lock(&self.0).push(answered);
         }
     }
 
@@ -1176,31 +1207,33 @@ mod tests {
         // `session` is the server's own: not observed.
         req(&fd, 4, &Request::Session {});
         reply(&fd);
-        let seen: Vec<_> = lock(&seen.0).iter().map(|(o, d, _)| (*o, *d)).collect();
+        let seen: Vec<_> = lock(&seen.0)
+            .iter()
+            .map(|a| (a.op, a.outcome, a.denied))
+            .collect();
         assert_eq!(
             seen,
             [
-                ("ping", Outcome::Allow),
-                ("open", Outcome::Deny),
-                ("connect", Outcome::Error)
+                ("ping", Outcome::Allow, false),
+                ("open", Outcome::Deny, true),
+                ("connect", Outcome::Error, false)
             ]
         );
     }
 
     #[test]
     fn outcomes_follow_the_reply() {
-        assert_eq!(Outcome::of(&Reply::Ok(OkReply::Ping {})), Outcome::Allow);
+        let ok = || Response::ok(OkReply::Ping {});
+        let err = |c| Response::err(c, "");
+        assert_eq!(Outcome::of(&ok()), Outcome::Allow);
+        assert_eq!(Outcome::of(&err(ErrorCode::Denied)), Outcome::Deny);
+        assert_eq!(Outcome::of(&err(ErrorCode::Pending)), Outcome::Ask);
+        assert_eq!(Outcome::of(&err(ErrorCode::Busy)), Outcome::Error);
+        // Asked: whatever the operator answered.
+        assert_eq!(Outcome::of(&ok().asked(true)), Outcome::Ask);
         assert_eq!(
-            Outcome::of(&Reply::err(ErrorCode::Denied, "")),
-            Outcome::Deny
-        );
-        assert_eq!(
-            Outcome::of(&Reply::err(ErrorCode::Pending, "")),
+            Outcome::of(&err(ErrorCode::Denied).asked(true)),
             Outcome::Ask
-        );
-        assert_eq!(
-            Outcome::of(&Reply::err(ErrorCode::Busy, "")),
-            Outcome::Error
         );
     }
 

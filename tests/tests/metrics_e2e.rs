@@ -1,6 +1,7 @@
 //! The service's metrics end to end: `carapace run` (the harness of service_e2e.rs,
-//! `carapace_tests::service`) with `[metrics] listen` on a free loopback port; an allowed and a
-//! denied tool request through the gateway and a restart of the gateway move the counters, which
+//! `carapace_tests::service`) with `[metrics] listen` on a free loopback port; an allowed, a
+//! denied and an asked (then refused) tool request through the gateway and a restart of the
+//! gateway move the counters, which
 //! are read both ways (`carapace metrics` over the control socket and `GET /metrics`) and
 //! parsed as Prometheus' text format.
 //!
@@ -172,6 +173,35 @@ fn metrics_move_and_are_read_over_the_control_socket_and_http() {
     assert_eq!(r.status, 200, "{}", r.body);
     let r = exec(&["/usr/bin/id"]);
     assert_eq!(r.status, 403, "{}", r.body);
+    // An ask (`/usr/bin/uname` matches no rule of the default policy): waiting, it is a pending
+    // approval in the metrics; refused, it counts as an ask and a denial.
+    let (addr, t) = (svc.addr, tok.clone());
+    let asked = std::thread::spawn(move || {
+        let body = serde_json::json!({ "argv": ["/usr/bin/uname"] }).to_string();
+        http_bearer(addr, "POST", "/v1/tools/exec", &t, Some(&body))
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let o = svc.ctl(&["approvals", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if let Some(id) = v["pending"][0]["id"].as_u64() {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no pending approval");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let r = scrape(maddr, "/metrics");
+    let s = parse_exposition(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body));
+    assert_eq!(
+        get(&s, "carapace_approvals_pending", &[]),
+        Some(1.0),
+        "{}",
+        r.body
+    );
+    let o = svc.ctl(&["approvals", "deny", &id.to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = asked.join().unwrap_or_else(|_| panic!("exec thread"));
+    assert_eq!(r.status, 403, "{}", r.body);
     // A restart: kill the gateway's program, wait for the new one.
     let prog = program_of(init);
     // SAFETY: killing the confined program this test's supervisor started.
@@ -217,16 +247,21 @@ fn metrics_move_and_are_read_over_the_control_socket_and_http() {
             &[("op", "exec"), ("decision", "deny")],
             1.0,
         );
-        at_least("carapace_denials_total", &[("op", "exec")], 1.0);
+        at_least(
+            "carapace_broker_requests_total",
+            &[("op", "exec"), ("decision", "ask")],
+            1.0,
+        );
+        at_least("carapace_denials_total", &[("op", "exec")], 2.0);
         at_least(
             "carapace_broker_request_duration_seconds_count",
             &[("op", "exec")],
-            2.0,
+            3.0,
         );
         at_least(
             "carapace_broker_request_duration_seconds_bucket",
             &[("op", "exec"), ("le", "+Inf")],
-            2.0,
+            3.0,
         );
         at_least(
             "carapace_spawns_total",

@@ -23,9 +23,8 @@ pub mod http;
 
 use std::fmt;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use carapace_broker::server::{Observer, Outcome};
+use carapace_broker::server::{Answered, Observer};
 use carapace_broker::sync::lock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -143,12 +142,12 @@ impl Metrics {
         );
         registry.register(
             "broker_requests",
-            "Broker requests answered, by op and decision (allow, deny, ask: an approval not given in time, error: any other failure)",
+            "Broker requests answered, by op and decision (allow, deny: by the policy, ask: an operator was asked, error: any other failure)",
             m.requests.clone(),
         );
         registry.register(
             "denials",
-            "Broker requests denied by the policy or the operator, by op",
+            "Broker requests answered denied (by the policy or by the operator), by op",
             m.denials.clone(),
         );
         registry.register(
@@ -273,19 +272,20 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 }
 
 impl Observer for Metrics {
-    fn request_done(&self, op: &'static str, outcome: Outcome, elapsed: Duration) {
+    fn request_done(&self, a: Answered) {
+        let op = a.op;
         self.requests
             .get_or_create(&RequestLabels {
                 op,
-                decision: outcome.as_str(),
+                decision: a.outcome.as_str(),
             })
             .inc();
-        if outcome == Outcome::Deny {
+        if a.denied {
             self.denials.get_or_create(&OpLabels { op }).inc();
         }
         self.latency
             .get_or_create(&OpLabels { op })
-            .observe(elapsed.as_secs_f64());
+            .observe(a.elapsed.as_secs_f64());
     }
 }
 

@@ -1,5 +1,18 @@
 use super::*;
 
+use carapace_broker::server::Outcome;
+use std::time::Duration;
+
+/// Tell `m` of an answered request as the broker's server would.
+fn done(m: &Metrics, op: &'static str, outcome: Outcome, elapsed: Duration) {
+    m.request_done(Answered {
+        op,
+        outcome,
+        denied: outcome == Outcome::Deny,
+        elapsed,
+    });
+}
+
 use std::io::{Read as _, Write as _};
 use std::sync::Arc;
 
@@ -29,7 +42,7 @@ fn every_family_is_described_and_build_info_is_set() {
     assert!(!text.contains("carapace_spawns"), "{text}");
     m.child_started("gateway");
     m.child_restarted("gateway");
-    m.request_done("open", Outcome::Deny, Duration::from_micros(1));
+    done(&m, "open", Outcome::Deny, Duration::from_micros(1));
     let text = m
         .encode(&Snapshot {
             children: vec![("gateway".into(), true)],
@@ -78,16 +91,26 @@ fn openmetrics_counters_are_renamed_for_the_text_format() {
 #[test]
 fn a_denial_counts_for_its_op_and_nowhere_else() {
     let m = Metrics::new("1");
-    m.request_done("open", Outcome::Deny, Duration::from_micros(50));
-    m.request_done("open", Outcome::Deny, Duration::from_micros(50));
-    m.request_done("connect", Outcome::Allow, Duration::from_millis(3));
-    m.request_done("exec", Outcome::Ask, Duration::from_secs(120));
+    done(&m, "open", Outcome::Deny, Duration::from_micros(50));
+    done(&m, "open", Outcome::Deny, Duration::from_micros(50));
+    done(&m, "connect", Outcome::Allow, Duration::from_millis(3));
+    // An ask the operator refused: an ask, and a denial.
+    m.request_done(Answered {
+        op: "exec",
+        outcome: Outcome::Ask,
+        denied: true,
+        elapsed: Duration::from_secs(120),
+    });
     let text = m.encode(&Snapshot::default()).unwrap();
     assert_eq!(
         value(&text, "carapace_denials_total{op=\"open\"}"),
         Some(2.0)
     );
     assert_eq!(value(&text, "carapace_denials_total{op=\"connect\"}"), None);
+    assert_eq!(
+        value(&text, "carapace_denials_total{op=\"exec\"}"),
+        Some(1.0)
+    );
     assert_eq!(
         value(
             &text,
@@ -114,8 +137,8 @@ fn a_denial_counts_for_its_op_and_nowhere_else() {
 #[test]
 fn the_histogram_observes_into_its_buckets() {
     let m = Metrics::new("1");
-    m.request_done("connect", Outcome::Allow, Duration::from_millis(3));
-    m.request_done("connect", Outcome::Error, Duration::from_secs(10));
+    done(&m, "connect", Outcome::Allow, Duration::from_millis(3));
+    done(&m, "connect", Outcome::Error, Duration::from_secs(10));
     let text = m.encode(&Snapshot::default()).unwrap();
     let h = "carapace_broker_request_duration_seconds";
     assert_eq!(
@@ -221,7 +244,7 @@ fn the_http_listener_serves_get_metrics_only() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let m = Arc::new(Metrics::new("1"));
-    m.request_done("ping", Outcome::Allow, Duration::from_micros(10));
+    done(&m, "ping", Outcome::Allow, Duration::from_micros(10));
     let m2 = m.clone();
     let task = {
         let _g = rt.enter();
