@@ -111,6 +111,9 @@ pub struct Response {
     pub reply: Reply,
     pub fds: Vec<OwnedFd>,
     pub follow_up: Option<FollowUp>,
+    /// The policy asked an operator before this answer (an `ask` rule): what the
+    /// [`Observer`] counts it as, whatever the operator said.
+    pub asked: bool,
 }
 
 impl fmt::Debug for Response {
@@ -119,6 +122,7 @@ impl fmt::Debug for Response {
             .field("reply", &self.reply)
             .field("fds", &self.fds)
             .field("follow_up", &self.follow_up.is_some())
+            .field("asked", &self.asked)
             .finish()
     }
 }
@@ -130,6 +134,7 @@ impl Response {
             reply: Reply::Ok(reply),
             fds: Vec::new(),
             follow_up: None,
+            asked: false,
         }
     }
 
@@ -139,12 +144,19 @@ impl Response {
             reply: Reply::err(code, message),
             fds: Vec::new(),
             follow_up: None,
+            asked: false,
         }
     }
 
     /// Attach fds (in the order the protocol documents for the reply).
     pub fn with_fds(mut self, fds: Vec<OwnedFd>) -> Response {
         self.fds = fds;
+        self
+    }
+
+    /// Mark it as answered after asking an operator.
+    pub fn asked(mut self, asked: bool) -> Response {
+        self.asked = asked;
         self
     }
 
@@ -166,6 +178,62 @@ pub trait Handler: Send + Sync + 'static {
         who: &Identity,
         req: Request,
     ) -> Pin<Box<dyn Future<Output = Response> + Send + '_>>;
+}
+
+/// How a handled request was decided: the label the supervisor's metrics count it under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Answered `ok` without asking anyone.
+    Allow,
+    /// Refused (`denied`) without asking anyone: by the policy.
+    Deny,
+    /// An operator was asked (an `ask` rule), whatever the answer; or the reply is `pending`.
+    Ask,
+    /// Any other error (bad request, not found, unavailable, internal...).
+    Error,
+}
+
+impl Outcome {
+    /// The outcome of a response.
+    pub fn of(response: &Response) -> Outcome {
+        match &response.reply {
+            _ if response.asked => Outcome::Ask,
+            Reply::Ok(_) => Outcome::Allow,
+            Reply::Err(e) if e.code == ErrorCode::Denied => Outcome::Deny,
+            Reply::Err(e) if e.code == ErrorCode::Pending => Outcome::Ask,
+            Reply::Err(_) => Outcome::Error,
+        }
+    }
+
+    /// Label value: `allow`, `deny`, `ask` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Ask => "ask",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// One answered request, as an [`Observer`] is told of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Answered {
+    /// The op's wire name (a fixed table: [`Request::op`]).
+    pub op: &'static str,
+    pub outcome: Outcome,
+    /// The reply is `denied` (by the policy, or by the operator after an ask).
+    pub denied: bool,
+    /// From the frame's arrival to its reply being ready for the peer.
+    pub elapsed: Duration,
+}
+
+/// Told of every request a [`Handler`] answered. Called on the server's task: it must not
+/// block (count, do not write). Requests the server refuses itself (malformed, over the rate,
+/// busy) and `session` do not reach it; a request cancelled because its peer went away is not
+/// reported.
+pub trait Observer: Send + Sync + 'static {
+    fn request_done(&self, answered: Answered);
 }
 
 /// A token bucket rate for one peer's requests.
@@ -234,12 +302,14 @@ pub struct Server {
 struct Inner {
     handler: Arc<dyn Handler>,
     limits: PeerLimits,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
             .field("limits", &self.inner.limits)
+            .field("observer", &self.inner.observer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -247,7 +317,22 @@ impl fmt::Debug for Server {
 impl Server {
     pub fn new(handler: Arc<dyn Handler>, limits: PeerLimits) -> Self {
         Server {
-            inner: Arc::new(Inner { handler, limits }),
+            inner: Arc::new(Inner {
+                handler,
+                limits,
+                observer: None,
+            }),
+        }
+    }
+
+    /// The same server, telling `observer` of every answered request (see [`Observer`]).
+    pub fn with_observer(self, observer: Arc<dyn Observer>) -> Self {
+        Server {
+            inner: Arc::new(Inner {
+                handler: self.inner.handler.clone(),
+                limits: self.inner.limits.clone(),
+                observer: Some(observer),
+            }),
         }
     }
 
@@ -398,18 +483,24 @@ fn queue(tx: &mpsc::Sender<Outgoing>, out: Outgoing) -> bool {
 
 /// Run a handler and turn its response into an outgoing frame; returns the follow-up if any.
 async fn handle_one(
-    handler: Arc<dyn Handler>,
+    inner: Arc<Inner>,
     who: Arc<Identity>,
     id: u64,
     req: Request,
     tx: mpsc::Sender<Outgoing>,
     overflow: Arc<Notify>,
+    received: Instant,
 ) -> Option<FollowUp> {
+    let op = req.op();
+    let handler = inner.handler.clone();
+    let response = handler.handle(&who, req).await;
+    let outcome = Outcome::of(&response);
     let Response {
         reply,
         fds,
         follow_up,
-    } = handler.handle(&who, req).await;
+        asked: _,
+    } = response;
     let (out, follow_up) = if fds.len() != reply.fd_count() {
         tracing::error!(
             peer = %who, id, attached = fds.len(), expected = reply.fd_count(),
@@ -420,6 +511,14 @@ async fn handle_one(
             None,
         )
     } else {
+        if let Some(observer) = &inner.observer {
+            observer.request_done(Answered {
+                op,
+                outcome,
+                denied: matches!(&reply, Reply::Err(e) if e.code == ErrorCode::Denied),
+                elapsed: received.elapsed(),
+            });
+        }
         match encode_reply(id, &reply) {
             Ok(bytes) => {
                 let follow_up = if matches!(reply, Reply::Ok(_)) {
@@ -538,6 +637,7 @@ impl PeerState {
                 return self.malformed(id, body.code, body.message);
             }
         };
+        let received = Instant::now();
         let id = frame.id;
         if self.busy_ids.contains(&id) {
             return self.reply_error(
@@ -570,12 +670,13 @@ impl PeerState {
             );
         };
         let mut fut: Pin<Box<dyn Future<Output = Option<FollowUp>> + Send>> = Box::pin(handle_one(
-            self.inner.handler.clone(),
+            self.inner.clone(),
             self.who.clone(),
             id,
             frame.request,
             self.tx.clone(),
             self.overflow.clone(),
+            received,
         ));
         // Most requests are answered without waiting (ping, denials, lookups): poll once
         // inline and skip a task spawn. A future that is not ready is spawned; the runtime
@@ -1067,6 +1168,73 @@ mod tests {
             }
         }
         panic!("peer socket was not closed");
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<Answered>>);
+    impl Observer for Seen {
+        fn request_done(&self, answered: Answered) {
+            lock(&self.0).push(answered);
+        }
+    }
+
+    #[test]
+    fn the_observer_sees_each_answered_request_with_its_outcome() {
+        let mut h = harness(PeerLimits::default());
+        let seen = Arc::new(Seen::default());
+        h.server = h.server.clone().with_observer(seen.clone());
+        let (fd, _task) = h.peer(1);
+        req(&fd, 1, &Request::Ping {});
+        reply(&fd);
+        req(
+            &fd,
+            2,
+            &Request::Open {
+                path: "/etc/shadow".into(),
+                access: Access::Read,
+            },
+        );
+        reply(&fd);
+        req(
+            &fd,
+            3,
+            &Request::Connect {
+                host: "x".into(),
+                port: 1,
+            },
+        );
+        reply(&fd);
+        // `session` is the server's own: not observed.
+        req(&fd, 4, &Request::Session {});
+        reply(&fd);
+        let seen: Vec<_> = lock(&seen.0)
+            .iter()
+            .map(|a| (a.op, a.outcome, a.denied))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("ping", Outcome::Allow, false),
+                ("open", Outcome::Deny, true),
+                ("connect", Outcome::Error, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn outcomes_follow_the_reply() {
+        let ok = || Response::ok(OkReply::Ping {});
+        let err = |c| Response::err(c, "");
+        assert_eq!(Outcome::of(&ok()), Outcome::Allow);
+        assert_eq!(Outcome::of(&err(ErrorCode::Denied)), Outcome::Deny);
+        assert_eq!(Outcome::of(&err(ErrorCode::Pending)), Outcome::Ask);
+        assert_eq!(Outcome::of(&err(ErrorCode::Busy)), Outcome::Error);
+        // Asked: whatever the operator answered.
+        assert_eq!(Outcome::of(&ok().asked(true)), Outcome::Ask);
+        assert_eq!(
+            Outcome::of(&err(ErrorCode::Denied).asked(true)),
+            Outcome::Ask
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@ use carapace_broker::sync::{lock, read, write};
 use carapace_policy::{Policy, Target};
 use carapace_sandbox::program::OpenedProgram;
 
+use crate::service::metrics::Metrics;
 use carapace_sandbox::cgroup;
 use carapace_sandbox::fds::Pipe;
 use carapace_sandbox::namespaces::RunAs;
@@ -201,6 +202,8 @@ pub struct PeerServer {
     handler: Arc<OnceLock<Arc<dyn Handler>>>,
     /// The policy in force (per-peer limits come from its profiles); replaced on reload.
     policy: Arc<std::sync::RwLock<Arc<Policy>>>,
+    /// The service's metrics: told of every answered request and every tool started.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for PeerServer {
@@ -217,7 +220,10 @@ impl PeerServer {
     pub fn serve(&self, fd: OwnedFd, who: Identity) -> Option<tokio::task::JoinHandle<()>> {
         let handler = self.handler.get()?.clone();
         let policy = read(&self.policy).clone();
-        let server = Server::new(handler, peer_limits(&policy, &who.profile));
+        let mut server = Server::new(handler, peer_limits(&policy, &who.profile));
+        if let Some(m) = &self.metrics {
+            server = server.with_observer(m.clone());
+        }
         let _guard = self.handle.enter();
         Some(server.serve_peer(fd, who))
     }
@@ -243,13 +249,15 @@ impl BrokerHost {
     /// supervisor as their spawner and the state directory's pending files as the operator's
     /// channel, and start a runtime (two workers) to serve sockets on.
     pub fn start(setup: BrokerSetup) -> Result<BrokerHost, BrokerHostError> {
-        BrokerHost::start_with(setup, OperatorChannel::Files)
+        BrokerHost::start_with(setup, OperatorChannel::Files, None)
     }
 
-    /// [`BrokerHost::start`] with the operator's channel for `ask` approvals chosen.
+    /// [`BrokerHost::start`] with the operator's channel for `ask` approvals chosen, and the
+    /// metrics (the service's) to record requests and tools into.
     pub fn start_with(
         setup: BrokerSetup,
         channel: OperatorChannel,
+        metrics: Option<Arc<Metrics>>,
     ) -> Result<BrokerHost, BrokerHostError> {
         let root = setup.state.root.clone();
         let audit =
@@ -281,6 +289,7 @@ impl BrokerHost {
             handle: runtime.handle().clone(),
             handler: Arc::new(OnceLock::new()),
             policy: Arc::new(std::sync::RwLock::new(Arc::new(setup.policy.clone()))),
+            metrics,
         };
         let tools = Arc::new(setup.tools);
         let spawner = Arc::new(SupervisorSpawner {

@@ -139,6 +139,8 @@ pub enum Command {
     Audit(crate::cli::ctl::AuditCommand),
     /// Ask the running supervisor to reload its configuration and policy (like SIGHUP)
     Reload(crate::cli::ctl::ReloadArgs),
+    /// Print the running supervisor's metrics (Prometheus text format)
+    Metrics(crate::cli::ctl::MetricsArgs),
     // About and long help: on `ctl::TokenArgs`.
     Token(crate::cli::ctl::TokenArgs),
 }
@@ -294,6 +296,7 @@ pub fn main() -> i32 {
         Command::Held(a) => crate::cli::ctl::held(a),
         Command::Audit(a) => crate::cli::ctl::audit(a),
         Command::Reload(a) => crate::cli::ctl::reload(a),
+        Command::Metrics(a) => crate::cli::ctl::metrics(a),
         Command::Token(a) => crate::cli::ctl::token(a),
     }
 }

@@ -38,6 +38,7 @@
 //! | `held_drop`         | `id` (string)                                  | `{"dropped":ID}`           |
 //! | `audit_tail`        | `lines` (usize, default 10), `follow` (bool, default false) | a stream, see below |
 //! | `reload`            |                                                | [`ReloadReport`]           |
+//! | `metrics`           |                                                | [`MetricsText`] (`{"text": ...}`, Prometheus text format) |
 //!
 //! **Replies.** `{"ok":true,"result":VALUE}` or `{"ok":false,"error":"MESSAGE"}`. An error
 //! reply to a bad request (not JSON, not an object, no `op`, unknown op, bad fields) leaves the
@@ -142,6 +143,7 @@ pub const OPS: &[(&str, &[&str])] = &[
     ("held_drop", &["id"]),
     ("audit_tail", &["lines", "follow"]),
     ("reload", &[]),
+    ("metrics", &[]),
 ];
 
 // ---------------------------------------------------------------------------------------------

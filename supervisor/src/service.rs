@@ -31,6 +31,7 @@
 
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod sdnotify;
 pub mod wiring;
 
@@ -66,6 +67,7 @@ use carapace_sandbox::run::{self, Run};
 use carapace_sandbox::spawn::LaunchOptions;
 use carapace_sandbox::Privilege;
 use config::{ChildConfig, Config};
+use metrics::Metrics;
 use sdnotify::Notifier;
 
 /// Exit status when the configuration or the policy is invalid (sysexits' EX_CONFIG): the unit
@@ -233,6 +235,7 @@ fn start(
         landlock_abi: carapace_sandbox::landlock::probe_abi(),
     };
     let env: Vec<_> = std::env::vars_os().collect();
+    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
     let host = BrokerHost::start_with(
         BrokerSetup {
             policy: (*policy.policy).clone(),
@@ -250,6 +253,7 @@ fn start(
             token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),
         },
         OperatorChannel::Control,
+        Some(metrics.clone()),
     )?;
     let (seq, head) = host.ops.audit_head();
     tracing::info!(seq, head = %head, "audit log head at start");
@@ -279,6 +283,15 @@ fn start(
             listeners.insert(c.name.clone(), OwnedFd::from(l));
         }
     }
+    let metrics_listener = match cfg.metrics.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|source| ServiceError::MetricsListen { addr, source })?;
+            tracing::info!(%addr, "metrics listener bound (GET /metrics)");
+            Some(l)
+        }
+        None => None,
+    };
 
     let shared = Arc::new(Shared {
         target,
@@ -286,6 +299,7 @@ fn start(
         peers: host.peers(),
         env,
         policy: RwLock::new(policy),
+        metrics,
     });
     let rt = host.handle();
     let runtime_dir = cfg.runtime_dir.clone();
@@ -318,6 +332,19 @@ fn start(
         let _g = rt.enter();
         let _task = control.serve(Arc::new(Handler(svc.clone())));
     }
+    // The listener holds the service weakly: it never keeps it alive past the stop.
+    let metrics_task = match metrics_listener {
+        Some(l) => {
+            let weak = Arc::downgrade(&svc);
+            let scrape: metrics::http::Scrape = Arc::new(move || match weak.upgrade() {
+                Some(svc) => svc.metrics_text().map_err(|e| e.to_string()),
+                None => Err("the service is stopping".to_string()),
+            });
+            let _g = rt.enter();
+            Some(metrics::http::serve(l, scrape)?)
+        }
+        None => None,
+    };
 
     for (name, is_gateway, spec) in specs {
         let child = Arc::new(Child {
@@ -387,6 +414,9 @@ fn start(
 
     let _ = svc.notifier.stopping();
     control_stop.shutdown();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     svc.stop_children(cfg.stop_timeout);
     let (seq, head) = svc.host.ops.audit_head();
     tracing::info!(seq, head = %head, "audit log head at stop (keep it to detect truncation)");

@@ -108,8 +108,21 @@ fn lost_exit() -> ExitSummary {
 }
 
 impl Ops {
-    /// The `exec` operation.
+    /// The `exec` operation. A response given after asking the operator is marked
+    /// [`Response::asked`].
     pub async fn exec(&self, who: &Identity, argv: Vec<String>, cwd: Option<String>) -> Response {
+        let mut asked = false;
+        let response = self.exec_inner(who, argv, cwd, &mut asked).await;
+        response.asked(asked)
+    }
+
+    async fn exec_inner(
+        &self,
+        who: &Identity,
+        argv: Vec<String>,
+        cwd: Option<String>,
+        asked: &mut bool,
+    ) -> Response {
         let target = shown(&argv.join(" "));
         let refuse = |detail: String, code: ErrorCode, message: String| {
             let target = target.clone();
@@ -236,6 +249,7 @@ impl Ops {
             {
                 return resp;
             }
+            *asked = true;
             let answer = approver
                 .clone()
                 .ask(ApprovalQuery {

@@ -371,6 +371,9 @@ impl Spawner for SupervisorSpawner {
         )
         // The broker protocol carries the failure as text.
         .map_err(|e| fail(crate::errors::error_chain(&e)))?;
+        if let Some(m) = &self.peers.metrics {
+            m.tool_started(&run.profile);
+        }
         if let Some(fd) = run.broker {
             let who = new_identity(Role::Tool, &run.profile);
             if self.peers.serve(fd, who).is_none() {

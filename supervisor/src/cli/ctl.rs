@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use crate::broker_host::{write_private_bytes, PendingFile};
 use crate::control::{
-    self, Admitted, ApprovalsList, ControlError, DlqLetter, DlqList, HeldList, ReloadReport,
-    Request, Resolved, StatusReport,
+    self, Admitted, ApprovalsList, ControlError, DlqLetter, DlqList, HeldList, MetricsText,
+    ReloadReport, Request, Resolved, StatusReport,
 };
 use crate::errors::error_chain;
 

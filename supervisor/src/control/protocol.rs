@@ -39,6 +39,8 @@ pub enum Request {
         follow: bool,
     },
     Reload,
+    /// The service's metrics in the Prometheus text exposition ([`MetricsText`]).
+    Metrics,
 }
 
 pub(super) fn default_tail_lines() -> usize {
@@ -60,6 +62,7 @@ impl Request {
             Request::HeldDrop { .. } => "held_drop",
             Request::AuditTail { .. } => "audit_tail",
             Request::Reload => "reload",
+            Request::Metrics => "metrics",
         }
     }
 }
@@ -336,6 +339,13 @@ pub struct ReloadReport {
     pub policy_sha256: String,
     /// What changed, in words.
     pub message: String,
+}
+
+/// Result of `metrics`: the exposition, as an HTTP scrape of `[metrics] listen` gets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsText {
+    /// The OpenMetrics text (`# EOF` last), which Prometheus' text parsers also read.
+    pub text: String,
 }
 
 /// `role#id(profile)`.

@@ -51,6 +51,7 @@ impl ControlHandler for Fake {
             Request::HeldDrop { id } => Ok(serde_json::json!({ "dropped": id })),
             Request::Reload => Err("policy.toml:3:1: unknown key \"x\"".to_string()),
             Request::AuditTail { .. } => Err("audit_tail reached the handler".to_string()),
+            Request::Metrics => Ok(serde_json::json!({"text": "x 1\n"})),
         }
     }
     fn audit_log(&self) -> PathBuf {
@@ -234,6 +235,7 @@ fn request_wire_format() {
             r#"{"op":"audit_tail","lines":5,"follow":true}"#,
         ),
         (Request::Reload, r#"{"op":"reload"}"#),
+        (Request::Metrics, r#"{"op":"metrics"}"#),
     ];
     assert_eq!(cases.len(), OPS.len(), "one case per op of the table");
     for ((req, text), (name, fields)) in cases.iter().zip(OPS) {

@@ -271,6 +271,7 @@ pub(super) struct Env<'a> {
     pub(super) privilege: Privilege,
     pub(super) peers: &'a PeerServer,
     pub(super) env: &'a [(std::ffi::OsString, std::ffi::OsString)],
+    pub(super) metrics: &'a Metrics,
 }
 
 impl Child {
@@ -362,6 +363,7 @@ impl Child {
             }
         }
         tracing::info!(child = %self.name, pid, profile = %spec.profile, "started");
+        env.metrics.child_started(&self.name);
         let mut ended = started.wait();
         {
             let mut live = lock(&self.live);
@@ -391,6 +393,7 @@ impl Child {
                 privilege: svc.privilege,
                 peers: &svc.peers,
                 env: &svc.env,
+                metrics: &svc.metrics,
             };
             let outcome = self.run_once(&env);
             let ran = started.elapsed();
@@ -448,6 +451,7 @@ impl Child {
                     break;
                 }
                 live.restarts += 1;
+                svc.metrics.child_restarted(&self.name);
                 tracing::info!(child = %self.name, "trying again after a reload");
                 continue;
             }
@@ -470,6 +474,7 @@ impl Child {
                 break;
             }
             live.restarts += 1;
+            svc.metrics.child_restarted(&self.name);
         }
     }
 

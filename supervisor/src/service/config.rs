@@ -61,6 +61,16 @@ pub struct Config {
     pub gateway: Option<ChildConfig>,
     /// Channel adapters by name.
     pub channels: BTreeMap<String, ChildConfig>,
+    /// `[metrics]`.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where Prometheus may scrape the service (`carapace metrics` works without it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// The HTTP listener serving `GET /metrics`; None (absent or `"none"`) = no listener.
+    /// Loopback only unless `allow_non_loopback = true`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// One confined child: the gateway or a channel adapter.

@@ -18,6 +18,15 @@ use carapace_sandbox::spawn::SpawnError;
 /// Errors of the service ([`crate::service::run()`] shows them).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    /// `[metrics] listen` cannot be bound.
+    #[error("cannot listen on {addr} for the metrics ([metrics] listen): {source}")]
+    MetricsListen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    MetricsHttp(#[from] crate::service::metrics::http::HttpError),
     /// The configuration (re)read on a reload.
     #[error(transparent)]
     Config(#[from] ConfigErrors),

@@ -119,6 +119,26 @@ impl Service {
         })
     }
 
+    /// The metrics exposition, with the state read now.
+    pub(super) fn metrics_text(&self) -> Result<String, metrics::MetricsError> {
+        let children = lock(&self.children)
+            .iter()
+            .map(|(c, _)| (c.name.clone(), lock(&c.live).state == State::Running))
+            .collect();
+        let now = metrics::Snapshot {
+            approvals_pending: self.host.approvals.list().len(),
+            held_messages: self.host.ops.held_messages().len(),
+            dead_letters: self
+                .host
+                .ops
+                .dead_letters()
+                .list()
+                .map_or(0, |l| l.letters.len()),
+            children,
+        };
+        self.shared.metrics.encode(&now)
+    }
+
     pub(super) fn status_line(&self) -> String {
         let kids = lock(&self.children);
         let running = kids
@@ -252,6 +272,9 @@ impl ControlHandler for Handler {
                 svc.reload().map_err(|e| error_chain(&e))?,
             )),
             Request::AuditTail { .. } => Err("audit_tail is served by the control server".into()),
+            Request::Metrics => to_value(serde_json::to_value(control::MetricsText {
+                text: svc.metrics_text().map_err(|e| e.to_string())?,
+            })),
         }
     }
 

@@ -21,6 +21,8 @@ pub(super) struct Shared {
     pub(super) peers: PeerServer,
     pub(super) env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     pub(super) policy: RwLock<PolicyInForce>,
+    /// The service's metrics (the broker host records into them too).
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Shared {

@@ -142,6 +142,26 @@ pub enum HeldCommand {
     },
 }
 
+/// `carapace metrics`.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Print the running supervisor's metrics in Prometheus' text format (0.0.4): \
+                  children started and restarted, broker requests by op and decision, denials, \
+                  request latency, approvals waiting, held messages, dead letters. For \
+                  node_exporter's textfile collector, run it from a timer into a .prom file \
+                  (see docs/operations.md, Metrics); for Prometheus itself, set `[metrics] \
+                  listen` in the configuration instead.",
+    after_help = "Examples:\n  carapace metrics\n  carapace metrics > \
+                  /var/lib/node_exporter/textfile/carapace.prom.tmp && mv \
+                  /var/lib/node_exporter/textfile/carapace.prom.tmp \
+                  /var/lib/node_exporter/textfile/carapace.prom\n\nExit status: 0 ok, 1 the \
+                  supervisor failed, 3 no supervisor is running."
+)]
+pub struct MetricsArgs {
+    #[command(flatten)]
+    pub opts: CtlOpts,
+}
+
 /// `carapace reload`.
 #[derive(Debug, Args)]
 #[command(

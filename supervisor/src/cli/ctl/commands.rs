@@ -205,6 +205,22 @@ pub fn held_to(a: &HeldArgs, t: &mut Term<'_>) -> i32 {
     EXIT_OK
 }
 
+/// `carapace metrics`.
+pub fn metrics(a: MetricsArgs) -> i32 {
+    on_terminal(|t| metrics_to(&a, t))
+}
+
+pub fn metrics_to(a: &MetricsArgs, t: &mut Term<'_>) -> i32 {
+    match control::call(&a.opts.socket(), &Request::Metrics) {
+        Ok(v) => {
+            // The exposition as is: it is the supervisor's own text, made for parsers.
+            t.print_as::<MetricsText>(&v, a.opts.json, |m| m.text.clone());
+            EXIT_OK
+        }
+        Err(e) => t.fail(&e),
+    }
+}
+
 /// `carapace reload`.
 pub fn reload(a: ReloadArgs) -> i32 {
     on_terminal(|t| reload_to(&a, t))

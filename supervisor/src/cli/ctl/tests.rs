@@ -484,6 +484,7 @@ impl ControlHandler for Fake {
             }
             Request::Reload => Err("policy.toml:1:1: expected a table".to_string()),
             Request::AuditTail { .. } => Err("not here".to_string()),
+            Request::Metrics => Ok(serde_json::json!({"text": "# TYPE x gauge\nx 1\n"})),
         }
     }
     fn audit_log(&self) -> PathBuf {
@@ -765,4 +766,44 @@ fn audit_tail_follow_until_the_supervisor_stops() {
         err.contains("the supervisor closed the connection"),
         "{err}"
     );
+}
+
+#[test]
+fn metrics_prints_the_exposition_as_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let metrics = |json| {
+        let a = MetricsArgs {
+            opts: CtlOpts {
+                json,
+                ..opts(&sock)
+            },
+        };
+        run(|t| metrics_to(&a, t))
+    };
+    assert_eq!(metrics(false).0, EXIT_NO_DAEMON);
+    let server = ControlServer::bind(&sock, None).unwrap();
+    let stop = server.shutdown_handle();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let task = {
+        let _g = rt.enter();
+        server.serve(Arc::new(Fake {
+            audit: dir.path().join("audit.log"),
+        }))
+    };
+    let (code, out, err) = metrics(false);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (EXIT_OK, "# TYPE x gauge\nx 1\n", "")
+    );
+    let (code, out, _) = metrics(true);
+    assert_eq!(code, EXIT_OK);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["text"], "# TYPE x gauge\nx 1\n");
+    stop.shutdown();
+    rt.block_on(task).unwrap();
 }

@@ -109,6 +109,10 @@ watchdog = false
 [control]
 group = 0
 
+[metrics]
+listen = "10.0.0.1:9464"
+allow_non_loopback = true
+
 [gateway]
 program = "/opt/gw/bin/gw"
 args = ["--flag", "x y"]
@@ -144,6 +148,7 @@ profile = "channel-mail"
     assert_eq!(c.approval_timeout, Duration::from_secs(300));
     assert!(!c.watchdog);
     assert_eq!(c.control_group, Some(0));
+    assert_eq!(c.metrics.listen, Some("10.0.0.1:9464".parse().unwrap()));
     let gw = c.gateway.clone().unwrap();
     assert_eq!(gw.args, vec!["--flag", "x y"]);
     assert_eq!(gw.listen, Some("[::1]:9000".parse().unwrap()));
@@ -801,6 +806,10 @@ watchdog = false
 [control]
 group = 0
 
+[metrics]
+listen = "10.0.0.1:9464"
+allow_non_loopback = true
+
 [gateway]
 program = "gw"
 args = ["a"]
@@ -990,4 +999,32 @@ fn shape_errors_come_from_the_shared_engine() {
         errors("[supervisor]\nstate_dir = 5\n"),
         vec!["2:13: invalid type: integer for `state_dir`"]
     );
+}
+
+#[test]
+fn metrics_listener() {
+    assert_eq!(parse("").unwrap().metrics.listen, None);
+    let c = parse("[metrics]\nlisten = \"127.0.0.1:9464\"\n").unwrap();
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(
+        parse("[metrics]\nlisten = \"none\"\n")
+            .unwrap()
+            .metrics
+            .listen,
+        None
+    );
+    let e = errors("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+    assert!(
+        has(
+            &e,
+            "2:10: `listen` = \"0.0.0.0:9464\" is not a loopback address: the metrics endpoint \
+             would be reachable from the network"
+        ),
+        "{e:?}"
+    );
+    let c = parse("[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_non_loopback = true\n").unwrap();
+    assert_eq!(c.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
+    let e = errors("[metrics]\nlisten = \"nope\"\nlsten = 1\n");
+    assert!(has(&e, "is not an address and port"), "{e:?}");
+    assert!(has(&e, "unknown key `lsten` in [metrics]"), "{e:?}");
 }

@@ -72,12 +72,15 @@ const CHANNEL: Kind = Tagged {
     ],
     variants: channel::KINDS,
 };
+/// `[metrics]`: the optional HTTP listener for Prometheus.
+const METRICS: Kind = Kind::Table(&[("listen", Str), ("allow_non_loopback", Bool)]);
 /// The whole file, checked by the policy crate's schema engine before [`validate`] reads it.
 pub(super) const CONFIG: Kind = Kind::Table(&[
     ("supervisor", SUPERVISOR),
     ("control", CONTROL),
     ("gateway", GATEWAY),
     ("channels", Map(&CHANNEL)),
+    ("metrics", METRICS),
 ]);
 
 /// The gid of `name` from the system's group database.
@@ -162,6 +165,17 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
     let control = get_table(root, "control").unwrap_or(&empty);
     let control_group = control.get("group").and_then(|e| group_of(cx, e));
 
+    // [metrics]
+    let m = get_table(root, "metrics").unwrap_or(&empty);
+    let metrics = MetricsConfig {
+        listen: listen_addr(
+            cx,
+            m,
+            get_bool(m, "allow_non_loopback", false),
+            ("the metrics endpoint", "[metrics]"),
+        ),
+    };
+
     // [gateway]
     let gateway = root.get("gateway").and_then(|e| {
         let t = e.node.val.as_table()?;
@@ -232,6 +246,7 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         control_group,
         gateway,
         channels,
+        metrics,
     }
 }
 
