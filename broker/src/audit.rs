@@ -176,49 +176,32 @@ pub struct StoredRecord {
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    hex::encode(Sha256::digest(bytes))
 }
 
-/// Lowercase hex of `bytes`.
+/// Lowercase hex of `bytes` (the `hex` crate; kept here for callers that name it so).
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    hex::encode(bytes)
+}
+
+/// `t` as a `jiff` timestamp: times before 1970 are the epoch, times past jiff's range (year
+/// 9999) its last instant.
+fn timestamp(t: SystemTime) -> jiff::Timestamp {
+    if t < UNIX_EPOCH {
+        return jiff::Timestamp::UNIX_EPOCH;
     }
-    s
+    jiff::Timestamp::try_from(t).unwrap_or(jiff::Timestamp::MAX)
 }
 
-/// RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-21T13:20:07.123456Z`.
-/// Times before 1970 are written as the epoch.
+/// RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-21T13:20:07.123456Z` (always six
+/// fractional digits: the audit line format). Times before 1970 are written as the epoch.
 pub fn rfc3339_utc(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, dd) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    timestamp(t).strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string()
 }
 
-/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
+/// RFC 3339 UTC timestamp to the second, e.g. `2026-11-21T13:20:07Z`.
+pub fn rfc3339_utc_secs(t: SystemTime) -> String {
+    timestamp(t).strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// The append-only, hash-chained audit log. Not `Clone`; share it behind a `Mutex`.
@@ -863,6 +846,57 @@ mod tests {
         // 2100-03-01 (2100 is not a leap year)
         let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400);
         assert_eq!(rfc3339_utc(t), "2100-03-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn rfc3339_format_is_pinned() {
+        // Six fractional digits always, `Z`, no offset: the audit line format.
+        let t = UNIX_EPOCH + Duration::new(1_795_267_207, 123_456_789);
+        assert_eq!(rfc3339_utc(t), "2026-11-21T13:20:07.123456Z");
+        let t = UNIX_EPOCH + Duration::new(1_795_267_207, 1_000);
+        assert_eq!(rfc3339_utc(t), "2026-11-21T13:20:07.000001Z");
+        assert_eq!(rfc3339_utc_secs(t), "2026-11-21T13:20:07Z");
+        // Before 1970: the epoch.
+        let before = UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(rfc3339_utc(before), "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn audit_line_bytes_are_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut log = AuditLog::open(&path).unwrap();
+        let rec = AuditRecord {
+            who: Who {
+                id: 3,
+                role: "tool".into(),
+                profile: "dev".into(),
+            },
+            op: "connect".into(),
+            target: "api.example.com:443".into(),
+            rule: Some(RuleRef {
+                line: Some(12),
+                why: "model API".into(),
+            }),
+            decision: AuditDecision::Allow,
+            outcome: "connected".into(),
+            detail: String::new(),
+        };
+        let t = UNIX_EPOCH + Duration::new(1_795_267_207, 123_456_789);
+        log.append_at(&rec, t).unwrap();
+        log.append_at(&rec, t).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first = concat!(
+            r#"{"seq":1,"ts":"2026-11-21T13:20:07.123456Z","#,
+            r#""prev":"0000000000000000000000000000000000000000000000000000000000000000","#,
+            r#""who":{"id":3,"role":"tool","profile":"dev"},"op":"connect","#,
+            r#""target":"api.example.com:443","rule":{"line":12,"why":"model API"},"#,
+            r#""decision":"allow","outcome":"connected","detail":""}"#
+        );
+        let second = first
+            .replace(r#""seq":1"#, r#""seq":2"#)
+            .replace(GENESIS, &sha256_hex(first.as_bytes()));
+        assert_eq!(text, format!("{first}\n{second}\n"));
     }
 
     #[test]
