@@ -30,10 +30,10 @@
 //! compared with [`verify_against`]).
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -42,6 +42,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::redact::Redactor;
+
+pub mod rotate;
+pub mod set;
+
+pub use rotate::{rotated_files, rotated_name, Rotation};
+pub use set::{verify_set, FileCheck, SetBreak, SetBreakKind, SetReport};
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -81,6 +87,11 @@ pub enum AuditError {
         "audit log {path}: an earlier append failed ({reason}); the log refuses further records"
     )]
     Poisoned { path: PathBuf, reason: String },
+    #[error(
+        "audit log: cannot rotate: {path} already exists (a rotated file is named after its \
+         first record's seq, so this one is out of place); move it away"
+    )]
+    RotateTarget { path: PathBuf },
     #[error("audit log {path}: cannot encode the record: {source}")]
     Encode {
         path: PathBuf,
@@ -219,11 +230,17 @@ pub struct AuditLog {
     poisoned: Option<String>,
     /// Defence in depth: known secret values are scrubbed from every text field before writing.
     redactor: Option<Arc<Redactor>>,
+    /// When the active file is rotated (see [`rotate`]).
+    rotation: Rotation,
+    /// Tests: stop a rotation after this step, as a crash (SIGKILL) there would.
+    #[cfg(test)]
+    crash_after: Option<rotate::Step>,
 }
 
 /// Exclusive `flock` on the log for the duration of one append; released on drop. Holds the raw
-/// descriptor of the log's `File`, which the `AuditLog` keeps open for longer than any guard (the
-/// guard only lives inside `AuditLog` methods).
+/// descriptor of a `File` that the `AuditLog` keeps open for longer than the guard: the guard
+/// only lives inside `AuditLog` methods, and a method that replaces the file drops the guard
+/// of the old one before the old `File`.
 struct FlockGuard {
     fd: std::os::fd::RawFd,
 }
@@ -253,32 +270,82 @@ impl Drop for FlockGuard {
     }
 }
 
+/// Opens (creating it 0600 if needed, and making the new directory entry durable) the active
+/// file at `path` for reading and appending. Refuses a symlink.
+fn open_active(path: &Path) -> Result<File, AuditError> {
+    let existed = path.symlink_metadata().is_ok();
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    if !existed {
+        let dir = parent_dir(path);
+        crate::durable::sync_dir(dir).map_err(io_err("fsync dir", dir))?;
+    }
+    Ok(file)
+}
+
+/// The directory holding `path` (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// The last line of `file` (of length `len` > 0): its seq and hash. Refuses a torn line.
+fn tail_of(file: &mut File, path: &Path, len: u64) -> Result<(u64, String), AuditError> {
+    let window = len.min(MAX_LINE + 1);
+    let start = len - window;
+    let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
+    file.seek(SeekFrom::Start(start))
+        .map_err(io_err("lseek", path))?;
+    file.read_exact(&mut buf).map_err(io_err("read", path))?;
+    if buf.last() != Some(&b'\n') {
+        let line_start = buf
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(start, |p| start + p as u64 + 1);
+        return Err(AuditError::TornTail {
+            path: path.to_path_buf(),
+            offset: line_start,
+            len: len - line_start,
+        });
+    }
+    let body = &buf[..buf.len() - 1];
+    let line_start_in_buf = match body.iter().rposition(|&b| b == b'\n') {
+        Some(p) => p + 1,
+        None if start == 0 => 0,
+        None => {
+            return Err(AuditError::BadTail {
+                path: path.to_path_buf(),
+                offset: start,
+                reason: format!("last line longer than {MAX_LINE} bytes"),
+            })
+        }
+    };
+    let line = &body[line_start_in_buf..];
+    let offset = start + line_start_in_buf as u64;
+    let rec: StoredRecord = serde_json::from_slice(line).map_err(|e| AuditError::BadTail {
+        path: path.to_path_buf(),
+        offset,
+        reason: e.to_string(),
+    })?;
+    Ok((rec.seq, sha256_hex(line)))
+}
+
 impl AuditLog {
     /// Opens (creating it 0600 if needed) the log at `path` for appending and recovers the last
-    /// seq and hash from its tail. Refuses a symlink, a torn last line and a last line that is not
-    /// a record.
+    /// seq and hash from its tail (from the newest rotated file when the active one is empty).
+    /// Refuses a symlink, a torn last line and a last line that is not a record. Rotation is off
+    /// until [`set_rotation`](Self::set_rotation).
     pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, AuditError> {
         let path = path.as_ref().to_path_buf();
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        if !existed {
-            // The new directory entry must survive a crash too.
-            if let Some(dir) = path.parent() {
-                let dir = if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                };
-                crate::durable::sync_dir(dir).map_err(io_err("fsync dir", dir))?;
-            }
-        }
+        let file = open_active(&path)?;
         let mut log = AuditLog {
             path,
             file,
@@ -287,9 +354,12 @@ impl AuditLog {
             end: 0,
             poisoned: None,
             redactor: None,
+            rotation: Rotation::default(),
+            #[cfg(test)]
+            crash_after: None,
         };
         {
-            let _lock = FlockGuard::lock(&log.file, &log.path)?;
+            let _lock = log.lock_active()?;
             log.read_tail()?;
         }
         Ok(log)
@@ -300,6 +370,11 @@ impl AuditLog {
     /// a caller that puts a value where a name belongs. `None` turns it off.
     pub fn set_redactor(&mut self, redactor: Option<Arc<Redactor>>) {
         self.redactor = redactor;
+    }
+
+    /// Rotate the active file when it reaches `rotation.max_bytes` (see [`rotate`]).
+    pub fn set_rotation(&mut self, rotation: Rotation) {
+        self.rotation = rotation;
     }
 
     /// The log's path.
@@ -317,57 +392,66 @@ impl AuditLog {
         &self.prev
     }
 
-    /// Reads the last line and sets `last_seq`, `prev`, `end`. Caller holds the flock.
+    /// Takes the flock of the file now at `path`. When the file we hold is no longer the one at
+    /// `path` (another process rotated it), reopens `path` and reads its tail.
+    fn lock_active(&mut self) -> Result<FlockGuard, AuditError> {
+        for _ in 0..100 {
+            let guard = FlockGuard::lock(&self.file, &self.path)?;
+            let held = self.file.metadata().map_err(io_err("fstat", &self.path))?;
+            let same = match fs::symlink_metadata(&self.path) {
+                Ok(m) => m.dev() == held.dev() && m.ino() == held.ino(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(io_err("lstat", &self.path)(e)),
+            };
+            if same {
+                return Ok(guard);
+            }
+            let file = open_active(&self.path)?;
+            drop(guard);
+            self.file = file;
+            // Nothing of the new file is known yet: read its tail under its lock.
+            self.end = u64::MAX;
+        }
+        Err(AuditError::Io {
+            op: "reopen after rotation",
+            path: self.path.clone(),
+            source: io::Error::other("the file keeps being replaced"),
+        })
+    }
+
+    /// Reads the last line and sets `last_seq`, `prev`, `end`. Caller holds the flock. An empty
+    /// active file continues the chain of the newest rotated file, if there is one.
     fn read_tail(&mut self) -> Result<(), AuditError> {
         let path = &self.path;
         let len = self.file.metadata().map_err(io_err("fstat", path))?.len();
-        if len == 0 {
-            self.last_seq = 0;
-            self.prev = GENESIS.to_string();
-            self.end = 0;
-            return Ok(());
-        }
-        let window = len.min(MAX_LINE + 1);
-        let start = len - window;
-        let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
-        self.file
-            .seek(SeekFrom::Start(start))
-            .map_err(io_err("lseek", path))?;
-        self.file
-            .read_exact(&mut buf)
-            .map_err(io_err("read", path))?;
-        if buf.last() != Some(&b'\n') {
-            let line_start = buf
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(start, |p| start + p as u64 + 1);
-            return Err(AuditError::TornTail {
-                path: path.clone(),
-                offset: line_start,
-                len: len - line_start,
-            });
-        }
-        let body = &buf[..buf.len() - 1];
-        let line_start_in_buf = match body.iter().rposition(|&b| b == b'\n') {
-            Some(p) => p + 1,
-            None if start == 0 => 0,
-            None => {
-                return Err(AuditError::BadTail {
-                    path: path.clone(),
-                    offset: start,
-                    reason: format!("last line longer than {MAX_LINE} bytes"),
-                })
+        let (seq, hash) = if len > 0 {
+            tail_of(&mut self.file, path, len)?
+        } else {
+            match rotate::rotated_files(path)
+                .map_err(io_err("list rotated files", parent_dir(path)))?
+                .pop()
+            {
+                None => (0, GENESIS.to_string()),
+                Some((_, old)) => {
+                    let mut f = OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&old)
+                        .map_err(io_err("open", &old))?;
+                    let old_len = f.metadata().map_err(io_err("fstat", &old))?.len();
+                    if old_len == 0 {
+                        return Err(AuditError::BadTail {
+                            path: old,
+                            offset: 0,
+                            reason: "the newest rotated file is empty".into(),
+                        });
+                    }
+                    tail_of(&mut f, &old, old_len)?
+                }
             }
         };
-        let line = &body[line_start_in_buf..];
-        let offset = start + line_start_in_buf as u64;
-        let rec: StoredRecord = serde_json::from_slice(line).map_err(|e| AuditError::BadTail {
-            path: path.clone(),
-            offset,
-            reason: e.to_string(),
-        })?;
-        self.last_seq = rec.seq;
-        self.prev = sha256_hex(line);
+        self.last_seq = seq;
+        self.prev = hash;
         self.end = len;
         Ok(())
     }
@@ -378,16 +462,21 @@ impl AuditLog {
         self.append_at(rec, SystemTime::now())
     }
 
-    /// [`append`](Self::append) with an explicit timestamp (tests, replays of a decided time).
-    pub fn append_at(&mut self, rec: &AuditRecord, ts: SystemTime) -> Result<u64, AuditError> {
-        if let Some(reason) = &self.poisoned {
-            return Err(AuditError::Poisoned {
+    fn check_poisoned(&self) -> Result<(), AuditError> {
+        match &self.poisoned {
+            Some(reason) => Err(AuditError::Poisoned {
                 path: self.path.clone(),
                 reason: reason.clone(),
-            });
+            }),
+            None => Ok(()),
         }
-        let _lock = FlockGuard::lock(&self.file, &self.path)?;
-        let len = self
+    }
+
+    /// [`append`](Self::append) with an explicit timestamp (tests, replays of a decided time).
+    pub fn append_at(&mut self, rec: &AuditRecord, ts: SystemTime) -> Result<u64, AuditError> {
+        self.check_poisoned()?;
+        let mut lock = self.lock_active()?;
+        let mut len = self
             .file
             .metadata()
             .map_err(io_err("fstat", &self.path))?
@@ -396,6 +485,12 @@ impl AuditLog {
             // Another writer appended (or the file was cut): recover from what is there now.
             self.read_tail()?;
         }
+        if self.rotation.max_bytes > 0 && len >= self.rotation.max_bytes {
+            let (new_lock, _) = self.rotate_locked(lock)?;
+            lock = new_lock;
+            len = self.end;
+        }
+        let _lock = lock;
         let seq = self.last_seq + 1;
         let ts = rfc3339_utc(ts);
         let scrubbed;
@@ -699,13 +794,23 @@ pub fn verify_bytes(data: &[u8]) -> VerifyReport {
 
 /// [`verify`] over any seekable reader positioned at the start of the log.
 pub fn verify_reader<R: BufRead + Seek>(r: &mut R) -> io::Result<VerifyReport> {
+    verify_reader_from(r, 1, GENESIS)
+}
+
+/// [`verify_reader`] of a chain whose first line must carry `first_seq` and `prev` (a file of a
+/// rotated set continues the chain of the file before it).
+pub fn verify_reader_from<R: BufRead + Seek>(
+    r: &mut R,
+    first_seq: u64,
+    prev: &str,
+) -> io::Result<VerifyReport> {
     let mut report = VerifyReport {
         lines: 0,
         head: None,
         broken: None,
     };
-    let mut expected_seq = 1u64;
-    let mut prev_hash = GENESIS.to_string();
+    let mut expected_seq = first_seq;
+    let mut prev_hash = prev.to_string();
     let mut buf = Vec::new();
     while let Some(end) = next_line(r, &mut buf)? {
         let lineno = report.lines + 1;
