@@ -16,7 +16,16 @@
 //!   records may be carried out. Any failure is an `Err` and the caller must deny. After a failed
 //!   write the log is *poisoned* (the file may hold a partial line) and every later append fails too.
 //! - Several processes may append to the same file: each append holds an exclusive `flock` and
-//!   re-reads the tail when the file grew behind its back, so the chain stays one chain.
+//!   re-reads the tail when the file grew behind its back, so the chain stays one chain. Under
+//!   the lock it also checks that the file it holds is still the one at the path (same inode);
+//!   if the log was rotated it reopens the path first.
+//! - **Rotation** ([`rotate`]): with [`AuditLog::set_rotation`], the writer itself rotates the
+//!   active file under its `flock` once it has reached a size: `audit.log` is renamed to
+//!   `audit.log.<seq of its first record>` (zero-padded), a new `audit.log` is created, and its
+//!   first record continues the SAME chain (next seq, `prev` = hash of the rotated file's last
+//!   line). An empty active file continues from the newest rotated file, which makes a crash at
+//!   any step safe. At most `keep` rotated files are kept, the oldest deleted first.
+//!   [`verify_set`] checks the rotated files and the active file as one chain.
 //!
 //! **Secrets never appear.** [`AuditRecord`] has no field meant for a value: `target` is a *name*
 //! (secret name, `host:port`, path, channel + recipient), `detail` is for the broker's own words
@@ -27,7 +36,12 @@
 //! reordering, insertion or truncation made by someone who did not recompute every later hash.
 //! Removing whole lines *at the end*, or editing the very last line, leaves a valid shorter chain;
 //! [`VerifyReport::head`] gives the last seq and hash so that it can be anchored elsewhere (and
-//! compared with [`verify_against`]).
+//! compared with [`verify_against`]). Across a rotated set the same holds for the newest file;
+//! once `keep` deleted the oldest files, the chain can only be checked from the first kept
+//! file's `prev` on ([`SetReport::anchor`]).
+//!
+//! **Encodings** are the crates': `hex` for hashes, `jiff` for the `ts` (RFC 3339 UTC, six
+//! fractional digits and `Z`, pinned by a test).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
