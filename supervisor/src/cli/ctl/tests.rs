@@ -767,21 +767,68 @@ fn audit_tail_follow_until_the_supervisor_stops() {
     );
 }
 
+fn audit_record(i: u64) -> carapace_broker::audit::AuditRecord {
+    carapace_broker::audit::AuditRecord {
+        who: who(),
+        op: "connect".into(),
+        target: format!("h{i}:443"),
+        rule: None,
+        decision: carapace_broker::audit::AuditDecision::Allow,
+        outcome: "connected".into(),
+        detail: String::new(),
+    }
+}
+
+#[test]
+fn audit_tail_follows_across_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let path = dir.path().join("audit.log");
+    let mut log = carapace_broker::audit::AuditLog::open(&path).unwrap();
+    for i in 1..=2 {
+        log.append(&audit_record(i)).unwrap();
+    }
+    let server = ControlServer::bind(&sock, None).unwrap();
+    let stop = server.shutdown_handle();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let task = {
+        let _g = rt.enter();
+        server.serve(Arc::new(Fake {
+            audit: path.clone(),
+        }))
+    };
+    let a = AuditCommand::Tail {
+        lines: 5,
+        follow: true,
+        opts: opts(&sock),
+    };
+    let follower = std::thread::spawn(move || run(|t| audit_to(&a, t)));
+    std::thread::sleep(Duration::from_millis(300));
+    log.append(&audit_record(3)).unwrap();
+    assert!(log.rotate().unwrap().is_some());
+    // Another writer (as the broker would be) continues in the new file.
+    let mut other = carapace_broker::audit::AuditLog::open(&path).unwrap();
+    other.append(&audit_record(4)).unwrap();
+    log.append(&audit_record(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    stop.shutdown();
+    rt.block_on(task).unwrap();
+    let (_, out, _) = follower.join().unwrap();
+    let seqs: Vec<&str> = out.lines().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(seqs, ["#1", "#2", "#3", "#4", "#5"], "{out}");
+    assert!(carapace_broker::audit::verify_set(&path).unwrap().is_ok());
+}
+
 /// An audit log of `n` records at `dir/audit.log`, rotated every 4 records by `audit rotate`.
 fn rotated_audit_log(dir: &Path, n: u64) -> PathBuf {
     let path = dir.join("audit.log");
     let mut log = carapace_broker::audit::AuditLog::open(&path).unwrap();
     for i in 1..=n {
-        log.append(&carapace_broker::audit::AuditRecord {
-            who: who(),
-            op: "connect".into(),
-            target: format!("h{i}:443"),
-            rule: None,
-            decision: carapace_broker::audit::AuditDecision::Allow,
-            outcome: "connected".into(),
-            detail: String::new(),
-        })
-        .unwrap();
+        log.append(&audit_record(i)).unwrap();
         if i % 4 == 0 {
             let a = AuditCommand::Rotate {
                 file: path.clone(),
