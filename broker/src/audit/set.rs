@@ -179,8 +179,12 @@ fn first_record(r: &mut BufReader<File>, path: &Path) -> Result<Option<StoredRec
 /// `active`.
 pub fn verify_set(active: impl AsRef<Path>) -> Result<SetReport, AuditError> {
     let active = active.as_ref();
-    let mut paths: Vec<(Option<u64>, PathBuf)> = rotated_files(active)
-        .map_err(io_err("list rotated files", parent_dir(active)))?
+    // No directory: no rotated files; opening `active` below says what is missing.
+    let rotated = match rotated_files(active) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        r => r.map_err(io_err("list rotated files", parent_dir(active)))?,
+    };
+    let mut paths: Vec<(Option<u64>, PathBuf)> = rotated
         .into_iter()
         .map(|(seq, p)| (Some(seq), p))
         .collect();

@@ -170,3 +170,11 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+#[test]
+fn a_missing_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope/audit.log");
+    let e = verify_set(&path).unwrap_err();
+    assert!(e.to_string().contains("nope/audit.log"), "{e}");
+}
