@@ -63,7 +63,9 @@ fn base64(data: &[u8], engine: &base64::engine::GeneralPurpose) -> Vec<u8> {
 const B64_STD: &base64::engine::GeneralPurpose = &base64::engine::general_purpose::STANDARD_NO_PAD;
 const B64_URL: &base64::engine::GeneralPurpose = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-/// Percent-encoding of every byte outside RFC 3986's unreserved set (uppercase hex).
+/// Percent-encoding of every byte outside RFC 3986's unreserved set (uppercase hex). Written
+/// out rather than taken from a crate: it is one loop over one fixed set, and the form searched
+/// for must be exactly this one.
 fn percent(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
     for &b in data {
@@ -98,7 +100,8 @@ fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
     v
 }
 
-/// A regex (Unicode off) matching exactly `needle`'s bytes.
+/// A regex (Unicode off) matching exactly `needle`'s bytes. `regex::escape` works on `str` and
+/// cannot express a byte that is not UTF-8, hence the `\xNN` escape of every other byte.
 fn escape_bytes(needle: &[u8], out: &mut String) {
     for &b in needle {
         if b.is_ascii_alphanumeric() {

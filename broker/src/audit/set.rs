@@ -184,10 +184,8 @@ pub fn verify_set(active: impl AsRef<Path>) -> Result<SetReport, AuditError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         r => r.map_err(io_err("list rotated files", parent_dir(active)))?,
     };
-    let mut paths: Vec<(Option<u64>, PathBuf)> = rotated
-        .into_iter()
-        .map(|(seq, p)| (Some(seq), p))
-        .collect();
+    let mut paths: Vec<(Option<u64>, PathBuf)> =
+        rotated.into_iter().map(|(seq, p)| (Some(seq), p)).collect();
     paths.push((None, active.to_path_buf()));
 
     let mut report = SetReport {
