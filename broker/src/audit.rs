@@ -16,7 +16,16 @@
 //!   records may be carried out. Any failure is an `Err` and the caller must deny. After a failed
 //!   write the log is *poisoned* (the file may hold a partial line) and every later append fails too.
 //! - Several processes may append to the same file: each append holds an exclusive `flock` and
-//!   re-reads the tail when the file grew behind its back, so the chain stays one chain.
+//!   re-reads the tail when the file grew behind its back, so the chain stays one chain. Under
+//!   the lock it also checks that the file it holds is still the one at the path (same inode);
+//!   if the log was rotated it reopens the path first.
+//! - **Rotation** ([`rotate`]): with [`AuditLog::set_rotation`], the writer itself rotates the
+//!   active file under its `flock` once it has reached a size: `audit.log` is renamed to
+//!   `audit.log.<seq of its first record>` (zero-padded), a new `audit.log` is created, and its
+//!   first record continues the SAME chain (next seq, `prev` = hash of the rotated file's last
+//!   line). An empty active file continues from the newest rotated file, which makes a crash at
+//!   any step safe. At most `keep` rotated files are kept, the oldest deleted first.
+//!   [`verify_set`] checks the rotated files and the active file as one chain.
 //!
 //! **Secrets never appear.** [`AuditRecord`] has no field meant for a value: `target` is a *name*
 //! (secret name, `host:port`, path, channel + recipient), `detail` is for the broker's own words
@@ -27,13 +36,18 @@
 //! reordering, insertion or truncation made by someone who did not recompute every later hash.
 //! Removing whole lines *at the end*, or editing the very last line, leaves a valid shorter chain;
 //! [`VerifyReport::head`] gives the last seq and hash so that it can be anchored elsewhere (and
-//! compared with [`verify_against`]).
+//! compared with [`verify_against`]). Across a rotated set the same holds for the newest file;
+//! once `keep` deleted the oldest files, the chain can only be checked from the first kept
+//! file's `prev` on ([`SetReport::anchor`]).
+//!
+//! **Encodings** are the crates': `hex` for hashes, `jiff` for the `ts` (RFC 3339 UTC, six
+//! fractional digits and `Z`, pinned by a test).
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -42,6 +56,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::redact::Redactor;
+
+pub mod rotate;
+pub mod set;
+
+pub use rotate::{rotated_files, rotated_name, Rotation};
+pub use set::{verify_set, FileCheck, SetBreak, SetBreakKind, SetReport};
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -81,6 +101,11 @@ pub enum AuditError {
         "audit log {path}: an earlier append failed ({reason}); the log refuses further records"
     )]
     Poisoned { path: PathBuf, reason: String },
+    #[error(
+        "audit log: cannot rotate: {path} already exists (a rotated file is named after its \
+         first record's seq, so this one is out of place); move it away"
+    )]
+    RotateTarget { path: PathBuf },
     #[error("audit log {path}: cannot encode the record: {source}")]
     Encode {
         path: PathBuf,
@@ -176,49 +201,32 @@ pub struct StoredRecord {
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    hex::encode(Sha256::digest(bytes))
 }
 
-/// Lowercase hex of `bytes`.
+/// Lowercase hex of `bytes` (the `hex` crate; kept here for callers that name it so).
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    hex::encode(bytes)
+}
+
+/// `t` as a `jiff` timestamp: times before 1970 are the epoch, times past jiff's range (year
+/// 9999) its last instant.
+fn timestamp(t: SystemTime) -> jiff::Timestamp {
+    if t < UNIX_EPOCH {
+        return jiff::Timestamp::UNIX_EPOCH;
     }
-    s
+    jiff::Timestamp::try_from(t).unwrap_or(jiff::Timestamp::MAX)
 }
 
-/// RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-21T13:20:07.123456Z`.
-/// Times before 1970 are written as the epoch.
+/// RFC 3339 UTC timestamp with microseconds, e.g. `2026-11-21T13:20:07.123456Z` (always six
+/// fractional digits: the audit line format). Times before 1970 are written as the epoch.
 pub fn rfc3339_utc(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, dd) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    timestamp(t).strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string()
 }
 
-/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
+/// RFC 3339 UTC timestamp to the second, e.g. `2026-11-21T13:20:07Z`.
+pub fn rfc3339_utc_secs(t: SystemTime) -> String {
+    timestamp(t).strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// The append-only, hash-chained audit log. Not `Clone`; share it behind a `Mutex`.
@@ -236,11 +244,17 @@ pub struct AuditLog {
     poisoned: Option<String>,
     /// Defence in depth: known secret values are scrubbed from every text field before writing.
     redactor: Option<Arc<Redactor>>,
+    /// When the active file is rotated (see [`rotate`]).
+    rotation: Rotation,
+    /// Tests: stop a rotation after this step, as a crash (SIGKILL) there would.
+    #[cfg(test)]
+    crash_after: Option<rotate::Step>,
 }
 
 /// Exclusive `flock` on the log for the duration of one append; released on drop. Holds the raw
-/// descriptor of the log's `File`, which the `AuditLog` keeps open for longer than any guard (the
-/// guard only lives inside `AuditLog` methods).
+/// descriptor of a `File` that the `AuditLog` keeps open for longer than the guard: the guard
+/// only lives inside `AuditLog` methods, and a method that replaces the file drops the guard
+/// of the old one before the old `File`.
 struct FlockGuard {
     fd: std::os::fd::RawFd,
 }
@@ -270,32 +284,82 @@ impl Drop for FlockGuard {
     }
 }
 
+/// Opens (creating it 0600 if needed, and making the new directory entry durable) the active
+/// file at `path` for reading and appending. Refuses a symlink.
+fn open_active(path: &Path) -> Result<File, AuditError> {
+    let existed = path.symlink_metadata().is_ok();
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    if !existed {
+        let dir = parent_dir(path);
+        crate::durable::sync_dir(dir).map_err(io_err("fsync dir", dir))?;
+    }
+    Ok(file)
+}
+
+/// The directory holding `path` (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// The last line of `file` (of length `len` > 0): its seq and hash. Refuses a torn line.
+fn tail_of(file: &mut File, path: &Path, len: u64) -> Result<(u64, String), AuditError> {
+    let window = len.min(MAX_LINE + 1);
+    let start = len - window;
+    let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
+    file.seek(SeekFrom::Start(start))
+        .map_err(io_err("lseek", path))?;
+    file.read_exact(&mut buf).map_err(io_err("read", path))?;
+    if buf.last() != Some(&b'\n') {
+        let line_start = buf
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(start, |p| start + p as u64 + 1);
+        return Err(AuditError::TornTail {
+            path: path.to_path_buf(),
+            offset: line_start,
+            len: len - line_start,
+        });
+    }
+    let body = &buf[..buf.len() - 1];
+    let line_start_in_buf = match body.iter().rposition(|&b| b == b'\n') {
+        Some(p) => p + 1,
+        None if start == 0 => 0,
+        None => {
+            return Err(AuditError::BadTail {
+                path: path.to_path_buf(),
+                offset: start,
+                reason: format!("last line longer than {MAX_LINE} bytes"),
+            })
+        }
+    };
+    let line = &body[line_start_in_buf..];
+    let offset = start + line_start_in_buf as u64;
+    let rec: StoredRecord = serde_json::from_slice(line).map_err(|e| AuditError::BadTail {
+        path: path.to_path_buf(),
+        offset,
+        reason: e.to_string(),
+    })?;
+    Ok((rec.seq, sha256_hex(line)))
+}
+
 impl AuditLog {
     /// Opens (creating it 0600 if needed) the log at `path` for appending and recovers the last
-    /// seq and hash from its tail. Refuses a symlink, a torn last line and a last line that is not
-    /// a record.
+    /// seq and hash from its tail (from the newest rotated file when the active one is empty).
+    /// Refuses a symlink, a torn last line and a last line that is not a record. Rotation is off
+    /// until [`set_rotation`](Self::set_rotation).
     pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, AuditError> {
         let path = path.as_ref().to_path_buf();
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        if !existed {
-            // The new directory entry must survive a crash too.
-            if let Some(dir) = path.parent() {
-                let dir = if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                };
-                crate::durable::sync_dir(dir).map_err(io_err("fsync dir", dir))?;
-            }
-        }
+        let file = open_active(&path)?;
         let mut log = AuditLog {
             path,
             file,
@@ -304,9 +368,12 @@ impl AuditLog {
             end: 0,
             poisoned: None,
             redactor: None,
+            rotation: Rotation::default(),
+            #[cfg(test)]
+            crash_after: None,
         };
         {
-            let _lock = FlockGuard::lock(&log.file, &log.path)?;
+            let _lock = log.lock_active()?;
             log.read_tail()?;
         }
         Ok(log)
@@ -317,6 +384,11 @@ impl AuditLog {
     /// a caller that puts a value where a name belongs. `None` turns it off.
     pub fn set_redactor(&mut self, redactor: Option<Arc<Redactor>>) {
         self.redactor = redactor;
+    }
+
+    /// Rotate the active file when it reaches `rotation.max_bytes` (see [`rotate`]).
+    pub fn set_rotation(&mut self, rotation: Rotation) {
+        self.rotation = rotation;
     }
 
     /// The log's path.
@@ -334,57 +406,66 @@ impl AuditLog {
         &self.prev
     }
 
-    /// Reads the last line and sets `last_seq`, `prev`, `end`. Caller holds the flock.
+    /// Takes the flock of the file now at `path`. When the file we hold is no longer the one at
+    /// `path` (another process rotated it), reopens `path` and reads its tail.
+    fn lock_active(&mut self) -> Result<FlockGuard, AuditError> {
+        for _ in 0..100 {
+            let guard = FlockGuard::lock(&self.file, &self.path)?;
+            let held = self.file.metadata().map_err(io_err("fstat", &self.path))?;
+            let same = match fs::symlink_metadata(&self.path) {
+                Ok(m) => m.dev() == held.dev() && m.ino() == held.ino(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(io_err("lstat", &self.path)(e)),
+            };
+            if same {
+                return Ok(guard);
+            }
+            let file = open_active(&self.path)?;
+            drop(guard);
+            self.file = file;
+            // Nothing of the new file is known yet: read its tail under its lock.
+            self.end = u64::MAX;
+        }
+        Err(AuditError::Io {
+            op: "reopen after rotation",
+            path: self.path.clone(),
+            source: io::Error::other("the file keeps being replaced"),
+        })
+    }
+
+    /// Reads the last line and sets `last_seq`, `prev`, `end`. Caller holds the flock. An empty
+    /// active file continues the chain of the newest rotated file, if there is one.
     fn read_tail(&mut self) -> Result<(), AuditError> {
         let path = &self.path;
         let len = self.file.metadata().map_err(io_err("fstat", path))?.len();
-        if len == 0 {
-            self.last_seq = 0;
-            self.prev = GENESIS.to_string();
-            self.end = 0;
-            return Ok(());
-        }
-        let window = len.min(MAX_LINE + 1);
-        let start = len - window;
-        let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
-        self.file
-            .seek(SeekFrom::Start(start))
-            .map_err(io_err("lseek", path))?;
-        self.file
-            .read_exact(&mut buf)
-            .map_err(io_err("read", path))?;
-        if buf.last() != Some(&b'\n') {
-            let line_start = buf
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(start, |p| start + p as u64 + 1);
-            return Err(AuditError::TornTail {
-                path: path.clone(),
-                offset: line_start,
-                len: len - line_start,
-            });
-        }
-        let body = &buf[..buf.len() - 1];
-        let line_start_in_buf = match body.iter().rposition(|&b| b == b'\n') {
-            Some(p) => p + 1,
-            None if start == 0 => 0,
-            None => {
-                return Err(AuditError::BadTail {
-                    path: path.clone(),
-                    offset: start,
-                    reason: format!("last line longer than {MAX_LINE} bytes"),
-                })
+        let (seq, hash) = if len > 0 {
+            tail_of(&mut self.file, path, len)?
+        } else {
+            match rotate::rotated_files(path)
+                .map_err(io_err("list rotated files", parent_dir(path)))?
+                .pop()
+            {
+                None => (0, GENESIS.to_string()),
+                Some((_, old)) => {
+                    let mut f = OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&old)
+                        .map_err(io_err("open", &old))?;
+                    let old_len = f.metadata().map_err(io_err("fstat", &old))?.len();
+                    if old_len == 0 {
+                        return Err(AuditError::BadTail {
+                            path: old,
+                            offset: 0,
+                            reason: "the newest rotated file is empty".into(),
+                        });
+                    }
+                    tail_of(&mut f, &old, old_len)?
+                }
             }
         };
-        let line = &body[line_start_in_buf..];
-        let offset = start + line_start_in_buf as u64;
-        let rec: StoredRecord = serde_json::from_slice(line).map_err(|e| AuditError::BadTail {
-            path: path.clone(),
-            offset,
-            reason: e.to_string(),
-        })?;
-        self.last_seq = rec.seq;
-        self.prev = sha256_hex(line);
+        self.last_seq = seq;
+        self.prev = hash;
         self.end = len;
         Ok(())
     }
@@ -395,16 +476,21 @@ impl AuditLog {
         self.append_at(rec, SystemTime::now())
     }
 
-    /// [`append`](Self::append) with an explicit timestamp (tests, replays of a decided time).
-    pub fn append_at(&mut self, rec: &AuditRecord, ts: SystemTime) -> Result<u64, AuditError> {
-        if let Some(reason) = &self.poisoned {
-            return Err(AuditError::Poisoned {
+    fn check_poisoned(&self) -> Result<(), AuditError> {
+        match &self.poisoned {
+            Some(reason) => Err(AuditError::Poisoned {
                 path: self.path.clone(),
                 reason: reason.clone(),
-            });
+            }),
+            None => Ok(()),
         }
-        let _lock = FlockGuard::lock(&self.file, &self.path)?;
-        let len = self
+    }
+
+    /// [`append`](Self::append) with an explicit timestamp (tests, replays of a decided time).
+    pub fn append_at(&mut self, rec: &AuditRecord, ts: SystemTime) -> Result<u64, AuditError> {
+        self.check_poisoned()?;
+        let mut lock = self.lock_active()?;
+        let mut len = self
             .file
             .metadata()
             .map_err(io_err("fstat", &self.path))?
@@ -413,6 +499,12 @@ impl AuditLog {
             // Another writer appended (or the file was cut): recover from what is there now.
             self.read_tail()?;
         }
+        if self.rotation.max_bytes > 0 && len >= self.rotation.max_bytes {
+            let (new_lock, _) = self.rotate_locked(lock)?;
+            lock = new_lock;
+            len = self.end;
+        }
+        let _lock = lock;
         let seq = self.last_seq + 1;
         let ts = rfc3339_utc(ts);
         let scrubbed;
@@ -716,13 +808,23 @@ pub fn verify_bytes(data: &[u8]) -> VerifyReport {
 
 /// [`verify`] over any seekable reader positioned at the start of the log.
 pub fn verify_reader<R: BufRead + Seek>(r: &mut R) -> io::Result<VerifyReport> {
+    verify_reader_from(r, 1, GENESIS)
+}
+
+/// [`verify_reader`] of a chain whose first line must carry `first_seq` and `prev` (a file of a
+/// rotated set continues the chain of the file before it).
+pub fn verify_reader_from<R: BufRead + Seek>(
+    r: &mut R,
+    first_seq: u64,
+    prev: &str,
+) -> io::Result<VerifyReport> {
     let mut report = VerifyReport {
         lines: 0,
         head: None,
         broken: None,
     };
-    let mut expected_seq = 1u64;
-    let mut prev_hash = GENESIS.to_string();
+    let mut expected_seq = first_seq;
+    let mut prev_hash = prev.to_string();
     let mut buf = Vec::new();
     while let Some(end) = next_line(r, &mut buf)? {
         let lineno = report.lines + 1;
@@ -863,6 +965,57 @@ mod tests {
         // 2100-03-01 (2100 is not a leap year)
         let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400);
         assert_eq!(rfc3339_utc(t), "2100-03-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn rfc3339_format_is_pinned() {
+        // Six fractional digits always, `Z`, no offset: the audit line format.
+        let t = UNIX_EPOCH + Duration::new(1_795_267_207, 123_456_789);
+        assert_eq!(rfc3339_utc(t), "2026-11-21T13:20:07.123456Z");
+        let t = UNIX_EPOCH + Duration::new(1_795_267_207, 1_000);
+        assert_eq!(rfc3339_utc(t), "2026-11-21T13:20:07.000001Z");
+        assert_eq!(rfc3339_utc_secs(t), "2026-11-21T13:20:07Z");
+        // Before 1970: the epoch.
+        let before = UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(rfc3339_utc(before), "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn audit_line_bytes_are_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut log = AuditLog::open(&path).unwrap();
+        let rec = AuditRecord {
+            who: Who {
+                id: 3,
+                role: "tool".into(),
+                profile: "dev".into(),
+            },
+            op: "connect".into(),
+            target: "api.example.com:443".into(),
+            rule: Some(RuleRef {
+                line: Some(12),
+                why: "model API".into(),
+            }),
+            decision: AuditDecision::Allow,
+            outcome: "connected".into(),
+            detail: String::new(),
+        };
+        let t = UNIX_EPOCH + Duration::new(1_795_267_207, 123_456_789);
+        log.append_at(&rec, t).unwrap();
+        log.append_at(&rec, t).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first = concat!(
+            r#"{"seq":1,"ts":"2026-11-21T13:20:07.123456Z","#,
+            r#""prev":"0000000000000000000000000000000000000000000000000000000000000000","#,
+            r#""who":{"id":3,"role":"tool","profile":"dev"},"op":"connect","#,
+            r#""target":"api.example.com:443","rule":{"line":12,"why":"model API"},"#,
+            r#""decision":"allow","outcome":"connected","detail":""}"#
+        );
+        let second = first
+            .replace(r#""seq":1"#, r#""seq":2"#)
+            .replace(GENESIS, &sha256_hex(first.as_bytes()));
+        assert_eq!(text, format!("{first}\n{second}\n"));
     }
 
     #[test]

@@ -55,28 +55,17 @@ pub struct Redactor {
     max_len: usize,
 }
 
-fn base64(data: &[u8], alphabet: &[u8; 64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1; // 1 byte -> 2 chars, 2 -> 3, 3 -> 4 (no padding)
-        for i in 0..chars {
-            let idx = (n >> (18 - 6 * i)) & 0x3f;
-            out.push(alphabet[idx as usize]);
-        }
-    }
-    out
+/// Unpadded base64 of `data` in `engine`'s alphabet, as bytes.
+fn base64(data: &[u8], engine: &base64::engine::GeneralPurpose) -> Vec<u8> {
+    base64::Engine::encode(engine, data).into_bytes()
 }
 
-const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+const B64_STD: &base64::engine::GeneralPurpose = &base64::engine::general_purpose::STANDARD_NO_PAD;
+const B64_URL: &base64::engine::GeneralPurpose = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-/// Percent-encoding of every byte outside RFC 3986's unreserved set (uppercase hex).
+/// Percent-encoding of every byte outside RFC 3986's unreserved set (uppercase hex). Written
+/// out rather than taken from a crate: it is one loop over one fixed set, and the form searched
+/// for must be exactly this one.
 fn percent(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
     for &b in data {
@@ -91,8 +80,8 @@ fn percent(data: &[u8]) -> Vec<u8> {
 
 /// The forms of one secret that are searched for.
 fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
-    let lower = crate::audit::hex(secret).into_bytes();
-    let upper = lower.to_ascii_uppercase();
+    let lower = hex::encode(secret).into_bytes();
+    let upper = hex::encode_upper(secret).into_bytes();
     let mut v = vec![
         secret.to_vec(),
         lower,
@@ -111,7 +100,8 @@ fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
     v
 }
 
-/// A regex (Unicode off) matching exactly `needle`'s bytes.
+/// A regex (Unicode off) matching exactly `needle`'s bytes. `regex::escape` works on `str` and
+/// cannot express a byte that is not UTF-8, hence the `\xNN` escape of every other byte.
 fn escape_bytes(needle: &[u8], out: &mut String) {
     for &b in needle {
         if b.is_ascii_alphanumeric() {
@@ -312,7 +302,7 @@ mod tests {
     #[test]
     fn encoded_forms_are_replaced() {
         let red = r(&["s3cr3t!"], &[]);
-        let hex = crate::audit::hex(b"s3cr3t!");
+        let hex = hex::encode(b"s3cr3t!");
         let text = format!(
             "a {hex} b {} c {} d",
             hex.to_uppercase(),

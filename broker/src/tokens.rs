@@ -30,7 +30,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -38,7 +38,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 
-use crate::audit::{hex, rfc3339_utc};
 use crate::durable::{ensure_dir, read_capped, write_atomic, DurableError};
 
 /// File name of the token store in the state directory.
@@ -178,7 +177,7 @@ struct StoreFile {
 
 /// SHA-256 of the token's UTF-8 bytes, lowercase hex (what the store keeps and `auth` sends).
 pub fn token_sha256_hex(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// Whether `s` is exactly 64 lowercase hex characters (the shape of a stored hash).
@@ -210,18 +209,8 @@ fn is_id(s: &str) -> bool {
 
 /// Base64url without padding (RFC 4648 §5).
 fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity((bytes.len() * 4).div_ceil(3));
-    for chunk in bytes.chunks(3) {
-        let mut b = [0u8; 3];
-        b[..chunk.len()].copy_from_slice(chunk);
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            let six = (n >> (18 - 6 * i)) & 63;
-            out.push(char::from(ALPHABET[six as usize]));
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn random(buf: &mut [u8]) -> Result<(), TokenError> {
@@ -237,18 +226,9 @@ fn new_token() -> Result<String, TokenError> {
     Ok(token)
 }
 
-/// Now, RFC 3339 UTC to the second.
+/// Now, RFC 3339 UTC to the second (`YYYY-MM-DDTHH:MM:SSZ`).
 fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let full = rfc3339_utc(UNIX_EPOCH + Duration::from_secs(secs));
-    // `YYYY-MM-DDTHH:MM:SS.ffffffZ` -> `YYYY-MM-DDTHH:MM:SSZ`
-    match full.get(..19) {
-        Some(head) => format!("{head}Z"),
-        None => full,
-    }
+    crate::audit::rfc3339_utc_secs(SystemTime::now())
 }
 
 /// The token store of one state directory. Cheap; every call reads the file anew, so a token
@@ -388,7 +368,7 @@ impl TokenStore {
         for _ in 0..ID_ATTEMPTS {
             let mut b = [0u8; 4];
             random(&mut b)?;
-            let candidate = hex(&b);
+            let candidate = hex::encode(b);
             if !tokens.iter().any(|t| t.id == candidate) {
                 id = Some(candidate);
                 break;

@@ -43,8 +43,11 @@ pub use source::{Sink, Source};
 /// Path, duration and size checks shared with the supervisor's configuration:
 /// [`check_abs_path`] (absolute and normalized, the reason when not) with [`PATH_EXPECTED`], and
 /// [`parse_duration`] (integer seconds or `"<n><ms|s|m|min|h>"`, zero refused) with
-/// [`DURATION_EXPECTED`].
-pub use units::{check_abs_path, parse_duration, DURATION_EXPECTED, PATH_EXPECTED};
+/// [`DURATION_EXPECTED`], and [`parse_size`] (bytes or `"<n><unit>"`, zero refused) with
+/// [`SIZE_EXPECTED`].
+pub use units::{
+    check_abs_path, parse_duration, parse_size, DURATION_EXPECTED, PATH_EXPECTED, SIZE_EXPECTED,
+};
 
 use crate::validate::{ArgPat, ProgramPat, Validated};
 

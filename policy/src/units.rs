@@ -32,11 +32,11 @@ pub fn check_abs_path(p: &str) -> Result<(), &'static str> {
 pub const PATH_EXPECTED: &str =
     "an absolute, normalized path (starts with `/`; no `.`, `..`, `//`, trailing `/` or NUL)";
 
-pub(crate) const SIZE_EXPECTED: &str =
+pub const SIZE_EXPECTED: &str =
     "a size: an integer number of bytes, or a string like \"64MiB\" (units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)";
 
 /// Parse a size: a positive integer (bytes) or "<integer><unit>".
-pub(crate) fn parse_size(v: &toml::Value) -> Result<u64, String> {
+pub fn parse_size(v: &toml::Value) -> Result<u64, String> {
     let bytes = match v {
         toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| format!("negative size {i}"))?,
         toml::Value::String(s) => {

@@ -242,6 +242,8 @@ pub struct BrokerSetup {
     /// The gateway's client tokens (`<state>/tokens.json`) for the `auth` op; None: `auth` is
     /// `unavailable` (one-shot `carapace exec` runs serve no gateway).
     pub token_store: Option<PathBuf>,
+    /// When the audit log rotates (`[audit]` of the configuration).
+    pub audit_rotation: carapace_broker::audit::Rotation,
 }
 
 impl BrokerHost {
@@ -260,11 +262,12 @@ impl BrokerHost {
         metrics: Option<Arc<Metrics>>,
     ) -> Result<BrokerHost, BrokerHostError> {
         let root = setup.state.root.clone();
-        let audit =
+        let mut audit =
             AuditLog::open(setup.state.audit_log()).map_err(|source| BrokerHostError::Audit {
                 path: root.clone(),
                 source,
             })?;
+        audit.set_rotation(setup.audit_rotation);
         let dlq = DeadLetters::open(setup.state.dlq()).map_err(|source| {
             BrokerHostError::DeadLetters {
                 path: root.clone(),

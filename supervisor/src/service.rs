@@ -251,6 +251,7 @@ fn start(
             },
             approval_timeout: cfg.approval_timeout,
             token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),
+            audit_rotation: cfg.audit_rotation,
         },
         OperatorChannel::Control,
         Some(metrics.clone()),

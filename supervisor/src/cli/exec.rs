@@ -359,6 +359,7 @@ pub(super) fn start_broker(
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
         token_store: None,
+        audit_rotation: carapace_broker::audit::Rotation::default(),
     })?;
     let (mine, theirs) = carapace_broker::protocol::seqpacket_pair()
         .map_err(crate::broker_host::BrokerHostError::Socket)?;

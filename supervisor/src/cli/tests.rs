@@ -70,6 +70,13 @@ fn audit_args() {
         Command::Audit(AuditCommand::Verify { file, json: false }) if file == Path::new("/x/audit.log")
     ));
     assert!(parse(&["carapace", "audit", "verify"]).is_err());
+    let c = parse(&["carapace", "audit", "rotate", "/x/audit.log", "--keep", "3"]).unwrap();
+    assert!(matches!(
+        c.command,
+        Command::Audit(AuditCommand::Rotate { file, keep: Some(3) }) if file == Path::new("/x/audit.log")
+    ));
+    assert!(parse(&["carapace", "audit", "rotate", "/x/audit.log", "--keep", "0"]).is_err());
+    assert!(parse(&["carapace", "audit", "rotate"]).is_err());
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub struct Config {
     pub approval_timeout: Duration,
     /// Send `WATCHDOG=1` when systemd asks for it.
     pub watchdog: bool,
+    /// `[audit]`: when the audit log is rotated and how many old files are kept.
+    pub audit_rotation: carapace_broker::audit::Rotation,
     /// Group allowed on the control socket (besides root and our own uid).
     pub control_group: Option<u32>,
     /// The gateway, if any.

@@ -227,7 +227,11 @@ pub enum AuditCommand {
                       SHA-256 of the line before it and a sequence number, so an edited, \
                       deleted, reordered or duplicated record, or a torn last line, breaks the \
                       chain. Deleting whole records from the END cannot be seen from the file \
-                      alone; compare the head (printed on success) with one saved elsewhere.",
+                      alone; compare the head (printed on success) with one saved elsewhere. \
+                      When FILE has rotated files beside it (FILE.<first seq>), the whole set \
+                      is verified as one chain, oldest first; if the oldest kept file does not \
+                      start at seq 1, the check starts from its first record's prev (what was \
+                      deleted before it cannot be checked) and says so.",
         after_help = "Example:\n  carapace audit verify /var/lib/carapace/audit.log\n\n\
                       Exit status: 0 intact (\"ok: N records ...\"), 1 broken (the first line \
                       found wrong, and how) or the file cannot be read (the message says which), \
@@ -237,9 +241,28 @@ pub enum AuditCommand {
         #[arg(value_name = "FILE")]
         file: PathBuf,
         /// Print the outcome as one JSON object for scripts: {"file", "ok", "lines", "head":
-        /// {"seq", "hash"} or null, "broken": {"line", "what"} or null, "error": text or null}
+        /// {"seq", "hash"} or null, "broken": {"file", "line", "what"} or null, "error": text or
+        /// null, "files": [{"file", "first_seq", "lines", "head"}] oldest first, "anchor":
+        /// {"seq", "hash"} or null}
         #[arg(long)]
         json: bool,
+    },
+    /// Rotate the audit log now (as the broker does at `[audit] rotate_size`)
+    #[command(
+        long_about = "Rotate an audit log now, whatever its size: FILE is renamed to \
+                      FILE.<seq of its first record> and the next record, written to a new FILE, \
+                      continues the same hash chain. Safe while the supervisor runs: it takes \
+                      the log's lock like the broker does, and the broker follows the rename. \
+                      Rotated files are deleted only with --keep.",
+        after_help = "Example:\n  carapace audit rotate /var/lib/carapace/audit.log --keep 10\n\n\
+                      Exit status: 0 rotated (or nothing to rotate: FILE is empty), 1 failed."
+    )]
+    Rotate {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Delete the oldest rotated files beyond N (at least 1)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
     },
     /// Show the running supervisor's last audit records, and follow new ones with -f
     #[command(

@@ -260,6 +260,7 @@ pub fn audit(a: AuditCommand) -> i32 {
 pub fn audit_to(a: &AuditCommand, t: &mut Term<'_>) -> i32 {
     match a {
         AuditCommand::Verify { file, json } => audit_verify_to(file, *json, t),
+        AuditCommand::Rotate { file, keep } => audit_rotate_to(file, *keep, t),
         AuditCommand::Tail {
             lines,
             follow,
@@ -609,23 +610,35 @@ pub fn audit_verify(file: &Path) -> i32 {
 }
 
 pub(super) fn audit_verify_to(file: &Path, json: bool, t: &mut Term<'_>) -> i32 {
+    let head_json = |h: &Option<carapace_broker::audit::Head>| {
+        h.as_ref()
+            .map(|h| serde_json::json!({"seq": h.seq, "hash": h.hash}))
+    };
+    let result = carapace_broker::audit::verify_set(file);
     if json {
-        let (v, code) = match carapace_broker::audit::verify(file) {
+        let (v, code) = match result {
             Ok(r) => (
                 serde_json::json!({
                     "file": file,
                     "ok": r.is_ok(),
                     "lines": r.lines,
-                    "head": r.head.as_ref().map(|h| serde_json::json!({"seq": h.seq, "hash": h.hash})),
-                    "broken": r.broken.as_ref().map(|b| serde_json::json!({"line": b.line, "what": b.to_string()})),
+                    "head": head_json(&r.head),
+                    "broken": r.broken.as_ref().map(|b| serde_json::json!({
+                        "file": b.file, "line": b.line, "what": b.to_string(),
+                    })),
                     "error": null,
+                    "files": r.files.iter().map(|f| serde_json::json!({
+                        "file": f.path, "first_seq": f.first_seq, "lines": f.lines,
+                        "head": head_json(&f.head),
+                    })).collect::<Vec<_>>(),
+                    "anchor": head_json(&r.anchor),
                 }),
                 if r.is_ok() { EXIT_OK } else { EXIT_FAILED },
             ),
             Err(e) => (
                 serde_json::json!({
                     "file": file, "ok": false, "lines": 0, "head": null, "broken": null,
-                    "error": error_chain(&e),
+                    "error": error_chain(&e), "files": [], "anchor": null,
                 }),
                 EXIT_FAILED,
             ),
@@ -633,17 +646,47 @@ pub(super) fn audit_verify_to(file: &Path, json: bool, t: &mut Term<'_>) -> i32 
         t.out(&format!("{v}\n"));
         return code;
     }
-    match carapace_broker::audit::verify(file) {
-        Ok(r) if r.is_ok() => {
-            t.out(&format!("{r}\n"));
-            0
-        }
+    match result {
         Ok(r) => {
-            t.out(&format!("{}: {r}\n", file.display()));
-            1
+            // A broken report names the file it is broken in.
+            t.out(&format!("{r}\n"));
+            if r.is_ok() {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            }
         }
         Err(e) => {
             // Not a usage error (2): the file could not be verified.
+            t.err(&error_chain(&e));
+            EXIT_FAILED
+        }
+    }
+}
+
+/// `carapace audit rotate FILE [--keep N]`.
+pub(super) fn audit_rotate_to(file: &Path, keep: Option<u32>, t: &mut Term<'_>) -> i32 {
+    let rotated = carapace_broker::audit::AuditLog::open(file).and_then(|mut log| {
+        log.set_rotation(carapace_broker::audit::Rotation {
+            max_bytes: 0,
+            keep: keep.map_or(usize::MAX, |k| usize::try_from(k).unwrap_or(usize::MAX)),
+        });
+        log.rotate().map(|r| (r, log.last_seq()))
+    });
+    match rotated {
+        Ok((Some(old), last)) => {
+            t.out(&format!(
+                "rotated: {} (up to seq {last}); the next record goes to {} and continues the chain\n",
+                old.display(),
+                file.display()
+            ));
+            EXIT_OK
+        }
+        Ok((None, _)) => {
+            t.out(&format!("nothing to rotate: {} is empty\n", file.display()));
+            EXIT_OK
+        }
+        Err(e) => {
             t.err(&error_chain(&e));
             EXIT_FAILED
         }

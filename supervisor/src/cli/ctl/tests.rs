@@ -807,3 +807,171 @@ fn metrics_prints_the_exposition_as_sent() {
     stop.shutdown();
     rt.block_on(task).unwrap();
 }
+
+fn audit_record(i: u64) -> carapace_broker::audit::AuditRecord {
+    carapace_broker::audit::AuditRecord {
+        who: who(),
+        op: "connect".into(),
+        target: format!("h{i}:443"),
+        rule: None,
+        decision: carapace_broker::audit::AuditDecision::Allow,
+        outcome: "connected".into(),
+        detail: String::new(),
+    }
+}
+
+#[test]
+fn audit_tail_follows_across_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let path = dir.path().join("audit.log");
+    let mut log = carapace_broker::audit::AuditLog::open(&path).unwrap();
+    for i in 1..=2 {
+        log.append(&audit_record(i)).unwrap();
+    }
+    let server = ControlServer::bind(&sock, None).unwrap();
+    let stop = server.shutdown_handle();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let task = {
+        let _g = rt.enter();
+        server.serve(Arc::new(Fake {
+            audit: path.clone(),
+        }))
+    };
+    let a = AuditCommand::Tail {
+        lines: 5,
+        follow: true,
+        opts: opts(&sock),
+    };
+    let follower = std::thread::spawn(move || run(|t| audit_to(&a, t)));
+    std::thread::sleep(Duration::from_millis(300));
+    log.append(&audit_record(3)).unwrap();
+    assert!(log.rotate().unwrap().is_some());
+    // Another writer (as the broker would be) continues in the new file.
+    let mut other = carapace_broker::audit::AuditLog::open(&path).unwrap();
+    other.append(&audit_record(4)).unwrap();
+    log.append(&audit_record(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    stop.shutdown();
+    rt.block_on(task).unwrap();
+    let (_, out, _) = follower.join().unwrap();
+    let seqs: Vec<&str> = out.lines().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(seqs, ["#1", "#2", "#3", "#4", "#5"], "{out}");
+    assert!(carapace_broker::audit::verify_set(&path).unwrap().is_ok());
+}
+
+/// An audit log of `n` records at `dir/audit.log`, rotated every 4 records by `audit rotate`.
+fn rotated_audit_log(dir: &Path, n: u64) -> PathBuf {
+    let path = dir.join("audit.log");
+    let mut log = carapace_broker::audit::AuditLog::open(&path).unwrap();
+    for i in 1..=n {
+        log.append(&audit_record(i)).unwrap();
+        if i % 4 == 0 {
+            let a = AuditCommand::Rotate {
+                file: path.clone(),
+                keep: None,
+            };
+            let (code, out, err) = run(|t| audit_to(&a, t));
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.starts_with("rotated: "), "{out}");
+        }
+    }
+    path
+}
+
+#[test]
+fn audit_verify_covers_a_rotated_set_text_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = rotated_audit_log(dir.path(), 10);
+    let verify = |json| AuditCommand::Verify {
+        file: path.clone(),
+        json,
+    };
+    let (code, out, _) = run(|t| audit_to(&verify(false), t));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("ok: 3 files, 10 records, chain intact across files, head seq 10"),
+        "{out}"
+    );
+    let (code, out, _) = run(|t| audit_to(&verify(true), t));
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["lines"], 10);
+    assert_eq!(v["head"]["seq"], 10);
+    assert_eq!(v["anchor"], Value::Null);
+    let files = v["files"].as_array().unwrap();
+    assert_eq!(files.len(), 3, "{v}");
+    let firsts: Vec<u64> = files
+        .iter()
+        .map(|f| f["first_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(firsts, [1, 5, 9]);
+    assert_eq!(files[2]["file"], path.to_str().unwrap());
+    assert_eq!(files[1]["lines"], 4);
+
+    // An edited record in the middle file: exit 1, the file and line named.
+    let middle = carapace_broker::audit::rotated_name(&path, 5);
+    let text = std::fs::read_to_string(&middle).unwrap();
+    std::fs::write(&middle, text.replacen("h6:443", "h7:443", 1)).unwrap();
+    let (code, out, _) = run(|t| audit_to(&verify(false), t));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with(&format!("{}: BROKEN: line 2: edited", middle.display())),
+        "{out}"
+    );
+    let (code, out, _) = run(|t| audit_to(&verify(true), t));
+    assert_eq!(code, 1);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["broken"]["file"], middle.to_str().unwrap(), "{v}");
+    assert_eq!(v["broken"]["line"], 2, "{v}");
+    assert_eq!(v["files"].as_array().map(Vec::len), Some(2), "{v}");
+
+    // The middle file gone: records missing before the active file.
+    std::fs::remove_file(&middle).unwrap();
+    let (code, out, _) = run(|t| audit_to(&verify(false), t));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("records seq 5..=8 are missing"), "{out}");
+}
+
+#[test]
+fn audit_rotate_keeps_what_it_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = rotated_audit_log(dir.path(), 9);
+    let a = AuditCommand::Rotate {
+        file: path.clone(),
+        keep: Some(1),
+    };
+    let (code, out, _) = run(|t| audit_to(&a, t));
+    assert_eq!(code, 0, "{out}");
+    let left = carapace_broker::audit::rotated_files(&path).unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, 9);
+    // The active file is empty now: nothing to rotate.
+    let (code, out, _) = run(|t| audit_to(&a, t));
+    assert_eq!(
+        (code, out.starts_with("nothing to rotate")),
+        (0, true),
+        "{out}"
+    );
+    let verify = AuditCommand::Verify {
+        file: path.clone(),
+        json: false,
+    };
+    let (code, out, _) = run(|t| audit_to(&verify, t));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("starts at seq 9 anchored on prev"), "{out}");
+    // A file that cannot be opened as a log: exit 1, said on stderr.
+    let a = AuditCommand::Rotate {
+        file: dir.path().join("nope/audit.log"),
+        keep: None,
+    };
+    let (code, _, err) = run(|t| audit_to(&a, t));
+    assert_eq!(code, 1);
+    assert!(err.contains("nope/audit.log"), "{err}");
+}

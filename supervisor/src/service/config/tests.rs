@@ -803,6 +803,10 @@ stop_timeout = "5s"
 approval_timeout = 60
 watchdog = false
 
+[audit]
+rotate_size = "1MiB"
+keep = 4
+
 [control]
 group = 0
 
@@ -908,6 +912,10 @@ fn every_key_read_is_in_the_schema() {
     assert_eq!(c.log_level, tracing::Level::WARN);
     assert_eq!(c.approval_timeout, Duration::from_secs(60));
     assert_eq!(c.control_group, Some(0));
+    assert_eq!(
+        (c.audit_rotation.max_bytes, c.audit_rotation.keep),
+        (1 << 20, 4)
+    );
     let gw = c.gateway.as_ref().unwrap_or_else(|| panic!("gateway"));
     assert_eq!(gw.restart.crash_loop_restarts, 3);
     assert_eq!(gw.restart.crash_loop_window, Duration::from_secs(60));
@@ -1027,4 +1035,46 @@ fn metrics_listener() {
     let e = errors("[metrics]\nlisten = \"nope\"\nlsten = 1\n");
     assert!(has(&e, "is not an address and port"), "{e:?}");
     assert!(has(&e, "unknown key `lsten` in [metrics]"), "{e:?}");
+}
+
+#[test]
+fn audit_rotation_keys() {
+    use carapace_broker::audit::Rotation;
+    // Absent: never rotates.
+    let c = parse("").unwrap();
+    assert_eq!(c.audit_rotation, Rotation::default());
+    assert_eq!(c.audit_rotation.max_bytes, 0);
+    let c = parse("[audit]\nrotate_size = \"64MiB\"\nkeep = 3\n").unwrap();
+    assert_eq!(
+        c.audit_rotation,
+        Rotation {
+            max_bytes: 64 << 20,
+            keep: 3
+        }
+    );
+    assert_eq!(
+        parse("[audit]\nrotate_size = 1048576\n")
+            .unwrap()
+            .audit_rotation
+            .max_bytes,
+        1 << 20
+    );
+    for never in ["0", "\"0\""] {
+        let c = parse(&format!("[audit]\nrotate_size = {never}\n")).unwrap();
+        assert_eq!(c.audit_rotation.max_bytes, 0, "{never}");
+    }
+    // The embedded default rotates.
+    let c = parse(DEFAULT_CONFIG_TEXT).unwrap();
+    assert!(c.audit_rotation.max_bytes > 0);
+
+    let e = errors("[audit]\nrotate_size = \"64 parsecs\"\n");
+    assert!(has(&e, "2:15: `rotate_size`: unknown size unit"), "{e:?}");
+    let e = errors("[audit]\nrotate_size = 100\n");
+    assert!(has(&e, "`rotate_size` of 100 bytes is too small"), "{e:?}");
+    let e = errors("[audit]\nrotate_size = -5\n");
+    assert!(has(&e, "negative size"), "{e:?}");
+    let e = errors("[audit]\nkeep = 0\n");
+    assert!(has(&e, "`keep` = 0 is out of range"), "{e:?}");
+    let e = errors("[audit]\nrotate_sise = \"1MiB\"\n");
+    assert!(has(&e, "rotate_size"), "{e:?}");
 }

@@ -6,6 +6,9 @@ use carapace_policy::toml_schema::Kind::{
     self, Array, Bool, Int, IntOrStr, Map, OneOrArray, Str, Tagged,
 };
 
+use carapace_broker::audit::rotate::DEFAULT_KEEP;
+use carapace_broker::audit::Rotation;
+
 use super::document::*;
 use super::*;
 
@@ -74,9 +77,12 @@ const CHANNEL: Kind = Tagged {
 };
 /// `[metrics]`: the optional HTTP listener for Prometheus.
 const METRICS: Kind = Kind::Table(&[("listen", Str), ("allow_non_loopback", Bool)]);
+/// `[audit]`: rotation of the audit log.
+const AUDIT: Kind = Kind::Table(&[("rotate_size", IntOrStr), ("keep", Int)]);
 /// The whole file, checked by the policy crate's schema engine before [`validate`] reads it.
 pub(super) const CONFIG: Kind = Kind::Table(&[
     ("supervisor", SUPERVISOR),
+    ("audit", AUDIT),
     ("control", CONTROL),
     ("gateway", GATEWAY),
     ("channels", Map(&CHANNEL)),
@@ -161,6 +167,10 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
     let approval_timeout = get_duration(cx, sup, "approval_timeout", Duration::from_secs(120));
     let watchdog = get_bool(sup, "watchdog", true);
 
+    // [audit]
+    let audit = get_table(root, "audit").unwrap_or(&empty);
+    let audit_rotation = audit_rotation(cx, audit);
+
     // [control]
     let control = get_table(root, "control").unwrap_or(&empty);
     let control_group = control.get("group").and_then(|e| group_of(cx, e));
@@ -243,12 +253,52 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         stop_timeout,
         approval_timeout,
         watchdog,
+        audit_rotation,
         control_group,
         gateway,
         channels,
         metrics,
     }
 }
+
+/// Most rotated audit files kept: more is a typo.
+const MAX_AUDIT_KEEP: i64 = 100_000;
+
+/// `[audit]`: `rotate_size` (a size; 0 or absent = never) and `keep` (rotated files kept).
+fn audit_rotation(cx: &mut Sink<'_>, t: &Table) -> Rotation {
+    let mut r = Rotation::default();
+    if let Some(e) = t.get("rotate_size") {
+        let v = match &e.node.val {
+            Val::Int(i) => Some(toml::Value::Integer(*i)),
+            Val::Str(s) => Some(toml::Value::String(s.clone())),
+            _ => None,
+        };
+        let zero = matches!(&v, Some(toml::Value::Integer(0)))
+            || matches!(&v, Some(toml::Value::String(s)) if s.trim() == "0");
+        if let (Some(v), false) = (v, zero) {
+            match carapace_policy::parse_size(&v) {
+                Ok(n) if n < MIN_AUDIT_ROTATE_SIZE => cx.err(
+                    &e.node.span,
+                    format!("`rotate_size` of {n} bytes is too small"),
+                    "0 (never rotate) or a size of at least 64KiB",
+                ),
+                Ok(n) => r.max_bytes = n,
+                Err(why) => cx.err(
+                    &e.node.span,
+                    format!("`rotate_size`: {why}"),
+                    &format!("0 (never rotate) or {}", carapace_policy::SIZE_EXPECTED),
+                ),
+            }
+        }
+    }
+    if let Some(keep) = get_int(cx, t, "keep", 1..=MAX_AUDIT_KEEP) {
+        r.keep = usize::try_from(keep).unwrap_or(DEFAULT_KEEP);
+    }
+    r
+}
+
+/// Smallest `rotate_size`: a few records per file would be a typo, not a choice.
+const MIN_AUDIT_ROTATE_SIZE: u64 = 64 << 10;
 
 /// Where to point at for an error about a child's workspace.
 pub(super) fn workspace_span(root: &Table, c: &ChildConfig) -> Range<usize> {
