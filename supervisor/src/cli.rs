@@ -1,12 +1,13 @@
 //! The `carapace` command line: its arguments and the dispatch to `exec` (in `exec.rs`),
 //! `policy {check, explain, show-default}` (`policy.rs`, with `decide.rs`: what the policy
 //! decides for a command line), `run` ([`crate::service`]) and the operator's commands
-//! ([`ctl`]).
+//! ([`ctl`]), and `completions` / `manpages` generated from these definitions ([`generate`]).
 //!
 //! The binary (`src/main.rs`) only calls [`main`]; everything here is a library function so it
 //! can be tested.
 
 pub mod ctl;
+pub mod generate;
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -143,6 +144,21 @@ pub enum Command {
     Metrics(crate::cli::ctl::MetricsArgs),
     // About and long help: on `ctl::TokenArgs`.
     Token(crate::cli::ctl::TokenArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) on stdout
+    #[command(
+        long_about = "Print the completion script for SHELL on stdout, generated from this \
+                      command line's own definition. The Debian package installs them; by hand: \
+                      `carapace completions bash > ~/.local/share/bash-completion/completions/carapace`.",
+        after_help = "Examples:\n  carapace completions bash > /usr/share/bash-completion/completions/carapace\n  \
+                      carapace completions zsh > /usr/share/zsh/vendor-completions/_carapace\n  \
+                      carapace completions fish > /usr/share/fish/vendor_completions.d/carapace.fish"
+    )]
+    Completions(generate::CompletionsArgs),
+    /// Write the manual pages (carapace.1 and one per subcommand) into DIR
+    // Hidden from the main help: a packaging step (supervisor/packaging/build-deb), documented in
+    // docs/operations.md; the package ships the pages.
+    #[command(hide = true)]
+    Manpages(generate::ManpagesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -298,6 +314,8 @@ pub fn main() -> i32 {
         Command::Reload(a) => crate::cli::ctl::reload(a),
         Command::Metrics(a) => crate::cli::ctl::metrics(a),
         Command::Token(a) => crate::cli::ctl::token(a),
+        Command::Completions(a) => generate::completions(a),
+        Command::Manpages(a) => generate::manpages(a),
     }
 }
 

@@ -81,7 +81,8 @@ pub struct ChildConfig {
     /// `gateway`, or the channel's name.
     pub name: String,
     pub is_gateway: bool,
-    /// As written: an absolute path, or a bare name (next to the carapace executable).
+    /// As written: an absolute path, or a bare name (next to the carapace executable, else in
+    /// [`LIBEXEC_DIR`]).
     pub program: String,
     pub args: Vec<String>,
     /// The policy profile it runs under.
@@ -121,15 +122,46 @@ impl Default for RestartConfig {
     }
 }
 
+/// Where the Debian package installs the programs a bare `program` name stands for (the gateway
+/// and the channel adapter): not on `PATH`, since only the supervisor runs them.
+pub const LIBEXEC_DIR: &str = "/usr/libexec/carapace";
+
+/// A bare `program` name that is in neither place it is looked up.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "program {name:?} not found: looked next to the carapace executable ({}) and in {}; \
+     install it in one of them or give an absolute path",
+    exe_dir.join(name).display(),
+    libexec_dir.join(name).display()
+)]
+pub struct ProgramNotFound {
+    pub name: String,
+    pub exe_dir: PathBuf,
+    pub libexec_dir: PathBuf,
+}
+
 impl ChildConfig {
-    /// The program's path: as written when absolute, else `exe_dir/<name>`.
-    pub fn resolve_program(&self, exe_dir: &Path) -> PathBuf {
+    /// The program's path: as written when absolute; a bare name next to the carapace
+    /// executable (`exe_dir`, a build directory) when it exists there, else in `libexec_dir`
+    /// ([`LIBEXEC_DIR`] for the service: the package layout), else an error naming both.
+    pub fn resolve_program(
+        &self,
+        exe_dir: &Path,
+        libexec_dir: &Path,
+    ) -> Result<PathBuf, ProgramNotFound> {
         let p = Path::new(&self.program);
         if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            exe_dir.join(p)
+            return Ok(p.to_path_buf());
         }
+        [exe_dir, libexec_dir]
+            .iter()
+            .map(|dir| dir.join(p))
+            .find(|candidate| candidate.exists())
+            .ok_or_else(|| ProgramNotFound {
+                name: self.program.clone(),
+                exe_dir: exe_dir.to_path_buf(),
+                libexec_dir: libexec_dir.to_path_buf(),
+            })
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use crate::broker_host::BrokerHostError;
 use crate::control::ControlError;
-use crate::service::config::ConfigErrors;
+use crate::service::config::{ConfigErrors, ProgramNotFound};
 use carapace_broker::tokens::TokenError;
 use carapace_policy::Diagnostics;
 use carapace_sandbox::program::ProgramError;
@@ -60,6 +60,9 @@ pub enum ServiceError {
     /// The channels of the configuration do not match the policy's profiles.
     #[error("the channels are not wired to the policy {policy}:\n  {}", errors.join("\n  "))]
     Wiring { policy: String, errors: Vec<String> },
+    /// A child's program, given by a bare name, is neither next to carapace nor in libexec.
+    #[error(transparent)]
+    ProgramNotFound(#[from] ProgramNotFound),
     /// A child's program cannot be resolved to its canonical path.
     #[error("program {}: {source}", path.display())]
     Program {

@@ -54,7 +54,7 @@ pub(super) fn load_policy(cfg: &Config) -> Result<PolicyInForce, ServiceError> {
 
 /// A child's spec from its configuration.
 pub(super) fn spec_of(c: &ChildConfig, exe_dir: &Path) -> Result<Spec, ServiceError> {
-    let program = c.resolve_program(exe_dir);
+    let program = c.resolve_program(exe_dir, Path::new(config::LIBEXEC_DIR))?;
     let program = std::fs::canonicalize(&program).map_err(|source| ServiceError::Program {
         path: program.clone(),
         source,

@@ -157,6 +157,21 @@ fn spec_of_a_missing_program_names_it() {
 }
 
 #[test]
+fn spec_of_a_bare_name_found_nowhere_says_where_it_looked() {
+    let (cfg, _) = Config::load(None).unwrap();
+    let mut child = cfg.gateway.clone().unwrap();
+    child.program = "carapace-test-no-such-program".into();
+    let e = spec_of(&child, Path::new("/nonexistent-exe-dir")).unwrap_err();
+    assert!(matches!(&e, ServiceError::ProgramNotFound(_)), "{e:?}");
+    let shown = error_chain(&e);
+    assert!(
+        shown.contains("/nonexistent-exe-dir/carapace-test-no-such-program")
+            && shown.contains("/usr/libexec/carapace/carapace-test-no-such-program"),
+        "{shown}"
+    );
+}
+
+#[test]
 fn ensure_dir_creates_0700_and_refuses_a_file() {
     use std::os::unix::fs::PermissionsExt as _;
     let t = tempfile::tempdir().unwrap();

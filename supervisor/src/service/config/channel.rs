@@ -57,7 +57,8 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
 ];
 const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\"";
 
-/// The program that runs the built-in kinds, next to the carapace executable.
+/// The program that runs the built-in kinds: next to the carapace executable, else in
+/// `/usr/libexec/carapace` (where the package installs it).
 pub(super) const ADAPTER_PROGRAM: &str = "carapace-channel";
 
 const SECRET_EXPECTED: &str = "the name of a [secrets.NAME] of the policy";

@@ -161,7 +161,8 @@ profile = "channel-mail"
         Some("C.UTF-8")
     );
     assert_eq!(
-        gw.resolve_program(Path::new("/usr/bin")),
+        gw.resolve_program(Path::new("/usr/bin"), Path::new(LIBEXEC_DIR))
+            .unwrap(),
         PathBuf::from("/opt/gw/bin/gw")
     );
     let tg = &c.channels["tg-1"];
@@ -171,10 +172,8 @@ profile = "channel-mail"
     assert_eq!(tg.workspace, PathBuf::from("/var/lib/c/channels/tg-1"));
     assert_eq!(tg.restart.crash_loop_restarts, 10);
     assert_eq!(tg.restart.crash_loop_window, Duration::from_secs(7200));
-    assert_eq!(
-        tg.resolve_program(Path::new("/usr/bin")),
-        PathBuf::from("/usr/bin/tg")
-    );
+    // A bare name is looked up on disk: see bare_program_next_to_carapace_then_in_libexec.
+    assert_eq!(tg.program, "tg");
     assert_eq!(
         c.children().map(|(n, _)| n).collect::<Vec<_>>(),
         vec!["gateway", "mail", "tg-1"]
@@ -1077,4 +1076,47 @@ fn audit_rotation_keys() {
     assert!(has(&e, "`keep` = 0 is out of range"), "{e:?}");
     let e = errors("[audit]\nrotate_sise = \"1MiB\"\n");
     assert!(has(&e, "rotate_size"), "{e:?}");
+}
+
+#[test]
+fn bare_program_next_to_carapace_then_in_libexec() {
+    let t = tempfile::tempdir().unwrap();
+    let exe_dir = t.path().join("bin");
+    let libexec = t.path().join("libexec");
+    std::fs::create_dir_all(&exe_dir).unwrap();
+    std::fs::create_dir_all(&libexec).unwrap();
+    let (cfg, _) = Config::load(None).unwrap();
+    let mut child = cfg.gateway.clone().unwrap();
+    assert_eq!(child.program, "carapace-gateway");
+
+    // In neither place: an error that names both places looked in.
+    let e = child.resolve_program(&exe_dir, &libexec).unwrap_err();
+    let shown = e.to_string();
+    assert!(
+        shown.contains(&exe_dir.join("carapace-gateway").display().to_string())
+            && shown.contains(&libexec.join("carapace-gateway").display().to_string()),
+        "{shown}"
+    );
+
+    // Only in libexec (the package layout): found there.
+    std::fs::write(libexec.join("carapace-gateway"), "").unwrap();
+    assert_eq!(
+        child.resolve_program(&exe_dir, &libexec).unwrap(),
+        libexec.join("carapace-gateway")
+    );
+
+    // Next to carapace as well (a build directory): that one wins.
+    std::fs::write(exe_dir.join("carapace-gateway"), "").unwrap();
+    assert_eq!(
+        child.resolve_program(&exe_dir, &libexec).unwrap(),
+        exe_dir.join("carapace-gateway")
+    );
+
+    // An absolute path is taken as written, whether or not it exists (canonicalizing it later
+    // says what is wrong with it).
+    child.program = "/nonexistent/gw".into();
+    assert_eq!(
+        child.resolve_program(&exe_dir, &libexec).unwrap(),
+        PathBuf::from("/nonexistent/gw")
+    );
 }

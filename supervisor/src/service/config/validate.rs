@@ -386,7 +386,8 @@ pub(super) fn group_of(cx: &mut Sink<'_>, e: &Entry) -> Option<u32> {
 }
 
 pub(super) const PROGRAM_EXPECTED: &str =
-    "an absolute path, or a bare file name (found next to the carapace executable)";
+    "an absolute path, or a bare file name (found next to the carapace executable, else in \
+     /usr/libexec/carapace)";
 pub(super) const LISTEN_EXPECTED: &str =
     "an IP address and port such as \"127.0.0.1:8750\" or \"[::1]:8750\", or \"none\"";
 
