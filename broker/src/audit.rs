@@ -435,6 +435,20 @@ impl AuditLog {
 
     /// Reads the last line and sets `last_seq`, `prev`, `end`. Caller holds the flock. An empty
     /// active file continues the chain of the newest rotated file, if there is one.
+    /// Under the lock: the file's length, after recovering the tail when another writer
+    /// appended (or the file was cut) behind our back.
+    pub(crate) fn catch_up(&mut self) -> Result<u64, AuditError> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(io_err("fstat", &self.path))?
+            .len();
+        if len != self.end {
+            self.read_tail()?;
+        }
+        Ok(len)
+    }
+
     fn read_tail(&mut self) -> Result<(), AuditError> {
         let path = &self.path;
         let len = self.file.metadata().map_err(io_err("fstat", path))?.len();
@@ -490,15 +504,7 @@ impl AuditLog {
     pub fn append_at(&mut self, rec: &AuditRecord, ts: SystemTime) -> Result<u64, AuditError> {
         self.check_poisoned()?;
         let mut lock = self.lock_active()?;
-        let mut len = self
-            .file
-            .metadata()
-            .map_err(io_err("fstat", &self.path))?
-            .len();
-        if len != self.end {
-            // Another writer appended (or the file was cut): recover from what is there now.
-            self.read_tail()?;
-        }
+        let mut len = self.catch_up()?;
         if self.rotation.max_bytes > 0 && len >= self.rotation.max_bytes {
             let (new_lock, _) = self.rotate_locked(lock)?;
             lock = new_lock;

@@ -133,14 +133,7 @@ impl AuditLog {
     pub fn rotate(&mut self) -> Result<Option<PathBuf>, AuditError> {
         self.check_poisoned()?;
         let lock = self.lock_active()?;
-        let len = self
-            .file
-            .metadata()
-            .map_err(io_err("fstat", &self.path))?
-            .len();
-        if len != self.end {
-            self.read_tail()?;
-        }
+        self.catch_up()?;
         let (_lock, rotated) = self.rotate_locked(lock)?;
         Ok(rotated)
     }
