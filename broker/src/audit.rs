@@ -46,7 +46,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -251,26 +251,25 @@ pub struct AuditLog {
     crash_after: Option<rotate::Step>,
 }
 
-/// Exclusive `flock` on the log for the duration of one append; released on drop. Holds the raw
-/// descriptor of a `File` that the `AuditLog` keeps open for longer than the guard: the guard
-/// only lives inside `AuditLog` methods, and a method that replaces the file drops the guard
-/// of the old one before the old `File`.
+/// Exclusive `flock` on the log for the duration of one append; released on drop. Holds a
+/// duplicate of the `File`'s descriptor: a flock belongs to the open file description, which
+/// the duplicate shares, so locking and unlocking through it is locking and unlocking the log's
+/// file, whichever of the two descriptors is closed first.
 struct FlockGuard {
-    fd: std::os::fd::RawFd,
+    fd: OwnedFd,
 }
 
 impl FlockGuard {
     fn lock(file: &File, path: &Path) -> Result<Self, AuditError> {
-        let fd = file.as_raw_fd();
+        let fd = file
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err("dup", path))?;
         loop {
-            // SAFETY: flock(2) takes no memory; `fd` is the open descriptor of `file`.
-            let rc = unsafe { libc::flock(fd, libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(FlockGuard { fd });
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err("flock", path)(e));
+            match rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive) {
+                Ok(()) => return Ok(FlockGuard { fd }),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(io_err("flock", path)(e.into())),
             }
         }
     }
@@ -278,9 +277,9 @@ impl FlockGuard {
 
 impl Drop for FlockGuard {
     fn drop(&mut self) {
-        // SAFETY: flock(2) takes no memory; the descriptor is still open (see the type's docs).
-        // Closing it would unlock too, so a failed unlock leaves nothing that matters.
-        unsafe { libc::flock(self.fd, libc::LOCK_UN) };
+        // Unlock explicitly: the AuditLog keeps the description open (and so would keep it
+        // locked) after the duplicate is closed. A failed unlock leaves nothing to do.
+        let _ = rustix::fs::flock(&self.fd, rustix::fs::FlockOperation::Unlock);
     }
 }
 
@@ -1072,5 +1071,44 @@ mod tests {
                 kind: BreakKind::BadJson(_)
             })
         ));
+    }
+
+    /// Whether another open file description of `path` can take the flock right now.
+    fn lockable_elsewhere(path: &Path) -> bool {
+        let other = File::open(path).unwrap();
+        let op = rustix::fs::FlockOperation::NonBlockingLockExclusive;
+        match rustix::fs::flock(&other, op) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::WOULDBLOCK) => false,
+            Err(e) => panic!("flock: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_append_lock_excludes_other_writers_until_the_guard_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut log = AuditLog::open(&path).unwrap();
+        assert!(lockable_elsewhere(&path));
+        let guard = log.lock_active().unwrap();
+        assert!(!lockable_elsewhere(&path), "held guard does not exclude");
+        drop(guard);
+        // The log keeps its file open: only an explicit unlock frees the lock.
+        assert!(lockable_elsewhere(&path), "dropped guard still locks");
+        log.append(&AuditRecord {
+            who: Who {
+                id: 1,
+                role: "tool".into(),
+                profile: "dev".into(),
+            },
+            op: "ping".into(),
+            target: String::new(),
+            rule: None,
+            decision: AuditDecision::Allow,
+            outcome: "ok".into(),
+            detail: String::new(),
+        })
+        .unwrap();
+        assert!(lockable_elsewhere(&path), "an append leaves the log locked");
     }
 }

@@ -208,21 +208,9 @@ const SESSION_DEADLINE: Duration = Duration::from_secs(30);
 /// (mixed with the pid and the time should it fail). Never 0.
 fn random_id() -> u64 {
     let mut bytes = [0u8; 8];
-    let mut got = 0usize;
-    while got < bytes.len() {
-        let rest = &mut bytes[got..];
-        // SAFETY: getrandom writes at most rest.len() bytes into `rest`, a live buffer we own.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n > 0 {
-            got += n.unsigned_abs();
-        } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        } else {
-            break;
-        }
-    }
+    let filled = getrandom::fill(&mut bytes).is_ok();
     let mut id = u64::from_ne_bytes(bytes);
-    if got < bytes.len() {
+    if !filled {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -240,22 +228,18 @@ fn wait_readable(fd: BorrowedFd<'_>, until: Instant) -> Option<bool> {
         if left.is_zero() {
             return Some(false);
         }
-        let ms = libc::c_int::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes one pollfd, a live local.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n > 0 {
-            return Some(true);
-        }
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return None;
+        // ppoll(2) under rustix: the timeout is exact (no rounding to milliseconds); a
+        // `left` beyond what a timespec holds is no deadline at all.
+        let timeout = rustix::event::Timespec::try_from(left).ok();
+        let mut pfd = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut pfd, timeout.as_ref()) {
+            Ok(0) => {}
+            Ok(_) => return Some(true),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return None,
         }
     }
 }
@@ -1152,15 +1136,9 @@ mod tests {
         c.ping().unwrap();
         c.ping().unwrap();
         // The session's fd is close-on-exec; the shared one is untouched (still ours, open).
-        // SAFETY: F_GETFD on fds we hold.
-        let (cflags, sflags) = unsafe {
-            (
-                libc::fcntl(c.as_raw_fd(), libc::F_GETFD),
-                libc::fcntl(shared.as_raw_fd(), libc::F_GETFD),
-            )
-        };
-        assert!(cflags & libc::FD_CLOEXEC != 0);
-        assert!(sflags >= 0);
+        let cflags = rustix::io::fcntl_getfd(c.as_fd()).unwrap();
+        assert!(cflags.contains(rustix::io::FdFlags::CLOEXEC));
+        assert!(rustix::io::fcntl_getfd(&shared).is_ok());
         drop(c);
         session_broker.join().unwrap();
         drop(shared);

@@ -447,15 +447,8 @@ impl Drop for InFlight {
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL on an fd we hold open; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: F_SETFL with an int flag set on an fd we hold open.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
     Ok(())
 }
 
@@ -1077,28 +1070,18 @@ mod tests {
         }
     }
 
-    fn set_timeout(fd: BorrowedFd<'_>, opt: libc::c_int, d: Duration) {
-        let tv = libc::timeval {
-            tv_sec: d.as_secs() as _,
-            tv_usec: d.subsec_micros() as _,
-        };
-        // SAFETY: setsockopt reads a timeval from a live local of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as _,
-            )
-        };
-        assert_eq!(rc, 0);
+    fn set_timeout(fd: BorrowedFd<'_>, which: rustix::net::sockopt::Timeout, d: Duration) {
+        rustix::net::sockopt::set_socket_timeout(fd, which, Some(d)).unwrap();
     }
 
     impl Harness {
         fn peer(&self, id: u64) -> (OwnedFd, tokio::task::JoinHandle<PeerEnd>) {
             let (ours, theirs) = seqpacket_pair().unwrap();
-            set_timeout(ours.as_fd(), libc::SO_RCVTIMEO, Duration::from_secs(10));
+            set_timeout(
+                ours.as_fd(),
+                rustix::net::sockopt::Timeout::Recv,
+                Duration::from_secs(10),
+            );
             let _g = self.rt.enter();
             let h = self.server.serve_peer_report(
                 theirs,
@@ -1304,9 +1287,8 @@ mod tests {
         let mut big = br#"{"v":1,"id":1,"op":"ping","x":""#.to_vec();
         big.resize(MAX_FRAME + 100, b'a');
         // send_frame refuses to send it; use a raw send.
-        // SAFETY: plain send of a live buffer on our socket.
-        let n = unsafe { libc::send(a.as_raw_fd(), big.as_ptr().cast(), big.len(), 0) };
-        assert_eq!(n as usize, big.len());
+        let n = rustix::net::send(&a, &big, rustix::net::SendFlags::empty()).unwrap();
+        assert_eq!(n, big.len());
         let (id, r, _) = reply(&a);
         assert_eq!((id, err_code(&r)), (0, ErrorCode::TooLarge));
         assert_eof(&a);
@@ -1326,12 +1308,9 @@ mod tests {
         assert_eq!((id, err_code(&rep)), (4, ErrorCode::BadRequest));
         // The broker kept no copy of the write end: the pipe reads EOF (not EAGAIN).
         let mut byte = [0u8; 1];
-        // SAFETY: fcntl and a non-blocking read into a live 1-byte buffer, on an fd we own.
-        let n = unsafe {
-            libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
-            libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1)
-        };
-        assert_eq!(n, 0, "a write end sent with the request is still open");
+        rustix::fs::fcntl_setfl(&r, rustix::fs::OFlags::NONBLOCK).unwrap();
+        let n = rustix::io::read(&r, &mut byte);
+        assert_eq!(n, Ok(0), "a write end sent with the request is still open");
         assert_alive(&a, 5);
     }
 
@@ -1423,8 +1402,8 @@ mod tests {
             "A was not served meanwhile ({during} replies)"
         );
         assert!(!ha.is_finished(), "A (which reads its replies) was dropped");
-        // SAFETY: shutdown on a socket fd we own (wakes the reader blocked in recv).
-        unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_RDWR) };
+        // Wakes the reader blocked in recv.
+        rustix::net::shutdown(&a, rustix::net::Shutdown::Both).unwrap();
         reader.join().unwrap();
     }
 
@@ -1453,7 +1432,11 @@ mod tests {
         });
         let (a, ha) = h.peer(1);
         let (b, _hb) = h.peer(2);
-        set_timeout(a.as_fd(), libc::SO_SNDTIMEO, Duration::from_millis(200));
+        set_timeout(
+            a.as_fd(),
+            rustix::net::sockopt::Timeout::Send,
+            Duration::from_millis(200),
+        );
         // Flood pings without reading replies until the broker drops us (send fails) or we
         // have sent far more than the socket buffers can hold.
         let bytes = encode_request(1, &Request::Ping {}).unwrap();
@@ -1637,7 +1620,11 @@ mod tests {
                 assert_eq!(rid, id);
                 assert_eq!(fds.len(), 1);
                 let s = fds.into_iter().next().unwrap();
-                set_timeout(s.as_fd(), libc::SO_RCVTIMEO, Duration::from_secs(10));
+                set_timeout(
+                    s.as_fd(),
+                    rustix::net::sockopt::Timeout::Recv,
+                    Duration::from_secs(10),
+                );
                 Ok(s)
             }
             Some((ServerFrame::Reply { id: rid, reply }, fds)) => {

@@ -56,8 +56,8 @@ fn broker_socket() -> Result<OwnedFd, StartError> {
     // SAFETY: the inherited broker socket (checked to be an open SOCK_SEQPACKET socket by
     // `from_env` above) is this process's alone to own from here on; nothing else closes it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: fcntl on an fd we own; F_SETFD with FD_CLOEXEC has no memory effects.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // Cannot fail: the descriptor is open and ours.
+    let _ = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC);
     Ok(owned)
 }
 

@@ -9,7 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
@@ -171,10 +171,9 @@ fn broker() -> Broker {
 }
 
 /// `fd` duplicated above 10 (so the child's dup2 to 3 and 4 cannot clobber it).
-fn high(fd: RawFd) -> RawFd {
-    // SAFETY: F_DUPFD_CLOEXEC on an fd we hold open returns a new fd or -1; no memory effects.
-    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
-    assert!(r >= 10, "dup: {}", std::io::Error::last_os_error());
+fn high(fd: BorrowedFd<'_>) -> OwnedFd {
+    let r = rustix::io::fcntl_dupfd_cloexec(fd, 10).unwrap();
+    assert!(r.as_raw_fd() >= 10);
     r
 }
 
@@ -193,8 +192,10 @@ impl Broker {
                 },
             );
         }
-        let broker_fd = high(theirs.as_raw_fd());
-        let listen_fd = listener.map(|l| high(l.as_raw_fd()));
+        let broker_dup = high(theirs.as_fd());
+        let listen_dup = listener.map(|l| high(l.as_fd()));
+        let broker_fd = broker_dup.as_raw_fd();
+        let listen_fd = listen_dup.as_ref().map(|d| d.as_raw_fd());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_carapace-channel"));
         cmd.env("CARAPACE_CHANNEL_SETTINGS", settings.to_string())
             .env("CARAPACE_BROKER_FD", "3")
@@ -222,13 +223,9 @@ impl Broker {
             });
         }
         let child = cmd.spawn().unwrap();
-        // SAFETY: the duplicates were made above for the child alone; closing ours.
-        unsafe {
-            drop(OwnedFd::from_raw_fd(broker_fd));
-            if let Some(fd) = listen_fd {
-                drop(OwnedFd::from_raw_fd(fd));
-            }
-        }
+        // The duplicates were made for the child alone.
+        drop(broker_dup);
+        drop(listen_dup);
         drop(theirs);
         child
     }
@@ -247,8 +244,8 @@ impl Broker {
 
 /// SIGTERM, then the exit code and stderr.
 fn stop(mut child: Child) -> (Option<i32>, String) {
-    // SAFETY: kill(2) on our own child's pid; no memory effects.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);

@@ -69,7 +69,7 @@ pub fn session_name(channel: &str, conversation: &str) -> String {
     h.update(channel.as_bytes());
     h.update([0u8]);
     h.update(conversation.as_bytes());
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(h.finalize());
     let readable = format!("ch-{channel}-{}", &hex[..16]);
     if valid_name(&readable) {
         readable
@@ -341,11 +341,10 @@ pub fn reply_key(id: &str) -> String {
     if key.len() <= 256 {
         return key;
     }
-    let hex: String = Sha256::digest(id.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("reply:sha256:{hex}")
+    format!(
+        "reply:sha256:{}",
+        hex::encode(Sha256::digest(id.as_bytes()))
+    )
 }
 
 /// The agent, answering in the conversation's session and replying through the broker.

@@ -33,7 +33,7 @@ pub mod settings;
 pub mod ws;
 
 use std::net::TcpListener;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 /// Names the listening socket handed over by the supervisor.
@@ -69,15 +69,14 @@ pub fn listener_from_env() -> Result<TcpListener, StartError> {
     // SAFETY: `fd` is open (getsockopt succeeded on it in check_listener) and is handed to us
     // by the supervisor for our exclusive use; nothing else in this process owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let l = TcpListener::from(owned);
     // The listener must not leak into anything this process might start.
-    set_cloexec(fd);
-    Ok(l)
+    set_cloexec(owned.as_fd());
+    Ok(TcpListener::from(owned))
 }
 
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: fcntl on an fd we own; F_SETFD with FD_CLOEXEC has no memory effects.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+/// FD_CLOEXEC on a descriptor we own (it cannot fail: the descriptor is open).
+fn set_cloexec(fd: BorrowedFd<'_>) {
+    let _ = rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC);
 }
 
 fn sockopt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> std::io::Result<libc::c_int> {
@@ -120,7 +119,6 @@ fn check_listener(fd: RawFd) -> Result<(), StartError> {
 
 /// The broker socket at `$CARAPACE_BROKER_FD`, if there is one.
 pub fn broker_from_env() -> Option<OwnedFd> {
-    use std::os::fd::AsRawFd as _;
     let fd = carapace_broker::client::broker_fd_from_env().ok()?;
     // Check it is a broker socket (SOCK_SEQPACKET) by opening (and dropping) a session on it.
     match carapace_broker::client::Client::from_env() {
@@ -129,7 +127,7 @@ pub fn broker_from_env() -> Option<OwnedFd> {
             // SAFETY: the inherited broker socket is ours alone to own from here on; nothing
             // else in this process closes it.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            set_cloexec(owned.as_raw_fd());
+            set_cloexec(owned.as_fd());
             Some(owned)
         }
         Err(e) => {

@@ -194,13 +194,9 @@ fn parse_fd(s: &str) -> Result<i32, Failure> {
 /// Make `fd` available as number `target` in PROG (not close-on-exec).
 fn place_fd(fd: &OwnedFd, target: i32) -> Result<(), Failure> {
     if fd.as_raw_fd() == target {
-        // SAFETY: F_SETFD on an fd we own; clears FD_CLOEXEC only.
-        if unsafe { libc::fcntl(target, libc::F_SETFD, 0) } < 0 {
-            return Err(Failure::Broker(
-                anyhow!(io::Error::last_os_error()).context("fcntl(F_SETFD)"),
-            ));
-        }
-        return Ok(());
+        // Clears FD_CLOEXEC, the only descriptor flag.
+        return rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())
+            .map_err(|e| Failure::Broker(anyhow!(io::Error::from(e)).context("fcntl(F_SETFD)")));
     }
     // SAFETY: dup2 of an fd we own onto `target`: whatever `target` was is closed by the kernel;
     // we are about to execve, and nothing in this process relies on `target` (if it was our
@@ -231,12 +227,9 @@ fn cmd_secret(args: &[String]) -> Result<u8, Failure> {
         .with_context(|| format!("secret {name}"))?;
     if let (Some((cmd, pname)), Some(target)) = (prog, fd_target) {
         // The memfd's offset is shared with whoever wrote it: start PROG at the beginning.
-        // SAFETY: lseek on an fd we own; no memory involved.
-        if unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_SET) } < 0 {
-            return Err(Failure::Broker(
-                anyhow!(io::Error::last_os_error()).context("lseek on the secret memfd"),
-            ));
-        }
+        rustix::fs::seek(&fd, rustix::fs::SeekFrom::Start(0)).map_err(|e| {
+            Failure::Broker(anyhow!(io::Error::from(e)).context("lseek on the secret memfd"))
+        })?;
         place_fd(&fd, target)?;
         return Err(exec_prog(cmd, pname));
     }

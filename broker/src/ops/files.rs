@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -83,25 +83,17 @@ pub fn load_secret(
 /// A memfd holding `bytes`, sealed against any change (`F_SEAL_WRITE | F_SEAL_SHRINK |
 /// F_SEAL_GROW | F_SEAL_SEAL`), offset 0, close-on-exec.
 pub fn sealed_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
-    // SAFETY: the name is a NUL-terminated C string literal; the flags are valid memfd flags.
-    let raw = unsafe {
-        libc::memfd_create(
-            c"carapace-secret".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: memfd_create returned a new fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(
+        c"carapace-secret",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
     let file = File::from(fd);
     file.write_all_at(bytes, 0)?;
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on an fd we own; no pointers involved.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::fs::fcntl_add_seals(
+        &file,
+        SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )?;
     Ok(OwnedFd::from(file))
 }
 
@@ -173,15 +165,9 @@ pub fn open_beneath(
         return Err(OpenFailure::NotRegular);
     }
     // Clear O_NONBLOCK (the only status flag we set that F_SETFL can change).
-    // SAFETY: F_GETFL/F_SETFL on an fd we own; integer arguments only.
-    let cur = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    if cur < 0 {
-        return Err(OpenFailure::Fcntl(io::Error::last_os_error()));
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, cur & !libc::O_NONBLOCK) } < 0 {
-        return Err(OpenFailure::Fcntl(io::Error::last_os_error()));
-    }
+    let cur = rustix::fs::fcntl_getfl(&file).map_err(|e| OpenFailure::Fcntl(e.into()))?;
+    rustix::fs::fcntl_setfl(&file, cur - rustix::fs::OFlags::NONBLOCK)
+        .map_err(|e| OpenFailure::Fcntl(e.into()))?;
     Ok(OwnedFd::from(file))
 }
 

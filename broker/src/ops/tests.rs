@@ -3,7 +3,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -246,9 +246,11 @@ async fn connect_allowed_literal_gives_a_connected_blocking_socket() {
     assert_eq!(r.fds.len(), 1);
     let (mut server, _) = env.listener.accept().unwrap_or_else(|e| panic!("{e}"));
     let fd: OwnedFd = r.fds.into_iter().next().unwrap_or_else(|| panic!("no fd"));
-    // SAFETY: F_GETFL on an fd we own.
-    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    assert_eq!(fl & libc::O_NONBLOCK, 0, "handed over in blocking mode");
+    let fl = rustix::fs::fcntl_getfl(&fd).unwrap();
+    assert!(
+        !fl.contains(rustix::fs::OFlags::NONBLOCK),
+        "handed over in blocking mode"
+    );
     let mut client = std::net::TcpStream::from(fd);
     client.write_all(b"ping").unwrap_or_else(|e| panic!("{e}"));
     let mut buf = [0u8; 4];
@@ -468,10 +470,7 @@ async fn open_create_beneath_create_rule_only() {
 async fn open_refuses_fifos_without_blocking() {
     let env = setup();
     let fifo = env.dir.join("data/fifo");
-    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
-        .unwrap_or_else(|e| panic!("{e}"));
-    // SAFETY: c is a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let r = tokio::time::timeout(
         Duration::from_secs(5),
         env.ops
@@ -495,10 +494,10 @@ async fn secret_only_for_named_profiles_as_sealed_memfd() {
         }
     );
     let fd = r.fds.into_iter().next().unwrap_or_else(|| panic!("no fd"));
-    // SAFETY: F_GET_SEALS on an fd we own.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    let want = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    assert_eq!(seals & want, want);
+    let seals = rustix::fs::fcntl_get_seals(&fd).unwrap();
+    use rustix::fs::SealFlags;
+    let want = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
+    assert!(seals.contains(want), "{seals:?}");
     let mut f = fs::File::from(fd);
     let e = f
         .write_all(b"x")

@@ -202,7 +202,7 @@ fn random_token() -> String {
             .as_nanos();
         b[..16].copy_from_slice(&(t ^ u128::from(std::process::id())).to_le_bytes());
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 /// Hand `msg` to the server over `stream` (already connected to `cfg.host`).

@@ -39,8 +39,7 @@ impl StateDir {
                 if !m.file_type().is_dir() {
                     return Err(BrokerHostError::StateDirNotDir { path });
                 }
-                // SAFETY: geteuid has no preconditions.
-                let me = unsafe { libc::geteuid() };
+                let me = rustix::process::geteuid().as_raw();
                 if m.uid() != me {
                     return Err(BrokerHostError::StateDirNotOurs {
                         path,

@@ -49,30 +49,18 @@ pub struct ToolRegistry {
 }
 
 pub(super) fn pidfd_kill(fd: &OwnedFd) {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: pidfd_send_signal on a pidfd we own; harmless (ESRCH) once the process is gone.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0 as libc::c_uint,
-        )
-    };
+    // Harmless (ESRCH) once the process is gone.
+    let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
 }
 
 impl ToolRegistry {
     /// Track the tool whose sandbox init is `pid` (our child, not yet reaped). None when the
     /// registry is closed: the tool was killed at once.
     pub(super) fn register(&self, pid: libc::pid_t) -> Option<u64> {
-        // SAFETY: pidfd_open on our own unreaped child; returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: pidfd_open succeeded: the fd is ours alone.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        use rustix::process::{pidfd_open, Pid, PidfdFlags};
+        // Our own unreaped child: the pid cannot have been recycled yet.
+        let pid = (pid > 0).then(|| Pid::from_raw(pid)).flatten()?;
+        let fd = pidfd_open(pid, PidfdFlags::empty()).ok()?;
         let mut v = lock(&self.pidfds);
         if self.closed.load(Ordering::SeqCst) {
             pidfd_kill(&fd);
@@ -316,8 +304,9 @@ pub fn spawn_tool(
             // thread's wait (which unblocks them) instead of the main thread's: pass it on, so
             // that the main wait kills the main sandbox too.
             if let Some(sig) = carapace_sandbox::spawn::interrupted() {
-                // SAFETY: signalling our own process.
-                unsafe { libc::kill(libc::getpid(), sig) };
+                if let Some(sig) = rustix::process::Signal::from_named_raw(sig) {
+                    let _ = rustix::process::kill_process(rustix::process::getpid(), sig);
+                }
             }
             let _ = done_tx.send(report);
         })

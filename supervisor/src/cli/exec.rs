@@ -27,8 +27,8 @@ pub enum ExecError {
 }
 
 pub(super) fn stdin_is_tty() -> bool {
-    // SAFETY: isatty only inspects the fd.
-    unsafe { libc::isatty(0) == 1 }
+    use std::io::IsTerminal as _;
+    std::io::stdin().is_terminal()
 }
 
 /// Ask on /dev/tty. Anything but y/yes is a no.

@@ -4,8 +4,7 @@
 use super::*;
 
 pub(super) fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Removes the socket file when dropped, if the path still names the socket we bound.
@@ -62,52 +61,30 @@ pub(super) enum Probe {
 /// Connect to the socket at `path` without blocking: a server that is wedged (stopped, its
 /// backlog full) still counts as live, and the probe never hangs.
 pub(super) fn probe(path: &Path) -> io::Result<Probe> {
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     use std::os::unix::ffi::OsStrExt;
+    // The path and its terminating NUL must fit in sun_path.
+    let sun_path = std::mem::size_of::<libc::sockaddr_un>()
+        - std::mem::offset_of!(libc::sockaddr_un, sun_path);
     let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.len() >= sun_path || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "path too long for a Unix socket",
         ));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: socket(2) takes no pointers.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2); nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
-    // SAFETY: `addr` is an initialised sockaddr_un that outlives the call, and `len` (the path
-    // and its terminating NUL, checked above to fit) does not exceed its size.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast(),
-            len as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(Probe::Live);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(Probe::Live),
-        Some(libc::ECONNREFUSED) => Ok(Probe::Stale),
-        _ => Err(e),
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) => Ok(Probe::Live),
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS) => Ok(Probe::Live),
+        Err(rustix::io::Errno::CONNREFUSED) => Ok(Probe::Stale),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -506,13 +506,24 @@ fn concurrent_binds_one_wins() {
 }
 
 #[test]
+fn probe_refuses_a_path_that_does_not_fit_sun_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().as_os_str().len() + 1;
+    let kind = |p: &Path| probe(p).err().map(|e| e.kind());
+    // 107 bytes and the NUL fit: nothing is there, so connect(2) says ENOENT.
+    let fits = dir.path().join("a".repeat(107 - base));
+    assert_eq!(kind(&fits), Some(io::ErrorKind::NotFound));
+    let long = dir.path().join("a".repeat(108 - base));
+    assert_eq!(kind(&long), Some(io::ErrorKind::InvalidInput));
+}
+
+#[test]
 fn a_wedged_server_is_live_and_the_probe_does_not_hang() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("control.sock");
     // A server that never accepts, with a backlog of one...
     let listener = UnixListener::bind(&path).unwrap();
-    // SAFETY: listen(2) on our own listening socket; it only changes the backlog.
-    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 1) }, 0);
+    rustix::net::listen(&listener, 1).unwrap();
     // ...filled up (each probe's connection stays queued).
     for _ in 0..4 {
         assert!(matches!(probe(&path), Ok(Probe::Live)));
@@ -606,8 +617,7 @@ fn socket_mode_0660_and_group() {
 }
 
 fn unsafe_free_egid() -> u32 {
-    // SAFETY: getegid has no preconditions.
-    unsafe { libc::getegid() }
+    rustix::process::getegid().as_raw()
 }
 
 #[test]

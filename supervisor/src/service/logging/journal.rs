@@ -16,7 +16,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write as _};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
@@ -242,18 +242,18 @@ impl JournalSocket {
     /// The record written to a memfd, sealed, and its descriptor sent (SCM_RIGHTS) in an
     /// otherwise empty datagram.
     pub fn send_memfd(&self, record: &[u8]) -> Result<(), JournalError> {
-        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-        use nix::sys::memfd::{memfd_create, MFdFlags};
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        use rustix::fs::{MemfdFlags, SealFlags};
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix};
+        use std::mem::MaybeUninit;
         let memfd = |op| {
-            move |e: nix::Error| JournalError::Memfd {
+            move |e: rustix::io::Errno| JournalError::Memfd {
                 op,
                 source: io::Error::from(e),
             }
         };
-        let fd = memfd_create(
+        let fd = rustix::fs::memfd_create(
             c"carapace-journal",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
         )
         .map_err(memfd("memfd_create"))?;
         let mut file = File::from(fd);
@@ -262,29 +262,24 @@ impl JournalSocket {
                 op: "write",
                 source,
             })?;
-        fcntl(
+        rustix::fs::fcntl_add_seals(
             &file,
-            FcntlArg::F_ADD_SEALS(
-                SealFlag::F_SEAL_SHRINK
-                    | SealFlag::F_SEAL_GROW
-                    | SealFlag::F_SEAL_WRITE
-                    | SealFlag::F_SEAL_SEAL,
-            ),
+            SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
         )
         .map_err(memfd("fcntl(F_ADD_SEALS)"))?;
-        let addr = UnixAddr::new(&self.path).map_err(memfd("the socket address"))?;
-        let fds = [file.as_raw_fd()];
-        sendmsg(
-            self.socket.as_raw_fd(),
-            &[],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            Some(&addr),
-        )
-        .map_err(|e| JournalError::Send {
-            path: self.path.clone(),
-            source: io::Error::from(e),
-        })?;
+        let addr = SocketAddrUnix::new(&self.path).map_err(memfd("the socket address"))?;
+        let fds = [file.as_fd()];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            // Cannot happen: the buffer was sized for one descriptor.
+            return Err(memfd("SCM_RIGHTS")(rustix::io::Errno::NOBUFS));
+        }
+        rustix::net::sendmsg_addr(&self.socket, &addr, &[], &mut control, SendFlags::empty())
+            .map_err(|e| JournalError::Send {
+                path: self.path.clone(),
+                source: io::Error::from(e),
+            })?;
         Ok(())
     }
 }

@@ -315,37 +315,38 @@ fn events_become_native_records_with_their_fields() {
 
 #[test]
 fn a_large_record_goes_in_a_sealed_memfd() {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     use std::io::{IoSliceMut, Read as _, Seek as _};
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    use std::mem::MaybeUninit;
     let (_dir, server, sock) = fake_journal();
     let mut record = Vec::new();
     put_field(&mut record, "MESSAGE", "x".repeat(300_000).as_bytes());
     // Larger than any datagram the default buffers take: `send` falls back to the memfd.
     sock.send(&record).unwrap();
     let mut data = [0u8; 16];
-    let mut iov = [IoSliceMut::new(&mut data)];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        server.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        &server,
+        &mut [IoSliceMut::new(&mut data)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
     )
     .unwrap();
     assert_eq!(msg.bytes, 0, "the datagram itself is empty");
-    let fd = msg
-        .cmsgs()
-        .unwrap()
-        .find_map(|c| match c {
-            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+    let fd = control
+        .drain()
+        .find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
             _ => None,
         })
         .expect("a descriptor");
-    // SAFETY: the descriptor was just received through SCM_RIGHTS and is owned by nobody else.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    let seals = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GET_SEALS).unwrap();
-    assert_ne!(seals & libc::F_SEAL_WRITE, 0, "sealed against writes");
+    let mut f = std::fs::File::from(fd);
+    let seals = rustix::fs::fcntl_get_seals(&f).unwrap();
+    assert!(
+        seals.contains(rustix::fs::SealFlags::WRITE),
+        "sealed against writes"
+    );
     // The descriptor shares the sender's file offset (at the end): read from the start.
     f.seek(io::SeekFrom::Start(0)).unwrap();
     let mut got = Vec::new();
