@@ -20,4 +20,5 @@ pub mod control;
 pub mod embedded;
 pub mod errors;
 pub mod paths;
+pub mod pidfd;
 pub mod service;

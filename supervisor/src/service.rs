@@ -37,7 +37,7 @@ pub mod wiring;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufRead as _, Read as _};
-use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -50,17 +50,15 @@ pub struct ToolRegistry {
 
 pub(super) fn pidfd_kill(fd: &OwnedFd) {
     // Harmless (ESRCH) once the process is gone.
-    let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+    crate::pidfd::signal(fd, libc::SIGKILL);
 }
 
 impl ToolRegistry {
     /// Track the tool whose sandbox init is `pid` (our child, not yet reaped). None when the
     /// registry is closed: the tool was killed at once.
     pub(super) fn register(&self, pid: libc::pid_t) -> Option<u64> {
-        use rustix::process::{pidfd_open, Pid, PidfdFlags};
         // Our own unreaped child: the pid cannot have been recycled yet.
-        let pid = (pid > 0).then(|| Pid::from_raw(pid)).flatten()?;
-        let fd = pidfd_open(pid, PidfdFlags::empty()).ok()?;
+        let fd = crate::pidfd::open(pid)?;
         let mut v = lock(&self.pidfds);
         if self.closed.load(Ordering::SeqCst) {
             pidfd_kill(&fd);

@@ -99,30 +99,6 @@ pub(super) struct Child {
     pub(super) stop: AtomicBool,
 }
 
-/// Send `sig` through a pidfd; false if the process is gone.
-pub(super) fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) -> bool {
-    // SAFETY: pidfd_send_signal on a pidfd we own; harmless (ESRCH) once the process is gone.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            sig,
-            std::ptr::null::<libc::siginfo_t>(),
-            0 as libc::c_uint,
-        )
-    };
-    r == 0
-}
-
-/// A pidfd for `pid` (our own unreaped child).
-pub(super) fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open has no memory arguments; returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-    let fd = RawFd::try_from(fd).ok().filter(|f| *f >= 0)?;
-    // SAFETY: pidfd_open succeeded: the fd is ours alone.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// The host pids of a sandbox's processes other than its init: from its cgroup, else from the
 /// init's children list in /proc.
 pub(super) fn sandbox_members(init: i32, cg: Option<&Cgroup>) -> Vec<i32> {
@@ -355,7 +331,7 @@ impl Child {
         {
             let mut live = lock(&self.live);
             live.pid = Some(pid);
-            live.pidfd = pidfd_open(pid).map(Arc::new);
+            live.pidfd = crate::pidfd::open(pid).map(Arc::new);
             live.cgroup = started.cgroup().cloned();
             live.since = Some(Instant::now());
             if live.state == State::Starting {
@@ -488,8 +464,8 @@ impl Child {
         }
         if let Some(init) = live.pid {
             for p in sandbox_members(init, live.cgroup.as_deref()) {
-                if let Some(fd) = pidfd_open(p) {
-                    pidfd_signal(&fd, libc::SIGTERM);
+                if let Some(fd) = crate::pidfd::open(p) {
+                    crate::pidfd::signal(&fd, libc::SIGTERM);
                 } else {
                     // Not our child: pidfd_open works on any pid we can see.
                     tracing::debug!(child = %self.name, pid = p, "already gone");
@@ -503,7 +479,7 @@ impl Child {
     pub(super) fn kill(&self) {
         let live = lock(&self.live);
         if let Some(fd) = &live.pidfd {
-            pidfd_signal(fd, libc::SIGKILL);
+            crate::pidfd::signal(fd, libc::SIGKILL);
         }
         if let Some(cg) = &live.cgroup {
             if let Err(e) = cg.kill_all() {
