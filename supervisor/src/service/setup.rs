@@ -171,13 +171,17 @@ pub(super) fn clean_leftovers() {
             let Some(owner) = name.to_str().and_then(cgroup::owner_pid) else {
                 continue;
             };
-            let alive = i32::try_from(owner).is_ok_and(|p| {
-                // SAFETY: kill with signal 0 only checks for existence.
-                unsafe {
-                    libc::kill(p, 0) == 0
-                        || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-                }
-            });
+            let alive = i32::try_from(owner)
+                .ok()
+                .filter(|p| *p > 0)
+                .and_then(rustix::process::Pid::from_raw)
+                .is_some_and(|p| {
+                    // Signal 0 only checks for existence; EPERM means it exists too.
+                    matches!(
+                        rustix::process::test_kill_process(p),
+                        Ok(()) | Err(rustix::io::Errno::PERM)
+                    )
+                });
             if owner == me || alive {
                 continue;
             }
@@ -189,9 +193,12 @@ pub(super) fn clean_leftovers() {
             for p in procs
                 .split_whitespace()
                 .filter_map(|p| p.parse::<i32>().ok())
+                .filter(|p| *p > 0)
             {
-                // SAFETY: SIGKILL to a process in a cgroup of a dead supervisor of ours.
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                // A process in a cgroup of a dead supervisor of ours.
+                if let Some(p) = rustix::process::Pid::from_raw(p) {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
                 killed += 1;
             }
         }
