@@ -18,8 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use carapace_tests::repo_root;
-
 /// Every check the guest must report (tests/vm/guest/checks.sh), in its order.
 const CHECKS: &[&str] = &[
     "pure-v2-host",
@@ -40,6 +38,12 @@ const NOT_APPLICABLE: &[&str] = &["v1-hybrid-cgroups"];
 
 /// The whole stage: a cold root build (debootstrap, the kernel) plus qemu's own timeout.
 const DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// The repository root: the parent of this crate, as this test file was compiled.
+fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
 
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -211,7 +215,9 @@ fn pure_cgroup_v2_host_under_systemd() {
     let Some(status) = run.status else {
         panic!(
             "{}",
-            run.explain(&format!("the VM stage took longer than {DEADLINE:?}: killed"))
+            run.explain(&format!(
+                "the VM stage took longer than {DEADLINE:?}: killed"
+            ))
         );
     };
     let report = std::fs::read_to_string(out.join("results.txt")).unwrap_or_default();

@@ -8,8 +8,9 @@
 # The kernel .deb is fetched with a private apt configuration under $CACHE/apt that knows only
 # bookworm-backports: the host's own apt sources and pin priorities are left as they are.
 
-# Packages on top of debootstrap's minbase: as little as boots to systemd and runs the checks.
-VM_PACKAGES=systemd,systemd-sysv,dbus
+# Packages on top of debootstrap's minbase: as little as boots to systemd and runs the checks
+# (python3-minimal: the cgroup module's tests run python3 as their memory hog and fork bomb).
+VM_PACKAGES=systemd,systemd-sysv,dbus,python3-minimal
 VM_SUITE=bookworm
 VM_MIRROR=http://deb.debian.org/debian
 # The kernel: the cloud flavour has virtio (block, console, net) and ext4 built in, so it boots

@@ -83,7 +83,21 @@ pids_named() {
     case $c in "$1"*) echo "${p#/proc/}" ;; esac
   done
 }
-gateway_pid() { pids_named carapace-gatew | head -n1; }
+# gateway_pid: the process running /usr/bin/carapace-gateway (not a thread or helper named so).
+gateway_pid() {
+  local p
+  for p in $(pids_named carapace-gatew); do
+    [ "$(readlink "/proc/$p/exe" 2>/dev/null)" = /usr/bin/carapace-gateway ] && echo "$p" && return 0
+  done
+  return 1
+}
+# processes: every carapace process with its command name, program and cgroup (diagnostics).
+processes() {
+  local p
+  for p in $(pids_named carapace); do
+    echo "$p $(cat "/proc/$p/comm" 2>/dev/null) $(readlink "/proc/$p/exe" 2>/dev/null) $(sed -n 's/^0:://p' "/proc/$p/cgroup" 2>/dev/null)"
+  done
+}
 events_key() { sed -n "s/^$2 //p" "$1" 2>/dev/null || echo missing; }
 
 # http METHOD PATH [BODY]: one HTTP/1.1 request to the gateway; prints the whole response.
@@ -127,7 +141,10 @@ check_start() {
   log "$st"
   grep -q gateway <<<"$st" || fail "carapace status does not list the gateway" || return 1
   wait_until 60 health || fail "the gateway does not answer /health on port $PORT" || return 1
+  wait_until 30 sh -c 'carapace status | grep -q "^gateway .* running "' ||
+    fail "carapace status never shows the gateway running" || return 1
   local svc sup gw d mem pids cpu
+  processes | sed 's/^/    /'
   svc=$(service_cg)
   sup=$(main_pid)
   gw=$(gateway_pid)
