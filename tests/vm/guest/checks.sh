@@ -95,7 +95,7 @@ gateway_pid() {
 processes() {
   local p
   for p in $(pids_named carapace); do
-    echo "$p $(cat "/proc/$p/comm" 2>/dev/null) $(readlink "/proc/$p/exe" 2>/dev/null) $(sed -n 's/^0:://p' "/proc/$p/cgroup" 2>/dev/null)"
+    echo "$p $(cat "/proc/$p/comm" 2>/dev/null) state=$(sed -n 's/^State:\t\(.\).*/\1/p' "/proc/$p/status" 2>/dev/null) exe=$(readlink "/proc/$p/exe" 2>/dev/null) $(sed -n 's/^0:://p' "/proc/$p/cgroup" 2>/dev/null)"
   done
 }
 events_key() { sed -n "s/^$2 //p" "$1" 2>/dev/null || echo missing; }
