@@ -15,6 +15,7 @@
 //! | [`methods`] | the methods, one file per family |
 //! | [`auth`] | bearer tokens (hashed, checked by the broker), failed-attempt limit |
 //! | [`broker`] | a pool of broker sessions usable from async code |
+//! | [`schedule`] | the broker budget, shared fairly by client tokens |
 //! | [`inbound`] | answering channel messages: lanes, concurrency, low-water acknowledgement |
 //! | [`sessions`] | conversation sessions as JSON lines |
 //! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
@@ -27,6 +28,7 @@ pub mod inbound;
 pub mod llm;
 pub mod methods;
 pub mod rpc;
+pub mod schedule;
 pub mod server;
 pub mod sessions;
 pub mod settings;
@@ -141,7 +143,7 @@ pub fn broker_from_env() -> Option<OwnedFd> {
 pub fn run() -> Result<(), StartError> {
     let settings = settings::Settings::from_env()?;
     let listener = listener_from_env()?;
-    let broker = broker::Broker::new(broker_from_env());
+    let broker = broker::Broker::with_budget(broker_from_env(), settings.broker_rate);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
