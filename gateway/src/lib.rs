@@ -158,7 +158,16 @@ pub fn run() -> Result<(), StartError> {
         let addr = listener
             .local_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        tracing::info!(%addr, pid = std::process::id(), "serving");
+        match app.settings.broker_rate {
+            Some(r) => tracing::info!(
+                %addr,
+                pid = std::process::id(),
+                broker_rate = r.requests_per_second,
+                broker_burst = r.burst,
+                "serving; the broker budget is shared fairly by client tokens"
+            ),
+            None => tracing::info!(%addr, pid = std::process::id(), "serving"),
+        }
         server::serve(listener, app, shutdown_signal())
             .await
             .map_err(StartError::Serve)

@@ -4,9 +4,10 @@
 //! profile's broker `rate`, passed in the settings as `broker_rate`). Were the gateway to send
 //! requests as they come, a client flooding calls would take the whole budget and the broker
 //! would refuse everyone else's with `rate_limited`. Instead, every broker request waits here
-//! for a *slot*: [`Fair`] keeps the same bucket as the broker (same rate, same burst, starting
-//! full as the broker's does for the gateway's fresh identity; a slot is taken before the
-//! request is sent, so the broker, taking its token later, always has one left), and hands the
+//! for a *slot*: [`Fair`] keeps the broker's bucket (same rate, a burst [`HEADROOM`] smaller,
+//! starting full as the broker's does for the gateway's fresh identity; a slot is taken before
+//! the request is sent, and the headroom covers a request that reaches the broker late), and
+//! hands the
 //! slots round-robin over the keys (client tokens) that wait: one slot per waiting key per
 //! round, so a light client's call waits at most about one round however many calls a flooding
 //! client has queued. A call that gets no slot within [`WAIT_LIMIT`] fails with `busy`.
@@ -29,6 +30,13 @@ use crate::settings::BrokerRate;
 /// client's own call timeout would reasonably be, and far longer than one round of the queue
 /// (16 waiting tokens at 50 requests per second are a third of a second).
 pub const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// How late a request may reach the broker after its slot was given (the blocking thread that
+/// sends it, a wait for a free session) without the broker seeing more than its budget: the
+/// scheduler's burst is this much of the rate below the broker's (at least one request, at most
+/// half the burst). A slot given while the broker's bucket is full and reaching it only after
+/// further slots were given would otherwise find it short.
+pub const HEADROOM: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The key of the gateway's own requests (made outside any client call).
 pub const OWN_KEY: &str = "gateway";
@@ -64,7 +72,17 @@ pub struct Fair {
 }
 
 impl Fair {
+    /// Slots within the broker's `budget`, kept [`HEADROOM`] below its burst.
     pub fn new(budget: Option<BrokerRate>) -> Fair {
+        let budget = budget.map(|b| {
+            let spare = (b.requests_per_second * HEADROOM.as_secs_f64()).ceil();
+            let spare = spare.max(1.0).min(f64::from(b.burst / 2));
+            BrokerRate {
+                requests_per_second: b.requests_per_second,
+                // `spare` is at most burst / 2: the cast cannot truncate.
+                burst: b.burst - spare as u32,
+            }
+        });
         Fair {
             tokens: budget.map_or(0.0, |b| f64::from(b.burst)),
             budget,
@@ -371,7 +389,7 @@ mod tests {
         for ms in 0..10_000u64 {
             let now = t0 + Duration::from_millis(ms);
             for k in 0..16 {
-                if (ms + k) % 5 == 0 {
+                if (ms + k) % 5 == 0 && pending.len() < 64 {
                     if f.try_now(now) {
                         grants.push(now);
                     } else {
@@ -402,9 +420,21 @@ mod tests {
                 );
             }
         }
-        // And over the whole run about the budget itself, not less.
-        let expected = f64::from(burst) + per_second * 10.0;
+        // And over the whole run about the budget itself (less the headroom), not less.
+        let expected = f64::from(burst) - 10.0 + per_second * 10.0;
         assert!((grants.len() as f64) > expected - 2.0, "{}", grants.len());
+    }
+
+    #[test]
+    fn the_burst_keeps_headroom_below_the_brokers() {
+        let t0 = Instant::now();
+        let mut f = Fair::new(rate(50.0, 100));
+        let at_once = (0..200).take_while(|_| f.try_now(t0)).count();
+        assert_eq!(at_once, 90, "200 ms of the rate kept spare");
+        // A burst of 1 cannot keep any.
+        let mut f = Fair::new(rate(5.0, 1));
+        assert!(f.try_now(t0));
+        assert!(!f.try_now(t0));
     }
 
     #[test]
