@@ -835,8 +835,8 @@ fn main() -> ExitCode {
     println!(
         "default limits (broker budget 50/s burst 100, {DEFAULT_CLIENT_RATE} calls/s burst 40 per \
          token): {FAIR_CLIENTS} clients each paced at {DEFAULT_CLIENT_RATE}/s for {exec_s} s \
-         (asking {} calls/s in all): {} calls made, {} answered ({:.1}/s), {} refused; latency \
-         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; load average {}",
+         (asking {} calls/s in all): {} calls made (warm-up included), {} in the timed window \
+         ({:.1}/s), {} refused; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; load average {}",
         FAIR_CLIENTS as f64 * DEFAULT_CLIENT_RATE,
         fair.attempts,
         fair.samples.len(),
