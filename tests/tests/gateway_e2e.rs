@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
-use carapace_tests::rpc::{Frame, RpcClient};
+use carapace_tests::rpc::{Frame, RpcClient, WaitError};
 use carapace_tests::service::{http, http_bearer, http_with, Service, StartOpts};
 use carapace_tests::*;
 use serde_json::{json, Value};
@@ -935,6 +935,42 @@ fn a_revoked_token_stops_working_on_open_connections_within_a_second() {
     revoke(&svc, "soon-revoked");
     let revoked = Instant::now();
     let limit = Duration::from_millis(1500);
+    let closed_with = |c: &mut RpcClient| loop {
+        match c.recv_raw(Duration::from_secs(3)) {
+            Some(Frame::Close { code, reason }) => break (code, reason),
+            Some(Frame::Text(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    // The calling WebSocket: its next call fails `unauthorized`, then it is closed with 1008
+    // (or its timer found the revocation first and it is closed already).
+    let (code, reason) = loop {
+        match calling.try_call("gateway.ping", json!({}), Duration::from_secs(5)) {
+            Ok(o) => match o.result {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.kind(), Some("unauthorized"), "{e}");
+                    assert!(e.message.contains("revoked"), "{e}");
+                    break closed_with(&mut calling);
+                }
+            },
+            Err(WaitError::Closed(Frame::Close { code, reason })) => break (code, reason),
+            Err(e) => panic!("no answer after revocation: {e}"),
+        }
+        assert!(
+            revoked.elapsed() < limit,
+            "calls still served {:?} after revocation",
+            revoked.elapsed()
+        );
+        // 10 calls/s: within the token's own rate.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!((code, reason.as_str()), (Some(1008), "token revoked"));
+    assert!(
+        revoked.elapsed() < limit,
+        "closed {:?} after",
+        revoked.elapsed()
+    );
     // The kept-alive HTTP connection: 401 within the second.
     loop {
         let (status, body) = keep_alive_request(&mut http, "/v1/status", &token);
@@ -950,33 +986,6 @@ fn a_revoked_token_stops_working_on_open_connections_within_a_second() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The calling WebSocket: its next call fails, then it is closed with 1008.
-    let e = loop {
-        match calling.try_call("gateway.ping", json!({}), Duration::from_secs(5)) {
-            Ok(o) => match o.result {
-                Ok(_) => {}
-                Err(e) => break e,
-            },
-            Err(e) => panic!("no answer after revocation: {e}"),
-        }
-        assert!(
-            revoked.elapsed() < limit,
-            "calls still served {:?} after revocation",
-            revoked.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(e.kind(), Some("unauthorized"), "{e}");
-    assert!(e.message.contains("revoked"), "{e}");
-    let closed_with = |c: &mut RpcClient| loop {
-        match c.recv_raw(Duration::from_secs(3)) {
-            Some(Frame::Close { code, reason }) => break (code, reason),
-            Some(Frame::Text(_)) => {}
-            other => panic!("no close frame: {other:?}"),
-        }
-    };
-    let (code, reason) = closed_with(&mut calling);
-    assert_eq!((code, reason.as_str()), (Some(1008), "token revoked"));
     // The idle one, which makes no call, is closed too, within about a second.
     let (code, reason) = closed_with(&mut idle);
     assert_eq!((code, reason.as_str()), (Some(1008), "token revoked"));
