@@ -10,7 +10,7 @@ use carapace_broker::sync::lock;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::auth::{Caller, FailureLimit};
+use crate::auth::{AuthCache, Caller, FailureLimit};
 use crate::broker::Broker;
 use crate::rpc::{Kind, RpcError};
 use crate::sessions::Sessions;
@@ -25,6 +25,8 @@ pub struct App {
     /// Calls per token (token bucket per token id).
     rates: Mutex<Limiter<String>>,
     pub auth_failures: FailureLimit,
+    /// Recent successful token checks (at most a second old).
+    pub auth_cache: AuthCache,
     /// `approval.requested` / `approval.resolved` events for operator connections.
     pub approvals: broadcast::Sender<Value>,
     /// `messages.inbound` events for every connection.
@@ -42,6 +44,7 @@ impl App {
             sessions,
             broker,
             auth_failures: FailureLimit::default(),
+            auth_cache: AuthCache::default(),
             approvals: broadcast::channel(256).0,
             inbound: broadcast::channel(1024).0,
             started: Instant::now(),

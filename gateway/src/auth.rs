@@ -5,11 +5,15 @@
 //! the presented token and asks the broker (`auth`), which compares the hash in constant time
 //! against every stored one and audits the decision. The token itself is never logged, stored
 //! or sent anywhere; only its hash leaves this module.
+//!
+//! A token's check is reused for at most [`AUTH_REUSE`] ([`AuthCache`], keyed by the hash): a
+//! keep-alive connection or a client making many calls a second costs at most one `auth` per
+//! token per second, and a revoked token stops working within that second everywhere.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use carapace_broker::ratelimit::Bucket;
 use carapace_broker::sync::lock;
@@ -144,9 +148,149 @@ impl FailureLimit {
     }
 }
 
+/// How long a successful token check is reused. The broker's answer is the truth (the store
+/// lives with it, `carapace token revoke` changes it); reusing an answer is what lets a client
+/// make many calls a second without an `auth` each, and this bound is how late a revocation
+/// may be felt: a second, on every connection (WebSockets re-check on their calls and on a
+/// timer, see `ws`).
+pub const AUTH_REUSE: Duration = Duration::from_secs(1);
+
+/// Token checks remembered at once; beyond, the oldest is forgotten. Only tokens the broker
+/// accepted are remembered (a refused one never is), so this bounds the memory of many
+/// connected clients, and garbage tokens cannot fill it (they also meet [`FailureLimit`]).
+pub const AUTH_CACHE_MAX: usize = 4096;
+
+/// Recent successful token checks, by the token's SHA-256 (never the token), and one check at
+/// a time per token (concurrent calls with the same token wait for the one check in flight).
+#[derive(Debug, Default)]
+pub struct AuthCache {
+    checked: Mutex<HashMap<String, (Instant, Caller)>>,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl AuthCache {
+    /// The caller of `hash` when it was checked less than [`AUTH_REUSE`] before `now`.
+    pub fn get(&self, hash: &str, now: Instant) -> Option<Caller> {
+        let g = lock(&self.checked);
+        let (at, c) = g.get(hash)?;
+        (now.saturating_duration_since(*at) < AUTH_REUSE).then(|| c.clone())
+    }
+
+    /// Remember that the broker accepted `hash` as `caller` at `at` (when it was asked).
+    pub fn put(&self, hash: &str, caller: Caller, at: Instant) {
+        let mut g = lock(&self.checked);
+        if !g.contains_key(hash) && g.len() >= AUTH_CACHE_MAX {
+            g.retain(|_, (t, _)| at.saturating_duration_since(*t) < AUTH_REUSE);
+            if g.len() >= AUTH_CACHE_MAX {
+                if let Some(k) = g
+                    .iter()
+                    .min_by_key(|(_, (t, _))| *t)
+                    .map(|(k, _)| k.clone())
+                {
+                    g.remove(&k);
+                }
+            }
+        }
+        g.insert(hash.to_string(), (at, caller));
+    }
+
+    /// Forget `hash` (the broker refused it).
+    pub fn forget(&self, hash: &str) {
+        lock(&self.checked).remove(hash);
+    }
+
+    /// Remembered checks.
+    pub fn len(&self) -> usize {
+        lock(&self.checked).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The lock of `hash`'s check: hold it while asking the broker.
+    pub fn flight(&self, hash: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.flights)
+            .entry(hash.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Done with `flight` (from [`AuthCache::flight`]): dropped from the map when nobody
+    /// else holds it.
+    pub fn land(&self, hash: &str, flight: Arc<tokio::sync::Mutex<()>>) {
+        let mut g = lock(&self.flights);
+        // Ours and the map's: nobody else waits on it.
+        if Arc::strong_count(&flight) <= 2 {
+            g.remove(hash);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caller(id: &str) -> Caller {
+        Caller {
+            token_id: id.into(),
+            name: "n".into(),
+            scope: Scope::Client,
+        }
+    }
+
+    #[test]
+    fn a_check_is_reused_for_a_second_only() {
+        let c = AuthCache::default();
+        let t0 = Instant::now();
+        assert_eq!(c.get("h", t0), None);
+        c.put("h", caller("1"), t0);
+        assert_eq!(
+            c.get("h", t0 + Duration::from_millis(999)),
+            Some(caller("1"))
+        );
+        assert_eq!(c.get("h", t0 + AUTH_REUSE), None, "stale after a second");
+        assert_eq!(c.get("other", t0), None);
+        c.forget("h");
+        assert_eq!(c.get("h", t0), None, "a refusal forgets it");
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_forgets_the_oldest() {
+        let c = AuthCache::default();
+        let t0 = Instant::now();
+        for i in 0..AUTH_CACHE_MAX {
+            c.put(
+                &format!("h{i}"),
+                caller("x"),
+                t0 + Duration::from_micros(i as u64),
+            );
+        }
+        assert_eq!(c.len(), AUTH_CACHE_MAX);
+        let later = t0 + Duration::from_millis(10);
+        c.put("new", caller("y"), later);
+        assert_eq!(c.len(), AUTH_CACHE_MAX, "still bounded");
+        assert_eq!(c.get("h0", later), None, "the oldest went");
+        assert!(c.get("h1", later).is_some());
+        assert_eq!(c.get("new", later), Some(caller("y")));
+        // Stale entries go first: all of them, when the cache is full.
+        let much_later = t0 + Duration::from_secs(5);
+        c.put("newer", caller("z"), much_later);
+        assert_eq!(c.len(), 1, "the stale ones were dropped");
+        assert_eq!(c.get("newer", much_later), Some(caller("z")));
+    }
+
+    #[tokio::test]
+    async fn flights_are_shared_and_dropped_when_done() {
+        let c = AuthCache::default();
+        let a = c.flight("h");
+        let b = c.flight("h");
+        assert!(Arc::ptr_eq(&a, &b));
+        c.land("h", a);
+        assert_eq!(lock(&c.flights).len(), 1, "b still holds it");
+        c.land("h", b);
+        assert_eq!(lock(&c.flights).len(), 0);
+    }
 
     #[test]
     fn bearer_headers() {

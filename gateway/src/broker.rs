@@ -7,9 +7,14 @@
 //! [`MAX_SESSIONS`] calls are in flight at once — below the broker's per-identity session and
 //! in-flight caps (32), so that the broker never has to answer `busy` to the gateway; further
 //! calls wait for a free session.
+//!
+//! Before a request takes a session it waits for a slot of the gateway's broker budget
+//! ([`crate::schedule`]): the budget is shared fairly among client tokens, and the broker is
+//! never sent more than it accepts.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use carapace_broker::client::{Client, ClientError, ExecStarted, SendReply};
 use carapace_broker::protocol::{ExitSummary, HeldMessage, InboundMessage, PendingApproval};
@@ -18,6 +23,8 @@ use carapace_broker::tokens::TokenInfo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::rpc::{Kind, RpcError};
+use crate::schedule::{current_key, Scheduler};
+use crate::settings::BrokerRate;
 
 /// Broker calls in flight at once (each holds one session).
 pub const MAX_SESSIONS: usize = 24;
@@ -29,6 +36,8 @@ pub struct Broker {
     shared: Option<OwnedFd>,
     idle: Mutex<Vec<Client>>,
     permits: Arc<Semaphore>,
+    /// The broker budget, shared fairly by the calls' keys.
+    slots: Scheduler,
 }
 
 /// A session taken from the pool with its permit; give it back with [`Broker::put`].
@@ -59,24 +68,37 @@ fn join_error(e: tokio::task::JoinError) -> RpcError {
 }
 
 impl Broker {
-    /// Over the inherited socket `shared` (None: no broker).
+    /// Over the inherited socket `shared` (None: no broker), with no request budget.
     pub fn new(shared: Option<OwnedFd>) -> Broker {
+        Broker::with_budget(shared, None)
+    }
+
+    /// Over `shared`, sending at most what `budget` allows (the broker's limit for us).
+    pub fn with_budget(shared: Option<OwnedFd>, budget: Option<BrokerRate>) -> Broker {
         Broker {
             shared,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(MAX_SESSIONS)),
+            slots: Scheduler::new(budget),
         }
+    }
+
+    /// Broker requests waiting for a slot of the budget now.
+    pub fn waiting(&self) -> usize {
+        self.slots.waiting()
     }
 
     pub fn is_available(&self) -> bool {
         self.shared.is_some()
     }
 
-    /// Take a session (waiting for a free one), opening a new one when none is idle.
+    /// Take a session for one request of the current task's key: wait for a slot of the
+    /// budget, then for a free session (opening a new one when none is idle).
     pub async fn take(&self) -> Result<Lease, RpcError> {
         let Some(shared) = &self.shared else {
             return Err(unavailable());
         };
+        self.slots.acquire(&current_key()).await?;
         let permit = self
             .permits
             .clone()
@@ -132,9 +154,24 @@ impl Broker {
         res.map_err(|e| RpcError::from_broker(&e))
     }
 
-    /// Who holds this token (by the SHA-256 of its text), as the broker's store says.
-    pub async fn auth(&self, token_sha256: String) -> Result<TokenInfo, RpcError> {
-        self.call(move |c| c.auth(&token_sha256)).await
+    /// Who holds this token (by the SHA-256 of its text), as the broker's store says, and when
+    /// the question left (after its wait for a slot): the answer is at least that fresh.
+    pub async fn auth(&self, token_sha256: String) -> Result<(TokenInfo, Instant), RpcError> {
+        let mut lease = self.take().await?;
+        let asked = Instant::now();
+        let (lease, res) = tokio::task::spawn_blocking(move || {
+            let r = lease.client.auth(&token_sha256);
+            (lease, r)
+        })
+        .await
+        .map_err(join_error)?;
+        let healthy = match &res {
+            Ok(_) => true,
+            Err(e) => e.code().is_some(),
+        };
+        self.put(lease, healthy);
+        res.map(|info| (info, asked))
+            .map_err(|e| RpcError::from_broker(&e))
     }
 
     pub async fn ping(&self) -> Result<(), RpcError> {

@@ -15,6 +15,7 @@
 //! | [`methods`] | the methods, one file per family |
 //! | [`auth`] | bearer tokens (hashed, checked by the broker), failed-attempt limit |
 //! | [`broker`] | a pool of broker sessions usable from async code |
+//! | [`schedule`] | the broker budget, shared fairly by client tokens |
 //! | [`inbound`] | answering channel messages: lanes, concurrency, low-water acknowledgement |
 //! | [`sessions`] | conversation sessions as JSON lines |
 //! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
@@ -27,6 +28,7 @@ pub mod inbound;
 pub mod llm;
 pub mod methods;
 pub mod rpc;
+pub mod schedule;
 pub mod server;
 pub mod sessions;
 pub mod settings;
@@ -141,7 +143,7 @@ pub fn broker_from_env() -> Option<OwnedFd> {
 pub fn run() -> Result<(), StartError> {
     let settings = settings::Settings::from_env()?;
     let listener = listener_from_env()?;
-    let broker = broker::Broker::new(broker_from_env());
+    let broker = broker::Broker::with_budget(broker_from_env(), settings.broker_rate);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -156,7 +158,16 @@ pub fn run() -> Result<(), StartError> {
         let addr = listener
             .local_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        tracing::info!(%addr, pid = std::process::id(), "serving");
+        match app.settings.broker_rate {
+            Some(r) => tracing::info!(
+                %addr,
+                pid = std::process::id(),
+                broker_rate = r.requests_per_second,
+                broker_burst = r.burst,
+                "serving; the broker budget is shared fairly by client tokens"
+            ),
+            None => tracing::info!(%addr, pid = std::process::id(), "serving"),
+        }
         server::serve(listener, app, shutdown_signal())
             .await
             .map_err(StartError::Serve)

@@ -150,6 +150,19 @@ pub async fn authenticate(
     allow_query: bool,
     ip: IpAddr,
 ) -> Result<Caller, RpcError> {
+    authenticate_hashed(app, headers, query, allow_query, ip)
+        .await
+        .map(|(c, _)| c)
+}
+
+/// [`authenticate`], with the token's hash (what a WebSocket re-checks).
+async fn authenticate_hashed(
+    app: &App,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    allow_query: bool,
+    ip: IpAddr,
+) -> Result<(Caller, String), RpcError> {
     app.auth_failures.check(ip)?;
     let token = auth::bearer(
         headers
@@ -169,16 +182,57 @@ pub async fn authenticate(
             "a bearer token is required (Authorization: Bearer TOKEN); create one with `carapace token create`",
         ));
     };
-    match app.broker.auth(auth::token_hash(&token)).await {
-        Ok(info) => Ok(Caller::from(info)),
-        Err(e) if e.kind == Kind::Denied => {
+    let hash = auth::token_hash(&token);
+    match check_token(app, &hash).await {
+        Ok(c) => Ok((c, hash)),
+        Err(e) if e.kind == Kind::Unauthorized => {
             app.auth_failures.record_failure(ip);
             tracing::info!(peer = %ip, "refused an unknown or revoked token");
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Who holds the token of SHA-256 `hash`: a check at most [`auth::AUTH_REUSE`] old, or the
+/// broker's answer now (one question per token at a time; concurrent callers share it).
+/// `unauthorized` when the broker does not know the token (any more).
+pub async fn check_token(app: &App, hash: &str) -> Result<Caller, RpcError> {
+    if let Some(c) = app.auth_cache.get(hash, std::time::Instant::now()) {
+        return Ok(c);
+    }
+    let flight = app.auth_cache.flight(hash);
+    let r = {
+        let _one = flight.lock().await;
+        match app.auth_cache.get(hash, std::time::Instant::now()) {
+            Some(c) => Ok(c),
+            None => ask_broker(app, hash).await,
+        }
+    };
+    app.auth_cache.land(hash, flight);
+    r
+}
+
+async fn ask_broker(app: &App, hash: &str) -> Result<Caller, RpcError> {
+    // Whose turn at the broker: the token's (its id is not known yet).
+    let key = format!("auth:{}", hash.get(..16).unwrap_or(hash));
+    match crate::schedule::KEY
+        .scope(key, app.broker.auth(hash.to_string()))
+        .await
+    {
+        Ok((info, asked)) => {
+            let c = Caller::from(info);
+            app.auth_cache.put(hash, c.clone(), asked);
+            Ok(c)
+        }
+        Err(e) if e.kind == Kind::Denied => {
+            app.auth_cache.forget(hash);
             Err(RpcError::new(
                 Kind::Unauthorized,
                 "unknown or revoked token",
             ))
         }
+        Err(e) if e.kind == Kind::Busy => Err(e),
         Err(e) => Err(RpcError::new(
             Kind::Unavailable,
             format!("tokens cannot be checked now: {}", e.message),
@@ -347,12 +401,13 @@ async fn websocket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let caller = match authenticate(&app, &headers, query.as_deref(), true, peer.0.ip()).await {
-        Ok(c) => c,
-        Err(e) => return error_response(&e),
-    };
+    let (caller, hash) =
+        match authenticate_hashed(&app, &headers, query.as_deref(), true, peer.0.ip()).await {
+            Ok(c) => c,
+            Err(e) => return error_response(&e),
+        };
     let max = app.settings.clients.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::ws::session(socket, app, caller, peer.0))
+        .on_upgrade(move |socket| crate::ws::session(socket, app, caller, hash, peer.0))
 }

@@ -22,6 +22,18 @@ pub struct Settings {
     pub clients: ClientLimits,
     /// The model behind `agent.run`; None = not configured.
     pub agent: Option<AgentSettings>,
+    /// The broker's request budget for the gateway (its profile's broker `rate`, written by
+    /// the supervisor from the policy it starts the gateway under); None = the broker sets
+    /// none. Client calls share it fairly ([`crate::schedule`]).
+    pub broker_rate: Option<BrokerRate>,
+}
+
+/// A token bucket of broker requests: `requests_per_second` refill, `burst` size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerRate {
+    pub requests_per_second: f64,
+    pub burst: u32,
 }
 
 impl Default for Settings {
@@ -30,6 +42,7 @@ impl Default for Settings {
             state_dir: "/workspace".into(),
             clients: ClientLimits::default(),
             agent: None,
+            broker_rate: None,
         }
     }
 }
@@ -172,6 +185,13 @@ impl Settings {
                     .into(),
             ));
         }
+        if let Some(r) = &self.broker_rate {
+            if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) || r.burst == 0 {
+                return Err(SettingsError::Invalid(
+                    "broker_rate.requests_per_second and broker_rate.burst must be positive".into(),
+                ));
+            }
+        }
         if let Some(a) = &self.agent {
             crate::llm::Endpoint::parse(&a.base_url)
                 .map_err(|e| SettingsError::Invalid(format!("agent.base_url: {e}")))?;
@@ -200,6 +220,19 @@ mod tests {
         assert_eq!(s, Settings::default());
         let text = serde_json::to_string(&s).unwrap_or_default();
         assert_eq!(Settings::from_json(&text).ok(), Some(s));
+    }
+
+    #[test]
+    fn the_broker_budget() {
+        let s = Settings::from_json(r#"{"broker_rate":{"requests_per_second":50,"burst":100}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.broker_rate,
+            Some(BrokerRate {
+                requests_per_second: 50.0,
+                burst: 100
+            })
+        );
     }
 
     #[test]
@@ -239,6 +272,9 @@ mod tests {
             r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":0}}"#,
             r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":65}}"#,
             r#"{"agent":{"base_url":"http://x/v1","model":"m","answer_channels":"yes"}}"#,
+            r#"{"broker_rate":{"requests_per_second":0,"burst":10}}"#,
+            r#"{"broker_rate":{"requests_per_second":5,"burst":0}}"#,
+            r#"{"broker_rate":{"requests_per_second":5}}"#,
         ] {
             assert!(Settings::from_json(bad).is_err(), "{bad}");
         }

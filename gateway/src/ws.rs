@@ -6,6 +6,13 @@
 //! a client that stops reading fills it, and a write that stalls for [`WRITE_STALL`] ends the
 //! connection. A connection with no traffic (not even a pong to our pings) for the idle
 //! timeout is closed. Operator connections also get the `approval.*` events.
+//!
+//! The token is checked again while the connection is open: before every call and every
+//! [`RECHECK_EVERY`] (so an idle connection that only receives events is cut too), through the
+//! gateway's token-check cache ([`crate::auth::AuthCache`]: the broker is asked at most once a
+//! second per token). When the broker no longer knows the token, the call gets `unauthorized`
+//! and the connection is closed with code 1008 ("token revoked"), within about a second of
+//! the revocation.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,13 +22,14 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::app::{approval_json, App, Emitter};
 use crate::auth::Caller;
 use crate::methods::dispatch;
 use crate::rpc::{self, Kind, RpcError};
+use crate::server::check_token;
 
 /// Frames queued for the writer.
 const OUT_QUEUE: usize = 1024;
@@ -29,17 +37,29 @@ const OUT_QUEUE: usize = 1024;
 const WRITE_STALL: Duration = Duration::from_secs(10);
 /// We ping this often (a client's pong counts as traffic).
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// An open connection's token is looked at this often (a cache lookup; the broker is asked
+/// when the last check is [`crate::auth::AUTH_REUSE`] old): a revocation is felt within
+/// `AUTH_REUSE` + this.
+const RECHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Close codes (RFC 6455).
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_UNSUPPORTED: u16 = 1003;
+const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Ask the writer to send what is queued, then a close frame.
 type CloseRequest = Option<(u16, &'static str)>;
 
 /// Serve one upgraded connection until it ends.
-pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: SocketAddr) {
+/// `token_hash`: the SHA-256 of the caller's token, checked again while the connection lives.
+pub async fn session(
+    socket: WebSocket,
+    app: Arc<App>,
+    caller: Caller,
+    token_hash: String,
+    peer: SocketAddr,
+) {
     tracing::debug!(%peer, token = %caller.token_id, "websocket open");
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Value>(OUT_QUEUE);
@@ -149,6 +169,25 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
         None
     };
 
+    // The token, looked at again on a timer; `revoked` is told when the broker refuses it.
+    let revoked = Arc::new(Notify::new());
+    let recheck = {
+        let (app, hash, revoked) = (app.clone(), token_hash.clone(), revoked.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(RECHECK_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Err(e) = check_token(&app, &hash).await {
+                    if e.kind == Kind::Unauthorized {
+                        revoked.notify_one();
+                        return;
+                    }
+                }
+            }
+        })
+    };
+
     let idle = app.settings.clients.idle_timeout();
     let max_in_flight = app.settings.clients.max_in_flight;
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -159,6 +198,11 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
         let next = tokio::select! {
             n = tokio::time::timeout(idle, stream.next()) => n,
             () = tx.closed() => break,
+            () = revoked.notified() => {
+                tracing::info!(%peer, token = %caller.token_id, "the token of an open websocket was revoked: closed");
+                let _ = close_tx.send(Some((CLOSE_POLICY, "token revoked")));
+                break;
+            }
         };
         let msg = match next {
             Err(_) => {
@@ -224,8 +268,23 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
         in_flight.fetch_add(1, Ordering::SeqCst);
         let (app, caller, tx, in_flight) =
             (app.clone(), caller.clone(), tx.clone(), in_flight.clone());
+        let (hash, revoked) = (token_hash.clone(), revoked.clone());
         calls.spawn(async move {
             let id = call.id.clone();
+            if let Err(e) = check_token(&app, &hash).await {
+                let e = if e.kind == Kind::Unauthorized {
+                    revoked.notify_one();
+                    RpcError::new(
+                        Kind::Unauthorized,
+                        "this connection's token was revoked: the connection is closed",
+                    )
+                } else {
+                    e
+                };
+                let _ = tx.send(rpc::response(&id, Err(e))).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
             // Events and the response share the queue: a call's events come before its response.
             let emitter = Emitter::new(id.clone(), Some(tx.clone()));
             let result = dispatch(&app, &caller, call, &emitter).await;
@@ -236,6 +295,7 @@ pub async fn session(socket: WebSocket, app: Arc<App>, caller: Caller, peer: Soc
     }
     // The client is gone (or was closed): its calls end with it.
     calls.abort_all();
+    recheck.abort();
     if let Some(f) = feed {
         f.abort();
     }

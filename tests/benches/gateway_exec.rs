@@ -27,6 +27,13 @@
 //! profile's broker `rate` at 100000/s (the default policy's is 50/s, burst 100). Everything
 //! else is the default policy and configuration (the tool runs under the `tool` profile).
 //!
+//! Then, on a second service with the default policy and configuration untouched (the gateway's
+//! broker budget 50/s burst 100, 20 calls/s burst 40 per token), 16 exec clients each pace
+//! themselves at their own per-token rate (a call every 50 ms, or at once when behind) for the
+//! exec time: 320 calls/s asked, more than the budget, so calls wait their turn in the
+//! gateway's fair queue. It prints calls made, answered, refused (must be 0) and p50/p99
+//! latency, and the audit log's exec and auth records.
+//!
 //! Without `--bench` (`cargo test --benches` or `--all-targets`) it makes a short smoke run
 //! instead: 1 and 4 clients, 1 s of exec and 0.3 s of bare and ping each (not root: it fails,
 //! unless `CARAPACE_ALLOW_SKIP=1`, as the privileged tests do).
@@ -54,6 +61,10 @@ const TRUE: &str = "/usr/bin/true";
 /// The default policy's broker rate line for the gateway profile, and what replaces it.
 const DEFAULT_RATE: &str = "rate = { requests_per_second = 50, burst = 100 }";
 const BENCH_RATE: &str = "rate = { requests_per_second = 100000, burst = 100000 }";
+/// The default per-token rate (`[gateway.clients] rate_per_second`, gateway/src/settings.rs)
+/// and the number of clients of the default-limits variant.
+const DEFAULT_CLIENT_RATE: f64 = 20.0;
+const FAIR_CLIENTS: usize = 16;
 const CLIENTS_CONFIG: &str =
     "[gateway.clients]\nrate_per_second = 100000\nburst = 100000\nmax_in_flight = 64\n";
 /// How long one call may take before it counts as failed.
@@ -328,6 +339,7 @@ fn run_level(
     kind: Kind,
     n: usize,
     seconds: f64,
+    pace: Option<Duration>,
 ) -> Run {
     let failures = AtomicUsize::new(0);
     let attempts = AtomicUsize::new(0);
@@ -376,8 +388,22 @@ fn run_level(
                     }
                     barrier.wait();
                     let deadline = Instant::now() + window;
+                    let t0 = Instant::now();
+                    let mut k = 0u32;
                     if let Some(c) = client.as_mut() {
                         while Instant::now() < deadline {
+                            // Paced: call k is sent no earlier than k periods after the start
+                            // (a client behind its schedule sends at once).
+                            if let Some(p) = pace {
+                                let at = t0 + p * k;
+                                if at >= deadline {
+                                    break;
+                                }
+                                if let Some(d) = at.checked_duration_since(Instant::now()) {
+                                    std::thread::sleep(d);
+                                }
+                                k += 1;
+                            }
                             attempts.fetch_add(1, Ordering::Relaxed);
                             match one_call(c, kind) {
                                 Ok((d, wall)) => {
@@ -437,6 +463,47 @@ fn run_level(
         tool_wall_ms,
         cpu,
     }
+}
+
+/// The default-limits variant on a service of its own (default policy, default configuration):
+/// [`FAIR_CLIENTS`] exec clients, each paced at [`DEFAULT_CLIENT_RATE`], for `seconds`.
+fn default_limits_run(seconds: f64) -> Run {
+    let svc = Service::start_opts(StartOpts::default());
+    let tokens: Vec<String> = (0..FAIR_CLIENTS)
+        .map(|i| svc.token_named("client", &format!("fair-{i}")))
+        .collect();
+    let gateway_init = svc.gateway()["pid"].as_i64().unwrap_or(0);
+    let pids = Pids {
+        supervisor: i64::from(svc.pid()),
+        gateway: carapace_tests::service::program_of(gateway_init),
+    };
+    let pace = Duration::from_secs_f64(1.0 / DEFAULT_CLIENT_RATE);
+    let r = run_level(
+        &svc,
+        pids,
+        &tokens,
+        Kind::Exec,
+        FAIR_CLIENTS,
+        seconds,
+        Some(pace),
+    );
+    let execs = std::fs::read_to_string(svc.state_dir().join("audit.log"))
+        .map(|a| a.lines().filter(|l| l.contains("\"op\":\"exec\"")).count())
+        .unwrap_or(0);
+    let auths = std::fs::read_to_string(svc.state_dir().join("audit.log"))
+        .map(|a| a.lines().filter(|l| l.contains("\"op\":\"auth\"")).count())
+        .unwrap_or(0);
+    println!(
+        "default limits: audit log {execs} exec records for {} calls made, {auths} token checks",
+        r.attempts
+    );
+    if r.failures > 0 {
+        for f in &r.first_failures {
+            eprintln!("  refused: {f}");
+        }
+        eprintln!("supervisor log:\n{}", svc.log_text());
+    }
+    r
 }
 
 fn loadavg() -> String {
@@ -709,7 +776,7 @@ fn main() -> ExitCode {
     for &n in &levels {
         for kind in [Kind::Bare, Kind::Ping, Kind::Exec] {
             let secs = if kind == Kind::Exec { exec_s } else { fast_s };
-            let r = run_level(&svc, pids, &tokens, kind, n, secs);
+            let r = run_level(&svc, pids, &tokens, kind, n, secs, None);
             println!(
                 "  {:<30} {n:>3} clients: {:>6} calls in {:>5.1} s, {:>8.1}/s, {} failures \
                  (load {})",
@@ -756,6 +823,32 @@ fn main() -> ExitCode {
         loadavg()
     );
 
+    let log = svc.log_text();
+    drop(svc);
+
+    // The default limits (policy and configuration untouched): 16 clients, each pacing itself
+    // at its own per-token rate. They ask more than the gateway's broker budget (and the
+    // machine) can serve, so they wait their turn; none may be refused.
+    let fair = default_limits_run(exec_s);
+    let s = fair.sorted();
+    println!();
+    println!(
+        "default limits (broker budget 50/s burst 100, {DEFAULT_CLIENT_RATE} calls/s burst 40 per \
+         token): {FAIR_CLIENTS} clients each paced at {DEFAULT_CLIENT_RATE}/s for {exec_s} s \
+         (asking {} calls/s in all): {} calls made (warm-up included), {} in the timed window \
+         ({:.1}/s), {} refused; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; load average {}",
+        FAIR_CLIENTS as f64 * DEFAULT_CLIENT_RATE,
+        fair.attempts,
+        fair.samples.len(),
+        fair.rate(),
+        fair.failures,
+        ms(percentile(&s, 50.0)),
+        ms(percentile(&s, 99.0)),
+        ms(s.last().copied()),
+        loadavg()
+    );
+    runs.push(fair);
+
     let failed: usize = runs.iter().map(|r| r.failures).sum();
     if failed > 0 {
         eprintln!("\ngateway_exec: {failed} CALLS FAILED");
@@ -770,7 +863,6 @@ fn main() -> ExitCode {
                 eprintln!("    {f}");
             }
         }
-        let log = svc.log_text();
         let mut bad: Vec<&str> = log
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
-use carapace_tests::rpc::{Frame, RpcClient};
+use carapace_tests::rpc::{Frame, RpcClient, WaitError};
 use carapace_tests::service::{http, http_bearer, http_with, Service, StartOpts};
 use carapace_tests::*;
 use serde_json::{json, Value};
@@ -68,6 +68,16 @@ fn agent_config(llm_port: u16, extra: &str) -> String {
     format!(
         "[gateway.agent]\nbase_url = \"http://127.0.0.1:{llm_port}/v1\"\nmodel = \"fake-model\"\napi_key_secret = \"llm_key\"\n{extra}"
     )
+}
+
+/// `carapace token revoke NAME` on the service's store.
+fn revoke(svc: &Service, name: &str) {
+    let o = Command::new(carapace_bin())
+        .args(["token", "revoke", name, "--state-dir"])
+        .arg(svc.state_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 fn start_plain() -> Option<Service> {
@@ -165,16 +175,21 @@ fn the_gateway_runs_confined_and_refuses_clients_without_a_good_token() {
     assert_eq!(e.expect_err().kind(), Some("forbidden"));
     assert!(q.call("approvals.list", json!({})).expect_ok()["pending"].is_array());
 
-    // A revoked token is refused at the next connection.
-    let o = Command::new(carapace_bin())
-        .args(["token", "revoke", "test", "--state-dir"])
-        .arg(svc.state_dir())
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let e = RpcClient::connect(svc.addr, Some(&client))
-        .err()
-        .unwrap_or_else(|| panic!("revoked token accepted"));
+    // A revoked token is refused at a new connection within a second (the gateway reuses a
+    // token check for at most that long).
+    revoke(&svc, "test");
+    let revoked = Instant::now();
+    let e = loop {
+        match RpcClient::connect(svc.addr, Some(&client)) {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                revoked.elapsed() < Duration::from_millis(1500),
+                "revoked token still accepted after {:?}",
+                revoked.elapsed()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(e.status(), Some(401));
 
     // Every check is in the audit log, and no token or hash is.
@@ -820,4 +835,273 @@ fn a_project_is_built_and_tested_through_the_gateway_in_the_build_profile() {
         .collect();
     assert_eq!(r.expect_ok()["exit"], 126, "{err}");
     assert!(err.contains("Permission denied"), "{err}");
+}
+
+/// Audit records of broker op `op` so far.
+fn audit_ops(svc: &Service, op: &str) -> usize {
+    let needle = format!("\"op\":\"{op}\"");
+    fs::read_to_string(svc.state_dir().join("audit.log"))
+        .map(|a| a.lines().filter(|l| l.contains(&needle)).count())
+        .unwrap_or(0)
+}
+
+/// One request on a kept-alive HTTP/1.1 connection; (status, body). Status 0 when the
+/// connection failed or closed.
+fn keep_alive_request(s: &mut std::net::TcpStream, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return (0, String::new()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no content-length in {head}"));
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn a_revoked_token_stops_working_on_open_connections_within_a_second() {
+    let Some(svc) = start_plain() else { return };
+    let token = svc.token_named("client", "soon-revoked");
+    let other = svc.token_named("client", "kept");
+    // A WebSocket that calls, one that only listens, another token's, and a kept-alive HTTP
+    // connection: all work before the revocation.
+    let mut calling = ws(&svc, &token);
+    let mut idle = ws(&svc, &token);
+    let mut kept = ws(&svc, &other);
+    assert_eq!(
+        calling.call("gateway.ping", json!({})).expect_ok()["pong"],
+        true
+    );
+    assert_eq!(
+        idle.call("gateway.ping", json!({})).expect_ok()["pong"],
+        true
+    );
+    let mut http = std::net::TcpStream::connect(svc.addr).unwrap_or_else(|e| panic!("{e}"));
+    http.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..3 {
+        let (status, body) = keep_alive_request(&mut http, "/v1/status", &token);
+        assert_eq!(status, 200, "{body}");
+    }
+    // Many calls in a second cost at most about one `auth` per token per second.
+    let auths = audit_ops(&svc, "auth");
+    let t = Instant::now();
+    let mut calls = 0;
+    while t.elapsed() < Duration::from_secs(1) {
+        let (status, body) = keep_alive_request(&mut http, "/v1/status", &token);
+        assert_eq!(status, 200, "{body}");
+        calls += 1;
+        if calls % 4 == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let asked = audit_ops(&svc, "auth") - auths;
+    assert!(calls >= 10, "{calls}");
+    assert!(
+        asked <= 4,
+        "{asked} token checks at the broker for {calls} calls in a second (and the sockets' re-checks)"
+    );
+
+    revoke(&svc, "soon-revoked");
+    let revoked = Instant::now();
+    let limit = Duration::from_millis(1500);
+    let closed_with = |c: &mut RpcClient| loop {
+        match c.recv_raw(Duration::from_secs(3)) {
+            Some(Frame::Close { code, reason }) => break (code, reason),
+            Some(Frame::Text(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    // The calling WebSocket: its next call fails `unauthorized`, then it is closed with 1008
+    // (or its timer found the revocation first and it is closed already).
+    let (code, reason) = loop {
+        match calling.try_call("gateway.ping", json!({}), Duration::from_secs(5)) {
+            Ok(o) => match o.result {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.kind(), Some("unauthorized"), "{e}");
+                    assert!(e.message.contains("revoked"), "{e}");
+                    break closed_with(&mut calling);
+                }
+            },
+            Err(WaitError::Closed(Frame::Close { code, reason })) => break (code, reason),
+            Err(e) => panic!("no answer after revocation: {e}"),
+        }
+        assert!(
+            revoked.elapsed() < limit,
+            "calls still served {:?} after revocation",
+            revoked.elapsed()
+        );
+        // 10 calls/s: within the token's own rate.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!((code, reason.as_str()), (Some(1008), "token revoked"));
+    assert!(
+        revoked.elapsed() < limit,
+        "closed {:?} after",
+        revoked.elapsed()
+    );
+    // The kept-alive HTTP connection: 401 within the second.
+    loop {
+        let (status, body) = keep_alive_request(&mut http, "/v1/status", &token);
+        if status == 401 {
+            assert!(body.contains("unauthorized"), "{body}");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            revoked.elapsed() < limit,
+            "still served {:?} after revocation",
+            revoked.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The idle one, which makes no call, is closed too, within about a second.
+    let (code, reason) = closed_with(&mut idle);
+    assert_eq!((code, reason.as_str()), (Some(1008), "token revoked"));
+    assert!(
+        revoked.elapsed() < Duration::from_secs(2),
+        "closed {:?} after",
+        revoked.elapsed()
+    );
+    // Another token's connection is not affected.
+    assert_eq!(
+        kept.call("gateway.ping", json!({})).expect_ok()["pong"],
+        true
+    );
+}
+
+#[test]
+fn sixteen_clients_at_their_own_rate_on_the_default_limits_get_no_refusal() {
+    // The default policy (gateway broker budget 50/s, burst 100) and the default client limits
+    // (20 calls/s per token, burst 40): 16 clients asking 320 tool runs a second cannot all be
+    // served at once; they wait their turn, and none is refused.
+    let Some(svc) = start_plain() else { return };
+    const CLIENTS: usize = 16;
+    const SECONDS: f64 = 3.0;
+    let period = Duration::from_millis(50); // 20 calls/s: each client's own rate
+    let tokens: Vec<String> = (0..CLIENTS)
+        .map(|i| svc.token_named("client", &format!("fair-{i}")))
+        .collect();
+    let execs_before = audit_ops(&svc, "exec");
+    let auths_before = audit_ops(&svc, "auth");
+    let barrier = std::sync::Barrier::new(CLIENTS);
+    let started = Instant::now();
+    let results: Vec<(usize, Vec<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| {
+                let (svc, barrier) = (&svc, &barrier);
+                s.spawn(move || {
+                    // Half over WebSocket, half over plain HTTP (a connection per call).
+                    let mut c = (i % 2 == 0).then(|| ws(svc, token));
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let (mut made, mut refused) = (0usize, Vec::new());
+                    while t0.elapsed().as_secs_f64() < SECONDS {
+                        let next = t0 + period * u32::try_from(made).unwrap_or(u32::MAX);
+                        if let Some(d) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(d);
+                        }
+                        made += 1;
+                        let err = match &mut c {
+                            Some(c) => {
+                                let r = c.call_timeout(
+                                    "tools.exec",
+                                    json!({"argv": ["/usr/bin/true"]}),
+                                    Duration::from_secs(60),
+                                );
+                                match r.result {
+                                    Ok(v) if v["exit"] == 0 => None,
+                                    Ok(v) => Some(format!("exit {v}")),
+                                    Err(e) => Some(e.to_string()),
+                                }
+                            }
+                            None => {
+                                let r = http_bearer(
+                                    svc.addr,
+                                    "POST",
+                                    "/v1/tools/exec",
+                                    token,
+                                    Some(r#"{"argv":["/usr/bin/true"]}"#),
+                                );
+                                (!(r.status == 200 && r.json()["exit"] == 0))
+                                    .then(|| format!("{} {}", r.status, r.body))
+                            }
+                        };
+                        refused.extend(err);
+                    }
+                    (made, refused)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| panic!("a client panicked")))
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let made: usize = results.iter().map(|r| r.0).sum();
+    let refused: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {made} calls refused; first: {:?}\n{}",
+        refused.len(),
+        refused.iter().take(5).collect::<Vec<_>>(),
+        svc.log_text()
+    );
+    // Fair: every client was served, none far below the others.
+    let (least, most) = (
+        results.iter().map(|r| r.0).min().unwrap_or(0),
+        results.iter().map(|r| r.0).max().unwrap_or(0),
+    );
+    assert!(
+        least * 3 >= most && least >= 2,
+        "calls per client from {least} to {most}"
+    );
+    // One exec decision per call, and about one token check per token per second (plus the
+    // WebSocket upgrades), not one per call.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while audit_ops(&svc, "exec") - execs_before < made && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(audit_ops(&svc, "exec") - execs_before, made, "exec records");
+    let auths = audit_ops(&svc, "auth") - auths_before;
+    let bound = CLIENTS * (elapsed.ceil() as usize + 2);
+    assert!(
+        auths <= bound,
+        "{auths} token checks for {made} calls of {CLIENTS} tokens in {elapsed:.1} s (bound {bound})"
+    );
+    println!("{made} calls in {elapsed:.1} s, {auths} token checks, per client {least}..{most}");
 }

@@ -37,8 +37,20 @@ pub const METHODS: &[(&str, bool)] = &[
 ];
 
 /// Run one call for `caller`. `collect`: a plain HTTP caller (no events): `tools.exec`
-/// returns the output in its result.
+/// returns the output in its result. The broker requests it makes wait for their turn under
+/// the caller's token ([`crate::schedule`]).
 pub async fn dispatch(
+    app: &Arc<App>,
+    caller: &Caller,
+    call: Call,
+    out: &Emitter,
+) -> Result<Value, RpcError> {
+    crate::schedule::KEY
+        .scope(caller.token_id.clone(), run(app, caller, call, out))
+        .await
+}
+
+async fn run(
     app: &Arc<App>,
     caller: &Caller,
     call: Call,

@@ -309,6 +309,12 @@ impl Child {
                 supervisor_env: spec
                     .settings
                     .iter()
+                    .map(|s| match self.role {
+                        Role::Gateway => {
+                            super::wiring::gateway_settings(s, &env.policy, &spec.profile)
+                        }
+                        _ => s.clone(),
+                    })
                     .map(|s| (settings_env(self.role).into(), s.into()))
                     .collect(),
             },

@@ -10,6 +10,8 @@
 //!   gives (a loopback address needs `allow_private` in the rule, like any other);
 //! - the gateway's profile may `send` on the channel (else the agent could never answer: a
 //!   warning, since a channel may be inbound-only on purpose).
+//!
+//! And [`gateway_settings`]: the gateway's broker budget, added to its settings at each start.
 
 use carapace_policy::broker::{BrokerRules, ChannelKind};
 use carapace_policy::Policy;
@@ -160,6 +162,33 @@ pub fn check(cfg: &Config, policy: &Policy) -> Wiring {
         }
     }
     w
+}
+
+/// The gateway's settings JSON `settings` with `broker_rate` set from the broker `rate` of
+/// `profile` in `policy`: the very limit the broker puts on the gateway's identity (see
+/// `broker_host::peer_limits`), read from the policy the gateway is started under, so that the
+/// gateway can share it fairly among its clients and never send more than the broker accepts.
+/// No rate in the profile: no `broker_rate`. Text that is not a JSON object is left as it is
+/// (the gateway refuses it with its own error).
+pub fn gateway_settings(settings: &str, policy: &Policy, profile: &str) -> String {
+    let Ok(serde_json::Value::Object(mut o)) = serde_json::from_str(settings) else {
+        return settings.to_string();
+    };
+    match policy.broker_view(profile).and_then(|b| b.rate) {
+        Some(r) => {
+            o.insert(
+                "broker_rate".into(),
+                serde_json::json!({
+                    "requests_per_second": r.requests_per_second,
+                    "burst": r.burst,
+                }),
+            );
+        }
+        None => {
+            o.remove("broker_rate");
+        }
+    }
+    serde_json::Value::Object(o).to_string()
 }
 
 #[cfg(test)]

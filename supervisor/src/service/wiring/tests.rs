@@ -104,3 +104,25 @@ fn endpoints_of_each_kind() {
     );
     assert!(e(serde_json::json!({"kind": "webhook"})).is_empty());
 }
+
+#[test]
+fn the_gateway_is_told_its_broker_budget() {
+    let policy = Policy::parse(crate::embedded::DEFAULT_POLICY, "p.toml").expect("policy");
+    let s = gateway_settings(r#"{"clients":{"burst":5}}"#, &policy, "gateway");
+    let v: serde_json::Value = serde_json::from_str(&s).expect("json");
+    assert_eq!(v["clients"]["burst"], 5, "{v}");
+    assert_eq!(
+        v["broker_rate"],
+        serde_json::json!({"requests_per_second": 50, "burst": 100}),
+        "{v}"
+    );
+    // A profile without a rate: no budget (and a stale one is not kept).
+    let s = gateway_settings(
+        r#"{"broker_rate":{"requests_per_second":1,"burst":1}}"#,
+        &policy,
+        "tool",
+    );
+    let v: serde_json::Value = serde_json::from_str(&s).expect("json");
+    assert!(v.get("broker_rate").is_none(), "{v}");
+    assert_eq!(gateway_settings("[1]", &policy, "gateway"), "[1]");
+}
