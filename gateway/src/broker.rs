@@ -157,21 +157,11 @@ impl Broker {
     /// Who holds this token (by the SHA-256 of its text), as the broker's store says, and when
     /// the question left (after its wait for a slot): the answer is at least that fresh.
     pub async fn auth(&self, token_sha256: String) -> Result<(TokenInfo, Instant), RpcError> {
-        let mut lease = self.take().await?;
-        let asked = Instant::now();
-        let (lease, res) = tokio::task::spawn_blocking(move || {
-            let r = lease.client.auth(&token_sha256);
-            (lease, r)
+        self.call(move |c| {
+            let asked = Instant::now();
+            c.auth(&token_sha256).map(|info| (info, asked))
         })
         .await
-        .map_err(join_error)?;
-        let healthy = match &res {
-            Ok(_) => true,
-            Err(e) => e.code().is_some(),
-        };
-        self.put(lease, healthy);
-        res.map(|info| (info, asked))
-            .map_err(|e| RpcError::from_broker(&e))
     }
 
     pub async fn ping(&self) -> Result<(), RpcError> {

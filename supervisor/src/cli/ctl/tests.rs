@@ -450,6 +450,35 @@ struct Fake {
     audit: PathBuf,
 }
 
+/// A control server with the [`Fake`] handler on a runtime of its own, as a running supervisor.
+struct FakeSupervisor {
+    rt: tokio::runtime::Runtime,
+    stop: crate::control::ControlShutdown,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeSupervisor {
+    fn start(sock: &Path, audit: PathBuf) -> FakeSupervisor {
+        let server = ControlServer::bind(sock, None).unwrap();
+        let stop = server.shutdown_handle();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let task = {
+            let _g = rt.enter();
+            server.serve(Arc::new(Fake { audit }))
+        };
+        FakeSupervisor { rt, stop, task }
+    }
+
+    fn stop(self) {
+        self.stop.shutdown();
+        self.rt.block_on(self.task).unwrap();
+    }
+}
+
 impl ControlHandler for Fake {
     fn handle(&self, req: Request) -> Result<Value, String> {
         match req {
@@ -610,23 +639,13 @@ fn exit_codes_and_output() {
     );
 
     // A supervisor.
-    let server = ControlServer::bind(&sock, None).unwrap();
-    let stop = server.shutdown_handle();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
     let log = dir.path().join("audit.log");
     std::fs::write(
         &log,
         "{\"seq\":1,\"op\":\"connect\"}\n{\"seq\":2,\"op\":\"open\"}\n",
     )
     .unwrap();
-    let task = {
-        let _g = rt.enter();
-        server.serve(Arc::new(Fake { audit: log }))
-    };
+    let supervisor = FakeSupervisor::start(&sock, log);
     let (code, out, err) = status(false);
     assert_eq!((code, err.as_str()), (EXIT_OK, ""));
     assert_eq!(out, format_status(&status_report()));
@@ -725,8 +744,7 @@ fn exit_codes_and_output() {
         (EXIT_OK, "{\"seq\":2,\"op\":\"open\"}\n")
     );
 
-    stop.shutdown();
-    rt.block_on(task).unwrap();
+    supervisor.stop();
     assert_eq!(status(false).0, EXIT_NO_DAEMON);
 }
 
@@ -736,17 +754,7 @@ fn audit_tail_follow_until_the_supervisor_stops() {
     let sock = dir.path().join("control.sock");
     let log = dir.path().join("audit.log");
     std::fs::write(&log, "{\"seq\":1,\"op\":\"connect\"}\n").unwrap();
-    let server = ControlServer::bind(&sock, None).unwrap();
-    let stop = server.shutdown_handle();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let task = {
-        let _g = rt.enter();
-        server.serve(Arc::new(Fake { audit: log.clone() }))
-    };
+    let supervisor = FakeSupervisor::start(&sock, log.clone());
     let a = AuditCommand::Tail {
         lines: 5,
         follow: true,
@@ -757,8 +765,7 @@ fn audit_tail_follow_until_the_supervisor_stops() {
     let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
     std::io::Write::write_all(&mut f, b"{\"seq\":2,\"op\":\"open\"}\n").unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    stop.shutdown();
-    rt.block_on(task).unwrap();
+    supervisor.stop();
     let (code, out, err) = follower.join().unwrap();
     assert_eq!(out, "#1 ? ? connect ? ? -> ?\n#2 ? ? open ? ? -> ?\n");
     assert_eq!(code, EXIT_FAILED);
@@ -782,19 +789,7 @@ fn metrics_prints_the_exposition_as_sent() {
         run(|t| metrics_to(&a, t))
     };
     assert_eq!(metrics(false).0, EXIT_NO_DAEMON);
-    let server = ControlServer::bind(&sock, None).unwrap();
-    let stop = server.shutdown_handle();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let task = {
-        let _g = rt.enter();
-        server.serve(Arc::new(Fake {
-            audit: dir.path().join("audit.log"),
-        }))
-    };
+    let supervisor = FakeSupervisor::start(&sock, dir.path().join("audit.log"));
     let (code, out, err) = metrics(false);
     assert_eq!(
         (code, out.as_str(), err.as_str()),
@@ -804,8 +799,7 @@ fn metrics_prints_the_exposition_as_sent() {
     assert_eq!(code, EXIT_OK);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["text"], "# TYPE x gauge\nx 1\n");
-    stop.shutdown();
-    rt.block_on(task).unwrap();
+    supervisor.stop();
 }
 
 fn audit_record(i: u64) -> carapace_broker::audit::AuditRecord {
@@ -829,19 +823,7 @@ fn audit_tail_follows_across_a_rotation() {
     for i in 1..=2 {
         log.append(&audit_record(i)).unwrap();
     }
-    let server = ControlServer::bind(&sock, None).unwrap();
-    let stop = server.shutdown_handle();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let task = {
-        let _g = rt.enter();
-        server.serve(Arc::new(Fake {
-            audit: path.clone(),
-        }))
-    };
+    let supervisor = FakeSupervisor::start(&sock, path.clone());
     let a = AuditCommand::Tail {
         lines: 5,
         follow: true,
@@ -856,8 +838,7 @@ fn audit_tail_follows_across_a_rotation() {
     other.append(&audit_record(4)).unwrap();
     log.append(&audit_record(5)).unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    stop.shutdown();
-    rt.block_on(task).unwrap();
+    supervisor.stop();
     let (_, out, _) = follower.join().unwrap();
     let seqs: Vec<&str> = out.lines().filter_map(|l| l.split(' ').next()).collect();
     assert_eq!(seqs, ["#1", "#2", "#3", "#4", "#5"], "{out}");
