@@ -95,6 +95,7 @@ vm_root() {
   key=$(vm_root_key)
   dir="$VM_CACHE/root-$key"
   if [ -f "$dir/complete" ]; then
+    touch "$dir/complete"
     echo "vm: cached root $dir" >&2
     echo "$dir"
     return 0
@@ -106,9 +107,13 @@ vm_root() {
   vm_fetch_kernel "$tmp" || return 1
   vm_debootstrap "$tmp" || return 1
   touch "$tmp/complete"
-  # Roots of other versions of this file are not used any more.
+  # Roots of other versions of this file, unused for a day (other checkouts on this machine may
+  # still use theirs: removing it at once would make them rebuild it on every run).
   for old in "$VM_CACHE"/root-*; do
-    [ "$old" = "$dir" ] || rm -rf "$old"
+    [ "$old" != "$dir" ] || continue
+    if [ ! -f "$old/complete" ] || [ -n "$(find "$old/complete" -mmin +1440)" ]; then
+      rm -rf "$old"
+    fi
   done
   rm -rf "$dir"
   mv "$tmp" "$dir"
