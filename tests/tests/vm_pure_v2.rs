@@ -1,16 +1,25 @@
 //! carapace on a production-shaped host: pure cgroup v2, systemd as PID 1, the shipped units.
 //!
 //! Boots a minimal Debian bookworm VM under qemu (software emulation) with tests/vm/run.sh,
-//! installs the binaries built here and supervisor/systemd/carapace.{service,socket} into it,
-//! and runs tests/vm/guest/checks.sh there: start (READY, the gateway's delegated cgroup and its
-//! limits), a memory bomb OOM-killed in its own cgroup, a fork bomb stopped at pids.max, reload
-//! with a good and a broken policy, journald fields, a clean stop, socket activation, the
-//! watchdog, and the sandbox crate's `cgroup::` unit tests. The report comes back over the
-//! guest's second serial port; this test fails with it and the console log attached when a
-//! check fails, a check is missing, the summary is missing, or the VM cannot be built or booted.
+//! installs the Debian package (supervisor/packaging/build-deb) into it with the guest's own
+//! dpkg, and runs tests/vm/guest/checks.sh there: the package installed and nothing enabled,
+//! start (READY, the packaged gateway in its delegated cgroup with its limits), a memory bomb
+//! OOM-killed in its own cgroup, a fork bomb stopped at pids.max, reload with a good and a
+//! broken policy, journald fields, a clean stop, socket activation, the watchdog, the sandbox
+//! crate's `cgroup::` unit tests, rootless `carapace run` as a `systemd --user` service with
+//! delegation (a memory bomb OOM-killed beneath the user's service), and the escape suite (root
+//! and rootless). The report comes back over the guest's second serial port; this test fails
+//! with it and the console log attached when a check fails, a check is missing, the summary is
+//! missing, or the VM cannot be built or booted.
 //!
-//! Needs root and what tests/vm/setup.sh installs (qemu-system-x86, debootstrap); it fails,
-//! never skips, when they are missing. Not root: fails unless CARAPACE_ALLOW_SKIP=1.
+//! The package: `build-deb --reuse-binaries` when `CARAPACE_PACKAGE_REUSE=1` (.ci/test builds
+//! target/release first), else `build-deb`, which runs `cargo build --release` (about 10 minutes
+//! from a cold target/release on a busy 2-core machine; nothing when it is fresh).
+//! `CARAPACE_VM_DEB=FILE` installs that package instead.
+//!
+//! Needs root and what tests/vm/setup.sh installs (qemu-system-x86, debootstrap), cargo-deb and
+//! objcopy for the package; it fails, never skips, when they are missing. Not root: fails
+//! unless CARAPACE_ALLOW_SKIP=1.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -18,8 +27,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use carapace_tests::repo_root;
+
 /// Every check the guest must report (tests/vm/guest/checks.sh), in its order.
 const CHECKS: &[&str] = &[
+    "package-installed",
     "pure-v2-host",
     "start-ready-limits",
     "memory-bomb-oom",
@@ -30,24 +42,40 @@ const CHECKS: &[&str] = &[
     "socket-activation",
     "watchdog-restart",
     "cgroup-module-tests",
+    "rootless-user-service",
+    "escape-suite-root",
+    "escape-suite-rootless",
+    "escape-packaged-binary-path",
+    "escape-mount-cgroup-release-agent",
     "v1-hybrid-cgroups",
 ];
 
 /// Checks that can only be NOT-APPLICABLE on a pure v2 host (never a PASS there).
-const NOT_APPLICABLE: &[&str] = &["v1-hybrid-cgroups"];
+const NOT_APPLICABLE: &[&str] = &["escape-mount-cgroup-release-agent", "v1-hybrid-cgroups"];
+
+/// Checks the guest may report as KNOWN-ISSUE (a failure for a known, reported reason), with
+/// the reason; a PASS is fine too. Anything else reported KNOWN-ISSUE fails this test.
+const KNOWN_ISSUES: &[(&str, &str)] = &[(
+    "escape-packaged-binary-path",
+    "the package's /usr/bin/carapace is visible (read-only) in every sandbox that binds /usr, \
+     while docs/threat-model.md says the supervisor binary is not in the sandbox's view",
+)];
+
+/// The escape suite executables run in the guest (tests/tests/NAME.rs). `escape_build` is not
+/// among them: its resource attacks are sized for the build profile (4 GiB of memory, a 1 GiB
+/// /tmp), more than the guest has, and its one difference from `escape` (written code runs in
+/// the workspace and /tmp) does not depend on the cgroup layout.
+const ESCAPE_SUITES: &[&str] = &["escape", "escape_rootless"];
 
 /// The whole stage: a cold root build (debootstrap, the kernel) plus qemu's own timeout.
 const DEADLINE: Duration = Duration::from_secs(30 * 60);
 
-/// The repository root: the parent of this crate, as this test file was compiled.
-fn repo_root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
-}
-
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(repo_root());
+    if let Some(t) = profile_dir().parent() {
+        c.env("CARGO_TARGET_DIR", t);
+    }
     c
 }
 
@@ -60,54 +88,126 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// `cargo build --workspace --bins` (a no-op in CI, where .ci/test has just run it).
-fn build_binaries() {
-    let target = profile_dir().parent().map(Path::to_path_buf);
-    let mut c = cargo();
-    c.args(["build", "--workspace", "--bins"]);
-    if let Some(t) = target {
+/// The Debian package to install in the guest (see the module documentation).
+fn package() -> PathBuf {
+    if let Some(p) = std::env::var_os("CARAPACE_VM_DEB") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "CARAPACE_VM_DEB={} is not a file", p.display());
+        return p;
+    }
+    let reuse = std::env::var("CARAPACE_PACKAGE_REUSE").as_deref() == Ok("1");
+    let release = profile_dir()
+        .parent()
+        .map_or_else(|| PathBuf::from("target/release"), |t| t.join("release"));
+    let mut c = Command::new(repo_root().join("supervisor/packaging/build-deb"));
+    c.current_dir(repo_root()).stderr(Stdio::inherit());
+    if let Some(t) = profile_dir().parent() {
         c.env("CARGO_TARGET_DIR", t);
     }
-    let s = c
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run cargo: {e}"));
-    assert!(s.success(), "cargo build --workspace --bins failed: {s}");
+    if reuse {
+        c.arg("--reuse-binaries");
+    } else {
+        eprintln!(
+            "vm: supervisor/packaging/build-deb builds the release binaries first (about 10 \
+             minutes from a cold {}; CARAPACE_PACKAGE_REUSE=1 packages what is there)",
+            release.display()
+        );
+    }
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run supervisor/packaging/build-deb: {e}"));
+    if !out.status.success() {
+        let missing: Vec<&str> = [
+            "carapace",
+            "carapace-client",
+            "carapace-gateway",
+            "carapace-channel",
+        ]
+        .into_iter()
+        .filter(|b| !release.join(b).is_file())
+        .collect();
+        panic!(
+            "supervisor/packaging/build-deb{} failed ({}){}",
+            if reuse { " --reuse-binaries" } else { "" },
+            out.status,
+            if reuse && !missing.is_empty() {
+                format!(
+                    ": {} lacks {missing:?}; build them with `cargo build --release -p carapace \
+                     -p carapace-broker -p carapace-gateway -p carapace-channels --bins` (about \
+                     10 minutes on a busy 2-core machine), or unset CARAPACE_PACKAGE_REUSE to let \
+                     build-deb build them",
+                    release.display()
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    let deb = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        deb.is_file() && deb.extension().is_some_and(|e| e == "deb"),
+        "build-deb printed {deb:?}, not a .deb"
+    );
+    deb
 }
 
-/// The sandbox crate's unit test executable, built as `cargo test --workspace` builds it (so
-/// that in CI it is already there).
-fn sandbox_test_binary() -> PathBuf {
-    let target = profile_dir().parent().map(Path::to_path_buf);
+/// Test executables of `cargo test ARGS --no-run`, by target name (as `cargo test` builds
+/// them, so that in CI they are already there).
+fn test_executables(args: &[&str], names: &[&str]) -> Vec<PathBuf> {
     let mut c = cargo();
-    c.args([
-        "test",
-        "--workspace",
-        "--lib",
-        "--no-run",
-        "--message-format=json",
-    ])
-    .stderr(Stdio::inherit());
-    if let Some(t) = target {
-        c.env("CARGO_TARGET_DIR", t);
-    }
+    c.args(["test", "--no-run", "--message-format=json"])
+        .args(args)
+        .stderr(Stdio::inherit());
     let out = c
         .output()
         .unwrap_or_else(|e| panic!("cannot run cargo: {e}"));
     assert!(
         out.status.success(),
-        "cargo test --workspace --lib --no-run failed: {}",
+        "cargo test {args:?} --no-run failed: {}",
         out.status
     );
-    String::from_utf8_lossy(&out.stdout)
+    let found: Vec<(String, PathBuf)> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|m| {
-            m["reason"] == "compiler-artifact"
-                && m["target"]["name"] == "carapace_sandbox"
-                && m["profile"]["test"] == true
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter_map(|m| {
+            let name = m["target"]["name"].as_str()?.to_string();
+            let exe = m["executable"].as_str()?;
+            Some((name, PathBuf::from(exe)))
         })
-        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo did not name the carapace_sandbox unit test executable"))
+        .collect();
+    names
+        .iter()
+        .map(|n| {
+            found
+                .iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_else(|| panic!("cargo did not name the test executable {n}"))
+        })
+        .collect()
+}
+
+/// The sandbox crate's unit test executable (its `cgroup::` tests run in the guest).
+fn sandbox_test_binary() -> PathBuf {
+    let mut v = test_executables(&["--workspace", "--lib"], &["carapace_sandbox"]);
+    v.remove(0)
+}
+
+/// The escape suite executables ([`ESCAPE_SUITES`]).
+fn escape_test_binaries() -> Vec<PathBuf> {
+    let mut args = vec!["-p", "carapace-tests"];
+    for s in ESCAPE_SUITES {
+        args.extend(["--test", s]);
+    }
+    test_executables(&args, ESCAPE_SUITES)
+}
+
+fn join_paths(p: &[PathBuf]) -> String {
+    p.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The last `n` lines of a file (lossy), for the failure message.
@@ -139,12 +239,14 @@ impl Run {
 }
 
 /// Run tests/vm/run.sh, killing its whole process group after [`DEADLINE`].
-fn run_vm(out: &Path, testbin: &Path) -> Run {
+fn run_vm(out: &Path, deb: &Path, testbin: &Path, escape: &[PathBuf], attacks: &Path) -> Run {
     let _ = std::fs::remove_dir_all(out);
     let mut child = Command::new(repo_root().join("tests/vm/run.sh"))
         .arg(out)
-        .env("CARAPACE_VM_BINDIR", profile_dir())
+        .env("CARAPACE_VM_DEB", deb)
         .env("CARAPACE_VM_TESTBINS", testbin)
+        .env("CARAPACE_VM_ESCAPE", join_paths(escape))
+        .env("CARAPACE_VM_ATTACKS", attacks)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -207,10 +309,13 @@ fn pure_cgroup_v2_host_under_systemd() {
         }
         panic!("the VM test needs root (debootstrap, image building); run as root");
     }
-    build_binaries();
+    let deb = package();
     let testbin = sandbox_test_binary();
+    let escape = escape_test_binaries();
+    // Compiled here (cc), copied into the guest, which has no compiler.
+    let attacks = &carapace_tests::attacks().dir;
     let out = profile_dir().join("vm-pure-v2");
-    let run = run_vm(&out, &testbin);
+    let run = run_vm(&out, &deb, &testbin, &escape, attacks);
     println!("{}", run.log);
     let Some(status) = run.status else {
         panic!(
@@ -244,6 +349,20 @@ fn pure_cgroup_v2_host_under_systemd() {
             .lines()
             .any(|l| l.starts_with(&format!("NOT-APPLICABLE {name}:")));
         let expected_na = NOT_APPLICABLE.contains(name);
+        let known = report
+            .lines()
+            .any(|l| l.starts_with(&format!("KNOWN-ISSUE {name}:")));
+        if known {
+            match KNOWN_ISSUES.iter().find(|(n, _)| n == name) {
+                Some((_, why)) if !pass && !na => {
+                    eprintln!("vm: KNOWN ISSUE, not a pass: {name}: {why}");
+                }
+                _ => problems.push(format!(
+                    "{name}: reported as a known issue, which it is not"
+                )),
+            }
+            continue;
+        }
         match (pass, na, expected_na) {
             (true, false, false) | (false, true, true) => {}
             (false, true, false) => problems.push(format!(

@@ -9,8 +9,12 @@
 # bookworm-backports: the host's own apt sources and pin priorities are left as they are.
 
 # Packages on top of debootstrap's minbase: as little as boots to systemd and runs the checks
-# (python3-minimal: the cgroup module's tests run python3 as their memory hog and fork bomb).
-VM_PACKAGES=systemd,systemd-sysv,dbus,python3-minimal
+# (python3: the cgroup module's tests run python3 as their memory hog and fork bomb, and the
+# escape suite's python attacks need ctypes and socket, which python3-minimal lacks). No C
+# compiler: the escape suite's attack programs are compiled on the host and copied in. kmod: the
+# kernel's on-demand module loading (modprobe) of the vsock modules. libpam-systemd: without
+# pam_systemd, user@.service has no $XDG_RUNTIME_DIR and `systemd --user` does not start.
+VM_PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,python3,kmod
 VM_SUITE=bookworm
 VM_MIRROR=http://deb.debian.org/debian
 # The kernel: the cloud flavour has virtio (block, console, net) and ext4 built in, so it boots
@@ -46,7 +50,15 @@ vm_fetch_kernel() {
   cp "$dir"/kernel/boot/vmlinuz-* "$dir/vmlinuz"
   cp "$dir"/kernel/boot/config-* "$dir/kernel.config"
   echo "$pkg" >"$dir/kernel.package"
-  # Modules are not needed (see VM_KERNEL_META): keep only what the image is made from.
+  # Modules are not needed (see VM_KERNEL_META) but for AF_VSOCK (vsock, vsock_loopback): the
+  # escape suite's vsock attack needs the family to work unconfined on the host for its CONTROL.
+  mkdir -p "$dir/modules"
+  cp -a "$dir"/kernel/lib/modules/* "$dir/modules/" 2>/dev/null || true
+  find "$dir/modules" -mindepth 1 -maxdepth 1 -type d | while read -r v; do
+    find "$v" -mindepth 1 -maxdepth 1 ! -name kernel -exec rm -rf {} +
+    find "$v/kernel" -mindepth 1 -maxdepth 1 ! -name net -exec rm -rf {} +
+    find "$v/kernel/net" -mindepth 1 -maxdepth 1 ! -name vmw_vsock -exec rm -rf {} +
+  done
   rm -rf "$dir/kernel" "$deb"
 }
 
@@ -66,6 +78,10 @@ vm_debootstrap() {
     serial-getty@ttyS0.service; do
     ln -sf /dev/null "$root/etc/systemd/system/$u"
   done
+  # The vsock modules kept by vm_fetch_kernel (loaded on demand by the kernel through modprobe).
+  mkdir -p "$root/lib/modules"
+  cp -a "$1"/modules/* "$root/lib/modules/"
+  for v in "$root"/lib/modules/*; do chroot "$root" depmod "$(basename "$v")"; done
   # A user for the rootless checks (uid 1000 like the sandbox user, a home, lingering allowed).
   chroot "$root" useradd --create-home --uid 1000 --shell /bin/bash carapace-user >&2 || true
   rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"* "$root/usr/share/doc" \
@@ -79,6 +95,7 @@ vm_root() {
   key=$(vm_root_key)
   dir="$VM_CACHE/root-$key"
   if [ -f "$dir/complete" ]; then
+    touch "$dir/complete"
     echo "vm: cached root $dir" >&2
     echo "$dir"
     return 0
@@ -90,9 +107,13 @@ vm_root() {
   vm_fetch_kernel "$tmp" || return 1
   vm_debootstrap "$tmp" || return 1
   touch "$tmp/complete"
-  # Roots of other versions of this file are not used any more.
+  # Roots of other versions of this file, unused for a day (other checkouts on this machine may
+  # still use theirs: removing it at once would make them rebuild it on every run).
   for old in "$VM_CACHE"/root-*; do
-    [ "$old" = "$dir" ] || rm -rf "$old"
+    [ "$old" != "$dir" ] || continue
+    if [ ! -f "$old/complete" ] || [ -n "$(find "$old/complete" -mmin +1440)" ]; then
+      rm -rf "$old"
+    fi
   done
   rm -rf "$dir"
   mv "$tmp" "$dir"

@@ -5,10 +5,15 @@
 #   tests/vm/run.sh OUTDIR
 #
 # Environment:
-#   CARAPACE_VM_BINDIR   directory with carapace, carapace-client, carapace-gateway,
-#                        carapace-channel (default: target/debug of this checkout)
+#   CARAPACE_VM_DEB      the Debian package to install (supervisor/packaging/build-deb; required)
 #   CARAPACE_VM_TESTBINS colon-separated test executables to run inside the guest (optional; the
 #                        Rust test passes the cgroup module's test binary here)
+#   CARAPACE_VM_ESCAPE   colon-separated escape suite executables (tests/tests/escape*.rs) to run
+#                        inside the guest as root (optional)
+#   CARAPACE_VM_ATTACKS  the compiled attack directory of those (/var/tmp/carapace-attacks-*,
+#                        carapace_tests::attacks()); copied to the same path in the guest, with
+#                        tests/attacks and policies/ of this checkout at this checkout's path
+#                        (the escape tests hash and read them there)
 #   CARAPACE_VM_CACHE    cache directory for the root and the kernel (default /var/cache/carapace-vm)
 #   CARAPACE_VM_TIMEOUT  seconds before qemu is killed (default 600)
 #
@@ -18,7 +23,7 @@
 # built or booted; 1 when checks failed or the report is incomplete.
 #
 # Needs root, qemu-system-x86_64, debootstrap, mkfs.ext4 (e2fsprogs >= 1.43), cc (the bombs are
-# compiled on the host, statically). tests/vm/setup.sh installs them.
+# compiled on the host, statically), dpkg-deb. tests/vm/setup.sh installs them.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,7 +32,7 @@ out=${1:?usage: run.sh OUTDIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 VM_CACHE=${CARAPACE_VM_CACHE:-/var/cache/carapace-vm}
-bindir=${CARAPACE_VM_BINDIR:-$repo/target/debug}
+deb=${CARAPACE_VM_DEB:-}
 timeout_s=${CARAPACE_VM_TIMEOUT:-600}
 : >"$out/times.log"
 : >"$out/console.log"
@@ -65,16 +70,29 @@ mkdir -p "$work"
 root="$work/root"
 cp -a "$base/root" "$root"
 
-# install_carapace ROOT: the programs and the shipped units. Replace the body with
-# `dpkg --root`/`chroot ROOT dpkg -i carapace_*.deb` once the Debian package is built in CI.
+# install_carapace ROOT: the Debian package, installed by the guest's own dpkg in a chroot, so
+# its maintainer scripts run for real (without a running systemd there, deb-systemd-helper only
+# records the units' state). The package must enable and start nothing: the checks start what
+# they need themselves.
 install_carapace() {
-  local r=$1 b
-  for b in carapace carapace-client carapace-gateway carapace-channel; do
-    [ -x "$bindir/$b" ] || die "$bindir/$b is missing: cargo build --workspace --bins first"
-    install -m 0755 "$bindir/$b" "$r/usr/bin/$b"
+  local r=$1 name
+  [ -n "$deb" ] || die "CARAPACE_VM_DEB is not set (the .deb from supervisor/packaging/build-deb)"
+  [ -f "$deb" ] || die "the package $deb is missing"
+  name=$(basename "$deb")
+  cp "$deb" "$r/tmp/$name"
+  chroot "$r" env DEBIAN_FRONTEND=noninteractive dpkg -i "/tmp/$name" >"$out/dpkg.log" 2>&1 ||
+    die "dpkg -i $name in the guest root failed: $(cat "$out/dpkg.log")"
+  rm -f "$r/tmp/$name"
+  chroot "$r" dpkg-query -W -f '${Package} ${Version} ${Status}\n' carapace >>"$out/dpkg.log"
+  grep -q ' install ok installed$' "$out/dpkg.log" || die "carapace is not installed: $(cat "$out/dpkg.log")"
+  local enabled
+  enabled=$(find "$r/etc/systemd/system" -name 'carapace*' -printf '%P\n' 2>/dev/null)
+  [ -z "$enabled" ] || die "the package enabled units by itself: $enabled"
+  for b in usr/bin/carapace usr/bin/carapace-client usr/libexec/carapace/carapace-gateway \
+    usr/libexec/carapace/carapace-channel usr/lib/systemd/system/carapace.service \
+    usr/lib/systemd/system/carapace.socket; do
+    [ -e "$r/$b" ] || die "the package did not install /$b"
   done
-  install -m 0644 "$repo/supervisor/systemd/carapace.service" \
-    "$repo/supervisor/systemd/carapace.socket" "$r/usr/lib/systemd/system/"
 }
 install_carapace "$root"
 
@@ -110,7 +128,7 @@ vm_policy deny >"$lib/policy-deny-id.toml"
 vm_policy allow >"$lib/policy-allow-id.toml"
 printf 'version = 1\n[profiles.tool\nthis is not TOML\n' >"$lib/policy-broken.toml"
 for p in policy-deny-id policy-allow-id; do
-  "$bindir/carapace" policy check "$lib/$p.toml" >"$out/$p.check" 2>&1 ||
+  "$root/usr/bin/carapace" policy check "$lib/$p.toml" >"$out/$p.check" 2>&1 ||
     die "$p.toml is not a valid policy: $(cat "$out/$p.check")"
 done
 for prog in membomb forkbomb; do
@@ -123,15 +141,41 @@ if [ -n "${CARAPACE_VM_TESTBINS:-}" ]; then
     install -m 0755 "$b" "$lib/tests/"
   done
 fi
+if [ -n "${CARAPACE_VM_ESCAPE:-}" ]; then
+  mkdir -p "$lib/escape"
+  IFS=: read -r -a escbins <<<"$CARAPACE_VM_ESCAPE"
+  for b in "${escbins[@]}"; do
+    [ -x "$b" ] || die "escape test binary $b is missing"
+    # The name without cargo's hash: escape-0123abcd -> escape.
+    install -m 0755 "$b" "$lib/escape/$(basename "$b" | sed 's/-[0-9a-f]\{16\}$//')"
+  done
+  attacks=${CARAPACE_VM_ATTACKS:?CARAPACE_VM_ATTACKS must name the compiled attacks}
+  [ -x "$attacks/attack" ] && [ -u "$attacks/suid-whoami" ] ||
+    die "$attacks does not hold the compiled attacks (attack, set-uid suid-whoami)"
+  mkdir -p "$root$(dirname "$attacks")" "$root$repo/tests" "$root$repo/policies"
+  cp -a "$attacks" "$root$attacks"
+  cp -a "$repo/tests/attacks" "$root$repo/tests/"
+  cp -a "$repo/policies/default.toml" "$root$repo/policies/"
+fi
+# Rootless: the user unit for `carapace run` under carapace-user's `systemd --user` (lingering,
+# so its user manager starts at boot) and that user's configuration.
+install -D -m 0644 "$here/guest/carapace-user.service" \
+  "$root/home/carapace-user/.config/systemd/user/carapace.service"
+install -D -m 0644 "$here/guest/carapace-user.toml" \
+  "$root/home/carapace-user/.config/carapace/carapace.toml"
+install -m 0644 "$lib/policy-allow-id.toml" "$root/home/carapace-user/.config/carapace/policy.toml"
+chroot "$root" chown -R carapace-user: /home/carapace-user
+mkdir -p "$root/var/lib/systemd/linger"
+touch "$root/var/lib/systemd/linger/carapace-user"
 install -m 0644 "$here/guest/carapace-vm-checks.service" "$root/etc/systemd/system/"
 mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
 ln -sf ../carapace-vm-checks.service \
   "$root/etc/systemd/system/multi-user.target.wants/carapace-vm-checks.service"
 
 # The image: an ext4 file system made from the directory (no loop mount), with room to spare
-# for the service's state and the journal.
+# for the service's state, the journal and the escape suite's disk fill (a sparse file).
 img="$work/disk.img"
-size_mb=$(($(du -sm "$root" | cut -f1) + 512))
+size_mb=$(($(du -sm "$root" | cut -f1) + 1536))
 mkfs.ext4 -q -F -L carapace-vm -d "$root" "$img" "${size_mb}M" || die "mkfs.ext4 failed"
 rm -rf "$root"
 stage "image: per-run copy, install, mkfs.ext4" "$t"

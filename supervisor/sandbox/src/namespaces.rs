@@ -231,16 +231,33 @@ fn write_proc_files(pid: libc::pid_t, files: &[(&str, &str)]) -> Result<(), Name
     Ok(())
 }
 
-/// A killed helper process, reaped when dropped (by then it is long dead, so the wait is
-/// immediate). Keeps the helper's death off the critical path of a run.
+/// A killed helper process, reaped by [`Reaper::reap`] once the run's child is started (by then
+/// it is long dead, so the wait is immediate), or when dropped. Keeps the helper's death off the
+/// critical path of a run without leaving it a zombie for as long as the run lasts.
 #[derive(Debug)]
-pub struct Reaper(libc::pid_t);
+pub struct Reaper(std::sync::atomic::AtomicI32);
+
+impl Reaper {
+    /// Reap the helper now (once; later calls and the drop do nothing).
+    pub fn reap(&self) {
+        let pid = self.0.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if pid > 0 {
+            let mut status = 0;
+            // SAFETY: reaping our own (killed) child, once (the pid was swapped out above);
+            // `status` is a valid out pointer.
+            unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        }
+    }
+
+    /// The helper's pid while it is not reaped.
+    pub fn pid(&self) -> Option<libc::pid_t> {
+        Some(self.0.load(std::sync::atomic::Ordering::SeqCst)).filter(|p| *p > 0)
+    }
+}
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        let mut status = 0;
-        // SAFETY: reaping our own (killed) child; `status` is a valid out pointer.
-        unsafe { libc::waitpid(self.0, &mut status, libc::__WALL) };
+        self.reap();
     }
 }
 
@@ -290,7 +307,7 @@ pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<(OwnedFd, Reaper), 
         }
     }
     let pid = pid as libc::pid_t;
-    let reaper = Reaper(pid);
+    let reaper = Reaper(std::sync::atomic::AtomicI32::new(pid));
     let result = (|| {
         write_id_maps(pid, uid_map, gid_map)?;
         let path = format!("/proc/{pid}/ns/user");
@@ -315,6 +332,39 @@ pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<(OwnedFd, Reaper), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The helper is a zombie (killed, not reaped) until [`Reaper::reap`], and gone after it.
+    #[test]
+    fn helper_is_reaped_on_demand() {
+        if !crate::privileged("namespaces") {
+            return;
+        }
+        let (_fd, reaper) = helper_userns(&map_line(0, 100_000), &map_line(0, 100_000)).unwrap();
+        let pid = reaper.pid().unwrap();
+        let state = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next()))
+                .flatten()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while state() != Some('Z') && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            state(),
+            Some('Z'),
+            "the killed helper {pid} waits to be reaped"
+        );
+        reaper.reap();
+        assert_eq!(reaper.pid(), None);
+        assert_eq!(
+            state(),
+            None,
+            "the helper {pid} is still there after reap()"
+        );
+        reaper.reap();
+    }
 
     #[test]
     fn run_as_parses_and_refuses() {

@@ -313,6 +313,31 @@ mod tests {
         assert!(!dirs.is_empty() && dirs.iter().all(|d| !d.exists()));
     }
 
+    /// The helper process that carried the workspace's idmapping is reaped once the program
+    /// has started, not left a zombie for as long as the run lasts.
+    #[test]
+    fn a_started_root_run_leaves_no_zombie_helper() {
+        if !crate::privileged("run") {
+            return;
+        }
+        let ws = tempfile::tempdir().unwrap();
+        let run = true_run(Privilege::Root, ws.path());
+        let prepared = prepare(tool_plan(), &run).unwrap();
+        let helper = prepared
+            .launch()
+            .workspace_helper_pid()
+            .expect("an idmapped workspace has a helper");
+        let started = prepared.spawn(ChildIo::default()).unwrap();
+        assert_eq!(started.launch().workspace_helper_pid(), None);
+        assert!(
+            !Path::new(&format!("/proc/{helper}")).exists(),
+            "the helper {helper} is still there (a zombie) while the run lasts"
+        );
+        let mut ended = started.wait();
+        assert_eq!(ended.report.as_ref().unwrap().exit_code(), 0);
+        ended.remove_cgroup().unwrap();
+    }
+
     #[test]
     fn rootless_uses_a_delegated_cgroup_or_else_rlimits_and_says_why() {
         // The choice is made from the Privilege value, not from the uid running the test.

@@ -698,6 +698,12 @@ impl Launch {
         &self.mounts.ops
     }
 
+    /// The pid of the idmapping's helper while it is not reaped (see [`Launch::spawn_with`]).
+    #[cfg(test)]
+    pub(crate) fn workspace_helper_pid(&self) -> Option<libc::pid_t> {
+        self.workspace.as_ref().and_then(WorkspaceTree::helper_pid)
+    }
+
     /// The workspace owner (uid, gid) writes land as, if a workspace is mounted.
     pub fn workspace_owner(&self) -> Option<(u32, u32)> {
         self.workspace.as_ref().map(|w| (w.owner_uid, w.owner_gid))
@@ -845,6 +851,12 @@ impl Launch {
             setup_deadline,
         );
         drop(join);
+        // The child has its workspace mount (or failed): the idmapping's helper, killed when
+        // the mount was made, is reaped now rather than when this Launch is dropped, which for
+        // a service child is the end of its life.
+        if let Some(w) = &self.workspace {
+            w.reap_helper();
+        }
         match result {
             Ok(()) => Ok(running),
             Err(e) => {

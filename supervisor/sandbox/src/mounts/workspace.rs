@@ -23,8 +23,23 @@ pub struct WorkspaceTree {
     /// Owner of the host directory (what writes land as).
     pub owner_uid: u32,
     pub owner_gid: u32,
-    /// The killed helper that carried the idmapping's user namespace, reaped on drop.
-    _helper: Option<namespaces::Reaper>,
+    /// The killed helper that carried the idmapping's user namespace ([`Self::reap_helper`]).
+    helper: Option<namespaces::Reaper>,
+}
+
+impl WorkspaceTree {
+    /// Reap the helper that carried the idmapping (killed once the mount was made): call it
+    /// when the child has started, so that it is not a zombie for as long as the run lasts.
+    pub fn reap_helper(&self) {
+        if let Some(h) = &self.helper {
+            h.reap();
+        }
+    }
+
+    /// The helper's pid while it is not reaped.
+    pub fn helper_pid(&self) -> Option<libc::pid_t> {
+        self.helper.as_ref().and_then(namespaces::Reaper::pid)
+    }
 }
 
 /// The workspace directory opened once, refusing symlinks in every component, checked and
@@ -134,7 +149,7 @@ pub fn prepare_workspace_plain(
         host_dir: w.host_dir,
         owner_uid: w.st.st_uid,
         owner_gid: w.st.st_gid,
-        _helper: None,
+        helper: None,
     })
 }
 
@@ -225,7 +240,7 @@ pub fn prepare_workspace(
         host_dir,
         owner_uid,
         owner_gid,
-        _helper: Some(reaper),
+        helper: Some(reaper),
     })
 }
 
