@@ -54,12 +54,9 @@ const CHECKS: &[&str] = &[
 const NOT_APPLICABLE: &[&str] = &["escape-mount-cgroup-release-agent", "v1-hybrid-cgroups"];
 
 /// Checks the guest may report as KNOWN-ISSUE (a failure for a known, reported reason), with
-/// the reason; a PASS is fine too. Anything else reported KNOWN-ISSUE fails this test.
-const KNOWN_ISSUES: &[(&str, &str)] = &[(
-    "escape-packaged-binary-path",
-    "the package's /usr/bin/carapace is visible (read-only) in every sandbox that binds /usr, \
-     while docs/threat-model.md says the supervisor binary is not in the sandbox's view",
-)];
+/// the reason; a PASS is fine too. Anything else reported KNOWN-ISSUE fails this test. None
+/// today: every check must pass (or be one of [`NOT_APPLICABLE`]).
+const KNOWN_ISSUES: &[(&str, &str)] = &[];
 
 /// The escape suite executables run in the guest (tests/tests/NAME.rs). `escape_build` is not
 /// among them: its resource attacks are sized for the build profile (4 GiB of memory, a 1 GiB

@@ -605,6 +605,9 @@ pub fn build(
             }
         }
     }
+    if let Some(exe) = supervisor_exe() {
+        hide_supervisor(&exe, &views, &mut ops)?;
+    }
     ops.extend(deferred);
     ops.extend([
         Op::SetAttr {
@@ -622,6 +625,44 @@ pub fn build(
         Op::Chdir { path: cs("/") },
     ]);
     Ok(Built { ops, views })
+}
+
+/// The canonical path of the running supervisor's executable (None when it cannot be told:
+/// then no bind can be known to show it either, and nothing is hidden).
+fn supervisor_exe() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| std::fs::canonicalize(p).ok())
+}
+
+/// The supervisor's own binary is never in a sandbox's view (runc CVE-2019-5736): wherever a
+/// bind shows the directory it is installed in (`/usr/bin/carapace` of a packaged install, under
+/// the read-only `/usr` every profile binds), the host's `/dev/null` is bound over it, read-only
+/// and noexec, so that the path opens an empty device, never the supervisor's inode. Runs after
+/// every bind of the profile, so nothing is mounted over the mask.
+fn hide_supervisor(exe: &Path, views: &[View], ops: &mut Vec<Op>) -> Result<(), MountError> {
+    for v in views {
+        let Some(rel) = v.host.as_deref().and_then(|h| exe.strip_prefix(h).ok()) else {
+            continue;
+        };
+        let inside = if rel.as_os_str().is_empty() {
+            v.dst.clone()
+        } else {
+            v.dst.join(rel)
+        };
+        let target = cstr(under(NEWROOT, &inside))?;
+        ops.push(Op::Bind {
+            src: cstr(under(OLDROOT, Path::new("/dev/null")))?,
+            dst: target.clone(),
+            recursive: false,
+        });
+        ops.push(Op::SetAttr {
+            path: target,
+            set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+            recursive: false,
+        });
+    }
+    Ok(())
 }
 
 /// A private pseudo-terminal world beneath the minimal /dev: a new devpts instance at `pts`

@@ -369,3 +369,46 @@ fn managed_workspaces_are_allowed_strictly_beneath_the_state_dir() {
     assert!(check_workspace_dir_in(Path::new("/etc"), m).is_err());
     assert!(check_workspace_dir_in(Path::new("/var/lib/carapace/gateway"), None).is_err());
 }
+
+#[test]
+fn the_supervisor_binary_is_covered_wherever_a_bind_shows_it() {
+    let view = |host: &str, dst: &str| View {
+        host: Some(host.into()),
+        dst: dst.into(),
+        exec: true,
+        writable: false,
+    };
+    let views = [
+        view("/usr", "/usr"),
+        view("/opt/tools", "/tools"),
+        view("/etc", "/etc"),
+        View {
+            host: None,
+            dst: "/tmp".into(),
+            exec: false,
+            writable: true,
+        },
+    ];
+    let texts = |exe: &str| {
+        let mut ops = Vec::new();
+        hide_supervisor(Path::new(exe), &views, &mut ops).unwrap();
+        ops.iter().map(|o| o.to_string()).collect::<Vec<_>>()
+    };
+    // A packaged install: /usr/bin/carapace under the /usr bind.
+    assert_eq!(
+        texts("/usr/bin/carapace"),
+        [
+            "bind /oldroot/dev/null /newroot/usr/bin/carapace",
+            "mount_setattr /newroot/usr/bin/carapace ro,nosuid,noexec",
+        ]
+    );
+    // Shown under another name inside.
+    assert_eq!(
+        texts("/opt/tools/carapace")[0],
+        "bind /oldroot/dev/null /newroot/tools/carapace"
+    );
+    // Not beneath any bind (a build directory): nothing to hide.
+    assert!(texts("/work/target/debug/carapace").is_empty());
+    // A prefix of a name is not a parent directory.
+    assert!(texts("/usrlocal/carapace").is_empty());
+}
