@@ -13,8 +13,10 @@
 # escape suite's python attacks need ctypes and socket, which python3-minimal lacks). No C
 # compiler: the escape suite's attack programs are compiled on the host and copied in. kmod: the
 # kernel's on-demand module loading (modprobe) of the vsock modules. libpam-systemd: without
-# pam_systemd, user@.service has no $XDG_RUNTIME_DIR and `systemd --user` does not start.
-VM_PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,python3,kmod
+# pam_systemd, user@.service has no $XDG_RUNTIME_DIR and `systemd --user` does not start. make:
+# escape_build checks its attacks run under the same confinement as the default policy's build
+# tools, taking /usr/bin/make as the sample.
+VM_PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,python3,kmod,make
 VM_SUITE=bookworm
 VM_MIRROR=http://deb.debian.org/debian
 # The kernel: the cloud flavour has virtio (block, console, net) and ext4 built in, so it boots

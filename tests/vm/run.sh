@@ -187,7 +187,7 @@ stage "image: per-run copy, install, mkfs.ext4" "$t"
 t=$(now)
 set +e
 timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
-  -accel tcg -m 2048 -smp 2 \
+  -accel tcg -m 6144 -smp 2 \
   -display none -monitor none -no-reboot \
   -kernel "$base/vmlinuz" \
   -append "root=/dev/nvme0n1 rw rootfstype=ext4 console=ttyS0 panic=1 systemd.unified_cgroup_hierarchy=1 systemd.show_status=1 systemd.log_color=0 quiet" \

@@ -416,6 +416,7 @@ run_escape() {
 }
 check_escape_root() { run_escape escape; }
 check_escape_rootless() { run_escape escape_rootless; }
+check_escape_build() { run_escape escape_build; }
 # The one escape test that depends on where the binary is: with the package's /usr/bin/carapace,
 # under the read-only /usr every default profile binds, the supervisor covers its own binary with
 # /dev/null in every sandbox (supervisor/sandbox/src/mounts.rs, hide_supervisor), so it is not in
@@ -432,7 +433,7 @@ check_escape_packaged_path() {
   [ $rc -eq 0 ] && grep -q '^test result: ok. 1 passed' "$log" && return 0
   fail "escape_proc_self_exe_supervisor_binary with CARAPACE_BIN=/usr/bin/carapace: $(grep -E '^CONFINED:|ESCAPE|panicked' "$log" | head -n 3 | tr '\n' ' ')"
 }
-check_escape_release_agent() { na "escape_mount_cgroup_release_agent (escape, escape_rootless): $ESCAPE_NA_RELEASE_AGENT"; }
+check_escape_release_agent() { na "escape_mount_cgroup_release_agent (escape, escape_rootless, escape_build): $ESCAPE_NA_RELEASE_AGENT"; }
 
 # As carapace-user, with that user's runtime directory (its systemd --user manager's socket).
 as_user() { runuser -u carapace-user -- env HOME=/home/carapace-user XDG_RUNTIME_DIR=/run/user/1000 "$@"; }
@@ -526,6 +527,7 @@ run_check cgroup-module-tests check_cgroup_tests
 run_check rootless-user-service check_rootless_user_service
 run_check escape-suite-root check_escape_root
 run_check escape-suite-rootless check_escape_rootless
+run_check escape-suite-build check_escape_build
 run_check escape-packaged-binary-path check_escape_packaged_path
 run_check escape-mount-cgroup-release-agent check_escape_release_agent
 run_check v1-hybrid-cgroups check_v1_paths
