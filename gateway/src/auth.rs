@@ -79,6 +79,25 @@ pub fn query_token(query: Option<&str>) -> Option<String> {
         .and_then(well_formed)
 }
 
+/// The subprotocol a browser offers (and the gateway selects) on `/ws`.
+pub const WS_PROTOCOL: &str = "carapace.jsonrpc";
+/// The prefix of the subprotocol that carries a token: `carapace.bearer.TOKEN`. Browsers cannot
+/// set an `Authorization` header on a WebSocket, and a token in the URL lands in logs; the
+/// offered subprotocols travel in the `Sec-WebSocket-Protocol` request header, and the gateway
+/// answers with [`WS_PROTOCOL`] only, never echoing the token.
+pub const TOKEN_PROTOCOL_PREFIX: &str = "carapace.bearer.";
+
+/// The token of a `carapace.bearer.TOKEN` subprotocol among the values of the
+/// `Sec-WebSocket-Protocol` headers (comma-separated lists), if one is there and well-formed.
+pub fn protocol_token<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Option<String> {
+    values
+        .into_iter()
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL_PREFIX))
+        .and_then(well_formed)
+}
+
 fn well_formed(t: &str) -> Option<String> {
     (!t.is_empty() && t.len() <= MAX_TOKEN_LEN && t.bytes().all(|b| b.is_ascii_graphic()))
         .then(|| t.to_string())
@@ -315,6 +334,26 @@ mod tests {
         assert_eq!(query_token(Some("access_token=")), None);
         assert_eq!(query_token(Some("token=xyz")), None);
         assert_eq!(query_token(None), None);
+    }
+
+    #[test]
+    fn protocol_tokens() {
+        let one = |v: &'static str| protocol_token([v.as_bytes()]);
+        assert_eq!(
+            one("carapace.jsonrpc, carapace.bearer.cpt_abc-_9"),
+            Some("cpt_abc-_9".into())
+        );
+        assert_eq!(one("carapace.bearer.xyz"), Some("xyz".into()));
+        assert_eq!(
+            protocol_token([&b"carapace.jsonrpc"[..], &b"carapace.bearer.t2"[..]]),
+            Some("t2".into()),
+            "several headers"
+        );
+        assert_eq!(one("carapace.jsonrpc"), None);
+        assert_eq!(one("carapace.bearer."), None);
+        assert_eq!(one("bearer.xyz"), None);
+        assert_eq!(protocol_token([&b"carapace.bearer.\xff"[..]]), None);
+        assert_eq!(protocol_token(Vec::<&[u8]>::new()), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | module | room |
 //! |---|---|
 //! | [`server`] | hyper/axum transport: timeouts, caps, routes, authentication of requests |
+//! | [`console`] | the operator's web console: embedded page, script and style, strict headers |
 //! | [`ws`] | one WebSocket connection: calls in tasks, one bounded outgoing queue, idle and stall limits |
 //! | [`rpc`] | JSON-RPC frames and the error table |
 //! | [`methods`] | the methods, one file per family |
@@ -24,6 +25,7 @@
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod console;
 pub mod inbound;
 pub mod llm;
 pub mod methods;

@@ -104,6 +104,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/sessions", get(rest_sessions))
         .route("/v1/sessions/{name}", get(rest_history).delete(rest_reset))
         .route("/v1/agent/run", post(rest_agent))
+        .merge(crate::console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
@@ -142,7 +143,8 @@ fn peer_ip(peer: Option<&Peer>) -> IpAddr {
     peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0.ip())
 }
 
-/// Who is calling, from the bearer token (or, for WebSocket upgrades, `?access_token=`).
+/// Who is calling, from the bearer token (or, for WebSocket upgrades, a
+/// `carapace.bearer.TOKEN` subprotocol or `?access_token=`).
 pub async fn authenticate(
     app: &App,
     headers: &HeaderMap,
@@ -155,7 +157,8 @@ pub async fn authenticate(
         .map(|(c, _)| c)
 }
 
-/// [`authenticate`], with the token's hash (what a WebSocket re-checks).
+/// [`authenticate`], with the token's hash (what a WebSocket re-checks). `allow_query`: a
+/// WebSocket upgrade, which may also carry the token in its subprotocols or its query.
 async fn authenticate_hashed(
     app: &App,
     headers: &HeaderMap,
@@ -171,7 +174,13 @@ async fn authenticate_hashed(
     )
     .or_else(|| {
         if allow_query {
-            auth::query_token(query)
+            auth::protocol_token(
+                headers
+                    .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
+            .or_else(|| auth::query_token(query))
         } else {
             None
         }
@@ -407,7 +416,9 @@ async fn websocket(
             Err(e) => return error_response(&e),
         };
     let max = app.settings.clients.max_message_bytes;
-    ws.max_message_size(max)
+    // A browser that offered subprotocols fails the connection unless one is selected.
+    ws.protocols([auth::WS_PROTOCOL])
+        .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| crate::ws::session(socket, app, caller, hash, peer.0))
 }
