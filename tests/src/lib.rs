@@ -34,6 +34,7 @@ pub mod fake_telegram;
 pub mod mail;
 pub mod rpc;
 pub mod service;
+pub mod webdriver;
 
 pub use service::{
     alive, free_port, gateway_bin, http, http_bearer, http_with, policy_text, processes_running,

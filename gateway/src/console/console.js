@@ -62,6 +62,12 @@
     return e.message || String(e);
   }
 
+  function who(w) {
+    if (!w) return "";
+    if (typeof w === "string") return w;
+    return [w.role, w.profile].filter(Boolean).join(" ") + (w.id !== undefined ? " #" + w.id : "");
+  }
+
   // ---- sign in ------------------------------------------------------------------------------
 
   async function check(token) {
@@ -268,7 +274,7 @@
       const dl = el("dl", null, "kv");
       field(dl, "command", (a.argv || []).join(" "));
       field(dl, "profile", a.profile || "");
-      field(dl, "asked by", a.who || "");
+      field(dl, "asked by", who(a.who));
       if (a.expires_in_ms !== undefined) field(dl, "expires in", Math.round(a.expires_in_ms / 1000) + " s");
       li.appendChild(dl);
       const bar = el("div", null, "actions");
@@ -331,7 +337,7 @@
       li.appendChild(el("p", d.body, "body"));
       const dl = el("dl", null, "kv");
       field(dl, "reason", d.reason || "");
-      field(dl, "from", d.who || "");
+      field(dl, "from", who(d.who));
       field(dl, "when", d.ts || "");
       li.appendChild(dl);
       const bar = el("div", null, "actions");
@@ -411,8 +417,7 @@
         li.appendChild(el("span", "#" + rec.seq + " " + (rec.ts || ""), "when"));
         li.appendChild(el("span", rec.op + " " + (rec.target || ""), "what"));
         li.appendChild(el("span", rec.decision + (rec.outcome ? " / " + rec.outcome : ""), "decision"));
-        const who = rec.who ? (rec.who.role || "") + " " + (rec.who.profile || "") : "";
-        li.appendChild(el("span", who, "who"));
+        li.appendChild(el("span", who(rec.who), "who"));
         ol.appendChild(li);
       }
     });
