@@ -57,6 +57,7 @@ use sha2::{Digest, Sha256};
 
 use crate::redact::Redactor;
 
+pub mod query;
 pub mod rotate;
 pub mod set;
 
@@ -184,7 +185,7 @@ struct LineOut<'a> {
 }
 
 /// A line as read back. Only `seq` and `prev` matter to the chain; the rest must be present.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoredRecord {
     pub seq: u64,

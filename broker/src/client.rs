@@ -32,11 +32,22 @@ use std::time::{Duration, Instant};
 use crate::approvals::Resolution;
 use crate::protocol::{
     decode_server_frame, encode_request, recv_frame, send_frame, Access, AckStatus, DecodeError,
-    DeliverStatus, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, HeldMessage,
+    DeadLetterInfo, DeliverStatus, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, HeldMessage,
     InboundMessage, OkReply, OutboundMessage, PendingApproval, Reply, Request, SendOutcome,
     SendStatus, ServerFrame, SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD, MAX_FRAME,
 };
 use crate::tokens::TokenInfo;
+
+/// The answer to [`Client::dead_letters`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterList {
+    /// Oldest first.
+    pub letters: Vec<DeadLetterInfo>,
+    /// Left out to fit one reply.
+    pub omitted: u64,
+    /// Entries the broker could not read.
+    pub unreadable: u64,
+}
 
 /// The fields of a `deliver` ([`Client::deliver_message`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -705,6 +716,78 @@ impl Client {
         match ok {
             OkReply::DropHeld {} => Ok(()),
             ok => Err(wrong("drop_held", &ok)),
+        }
+    }
+
+    /// `dead_letters` (profiles with `approve = true`): the dead letters, oldest first; how
+    /// many were left out of the reply; how many entries could not be read.
+    pub fn dead_letters(&mut self) -> Result<DeadLetterList, ClientError> {
+        let (_, ok, _) = self.call(&Request::DeadLetters {})?;
+        match ok {
+            OkReply::DeadLetters {
+                letters,
+                omitted,
+                unreadable,
+            } => Ok(DeadLetterList {
+                letters,
+                omitted,
+                unreadable,
+            }),
+            ok => Err(wrong("dead_letters", &ok)),
+        }
+    }
+
+    /// `dlq_release` (profiles with `approve = true`): deliver dead letter `id` as it stands.
+    pub fn dlq_release(&mut self, id: &str, by: Option<&str>) -> Result<(), ClientError> {
+        let (_, ok, _) = self.call(&Request::DlqRelease {
+            id: id.to_owned(),
+            by: by.map(str::to_owned),
+        })?;
+        match ok {
+            OkReply::DlqRelease {} => Ok(()),
+            ok => Err(wrong("dlq_release", &ok)),
+        }
+    }
+
+    /// `dlq_drop` (profiles with `approve = true`): drop dead letter `id`.
+    pub fn dlq_drop(&mut self, id: &str, by: Option<&str>) -> Result<(), ClientError> {
+        let (_, ok, _) = self.call(&Request::DlqDrop {
+            id: id.to_owned(),
+            by: by.map(str::to_owned),
+        })?;
+        match ok {
+            OkReply::DlqDrop {} => Ok(()),
+            ok => Err(wrong("dlq_drop", &ok)),
+        }
+    }
+
+    /// `audit_query` (profiles with `approve = true`): the audit records matching `filter`,
+    /// newest first, at most `limit`; and whether older ones match too.
+    pub fn audit_query(
+        &mut self,
+        filter: &crate::audit::query::Filter,
+        limit: u32,
+    ) -> Result<(Vec<crate::audit::StoredRecord>, bool), ClientError> {
+        let (_, ok, _) = self.call(&Request::AuditQuery {
+            audit_op: filter.op.clone(),
+            decision: filter.decision,
+            since: filter.since.clone(),
+            before_seq: filter.before_seq,
+            limit,
+        })?;
+        match ok {
+            OkReply::AuditQuery { records, more } => Ok((records, more)),
+            ok => Err(wrong("audit_query", &ok)),
+        }
+    }
+
+    /// `channels` (profiles with `approve = true`): every channel of the policy with its
+    /// figures.
+    pub fn channels(&mut self) -> Result<Vec<crate::ops::ChannelStats>, ClientError> {
+        let (_, ok, _) = self.call(&Request::Channels {})?;
+        match ok {
+            OkReply::Channels { channels } => Ok(channels),
+            ok => Err(wrong("channels", &ok)),
         }
     }
 

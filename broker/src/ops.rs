@@ -51,6 +51,7 @@ mod connect;
 mod exec;
 mod files;
 mod held;
+mod operator;
 mod inbound;
 mod outbox;
 mod send;
@@ -610,12 +611,26 @@ impl Ops {
         outcome: String,
         detail: String,
     ) -> Result<(), String> {
+        let who = Who {
+            id: 0,
+            role: "operator".to_string(),
+            profile: String::new(),
+        };
+        self.audit_as(who, op, target, decision, outcome, detail)
+    }
+
+    /// Record an action of `who` synchronously. Blocking.
+    pub(crate) fn audit_as(
+        &self,
+        who: Who,
+        op: &str,
+        target: String,
+        decision: AuditDecision,
+        outcome: String,
+        detail: String,
+    ) -> Result<(), String> {
         let rec = AuditRecord {
-            who: Who {
-                id: 0,
-                role: "operator".to_string(),
-                profile: String::new(),
-            },
+            who,
             op: op.to_string(),
             target,
             rule: None,
@@ -829,6 +844,25 @@ impl Handler for Ops {
                 Request::Held {} => self.held_op(&who).await,
                 Request::Admit { id, always, by } => self.admit_op(&who, &id, always, by).await,
                 Request::DropHeld { id, by } => self.drop_held_op(&who, &id, by).await,
+                Request::DeadLetters {} => self.dead_letters_op(&who).await,
+                Request::DlqRelease { id, by } => self.dlq_release_op(&who, &id, by).await,
+                Request::DlqDrop { id, by } => self.dlq_drop_op(&who, &id, by).await,
+                Request::AuditQuery {
+                    audit_op,
+                    decision,
+                    since,
+                    before_seq,
+                    limit,
+                } => {
+                    let filter = crate::audit::query::Filter {
+                        op: audit_op,
+                        decision,
+                        since,
+                        before_seq,
+                    };
+                    self.audit_query_op(&who, filter, limit).await
+                }
+                Request::Channels {} => self.channels_op(&who).await,
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(

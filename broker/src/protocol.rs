@@ -188,6 +188,63 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
     },
+    /// The dead letters, oldest first (profiles with `approve = true`).
+    DeadLetters {},
+    /// Release dead letter `id`: delivered as it stands, the channel's redaction still applied
+    /// (profiles with `approve = true`). On the wire `id` is `"letter"`.
+    DlqRelease {
+        #[serde(rename = "letter")]
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// Drop dead letter `id` (profiles with `approve = true`). On the wire `id` is `"letter"`.
+    DlqDrop {
+        #[serde(rename = "letter")]
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// Audit records, newest first, that match every filter given (profiles with
+    /// `approve = true`). Read-only.
+    AuditQuery {
+        /// Only this op (`exec`, `connect`, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit_op: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decision: Option<crate::audit::AuditDecision>,
+        /// Only records at or after this time (RFC 3339 UTC, compared as the log writes it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
+        /// Only records with a sequence number below this one (paging back).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before_seq: Option<u64>,
+        /// At most this many (1..=[`MAX_AUDIT_QUERY`]).
+        limit: u32,
+    },
+    /// Every channel of the policy in force, with its figures (profiles with
+    /// `approve = true`).
+    Channels {},
+}
+
+/// Most records one `audit_query` asks for (fewer come back when they do not fit in a frame).
+pub const MAX_AUDIT_QUERY: u32 = 500;
+
+/// One dead letter (`dead_letters`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterInfo {
+    /// What `dlq_release` / `dlq_drop` name it by.
+    pub id: String,
+    pub channel: String,
+    pub recipient: String,
+    /// The text that was refused; untrusted.
+    pub body: String,
+    /// Why it was refused.
+    pub reason: String,
+    /// Who sent it.
+    pub who: crate::audit::Who,
+    /// RFC 3339 UTC.
+    pub ts: String,
 }
 
 /// An adapter's report on one outbound message (`outbox_ack`). Tag `"result"`.
@@ -223,6 +280,11 @@ pub const OPS: &[&str] = &[
     "held",
     "admit",
     "drop_held",
+    "dead_letters",
+    "dlq_release",
+    "dlq_drop",
+    "audit_query",
+    "channels",
 ];
 
 impl Request {
@@ -247,6 +309,11 @@ impl Request {
             Request::Held {} => "held",
             Request::Admit { .. } => "admit",
             Request::DropHeld { .. } => "drop_held",
+            Request::DeadLetters {} => "dead_letters",
+            Request::DlqRelease { .. } => "dlq_release",
+            Request::DlqDrop { .. } => "dlq_drop",
+            Request::AuditQuery { .. } => "audit_query",
+            Request::Channels {} => "channels",
         }
     }
 }
@@ -441,6 +508,30 @@ pub enum OkReply {
     Admit { seq: u64 },
     /// `drop_held`: no fds.
     DropHeld {},
+    /// `dead_letters`: no fds. Oldest first; `omitted` counts those left out to fit one frame,
+    /// `unreadable` the entries that could not be read (left in place, logged).
+    DeadLetters {
+        letters: Vec<DeadLetterInfo>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        omitted: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        unreadable: u64,
+    },
+    /// `dlq_release`: no fds.
+    DlqRelease {},
+    /// `dlq_drop`: no fds.
+    DlqDrop {},
+    /// `audit_query`: no fds. Newest first; `more`: older matching records exist beyond the
+    /// limit or the frame (ask again with `before_seq` = the last seq).
+    AuditQuery {
+        records: Vec<crate::audit::StoredRecord>,
+        #[serde(default)]
+        more: bool,
+    },
+    /// `channels`: no fds.
+    Channels {
+        channels: Vec<crate::ops::ChannelStats>,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -463,7 +554,12 @@ impl OkReply {
             | OkReply::ChannelState {}
             | OkReply::Held { .. }
             | OkReply::Admit { .. }
-            | OkReply::DropHeld {} => 0,
+            | OkReply::DropHeld {}
+            | OkReply::DeadLetters { .. }
+            | OkReply::DlqRelease {}
+            | OkReply::DlqDrop {}
+            | OkReply::AuditQuery { .. }
+            | OkReply::Channels { .. } => 0,
             OkReply::Connect { .. }
             | OkReply::Open { .. }
             | OkReply::Secret { .. }
@@ -493,6 +589,11 @@ impl OkReply {
             OkReply::Held { .. } => "held",
             OkReply::Admit { .. } => "admit",
             OkReply::DropHeld {} => "drop_held",
+            OkReply::DeadLetters { .. } => "dead_letters",
+            OkReply::DlqRelease {} => "dlq_release",
+            OkReply::DlqDrop {} => "dlq_drop",
+            OkReply::AuditQuery { .. } => "audit_query",
+            OkReply::Channels { .. } => "channels",
         }
     }
 }
@@ -1237,6 +1338,30 @@ mod tests {
             error: None,
         });
         req_roundtrip(Request::Held {});
+        req_roundtrip(Request::DeadLetters {});
+        req_roundtrip(Request::DlqRelease {
+            id: "d-1".into(),
+            by: Some("token 1".into()),
+        });
+        req_roundtrip(Request::DlqDrop {
+            id: "d-1".into(),
+            by: None,
+        });
+        req_roundtrip(Request::AuditQuery {
+            audit_op: Some("exec".into()),
+            decision: Some(crate::audit::AuditDecision::Deny),
+            since: Some("2026-01-01T00:00:00Z".into()),
+            before_seq: Some(9),
+            limit: 50,
+        });
+        req_roundtrip(Request::AuditQuery {
+            audit_op: None,
+            decision: None,
+            since: None,
+            before_seq: None,
+            limit: 1,
+        });
+        req_roundtrip(Request::Channels {});
         req_roundtrip(Request::Admit {
             id: "h1".into(),
             always: true,

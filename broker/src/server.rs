@@ -1041,7 +1041,12 @@ mod tests {
                     | Request::ChannelState { .. }
                     | Request::Held {}
                     | Request::Admit { .. }
-                    | Request::DropHeld { .. } => {
+                    | Request::DropHeld { .. }
+                    | Request::DeadLetters {}
+                    | Request::DlqRelease { .. }
+                    | Request::DlqDrop { .. }
+                    | Request::AuditQuery { .. }
+                    | Request::Channels {} => {
                         Response::err(ErrorCode::Denied, "not this handler's op")
                     }
                 }

@@ -836,3 +836,148 @@ async fn ids_and_keys_of_stored_messages_count_even_without_the_journal() {
     let r = deliver(&env, "telegram", "111", None, "new").await;
     assert_eq!(deliver_of(&r).0, 2);
 }
+
+fn ok_of(r: &Response) -> OkReply {
+    match &r.reply {
+        Reply::Ok(ok) => ok.clone(),
+        Reply::Err(e) => panic!("expected ok, got {e:?}"),
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_released_and_dropped_by_an_approving_profile_only() {
+    let env = setup();
+    for body in ["first", "second"] {
+        let (status, _, _) = send_of(&send(&env, "telegram", "999", body, None).await);
+        assert_eq!(status, SendStatus::DeadLettered);
+    }
+    // Not for a profile without approve = true: refused and audited.
+    let r = env.ops.dead_letters_op(&who("gwplain")).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    let r = env
+        .ops
+        .dlq_drop_op(&who("gwplain"), "x", Some("tok".into()))
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+
+    let OkReply::DeadLetters {
+        letters,
+        omitted,
+        unreadable,
+    } = ok_of(&env.ops.dead_letters_op(&who("gw")).await)
+    else {
+        panic!("not a dead_letters reply")
+    };
+    assert_eq!((letters.len(), omitted, unreadable), (2, 0, 0));
+    assert_eq!(
+        (letters[0].body.as_str(), letters[0].recipient.as_str()),
+        ("first", "999")
+    );
+    assert_eq!(letters[0].who.profile, "gw");
+
+    // Release the first: it goes to the outbox; drop the second.
+    let r = env
+        .ops
+        .dlq_release_op(&who("gw"), &letters[0].id, Some("token 1 (ops)".into()))
+        .await;
+    assert!(matches!(ok_of(&r), OkReply::DlqRelease {}));
+    let m = poll(&env, "telegram", 0).await;
+    assert_eq!((m.len(), m[0].body.as_str()), (1, "first"));
+    let r = env
+        .ops
+        .dlq_drop_op(&who("gw"), &letters[1].id, Some("token 1 (ops)".into()))
+        .await;
+    assert!(matches!(ok_of(&r), OkReply::DlqDrop {}));
+    let OkReply::DeadLetters { letters: left, .. } = ok_of(&env.ops.dead_letters_op(&who("gw")).await)
+    else {
+        panic!("not a dead_letters reply")
+    };
+    assert!(left.is_empty());
+    // Unknown ids and a bad `by`.
+    let r = env.ops.dlq_drop_op(&who("gw"), &letters[1].id, None).await;
+    assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+    let r = env
+        .ops
+        .dlq_release_op(&who("gw"), "../etc", Some("x".into()))
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::NotFound);
+    let r = env
+        .ops
+        .dlq_drop_op(&who("gw"), "x", Some("a\nb".into()))
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::BadRequest);
+    // Audited as the gateway, with the name it gave.
+    let audit = fs::read_to_string(env.dir.join("audit.log")).unwrap_or_default();
+    let release = audit
+        .lines()
+        .find(|l| l.contains("\"op\":\"dlq_release\""))
+        .unwrap_or_else(|| panic!("no dlq_release record in {audit}"));
+    assert!(
+        release.contains("\"profile\":\"gw\"") && release.contains("by token 1 (ops) (as the child claims)"),
+        "{release}"
+    );
+    assert!(audit.contains("\"op\":\"dlq_drop\""));
+}
+
+#[tokio::test]
+async fn the_audit_log_is_queried_newest_first_with_filters() {
+    let env = setup();
+    let _ = send(&env, "telegram", "999", "refused", None).await;
+    let _ = send(&env, "telegram", "111", "fine", None).await;
+    let _ = env.ops.held_op(&who("gwplain")).await;
+    let q = |op: Option<&str>, decision: Option<AuditDecision>, limit: u32| {
+        let ops = env.ops.clone();
+        let filter = crate::audit::query::Filter {
+            op: op.map(str::to_string),
+            decision,
+            ..Default::default()
+        };
+        async move { ops.audit_query_op(&who("gw"), filter, limit).await }
+    };
+    let OkReply::AuditQuery { records, more } = ok_of(&q(None, None, 100).await) else {
+        panic!("not an audit_query reply")
+    };
+    assert!(records.len() >= 3 && !more, "{records:?}");
+    assert!(records.windows(2).all(|w| w[0].seq > w[1].seq), "newest first");
+    let OkReply::AuditQuery { records, more } = ok_of(&q(Some("send"), None, 100).await) else {
+        panic!("not an audit_query reply")
+    };
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(!more && records.iter().all(|r| r.op == "send"));
+    let OkReply::AuditQuery { records, more } =
+        ok_of(&q(Some("send"), Some(AuditDecision::Allow), 1).await)
+    else {
+        panic!("not an audit_query reply")
+    };
+    assert_eq!((records.len(), more), (1, false), "{records:?}");
+    let OkReply::AuditQuery { records, more } = ok_of(&q(None, None, 1).await) else {
+        panic!("not an audit_query reply")
+    };
+    assert_eq!((records.len(), more), (1, true));
+    assert_eq!(err_of(&q(None, None, 0).await).code, ErrorCode::BadRequest);
+    assert_eq!(
+        err_of(&q(None, None, crate::protocol::MAX_AUDIT_QUERY + 1).await).code,
+        ErrorCode::BadRequest
+    );
+    let r = env
+        .ops
+        .audit_query_op(&who("gwplain"), Default::default(), 10)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+}
+
+#[tokio::test]
+async fn the_channels_figures_go_to_an_approving_profile_only() {
+    let env = setup();
+    let _ = send(&env, "telegram", "999", "refused", None).await;
+    let OkReply::Channels { channels } = ok_of(&env.ops.channels_op(&who("gw")).await) else {
+        panic!("not a channels reply")
+    };
+    let tg = channels
+        .iter()
+        .find(|c| c.channel == "telegram")
+        .unwrap_or_else(|| panic!("no telegram in {channels:?}"));
+    assert_eq!(tg.dead_lettered, 1);
+    let r = env.ops.channels_op(&who("gwplain")).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+}

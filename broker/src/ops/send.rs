@@ -402,6 +402,40 @@ impl Ops {
     /// patterns still apply), and the release is audited (who: `operator`). Blocking. When the
     /// channel no longer exists in the policy in force, the letter stays queued.
     pub fn release_dead_letter(&self, id: &str) -> Result<Entry, String> {
+        self.release_dead_letter_by(id, None)
+    }
+
+    /// Audit an action on a dead letter: as the operator (`actor` None), or as the peer that
+    /// asked, with the name it gave. Blocking.
+    fn dlq_audit(
+        &self,
+        actor: Option<&(Who, String)>,
+        op: &str,
+        target: String,
+        outcome: String,
+        detail: String,
+    ) -> Result<(), String> {
+        match actor {
+            None => self.operator_audit(op, target, AuditDecision::Allow, outcome, detail),
+            Some((who, by)) => {
+                let by = format!("by {by} (as the child claims)");
+                let detail = if detail.is_empty() {
+                    by
+                } else {
+                    format!("{detail}; {by}")
+                };
+                self.audit_as(who.clone(), op, target, AuditDecision::Allow, outcome, detail)
+            }
+        }
+    }
+
+    /// [`Ops::release_dead_letter`], audited as `actor` (a peer and the name it gave) when
+    /// given. Blocking.
+    pub(crate) fn release_dead_letter_by(
+        &self,
+        id: &str,
+        actor: Option<&(Who, String)>,
+    ) -> Result<Entry, String> {
         let entry = self.dlq.get(id).map_err(|e| e.to_string())?;
         let policy = self.policy();
         let spec = policy
@@ -418,10 +452,10 @@ impl Ops {
         let path = match spec.kind.clone() {
             ChannelKind::File { path } => path,
             ChannelKind::Adapter => {
-                self.operator_audit(
+                self.dlq_audit(
+                    actor,
                     "dlq_release",
                     format!("{} -> {}", shown(&entry.channel), shown(&entry.recipient)),
-                    AuditDecision::Allow,
                     format!("released {id} to the outbox"),
                     entry.reason.clone(),
                 )?;
@@ -443,10 +477,10 @@ impl Ops {
         };
         let mut bytes = serde_json::to_vec(&line).map_err(|e| format!("encode: {e}"))?;
         bytes.push(b'\n');
-        self.operator_audit(
+        self.dlq_audit(
+            actor,
             "dlq_release",
             format!("{} -> {}", shown(&entry.channel), shown(&entry.recipient)),
-            AuditDecision::Allow,
             format!("released {id}"),
             entry.reason.clone(),
         )?;
@@ -461,14 +495,23 @@ impl Ops {
 
     /// The operator drops dead letter `id` (audited).
     pub fn drop_dead_letter(&self, id: &str) -> Result<(), String> {
+        self.drop_dead_letter_by(id, None)
+    }
+
+    /// [`Ops::drop_dead_letter`], audited as `actor` when given. Blocking.
+    pub(crate) fn drop_dead_letter_by(
+        &self,
+        id: &str,
+        actor: Option<&(Who, String)>,
+    ) -> Result<(), String> {
         let target = match self.dlq.get(id) {
             Ok(e) => format!("{} -> {}", shown(&e.channel), shown(&e.recipient)),
             Err(_) => shown(id),
         };
-        self.operator_audit(
+        self.dlq_audit(
+            actor,
             "dlq_drop",
             target,
-            AuditDecision::Allow,
             format!("dropped {id}"),
             String::new(),
         )?;
