@@ -206,6 +206,35 @@ impl Broker {
         self.call(move |c| c.drop_held(&id, Some(&by))).await
     }
 
+    /// The dead letters, oldest first.
+    pub async fn dead_letters(&self) -> Result<carapace_broker::client::DeadLetterList, RpcError> {
+        self.call(|c| c.dead_letters()).await
+    }
+
+    /// Deliver dead letter `id` as it stands.
+    pub async fn dlq_release(&self, id: String, by: String) -> Result<(), RpcError> {
+        self.call(move |c| c.dlq_release(&id, Some(&by))).await
+    }
+
+    /// Drop dead letter `id`.
+    pub async fn dlq_drop(&self, id: String, by: String) -> Result<(), RpcError> {
+        self.call(move |c| c.dlq_drop(&id, Some(&by))).await
+    }
+
+    /// Audit records matching `filter`, newest first, at most `limit`; whether more match.
+    pub async fn audit_query(
+        &self,
+        filter: carapace_broker::audit::query::Filter,
+        limit: u32,
+    ) -> Result<(Vec<carapace_broker::audit::StoredRecord>, bool), RpcError> {
+        self.call(move |c| c.audit_query(&filter, limit)).await
+    }
+
+    /// Every channel of the policy in force with its figures.
+    pub async fn channels(&self) -> Result<Vec<carapace_broker::ops::ChannelStats>, RpcError> {
+        self.call(|c| c.channels()).await
+    }
+
     pub async fn approvals(&self) -> Result<Vec<PendingApproval>, RpcError> {
         self.call(|c| c.approvals()).await
     }

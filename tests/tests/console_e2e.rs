@@ -126,6 +126,11 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     let art = artifacts();
     let llm = FakeLlm::start(vec![
         Scripted::tool_call("exec", json!({"argv": ["/usr/bin/uname", "-s"]})),
+        // Not on the channel's allowlist: a dead letter.
+        Scripted::tool_call(
+            "send_message",
+            json!({"channel": "outbox", "recipient": "mallory@example.com", "body": "a letter held back"}),
+        ),
         Scripted::text(format!("Done. You wrote: {INJECTED}")),
     ]);
     let port = llm.addr().port();
@@ -288,11 +293,56 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     click(&b, "button.tab[data-view=status]");
     b.wait_for_text("#status-list", "operator", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
+    b.wait_for_text("#channels-list li.channel", "outbox", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     shot(&b, &art, "07-status");
     click(&b, "button.tab[data-view=held]");
     b.wait_for_text("#held-empty", "No held messages", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
     shot(&b, &art, "08-held");
+
+    // The dead letter the agent's refused message left: shown, then released to its channel.
+    click(&b, "button.tab[data-view=dlq]");
+    b.wait_for_text("#dlq-list li.dead", "a letter held back", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", svc.log_text()));
+    shot(&b, &art, "09-dead-letters");
+    let outbox = dir.path().join("outbox.log");
+    assert!(
+        !fs::read_to_string(&outbox)
+            .unwrap_or_default()
+            .contains("a letter held back"),
+        "delivered before its release"
+    );
+    click(&b, "#dlq-list li.dead button.allow");
+    b.wait_for_text("#dlq-empty", "No dead letters", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let delivered = fs::read_to_string(&outbox).unwrap_or_default();
+    assert!(
+        delivered.contains("a letter held back") && delivered.contains("mallory@example.com"),
+        "the released letter is not in the channel: {delivered:?}"
+    );
+
+    // The audit log, filtered: the release is there, done by the gateway for this token.
+    click(&b, "button.tab[data-view=audit]");
+    let op = b
+        .find("#audit-op")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no #audit-op"));
+    b.send_keys(&op, "dlq_release").unwrap_or_else(|e| panic!("{e}"));
+    click(&b, "#audit-form button[type=submit]");
+    let rec = b
+        .wait_for_text("#audit-list li.record", "dlq_release", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = b.text(&rec).unwrap_or_default();
+    assert!(text.contains("outbox -> mallory@example.com"), "{text}");
+    let rows = b
+        .execute("return document.querySelectorAll('#audit-list li.record').length;", json!([]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows, 1, "the filter kept only the release");
+    shot(&b, &art, "10-audit");
+    b.resize(390, 844).unwrap_or_else(|e| panic!("{e}"));
+    shot(&b, &art, "11-audit-phone");
+    b.resize(1280, 900).unwrap_or_else(|e| panic!("{e}"));
 
     // Signing out forgets the token.
     click(&b, "#logout");

@@ -234,7 +234,10 @@
 
   function refresh(name) {
     if (!socket || socket.readyState !== WebSocket.OPEN) return;
-    if (name === "status") act("Status", async () => renderStatus(await call("gateway.status")));
+    if (name === "status") {
+      act("Status", async () => renderStatus(await call("gateway.status")));
+      act("Channels", async () => renderChannels(await call("channels.list")));
+    }
     if (name === "held") act("Held messages", async () => renderHeld(await call("held.list")));
     if (name === "dlq") act("Dead letters", async () => renderDlq(await call("dlq.list")));
     if (name === "sessions") act("Sessions", async () => renderSessions(await call("sessions.list")));
@@ -253,11 +256,29 @@
     for (const k of ["pid", "Uid", "NoNewPrivs", "Seccomp", "CapEff", "interfaces"]) {
       if (s[k] !== undefined) field(dl, k, s[k]);
     }
-    if (Array.isArray(s.children)) {
-      for (const c of s.children) field(dl, "child " + c.name, c.state);
-    }
-    if (Array.isArray(s.channels)) {
-      for (const c of s.channels) field(dl, "channel " + c.name, c.state);
+  }
+
+  function renderChannels(r) {
+    const ul = $("channels-list");
+    clear(ul);
+    const items = (r && r.channels) || [];
+    $("channels-empty").hidden = items.length > 0;
+    for (const c of items) {
+      const li = el("li", null, "card channel");
+      li.dataset.channel = c.channel;
+      let state = "no adapter state reported";
+      if (c.connected === true) state = "connected";
+      if (c.connected === false) state = "not connected" + (c.error ? ": " + c.error : "");
+      li.appendChild(el("h3", c.channel + " — " + state));
+      const dl = el("dl", null, "kv");
+      field(dl, "queued for the agent", String(c.queued));
+      field(dl, "held", String(c.held));
+      field(dl, "outbox", String(c.outbox));
+      field(dl, "dead letters", String(c.dead_lettered));
+      field(dl, "last in", c.last_in || "never");
+      field(dl, "last out", c.last_out || "never");
+      li.appendChild(dl);
+      ul.appendChild(li);
     }
   }
 
@@ -352,9 +373,8 @@
       li.appendChild(bar);
       ul.appendChild(li);
     }
-    if (r && r.unreadable && r.unreadable.length) {
-      ul.appendChild(el("li", r.unreadable.length + " unreadable entries", "empty"));
-    }
+    if (r && r.omitted) ul.appendChild(el("li", r.omitted + " more not shown", "empty"));
+    if (r && r.unreadable) ul.appendChild(el("li", r.unreadable + " unreadable entries (see the log)", "empty"));
   }
 
   function renderSessions(r) {
@@ -420,6 +440,7 @@
         li.appendChild(el("span", who(rec.who), "who"));
         ol.appendChild(li);
       }
+      $("audit-more").hidden = !(r && r.more);
     });
   }
 

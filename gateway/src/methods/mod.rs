@@ -14,6 +14,7 @@ mod approvals;
 mod gateway;
 mod held;
 mod messages;
+mod operator;
 mod sessions;
 mod tools;
 
@@ -30,6 +31,11 @@ pub const METHODS: &[(&str, bool)] = &[
     ("held.list", true),
     ("held.admit", true),
     ("held.drop", true),
+    ("dlq.list", true),
+    ("dlq.release", true),
+    ("dlq.drop", true),
+    ("audit.query", true),
+    ("channels.list", true),
     ("sessions.list", false),
     ("sessions.history", false),
     ("sessions.reset", false),
@@ -77,6 +83,11 @@ async fn run(
         "held.list" => held::list(app, p).await,
         "held.admit" => held::admit(app, caller, p).await,
         "held.drop" => held::drop(app, caller, p).await,
+        "dlq.list" => operator::dlq_list(app, p).await,
+        "dlq.release" => operator::dlq_release(app, caller, p).await,
+        "dlq.drop" => operator::dlq_drop(app, caller, p).await,
+        "audit.query" => operator::audit_query(app, p).await,
+        "channels.list" => operator::channels_list(app, p).await,
         "sessions.list" => sessions::list(app, p).await,
         "sessions.history" => sessions::history(app, p).await,
         "sessions.reset" => sessions::reset(app, p).await,
