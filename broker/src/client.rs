@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use crate::approvals::Resolution;
 use crate::protocol::{
-    decode_server_frame, encode_request, recv_frame, send_frame, Access, AckStatus, DecodeError,
-    DeadLetterInfo, DeliverStatus, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, HeldMessage,
+    decode_server_frame, encode_request, recv_frame, send_frame, Access, AckStatus, DeadLetterInfo,
+    DecodeError, DeliverStatus, EncodeError, ErrorBody, ErrorCode, Event, ExitSummary, HeldMessage,
     InboundMessage, OkReply, OutboundMessage, PendingApproval, Reply, Request, SendOutcome,
     SendStatus, ServerFrame, SocketError, BROKER_FD_ENV, DEFAULT_BROKER_FD, MAX_FRAME,
 };

@@ -51,8 +51,8 @@ mod connect;
 mod exec;
 mod files;
 mod held;
-mod operator;
 mod inbound;
+mod operator;
 mod outbox;
 mod send;
 

@@ -139,9 +139,12 @@ impl Handler for Scripted {
                 | Request::ChannelState { .. }
                 | Request::Held {}
                 | Request::Admit { .. }
-                | Request::DropHeld { .. } => {
-                    Response::err(ErrorCode::Denied, "not this handler's op")
-                }
+                | Request::DropHeld { .. }
+                | Request::DeadLetters {}
+                | Request::DlqRelease { .. }
+                | Request::DlqDrop { .. }
+                | Request::AuditQuery { .. }
+                | Request::Channels {} => Response::err(ErrorCode::Denied, "not this handler's op"),
             }
         })
     }

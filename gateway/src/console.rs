@@ -82,7 +82,10 @@ async fn file(Path(name): Path<String>) -> Response {
 fn serve(asset: Option<&'static Asset>) -> Response {
     let mut r = match asset {
         Some(a) => (
-            [(header::CONTENT_TYPE, HeaderValue::from_static(a.content_type))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(a.content_type),
+            )],
             a.body,
         )
             .into_response(),
@@ -167,12 +170,21 @@ mod tests {
         assert!(page.contains(r#"<script src="/console/console.js""#));
         assert!(page.contains(r#"href="/console/console.css""#));
         // Every <script> has a src, there is no <style>, no style= or on*= attribute.
-        assert_eq!(page.matches("<script").count(), page.matches("<script src=").count());
+        assert_eq!(
+            page.matches("<script").count(),
+            page.matches("<script src=").count()
+        );
         assert!(!page.contains("<style") && !page.contains(" style="));
         assert!(!page.contains(" onclick=") && !page.contains(" onload="));
         assert!(!page.contains("http://") && !page.contains("https://"));
         let js = asset("console.js").map(|a| a.body).unwrap_or_default();
-        for banned in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
             assert!(!js.contains(banned), "console.js uses {banned}");
         }
         assert!(!js.contains("?access_token"), "never a token in a URL");

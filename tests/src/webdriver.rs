@@ -206,7 +206,11 @@ impl Browser {
 
     /// Click `el`.
     pub fn click(&self, el: &Element) -> Result<()> {
-        self.command("POST", &format!("/element/{}/click", el.0), Some(&json!({})))?;
+        self.command(
+            "POST",
+            &format!("/element/{}/click", el.0),
+            Some(&json!({})),
+        )?;
         Ok(())
     }
 
@@ -222,7 +226,11 @@ impl Browser {
 
     /// Empty the input `el`.
     pub fn clear(&self, el: &Element) -> Result<()> {
-        self.command("POST", &format!("/element/{}/clear", el.0), Some(&json!({})))?;
+        self.command(
+            "POST",
+            &format!("/element/{}/clear", el.0),
+            Some(&json!({})),
+        )?;
         Ok(())
     }
 

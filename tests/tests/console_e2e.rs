@@ -145,15 +145,28 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     let base = format!("http://{}", svc.addr);
 
     // The headers of every console response.
-    for path in ["/console", "/console/console.js", "/console/console.css", "/console/nope"] {
+    for path in [
+        "/console",
+        "/console/console.js",
+        "/console/console.css",
+        "/console/nope",
+    ] {
         let r = http_with(svc.addr, "GET", path, &[], None);
-        assert_eq!(r.status, if path == "/console/nope" { 404 } else { 200 }, "{path}");
+        assert_eq!(
+            r.status,
+            if path == "/console/nope" { 404 } else { 200 },
+            "{path}"
+        );
         let csp = r.header("content-security-policy").unwrap_or_default();
         assert!(
             csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
             "{path}: CSP {csp:?}"
         );
-        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{path}");
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
         assert_eq!(r.header("referrer-policy"), Some("no-referrer"), "{path}");
         assert_eq!(r.header("cache-control"), Some("no-store"), "{path}");
     }
@@ -173,7 +186,8 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     assert_eq!(e.status(), Some(401), "{e}");
 
     let b = Browser::start(dir.path(), 1280, 900).unwrap_or_else(|e| panic!("{e}"));
-    b.goto(&format!("{base}/console")).unwrap_or_else(|e| panic!("{e}"));
+    b.goto(&format!("{base}/console"))
+        .unwrap_or_else(|e| panic!("{e}"));
     b.wait_for_text("h2#login-title", "Sign in", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
     let title = b
@@ -266,8 +280,12 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     b.click(&s).unwrap_or_else(|e| panic!("{e}"));
     b.wait_for_text("#history li.tool", "Linux", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
-    b.wait_for_text("#history li.user", "<script>window.pwnedScript=1</script>", WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    b.wait_for_text(
+        "#history li.user",
+        "<script>window.pwnedScript=1</script>",
+        WAIT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     b.wait_for_text("#history li.assistant", "onerror=", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
     // Give an image's error handler time to fire, were there one.
@@ -328,7 +346,8 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
         .find("#audit-op")
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|| panic!("no #audit-op"));
-    b.send_keys(&op, "dlq_release").unwrap_or_else(|e| panic!("{e}"));
+    b.send_keys(&op, "dlq_release")
+        .unwrap_or_else(|e| panic!("{e}"));
     click(&b, "#audit-form button[type=submit]");
     let rec = b
         .wait_for_text("#audit-list li.record", "dlq_release", WAIT)
@@ -336,7 +355,10 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     let text = b.text(&rec).unwrap_or_default();
     assert!(text.contains("outbox -> mallory@example.com"), "{text}");
     let rows = b
-        .execute("return document.querySelectorAll('#audit-list li.record').length;", json!([]))
+        .execute(
+            "return document.querySelectorAll('#audit-list li.record').length;",
+            json!([]),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rows, 1, "the filter kept only the release");
     shot(&b, &art, "10-audit");

@@ -38,7 +38,10 @@ impl Filter {
     pub fn matches(&self, r: &StoredRecord) -> bool {
         self.op.as_ref().is_none_or(|op| *op == r.op)
             && self.decision.is_none_or(|d| d == r.decision)
-            && self.since.as_ref().is_none_or(|t| r.ts.as_str() >= t.as_str())
+            && self
+                .since
+                .as_ref()
+                .is_none_or(|t| r.ts.as_str() >= t.as_str())
             && self.before_seq.is_none_or(|s| r.seq < s)
     }
 }

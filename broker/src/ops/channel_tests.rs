@@ -888,7 +888,8 @@ async fn dead_letters_are_listed_released_and_dropped_by_an_approving_profile_on
         .dlq_drop_op(&who("gw"), &letters[1].id, Some("token 1 (ops)".into()))
         .await;
     assert!(matches!(ok_of(&r), OkReply::DlqDrop {}));
-    let OkReply::DeadLetters { letters: left, .. } = ok_of(&env.ops.dead_letters_op(&who("gw")).await)
+    let OkReply::DeadLetters { letters: left, .. } =
+        ok_of(&env.ops.dead_letters_op(&who("gw")).await)
     else {
         panic!("not a dead_letters reply")
     };
@@ -913,7 +914,8 @@ async fn dead_letters_are_listed_released_and_dropped_by_an_approving_profile_on
         .find(|l| l.contains("\"op\":\"dlq_release\""))
         .unwrap_or_else(|| panic!("no dlq_release record in {audit}"));
     assert!(
-        release.contains("\"profile\":\"gw\"") && release.contains("by token 1 (ops) (as the child claims)"),
+        release.contains("\"profile\":\"gw\"")
+            && release.contains("by token 1 (ops) (as the child claims)"),
         "{release}"
     );
     assert!(audit.contains("\"op\":\"dlq_drop\""));
@@ -938,7 +940,10 @@ async fn the_audit_log_is_queried_newest_first_with_filters() {
         panic!("not an audit_query reply")
     };
     assert!(records.len() >= 3 && !more, "{records:?}");
-    assert!(records.windows(2).all(|w| w[0].seq > w[1].seq), "newest first");
+    assert!(
+        records.windows(2).all(|w| w[0].seq > w[1].seq),
+        "newest first"
+    );
     let OkReply::AuditQuery { records, more } = ok_of(&q(Some("send"), None, 100).await) else {
         panic!("not an audit_query reply")
     };

@@ -129,7 +129,13 @@ impl Ops {
     }
 
     /// `dlq_release` and `dlq_drop`.
-    async fn dlq_act(&self, who: &Identity, op: &'static str, id: &str, by: Option<String>) -> Response {
+    async fn dlq_act(
+        &self,
+        who: &Identity,
+        op: &'static str,
+        id: &str,
+        by: Option<String>,
+    ) -> Response {
         let target = match self.dlq.get(id) {
             Ok(e) => format!("{} -> {}", shown(&e.channel), shown(&e.recipient)),
             Err(_) => shown(id),
@@ -149,7 +155,8 @@ impl Ops {
         }
         let actor = (
             Who::from(who),
-            by.as_deref().map_or_else(|| "nobody named".to_string(), shown),
+            by.as_deref()
+                .map_or_else(|| "nobody named".to_string(), shown),
         );
         // Run here rather than on the blocking pool (the release touches the outbox, the
         // channel's file and the audit log through `Ops`, which is not shared by value): one
@@ -196,7 +203,9 @@ impl Ops {
             tokio::task::spawn_blocking(move || query::query(&path, &filter, limit as usize)).await;
         let found = match res {
             Ok(Ok(f)) => f,
-            Ok(Err(e)) => return Response::err(ErrorCode::Unavailable, format!("audit_query: {e}")),
+            Ok(Err(e)) => {
+                return Response::err(ErrorCode::Unavailable, format!("audit_query: {e}"))
+            }
             Err(e) => return Response::err(ErrorCode::Internal, format!("audit_query task: {e}")),
         };
         let base = envelope(OkReply::AuditQuery {
@@ -212,7 +221,10 @@ impl Ops {
 
     /// The `channels` operation: every channel of the policy in force with its figures.
     pub async fn channels_op(&self, who: &Identity) -> Response {
-        if let Err(r) = self.operator_allowed(who, "channels", "channels", None).await {
+        if let Err(r) = self
+            .operator_allowed(who, "channels", "channels", None)
+            .await
+        {
             return r;
         }
         // Reads the dead-letter directory; small, and rare.

@@ -424,7 +424,14 @@ impl Ops {
                 } else {
                     format!("{detail}; {by}")
                 };
-                self.audit_as(who.clone(), op, target, AuditDecision::Allow, outcome, detail)
+                self.audit_as(
+                    who.clone(),
+                    op,
+                    target,
+                    AuditDecision::Allow,
+                    outcome,
+                    detail,
+                )
             }
         }
     }

@@ -74,7 +74,10 @@ fn audit_filter(p: AuditParams) -> Result<(Filter, u32), RpcError> {
         )));
     }
     if let Some(op) = &p.op {
-        if op.is_empty() || op.len() > 64 || !op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        if op.is_empty()
+            || op.len() > 64
+            || !op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
             return Err(RpcError::invalid_params(
                 "op is an operation name: lowercase letters and _ (e.g. exec, connect)",
             ));
@@ -102,7 +105,8 @@ fn audit_filter(p: AuditParams) -> Result<(Filter, u32), RpcError> {
 /// times, so that comparing the text compares the times).
 fn looks_like_rfc3339(t: &str) -> bool {
     let b = t.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
     b.len() >= 20
         && digits(0..4)
         && b[4] == b'-'
