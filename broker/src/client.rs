@@ -781,6 +781,15 @@ impl Client {
         }
     }
 
+    /// `children` (profiles with `approve = true`): the service's children and their state.
+    pub fn children(&mut self) -> Result<Vec<crate::protocol::ChildSummary>, ClientError> {
+        let (_, ok, _) = self.call(&Request::Children {})?;
+        match ok {
+            OkReply::Children { children } => Ok(children),
+            ok => Err(wrong("children", &ok)),
+        }
+    }
+
     /// `channels` (profiles with `approve = true`): every channel of the policy with its
     /// figures.
     pub fn channels(&mut self) -> Result<Vec<crate::ops::ChannelStats>, ClientError> {

@@ -406,7 +406,12 @@ pub struct Ops {
     outbox: Arc<outbox::Outboxes>,
     /// Admitted senders, reply addresses, ids and keys taken, adapter states.
     book: Arc<channels::ChannelBook>,
+    /// Where the `children` op reads the service's children (set by the service).
+    children: RwLock<Option<ChildrenSource>>,
 }
+
+/// What the service tells the broker about its children, asked anew for each `children` op.
+pub type ChildrenSource = Arc<dyn Fn() -> Vec<crate::protocol::ChildSummary> + Send + Sync>;
 
 impl fmt::Debug for Ops {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -573,7 +578,20 @@ impl Ops {
             channel_rates: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             channel_locks: Mutex::new(HashMap::new()),
+            children: RwLock::new(None),
         })
+    }
+
+    /// Where the `children` op finds the service's children (the service sets it once it
+    /// has them; until then, and without a service, the list is empty).
+    pub fn set_children_source(&self, source: ChildrenSource) {
+        *write(&self.children) = Some(source);
+    }
+
+    /// The service's children, as its source says now.
+    pub fn children(&self) -> Vec<crate::protocol::ChildSummary> {
+        let source = read(&self.children).clone();
+        source.map_or_else(Vec::new, |f| f())
     }
 
     /// Replace the policy (secrets reloaded, cached directory fds and rate buckets dropped).
@@ -863,6 +881,7 @@ impl Handler for Ops {
                     self.audit_query_op(&who, filter, limit).await
                 }
                 Request::Channels {} => self.channels_op(&who).await,
+                Request::Children {} => self.children_op(&who).await,
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(

@@ -225,6 +225,28 @@ pub enum Request {
     /// Every channel of the policy in force, with its figures (profiles with
     /// `approve = true`).
     Channels {},
+    /// The service's children (gateway, channel adapters) and their state (profiles with
+    /// `approve = true`); empty when the broker runs without a service.
+    Children {},
+}
+
+/// One child of the service as `children` shows it (what `carapace status` shows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildSummary {
+    pub name: String,
+    /// `gateway` | `channel`.
+    pub role: String,
+    pub profile: String,
+    /// `starting` | `running` | `backoff` | `failed` | `stopping` | `stopped`.
+    pub state: String,
+    #[serde(default)]
+    pub pid: Option<i32>,
+    #[serde(default)]
+    pub uptime_secs: Option<u64>,
+    pub restarts: u32,
+    /// How it last ended, e.g. `exit=1` or `signal=9 (oom)`.
+    #[serde(default)]
+    pub last_exit: Option<String>,
 }
 
 /// Most records one `audit_query` asks for (fewer come back when they do not fit in a frame).
@@ -285,6 +307,7 @@ pub const OPS: &[&str] = &[
     "dlq_drop",
     "audit_query",
     "channels",
+    "children",
 ];
 
 impl Request {
@@ -314,6 +337,7 @@ impl Request {
             Request::DlqDrop { .. } => "dlq_drop",
             Request::AuditQuery { .. } => "audit_query",
             Request::Channels {} => "channels",
+            Request::Children {} => "children",
         }
     }
 }
@@ -532,6 +556,8 @@ pub enum OkReply {
     Channels {
         channels: Vec<crate::ops::ChannelStats>,
     },
+    /// `children`: no fds.
+    Children { children: Vec<ChildSummary> },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -559,7 +585,8 @@ impl OkReply {
             | OkReply::DlqRelease {}
             | OkReply::DlqDrop {}
             | OkReply::AuditQuery { .. }
-            | OkReply::Channels { .. } => 0,
+            | OkReply::Channels { .. }
+            | OkReply::Children { .. } => 0,
             OkReply::Connect { .. }
             | OkReply::Open { .. }
             | OkReply::Secret { .. }
@@ -594,6 +621,7 @@ impl OkReply {
             OkReply::DlqDrop {} => "dlq_drop",
             OkReply::AuditQuery { .. } => "audit_query",
             OkReply::Channels { .. } => "channels",
+            OkReply::Children { .. } => "children",
         }
     }
 }
@@ -1362,6 +1390,7 @@ mod tests {
             limit: 1,
         });
         req_roundtrip(Request::Channels {});
+        req_roundtrip(Request::Children {});
         req_roundtrip(Request::Admit {
             id: "h1".into(),
             always: true,

@@ -1046,7 +1046,8 @@ mod tests {
                     | Request::DlqRelease { .. }
                     | Request::DlqDrop { .. }
                     | Request::AuditQuery { .. }
-                    | Request::Channels {} => {
+                    | Request::Channels {}
+                    | Request::Children {} => {
                         Response::err(ErrorCode::Denied, "not this handler's op")
                     }
                 }

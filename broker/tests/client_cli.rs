@@ -144,7 +144,8 @@ impl Handler for Scripted {
                 | Request::DlqRelease { .. }
                 | Request::DlqDrop { .. }
                 | Request::AuditQuery { .. }
-                | Request::Channels {} => Response::err(ErrorCode::Denied, "not this handler's op"),
+                | Request::Channels {}
+                | Request::Children {} => Response::err(ErrorCode::Denied, "not this handler's op"),
             }
         })
     }

@@ -230,6 +230,11 @@ impl Broker {
         self.call(move |c| c.audit_query(&filter, limit)).await
     }
 
+    /// The service's children and their state.
+    pub async fn children(&self) -> Result<Vec<carapace_broker::protocol::ChildSummary>, RpcError> {
+        self.call(|c| c.children()).await
+    }
+
     /// Every channel of the policy in force with its figures.
     pub async fn channels(&self) -> Result<Vec<carapace_broker::ops::ChannelStats>, RpcError> {
         self.call(|c| c.channels()).await

@@ -330,6 +330,17 @@ fn start(
         config: Mutex::new(cfg.clone()),
     });
     {
+        // The broker's `children` op (the operator's console) sees what `carapace status`
+        // shows; held weakly, like the metrics listener's view.
+        let weak = Arc::downgrade(&svc);
+        svc.host
+            .ops
+            .set_children_source(Arc::new(move || match weak.upgrade() {
+                Some(s) => s.children_summary(),
+                None => Vec::new(),
+            }));
+    }
+    {
         let _g = rt.enter();
         let _task = control.serve(Arc::new(Handler(svc.clone())));
     }

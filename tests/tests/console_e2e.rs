@@ -311,6 +311,8 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     click(&b, "button.tab[data-view=status]");
     b.wait_for_text("#status-list", "operator", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
+    b.wait_for_text("#children-list li.child", "gateway — running", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     b.wait_for_text("#channels-list li.channel", "outbox", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
     shot(&b, &art, "07-status");

@@ -986,3 +986,37 @@ async fn the_channels_figures_go_to_an_approving_profile_only() {
     let r = env.ops.channels_op(&who("gwplain")).await;
     assert_eq!(err_of(&r).code, ErrorCode::Denied);
 }
+
+#[tokio::test]
+async fn the_children_come_from_the_service_to_an_approving_profile_only() {
+    let env = setup();
+    let OkReply::Children { children } = ok_of(&env.ops.children_op(&who("gw")).await) else {
+        panic!("not a children reply")
+    };
+    assert!(children.is_empty(), "no service, no children");
+    env.ops.set_children_source(Arc::new(|| {
+        vec![crate::protocol::ChildSummary {
+            name: "gateway".into(),
+            role: "gateway".into(),
+            profile: "gateway".into(),
+            state: "running".into(),
+            pid: Some(42),
+            uptime_secs: Some(7),
+            restarts: 1,
+            last_exit: Some("exit=1".into()),
+        }]
+    }));
+    let OkReply::Children { children } = ok_of(&env.ops.children_op(&who("gw")).await) else {
+        panic!("not a children reply")
+    };
+    assert_eq!(
+        (
+            children.len(),
+            children[0].state.as_str(),
+            children[0].restarts
+        ),
+        (1, "running", 1)
+    );
+    let r = env.ops.children_op(&who("gwplain")).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+}

@@ -1,6 +1,7 @@
 //! What an operator sees and does through an operator-scoped gateway client, beyond approvals
 //! and held messages: the dead letters (`dead_letters`, `dlq_release`, `dlq_drop`), the audit
-//! log (`audit_query`, read-only) and the channels' figures (`channels`). Every one needs
+//! log (`audit_query`, read-only), the channels' figures (`channels`) and the service's
+//! children (`children`). Every one needs
 //! `approve = true` in the caller's profile (the same grant as `approvals`/`approve` and the
 //! held messages). Releases and drops are audited before they are done, as the caller with the
 //! name it gave (`by`); listing and reading are not.
@@ -230,5 +231,18 @@ impl Ops {
         // Reads the dead-letter directory; small, and rare.
         let channels = self.channel_stats();
         Response::ok(OkReply::Channels { channels })
+    }
+
+    /// The `children` operation: the service's children and their state.
+    pub async fn children_op(&self, who: &Identity) -> Response {
+        if let Err(r) = self
+            .operator_allowed(who, "children", "children", None)
+            .await
+        {
+            return r;
+        }
+        Response::ok(OkReply::Children {
+            children: self.children(),
+        })
     }
 }

@@ -237,6 +237,7 @@
     if (name === "status") {
       act("Status", async () => renderStatus(await call("gateway.status")));
       act("Channels", async () => renderChannels(await call("channels.list")));
+      act("Children", async () => renderChildren(await call("children.list")));
     }
     if (name === "held") act("Held messages", async () => renderHeld(await call("held.list")));
     if (name === "dlq") act("Dead letters", async () => renderDlq(await call("dlq.list")));
@@ -255,6 +256,26 @@
     field(dl, "answers channels", s.answers_channels ? "yes" : "no");
     for (const k of ["pid", "Uid", "NoNewPrivs", "Seccomp", "CapEff", "interfaces"]) {
       if (s[k] !== undefined) field(dl, k, s[k]);
+    }
+  }
+
+  function renderChildren(r) {
+    const ul = $("children-list");
+    clear(ul);
+    const items = (r && r.children) || [];
+    $("children-empty").hidden = items.length > 0;
+    for (const c of items) {
+      const li = el("li", null, "card child " + c.state);
+      li.dataset.child = c.name;
+      li.appendChild(el("h3", c.name + " — " + c.state));
+      const dl = el("dl", null, "kv");
+      field(dl, "role", c.role + " (profile " + c.profile + ")");
+      if (c.pid !== null && c.pid !== undefined) field(dl, "pid", String(c.pid));
+      if (c.uptime_secs !== null && c.uptime_secs !== undefined) field(dl, "up for", c.uptime_secs + " s");
+      field(dl, "restarts", String(c.restarts));
+      if (c.last_exit) field(dl, "last exit", c.last_exit);
+      li.appendChild(dl);
+      ul.appendChild(li);
     }
   }
 

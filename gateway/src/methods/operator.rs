@@ -1,8 +1,9 @@
 //! Operator-scope methods for the console and other operator clients: `dlq.list`,
 //! `dlq.release`, `dlq.drop` (the broker's dead letters), `audit.query` (the audit log,
-//! read-only, with filters) and `channels.list` (each channel's figures), through the broker's
-//! `dead_letters`, `dlq_release`, `dlq_drop`, `audit_query` and `channels` ops (which the
-//! policy must grant the gateway's profile: `approve = true`).
+//! read-only, with filters), `channels.list` (each channel's figures) and `children.list` (the
+//! service's children), through the broker's `dead_letters`, `dlq_release`, `dlq_drop`,
+//! `audit_query`, `channels` and `children` ops (which the policy must grant the gateway's
+//! profile: `approve = true`).
 
 use carapace_broker::audit::query::Filter;
 use carapace_broker::audit::AuditDecision;
@@ -137,6 +138,12 @@ pub async fn channels_list(app: &App, p: Value) -> Result<Value, RpcError> {
     params::<NoParams>(p)?;
     let channels = app.broker.channels().await?;
     Ok(json!({"channels": channels}))
+}
+
+pub async fn children_list(app: &App, p: Value) -> Result<Value, RpcError> {
+    params::<NoParams>(p)?;
+    let children = app.broker.children().await?;
+    Ok(json!({"children": children}))
 }
 
 #[cfg(test)]

@@ -43,6 +43,26 @@ impl Service {
         }
     }
 
+    /// The children as the broker's `children` op shows them.
+    pub(super) fn children_summary(&self) -> Vec<carapace_broker::protocol::ChildSummary> {
+        lock(&self.children)
+            .iter()
+            .map(|(c, _)| {
+                let s = c.status();
+                carapace_broker::protocol::ChildSummary {
+                    name: s.name,
+                    role: s.role,
+                    profile: s.profile,
+                    state: s.state,
+                    pid: s.pid,
+                    uptime_secs: s.uptime_secs,
+                    restarts: s.restarts,
+                    last_exit: s.last_exit,
+                }
+            })
+            .collect()
+    }
+
     /// Reload the configuration (from where it came) and the policy. On any error nothing
     /// changes and the error is returned (and logged).
     pub(super) fn reload(&self) -> Result<control::ReloadReport, ServiceError> {
