@@ -19,7 +19,9 @@
 //! approvals answered by a gateway), `ops/inbound.rs` (the inbound queue: `deliver`,
 //! `inbound`), `ops/held.rs` (messages from senders not admitted: `held`, `admit`,
 //! `drop_held`), `ops/outbox.rs` (adapter channels: `outbox`, `outbox_ack`, `channel_state`),
-//! `ops/channels.rs` (admitted senders, reply addresses, ids and keys taken, channel figures).
+//! `ops/channels.rs` (admitted senders, reply addresses, ids and keys taken, channel figures),
+//! `ops/operator.rs` (approvals and held messages announced to a channel's operator and
+//! answered from that conversation).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -52,6 +54,7 @@ mod exec;
 mod files;
 mod held;
 mod inbound;
+mod operator;
 mod outbox;
 mod send;
 
@@ -62,6 +65,7 @@ pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, Sec
 pub use held::HeldError;
 pub use inbound::bad_ref;
 pub use inbound::bad_sender;
+pub use operator::{is_operator, parse_answer, Answer, Verb, DESK_FILE};
 
 // ---------------------------------------------------------------------------------------------
 // The exec seam (implemented by the supervisor).
@@ -168,6 +172,12 @@ pub trait Approver: Send + Sync {
         let _ = r;
         Err(ApprovalError::UnknownId { id })
     }
+
+    /// Told whenever an approval starts waiting or ends (None: nothing to watch; whoever
+    /// announces approvals then looks at `pending` from time to time).
+    fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Withdraws a pending approval when the waiting request is dropped (peer gone).
@@ -242,6 +252,11 @@ impl Approver for Approvals {
     /// [`Approvals::resolve`] (an allow-always grant is persisted first).
     fn resolve(&self, id: u64, r: Resolution) -> Result<Decision, ApprovalError> {
         Approvals::resolve(self, id, r)
+    }
+
+    /// [`Approvals::subscribe`].
+    fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(Approvals::subscribe(self))
     }
 }
 
@@ -405,6 +420,8 @@ pub struct Ops {
     outbox: Arc<outbox::Outboxes>,
     /// Admitted senders, reply addresses, ids and keys taken, adapter states.
     book: Arc<channels::ChannelBook>,
+    /// What was announced to the channels' operators, by number.
+    desk: Arc<operator::Desk>,
 }
 
 impl fmt::Debug for Ops {
@@ -559,6 +576,7 @@ impl Ops {
             book.remember(&channel, true, &key);
         }
         Ok(Ops {
+            desk: Arc::new(operator::Desk::open(dir)),
             inbound: Arc::new(inbound),
             held: Arc::new(held),
             outbox: Arc::new(outbox),

@@ -361,6 +361,7 @@ fn outbound(id: &str, recipient: &str, body: &str, in_reply_to: Option<&str>) ->
         body: body.into(),
         in_reply_to: in_reply_to.map(Into::into),
         attempt: 1,
+        buttons: Vec::new(),
     }
 }
 

@@ -761,7 +761,10 @@ fn channel_operator_is_one_exact_identity_on_an_adapter_channel() {
         let e = adapter_errors(from, to);
         assert!(e.contains(want), "{to}: want {want:?} in\n{e}");
     }
-    let long = format!("reply_to_senders = true\noperator = \"{}\"", "1".repeat(257));
+    let long = format!(
+        "reply_to_senders = true\noperator = \"{}\"",
+        "1".repeat(257)
+    );
     let e = adapter_errors("reply_to_senders = true", &long);
     assert!(e.contains("longer than 256 bytes"), "{e}");
     // Located at the value.
