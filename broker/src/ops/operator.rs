@@ -664,13 +664,15 @@ impl Ops {
         let words = answer.text();
         let claim = match ClaimGuard::claim(&self.book, &spec.name, false, d.id.as_deref()) {
             Ok(c) => c,
-            Err(Claim::InProgress) => return Response::err(
-                ErrorCode::Busy,
-                format!(
+            Err(Claim::InProgress) => {
+                return Response::err(
+                    ErrorCode::Busy,
+                    format!(
                     "deliver on {}: a delivery of this message id is in progress; try again later",
                     spec.name
                 ),
-            ),
+                )
+            }
             Err(_) => {
                 return match self
                     .audit(
