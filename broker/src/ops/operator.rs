@@ -132,9 +132,17 @@ impl Answer {
 
 /// The answer the first non-blank line of `text` gives: exactly a verb (`allow`, `always`,
 /// `deny`, `admit`, `drop`, any case) and a number (1 to `u64::MAX`, optionally after `#`),
-/// separated by whitespace. Anything else is not an answer (None): it is an ordinary message.
+/// separated by whitespace. A first line `Subject: ...` (the e-mail adapter puts the subject
+/// there) is passed over. Anything else is not an answer (None): it is an ordinary message.
 pub fn parse_answer(text: &str) -> Option<Answer> {
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut line = lines.next()?;
+    if line
+        .get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("subject:"))
+    {
+        line = lines.next()?;
+    }
     let mut words = line.split_whitespace();
     let verb = Verb::parse(words.next()?)?;
     let n = words.next()?;

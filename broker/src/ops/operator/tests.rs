@@ -31,6 +31,13 @@ fn answers_parse_in_their_forms_and_nothing_else_does() {
         parse_answer("\n\nallow 7\r\n\n> Approval 7: a tool wants to run\n> deny 7"),
         a(Verb::Allow, 7)
     );
+    // The subject line the e-mail adapter puts first is passed over (once).
+    assert_eq!(
+        parse_answer("Subject: Re: Approval 7\n\ndeny 7\n\nOn Monday the agent wrote:\n> allow 7"),
+        a(Verb::Deny, 7)
+    );
+    assert_eq!(parse_answer("SUBJECT: allow 7\n\nthanks"), None);
+    assert_eq!(parse_answer("Subject: x\nSubject: y\nallow 7"), None);
     assert_eq!(
         parse_answer(&format!("allow {}", u64::MAX)),
         a(Verb::Allow, u64::MAX)
