@@ -358,7 +358,10 @@ fn the_agents_own_allow_and_a_strangers_button_answer_nothing() {
     wait_for(WAIT, "the stranger's press held", || {
         held(&w.svc)
             .iter()
-            .any(|h| h["sender"] == MALLORY.to_string() && h["body"] == format!("allow {n}"))
+            .any(|h| {
+                h["sender"].as_str().and_then(|s| s.parse::<i64>().ok()) == Some(MALLORY)
+                    && h["body"] == format!("allow {n}")
+            })
             .then_some(())
     });
     settle();
