@@ -474,6 +474,56 @@ impl DeskCtx {
         Ok(true)
     }
 
+    /// What the answer's number names now; Err: the words for the operator. Blocking.
+    fn named(&self, a: Answer) -> Result<Named, String> {
+        let st = lock(&self.desk.state);
+        let Some(item) = st.items.get(&a.number) else {
+            return Err(format!(
+                "Nothing waits as number {} (answered, ended or never announced).",
+                a.number
+            ));
+        };
+        match item {
+            Item::Approval { .. } => {
+                if a.verb.resolution().is_none() {
+                    return Err(format!(
+                        "{} is an approval: answer allow {n}, always {n} or deny {n}.",
+                        a.number,
+                        n = a.number
+                    ));
+                }
+                let p = self
+                    .pending()
+                    .into_iter()
+                    .find(|p| item.is_approval(p))
+                    .ok_or_else(|| format!("Approval {} no longer waits.", a.number))?;
+                Ok(Named::Approval {
+                    id: p.id,
+                    argv: shown_argv(&p.argv),
+                })
+            }
+            Item::Held { id, .. } => {
+                if !matches!(a.verb, Verb::Admit | Verb::Drop) {
+                    return Err(format!(
+                        "{} is a held message: answer admit {n} or drop {n}.",
+                        a.number,
+                        n = a.number
+                    ));
+                }
+                let m = self
+                    .held
+                    .all()
+                    .into_iter()
+                    .find(|(h, _)| h == id)
+                    .ok_or_else(|| format!("Held message {} is no longer held.", a.number))?;
+                Ok(Named::Held {
+                    id: id.clone(),
+                    sender: m.1.sender,
+                })
+            }
+        }
+    }
+
     /// Number what waits, forget what ended, announce what was not announced. Blocking.
     fn sync(&self) {
         if self.operators.is_empty() {
@@ -608,56 +658,6 @@ impl Ops {
         self.desk_ctx().sync();
     }
 
-    /// What number `n` names now, for verb `verb`; Err: the words for the operator.
-    fn named(&self, ctx: &DeskCtx, a: Answer) -> Result<Named, String> {
-        let st = lock(&self.desk.state);
-        let Some(item) = st.items.get(&a.number) else {
-            return Err(format!(
-                "Nothing waits as number {} (answered, ended or never announced).",
-                a.number
-            ));
-        };
-        match item {
-            Item::Approval { .. } => {
-                if a.verb.resolution().is_none() {
-                    return Err(format!(
-                        "{} is an approval: answer allow {n}, always {n} or deny {n}.",
-                        a.number,
-                        n = a.number
-                    ));
-                }
-                let p = ctx
-                    .pending()
-                    .into_iter()
-                    .find(|p| item.is_approval(p))
-                    .ok_or_else(|| format!("Approval {} no longer waits.", a.number))?;
-                Ok(Named::Approval {
-                    id: p.id,
-                    argv: shown_argv(&p.argv),
-                })
-            }
-            Item::Held { id, .. } => {
-                if !matches!(a.verb, Verb::Admit | Verb::Drop) {
-                    return Err(format!(
-                        "{} is a held message: answer admit {n} or drop {n}.",
-                        a.number,
-                        n = a.number
-                    ));
-                }
-                let m = ctx
-                    .held
-                    .all()
-                    .into_iter()
-                    .find(|(h, _)| h == id)
-                    .ok_or_else(|| format!("Held message {} is no longer held.", a.number))?;
-                Ok(Named::Held {
-                    id: id.clone(),
-                    sender: m.1.sender,
-                })
-            }
-        }
-    }
-
     /// A `deliver` from the channel's operator whose text is an answer: audited, acted on,
     /// confirmed in the conversation, never queued for the agent.
     pub(crate) async fn operator_answer(
@@ -703,13 +703,21 @@ impl Ops {
                 };
             }
         };
-        let ctx = self.desk_ctx();
+        let ctx = Arc::new(self.desk_ctx());
         let by = format!(
             "{words:?} from the operator of {} ({})",
             spec.name,
             shown(&d.sender)
         );
-        let reply = match self.named(&ctx, answer) {
+        let looked = {
+            let ctx = ctx.clone();
+            tokio::task::spawn_blocking(move || ctx.named(answer)).await
+        };
+        let named = match looked {
+            Ok(n) => n,
+            Err(e) => return Response::err(ErrorCode::Internal, format!("operator answer: {e}")),
+        };
+        let reply = match named {
             Err(why) => {
                 if let Err(resp) = self
                     .allow(
