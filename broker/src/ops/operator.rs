@@ -177,12 +177,17 @@ enum Item {
         /// Channels it was announced on.
         #[serde(default)]
         announced: BTreeSet<String>,
+        /// Answered from a chat (its end needs no notice).
+        #[serde(default)]
+        settled: bool,
     },
     /// A held message, by its held id.
     Held {
         id: String,
         #[serde(default)]
         announced: BTreeSet<String>,
+        #[serde(default)]
+        settled: bool,
     },
 }
 
@@ -195,6 +200,7 @@ impl Item {
             profile: p.profile.clone(),
             created: p.created.clone(),
             announced: BTreeSet::new(),
+            settled: false,
         }
     }
 
@@ -211,6 +217,24 @@ impl Item {
     fn announced(&mut self) -> &mut BTreeSet<String> {
         match self {
             Item::Approval { announced, .. } | Item::Held { announced, .. } => announced,
+        }
+    }
+
+    fn settled(&mut self) -> &mut bool {
+        match self {
+            Item::Approval { settled, .. } | Item::Held { settled, .. } => settled,
+        }
+    }
+
+    /// The notice that it ended without an answer from a chat.
+    fn ended_text(&self, n: u64) -> String {
+        match self {
+            Item::Approval { .. } => format!(
+                "Approval {n} no longer waits: answered elsewhere, withdrawn, or timed out (denied)."
+            ),
+            Item::Held { .. } => {
+                format!("Held message {n} is no longer held: admitted or dropped elsewhere.")
+            }
         }
     }
 }
@@ -292,6 +316,13 @@ impl Desk {
 
     pub(crate) fn forget_reason(&self, who: u64, argv: &[String]) {
         lock(&self.reasons).remove(&(who, argv.to_vec()));
+    }
+
+    /// Number `n` is being answered from a chat: its end needs no notice.
+    fn settle(&self, n: u64) {
+        if let Some(it) = lock(&self.state).items.get_mut(&n) {
+            *it.settled() = true;
+        }
     }
 
     fn reason(&self, p: &Pending) -> Option<String> {
@@ -533,10 +564,33 @@ impl DeskCtx {
         let held = self.held.all();
         let mut st = lock(&self.desk.state);
         let before = st.clone();
-        st.items.retain(|_, it| match it {
-            Item::Approval { .. } => pending.iter().any(|p| it.is_approval(p)),
-            Item::Held { id, .. } => held.iter().any(|(h, _)| h == id),
-        });
+        let ended: Vec<u64> = st
+            .items
+            .iter()
+            .filter(|(_, it)| match it {
+                Item::Approval { .. } => !pending.iter().any(|p| it.is_approval(p)),
+                Item::Held { id, .. } => !held.iter().any(|(h, _)| h == id),
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for n in ended {
+            let Some(mut it) = st.items.remove(&n) else {
+                continue;
+            };
+            if *it.settled() {
+                continue;
+            }
+            // Announced and ended without an answer from a chat: say so where it was announced.
+            let told = it.announced().clone();
+            let text = it.ended_text(n);
+            for spec in self.operators.iter().filter(|s| told.contains(&s.name)) {
+                if let Err(e) =
+                    self.post(spec, &text, Vec::new(), Some(format!("operator-end:{n}")))
+                {
+                    tracing::warn!(channel = %spec.name, number = n, error = %e, "the end of an announced item was not told");
+                }
+            }
+        }
         for p in &pending {
             if !st.items.values().any(|it| it.is_approval(p)) {
                 let n = st.next;
@@ -553,6 +607,7 @@ impl DeskCtx {
                     Item::Held {
                         id: id.clone(),
                         announced: BTreeSet::new(),
+                        settled: false,
                     },
                 );
             }
@@ -750,6 +805,7 @@ impl Ops {
                 {
                     return resp;
                 }
+                self.desk.settle(answer.number);
                 let approver = ctx.approver.clone();
                 let done = tokio::task::spawn_blocking(move || match approver {
                     Some(a) => a.resolve(id, res).map_err(|e| e.to_string()),
@@ -796,6 +852,7 @@ impl Ops {
                 {
                     return resp;
                 }
+                self.desk.settle(answer.number);
                 let admitter: Admitter = self.admitter();
                 let held = self.held.clone();
                 let hid = id.clone();

@@ -599,17 +599,99 @@ async fn the_desk_task_announces_without_being_asked() {
     let env = setup();
     env.ops.start_operator_desk();
     assert_eq!(env.deliver(STRANGER, "h1", "hi").await, DeliverStatus::Held);
-    for _ in 0..300 {
-        let out = env.take_outbox().await;
-        if !out.is_empty() {
-            assert!(
-                out[0].body.starts_with("Held message 1 "),
-                "{}",
-                out[0].body
-            );
-            return;
+    let first = env.next_announcement().await;
+    assert!(first.body.starts_with("Held message 1 "), "{}", first.body);
+    // An ask is announced as soon as it waits (the approvals tell the desk), well before the
+    // desk's periodic look.
+    let ops = env.ops.clone();
+    let asking = tokio::spawn(async move {
+        ops.exec(&who("gw", 5), vec!["yes".into(), "y".into()], None)
+            .await
+    });
+    env.wait_pending().await;
+    let started = std::time::Instant::now();
+    let second = env.next_announcement().await;
+    assert!(second.body.starts_with("Approval 2: "), "{}", second.body);
+    assert!(started.elapsed() < TICK, "{:?}", started.elapsed());
+    // Answered from the chat, the desk forgets it (and the confirmation is all that follows).
+    assert_eq!(
+        env.deliver(OWNER, "o1", "deny 2").await,
+        DeliverStatus::Answered
+    );
+    let r = asking.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(r.reply, Reply::Err(ref e) if e.code == ErrorCode::Denied));
+    let third = env.next_announcement().await;
+    assert!(
+        third.body.starts_with("Approval 2: denied"),
+        "{}",
+        third.body
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(lock(&env.ops.desk.state).items.keys().eq([1u64].iter()));
+    // Answered from the chat: no "no longer waits" notice follows.
+    assert!(env.take_outbox().await.is_empty());
+}
+
+impl Env {
+    async fn next_announcement(&self) -> OutboundMessage {
+        for _ in 0..500 {
+            if let Some(m) = self.take_outbox().await.into_iter().next() {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        panic!("the desk's task announced nothing");
     }
-    panic!("the desk's task announced nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_ends_without_a_chat_answer_is_told_once() {
+    let env = setup();
+    let ops = env.ops.clone();
+    let asking = tokio::spawn(async move {
+        ops.exec(&who("gw", 5), vec!["yes".into(), "y".into()], None)
+            .await
+    });
+    env.wait_pending().await;
+    assert_eq!(env.deliver(STRANGER, "h1", "hi").await, DeliverStatus::Held);
+    env.sync().await;
+    assert_eq!(env.take_outbox().await.len(), 2);
+    // Answered elsewhere (the control socket), dropped elsewhere (`carapace held drop`).
+    let id = env.approvals.list()[0].id;
+    env.approvals
+        .resolve(id, Resolution::AllowOnce)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(is_exec_ok(&asking.await.unwrap_or_else(|e| panic!("{e}"))));
+    let held_id = env.ops.held_messages()[0].id.clone();
+    let ops = env.ops.clone();
+    tokio::task::spawn_blocking(move || ops.drop_held(&held_id, None))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.sync().await;
+    env.sync().await;
+    let bodies: Vec<String> = env
+        .take_outbox()
+        .await
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "Approval 1 no longer waits: answered elsewhere, withdrawn, or timed out (denied).",
+            "Held message 2 is no longer held: admitted or dropped elsewhere.",
+        ]
+    );
+    // An answer now is told that nothing waits.
+    assert_eq!(
+        env.deliver(OWNER, "o1", "allow 1").await,
+        DeliverStatus::Answered
+    );
+    let out = env.take_outbox().await;
+    assert!(
+        out[0].body.starts_with("Nothing waits as number 1"),
+        "{}",
+        out[0].body
+    );
 }
