@@ -66,8 +66,13 @@ impl HeldStore {
         Ok(id)
     }
 
-    fn get(&self, id: &str) -> Option<InboundMessage> {
+    pub(crate) fn get(&self, id: &str) -> Option<InboundMessage> {
         lock(&self.entries).get(id).cloned()
+    }
+
+    /// The ids of the held messages, oldest first (without copying the messages).
+    pub(crate) fn ids(&self) -> Vec<String> {
+        lock(&self.entries).keys().cloned().collect()
     }
 
     /// Remove held message `id`. Blocking.

@@ -543,13 +543,11 @@ impl DeskCtx {
                 }
                 let m = self
                     .held
-                    .all()
-                    .into_iter()
-                    .find(|(h, _)| h == id)
+                    .get(id)
                     .ok_or_else(|| format!("Held message {} is no longer held.", a.number))?;
                 Ok(Named::Held {
                     id: id.clone(),
-                    sender: m.1.sender,
+                    sender: m.sender,
                 })
             }
         }
@@ -561,7 +559,7 @@ impl DeskCtx {
             return;
         }
         let pending = self.pending();
-        let held = self.held.all();
+        let held = self.held.ids();
         let mut st = lock(&self.desk.state);
         let before = st.clone();
         let ended: Vec<u64> = st
@@ -569,7 +567,7 @@ impl DeskCtx {
             .iter()
             .filter(|(_, it)| match it {
                 Item::Approval { .. } => !pending.iter().any(|p| it.is_approval(p)),
-                Item::Held { id, .. } => !held.iter().any(|(h, _)| h == id),
+                Item::Held { id, .. } => !held.contains(id),
             })
             .map(|(n, _)| *n)
             .collect();
@@ -598,7 +596,7 @@ impl DeskCtx {
                 st.items.insert(n, Item::of_approval(p));
             }
         }
-        for (id, _) in &held {
+        for id in &held {
             if !st.items.values().any(|it| it.is_held(id)) {
                 let n = st.next;
                 st.next = n.saturating_add(1);
@@ -613,6 +611,14 @@ impl DeskCtx {
             }
         }
         for (n, it) in st.items.iter_mut() {
+            let todo: Vec<&ChannelSpec> = self
+                .operators
+                .iter()
+                .filter(|s| !it.announced().contains(&s.name))
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
             let (text, buttons) = match &*it {
                 Item::Approval { .. } => {
                     let Some(p) = pending.iter().find(|p| it.is_approval(p)) else {
@@ -622,16 +628,13 @@ impl DeskCtx {
                     (approval_text(*n, p, why.as_deref()), approval_buttons(*n))
                 }
                 Item::Held { id, .. } => {
-                    let Some((_, m)) = held.iter().find(|(h, _)| h == id) else {
+                    let Some(m) = self.held.get(id) else {
                         continue;
                     };
-                    (held_text(*n, m), held_buttons(*n))
+                    (held_text(*n, &m), held_buttons(*n))
                 }
             };
-            for spec in &self.operators {
-                if it.announced().contains(&spec.name) {
-                    continue;
-                }
+            for spec in todo {
                 match self.post(spec, &text, buttons.clone(), Some(format!("operator:{n}"))) {
                     Ok(_) => {
                         tracing::info!(channel = %spec.name, number = n, "announced to the channel's operator");
