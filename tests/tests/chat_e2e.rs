@@ -81,6 +81,8 @@ extends = "gateway"
 [profiles.agent.broker]
 connect = [{{ host = "127.0.0.1", port = {llm}, allow_private = true, why = "the fake model" }}]
 channels = ["tg"]
+# The gateway may not answer approvals itself here: only the owner's chat and the control
+# socket can.
 approve = false
 "#,
         secret = secret.display(),
