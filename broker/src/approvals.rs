@@ -287,6 +287,8 @@ pub struct Approvals {
     timeout: Duration,
     inner: Mutex<Inner>,
     cond: Condvar,
+    /// Bumped whenever an approval starts waiting or ends ([`Approvals::subscribe`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Hex SHA-256 of the executable regular file at `path` (opened and hashed as
@@ -382,7 +384,18 @@ impl Approvals {
                 slots,
             }),
             cond: Condvar::new(),
+            changed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Told (the value changes) whenever an approval starts waiting or ends: for whoever
+    /// announces approvals to an operator.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Write `p` to `<state_dir>/asks/` (atomic); its path.
@@ -490,7 +503,10 @@ impl Approvals {
                     return Ok(Requested::Answered(d));
                 }
                 slot.orphan = false;
-                return Ok(Requested::Pending(slot.pending.clone()));
+                let p = slot.pending.clone();
+                drop(inner);
+                self.bump();
+                return Ok(Requested::Pending(p));
             }
         }
         if inner.slots.len() >= MAX_PENDING {
@@ -520,6 +536,8 @@ impl Approvals {
                 orphan: false,
             },
         );
+        drop(inner);
+        self.bump();
         Ok(Requested::Pending(pending))
     }
 
@@ -550,6 +568,8 @@ impl Approvals {
                 s.state = Some(Decision::TimedOut);
             }
             self.cond.notify_all();
+            drop(inner);
+            self.bump();
             return Err(ApprovalError::Expired { id });
         }
         let decision = match resolution {
@@ -587,6 +607,8 @@ impl Approvals {
             }
         }
         self.cond.notify_all();
+        drop(inner);
+        self.bump();
         Ok(decision)
     }
 
@@ -630,6 +652,8 @@ impl Approvals {
             }
         }
         self.cond.notify_all();
+        drop(inner);
+        self.bump();
     }
 
     /// Blocks until approval `id` is resolved, it times out, or `deadline` passes (the last two
@@ -664,6 +688,8 @@ impl Approvals {
                         remove_ask(s.file.as_deref());
                     }
                 }
+                drop(inner);
+                self.bump();
                 return Ok(d);
             }
             let left = until.saturating_duration_since(Instant::now());

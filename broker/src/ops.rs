@@ -19,7 +19,10 @@
 //! approvals answered by a gateway), `ops/inbound.rs` (the inbound queue: `deliver`,
 //! `inbound`), `ops/held.rs` (messages from senders not admitted: `held`, `admit`,
 //! `drop_held`), `ops/outbox.rs` (adapter channels: `outbox`, `outbox_ack`, `channel_state`),
-//! `ops/channels.rs` (admitted senders, reply addresses, ids and keys taken, channel figures).
+//! `ops/channels.rs` (admitted senders, reply addresses, ids and keys taken, channel figures),
+//! `ops/operator.rs` (what an operator's console reads and does: dead letters, the audit log,
+//! channels, children), `ops/operator_chat.rs` (approvals and held messages announced to a
+//! channel's operator and answered from that conversation).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -53,6 +56,7 @@ mod files;
 mod held;
 mod inbound;
 mod operator;
+mod operator_chat;
 mod outbox;
 mod send;
 
@@ -63,6 +67,7 @@ pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, Sec
 pub use held::HeldError;
 pub use inbound::bad_ref;
 pub use inbound::bad_sender;
+pub use operator_chat::{is_operator, parse_answer, Answer, Verb, DESK_FILE};
 
 // ---------------------------------------------------------------------------------------------
 // The exec seam (implemented by the supervisor).
@@ -169,6 +174,12 @@ pub trait Approver: Send + Sync {
         let _ = r;
         Err(ApprovalError::UnknownId { id })
     }
+
+    /// Told whenever an approval starts waiting or ends (None: nothing to watch; whoever
+    /// announces approvals then looks at `pending` from time to time).
+    fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Withdraws a pending approval when the waiting request is dropped (peer gone).
@@ -243,6 +254,11 @@ impl Approver for Approvals {
     /// [`Approvals::resolve`] (an allow-always grant is persisted first).
     fn resolve(&self, id: u64, r: Resolution) -> Result<Decision, ApprovalError> {
         Approvals::resolve(self, id, r)
+    }
+
+    /// [`Approvals::subscribe`].
+    fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(Approvals::subscribe(self))
     }
 }
 
@@ -408,6 +424,8 @@ pub struct Ops {
     book: Arc<channels::ChannelBook>,
     /// Where the `children` op reads the service's children (set by the service).
     children: RwLock<Option<ChildrenSource>>,
+    /// What was announced to the channels' operators, by number.
+    desk: Arc<operator_chat::Desk>,
 }
 
 /// What the service tells the broker about its children, asked anew for each `children` op.
@@ -565,6 +583,7 @@ impl Ops {
             book.remember(&channel, true, &key);
         }
         Ok(Ops {
+            desk: Arc::new(operator_chat::Desk::open(dir)),
             inbound: Arc::new(inbound),
             held: Arc::new(held),
             outbox: Arc::new(outbox),

@@ -367,6 +367,9 @@ pub enum DeliverStatus {
     Held,
     /// A message with this id was already taken on this channel; nothing was done.
     Duplicate,
+    /// The channel's operator answered an approval or a held message with it: taken by the
+    /// broker, never queued for the agent.
+    Answered,
 }
 
 /// How the broker took an adapter's `outbox_ack`.
@@ -393,6 +396,19 @@ pub struct OutboundMessage {
     pub in_reply_to: Option<String>,
     /// 1 for the first try, one more for each retry.
     pub attempt: u32,
+    /// Answer buttons the service may show with the message (the broker's announcements to
+    /// the channel's operator); pressing one answers with its `data`, as if it was written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buttons: Vec<Button>,
+}
+
+/// An answer button of an outbound message (e.g. a Telegram inline keyboard button).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Button {
+    /// What the button shows.
+    pub label: String,
+    /// What pressing it answers (at most 64 bytes: Telegram's limit on `callback_data`).
+    pub data: String,
 }
 
 /// One held inbound message (`held`): from a sender the channel does not admit.
@@ -1645,6 +1661,7 @@ mod tests {
                     body: "hi".into(),
                     in_reply_to: Some("update:7".into()),
                     attempt: 2,
+                    buttons: Vec::new(),
                 }],
             },
             OkReply::OutboxAck {

@@ -1,16 +1,21 @@
 //! The Telegram Bot API adapter.
 //!
-//! Inbound: long-polls `getUpdates` (`allowed_updates: ["message"]`), delivers private and group
-//! messages — sender = `from.id`, conversation = reply_to = `chat.id` (decimal), id =
-//! `update:<update_id>` — and only after the broker answered saves the offset (`update_id + 1`)
-//! in `<state_dir>/telegram.cursor.json`. A text message is delivered as its text; a photo,
+//! Inbound: long-polls `getUpdates` (`allowed_updates: ["message", "callback_query"]`), delivers
+//! private and group messages — sender = `from.id`, conversation = reply_to = `chat.id`
+//! (decimal), id = `update:<update_id>` — and only after the broker answered saves the offset
+//! (`update_id + 1`) in `<state_dir>/telegram.cursor.json`. A press of an inline keyboard button
+//! (`callback_query`) is delivered as its `data`, with sender = the presser's `from.id` (the
+//! only identity that counts: the broker compares it with the channel's operator) and
+//! conversation = the chat of the message the button was on; the press is acknowledged with
+//! `answerCallbackQuery` so the client stops waiting. A text message is delivered as its text; a photo,
 //! document, voice note and the like as a short note (`[telegram: photo; only text is
 //! delivered]` and its caption); service messages (members joining, pins, ...) and updates
 //! without a sender are skipped with a log line.
 //!
 //! Outbound: `sendMessage` (chat_id = the recipient, numeric when it is a number), split into
 //! pieces of at most 4096 UTF-16 units at line or word boundaries where possible; the first
-//! piece answers the Telegram message `in_reply_to` names when this process received it. A
+//! piece answers the Telegram message `in_reply_to` names when this process received it, and
+//! the last carries the message's answer buttons as an inline keyboard (`reply_markup`). A
 //! message whose first pieces went out and a later one failed resumes at the failed piece.
 //! `ok: false` with `error_code` 429 (and `parameters.retry_after`), 5xx and network errors are
 //! retried; other 4xx are not.
@@ -116,6 +121,12 @@ pub enum Item {
         inbound: Inbound,
         chat_id: i64,
         message_id: i64,
+    },
+    /// A press of an inline keyboard button: its `data` to deliver as the presser's answer,
+    /// and the id `answerCallbackQuery` acknowledges.
+    Callback {
+        inbound: Inbound,
+        callback_id: String,
     },
     /// Nothing to deliver, and why.
     Skip(String),
@@ -238,7 +249,51 @@ fn updates_of(result: &Value) -> Result<Vec<Update>, ServiceError> {
         .collect()
 }
 
+/// Longest `callback_data` Telegram carries (bytes).
+pub const MAX_CALLBACK_DATA: usize = 64;
+
+fn callback_of(update_id: i64, q: &Value) -> Item {
+    let id = q
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|i| !i.is_empty());
+    let from_id = q
+        .get("from")
+        .and_then(|c| c.get("id"))
+        .and_then(Value::as_i64);
+    let (Some(id), Some(from_id)) = (id, from_id) else {
+        return Item::Skip("a button press without id or from.id".into());
+    };
+    let Some(data) = q
+        .get("data")
+        .and_then(Value::as_str)
+        .filter(|d| !d.is_empty() && d.len() <= MAX_CALLBACK_DATA)
+    else {
+        return Item::Skip("a button press without data (or a game button)".into());
+    };
+    // The chat the pressed message is in; an inline-mode message has none: the presser's own.
+    let chat_id = q
+        .get("message")
+        .and_then(|m| m.get("chat"))
+        .and_then(|c| c.get("id"))
+        .and_then(Value::as_i64)
+        .unwrap_or(from_id);
+    Item::Callback {
+        inbound: Inbound {
+            id: format!("update:{update_id}"),
+            sender: from_id.to_string(),
+            conversation: chat_id.to_string(),
+            reply_to: chat_id.to_string(),
+            text: data.to_string(),
+        },
+        callback_id: id.to_string(),
+    }
+}
+
 fn item_of(update_id: i64, u: &Value) -> Item {
+    if let Some(q) = u.get("callback_query").filter(|q| q.is_object()) {
+        return callback_of(update_id, q);
+    }
     let Some(m) = u.get("message").filter(|m| m.is_object()) else {
         return Item::Skip("not a new message".into());
     };
@@ -419,7 +474,7 @@ impl<B: BrokerApi> Source for Poller<B> {
     async fn poll(&mut self, cursor: Option<&Offset>) -> Result<Vec<Polled<Offset>>, ServiceError> {
         let mut body = json!({
             "timeout": self.timeout.as_secs(),
-            "allowed_updates": ["message"],
+            "allowed_updates": ["message", "callback_query"],
             "limit": POLL_LIMIT,
         });
         let now = now_secs();
@@ -448,6 +503,23 @@ impl<B: BrokerApi> Source for Poller<B> {
                     message_id,
                 } => {
                     lock(&self.received).remember(&inbound.id, chat_id, message_id);
+                    Some(inbound)
+                }
+                Item::Callback {
+                    inbound,
+                    callback_id,
+                } => {
+                    // Acknowledged at once, whatever the broker makes of it: the client stops
+                    // showing the press as pending. Best effort: a press answered late or twice
+                    // (after a restart) is refused by Telegram, and nothing depends on it.
+                    let body = json!({"callback_query_id": callback_id});
+                    if let Err(e) = self
+                        .api
+                        .call("answerCallbackQuery", &body, SEND_TIMEOUT)
+                        .await
+                    {
+                        tracing::info!(update_id = u.update_id, error = %e.message, "telegram: button press not acknowledged");
+                    }
                     Some(inbound)
                 }
                 Item::Skip(why) => {
@@ -519,11 +591,16 @@ impl<B: BrokerApi> Outlet for Sender<B> {
         });
         let start = self.progress_of(&msg.id);
         let mut service_id = None;
+        let keyboard = inline_keyboard(msg);
+        let last = pieces.len() - 1;
         for (i, piece) in pieces.iter().enumerate().skip(start) {
             let mut body = json!({"chat_id": chat_id, "text": piece});
             if let (0, Some(m)) = (i, reply_to) {
                 body["reply_parameters"] =
                     json!({"message_id": m, "allow_sending_without_reply": true});
+            }
+            if let (true, Some(k)) = (i == last, &keyboard) {
+                body["reply_markup"] = k.clone();
             }
             match self.api.call("sendMessage", &body, SEND_TIMEOUT).await {
                 Ok(result) => {
@@ -549,6 +626,24 @@ impl<B: BrokerApi> Outlet for Sender<B> {
         self.set_progress(&msg.id, None);
         Ok(service_id)
     }
+}
+
+/// The message's answer buttons as an inline keyboard (one row), or None without buttons.
+/// Buttons whose data Telegram cannot carry are left out (logged).
+fn inline_keyboard(msg: &OutboundMessage) -> Option<Value> {
+    let row: Vec<Value> = msg
+        .buttons
+        .iter()
+        .filter(|b| {
+            let ok = !b.data.is_empty() && b.data.len() <= MAX_CALLBACK_DATA && !b.label.is_empty();
+            if !ok {
+                tracing::warn!(id = %msg.id, "a button Telegram cannot carry was left out");
+            }
+            ok
+        })
+        .map(|b| json!({"text": b.label, "callback_data": b.data}))
+        .collect();
+    (!row.is_empty()).then(|| json!({"inline_keyboard": [row]}))
 }
 
 /// The adapter's two halves over one API client.

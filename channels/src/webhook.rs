@@ -247,6 +247,7 @@ async fn handle<B: BrokerApi>(
                 DeliverStatus::Queued => "queued",
                 DeliverStatus::Held => "held",
                 DeliverStatus::Duplicate => "duplicate",
+                DeliverStatus::Answered => "answered",
             };
             answer(StatusCode::ACCEPTED, json!({"status": status}))
         }

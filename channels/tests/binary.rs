@@ -289,6 +289,7 @@ fn telegram_through_the_real_broker_protocol() {
         body: "answer".into(),
         in_reply_to: Some(format!("update:{u}")),
         attempt: 1,
+        buttons: Vec::new(),
     });
     let sent = fake.wait_sent(1, WAIT);
     assert_eq!(
@@ -357,6 +358,7 @@ fn webhook_on_the_inherited_listener() {
         body: "x".into(),
         in_reply_to: None,
         attempt: 1,
+        buttons: Vec::new(),
     });
     let ack = b.until("the ack", |s| s.acks.first().cloned());
     assert!(

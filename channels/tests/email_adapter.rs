@@ -175,6 +175,7 @@ fn the_adapter_delivers_answers_and_resumes_after_a_restart() {
         body: "The answer.".into(),
         in_reply_to: Some("n1@example.com".into()),
         attempt: 1,
+        buttons: Vec::new(),
     });
     let sent = sink.wait_for(1, Duration::from_secs(20));
     assert_eq!(sent.len(), 1);
@@ -218,6 +219,7 @@ fn the_adapter_delivers_answers_and_resumes_after_a_restart() {
         body: "x".into(),
         in_reply_to: None,
         attempt: 1,
+        buttons: Vec::new(),
     });
     wait_until("the second ack", Duration::from_secs(10), || {
         broker.acks.lock().unwrap().len() >= 2

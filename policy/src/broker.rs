@@ -86,6 +86,7 @@ pub(crate) struct RawChannel {
     pub senders: Option<S<Vec<S<String>>>>,
     pub reply_to_senders: Option<S<bool>>,
     pub retry: Option<S<RawRetry>>,
+    pub operator: Option<S<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -322,6 +323,10 @@ pub struct ChannelSpec {
     pub reply_to_senders: bool,
     /// Outbound retries (adapter channels).
     pub retry: RetryPolicy,
+    /// The operator's identity on this channel (adapter channels): the one sender whose
+    /// `allow N` / `always N` / `deny N` / `admit N` / `drop N` answer approvals and held
+    /// messages, and where the broker announces them. None: no operator conversation here.
+    pub operator: Option<String>,
 }
 
 /// What redacted text is replaced with.
@@ -612,6 +617,12 @@ impl BrokerRules {
                 let _ = writeln!(
                     s,
                     "      and as its adapter: takes and confirms its outbound messages (outbox, outbox_ack, channel_state)"
+                );
+            }
+            if let Some(op) = &c.operator {
+                let _ = writeln!(
+                    s,
+                    "      operator {op}: approvals and held senders are announced to them, and only their answers (allow/always/deny/admit/drop N) resolve them"
                 );
             }
         }
@@ -1097,6 +1108,51 @@ fn retry_policy(sink: &mut Sink<'_>, raw: &Option<S<RawRetry>>, what: &str) -> R
     out
 }
 
+/// Longest operator identity (the broker's limit on a delivered sender).
+pub const MAX_OPERATOR: usize = 256;
+
+/// `operator` of a channel: a sender identity (1 to [`MAX_OPERATOR`] bytes, no control
+/// characters, no surrounding whitespace), only on an adapter channel.
+fn operator_of(
+    sink: &mut Sink<'_>,
+    op: &Option<S<String>>,
+    kind: &Option<S<String>>,
+    what: &str,
+) -> Option<String> {
+    let op = op.as_ref()?;
+    let v = op.get_ref();
+    const EXPECTED: &str =
+        "operator = \"123456789\" (the operator's Telegram user id, e-mail address, webhook sender)";
+    let bad = if v.is_empty() {
+        Some("the operator identity is empty".to_string())
+    } else if v.len() > MAX_OPERATOR {
+        Some(format!(
+            "the operator identity is longer than {MAX_OPERATOR} bytes"
+        ))
+    } else if v.chars().any(char::is_control) {
+        Some("the operator identity has control characters".to_string())
+    } else if v.trim() != v {
+        Some("the operator identity has surrounding whitespace".to_string())
+    } else if v.contains(['*', '?', '[', '{']) {
+        Some("the operator identity is one exact sender, not a glob".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = bad {
+        sink.err(&op.span(), format!("{why} in {what}"), EXPECTED);
+        return None;
+    }
+    if kind.as_ref().is_some_and(|k| k.get_ref() != "adapter") {
+        sink.err(
+            &op.span(),
+            format!("`operator` in {what}: only for kind \"adapter\""),
+            "no `operator`: a file channel has no one to answer",
+        );
+        return None;
+    }
+    Some(v.clone())
+}
+
 /// `[channels.NAME]` tables.
 pub(crate) fn lower_channels(
     raw: BTreeMap<S<String>, S<RawChannel>>,
@@ -1182,6 +1238,7 @@ pub(crate) fn lower_channels(
                 );
             }
         }
+        let operator = operator_of(sink, &c.operator, &c.kind, &what);
         let senders = globs(sink, &c.senders, "sender");
         let reply_to_senders = c.reply_to_senders.as_ref().is_some_and(|b| *b.get_ref());
         let retry = retry_policy(sink, &c.retry, &what);
@@ -1255,6 +1312,7 @@ pub(crate) fn lower_channels(
                     senders,
                     reply_to_senders,
                     retry,
+                    operator,
                 },
             );
         }

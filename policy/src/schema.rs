@@ -107,6 +107,7 @@ const CHANNEL: Kind = Table(&[
     ("senders", Array(&Str)),
     ("reply_to_senders", Bool),
     ("retry", CHANNEL_RETRY),
+    ("operator", Str),
 ]);
 const PROFILE: Kind = Table(&[
     ("why", Str),

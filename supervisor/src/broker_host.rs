@@ -331,6 +331,11 @@ impl BrokerHost {
         );
         let handler: Arc<dyn Handler> = ops.clone();
         let _ = peers.handler.set(handler);
+        if channel == OperatorChannel::Control {
+            // Approvals and held messages announced to the channels' operators.
+            let _guard = runtime.enter();
+            ops.start_operator_desk();
+        }
         Ok(BrokerHost {
             runtime,
             peers,

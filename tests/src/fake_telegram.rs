@@ -7,8 +7,16 @@
 //!   `10_000` up); `getUpdates` drops those below `offset` (confirmed, as Telegram does),
 //!   answers up to `limit` of the rest, and with none long-polls up to `timeout` seconds.
 //! - `sendMessage` checks `chat_id` and `text` (empty: 400 "message text is empty"; over 4096
-//!   UTF-16 units: 400 "message is too long"), records the call ([`FakeTelegram::sent`]) and
-//!   answers the Message object.
+//!   UTF-16 units: 400 "message is too long") and an inline keyboard in `reply_markup` (an
+//!   object or its JSON text; buttons need `text` and `callback_data` of 1 to 64 bytes: else
+//!   400 "can't parse reply keyboard markup JSON object" / "BUTTON_DATA_INVALID"), records the
+//!   call ([`FakeTelegram::sent`]) and answers the Message object (with its `reply_markup`).
+//! - `getUpdates` honours `allowed_updates` as Telegram does: the list is kept until a call
+//!   gives another one, and updates of other kinds are not handed out (they are dropped).
+//! - [`FakeTelegram::push_callback`] queues a `callback_query` (a press of an inline keyboard
+//!   button by any user); `answerCallbackQuery` accepts each query id it issued once (else
+//!   400 "query is too old and response timeout expired or query ID is invalid") and records
+//!   it ([`FakeTelegram::answered_callbacks`]).
 //! - [`FakeTelegram::inject`] makes the next call of a method answer something else: an API
 //!   error (429 with `retry_after`, 5xx, 4xx), a raw status and body (malformed JSON), or no
 //!   answer at all ([`Injected::Hang`]).
@@ -102,6 +110,13 @@ struct State {
     sent: Vec<Value>,
     /// The highest `offset` a getUpdates asked with.
     offset: Option<i64>,
+    /// The last `allowed_updates` a getUpdates gave (None: every kind).
+    allowed_updates: Option<Vec<String>>,
+    /// Callback query ids issued and not yet answered.
+    open_callbacks: Vec<String>,
+    /// `answerCallbackQuery` calls that succeeded, their parameters.
+    answered_callbacks: Vec<Value>,
+    next_callback: u64,
 }
 
 #[derive(Debug)]
@@ -225,6 +240,43 @@ impl FakeTelegram {
             }
         }
         (self.push_update(json!({"message": message})), message_id)
+    }
+
+    /// Queue a press of an inline keyboard button with `data` by user `from_id`, on message
+    /// `message_id` of chat `chat_id`. Returns (update id, callback query id).
+    pub fn push_callback(
+        &self,
+        chat_id: i64,
+        from_id: i64,
+        message_id: i64,
+        data: &str,
+    ) -> (i64, String) {
+        let id = {
+            let mut st = self.shared.state();
+            st.next_callback += 1;
+            let id = format!("{}", 4_000_000_000_000_000_000u64 + st.next_callback);
+            st.open_callbacks.push(id.clone());
+            id
+        };
+        let update = json!({"callback_query": {
+            "id": id,
+            "from": {"id": from_id, "is_bot": false, "first_name": "User", "language_code": "en"},
+            "message": {
+                "message_id": message_id,
+                "from": {"id": BOT_ID, "is_bot": true, "first_name": "Fake", "username": "fake_bot"},
+                "chat": {"id": chat_id, "first_name": "User", "type": "private"},
+                "date": now(),
+                "text": "(the message with the keyboard)",
+            },
+            "chat_instance": "-1234567890",
+            "data": data,
+        }});
+        (self.push_update(update), id)
+    }
+
+    /// The parameters of every `answerCallbackQuery` that succeeded, in order.
+    pub fn answered_callbacks(&self) -> Vec<Value> {
+        self.shared.state().answered_callbacks.clone()
     }
 
     /// The next call of `method` answers `reply` (queued per method, in order).
@@ -498,6 +550,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             Some(Injected::Pass) | None => match method.as_str() {
                 "getUpdates" => get_updates(shared, &params),
                 "sendMessage" => send_message(shared, &params),
+                "answerCallbackQuery" => answer_callback(shared, &params),
                 "getMe" => ok(
                     json!({"id": BOT_ID, "is_bot": true, "first_name": "Fake", "username": "fake_bot"}),
                 ),
@@ -527,6 +580,30 @@ fn get_updates(shared: &Shared, params: &Value) -> (u16, String) {
     let timeout = int(params, "timeout").unwrap_or(0).clamp(0, 50) as u64;
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut st = shared.state();
+    match params.get("allowed_updates") {
+        Some(Value::Array(kinds)) => {
+            st.allowed_updates = Some(
+                kinds
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            );
+        }
+        Some(Value::String(text)) => {
+            st.allowed_updates = serde_json::from_str(text).ok();
+        }
+        _ => {}
+    }
+    if let Some(kinds) = st.allowed_updates.clone().filter(|k| !k.is_empty()) {
+        // Updates of kinds not asked for are never handed out.
+        st.updates.retain(|u| {
+            u.as_object().is_some_and(|o| {
+                o.keys()
+                    .any(|k| k != "update_id" && kinds.iter().any(|a| a == k))
+            })
+        });
+    }
     if let Some(o) = offset {
         st.offset = Some(st.offset.map_or(o, |old| old.max(o)));
         // Updates below the offset are confirmed: Telegram forgets them.
@@ -567,6 +644,25 @@ fn send_message(shared: &Shared, params: &Value) -> (u16, String) {
     if text.encode_utf16().count() > 4096 {
         return api_error(400, "Bad Request: message is too long", None);
     }
+    let markup = match params.get("reply_markup") {
+        None => None,
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                return api_error(
+                    400,
+                    "Bad Request: can't parse reply keyboard markup JSON object",
+                    None,
+                )
+            }
+        },
+        Some(v) => Some(v.clone()),
+    };
+    if let Some(m) = &markup {
+        if let Err(why) = check_inline_keyboard(m) {
+            return api_error(400, &format!("Bad Request: {why}"), None);
+        }
+    }
     let mut st = shared.state();
     st.next_message_id += 1;
     let message_id = st.next_message_id;
@@ -586,7 +682,51 @@ fn send_message(shared: &Shared, params: &Value) -> (u16, String) {
     {
         message["reply_to_message"] = json!({"message_id": r});
     }
+    if let Some(m) = markup {
+        message["reply_markup"] = m;
+    }
     ok(message)
+}
+
+/// An `InlineKeyboardMarkup` as Telegram checks it (only callback buttons are modelled).
+fn check_inline_keyboard(m: &Value) -> Result<(), &'static str> {
+    const BAD: &str = "can't parse reply keyboard markup JSON object";
+    let rows = m
+        .get("inline_keyboard")
+        .and_then(Value::as_array)
+        .ok_or(BAD)?;
+    for row in rows {
+        for b in row.as_array().ok_or(BAD)? {
+            let text = b.get("text").and_then(Value::as_str).ok_or(BAD)?;
+            if text.is_empty() {
+                return Err("BUTTON_TEXT_EMPTY");
+            }
+            let data = b.get("callback_data").and_then(Value::as_str).ok_or(BAD)?;
+            if data.is_empty() || data.len() > 64 {
+                return Err("BUTTON_DATA_INVALID");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn answer_callback(shared: &Shared, params: &Value) -> (u16, String) {
+    let id = params
+        .get("callback_query_id")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut st = shared.state();
+    let Some(i) = st.open_callbacks.iter().position(|c| c == id) else {
+        return api_error(
+            400,
+            "Bad Request: query is too old and response timeout expired or query ID is invalid",
+            None,
+        );
+    };
+    st.open_callbacks.remove(i);
+    st.answered_callbacks.push(params.clone());
+    shared.changed.notify_all();
+    ok(json!(true))
 }
 
 #[cfg(test)]
@@ -715,6 +855,85 @@ mod tests {
         let wrong: Vec<_> = calls.iter().filter(|c| !c.token_ok).collect();
         assert_eq!(wrong.len(), 1, "{calls:#?}");
         assert_eq!(wrong[0].method, "getMe");
+    }
+
+    #[test]
+    fn callbacks_keyboards_and_allowed_updates() {
+        let t = FakeTelegram::start(TOKEN);
+        let p = format!("/bot{TOKEN}");
+        t.push_text(5, 5, "a message");
+        let (_, cb) = t.push_callback(5, 6, 77, "allow 1");
+        // Only messages asked for: the button press is never handed out.
+        let (s, v) = call(
+            &t,
+            &format!("{p}/getUpdates"),
+            r#"{"timeout":0,"allowed_updates":["message"]}"#,
+        );
+        assert_eq!(s, 200);
+        assert_eq!(v["result"].as_array().map(Vec::len), Some(1), "{v}");
+        let (_, cb2) = t.push_callback(5, 6, 77, "deny 1");
+        let (_, v) = call(
+            &t,
+            &format!("{p}/getUpdates"),
+            r#"{"timeout":0,"allowed_updates":["message","callback_query"]}"#,
+        );
+        let r = v["result"].as_array().cloned().unwrap_or_default();
+        assert_eq!(r.len(), 2, "{v}");
+        assert_eq!(r[1]["callback_query"]["data"], "deny 1");
+        assert_eq!(r[1]["callback_query"]["from"]["id"], 6);
+        assert_eq!(r[1]["callback_query"]["message"]["chat"]["id"], 5);
+        // The list is kept: a later call without it still gets button presses.
+        let (_, v) = call(&t, &format!("{p}/getUpdates"), r#"{"timeout":0}"#);
+        assert_eq!(v["result"].as_array().map(Vec::len), Some(2), "{v}");
+        // Each issued query is answered once; the dropped one too; unknown ones not.
+        let body = format!(r#"{{"callback_query_id":"{cb2}"}}"#);
+        assert_eq!(call(&t, &format!("{p}/answerCallbackQuery"), &body).0, 200);
+        let (s, v) = call(&t, &format!("{p}/answerCallbackQuery"), &body);
+        assert_eq!(s, 400, "{v}");
+        assert!(
+            v["description"]
+                .as_str()
+                .unwrap_or("")
+                .contains("query is too old"),
+            "{v}"
+        );
+        let body = format!(r#"{{"callback_query_id":"{cb}"}}"#);
+        assert_eq!(call(&t, &format!("{p}/answerCallbackQuery"), &body).0, 200);
+        assert_eq!(t.answered_callbacks().len(), 2);
+        // Inline keyboards: checked, echoed, recorded.
+        let good = r#"{"chat_id":5,"text":"x","reply_markup":{"inline_keyboard":[[{"text":"Allow","callback_data":"allow 1"}]]}}"#;
+        let (s, v) = call(&t, &format!("{p}/sendMessage"), good);
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            v["result"]["reply_markup"]["inline_keyboard"][0][0]["callback_data"],
+            "allow 1"
+        );
+        let long = "x".repeat(65);
+        for (bad, want) in [
+            (r#"{"inline_keyboard":"no"}"#.to_string(), "can't parse"),
+            (
+                r#"{"inline_keyboard":[[{"text":"A"}]]}"#.to_string(),
+                "can't parse",
+            ),
+            (
+                r#"{"inline_keyboard":[[{"text":"","callback_data":"a"}]]}"#.to_string(),
+                "BUTTON_TEXT_EMPTY",
+            ),
+            (
+                format!(r#"{{"inline_keyboard":[[{{"text":"A","callback_data":"{long}"}}]]}}"#),
+                "BUTTON_DATA_INVALID",
+            ),
+            (r#""{not json""#.to_string(), "can't parse"),
+        ] {
+            let body = format!(r#"{{"chat_id":5,"text":"x","reply_markup":{bad}}}"#);
+            let (s, v) = call(&t, &format!("{p}/sendMessage"), &body);
+            assert_eq!(s, 400, "{bad}: {v}");
+            assert!(
+                v["description"].as_str().unwrap_or("").contains(want),
+                "{bad}: {v}"
+            );
+        }
+        assert_eq!(t.sent().len(), 1);
     }
 
     #[test]

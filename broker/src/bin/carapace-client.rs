@@ -372,6 +372,7 @@ fn cmd_deliver(args: &[String]) -> Result<u8, Failure> {
         DeliverStatus::Queued => println!("{}", r.seq),
         DeliverStatus::Held => println!("held {}", r.held.unwrap_or_default()),
         DeliverStatus::Duplicate => println!("duplicate"),
+        DeliverStatus::Answered => println!("answered"),
     }
     Ok(0)
 }

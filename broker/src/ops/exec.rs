@@ -250,6 +250,20 @@ impl Ops {
                 return resp;
             }
             *asked = true;
+            let why = decision
+                .rule
+                .as_ref()
+                .map(|r| r.why.clone())
+                .unwrap_or_default();
+            // The operator's announcement shows the rule's reason while the ask waits.
+            self.desk.note_reason(who.id, &full_argv, &why);
+            struct Forget<'a>(&'a super::operator_chat::Desk, u64, &'a [String]);
+            impl Drop for Forget<'_> {
+                fn drop(&mut self) {
+                    self.0.forget_reason(self.1, self.2);
+                }
+            }
+            let _forget = Forget(&self.desk, who.id, &full_argv);
             let answer = approver
                 .clone()
                 .ask(ApprovalQuery {
@@ -257,13 +271,10 @@ impl Ops {
                     program: opened.clone(),
                     argv: full_argv.clone(),
                     profile: profile.clone(),
-                    why: decision
-                        .rule
-                        .as_ref()
-                        .map(|r| r.why.clone())
-                        .unwrap_or_default(),
+                    why,
                 })
                 .await;
+            drop(_forget);
             if let ApprovalAnswer::Deny(reason) = answer {
                 return self
                     .refuse(

@@ -66,12 +66,17 @@ impl HeldStore {
         Ok(id)
     }
 
-    fn get(&self, id: &str) -> Option<InboundMessage> {
+    pub(crate) fn get(&self, id: &str) -> Option<InboundMessage> {
         lock(&self.entries).get(id).cloned()
     }
 
+    /// The ids of the held messages, oldest first (without copying the messages).
+    pub(crate) fn ids(&self) -> Vec<String> {
+        lock(&self.entries).keys().cloned().collect()
+    }
+
     /// Remove held message `id`. Blocking.
-    fn remove(&self, id: &str) -> Result<(), SpoolError> {
+    pub(crate) fn remove(&self, id: &str) -> Result<(), SpoolError> {
         self.spool.remove(id)?;
         lock(&self.entries).remove(id);
         Ok(())
@@ -100,7 +105,7 @@ impl HeldStore {
 }
 
 /// The stores an admission touches.
-struct Admitter {
+pub(crate) struct Admitter {
     held: Arc<HeldStore>,
     book: Arc<ChannelBook>,
     inbound: Arc<InboundQueue>,
@@ -110,7 +115,7 @@ struct Admitter {
 impl Admitter {
     /// Queue held message `id` for the agent (with `always`, its sender is admitted for good
     /// first). Blocking; the caller has audited.
-    fn admit(&self, id: &str, always: bool) -> Result<u64, HeldError> {
+    pub(crate) fn admit(&self, id: &str, always: bool) -> Result<u64, HeldError> {
         let Some(mut m) = self.held.get(id) else {
             return Err(HeldError::NotFound { id: id.to_string() });
         };
@@ -207,6 +212,8 @@ impl Ops {
             Ok::<String, SpoolError>(id)
         })
         .await;
+        // The channels' operators are told.
+        self.desk.wake();
         match res {
             Ok(Ok(id)) => Response::ok(OkReply::Deliver {
                 seq: 0,
@@ -222,7 +229,7 @@ impl Ops {
     }
 
     /// What admitting a held message needs, for a blocking thread.
-    fn admitter(&self) -> Admitter {
+    pub(crate) fn admitter(&self) -> Admitter {
         Admitter {
             held: self.held.clone(),
             book: self.book.clone(),

@@ -462,6 +462,13 @@ impl Ops {
             .await;
         }
         let rref = rule_ref(spec.line, &spec.why);
+        // The channel's operator answering an approval or a held message: taken here, in the
+        // broker, by the identity the adapter reports; never queued for the agent.
+        if super::operator_chat::is_operator(spec, &d.sender) {
+            if let Some(answer) = super::operator_chat::parse_answer(&d.body) {
+                return self.operator_answer(who, spec, &d, answer, rref).await;
+            }
+        }
         let id_shown = d.id.as_deref().map(shown).unwrap_or_default();
         let claim = match ClaimGuard::claim(&self.book, &spec.name, false, d.id.as_deref()) {
             Ok(c) => c,

@@ -29,8 +29,8 @@ use crate::audit::{AuditDecision, Who};
 use crate::dlq::Entry;
 use crate::durable::{Spool, SpoolError};
 use crate::protocol::{
-    encode_reply, AckStatus, ErrorCode, OkReply, OutboundMessage, Reply, SendOutcome, MAX_FRAME,
-    MAX_INBOUND_WAIT_MS, OUTBOX_LEASE_MS,
+    encode_reply, AckStatus, Button, ErrorCode, OkReply, OutboundMessage, Reply, SendOutcome,
+    MAX_FRAME, MAX_INBOUND_WAIT_MS, OUTBOX_LEASE_MS,
 };
 use crate::server::{Identity, Response};
 
@@ -57,6 +57,9 @@ pub(crate) struct OutboxEntry {
     /// The service's last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Answer buttons (the broker's announcements to the operator).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buttons: Vec<Button>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -227,6 +230,7 @@ impl Outboxes {
                 body: e.body.clone(),
                 in_reply_to: e.in_reply_to.clone(),
                 attempt: e.failures.saturating_add(1),
+                buttons: e.buttons.clone(),
             };
             let len = serde_json::to_vec(&m).map_or(MAX_FRAME, |b| b.len() + 1);
             if used.saturating_add(len) > MAX_FRAME {
@@ -576,6 +580,7 @@ impl Ops {
             who: letter.who.clone(),
             ts: now_rfc3339(),
             last_error: None,
+            buttons: Vec::new(),
         };
         self.outbox
             .enqueue(channel, &entry)

@@ -320,6 +320,7 @@ impl Ops {
                     who: Who::from(who),
                     ts: now_rfc3339(),
                     last_error: None,
+                    buttons: Vec::new(),
                 };
                 let outbox = self.outbox.clone();
                 let name = spec.name.clone();

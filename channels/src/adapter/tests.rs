@@ -114,6 +114,7 @@ fn out(id: &str) -> OutboundMessage {
         body: "b".into(),
         in_reply_to: None,
         attempt: 1,
+        buttons: Vec::new(),
     }
 }
 

@@ -21,7 +21,7 @@ fn updates(body: &str) -> Vec<Update> {
 
 fn message(u: &Update) -> &Inbound {
     match &u.item {
-        Item::Message { inbound, .. } => inbound,
+        Item::Message { inbound, .. } | Item::Callback { inbound, .. } => inbound,
         Item::Skip(why) => panic!("skipped: {why}"),
     }
 }
@@ -361,6 +361,7 @@ fn outbound(id: &str, recipient: &str, body: &str, in_reply_to: Option<&str>) ->
         body: body.into(),
         in_reply_to: in_reply_to.map(Into::into),
         attempt: 1,
+        buttons: Vec::new(),
     }
 }
 
@@ -638,4 +639,115 @@ async fn sending_splits_resumes_and_maps_errors() {
         .unwrap_or_else(|| panic!("sent"));
     assert_eq!(e.kind, FailureKind::Rejected);
     assert_eq!(fake.calls().len(), calls);
+}
+
+#[test]
+fn button_presses_are_the_pressers_answers() {
+    let u = updates(
+        r#"{"ok":true,"result":[
+              {"update_id":20,"callback_query":{"id":"9001","from":{"id":111,"is_bot":false,"first_name":"O"},
+               "message":{"message_id":5,"from":{"id":4242,"is_bot":true},"chat":{"id":111,"type":"private"},"date":1,"text":"Approval 1"},
+               "chat_instance":"-1","data":"allow 1"}},
+              {"update_id":21,"callback_query":{"id":"9002","from":{"id":222},
+               "message":{"message_id":6,"chat":{"id":-100,"type":"group"}},"data":"deny 1"}},
+              {"update_id":22,"callback_query":{"id":"9003","from":{"id":222},"inline_message_id":"x","data":"admit 2"}},
+              {"update_id":23,"callback_query":{"id":"9004","from":{"id":222},"game_short_name":"g"}},
+              {"update_id":24,"callback_query":{"from":{"id":222},"data":"allow 1"}},
+              {"update_id":25,"callback_query":{"id":"9006","data":"allow 1"}},
+              {"update_id":26,"callback_query":{"id":"9007","from":{"id":222},"data":""}}]}"#,
+    );
+    assert_eq!(
+        u[0].item,
+        Item::Callback {
+            inbound: Inbound {
+                id: "update:20".into(),
+                sender: "111".into(),
+                conversation: "111".into(),
+                reply_to: "111".into(),
+                text: "allow 1".into(),
+            },
+            callback_id: "9001".into(),
+        }
+    );
+    // The presser is the sender, wherever the message is.
+    let g = message(&u[1]);
+    assert_eq!(
+        (g.sender.as_str(), g.conversation.as_str(), g.text.as_str()),
+        ("222", "-100", "deny 1")
+    );
+    // An inline-mode message has no chat: the presser's own.
+    assert_eq!(message(&u[2]).conversation, "222");
+    for s in &u[3..] {
+        assert!(matches!(s.item, Item::Skip(_)), "{s:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buttons_go_out_as_an_inline_keyboard_and_presses_come_back_acknowledged() {
+    let fake = FakeTelegram::start(TOKEN);
+    let broker = Arc::new(FakeBroker::with_secret("bot", TOKEN.as_bytes()));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let r = start(fake, broker, dir);
+    // A long announcement: the keyboard is on its last piece only.
+    let mut m = outbound(
+        "o1",
+        "111",
+        &format!("{}\nAnswer: allow 1", "word ".repeat(1000)),
+        None,
+    );
+    m.buttons = vec![
+        carapace_broker::protocol::Button {
+            label: "Allow".into(),
+            data: "allow 1".into(),
+        },
+        carapace_broker::protocol::Button {
+            label: "Deny".into(),
+            data: "deny 1".into(),
+        },
+        carapace_broker::protocol::Button {
+            label: "Too long".into(),
+            data: "x".repeat(65),
+        },
+    ];
+    r.broker.st().outbox.push_back(m);
+    let sent = r.fake.wait_sent(2, WAIT);
+    assert!(sent[0].get("reply_markup").is_none(), "{:?}", sent[0]);
+    assert_eq!(
+        sent[1]["reply_markup"],
+        json!({"inline_keyboard": [[
+            {"text": "Allow", "callback_data": "allow 1"},
+            {"text": "Deny", "callback_data": "deny 1"}
+        ]]})
+    );
+    // A press is asked for, delivered as the presser's words, and acknowledged.
+    let calls = r.fake.wait_calls("getUpdates", 1, WAIT);
+    assert_eq!(
+        calls[0].params["allowed_updates"],
+        json!(["message", "callback_query"])
+    );
+    let (u, cb) = r.fake.push_callback(111, 222, 5, "allow 1");
+    until("the press delivered", || {
+        r.broker.st().delivered.first().cloned()
+    })
+    .await;
+    let got = r.broker.st().delivered[0].clone();
+    assert_eq!(
+        (
+            got.id.as_str(),
+            got.sender.as_str(),
+            got.conversation.as_str(),
+            got.text.as_str()
+        ),
+        (format!("update:{u}").as_str(), "222", "111", "allow 1")
+    );
+    until("the press acknowledged", || {
+        r.fake
+            .answered_callbacks()
+            .first()
+            .map(|a| a["callback_query_id"] == json!(cb))
+            .filter(|ok| *ok)
+    })
+    .await;
+    r.fake.wait_offset(u + 1, WAIT);
+    r.task.abort();
 }

@@ -240,6 +240,7 @@ fn outbound(id: &str) -> OutboundMessage {
         body: "done".into(),
         in_reply_to: Some("e1".into()),
         attempt: 1,
+        buttons: Vec::new(),
     }
 }
 

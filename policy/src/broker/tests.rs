@@ -698,3 +698,83 @@ fn adapter_channel_located_errors() {
         .map_or(0, |i| i + 1);
     assert!(e.contains(&format!(" --> t.toml:{line}:")), "{e}");
 }
+
+#[test]
+fn channel_operator_is_one_exact_identity_on_an_adapter_channel() {
+    let text = ADAPTER.replacen(
+        "reply_to_senders = true",
+        "reply_to_senders = true\noperator = \"123456789\"",
+        1,
+    );
+    let p = Policy::parse(&text, "t.toml").unwrap_or_else(|d| panic!("{d}"));
+    let g = p.broker_view("gw").unwrap_or_else(|| panic!("no gw"));
+    let tg = g.channel("telegram").unwrap_or_else(|| panic!("no tg"));
+    assert_eq!(tg.operator.as_deref(), Some("123456789"));
+    // Without the key: no operator conversation.
+    let log = g.channel("log").unwrap_or_else(|| panic!("no log"));
+    assert_eq!(log.operator, None);
+    let p = Policy::parse(ADAPTER, "t.toml").unwrap_or_else(|d| panic!("{d}"));
+    let tg = p
+        .broker_view("gw")
+        .and_then(|g| g.channel("telegram").cloned())
+        .unwrap_or_else(|| panic!("no tg"));
+    assert_eq!(tg.operator, None);
+
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "reply_to_senders = true",
+            "reply_to_senders = true\noperator = \"\"",
+            "the operator identity is empty in channel `telegram`",
+        ),
+        (
+            "reply_to_senders = true",
+            "reply_to_senders = true\noperator = \" 1\"",
+            "surrounding whitespace",
+        ),
+        (
+            "reply_to_senders = true",
+            "reply_to_senders = true\noperator = \"a\\u0007b\"",
+            "control characters",
+        ),
+        (
+            "reply_to_senders = true",
+            "reply_to_senders = true\noperator = \"*@example.com\"",
+            "not a glob",
+        ),
+        (
+            "reply_to_senders = true",
+            "reply_to_senders = true\noperator = 123456789",
+            "operator",
+        ),
+        (
+            "path = \"/var/lib/carapace/outbox.log\"",
+            "path = \"/var/lib/carapace/outbox.log\"\noperator = \"ops\"",
+            "`operator` in channel `log`: only for kind \"adapter\"",
+        ),
+        (
+            "reply_to_senders = true",
+            "reply_to_senders = true\noperators = \"1\"",
+            "operator",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let e = adapter_errors(from, to);
+        assert!(e.contains(want), "{to}: want {want:?} in\n{e}");
+    }
+    let long = format!(
+        "reply_to_senders = true\noperator = \"{}\"",
+        "1".repeat(257)
+    );
+    let e = adapter_errors("reply_to_senders = true", &long);
+    assert!(e.contains("longer than 256 bytes"), "{e}");
+    // Located at the value.
+    let e = adapter_errors(
+        "reply_to_senders = true",
+        "reply_to_senders = true\noperator = \"\"",
+    );
+    let line = ADAPTER
+        .lines()
+        .position(|l| l.starts_with("reply_to_senders"))
+        .map_or(0, |i| i + 2);
+    assert!(e.contains(&format!(" --> t.toml:{line}:")), "{e}");
+}

@@ -64,9 +64,14 @@ impl Approver for LoggedApprover {
         tracing::info!(
             id,
             decision = d.as_str(),
-            "approval answered through the broker (gateway)"
+            "approval answered through the broker"
         );
         Ok(d)
+    }
+
+    /// The approvals' changes, for the broker's announcements to a channel's operator.
+    fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.approvals.subscribe())
     }
 }
 

@@ -9,7 +9,10 @@
 //!   the configuration names, and may `connect` to every service address the configuration
 //!   gives (a loopback address needs `allow_private` in the rule, like any other);
 //! - the gateway's profile may `send` on the channel (else the agent could never answer: a
-//!   warning, since a channel may be inbound-only on purpose).
+//!   warning, since a channel may be inbound-only on purpose);
+//! - the channel's `operator` (if any) is an identity the adapter can report: a Telegram user
+//!   id (digits), a lowercase e-mail
+//!   address (the e-mail adapter lowercases From), else it could never answer anything.
 //!
 //! And [`gateway_settings`]: the gateway's broker budget, added to its settings at each start.
 
@@ -86,7 +89,11 @@ fn check_channel(name: &str, c: &ChildConfig, policy: &Policy, w: &mut Wiring) {
              nothing the agent sends on it would reach the adapter",
             spec.line
         )),
-        Some(_) => {}
+        Some(spec) => {
+            if let Some(op) = &spec.operator {
+                check_operator(&what, kind, name, op, spec.line, w);
+            }
+        }
     }
     let Some(rules) = policy.broker_view(&c.profile) else {
         w.errors.push(format!(
@@ -97,6 +104,26 @@ fn check_channel(name: &str, c: &ChildConfig, policy: &Policy, w: &mut Wiring) {
         return;
     };
     check_rules(name, &what, &settings, &rules, w);
+}
+
+/// The operator identity `op` of channel `name` (policy line `line`) against what an adapter
+/// of `kind` reports as a sender.
+fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: &mut Wiring) {
+    let problem = match kind {
+        "telegram" if !(op.bytes().all(|b| b.is_ascii_digit()) && op.parse::<u64>().is_ok()) => {
+            Some("is not a Telegram user id (the digits @userinfobot shows)")
+        }
+        "email" if !op.contains('@') => Some("is not an e-mail address"),
+        "email" if op.chars().any(char::is_uppercase) => Some(
+            "has capital letters: the e-mail adapter reports senders lowercased, so write it              in lowercase",
+        ),
+        _ => None,
+    };
+    if let Some(p) = problem {
+        w.errors.push(format!(
+            "{what}: the policy's [channels.{name}] (line {line}) names operator \"{op}\", which {p}; no sender could ever answer as the operator"
+        ));
+    }
 }
 
 fn check_rules(

@@ -126,3 +126,44 @@ fn the_gateway_is_told_its_broker_budget() {
     assert!(v.get("broker_rate").is_none(), "{v}");
     assert_eq!(gateway_settings("[1]", &policy, "gateway"), "[1]");
 }
+
+#[test]
+fn the_operator_must_be_an_identity_the_adapter_reports() {
+    let with = |op: &str| {
+        GOOD.replace(
+            "reply_to_senders = true",
+            &format!("reply_to_senders = true\noperator = \"{op}\""),
+        )
+    };
+    assert_eq!(wiring(CONFIG, &with("123456789")), Wiring::default());
+    for bad in ["@owner", "-100123", "12a"] {
+        let w = wiring(CONFIG, &with(bad));
+        assert!(
+            w.errors
+                .iter()
+                .any(|e| e.contains(&format!("operator \"{bad}\""))
+                    && e.contains("not a Telegram user id")),
+            "{bad}: {w:?}"
+        );
+    }
+    let mail = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "email"
+profile = "tg"
+imap = "127.0.0.1:8081"
+smtp = "127.0.0.1:8081"
+username = "agent"
+password_secret = "bot"
+from = "agent@example.com"
+"#;
+    assert_eq!(wiring(mail, &with("owner@example.com")), Wiring::default());
+    let w = wiring(mail, &with("Owner@Example.com"));
+    assert!(w.errors.iter().any(|e| e.contains("lowercase")), "{w:?}");
+    let w = wiring(mail, &with("owner"));
+    assert!(
+        w.errors.iter().any(|e| e.contains("not an e-mail address")),
+        "{w:?}"
+    );
+}
