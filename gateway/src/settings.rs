@@ -120,7 +120,15 @@ pub struct AgentSettings {
     /// counted); 1 to [`MAX_CONCURRENT_RUNS`].
     #[serde(default = "default_max_concurrent_runs")]
     pub max_concurrent_runs: usize,
+    /// The model's context window in tokens, estimated as the bytes of the prompt's JSON / 4:
+    /// when the next prompt would exceed 80 % of it, the oldest turns of the session are
+    /// summarised by the model (`methods/agent.rs`, compaction).
+    #[serde(default = "default_context_budget")]
+    pub context_budget: u64,
 }
+
+/// Lowest `agent.context_budget`.
+pub const MIN_CONTEXT_BUDGET: u64 = 256;
 
 /// Upper bound of `agent.max_concurrent_runs`.
 pub const MAX_CONCURRENT_RUNS: usize = 64;
@@ -139,6 +147,9 @@ fn default_answer_channels() -> bool {
 }
 fn default_max_concurrent_runs() -> usize {
     4
+}
+fn default_context_budget() -> u64 {
+    32_000
 }
 
 /// Why the settings could not be read.
@@ -200,6 +211,11 @@ impl Settings {
                     "agent.model must be set, agent.max_turns and token_budget positive".into(),
                 ));
             }
+            if a.context_budget < MIN_CONTEXT_BUDGET {
+                return Err(SettingsError::Invalid(format!(
+                    "agent.context_budget must be at least {MIN_CONTEXT_BUDGET}"
+                )));
+            }
             if !(1..=MAX_CONCURRENT_RUNS).contains(&a.max_concurrent_runs) {
                 return Err(SettingsError::Invalid(format!(
                     "agent.max_concurrent_runs must be 1 to {MAX_CONCURRENT_RUNS}"
@@ -244,6 +260,7 @@ mod tests {
         let a = s.agent.unwrap_or_else(|| panic!("no agent"));
         assert_eq!((a.max_turns, a.token_budget), (8, 50_000));
         assert_eq!((a.answer_channels, a.max_concurrent_runs), (true, 4));
+        assert_eq!(a.context_budget, 32_000);
         assert_eq!(a.api_key_secret.as_deref(), Some("k"));
     }
 
@@ -272,6 +289,7 @@ mod tests {
             r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":0}}"#,
             r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":65}}"#,
             r#"{"agent":{"base_url":"http://x/v1","model":"m","answer_channels":"yes"}}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m","context_budget":100}}"#,
             r#"{"broker_rate":{"requests_per_second":0,"burst":10}}"#,
             r#"{"broker_rate":{"requests_per_second":5,"burst":0}}"#,
             r#"{"broker_rate":{"requests_per_second":5}}"#,

@@ -844,6 +844,7 @@ max_tokens = 100
 system_prompt = "be brief"
 max_concurrent_runs = 2
 answer_channels = false
+context_budget = 8000
 
 [channels.tg]
 kind = "telegram"
@@ -926,7 +927,8 @@ fn every_key_read_is_in_the_schema() {
             "agent": {"base_url": "https://api.example.com/v1", "model": "m",
                       "api_key_secret": "k", "max_turns": 3, "token_budget": 1000,
                       "timeout_ms": 10000, "max_tokens": 100, "system_prompt": "be brief",
-                      "max_concurrent_runs": 2, "answer_channels": false}
+                      "max_concurrent_runs": 2, "answer_channels": false,
+                      "context_budget": 8000}
         })
     );
     let tg = &c.channels["tg"];

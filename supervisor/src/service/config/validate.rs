@@ -48,6 +48,7 @@ const AGENT: Kind = Kind::Table(&[
     ("system_prompt", Str),
     ("max_concurrent_runs", Int),
     ("answer_channels", Bool),
+    ("context_budget", Int),
 ]);
 const GATEWAY: Kind = Kind::Table(&[
     ("clients", CLIENTS),
@@ -738,6 +739,7 @@ pub(super) fn gateway_settings(cx: &mut Sink<'_>, t: &Table) -> serde_json::Valu
                 ("token_budget", 1..=100_000_000),
                 ("max_tokens", 1..=1_000_000),
                 ("max_concurrent_runs", 1..=64),
+                ("context_budget", 256..=100_000_000),
             ] {
                 if let Some(v) = get_int(cx, at, key, range) {
                     a.insert(key.into(), v.into());
