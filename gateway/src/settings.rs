@@ -26,6 +26,37 @@ pub struct Settings {
     /// the supervisor from the policy it starts the gateway under); None = the broker sets
     /// none. Client calls share it fairly ([`crate::schedule`]).
     pub broker_rate: Option<BrokerRate>,
+    /// Scheduled jobs (`[[jobs]]` of `carapace.toml`), run by [`crate::jobs`].
+    pub jobs: Vec<JobSettings>,
+}
+
+/// One scheduled job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSettings {
+    /// 1 to 64 characters of `A-Z a-z 0-9 _ -`, unique.
+    pub name: String,
+    /// A cron expression (UTC; 5 fields, or 6 with seconds first) ...
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// ... or an interval (exactly one of the two).
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    /// The user message of each run.
+    pub prompt: String,
+    /// The session the runs go into.
+    pub session: String,
+    /// Where the final answer is sent; None = it stays in the session.
+    #[serde(default)]
+    pub deliver_to: Option<DeliverTo>,
+}
+
+/// A channel conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverTo {
+    pub channel: String,
+    pub conversation: String,
 }
 
 /// A token bucket of broker requests: `requests_per_second` refill, `burst` size.
@@ -43,6 +74,7 @@ impl Default for Settings {
             clients: ClientLimits::default(),
             agent: None,
             broker_rate: None,
+            jobs: Vec::new(),
         }
     }
 }
@@ -203,6 +235,28 @@ impl Settings {
                 ));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for j in &self.jobs {
+            if !crate::sessions::valid_name(&j.name) || !names.insert(j.name.as_str()) {
+                return Err(SettingsError::Invalid(format!(
+                    "jobs: {:?} is not a valid job name, or not unique",
+                    j.name
+                )));
+            }
+            if !crate::sessions::valid_name(&j.session) || j.prompt.is_empty() {
+                return Err(SettingsError::Invalid(format!(
+                    "job {}: a valid session name and a prompt are required",
+                    j.name
+                )));
+            }
+            crate::jobs::Schedule::of(j)
+                .map_err(|e| SettingsError::Invalid(format!("job {}: {e}", j.name)))?;
+        }
+        if !self.jobs.is_empty() && self.agent.is_none() {
+            return Err(SettingsError::Invalid(
+                "jobs need a model: add a [gateway.agent] table".into(),
+            ));
+        }
         if let Some(a) = &self.agent {
             crate::llm::Endpoint::parse(&a.base_url)
                 .map_err(|e| SettingsError::Invalid(format!("agent.base_url: {e}")))?;
@@ -275,6 +329,26 @@ mod tests {
     }
 
     #[test]
+    fn jobs() {
+        let s = Settings::from_json(
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[
+                {"name":"daily","cron":"0 7 * * *","prompt":"news","session":"job-daily",
+                 "deliver_to":{"channel":"tg","conversation":"111"}},
+                {"name":"tick","every_ms":2000,"prompt":"t","session":"job-tick"}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.jobs.len(), 2);
+        assert_eq!(
+            s.jobs[0].deliver_to,
+            Some(DeliverTo {
+                channel: "tg".into(),
+                conversation: "111".into()
+            })
+        );
+        assert_eq!(s.jobs[1].every_ms, Some(2000));
+    }
+
+    #[test]
     fn bad_settings_are_refused() {
         for bad in [
             "[]",
@@ -293,6 +367,12 @@ mod tests {
             r#"{"broker_rate":{"requests_per_second":0,"burst":10}}"#,
             r#"{"broker_rate":{"requests_per_second":5,"burst":0}}"#,
             r#"{"broker_rate":{"requests_per_second":5}}"#,
+            r#"{"jobs":[{"name":"j","every_ms":5000,"prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","every_ms":5000,"cron":"* * * * *","prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","cron":"61 * * * *","prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"a/b","every_ms":5000,"prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","every_ms":5000,"prompt":"p","session":"s"},{"name":"j","every_ms":5000,"prompt":"p","session":"s"}]}"#,
         ] {
             assert!(Settings::from_json(bad).is_err(), "{bad}");
         }

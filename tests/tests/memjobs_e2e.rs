@@ -18,7 +18,8 @@ use carapace_tests::service::{http_bearer, Service, StartOpts};
 use carapace_tests::*;
 use serde_json::{json, Value};
 
-/// The default policy with the fake model's address and its API key in the gateway profile.
+/// The default policy with the fake model's address, its API key and an outbound channel
+/// `outbox` (a file, recipients `#ops` only) in the gateway profile.
 fn agent_policy(dir: &Path, llm_port: u16) -> String {
     let key = dir.join("llm.key");
     fs::write(&key, "sk-test-memjobs\n").unwrap_or_else(|e| panic!("{e}"));
@@ -32,13 +33,16 @@ fn agent_policy(dir: &Path, llm_port: u16) -> String {
     let base = base.replacen(
         broker_header,
         &format!(
-            "{broker_header}connect = [{{ host = \"127.0.0.1\", port = {llm_port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"]\n"
+            "{broker_header}connect = [{{ host = \"127.0.0.1\", port = {llm_port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"]\nchannels = [\"outbox\"]\n"
         ),
         1,
     );
     format!(
-        "{base}\n[secrets.llm_key]\nwhy = \"test: the fake model's API key\"\nfile = \"{}\"\n",
-        key.display()
+        "{base}\n[secrets.llm_key]\nwhy = \"test: the fake model's API key\"\nfile = \"{}\"\n\n\
+         [channels.outbox]\nwhy = \"test: outbound messages, kept in a file\"\nkind = \"file\"\n\
+         path = \"{}\"\nrecipients = [\"#ops\"]\n",
+        key.display(),
+        dir.join("outbox.log").display()
     )
 }
 
@@ -253,4 +257,218 @@ fn a_long_session_is_compacted_and_archived_without_losing_a_line() {
     assert_eq!(e.expect_err().kind(), Some("not_found"));
     let e = c.call("sessions.restore", json!({"archive": "../../etc/passwd"}));
     assert_eq!(e.expect_err().kind(), Some("invalid_params"));
+}
+
+/// `carapace jobs history --json` (every job, the last 1000 runs).
+fn job_runs(svc: &Service) -> Vec<Value> {
+    let o = svc.ctl(&["jobs", "history", "--limit", "1000", "--json"]);
+    assert!(
+        o.status.success(),
+        "carapace jobs history: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)));
+    v["runs"].as_array().cloned().unwrap_or_default()
+}
+
+fn ended<'a>(runs: &'a [Value], job: &str, trigger: &str) -> Vec<&'a Value> {
+    runs.iter()
+        .filter(|r| r["job"] == job && r["trigger"] == trigger && r.get("ended").is_some())
+        .collect()
+}
+
+/// Wait until `pred` holds of the job history.
+fn wait_runs(
+    svc: &Service,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let runs = job_runs(svc);
+        if pred(&runs) {
+            return runs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {limit:?}: {runs:#?}\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn jobs_run_on_schedule_on_demand_and_once_after_downtime() {
+    if !privileged() {
+        return;
+    }
+    let llm = FakeLlm::start(vec![]);
+    llm.echo_when_exhausted();
+    let port = llm.addr().port();
+    let dir = tempdir("carapace-memjobs-jobs-");
+    let jobs = r##"
+[[jobs]]
+name = "tick"
+every = "2s"
+prompt = "tick-prompt: how is the weather?"
+
+[[jobs]]
+name = "yearly"
+cron = "0 0 1 1 *"
+prompt = "yearly-prompt: happy new year"
+session = "new-year"
+deliver_to = { channel = "outbox", conversation = "#ops" }
+"##;
+    let mut svc = Service::start_opts(StartOpts {
+        policy: Some(agent_policy(dir.path(), port)),
+        extra_config: format!("{}{jobs}", agent_config(port, "")),
+        ..StartOpts::default()
+    });
+
+    // The interval job runs on its schedule, through the agent, and every run is recorded.
+    let runs = wait_runs(
+        &svc,
+        Duration::from_secs(30),
+        "two scheduled runs of tick",
+        |r| ended(r, "tick", "schedule").len() >= 2,
+    );
+    for r in ended(&runs, "tick", "schedule") {
+        assert_eq!(r["outcome"], "ok", "{r}");
+        assert_eq!(r["session"], "job-tick");
+        assert_eq!(r["reply"], "echo: tick-prompt: how is the weather?", "{r}");
+    }
+    assert!(
+        runs.iter().all(|r| r["trigger"] != "catch_up"),
+        "nothing to catch up on a first start: {runs:#?}"
+    );
+    assert!(llm
+        .requests()
+        .iter()
+        .any(|q| mentions(q, "tick-prompt") && q.body.get("tools").is_some()));
+    let client = svc.token("client");
+    let mut c = ws(&svc, &client);
+    let h = c
+        .call("sessions.history", json!({"session": "job-tick"}))
+        .expect_ok()
+        .clone();
+    assert!(h["messages"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|x| x["job"]["name"] == "tick")));
+
+    // The yearly job runs only when asked.
+    assert!(ended(&runs, "yearly", "schedule").is_empty());
+    let o = svc.ctl(&["jobs", "run", "yearly"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("yearly") && out.contains("manual") && out.contains("ok"),
+        "{out}"
+    );
+    let runs = job_runs(&svc);
+    let manual = ended(&runs, "yearly", "manual");
+    assert_eq!(manual.len(), 1, "{runs:#?}");
+    assert_eq!(manual[0]["session"], "new-year");
+    let h = c
+        .call("sessions.history", json!({"session": "new-year"}))
+        .expect_ok()
+        .clone();
+    assert!(h.to_string().contains("echo: yearly-prompt"), "{h}");
+    // Its answer went to the channel conversation, through the broker's `send`.
+    assert_eq!(
+        manual[0]["delivered"]["status"], "delivered",
+        "{}",
+        manual[0]
+    );
+    let outbox = fs::read_to_string(dir.path().join("outbox.log")).unwrap_or_default();
+    assert!(
+        outbox.contains("echo: yearly-prompt: happy new year"),
+        "{outbox}"
+    );
+    assert!(outbox.contains("#ops"), "{outbox}");
+    assert!(
+        !outbox.contains("tick-prompt"),
+        "tick keeps its answers: {outbox}"
+    );
+    // An unknown job is refused.
+    let o = svc.ctl(&["jobs", "run", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no job \"nope\""));
+    let o = svc.ctl(&["jobs", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let names: Vec<&str> = list["jobs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|j| j["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["tick", "yearly"], "{list}");
+    assert_eq!(list["jobs"][0]["schedule"], "every 2s");
+    drop(c);
+
+    // Down across several due times of tick: exactly one catch-up run after the start, then
+    // the schedule again; yearly was not due, so it does not run.
+    svc.stop();
+    let (before, started_before) = job_runs_offline(&svc);
+    std::thread::sleep(Duration::from_secs(7));
+    svc.restart();
+    let runs = wait_runs(
+        &svc,
+        Duration::from_secs(30),
+        "a catch-up run of tick and a scheduled one after it",
+        |r| !ended(r, "tick", "catch_up").is_empty() && ended(r, "tick", "schedule").len() > before,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let runs_later = job_runs(&svc);
+    assert_eq!(
+        runs_later
+            .iter()
+            .filter(|r| r["job"] == "tick" && r["trigger"] == "catch_up")
+            .count(),
+        1,
+        "{runs_later:#?}"
+    );
+    assert!(ended(&runs, "tick", "catch_up")[0]["outcome"] == "ok");
+    assert!(
+        runs_later
+            .iter()
+            .all(|r| !(r["job"] == "yearly" && r["trigger"] == "catch_up")),
+        "{runs_later:#?}"
+    );
+    // Every run started before the stop has ended (a run the stop interrupted is recorded
+    // as `interrupted`), none is left `running`.
+    for id in &started_before {
+        let r = runs_later
+            .iter()
+            .find(|r| r["run"] == id.as_str())
+            .unwrap_or_else(|| panic!("run {id} lost: {runs_later:#?}"));
+        assert_ne!(r["outcome"], "running", "{r}");
+        assert!(r.get("ended").is_some(), "{r}");
+    }
+}
+
+/// Read from the gateway's workspace while the supervisor is stopped: how many scheduled tick
+/// runs ended, and the id of every run started.
+fn job_runs_offline(svc: &Service) -> (usize, Vec<String>) {
+    let path = svc.state_dir().join("gateway/jobs/history.jsonl");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let ended = lines
+        .iter()
+        .filter(|l| l["job"] == "tick" && l["trigger"] == "schedule" && l["event"] == "ended")
+        .count();
+    let started = lines
+        .iter()
+        .filter(|l| l["event"] == "started")
+        .filter_map(|l| l["run"].as_str().map(str::to_string))
+        .collect();
+    (ended, started)
 }
