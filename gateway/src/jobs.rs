@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,6 +40,8 @@ pub const JOBS_DIR: &str = "jobs";
 pub const STATE_FILE: &str = "state.json";
 pub const HISTORY_FILE: &str = "history.jsonl";
 pub const REQUESTS_DIR: &str = "requests";
+/// Bytes read from the end of the history (for the runs a stop interrupted).
+const HISTORY_TAIL: u64 = 4 << 20;
 /// Characters of the answer kept in the history.
 const REPLY_IN_HISTORY: usize = 500;
 /// How often due jobs and requests are looked for.
@@ -128,16 +130,20 @@ pub fn on_start(s: &Schedule, last: Option<i64>, now: i64) -> Start {
 
 /// Why the jobs' files could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("{what} {}: {source}", path.display())]
-pub struct JobsError {
-    what: &'static str,
-    path: PathBuf,
-    #[source]
-    source: io::Error,
+pub enum JobsError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the jobs' state: {0}")]
+    State(#[from] carapace_broker::durable::DurableError),
 }
 
 fn jobs_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JobsError + 'a {
-    move |source| JobsError {
+    move |source| JobsError::Io {
         what,
         path: path.to_path_buf(),
         source,
@@ -206,12 +212,8 @@ impl Store {
             s.jobs.insert(job.to_string(), JobState { last_ms: ms });
             serde_json::to_vec_pretty(&*s).unwrap_or_default()
         };
-        let path = self.dir.join(STATE_FILE);
-        carapace_broker::durable::write_atomic(&path, &bytes).map_err(|e| JobsError {
-            what: "writing",
-            path,
-            source: io::Error::other(e.to_string()),
-        })
+        carapace_broker::durable::write_atomic(&self.dir.join(STATE_FILE), &bytes)?;
+        Ok(())
     }
 
     /// Append one history line (and `fdatasync`).
@@ -229,14 +231,23 @@ impl Store {
         f.sync_data().map_err(jobs_err("syncing", &path))
     }
 
-    /// The history's lines (unreadable ones skipped).
+    /// The history's lines (unreadable ones skipped), from its last [`HISTORY_TAIL`] bytes.
     pub fn history(&self) -> Result<Vec<Value>, JobsError> {
         let path = self.dir.join(HISTORY_FILE);
-        let text = match fs::read(&path) {
-            Ok(b) => b,
+        let mut f = match fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(jobs_err("reading", &path)(e)),
         };
+        let len = f.metadata().map_err(jobs_err("reading", &path))?.len();
+        if len > HISTORY_TAIL {
+            f.seek(io::SeekFrom::Start(len - HISTORY_TAIL))
+                .map_err(jobs_err("reading", &path))?;
+        }
+        let mut text = Vec::new();
+        f.take(HISTORY_TAIL)
+            .read_to_end(&mut text)
+            .map_err(jobs_err("reading", &path))?;
         Ok(text
             .split(|b| *b == b'\n')
             .filter_map(|l| serde_json::from_slice::<Value>(l).ok())

@@ -41,6 +41,8 @@ pub enum JobsError {
         #[source]
         source: io::Error,
     },
+    #[error("writing the run request: {0}")]
+    Request(#[from] carapace_broker::durable::DurableError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JobsError + 'a {
@@ -250,13 +252,7 @@ pub fn request_run(cfg: &Config, name: &str) -> Result<Value, JobsError> {
         "/proc/self/fd/{}/{name}.{run}.json",
         dir.as_raw_fd()
     ));
-    carapace_broker::durable::write_atomic(&target, body.to_string().as_bytes()).map_err(|e| {
-        JobsError::Io {
-            what: "writing the run request",
-            path: dir_path.join(format!("{name}.{run}.json")),
-            source: io::Error::other(e.to_string()),
-        }
-    })?;
+    carapace_broker::durable::write_atomic(&target, body.to_string().as_bytes())?;
     Ok(json!({"job": name, "run": run}))
 }
 
