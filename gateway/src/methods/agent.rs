@@ -451,12 +451,16 @@ async fn compact(
         out.emit("agent.step", notice(why)).await;
         return ctx;
     };
-    let covers = [
-        ctx.summary
-            .as_ref()
-            .map_or(ctx.messages[0].0, |s| s.covers[0]),
-        ctx.messages[cut - 1].0,
-    ];
+    // choose_cut gives 1 <= cut < len: both lines exist.
+    let (Some(first), Some(last)) = (
+        ctx.messages.first().map(|(n, _)| *n),
+        cut.checked_sub(1)
+            .and_then(|i| ctx.messages.get(i))
+            .map(|(n, _)| *n),
+    ) else {
+        return ctx;
+    };
+    let covers = [ctx.summary.as_ref().map_or(first, |s| s.covers[0]), last];
     match summarise(app, model, ctx.summary.as_ref(), &history[..cut]).await {
         Ok((text, usage)) => {
             let stored = {

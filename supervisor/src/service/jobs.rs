@@ -245,7 +245,9 @@ pub fn request_run(cfg: &Config, name: &str) -> Result<Value, JobsError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let run = format!("m{}-{}", now.as_millis(), std::process::id());
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let run = format!("m{}-{}-{n}", now.as_millis(), std::process::id());
     let body = json!({"job": name, "run": run, "asked": carapace_broker::audit::rfc3339_utc(SystemTime::now())});
     // Through the opened directory, so no link in the workspace can move where it lands.
     let target = PathBuf::from(format!(
@@ -309,6 +311,15 @@ mod tests {
         let r = request_run(&cfg, "tick").unwrap_or_else(|e| panic!("{e}"));
         let run = r["run"].as_str().unwrap_or_default().to_string();
         assert!(ws.join(format!("jobs/requests/tick.{run}.json")).is_file());
+        // Two requests at once are two runs.
+        let again = request_run(&cfg, "tick").unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(again["run"], r["run"]);
+        assert_eq!(
+            std::fs::read_dir(ws.join("jobs/requests"))
+                .map(Iterator::count)
+                .ok(),
+            Some(2)
+        );
         assert!(matches!(
             request_run(&cfg, "nope"),
             Err(JobsError::Unknown(_))
