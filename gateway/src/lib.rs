@@ -18,6 +18,7 @@
 //! | [`broker`] | a pool of broker sessions usable from async code |
 //! | [`schedule`] | the broker budget, shared fairly by client tokens |
 //! | [`inbound`] | answering channel messages: lanes, concurrency, low-water acknowledgement |
+//! | [`jobs`] | scheduled jobs: the schedule, missed runs, run requests, the history |
 //! | [`sessions`] | conversation sessions as JSON lines |
 //! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
 //! | [`settings`] | what the supervisor tells the gateway (`$CARAPACE_GATEWAY_SETTINGS`) |
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod broker;
 pub mod console;
 pub mod inbound;
+pub mod jobs;
 pub mod llm;
 pub mod methods;
 pub mod rpc;
@@ -157,6 +159,7 @@ pub fn run() -> Result<(), StartError> {
         let app = Arc::new(app::App::new(settings, broker));
         tokio::spawn(app::approval_feed(app.clone()));
         tokio::spawn(app::inbound_feed(app.clone()));
+        tokio::spawn(jobs::run_jobs(app.clone()));
         let addr = listener
             .local_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());

@@ -103,6 +103,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/held/{id}/admit", post(rest_admit))
         .route("/v1/sessions", get(rest_sessions))
         .route("/v1/sessions/{name}", get(rest_history).delete(rest_reset))
+        .route("/v1/archive", get(rest_archived))
+        .route("/v1/archive/{id}", get(rest_archive))
+        .route("/v1/archive/{id}/restore", post(rest_restore))
         .route("/v1/agent/run", post(rest_agent))
         .merge(crate::console::routes())
         .fallback(not_found)
@@ -397,6 +400,25 @@ async fn rest_reset(
 ) -> Response {
     let params = Params::Fixed(json!({"session": name}));
     rest(app, req, "sessions.reset", params).await
+}
+async fn rest_archived(State(app): State<Arc<App>>, req: Request) -> Response {
+    rest(app, req, "sessions.archived", Params::Fixed(json!({}))).await
+}
+async fn rest_archive(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let params = Params::Fixed(json!({"archive": id}));
+    rest(app, req, "sessions.archived", params).await
+}
+async fn rest_restore(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let params = Params::Fixed(json!({"archive": id}));
+    rest(app, req, "sessions.restore", params).await
 }
 async fn rest_agent(State(app): State<Arc<App>>, req: Request) -> Response {
     rest(app, req, "agent.run", Params::Body).await

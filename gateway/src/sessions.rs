@@ -13,6 +13,16 @@
 //! `{"ts":..,"kind":"inbound_done","inbound_id":ID,"outcome":..,"status":..}` says the message
 //! is finished (answered, or not, and why). [`inbound_state`] reads them back, so that a message
 //! read again after a restart is neither run nor answered twice.
+//!
+//! Compaction (see `methods/agent.rs`) appends `{"ts":..,"kind":"summary","covers":[FIRST,LAST],
+//! "summary":TEXT,"usage":{..}}`: a summary, made by the model, of the messages on lines FIRST
+//! to LAST (1-based line numbers of this file, a previous summary included). The lines it
+//! covers stay in the file; [`Sessions::context`] gives the last summary and the messages after
+//! what it covers, which is what the model is sent.
+//!
+//! `sessions.reset` archives: the file moves to `<state_dir>/sessions/archive/<name>.<stamp>.jsonl`
+//! (a rename, the directories fsync'd), where [`Sessions::archived`] lists it and
+//! [`Sessions::restore`] brings it back, never over a live session.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -31,6 +41,12 @@ use crate::rpc::{Kind, RpcError};
 pub enum SessionError {
     #[error("invalid session name {0:?}: use 1 to 64 characters of A-Z a-z 0-9 _ -")]
     BadName(String),
+    #[error("invalid archive name {0:?}: expected NAME.STAMP as `sessions.archived` lists it")]
+    BadArchive(String),
+    #[error("no archived session {0:?}")]
+    NoArchive(String),
+    #[error("session {0:?} exists: reset or rename it before restoring an archive over it")]
+    Live(String),
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -43,7 +59,10 @@ pub enum SessionError {
 impl From<SessionError> for RpcError {
     fn from(e: SessionError) -> RpcError {
         match e {
-            SessionError::BadName(_) => RpcError::invalid_params(e.to_string()),
+            SessionError::BadName(_) | SessionError::BadArchive(_) | SessionError::Live(_) => {
+                RpcError::invalid_params(e.to_string())
+            }
+            SessionError::NoArchive(_) => RpcError::new(Kind::NotFound, e.to_string()),
             SessionError::Io { .. } => RpcError::new(Kind::Internal, e.to_string()),
         }
     }
@@ -90,6 +109,24 @@ fn now() -> String {
 pub struct Lines {
     pub lines: Vec<Value>,
     pub unreadable: usize,
+    /// The 1-based line number in the file of each of `lines`.
+    pub numbers: Vec<usize>,
+}
+
+/// What the model is sent of a session: the last summary and the messages after it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Context {
+    pub summary: Option<Summary>,
+    /// (line number, chat message), oldest first.
+    pub messages: Vec<(usize, Value)>,
+}
+
+/// A `summary` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub text: String,
+    /// The first and last line numbers it covers.
+    pub covers: [usize; 2],
 }
 
 impl Sessions {
@@ -207,32 +244,7 @@ impl Sessions {
 
     /// Every line of a session (empty when it does not exist).
     pub fn read(&self, name: &str) -> Result<Lines, SessionError> {
-        let path = self.path(name)?;
-        let f = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lines::default()),
-            Err(e) => {
-                return Err(SessionError::Io {
-                    what: "opening session",
-                    path,
-                    source: e,
-                })
-            }
-        };
-        let mut out = Lines::default();
-        for line in BufReader::new(f).split(b'\n') {
-            let line = line.map_err(|e| SessionError::Io {
-                what: "reading session",
-                path: path.clone(),
-                source: e,
-            })?;
-            match serde_json::from_slice::<Value>(&line) {
-                Ok(v) if v.is_object() => out.lines.push(v),
-                _ if line.is_empty() => {}
-                _ => out.unreadable += 1,
-            }
-        }
-        Ok(out)
+        read_lines(&self.path(name)?)
     }
 
     /// The chat messages of a session, oldest first.
@@ -246,18 +258,190 @@ impl Sessions {
             .collect())
     }
 
-    /// Remove a session; whether it existed.
-    pub fn reset(&self, name: &str) -> Result<bool, SessionError> {
-        let path = self.path(name)?;
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(SessionError::Io {
-                what: "removing session",
-                path,
-                source: e,
-            }),
+    /// The last summary of a session and the chat messages after what it covers (every
+    /// message when there is no summary).
+    pub fn context(&self, name: &str) -> Result<Context, SessionError> {
+        let lines = self.read(name)?;
+        let mut out = Context::default();
+        for (l, n) in lines.lines.into_iter().zip(lines.numbers) {
+            match l["kind"].as_str() {
+                Some("summary") => {
+                    let covers = [
+                        l["covers"][0].as_u64().unwrap_or(0),
+                        l["covers"][1].as_u64().unwrap_or(0),
+                    ];
+                    let (Some(text), [Ok(first), Ok(last)]) =
+                        (l["summary"].as_str(), covers.map(usize::try_from))
+                    else {
+                        continue;
+                    };
+                    out.messages.retain(|(at, _)| *at > last);
+                    out.summary = Some(Summary {
+                        text: text.to_string(),
+                        covers: [first, last],
+                    });
+                }
+                Some("message") => {
+                    if let Some(mut m) = l.get("message").cloned() {
+                        out.messages.push((n, m.take()));
+                    }
+                }
+                _ => {}
+            }
         }
+        Ok(out)
+    }
+
+    /// Append a summary of the messages on lines `covers[0]..=covers[1]`; `usage`: what making
+    /// it cost.
+    pub fn append_summary(
+        &self,
+        name: &str,
+        covers: [usize; 2],
+        summary: &str,
+        usage: &Usage,
+    ) -> Result<(), SessionError> {
+        self.append(
+            name,
+            &json!({"ts": now(), "kind": "summary", "covers": covers, "summary": summary, "usage": usage}),
+        )
+    }
+
+    fn archive_dir(&self) -> PathBuf {
+        self.dir.join("archive")
+    }
+
+    /// Archive a session (`sessions.reset`): its file moves to
+    /// `archive/<name>.<stamp>.jsonl`. The archive's name, or None when there was no session.
+    pub fn reset(&self, name: &str) -> Result<Option<String>, SessionError> {
+        let path = self.path(name)?;
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let dir = self.archive_dir();
+        let io = |what, path: &Path, source| SessionError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
+        carapace_broker::durable::ensure_dir(&dir)
+            .map_err(|e| io("creating the archive directory", &dir, e))?;
+        let stamp = archive_stamp(SystemTime::now());
+        let mut n = 0u32;
+        loop {
+            let id = if n == 0 {
+                format!("{name}.{stamp}")
+            } else {
+                format!("{name}.{stamp}-{n}")
+            };
+            let target = dir.join(format!("{id}.jsonl"));
+            // A link first: it never replaces an archive of the same name.
+            match fs::hard_link(&path, &target) {
+                Ok(()) => {
+                    fs::remove_file(&path).map_err(|e| io("removing session", &path, e))?;
+                    carapace_broker::durable::sync_dir(&dir)
+                        .map_err(|e| io("syncing the archive directory", &dir, e))?;
+                    carapace_broker::durable::sync_dir(&self.dir)
+                        .map_err(|e| io("syncing the sessions directory", &self.dir, e))?;
+                    return Ok(Some(id));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => return Err(io("archiving session", &target, e)),
+            }
+        }
+    }
+
+    fn archive_path(&self, id: &str) -> Result<(String, PathBuf), SessionError> {
+        match parse_archive_id(id) {
+            Some((name, _)) => Ok((
+                name.to_string(),
+                self.archive_dir().join(format!("{id}.jsonl")),
+            )),
+            None => Err(SessionError::BadArchive(id.to_string())),
+        }
+    }
+
+    /// Every archived session: its archive name, session, when it was archived (the stamp),
+    /// message count and size, oldest first.
+    pub fn archived(&self) -> Result<Vec<Value>, SessionError> {
+        let dir = self.archive_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(SessionError::Io {
+                    what: "listing archived sessions",
+                    path: dir,
+                    source: e,
+                })
+            }
+        };
+        let mut ids: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let n = e.file_name().into_string().ok()?;
+                let id = n.strip_suffix(".jsonl")?.to_string();
+                parse_archive_id(&id).is_some().then_some(id)
+            })
+            .collect();
+        ids.sort_by(|a, b| {
+            let key = |id: &str| parse_archive_id(id).map(|(n, s)| (s.to_string(), n.to_string()));
+            key(a).cmp(&key(b))
+        });
+        let mut out = Vec::new();
+        for id in ids {
+            let Some((name, stamp)) = parse_archive_id(&id) else {
+                continue;
+            };
+            let path = dir.join(format!("{id}.jsonl"));
+            let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let messages = read_lines(&path)?
+                .lines
+                .iter()
+                .filter(|l| l["kind"] == "message")
+                .count();
+            out.push(json!({"archive": id, "session": name, "archived": stamp, "messages": messages, "bytes": bytes}));
+        }
+        Ok(out)
+    }
+
+    /// The lines of an archived session.
+    pub fn read_archived(&self, id: &str) -> Result<Lines, SessionError> {
+        let (_, path) = self.archive_path(id)?;
+        if !path.is_file() {
+            return Err(SessionError::NoArchive(id.to_string()));
+        }
+        read_lines(&path)
+    }
+
+    /// Bring an archived session back under its name; refused while a session of that name
+    /// exists. The session's name.
+    pub fn restore(&self, id: &str) -> Result<String, SessionError> {
+        let (name, from) = self.archive_path(id)?;
+        let to = self.path(&name)?;
+        let io = |what, path: &Path, source| SessionError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
+        // A link never replaces a file: a live session is never overwritten.
+        match fs::hard_link(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SessionError::NoArchive(id.to_string()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(SessionError::Live(name))
+            }
+            Err(e) => return Err(io("restoring session", &to, e)),
+        }
+        fs::remove_file(&from).map_err(|e| io("removing the archive", &from, e))?;
+        carapace_broker::durable::sync_dir(&self.dir)
+            .map_err(|e| io("syncing the sessions directory", &self.dir, e))?;
+        let dir = self.archive_dir();
+        carapace_broker::durable::sync_dir(&dir)
+            .map_err(|e| io("syncing the archive directory", &dir, e))?;
+        Ok(name)
     }
 
     /// Every session: name, message count, last write, total usage.
@@ -291,7 +475,7 @@ impl Sessions {
             for l in &lines.lines {
                 match l["kind"].as_str() {
                     Some("message") => messages += 1,
-                    Some("usage") => {
+                    Some("usage") | Some("summary") => {
                         if let Ok(u) = serde_json::from_value::<Usage>(l["usage"].clone()) {
                             usage.add(&u);
                         }
@@ -308,6 +492,57 @@ impl Sessions {
         }
         Ok(out)
     }
+}
+
+/// The lines of a session file (empty when it does not exist).
+fn read_lines(path: &Path) -> Result<Lines, SessionError> {
+    let path = path.to_path_buf();
+    let f = match fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lines::default()),
+        Err(e) => {
+            return Err(SessionError::Io {
+                what: "opening session",
+                path,
+                source: e,
+            })
+        }
+    };
+    let mut out = Lines::default();
+    for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
+        let line = line.map_err(|e| SessionError::Io {
+            what: "reading session",
+            path: path.clone(),
+            source: e,
+        })?;
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(v) if v.is_object() => {
+                out.lines.push(v);
+                out.numbers.push(i + 1);
+            }
+            _ if line.is_empty() => {}
+            _ => out.unreadable += 1,
+        }
+    }
+    Ok(out)
+}
+
+/// `YYYYMMDDTHHMMSS.ffffffZ` (UTC) of `t`: sorts as time does, and holds no `:`.
+fn archive_stamp(t: SystemTime) -> String {
+    carapace_broker::audit::rfc3339_utc(t).replace(['-', ':'], "")
+}
+
+/// `NAME.STAMP` of an archive: the session name and the stamp.
+pub fn parse_archive_id(id: &str) -> Option<(&str, &str)> {
+    let (name, stamp) = id.split_once('.')?;
+    let ok = valid_name(name)
+        && stamp.starts_with(|c: char| c.is_ascii_digit())
+        && stamp.len() <= 40
+        && stamp
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && !stamp.contains("..");
+    ok.then_some((name, stamp))
 }
 
 /// Where the answer to channel message `id` stands in a session's lines.

@@ -26,6 +26,37 @@ pub struct Settings {
     /// the supervisor from the policy it starts the gateway under); None = the broker sets
     /// none. Client calls share it fairly ([`crate::schedule`]).
     pub broker_rate: Option<BrokerRate>,
+    /// Scheduled jobs (`[[jobs]]` of `carapace.toml`), run by [`crate::jobs`].
+    pub jobs: Vec<JobSettings>,
+}
+
+/// One scheduled job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSettings {
+    /// 1 to 64 characters of `A-Z a-z 0-9 _ -`, unique.
+    pub name: String,
+    /// A cron expression (UTC; 5 fields, or 6 with seconds first) ...
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// ... or an interval (exactly one of the two).
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    /// The user message of each run.
+    pub prompt: String,
+    /// The session the runs go into.
+    pub session: String,
+    /// Where the final answer is sent; None = it stays in the session.
+    #[serde(default)]
+    pub deliver_to: Option<DeliverTo>,
+}
+
+/// A channel conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverTo {
+    pub channel: String,
+    pub conversation: String,
 }
 
 /// A token bucket of broker requests: `requests_per_second` refill, `burst` size.
@@ -43,6 +74,7 @@ impl Default for Settings {
             clients: ClientLimits::default(),
             agent: None,
             broker_rate: None,
+            jobs: Vec::new(),
         }
     }
 }
@@ -120,7 +152,15 @@ pub struct AgentSettings {
     /// counted); 1 to [`MAX_CONCURRENT_RUNS`].
     #[serde(default = "default_max_concurrent_runs")]
     pub max_concurrent_runs: usize,
+    /// The model's context window in tokens, estimated as the bytes of the prompt's JSON / 4:
+    /// when the next prompt would exceed 80 % of it, the oldest turns of the session are
+    /// summarised by the model (`methods/agent.rs`, compaction).
+    #[serde(default = "default_context_budget")]
+    pub context_budget: u64,
 }
+
+/// Lowest `agent.context_budget`.
+pub const MIN_CONTEXT_BUDGET: u64 = 256;
 
 /// Upper bound of `agent.max_concurrent_runs`.
 pub const MAX_CONCURRENT_RUNS: usize = 64;
@@ -139,6 +179,9 @@ fn default_answer_channels() -> bool {
 }
 fn default_max_concurrent_runs() -> usize {
     4
+}
+fn default_context_budget() -> u64 {
+    32_000
 }
 
 /// Why the settings could not be read.
@@ -192,6 +235,28 @@ impl Settings {
                 ));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for j in &self.jobs {
+            if !crate::sessions::valid_name(&j.name) || !names.insert(j.name.as_str()) {
+                return Err(SettingsError::Invalid(format!(
+                    "jobs: {:?} is not a valid job name, or not unique",
+                    j.name
+                )));
+            }
+            if !crate::sessions::valid_name(&j.session) || j.prompt.is_empty() {
+                return Err(SettingsError::Invalid(format!(
+                    "job {}: a valid session name and a prompt are required",
+                    j.name
+                )));
+            }
+            crate::jobs::Schedule::of(j)
+                .map_err(|e| SettingsError::Invalid(format!("job {}: {e}", j.name)))?;
+        }
+        if !self.jobs.is_empty() && self.agent.is_none() {
+            return Err(SettingsError::Invalid(
+                "jobs need a model: add a [gateway.agent] table".into(),
+            ));
+        }
         if let Some(a) = &self.agent {
             crate::llm::Endpoint::parse(&a.base_url)
                 .map_err(|e| SettingsError::Invalid(format!("agent.base_url: {e}")))?;
@@ -199,6 +264,11 @@ impl Settings {
                 return Err(SettingsError::Invalid(
                     "agent.model must be set, agent.max_turns and token_budget positive".into(),
                 ));
+            }
+            if a.context_budget < MIN_CONTEXT_BUDGET {
+                return Err(SettingsError::Invalid(format!(
+                    "agent.context_budget must be at least {MIN_CONTEXT_BUDGET}"
+                )));
             }
             if !(1..=MAX_CONCURRENT_RUNS).contains(&a.max_concurrent_runs) {
                 return Err(SettingsError::Invalid(format!(
@@ -244,6 +314,7 @@ mod tests {
         let a = s.agent.unwrap_or_else(|| panic!("no agent"));
         assert_eq!((a.max_turns, a.token_budget), (8, 50_000));
         assert_eq!((a.answer_channels, a.max_concurrent_runs), (true, 4));
+        assert_eq!(a.context_budget, 32_000);
         assert_eq!(a.api_key_secret.as_deref(), Some("k"));
     }
 
@@ -255,6 +326,26 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let a = s.agent.unwrap_or_else(|| panic!("no agent"));
         assert_eq!((a.answer_channels, a.max_concurrent_runs), (false, 64));
+    }
+
+    #[test]
+    fn jobs() {
+        let s = Settings::from_json(
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[
+                {"name":"daily","cron":"0 7 * * *","prompt":"news","session":"job-daily",
+                 "deliver_to":{"channel":"tg","conversation":"111"}},
+                {"name":"tick","every_ms":2000,"prompt":"t","session":"job-tick"}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.jobs.len(), 2);
+        assert_eq!(
+            s.jobs[0].deliver_to,
+            Some(DeliverTo {
+                channel: "tg".into(),
+                conversation: "111".into()
+            })
+        );
+        assert_eq!(s.jobs[1].every_ms, Some(2000));
     }
 
     #[test]
@@ -272,9 +363,16 @@ mod tests {
             r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":0}}"#,
             r#"{"agent":{"base_url":"http://x/v1","model":"m","max_concurrent_runs":65}}"#,
             r#"{"agent":{"base_url":"http://x/v1","model":"m","answer_channels":"yes"}}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m","context_budget":100}}"#,
             r#"{"broker_rate":{"requests_per_second":0,"burst":10}}"#,
             r#"{"broker_rate":{"requests_per_second":5,"burst":0}}"#,
             r#"{"broker_rate":{"requests_per_second":5}}"#,
+            r#"{"jobs":[{"name":"j","every_ms":5000,"prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","every_ms":5000,"cron":"* * * * *","prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","cron":"61 * * * *","prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"a/b","every_ms":5000,"prompt":"p","session":"s"}]}"#,
+            r#"{"agent":{"base_url":"http://x/v1","model":"m"},"jobs":[{"name":"j","every_ms":5000,"prompt":"p","session":"s"},{"name":"j","every_ms":5000,"prompt":"p","session":"s"}]}"#,
         ] {
             assert!(Settings::from_json(bad).is_err(), "{bad}");
         }

@@ -142,6 +142,8 @@ pub enum Command {
     Reload(crate::cli::ctl::ReloadArgs),
     /// Print the running supervisor's metrics (Prometheus text format)
     Metrics(crate::cli::ctl::MetricsArgs),
+    /// List, run or show the history of the scheduled jobs ([[jobs]])
+    Jobs(crate::cli::ctl::JobsArgs),
     // About and long help: on `ctl::TokenArgs`.
     Token(crate::cli::ctl::TokenArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell) on stdout
@@ -313,6 +315,7 @@ pub fn main() -> i32 {
         Command::Audit(a) => crate::cli::ctl::audit(a),
         Command::Reload(a) => crate::cli::ctl::reload(a),
         Command::Metrics(a) => crate::cli::ctl::metrics(a),
+        Command::Jobs(a) => crate::cli::ctl::jobs(a),
         Command::Token(a) => crate::cli::ctl::token(a),
         Command::Completions(a) => generate::completions(a),
         Command::Manpages(a) => generate::manpages(a),

@@ -39,6 +39,9 @@
 //! | `audit_tail`        | `lines` (usize, default 10), `follow` (bool, default false) | a stream, see below |
 //! | `reload`            |                                                | [`ReloadReport`]           |
 //! | `metrics`           |                                                | [`MetricsText`] (`{"text": ...}`, Prometheus text format) |
+//! | `jobs_list`         |                                                | `{"jobs":[{name, schedule, session, deliver_to, last_run, next}]}` |
+//! | `jobs_run`          | `name` (string)                                | `{"job","run"}`: the run asked of the gateway |
+//! | `jobs_history`      | `name` (string, optional), `limit` (usize, default 20) | `{"runs":[{job, run, trigger, session, started, ended, outcome, stopped, reply, delivered, error}]}`, oldest first |
 //!
 //! **Replies.** `{"ok":true,"result":VALUE}` or `{"ok":false,"error":"MESSAGE"}`. An error
 //! reply to a bad request (not JSON, not an object, no `op`, unknown op, bad fields) leaves the
@@ -144,6 +147,9 @@ pub const OPS: &[(&str, &[&str])] = &[
     ("audit_tail", &["lines", "follow"]),
     ("reload", &[]),
     ("metrics", &[]),
+    ("jobs_list", &[]),
+    ("jobs_run", &["name"]),
+    ("jobs_history", &["name", "limit"]),
 ];
 
 // ---------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ use setup::*;
 mod requests;
 use requests::*;
 mod check;
+mod jobs;
 
 /// Entry point of `carapace run`; returns the process exit code.
 pub fn run(a: RunArgs) -> i32 {

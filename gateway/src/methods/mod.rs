@@ -40,6 +40,8 @@ pub const METHODS: &[(&str, bool)] = &[
     ("sessions.list", false),
     ("sessions.history", false),
     ("sessions.reset", false),
+    ("sessions.archived", false),
+    ("sessions.restore", false),
     ("agent.run", false),
 ];
 
@@ -93,6 +95,8 @@ async fn run(
         "sessions.list" => sessions::list(app, p).await,
         "sessions.history" => sessions::history(app, p).await,
         "sessions.reset" => sessions::reset(app, p).await,
+        "sessions.archived" => sessions::archived(app, p).await,
+        "sessions.restore" => sessions::restore(app, p).await,
         "agent.run" => agent::run(app, p, out).await,
         other => Err(RpcError::internal(format!("method {other} has no handler"))),
     }

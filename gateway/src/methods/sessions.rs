@@ -1,4 +1,5 @@
-//! `sessions.list`, `sessions.history`, `sessions.reset`.
+//! `sessions.list`, `sessions.history`, `sessions.reset` (archives), `sessions.archived`,
+//! `sessions.restore`.
 
 use std::sync::Arc;
 
@@ -56,6 +57,53 @@ pub async fn reset(app: &Arc<App>, p: Value) -> Result<Value, RpcError> {
     let app2 = app.clone();
     let name = p.session.clone();
     let _guard = app.sessions.lock(&name).await;
-    let removed = blocking(move || app2.sessions.reset(&name).map_err(RpcError::from)).await?;
-    Ok(json!({"session": p.session, "removed": removed}))
+    let archive = blocking(move || app2.sessions.reset(&name).map_err(RpcError::from)).await?;
+    Ok(json!({"session": p.session, "removed": archive.is_some(), "archive": archive}))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArchivedParams {
+    #[serde(default)]
+    archive: Option<String>,
+}
+
+/// Without `archive`: every archived session. With it: that archive's lines.
+pub async fn archived(app: &Arc<App>, p: Value) -> Result<Value, RpcError> {
+    let p: ArchivedParams = params(p)?;
+    let app = app.clone();
+    match p.archive {
+        None => {
+            let list = blocking(move || app.sessions.archived().map_err(RpcError::from)).await?;
+            Ok(json!({"archived": list}))
+        }
+        Some(id) => {
+            let id2 = id.clone();
+            let lines =
+                blocking(move || app.sessions.read_archived(&id2).map_err(RpcError::from)).await?;
+            let session = crate::sessions::parse_archive_id(&id).map(|(n, _)| n.to_string());
+            Ok(
+                json!({"archive": id, "session": session, "messages": lines.lines, "unreadable_lines": lines.unreadable}),
+            )
+        }
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreParams {
+    archive: String,
+}
+
+/// Bring an archived session back (refused while a session of its name exists).
+pub async fn restore(app: &Arc<App>, p: Value) -> Result<Value, RpcError> {
+    let p: RestoreParams = params(p)?;
+    let Some((name, _)) = crate::sessions::parse_archive_id(&p.archive) else {
+        return Err(crate::sessions::SessionError::BadArchive(p.archive).into());
+    };
+    let _guard = app.sessions.lock(name).await;
+    let app2 = app.clone();
+    let id = p.archive.clone();
+    let session = blocking(move || app2.sessions.restore(&id).map_err(RpcError::from)).await?;
+    Ok(json!({"archive": p.archive, "session": session, "restored": true}))
 }

@@ -53,9 +53,94 @@ fn append_read_list_reset() {
     assert_eq!(l[0]["name"], "chat");
     assert_eq!(l[0]["messages"], 2);
     assert_eq!(l[0]["usage"]["total_tokens"], 30);
-    assert!(s.reset("chat").unwrap_or(false));
-    assert!(!s.reset("chat").unwrap_or(true));
+    assert!(s.reset("chat").unwrap_or(None).is_some());
+    assert_eq!(s.reset("chat").ok(), Some(None));
     assert!(s.list().unwrap_or_default().is_empty());
+}
+
+#[test]
+fn reset_archives_and_restore_brings_back_intact() {
+    let (d, s) = store();
+    for i in 0..3 {
+        s.append_message("chat", &json!({"role":"user","content":format!("m{i}")}))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let before = fs::read(d.path().join("sessions/chat.jsonl")).unwrap_or_default();
+    let id = s
+        .reset("chat")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("nothing archived"));
+    assert!(!s.exists("chat").unwrap_or(true));
+    assert_eq!(parse_archive_id(&id).map(|(n, _)| n), Some("chat"));
+    let listed = s.archived().unwrap_or_default();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["archive"], id.as_str());
+    assert_eq!(listed[0]["session"], "chat");
+    assert_eq!(listed[0]["messages"], 3);
+    assert_eq!(s.read_archived(&id).map(|l| l.lines.len()).ok(), Some(3));
+
+    // A second reset of a new session of the same name is another archive.
+    s.append_message("chat", &json!({"role":"user","content":"new"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Restoring over a live session is refused, and both stay as they were.
+    assert!(matches!(s.restore(&id), Err(SessionError::Live(_))));
+    assert_eq!(s.messages("chat").unwrap_or_default().len(), 1);
+    let id2 = s.reset("chat").ok().flatten().unwrap_or_default();
+    assert_ne!(id, id2);
+    assert_eq!(s.archived().unwrap_or_default().len(), 2);
+
+    assert_eq!(s.restore(&id).ok().as_deref(), Some("chat"));
+    let after = fs::read(d.path().join("sessions/chat.jsonl")).unwrap_or_default();
+    assert_eq!(before, after, "restored byte for byte");
+    assert_eq!(s.archived().unwrap_or_default().len(), 1);
+    assert!(matches!(s.restore(&id), Err(SessionError::NoArchive(_))));
+    for bad in ["chat", "../x.1", "a.b/c", "a..", "a.../x", ".x"] {
+        assert!(
+            matches!(s.restore(bad), Err(SessionError::BadArchive(_))),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn context_is_the_last_summary_and_what_follows_it() {
+    let (_d, s) = store();
+    let u = Usage::default();
+    for i in 1..=4 {
+        s.append_message("c", &json!({"role":"user","content":format!("m{i}")}))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let c = s.context("c").unwrap_or_default();
+    assert_eq!(c.summary, None);
+    assert_eq!(
+        c.messages.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    s.append_summary("c", [1, 2], "first two", &u)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.append_message("c", &json!({"role":"user","content":"m6"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = s.context("c").unwrap_or_default();
+    assert_eq!(
+        c.summary,
+        Some(Summary {
+            text: "first two".into(),
+            covers: [1, 2]
+        })
+    );
+    let contents: Vec<&str> = c
+        .messages
+        .iter()
+        .filter_map(|(_, m)| m["content"].as_str())
+        .collect();
+    assert_eq!(contents, ["m3", "m4", "m6"]);
+    // Nothing is cut from the file.
+    assert_eq!(s.messages("c").unwrap_or_default().len(), 5);
+    s.append_summary("c", [1, 4], "all four", &u)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = s.context("c").unwrap_or_default();
+    assert_eq!(c.summary.map(|x| x.text).as_deref(), Some("all four"));
+    assert_eq!(c.messages.len(), 1);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The operator's commands: `carapace status | approvals | dlq | audit | reload`, talking to a
+//! The operator's commands: `carapace status | approvals | dlq | audit | reload | jobs`, talking to a
 //! running supervisor over its control socket ([`crate::control`]), and `carapace token`,
 //! which works on the state directory's token store directly (no supervisor needed).
 //!
@@ -25,9 +25,11 @@ use crate::errors::error_chain;
 mod args;
 mod commands;
 mod format;
+mod jobs;
 #[cfg(test)]
 mod tests;
 
 pub use args::*;
 pub use commands::*;
 pub use format::*;
+pub use jobs::*;

@@ -41,6 +41,19 @@ pub enum Request {
     Reload,
     /// The service's metrics in the Prometheus text exposition ([`MetricsText`]).
     Metrics,
+    /// The configured `[[jobs]]`, each with its last run and next time.
+    JobsList,
+    /// Ask the gateway to run a job now: `{"job","run"}` (the run's id in the history).
+    JobsRun {
+        name: String,
+    },
+    /// The last `limit` runs (of job `name`, or of every job), oldest first: `{"runs":[..]}`.
+    JobsHistory {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 pub(super) fn default_tail_lines() -> usize {
@@ -63,6 +76,9 @@ impl Request {
             Request::AuditTail { .. } => "audit_tail",
             Request::Reload => "reload",
             Request::Metrics => "metrics",
+            Request::JobsList => "jobs_list",
+            Request::JobsRun { .. } => "jobs_run",
+            Request::JobsHistory { .. } => "jobs_history",
         }
     }
 }

@@ -52,6 +52,9 @@ impl ControlHandler for Fake {
             Request::Reload => Err("policy.toml:3:1: unknown key \"x\"".to_string()),
             Request::AuditTail { .. } => Err("audit_tail reached the handler".to_string()),
             Request::Metrics => Ok(serde_json::json!({"text": "x 1\n"})),
+            Request::JobsList => Ok(serde_json::json!({"jobs": []})),
+            Request::JobsRun { name } => Ok(serde_json::json!({"job": name, "run": "m1"})),
+            Request::JobsHistory { .. } => Ok(serde_json::json!({"runs": []})),
         }
     }
     fn audit_log(&self) -> PathBuf {
@@ -236,6 +239,20 @@ fn request_wire_format() {
         ),
         (Request::Reload, r#"{"op":"reload"}"#),
         (Request::Metrics, r#"{"op":"metrics"}"#),
+        (Request::JobsList, r#"{"op":"jobs_list"}"#),
+        (
+            Request::JobsRun {
+                name: "tick".into(),
+            },
+            r#"{"op":"jobs_run","name":"tick"}"#,
+        ),
+        (
+            Request::JobsHistory {
+                name: Some("tick".into()),
+                limit: Some(5),
+            },
+            r#"{"op":"jobs_history","name":"tick","limit":5}"#,
+        ),
     ];
     assert_eq!(cases.len(), OPS.len(), "one case per op of the table");
     for ((req, text), (name, fields)) in cases.iter().zip(OPS) {

@@ -25,6 +25,7 @@ use crate::service::logging::LogFormat;
 
 mod channel;
 mod document;
+mod jobs;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -65,6 +66,57 @@ pub struct Config {
     pub channels: BTreeMap<String, ChildConfig>,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[[jobs]]`: scheduled agent runs (also in the gateway's settings, which runs them).
+    pub jobs: Vec<JobConfig>,
+}
+
+/// One `[[jobs]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobConfig {
+    pub name: String,
+    pub schedule: JobSchedule,
+    pub prompt: String,
+    /// The session its runs go into (default `job-NAME`).
+    pub session: String,
+    /// (channel, conversation) the answer is sent to; None = it stays in the session.
+    pub deliver_to: Option<(String, String)>,
+}
+
+/// When a job runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobSchedule {
+    /// A cron expression (UTC), as written.
+    Cron(String),
+    Every(Duration),
+}
+
+impl std::fmt::Display for JobSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobSchedule::Cron(c) => write!(f, "cron {c:?} (UTC)"),
+            JobSchedule::Every(d) => write!(f, "every {}", humantime_like(*d)),
+        }
+    }
+}
+
+/// `90s` as `1m30s`, `7200s` as `2h`.
+fn humantime_like(d: Duration) -> String {
+    let mut s = d.as_secs();
+    let ms = d.subsec_millis();
+    let mut out = String::new();
+    for (unit, n) in [("h", 3600), ("m", 60)] {
+        if s >= n {
+            out.push_str(&format!("{}{unit}", s / n));
+            s %= n;
+        }
+    }
+    if s > 0 || (out.is_empty() && ms == 0) {
+        out.push_str(&format!("{s}s"));
+    }
+    if ms > 0 {
+        out.push_str(&format!("{ms}ms"));
+    }
+    out
 }
 
 /// `[metrics]`: where Prometheus may scrape the service (`carapace metrics` works without it).

@@ -295,6 +295,25 @@ impl ControlHandler for Handler {
             Request::Metrics => to_value(serde_json::to_value(control::MetricsText {
                 text: svc.metrics_text().map_err(|e| e.to_string())?,
             })),
+            Request::JobsList => {
+                let cfg = lock(&svc.config).clone();
+                super::jobs::list(&cfg).map_err(|e| e.to_string())
+            }
+            Request::JobsRun { name } => {
+                let cfg = lock(&svc.config).clone();
+                let r = super::jobs::request_run(&cfg, &name).map_err(|e| e.to_string())?;
+                tracing::info!(job = %name, run = %r["run"], "job run asked by the operator");
+                Ok(r)
+            }
+            Request::JobsHistory { name, limit } => {
+                let cfg = lock(&svc.config).clone();
+                super::jobs::history(
+                    &cfg,
+                    name.as_deref(),
+                    limit.unwrap_or(super::jobs::DEFAULT_HISTORY_RUNS),
+                )
+                .map_err(|e| e.to_string())
+            }
         }
     }
 

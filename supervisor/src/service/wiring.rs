@@ -14,6 +14,9 @@
 //!   id (digits), a lowercase e-mail
 //!   address (the e-mail adapter lowercases From), else it could never answer anything.
 //!
+//! For each `[[jobs]]` with `deliver_to`: the gateway's profile may `send` on its channel (an
+//! error: the job's answers could never be delivered).
+//!
 //! And [`gateway_settings`]: the gateway's broker budget, added to its settings at each start.
 
 use carapace_policy::broker::{BrokerRules, ChannelKind};
@@ -175,6 +178,19 @@ pub fn check(cfg: &Config, policy: &Policy) -> Wiring {
     }
     if let Some(gw) = &cfg.gateway {
         let rules = policy.broker_view(&gw.profile);
+        for j in &cfg.jobs {
+            let Some((channel, _)) = &j.deliver_to else {
+                continue;
+            };
+            if rules.as_ref().and_then(|r| r.channel(channel)).is_none() {
+                w.errors.push(format!(
+                    "job `{}`: deliver_to.channel = \"{channel}\", but the gateway's profile `{}` \
+                     may not send on it (the policy needs a [channels.{channel}], and \"{channel}\" \
+                     in channels of [profiles.{}.broker])",
+                    j.name, gw.profile, gw.profile
+                ));
+            }
+        }
         for (name, c) in &cfg.channels {
             if c.settings.is_none() {
                 continue;

@@ -514,6 +514,23 @@ impl ControlHandler for Fake {
             Request::Reload => Err("policy.toml:1:1: expected a table".to_string()),
             Request::AuditTail { .. } => Err("not here".to_string()),
             Request::Metrics => Ok(serde_json::json!({"text": "# TYPE x gauge\nx 1\n"})),
+            Request::JobsList => Ok(serde_json::json!({"jobs": [
+                {"name": "tick", "schedule": "every 2s", "session": "job-tick", "deliver_to": null,
+                 "last_run": {"run": "r1", "started": "2026-12-07T10:00:00.000000Z", "trigger": "schedule", "outcome": "ok"},
+                 "next": "2026-12-07T10:00:02.000000Z"},
+                {"name": "daily", "schedule": "cron \"0 7 * * *\" (UTC)", "session": "news",
+                 "deliver_to": {"channel": "tg", "conversation": "111"}, "last_run": null, "next": null}
+            ]})),
+            Request::JobsRun { name } if name == "tick" || name == "broken" => {
+                Ok(serde_json::json!({"job": name, "run": format!("m-{name}")}))
+            }
+            Request::JobsRun { name } => Err(format!("no job {name:?} in the configuration")),
+            Request::JobsHistory { .. } => Ok(serde_json::json!({"runs": [
+                {"job": "tick", "run": "m-tick", "trigger": "manual", "started": "s", "ended": "e",
+                 "outcome": "ok", "reply": "all fine"},
+                {"job": "broken", "run": "m-broken", "trigger": "manual", "started": "s", "ended": "e",
+                 "outcome": "failed", "error": "unavailable: the model is down"}
+            ]})),
         }
     }
     fn audit_log(&self) -> PathBuf {
@@ -955,4 +972,81 @@ fn audit_rotate_keeps_what_it_is_told() {
     let (code, _, err) = run(|t| audit_to(&a, t));
     assert_eq!(code, 1);
     assert!(err.contains("nope/audit.log"), "{err}");
+}
+
+#[test]
+fn jobs_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let jobs = |command, json| {
+        let a = JobsArgs {
+            opts: CtlOpts {
+                json,
+                ..opts(&sock)
+            },
+            command,
+        };
+        run(|t| jobs_to(&a, t))
+    };
+    // No supervisor: 3.
+    let (code, _, err) = jobs(JobsCommand::List, false);
+    assert_eq!(code, EXIT_NO_DAEMON, "{err}");
+    let fake = FakeSupervisor::start(&sock, dir.path().join("audit.log"));
+    let (code, out, _) = jobs(JobsCommand::List, false);
+    assert_eq!(code, EXIT_OK);
+    assert!(
+        out.contains("tick  every 2s  session job-tick  answer kept in the session"),
+        "{out}"
+    );
+    assert!(
+        out.contains("last run: 2026-12-07T10:00:00.000000Z (schedule, ok)"),
+        "{out}"
+    );
+    assert!(out.contains("answer to tg conversation 111"), "{out}");
+    assert!(out.contains("last run: none    next: -"), "{out}");
+    // A run waited for: its outcome decides the status.
+    let run_of = |name: &str| JobsCommand::Run {
+        name: name.to_string(),
+        no_wait: false,
+        timeout: 5,
+    };
+    let (code, out, _) = jobs(run_of("tick"), false);
+    assert_eq!(code, EXIT_OK, "{out}");
+    assert!(
+        out.contains("tick  run m-tick  manual  ok") && out.contains("answer: \"all fine\""),
+        "{out}"
+    );
+    let (code, out, _) = jobs(run_of("broken"), false);
+    assert_eq!(code, EXIT_FAILED, "{out}");
+    assert!(
+        out.contains("error: unavailable: the model is down"),
+        "{out}"
+    );
+    let (code, _, err) = jobs(run_of("nope"), false);
+    assert_eq!(code, EXIT_FAILED);
+    assert!(err.contains("no job \"nope\""), "{err}");
+    let (code, out, _) = jobs(
+        JobsCommand::Run {
+            name: "tick".into(),
+            no_wait: true,
+            timeout: 5,
+        },
+        true,
+    );
+    assert_eq!(code, EXIT_OK);
+    assert!(out.contains("\"run\": \"m-tick\""), "{out}");
+    let (code, out, _) = jobs(
+        JobsCommand::History {
+            name: None,
+            limit: 5,
+        },
+        false,
+    );
+    assert_eq!(code, EXIT_OK);
+    assert_eq!(
+        out.lines().filter(|l| !l.starts_with("    ")).count(),
+        2,
+        "{out}"
+    );
+    fake.stop();
 }

@@ -844,6 +844,7 @@ max_tokens = 100
 system_prompt = "be brief"
 max_concurrent_runs = 2
 answer_channels = false
+context_budget = 8000
 
 [channels.tg]
 kind = "telegram"
@@ -876,6 +877,20 @@ allow_non_loopback = false
 hmac_secret = "h"
 url = "https://hooks.example.com/x"
 path = "/hook"
+
+[[jobs]]
+name = "tick"
+every = "90s"
+prompt = "p"
+
+[[jobs]]
+name = "daily"
+cron = "0 7 * * *"
+prompt = "news"
+session = "news"
+[jobs.deliver_to]
+channel = "tg"
+conversation = "111"
 "#;
 
 /// The key names of a schema, recursively.
@@ -926,7 +941,13 @@ fn every_key_read_is_in_the_schema() {
             "agent": {"base_url": "https://api.example.com/v1", "model": "m",
                       "api_key_secret": "k", "max_turns": 3, "token_budget": 1000,
                       "timeout_ms": 10000, "max_tokens": 100, "system_prompt": "be brief",
-                      "max_concurrent_runs": 2, "answer_channels": false}
+                      "max_concurrent_runs": 2, "answer_channels": false,
+                      "context_budget": 8000},
+            "jobs": [
+                {"name": "tick", "every_ms": 90000, "prompt": "p", "session": "job-tick"},
+                {"name": "daily", "cron": "0 7 * * *", "prompt": "news", "session": "news",
+                 "deliver_to": {"channel": "tg", "conversation": "111"}}
+            ]
         })
     );
     let tg = &c.channels["tg"];
@@ -958,6 +979,7 @@ fn every_key_read_is_in_the_schema() {
                 || l.contains(&format!("[{k}]"))
                 || l.contains(&format!("{{ {k} ="))
                 || l.starts_with(&format!("[{k}."))
+                || l.contains(&format!(".{k}]"))
         });
         assert!(written, "schema key `{k}` is not in the test file");
     }
@@ -1119,4 +1141,73 @@ fn bare_program_next_to_carapace_then_in_libexec() {
         child.resolve_program(&exe_dir, &libexec).unwrap(),
         PathBuf::from("/nonexistent/gw")
     );
+}
+
+#[test]
+fn jobs_are_read_and_passed_to_the_gateway() {
+    let c = parse(EVERY_KEY).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.jobs,
+        vec![
+            JobConfig {
+                name: "tick".into(),
+                schedule: JobSchedule::Every(Duration::from_secs(90)),
+                prompt: "p".into(),
+                session: "job-tick".into(),
+                deliver_to: None,
+            },
+            JobConfig {
+                name: "daily".into(),
+                schedule: JobSchedule::Cron("0 7 * * *".into()),
+                prompt: "news".into(),
+                session: "news".into(),
+                deliver_to: Some(("tg".into(), "111".into())),
+            },
+        ]
+    );
+    assert_eq!(c.jobs[0].schedule.to_string(), "every 1m30s");
+    assert_eq!(c.jobs[1].schedule.to_string(), "cron \"0 7 * * *\" (UTC)");
+    // No jobs: the gateway's settings say nothing of them.
+    let c = parse("[gateway.agent]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.jobs.is_empty());
+    let gw = c.gateway.as_ref().unwrap_or_else(|| panic!("gateway"));
+    assert!(settings_of(gw).get("jobs").is_none());
+}
+
+#[test]
+fn bad_jobs_are_located_errors() {
+    const AGENT: &str = "[gateway.agent]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n";
+    let errs = errors(&format!(
+        "{AGENT}[channels.tg]\nkind = \"telegram\"\ntoken_secret = \"t\"\n\n\
+         [[jobs]]\nname = \"both\"\ncron = \"* * * * *\"\nevery = \"5s\"\nprompt = \"p\"\n\n\
+         [[jobs]]\nname = \"neither\"\nprompt = \"p\"\n\n\
+         [[jobs]]\nname = \"badcron\"\ncron = \"61 * * * *\"\nprompt = \"p\"\n\n\
+         [[jobs]]\nname = \"fast\"\nevery = \"500ms\"\nprompt = \"p\"\n\n\
+         [[jobs]]\nname = \"where\"\nevery = \"5s\"\nprompt = \"p\"\ndeliver_to = {{ channel = \"slack\", conversation = \"1\" }}\n\n\
+         [[jobs]]\nname = \"bad name\"\nevery = \"5s\"\nprompt = \"\"\n\n\
+         [[jobs]]\nname = \"where\"\nevery = \"5s\"\nprompt = \"p\"\nsesion = \"x\"\n"
+    ));
+    assert!(
+        has(&errs, "11:1: a job has `cron` or `every`, not both"),
+        "{errs:#?}"
+    );
+    assert!(has(&errs, "a job without a schedule"), "{errs:#?}");
+    assert!(has(&errs, "20:8: `cron` = \"61 * * * *\""), "{errs:#?}");
+    assert!(has(&errs, "`every` is shorter than a second"), "{errs:#?}");
+    assert!(
+        !has(&errs, "slack"),
+        "checked against the policy, not here: {errs:#?}"
+    );
+    assert!(has(&errs, "invalid job name \"bad name\""), "{errs:#?}");
+    assert!(has(&errs, "`prompt` is empty"), "{errs:#?}");
+    assert!(has(&errs, "unknown key `sesion`"), "{errs:#?}");
+    // Jobs need the agent.
+    let errs = errors("[[jobs]]\nname = \"j\"\nevery = \"5s\"\nprompt = \"p\"\n");
+    assert!(has(&errs, "there is no [gateway.agent]"), "{errs:#?}");
+    // A second job of the same name.
+    let errs = errors(&format!(
+        "{AGENT}[[jobs]]\nname = \"j\"\nevery = \"5s\"\nprompt = \"p\"\n[[jobs]]\nname = \"j\"\nevery = \"5s\"\nprompt = \"p\"\n"
+    ));
+    assert!(has(&errs, "a second job named \"j\""), "{errs:#?}");
 }

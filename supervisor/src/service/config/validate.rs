@@ -48,6 +48,7 @@ const AGENT: Kind = Kind::Table(&[
     ("system_prompt", Str),
     ("max_concurrent_runs", Int),
     ("answer_channels", Bool),
+    ("context_budget", Int),
 ]);
 const GATEWAY: Kind = Kind::Table(&[
     ("clients", CLIENTS),
@@ -87,6 +88,7 @@ pub(super) const CONFIG: Kind = Kind::Table(&[
     ("gateway", GATEWAY),
     ("channels", Map(&CHANNEL)),
     ("metrics", METRICS),
+    ("jobs", Array(&super::jobs::JOB)),
 ]);
 
 /// The gid of `name` from the system's group database.
@@ -211,6 +213,21 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         }
     }
 
+    // [[jobs]]: run by the gateway's agent, which gets them in its settings.
+    let has_agent = get_table(root, "gateway").is_some_and(|g| get_table(g, "agent").is_some());
+    let jobs = super::jobs::jobs(cx, root, has_agent);
+    let mut gateway = gateway;
+    if let (Some(gw), false) = (gateway.as_mut(), jobs.is_empty()) {
+        if let Some(Ok(serde_json::Value::Object(mut o))) = gw
+            .settings
+            .as_deref()
+            .map(serde_json::from_str::<serde_json::Value>)
+        {
+            o.insert("jobs".into(), super::jobs::settings_json(&jobs));
+            gw.settings = Some(serde_json::Value::Object(o).to_string());
+        }
+    }
+
     // Each child its own workspace, and none of them the state or runtime directory itself.
     let mut seen: Vec<(&Path, &str)> = Vec::new();
     let children = gateway.iter().chain(channels.values());
@@ -258,6 +275,7 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         gateway,
         channels,
         metrics,
+        jobs,
     }
 }
 
@@ -738,6 +756,7 @@ pub(super) fn gateway_settings(cx: &mut Sink<'_>, t: &Table) -> serde_json::Valu
                 ("token_budget", 1..=100_000_000),
                 ("max_tokens", 1..=1_000_000),
                 ("max_concurrent_runs", 1..=64),
+                ("context_budget", 256..=100_000_000),
             ] {
                 if let Some(v) = get_int(cx, at, key, range) {
                     a.insert(key.into(), v.into());

@@ -167,3 +167,23 @@ from = "agent@example.com"
         "{w:?}"
     );
 }
+
+#[test]
+fn a_job_delivers_only_on_a_channel_the_gateway_may_send_on() {
+    let cfg = |channel: &str| {
+        format!(
+            "{CONFIG}[gateway.agent]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n\n\
+             [[jobs]]\nname = \"daily\"\nevery = \"1h\"\nprompt = \"p\"\n\
+             deliver_to = {{ channel = \"{channel}\", conversation = \"111\" }}\n"
+        )
+    };
+    assert_eq!(wiring(&cfg("tg"), GOOD), Wiring::default());
+    let w = wiring(&cfg("slack"), GOOD);
+    assert_eq!(w.errors.len(), 1, "{w:?}");
+    assert!(
+        w.errors[0].contains("job `daily`: deliver_to.channel = \"slack\""),
+        "{w:?}"
+    );
+    let w = wiring(&cfg("tg"), &GOOD.replace("channels = [\"tg\"]", ""));
+    assert!(w.errors.iter().any(|e| e.contains("job `daily`")), "{w:?}");
+}
