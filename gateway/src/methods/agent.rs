@@ -18,11 +18,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::messages::{send_message, SendParams};
+use super::sessions::{no_session, owner_of};
 use super::tools::{exec, ExecParams};
 use crate::app::{App, Emitter};
+use crate::auth::Caller;
 use crate::llm::{self, Endpoint};
 use crate::rpc::{params, Kind, RpcError};
-use crate::sessions::{valid_name, Usage};
+use crate::sessions::{valid_name, Claim, Usage};
 use crate::settings::AgentSettings;
 
 /// Messages of a session's history sent to the model.
@@ -190,7 +192,12 @@ pub(crate) struct RunEnd {
     pub usage: Usage,
 }
 
-pub async fn run(app: &Arc<App>, p: Value, out: &Emitter) -> Result<Value, RpcError> {
+pub async fn run(
+    app: &Arc<App>,
+    caller: &Caller,
+    p: Value,
+    out: &Emitter,
+) -> Result<Value, RpcError> {
     let p: RunParams = params(p)?;
     if app.settings.agent.is_none() {
         return Err(RpcError::new(
@@ -211,6 +218,7 @@ pub async fn run(app: &Arc<App>, p: Value, out: &Emitter) -> Result<Value, RpcEr
     let model = Model::load(app).await?;
     let session = p.session.clone();
     let _guard = app.sessions.lock(&session).await;
+    claim_for(app, caller, &session).await?;
     let user = json!({"role": "user", "content": p.message});
     store(app, &session, user, None).await?;
     let system = model.system_prompt(None);
@@ -222,6 +230,38 @@ pub async fn run(app: &Arc<App>, p: Value, out: &Emitter) -> Result<Value, RpcEr
         "stopped": end.stopped,
         "usage": end.usage,
     }))
+}
+
+/// Make sure `caller` may run in `session`: a new one becomes the caller's; an operator may
+/// run in any; a client in its own only (another's is answered like a missing one), and never
+/// under a name kept for others: `ch-…` (channel conversations) or `oai-<id>` of another token
+/// (each token's default session on the OpenAI-compatible endpoint). The caller holds the
+/// session's lock.
+pub(crate) async fn claim_for(
+    app: &Arc<App>,
+    caller: &Caller,
+    session: &str,
+) -> Result<(), RpcError> {
+    if !caller.is_operator() && reserved_for_others(caller, session) {
+        return Err(no_session(session));
+    }
+    let (app, caller, s) = (app.clone(), caller.clone(), session.to_string());
+    super::blocking(move || {
+        let claim = app.sessions.claim(&s, &owner_of(&caller))?;
+        if claim == Claim::Taken && !caller.is_operator() {
+            return Err(no_session(&s));
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Whether session name `name` is kept for someone other than client `caller`.
+fn reserved_for_others(caller: &Caller, name: &str) -> bool {
+    name.starts_with("ch-")
+        || name
+            .strip_prefix("oai-")
+            .is_some_and(|id| id != caller.token_id)
 }
 
 /// Run the agent loop on a session whose stored history ends with the user's message (or

@@ -14,7 +14,7 @@ mod approvals;
 mod gateway;
 mod held;
 mod messages;
-mod sessions;
+pub(crate) mod sessions;
 mod tools;
 
 pub use tools::{exec, ExecOutcome};
@@ -77,10 +77,10 @@ async fn run(
         "held.list" => held::list(app, p).await,
         "held.admit" => held::admit(app, caller, p).await,
         "held.drop" => held::drop(app, caller, p).await,
-        "sessions.list" => sessions::list(app, p).await,
-        "sessions.history" => sessions::history(app, p).await,
-        "sessions.reset" => sessions::reset(app, p).await,
-        "agent.run" => agent::run(app, p, out).await,
+        "sessions.list" => sessions::list(app, caller, p).await,
+        "sessions.history" => sessions::history(app, caller, p).await,
+        "sessions.reset" => sessions::reset(app, caller, p).await,
+        "agent.run" => agent::run(app, caller, p, out).await,
         other => Err(RpcError::internal(format!("method {other} has no handler"))),
     }
 }

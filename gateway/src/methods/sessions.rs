@@ -1,4 +1,7 @@
 //! `sessions.list`, `sessions.history`, `sessions.reset`.
+//!
+//! A client token sees only the sessions it owns ([`crate::sessions::Owner`]); an operator
+//! token sees every session. Another's session is answered exactly like a missing one.
 
 use std::sync::Arc;
 
@@ -6,12 +9,39 @@ use serde_json::{json, Value};
 
 use super::{blocking, NoParams};
 use crate::app::App;
-use crate::rpc::{params, RpcError};
+use crate::auth::Caller;
+use crate::rpc::{params, Kind, RpcError};
+use crate::sessions::{Owner, Sessions};
 
-pub async fn list(app: &Arc<App>, p: Value) -> Result<Value, RpcError> {
+/// The owner a client token's sessions carry.
+pub(crate) fn owner_of(caller: &Caller) -> Owner {
+    Owner::Token(caller.token_id.clone())
+}
+
+/// Whether `caller` may see a session whose stored owner is `owner`: operators see all,
+/// clients their own.
+pub(crate) fn may_see(caller: &Caller, owner: Option<&str>) -> bool {
+    caller.is_operator() || owner == Some(owner_of(caller).key().as_str())
+}
+
+/// The answer to a session that does not exist, or is not the caller's: the same either way.
+pub(crate) fn no_session(name: &str) -> RpcError {
+    RpcError::new(Kind::NotFound, format!("no session {name:?}"))
+}
+
+/// Refused (as missing) unless session `name` exists and `caller` may see it. Blocking.
+pub(crate) fn visible(sessions: &Sessions, caller: &Caller, name: &str) -> Result<(), RpcError> {
+    if !sessions.exists(name)? || !may_see(caller, sessions.owner(name)?.as_deref()) {
+        return Err(no_session(name));
+    }
+    Ok(())
+}
+
+pub async fn list(app: &Arc<App>, caller: &Caller, p: Value) -> Result<Value, RpcError> {
     params::<NoParams>(p)?;
     let app = app.clone();
-    let sessions = blocking(move || app.sessions.list().map_err(RpcError::from)).await?;
+    let mut sessions = blocking(move || app.sessions.list().map_err(RpcError::from)).await?;
+    sessions.retain(|s| may_see(caller, s["owner"].as_str()));
     Ok(json!({"sessions": sessions}))
 }
 
@@ -23,17 +53,13 @@ struct HistoryParams {
     limit: Option<usize>,
 }
 
-pub async fn history(app: &Arc<App>, p: Value) -> Result<Value, RpcError> {
+pub async fn history(app: &Arc<App>, caller: &Caller, p: Value) -> Result<Value, RpcError> {
     let p: HistoryParams = params(p)?;
     let app = app.clone();
     let name = p.session.clone();
+    let caller = caller.clone();
     let lines = blocking(move || {
-        if !app.sessions.exists(&name)? {
-            return Err(RpcError::new(
-                crate::rpc::Kind::NotFound,
-                format!("no session {name:?}"),
-            ));
-        }
+        visible(&app.sessions, &caller, &name)?;
         app.sessions.read(&name).map_err(RpcError::from)
     })
     .await?;
@@ -51,11 +77,48 @@ struct SessionParams {
     session: String,
 }
 
-pub async fn reset(app: &Arc<App>, p: Value) -> Result<Value, RpcError> {
+pub async fn reset(app: &Arc<App>, caller: &Caller, p: Value) -> Result<Value, RpcError> {
     let p: SessionParams = params(p)?;
     let app2 = app.clone();
     let name = p.session.clone();
+    let caller = caller.clone();
     let _guard = app.sessions.lock(&name).await;
-    let removed = blocking(move || app2.sessions.reset(&name).map_err(RpcError::from)).await?;
+    let removed = blocking(move || {
+        // Another's session is answered like a missing one: nothing removed.
+        if !may_see(&caller, app2.sessions.owner(&name)?.as_deref()) {
+            return Ok(false);
+        }
+        app2.sessions.reset(&name).map_err(RpcError::from)
+    })
+    .await?;
     Ok(json!({"session": p.session, "removed": removed}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carapace_broker::tokens::Scope;
+
+    fn caller(id: &str, scope: Scope) -> Caller {
+        Caller {
+            token_id: id.into(),
+            name: "n".into(),
+            scope,
+        }
+    }
+
+    #[test]
+    fn clients_see_their_own_operators_all() {
+        let a = caller("aaaa0001", Scope::Client);
+        let op = caller("0000ffff", Scope::Operator);
+        assert!(may_see(&a, Some("token:aaaa0001")));
+        assert!(!may_see(&a, Some("token:bbbb0002")));
+        assert!(!may_see(&a, Some("channel:tg:aaaa0001")));
+        assert!(!may_see(&a, None), "sessions older than owners");
+        for o in [Some("token:bbbb0002"), Some("channel:tg:1"), None] {
+            assert!(may_see(&op, o));
+        }
+        // Missing and another's read the same.
+        assert_eq!(no_session("x").kind, Kind::NotFound);
+    }
 }
