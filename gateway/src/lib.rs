@@ -18,6 +18,7 @@
 //! | [`schedule`] | the broker budget, shared fairly by client tokens |
 //! | [`inbound`] | answering channel messages: lanes, concurrency, low-water acknowledgement |
 //! | [`sessions`] | conversation sessions as JSON lines |
+//! | [`openai`] | the OpenAI-compatible door: `/v1/chat/completions` (plain and streamed), `/v1/models` |
 //! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
 //! | [`settings`] | what the supervisor tells the gateway (`$CARAPACE_GATEWAY_SETTINGS`) |
 
@@ -27,6 +28,7 @@ pub mod broker;
 pub mod inbound;
 pub mod llm;
 pub mod methods;
+pub mod openai;
 pub mod rpc;
 pub mod schedule;
 pub mod server;

@@ -191,3 +191,269 @@ fn sessions_belong_to_their_token_over_rest_and_websocket() {
     let r = a.call("sessions.reset", json!({"session": "alice-chat"}));
     assert_eq!(r.expect_ok()["removed"], true);
 }
+
+/// The venv `.ci/test` makes with the official `openai` client.
+const VENV_PYTHON: &str = "/var/cache/carapace-venv/bin/python";
+
+/// The client script: `python client.py BASE_URL TOKEN STEP [SESSION]`; one JSON line out.
+const CLIENT_PY: &str = r#"
+import json, sys
+import openai
+
+base, token, step = sys.argv[1:4]
+session = sys.argv[4] if len(sys.argv) > 4 else None
+headers = {"X-Carapace-Session": session} if session else None
+c = openai.OpenAI(base_url=base, api_key=token, max_retries=0, timeout=180)
+out = {}
+try:
+    if step == "models":
+        out = {"ids": [m.id for m in c.models.list()]}
+    elif step == "plain":
+        r = c.chat.completions.create(
+            model="carapace",
+            messages=[{"role": "system", "content": "not used"}, {"role": "user", "content": "hello"}],
+            extra_headers=headers,
+        )
+        out = {
+            "content": r.choices[0].message.content,
+            "role": r.choices[0].message.role,
+            "finish": r.choices[0].finish_reason,
+            "total": r.usage.total_tokens,
+            "model": r.model,
+            "object": r.object,
+        }
+    elif step == "stream":
+        s = c.chat.completions.create(
+            model="carapace",
+            messages=[{"role": "user", "content": "tell me more"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
+        )
+        parts, finish, chunks, usage = [], None, 0, None
+        for ch in s:
+            chunks += 1
+            if ch.usage is not None:
+                usage = ch.usage.total_tokens
+            for choice in ch.choices:
+                if choice.delta.content:
+                    parts.append(choice.delta.content)
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+        out = {"content": "".join(parts), "finish": finish, "chunks": chunks, "usage": usage}
+    elif step == "bad-input":
+        c.chat.completions.create(model="carapace", messages=[{"role": "assistant", "content": "x"}])
+    else:
+        out = {"unknown step": step}
+except openai.APIStatusError as e:
+    out = {"status": e.status_code, "type": e.type, "code": e.code, "message": e.message}
+except openai.APIError as e:
+    out = {"api_error": e.message, "type": getattr(e, "type", None), "code": getattr(e, "code", None)}
+print(json.dumps(out))
+"#;
+
+/// The `openai` client against the gateway.
+struct PyClient {
+    script: std::path::PathBuf,
+    base: String,
+}
+
+impl PyClient {
+    fn new(dir: &Path, svc: &Service) -> PyClient {
+        assert!(
+            Path::new(VENV_PYTHON).exists(),
+            "{VENV_PYTHON} is missing: .ci/test sets up the venv with the `openai` client"
+        );
+        let script = dir.join("client.py");
+        fs::write(&script, CLIENT_PY).unwrap_or_else(|e| panic!("{e}"));
+        PyClient {
+            script,
+            base: format!("http://{}/v1", svc.addr),
+        }
+    }
+
+    fn command(&self, token: &str, step: &str, session: Option<&str>) -> std::process::Command {
+        let mut cmd = std::process::Command::new(VENV_PYTHON);
+        cmd.arg(&self.script).args([&self.base, token, step]);
+        if let Some(s) = session {
+            cmd.arg(s);
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    }
+
+    fn output(o: std::process::Output) -> Value {
+        assert!(
+            o.status.success(),
+            "the openai client failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "the openai client printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        })
+    }
+
+    fn run(&self, token: &str, step: &str, session: Option<&str>) -> Value {
+        let o = self
+            .command(token, step, session)
+            .output()
+            .unwrap_or_else(|e| panic!("{VENV_PYTHON}: {e}"));
+        PyClient::output(o)
+    }
+}
+
+#[test]
+fn the_openai_client_talks_to_the_agent_streaming_and_not_with_an_approval() {
+    if !privileged() {
+        return;
+    }
+    let long: String = (0..40)
+        .map(|i| format!("line {i} of a long answer. "))
+        .collect();
+    let llm = FakeLlm::start(vec![
+        Scripted::text("Hello from the agent."),
+        Scripted::text(long.clone()),
+        Scripted::tool_call("exec", json!({"argv": ["/usr/bin/uname", "-s"]})),
+        Scripted::text("The operator approved uname, and it said Linux."),
+    ]);
+    let port = llm.addr().port();
+    let dir = tempdir("carapace-owned-oai-");
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(agent_policy(dir.path(), port, "")),
+        extra_config: agent_config(port, ""),
+        ..StartOpts::default()
+    });
+    let client = svc.token_named("client", "sdk");
+    let op = svc.token_named("operator", "op");
+    let py = PyClient::new(dir.path(), &svc);
+
+    let v = py.run(&client, "models", None);
+    assert_eq!(v["ids"], json!(["carapace"]), "{v}");
+
+    // Not streaming: the agent's answer, in the token's own session.
+    let v = py.run(&client, "plain", None);
+    assert_eq!(v["content"], "Hello from the agent.", "{v}");
+    assert_eq!(
+        (&v["role"], &v["finish"], &v["model"], &v["object"]),
+        (
+            &json!("assistant"),
+            &json!("stop"),
+            &json!("carapace"),
+            &json!("chat.completion")
+        ),
+        "{v}"
+    );
+    assert_eq!(v["total"], 15, "{v}");
+    let sent = llm.requests()[0].body["messages"].clone();
+    assert_eq!(sent[0]["role"], "system");
+    assert!(
+        !sent.to_string().contains("not used"),
+        "client system messages are not used: {sent}"
+    );
+    assert!(
+        sent.to_string().contains("hello"),
+        "the user's message reached the model: {sent}"
+    );
+    let r = http_bearer(svc.addr, "GET", "/v1/sessions", &client, None);
+    let names = session_names(&r.json());
+    assert_eq!(names.len(), 1, "{}", r.body);
+    assert!(names[0].starts_with("oai-"), "{names:?}");
+
+    // Streaming: the same session goes on (the model gets the history), the answer arrives
+    // in several chunks and then a usage chunk.
+    let v = py.run(&client, "stream", None);
+    assert_eq!(v["content"], json!(long), "{v}");
+    assert_eq!(v["finish"], "stop", "{v}");
+    assert_eq!(v["usage"], 15, "{v}");
+    assert!(v["chunks"].as_u64().unwrap_or(0) >= 5, "{v}");
+    let sent = llm.requests()[1].body["messages"].to_string();
+    assert!(
+        sent.contains("Hello from the agent.") && sent.contains("tell me more"),
+        "{sent}"
+    );
+
+    // A tool call that asks: the streaming request waits while an operator resolves the
+    // approval with `approvals.resolve`, then the final answer arrives.
+    let child = py
+        .command(&client, "stream", Some("with-approval"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{VENV_PYTHON}: {e}"));
+    let mut o = ws(&svc, &op);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pending = loop {
+        let l = o.call("approvals.list", json!({}));
+        if let Some(p) = l.expect_ok()["pending"].as_array().and_then(|a| a.first()) {
+            break p.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pending approval\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        pending["argv"],
+        json!(["/usr/bin/uname", "-s"]),
+        "{pending}"
+    );
+    // Keep the client waiting past a keep-alive.
+    std::thread::sleep(Duration::from_secs(11));
+    let r = o.call(
+        "approvals.resolve",
+        json!({"id": pending["id"], "resolution": "allow-once"}),
+    );
+    assert_eq!(r.expect_ok()["decision"], "allowed once", "{r:?}");
+    let v = PyClient::output(child.wait_with_output().unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(
+        v["content"], "The operator approved uname, and it said Linux.",
+        "{v}"
+    );
+    let reqs = llm.requests();
+    let tool_result = reqs[3].body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "tool"))
+        .map(|m| m["content"].to_string())
+        .unwrap_or_default();
+    assert!(tool_result.contains("Linux"), "{tool_result}");
+    let r = http_bearer(svc.addr, "GET", "/v1/sessions/with-approval", &client, None);
+    assert_eq!(r.status, 200, "the header named the session: {}", r.body);
+
+    // Errors in OpenAI's shape, as the client reads them.
+    let v = py.run("cpt_not-a-real-token", "models", None);
+    assert_eq!(
+        (&v["status"], &v["type"]),
+        (&json!(401), &json!("authentication_error")),
+        "{v}"
+    );
+    let v = py.run(&client, "bad-input", None);
+    assert_eq!(
+        (&v["status"], &v["type"]),
+        (&json!(400), &json!("invalid_request_error")),
+        "{v}"
+    );
+    // Another's session, named by the header: 404, and nothing reaches the model.
+    let other = svc.token_named("client", "other");
+    let before = llm.requests().len();
+    let v = py.run(&other, "plain", Some("with-approval"));
+    assert_eq!(v["status"], 404, "{v}");
+    assert_eq!(llm.requests().len(), before);
+    // Too many calls: 429 in the same shape.
+    let mut limited = None;
+    for _ in 0..400 {
+        let r = http_bearer(svc.addr, "GET", "/v1/models", &other, None);
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.unwrap_or_else(|| panic!("no 429 after 400 quick calls"));
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error", "{}", r.body);
+}

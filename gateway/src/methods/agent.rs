@@ -33,7 +33,7 @@ const MAX_HISTORY: usize = 100;
 const TOOL_STDOUT: usize = 16 * 1024;
 const TOOL_STDERR: usize = 4 * 1024;
 /// Longest user message.
-const MAX_MESSAGE: usize = 64 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 
 pub const DEFAULT_SYSTEM_PROMPT: &str = "\
 You are a helpful assistant with two tools: `exec` runs a program (give argv as a list, the \
