@@ -53,6 +53,7 @@ mod files;
 mod held;
 mod inbound;
 mod outbox;
+mod reply;
 mod send;
 
 pub use channels::{ChannelStats, RECENT_CAP};
@@ -829,6 +830,7 @@ impl Handler for Ops {
                 Request::Held {} => self.held_op(&who).await,
                 Request::Admit { id, always, by } => self.admit_op(&who, &id, always, by).await,
                 Request::DropHeld { id, by } => self.drop_held_op(&who, &id, by).await,
+                Request::Redact { text } => self.redact_op(&who, &text).await,
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(

@@ -188,7 +188,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
     },
+    /// Where `text` holds a known secret value (in any encoding the broker recognises) or a
+    /// match of the profile's `redact` patterns (profiles with `auth = true`: gateways, for the
+    /// answers they hand out). At most [`MAX_REDACT_TEXT`] bytes.
+    Redact { text: String },
 }
+
+/// Longest `text` of a `redact` request.
+pub const MAX_REDACT_TEXT: usize = 16 * 1024;
 
 /// An adapter's report on one outbound message (`outbox_ack`). Tag `"result"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +230,7 @@ pub const OPS: &[&str] = &[
     "held",
     "admit",
     "drop_held",
+    "redact",
 ];
 
 impl Request {
@@ -247,6 +255,7 @@ impl Request {
             Request::Held {} => "held",
             Request::Admit { .. } => "admit",
             Request::DropHeld { .. } => "drop_held",
+            Request::Redact { .. } => "redact",
         }
     }
 }
@@ -441,6 +450,9 @@ pub enum OkReply {
     Admit { seq: u64 },
     /// `drop_held`: no fds.
     DropHeld {},
+    /// `redact`: no fds. The byte ranges `[start, end)` of `text` to redact, in order and not
+    /// overlapping (empty: nothing to hide).
+    Redact { ranges: Vec<(usize, usize)> },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -463,7 +475,8 @@ impl OkReply {
             | OkReply::ChannelState {}
             | OkReply::Held { .. }
             | OkReply::Admit { .. }
-            | OkReply::DropHeld {} => 0,
+            | OkReply::DropHeld {}
+            | OkReply::Redact { .. } => 0,
             OkReply::Connect { .. }
             | OkReply::Open { .. }
             | OkReply::Secret { .. }
@@ -493,6 +506,7 @@ impl OkReply {
             OkReply::Held { .. } => "held",
             OkReply::Admit { .. } => "admit",
             OkReply::DropHeld {} => "drop_held",
+            OkReply::Redact { .. } => "redact",
         }
     }
 }

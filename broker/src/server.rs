@@ -1041,7 +1041,8 @@ mod tests {
                     | Request::ChannelState { .. }
                     | Request::Held {}
                     | Request::Admit { .. }
-                    | Request::DropHeld { .. } => {
+                    | Request::DropHeld { .. }
+                    | Request::Redact { .. } => {
                         Response::err(ErrorCode::Denied, "not this handler's op")
                     }
                 }

@@ -139,7 +139,8 @@ impl Handler for Scripted {
                 | Request::ChannelState { .. }
                 | Request::Held {}
                 | Request::Admit { .. }
-                | Request::DropHeld { .. } => {
+                | Request::DropHeld { .. }
+                | Request::Redact { .. } => {
                     Response::err(ErrorCode::Denied, "not this handler's op")
                 }
             }

@@ -514,6 +514,8 @@ async fn answer_once(
 
 /// Send `text` as the reply to `m` (idempotent: key `reply:<id>`); the broker's answer.
 async fn reply_with(app: &App, m: &InboundMessage, text: String) -> Result<Value, RpcError> {
+    // The agent's words leave only redacted (a stored answer too: it may predate redaction).
+    let text = crate::redact::text(app, &text).await?;
     let r = app
         .broker
         .send_with(

@@ -19,6 +19,7 @@
 //! | [`inbound`] | answering channel messages: lanes, concurrency, low-water acknowledgement |
 //! | [`sessions`] | conversation sessions as JSON lines |
 //! | [`openai`] | the OpenAI-compatible door: `/v1/chat/completions` (plain and streamed), `/v1/models` |
+//! | [`redact`] | answers redacted on the way out (the broker's `redact` op: secret values, the profile's patterns) |
 //! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
 //! | [`settings`] | what the supervisor tells the gateway (`$CARAPACE_GATEWAY_SETTINGS`) |
 
@@ -29,6 +30,7 @@ pub mod inbound;
 pub mod llm;
 pub mod methods;
 pub mod openai;
+pub mod redact;
 pub mod rpc;
 pub mod schedule;
 pub mod server;

@@ -457,3 +457,260 @@ fn the_openai_client_talks_to_the_agent_streaming_and_not_with_an_approval() {
     let r = limited.unwrap_or_else(|| panic!("no 429 after 400 quick calls"));
     assert_eq!(r.json()["error"]["type"], "rate_limit_error", "{}", r.body);
 }
+
+const HOOK_KEY: &str = "the-shared-webhook-key-0123456789";
+
+/// `sha256=<hex HMAC-SHA256(key, body)>`.
+fn signature(key: &str, body: &str) -> String {
+    use hmac::{Hmac, Mac as _};
+    let mut mac =
+        <Hmac<sha2::Sha256>>::new_from_slice(key.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    mac.update(body.as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+/// A loopback HTTP server that answers 200 to every request and records the bodies.
+struct Recorder {
+    addr: std::net::SocketAddr,
+    got: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    fn start() -> Recorder {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(clone) = s.try_clone() else { continue };
+                let mut r = BufReader::new(clone);
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len.min(1 << 20)];
+                let _ = r.read_exact(&mut body);
+                g.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        Recorder { addr, got }
+    }
+
+    fn got(&self) -> Vec<String> {
+        self.got.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_secret_the_model_echoes_reaches_no_client_stream_or_channel() {
+    if !privileged() {
+        return;
+    }
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, LLM_KEY);
+    let said = format!("the key is {LLM_KEY}, encoded {b64}, ticket internal-12345.");
+    // On a stream, the secret straddles the boundary of two content chunks (256 bytes).
+    let streamed = format!("{}{LLM_KEY} and more", "x".repeat(250));
+    let llm = FakeLlm::start(vec![
+        // agent.run over WebSocket: a tool call with the secret in its arguments, then text.
+        Scripted::tool_call("exec", json!({"argv": ["/usr/bin/echo", LLM_KEY]})),
+        Scripted::text(said.clone()),
+        // REST.
+        Scripted::text(said.clone()),
+        // The OpenAI door, plain then streamed.
+        Scripted::text(said.clone()),
+        Scripted::text(streamed.clone()),
+        // The reply to a channel message.
+        Scripted::text(said.clone()),
+    ]);
+    let port = llm.addr().port();
+    let peer = Recorder::start();
+    let dir = tempdir("carapace-owned-redact-");
+    let hook_key = dir.path().join("hook.key");
+    fs::write(&hook_key, HOOK_KEY).unwrap_or_else(|e| panic!("{e}"));
+    fs::set_permissions(&hook_key, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hook_port = carapace_tests::service::free_port();
+    let policy = format!(
+        r#"{base}
+
+[secrets.hookkey]
+why = "the webhook's shared key"
+file = "{hook_key}"
+
+[channels.hook]
+why = "signed posts from the test peer"
+kind = "adapter"
+senders = ["ci"]
+recipients = []
+reply_to_senders = true
+
+[profiles.hook]
+why = "the webhook adapter under test"
+extends = "channel"
+
+[profiles.hook.broker]
+connect = [{{ host = "127.0.0.1", port = {peer}, allow_private = true, why = "the peer's reply endpoint" }}]
+secrets = ["hookkey"]
+deliver = ["hook"]
+"#,
+        base = agent_policy(
+            dir.path(),
+            port,
+            "channels = [\"hook\"]\nredact = [\"internal-[0-9]{4,}\"]\n"
+        ),
+        hook_key = hook_key.display(),
+        peer = peer.addr.port(),
+    );
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(policy),
+        extra_config: agent_config(
+            port,
+            &format!(
+                r#"
+[channels.hook]
+kind = "webhook"
+program = "{bin}"
+profile = "hook"
+listen = "127.0.0.1:{hook_port}"
+hmac_secret = "hookkey"
+url = "http://{peer}/reply"
+path = "/hook"
+"#,
+                bin = carapace_tests::service::channel_bin().display(),
+                peer = peer.addr,
+            ),
+        ),
+        ..StartOpts::default()
+    });
+    let client = svc.token_named("client", "c");
+    let hidden = |what: &str, text: &str| {
+        assert!(!text.contains(LLM_KEY), "{what} shows the secret: {text}");
+        assert!(!text.contains(&b64), "{what} shows its base64: {text}");
+        assert!(
+            !text.contains("internal-12345"),
+            "{what} shows the policy's pattern: {text}"
+        );
+    };
+
+    // WebSocket: the result and every event.
+    let mut c = ws(&svc, &client);
+    let r = c.call(
+        "agent.run",
+        json!({"session": "ws", "message": "what is the key?"}),
+    );
+    let reply = r.expect_ok()["reply"].as_str().unwrap_or("").to_string();
+    hidden("agent.run's reply", &reply);
+    assert!(
+        reply.starts_with("the key is [REDACTED], encoded [REDACTED], ticket [REDACTED]."),
+        "{reply}"
+    );
+    let events = serde_json::to_string(&r.events).unwrap_or_default();
+    assert!(events.contains("tool_call"), "{events}");
+    hidden("the agent.step events", &events);
+    // The tool ran as the model asked (its output is redacted by the broker).
+    let tool_result = llm.requests()[1].body["messages"].to_string();
+    assert!(tool_result.contains("[REDACTED]"), "{tool_result}");
+    let h = c.call("sessions.history", json!({"session": "ws"}));
+    hidden("the session's history", &h.expect_ok().to_string());
+
+    // REST.
+    let r = http_bearer(
+        svc.addr,
+        "POST",
+        "/v1/agent/run",
+        &client,
+        Some(r#"{"session":"rest","message":"and again?"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    hidden("the REST answer", &r.body);
+    assert!(r.body.contains("[REDACTED]"), "{}", r.body);
+
+    // The OpenAI door, plain and streamed (the secret across two chunks).
+    let py = PyClient::new(dir.path(), &svc);
+    let v = py.run(&client, "plain", None);
+    hidden("the chat completion", &v.to_string());
+    assert!(
+        v["content"].as_str().unwrap_or("").contains("[REDACTED]"),
+        "{v}"
+    );
+    let v = py.run(&client, "stream", None);
+    hidden("the stream", &v.to_string());
+    assert_eq!(
+        v["content"],
+        json!(format!("{}[REDACTED] and more", "x".repeat(250))),
+        "{v}"
+    );
+
+    // A channel: the reply the peer receives.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{hook_port}")
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let body = r#"{"id":"m-1","sender":"ci","text":"what is the key?"}"#;
+    let r = wait_for(Duration::from_secs(30), "the webhook answering", || {
+        let r = carapace_tests::service::http_with(
+            addr,
+            "POST",
+            "/hook",
+            &[("X-Carapace-Signature", &signature(HOOK_KEY, body))],
+            Some(body),
+        );
+        (r.status != 0 && r.status != 503).then_some(r)
+    });
+    assert_eq!(r.status, 202, "{r:?}");
+    let got = wait_for(Duration::from_secs(60), "the reply POST", || {
+        let g = peer.got();
+        (!g.is_empty()).then_some(g)
+    });
+    hidden("the channel reply", &got[0]);
+    assert!(got[0].contains("ticket [REDACTED]"), "{}", got[0]);
+
+    // The redactions are audited (never the text).
+    let audit = fs::read_to_string(svc.state_dir().join("audit.log")).unwrap_or_default();
+    assert!(
+        audit.contains("\"op\":\"redact\""),
+        "no redact in the audit log"
+    );
+    hidden(
+        "the audit log's redact records",
+        &audit
+            .lines()
+            .filter(|l| l.contains("\"op\":\"redact\""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+}

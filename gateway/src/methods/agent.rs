@@ -340,9 +340,24 @@ pub(crate) async fn converse(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
+        // What the model said leaves the gateway (stored, shown, answered) only redacted; the
+        // tool calls run as the model asked (the broker decides them), shown redacted.
+        let redacted = async {
+            let content = crate::redact::content(app, content).await?;
+            let shown = crate::redact::tool_calls(app, &calls).await?;
+            Ok::<_, RpcError>((content, shown))
+        }
+        .await;
+        let (content, shown_calls) = match redacted {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = record_usage(app, session, usage, turns, "error", inbound_id).await;
+                return Err(e);
+            }
+        };
         let mut assistant = json!({"role": "assistant", "content": content});
         if !calls.is_empty() {
-            assistant["tool_calls"] = Value::Array(calls.clone());
+            assistant["tool_calls"] = Value::Array(shown_calls.clone());
         }
         store(app, session, assistant.clone(), None).await?;
         messages.push(assistant);
@@ -358,14 +373,17 @@ pub(crate) async fn converse(
         if calls.is_empty() {
             break "done";
         }
-        for c in &calls {
+        for (c, shown) in calls.iter().zip(&shown_calls) {
             let id = c.get("id").cloned().unwrap_or(Value::Null);
             let name = c["function"]["name"].as_str().unwrap_or("").to_string();
             let args_text = c["function"]["arguments"].as_str().unwrap_or("{}");
             let args: Value = serde_json::from_str(args_text).unwrap_or(Value::Null);
+            let shown_text = shown["function"]["arguments"].as_str().unwrap_or("{}");
+            let shown_args: Value = serde_json::from_str(shown_text)
+                .unwrap_or_else(|_| Value::String(shown_text.to_string()));
             out.emit(
                 "agent.step",
-                json!({"session": session, "turn": turns, "kind": "tool_call", "tool": name, "arguments": args}),
+                json!({"session": session, "turn": turns, "kind": "tool_call", "tool": name, "arguments": shown_args}),
             )
             .await;
             let result = run_tool(app, &name, args, out).await;
