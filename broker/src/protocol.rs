@@ -1260,6 +1260,9 @@ mod tests {
             id: "h1".into(),
             by: None,
         });
+        req_roundtrip(Request::Redact {
+            text: "an answer with sk-x".into(),
+        });
         for (after, wait_ms) in [(0, 0), (7, 25_000), (u64::MAX, u64::MAX)] {
             req_roundtrip(Request::Inbound { after, wait_ms });
         }
@@ -1531,6 +1534,9 @@ mod tests {
             },
             OkReply::Admit { seq: 4 },
             OkReply::DropHeld {},
+            OkReply::Redact {
+                ranges: vec![(3, 9), (12, 20)],
+            },
         ];
         for r in replies {
             assert_eq!(r.fd_count(), 0);
@@ -1539,6 +1545,16 @@ mod tests {
         assert_eq!(
             encode_reply(9, &Reply::Ok(OkReply::DropHeld {})).unwrap(),
             br#"{"v":1,"id":9,"ok":true,"op":"drop_held"}"#
+        );
+        assert_eq!(
+            encode_reply(
+                9,
+                &Reply::Ok(OkReply::Redact {
+                    ranges: vec![(1, 2)]
+                })
+            )
+            .unwrap(),
+            br#"{"v":1,"id":9,"ok":true,"op":"redact","ranges":[[1,2]]}"#
         );
         for op in [
             "outbox",

@@ -107,7 +107,7 @@ mod tests {
         let re = regex::Regex::new("sk-[a-z]{4}").unwrap_or_else(|e| panic!("{e}"));
         let text = "a sk-abcd b XYZ c";
         // A secret range overlapping a pattern range becomes one.
-        let r = merge_ranges(text, vec![(12, 15), (4, 8)], &[re.clone()]);
+        let r = merge_ranges(text, vec![(12, 15), (4, 8)], std::slice::from_ref(&re));
         assert_eq!(r, vec![(2, 9), (12, 15)]);
         assert!(merge_ranges("clean", vec![], &[re]).is_empty());
         let many: Vec<(usize, usize)> = (0..2000).map(|i| (i * 2, i * 2 + 1)).collect();
