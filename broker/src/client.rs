@@ -549,6 +549,19 @@ impl Client {
         }
     }
 
+    /// `redact` (profiles with `auth = true`): the byte ranges of `text` (at most
+    /// [`crate::protocol::MAX_REDACT_TEXT`] bytes) that hold a known secret value or a match of
+    /// the profile's `redact` patterns.
+    pub fn redact_ranges(&mut self, text: &str) -> Result<Vec<(usize, usize)>, ClientError> {
+        let (_, ok, _) = self.call(&Request::Redact {
+            text: text.to_owned(),
+        })?;
+        match ok {
+            OkReply::Redact { ranges } => Ok(ranges),
+            ok => Err(wrong("redact", &ok)),
+        }
+    }
+
     /// `approvals` (profiles with `approve = true`): the approvals waiting for an operator,
     /// oldest first.
     pub fn approvals(&mut self) -> Result<Vec<PendingApproval>, ClientError> {

@@ -58,6 +58,7 @@ mod inbound;
 mod operator;
 mod operator_chat;
 mod outbox;
+mod reply;
 mod send;
 
 pub use channels::{ChannelStats, RECENT_CAP};
@@ -901,6 +902,7 @@ impl Handler for Ops {
                 }
                 Request::Channels {} => self.channels_op(&who).await,
                 Request::Children {} => self.children_op(&who).await,
+                Request::Redact { text } => self.redact_op(&who, &text).await,
                 // The server answers `session` itself (a socket with this identity); a handler
                 // never sees one.
                 Request::Session {} => Response::err(

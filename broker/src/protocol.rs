@@ -228,6 +228,10 @@ pub enum Request {
     /// The service's children (gateway, channel adapters) and their state (profiles with
     /// `approve = true`); empty when the broker runs without a service.
     Children {},
+    /// Where `text` holds a known secret value (in any encoding the broker recognises) or a
+    /// match of the profile's `redact` patterns (profiles with `auth = true`: gateways, for the
+    /// answers they hand out). At most [`MAX_REDACT_TEXT`] bytes.
+    Redact { text: String },
 }
 
 /// One child of the service as `children` shows it (what `carapace status` shows).
@@ -269,6 +273,9 @@ pub struct DeadLetterInfo {
     pub ts: String,
 }
 
+/// Longest `text` of a `redact` request.
+pub const MAX_REDACT_TEXT: usize = 16 * 1024;
+
 /// An adapter's report on one outbound message (`outbox_ack`). Tag `"result"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
@@ -308,6 +315,7 @@ pub const OPS: &[&str] = &[
     "audit_query",
     "channels",
     "children",
+    "redact",
 ];
 
 impl Request {
@@ -338,6 +346,7 @@ impl Request {
             Request::AuditQuery { .. } => "audit_query",
             Request::Channels {} => "channels",
             Request::Children {} => "children",
+            Request::Redact { .. } => "redact",
         }
     }
 }
@@ -574,6 +583,9 @@ pub enum OkReply {
     },
     /// `children`: no fds.
     Children { children: Vec<ChildSummary> },
+    /// `redact`: no fds. The byte ranges `[start, end)` of `text` to redact, in order and not
+    /// overlapping (empty: nothing to hide).
+    Redact { ranges: Vec<(usize, usize)> },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -602,7 +614,8 @@ impl OkReply {
             | OkReply::DlqDrop {}
             | OkReply::AuditQuery { .. }
             | OkReply::Channels { .. }
-            | OkReply::Children { .. } => 0,
+            | OkReply::Children { .. }
+            | OkReply::Redact { .. } => 0,
             OkReply::Connect { .. }
             | OkReply::Open { .. }
             | OkReply::Secret { .. }
@@ -638,6 +651,7 @@ impl OkReply {
             OkReply::AuditQuery { .. } => "audit_query",
             OkReply::Channels { .. } => "channels",
             OkReply::Children { .. } => "children",
+            OkReply::Redact { .. } => "redact",
         }
     }
 }
@@ -1416,6 +1430,9 @@ mod tests {
             id: "h1".into(),
             by: None,
         });
+        req_roundtrip(Request::Redact {
+            text: "an answer with sk-x".into(),
+        });
         for (after, wait_ms) in [(0, 0), (7, 25_000), (u64::MAX, u64::MAX)] {
             req_roundtrip(Request::Inbound { after, wait_ms });
         }
@@ -1688,6 +1705,9 @@ mod tests {
             },
             OkReply::Admit { seq: 4 },
             OkReply::DropHeld {},
+            OkReply::Redact {
+                ranges: vec![(3, 9), (12, 20)],
+            },
         ];
         for r in replies {
             assert_eq!(r.fd_count(), 0);
@@ -1696,6 +1716,16 @@ mod tests {
         assert_eq!(
             encode_reply(9, &Reply::Ok(OkReply::DropHeld {})).unwrap(),
             br#"{"v":1,"id":9,"ok":true,"op":"drop_held"}"#
+        );
+        assert_eq!(
+            encode_reply(
+                9,
+                &Reply::Ok(OkReply::Redact {
+                    ranges: vec![(1, 2)]
+                })
+            )
+            .unwrap(),
+            br#"{"v":1,"id":9,"ok":true,"op":"redact","ranges":[[1,2]]}"#
         );
         for op in [
             "outbox",

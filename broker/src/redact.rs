@@ -1,7 +1,8 @@
 //! Redaction of known secret values (and configured patterns) in outbound data: tool output, sent
 //! messages. Every occurrence becomes `[REDACTED]`.
 //!
-//! What is matched, for each secret value (empty values are ignored):
+//! What is matched, for each secret value (empty values are ignored), and for the value
+//! without its trailing whitespace (a key file's newline):
 //! - the raw bytes;
 //! - lowercase and uppercase hex of the bytes;
 //! - its percent-encoding (URLs, form bodies) and, for UTF-8 values, its JSON string escaping;
@@ -136,10 +137,20 @@ impl Redactor {
         secrets: Vec<Vec<u8>>,
         patterns: Vec<Regex>,
     ) -> Result<Redactor, RedactError> {
+        // A value read from a file often ends with a newline that is no part of it (a key
+        // file, `echo KEY > file`): the value without its trailing whitespace is searched too.
         let mut needles: Vec<Vec<u8>> = secrets
             .iter()
+            .flat_map(|s| {
+                let trimmed = s.trim_ascii_end();
+                let mut both = vec![s.as_slice()];
+                if trimmed.len() != s.len() {
+                    both.push(trimmed);
+                }
+                both
+            })
             .filter(|s| !s.is_empty())
-            .flat_map(|s| forms(s))
+            .flat_map(forms)
             .collect();
         // Longest first: the alternation is leftmost-first, so a longer secret that starts where
         // a shorter one does wins (nothing of it is left behind).
@@ -198,6 +209,27 @@ impl Redactor {
             };
             if let Some(v) = replaced {
                 out = Cow::Owned(v);
+            }
+        }
+        out
+    }
+
+    /// The byte ranges of `data` that [`redact`](Self::redact) would hide (secret forms and
+    /// pattern matches), sorted, with overlapping and touching ranges merged.
+    pub fn ranges(&self, data: &[u8]) -> Vec<(usize, usize)> {
+        let mut all: Vec<(usize, usize)> = self
+            .secrets
+            .iter()
+            .chain(self.patterns.iter())
+            .flat_map(|re| re.find_iter(data).map(|m| (m.start(), m.end())))
+            .filter(|(a, b)| a < b)
+            .collect();
+        all.sort_unstable();
+        let mut out: Vec<(usize, usize)> = Vec::with_capacity(all.len());
+        for (a, b) in all {
+            match out.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
             }
         }
         out
@@ -275,6 +307,33 @@ mod tests {
                 .collect(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_value_with_a_trailing_newline_is_also_found_without_it() {
+        let red = r(&["sk-key-123\n"], &[]);
+        assert_eq!(
+            red.redact(b"say sk-key-123 now").as_ref(),
+            b"say [REDACTED] now"
+        );
+        assert_eq!(
+            red.redact(b"line sk-key-123\nnext").as_ref(),
+            b"line [REDACTED]next"
+        );
+        let b64 = base64(b"sk-key-123", B64_STD);
+        assert!(red.finds(&b64));
+        assert_eq!(red.ranges(b"a sk-key-123 b"), vec![(2, 12)]);
+    }
+
+    #[test]
+    fn ranges_are_what_redact_hides() {
+        let red = r(&["abc", "bcd"], &["x+"]);
+        assert_eq!(red.ranges(b"abcd xx abc"), vec![(0, 3), (5, 7), (8, 11)]);
+        assert_eq!(
+            red.redact(b"abcd xx abc").as_ref(),
+            b"[REDACTED]d [REDACTED] [REDACTED]"
+        );
+        assert!(red.ranges(b"clean").is_empty());
     }
 
     #[test]

@@ -1047,7 +1047,8 @@ mod tests {
                     | Request::DlqDrop { .. }
                     | Request::AuditQuery { .. }
                     | Request::Channels {}
-                    | Request::Children {} => {
+                    | Request::Children {}
+                    | Request::Redact { .. } => {
                         Response::err(ErrorCode::Denied, "not this handler's op")
                     }
                 }

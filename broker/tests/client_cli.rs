@@ -145,7 +145,10 @@ impl Handler for Scripted {
                 | Request::DlqDrop { .. }
                 | Request::AuditQuery { .. }
                 | Request::Channels {}
-                | Request::Children {} => Response::err(ErrorCode::Denied, "not this handler's op"),
+                | Request::Children {}
+                | Request::Redact { .. } => {
+                    Response::err(ErrorCode::Denied, "not this handler's op")
+                }
             }
         })
     }

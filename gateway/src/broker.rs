@@ -164,6 +164,12 @@ impl Broker {
         .await
     }
 
+    /// The byte ranges of `text` (one request's worth) the broker says to hide: known secret
+    /// values and the profile's `redact` patterns.
+    pub async fn redact_ranges(&self, text: String) -> Result<Vec<(usize, usize)>, RpcError> {
+        self.call(move |c| c.redact_ranges(&text)).await
+    }
+
     pub async fn ping(&self) -> Result<(), RpcError> {
         self.call(|c| c.ping()).await
     }

@@ -40,7 +40,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::app::{App, Emitter};
 use crate::methods::agent::{converse, store, untrusted_from, Model};
 use crate::rpc::{Kind, RpcError};
-use crate::sessions::{content_text, inbound_state, valid_name, InboundState};
+use crate::sessions::{content_text, inbound_state, valid_name, InboundState, Owner};
 
 /// The longest a read of the queue waits for a message.
 const WAIT_MS: u64 = 25_000;
@@ -444,7 +444,14 @@ async fn answer_once(
     let lines = {
         let app = app.clone();
         let s = session.to_string();
+        let owner = Owner::Channel {
+            channel: m.channel.clone(),
+            conversation: m.conversation.clone(),
+        };
         crate::methods::blocking(move || {
+            // The conversation's session is its own (one older than owners stays
+            // operator-only).
+            app.sessions.claim(&s, &owner)?;
             app.sessions
                 .read(&s)
                 .map(|l| l.lines)
@@ -507,6 +514,8 @@ async fn answer_once(
 
 /// Send `text` as the reply to `m` (idempotent: key `reply:<id>`); the broker's answer.
 async fn reply_with(app: &App, m: &InboundMessage, text: String) -> Result<Value, RpcError> {
+    // The agent's words leave only redacted (a stored answer too: it may predate redaction).
+    let text = crate::redact::text(app, &text).await?;
     let r = app
         .broker
         .send_with(

@@ -20,6 +20,8 @@
 //! | [`inbound`] | answering channel messages: lanes, concurrency, low-water acknowledgement |
 //! | [`jobs`] | scheduled jobs: the schedule, missed runs, run requests, the history |
 //! | [`sessions`] | conversation sessions as JSON lines |
+//! | [`openai`] | the OpenAI-compatible door: `/v1/chat/completions` (plain and streamed), `/v1/models` |
+//! | [`redact`] | answers redacted on the way out (the broker's `redact` op: secret values, the profile's patterns) |
 //! | [`llm`] | the OpenAI-compatible chat-completions client over broker connections |
 //! | [`settings`] | what the supervisor tells the gateway (`$CARAPACE_GATEWAY_SETTINGS`) |
 
@@ -31,6 +33,8 @@ pub mod inbound;
 pub mod jobs;
 pub mod llm;
 pub mod methods;
+pub mod openai;
+pub mod redact;
 pub mod rpc;
 pub mod schedule;
 pub mod server;

@@ -108,6 +108,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/archive/{id}/restore", post(rest_restore))
         .route("/v1/agent/run", post(rest_agent))
         .merge(crate::console::routes())
+        .route(
+            "/v1/chat/completions",
+            post(crate::openai::chat_completions),
+        )
+        .route("/v1/models", get(crate::openai::models))
+        .route("/v1/models/{id}", get(crate::openai::model))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
@@ -263,7 +269,7 @@ async fn caller_of(app: &App, req: Request) -> Result<(Caller, Body), Response> 
 }
 
 /// The body of a request as JSON (`{}` when empty), within the size cap.
-async fn json_body(app: &App, body: Body) -> Result<Value, RpcError> {
+pub(crate) async fn json_body(app: &App, body: Body) -> Result<Value, RpcError> {
     let limit = app.settings.clients.max_message_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         RpcError::new(

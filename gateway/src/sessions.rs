@@ -23,6 +23,12 @@
 //! `sessions.reset` archives: the file moves to `<state_dir>/sessions/archive/<name>.<stamp>.jsonl`
 //! (a rename, the directories fsync'd), where [`Sessions::archived`] lists it and
 //! [`Sessions::restore`] brings it back, never over a live session.
+//!
+//! **Owners.** A session belongs to whoever made it: `<name>.meta.json` beside its lines holds
+//! `{"owner": OWNER}` ([`Owner`]: `token:<id>` for a client token, `channel:<name>:<conversation>`
+//! for a channel conversation), written atomically when the session is first claimed and kept
+//! when the session is reset (the name stays its owner's). A session without one (written
+//! before owners were recorded) belongs to nobody: only operators see it.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -48,6 +54,13 @@ pub enum SessionError {
     #[error("session {0:?} exists: reset or rename it before restoring an archive over it")]
     Live(String),
     #[error("{what} {}: {source}", path.display())]
+    Durable {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: carapace_broker::durable::DurableError,
+    },
+    #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -63,7 +76,9 @@ impl From<SessionError> for RpcError {
                 RpcError::invalid_params(e.to_string())
             }
             SessionError::NoArchive(_) => RpcError::new(Kind::NotFound, e.to_string()),
-            SessionError::Io { .. } => RpcError::new(Kind::Internal, e.to_string()),
+            SessionError::Io { .. } | SessionError::Durable { .. } => {
+                RpcError::new(Kind::Internal, e.to_string())
+            }
         }
     }
 }
@@ -83,6 +98,43 @@ impl Usage {
         self.total_tokens = self.total_tokens.saturating_add(o.total_tokens);
     }
 }
+
+/// Who a session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// A client token, by its id (`token:<id>`).
+    Token(String),
+    /// A channel conversation (`channel:<channel>:<conversation>`).
+    Channel {
+        channel: String,
+        conversation: String,
+    },
+}
+
+impl Owner {
+    /// The owner as stored.
+    pub fn key(&self) -> String {
+        match self {
+            Owner::Token(id) => format!("token:{id}"),
+            Owner::Channel {
+                channel,
+                conversation,
+            } => format!("channel:{channel}:{conversation}"),
+        }
+    }
+}
+
+/// Whether `claim` found the session free (or already the owner's) or someone else's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The session is the owner's (it was just claimed, or already was).
+    Mine,
+    /// It belongs to someone else, or to nobody (a session older than owners).
+    Taken,
+}
+
+/// Largest meta file read.
+const MAX_META: u64 = 64 * 1024;
 
 /// The sessions of one gateway.
 #[derive(Debug)]
@@ -144,6 +196,64 @@ impl Sessions {
         } else {
             Err(SessionError::BadName(name.to_string()))
         }
+    }
+
+    fn meta_path(&self, name: &str) -> Result<PathBuf, SessionError> {
+        if valid_name(name) {
+            Ok(self.dir.join(format!("{name}.meta.json")))
+        } else {
+            Err(SessionError::BadName(name.to_string()))
+        }
+    }
+
+    /// The stored owner of a session (None: none recorded).
+    pub fn owner(&self, name: &str) -> Result<Option<String>, SessionError> {
+        let path = self.meta_path(name)?;
+        let bytes = match carapace_broker::durable::read_capped(&path, MAX_META) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(SessionError::Io {
+                    what: "reading session owner",
+                    path,
+                    source: e,
+                })
+            }
+        };
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| SessionError::Io {
+            what: "reading session owner",
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        Ok(v["owner"].as_str().map(str::to_string))
+    }
+
+    /// Claim session `name` for `owner`: a session nobody has made yet becomes the owner's
+    /// (its meta file written atomically); one already the owner's stays so; any other is
+    /// [`Claim::Taken`]. The caller holds the session's lock.
+    pub fn claim(&self, name: &str, owner: &Owner) -> Result<Claim, SessionError> {
+        let key = owner.key();
+        match self.owner(name)? {
+            Some(o) if o == key => return Ok(Claim::Mine),
+            Some(_) => return Ok(Claim::Taken),
+            None if self.exists(name)? => return Ok(Claim::Taken),
+            None => {}
+        }
+        carapace_broker::durable::ensure_dir(&self.dir).map_err(|e| SessionError::Io {
+            what: "creating the sessions directory",
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        let path = self.meta_path(name)?;
+        let body = json!({"owner": key, "created": now()}).to_string();
+        carapace_broker::durable::write_atomic(&path, body.as_bytes()).map_err(|e| {
+            SessionError::Durable {
+                what: "writing session owner",
+                path,
+                source: e,
+            }
+        })?;
+        Ok(Claim::Mine)
     }
 
     /// Serialize the writers of one session: hold the guard while appending a run's lines.
@@ -486,8 +596,9 @@ impl Sessions {
                     updated = l["ts"].clone();
                 }
             }
+            let owner = self.owner(&name).ok().flatten();
             out.push(
-                json!({"name": name, "messages": messages, "updated": updated, "usage": usage}),
+                json!({"name": name, "messages": messages, "updated": updated, "usage": usage, "owner": owner}),
             );
         }
         Ok(out)

@@ -38,6 +38,7 @@ pub(crate) struct RawBroker {
     pub approve: Option<S<bool>>,
     pub inbound: Option<S<bool>>,
     pub rate: Option<S<RawPeerRate>>,
+    pub redact: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,7 +105,7 @@ pub(crate) struct RawChannelRate {
     pub burst: Option<S<i64>>,
 }
 
-/// `extends`: the broker lists (`connect`, `open`, `secrets`, `channels`, `deliver`) append,
+/// `extends`: the broker lists (`connect`, `open`, `secrets`, `channels`, `deliver`, `redact`) append,
 /// parent first; `exec`, `auth`, `approve`, `inbound` and `rate` are overridden by the child.
 pub(crate) fn merge_broker(p: RawBroker, c: RawBroker) -> RawBroker {
     fn append<T>(p: Option<Vec<T>>, c: Option<Vec<T>>) -> Option<Vec<T>> {
@@ -141,6 +142,7 @@ pub(crate) fn merge_broker(p: RawBroker, c: RawBroker) -> RawBroker {
         approve: c.approve.or(p.approve),
         inbound: c.inbound.or(p.inbound),
         rate: c.rate.or(p.rate),
+        redact: append_names(p.redact, c.redact),
     }
 }
 
@@ -393,6 +395,7 @@ pub(crate) struct BrokerSection {
     pub approve: bool,
     pub inbound: bool,
     pub rate: Option<PeerRate>,
+    pub redact: Vec<Regex>,
 }
 
 /// Everything the broker needs to decide for a child running under one profile. Cheap to
@@ -424,6 +427,9 @@ pub struct BrokerRules {
     pub inbound: bool,
     /// Per-peer request rate; None = the broker's default.
     pub rate: Option<PeerRate>,
+    /// Patterns redacted from what this profile hands out as replies (the gateway's answers to
+    /// clients and channels, through the `redact` op), besides every known secret value.
+    pub redact: Vec<Regex>,
 }
 
 /// Why a request's host is not acceptable at all.
@@ -660,6 +666,22 @@ impl BrokerRules {
                 "allowed: may read the messages channel adapters delivered (reading past a message acknowledges it: it leaves the queue)"
             } else {
                 "refused"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  redact (its replies, through the `redact` op): every secret value{}",
+            if self.redact.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " and {}",
+                    self.redact
+                        .iter()
+                        .map(|r| format!("/{}/", r.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
         );
         match self.rate {
@@ -1489,6 +1511,7 @@ pub(crate) fn lower_broker(
     let secrets = names(sink, &raw.secrets, secret_names, "secret", "secrets");
     let channels = names(sink, &raw.channels, channel_names, "channel", "channels");
     let deliver = names(sink, &raw.deliver, channel_names, "channel", "channels");
+    let redact = regexes(sink, &raw.redact, "redact");
     let rate = raw.rate.as_ref().map(|r| {
         let rspan = r.span();
         let r = r.get_ref();
@@ -1526,6 +1549,7 @@ pub(crate) fn lower_broker(
         approve: raw.approve.as_ref().is_some_and(|e| *e.get_ref()),
         inbound: raw.inbound.as_ref().is_some_and(|e| *e.get_ref()),
         rate,
+        redact,
     })
 }
 
@@ -1560,6 +1584,7 @@ pub(crate) fn rules_of(
         approve: b.approve,
         inbound: b.inbound,
         rate: b.rate,
+        redact: b.redact.clone(),
     }
 }
 

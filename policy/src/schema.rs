@@ -87,6 +87,7 @@ const BROKER: Kind = Table(&[
     ("approve", Bool),
     ("inbound", Bool),
     ("rate", PEER_RATE),
+    ("redact", Array(&Str)),
 ]);
 const SECRET: Kind = Table(&[("why", Str), ("file", Str), ("credential", Str)]);
 const CHANNEL_RATE: Kind = Table(&[("per_minute", Int), ("burst", Int)]);

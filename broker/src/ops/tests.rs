@@ -1343,3 +1343,50 @@ async fn approvals_reply_fits_one_frame() {
     let bytes = encode_reply(u64::MAX, &Reply::Ok(ok.clone())).unwrap_or_else(|e| panic!("{e}"));
     assert!(bytes.len() <= MAX_FRAME);
 }
+
+#[tokio::test]
+async fn redact_finds_secrets_and_the_profiles_patterns_for_gateways_only() {
+    let extra = format!(
+        "{GW}[profiles.authonly2]\nwhy = \"a gateway with reply patterns\"\n[profiles.authonly2.broker]\nauth = true\nredact = [\"internal-[0-9]+\"]\n"
+    );
+    let env = setup_with(&extra, None, None);
+    let b64 = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        SECRET.as_bytes(),
+    );
+    let text = format!(
+        "key {SECRET} and {b64}; ticket internal-42; hex {}",
+        hex::encode(SECRET)
+    );
+    // `authonly` is a gateway too, without patterns: only the secret forms.
+    let r = env.ops.redact_op(&who("authonly"), &text).await;
+    let OkReply::Redact { ranges } = ok_of(&r) else {
+        panic!("{r:?}")
+    };
+    let hidden: Vec<&str> = ranges.iter().map(|(a, b)| &text[*a..*b]).collect();
+    assert_eq!(hidden, [SECRET, b64.as_str(), hex::encode(SECRET).as_str()]);
+    let rec = last_audit(&env);
+    assert_eq!(
+        (rec["op"].as_str(), rec["decision"].as_str()),
+        (Some("redact"), Some("allow"))
+    );
+    assert!(!audit_text(&env).contains(SECRET));
+    // The profile's patterns count too.
+    let r = env.ops.redact_op(&who("authonly2"), &text).await;
+    let OkReply::Redact { ranges } = ok_of(&r) else {
+        panic!("{r:?}")
+    };
+    let hidden: Vec<&str> = ranges.iter().map(|(a, b)| &text[*a..*b]).collect();
+    assert!(hidden.contains(&"internal-42"), "{hidden:?}");
+    // Clean text: nothing to hide, nothing audited.
+    let before = audit_text(&env).len();
+    let r = env.ops.redact_op(&who("authonly"), "all is well").await;
+    assert_eq!(ok_of(&r), OkReply::Redact { ranges: vec![] });
+    assert_eq!(audit_text(&env).len(), before);
+    // Any other profile is refused (it could test guesses), and so is too much text.
+    let r = env.ops.redact_op(&who("tool"), &text).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    let big = "x".repeat(crate::protocol::MAX_REDACT_TEXT + 1);
+    let r = env.ops.redact_op(&who("authonly"), &big).await;
+    assert_eq!(err_of(&r).code, ErrorCode::TooLarge);
+}

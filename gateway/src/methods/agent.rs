@@ -28,11 +28,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::messages::{send_message, SendParams};
+use super::sessions::{no_session, owner_of};
 use super::tools::{exec, ExecParams};
 use crate::app::{App, Emitter};
+use crate::auth::Caller;
 use crate::llm::{self, Endpoint};
 use crate::rpc::{params, Kind, RpcError};
-use crate::sessions::{valid_name, Context, Summary, Usage};
+use crate::sessions::{valid_name, Claim, Context, Summary, Usage};
 use crate::settings::AgentSettings;
 
 /// Messages of a session's history sent to the model.
@@ -41,7 +43,7 @@ const MAX_HISTORY: usize = 100;
 const TOOL_STDOUT: usize = 16 * 1024;
 const TOOL_STDERR: usize = 4 * 1024;
 /// Longest user message.
-const MAX_MESSAGE: usize = 64 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 /// Bytes of a prompt's JSON counted as one token by the estimate.
 const BYTES_PER_TOKEN: u64 = 4;
 /// Compaction starts when the estimated prompt exceeds this share of `context_budget` (%)...
@@ -253,7 +255,12 @@ pub(crate) struct RunEnd {
     pub usage: Usage,
 }
 
-pub async fn run(app: &Arc<App>, p: Value, out: &Emitter) -> Result<Value, RpcError> {
+pub async fn run(
+    app: &Arc<App>,
+    caller: &Caller,
+    p: Value,
+    out: &Emitter,
+) -> Result<Value, RpcError> {
     let p: RunParams = params(p)?;
     if app.settings.agent.is_none() {
         return Err(RpcError::new(
@@ -274,6 +281,7 @@ pub async fn run(app: &Arc<App>, p: Value, out: &Emitter) -> Result<Value, RpcEr
     let model = Model::load(app).await?;
     let session = p.session.clone();
     let _guard = app.sessions.lock(&session).await;
+    claim_for(app, caller, &session).await?;
     let user = json!({"role": "user", "content": p.message});
     store(app, &session, user, None).await?;
     let system = model.system_prompt(None);
@@ -285,6 +293,38 @@ pub async fn run(app: &Arc<App>, p: Value, out: &Emitter) -> Result<Value, RpcEr
         "stopped": end.stopped,
         "usage": end.usage,
     }))
+}
+
+/// Make sure `caller` may run in `session`: a new one becomes the caller's; an operator may
+/// run in any; a client in its own only (another's is answered like a missing one), and never
+/// under a name kept for others: `ch-…` (channel conversations) or `oai-<id>` of another token
+/// (each token's default session on the OpenAI-compatible endpoint). The caller holds the
+/// session's lock.
+pub(crate) async fn claim_for(
+    app: &Arc<App>,
+    caller: &Caller,
+    session: &str,
+) -> Result<(), RpcError> {
+    if !caller.is_operator() && reserved_for_others(caller, session) {
+        return Err(no_session(session));
+    }
+    let (app, caller, s) = (app.clone(), caller.clone(), session.to_string());
+    super::blocking(move || {
+        let claim = app.sessions.claim(&s, &owner_of(&caller))?;
+        if claim == Claim::Taken && !caller.is_operator() {
+            return Err(no_session(&s));
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Whether session name `name` is kept for someone other than client `caller`.
+fn reserved_for_others(caller: &Caller, name: &str) -> bool {
+    name.starts_with("ch-")
+        || name
+            .strip_prefix("oai-")
+            .is_some_and(|id| id != caller.token_id)
 }
 
 /// Run the agent loop on a session whose stored history ends with the user's message (or
@@ -369,9 +409,24 @@ pub(crate) async fn converse(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
+        // What the model said leaves the gateway (stored, shown, answered) only redacted; the
+        // tool calls run as the model asked (the broker decides them), shown redacted.
+        let redacted = async {
+            let content = crate::redact::content(app, content).await?;
+            let shown = crate::redact::tool_calls(app, &calls).await?;
+            Ok::<_, RpcError>((content, shown))
+        }
+        .await;
+        let (content, shown_calls) = match redacted {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = record_usage(app, session, usage, turns, "error", inbound_id).await;
+                return Err(e);
+            }
+        };
         let mut assistant = json!({"role": "assistant", "content": content});
         if !calls.is_empty() {
-            assistant["tool_calls"] = Value::Array(calls.clone());
+            assistant["tool_calls"] = Value::Array(shown_calls.clone());
         }
         store(app, session, assistant.clone(), None).await?;
         messages.push(assistant);
@@ -387,14 +442,17 @@ pub(crate) async fn converse(
         if calls.is_empty() {
             break "done";
         }
-        for c in &calls {
+        for (c, shown) in calls.iter().zip(&shown_calls) {
             let id = c.get("id").cloned().unwrap_or(Value::Null);
             let name = c["function"]["name"].as_str().unwrap_or("").to_string();
             let args_text = c["function"]["arguments"].as_str().unwrap_or("{}");
             let args: Value = serde_json::from_str(args_text).unwrap_or(Value::Null);
+            let shown_text = shown["function"]["arguments"].as_str().unwrap_or("{}");
+            let shown_args: Value = serde_json::from_str(shown_text)
+                .unwrap_or_else(|_| Value::String(shown_text.to_string()));
             out.emit(
                 "agent.step",
-                json!({"session": session, "turn": turns, "kind": "tool_call", "tool": name, "arguments": args}),
+                json!({"session": session, "turn": turns, "kind": "tool_call", "tool": name, "arguments": shown_args}),
             )
             .await;
             let result = run_tool(app, &name, args, out).await;

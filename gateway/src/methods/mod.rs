@@ -15,7 +15,7 @@ mod gateway;
 mod held;
 mod messages;
 mod operator;
-mod sessions;
+pub(crate) mod sessions;
 mod tools;
 
 pub use tools::{exec, ExecOutcome};
@@ -92,12 +92,12 @@ async fn run(
         "audit.query" => operator::audit_query(app, p).await,
         "channels.list" => operator::channels_list(app, p).await,
         "children.list" => operator::children_list(app, p).await,
-        "sessions.list" => sessions::list(app, p).await,
-        "sessions.history" => sessions::history(app, p).await,
-        "sessions.reset" => sessions::reset(app, p).await,
-        "sessions.archived" => sessions::archived(app, p).await,
-        "sessions.restore" => sessions::restore(app, p).await,
-        "agent.run" => agent::run(app, p, out).await,
+        "sessions.list" => sessions::list(app, caller, p).await,
+        "sessions.history" => sessions::history(app, caller, p).await,
+        "sessions.reset" => sessions::reset(app, caller, p).await,
+        "sessions.archived" => sessions::archived(app, caller, p).await,
+        "sessions.restore" => sessions::restore(app, caller, p).await,
+        "agent.run" => agent::run(app, caller, p, out).await,
         other => Err(RpcError::internal(format!("method {other} has no handler"))),
     }
 }

@@ -293,3 +293,64 @@ fn content_texts() {
     );
     assert_eq!(content_text(&Value::Null), None);
 }
+
+#[test]
+fn sessions_are_claimed_by_their_first_owner() {
+    let (_d, s) = store();
+    let alice = Owner::Token("aaaa0001".into());
+    let bob = Owner::Token("bbbb0002".into());
+    assert_eq!(s.owner("chat").unwrap_or_default(), None);
+    assert_eq!(s.claim("chat", &alice).ok(), Some(Claim::Mine));
+    assert_eq!(
+        s.owner("chat").unwrap_or_default().as_deref(),
+        Some("token:aaaa0001")
+    );
+    assert_eq!(s.claim("chat", &alice).ok(), Some(Claim::Mine), "again");
+    assert_eq!(s.claim("chat", &bob).ok(), Some(Claim::Taken));
+    // Kept across a reset: the name stays its owner's.
+    s.append_message("chat", &json!({"role":"user","content":"x"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.reset("chat").ok().flatten().is_some());
+    assert_eq!(s.claim("chat", &bob).ok(), Some(Claim::Taken));
+    // A session written without an owner (before owners) is nobody's to claim.
+    s.append_message("old", &json!({"role":"user","content":"x"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.claim("old", &alice).ok(), Some(Claim::Taken));
+    assert_eq!(s.owner("old").unwrap_or_default(), None);
+    // The list says whose each is, and a channel owner reads as such.
+    let ch = Owner::Channel {
+        channel: "tg".into(),
+        conversation: "42".into(),
+    };
+    assert_eq!(ch.key(), "channel:tg:42");
+    assert_eq!(s.claim("ch-x", &ch).ok(), Some(Claim::Mine));
+    s.append_message("ch-x", &json!({"role":"user","content":"x"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let l = s.list().unwrap_or_default();
+    let owners: Vec<(String, Value)> = l
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or("").to_string(),
+                v["owner"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        owners,
+        vec![
+            ("ch-x".to_string(), json!("channel:tg:42")),
+            ("old".to_string(), Value::Null)
+        ]
+    );
+    assert!(matches!(s.owner("../x"), Err(SessionError::BadName(_))));
+}
+
+#[test]
+fn an_unreadable_owner_file_is_an_error_not_a_claim() {
+    let (d, s) = store();
+    fs::create_dir_all(d.path().join("sessions")).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(d.path().join("sessions/x.meta.json"), "not json").unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.owner("x").is_err());
+    assert!(s.claim("x", &Owner::Token("a".into())).is_err());
+}

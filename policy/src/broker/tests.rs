@@ -778,3 +778,48 @@ fn channel_operator_is_one_exact_identity_on_an_adapter_channel() {
         .map_or(0, |i| i + 2);
     assert!(e.contains(&format!(" --> t.toml:{line}:")), "{e}");
 }
+
+#[test]
+fn a_profiles_reply_patterns_are_validated_located_and_inherited() {
+    let text = BASE.replacen(
+        "[profiles.gw.broker]\nauth = true\n",
+        "[profiles.gw.broker]\nauth = true\nredact = [\"sk-[A-Za-z0-9]{20,}\"]\n",
+        1,
+    );
+    let text = text.replacen(
+        "[profiles.gwchild.broker]\n",
+        "[profiles.gwchild.broker]\nredact = [\"(?i)internal-[0-9]+\"]\n",
+        1,
+    );
+    let p = Policy::parse(&text, "t.toml").unwrap_or_else(|d| panic!("{d}"));
+    let gw = p.broker_view("gw").unwrap_or_else(|| panic!("no gw"));
+    assert_eq!(gw.redact.len(), 1);
+    assert!(gw.redact[0].is_match("key sk-ABCDEFGHIJKLMNOPQRSTUVWX"));
+    let child = p
+        .broker_view("gwchild")
+        .unwrap_or_else(|| panic!("no gwchild"));
+    assert_eq!(
+        child.redact.len(),
+        2,
+        "the parent's come first, then the child's"
+    );
+    assert!(child.redact[1].is_match("INTERNAL-42"));
+    assert!(rules("tool").redact.is_empty());
+    assert!(child.explain().contains("redact"), "{}", child.explain());
+    // A bad pattern is refused where it is written.
+    let bad = BASE.replacen(
+        "[profiles.gw.broker]\nauth = true\n",
+        "[profiles.gw.broker]\nauth = true\nredact = [\"(unclosed\"]\n",
+        1,
+    );
+    let e = match Policy::parse(&bad, "t.toml") {
+        Ok(_) => panic!("a bad pattern was accepted"),
+        Err(d) => d.to_string(),
+    };
+    let line = bad
+        .lines()
+        .position(|l| l.contains("(unclosed"))
+        .map_or(0, |i| i + 1);
+    assert!(e.contains("bad `redact` pattern"), "{e}");
+    assert!(e.contains(&format!("t.toml:{line}:")), "{e}");
+}
