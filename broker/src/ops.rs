@@ -54,6 +54,7 @@ mod held;
 mod inbound;
 mod outbox;
 mod send;
+mod workspaces;
 
 pub use channels::{ChannelStats, RECENT_CAP};
 pub use connect::{is_refused_address, resolve_checked, ConnectError};
@@ -62,6 +63,10 @@ pub use files::{load_secret, open_beneath, sealed_memfd, validate_open_path, Sec
 pub use held::HeldError;
 pub use inbound::bad_ref;
 pub use inbound::bad_sender;
+pub use workspaces::{
+    beneath, check_owner_key, check_relative_path, owner_digest, valid_workspace_name,
+    GrantedWorkspace,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The exec seam (implemented by the supervisor).
@@ -77,8 +82,14 @@ pub struct SpawnRequest {
     pub argv: Vec<String>,
     /// Profile to confine it with (the deciding `[[exec]]` rule's).
     pub profile: String,
-    /// Workspace to mount, if any (the broker passes None: a child cannot choose host paths).
+    /// Workspace to mount; None: the spawner's shared one. The broker sets it only to a
+    /// directory it chose (an owner's own, or a granted one): a child cannot name host paths.
     pub workspace: Option<PathBuf>,
+    /// Working directory relative to the workspace ([`check_relative_path`]); None: the
+    /// profile's.
+    pub cwd: Option<PathBuf>,
+    /// Mount the workspace read-only whatever the profile says (a granted `ro` workspace).
+    pub read_only: bool,
     /// The policy the decision was made under: the tool is confined by ITS profile, so a
     /// reload between decision and start cannot mix two policies.
     pub policy: Arc<Policy>,
@@ -117,6 +128,15 @@ pub trait Spawner: Send + Sync {
     /// `$WORKSPACE/...` rules of the policy match beneath.
     fn workspace(&self) -> Option<PathBuf> {
         None
+    }
+
+    /// The tools workspace of the owner whose key has [`owner_digest`] `digest` (32 hex
+    /// digits), created if missing: absolute and canonical.
+    fn owner_workspace(&self, digest: &str) -> Result<PathBuf, SpawnFailure> {
+        let _ = digest;
+        Err(SpawnFailure {
+            message: "this broker keeps no per-owner workspaces".into(),
+        })
     }
 }
 
@@ -308,6 +328,8 @@ pub struct OpsConfig {
     /// Where the channel state lives (`inbound/`, `held/`, `outbox/`, `channels.json`); None:
     /// in memory only, lost with the broker (tests).
     pub state_dir: Option<PathBuf>,
+    /// The workspaces the operator granted (`[workspaces.NAME]`).
+    pub workspaces: Vec<GrantedWorkspace>,
 }
 
 impl Default for OpsConfig {
@@ -321,6 +343,7 @@ impl Default for OpsConfig {
             token_store: None,
             inbound_capacity: 1024,
             state_dir: None,
+            workspaces: Vec::new(),
         }
     }
 }
@@ -771,7 +794,14 @@ impl Handler for Ops {
             match req {
                 Request::Ping {} => Response::ok(OkReply::Ping {}),
                 Request::Connect { host, port } => self.connect(&who, &host, port).await,
-                Request::Open { path, access } => self.open(&who, &path, access).await,
+                Request::Open {
+                    path,
+                    access,
+                    workspace,
+                } => {
+                    self.open_in(&who, workspace.as_deref(), &path, access)
+                        .await
+                }
                 Request::Secret { name } => self.secret(&who, &name).await,
                 Request::Send {
                     channel,
@@ -783,7 +813,12 @@ impl Handler for Ops {
                     self.send_with(&who, &channel, &recipient, body, in_reply_to, key)
                         .await
                 }
-                Request::Exec { argv, cwd } => self.exec(&who, argv, cwd).await,
+                Request::Exec {
+                    argv,
+                    cwd,
+                    owner,
+                    workspace,
+                } => self.exec_in(&who, argv, cwd, owner, workspace).await,
                 Request::Auth { token_sha256 } => self.auth(&who, &token_sha256).await,
                 Request::Approvals {} => self.approvals(&who).await,
                 Request::Approve {

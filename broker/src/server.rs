@@ -1175,6 +1175,7 @@ mod tests {
             &Request::Open {
                 path: "/etc/shadow".into(),
                 access: Access::Read,
+                workspace: None,
             },
         );
         reply(&fd);
@@ -1508,6 +1509,8 @@ mod tests {
             &Request::Exec {
                 argv: vec![],
                 cwd: None,
+                owner: None,
+                workspace: None,
             },
         );
         let (id, r, nfds) = reply(&a);
@@ -1545,6 +1548,8 @@ mod tests {
             &Request::Exec {
                 argv: vec!["a".into(), "b".into()],
                 cwd: None,
+                owner: None,
+                workspace: None,
             },
         );
         assert_eq!(reply(&a), (8, Reply::Ok(OkReply::Exec {}), 2));
@@ -1596,6 +1601,7 @@ mod tests {
             &Request::Open {
                 path: "/x".into(),
                 access: Access::Read,
+                workspace: None,
             },
         );
         assert_eq!(err_code(&reply(&a).1), ErrorCode::Denied);
@@ -1758,6 +1764,8 @@ mod tests {
             &Request::Exec {
                 argv: vec![],
                 cwd: None,
+                owner: None,
+                workspace: None,
             },
         );
         assert_eq!(reply(&s), (3, Reply::Ok(OkReply::Exec {}), 2));

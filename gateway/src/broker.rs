@@ -248,9 +248,22 @@ impl Broker {
         argv: Vec<String>,
         cwd: Option<String>,
     ) -> Result<StartedExec, RpcError> {
+        self.exec_with(carapace_broker::client::ExecOptions {
+            argv,
+            cwd,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// `exec` with its workspace options (owner, granted workspace, cwd).
+    pub async fn exec_with(
+        &self,
+        o: carapace_broker::client::ExecOptions,
+    ) -> Result<StartedExec, RpcError> {
         let mut lease = self.take().await?;
         let (lease, res) = tokio::task::spawn_blocking(move || {
-            let r = lease.client.exec(argv, cwd);
+            let r = lease.client.exec_with(o);
             (lease, r)
         })
         .await

@@ -392,7 +392,8 @@ impl Handler<InboundMessage> for AgentHandler {
     async fn answer(&self, m: &InboundMessage, attempt: u32) -> Outcome {
         let app = &self.0;
         let session = session_name(&m.channel, &m.conversation);
-        let failure = match answer_once(app, &session, m).await {
+        let owner = crate::owner::of_conversation(&m.channel, &m.conversation);
+        let failure = match crate::owner::scope(owner, answer_once(app, &session, m)).await {
             Ok(outcome) => {
                 tracing::info!(channel = %m.channel, id = %m.id, seq = m.seq, %session, outcome, "inbound message finished");
                 return Outcome::Finished;

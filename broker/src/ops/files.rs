@@ -172,6 +172,54 @@ pub fn open_beneath(
 }
 
 impl Ops {
+    /// The `open` operation in a granted workspace: `path` relative to it (no `..`, no
+    /// absolute path), joined beneath the workspace's directory and then decided by the
+    /// profile's `open` rules like any other path. A read-only workspace allows only `read`.
+    pub async fn open_in(
+        &self,
+        who: &Identity,
+        workspace: Option<&str>,
+        path: &str,
+        access: Access,
+    ) -> Response {
+        let Some(name) = workspace else {
+            return self.open(who, path, access).await;
+        };
+        let target = format!("{}:{} ({})", shown(name), shown(path), access.as_str());
+        let refuse = |code: ErrorCode, why: String| {
+            let target = target.clone();
+            async move {
+                self.refuse(
+                    who,
+                    Audited::of("open", target.clone()).deny("refused", why.clone()),
+                    code,
+                    format!("open {target}: {why}"),
+                )
+                .await
+            }
+        };
+        let g = match self.granted(who, name) {
+            Ok(g) => g,
+            Err(e) => return refuse(ErrorCode::Denied, e.to_string()).await,
+        };
+        let rel = match super::workspaces::check_relative_path(path) {
+            Ok(r) => r,
+            Err(why) => return refuse(ErrorCode::BadRequest, format!("bad path: {why}")).await,
+        };
+        if !g.writable && access != Access::Read {
+            return refuse(
+                ErrorCode::Denied,
+                format!("workspace `{}` is read-only", g.name),
+            )
+            .await;
+        }
+        let full = super::workspaces::beneath(&g.path, &rel);
+        match full.to_str() {
+            Some(p) => self.open(who, p, access).await,
+            None => refuse(ErrorCode::BadRequest, "path is not UTF-8".into()).await,
+        }
+    }
+
     /// The `open` operation.
     pub async fn open(&self, who: &Identity, path: &str, access: Access) -> Response {
         let target = format!("{} ({})", shown(path), access.as_str());

@@ -180,6 +180,7 @@ approval = "ask"
         token_store: Some(dir.join("tokens.json")),
         inbound_capacity: 1024,
         state_dir: None,
+        workspaces: Vec::new(),
     };
     let mut cfg = cfg;
     tweak(&mut cfg);

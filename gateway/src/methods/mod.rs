@@ -45,8 +45,12 @@ pub async fn dispatch(
     call: Call,
     out: &Emitter,
 ) -> Result<Value, RpcError> {
+    let owner = crate::owner::of_caller(caller);
     crate::schedule::KEY
-        .scope(caller.token_id.clone(), run(app, caller, call, out))
+        .scope(
+            caller.token_id.clone(),
+            crate::owner::scope(owner, run(app, caller, call, out)),
+        )
         .await
 }
 

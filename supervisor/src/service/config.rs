@@ -65,6 +65,38 @@ pub struct Config {
     pub channels: BTreeMap<String, ChildConfig>,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[workspaces.NAME]`: project directories the operator grants to tools and file
+    /// requests, by name.
+    pub workspaces: BTreeMap<String, WorkspaceConfig>,
+}
+
+/// `[workspaces.NAME]`: a directory tools may run in and the file tools may reach, when the
+/// requesting child's profile is among `profiles`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceConfig {
+    /// Absolute and canonical; an existing directory.
+    pub path: PathBuf,
+    pub why: String,
+    /// `access = "rw"` (default) or `"ro"`.
+    pub writable: bool,
+    /// Profiles that may name it; default: the gateway's profile.
+    pub profiles: Vec<String>,
+}
+
+impl Config {
+    /// The granted workspaces as the broker takes them.
+    pub fn granted_workspaces(&self) -> Vec<carapace_broker::ops::GrantedWorkspace> {
+        self.workspaces
+            .iter()
+            .map(|(name, w)| carapace_broker::ops::GrantedWorkspace {
+                name: name.clone(),
+                path: w.path.clone(),
+                writable: w.writable,
+                profiles: w.profiles.clone(),
+                why: w.why.clone(),
+            })
+            .collect()
+    }
 }
 
 /// `[metrics]`: where Prometheus may scrape the service (`carapace metrics` works without it).

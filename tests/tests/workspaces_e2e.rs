@@ -1,0 +1,273 @@
+//! Tool workspaces through `carapace run`: each owner (client token) gets a tools workspace of
+//! its own; workspaces the operator grants (`[workspaces.NAME]`) are reachable by name, with a
+//! `cwd` within them; a tool in one sees no other. Needs root (namespaces, idmapped mounts).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use carapace_tests::rpc::{RpcClient, RpcOutcome};
+use carapace_tests::service::{Service, StartOpts};
+use carapace_tests::*;
+use serde_json::{json, Value};
+
+fn ws(svc: &Service, token: &str) -> RpcClient {
+    let mut c = RpcClient::connect(svc.addr, Some(token))
+        .unwrap_or_else(|e| panic!("websocket connect: {e}\n{}", svc.log_text()));
+    c.set_timeout(Duration::from_secs(60));
+    c
+}
+
+/// The shell's canonical path (what `[[exec]]` rules match).
+fn shell() -> PathBuf {
+    fs::canonicalize("/bin/sh").unwrap_or_else(|e| panic!("/bin/sh: {e}"))
+}
+
+/// The default policy with the shell allowed in the tool profile (the tests write files).
+fn policy(extra_rules: &str) -> String {
+    insert_before_first_exec(
+        &default_policy_text(),
+        &format!(
+            "[[exec]]\nwhy = \"test: a shell that writes files in its workspace\"\nprogram = \"{}\"\nprofile = \"tool\"\napproval = \"allow\"\n{extra_rules}",
+            shell().display()
+        ),
+    )
+}
+
+/// Directories for granted workspaces: outside /var (a system directory, refused).
+fn project_root() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("carapace-ws-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap_or_else(|e| panic!("tempdir: {e}"))
+}
+
+/// Run a tool (`tools.exec` with `extra` params); its stdout (it must exit 0).
+fn run_ok(c: &mut RpcClient, argv: &[&str], extra: Value) -> String {
+    let (exit, out, err) = run(c, argv, extra);
+    assert_eq!(exit, 0, "{argv:?}: exit {exit}, stderr {err}");
+    out
+}
+
+/// Run a tool; (exit, stdout, stderr). Panics when the call itself is refused.
+fn run(c: &mut RpcClient, argv: &[&str], extra: Value) -> (i64, String, String) {
+    let r = call(c, argv, extra);
+    let res = r.expect_ok().clone();
+    let text = |stream: &str| -> String {
+        r.events_named("tools.output")
+            .iter()
+            .filter(|e| e["params"]["stream"] == stream)
+            .filter_map(|e| e["params"]["data"].as_str())
+            .collect()
+    };
+    (
+        res["exit"].as_i64().unwrap_or(-1),
+        text("stdout"),
+        text("stderr"),
+    )
+}
+
+fn call(c: &mut RpcClient, argv: &[&str], extra: Value) -> RpcOutcome {
+    let mut p = json!({ "argv": argv });
+    if let (Some(m), Some(x)) = (p.as_object_mut(), extra.as_object()) {
+        m.extend(x.clone());
+    }
+    c.call("tools.exec", p)
+}
+
+fn sh<'a>(script: &'a str, shell: &'a str) -> [&'a str; 3] {
+    [shell, "-c", script]
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("{e}"))
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn tools_of_different_owners_and_workspaces_do_not_share_files() {
+    if !privileged() {
+        return;
+    }
+    let projects = project_root();
+    let a = projects.path().join("a");
+    let b = projects.path().join("b");
+    let r = projects.path().join("r");
+    for d in [&a, &b, &r] {
+        fs::create_dir(d).unwrap_or_else(|e| panic!("{e}"));
+    }
+    fs::create_dir(a.join("sub")).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(a.join("in-a.txt"), "alpha\n").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(b.join("secret-b.txt"), "bee\n").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(r.join("ro.txt"), "read me\n").unwrap_or_else(|e| panic!("{e}"));
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(policy("")),
+        extra_config: format!(
+            "\n[workspaces.a]\npath = \"{}\"\nwhy = \"test: project a\"\n\n[workspaces.b]\npath = \"{}\"\n\n[workspaces.r]\npath = \"{}\"\naccess = \"ro\"\n",
+            a.display(),
+            b.display(),
+            r.display()
+        ),
+        ..StartOpts::default()
+    });
+    let shell = shell().display().to_string();
+    let t1 = svc.token_named("client", "one");
+    let t2 = svc.token_named("client", "two");
+    let mut c1 = ws(&svc, &t1);
+    let mut c2 = ws(&svc, &t2);
+
+    // Per owner: each client's tools write in a workspace of their own.
+    run_ok(
+        &mut c1,
+        &sh("echo one > /workspace/mine.txt", &shell),
+        json!({}),
+    );
+    run_ok(
+        &mut c2,
+        &sh("echo two > /workspace/mine.txt", &shell),
+        json!({}),
+    );
+    run_ok(
+        &mut c2,
+        &sh("echo only-two > /workspace/two.txt", &shell),
+        json!({}),
+    );
+    let one = run_ok(&mut c1, &["/usr/bin/cat", "/workspace/mine.txt"], json!({}));
+    let two = run_ok(&mut c2, &["/usr/bin/cat", "/workspace/mine.txt"], json!({}));
+    assert_eq!((one.as_str(), two.as_str()), ("one\n", "two\n"));
+    assert_eq!(
+        run_ok(&mut c1, &["/usr/bin/ls", "-A", "/workspace"], json!({})),
+        "mine.txt\n"
+    );
+    let (exit, _, _) = run(&mut c1, &["/usr/bin/cat", "/workspace/two.txt"], json!({}));
+    assert_ne!(exit, 0, "client one read client two's file");
+    // On the host: one directory per owner, named by a digest (never the token's text), and
+    // nothing in the shared tools workspace.
+    let owners = svc.state_dir().join("workspaces/owners");
+    let dirs = entries(&owners);
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    for d in &dirs {
+        assert!(
+            d.len() == 32 && d.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{d}"
+        );
+        let mode = fs::metadata(owners.join(d))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .permissions();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(mode.mode() & 0o777, 0o700, "{d}");
+    }
+    assert!(!svc.state_dir().join("tools/mine.txt").exists());
+
+    // Granted workspaces: a tool in `a` sees `a`'s files and writes there...
+    assert_eq!(
+        run_ok(
+            &mut c1,
+            &["/usr/bin/cat", "/workspace/in-a.txt"],
+            json!({"workspace": "a"})
+        ),
+        "alpha\n"
+    );
+    run_ok(
+        &mut c1,
+        &sh("echo made > /workspace/made.txt", &shell),
+        json!({"workspace": "a"}),
+    );
+    assert_eq!(
+        fs::read_to_string(a.join("made.txt")).unwrap_or_else(|e| panic!("{e}")),
+        "made\n"
+    );
+    // ... and nothing of `b` nor of the owners' workspaces, by any path.
+    let listing = run_ok(
+        &mut c1,
+        &["/usr/bin/ls", "-A", "/workspace"],
+        json!({"workspace": "a"}),
+    );
+    assert_eq!(listing, "in-a.txt\nmade.txt\nsub\n");
+    for path in [
+        "/workspace/secret-b.txt".to_string(),
+        b.join("secret-b.txt").display().to_string(),
+        owners.join(&dirs[0]).join("mine.txt").display().to_string(),
+        svc.state_dir().join("tools").display().to_string(),
+    ] {
+        let (exit, out, _) = run(&mut c1, &["/usr/bin/cat", &path], json!({"workspace": "a"}));
+        assert_ne!(exit, 0, "a tool in workspace a read {path}: {out}");
+        assert!(!out.contains("bee") && !out.contains("one"), "{out}");
+    }
+    // The same read works in `b` (the refusal above is the workspace's doing).
+    assert_eq!(
+        run_ok(
+            &mut c2,
+            &["/usr/bin/cat", "/workspace/secret-b.txt"],
+            json!({"workspace": "b"})
+        ),
+        "bee\n"
+    );
+    // A read-only grant: readable, not writable.
+    assert_eq!(
+        run_ok(
+            &mut c1,
+            &["/usr/bin/cat", "/workspace/ro.txt"],
+            json!({"workspace": "r"})
+        ),
+        "read me\n"
+    );
+    let (exit, _, _) = run(
+        &mut c1,
+        &sh("echo x > /workspace/new.txt", &shell),
+        json!({"workspace": "r"}),
+    );
+    assert_ne!(exit, 0);
+    assert!(!r.join("new.txt").exists());
+
+    // cwd: within the workspace it works; outside it is refused with a clear error.
+    assert_eq!(
+        run_ok(
+            &mut c1,
+            &["/usr/bin/pwd"],
+            json!({"workspace": "a", "cwd": "sub"})
+        ),
+        "/workspace/sub\n"
+    );
+    assert_eq!(
+        run_ok(&mut c1, &["/usr/bin/pwd"], json!({"cwd": "."})),
+        "/workspace\n"
+    );
+    for (cwd, kind) in [
+        ("../b", "invalid_params"),
+        ("sub/../..", "invalid_params"),
+        ("/etc", "invalid_params"),
+        ("a\u{0}b", "invalid_params"),
+        ("missing", "unavailable"),
+    ] {
+        let r = call(
+            &mut c1,
+            &["/usr/bin/pwd"],
+            json!({"workspace": "a", "cwd": cwd}),
+        );
+        let e = r.expect_err();
+        assert_eq!(e.kind(), Some(kind), "cwd {cwd:?}: {e}");
+    }
+    // A symlink out of the workspace is no way out either.
+    std::os::unix::fs::symlink(&b, a.join("to-b")).unwrap_or_else(|e| panic!("{e}"));
+    let r = call(
+        &mut c1,
+        &["/usr/bin/pwd"],
+        json!({"workspace": "a", "cwd": "to-b"}),
+    );
+    assert_eq!(r.expect_err().kind(), Some("unavailable"));
+    // Unknown workspaces (and bad names) are refused.
+    let r = call(&mut c1, &["/usr/bin/true"], json!({"workspace": "nope"}));
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+    let r = call(&mut c1, &["/usr/bin/true"], json!({"workspace": "../a"}));
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+}
