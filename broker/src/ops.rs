@@ -158,6 +158,19 @@ pub struct ApprovalQuery {
     pub why: String,
 }
 
+/// A request that starts no program (an `open` under an `ask` rule) waiting for an operator.
+#[derive(Debug, Clone)]
+pub struct ActionQuery {
+    pub who: Identity,
+    /// What the request reaches (the file's path), shown as the approval's program.
+    pub subject: PathBuf,
+    /// The request in words, e.g. `["open", "read", "/srv/p/notes.txt"]`; an allow-always
+    /// grant matches exactly these.
+    pub argv: Vec<String>,
+    /// The deciding rule's `why`.
+    pub why: String,
+}
+
 /// An operator's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApprovalAnswer {
@@ -177,6 +190,15 @@ pub trait Approver: Send + Sync {
         self: Arc<Self>,
         q: ApprovalQuery,
     ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>>;
+
+    /// Ask about a request that starts no program. An approver that cannot refuses.
+    fn ask_action(
+        self: Arc<Self>,
+        q: ActionQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        let _ = q;
+        Box::pin(async { ApprovalAnswer::Deny("no operator can be asked for this request".into()) })
+    }
 
     /// The approvals waiting for an operator now, oldest first.
     fn pending(&self) -> Vec<Pending> {
@@ -222,35 +244,31 @@ impl Approver for Approvals {
             };
             let this = self.clone();
             let program = q.program;
-            let pending = match tokio::task::spawn_blocking(move || {
-                this.request_opened(spec, &program)
-            })
-            .await
-            {
-                Ok(Ok(Requested::Allowed(_))) => return ApprovalAnswer::Allow,
-                Ok(Ok(Requested::Answered(d))) if d.is_allow() => return ApprovalAnswer::Allow,
-                Ok(Ok(Requested::Answered(d))) => {
-                    return ApprovalAnswer::Deny(d.as_str().to_string())
-                }
-                Ok(Ok(Requested::Pending(p))) => p,
-                Ok(Err(e)) => return ApprovalAnswer::Deny(format!("approval not requested: {e}")),
-                Err(e) => return ApprovalAnswer::Deny(format!("approval task: {e}")),
-            };
-            let mut guard = CancelOnDrop {
-                approvals: self.clone(),
-                id: pending.id,
-                armed: true,
+            let requested =
+                tokio::task::spawn_blocking(move || this.request_opened(spec, &program)).await;
+            settle(self, requested).await
+        })
+    }
+
+    /// Like [`Approver::ask`], the request identified by [`crate::approvals::action_sha256`]
+    /// of its argv instead of a program's content.
+    fn ask_action(
+        self: Arc<Self>,
+        q: ActionQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        Box::pin(async move {
+            let sha = crate::approvals::action_sha256(&q.argv);
+            let spec = PendingSpec {
+                identity: Who::from(&q.who),
+                program: q.subject,
+                argv: q.argv,
+                profile: q.who.profile.clone(),
+                cwd: PathBuf::from("/"),
             };
             let this = self.clone();
-            let deadline = pending.expires + Duration::from_millis(100);
-            let res = tokio::task::spawn_blocking(move || this.wait(pending.id, deadline)).await;
-            guard.armed = false;
-            match res {
-                Ok(Ok(d)) if d.is_allow() => ApprovalAnswer::Allow,
-                Ok(Ok(d)) => ApprovalAnswer::Deny(d.as_str().to_string()),
-                Ok(Err(e)) => ApprovalAnswer::Deny(e.to_string()),
-                Err(e) => ApprovalAnswer::Deny(format!("approval task: {e}")),
-            }
+            let requested =
+                tokio::task::spawn_blocking(move || this.request_hashed(spec, sha)).await;
+            settle(self, requested).await
         })
     }
 
@@ -262,6 +280,37 @@ impl Approver for Approvals {
     /// [`Approvals::resolve`] (an allow-always grant is persisted first).
     fn resolve(&self, id: u64, r: Resolution) -> Result<Decision, ApprovalError> {
         Approvals::resolve(self, id, r)
+    }
+}
+
+/// The answer to a request made of [`Approvals`]: at once when a grant or an earlier answer
+/// decides it, else when the operator answers or the approval times out (withdrawn if the
+/// waiting future is dropped).
+async fn settle(
+    approvals: Arc<Approvals>,
+    requested: Result<Result<Requested, ApprovalError>, tokio::task::JoinError>,
+) -> ApprovalAnswer {
+    let pending = match requested {
+        Ok(Ok(Requested::Allowed(_))) => return ApprovalAnswer::Allow,
+        Ok(Ok(Requested::Answered(d))) if d.is_allow() => return ApprovalAnswer::Allow,
+        Ok(Ok(Requested::Answered(d))) => return ApprovalAnswer::Deny(d.as_str().to_string()),
+        Ok(Ok(Requested::Pending(p))) => p,
+        Ok(Err(e)) => return ApprovalAnswer::Deny(format!("approval not requested: {e}")),
+        Err(e) => return ApprovalAnswer::Deny(format!("approval task: {e}")),
+    };
+    let mut guard = CancelOnDrop {
+        approvals: approvals.clone(),
+        id: pending.id,
+        armed: true,
+    };
+    let deadline = pending.expires + Duration::from_millis(100);
+    let res = tokio::task::spawn_blocking(move || approvals.wait(pending.id, deadline)).await;
+    guard.armed = false;
+    match res {
+        Ok(Ok(d)) if d.is_allow() => ApprovalAnswer::Allow,
+        Ok(Ok(d)) => ApprovalAnswer::Deny(d.as_str().to_string()),
+        Ok(Err(e)) => ApprovalAnswer::Deny(e.to_string()),
+        Err(e) => ApprovalAnswer::Deny(format!("approval task: {e}")),
     }
 }
 

@@ -63,6 +63,9 @@ pub enum Access {
     Write,
     /// Create a new file (fails if it exists), opened write-only.
     Create,
+    /// Open a directory to read its entries (needs `read`); the path may be the rule's
+    /// directory itself.
+    List,
 }
 
 impl Access {
@@ -72,6 +75,7 @@ impl Access {
             Access::Read => "read",
             Access::Write => "write",
             Access::Create => "create",
+            Access::List => "list",
         }
     }
 }

@@ -89,7 +89,7 @@ impl Handler for Scripted {
                 Request::Secret { .. } => Response::err(ErrorCode::Denied, "not yours"),
                 Request::Open { path, access, .. } => {
                     let r = match access {
-                        Access::Read => std::fs::File::open(&path),
+                        Access::Read | Access::List => std::fs::File::open(&path),
                         Access::Write => std::fs::OpenOptions::new().write(true).open(&path),
                         Access::Create => std::fs::OpenOptions::new()
                             .write(true)

@@ -243,6 +243,18 @@ impl Broker {
     }
 
     /// Start a tool (waits through an `ask` until it is decided).
+    /// `open` of `path` (relative) in granted workspace `workspace`: the broker's `open` rules
+    /// decide (allow, ask: wait for an operator, deny).
+    pub async fn open_in(
+        &self,
+        workspace: String,
+        path: String,
+        access: carapace_broker::protocol::Access,
+    ) -> Result<std::fs::File, RpcError> {
+        self.call(move |c| c.open_in(Some(&workspace), &path, access))
+            .await
+    }
+
     pub async fn exec(
         &self,
         argv: Vec<String>,

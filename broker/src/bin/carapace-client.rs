@@ -280,14 +280,14 @@ fn cmd_open(args: &[String]) -> Result<u8, Failure> {
         .with_context(|| format!("open {path} ({})", access.as_str()))?;
     if let Some((mut cmd, name)) = prog {
         match access {
-            Access::Read => cmd.stdin(Stdio::from(file)),
+            Access::Read | Access::List => cmd.stdin(Stdio::from(file)),
             Access::Write | Access::Create => cmd.stdout(Stdio::from(file)),
         };
         return Err(exec_prog(cmd, name));
     }
     let mut file = file;
     match access {
-        Access::Read => {
+        Access::Read | Access::List => {
             let mut out = io::stdout().lock();
             io::copy(&mut file, &mut out).context("copying the file to stdout")?;
             out.flush().context("stdout")?;

@@ -11,6 +11,7 @@ use crate::rpc::{Call, Kind, RpcError};
 
 pub(crate) mod agent;
 mod approvals;
+pub(crate) mod files;
 mod gateway;
 mod held;
 mod messages;
@@ -24,6 +25,10 @@ pub const METHODS: &[(&str, bool)] = &[
     ("gateway.ping", false),
     ("gateway.status", false),
     ("tools.exec", false),
+    ("files.list", false),
+    ("files.read", false),
+    ("files.write", false),
+    ("files.search", false),
     ("messages.send", false),
     ("approvals.list", true),
     ("approvals.resolve", true),
@@ -75,6 +80,10 @@ async fn run(
         "gateway.ping" => gateway::ping(p),
         "gateway.status" => gateway::status(app, caller, p),
         "tools.exec" => tools::call(app, p, out).await,
+        "files.list" => files::list(app, p).await,
+        "files.read" => files::read(app, p).await,
+        "files.write" => files::write(app, p).await,
+        "files.search" => files::search(app, p).await,
         "messages.send" => messages::send(app, p).await,
         "approvals.list" => approvals::list(app, p).await,
         "approvals.resolve" => approvals::resolve(app, caller, p).await,
