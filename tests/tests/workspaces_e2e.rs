@@ -271,3 +271,192 @@ fn tools_of_different_owners_and_workspaces_do_not_share_files() {
     let r = call(&mut c1, &["/usr/bin/true"], json!({"workspace": "../a"}));
     assert_eq!(r.expect_err().kind(), Some("denied"));
 }
+
+/// The default policy with `open` rules in the gateway profile's broker section.
+fn policy_with_open(rules: &str) -> String {
+    let base = policy("");
+    let header = "[profiles.gateway.broker]\n";
+    assert!(base.contains(header), "the default policy changed shape");
+    base.replacen(header, &format!("{header}open = [\n{rules}]\n"), 1)
+}
+
+fn pending_open(svc: &Service) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = svc.ctl(&["approvals", "list", "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        let list = v["pending"].as_array().cloned().unwrap_or_default();
+        if let Some(id) = list
+            .iter()
+            .find(|p| p["argv"][0] == "open")
+            .and_then(|p| p["id"].as_u64())
+        {
+            return id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pending open approval: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn file_tools_reach_granted_workspaces_through_broker_open() {
+    if !privileged() {
+        return;
+    }
+    let projects = project_root();
+    let root = fs::canonicalize(projects.path()).unwrap_or_else(|e| panic!("{e}"));
+    let (a, b, c) = (root.join("a"), root.join("b"), root.join("c"));
+    for d in [&a, &b, &c, &a.join("src")] {
+        fs::create_dir(d).unwrap_or_else(|e| panic!("{e}"));
+    }
+    fs::write(a.join("notes.txt"), "hello notes\nneedle one\n").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(a.join("src/lib.rs"), "fn needle() {}\n").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(b.join("secret-b.txt"), "bee\n").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(c.join("asked.txt"), "asked for\n").unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink(b.join("secret-b.txt"), a.join("escape"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink(&b, a.join("dir-escape")).unwrap_or_else(|e| panic!("{e}"));
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(policy_with_open(&format!(
+            "  {{ path = \"{}\", access = \"create\", why = \"test: project a\" }},\n  {{ path = \"{}\", access = \"read\", approval = \"ask\", why = \"test: project c, each read approved\" }},\n",
+            a.display(),
+            c.display()
+        ))),
+        extra_config: format!(
+            "\n[workspaces.a]\npath = \"{}\"\n\n[workspaces.b]\npath = \"{}\"\n\n[workspaces.c]\npath = \"{}\"\n",
+            a.display(),
+            b.display(),
+            c.display()
+        ),
+        ..StartOpts::default()
+    });
+    let client = svc.token_named("client", "files");
+    let op = svc.token("operator");
+    let mut cl = ws(&svc, &client);
+
+    // List, read, write, search in `a`.
+    let r = cl.call("files.list", json!({"workspace": "a"}));
+    let names: Vec<(String, String)> = r.expect_ok()["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or("").to_string(),
+                e["kind"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("dir-escape", "symlink"),
+        ("escape", "symlink"),
+        ("notes.txt", "file"),
+        ("src", "dir"),
+    ]
+    .iter()
+    .map(|(n, k)| (n.to_string(), k.to_string()))
+    .collect();
+    assert_eq!(names, want);
+    let r = cl.call("files.read", json!({"workspace": "a", "path": "notes.txt"}));
+    assert_eq!(r.expect_ok()["content"], "hello notes\nneedle one\n");
+    let r = cl.call(
+        "files.write",
+        json!({"workspace": "a", "path": "src/new.txt", "content": "written\n"}),
+    );
+    assert_eq!(r.expect_ok()["created"], true, "{:?}", r.response);
+    assert_eq!(
+        fs::read_to_string(a.join("src/new.txt")).unwrap_or_default(),
+        "written\n"
+    );
+    let r = cl.call(
+        "files.write",
+        json!({"workspace": "a", "path": "src/new.txt", "content": "v2"}),
+    );
+    assert_eq!(r.expect_ok()["created"], false);
+    assert_eq!(
+        fs::read_to_string(a.join("src/new.txt")).unwrap_or_default(),
+        "v2"
+    );
+    let r = cl.call(
+        "files.search",
+        json!({"workspace": "a", "pattern": "needle"}),
+    );
+    let m = r.expect_ok()["matches"].clone();
+    assert_eq!(
+        m,
+        json!([
+            {"path": "notes.txt", "line": 2, "text": "needle one"},
+            {"path": "src/lib.rs", "line": 1, "text": "fn needle() {}"}
+        ]),
+        "{:?}",
+        r.response
+    );
+    let r = cl.call(
+        "files.search",
+        json!({"workspace": "a", "pattern": "^fn ", "regex": true}),
+    );
+    assert_eq!(r.expect_ok()["matches"].as_array().map(Vec::len), Some(1));
+
+    // Refused: outside `a` by path, through symlinks, in `b` (granted, but no open rule), an
+    // unknown workspace, a write beneath a read-only rule.
+    for (ws_name, path, kind) in [
+        ("a", "../b/secret-b.txt", "invalid_params"),
+        ("a", "/etc/passwd", "invalid_params"),
+        ("a", "escape", "denied"),
+        ("a", "dir-escape/secret-b.txt", "denied"),
+        ("b", "secret-b.txt", "denied"),
+        ("nope", "x", "denied"),
+    ] {
+        let r = cl.call("files.read", json!({"workspace": ws_name, "path": path}));
+        let e = r.expect_err();
+        assert_eq!(e.kind(), Some(kind), "{ws_name}:{path}: {e}");
+        assert!(!format!("{:?}", r.response).contains("bee"));
+    }
+    let r = cl.call("files.list", json!({"workspace": "b"}));
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+    let r = cl.call(
+        "files.write",
+        json!({"workspace": "c", "path": "asked.txt", "content": "overwritten"}),
+    );
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+    assert_eq!(
+        fs::read_to_string(c.join("asked.txt")).unwrap_or_default(),
+        "asked for\n"
+    );
+
+    // An `ask` open rule: the read waits for an operator; allowed, it completes...
+    let mut o = ws(&svc, &op);
+    let id = cl.start_call("files.read", json!({"workspace": "c", "path": "asked.txt"}));
+    let ev = o
+        .next_event("approval.requested", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no approval.requested event\n{}", svc.log_text()));
+    let want_argv = json!(["open", "read", c.join("asked.txt").display().to_string()]);
+    assert_eq!(ev["params"]["argv"], want_argv, "{ev}");
+    let aid = pending_open(&svc);
+    let allowed = svc.ctl(&["approvals", "allow", &aid.to_string()]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let r = cl.finish_call(id, Duration::from_secs(30));
+    assert_eq!(r.expect_ok()["content"], "asked for\n", "{:?}", r.response);
+    // ... denied, it fails.
+    let id = cl.start_call("files.read", json!({"workspace": "c", "path": "asked.txt"}));
+    let ev = o
+        .next_event("approval.requested", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no approval.requested event"));
+    let r = o.call(
+        "approvals.resolve",
+        json!({"id": ev["params"]["id"].clone(), "resolution": "deny"}),
+    );
+    assert_eq!(r.expect_ok()["decision"], "denied", "{:?}", r.response);
+    let r = cl.finish_call(id, Duration::from_secs(30));
+    assert_eq!(r.expect_err().kind(), Some("denied"));
+}

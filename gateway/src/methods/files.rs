@@ -275,13 +275,15 @@ async fn list_dir(app: &App, workspace: &str, dir: &str) -> Result<(Vec<Entry>, 
     .await
 }
 
-/// Read a directory's entries from its descriptor; each entry's kind and size from
-/// `fstatat(AT_SYMLINK_NOFOLLOW)` beneath it.
+/// Read a directory's entries from its descriptor (`getdents` on that very descriptor: a
+/// reopening would be a new open, which the sandbox refuses); each entry's kind from the
+/// directory, its size from `fstatat(AT_SYMLINK_NOFOLLOW)` beneath it when that is allowed.
 pub fn read_entries(dir: std::fs::File) -> std::io::Result<(Vec<Entry>, bool)> {
     use rustix::fs::{statat, AtFlags, FileType};
+    let stat_fd = dir.try_clone()?;
     let mut out = Vec::new();
     let mut truncated = false;
-    let mut d = rustix::fs::Dir::read_from(dir.as_fd())?;
+    let mut d = rustix::fs::Dir::new(dir)?;
     while let Some(e) = d.read() {
         let e = e?;
         let name = e.file_name().to_bytes();
@@ -292,22 +294,21 @@ pub fn read_entries(dir: std::fs::File) -> std::io::Result<(Vec<Entry>, bool)> {
             truncated = true;
             break;
         }
-        let (kind, size) = match statat(dir.as_fd(), e.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => {
-                let kind = match FileType::from_raw_mode(st.st_mode) {
-                    FileType::RegularFile => "file",
-                    FileType::Directory => "dir",
-                    FileType::Symlink => "symlink",
-                    _ => "other",
-                };
-                (kind, u64::try_from(st.st_size).unwrap_or(0))
-            }
-            Err(_) => ("other", 0),
+        let st = statat(stat_fd.as_fd(), e.file_name(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        let ft = match (e.file_type(), &st) {
+            (FileType::Unknown, Some(st)) => FileType::from_raw_mode(st.st_mode),
+            (t, _) => t,
+        };
+        let kind = match ft {
+            FileType::RegularFile => "file",
+            FileType::Directory => "dir",
+            FileType::Symlink => "symlink",
+            _ => "other",
         };
         out.push(Entry {
             name: String::from_utf8_lossy(name).into_owned(),
             kind,
-            size,
+            size: st.map_or(0, |st| u64::try_from(st.st_size).unwrap_or(0)),
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
