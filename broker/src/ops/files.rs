@@ -340,9 +340,15 @@ impl Ops {
                 let code = match e.raw_os_error() {
                     Some(libc::ENOENT) => ErrorCode::NotFound,
                     // ELOOP: a symlink on the way; EXDEV: an escape from beneath the directory.
-                    Some(libc::ELOOP | libc::EXDEV | libc::EACCES | libc::EPERM | libc::EEXIST) => {
-                        ErrorCode::Denied
-                    }
+                    // ENOTDIR: a file listed as a directory, or a file on the way.
+                    Some(
+                        libc::ELOOP
+                        | libc::EXDEV
+                        | libc::EACCES
+                        | libc::EPERM
+                        | libc::EEXIST
+                        | libc::ENOTDIR,
+                    ) => ErrorCode::Denied,
                     _ => ErrorCode::Unavailable,
                 };
                 Response::err(code, format!("open {target}: {e}"))
