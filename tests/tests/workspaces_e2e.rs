@@ -460,3 +460,108 @@ fn file_tools_reach_granted_workspaces_through_broker_open() {
     let r = cl.finish_call(id, Duration::from_secs(30));
     assert_eq!(r.expect_err().kind(), Some("denied"));
 }
+
+#[test]
+fn the_agent_uses_file_tools_and_runs_tools_in_its_callers_workspace() {
+    use carapace_tests::fake_llm::{FakeLlm, Scripted};
+    if !privileged() {
+        return;
+    }
+    let shell = shell().display().to_string();
+    let llm = FakeLlm::start(vec![
+        Scripted::tool_call("fs_read", json!({"workspace": "a", "path": "notes.txt"})),
+        Scripted::tool_call(
+            "fs_write",
+            json!({"workspace": "a", "path": "agent.txt", "content": "from the agent\n"}),
+        ),
+        Scripted::tool_call("fs_read", json!({"workspace": "b", "path": "secret-b.txt"})),
+        Scripted::tool_call(
+            "exec",
+            json!({"argv": [shell.clone(), "-c", "echo agent > /workspace/own.txt"]}),
+        ),
+        Scripted::text("done"),
+    ]);
+    let port = llm.addr().port();
+    let projects = project_root();
+    let root = fs::canonicalize(projects.path()).unwrap_or_else(|e| panic!("{e}"));
+    let (a, b) = (root.join("a"), root.join("b"));
+    for d in [&a, &b] {
+        fs::create_dir(d).unwrap_or_else(|e| panic!("{e}"));
+    }
+    fs::write(a.join("notes.txt"), "hello notes\n").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(b.join("secret-b.txt"), "bee\n").unwrap_or_else(|e| panic!("{e}"));
+    let key = root.join("llm.key");
+    fs::write(&key, "sk-test-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
+    let policy = format!(
+        "{}\n[secrets.llm_key]\nwhy = \"test: the fake model's key\"\nfile = \"{}\"\n",
+        policy_with_open(&format!(
+            "  {{ path = \"{}\", access = \"create\", why = \"test: project a\" }},\n]\nconnect = [{{ host = \"127.0.0.1\", port = {port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"\n",
+            a.display()
+        )),
+        key.display()
+    );
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(policy),
+        extra_config: format!(
+            "\n[gateway.agent]\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"fake-model\"\napi_key_secret = \"llm_key\"\n\n[workspaces.a]\npath = \"{}\"\n\n[workspaces.b]\npath = \"{}\"\n",
+            a.display(),
+            b.display()
+        ),
+        ..StartOpts::default()
+    });
+    let token = svc.token_named("client", "agent-user");
+    let mut c = ws(&svc, &token);
+    let r = c.call(
+        "agent.run",
+        json!({"session": "files-1", "message": "tidy up the notes"}),
+    );
+    let res = r.expect_ok().clone();
+    assert_eq!(res["reply"], "done", "{res}");
+    let reqs = llm.requests();
+    let last = reqs
+        .last()
+        .map(|q| q.body["messages"].clone())
+        .unwrap_or_default();
+    let tool_msgs: Vec<String> = last
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m["role"] == "tool")
+                .filter_map(|m| m["content"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(tool_msgs.len(), 4, "{last}");
+    assert!(
+        tool_msgs[0].starts_with("<untrusted source=\"tool:fs_read\">")
+            && tool_msgs[0].contains("hello notes"),
+        "{}",
+        tool_msgs[0]
+    );
+    assert!(
+        tool_msgs[1].contains("\"created\":true"),
+        "{}",
+        tool_msgs[1]
+    );
+    assert!(
+        tool_msgs[2].contains("denied") && !tool_msgs[2].contains("bee"),
+        "{}",
+        tool_msgs[2]
+    );
+    assert_eq!(
+        fs::read_to_string(a.join("agent.txt")).unwrap_or_default(),
+        "from the agent\n"
+    );
+    // The agent's tool ran in its caller's own workspace: the same client sees the file, a
+    // different client does not.
+    assert_eq!(
+        run_ok(&mut c, &["/usr/bin/cat", "/workspace/own.txt"], json!({})),
+        "agent\n"
+    );
+    let other = svc.token_named("client", "someone-else");
+    let mut o = ws(&svc, &other);
+    let (exit, _, _) = run(&mut o, &sh("cat /workspace/own.txt", &shell), json!({}));
+    assert_ne!(exit, 0);
+}
