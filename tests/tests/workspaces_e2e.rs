@@ -34,12 +34,10 @@ fn policy(extra_rules: &str) -> String {
     )
 }
 
-/// Directories for granted workspaces: outside /var (a system directory, refused).
+/// Directories for granted workspaces: in the temporary directory, like the escape suite's
+/// workspaces (not under /var, a system directory that cannot be granted).
 fn project_root() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("carapace-ws-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap_or_else(|e| panic!("tempdir: {e}"))
+    tempdir("carapace-ws-")
 }
 
 /// Run a tool (`tools.exec` with `extra` params); its stdout (it must exit 0).
