@@ -23,7 +23,7 @@ usage: carapace-client ping
        carapace-client open PATH [--read|--write|--create] [-- PROG [ARGS...]]
        carapace-client send CHANNEL RECIPIENT        (message body on stdin)
        carapace-client deliver CHANNEL SENDER [BODY]  (body on stdin when not given)
-       carapace-client exec [--cwd DIR] -- PROG [ARGS...]
+       carapace-client exec [--cwd DIR] -- PROG [ARGS...]   (DIR relative to the workspace)
 
 Asks the carapace broker (socket fd $CARAPACE_BROKER_FD, default 3) for what the sandbox does not
 have. Each request is checked against the policy of this sandbox's identity and audited.

@@ -126,3 +126,36 @@ fn the_gateway_is_told_its_broker_budget() {
     assert!(v.get("broker_rate").is_none(), "{v}");
     assert_eq!(gateway_settings("[1]", &policy, "gateway"), "[1]");
 }
+
+#[test]
+fn granted_workspaces_are_checked_against_the_policy() {
+    let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::fs::canonicalize(t.path()).unwrap_or_else(|e| panic!("{e}"));
+    let config = format!(
+        "[gateway]\nprofile = \"agent\"\n[workspaces.p]\npath = \"{}\"\n[workspaces.q]\npath = \"{}\"\nprofiles = [\"nosuch\"]\n",
+        dir.display(),
+        dir.display()
+    );
+    let agent = "[profiles.agent]\nwhy = \"gateway\"\nextends = \"gateway\"\n";
+    let w = wiring(&config, agent);
+    assert!(w.errors.is_empty(), "{w:?}");
+    assert_eq!(w.warnings.len(), 2, "{w:?}");
+    assert!(
+        w.warnings.iter().any(|m| m.contains("profile `nosuch`")),
+        "{w:?}"
+    );
+    assert!(
+        w.warnings
+            .iter()
+            .any(|m| m.contains("no `open` rule for workspace `p`")),
+        "{w:?}"
+    );
+    // With an open rule for the directory, only the unknown profile is left.
+    let wired = format!(
+        "{agent}[profiles.agent.broker]\nopen = [{{ path = \"{}\", access = \"read\", why = \"files\" }}]\n",
+        dir.display()
+    );
+    let w = wiring(&config, &wired);
+    assert_eq!(w.warnings.len(), 1, "{w:?}");
+    assert!(w.warnings[0].contains("nosuch"), "{w:?}");
+}
