@@ -321,6 +321,8 @@ fn codec(n: usize) {
                 &Request::Exec {
                     argv: vec!["git".into(), "status".into(), "--short".into()],
                     cwd: Some("/work".into()),
+                    owner: None,
+                    workspace: None,
                 },
             )
             .unwrap(),

@@ -464,6 +464,17 @@ impl Approvals {
             });
         }
         let sha = program.sha256()?.to_string();
+        self.request_hashed(spec, sha)
+    }
+
+    /// A request that starts no program (the broker's `open` under an `ask` rule): `sha` is
+    /// the digest identifying what is asked (see [`action_sha256`]), in place of a program's.
+    /// A matching grant -> `Allowed`; else a new pending approval.
+    pub fn request_hashed(
+        &self,
+        spec: PendingSpec,
+        sha: String,
+    ) -> Result<Requested, ApprovalError> {
         let now = Instant::now();
         let mut inner = self.lock();
         if let Some(g) = inner
@@ -542,6 +553,9 @@ impl Approvals {
     }
 
     /// Approvals waiting for the operator (unresolved, not yet timed out), oldest first.
+    ///
+    /// (An approval of a request that starts no program carries [`action_sha256`] of its
+    /// argv as its `program_sha256`.)
     pub fn list(&self) -> Vec<Pending> {
         let now = Instant::now();
         self.lock()
@@ -760,6 +774,18 @@ fn load_asks(dir: &Path) -> Vec<(Pending, PathBuf)> {
         out.push((pending, f));
     }
     out
+}
+
+/// The digest standing for a request that starts no program (an `open` waiting for approval):
+/// SHA-256 over its argv, each word followed by a NUL.
+pub fn action_sha256(argv: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for a in argv {
+        h.update(a.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())
 }
 
 #[cfg(test)]

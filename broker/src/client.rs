@@ -142,6 +142,18 @@ impl ClientError {
     }
 }
 
+/// What an `exec` asks for (see [`Request::Exec`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    pub argv: Vec<String>,
+    /// Working directory, relative to the tool's workspace.
+    pub cwd: Option<String>,
+    /// Who the tool runs for (gateways): selects that owner's own tools workspace.
+    pub owner: Option<String>,
+    /// A workspace the operator granted, by name.
+    pub workspace: Option<String>,
+}
+
 /// A started `exec`: the read ends of the tool's stdout and stderr; pass `id` to
 /// [`Client::wait_exit`] for its exit summary.
 #[derive(Debug)]
@@ -455,9 +467,22 @@ impl Client {
 
     /// `open`: a file by absolute path.
     pub fn open(&mut self, path: &str, access: Access) -> Result<File, ClientError> {
+        self.open_in(None, path, access)
+    }
+
+    /// `open` in a granted workspace: `path` relative to workspace `workspace` (or, when None,
+    /// an absolute path as in [`Client::open`]). The profile's `open` rules decide, on the
+    /// workspace's directory joined with `path`.
+    pub fn open_in(
+        &mut self,
+        workspace: Option<&str>,
+        path: &str,
+        access: Access,
+    ) -> Result<File, ClientError> {
         let (_, ok, fds) = self.call(&Request::Open {
             path: path.to_owned(),
             access,
+            workspace: workspace.map(str::to_owned),
         })?;
         match (ok, one_fd(fds)) {
             (OkReply::Open { .. }, Some(fd)) => Ok(File::from(fd)),
@@ -525,7 +550,22 @@ impl Client {
         argv: Vec<String>,
         cwd: Option<String>,
     ) -> Result<ExecStarted, ClientError> {
-        let (id, ok, fds) = self.call(&Request::Exec { argv, cwd })?;
+        self.exec_with(ExecOptions {
+            argv,
+            cwd,
+            ..ExecOptions::default()
+        })
+    }
+
+    /// `exec` with every option: the workspace (a granted one by name, or the owner's own)
+    /// and the working directory within it.
+    pub fn exec_with(&mut self, o: ExecOptions) -> Result<ExecStarted, ClientError> {
+        let (id, ok, fds) = self.call(&Request::Exec {
+            argv: o.argv,
+            cwd: o.cwd,
+            owner: o.owner,
+            workspace: o.workspace,
+        })?;
         let mut fds = fds.into_iter();
         match (ok, fds.next(), fds.next()) {
             (OkReply::Exec {}, Some(stdout), Some(stderr)) => {

@@ -60,6 +60,7 @@ mod operator_chat;
 mod outbox;
 mod reply;
 mod send;
+mod workspaces;
 
 pub use channels::{ChannelStats, RECENT_CAP};
 pub use connect::{is_refused_address, resolve_checked, ConnectError};
@@ -69,6 +70,10 @@ pub use held::HeldError;
 pub use inbound::bad_ref;
 pub use inbound::bad_sender;
 pub use operator_chat::{is_operator, parse_answer, Answer, Verb, DESK_FILE};
+pub use workspaces::{
+    beneath, check_owner_key, check_relative_path, owner_digest, valid_workspace_name,
+    GrantedWorkspace,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The exec seam (implemented by the supervisor).
@@ -84,8 +89,14 @@ pub struct SpawnRequest {
     pub argv: Vec<String>,
     /// Profile to confine it with (the deciding `[[exec]]` rule's).
     pub profile: String,
-    /// Workspace to mount, if any (the broker passes None: a child cannot choose host paths).
+    /// Workspace to mount; None: the spawner's shared one. The broker sets it only to a
+    /// directory it chose (an owner's own, or a granted one): a child cannot name host paths.
     pub workspace: Option<PathBuf>,
+    /// Working directory relative to the workspace ([`check_relative_path`]); None: the
+    /// profile's.
+    pub cwd: Option<PathBuf>,
+    /// Mount the workspace read-only whatever the profile says (a granted `ro` workspace).
+    pub read_only: bool,
     /// The policy the decision was made under: the tool is confined by ITS profile, so a
     /// reload between decision and start cannot mix two policies.
     pub policy: Arc<Policy>,
@@ -125,6 +136,15 @@ pub trait Spawner: Send + Sync {
     fn workspace(&self) -> Option<PathBuf> {
         None
     }
+
+    /// The tools workspace of the owner whose key has [`owner_digest`] `digest` (32 hex
+    /// digits), created if missing: absolute and canonical.
+    fn owner_workspace(&self, digest: &str) -> Result<PathBuf, SpawnFailure> {
+        let _ = digest;
+        Err(SpawnFailure {
+            message: "this broker keeps no per-owner workspaces".into(),
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -141,6 +161,19 @@ pub struct ApprovalQuery {
     pub argv: Vec<String>,
     /// Profile the tool would run under.
     pub profile: String,
+    /// The deciding rule's `why`.
+    pub why: String,
+}
+
+/// A request that starts no program (an `open` under an `ask` rule) waiting for an operator.
+#[derive(Debug, Clone)]
+pub struct ActionQuery {
+    pub who: Identity,
+    /// What the request reaches (the file's path), shown as the approval's program.
+    pub subject: PathBuf,
+    /// The request in words, e.g. `["open", "read", "/srv/p/notes.txt"]`; an allow-always
+    /// grant matches exactly these.
+    pub argv: Vec<String>,
     /// The deciding rule's `why`.
     pub why: String,
 }
@@ -164,6 +197,15 @@ pub trait Approver: Send + Sync {
         self: Arc<Self>,
         q: ApprovalQuery,
     ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>>;
+
+    /// Ask about a request that starts no program. An approver that cannot refuses.
+    fn ask_action(
+        self: Arc<Self>,
+        q: ActionQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        let _ = q;
+        Box::pin(async { ApprovalAnswer::Deny("no operator can be asked for this request".into()) })
+    }
 
     /// The approvals waiting for an operator now, oldest first.
     fn pending(&self) -> Vec<Pending> {
@@ -215,35 +257,31 @@ impl Approver for Approvals {
             };
             let this = self.clone();
             let program = q.program;
-            let pending = match tokio::task::spawn_blocking(move || {
-                this.request_opened(spec, &program)
-            })
-            .await
-            {
-                Ok(Ok(Requested::Allowed(_))) => return ApprovalAnswer::Allow,
-                Ok(Ok(Requested::Answered(d))) if d.is_allow() => return ApprovalAnswer::Allow,
-                Ok(Ok(Requested::Answered(d))) => {
-                    return ApprovalAnswer::Deny(d.as_str().to_string())
-                }
-                Ok(Ok(Requested::Pending(p))) => p,
-                Ok(Err(e)) => return ApprovalAnswer::Deny(format!("approval not requested: {e}")),
-                Err(e) => return ApprovalAnswer::Deny(format!("approval task: {e}")),
-            };
-            let mut guard = CancelOnDrop {
-                approvals: self.clone(),
-                id: pending.id,
-                armed: true,
+            let requested =
+                tokio::task::spawn_blocking(move || this.request_opened(spec, &program)).await;
+            settle(self, requested).await
+        })
+    }
+
+    /// Like [`Approver::ask`], the request identified by [`crate::approvals::action_sha256`]
+    /// of its argv instead of a program's content.
+    fn ask_action(
+        self: Arc<Self>,
+        q: ActionQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        Box::pin(async move {
+            let sha = crate::approvals::action_sha256(&q.argv);
+            let spec = PendingSpec {
+                identity: Who::from(&q.who),
+                program: q.subject,
+                argv: q.argv,
+                profile: q.who.profile.clone(),
+                cwd: PathBuf::from("/"),
             };
             let this = self.clone();
-            let deadline = pending.expires + Duration::from_millis(100);
-            let res = tokio::task::spawn_blocking(move || this.wait(pending.id, deadline)).await;
-            guard.armed = false;
-            match res {
-                Ok(Ok(d)) if d.is_allow() => ApprovalAnswer::Allow,
-                Ok(Ok(d)) => ApprovalAnswer::Deny(d.as_str().to_string()),
-                Ok(Err(e)) => ApprovalAnswer::Deny(e.to_string()),
-                Err(e) => ApprovalAnswer::Deny(format!("approval task: {e}")),
-            }
+            let requested =
+                tokio::task::spawn_blocking(move || this.request_hashed(spec, sha)).await;
+            settle(self, requested).await
         })
     }
 
@@ -260,6 +298,37 @@ impl Approver for Approvals {
     /// [`Approvals::subscribe`].
     fn subscribe(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(Approvals::subscribe(self))
+    }
+}
+
+/// The answer to a request made of [`Approvals`]: at once when a grant or an earlier answer
+/// decides it, else when the operator answers or the approval times out (withdrawn if the
+/// waiting future is dropped).
+async fn settle(
+    approvals: Arc<Approvals>,
+    requested: Result<Result<Requested, ApprovalError>, tokio::task::JoinError>,
+) -> ApprovalAnswer {
+    let pending = match requested {
+        Ok(Ok(Requested::Allowed(_))) => return ApprovalAnswer::Allow,
+        Ok(Ok(Requested::Answered(d))) if d.is_allow() => return ApprovalAnswer::Allow,
+        Ok(Ok(Requested::Answered(d))) => return ApprovalAnswer::Deny(d.as_str().to_string()),
+        Ok(Ok(Requested::Pending(p))) => p,
+        Ok(Err(e)) => return ApprovalAnswer::Deny(format!("approval not requested: {e}")),
+        Err(e) => return ApprovalAnswer::Deny(format!("approval task: {e}")),
+    };
+    let mut guard = CancelOnDrop {
+        approvals: approvals.clone(),
+        id: pending.id,
+        armed: true,
+    };
+    let deadline = pending.expires + Duration::from_millis(100);
+    let res = tokio::task::spawn_blocking(move || approvals.wait(pending.id, deadline)).await;
+    guard.armed = false;
+    match res {
+        Ok(Ok(d)) if d.is_allow() => ApprovalAnswer::Allow,
+        Ok(Ok(d)) => ApprovalAnswer::Deny(d.as_str().to_string()),
+        Ok(Err(e)) => ApprovalAnswer::Deny(e.to_string()),
+        Err(e) => ApprovalAnswer::Deny(format!("approval task: {e}")),
     }
 }
 
@@ -326,6 +395,8 @@ pub struct OpsConfig {
     /// Where the channel state lives (`inbound/`, `held/`, `outbox/`, `channels.json`); None:
     /// in memory only, lost with the broker (tests).
     pub state_dir: Option<PathBuf>,
+    /// The workspaces the operator granted (`[workspaces.NAME]`).
+    pub workspaces: Vec<GrantedWorkspace>,
 }
 
 impl Default for OpsConfig {
@@ -339,6 +410,7 @@ impl Default for OpsConfig {
             token_store: None,
             inbound_capacity: 1024,
             state_dir: None,
+            workspaces: Vec::new(),
         }
     }
 }
@@ -824,7 +896,14 @@ impl Handler for Ops {
             match req {
                 Request::Ping {} => Response::ok(OkReply::Ping {}),
                 Request::Connect { host, port } => self.connect(&who, &host, port).await,
-                Request::Open { path, access } => self.open(&who, &path, access).await,
+                Request::Open {
+                    path,
+                    access,
+                    workspace,
+                } => {
+                    self.open_in(&who, workspace.as_deref(), &path, access)
+                        .await
+                }
                 Request::Secret { name } => self.secret(&who, &name).await,
                 Request::Send {
                     channel,
@@ -836,7 +915,12 @@ impl Handler for Ops {
                     self.send_with(&who, &channel, &recipient, body, in_reply_to, key)
                         .await
                 }
-                Request::Exec { argv, cwd } => self.exec(&who, argv, cwd).await,
+                Request::Exec {
+                    argv,
+                    cwd,
+                    owner,
+                    workspace,
+                } => self.exec_in(&who, argv, cwd, owner, workspace).await,
                 Request::Auth { token_sha256 } => self.auth(&who, &token_sha256).await,
                 Request::Approvals {} => self.approvals(&who).await,
                 Request::Approve {

@@ -63,6 +63,9 @@ pub enum Access {
     Write,
     /// Create a new file (fails if it exists), opened write-only.
     Create,
+    /// Open a directory to read its entries (needs `read`); the path may be the rule's
+    /// directory itself.
+    List,
 }
 
 impl Access {
@@ -72,6 +75,7 @@ impl Access {
             Access::Read => "read",
             Access::Write => "write",
             Access::Create => "create",
+            Access::List => "list",
         }
     }
 }
@@ -84,8 +88,14 @@ pub enum Request {
     Ping {},
     /// A TCP connection to `host:port` (a DNS name or an IP literal).
     Connect { host: String, port: u16 },
-    /// A file outside the child's view, by absolute path.
-    Open { path: String, access: Access },
+    /// A file outside the child's view, by absolute path; with `workspace`, `path` is
+    /// relative to that granted workspace (`[workspaces.NAME]`).
+    Open {
+        path: String,
+        access: Access,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workspace: Option<String>,
+    },
     /// A credential by name, as a sealed memfd.
     Secret { name: String },
     /// An outbound message on a channel. `in_reply_to` names the inbound message id this
@@ -100,11 +110,18 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
     },
-    /// Run a tool in a new confined child; `argv[0]` names the program.
+    /// Run a tool in a new confined child; `argv[0]` names the program. `workspace` names a
+    /// workspace the operator granted (`[workspaces.NAME]`); otherwise `owner` (gateways only:
+    /// who the tool runs for, e.g. `token:<id>`) selects that owner's own tools workspace, and
+    /// without either the tool gets the shared one. `cwd` is relative to the workspace.
     Exec {
         argv: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cwd: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workspace: Option<String>,
     },
     /// A new socket to the broker with the same identity (a private channel for one process
     /// of a sandbox whose processes share the inherited socket). Answered by the server itself,
@@ -1297,6 +1314,7 @@ mod tests {
             req_roundtrip(Request::Open {
                 path: "/srv/data/x".into(),
                 access,
+                workspace: None,
             });
         }
         req_roundtrip(Request::Secret { name: "k".into() });
@@ -1317,10 +1335,14 @@ mod tests {
         req_roundtrip(Request::Exec {
             argv: vec!["git".into(), "status".into()],
             cwd: None,
+            owner: None,
+            workspace: None,
         });
         req_roundtrip(Request::Exec {
             argv: vec![],
             cwd: Some("/work".into()),
+            owner: None,
+            workspace: None,
         });
         req_roundtrip(Request::Session {});
         assert_eq!(

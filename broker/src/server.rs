@@ -1182,6 +1182,7 @@ mod tests {
             &Request::Open {
                 path: "/etc/shadow".into(),
                 access: Access::Read,
+                workspace: None,
             },
         );
         reply(&fd);
@@ -1515,6 +1516,8 @@ mod tests {
             &Request::Exec {
                 argv: vec![],
                 cwd: None,
+                owner: None,
+                workspace: None,
             },
         );
         let (id, r, nfds) = reply(&a);
@@ -1552,6 +1555,8 @@ mod tests {
             &Request::Exec {
                 argv: vec!["a".into(), "b".into()],
                 cwd: None,
+                owner: None,
+                workspace: None,
             },
         );
         assert_eq!(reply(&a), (8, Reply::Ok(OkReply::Exec {}), 2));
@@ -1603,6 +1608,7 @@ mod tests {
             &Request::Open {
                 path: "/x".into(),
                 access: Access::Read,
+                workspace: None,
             },
         );
         assert_eq!(err_code(&reply(&a).1), ErrorCode::Denied);
@@ -1765,6 +1771,8 @@ mod tests {
             &Request::Exec {
                 argv: vec![],
                 cwd: None,
+                owner: None,
+                workspace: None,
             },
         );
         assert_eq!(reply(&s), (3, Reply::Ok(OkReply::Exec {}), 2));

@@ -87,9 +87,9 @@ impl Handler for Scripted {
                     Response::ok(OkReply::Secret { len: 6 }).with_fds(vec![f.into()])
                 }
                 Request::Secret { .. } => Response::err(ErrorCode::Denied, "not yours"),
-                Request::Open { path, access } => {
+                Request::Open { path, access, .. } => {
                     let r = match access {
-                        Access::Read => std::fs::File::open(&path),
+                        Access::Read | Access::List => std::fs::File::open(&path),
                         Access::Write => std::fs::OpenOptions::new().write(true).open(&path),
                         Access::Create => std::fs::OpenOptions::new()
                             .write(true)

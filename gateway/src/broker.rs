@@ -283,14 +283,39 @@ impl Broker {
     }
 
     /// Start a tool (waits through an `ask` until it is decided).
+    /// `open` of `path` (relative) in granted workspace `workspace`: the broker's `open` rules
+    /// decide (allow, ask: wait for an operator, deny).
+    pub async fn open_in(
+        &self,
+        workspace: String,
+        path: String,
+        access: carapace_broker::protocol::Access,
+    ) -> Result<std::fs::File, RpcError> {
+        self.call(move |c| c.open_in(Some(&workspace), &path, access))
+            .await
+    }
+
     pub async fn exec(
         &self,
         argv: Vec<String>,
         cwd: Option<String>,
     ) -> Result<StartedExec, RpcError> {
+        self.exec_with(carapace_broker::client::ExecOptions {
+            argv,
+            cwd,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// `exec` with its workspace options (owner, granted workspace, cwd).
+    pub async fn exec_with(
+        &self,
+        o: carapace_broker::client::ExecOptions,
+    ) -> Result<StartedExec, RpcError> {
         let mut lease = self.take().await?;
         let (lease, res) = tokio::task::spawn_blocking(move || {
-            let r = lease.client.exec(argv, cwd);
+            let r = lease.client.exec_with(o);
             (lease, r)
         })
         .await

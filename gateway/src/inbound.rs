@@ -40,7 +40,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::app::{App, Emitter};
 use crate::methods::agent::{converse, store, untrusted_from, Model};
 use crate::rpc::{Kind, RpcError};
-use crate::sessions::{content_text, inbound_state, valid_name, InboundState, Owner};
+use crate::sessions::{content_text, inbound_state, valid_name, InboundState};
 
 /// The longest a read of the queue waits for a message.
 const WAIT_MS: u64 = 25_000;
@@ -392,7 +392,8 @@ impl Handler<InboundMessage> for AgentHandler {
     async fn answer(&self, m: &InboundMessage, attempt: u32) -> Outcome {
         let app = &self.0;
         let session = session_name(&m.channel, &m.conversation);
-        let failure = match answer_once(app, &session, m).await {
+        let owner = crate::owner::of_conversation(&m.channel, &m.conversation);
+        let failure = match crate::owner::scope(owner, answer_once(app, &session, m)).await {
             Ok(outcome) => {
                 tracing::info!(channel = %m.channel, id = %m.id, seq = m.seq, %session, outcome, "inbound message finished");
                 return Outcome::Finished;
@@ -444,10 +445,7 @@ async fn answer_once(
     let lines = {
         let app = app.clone();
         let s = session.to_string();
-        let owner = Owner::Channel {
-            channel: m.channel.clone(),
-            conversation: m.conversation.clone(),
-        };
+        let owner = crate::owner::of_conversation(&m.channel, &m.conversation);
         crate::methods::blocking(move || {
             // The conversation's session is its own (one older than owners stays
             // operator-only).

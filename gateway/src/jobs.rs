@@ -472,8 +472,27 @@ struct Done {
 }
 
 async fn run_once(app: &Arc<App>, job: &JobSettings, run: &str) -> Result<Done, RpcError> {
+    // The job owns its session and its tools' workspace, like a client token its own.
+    crate::owner::scope(crate::owner::of_job(&job.name), run_as_job(app, job, run)).await
+}
+
+async fn run_as_job(app: &Arc<App>, job: &JobSettings, run: &str) -> Result<Done, RpcError> {
     let model = Model::load(app).await?;
     let _guard = app.sessions.lock(&job.session).await;
+    {
+        let (app, session, owner) = (
+            app.clone(),
+            job.session.clone(),
+            crate::owner::of_job(&job.name),
+        );
+        crate::methods::blocking(move || match app.sessions.claim(&session, &owner)? {
+            crate::sessions::Claim::Mine => Ok(()),
+            crate::sessions::Claim::Taken => Err(RpcError::invalid_params(format!(
+                "session {session:?} belongs to another owner: give the job a session of its own"
+            ))),
+        })
+        .await?;
+    }
     let mut tag = serde_json::Map::new();
     tag.insert("job".into(), json!({"name": job.name, "run": run}));
     store(

@@ -14,6 +14,7 @@
 //! | [`ws`] | one WebSocket connection: calls in tasks, one bounded outgoing queue, idle and stall limits |
 //! | [`rpc`] | JSON-RPC frames and the error table |
 //! | [`methods`] | the methods, one file per family |
+//! | [`owner`] | who a request acts for: the owner of its tools' workspace |
 //! | [`auth`] | bearer tokens (hashed, checked by the broker), failed-attempt limit |
 //! | [`broker`] | a pool of broker sessions usable from async code |
 //! | [`schedule`] | the broker budget, shared fairly by client tokens |
@@ -34,6 +35,7 @@ pub mod jobs;
 pub mod llm;
 pub mod methods;
 pub mod openai;
+pub mod owner;
 pub mod redact;
 pub mod rpc;
 pub mod schedule;

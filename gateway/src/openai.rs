@@ -285,19 +285,26 @@ async fn start(app: &Arc<App>, req: Request) -> Result<Response, RpcError> {
     let run = {
         let (app, session, message) = (app.clone(), session.clone(), chat.message.clone());
         let key = caller.token_id.clone();
+        let owner = crate::owner::of_caller(&caller);
         async move {
+            // The run is spawned (it outlives a client that goes away), so it carries its own
+            // broker turn and owner: its tools work in the token's own workspace.
             let r = crate::schedule::KEY
-                .scope(key, async {
-                    agent::store(
-                        &app,
-                        &session,
-                        json!({"role": "user", "content": message}),
-                        None,
-                    )
-                    .await?;
-                    let system = model.system_prompt(None);
-                    agent::converse(&app, &model, &session, system, &Emitter::none(), None).await
-                })
+                .scope(
+                    key,
+                    crate::owner::scope(owner, async {
+                        agent::store(
+                            &app,
+                            &session,
+                            json!({"role": "user", "content": message}),
+                            None,
+                        )
+                        .await?;
+                        let system = model.system_prompt(None);
+                        agent::converse(&app, &model, &session, system, &Emitter::none(), None)
+                            .await
+                    }),
+                )
                 .await;
             drop(guard);
             r

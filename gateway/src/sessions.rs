@@ -26,7 +26,7 @@
 //!
 //! **Owners.** A session belongs to whoever made it: `<name>.meta.json` beside its lines holds
 //! `{"owner": OWNER}` ([`Owner`]: `token:<id>` for a client token, `channel:<name>:<conversation>`
-//! for a channel conversation), written atomically when the session is first claimed and kept
+//! for a channel conversation, `job:<name>` for a scheduled job), written atomically when the session is first claimed and kept
 //! when the session is reset (the name stays its owner's). A session without one (written
 //! before owners were recorded) belongs to nobody: only operators see it.
 
@@ -40,6 +40,7 @@ use std::time::SystemTime;
 use carapace_broker::sync::lock;
 use serde_json::{json, Value};
 
+use crate::owner::Owner;
 use crate::rpc::{Kind, RpcError};
 
 /// Why a session operation failed.
@@ -96,31 +97,6 @@ impl Usage {
         self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
         self.total_tokens = self.total_tokens.saturating_add(o.total_tokens);
-    }
-}
-
-/// Who a session belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Owner {
-    /// A client token, by its id (`token:<id>`).
-    Token(String),
-    /// A channel conversation (`channel:<channel>:<conversation>`).
-    Channel {
-        channel: String,
-        conversation: String,
-    },
-}
-
-impl Owner {
-    /// The owner as stored.
-    pub fn key(&self) -> String {
-        match self {
-            Owner::Token(id) => format!("token:{id}"),
-            Owner::Channel {
-                channel,
-                conversation,
-            } => format!("channel:{channel}:{conversation}"),
-        }
     }
 }
 

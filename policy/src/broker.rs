@@ -55,6 +55,7 @@ pub(crate) struct RawConnect {
 pub(crate) struct RawOpen {
     pub path: Option<S<String>>,
     pub access: Option<S<String>>,
+    pub approval: Option<S<String>>,
     pub why: Option<S<String>>,
 }
 
@@ -215,6 +216,8 @@ impl fmt::Display for OpenAccess {
 pub struct OpenRule {
     pub dir: PathBuf,
     pub access: OpenAccess,
+    /// `approval = "ask"`: each open it allows waits for an operator's approval first.
+    pub ask: bool,
     pub why: String,
     pub line: usize,
 }
@@ -491,6 +494,28 @@ impl BrokerRules {
             .max_by_key(|(r, _)| r.dir.components().count())
     }
 
+    /// The rule allowing `path`, a directory, to be listed (read access), and `path` relative
+    /// to the rule's directory (`.` for the directory itself).
+    pub fn list_allowed<'a>(&'a self, path: &'a Path) -> Option<(&'a OpenRule, &'a Path)> {
+        if path.to_str().is_none_or(|p| check_request_path(p).is_err()) {
+            return None;
+        }
+        self.open
+            .iter()
+            .filter_map(|r| {
+                let rest = path.strip_prefix(&r.dir).ok()?;
+                Some((
+                    r,
+                    if rest.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        rest
+                    },
+                ))
+            })
+            .max_by_key(|(r, _)| r.dir.components().count())
+    }
+
     /// The secret named `name`, if this profile may fetch it.
     pub fn secret(&self, name: &str) -> Option<&SecretSpec> {
         self.secrets.iter().find(|s| s.name == name)
@@ -542,6 +567,11 @@ impl BrokerRules {
                 OpenAccess::Read => "read existing files",
                 OpenAccess::Write => "read and write existing files",
                 OpenAccess::Create => "read, write and create files",
+            };
+            let grant = if r.ask {
+                format!("{grant}, each open after an operator's approval")
+            } else {
+                grant.to_string()
             };
             let _ = writeln!(
                 s,
@@ -1479,10 +1509,27 @@ pub(crate) fn lower_broker(
                 }
             },
         };
+        let ask = match r
+            .approval
+            .as_ref()
+            .map(|a| (a.get_ref().as_str(), a.span()))
+        {
+            None | Some(("allow", _)) => false,
+            Some(("ask", _)) => true,
+            Some((other, span)) => {
+                sink.err(
+                    &span,
+                    format!("unknown approval `{other}` for an open rule"),
+                    "\"allow\" (the default) or \"ask\"",
+                );
+                false
+            }
+        };
         if let (Some(dir), Some(access)) = (dir, access) {
             open.push(OpenRule {
                 dir,
                 access,
+                ask,
                 why,
                 line: line_of(sink, &rspan),
             });

@@ -74,7 +74,12 @@ const CONNECT: Kind = Table(&[
     ("allow_private", Bool),
     ("why", Str),
 ]);
-const OPEN: Kind = Table(&[("path", Str), ("access", Str), ("why", Str)]);
+const OPEN: Kind = Table(&[
+    ("path", Str),
+    ("access", Str),
+    ("approval", Str),
+    ("why", Str),
+]);
 const PEER_RATE: Kind = Table(&[("requests_per_second", Int), ("burst", Int)]);
 const BROKER: Kind = Table(&[
     ("connect", Array(&CONNECT)),

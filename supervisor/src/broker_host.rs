@@ -148,6 +148,8 @@ pub enum ToolError {
     },
     #[error("the tool's thread ended without starting it")]
     ThreadEnded,
+    #[error("working directory {}: {why}", cwd.display())]
+    Cwd { cwd: PathBuf, why: String },
 }
 
 mod state_dir;
@@ -244,6 +246,8 @@ pub struct BrokerSetup {
     pub token_store: Option<PathBuf>,
     /// When the audit log rotates (`[audit]` of the configuration).
     pub audit_rotation: carapace_broker::audit::Rotation,
+    /// The workspaces the operator granted (`[workspaces.NAME]`).
+    pub workspaces: Vec<carapace_broker::ops::GrantedWorkspace>,
 }
 
 impl BrokerHost {
@@ -324,6 +328,7 @@ impl BrokerHost {
                     // memory.
                     state_dir: (channel == OperatorChannel::Control)
                         .then(|| setup.state.root.clone()),
+                    workspaces: setup.workspaces,
                     ..OpsConfig::default()
                 },
             )

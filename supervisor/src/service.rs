@@ -229,6 +229,9 @@ fn start(
     }
     let tools_ws = cfg.state_dir.join("tools");
     ensure_dir(&tools_ws)?;
+    // Each owner's own tools workspace is made beneath this one on its first tool.
+    let owners_ws = cfg.state_dir.join("workspaces").join("owners");
+    ensure_dir(&owners_ws)?;
     for (_, _, s) in &specs {
         ensure_dir(&s.workspace)?;
     }
@@ -248,11 +251,13 @@ fn start(
                 run_as: RunAs::Auto,
                 env: env.clone(),
                 workspace: Some(tools_ws),
+                owners_root: Some(owners_ws),
                 live: Default::default(),
             },
             approval_timeout: cfg.approval_timeout,
             token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),
             audit_rotation: cfg.audit_rotation,
+            workspaces: cfg.granted_workspaces(),
         },
         OperatorChannel::Control,
         Some(metrics.clone()),

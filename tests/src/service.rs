@@ -522,6 +522,18 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
         })
     }
 
+    /// The tools workspace of `owner` (`token:<id>`, `channel:<name>:<conversation>`):
+    /// `<state_dir>/workspaces/owners/<first 32 hex digits of the SHA-256 of owner>`, made on
+    /// the owner's first tool.
+    pub fn owner_workspace(&self, owner: &str) -> PathBuf {
+        use sha2::{Digest as _, Sha256};
+        let digest: String = Sha256::digest(owner.as_bytes())[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.state_dir().join("workspaces/owners").join(digest)
+    }
+
     /// A new token named `name` with scope `scope` (`client` | `operator`); the token text.
     pub fn token_named(&self, scope: &str, name: &str) -> String {
         let v = self.token_create(scope, name);

@@ -781,8 +781,11 @@ senders = ["alice@example.com"]
 #[test]
 fn a_project_is_built_and_tested_through_the_gateway_in_the_build_profile() {
     let Some(svc) = start_plain() else { return };
-    let client = svc.token("client");
-    let project = svc.state_dir().join("tools/hello");
+    let created = svc.token_create("client", "builder");
+    let client = created["token"].as_str().unwrap_or_default().to_string();
+    // The client's tools run in its own workspace.
+    let owner = format!("token:{}", created["id"].as_str().unwrap_or_default());
+    let project = svc.owner_workspace(&owner).join("hello");
     std::fs::create_dir_all(&project).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(
         project.join("hello.c"),

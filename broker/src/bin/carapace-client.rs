@@ -23,7 +23,7 @@ usage: carapace-client ping
        carapace-client open PATH [--read|--write|--create] [-- PROG [ARGS...]]
        carapace-client send CHANNEL RECIPIENT        (message body on stdin)
        carapace-client deliver CHANNEL SENDER [BODY]  (body on stdin when not given)
-       carapace-client exec [--cwd DIR] -- PROG [ARGS...]
+       carapace-client exec [--cwd DIR] -- PROG [ARGS...]   (DIR relative to the workspace)
 
 Asks the carapace broker (socket fd $CARAPACE_BROKER_FD, default 3) for what the sandbox does not
 have. Each request is checked against the policy of this sandbox's identity and audited.
@@ -280,14 +280,14 @@ fn cmd_open(args: &[String]) -> Result<u8, Failure> {
         .with_context(|| format!("open {path} ({})", access.as_str()))?;
     if let Some((mut cmd, name)) = prog {
         match access {
-            Access::Read => cmd.stdin(Stdio::from(file)),
+            Access::Read | Access::List => cmd.stdin(Stdio::from(file)),
             Access::Write | Access::Create => cmd.stdout(Stdio::from(file)),
         };
         return Err(exec_prog(cmd, name));
     }
     let mut file = file;
     match access {
-        Access::Read => {
+        Access::Read | Access::List => {
             let mut out = io::stdout().lock();
             io::copy(&mut file, &mut out).context("copying the file to stdout")?;
             out.flush().context("stdout")?;

@@ -21,6 +21,7 @@ use crate::redact::Redactor;
 use crate::server::{FollowUp, Identity, Response};
 use carapace_sandbox::program::OpenedProgram;
 
+use super::workspaces::{check_owner_key, check_relative_path, owner_digest};
 use super::{rule_ref, shown, ApprovalAnswer, ApprovalQuery, Audited, Ops, SpawnRequest};
 
 /// Where bare program names are looked up (the broker's own environment is not used).
@@ -111,9 +112,61 @@ impl Ops {
     /// The `exec` operation. A response given after asking the operator is marked
     /// [`Response::asked`].
     pub async fn exec(&self, who: &Identity, argv: Vec<String>, cwd: Option<String>) -> Response {
+        self.exec_in(who, argv, cwd, None, None).await
+    }
+
+    /// The `exec` operation with its workspace: a granted one by name, else the owner's own
+    /// (gateways only), else the shared one; `cwd` relative to it.
+    pub async fn exec_in(
+        &self,
+        who: &Identity,
+        argv: Vec<String>,
+        cwd: Option<String>,
+        owner: Option<String>,
+        workspace: Option<String>,
+    ) -> Response {
         let mut asked = false;
-        let response = self.exec_inner(who, argv, cwd, &mut asked).await;
+        let response = self
+            .exec_inner(who, argv, cwd, owner, workspace, &mut asked)
+            .await;
         response.asked(asked)
+    }
+
+    /// The workspace an `exec` asked for: (host directory, read-only, how the audit names
+    /// it). None: the spawner's shared one.
+    async fn exec_workspace(
+        &self,
+        who: &Identity,
+        owner: Option<String>,
+        workspace: Option<String>,
+    ) -> Result<Option<(PathBuf, bool, String)>, (ErrorCode, String)> {
+        if let Some(name) = workspace {
+            let g = self
+                .granted(who, &name)
+                .map_err(|e| (ErrorCode::Denied, e.to_string()))?;
+            return Ok(Some((g.path, !g.writable, format!("workspace {}", g.name))));
+        }
+        let Some(key) = owner else { return Ok(None) };
+        if who.role != crate::server::Role::Gateway {
+            return Err((
+                ErrorCode::Denied,
+                "only a gateway may name the owner a tool runs for".into(),
+            ));
+        }
+        check_owner_key(&key).map_err(|why| (ErrorCode::BadRequest, format!("owner: {why}")))?;
+        let Some(spawner) = self.spawner.clone() else {
+            return Err((
+                ErrorCode::Unavailable,
+                "this broker cannot start tools".into(),
+            ));
+        };
+        let digest = owner_digest(&key);
+        let d = digest.clone();
+        let path = tokio::task::spawn_blocking(move || spawner.owner_workspace(&d))
+            .await
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| (ErrorCode::Unavailable, e.message))?;
+        Ok(Some((path, false, format!("owner workspace {digest}"))))
     }
 
     async fn exec_inner(
@@ -121,6 +174,8 @@ impl Ops {
         who: &Identity,
         argv: Vec<String>,
         cwd: Option<String>,
+        owner: Option<String>,
+        workspace: Option<String>,
         asked: &mut bool,
     ) -> Response {
         let target = shown(&argv.join(" "));
@@ -136,14 +191,18 @@ impl Ops {
                 .await
             }
         };
-        if cwd.is_some() {
-            return refuse(
-                "cwd given".into(),
-                ErrorCode::BadRequest,
-                "exec: `cwd` is not supported (a child cannot choose host paths)".into(),
-            )
-            .await;
-        }
+        let cwd = match cwd.as_deref().map(check_relative_path) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(why)) => {
+                return refuse(
+                    format!("bad cwd: {why}"),
+                    ErrorCode::BadRequest,
+                    format!("exec: `cwd` must be a path relative to the workspace: {why}"),
+                )
+                .await
+            }
+        };
         let rules = match self.rules_for(who, "exec", &target).await {
             Ok(r) => r,
             Err(resp) => return resp,
@@ -164,6 +223,15 @@ impl Ops {
             )
             .await;
         };
+        let chosen = match self.exec_workspace(who, owner, workspace).await {
+            Ok(c) => c,
+            Err((code, why)) => {
+                return refuse(format!("workspace: {why}"), code, format!("exec: {why}")).await
+            }
+        };
+        let ws_words = chosen
+            .as_ref()
+            .map_or_else(|| "shared workspace".to_string(), |(_, _, w)| w.clone());
         let argv0 = argv0.clone();
         // Opened once, right away: the decision is on its path, an approval hashes this
         // descriptor, and the spawner starts this very file.
@@ -191,7 +259,10 @@ impl Ops {
         let req = ExecRequest {
             program: program.clone(),
             args: args.to_vec(),
-            workspace: self.spawner.as_ref().and_then(|s| s.workspace()),
+            workspace: match &chosen {
+                Some((p, _, _)) => Some(p.clone()),
+                None => self.spawner.as_ref().and_then(|s| s.workspace()),
+            },
         };
         let decision = {
             let p = policy.clone();
@@ -299,7 +370,7 @@ impl Ops {
                 who,
                 Audited::of("exec", canon_target.clone())
                     .by(rref)
-                    .allow("starting", format!("profile {profile}")),
+                    .allow("starting", format!("profile {profile}, {ws_words}")),
             )
             .await
         {
@@ -309,7 +380,9 @@ impl Ops {
             program: opened,
             argv: full_argv,
             profile,
-            workspace: None,
+            read_only: chosen.as_ref().is_some_and(|(_, ro, _)| *ro),
+            workspace: chosen.map(|(p, _, _)| p),
+            cwd,
             policy: policy.clone(),
         };
         let handle = match tokio::task::spawn_blocking(move || spawner.spawn(sreq)).await {

@@ -117,6 +117,7 @@ fn policy_access(a: Access) -> OpenAccess {
         Access::Read => OpenAccess::Read,
         Access::Write => OpenAccess::Write,
         Access::Create => OpenAccess::Create,
+        Access::List => OpenAccess::Read,
     }
 }
 
@@ -131,6 +132,8 @@ pub enum OpenFailure {
     Fcntl(#[source] io::Error),
     #[error("not a regular file")]
     NotRegular,
+    #[error("not a directory")]
+    NotDirectory,
 }
 
 /// Open `rel` beneath `dir` with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
@@ -152,6 +155,7 @@ pub fn open_beneath(
             base | OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
             Mode::from_bits_truncate(0o600),
         ),
+        Access::List => (base | OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()),
     };
     let how = OpenHow::new().flags(flags).mode(mode).resolve(
         ResolveFlag::RESOLVE_BENEATH
@@ -161,7 +165,11 @@ pub fn open_beneath(
     let fd = openat2(dir, rel, how).map_err(|e| OpenFailure::Openat2(io::Error::from(e)))?;
     let file = File::from(fd);
     let meta = file.metadata().map_err(OpenFailure::Fstat)?;
-    if !meta.file_type().is_file() {
+    if access == Access::List {
+        if !meta.file_type().is_dir() {
+            return Err(OpenFailure::NotDirectory);
+        }
+    } else if !meta.file_type().is_file() {
         return Err(OpenFailure::NotRegular);
     }
     // Clear O_NONBLOCK (the only status flag we set that F_SETFL can change).
@@ -172,6 +180,54 @@ pub fn open_beneath(
 }
 
 impl Ops {
+    /// The `open` operation in a granted workspace: `path` relative to it (no `..`, no
+    /// absolute path), joined beneath the workspace's directory and then decided by the
+    /// profile's `open` rules like any other path. A read-only workspace allows only `read`.
+    pub async fn open_in(
+        &self,
+        who: &Identity,
+        workspace: Option<&str>,
+        path: &str,
+        access: Access,
+    ) -> Response {
+        let Some(name) = workspace else {
+            return self.open(who, path, access).await;
+        };
+        let target = format!("{}:{} ({})", shown(name), shown(path), access.as_str());
+        let refuse = |code: ErrorCode, why: String| {
+            let target = target.clone();
+            async move {
+                self.refuse(
+                    who,
+                    Audited::of("open", target.clone()).deny("refused", why.clone()),
+                    code,
+                    format!("open {target}: {why}"),
+                )
+                .await
+            }
+        };
+        let g = match self.granted(who, name) {
+            Ok(g) => g,
+            Err(e) => return refuse(ErrorCode::Denied, e.to_string()).await,
+        };
+        let rel = match super::workspaces::check_relative_path(path) {
+            Ok(r) => r,
+            Err(why) => return refuse(ErrorCode::BadRequest, format!("bad path: {why}")).await,
+        };
+        if !g.writable && !matches!(access, Access::Read | Access::List) {
+            return refuse(
+                ErrorCode::Denied,
+                format!("workspace `{}` is read-only", g.name),
+            )
+            .await;
+        }
+        let full = super::workspaces::beneath(&g.path, &rel);
+        match full.to_str() {
+            Some(p) => self.open(who, p, access).await,
+            None => refuse(ErrorCode::BadRequest, "path is not UTF-8".into()).await,
+        }
+    }
+
     /// The `open` operation.
     pub async fn open(&self, who: &Identity, path: &str, access: Access) -> Response {
         let target = format!("{} ({})", shown(path), access.as_str());
@@ -189,10 +245,12 @@ impl Ops {
             Ok(r) => r,
             Err(resp) => return resp,
         };
-        let Some((rule, rest)) = rules
-            .open_allowed(Path::new(path), policy_access(access))
-            .map(|(r, rest)| (r.clone(), rest.to_path_buf()))
-        else {
+        let found = if access == Access::List {
+            rules.list_allowed(Path::new(path))
+        } else {
+            rules.open_allowed(Path::new(path), policy_access(access))
+        };
+        let Some((rule, rest)) = found.map(|(r, rest)| (r.clone(), rest.to_path_buf())) else {
             return self
                 .refuse(
                     who,
@@ -206,6 +264,54 @@ impl Ops {
                 )
                 .await;
         };
+        let rref = rule_ref(rule.line, &rule.why);
+        if rule.ask {
+            let Some(approver) = self.approver.clone() else {
+                return self
+                    .refuse(
+                        who,
+                        Audited::of("open", target.clone())
+                            .by(rref)
+                            .deny("refused", "needs approval; no approvals service"),
+                        ErrorCode::Denied,
+                        format!(
+                            "open {target}: needs an operator's approval and none can be asked"
+                        ),
+                    )
+                    .await;
+            };
+            if let Err(resp) = self
+                .allow(
+                    who,
+                    Audited::of("open", target.clone())
+                        .by(rref.clone())
+                        .ask("waiting for approval", String::new()),
+                )
+                .await
+            {
+                return resp;
+            }
+            let answer = approver
+                .ask_action(super::ActionQuery {
+                    who: who.clone(),
+                    subject: PathBuf::from(path),
+                    argv: vec!["open".into(), access.as_str().into(), path.to_string()],
+                    why: rule.why.clone(),
+                })
+                .await;
+            if let super::ApprovalAnswer::Deny(reason) = answer {
+                return self
+                    .refuse(
+                        who,
+                        Audited::of("open", target.clone())
+                            .by(rref)
+                            .deny("approval refused", reason.clone()),
+                        ErrorCode::Denied,
+                        format!("open {target}: not approved: {reason}"),
+                    )
+                    .await;
+            }
+        }
         if let Err(resp) = self
             .allow(
                 who,
@@ -234,9 +340,15 @@ impl Ops {
                 let code = match e.raw_os_error() {
                     Some(libc::ENOENT) => ErrorCode::NotFound,
                     // ELOOP: a symlink on the way; EXDEV: an escape from beneath the directory.
-                    Some(libc::ELOOP | libc::EXDEV | libc::EACCES | libc::EPERM | libc::EEXIST) => {
-                        ErrorCode::Denied
-                    }
+                    // ENOTDIR: a file listed as a directory, or a file on the way.
+                    Some(
+                        libc::ELOOP
+                        | libc::EXDEV
+                        | libc::EACCES
+                        | libc::EPERM
+                        | libc::EEXIST
+                        | libc::ENOTDIR,
+                    ) => ErrorCode::Denied,
                     _ => ErrorCode::Unavailable,
                 };
                 Response::err(code, format!("open {target}: {e}"))
@@ -245,6 +357,9 @@ impl Ops {
                 ErrorCode::Denied,
                 format!("open {target}: not a regular file"),
             ),
+            Ok(Err(OpenFailure::NotDirectory)) => {
+                Response::err(ErrorCode::Denied, format!("open {target}: not a directory"))
+            }
             Ok(Err(e)) => Response::err(ErrorCode::Unavailable, format!("open {target}: {e}")),
             Err(e) => Response::err(ErrorCode::Internal, format!("open {target}: {e}")),
         }

@@ -180,6 +180,7 @@ approval = "ask"
         token_store: Some(dir.join("tokens.json")),
         inbound_capacity: 1024,
         state_dir: None,
+        workspaces: Vec::new(),
     };
     let mut cfg = cfg;
     tweak(&mut cfg);
@@ -1389,4 +1390,294 @@ async fn redact_finds_secrets_and_the_profiles_patterns_for_gateways_only() {
     let big = "x".repeat(crate::protocol::MAX_REDACT_TEXT + 1);
     let r = env.ops.redact_op(&who("authonly"), &big).await;
     assert_eq!(err_of(&r).code, ErrorCode::TooLarge);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workspaces: granted by name, per owner, cwd; `open` in a workspace; `ask` open rules.
+
+/// [`FakeSpawner`] that also keeps per-owner workspaces beneath `root`.
+struct OwnerSpawner {
+    inner: FakeSpawner,
+    root: PathBuf,
+}
+
+impl Spawner for OwnerSpawner {
+    fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
+        self.inner.spawn(req)
+    }
+    fn owner_workspace(&self, digest: &str) -> Result<PathBuf, SpawnFailure> {
+        let d = self.root.join(digest);
+        fs::create_dir_all(&d).map_err(|e| SpawnFailure {
+            message: e.to_string(),
+        })?;
+        Ok(d)
+    }
+}
+
+fn grant(name: &str, path: &Path, writable: bool, profiles: &[&str]) -> GrantedWorkspace {
+    GrantedWorkspace {
+        name: name.into(),
+        path: fs::canonicalize(path).unwrap_or_else(|e| panic!("{e}")),
+        writable,
+        profiles: profiles.iter().map(|p| p.to_string()).collect(),
+        why: "test".into(),
+    }
+}
+
+/// The workspaces of `env.dir`: `proj` (data/, read-only, for `tool`), `rw` (data/out,
+/// writable), `private` (data/, for nobody here).
+fn with_workspaces(spawner: Option<Arc<dyn Spawner>>) -> Env {
+    // The env's directory is made inside setup: the grants point into it afterwards.
+    let env = setup_cfg("", spawner, None, |_| {});
+    let ws = vec![
+        grant("proj", &env.dir.join("data"), false, &["tool"]),
+        grant("rw", &env.dir.join("data/out"), true, &["tool"]),
+        grant("private", &env.dir.join("data"), true, &["someone-else"]),
+    ];
+    let mut cfg = env.ops.cfg.clone();
+    cfg.workspaces = ws;
+    let policy = (*env.ops.policy()).clone();
+    let audit = AuditLog::open(env.dir.join("audit-ws.log")).unwrap_or_else(|e| panic!("{e}"));
+    let dlq = DeadLetters::open(env.dir.join("dlq-ws")).unwrap_or_else(|e| panic!("{e}"));
+    let ops = Ops::new(policy, audit, dlq, env.ops.spawner.clone(), None, cfg)
+        .unwrap_or_else(|e| panic!("{e}"));
+    Env {
+        ops: Arc::new(ops),
+        ..env
+    }
+}
+
+fn gateway_who(profile: &str) -> Identity {
+    Identity {
+        id: 9,
+        role: Role::Gateway,
+        profile: profile.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn exec_workspaces_granted_per_owner_and_cwd() {
+    let owners = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let spawner = Arc::new(OwnerSpawner {
+        inner: FakeSpawner::default(),
+        root: owners.path().to_path_buf(),
+    });
+    let env = with_workspaces(Some(spawner.clone()));
+    let seen = || {
+        spawner
+            .inner
+            .seen
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    };
+    let t = || vec!["true".to_string()];
+    // Granted, read-only, with a cwd within it.
+    let r = env
+        .ops
+        .exec_in(
+            &who("tool"),
+            t(),
+            Some("sub/dir".into()),
+            None,
+            Some("proj".into()),
+        )
+        .await;
+    assert_eq!(ok_of(&r), OkReply::Exec {});
+    let _ = exit_of(r).await;
+    let s = seen();
+    assert_eq!(
+        s[0].workspace.as_deref(),
+        Some(
+            fs::canonicalize(env.dir.join("data"))
+                .unwrap_or_default()
+                .as_path()
+        )
+    );
+    assert!(s[0].read_only);
+    assert_eq!(s[0].cwd.as_deref(), Some(Path::new("sub/dir")));
+    // Not granted to this profile, unknown, or a bad name: refused, nothing started.
+    for name in ["private", "nope", "../proj", ""] {
+        let r = env
+            .ops
+            .exec_in(&who("tool"), t(), None, None, Some(name.into()))
+            .await;
+        assert_eq!(err_of(&r).code, ErrorCode::Denied, "{name:?}");
+    }
+    // Bad cwds: refused as bad requests.
+    for cwd in ["../x", "/etc", "a/../..", "a//b", "a\0b", ""] {
+        let r = env
+            .ops
+            .exec_in(
+                &who("tool"),
+                t(),
+                Some(cwd.into()),
+                None,
+                Some("proj".into()),
+            )
+            .await;
+        assert_eq!(err_of(&r).code, ErrorCode::BadRequest, "{cwd:?}");
+    }
+    // Per owner: only a gateway may name one; its workspace is named by the key's digest.
+    let r = env
+        .ops
+        .exec_in(&who("tool"), t(), None, Some("token:a".into()), None)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    let r = env
+        .ops
+        .exec_in(
+            &gateway_who("tool"),
+            t(),
+            None,
+            Some("token:a".into()),
+            None,
+        )
+        .await;
+    assert_eq!(ok_of(&r), OkReply::Exec {});
+    let _ = exit_of(r).await;
+    let s = seen();
+    let last = s.last().unwrap_or_else(|| panic!("nothing started"));
+    assert_eq!(
+        last.workspace.as_deref(),
+        Some(owners.path().join(owner_digest("token:a")).as_path())
+    );
+    assert!(!last.read_only);
+    let r = env
+        .ops
+        .exec_in(
+            &gateway_who("tool"),
+            t(),
+            None,
+            Some("bad\nkey".into()),
+            None,
+        )
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::BadRequest);
+    assert_eq!(seen().len(), 2);
+    // A spawner without per-owner workspaces: unavailable, not the shared one.
+    let env = with_workspaces(Some(Arc::new(FakeSpawner::default())));
+    let r = env
+        .ops
+        .exec_in(
+            &gateway_who("tool"),
+            t(),
+            None,
+            Some("token:a".into()),
+            None,
+        )
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Unavailable);
+}
+
+#[tokio::test]
+async fn open_in_a_workspace_stays_beneath_it() {
+    let env = with_workspaces(None);
+    let tool = who("tool");
+    let r = env
+        .ops
+        .open_in(&tool, Some("proj"), "a.txt", Access::Read)
+        .await;
+    assert!(matches!(ok_of(&r), OkReply::Open { .. }));
+    assert_eq!(
+        read_fd(r.fds.into_iter().next().unwrap_or_else(|| panic!())),
+        "alpha"
+    );
+    // A directory, listed (the workspace itself is `.`).
+    let r = env
+        .ops
+        .open_in(&tool, Some("proj"), ".", Access::List)
+        .await;
+    let fd = r.fds.into_iter().next().unwrap_or_else(|| panic!("no fd"));
+    let f = fs::File::from(fd);
+    assert!(f.metadata().map(|m| m.is_dir()).unwrap_or(false));
+    let r = env
+        .ops
+        .open_in(&tool, Some("proj"), "a.txt", Access::List)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    // Escapes: `..`, absolute paths, NUL (bad requests); symlinks out or in (denied).
+    for p in ["../outside.txt", "/etc/passwd", "a\0b", "out/../../x"] {
+        let r = env.ops.open_in(&tool, Some("proj"), p, Access::Read).await;
+        assert_eq!(err_of(&r).code, ErrorCode::BadRequest, "{p:?}");
+    }
+    for p in ["link", "dirlink/outside.txt", "inner"] {
+        let r = env.ops.open_in(&tool, Some("proj"), p, Access::Read).await;
+        assert_eq!(err_of(&r).code, ErrorCode::Denied, "{p:?}");
+    }
+    // A read-only workspace refuses writes even where the open rules allow them.
+    let r = env
+        .ops
+        .open_in(&tool, Some("proj"), "out/new", Access::Create)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    assert!(err_of(&r).message.contains("read-only"), "{:?}", err_of(&r));
+    let r = env
+        .ops
+        .open_in(&tool, Some("rw"), "new", Access::Create)
+        .await;
+    assert!(matches!(ok_of(&r), OkReply::Open { .. }));
+    assert!(env.dir.join("data/out/new").exists());
+    // Not granted to this profile.
+    let r = env
+        .ops
+        .open_in(&tool, Some("private"), "a.txt", Access::Read)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    // The open rules still decide: the rule for data/ is read-only.
+    let r = env
+        .ops
+        .open_in(&tool, Some("proj"), "a.txt", Access::Write)
+        .await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+}
+
+#[tokio::test]
+async fn open_under_an_ask_rule_waits_for_the_operator() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let approvals = Arc::new(
+        Approvals::open(tmp.path(), Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let extra = r#"
+[profiles.asker]
+why = "opens after asking"
+[profiles.asker.broker]
+open = [ { path = "/etc", access = "read", approval = "ask", why = "each read approved" } ]
+"#;
+    let env = setup_with(extra, None, Some(approvals.clone()));
+    let operator = {
+        let a = approvals.clone();
+        std::thread::spawn(move || {
+            let mut answers = vec![Resolution::Deny, Resolution::AllowOnce];
+            let mut argvs = Vec::new();
+            while let Some(ans) = answers.pop() {
+                let p = loop {
+                    if let Some(p) = a.list().first().cloned() {
+                        break p;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                argvs.push(p.argv.clone());
+                let _ = a.resolve(p.id, ans);
+            }
+            argvs
+        })
+    };
+    let asker = who("asker");
+    let r = env.ops.open(&asker, "/etc/passwd", Access::Read).await;
+    assert!(matches!(ok_of(&r), OkReply::Open { .. }));
+    let r = env.ops.open(&asker, "/etc/passwd", Access::Read).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
+    let argvs = operator.join().unwrap_or_default();
+    assert_eq!(argvs[0], vec!["open", "read", "/etc/passwd"]);
+    let decisions: Vec<String> = audit_lines(&env)
+        .iter()
+        .filter(|r| r["op"] == "open")
+        .map(|r| r["decision"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(decisions, ["ask", "allow", "ask", "deny"]);
+    // Without an approver, an ask rule refuses.
+    let env = setup_with(extra, None, None);
+    let r = env.ops.open(&asker, "/etc/passwd", Access::Read).await;
+    assert_eq!(err_of(&r).code, ErrorCode::Denied);
 }

@@ -11,6 +11,7 @@ use crate::rpc::{Call, Kind, RpcError};
 
 pub(crate) mod agent;
 mod approvals;
+pub(crate) mod files;
 mod gateway;
 mod held;
 mod messages;
@@ -25,6 +26,10 @@ pub const METHODS: &[(&str, bool)] = &[
     ("gateway.ping", false),
     ("gateway.status", false),
     ("tools.exec", false),
+    ("files.list", false),
+    ("files.read", false),
+    ("files.write", false),
+    ("files.search", false),
     ("messages.send", false),
     ("approvals.list", true),
     ("approvals.resolve", true),
@@ -54,8 +59,12 @@ pub async fn dispatch(
     call: Call,
     out: &Emitter,
 ) -> Result<Value, RpcError> {
+    let owner = crate::owner::of_caller(caller);
     crate::schedule::KEY
-        .scope(caller.token_id.clone(), run(app, caller, call, out))
+        .scope(
+            caller.token_id.clone(),
+            crate::owner::scope(owner, run(app, caller, call, out)),
+        )
         .await
 }
 
@@ -80,6 +89,10 @@ async fn run(
         "gateway.ping" => gateway::ping(p),
         "gateway.status" => gateway::status(app, caller, p),
         "tools.exec" => tools::call(app, p, out).await,
+        "files.list" => files::list(app, p).await,
+        "files.read" => files::read(app, p).await,
+        "files.write" => files::write(app, p).await,
+        "files.search" => files::search(app, p).await,
         "messages.send" => messages::send(app, p).await,
         "approvals.list" => approvals::list(app, p).await,
         "approvals.resolve" => approvals::resolve(app, caller, p).await,

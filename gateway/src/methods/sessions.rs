@@ -1,7 +1,7 @@
 //! `sessions.list`, `sessions.history`, `sessions.reset` (archives), `sessions.archived`,
 //! `sessions.restore`.
 //!
-//! A client token sees only the sessions it owns ([`crate::sessions::Owner`]), and the archives
+//! A client token sees only the sessions it owns ([`crate::owner::Owner`]), and the archives
 //! of those sessions (an archive belongs to the owner of its session's name, which a reset
 //! keeps); an operator token sees every session. Another's session is answered exactly like a
 //! missing one.
@@ -13,18 +13,14 @@ use serde_json::{json, Value};
 use super::{blocking, NoParams};
 use crate::app::App;
 use crate::auth::Caller;
+use crate::owner::of_caller;
 use crate::rpc::{params, Kind, RpcError};
-use crate::sessions::{Owner, Sessions};
-
-/// The owner a client token's sessions carry.
-pub(crate) fn owner_of(caller: &Caller) -> Owner {
-    Owner::Token(caller.token_id.clone())
-}
+use crate::sessions::Sessions;
 
 /// Whether `caller` may see a session whose stored owner is `owner`: operators see all,
 /// clients their own.
 pub(crate) fn may_see(caller: &Caller, owner: Option<&str>) -> bool {
-    caller.is_operator() || owner == Some(owner_of(caller).key().as_str())
+    caller.is_operator() || owner == Some(of_caller(caller).key().as_str())
 }
 
 /// The answer to a session that does not exist, or is not the caller's: the same either way.

@@ -22,6 +22,10 @@ pub struct ExecParams {
     pub argv: Vec<String>,
     #[serde(default)]
     pub cwd: Option<String>,
+    /// A workspace the operator granted (`[workspaces.NAME]`); without it the tool runs in
+    /// its owner's own workspace.
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
 /// How a tool run ended, with what it printed (when collected).
@@ -58,7 +62,15 @@ pub async fn exec(
             "`argv` needs at least the program (argv[0])",
         ));
     }
-    let started = app.broker.exec(p.argv, p.cwd).await?;
+    let started = app
+        .broker
+        .exec_with(carapace_broker::client::ExecOptions {
+            argv: p.argv,
+            cwd: p.cwd,
+            owner: crate::owner::current().map(|o| o.key()),
+            workspace: p.workspace,
+        })
+        .await?;
     let (stdout, stderr, waiter) = started.split();
     let (o, e) = tokio::join!(
         pump(stdout, "stdout", out, collect),

@@ -297,8 +297,8 @@ fn content_texts() {
 #[test]
 fn sessions_are_claimed_by_their_first_owner() {
     let (_d, s) = store();
-    let alice = Owner::Token("aaaa0001".into());
-    let bob = Owner::Token("bbbb0002".into());
+    let alice = crate::owner::Owner::Token("aaaa0001".into());
+    let bob = crate::owner::Owner::Token("bbbb0002".into());
     assert_eq!(s.owner("chat").unwrap_or_default(), None);
     assert_eq!(s.claim("chat", &alice).ok(), Some(Claim::Mine));
     assert_eq!(
@@ -318,7 +318,7 @@ fn sessions_are_claimed_by_their_first_owner() {
     assert_eq!(s.claim("old", &alice).ok(), Some(Claim::Taken));
     assert_eq!(s.owner("old").unwrap_or_default(), None);
     // The list says whose each is, and a channel owner reads as such.
-    let ch = Owner::Channel {
+    let ch = crate::owner::Owner::Channel {
         channel: "tg".into(),
         conversation: "42".into(),
     };
@@ -352,5 +352,7 @@ fn an_unreadable_owner_file_is_an_error_not_a_claim() {
     fs::create_dir_all(d.path().join("sessions")).unwrap_or_else(|e| panic!("{e}"));
     fs::write(d.path().join("sessions/x.meta.json"), "not json").unwrap_or_else(|e| panic!("{e}"));
     assert!(s.owner("x").is_err());
-    assert!(s.claim("x", &Owner::Token("a".into())).is_err());
+    assert!(s
+        .claim("x", &crate::owner::Owner::Token("a".into()))
+        .is_err());
 }

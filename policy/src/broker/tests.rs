@@ -823,3 +823,55 @@ fn a_profiles_reply_patterns_are_validated_located_and_inherited() {
     assert!(e.contains("bad `redact` pattern"), "{e}");
     assert!(e.contains(&format!("t.toml:{line}:")), "{e}");
 }
+
+#[test]
+fn listing_matches_the_rule_directory_itself_and_beneath() {
+    let r = rules("tool");
+    let list = |p: &str| {
+        r.list_allowed(Path::new(p))
+            .map(|(r, rest)| (r.dir.clone(), rest.to_path_buf()))
+    };
+    assert_eq!(list("/srv/data"), Some(("/srv/data".into(), ".".into())));
+    assert_eq!(
+        list("/srv/data/sub"),
+        Some(("/srv/data".into(), "sub".into()))
+    );
+    assert_eq!(
+        list("/srv/data/out"),
+        Some(("/srv/data/out".into(), ".".into()))
+    );
+    for bad in [
+        "/srv",
+        "/srv/database",
+        "/srv/data/../x",
+        "/srv/data/",
+        "srv/data",
+    ] {
+        assert!(list(bad).is_none(), "{bad}");
+    }
+}
+
+#[test]
+fn open_rules_may_ask() {
+    let text = BASE.replacen(
+        "{ path = \"/srv/data\", access = \"read\", why = \"inputs\" }",
+        "{ path = \"/srv/data\", access = \"read\", approval = \"ask\", why = \"inputs\" }",
+        1,
+    );
+    let p = Policy::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    let r = p
+        .broker_view("tool")
+        .unwrap_or_else(|| panic!("no broker view"));
+    let asks: Vec<bool> = r.open.iter().map(|o| o.ask).collect();
+    assert_eq!(asks, vec![true, false]);
+    assert!(r
+        .explain()
+        .contains("each open after an operator's approval"));
+    // The default is allow, and only allow or ask are accepted.
+    assert!(rules("tool").open.iter().all(|o| !o.ask));
+    let e = errors(
+        "access = \"read\", why = \"inputs\"",
+        "access = \"read\", approval = \"maybe\", why = \"inputs\"",
+    );
+    assert!(e.contains("unknown approval `maybe`"), "{e}");
+}

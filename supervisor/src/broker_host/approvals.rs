@@ -53,6 +53,19 @@ impl Approver for LoggedApprover {
         })
     }
 
+    fn ask_action(
+        self: Arc<Self>,
+        q: carapace_broker::ops::ActionQuery,
+    ) -> Pin<Box<dyn Future<Output = ApprovalAnswer> + Send>> {
+        tracing::warn!(
+            who = %q.who,
+            profile = %q.who.profile,
+            "approval requested: {}; see `carapace approvals list`",
+            q.argv.join(" ")
+        );
+        self.approvals.clone().ask_action(q)
+    }
+
     /// The pending approvals, for a child whose profile may `approve` (the gateway).
     fn pending(&self) -> Vec<Pending> {
         self.approvals.list()

@@ -34,6 +34,9 @@ pub struct ToolContext {
     pub env: Vec<(OsString, OsString)>,
     /// Workspace used when a request names none.
     pub workspace: Option<PathBuf>,
+    /// Where each owner's own tools workspace is made (`<state>/workspaces/owners`); None:
+    /// no per-owner workspaces (one-shot `carapace exec`).
+    pub owners_root: Option<PathBuf>,
     /// The tools running now (killed when the broker shuts down).
     pub live: ToolRegistry,
 }
@@ -212,6 +215,15 @@ impl std::fmt::Debug for ToolRun {
 
 pub(super) type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), ToolError>;
 
+/// Where a tool works: its workspace (None: the context's shared one), its working directory
+/// relative to it (None: the profile's), and whether the workspace is mounted read-only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ToolPlace<'a> {
+    pub workspace: Option<&'a Path>,
+    pub cwd: Option<&'a Path>,
+    pub read_only: bool,
+}
+
 /// Start `program` (opened at its canonical host path, already allowed by the policy for
 /// `profile`; this very file is started, see [`carapace_sandbox::spawn`]) with
 /// `argv0` and `args` confined in `profile`, exactly as `carapace exec` would, in a cgroup of
@@ -223,8 +235,13 @@ pub fn spawn_tool(
     argv0: &str,
     args: &[String],
     profile: &str,
-    workspace: Option<&Path>,
+    place: ToolPlace<'_>,
 ) -> Result<ToolRun, ToolError> {
+    let ToolPlace {
+        workspace,
+        cwd,
+        read_only,
+    } = place;
     let (started_tx, started_rx) = mpsc::channel::<Started>();
     let (done_tx, done_rx) = mpsc::channel::<ExitReport>();
     let outer = ctx;
@@ -233,14 +250,25 @@ pub fn spawn_tool(
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
     let profile_s = profile.to_string();
     let workspace = workspace.map(Path::to_path_buf).or(ctx.workspace.clone());
+    if let (Some(cwd), Some(ws)) = (cwd, &workspace) {
+        check_cwd(ws, cwd)?;
+    }
+    let cwd = cwd.map(Path::to_path_buf);
     if ctx.live.is_closed() {
         return Err(ToolError::ShuttingDown);
     }
     let thread = std::thread::Builder::new()
         .name("carapace-tool".into())
         .spawn(move || {
-            let plan = match policy.compile(&profile_s, &ctx.target) {
-                Ok(p) => p,
+            let plan = match policy
+                .compile(&profile_s, &ctx.target)
+                .map(|p| adjust_plan(p, cwd.as_deref(), read_only))
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
                 Err(source) => {
                     let _ = started_tx.send(Err(ToolError::Compile {
                         profile: profile_s,
@@ -324,6 +352,69 @@ pub fn spawn_tool(
     })
 }
 
+/// The plan with the request's workspace choices applied: `cwd` (relative to the workspace)
+/// becomes the working directory beneath the workspace's mount point; `read_only` takes the
+/// write right from the workspace's mount and its Landlock rule.
+fn adjust_plan(
+    mut plan: carapace_policy::Plan,
+    cwd: Option<&Path>,
+    read_only: bool,
+) -> Result<carapace_policy::Plan, ToolError> {
+    use carapace_policy::plan::{LandlockPath, Mount};
+    let mut ws_dst = None;
+    for m in &mut plan.mounts {
+        if let Mount::Workspace { dst, writable, .. } = m {
+            if read_only {
+                *writable = false;
+            }
+            ws_dst = Some(dst.clone());
+        }
+    }
+    if read_only {
+        for r in &mut plan.landlock.rules {
+            if r.path == LandlockPath::Workspace {
+                r.rights.write = false;
+            }
+        }
+    }
+    if let Some(cwd) = cwd {
+        let Some(dst) = ws_dst else {
+            return Err(ToolError::Cwd {
+                cwd: cwd.to_path_buf(),
+                why: format!("profile `{}` mounts no workspace", plan.profile),
+            });
+        };
+        plan.cwd = carapace_broker::ops::beneath(&dst, cwd);
+    }
+    Ok(plan)
+}
+
+/// `cwd` must be a directory beneath `workspace`, reached without `..` or a symbolic link
+/// (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`).
+fn check_cwd(workspace: &Path, cwd: &Path) -> Result<(), ToolError> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    let bad = |why: String| ToolError::Cwd {
+        cwd: cwd.to_path_buf(),
+        why,
+    };
+    let dir = std::fs::File::open(workspace).map_err(|e| {
+        bad(format!(
+            "opening the workspace {}: {e}",
+            workspace.display()
+        ))
+    })?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    openat2(&dir, cwd, how)
+        .map(drop)
+        .map_err(|e| bad(format!("not a directory beneath the workspace: {e}")))
+}
+
 /// [`spawn_tool`] as the broker's [`Spawner`]; a tool whose profile has a broker section gets
 /// its own socket, served with a new identity (role `tool`, its profile).
 #[derive(Debug)]
@@ -340,6 +431,25 @@ impl Spawner for SupervisorSpawner {
             .and_then(|w| std::fs::canonicalize(w).ok())
     }
 
+    fn owner_workspace(&self, digest: &str) -> Result<PathBuf, SpawnFailure> {
+        let fail = |message: String| SpawnFailure { message };
+        let Some(root) = &self.ctx.owners_root else {
+            return Err(fail("this supervisor keeps no per-owner workspaces".into()));
+        };
+        // The broker hands a digest; anything else could name a path.
+        if digest.len() != 32
+            || !digest
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(fail(format!("invalid owner digest {digest:?}")));
+        }
+        let dir = root.join(digest);
+        carapace_broker::durable::ensure_dir(&dir)
+            .and_then(|()| std::fs::canonicalize(&dir))
+            .map_err(|e| fail(format!("{}: {e}", dir.display())))
+    }
+
     fn spawn(&self, req: SpawnRequest) -> Result<SpawnHandle, SpawnFailure> {
         let fail = |message: String| SpawnFailure { message };
         let program_s = req.program.path().to_string_lossy().into_owned();
@@ -354,7 +464,11 @@ impl Spawner for SupervisorSpawner {
             argv0,
             args,
             &req.profile,
-            req.workspace.as_deref(),
+            ToolPlace {
+                workspace: req.workspace.as_deref(),
+                cwd: req.cwd.as_deref(),
+                read_only: req.read_only,
+            },
         )
         // The broker protocol carries the failure as text.
         .map_err(|e| fail(crate::errors::error_chain(&e)))?;

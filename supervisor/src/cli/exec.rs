@@ -355,11 +355,13 @@ pub(super) fn start_broker(
             run_as: a.run_as,
             env: std::env::vars_os().collect(),
             workspace: Some(workspace.to_path_buf()),
+            owners_root: None,
             live: Default::default(),
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
         token_store: None,
         audit_rotation: carapace_broker::audit::Rotation::default(),
+        workspaces: Vec::new(),
     })?;
     let (mine, theirs) = carapace_broker::protocol::seqpacket_pair()
         .map_err(crate::broker_host::BrokerHostError::Socket)?;

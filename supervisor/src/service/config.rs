@@ -68,6 +68,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[[jobs]]`: scheduled agent runs (also in the gateway's settings, which runs them).
     pub jobs: Vec<JobConfig>,
+    /// `[workspaces.NAME]`: project directories the operator grants to tools and file
+    /// requests, by name.
+    pub workspaces: BTreeMap<String, WorkspaceConfig>,
 }
 
 /// One `[[jobs]]` entry.
@@ -117,6 +120,35 @@ fn humantime_like(d: Duration) -> String {
         out.push_str(&format!("{ms}ms"));
     }
     out
+}
+
+/// `[workspaces.NAME]`: a directory tools may run in and the file tools may reach, when the
+/// requesting child's profile is among `profiles`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceConfig {
+    /// Absolute and canonical; an existing directory.
+    pub path: PathBuf,
+    pub why: String,
+    /// `access = "rw"` (default) or `"ro"`.
+    pub writable: bool,
+    /// Profiles that may name it; default: the gateway's profile.
+    pub profiles: Vec<String>,
+}
+
+impl Config {
+    /// The granted workspaces as the broker takes them.
+    pub fn granted_workspaces(&self) -> Vec<carapace_broker::ops::GrantedWorkspace> {
+        self.workspaces
+            .iter()
+            .map(|(name, w)| carapace_broker::ops::GrantedWorkspace {
+                name: name.clone(),
+                path: w.path.clone(),
+                writable: w.writable,
+                profiles: w.profiles.clone(),
+                why: w.why.clone(),
+            })
+            .collect()
+    }
 }
 
 /// `[metrics]`: where Prometheus may scrape the service (`carapace metrics` works without it).

@@ -17,6 +17,11 @@
 //! For each `[[jobs]]` with `deliver_to`: the gateway's profile may `send` on its channel (an
 //! error: the job's answers could never be delivered).
 //!
+//! For each `[workspaces.NAME]` (warnings: the workspace still works for what is wired):
+//! - every profile it is granted to exists in the policy;
+//! - the gateway's profile, when granted it, has an `open` rule for its directory (else the file
+//!   tools are refused there; tools still run in it).
+//!
 //! And [`gateway_settings`]: the gateway's broker budget, added to its settings at each start.
 
 use carapace_policy::broker::{BrokerRules, ChannelKind};
@@ -204,7 +209,41 @@ pub fn check(cfg: &Config, policy: &Policy) -> Wiring {
             }
         }
     }
+    check_workspaces(cfg, policy, &mut w);
     w
+}
+
+/// The granted workspaces against the policy's profiles and the gateway's `open` rules.
+fn check_workspaces(cfg: &Config, policy: &Policy, w: &mut Wiring) {
+    let known = policy.profile_names();
+    for (name, ws) in &cfg.workspaces {
+        for p in &ws.profiles {
+            if !known.contains(&p.as_str()) {
+                w.warnings.push(format!(
+                    "workspace `{name}` is granted to profile `{p}`, which the policy does not have"
+                ));
+            }
+        }
+        let Some(gw) = cfg
+            .gateway
+            .as_ref()
+            .filter(|g| ws.profiles.contains(&g.profile))
+        else {
+            continue;
+        };
+        let rules = policy.broker_view(&gw.profile);
+        let covered = rules
+            .as_ref()
+            .is_some_and(|r| r.list_allowed(&ws.path).is_some());
+        if !covered {
+            w.warnings.push(format!(
+                "the gateway's profile `{}` has no `open` rule for workspace `{name}` ({}): the \
+                 file tools are refused there (tools still run in it)",
+                gw.profile,
+                ws.path.display()
+            ));
+        }
+    }
 }
 
 /// The gateway's settings JSON `settings` with `broker_rate` set from the broker `rate` of

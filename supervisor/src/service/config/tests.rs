@@ -792,6 +792,12 @@ fn channel_kind_errors_are_located() {
 
 /// Every key of the configuration, each with a valid value.
 const EVERY_KEY: &str = r#"
+[workspaces.w]
+path = "/tmp"
+why = "scratch"
+access = "ro"
+profiles = ["gateway"]
+
 [supervisor]
 policy = "/etc/carapace/p.toml"
 state_dir = "/var/lib/c"
@@ -969,6 +975,8 @@ fn every_key_read_is_in_the_schema() {
         (hook["url"].as_str(), hook["path"].as_str()),
         (Some("https://hooks.example.com/x"), Some("/hook"))
     );
+    assert_eq!(c.workspaces["w"].profiles, vec!["gateway".to_string()]);
+    assert!(!c.workspaces["w"].writable);
     // The file covers the whole schema: each of its keys is written in it.
     let mut keys = Vec::new();
     schema_keys(&validate::CONFIG, &mut keys);
@@ -1210,4 +1218,68 @@ fn bad_jobs_are_located_errors() {
         "{AGENT}[[jobs]]\nname = \"j\"\nevery = \"5s\"\nprompt = \"p\"\n[[jobs]]\nname = \"j\"\nevery = \"5s\"\nprompt = \"p\"\n"
     ));
     assert!(has(&errs, "a second job named \"j\""), "{errs:#?}");
+}
+
+#[test]
+fn granted_workspaces_are_checked_where_they_are_written() {
+    let t = tempfile::tempdir().unwrap();
+    let proj = t.path().join("proj");
+    std::fs::create_dir(&proj).unwrap();
+    let file = t.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let text = format!(
+        "[gateway]\nprofile = \"gw\"\n\n[workspaces.proj]\npath = \"{}\"\nwhy = \"the project\"\n\n[workspaces.docs]\npath = \"{}\"\naccess = \"ro\"\nprofiles = [\"a\", \"b\"]\n",
+        proj.display(),
+        proj.display()
+    );
+    let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let p = &c.workspaces["proj"];
+    assert_eq!(p.path, std::fs::canonicalize(&proj).unwrap());
+    assert!(p.writable);
+    assert_eq!(
+        p.profiles,
+        vec!["gw".to_string()],
+        "default: the gateway's profile"
+    );
+    assert_eq!(p.why, "the project");
+    let d = &c.workspaces["docs"];
+    assert!(!d.writable);
+    assert_eq!(d.profiles, vec!["a".to_string(), "b".to_string()]);
+    let g = c.granted_workspaces();
+    assert_eq!(g.len(), 2);
+
+    let bad = format!(
+        "[workspaces.rel]\npath = \"x/y\"\n\n[workspaces.gone]\npath = \"{}\"\n\n[workspaces.file]\npath = \"{}\"\n\n[workspaces.sys]\npath = \"/etc\"\n\n[workspaces.acc]\npath = \"{}\"\naccess = \"rwx\"\n\n[workspaces.Bad]\npath = \"{}\"\n\n[workspaces.nopath]\nwhy = \"x\"\n",
+        t.path().join("missing").display(),
+        file.display(),
+        proj.display(),
+        proj.display()
+    );
+    let errs = errors(&bad);
+    assert!(has(&errs, "workspace `rel`"), "{errs:?}");
+    assert!(has(&errs, "workspace `gone`"), "{errs:?}");
+    assert!(has(&errs, "is not a directory"), "{errs:?}");
+    assert!(has(&errs, "cannot be a workspace"), "{errs:?}");
+    assert!(has(&errs, "unknown workspace access \"rwx\""), "{errs:?}");
+    assert!(has(&errs, "invalid workspace name \"Bad\""), "{errs:?}");
+    assert!(has(&errs, "workspace `nopath` has no `path`"), "{errs:?}");
+    // Located: the error about `rel` points at its `path` line.
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("2:") && e.contains("`rel`")),
+        "{errs:?}"
+    );
+    let typo = errors(&format!(
+        "[workspaces.p]\npath = \"{}\"\nacess = \"ro\"\n",
+        proj.display()
+    ));
+    assert!(has(&typo, "access"), "{typo:?}");
+
+    // Inside the state directory: refused.
+    let overlap = format!(
+        "[supervisor]\nstate_dir = \"{}\"\n\n[workspaces.p]\npath = \"{}\"\n",
+        proj.join("state").display(),
+        proj.display()
+    );
+    assert!(has(&errors(&overlap), "overlaps the supervisor's state"));
 }

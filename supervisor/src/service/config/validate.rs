@@ -80,6 +80,13 @@ const CHANNEL: Kind = Tagged {
 const METRICS: Kind = Kind::Table(&[("listen", Str), ("allow_non_loopback", Bool)]);
 /// `[audit]`: rotation of the audit log.
 const AUDIT: Kind = Kind::Table(&[("rotate_size", IntOrStr), ("keep", Int)]);
+/// `[workspaces.NAME]`: a granted project directory.
+const WORKSPACE: Kind = Kind::Table(&[
+    ("path", Str),
+    ("why", Str),
+    ("access", Str),
+    ("profiles", Array(&Str)),
+]);
 /// The whole file, checked by the policy crate's schema engine before [`validate`] reads it.
 pub(super) const CONFIG: Kind = Kind::Table(&[
     ("supervisor", SUPERVISOR),
@@ -89,6 +96,7 @@ pub(super) const CONFIG: Kind = Kind::Table(&[
     ("channels", Map(&CHANNEL)),
     ("metrics", METRICS),
     ("jobs", Array(&super::jobs::JOB)),
+    ("workspaces", Map(&WORKSPACE)),
 ]);
 
 /// The gid of `name` from the system's group database.
@@ -261,7 +269,10 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         seen.push((ws, &c.name));
     }
 
+    let workspaces = granted_workspaces(cx, root, gateway.as_ref(), &state_dir, &runtime_dir);
+
     Config {
+        workspaces,
         policy,
         state_dir,
         runtime_dir,
@@ -277,6 +288,134 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         metrics,
         jobs,
     }
+}
+
+/// `[workspaces.NAME]`: each `path` absolute, an existing directory (stored canonical), not a
+/// system directory nor overlapping the state or runtime directory; `access` `rw` or `ro`;
+/// `profiles` defaults to the gateway's profile.
+fn granted_workspaces(
+    cx: &mut Sink<'_>,
+    root: &Table,
+    gateway: Option<&ChildConfig>,
+    state_dir: &Path,
+    runtime_dir: &Path,
+) -> BTreeMap<String, WorkspaceConfig> {
+    let mut out = BTreeMap::new();
+    let Some(t) = get_table(root, "workspaces") else {
+        return out;
+    };
+    for e in &t.entries {
+        if !carapace_broker::ops::valid_workspace_name(&e.key) {
+            cx.err(
+                &e.key_span,
+                format!("invalid workspace name {:?}", e.key),
+                "1 to 64 characters among a-z, 0-9, `_` and `-`",
+            );
+            continue;
+        }
+        let Some(w) = e.node.val.as_table() else {
+            continue;
+        };
+        let Some((p, pe)) = get_str(w, "path") else {
+            cx.err(
+                &e.key_span,
+                format!("workspace `{}` has no `path`", e.key),
+                "path = \"/absolute/directory\"",
+            );
+            continue;
+        };
+        let span = pe.node.span.clone();
+        if let Err(why) = check_abs_path(p) {
+            cx.err(
+                &span,
+                format!("workspace `{}`: {p:?}: {why}", e.key),
+                PATH_EXPECTED,
+            );
+            continue;
+        }
+        let path = match std::fs::canonicalize(p) {
+            Ok(c) if c.is_dir() => c,
+            Ok(_) => {
+                cx.err(
+                    &span,
+                    format!("workspace `{}`: {p} is not a directory", e.key),
+                    "an existing directory",
+                );
+                continue;
+            }
+            Err(err) => {
+                cx.err(
+                    &span,
+                    format!("workspace `{}`: {p}: {err}", e.key),
+                    "an existing directory",
+                );
+                continue;
+            }
+        };
+        if let Err(why) = carapace_sandbox::mounts::check_workspace_dir(&path) {
+            cx.err(
+                &span,
+                format!(
+                    "workspace `{}`: {} cannot be a workspace: {why}",
+                    e.key,
+                    path.display()
+                ),
+                "a project directory of its own",
+            );
+            continue;
+        }
+        let overlaps = |d: &Path| {
+            let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
+            d.starts_with(&path) || path.starts_with(&d)
+        };
+        if overlaps(state_dir) || overlaps(runtime_dir) {
+            cx.err(
+                &span,
+                format!(
+                    "workspace `{}` ({}) overlaps the supervisor's state or runtime directory",
+                    e.key,
+                    path.display()
+                ),
+                "a directory outside both",
+            );
+            continue;
+        }
+        let writable = match get_str(w, "access") {
+            None | Some(("rw", _)) => true,
+            Some(("ro", _)) => false,
+            Some((other, ae)) => {
+                cx.err(
+                    &ae.node.span,
+                    format!("unknown workspace access {other:?}"),
+                    "\"rw\" or \"ro\"",
+                );
+                true
+            }
+        };
+        let profiles = match w.get("profiles").map(|p| &p.node.val) {
+            Some(Val::Array(a)) => a
+                .iter()
+                .filter_map(|n| match &n.val {
+                    Val::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => gateway.map(|g| vec![g.profile.clone()]).unwrap_or_default(),
+        };
+        let why = get_str(w, "why")
+            .map(|(s, _)| s.to_string())
+            .unwrap_or_default();
+        out.insert(
+            e.key.clone(),
+            WorkspaceConfig {
+                path,
+                why,
+                writable,
+                profiles,
+            },
+        );
+    }
+    out
 }
 
 /// Most rotated audit files kept: more is a typo.

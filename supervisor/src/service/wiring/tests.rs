@@ -187,3 +187,36 @@ fn a_job_delivers_only_on_a_channel_the_gateway_may_send_on() {
     let w = wiring(&cfg("tg"), &GOOD.replace("channels = [\"tg\"]", ""));
     assert!(w.errors.iter().any(|e| e.contains("job `daily`")), "{w:?}");
 }
+
+#[test]
+fn granted_workspaces_are_checked_against_the_policy() {
+    let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::fs::canonicalize(t.path()).unwrap_or_else(|e| panic!("{e}"));
+    let config = format!(
+        "[gateway]\nprofile = \"agent\"\n[workspaces.p]\npath = \"{}\"\n[workspaces.q]\npath = \"{}\"\nprofiles = [\"nosuch\"]\n",
+        dir.display(),
+        dir.display()
+    );
+    let agent = "[profiles.agent]\nwhy = \"gateway\"\nextends = \"gateway\"\n";
+    let w = wiring(&config, agent);
+    assert!(w.errors.is_empty(), "{w:?}");
+    assert_eq!(w.warnings.len(), 2, "{w:?}");
+    assert!(
+        w.warnings.iter().any(|m| m.contains("profile `nosuch`")),
+        "{w:?}"
+    );
+    assert!(
+        w.warnings
+            .iter()
+            .any(|m| m.contains("no `open` rule for workspace `p`")),
+        "{w:?}"
+    );
+    // With an open rule for the directory, only the unknown profile is left.
+    let wired = format!(
+        "{agent}[profiles.agent.broker]\nopen = [{{ path = \"{}\", access = \"read\", why = \"files\" }}]\n",
+        dir.display()
+    );
+    let w = wiring(&config, &wired);
+    assert_eq!(w.warnings.len(), 1, "{w:?}");
+    assert!(w.warnings[0].contains("nosuch"), "{w:?}");
+}
