@@ -349,9 +349,14 @@ deliver_to = { channel = "outbox", conversation = "#ops" }
         .requests()
         .iter()
         .any(|q| mentions(q, "tick-prompt") && q.body.get("tools").is_some()));
+    // The job's session is the job's: an operator reads it, a client token does not.
     let client = svc.token("client");
     let mut c = ws(&svc, &client);
-    let h = c
+    let r = c.call("sessions.history", json!({"session": "job-tick"}));
+    assert_eq!(r.expect_err().kind(), Some("not_found"));
+    let operator = svc.token("operator");
+    let mut op = ws(&svc, &operator);
+    let h = op
         .call("sessions.history", json!({"session": "job-tick"}))
         .expect_ok()
         .clone();
@@ -376,7 +381,7 @@ deliver_to = { channel = "outbox", conversation = "#ops" }
     let manual = ended(&runs, "yearly", "manual");
     assert_eq!(manual.len(), 1, "{runs:#?}");
     assert_eq!(manual[0]["session"], "new-year");
-    let h = c
+    let h = op
         .call("sessions.history", json!({"session": "new-year"}))
         .expect_ok()
         .clone();

@@ -190,6 +190,41 @@ fn sessions_belong_to_their_token_over_rest_and_websocket() {
     // The owner resets its own.
     let r = a.call("sessions.reset", json!({"session": "alice-chat"}));
     assert_eq!(r.expect_ok()["removed"], true);
+    let alice_archive = r.expect_ok()["archive"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no archive name"))
+        .to_string();
+
+    // An archive stays its session's owner's: another client neither lists, reads nor restores
+    // it (answered as a missing one); the owner does, and the operator sees all.
+    let mut b = ws(&svc, &bob);
+    let archives = |c: &mut RpcClient| -> Vec<String> {
+        let r = c.call("sessions.archived", json!({}));
+        r.expect_ok()["archived"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["session"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(archives(&mut b), ["bob-chat"]);
+    assert_eq!(archives(&mut a), ["alice-chat"]);
+    let mut all = archives(&mut o);
+    all.sort();
+    assert_eq!(all, ["alice-chat", "bob-chat"]);
+    let r = b.call("sessions.archived", json!({"archive": alice_archive}));
+    assert_eq!(r.expect_err().kind(), Some("not_found"));
+    let r = b.call("sessions.restore", json!({"archive": alice_archive}));
+    assert_eq!(r.expect_err().kind(), Some("not_found"));
+    let r = a.call("sessions.restore", json!({"archive": alice_archive}));
+    assert_eq!(r.expect_ok()["restored"], true);
+    let r = a.call("sessions.history", json!({"session": "alice-chat"}));
+    assert!(r.expect_ok().to_string().contains("hello alice"));
+    // A name kept for scheduled jobs is refused to clients like a channel's.
+    let r = a.call("agent.run", json!({"session": "job-nightly", "message": "x"}));
+    assert_eq!(r.expect_err().kind(), Some("not_found"));
 }
 
 /// The venv `.ci/test` makes with the official `openai` client.
