@@ -365,7 +365,9 @@ fn the_openai_client_talks_to_the_agent_streaming_and_not_with_an_approval() {
         extra_config: agent_config(port, ""),
         ..StartOpts::default()
     });
-    let client = svc.token_named("client", "sdk");
+    let created = svc.token_create("client", "sdk");
+    let client = created["token"].as_str().unwrap_or_default().to_string();
+    let client_owner = format!("token:{}", created["id"].as_str().unwrap_or_default());
     let op = svc.token_named("operator", "op");
     let py = PyClient::new(dir.path(), &svc);
 
@@ -460,6 +462,11 @@ fn the_openai_client_talks_to_the_agent_streaming_and_not_with_an_approval() {
     assert!(tool_result.contains("Linux"), "{tool_result}");
     let r = http_bearer(svc.addr, "GET", "/v1/sessions/with-approval", &client, None);
     assert_eq!(r.status, 200, "the header named the session: {}", r.body);
+    // The endpoint's tools ran in the token's own workspace, not the shared one.
+    assert!(
+        svc.owner_workspace(&client_owner).is_dir(),
+        "no workspace for {client_owner}"
+    );
 
     // Errors in OpenAI's shape, as the client reads them.
     let v = py.run("cpt_not-a-real-token", "models", None);
