@@ -35,6 +35,15 @@ pub struct App {
 }
 
 impl App {
+    /// Whether the gateway's own agent answers channel messages (a model is configured with
+    /// `answer_channels`): then each message belongs to its conversation's session.
+    pub fn agent_answers_channels(&self) -> bool {
+        self.settings
+            .agent
+            .as_ref()
+            .is_some_and(|a| a.answer_channels)
+    }
+
     pub fn new(settings: Settings, broker: Broker) -> App {
         let c = &settings.clients;
         let rates = Limiter::new(c.rate_per_second, c.burst, 4096);
@@ -148,7 +157,12 @@ pub async fn inbound_feed(app: Arc<App>) {
     if !app.broker.is_available() {
         return;
     }
-    if let Some(a) = app.settings.agent.as_ref().filter(|a| a.answer_channels) {
+    if let Some(a) = app
+        .settings
+        .agent
+        .as_ref()
+        .filter(|_| app.agent_answers_channels())
+    {
         let max_runs = a.max_concurrent_runs;
         tracing::info!(max_runs, "answering channel messages");
         crate::inbound::answer_feed(

@@ -115,8 +115,10 @@ pub async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });
 
-    // Every connection: what channels deliver.
-    let inbound = {
+    // What channels deliver: to every connection when a client is the one that answers them
+    // (no agent of the gateway's own does); when the gateway's agent answers channels, each
+    // message belongs to its conversation, which no client token owns: operators only.
+    let inbound = (caller.is_operator() || !app.agent_answers_channels()).then(|| {
         let mut sub = app.inbound.subscribe();
         let tx2 = tx.clone();
         tokio::spawn(async move {
@@ -137,7 +139,7 @@ pub async fn session(
                 }
             }
         })
-    };
+    });
 
     // Operator connections: the pending approvals now, then what changes.
     let feed = if caller.is_operator() {
@@ -299,7 +301,9 @@ pub async fn session(
     if let Some(f) = feed {
         f.abort();
     }
-    inbound.abort();
+    if let Some(inbound) = inbound {
+        inbound.abort();
+    }
     drop(tx);
     // The writer sends what is queued (and a requested close frame), then ends.
     drop(close_tx);

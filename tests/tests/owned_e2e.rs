@@ -223,7 +223,10 @@ fn sessions_belong_to_their_token_over_rest_and_websocket() {
     let r = a.call("sessions.history", json!({"session": "alice-chat"}));
     assert!(r.expect_ok().to_string().contains("hello alice"));
     // A name kept for scheduled jobs is refused to clients like a channel's.
-    let r = a.call("agent.run", json!({"session": "job-nightly", "message": "x"}));
+    let r = a.call(
+        "agent.run",
+        json!({"session": "job-nightly", "message": "x"}),
+    );
     assert_eq!(r.expect_err().kind(), Some("not_found"));
 }
 
@@ -718,7 +721,10 @@ path = "/hook"
         "{v}"
     );
 
-    // A channel: the reply the peer receives.
+    // A channel: the reply the peer receives. The message itself is announced to operator
+    // connections only: it belongs to its conversation, not to a client token.
+    let operator = svc.token_named("operator", "op");
+    let mut o = ws(&svc, &operator);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{hook_port}")
         .parse()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -740,6 +746,15 @@ path = "/hook"
     });
     hidden("the channel reply", &got[0]);
     assert!(got[0].contains("ticket [REDACTED]"), "{}", got[0]);
+    let ev = o
+        .next_event("messages.inbound", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the operator got no messages.inbound"));
+    assert_eq!(ev["params"]["id"], "m-1", "{ev}");
+    assert!(
+        c.next_event("messages.inbound", Duration::from_secs(1))
+            .is_none(),
+        "a client token was shown a channel's message"
+    );
 
     // The redactions are audited (never the text).
     let audit = fs::read_to_string(svc.state_dir().join("audit.log")).unwrap_or_default();
