@@ -8,7 +8,6 @@
 //! CARAPACE_ALLOW_SKIP=1, and fails when Chromium or chromedriver are missing.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,39 +40,7 @@ fn artifacts() -> PathBuf {
 /// The default policy, with the fake model's address and API key in the gateway profile's
 /// broker section, and an outbound channel whose allowlist names only `#ops`.
 fn console_policy(dir: &Path, llm_port: u16) -> String {
-    let key = dir.join("llm.key");
-    fs::write(&key, "sk-test-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
-    let outbox = dir.join("outbox.log");
-    let base = default_policy_text();
-    let broker_header = "[profiles.gateway.broker]\n";
-    assert!(
-        base.contains(broker_header),
-        "the default policy changed shape"
-    );
-    let base = base.replacen(
-        broker_header,
-        &format!(
-            "{broker_header}connect = [{{ host = \"127.0.0.1\", port = {llm_port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"]\nchannels = [\"outbox\"]\n"
-        ),
-        1,
-    );
-    format!(
-        r##"{base}
-
-[secrets.llm_key]
-why = "test: the fake model's API key"
-file = "{key}"
-
-[channels.outbox]
-why = "test: outbound messages, kept in a file"
-kind = "file"
-path = "{outbox}"
-recipients = ["#ops"]
-"##,
-        key = key.display(),
-        outbox = outbox.display(),
-    )
+    carapace_tests::agent::policy_with_outbox(dir, llm_port, carapace_tests::agent::TEST_KEY)
 }
 
 fn agent_config(llm_port: u16) -> String {

@@ -7,11 +7,11 @@
 //! CARAPACE_ALLOW_SKIP=1.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use carapace_tests::agent::{config as agent_config, ws};
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
 use carapace_tests::rpc::{Frame, RpcClient, WaitError};
 use carapace_tests::service::{http, http_bearer, http_with, Service, StartOpts};
@@ -22,51 +22,13 @@ use serde_json::{json, Value};
 /// outright), and in the gateway profile's broker section the fake model's address, its API
 /// key and an outbound channel whose allowlist names only `#ops`.
 fn agent_policy(dir: &Path, llm_port: u16) -> String {
-    let key = dir.join("llm.key");
-    fs::write(&key, "sk-test-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
-    let outbox = dir.join("outbox.log");
-    let base = insert_before_first_exec(
-        &default_policy_text(),
+    insert_before_first_exec(
+        &carapace_tests::agent::policy_with_outbox(dir, llm_port, carapace_tests::agent::TEST_KEY),
         r#"[[exec]]
 why = "test: a program the policy refuses without asking"
 program = "/usr/bin/dd"
 approval = "deny"
 "#,
-    );
-    let broker_header = "[profiles.gateway.broker]\n";
-    assert!(
-        base.contains(broker_header),
-        "the default policy changed shape"
-    );
-    let base = base.replacen(
-        broker_header,
-        &format!(
-            "{broker_header}connect = [{{ host = \"127.0.0.1\", port = {llm_port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"]\nchannels = [\"outbox\"]\n"
-        ),
-        1,
-    );
-    format!(
-        r##"{base}
-
-[secrets.llm_key]
-why = "test: the fake model's API key"
-file = "{key}"
-
-[channels.outbox]
-why = "test: outbound messages, kept in a file"
-kind = "file"
-path = "{outbox}"
-recipients = ["#ops"]
-"##,
-        key = key.display(),
-        outbox = outbox.display(),
-    )
-}
-
-fn agent_config(llm_port: u16, extra: &str) -> String {
-    format!(
-        "[gateway.agent]\nbase_url = \"http://127.0.0.1:{llm_port}/v1\"\nmodel = \"fake-model\"\napi_key_secret = \"llm_key\"\n{extra}"
     )
 }
 
@@ -82,13 +44,6 @@ fn revoke(svc: &Service, name: &str) {
 
 fn start_plain() -> Option<Service> {
     privileged().then(|| Service::start(""))
-}
-
-fn ws(svc: &Service, token: &str) -> RpcClient {
-    let mut c = RpcClient::connect(svc.addr, Some(token))
-        .unwrap_or_else(|e| panic!("websocket connect: {e}\n{}", svc.log_text()));
-    c.set_timeout(Duration::from_secs(60));
-    c
 }
 
 /// Host pid of the program in the sandbox of the gateway child (its init's child).

@@ -8,10 +8,10 @@
 //! CARAPACE_ALLOW_SKIP=1.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
+use carapace_tests::agent::{config as agent_config, ws};
 use carapace_tests::fake_llm::{FakeLlm, RecordedRequest, Scripted};
 use carapace_tests::rpc::RpcClient;
 use carapace_tests::service::{http_bearer, Service, StartOpts};
@@ -21,42 +21,7 @@ use serde_json::{json, Value};
 /// The default policy with the fake model's address, its API key and an outbound channel
 /// `outbox` (a file, recipients `#ops` only) in the gateway profile.
 fn agent_policy(dir: &Path, llm_port: u16) -> String {
-    let key = dir.join("llm.key");
-    fs::write(&key, "sk-test-memjobs\n").unwrap_or_else(|e| panic!("{e}"));
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
-    let base = default_policy_text();
-    let broker_header = "[profiles.gateway.broker]\n";
-    assert!(
-        base.contains(broker_header),
-        "the default policy changed shape"
-    );
-    let base = base.replacen(
-        broker_header,
-        &format!(
-            "{broker_header}connect = [{{ host = \"127.0.0.1\", port = {llm_port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"]\nchannels = [\"outbox\"]\n"
-        ),
-        1,
-    );
-    format!(
-        "{base}\n[secrets.llm_key]\nwhy = \"test: the fake model's API key\"\nfile = \"{}\"\n\n\
-         [channels.outbox]\nwhy = \"test: outbound messages, kept in a file\"\nkind = \"file\"\n\
-         path = \"{}\"\nrecipients = [\"#ops\"]\n",
-        key.display(),
-        dir.join("outbox.log").display()
-    )
-}
-
-fn agent_config(llm_port: u16, extra: &str) -> String {
-    format!(
-        "[gateway.agent]\nbase_url = \"http://127.0.0.1:{llm_port}/v1\"\nmodel = \"fake-model\"\napi_key_secret = \"llm_key\"\n{extra}"
-    )
-}
-
-fn ws(svc: &Service, token: &str) -> RpcClient {
-    let mut c = RpcClient::connect(svc.addr, Some(token))
-        .unwrap_or_else(|e| panic!("websocket connect: {e}\n{}", svc.log_text()));
-    c.set_timeout(Duration::from_secs(60));
-    c
+    carapace_tests::agent::policy_with_outbox(dir, llm_port, "sk-test-memjobs")
 }
 
 /// Every message's text content of a request the model received, in order.

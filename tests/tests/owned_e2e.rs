@@ -11,6 +11,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
+use carapace_tests::agent::{config as agent_config, ws};
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
 use carapace_tests::rpc::RpcClient;
 use carapace_tests::service::{http_bearer, Service, StartOpts};
@@ -23,44 +24,7 @@ const LLM_KEY: &str = "sk-test-0123456789abcdef";
 /// The default policy with, in the gateway profile's broker section, the fake model's address
 /// and its API key, and `extra_broker` after them.
 fn agent_policy(dir: &Path, llm_port: u16, extra_broker: &str) -> String {
-    let key = dir.join("llm.key");
-    fs::write(&key, format!("{LLM_KEY}\n")).unwrap_or_else(|e| panic!("{e}"));
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
-    let base = default_policy_text();
-    let broker_header = "[profiles.gateway.broker]\n";
-    assert!(
-        base.contains(broker_header),
-        "the default policy changed shape"
-    );
-    let base = base.replacen(
-        broker_header,
-        &format!(
-            "{broker_header}connect = [{{ host = \"127.0.0.1\", port = {llm_port}, allow_private = true, why = \"test: the fake model\" }}]\nsecrets = [\"llm_key\"]\n{extra_broker}"
-        ),
-        1,
-    );
-    format!(
-        r##"{base}
-
-[secrets.llm_key]
-why = "test: the fake model's API key"
-file = "{key}"
-"##,
-        key = key.display(),
-    )
-}
-
-fn agent_config(llm_port: u16, extra: &str) -> String {
-    format!(
-        "[gateway.agent]\nbase_url = \"http://127.0.0.1:{llm_port}/v1\"\nmodel = \"fake-model\"\napi_key_secret = \"llm_key\"\n{extra}"
-    )
-}
-
-fn ws(svc: &Service, token: &str) -> RpcClient {
-    let mut c = RpcClient::connect(svc.addr, Some(token))
-        .unwrap_or_else(|e| panic!("websocket connect: {e}\n{}", svc.log_text()));
-    c.set_timeout(Duration::from_secs(60));
-    c
+    carapace_tests::agent::policy(dir, llm_port, LLM_KEY, extra_broker)
 }
 
 fn session_names(v: &Value) -> Vec<String> {

@@ -6,17 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use carapace_tests::agent::ws;
 use carapace_tests::rpc::{RpcClient, RpcOutcome};
 use carapace_tests::service::{Service, StartOpts};
 use carapace_tests::*;
 use serde_json::{json, Value};
-
-fn ws(svc: &Service, token: &str) -> RpcClient {
-    let mut c = RpcClient::connect(svc.addr, Some(token))
-        .unwrap_or_else(|e| panic!("websocket connect: {e}\n{}", svc.log_text()));
-    c.set_timeout(Duration::from_secs(60));
-    c
-}
 
 /// The shell's canonical path (what `[[exec]]` rules match).
 fn shell() -> PathBuf {

@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::audit::{AuditDecision, RuleRef};
 use crate::durable::{JournalError, Spool, SpoolError};
 use crate::protocol::{
-    encode_reply, DeliverStatus, ErrorCode, HeldMessage, InboundMessage, OkReply, Reply,
-    MAX_APPROVE_BY, MAX_FRAME,
+    encode_reply, DeliverStatus, ErrorCode, HeldMessage, InboundMessage, OkReply, Reply, MAX_FRAME,
 };
 use crate::server::{Identity, Response};
 
@@ -281,55 +280,12 @@ impl Ops {
         self.held.remove(id).map_err(|e| e.to_string())
     }
 
-    /// The `held`, `admit` and `drop_held` checks: the profile has `approve = true` and `by`
-    /// is acceptable. Err: the refusal to send.
-    async fn held_allowed(
-        &self,
-        who: &Identity,
-        op: &'static str,
-        target: &str,
-        by: Option<&str>,
-    ) -> Result<(), Response> {
-        let rules = self.rules_for(who, op, target).await?;
-        if !rules.approve {
-            return Err(self
-                .refuse(
-                    who,
-                    Audited::refused(
-                        op,
-                        target,
-                        AuditDecision::Deny,
-                        "the profile may not handle held messages",
-                    ),
-                    ErrorCode::Denied,
-                    format!(
-                        "{op}: profile `{}` may not handle held messages",
-                        who.profile
-                    ),
-                )
-                .await);
-        }
-        if let Some(b) = by {
-            if b.chars().count() > MAX_APPROVE_BY || b.chars().any(char::is_control) {
-                return Err(self
-                    .refuse(
-                        who,
-                        Audited::refused(op, target, AuditDecision::Error, "bad `by`"),
-                        ErrorCode::BadRequest,
-                        format!(
-                            "{op}: `by` must be at most {MAX_APPROVE_BY} characters without \
-                             control characters"
-                        ),
-                    )
-                    .await);
-            }
-        }
-        Ok(())
-    }
-
     /// The `held` operation: the held messages, oldest first, as many as fit in one frame.
     pub async fn held_op(&self, who: &Identity) -> Response {
-        if let Err(resp) = self.held_allowed(who, "held", "held messages", None).await {
+        if let Err(resp) = self
+            .operator_allowed(who, "held", "held messages", None)
+            .await
+        {
             return resp;
         }
         let all = self.held_messages();
@@ -367,7 +323,7 @@ impl Ops {
         let found = self.held.get(id);
         let target = found.as_ref().map_or_else(|| shown(id), target_of);
         if let Err(resp) = self
-            .held_allowed(who, "admit", &target, by.as_deref())
+            .operator_allowed(who, "admit", &target, by.as_deref())
             .await
         {
             return resp;
@@ -427,7 +383,7 @@ impl Ops {
         let found = self.held.get(id);
         let target = found.as_ref().map_or_else(|| shown(id), target_of);
         if let Err(resp) = self
-            .held_allowed(who, "drop_held", &target, by.as_deref())
+            .operator_allowed(who, "drop_held", &target, by.as_deref())
             .await
         {
             return resp;

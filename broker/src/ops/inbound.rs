@@ -357,6 +357,26 @@ pub fn bad_ref(v: &str) -> Option<&'static str> {
 }
 
 impl Ops {
+    /// The answer to a delivery whose message id was already taken (a redelivery): audited as
+    /// a duplicate, nothing queued.
+    pub(super) async fn duplicate_delivery(
+        &self,
+        who: &Identity,
+        audited: Audited<'_>,
+    ) -> Response {
+        match self.audit(who, audited).await {
+            Ok(()) => Response::ok(OkReply::Deliver {
+                seq: 0,
+                status: DeliverStatus::Duplicate,
+                held: None,
+            }),
+            Err(_) => Response::err(
+                ErrorCode::Unavailable,
+                "the audit log cannot be written: request refused",
+            ),
+        }
+    }
+
     /// The `deliver` operation without the optional fields.
     pub async fn deliver(
         &self,
@@ -486,25 +506,14 @@ impl Ops {
                 .await;
             }
             Err(_) => {
-                return match self
-                    .audit(
+                return self
+                    .duplicate_delivery(
                         who,
                         Audited::of("deliver", target)
                             .by(rref)
                             .allow("duplicate", format!("message id {id_shown} already taken")),
                     )
-                    .await
-                {
-                    Ok(()) => Response::ok(OkReply::Deliver {
-                        seq: 0,
-                        status: DeliverStatus::Duplicate,
-                        held: None,
-                    }),
-                    Err(_) => Response::err(
-                        ErrorCode::Unavailable,
-                        "the audit log cannot be written: request refused",
-                    ),
-                };
+                    .await;
             }
         };
         // Known secret values are not stored, wherever the message goes.

@@ -36,8 +36,9 @@ fn envelope(reply: OkReply) -> usize {
 }
 
 impl Ops {
-    /// The profile has `approve = true` and `by` is acceptable. Err: the refusal to send.
-    async fn operator_allowed(
+    /// The check of every operation done for the operator (these, the held messages'): the
+    /// profile has `approve = true` and `by` is acceptable. Err: the refusal to send.
+    pub(super) async fn operator_allowed(
         &self,
         who: &Identity,
         op: &'static str,

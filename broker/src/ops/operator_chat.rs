@@ -740,25 +740,14 @@ impl Ops {
                 )
             }
             Err(_) => {
-                return match self
-                    .audit(
+                return self
+                    .duplicate_delivery(
                         who,
                         Audited::of("operator_answer", target)
                             .by(rule)
                             .allow("duplicate", format!("{words:?}: message id already taken")),
                     )
-                    .await
-                {
-                    Ok(()) => Response::ok(OkReply::Deliver {
-                        seq: 0,
-                        status: DeliverStatus::Duplicate,
-                        held: None,
-                    }),
-                    Err(_) => Response::err(
-                        ErrorCode::Unavailable,
-                        "the audit log cannot be written: request refused",
-                    ),
-                };
+                    .await;
             }
         };
         let ctx = Arc::new(self.desk_ctx());
