@@ -247,7 +247,7 @@ password_secret = "bot"
     assert_eq!(wiring(irc, &with("alice")), Wiring::default());
     for (bad, why) in [
         ("Alice", "IRC lower case"),
-        ("al[ce]", "IRC lower case"),
+        ("al~ce", "IRC lower case"),
         ("#chan", "not an IRC nick"),
         ("a b", "not an IRC nick"),
         ("unidentified:alice", "without an account"),
