@@ -19,10 +19,12 @@
 //!
 //! Outbound: `PRIVMSG recipient :piece`, one piece per line of the answer, a long line cut so the
 //! line the server relays (`:nick!user@host PRIVMSG target :piece` CR LF) fits 512 bytes. After
-//! the pieces a `PING` with a fresh token: its `PONG` confirms the server processed them, an
-//! error numeric before it (401 no such nick, 404 cannot send to channel, ...) refuses the
-//! message, `263` (try again) or a flood `ERROR` is a rate limit. Lines are paced (a burst of
-//! [`BURST`], then one per [`PACE`]).
+//! each piece a `PING` with a fresh token: its `PONG` confirms the server processed the piece,
+//! an error numeric before it (401 no such nick, 404 cannot send to channel, ...) refuses the
+//! message, `263` (try again) or a flood `ERROR` is a rate limit (IRC says no duration: the
+//! adapter pauses [`THROTTLE_WAIT`]). A retry resumes at the first piece not confirmed. IRC has
+//! no idempotency: a piece whose confirmation was lost with the connection is sent again. Lines
+//! are paced (a burst of [`BURST`], then one per [`PACE`]).
 //!
 //! The connection is kept alive with `PING` when the server is quiet and answers the server's
 //! `PING`; after any drop it is opened again with backoff (1 s doubling to 60 s).
@@ -348,7 +350,8 @@ impl Writer {
 struct Outgoing {
     target: String,
     pieces: Vec<String>,
-    done: oneshot::Sender<Result<(), ServiceError>>,
+    /// Ok, or the pieces the server confirmed before the failure.
+    done: oneshot::Sender<Result<(), (usize, ServiceError)>>,
 }
 
 /// What the connection and the outlet share.
@@ -376,7 +379,12 @@ impl Link {
 pub struct IrcOutlet {
     link: Arc<Link>,
     user: String,
+    /// Outbox id → pieces the server confirmed (a retry resumes after them).
+    progress: Mutex<std::collections::HashMap<String, usize>>,
 }
+
+/// Messages whose progress is remembered at once.
+const REMEMBERED: usize = 1024;
 
 impl std::fmt::Debug for IrcOutlet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -415,10 +423,12 @@ impl Outlet for IrcOutlet {
                 "not connected to the IRC server",
             ));
         };
+        let start = lock(&self.progress).get(&msg.id).copied().unwrap_or(0);
+        let total = pieces.len();
         let (done, rx) = oneshot::channel();
         let out = Outgoing {
             target: target.to_string(),
-            pieces,
+            pieces: pieces.into_iter().skip(start).collect(),
             done,
         };
         let lost = || {
@@ -428,7 +438,29 @@ impl Outlet for IrcOutlet {
             )
         };
         tx.send(out).await.map_err(|_| lost())?;
-        rx.await.map_err(|_| lost())?.map(|()| None)
+        let result = rx.await.unwrap_or_else(|_| Err((0, lost())));
+        let mut progress = lock(&self.progress);
+        match result {
+            Ok(()) => {
+                progress.remove(&msg.id);
+                Ok(None)
+            }
+            Err((confirmed, mut e)) => {
+                if e.retry() && start + confirmed > 0 {
+                    if progress.len() >= REMEMBERED && !progress.contains_key(&msg.id) {
+                        progress.clear();
+                    }
+                    progress.insert(msg.id.clone(), start + confirmed);
+                } else {
+                    progress.remove(&msg.id);
+                }
+                if total > 1 {
+                    e.message =
+                        format!("piece {} of {total}: {}", start + confirmed + 1, e.message);
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -745,12 +777,49 @@ async fn connection<D: Dial, B: BrokerApi>(
     }
 }
 
-/// A sent message waiting for its `PONG`.
+/// A message being sent: one piece at a time, each confirmed by the `PONG` to a `PING` after it.
 struct Pending {
+    out: Outgoing,
+    /// The piece waiting for its confirmation.
+    index: usize,
     token: String,
-    done: oneshot::Sender<Result<(), ServiceError>>,
     failure: Option<ServiceError>,
     deadline: tokio::time::Instant,
+}
+
+impl Pending {
+    fn fail(self, e: ServiceError) {
+        let _ = self.out.done.send(Err((self.index, e)));
+    }
+}
+
+/// Send piece `index` of `out` and the `PING` that confirms it.
+async fn send_piece(
+    s: &mut Session<'_>,
+    out: Outgoing,
+    index: usize,
+    confirm_seq: &AtomicU64,
+) -> Result<Pending, ServiceError> {
+    let token = format!("carapace-{}", confirm_seq.fetch_add(1, Ordering::Relaxed));
+    let line = format!("PRIVMSG {} :{}", out.target, out.pieces[index]);
+    let mut r = s.send(&line).await;
+    if r.is_ok() {
+        r = s.send(&format!("PING :{token}")).await;
+    }
+    let p = Pending {
+        out,
+        index,
+        token,
+        failure: None,
+        deadline: tokio::time::Instant::now() + CONFIRM_TIMEOUT,
+    };
+    match r {
+        Ok(()) => Ok(p),
+        Err(e) => {
+            p.fail(e.clone());
+            Err(e)
+        }
+    }
 }
 
 async fn run_connection<B: BrokerApi>(
@@ -810,9 +879,17 @@ async fn run_connection<B: BrokerApi>(
                 };
                 if let Some(p) = pending.as_mut() {
                     if m.command == "PONG" && m.params.last().is_some_and(|t| *t == p.token) {
-                        if let Some(p) = pending.take() {
-                            let r = p.failure.map_or(Ok(()), Err);
-                            let _ = p.done.send(r);
+                        if let Some(mut p) = pending.take() {
+                            if let Some(f) = p.failure.take() {
+                                p.fail(f);
+                            } else if p.index + 1 == p.out.pieces.len() {
+                                let _ = p.out.done.send(Ok(()));
+                            } else {
+                                match send_piece(s, p.out, p.index + 1, confirm_seq).await {
+                                    Ok(next) => pending = Some(next),
+                                    Err(e) => return e,
+                                }
+                            }
                         }
                         continue;
                     }
@@ -824,7 +901,7 @@ async fn run_connection<B: BrokerApi>(
                 let cursor = lock(since).clone();
                 if let Err(e) = s.handle(&m, queue, &cursor).await {
                     if let Some(p) = pending.take() {
-                        let _ = p.done.send(Err(e.clone()));
+                        p.fail(e.clone());
                     }
                     return e;
                 }
@@ -834,35 +911,19 @@ async fn run_connection<B: BrokerApi>(
                 }
             }
             Some(out) = out_rx.recv(), if s.registered && pending.is_none() => {
-                let mut result = Ok(());
-                for piece in &out.pieces {
-                    let line = format!("PRIVMSG {} :{piece}", out.target);
-                    if let Err(e) = s.send(&line).await {
-                        result = Err(e);
-                        break;
-                    }
+                if out.pieces.is_empty() {
+                    let _ = out.done.send(Ok(()));
+                    continue;
                 }
-                let token = format!("carapace-{}", confirm_seq.fetch_add(1, Ordering::Relaxed));
-                if result.is_ok() {
-                    result = s.send(&format!("PING :{token}")).await;
-                }
-                match result {
-                    Ok(()) => pending = Some(Pending {
-                        token,
-                        done: out.done,
-                        failure: None,
-                        deadline: tokio::time::Instant::now() + CONFIRM_TIMEOUT,
-                    }),
-                    Err(e) => {
-                        let _ = out.done.send(Err(e.clone()));
-                        return e;
-                    }
+                match send_piece(s, out, 0, confirm_seq).await {
+                    Ok(p) => pending = Some(p),
+                    Err(e) => return e,
                 }
             }
             () = tokio::time::sleep_until(confirm_by) => {
                 if let Some(p) = pending.take() {
                     let e = unreachable("the IRC server did not confirm the message in time");
-                    let _ = p.done.send(Err(e.clone()));
+                    p.fail(e.clone());
                     return e;
                 }
             }
@@ -941,6 +1002,7 @@ pub async fn run_with<D: Dial, B: BrokerApi>(ctx: &Ctx<B>, dial: D, cfg: IrcConf
     let outlet = IrcOutlet {
         link: link.clone(),
         user: cfg.user.clone(),
+        progress: Mutex::new(std::collections::HashMap::new()),
     };
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::join!(

@@ -56,6 +56,7 @@ struct State {
     registered: usize,
     sasl_results: Vec<bool>,
     throttle: u32,
+    throttle_skip: u32,
     nick: String,
 }
 
@@ -117,7 +118,14 @@ impl FakeIrc {
 
     /// Answer the next `n` `PRIVMSG`s with `263` instead of taking them.
     pub fn throttle(&self, n: u32) {
-        lock(&self.state).throttle = n;
+        self.throttle_after(0, n);
+    }
+
+    /// Take the next `skip` `PRIVMSG`s, then answer `n` with `263`.
+    pub fn throttle_after(&self, skip: u32, n: u32) {
+        let mut st = lock(&self.state);
+        st.throttle_skip = skip;
+        st.throttle = n;
     }
 
     /// Write `line` (CR LF added) to the connected client.
@@ -259,7 +267,10 @@ fn serve(conn: TcpStream, st: &Mutex<State>, opts: &FakeIrcOpts) {
             "JOIN" => out(&mut w, format!(":{me}!{me}@{HOST} JOIN {}", arg(1))),
             "PRIVMSG" => {
                 let mut s = lock(st);
-                if s.throttle > 0 {
+                if s.throttle_skip > 0 {
+                    s.throttle_skip -= 1;
+                    s.sent.push((arg(1).to_string(), arg(2).to_string()));
+                } else if s.throttle > 0 {
                     s.throttle -= 1;
                     drop(s);
                     out(&mut w, format!(":{SERVER} 263 {me} PRIVMSG :Server load is temporarily too heavy. Please wait a while and try again."));

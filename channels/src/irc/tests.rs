@@ -6,7 +6,7 @@ use carapace_tests::irc_fake::{FakeIrc, FakeIrcOpts, HOST};
 use super::*;
 use crate::broker::fake::FakeBroker;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 fn msg(line: &str) -> Message {
     parse_line(line).unwrap_or_else(|e| panic!("{line}: {e}"))
@@ -310,14 +310,38 @@ async fn sasl_registration_delivery_malformed_lines_and_sending() {
         "{:?}",
         r.broker.st().acks
     );
+    // Throttled at its second piece: the retry resumes there, nothing is sent twice.
+    fake.throttle_after(1, 1);
+    let before = fake.sent().len();
+    r.broker
+        .st()
+        .outbox
+        .push_back(outbound("o4", "#room", "first\nsecond\nthird"));
+    until("the third ack", || r.broker.st().acks.len() == 3).await;
+    assert!(
+        matches!(&r.broker.st().acks[2].1, SendOutcome::Failed { retry: true, error } if error.contains("piece 2 of 3")),
+        "{:?}",
+        r.broker.st().acks
+    );
+    r.broker
+        .st()
+        .outbox
+        .push_back(outbound("o4", "#room", "first\nsecond\nthird"));
+    until("the fourth ack", || r.broker.st().acks.len() == 4).await;
+    assert!(matches!(&r.broker.st().acks[3].1, SendOutcome::Sent { .. }));
+    let texts: Vec<String> = fake.sent()[before..]
+        .iter()
+        .map(|(_, t)| t.clone())
+        .collect();
+    assert_eq!(texts, ["first", "second", "third"]);
     // An empty answer is refused for good, nothing sent.
     r.broker
         .st()
         .outbox
         .push_back(outbound("o3", "#room", " \n "));
-    until("the third ack", || r.broker.st().acks.len() == 3).await;
+    until("the last ack", || r.broker.st().acks.len() == 5).await;
     assert!(matches!(
-        &r.broker.st().acks[2].1,
+        &r.broker.st().acks[4].1,
         SendOutcome::Failed { retry: false, .. }
     ));
     r.task.abort();
