@@ -551,11 +551,9 @@ impl Session<'_> {
                     ),
                 ))
             }
-            "421" if m.param(1).eq_ignore_ascii_case("CAP") => {
-                // A server without capability negotiation.
-                if self.cfg.sasl.is_some() {
-                    return Err(no_sasl());
-                }
+            // A server without capability negotiation, and SASL is required.
+            "421" if m.param(1).eq_ignore_ascii_case("CAP") && self.cfg.sasl.is_some() => {
+                return Err(no_sasl());
             }
             "433" | "432" | "436" | "437" if !self.registered => {
                 self.nick_tries += 1;

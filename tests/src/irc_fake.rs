@@ -74,8 +74,11 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl FakeIrc {
     /// Listen on a loopback port and serve one client at a time.
     pub fn start(opts: FakeIrcOpts) -> FakeIrc {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake IRC server");
-        let addr = listener.local_addr().expect("its address");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("bind the fake IRC server: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("its address: {e}"));
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();
         std::thread::spawn(move || {

@@ -28,8 +28,10 @@ pub struct Ngircd {
 }
 
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    l.local_addr().expect("its address").port()
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("a free port: {e}"));
+    l.local_addr()
+        .unwrap_or_else(|e| panic!("its address: {e}"))
+        .port()
 }
 
 impl Ngircd {
@@ -37,7 +39,7 @@ impl Ngircd {
     pub fn start() -> Ngircd {
         let dir = crate::var_tmpdir("carapace-ngircd-");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
-            .expect("chmod the ngircd directory");
+            .unwrap_or_else(|e| panic!("chmod the ngircd directory: {e}"));
         let port = free_port();
         let conf = dir.path().join("ngircd.conf");
         std::fs::write(
@@ -54,17 +56,20 @@ impl Ngircd {
                 pid = dir.path().join("ngircd.pid").display(),
             ),
         )
-        .expect("write the ngircd configuration");
-        let log = std::fs::File::create(dir.path().join("ngircd.log")).expect("the ngircd log");
+        .unwrap_or_else(|e| panic!("write the ngircd configuration: {e}"));
+        let log = std::fs::File::create(dir.path().join("ngircd.log"))
+            .unwrap_or_else(|e| panic!("the ngircd log: {e}"));
         let child = Command::new("ngircd")
             .arg("-n")
             .arg("-f")
             .arg(&conf)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("the log"))
+            .stdout(log.try_clone().unwrap_or_else(|e| panic!("the log: {e}")))
             .stderr(log)
             .spawn()
-            .expect("start ngircd (apt-get install ngircd; .ci/test installs it)");
+            .unwrap_or_else(|e| {
+                panic!("start ngircd (apt-get install ngircd; .ci/test installs it): {e}")
+            });
         let s = Ngircd { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -116,10 +121,15 @@ pub struct IrcClient {
 impl IrcClient {
     /// Connect as `nick` and wait for the welcome.
     pub fn connect(port: u16, nick: &str) -> IrcClient {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the IRC server");
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("connect to the IRC server: {e}"));
         let got = Arc::new(Mutex::new(Vec::<Received>::new()));
-        let reader = stream.try_clone().expect("clone the socket");
-        let mut writer = stream.try_clone().expect("clone the socket");
+        let reader = stream
+            .try_clone()
+            .unwrap_or_else(|e| panic!("clone the socket: {e}"));
+        let mut writer = stream
+            .try_clone()
+            .unwrap_or_else(|e| panic!("clone the socket: {e}"));
         let g = got.clone();
         std::thread::spawn(move || {
             let mut r = BufReader::new(reader);
@@ -173,7 +183,7 @@ impl IrcClient {
     pub fn send(&self, line: &str) {
         (&self.stream)
             .write_all(format!("{line}\r\n").as_bytes())
-            .expect("write to the IRC server");
+            .unwrap_or_else(|e| panic!("write to the IRC server: {e}"));
     }
 
     /// Join `channel` and wait until the server says so.

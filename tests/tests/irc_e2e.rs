@@ -293,7 +293,7 @@ fn irc_sasl_malformed_lines_and_a_rate_limit_reply_are_handled() {
     fake.wait(Duration::from_secs(30), "registration", |f| {
         f.registered() >= 1
     });
-    assert_eq!(fake.sasl_results()[0], true, "{:?}", fake.lines());
+    assert_eq!(fake.sasl_results(), [true], "{:?}", fake.lines());
     fake.wait(Duration::from_secs(10), "the JOIN", |f| {
         f.lines().iter().any(|l| l == &format!("JOIN {CHANNEL}"))
     });
