@@ -398,6 +398,43 @@ mod tests {
     }
 
     #[test]
+    fn irc_with_defaults_and_refusals() {
+        let s = Settings::from_json(
+            r##"{"channel":"irc","kind":"irc","server":"irc.libera.chat:6697","nick":"bot","channels":["#room"]}"##,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let KindSettings::Irc(i) = &s.kind else {
+            panic!("{s:?}")
+        };
+        assert_eq!(i.security, Security::Tls);
+        assert_eq!(i.identity, crate::irc::Identity::Nick);
+        assert_eq!(i.channel_messages, crate::irc::ChannelMessages::Mentions);
+        assert_eq!(
+            (i.realname.as_str(), i.password_secret.as_deref()),
+            ("carapace", None)
+        );
+        assert_eq!(s.kind.name(), "irc");
+        for bad in [
+            r#"{"channel":"i","kind":"irc","nick":"bot"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"a b"}"#,
+            r##"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"#bot"}"##,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","security":"plain"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","security":"starttls"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","channels":["room"]}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","identity":"x"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","password_secret":""}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example","nick":"b"}"#,
+        ] {
+            assert!(Settings::from_json(bad).is_err(), "{bad}");
+        }
+        assert!(Settings::from_json(
+            r#"{"channel":"i","kind":"irc","server":"127.0.0.1:6667","nick":"b","security":"plain"}"#
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn refused() {
         for bad in [
             "",
