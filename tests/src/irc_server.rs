@@ -24,6 +24,8 @@ pub const OPER_PASSWORD: &str = "oper-password";
 pub struct Ngircd {
     child: Child,
     port: u16,
+    /// The TLS port, when started with a certificate.
+    pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
 }
 
@@ -37,11 +39,34 @@ fn free_port() -> u16 {
 impl Ngircd {
     /// Start ngircd and wait until it accepts connections.
     pub fn start() -> Ngircd {
+        Ngircd::start_with(None)
+    }
+
+    /// Start ngircd with a TLS port too, serving `cert_pem` with `key_pem`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Ngircd {
+        Ngircd::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Ngircd {
         let dir = crate::var_tmpdir("carapace-ngircd-");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
             .unwrap_or_else(|e| panic!("chmod the ngircd directory: {e}"));
         let port = free_port();
         let conf = dir.path().join("ngircd.conf");
+        let mut ssl = String::new();
+        let mut tls_port = None;
+        if let Some((cert, key)) = tls {
+            let p = free_port();
+            let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&c, cert).unwrap_or_else(|e| panic!("write the certificate: {e}"));
+            std::fs::write(&k, key).unwrap_or_else(|e| panic!("write the key: {e}"));
+            ssl = format!(
+                "[SSL]\nCertFile = {}\nKeyFile = {}\nPorts = {p}\n",
+                c.display(),
+                k.display()
+            );
+            tls_port = Some(p);
+        }
         std::fs::write(
             &conf,
             format!(
@@ -52,7 +77,7 @@ impl Ngircd {
                  [Limits]\nPingTimeout = 120\nPongTimeout = 20\nMaxConnectionsIP = 0\n\
                  [Options]\nPAM = no\nIdent = no\nDNS = no\n\
                  [Operator]\nName = {OPER}\nPassword = {OPER_PASSWORD}\n\
-                 [Channel]\nName = {CHANNEL}\nModes = tn\n",
+                 [Channel]\nName = {CHANNEL}\nModes = tn\n{ssl}",
                 pid = dir.path().join("ngircd.pid").display(),
             ),
         )
@@ -70,9 +95,16 @@ impl Ngircd {
             .unwrap_or_else(|e| {
                 panic!("start ngircd (apt-get install ngircd; .ci/test installs it): {e}")
             });
-        let s = Ngircd { child, port, dir };
+        let s = Ngircd {
+            child,
+            port,
+            tls_port,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", port)).is_err()
+            || tls_port.is_some_and(|p| TcpStream::connect(("127.0.0.1", p)).is_err())
+        {
             assert!(
                 Instant::now() < deadline,
                 "ngircd did not listen: {}",

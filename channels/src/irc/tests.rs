@@ -437,3 +437,104 @@ async fn a_wrong_sasl_password_or_no_sasl_is_an_error_not_a_plain_login() {
     assert_eq!(fake.registered(), 0);
     r.task.abort();
 }
+
+/// Connects to 127.0.0.1:port whatever the host (the TLS name stays the configured host).
+struct LoopDial(u16);
+
+impl Dial for LoopDial {
+    async fn dial(&self, _host: &str, _port: u16) -> Result<tokio::net::TcpStream, ServiceError> {
+        tokio::net::TcpStream::connect(("127.0.0.1", self.0))
+            .await
+            .map_err(|e| ServiceError::new(FailureKind::Unreachable, e.to_string()))
+    }
+}
+
+fn tls_cfg(host: &str, tls: Arc<rustls::ClientConfig>) -> IrcConfig {
+    IrcConfig {
+        host: host.into(),
+        port: 6697,
+        tls: Some(tls),
+        nick: "tlsbot".into(),
+        user: "tlsbot".into(),
+        realname: "carapace".into(),
+        channels: vec![carapace_tests::irc_server::CHANNEL.into()],
+        sasl: None,
+        identity: Identity::Nick,
+        channel_messages: ChannelMessages::Mentions,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_real_server_checks_the_certificate_and_the_name() {
+    use carapace_tests::irc_server::{IrcClient, Ngircd};
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["irc.carapace.test".to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::NoCa;
+    let cert = params.self_signed(&key).unwrap();
+    let server = Ngircd::start_tls(&cert.pem(), &key.serialize_pem());
+    let tls_port = server.tls_port.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let trusting = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let spawn = |cfg: IrcConfig| {
+        let broker = Arc::new(FakeBroker::default());
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Arc::new(Ctx::new(
+            "irc".into(),
+            dir.path().to_path_buf(),
+            broker.clone(),
+        ));
+        let task = tokio::spawn(async move { run_with(&ctx, LoopDial(tls_port), cfg).await });
+        (broker, dir, task)
+    };
+
+    // The right name on a certificate the roots vouch for: registered over TLS, and a message
+    // from a person on the plain port arrives through it.
+    let (broker, _dir, task) = spawn(tls_cfg("irc.carapace.test", trusting.clone()));
+    let alice = tokio::task::spawn_blocking({
+        let port = server.port();
+        move || IrcClient::connect(port, "alice")
+    })
+    .await
+    .unwrap();
+    until("connected over TLS", || {
+        broker.st().states.last().is_some_and(|s| s.0)
+    })
+    .await;
+    alice.privmsg("tlsbot", "over tls");
+    until("the delivery", || !broker.st().delivered.is_empty()).await;
+    assert_eq!(broker.st().delivered[0].text, "over tls");
+    assert_eq!(broker.st().delivered[0].sender, "alice");
+    task.abort();
+
+    // Another name, or roots that do not know the certificate: refused before registration.
+    for cfg in [
+        tls_cfg("other.carapace.test", trusting.clone()),
+        tls_cfg("irc.carapace.test", crate::net::tls_config().unwrap()),
+    ] {
+        let (broker, _dir, task) = spawn(cfg);
+        until("the TLS error", || {
+            broker
+                .st()
+                .states
+                .iter()
+                .any(|(c, e)| !c && e.as_deref().is_some_and(|e| e.contains("TLS")))
+        })
+        .await;
+        assert!(
+            broker.st().states.iter().all(|(c, _)| !c),
+            "{:?}",
+            broker.st().states
+        );
+        task.abort();
+    }
+    drop(alice);
+}
