@@ -732,8 +732,8 @@ url = "https://hooks.example.com/agent"
 
 #[test]
 fn channel_kind_errors_are_located() {
-    let e = errors("[channels.a]\nkind = \"irc\"\n");
-    assert!(has(&e, "2:8: unknown channel kind \"irc\""), "{e:?}");
+    let e = errors("[channels.a]\nkind = \"fax\"\n");
+    assert!(has(&e, "2:8: unknown channel kind \"fax\""), "{e:?}");
     let e = errors("[channels.a]\nkind = \"telegram\"\n");
     assert!(has(&e, "1:11: [channels.a] has no `token_secret`"), "{e:?}");
     let e = errors(
@@ -883,6 +883,19 @@ allow_non_loopback = false
 hmac_secret = "h"
 url = "https://hooks.example.com/x"
 path = "/hook"
+
+[channels.irc]
+kind = "irc"
+server = "irc.example.net:6697"
+security = "tls"
+nick = "agent"
+username = "agent"
+realname = "the agent"
+channels = ['#agent']
+password_secret = "irc_pw"
+sasl_username = "agent"
+identity = "account"
+channel_messages = "all"
 
 [[jobs]]
 name = "tick"
