@@ -17,12 +17,14 @@
 //! | [`telegram`] | the Telegram Bot API adapter |
 //! | [`email`] | the e-mail adapter: IMAP in, SMTP out |
 //! | [`webhook`] | the signed-webhook adapter |
+//! | [`irc`] | the IRC adapter |
 
 pub mod adapter;
 pub mod broker;
 pub mod cursor;
 pub mod email;
 pub mod http;
+pub mod irc;
 pub mod net;
 pub mod settings;
 pub mod telegram;
@@ -100,6 +102,7 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Telegram(s) => telegram::run(ctx, s).await,
         KindSettings::Webhook(s) => webhook::run(ctx, s).await,
         KindSettings::Email(s) => email::run(ctx, s).await,
+        KindSettings::Irc(s) => irc::run(ctx, s).await,
     }
 }
 
@@ -156,4 +159,29 @@ pub fn fuzz_input(data: &[u8]) {
         .collect();
     let all: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     assert_eq!(kept, all);
+}
+
+/// The IRC fuzz entry point (`fuzz/fuzz_targets/irc.rs`, corpus replayed by
+/// `channels/tests/irc_fuzz_corpus.rs`): server lines through the parser and what a PRIVMSG
+/// delivers. Nothing may panic; what is delivered must hold the broker's invariants.
+pub fn fuzz_irc_input(data: &[u8]) {
+    irc::proto::fuzz_line(data);
+    let text = String::from_utf8_lossy(data);
+    for line in text.split('\n') {
+        let Ok(m) = irc::proto::parse_line(line) else {
+            continue;
+        };
+        for identity in [irc::Identity::Nick, irc::Identity::Account] {
+            for cm in [irc::ChannelMessages::Mentions, irc::ChannelMessages::All] {
+                if let irc::Received::Deliver(i) =
+                    irc::inbound_of(&m, "bot", identity, cm, || "conn:0:1".into())
+                {
+                    assert!(!i.id.is_empty() && !i.sender.is_empty());
+                    assert!(!i.text.trim().is_empty());
+                    assert!(irc::proto::is_word(&i.reply_to));
+                    assert!(!i.sender.chars().any(char::is_control));
+                }
+            }
+        }
+    }
 }

@@ -57,6 +57,7 @@ pub enum KindSettings {
     Telegram(TelegramSettings),
     Email(EmailSettings),
     Webhook(WebhookSettings),
+    Irc(IrcSettings),
 }
 
 impl KindSettings {
@@ -66,6 +67,7 @@ impl KindSettings {
             KindSettings::Telegram(_) => "telegram",
             KindSettings::Email(_) => "email",
             KindSettings::Webhook(_) => "webhook",
+            KindSettings::Irc(_) => "irc",
         }
     }
 }
@@ -150,6 +152,52 @@ pub struct WebhookSettings {
 
 fn default_hook_path() -> String {
     "/hook".into()
+}
+
+/// `kind = "irc"`: one IRC client connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcSettings {
+    /// `host:port` of the IRC server.
+    pub server: String,
+    /// `tls`, or `plain` (loopback only).
+    #[serde(default = "default_irc_security")]
+    pub security: Security,
+    pub nick: String,
+    /// The USER name (the nick unless told).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default = "default_realname")]
+    pub realname: String,
+    /// Channels joined after registration.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// The policy secret holding the SASL PLAIN password; None: no SASL.
+    #[serde(default)]
+    pub password_secret: Option<String>,
+    /// The SASL account (the nick unless told).
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    #[serde(default = "default_identity")]
+    pub identity: crate::irc::Identity,
+    #[serde(default = "default_channel_messages")]
+    pub channel_messages: crate::irc::ChannelMessages,
+}
+
+fn default_irc_security() -> Security {
+    Security::Tls
+}
+
+fn default_realname() -> String {
+    "carapace".into()
+}
+
+fn default_identity() -> crate::irc::Identity {
+    crate::irc::Identity::Nick
+}
+
+fn default_channel_messages() -> crate::irc::ChannelMessages {
+    crate::irc::ChannelMessages::Mentions
 }
 
 impl Settings {
@@ -243,6 +291,54 @@ impl Settings {
                     ));
                 }
             }
+            KindSettings::Irc(i) => {
+                if let Some(p) = &i.password_secret {
+                    secret("password_secret", p)?;
+                }
+                let (host, _) = crate::email::host_port("server", &i.server)
+                    .map_err(|e| invalid("server", e.to_string()))?;
+                match i.security {
+                    Security::Tls => {}
+                    Security::Starttls => {
+                        return Err(invalid(
+                            "security",
+                            "\"tls\" or \"plain\" (IRC has no STARTTLS here)",
+                        ))
+                    }
+                    Security::Plain if !crate::net::is_loopback(&host) => {
+                        return Err(invalid("security", "\"plain\" only to a loopback server"))
+                    }
+                    Security::Plain => {}
+                }
+                let word = |field: &'static str, v: &str| {
+                    if crate::irc::proto::is_word(v) && !crate::irc::proto::is_channel(v) {
+                        Ok(())
+                    } else {
+                        Err(invalid(field, format!("{:?} is not an IRC name", shown(v))))
+                    }
+                };
+                word("nick", &i.nick)?;
+                if let Some(u) = &i.username {
+                    word("username", u)?;
+                }
+                if let Some(u) = &i.sasl_username {
+                    word("sasl_username", u)?;
+                }
+                if i.realname.is_empty()
+                    || i.realname.len() > 100
+                    || i.realname.chars().any(char::is_control)
+                {
+                    return Err(invalid("realname", "1..=100 printable characters"));
+                }
+                for c in &i.channels {
+                    if !crate::irc::proto::is_word(c) || !crate::irc::proto::is_channel(c) {
+                        return Err(invalid(
+                            "channels",
+                            format!("{:?} is not a channel name (#name)", shown(c)),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -299,6 +395,43 @@ mod tests {
         };
         assert_eq!((e.folder.as_str(), e.poll_interval_ms), ("INBOX", 60_000));
         assert_eq!(e.smtp_security, Security::Starttls);
+    }
+
+    #[test]
+    fn irc_with_defaults_and_refusals() {
+        let s = Settings::from_json(
+            r##"{"channel":"irc","kind":"irc","server":"irc.libera.chat:6697","nick":"bot","channels":["#room"]}"##,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let KindSettings::Irc(i) = &s.kind else {
+            panic!("{s:?}")
+        };
+        assert_eq!(i.security, Security::Tls);
+        assert_eq!(i.identity, crate::irc::Identity::Nick);
+        assert_eq!(i.channel_messages, crate::irc::ChannelMessages::Mentions);
+        assert_eq!(
+            (i.realname.as_str(), i.password_secret.as_deref()),
+            ("carapace", None)
+        );
+        assert_eq!(s.kind.name(), "irc");
+        for bad in [
+            r#"{"channel":"i","kind":"irc","nick":"bot"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"a b"}"#,
+            r##"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"#bot"}"##,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","security":"plain"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","security":"starttls"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","channels":["room"]}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","identity":"x"}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example:6697","nick":"b","password_secret":""}"#,
+            r#"{"channel":"i","kind":"irc","server":"irc.example","nick":"b"}"#,
+        ] {
+            assert!(Settings::from_json(bad).is_err(), "{bad}");
+        }
+        assert!(Settings::from_json(
+            r#"{"channel":"i","kind":"irc","server":"127.0.0.1:6667","nick":"b","security":"plain"}"#
+        )
+        .is_ok());
     }
 
     #[test]

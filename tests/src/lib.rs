@@ -32,6 +32,8 @@ use anyhow::{bail, Context, Result};
 pub mod agent;
 pub mod fake_llm;
 pub mod fake_telegram;
+pub mod irc_fake;
+pub mod irc_server;
 pub mod mail;
 pub mod rpc;
 pub mod service;

@@ -12,7 +12,8 @@
 //!   warning, since a channel may be inbound-only on purpose);
 //! - the channel's `operator` (if any) is an identity the adapter can report: a Telegram user
 //!   id (digits), a lowercase e-mail
-//!   address (the e-mail adapter lowercases From), else it could never answer anything.
+//!   address (the e-mail adapter lowercases From), an IRC nick or account in IRC lower case,
+//!   else it could never answer anything.
 //!
 //! For each `[[jobs]]` with `deliver_to`: the gateway's profile may `send` on its channel (an
 //! error: the job's answers could never be delivered).
@@ -55,6 +56,11 @@ fn endpoints(settings: &serde_json::Value) -> Vec<(String, u16)> {
     match kind {
         "telegram" => out.extend(url_of("api_base", Some("https://api.telegram.org"))),
         "webhook" => out.extend(url_of("url", None)),
+        "irc" => {
+            if let Some(hp) = settings.get("server").and_then(|v| v.as_str()) {
+                out.extend(host_port(hp, 0));
+            }
+        }
         "email" => {
             for key in ["imap", "smtp"] {
                 if let Some(hp) = settings.get(key).and_then(|v| v.as_str()) {
@@ -124,6 +130,20 @@ fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: 
         "email" if !op.contains('@') => Some("is not an e-mail address"),
         "email" if op.chars().any(char::is_uppercase) => Some(
             "has capital letters: the e-mail adapter reports senders lowercased, so write it              in lowercase",
+        ),
+        "irc" if op.starts_with("unidentified:") => Some(
+            "is how the IRC adapter marks a sender without an account: it is never admitted as the operator",
+        ),
+        "irc"
+            if op.is_empty()
+                || op.starts_with(['#', '&', '+', '!', ':'])
+                || op.chars().any(|c| c.is_control() || c == ' ' || c == ',' || c == '@') =>
+        {
+            Some("is not an IRC nick or account name")
+        }
+        "irc" if op.chars().any(|c| c.is_ascii_uppercase() || "[]\\~".contains(c)) => Some(
+            "is not in IRC lower case: the IRC adapter reports nicks and accounts lowercased \
+             (A-Z as a-z, []\\~ as {}|^), so write it that way",
         ),
         _ => None,
     };

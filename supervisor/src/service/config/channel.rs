@@ -14,10 +14,10 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use carapace_policy::toml_schema::Fields;
-use carapace_policy::toml_schema::Kind::{Bool, IntOrStr, Str};
+use carapace_policy::toml_schema::Kind::{Array, Bool, IntOrStr, Str};
 use carapace_policy::Sink;
 
-use super::document::{get_duration, get_str, Table};
+use super::document::{get_duration, get_str, Table, Val};
 
 /// The built-in adapter kinds, each with its keys besides the child keys every channel has (the
 /// schema of `[channels.NAME]` chooses them by the value of `kind`).
@@ -54,8 +54,25 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
             ("path", Str),
         ],
     ),
+    (
+        "irc",
+        &[
+            ("server", Str),
+            ("security", Str),
+            ("nick", Str),
+            ("username", Str),
+            ("realname", Str),
+            ("channels", Array(&Str)),
+            ("password_secret", Str),
+            ("sasl_username", Str),
+            ("identity", Str),
+            ("channel_messages", Str),
+        ],
+    ),
 ];
-const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\"";
+const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"irc\"";
+const IRC_NAME_EXPECTED: &str =
+    "an IRC nick or account name (no spaces, commas or control characters, not starting with `:` or `#`)";
 
 /// The program that runs the built-in kinds: next to the carapace executable, else in
 /// `/usr/libexec/carapace` (where the package installs it).
@@ -375,7 +392,150 @@ pub(super) fn settings(
                 out.insert("path".into(), p.into());
             }
         }
+        "irc" => irc(cx, t, at, &mut out),
         _ => {}
     }
     Value::Object(out)
+}
+
+/// Whether `s` can be an IRC nick, user or account name (what the adapter sends in commands).
+fn is_irc_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with([':', '#', '&', '+', '!'])
+        && !s.chars().any(|c| c.is_control() || c == ' ' || c == ',')
+}
+
+/// The keys of `kind = "irc"`.
+fn irc(cx: &mut Sink<'_>, t: &Table, at: (&Range<usize>, &str), out: &mut Map<String, Value>) {
+    let (anchor, what) = at;
+    const SERVER_EXPECTED: &str = "a host and port such as \"irc.libera.chat:6697\"";
+    const IRC_SECURITY_EXPECTED: &str =
+        "\"tls\" (TLS from the first byte), or \"plain\" (loopback hosts only)";
+    let host = match get_str(t, "server") {
+        Some((s, e)) => match split_host_port(s) {
+            Ok((h, _)) => {
+                out.insert("server".into(), s.into());
+                Some(h.to_string())
+            }
+            Err(why) => {
+                cx.err(
+                    &e.node.span,
+                    format!("`server` = {s:?}: {why}"),
+                    SERVER_EXPECTED,
+                );
+                None
+            }
+        },
+        None => {
+            if t.get("server").is_none() {
+                missing(cx, anchor, what, "server", SERVER_EXPECTED);
+            }
+            None
+        }
+    };
+    match get_str(t, "security") {
+        Some((s @ ("tls" | "plain"), e)) => {
+            if s == "plain" && host.as_deref().is_some_and(|h| !is_loopback_host(h)) {
+                cx.err(
+                    &e.node.span,
+                    "`security` = \"plain\" to a server that is not a loopback host: the \
+                     password and the messages would cross the network unencrypted",
+                    IRC_SECURITY_EXPECTED,
+                );
+            }
+            out.insert("security".into(), s.into());
+        }
+        Some((s, e)) => cx.err(
+            &e.node.span,
+            format!("`security` = {s:?} is not a transport security for IRC"),
+            IRC_SECURITY_EXPECTED,
+        ),
+        None => {
+            out.insert("security".into(), "tls".into());
+        }
+    }
+    for (key, required) in [
+        ("nick", true),
+        ("username", false),
+        ("sasl_username", false),
+    ] {
+        match get_str(t, key) {
+            Some((s, e)) => {
+                if !is_irc_name(s) {
+                    cx.err(
+                        &e.node.span,
+                        format!("`{key}` = {s:?} is not an IRC name"),
+                        IRC_NAME_EXPECTED,
+                    );
+                }
+                out.insert(key.into(), s.into());
+            }
+            None if required && t.get(key).is_none() => {
+                missing(cx, anchor, what, key, IRC_NAME_EXPECTED);
+            }
+            None => {}
+        }
+    }
+    if let Some((s, e)) = get_str(t, "realname") {
+        if s.is_empty() || s.len() > 100 || s.chars().any(char::is_control) {
+            cx.err(
+                &e.node.span,
+                "`realname` is not 1 to 100 printable characters",
+                "a short description such as \"carapace agent\"",
+            );
+        }
+        out.insert("realname".into(), s.into());
+    }
+    if let Some(e) = t.get("channels") {
+        if let Val::Array(items) = &e.node.val {
+            let mut names = Vec::new();
+            for n in items {
+                if let Val::Str(c) = &n.val {
+                    let ok = c.starts_with(['#', '&', '+', '!'])
+                        && c.len() > 1
+                        && c.len() <= 64
+                        && !c
+                            .chars()
+                            .any(|ch| ch.is_control() || ch == ' ' || ch == ',');
+                    if !ok {
+                        cx.err(
+                            &n.span,
+                            format!("{c:?} is not an IRC channel name"),
+                            "a channel such as \"#carapace\"",
+                        );
+                    }
+                    names.push(Value::from(c.as_str()));
+                }
+            }
+            out.insert("channels".into(), Value::Array(names));
+        }
+    }
+    if t.get("password_secret").is_some() {
+        secret_name(cx, t, at, "password_secret", out);
+    }
+    for (key, allowed, expected) in [
+        (
+            "identity",
+            &["nick", "account"][..],
+            "\"nick\" or \"account\" (the services account the server tags messages with)",
+        ),
+        (
+            "channel_messages",
+            &["mentions", "all"][..],
+            "\"mentions\" (only `nick: text`) or \"all\"",
+        ),
+    ] {
+        if let Some((s, e)) = get_str(t, key) {
+            if allowed.contains(&s) {
+                out.insert(key.into(), s.into());
+            } else {
+                cx.err(
+                    &e.node.span,
+                    format!("`{key}` = {s:?} is not a choice"),
+                    expected,
+                );
+            }
+        }
+    }
 }

@@ -732,8 +732,8 @@ url = "https://hooks.example.com/agent"
 
 #[test]
 fn channel_kind_errors_are_located() {
-    let e = errors("[channels.a]\nkind = \"irc\"\n");
-    assert!(has(&e, "2:8: unknown channel kind \"irc\""), "{e:?}");
+    let e = errors("[channels.a]\nkind = \"fax\"\n");
+    assert!(has(&e, "2:8: unknown channel kind \"fax\""), "{e:?}");
     let e = errors("[channels.a]\nkind = \"telegram\"\n");
     assert!(has(&e, "1:11: [channels.a] has no `token_secret`"), "{e:?}");
     let e = errors(
@@ -883,6 +883,19 @@ allow_non_loopback = false
 hmac_secret = "h"
 url = "https://hooks.example.com/x"
 path = "/hook"
+
+[channels.irc]
+kind = "irc"
+server = "irc.example.net:6697"
+security = "tls"
+nick = "agent"
+username = "agent"
+realname = "the agent"
+channels = ['#agent']
+password_secret = "irc_pw"
+sasl_username = "agent"
+identity = "account"
+channel_messages = "all"
 
 [[jobs]]
 name = "tick"
@@ -1282,4 +1295,41 @@ fn granted_workspaces_are_checked_where_they_are_written() {
         proj.display()
     );
     assert!(has(&errors(&overlap), "overlaps the supervisor's state"));
+}
+
+#[test]
+fn an_irc_channel_is_read_strictly() {
+    let c = parse(
+        "[channels.i]\nkind = \"irc\"\nserver = \"127.0.0.1:6667\"\nsecurity = \"plain\"\nnick = \"agent\"\nchannels = [\"#room\"]\npassword_secret = \"pw\"\nidentity = \"account\"\n",
+    )
+    .expect("a valid irc channel");
+    let s = c.channels["i"].settings.as_deref().expect("settings");
+    let v: serde_json::Value = serde_json::from_str(s).expect("json");
+    assert_eq!(v["kind"], "irc");
+    assert_eq!(v["channels"], serde_json::json!(["#room"]));
+    assert_eq!(v["identity"], "account");
+    assert_eq!(v["password_secret"], "pw");
+    let e = errors(
+        "[channels.i]\nkind = \"irc\"\nserver = \"irc.example.net:6667\"\nsecurity = \"plain\"\nnick = \"a b\"\nchannels = [\"room\"]\nidentity = \"who\"\nstarttls = true\n",
+    );
+    assert!(
+        has(
+            &e,
+            "4:12: `security` = \"plain\" to a server that is not a loopback host"
+        ),
+        "{e:?}"
+    );
+    assert!(has(&e, "5:8: `nick` = \"a b\" is not an IRC name"), "{e:?}");
+    assert!(
+        has(&e, "6:13: \"room\" is not an IRC channel name"),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "7:12: `identity` = \"who\" is not a choice"),
+        "{e:?}"
+    );
+    assert!(has(&e, "unknown key `starttls`"), "{e:?}");
+    let e = errors("[channels.i]\nkind = \"irc\"\n");
+    assert!(has(&e, "has no `server`"), "{e:?}");
+    assert!(has(&e, "has no `nick`"), "{e:?}");
 }

@@ -220,3 +220,42 @@ fn granted_workspaces_are_checked_against_the_policy() {
     assert_eq!(w.warnings.len(), 1, "{w:?}");
     assert!(w.warnings[0].contains("nosuch"), "{w:?}");
 }
+
+#[test]
+fn an_irc_channel_connects_to_its_server_and_names_a_lowercase_operator() {
+    assert_eq!(
+        endpoints(&serde_json::json!({"kind": "irc", "server": "127.0.0.1:8081"})),
+        vec![("127.0.0.1".to_string(), 8081)]
+    );
+    let with = |op: &str| {
+        GOOD.replace(
+            "reply_to_senders = true",
+            &format!("reply_to_senders = true\noperator = \"{op}\""),
+        )
+    };
+    let irc = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "irc"
+profile = "tg"
+server = "127.0.0.1:8081"
+security = "plain"
+nick = "agent"
+password_secret = "bot"
+"#;
+    assert_eq!(wiring(irc, &with("alice")), Wiring::default());
+    for (bad, why) in [
+        ("Alice", "IRC lower case"),
+        ("al~ce", "IRC lower case"),
+        ("#chan", "not an IRC nick"),
+        ("a b", "not an IRC nick"),
+        ("unidentified:alice", "without an account"),
+    ] {
+        let w = wiring(irc, &with(bad));
+        assert!(w.errors.iter().any(|e| e.contains(why)), "{bad}: {w:?}");
+    }
+    // The server must be one the profile may connect to.
+    let w = wiring(&irc.replace("8081", "6697"), &with("alice"));
+    assert!(!w.errors.is_empty(), "{w:?}");
+}
