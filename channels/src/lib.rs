@@ -17,6 +17,7 @@
 //! | [`telegram`] | the Telegram Bot API adapter |
 //! | [`email`] | the e-mail adapter: IMAP in, SMTP out |
 //! | [`webhook`] | the signed-webhook adapter |
+//! | [`signal`] | the Signal adapter: JSON-RPC to signal-cli's daemon on a socket from the supervisor |
 
 pub mod adapter;
 pub mod broker;
@@ -25,6 +26,7 @@ pub mod email;
 pub mod http;
 pub mod net;
 pub mod settings;
+pub mod signal;
 pub mod telegram;
 pub mod webhook;
 
@@ -100,6 +102,7 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Telegram(s) => telegram::run(ctx, s).await,
         KindSettings::Webhook(s) => webhook::run(ctx, s).await,
         KindSettings::Email(s) => email::run(ctx, s).await,
+        KindSettings::Signal(s) => signal::run(ctx, s).await,
     }
 }
 
@@ -156,4 +159,28 @@ pub fn fuzz_input(data: &[u8]) {
         .collect();
     let all: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     assert_eq!(kept, all);
+}
+
+/// The Signal fuzz entry point (`fuzz/fuzz_targets/signal.rs`, corpus replayed by
+/// `channels/tests/fuzz_corpus.rs`): a line from signal-cli and a `send` result. Nothing may
+/// panic; what decodes holds its invariants.
+pub fn fuzz_signal_input(data: &[u8]) {
+    match signal::wire::parse_line(data) {
+        Ok(signal::wire::Frame::Received(signal::wire::Received::Message(m))) => {
+            assert!(m.id.starts_with("signal:"));
+            assert!(!m.sender.is_empty() && !m.text.is_empty());
+            assert_eq!(m.conversation, m.reply_to);
+            assert!(signal::wire::valid_recipient(&m.conversation));
+        }
+        Ok(_) => {}
+        Err(e) => assert!(!e.0.is_empty()),
+    }
+    if let Some(rest) = signal::wire::salvage(data) {
+        assert!(rest.len() < data.len() && rest.starts_with(b"{\"jsonrpc\""));
+    }
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+        if let Err(e) = signal::wire::send_outcome(&v) {
+            assert!(!e.message.is_empty());
+        }
+    }
 }
