@@ -334,8 +334,8 @@ pub async fn run_reader<B: BrokerApi>(
         }
         let frame = match wire::parse_line(&line) {
             Ok(f) => f,
-            Err(e) => match wire::salvage(&line).map(wire::parse_line) {
-                Some(Ok(f)) => {
+            Err(e) => match wire::salvage(&line) {
+                Some(f) => {
                     tracing::warn!(channel = %ctx.channel, "a torn line from signal-cli (restarted mid-write?): its last frame is read");
                     f
                 }

@@ -202,15 +202,15 @@ fn requests_and_recipients() {
 #[test]
 fn a_torn_line_gives_up_its_last_frame() {
     let glued = br#"{"jsonrpc":"2.0","method":"rec{"jsonrpc":"2.0","result":{},"id":1}"#;
-    let rest = wire::salvage(glued).unwrap_or_else(|| panic!("nothing salvaged"));
     assert!(matches!(
-        wire::parse_line(rest),
-        Ok(Frame::Response { id: 1, .. })
+        wire::salvage(glued),
+        Some(Frame::Response { id: 1, .. })
     ));
     assert_eq!(
         wire::salvage(br#"{"jsonrpc":"2.0","result":{},"id":1}"#),
         None
     );
+    assert_eq!(wire::salvage(b"garbage {\"x\": 1}"), None);
 }
 
 /// The daemon's end of the pair, scripted by the test.
@@ -378,4 +378,20 @@ async fn a_line_is_taken_alone_and_what_follows_stays_in_the_socket() {
     assert_eq!(read_line(&a).await.ok().flatten(), Some(b"three".to_vec()));
     drop(late.await);
     assert_eq!(read_line(&a).await.ok().flatten(), None);
+}
+
+#[test]
+fn a_torn_notification_glued_to_an_answer() {
+    let glued = br#"{"jsonrpc":"2.0","method":"receive","params":{"envel{"jsonrpc":"2.0","result":{"version":"0.13.0-fake"},"id":5}"#;
+    assert!(wire::parse_line(glued).is_err());
+    assert!(matches!(
+        wire::salvage(glued),
+        Some(Frame::Response { id: 5, .. })
+    ));
+    // Keys in another order (JSON does not fix one).
+    let glued = br#"{"jsonrpc":"2.0","method":"rec{"id":3,"jsonrpc":"2.0","result":{}}"#;
+    assert!(matches!(
+        wire::salvage(glued),
+        Some(Frame::Response { id: 3, .. })
+    ));
 }

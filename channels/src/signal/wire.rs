@@ -343,14 +343,14 @@ pub fn send_outcome(result: &Value) -> Result<(u64, Vec<String>), ServiceError> 
     }
 }
 
-/// Find a line's last embedded frame start: a daemon killed in the middle of a line leaves
-/// that part in the socket, and its successor's first line is glued to it. Returns the part
-/// from the last `{"jsonrpc"` on, when that is not the whole line.
-pub fn salvage(line: &[u8]) -> Option<&[u8]> {
-    const START: &[u8] = b"{\"jsonrpc\"";
-    let at = line
-        .windows(START.len())
-        .rposition(|w| w == START)
-        .filter(|i| *i > 0)?;
-    Some(&line[at..])
+/// What can be read from a torn line: a daemon killed in the middle of a line leaves that part
+/// in the socket, and its successor's first line is glued to it. The first suffix that starts
+/// with `{"` and is a whole frame (at most 64 places are tried).
+pub fn salvage(line: &[u8]) -> Option<Frame> {
+    line.windows(2)
+        .enumerate()
+        .skip(1)
+        .filter(|(_, w)| *w == b"{\"")
+        .take(64)
+        .find_map(|(i, _)| parse_line(&line[i..]).ok())
 }
