@@ -264,7 +264,7 @@ pub fn rpc_failure(method: &str, e: &RpcError) -> ServiceError {
         format!("signal-cli {method}: {} (error {})", e.message, e.code),
     );
     if kind == FailureKind::Throttled {
-        err.retry_after = e.data.get("response").and_then(|r| retry_after_of(r));
+        err.retry_after = e.data.get("response").and_then(retry_after_of);
     }
     err
 }
