@@ -58,6 +58,7 @@ pub enum KindSettings {
     Email(EmailSettings),
     Webhook(WebhookSettings),
     Irc(IrcSettings),
+    Signal(SignalSettings),
 }
 
 impl KindSettings {
@@ -68,6 +69,7 @@ impl KindSettings {
             KindSettings::Email(_) => "email",
             KindSettings::Webhook(_) => "webhook",
             KindSettings::Irc(_) => "irc",
+            KindSettings::Signal(_) => "signal",
         }
     }
 }
@@ -200,6 +202,36 @@ fn default_channel_messages() -> crate::irc::ChannelMessages {
     crate::irc::ChannelMessages::Mentions
 }
 
+/// `kind = "signal"`: signal-cli's JSON-RPC daemon on the socket at fd 4 (the supervisor
+/// starts the daemon and hands both of them an end).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalSettings {
+    /// The account's number (`+` and digits), as linked in the daemon's workspace.
+    pub account: String,
+    /// How long a request to the daemon may take (a `send` waits for Signal's servers).
+    #[serde(default = "default_signal_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// How often the daemon is asked whether it is up (`version`).
+    #[serde(default = "default_signal_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+}
+
+fn default_signal_request_timeout_ms() -> u64 {
+    60_000
+}
+
+fn default_signal_probe_interval_ms() -> u64 {
+    30_000
+}
+
+/// Whether `s` is a phone number as Signal writes it: `+` and 6 to 15 digits.
+pub fn is_signal_number(s: &str) -> bool {
+    s.strip_prefix('+').is_some_and(|d| {
+        (6..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+    })
+}
+
 impl Settings {
     /// From `$CARAPACE_CHANNEL_SETTINGS`.
     pub fn from_env() -> Result<Settings, SettingsError> {
@@ -272,6 +304,17 @@ impl Settings {
                 secret("password_secret", &e.password_secret)?;
                 if e.poll_interval_ms < 1_000 {
                     return Err(invalid("poll_interval_ms", "at least 1000"));
+                }
+            }
+            KindSettings::Signal(g) => {
+                if !is_signal_number(&g.account) {
+                    return Err(invalid("account", "a phone number: + and 6..=15 digits"));
+                }
+                if !(1_000..=600_000).contains(&g.request_timeout_ms) {
+                    return Err(invalid("request_timeout_ms", "1000..=600000"));
+                }
+                if !(100..=3_600_000).contains(&g.probe_interval_ms) {
+                    return Err(invalid("probe_interval_ms", "100..=3600000"));
                 }
             }
             KindSettings::Webhook(w) => {

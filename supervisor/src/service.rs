@@ -290,6 +290,20 @@ fn start(
             listeners.insert(c.name.clone(), OwnedFd::from(l));
         }
     }
+    // Each daemon and its channel's adapter share one socket pair, made once and kept across
+    // restarts of either: the daemon's end is its stdin and stdout, the adapter's its fd 4.
+    let mut stdio: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    for d in cfg.daemons.values() {
+        let Some(channel) = &d.serves else { continue };
+        let (adapter_end, daemon_end) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| ServiceError::Pair {
+                child: d.name.clone(),
+                source,
+            })?;
+        tracing::info!(child = %d.name, %channel, "daemon socket pair made");
+        listeners.insert(channel.clone(), OwnedFd::from(adapter_end));
+        stdio.insert(d.name.clone(), OwnedFd::from(daemon_end));
+    }
     let metrics_listener = match cfg.metrics.listen {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
@@ -373,6 +387,7 @@ fn start(
                 Role::Channel
             },
             listener: listeners.remove(&name),
+            stdio: stdio.remove(&name),
             spec: Mutex::new(spec),
             live: Mutex::new(Live {
                 state: State::Starting,

@@ -477,7 +477,7 @@ fn the_shipped_examples_pass_run_check() {
     let examples = carapace_tests::repo_root().join("channels/examples");
     let default = carapace_tests::default_policy_text();
     let tmp = var_tmpdir("carapace-examples-");
-    for kind in ["telegram", "email", "webhook", "irc"] {
+    for kind in ["telegram", "email", "webhook", "irc", "signal"] {
         let policy = fs::read_to_string(examples.join(format!("{kind}.policy.toml")))
             .unwrap_or_else(|e| panic!("{kind}.policy.toml: {e}"));
         assert!(
@@ -491,7 +491,9 @@ fn the_shipped_examples_pass_run_check() {
             .replace(
                 "/etc/carapace/policy.toml",
                 &policy_path.display().to_string(),
-            );
+            )
+            // signal-cli is not installed here: its stand-in from the Signal tests.
+            .replace("/usr/bin/signal-cli", env!("CARGO_BIN_EXE_fake-signal-cli"));
         let config_path = tmp.path().join(format!("{kind}.carapace.toml"));
         fs::write(&config_path, config).expect("write");
         let o = std::process::Command::new(carapace_tests::carapace_bin())

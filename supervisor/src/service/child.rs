@@ -93,6 +93,9 @@ pub(super) struct Child {
     /// at start by the supervisor and kept across restarts: connections wait in its backlog
     /// while the child is down.
     pub(super) listener: Option<OwnedFd>,
+    /// A daemon's end of the socket pair with its channel's adapter (whose end is the
+    /// adapter's `listener`), given to the daemon as stdin and stdout; kept across restarts.
+    pub(super) stdio: Option<OwnedFd>,
     pub(super) spec: Mutex<Spec>,
     pub(super) live: Mutex<Live>,
     pub(super) wake: Condvar,
@@ -321,7 +324,12 @@ impl Child {
         };
         let fds = ChildFds::new(brokered)?;
         let listener = self.listener.as_ref().map(|l| l.as_fd());
-        let started = run::start(plan, &run, fds.io(listener))?;
+        let mut io = fds.io(listener);
+        if let Some(sock) = &self.stdio {
+            io.stdin = Some(sock.as_fd());
+            io.stdout = Some(sock.as_fd());
+        }
+        let started = run::start(plan, &run, io)?;
         crate::broker_host::say_limits_once(started.limits());
         let (out_read, err_read, pair) = fds.into_parent_ends();
         let pid = started.pid();

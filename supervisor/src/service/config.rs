@@ -30,6 +30,8 @@ mod jobs;
 mod tests;
 mod validate;
 
+pub(crate) use channel::is_signal_number;
+
 use document::{table_of, SYNTAX_EXPECTED};
 use validate::{validate, CONFIG};
 
@@ -64,6 +66,9 @@ pub struct Config {
     pub gateway: Option<ChildConfig>,
     /// Channel adapters by name.
     pub channels: BTreeMap<String, ChildConfig>,
+    /// Service daemons paired with a channel's adapter (a Signal channel's signal-cli), by
+    /// child name.
+    pub daemons: BTreeMap<String, ChildConfig>,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
     /// `[[jobs]]`: scheduled agent runs (also in the gateway's settings, which runs them).
@@ -183,6 +188,9 @@ pub struct ChildConfig {
     /// The gateway's settings (`[gateway.clients]`, `[gateway.agent]`) as the JSON it reads
     /// from `$CARAPACE_GATEWAY_SETTINGS`; None for channels.
     pub settings: Option<String>,
+    /// For a daemon: the channel whose adapter it is paired with. The supervisor makes one
+    /// socket pair for the two: the daemon's stdin and stdout, the adapter's fd 4.
+    pub serves: Option<String>,
 }
 
 /// Restart with exponential backoff; more than `crash_loop_restarts` starts within
@@ -331,11 +339,12 @@ impl Config {
         }
     }
 
-    /// The children to start: the gateway first, then the channels by name.
+    /// The children to start: the gateway first, then the channels by name, then the daemons.
     pub fn children(&self) -> impl Iterator<Item = (&str, &ChildConfig)> {
         self.gateway
             .iter()
             .chain(self.channels.values())
+            .chain(self.daemons.values())
             .map(|c| (c.name.as_str(), c))
     }
 }

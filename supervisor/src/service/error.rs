@@ -95,6 +95,12 @@ pub enum ServiceError {
     /// broker's policy.
     #[error(transparent)]
     Broker(#[from] BrokerHostError),
+    #[error("cannot make the socket pair of {child} and its channel's adapter: {source}")]
+    Pair {
+        child: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot listen on {addr} for {child}: {source}")]
     Listen {
         addr: SocketAddr,

@@ -12,8 +12,8 @@
 //!   warning, since a channel may be inbound-only on purpose);
 //! - the channel's `operator` (if any) is an identity the adapter can report: a Telegram user
 //!   id (digits), a lowercase e-mail
-//!   address (the e-mail adapter lowercases From), an IRC nick or account in IRC lower case,
-//!   else it could never answer anything.
+//!   address (the e-mail adapter lowercases From), an IRC nick or account in IRC lower case, a
+//!   Signal number (`+` and digits) or account uuid, else it could never answer anything.
 //!
 //! For each `[[jobs]]` with `deliver_to`: the gateway's profile may `send` on its channel (an
 //! error: the job's answers could never be delivered).
@@ -128,6 +128,10 @@ fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: 
             Some("is not a Telegram user id (the digits @userinfobot shows)")
         }
         "email" if !op.contains('@') => Some("is not an e-mail address"),
+        "signal" if !(super::config::is_signal_number(op) || is_uuid(op)) => Some(
+            "is neither a phone number (+ and digits) nor a Signal account uuid, the two forms \
+             the Signal adapter reports senders in",
+        ),
         "email" if op.chars().any(char::is_uppercase) => Some(
             "has capital letters: the e-mail adapter reports senders lowercased, so write it              in lowercase",
         ),
@@ -152,6 +156,16 @@ fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: 
             "{what}: the policy's [channels.{name}] (line {line}) names operator \"{op}\", which {p}; no sender could ever answer as the operator"
         ));
     }
+}
+
+/// `8-4-4-4-12` lowercase hex digits, as signal-cli writes an account's uuid (ACI).
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
 }
 
 fn check_rules(

@@ -69,10 +69,32 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
             ("channel_messages", Str),
         ],
     ),
+    (
+        "signal",
+        &[
+            ("account", Str),
+            ("request_timeout", IntOrStr),
+            ("probe_interval", IntOrStr),
+            ("daemon", DAEMON),
+        ],
+    ),
 ];
-const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"irc\"";
+const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\"";
 const IRC_NAME_EXPECTED: &str =
     "an IRC nick or account name (no spaces, commas or control characters, not starting with `:` or `#`)";
+
+/// `daemon = { ... }` of a Signal channel: signal-cli's JSON-RPC daemon, a child of its own.
+const DAEMON: carapace_policy::toml_schema::Kind = carapace_policy::toml_schema::Kind::Table(&[
+    ("program", Str),
+    ("args", carapace_policy::toml_schema::Kind::Array(&Str)),
+    ("profile", Str),
+    ("workspace", Str),
+]);
+/// Where signal-cli is looked for when `daemon.program` is not given (the Debian package's).
+pub(super) const SIGNAL_CLI_PROGRAM: &str = "/usr/bin/signal-cli";
+/// The daemon's profile when `daemon.profile` is not given.
+pub(super) const SIGNAL_CLI_PROFILE: &str = "signal-cli";
+const NUMBER_EXPECTED: &str = "the account's phone number: + and its digits, e.g. \"+15551234567\"";
 
 /// The program that runs the built-in kinds: next to the carapace executable, else in
 /// `/usr/libexec/carapace` (where the package installs it).
@@ -393,6 +415,46 @@ pub(super) fn settings(
             }
         }
         "irc" => irc(cx, t, at, &mut out),
+        "signal" => {
+            match get_str(t, "account") {
+                Some((s, e)) => {
+                    if !is_signal_number(s) {
+                        cx.err(
+                            &e.node.span,
+                            format!("`account` = {s:?} is not a phone number"),
+                            NUMBER_EXPECTED,
+                        );
+                    }
+                    out.insert("account".into(), s.into());
+                }
+                None if t.get("account").is_none() => {
+                    missing(cx, anchor, what, "account", NUMBER_EXPECTED)
+                }
+                None => {}
+            }
+            let d = get_duration(cx, t, "request_timeout", Duration::from_secs(60));
+            if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
+                if let Some(e) = t.get("request_timeout") {
+                    cx.err(
+                        &e.node.span,
+                        "`request_timeout` is out of range",
+                        "a duration from 1s to 10min",
+                    );
+                }
+            }
+            out.insert("request_timeout_ms".into(), millis(d));
+            let d = get_duration(cx, t, "probe_interval", Duration::from_secs(30));
+            if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+                if let Some(e) = t.get("probe_interval") {
+                    cx.err(
+                        &e.node.span,
+                        "`probe_interval` is out of range",
+                        "a duration from 100ms to 1h",
+                    );
+                }
+            }
+            out.insert("probe_interval_ms".into(), millis(d));
+        }
         _ => {}
     }
     Value::Object(out)
@@ -537,5 +599,93 @@ fn irc(cx: &mut Sink<'_>, t: &Table, at: (&Range<usize>, &str), out: &mut Map<St
                 );
             }
         }
+    }
+}
+
+/// `+` and 6 to 15 digits (E.164), as signal-cli names accounts.
+pub(crate) fn is_signal_number(s: &str) -> bool {
+    s.strip_prefix('+').is_some_and(|d| {
+        (6..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+    })
+}
+
+/// The name of the Signal channel `channel`'s daemon child.
+pub(crate) fn daemon_name(channel: &str) -> String {
+    format!("{channel}-signal-cli")
+}
+
+/// The daemon child of Signal channel `channel` (table `t`): signal-cli in JSON-RPC mode on
+/// its stdin and stdout (the supervisor's socket pair with the adapter), confined under its own
+/// profile with its own workspace, which holds the account's data (`--config /workspace`).
+pub(super) fn daemon(
+    cx: &mut Sink<'_>,
+    t: &Table,
+    channel: &str,
+    state_dir: &std::path::Path,
+) -> super::ChildConfig {
+    let empty = Table::default();
+    let d = super::document::get_table(t, "daemon").unwrap_or(&empty);
+    let program = match get_str(d, "program") {
+        Some((s, e)) => {
+            if let Err(why) = carapace_policy::check_abs_path(s) {
+                cx.err(
+                    &e.node.span,
+                    format!("`daemon.program` = {s:?}: {why}"),
+                    "the absolute path of signal-cli, e.g. \"/usr/bin/signal-cli\"",
+                );
+            }
+            s.to_string()
+        }
+        None => SIGNAL_CLI_PROGRAM.to_string(),
+    };
+    let account = get_str(t, "account").map_or("", |(s, _)| s);
+    let args = match d.get("args").map(|e| &e.node.val) {
+        Some(super::document::Val::Array(items)) => items
+            .iter()
+            .filter_map(|n| match &n.val {
+                super::document::Val::Str(s) if !s.contains('\0') => Some(s.clone()),
+                _ => {
+                    cx.err(
+                        &n.span,
+                        "an argument that is not a string without NUL",
+                        "a string",
+                    );
+                    None
+                }
+            })
+            .collect(),
+        _ => ["--config", "/workspace", "-a", account, "jsonRpc"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let profile = match get_str(d, "profile") {
+        Some((s, e)) => {
+            if s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                cx.err(
+                    &e.node.span,
+                    format!("`daemon.profile` = {s:?} is not a profile name"),
+                    "the name of a profile of the policy",
+                );
+            }
+            s.to_string()
+        }
+        None => SIGNAL_CLI_PROFILE.to_string(),
+    };
+    let name = daemon_name(channel);
+    let workspace = super::document::get_path(cx, d, "workspace")
+        .unwrap_or_else(|| state_dir.join("signal-cli").join(channel));
+    super::ChildConfig {
+        name,
+        is_gateway: false,
+        program,
+        args,
+        profile,
+        listen: None,
+        allow_non_loopback: false,
+        workspace,
+        restart: super::RestartConfig::default(),
+        environment: Default::default(),
+        settings: None,
+        serves: Some(channel.to_string()),
     }
 }

@@ -897,6 +897,13 @@ sasl_username = "agent"
 identity = "account"
 channel_messages = "all"
 
+[channels.sig]
+kind = "signal"
+account = "+15551234567"
+request_timeout = "90s"
+probe_interval = "1m"
+daemon = { program = "/opt/signal-cli/bin/signal-cli", args = ["jsonRpc"], profile = "sc", workspace = "/srv/signal-cli" }
+
 [[jobs]]
 name = "tick"
 every = "90s"
@@ -988,6 +995,15 @@ fn every_key_read_is_in_the_schema() {
         (hook["url"].as_str(), hook["path"].as_str()),
         (Some("https://hooks.example.com/x"), Some("/hook"))
     );
+    let sig = settings_of(&c.channels["sig"]);
+    assert_eq!(
+        (
+            sig["request_timeout_ms"].as_u64(),
+            sig["probe_interval_ms"].as_u64()
+        ),
+        (Some(90000), Some(60000))
+    );
+    assert_eq!(c.daemons["sig-signal-cli"].profile, "sc");
     assert_eq!(c.workspaces["w"].profiles, vec!["gateway".to_string()]);
     assert!(!c.workspaces["w"].writable);
     // The file covers the whole schema: each of its keys is written in it.
@@ -1332,4 +1348,62 @@ fn an_irc_channel_is_read_strictly() {
     let e = errors("[channels.i]\nkind = \"irc\"\n");
     assert!(has(&e, "has no `server`"), "{e:?}");
     assert!(has(&e, "has no `nick`"), "{e:?}");
+}
+
+#[test]
+fn a_signal_channel_brings_its_daemon() {
+    let c = parse(
+        "[channels.sig]\nkind = \"signal\"\naccount = \"+15551234567\"\nrequest_timeout = \"5s\"\n",
+    )
+    .expect("valid");
+    let s: serde_json::Value =
+        serde_json::from_str(c.channels["sig"].settings.as_deref().expect("settings"))
+            .expect("json");
+    assert_eq!(s["kind"], "signal");
+    assert_eq!(s["account"], "+15551234567");
+    assert_eq!(s["request_timeout_ms"], 5000);
+    assert_eq!(s["probe_interval_ms"], 30000);
+    let d = &c.daemons["sig-signal-cli"];
+    assert_eq!(d.program, "/usr/bin/signal-cli");
+    assert_eq!(d.profile, "signal-cli");
+    assert_eq!(d.serves.as_deref(), Some("sig"));
+    assert_eq!(
+        d.args,
+        ["--config", "/workspace", "-a", "+15551234567", "jsonRpc"]
+    );
+    assert!(d.workspace.ends_with("signal-cli/sig"));
+    assert!(c.children().any(|(n, _)| n == "sig-signal-cli"));
+    let c = parse(
+        "[channels.sig]\nkind = \"signal\"\naccount = \"+15551234567\"\n\
+         daemon = { program = \"/opt/signal-cli/bin/signal-cli\", args = [\"jsonRpc\"], profile = \"sc\", workspace = \"/srv/signal\" }\n",
+    )
+    .expect("valid");
+    let d = &c.daemons["sig-signal-cli"];
+    assert_eq!(
+        (d.program.as_str(), d.args.as_slice(), d.profile.as_str()),
+        (
+            "/opt/signal-cli/bin/signal-cli",
+            &["jsonRpc".to_string()][..],
+            "sc"
+        )
+    );
+    assert_eq!(d.workspace, std::path::Path::new("/srv/signal"));
+}
+
+#[test]
+fn a_signal_channel_is_checked() {
+    let e = errors("[channels.sig]\nkind = \"signal\"\n");
+    assert!(has(&e, "has no `account`"), "{e:?}");
+    let e = errors("[channels.sig]\nkind = \"signal\"\naccount = \"15551234567\"\n");
+    assert!(has(&e, "is not a phone number"), "{e:?}");
+    let e = errors(
+        "[channels.sig]\nkind = \"signal\"\naccount = \"+15551234567\"\ndaemon = { program = \"signal-cli\", port = 1 }\n",
+    );
+    assert!(has(&e, "daemon.program"), "{e:?}");
+    assert!(has(&e, "port"), "{e:?}");
+    let e = errors(
+        "[channels.sig]\nkind = \"signal\"\naccount = \"+15551234567\"\n\
+         [channels.sig-signal-cli]\nkind = \"signal\"\naccount = \"+15551234568\"\n",
+    );
+    assert!(has(&e, "the signal-cli daemon of channel `sig`"), "{e:?}");
 }

@@ -202,8 +202,9 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         Some(child(cx, t, "gateway", true, &state_dir, &e.key_span))
     });
 
-    // [channels.NAME]
+    // [channels.NAME], and the daemons of those that have one
     let mut channels = BTreeMap::new();
+    let mut daemons = BTreeMap::new();
     if let Some(t) = get_table(root, "channels") {
         for e in &t.entries {
             if !valid_channel_name(&e.key) {
@@ -216,8 +217,25 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
             }
             if let Some(ct) = e.node.val.as_table() {
                 let c = child(cx, ct, &e.key, false, &state_dir, &e.key_span);
+                if matches!(get_str(ct, "kind"), Some(("signal", _))) {
+                    let d = channel::daemon(cx, ct, &e.key, &state_dir);
+                    daemons.insert(d.name.clone(), d);
+                }
                 channels.insert(e.key.clone(), c);
             }
+        }
+    }
+    for d in daemons.values() {
+        if let Some(e) = get_table(root, "channels").and_then(|t| t.get(&d.name)) {
+            cx.err(
+                &e.key_span,
+                format!(
+                    "`{}` is the name of the signal-cli daemon of channel `{}`",
+                    d.name,
+                    d.serves.as_deref().unwrap_or("")
+                ),
+                "another channel name",
+            );
         }
     }
 
@@ -238,7 +256,10 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
 
     // Each child its own workspace, and none of them the state or runtime directory itself.
     let mut seen: Vec<(&Path, &str)> = Vec::new();
-    let children = gateway.iter().chain(channels.values());
+    let children = gateway
+        .iter()
+        .chain(channels.values())
+        .chain(daemons.values());
     for c in children {
         let ws = c.workspace.as_path();
         let clash = seen
@@ -285,6 +306,7 @@ pub(super) fn validate(root: &Table, cx: &mut Sink<'_>) -> Config {
         control_group,
         gateway,
         channels,
+        daemons,
         metrics,
         jobs,
     }
@@ -601,7 +623,7 @@ pub(super) fn child(
                 cx.err(
                     anchor,
                     format!("{what} has no `kind` and no `program`"),
-                    "kind = \"telegram\", \"email\", \"webhook\" or \"irc\" (the built-in adapters), \
+                    "kind = \"telegram\", \"email\", \"webhook\", \"irc\" or \"signal\" (the built-in adapters), \
                      or the `program` of an adapter of your own",
                 );
             }
@@ -735,6 +757,7 @@ pub(super) fn child(
         restart,
         environment,
         settings,
+        serves: None,
     }
 }
 

@@ -259,3 +259,38 @@ password_secret = "bot"
     let w = wiring(&irc.replace("8081", "6697"), &with("alice"));
     assert!(!w.errors.is_empty(), "{w:?}");
 }
+
+#[test]
+fn a_signal_operator_is_a_number_or_an_account_uuid() {
+    let signal = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "signal"
+profile = "tg"
+account = "+15550001111"
+"#;
+    let with = |op: &str| {
+        GOOD.replace(
+            "reply_to_senders = true",
+            &format!("reply_to_senders = true\noperator = \"{op}\""),
+        ) + "[profiles.signal-cli]\nwhy = \"signal-cli\"\n"
+    };
+    for good in ["+15550002222", "0b1c9a47-2f6e-4d7a-9a4e-6f3c2d1b0a99"] {
+        assert_eq!(wiring(signal, &with(good)), Wiring::default(), "{good}");
+    }
+    for bad in [
+        "15550002222",
+        "+1555abc",
+        "0B1C9A47-2F6E-4D7A-9A4E-6F3C2D1B0A99",
+        "owner",
+    ] {
+        let w = wiring(signal, &with(bad));
+        assert!(
+            w.errors
+                .iter()
+                .any(|e| e.contains(&format!("operator \"{bad}\"")) && e.contains("phone number")),
+            "{bad}: {w:?}"
+        );
+    }
+}
