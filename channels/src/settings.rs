@@ -57,6 +57,7 @@ pub enum KindSettings {
     Telegram(TelegramSettings),
     Email(EmailSettings),
     Webhook(WebhookSettings),
+    Slack(SlackSettings),
 }
 
 impl KindSettings {
@@ -66,6 +67,7 @@ impl KindSettings {
             KindSettings::Telegram(_) => "telegram",
             KindSettings::Email(_) => "email",
             KindSettings::Webhook(_) => "webhook",
+            KindSettings::Slack(_) => "slack",
         }
     }
 }
@@ -152,6 +154,23 @@ fn default_hook_path() -> String {
     "/hook".into()
 }
 
+/// `kind = "slack"`: Socket Mode in, the Web API out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSettings {
+    /// The Web API's base, `https://slack.com/api` unless told (tests: `http://127.0.0.1:PORT/api`).
+    #[serde(default = "default_slack_api")]
+    pub api_base: String,
+    /// The policy secret holding the app-level token (`xapp-…`, scope `connections:write`).
+    pub app_token_secret: String,
+    /// The policy secret holding the bot token (`xoxb-…`).
+    pub bot_token_secret: String,
+}
+
+fn default_slack_api() -> String {
+    "https://slack.com/api".into()
+}
+
 impl Settings {
     /// From `$CARAPACE_CHANNEL_SETTINGS`.
     pub fn from_env() -> Result<Settings, SettingsError> {
@@ -226,6 +245,12 @@ impl Settings {
                     return Err(invalid("poll_interval_ms", "at least 1000"));
                 }
             }
+            KindSettings::Slack(sl) => {
+                secret("app_token_secret", &sl.app_token_secret)?;
+                secret("bot_token_secret", &sl.bot_token_secret)?;
+                crate::net::ServiceUrl::parse(&sl.api_base)
+                    .map_err(|e| invalid("api_base", e.to_string()))?;
+            }
             KindSettings::Webhook(w) => {
                 secret("hmac_secret", &w.hmac_secret)?;
                 if let Some(url) = &w.url {
@@ -299,6 +324,31 @@ mod tests {
         };
         assert_eq!((e.folder.as_str(), e.poll_interval_ms), ("INBOX", 60_000));
         assert_eq!(e.smtp_security, Security::Starttls);
+    }
+
+    #[test]
+    fn slack_with_defaults_and_refusals() {
+        let s = Settings::from_json(
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.kind,
+            KindSettings::Slack(SlackSettings {
+                api_base: "https://slack.com/api".into(),
+                app_token_secret: "a".into(),
+                bot_token_secret: "b".into(),
+            })
+        );
+        assert_eq!(s.kind.name(), "slack");
+        for bad in [
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a"}"#,
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"","bot_token_secret":"b"}"#,
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b","token":"x"}"#,
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b","api_base":"http://slack.com/api"}"#,
+        ] {
+            assert!(Settings::from_json(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 
 pub mod fake_llm;
+pub mod fake_slack;
 pub mod fake_telegram;
 pub mod mail;
 pub mod rpc;
