@@ -584,6 +584,8 @@ fn post_message(shared: &Shared, token: &str, params: &Value) -> (u16, Option<u6
 
 fn serve_socket(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // The handshake callback's type is tungstenite's (`Callback`), large error and all.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let uri = req.uri();
         let ticket = uri
