@@ -42,6 +42,11 @@ struct World {
 }
 
 fn start() -> World {
+    start_with("")
+}
+
+/// [`start`] with `channel_extra` added to the policy's `[channels.sl]`.
+fn start_with(channel_extra: &str) -> World {
     require_root();
     let slack = FakeSlack::start(APP, BOT);
     let llm = FakeLlm::start(vec![]);
@@ -71,6 +76,7 @@ senders = ["{ALICE}"]
 recipients = []
 reply_to_senders = true
 retry = {{ attempts = 5, initial_delay = "200ms", max_delay = "1s" }}
+{channel_extra}
 
 [profiles.sl]
 why = "the Slack adapter under test"
@@ -393,5 +399,62 @@ fn slack_malformed_frames_and_rate_limits_are_handled() {
     assert!(
         log.contains("malformed frame"),
         "no log line for the malformed frame"
+    );
+}
+
+#[test]
+fn slack_operator_is_told_in_a_dm_and_answers_by_user_id() {
+    let w = start_with(&format!("operator = \"{ALICE}\""));
+    // A stranger writes in a channel: held, and announced to the operator's user id (Slack
+    // posts that as a direct message from the app).
+    let (_, ts) = w.slack.push_message(CHANNEL, MALLORY, "may I?", None);
+    let note = wait_for(Duration::from_secs(30), "the announcement", || {
+        posted_to(&w.slack, ALICE, None)
+            .into_iter()
+            .find(|t| t.contains("Held message"))
+    });
+    let n: String = note
+        .split("Held message ")
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    assert!(!n.is_empty(), "{note}");
+    assert!(note.contains(MALLORY), "{note}");
+    // Someone else's `admit N` is an ordinary message, and resolves nothing.
+    w.slack
+        .push_message(CHANNEL, MALLORY, &format!("admit {n}"), Some(&ts));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(posted_to(&w.slack, CHANNEL, Some(&ts)).is_empty());
+    // The operator answers in the DM: the held message is answered in its thread.
+    w.slack.push_message(DM, ALICE, &format!("admit {n}"), None);
+    wait_for(
+        Duration::from_secs(30),
+        "the admitted message answered",
+        || {
+            posted_to(&w.slack, CHANNEL, Some(&ts))
+                .iter()
+                .any(|t| t.contains("may I?"))
+                .then_some(())
+        },
+    );
+    // The broker confirmed to the operator.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !posted_to(&w.slack, ALICE, None)
+        .iter()
+        .any(|t| t.starts_with(&format!("Held message {n}")) && !t.contains("Answer:"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no confirmation: {:?}",
+            w.slack.posted()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = audit(&w.svc);
+    assert!(
+        a.contains("operator_answer") && a.contains(&format!("sl:{ALICE}")),
+        "{a}"
     );
 }
