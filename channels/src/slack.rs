@@ -8,8 +8,9 @@
 //! Slack (`retry_attempt`), on this connection or the next one, and the broker drops the repeat
 //! by its id. That acknowledgement is the adapter's cursor: Socket Mode has no stream position
 //! to resume from, so nothing is written to the state directory. A `disconnect` frame
-//! (`refresh_requested`, `warning`, `too_many_websockets`) makes it open a new connection at
-//! once; `link_disabled` (Socket Mode switched off) and any drop, with backoff.
+//! announcing a refresh (`refresh_requested`, `warning`) makes it open a new connection at
+//! once; any other reason (`link_disabled`: Socket Mode switched off, `too_many_websockets`)
+//! and any drop, with backoff.
 //!
 //! What is delivered: `message` events of people — no `subtype` (or `thread_broadcast`,
 //! `file_share`), no `bot_id` (this app's own messages and other bots' are skipped), with

@@ -3,8 +3,8 @@
 //! WebSocket handshake over that stream (tokio-tungstenite, no network of its own), then reads
 //! frames: `hello`, envelopes (delivered, then acknowledged), `disconnect`. A silent connection
 //! is pinged; one that stays silent is dropped. Any end of a connection is followed by a new
-//! one, at once after a `disconnect` Slack announced, else with backoff (or after what a
-//! `ratelimited` answer asked).
+//! one, at once after a `disconnect` Slack announced as a refresh (`refresh_requested`,
+//! `warning`), else with backoff (or after what a `ratelimited` answer asked).
 
 use std::time::Duration;
 
@@ -257,7 +257,15 @@ async fn connection<B: BrokerApi>(
                     ));
                 }
                 let _ = ws.close(None).await;
-                return Ended::Refresh(reason);
+                // A refresh Slack planned: at once. Anything else (`too_many_websockets`, a
+                // reason this adapter does not know): after the backoff, so a server that keeps
+                // saying it is not answered with a storm of connections.
+                if reason == "refresh_requested" || reason == "warning" {
+                    return Ended::Refresh(reason);
+                }
+                return Ended::Failed(unreachable(format!(
+                    "slack socket mode: disconnect ({reason})"
+                )));
             }
             Err(why) => {
                 tracing::error!(channel = %ctx.channel, error = %why, "slack socket mode: a malformed frame (ignored)");

@@ -413,6 +413,18 @@ async fn drops_disconnects_malformed_frames_and_rate_limits_are_survived() {
         (s.connections() > before).then_some(())
     });
     assert_eq!(r.fake.refused(), 0, "every ticket was used once");
+    // Any other reason: a new connection after the backoff, not at once.
+    let before = r.fake.connections();
+    let t0 = std::time::Instant::now();
+    r.fake.disconnect("too_many_websockets");
+    r.fake.wait("a connection after the backoff", WAIT, |s| {
+        (s.connections() > before).then_some(())
+    });
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
     // A rate-limited open: the adapter waits what Retry-After said, then connects.
     r.fake
         .inject("apps.connections.open", Injected::RateLimited(1));
