@@ -910,6 +910,12 @@ hmac_secret = "h"
 url = "https://hooks.example.com/x"
 path = "/hook"
 
+[channels.sl]
+kind = "slack"
+app_token_secret = "slack_app"
+bot_token_secret = "slack_bot"
+api_base = "https://slack.com/api"
+
 [[jobs]]
 name = "tick"
 every = "90s"
@@ -1000,6 +1006,14 @@ fn every_key_read_is_in_the_schema() {
     assert_eq!(
         (hook["url"].as_str(), hook["path"].as_str()),
         (Some("https://hooks.example.com/x"), Some("/hook"))
+    );
+    let sl = settings_of(&c.channels["sl"]);
+    assert_eq!(
+        (
+            sl["app_token_secret"].as_str(),
+            sl["bot_token_secret"].as_str()
+        ),
+        (Some("slack_app"), Some("slack_bot"))
     );
     assert_eq!(c.workspaces["w"].profiles, vec!["gateway".to_string()]);
     assert!(!c.workspaces["w"].writable);
