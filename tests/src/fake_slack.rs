@@ -702,3 +702,133 @@ fn serve_socket(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    const APP: &str = "xapp-1-A1-1-abcdef";
+    const BOT: &str = "xoxb-1-2-abcdef";
+
+    /// One HTTP exchange: (status line, headers and body as text).
+    fn post(addr: SocketAddr, method: &str, token: &str, body: &str) -> (String, String) {
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+        let req = format!(
+            "POST /api/{method} HTTP/1.1\r\nhost: slack.com\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap_or_else(|e| panic!("{e}"));
+        let (status, rest) = out.split_once("\r\n").unwrap_or((&out, ""));
+        (status.to_string(), rest.to_string())
+    }
+
+    fn url_of(answer: &str) -> String {
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+        v["url"].as_str().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn tickets_are_single_use_and_envelopes_wait_for_their_ack() {
+        let f = FakeSlack::start(APP, BOT);
+        let (status, rest) = post(f.api_addr(), "apps.connections.open", BOT, "{}");
+        assert!(
+            status.ends_with("200 OK") && rest.contains("not_allowed_token_type"),
+            "{rest}"
+        );
+        let (_, rest) = post(f.api_addr(), "apps.connections.open", APP, "{}");
+        let url = url_of(&rest);
+        assert!(
+            url.starts_with("ws://127.0.0.1:") && url.contains("ticket="),
+            "{url}"
+        );
+        let env = f.push_message("C1", "U1", "hi", None).0;
+        let (mut ws, _) = tungstenite::connect(url.as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let hello = ws.read().unwrap_or_else(|e| panic!("{e}"));
+        assert!(hello.to_text().unwrap_or("").contains("\"type\":\"hello\""));
+        let first = ws.read().unwrap_or_else(|e| panic!("{e}"));
+        let v: Value = serde_json::from_str(first.to_text().unwrap_or("")).unwrap_or(Value::Null);
+        assert_eq!(
+            (v["type"].as_str(), v["envelope_id"].as_str()),
+            (Some("events_api"), Some(env.as_str()))
+        );
+        assert_eq!(v["payload"]["event"]["text"], "hi");
+        assert_eq!(v["retry_attempt"], 0);
+        // Not acknowledged: sent again on the next connection, as a retry.
+        drop(ws);
+        assert!(
+            tungstenite::connect(url.as_str()).is_err(),
+            "a ticket used twice"
+        );
+        assert_eq!(f.refused(), 1);
+        let (_, rest) = post(f.api_addr(), "apps.connections.open", APP, "{}");
+        let (mut ws, _) =
+            tungstenite::connect(url_of(&rest).as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let _hello = ws.read();
+        let again = ws.read().unwrap_or_else(|e| panic!("{e}"));
+        let v: Value = serde_json::from_str(again.to_text().unwrap_or("")).unwrap_or(Value::Null);
+        assert_eq!(
+            (v["retry_attempt"].as_u64(), v["retry_reason"].as_str()),
+            (Some(1), Some("timeout"))
+        );
+        ws.send(Message::text(json!({"envelope_id": env}).to_string()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        f.wait_acked(&env, Duration::from_secs(5));
+        assert!(f.pending().is_empty());
+    }
+
+    #[test]
+    fn post_message_checks_and_rate_limits() {
+        let f = FakeSlack::start(APP, BOT);
+        let (_, rest) = post(
+            f.api_addr(),
+            "chat.postMessage",
+            APP,
+            r#"{"channel":"C1","text":"x"}"#,
+        );
+        assert!(rest.contains("not_allowed_token_type"), "{rest}");
+        let (_, rest) = post(
+            f.api_addr(),
+            "chat.postMessage",
+            BOT,
+            r#"{"channel":"C1","text":""}"#,
+        );
+        assert!(rest.contains("no_text"), "{rest}");
+        let (_, rest) = post(
+            f.api_addr(),
+            "chat.postMessage",
+            BOT,
+            r#"{"channel":"C1","text":"x","thread_ts":"nope"}"#,
+        );
+        assert!(rest.contains("invalid_thread_ts"), "{rest}");
+        f.inject("chat.postMessage", Injected::RateLimited(3));
+        let (status, rest) = post(
+            f.api_addr(),
+            "chat.postMessage",
+            BOT,
+            r#"{"channel":"C1","text":"x"}"#,
+        );
+        assert!(status.ends_with("429 Too Many Requests"), "{status}");
+        assert!(
+            rest.contains("retry-after: 3\r\n") && rest.contains("\"ratelimited\""),
+            "{rest}"
+        );
+        let (_, rest) = post(
+            f.api_addr(),
+            "chat.postMessage",
+            BOT,
+            r#"{"channel":"C1","text":"x","thread_ts":"1.2"}"#,
+        );
+        assert!(
+            rest.contains("\"ok\":true") && rest.contains("\"ts\""),
+            "{rest}"
+        );
+        assert_eq!(f.posted().len(), 1);
+    }
+}
