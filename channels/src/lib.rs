@@ -19,6 +19,7 @@
 //! | [`webhook`] | the signed-webhook adapter |
 //! | [`irc`] | the IRC adapter |
 //! | [`signal`] | the Signal adapter: JSON-RPC to signal-cli's daemon on a socket from the supervisor |
+//! | [`slack`] | the Slack adapter: Socket Mode in, `chat.postMessage` out |
 
 pub mod adapter;
 pub mod broker;
@@ -29,6 +30,7 @@ pub mod irc;
 pub mod net;
 pub mod settings;
 pub mod signal;
+pub mod slack;
 pub mod telegram;
 pub mod webhook;
 
@@ -106,6 +108,7 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Email(s) => email::run(ctx, s).await,
         KindSettings::Irc(s) => irc::run(ctx, s).await,
         KindSettings::Signal(s) => signal::run(ctx, s).await,
+        KindSettings::Slack(s) => slack::run(ctx, s).await,
     }
 }
 
@@ -211,4 +214,49 @@ pub fn fuzz_signal_input(data: &[u8]) {
             assert!(!e.message.is_empty());
         }
     }
+}
+
+/// The Slack fuzz entry point (`fuzz/fuzz_targets/slack.rs`, corpus replayed by
+/// `channels/tests/slack_fuzz_corpus.rs`): a Socket Mode frame, a Web API answer (as 200, 429
+/// and 500), a socket URL and a recipient. Nothing may panic; what decodes holds its invariants.
+pub fn fuzz_slack_input(data: &[u8]) {
+    if let Ok(slack::Frame::Envelope {
+        envelope_id,
+        message,
+        ..
+    }) = slack::parse_frame(data)
+    {
+        assert!(!envelope_id.is_empty());
+        let ack: serde_json::Value =
+            serde_json::from_str(&slack::ack_frame(&envelope_id)).unwrap_or_default();
+        assert_eq!(ack["envelope_id"], envelope_id.as_str());
+        if let Ok(m) = message {
+            assert!(slack::is_user_id(&m.sender));
+            assert_eq!(m.conversation, m.reply_to);
+            assert!(m.id.starts_with("msg:"));
+            assert!(slack::parse_recipient(&m.reply_to).is_some());
+            assert!(!m.text.trim().is_empty());
+        }
+    }
+    for (status, retry) in [(200, None), (429, Some(3)), (500, None)] {
+        match slack::api_result(status, retry, data) {
+            Ok(v) => assert_eq!(v["ok"], true),
+            Err(e) => {
+                assert!(!e.message.is_empty());
+                if status == 429 {
+                    assert!(e.retry_after.is_some());
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(data);
+    if let Ok(u) = slack::SocketUrl::parse(&text) {
+        assert!(!u.host().is_empty() && u.port() != 0);
+        assert!(u.tls() || net::is_loopback(u.host()));
+    }
+    if let Some((channel, thread)) = slack::parse_recipient(&text) {
+        assert!(!channel.contains(':'));
+        assert!(thread.is_none_or(|t| t.contains('.')));
+    }
+    assert_eq!(slack::decode_entities(&slack::encode_entities(&text)), text);
 }

@@ -59,6 +59,7 @@ pub enum KindSettings {
     Webhook(WebhookSettings),
     Irc(IrcSettings),
     Signal(SignalSettings),
+    Slack(SlackSettings),
 }
 
 impl KindSettings {
@@ -70,6 +71,7 @@ impl KindSettings {
             KindSettings::Webhook(_) => "webhook",
             KindSettings::Irc(_) => "irc",
             KindSettings::Signal(_) => "signal",
+            KindSettings::Slack(_) => "slack",
         }
     }
 }
@@ -232,6 +234,23 @@ pub fn is_signal_number(s: &str) -> bool {
     })
 }
 
+/// `kind = "slack"`: Socket Mode in, the Web API out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSettings {
+    /// The Web API's base, `https://slack.com/api` unless told (tests: `http://127.0.0.1:PORT/api`).
+    #[serde(default = "default_slack_api")]
+    pub api_base: String,
+    /// The policy secret holding the app-level token (`xapp-…`, scope `connections:write`).
+    pub app_token_secret: String,
+    /// The policy secret holding the bot token (`xoxb-…`).
+    pub bot_token_secret: String,
+}
+
+fn default_slack_api() -> String {
+    "https://slack.com/api".into()
+}
+
 impl Settings {
     /// From `$CARAPACE_CHANNEL_SETTINGS`.
     pub fn from_env() -> Result<Settings, SettingsError> {
@@ -316,6 +335,12 @@ impl Settings {
                 if !(100..=3_600_000).contains(&g.probe_interval_ms) {
                     return Err(invalid("probe_interval_ms", "100..=3600000"));
                 }
+            }
+            KindSettings::Slack(sl) => {
+                secret("app_token_secret", &sl.app_token_secret)?;
+                secret("bot_token_secret", &sl.bot_token_secret)?;
+                crate::net::ServiceUrl::parse(&sl.api_base)
+                    .map_err(|e| invalid("api_base", e.to_string()))?;
             }
             KindSettings::Webhook(w) => {
                 secret("hmac_secret", &w.hmac_secret)?;
@@ -475,6 +500,31 @@ mod tests {
             r#"{"channel":"i","kind":"irc","server":"127.0.0.1:6667","nick":"b","security":"plain"}"#
         )
         .is_ok());
+    }
+
+    #[test]
+    fn slack_with_defaults_and_refusals() {
+        let s = Settings::from_json(
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.kind,
+            KindSettings::Slack(SlackSettings {
+                api_base: "https://slack.com/api".into(),
+                app_token_secret: "a".into(),
+                bot_token_secret: "b".into(),
+            })
+        );
+        assert_eq!(s.kind.name(), "slack");
+        for bad in [
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a"}"#,
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"","bot_token_secret":"b"}"#,
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b","token":"x"}"#,
+            r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b","api_base":"http://slack.com/api"}"#,
+        ] {
+            assert!(Settings::from_json(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ use anyhow::{bail, Context, Result};
 pub mod agent;
 pub mod fake_llm;
 pub mod fake_signal_cli;
+pub mod fake_slack;
 pub mod fake_telegram;
 pub mod irc_fake;
 pub mod irc_server;

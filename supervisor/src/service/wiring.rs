@@ -13,7 +13,8 @@
 //! - the channel's `operator` (if any) is an identity the adapter can report: a Telegram user
 //!   id (digits), a lowercase e-mail
 //!   address (the e-mail adapter lowercases From), an IRC nick or account in IRC lower case, a
-//!   Signal number (`+` and digits) or account uuid, else it could never answer anything.
+//!   Signal number (`+` and digits) or account uuid, a Slack user id (`U…`/`W…`), else it could
+//!   never answer anything.
 //!
 //! For each `[[jobs]]` with `deliver_to`: the gateway's profile may `send` on its channel (an
 //! error: the job's answers could never be delivered).
@@ -38,7 +39,13 @@ pub struct Wiring {
 }
 
 /// The secret-naming keys of the built-in kinds' settings.
-const SECRET_KEYS: &[&str] = &["token_secret", "password_secret", "hmac_secret"];
+const SECRET_KEYS: &[&str] = &[
+    "token_secret",
+    "password_secret",
+    "hmac_secret",
+    "app_token_secret",
+    "bot_token_secret",
+];
 
 /// The (host, port) pairs an adapter's settings say it connects to.
 fn endpoints(settings: &serde_json::Value) -> Vec<(String, u16)> {
@@ -61,6 +68,9 @@ fn endpoints(settings: &serde_json::Value) -> Vec<(String, u16)> {
                 out.extend(host_port(hp, 0));
             }
         }
+        // The Web API only: the Socket Mode host comes from apps.connections.open at run time
+        // (wss-primary.slack.com and the like; docs/channels.md says which rule covers it).
+        "slack" => out.extend(url_of("api_base", Some("https://slack.com/api"))),
         "email" => {
             for key in ["imap", "smtp"] {
                 if let Some(hp) = settings.get(key).and_then(|v| v.as_str()) {
@@ -127,6 +137,9 @@ fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: 
         "telegram" if !(op.bytes().all(|b| b.is_ascii_digit()) && op.parse::<u64>().is_ok()) => {
             Some("is not a Telegram user id (the digits @userinfobot shows)")
         }
+        "slack" if !is_slack_user_id(op) => {
+            Some("is not a Slack user id (U… or W…, from the person's profile: Copy member ID)")
+        }
         "email" if !op.contains('@') => Some("is not an e-mail address"),
         "signal" if !(super::config::is_signal_number(op) || is_uuid(op)) => Some(
             "is neither a phone number (+ and digits) nor a Signal account uuid, the two forms \
@@ -166,6 +179,14 @@ fn is_uuid(s: &str) -> bool {
             p.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         })
+}
+
+/// A Slack user id as the Slack adapter reports senders: `U…` or `W…`, capitals and digits.
+fn is_slack_user_id(s: &str) -> bool {
+    (2..=64).contains(&s.len())
+        && (s.starts_with('U') || s.starts_with('W'))
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 fn check_rules(

@@ -78,8 +78,16 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
             ("daemon", DAEMON),
         ],
     ),
+    (
+        "slack",
+        &[
+            ("api_base", Str),
+            ("app_token_secret", Str),
+            ("bot_token_secret", Str),
+        ],
+    ),
 ];
-const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\"";
+const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\"";
 const IRC_NAME_EXPECTED: &str =
     "an IRC nick or account name (no spaces, commas or control characters, not starting with `:` or `#`)";
 
@@ -393,6 +401,13 @@ pub(super) fn settings(
             }
             let d = get_duration(cx, t, "poll_interval", Duration::from_secs(60));
             out.insert("poll_interval_ms".into(), millis(d));
+        }
+        "slack" => {
+            if t.get("api_base").is_some() {
+                url(cx, t, "api_base", &mut out);
+            }
+            secret_name(cx, t, at, "app_token_secret", &mut out);
+            secret_name(cx, t, at, "bot_token_secret", &mut out);
         }
         "webhook" => {
             secret_name(cx, t, at, "hmac_secret", &mut out);

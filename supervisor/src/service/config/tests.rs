@@ -731,6 +731,32 @@ url = "https://hooks.example.com/agent"
 }
 
 #[test]
+fn the_slack_kind_becomes_adapter_settings() {
+    let c = parse(
+        "[channels.sl]\nkind = \"slack\"\nprofile = \"slack\"\napp_token_secret = \"slack_app\"\n\
+         bot_token_secret = \"slack_bot\"\napi_base = \"http://127.0.0.1:9/api/\"\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        settings_of(&c.channels["sl"]),
+        serde_json::json!({"channel": "sl", "state_dir": "/workspace", "kind": "slack",
+                "api_base": "http://127.0.0.1:9/api", "app_token_secret": "slack_app",
+                "bot_token_secret": "slack_bot"})
+    );
+    let e = errors("[channels.a]\nkind = \"slack\"\napp_token_secret = \"a\"\n");
+    assert!(
+        has(&e, "1:11: [channels.a] has no `bot_token_secret`"),
+        "{e:?}"
+    );
+    let e = errors(
+        "[channels.a]\nkind = \"slack\"\napp_token_secret = \"a\"\nbot_token_secret = \"b\"\n\
+         api_base = \"http://slack.com/api\"\ntoken_secret = \"t\"\n",
+    );
+    assert!(has(&e, "5:12: `api_base`"), "{e:?}");
+    assert!(has(&e, "6:1: unknown key `token_secret`"), "{e:?}");
+}
+
+#[test]
 fn channel_kind_errors_are_located() {
     let e = errors("[channels.a]\nkind = \"fax\"\n");
     assert!(has(&e, "2:8: unknown channel kind \"fax\""), "{e:?}");
@@ -904,6 +930,12 @@ request_timeout = "90s"
 probe_interval = "1m"
 daemon = { program = "/opt/signal-cli/bin/signal-cli", args = ["jsonRpc"], profile = "sc", workspace = "/srv/signal-cli" }
 
+[channels.sl]
+kind = "slack"
+app_token_secret = "slack_app"
+bot_token_secret = "slack_bot"
+api_base = "https://slack.com/api"
+
 [[jobs]]
 name = "tick"
 every = "90s"
@@ -1004,6 +1036,14 @@ fn every_key_read_is_in_the_schema() {
         (Some(90000), Some(60000))
     );
     assert_eq!(c.daemons["sig-signal-cli"].profile, "sc");
+    let sl = settings_of(&c.channels["sl"]);
+    assert_eq!(
+        (
+            sl["app_token_secret"].as_str(),
+            sl["bot_token_secret"].as_str()
+        ),
+        (Some("slack_app"), Some("slack_bot"))
+    );
     assert_eq!(c.workspaces["w"].profiles, vec!["gateway".to_string()]);
     assert!(!c.workspaces["w"].writable);
     // The file covers the whole schema: each of its keys is written in it.

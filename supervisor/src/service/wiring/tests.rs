@@ -294,3 +294,49 @@ account = "+15550001111"
         );
     }
 }
+
+#[test]
+fn a_slack_channel_needs_both_secrets_its_api_host_and_a_slack_operator() {
+    let slack = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "slack"
+profile = "tg"
+app_token_secret = "bot"
+bot_token_secret = "bot"
+api_base = "http://127.0.0.1:8081/api"
+"#;
+    assert_eq!(wiring(slack, GOOD), Wiring::default());
+    assert_eq!(
+        endpoints(&serde_json::json!({"kind": "slack"})),
+        vec![("slack.com".to_string(), 443)]
+    );
+    // A secret the profile may not fetch.
+    let w = wiring(
+        &slack.replace("bot_token_secret = \"bot\"", "bot_token_secret = \"xoxb\""),
+        GOOD,
+    );
+    assert!(
+        w.errors
+            .iter()
+            .any(|e| e.contains("`bot_token_secret` = \"xoxb\"")),
+        "{w:?}"
+    );
+    // The operator is a Slack user id.
+    let with = |op: &str| {
+        GOOD.replace(
+            "reply_to_senders = true",
+            &format!("reply_to_senders = true\noperator = \"{op}\""),
+        )
+    };
+    assert_eq!(wiring(slack, &with("U0123ABCD")), Wiring::default());
+    assert_eq!(wiring(slack, &with("W0123ABCD")), Wiring::default());
+    for bad in ["123456789", "u0123abcd", "C0123ABCD", "@alice"] {
+        let w = wiring(slack, &with(bad));
+        assert!(
+            w.errors.iter().any(|e| e.contains("not a Slack user id")),
+            "{bad}: {w:?}"
+        );
+    }
+}
