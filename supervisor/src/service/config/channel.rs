@@ -87,7 +87,8 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
         ],
     ),
 ];
-const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\"";
+const KIND_EXPECTED: &str =
+    "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\"";
 const IRC_NAME_EXPECTED: &str =
     "an IRC nick or account name (no spaces, commas or control characters, not starting with `:` or `#`)";
 
