@@ -17,10 +17,12 @@
 //! | [`telegram`] | the Telegram Bot API adapter |
 //! | [`email`] | the e-mail adapter: IMAP in, SMTP out |
 //! | [`webhook`] | the signed-webhook adapter |
+//! | [`discord`] | the Discord adapter: Gateway WebSocket in, REST out |
 
 pub mod adapter;
 pub mod broker;
 pub mod cursor;
+pub mod discord;
 pub mod email;
 pub mod http;
 pub mod net;
@@ -100,6 +102,7 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Telegram(s) => telegram::run(ctx, s).await,
         KindSettings::Webhook(s) => webhook::run(ctx, s).await,
         KindSettings::Email(s) => email::run(ctx, s).await,
+        KindSettings::Discord(s) => discord::run(ctx, s).await,
     }
 }
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
+pub mod fake_discord;
 pub mod fake_llm;
 pub mod fake_telegram;
 pub mod mail;
