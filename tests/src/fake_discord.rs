@@ -535,6 +535,8 @@ fn close(ws: &mut tungstenite::WebSocket<TcpStream>, code: u16, reason: &str) {
 }
 
 /// One Gateway connection.
+// The handshake callback's error type is tungstenite's (an HTTP response), not ours.
+#[allow(clippy::result_large_err)]
 fn serve_gateway(stream: TcpStream, serial: u64, shared: &Shared) -> std::io::Result<()> {
     let raw = stream.try_clone()?;
     let mut query = String::new();

@@ -371,7 +371,7 @@ fn discord_malformed_frames_rate_limits_and_lost_answers_are_handled() {
     );
     assert!(log.contains("429"), "the 429 is not in the log");
     // A long answer is split at 2000 characters.
-    w.llm.push(Scripted::text(&"a long answer ".repeat(300)));
+    w.llm.push(Scripted::text("a long answer ".repeat(300)));
     w.dc.post(CHAN, Some(GUILD), ALICE, "say a lot");
     wait_for(Duration::from_secs(30), "the pieces", || {
         (answers(&w.dc, CHAN, "a long answer") >= 3).then_some(())
