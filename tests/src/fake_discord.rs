@@ -22,6 +22,9 @@
 //!   ([`FakeDiscord::over_limit`]). [`FakeDiscord::inject`] makes the next POST answer
 //!   something else: a 429 (route or global), an error, a raw body, or creates the message and
 //!   cuts the connection before answering ([`RestInjected::CreateThenDrop`]).
+//! - `POST /users/@me/channels` (`recipient_id`) opens (or finds) the DM channel with a user; a
+//!   `POST /channels/{id}/messages` to the id of a user who posted is 404 Unknown Channel
+//!   (code 10003), as a user id is no channel on Discord.
 //! - The bot's own messages come back on the Gateway as MESSAGE_CREATE (author = the bot), as
 //!   on Discord.
 
@@ -102,6 +105,10 @@ struct State {
     nonces: HashMap<(String, String), Value>,
     injected: VecDeque<RestInjected>,
     route_limit: (u64, Duration),
+    /// Users that posted (their ids are no channel: a POST there is Unknown Channel).
+    users: HashSet<String>,
+    /// User id → the DM channel opened with them.
+    dms: HashMap<String, String>,
     windows: HashMap<String, (Instant, u64)>,
     over_limit: usize,
 }
@@ -259,6 +266,7 @@ impl FakeDiscord {
         content: &str,
     ) -> Option<String> {
         let mut st = self.shared.state();
+        st.users.insert(author.to_string());
         let id = snowflake(st.next_id);
         st.next_id += 1;
         let d = message_object(&id, channel, guild, author, bot, content, 0);
@@ -364,6 +372,11 @@ impl FakeDiscord {
     /// "allowed_mentions", "id"}`.
     pub fn sent(&self) -> Vec<Value> {
         self.shared.state().sent.clone()
+    }
+
+    /// The DM channel opened with `user`, if any.
+    pub fn dm_of(&self, user: &str) -> Option<String> {
+        self.shared.state().dms.get(user).cloned()
     }
 
     /// The contents sent to `channel`.
@@ -734,6 +747,34 @@ fn serve_rest(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let auth_ok = head.headers.get("authorization").map(String::as_str)
         == Some(format!("Bot {}", shared.token).as_str());
     let params: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if head.target == "/api/v10/users/@me/channels" && head.method == "POST" && auth_ok {
+        let mut st = shared.state();
+        st.calls.push(RestCall {
+            method: head.method.clone(),
+            path: head.target.clone(),
+            auth_ok,
+            body: params.clone(),
+            at: Instant::now(),
+        });
+        let Some(user) = params["recipient_id"].as_str().map(str::to_string) else {
+            drop(st);
+            return answer(&mut w, 400, &[], &error_body(50035, "Invalid Form Body"));
+        };
+        let id = match st.dms.get(&user) {
+            Some(id) => id.clone(),
+            None => {
+                let id = snowflake(st.next_id);
+                st.next_id += 1;
+                st.dms.insert(user.clone(), id.clone());
+                id
+            }
+        };
+        drop(st);
+        shared.changed.notify_all();
+        let b = json!({"id": id, "type": 1, "last_message_id": null, "flags": 0,
+                       "recipients": [{"id": user, "username": format!("user{user}"), "discriminator": "0"}]});
+        return answer(&mut w, 200, &[], &b.to_string());
+    }
     let channel = head
         .target
         .strip_prefix("/api/v10/channels/")
@@ -757,6 +798,10 @@ fn serve_rest(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         drop(st);
         return answer(&mut w, 404, &[], &error_body(0, "404: Not Found"));
     };
+    if st.users.contains(&channel) {
+        drop(st);
+        return answer(&mut w, 404, &[], &error_body(10003, "Unknown Channel"));
+    }
     // The route's window.
     let (limit, window) = st.route_limit;
     let now = Instant::now();

@@ -382,3 +382,35 @@ fn discord_malformed_frames_rate_limits_and_lost_answers_are_handled() {
         .iter()
         .all(|t| t.chars().count() <= 2000));
 }
+
+#[test]
+fn discord_operator_is_told_in_a_dm_and_answers_from_it() {
+    let w = start(&format!("operator = \"{ALICE}\""), vec![]);
+    // Alice has written to the bot before (a DM channel exists for her).
+    w.dc.post(DM, None, ALICE, "hi bot");
+    answered_once(&w.dc, DM, "hi bot");
+    // A stranger is held, and the operator (a user id) is told in the DM with the bot.
+    w.dc.post(CHAN, Some(GUILD), MALLORY, "please let me in");
+    let dm = wait_for(Duration::from_secs(30), "the DM opened", || {
+        w.dc.dm_of(ALICE)
+    });
+    let note = wait_for(Duration::from_secs(30), "the announcement", || {
+        w.dc.texts_to(&dm)
+            .into_iter()
+            .find(|t| t.contains("Held message"))
+    });
+    let n: String = note
+        .split("Held message ")
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    assert!(!n.is_empty(), "{note}");
+    // Only the operator's answer counts: a stranger's `admit` is just another held message.
+    w.dc.post(CHAN, Some(GUILD), MALLORY, &format!("admit {n}"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(answers(&w.dc, CHAN, "please let me in"), 0);
+    w.dc.post(&dm, None, ALICE, &format!("admit {n}"));
+    answered_once(&w.dc, CHAN, "please let me in");
+}

@@ -1,6 +1,9 @@
 //! Sending: `POST /channels/{channel.id}/messages`, split, idempotent per piece (`nonce` +
 //! `enforce_nonce`), within Discord's rate limits (the `X-RateLimit-*` headers, 429
-//! `retry_after`, per route and global).
+//! `retry_after`, per route and global). A recipient Discord does not know as a channel
+//! (`Unknown Channel`, code 10003) is taken for a user id: the DM channel with that user is
+//! opened (`POST /users/@me/channels`) and the message goes there; so the broker's
+//! announcements to a channel's `operator` (a user id) reach the operator's DM.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -203,6 +206,8 @@ pub struct Rest<B> {
     limits: Mutex<Limits>,
     /// Outbox id → pieces already sent (a retry resumes after them).
     progress: Mutex<HashMap<String, usize>>,
+    /// User id → the DM channel with them (a recipient that is a user, like the operator).
+    dms: Mutex<HashMap<String, String>>,
 }
 
 impl<B: BrokerApi> Rest<B> {
@@ -213,6 +218,7 @@ impl<B: BrokerApi> Rest<B> {
             token,
             limits: Mutex::new(Limits::default()),
             progress: Mutex::new(HashMap::new()),
+            dms: Mutex::new(HashMap::new()),
         }
     }
 
@@ -231,10 +237,37 @@ impl<B: BrokerApi> Rest<B> {
         }
     }
 
-    /// Post one piece, waiting out rate limits up to [`MAX_INLINE_WAIT`].
+    /// Post one piece to `channel`, waiting out rate limits up to [`MAX_INLINE_WAIT`].
     async fn post(&self, channel: &str, body: &Value) -> Result<Value, ServiceError> {
-        let route = format!("POST /channels/{channel}/messages");
-        let path = format!("{}/channels/{channel}/messages", self.base.path());
+        self.call(&format!("/channels/{channel}/messages"), body)
+            .await
+    }
+
+    /// The DM channel with user `user` (`POST /users/@me/channels`), remembered.
+    async fn dm_channel(&self, user: &str) -> Result<String, ServiceError> {
+        if let Some(c) = lock(&self.dms).get(user) {
+            return Ok(c.clone());
+        }
+        let channel = self
+            .call("/users/@me/channels", &json!({"recipient_id": user}))
+            .await?;
+        let id = channel
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let mut dms = lock(&self.dms);
+        if dms.len() >= REMEMBERED {
+            dms.clear();
+        }
+        dms.insert(user.to_string(), id.clone());
+        Ok(id)
+    }
+
+    /// POST `body` to `route` (a path below the API base), within the rate limits.
+    async fn call(&self, route_path: &str, body: &Value) -> Result<Value, ServiceError> {
+        let route = format!("POST {route_path}");
+        let path = format!("{}{route_path}", self.base.path());
         let mut throttled = 0;
         loop {
             let wait = lock(&self.limits).wait(&route, Instant::now());
@@ -261,7 +294,7 @@ impl<B: BrokerApi> Rest<B> {
                 .map_err(|e| {
                     ServiceError::new(
                         FailureKind::Unreachable,
-                        self.token.scrub(&format!("discord POST messages: {e}")),
+                        self.token.scrub(&format!("discord {route}: {e}")),
                     )
                 })?;
             let r = classify(resp.status, &resp.headers, &resp.body);
@@ -311,6 +344,11 @@ impl<B: BrokerApi> Outlet for Rest<B> {
             .filter(|id| is_snowflake(id));
         let start = lock(&self.progress).get(&msg.id).copied().unwrap_or(0);
         let mut service_id = None;
+        // A user id (the operator's announcements go to the operator) is sent to their DM.
+        let mut channel = lock(&self.dms)
+            .get(&msg.recipient)
+            .cloned()
+            .unwrap_or_else(|| msg.recipient.clone());
         for (i, piece) in pieces.iter().enumerate().skip(start) {
             let mut body = json!({
                 "content": piece,
@@ -321,7 +359,19 @@ impl<B: BrokerApi> Outlet for Rest<B> {
             if let (0, Some(m)) = (i, reply_to) {
                 body["message_reference"] = json!({"message_id": m, "fail_if_not_exists": false});
             }
-            match self.post(&msg.recipient, &body).await {
+            let mut r = self.post(&channel, &body).await;
+            if r.as_ref()
+                .is_err_and(|e| e.message.ends_with("(code 10003)"))
+                && channel == msg.recipient
+            {
+                // Unknown Channel: the recipient may be a user; open (or find) the DM with them.
+                if let Ok(dm) = self.dm_channel(&msg.recipient).await {
+                    tracing::info!(dm = %dm, "discord: the recipient is a user: sending to the DM with them");
+                    channel = dm;
+                    r = self.post(&channel, &body).await;
+                }
+            }
+            match r {
                 Ok(created) => {
                     if service_id.is_none() {
                         service_id = created

@@ -407,6 +407,27 @@ async fn sending_splits_replies_and_never_doubles_a_retried_piece() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(fake.sent().len(), before + 2);
+    // A recipient that is a user (the operator): sent to the DM with them, opened once.
+    fake.post(
+        "1000000000000000077",
+        None,
+        ALICE,
+        "makes ALICE a known user",
+    );
+    rest.send(&outbound("u1", ALICE, "to the operator"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rest.send(&outbound("u2", ALICE, "again"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dm = fake.dm_of(ALICE).unwrap_or_else(|| panic!("no DM opened"));
+    assert_eq!(fake.texts_to(&dm), vec!["to the operator", "again"]);
+    let opened = fake
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/users/@me/channels"))
+        .count();
+    assert_eq!(opened, 1);
     // Refusals: no retry.
     fake.inject(RestInjected::Error {
         status: 403,
