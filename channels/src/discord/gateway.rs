@@ -333,6 +333,8 @@ impl<B: BrokerApi> Gateway<B> {
             End::Dropped(why) => Err(unreachable(format!("discord gateway: {why}"))),
             End::Reconnect => {
                 tracing::info!("discord gateway: asked to reconnect: resuming");
+                // A moment's pause, so that a server asking again and again is no busy loop.
+                tokio::time::sleep(jitter(Duration::from_secs(1))).await;
                 Ok(())
             }
             End::Invalid { resumable: true } => {
@@ -347,6 +349,7 @@ impl<B: BrokerApi> Gateway<B> {
             }
             End::Fresh(why) => {
                 self.lose_session(&why);
+                tokio::time::sleep(Duration::from_secs(1) + jitter(INVALID_SESSION_WAIT)).await;
                 Ok(())
             }
             End::Fatal(why) => Err(ServiceError::new(
