@@ -28,10 +28,12 @@ pub enum HttpError {
     Body(String),
 }
 
-/// An answer: its status and whole body.
+/// An answer: its status, headers and whole body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
+    /// The answer's headers (a service's rate-limit headers, for one).
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
@@ -122,6 +124,7 @@ async fn exchange_inner<B: BrokerApi>(
             .await
             .map_err(HttpError::Http)?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let declared = resp
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
@@ -141,7 +144,11 @@ async fn exchange_inner<B: BrokerApi>(
                 }
             })?
             .to_bytes();
-        Ok(Response { status, body })
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
     .await;
     driver.abort();

@@ -20,10 +20,12 @@
 //! | [`irc`] | the IRC adapter |
 //! | [`signal`] | the Signal adapter: JSON-RPC to signal-cli's daemon on a socket from the supervisor |
 //! | [`slack`] | the Slack adapter: Socket Mode in, `chat.postMessage` out |
+//! | [`discord`] | the Discord adapter: Gateway WebSocket in, REST out |
 
 pub mod adapter;
 pub mod broker;
 pub mod cursor;
+pub mod discord;
 pub mod email;
 pub mod http;
 pub mod irc;
@@ -109,6 +111,7 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Irc(s) => irc::run(ctx, s).await,
         KindSettings::Signal(s) => signal::run(ctx, s).await,
         KindSettings::Slack(s) => slack::run(ctx, s).await,
+        KindSettings::Discord(s) => discord::run(ctx, s).await,
     }
 }
 

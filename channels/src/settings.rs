@@ -60,6 +60,7 @@ pub enum KindSettings {
     Irc(IrcSettings),
     Signal(SignalSettings),
     Slack(SlackSettings),
+    Discord(DiscordSettings),
 }
 
 impl KindSettings {
@@ -72,6 +73,7 @@ impl KindSettings {
             KindSettings::Irc(_) => "irc",
             KindSettings::Signal(_) => "signal",
             KindSettings::Slack(_) => "slack",
+            KindSettings::Discord(_) => "discord",
         }
     }
 }
@@ -96,6 +98,28 @@ fn default_telegram_api() -> String {
 
 fn default_poll_timeout_ms() -> u64 {
     30_000
+}
+
+/// `kind = "discord"`: the Gateway (WebSocket) in, REST out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordSettings {
+    /// The REST API: `https://discord.com/api/v10` unless told (tests: `http://127.0.0.1:PORT/api/v10`).
+    #[serde(default = "default_discord_api")]
+    pub api_base: String,
+    /// The Gateway: `wss://gateway.discord.gg` unless told (tests: `ws://127.0.0.1:PORT`).
+    #[serde(default = "default_discord_gateway")]
+    pub gateway_url: String,
+    /// The policy secret holding the bot token.
+    pub token_secret: String,
+}
+
+fn default_discord_api() -> String {
+    "https://discord.com/api/v10".into()
+}
+
+fn default_discord_gateway() -> String {
+    "wss://gateway.discord.gg".into()
 }
 
 /// How a mail connection is protected.
@@ -342,6 +366,13 @@ impl Settings {
                 crate::net::ServiceUrl::parse(&sl.api_base)
                     .map_err(|e| invalid("api_base", e.to_string()))?;
             }
+            KindSettings::Discord(d) => {
+                secret("token_secret", &d.token_secret)?;
+                crate::net::ServiceUrl::parse(&d.api_base)
+                    .map_err(|e| invalid("api_base", e.to_string()))?;
+                crate::discord::GatewayUrl::parse(&d.gateway_url)
+                    .map_err(|e| invalid("gateway_url", e.to_string()))?;
+            }
             KindSettings::Webhook(w) => {
                 secret("hmac_secret", &w.hmac_secret)?;
                 if let Some(url) = &w.url {
@@ -503,6 +534,25 @@ mod tests {
     }
 
     #[test]
+    fn discord_with_defaults() {
+        let s = Settings::from_json(r#"{"channel":"dc","kind":"discord","token_secret":"bot"}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.kind,
+            KindSettings::Discord(DiscordSettings {
+                api_base: "https://discord.com/api/v10".into(),
+                gateway_url: "wss://gateway.discord.gg".into(),
+                token_secret: "bot".into(),
+            })
+        );
+        assert_eq!(s.kind.name(), "discord");
+        assert!(Settings::from_json(
+            r#"{"channel":"dc","kind":"discord","token_secret":"bot","gateway_url":"ws://127.0.0.1:9","api_base":"http://127.0.0.1:8/api/v10"}"#
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn slack_with_defaults_and_refusals() {
         let s = Settings::from_json(
             r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b"}"#,
@@ -545,6 +595,11 @@ mod tests {
             r#"{"channel":"h","kind":"webhook","hmac_secret":"k","path":"hook"}"#,
             r#"{"channel":"h","kind":"webhook","hmac_secret":"k","path":"/h?x=1"}"#,
             r#"{"channel":"h","kind":"webhook","hmac_secret":"k","url":"http://example.com/"}"#,
+            r#"{"channel":"d","kind":"discord"}"#,
+            r#"{"channel":"d","kind":"discord","token_secret":"t","gateway_url":"ws://gateway.discord.gg"}"#,
+            r#"{"channel":"d","kind":"discord","token_secret":"t","gateway_url":"https://gateway.discord.gg"}"#,
+            r#"{"channel":"d","kind":"discord","token_secret":"t","api_base":"http://discord.com/api/v10"}"#,
+            r#"{"channel":"d","kind":"discord","token_secret":"t","intents":1}"#,
         ] {
             assert!(Settings::from_json(bad).is_err(), "{bad}");
         }

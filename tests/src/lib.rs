@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 
 pub mod agent;
+pub mod fake_discord;
 pub mod fake_llm;
 pub mod fake_signal_cli;
 pub mod fake_slack;

@@ -11,7 +11,7 @@
 //! - the gateway's profile may `send` on the channel (else the agent could never answer: a
 //!   warning, since a channel may be inbound-only on purpose);
 //! - the channel's `operator` (if any) is an identity the adapter can report: a Telegram user
-//!   id (digits), a lowercase e-mail
+//!   id (digits), a Discord user id (digits), a lowercase e-mail
 //!   address (the e-mail adapter lowercases From), an IRC nick or account in IRC lower case, a
 //!   Signal number (`+` and digits) or account uuid, a Slack user id (`U…`/`W…`), else it could
 //!   never answer anything.
@@ -71,6 +71,19 @@ fn endpoints(settings: &serde_json::Value) -> Vec<(String, u16)> {
         // The Web API only: the Socket Mode host comes from apps.connections.open at run time
         // (wss-primary.slack.com and the like; docs/channels.md says which rule covers it).
         "slack" => out.extend(url_of("api_base", Some("https://slack.com/api"))),
+        "discord" => {
+            out.extend(url_of("api_base", Some("https://discord.com/api/v10")));
+            let gateway = settings
+                .get("gateway_url")
+                .and_then(|v| v.as_str())
+                .unwrap_or("wss://gateway.discord.gg");
+            let (tls, rest) = match gateway.strip_prefix("wss://") {
+                Some(r) => (true, r),
+                None => (false, gateway.strip_prefix("ws://").unwrap_or("")),
+            };
+            let authority = rest.split(['/', '?']).next().unwrap_or("");
+            out.extend(host_port(authority, if tls { 443 } else { 80 }));
+        }
         "email" => {
             for key in ["imap", "smtp"] {
                 if let Some(hp) = settings.get(key).and_then(|v| v.as_str()) {
@@ -139,6 +152,9 @@ fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: 
         }
         "slack" if !is_slack_user_id(op) => {
             Some("is not a Slack user id (U… or W…, from the person's profile: Copy member ID)")
+        }
+        "discord" if !(op.bytes().all(|b| b.is_ascii_digit()) && op.parse::<u64>().is_ok()) => {
+            Some("is not a Discord user id (the digits Developer Mode's Copy User ID gives)")
         }
         "email" if !op.contains('@') => Some("is not an e-mail address"),
         "signal" if !(super::config::is_signal_number(op) || is_uuid(op)) => Some(

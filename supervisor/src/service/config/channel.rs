@@ -86,9 +86,17 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
             ("bot_token_secret", Str),
         ],
     ),
+    (
+        "discord",
+        &[
+            ("api_base", Str),
+            ("gateway_url", Str),
+            ("token_secret", Str),
+        ],
+    ),
 ];
 const KIND_EXPECTED: &str =
-    "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\"";
+    "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\", \"discord\"";
 const IRC_NAME_EXPECTED: &str =
     "an IRC nick or account name (no spaces, commas or control characters, not starting with `:` or `#`)";
 
@@ -114,6 +122,8 @@ const HOSTPORT_EXPECTED: &str = "a host and port such as \"imap.example.com:993\
 const SECURITY_EXPECTED: &str =
     "\"tls\" (implicit TLS), \"starttls\", or \"plain\" (loopback hosts only)";
 const ADDRESS_EXPECTED: &str = "an e-mail address such as \"agent@example.com\"";
+const WS_URL_EXPECTED: &str =
+    "a wss:// URL, or ws:// to a loopback host, e.g. \"wss://gateway.discord.gg\"";
 const URL_EXPECTED: &str =
     "an https:// URL, or http:// to a loopback host, e.g. \"https://api.telegram.org\"";
 
@@ -255,6 +265,44 @@ fn url(cx: &mut Sink<'_>, t: &Table, key: &str, out: &mut Map<String, Value>) ->
         }
     }
     false
+}
+
+/// A WebSocket URL key: wss, or ws to a loopback host (checked as the https/http URL it
+/// connects like).
+fn ws_url(cx: &mut Sink<'_>, t: &Table, key: &str, out: &mut Map<String, Value>) {
+    let Some((s, e)) = get_str(t, key) else {
+        return;
+    };
+    let as_http = if let Some(r) = s.strip_prefix("wss://") {
+        format!("https://{r}")
+    } else if let Some(r) = s.strip_prefix("ws://") {
+        format!("http://{r}")
+    } else {
+        cx.err(
+            &e.node.span,
+            format!("`{key}` = {s:?}: not a wss:// or ws:// URL"),
+            WS_URL_EXPECTED,
+        );
+        return;
+    };
+    match split_url(&as_http) {
+        Err(why) => cx.err(
+            &e.node.span,
+            format!("`{key}` = {s:?}: {why}"),
+            WS_URL_EXPECTED,
+        ),
+        Ok((false, host, _, _)) if !is_loopback_host(host) => cx.err(
+            &e.node.span,
+            format!(
+                "`{key}` = {s:?}: plain ws to a host that is not loopback would send the \
+                 credential and the messages unencrypted"
+            ),
+            WS_URL_EXPECTED,
+        ),
+        Ok(_) => {
+            out.insert(key.into(), s.trim_end_matches('/').into());
+        }
+    }
 }
 
 /// A `host:port` key and its `*_security` companion.
@@ -409,6 +457,13 @@ pub(super) fn settings(
             }
             secret_name(cx, t, at, "app_token_secret", &mut out);
             secret_name(cx, t, at, "bot_token_secret", &mut out);
+        }
+        "discord" => {
+            if t.get("api_base").is_some() {
+                url(cx, t, "api_base", &mut out);
+            }
+            ws_url(cx, t, "gateway_url", &mut out);
+            secret_name(cx, t, at, "token_secret", &mut out);
         }
         "webhook" => {
             secret_name(cx, t, at, "hmac_secret", &mut out);

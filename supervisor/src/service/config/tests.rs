@@ -792,6 +792,24 @@ fn channel_kind_errors_are_located() {
             .expect("loopback plain is allowed");
     let e = errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\n");
     assert!(has(&e, "1:11: [channels.w] has no `listen`"), "{e:?}");
+    let e = errors("[channels.d]\nkind = \"discord\"\n");
+    assert!(has(&e, "1:11: [channels.d] has no `token_secret`"), "{e:?}");
+    let e = errors("[channels.d]\nkind = \"discord\"\ntoken_secret = \"t\"\ngateway_url = \"ws://gateway.discord.gg\"\n");
+    assert!(
+        has(
+            &e,
+            "4:15: `gateway_url` = \"ws://gateway.discord.gg\": plain ws"
+        ),
+        "{e:?}"
+    );
+    let e = errors("[channels.d]\nkind = \"discord\"\ntoken_secret = \"t\"\ngateway_url = \"https://gateway.discord.gg\"\n");
+    assert!(has(&e, "not a wss:// or ws:// URL"), "{e:?}");
+    let d = parse("[channels.d]\nkind = \"discord\"\ntoken_secret = \"t\"\ngateway_url = \"ws://127.0.0.1:9/\"\napi_base = \"http://127.0.0.1:8/api/v10\"\n")
+        .expect("loopback ws is allowed");
+    assert_eq!(
+        settings_of(&d.channels["d"])["gateway_url"],
+        "ws://127.0.0.1:9"
+    );
     let e =
         errors("[channels.w]\nkind = \"webhook\"\nhmac_secret = \"k\"\nlisten = \"0.0.0.0:80\"\n");
     assert!(
@@ -936,6 +954,13 @@ app_token_secret = "slack_app"
 bot_token_secret = "slack_bot"
 api_base = "https://slack.com/api"
 
+[channels.dc]
+kind = "discord"
+profile = "discord"
+api_base = "https://discord.com/api/v10"
+gateway_url = "wss://gateway.discord.gg"
+token_secret = "d"
+
 [[jobs]]
 name = "tick"
 every = "90s"
@@ -1043,6 +1068,11 @@ fn every_key_read_is_in_the_schema() {
             sl["bot_token_secret"].as_str()
         ),
         (Some("slack_app"), Some("slack_bot"))
+    );
+    let dc = settings_of(&c.channels["dc"]);
+    assert_eq!(
+        (dc["gateway_url"].as_str(), dc["token_secret"].as_str()),
+        (Some("wss://gateway.discord.gg"), Some("d"))
     );
     assert_eq!(c.workspaces["w"].profiles, vec!["gateway".to_string()]);
     assert!(!c.workspaces["w"].writable);

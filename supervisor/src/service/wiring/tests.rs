@@ -103,6 +103,63 @@ fn endpoints_of_each_kind() {
         vec![("127.0.0.1".to_string(), 9)]
     );
     assert!(e(serde_json::json!({"kind": "webhook"})).is_empty());
+    assert_eq!(
+        e(serde_json::json!({"kind": "discord"})),
+        vec![
+            ("discord.com".to_string(), 443),
+            ("gateway.discord.gg".to_string(), 443)
+        ]
+    );
+    assert_eq!(
+        e(
+            serde_json::json!({"kind": "discord", "api_base": "http://127.0.0.1:7/api/v10",
+                             "gateway_url": "ws://127.0.0.1:8"})
+        ),
+        vec![("127.0.0.1".to_string(), 7), ("127.0.0.1".to_string(), 8)]
+    );
+}
+
+#[test]
+fn a_discord_channel_needs_both_of_its_services_and_a_user_id_operator() {
+    let config = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "discord"
+profile = "tg"
+token_secret = "bot"
+api_base = "http://127.0.0.1:8081/api/v10"
+gateway_url = "ws://127.0.0.1:8082"
+"#;
+    let w = wiring(config, GOOD);
+    assert!(
+        w.errors
+            .iter()
+            .any(|e| e.contains("may not connect to 127.0.0.1:8082")),
+        "{w:?}"
+    );
+    let both = GOOD.replace(
+        "connect = [{ host = \"127.0.0.1\", port = 8081, allow_private = true, why = \"the fake API\" }]",
+        "connect = [{ host = \"127.0.0.1\", port = 8081, allow_private = true, why = \"the fake API\" }, { host = \"127.0.0.1\", port = 8082, allow_private = true, why = \"the fake Gateway\" }]",
+    );
+    assert_eq!(wiring(config, &both), Wiring::default());
+    let with = |op: &str| {
+        both.replace(
+            "reply_to_senders = true",
+            &format!("reply_to_senders = true\noperator = \"{op}\""),
+        )
+    };
+    assert_eq!(
+        wiring(config, &with("80351110224678912")),
+        Wiring::default()
+    );
+    for bad in ["@owner", "owner#0001", "99999999999999999999999"] {
+        let w = wiring(config, &with(bad));
+        assert!(
+            w.errors.iter().any(|e| e.contains("not a Discord user id")),
+            "{bad}: {w:?}"
+        );
+    }
 }
 
 #[test]
