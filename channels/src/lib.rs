@@ -17,12 +17,14 @@
 //! | [`telegram`] | the Telegram Bot API adapter |
 //! | [`email`] | the e-mail adapter: IMAP in, SMTP out |
 //! | [`webhook`] | the signed-webhook adapter |
+//! | [`matrix`] | the Matrix client-server API adapter |
 
 pub mod adapter;
 pub mod broker;
 pub mod cursor;
 pub mod email;
 pub mod http;
+pub mod matrix;
 pub mod net;
 pub mod settings;
 pub mod telegram;
@@ -100,6 +102,7 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Telegram(s) => telegram::run(ctx, s).await,
         KindSettings::Webhook(s) => webhook::run(ctx, s).await,
         KindSettings::Email(s) => email::run(ctx, s).await,
+        KindSettings::Matrix(s) => matrix::run(ctx, s).await,
     }
 }
 
@@ -156,4 +159,46 @@ pub fn fuzz_input(data: &[u8]) {
         .collect();
     let all: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     assert_eq!(kept, all);
+}
+
+/// The Matrix fuzz entry point (`fuzz/fuzz_targets/matrix.rs`, corpus replayed by
+/// `channels/tests/fuzz_corpus.rs`): a `/sync` answer and an error answer. Nothing may panic;
+/// what decodes must hold its invariants.
+pub fn fuzz_matrix_input(data: &[u8]) {
+    let me = "@bot:example.org";
+    for status in [200, 429, 502] {
+        match matrix::parse_sync(status, data, me) {
+            Ok(batch) => {
+                assert_eq!(status, 200);
+                assert!(!batch.next_batch.is_empty());
+                for item in batch.items {
+                    if let matrix::Item::Message(m) = item {
+                        assert!(m.id.starts_with('$'));
+                        assert!(matrix::is_user_id(&m.sender) && m.sender != me);
+                        assert!(m.conversation.starts_with('!'));
+                        assert_eq!(m.conversation, m.reply_to);
+                    }
+                }
+                for i in batch.invites {
+                    assert!(i.room_id.starts_with('!') && matrix::is_user_id(&i.inviter));
+                }
+            }
+            Err(e) => {
+                assert!(!e.message.is_empty());
+                assert!(e.retry_after.is_none() || e.kind == adapter::FailureKind::Throttled);
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(data);
+    let enc = matrix::encode(&text);
+    assert!(enc
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.~%".contains(&b)));
+    let t = matrix::txn_id(&text, 3);
+    assert_eq!(t, matrix::txn_id(&text, 3));
+    assert_ne!(t, matrix::txn_id(&text, 4));
+    let pieces = telegram::split_message(&text, matrix::MAX_MESSAGE_UTF16);
+    assert!(pieces
+        .iter()
+        .all(|p| p.encode_utf16().count() <= matrix::MAX_MESSAGE_UTF16));
 }

@@ -57,6 +57,7 @@ pub enum KindSettings {
     Telegram(TelegramSettings),
     Email(EmailSettings),
     Webhook(WebhookSettings),
+    Matrix(MatrixSettings),
 }
 
 impl KindSettings {
@@ -66,6 +67,7 @@ impl KindSettings {
             KindSettings::Telegram(_) => "telegram",
             KindSettings::Email(_) => "email",
             KindSettings::Webhook(_) => "webhook",
+            KindSettings::Matrix(_) => "matrix",
         }
     }
 }
@@ -152,6 +154,22 @@ fn default_hook_path() -> String {
     "/hook".into()
 }
 
+/// `kind = "matrix"`: a homeserver's client-server API, long-polling `/sync`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixSettings {
+    /// The homeserver's base URL (`https://matrix.example.org`; tests: `http://127.0.0.1:PORT`).
+    pub homeserver: String,
+    /// The policy secret holding the bot user's access token.
+    pub token_secret: String,
+    /// Globs of the MXIDs whose invites the bot accepts; any other invite is left pending.
+    #[serde(default)]
+    pub invites_from: Vec<String>,
+    /// How long one `/sync` waits on the server for an event.
+    #[serde(default = "default_poll_timeout_ms")]
+    pub poll_timeout_ms: u64,
+}
+
 impl Settings {
     /// From `$CARAPACE_CHANNEL_SETTINGS`.
     pub fn from_env() -> Result<Settings, SettingsError> {
@@ -224,6 +242,27 @@ impl Settings {
                 secret("password_secret", &e.password_secret)?;
                 if e.poll_interval_ms < 1_000 {
                     return Err(invalid("poll_interval_ms", "at least 1000"));
+                }
+            }
+            KindSettings::Matrix(m) => {
+                secret("token_secret", &m.token_secret)?;
+                crate::net::ServiceUrl::parse(&m.homeserver)
+                    .map_err(|e| invalid("homeserver", e.to_string()))?;
+                if !(1_000..=300_000).contains(&m.poll_timeout_ms) {
+                    return Err(invalid("poll_timeout_ms", "1000..=300000"));
+                }
+                if m.invites_from.len() > 256 {
+                    return Err(invalid("invites_from", "at most 256 patterns"));
+                }
+                for p in &m.invites_from {
+                    if p.is_empty() || p.len() > 256 || p.chars().any(char::is_control) {
+                        return Err(invalid(
+                            "invites_from",
+                            "each pattern: 1..=256 characters, no control characters",
+                        ));
+                    }
+                    globset::Glob::new(p)
+                        .map_err(|e| invalid("invites_from", format!("{:?}: {e}", shown(p))))?;
                 }
             }
             KindSettings::Webhook(w) => {
