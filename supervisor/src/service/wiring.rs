@@ -12,7 +12,8 @@
 //!   warning, since a channel may be inbound-only on purpose);
 //! - the channel's `operator` (if any) is an identity the adapter can report: a Telegram user
 //!   id (digits), a lowercase e-mail
-//!   address (the e-mail adapter lowercases From), else it could never answer anything.
+//!   address (the e-mail adapter lowercases From), a full Matrix user id (`@alice:example.org`),
+//!   else it could never answer anything.
 //!
 //! For each `[[jobs]]` with `deliver_to`: the gateway's profile may `send` on its channel (an
 //! error: the job's answers could never be delivered).
@@ -55,6 +56,7 @@ fn endpoints(settings: &serde_json::Value) -> Vec<(String, u16)> {
     match kind {
         "telegram" => out.extend(url_of("api_base", Some("https://api.telegram.org"))),
         "webhook" => out.extend(url_of("url", None)),
+        "matrix" => out.extend(url_of("homeserver", None)),
         "email" => {
             for key in ["imap", "smtp"] {
                 if let Some(hp) = settings.get(key).and_then(|v| v.as_str()) {
@@ -122,6 +124,14 @@ fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: 
             Some("is not a Telegram user id (the digits @userinfobot shows)")
         }
         "email" if !op.contains('@') => Some("is not an e-mail address"),
+        "matrix"
+            if !(op.starts_with('@')
+                && op.len() <= 255
+                && op.split_once(':').is_some_and(|(l, s)| l.len() > 1 && !s.is_empty())
+                && !op.chars().any(char::is_whitespace)) =>
+        {
+            Some("is not a Matrix user id (the full MXID, as in \"@alice:example.org\")")
+        }
         "email" if op.chars().any(char::is_uppercase) => Some(
             "has capital letters: the e-mail adapter reports senders lowercased, so write it              in lowercase",
         ),

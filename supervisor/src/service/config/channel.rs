@@ -14,10 +14,10 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use carapace_policy::toml_schema::Fields;
-use carapace_policy::toml_schema::Kind::{Bool, IntOrStr, Str};
+use carapace_policy::toml_schema::Kind::{Array, Bool, IntOrStr, Str};
 use carapace_policy::Sink;
 
-use super::document::{get_duration, get_str, Table};
+use super::document::{get_duration, get_str, Table, Val};
 
 /// The built-in adapter kinds, each with its keys besides the child keys every channel has (the
 /// schema of `[channels.NAME]` chooses them by the value of `kind`).
@@ -54,8 +54,17 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
             ("path", Str),
         ],
     ),
+    (
+        "matrix",
+        &[
+            ("homeserver", Str),
+            ("token_secret", Str),
+            ("invites_from", Array(&Str)),
+            ("poll_timeout", IntOrStr),
+        ],
+    ),
 ];
-const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\"";
+const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"matrix\"";
 
 /// The program that runs the built-in kinds: next to the carapace executable, else in
 /// `/usr/libexec/carapace` (where the package installs it).
@@ -68,6 +77,9 @@ const SECURITY_EXPECTED: &str =
 const ADDRESS_EXPECTED: &str = "an e-mail address such as \"agent@example.com\"";
 const URL_EXPECTED: &str =
     "an https:// URL, or http:// to a loopback host, e.g. \"https://api.telegram.org\"";
+
+const INVITES_EXPECTED: &str =
+    "MXID globs such as \"@alice:example.org\" or \"*:example.org\" (whose invites the bot accepts)";
 
 /// `kind` of a channel table, checked; None when absent or wrong (the error is reported).
 pub(super) fn kind_of<'t>(cx: &mut Sink<'_>, t: &'t Table) -> Option<&'t str> {
@@ -374,6 +386,53 @@ pub(super) fn settings(
                 }
                 out.insert("path".into(), p.into());
             }
+        }
+        "matrix" => {
+            match t.get("homeserver") {
+                Some(_) => {
+                    url(cx, t, "homeserver", &mut out);
+                }
+                None => missing(
+                    cx,
+                    anchor,
+                    what,
+                    "homeserver",
+                    "the homeserver's URL, e.g. \"https://matrix.example.org\"",
+                ),
+            }
+            secret_name(cx, t, at, "token_secret", &mut out);
+            let mut globs = Vec::new();
+            if let Some(Val::Array(items)) = t.get("invites_from").map(|e| &e.node.val) {
+                for n in items {
+                    let Val::Str(p) = &n.val else { continue };
+                    if let Err(e) = globset::Glob::new(p) {
+                        cx.err(
+                            &n.span,
+                            format!("`invites_from`: {p:?} is not a glob: {e}"),
+                            INVITES_EXPECTED,
+                        );
+                    } else if p.is_empty() || p.len() > 256 || p.chars().any(char::is_control) {
+                        cx.err(
+                            &n.span,
+                            format!("`invites_from`: {p:?} is not an MXID pattern"),
+                            INVITES_EXPECTED,
+                        );
+                    }
+                    globs.push(Value::from(p.as_str()));
+                }
+            }
+            out.insert("invites_from".into(), Value::Array(globs));
+            let d = get_duration(cx, t, "poll_timeout", Duration::from_secs(30));
+            if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+                if let Some(e) = t.get("poll_timeout") {
+                    cx.err(
+                        &e.node.span,
+                        "`poll_timeout` is out of range",
+                        "a duration from 1s to 5m",
+                    );
+                }
+            }
+            out.insert("poll_timeout_ms".into(), millis(d));
         }
         _ => {}
     }

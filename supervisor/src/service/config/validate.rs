@@ -601,7 +601,7 @@ pub(super) fn child(
                 cx.err(
                     anchor,
                     format!("{what} has no `kind` and no `program`"),
-                    "kind = \"telegram\", \"email\" or \"webhook\" (the built-in adapters), \
+                    "kind = \"telegram\", \"email\", \"webhook\" or \"matrix\" (the built-in adapters), \
                      or the `program` of an adapter of your own",
                 );
             }
