@@ -4,7 +4,7 @@
 //! inline filter: `m.room.message` and `m.room.encrypted` timeline events, nothing else), and
 //! delivers the text of every `m.room.message` in a joined room — id = the event id,
 //! sender = the full MXID (`@alice:example.org`), conversation = reply_to = the room id
-//! (`!abc:example.org`). The cursor (`<state_dir>/matrix.cursor.json`) is the sync's
+//! (`!abc:example.org`, or `!abc` in room version 12 and later). The cursor (`<state_dir>/matrix.cursor.json`) is the sync's
 //! `next_batch`, saved only after every event of the batch was delivered; until then the
 //! previous token is kept, so a crash mid-batch syncs the batch again and the broker answers
 //! `duplicate` for what it already has. With no saved token (the very first start) the first
@@ -260,7 +260,7 @@ pub fn parse_sync(status: u16, body: &[u8], me: &str) -> Result<Batch, ServiceEr
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
             {
-                tracing::warn!(room = %room_id, "matrix: more events than one sync carries: older ones of this gap are not delivered");
+                tracing::info!(room = %room_id, "matrix: a gap in the room's timeline (newly joined, or more events than one sync carries): events before it are not delivered");
             }
             let events = match timeline.and_then(|t| t.get("events")) {
                 None | Some(Value::Null) => continue,
@@ -647,11 +647,11 @@ pub struct Sender<B> {
 
 impl<B: BrokerApi> Outlet for Sender<B> {
     async fn send(&self, msg: &OutboundMessage) -> Result<Option<String>, ServiceError> {
-        if !is_id(&msg.recipient, '!') || !msg.recipient.contains(':') {
+        if !is_id(&msg.recipient, '!') {
             return Err(ServiceError::new(
                 FailureKind::Rejected,
                 format!(
-                    "the recipient {:?} is not a Matrix room id (!room:server)",
+                    "the recipient {:?} is not a Matrix room id (!room)",
                     crate::settings::shown(&msg.recipient)
                 ),
             ));

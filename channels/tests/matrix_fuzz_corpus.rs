@@ -34,9 +34,8 @@ fn replay_matrix_fuzz_corpus() {
 
 #[test]
 fn the_corpus_frames_decode_as_expected() {
-    let read = |name: &str| {
-        std::fs::read(corpus().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-    };
+    let read =
+        |name: &str| std::fs::read(corpus().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     let me = "@bot:example.org";
     let b = parse_sync(200, &read("sync-text.json"), me).unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(&b.items[..], [Item::Message(m)] if m.text == "hello bot"));
@@ -49,7 +48,11 @@ fn the_corpus_frames_decode_as_expected() {
     assert_eq!((b.items.len(), delivered), (6, 3));
     let b = parse_sync(200, &read("sync-invite.json"), me).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(b.invites.len(), 1);
-    for bad in ["sync-bad-rooms.json", "sync-bad-events.json", "truncated.json"] {
+    for bad in [
+        "sync-bad-rooms.json",
+        "sync-bad-events.json",
+        "truncated.json",
+    ] {
         assert!(parse_sync(200, &read(bad), me).is_err(), "{bad}");
     }
     let e = parse_sync(429, &read("error-429.json"), me).expect_err("429");

@@ -32,6 +32,7 @@ use anyhow::{bail, Context, Result};
 pub mod fake_llm;
 pub mod fake_telegram;
 pub mod mail;
+pub mod matrix_server;
 pub mod rpc;
 pub mod service;
 pub mod webdriver;
