@@ -70,7 +70,8 @@ fn name(prefix: &str) -> String {
     unique(prefix).to_ascii_lowercase()
 }
 
-fn start(hs: &Synapse, retry: &str, script: Vec<Scripted>) -> World {
+/// `channel`: more keys of the policy's `[channels.mx]` (its `retry` at least).
+fn start(hs: &Synapse, channel: &str, script: Vec<Scripted>) -> World {
     require_root();
     let bot = hs
         .register(&name("bot"))
@@ -100,7 +101,7 @@ kind = "adapter"
 senders = ["{alice}"]
 recipients = []
 reply_to_senders = true
-retry = {retry}
+{channel}
 
 [profiles.mx]
 why = "the Matrix adapter under test"
@@ -178,7 +179,7 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 20
     }
 }
 
-const RETRY: &str = r#"{ attempts = 5, initial_delay = "200ms", max_delay = "1s" }"#;
+const RETRY: &str = r#"retry = { attempts = 5, initial_delay = "200ms", max_delay = "1s" }"#;
 
 /// The `mx` row of `carapace status`'s channel table.
 fn channel_status(svc: &Service) -> Value {
@@ -449,7 +450,7 @@ fn matrix_rate_limit_429_is_honoured_and_the_answer_is_not_doubled() {
     let long = format!("{}\n{}\n{}", piece("aaaa"), piece("bbbb"), piece("cccc"));
     let w = start(
         &hs,
-        r#"{ attempts = 8, initial_delay = "200ms", max_delay = "1s" }"#,
+        "retry = { attempts = 8, initial_delay = \"200ms\", max_delay = \"1s\" }\nmax_bytes = \"64KiB\"",
         vec![Scripted::text(long.clone())],
     );
     w.alice.say(&w.room, "a long one, please").unwrap();
