@@ -477,7 +477,7 @@ fn the_shipped_examples_pass_run_check() {
     let examples = carapace_tests::repo_root().join("channels/examples");
     let default = carapace_tests::default_policy_text();
     let tmp = var_tmpdir("carapace-examples-");
-    for kind in ["telegram", "email", "webhook"] {
+    for kind in ["telegram", "email", "webhook", "matrix"] {
         let policy = fs::read_to_string(examples.join(format!("{kind}.policy.toml")))
             .unwrap_or_else(|e| panic!("{kind}.policy.toml: {e}"));
         assert!(

@@ -388,9 +388,11 @@ fn matrix_dropped_connections_and_a_restart_lose_nothing_and_double_nothing() {
     wait_for(Duration::from_secs(30), "the adapter restarted", || {
         (adapter_init(&w.svc) != init).then_some(())
     });
-    wait_for(Duration::from_secs(30), "the restarted adapter connected", || {
-        (channel_status(&w.svc)["connected"] == true).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted adapter connected",
+        || (channel_status(&w.svc)["connected"] == true).then_some(()),
+    );
     w.alice.say(&w.room, "fourth").unwrap();
     let answers = wait_answers(&w, 4, Duration::from_secs(40));
     std::thread::sleep(Duration::from_secs(3));
