@@ -27,6 +27,11 @@
 //! crash — reuses it and the homeserver does not post the piece twice. The first piece answers
 //! the event `in_reply_to` names when this process received it in that room.
 //!
+//! A recipient that is a user id rather than a room (the broker's announcements to a channel's
+//! `operator`) is written to in a direct room the bot creates for that user (`createRoom` with
+//! `is_direct`, the user invited) and remembers in `<state_dir>/matrix.direct.json`, so the
+//! operator's announcements never go to a shared room.
+//!
 //! Errors: `429 M_LIMIT_EXCEEDED` waits `retry_after_ms`; 5xx, network errors and malformed
 //! answers are retried with backoff; other 4xx are not. The access token only ever goes into
 //! the `Authorization` header; it is never logged.
@@ -497,6 +502,60 @@ impl Received {
     }
 }
 
+/// The direct rooms the bot made for users, by user id, kept in a file of the state
+/// directory (written atomically).
+#[derive(Debug)]
+pub struct DirectRooms {
+    path: std::path::PathBuf,
+    rooms: Mutex<HashMap<String, String>>,
+}
+
+/// Largest direct-rooms file read.
+const MAX_DIRECT_FILE: u64 = 1 << 20;
+
+impl DirectRooms {
+    /// The rooms saved in `<state_dir>/matrix.direct.json` (none when it is missing or
+    /// unusable: logged).
+    pub fn load(state_dir: &std::path::Path) -> DirectRooms {
+        let path = state_dir.join("matrix.direct.json");
+        let rooms = match carapace_broker::durable::read_capped(&path, MAX_DIRECT_FILE) {
+            Ok(bytes) => serde_json::from_slice::<HashMap<String, String>>(&bytes)
+                .unwrap_or_else(|e| {
+                    tracing::error!(path = %path.display(), error = %e, "matrix: the direct rooms file is unusable: new direct rooms will be made");
+                    HashMap::new()
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "matrix: the direct rooms file cannot be read: new direct rooms will be made");
+                HashMap::new()
+            }
+        };
+        DirectRooms {
+            path,
+            rooms: Mutex::new(rooms),
+        }
+    }
+
+    pub fn get(&self, user: &str) -> Option<String> {
+        lock(&self.rooms).get(user).cloned()
+    }
+
+    /// Remember `room` for `user`, and save (a failure is logged: the room is kept in memory).
+    pub fn set(&self, user: &str, room: &str) {
+        let bytes = {
+            let mut m = lock(&self.rooms);
+            m.insert(user.to_string(), room.to_string());
+            serde_json::to_vec(&*m)
+        };
+        let saved = bytes.map_err(|e| e.to_string()).and_then(|b| {
+            carapace_broker::durable::write_atomic(&self.path, &b).map_err(|e| e.to_string())
+        });
+        if let Err(e) = saved {
+            tracing::error!(path = %self.path.display(), error = %e, "matrix: the direct room was not saved");
+        }
+    }
+}
+
 /// The inviters whose invites are accepted.
 #[derive(Debug, Clone)]
 pub struct InvitePolicy {
@@ -643,19 +702,59 @@ impl<B: BrokerApi> Source for Poller<B> {
 pub struct Sender<B> {
     api: Arc<Api<B>>,
     received: Arc<Mutex<Received>>,
+    direct: DirectRooms,
+}
+
+impl<B: BrokerApi> Sender<B> {
+    /// The room to write to for `recipient`: a room id as it is; a user id's direct room (made
+    /// and remembered the first time).
+    async fn room_of(&self, recipient: &str) -> Result<String, ServiceError> {
+        if is_id(recipient, '!') {
+            return Ok(recipient.to_string());
+        }
+        if !is_user_id(recipient) {
+            return Err(ServiceError::new(
+                FailureKind::Rejected,
+                format!(
+                    "the recipient {:?} is neither a Matrix room id (!room) nor a user id (@user:server)",
+                    crate::settings::shown(recipient)
+                ),
+            ));
+        }
+        if let Some(room) = self.direct.get(recipient) {
+            return Ok(room);
+        }
+        let body =
+            json!({"preset": "trusted_private_chat", "is_direct": true, "invite": [recipient]});
+        let o = self
+            .api
+            .call_json(
+                hyper::Method::POST,
+                "/createRoom",
+                Some(&body),
+                "createRoom",
+            )
+            .await?;
+        let room = o
+            .get("room_id")
+            .and_then(Value::as_str)
+            .filter(|r| is_id(r, '!'))
+            .ok_or_else(|| {
+                ServiceError::new(
+                    FailureKind::Unreachable,
+                    "createRoom: the answer has no valid room_id",
+                )
+            })?
+            .to_string();
+        tracing::info!(user = %recipient, room = %room, "matrix: a direct room was made");
+        self.direct.set(recipient, &room);
+        Ok(room)
+    }
 }
 
 impl<B: BrokerApi> Outlet for Sender<B> {
     async fn send(&self, msg: &OutboundMessage) -> Result<Option<String>, ServiceError> {
-        if !is_id(&msg.recipient, '!') {
-            return Err(ServiceError::new(
-                FailureKind::Rejected,
-                format!(
-                    "the recipient {:?} is not a Matrix room id (!room)",
-                    crate::settings::shown(&msg.recipient)
-                ),
-            ));
-        }
+        let room = self.room_of(&msg.recipient).await?;
         let pieces = split_message(&msg.body, MAX_MESSAGE_UTF16);
         if pieces.is_empty() {
             return Err(ServiceError::new(
@@ -663,9 +762,10 @@ impl<B: BrokerApi> Outlet for Sender<B> {
                 "the message is empty",
             ));
         }
-        let reply_to = msg.in_reply_to.as_deref().filter(|id| {
-            lock(&self.received).room_of.get(*id).map(String::as_str) == Some(&msg.recipient)
-        });
+        let reply_to = msg
+            .in_reply_to
+            .as_deref()
+            .filter(|id| lock(&self.received).room_of.get(*id) == Some(&room));
         let mut service_id = None;
         for (i, piece) in pieces.iter().enumerate() {
             let mut body = json!({"msgtype": "m.text", "body": piece});
@@ -674,7 +774,7 @@ impl<B: BrokerApi> Outlet for Sender<B> {
             }
             let path = format!(
                 "/rooms/{}/send/m.room.message/{}",
-                encode(&msg.recipient),
+                encode(&room),
                 txn_id(&msg.id, i)
             );
             match self
@@ -736,7 +836,11 @@ pub async fn run<B: BrokerApi>(ctx: Arc<Ctx<B>>, s: MatrixSettings) -> Result<()
         invites,
         received: received.clone(),
     };
-    let sender = Sender { api, received };
+    let sender = Sender {
+        api,
+        received,
+        direct: DirectRooms::load(&ctx.state_dir),
+    };
     let store = CursorStore::new(&ctx.state_dir, "matrix");
     tokio::join!(
         run_inbound(&ctx, &mut poller, &store),

@@ -341,6 +341,29 @@ mod tests {
     }
 
     #[test]
+    fn matrix_with_defaults_and_refusals() {
+        let s = Settings::from_json(
+            r#"{"channel":"mx","kind":"matrix","homeserver":"http://127.0.0.1:8008","token_secret":"t"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let KindSettings::Matrix(m) = &s.kind else {
+            panic!("{s:?}")
+        };
+        assert_eq!((m.poll_timeout_ms, m.invites_from.len()), (30_000, 0));
+        assert_eq!(s.kind.name(), "matrix");
+        for bad in [
+            r#"{"channel":"mx","kind":"matrix","homeserver":"http://matrix.org","token_secret":"t"}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":""}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":"t","invites_from":["["]}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":"t","poll_timeout_ms":10}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":"t","api_base":"x"}"#,
+            r#"{"channel":"mx","kind":"matrix","token_secret":"t"}"#,
+        ] {
+            assert!(Settings::from_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn refused() {
         for bad in [
             "",

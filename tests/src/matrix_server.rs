@@ -116,15 +116,17 @@ fn signing_key() -> String {
     )
 }
 
+/// A command to spawn, and where its child goes.
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
 /// Spawn on a thread that never ends, so `PR_SET_PDEATHSIG` (tied to the spawning thread) only
 /// fires when the test process goes.
 fn spawn_for_life(mut cmd: Command) -> std::io::Result<Child> {
-    static SPAWNER: Mutex<Option<mpsc::Sender<(Command, mpsc::Sender<std::io::Result<Child>>)>>> =
-        Mutex::new(None);
+    static SPAWNER: Mutex<Option<mpsc::Sender<SpawnRequest>>> = Mutex::new(None);
     let tx = {
         let mut g = lock(&SPAWNER);
         g.get_or_insert_with(|| {
-            let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<std::io::Result<Child>>)>();
+            let (tx, rx) = mpsc::channel::<SpawnRequest>();
             std::thread::spawn(move || {
                 for (mut c, reply) in rx {
                     let _ = reply.send(c.spawn());
@@ -246,6 +248,30 @@ impl Synapse {
             token,
         })
     }
+}
+
+/// The homeserver with relaxed limits that a test binary's tests share: started on first use,
+/// stopped and its directory removed when the process exits (a static is never dropped).
+pub fn shared() -> &'static Synapse {
+    static HS: std::sync::OnceLock<Synapse> = std::sync::OnceLock::new();
+    extern "C" fn stop_shared() {
+        if let Some(hs) = HS.get() {
+            if let Some(mut c) = lock(&hs.child).take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(hs.dir.path());
+        }
+    }
+    HS.get_or_init(|| {
+        let t = Instant::now();
+        let hs = Synapse::start(Limits::Relaxed).unwrap_or_else(|e| panic!("{e:#}"));
+        eprintln!("synapse up in {} ms", t.elapsed().as_millis());
+        // SAFETY: `stop_shared` is a plain extern "C" function that stays valid for the
+        // process's life; atexit only records it.
+        unsafe { libc::atexit(stop_shared) };
+        hs
+    })
 }
 
 impl Drop for Synapse {

@@ -10,11 +10,10 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
-use carapace_tests::matrix_server::{Limits, Proxy, Synapse, User};
+use carapace_tests::matrix_server::{shared, Limits, Proxy, Synapse, User};
 use carapace_tests::service::{
     channel_bin, policy_text, program_of, status_field, Service, StartOpts,
 };
@@ -28,17 +27,6 @@ fn require_root() {
         0,
         "the Matrix end-to-end tests need root (they run `carapace run`); run them with .ci/test"
     );
-}
-
-/// The relaxed homeserver the tests share.
-fn shared() -> &'static Synapse {
-    static HS: OnceLock<Synapse> = OnceLock::new();
-    HS.get_or_init(|| {
-        let t = Instant::now();
-        let hs = Synapse::start(Limits::Relaxed).unwrap_or_else(|e| panic!("{e:#}"));
-        eprintln!("synapse up in {} ms", t.elapsed().as_millis());
-        hs
-    })
 }
 
 /// Poll `f` every 100 ms until it gives Some (panics after `limit`, saying `what`).
@@ -122,6 +110,7 @@ channels = ["mx"]
 "#,
         secret = secret.display(),
         alice = alice.user_id,
+        channel = channel.replace("{ALICE}", &alice.user_id),
         hs = proxy.addr().port(),
         llm = llm.addr().port(),
     ));
@@ -240,6 +229,18 @@ fn bot_messages(w: &World, room: &str) -> Vec<String> {
         .collect()
 }
 
+/// The service log's last 40 lines above DEBUG.
+fn log_tail(w: &World) -> String {
+    let log: Vec<String> = w
+        .svc
+        .log_text()
+        .lines()
+        .filter(|l| !l.contains(" DEBUG "))
+        .map(str::to_string)
+        .collect();
+    log[log.len().saturating_sub(40)..].join("\n")
+}
+
 /// Wait until the bot posted `n` messages in alice's room; all of them.
 fn wait_answers(w: &World, n: usize, limit: Duration) -> Vec<String> {
     let deadline = Instant::now() + limit;
@@ -249,14 +250,7 @@ fn wait_answers(w: &World, n: usize, limit: Duration) -> Vec<String> {
             return m;
         }
         if Instant::now() > deadline {
-            let log: Vec<String> = w
-                .svc
-                .log_text()
-                .lines()
-                .filter(|l| !l.contains(" DEBUG "))
-                .map(str::to_string)
-                .collect();
-            let tail = log[log.len().saturating_sub(40)..].join("\n");
+            let tail = log_tail(w);
             panic!(
                 "timed out waiting for {n} answers from the bot (have {m:?});\nrequests: {:?}\nlog:\n{tail}",
                 w.proxy
@@ -343,6 +337,60 @@ fn matrix_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is_
         st["last_in"].is_string() && st["last_out"].is_string(),
         "{st}"
     );
+}
+
+#[test]
+fn matrix_operator_is_told_in_a_direct_room_and_answers_from_there() {
+    let w = start(
+        shared(),
+        &format!("{RETRY}\noperator = \"{{ALICE}}\""),
+        vec![],
+    );
+    w.alice.invite(&w.room, &w.mallory.user_id).unwrap();
+    w.mallory.join(&w.room).unwrap();
+    w.mallory.say(&w.room, "let me in").unwrap();
+    // The announcement goes to a direct room the bot makes for alice (never the shared room).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let dm = loop {
+        // The bot's rooms, seen with its own token: the one besides alice's shared room.
+        let v = w.bot.call("GET", "/joined_rooms", None).unwrap();
+        if let Some(r) = v["joined_rooms"]
+            .as_array()
+            .and_then(|a| a.iter().filter_map(Value::as_str).find(|r| *r != w.room))
+        {
+            break r.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no invite to a direct room; log:\n{}",
+            log_tail(&w)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    w.alice.join(&dm).unwrap();
+    let note = wait_for(Duration::from_secs(30), "the announcement", || {
+        let m = w.alice.messages(&dm).ok()?;
+        m.into_iter()
+            .find(|(s, b)| *s == w.bot.user_id && b.contains("admit "))
+            .map(|(_, b)| b)
+    });
+    assert!(note.contains(&w.mallory.user_id), "{note}");
+    let n: String = note
+        .split("admit ")
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    assert!(!n.is_empty(), "{note}");
+    assert!(
+        bot_messages(&w, &w.room).is_empty(),
+        "announced in the shared room"
+    );
+    w.alice.say(&dm, &format!("admit {n}")).unwrap();
+    let answers = wait_answers(&w, 1, Duration::from_secs(40));
+    assert_eq!(echoed(&answers), ["echo: let me in"], "{answers:?}");
+    assert!(held(&w.svc).is_empty());
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::Mutex as StdMutex;
 
 use carapace_broker::protocol::OutboundMessage;
@@ -246,6 +247,14 @@ fn scripted(answers: Vec<(u16, String)>) -> Scripted {
 }
 
 fn halves(s: &Scripted, invites: &[&str]) -> (Poller<FakeBroker>, Sender<FakeBroker>) {
+    halves_in(s, invites, Path::new("/nonexistent"))
+}
+
+fn halves_in(
+    s: &Scripted,
+    invites: &[&str],
+    state: &Path,
+) -> (Poller<FakeBroker>, Sender<FakeBroker>) {
     let api = Arc::new(Api {
         broker: Arc::new(FakeBroker::default()),
         base: s.base.clone(),
@@ -261,7 +270,11 @@ fn halves(s: &Scripted, invites: &[&str]) -> (Poller<FakeBroker>, Sender<FakeBro
             invites: InvitePolicy::new(&invites).unwrap_or_else(|e| panic!("{e}")),
             received: received.clone(),
         },
-        Sender { api, received },
+        Sender {
+            api,
+            received,
+            direct: DirectRooms::load(state),
+        },
     )
 }
 
@@ -401,11 +414,47 @@ async fn a_retry_reuses_the_transaction_ids_and_429_says_how_long_to_wait() {
         txn_id("o-7", 1)
     );
     assert_eq!(lines, [t0.clone(), t1.clone(), t0, t1]);
-    // Not a room id: refused for good, nothing sent.
+    // Neither a room nor a user: refused for good, nothing sent.
     let e = sender
-        .send(&outbound("o-8", "@alice:x", "hi"))
+        .send(&outbound("o-8", "alice", "hi"))
         .await
         .expect_err("not a room");
     assert_eq!(e.kind, FailureKind::Rejected);
     assert_eq!(lock(&s.seen).len(), 4);
+}
+
+#[tokio::test]
+async fn a_user_recipient_gets_one_direct_room_remembered_across_restarts() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = scripted(vec![
+        (200, r#"{"room_id":"!dm:x"}"#.into()),
+        (200, r#"{"event_id":"$a"}"#.into()),
+        (200, r#"{"event_id":"$b"}"#.into()),
+        (200, r#"{"event_id":"$c"}"#.into()),
+    ]);
+    let (_, sender) = halves_in(&s, &[], dir.path());
+    for id in ["o-1", "o-2"] {
+        sender
+            .send(&outbound(id, "@op:x", "approve 1?"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // A new process (the same state directory) writes to the same room.
+    let (_, again) = halves_in(&s, &[], dir.path());
+    again
+        .send(&outbound("o-3", "@op:x", "approve 2?"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seen = lock(&s.seen).clone();
+    assert_eq!(seen[0].0, "POST /_matrix/client/v3/createRoom HTTP/1.1");
+    let body: Value = serde_json::from_str(&seen[0].1).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(body["invite"], json!(["@op:x"]));
+    assert_eq!(body["is_direct"], true);
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for (line, _) in &seen[1..] {
+        assert!(
+            line.starts_with("PUT /_matrix/client/v3/rooms/%21dm%3Ax/send/"),
+            "{line}"
+        );
+    }
 }
