@@ -21,6 +21,7 @@
 //! | [`signal`] | the Signal adapter: JSON-RPC to signal-cli's daemon on a socket from the supervisor |
 //! | [`slack`] | the Slack adapter: Socket Mode in, `chat.postMessage` out |
 //! | [`discord`] | the Discord adapter: Gateway WebSocket in, REST out |
+//! | [`matrix`] | the Matrix client-server API adapter |
 
 pub mod adapter;
 pub mod broker;
@@ -29,6 +30,7 @@ pub mod discord;
 pub mod email;
 pub mod http;
 pub mod irc;
+pub mod matrix;
 pub mod net;
 pub mod settings;
 pub mod signal;
@@ -112,6 +114,7 @@ pub async fn run_adapter<B: BrokerApi>(
         KindSettings::Signal(s) => signal::run(ctx, s).await,
         KindSettings::Slack(s) => slack::run(ctx, s).await,
         KindSettings::Discord(s) => discord::run(ctx, s).await,
+        KindSettings::Matrix(s) => matrix::run(ctx, s).await,
     }
 }
 
@@ -262,4 +265,46 @@ pub fn fuzz_slack_input(data: &[u8]) {
         assert!(thread.is_none_or(|t| t.contains('.')));
     }
     assert_eq!(slack::decode_entities(&slack::encode_entities(&text)), text);
+}
+
+/// The Matrix fuzz entry point (`fuzz/fuzz_targets/matrix.rs`, corpus replayed by
+/// `channels/tests/fuzz_corpus.rs`): a `/sync` answer and an error answer. Nothing may panic;
+/// what decodes must hold its invariants.
+pub fn fuzz_matrix_input(data: &[u8]) {
+    let me = "@bot:example.org";
+    for status in [200, 429, 502] {
+        match matrix::parse_sync(status, data, me) {
+            Ok(batch) => {
+                assert_eq!(status, 200);
+                assert!(!batch.next_batch.is_empty());
+                for item in batch.items {
+                    if let matrix::Item::Message(m) = item {
+                        assert!(m.id.starts_with('$'));
+                        assert!(matrix::is_user_id(&m.sender) && m.sender != me);
+                        assert!(m.conversation.starts_with('!'));
+                        assert_eq!(m.conversation, m.reply_to);
+                    }
+                }
+                for i in batch.invites {
+                    assert!(i.room_id.starts_with('!') && matrix::is_user_id(&i.inviter));
+                }
+            }
+            Err(e) => {
+                assert!(!e.message.is_empty());
+                assert!(e.retry_after.is_none() || e.kind == adapter::FailureKind::Throttled);
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(data);
+    let enc = matrix::encode(&text);
+    assert!(enc
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.~%".contains(&b)));
+    let t = matrix::txn_id(&text, 3);
+    assert_eq!(t, matrix::txn_id(&text, 3));
+    assert_ne!(t, matrix::txn_id(&text, 4));
+    let pieces = telegram::split_message(&text, matrix::MAX_MESSAGE_UTF16);
+    assert!(pieces
+        .iter()
+        .all(|p| p.encode_utf16().count() <= matrix::MAX_MESSAGE_UTF16));
 }

@@ -61,6 +61,7 @@ pub enum KindSettings {
     Signal(SignalSettings),
     Slack(SlackSettings),
     Discord(DiscordSettings),
+    Matrix(MatrixSettings),
 }
 
 impl KindSettings {
@@ -74,6 +75,7 @@ impl KindSettings {
             KindSettings::Signal(_) => "signal",
             KindSettings::Slack(_) => "slack",
             KindSettings::Discord(_) => "discord",
+            KindSettings::Matrix(_) => "matrix",
         }
     }
 }
@@ -275,6 +277,22 @@ fn default_slack_api() -> String {
     "https://slack.com/api".into()
 }
 
+/// `kind = "matrix"`: a homeserver's client-server API, long-polling `/sync`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixSettings {
+    /// The homeserver's base URL (`https://matrix.example.org`; tests: `http://127.0.0.1:PORT`).
+    pub homeserver: String,
+    /// The policy secret holding the bot user's access token.
+    pub token_secret: String,
+    /// Globs of the MXIDs whose invites the bot accepts; any other invite is left pending.
+    #[serde(default)]
+    pub invites_from: Vec<String>,
+    /// How long one `/sync` waits on the server for an event.
+    #[serde(default = "default_poll_timeout_ms")]
+    pub poll_timeout_ms: u64,
+}
+
 impl Settings {
     /// From `$CARAPACE_CHANNEL_SETTINGS`.
     pub fn from_env() -> Result<Settings, SettingsError> {
@@ -372,6 +390,27 @@ impl Settings {
                     .map_err(|e| invalid("api_base", e.to_string()))?;
                 crate::discord::GatewayUrl::parse(&d.gateway_url)
                     .map_err(|e| invalid("gateway_url", e.to_string()))?;
+            }
+            KindSettings::Matrix(m) => {
+                secret("token_secret", &m.token_secret)?;
+                crate::net::ServiceUrl::parse(&m.homeserver)
+                    .map_err(|e| invalid("homeserver", e.to_string()))?;
+                if !(1_000..=300_000).contains(&m.poll_timeout_ms) {
+                    return Err(invalid("poll_timeout_ms", "1000..=300000"));
+                }
+                if m.invites_from.len() > 256 {
+                    return Err(invalid("invites_from", "at most 256 patterns"));
+                }
+                for p in &m.invites_from {
+                    if p.is_empty() || p.len() > 256 || p.chars().any(char::is_control) {
+                        return Err(invalid(
+                            "invites_from",
+                            "each pattern: 1..=256 characters, no control characters",
+                        ));
+                    }
+                    globset::Glob::new(p)
+                        .map_err(|e| invalid("invites_from", format!("{:?}: {e}", shown(p))))?;
+                }
             }
             KindSettings::Webhook(w) => {
                 secret("hmac_secret", &w.hmac_secret)?;
@@ -572,6 +611,29 @@ mod tests {
             r#"{"channel":"sl","kind":"slack","app_token_secret":"","bot_token_secret":"b"}"#,
             r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b","token":"x"}"#,
             r#"{"channel":"sl","kind":"slack","app_token_secret":"a","bot_token_secret":"b","api_base":"http://slack.com/api"}"#,
+        ] {
+            assert!(Settings::from_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn matrix_with_defaults_and_refusals() {
+        let s = Settings::from_json(
+            r#"{"channel":"mx","kind":"matrix","homeserver":"http://127.0.0.1:8008","token_secret":"t"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let KindSettings::Matrix(m) = &s.kind else {
+            panic!("{s:?}")
+        };
+        assert_eq!((m.poll_timeout_ms, m.invites_from.len()), (30_000, 0));
+        assert_eq!(s.kind.name(), "matrix");
+        for bad in [
+            r#"{"channel":"mx","kind":"matrix","homeserver":"http://matrix.org","token_secret":"t"}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":""}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":"t","invites_from":["["]}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":"t","poll_timeout_ms":10}"#,
+            r#"{"channel":"mx","kind":"matrix","homeserver":"https://m.org","token_secret":"t","api_base":"x"}"#,
+            r#"{"channel":"mx","kind":"matrix","token_secret":"t"}"#,
         ] {
             assert!(Settings::from_json(bad).is_err(), "{bad}");
         }

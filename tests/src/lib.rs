@@ -38,6 +38,7 @@ pub mod fake_telegram;
 pub mod irc_fake;
 pub mod irc_server;
 pub mod mail;
+pub mod matrix_server;
 pub mod rpc;
 pub mod service;
 pub mod webdriver;

@@ -478,7 +478,7 @@ fn the_shipped_examples_pass_run_check() {
     let default = carapace_tests::default_policy_text();
     let tmp = var_tmpdir("carapace-examples-");
     for kind in [
-        "telegram", "email", "webhook", "irc", "signal", "slack", "discord",
+        "telegram", "email", "webhook", "irc", "signal", "slack", "discord", "matrix",
     ] {
         let policy = fs::read_to_string(examples.join(format!("{kind}.policy.toml")))
             .unwrap_or_else(|e| panic!("{kind}.policy.toml: {e}"));

@@ -11,10 +11,10 @@
 //! - the gateway's profile may `send` on the channel (else the agent could never answer: a
 //!   warning, since a channel may be inbound-only on purpose);
 //! - the channel's `operator` (if any) is an identity the adapter can report: a Telegram user
-//!   id (digits), a Discord user id (digits), a lowercase e-mail
-//!   address (the e-mail adapter lowercases From), an IRC nick or account in IRC lower case, a
-//!   Signal number (`+` and digits) or account uuid, a Slack user id (`U…`/`W…`), else it could
-//!   never answer anything.
+//!   id (digits), a Discord user id (digits), a lowercase e-mail address (the e-mail adapter
+//!   lowercases From), an IRC nick or account in IRC lower case, a Signal number (`+` and
+//!   digits) or account uuid, a Slack user id (`U…`/`W…`), a full Matrix user id
+//!   (`@alice:example.org`), else it could never answer anything.
 //!
 //! For each `[[jobs]]` with `deliver_to`: the gateway's profile may `send` on its channel (an
 //! error: the job's answers could never be delivered).
@@ -84,6 +84,7 @@ fn endpoints(settings: &serde_json::Value) -> Vec<(String, u16)> {
             let authority = rest.split(['/', '?']).next().unwrap_or("");
             out.extend(host_port(authority, if tls { 443 } else { 80 }));
         }
+        "matrix" => out.extend(url_of("homeserver", None)),
         "email" => {
             for key in ["imap", "smtp"] {
                 if let Some(hp) = settings.get(key).and_then(|v| v.as_str()) {
@@ -161,6 +162,14 @@ fn check_operator(what: &str, kind: &str, name: &str, op: &str, line: usize, w: 
             "is neither a phone number (+ and digits) nor a Signal account uuid, the two forms \
              the Signal adapter reports senders in",
         ),
+        "matrix"
+            if !(op.starts_with('@')
+                && op.len() <= 255
+                && op.split_once(':').is_some_and(|(l, s)| l.len() > 1 && !s.is_empty())
+                && !op.chars().any(char::is_whitespace)) =>
+        {
+            Some("is not a Matrix user id (the full MXID, as in \"@alice:example.org\")")
+        }
         "email" if op.chars().any(char::is_uppercase) => Some(
             "has capital letters: the e-mail adapter reports senders lowercased, so write it              in lowercase",
         ),

@@ -94,9 +94,17 @@ pub(super) const KINDS: &[(&str, Fields)] = &[
             ("token_secret", Str),
         ],
     ),
+    (
+        "matrix",
+        &[
+            ("homeserver", Str),
+            ("token_secret", Str),
+            ("invites_from", Array(&Str)),
+            ("poll_timeout", IntOrStr),
+        ],
+    ),
 ];
-const KIND_EXPECTED: &str =
-    "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\", \"discord\"";
+const KIND_EXPECTED: &str = "one of \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\", \"discord\", \"matrix\"";
 const IRC_NAME_EXPECTED: &str =
     "an IRC nick or account name (no spaces, commas or control characters, not starting with `:` or `#`)";
 
@@ -126,6 +134,9 @@ const WS_URL_EXPECTED: &str =
     "a wss:// URL, or ws:// to a loopback host, e.g. \"wss://gateway.discord.gg\"";
 const URL_EXPECTED: &str =
     "an https:// URL, or http:// to a loopback host, e.g. \"https://api.telegram.org\"";
+
+const INVITES_EXPECTED: &str =
+    "MXID globs such as \"@alice:example.org\" or \"*:example.org\" (whose invites the bot accepts)";
 
 /// `kind` of a channel table, checked; None when absent or wrong (the error is reported).
 pub(super) fn kind_of<'t>(cx: &mut Sink<'_>, t: &'t Table) -> Option<&'t str> {
@@ -525,6 +536,53 @@ pub(super) fn settings(
                 }
             }
             out.insert("probe_interval_ms".into(), millis(d));
+        }
+        "matrix" => {
+            match t.get("homeserver") {
+                Some(_) => {
+                    url(cx, t, "homeserver", &mut out);
+                }
+                None => missing(
+                    cx,
+                    anchor,
+                    what,
+                    "homeserver",
+                    "the homeserver's URL, e.g. \"https://matrix.example.org\"",
+                ),
+            }
+            secret_name(cx, t, at, "token_secret", &mut out);
+            let mut globs = Vec::new();
+            if let Some(Val::Array(items)) = t.get("invites_from").map(|e| &e.node.val) {
+                for n in items {
+                    let Val::Str(p) = &n.val else { continue };
+                    if let Err(e) = globset::Glob::new(p) {
+                        cx.err(
+                            &n.span,
+                            format!("`invites_from`: {p:?} is not a glob: {e}"),
+                            INVITES_EXPECTED,
+                        );
+                    } else if p.is_empty() || p.len() > 256 || p.chars().any(char::is_control) {
+                        cx.err(
+                            &n.span,
+                            format!("`invites_from`: {p:?} is not an MXID pattern"),
+                            INVITES_EXPECTED,
+                        );
+                    }
+                    globs.push(Value::from(p.as_str()));
+                }
+            }
+            out.insert("invites_from".into(), Value::Array(globs));
+            let d = get_duration(cx, t, "poll_timeout", Duration::from_secs(30));
+            if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+                if let Some(e) = t.get("poll_timeout") {
+                    cx.err(
+                        &e.node.span,
+                        "`poll_timeout` is out of range",
+                        "a duration from 1s to 5m",
+                    );
+                }
+            }
+            out.insert("poll_timeout_ms".into(), millis(d));
         }
         _ => {}
     }

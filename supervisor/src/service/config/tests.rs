@@ -834,6 +834,52 @@ fn channel_kind_errors_are_located() {
     );
 }
 
+#[test]
+fn matrix_channel_settings_and_errors() {
+    let c = parse(
+        "[channels.mx]\nkind = \"matrix\"\nhomeserver = \"https://matrix.example.org/\"\n\
+         token_secret = \"mx_token\"\ninvites_from = [\"@alice:example.org\", \"*:example.org\"]\n\
+         poll_timeout = \"20s\"\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        settings_of(&c.channels["mx"]),
+        serde_json::json!({"channel": "mx", "state_dir": "/workspace", "kind": "matrix",
+                "homeserver": "https://matrix.example.org", "token_secret": "mx_token",
+                "invites_from": ["@alice:example.org", "*:example.org"], "poll_timeout_ms": 20000})
+    );
+    let d = parse("[channels.mx]\nkind = \"matrix\"\nhomeserver = \"http://127.0.0.1:8008\"\ntoken_secret = \"t\"\n")
+        .expect("loopback http is allowed");
+    assert_eq!(
+        settings_of(&d.channels["mx"])["invites_from"],
+        serde_json::json!([])
+    );
+    let e = errors("[channels.mx]\nkind = \"matrix\"\n");
+    assert!(has(&e, "1:11: [channels.mx] has no `homeserver`"), "{e:?}");
+    assert!(
+        has(&e, "1:11: [channels.mx] has no `token_secret`"),
+        "{e:?}"
+    );
+    let e = errors("[channels.mx]\nkind = \"matrix\"\nhomeserver = \"http://matrix.example.org\"\ntoken_secret = \"t\"\ninvites_from = [\"[\"]\npoll_timeout = \"10m\"\n");
+    assert!(
+        has(
+            &e,
+            "3:14: `homeserver` = \"http://matrix.example.org\": plain http"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        has(&e, "5:17: `invites_from`: \"[\" is not a glob"),
+        "{e:?}"
+    );
+    assert!(has(&e, "6:16: `poll_timeout` is out of range"), "{e:?}");
+    let e = errors("[channels.mx]\nkind = \"matrix\"\nhomeserver = \"https://m.org\"\ntoken_secret = \"t\"\napi_base = \"https://x\"\n");
+    assert!(
+        has(&e, "5:1: unknown key `api_base` in [channels.mx]"),
+        "{e:?}"
+    );
+}
+
 /// Every key of the configuration, each with a valid value.
 const EVERY_KEY: &str = r#"
 [workspaces.w]

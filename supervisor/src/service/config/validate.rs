@@ -623,7 +623,7 @@ pub(super) fn child(
                 cx.err(
                     anchor,
                     format!("{what} has no `kind` and no `program`"),
-                    "kind = \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\" or \"discord\" (the built-in adapters), \
+                    "kind = \"telegram\", \"email\", \"webhook\", \"irc\", \"signal\", \"slack\", \"discord\" or \"matrix\" (the built-in adapters), \
                      or the `program` of an adapter of your own",
                 );
             }

@@ -397,3 +397,40 @@ api_base = "http://127.0.0.1:8081/api"
         );
     }
 }
+
+#[test]
+fn a_matrix_operator_is_a_full_mxid_and_the_homeserver_must_be_reachable() {
+    let with = |op: &str| {
+        GOOD.replace(
+            "reply_to_senders = true",
+            &format!("reply_to_senders = true\noperator = \"{op}\""),
+        )
+    };
+    let mx = r#"
+[gateway]
+profile = "agent"
+[channels.tg]
+kind = "matrix"
+profile = "tg"
+homeserver = "http://127.0.0.1:8081"
+token_secret = "bot"
+"#;
+    assert_eq!(wiring(mx, &with("@owner:example.org")), Wiring::default());
+    for bad in ["owner", "@owner", "123456789", "@:example.org"] {
+        let w = wiring(mx, &with(bad));
+        assert!(
+            w.errors
+                .iter()
+                .any(|e| e.contains(&format!("operator \"{bad}\""))
+                    && e.contains("not a Matrix user id")),
+            "{bad}: {w:?}"
+        );
+    }
+    let w = wiring(&mx.replace("8081", "8082"), GOOD);
+    assert!(
+        w.errors
+            .iter()
+            .any(|e| e.contains("may not connect to 127.0.0.1:8082")),
+        "{w:?}"
+    );
+}
