@@ -12,6 +12,7 @@
 //!
 //! and a `run(ctx, settings)` that reads its credential and runs the loops.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,36 @@ pub enum RunError {
     },
     #[error("the {0} adapter is not part of this build")]
     NotBuilt(&'static str),
+}
+
+/// How many pieces of each split outbound message the service took, by outbox id, so that a
+/// retry resumes after them instead of sending them again. At most [`Progress::CAP`] ids are
+/// kept; past that the record starts afresh (a retry of a forgotten message sends it whole).
+#[derive(Debug, Default)]
+pub struct Progress(Mutex<HashMap<String, usize>>);
+
+impl Progress {
+    /// Most outbox ids remembered at once.
+    pub const CAP: usize = 1024;
+
+    /// Pieces of message `id` already sent.
+    pub fn of(&self, id: &str) -> usize {
+        lock(&self.0).get(id).copied().unwrap_or(0)
+    }
+
+    /// The first `n` pieces of message `id` were sent.
+    pub fn sent(&self, id: &str, n: usize) {
+        let mut p = lock(&self.0);
+        if p.len() >= Self::CAP && !p.contains_key(id) {
+            p.clear();
+        }
+        p.insert(id.to_string(), n);
+    }
+
+    /// Message `id` is finished, or a retry cannot help: nothing to resume.
+    pub fn forget(&self, id: &str) {
+        lock(&self.0).remove(id);
+    }
 }
 
 /// What an adapter's loops share.

@@ -380,11 +380,8 @@ pub struct IrcOutlet {
     link: Arc<Link>,
     user: String,
     /// Outbox id → pieces the server confirmed (a retry resumes after them).
-    progress: Mutex<std::collections::HashMap<String, usize>>,
+    progress: crate::adapter::Progress,
 }
-
-/// Messages whose progress is remembered at once.
-const REMEMBERED: usize = 1024;
 
 impl std::fmt::Debug for IrcOutlet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -423,7 +420,7 @@ impl Outlet for IrcOutlet {
                 "not connected to the IRC server",
             ));
         };
-        let start = lock(&self.progress).get(&msg.id).copied().unwrap_or(0);
+        let start = self.progress.of(&msg.id);
         let total = pieces.len();
         let (done, rx) = oneshot::channel();
         let out = Outgoing {
@@ -439,20 +436,16 @@ impl Outlet for IrcOutlet {
         };
         tx.send(out).await.map_err(|_| lost())?;
         let result = rx.await.unwrap_or_else(|_| Err((0, lost())));
-        let mut progress = lock(&self.progress);
         match result {
             Ok(()) => {
-                progress.remove(&msg.id);
+                self.progress.forget(&msg.id);
                 Ok(None)
             }
             Err((confirmed, mut e)) => {
                 if e.retry() && start + confirmed > 0 {
-                    if progress.len() >= REMEMBERED && !progress.contains_key(&msg.id) {
-                        progress.clear();
-                    }
-                    progress.insert(msg.id.clone(), start + confirmed);
+                    self.progress.sent(&msg.id, start + confirmed);
                 } else {
-                    progress.remove(&msg.id);
+                    self.progress.forget(&msg.id);
                 }
                 if total > 1 {
                     e.message =
@@ -1000,7 +993,7 @@ pub async fn run_with<D: Dial, B: BrokerApi>(ctx: &Ctx<B>, dial: D, cfg: IrcConf
     let outlet = IrcOutlet {
         link: link.clone(),
         user: cfg.user.clone(),
-        progress: Mutex::new(std::collections::HashMap::new()),
+        progress: crate::adapter::Progress::default(),
     };
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::join!(

@@ -216,7 +216,7 @@ pub async fn read_line(stream: &UnixStream) -> std::io::Result<Option<Vec<u8>>> 
 pub struct Sender {
     rpc: Arc<Rpc>,
     /// Pieces already sent of a message whose later piece failed.
-    progress: Mutex<HashMap<String, usize>>,
+    progress: crate::adapter::Progress,
 }
 
 impl Outlet for Sender {
@@ -234,7 +234,7 @@ impl Outlet for Sender {
         if pieces.is_empty() {
             return Err(ServiceError::new(FailureKind::Rejected, "an empty message"));
         }
-        let start = lock(&self.progress).get(&msg.id).copied().unwrap_or(0);
+        let start = self.progress.of(&msg.id);
         let mut service_id = None;
         for (i, piece) in pieces.iter().enumerate().skip(start) {
             let sent = match self
@@ -251,20 +251,20 @@ impl Outlet for Sender {
                         tracing::warn!(id = %msg.id, failed = %failed.join(", "), "not every group member got it");
                     }
                     service_id.get_or_insert_with(|| ts.to_string());
-                    lock(&self.progress).insert(msg.id.clone(), i + 1);
+                    self.progress.sent(&msg.id, i + 1);
                 }
                 Err(mut e) => {
                     if i > 0 {
                         e.message = format!("piece {} of {}: {}", i + 1, pieces.len(), e.message);
                     }
                     if !e.retry() {
-                        lock(&self.progress).remove(&msg.id);
+                        self.progress.forget(&msg.id);
                     }
                     return Err(e);
                 }
             }
         }
-        lock(&self.progress).remove(&msg.id);
+        self.progress.forget(&msg.id);
         Ok(service_id)
     }
 }
@@ -310,7 +310,7 @@ pub fn adapter(stream: UnixStream, timeout: Duration) -> (Arc<Rpc>, Sender) {
         rpc.clone(),
         Sender {
             rpc,
-            progress: Mutex::new(HashMap::new()),
+            progress: crate::adapter::Progress::default(),
         },
     )
 }

@@ -40,12 +40,10 @@
 mod socket;
 mod web;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use carapace_broker::protocol::OutboundMessage;
-use carapace_broker::sync::lock;
 use serde_json::{json, Value};
 
 use crate::adapter::{run_outbound, Ctx, FailureKind, Outlet, RunError, ServiceError};
@@ -62,8 +60,6 @@ pub const MAX_TEXT: usize = 4000;
 const MAX_REPLY: usize = 1 << 20;
 /// Time for one Web API exchange.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Outbox ids whose progress is remembered.
-const REMEMBERED: usize = 1024;
 /// Longest id, channel or ts taken from Slack.
 const MAX_ID: usize = 64;
 
@@ -400,29 +396,10 @@ pub struct Sender<B> {
     api: Arc<Api<B>>,
     token: Token,
     /// Outbox id → pieces already sent (a retry resumes after them).
-    progress: Mutex<HashMap<String, usize>>,
+    progress: crate::adapter::Progress,
 }
 
-impl<B: BrokerApi> Sender<B> {
-    fn progress_of(&self, id: &str) -> usize {
-        lock(&self.progress).get(id).copied().unwrap_or(0)
-    }
-
-    fn set_progress(&self, id: &str, done: Option<usize>) {
-        let mut p = lock(&self.progress);
-        match done {
-            Some(n) => {
-                if p.len() >= REMEMBERED && !p.contains_key(id) {
-                    p.clear();
-                }
-                p.insert(id.to_string(), n);
-            }
-            None => {
-                p.remove(id);
-            }
-        }
-    }
-}
+impl<B: BrokerApi> Sender<B> {}
 
 impl<B: BrokerApi> Outlet for Sender<B> {
     async fn send(&self, msg: &OutboundMessage) -> Result<Option<String>, ServiceError> {
@@ -442,7 +419,7 @@ impl<B: BrokerApi> Outlet for Sender<B> {
                 "the message is empty (Slack refuses empty text)",
             ));
         }
-        let start = self.progress_of(&msg.id);
+        let start = self.progress.of(&msg.id);
         let mut service_id = None;
         for (i, piece) in pieces.iter().enumerate().skip(start) {
             let mut body = json!({"channel": channel, "text": encode_entities(piece)});
@@ -454,11 +431,11 @@ impl<B: BrokerApi> Outlet for Sender<B> {
                     if service_id.is_none() {
                         service_id = answer.get("ts").and_then(Value::as_str).map(str::to_string);
                     }
-                    self.set_progress(&msg.id, Some(i + 1));
+                    self.progress.sent(&msg.id, i + 1);
                 }
                 Err(mut e) => {
                     if !e.retry() {
-                        self.set_progress(&msg.id, None);
+                        self.progress.forget(&msg.id);
                     }
                     if pieces.len() > 1 {
                         e.message = format!("piece {} of {}: {}", i + 1, pieces.len(), e.message);
@@ -467,7 +444,7 @@ impl<B: BrokerApi> Outlet for Sender<B> {
                 }
             }
         }
-        self.set_progress(&msg.id, None);
+        self.progress.forget(&msg.id);
         Ok(service_id)
     }
 }
@@ -486,7 +463,7 @@ pub async fn run<B: BrokerApi>(ctx: Arc<Ctx<B>>, s: SlackSettings) -> Result<(),
     let sender = Sender {
         api: api.clone(),
         token: bot,
-        progress: Mutex::new(HashMap::new()),
+        progress: crate::adapter::Progress::default(),
     };
     tokio::join!(
         socket::run_socket(&ctx, &api, &app),

@@ -545,29 +545,10 @@ pub struct Sender<B> {
     api: Arc<Api<B>>,
     received: Arc<Mutex<Received>>,
     /// Outbox id → pieces already sent (a retry resumes after them).
-    progress: Mutex<HashMap<String, usize>>,
+    progress: crate::adapter::Progress,
 }
 
-impl<B: BrokerApi> Sender<B> {
-    fn progress_of(&self, id: &str) -> usize {
-        lock(&self.progress).get(id).copied().unwrap_or(0)
-    }
-
-    fn set_progress(&self, id: &str, done: Option<usize>) {
-        let mut p = lock(&self.progress);
-        match done {
-            Some(n) => {
-                if p.len() >= REMEMBERED && !p.contains_key(id) {
-                    p.clear();
-                }
-                p.insert(id.to_string(), n);
-            }
-            None => {
-                p.remove(id);
-            }
-        }
-    }
-}
+impl<B: BrokerApi> Sender<B> {}
 
 impl<B: BrokerApi> Outlet for Sender<B> {
     async fn send(&self, msg: &OutboundMessage) -> Result<Option<String>, ServiceError> {
@@ -589,7 +570,7 @@ impl<B: BrokerApi> Outlet for Sender<B> {
                 .filter(|(chat, _)| chat.to_string() == msg.recipient)
                 .map(|(_, m)| *m)
         });
-        let start = self.progress_of(&msg.id);
+        let start = self.progress.of(&msg.id);
         let mut service_id = None;
         let keyboard = inline_keyboard(msg);
         let last = pieces.len() - 1;
@@ -610,11 +591,11 @@ impl<B: BrokerApi> Outlet for Sender<B> {
                             .and_then(Value::as_i64)
                             .map(|m| m.to_string());
                     }
-                    self.set_progress(&msg.id, Some(i + 1));
+                    self.progress.sent(&msg.id, i + 1);
                 }
                 Err(mut e) => {
                     if !e.retry() {
-                        self.set_progress(&msg.id, None);
+                        self.progress.forget(&msg.id);
                     }
                     if pieces.len() > 1 {
                         e.message = format!("piece {} of {}: {}", i + 1, pieces.len(), e.message);
@@ -623,7 +604,7 @@ impl<B: BrokerApi> Outlet for Sender<B> {
                 }
             }
         }
-        self.set_progress(&msg.id, None);
+        self.progress.forget(&msg.id);
         Ok(service_id)
     }
 }
@@ -668,7 +649,7 @@ pub fn adapter<B: BrokerApi>(
         Sender {
             api,
             received,
-            progress: Mutex::new(HashMap::new()),
+            progress: crate::adapter::Progress::default(),
         },
     )
 }

@@ -36,7 +36,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REPLY: usize = 1 << 20;
 /// Longest `nonce` Discord takes.
 const NONCE_LEN: usize = 25;
-/// Outbox ids whose progress is remembered (pieces already sent).
+/// Most entries each of the bounded maps keeps (rate-limit routes, DM channels).
 const REMEMBERED: usize = 1024;
 
 /// The rate-limit headers of an answer.
@@ -205,7 +205,7 @@ pub struct Rest<B> {
     token: Arc<BotToken>,
     limits: Mutex<Limits>,
     /// Outbox id → pieces already sent (a retry resumes after them).
-    progress: Mutex<HashMap<String, usize>>,
+    progress: crate::adapter::Progress,
     /// User id → the DM channel with them (a recipient that is a user, like the operator).
     dms: Mutex<HashMap<String, String>>,
 }
@@ -217,23 +217,8 @@ impl<B: BrokerApi> Rest<B> {
             base,
             token,
             limits: Mutex::new(Limits::default()),
-            progress: Mutex::new(HashMap::new()),
+            progress: crate::adapter::Progress::default(),
             dms: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn set_progress(&self, id: &str, done: Option<usize>) {
-        let mut p = lock(&self.progress);
-        match done {
-            Some(n) => {
-                if p.len() >= REMEMBERED && !p.contains_key(id) {
-                    p.clear();
-                }
-                p.insert(id.to_string(), n);
-            }
-            None => {
-                p.remove(id);
-            }
         }
     }
 
@@ -342,7 +327,7 @@ impl<B: BrokerApi> Outlet for Rest<B> {
             .as_deref()
             .and_then(|id| id.strip_prefix("message:"))
             .filter(|id| is_snowflake(id));
-        let start = lock(&self.progress).get(&msg.id).copied().unwrap_or(0);
+        let start = self.progress.of(&msg.id);
         let mut service_id = None;
         // A user id (the operator's announcements go to the operator) is sent to their DM.
         let mut channel = lock(&self.dms)
@@ -379,11 +364,11 @@ impl<B: BrokerApi> Outlet for Rest<B> {
                             .and_then(Value::as_str)
                             .map(str::to_string);
                     }
-                    self.set_progress(&msg.id, Some(i + 1));
+                    self.progress.sent(&msg.id, i + 1);
                 }
                 Err(mut e) => {
                     if !e.retry() {
-                        self.set_progress(&msg.id, None);
+                        self.progress.forget(&msg.id);
                     }
                     if pieces.len() > 1 {
                         e.message = format!("piece {} of {}: {}", i + 1, pieces.len(), e.message);
@@ -392,7 +377,7 @@ impl<B: BrokerApi> Outlet for Rest<B> {
                 }
             }
         }
-        self.set_progress(&msg.id, None);
+        self.progress.forget(&msg.id);
         Ok(service_id)
     }
 }

@@ -573,7 +573,7 @@ async fn sending_splits_resumes_and_maps_errors() {
         .unwrap_or_else(|| panic!("sent"));
     assert_eq!((e.kind, e.retry()), (FailureKind::Unreachable, true));
     assert!(e.message.contains("piece 1 of 2"), "{e}");
-    assert_eq!(sender.progress_of("o1"), 0);
+    assert_eq!(sender.progress.of("o1"), 0);
     // The first piece goes out, the second is throttled.
     fake.inject("sendMessage", Injected::Pass);
     fake.inject("sendMessage", Injected::too_many(3));
@@ -587,7 +587,7 @@ async fn sending_splits_resumes_and_maps_errors() {
         (FailureKind::Throttled, Some(Duration::from_secs(3)))
     );
     assert!(e.message.contains("piece 2 of 2"), "{e}");
-    assert_eq!(sender.progress_of("o1"), 1);
+    assert_eq!(sender.progress.of("o1"), 1);
     assert_eq!(fake.sent().len(), 1);
     // The retry resumes at the second piece.
     let id = sender.send(&m).await.unwrap_or_else(|e| panic!("{e}"));
@@ -598,7 +598,7 @@ async fn sending_splits_resumes_and_maps_errors() {
         .map(|s| s["text"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(texts, ["a".repeat(4000), "b".repeat(100)]);
-    assert_eq!(sender.progress_of("o1"), 0);
+    assert_eq!(sender.progress.of("o1"), 0);
     // A 4xx after the first piece: no retry, progress forgotten.
     let m2 = outbound("o2", "5", &long, None);
     fake.inject("sendMessage", Injected::Pass);
@@ -612,7 +612,7 @@ async fn sending_splits_resumes_and_maps_errors() {
         .err()
         .unwrap_or_else(|| panic!("sent"));
     assert_eq!((e.kind, e.retry()), (FailureKind::Rejected, false));
-    assert_eq!(sender.progress_of("o2"), 0);
+    assert_eq!(sender.progress.of("o2"), 0);
     // 5xx: retry.
     fake.inject("sendMessage", Injected::error(502, "Bad Gateway"));
     let e = sender
