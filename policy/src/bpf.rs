@@ -310,10 +310,17 @@ fn emit_leaf(a: &mut Asm, leaf: &Leaf) {
 /// syscall number with only `nr` and `arch` known; a syscall is cached when that run reaches
 /// `RET ALLOW` without loading anything else (an argument, the instruction pointer) and without
 /// an instruction the emulation does not know. This is the same emulation, instruction for
-/// instruction, as the kernel's `seccomp_is_const_allow` (kernel/seccomp.c): it exists so that a
-/// test can prove the filter's shape keeps the cache working for every syscall the profile
-/// allows whatever its arguments. What remains for a cached syscall is the seccomp entry path
-/// itself, a floor no filter shape can lower.
+/// instruction, as the kernel's `seccomp_is_const_allow` (kernel/seccomp.c, Linux 5.11 to 6.18:
+/// `LD W ABS` of `nr` or `arch` only; `JA`; `JEQ`/`JGE`/`JGT`/`JSET` with K; `ALU AND K`; `RET
+/// K` answers, cached only for exactly `SECCOMP_RET_ALLOW`; anything else, or running off the
+/// end, is not cached). Left out: the kernel's own exception (`seccomp_uprobe_exception`, 6.13+)
+/// that always lets the `uretprobe`/`uprobe` trampolines through whatever the filter says. It
+/// exists so that a test can prove the filter's shape keeps the cache working for every syscall
+/// the profile allows whatever its arguments. What remains for a cached syscall is the seccomp
+/// entry path itself, a floor no filter shape can lower.
+///
+/// A task with several filters (stacked by `seccomp()` calls or inherited) is answered from the
+/// cache only when every one of them is const-allow: see [`kernel_caches_allow_stack`].
 pub fn kernel_caches_allow(program: &[BpfInsn], nr: u32) -> bool {
     const BPF_JGT_K: u16 = 0x25;
     let mut acc: u32 = 0;
@@ -347,6 +354,17 @@ pub fn kernel_caches_allow(program: &[BpfInsn], nr: u32) -> bool {
     }
     // Ran off the end: the kernel refuses such a filter; never cached.
     false
+}
+
+/// Whether the kernel's action cache answers native syscall `nr` for a task whose attached
+/// filters are `stack` (in any order). The kernel keeps one bitmap per filter, computed when the
+/// filter is attached from the bitmap of the filter before it (`seccomp_cache_prepare_bitmap`,
+/// kernel/seccomp.c): a number stays set only while every filter so far is const-allow for it,
+/// and only the newest filter's bitmap is consulted (`seccomp_cache_check_allow`). So one
+/// filter anywhere in the stack that loads an argument (or answers anything but ALLOW) before
+/// deciding `nr` makes every call of `nr` run every filter. An empty stack is no seccomp at all.
+pub fn kernel_caches_allow_stack(stack: &[&[BpfInsn]], nr: u32) -> bool {
+    stack.iter().all(|p| kernel_caches_allow(p, nr))
 }
 
 /// Longest path through `program` from its first instruction to a `RET`, in executed
@@ -544,6 +562,48 @@ mod tests {
         assert!(!kernel_caches_allow(&one, 40));
         // A path that falls off the end is never cached.
         assert!(!kernel_caches_allow(&[i(BPF_LD_W_ABS, 0, 0, OFF_NR)], 0));
+    }
+
+    #[test]
+    fn a_stack_is_cached_only_where_every_filter_is() {
+        let i = |code: u16, jt: u8, jf: u8, k: u32| BpfInsn { code, jt, jf, k };
+        // 0 (read) and 1 (write) allowed by the tree, the rest EPERM.
+        let plan = emit(
+            EPERM,
+            &[
+                (0, Leaf::Ret(ALLOW)),
+                (1, Leaf::Ret(ALLOW)),
+                (2, Leaf::Ret(ALLOW)),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // A second filter of the old shape: a guard that loads an argument for every syscall
+        // before it lets it through (here: arg0 & 0o6000 on every number).
+        let arg_guard = [
+            i(BPF_LD_W_ABS, 0, 0, off_arg_low(0)),
+            i(BPF_JSET_K, 0, 1, 0o6000),
+            i(BPF_RET_K, 0, 0, EPERM),
+            i(BPF_RET_K, 0, 0, ALLOW),
+        ];
+        // A second filter that decides on the number first: cacheable.
+        let nr_guard = [
+            i(BPF_LD_W_ABS, 0, 0, OFF_NR),
+            i(BPF_JEQ_K, 0, 1, 2),
+            i(BPF_RET_K, 0, 0, EPERM),
+            i(BPF_RET_K, 0, 0, ALLOW),
+        ];
+        for nr in [0, 1] {
+            assert!(kernel_caches_allow_stack(&[&plan], nr));
+            assert!(kernel_caches_allow_stack(&[&plan, &nr_guard], nr));
+            assert!(!kernel_caches_allow_stack(&[&plan, &arg_guard], nr));
+            assert!(!kernel_caches_allow_stack(&[&arg_guard, &plan], nr));
+        }
+        assert!(!kernel_caches_allow_stack(&[&plan, &nr_guard], 2));
+        assert!(!kernel_caches_allow_stack(&[&plan], 3));
+        assert!(
+            kernel_caches_allow_stack(&[], 3),
+            "no filter: nothing to run"
+        );
     }
 
     #[test]

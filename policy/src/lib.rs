@@ -31,7 +31,7 @@ use std::fmt;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-pub use bpf::{kernel_caches_allow, max_path_len};
+pub use bpf::{kernel_caches_allow, kernel_caches_allow_stack, max_path_len};
 /// Located errors and their rustc-style rendering.
 pub use diagnostic::{Diagnostic, Diagnostics, Label};
 pub use plan::Plan;

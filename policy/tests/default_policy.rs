@@ -2,6 +2,7 @@
 //! itself, and its own [[test]] examples pass.
 
 use carapace_policy::{Approval, ExecRequest, Policy, Target};
+use std::collections::BTreeSet;
 
 const DEFAULT: &str = include_str!("../../policies/default.toml");
 
@@ -131,6 +132,27 @@ fn the_kernel_caches_every_syscall_a_profile_allows_unconditionally() {
             assert!(
                 kernel_caches_allow(&sc.program, nr(name)),
                 "{profile}: {name} runs the filter on every call"
+            );
+        }
+        // Exactly: over every x86_64 syscall the kernel knows, the cached ones are the ones
+        // the profile allows whatever their arguments (plus every unlisted one when the
+        // profile's default is allow).
+        let listed: BTreeSet<&str> = sc
+            .allowed
+            .iter()
+            .map(String::as_str)
+            .chain(sc.conditional.iter().map(|c| c.syscall.as_str()))
+            .chain(sc.denied.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        let default_allows = matches!(sc.default_action, SeccompAction::Allow);
+        for (name, n) in carapace_policy::tables::all_syscalls() {
+            let n = u32::try_from(n).unwrap();
+            let want =
+                sc.allowed.iter().any(|a| a == name) || default_allows && !listed.contains(name);
+            assert_eq!(
+                kernel_caches_allow(&sc.program, n),
+                want,
+                "{profile}: {name} ({n}) cached should be {want}"
             );
         }
     }

@@ -572,3 +572,178 @@ fn listener_at_4(ws: &Path, rootless: bool) {
         }
     }
 }
+
+/// The filters the kernel has attached to `pid`, newest first, read back with
+/// `PTRACE_SECCOMP_GET_FILTER` (root: CAP_SYS_ADMIN, and this process under no filter). The
+/// process is seized, stopped for the reading and detached again.
+fn attached_filters(pid: libc::pid_t) -> Result<Vec<Vec<carapace_policy::plan::BpfInsn>>, String> {
+    // linux/ptrace.h; the libc crate does not name it for every target.
+    const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+    let null = std::ptr::null_mut::<libc::c_void>();
+    let err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: ptrace requests on a pid with integer or null arguments; nothing is written.
+    if unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, null, null) } != 0 {
+        return Err(err("PTRACE_SEIZE"));
+    }
+    // SAFETY: as above, on the process we just seized.
+    if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, null, null) } != 0 {
+        return Err(err("PTRACE_INTERRUPT"));
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the stop of a process we trace, into a local.
+    if unsafe { libc::waitpid(pid, &mut status, libc::__WALL) } != pid {
+        return Err(err("waitpid"));
+    }
+    let mut filters = Vec::new();
+    let read = (0..).try_for_each(|index: usize| -> Result<(), Option<String>> {
+        // SAFETY: with a null buffer the kernel only returns the filter's length.
+        let n = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, null) };
+        if n < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENOENT) => Err(None), // past the oldest filter
+                _ => Err(Some(err("PTRACE_SECCOMP_GET_FILTER"))),
+            };
+        }
+        let mut buf = vec![
+            libc::sock_filter {
+                code: 0,
+                jt: 0,
+                jf: 0,
+                k: 0
+            };
+            n as usize
+        ];
+        // SAFETY: `buf` has room for the `n` instructions the kernel said the filter has.
+        let m = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, buf.as_mut_ptr()) };
+        if m != n {
+            return Err(Some(err("PTRACE_SECCOMP_GET_FILTER (copy)")));
+        }
+        filters.push(
+            buf.iter()
+                .map(|i| carapace_policy::plan::BpfInsn {
+                    code: i.code,
+                    jt: i.jt,
+                    jf: i.jf,
+                    k: i.k,
+                })
+                .collect(),
+        );
+        Ok(())
+    });
+    // SAFETY: detaching the process we stopped; it runs on.
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, null, null) };
+    match read {
+        Err(Some(e)) => Err(e),
+        _ => Ok(filters),
+    }
+}
+
+/// The kernel's seccomp action cache applies to a real confined program. The filters attached
+/// to it, read back from the kernel, are exactly one: the plan's (the init's own filter is
+/// installed after the fork, the set-id guard is inside the plan's program). Run through the
+/// kernel's cache emulation (`carapace_policy::kernel_caches_allow_stack`, a port of
+/// `seccomp_cache_prepare_bitmap`/`seccomp_is_const_allow`), that stack lets `read`, `write`
+/// and every syscall the default tool profile allows without conditions through from the
+/// cache, and runs the filter for the ones with argument checks. A second filter stacked on
+/// the program, or a filter that loads an argument before deciding, fails here.
+#[test]
+fn the_kernels_seccomp_cache_answers_the_confined_programs_plain_syscalls() {
+    if !require_root() {
+        return;
+    }
+    let policy = carapace_policy::Policy::parse(
+        include_str!("../../policies/default.toml"),
+        "policies/default.toml",
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let tool = policy
+        .compile(
+            "tool",
+            &carapace_policy::Target {
+                landlock_abi: landlock::probe_abi(),
+            },
+        )
+        .unwrap_or_else(|d| panic!("{d}"));
+    let mut plan = hand_plan();
+    plan.seccomp = tool.seccomp.clone();
+    let ws = workspace(0, 0);
+    let run = Run {
+        name: "test".to_string(),
+        landlock_abi: landlock::probe_abi(),
+        options: LaunchOptions {
+            program: opened("/usr/bin/sleep"),
+            argv0: OsString::from("/usr/bin/sleep"),
+            args: vec![OsString::from("30")],
+            workspace: Some(ws.path().to_path_buf()),
+            privilege: Privilege::of_this_process(),
+            run_as: RunAs::Fixed(HostIds::NOBODY),
+            env: Vec::new(),
+            broker: false,
+            listener: false,
+            supervisor_env: Vec::new(),
+        },
+    };
+    let started = run::start(plan.clone(), &run, ChildIo::default()).expect("confined sleep");
+    let init = started.pid();
+    // The program: the init's child, once it has executed sleep (seccomp is installed right
+    // before execveat, so from then on its filters are final).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let program = loop {
+        let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+            .unwrap_or_default();
+        let sleeping = children
+            .split_whitespace()
+            .filter_map(|w| w.parse::<libc::pid_t>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            });
+        if let Some(p) = sleeping {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the confined sleep never started (init {init})"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let filters = attached_filters(program);
+    // SAFETY: kill with a pid we found and a constant signal.
+    unsafe { libc::kill(program, libc::SIGKILL) };
+    let mut ended = started.wait();
+    ended.remove_cgroup().expect("the run's cgroup is removed");
+    let filters = filters.unwrap_or_else(|e| panic!("reading the program's filters: {e}"));
+    assert_eq!(
+        filters.len(),
+        1,
+        "filters stacked on the program: {}",
+        filters.len()
+    );
+    assert_eq!(
+        filters[0], plan.seccomp.program,
+        "the attached filter is not the plan's"
+    );
+    let stack: Vec<&[carapace_policy::plan::BpfInsn]> = filters.iter().map(Vec::as_slice).collect();
+    let nr = |name: &str| {
+        let n = carapace_policy::tables::syscall_nr(name).unwrap_or_else(|| panic!("{name}"));
+        u32::try_from(n).unwrap()
+    };
+    assert!(tool.seccomp.allowed.iter().any(|a| a == "read"));
+    for name in ["read", "write"]
+        .into_iter()
+        .chain(tool.seccomp.allowed.iter().map(String::as_str))
+    {
+        assert!(
+            carapace_policy::kernel_caches_allow_stack(&stack, nr(name)),
+            "{name}: the kernel runs the filter on every call"
+        );
+    }
+    assert!(!tool.seccomp.conditional.is_empty());
+    for c in &tool.seccomp.conditional {
+        assert!(
+            !carapace_policy::kernel_caches_allow_stack(&stack, nr(&c.syscall)),
+            "{}: its argument check would be skipped",
+            c.syscall
+        );
+    }
+}
