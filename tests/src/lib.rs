@@ -73,6 +73,28 @@ pub fn repo_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
+/// Poll `f` every 50 ms until it gives a value; panics naming `what` after `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Fail (never skip) unless running as root: the `suite` end-to-end tests run `carapace run`.
+pub fn require_root(suite: &str) {
+    assert_eq!(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() },
+        0,
+        "the {suite} end-to-end tests need root (they run `carapace run`); run them with .ci/test"
+    );
+}
+
 /// Text of `policies/default.toml` (the policy embedded in the binary).
 pub fn default_policy_text() -> String {
     let p = repo_root().join("policies/default.toml");

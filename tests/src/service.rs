@@ -443,6 +443,48 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
             .unwrap_or_else(|e| panic!("status JSON: {e}: {}", String::from_utf8_lossy(&o.stdout)))
     }
 
+    /// The `name` row of [`Service::status`]'s channel table.
+    pub fn channel_status(&self, name: &str) -> serde_json::Value {
+        let st = self.status();
+        st["channels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["channel"] == name).cloned())
+            .unwrap_or_else(|| panic!("no {name} channel in {st}"))
+    }
+
+    /// `carapace held list --json`'s messages.
+    pub fn held(&self) -> Vec<serde_json::Value> {
+        let o = self.ctl(&["held", "list", "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("held list JSON: {e}"));
+        v["held"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The host pid of the sandbox init of child `name` once it runs (waits up to 30 s).
+    pub fn child_init(&self, name: &str) -> i64 {
+        crate::wait_for(Duration::from_secs(30), &format!("{name} running"), || {
+            let st = self.status();
+            st["children"].as_array().and_then(|a| {
+                a.iter()
+                    .find(|c| c["name"] == name && c["state"] == "running")
+                    .and_then(|c| c["pid"].as_i64())
+            })
+        })
+    }
+
+    /// The host pid of channel adapter `name`'s program (not its sandbox init); with `not`, a
+    /// pid other than that one (the adapter was restarted).
+    pub fn adapter_pid(&self, name: &str, not: Option<i64>) -> i64 {
+        loop {
+            let pid = program_of(self.child_init(name));
+            if not != Some(pid) {
+                return pid;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The `gateway` child in [`Service::status`].
     pub fn gateway(&self) -> serde_json::Value {
         let st = self.status();

@@ -6,14 +6,13 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
 use carapace_tests::fake_telegram::{FakeTelegram, Injected};
-use carapace_tests::service::{
-    channel_bin, policy_text, program_of, status_field, Service, StartOpts,
-};
+use carapace_tests::service::{channel_bin, policy_text, status_field, Service, StartOpts};
 use carapace_tests::var_tmpdir;
+use carapace_tests::{require_root, wait_for};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "4242:test-bot-token-AAAAAAAAAAAAAAAAAAAAAAAAAAA";
@@ -21,15 +20,6 @@ const TOKEN: &str = "4242:test-bot-token-AAAAAAAAAAAAAAAAAAAAAAAAAAA";
 const ALICE: i64 = 111;
 /// A user the policy does not admit.
 const MALLORY: i64 = 222;
-
-fn require_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "the channel end-to-end tests need root (they run `carapace run`); run them with .ci/test"
-    );
-}
 
 /// What a test changes in the setup.
 struct Setup {
@@ -57,7 +47,7 @@ struct World {
 }
 
 fn start(setup: Setup, script: Vec<Scripted>) -> World {
-    require_root();
+    require_root("channel");
     let tg = FakeTelegram::start(TOKEN);
     let llm = FakeLlm::start(script);
     llm.echo_when_exhausted();
@@ -140,64 +130,12 @@ fn launch(llm: &FakeLlm, policy: String, channels: &str) -> Service {
     })
 }
 
-/// Poll `f` every 50 ms until it gives Some (panics after `limit`, saying `what`).
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The `tg` row of `carapace status`'s channel table.
-fn channel_status(svc: &Service) -> Value {
-    channel_status_of(svc, "tg")
-}
-
-/// The `name` row of `carapace status`'s channel table.
-fn channel_status_of(svc: &Service, name: &str) -> Value {
-    let st = svc.status();
-    st["channels"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["channel"] == name).cloned())
-        .unwrap_or_else(|| panic!("no {name} channel in {st}"))
-}
-
-/// `carapace held list --json`'s messages.
-fn held(svc: &Service) -> Vec<Value> {
-    let o = svc.ctl(&["held", "list", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("held list JSON");
-    v["held"].as_array().cloned().unwrap_or_default()
-}
-
 /// `carapace dlq list --json`'s letters.
 fn dead_letters(svc: &Service) -> Vec<Value> {
     let o = svc.ctl(&["dlq", "list", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).expect("dlq list JSON");
     v["letters"].as_array().cloned().unwrap_or_default()
-}
-
-/// The host pid of the `tg` adapter program (not its sandbox init).
-fn adapter_pid(svc: &Service) -> i64 {
-    adapter_pid_of(svc, "tg")
-}
-
-/// The host pid of adapter `name`'s program (not its sandbox init).
-fn adapter_pid_of(svc: &Service, name: &str) -> i64 {
-    let init = wait_for(Duration::from_secs(20), "the adapter running", || {
-        let st = svc.status();
-        st["children"].as_array().and_then(|a| {
-            a.iter()
-                .find(|c| c["name"] == name && c["state"] == "running")
-                .and_then(|c| c["pid"].as_i64())
-        })
-    });
-    program_of(init)
 }
 
 /// The `sendMessage` texts sent to `chat`.
@@ -217,7 +155,7 @@ fn audit(svc: &Service) -> String {
 fn telegram_admitted_sender_is_answered_unknown_sender_is_held_until_admitted() {
     let w = start(Setup::default(), vec![]);
     // The adapter runs confined.
-    let pid = adapter_pid(&w.svc);
+    let pid = w.svc.adapter_pid("tg", None);
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -246,13 +184,13 @@ fn telegram_admitted_sender_is_answered_unknown_sender_is_held_until_admitted() 
     let llm_calls = w.llm.requests().len();
     w.tg.push_text(MALLORY, MALLORY, "let me in");
     let h = wait_for(Duration::from_secs(20), "a held message", || {
-        let h = held(&w.svc);
+        let h = w.svc.held();
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(h.len(), 1, "{h:?}");
     assert_eq!(h[0]["sender"], MALLORY.to_string());
     assert_eq!(h[0]["channel"], "tg");
-    assert_eq!(channel_status(&w.svc)["held"], 1);
+    assert_eq!(w.svc.channel_status("tg")["held"], 1);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         w.llm.requests().len(),
@@ -289,7 +227,7 @@ fn telegram_admitted_sender_is_answered_unknown_sender_is_held_until_admitted() 
     wait_for(Duration::from_secs(30), "the second reply", || {
         (texts_to(&w.tg, MALLORY).len() == 2).then_some(())
     });
-    assert!(held(&w.svc).is_empty());
+    assert!(w.svc.held().is_empty());
 
     // Every connection the adapter asked the broker for went to its service.
     let port = w.tg.addr().port();
@@ -314,7 +252,7 @@ fn telegram_admitted_sender_is_answered_unknown_sender_is_held_until_admitted() 
         !audit(&w.svc).contains(TOKEN),
         "the bot token in the audit log"
     );
-    let st = channel_status(&w.svc);
+    let st = w.svc.channel_status("tg");
     assert_eq!(st["connected"], true, "{st}");
     assert!(
         st["last_in"].is_string() && st["last_out"].is_string(),
@@ -418,7 +356,7 @@ fn telegram_supervisor_killed_between_receipt_and_reply_answers_exactly_once() {
     // Nothing more comes: the message is answered exactly once.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(texts_to(&w.tg, ALICE), vec!["answered once".to_string()]);
-    assert_eq!(channel_status(&w.svc)["queued"], 0);
+    assert_eq!(w.svc.channel_status("tg")["queued"], 0);
 }
 
 #[test]
@@ -430,7 +368,7 @@ fn telegram_bad_replies_from_the_service_are_errors_and_nothing_is_lost() {
         },
         vec![],
     );
-    let pid = adapter_pid(&w.svc);
+    let pid = w.svc.adapter_pid("tg", None);
     // Garbage, an HTML error page, an API error: each a logged error, the adapter polls on.
     w.tg.inject("getUpdates", Injected::malformed("{\"ok\": tru"));
     w.tg.inject(
@@ -460,7 +398,7 @@ fn telegram_bad_replies_from_the_service_are_errors_and_nothing_is_lost() {
         || (texts_to(&w.tg, ALICE).len() == 2).then_some(()),
     );
     // The same adapter process (or a restarted one) is running.
-    let now = adapter_pid(&w.svc);
+    let now = w.svc.adapter_pid("tg", None);
     assert!(now > 0 && (now == pid || w.svc.status()["children"].is_array()));
     let log = w.svc.log_text();
     assert!(
@@ -579,7 +517,7 @@ impl Recorder {
 
 #[test]
 fn webhook_signed_posts_are_answered_and_bad_ones_refused() {
-    require_root();
+    require_root("channel");
     let llm = FakeLlm::start(vec![]);
     llm.echo_when_exhausted();
     let peer = Recorder::start();
@@ -689,7 +627,7 @@ path = "/hook"
     let stranger = r#"{"id":"s1","sender":"stranger","text":"hi"}"#;
     assert_eq!(post(stranger, &signature(HOOK_KEY, stranger)).status, 202);
     wait_for(Duration::from_secs(20), "the held message", || {
-        (held(&svc).len() == 1).then_some(())
+        (svc.held().len() == 1).then_some(())
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(peer.got().len(), 1, "one reply only: {:?}", peer.got());
@@ -705,7 +643,7 @@ path = "/hook"
 #[test]
 fn email_admitted_mail_is_answered_in_its_thread_and_a_stranger_is_held() {
     use carapace_tests::mail::{Dovecot, SmtpSink, MAIL_PASSWORD, MAIL_USER};
-    require_root();
+    require_root("channel");
     let imap = Dovecot::start().expect("dovecot");
     let smtp = SmtpSink::start().expect("aiosmtpd");
     let llm = FakeLlm::start(vec![]);
@@ -772,13 +710,13 @@ poll_interval = "1s"
         smtp = smtp.port,
     );
     let svc = launch(&llm, policy, &config);
-    let pid = adapter_pid_of(&svc, "mail");
+    let pid = svc.adapter_pid("mail", None);
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     // Let the adapter select the mailbox first: mail that was there before its first start is
     // not delivered in bulk.
     wait_for(Duration::from_secs(20), "the adapter connected", || {
-        (channel_status_of(&svc, "mail")["connected"] == true).then_some(())
+        (svc.channel_status("mail")["connected"] == true).then_some(())
     });
     imap.deliver(
         b"From: Alice <Alice@Example.com>\r\nTo: agent@example.com\r\nSubject: weekly report\r\n\
@@ -814,7 +752,7 @@ poll_interval = "1s"
     )
     .expect("deliver");
     let h = wait_for(Duration::from_secs(30), "the held mail", || {
-        let h = held(&svc);
+        let h = svc.held();
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(h[0]["sender"], "mallory@evil.example");

@@ -8,12 +8,13 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
 use carapace_tests::fake_telegram::FakeTelegram;
 use carapace_tests::service::{channel_bin, policy_text, Service, StartOpts};
 use carapace_tests::var_tmpdir;
+use carapace_tests::{require_root, wait_for};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "4242:test-bot-token-AAAAAAAAAAAAAAAAAAAAAAAAAAA";
@@ -25,15 +26,6 @@ const FRIEND: i64 = 333;
 const MALLORY: i64 = 222;
 const WAIT: Duration = Duration::from_secs(40);
 
-fn require_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "the chat end-to-end tests need root (they run `carapace run`); run them with .ci/test"
-    );
-}
-
 struct World {
     svc: Service,
     tg: FakeTelegram,
@@ -42,7 +34,7 @@ struct World {
 }
 
 fn start(script: Vec<Scripted>) -> World {
-    require_root();
+    require_root("chat");
     let tg = FakeTelegram::start(TOKEN);
     let llm = FakeLlm::start(script);
     llm.echo_when_exhausted();
@@ -123,17 +115,6 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 20
     }
 }
 
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The `sendMessage` calls to `chat`, in order.
 fn sent_to(tg: &FakeTelegram, chat: i64) -> Vec<Value> {
     tg.sent()
@@ -205,13 +186,6 @@ fn operator_answers(svc: &Service) -> Vec<Value> {
         .collect()
 }
 
-fn held(svc: &Service) -> Vec<Value> {
-    let o = svc.ctl(&["held", "list", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("held list JSON");
-    v["held"].as_array().cloned().unwrap_or_default()
-}
-
 /// A second of nothing changing, to show something did not happen.
 fn settle() {
     std::thread::sleep(Duration::from_millis(1500));
@@ -253,7 +227,7 @@ fn an_ask_reaches_the_owner_and_only_the_owners_allow_runs_the_tool() {
     // From a stranger: held, like anything a stranger writes.
     w.tg.push_text(MALLORY, MALLORY, &format!("allow {n}"));
     wait_for(WAIT, "the stranger's message held", || {
-        (!held(&w.svc).is_empty()).then_some(())
+        (!w.svc.held().is_empty()).then_some(())
     });
     settle();
     assert_eq!(
@@ -316,7 +290,7 @@ fn an_ask_reaches_the_owner_and_only_the_owners_allow_runs_the_tool() {
     );
     // The stranger's message is announced to the owner as held (and still held).
     wait_text(&w.tg, OWNER, "Held message ");
-    assert_eq!(held(&w.svc).len(), 1);
+    assert_eq!(w.svc.held().len(), 1);
 }
 
 #[test]
@@ -358,7 +332,8 @@ fn the_agents_own_allow_and_a_strangers_button_answer_nothing() {
             .then_some(())
     });
     wait_for(WAIT, "the stranger's press held", || {
-        held(&w.svc)
+        w.svc
+            .held()
             .iter()
             .any(|h| {
                 h["sender"].as_str().and_then(|s| s.parse::<i64>().ok()) == Some(MALLORY)
@@ -458,7 +433,7 @@ fn a_held_sender_is_announced_admitted_from_the_chat_and_answered() {
     // The wrong verb is explained, and changes nothing.
     w.tg.push_text(OWNER, OWNER, &format!("allow {n}"));
     wait_text(&w.tg, OWNER, &format!("{n} is a held message"));
-    assert_eq!(held(&w.svc).len(), 1);
+    assert_eq!(w.svc.held().len(), 1);
 
     // The owner admits it: the agent answers the sender.
     w.tg.push_text(OWNER, OWNER, &format!("admit {n}"));
@@ -475,7 +450,7 @@ fn a_held_sender_is_announced_admitted_from_the_chat_and_answered() {
             .contains("may I talk to your agent?"),
         "{reply}"
     );
-    assert!(held(&w.svc).is_empty());
+    assert!(w.svc.held().is_empty());
     let answers = operator_answers(&w.svc);
     assert_eq!(answers.len(), 2, "{answers:?}");
     assert_eq!(
@@ -494,7 +469,7 @@ fn a_held_sender_is_announced_admitted_from_the_chat_and_answered() {
 #[test]
 fn email_an_ask_is_mailed_to_the_owner_and_answered_by_the_owners_reply() {
     use carapace_tests::mail::{Dovecot, SmtpSink, MAIL_PASSWORD, MAIL_USER};
-    require_root();
+    require_root("chat");
     let imap = Dovecot::start().expect("dovecot");
     let smtp = SmtpSink::start().expect("aiosmtpd");
     let llm = FakeLlm::start(vec![run_id(), Scripted::text("id ran for you")]);
@@ -610,7 +585,7 @@ poll_interval = "1s"
     )
     .expect("deliver");
     wait_for(WAIT, "the stranger's mail held", || {
-        (!held(&svc).is_empty()).then_some(())
+        (!svc.held().is_empty()).then_some(())
     });
     settle();
     assert_eq!(pending(&svc), 1, "a stranger's mail answered the approval");

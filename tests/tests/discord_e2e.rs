@@ -7,14 +7,13 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use carapace_tests::fake_discord::{FakeDiscord, RestInjected, BOT_ID};
 use carapace_tests::fake_llm::{FakeLlm, Scripted};
-use carapace_tests::service::{
-    alive, channel_bin, policy_text, program_of, status_field, Service, StartOpts,
-};
+use carapace_tests::service::{alive, channel_bin, policy_text, status_field, Service, StartOpts};
 use carapace_tests::var_tmpdir;
+use carapace_tests::{require_root, wait_for};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "MTEwMDAwMDAwMDAwMDAwMDAwMQ.GAbCdE.e2e-test-token-AAAAAAAAAAAAAAAAAAAA";
@@ -28,15 +27,6 @@ const GUILD: &str = "1300000000000000001";
 /// Alice's DM channel with the bot.
 const DM: &str = "1000000000000000077";
 
-fn require_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "the Discord end-to-end tests need root (they run `carapace run`); run them with .ci/test"
-    );
-}
-
 struct World {
     svc: Service,
     dc: FakeDiscord,
@@ -45,7 +35,7 @@ struct World {
 }
 
 fn start(channel_extra: &str, script: Vec<Scripted>) -> World {
-    require_root();
+    require_root("Discord");
     let dc = FakeDiscord::start(TOKEN, 1_000);
     let llm = FakeLlm::start(script);
     llm.echo_when_exhausted();
@@ -126,50 +116,6 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 20
     }
 }
 
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn channel_status(svc: &Service) -> Value {
-    let st = svc.status();
-    st["channels"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["channel"] == "dc").cloned())
-        .unwrap_or_else(|| panic!("no dc channel in {st}"))
-}
-
-fn held(svc: &Service) -> Vec<Value> {
-    let o = svc.ctl(&["held", "list", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("held list JSON");
-    v["held"].as_array().cloned().unwrap_or_default()
-}
-
-/// The host pid of the adapter program (not its sandbox init).
-fn adapter_pid(svc: &Service, not: Option<i64>) -> i64 {
-    let init = wait_for(Duration::from_secs(30), "the adapter running", || {
-        let st = svc.status();
-        st["children"].as_array().and_then(|a| {
-            a.iter()
-                .find(|c| c["name"] == "dc" && c["state"] == "running")
-                .and_then(|c| c["pid"].as_i64())
-        })
-    });
-    let pid = program_of(init);
-    if not == Some(pid) {
-        std::thread::sleep(Duration::from_millis(100));
-        return adapter_pid(svc, not);
-    }
-    pid
-}
-
 /// How many answers sent to `channel` contain `needle`.
 fn answers(dc: &FakeDiscord, channel: &str, needle: &str) -> usize {
     dc.texts_to(channel)
@@ -188,7 +134,7 @@ fn answered_once(dc: &FakeDiscord, channel: &str, needle: &str) {
 fn discord_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is_confined() {
     let w = start("", vec![]);
     // The adapter runs confined.
-    let pid = adapter_pid(&w.svc, None);
+    let pid = w.svc.adapter_pid("dc", None);
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -226,7 +172,7 @@ fn discord_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is
     let llm_calls = w.llm.requests().len();
     w.dc.post(CHAN, Some(GUILD), MALLORY, "let me in");
     let h = wait_for(Duration::from_secs(20), "a held message", || {
-        let h = held(&w.svc);
+        let h = w.svc.held();
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(h[0]["sender"], MALLORY);
@@ -246,7 +192,7 @@ fn discord_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is
         llm_calls,
         "a bot's message reached the model"
     );
-    assert_eq!(held(&w.svc).len(), 1, "a bot's message was held");
+    assert_eq!(w.svc.held().len(), 1, "a bot's message was held");
     assert!(!w.svc.log_text().contains(&format!("sender={BOT_ID}")));
 
     // Every connection the adapter asked for went to the fake; the token is in no log.
@@ -265,7 +211,7 @@ fn discord_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is
     );
     assert!(!audit.contains(TOKEN), "the bot token in the audit log");
     assert!(!audit.contains("hello agent"), "a body in the audit log");
-    let st = channel_status(&w.svc);
+    let st = w.svc.channel_status("dc");
     assert_eq!(st["connected"], true, "{st}");
     assert_eq!(st["held"], 1, "{st}");
 }
@@ -295,14 +241,14 @@ fn discord_drops_zombies_and_a_killed_adapter_lose_nothing_and_double_nothing() 
     w.dc.post(CHAN, Some(GUILD), ALICE, "after the zombie");
     answered_once(&w.dc, CHAN, "after the zombie");
     // The adapter process is killed: restarted, it resumes from its saved cursor.
-    let pid = adapter_pid(&w.svc, None);
+    let pid = w.svc.adapter_pid("dc", None);
     // SAFETY: kill has no memory preconditions; pid is the adapter program's.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     wait_for(Duration::from_secs(10), "the adapter gone", || {
         (!alive(pid)).then_some(())
     });
     w.dc.post(CHAN, Some(GUILD), ALICE, "while restarting");
-    let _ = adapter_pid(&w.svc, Some(pid));
+    let _ = w.svc.adapter_pid("dc", Some(pid));
     answered_once(&w.dc, CHAN, "while restarting");
     assert_eq!(w.dc.identifies(), 1, "the restart did not resume");
     // Nothing doubled: give late duplicates a chance, then count.
@@ -315,20 +261,20 @@ fn discord_drops_zombies_and_a_killed_adapter_lose_nothing_and_double_nothing() 
     ] {
         assert_eq!(answers(&w.dc, CHAN, t), 1, "{t}: {:?}", w.dc.texts_to(CHAN));
     }
-    assert_eq!(channel_status(&w.svc)["connected"], true);
+    assert_eq!(w.svc.channel_status("dc")["connected"], true);
 }
 
 #[test]
 fn discord_malformed_frames_rate_limits_and_lost_answers_are_handled() {
     let w = start("", vec![]);
-    let pid = adapter_pid(&w.svc, None);
+    let pid = w.svc.adapter_pid("dc", None);
     // Garbage on the Gateway: logged, skipped; the connection and the adapter go on.
     w.dc.send_raw("{\"op\": tru");
     w.dc.send_raw("[1,2,3]");
     w.dc.dispatch_raw("MESSAGE_CREATE", json!({"id": "not-a-snowflake"}));
     w.dc.post(CHAN, Some(GUILD), ALICE, "after garbage");
     answered_once(&w.dc, CHAN, "after garbage");
-    assert_eq!(adapter_pid(&w.svc, None), pid, "the adapter restarted");
+    assert_eq!(w.svc.adapter_pid("dc", None), pid, "the adapter restarted");
     assert_eq!(w.dc.connections(), 1, "the connection was dropped");
     // A 429 (route) is waited out and the answer sent once.
     w.dc.inject(RestInjected::TooMany {

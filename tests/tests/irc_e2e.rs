@@ -12,29 +12,18 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use carapace_tests::fake_llm::FakeLlm;
 use carapace_tests::irc_fake::{FakeIrc, FakeIrcOpts};
 use carapace_tests::irc_server::{IrcClient, Ngircd, CHANNEL};
-use carapace_tests::service::{
-    channel_bin, policy_text, program_of, status_field, Service, StartOpts,
-};
+use carapace_tests::service::{channel_bin, policy_text, status_field, Service, StartOpts};
 use carapace_tests::var_tmpdir;
-use serde_json::Value;
+use carapace_tests::{require_root, wait_for};
 
 /// The adapter's nick.
 const BOT: &str = "carapace";
 const SASL_PASSWORD: &str = "sasl-test-password";
-
-fn require_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "the IRC end-to-end tests need root (they run `carapace run`); run them with .ci/test"
-    );
-}
 
 /// `carapace run` with an `irc` channel named `irc` on `port`; `extra` adds keys to its
 /// `[channels.irc]` of the configuration. The policy admits `alice`.
@@ -105,44 +94,6 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 20
     })
 }
 
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn channel_status(svc: &Service) -> Value {
-    let st = svc.status();
-    st["channels"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["channel"] == "irc").cloned())
-        .unwrap_or_else(|| panic!("no irc channel in {st}"))
-}
-
-fn held(svc: &Service) -> Vec<Value> {
-    let o = svc.ctl(&["held", "list", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("held list JSON");
-    v["held"].as_array().cloned().unwrap_or_default()
-}
-
-fn adapter_pid(svc: &Service) -> i64 {
-    let init = wait_for(Duration::from_secs(20), "the adapter running", || {
-        let st = svc.status();
-        st["children"].as_array().and_then(|a| {
-            a.iter()
-                .find(|c| c["name"] == "irc" && c["state"] == "running")
-                .and_then(|c| c["pid"].as_i64())
-        })
-    });
-    program_of(init)
-}
-
 /// Whether the bot said a line containing `text` to `target`, as `who` saw it.
 fn said(who: &IrcClient, target: &str, text: &str) -> bool {
     who.messages(BOT, target).iter().any(|l| l.contains(text))
@@ -157,7 +108,7 @@ fn bot_joined(who: &IrcClient) {
 
 #[test]
 fn irc_admitted_sender_is_answered_unknown_held_and_a_drop_loses_and_doubles_nothing() {
-    require_root();
+    require_root("IRC");
     let server = Ngircd::start();
     let llm = FakeLlm::start(vec![]);
     llm.echo_when_exhausted();
@@ -168,7 +119,7 @@ fn irc_admitted_sender_is_answered_unknown_held_and_a_drop_loses_and_doubles_not
     bot_joined(&alice);
 
     // The adapter runs confined.
-    let pid = adapter_pid(&svc);
+    let pid = svc.adapter_pid("irc", None);
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -205,7 +156,7 @@ fn irc_admitted_sender_is_answered_unknown_held_and_a_drop_loses_and_doubles_not
     let calls = llm.requests().len();
     mallory.privmsg(BOT, "let me in");
     let h = wait_for(Duration::from_secs(20), "a held message", || {
-        let h = held(&svc);
+        let h = svc.held();
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(h.len(), 1, "{h:?}");
@@ -223,7 +174,7 @@ fn irc_admitted_sender_is_answered_unknown_held_and_a_drop_loses_and_doubles_not
         .any(|r| r.body.to_string().contains("let me in")
             || r.body.to_string().contains("just chatting")));
     assert!(mallory.messages(BOT, "mallory").is_empty());
-    let st = channel_status(&svc);
+    let st = svc.channel_status("irc");
     assert_eq!(st["connected"], true, "{st}");
 
     // The server cuts the adapter's connection (an operator KILLs it): the adapter says so,
@@ -266,14 +217,14 @@ fn irc_admitted_sender_is_answered_unknown_held_and_a_drop_loses_and_doubles_not
     let log = svc.log_text();
     assert!(log.contains("the IRC connection ended"), "{log}");
     wait_for(Duration::from_secs(10), "connected in status", || {
-        (channel_status(&svc)["connected"] == true).then_some(())
+        (svc.channel_status("irc")["connected"] == true).then_some(())
     });
     drop(server);
 }
 
 #[test]
 fn irc_sasl_malformed_lines_and_a_rate_limit_reply_are_handled() {
-    require_root();
+    require_root("IRC");
     let fake = FakeIrc::start(FakeIrcOpts {
         sasl: Some((BOT.into(), SASL_PASSWORD.into())),
         ..FakeIrcOpts::default()
@@ -339,5 +290,5 @@ fn irc_sasl_malformed_lines_and_a_rate_limit_reply_are_handled() {
     assert_eq!(fake.connections(), 1, "the adapter reconnected: {log}");
     // The password is in no log.
     assert!(!svc.log_text().contains(SASL_PASSWORD));
-    assert_eq!(channel_status(&svc)["connected"], true);
+    assert_eq!(svc.channel_status("irc")["connected"], true);
 }

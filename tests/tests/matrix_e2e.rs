@@ -17,29 +17,9 @@ use carapace_tests::matrix_server::{shared, Limits, Proxy, Synapse, User};
 use carapace_tests::service::{
     channel_bin, policy_text, program_of, status_field, Service, StartOpts,
 };
+use carapace_tests::{require_root, wait_for};
 use carapace_tests::{unique, var_tmpdir};
 use serde_json::Value;
-
-fn require_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "the Matrix end-to-end tests need root (they run `carapace run`); run them with .ci/test"
-    );
-}
-
-/// Poll `f` every 100 ms until it gives Some (panics after `limit`, saying `what`).
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The running pieces of one test.
 struct World {
@@ -60,7 +40,7 @@ fn name(prefix: &str) -> String {
 
 /// `channel`: more keys of the policy's `[channels.mx]` (its `retry` at least).
 fn start(hs: &Synapse, channel: &str, script: Vec<Scripted>) -> World {
-    require_root();
+    require_root("Matrix");
     let bot = hs
         .register(&name("bot"))
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -144,7 +124,7 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 20
     });
     // The adapter's first sync took the position.
     wait_for(Duration::from_secs(30), "the adapter connected", || {
-        (channel_status(&svc)["connected"] == true).then_some(())
+        (svc.channel_status("mx")["connected"] == true).then_some(())
     });
     // alice invites the bot (an admitted inviter): it joins.
     let room = alice.create_room().unwrap_or_else(|e| panic!("{e:#}"));
@@ -169,40 +149,6 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 20
 }
 
 const RETRY: &str = r#"retry = { attempts = 5, initial_delay = "200ms", max_delay = "1s" }"#;
-
-/// The `mx` row of `carapace status`'s channel table.
-fn channel_status(svc: &Service) -> Value {
-    let st = svc.status();
-    st["channels"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["channel"] == "mx").cloned())
-        .unwrap_or_else(|| panic!("no mx channel in {st}"))
-}
-
-/// The host pid of the adapter's sandbox init, once it runs.
-fn adapter_init(svc: &Service) -> i64 {
-    wait_for(Duration::from_secs(20), "the adapter running", || {
-        let st = svc.status();
-        st["children"].as_array().and_then(|a| {
-            a.iter()
-                .find(|c| c["name"] == "mx" && c["state"] == "running")
-                .and_then(|c| c["pid"].as_i64())
-        })
-    })
-}
-
-/// The host pid of the adapter's program (not its sandbox init).
-fn adapter_pid(svc: &Service) -> i64 {
-    program_of(adapter_init(svc))
-}
-
-/// `carapace held list --json`'s messages.
-fn held(svc: &Service) -> Vec<Value> {
-    let o = svc.ctl(&["held", "list", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("held list JSON");
-    v["held"].as_array().cloned().unwrap_or_default()
-}
 
 /// What alice said, as the fake model echoes it (`echo: <untrusted ...>\nTEXT\n</untrusted>`).
 fn echoed(answers: &[String]) -> Vec<String> {
@@ -270,7 +216,7 @@ fn wait_answers(w: &World, n: usize, limit: Duration) -> Vec<String> {
 fn matrix_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is_confined() {
     let w = start(shared(), RETRY, vec![]);
     // The adapter runs confined.
-    let pid = adapter_pid(&w.svc);
+    let pid = w.svc.adapter_pid("mx", None);
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -299,7 +245,7 @@ fn matrix_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is_
     w.mallory.join(&w.room).unwrap();
     w.mallory.say(&w.room, "let me in").unwrap();
     let h = wait_for(Duration::from_secs(30), "a held message", || {
-        let h = held(&w.svc);
+        let h = w.svc.held();
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(h.len(), 1, "{h:?}");
@@ -331,7 +277,7 @@ fn matrix_admitted_sender_is_answered_unknown_sender_is_held_and_the_adapter_is_
     );
     let audit = fs::read_to_string(w.svc.state_dir().join("audit.log")).unwrap_or_default();
     assert!(!audit.contains(&w.bot.token), "the token in the audit log");
-    let st = channel_status(&w.svc);
+    let st = w.svc.channel_status("mx");
     assert_eq!(st["connected"], true, "{st}");
     assert!(
         st["last_in"].is_string() && st["last_out"].is_string(),
@@ -390,7 +336,7 @@ fn matrix_operator_is_told_in_a_direct_room_and_answers_from_there() {
     w.alice.say(&dm, &format!("admit {n}")).unwrap();
     let answers = wait_answers(&w, 1, Duration::from_secs(40));
     assert_eq!(echoed(&answers), ["echo: let me in"], "{answers:?}");
-    assert!(held(&w.svc).is_empty());
+    assert!(w.svc.held().is_empty());
 }
 
 #[test]
@@ -429,17 +375,17 @@ fn matrix_dropped_connections_and_a_restart_lose_nothing_and_double_nothing() {
     wait_answers(&w, 3, Duration::from_secs(40));
 
     // 4. The adapter is killed; the supervisor restarts it; it resumes at its saved token.
-    let init = adapter_init(&w.svc);
+    let init = w.svc.child_init("mx");
     let pid = program_of(init);
     // SAFETY: kill has no memory preconditions; the pid is the adapter this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     wait_for(Duration::from_secs(30), "the adapter restarted", || {
-        (adapter_init(&w.svc) != init).then_some(())
+        (w.svc.child_init("mx") != init).then_some(())
     });
     wait_for(
         Duration::from_secs(30),
         "the restarted adapter connected",
-        || (channel_status(&w.svc)["connected"] == true).then_some(()),
+        || (w.svc.channel_status("mx")["connected"] == true).then_some(()),
     );
     w.alice.say(&w.room, "fourth").unwrap();
     let answers = wait_answers(&w, 4, Duration::from_secs(40));
@@ -462,14 +408,14 @@ fn matrix_dropped_connections_and_a_restart_lose_nothing_and_double_nothing() {
 #[test]
 fn matrix_malformed_sync_answers_are_reported_and_survived() {
     let w = start(shared(), RETRY, vec![]);
-    let pid = adapter_pid(&w.svc);
+    let pid = w.svc.adapter_pid("mx", None);
     w.proxy
         .malformed("/sync?", 1, "{\"next_batch\": 7, \"rooms\": []}");
     wait_for(Duration::from_secs(30), "the error in the status", || {
-        let st = channel_status(&w.svc);
+        let st = w.svc.channel_status("mx");
         (st["connected"] == false).then_some(st)
     });
-    let st = channel_status(&w.svc);
+    let st = w.svc.channel_status("mx");
     assert!(
         st.to_string().contains("malformed"),
         "the status does not say why: {st}"
@@ -480,12 +426,12 @@ fn matrix_malformed_sync_answers_are_reported_and_survived() {
     assert_eq!(echoed(&answers), ["echo: still there?"]);
     assert_eq!(w.proxy.pending().0, 0);
     assert_eq!(
-        adapter_pid(&w.svc),
+        w.svc.adapter_pid("mx", None),
         pid,
         "the adapter died of a malformed frame"
     );
     wait_for(Duration::from_secs(20), "connected again", || {
-        (channel_status(&w.svc)["connected"] == true).then_some(())
+        (w.svc.channel_status("mx")["connected"] == true).then_some(())
     });
     assert!(w.svc.log_text().contains("malformed"), "no error logged");
 }

@@ -7,14 +7,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use carapace_tests::fake_llm::FakeLlm;
 use carapace_tests::fake_signal_cli::FakeSignal;
-use carapace_tests::service::{
-    channel_bin, policy_text, program_of, status_field, Service, StartOpts,
-};
-use serde_json::{json, Value};
+use carapace_tests::service::{channel_bin, policy_text, status_field, Service, StartOpts};
+use carapace_tests::{require_root, wait_for};
+use serde_json::json;
 
 const ACCOUNT: &str = "+15550000000";
 /// The admitted sender.
@@ -25,15 +24,6 @@ const MALLORY: &str = "+15552220000";
 const MALLORY_UUID: &str = "7d2e1f00-0000-4000-8000-000000000002";
 const GROUP: &str = "Pmpi+EfPWmsxiomLe9Nx2XF9HOE483p6iKiFj65iMwI=";
 
-fn require_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "the Signal end-to-end tests need root (they run `carapace run`); run them with .ci/test"
-    );
-}
-
 struct World {
     svc: Service,
     sig: FakeSignal,
@@ -41,7 +31,7 @@ struct World {
 }
 
 fn start() -> World {
-    require_root();
+    require_root("Signal");
     let llm = FakeLlm::start(vec![]);
     llm.echo_when_exhausted();
     let policy = policy_text(&format!(
@@ -108,55 +98,6 @@ daemon = {{ program = "{fake}", profile = "signal-cli" }}
     }
 }
 
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn channel_status(svc: &Service) -> Value {
-    let st = svc.status();
-    st["channels"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["channel"] == "sig").cloned())
-        .unwrap_or_else(|| panic!("no sig channel in {st}"))
-}
-
-fn held(svc: &Service) -> Vec<Value> {
-    let o = svc.ctl(&["held", "list", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("held list JSON");
-    v["held"].as_array().cloned().unwrap_or_default()
-}
-
-/// The host pid of child `name`'s program (not its sandbox init).
-fn pid_of(svc: &Service, name: &str) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let init = loop {
-        let st = svc.status();
-        let pid = st["children"].as_array().and_then(|a| {
-            a.iter()
-                .find(|c| c["name"] == name && c["state"] == "running")
-                .and_then(|c| c["pid"].as_i64())
-        });
-        if let Some(p) = pid {
-            break p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} is not running: {st}\n{}",
-            svc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    program_of(init)
-}
-
 fn assert_confined(pid: i64, what: &str) {
     assert_eq!(status_field(pid, "Seccomp"), "2", "{what}");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
@@ -195,8 +136,8 @@ fn count_containing(sig: &FakeSignal, needle: &str) -> usize {
 fn signal_admitted_sender_is_answered_in_place_and_a_stranger_is_held_both_children_confined() {
     let w = start();
     // Both the adapter and the daemon run confined, neither with a network of its own.
-    assert_confined(pid_of(&w.svc, "sig"), "the adapter");
-    assert_confined(pid_of(&w.svc, "sig-signal-cli"), "the daemon");
+    assert_confined(w.svc.adapter_pid("sig", None), "the adapter");
+    assert_confined(w.svc.adapter_pid("sig-signal-cli", None), "the daemon");
 
     // A private message: answered to the sender.
     w.sig
@@ -226,7 +167,7 @@ fn signal_admitted_sender_is_answered_in_place_and_a_stranger_is_held_both_child
     w.sig
         .push_text(MALLORY, MALLORY_UUID, 1_700_000_000_003, "let me in", None);
     let h = wait_for(Duration::from_secs(20), "a held message", || {
-        let h = held(&w.svc);
+        let h = w.svc.held();
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(h[0]["sender"], MALLORY);
@@ -236,7 +177,7 @@ fn signal_admitted_sender_is_answered_in_place_and_a_stranger_is_held_both_child
 
     // `carapace status` shows the channel up.
     let st = wait_for(Duration::from_secs(10), "the channel reported up", || {
-        let st = channel_status(&w.svc);
+        let st = w.svc.channel_status("sig");
         (st["connected"] == true).then_some(st)
     });
     assert!(
@@ -248,7 +189,7 @@ fn signal_admitted_sender_is_answered_in_place_and_a_stranger_is_held_both_child
 #[test]
 fn signal_daemon_dropped_mid_conversation_loses_nothing_and_doubles_nothing() {
     let w = start();
-    let adapter = pid_of(&w.svc, "sig");
+    let adapter = w.svc.adapter_pid("sig", None);
     w.sig
         .push_text(ALICE, ALICE_UUID, 1_700_000_000_010, "first", None);
     w.sig.wait_sent(1, Duration::from_secs(30));
@@ -277,17 +218,17 @@ fn signal_daemon_dropped_mid_conversation_loses_nothing_and_doubles_nothing() {
     }
     assert_eq!(w.sig.pending(), 0);
     // The adapter lived through it.
-    assert_eq!(pid_of(&w.svc, "sig"), adapter);
+    assert_eq!(w.svc.adapter_pid("sig", None), adapter);
     // The probe that the dead daemon swallowed timed out; the next one finds the new daemon.
     wait_for(Duration::from_secs(15), "the channel reported up", || {
-        (channel_status(&w.svc)["connected"] == true).then_some(())
+        (w.svc.channel_status("sig")["connected"] == true).then_some(())
     });
 }
 
 #[test]
 fn signal_malformed_frames_and_a_rate_limit_are_handled() {
     let w = start();
-    let adapter = pid_of(&w.svc, "sig");
+    let adapter = w.svc.adapter_pid("sig", None);
     w.sig.push_raw("this is not JSON");
     w.sig
         .push_raw(r#"{"jsonrpc":"2.0","method":"receive","params":{}}"#);
@@ -315,7 +256,7 @@ fn signal_malformed_frames_and_a_rate_limit_are_handled() {
     );
     assert_eq!(w.sig.rate_limits_left(), Some(0));
     assert_eq!(
-        pid_of(&w.svc, "sig"),
+        w.svc.adapter_pid("sig", None),
         adapter,
         "the adapter died of a bad frame"
     );

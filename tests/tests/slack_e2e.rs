@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use carapace_tests::fake_llm::FakeLlm;
 use carapace_tests::fake_slack::{FakeSlack, Injected};
-use carapace_tests::service::{
-    channel_bin, policy_text, program_of, status_field, Service, StartOpts,
-};
+use carapace_tests::service::{channel_bin, policy_text, status_field, Service, StartOpts};
 use carapace_tests::var_tmpdir;
+use carapace_tests::{require_root, wait_for};
 use serde_json::Value;
 
 const APP: &str = "xapp-1-A0FAKEAPP01-1234567890-0123456789abcdef0123456789abcdef";
@@ -24,15 +23,6 @@ const ALICE: &str = "U0ALICE0001";
 const MALLORY: &str = "U0MALLORY01";
 const CHANNEL: &str = "C0GENERAL01";
 const DM: &str = "D0ALICEDM01";
-
-fn require_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "the Slack end-to-end tests need root (they run `carapace run`); run them with .ci/test"
-    );
-}
 
 struct World {
     svc: Service,
@@ -47,7 +37,7 @@ fn start() -> World {
 
 /// [`start`] with `channel_extra` added to the policy's `[channels.sl]`.
 fn start_with(channel_extra: &str) -> World {
-    require_root();
+    require_root("Slack");
     let slack = FakeSlack::start(APP, BOT);
     let llm = FakeLlm::start(vec![]);
     llm.echo_when_exhausted();
@@ -135,45 +125,6 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 20
     }
 }
 
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn channel_status(svc: &Service) -> Value {
-    let st = svc.status();
-    st["channels"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["channel"] == "sl").cloned())
-        .unwrap_or_else(|| panic!("no sl channel in {st}"))
-}
-
-fn held(svc: &Service) -> Vec<Value> {
-    let o = svc.ctl(&["held", "list", "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("held list JSON");
-    v["held"].as_array().cloned().unwrap_or_default()
-}
-
-/// The host pid of the adapter program (not its sandbox init).
-fn adapter_pid(svc: &Service) -> i64 {
-    let init = wait_for(Duration::from_secs(20), "the adapter running", || {
-        let st = svc.status();
-        st["children"].as_array().and_then(|a| {
-            a.iter()
-                .find(|c| c["name"] == "sl" && c["state"] == "running")
-                .and_then(|c| c["pid"].as_i64())
-        })
-    });
-    program_of(init)
-}
-
 /// The texts posted to `channel` in thread `thread_ts` (None: unthreaded).
 fn posted_to(slack: &FakeSlack, channel: &str, thread_ts: Option<&str>) -> Vec<String> {
     slack
@@ -192,7 +143,7 @@ fn audit(svc: &Service) -> String {
 fn slack_admitted_sender_is_answered_in_its_thread_and_a_stranger_is_held() {
     let w = start();
     // The adapter runs confined.
-    let pid = adapter_pid(&w.svc);
+    let pid = w.svc.adapter_pid("sl", None);
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -240,7 +191,7 @@ fn slack_admitted_sender_is_answered_in_its_thread_and_a_stranger_is_held() {
     let llm_calls = w.llm.requests().len();
     let (env, _) = w.slack.push_message(CHANNEL, MALLORY, "let me in", None);
     let h = wait_for(Duration::from_secs(20), "a held message", || {
-        let h = held(&w.svc);
+        let h = w.svc.held();
         (!h.is_empty()).then_some(h)
     });
     assert_eq!(h[0]["sender"], MALLORY);
@@ -281,7 +232,7 @@ fn slack_admitted_sender_is_answered_in_its_thread_and_a_stranger_is_held() {
         assert!(!w.svc.log_text().contains(t), "a token in the log");
         assert!(!audit(&w.svc).contains(t), "a token in the audit log");
     }
-    let st = channel_status(&w.svc);
+    let st = w.svc.channel_status("sl");
     assert_eq!(st["connected"], true, "{st}");
     assert!(
         st["last_in"].is_string() && st["last_out"].is_string(),
@@ -292,7 +243,7 @@ fn slack_admitted_sender_is_answered_in_its_thread_and_a_stranger_is_held() {
 #[test]
 fn slack_dropped_connections_and_disconnects_lose_nothing_and_double_nothing() {
     let w = start();
-    let pid = adapter_pid(&w.svc);
+    let pid = w.svc.adapter_pid("sl", None);
     let (_, t1) = w.slack.push_message(CHANNEL, ALICE, "first", None);
     wait_for(Duration::from_secs(30), "the first answer", || {
         (!posted_to(&w.slack, CHANNEL, Some(&t1)).is_empty()).then_some(())
@@ -323,16 +274,16 @@ fn slack_dropped_connections_and_disconnects_lose_nothing_and_double_nothing() {
     assert!(w.slack.pending().is_empty(), "{:?}", w.slack.pending());
     assert_eq!(w.slack.refused(), 0, "a ticket used twice");
     // The adapter survived all of it in one process; its status is connected.
-    assert_eq!(adapter_pid(&w.svc), pid);
+    assert_eq!(w.svc.adapter_pid("sl", None), pid);
     wait_for(Duration::from_secs(10), "connected again", || {
-        (channel_status(&w.svc)["connected"] == true).then_some(())
+        (w.svc.channel_status("sl")["connected"] == true).then_some(())
     });
 }
 
 #[test]
 fn slack_malformed_frames_and_rate_limits_are_handled() {
     let w = start();
-    let pid = adapter_pid(&w.svc);
+    let pid = w.svc.adapter_pid("sl", None);
     w.slack
         .wait("the first connection", Duration::from_secs(20), |s| {
             (s.connections() >= 1).then_some(())
@@ -394,7 +345,11 @@ fn slack_malformed_frames_and_rate_limits_are_handled() {
                 .then_some(())
         },
     );
-    assert_eq!(adapter_pid(&w.svc), pid, "the adapter was restarted");
+    assert_eq!(
+        w.svc.adapter_pid("sl", None),
+        pid,
+        "the adapter was restarted"
+    );
     let log = w.svc.log_text();
     assert!(
         log.contains("malformed frame"),
