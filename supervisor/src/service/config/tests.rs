@@ -1007,6 +1007,13 @@ api_base = "https://discord.com/api/v10"
 gateway_url = "wss://gateway.discord.gg"
 token_secret = "d"
 
+[channels.mx]
+kind = "matrix"
+homeserver = "https://matrix.example.org"
+token_secret = "mx_token"
+invites_from = ["@owner:example.org"]
+poll_timeout = "20s"
+
 [[jobs]]
 name = "tick"
 every = "90s"
@@ -1120,6 +1127,20 @@ fn every_key_read_is_in_the_schema() {
         (dc["gateway_url"].as_str(), dc["token_secret"].as_str()),
         (Some("wss://gateway.discord.gg"), Some("d"))
     );
+    let mx = settings_of(&c.channels["mx"]);
+    assert_eq!(
+        (
+            mx["homeserver"].as_str(),
+            mx["token_secret"].as_str(),
+            mx["poll_timeout_ms"].as_u64()
+        ),
+        (
+            Some("https://matrix.example.org"),
+            Some("mx_token"),
+            Some(20_000)
+        )
+    );
+    assert_eq!(mx["invites_from"][0], "@owner:example.org");
     assert_eq!(c.workspaces["w"].profiles, vec!["gateway".to_string()]);
     assert!(!c.workspaces["w"].writable);
     // The file covers the whole schema: each of its keys is written in it.
