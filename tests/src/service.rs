@@ -475,14 +475,21 @@ restart = {{ initial_delay = "100ms", max_delay = "1s", crash_loop_restarts = 5,
 
     /// The host pid of channel adapter `name`'s program (not its sandbox init); with `not`, a
     /// pid other than that one (the adapter was restarted).
+    ///
+    /// An init the status still shows as running may have lost its program (killed, the
+    /// restart not yet seen): it is asked again until a running init with a program shows up.
     pub fn adapter_pid(&self, name: &str, not: Option<i64>) -> i64 {
-        loop {
-            let pid = program_of(self.child_init(name));
-            if not != Some(pid) {
-                return pid;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::wait_for(
+            Duration::from_secs(30),
+            &format!("{name}'s program running"),
+            || {
+                let init = self.child_init(name);
+                let kids = fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+                    .unwrap_or_default();
+                let pid = kids.split_whitespace().next()?.parse::<i64>().ok()?;
+                (not != Some(pid)).then_some(pid)
+            },
+        )
     }
 
     /// The `gateway` child in [`Service::status`].
