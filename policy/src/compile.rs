@@ -1,8 +1,8 @@
 //! Compiling a validated profile into a [`Plan`] for one kernel ([`Target`]).
 
 use crate::plan::{
-    CgroupLimits, EnvPlan, FsRights, LandlockPath, LandlockPlan, LandlockRule, Mount, Network,
-    Plan, Rlimit, RlimitResource,
+    CgroupLimits, EnvPlan, Forward, FsRights, LandlockPath, LandlockPlan, LandlockRule, Mount,
+    Network, Plan, Rlimit, RlimitResource,
 };
 use crate::source::Source;
 use crate::validate::{Access, Profile};
@@ -108,6 +108,20 @@ pub(crate) fn compile(
         path: LandlockPath::Workspace,
         rights: rights(*ws_access),
     });
+    let network = network(p);
+    if let Network::Brokered { forward } = &network {
+        mounts.push(Mount::File {
+            dst: "/etc/hosts".into(),
+            contents: Network::hosts_file(forward),
+        });
+        rules.push(LandlockRule {
+            path: LandlockPath::Sandbox("/etc/hosts".into()),
+            rights: FsRights {
+                read: true,
+                ..FsRights::default()
+            },
+        });
+    }
     mounts.sort_by_key(|m| m.dst().components().count());
     for (dst, target) in &p.symlinks {
         mounts.push(Mount::Symlink {
@@ -175,6 +189,7 @@ pub(crate) fn compile(
             min_abi: p.min_abi,
             rules,
             deny_tcp: target.landlock_abi >= 4,
+            tcp_connect: tcp_connect(&network),
             scope_abstract_unix: target.landlock_abi >= 6,
             scope_signals: target.landlock_abi >= 6,
         },
@@ -190,6 +205,42 @@ pub(crate) fn compile(
             pass: p.env_pass.clone(),
             set: p.env_set.clone(),
         },
-        network: Network::None,
+        network,
     })
+}
+
+/// The profile's network: a brokered one gives each forwarded name a loopback address of its
+/// own, 127.0.0.2 upwards in the order the names first appear (validation bounds the count).
+fn network(p: &Profile) -> Network {
+    if p.network.brokered.is_none() {
+        return Network::None;
+    }
+    let mut names: Vec<&str> = Vec::new();
+    let forward = p
+        .network
+        .forward
+        .iter()
+        .map(|(host, port)| {
+            let i = names.iter().position(|n| n == host).unwrap_or_else(|| {
+                names.push(host);
+                names.len() - 1
+            });
+            // At most MAX_FORWARDS (200) names: 2 + i stays within one octet.
+            let last = u8::try_from(2 + i).unwrap_or(u8::MAX);
+            Forward {
+                host: host.clone(),
+                port: *port,
+                addr: std::net::Ipv4Addr::new(127, 0, 0, last),
+            }
+        })
+        .collect();
+    Network::Brokered { forward }
+}
+
+/// The TCP ports a program may connect to: the forwarded ones, each once.
+fn tcp_connect(network: &Network) -> Vec<u16> {
+    let mut ports: Vec<u16> = network.forwards().iter().map(|f| f.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }

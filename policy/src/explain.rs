@@ -217,6 +217,11 @@ pub(crate) fn explain(p: &Plan) -> String {
                 "{}: procfs of the sandbox's own pid namespace, read-only",
                 dst.display()
             ),
+            Mount::File { dst, contents } => format!(
+                "{}: a read-only file written by carapace ({} lines)",
+                dst.display(),
+                contents.lines().count()
+            ),
             Mount::Dev { dst, pts: false } => format!(
                 "{}: minimal /dev (null, zero, full, random, urandom, tty-less)",
                 dst.display()
@@ -445,12 +450,32 @@ pub(crate) fn explain(p: &Plan) -> String {
     }
 
     let _ = writeln!(s, "\nnetwork:");
-    match p.network {
+    match &p.network {
         Network::None => {
             let _ = writeln!(
                 s,
                 "  none: an empty network namespace (loopback down); no route anywhere"
             );
+        }
+        Network::Brokered { forward } => {
+            let _ = writeln!(
+                s,
+                "  brokered: a network namespace of its own with only loopback; these names \
+                 resolve (its /etc/hosts) to loopback addresses where the supervisor listens and \
+                 forwards each connection through the broker's connect check to the real host:"
+            );
+            for f in forward {
+                let _ = writeln!(s, "    {}:{} (at {}:{})", f.host, f.port, f.addr, f.port);
+            }
+            if !p.landlock.tcp_connect.is_empty() && p.landlock.deny_tcp {
+                let ports: Vec<String> =
+                    p.landlock.tcp_connect.iter().map(u16::to_string).collect();
+                let _ = writeln!(
+                    s,
+                    "  Landlock: TCP connect only to port(s) {}; no TCP bind",
+                    ports.join(", ")
+                );
+            }
         }
     }
     s

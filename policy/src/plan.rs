@@ -89,6 +89,9 @@ pub enum Mount {
     },
     /// A new procfs for the sandbox's pid namespace, read-only.
     Proc { dst: PathBuf },
+    /// A read-only file with these contents, written by the sandbox into its own scratch
+    /// tmpfs and bound at `dst` (e.g. a brokered network's `/etc/hosts`).
+    File { dst: PathBuf, contents: String },
     /// A minimal /dev: null, zero, full, random, urandom; fd/stdin/stdout/stderr links. With
     /// `pts`, also a new devpts instance at `pts` (`newinstance`: it holds only the ptys the
     /// sandbox opens, never the host's), `ptmx -> pts/ptmx` and `tty` (the caller's own
@@ -106,6 +109,7 @@ impl Mount {
             | Mount::Workspace { dst, .. }
             | Mount::Tmpfs { dst, .. }
             | Mount::Proc { dst }
+            | Mount::File { dst, .. }
             | Mount::Dev { dst, .. }
             | Mount::Symlink { dst, .. } => dst,
         }
@@ -150,8 +154,11 @@ pub struct LandlockRule {
 pub struct LandlockPlan {
     pub min_abi: u8,
     pub rules: Vec<LandlockRule>,
-    /// Deny all TCP bind/connect (ABI 4) — network is `none`.
+    /// Deny TCP bind/connect (ABI 4) except connecting to `tcp_connect`.
     pub deny_tcp: bool,
+    /// TCP ports the program may connect to (a brokered network's forwarded ports; they are
+    /// only reachable on the sandbox's loopback, where the supervisor listens).
+    pub tcp_connect: Vec<u16>,
     /// Scope abstract unix sockets and signals to the sandbox (ABI 6).
     pub scope_abstract_unix: bool,
     pub scope_signals: bool,
@@ -377,11 +384,55 @@ pub struct EnvPlan {
     pub set: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
     /// A new, empty network namespace; inet sockets blocked by seccomp and Landlock.
     None,
+    /// A new network namespace whose only reachable places are the profile's `connect`
+    /// hosts: each name is given a loopback address in the sandbox's `/etc/hosts`, where the
+    /// supervisor listens and forwards every connection through the broker's `connect`
+    /// (policy check, audit record, the broker's own resolution) to the real host.
+    Brokered { forward: Vec<Forward> },
+}
+
+/// One host a brokered network forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Forward {
+    /// The name the program connects to, exactly as the `connect` rule names it.
+    pub host: String,
+    pub port: u16,
+    /// The loopback address the name has inside the sandbox (one per name).
+    pub addr: std::net::Ipv4Addr,
+}
+
+impl Network {
+    /// The forwarded hosts (none for [`Network::None`]).
+    pub fn forwards(&self) -> &[Forward] {
+        match self {
+            Network::None => &[],
+            Network::Brokered { forward } => forward,
+        }
+    }
+
+    /// The sandbox's `/etc/hosts` for a brokered network: the loopback names, then each
+    /// forwarded name at its address.
+    pub fn hosts_file(forward: &[Forward]) -> String {
+        let mut s = String::from(
+            "# Written by carapace: this sandbox reaches only the names below, each through\n\
+             # the broker's connect check (network mode \"brokered\").\n",
+        );
+        if !forward.iter().any(|f| f.host == "localhost") {
+            s.push_str("127.0.0.1\tlocalhost\n::1\tlocalhost\n");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for f in forward {
+            if seen.insert(&f.host) {
+                s.push_str(&format!("{}\t{}\n", f.addr, f.host));
+            }
+        }
+        s
+    }
 }
 
 impl Plan {

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use globset::{GlobBuilder, GlobMatcher};
@@ -123,7 +123,22 @@ pub(crate) struct Profile {
     pub env_set: Vec<(String, String)>,
     /// `[profiles.NAME.broker]`, if present.
     pub broker: Option<crate::broker::BrokerSection>,
+    pub network: NetworkSpec,
 }
+
+/// `[profiles.NAME.network]`, validated.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NetworkSpec {
+    /// Where `mode = "brokered"` was written; None: mode "none".
+    pub brokered: Option<Range<usize>>,
+    /// The hosts a brokered network forwards (from the broker section's `connect` rules,
+    /// see [`resolve_forwards`]), in rule order, each (host, port) once.
+    pub forward: Vec<(String, u16)>,
+}
+
+/// At most this many (host, port) pairs are forwarded: each name takes a loopback address
+/// of its own (127.0.0.2 upwards).
+pub(crate) const MAX_FORWARDS: usize = 200;
 
 #[derive(Debug, Clone)]
 pub(crate) enum ProgramPat {
@@ -278,6 +293,7 @@ pub(crate) fn validate(raw: RawPolicy, sink: &mut Sink<'_>) -> Validated {
             });
             if let Some(mut p) = lower_profile(name, &span, merged, sink) {
                 p.broker = broker;
+                resolve_forwards(&mut p, sink);
                 out.profiles.insert(name.clone(), p);
             }
         }
@@ -292,6 +308,22 @@ pub(crate) fn validate(raw: RawPolicy, sink: &mut Sink<'_>) -> Validated {
         }
     }
     check_shadowing(&out.rules, sink);
+    for r in &out.rules {
+        let Some(p) = r.profile.as_ref().and_then(|p| out.profiles.get(p)) else {
+            continue;
+        };
+        if p.network.brokered.is_some() {
+            sink.err(
+                &r.span,
+                format!(
+                    "this rule runs programs in profile `{}`, whose network mode is \"brokered\": \
+                     only children of `carapace run` (adapters, daemons) get a brokered network",
+                    p.name
+                ),
+                "a profile with network mode \"none\" (a tool reaches the network through the broker's `connect`)",
+            );
+        }
+    }
 
     // Tests.
     for t in raw.test {
@@ -604,11 +636,24 @@ fn lower_profile(
     let hostname = lower_hostname(&p, sink);
     let user = lower_user(&p, sink);
     let namespaces = lower_namespaces(&p, sink);
-    check_network(&p, sink);
+    let network = lower_network(&p, sink);
     let fs = lower_filesystem(&p, span, sink);
+    if network.brokered.is_some() {
+        check_hosts_file_free(&fs, &p, sink);
+    }
     let limits = lower_limits(&p, sink);
     let (min_abi, min_abi_span) = lower_landlock(&p, span, sink);
-    let seccomp = lower_seccomp(&p, sink);
+    let mut seccomp = lower_seccomp(&p, sink);
+    if network.brokered.is_some() {
+        // The program opens its own TCP sockets to the forwarded names.
+        for (name, n) in tables::SOCKET_DOMAINS {
+            if matches!(*name, "AF_INET" | "AF_INET6")
+                && !seccomp.socket_domains.iter().any(|(_, v)| v == n)
+            {
+                seccomp.socket_domains.push((name.to_string(), *n));
+            }
+        }
+    }
     let (env_pass, env_set) = lower_environment(&p, sink);
     if sink.diags.len() != before {
         return None;
@@ -633,6 +678,7 @@ fn lower_profile(
         env_pass,
         env_set,
         broker: None,
+        network,
     })
 }
 
@@ -721,7 +767,7 @@ fn lower_namespaces(p: &RawProfile, sink: &mut Sink<'_>) -> Namespaces {
             if !*net.get_ref() {
                 sink.err(
                     &net.span(),
-                    "the net namespace cannot be disabled while network mode is \"none\"",
+                    "the net namespace cannot be disabled: every network mode is a namespace of its own",
                     "true (or leave the key out)",
                 );
             }
@@ -730,19 +776,101 @@ fn lower_namespaces(p: &RawProfile, sink: &mut Sink<'_>) -> Namespaces {
     namespaces
 }
 
-/// Network: only mode "none" exists.
-fn check_network(p: &RawProfile, sink: &mut Sink<'_>) {
-    if let Some(n) = &p.network {
-        if let Some(m) = &n.get_ref().mode {
-            if m.get_ref() != "none" {
-                sink.err(
-                    &m.span(),
-                    format!("unsupported network mode `{}`", m.get_ref()),
-                    "\"none\" (the only mode so far)",
-                );
-            }
+/// Network: mode "none" (the default) or "brokered".
+fn lower_network(p: &RawProfile, sink: &mut Sink<'_>) -> NetworkSpec {
+    let mut spec = NetworkSpec::default();
+    if let Some(m) = p.network.as_ref().and_then(|n| n.get_ref().mode.as_ref()) {
+        match m.get_ref().as_str() {
+            "none" => {}
+            "brokered" => spec.brokered = Some(m.span()),
+            other => sink.err(
+                &m.span(),
+                format!("unsupported network mode `{other}`"),
+                "\"none\" (no network) or \"brokered\" (only the profile's `connect` hosts, through the broker)",
+            ),
         }
     }
+    spec
+}
+
+/// A brokered network writes the sandbox's own `/etc/hosts`: no mount of the profile may be
+/// there.
+fn check_hosts_file_free(fs: &FilesystemSpec, p: &RawProfile, sink: &mut Sink<'_>) {
+    let hosts = Path::new("/etc/hosts");
+    let taken = fs.mounts.iter().any(|m| m.path == hosts)
+        || fs.tmpfs.iter().any(|t| t.path == hosts)
+        || fs.symlinks.iter().any(|(d, _)| d == hosts)
+        || fs.workspace.0 == hosts;
+    if taken {
+        let span = p
+            .network
+            .as_ref()
+            .and_then(|n| n.get_ref().mode.as_ref())
+            .map(|m| m.span())
+            .unwrap_or_default();
+        sink.err(
+            &span,
+            "network mode \"brokered\" writes the sandbox's /etc/hosts, and this profile mounts something there",
+            "no mount at /etc/hosts in a profile with a brokered network",
+        );
+    }
+}
+
+/// The hosts a brokered network forwards: every `connect` rule of the profile's broker
+/// section, which must name its host exactly (a program in the sandbox connects to a name;
+/// the sandbox's `/etc/hosts` gives that name a loopback address where the supervisor
+/// listens).
+pub(crate) fn resolve_forwards(p: &mut Profile, sink: &mut Sink<'_>) {
+    let Some(mode_span) = p.network.brokered.clone() else {
+        return;
+    };
+    let rules = p
+        .broker
+        .as_ref()
+        .map(|b| b.connect.as_slice())
+        .unwrap_or(&[]);
+    if rules.is_empty() {
+        sink.err(
+            &mode_span,
+            format!(
+                "profile `{}` has network mode \"brokered\" but no `connect` rule: there is nothing to forward",
+                p.name
+            ),
+            "[profiles.NAME.broker] connect = [{ host = \"...\", port = ..., why = \"...\" }], or mode = \"none\"",
+        );
+        return;
+    }
+    let mut forward: Vec<(String, u16)> = Vec::new();
+    for r in rules {
+        match &r.host {
+            crate::broker::HostPattern::Exact(h) => {
+                if !forward.iter().any(|(fh, fp)| fh == h && *fp == r.port) {
+                    forward.push((h.clone(), r.port));
+                }
+            }
+            other => sink.err(
+                &sink.src.line_span(r.line),
+                format!(
+                    "`{other}` cannot be forwarded by a brokered network: the sandbox's /etc/hosts needs the exact name a program will connect to"
+                ),
+                "one connect rule per exact host name (e.g. \"chat.example.org\")",
+            ),
+        }
+    }
+    let names: BTreeSet<&str> = forward.iter().map(|(h, _)| h.as_str()).collect();
+    if names.len() > MAX_FORWARDS {
+        sink.err(
+            &mode_span,
+            format!(
+                "a brokered network forwards at most {MAX_FORWARDS} host names; profile `{}` names {}",
+                p.name,
+                names.len()
+            ),
+            "fewer connect rules",
+        );
+        return;
+    }
+    p.network.forward = forward;
 }
 
 /// The filesystem view of a profile, validated.

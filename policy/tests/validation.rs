@@ -475,6 +475,90 @@ fn network_mode_other_than_none() {
     expect_err(&text, "net namespace cannot be disabled", "false");
 }
 
+/// A second profile `d` (for a daemon, no exec rule uses it) with network mode "brokered" and
+/// `broker` as its broker section.
+fn brokered(broker: &str) -> String {
+    policy(
+        "",
+        &format!(
+            "\n[profiles.d]\nwhy = \"a daemon\"\n[profiles.d.network]\nmode = \"brokered\"\n{broker}"
+        ),
+    )
+}
+
+#[test]
+fn brokered_network_forwards_exact_connect_hosts() {
+    let good = brokered(
+        "[profiles.d.broker]\nconnect = [\n  { host = \"chat.example.org\", port = 443, why = \"its service\" },\n  { host = \"cdn.example.org\", port = 443, why = \"attachments\" },\n  { host = \"chat.example.org\", port = 8443, why = \"its other port\" },\n]",
+    );
+    ok(&good);
+    let policy = Policy::parse(&good, "t.toml").unwrap();
+    let target = carapace_policy::Target { landlock_abi: 7 };
+    let plan = policy.compile("d", &target).unwrap();
+    let f = plan.network.forwards();
+    let seen: Vec<String> = f
+        .iter()
+        .map(|f| format!("{}:{}@{}", f.host, f.port, f.addr))
+        .collect();
+    // One loopback address per name, in order; each (host, port) once.
+    assert_eq!(
+        seen,
+        [
+            "chat.example.org:443@127.0.0.2",
+            "cdn.example.org:443@127.0.0.3",
+            "chat.example.org:8443@127.0.0.2"
+        ]
+    );
+    assert_eq!(plan.landlock.tcp_connect, [443, 8443]);
+    let hosts = plan
+        .mounts
+        .iter()
+        .find_map(|m| match m {
+            carapace_policy::plan::Mount::File { dst, contents } if dst.ends_with("etc/hosts") => {
+                Some(contents.clone())
+            }
+            _ => None,
+        })
+        .expect("a brokered network writes /etc/hosts");
+    assert!(hosts.contains("127.0.0.2\tchat.example.org\n"), "{hosts}");
+    assert!(hosts.contains("127.0.0.3\tcdn.example.org\n"), "{hosts}");
+    assert_eq!(hosts.matches("chat.example.org").count(), 1, "{hosts}");
+    assert!(hosts.contains("127.0.0.1\tlocalhost"), "{hosts}");
+    assert!(plan.explain().contains("brokered"), "{}", plan.explain());
+    // Mode "none" forwards nothing and writes no hosts file.
+    let none = policy.compile("p", &target).unwrap();
+    assert!(none.network.forwards().is_empty());
+    assert!(none.landlock.tcp_connect.is_empty());
+    assert!(!none
+        .mounts
+        .iter()
+        .any(|m| matches!(m, carapace_policy::plan::Mount::File { .. })));
+}
+
+#[test]
+fn brokered_network_needs_exact_connect_hosts_and_no_tool_rule() {
+    let text = brokered("");
+    expect_err(&text, "no `connect` rule", "\"brokered\"");
+    let text = brokered(
+        "[profiles.d.broker]\nconnect = [{ host = \"*.example.org\", port = 443, why = \"any\" }]",
+    );
+    expect_err(&text, "`*.example.org` cannot be forwarded", "connect = [");
+    let text = brokered(
+        "[profiles.d.broker]\nconnect = [{ host = \"192.0.2.7\", port = 443, why = \"an address\" }]",
+    );
+    expect_err(&text, "`192.0.2.7` cannot be forwarded", "connect = [");
+    let text = brokered(
+        "[profiles.d.filesystem]\nmounts = [{ path = \"/etc/hosts\", access = \"read\", why = \"hosts\" }]\n[profiles.d.broker]\nconnect = [{ host = \"a.example.org\", port = 443, why = \"a\" }]",
+    );
+    expect_err(&text, "writes the sandbox's /etc/hosts", "\"brokered\"");
+    // An exec rule may not run tools in it.
+    let text = brokered(
+        "[profiles.d.broker]\nconnect = [{ host = \"a.example.org\", port = 443, why = \"a\" }]",
+    )
+    .replace("profile = \"p\"", "profile = \"d\"");
+    expect_err(&text, "only children of `carapace run`", "[[exec]]");
+}
+
 #[test]
 fn all_errors_are_collected() {
     let text = policy(

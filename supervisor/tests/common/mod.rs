@@ -141,6 +141,7 @@ pub fn hand_plan() -> Plan {
                     },
                 },
             ],
+            tcp_connect: Vec::new(),
             deny_tcp: true,
             scope_abstract_unix: true,
             scope_signals: true,
