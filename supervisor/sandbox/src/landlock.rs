@@ -19,8 +19,8 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use ::landlock::{
-    Access as _, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible as _, PathBeneath, Ruleset,
-    RulesetAttr as _, RulesetCreatedAttr as _, RulesetError, Scope, ABI,
+    Access as _, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible as _, NetPort, PathBeneath,
+    Ruleset, RulesetAttr as _, RulesetCreatedAttr as _, RulesetError, Scope, ABI,
 };
 use carapace_policy::plan::{FsRights, LandlockPath, LandlockPlan};
 
@@ -48,6 +48,12 @@ pub enum LandlockError {
     #[error("Landlock rule for {}: {source}", path.display())]
     Rule {
         path: PathBuf,
+        #[source]
+        source: RulesetError,
+    },
+    #[error("Landlock rule allowing TCP connect to port {port}: {source}")]
+    NetRule {
+        port: u16,
         #[source]
         source: RulesetError,
     },
@@ -202,6 +208,14 @@ pub fn prepare(
         rs = rs.scope(scopes).map_err(rs_err("scope"))?;
     }
     let mut created = rs.create().map_err(rs_err("create"))?;
+    if plan.deny_tcp {
+        // A brokered network's forwarded ports (only its loopback listeners answer there).
+        for &port in &plan.tcp_connect {
+            created = created
+                .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
+                .map_err(|source| LandlockError::NetRule { port, source })?;
+        }
+    }
 
     let mut sandbox_rules = Vec::new();
     for rule in &plan.rules {
@@ -385,6 +399,7 @@ mod tests {
             min_abi: 99,
             rules: vec![],
             deny_tcp: false,
+            tcp_connect: Vec::new(),
             scope_abstract_unix: false,
             scope_signals: false,
         };
@@ -442,6 +457,7 @@ mod tests {
                 },
             ],
             deny_tcp: false,
+            tcp_connect: Vec::new(),
             scope_abstract_unix: false,
             scope_signals: false,
         };

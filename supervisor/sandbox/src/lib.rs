@@ -13,11 +13,13 @@
 //! - [`spawn`]: prepare a launch, start it, wait for it.
 //! - [`namespaces`], [`mounts`], [`cgroup`], [`landlock`], [`seccomp`], [`caps`], [`rlimits`],
 //!   [`fds`]: the mechanisms, each preparing in the parent what the child applies.
+//! - [`egress`]: a brokered network's listeners inside the sandbox's network namespace.
 //! - [`init`]: the sandbox's pid 1. [`resolve`]: the program named on a command line.
 //!   [`report`]: how a run ended.
 
 pub mod caps;
 pub mod cgroup;
+pub mod egress;
 pub mod fds;
 pub mod init;
 pub mod landlock;

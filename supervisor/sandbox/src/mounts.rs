@@ -177,6 +177,12 @@ pub enum Op {
     Touch {
         path: CString,
     },
+    /// Create a new read-only (0444) file at `path` holding `contents` (the source of a
+    /// [`Mount::File`], in the scratch tmpfs); an existing file is an error.
+    WriteFile {
+        path: CString,
+        contents: Vec<u8>,
+    },
     Symlink {
         target: CString,
         path: CString,
@@ -238,6 +244,9 @@ impl fmt::Display for Op {
             }
             Op::Mkdir { path } => write!(f, "mkdir {}", s(path)),
             Op::Touch { path } => write!(f, "create mount point {}", s(path)),
+            Op::WriteFile { path, contents } => {
+                write!(f, "write {} ({} bytes)", s(path), contents.len())
+            }
             Op::Symlink { target, path } => write!(f, "symlink {} -> {}", s(path), s(target)),
             Op::Chdir { path } => write!(f, "chdir {}", s(path)),
             Op::PivotRoot { new_root, put_old } => {
@@ -394,6 +403,8 @@ pub fn build(
     // Attribute ops of the mounts we create, applied once everything beneath them is mounted
     // (see the module docs).
     let mut deferred: Vec<Op> = Vec::new();
+    // Files written for Mount::File so far (their scratch names are numbered).
+    let mut files = 0usize;
     for m in mounts {
         match m {
             Mount::Bind {
@@ -534,6 +545,40 @@ pub fn build(
                     path: target,
                     set: MOUNT_ATTR_RDONLY,
                     recursive: true,
+                });
+                views.push(View {
+                    host: None,
+                    dst: dst.clone(),
+                    exec: false,
+                    writable: false,
+                });
+            }
+            Mount::File { dst, contents } => {
+                // Written into the scratch tmpfs (the root until the second pivot, never
+                // visible inside), then bound alone, read-only, at its place.
+                let scratch = cstr(format!("/carapace-file-{files}"))?;
+                files += 1;
+                ops.push(Op::WriteFile {
+                    path: scratch.clone(),
+                    contents: contents.as_bytes().to_vec(),
+                });
+                ancestors(dst, &mut ops)?;
+                let target = cstr(under(NEWROOT, dst))?;
+                ops.push(Op::Touch {
+                    path: target.clone(),
+                });
+                ops.push(Op::Bind {
+                    src: scratch,
+                    dst: target.clone(),
+                    recursive: false,
+                });
+                ops.push(Op::SetAttr {
+                    path: target,
+                    set: MOUNT_ATTR_RDONLY
+                        | MOUNT_ATTR_NOSUID
+                        | MOUNT_ATTR_NODEV
+                        | MOUNT_ATTR_NOEXEC,
+                    recursive: false,
                 });
                 views.push(View {
                     host: None,

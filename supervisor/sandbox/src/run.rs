@@ -196,6 +196,11 @@ impl Started {
         self.timings
     }
 
+    /// See [`Running::take_forward`].
+    pub fn take_forward(&mut self) -> Vec<crate::egress::Listener> {
+        self.running.take_forward()
+    }
+
     /// Step 5: wait for the program, killing the whole tree when the wall-time limit runs out.
     pub fn wait(self) -> Ended {
         let t = Instant::now();

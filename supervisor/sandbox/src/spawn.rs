@@ -62,7 +62,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -112,6 +112,8 @@ pub enum SpawnError {
     Fd(#[from] FdError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressError),
     #[error("{what} contains a NUL byte")]
     Nul { what: String },
     #[error(transparent)]
@@ -423,6 +425,9 @@ pub struct Launch {
     broker: bool,
     /// The child gets a listening socket at fd 4 (see [`LaunchOptions::listener`]).
     listener: bool,
+    /// A brokered network's forwarded hosts: listeners are made in the child's network
+    /// namespace before it may run its program (see [`crate::egress`]).
+    forward: Vec<carapace_policy::plan::Forward>,
     /// A Launch is used once: the workspace mount is moved into the first child.
     spawned: AtomicBool,
 }
@@ -542,6 +547,9 @@ impl Launch {
             )
         };
         let rootless = !opts.privilege.is_root();
+        if rootless && !plan.network.forwards().is_empty() {
+            return Err(crate::egress::EgressError::Rootless.into());
+        }
         let clone_flags = if rootless {
             namespaces::rootless_clone_flags(&plan.namespaces)?
         } else {
@@ -671,6 +679,7 @@ impl Launch {
             wall_time: plan.wall_time,
             broker: opts.broker,
             listener: opts.listener,
+            forward: plan.network.forwards().to_vec(),
             spawned: AtomicBool::new(false),
         })
     }
@@ -832,13 +841,22 @@ impl Launch {
         drop(ready.write);
         drop(errp.write);
         drop(status.write);
-        let running = Running {
+        let mut running = Running {
             pid,
             pidfd,
             status: status.read,
             started,
             reaped: false,
+            forward: Vec::new(),
         };
+        // The child waits for "go 1": its network namespace exists and nothing runs in it yet.
+        match crate::egress::listen_in(running.pidfd.as_fd(), &self.forward) {
+            Ok(l) => running.forward = l,
+            Err(e) => {
+                running.kill_and_reap();
+                return Err(e.into());
+            }
+        }
         // Fallback when clone3 could not place the child: move it after the fact.
         let late = cgroup.filter(|_| v2_dir.is_some() && !born_in_cgroup);
         let setup_deadline = started + self.wall_time.unwrap_or(SETUP_TIMEOUT).min(SETUP_TIMEOUT);

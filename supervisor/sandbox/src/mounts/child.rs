@@ -117,6 +117,40 @@ pub(super) unsafe fn child_op(op: &Op) -> Result<(), i32> {
             // SAFETY: closing the fd just opened.
             unsafe { libc::close(fd) };
         }
+        Op::WriteFile { path, contents } => {
+            // SAFETY: valid C string; the fd is closed below.
+            let fd = unsafe {
+                libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_CLOEXEC
+                        | libc::O_NOFOLLOW,
+                    0o444 as libc::c_uint,
+                )
+            };
+            if fd < 0 {
+                return err();
+            }
+            let mut rest: &[u8] = contents;
+            while !rest.is_empty() {
+                // SAFETY: `rest` is a live slice; write reads at most its length.
+                let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+                if n < 0 && crate::fds::errno() == libc::EINTR {
+                    continue;
+                }
+                if n <= 0 {
+                    let e = err();
+                    // SAFETY: closing the fd opened above.
+                    unsafe { libc::close(fd) };
+                    return e;
+                }
+                rest = &rest[n as usize..];
+            }
+            // SAFETY: closing the fd opened above.
+            unsafe { libc::close(fd) };
+        }
         Op::Symlink { target, path } => {
             // SAFETY: valid C strings.
             if unsafe { libc::symlink(target.as_ptr(), path.as_ptr()) } != 0 {

@@ -412,3 +412,43 @@ fn the_supervisor_binary_is_covered_wherever_a_bind_shows_it() {
     // A prefix of a name is not a parent directory.
     assert!(texts("/usrlocal/carapace").is_empty());
 }
+
+#[test]
+fn written_files_come_from_the_scratch_tmpfs_and_are_bound_read_only() {
+    let b = build(
+        &[
+            Mount::File {
+                dst: "/etc/hosts".into(),
+                contents: "127.0.0.2\texample.org\n".into(),
+            },
+            Mount::File {
+                dst: "/etc/other".into(),
+                contents: String::new(),
+            },
+        ],
+        None,
+        ids(),
+    )
+    .unwrap();
+    let t = texts(&b);
+    let at = |s: &str| {
+        t.iter()
+            .position(|x| x == s)
+            .unwrap_or_else(|| panic!("no `{s}` in {t:?}"))
+    };
+    // Written once, in the scratch root (after the first pivot, before the second), never
+    // beneath the new root; each file its own name.
+    let write = at("write /carapace-file-0 (22 bytes)");
+    assert!(write > at("pivot_root . oldroot"));
+    at("write /carapace-file-1 (0 bytes)");
+    let bind = at("bind /carapace-file-0 /newroot/etc/hosts");
+    assert!(at("mkdir /newroot/etc") < bind);
+    assert!(at("create mount point /newroot/etc/hosts") < bind);
+    assert_eq!(
+        t[bind + 1],
+        "mount_setattr /newroot/etc/hosts ro,nosuid,nodev,noexec"
+    );
+    assert!(!t.iter().any(|x| x.starts_with("write /newroot")), "{t:?}");
+    let v = b.views.iter().find(|v| v.dst == Path::new("/etc/hosts"));
+    assert!(v.is_some_and(|v| v.host.is_none() && !v.writable && !v.exec));
+}

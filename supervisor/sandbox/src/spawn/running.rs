@@ -12,12 +12,20 @@ pub struct Running {
     pub(super) status: OwnedFd,
     pub(super) started: Instant,
     pub(super) reaped: bool,
+    /// A brokered network's listeners inside the sandbox, until the caller takes them.
+    pub(super) forward: Vec<crate::egress::Listener>,
 }
 
 impl Running {
     /// Host pid of the sandbox's init (pid 1 of its namespace; the program is its child).
     pub fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    /// A brokered network's listeners (empty otherwise); whoever takes them forwards what
+    /// arrives there. Left untaken, they close with the run and every connection is refused.
+    pub fn take_forward(&mut self) -> Vec<crate::egress::Listener> {
+        std::mem::take(&mut self.forward)
     }
 
     pub(super) fn kill(&self) {
