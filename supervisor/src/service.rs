@@ -122,6 +122,8 @@ use setup::*;
 mod requests;
 use requests::*;
 mod check;
+/// A brokered network's forwarding (a child's connections through the broker's `connect`).
+mod egress;
 mod jobs;
 
 /// Entry point of `carapace run`; returns the process exit code.

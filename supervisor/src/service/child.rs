@@ -329,17 +329,41 @@ impl Child {
             io.stdin = Some(sock.as_fd());
             io.stdout = Some(sock.as_fd());
         }
-        let started = run::start(plan, &run, io)?;
+        let mut started = run::start(plan, &run, io)?;
         crate::broker_host::say_limits_once(started.limits());
         let (out_read, err_read, pair) = fds.into_parent_ends();
         let pid = started.pid();
+        let who = new_identity(self.role, &spec.profile);
         if let Some(mine) = pair {
-            let who = new_identity(self.role, &spec.profile);
             tracing::info!(child = %self.name, %who, "broker socket served");
-            if env.peers.serve(mine, who).is_none() {
+            if env.peers.serve(mine, who.clone()).is_none() {
                 tracing::warn!(child = %self.name, "broker socket not served (no handler)");
             }
         }
+        // A brokered network: its listeners exist already (made before the program could
+        // run); forward what arrives there until the child ends (the forwarder is dropped
+        // after the wait below).
+        let listeners = started.take_forward();
+        let _forwarder = if listeners.is_empty() {
+            None
+        } else {
+            let hosts: Vec<String> = listeners
+                .iter()
+                .map(|l| format!("{}:{}", l.host, l.port))
+                .collect();
+            match super::egress::Forwarder::start(&self.name, listeners, env.peers, who) {
+                Ok(f) => {
+                    tracing::info!(child = %self.name, hosts = %hosts.join(" "), "brokered network: forwarding");
+                    Some(f)
+                }
+                Err(e) => {
+                    // Without the forwarder every connection of the program is refused;
+                    // it runs on (its other work may not need the network), said loudly.
+                    tracing::error!(child = %self.name, "brokered network not forwarded: {}", error_chain(&e));
+                    None
+                }
+            }
+        };
         relay(self.name.clone(), "stdout", out_read);
         relay(self.name.clone(), "stderr", err_read);
         {
