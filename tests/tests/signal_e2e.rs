@@ -24,6 +24,10 @@ const MALLORY: &str = "+15552220000";
 const MALLORY_UUID: &str = "7d2e1f00-0000-4000-8000-000000000002";
 const GROUP: &str = "Pmpi+EfPWmsxiomLe9Nx2XF9HOE483p6iKiFj65iMwI=";
 
+/// The port the daemon's brokered network forwards (nothing needs to answer there: the fake
+/// daemon does not connect; `egress_e2e` proves the forwarding itself).
+const SERVICE_PORT: u16 = 4443;
+
 struct World {
     svc: Service,
     sig: FakeSignal,
@@ -52,8 +56,14 @@ extends = "channel"
 deliver = ["sig"]
 
 [profiles.signal-cli]
-why = "the (fake) signal-cli daemon: its workspace is the account's data"
+why = "the (fake) signal-cli daemon: its workspace is the account's data; its service by name through the broker, as the shipped example has it"
 extends = "channel"
+
+[profiles.signal-cli.network]
+mode = "brokered"
+
+[profiles.signal-cli.broker]
+connect = [{{ host = "localhost", port = {service}, allow_private = true, why = "a stand-in for Signal's service" }}]
 
 [profiles.agent]
 why = "the gateway under test: answers on sig, reaches the fake model"
@@ -64,6 +74,7 @@ connect = [{{ host = "127.0.0.1", port = {llm}, allow_private = true, why = "the
 channels = ["sig"]
 "#,
         llm = llm.addr().port(),
+        service = SERVICE_PORT,
     ));
     let config = format!(
         r#"
@@ -96,6 +107,19 @@ daemon = {{ program = "{fake}", profile = "signal-cli" }}
         sig,
         _llm: llm,
     }
+}
+
+/// The TCP sockets listening in `pid`'s network namespace, as `ADDR:PORT` in /proc's hex.
+fn listening(pid: i64) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(3) == Some(&"0A")).then(|| f[1].to_string())
+        })
+        .collect()
 }
 
 fn assert_confined(pid: i64, what: &str) {
@@ -135,9 +159,19 @@ fn count_containing(sig: &FakeSignal, needle: &str) -> usize {
 #[test]
 fn signal_admitted_sender_is_answered_in_place_and_a_stranger_is_held_both_children_confined() {
     let w = start();
-    // Both the adapter and the daemon run confined, neither with a network of its own.
-    assert_confined(w.svc.adapter_pid("sig", None), "the adapter");
-    assert_confined(w.svc.adapter_pid("sig-signal-cli", None), "the daemon");
+    // Both the adapter and the daemon run confined, neither with a network of its own: the
+    // adapter's namespace has nothing listening, the daemon's (brokered) only the supervisor's
+    // forwarder at the service name's loopback address (127.0.0.2 = 0200007F).
+    let adapter = w.svc.adapter_pid("sig", None);
+    let daemon = w.svc.adapter_pid("sig-signal-cli", None);
+    assert_confined(adapter, "the adapter");
+    assert_confined(daemon, "the daemon");
+    assert_eq!(listening(adapter), Vec::<String>::new());
+    assert_eq!(
+        listening(daemon),
+        [format!("0200007F:{SERVICE_PORT:04X}")],
+        "the daemon's forwarded service"
+    );
 
     // A private message: answered to the sender.
     w.sig

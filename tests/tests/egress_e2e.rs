@@ -1,0 +1,129 @@
+//! A brokered network, end to end through `carapace run`: a child whose profile has
+//! `network.mode = "brokered"` reaches its `connect` hosts by name, through the broker's
+//! policy check and audit, and nothing else (`egress-probe` runs confined as that child and
+//! reports what it could reach).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use carapace_tests::require_root;
+use carapace_tests::service::{policy_text, Service, StartOpts};
+use serde_json::Value;
+
+/// An upstream on the host's loopback: answers each line with `echo: LINE`; remembers lines.
+fn upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
+    let port = l.local_addr().expect("addr").port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                if BufReader::new(&s).read_line(&mut line).is_ok() {
+                    let line = line.trim_end().to_string();
+                    let mut w = &s;
+                    let _ = w.write_all(format!("echo: {line}\n").as_bytes());
+                    seen.lock().expect("lock").push(line);
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+/// The probe's report, from the supervisor's log of its stdout.
+fn report(svc: &Service) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = svc.log_text();
+        let found = log.lines().find_map(|l| {
+            let json = &l[l.find("PROBE {")? + "PROBE ".len()..];
+            // The logger adds the child's fields after the message.
+            serde_json::Deserializer::from_str(json)
+                .into_iter::<Value>()
+                .next()?
+                .ok()
+        });
+        if let Some(v) = found {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report from the probe in 30 s; the supervisor's log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_brokered_child_reaches_its_connect_hosts_by_name_and_nothing_else() {
+    require_root("egress_e2e");
+    let (port, got) = upstream();
+    let policy = policy_text(&format!(
+        r#"
+[profiles.probe]
+why = "the egress probe under test: reaches the test's upstream by name, through the broker"
+extends = "channel"
+
+[profiles.probe.network]
+mode = "brokered"
+
+[profiles.probe.broker]
+connect = [{{ host = "localhost", port = {port}, allow_private = true, why = "the test's upstream" }}]
+"#
+    ));
+    let svc = Service::start_opts(StartOpts {
+        program: Some(env!("CARGO_BIN_EXE_egress-probe").to_string()),
+        args: format!("[\"localhost\", \"{port}\"]"),
+        policy: Some(policy),
+        gateway_profile: Some("probe".into()),
+        ready: false,
+        ..StartOpts::default()
+    });
+    let r = report(&svc);
+    let log = svc.log_text();
+    // The name resolves, inside, to the forwarded loopback address, and the exchange went
+    // through to the real upstream on the host.
+    assert_eq!(
+        r["resolved"],
+        serde_json::json!([format!("127.0.0.2:{port}")]),
+        "{r:#}"
+    );
+    assert!(
+        r["hosts"]
+            .as_str()
+            .unwrap_or("")
+            .contains("127.0.0.2\tlocalhost"),
+        "{r:#}"
+    );
+    assert_eq!(
+        r["forwarded"]["ok"], "echo: hello through the broker",
+        "{r:#}\n{log}"
+    );
+    assert_eq!(
+        got.lock().expect("lock").as_slice(),
+        ["hello through the broker"]
+    );
+    // Nothing else: the sandbox's own 127.0.0.1 has no listener, another port is refused by
+    // Landlock, an outside address has no route, and no TCP listener may be made.
+    assert_eq!(r["loopback"]["err"], "ConnectionRefused", "{r:#}");
+    assert_eq!(r["other_port"]["err"], "PermissionDenied", "{r:#}");
+    assert_eq!(r["outside"]["err"], "NetworkUnreachable", "{r:#}");
+    assert_eq!(r["bind"]["err"], "PermissionDenied", "{r:#}");
+    assert_eq!(r["seccomp"], "Seccomp:\t2", "{r:#}");
+    // The broker decided and audited the connection as the child.
+    let audit = std::fs::read_to_string(svc.state_dir().join("audit.log")).unwrap_or_default();
+    let connects: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"connect\"") && l.contains(&format!("localhost:{port}")))
+        .collect();
+    assert_eq!(connects.len(), 1, "{audit}");
+    assert!(connects[0].contains("\"allow\""), "{}", connects[0]);
+    assert!(connects[0].contains("probe"), "{}", connects[0]);
+}
