@@ -1027,6 +1027,7 @@ mod tests {
             profile: "tool".into(),
             created: "2026-01-02T03:04:05.000000Z".into(),
             expires_in_ms: 5000,
+            why: Some("prints system information".into()),
         };
         let (a, b) = seqpacket_pair().unwrap();
         let (t2, p2) = (token.clone(), pending.clone());

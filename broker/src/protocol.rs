@@ -468,6 +468,9 @@ pub struct PendingApproval {
     pub created: String,
     /// Time left before it times out (denied).
     pub expires_in_ms: u64,
+    /// The `why` of the rule that asks, when the broker still knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 /// One message of the `inbound` reply: what a channel adapter delivered.
@@ -2004,6 +2007,7 @@ mod tests {
             profile: "tool".into(),
             created: "2026-01-02T03:04:05.000001Z".into(),
             expires_in_ms: 119_000,
+            why: Some("prints system information".into()),
         };
         for omitted in [0, 4] {
             let r = OkReply::Approvals {

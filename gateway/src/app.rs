@@ -210,5 +210,6 @@ pub fn approval_json(p: &carapace_broker::protocol::PendingApproval) -> Value {
         "who": p.who,
         "created": p.created,
         "expires_in_ms": p.expires_in_ms,
+        "why": p.why,
     })
 }

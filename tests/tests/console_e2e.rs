@@ -221,6 +221,9 @@ fn the_console_signs_in_answers_a_live_approval_and_shows_session_text_as_text()
     shot(&b, &art, "04-approval-pending-phone");
     b.resize(1280, 900).unwrap_or_else(|e| panic!("{e}"));
     let _ = card;
+    // The card says why the policy asks (the deciding rule's `why`).
+    b.wait_for_text("#approvals-list li.approval", "why asked", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     click(&b, "#approvals-list li.approval button.allow");
     let r = c.finish_call(run, Duration::from_secs(120));
     let res = r.expect_ok();

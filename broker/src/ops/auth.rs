@@ -31,7 +31,7 @@ const UNKNOWN_TARGET: &str = "unknown token";
 const APPROVALS_BUDGET: usize = MAX_FRAME - 1024;
 
 /// What an `approvals` reply says about one pending approval.
-fn entry(p: &Pending, now: Instant) -> PendingApproval {
+fn entry(p: &Pending, now: Instant, why: Option<String>) -> PendingApproval {
     PendingApproval {
         id: p.id,
         who: p.identity.clone(),
@@ -41,6 +41,7 @@ fn entry(p: &Pending, now: Instant) -> PendingApproval {
         created: p.created.clone(),
         expires_in_ms: u64::try_from(p.expires.saturating_duration_since(now).as_millis())
             .unwrap_or(u64::MAX),
+        why,
     }
 }
 
@@ -194,7 +195,7 @@ impl Ops {
         let mut pending = Vec::new();
         let mut omitted = 0u64;
         for p in &list {
-            let e = entry(p, now);
+            let e = entry(p, now, self.desk.reason(p));
             let len = serde_json::to_vec(&e).map_or(usize::MAX, |b| b.len().saturating_add(1));
             if used.saturating_add(len) > APPROVALS_BUDGET {
                 omitted += 1;

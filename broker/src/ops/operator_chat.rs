@@ -325,7 +325,7 @@ impl Desk {
         }
     }
 
-    fn reason(&self, p: &Pending) -> Option<String> {
+    pub(crate) fn reason(&self, p: &Pending) -> Option<String> {
         lock(&self.reasons)
             .get(&(p.identity.id, p.argv.clone()))
             .cloned()

@@ -1117,6 +1117,8 @@ async fn a_gateway_lists_and_answers_approvals() {
     assert_eq!(p.profile, "tool");
     assert!(p.created.ends_with('Z'), "{}", p.created);
     assert!(p.expires_in_ms > 0 && p.expires_in_ms <= 20_000);
+    // The asking rule's reason comes with it.
+    assert!(p.why.as_deref().is_some_and(|w| !w.is_empty()), "{p:?}");
     // Listing is a read: not audited (the tool's `ask` record is the only new one).
     let new: Vec<serde_json::Value> = audit_lines(&env).split_off(audited_before);
     assert!(new.iter().all(|r| r["op"] == "exec"), "{new:?}");

@@ -317,6 +317,7 @@
       field(dl, "command", (a.argv || []).join(" "));
       field(dl, "profile", a.profile || "");
       field(dl, "asked by", who(a.who));
+      if (a.why) field(dl, "why asked", a.why);
       if (a.expires_in_ms !== undefined) field(dl, "expires in", Math.round(a.expires_in_ms / 1000) + " s");
       li.appendChild(dl);
       const bar = el("div", null, "actions");
