@@ -61,10 +61,9 @@ fn report(svc: &Service) -> Value {
     }
 }
 
-#[test]
-fn a_brokered_child_reaches_its_connect_hosts_by_name_and_nothing_else() {
-    require_root("egress_e2e");
-    let (port, got) = upstream();
+/// `carapace run` with `egress-probe` as its one child, in profile `probe`: a brokered network
+/// whose one rule is `localhost:PORT` (`allow_private` as given).
+fn start_probe(port: u16, allow_private: bool) -> Service {
     let policy = policy_text(&format!(
         r#"
 [profiles.probe]
@@ -75,17 +74,34 @@ extends = "channel"
 mode = "brokered"
 
 [profiles.probe.broker]
-connect = [{{ host = "localhost", port = {port}, allow_private = true, why = "the test's upstream" }}]
+connect = [{{ host = "localhost", port = {port}, allow_private = {allow_private}, why = "the test's upstream" }}]
 "#
     ));
-    let svc = Service::start_opts(StartOpts {
+    Service::start_opts(StartOpts {
         program: Some(env!("CARGO_BIN_EXE_egress-probe").to_string()),
         args: format!("[\"localhost\", \"{port}\"]"),
         policy: Some(policy),
         gateway_profile: Some("probe".into()),
         ready: false,
         ..StartOpts::default()
-    });
+    })
+}
+
+/// The audit records of connects to `localhost:PORT`.
+fn connects(svc: &Service, port: u16) -> Vec<String> {
+    let audit = std::fs::read_to_string(svc.state_dir().join("audit.log")).unwrap_or_default();
+    audit
+        .lines()
+        .filter(|l| l.contains("\"connect\"") && l.contains(&format!("localhost:{port}")))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_brokered_child_reaches_its_connect_hosts_by_name_and_nothing_else() {
+    require_root("egress_e2e");
+    let (port, got) = upstream();
+    let svc = start_probe(port, true);
     let r = report(&svc);
     let log = svc.log_text();
     // The name resolves, inside, to the forwarded loopback address, and the exchange went
@@ -118,12 +134,34 @@ connect = [{{ host = "localhost", port = {port}, allow_private = true, why = "th
     assert_eq!(r["bind"]["err"], "PermissionDenied", "{r:#}");
     assert_eq!(r["seccomp"], "Seccomp:\t2", "{r:#}");
     // The broker decided and audited the connection as the child.
-    let audit = std::fs::read_to_string(svc.state_dir().join("audit.log")).unwrap_or_default();
-    let connects: Vec<&str> = audit
-        .lines()
-        .filter(|l| l.contains("\"connect\"") && l.contains(&format!("localhost:{port}")))
-        .collect();
-    assert_eq!(connects.len(), 1, "{audit}");
+    let connects = connects(&svc, port);
+    assert_eq!(connects.len(), 1, "{connects:?}");
     assert!(connects[0].contains("\"allow\""), "{}", connects[0]);
     assert!(connects[0].contains("probe"), "{}", connects[0]);
+}
+
+#[test]
+fn the_broker_still_decides_a_forwarded_connection() {
+    require_root("egress_e2e");
+    // The same rule without `allow_private`: the broker resolves `localhost` itself, finds
+    // only loopback, and refuses. The forwarder's listener inside the sandbox accepted the
+    // program's connection, and closes it: nothing reaches the upstream.
+    let (port, got) = upstream();
+    let svc = start_probe(port, false);
+    let r = report(&svc);
+    assert_eq!(
+        r["resolved"],
+        serde_json::json!([format!("127.0.0.2:{port}")]),
+        "{r:#}"
+    );
+    assert_eq!(r["forwarded"]["ok"], "", "closed without an answer: {r:#}");
+    assert!(got.lock().expect("lock").is_empty());
+    let connects = connects(&svc, port);
+    assert_eq!(connects.len(), 1, "{connects:?}");
+    assert!(!connects[0].contains("\"allow\""), "{}", connects[0]);
+    assert!(
+        svc.log_text().contains("the broker did not connect"),
+        "{}",
+        svc.log_text()
+    );
 }
