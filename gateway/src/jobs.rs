@@ -6,7 +6,9 @@
 //! Everything lives in `<state_dir>/jobs/`:
 //! - `state.json` (written with `durable::write_atomic`): per job, `last_ms`, when its last run
 //!   started (or, before the first one, when the job was first seen);
-//! - `history.jsonl` (appended, `fdatasync`ed): a `started` and an `ended` line per run:
+//! - `history.jsonl` (appended, `fdatasync`ed; at [`HISTORY_ROTATE_AT`] bytes renamed to
+//!   `history.1.jsonl`, replacing the one before, so at most twice that is kept): a `started`
+//!   and an `ended` line per run:
 //!   `{"ts","job","run","trigger","event":"started"}` and `{..,"event":"ended","outcome":
 //!   "ok"|"failed"|"interrupted","stopped","reply","delivered","error"}`; a run a crash left
 //!   without its `ended` line gets one (`interrupted`) at the next start;
@@ -39,6 +41,10 @@ use crate::settings::JobSettings;
 pub const JOBS_DIR: &str = "jobs";
 pub const STATE_FILE: &str = "state.json";
 pub const HISTORY_FILE: &str = "history.jsonl";
+/// The history before the last rotation.
+pub const HISTORY_OLD_FILE: &str = "history.1.jsonl";
+/// Size at which the history is rotated (before the next line is appended).
+pub const HISTORY_ROTATE_AT: u64 = 4 << 20;
 pub const REQUESTS_DIR: &str = "requests";
 /// Bytes read from the end of the history (for the runs a stop interrupted).
 const HISTORY_TAIL: u64 = 4 << 20;
@@ -161,6 +167,29 @@ struct StateFile {
     jobs: BTreeMap<String, JobState>,
 }
 
+/// The JSON object lines of the last [`HISTORY_TAIL`] bytes of `path` (none if it is missing).
+fn tail_lines(path: &Path) -> Result<Vec<Value>, JobsError> {
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(jobs_err("reading", path)(e)),
+    };
+    let len = f.metadata().map_err(jobs_err("reading", path))?.len();
+    if len > HISTORY_TAIL {
+        f.seek(io::SeekFrom::Start(len - HISTORY_TAIL))
+            .map_err(jobs_err("reading", path))?;
+    }
+    let mut text = Vec::new();
+    f.take(HISTORY_TAIL)
+        .read_to_end(&mut text)
+        .map_err(jobs_err("reading", path))?;
+    Ok(text
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
+        .filter(Value::is_object)
+        .collect())
+}
+
 /// The jobs' directory: state and history.
 #[derive(Debug)]
 pub struct Store {
@@ -216,9 +245,16 @@ impl Store {
         Ok(())
     }
 
-    /// Append one history line (and `fdatasync`).
+    /// Append one history line (and `fdatasync`), rotating the history first when it has
+    /// reached [`HISTORY_ROTATE_AT`].
     pub fn record(&self, line: &Value) -> Result<(), JobsError> {
         let path = self.dir.join(HISTORY_FILE);
+        if fs::metadata(&path).is_ok_and(|m| m.len() >= HISTORY_ROTATE_AT) {
+            let old = self.dir.join(HISTORY_OLD_FILE);
+            fs::rename(&path, &old).map_err(jobs_err("rotating", &path))?;
+            carapace_broker::durable::sync_dir(&self.dir)
+                .map_err(jobs_err("syncing", &self.dir))?;
+        }
         let mut bytes = line.to_string().into_bytes();
         bytes.push(b'\n');
         let mut f = OpenOptions::new()
@@ -231,28 +267,13 @@ impl Store {
         f.sync_data().map_err(jobs_err("syncing", &path))
     }
 
-    /// The history's lines (unreadable ones skipped), from its last [`HISTORY_TAIL`] bytes.
+    /// The history's lines (unreadable ones skipped), oldest first: the last [`HISTORY_TAIL`]
+    /// bytes of the rotated file, then of the current one (a run that started before the
+    /// rotation is found with its end).
     pub fn history(&self) -> Result<Vec<Value>, JobsError> {
-        let path = self.dir.join(HISTORY_FILE);
-        let mut f = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(jobs_err("reading", &path)(e)),
-        };
-        let len = f.metadata().map_err(jobs_err("reading", &path))?.len();
-        if len > HISTORY_TAIL {
-            f.seek(io::SeekFrom::Start(len - HISTORY_TAIL))
-                .map_err(jobs_err("reading", &path))?;
-        }
-        let mut text = Vec::new();
-        f.take(HISTORY_TAIL)
-            .read_to_end(&mut text)
-            .map_err(jobs_err("reading", &path))?;
-        Ok(text
-            .split(|b| *b == b'\n')
-            .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-            .filter(Value::is_object)
-            .collect())
+        let mut lines = tail_lines(&self.dir.join(HISTORY_OLD_FILE))?;
+        lines.extend(tail_lines(&self.dir.join(HISTORY_FILE))?);
+        Ok(lines)
     }
 
     /// Give every run that started and never ended an `ended` line, `interrupted`.

@@ -130,3 +130,68 @@ fn the_store_keeps_state_and_closes_interrupted_runs() {
         vec![("b".into(), "r2".into())]
     );
 }
+
+#[test]
+fn the_history_is_rotated_and_read_across_the_rotation() {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Store::open(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let rec = |run: &str, event: &str| {
+        s.record(&json!({"job": "a", "run": run, "trigger": "schedule", "event": event}))
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    rec("1", "started");
+    // A history at the rotation size: the next line starts a new file.
+    let current = d.path().join("jobs").join(HISTORY_FILE);
+    let old = d.path().join("jobs").join(HISTORY_OLD_FILE);
+    let f = fs::OpenOptions::new()
+        .append(true)
+        .open(&current)
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.set_len(HISTORY_ROTATE_AT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    rec("1", "ended");
+    rec("2", "started");
+    assert!(old.exists(), "rotated");
+    let len = fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
+    assert!(len < 1024, "a new history: {len} bytes");
+    // Run 1 started before the rotation and ended after it: not interrupted; run 2 is.
+    assert_eq!(s.close_interrupted().ok(), Some(1));
+    let h = s.history().unwrap_or_default();
+    let runs: Vec<(&str, &str)> = h
+        .iter()
+        .map(|l| {
+            (
+                l["run"].as_str().unwrap_or(""),
+                l["event"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("1", "started"),
+            ("1", "ended"),
+            ("2", "started"),
+            ("2", "ended")
+        ]
+    );
+    // The next rotation replaces the old file: at most two files.
+    let f = fs::OpenOptions::new()
+        .append(true)
+        .open(&current)
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.set_len(HISTORY_ROTATE_AT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    rec("3", "started");
+    let files = fs::read_dir(d.path().join("jobs"))
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .filter(|e| e.path().is_file())
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(
+        files, 2,
+        "history.jsonl and history.1.jsonl only (no state.json yet)"
+    );
+}

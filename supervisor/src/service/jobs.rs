@@ -21,6 +21,8 @@ use super::config::{Config, JobConfig, JobSchedule};
 const JOBS_DIR: &str = "jobs";
 const STATE_FILE: &str = "jobs/state.json";
 const HISTORY_FILE: &str = "jobs/history.jsonl";
+/// The history before the gateway's last rotation of it.
+const HISTORY_OLD_FILE: &str = "jobs/history.1.jsonl";
 const REQUESTS_DIR: &str = "jobs/requests";
 /// Most bytes read from the end of the history.
 const MAX_HISTORY_BYTES: u64 = 8 << 20;
@@ -135,9 +137,11 @@ fn next_after(schedule: &JobSchedule, last_ms: i64) -> Option<i64> {
 /// Every run in the history (a `started` and an `ended` line merged), oldest first.
 fn runs(cfg: &Config) -> Result<Vec<Value>, JobsError> {
     let ws = gateway_workspace(cfg)?;
-    let Some(text) = read_beneath(ws, HISTORY_FILE, MAX_HISTORY_BYTES)? else {
-        return Ok(Vec::new());
-    };
+    let mut text = read_beneath(ws, HISTORY_OLD_FILE, MAX_HISTORY_BYTES)?.unwrap_or_default();
+    if !text.is_empty() && !text.ends_with(b"\n") {
+        text.push(b'\n');
+    }
+    text.extend(read_beneath(ws, HISTORY_FILE, MAX_HISTORY_BYTES)?.unwrap_or_default());
     let mut order: Vec<String> = Vec::new();
     let mut by_run: BTreeMap<String, Value> = BTreeMap::new();
     for line in text.split(|b| *b == b'\n') {
@@ -277,10 +281,16 @@ mod tests {
         std::fs::create_dir_all(ws.join("jobs")).unwrap_or_else(|e| panic!("{e}"));
         let cfg = cfg_in(&ws);
         assert_eq!(history(&cfg, None, 10).ok(), Some(json!({"runs": []})));
+        // Run 1 started before the gateway rotated the history (the rotated file ends
+        // without a newline) and ended after.
+        std::fs::write(
+            ws.join(HISTORY_OLD_FILE),
+            r#"{"ts":"a","job":"tick","run":"1","trigger":"schedule","event":"started"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(
             ws.join(HISTORY_FILE),
             concat!(
-                r#"{"ts":"a","job":"tick","run":"1","trigger":"schedule","event":"started"}"#, "\n",
                 r#"{"ts":"b","job":"tick","run":"1","trigger":"schedule","event":"ended","outcome":"ok"}"#, "\n",
                 "not json\n",
                 r#"{"ts":"c","job":"tick","run":"2","trigger":"catch_up","event":"started"}"#, "\n",
