@@ -143,12 +143,14 @@ fn the_history_is_rotated_and_read_across_the_rotation() {
     // A history at the rotation size: the next line starts a new file.
     let current = d.path().join("jobs").join(HISTORY_FILE);
     let old = d.path().join("jobs").join(HISTORY_OLD_FILE);
-    let f = fs::OpenOptions::new()
-        .append(true)
-        .open(&current)
-        .unwrap_or_else(|e| panic!("{e}"));
-    f.set_len(HISTORY_ROTATE_AT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let fill = || {
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&current)
+            .and_then(|f| f.set_len(HISTORY_ROTATE_AT))
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    fill();
     rec("1", "ended");
     rec("2", "started");
     assert!(old.exists(), "rotated");
@@ -176,12 +178,7 @@ fn the_history_is_rotated_and_read_across_the_rotation() {
         ]
     );
     // The next rotation replaces the old file: at most two files.
-    let f = fs::OpenOptions::new()
-        .append(true)
-        .open(&current)
-        .unwrap_or_else(|e| panic!("{e}"));
-    f.set_len(HISTORY_ROTATE_AT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    fill();
     rec("3", "started");
     let files = fs::read_dir(d.path().join("jobs"))
         .map(|r| {

@@ -359,6 +359,19 @@ pub enum ProgramOutside {
     NotExecutable { program: PathBuf, mount: PathBuf },
 }
 
+impl View {
+    /// A read-only, non-executable view the sandbox makes itself (procfs, /dev, a written
+    /// file): nothing of the host's shows there.
+    fn read_only_inside(dst: &Path) -> View {
+        View {
+            host: None,
+            dst: dst.to_path_buf(),
+            exec: false,
+            writable: false,
+        }
+    }
+}
+
 /// The child's mount program plus the views it creates.
 #[derive(Debug)]
 pub struct Built {
@@ -546,12 +559,7 @@ pub fn build(
                     set: MOUNT_ATTR_RDONLY,
                     recursive: true,
                 });
-                views.push(View {
-                    host: None,
-                    dst: dst.clone(),
-                    exec: false,
-                    writable: false,
-                });
+                views.push(View::read_only_inside(dst));
             }
             Mount::File { dst, contents } => {
                 // Written into the scratch tmpfs (the root until the second pivot, never
@@ -580,12 +588,7 @@ pub fn build(
                         | MOUNT_ATTR_NOEXEC,
                     recursive: false,
                 });
-                views.push(View {
-                    host: None,
-                    dst: dst.clone(),
-                    exec: false,
-                    writable: false,
-                });
+                views.push(View::read_only_inside(dst));
             }
             Mount::Dev { dst, pts } => {
                 ancestors(dst, &mut ops)?;
@@ -634,12 +637,7 @@ pub fn build(
                     set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
                     recursive: false,
                 });
-                views.push(View {
-                    host: None,
-                    dst: dst.clone(),
-                    exec: false,
-                    writable: false,
-                });
+                views.push(View::read_only_inside(dst));
             }
             Mount::Symlink { dst, target } => {
                 ancestors(dst, &mut ops)?;
