@@ -165,3 +165,84 @@ fn the_broker_still_decides_a_forwarded_connection() {
         svc.log_text()
     );
 }
+
+/// The JVM the Java probe runs on (signal-cli's runtime), and its configuration directory
+/// (Debian's OpenJDK refuses to start without it; the shipped signal-cli profile mounts it).
+const JAVA: &str = "/usr/lib/jvm/java-17-openjdk-amd64/bin/java";
+const JAVA_CONF: &str = "/etc/java-17-openjdk";
+
+#[test]
+fn a_jvm_resolves_and_reaches_a_forwarded_name_as_signal_cli_would() {
+    require_root("egress_e2e");
+    assert!(
+        std::path::Path::new(JAVA).exists() && std::path::Path::new(JAVA_CONF).exists(),
+        "{JAVA} and {JAVA_CONF} are needed (.ci/test installs openjdk-17-jdk-headless)"
+    );
+    let (port, got) = upstream();
+    // The probe's source in the child's workspace (the source launcher compiles it in memory).
+    // A workspace of the test's own (beneath /tmp: /var is a system directory).
+    let dir = tempfile::Builder::new()
+        .prefix("carapace-jvm-")
+        .tempdir()
+        .expect("temp dir");
+    let ws = dir.path().join("workspace");
+    std::fs::create_dir(&ws).expect("workspace");
+    std::fs::copy(
+        carapace_tests::repo_root().join("tests/data/EgressProbe.java"),
+        ws.join("EgressProbe.java"),
+    )
+    .expect("copy the probe");
+    let policy = policy_text(&format!(
+        r#"
+[profiles.jvm]
+why = "a JVM with a brokered network, shaped like the shipped signal-cli profile"
+extends = "channel"
+
+[profiles.jvm.filesystem]
+mounts = [{{ path = "{JAVA_CONF}", access = "read", why = "the JVM's configuration (java.security)" }}]
+
+[profiles.jvm.limits]
+memory = "1GiB"
+pids = 256
+open_files = 1024
+
+[profiles.jvm.network]
+mode = "brokered"
+
+[profiles.jvm.broker]
+connect = [{{ host = "localhost", port = {port}, allow_private = true, why = "the test's upstream" }}]
+"#
+    ));
+    let svc = Service::start_opts(StartOpts {
+        program: Some(JAVA.to_string()),
+        args: format!("[\"/workspace/EgressProbe.java\", \"localhost\", \"{port}\"]"),
+        policy: Some(policy),
+        gateway_profile: Some("jvm".into()),
+        ready: false,
+        extra_config: format!("workspace = \"{}\"\n", ws.display()),
+        ..StartOpts::default()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let reply = loop {
+        let log = svc.log_text();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("PROBE-JAVA reply") || l.contains("PROBE-JAVA failed"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer from the JVM in 90 s; the supervisor's log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let log = svc.log_text();
+    assert!(log.contains("PROBE-JAVA resolved 127.0.0.2"), "{log}");
+    assert!(
+        reply.contains("PROBE-JAVA reply echo: hello from the JVM"),
+        "{reply}\n{log}"
+    );
+    assert_eq!(got.lock().expect("lock").as_slice(), ["hello from the JVM"]);
+    assert_eq!(connects(&svc, port).len(), 1);
+}
