@@ -195,6 +195,7 @@ fn start_broker(root: &Path, policy: Policy) -> Result<(BrokerHost, Client), Str
                 workspace: Some(tools_ws),
                 owners_root: Some(owners_ws),
                 live: Default::default(),
+                plans: Default::default(),
             },
             approval_timeout: Duration::from_secs(5),
             token_store: None,

@@ -253,6 +253,7 @@ fn start(
                 workspace: Some(tools_ws),
                 owners_root: Some(owners_ws),
                 live: Default::default(),
+                plans: Default::default(),
             },
             approval_timeout: cfg.approval_timeout,
             token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),

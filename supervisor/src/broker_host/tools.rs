@@ -3,6 +3,7 @@
 //! its profile has one; killed when the broker shuts down.
 
 use super::*;
+use carapace_policy::Plan;
 
 /// The broker's summary of an exit report.
 pub fn exit_summary(r: &ExitReport) -> ExitSummary {
@@ -39,6 +40,9 @@ pub struct ToolContext {
     pub owners_root: Option<PathBuf>,
     /// The tools running now (killed when the broker shuts down).
     pub live: ToolRegistry,
+    /// Each profile of the policy in force compiled once ([`BrokerHost`] tells it of every
+    /// load).
+    pub plans: PlanCache,
 }
 
 /// The tools started for the broker that are still running: their pidfds (signalling through
@@ -260,9 +264,10 @@ pub fn spawn_tool(
     let thread = std::thread::Builder::new()
         .name("carapace-tool".into())
         .spawn(move || {
-            let plan = match policy
-                .compile(&profile_s, &ctx.target)
-                .map(|p| adjust_plan(p, cwd.as_deref(), read_only))
+            let plan = match ctx
+                .plans
+                .plan(&policy, &profile_s, &ctx.target)
+                .map(|p| adjust_plan(Plan::clone(&p), cwd.as_deref(), read_only))
             {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
