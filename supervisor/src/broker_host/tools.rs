@@ -202,7 +202,8 @@ pub struct ToolRun {
     pub broker: Option<OwnedFd>,
     /// The profile it runs under.
     pub profile: String,
-    /// Blocks until the tool has exited and its cgroup is gone; its exit report.
+    /// Blocks until the tool has exited; its exit report. The tool's cgroup is removed right
+    /// after (by the tool's thread, which [`ToolRegistry::kill_all`] waits for).
     pub wait: Box<dyn FnOnce() -> ExitReport + Send>,
 }
 
@@ -321,16 +322,13 @@ pub fn spawn_tool(
             if let Some(k) = key {
                 ctx.live.deregister(k);
             }
-            if let Err(e) = ended.remove_cgroup() {
-                tracing::warn!(
-                    "removing a tool's cgroup: {}",
-                    crate::errors::error_chain(&e)
-                );
-            }
-            let report = ended.report.unwrap_or_else(|e| {
-                tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(&e));
-                ExitReport::setup_failure()
-            });
+            let report = match &ended.report {
+                Ok(r) => *r,
+                Err(e) => {
+                    tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(e));
+                    ExitReport::setup_failure()
+                }
+            };
             // A termination signal meant for the supervisor may have been taken by this
             // thread's wait (which unblocks them) instead of the main thread's: pass it on, so
             // that the main wait kills the main sandbox too.
@@ -339,7 +337,16 @@ pub fn spawn_tool(
                     let _ = rustix::process::kill_process(rustix::process::getpid(), sig);
                 }
             }
+            // The report (read from the cgroup before this) goes first; the empty cgroup is
+            // removed after, off the requester's wait. The registry waits for this thread, so
+            // a shutdown still finds the cgroup gone.
             let _ = done_tx.send(report);
+            if let Err(e) = ended.remove_cgroup() {
+                tracing::warn!(
+                    "removing a tool's cgroup: {}",
+                    crate::errors::error_chain(&e)
+                );
+            }
         })
         .map_err(|source| ToolError::Thread { source })?;
     outer.live.add_thread(thread);
