@@ -26,6 +26,9 @@
 //!   (told of each load by [`BrokerHost::start_with`] and [`BrokerHost::reload`]), so a tool
 //!   gets a clone of its profile's plan, with the request's working directory and read-only
 //!   choice applied, instead of a compile per call.
+//! - `broker_host/cgroup_pool.rs`: [`CgroupPool`], one empty cgroup made ahead per tool
+//!   profile (after a tool's report, off the requester's path), taken by the next tool of that
+//!   profile; each is used once and removed; the pool is emptied on reload and shutdown.
 //! - `broker_host/state_dir.rs`: the state directory ([`StateDir`]).
 //! - this file: [`BrokerHost`] opens the state (audit log, approvals, dead letters), builds
 //!   `Ops` and runs the tokio runtime (two workers) that serves the sockets, one identity per
@@ -164,6 +167,8 @@ mod approvals;
 pub use approvals::*;
 mod plans;
 pub use plans::PlanCache;
+mod cgroup_pool;
+pub use cgroup_pool::CgroupPool;
 /// Identities are numbered for the life of the supervisor process.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -384,7 +389,16 @@ impl BrokerHost {
         self.tools
             .plans
             .replace(self.ops.policy(), self.tools.target);
+        self.tools.cgroups.clear();
         Ok(())
+    }
+
+    /// Kill the tools still running ([`ToolRegistry::kill_all`]) and remove the cgroups made
+    /// ahead for tools; no more are made. Returns how many tools were killed.
+    pub fn kill_tools(&self, grace: Duration) -> usize {
+        let n = self.tools.live.kill_all(grace);
+        self.tools.cgroups.close();
+        n
     }
 
     /// Stop serving: abort every peer task (pending approvals are withdrawn), give blocking
@@ -393,6 +407,7 @@ impl BrokerHost {
     pub fn shutdown(self) {
         self.runtime.shutdown_timeout(Duration::from_millis(500));
         let n = self.tools.live.kill_all(Duration::from_secs(5));
+        self.tools.cgroups.close();
         if n > 0 {
             tracing::info!("killed {n} tool(s) still running for the broker");
         }
@@ -514,6 +529,7 @@ mod tests {
                 owners_root: None,
                 live: Default::default(),
                 plans: Default::default(),
+                cgroups: Default::default(),
             },
             approval_timeout: Duration::from_secs(1),
             token_store: None,

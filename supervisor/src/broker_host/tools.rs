@@ -43,6 +43,8 @@ pub struct ToolContext {
     /// Each profile of the policy in force compiled once ([`BrokerHost`] tells it of every
     /// load).
     pub plans: PlanCache,
+    /// An empty cgroup made ahead per profile, for its next tool.
+    pub cgroups: CgroupPool,
 }
 
 /// The tools started for the broker that are still running: their pidfds (signalling through
@@ -307,7 +309,12 @@ pub fn spawn_tool(
                     supervisor_env: Vec::new(),
                 },
             };
-            let started = match run::start(plan, &run, fds.io(None)) {
+            let limits = plan.cgroup;
+            let started = match ctx.cgroups.take(&profile_s, &limits) {
+                Some(cg) => run::start_in(plan, &run, cg, fds.io(None)),
+                None => run::start(plan, &run, fds.io(None)),
+            };
+            let started = match started {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = started_tx.send(Err(e.into()));
@@ -315,6 +322,7 @@ pub fn spawn_tool(
                 }
             };
             say_limits_once(started.limits());
+            let in_cgroup = matches!(started.limits(), Limits::Cgroup { .. });
             let (out_read, err_read, mine) = fds.into_parent_ends();
             let key = ctx.live.register(started.pid());
             let _ = started_tx.send(Ok((out_read, err_read, mine)));
@@ -346,6 +354,9 @@ pub fn spawn_tool(
                     "removing a tool's cgroup: {}",
                     crate::errors::error_chain(&e)
                 );
+            }
+            if in_cgroup {
+                ctx.cgroups.refill(&profile_s, &limits);
             }
         })
         .map_err(|source| ToolError::Thread { source })?;

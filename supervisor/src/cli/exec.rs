@@ -358,6 +358,7 @@ pub(super) fn start_broker(
             owners_root: None,
             live: Default::default(),
             plans: Default::default(),
+            cgroups: Default::default(),
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
         token_store: None,
