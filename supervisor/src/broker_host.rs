@@ -6,7 +6,7 @@
 //! The broker crate (`carapace_broker`) knows nothing of processes; it decides, audits and
 //! talks the protocol. This module gives it processes:
 //!
-//! - `broker_host/tools.rs`: [`spawn_tool`] compiles the requested profile and starts it
+//! - `broker_host/tools.rs`: [`spawn_tool`] takes the requested profile's plan and starts it
 //!   through the sandbox's one run path ([`carapace_sandbox::run`]: its own cgroup, the launch
 //!   prepared, the child spawned), with stdin `/dev/null` and stdout/stderr as pipes whose read
 //!   ends are handed back, and (if that profile has a broker section) a broker socket of its
@@ -22,6 +22,13 @@
 //!   answered over the control socket (the service), or [`FileApprover`]: as files in
 //!   `<state>/pending/` answered by `carapace approvals allow|deny` (`carapace exec`, which has
 //!   no control socket).
+//! - `broker_host/plans.rs`: [`PlanCache`], the tools' profiles compiled once per policy load
+//!   (told of each load by [`BrokerHost::start_with`] and [`BrokerHost::reload`]), so a tool
+//!   gets a clone of its profile's plan, with the request's working directory and read-only
+//!   choice applied, instead of a compile per call.
+//! - `broker_host/cgroup_pool.rs`: [`CgroupPool`], one empty cgroup made ahead per tool
+//!   profile (after a tool's report, off the requester's path), taken by the next tool of that
+//!   profile; each is used once and removed; the pool is emptied on reload and shutdown.
 //! - `broker_host/state_dir.rs`: the state directory ([`StateDir`]).
 //! - this file: [`BrokerHost`] opens the state (audit log, approvals, dead letters), builds
 //!   `Ops` and runs the tokio runtime (two workers) that serves the sockets, one identity per
@@ -158,6 +165,10 @@ mod tools;
 pub use tools::*;
 mod approvals;
 pub use approvals::*;
+mod plans;
+pub use plans::PlanCache;
+mod cgroup_pool;
+pub use cgroup_pool::CgroupPool;
 /// Identities are numbered for the life of the supervisor process.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -334,6 +345,7 @@ impl BrokerHost {
             )
             .map_err(|source| BrokerHostError::Ops { path: root, source })?,
         );
+        tools.plans.replace(ops.policy(), tools.target);
         let handler: Arc<dyn Handler> = ops.clone();
         let _ = peers.handler.set(handler);
         if channel == OperatorChannel::Control {
@@ -374,7 +386,19 @@ impl BrokerHost {
             .reload(policy)
             .map_err(|source| BrokerHostError::Reload { source })?;
         *write(&self.peers.policy) = shared;
+        self.tools
+            .plans
+            .replace(self.ops.policy(), self.tools.target);
+        self.tools.cgroups.clear();
         Ok(())
+    }
+
+    /// Kill the tools still running ([`ToolRegistry::kill_all`]) and remove the cgroups made
+    /// ahead for tools; no more are made. Returns how many tools were killed.
+    pub fn kill_tools(&self, grace: Duration) -> usize {
+        let n = self.tools.live.kill_all(grace);
+        self.tools.cgroups.close();
+        n
     }
 
     /// Stop serving: abort every peer task (pending approvals are withdrawn), give blocking
@@ -383,6 +407,7 @@ impl BrokerHost {
     pub fn shutdown(self) {
         self.runtime.shutdown_timeout(Duration::from_millis(500));
         let n = self.tools.live.kill_all(Duration::from_secs(5));
+        self.tools.cgroups.close();
         if n > 0 {
             tracing::info!("killed {n} tool(s) still running for the broker");
         }
@@ -479,6 +504,67 @@ mod tests {
             "{e}"
         );
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+    }
+
+    /// The host tells the tools' plan cache of each policy load: after a reload a tool gets
+    /// the new policy's plan of its profile, and after reloading the first text again, the
+    /// first plan.
+    #[test]
+    fn a_reload_puts_the_new_policys_plans_in_force() {
+        let a = "version = 1\n[profiles.tool]\nwhy = \"t\"\n[profiles.tool.limits]\npids = 10\n";
+        let b = "version = 1\n[profiles.tool]\nwhy = \"t\"\n[profiles.tool.limits]\npids = 20\n";
+        let parse = |t: &str| Policy::parse(t, "p.toml").unwrap();
+        let target = Target { landlock_abi: 6 };
+        let t = tempfile::tempdir().unwrap();
+        let host = BrokerHost::start(BrokerSetup {
+            policy: parse(a),
+            state: StateDir::open(&t.path().join("state")).unwrap(),
+            tools: ToolContext {
+                policy: Arc::new(parse(a)),
+                target,
+                privilege: Privilege::of_this_process(),
+                run_as: RunAs::Auto,
+                env: Vec::new(),
+                workspace: None,
+                owners_root: None,
+                live: Default::default(),
+                plans: Default::default(),
+                cgroups: Default::default(),
+            },
+            approval_timeout: Duration::from_secs(1),
+            token_store: None,
+            audit_rotation: carapace_broker::audit::Rotation::default(),
+            workspaces: Vec::new(),
+        })
+        .unwrap();
+        let in_force = |host: &BrokerHost| {
+            let p = host.ops.policy();
+            host.tools.plans.plan(&p, "tool", &target).unwrap()
+        };
+        let (plan_a, plan_b) = (
+            parse(a).compile("tool", &target).unwrap(),
+            parse(b).compile("tool", &target).unwrap(),
+        );
+        assert_ne!(plan_a, plan_b);
+        let first = in_force(&host);
+        assert_eq!(*first, plan_a);
+        assert!(Arc::ptr_eq(&first, &in_force(&host)), "compiled twice");
+        // After each reload: the new policy's plan, and kept (the cache follows the reload).
+        host.reload(parse(b)).unwrap();
+        let second = in_force(&host);
+        assert_eq!(*second, plan_b);
+        assert!(
+            Arc::ptr_eq(&second, &in_force(&host)),
+            "not cached after reload"
+        );
+        host.reload(parse(a)).unwrap();
+        let third = in_force(&host);
+        assert_eq!(*third, plan_a);
+        assert!(
+            Arc::ptr_eq(&third, &in_force(&host)),
+            "not cached after reload"
+        );
+        host.shutdown();
     }
 
     #[test]

@@ -255,6 +255,8 @@ fn start(
                 workspace: Some(tools_ws),
                 owners_root: Some(owners_ws),
                 live: Default::default(),
+                plans: Default::default(),
+                cgroups: Default::default(),
             },
             approval_timeout: cfg.approval_timeout,
             token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),
@@ -464,7 +466,7 @@ fn start(
         Ok(svc) => svc.host.shutdown(),
         Err(svc) => {
             tracing::warn!("the control socket still holds the service; killing the tools");
-            let n = svc.host.tools().kill_all(Duration::from_secs(5));
+            let n = svc.host.kill_tools(Duration::from_secs(5));
             if n > 0 {
                 tracing::info!("killed {n} tool(s) still running for the broker");
             }

@@ -233,14 +233,18 @@ fn write_proc_files(pid: libc::pid_t, files: &[(&str, &str)]) -> Result<(), Name
 
 /// A killed helper process, reaped by [`Reaper::reap`] once the run's child is started (by then
 /// it is long dead, so the wait is immediate), or when dropped. Keeps the helper's death off the
-/// critical path of a run without leaving it a zombie for as long as the run lasts.
+/// critical path of a run without leaving it a zombie for as long as the run lasts. It also owns
+/// the stack the helper ran on (it shares our memory), freed only after the helper is reaped.
 #[derive(Debug)]
-pub struct Reaper(std::sync::atomic::AtomicI32);
+pub struct Reaper {
+    pid: std::sync::atomic::AtomicI32,
+    _stack: HelperStack,
+}
 
 impl Reaper {
     /// Reap the helper now (once; later calls and the drop do nothing).
     pub fn reap(&self) {
-        let pid = self.0.swap(0, std::sync::atomic::Ordering::SeqCst);
+        let pid = self.pid.swap(0, std::sync::atomic::Ordering::SeqCst);
         if pid > 0 {
             let mut status = 0;
             // SAFETY: reaping our own (killed) child, once (the pid was swapped out above);
@@ -251,13 +255,50 @@ impl Reaper {
 
     /// The helper's pid while it is not reaped.
     pub fn pid(&self) -> Option<libc::pid_t> {
-        Some(self.0.load(std::sync::atomic::Ordering::SeqCst)).filter(|p| *p > 0)
+        Some(self.pid.load(std::sync::atomic::Ordering::SeqCst)).filter(|p| *p > 0)
     }
 }
 
 impl Drop for Reaper {
     fn drop(&mut self) {
+        // Before the stack field is dropped: the helper is gone once it is reaped.
         self.reap();
+    }
+}
+
+/// The helper's stack: 64 KiB, 16-byte aligned (the helper only calls `prctl` and `pause`).
+#[derive(Debug)]
+struct HelperStack(Vec<u128>);
+
+impl HelperStack {
+    fn new() -> HelperStack {
+        HelperStack(vec![0u128; 4096])
+    }
+
+    /// The top of the stack (it grows down).
+    fn top(&mut self) -> *mut libc::c_void {
+        self.0.as_mut_ptr_range().end.cast()
+    }
+}
+
+/// The helper's whole life: die with the thread that made it, else wait to be killed. All
+/// signals are blocked (inherited from the parent's mask at clone), so no handler of ours ever
+/// runs in it; only SIGKILL ends it.
+extern "C" fn helper_main(_: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: prctl and pause take no pointers and touch no memory of ours but the (shared)
+    // errno, which they set only on failure; PR_SET_PDEATHSIG with a valid signal does not
+    // fail, and pause returns only after a handler ran, which the blocked mask rules out.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        loop {
+            libc::pause();
+        }
     }
 }
 
@@ -266,6 +307,10 @@ impl Drop for Reaper {
 /// [`Reaper`]. Used as the idmapping of the workspace mount (`mount_setattr(MOUNT_ATTR_IDMAP)`
 /// needs a user namespace fd). The helper never needs to run: the namespace exists from
 /// `clone` on, the maps are written by us, and SIGKILL ends it wherever it is.
+///
+/// The helper shares our memory (`CLONE_VM`, on a small stack of its own) instead of getting a
+/// copy: copying the supervisor's page tables, and the copy-on-write faults it would leave in
+/// every thread of the supervisor afterwards, cost more than the rest of the helper's life.
 pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<(OwnedFd, Reaper), NamespaceError> {
     let sys = |syscall: &'static str, path: &str| {
         let source = io::Error::last_os_error();
@@ -275,39 +320,39 @@ pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<(OwnedFd, Reaper), 
             source,
         }
     };
-    // SAFETY: raw clone without CLONE_VM behaves like fork: the child gets a copy of our
-    // memory and runs only async-signal-safe syscalls (prctl, pause, _exit) until killed.
+    let mut stack = HelperStack::new();
+    // SAFETY: sigfillset/pthread_sigmask write only the sigset_t values we own; the old mask is
+    // restored below whatever clone did.
     let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
-    if pid < 0 {
-        return Err(sys("clone(CLONE_NEWUSER)", "(helper user namespace)"));
-    }
-    if pid == 0 {
-        // Child: die with the parent; otherwise wait to be killed. Nothing else.
-        // SAFETY: prctl/pause/_exit take no pointers and are async-signal-safe.
-        unsafe {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            loop {
-                libc::pause();
-            }
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        // SAFETY: the child runs `helper_main` on `stack`, which stays allocated until the
+        // child is reaped (the Reaper owns it, and reaps before freeing it); it shares our
+        // memory but touches nothing of it (see helper_main). No CLONE_SETTLS: it never uses
+        // thread-local storage beyond errno, as above.
+        let pid = libc::clone(
+            helper_main,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_NEWUSER | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        );
+        let clone_err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(NamespaceError::Sys {
+                syscall: "clone(CLONE_VM|CLONE_NEWUSER)",
+                path: PathBuf::from("(helper user namespace)"),
+                source: clone_err,
+            });
         }
-    }
-    let pid = pid as libc::pid_t;
-    let reaper = Reaper(std::sync::atomic::AtomicI32::new(pid));
+        pid
+    };
+    let reaper = Reaper {
+        pid: std::sync::atomic::AtomicI32::new(pid),
+        _stack: stack,
+    };
     let result = (|| {
         write_id_maps(pid, uid_map, gid_map)?;
         let path = format!("/proc/{pid}/ns/user");

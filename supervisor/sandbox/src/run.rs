@@ -117,6 +117,35 @@ pub fn prepare(mut plan: Plan, run: &Run) -> Result<Prepared, SpawnError> {
     })
 }
 
+/// [`prepare`] with step 2 already done: `premade` is an empty cgroup the caller made earlier
+/// (with [`Cgroup::create`], beneath ours, never used by any process) with exactly `plan`'s
+/// cgroup limits. The broker makes one per tool profile ahead, so that a tool's start does not
+/// wait for the cgroup's directories and limit writes.
+pub fn prepare_in(plan: Plan, run: &Run, premade: Cgroup) -> Result<Prepared, SpawnError> {
+    let t = Instant::now();
+    let launch = Launch::prepare(&plan, &run.options, run.landlock_abi)?;
+    let name = premade.name().to_string();
+    Ok(Prepared {
+        launch,
+        cgroup: Some(Arc::new(premade)),
+        limits: Limits::Cgroup { name },
+        timings: Timings {
+            prepare: t.elapsed(),
+            ..Timings::default()
+        },
+    })
+}
+
+/// [`prepare_in`], then [`Prepared::spawn`].
+pub fn start_in(
+    plan: Plan,
+    run: &Run,
+    premade: Cgroup,
+    io: ChildIo<'_>,
+) -> Result<Started, SpawnError> {
+    prepare_in(plan, run, premade)?.spawn(io)
+}
+
 /// [`prepare`], then [`Prepared::spawn`]: steps 1 to 4 for a caller with nothing to say in
 /// between.
 pub fn start(plan: Plan, run: &Run, io: ChildIo<'_>) -> Result<Started, SpawnError> {

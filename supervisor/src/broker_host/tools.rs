@@ -3,6 +3,7 @@
 //! its profile has one; killed when the broker shuts down.
 
 use super::*;
+use carapace_policy::Plan;
 
 /// The broker's summary of an exit report.
 pub fn exit_summary(r: &ExitReport) -> ExitSummary {
@@ -39,6 +40,11 @@ pub struct ToolContext {
     pub owners_root: Option<PathBuf>,
     /// The tools running now (killed when the broker shuts down).
     pub live: ToolRegistry,
+    /// Each profile of the policy in force compiled once ([`BrokerHost`] tells it of every
+    /// load).
+    pub plans: PlanCache,
+    /// An empty cgroup made ahead per profile, for its next tool.
+    pub cgroups: CgroupPool,
 }
 
 /// The tools started for the broker that are still running: their pidfds (signalling through
@@ -198,7 +204,8 @@ pub struct ToolRun {
     pub broker: Option<OwnedFd>,
     /// The profile it runs under.
     pub profile: String,
-    /// Blocks until the tool has exited and its cgroup is gone; its exit report.
+    /// Blocks until the tool has exited; its exit report. The tool's cgroup is removed right
+    /// after (by the tool's thread, which [`ToolRegistry::kill_all`] waits for).
     pub wait: Box<dyn FnOnce() -> ExitReport + Send>,
 }
 
@@ -260,9 +267,10 @@ pub fn spawn_tool(
     let thread = std::thread::Builder::new()
         .name("carapace-tool".into())
         .spawn(move || {
-            let plan = match policy
-                .compile(&profile_s, &ctx.target)
-                .map(|p| adjust_plan(p, cwd.as_deref(), read_only))
+            let plan = match ctx
+                .plans
+                .plan(&policy, &profile_s, &ctx.target)
+                .map(|p| adjust_plan(Plan::clone(&p), cwd.as_deref(), read_only))
             {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
@@ -301,7 +309,12 @@ pub fn spawn_tool(
                     supervisor_env: Vec::new(),
                 },
             };
-            let started = match run::start(plan, &run, fds.io(None)) {
+            let limits = plan.cgroup;
+            let started = match ctx.cgroups.take(&profile_s, &limits) {
+                Some(cg) => run::start_in(plan, &run, cg, fds.io(None)),
+                None => run::start(plan, &run, fds.io(None)),
+            };
+            let started = match started {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = started_tx.send(Err(e.into()));
@@ -309,6 +322,7 @@ pub fn spawn_tool(
                 }
             };
             say_limits_once(started.limits());
+            let in_cgroup = matches!(started.limits(), Limits::Cgroup { .. });
             let (out_read, err_read, mine) = fds.into_parent_ends();
             let key = ctx.live.register(started.pid());
             let _ = started_tx.send(Ok((out_read, err_read, mine)));
@@ -316,16 +330,13 @@ pub fn spawn_tool(
             if let Some(k) = key {
                 ctx.live.deregister(k);
             }
-            if let Err(e) = ended.remove_cgroup() {
-                tracing::warn!(
-                    "removing a tool's cgroup: {}",
-                    crate::errors::error_chain(&e)
-                );
-            }
-            let report = ended.report.unwrap_or_else(|e| {
-                tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(&e));
-                ExitReport::setup_failure()
-            });
+            let report = match &ended.report {
+                Ok(r) => *r,
+                Err(e) => {
+                    tracing::warn!("waiting for a tool: {}", crate::errors::error_chain(e));
+                    ExitReport::setup_failure()
+                }
+            };
             // A termination signal meant for the supervisor may have been taken by this
             // thread's wait (which unblocks them) instead of the main thread's: pass it on, so
             // that the main wait kills the main sandbox too.
@@ -334,7 +345,19 @@ pub fn spawn_tool(
                     let _ = rustix::process::kill_process(rustix::process::getpid(), sig);
                 }
             }
+            // The report (read from the cgroup before this) goes first; the empty cgroup is
+            // removed after, off the requester's wait. The registry waits for this thread, so
+            // a shutdown still finds the cgroup gone.
             let _ = done_tx.send(report);
+            if let Err(e) = ended.remove_cgroup() {
+                tracing::warn!(
+                    "removing a tool's cgroup: {}",
+                    crate::errors::error_chain(&e)
+                );
+            }
+            if in_cgroup {
+                ctx.cgroups.refill(&profile_s, &limits);
+            }
         })
         .map_err(|source| ToolError::Thread { source })?;
     outer.live.add_thread(thread);

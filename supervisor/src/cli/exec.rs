@@ -357,6 +357,8 @@ pub(super) fn start_broker(
             workspace: Some(workspace.to_path_buf()),
             owners_root: None,
             live: Default::default(),
+            plans: Default::default(),
+            cgroups: Default::default(),
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
         token_store: None,
