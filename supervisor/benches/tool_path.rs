@@ -15,6 +15,11 @@
 //! line and its `/usr/bin/true` rule).
 //! Without `--bench` (that is, under `cargo test --benches`) it makes a smoke run of 5.
 //!
+//! Then the broker under load: `ping` round trips from a second peer, idle and while
+//! `BENCH_LOAD_TOOLS` (default 200; 20 in a smoke run) confined tools (`tail -f /dev/null`,
+//! allowed by the default policy) are running, with the p50 ratio against the target
+//! (within 2x idle).
+//!
 //! Before timing it checks that the path works: `cat /proc/self/status` through it must show
 //! `Seccomp: 2`, `NoNewPrivs: 1` and `CapEff: 0`, and `/usr/bin/false` must report exit 1; bwrap
 //! must be installed. Any failure is reported and the bench exits 1.
@@ -309,10 +314,86 @@ fn bench() -> Result<(), String> {
         .tempdir_in("/var/tmp")
         .map_err(|e| format!("temp dir under /var/tmp: {e}"))?;
     let (host, mut client) = start_broker(tmp.path(), policy)?;
-    let result = measure(&mut client, &bwrap, iters, warmup);
+    let load_tools = match std::env::var("BENCH_LOAD_TOOLS") {
+        Ok(s) => s
+            .parse::<usize>()
+            .map_err(|_| format!("BENCH_LOAD_TOOLS must be a number, got {s:?}"))?,
+        Err(_) if timed => 200,
+        Err(_) => 20,
+    };
+    let result = measure(&mut client, &bwrap, iters, warmup).and_then(|()| {
+        ping_under_load(
+            &host,
+            &mut client,
+            load_tools,
+            if timed { 2000 } else { 200 },
+        )
+    });
     drop(client);
+    host.kill_tools(Duration::from_secs(2));
     host.shutdown();
     result
+}
+
+/// `n` sequential `ping` round trips of `client`, sorted.
+fn pings(client: &mut Client, n: usize) -> Result<Vec<Duration>, String> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        client.ping().map_err(|e| format!("ping: {e}"))?;
+        v.push(t.elapsed());
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// The broker's `ping` latency (from a peer of its own), idle and with `tools` confined tools
+/// running; the target is p50 within 2x idle.
+fn ping_under_load(
+    host: &BrokerHost,
+    exec: &mut Client,
+    tools: usize,
+    n: usize,
+) -> Result<(), String> {
+    let (mine, theirs) =
+        carapace_broker::protocol::seqpacket_pair().map_err(|e| format!("socketpair: {e}"))?;
+    host.peers()
+        .serve(mine, new_identity(Role::Gateway, "gateway"))
+        .ok_or("the broker has no handler")?;
+    let mut pinger = Client::new(theirs);
+    let _ = pings(&mut pinger, n / 10)?;
+    let idle = pings(&mut pinger, n)?;
+    let t0 = Instant::now();
+    let mut running = Vec::with_capacity(tools);
+    for i in 0..tools {
+        let started = exec
+            .exec(
+                vec!["/usr/bin/tail".into(), "-f".into(), "/dev/null".into()],
+                None,
+            )
+            .map_err(|e| format!("starting load tool {} of {tools}: {e}", i + 1))?;
+        running.push(started);
+    }
+    let start_all = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let loaded = pings(&mut pinger, n)?;
+    let ratio = ms(percentile(&loaded, 50.0)) / ms(percentile(&idle, 50.0));
+    println!(
+        "broker ping, {n} sequential round trips from a peer of its own (ms): idle p50 {:.3} p99 {:.3}; with {tools} confined tools running (started in {:.0} ms) p50 {:.3} p99 {:.3}; ratio p50 {ratio:.2} (target <= 2.00: {})",
+        ms(percentile(&idle, 50.0)),
+        ms(percentile(&idle, 99.0)),
+        ms(start_all),
+        ms(percentile(&loaded, 50.0)),
+        ms(percentile(&loaded, 99.0)),
+        if ratio <= 2.0 { "met" } else { "missed" }
+    );
+    let killed = host.kill_tools(Duration::from_secs(2));
+    if killed < tools {
+        return Err(format!(
+            "{killed} of the {tools} load tools were running at the end"
+        ));
+    }
+    Ok(())
 }
 
 fn measure(client: &mut Client, bwrap: &str, iters: usize, warmup: usize) -> Result<(), String> {
