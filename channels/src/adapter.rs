@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use carapace_broker::client::DeliverReply;
-use carapace_broker::protocol::{AckStatus, ErrorCode, OutboundMessage, SendOutcome};
+use carapace_broker::protocol::{
+    AckStatus, DeliverStatus, ErrorCode, OutboundMessage, SendOutcome,
+};
 use carapace_broker::sync::lock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -217,6 +219,17 @@ pub trait Source: Send {
         &mut self,
         cursor: Option<&Self::Cursor>,
     ) -> impl Future<Output = Result<Vec<Polled<Self::Cursor>>, ServiceError>> + Send;
+
+    /// How the broker took `msg`, which this source polled: a source may tidy up what its
+    /// service shows (e.g. the buttons of an approval the operator has just answered).
+    /// Nothing by default.
+    fn delivered(
+        &mut self,
+        _msg: &Inbound,
+        _status: DeliverStatus,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The sending side of an adapter.
@@ -333,7 +346,9 @@ pub async fn run_inbound<B: BrokerApi, S: Source>(
         for polled in batch {
             if let Some(msg) = &polled.message {
                 // Err: refused for good and logged; the cursor moves past it.
-                let _ = deliver(ctx, msg).await;
+                if let Ok(r) = deliver(ctx, msg).await {
+                    source.delivered(msg, r.status).await;
+                }
             }
             if let Err(e) = store.store(&polled.cursor) {
                 // Delivery is idempotent on the message id: after a restart from the older

@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use carapace_broker::protocol::OutboundMessage;
+use carapace_broker::protocol::{DeliverStatus, OutboundMessage};
 use carapace_broker::sync::lock;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -123,10 +123,12 @@ pub enum Item {
         message_id: i64,
     },
     /// A press of an inline keyboard button: its `data` to deliver as the presser's answer,
-    /// and the id `answerCallbackQuery` acknowledges.
+    /// the id `answerCallbackQuery` acknowledges, and the (chat id, message id) of the message
+    /// whose keyboard was pressed (none for an inline-mode message).
     Callback {
         inbound: Inbound,
         callback_id: String,
+        pressed: Option<(i64, i64)>,
     },
     /// Nothing to deliver, and why.
     Skip(String),
@@ -272,12 +274,16 @@ fn callback_of(update_id: i64, q: &Value) -> Item {
         return Item::Skip("a button press without data (or a game button)".into());
     };
     // The chat the pressed message is in; an inline-mode message has none: the presser's own.
-    let chat_id = q
-        .get("message")
+    let message = q.get("message");
+    let chat_id = message
         .and_then(|m| m.get("chat"))
         .and_then(|c| c.get("id"))
         .and_then(Value::as_i64)
         .unwrap_or(from_id);
+    let pressed = message.and_then(|m| {
+        let chat = m.get("chat")?.get("id")?.as_i64()?;
+        Some((chat, m.get("message_id")?.as_i64()?))
+    });
     Item::Callback {
         inbound: Inbound {
             id: format!("update:{update_id}"),
@@ -287,6 +293,7 @@ fn callback_of(update_id: i64, q: &Value) -> Item {
             text: data.to_string(),
         },
         callback_id: id.to_string(),
+        pressed,
     }
 }
 
@@ -466,6 +473,9 @@ pub struct Poller<B> {
     api: Arc<Api<B>>,
     timeout: Duration,
     received: Arc<Mutex<Received>>,
+    /// Where each button press of the batch being delivered was made (update id -> chat id,
+    /// message id), until the broker has said how it took it.
+    pressed: HashMap<String, (i64, i64)>,
 }
 
 impl<B: BrokerApi> Source for Poller<B> {
@@ -508,7 +518,11 @@ impl<B: BrokerApi> Source for Poller<B> {
                 Item::Callback {
                     inbound,
                     callback_id,
+                    pressed,
                 } => {
+                    if let Some(at) = pressed {
+                        self.pressed.insert(inbound.id.clone(), at);
+                    }
                     // Acknowledged at once, whatever the broker makes of it: the client stops
                     // showing the press as pending. Best effort: a press answered late or twice
                     // (after a restart) is refused by Telegram, and nothing depends on it.
@@ -536,6 +550,31 @@ impl<B: BrokerApi> Source for Poller<B> {
             });
         }
         Ok(out)
+    }
+
+    /// A press the broker took as the operator's answer: its buttons are removed from the
+    /// announcement (`editMessageReplyMarkup` with an empty keyboard), so that nobody presses
+    /// an answered one again. A press taken otherwise (someone else's, which the broker holds
+    /// or queues as an ordinary message) leaves the buttons for the operator. Best effort.
+    async fn delivered(&mut self, msg: &Inbound, status: DeliverStatus) {
+        let Some((chat_id, message_id)) = self.pressed.remove(&msg.id) else {
+            return;
+        };
+        if status != DeliverStatus::Answered {
+            return;
+        }
+        let body = json!({
+            "chat_id": chat_id,
+            "message_id": message_id,
+            "reply_markup": {"inline_keyboard": []},
+        });
+        if let Err(e) = self
+            .api
+            .call("editMessageReplyMarkup", &body, SEND_TIMEOUT)
+            .await
+        {
+            tracing::info!(chat_id, message_id, error = %e.message, "telegram: the answered announcement's buttons were not removed");
+        }
     }
 }
 
@@ -642,6 +681,7 @@ pub fn adapter<B: BrokerApi>(
     let received = Arc::new(Mutex::new(Received::default()));
     (
         Poller {
+            pressed: HashMap::new(),
             api: api.clone(),
             timeout: poll_timeout,
             received: received.clone(),

@@ -17,6 +17,8 @@
 //!   button by any user); `answerCallbackQuery` accepts each query id it issued once (else
 //!   400 "query is too old and response timeout expired or query ID is invalid") and records
 //!   it ([`FakeTelegram::answered_callbacks`]).
+//! - `editMessageReplyMarkup` checks its parameters (chat and message ids, an inline
+//!   keyboard) and answers `true`.
 //! - [`FakeTelegram::inject`] makes the next call of a method answer something else: an API
 //!   error (429 with `retry_after`, 5xx, 4xx), a raw status and body (malformed JSON), or no
 //!   answer at all ([`Injected::Hang`]).
@@ -551,6 +553,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 "getUpdates" => get_updates(shared, &params),
                 "sendMessage" => send_message(shared, &params),
                 "answerCallbackQuery" => answer_callback(shared, &params),
+                "editMessageReplyMarkup" => edit_reply_markup(&params),
                 "getMe" => ok(
                     json!({"id": BOT_ID, "is_bot": true, "first_name": "Fake", "username": "fake_bot"}),
                 ),
@@ -708,6 +711,27 @@ fn check_inline_keyboard(m: &Value) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// `editMessageReplyMarkup` of a message in a chat: Telegram answers the edited Message; the
+/// fake checks the parameters' shape and answers `true` (what Telegram gives for an inline
+/// message). The call is in [`FakeTelegram::calls`].
+fn edit_reply_markup(params: &Value) -> (u16, String) {
+    let ids = params.get("chat_id").is_some_and(Value::is_i64)
+        && params.get("message_id").is_some_and(Value::is_i64);
+    let markup = params
+        .get("reply_markup")
+        .and_then(|m| m.get("inline_keyboard"))
+        .is_some_and(Value::is_array);
+    if ids && markup {
+        ok(json!(true))
+    } else {
+        api_error(
+            400,
+            "Bad Request: message identifier or reply markup is missing",
+            None,
+        )
+    }
 }
 
 fn answer_callback(shared: &Shared, params: &Value) -> (u16, String) {

@@ -348,10 +348,22 @@ fn the_agents_own_allow_and_a_strangers_button_answer_nothing() {
         "a stranger's button press answered the approval"
     );
     assert!(operator_answers(&w.svc).is_empty());
+    // The buttons stay for the owner.
+    assert!(w
+        .tg
+        .calls()
+        .iter()
+        .all(|c| c.method != "editMessageReplyMarkup"));
 
-    // The owner presses Deny: refused, and the owner is told.
+    // The owner presses Deny: refused, and the owner is told; the announcement's buttons are
+    // removed.
     let (_, cb) = w.tg.push_callback(OWNER, OWNER, 1, &format!("deny {n}"));
     wait_text(&w.tg, OWNER, &format!("Approval {n}: denied"));
+    let edits = w.tg.wait_calls("editMessageReplyMarkup", 1, WAIT);
+    assert_eq!(
+        edits[0].params,
+        json!({"chat_id": OWNER, "message_id": 1, "reply_markup": {"inline_keyboard": []}})
+    );
     assert_eq!(pending(&w.svc), 0);
     assert!(w
         .tg

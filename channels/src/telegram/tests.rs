@@ -667,7 +667,14 @@ fn button_presses_are_the_pressers_answers() {
                 text: "allow 1".into(),
             },
             callback_id: "9001".into(),
+            pressed: Some((111, 5)),
         }
+    );
+    // An inline-mode message has no chat or message id of its own.
+    assert!(
+        matches!(u[2].item, Item::Callback { pressed: None, .. }),
+        "{:?}",
+        u[2]
     );
     // The presser is the sender, wherever the message is.
     let g = message(&u[1]);
@@ -749,5 +756,24 @@ async fn buttons_go_out_as_an_inline_keyboard_and_presses_come_back_acknowledged
     })
     .await;
     r.fake.wait_offset(u + 1, WAIT);
+    // Taken as an ordinary message (queued: not the operator's answer), its buttons stay.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(r
+        .fake
+        .calls()
+        .iter()
+        .all(|c| c.method != "editMessageReplyMarkup"));
+    // The operator's press, which the broker answers with: the buttons are removed from the
+    // pressed message.
+    r.broker
+        .st()
+        .deliver_script
+        .push_back(Ok(carapace_broker::protocol::DeliverStatus::Answered));
+    r.fake.push_callback(111, 111, 7, "deny 1");
+    let edits = r.fake.wait_calls("editMessageReplyMarkup", 1, WAIT);
+    assert_eq!(
+        edits[0].params,
+        json!({"chat_id": 111, "message_id": 7, "reply_markup": {"inline_keyboard": []}})
+    );
     r.task.abort();
 }
