@@ -497,6 +497,9 @@ pub struct Ops {
     book: Arc<channels::ChannelBook>,
     /// Where the `children` op reads the service's children (set by the service).
     children: RwLock<Option<ChildrenSource>>,
+    /// The workspaces the operator granted now (from `cfg.workspaces`, replaced on a reload
+    /// of the service's configuration).
+    workspaces: RwLock<Arc<Vec<GrantedWorkspace>>>,
     /// What was announced to the channels' operators, by number.
     desk: Arc<operator_chat::Desk>,
 }
@@ -656,6 +659,7 @@ impl Ops {
             book.remember(&channel, true, &key);
         }
         Ok(Ops {
+            workspaces: RwLock::new(Arc::new(cfg.workspaces.clone())),
             desk: Arc::new(operator_chat::Desk::open(dir)),
             inbound: Arc::new(inbound),
             held: Arc::new(held),
@@ -672,6 +676,12 @@ impl Ops {
             channel_locks: Mutex::new(HashMap::new()),
             children: RwLock::new(None),
         })
+    }
+
+    /// Replace the granted workspaces (`[workspaces.NAME]` of a reloaded configuration): the
+    /// next request naming one sees the new list; tools already running keep theirs.
+    pub fn set_workspaces(&self, workspaces: Vec<GrantedWorkspace>) {
+        *write(&self.workspaces) = Arc::new(workspaces);
     }
 
     /// Where the `children` op finds the service's children (the service sets it once it

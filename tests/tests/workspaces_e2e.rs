@@ -557,3 +557,41 @@ fn the_agent_uses_file_tools_and_runs_tools_in_its_callers_workspace() {
     let (exit, _, _) = run(&mut o, &sh("cat /workspace/own.txt", &shell), json!({}));
     assert_ne!(exit, 0);
 }
+
+#[test]
+fn a_workspace_granted_by_a_reload_is_reachable_and_a_withdrawn_one_is_not() {
+    if !privileged() {
+        return;
+    }
+    let projects = project_root();
+    let (a, b) = (projects.path().join("a"), projects.path().join("b"));
+    for d in [&a, &b] {
+        fs::create_dir(d).unwrap_or_else(|e| panic!("{e}"));
+    }
+    fs::write(b.join("in-b.txt"), "bee\n").unwrap_or_else(|e| panic!("{e}"));
+    let grant =
+        |name: &str, path: &Path| format!("\n[workspaces.{name}]\npath = \"{}\"\n", path.display());
+    let svc = Service::start_opts(StartOpts {
+        policy: Some(policy("")),
+        extra_config: grant("a", &a),
+        ..StartOpts::default()
+    });
+    let t = svc.token_named("client", "one");
+    let mut c = ws(&svc, &t);
+    let cat_b = ["/usr/bin/cat", "/workspace/in-b.txt"];
+    let refused = |c: &mut RpcClient, name: &str| {
+        let r = call(c, &cat_b, json!({ "workspace": name }));
+        let e = r.expect_err();
+        assert!(e.message.contains(name), "{name}: {e:?}");
+    };
+    refused(&mut c, "b");
+
+    // The operator grants `b` and withdraws `a`, then reloads: no restart.
+    let cfg = fs::read_to_string(svc.config_path()).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = cfg.replace(&grant("a", &a), &grant("b", &b));
+    fs::write(svc.config_path(), cfg).unwrap_or_else(|e| panic!("{e}"));
+    let o = svc.ctl(&["reload"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(run_ok(&mut c, &cat_b, json!({ "workspace": "b" })), "bee\n");
+    refused(&mut c, "a");
+}

@@ -1683,3 +1683,28 @@ open = [ { path = "/etc", access = "read", approval = "ask", why = "each read ap
     let r = env.ops.open(&asker, "/etc/passwd", Access::Read).await;
     assert_eq!(err_of(&r).code, ErrorCode::Denied);
 }
+
+#[tokio::test]
+async fn granted_workspaces_follow_a_reload_of_the_configuration() {
+    let env = with_workspaces(Some(Arc::new(FakeSpawner::default())));
+    let t = || vec!["true".to_string()];
+    let exec_in = |name: &'static str| {
+        let ops = env.ops.clone();
+        async move {
+            ops.exec_in(&who("tool"), t(), None, None, Some(name.into()))
+                .await
+        }
+    };
+    // Before: `proj` is granted, `late` is not.
+    let r = exec_in("proj").await;
+    assert_eq!(ok_of(&r), OkReply::Exec {});
+    let _ = exit_of(r).await;
+    assert_eq!(err_of(&exec_in("late").await).code, ErrorCode::Denied);
+    // The operator grants `late` and withdraws `proj`: the next requests see it.
+    env.ops
+        .set_workspaces(vec![grant("late", &env.dir.join("data"), false, &["tool"])]);
+    let r = exec_in("late").await;
+    assert_eq!(ok_of(&r), OkReply::Exec {});
+    let _ = exit_of(r).await;
+    assert_eq!(err_of(&exec_in("proj").await).code, ErrorCode::Denied);
+}

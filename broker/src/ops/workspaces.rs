@@ -122,8 +122,7 @@ impl super::Ops {
         if !valid_workspace_name(name) {
             return Err(WorkspaceRefusal::BadName(name.to_string()));
         }
-        self.cfg
-            .workspaces
+        crate::sync::read(&self.workspaces)
             .iter()
             .find(|w| w.name == name && w.profiles.contains(&who.profile))
             .cloned()

@@ -100,6 +100,8 @@ impl Service {
         }
         let old_sha = self.shared.policy_in_force().sha256;
         self.host.reload((*new.policy).clone())?;
+        // The granted workspaces take effect for the next request, like the policy.
+        self.host.ops.set_workspaces(cfg.granted_workspaces());
         let sha = new.sha256.clone();
         *write(&self.shared.policy) = new;
         let mut changed = Vec::new();
