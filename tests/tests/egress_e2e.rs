@@ -246,3 +246,62 @@ connect = [{{ host = "localhost", port = {port}, allow_private = true, why = "th
     assert_eq!(got.lock().expect("lock").as_slice(), ["hello from the JVM"]);
     assert_eq!(connects(&svc, port).len(), 1);
 }
+
+#[test]
+fn run_check_refuses_a_brokered_child_in_rootless_mode_and_accepts_it_as_root() {
+    require_root("egress_e2e");
+    // A directory the unprivileged user can read, with a configuration whose one child has
+    // a brokered network.
+    let dir = tempfile::Builder::new()
+        .prefix("carapace-egress-check-")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        policy_text(
+            r#"
+[profiles.probe]
+why = "a child with a brokered network"
+extends = "channel"
+
+[profiles.probe.network]
+mode = "brokered"
+
+[profiles.probe.broker]
+connect = [{ host = "chat.example.org", port = 443, why = "its service" }]
+"#,
+        ),
+    )
+    .expect("write the policy");
+    let config = dir.path().join("carapace.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[supervisor]\npolicy = [\"{}\"]\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n\n[gateway]\nprogram = \"{}\"\nargs = [\"chat.example.org\", \"443\"]\nprofile = \"probe\"\nlisten = \"127.0.0.1:1\"\n",
+            policy.display(),
+            dir.path().join("state").display(),
+            dir.path().join("run").display(),
+            env!("CARGO_BIN_EXE_egress-probe"),
+        ),
+    )
+    .expect("write the configuration");
+    for p in [dir.path(), policy.as_path(), config.as_path()] {
+        carapace_tests::give_to_rootless_user(p);
+    }
+    let mut cmd = std::process::Command::new(carapace_tests::carapace_bin());
+    cmd.args(["run", "--check", "--config"]).arg(&config);
+    let as_root = cmd.output().expect("carapace run --check");
+    assert!(
+        as_root.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&as_root.stdout),
+        String::from_utf8_lossy(&as_root.stderr)
+    );
+    let rootless = carapace_tests::as_rootless_user(&cmd)
+        .output()
+        .expect("carapace run --check as the unprivileged user");
+    let err = String::from_utf8_lossy(&rootless.stderr);
+    assert_eq!(rootless.status.code(), Some(78), "{err}");
+    assert!(err.contains("needs a supervisor running as root"), "{err}");
+}

@@ -131,6 +131,20 @@ pub(super) fn check(a: &RunArgs) -> i32 {
                     error: None,
                 }
             }
+            // A brokered network is made from inside the child's network namespace, which
+            // only a root supervisor may enter: say so now rather than in a crash loop.
+            Some(Ok(plan))
+                if !plan.network.forwards().is_empty()
+                    && !carapace_sandbox::Privilege::of_this_process().is_root() =>
+            {
+                ok = false;
+                let e = carapace_sandbox::egress::EgressError::Rootless.to_string();
+                Part {
+                    shown: Some(e.clone()),
+                    diagnostics: Vec::new(),
+                    error: Some(e),
+                }
+            }
             _ => Part::default(),
         };
         if !a.json {
