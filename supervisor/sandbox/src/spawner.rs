@@ -36,8 +36,12 @@
 //!   socket to the supervisor, which hangs up when the supervisor is gone.
 //!
 //! The spawner dies with the supervisor (`PR_SET_PDEATHSIG` = SIGKILL, and it exits on the
-//! socket's EOF), holds no descriptor but stdio and its socket, is not dumpable, and only
-//! ever signals a process it started. When it is gone, [`start_run`] falls back to spawning
+//! socket's EOF), holds no descriptor of the supervisor's but stdio and its socket (the others
+//! are pointed at /dev/null, not closed: the journal logger it inherited keeps a socket's
+//! number, which must not come to name a spawn's pipe), is not dumpable (as root: a rootless
+//! supervisor must write the maps of the spawner's children in /proc), and only ever signals
+//! a process it started. Its own log lines (debug timings) go to stderr, or nowhere when the
+//! supervisor logs to the journal's socket. When it is gone, [`start_run`] falls back to spawning
 //! in-process and logs that once at warn; [`Spawner::is_alive`] says which for the status.
 //! A request sent to a spawner that dies before it answers fails (its cgroup, and anything
 //! started in it, is killed): only a request that was never sent is started in-process.
@@ -259,7 +263,8 @@ impl Spawner {
         !self.gone.load(Ordering::SeqCst)
     }
 
-    /// The spawner is gone: say so once, reap it.
+    /// The spawner is gone, or no longer to be trusted (a malformed answer): say so once, end
+    /// it and reap it.
     fn lost(&self, why: &SpawnerError) {
         if !self.gone.swap(true, Ordering::SeqCst) {
             tracing::warn!(
@@ -269,8 +274,12 @@ impl Spawner {
                 chain(why)
             );
             let mut status = 0;
-            // SAFETY: a non-blocking wait for our own child, the spawner.
-            unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+            // SAFETY: our own child, not reaped before (only here, once), so its pid is still
+            // its own; SIGKILL ends it if it still runs, and the wait cannot block for long.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, &mut status, 0)
+            };
         }
     }
 

@@ -33,6 +33,8 @@ fn main() -> ExitCode {
         eprintln!("tests/spawner.rs needs root (the tools are started as `carapace run` does)");
         return ExitCode::FAILURE;
     }
+    // Something the spawner must not keep: a listening socket of ours.
+    let held = std::net::TcpListener::bind("127.0.0.1:0");
     // First thing: the process has one thread now.
     let spawner = match Spawner::start() {
         Ok(s) => s,
@@ -76,6 +78,10 @@ fn main() -> ExitCode {
             fallback,
         ),
     ];
+    if let Err(e) = held {
+        eprintln!("bind: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut failed = 0;
     for (name, check) in checks {
         match check(&spawner, ws.path()) {
@@ -197,14 +203,27 @@ fn spawner_state(sp: &Spawner, _: &Path) -> Result<(), String> {
     if status_field(&status, "PPid") != Some(me()) {
         return Err(format!("its parent is not us: {status}"));
     }
-    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    // Beyond stdio: its socket, and the numbers of what it inherited, now /dev/null.
+    let links: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let to = std::fs::read_link(e.path()).ok()?;
+            Some((fd, to.to_string_lossy().into_owned()))
+        })
         .collect();
-    fds.sort();
-    if fds.len() != 4 || fds[..3] != [0, 1, 2] {
+    let sockets = links
+        .iter()
+        .filter(|(fd, to)| *fd > 2 && to.starts_with("socket:"))
+        .count();
+    let other: Vec<&(i32, String)> = links
+        .iter()
+        .filter(|(fd, to)| *fd > 2 && !to.starts_with("socket:") && to != "/dev/null")
+        .collect();
+    if sockets != 1 || !other.is_empty() {
         return Err(format!(
-            "descriptors {fds:?}, want stdio and its socket only"
+            "descriptors {links:?}: want stdio, its socket and /dev/null only"
         ));
     }
     Ok(())

@@ -39,25 +39,10 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
         // SAFETY: integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
     }
-    // Nothing of the supervisor's but stdio (its log) and this socket.
-    let fd = sock.as_raw_fd() as libc::c_uint;
-    // SAFETY: closing descriptors this process owns; `sock` (fd) is kept open.
-    unsafe {
-        if fd > 3 {
-            libc::syscall(
-                libc::SYS_close_range,
-                3 as libc::c_uint,
-                fd - 1,
-                0 as libc::c_uint,
-            );
-        }
-        libc::syscall(
-            libc::SYS_close_range,
-            fd + 1,
-            libc::c_uint::MAX,
-            0 as libc::c_uint,
-        );
-    }
+    // Nothing of the supervisor's but stdio (its log) and this socket: every other descriptor
+    // is made /dev/null rather than closed, so that its number is never given to a pipe or
+    // socket of a spawn while something inherited (the journal logger's socket) still uses it.
+    release_inherited(sock.as_raw_fd());
     // Ready: the supervisor's start waits for this, so that what it finds is confined.
     if send(sock.as_fd(), READY, &[]).is_err() {
         // SAFETY: see above.
@@ -90,6 +75,30 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
         }
         // Our copies of what was sent close here.
         drop(out);
+    }
+}
+
+/// Point every descriptor above stdio but `keep` at /dev/null (see `serve`).
+fn release_inherited(keep: RawFd) {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if fd > 2 && fd != keep && fd != null.as_raw_fd() {
+            // SAFETY: dup3 onto a descriptor number of this process: whatever it named is
+            // released, the number now names /dev/null (close-on-exec).
+            unsafe { libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) };
+        }
     }
 }
 
