@@ -228,7 +228,11 @@ fn start(
     // The broker's tools are started by a small process forked here, before the broker's
     // runtime or any other thread exists (see carapace_sandbox::spawner); without it, by the
     // supervisor itself.
-    let spawner = match carapace_sandbox::spawner::Spawner::start() {
+    let spawner = match std::env::var_os("CARAPACE_TOOL_SPAWNER").filter(|v| v == "0") {
+        Some(_) => Err(carapace_sandbox::spawner::SpawnerError::Off),
+        None => carapace_sandbox::spawner::Spawner::start(),
+    };
+    let spawner = match spawner {
         Ok(s) => {
             tracing::info!(pid = s.pid(), "tool spawner started");
             Some(s)

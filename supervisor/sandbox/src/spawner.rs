@@ -81,6 +81,8 @@ const SOCKET_FD_MIN: RawFd = 64;
 /// Errors of starting the spawner and of talking to it.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnerError {
+    #[error("turned off with CARAPACE_TOOL_SPAWNER=0")]
+    Off,
     #[error(
         "the spawner must be forked before any other thread exists (this process has \
          {threads} threads)"
@@ -120,8 +122,13 @@ struct ProgramWire {
 /// order: the program, the present ones of `io` (stdin, stdout, stderr, broker, listener),
 /// the cgroup's v2 directory, its v1 `tasks` files.
 #[derive(Debug, Serialize, Deserialize)]
-struct Request {
-    plan: Plan,
+struct Request<P> {
+    /// The plan's number: the spawner keeps the last [`PLANS_KEPT`] plans it was sent, and
+    /// `plan` is sent only when the spawner does not have this one (a tool profile's plan is
+    /// the same from one tool to the next; encoding it for each tool cost more than the fork
+    /// the spawner saves).
+    plan_id: u64,
+    plan: Option<P>,
     landlock_abi: u8,
     program: ProgramWire,
     argv0: Vec<u8>,
@@ -141,6 +148,42 @@ struct Request {
     v1_tasks: usize,
 }
 
+/// How many plans each side keeps (the same on both: the supervisor numbers them, and both
+/// drop the lowest number when one more comes).
+const PLANS_KEPT: usize = 32;
+
+/// Plans by number, at most [`PLANS_KEPT`], the lowest number dropped first.
+#[derive(Debug, Default)]
+struct Plans {
+    kept: Vec<(u64, Plan)>,
+    next: u64,
+}
+
+impl Plans {
+    fn get(&self, id: u64) -> Option<&Plan> {
+        self.kept.iter().find(|(i, _)| *i == id).map(|(_, p)| p)
+    }
+
+    /// The number of a plan equal to `plan`, if one is kept.
+    fn find(&self, plan: &Plan) -> Option<u64> {
+        self.kept
+            .iter()
+            .rev()
+            .find(|(_, p)| p == plan)
+            .map(|(i, _)| *i)
+    }
+
+    fn insert(&mut self, id: u64, plan: Plan) {
+        self.kept.retain(|(i, _)| *i != id);
+        if self.kept.len() >= PLANS_KEPT {
+            if let Some(lowest) = self.kept.iter().map(|(i, _)| *i).min() {
+                self.kept.retain(|(i, _)| *i != lowest);
+            }
+        }
+        self.kept.push((id, plan));
+    }
+}
+
 /// The answer. `Started` comes with the init's pidfd, the read end of its status pipe, then
 /// one listener per entry of `forward`; `Failed` with the child's pidfd when there was one.
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,6 +193,8 @@ enum Reply {
         since_clone_us: u64,
         forward: Vec<(String, u16)>,
     },
+    /// The request named a plan the spawner does not have: send it in full.
+    UnknownPlan,
     Failed {
         /// The child's step that failed ([`SpawnError::Child`]), if it was one.
         stage: Option<String>,
@@ -163,9 +208,17 @@ enum Reply {
 /// The supervisor's handle on its spawner process.
 #[derive(Debug)]
 pub struct Spawner {
-    sock: Mutex<OwnedFd>,
+    sock: Mutex<Channel>,
     pid: libc::pid_t,
     gone: AtomicBool,
+}
+
+/// The supervisor's end: the socket, the plans the spawner has, a buffer for answers.
+#[derive(Debug)]
+struct Channel {
+    sock: OwnedFd,
+    plans: Plans,
+    buf: Vec<u8>,
 }
 
 /// Why a request through the spawner did not start the run.
@@ -218,20 +271,17 @@ impl Spawner {
                 server::serve(theirs, parent)
             }
             pid => {
+                let mut buf = [0u8; 16];
+                let ready = recv(mine.as_fd(), &mut buf);
                 let spawner = Spawner {
-                    sock: Mutex::new(mine),
+                    sock: Mutex::new(Channel {
+                        sock: mine,
+                        plans: Plans::default(),
+                        buf: vec![0u8; MAX_MESSAGE],
+                    }),
                     pid,
                     gone: AtomicBool::new(false),
                 };
-                let mut buf = [0u8; 16];
-                let ready = recv(
-                    spawner
-                        .sock
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_fd(),
-                    &mut buf,
-                );
                 match ready {
                     Ok((n, _)) if &buf[..n] == READY => Ok(spawner),
                     Ok(_) => Err(SpawnerError::Malformed {
@@ -303,50 +353,76 @@ impl Spawner {
                 .collect()
         };
         let raw_io = [io.stdin, io.stdout, io.stderr, io.broker, io.listener];
-        let req = Request {
-            plan: plan.clone(),
-            landlock_abi: run.landlock_abi,
-            program: ProgramWire {
-                path: o.program.path().to_path_buf(),
-                id: o.program.id(),
-                script: o.program.is_script(),
-                sha256: o.program.sha256_if_known().map(str::to_string),
-            },
-            argv0: o.argv0.as_bytes().to_vec(),
-            args: o.args.iter().map(|a| a.as_bytes().to_vec()).collect(),
-            workspace: o.workspace.clone(),
-            rootless: match o.privilege {
-                Privilege::Root => None,
-                Privilege::Rootless(h) => Some((h.uid, h.gid)),
-            },
-            run_as: (ids.uid, ids.gid),
-            env: pairs(&o.env),
-            supervisor_env: pairs(&o.supervisor_env),
-            broker: o.broker,
-            listener: o.listener,
-            io: raw_io.map(|f| f.is_some()),
-            v2_dir: join.is_some_and(|j| j.v2_dir.is_some()),
-            v1_tasks: join.map_or(0, |j| j.v1_tasks.len()),
-        };
-        let bytes =
-            serde_json::to_vec(&req).map_err(|e| Failure::NotSent(SpawnerError::Encode(e)))?;
+        // Only what the plan's `env.pass` may take from the supervisor's environment.
+        let env: Vec<(OsString, OsString)> = o
+            .env
+            .iter()
+            .filter(|(k, _)| plan.env.pass.iter().any(|p| k == p.as_str()))
+            .cloned()
+            .collect();
         let mut fds: Vec<RawFd> = vec![o.program.fd().as_raw_fd()];
         fds.extend(raw_io.iter().flatten().map(|f| f.as_raw_fd()));
         if let Some(j) = join {
             fds.extend(j.v2_dir.iter().map(|f| f.as_raw_fd()));
             fds.extend(j.v1_tasks.iter().map(|f| f.as_raw_fd()));
         }
-        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-        send(sock.as_fd(), &bytes, &fds).map_err(Failure::NotSent)?;
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, got) = recv(sock.as_fd(), &mut buf).map_err(Failure::Lost)?;
-        drop(sock);
-        let reply: Reply = serde_json::from_slice(&buf[..n]).map_err(|e| {
+        let mut guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        let ch = &mut *guard;
+        let known = ch.plans.find(plan);
+        let plan_id = known.unwrap_or_else(|| {
+            ch.plans.next += 1;
+            ch.plans.next
+        });
+        let mut full = known.is_none();
+        let n = loop {
+            let req = Request {
+                plan_id,
+                plan: full.then_some(plan),
+                landlock_abi: run.landlock_abi,
+                program: ProgramWire {
+                    path: o.program.path().to_path_buf(),
+                    id: o.program.id(),
+                    script: o.program.is_script(),
+                    sha256: o.program.sha256_if_known().map(str::to_string),
+                },
+                argv0: o.argv0.as_bytes().to_vec(),
+                args: o.args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+                workspace: o.workspace.clone(),
+                rootless: match o.privilege {
+                    Privilege::Root => None,
+                    Privilege::Rootless(h) => Some((h.uid, h.gid)),
+                },
+                run_as: (ids.uid, ids.gid),
+                env: pairs(&env),
+                supervisor_env: pairs(&o.supervisor_env),
+                broker: o.broker,
+                listener: o.listener,
+                io: raw_io.map(|f| f.is_some()),
+                v2_dir: join.is_some_and(|j| j.v2_dir.is_some()),
+                v1_tasks: join.map_or(0, |j| j.v1_tasks.len()),
+            };
+            let bytes =
+                serde_json::to_vec(&req).map_err(|e| Failure::NotSent(SpawnerError::Encode(e)))?;
+            send(ch.sock.as_fd(), &bytes, &fds).map_err(Failure::NotSent)?;
+            if full {
+                ch.plans.insert(plan_id, plan.clone());
+            }
+            let (n, got) = recv(ch.sock.as_fd(), &mut ch.buf).map_err(Failure::Lost)?;
+            if !full && got.is_empty() && ch.buf[..n] == *b"\"UnknownPlan\"" {
+                // Not expected (both sides keep the same plans): send it in full.
+                full = true;
+                continue;
+            }
+            break (n, got);
+        };
+        let (n, got) = n;
+        let reply: Reply = serde_json::from_slice(&ch.buf[..n]).map_err(|e| {
             Failure::Lost(SpawnerError::Malformed {
                 from: "spawner",
                 why: e.to_string(),
             })
         })?;
+        drop(guard);
         let malformed = |why: &str| {
             Failure::Lost(SpawnerError::Malformed {
                 from: "spawner",
@@ -376,6 +452,7 @@ impl Spawner {
                     .unwrap_or_else(Instant::now);
                 Ok(Running::from_parts(pid, pidfd, status, started, listeners))
             }
+            Reply::UnknownPlan => Err(malformed("a plan unknown after it was sent")),
             Reply::Failed {
                 stage,
                 message,

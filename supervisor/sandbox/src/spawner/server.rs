@@ -49,6 +49,7 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
         unsafe { libc::_exit(1) }
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut plans = Plans::default();
     loop {
         let (n, fds) = match recv(sock.as_fd(), &mut buf) {
             Ok(m) => m,
@@ -62,7 +63,7 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
                 unsafe { libc::_exit(1) }
             }
         };
-        let (reply, out) = handle(&buf[..n], fds, sock.as_raw_fd());
+        let (reply, out) = handle(&buf[..n], fds, sock.as_raw_fd(), &mut plans);
         let bytes = match serde_json::to_vec(&reply) {
             Ok(b) => b,
             // SAFETY: see above.
@@ -125,10 +126,22 @@ fn malformed(why: String) -> (Reply, Vec<OwnedFd>) {
 }
 
 /// One request: prepare, spawn with `CLONE_PARENT`, answer.
-pub(super) fn handle(msg: &[u8], fds: Vec<OwnedFd>, lifeline: RawFd) -> (Reply, Vec<OwnedFd>) {
-    let req: Request = match serde_json::from_slice(msg) {
+pub(super) fn handle(
+    msg: &[u8],
+    fds: Vec<OwnedFd>,
+    lifeline: RawFd,
+    plans: &mut Plans,
+) -> (Reply, Vec<OwnedFd>) {
+    let mut req: Request<Plan> = match serde_json::from_slice(msg) {
         Ok(r) => r,
         Err(e) => return malformed(e.to_string()),
+    };
+    // Kept first, whatever follows: the supervisor keeps it too.
+    if let Some(p) = req.plan.take() {
+        plans.insert(req.plan_id, p);
+    }
+    let Some(plan) = plans.get(req.plan_id) else {
+        return (Reply::UnknownPlan, Vec::new());
     };
     let io_count = req.io.iter().filter(|b| **b).count();
     let want = 1 + io_count + usize::from(req.v2_dir) + req.v1_tasks;
@@ -176,7 +189,7 @@ pub(super) fn handle(msg: &[u8], fds: Vec<OwnedFd>, lifeline: RawFd) -> (Reply, 
         listener: req.listener,
         supervisor_env: pairs(req.supervisor_env),
     };
-    let launch = match Launch::prepare(&req.plan, &opts, req.landlock_abi) {
+    let launch = match Launch::prepare(plan, &opts, req.landlock_abi) {
         Ok(l) => l,
         Err(e) => return (failed(&e, None), Vec::new()),
     };

@@ -88,7 +88,8 @@ fn a_malformed_request_gets_a_failure_not_a_crash() {
 fn a_request_with_the_wrong_descriptors_is_refused() {
     let program = OpenedProgram::open(&std::fs::canonicalize("/bin/true").unwrap()).unwrap();
     let req = Request {
-        plan: tool_plan(),
+        plan_id: 1,
+        plan: Some(tool_plan()),
         landlock_abi: 1,
         program: ProgramWire {
             path: program.path().to_path_buf(),
@@ -121,5 +122,61 @@ fn a_request_with_the_wrong_descriptors_is_refused() {
 }
 
 fn server_handle_for_test(msg: &[u8], fds: Vec<OwnedFd>) -> (Reply, Vec<OwnedFd>) {
-    server::handle(msg, fds, -1)
+    server::handle(msg, fds, -1, &mut Plans::default())
+}
+
+#[test]
+fn both_sides_keep_the_same_plans_and_drop_the_oldest() {
+    let plan = tool_plan();
+    let mut plans = Plans::default();
+    for id in 1..=(PLANS_KEPT as u64 + 1) {
+        let mut p = plan.clone();
+        p.hostname = format!("h{id}");
+        plans.insert(id, p);
+    }
+    assert_eq!(plans.kept.len(), PLANS_KEPT);
+    assert!(plans.get(1).is_none(), "the oldest is dropped");
+    assert_eq!(plans.get(2).map(|p| p.hostname.as_str()), Some("h2"));
+    let mut last = plan.clone();
+    last.hostname = format!("h{}", PLANS_KEPT + 1);
+    assert_eq!(plans.find(&last), Some(PLANS_KEPT as u64 + 1));
+    assert_eq!(plans.find(&plan), None, "an unequal plan is not found");
+}
+
+#[test]
+fn a_request_for_a_plan_not_kept_asks_for_it() {
+    let program = OpenedProgram::open(&std::fs::canonicalize("/bin/true").unwrap()).unwrap();
+    let req = Request::<Plan> {
+        plan_id: 7,
+        plan: None,
+        landlock_abi: 1,
+        program: ProgramWire {
+            path: program.path().to_path_buf(),
+            id: program.id(),
+            script: false,
+            sha256: None,
+        },
+        argv0: b"true".to_vec(),
+        args: Vec::new(),
+        workspace: None,
+        rootless: None,
+        run_as: (1, 1),
+        env: Vec::new(),
+        supervisor_env: Vec::new(),
+        broker: false,
+        listener: false,
+        io: [false; fds::PLACED_FDS],
+        v2_dir: false,
+        v1_tasks: 0,
+    };
+    let bytes = serde_json::to_vec(&req).unwrap();
+    let one = vec![program.fd().try_clone_to_owned().unwrap()];
+    assert!(matches!(
+        server_handle_for_test(&bytes, one).0,
+        Reply::UnknownPlan
+    ));
+    assert_eq!(
+        serde_json::to_vec(&Reply::UnknownPlan).unwrap(),
+        b"\"UnknownPlan\""
+    );
 }
