@@ -9,10 +9,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One compiled profile, ready to apply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// Name of the profile this plan was compiled from.
     pub profile: String,
@@ -43,7 +43,7 @@ pub struct Plan {
 }
 
 /// Which namespaces the child gets. All default to `true`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Namespaces {
     pub user: bool,
     pub pid: bool,
@@ -55,14 +55,14 @@ pub struct Namespaces {
 }
 
 /// The uid/gid the program runs as *inside* its user namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxUser {
     pub uid: u32,
     pub gid: u32,
 }
 
 /// One mount beneath the new root. `dst` is the path inside the sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Mount {
     /// Bind mount of a host path. Always nosuid and nodev; read-only unless `writable`;
@@ -117,7 +117,7 @@ impl Mount {
 }
 
 /// Filesystem rights for a Landlock rule, a subset of what Landlock handles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FsRights {
     /// Read files and list directories.
     pub read: bool,
@@ -130,7 +130,7 @@ pub struct FsRights {
 }
 
 /// Which path a Landlock rule is attached to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "path", rename_all = "snake_case")]
 pub enum LandlockPath {
     /// A host path (the same inode is bind-mounted into the sandbox).
@@ -142,7 +142,7 @@ pub enum LandlockPath {
     Sandbox(PathBuf),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LandlockRule {
     pub path: LandlockPath,
     pub rights: FsRights,
@@ -150,7 +150,7 @@ pub struct LandlockRule {
 
 /// The Landlock part of a plan. Everything not covered by a rule is denied for the handled
 /// access rights. `min_abi` is a hard requirement: the supervisor refuses to run on older kernels.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LandlockPlan {
     pub min_abi: u8,
     pub rules: Vec<LandlockRule>,
@@ -165,7 +165,7 @@ pub struct LandlockPlan {
 }
 
 /// seccomp action when a syscall is not allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", content = "errno", rename_all = "snake_case")]
 pub enum SeccompAction {
     Errno(u32),
@@ -175,7 +175,7 @@ pub enum SeccompAction {
 }
 
 /// One BPF instruction (`struct sock_filter`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BpfInsn {
     pub code: u16,
     pub jt: u8,
@@ -184,7 +184,7 @@ pub struct BpfInsn {
 }
 
 /// A test the filter makes on one syscall argument.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ArgCondition {
     /// The low 32 bits of argument `arg` (0-based) equal one of `values` (name, value). Only the
@@ -292,7 +292,7 @@ pub(crate) fn mask_of(mask: &[(String, u32)]) -> u32 {
 }
 
 /// A syscall whose verdict depends on its arguments: `then` when `when` holds, else `otherwise`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConditionalSyscall {
     pub syscall: String,
     pub when: ArgCondition,
@@ -316,7 +316,7 @@ pub struct ConditionalSyscall {
 ///
 /// A syscall the profile already denies keeps its own verdict (as a separate filter would: the
 /// kernel applies the more restrictive one). No policy key turns the guard off.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SetidGuard {
     /// Syscalls whose mode argument the guard checks in this plan.
     pub mode_checked: Vec<String>,
@@ -326,7 +326,7 @@ pub struct SetidGuard {
 
 /// The compiled seccomp filter and the facts `explain` prints about it. The program is emitted
 /// from the lists below (see `policy/src/bpf.rs`), so they are exactly what it enforces.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeccompPlan {
     /// The complete program, architecture and x32 guard first, then a binary search on the
     /// syscall number. Applied last, right before execve, with SECCOMP_FILTER_FLAG_TSYNC
@@ -347,7 +347,7 @@ pub struct SeccompPlan {
 }
 
 /// cgroup limits; `None` means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CgroupLimits {
     pub memory_bytes: Option<u64>,
     pub pids: Option<u64>,
@@ -355,7 +355,7 @@ pub struct CgroupLimits {
     pub cpu_millis: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RlimitResource {
     Nofile,
@@ -369,14 +369,14 @@ pub enum RlimitResource {
     Msgqueue,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rlimit {
     pub resource: RlimitResource,
     pub value: u64,
 }
 
 /// Environment of the child.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvPlan {
     /// Names copied from the supervisor's environment when present.
     pub pass: Vec<String>,
@@ -384,7 +384,7 @@ pub struct EnvPlan {
     pub set: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
     /// A new, empty network namespace; inet sockets blocked by seccomp and Landlock.
@@ -397,7 +397,7 @@ pub enum Network {
 }
 
 /// One host a brokered network forwards.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forward {
     /// The name the program connects to, exactly as the `connect` rule names it.
     pub host: String,

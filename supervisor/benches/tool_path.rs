@@ -12,7 +12,9 @@
 //!
 //! Environment: `BENCH_ITERS` (timed runs per variant, default 200, after 10 warm-up runs);
 //! `BENCH_POLICY` (default `policies/default.toml`; it must keep that file's gateway `rate`
-//! line and its `/usr/bin/true` rule).
+//! line and its `/usr/bin/true` rule); `BENCH_SPAWNER=0` starts the tools from the broker's
+//! own threads instead of a spawner process forked at the start, as `carapace run` does (the
+//! spawner's CPU counts as the supervisor's).
 //! Without `--bench` (that is, under `cargo test --benches`) it makes a smoke run of 5.
 //!
 //! Then the broker under load: `ping` round trips from a second peer, idle and while
@@ -76,9 +78,35 @@ fn rusage(who: libc::c_int) -> Duration {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
+/// The spawner process's pid, when the tools are started through one.
+static SPAWNER: std::sync::OnceLock<libc::pid_t> = std::sync::OnceLock::new();
+
+/// CPU time of the spawner process so far (utime + stime of /proc/PID/stat).
+fn spawner_cpu() -> Duration {
+    let Some(pid) = SPAWNER.get() else {
+        return Duration::ZERO;
+    };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
 fn cpu_now() -> Cpu {
     Cpu {
-        own: rusage(libc::RUSAGE_SELF),
+        own: rusage(libc::RUSAGE_SELF) + spawner_cpu(),
         main: rusage(libc::RUSAGE_THREAD),
         children: rusage(libc::RUSAGE_CHILDREN),
     }
@@ -192,6 +220,23 @@ fn start_broker(root: &Path, policy: Policy) -> Result<(BrokerHost, Client), Str
     let target = Target {
         landlock_abi: carapace_sandbox::landlock::probe_abi(),
     };
+    // Before the broker's runtime starts any thread, as in `carapace run`.
+    let spawner = if std::env::var("BENCH_SPAWNER").is_ok_and(|v| v == "0") {
+        None
+    } else {
+        let s = carapace_sandbox::spawner::Spawner::start()
+            .map_err(|e| format!("starting the spawner: {e}"))?;
+        let _ = SPAWNER.set(s.pid());
+        Some(s)
+    };
+    println!(
+        "tools started by: {}",
+        spawner
+            .as_ref()
+            .map_or("the broker's threads (BENCH_SPAWNER=0)".to_string(), |s| {
+                format!("the spawner process (pid {})", s.pid())
+            })
+    );
     let host = BrokerHost::start_with(
         BrokerSetup {
             policy: policy.clone(),
@@ -207,6 +252,7 @@ fn start_broker(root: &Path, policy: Policy) -> Result<(BrokerHost, Client), Str
                 live: Default::default(),
                 plans: Default::default(),
                 cgroups: Default::default(),
+                spawner,
             },
             approval_timeout: Duration::from_secs(5),
             token_store: None,

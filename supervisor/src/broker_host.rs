@@ -65,7 +65,7 @@ use carapace_sandbox::cgroup;
 use carapace_sandbox::fds::Pipe;
 use carapace_sandbox::namespaces::RunAs;
 use carapace_sandbox::report::ExitReport;
-use carapace_sandbox::run::{self, Limits, Run};
+use carapace_sandbox::run::{Limits, Run};
 use carapace_sandbox::spawn::{ChildIo, LaunchOptions};
 use carapace_sandbox::Privilege;
 
@@ -262,6 +262,15 @@ pub struct BrokerSetup {
 }
 
 impl BrokerHost {
+    /// Who starts the broker's tools, for `carapace status`.
+    pub fn tools_started_by(&self) -> String {
+        match &self.tools.spawner {
+            Some(s) if s.is_alive() => format!("spawner (pid {})", s.pid()),
+            Some(_) => "in-process (the spawner is gone)".to_string(),
+            None => "in-process".to_string(),
+        }
+    }
+
     /// Open the state (audit log, approvals, dead letters), build the operations with this
     /// supervisor as their spawner and the state directory's pending files as the operator's
     /// channel, and start a runtime (two workers) to serve sockets on.
@@ -530,6 +539,7 @@ mod tests {
                 live: Default::default(),
                 plans: Default::default(),
                 cgroups: Default::default(),
+                spawner: None,
             },
             approval_timeout: Duration::from_secs(1),
             token_store: None,

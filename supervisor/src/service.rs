@@ -216,7 +216,6 @@ fn start(
     if cg_ok.is_some() && usable {
         clean_leftovers();
     }
-    let signals = catch_signals().map_err(|source| ServiceError::Signals { source })?;
     let state = StateDir::open(&cfg.state_dir)?;
     // The workspaces the service creates for its children live in its state directory
     // (0700, ours), which is often beneath /var: allow exactly those.
@@ -226,6 +225,27 @@ fn start(
         source,
     })?;
     carapace_sandbox::mounts::allow_managed_workspaces(&state_canon);
+    // The broker's tools are started by a small process forked here, before the broker's
+    // runtime or any other thread exists (see carapace_sandbox::spawner); without it, by the
+    // supervisor itself.
+    let spawner = match std::env::var_os("CARAPACE_TOOL_SPAWNER").filter(|v| v == "0") {
+        Some(_) => Err(carapace_sandbox::spawner::SpawnerError::Off),
+        None => carapace_sandbox::spawner::Spawner::start(),
+    };
+    let spawner = match spawner {
+        Ok(s) => {
+            tracing::info!(pid = s.pid(), "tool spawner started");
+            Some(s)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "no tool spawner ({}): tools are started from the supervisor itself",
+                error_chain(&e)
+            );
+            None
+        }
+    };
+    let signals = catch_signals().map_err(|source| ServiceError::Signals { source })?;
     if cfg.gateway.is_some() {
         initial_token(&state.root)?;
     }
@@ -257,6 +277,7 @@ fn start(
                 live: Default::default(),
                 plans: Default::default(),
                 cgroups: Default::default(),
+                spawner,
             },
             approval_timeout: cfg.approval_timeout,
             token_store: Some(state.root.join(crate::paths::TOKENS_FILE)),

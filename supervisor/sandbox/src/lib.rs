@@ -33,6 +33,7 @@ pub mod rlimits;
 pub mod run;
 pub mod seccomp;
 pub mod spawn;
+pub mod spawner;
 
 pub use privilege::Privilege;
 

@@ -51,7 +51,7 @@ pub enum ProgramError {
 /// What a file is, as far as `fstat` can tell: the inode (device and number), and its size,
 /// modification and change times. Equal ids of an inode held open mean the same file, not
 /// written since (up to the times' granularity).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileId {
     pub dev: u64,
     pub ino: u64,
@@ -161,6 +161,34 @@ impl OpenedProgram {
             opened: id,
             sha256: OnceLock::new(),
         })
+    }
+
+    /// The program as the supervisor opened it, in the spawner process (see
+    /// [`crate::spawner`]): its descriptor, path, identity, whether a script, and its hash
+    /// when one was taken (with `id`, the file's identity while it was read).
+    pub(crate) fn from_parts(
+        fd: OwnedFd,
+        path: PathBuf,
+        id: FileId,
+        script: bool,
+        sha256: Option<String>,
+    ) -> OpenedProgram {
+        let hashed = OnceLock::new();
+        if let Some(h) = sha256 {
+            let _ = hashed.set((h, id));
+        }
+        OpenedProgram {
+            fd,
+            path,
+            opened: id,
+            script,
+            sha256: hashed,
+        }
+    }
+
+    /// The SHA-256 if it was taken already.
+    pub fn sha256_if_known(&self) -> Option<&str> {
+        self.sha256.get().map(|(s, _)| s.as_str())
     }
 
     /// The canonical path it was opened at (what the policy decided on).

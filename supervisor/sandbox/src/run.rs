@@ -72,7 +72,9 @@ pub struct Timings {
 /// A started run: its program runs, confined, in its cgroup.
 #[derive(Debug)]
 pub struct Started {
-    launch: Launch,
+    /// None when the spawner process prepared it (see [`crate::spawner`]).
+    launch: Option<Launch>,
+    wall_time: Option<Duration>,
     running: Running,
     cgroup: Option<Arc<Cgroup>>,
     limits: Limits,
@@ -168,7 +170,8 @@ impl Prepared {
         let mut timings = self.timings;
         timings.start = t.elapsed();
         Ok(Started {
-            launch: self.launch,
+            wall_time: self.launch.wall_time(),
+            launch: Some(self.launch),
             running,
             cgroup: self.cgroup,
             limits: self.limits,
@@ -177,9 +180,33 @@ impl Prepared {
     }
 }
 
+/// Step 3 after steps 1 and 2 were taken by the caller (a start through the spawner that
+/// found it gone).
+pub(crate) fn prepare_chosen(
+    plan: Plan,
+    run: &Run,
+    cgroup: Option<Arc<Cgroup>>,
+    limits: Limits,
+) -> Result<Prepared, SpawnError> {
+    let t = Instant::now();
+    let launch = Launch::prepare(&plan, &run.options, run.landlock_abi)?;
+    Ok(Prepared {
+        launch,
+        cgroup,
+        limits,
+        timings: Timings {
+            prepare: t.elapsed(),
+            ..Timings::default()
+        },
+    })
+}
+
 /// Steps 1 and 2: the cgroup where this process's privilege allows one, else the cgroup
 /// limits as rlimits in `plan`.
-fn choose_cgroup(run: &Run, plan: &mut Plan) -> Result<(Option<Arc<Cgroup>>, Limits), SpawnError> {
+pub(crate) fn choose_cgroup(
+    run: &Run,
+    plan: &mut Plan,
+) -> Result<(Option<Arc<Cgroup>>, Limits), SpawnError> {
     let privilege = run.options.privilege;
     if cgroup::usable(privilege) {
         match cgroup::remove_stale_once() {
@@ -207,8 +234,27 @@ impl Started {
         self.running.pid()
     }
 
-    pub fn launch(&self) -> &Launch {
-        &self.launch
+    /// The prepared launch; None when the spawner process prepared it.
+    pub fn launch(&self) -> Option<&Launch> {
+        self.launch.as_ref()
+    }
+
+    /// A program started by the spawner process (see [`crate::spawner`]).
+    pub(crate) fn from_spawner(
+        running: Running,
+        wall_time: Option<Duration>,
+        cgroup: Option<Arc<Cgroup>>,
+        limits: Limits,
+        timings: Timings,
+    ) -> Started {
+        Started {
+            launch: None,
+            wall_time,
+            running,
+            cgroup,
+            limits,
+            timings,
+        }
     }
 
     /// The run's cgroup, shared with whoever must reach its processes while it runs (the
@@ -233,9 +279,7 @@ impl Started {
     /// Step 5: wait for the program, killing the whole tree when the wall-time limit runs out.
     pub fn wait(self) -> Ended {
         let t = Instant::now();
-        let report = self
-            .running
-            .wait(self.launch.wall_time(), self.cgroup.as_deref());
+        let report = self.running.wait(self.wall_time, self.cgroup.as_deref());
         let mut timings = self.timings;
         timings.run = t.elapsed();
         Ended {
@@ -317,7 +361,7 @@ mod tests {
         };
         let name = name.clone();
         // A per-run identity, never root.
-        assert!(started.launch().host_ids().uid >= AUTO_BASE);
+        assert!(started.launch().unwrap().host_ids().uid >= AUTO_BASE);
         let held = started.cgroup().cloned().expect("the run's cgroup");
         assert_eq!(held.name(), name);
         let dirs: Vec<PathBuf> = held.dirs().iter().map(|d| d.to_path_buf()).collect();
@@ -362,7 +406,7 @@ mod tests {
             .workspace_helper_pid()
             .expect("an idmapped workspace has a helper");
         let started = prepared.spawn(ChildIo::default()).unwrap();
-        assert_eq!(started.launch().workspace_helper_pid(), None);
+        assert_eq!(started.launch().unwrap().workspace_helper_pid(), None);
         assert!(
             !Path::new(&format!("/proc/{helper}")).exists(),
             "the helper {helper} is still there (a zombie) while the run lasts"

@@ -71,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use carapace_policy::plan::{Mount, Plan, SeccompAction};
 
-use crate::cgroup::{Cgroup, CgroupError};
+use crate::cgroup::{Cgroup, CgroupError, JoinFds};
 use crate::fds::{self, ChildFailure, FdError, Pipe};
 use crate::mounts::{self, MountError, WorkspaceTree};
 use crate::namespaces::{self, CloneArgs, HostIds, NamespaceError, RunAs, CLONE_INTO_CGROUP};
@@ -160,6 +160,16 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// The spawner process's error for this start (see [`crate::spawner`]): its text with its
+    /// causes, and the child's step where it was one.
+    #[error("{message}")]
+    Remote {
+        stage: Option<String>,
+        message: String,
+    },
+    /// The spawner went away while it was starting the program (nothing of it is left).
+    #[error("the tool spawner ended during the start: {why}")]
+    SpawnerLost { why: String },
     #[error(
         "a prepared Launch can be spawned only once (its workspace mount moves into the child)"
     )]
@@ -430,6 +440,19 @@ pub struct Launch {
     forward: Vec<carapace_policy::plan::Forward>,
     /// A Launch is used once: the workspace mount is moved into the first child.
     spawned: AtomicBool,
+}
+
+/// A start that failed: why, and the child when there was one (not reaped yet).
+pub(crate) type StartFailure = Box<(SpawnError, Option<Running>)>;
+
+/// Who the child's parent is.
+#[derive(Debug, Clone, Copy)]
+enum Sibling {
+    /// The calling process.
+    No,
+    /// The calling process's parent (`CLONE_PARENT`): the spawner's clone, see
+    /// [`Launch::spawn_for_supervisor`].
+    Yes { lifeline: RawFd },
 }
 
 /// How the child executes the program once it has checked it is the opened file.
@@ -761,25 +784,79 @@ impl Launch {
         cgroup: Option<&Cgroup>,
         io: ChildIo<'_>,
     ) -> Result<Running, SpawnError> {
+        let join = cgroup.map(Cgroup::join_fds).transpose()?;
+        self.spawn_inner(join.as_ref(), cgroup, io, Sibling::No)
+            .map_err(|f| {
+                let (e, started) = *f;
+                if let Some(r) = started {
+                    r.kill_and_reap();
+                }
+                e
+            })
+    }
+
+    /// [`Launch::spawn_with`] from the spawner process (see [`crate::spawner`]): the child is
+    /// cloned with `CLONE_PARENT`, a child of the supervisor that started the spawner, and
+    /// joins its cgroup through `join` (the cgroup's descriptors, sent by the supervisor).
+    /// `lifeline` is the spawner's socket to the supervisor (see `child_main`). On a failure
+    /// after the clone, the child is killed and handed back with the error: only the
+    /// supervisor can reap it.
+    pub(crate) fn spawn_for_supervisor(
+        &self,
+        join: Option<&JoinFds>,
+        lifeline: RawFd,
+        io: ChildIo<'_>,
+    ) -> Result<Running, StartFailure> {
+        self.spawn_inner(join, None, io, Sibling::Yes { lifeline })
+            .inspect_err(|f| {
+                if let Some(r) = &f.1 {
+                    r.kill();
+                }
+            })
+    }
+
+    /// The clone and the handshake. `join`: the cgroup's descriptors; `late`: the cgroup
+    /// itself, for the case clone3 could not place the child (without it, its v2
+    /// `cgroup.procs` is written through `join`'s directory). On an error after the clone,
+    /// the child (not killed yet) comes back with it.
+    fn spawn_inner(
+        &self,
+        join: Option<&JoinFds>,
+        late_cgroup: Option<&Cgroup>,
+        io: ChildIo<'_>,
+        sibling: Sibling,
+    ) -> Result<Running, StartFailure> {
         for (what, prepared, given) in [
             ("a broker socket", self.broker, io.broker.is_some()),
             ("a listening socket", self.listener, io.listener.is_some()),
         ] {
             if prepared != given {
-                return Err(SpawnError::IoMismatch {
-                    what,
-                    prepared,
-                    given,
-                });
+                return Err(Box::new((
+                    SpawnError::IoMismatch {
+                        what,
+                        prepared,
+                        given,
+                    },
+                    None,
+                )));
             }
         }
         if self.spawned.swap(true, Ordering::SeqCst) {
-            return Err(SpawnError::Reused);
+            return Err(Box::new((SpawnError::Reused, None)));
         }
-        let go = Pipe::new("sync parent->child")?;
-        let ready = Pipe::new("sync child->parent")?;
-        let errp = Pipe::new("exec-error pipe")?;
-        let status = Pipe::new("init status pipe")?;
+        let pipes = || -> Result<[Pipe; 4], SpawnError> {
+            Ok([
+                Pipe::new("sync parent->child")?,
+                Pipe::new("sync child->parent")?,
+                Pipe::new("exec-error pipe")?,
+                Pipe::new("init status pipe")?,
+            ])
+        };
+        let [go, ready, errp, status] = pipes().map_err(|e| Box::new((e, None)))?;
+        let (lifeline, extra_flags) = match sibling {
+            Sibling::No => (-1, 0),
+            Sibling::Yes { lifeline } => (lifeline, libc::CLONE_PARENT as u64),
+        };
         let fds = ChildFds {
             status_read: status.read.as_raw_fd(),
             status_write: status.write.as_raw_fd(),
@@ -791,22 +868,19 @@ impl Launch {
             err_write: errp.write.as_raw_fd(),
             io: io.raw(),
             place: io.raw() != [-1; fds::PLACED_FDS],
+            lifeline,
         };
         // Born in the cgroup: v2 through clone3(CLONE_INTO_CGROUP), v1 by the child writing its
         // own `tasks` first thing. Neither takes the kernel's global cgroup migration lock,
         // which `cgroup.procs` writes do (milliseconds per write).
-        let join = cgroup.map(Cgroup::join_fds).transpose()?;
-        let v1_tasks: Vec<RawFd> = join.as_ref().map(|j| j.v1_raw()).unwrap_or_default();
-        let v2_dir = join
-            .as_ref()
-            .and_then(|j| j.v2_dir.as_ref())
-            .map(|f| f.as_raw_fd());
+        let v1_tasks: Vec<RawFd> = join.map(|j| j.v1_raw()).unwrap_or_default();
+        let v2_dir = join.and_then(|j| j.v2_dir.as_ref()).map(|f| f.as_raw_fd());
         let started = Instant::now();
         let mut pidfd: libc::c_int = -1;
         let mut born_in_cgroup = false;
         let mut pid = -1;
         if let Some(dir) = v2_dir {
-            pid = self.clone3_into(dir, &mut pidfd, &fds, &v1_tasks);
+            pid = self.clone3_into(dir, &mut pidfd, &fds, &v1_tasks, extra_flags);
             let e = fds::errno();
             if pid < 0
                 && !matches!(
@@ -814,25 +888,31 @@ impl Launch {
                     libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP | libc::EBUSY
                 )
             {
-                return Err(SpawnError::Sys {
-                    syscall: "clone3(CLONE_INTO_CGROUP)",
-                    source: io::Error::from_raw_os_error(e),
-                });
+                return Err(Box::new((
+                    SpawnError::Sys {
+                        syscall: "clone3(CLONE_INTO_CGROUP)",
+                        source: io::Error::from_raw_os_error(e),
+                    },
+                    None,
+                )));
             }
             born_in_cgroup = pid > 0;
         }
         if pid < 0 {
-            pid = self.clone_plain(&mut pidfd, &fds, &v1_tasks);
+            pid = self.clone_plain(&mut pidfd, &fds, &v1_tasks, extra_flags);
         }
         if pid < 0 {
             let source = io::Error::last_os_error();
             if self.rootless && userns_refused(&source) {
-                return Err(SpawnError::RootlessUserns { source });
+                return Err(Box::new((SpawnError::RootlessUserns { source }, None)));
             }
-            return Err(SpawnError::Sys {
-                syscall: "clone",
-                source,
-            });
+            return Err(Box::new((
+                SpawnError::Sys {
+                    syscall: "clone",
+                    source,
+                },
+                None,
+            )));
         }
         let pid = pid as libc::pid_t;
         // SAFETY: CLONE_PIDFD succeeded, so `pidfd` is a new fd owned by us.
@@ -852,23 +932,22 @@ impl Launch {
         // The child waits for "go 1": its network namespace exists and nothing runs in it yet.
         match crate::egress::listen_in(running.pidfd.as_fd(), &self.forward) {
             Ok(l) => running.forward = l,
-            Err(e) => {
-                running.kill_and_reap();
-                return Err(e.into());
-            }
+            Err(e) => return Err(Box::new((e.into(), Some(running)))),
         }
         // Fallback when clone3 could not place the child: move it after the fact.
-        let late = cgroup.filter(|_| v2_dir.is_some() && !born_in_cgroup);
+        let late = if v2_dir.is_some() && !born_in_cgroup {
+            match (late_cgroup, join) {
+                (Some(cg), _) => cg.add_process(pid),
+                (None, Some(j)) => j.add_process_v2(pid),
+                (None, None) => Ok(()),
+            }
+        } else {
+            Ok(())
+        };
         let setup_deadline = started + self.wall_time.unwrap_or(SETUP_TIMEOUT).min(SETUP_TIMEOUT);
-        let result = self.handshake(
-            pid,
-            late,
-            &go.write,
-            &ready.read,
-            &errp.read,
-            setup_deadline,
-        );
-        drop(join);
+        let result = late
+            .map_err(SpawnError::from)
+            .and_then(|()| self.handshake(pid, &go.write, &ready.read, &errp.read, setup_deadline));
         // The child has its workspace mount (or failed): the idmapping's helper, killed when
         // the mount was made, is reaped now rather than when this Launch is dropped, which for
         // a service child is the end of its life.
@@ -877,10 +956,7 @@ impl Launch {
         }
         match result {
             Ok(()) => Ok(running),
-            Err(e) => {
-                running.kill_and_reap();
-                Err(e)
-            }
+            Err(e) => Err(Box::new((e, Some(running)))),
         }
     }
 
@@ -891,11 +967,21 @@ impl Launch {
         pidfd: &mut libc::c_int,
         fds: &ChildFds,
         v1_tasks: &[RawFd],
+        extra_flags: u64,
     ) -> libc::c_long {
         let args = CloneArgs {
-            flags: (self.clone_flags as u64) | libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP,
+            flags: (self.clone_flags as u64)
+                | libc::CLONE_PIDFD as u64
+                | CLONE_INTO_CGROUP
+                | extra_flags,
             pidfd: pidfd as *mut libc::c_int as u64,
-            exit_signal: libc::SIGCHLD as u64,
+            // CLONE_PARENT: the child's exit signal is the caller's own (the spawner's: SIGCHLD,
+            // for the supervisor), and clone3 requires 0 here.
+            exit_signal: if extra_flags & libc::CLONE_PARENT as u64 != 0 {
+                0
+            } else {
+                libc::SIGCHLD as u64
+            },
             cgroup: cgroup_dir as u64,
             ..CloneArgs::default()
         };
@@ -922,8 +1008,11 @@ impl Launch {
         pidfd: &mut libc::c_int,
         fds: &ChildFds,
         v1_tasks: &[RawFd],
+        extra_flags: u64,
     ) -> libc::c_long {
-        let flags = (self.clone_flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+        // With CLONE_PARENT the exit signal given here is ignored for the caller's own.
+        let flags = (self.clone_flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong
+            | extra_flags as libc::c_ulong;
         // SAFETY: raw clone without CLONE_VM/CLONE_VFORK behaves like fork: the child gets a
         // private copy of our memory and its own fd table, and only runs `child_main`, which
         // uses async-signal-safe raw syscalls and never returns. `pidfd` is a valid int for the
@@ -947,15 +1036,11 @@ impl Launch {
     fn handshake(
         &self,
         pid: libc::pid_t,
-        cgroup: Option<&Cgroup>,
         go: &OwnedFd,
         ready: &OwnedFd,
         err: &OwnedFd,
         deadline: Instant,
     ) -> Result<(), SpawnError> {
-        if let Some(cg) = cgroup {
-            cg.add_process(pid)?;
-        }
         let t0 = Instant::now();
         let lap = |what: &str| {
             tracing::debug!("start: {what} at {:.2}ms", t0.elapsed().as_secs_f64() * 1e3)

@@ -45,6 +45,9 @@ pub struct ToolContext {
     pub plans: PlanCache,
     /// An empty cgroup made ahead per profile, for its next tool.
     pub cgroups: CgroupPool,
+    /// The process that starts the tools (`carapace run`); None, or once it is gone: the
+    /// tool's own thread starts it.
+    pub spawner: Option<carapace_sandbox::spawner::Spawner>,
 }
 
 /// The tools started for the broker that are still running: their pidfds (signalling through
@@ -310,10 +313,13 @@ pub fn spawn_tool(
                 },
             };
             let limits = plan.cgroup;
-            let started = match ctx.cgroups.take(&profile_s, &limits) {
-                Some(cg) => run::start_in(plan, &run, cg, fds.io(None)),
-                None => run::start(plan, &run, fds.io(None)),
-            };
+            let started = carapace_sandbox::spawner::start_run(
+                ctx.spawner.as_ref(),
+                plan,
+                &run,
+                ctx.cgroups.take(&profile_s, &limits),
+                fds.io(None),
+            );
             let started = match started {
                 Ok(s) => s,
                 Err(e) => {

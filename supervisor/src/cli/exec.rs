@@ -359,6 +359,7 @@ pub(super) fn start_broker(
             live: Default::default(),
             plans: Default::default(),
             cgroups: Default::default(),
+            spawner: None,
         },
         approval_timeout: std::time::Duration::from_secs(a.approval_timeout),
         token_store: None,

@@ -68,6 +68,7 @@ pub(crate) fn sample_status() -> StatusReport {
         version: "0.1.0".to_string(),
         started: "2026-11-21T14:00:00.000000Z".to_string(),
         uptime_secs: 3723,
+        tools: "spawner (pid 4243)".to_string(),
         mode: "root".to_string(),
         cgroups: "hybrid v1+v2".to_string(),
         config: "embedded default".to_string(),

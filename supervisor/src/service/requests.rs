@@ -18,6 +18,7 @@ impl Service {
             uptime_secs: self.started_at.elapsed().as_secs(),
             mode: self.mode.to_string(),
             cgroups: self.cgroups.clone(),
+            tools: self.host.tools_started_by(),
             config: self.config_shown.clone(),
             policy: control::PolicyStatus {
                 files: p.files,

@@ -46,6 +46,25 @@ impl JoinFds {
     pub fn v1_raw(&self) -> Vec<RawFd> {
         self.v1_tasks.iter().map(|f| f.as_raw_fd()).collect()
     }
+
+    /// Move process `pid` into the v2 leaf by writing its `cgroup.procs` (beneath `v2_dir`),
+    /// for a child that could not be born there; nothing without a v2 leaf.
+    pub fn add_process_v2(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
+        let Some(dir) = &self.v2_dir else {
+            return Ok(());
+        };
+        let path = Path::new("cgroup.procs");
+        let fd = nix::fcntl::openat(
+            dir,
+            path,
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| io_err("open", path)(e.into()))?;
+        nix::unistd::write(&fd, pid.to_string().as_bytes())
+            .map(drop)
+            .map_err(|e| io_err("write", path)(e.into()))
+    }
 }
 
 /// Child side of [`Cgroup::join_fds`], between clone and exec: move the calling thread (the

@@ -18,6 +18,10 @@ pub(super) struct ChildFds {
     pub(super) io: [RawFd; fds::PLACED_FDS],
     /// Whether any of `io` is set (else the fd layout is the historical one).
     pub(super) place: bool,
+    /// Started by the spawner process (-1: by the supervisor itself): the spawner's end of its
+    /// socket to the supervisor, which hangs up when the supervisor is gone (see
+    /// [`crate::spawner`]).
+    pub(super) lifeline: RawFd,
 }
 
 /// The child: from clone to execve. Raw async-signal-safe syscalls only; never returns.
@@ -170,14 +174,29 @@ pub(super) fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
     // getppid() is 0 in a new pid namespace, so it cannot tell whether the supervisor died
     // before PDEATHSIG was armed. The supervisor holds the write end of the sync pipe until
     // exec is confirmed: a hangup there means it is gone.
-    let mut pfd = libc::pollfd {
-        fd: f.go_read,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
-    if r < 0 || pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+    // Started by the spawner (CLONE_PARENT: our parent, whose death PDEATHSIG reports, is the
+    // supervisor, while the sync pipe is the spawner's): the spawner's socket to the
+    // supervisor hangs up when the supervisor is gone.
+    let mut pfd = [
+        libc::pollfd {
+            fd: f.go_read,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: f.lifeline,
+            events: 0,
+            revents: 0,
+        },
+    ];
+    let n: libc::nfds_t = if f.lifeline >= 0 { 2 } else { 1 };
+    // SAFETY: `n` valid pollfds on the stack, zero timeout.
+    let r = unsafe { libc::poll(pfd.as_mut_ptr(), n, 0) };
+    if r < 0
+        || pfd[..n as usize]
+            .iter()
+            .any(|p| p.revents & (libc::POLLHUP | libc::POLLERR) != 0)
+    {
         fail(Stage::ParentGone, 0, libc::ESRCH);
     }
     // Not ptrace-able / no core during the rest of setup (execve resets it for the program).

@@ -16,7 +16,71 @@ pub struct Running {
     pub(super) forward: Vec<crate::egress::Listener>,
 }
 
+/// Kill and reap `pid`, our child whose pidfd is `pidfd`, that never got a [`Running`] here
+/// (a failed start through the spawner).
+pub(crate) fn kill_and_reap_child(pid: libc::pid_t, pidfd: &OwnedFd) {
+    // SAFETY: signalling our own child through its pidfd (no pid reuse race).
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    let mut status = 0;
+    // SAFETY: waiting for our own child with a valid out pointer; EINTR retried.
+    while unsafe { libc::waitpid(pid, &mut status, libc::__WALL) } < 0
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+}
+
+/// What a [`Running`] holds, for the spawner to send (see [`Running::into_parts`]).
+pub(crate) struct RunningParts {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) pidfd: OwnedFd,
+    pub(crate) status: OwnedFd,
+    pub(crate) started: Instant,
+    pub(crate) forward: Vec<crate::egress::Listener>,
+}
+
 impl Running {
+    /// A program started by the spawner as our child (see [`crate::spawner`]).
+    pub(crate) fn from_parts(
+        pid: libc::pid_t,
+        pidfd: OwnedFd,
+        status: OwnedFd,
+        started: Instant,
+        forward: Vec<crate::egress::Listener>,
+    ) -> Running {
+        Running {
+            pid,
+            pidfd,
+            status,
+            started,
+            reaped: false,
+            forward,
+        }
+    }
+
+    /// Give up this program without killing it: the spawner hands it to the supervisor,
+    /// its parent, which waits for it.
+    pub(crate) fn into_parts(self) -> RunningParts {
+        let mut me = std::mem::ManuallyDrop::new(self);
+        let forward = std::mem::take(&mut me.forward);
+        // SAFETY: `me` is never dropped (ManuallyDrop) nor used after these reads, so each
+        // descriptor is moved out exactly once.
+        let (pidfd, status) = unsafe { (std::ptr::read(&me.pidfd), std::ptr::read(&me.status)) };
+        RunningParts {
+            pid: me.pid,
+            pidfd,
+            status,
+            started: me.started,
+            forward,
+        }
+    }
+
     /// Host pid of the sandbox's init (pid 1 of its namespace; the program is its child).
     pub fn pid(&self) -> libc::pid_t {
         self.pid

@@ -118,12 +118,17 @@ pub fn format_status(s: &StatusReport) -> String {
         fmt_duration(s.uptime_secs),
         clean(&s.started)
     );
-    let _ = writeln!(
+    let _ = write!(
         out,
         "mode:          {}; cgroups: {}",
         clean(&s.mode),
         clean(&s.cgroups)
     );
+    if s.tools.is_empty() {
+        out.push('\n');
+    } else {
+        let _ = writeln!(out, "; tools: {}", clean(&s.tools));
+    }
     let _ = writeln!(out, "config:        {}", clean(&s.config));
     let files = if s.policy.files.is_empty() {
         "embedded default".to_string()

@@ -80,7 +80,7 @@ fn status_output() {
     let out = format_status(&s);
     let want = "\
 carapace 0.1.0 (pid 4242), up 1h02m since 2026-11-21T14:00:00.000000Z
-mode:          root; cgroups: hybrid v1+v2
+mode:          root; cgroups: hybrid v1+v2; tools: spawner (pid 4243)
 config:        /etc/carapace/carapace.toml
 policy:        /etc/carapace/policy.toml (sha256 abababababababab…, loaded 2026-11-21T14:00:00.000000Z)
 reloads:       2

@@ -1,0 +1,182 @@
+//! The wire (no process forked here: a test binary has many threads; the spawner process
+//! itself is tested in tests/spawner.rs, a binary of its own with one thread).
+
+use super::*;
+
+fn tool_plan() -> Plan {
+    carapace_policy::Policy::parse(crate::DEFAULT_POLICY, "default")
+        .unwrap()
+        .compile("tool", &crate::landlock::target())
+        .unwrap()
+}
+
+#[test]
+fn a_plan_arrives_as_it_was_sent() {
+    let plan = tool_plan();
+    let back: Plan = serde_json::from_slice(&serde_json::to_vec(&plan).unwrap()).unwrap();
+    assert_eq!(back, plan);
+    // A changed plan is not "equal" by accident.
+    let mut other = plan.clone();
+    other.seccomp.program.pop();
+    assert_ne!(back, other);
+}
+
+#[test]
+fn messages_carry_their_descriptors_and_eof_is_told_apart() {
+    let (a, b) = socket::socketpair(
+        socket::AddressFamily::Unix,
+        socket::SockType::SeqPacket,
+        None,
+        socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let p = fds::Pipe::new("test").unwrap();
+    send(a.as_fd(), b"hello", &[p.write.as_raw_fd()]).unwrap();
+    let mut buf = vec![0u8; 64];
+    let (n, got) = recv(b.as_fd(), &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello");
+    assert_eq!(got.len(), 1);
+    // The received descriptor is the pipe's write end: what is written arrives.
+    nix::unistd::write(&got[0], b"x").unwrap();
+    let mut one = [0u8; 1];
+    nix::unistd::read(&p.read, &mut one).unwrap();
+    assert_eq!(&one, b"x");
+    // Too many descriptors are refused before sending.
+    let many = vec![p.write.as_raw_fd(); MAX_FDS + 1];
+    assert!(matches!(
+        send(a.as_fd(), b"x", &many),
+        Err(SpawnerError::Malformed { .. })
+    ));
+    // A message larger than the buffer is an error, not a silently cut request.
+    send(a.as_fd(), &[7u8; 100], &[]).unwrap();
+    let mut small = vec![0u8; 10];
+    assert!(matches!(
+        recv(b.as_fd(), &mut small),
+        Err(SpawnerError::Malformed { .. })
+    ));
+    drop(a);
+    assert!(matches!(recv(b.as_fd(), &mut buf), Err(SpawnerError::Eof)));
+    // Sending to a closed peer is an error (EPIPE), not a SIGPIPE.
+    let (c, d) = socket::socketpair(
+        socket::AddressFamily::Unix,
+        socket::SockType::SeqPacket,
+        None,
+        socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    drop(d);
+    assert!(matches!(
+        send(c.as_fd(), b"x", &[]),
+        Err(SpawnerError::Sys { .. })
+    ));
+}
+
+#[test]
+fn a_malformed_request_gets_a_failure_not_a_crash() {
+    let (reply, fds) = server_handle_for_test(b"{not json", Vec::new());
+    assert!(fds.is_empty());
+    match reply {
+        Reply::Failed { message, child, .. } => {
+            assert!(message.starts_with("malformed spawn request"), "{message}");
+            assert_eq!(child, None);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_request_with_the_wrong_descriptors_is_refused() {
+    let program = OpenedProgram::open(&std::fs::canonicalize("/bin/true").unwrap()).unwrap();
+    let req = Request {
+        plan_id: 1,
+        plan: Some(tool_plan()),
+        landlock_abi: 1,
+        program: ProgramWire {
+            path: program.path().to_path_buf(),
+            id: program.id(),
+            script: false,
+            sha256: None,
+        },
+        argv0: b"true".to_vec(),
+        args: Vec::new(),
+        workspace: None,
+        rootless: None,
+        run_as: (1, 1),
+        env: Vec::new(),
+        supervisor_env: Vec::new(),
+        broker: false,
+        listener: false,
+        io: [true, true, true, false, false],
+        v2_dir: false,
+        v1_tasks: 0,
+    };
+    let bytes = serde_json::to_vec(&req).unwrap();
+    // Four descriptors announced (program + 3 io), one given.
+    let one = vec![program.fd().try_clone_to_owned().unwrap()];
+    match server_handle_for_test(&bytes, one).0 {
+        Reply::Failed { message, .. } => {
+            assert!(message.contains("1 descriptors, expected 4"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn server_handle_for_test(msg: &[u8], fds: Vec<OwnedFd>) -> (Reply, Vec<OwnedFd>) {
+    server::handle(msg, fds, -1, &mut Plans::default())
+}
+
+#[test]
+fn both_sides_keep_the_same_plans_and_drop_the_oldest() {
+    let plan = tool_plan();
+    let mut plans = Plans::default();
+    for id in 1..=(PLANS_KEPT as u64 + 1) {
+        let mut p = plan.clone();
+        p.hostname = format!("h{id}");
+        plans.insert(id, p);
+    }
+    assert_eq!(plans.kept.len(), PLANS_KEPT);
+    assert!(plans.get(1).is_none(), "the oldest is dropped");
+    assert_eq!(plans.get(2).map(|p| p.hostname.as_str()), Some("h2"));
+    let mut last = plan.clone();
+    last.hostname = format!("h{}", PLANS_KEPT + 1);
+    assert_eq!(plans.find(&last), Some(PLANS_KEPT as u64 + 1));
+    assert_eq!(plans.find(&plan), None, "an unequal plan is not found");
+}
+
+#[test]
+fn a_request_for_a_plan_not_kept_asks_for_it() {
+    let program = OpenedProgram::open(&std::fs::canonicalize("/bin/true").unwrap()).unwrap();
+    let req = Request::<Plan> {
+        plan_id: 7,
+        plan: None,
+        landlock_abi: 1,
+        program: ProgramWire {
+            path: program.path().to_path_buf(),
+            id: program.id(),
+            script: false,
+            sha256: None,
+        },
+        argv0: b"true".to_vec(),
+        args: Vec::new(),
+        workspace: None,
+        rootless: None,
+        run_as: (1, 1),
+        env: Vec::new(),
+        supervisor_env: Vec::new(),
+        broker: false,
+        listener: false,
+        io: [false; fds::PLACED_FDS],
+        v2_dir: false,
+        v1_tasks: 0,
+    };
+    let bytes = serde_json::to_vec(&req).unwrap();
+    let one = vec![program.fd().try_clone_to_owned().unwrap()];
+    assert!(matches!(
+        server_handle_for_test(&bytes, one).0,
+        Reply::UnknownPlan
+    ));
+    assert_eq!(
+        serde_json::to_vec(&Reply::UnknownPlan).unwrap(),
+        b"\"UnknownPlan\""
+    );
+}
