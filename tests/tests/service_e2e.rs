@@ -663,6 +663,12 @@ fn tools_come_from_the_spawner_and_still_start_once_it_is_killed() {
     let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/cat", "/proc/self/status"]);
     assert_eq!(code, 200, "{v}");
     assert!(confined(&v), "{v}");
+    // The tool holds its stdio and nothing else: not the spawner's socket to the supervisor
+    // (which would let it ask for tools), not the sync pipes (`ls` itself opens fd 3 to read
+    // the directory).
+    let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/ls", "/proc/self/fd"]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["stdout"], "0\n1\n2\n3\n", "{v}");
     // SAFETY: killing the spawner this test's supervisor started.
     unsafe { libc::kill(spawner as i32, libc::SIGKILL) };
     assert!(
