@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{find_in_path, ms, percentile};
+
 const WARMUP: usize = 10;
 
 struct Variant {
@@ -113,17 +116,6 @@ struct Summary {
     mean: f64,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let n = sorted.len();
-    let rank = ((p / 100.0) * n as f64).ceil() as usize;
-    sorted[rank.clamp(1, n) - 1]
-}
-
 fn summarize(samples: &[Duration]) -> Option<Summary> {
     if samples.is_empty() {
         return None;
@@ -156,13 +148,6 @@ fn carapace_bin() -> Result<PathBuf, String> {
         .map(|d| d.join("carapace"))
         .ok_or("no parent dir of the bench binary")?;
     Ok(guess)
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn kernel() -> String {

@@ -41,6 +41,9 @@ use carapace_supervisor::broker_host::{
     new_identity, BrokerHost, BrokerSetup, OperatorChannel, StateDir, ToolContext,
 };
 
+mod common;
+use common::{find_in_path, ms, percentile};
+
 const BWRAP: [&str; 6] = [
     "--ro-bind",
     "/",
@@ -141,17 +144,6 @@ impl Variant {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let n = sorted.len();
-    let rank = ((p / 100.0) * n as f64).ceil() as usize;
-    sorted[rank.clamp(1, n) - 1]
-}
-
 fn run_command(argv: &[&str]) -> Result<(), String> {
     let (prog, args) = argv.split_first().ok_or("empty command")?;
     let out = Command::new(prog)
@@ -190,13 +182,6 @@ fn tool(
         .wait_exit(started.id)
         .map_err(|e| format!("waiting for {argv:?}: {e}"))?;
     Ok((out, summary))
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn load_average() -> String {

@@ -1,20 +1,9 @@
 //! Showing errors: the one place that turns an error and its sources into a line, for the CLI,
 //! the service's log and the control replies alike.
 
-/// An error and its sources, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let t = src.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = src.source();
-    }
-    s
-}
+/// An error and its sources, joined with ": " (the sandbox crate's, so that the spawner's
+/// answers read the same).
+pub use carapace_sandbox::error_chain;
 
 /// The policy or configuration diagnostics behind an error, if it is (or wraps) them.
 pub fn diagnostics_in<'e>(

@@ -54,3 +54,20 @@ pub(crate) fn privileged(what: &str) -> bool {
     }
     panic!("this test needs root; run as root or set CARAPACE_ALLOW_SKIP=1 to skip it");
 }
+
+/// An error and its sources, joined with ": " (a source whose text is already in the line is
+/// not said twice): the one way carapace turns an error into a line, for the CLI, the service's
+/// log, control replies and the spawner's answers alike.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let t = src.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = src.source();
+    }
+    s
+}

@@ -105,18 +105,10 @@ pub struct Prepared {
 pub fn prepare(mut plan: Plan, run: &Run) -> Result<Prepared, SpawnError> {
     let t0 = Instant::now();
     let (cgroup, limits) = choose_cgroup(run, &mut plan)?;
-    let t1 = Instant::now();
-    let launch = Launch::prepare(&plan, &run.options, run.landlock_abi)?;
-    Ok(Prepared {
-        launch,
-        cgroup,
-        limits,
-        timings: Timings {
-            cgroup: t1 - t0,
-            prepare: t1.elapsed(),
-            ..Timings::default()
-        },
-    })
+    let chosen = t0.elapsed();
+    let mut prepared = prepare_chosen(plan, run, cgroup, limits)?;
+    prepared.timings.cgroup = chosen;
+    Ok(prepared)
 }
 
 /// [`prepare`] with step 2 already done: `premade` is an empty cgroup the caller made earlier

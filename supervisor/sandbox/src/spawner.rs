@@ -321,7 +321,7 @@ impl Spawner {
                 pid = self.pid,
                 "the tool spawner is gone ({}): tools are started from the supervisor itself \
                  from now on",
-                chain(why)
+                crate::error_chain(why)
             );
             let mut status = 0;
             // SAFETY: our own child, not reaped before (only here, once), so its pid is still
@@ -514,24 +514,11 @@ pub fn start_run(
         }
         Err(Failure::Lost(e)) => {
             sp.lost(&e);
-            Err(SpawnError::SpawnerLost { why: chain(&e) })
+            Err(SpawnError::SpawnerLost {
+                why: crate::error_chain(&e),
+            })
         }
     }
-}
-
-/// An error with its causes, each once (as the supervisor's log and replies say them).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let t = src.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = src.source();
-    }
-    s
 }
 
 /// Send one message with `fds` (SCM_RIGHTS). Never raises SIGPIPE.

@@ -165,20 +165,6 @@ fn run_capture(
     Ok((text, ended.report?))
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let t = src.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = src.source();
-    }
-    s
-}
-
 fn status_field(text: &str, key: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.split_once(':').filter(|(k, _)| *k == key))
@@ -233,8 +219,8 @@ fn confined(sp: &Spawner, ws: &Path) -> Result<(), String> {
     let argv = ["/usr/bin/cat", "/proc/self/status"];
     let mut seen = Vec::new();
     for via in [Some(sp), None] {
-        let (out, report) =
-            run_capture(via, tool_plan()?, &argv, ws, |_, _| Ok(())).map_err(|e| chain(&e))?;
+        let (out, report) = run_capture(via, tool_plan()?, &argv, ws, |_, _| Ok(()))
+            .map_err(|e| carapace_sandbox::error_chain(&e))?;
         if report.exit_code() != 0 {
             return Err(format!("cat exited {}", report.exit_code()));
         }
@@ -282,7 +268,7 @@ fn child_in_cgroup_reaped(sp: &Spawner, ws: &Path) -> Result<(), String> {
             Ok(())
         },
     )
-    .map_err(|e| chain(&e))?;
+    .map_err(|e| carapace_sandbox::error_chain(&e))?;
     if report.exit_code() != 0 || report.wall < Duration::from_millis(250) {
         return Err(format!("{report:?}"));
     }
@@ -303,11 +289,11 @@ fn both_fail(sp: &Spawner, plan: Plan, ws: &Path) -> Result<(SpawnError, SpawnEr
     }
     let inproc = errs.pop().ok_or("no error")?;
     let remote = errs.pop().ok_or("no error")?;
-    if chain(&remote) != chain(&inproc) {
+    if carapace_sandbox::error_chain(&remote) != carapace_sandbox::error_chain(&inproc) {
         return Err(format!(
             "spawner said {:?}, in-process {:?}",
-            chain(&remote),
-            chain(&inproc)
+            carapace_sandbox::error_chain(&remote),
+            carapace_sandbox::error_chain(&inproc)
         ));
     }
     Ok((remote, inproc))
@@ -334,7 +320,7 @@ fn prepare_failure_same(sp: &Spawner, ws: &Path) -> Result<(), String> {
     plan.seccomp.conditional.retain(|c| c.syscall != "execveat");
     plan.seccomp.default_action = carapace_policy::plan::SeccompAction::Errno(1);
     let (remote, _) = both_fail(sp, plan, ws)?;
-    let text = chain(&remote);
+    let text = carapace_sandbox::error_chain(&remote);
     if !text.contains("execveat") {
         return Err(text);
     }
@@ -395,7 +381,7 @@ fn fallback(sp: &Spawner, ws: &Path) -> Result<(), String> {
         ws,
         |_, _| Ok(()),
     )
-    .map_err(|e| chain(&e))?;
+    .map_err(|e| carapace_sandbox::error_chain(&e))?;
     if report.exit_code() != 0 || status_field(&out, "Seccomp").as_deref() != Some("2") {
         return Err(format!("{report:?}: {out}"));
     }

@@ -58,7 +58,7 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
                 unsafe { libc::_exit(0) }
             }
             Err(e) => {
-                tracing::warn!("tool spawner: {}", chain(&e));
+                tracing::warn!("tool spawner: {}", crate::error_chain(&e));
                 // SAFETY: see above.
                 unsafe { libc::_exit(1) }
             }
@@ -109,7 +109,7 @@ fn failed(e: &SpawnError, child: Option<i32>) -> Reply {
             SpawnError::Child { stage, .. } => Some((*stage).to_string()),
             _ => None,
         },
-        message: chain(e),
+        message: crate::error_chain(e),
         child,
     }
 }
