@@ -24,8 +24,9 @@
 //!   and the fix; nothing is started half-limited.
 //! * v2 "no internal processes": controllers can only be enabled for children of a cgroup that
 //!   holds no processes. If our own cgroup holds only the supervisor itself, the supervisor moves
-//!   itself into `<own>/carapace/supervisor` first (what systemd delegation expects); if it holds
-//!   anything else, creation fails and asks for a delegated unit.
+//!   itself into `<own>/carapace/supervisor` first (what systemd delegation expects), with its
+//!   [companions](add_companion) (the tool spawner it forked); if it holds anything else,
+//!   creation fails and asks for a delegated unit.
 //!
 //! Creation is split into a pure-ish *plan* (read-only inspection of the tree, see
 //! [`Layout::plan`]) and its application, so the decisions are unit-tested on fake trees and the
@@ -51,6 +52,25 @@ mod plan;
 mod stale;
 #[cfg(test)]
 mod tests;
+
+/// Processes of this supervisor's own besides itself (the tool spawner, forked before any
+/// cgroup was made): they share its cgroup, move with it into `carapace/supervisor`, and are
+/// never taken for processes someone else started.
+static COMPANIONS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Count `pid` (a child this process forked and keeps) among the supervisor's own processes.
+pub fn add_companion(pid: i32) {
+    if let Ok(mut c) = COMPANIONS.lock() {
+        if !c.contains(&pid) {
+            c.push(pid);
+        }
+    }
+}
+
+/// The supervisor's companions (see [`add_companion`]).
+pub(crate) fn companions() -> Vec<i32> {
+    COMPANIONS.lock().map(|c| c.clone()).unwrap_or_default()
+}
 
 pub use delegation::*;
 pub use layout::*;

@@ -271,6 +271,9 @@ impl Spawner {
                 server::serve(theirs, parent)
             }
             pid => {
+                // It lives in the supervisor's cgroup: on pure cgroup v2 it moves with the
+                // supervisor into its leaf when controllers are first enabled.
+                crate::cgroup::add_companion(pid);
                 let mut buf = [0u8; 16];
                 let ready = recv(mine.as_fd(), &mut buf);
                 let spawner = Spawner {

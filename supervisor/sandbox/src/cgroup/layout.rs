@@ -463,8 +463,12 @@ impl Layout {
                         let procs = read_pids(&procs_path)?;
                         if !procs.is_empty() {
                             let me = std::process::id() as i32;
-                            let foreign: Vec<i32> =
-                                procs.iter().copied().filter(|p| *p != me).collect();
+                            let ours = super::companions();
+                            let foreign: Vec<i32> = procs
+                                .iter()
+                                .copied()
+                                .filter(|p| *p != me && !ours.contains(p))
+                                .collect();
                             if !foreign.is_empty() {
                                 return Err(CgroupError::ForeignProcesses {
                                     path: own.clone(),

@@ -44,7 +44,8 @@ pub struct LeafPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatePlan {
     pub name: String,
-    /// v2: move the supervisor (only its own pid) into this leaf first.
+    /// v2: move the supervisor (its own pid and its [companions](super::add_companion)) into
+    /// this leaf first.
     pub move_self: Option<PathBuf>,
     /// `carapace/` parents to create if missing.
     pub parents: Vec<PathBuf>,
@@ -65,6 +66,14 @@ impl CreatePlan {
             }
             mkdir_exist_ok(leaf)?;
             write_file(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+            // Its companions follow it (one that has exited meanwhile is no longer there).
+            for pid in super::companions() {
+                match write_file(&leaf.join("cgroup.procs"), &pid.to_string()) {
+                    Err(CgroupError::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::ESRCH) => {}
+                    other => other?,
+                }
+            }
         }
         for p in &self.parents {
             mkdir_exist_ok(p)?;

@@ -282,6 +282,37 @@ fn v2_own_cgroup_with_only_ourselves_moves_us_into_supervisor_leaf() {
 }
 
 #[test]
+fn v2_own_cgroup_with_our_companion_moves_both_and_a_stranger_is_still_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let me = std::process::id();
+    // A pid no test process has: the companion registry is process-wide.
+    let companion = 999_991;
+    super::add_companion(companion);
+    let own = fake_v2(
+        tmp.path(),
+        "svc",
+        "memory pids cpu",
+        &format!("{me}\n{companion}\n"),
+    );
+    let l = Layout::from_parts(tmp.path(), "0::/svc\n", V2_MOUNT).expect("layout");
+    let p = l
+        .plan("r", &all_limits())
+        .expect("our companion is not foreign");
+    assert_eq!(p.move_self, Some(own.join("carapace/supervisor")));
+    fake_v2(
+        tmp.path(),
+        "svc",
+        "memory pids cpu",
+        &format!("{me}\n{companion}\n7\n"),
+    );
+    let l = Layout::from_parts(tmp.path(), "0::/svc\n", V2_MOUNT).expect("layout");
+    match l.plan("r", &all_limits()) {
+        Err(CgroupError::ForeignProcesses { pids, .. }) => assert_eq!(pids, vec![7]),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
 fn v2_own_cgroup_with_foreign_processes_is_refused() {
     let tmp = tempfile::tempdir().expect("tmp");
     let me = std::process::id();
