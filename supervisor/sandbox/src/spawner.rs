@@ -38,8 +38,9 @@
 //! The spawner dies with the supervisor (`PR_SET_PDEATHSIG` = SIGKILL, and it exits on the
 //! socket's EOF), holds no descriptor of the supervisor's but stdio and its socket (the others
 //! are pointed at /dev/null, not closed: the journal logger it inherited keeps a socket's
-//! number, which must not come to name a spawn's pipe), is not dumpable (as root: a rootless
-//! supervisor must write the maps of the spawner's children in /proc), and only ever signals
+//! number, which must not come to name a spawn's pipe), is dumpable like the supervisor (its
+//! /proc files, and those of the idmap helper that shares its memory, must stay openable by a
+//! supervisor without CAP_SYS_PTRACE, see `server.rs`), and only ever signals
 //! a process it started. Its own log lines (debug timings) go to stderr, or nowhere when the
 //! supervisor logs to the journal's socket. When it is gone, [`start_run`] falls back to spawning
 //! in-process and logs that once at warn; [`Spawner::is_alive`] says which for the status.

@@ -31,14 +31,12 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
             0,
         )
     };
-    // Not ptrace-able, no core: as root only. Its children inherit the flag until they clear
-    // it, and a rootless supervisor must write the uid/gid maps of a child it did not clone,
-    // which /proc makes root's when that child is not dumpable.
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        // SAFETY: integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
-    }
+    // Dumpable, like the supervisor it was forked from (which no sandbox can see: they live in
+    // pid namespaces of their own and run as other users). Not dumpable, its /proc files would
+    // be root's with CAP_SYS_PTRACE required to open them, and the things it opens there are
+    // its own: the idmap helper shares its memory (so its flag), and its `ns/user` must be
+    // opened by a supervisor whose unit does not grant CAP_SYS_PTRACE; a rootless supervisor
+    // must likewise write the uid/gid maps of a child it did not clone.
     // Nothing of the supervisor's but stdio (its log) and this socket: every other descriptor
     // is made /dev/null rather than closed, so that its number is never given to a pipe or
     // socket of a spawn while something inherited (the journal logger's socket) still uses it.
