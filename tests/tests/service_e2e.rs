@@ -264,54 +264,6 @@ fn sigterm_stops_cleanly_and_leaves_nothing() {
     );
 }
 
-/// SIGKILL of the supervisor: the gateway dies with it; the next start cleans up.
-#[test]
-fn sigkill_of_the_supervisor_leaves_no_process() {
-    if !privileged() {
-        return;
-    }
-    let mut svc = Service::start("");
-    let init = svc.gateway_running(None, Duration::from_secs(20));
-    let prog = program_of(init);
-    let prog_cgroup = fs::read_to_string(format!("/proc/{prog}/cgroup")).unwrap_or_default();
-    svc.kill();
-    assert!(
-        wait_gone(prog, Duration::from_secs(5)),
-        "gateway program survived SIGKILL"
-    );
-    assert!(
-        wait_gone(init, Duration::from_secs(5)),
-        "sandbox init survived SIGKILL"
-    );
-    // Its cgroup is left behind (nobody removed it) ...
-    let name = cgroup_name_of(&prog_cgroup);
-    assert!(!cgroup_dirs_named(&name).is_empty(), "{name} already gone?");
-    // ... until the next start cleans the leftovers of a dead supervisor (older than 2 s).
-    std::thread::sleep(Duration::from_millis(2500));
-    let svc2 = Service::start("");
-    svc2.gateway_running(None, Duration::from_secs(20));
-    assert!(
-        cgroup_dirs_named(&name).is_empty(),
-        "leftover cgroup {name} not removed; log:\n{}",
-        svc2.log_text()
-    );
-    assert!(
-        svc2.log_text().contains("left by a previous supervisor"),
-        "{}",
-        svc2.log_text()
-    );
-}
-
-/// The run cgroup's name (`gateway-<pid>-<n>`) from a /proc/N/cgroup text.
-fn cgroup_name_of(text: &str) -> String {
-    text.lines()
-        .filter_map(|l| l.splitn(3, ':').nth(2))
-        .find(|p| p.contains("/carapace/gateway-"))
-        .and_then(|p| p.rsplit('/').next())
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("no gateway cgroup in {text}"))
-}
-
 /// sd_notify: READY=1 first; SIGHUP gives RELOADING=1 (with MONOTONIC_USEC) then READY=1;
 /// WATCHDOG=1 keeps coming; SIGTERM gives STOPPING=1 last.
 #[test]
