@@ -12,9 +12,10 @@
 //!
 //! Environment: `BENCH_ITERS` (timed runs per variant, default 200, after 10 warm-up runs);
 //! `BENCH_POLICY` (default `policies/default.toml`; it must keep that file's gateway `rate`
-//! line and its `/usr/bin/true` rule); `BENCH_SPAWNER=0` starts the tools from the broker's
-//! own threads instead of a spawner process forked at the start, as `carapace run` does (the
-//! spawner's CPU counts as the supervisor's).
+//! line and its `/usr/bin/true` rule); `BENCH_SPAWNER` is the number of spawner processes forked
+//! at the start, as `carapace run` does (default 1: the bench's one client has one tool in
+//! flight; `0` starts the tools from the broker's own threads instead; the spawners' CPU counts
+//! as the supervisor's).
 //! Without `--bench` (that is, under `cargo test --benches`) it makes a smoke run of 5.
 //!
 //! Then the broker under load: `ping` round trips from a second peer, idle and while
@@ -81,14 +82,18 @@ fn rusage(who: libc::c_int) -> Duration {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-/// The spawner process's pid, when the tools are started through one.
-static SPAWNER: std::sync::OnceLock<libc::pid_t> = std::sync::OnceLock::new();
+/// The spawner processes' pids, when the tools are started through them.
+static SPAWNERS: std::sync::OnceLock<Vec<libc::pid_t>> = std::sync::OnceLock::new();
 
-/// CPU time of the spawner process so far (utime + stime of /proc/PID/stat).
+/// CPU time of the spawner processes so far.
 fn spawner_cpu() -> Duration {
-    let Some(pid) = SPAWNER.get() else {
-        return Duration::ZERO;
-    };
+    SPAWNERS.get().map_or(Duration::ZERO, |pids| {
+        pids.iter().map(|p| process_cpu(*p)).sum()
+    })
+}
+
+/// CPU time of one process so far (utime + stime of /proc/PID/stat).
+fn process_cpu(pid: libc::pid_t) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
@@ -206,12 +211,18 @@ fn start_broker(root: &Path, policy: Policy) -> Result<(BrokerHost, Client), Str
         landlock_abi: carapace_sandbox::landlock::probe_abi(),
     };
     // Before the broker's runtime starts any thread, as in `carapace run`.
-    let spawner = if std::env::var("BENCH_SPAWNER").is_ok_and(|v| v == "0") {
+    let spawners = match std::env::var("BENCH_SPAWNER") {
+        Ok(v) => v
+            .parse::<usize>()
+            .map_err(|_| format!("BENCH_SPAWNER={v}: not a number"))?,
+        Err(_) => 1,
+    };
+    let spawner = if spawners == 0 {
         None
     } else {
-        let s = carapace_sandbox::spawner::Spawner::start()
+        let s = carapace_sandbox::spawner::Spawner::start(spawners)
             .map_err(|e| format!("starting the spawner: {e}"))?;
-        let _ = SPAWNER.set(s.pid());
+        let _ = SPAWNERS.set(s.pids());
         Some(s)
     };
     println!(
@@ -219,7 +230,7 @@ fn start_broker(root: &Path, policy: Policy) -> Result<(BrokerHost, Client), Str
         spawner
             .as_ref()
             .map_or("the broker's threads (BENCH_SPAWNER=0)".to_string(), |s| {
-                format!("the spawner process (pid {})", s.pid())
+                s.describe()
             })
     );
     let host = BrokerHost::start_with(

@@ -265,8 +265,7 @@ impl BrokerHost {
     /// Who starts the broker's tools, for `carapace status`.
     pub fn tools_started_by(&self) -> String {
         match &self.tools.spawner {
-            Some(s) if s.is_alive() => format!("spawner (pid {})", s.pid()),
-            Some(_) => "in-process (the spawner is gone)".to_string(),
+            Some(s) => s.describe(),
             None => "in-process".to_string(),
         }
     }

@@ -225,16 +225,16 @@ fn start(
         source,
     })?;
     carapace_sandbox::mounts::allow_managed_workspaces(&state_canon);
-    // The broker's tools are started by a small process forked here, before the broker's
-    // runtime or any other thread exists (see carapace_sandbox::spawner); without it, by the
-    // supervisor itself.
-    let spawner = match std::env::var_os("CARAPACE_TOOL_SPAWNER").filter(|v| v == "0") {
-        Some(_) => Err(carapace_sandbox::spawner::SpawnerError::Off),
-        None => carapace_sandbox::spawner::Spawner::start(),
+    // The broker's tools are started by small processes forked here, before the broker's
+    // runtime or any other thread exists (see carapace_sandbox::spawner); without them, by
+    // the supervisor itself.
+    let spawner = match spawner_count() {
+        0 => Err(carapace_sandbox::spawner::SpawnerError::Off),
+        n => carapace_sandbox::spawner::Spawner::start(n),
     };
     let spawner = match spawner {
         Ok(s) => {
-            tracing::info!(pid = s.pid(), "tool spawner started");
+            tracing::info!(pids = ?s.pids(), "tool spawners started");
             Some(s)
         }
         Err(e) => {

@@ -584,9 +584,10 @@ fn a_socket_from_systemd_activation_is_handed_over() {
     );
 }
 
-/// The broker's tools are started by the spawner process, a single-threaded child of the
-/// supervisor forked at its start; the tools run confined. Once the spawner is killed, tools
-/// still start (from the supervisor itself), and the status and the log say so.
+/// The broker's tools are started by the spawner processes (one per CPU, at most four),
+/// single-threaded children of the supervisor forked at its start; the tools run confined.
+/// Once the spawners are killed, tools still start (from the supervisor itself), and the status
+/// and the log say so.
 #[test]
 fn tools_come_from_the_spawner_and_still_start_once_it_is_killed() {
     if !privileged() {
@@ -595,16 +596,21 @@ fn tools_come_from_the_spawner_and_still_start_once_it_is_killed() {
     let mut svc = Service::start("");
     svc.gateway_running(None, Duration::from_secs(20));
     let st = svc.status();
-    let spawner: i64 = st["tools"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("spawner (pid "))
+    let said = st["tools"].as_str().unwrap_or_default();
+    let spawners: Vec<i64> = said
+        .strip_prefix("spawner (pid ")
+        .or_else(|| said.strip_prefix("spawners (pids "))
         .and_then(|t| t.strip_suffix(')'))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no spawner in the status: {st}"));
-    assert_eq!(status_field(spawner, "PPid"), svc.pid().to_string());
-    assert_eq!(status_field(spawner, "Threads"), "1");
-    assert_eq!(status_field(spawner, "Name"), "carapace-spawn");
-    assert!(svc.log_text().contains("tool spawner started"));
+        .map(|t| t.split(", ").filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(spawners.len(), cpus.clamp(1, 4), "{st}");
+    for &spawner in &spawners {
+        assert_eq!(status_field(spawner, "PPid"), svc.pid().to_string());
+        assert_eq!(status_field(spawner, "Threads"), "1");
+        assert_eq!(status_field(spawner, "Name"), "carapace-spawn");
+    }
+    assert!(svc.log_text().contains("tool spawners started"));
     let tok = svc.token("client");
     let confined = |v: &serde_json::Value| {
         let out = v["stdout"].as_str().unwrap_or_default();
@@ -621,19 +627,26 @@ fn tools_come_from_the_spawner_and_still_start_once_it_is_killed() {
     let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/ls", "/proc/self/fd"]);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["stdout"], "0\n1\n2\n3\n", "{v}");
-    // SAFETY: killing the spawner this test's supervisor started.
-    unsafe { libc::kill(spawner as i32, libc::SIGKILL) };
-    assert!(
-        wait_gone(spawner, Duration::from_secs(5)),
-        "spawner survived"
-    );
+    for &spawner in &spawners {
+        // SAFETY: killing a spawner this test's supervisor started.
+        unsafe { libc::kill(spawner as i32, libc::SIGKILL) };
+        assert!(
+            wait_gone(spawner, Duration::from_secs(5)),
+            "spawner survived"
+        );
+    }
     for _ in 0..2 {
         let (code, v) = exec_via_gateway(svc.addr, &tok, &["/usr/bin/cat", "/proc/self/status"]);
         assert_eq!(code, 200, "{v}");
         assert!(confined(&v), "{v}");
     }
     let st = svc.status();
-    assert_eq!(st["tools"], "in-process (the spawner is gone)", "{st}");
+    let gone = if spawners.len() == 1 {
+        "in-process (the spawner is gone)"
+    } else {
+        "in-process (the spawners are gone)"
+    };
+    assert_eq!(st["tools"], gone, "{st}");
     let log = svc.log_text();
     assert_eq!(log.matches("the tool spawner is gone").count(), 1, "{log}");
     let exit = svc.stop();

@@ -6,7 +6,8 @@
 //! with a TLB shootdown across the CPUs (see docs/benchmarks.md, "Broker tool path"). The
 //! spawner is forked by `carapace run` before the broker's runtime or any other thread
 //! exists ([`Spawner::start`] refuses otherwise), so its address space is small and only it
-//! is copied.
+//! is copied. There may be several (`carapace run` starts one per CPU): each starts one tool at
+//! a time, and a tool's request goes to an idle one.
 //!
 //! ```text
 //! supervisor (tool thread)                      spawner (one thread, a loop)
@@ -43,17 +44,19 @@
 //! supervisor without CAP_SYS_PTRACE, see `server.rs`), and only ever signals
 //! a process it started. Its own log lines (debug timings) go to stderr, or nowhere when the
 //! supervisor logs to the journal's socket. When it is gone, [`start_run`] falls back to spawning
-//! in-process and logs that once at warn; [`Spawner::is_alive`] says which for the status.
+//! in-process and logs that once at warn; [`Spawner::describe`] says which for the status.
 //! A request sent to a spawner that dies before it answers fails (its cgroup, and anything
-//! started in it, is killed): only a request that was never sent is started in-process.
+//! started in it, is killed): only a request that was never sent is started in-process. With
+//! several spawners, one found gone is left out and the others go on; the fallback to
+//! in-process comes when the last is gone.
 
 use std::ffi::OsString;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use carapace_policy::Plan;
@@ -206,9 +209,20 @@ enum Reply {
     },
 }
 
-/// The supervisor's handle on its spawner process.
+/// The supervisor's handle on its spawner processes: one or more, each starting one tool at a
+/// time. A request goes to the first one that is idle, or, when all are busy, waits for the
+/// next in turn; a spawner found gone is left out from then on, and once all are gone tools
+/// are started in-process.
 #[derive(Debug)]
 pub struct Spawner {
+    each: Vec<Worker>,
+    /// Whose turn it is to be waited for when all are busy.
+    turn: AtomicUsize,
+}
+
+/// One spawner process.
+#[derive(Debug)]
+struct Worker {
     sock: Mutex<Channel>,
     pid: libc::pid_t,
     gone: AtomicBool,
@@ -234,9 +248,117 @@ enum Failure {
 }
 
 impl Spawner {
-    /// Fork the spawner. Only in a process with a single thread (checked): the child of a
-    /// fork of a multi-threaded process may find locks held forever.
-    pub fn start() -> Result<Spawner, SpawnerError> {
+    /// Fork `count` spawners (at least one). Only in a process with a single thread
+    /// (checked): the child of a fork of a multi-threaded process may find locks held forever.
+    /// A spawner after the first that cannot be started is left out with a warning; the first
+    /// one's failure is the error.
+    pub fn start(count: usize) -> Result<Spawner, SpawnerError> {
+        let mut each = vec![Worker::start()?];
+        for _ in 1..count {
+            match Worker::start() {
+                Ok(w) => each.push(w),
+                Err(e) => {
+                    tracing::warn!(
+                        "tool spawner {} of {count} not started: {}",
+                        each.len() + 1,
+                        crate::error_chain(&e)
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(Spawner {
+            each,
+            turn: AtomicUsize::new(0),
+        })
+    }
+
+    /// The spawners' pids, the gone ones included.
+    pub fn pids(&self) -> Vec<libc::pid_t> {
+        self.each.iter().map(|w| w.pid).collect()
+    }
+
+    /// The pids of the spawners still in use.
+    pub fn alive_pids(&self) -> Vec<libc::pid_t> {
+        self.alive().map(|w| w.pid).collect()
+    }
+
+    /// Whether tools are still started through a spawner (false once all were found gone).
+    pub fn is_alive(&self) -> bool {
+        self.alive().next().is_some()
+    }
+
+    /// Who starts the tools, in words for the status: `spawner (pid N)`, `spawners (pids N,
+    /// M)` (with how many are gone, if any), or `in-process (...)` once all are gone.
+    pub fn describe(&self) -> String {
+        let alive = self.alive_pids();
+        let gone = self.each.len() - alive.len();
+        let list = alive
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let gone = if gone > 0 && !alive.is_empty() {
+            format!("; {gone} of {} gone", self.each.len())
+        } else {
+            String::new()
+        };
+        match alive.len() {
+            0 if self.each.len() == 1 => "in-process (the spawner is gone)".to_string(),
+            0 => "in-process (the spawners are gone)".to_string(),
+            1 => format!("spawner (pid {list}{gone})"),
+            _ => format!("spawners (pids {list}{gone})"),
+        }
+    }
+
+    fn alive(&self) -> impl Iterator<Item = &Worker> {
+        self.each.iter().filter(|w| w.is_alive())
+    }
+
+    /// A spawner for one request and its channel: the first idle one, or when all are busy
+    /// the next in turn, waited for. None once all are gone.
+    fn pick(&self) -> Option<(&Worker, MutexGuard<'_, Channel>)> {
+        for w in self.alive() {
+            match w.sock.try_lock() {
+                Ok(g) => return Some((w, g)),
+                Err(TryLockError::Poisoned(p)) => return Some((w, p.into_inner())),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let alive: Vec<&Worker> = self.alive().collect();
+        if alive.is_empty() {
+            return None;
+        }
+        let w = alive[self.turn.fetch_add(1, Ordering::Relaxed) % alive.len()];
+        Some((w, w.sock.lock().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// The spawner `w` is gone, or no longer to be trusted: end it, and say so once (that
+    /// tools now start in-process, when it was the last).
+    fn lost(&self, w: &Worker, why: &SpawnerError) {
+        if w.end() {
+            if self.is_alive() {
+                tracing::warn!(
+                    pid = w.pid,
+                    "a tool spawner is gone ({}): the other {} start the tools",
+                    crate::error_chain(why),
+                    self.alive().count()
+                );
+            } else {
+                tracing::warn!(
+                    pid = w.pid,
+                    "the tool spawner is gone ({}): tools are started from the supervisor \
+                     itself from now on",
+                    crate::error_chain(why)
+                );
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Fork one spawner (see [`Spawner::start`]).
+    fn start() -> Result<Worker, SpawnerError> {
         let threads = std::fs::read_dir("/proc/self/task")
             .map_err(|source| SpawnerError::Sys {
                 syscall: "opendir(/proc/self/task)",
@@ -277,7 +399,7 @@ impl Spawner {
                 crate::cgroup::add_companion(pid);
                 let mut buf = [0u8; 16];
                 let ready = recv(mine.as_fd(), &mut buf);
-                let spawner = Spawner {
+                let spawner = Worker {
                     sock: Mutex::new(Channel {
                         sock: mine,
                         plans: Plans::default(),
@@ -307,39 +429,30 @@ impl Spawner {
         }
     }
 
-    /// The spawner's pid.
-    pub fn pid(&self) -> libc::pid_t {
-        self.pid
-    }
-
-    /// Whether tools are still started through the spawner (false once it was found gone).
-    pub fn is_alive(&self) -> bool {
+    fn is_alive(&self) -> bool {
         !self.gone.load(Ordering::SeqCst)
     }
 
-    /// The spawner is gone, or no longer to be trusted (a malformed answer): say so once, end
-    /// it and reap it.
-    fn lost(&self, why: &SpawnerError) {
-        if !self.gone.swap(true, Ordering::SeqCst) {
-            tracing::warn!(
-                pid = self.pid,
-                "the tool spawner is gone ({}): tools are started from the supervisor itself \
-                 from now on",
-                crate::error_chain(why)
-            );
-            let mut status = 0;
-            // SAFETY: our own child, not reaped before (only here, once), so its pid is still
-            // its own; SIGKILL ends it if it still runs, and the wait cannot block for long.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-                libc::waitpid(self.pid, &mut status, 0)
-            };
+    /// Mark it gone, kill and reap it; true the first time only.
+    fn end(&self) -> bool {
+        if self.gone.swap(true, Ordering::SeqCst) {
+            return false;
         }
+        let mut status = 0;
+        // SAFETY: our own child, not reaped before (only here, once), so its pid is still
+        // its own; SIGKILL ends it if it still runs, and the wait cannot block for long.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, &mut status, 0)
+        };
+        true
     }
 
-    /// Send one request and read its answer.
+    /// Send one request over its channel (`guard`, held until the answer is read) and read
+    /// the answer.
     fn request(
         &self,
+        mut guard: MutexGuard<'_, Channel>,
         plan: &Plan,
         run: &Run,
         join: Option<&JoinFds>,
@@ -370,7 +483,6 @@ impl Spawner {
             fds.extend(j.v2_dir.iter().map(|f| f.as_raw_fd()));
             fds.extend(j.v1_tasks.iter().map(|f| f.as_raw_fd()));
         }
-        let mut guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
         let ch = &mut *guard;
         let known = ch.plans.find(plan);
         let plan_id = known.unwrap_or_else(|| {
@@ -472,8 +584,8 @@ impl Spawner {
     }
 }
 
-/// Steps 1 to 4 of the run path (see [`crate::run`]) for a broker tool: through `spawner`
-/// while it lives, else in-process. `premade`: an empty cgroup made ahead with `plan`'s
+/// Steps 1 to 4 of the run path (see [`crate::run`]) for a broker tool: through one of the
+/// spawners while one lives, else in-process. `premade`: an empty cgroup made ahead with `plan`'s
 /// limits (see [`run::start_in`]).
 pub fn start_run(
     spawner: Option<&Spawner>,
@@ -498,29 +610,35 @@ pub fn start_run(
     };
     let t1 = Instant::now();
     let join = cgroup.as_deref().map(Cgroup::join_fds).transpose()?;
-    match sp.request(&plan, run, join.as_ref(), io) {
-        Ok(running) => Ok(Started::from_spawner(
-            running,
-            plan.wall_time,
-            cgroup,
-            limits,
-            Timings {
-                cgroup: t1 - t0,
-                start: t1.elapsed(),
-                ..Timings::default()
-            },
-        )),
-        Err(Failure::Spawn(e)) => Err(e),
-        Err(Failure::NotSent(e)) => {
-            sp.lost(&e);
+    loop {
+        let Some((worker, channel)) = sp.pick() else {
+            // Every spawner was found gone before one took the request.
             drop(join);
-            run::prepare_chosen(plan, run, cgroup, limits)?.spawn(io)
-        }
-        Err(Failure::Lost(e)) => {
-            sp.lost(&e);
-            Err(SpawnError::SpawnerLost {
-                why: crate::error_chain(&e),
-            })
+            return run::prepare_chosen(plan, run, cgroup, limits)?.spawn(io);
+        };
+        match worker.request(channel, &plan, run, join.as_ref(), io) {
+            Ok(running) => {
+                return Ok(Started::from_spawner(
+                    running,
+                    plan.wall_time,
+                    cgroup,
+                    limits,
+                    Timings {
+                        cgroup: t1 - t0,
+                        start: t1.elapsed(),
+                        ..Timings::default()
+                    },
+                ))
+            }
+            Err(Failure::Spawn(e)) => return Err(e),
+            // Never taken: the next spawner, or in-process once none is left.
+            Err(Failure::NotSent(e)) => sp.lost(worker, &e),
+            Err(Failure::Lost(e)) => {
+                sp.lost(worker, &e);
+                return Err(SpawnError::SpawnerLost {
+                    why: crate::error_chain(&e),
+                });
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The spawner process (carapace_sandbox::spawner) for real, as root: a tool started through
 //! it is confined as one started in-process, is the caller's child in its cgroup and reaped
 //! by the caller; a failing start says the same as in-process; the spawner dies with its
-//! supervisor; once it is killed, starts fall back to in-process.
+//! supervisor; of two, a killed one is left out, and once both are, starts fall back to
+//! in-process.
 //!
 //! No test harness (`harness = false`): the spawner must be forked while the process has one
 //! thread, which a libtest binary never has. Not root: it fails (a privileged test never
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
     // Something the spawner must not keep: a listening socket of ours.
     let held = std::net::TcpListener::bind("127.0.0.1:0");
     // First thing: the process has one thread now.
-    let spawner = match Spawner::start() {
+    let spawner = match Spawner::start(2) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("starting the spawner: {e}");
@@ -74,7 +75,7 @@ fn main() -> ExitCode {
         ),
         ("the spawner dies with its supervisor", dies_with_supervisor),
         (
-            "once the spawner is killed, tools start in-process",
+            "a killed spawner is left out; once all are, tools start in-process",
             fallback,
         ),
     ];
@@ -177,7 +178,16 @@ fn me() -> String {
 }
 
 fn spawner_state(sp: &Spawner, _: &Path) -> Result<(), String> {
-    let pid = sp.pid();
+    let pids = sp.pids();
+    if pids.len() != 2 || sp.alive_pids() != pids {
+        return Err(format!("two spawners asked for, {pids:?} started"));
+    }
+    pids.into_iter().try_for_each(one_spawner_state)
+}
+
+/// One spawner: its name, one thread, our child, only its socket beyond stdio (the second
+/// spawner, forked after the first, must not hold our end of the first one's socket).
+fn one_spawner_state(pid: libc::pid_t) -> Result<(), String> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
     for (k, want) in [("Name", "carapace-spawn"), ("Threads", "1")] {
@@ -333,9 +343,9 @@ fn dies_with_supervisor(_: &Spawner, _: &Path) -> Result<(), String> {
     // may start a spawner of its own; it only does that, writes its pid and exits.
     let child = unsafe { libc::fork() };
     if child == 0 {
-        let code = match Spawner::start() {
+        let code = match Spawner::start(1) {
             Ok(s) => {
-                let b = s.pid().to_ne_bytes();
+                let b = s.pids()[0].to_ne_bytes();
                 // SAFETY: writing 4 bytes from a local array to our pipe.
                 unsafe { libc::write(p.write.as_raw_fd(), b.as_ptr().cast(), 4) };
                 0
@@ -371,22 +381,48 @@ fn dies_with_supervisor(_: &Spawner, _: &Path) -> Result<(), String> {
 }
 
 fn fallback(sp: &Spawner, ws: &Path) -> Result<(), String> {
-    // SAFETY: signalling our own child, the spawner, by its pid (not reaped: no reuse).
-    unsafe { libc::kill(sp.pid(), libc::SIGKILL) };
+    let pids = sp.pids();
+    let cat = |what: &str| -> Result<(), String> {
+        let (out, report) = run_capture(
+            Some(sp),
+            tool_plan()?,
+            &["/usr/bin/cat", "/proc/self/status"],
+            ws,
+            |_, _| Ok(()),
+        )
+        .map_err(|e| format!("{what}: {}", carapace_sandbox::error_chain(&e)))?;
+        if report.exit_code() != 0 || status_field(&out, "Seccomp").as_deref() != Some("2") {
+            return Err(format!("{what}: {report:?}: {out}"));
+        }
+        Ok(())
+    };
+    // One of two killed: the other takes the tools.
+    // SAFETY: signalling our own child, a spawner, by its pid (not reaped: no reuse).
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(50));
-    let (out, report) = run_capture(
-        Some(sp),
-        tool_plan()?,
-        &["/usr/bin/cat", "/proc/self/status"],
-        ws,
-        |_, _| Ok(()),
-    )
-    .map_err(|e| carapace_sandbox::error_chain(&e))?;
-    if report.exit_code() != 0 || status_field(&out, "Seccomp").as_deref() != Some("2") {
-        return Err(format!("{report:?}: {out}"));
+    cat("with one spawner left")?;
+    if sp.alive_pids() != [pids[1]] {
+        return Err(format!(
+            "after killing {}, alive: {:?}",
+            pids[0],
+            sp.alive_pids()
+        ));
     }
+    let said = sp.describe();
+    if said != format!("spawner (pid {}; 1 of 2 gone)", pids[1]) {
+        return Err(format!("described as {said:?}"));
+    }
+    // Both killed: in-process.
+    // SAFETY: as above, the other spawner.
+    unsafe { libc::kill(pids[1], libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(50));
+    cat("with no spawner left")?;
     if sp.is_alive() {
-        return Err("the spawner is still taken for alive".to_string());
+        return Err("a spawner is still taken for alive".to_string());
+    }
+    let said = sp.describe();
+    if said != "in-process (the spawners are gone)" {
+        return Err(format!("described as {said:?}"));
     }
     Ok(())
 }

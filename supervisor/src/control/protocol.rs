@@ -158,8 +158,9 @@ pub struct StatusReport {
     pub mode: String,
     /// What is used: `hybrid v1+v2`, `v2 delegated`, `none (rlimits only)`, ...
     pub cgroups: String,
-    /// Who starts the broker's tools: `spawner (pid N)`, or `in-process` (`in-process (the
-    /// spawner is gone)` once it died); empty from a supervisor that does not say.
+    /// Who starts the broker's tools: `spawner (pid N)`, `spawners (pids N, M)` (with `; K of
+    /// J gone` when some died), or `in-process` (`in-process (the spawner is gone)` / `(the
+    /// spawners are gone)` once all died); empty from a supervisor that does not say.
     #[serde(default)]
     pub tools: String,
     /// The configuration's source (a path, or `embedded default`).

@@ -237,3 +237,32 @@ pub(super) fn cgroup_mode() -> (Option<String>, String) {
         Err(e) => (None, format!("none ({e})")),
     }
 }
+
+/// How many tool spawners to fork: `CARAPACE_TOOL_SPAWNER` when set (`0` turns them off, a
+/// number from 1 to [`MAX_SPAWNERS`] sets it), else one per CPU up to [`DEFAULT_SPAWNERS_MAX`].
+/// Each spawner starts one tool at a time (prepare, clone, the handshake until `execve`), so
+/// with one, tools started at once queue behind each other while CPUs idle; more than the CPUs
+/// gain nothing.
+pub(super) fn spawner_count() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = cpus.clamp(1, DEFAULT_SPAWNERS_MAX);
+    match std::env::var("CARAPACE_TOOL_SPAWNER") {
+        Err(_) => default,
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n <= MAX_SPAWNERS => n,
+            _ => {
+                tracing::warn!(
+                    value = %v,
+                    "CARAPACE_TOOL_SPAWNER is not a number from 0 to {MAX_SPAWNERS}: ignored \
+                     ({default} spawner(s), one per CPU)"
+                );
+                default
+            }
+        },
+    }
+}
+
+/// The most spawners started by default, whatever the CPUs.
+const DEFAULT_SPAWNERS_MAX: usize = 4;
+/// The most spawners `CARAPACE_TOOL_SPAWNER` may ask for.
+const MAX_SPAWNERS: usize = 16;

@@ -180,3 +180,77 @@ fn a_request_for_a_plan_not_kept_asks_for_it() {
         b"\"UnknownPlan\""
     );
 }
+
+/// A spawner handle over a socket no process answers on (pid 0: never signalled here, as
+/// nothing in these tests ends a worker).
+fn idle_worker(pid: libc::pid_t) -> Worker {
+    let (a, _b) = socket::socketpair(
+        socket::AddressFamily::Unix,
+        socket::SockType::SeqPacket,
+        None,
+        socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    Worker {
+        sock: Mutex::new(Channel {
+            sock: a,
+            plans: Plans::default(),
+            buf: Vec::new(),
+        }),
+        pid,
+        gone: AtomicBool::new(false),
+    }
+}
+
+#[test]
+fn a_request_goes_to_an_idle_spawner_and_never_to_a_gone_one() {
+    let sp = Spawner {
+        each: vec![idle_worker(101), idle_worker(102), idle_worker(103)],
+        turn: AtomicUsize::new(0),
+    };
+    assert_eq!(sp.describe(), "spawners (pids 101, 102, 103)");
+    // All idle: the first.
+    let (w, first) = sp.pick().unwrap();
+    assert_eq!(w.pid, 101);
+    // The first busy: the second; both busy: the third.
+    let (w, second) = sp.pick().unwrap();
+    assert_eq!(w.pid, 102);
+    let (w, third) = sp.pick().unwrap();
+    assert_eq!(w.pid, 103);
+    drop((first, second, third));
+    // A gone one is skipped, and said in the status.
+    sp.each[0].gone.store(true, Ordering::SeqCst);
+    let (w, _g) = sp.pick().unwrap();
+    assert_eq!(w.pid, 102);
+    assert_eq!(sp.describe(), "spawners (pids 102, 103; 1 of 3 gone)");
+    drop(_g);
+    sp.each[1].gone.store(true, Ordering::SeqCst);
+    assert_eq!(sp.describe(), "spawner (pid 103; 2 of 3 gone)");
+    sp.each[2].gone.store(true, Ordering::SeqCst);
+    assert!(sp.pick().is_none());
+    assert!(!sp.is_alive());
+    assert_eq!(sp.describe(), "in-process (the spawners are gone)");
+}
+
+#[test]
+fn all_spawners_busy_the_request_waits_for_one_in_turn() {
+    let sp = Spawner {
+        each: vec![idle_worker(201), idle_worker(202)],
+        turn: AtomicUsize::new(0),
+    };
+    let held = sp.pick().map(|(_, g)| g).unwrap();
+    let other = sp.pick().map(|(_, g)| g).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (w, _g) = sp.pick().unwrap();
+            tx.send(w.pid).unwrap();
+        });
+        // Both held: it waits.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        drop(held);
+        drop(other);
+        let pid = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(pid == 201 || pid == 202);
+    });
+}
