@@ -55,8 +55,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use carapace_policy::Plan;
@@ -210,14 +210,36 @@ enum Reply {
 }
 
 /// The supervisor's handle on its spawner processes: one or more, each starting one tool at a
-/// time. A request goes to the first one that is idle, or, when all are busy, waits for the
-/// next in turn; a spawner found gone is left out from then on, and once all are gone tools
-/// are started in-process.
+/// time. A request goes to an idle one (the lowest-numbered), or, when all are busy, waits for
+/// whichever is free first; a spawner found gone is left out from then on, and once all are
+/// gone tools are started in-process.
 #[derive(Debug)]
 pub struct Spawner {
     each: Vec<Worker>,
-    /// Whose turn it is to be waited for when all are busy.
-    turn: AtomicUsize,
+    /// The indices into `each` of the spawners no request holds.
+    idle: Mutex<Vec<usize>>,
+    /// Signalled when a spawner is handed back or found gone.
+    freed: Condvar,
+}
+
+/// One spawner held for one request: its channel, handed back to the idle ones when dropped
+/// (the channel's lock is released just after: whoever takes the spawner next may wait for
+/// that moment in `pick`).
+struct Lease<'a> {
+    sp: &'a Spawner,
+    index: usize,
+    channel: MutexGuard<'a, Channel>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.sp
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.index);
+        self.sp.freed.notify_one();
+    }
 }
 
 /// One spawner process.
@@ -267,10 +289,7 @@ impl Spawner {
                 }
             }
         }
-        Ok(Spawner {
-            each,
-            turn: AtomicUsize::new(0),
-        })
+        Ok(Spawner::over(each))
     }
 
     /// The spawners' pids, the gone ones included.
@@ -315,28 +334,46 @@ impl Spawner {
         self.each.iter().filter(|w| w.is_alive())
     }
 
-    /// A spawner for one request and its channel: the first idle one, or when all are busy
-    /// the next in turn, waited for. None once all are gone.
-    fn pick(&self) -> Option<(&Worker, MutexGuard<'_, Channel>)> {
-        for w in self.alive() {
-            match w.sock.try_lock() {
-                Ok(g) => return Some((w, g)),
-                Err(TryLockError::Poisoned(p)) => return Some((w, p.into_inner())),
-                Err(TryLockError::WouldBlock) => {}
+    fn over(each: Vec<Worker>) -> Spawner {
+        Spawner {
+            idle: Mutex::new((0..each.len()).collect()),
+            each,
+            freed: Condvar::new(),
+        }
+    }
+
+    /// A spawner for one request: the lowest-numbered idle one, or when all are busy the first
+    /// one handed back. None once all are gone.
+    fn pick(&self) -> Option<Lease<'_>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            idle.retain(|i| self.each[*i].is_alive());
+            if let Some(at) = (0..idle.len()).min_by_key(|k| idle[*k]) {
+                let index = idle.swap_remove(at);
+                drop(idle);
+                let channel = self.each[index]
+                    .sock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                return Some(Lease {
+                    sp: self,
+                    index,
+                    channel,
+                });
             }
+            if !self.is_alive() {
+                return None;
+            }
+            idle = self.freed.wait(idle).unwrap_or_else(|p| p.into_inner());
         }
-        let alive: Vec<&Worker> = self.alive().collect();
-        if alive.is_empty() {
-            return None;
-        }
-        let w = alive[self.turn.fetch_add(1, Ordering::Relaxed) % alive.len()];
-        Some((w, w.sock.lock().unwrap_or_else(|p| p.into_inner())))
     }
 
     /// The spawner `w` is gone, or no longer to be trusted: end it, and say so once (that
     /// tools now start in-process, when it was the last).
     fn lost(&self, w: &Worker, why: &SpawnerError) {
         if w.end() {
+            // Whoever waits for a spawner looks again (and starts in-process if none is left).
+            self.freed.notify_all();
             if self.is_alive() {
                 tracing::warn!(
                     pid = w.pid,
@@ -448,11 +485,11 @@ impl Worker {
         true
     }
 
-    /// Send one request over its channel (`guard`, held until the answer is read) and read
-    /// the answer.
+    /// Send one request over the leased channel (held until the answer is read) and read the
+    /// answer.
     fn request(
         &self,
-        mut guard: MutexGuard<'_, Channel>,
+        mut lease: Lease<'_>,
         plan: &Plan,
         run: &Run,
         join: Option<&JoinFds>,
@@ -483,7 +520,7 @@ impl Worker {
             fds.extend(j.v2_dir.iter().map(|f| f.as_raw_fd()));
             fds.extend(j.v1_tasks.iter().map(|f| f.as_raw_fd()));
         }
-        let ch = &mut *guard;
+        let ch = &mut *lease.channel;
         let known = ch.plans.find(plan);
         let plan_id = known.unwrap_or_else(|| {
             ch.plans.next += 1;
@@ -538,7 +575,7 @@ impl Worker {
                 why: e.to_string(),
             })
         })?;
-        drop(guard);
+        drop(lease);
         let malformed = |why: &str| {
             Failure::Lost(SpawnerError::Malformed {
                 from: "spawner",
@@ -611,12 +648,13 @@ pub fn start_run(
     let t1 = Instant::now();
     let join = cgroup.as_deref().map(Cgroup::join_fds).transpose()?;
     loop {
-        let Some((worker, channel)) = sp.pick() else {
+        let Some(lease) = sp.pick() else {
             // Every spawner was found gone before one took the request.
             drop(join);
             return run::prepare_chosen(plan, run, cgroup, limits)?.spawn(io);
         };
-        match worker.request(channel, &plan, run, join.as_ref(), io) {
+        let worker = &sp.each[lease.index];
+        match worker.request(lease, &plan, run, join.as_ref(), io) {
             Ok(running) => {
                 return Ok(Started::from_spawner(
                     running,

@@ -204,26 +204,28 @@ fn idle_worker(pid: libc::pid_t) -> Worker {
 
 #[test]
 fn a_request_goes_to_an_idle_spawner_and_never_to_a_gone_one() {
-    let sp = Spawner {
-        each: vec![idle_worker(101), idle_worker(102), idle_worker(103)],
-        turn: AtomicUsize::new(0),
-    };
+    let sp = Spawner::over(vec![idle_worker(101), idle_worker(102), idle_worker(103)]);
     assert_eq!(sp.describe(), "spawners (pids 101, 102, 103)");
     // All idle: the first.
-    let (w, first) = sp.pick().unwrap();
-    assert_eq!(w.pid, 101);
+    let first = sp.pick().unwrap();
+    assert_eq!(first.index, 0);
     // The first busy: the second; both busy: the third.
-    let (w, second) = sp.pick().unwrap();
-    assert_eq!(w.pid, 102);
-    let (w, third) = sp.pick().unwrap();
-    assert_eq!(w.pid, 103);
-    drop((first, second, third));
+    let second = sp.pick().unwrap();
+    assert_eq!(second.index, 1);
+    let third = sp.pick().unwrap();
+    assert_eq!(third.index, 2);
+    // Handed back in any order, the lowest idle one goes first.
+    drop(third);
+    drop(first);
+    let again = sp.pick().unwrap();
+    assert_eq!(again.index, 0);
+    drop((again, second));
     // A gone one is skipped, and said in the status.
     sp.each[0].gone.store(true, Ordering::SeqCst);
-    let (w, _g) = sp.pick().unwrap();
-    assert_eq!(w.pid, 102);
+    let lease = sp.pick().unwrap();
+    assert_eq!(lease.index, 1);
     assert_eq!(sp.describe(), "spawners (pids 102, 103; 1 of 3 gone)");
-    drop(_g);
+    drop(lease);
     sp.each[1].gone.store(true, Ordering::SeqCst);
     assert_eq!(sp.describe(), "spawner (pid 103; 2 of 3 gone)");
     sp.each[2].gone.store(true, Ordering::SeqCst);
@@ -233,24 +235,39 @@ fn a_request_goes_to_an_idle_spawner_and_never_to_a_gone_one() {
 }
 
 #[test]
-fn all_spawners_busy_the_request_waits_for_one_in_turn() {
-    let sp = Spawner {
-        each: vec![idle_worker(201), idle_worker(202)],
-        turn: AtomicUsize::new(0),
-    };
-    let held = sp.pick().map(|(_, g)| g).unwrap();
-    let other = sp.pick().map(|(_, g)| g).unwrap();
+fn all_spawners_busy_a_request_takes_the_first_handed_back() {
+    let sp = Spawner::over(vec![idle_worker(201), idle_worker(202)]);
+    let first = sp.pick().unwrap();
+    let second = sp.pick().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
         s.spawn(|| {
-            let (w, _g) = sp.pick().unwrap();
-            tx.send(w.pid).unwrap();
+            let lease = sp.pick().unwrap();
+            tx.send(lease.index).unwrap();
         });
         // Both held: it waits.
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
-        drop(held);
-        drop(other);
-        let pid = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert!(pid == 201 || pid == 202);
+        // The second is handed back first: the waiter gets it, not a wait for the first.
+        drop(second);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
     });
+    drop(first);
+}
+
+#[test]
+fn a_waiting_request_learns_when_the_last_spawner_is_gone() {
+    let sp = Spawner::over(vec![idle_worker(0)]);
+    let held = sp.pick().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tx.send(sp.pick().is_none()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        // Marked gone as `lost` does (without `end`, which would signal pid 0), then woken.
+        sp.each[0].gone.store(true, Ordering::SeqCst);
+        sp.freed.notify_all();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+    });
+    drop(held);
 }
