@@ -238,7 +238,7 @@ fn write_proc_files(pid: libc::pid_t, files: &[(&str, &str)]) -> Result<(), Name
 #[derive(Debug)]
 pub struct Reaper {
     pid: std::sync::atomic::AtomicI32,
-    _stack: HelperStack,
+    _stack: CloneStack,
 }
 
 impl Reaper {
@@ -266,17 +266,22 @@ impl Drop for Reaper {
     }
 }
 
-/// The helper's stack: 64 KiB, 16-byte aligned (the helper only calls `prctl` and `pause`).
-#[derive(Debug)]
-struct HelperStack(Vec<u128>);
+/// Size of a [`CloneStack`].
+pub(crate) const CLONE_STACK_BYTES: usize = 64 * 1024;
 
-impl HelperStack {
-    fn new() -> HelperStack {
-        HelperStack(vec![0u128; 4096])
+/// A stack for a child cloned with `CLONE_VM` that runs a few raw syscalls and never returns:
+/// the idmap helper (`prctl`, `pause`) and the sandbox's program child until its `execve`.
+/// 64 KiB, 16-byte aligned.
+#[derive(Debug)]
+pub(crate) struct CloneStack(Vec<u128>);
+
+impl CloneStack {
+    pub(crate) fn new() -> CloneStack {
+        CloneStack(vec![0u128; CLONE_STACK_BYTES / std::mem::size_of::<u128>()])
     }
 
     /// The top of the stack (it grows down).
-    fn top(&mut self) -> *mut libc::c_void {
+    pub(crate) fn top(&mut self) -> *mut libc::c_void {
         self.0.as_mut_ptr_range().end.cast()
     }
 }
@@ -320,7 +325,7 @@ pub fn helper_userns(uid_map: &str, gid_map: &str) -> Result<(OwnedFd, Reaper), 
             source,
         }
     };
-    let mut stack = HelperStack::new();
+    let mut stack = CloneStack::new();
     // SAFETY: sigfillset/pthread_sigmask write only the sigset_t values we own; the old mask is
     // restored below whatever clone did.
     let pid = unsafe {

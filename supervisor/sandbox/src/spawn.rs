@@ -31,7 +31,8 @@
 //!  write uid_map/gid_map  <--------------   "userns ready"
 //!  "go 2" ------------------------------->   setresgid/setresuid; drop caps; setsid;
 //!                                             PDEATHSIG; dumpable 0; rlimits; no_new_privs;
-//!                                             Landlock; close fds; chdir; fork:
+//!                                             Landlock; close fds; chdir; vfork
+//!                                             (CLONE_VM|CLONE_VFORK, own stack):
 //!                                               pid 1 = init: own seccomp; reap, report
 //!                                                       status, exit
 //!                                               pid 2 = program: open + check the
@@ -875,12 +876,16 @@ impl Launch {
         // which `cgroup.procs` writes do (milliseconds per write).
         let v1_tasks: Vec<RawFd> = join.map(|j| j.v1_raw()).unwrap_or_default();
         let v2_dir = join.and_then(|j| j.v2_dir.as_ref()).map(|f| f.as_raw_fd());
+        // The program child's stack (see `child_main`): the clone below gives the child a
+        // private copy of it; ours is dropped with this frame.
+        let mut program_stack = crate::namespaces::CloneStack::new();
+        let stack = program_stack.top();
         let started = Instant::now();
         let mut pidfd: libc::c_int = -1;
         let mut born_in_cgroup = false;
         let mut pid = -1;
         if let Some(dir) = v2_dir {
-            pid = self.clone3_into(dir, &mut pidfd, &fds, &v1_tasks, extra_flags);
+            pid = self.clone3_into(dir, &mut pidfd, &fds, &v1_tasks, stack, extra_flags);
             let e = fds::errno();
             if pid < 0
                 && !matches!(
@@ -899,7 +904,7 @@ impl Launch {
             born_in_cgroup = pid > 0;
         }
         if pid < 0 {
-            pid = self.clone_plain(&mut pidfd, &fds, &v1_tasks, extra_flags);
+            pid = self.clone_plain(&mut pidfd, &fds, &v1_tasks, stack, extra_flags);
         }
         if pid < 0 {
             let source = io::Error::last_os_error();
@@ -967,6 +972,7 @@ impl Launch {
         pidfd: &mut libc::c_int,
         fds: &ChildFds,
         v1_tasks: &[RawFd],
+        program_stack: *mut libc::c_void,
         extra_flags: u64,
     ) -> libc::c_long {
         let args = CloneArgs {
@@ -986,8 +992,9 @@ impl Launch {
             ..CloneArgs::default()
         };
         // SAFETY: clone3 without CLONE_VM and with no stack behaves like fork: the child gets a
-        // private copy of our memory (including `self`, `fds` and `v1_tasks`) and its own fd
-        // table, and only runs `child_main` (raw async-signal-safe syscalls, never returns).
+        // private copy of our memory (including `self`, `fds`, `v1_tasks` and the allocation
+        // `program_stack` points into) and its own fd table, and only runs `child_main` (raw
+        // async-signal-safe syscalls, never returns).
         // `args` is a valid clone_args of the size passed; `pidfd` receives the pidfd.
         let r = unsafe {
             libc::syscall(
@@ -997,7 +1004,7 @@ impl Launch {
             )
         };
         if r == 0 {
-            child_main(self, fds, v1_tasks);
+            child_main(self, fds, v1_tasks, program_stack);
         }
         r
     }
@@ -1008,6 +1015,7 @@ impl Launch {
         pidfd: &mut libc::c_int,
         fds: &ChildFds,
         v1_tasks: &[RawFd],
+        program_stack: *mut libc::c_void,
         extra_flags: u64,
     ) -> libc::c_long {
         // With CLONE_PARENT the exit signal given here is ignored for the caller's own.
@@ -1028,7 +1036,7 @@ impl Launch {
             )
         };
         if r == 0 {
-            child_main(self, fds, v1_tasks);
+            child_main(self, fds, v1_tasks, program_stack);
         }
         r
     }

@@ -25,7 +25,15 @@ pub(super) struct ChildFds {
 }
 
 /// The child: from clone to execve. Raw async-signal-safe syscalls only; never returns.
-pub(super) fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
+///
+/// `program_stack`: the top of a stack for the program's child (pid 2), allocated by the
+/// parent before the clone: this process's private copy of it is the child's stack.
+pub(super) fn child_main(
+    l: &Launch,
+    f: &ChildFds,
+    v1_tasks: &[RawFd],
+    program_stack: *mut libc::c_void,
+) -> ! {
     // The exec-error pipe may move when fds are placed (fds::child_place_fds).
     let err_fd = std::cell::Cell::new(f.err_write);
     let fail = |stage: Stage, index: u32, errno: i32| -> ! {
@@ -262,25 +270,68 @@ pub(super) fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
     // We are pid 1 of the new pid namespace. The program runs as our child (pid 2) so that it
     // has ordinary signal semantics (pid 1 ignores signals it has no handler for) and its
     // orphans are reaped; we stay as its init, and our death takes the namespace down.
-    // SAFETY: a fork-like raw clone; both sides continue with raw syscalls only.
+    // The child shares our memory until its execve (CLONE_VM | CLONE_VFORK, as posix_spawn
+    // does): a fork would copy this process's page tables (a copy of the supervisor's or the
+    // spawner's) only for the exec to throw them away. We are suspended until it has execed or
+    // exited, so nothing of ours changes under it, and it runs on a stack of its own.
+    let start = ProgramStart {
+        l,
+        f,
+        err_fd: err_fd.get(),
+    };
+    // SAFETY: `program_stack` is the top of a 16-byte aligned allocation of `CLONE_STACK_BYTES`
+    // in our private copy of memory, used by nothing else; `start` lives in this frame, which
+    // stays as it is while we are suspended (CLONE_VFORK) and the child runs `program_main`,
+    // which only reads it and never returns (it execs or `_exit`s). No CLONE_SETTLS: the child
+    // uses no thread-local storage but errno, which nothing of ours reads until it is gone.
     let program = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
+        libc::clone(
+            program_main,
+            program_stack,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::addr_of!(start).cast_mut().cast(),
         )
     };
     if program < 0 {
         fail(Stage::ForkProgram, 0, fds::errno());
     }
-    if program > 0 {
-        init_main(program as libc::pid_t, f, &l.init_seccomp);
-    }
-    // pid 2: seccomp last, right before execveat.
-    // SAFETY: closing the init's status pipe in our own fd table.
+    init_main(program, f, &l.init_seccomp)
+}
+
+/// What the program's child reads from its parent's memory (see `child_main`).
+struct ProgramStart<'a> {
+    l: &'a Launch,
+    f: &'a ChildFds,
+    /// The exec-error pipe where it is now.
+    err_fd: RawFd,
+}
+
+/// The program's child (pid 2), on its own stack in the init's memory: open and check the
+/// program, seccomp last, execve.
+extern "C" fn program_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ProgramStart` of `child_main`, alive and unchanged while the init
+    // is suspended for us (CLONE_VFORK); we only read it.
+    let p = unsafe { &*arg.cast::<ProgramStart<'_>>() };
+    program_exec(p.l, p.f, p.err_fd)
+}
+
+/// The program's child from its clone to its execve: raw syscalls over the init's data; on a
+/// failure, the record on the exec-error pipe and `_exit`.
+fn program_exec(l: &Launch, f: &ChildFds, err_fd: RawFd) -> ! {
+    let fail = |stage: Stage, index: u32, errno: i32| -> ! {
+        fds::child_report(
+            err_fd,
+            ChildFailure {
+                stage: stage as u32,
+                index,
+                errno,
+            },
+        );
+        // SAFETY: _exit is async-signal-safe and ends this child (not the init, whose memory
+        // it shares: _exit ends a process, and this is one of its own).
+        unsafe { libc::_exit(crate::report::EXIT_SETUP) }
+    };
+    // SAFETY: closing the init's status pipe in our own fd table (not shared: no CLONE_FILES).
     unsafe { libc::close(f.status_write) };
     // The program as the sandbox sees it (its mounts, Landlock, id mapping), bound to the file
     // the supervisor opened: same inode, same size and times, or not run.
@@ -302,11 +353,15 @@ pub(super) fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
             fail(Stage::ProgramFd, 0, fds::errno());
         }
     }
-    // One filter: the plan's, which includes the set-id guard.
-    check(Stage::Seccomp, seccomp::child_install(&l.seccomp));
+    // One filter: the plan's, which includes the set-id guard. Installed on this task only
+    // (no TSYNC): the init, whose memory this child shares, keeps its own.
+    if let Err(e) = seccomp::child_install(&l.seccomp) {
+        fail(Stage::Seccomp, 0, e);
+    }
     if l.exec == Exec::ScriptPath {
         // SAFETY: the path and argv/envp are NUL-terminated strings / NULL-terminated arrays
-        // of them, built before fork and alive in our private copy of memory.
+        // of them, built before the first fork and alive in the init's memory, which is ours
+        // until the exec.
         unsafe {
             libc::execve(
                 l.program.as_ptr(),
@@ -317,7 +372,8 @@ pub(super) fn child_main(l: &Launch, f: &ChildFds, v1_tasks: &[RawFd]) -> ! {
         fail(Stage::Execve, 0, fds::errno())
     }
     // SAFETY: "" and argv/envp are NUL-terminated strings / NULL-terminated arrays of them,
-    // built before fork and alive in our private copy of memory; `prog` is our descriptor.
+    // built before the first fork and alive in the init's memory, which is ours until the
+    // exec; `prog` is our descriptor.
     unsafe {
         libc::syscall(
             libc::SYS_execveat,
