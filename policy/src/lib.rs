@@ -245,8 +245,10 @@ impl Policy {
         req: &ExecRequest,
         mut resolve: impl FnMut(&Path) -> Option<PathBuf>,
     ) -> Decision {
-        // Literals resolved during this call: (written, resolved).
-        let mut memo: Vec<(&Path, Option<PathBuf>)> = Vec::new();
+        // Literals resolved during this call: written -> resolved (a map: a policy writes the
+        // same program in several rules, and `Path` equality compares by components).
+        let mut memo: std::collections::HashMap<&Path, Option<PathBuf>> =
+            std::collections::HashMap::new();
         for (index, rule) in self.model.rules.iter().enumerate() {
             let args_ok = match &rule.args {
                 None => true,
@@ -274,12 +276,12 @@ impl Policy {
                     ProgramPat::Literal {
                         written,
                         resolved: None,
-                    } => match memo.iter().find(|(w, _)| *w == written.as_path()) {
-                        Some((_, r)) => r.as_ref() == Some(&req.program),
+                    } => match memo.get(written.as_path()) {
+                        Some(r) => r.as_ref() == Some(&req.program),
                         None => {
                             let r = resolve(written);
                             let hit = r.as_ref() == Some(&req.program);
-                            memo.push((written.as_path(), r));
+                            memo.insert(written.as_path(), r);
                             hit
                         }
                     },
@@ -334,12 +336,15 @@ impl Policy {
         &self,
         mut resolve: impl FnMut(&Path) -> Option<PathBuf>,
     ) -> Vec<TestOutcome> {
-        let mut cache: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
-        let mut resolve = |p: &Path| match cache.iter().find(|(w, _)| w == p) {
-            Some((_, r)) => r.clone(),
+        // Each rule program is resolved once for all the tests (a map: the tests ask for the
+        // same ~100 programs again and again, and `Path` equality compares by components).
+        let mut cache: std::collections::HashMap<PathBuf, Option<PathBuf>> =
+            std::collections::HashMap::new();
+        let mut resolve = |p: &Path| match cache.get(p) {
+            Some(r) => r.clone(),
             None => {
                 let r = resolve(p);
-                cache.push((p.to_path_buf(), r.clone()));
+                cache.insert(p.to_path_buf(), r.clone());
                 r
             }
         };
