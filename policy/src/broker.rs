@@ -11,7 +11,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::GlobBuilder;
+
+use crate::glob::LazyGlob;
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
@@ -313,7 +315,7 @@ pub struct ChannelSpec {
     pub line: usize,
     pub kind: ChannelKind,
     /// Allowed recipients: (glob text, matcher).
-    pub recipients: Vec<(String, GlobMatcher)>,
+    pub recipients: Vec<(String, LazyGlob)>,
     /// A message matching one of these goes to the dead-letter queue.
     pub block: Vec<Regex>,
     /// Matches of these are replaced with [`REDACTED`].
@@ -322,7 +324,7 @@ pub struct ChannelSpec {
     pub rate: ChannelRate,
     /// Senders whose delivered messages reach the agent: (glob text, matcher). Anyone else's
     /// are held for the operator.
-    pub senders: Vec<(String, GlobMatcher)>,
+    pub senders: Vec<(String, LazyGlob)>,
     /// A `send` may also go to the reply address of any message the broker queued from an
     /// admitted sender of this channel.
     pub reply_to_senders: bool,
@@ -1079,7 +1081,7 @@ fn globs(
     sink: &mut Sink<'_>,
     list: &Option<S<Vec<S<String>>>>,
     what: &str,
-) -> Vec<(String, GlobMatcher)> {
+) -> Vec<(String, LazyGlob)> {
     let mut out = Vec::new();
     for r in list.iter().flat_map(|l| l.get_ref().iter()) {
         let t = r.get_ref();
@@ -1096,7 +1098,7 @@ fn globs(
             .backslash_escape(true)
             .build()
         {
-            Ok(g) => out.push((t.clone(), g.compile_matcher())),
+            Ok(g) => out.push((t.clone(), LazyGlob::new(g))),
             Err(e) => sink.err(
                 &r.span(),
                 format!("bad {what} glob `{}`: {}", t.escape_debug(), e.kind()),

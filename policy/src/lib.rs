@@ -16,6 +16,7 @@ mod compile;
 mod diagnostic;
 mod explain;
 pub mod fuzz;
+pub mod glob;
 mod model;
 pub mod plan;
 mod schema;

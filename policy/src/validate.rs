@@ -6,7 +6,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::GlobBuilder;
+
+use crate::glob::LazyGlob;
 
 use crate::model::*;
 use crate::plan::{Namespaces, SandboxUser, SeccompAction};
@@ -148,13 +150,13 @@ pub(crate) enum ProgramPat {
     },
     Glob {
         text: String,
-        matcher: GlobMatcher,
+        matcher: LazyGlob,
     },
     /// `$WORKSPACE/...`: a path or glob beneath the run's workspace directory (whatever host
     /// directory that is); `matcher` matches the part after `$WORKSPACE`, from its `/`.
     Workspace {
         text: String,
-        matcher: GlobMatcher,
+        matcher: LazyGlob,
     },
 }
 
@@ -166,7 +168,7 @@ pub(crate) enum ArgPat {
     /// `**`: zero or more remaining arguments.
     Rest,
     Literal(String),
-    Glob(GlobMatcher),
+    Glob(LazyGlob),
 }
 
 #[derive(Debug, Clone)]
@@ -1603,7 +1605,7 @@ fn lower_rule(
             {
                 Ok(g) => programs.push(ProgramPat::Workspace {
                     text: s.clone(),
-                    matcher: g.compile_matcher(),
+                    matcher: LazyGlob::new(g),
                 }),
                 Err(e) => glob_err(sink, &t.span(), s, &e),
             }
@@ -1635,7 +1637,7 @@ fn lower_rule(
             {
                 Ok(g) => programs.push(ProgramPat::Glob {
                     text: s.clone(),
-                    matcher: g.compile_matcher(),
+                    matcher: LazyGlob::new(g),
                 }),
                 Err(e) => glob_err(sink, &t.span(), s, &e),
             }
@@ -1660,7 +1662,7 @@ fn lower_rule(
                         .backslash_escape(true)
                         .build()
                     {
-                        Ok(g) => out.push(ArgPat::Glob(g.compile_matcher())),
+                        Ok(g) => out.push(ArgPat::Glob(LazyGlob::new(g))),
                         Err(e) => glob_err(sink, &x.span(), s, &e),
                     }
                 } else {
