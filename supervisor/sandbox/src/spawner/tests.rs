@@ -87,9 +87,34 @@ fn a_malformed_request_gets_a_failure_not_a_crash() {
 #[test]
 fn a_request_with_the_wrong_descriptors_is_refused() {
     let program = OpenedProgram::open(&std::fs::canonicalize("/bin/true").unwrap()).unwrap();
-    let req = Request {
-        plan_id: 1,
-        plan: Some(tool_plan()),
+    let req = request_for_true(
+        &program,
+        1,
+        Some(tool_plan()),
+        [true, true, true, false, false],
+    );
+    let bytes = serde_json::to_vec(&req).unwrap();
+    // Four descriptors announced (program + 3 io), one given.
+    let one = vec![program.fd().try_clone_to_owned().unwrap()];
+    match server_handle_for_test(&bytes, one).0 {
+        Reply::Failed { message, .. } => {
+            assert!(message.contains("1 descriptors, expected 4"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A request to start `/bin/true` (opened as `program`) under plan number `plan_id`, with the
+/// io descriptors `io` announced.
+fn request_for_true(
+    program: &OpenedProgram,
+    plan_id: u64,
+    plan: Option<Plan>,
+    io: [bool; fds::PLACED_FDS],
+) -> Request<Plan> {
+    Request {
+        plan_id,
+        plan,
         landlock_abi: 1,
         program: ProgramWire {
             path: program.path().to_path_buf(),
@@ -106,18 +131,9 @@ fn a_request_with_the_wrong_descriptors_is_refused() {
         supervisor_env: Vec::new(),
         broker: false,
         listener: false,
-        io: [true, true, true, false, false],
+        io,
         v2_dir: false,
         v1_tasks: 0,
-    };
-    let bytes = serde_json::to_vec(&req).unwrap();
-    // Four descriptors announced (program + 3 io), one given.
-    let one = vec![program.fd().try_clone_to_owned().unwrap()];
-    match server_handle_for_test(&bytes, one).0 {
-        Reply::Failed { message, .. } => {
-            assert!(message.contains("1 descriptors, expected 4"), "{message}")
-        }
-        other => panic!("{other:?}"),
     }
 }
 
@@ -146,29 +162,7 @@ fn both_sides_keep_the_same_plans_and_drop_the_oldest() {
 #[test]
 fn a_request_for_a_plan_not_kept_asks_for_it() {
     let program = OpenedProgram::open(&std::fs::canonicalize("/bin/true").unwrap()).unwrap();
-    let req = Request::<Plan> {
-        plan_id: 7,
-        plan: None,
-        landlock_abi: 1,
-        program: ProgramWire {
-            path: program.path().to_path_buf(),
-            id: program.id(),
-            script: false,
-            sha256: None,
-        },
-        argv0: b"true".to_vec(),
-        args: Vec::new(),
-        workspace: None,
-        rootless: None,
-        run_as: (1, 1),
-        env: Vec::new(),
-        supervisor_env: Vec::new(),
-        broker: false,
-        listener: false,
-        io: [false; fds::PLACED_FDS],
-        v2_dir: false,
-        v1_tasks: 0,
-    };
+    let req = request_for_true(&program, 7, None, [false; fds::PLACED_FDS]);
     let bytes = serde_json::to_vec(&req).unwrap();
     let one = vec![program.fd().try_clone_to_owned().unwrap()];
     assert!(matches!(
