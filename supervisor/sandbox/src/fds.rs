@@ -383,5 +383,7 @@ pub fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
+pub mod passing;
+
 #[cfg(test)]
 mod tests;

@@ -51,7 +51,7 @@
 //! in-process comes when the last is gone.
 
 use std::ffi::OsString;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::PathBuf;
@@ -60,11 +60,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use carapace_policy::Plan;
-use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Cgroup, JoinFds};
-use crate::fds;
+use crate::fds::{self, passing};
 use crate::namespaces::{HostIds, RunAs};
 use crate::program::{FileId, OpenedProgram};
 use crate::run::{self, Limits, Run, Started, Timings};
@@ -75,7 +75,7 @@ use crate::Privilege;
 const MAX_MESSAGE: usize = 1 << 20;
 /// Most descriptors one message carries (program, five io fds, the cgroup's directories; or
 /// a pidfd, a pipe and a brokered network's listeners).
-const MAX_FDS: usize = 32;
+const MAX_FDS: usize = passing::MAX_FDS;
 /// The spawner's first message, once it has confined itself.
 const READY: &[u8] = b"ready";
 /// The spawner's socket is moved to a number at least this high, out of the way of the
@@ -689,59 +689,25 @@ fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> Result<(), Spawner
             why: format!("{} bytes and {} descriptors", bytes.len(), fds.len()),
         });
     }
-    let iov = [IoSlice::new(bytes)];
-    let rights = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
-    loop {
-        match socket::sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(sys("sendmsg")(e)),
-        }
-    }
+    passing::send(sock, bytes, fds).map_err(|source| SpawnerError::Sys {
+        syscall: "sendmsg",
+        source,
+    })
 }
 
 /// Receive one message and its descriptors (owned at once, close-on-exec).
 fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), SpawnerError> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    loop {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = match socket::recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(sys("recvmsg")(e)),
-        };
-        let mut fds = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    for fd in raw {
-                        // SAFETY: SCM_RIGHTS installed these descriptors in our table just
-                        // now; nothing else owns them.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    }
-                }
-            }
-        }
-        let truncated = msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-        let n = msg.bytes;
-        if truncated {
-            return Err(SpawnerError::Malformed {
-                from: "peer",
-                why: "a message or its descriptors cut short".to_string(),
-            });
-        }
-        if n == 0 {
-            return Err(SpawnerError::Eof);
-        }
-        return Ok((n, fds));
+    match passing::recv(sock, buf) {
+        Ok(passing::Received::Message(n, fds)) => Ok((n, fds)),
+        Ok(passing::Received::Eof) => Err(SpawnerError::Eof),
+        Ok(passing::Received::Truncated) => Err(SpawnerError::Malformed {
+            from: "peer",
+            why: "a message or its descriptors cut short".to_string(),
+        }),
+        Err(source) => Err(SpawnerError::Sys {
+            syscall: "recvmsg",
+            source,
+        }),
     }
 }
 
