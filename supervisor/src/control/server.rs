@@ -3,16 +3,16 @@
 
 use super::*;
 
-pub(super) fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
 /// Removes the socket file when dropped, if the path still names the socket we bound.
 #[derive(Debug)]
-pub(super) struct SocketFile {
-    pub(super) path: PathBuf,
-    pub(super) dev: u64,
-    pub(super) ino: u64,
+pub(crate) struct SocketFile {
+    pub(crate) path: PathBuf,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
 }
 
 impl Drop for SocketFile {
@@ -133,7 +133,7 @@ impl ControlServer {
         if !path.is_absolute() {
             return Err(unsafe_("not an absolute path"));
         }
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        let (Some(dir), Some(_)) = (path.parent(), path.file_name()) else {
             return Err(unsafe_("no directory or file name"));
         };
         if !dir.exists() {
@@ -174,39 +174,7 @@ impl ControlServer {
             Err(e) => return Err(io_err("lstat", path)(e)),
         }
 
-        // Bind in a private directory, set mode and group, then link into place.
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp_dir = dir.join(format!(".ctl{}-{n}", std::process::id()));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&tmp_dir)
-            .map_err(io_err("create temporary directory", &tmp_dir))?;
-        let tmp_sock = tmp_dir.join(name);
-        let bound = (|| {
-            let listener = UnixListener::bind(&tmp_sock).map_err(io_err("bind", &tmp_sock))?;
-            fs::set_permissions(&tmp_sock, fs::Permissions::from_mode(0o660))
-                .map_err(io_err("chmod 0660", &tmp_sock))?;
-            if let Some(gid) = group {
-                std::os::unix::fs::chown(&tmp_sock, None, Some(gid))
-                    .map_err(io_err("chown to the control group", &tmp_sock))?;
-            }
-            let m = fs::symlink_metadata(&tmp_sock).map_err(io_err("lstat", &tmp_sock))?;
-            // link(2), unlike rename(2), never replaces: a supervisor that bound the path
-            // since we probed it keeps it.
-            fs::hard_link(&tmp_sock, path).map_err(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    ControlError::InUse {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    io_err("link into place", path)(e)
-                }
-            })?;
-            Ok::<_, ControlError>((listener, m.dev(), m.ino()))
-        })();
-        let _ = fs::remove_file(&tmp_sock);
-        let _ = fs::remove_dir(&tmp_dir);
-        let (listener, dev, ino) = bound?;
+        let (listener, dev, ino) = bind_into_place(path, 0o660, group, |p| UnixListener::bind(p))?;
         listener
             .set_nonblocking(true)
             .map_err(io_err("set non-blocking", path))?;
@@ -502,4 +470,54 @@ pub(super) async fn connection(stream: tokio::net::UnixStream, ctx: Arc<ConnCtx>
             return;
         }
     }
+}
+
+/// Bind a socket at `path` so that it is never reachable there with a wider `mode` or another
+/// group: `bind` makes it inside a private (0700) temporary directory next to `path`, where it
+/// gets its mode and `group`, and only then is it linked into place. `link(2)`, unlike
+/// `rename(2)`, never replaces: a server that bound the path meanwhile keeps it
+/// ([`ControlError::InUse`]). Returns the socket and the file's device and inode (for
+/// [`SocketFile`]).
+pub(crate) fn bind_into_place<L>(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+    bind: impl FnOnce(&Path) -> io::Result<L>,
+) -> Result<(L, u64, u64), ControlError> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(ControlError::Unsafe {
+            path: path.to_path_buf(),
+            reason: "no directory or file name".to_string(),
+        });
+    };
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp_dir = dir.join(format!(".ctl{}-{n}", std::process::id()));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp_dir)
+        .map_err(io_err("create temporary directory", &tmp_dir))?;
+    let tmp_sock = tmp_dir.join(name);
+    let bound = (|| {
+        let listener = bind(&tmp_sock).map_err(io_err("bind", &tmp_sock))?;
+        fs::set_permissions(&tmp_sock, fs::Permissions::from_mode(mode))
+            .map_err(io_err("chmod", &tmp_sock))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(&tmp_sock, None, Some(gid))
+                .map_err(io_err("chown to the control group", &tmp_sock))?;
+        }
+        let m = fs::symlink_metadata(&tmp_sock).map_err(io_err("lstat", &tmp_sock))?;
+        fs::hard_link(&tmp_sock, path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                ControlError::InUse {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                io_err("link into place", path)(e)
+            }
+        })?;
+        Ok::<_, ControlError>((listener, m.dev(), m.ino()))
+    })();
+    let _ = fs::remove_file(&tmp_sock);
+    let _ = fs::remove_dir(&tmp_dir);
+    bound
 }
