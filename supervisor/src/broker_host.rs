@@ -381,6 +381,11 @@ impl BrokerHost {
         self.runtime.handle().clone()
     }
 
+    /// What every tool shares (for the exec socket, which starts tools too).
+    pub fn tool_context(&self) -> Arc<ToolContext> {
+        self.tools.clone()
+    }
+
     /// The tools running for the broker now.
     pub fn tools(&self) -> &ToolRegistry {
         &self.tools.live

@@ -1,6 +1,6 @@
 //! The `carapace` command line: its arguments and the dispatch to `exec` (in `exec.rs`),
-//! `policy {check, explain, show-default}` (`policy.rs`, with `decide.rs`: what the policy
-//! decides for a command line), `run` ([`crate::service`]) and the operator's commands
+//! `policy {check, explain, show-default}` (`policy.rs`, with [`crate::decide`]: what the
+//! policy decides for a command line), `run` ([`crate::service`]) and the operator's commands
 //! ([`ctl`]), and `completions` / `manpages` generated from these definitions ([`generate`]).
 //!
 //! The binary (`src/main.rs`) only calls [`main`]; everything here is a library function so it
@@ -13,7 +13,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 
-use carapace_policy::{Approval, Decision, ExecRequest, Plan, Policy, Target};
+use carapace_policy::{Approval, Policy, Target};
 use clap::{Args, Parser, Subcommand};
 
 use std::os::fd::AsFd as _;
@@ -24,13 +24,12 @@ use crate::broker_host::{new_identity, BrokerHost, BrokerSetup, StateDir, ToolCo
 use carapace_sandbox::cgroup;
 use carapace_sandbox::namespaces::{self, RunAs};
 use carapace_sandbox::program::OpenedProgram;
-use carapace_sandbox::report::{EXIT_DENIED, EXIT_NOT_FOUND, EXIT_SETUP};
-use carapace_sandbox::resolve::{self, DEFAULT_PATH};
+use carapace_sandbox::report::{EXIT_DENIED, EXIT_SETUP};
 use carapace_sandbox::run::{self, Limits, Run};
 use carapace_sandbox::spawn::{ChildIo, LaunchOptions};
 use carapace_sandbox::Privilege;
 
-use crate::embedded::{DEFAULT_POLICY, DEFAULT_POLICY_NAME};
+use crate::embedded::DEFAULT_POLICY;
 use crate::errors::error_chain;
 
 const ABOUT: &str = "Run programs under a kernel-enforced sandbox described by a TOML policy.";
@@ -48,7 +47,9 @@ the program runs as an unprivileged host identity of its own (by default uid = g
 real account, no other process), which appears inside as the profile's user (1000:1000 by \
 default).
 
-Without --policy, the embedded default policy is used (print it with `carapace policy \
+Without --policy, a running supervisor (`carapace run`) is used when there is one: the \
+command goes through its exec socket and the supervisor's policy decides (--via says which path \
+to take). Else the embedded default policy is used (print it with `carapace policy \
 show-default`): common read-only tools (ls, cat, grep, git status/log/diff, ...) are allowed, \
 set-uid helpers are refused, and everything else asks for approval on the terminal.";
 
@@ -88,6 +89,14 @@ may ask for network connections, files outside its view, secrets, outbound messa
 tools (run confined in sandboxes of their own); `carapace-client` is its command-line client. \
 carapace serves it until PROGRAM exits. Every decision is appended to STATE-DIR/audit.log \
 (check it with `carapace audit verify`); an `ask` waits for `carapace approvals allow|deny`.
+
+When a supervisor (`carapace run`) is running and neither --policy nor --state-dir is given, \
+the command goes through the supervisor's exec socket (--via auto): the supervisor's policy \
+decides, the supervisor makes the sandbox (faster: its policy is compiled and its spawners are \
+ready) with this process's stdin, stdout, stderr and environment, records it in its audit log, \
+and kills it if this process goes away (Ctrl-C). `-v` and `--report` say which path ran \
+(via=supervisor or via=local). --via local always makes the sandbox here; --via supervisor \
+fails when no supervisor takes it.
 
 Run as root, carapace gives the program an unprivileged host identity of its own (--run-as) and \
 cgroup limits. Run as an ordinary user it works rootless: the program runs as that user, in \
@@ -195,11 +204,32 @@ pub struct ExecArgs {
     /// before it is denied
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub approval_timeout: u64,
+    /// Where the sandbox is made: `auto` through a running supervisor (`carapace run`, whose
+    /// policy then decides) when one serves its exec socket and neither --policy nor
+    /// --state-dir is given, else here; `supervisor` only through one; `local` always here
+    #[arg(
+        long,
+        value_enum,
+        value_name = "auto|supervisor|local",
+        default_value = "auto"
+    )]
+    pub via: Via,
     /// The program and its arguments
     /// (An option of exec's own, misspelt, is a usage error with a suggestion rather than a
     /// program to run: a program whose name starts with `-` goes after `--`.)
     #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM ARGS")]
     pub command: Vec<OsString>,
+}
+
+/// `carapace exec --via`: who makes the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// A running supervisor when there is one (and no --policy/--state-dir), else here.
+    Auto,
+    /// A running supervisor, or fail.
+    Supervisor,
+    /// This process.
+    Local,
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,8 +352,7 @@ pub fn main() -> i32 {
     }
 }
 
-mod decide;
-use decide::*;
+use crate::decide::*;
 mod exec;
 use exec::*;
 mod policy;

@@ -1,7 +1,15 @@
 //! What the policy decides for a command line: load the policy, resolve the program, evaluate the
-//! rules, compile the chosen profile.
+//! rules, compile the chosen profile. Shared by `carapace exec` and `carapace policy` (the
+//! command line) and by the exec socket of `carapace run` ([`crate::exec_socket`]).
 
-use super::*;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use carapace_policy::{Approval, Decision, ExecRequest, Plan, Policy, Target};
+use carapace_sandbox::report::{EXIT_NOT_FOUND, EXIT_SETUP};
+use carapace_sandbox::resolve::{self, DEFAULT_PATH};
+
+use crate::embedded::{DEFAULT_POLICY, DEFAULT_POLICY_NAME};
 
 /// Errors of loading a policy and deciding a command line (the commands print them).
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +86,7 @@ pub struct Decided {
 }
 
 /// The PATH a plan gives its programs.
-pub(super) fn plan_path(plan: &Plan) -> Option<&str> {
+pub fn plan_path(plan: &Plan) -> Option<&str> {
     plan.env
         .set
         .iter()
@@ -95,6 +103,20 @@ pub fn decide(
     cwd: &Path,
     workspace: Option<&Path>,
     target: &Target,
+) -> Result<Decided, DecideError> {
+    decide_with(policy, command, cwd, workspace, |profile| {
+        policy.compile(profile, target)
+    })
+}
+
+/// [`decide`] with the chosen profile's plan from `plan_of` (a supervisor's plans compiled once
+/// per policy load) instead of compiled here.
+pub fn decide_with(
+    policy: &Policy,
+    command: &[OsString],
+    cwd: &Path,
+    workspace: Option<&Path>,
+    mut plan_of: impl FnMut(&str) -> Result<Plan, carapace_policy::Diagnostics>,
 ) -> Result<Decided, DecideError> {
     let (name, rest) = command.split_first().ok_or(DecideError::NoProgram)?;
     let args = rest
@@ -125,7 +147,7 @@ pub fn decide(
         );
         let (plan, compile_error) = match (&decision.approval, &decision.profile) {
             (Approval::Deny, _) | (_, None) => (None, None),
-            (_, Some(profile)) => match policy.compile(profile, target) {
+            (_, Some(profile)) => match plan_of(profile) {
                 Ok(p) => (Some(p), None),
                 Err(d) => (None, Some(d)),
             },
@@ -164,7 +186,7 @@ pub fn decide(
     })
 }
 
-pub(super) fn rule_words(policy: &Policy, d: &Decision) -> String {
+pub fn rule_words(policy: &Policy, d: &Decision) -> String {
     match &d.rule {
         Some(r) => format!(
             "rule [[exec]] #{} at line {} of {} (why: {})",
@@ -177,7 +199,7 @@ pub(super) fn rule_words(policy: &Policy, d: &Decision) -> String {
     }
 }
 
-pub(super) fn command_words(program: &Path, args: &[String]) -> String {
+pub fn command_words(program: &Path, args: &[String]) -> String {
     let mut s = program.display().to_string();
     for a in args {
         s.push(' ');

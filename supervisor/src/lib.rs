@@ -9,6 +9,9 @@
 //!   and policy fit together ([`service::wiring`]).
 //! - [`control`]: the control socket both sides speak: protocol, server (the service's) and
 //!   client (the command line's), and the audit-tail follower.
+//! - [`exec_socket`]: `carapace exec` through a running `carapace run` (its exec socket).
+//! - [`decide`]: what the policy decides for a command line (the command line's and the exec
+//!   socket's).
 //! - [`broker_host`]: the broker in this process: the state directory, the tokio runtime serving
 //!   the children's sockets, and the broker's tools started through the sandbox's one run path.
 //! - [`paths`], [`embedded`], [`errors`]: default locations, the embedded default policy, and
@@ -17,8 +20,10 @@
 pub mod broker_host;
 pub mod cli;
 pub mod control;
+pub mod decide;
 pub mod embedded;
 pub mod errors;
+pub mod exec_socket;
 pub mod paths;
 pub mod pidfd;
 pub mod service;

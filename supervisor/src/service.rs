@@ -59,6 +59,7 @@ use crate::broker_host::{
 };
 use crate::control::{self, ControlHandler, ControlServer, Request};
 use crate::errors::error_chain;
+use crate::exec_socket::{ExecContext, ExecServer};
 use carapace_sandbox::cgroup::{self, Cgroup};
 use carapace_sandbox::namespaces::RunAs;
 use carapace_sandbox::program::OpenedProgram;
@@ -353,6 +354,8 @@ fn start(
     let control = ControlServer::bind(&runtime_dir.join(crate::paths::CONTROL_SOCKET), group)?;
     let control_stop = control.shutdown_handle();
     tracing::info!(socket = %control.path().display(), "control socket ready");
+    // Beside the control socket, whose binding proved that no other supervisor serves here.
+    let exec_server = ExecServer::bind(&runtime_dir.join(crate::exec_socket::EXEC_SOCKET))?;
 
     let svc = Arc::new(Service {
         shared: shared.clone(),
@@ -389,6 +392,13 @@ fn start(
         let _g = rt.enter();
         let _task = control.serve(Arc::new(Handler(svc.clone())));
     }
+    let exec_path = exec_server.path().to_path_buf();
+    let exec_serving = exec_server.serve(ExecContext {
+        ops: svc.host.ops.clone(),
+        tools: svc.host.tool_context(),
+        peers: svc.host.peers(),
+    })?;
+    tracing::info!(socket = %exec_path.display(), "exec socket ready");
     // The listener holds the service weakly: it never keeps it alive past the stop.
     let metrics_task = match metrics_listener {
         Some(l) => {
@@ -472,6 +482,7 @@ fn start(
 
     let _ = svc.notifier.stopping();
     control_stop.shutdown();
+    exec_serving.stop();
     if let Some(t) = metrics_task {
         t.abort();
     }

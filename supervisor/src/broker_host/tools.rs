@@ -207,6 +207,9 @@ pub struct ToolRun {
     pub broker: Option<OwnedFd>,
     /// The profile it runs under.
     pub profile: String,
+    /// A pidfd of the sandbox's init, when the caller brought its own stdio ([`Caller`]):
+    /// to kill the tool when that caller goes away.
+    pub pidfd: Option<OwnedFd>,
     /// Blocks until the tool has exited; its exit report. The tool's cgroup is removed right
     /// after (by the tool's thread, which [`ToolRegistry::kill_all`] waits for).
     pub wait: Box<dyn FnOnce() -> ExitReport + Send>,
@@ -219,11 +222,23 @@ impl std::fmt::Debug for ToolRun {
             .field("stderr", &self.stderr)
             .field("broker", &self.broker)
             .field("profile", &self.profile)
+            .field("pidfd", &self.pidfd)
             .finish_non_exhaustive()
     }
 }
 
-pub(super) type Started = Result<(OwnedFd, OwnedFd, Option<OwnedFd>), ToolError>;
+pub(super) type Started = Result<(ParentEnds, Option<OwnedFd>), ToolError>;
+
+/// What a caller other than the broker brings to a tool (`carapace exec` through the exec
+/// socket, [`crate::exec_socket`]): its own stdin, stdout and stderr, placed at 0..=2 instead of
+/// `/dev/null` and the pipes; its environment, the source of the profile's `env.pass`
+/// (instead of the supervisor's); and its `--run-as` when it gave one.
+#[derive(Debug)]
+pub struct Caller {
+    pub stdio: [OwnedFd; 3],
+    pub env: Vec<(OsString, OsString)>,
+    pub run_as: RunAs,
+}
 
 /// Where a tool works: its workspace (None: the context's shared one), its working directory
 /// relative to it (None: the profile's), and whether the workspace is mounted read-only.
@@ -237,7 +252,9 @@ pub struct ToolPlace<'a> {
 /// Start `program` (opened at its canonical host path, already allowed by the policy for
 /// `profile`; this very file is started, see [`carapace_sandbox::spawn`]) with
 /// `argv0` and `args` confined in `profile`, exactly as `carapace exec` would, in a cgroup of
-/// its own. Returns once the program has exec'd (or failed to start).
+/// its own. Returns once the program has exec'd (or failed to start). `caller`: a caller's own
+/// stdio, environment and identity choice instead of the broker's (see [`Caller`]).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_tool(
     ctx: &Arc<ToolContext>,
     policy: Arc<Policy>,
@@ -246,6 +263,7 @@ pub fn spawn_tool(
     args: &[String],
     profile: &str,
     place: ToolPlace<'_>,
+    caller: Option<Caller>,
 ) -> Result<ToolRun, ToolError> {
     let ToolPlace {
         workspace,
@@ -296,6 +314,10 @@ pub fn spawn_tool(
                     return;
                 }
             };
+            let (stdio, env, run_as) = match caller {
+                Some(c) => (Some(c.stdio), c.env, c.run_as),
+                None => (None, ctx.env.clone(), ctx.run_as),
+            };
             let run = Run {
                 name: "tool".to_string(),
                 landlock_abi: ctx.target.landlock_abi,
@@ -305,21 +327,30 @@ pub fn spawn_tool(
                     args,
                     workspace,
                     privilege: ctx.privilege,
-                    run_as: ctx.run_as,
-                    env: ctx.env.clone(),
+                    run_as,
+                    env,
                     broker: brokered,
                     listener: false,
                     supervisor_env: Vec::new(),
                 },
             };
+            let mut io = fds.io(None);
+            if let Some([stdin, stdout, stderr]) = &stdio {
+                io.stdin = Some(stdin.as_fd());
+                io.stdout = Some(stdout.as_fd());
+                io.stderr = Some(stderr.as_fd());
+            }
             let limits = plan.cgroup;
             let started = carapace_sandbox::spawner::start_run(
                 ctx.spawner.as_ref(),
                 plan,
                 &run,
                 ctx.cgroups.take(&profile_s, &limits),
-                fds.io(None),
+                io,
             );
+            // The sandbox has its copies; the caller's go now.
+            let own_stdio = stdio.is_some();
+            drop(stdio);
             let started = match started {
                 Ok(s) => s,
                 Err(e) => {
@@ -329,9 +360,13 @@ pub fn spawn_tool(
             };
             say_limits_once(started.limits());
             let in_cgroup = matches!(started.limits(), Limits::Cgroup { .. });
-            let (out_read, err_read, mine) = fds.into_parent_ends();
+            let ends = fds.into_parent_ends();
             let key = ctx.live.register(started.pid());
-            let _ = started_tx.send(Ok((out_read, err_read, mine)));
+            // Our own unreaped child: its pid cannot have been recycled.
+            let pidfd = own_stdio
+                .then(|| crate::pidfd::open(started.pid()))
+                .flatten();
+            let _ = started_tx.send(Ok((ends, pidfd)));
             let mut ended = started.wait();
             if let Some(k) = key {
                 ctx.live.deregister(k);
@@ -367,12 +402,14 @@ pub fn spawn_tool(
         })
         .map_err(|source| ToolError::Thread { source })?;
     outer.live.add_thread(thread);
-    let (stdout, stderr, broker) = started_rx.recv().map_err(|_| ToolError::ThreadEnded)??;
+    let ((stdout, stderr, broker), pidfd) =
+        started_rx.recv().map_err(|_| ToolError::ThreadEnded)??;
     Ok(ToolRun {
         stdout,
         stderr,
         broker,
         profile: profile.to_string(),
+        pidfd,
         wait: Box::new(move || {
             done_rx
                 .recv()
@@ -498,6 +535,7 @@ impl Spawner for SupervisorSpawner {
                 cwd: req.cwd.as_deref(),
                 read_only: req.read_only,
             },
+            None,
         )
         // The broker protocol carries the failure as text.
         .map_err(|e| fail(crate::errors::error_chain(&e)))?;

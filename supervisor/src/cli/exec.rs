@@ -51,11 +51,156 @@ pub(super) fn ask_tty(question: &str) -> bool {
     matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
+fn fail(msg: &str, code: i32) -> i32 {
+    eprintln!("carapace: {msg}");
+    code
+}
+
 pub(super) fn exec(a: ExecArgs) -> i32 {
-    let fail = |msg: &str, code: i32| {
-        eprintln!("carapace: {msg}");
-        code
+    let own = if a.policy.is_some() {
+        Some("--policy names a policy of its own")
+    } else if a.state_dir.is_some() {
+        Some("--state-dir names a broker state of its own")
+    } else {
+        None
     };
+    match (a.via, own) {
+        (Via::Local, _) => exec_here(a, None),
+        (Via::Supervisor, Some(why)) => fail(
+            &format!(
+                "--via supervisor: {why}, and a supervisor runs under its own policy and \
+                 state; drop it, or use --via local"
+            ),
+            EXIT_SETUP,
+        ),
+        (Via::Auto, Some(why)) => exec_here(a, Some(why.to_string())),
+        (_, None) => match through_supervisor(&a) {
+            Through::Ran(code) => code,
+            Through::Here(why) if a.via == Via::Supervisor => {
+                fail(&format!("--via supervisor: {why}"), EXIT_SETUP)
+            }
+            Through::Here(why) => exec_here(a, Some(why)),
+        },
+    }
+}
+
+/// How a run through the supervisor ended.
+enum Through {
+    /// It was decided (run, denied or failed) there: exit with this.
+    Ran(i32),
+    /// Nothing was run there (why): run it here.
+    Here(String),
+}
+
+/// The report as JSON, with the path that ran it.
+fn report_json(mut report: serde_json::Value, via: &str) -> String {
+    if let Some(o) = report.as_object_mut() {
+        o.insert("via".to_string(), serde_json::Value::from(via));
+    }
+    format!("{report}\n")
+}
+
+/// `carapace exec` through the exec socket of a running supervisor ([`crate::exec_socket`]).
+/// Falls back (`Here`) only while nothing can have run there: no supervisor, a refused caller,
+/// another view of the files. Once the run is sent, every end is the supervisor's.
+fn through_supervisor(a: &ExecArgs) -> Through {
+    use crate::exec_socket::{run_request, socket_beside, ExecClient, ToClient};
+    let path = socket_beside(&crate::paths::default_control_socket());
+    let client = match ExecClient::connect(&path) {
+        Ok(c) => c,
+        Err(e) => return Through::Here(error_chain(&e)),
+    };
+    let cwd = match std::env::current_dir() {
+        Ok(c) => c,
+        Err(e) => return Through::Here(format!("cannot read the current directory: {e}")),
+    };
+    let workspace = a
+        .workspace
+        .as_ref()
+        .map_or_else(|| cwd.clone(), |w| cwd.join(w));
+    let req = match run_request(&a.command, &cwd, &workspace, std::env::vars_os(), a.run_as) {
+        Ok(r) => r,
+        Err(e) => return Through::Here(format!("{}: {e}", workspace.display())),
+    };
+    // Opened before anything runs, as for a run here (see there).
+    let report_file = match &a.report_json {
+        None => None,
+        Some(f) => match open_report(f) {
+            Ok(file) => Some(file),
+            Err(e) => return Through::Ran(fail(&error_chain(&e), EXIT_SETUP)),
+        },
+    };
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    if let Err(e) = client.send_run(req, [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]) {
+        return Through::Here(error_chain(&e));
+    }
+    loop {
+        let msg = match client.next() {
+            Ok(m) => m,
+            Err(e) => {
+                return Through::Ran(fail(
+                    &format!(
+                        "the run through the supervisor ended without a report: {}",
+                        error_chain(&e)
+                    ),
+                    EXIT_SETUP,
+                ))
+            }
+        };
+        match msg {
+            ToClient::Elsewhere { why } => return Through::Here(why),
+            ToClient::Failed { message, code } => return Through::Ran(fail(&message, code)),
+            ToClient::Ask {
+                question,
+                without_terminal,
+            } => {
+                // Without a terminal no answer goes back: the supervisor takes the hangup as
+                // a no.
+                if !stdin_is_tty() {
+                    return Through::Ran(fail(&without_terminal, EXIT_DENIED));
+                }
+                if client.answer(ask_tty(&question)).is_err() {
+                    return Through::Ran(fail("the supervisor went away", EXIT_SETUP));
+                }
+            }
+            ToClient::Started {
+                profile,
+                policy,
+                explain,
+            } => {
+                if a.verbose {
+                    eprintln!(
+                        "carapace: via=supervisor ({}): policy {policy}, profile `{profile}`\n{explain}",
+                        client.path().display()
+                    );
+                }
+            }
+            ToClient::Exited {
+                code,
+                line,
+                note,
+                report,
+            } => {
+                if let Some(n) = note {
+                    eprintln!("{n}");
+                }
+                if a.report || a.verbose {
+                    eprintln!("{line} via=supervisor");
+                }
+                if let (Some(path), Some(file)) = (&a.report_json, report_file) {
+                    write_report(path, file, &report_json(report, "supervisor"));
+                }
+                return Through::Ran(code);
+            }
+        }
+    }
+}
+
+/// `carapace exec` in this process. `why`: why not through a supervisor (said with `-v`).
+fn exec_here(a: ExecArgs, why: Option<String>) -> i32 {
+    if let (true, Some(why)) = (a.verbose, &why) {
+        eprintln!("carapace: via=local: {why}");
+    }
     let policy = match load_policy(a.policy.as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -277,10 +422,10 @@ pub(super) fn exec(a: ExecArgs) -> i32 {
         eprintln!("{n}");
     }
     if a.report || a.verbose {
-        eprintln!("{}", report.line());
+        eprintln!("{} via=local", report.line());
     }
     if let (Some(path), Some(file)) = (&a.report_json, report_file) {
-        write_report(path, file, &format!("{}\n", report.json()));
+        write_report(path, file, &report_json(report.json(), "local"));
     }
     let code = match interrupted {
         Some(sig) => 128 + sig,
