@@ -8,7 +8,8 @@
 //! 2. kills and removes what a previous, killed supervisor left in its cgroup subtree;
 //! 3. starts the broker (audit log, approvals held in memory, dead letters) on a tokio
 //!    runtime, binds the listening sockets of the gateway (or takes it from systemd socket
-//!    activation) and of webhook channels, and the control socket;
+//!    activation) and of webhook channels, the control socket, and beside it the exec socket
+//!    (`carapace exec` through this supervisor, [`crate::exec_socket`]);
 //! 4. starts each configured child (the gateway, channel adapters) as a confined child with
 //!    its own broker socket (fd 3) and, where it has one, its listener (fd 4), through the
 //!    sandbox's one run path, like `carapace exec`. Each child has a thread of its own that
