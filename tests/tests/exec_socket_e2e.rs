@@ -304,3 +304,57 @@ fn without_a_supervisor_or_seeing_other_files_it_runs_here() {
     assert_eq!(o.status.code(), Some(126), "{err}");
     assert!(err.contains("its own user namespace"), "{err}");
 }
+
+#[test]
+fn each_run_has_a_fresh_network_namespace_of_its_own() {
+    if !privileged() {
+        return;
+    }
+    // The supervisor's spawners make the next sandbox's network namespace ahead: each must
+    // still be the sandbox's alone, and as fresh as a clone's.
+    let svc = Service::start("");
+    let ws = workspace();
+    let host = std::fs::metadata("/proc/self/ns/net").unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let o = exec(
+            &svc,
+            &ws,
+            &["--", "stat", "-L", "-c", "%i", "/proc/self/ns/net"],
+        );
+        let ino = text(&o.stdout).trim().to_string();
+        assert!(o.status.success() && !ino.is_empty(), "{}", text(&o.stderr));
+        assert_ne!(ino, std::os::unix::fs::MetadataExt::ino(&host).to_string());
+        assert!(
+            seen.insert(ino.clone()),
+            "network namespace {ino} used twice"
+        );
+    }
+    // Only a loopback device, and no socket of anyone's in it.
+    let o = exec(
+        &svc,
+        &ws,
+        &[
+            "--",
+            "cat",
+            "/proc/net/dev",
+            "/proc/net/unix",
+            "/proc/net/tcp",
+        ],
+    );
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let devices: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(d, _)| d.trim()))
+        .filter(|d| !d.is_empty() && !d.contains(' ') && !d.starts_with("sl"))
+        .collect();
+    assert_eq!(devices, ["lo"], "{out}");
+    let sockets = out
+        .lines()
+        .filter(|l| {
+            l.contains(": 0000") || l.trim_start().starts_with(|c: char| c.is_ascii_digit())
+        })
+        .count();
+    assert_eq!(sockets, 0, "sockets in a fresh namespace:\n{out}");
+}

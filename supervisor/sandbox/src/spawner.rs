@@ -711,6 +711,7 @@ fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), S
     }
 }
 
+mod netns;
 mod server;
 
 #[cfg(test)]

@@ -22,6 +22,9 @@ pub(super) struct ChildFds {
     /// socket to the supervisor, which hangs up when the supervisor is gone (see
     /// [`crate::spawner`]).
     pub(super) lifeline: RawFd,
+    /// A network namespace made ahead, to join instead of the clone's (-1: none; see
+    /// [`Launch::use_premade_netns`]).
+    pub(super) netns: RawFd,
 }
 
 /// The child: from clone to execve. Raw async-signal-safe syscalls only; never returns.
@@ -71,6 +74,17 @@ pub(super) fn child_main(
     // Join the v1 cgroup hierarchies (v2 was joined at birth) before doing anything else.
     if let Err(e) = crate::cgroup::join_self_v1(v1_tasks) {
         fail(Stage::JoinCgroup, 0, e);
+    }
+    // The network namespace made ahead, joined while we are still root in the initial user
+    // namespace (as the clone would have made it); our copy of its fd is closed at once.
+    if f.netns >= 0 {
+        // SAFETY: integer arguments only; `netns` is a namespace fd in our own fd table.
+        check(
+            Stage::JoinNetns,
+            sys0(unsafe { libc::setns(f.netns, libc::CLONE_NEWNET) } as libc::c_long),
+        );
+        // SAFETY: closing our copy of that fd.
+        unsafe { libc::close(f.netns) };
     }
     // Signal dispositions set to "ignore" survive execve (the Rust runtime ignores SIGPIPE):
     // reset every signal to default and unblock all.

@@ -48,7 +48,11 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut plans = Plans::default();
+    // SAFETY: geteuid has no preconditions.
+    let mut netns = netns::PremadeNetns::new(unsafe { libc::geteuid() } == 0);
     loop {
+        // Between requests: the next sandbox's network namespace.
+        netns.refill();
         let (n, fds) = match recv(sock.as_fd(), &mut buf) {
             Ok(m) => m,
             Err(SpawnerError::Eof) => {
@@ -61,7 +65,7 @@ pub(super) fn serve(sock: OwnedFd, parent: libc::pid_t) -> ! {
                 unsafe { libc::_exit(1) }
             }
         };
-        let (reply, out) = handle(&buf[..n], fds, sock.as_raw_fd(), &mut plans);
+        let (reply, out) = handle(&buf[..n], fds, sock.as_raw_fd(), &mut plans, &mut netns);
         let bytes = match serde_json::to_vec(&reply) {
             Ok(b) => b,
             // SAFETY: see above.
@@ -129,6 +133,7 @@ pub(super) fn handle(
     fds: Vec<OwnedFd>,
     lifeline: RawFd,
     plans: &mut Plans,
+    netns: &mut netns::PremadeNetns,
 ) -> (Reply, Vec<OwnedFd>) {
     let mut req: Request<Plan> = match serde_json::from_slice(msg) {
         Ok(r) => r,
@@ -187,10 +192,11 @@ pub(super) fn handle(
         listener: req.listener,
         supervisor_env: pairs(req.supervisor_env),
     };
-    let launch = match Launch::prepare(plan, &opts, req.landlock_abi) {
+    let mut launch = match Launch::prepare(plan, &opts, req.landlock_abi) {
         Ok(l) => l,
         Err(e) => return (failed(&e, None), Vec::new()),
     };
+    netns.give(&mut launch);
     let fd = |i: usize| io_fds.get(i).and_then(Option::as_ref).map(|f| f.as_fd());
     let io = ChildIo {
         stdin: fd(0),

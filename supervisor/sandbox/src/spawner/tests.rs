@@ -138,7 +138,13 @@ fn request_for_true(
 }
 
 fn server_handle_for_test(msg: &[u8], fds: Vec<OwnedFd>) -> (Reply, Vec<OwnedFd>) {
-    server::handle(msg, fds, -1, &mut Plans::default())
+    server::handle(
+        msg,
+        fds,
+        -1,
+        &mut Plans::default(),
+        &mut netns::PremadeNetns::new(false),
+    )
 }
 
 #[test]
