@@ -25,7 +25,10 @@
 //! ```text
 //! parent                                     child (clone3 NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS
 //!  (child born in the v2 cgroup:                     |INTO_CGROUP)
-//!   clone3 CLONE_INTO_CGROUP)                joins its v1 cgroups (writes 0 to `tasks`)
+//!   clone3 CLONE_INTO_CGROUP)                joins its v1 cgroups (writes 0 to `tasks`);
+//!                                             setns into the network namespace made ahead
+//!                                             when the spawner made one (NEWNET then left
+//!                                             out of the clone; Launch::use_premade_netns)
 //!  "go 1" ------------------------------->   unshare(NEWCGROUP); build root; pivot;
 //!                                             sethostname; setgroups(0); unshare(NEWUSER)
 //!  write uid_map/gid_map  <--------------   "userns ready"
