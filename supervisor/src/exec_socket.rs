@@ -84,9 +84,10 @@ pub fn file_id(path: &Path) -> io::Result<FileId> {
     Ok((m.dev(), m.ino()))
 }
 
-/// What the client sends.
+/// What the client sends: `{"run":{...}}` or `{"answer":{"allow":BOOL}}` (externally tagged:
+/// serde reads a run in one pass, where an internally tagged one is buffered first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ToSupervisor {
     /// The run; comes with three descriptors: stdin, stdout, stderr.
     Run(RunRequest),

@@ -104,18 +104,17 @@ impl ExecClient {
 
     /// The supervisor's next message (blocks until it comes).
     pub fn next(&self) -> Result<ToClient, ExecSocketError> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        match passing::recv(self.conn.as_fd(), &mut buf) {
-            Ok(Received::Message(n, _)) => {
-                serde_json::from_slice(&buf[..n]).map_err(|e| ExecSocketError::Protocol {
+        match passing::recv_owned(self.conn.as_fd(), MAX_MESSAGE) {
+            Ok((Received::Message(..), buf)) => {
+                serde_json::from_slice(&buf).map_err(|e| ExecSocketError::Protocol {
                     path: self.path.clone(),
                     why: format!("bad reply: {e}"),
                 })
             }
-            Ok(Received::Eof) => Err(ExecSocketError::Closed {
+            Ok((Received::Eof, _)) => Err(ExecSocketError::Closed {
                 path: self.path.clone(),
             }),
-            Ok(Received::Truncated) => Err(ExecSocketError::Protocol {
+            Ok((Received::Truncated, _)) => Err(ExecSocketError::Protocol {
                 path: self.path.clone(),
                 why: "a reply longer than expected".to_string(),
             }),

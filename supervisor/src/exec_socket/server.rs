@@ -504,14 +504,13 @@ pub(super) fn read_request(
 ) -> Result<(RunRequest, [OwnedFd; 3]), ToClient> {
     let bad = |why: String| failed(format!("bad request: {why}"), EXIT_SETUP);
     let _ = socket::setsockopt(conn, sockopt::ReceiveTimeout, &timeval(timeout));
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let (n, fds) = match passing::recv(conn.as_fd(), &mut buf) {
-        Ok(Received::Message(n, fds)) => (n, fds),
-        Ok(Received::Eof) => return Err(bad("the caller closed the connection".into())),
-        Ok(Received::Truncated) => return Err(bad("longer than the supervisor takes".into())),
+    let (buf, fds) = match passing::recv_owned(conn.as_fd(), MAX_MESSAGE) {
+        Ok((Received::Message(_, fds), buf)) => (buf, fds),
+        Ok((Received::Eof, _)) => return Err(bad("the caller closed the connection".into())),
+        Ok((Received::Truncated, _)) => return Err(bad("longer than the supervisor takes".into())),
         Err(e) => return Err(bad(format!("recvmsg: {e}"))),
     };
-    let req = match serde_json::from_slice::<ToSupervisor>(&buf[..n]) {
+    let req = match serde_json::from_slice::<ToSupervisor>(&buf) {
         Ok(ToSupervisor::Run(r)) => r,
         Ok(other) => return Err(bad(format!("expected a run, got {other:?}"))),
         Err(e) => return Err(bad(e.to_string())),

@@ -63,11 +63,9 @@ fn a_request_for_a_missing_directory_fails_so_the_caller_runs_it_itself() {
 
 #[test]
 fn unknown_messages_and_fields_are_refused() {
-    assert!(serde_json::from_str::<ToSupervisor>(r#"{"msg":"answer","allow":true}"#).is_ok());
-    assert!(
-        serde_json::from_str::<ToSupervisor>(r#"{"msg":"answer","allow":true,"x":1}"#).is_err()
-    );
-    assert!(serde_json::from_str::<ToSupervisor>(r#"{"msg":"launch"}"#).is_err());
+    assert!(serde_json::from_str::<ToSupervisor>(r#"{"answer":{"allow":true}}"#).is_ok());
+    assert!(serde_json::from_str::<ToSupervisor>(r#"{"answer":{"allow":true,"x":1}}"#).is_err());
+    assert!(serde_json::from_str::<ToSupervisor>(r#"{"launch":{}}"#).is_err());
     let exited = ToClient::Exited {
         code: 7,
         line: "carapace: exit=7".into(),
@@ -96,12 +94,7 @@ fn a_run_comes_with_exactly_three_descriptors() {
         }
         other => panic!("{other:?}"),
     }
-    passing::send(
-        a.as_fd(),
-        br#"{"msg":"answer","allow":true}"#,
-        &[fd, fd, fd],
-    )
-    .unwrap();
+    passing::send(a.as_fd(), br#"{"answer":{"allow":true}}"#, &[fd, fd, fd]).unwrap();
     match read_request(&b, std::time::Duration::from_secs(5)) {
         Err(ToClient::Failed { message, .. }) => {
             assert!(message.contains("expected a run"), "{message}")

@@ -44,6 +44,36 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> io::Result<()>
     }
 }
 
+/// The length of the next message, waiting for one (as a receive would, timeout included);
+/// 0 when the peer closed its end. Nothing is consumed.
+pub fn next_len(sock: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut one = [0u8; 1];
+    loop {
+        // MSG_TRUNC: the real length of a seqpacket message, even one longer than the buffer.
+        match socket::recv(
+            sock.as_raw_fd(),
+            &mut one,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
+        ) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
+/// Receive one message of at most `max` bytes, with its descriptors, into a buffer of its
+/// own length (no buffer of `max` bytes is made and zeroed for a short message).
+pub fn recv_owned(sock: BorrowedFd<'_>, max: usize) -> io::Result<(Received, Vec<u8>)> {
+    let n = next_len(sock)?;
+    let mut buf = vec![0u8; n.clamp(1, max.max(1))];
+    let got = recv(sock, &mut buf)?;
+    if let Received::Message(len, _) = &got {
+        buf.truncate(*len);
+    }
+    Ok((got, buf))
+}
+
 /// Receive one message into `buf`, with its descriptors. Retried on EINTR.
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
@@ -125,6 +155,28 @@ mod tests {
         ));
         drop(a);
         assert!(matches!(recv(b.as_fd(), &mut buf).unwrap(), Received::Eof));
+    }
+
+    #[test]
+    fn a_message_is_received_into_a_buffer_of_its_length_up_to_the_limit() {
+        let (a, b) = pair();
+        send(a.as_fd(), &[1u8; 300], &[]).unwrap();
+        assert_eq!(next_len(b.as_fd()).unwrap(), 300);
+        match recv_owned(b.as_fd(), 1000).unwrap() {
+            (Received::Message(300, _), buf) => assert_eq!(buf, vec![1u8; 300]),
+            other => panic!("{other:?}"),
+        }
+        send(a.as_fd(), &[2u8; 300], &[]).unwrap();
+        assert!(matches!(
+            recv_owned(b.as_fd(), 100).unwrap(),
+            (Received::Truncated, _)
+        ));
+        drop(a);
+        assert_eq!(next_len(b.as_fd()).unwrap(), 0);
+        assert!(matches!(
+            recv_owned(b.as_fd(), 100).unwrap(),
+            (Received::Eof, _)
+        ));
     }
 
     #[test]
