@@ -23,7 +23,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{find_in_path, ms, percentile};
+use common::{find_in_path, floor_run, ms, percentile};
 
 const WARMUP: usize = 10;
 
@@ -32,6 +32,8 @@ struct Variant {
     cmd: Vec<String>,
     cwd: Option<PathBuf>,
     env: Vec<(String, PathBuf)>,
+    /// Not a command: [`floor_run`] of `cmd[0]` in this process.
+    floor: bool,
     samples: Vec<Duration>,
     failures: usize,
     first_failure: Option<String>,
@@ -45,6 +47,7 @@ impl Variant {
             cmd: cmd.iter().map(|s| s.to_string()).collect(),
             cwd: None,
             env: Vec::new(),
+            floor: false,
             samples: Vec::new(),
             failures: 0,
             first_failure: None,
@@ -63,6 +66,11 @@ impl Variant {
         let Some((prog, args)) = self.cmd.split_first() else {
             return Err("empty command".to_string());
         };
+        if self.floor {
+            let start = Instant::now();
+            floor_run(prog)?;
+            return Ok(start.elapsed());
+        }
         let mut c = Command::new(prog);
         c.args(args)
             .stdin(Stdio::null())
@@ -1094,7 +1102,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let mut variants = vec![Variant::new("bare fork+exec /bin/true", &["/bin/true"])];
+    let floor_label = "kernel floor: 6 namespaces + exec";
+    let mut floor = Variant::new(floor_label, &["/bin/true"]);
+    floor.floor = true;
+    let mut variants = vec![
+        Variant::new("bare fork+exec /bin/true", &["/bin/true"]),
+        floor,
+    ];
     let carapace_label = "carapace exec -- /bin/true";
     let via_label = "... via a running supervisor";
     let check_label = "carapace policy check default";
@@ -1273,6 +1287,15 @@ fn main() -> ExitCode {
             }
             _ => println!("ratio p50 {name}/bwrap = n/a"),
         }
+    }
+    if let (Some(f), Some(b)) = (get(floor_label), get(bwrap_label)) {
+        println!(
+            "kernel floor (clone with 6 new namespaces, exec, wait) p50 = {f:.3} ms: bwrap = \
+             {:.2} x, carapace = {}, via supervisor = {}",
+            b / f,
+            get(carapace_label).map_or("n/a".to_string(), |c| format!("{:.2} x", c / f)),
+            get(via_label).map_or("n/a".to_string(), |c| format!("{:.2} x", c / f)),
+        );
     }
     if let (Some(c), Some(b)) = (get(carapace_label), get(baseline_label)) {
         println!("ratio p50 carapace/baseline = {:.2}", c / b);

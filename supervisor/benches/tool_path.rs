@@ -7,8 +7,11 @@
 //! default policy from `policies/default.toml`, `--run-as auto`, a state directory in a temp
 //! dir under `/var/tmp`); a client peer with the gateway's identity (its profile may `exec`)
 //! asks for `/usr/bin/true`, which the default policy allows in the `tool` profile (the gateway
-//! profile's broker rate is raised so that it does not throttle the loop). The three
-//! variants run interleaved (round-robin) so that machine noise hits them alike.
+//! profile's broker rate is raised so that it does not throttle the loop). Next to it: bare
+//! fork+exec, bwrap, and the kernel's floor for a program in fresh namespaces (one clone with
+//! new mount, pid, network, IPC, UTS and cgroup namespaces, the exec, the wait: no mounts, no
+//! confinement; `common::floor_run`), the ratios against each. The variants run interleaved
+//! (round-robin) so that machine noise hits them alike.
 //!
 //! Environment: `BENCH_ITERS` (timed runs per variant, default 200, after 10 warm-up runs);
 //! `BENCH_POLICY` (default `policies/default.toml`; it must keep that file's gateway `rate`
@@ -43,7 +46,7 @@ use carapace_supervisor::broker_host::{
 };
 
 mod common;
-use common::{find_in_path, ms, percentile};
+use common::{find_in_path, floor_run, ms, percentile};
 
 const BWRAP: [&str; 6] = [
     "--ro-bind",
@@ -123,6 +126,7 @@ fn cpu_now() -> Cpu {
 #[derive(Clone, Copy)]
 enum Kind {
     Bare,
+    Floor,
     Bwrap,
     Tool,
 }
@@ -443,6 +447,7 @@ fn measure(client: &mut Client, bwrap: &str, iters: usize, warmup: usize) -> Res
     let bwrap_argv: Vec<&str> = std::iter::once(bwrap).chain(BWRAP).collect();
     let mut vs = [
         Variant::new(Kind::Bare, "bare fork+exec /usr/bin/true"),
+        Variant::new(Kind::Floor, "kernel floor: 6 new namespaces + exec"),
         Variant::new(Kind::Bwrap, "bwrap --unshare-all /usr/bin/true"),
         Variant::new(Kind::Tool, "broker tool path /usr/bin/true"),
     ];
@@ -458,6 +463,7 @@ fn measure(client: &mut Client, bwrap: &str, iters: usize, warmup: usize) -> Res
             let t0 = Instant::now();
             let wall_ms = match v.kind {
                 Kind::Bare => run_command(&["/usr/bin/true"]).map(|()| None)?,
+                Kind::Floor => floor_run("/usr/bin/true").map(|()| None)?,
                 Kind::Bwrap => run_command(&bwrap_argv).map(|()| None)?,
                 Kind::Tool => {
                     let (_, s) = tool(client, &["/usr/bin/true"])?;
@@ -491,7 +497,7 @@ fn measure(client: &mut Client, bwrap: &str, iters: usize, warmup: usize) -> Res
         "{:<36} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
         "variant (ms)", "n", "min", "p50", "p90", "p99", "max", "cpu self", "cpu child"
     );
-    let mut p50 = [0.0f64; 3];
+    let mut p50 = [0.0f64; 4];
     for (k, v) in vs.iter().enumerate() {
         let mut s = v.samples.clone();
         s.sort();
@@ -510,26 +516,35 @@ fn measure(client: &mut Client, bwrap: &str, iters: usize, warmup: usize) -> Res
             ms(v.cpu.children / n),
         );
     }
-    let tool = &vs[2];
+    let (bare, floor, bwrap, tool_p50) = (p50[0], p50[1], p50[2], p50[3]);
+    let tool = &vs[3];
     let n = iters as u32;
-    // Everything this process spent over the timed loop but the main thread's share of the bare
-    // and bwrap calls: the broker, the tools' threads (also what they do after a report, while
-    // the next variant runs) and the client.
-    let per_tool = total.saturating_sub(vs[0].cpu.main + vs[1].cpu.main) / n;
+    // Everything this process spent over the timed loop but the main thread's share of the
+    // other variants' calls: the broker, the tools' threads (also what they do after a report,
+    // while the next variant runs) and the client.
+    let per_tool = total.saturating_sub(vs[0].cpu.main + vs[1].cpu.main + vs[2].cpu.main) / n;
     let mut walls = tool.tool_wall_ms.clone();
     walls.sort_unstable();
     println!(
         "ratio p50 tool path / bwrap = {:.2} (target <= 0.50: {})",
-        p50[2] / p50[1],
-        if p50[2] / p50[1] <= 0.5 {
+        tool_p50 / bwrap,
+        if tool_p50 / bwrap <= 0.5 {
             "met"
         } else {
             "missed"
         }
     );
-    println!("ratio p50 tool path / bare = {:.2}", p50[2] / p50[0]);
+    println!("ratio p50 tool path / bare = {:.2}", tool_p50 / bare);
     println!(
-        "supervisor CPU per tool (RUSAGE_SELF over the loop less the main thread in the bare and bwrap calls) = {:.3} ms (target <= 1.5 ms: {}); in the call's window {:.3} ms",
+        "ratio p50 tool path / kernel floor = {:.2}; bwrap / kernel floor = {:.2}; the target \
+         (0.5 x bwrap = {:.3} ms) is {:.2} x the floor",
+        tool_p50 / floor,
+        bwrap / floor,
+        bwrap * 0.5,
+        bwrap * 0.5 / floor
+    );
+    println!(
+        "supervisor CPU per tool (RUSAGE_SELF over the loop less the main thread in the other variants' calls) = {:.3} ms (target <= 1.5 ms: {}); in the call's window {:.3} ms",
         ms(per_tool),
         if per_tool <= Duration::from_micros(1500) { "met" } else { "missed" },
         ms(tool.cpu.own / n)
