@@ -358,3 +358,55 @@ fn each_run_has_a_fresh_network_namespace_of_its_own() {
         .count();
     assert_eq!(sockets, 0, "sockets in a fresh namespace:\n{out}");
 }
+
+#[test]
+fn a_rootless_supervisor_serves_its_own_user() {
+    if !rootless_possible() {
+        return;
+    }
+    let svc = Service::start_opts(StartOpts {
+        rootless: true,
+        ..StartOpts::default()
+    });
+    let ws = workspace();
+    give_to_rootless_user(ws.path());
+    let mut cmd = Command::new(carapace_bin());
+    cmd.args([
+        "exec",
+        "-v",
+        "--via",
+        "supervisor",
+        "--",
+        "cat",
+        "/proc/self/status",
+    ])
+    .env("CARAPACE_CONTROL_SOCKET", svc.socket())
+    .current_dir(ws.path());
+    let o = as_rootless_user(&cmd).output().unwrap();
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}{err}\nlog:\n{}", svc.log_text());
+    assert!(err.contains("via=supervisor"), "{err}");
+    for want in ["Seccomp:\t2", "NoNewPrivs:\t1", "CapEff:\t0000000000000000"] {
+        assert!(out.contains(want), "no {want:?} in\n{out}");
+    }
+    // --run-as needs a root supervisor: said, not ignored.
+    let mut cmd = Command::new(carapace_bin());
+    cmd.args([
+        "exec",
+        "--via",
+        "supervisor",
+        "--run-as",
+        "1500:1500",
+        "--",
+        "true",
+    ])
+    .env("CARAPACE_CONTROL_SOCKET", svc.socket())
+    .current_dir(ws.path());
+    let o = as_rootless_user(&cmd).output().unwrap();
+    assert_eq!(o.status.code(), Some(126), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("rootless supervisor"),
+        "{}",
+        text(&o.stderr)
+    );
+}
