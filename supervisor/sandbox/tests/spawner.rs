@@ -186,7 +186,8 @@ fn spawner_state(sp: &Spawner, _: &Path) -> Result<(), String> {
 }
 
 /// One spawner: its name, one thread, our child, only its socket beyond stdio (the second
-/// spawner, forked after the first, must not hold our end of the first one's socket).
+/// spawner, forked after the first, must not hold our end of the first one's socket), and as
+/// root its own network namespace and at most one made ahead for the next sandbox.
 fn one_spawner_state(pid: libc::pid_t) -> Result<(), String> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
@@ -213,13 +214,27 @@ fn one_spawner_state(pid: libc::pid_t) -> Result<(), String> {
         .iter()
         .filter(|(fd, to)| *fd > 2 && to.starts_with("socket:"))
         .count();
+    let ours = std::fs::read_link("/proc/self/ns/net")
+        .map_err(|e| e.to_string())?
+        .to_string_lossy()
+        .into_owned();
+    let nets: Vec<&String> = links
+        .iter()
+        .filter(|(fd, to)| *fd > 2 && to.starts_with("net:["))
+        .map(|(_, to)| to)
+        .collect();
+    let home = nets.iter().filter(|n| ***n == ours).count();
+    let ahead = nets.len() - home;
     let other: Vec<&(i32, String)> = links
         .iter()
-        .filter(|(fd, to)| *fd > 2 && !to.starts_with("socket:") && to != "/dev/null")
+        .filter(|(fd, to)| {
+            *fd > 2 && !to.starts_with("socket:") && !to.starts_with("net:[") && to != "/dev/null"
+        })
         .collect();
-    if sockets != 1 || !other.is_empty() {
+    if sockets != 1 || !other.is_empty() || home > 1 || ahead > 1 {
         return Err(format!(
-            "descriptors {links:?}: want stdio, its socket and /dev/null only"
+            "descriptors {links:?}: want stdio, its socket, /dev/null, its own network \
+             namespace ({ours}) and at most one other, made ahead"
         ));
     }
     Ok(())
