@@ -17,13 +17,19 @@ use std::time::{Duration, Instant};
 use carapace_tests::*;
 
 /// `carapace exec ARGS` with the supervisor's control socket named (its exec socket is beside
-/// it), in `cwd`, with `stdin` written to its stdin.
-fn exec_in(svc: &Service, cwd: &std::path::Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(carapace_bin())
-        .arg("exec")
+/// it), in `cwd`.
+fn exec_command(svc: &Service, cwd: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(carapace_bin());
+    c.arg("exec")
         .args(args)
         .env("CARAPACE_CONTROL_SOCKET", svc.socket())
-        .current_dir(cwd)
+        .current_dir(cwd);
+    c
+}
+
+/// [`exec_command`] run with `stdin` written to its stdin.
+fn exec_in(svc: &Service, cwd: &std::path::Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = exec_command(svc, cwd, args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -194,21 +200,14 @@ fn the_sandbox_dies_with_its_caller() {
     // `tail -f` of a file of its own runs until killed; the marker finds it in /proc.
     let marker = ws.path().join("follow-me");
     std::fs::write(&marker, "").unwrap();
-    let mut client = Command::new(carapace_bin())
-        .args([
-            "exec",
-            "--via",
-            "supervisor",
-            "--",
-            "tail",
-            "-f",
-            "follow-me",
-        ])
-        .env("CARAPACE_CONTROL_SOCKET", svc.socket())
-        .current_dir(ws.path())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut client = exec_command(
+        &svc,
+        ws.path(),
+        &["--via", "supervisor", "--", "tail", "-f", "follow-me"],
+    )
+    .stdin(Stdio::null())
+    .spawn()
+    .unwrap();
     let find = || {
         std::fs::read_dir("/proc")
             .unwrap()
@@ -370,18 +369,18 @@ fn a_rootless_supervisor_serves_its_own_user() {
     });
     let ws = workspace();
     give_to_rootless_user(ws.path());
-    let mut cmd = Command::new(carapace_bin());
-    cmd.args([
-        "exec",
-        "-v",
-        "--via",
-        "supervisor",
-        "--",
-        "cat",
-        "/proc/self/status",
-    ])
-    .env("CARAPACE_CONTROL_SOCKET", svc.socket())
-    .current_dir(ws.path());
+    let cmd = exec_command(
+        &svc,
+        ws.path(),
+        &[
+            "-v",
+            "--via",
+            "supervisor",
+            "--",
+            "cat",
+            "/proc/self/status",
+        ],
+    );
     let o = as_rootless_user(&cmd).output().unwrap();
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert!(o.status.success(), "{out}{err}\nlog:\n{}", svc.log_text());
@@ -390,18 +389,11 @@ fn a_rootless_supervisor_serves_its_own_user() {
         assert!(out.contains(want), "no {want:?} in\n{out}");
     }
     // --run-as needs a root supervisor: said, not ignored.
-    let mut cmd = Command::new(carapace_bin());
-    cmd.args([
-        "exec",
-        "--via",
-        "supervisor",
-        "--run-as",
-        "1500:1500",
-        "--",
-        "true",
-    ])
-    .env("CARAPACE_CONTROL_SOCKET", svc.socket())
-    .current_dir(ws.path());
+    let cmd = exec_command(
+        &svc,
+        ws.path(),
+        &["--via", "supervisor", "--run-as", "1500:1500", "--", "true"],
+    );
     let o = as_rootless_user(&cmd).output().unwrap();
     assert_eq!(o.status.code(), Some(126), "{}", text(&o.stderr));
     assert!(

@@ -5,20 +5,9 @@ use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 
 use carapace_sandbox::fds::passing;
 use carapace_sandbox::namespaces::{HostIds, RunAs};
-use nix::sys::socket;
 
 use super::server::read_request;
 use super::*;
-
-fn pair() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
-    socket::socketpair(
-        socket::AddressFamily::Unix,
-        socket::SockType::SeqPacket,
-        None,
-        socket::SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap()
-}
 
 fn request() -> RunRequest {
     let dir = std::env::temp_dir();
@@ -78,7 +67,7 @@ fn unknown_messages_and_fields_are_refused() {
 
 #[test]
 fn a_run_comes_with_exactly_three_descriptors() {
-    let (a, b) = pair();
+    let (a, b) = carapace_broker::protocol::seqpacket_pair().unwrap();
     let bytes = serde_json::to_vec(&ToSupervisor::Run(request())).unwrap();
     let null = std::fs::File::open("/dev/null").unwrap();
     let fd = null.as_raw_fd();
