@@ -23,9 +23,11 @@
 //!   checked on every connection with `SO_PEERCRED`; the socket is also mode 0600. A caller the
 //!   supervisor refuses runs locally (and would need root there too).
 //! - The supervisor sees the same files: the caller's cwd and workspace, looked up by path in
-//!   the supervisor's mount namespace, must be the same directories (device and inode). A
-//!   supervisor in a namespace of its own (systemd's `PrivateTmp=`, say) answers "elsewhere"
-//!   for a cwd it sees differently, and the client runs locally.
+//!   the supervisor's mount namespace, must be the same directories (device and inode), and a
+//!   workspace the caller can write must not be on a read-only mount there. A supervisor in a
+//!   namespace of its own (the shipped unit's `PrivateTmp=`, `ProtectHome=`,
+//!   `ProtectSystem=strict`) answers "elsewhere" for a cwd it sees differently or a workspace
+//!   it sees read-only, and the client runs locally.
 //!
 //! # The protocol
 //!
@@ -84,6 +86,12 @@ pub fn file_id(path: &Path) -> io::Result<FileId> {
     Ok((m.dev(), m.ino()))
 }
 
+/// Whether `path` lies on a read-only mount (as this process's mount namespace has it).
+pub fn on_read_only_mount(path: &Path) -> io::Result<bool> {
+    let st = rustix::fs::statvfs(path).map_err(io::Error::from)?;
+    Ok(st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
 /// What the client sends: `{"run":{...}}` or `{"answer":{"allow":BOOL}}` (externally tagged:
 /// serde reads a run in one pass, where an internally tagged one is buffered first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +116,8 @@ pub struct RunRequest {
     /// The workspace (absolute: `--workspace` joined to the cwd, or the cwd), and its identity.
     pub workspace: Vec<u8>,
     pub workspace_id: FileId,
+    /// Whether the workspace is on a read-only mount for the caller.
+    pub workspace_read_only: bool,
     /// The caller's environment.
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     /// `--run-as UID:GID`; None: `auto`.

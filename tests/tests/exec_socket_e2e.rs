@@ -56,6 +56,27 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The pid of the confined `tail -f NAME` (waits up to 10 s for it to start).
+fn find_tail(name: &str) -> i64 {
+    let want = format!("tail\0-f\0{name}\0").into_bytes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i64>().ok())
+            .find(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == want));
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the confined tail -f {name} never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The default policy with `rule` as its first `[[exec]]` rule.
 fn policy_with_first_rule(rule: &str) -> String {
     let p = default_policy_text();
@@ -208,25 +229,7 @@ fn the_sandbox_dies_with_its_caller() {
     .stdin(Stdio::null())
     .spawn()
     .unwrap();
-    let find = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i64>().ok())
-            .filter(|p| {
-                std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c == b"tail\0-f\0follow-me\0")
-            })
-            .collect::<Vec<_>>()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let tail = loop {
-        if let Some(p) = find().first() {
-            break *p;
-        }
-        assert!(Instant::now() < deadline, "the confined tail never started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let tail = find_tail("follow-me");
     // Not the client's child: the supervisor's.
     assert_ne!(
         std::fs::read_to_string(format!("/proc/{tail}/stat"))
@@ -313,21 +316,35 @@ fn each_run_has_a_fresh_network_namespace_of_its_own() {
     // still be the sandbox's alone, and as fresh as a clone's.
     let svc = Service::start("");
     let ws = workspace();
-    let host = std::fs::metadata("/proc/self/ns/net").unwrap();
+    // Three sandboxes alive at once (a namespace's inode number is reused once it is freed,
+    // so they are compared while all three hold theirs).
+    let host = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let mut clients = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for _ in 0..3 {
-        let o = exec(
-            &svc,
-            &ws,
-            &["--", "stat", "-L", "-c", "%i", "/proc/self/ns/net"],
+    for k in 0..3 {
+        let name = format!("net-{k}");
+        std::fs::write(ws.path().join(&name), "").unwrap();
+        clients.push(
+            exec_command(
+                &svc,
+                ws.path(),
+                &["--via", "supervisor", "--", "tail", "-f", &name],
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
         );
-        let ino = text(&o.stdout).trim().to_string();
-        assert!(o.status.success() && !ino.is_empty(), "{}", text(&o.stderr));
-        assert_ne!(ino, std::os::unix::fs::MetadataExt::ino(&host).to_string());
+        let tail = find_tail(&name);
+        let ns = std::fs::read_link(format!("/proc/{tail}/ns/net")).unwrap();
+        assert_ne!(ns, host, "a sandbox in the host's network namespace");
         assert!(
-            seen.insert(ino.clone()),
-            "network namespace {ino} used twice"
+            seen.insert(ns.clone()),
+            "{ns:?} shared by two live sandboxes"
         );
+    }
+    for mut c in clients {
+        let _ = c.kill();
+        let _ = c.wait();
     }
     // Only a loopback device, and no socket of anyone's in it.
     let o = exec(
@@ -401,4 +418,43 @@ fn a_rootless_supervisor_serves_its_own_user() {
         "{}",
         text(&o.stderr)
     );
+}
+
+#[test]
+fn a_workspace_the_supervisor_sees_read_only_runs_here() {
+    if !privileged() {
+        return;
+    }
+    // The supervisor in a mount namespace where the workspace is a read-only bind of itself
+    // (as the shipped unit's ProtectSystem=strict makes most of the host): the same files,
+    // but a run there could not write what the caller can.
+    let ws = workspace();
+    let dir = ws.path().display().to_string();
+    let svc = Service::start_opts(StartOpts {
+        wrapper: vec![
+            "unshare".into(),
+            "-m".into(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "mount --bind {dir} {dir} && mount -o remount,bind,ro {dir} && exec \"$0\" \"$@\""
+            ),
+        ],
+        ..StartOpts::default()
+    });
+    let o = exec(&svc, &ws, &["-v", "--", "true"]);
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("via=local: the supervisor sees your workspace") && err.contains("read-only"),
+        "{err}"
+    );
+    // Another workspace, writable there too, goes through.
+    let other = workspace();
+    let o = exec(&svc, &other, &["-v", "--", "true"]);
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("via=supervisor"), "{err}");
 }

@@ -143,6 +143,7 @@ pub fn run_request(
         cwd_id: file_id(cwd)?,
         workspace: workspace.as_os_str().as_bytes().to_vec(),
         workspace_id: file_id(workspace)?,
+        workspace_read_only: on_read_only_mount(workspace)?,
         env: env
             .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect(),

@@ -312,6 +312,18 @@ fn run_one(conn: &OwnedFd, ctx: &ExecContext) -> Result<ToClient, ToClient> {
         }
     }
 
+    // ... and a workspace the caller can write is writable here too (the shipped unit's
+    // `ProtectSystem=strict` makes most of the host read-only for the supervisor).
+    if !req.workspace_read_only && on_read_only_mount(&workspace).unwrap_or(true) {
+        return Err(ToClient::Elsewhere {
+            why: format!(
+                "the supervisor sees your workspace {} read-only (its unit's ProtectSystem= or \
+                 ProtectHome=; see ReadWritePaths= in docs/operations.md)",
+                workspace.display()
+            ),
+        });
+    }
+
     // 4. The decision, under the policy in force, with the plans compiled for it.
     let policy = ctx.ops.policy();
     let target = ctx.tools.target;
