@@ -158,18 +158,9 @@ pub fn decide_with(
             .map(str::to_string)
             .unwrap_or_else(|| DEFAULT_PATH.to_string());
         let bare = !name.as_encoded_bytes().contains(&b'/');
-        if !bare || next == search {
-            return Ok(Decided {
-                program,
-                args,
-                decision,
-                plan,
-                compile_error,
-            });
-        }
-        // Re-resolve under the profile's own PATH.
-        let again = resolve::resolve(name, &next, cwd)?;
-        if again == program {
+        // Stable: a path, the same PATH, or the profile's own PATH resolves the name to the
+        // same program (looked up only when it can differ).
+        if !bare || next == search || resolve::resolve(name, &next, cwd)? == program {
             return Ok(Decided {
                 program,
                 args,
@@ -206,4 +197,69 @@ pub fn command_words(program: &Path, args: &[String]) -> String {
         s.push_str(a);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// The default policy with a profile `alt` (the tool profile with `path` as its PATH) and
+    /// `rules` before its own.
+    fn policy_with(path: &str, rules: &str) -> Policy {
+        let p = DEFAULT_POLICY;
+        let at = p.find("\n[[exec]]").unwrap_or(p.len());
+        let text = format!(
+            "{}\n[profiles.alt]\nextends = \"tool\"\nwhy = \"test\"\n\
+             [profiles.alt.environment]\nset = {{ PATH = \"{path}\" }}\n{rules}\n{}",
+            &p[..at],
+            &p[at..]
+        );
+        Policy::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A directory holding an executable `true` of its own.
+    fn own_true() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("true");
+        std::fs::write(&prog, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (dir, std::fs::canonicalize(prog).unwrap())
+    }
+
+    fn decide_true(policy: &Policy) -> Result<Decided, DecideError> {
+        let target = carapace_sandbox::landlock::target();
+        decide(
+            policy,
+            &[OsString::from("true")],
+            Path::new("/"),
+            None,
+            &target,
+        )
+    }
+
+    #[test]
+    fn a_bare_name_is_decided_again_under_the_profiles_own_path() {
+        let (dir, own) = own_true();
+        let path = format!("{}:/usr/bin:/bin", dir.path().display());
+        let rule = |prog: &Path, profile: &str| {
+            format!(
+                "[[exec]]\nwhy = \"test\"\nprogram = \"{}\"\nprofile = \"{profile}\"\napproval = \"allow\"\n",
+                prog.display()
+            )
+        };
+        // /usr/bin/true runs in `alt`, whose PATH finds our own `true` first: that one is
+        // decided (in `alt` as well), and it is what runs.
+        let usr = std::fs::canonicalize("/usr/bin/true").unwrap();
+        let p = policy_with(&path, &(rule(&usr, "alt") + &rule(&own, "alt")));
+        let d = decide_true(&p).unwrap();
+        assert_eq!(d.program, own);
+        assert_eq!(d.plan.map(|p| p.profile), Some("alt".to_string()));
+        // Without the profile's PATH in play the default PATH's program stands.
+        let p = policy_with(&path, &rule(&usr, "tool"));
+        assert_eq!(decide_true(&p).unwrap().program, usr);
+        // Each PATH names the other's program: refused rather than guessed.
+        let p = policy_with(&path, &(rule(&usr, "alt") + &rule(&own, "tool")));
+        assert!(matches!(decide_true(&p), Err(DecideError::Unstable { .. })));
+    }
 }
